@@ -1,0 +1,34 @@
+# gpu-agent: `make demo` to see it run, `make test` to check everything.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+PACKAGES := hal sandbox agent coordinator
+
+.PHONY: demo test lint typecheck pytest bench clean
+
+$(BIN)/gpu-agent: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[test]'
+	touch $@
+
+demo: $(BIN)/gpu-agent
+	@bash scripts/demo.sh
+
+test: lint typecheck pytest
+
+lint: $(BIN)/gpu-agent
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+typecheck: $(BIN)/gpu-agent
+	$(BIN)/mypy $(PACKAGES) tests bench
+
+pytest: $(BIN)/gpu-agent
+	$(BIN)/python -m pytest -q
+
+bench: $(BIN)/gpu-agent
+	$(BIN)/python bench/run.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info

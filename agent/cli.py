@@ -1,0 +1,133 @@
+"""The ``gpu-agent`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Sequence
+from typing import NoReturn
+
+import msgspec
+
+from hal.backend import HalConfig
+from hal.errors import BadConfig, HalError
+from hal.host import host_sample
+from hal.profile import agent_version, take_profile
+from hal.registry import Hal
+from hal.types import Sample
+
+__all__ = ["main"]
+
+EXIT_USAGE = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with errors that carry a stable code."""
+
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        self.exit(EXIT_USAGE, f"{self.prog}: error [bad_argument]: {message}\n")
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be greater than 0")
+    return value
+
+
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be 0 (forever) or more")
+    return value
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="gpu-agent", description="Lend this machine's GPUs to a compute network.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {agent_version()}")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    profile = commands.add_parser("profile", help="show this machine's GPUs and host")
+    profile.add_argument("--json", action="store_true", help="print the whole profile as JSON")
+
+    sample = commands.add_parser("sample", help="print telemetry samples as JSON lines")
+    sample.add_argument("--interval", type=_positive_float, default=1.0, metavar="S")
+    sample.add_argument("--count", type=_count, default=0, metavar="N", help="0: until Ctrl-C")
+
+    doctor = commands.add_parser("doctor", help="check what stands between you and serving jobs")
+    doctor.add_argument("--json", action="store_true", help="print the findings as JSON")
+    return parser
+
+
+def _profile(config: HalConfig, as_json: bool) -> int:
+    from agent.render import render_profile
+
+    profile = take_profile(config)
+    if as_json:
+        sys.stdout.buffer.write(msgspec.json.format(msgspec.json.encode(profile)) + b"\n")
+    else:
+        print(render_profile(profile))
+    return 0
+
+
+def _sample(config: HalConfig, interval: float, count: int) -> int:
+    hal = Hal(config)
+    hal.open()
+    encoder = msgspec.json.Encoder()
+    out = sys.stdout.buffer
+    host_sample()  # primes psutil's CPU counters so that the first share is real
+    next_tick = time.monotonic()
+    taken = 0
+    try:
+        while count == 0 or taken < count:
+            if taken:
+                next_tick += interval
+                time.sleep(max(0.0, next_tick - time.monotonic()))
+            sample = Sample(taken_at=time.time(), host=host_sample(), gpus=hal.sample())
+            out.write(encoder.encode(sample) + b"\n")
+            out.flush()
+            taken += 1
+    except KeyboardInterrupt:
+        pass
+    finally:
+        hal.close()
+    return 0
+
+
+def _doctor(config: HalConfig, as_json: bool) -> int:
+    from agent.doctor import diagnose, gather
+    from agent.render import render_findings
+
+    findings = diagnose(gather(config))
+    if as_json:
+        sys.stdout.buffer.write(msgspec.json.format(msgspec.json.encode(findings)) + b"\n")
+    else:
+        print(render_findings(findings))
+    return 1 if any(f.severity == "blocker" for f in findings) else 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; return the exit status."""
+    args = _parser().parse_args(argv)
+    try:
+        config = HalConfig.from_env()
+        if args.command == "profile":
+            return _profile(config, args.json)
+        if args.command == "sample":
+            return _sample(config, args.interval, args.count)
+        return _doctor(config, args.json)
+    except HalError as exc:
+        print(f"gpu-agent: error [{exc.code}]: {exc.detail}", file=sys.stderr)
+        return EXIT_USAGE if isinstance(exc, BadConfig) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,98 @@
+"""The one interface every GPU backend implements, and the configuration they share."""
+
+from __future__ import annotations
+
+import abc
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar
+
+from hal.errors import BadConfig
+from hal.types import GpuProfile, GpuSample
+
+__all__ = ["Backend", "HalConfig"]
+
+
+@dataclass(frozen=True)
+class HalConfig:
+    """Where the HAL looks; tests point the roots at recorded trees.
+
+    Attributes:
+        sysfs_root: the directory that stands for ``/sys``.
+        dev_root: the directory that stands for ``/dev``.
+        nvml_library: path of ``libnvidia-ml.so.1`` to load instead of the system's.
+        discovery_timeout_s: how long isolated discovery may take before it is killed.
+        backends: names of the backends to run, in priority order (first wins a merge).
+        docker_socket: the Docker engine's unix socket.
+        cdi_dirs: where Container Device Interface specs live.
+    """
+
+    sysfs_root: Path = Path("/sys")
+    dev_root: Path = Path("/dev")
+    nvml_library: str | None = None
+    discovery_timeout_s: float = 10.0
+    backends: tuple[str, ...] = ("nvml", "amdsmi", "amdgpu", "intel")
+    docker_socket: Path = Path("/var/run/docker.sock")
+    cdi_dirs: tuple[Path, ...] = (Path("/etc/cdi"), Path("/var/run/cdi"))
+
+    @classmethod
+    def from_env(cls) -> HalConfig:
+        """Build a configuration from ``GPU_AGENT_*`` environment variables.
+
+        Raises:
+            BadConfig: a variable holds a value that cannot be used.
+        """
+        env = os.environ
+        docker_host = env.get("DOCKER_HOST", "unix:///var/run/docker.sock")
+        return cls(
+            sysfs_root=Path(env.get("GPU_AGENT_SYSFS_ROOT", "/sys")),
+            dev_root=Path(env.get("GPU_AGENT_DEV_ROOT", "/dev")),
+            nvml_library=env.get("GPU_AGENT_NVML_LIB") or None,
+            discovery_timeout_s=_positive(env, "GPU_AGENT_DISCOVERY_TIMEOUT", 10.0),
+            docker_socket=Path(docker_host.removeprefix("unix://")),
+        )
+
+
+class Backend(abc.ABC):
+    """A source of GPU profiles and samples for one vendor interface.
+
+    Lifecycle: :meth:`open` once (it may raise
+    :class:`~hal.errors.BackendUnavailable` with a coded reason), then :meth:`sample` as
+    often as wanted, then :meth:`close`. A device that vanishes mid-run is reported in its
+    sample with ``state="lost"``; :meth:`sample` itself never raises for one device.
+    """
+
+    name: ClassVar[str]
+
+    def __init__(self, config: HalConfig) -> None:
+        self.config = config
+
+    @abc.abstractmethod
+    def open(self) -> list[GpuProfile]:
+        """Open the vendor interface and return the profile of every device found."""
+
+    @abc.abstractmethod
+    def sample(self, now: float) -> list[GpuSample]:
+        """Read the fast-changing values of every device opened; ``now`` is monotonic."""
+
+    def versions(self) -> dict[str, str]:
+        """Versions of the libraries and drivers behind this backend."""
+        return {}
+
+    def close(self) -> None:  # noqa: B027 - most backends hold nothing to release
+        """Release what :meth:`open` acquired."""
+
+
+def _positive(env: Mapping[str, str], key: str, default: float) -> float:
+    text = env.get(key)
+    if text is None:
+        return default
+    try:
+        value = float(text)
+    except ValueError:
+        raise BadConfig(f"{key}={text!r} is not a number of seconds") from None
+    if not value > 0:
+        raise BadConfig(f"{key}={text!r} must be greater than 0")
+    return value

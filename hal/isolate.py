@@ -1,0 +1,106 @@
+"""Run functions in forked children with a time limit.
+
+Vendor libraries hang (a wedged driver blocks ``nvmlInit`` for minutes) and crash (a
+library from another driver branch segfaults). Discovery therefore runs in child
+processes, one per backend and all at once: a hang becomes a ``timeout``, a crash becomes
+``crashed``, and the caller and the other backends live on.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import signal
+import sys
+import time
+import traceback
+from collections.abc import Callable, Sequence
+
+from hal.errors import DiscoveryFailed
+
+__all__ = ["Isolated"]
+
+_CHUNK = 1 << 16
+_EX_SOFTWARE = 70
+
+
+class Isolated:
+    """Functions running in forked children, one each, all started at once.
+
+    Start them, do other work meanwhile, then collect with :meth:`results`.
+    """
+
+    def __init__(self, fns: Sequence[Callable[[], bytes]], timeout_s: float) -> None:
+        # Flush so that buffered output is not written twice, once by each process.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        self._timeout_s = timeout_s
+        self._deadline = time.monotonic() + timeout_s
+        self._children = [_spawn(fn) for fn in fns]
+
+    def results(self) -> list[bytes | DiscoveryFailed]:
+        """What each function returned, in order; blocks until all are done or time is up.
+
+        A child that does not finish in time is killed and its slot holds
+        ``DiscoveryFailed("timeout")``; one that dies holds ``DiscoveryFailed("crashed")``.
+        """
+        buffers: dict[int, list[bytes]] = {fd: [] for _, fd in self._children}
+        open_fds = set(buffers)
+        while open_fds:
+            remaining = self._deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            ready = select.select(list(open_fds), [], [], remaining)[0]
+            for fd in ready:
+                chunk = os.read(fd, _CHUNK)
+                if chunk:
+                    buffers[fd].append(chunk)
+                else:
+                    open_fds.discard(fd)
+        results: list[bytes | DiscoveryFailed] = []
+        for pid, fd in self._children:
+            os.close(fd)
+            if fd in open_fds:
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+                results.append(
+                    DiscoveryFailed("timeout", f"no answer within {self._timeout_s:g} s")
+                )
+                continue
+            _, status = os.waitpid(pid, 0)
+            failure = _failure(status)
+            results.append(failure if failure is not None else b"".join(buffers[fd]))
+        self._children = []
+        return results
+
+
+def _spawn(fn: Callable[[], bytes]) -> tuple[int, int]:
+    read_fd, write_fd = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - runs in the child
+        os.close(read_fd)
+        status = 0
+        try:
+            _write_all(write_fd, fn())
+        except BaseException:  # the child must never return into the caller's code
+            traceback.print_exc()
+            status = _EX_SOFTWARE
+        finally:
+            os._exit(status)
+    os.close(write_fd)
+    return pid, read_fd
+
+
+def _failure(status: int) -> DiscoveryFailed | None:
+    if os.WIFSIGNALED(status):
+        name = signal.Signals(os.WTERMSIG(status)).name
+        return DiscoveryFailed("crashed", f"discovery process killed by {name}")
+    if os.WEXITSTATUS(status) != 0:
+        return DiscoveryFailed("crashed", f"discovery process exited with {os.WEXITSTATUS(status)}")
+    return None
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]

@@ -1,0 +1,197 @@
+"""Run every backend, merge what they found, and sample it.
+
+Discovery runs each backend in its own forked child with a time limit (see
+:mod:`hal.isolate`); only backends that came back healthy are then opened in-process
+for sampling. A device seen by two backends (an AMD card through ``amdsmi`` and through
+sysfs) is merged by PCI bus id: the backend listed first wins, and fills the readings it
+lacks from the others.
+"""
+
+from __future__ import annotations
+
+import importlib
+import time
+from collections.abc import Iterable
+from functools import partial
+from typing import TypeVar
+
+import msgspec
+
+from hal.backend import Backend, HalConfig
+from hal.errors import DiscoveryFailed, HalError
+from hal.isolate import Isolated
+from hal.types import BackendReport, GpuProfile, GpuSample, is_value
+
+__all__ = [
+    "BACKENDS",
+    "Discovery",
+    "Hal",
+    "PendingDiscovery",
+    "discover",
+    "merge_profiles",
+    "merge_samples",
+]
+
+# Backend name -> "module:class", imported only when the backend is asked for, so that a
+# machine without NVIDIA never pays for importing the NVML binding.
+BACKENDS: dict[str, str] = {
+    "nvml": "hal.backends.nvidia:NvidiaBackend",
+    "amdsmi": "hal.backends.amdsmi:AmdSmiBackend",
+    "amdgpu": "hal.backends.amdgpu:AmdgpuSysfsBackend",
+    "intel": "hal.backends.intel:IntelSysfsBackend",
+}
+
+
+_S = TypeVar("_S", GpuProfile, GpuSample)
+
+
+class Discovery(msgspec.Struct, kw_only=True):
+    """Every GPU found, merged, and one report per backend."""
+
+    gpus: list[GpuProfile]
+    backends: list[BackendReport]
+
+
+class _Found(msgspec.Struct, kw_only=True):
+    """What one backend's discovery child hands back."""
+
+    report: BackendReport
+    gpus: list[GpuProfile] = []
+
+
+def _backend(name: str, config: HalConfig) -> Backend:
+    module_name, class_name = BACKENDS[name].split(":")
+    cls: type[Backend] = getattr(importlib.import_module(module_name), class_name)
+    return cls(config)
+
+
+def _open(name: str, config: HalConfig) -> tuple[_Found, Backend | None]:
+    backend = _backend(name, config)
+    try:
+        gpus = backend.open()
+    except HalError as exc:
+        return _Found(
+            report=BackendReport(name=name, status="unavailable", code=exc.code, detail=exc.detail)
+        ), None
+    report = BackendReport(name=name, status="ok", devices=len(gpus), versions=backend.versions())
+    return _Found(report=report, gpus=gpus), backend
+
+
+def _discover_one(name: str, config: HalConfig) -> bytes:
+    found, backend = _open(name, config)
+    if backend is not None:
+        backend.close()
+    return msgspec.msgpack.encode(found)
+
+
+class PendingDiscovery:
+    """Discovery under way in child processes; :meth:`result` waits for it."""
+
+    def __init__(self, config: HalConfig) -> None:
+        self._names = [name for name in config.backends if name in BACKENDS]
+        self._children = Isolated(
+            [partial(_discover_one, name, config) for name in self._names],
+            config.discovery_timeout_s,
+        )
+
+    def result(self) -> Discovery:
+        """Every GPU found, merged, with a report per backend."""
+        return _collect(self._names, self._children.results())
+
+
+def discover(config: HalConfig) -> Discovery:
+    """Profile every GPU, each backend isolated in a child process with a time limit."""
+    return PendingDiscovery(config).result()
+
+
+def _collect(names: list[str], results: list[bytes | DiscoveryFailed]) -> Discovery:
+    found: list[_Found] = []
+    for name, result in zip(names, results, strict=True):
+        if isinstance(result, DiscoveryFailed):
+            report = BackendReport(
+                name=name, status="failed", code=result.code, detail=result.detail
+            )
+            found.append(_Found(report=report))
+        else:
+            found.append(msgspec.msgpack.decode(result, type=_Found))
+    gpus, _ = merge_profiles(gpu for item in found for gpu in item.gpus)
+    return Discovery(gpus=gpus, backends=[item.report for item in found])
+
+
+def merge_profiles(profiles: Iterable[GpuProfile]) -> tuple[list[GpuProfile], dict[str, str]]:
+    """Merge profiles of the same physical GPU; also return ``{dropped id: kept id}``."""
+    merged: list[GpuProfile] = []
+    by_bus: dict[str, int] = {}
+    aliases: dict[str, str] = {}
+    for profile in profiles:
+        bus = profile.pci_bus_id
+        # MIG instances share their parent's bus id; they are distinct devices.
+        if profile.kind == "mig" or not isinstance(bus, str):
+            merged.append(profile)
+            continue
+        if bus not in by_bus:
+            by_bus[bus] = len(merged)
+            merged.append(profile)
+            continue
+        kept = merged[by_bus[bus]]
+        merged[by_bus[bus]] = _fill(kept, profile)
+        aliases[profile.id] = kept.id
+    return merged, aliases
+
+
+def merge_samples(samples: Iterable[GpuSample], aliases: dict[str, str]) -> list[GpuSample]:
+    """Fold samples of merged devices into the sample of the device that was kept."""
+    out: dict[str, GpuSample] = {}
+    for sample in samples:
+        key = aliases.get(sample.id, sample.id)
+        out[key] = sample if key not in out else _fill(out[key], sample)
+    return list(out.values())
+
+
+def _fill(kept: _S, other: _S) -> _S:
+    changes = {
+        name: getattr(other, name)
+        for name in kept.__struct_fields__
+        if name not in ("id", "backend", "state")
+        and not is_value(getattr(kept, name))
+        and is_value(getattr(other, name))
+    }
+    return msgspec.structs.replace(kept, **changes) if changes else kept
+
+
+class Hal:
+    """The machine's GPUs, discovered once in isolation, then sampled in-process."""
+
+    def __init__(self, config: HalConfig) -> None:
+        self.config = config
+        self.discovery = Discovery(gpus=[], backends=[])
+        self._backends: list[Backend] = []
+        self._aliases: dict[str, str] = {}
+
+    def open(self) -> Discovery:
+        """Discover in isolation, then open the backends that came back healthy."""
+        self.discovery = discover(self.config)
+        profiles: list[GpuProfile] = []
+        for report in self.discovery.backends:
+            if report.status != "ok":
+                continue
+            found, backend = _open(report.name, self.config)
+            if backend is not None:
+                self._backends.append(backend)
+                profiles += found.gpus
+        _, self._aliases = merge_profiles(profiles)
+        return self.discovery
+
+    def sample(self) -> list[GpuSample]:
+        """One reading of every GPU."""
+        now = time.monotonic()
+        return merge_samples(
+            (sample for backend in self._backends for sample in backend.sample(now)),
+            self._aliases,
+        )
+
+    def close(self) -> None:
+        """Close every backend."""
+        for backend in self._backends:
+            backend.close()
+        self._backends = []
