@@ -8,6 +8,7 @@ processes, one per backend and all at once: a hang becomes a ``timeout``, a cras
 
 from __future__ import annotations
 
+import faulthandler
 import os
 import select
 import signal
@@ -79,6 +80,9 @@ def _spawn(fn: Callable[[], bytes]) -> tuple[int, int]:
     pid = os.fork()
     if pid == 0:  # pragma: no cover - runs in the child
         os.close(read_fd)
+        # A crash is reported by its signal; a faulthandler dump inherited from the
+        # parent would only add noise to the caller's stderr.
+        faulthandler.disable()
         status = 0
         try:
             _write_all(write_fd, fn())

@@ -1,0 +1,71 @@
+"""Hand-built HAL objects for tests that exercise pure logic."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from hal.types import (
+    UNSUPPORTED,
+    BackendReport,
+    CpuInfo,
+    GpuProfile,
+    HostProfile,
+    Profile,
+    RuntimeInfo,
+    Unavailable,
+)
+
+
+def gpu(**overrides: Any) -> GpuProfile:
+    """A plausible discrete NVIDIA GPU, with any field overridden."""
+    fields: dict[str, Any] = {
+        "id": "GPU-0",
+        "vendor": "nvidia",
+        "backend": "nvml",
+        "name": "NVIDIA RTX A5000",
+        "kind": "discrete",
+        "uuid": "GPU-0",
+        "pci_bus_id": "0000:01:00.0",
+        "driver_version": "590.44.01",
+    }
+    fields.update(overrides)
+    return GpuProfile(**fields)
+
+
+def runtime(**overrides: Any) -> RuntimeInfo:
+    """A host with Docker reachable and the NVIDIA runtime registered."""
+    fields: dict[str, Any] = {
+        "docker_reachable": True,
+        "docker_version": "28.2.2",
+        "docker_runtimes": ["nvidia", "runc"],
+        "nvidia_container_toolkit": "/usr/bin/nvidia-ctk",
+        "cdi_specs": [],
+    }
+    fields.update(overrides)
+    return RuntimeInfo(**fields)
+
+
+def profile(
+    gpus: list[GpuProfile],
+    backends: list[BackendReport] | None = None,
+    runtime_info: RuntimeInfo | None = None,
+) -> Profile:
+    """A whole-machine profile around the given GPUs."""
+    host = HostProfile(
+        hostname="test",
+        os="Debian GNU/Linux 12",
+        kernel="6.1.0",
+        cpu=CpuInfo(
+            model="cpu", architecture="x86_64", cores=2, threads=4, freq_max_hz=UNSUPPORTED
+        ),
+        memory_total_bytes=1 << 34,
+        swap_total_bytes=0,
+        disks=[],
+        interfaces=[],
+        runtime=runtime_info or runtime(),
+    )
+    reports = backends or [BackendReport(name="nvml", status="ok", devices=len(gpus))]
+    return Profile(agent_version="0", taken_at=0.0, host=host, gpus=gpus, backends=reports)
+
+
+DENIED = Unavailable("permission_denied", "/dev/dri/renderD128")

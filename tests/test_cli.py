@@ -1,0 +1,90 @@
+"""The command line as a user runs it."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import msgspec
+import pytest
+
+from hal.types import Profile, Sample
+
+
+@pytest.fixture
+def no_gpu(tmp_path: Path) -> dict[str, str]:
+    """Settings under which this machine shows no GPU, whatever it has."""
+    return {
+        "GPU_AGENT_NVML_LIB": str(tmp_path / "missing" / "libnvidia-ml.so.1"),
+        "GPU_AGENT_SYSFS_ROOT": str(tmp_path),
+    }
+
+
+def _run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "agent.cli", *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+        timeout=60,
+        check=False,
+    )
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["sample", "--interval", "0"], "must be greater than 0"),
+        (["sample", "--interval", "fast"], "is not a number"),
+        (["sample", "--count", "-1"], "must be 0 (forever) or more"),
+        (["frobnicate"], "invalid choice"),
+        ([], "required"),
+    ],
+)
+def test_bad_arguments_get_a_coded_error_and_exit_2(args: list[str], message: str) -> None:
+    result = _run(*args)
+    assert result.returncode == 2
+    assert "error [bad_argument]" in result.stderr
+    assert message in result.stderr
+    assert result.stdout == ""
+
+
+def test_bad_environment_setting_is_refused_with_its_name() -> None:
+    result = _run("profile", env={"GPU_AGENT_DISCOVERY_TIMEOUT": "soon"})
+    assert result.returncode == 2
+    assert "error [bad_config]" in result.stderr
+    assert "GPU_AGENT_DISCOVERY_TIMEOUT" in result.stderr
+
+
+def test_profile_json_is_the_whole_typed_profile(no_gpu: dict[str, str]) -> None:
+    result = _run("profile", "--json", env=no_gpu)
+    assert result.returncode == 0, result.stderr
+    profile = msgspec.json.decode(result.stdout, type=Profile)
+    nvml = next(b for b in profile.backends if b.name == "nvml")
+    assert nvml.status == "unavailable"
+    assert nvml.code == "library_missing"
+    assert profile.host.memory_total_bytes > 0
+
+
+def test_profile_table_names_each_backend_and_why_it_found_nothing(no_gpu: dict[str, str]) -> None:
+    result = _run("profile", env=no_gpu)
+    assert result.returncode == 0, result.stderr
+    assert "nvml     unavailable (library_missing)" in result.stdout
+
+
+def test_sample_prints_count_json_lines() -> None:
+    result = _run("sample", "--interval", "0.05", "--count", "3")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert len(lines) == 3
+    samples = [msgspec.json.decode(line, type=Sample) for line in lines]
+    assert samples[0].taken_at < samples[1].taken_at < samples[2].taken_at
+
+
+def test_doctor_on_a_machine_without_gpus_exits_non_zero_with_fixes(no_gpu: dict[str, str]) -> None:
+    result = _run("doctor", env=no_gpu)
+    assert result.returncode == 1
+    assert "[BLOCKER] no_gpus" in result.stdout
+    assert "fix:" in result.stdout

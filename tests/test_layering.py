@@ -1,0 +1,78 @@
+"""The import rules of ARCHITECTURE.md, checked on the source."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+PACKAGES = ("hal", "sandbox", "agent", "coordinator")
+
+# Module prefix -> the project prefixes it may import. The longest matching prefix rules.
+ALLOWED = {
+    "hal": ("hal",),
+    "sandbox": ("sandbox",),
+    "agent": ("hal", "sandbox", "agent"),
+    "agent.protocol": ("agent.protocol",),
+    "agent.tray": ("agent.tray", "agent.control"),
+    "coordinator": ("coordinator", "agent.protocol"),
+}
+
+
+def _modules() -> dict[str, Path]:
+    modules = {}
+    for package in PACKAGES:
+        for path in (ROOT / package).rglob("*.py"):
+            parts = path.relative_to(ROOT).with_suffix("").parts
+            name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+            modules[name] = path
+    return modules
+
+
+def _imports(path: Path) -> set[str]:
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module)
+    return {n for n in names if n.split(".")[0] in PACKAGES}
+
+
+def _rule(module: str) -> tuple[str, ...]:
+    prefix = max((p for p in ALLOWED if module == p or module.startswith(p + ".")), key=len)
+    return ALLOWED[prefix]
+
+
+def _within(name: str, prefixes: tuple[str, ...]) -> bool:
+    return any(name == p or name.startswith(p + ".") for p in prefixes)
+
+
+@pytest.mark.parametrize(("module", "path"), sorted(_modules().items()))
+def test_module_imports_only_the_layers_below_it(module: str, path: Path) -> None:
+    forbidden = sorted(n for n in _imports(path) if not _within(n, _rule(module)))
+    assert forbidden == [], f"{module} may not import {forbidden}"
+
+
+def test_there_are_no_import_cycles() -> None:
+    modules = _modules()
+    graph = {m: {n for n in _imports(p) if n in modules} for m, p in modules.items()}
+    visiting: list[str] = []
+    done: set[str] = set()
+
+    def visit(module: str) -> None:
+        if module in visiting:
+            cycle = [*visiting[visiting.index(module) :], module]
+            pytest.fail("import cycle: " + " -> ".join(cycle))
+        if module in done:
+            return
+        visiting.append(module)
+        for dep in sorted(graph[module]):
+            visit(dep)
+        visiting.pop()
+        done.add(module)
+
+    for module in sorted(graph):
+        visit(module)
