@@ -117,7 +117,7 @@ def _backend_findings(facts: Facts) -> list[Finding]:
                 Finding(
                     code=f"{report.name}_ok",
                     severity="ok",
-                    message=f"{report.name}: {report.devices} device(s) {_versions(report)}".strip(),
+                    message=f"{report.name}: {report.devices} device(s) {_versions(report)}",
                 )
             )
         elif report.code in _BACKEND_FIXES:
@@ -144,13 +144,14 @@ def _missing_stack(report: BackendReport, vendor: str) -> Finding:
     return Finding(
         code=f"{report.name}_{report.code}",
         severity="blocker",
-        message=f"an {vendor} GPU is on the PCI bus but {report.name} cannot use it ({report.detail})",
+        message=f"an {vendor} GPU is on the PCI bus but {report.name} cannot use it "
+        f"({report.detail})",
         fix=fixes[vendor],
     )
 
 
 def _versions(report: BackendReport) -> str:
-    return " ".join(f"{k} {v}" for k, v in sorted(report.versions.items()))
+    return " ".join(f"{k} {v}" for k, v in sorted(report.versions.items())).strip()
 
 
 def _gpu_findings(facts: Facts) -> list[Finding]:
@@ -215,7 +216,8 @@ def _runtime_findings(facts: Facts) -> list[Finding]:
                 "sudo systemctl enable --now docker`)",
             )
         ]
-    findings = [Finding(code="docker_ok", severity="ok", message=f"Docker {runtime.docker_version}")]
+    version = runtime.docker_version
+    findings = [Finding(code="docker_ok", severity="ok", message=f"Docker {version}")]
     if any(g.vendor == "nvidia" for g in facts.profile.gpus):
         findings.append(_nvidia_runtime_finding(facts))
     return findings

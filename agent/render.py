@@ -31,7 +31,10 @@ def format_reading(reading: Reading[object], unit: str = "") -> str:
 
 def _table(rows: Sequence[Sequence[str]]) -> list[str]:
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    return ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in rows]
+    return [
+        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+        for row in rows
+    ]
 
 
 def _vram(gpu: GpuProfile) -> str:
@@ -103,7 +106,7 @@ def render_profile(profile: Profile) -> str:
         header = ["VENDOR", "NAME", "KIND", "PCI", "VRAM", "DRIVER", "CC/GFX", "POWER", "PCIE"]
         lines += _table([[*header, "UUID"], *(_gpu_row(g) for g in profile.gpus)])
     else:
-        lines.append("No GPU found. Each backend says why below; `gpu-agent doctor` says what to do.")
+        lines.append("No GPU found: each backend says why below, `gpu-agent doctor` what to do.")
     lines.append("")
     lines += _table(
         [

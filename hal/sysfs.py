@@ -5,7 +5,6 @@ from __future__ import annotations
 import errno
 import os
 import re
-import stat
 from pathlib import Path
 
 from hal.types import UNSUPPORTED, Reading, Unavailable
@@ -17,8 +16,8 @@ __all__ = [
     "drm_cards",
     "find_hwmon",
     "hwmon_temperatures",
-    "mode_grants_read_write",
     "may_read_write",
+    "mode_grants_read_write",
     "pci_numa_node",
     "pci_slot",
     "pcie_gen_max",
@@ -30,6 +29,7 @@ __all__ = [
 ]
 
 _CARD = re.compile(r"card(\d+)")
+_SENSOR = re.compile(r"temp(\d+)_input")
 _PCI_ADDRESS = re.compile(r"[0-9a-f]{4}:[0-9a-f]{2}:[0-9a-f]{2}\.[0-7]")
 # PCIe generation by per-lane transfer rate (GT/s), as ``max_link_speed`` spells it.
 _PCIE_GEN_BY_GTS = {2.5: 1, 5.0: 2, 8.0: 3, 16.0: 4, 32.0: 5, 64.0: 6}
@@ -130,11 +130,10 @@ def driver_name(device_dir: Path) -> str | None:
 
 def pci_slot(device_dir: Path) -> str | None:
     """A device's PCI address (``0000:09:00.0``), lowercase, or None when it has none."""
-    slot = read_uevent(device_dir).get("PCI_SLOT_NAME")
-    if slot:
-        return slot.lower()
-    name = device_dir.resolve().name.lower()
-    return name if _PCI_ADDRESS.fullmatch(name) else None
+    for name in (read_uevent(device_dir).get("PCI_SLOT_NAME", ""), device_dir.resolve().name):
+        if _PCI_ADDRESS.fullmatch(name.lower()):
+            return name.lower()
+    return None
 
 
 def pcie_gen_max(device_dir: Path) -> Reading[int]:
@@ -191,12 +190,11 @@ def render_node(device_dir: Path, dev_root: Path) -> Reading[str]:
     if not nodes:
         return UNSUPPORTED
     node = dev_root / "dri" / nodes[0]
-    try:
-        if not stat.S_ISCHR(node.stat().st_mode) and not node.is_file():
-            return Unavailable("not_found", str(node))
-        allowed = may_read_write(node)
-    except FileNotFoundError:
+    if not node.exists():
+        # sysfs knows the node but this /dev lacks it: a container without /dev/dri.
         return Unavailable("not_found", str(node))
+    try:
+        allowed = may_read_write(node)
     except OSError as exc:
         return Unavailable("read_error", f"{node}: {exc.strerror}")
     return str(node) if allowed else Unavailable("permission_denied", str(node))
@@ -205,10 +203,12 @@ def render_node(device_dir: Path, dev_root: Path) -> Reading[str]:
 def hwmon_temperatures(hwmon: Path) -> dict[str, Reading[float]]:
     """Every ``tempN_input`` of an hwmon directory in degrees Celsius, keyed by its label.
 
-    A sensor without a ``tempN_label`` is keyed ``tempN``.
+    Sensors come in number order (temp2 before temp10); one without a ``tempN_label`` is
+    keyed ``tempN``.
     """
     temps: dict[str, Reading[float]] = {}
-    for sensor in sorted(hwmon.glob("temp*_input")):
+    sensors = [(_SENSOR.fullmatch(p.name), p) for p in hwmon.glob("temp*_input")]
+    for _, sensor in sorted((int(m[1]), p) for m, p in sensors if m):
         index = sensor.name.removesuffix("_input")
         label = read_str(hwmon / f"{index}_label")
         key = label.lower() if isinstance(label, str) and label else index
