@@ -18,7 +18,6 @@ __all__ = [
     "hwmon_temperatures",
     "may_read_write",
     "mode_grants_read_write",
-    "pci_numa_node",
     "pci_slot",
     "pcie_gen_max",
     "read_int",
@@ -74,11 +73,6 @@ def find_hwmon(device_dir: Path, name: str) -> Path | None:
         if read_str(hwmon / "name") == name:
             return hwmon
     return None
-
-
-def pci_numa_node(sysfs_root: Path, pci_bus_id: str) -> Reading[int]:
-    """The NUMA node of a PCI device; the kernel's -1 (no affinity) is unsupported."""
-    return device_numa_node(sysfs_root / "bus" / "pci" / "devices" / pci_bus_id.lower())
 
 
 def device_numa_node(device_dir: Path) -> Reading[int]:

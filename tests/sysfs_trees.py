@@ -11,6 +11,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from conftest import SYSFS
+
 __all__ = [
     "FIXTURE_SYSFS",
     "PciGpu",
@@ -21,7 +23,7 @@ __all__ = [
     "write",
 ]
 
-FIXTURE_SYSFS = Path("/work/shared/fixtures/sysfs-procfs/sys")
+FIXTURE_SYSFS = SYSFS
 """The recorded tree: card0 an amdgpu Vega 10, card1 an i915 UHD 620 (see SOURCES.md)."""
 
 Files = Mapping[str, str | int]

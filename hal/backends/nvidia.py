@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, ClassVar
 
 import msgspec
@@ -18,7 +19,7 @@ import pynvml
 from hal.backend import Backend
 from hal.backends import nvml_lib
 from hal.errors import BackendUnavailable, DeviceLost
-from hal.sysfs import pci_numa_node
+from hal.sysfs import device_numa_node, render_node
 from hal.types import (
     UNSUPPORTED,
     GpuProcess,
@@ -33,14 +34,14 @@ __all__ = ["NvidiaBackend", "normalise_bus_id"]
 
 _MHZ = 1_000_000
 
-# One batched call per tick; each entry: (field id, sample attribute, scale).
-_FIELDS: tuple[tuple[int, str, float], ...] = (
-    (pynvml.NVML_FI_DEV_TOTAL_ENERGY_CONSUMPTION, "energy_j", 1e-3),  # mJ
-    (pynvml.NVML_FI_DEV_POWER_INSTANT, "power_w", 1e-3),  # mW
-    (pynvml.NVML_FI_DEV_MEMORY_TEMP, "temperature_memory_c", 1.0),
-    (pynvml.NVML_FI_DEV_ECC_SBE_VOL_TOTAL, "ecc_corrected", 1.0),
-    (pynvml.NVML_FI_DEV_ECC_DBE_VOL_TOTAL, "ecc_uncorrected", 1.0),
-    (pynvml.NVML_FI_DEV_PCIE_REPLAY_COUNTER, "pcie_replay_count", 1.0),
+# One batched call per tick; each entry: (field id, sample attribute, divisor to SI).
+_FIELDS: tuple[tuple[int, str, int], ...] = (
+    (pynvml.NVML_FI_DEV_TOTAL_ENERGY_CONSUMPTION, "energy_j", 1000),  # mJ
+    (pynvml.NVML_FI_DEV_POWER_INSTANT, "power_w", 1000),  # mW
+    (pynvml.NVML_FI_DEV_MEMORY_TEMP, "temperature_memory_c", 1),
+    (pynvml.NVML_FI_DEV_ECC_SBE_VOL_TOTAL, "ecc_corrected", 1),
+    (pynvml.NVML_FI_DEV_ECC_DBE_VOL_TOTAL, "ecc_uncorrected", 1),
+    (pynvml.NVML_FI_DEV_PCIE_REPLAY_COUNTER, "pcie_replay_count", 1),
 )
 _FIELD_IDS = [field_id for field_id, _, _ in _FIELDS]
 _INT_ATTRS = frozenset({"ecc_corrected", "ecc_uncorrected", "pcie_replay_count"})
@@ -78,6 +79,8 @@ class _Device:
     id: str
     handle: Any
     is_mig: bool
+    relocate: Callable[[], Any]
+    """Finds the device's handle again after it was lost (by uuid, else by bus id)."""
     unsupported: set[str] = field(default_factory=set)
     lost_at: float | None = None
     retry_at: float = 0.0
@@ -114,14 +117,14 @@ class NvidiaBackend(Backend):
         profiles: list[GpuProfile] = []
         for index in range(count):
             handle = pynvml.nvmlDeviceGetHandleByIndex(index)
-            profile = self._profile(handle, driver, cuda_version)
+            profile = self._profile(index, handle, driver, cuda_version)
             profiles.append(profile)
-            self._devices.append(_Device(profile.id, handle, is_mig=False))
+            self._devices.append(_Device(profile.id, handle, False, _relocator(profile, index)))
             if profile.mig_enabled is True:
                 for mig_handle in _mig_handles(handle):
                     mig = self._mig_profile(mig_handle, profile)
                     profiles.append(mig)
-                    self._devices.append(_Device(mig.id, mig_handle, is_mig=True))
+                    self._devices.append(_Device(mig.id, mig_handle, True, _relocator(mig, None)))
         return profiles
 
     def versions(self) -> dict[str, str]:
@@ -132,25 +135,33 @@ class NvidiaBackend(Backend):
         """Shut NVML down."""
         pynvml.nvmlShutdown()
 
-    def _profile(self, handle: Any, driver: Reading[str], cuda: Reading[str]) -> GpuProfile:
+    def _profile(
+        self, index: int, handle: Any, driver: Reading[str], cuda: Reading[str]
+    ) -> GpuProfile:
         read = nvml_lib.reading
         uuid = read(pynvml.nvmlDeviceGetUUID, handle)
         pci = read(pynvml.nvmlDeviceGetPciInfo, handle)
         bus_id: Reading[str] = pci if not is_value(pci) else normalise_bus_id(pci.busId)
         numa = read(pynvml.nvmlDeviceGetNumaNodeId, handle)
-        if not is_value(numa) and isinstance(bus_id, str):
-            numa = pci_numa_node(self.config.sysfs_root, bus_id)
+        render: Reading[str] = UNSUPPORTED
+        if isinstance(bus_id, str):
+            # nvidia-drm registers a render node like any DRM driver; NVML does not name it.
+            device_dir = self.config.sysfs_root / "bus" / "pci" / "devices" / bus_id
+            render = render_node(device_dir, self.config.dev_root)
+            if not is_value(numa):
+                numa = device_numa_node(device_dir)
         constraints = read(pynvml.nvmlDeviceGetPowerManagementLimitConstraints, handle)
         ecc = read(pynvml.nvmlDeviceGetEccMode, handle)
         mig = read(pynvml.nvmlDeviceGetMigMode, handle)
         return GpuProfile(
-            id=uuid if isinstance(uuid, str) else f"pci:{bus_id}",
+            id=_device_id(uuid, bus_id, index),
             vendor="nvidia",
             backend=self.name,
             name=str(pynvml.nvmlDeviceGetName(handle)),
             kind="discrete",
             uuid=uuid,
             pci_bus_id=bus_id,
+            render_node=render,
             vram_total_bytes=_map(read(pynvml.nvmlDeviceGetMemoryInfo, handle), _total),
             driver_version=driver,
             cuda_version=cuda,
@@ -207,7 +218,7 @@ class NvidiaBackend(Backend):
         if now < device.retry_at:
             return False
         try:
-            handle = pynvml.nvmlDeviceGetHandleByUUID(device.id)
+            handle = device.relocate()
             pynvml.nvmlDeviceGetMemoryInfo(handle)
         except pynvml.NVMLError:
             device.backoff_s = min(device.backoff_s * 2, _BACKOFF_MAX_S)
@@ -255,9 +266,9 @@ class NvidiaBackend(Backend):
         if not is_value(values):
             self._read_fields_one_by_one(sample, device)
             return
-        for (_, attr, scale), value in zip(_FIELDS, values, strict=True):
+        for (_, attr, divisor), value in zip(_FIELDS, values, strict=True):
             if value.nvmlReturn == pynvml.NVML_SUCCESS:
-                number = _field_number(value) * scale
+                number = _field_number(value) / divisor
                 setattr(sample, attr, int(number) if attr in _INT_ATTRS else number)
             elif value.nvmlReturn == pynvml.NVML_ERROR_GPU_IS_LOST:
                 raise DeviceLost("NVML: GPU is lost")
@@ -313,6 +324,27 @@ def _mig_handles(handle: Any) -> list[Any]:
         if is_value(mig):  # empty slots answer NOT_FOUND
             handles.append(mig)
     return handles
+
+
+def _relocator(profile: GpuProfile, index: int | None) -> Callable[[], Any]:
+    uuid, bus_id = profile.uuid, profile.pci_bus_id
+    if isinstance(uuid, str):
+        return partial(pynvml.nvmlDeviceGetHandleByUUID, uuid)
+    if index is None:  # a MIG instance without a uuid cannot be told from its siblings
+        return partial(_raise, pynvml.NVMLError(pynvml.NVML_ERROR_NOT_FOUND))
+    if isinstance(bus_id, str):
+        return partial(pynvml.nvmlDeviceGetHandleByPciBusId, bus_id)
+    return partial(pynvml.nvmlDeviceGetHandleByIndex, index)
+
+
+def _raise(exc: Exception) -> Any:
+    raise exc
+
+
+def _device_id(uuid: Reading[str], bus_id: Reading[str], index: int) -> str:
+    if isinstance(uuid, str):
+        return uuid
+    return f"pci:{bus_id}" if isinstance(bus_id, str) else f"nvml:{index}"
 
 
 def _lost_sample(device_id: str, detail: str = "") -> GpuSample:

@@ -45,13 +45,15 @@ def init(library_path: str | None) -> None:
     Raises:
         BackendUnavailable: with the code of why NVML cannot serve.
     """
-    if library_path is not None:
+    if library_path is not None and getattr(pynvml.nvmlLib, "_name", None) != library_path:
         with pynvml.libLoadLock:
             try:
                 # pynvml loads "libnvidia-ml.so.1" by name unless its handle is already set.
                 pynvml.nvmlLib = ctypes.CDLL(library_path)
             except OSError as exc:
                 raise BackendUnavailable("library_missing", str(exc)) from exc
+            # Function pointers pynvml cached belong to the library loaded before.
+            pynvml._nvmlGetFunctionPointer_cache.clear()
     try:
         pynvml.nvmlInit()
     except pynvml.NVMLError as exc:
