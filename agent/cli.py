@@ -10,12 +10,9 @@ from typing import NoReturn
 
 import msgspec
 
+from hal import __version__
 from hal.backend import HalConfig
 from hal.errors import BadConfig, HalError
-from hal.host import host_sample
-from hal.profile import agent_version, take_profile
-from hal.registry import Hal
-from hal.types import Sample
 
 __all__ = ["main"]
 
@@ -52,7 +49,7 @@ def _count(text: str) -> int:
 
 def _parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="gpu-agent", description="Lend this machine's GPUs to a compute network.")
-    parser.add_argument("--version", action="version", version=f"%(prog)s {agent_version()}")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     profile = commands.add_parser("profile", help="show this machine's GPUs and host")
@@ -67,18 +64,28 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Commands import what they need when they run: `gpu-agent profile` is timed against a bare
+# `python -c "import psutil"`, and every module imported before discovery starts counts.
+
+
 def _profile(config: HalConfig, as_json: bool) -> int:
-    from agent.render import render_profile
+    from hal.profile import take_profile
 
     profile = take_profile(config)
     if as_json:
         sys.stdout.buffer.write(msgspec.json.format(msgspec.json.encode(profile)) + b"\n")
     else:
+        from agent.render import render_profile
+
         print(render_profile(profile))
     return 0
 
 
 def _sample(config: HalConfig, interval: float, count: int) -> int:
+    from hal.host import host_sample
+    from hal.registry import Hal
+    from hal.types import Sample
+
     hal = Hal(config)
     hal.open()
     encoder = msgspec.json.Encoder()

@@ -5,9 +5,10 @@ from __future__ import annotations
 import abc
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
+
+import msgspec
 
 from hal.errors import BadConfig
 from hal.types import GpuProfile, GpuSample
@@ -15,8 +16,7 @@ from hal.types import GpuProfile, GpuSample
 __all__ = ["Backend", "HalConfig"]
 
 
-@dataclass(frozen=True)
-class HalConfig:
+class HalConfig(msgspec.Struct, frozen=True, kw_only=True):
     """Where the HAL looks; tests point the roots at recorded trees.
 
     Attributes:

@@ -3,31 +3,25 @@
 from __future__ import annotations
 
 import time
-from importlib.metadata import PackageNotFoundError, version
 
+from hal import __version__
 from hal.backend import HalConfig
-from hal.host import host_profile
 from hal.registry import PendingDiscovery
 from hal.types import Profile
 
-__all__ = ["agent_version", "take_profile"]
-
-
-def agent_version() -> str:
-    """The installed version of the agent."""
-    try:
-        return version("gpu-provider-agent")
-    except PackageNotFoundError:
-        return "0+unknown"
+__all__ = ["take_profile"]
 
 
 def take_profile(config: HalConfig) -> Profile:
     """Profile the host while the GPU backends run their isolated discovery."""
     pending = PendingDiscovery(config)
+    # Imported only now, so that the discovery children start without waiting for psutil.
+    from hal.host import host_profile
+
     host = host_profile(config)
     discovery = pending.result()
     return Profile(
-        agent_version=agent_version(),
+        agent_version=__version__,
         taken_at=time.time(),
         host=host,
         gpus=discovery.gpus,

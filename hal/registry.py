@@ -13,13 +13,14 @@ import importlib
 import time
 from collections.abc import Iterable
 from functools import partial
-from typing import TypeVar
+from typing import Literal, NamedTuple, TypeVar
 
 import msgspec
 
 from hal.backend import Backend, HalConfig
 from hal.errors import DiscoveryFailed, HalError
 from hal.isolate import Isolated
+from hal.sysfs import cards_bound_to, no_cards
 from hal.types import BackendReport, GpuProfile, GpuSample, is_value
 
 __all__ = [
@@ -32,13 +33,23 @@ __all__ = [
     "merge_samples",
 ]
 
-# Backend name -> "module:class", imported only when the backend is asked for, so that a
-# machine without NVIDIA never pays for importing the NVML binding.
-BACKENDS: dict[str, str] = {
-    "nvml": "hal.backends.nvidia:NvidiaBackend",
-    "amdsmi": "hal.backends.amdsmi:AmdSmiBackend",
-    "amdgpu": "hal.backends.amdgpu:AmdgpuSysfsBackend",
-    "intel": "hal.backends.intel:IntelSysfsBackend",
+
+class BackendSpec(NamedTuple):
+    """Where a backend's class is, and which DRM drivers its devices are bound to."""
+
+    target: str
+    """``module:class``, imported only when the backend runs: a machine without NVIDIA
+    never pays for importing the NVML binding."""
+    drm_drivers: tuple[str, ...] = ()
+    """When set, a backend with no DRM card bound to these drivers is not run at all:
+    listing ``class/drm`` is cheap and touches no device, forking a child is not."""
+
+
+BACKENDS: dict[str, BackendSpec] = {
+    "nvml": BackendSpec("hal.backends.nvidia:NvidiaBackend"),
+    "amdsmi": BackendSpec("hal.backends.amdsmi:AmdSmiBackend", ("amdgpu",)),
+    "amdgpu": BackendSpec("hal.backends.amdgpu:AmdgpuSysfsBackend", ("amdgpu",)),
+    "intel": BackendSpec("hal.backends.intel:IntelSysfsBackend", ("i915", "xe")),
 }
 
 
@@ -60,7 +71,7 @@ class _Found(msgspec.Struct, kw_only=True):
 
 
 def _backend(name: str, config: HalConfig) -> Backend:
-    module_name, class_name = BACKENDS[name].split(":")
+    module_name, class_name = BACKENDS[name].target.split(":")
     cls: type[Backend] = getattr(importlib.import_module(module_name), class_name)
     return cls(config)
 
@@ -89,14 +100,24 @@ class PendingDiscovery:
 
     def __init__(self, config: HalConfig) -> None:
         self._names = [name for name in config.backends if name in BACKENDS]
+        self._absent = {name: _absent(name, config) for name in self._names}
         self._children = Isolated(
-            [partial(_discover_one, name, config) for name in self._names],
+            [partial(_discover_one, n, config) for n in self._names if self._absent[n] is None],
             config.discovery_timeout_s,
         )
 
     def result(self) -> Discovery:
         """Every GPU found, merged, with a report per backend."""
-        return _collect(self._names, self._children.results())
+        results = iter(self._children.results())
+        return _collect([(name, self._absent[name] or next(results)) for name in self._names])
+
+
+def _absent(name: str, config: HalConfig) -> HalError | None:
+    """Why a backend need not run, when that can be told without touching a device."""
+    drivers = BACKENDS[name].drm_drivers
+    if drivers and not cards_bound_to(config.sysfs_root, drivers):
+        return no_cards(config.sysfs_root, drivers)
+    return None
 
 
 def discover(config: HalConfig) -> Discovery:
@@ -104,13 +125,14 @@ def discover(config: HalConfig) -> Discovery:
     return PendingDiscovery(config).result()
 
 
-def _collect(names: list[str], results: list[bytes | DiscoveryFailed]) -> Discovery:
+def _collect(results: list[tuple[str, bytes | HalError]]) -> Discovery:
     found: list[_Found] = []
-    for name, result in zip(names, results, strict=True):
-        if isinstance(result, DiscoveryFailed):
-            report = BackendReport(
-                name=name, status="failed", code=result.code, detail=result.detail
+    for name, result in results:
+        if isinstance(result, HalError):
+            status: Literal["failed", "unavailable"] = (
+                "failed" if isinstance(result, DiscoveryFailed) else "unavailable"
             )
+            report = BackendReport(name=name, status=status, code=result.code, detail=result.detail)
             found.append(_Found(report=report))
         else:
             found.append(msgspec.msgpack.decode(result, type=_Found))

@@ -5,12 +5,15 @@ from __future__ import annotations
 import errno
 import os
 import re
+from collections.abc import Collection
 from pathlib import Path
 
+from hal.errors import BackendUnavailable
 from hal.types import UNSUPPORTED, Reading, Unavailable
 
 __all__ = [
     "HwmonLocator",
+    "cards_bound_to",
     "device_numa_node",
     "driver_name",
     "drm_cards",
@@ -18,6 +21,7 @@ __all__ = [
     "hwmon_temperatures",
     "may_read_write",
     "mode_grants_read_write",
+    "no_cards",
     "pci_slot",
     "pcie_gen_max",
     "read_int",
@@ -106,6 +110,20 @@ def drm_cards(sysfs_root: Path) -> list[Path]:
         return []
     numbered = [(int(m[1]), entry) for entry in entries if (m := _CARD.fullmatch(entry.name))]
     return [entry for _, entry in sorted(numbered)]
+
+
+def cards_bound_to(sysfs_root: Path, drivers: Collection[str]) -> list[Path]:
+    """The DRM card directories whose device one of ``drivers`` is bound to."""
+    return [card for card in drm_cards(sysfs_root) if driver_name(card / "device") in drivers]
+
+
+def no_cards(sysfs_root: Path, drivers: Collection[str]) -> BackendUnavailable:
+    """Why no card is bound to ``drivers``: none present, or the driver is not loaded."""
+    loaded = any((sysfs_root / "module" / driver).is_dir() for driver in drivers)
+    return BackendUnavailable(
+        "no_devices" if loaded else "driver_not_loaded",
+        f"no card bound to {' or '.join(sorted(drivers))} under {sysfs_root / 'class' / 'drm'}",
+    )
 
 
 def driver_name(device_dir: Path) -> str | None:

@@ -8,10 +8,12 @@ stable reason code (it could not be read this time: permission, lost device, ...
 
 from __future__ import annotations
 
-from typing import Literal, TypeAlias, TypeVar
+from typing import TYPE_CHECKING, Literal, TypeAlias, TypeVar
 
 import msgspec
-from typing_extensions import TypeIs
+
+if TYPE_CHECKING:
+    from typing_extensions import TypeIs
 
 __all__ = [
     "UNSUPPORTED",

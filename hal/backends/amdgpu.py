@@ -27,18 +27,18 @@ import importlib.util
 import logging
 import os
 import re
-from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
+import msgspec
+
 from hal.backend import Backend, HalConfig
-from hal.errors import BackendUnavailable
 from hal.sysfs import (
     HwmonLocator,
+    cards_bound_to,
     device_numa_node,
-    driver_name,
-    drm_cards,
     hwmon_temperatures,
+    no_cards,
     pci_slot,
     pcie_gen_max,
     read_int,
@@ -80,8 +80,7 @@ _DPM_LEVEL = re.compile(r"^\s*\w+:\s*(\d+)\s*mhz\s*(\*?)", re.IGNORECASE | re.MU
 _RAS_COUNT = re.compile(r"^(ue|ce):\s*(\d+)", re.MULTILINE)
 
 
-@dataclass
-class _Card:
+class _Card(msgspec.Struct):
     """A card as opened: its id, its PCI device directory, and where its sensors are."""
 
     id: str
@@ -101,13 +100,9 @@ class AmdgpuSysfsBackend(Backend):
     def open(self) -> list[GpuProfile]:
         """Find every amdgpu card and read its static facts."""
         root = self.config.sysfs_root
-        cards = [card for card in drm_cards(root) if driver_name(card / "device") == _DRIVER]
+        cards = cards_bound_to(root, (_DRIVER,))
         if not cards:
-            loaded = (root / "module" / _DRIVER).is_dir()
-            raise BackendUnavailable(
-                "no_devices" if loaded else "driver_not_loaded",
-                f"no card bound to amdgpu under {root / 'class' / 'drm'}",
-            )
+            raise no_cards(root, (_DRIVER,))
         names = marketing_names(self.config.dev_root)
         profiles = []
         self._cards = []

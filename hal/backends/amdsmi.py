@@ -21,9 +21,10 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
+
+import msgspec
 
 from hal.backend import Backend, HalConfig
 from hal.backends.amdgpu import amdgpu_kind, rocm_uuid
@@ -51,8 +52,7 @@ def import_amdsmi() -> Any:
     return amdsmi
 
 
-@dataclass
-class _Gpu:
+class _Gpu(msgspec.Struct):
     """A GPU as opened: its id, the library's handle, and its sysfs directory if known."""
 
     id: str

@@ -30,18 +30,19 @@ Rules this backend chooses:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
+import msgspec
+
 from hal.backend import Backend, HalConfig
-from hal.errors import BackendUnavailable
 from hal.sysfs import (
     HwmonLocator,
+    cards_bound_to,
     device_numa_node,
     driver_name,
-    drm_cards,
     hwmon_temperatures,
+    no_cards,
     pci_slot,
     pcie_gen_max,
     read_int,
@@ -83,8 +84,7 @@ _THROTTLE_FILES = {
 }
 
 
-@dataclass
-class _Card:
+class _Card(msgspec.Struct):
     """A card as opened, and the energy reading the next sample's power is measured from."""
 
     id: str
@@ -119,20 +119,14 @@ class IntelSysfsBackend(Backend):
         root = self.config.sysfs_root
         self._cards = []
         profiles = []
-        for card_dir in drm_cards(root):
-            driver = driver_name(card_dir / "device")
-            if driver not in _DRIVERS:
-                continue
+        for card_dir in cards_bound_to(root, _DRIVERS):
+            driver = str(driver_name(card_dir / "device"))
             hwmon = HwmonLocator(card_dir / "device", driver)
             profile = self._profile(card_dir, driver, hwmon.path())
             self._cards.append(_Card(id=profile.id, card_dir=card_dir, driver=driver, hwmon=hwmon))
             profiles.append(profile)
         if not profiles:
-            loaded = any((root / "module" / driver).is_dir() for driver in _DRIVERS)
-            raise BackendUnavailable(
-                "no_devices" if loaded else "driver_not_loaded",
-                f"no card bound to i915 or xe under {root / 'class' / 'drm'}",
-            )
+            raise no_cards(root, _DRIVERS)
         return profiles
 
     def sample(self, now: float) -> list[GpuSample]:

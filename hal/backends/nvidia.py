@@ -9,7 +9,6 @@ again. A GPU that falls off the bus is reported ``lost`` and looked for again wi
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, ClassVar
 
@@ -72,8 +71,7 @@ def normalise_bus_id(nvml_bus_id: str) -> str:
     return f"{int(domain, 16):04x}:{rest}"
 
 
-@dataclass
-class _Device:
+class _Device(msgspec.Struct):
     """A GPU or MIG instance as opened: its handle, and what it was found not to support."""
 
     id: str
@@ -81,7 +79,7 @@ class _Device:
     is_mig: bool
     relocate: Callable[[], Any]
     """Finds the device's handle again after it was lost (by uuid, else by bus id)."""
-    unsupported: set[str] = field(default_factory=set)
+    unsupported: set[str] = msgspec.field(default_factory=set)
     lost_at: float | None = None
     retry_at: float = 0.0
     backoff_s: float = _BACKOFF_FIRST_S
