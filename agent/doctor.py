@@ -19,7 +19,7 @@ from hal.types import BackendReport, Profile, Unavailable
 
 __all__ = ["Facts", "Finding", "diagnose", "gather"]
 
-Severity = Literal["ok", "warning", "blocker"]
+Severity = Literal["blocker", "warning", "info", "ok"]
 
 _NVIDIA_NODES = ("nvidiactl", "nvidia-uvm")
 
@@ -73,15 +73,12 @@ def diagnose(facts: Facts) -> list[Finding]:
         *_node_findings(facts),
         *_runtime_findings(facts),
     ]
-    order: dict[Severity, int] = {"blocker": 0, "warning": 1, "ok": 2}
+    order: dict[Severity, int] = {"blocker": 0, "warning": 1, "info": 2, "ok": 3}
     return sorted(findings, key=lambda f: order[f.severity])
 
 
-_BACKEND_FIXES = {
-    "driver_not_loaded": (
-        "the {vendor} kernel driver is not loaded",
-        "load it (`sudo modprobe nvidia`) or reinstall the driver; see `dmesg` for why it failed",
-    ),
+# Codes that mean the vendor stack is installed but broken: a blocker wherever they appear.
+_BROKEN = {
     "driver_library_mismatch": (
         "the user-space library and the kernel driver are from different driver versions",
         "reboot to load the newly installed kernel module (or reinstall one driver version)",
@@ -104,50 +101,42 @@ _BACKEND_FIXES = {
     ),
 }
 
+# What to do when a vendor's GPU is on the PCI bus but no backend of that vendor serves it.
+_INSTALL_FIXES = {
+    "nvidia": "install the NVIDIA driver (Debian: `sudo apt install nvidia-driver`), or load it "
+    "(`sudo modprobe nvidia`); `dmesg` says why it did not load",
+    "amd": "load the amdgpu kernel driver (`sudo modprobe amdgpu`); `dmesg` says why it did not",
+    "intel": "load the i915 or xe kernel driver (`sudo modprobe i915`)",
+}
+
 _VENDOR_OF_BACKEND = {"nvml": "nvidia", "amdsmi": "amd", "amdgpu": "amd", "intel": "intel"}
 
 
 def _backend_findings(facts: Facts) -> list[Finding]:
     findings = []
-    vendors_on_bus = {d.vendor for d in facts.pci}
+    served = {_VENDOR_OF_BACKEND[r.name] for r in facts.profile.backends if r.status == "ok"}
+    stranded = {d.vendor for d in facts.pci} - served
     for report in facts.profile.backends:
         vendor = _VENDOR_OF_BACKEND.get(report.name, report.name)
+        code = f"{report.name}_{report.code}"
         if report.status == "ok":
-            findings.append(
-                Finding(
-                    code=f"{report.name}_ok",
-                    severity="ok",
-                    message=f"{report.name}: {report.devices} device(s) {_versions(report)}",
-                )
+            message = f"{report.name}: {report.devices} device(s) {_versions(report)}"
+            findings.append(Finding(code=f"{report.name}_ok", severity="ok", message=message))
+        elif report.code in _BROKEN:
+            what, fix = _BROKEN[report.code]
+            message = f"{report.name}: {what} ({report.detail})"
+            findings.append(Finding(code=code, severity="blocker", message=message, fix=fix))
+        elif vendor in stranded:
+            message = (
+                f"an {vendor} GPU is on the PCI bus but {report.name} cannot use it "
+                f"({report.detail})"
             )
-        elif report.code in _BACKEND_FIXES:
-            what, fix = _BACKEND_FIXES[report.code]
-            findings.append(
-                Finding(
-                    code=f"{report.name}_{report.code}",
-                    severity="blocker",
-                    message=f"{report.name}: {what.format(vendor=vendor)} ({report.detail})",
-                    fix=fix,
-                )
-            )
-        elif vendor in vendors_on_bus and report.name != "amdsmi":
-            findings.append(_missing_stack(report, vendor))
+            fix = _INSTALL_FIXES[vendor]
+            findings.append(Finding(code=code, severity="blocker", message=message, fix=fix))
+        else:
+            message = f"{report.name}: not in use ({report.detail})"
+            findings.append(Finding(code=code, severity="info", message=message))
     return findings
-
-
-def _missing_stack(report: BackendReport, vendor: str) -> Finding:
-    fixes = {
-        "nvidia": "install the NVIDIA driver (Debian/Ubuntu: `sudo apt install nvidia-driver`)",
-        "amd": "load the amdgpu kernel driver (`sudo modprobe amdgpu`)",
-        "intel": "load the i915 or xe kernel driver",
-    }
-    return Finding(
-        code=f"{report.name}_{report.code}",
-        severity="blocker",
-        message=f"an {vendor} GPU is on the PCI bus but {report.name} cannot use it "
-        f"({report.detail})",
-        fix=fixes[vendor],
-    )
 
 
 def _versions(report: BackendReport) -> str:

@@ -30,11 +30,29 @@ def test_machine_without_gpus_or_docker_is_blocked_on_both() -> None:
 def test_missing_nvml_is_only_a_blocker_when_an_nvidia_card_is_on_the_bus() -> None:
     report = BackendReport(name="nvml", status="unavailable", code="library_missing")
     card = PciDisplayDevice(bus_id="0000:01:00.0", vendor="nvidia", driver=None)
-    facts = Facts(profile=profile([], [report]), pci=[card], node_access={})
-    findings = diagnose(facts)
-    assert "nvml_library_missing" in _codes(findings)
-    fix = next(f.fix for f in findings if f.code == "nvml_library_missing")
+    without = diagnose(Facts(profile=profile([gpu()], [report]), pci=[], node_access={}))
+    assert "nvml_library_missing" in _codes(without, "info")
+    with_card = diagnose(Facts(profile=profile([], [report]), pci=[card], node_access={}))
+    assert "nvml_library_missing" in _codes(with_card)
+    fix = next(f.fix for f in with_card if f.code == "nvml_library_missing")
     assert "nvidia-driver" in fix
+
+
+def test_amd_card_served_by_sysfs_does_not_need_rocm() -> None:
+    reports = [
+        BackendReport(name="amdsmi", status="unavailable", code="library_missing"),
+        BackendReport(name="amdgpu", status="ok", devices=1),
+    ]
+    card = PciDisplayDevice(bus_id="0000:09:00.0", vendor="amd", driver="amdgpu")
+    amd = gpu(vendor="amd", backend="amdgpu", render_node="/dev/dri/renderD128")
+    facts = Facts(
+        profile=profile([amd], reports),
+        pci=[card],
+        node_access={"/dev/kfd": True, "/dev/dri/renderD128": True},
+    )
+    findings = diagnose(facts)
+    assert _codes(findings) == set()
+    assert "amdsmi_library_missing" in _codes(findings, "info")
 
 
 def test_driver_library_mismatch_says_to_reboot() -> None:
@@ -103,4 +121,4 @@ def test_blockers_come_first() -> None:
     report = BackendReport(name="nvml", status="unavailable", code="driver_not_loaded")
     findings = diagnose(Facts(profile=profile([], [report]), pci=[], node_access={}))
     severities = [f.severity for f in findings]
-    assert severities == sorted(severities, key=["blocker", "warning", "ok"].index)
+    assert severities == sorted(severities, key=["blocker", "warning", "info", "ok"].index)
