@@ -25,6 +25,7 @@ class HalConfig(msgspec.Struct, frozen=True, kw_only=True):
         nvml_library: path of ``libnvidia-ml.so.1`` to load instead of the system's.
         discovery_timeout_s: how long isolated discovery may take before it is killed.
         backends: names of the backends to run, in priority order (first wins a merge).
+        rocm_path: where ROCm is installed (its ``.info/version`` names the release).
         docker_socket: the Docker engine's unix socket.
         cdi_dirs: where Container Device Interface specs live.
     """
@@ -34,6 +35,7 @@ class HalConfig(msgspec.Struct, frozen=True, kw_only=True):
     nvml_library: str | None = None
     discovery_timeout_s: float = 10.0
     backends: tuple[str, ...] = ("nvml", "amdsmi", "amdgpu", "intel")
+    rocm_path: Path = Path("/opt/rocm")
     docker_socket: Path = Path("/var/run/docker.sock")
     cdi_dirs: tuple[Path, ...] = (Path("/etc/cdi"), Path("/var/run/cdi"))
 
@@ -51,6 +53,7 @@ class HalConfig(msgspec.Struct, frozen=True, kw_only=True):
             dev_root=Path(env.get("GPU_AGENT_DEV_ROOT", "/dev")),
             nvml_library=env.get("GPU_AGENT_NVML_LIB") or None,
             discovery_timeout_s=_positive(env, "GPU_AGENT_DISCOVERY_TIMEOUT", 10.0),
+            rocm_path=Path(env.get("ROCM_PATH", "/opt/rocm")),
             docker_socket=Path(docker_host.removeprefix("unix://")),
         )
 

@@ -30,6 +30,7 @@ from hal.backends.amdgpu import (
     gfx_target_name,
     marketing_names,
     rocm_uuid,
+    rocm_version,
 )
 from hal.errors import BackendUnavailable
 from hal.types import UNSUPPORTED, Unavailable
@@ -337,3 +338,16 @@ def test_marketing_names_skip_a_dev_root_the_library_cannot_see(
     monkeypatch.setitem(sys.modules, "pyamdgpuinfo", fake)
     (dev / "dri").mkdir()
     assert marketing_names(dev) == {}
+
+
+def test_rocm_release_is_read_where_rocm_is_installed(tmp_path: Path) -> None:
+    rocm = tmp_path / "rocm"
+    (rocm / ".info").mkdir(parents=True)
+    (rocm / ".info" / "version").write_text("6.1.2-119\n")
+    assert rocm_version(rocm) == "6.1.2-119"
+
+
+def test_missing_rocm_is_unavailable_not_unsupported(tmp_path: Path) -> None:
+    missing = rocm_version(tmp_path / "rocm")
+    assert isinstance(missing, Unavailable)
+    assert missing.reason == "not_installed"

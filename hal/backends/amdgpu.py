@@ -64,6 +64,7 @@ __all__ = [
     "gfx_target_name",
     "marketing_names",
     "rocm_uuid",
+    "rocm_version",
 ]
 
 _log = logging.getLogger(__name__)
@@ -139,6 +140,7 @@ class AmdgpuSysfsBackend(Backend):
             vram_total_bytes=read_int(device / "mem_info_vram_total"),
             gtt_total_bytes=read_int(device / "mem_info_gtt_total"),
             driver_version=read_str(root / "module" / _DRIVER / "version"),
+            rocm_version=rocm_version(self.config.rocm_path),
             gfx_target=_kfd_gfx_target(root, bus),
             power_limit_w=_hwmon_watts(hwmon, "power1_cap"),
             power_limit_max_w=_hwmon_watts(hwmon, "power1_cap_max"),
@@ -149,6 +151,14 @@ class AmdgpuSysfsBackend(Backend):
             ecc_enabled=_ecc_enabled(device),
             numa_node=device_numa_node(device),
         )
+
+
+def rocm_version(rocm_path: Path) -> Reading[str]:
+    """The installed ROCm release (``.info/version``, e.g. ``6.1.2-119``), if any."""
+    version = read_str(rocm_path / ".info" / "version")
+    if version == UNSUPPORTED:  # the GPU could run ROCm; this machine lacks it
+        return Unavailable("not_installed", f"no ROCm under {rocm_path}")
+    return version
 
 
 def amdgpu_kind(device_dir: Path) -> Reading[GpuKind]:
