@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
@@ -31,3 +34,58 @@ def library_for(tmp_path_factory: pytest.TempPathFactory) -> Callable[[Path], Pa
         return built[capture]
 
     return library
+
+
+# ------------------------------------------------------------------ the Docker engine
+
+TEST_IMAGE = "gpu-agent-test/busybox:1"
+
+
+@pytest.fixture(scope="session")
+def docker_engine() -> str:
+    """The engine's socket; skips, or fails under GPU_AGENT_REQUIRE_DOCKER=1, without one."""
+    socket_path = "/var/run/docker.sock"
+    probe = (
+        subprocess.run(
+            ["docker", "info", "--format", "{{.ServerVersion}}"],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if shutil.which("docker")
+        else None
+    )
+    if probe is None or probe.returncode != 0:
+        reason = "no Docker engine reachable" + (f": {probe.stderr.strip()}" if probe else "")
+        if os.environ.get("GPU_AGENT_REQUIRE_DOCKER") == "1":
+            pytest.fail(reason)
+        pytest.skip(reason)
+    return socket_path
+
+
+@pytest.fixture(scope="session")
+def test_image(docker_engine: str, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A local image of static busybox (nothing can be pulled here), with a setuid copy."""
+    context = tmp_path_factory.mktemp("image")
+    bin_dir = context / "bin"
+    bin_dir.mkdir()
+    shutil.copy2("/bin/busybox", bin_dir / "busybox")
+    applets = subprocess.run(
+        ["/bin/busybox", "--list"], capture_output=True, text=True, check=True
+    ).stdout.split()
+    for applet in applets:
+        if applet != "busybox":
+            (bin_dir / applet).symlink_to("busybox")
+    # busybox picks its applet by its own name, so the setuid copy keeps the name busybox.
+    suid = context / "suid" / "busybox"
+    suid.parent.mkdir()
+    shutil.copy2("/bin/busybox", suid)
+    suid.chmod(0o4755)
+    dockerfile = 'FROM scratch\nCOPY bin /bin\nCOPY suid /suid\nCMD ["/bin/sh"]\n'
+    (context / "Dockerfile").write_text(dockerfile)
+    subprocess.run(
+        ["docker", "build", "--quiet", "--tag", TEST_IMAGE, str(context)],
+        capture_output=True,
+        check=True,
+    )
+    return TEST_IMAGE

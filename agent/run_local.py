@@ -1,0 +1,126 @@
+"""``gpu-agent run-local``: a spec file through policy and runner, on this machine.
+
+What a provider uses to check their setup end to end: the same admission policy and the
+same hardened runner a coordinator's job would go through, with its events on the terminal.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import sys
+import uuid
+from contextlib import aclosing
+from pathlib import Path
+from typing import BinaryIO
+
+import msgspec
+
+from agent.gpu_select import device_facts, pick_gpus
+from hal.backend import HalConfig
+from hal.profile import take_profile
+from sandbox.docker_api import DockerClient
+from sandbox.errors import PolicyViolation, SandboxError
+from sandbox.gpu_mapping import DeviceFacts
+from sandbox.policy import Policy, admit
+from sandbox.results import Created, Event, Exited, Finished, JobResult, LogChunk, Started
+from sandbox.runner import Runner, RunnerConfig
+from sandbox.spec import WorkloadSpec
+
+__all__ = ["EXIT_FAILED", "EXIT_REFUSED", "run_local"]
+
+EXIT_FAILED = 1
+EXIT_REFUSED = 3
+
+
+def run_local(
+    spec: WorkloadSpec,
+    policy: Policy,
+    *,
+    hal_config: HalConfig,
+    runner_config: RunnerConfig,
+    docker_socket: str,
+    as_json: bool,
+) -> int:
+    """Admit and run one spec; print its events and result; return the exit status."""
+    profile = take_profile(hal_config)
+    offered = frozenset(g.vendor for g in profile.gpus)
+    try:
+        admit(spec, policy, offered_vendors=offered)
+    except PolicyViolation as refusal:
+        _print_refusal(refusal, as_json)
+        return EXIT_REFUSED
+    chosen = pick_gpus(profile.gpus, spec.gpus)
+    if chosen is None:
+        message = f"no {spec.gpus.count} free GPU(s) on this machine meet the spec's constraints"
+        _print_error("gpus_unavailable", message, as_json)
+        return EXIT_REFUSED
+    runner = Runner(DockerClient(docker_socket), runner_config)
+    job_id = f"local-{uuid.uuid4().hex[:12]}"
+    try:
+        result = asyncio.run(_run(runner, job_id, spec, [device_facts(g) for g in chosen], as_json))
+    except SandboxError as exc:
+        _print_error(exc.code, exc.detail, as_json)
+        return EXIT_FAILED
+    return 0 if result.reason == "completed" else EXIT_FAILED
+
+
+async def _run(
+    runner: Runner, job_id: str, spec: WorkloadSpec, gpus: list[DeviceFacts], as_json: bool
+) -> JobResult:
+    await runner.prepare()
+    loop = asyncio.get_running_loop()
+    # Ctrl-C stops the job the way a coordinator's cancel would: SIGTERM, grace, SIGKILL.
+    loop.add_signal_handler(signal.SIGINT, runner.cancel, job_id)
+    try:
+        async with aclosing(runner.run(job_id, spec, gpus)) as events:
+            async for event in events:
+                _print_event(event, as_json)
+                if isinstance(event, Finished):
+                    return event.result
+    finally:
+        loop.remove_signal_handler(signal.SIGINT)
+    raise AssertionError("the runner ended without a result")
+
+
+def _print_event(event: Event, as_json: bool) -> None:
+    out = sys.stdout.buffer
+    if as_json:
+        out.write(msgspec.json.encode(event) + b"\n")
+        out.flush()
+        return
+    if isinstance(event, LogChunk):
+        stream: BinaryIO = sys.stderr.buffer if event.stream == "stderr" else out
+        stream.write(event.data)
+        stream.flush()
+    elif isinstance(event, Created):
+        print(f"[gpu-agent] created container {event.container_id[:12]}", file=sys.stderr)
+    elif isinstance(event, Started):
+        print("[gpu-agent] started", file=sys.stderr)
+    elif isinstance(event, Exited):
+        print(f"[gpu-agent] exited {event.exit_code} ({event.reason})", file=sys.stderr)
+    elif isinstance(event, Finished):
+        out.write(msgspec.json.format(msgspec.json.encode(event.result)) + b"\n")
+        out.flush()
+
+
+def _print_refusal(refusal: PolicyViolation, as_json: bool) -> None:
+    if as_json:
+        body = {"error": refusal.code, "violations": refusal.violations}
+        sys.stdout.buffer.write(msgspec.json.encode(body) + b"\n")
+        return
+    print(f"gpu-agent: refused [{refusal.code}]:", file=sys.stderr)
+    for violation in refusal.violations:
+        print(f"  - {violation.code}: {violation.message}", file=sys.stderr)
+
+
+def _print_error(code: str, message: str, as_json: bool) -> None:
+    if as_json:
+        sys.stdout.buffer.write(msgspec.json.encode({"error": code, "detail": message}) + b"\n")
+    else:
+        print(f"gpu-agent: error [{code}]: {message}", file=sys.stderr)
+
+
+def default_jobs_dir() -> Path:
+    """Where run-local keeps its jobs' directories while they run."""
+    return Path.home() / ".cache" / "gpu-agent" / "jobs"

@@ -1,0 +1,113 @@
+"""The Docker ``create`` body of a job: the sandbox defaults of ARCHITECTURE.md, in one place.
+
+Pure: from a spec and what the runner prepared to the JSON the engine receives. Nothing
+in a spec can widen it; the spec has no field for privileges, mounts or host namespaces.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from sandbox.gpu_mapping import ContainerGpus
+from sandbox.spec import WorkloadSpec
+
+__all__ = ["INPUT_DIR", "LABEL_JOB", "LABEL_MANAGED", "OUTPUT_DIR", "JobMounts", "create_body"]
+
+LABEL_MANAGED = "io.gpu-agent.managed"
+LABEL_JOB = "io.gpu-agent.job"
+INPUT_DIR = "/input"
+OUTPUT_DIR = "/output"
+_TMP_BYTES = 64 << 20
+_NOFILE = 4096
+# Docker's own copy of the logs is capped too, so that a chatty job cannot fill the disk
+# even when nobody reads it.
+_LOG_CONFIG = {"Type": "json-file", "Config": {"max-size": "8m", "max-file": "1"}}
+
+
+class JobMounts(msgspec.Struct, frozen=True, kw_only=True):
+    """Host directories of the job's own: inputs (read-only) and outputs."""
+
+    input_dir: Path | None = None
+    output_dir: Path | None = None
+
+
+def create_body(
+    *,
+    job_id: str,
+    spec: WorkloadSpec,
+    image_id: str,
+    gpus: ContainerGpus,
+    mounts: JobMounts,
+    user: str,
+    runtime: str,
+    cgroup_parent: str | None,
+) -> dict[str, Any]:
+    """The body of ``POST /containers/create`` for one job."""
+    resources = spec.resources
+    uid, _, gid = user.partition(":")
+    binds = []
+    if mounts.input_dir is not None:
+        binds.append(f"{mounts.input_dir}:{INPUT_DIR}:ro")
+    if mounts.output_dir is not None:
+        binds.append(f"{mounts.output_dir}:{OUTPUT_DIR}:rw")
+    # A file may grow no larger than what the job may write anywhere: scratch or outputs.
+    fsize = max(resources.scratch_bytes, spec.output_max_bytes)
+    host_config: dict[str, Any] = {
+        "Privileged": False,
+        "CapDrop": ["ALL"],
+        "SecurityOpt": ["no-new-privileges"],
+        "ReadonlyRootfs": True,
+        "Init": True,
+        "IpcMode": "private",
+        "NetworkMode": "bridge" if spec.network == "egress" else "none",
+        "Memory": resources.memory_bytes,
+        "MemorySwap": resources.memory_bytes,  # equal to Memory: no swap
+        "NanoCpus": int(resources.cpus * 1e9),
+        "PidsLimit": resources.pids,
+        "ShmSize": resources.shm_bytes,
+        "Tmpfs": {
+            # Owned by the job's user: when /scratch is also the working directory, Docker
+            # makes the mount point root's 0755 whatever mode= says. exec: the job may run
+            # what it builds in its own workspace; /tmp stays noexec.
+            "/scratch": f"rw,exec,nosuid,nodev,size={resources.scratch_bytes},"
+            f"mode=0700,uid={uid},gid={gid}",
+            "/tmp": f"rw,noexec,nosuid,nodev,size={_TMP_BYTES},mode=1777",
+        },
+        "Ulimits": [
+            {"Name": "fsize", "Soft": fsize, "Hard": fsize},
+            {"Name": "nofile", "Soft": _NOFILE, "Hard": _NOFILE},
+            {"Name": "core", "Soft": 0, "Hard": 0},
+        ],
+        "Binds": binds,
+        "Devices": gpus.devices,
+        "DeviceRequests": gpus.device_requests,
+        "GroupAdd": gpus.group_add,
+        "LogConfig": _LOG_CONFIG,
+        "Runtime": runtime,
+        "AutoRemove": False,  # the runner removes it, after reading how it ended
+    }
+    if cgroup_parent is not None:
+        host_config["CgroupParent"] = cgroup_parent
+    body: dict[str, Any] = {
+        "Image": image_id,
+        "Env": [f"{key}={value}" for key, value in {**spec.env, **gpus.env}.items()],
+        "WorkingDir": spec.workdir,
+        "User": user,
+        "Labels": {LABEL_MANAGED: "1", LABEL_JOB: job_id},
+        "NetworkDisabled": spec.network != "egress",
+        "StopSignal": "SIGTERM",
+        "StopTimeout": int(spec.grace_s),
+        "AttachStdout": False,
+        "AttachStderr": False,
+        "Tty": False,
+        "HostConfig": host_config,
+    }
+    # Kubernetes' meaning: command replaces the image's entrypoint, args its command.
+    if spec.command:
+        body["Entrypoint"] = spec.command
+    if spec.args or spec.command:
+        body["Cmd"] = spec.args
+    return body

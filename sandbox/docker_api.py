@@ -1,0 +1,222 @@
+"""The one boundary to the Docker engine: its HTTP API over a unix socket, asynchronously.
+
+A small client on asyncio streams rather than the Docker SDK: the runner needs a handful
+of endpoints, log streaming it can cancel, and no thread per call. Each request opens its
+own connection (``Connection: close``); a unix socket connects in microseconds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import struct
+from collections.abc import AsyncIterator, Mapping
+from typing import Any
+from urllib.parse import quote, urlencode
+
+from sandbox.errors import EngineError
+
+__all__ = ["DEFAULT_SOCKET", "DockerClient", "Response", "quote_ref"]
+
+DEFAULT_SOCKET = "/var/run/docker.sock"
+# The newest API this client speaks; an older engine is spoken to at its own version.
+_API_MAX = (1, 44)
+_API_MIN = (1, 41)  # Docker 20.10, as in Debian 12
+_HEADER_LIMIT = 64 * 1024
+_STREAM_NAMES = {0: "stdin", 1: "stdout", 2: "stderr"}
+
+
+class Response:
+    """A complete HTTP response: status, lower-cased headers, body."""
+
+    def __init__(self, status: int, headers: dict[str, str], body: bytes) -> None:
+        self.status = status
+        self.headers = headers
+        self.body = body
+
+    def json(self) -> Any:
+        """The body decoded as JSON."""
+        return json.loads(self.body) if self.body else None
+
+
+class DockerClient:
+    """Docker Engine API over a unix socket."""
+
+    def __init__(self, socket_path: str = DEFAULT_SOCKET, *, timeout_s: float = 30.0) -> None:
+        self.socket_path = socket_path
+        self.timeout_s = timeout_s
+        self._prefix: str | None = None
+        self.api_version: tuple[int, int] = _API_MIN
+
+    async def version(self) -> dict[str, Any]:
+        """The engine's version document; also fixes the API version to speak."""
+        response = await self._send("GET", "/version")
+        info: dict[str, Any] = _checked(response).json()
+        server = tuple(int(part) for part in str(info.get("ApiVersion", "1.41")).split("."))
+        if server < _API_MIN:
+            raise EngineError("engine_too_old", f"Docker API {info.get('ApiVersion')} < 1.41")
+        self.api_version = min((server[0], server[1]), _API_MAX)
+        self._prefix = f"/v{self.api_version[0]}.{self.api_version[1]}"
+        return info
+
+    @property
+    def supports_cdi(self) -> bool:
+        """Whether device requests may name CDI devices (API 1.44, Docker 25)."""
+        return self.api_version >= (1, 44)
+
+    async def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        params: Mapping[str, Any] | None = None,
+        body: Any = None,
+        timeout_s: float | None = None,
+    ) -> Response:
+        """One API call; non-2xx answers raise :class:`EngineError`."""
+        if self._prefix is None:
+            await self.version()
+        return _checked(
+            await self._send(method, self._path(path, params), body, timeout_s or self.timeout_s)
+        )
+
+    async def stream(
+        self, method: str, path: str, *, params: Mapping[str, Any] | None = None
+    ) -> AsyncIterator[bytes]:
+        """The body of a long-running call (logs, events) as it arrives, without a timeout."""
+        if self._prefix is None:
+            await self.version()
+        reader, writer = await self._connect()
+        try:
+            writer.write(_request_bytes(method, self._path(path, params), None))
+            await writer.drain()
+            status, headers = await _read_head(reader)
+            if status >= 300:
+                raw = await _read_body(reader, headers)
+                raise _error(Response(status, headers, raw))
+            async for chunk in _iter_body(reader, headers):
+                yield chunk
+        finally:
+            writer.close()
+
+    async def logs(self, container_id: str) -> AsyncIterator[tuple[str, bytes]]:
+        """Follow a (non-TTY) container's output as ``(stream name, bytes)`` frames."""
+        params = {"follow": 1, "stdout": 1, "stderr": 1}
+        buffer = b""
+        async for chunk in self.stream("GET", f"/containers/{container_id}/logs", params=params):
+            buffer += chunk
+            # Multiplexed stream: 8-byte header (stream id, 3 zero bytes, big-endian size).
+            while len(buffer) >= 8:
+                stream_id, size = struct.unpack(">BxxxL", buffer[:8])
+                if len(buffer) < 8 + size:
+                    break
+                yield _STREAM_NAMES.get(stream_id, "stdout"), buffer[8 : 8 + size]
+                buffer = buffer[8 + size :]
+
+    def _path(self, path: str, params: Mapping[str, Any] | None) -> str:
+        query = f"?{urlencode(params)}" if params else ""
+        return f"{self._prefix}{path}{query}"
+
+    async def _connect(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        try:
+            return await asyncio.open_unix_connection(self.socket_path, limit=_HEADER_LIMIT)
+        except PermissionError as exc:
+            raise EngineError(
+                "engine_unreachable", f"no permission to open {self.socket_path}"
+            ) from exc
+        except OSError as exc:
+            raise EngineError(
+                "engine_unreachable", f"no Docker engine at {self.socket_path}: {exc.strerror}"
+            ) from exc
+
+    async def _send(
+        self, method: str, path: str, body: Any = None, timeout_s: float | None = None
+    ) -> Response:
+        async def exchange() -> Response:
+            reader, writer = await self._connect()
+            try:
+                writer.write(_request_bytes(method, path, body))
+                await writer.drain()
+                status, headers = await _read_head(reader)
+                return Response(status, headers, await _read_body(reader, headers))
+            finally:
+                writer.close()
+
+        try:
+            return await asyncio.wait_for(exchange(), timeout_s or self.timeout_s)
+        except TimeoutError as exc:
+            raise EngineError("engine_error", f"{method} {path}: no answer in time") from exc
+        except (ConnectionError, asyncio.IncompleteReadError) as exc:
+            raise EngineError("engine_error", f"{method} {path}: {exc}") from exc
+
+
+def quote_ref(reference: str) -> str:
+    """An image reference or container name made safe for a URL path."""
+    return quote(reference, safe="")
+
+
+def _request_bytes(method: str, path: str, body: Any) -> bytes:
+    payload = b"" if body is None else json.dumps(body).encode()
+    head = [f"{method} {path} HTTP/1.1", "Host: docker", "Connection: close"]
+    if body is not None:
+        head += ["Content-Type: application/json", f"Content-Length: {len(payload)}"]
+    elif method in ("POST", "PUT"):
+        head.append("Content-Length: 0")
+    return ("\r\n".join(head) + "\r\n\r\n").encode() + payload
+
+
+async def _read_head(reader: asyncio.StreamReader) -> tuple[int, dict[str, str]]:
+    raw = await reader.readuntil(b"\r\n\r\n")
+    lines = raw.decode("latin-1").split("\r\n")
+    parts = lines[0].split(" ", 2)
+    if len(parts) < 2 or not parts[0].startswith("HTTP/1."):
+        raise EngineError("engine_error", f"not an HTTP answer: {lines[0][:80]!r}")
+    headers = {}
+    for line in lines[1:]:
+        name, sep, value = line.partition(":")
+        if sep:
+            headers[name.strip().lower()] = value.strip()
+    return int(parts[1]), headers
+
+
+async def _iter_body(reader: asyncio.StreamReader, headers: dict[str, str]) -> AsyncIterator[bytes]:
+    if headers.get("transfer-encoding", "").lower() == "chunked":
+        while True:
+            size_line = await reader.readuntil(b"\r\n")
+            size = int(size_line.split(b";", 1)[0], 16)
+            if size == 0:
+                return
+            yield await reader.readexactly(size)
+            await reader.readexactly(2)
+    elif "content-length" in headers:
+        remaining = int(headers["content-length"])
+        while remaining:
+            chunk = await reader.read(min(remaining, 1 << 16))
+            if not chunk:
+                raise asyncio.IncompleteReadError(b"", remaining)
+            remaining -= len(chunk)
+            yield chunk
+    else:
+        while chunk := await reader.read(1 << 16):
+            yield chunk
+
+
+async def _read_body(reader: asyncio.StreamReader, headers: dict[str, str]) -> bytes:
+    return b"".join([chunk async for chunk in _iter_body(reader, headers)])
+
+
+def _checked(response: Response) -> Response:
+    if response.status >= 300:
+        raise _error(response)
+    return response
+
+
+def _error(response: Response) -> EngineError:
+    try:
+        message = str(json.loads(response.body).get("message", ""))
+    except (ValueError, AttributeError):
+        message = response.body[:200].decode(errors="replace")
+    code = "engine_error"
+    if response.status == 404:
+        code = "image_not_found" if "image" in message.lower() else "not_found"
+    return EngineError(code, f"Docker answered {response.status}: {message}")

@@ -1,0 +1,148 @@
+"""The operator's admission policy, and the pure check of a spec against it.
+
+:func:`check` lists every rule a spec breaks, each as a :class:`~sandbox.errors.Violation`
+with a stable code; :func:`admit` raises them all at once as a
+:class:`~sandbox.errors.PolicyViolation`. Nothing here touches the engine: the policy is
+decided before anything starts.
+
+Image patterns in ``allowed_images`` are one of:
+
+- a repository, normalised as Docker does: ``python`` is ``docker.io/library/python``; it
+  allows every tag and digest of that repository;
+- a glob over fully qualified repositories, e.g. ``ghcr.io/acme/*`` (``*`` also matches
+  ``/``); write it with its registry, globs are not normalised;
+- a local image id, ``sha256:<64 hex>``, which allows a spec naming exactly that id.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from collections.abc import Callable
+from typing import Annotated, Literal
+
+import msgspec
+
+from sandbox.errors import PolicyViolation, Violation
+from sandbox.spec import ImageRef, WorkloadSpec, format_size
+
+__all__ = ["Policy", "admit", "check", "image_allowed"]
+
+_GLOB = re.compile(r"[*?\[]")
+_GIB = 1 << 30
+
+_NonNegative = Annotated[int, msgspec.Meta(ge=0)]
+_Show = Callable[[float], str]
+
+
+class Policy(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Operator-set limits on what a job may ask for; an empty ``allowed_images`` allows none."""
+
+    allowed_images: list[str] = []
+    max_cpus: Annotated[float, msgspec.Meta(gt=0)] = 4.0
+    max_memory_bytes: _NonNegative = 8 * _GIB
+    max_pids: _NonNegative = 1024
+    max_shm_bytes: _NonNegative = _GIB
+    max_scratch_bytes: _NonNegative = 10 * _GIB
+    max_timeout_s: Annotated[float, msgspec.Meta(gt=0)] = 86400.0
+    max_grace_s: Annotated[float, msgspec.Meta(ge=0)] = 60.0
+    max_gpus: _NonNegative = 8
+    max_input_bytes: _NonNegative = 512 * 1024
+    max_output_bytes: _NonNegative = _GIB
+    allow_egress: bool = False
+    runtime: Literal["runc", "runsc"] = "runc"
+
+    def __post_init__(self) -> None:
+        # A pattern that can never match would refuse every job in silence: say so early.
+        for pattern in self.allowed_images:
+            if not _GLOB.search(pattern):
+                ref = ImageRef.parse(pattern)  # ValueError names the pattern
+                if ref.repository is not None and (ref.tag or ref.digest):
+                    raise ValueError(f"{pattern!r}: a pattern names a repository, not a tag")
+
+
+def image_allowed(image: ImageRef, patterns: list[str]) -> bool:
+    """Whether an image reference matches one of the policy's image patterns."""
+    for pattern in patterns:
+        if _GLOB.search(pattern):
+            if image.repository is not None and fnmatch.fnmatchcase(image.repository, pattern):
+                return True
+            continue
+        allowed = ImageRef.parse(pattern)
+        if allowed.repository is None:
+            if image.repository is None and image.digest == allowed.digest:
+                return True
+        elif image.repository == allowed.repository:
+            return True
+    return False
+
+
+def check(
+    spec: WorkloadSpec, policy: Policy, *, offered_vendors: frozenset[str] = frozenset()
+) -> list[Violation]:
+    """Every rule of ``policy`` that ``spec`` breaks, in a fixed order; empty if none.
+
+    ``offered_vendors`` are the vendors of the GPUs this node offers.
+    """
+    found: list[Violation] = []
+
+    def over(code: str, field: str, asked: float, limit: float, show: _Show = str) -> None:
+        if asked > limit:
+            found.append(
+                Violation(code, f"{field} {show(asked)} is over the limit of {show(limit)}")
+            )
+
+    if not image_allowed(spec.image_ref, policy.allowed_images):
+        found.append(Violation("image_not_allowed", f"image {spec.image} is not allowed here"))
+    gpus, res = spec.gpus, spec.resources
+    over("too_many_gpus", "gpus.count", gpus.count, policy.max_gpus)
+    if gpus.count and policy.runtime == "runsc":
+        found.append(Violation("runtime_has_no_gpu", "jobs here run under runsc: it has no GPUs"))
+    if gpus.count and not offered_vendors:
+        found.append(Violation("gpu_vendor_not_offered", "this node offers no GPUs"))
+    elif gpus.count and gpus.vendor is not None and gpus.vendor not in offered_vendors:
+        offered = ", ".join(sorted(offered_vendors))
+        message = f"{gpus.vendor} GPUs are not offered here, only {offered}"
+        found.append(Violation("gpu_vendor_not_offered", message))
+    over("cpus_over_limit", "resources.cpus", res.cpus, policy.max_cpus, _number)
+    over("pids_over_limit", "resources.pids", res.pids, policy.max_pids)
+    over("timeout_over_limit", "timeout_s", spec.timeout_s, policy.max_timeout_s, _seconds)
+    over("grace_over_limit", "grace_s", spec.grace_s, policy.max_grace_s, _seconds)
+    if spec.network == "egress" and not policy.allow_egress:
+        found.append(Violation("egress_not_allowed", "this node allows no network egress"))
+    inputs = sum(item.size_bytes for item in spec.inputs)
+    for code, field, asked, limit in (
+        ("memory_over_limit", "resources.memory_bytes", res.memory_bytes, policy.max_memory_bytes),
+        ("shm_over_limit", "resources.shm_bytes", res.shm_bytes, policy.max_shm_bytes),
+        (
+            "scratch_over_limit",
+            "resources.scratch_bytes",
+            res.scratch_bytes,
+            policy.max_scratch_bytes,
+        ),
+        ("inputs_over_limit", "the inputs' total size", inputs, policy.max_input_bytes),
+        ("outputs_over_limit", "output_max_bytes", spec.output_max_bytes, policy.max_output_bytes),
+    ):
+        over(code, field, asked, limit, _size)
+    return found
+
+
+def _number(value: float) -> str:
+    return f"{value:g}"
+
+
+def _seconds(value: float) -> str:
+    return f"{value:g}s"
+
+
+def _size(value: float) -> str:
+    return format_size(int(value))
+
+
+def admit(
+    spec: WorkloadSpec, policy: Policy, *, offered_vendors: frozenset[str] = frozenset()
+) -> None:
+    """Raise PolicyViolation listing every rule ``spec`` breaks; return if it breaks none."""
+    violations = check(spec, policy, offered_vendors=offered_vendors)
+    if violations:
+        raise PolicyViolation(violations)

@@ -1,0 +1,343 @@
+"""Run a workload spec in a hardened container, streaming its events, always cleaning up.
+
+``Runner.run`` is an async generator: ``Created``, ``Started``, ``LogChunk``..., ``Exited``
+and last ``Finished`` with the :class:`~sandbox.results.JobResult`. Whatever happens (a
+failed start, a timeout, a cancel, an exception in the caller), the container, the job's
+directories and its cgroup are removed before the generator ends. Containers carry the
+job's id in a label, so that what a crash leaves behind is found by :meth:`reap_orphans`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import hashlib
+import re
+import shutil
+import time
+from collections.abc import AsyncGenerator
+from contextlib import aclosing
+from datetime import datetime
+from pathlib import Path
+
+import msgspec
+
+from sandbox.cgroups import JobCgroup
+from sandbox.container import LABEL_JOB, LABEL_MANAGED, JobMounts, create_body
+from sandbox.docker_api import DockerClient, quote_ref
+from sandbox.errors import EngineError, RunError, SandboxError
+from sandbox.gpu_mapping import DeviceFacts, HostGroups, host_groups, map_gpus
+from sandbox.outputs import collect_outputs
+from sandbox.results import (
+    Created,
+    Event,
+    Exited,
+    ExitReason,
+    Finished,
+    JobResult,
+    LogChunk,
+    Started,
+)
+from sandbox.spec import WorkloadSpec, spec_digest
+
+__all__ = ["Runner", "RunnerConfig"]
+
+_JOB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+_LOG_DRAIN_S = 2.0
+_WAIT_SLACK_S = 60.0
+
+
+class RunnerConfig(msgspec.Struct, frozen=True, kw_only=True):
+    """How the runner runs jobs on this machine.
+
+    Attributes:
+        jobs_dir: where each job's input and output directories are made (and removed).
+        runtime: the OCI runtime (``runc``, or ``runsc`` for gVisor).
+        user: the uid:gid jobs run as; never root.
+        log_max_bytes: output kept and forwarded per job; the rest is counted and dropped.
+        log_rate_bytes_per_s: sustained output forwarded per second, with a burst of as much.
+        cgroup_root: where the cgroup file systems are mounted.
+    """
+
+    jobs_dir: Path
+    runtime: str = "runc"
+    user: str = "65534:65534"
+    log_max_bytes: int = 1 << 20
+    log_rate_bytes_per_s: int = 256 << 10
+    cgroup_root: Path = Path("/sys/fs/cgroup")
+
+
+class _LogBudget:
+    """Caps a job's log in total size and in rate (a token bucket), and digests what passes."""
+
+    def __init__(self, max_bytes: int, rate: int) -> None:
+        self.max_bytes = max_bytes
+        self.rate = rate
+        self.tokens = float(rate)
+        self.last = time.monotonic()
+        self.kept = 0
+        self.dropped = 0
+        self.digest = hashlib.sha256()
+
+    def admit(self, data: bytes) -> bytes:
+        now = time.monotonic()
+        self.tokens = min(float(self.rate), self.tokens + (now - self.last) * self.rate)
+        self.last = now
+        allowed = int(min(len(data), self.tokens, self.max_bytes - self.kept))
+        allowed = max(allowed, 0)
+        self.tokens -= allowed
+        self.kept += allowed
+        self.dropped += len(data) - allowed
+        self.digest.update(data[:allowed])
+        return data[:allowed]
+
+
+class Runner:
+    """Runs jobs on one Docker engine."""
+
+    def __init__(self, client: DockerClient, config: RunnerConfig) -> None:
+        self.client = client
+        self.config = config
+        self._cancels: dict[str, asyncio.Event] = {}
+        self._cgroup_driver = "cgroupfs"
+        self._groups = HostGroups(video_gid=None, render_gid=None)
+
+    async def prepare(self) -> list[str]:
+        """Learn the engine's setup and reap what an earlier run left; return reaped ids."""
+        await self.client.version()
+        info = (await self.client.request("GET", "/info")).json()
+        self._cgroup_driver = str(info.get("CgroupDriver", "cgroupfs"))
+        if self.config.runtime not in (info.get("Runtimes") or {}):
+            raise RunError("runtime_missing", f"the engine has no runtime {self.config.runtime!r}")
+        self._groups = host_groups()
+        return await self.reap_orphans()
+
+    async def resolve_image(self, reference: str) -> str:
+        """The id (``sha256:...``) of a local image, pinning a tag to what it names now."""
+        response = await self.client.request("GET", f"/images/{quote_ref(reference)}/json")
+        return str(response.json()["Id"])
+
+    async def reap_orphans(self) -> list[str]:
+        """Remove every job container, directory and cgroup a crashed runner left behind."""
+        filters = msgspec.json.encode({"label": [LABEL_MANAGED]}).decode()
+        listed = await self.client.request(
+            "GET", "/containers/json", params={"all": 1, "filters": filters}
+        )
+        reaped = []
+        for container in listed.json():
+            await self._remove_container(container["Id"])
+            job = container.get("Labels", {}).get(LABEL_JOB, "")
+            if _JOB_ID.fullmatch(job):
+                JobCgroup(job, self._cgroup_driver, self.config.cgroup_root).remove()
+            reaped.append(job or container["Id"])
+        if self.config.jobs_dir.is_dir():
+            for leftover in self.config.jobs_dir.iterdir():
+                shutil.rmtree(leftover, ignore_errors=True)
+        return reaped
+
+    def cancel(self, job_id: str) -> bool:
+        """Ask a running job to stop (SIGTERM, its grace period, SIGKILL); False if unknown."""
+        event = self._cancels.get(job_id)
+        if event is None:
+            return False
+        event.set()
+        return True
+
+    async def run(
+        self, job_id: str, spec: WorkloadSpec, gpus: list[DeviceFacts]
+    ) -> AsyncGenerator[Event, None]:
+        """Run ``spec`` on exactly ``gpus``; yield its events, the last one ``Finished``.
+
+        Iterate it under ``contextlib.aclosing``: a caller that stops early then still
+        gets the container stopped and removed at once, not whenever the generator is
+        garbage-collected.
+        """
+        if not _JOB_ID.fullmatch(job_id):
+            raise RunError("bad_job_id", f"job id {job_id!r} is not 1-64 of [A-Za-z0-9_.-]")
+        if job_id in self._cancels:
+            raise RunError("job_running", f"job {job_id} is already running")
+        cancel = self._cancels[job_id] = asyncio.Event()
+        result = JobResult(
+            job_id=job_id,
+            reason="error",
+            exit_code=None,
+            image_id=None,
+            spec_digest=spec_digest(spec),
+            log_sha256=hashlib.sha256().hexdigest(),
+        )
+        job_dir = self.config.jobs_dir / job_id
+        cgroup = JobCgroup(job_id, self._cgroup_driver, self.config.cgroup_root)
+        container_id: str | None = None
+        try:
+            result.image_id = await self.resolve_image(spec.image)
+            mounts = _prepare_dirs(job_dir, spec)
+            body = create_body(
+                job_id=job_id,
+                spec=spec,
+                image_id=result.image_id,
+                gpus=map_gpus(gpus, cdi=self.client.supports_cdi, groups=self._groups),
+                mounts=mounts,
+                user=self.config.user,
+                runtime=self.config.runtime,
+                cgroup_parent=cgroup.parent,
+            )
+            created = await self.client.request(
+                "POST", "/containers/create", params={"name": f"gpu-agent-{job_id}"}, body=body
+            )
+            container_id = str(created.json()["Id"])
+            yield Created(container_id)
+            async with aclosing(self._execute(container_id, spec, cancel, result)) as execution:
+                async for event in execution:
+                    yield event
+            if mounts.output_dir is not None:
+                result.outputs = collect_outputs(
+                    mounts.output_dir, spec.outputs, spec.output_max_bytes
+                )
+            usage = cgroup.usage()
+            result.cpu_seconds = usage.cpu_seconds
+            result.peak_memory_bytes = usage.peak_memory_bytes
+        except SandboxError as exc:
+            result.reason, result.error_code, result.detail = "error", exc.code, exc.detail
+        finally:
+            del self._cancels[job_id]
+            if container_id is not None:
+                await self._remove_container(container_id)
+            shutil.rmtree(job_dir, ignore_errors=True)
+            cgroup.remove()
+        yield Finished(result)
+
+    async def _execute(
+        self, container_id: str, spec: WorkloadSpec, cancel: asyncio.Event, result: JobResult
+    ) -> AsyncGenerator[Event, None]:
+        """Start the container, stream its logs, stop it on timeout or cancel."""
+        # Wait before start, so that an exit that comes at once is not missed.
+        waiting = asyncio.create_task(
+            self.client.request(
+                "POST",
+                f"/containers/{container_id}/wait",
+                params={"condition": "next-exit"},
+                timeout_s=spec.timeout_s + spec.grace_s + _WAIT_SLACK_S,
+            )
+        )
+        try:
+            await self.client.request("POST", f"/containers/{container_id}/start")
+        except EngineError as exc:
+            waiting.cancel()
+            raise RunError("start_failed", exc.detail) from exc
+        yield Started(time.time())
+        stopping = asyncio.create_task(self._supervise(container_id, spec, cancel, waiting))
+        budget = _LogBudget(self.config.log_max_bytes, self.config.log_rate_bytes_per_s)
+        queue: asyncio.Queue[LogChunk | None] = asyncio.Queue()
+        pump = asyncio.create_task(self._pump_logs(container_id, budget, queue))
+        try:
+            while (chunk := await queue.get()) is not None:
+                yield chunk
+            stopped_by = await stopping
+        finally:
+            for task in (pump, stopping, waiting):
+                task.cancel()
+        result.log_sha256 = budget.digest.hexdigest()
+        result.log_bytes, result.log_dropped_bytes = budget.kept, budget.dropped
+        state = (await self.client.request("GET", f"/containers/{container_id}/json")).json()[
+            "State"
+        ]
+        result.exit_code = int(state.get("ExitCode", -1))
+        result.started_at = _epoch(state.get("StartedAt"))
+        result.finished_at = _epoch(state.get("FinishedAt"))
+        if result.started_at is not None and result.finished_at is not None:
+            # Docker stamps StartedAt after runc reports the start; a process that is done
+            # by then gets a FinishedAt before its StartedAt.
+            result.finished_at = max(result.finished_at, result.started_at)
+        result.reason = stopped_by or _reason(result.exit_code, bool(state.get("OOMKilled")))
+        yield Exited(result.exit_code, result.reason)
+
+    async def _supervise(
+        self,
+        container_id: str,
+        spec: WorkloadSpec,
+        cancel: asyncio.Event,
+        waiting: asyncio.Task[object],
+    ) -> ExitReason | None:
+        """Wait for the exit; on timeout or cancel, stop the container. Say which it was."""
+        cancelled = asyncio.create_task(cancel.wait())
+        try:
+            done, _ = await asyncio.wait(
+                {waiting, cancelled}, timeout=spec.timeout_s, return_when=asyncio.FIRST_COMPLETED
+            )
+        finally:
+            cancelled.cancel()
+        if waiting in done:
+            return None
+        reason: ExitReason = "cancelled" if cancelled in done else "timeout"
+        # Docker sends the stop signal (SIGTERM), then SIGKILL after t seconds.
+        await self.client.request(
+            "POST",
+            f"/containers/{container_id}/stop",
+            params={"t": int(spec.grace_s)},
+            timeout_s=spec.grace_s + _WAIT_SLACK_S,
+        )
+        with contextlib.suppress(EngineError):
+            await waiting
+        return reason
+
+    async def _pump_logs(
+        self, container_id: str, budget: _LogBudget, queue: asyncio.Queue[LogChunk | None]
+    ) -> None:
+        try:
+            async for stream, data in self.client.logs(container_id):
+                kept = budget.admit(data)
+                if kept:
+                    await queue.put(LogChunk("stderr" if stream == "stderr" else "stdout", kept))
+        finally:
+            queue.put_nowait(None)
+
+    async def _remove_container(self, container_id: str) -> None:
+        with contextlib.suppress(EngineError):
+            await self.client.request(
+                "DELETE", f"/containers/{container_id}", params={"force": 1, "v": 1}
+            )
+
+
+def _prepare_dirs(job_dir: Path, spec: WorkloadSpec) -> JobMounts:
+    """Make the job's own directories; the job runs as another uid, hence the modes."""
+    if not spec.inputs and not spec.outputs:
+        return JobMounts()
+    job_dir.mkdir(mode=0o711, parents=True)
+    input_dir = output_dir = None
+    if spec.inputs:
+        input_dir = job_dir / "input"
+        input_dir.mkdir(mode=0o755)
+        for item in spec.inputs:
+            target = input_dir / item.path
+            target.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+            data = (
+                base64.b64decode(item.content)
+                if item.encoding == "base64"
+                else item.content.encode()
+            )
+            target.write_bytes(data)
+            target.chmod(item.mode)
+    if spec.outputs:
+        output_dir = job_dir / "output"
+        output_dir.mkdir()
+        output_dir.chmod(0o777)  # writable by the job's uid, inside a directory only we list
+    return JobMounts(input_dir=input_dir, output_dir=output_dir)
+
+
+def _reason(exit_code: int, oom_killed: bool) -> ExitReason:
+    if oom_killed:
+        return "oom_killed"
+    return "completed" if exit_code == 0 else "failed"
+
+
+def _epoch(stamp: object) -> float | None:
+    """Docker's RFC 3339 time with nanoseconds as seconds since the epoch."""
+    if not isinstance(stamp, str) or stamp.startswith("0001-"):
+        return None
+    # datetime keeps microseconds: cut the nanoseconds' last three digits.
+    text = re.sub(r"(\.\d{6})\d*", r"\1", stamp.replace("Z", "+00:00"))
+    try:
+        return datetime.fromisoformat(text).timestamp()
+    except ValueError:
+        return None
