@@ -6,6 +6,7 @@ import argparse
 import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import NoReturn
 
 import msgspec
@@ -61,6 +62,21 @@ def _parser() -> argparse.ArgumentParser:
 
     doctor = commands.add_parser("doctor", help="check what stands between you and serving jobs")
     doctor.add_argument("--json", action="store_true", help="print the findings as JSON")
+
+    run = commands.add_parser(
+        "run-local",
+        help="run a workload spec file here, through the admission policy and the sandbox",
+        description="Run a workload spec (TOML or JSON) on this machine exactly as a "
+        "coordinator's job would run. Exit status: 0 completed, 1 failed, 3 refused.",
+    )
+    run.add_argument("spec", type=Path, metavar="SPEC_FILE")
+    run.add_argument(
+        "--policy",
+        type=Path,
+        metavar="POLICY_FILE",
+        help="operator policy (TOML); default: any image by name, default limits",
+    )
+    run.add_argument("--json", action="store_true", help="print events and result as JSON lines")
     return parser
 
 
@@ -121,6 +137,28 @@ def _doctor(config: HalConfig, as_json: bool) -> int:
     return 1 if any(f.severity == "blocker" for f in findings) else 0
 
 
+def _run_local(config: HalConfig, spec_path: Path, policy_path: Path | None, as_json: bool) -> int:
+    from agent.run_local import default_jobs_dir, load_policy, run_local
+    from sandbox.errors import SandboxError
+    from sandbox.runner import RunnerConfig
+    from sandbox.spec import load_spec_file
+
+    try:
+        spec = load_spec_file(spec_path)
+        policy = load_policy(policy_path)
+    except SandboxError as exc:
+        print(f"gpu-agent: error [{exc.code}]: {exc.detail}", file=sys.stderr)
+        return EXIT_USAGE
+    return run_local(
+        spec,
+        policy,
+        hal_config=config,
+        runner_config=RunnerConfig(jobs_dir=default_jobs_dir(), runtime=policy.runtime),
+        docker_socket=str(config.docker_socket),
+        as_json=as_json,
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; return the exit status."""
     args = _parser().parse_args(argv)
@@ -130,6 +168,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _profile(config, args.json)
         if args.command == "sample":
             return _sample(config, args.interval, args.count)
+        if args.command == "run-local":
+            return _run_local(config, args.spec, args.policy, args.json)
         return _doctor(config, args.json)
     except HalError as exc:
         print(f"gpu-agent: error [{exc.code}]: {exc.detail}", file=sys.stderr)

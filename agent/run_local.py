@@ -20,14 +20,14 @@ from agent.gpu_select import device_facts, pick_gpus
 from hal.backend import HalConfig
 from hal.profile import take_profile
 from sandbox.docker_api import DockerClient
-from sandbox.errors import PolicyViolation, SandboxError
+from sandbox.errors import PolicyViolation, SandboxError, SpecError
 from sandbox.gpu_mapping import DeviceFacts
 from sandbox.policy import Policy, admit
 from sandbox.results import Created, Event, Exited, Finished, JobResult, LogChunk, Started
 from sandbox.runner import Runner, RunnerConfig
 from sandbox.spec import WorkloadSpec
 
-__all__ = ["EXIT_FAILED", "EXIT_REFUSED", "run_local"]
+__all__ = ["EXIT_FAILED", "EXIT_REFUSED", "default_jobs_dir", "load_policy", "run_local"]
 
 EXIT_FAILED = 1
 EXIT_REFUSED = 3
@@ -119,6 +119,20 @@ def _print_error(code: str, message: str, as_json: bool) -> None:
         sys.stdout.buffer.write(msgspec.json.encode({"error": code, "detail": message}) + b"\n")
     else:
         print(f"gpu-agent: error [{code}]: {message}", file=sys.stderr)
+
+
+def load_policy(path: Path | None) -> Policy:
+    """The operator policy from a TOML file, or the permissive local default."""
+    if path is None:
+        return Policy(allowed_images=["*"])
+    try:
+        return msgspec.toml.decode(path.read_bytes(), type=Policy)
+    except OSError as exc:
+        raise SpecError("bad_policy", "", f"cannot read {path}: {exc.strerror}") from exc
+    except msgspec.ValidationError as exc:
+        raise SpecError("bad_policy", "", f"{path}: {exc}") from exc
+    except msgspec.DecodeError as exc:
+        raise SpecError("bad_policy", "", f"{path} is not TOML: {exc}") from exc
 
 
 def default_jobs_dir() -> Path:

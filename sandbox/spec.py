@@ -257,15 +257,12 @@ def load_spec(data: bytes, fmt: Literal["toml", "json"]) -> WorkloadSpec:
     """Decode and validate a spec; raises SpecError naming the field and what is wrong."""
     if len(data) > MAX_SPEC_BYTES:
         raise SpecError("spec_too_large", "", f"a spec may be at most {MAX_SPEC_BYTES} bytes")
-    raw = _decode(data, fmt)
-    _refuse_host_access(raw, "")
-    for table, prefix in (
-        (raw, ""),
-        (raw.get("resources"), "resources."),
-        (raw.get("gpus"), "gpus."),
-    ):
-        if isinstance(table, dict):
-            _parse_sizes(table, prefix)
+    try:
+        raw = _decode(data, fmt)
+        _refuse_host_access(raw, "")
+    except RecursionError as exc:
+        raise SpecError("bad_spec", "", "nested too deeply") from exc
+    _parse_sizes(raw)
     try:
         spec = msgspec.convert(raw, WorkloadSpec)
     except msgspec.ValidationError as exc:
@@ -327,13 +324,18 @@ def _refuse_host_access(value: object, path: str) -> None:
                 _refuse_host_access(item, field)
 
 
-def _parse_sizes(table: dict[str, Any], prefix: str) -> None:
-    for key, value in table.items():
-        if key.endswith("_bytes") and isinstance(value, str):
-            try:
-                table[key] = parse_size(value)
-            except ValueError as exc:
-                raise SpecError("bad_value", prefix + key, str(exc)) from exc
+def _parse_sizes(raw: dict[str, Any]) -> None:
+    """Turn size strings into bytes, in place: the spec's own, its resources' and GPUs'."""
+    tables = {"": raw, "resources.": raw.get("resources"), "gpus.": raw.get("gpus")}
+    for prefix, table in tables.items():
+        if not isinstance(table, dict):
+            continue
+        for key, value in table.items():
+            if key.endswith("_bytes") and isinstance(value, str):
+                try:
+                    table[key] = parse_size(value)
+                except ValueError as exc:
+                    raise SpecError("bad_value", prefix + key, str(exc)) from exc
 
 
 def _spec_error(text: str) -> SpecError:
@@ -374,11 +376,11 @@ def _check(spec: WorkloadSpec) -> None:
     if gpus.gfx_targets is not None and gpus.vendor not in (None, "amd"):
         raise SpecError("bad_value", "gpus.gfx_targets", "only AMD GPUs have gfx targets")
     inputs = [_relative(f"inputs[{i}].path", item.path) for i, item in enumerate(spec.inputs)]
+    _each_once(inputs, "inputs[{}].path")
+    files = set(inputs)
     for index, (item, path) in enumerate(zip(spec.inputs, inputs, strict=True)):
         field = f"inputs[{index}]"
-        if path in inputs[:index]:
-            raise SpecError("bad_value", f"{field}.path", f"{item.path!r} is given twice")
-        if clash := next((p for p in path.parents if p in inputs), None):
+        if clash := next((p for p in path.parents if p in files), None):
             raise SpecError(
                 "bad_value", f"{field}.path", f"{item.path!r} lies inside input {str(clash)!r}"
             )
@@ -389,12 +391,15 @@ def _check(spec: WorkloadSpec) -> None:
                 raise SpecError(
                     "bad_value", f"{field}.content", f"not base64 (one line, padded): {exc}"
                 ) from exc
-    outputs = [_relative(f"outputs[{i}]", text) for i, text in enumerate(spec.outputs)]
-    for index, path in enumerate(outputs):
-        if path in outputs[:index]:
-            raise SpecError(
-                "bad_value", f"outputs[{index}]", f"{spec.outputs[index]!r} is given twice"
-            )
+    _each_once([_relative(f"outputs[{i}]", p) for i, p in enumerate(spec.outputs)], "outputs[{}]")
+
+
+def _each_once(paths: list[PurePosixPath], field: str) -> None:
+    seen: set[PurePosixPath] = set()
+    for index, path in enumerate(paths):
+        if path in seen:
+            raise SpecError("bad_value", field.format(index), f"{str(path)!r} is given twice")
+        seen.add(path)
 
 
 def _relative(field: str, text: str) -> PurePosixPath:

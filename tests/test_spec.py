@@ -104,12 +104,21 @@ def test_a_missing_spec_file_is_a_bad_spec(tmp_path: Path) -> None:
         (b'{"image": "python"', "json", "not valid JSON"),
         (b'["python"]', "json", "a table"),
         (b'image = "\xff"', "toml", "not UTF-8"),
+        (b'{"image": "python", "x": ' + b"[" * 10**5 + b"]" * 10**5 + b"}", "json", "too deeply"),
+        (b'image = "python"\nx = ' + b"[" * 10**5 + b"]" * 10**5, "toml", "too deeply"),
     ],
 )
 def test_what_is_not_a_spec_document_is_a_bad_spec(data: bytes, fmt: str, says: str) -> None:
     with pytest.raises(SpecError, match=says) as caught:
         load_spec(data, "toml" if fmt == "toml" else "json")
     assert caught.value.code == "bad_spec"
+
+
+def test_many_inputs_and_outputs_are_checked_in_one_pass() -> None:
+    inputs = [{"path": f"d{i}/f", "content": ""} for i in range(20_000)]
+    outputs = [f"out/{i}" for i in range(5_000)]
+    spec = _json({"image": "python", "inputs": inputs, "outputs": outputs})
+    assert (len(spec.inputs), len(spec.outputs)) == (20_000, 5_000)
 
 
 def test_a_spec_over_one_mib_is_refused_unread(tmp_path: Path) -> None:
