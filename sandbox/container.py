@@ -14,7 +14,15 @@ import msgspec
 from sandbox.gpu_mapping import ContainerGpus
 from sandbox.spec import WorkloadSpec
 
-__all__ = ["INPUT_DIR", "LABEL_JOB", "LABEL_MANAGED", "OUTPUT_DIR", "JobMounts", "create_body"]
+__all__ = [
+    "INPUT_DIR",
+    "LABEL_JOB",
+    "LABEL_MANAGED",
+    "OUTPUT_DIR",
+    "RUNSC_PIDS_HEADROOM",
+    "JobMounts",
+    "create_body",
+]
 
 LABEL_MANAGED = "io.gpu-agent.managed"
 LABEL_JOB = "io.gpu-agent.job"
@@ -22,6 +30,9 @@ INPUT_DIR = "/input"
 OUTPUT_DIR = "/output"
 _TMP_BYTES = 64 << 20
 _NOFILE = 4096
+# gVisor's pids cgroup also counts the sandbox's own threads (its Go runtime, the gofer):
+# without room for them a modest limit kills the sandbox before the job starts.
+RUNSC_PIDS_HEADROOM = 128
 # Docker's own copy of the logs is capped too, so that a chatty job cannot fill the disk
 # even when nobody reads it.
 _LOG_CONFIG = {"Type": "json-file", "Config": {"max-size": "8m", "max-file": "1"}}
@@ -66,7 +77,7 @@ def create_body(
         "Memory": resources.memory_bytes,
         "MemorySwap": resources.memory_bytes,  # equal to Memory: no swap
         "NanoCpus": int(resources.cpus * 1e9),
-        "PidsLimit": resources.pids,
+        "PidsLimit": resources.pids + (RUNSC_PIDS_HEADROOM if runtime == "runsc" else 0),
         "ShmSize": resources.shm_bytes,
         "Tmpfs": {
             # Owned by the job's user: when /scratch is also the working directory, Docker

@@ -10,7 +10,8 @@ from __future__ import annotations
 import asyncio
 import json
 import struct
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping
+from contextlib import aclosing
 from typing import Any
 from urllib.parse import quote, urlencode
 
@@ -82,7 +83,7 @@ class DockerClient:
 
     async def stream(
         self, method: str, path: str, *, params: Mapping[str, Any] | None = None
-    ) -> AsyncIterator[bytes]:
+    ) -> AsyncGenerator[bytes, None]:
         """The body of a long-running call (logs, events) as it arrives, without a timeout."""
         if self._prefix is None:
             await self.version()
@@ -99,19 +100,24 @@ class DockerClient:
         finally:
             writer.close()
 
-    async def logs(self, container_id: str) -> AsyncIterator[tuple[str, bytes]]:
+    async def logs(self, container_id: str) -> AsyncGenerator[tuple[str, bytes], None]:
         """Follow a (non-TTY) container's output as ``(stream name, bytes)`` frames."""
         params = {"follow": 1, "stdout": 1, "stderr": 1}
-        buffer = b""
-        async for chunk in self.stream("GET", f"/containers/{container_id}/logs", params=params):
-            buffer += chunk
-            # Multiplexed stream: 8-byte header (stream id, 3 zero bytes, big-endian size).
-            while len(buffer) >= 8:
-                stream_id, size = struct.unpack(">BxxxL", buffer[:8])
-                if len(buffer) < 8 + size:
-                    break
-                yield _STREAM_NAMES.get(stream_id, "stdout"), buffer[8 : 8 + size]
-                buffer = buffer[8 + size :]
+        pending = bytearray()
+        body = self.stream("GET", f"/containers/{container_id}/logs", params=params)
+        async with aclosing(body) as chunks:  # however this ends, the socket is closed
+            async for chunk in chunks:
+                pending += chunk
+                # Multiplexed stream: 8-byte header (stream id, 3 zero bytes, size).
+                offset = 0
+                while len(pending) - offset >= 8:
+                    stream_id, size = struct.unpack_from(">BxxxL", pending, offset)
+                    end = offset + 8 + size
+                    if end > len(pending):
+                        break
+                    yield _STREAM_NAMES.get(stream_id, "stdout"), bytes(pending[offset + 8 : end])
+                    offset = end
+                del pending[:offset]
 
     def _path(self, path: str, params: Mapping[str, Any] | None) -> str:
         query = f"?{urlencode(params)}" if params else ""

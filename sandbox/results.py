@@ -50,6 +50,9 @@ class JobResult(msgspec.Struct, kw_only=True):
     log_sha256: str
     log_bytes: int = 0
     log_dropped_bytes: int = 0
+    """Output seen and not kept (over the rate or the size cap)."""
+    log_truncated: bool = False
+    """The size cap was reached: what came after was not read at all."""
     error_code: str | None = None
     detail: str = ""
 

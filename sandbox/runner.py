@@ -13,6 +13,7 @@ import asyncio
 import base64
 import contextlib
 import hashlib
+import logging
 import re
 import shutil
 import time
@@ -20,6 +21,7 @@ from collections.abc import AsyncGenerator
 from contextlib import aclosing
 from datetime import datetime
 from pathlib import Path
+from typing import Literal
 
 import msgspec
 
@@ -44,7 +46,9 @@ from sandbox.spec import WorkloadSpec, spec_digest
 __all__ = ["Runner", "RunnerConfig"]
 
 _JOB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
-_LOG_DRAIN_S = 2.0
+_REMOVE_ATTEMPTS = 5
+_REMOVE_BACKOFF_S = 0.2
+_log = logging.getLogger(__name__)
 _WAIT_SLACK_S = 60.0
 
 
@@ -78,7 +82,13 @@ class _LogBudget:
         self.last = time.monotonic()
         self.kept = 0
         self.dropped = 0
+        self.truncated = False
         self.digest = hashlib.sha256()
+
+    @property
+    def full(self) -> bool:
+        """Whether the size cap is reached: nothing more will be kept."""
+        return self.kept >= self.max_bytes
 
     def admit(self, data: bytes) -> bytes:
         now = time.monotonic()
@@ -170,7 +180,8 @@ class Runner:
         cgroup = JobCgroup(job_id, self._cgroup_driver, self.config.cgroup_root)
         container_id: str | None = None
         try:
-            result.image_id = await self.resolve_image(spec.image)
+            # The canonical name: a bare "abc123" must not resolve as an image-id prefix.
+            result.image_id = await self.resolve_image(spec.image_ref.canonical)
             mounts = _prepare_dirs(job_dir, spec)
             body = create_body(
                 job_id=job_id,
@@ -239,6 +250,7 @@ class Runner:
                 task.cancel()
         result.log_sha256 = budget.digest.hexdigest()
         result.log_bytes, result.log_dropped_bytes = budget.kept, budget.dropped
+        result.log_truncated = budget.truncated
         state = (await self.client.request("GET", f"/containers/{container_id}/json")).json()[
             "State"
         ]
@@ -285,18 +297,39 @@ class Runner:
         self, container_id: str, budget: _LogBudget, queue: asyncio.Queue[LogChunk | None]
     ) -> None:
         try:
-            async for stream, data in self.client.logs(container_id):
-                kept = budget.admit(data)
-                if kept:
-                    await queue.put(LogChunk("stderr" if stream == "stderr" else "stdout", kept))
+            async with aclosing(self.client.logs(container_id)) as frames:
+                async for stream, data in frames:
+                    kept = budget.admit(data)
+                    if kept:
+                        name: Literal["stdout", "stderr"] = (
+                            "stderr" if stream == "stderr" else "stdout"
+                        )
+                        await queue.put(LogChunk(name, kept))
+                    if budget.full:
+                        # Nothing more will be kept: stop reading rather than parse
+                        # megabytes only to drop them. Docker's copy is capped on its side.
+                        budget.truncated = True
+                        break
         finally:
             queue.put_nowait(None)
 
     async def _remove_container(self, container_id: str) -> None:
-        with contextlib.suppress(EngineError):
-            await self.client.request(
-                "DELETE", f"/containers/{container_id}", params={"force": 1, "v": 1}
-            )
+        """Force-remove a container, retrying: a runtime busy tearing down refuses at first."""
+        for attempt in range(_REMOVE_ATTEMPTS):
+            try:
+                await self.client.request(
+                    "DELETE", f"/containers/{container_id}", params={"force": 1, "v": 1}
+                )
+            except EngineError as exc:
+                if exc.code == "not_found":
+                    return
+                if attempt == _REMOVE_ATTEMPTS - 1:
+                    # Labelled: the next start's reap_orphans() finds it.
+                    _log.warning("could not remove container %s: %s", container_id, exc)
+                    return
+                await asyncio.sleep(_REMOVE_BACKOFF_S * (attempt + 1))
+            else:
+                return
 
 
 def _prepare_dirs(job_dir: Path, spec: WorkloadSpec) -> JobMounts:

@@ -89,3 +89,19 @@ def test_image(docker_engine: str, tmp_path_factory: pytest.TempPathFactory) -> 
         check=True,
     )
     return TEST_IMAGE
+
+
+def require_runtime(runtime: str) -> None:
+    """Skip, or fail under GPU_AGENT_REQUIRE_DOCKER=1, when the engine lacks a runtime."""
+    listed = subprocess.run(
+        ["docker", "info", "--format", "{{json .Runtimes}}"],
+        capture_output=True,
+        text=True,
+        check=False,
+    ).stdout
+    if f'"{runtime}"' in listed:
+        return
+    reason = f"the Docker engine has no {runtime} runtime"
+    if os.environ.get("GPU_AGENT_REQUIRE_DOCKER") == "1":
+        pytest.fail(reason)
+    pytest.skip(reason)

@@ -16,6 +16,7 @@ from typing import Any
 
 import psutil
 import pytest
+from conftest import require_runtime
 
 from sandbox.container import LABEL_MANAGED
 from sandbox.docker_api import DockerClient
@@ -25,6 +26,7 @@ from sandbox.runner import Runner, RunnerConfig
 from sandbox.spec import WorkloadSpec, load_spec
 
 MiB = 1 << 20
+RUNTIMES = ["runc", "runsc"]
 
 
 def make_spec(image: str, script: str, **overrides: Any) -> WorkloadSpec:
@@ -51,11 +53,15 @@ def _leftovers(jobs_dir: Path) -> tuple[list[str], list[str]]:
     return containers, dirs
 
 
-@pytest.fixture
-async def runner(docker_engine: str, test_image: str, tmp_path: Path) -> AsyncIterator[Runner]:
-    """A prepared runner whose jobs leave nothing behind (checked after each test)."""
+@pytest.fixture(params=RUNTIMES)
+async def runner(
+    request: pytest.FixtureRequest, docker_engine: str, test_image: str, tmp_path: Path
+) -> AsyncIterator[Runner]:
+    """A prepared runner, once per runtime, whose jobs leave nothing behind."""
+    require_runtime(request.param)
     jobs_dir = tmp_path / "jobs"
-    runner = Runner(DockerClient(docker_engine), RunnerConfig(jobs_dir=jobs_dir))
+    config = RunnerConfig(jobs_dir=jobs_dir, runtime=request.param)
+    runner = Runner(DockerClient(docker_engine), config)
     await runner.prepare()
     yield runner
     assert _leftovers(jobs_dir) == ([], [])
@@ -212,12 +218,15 @@ asyncio.run(main())
 # ----------------------------------------------------------------- hostile workloads
 
 
-async def test_fork_bomb_is_held_by_the_pids_limit(runner: Runner, test_image: str) -> None:
-    script = "for i in $(seq 100); do sleep 5 & done 2>&1; echo spawned; wait"
-    spec = make_spec(test_image, script, resources={"pids": 16, "memory_bytes": 64 * MiB})
+async def test_fork_bomb_is_contained(runner: Runner, test_image: str) -> None:
+    host_pids = len(psutil.pids())
+    script = "while true; do sleep 30 & done"
+    spec = make_spec(test_image, script, resources={"pids": 16}, timeout_s=5)
     events, result = await run_job(runner, spec)
-    assert b"can't fork" in _log(events)
-    assert result.reason in ("completed", "failed")
+    assert result.reason in ("timeout", "failed")
+    assert len(psutil.pids()) < host_pids + 50  # nothing of the bomb is left on the host
+    if runner.config.runtime == "runc":
+        assert b"can't fork" in _log(events)  # runc: the pids cgroup refused the forks
 
 
 async def test_memory_bomb_is_oom_killed_and_reported(runner: Runner, test_image: str) -> None:
@@ -239,9 +248,11 @@ async def test_disk_fill_is_held_by_the_scratch_size(runner: Runner, test_image:
 
 
 async def test_root_filesystem_is_read_only(runner: Runner, test_image: str) -> None:
-    events, result = await run_job(runner, make_spec(test_image, "touch /evil 2>&1"))
-    assert b"Read-only file system" in _log(events)
-    assert result.reason == "failed"
+    script = "touch /evil /bin/evil 2>/dev/null || echo REFUSED; ls /evil /bin/evil 2>&1"
+    events, _ = await run_job(runner, make_spec(test_image, script))
+    log = _log(events).decode()
+    assert "REFUSED" in log
+    assert log.count("No such file or directory") == 2
 
 
 async def test_network_has_only_loopback_and_reaches_nothing(
@@ -284,5 +295,5 @@ async def test_huge_log_output_is_capped(runner: Runner, test_image: str) -> Non
     events, result = await run_job(runner, make_spec(test_image, "yes | head -c 20000000"))
     assert result.log_bytes == len(_log(events))
     assert result.log_bytes <= RunnerConfig(jobs_dir=Path()).log_max_bytes
-    assert result.log_dropped_bytes > 0
+    assert result.log_truncated or result.log_dropped_bytes > 0
     assert result.reason == "completed"
