@@ -30,6 +30,7 @@ from sandbox.container import LABEL_JOB, LABEL_MANAGED, JobMounts, create_body
 from sandbox.docker_api import DockerClient, quote_ref
 from sandbox.errors import EngineError, RunError, SandboxError
 from sandbox.gpu_mapping import DeviceFacts, HostGroups, host_groups, map_gpus
+from sandbox.gvisor import reap_sandboxes
 from sandbox.outputs import collect_outputs
 from sandbox.results import (
     Created,
@@ -129,7 +130,7 @@ class Runner:
         return str(response.json()["Id"])
 
     async def reap_orphans(self) -> list[str]:
-        """Remove every job container, directory and cgroup a crashed runner left behind."""
+        """Remove every job container, directory, cgroup and gVisor sandbox left behind."""
         filters = msgspec.json.encode({"label": [LABEL_MANAGED]}).decode()
         listed = await self.client.request(
             "GET", "/containers/json", params={"all": 1, "filters": filters}
@@ -144,6 +145,9 @@ class Runner:
         if self.config.jobs_dir.is_dir():
             for leftover in self.config.jobs_dir.iterdir():
                 shutil.rmtree(leftover, ignore_errors=True)
+        every = await self.client.request("GET", "/containers/json", params={"all": 1})
+        known = {container["Id"] for container in every.json()}
+        reaped += [f"runsc:{sandbox[:12]}" for sandbox in reap_sandboxes(known)]
         return reaped
 
     def cancel(self, job_id: str) -> bool:

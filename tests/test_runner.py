@@ -297,3 +297,45 @@ async def test_huge_log_output_is_capped(runner: Runner, test_image: str) -> Non
     assert result.log_bytes <= RunnerConfig(jobs_dir=Path()).log_max_bytes
     assert result.log_truncated or result.log_dropped_bytes > 0
     assert result.reason == "completed"
+
+
+async def test_leaked_gvisor_sandbox_is_reaped_and_live_ones_are_not(
+    docker_engine: str, test_image: str, tmp_path: Path
+) -> None:
+    require_runtime("runsc")
+    live = subprocess.run(
+        [
+            "docker",
+            "run",
+            "-d",
+            "--runtime",
+            "runsc",
+            "--label",
+            "test=live",
+            test_image,
+            "sleep",
+            "60",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    leaked_id = "f" * 64  # a sandbox whose container Docker has never heard of
+    disguised = f"exec -a runsc-sandbox {sys.executable} -c 'import time; time.sleep(60)' "
+    with subprocess.Popen(["bash", "-c", disguised + leaked_id]) as leaked:
+        try:
+            runner = Runner(DockerClient(docker_engine), RunnerConfig(jobs_dir=tmp_path / "j"))
+            await asyncio.sleep(0.2)  # let bash exec into the disguised sleep
+            reaped = await runner.prepare()
+            assert leaked.wait(timeout=10) == -signal.SIGKILL
+            assert f"runsc:{leaked_id[:12]}" in reaped
+            assert f"runsc:{live[:12]}" not in reaped
+            state = subprocess.run(
+                ["docker", "inspect", "-f", "{{.State.Running}}", live],
+                capture_output=True,
+                text=True,
+                check=True,
+            ).stdout.strip()
+            assert state == "true"
+        finally:
+            subprocess.run(["docker", "rm", "-f", live], capture_output=True, check=True)
