@@ -28,7 +28,8 @@ pytest: $(BIN)/gpu-agent
 	$(BIN)/python -m pytest -q
 
 bench: $(BIN)/gpu-agent
-	$(BIN)/python bench/run.py
+	$(BIN)/python bench/hal.py
+	$(BIN)/python bench/runner.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

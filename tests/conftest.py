@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 from fakenvml import build
+from images import build_busybox_image
 
 # shared/ lies beside the repository, on a developer's machine and in CI alike.
 FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
@@ -66,29 +67,7 @@ def docker_engine() -> str:
 @pytest.fixture(scope="session")
 def test_image(docker_engine: str, tmp_path_factory: pytest.TempPathFactory) -> str:
     """A local image of static busybox (nothing can be pulled here), with a setuid copy."""
-    context = tmp_path_factory.mktemp("image")
-    bin_dir = context / "bin"
-    bin_dir.mkdir()
-    shutil.copy2("/bin/busybox", bin_dir / "busybox")
-    applets = subprocess.run(
-        ["/bin/busybox", "--list"], capture_output=True, text=True, check=True
-    ).stdout.split()
-    for applet in applets:
-        if applet != "busybox":
-            (bin_dir / applet).symlink_to("busybox")
-    # busybox picks its applet by its own name, so the setuid copy keeps the name busybox.
-    suid = context / "suid" / "busybox"
-    suid.parent.mkdir()
-    shutil.copy2("/bin/busybox", suid)
-    suid.chmod(0o4755)
-    dockerfile = 'FROM scratch\nCOPY bin /bin\nCOPY suid /suid\nCMD ["/bin/sh"]\n'
-    (context / "Dockerfile").write_text(dockerfile)
-    subprocess.run(
-        ["docker", "build", "--quiet", "--tag", TEST_IMAGE, str(context)],
-        capture_output=True,
-        check=True,
-    )
-    return TEST_IMAGE
+    return build_busybox_image(TEST_IMAGE, tmp_path_factory.mktemp("image"))
 
 
 def require_runtime(runtime: str) -> None:
