@@ -24,9 +24,39 @@ if ! "$bin/python" -c 'import sys; sys.exit(0 if __import__("glob").glob("/dev/n
     echo
   fi
 fi
+if docker info >/dev/null 2>&1 && [ -x /bin/busybox ]; then
+  echo "== gpu-agent run-local: a sample job in the hardened sandbox =="
+  context=$(mktemp -d)
+  "$bin/python" -c 'import sys; sys.path.insert(0, "tests"); from images import build_busybox_image; build_busybox_image(sys.argv[1], __import__("pathlib").Path(sys.argv[2]))' \
+    gpu-agent-demo/busybox:1 "$context"
+  rm -rf "$context"
+  spec=$(mktemp --suffix .toml)
+  cat > "$spec" <<'SPEC'
+image = "gpu-agent-demo/busybox:1"
+command = ["sh", "-c", "echo hello from the sandbox: uid $(id -u), $(ls /sys/class/net | tr '\\n' ' '); cat /input/greeting.txt > /output/result.txt"]
+timeout_s = 30
+outputs = ["result.txt"]
+
+[resources]
+memory_bytes = "64MiB"
+pids = 64
+
+[[inputs]]
+path = "greeting.txt"
+content = "inputs go in read-only, outputs come out with digests\n"
+SPEC
+  echo "spec: $spec"; cat "$spec"; echo
+  "$bin/gpu-agent" run-local "$spec"
+  rm -f "$spec"
+  echo
+else
+  echo "== No Docker engine reachable (or no /bin/busybox to build a local image from): no sample job =="
+  echo "   On Debian: sudo apt install docker.io busybox-static, then make demo again."
+  echo
+fi
 cat <<'MSG'
-Next in this demo, as the coordinator and sandbox land (see the issues):
+Next in this demo, as the coordinator lands (see the issues):
   - a reference coordinator on 127.0.0.1 with a dashboard of nodes and live telemetry,
   - this agent connected to it, attesting its hardware with a signed profile,
-  - a sample job run in a hardened Docker sandbox pinned to its GPUs.
+  - jobs offered by the coordinator, signed, run in this sandbox, with signed receipts.
 MSG
