@@ -37,6 +37,20 @@ def library_for(tmp_path_factory: pytest.TempPathFactory) -> Callable[[Path], Pa
     return library
 
 
+@pytest.fixture
+def sysfs(tmp_path: Path) -> Path:
+    """Where a test builds its sysfs tree."""
+    return tmp_path / "sys"
+
+
+@pytest.fixture
+def dev(tmp_path: Path) -> Path:
+    """An empty /dev for a test to stand device nodes in."""
+    path = tmp_path / "dev"
+    path.mkdir()
+    return path
+
+
 # ------------------------------------------------------------------ the Docker engine
 
 TEST_IMAGE = "gpu-agent-test/busybox:1"

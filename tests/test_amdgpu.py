@@ -39,18 +39,6 @@ GIB = 1 << 30
 MIB = 1 << 20
 
 
-@pytest.fixture
-def sysfs(tmp_path: Path) -> Path:
-    return tmp_path / "sys"
-
-
-@pytest.fixture
-def dev(tmp_path: Path) -> Path:
-    path = tmp_path / "dev"
-    path.mkdir()
-    return path
-
-
 def _backend(sysfs: Path, dev: Path) -> AmdgpuSysfsBackend:
     return AmdgpuSysfsBackend(HalConfig(sysfs_root=sysfs, dev_root=dev))
 

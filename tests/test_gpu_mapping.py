@@ -39,13 +39,6 @@ def _node(host: Path | str, minor: int) -> dict[str, str]:
 
 
 @pytest.fixture
-def dev(tmp_path: Path) -> Path:
-    path = tmp_path / "dev"
-    path.mkdir()
-    return path
-
-
-@pytest.fixture
 def recorded_with_render_nodes(tmp_path: Path, dev: Path) -> Path:
     """The recorded tree, with the render nodes its recording left out: card0 D128, card1 D129."""
     sysfs = tmp_path / "sys"

@@ -17,18 +17,6 @@ GIB = 1 << 30
 MHZ = 10**6
 
 
-@pytest.fixture
-def sysfs(tmp_path: Path) -> Path:
-    return tmp_path / "sys"
-
-
-@pytest.fixture
-def dev(tmp_path: Path) -> Path:
-    path = tmp_path / "dev"
-    path.mkdir()
-    return path
-
-
 def _backend(sysfs: Path, dev: Path) -> IntelSysfsBackend:
     return IntelSysfsBackend(HalConfig(sysfs_root=sysfs, dev_root=dev))
 
