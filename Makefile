@@ -22,7 +22,7 @@ lint: $(BIN)/gpu-agent
 	$(BIN)/ruff format --check .
 
 typecheck: $(BIN)/gpu-agent
-	$(BIN)/mypy $(PACKAGES) tests bench
+	$(BIN)/mypy $(PACKAGES) tests bench scripts
 
 pytest: $(BIN)/gpu-agent
 	$(BIN)/python -m pytest -q

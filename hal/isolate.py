@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import faulthandler
 import os
-import select
+import selectors
 import signal
 import sys
 import time
@@ -22,6 +22,8 @@ from hal.errors import DiscoveryFailed
 __all__ = ["Isolated"]
 
 _CHUNK = 1 << 16
+_KILL_GRACE_POLLS = 20
+_KILL_GRACE_POLL_S = 0.005
 _EX_SOFTWARE = 70
 
 
@@ -45,25 +47,30 @@ class Isolated:
         A child that does not finish in time is killed and its slot holds
         ``DiscoveryFailed("timeout")``; one that dies holds ``DiscoveryFailed("crashed")``.
         """
+        _sweep()
         buffers: dict[int, list[bytes]] = {fd: [] for _, fd in self._children}
         open_fds = set(buffers)
-        while open_fds:
-            remaining = self._deadline - time.monotonic()
-            if remaining <= 0:
-                break
-            ready = select.select(list(open_fds), [], [], remaining)[0]
-            for fd in ready:
-                chunk = os.read(fd, _CHUNK)
-                if chunk:
-                    buffers[fd].append(chunk)
-                else:
-                    open_fds.discard(fd)
+        with selectors.DefaultSelector() as selector:  # epoll/poll: no FD_SETSIZE limit
+            for fd in open_fds:
+                selector.register(fd, selectors.EVENT_READ)
+            while open_fds:
+                remaining = self._deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                for key, _ in selector.select(remaining):
+                    fd = int(key.fd)
+                    chunk = os.read(fd, _CHUNK)
+                    if chunk:
+                        buffers[fd].append(chunk)
+                    else:
+                        selector.unregister(fd)
+                        open_fds.discard(fd)
         results: list[bytes | DiscoveryFailed] = []
         for pid, fd in self._children:
             os.close(fd)
             if fd in open_fds:
                 os.kill(pid, signal.SIGKILL)
-                os.waitpid(pid, 0)
+                _reap_later(pid)
                 results.append(
                     DiscoveryFailed("timeout", f"no answer within {self._timeout_s:g} s")
                 )
@@ -73,6 +80,33 @@ class Isolated:
             results.append(failure if failure is not None else b"".join(buffers[fd]))
         self._children = []
         return results
+
+
+# Children killed after a timeout that have not died yet: one stuck in the kernel inside a
+# wedged driver (uninterruptible sleep) dies only when that call returns, perhaps never.
+# Waiting for it would hang the caller the time limit exists to protect.
+_unreaped: set[int] = set()
+
+
+def _reap_later(pid: int) -> None:
+    """Reap a killed child within a short grace, else remember it for a later sweep."""
+    _unreaped.add(pid)
+    for _ in range(_KILL_GRACE_POLLS):
+        _sweep()
+        if pid not in _unreaped:
+            return
+        time.sleep(_KILL_GRACE_POLL_S)
+
+
+def _sweep() -> None:
+    """Reap every remembered child that has died by now, without waiting for any."""
+    for child in list(_unreaped):
+        try:
+            done, _ = os.waitpid(child, os.WNOHANG)
+        except ChildProcessError:
+            done = child
+        if done:
+            _unreaped.discard(child)
 
 
 def _spawn(fn: Callable[[], bytes]) -> tuple[int, int]:

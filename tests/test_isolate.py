@@ -53,8 +53,9 @@ def test_exception_in_the_child_is_a_crash_not_an_exception_in_the_caller() -> N
     assert result.code == "crashed"
 
 
-def test_timed_out_child_is_reaped() -> None:
+def test_timed_out_child_is_killed_and_reaped() -> None:
     Isolated([_hang], 0.2).results()
+    Isolated([lambda: b""], 10).results()  # a later run reaps what was still dying
     # No child is left behind for this process to wait on.
     try:
         pid, _ = os.waitpid(-1, os.WNOHANG)

@@ -343,3 +343,18 @@ def test_documented_command_profiles_a_capture_of_your_own(tmp_path: Path) -> No
     profile = msgspec.json.decode(shown.stdout, type=Profile)
     assert [g.kind for g in profile.gpus] == ["discrete", "mig", "mig", "mig", "mig"]
     assert profile.gpus[0].name == "NVIDIA H100 80GB HBM3"
+
+
+def test_gpu_lost_during_discovery_is_reported_and_the_others_still_found(
+    library_for: Callable[[Path], Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    control = tmp_path / "control"
+    _write_control(control, "lost 0\n")
+    monkeypatch.setenv("FAKENVML_CONTROL", str(control))
+    found = discover(_config(library_for(DUAL_A5000), tmp_path))
+    (report,) = found.backends
+    assert report.status == "ok"
+    lost, healthy = found.gpus
+    assert isinstance(lost.uuid, Unavailable)
+    assert lost.uuid.reason == "gpu_lost"
+    assert healthy.uuid == build.parse_capture(DUAL_A5000).gpus[1].uuid

@@ -114,15 +114,32 @@ class NvidiaBackend(Backend):
         self._devices = []
         profiles: list[GpuProfile] = []
         for index in range(count):
-            handle = pynvml.nvmlDeviceGetHandleByIndex(index)
-            profile = self._profile(index, handle, driver, cuda_version)
-            profiles.append(profile)
-            self._devices.append(_Device(profile.id, handle, False, _relocator(profile, index)))
-            if profile.mig_enabled is True:
-                for mig_handle in _mig_handles(handle):
-                    mig = self._mig_profile(mig_handle, profile)
-                    profiles.append(mig)
-                    self._devices.append(_Device(mig.id, mig_handle, True, _relocator(mig, None)))
+            # One GPU that cannot be read must not hide the others: it is reported with
+            # the reason, and (when lost) looked for again like any lost GPU.
+            try:
+                profiles += self._open_device(index, driver, cuda_version)
+            except (pynvml.NVMLError, DeviceLost) as exc:
+                reason = "gpu_lost" if _is_lost(exc) else "nvml_error"
+                profile = _unreadable_profile(index, Unavailable(reason, str(exc)), driver)
+                profiles.append(profile)
+                device = _Device(profile.id, None, False, _relocator(profile, index))
+                device.lost_at = 0.0
+                self._devices.append(device)
+        return profiles
+
+    def _open_device(
+        self, index: int, driver: Reading[str], cuda: Reading[str]
+    ) -> list[GpuProfile]:
+        handle = pynvml.nvmlDeviceGetHandleByIndex(index)
+        profile = self._profile(index, handle, driver, cuda)
+        profiles = [profile]
+        devices = [_Device(profile.id, handle, False, _relocator(profile, index))]
+        if profile.mig_enabled is True:
+            for mig_handle in _mig_handles(handle):
+                mig = self._mig_profile(mig_handle, profile)
+                profiles.append(mig)
+                devices.append(_Device(mig.id, mig_handle, True, _relocator(mig, None)))
+        self._devices += devices
         return profiles
 
     def versions(self) -> dict[str, str]:
@@ -322,6 +339,26 @@ def _mig_handles(handle: Any) -> list[Any]:
         if is_value(mig):  # empty slots answer NOT_FOUND
             handles.append(mig)
     return handles
+
+
+def _is_lost(exc: Exception) -> bool:
+    if isinstance(exc, DeviceLost):
+        return True
+    return isinstance(exc, pynvml.NVMLError) and exc.value == pynvml.NVML_ERROR_GPU_IS_LOST
+
+
+def _unreadable_profile(index: int, why: Unavailable, driver: Reading[str]) -> GpuProfile:
+    """A GPU NVML counts but cannot read: there, with the reason, not silently gone."""
+    return GpuProfile(
+        id=f"nvml:{index}",
+        vendor="nvidia",
+        backend=NvidiaBackend.name,
+        name=f"NVIDIA GPU {index}",
+        kind=why,
+        uuid=why,
+        pci_bus_id=why,
+        driver_version=driver,
+    )
 
 
 def _relocator(profile: GpuProfile, index: int | None) -> Callable[[], Any]:
