@@ -1,0 +1,47 @@
+"""Errors of the agent daemon.
+
+Every error carries a stable ``code`` that can travel to a coordinator, and is grouped by
+how a caller reacts to it::
+
+    AgentError                     base; never raised itself
+    +-- IdentityError              the node key cannot be trusted or used (refuse to start)
+    |     codes: key_permissions, key_unreadable, key_unwritable, key_corrupt
+    +-- ConfigError                a setting is wrong (refuse to start, say which)
+    |     code: bad_config
+    +-- OutboxError                the durable outbox refused or failed an operation
+          codes: ack_ahead, seq_backwards, bad_argument, schema_too_new, closed,
+                 storage_error
+"""
+
+from __future__ import annotations
+
+__all__ = ["AgentError", "ConfigError", "IdentityError", "OutboxError"]
+
+
+class AgentError(Exception):
+    """Base of every agent error; ``code`` is stable, ``detail`` is for humans."""
+
+    code: str = "agent_error"
+
+    def __init__(self, code: str, detail: str = "") -> None:
+        super().__init__(f"{code}: {detail}" if detail else code)
+        self.code = code
+        self.detail = detail
+
+
+class IdentityError(AgentError):
+    """The node's key file is unsafe, unreadable, unwritable or not a key."""
+
+
+class ConfigError(AgentError):
+    """An agent setting is invalid."""
+
+
+class OutboxError(AgentError):
+    """An outbox operation refused or failed; ``code`` is stable, ``detail`` is for humans.
+
+    Codes: ``ack_ahead`` (an ack beyond the last appended seq), ``seq_backwards`` (the
+    coordinator seq moved back), ``bad_argument``, ``schema_too_new`` (the file was written
+    by a newer agent), ``closed``, ``storage_error`` (SQLite failed: disk, permission,
+    corruption).
+    """

@@ -1,0 +1,224 @@
+"""The node's identity on disk: an Ed25519 key created on first start, refused when unsafe.
+
+``identity_dir`` (mode 0700) holds::
+
+    node.key    the private key, PKCS#8 PEM, unencrypted, mode 0600
+    node.pub    the raw 32-byte public key in base64, one line
+    node_id     the node id, one line
+
+``node.key`` is the only source of truth: ``node.pub`` and ``node_id`` are derived from it
+for operators and rewritten when they differ. Like OpenSSH with its host keys, the agent
+refuses a key file that group or others may access, that another user owns, or that is a
+symbolic link: such a key may be known, or swapped, by someone else.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import secrets
+import stat
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from agent.errors import IdentityError
+from agent.protocol import crypto
+
+__all__ = [
+    "KEY_FILE",
+    "NODE_ID_FILE",
+    "PUBLIC_KEY_FILE",
+    "Identity",
+    "load_or_create",
+    "show",
+]
+
+KEY_FILE = "node.key"
+PUBLIC_KEY_FILE = "node.pub"
+NODE_ID_FILE = "node_id"
+
+# A PEM Ed25519 key is 119 bytes; anything far larger is not one.
+_MAX_KEY_BYTES = 16 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class Identity:
+    """The node's key pair and the names derived from its public key."""
+
+    private_key: crypto.PrivateKey = field(repr=False)
+    public_key: bytes
+    """The raw 32-byte Ed25519 public key."""
+    node_id: str
+    key_id: str
+
+    @classmethod
+    def from_private_key(cls, key: crypto.PrivateKey) -> Identity:
+        """The identity of ``key``."""
+        public = crypto.public_key_bytes(key)
+        return cls(key, public, crypto.node_id(public), crypto.key_id(public))
+
+    @property
+    def public_key_b64(self) -> str:
+        """The raw public key in standard base64."""
+        return crypto.b64encode(self.public_key)
+
+
+def load_or_create(identity_dir: Path) -> Identity:
+    """The identity kept in ``identity_dir``, created there on first start.
+
+    Raises:
+        IdentityError: ``key_permissions`` when the key file or directory is unsafe (see
+            the module docstring); ``key_unreadable``, ``key_unwritable`` when it cannot be
+            read or created; ``key_corrupt`` when the file is not an Ed25519 private key.
+    """
+    try:
+        identity_dir.parent.mkdir(parents=True, exist_ok=True)
+        # mkdir's mode only loses bits to the umask, so the directory is never wider.
+        identity_dir.mkdir(mode=0o700, exist_ok=True)
+        _check_directory(identity_dir, os.stat(identity_dir))
+    except OSError as exc:
+        raise IdentityError("key_unwritable", f"cannot create {identity_dir}: {exc}") from None
+    key_path = identity_dir / KEY_FILE
+    data = _read_key(key_path)
+    if data is None:
+        _create_key(key_path)
+        # Read back what is on disk: if another process won the race, its key is the one.
+        data = _read_key(key_path)
+        if data is None:
+            raise IdentityError("key_unreadable", f"{key_path} vanished after its creation")
+    try:
+        key = crypto.load_private_key_pem(data)
+    except ValueError as exc:
+        raise IdentityError("key_corrupt", f"{key_path}: {exc}") from None
+    identity = Identity.from_private_key(key)
+    _write_derived(identity_dir / PUBLIC_KEY_FILE, identity.public_key_b64 + "\n")
+    _write_derived(identity_dir / NODE_ID_FILE, identity.node_id + "\n")
+    return identity
+
+
+def show(identity: Identity) -> str:
+    """The text of ``gpu-agent keys show``: node id, key id and public key."""
+    return "\n".join(
+        [
+            f"node id:     {identity.node_id}",
+            f"key id:      {identity.key_id}",
+            f"public key:  {identity.public_key_b64}",
+        ]
+    )
+
+
+def _check_directory(path: Path, st: os.stat_result) -> None:
+    # Whoever may write the directory may delete the key and have us make a new identity.
+    if st.st_uid != os.geteuid():
+        raise IdentityError("key_permissions", f"{path} is owned by uid {st.st_uid}")
+    if st.st_mode & 0o022:
+        raise IdentityError(
+            "key_permissions", f"{path} has mode {stat.S_IMODE(st.st_mode):04o}; chmod 700 it"
+        )
+
+
+def _check_key(path: Path, st: os.stat_result) -> None:
+    if not stat.S_ISREG(st.st_mode):
+        raise IdentityError("key_permissions", f"{path} is not a regular file")
+    if st.st_uid != os.geteuid():
+        raise IdentityError(
+            "key_permissions", f"{path} is owned by uid {st.st_uid}, not {os.geteuid()}"
+        )
+    if st.st_mode & 0o077:
+        raise IdentityError(
+            "key_permissions",
+            f"{path} has mode {stat.S_IMODE(st.st_mode):04o}, open to group or others; "
+            "chmod 600 it if the key never leaked, else delete it to make a new identity",
+        )
+
+
+def _read_key(path: Path) -> bytes | None:
+    """The key file's bytes after its checks, or None when there is none."""
+    # O_NOFOLLOW refuses a symlink in the last component; O_NONBLOCK keeps a FIFO from
+    # blocking the open. The checks then run on the opened file, not on the name, so
+    # the name cannot be swapped between check and read.
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+    try:
+        fd = os.open(path, flags)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise IdentityError("key_permissions", f"{path} is a symbolic link") from None
+        raise IdentityError("key_unreadable", f"{path}: {exc.strerror}") from None
+    try:
+        _check_key(path, os.fstat(fd))
+        chunks: list[bytes] = []
+        size = 0
+        while chunk := os.read(fd, 4096):
+            chunks.append(chunk)
+            size += len(chunk)
+            if size > _MAX_KEY_BYTES:
+                raise IdentityError("key_corrupt", f"{path} is over {_MAX_KEY_BYTES} bytes")
+    except OSError as exc:
+        raise IdentityError("key_unreadable", f"{path}: {exc.strerror}") from None
+    finally:
+        os.close(fd)
+    return b"".join(chunks)
+
+
+def _create_key(path: Path) -> None:
+    """Write a fresh key to ``path``, atomically, unless a key appeared there meanwhile."""
+    pem = crypto.private_key_pem(crypto.generate_private_key())
+    # The key is born 0600 (O_EXCL: a file nobody else prepared) in a temporary name and
+    # linked into place when complete, so a crash never leaves a half-written node.key.
+    temporary = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
+    try:
+        _write_new(temporary, pem, 0o600)
+        # FileExistsError: another process created the key first; its key is the identity.
+        with contextlib.suppress(FileExistsError):
+            os.link(temporary, path)
+        _fsync_directory(path.parent)
+    except OSError as exc:
+        raise IdentityError("key_unwritable", f"cannot create {path}: {exc}") from None
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+def _write_derived(path: Path, text: str) -> None:
+    """Make ``path`` hold ``text``, replacing it atomically only when it differs."""
+    content = text.encode("ascii")
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        try:
+            current = os.read(fd, len(content) + 1)
+        finally:
+            os.close(fd)
+    except OSError:
+        current = None  # missing, a symlink, unreadable: replace it
+    if current == content:
+        return
+    temporary = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
+    try:
+        _write_new(temporary, content, 0o644)
+        # os.replace swaps the name itself and never writes through a symlink.
+        os.replace(temporary, path)
+    except OSError as exc:
+        raise IdentityError("key_unwritable", f"cannot write {path}: {exc}") from None
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+def _write_new(path: Path, content: bytes, mode: int) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
+    try:
+        view = memoryview(content)
+        while view:
+            view = view[os.write(fd, view) :]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_directory(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,178 @@
+"""The bodies of the wire protocol's messages: what is inside ``"body"`` of each frame.
+
+:mod:`agent.protocol.messages` re-exports them with the frames around them; import from there.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+import msgspec
+from msgspec import Meta
+
+from agent.protocol.limits import (
+    MAX_ERROR_DETAIL_CHARS,
+    MAX_LOG_CHUNK_BYTES,
+    MAX_SEQ,
+    MAX_TELEMETRY_BATCH,
+)
+
+__all__ = [
+    "AckBody",
+    "AttestRequestBody",
+    "AuthBody",
+    "ChallengeBody",
+    "EnvelopeBody",
+    "EnvelopeSignature",
+    "ErrorBody",
+    "HelloBody",
+    "JobCancelBody",
+    "JobLogBody",
+    "JobOfferBody",
+    "JobResultBody",
+    "JobStatusBody",
+    "ProfileBody",
+    "Seq",
+    "SeqOrZero",
+    "TelemetryBody",
+    "WelcomeBody",
+    "WireStruct",
+]
+
+# Standard base64 with padding (RFC 4648 section 4) of exactly 32 and 64 bytes: Ed25519
+# public keys and nonces, Ed25519 signatures (RFC 8032 section 5.1.5, 5.1.6).
+_B64_32 = r"^[A-Za-z0-9+/]{43}=$"
+_B64_64 = r"^[A-Za-z0-9+/]{86}==$"
+
+Seq = Annotated[int, Meta(ge=1, le=MAX_SEQ, description="Sequence number, from 1.")]
+SeqOrZero = Annotated[int, Meta(ge=0, le=MAX_SEQ, description="Sequence number; 0: none.")]
+Nonce = Annotated[str, Meta(pattern=_B64_32, description="32 random bytes, base64.")]
+PublicKey = Annotated[str, Meta(pattern=_B64_32, description="Raw Ed25519 key, base64.")]
+Signature = Annotated[str, Meta(pattern=_B64_64, description="Ed25519 signature, base64.")]
+Name = Annotated[str, Meta(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._:@/+=-]+$")]
+Code = Annotated[str, Meta(min_length=1, max_length=64, pattern=r"^[a-z][a-z0-9_]*$")]
+Text = Annotated[str, Meta(max_length=MAX_ERROR_DETAIL_CHARS)]
+Seconds = Annotated[float, Meta(gt=0, le=86400)]
+
+
+class WireStruct(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """Settings shared by every wire struct."""
+
+
+class EnvelopeSignature(WireStruct, kw_only=True):
+    """One signature of a DSSE envelope."""
+
+    keyid: str = ""
+    sig: str
+
+
+class EnvelopeBody(WireStruct):
+    """A DSSE envelope (secure-systems-lab/dsse, envelope.md), as agent.protocol.dsse has it."""
+
+    payload: str
+    payloadType: str  # the DSSE spelling on the wire
+    signatures: Annotated[list[EnvelopeSignature], Meta(min_length=1, max_length=8)]
+
+
+class HelloBody(WireStruct):
+    """Agent, first: who it is, what it speaks, a fresh nonce, where its inbound stream is."""
+
+    node_id: Name
+    public_key: PublicKey
+    agent_version: Annotated[str, Meta(min_length=1, max_length=64)]
+    protocol_versions: Annotated[list[int], Meta(min_length=1, max_length=16)]
+    agent_nonce: Nonce
+    last_coordinator_seq: SeqOrZero
+
+
+class ChallengeBody(WireStruct):
+    """Coordinator, second: its nonce and proof that it holds the key the agent pinned."""
+
+    coordinator_nonce: Nonce
+    key_id: Name
+    signature: Signature
+
+
+class AuthBody(WireStruct):
+    """Agent, third: proof that it holds the key named in ``hello``."""
+
+    signature: Signature
+
+
+class WelcomeBody(WireStruct):
+    """Coordinator, last: the session is open; resend after ``last_agent_seq``."""
+
+    session_id: Name
+    last_agent_seq: SeqOrZero
+    heartbeat_s: Seconds
+    telemetry_interval_s: Seconds
+
+
+class ProfileBody(WireStruct):
+    """The hardware profile, attested by the node key."""
+
+    attestation: EnvelopeBody
+
+
+class TelemetryBody(WireStruct):
+    """A batch of telemetry samples, oldest first; ``dropped`` counts samples shed before it."""
+
+    samples: Annotated[list[dict[str, Any]], Meta(max_length=MAX_TELEMETRY_BATCH)]
+    dropped: Annotated[int, Meta(ge=0)] = 0
+
+
+class JobStatusBody(WireStruct):
+    """A job changed state; ``code`` says why when it failed or was refused."""
+
+    job_id: Name
+    state: Code
+    code: Annotated[str, Meta(max_length=64)] = ""
+    detail: Text = ""
+
+
+class JobLogBody(WireStruct):
+    """A bounded chunk of a job's output, in order within its stream."""
+
+    job_id: Name
+    stream: Literal["stdout", "stderr"]
+    data: Annotated[str, Meta(max_length=MAX_LOG_CHUNK_BYTES)]
+
+
+class JobResultBody(WireStruct):
+    """A job finished: its receipt, attested by the node key."""
+
+    job_id: Name
+    receipt: EnvelopeBody
+
+
+class JobOfferBody(WireStruct):
+    """A job spec inside an envelope signed by the coordinator."""
+
+    offer: EnvelopeBody
+
+
+class JobCancelBody(WireStruct):
+    """Stop a job."""
+
+    job_id: Name
+    reason: Text = ""
+
+
+class AttestRequestBody(WireStruct):
+    """Attest the profile again now, with this nonce in the statement."""
+
+    nonce: Nonce
+
+
+class AckBody(WireStruct):
+    """Every message up to and including ``seq`` is stored (cumulative)."""
+
+    seq: SeqOrZero
+
+
+class ErrorBody(WireStruct):
+    """A coded error; ``ref_seq`` names the reliable message it is about, if any."""
+
+    code: Code
+    detail: Text = ""
+    ref_seq: SeqOrZero | None = None

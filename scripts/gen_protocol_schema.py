@@ -1,0 +1,34 @@
+"""Print the JSON Schema of every wire message: ``python scripts/gen_protocol_schema.py``.
+
+The output is committed as ``docs/protocol.schema.json``; tests/test_protocol_schema.py
+fails when it and the types in :mod:`agent.protocol.messages` drift apart.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import msgspec
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from agent.protocol.limits import PROTOCOL_VERSION
+from agent.protocol.messages import Message
+
+__all__ = ["render"]
+
+
+def render() -> str:
+    """The schema document, as committed."""
+    schema = {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "title": f"gpu-agent wire protocol v{PROTOCOL_VERSION}: one frame",
+        **msgspec.json.schema(Message),
+    }
+    return json.dumps(schema, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
+
+
+if __name__ == "__main__":
+    sys.stdout.write(render())
