@@ -75,7 +75,7 @@ async def bench(runs: int) -> dict[str, float]:
         config = RunnerConfig(jobs_dir=Path(tmp) / "jobs")
         runner = Runner(DockerClient(), config)
         await runner.prepare()
-        argv = docker_run_argv(spec, config.user)
+        argv = docker_run_argv(spec, runner.user)
         await through_runner(runner, spec, "warm-up")
         await through_cli(argv)
         ours, theirs = [], []

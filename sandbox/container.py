@@ -6,26 +6,26 @@ in a spec can widen it; the spec has no field for privileges, mounts or host nam
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
-import msgspec
-
 from sandbox.gpu_mapping import ContainerGpus
+from sandbox.jobdir import JobMounts
 from sandbox.spec import WorkloadSpec
 
 __all__ = [
     "INPUT_DIR",
     "LABEL_JOB",
     "LABEL_MANAGED",
+    "LABEL_RUNNER",
     "OUTPUT_DIR",
+    "RUNSC_MEMORY_HEADROOM",
     "RUNSC_PIDS_HEADROOM",
-    "JobMounts",
     "create_body",
 ]
 
 LABEL_MANAGED = "io.gpu-agent.managed"
 LABEL_JOB = "io.gpu-agent.job"
+LABEL_RUNNER = "io.gpu-agent.runner"
 INPUT_DIR = "/input"
 OUTPUT_DIR = "/output"
 _TMP_BYTES = 64 << 20
@@ -33,16 +33,11 @@ _NOFILE = 4096
 # gVisor's pids cgroup also counts the sandbox's own threads (its Go runtime, the gofer):
 # without room for them a modest limit kills the sandbox before the job starts.
 RUNSC_PIDS_HEADROOM = 128
+# Its memory, too, is charged to the job's cgroup: the job keeps what it asked for.
+RUNSC_MEMORY_HEADROOM = 64 << 20
 # Docker's own copy of the logs is capped too, so that a chatty job cannot fill the disk
 # even when nobody reads it.
 _LOG_CONFIG = {"Type": "json-file", "Config": {"max-size": "8m", "max-file": "1"}}
-
-
-class JobMounts(msgspec.Struct, frozen=True, kw_only=True):
-    """Host directories of the job's own: inputs (read-only) and outputs."""
-
-    input_dir: Path | None = None
-    output_dir: Path | None = None
 
 
 def create_body(
@@ -55,10 +50,17 @@ def create_body(
     user: str,
     runtime: str,
     cgroup_parent: str | None,
+    runner: str,
+    image_volumes: list[str],
 ) -> dict[str, Any]:
-    """The body of ``POST /containers/create`` for one job."""
+    """The body of ``POST /containers/create`` for one job.
+
+    ``image_volumes`` are the paths the image declares as ``VOLUME``: each gets a tmpfs of
+    the scratch size, or Docker would make an anonymous volume of unbounded host disk.
+    """
     resources = spec.resources
     uid, _, gid = user.partition(":")
+    memory = resources.memory_bytes + (RUNSC_MEMORY_HEADROOM if runtime == "runsc" else 0)
     binds = []
     if mounts.input_dir is not None:
         binds.append(f"{mounts.input_dir}:{INPUT_DIR}:ro")
@@ -74,8 +76,8 @@ def create_body(
         "Init": True,
         "IpcMode": "private",
         "NetworkMode": "bridge" if spec.network == "egress" else "none",
-        "Memory": resources.memory_bytes,
-        "MemorySwap": resources.memory_bytes,  # equal to Memory: no swap
+        "Memory": memory,
+        "MemorySwap": memory,  # equal to Memory: no swap
         "NanoCpus": int(resources.cpus * 1e9),
         "PidsLimit": resources.pids + (RUNSC_PIDS_HEADROOM if runtime == "runsc" else 0),
         "ShmSize": resources.shm_bytes,
@@ -86,6 +88,12 @@ def create_body(
             "/scratch": f"rw,exec,nosuid,nodev,size={resources.scratch_bytes},"
             f"mode=0700,uid={uid},gid={gid}",
             "/tmp": f"rw,noexec,nosuid,nodev,size={_TMP_BYTES},mode=1777",
+            **{
+                path: f"rw,noexec,nosuid,nodev,size={resources.scratch_bytes},"
+                f"mode=0700,uid={uid},gid={gid}"
+                for path in image_volumes
+                if path not in ("/scratch", "/tmp", INPUT_DIR, OUTPUT_DIR)
+            },
         },
         "Ulimits": [
             {"Name": "fsize", "Soft": fsize, "Hard": fsize},
@@ -107,7 +115,7 @@ def create_body(
         "Env": [f"{key}={value}" for key, value in {**spec.env, **gpus.env}.items()],
         "WorkingDir": spec.workdir,
         "User": user,
-        "Labels": {LABEL_MANAGED: "1", LABEL_JOB: job_id},
+        "Labels": {LABEL_MANAGED: "1", LABEL_JOB: job_id, LABEL_RUNNER: runner},
         "NetworkDisabled": spec.network != "egress",
         "StopSignal": "SIGTERM",
         "StopTimeout": int(spec.grace_s),

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import struct
-from collections.abc import AsyncGenerator, AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Coroutine, Mapping
 from contextlib import aclosing
 from typing import Any
 from urllib.parse import quote, urlencode
@@ -25,6 +25,14 @@ _API_MAX = (1, 44)
 _API_MIN = (1, 41)  # Docker 20.10, as in Debian 12
 _HEADER_LIMIT = 64 * 1024
 _STREAM_NAMES = {0: "stdin", 1: "stdout", 2: "stderr"}
+# What a broken or hostile answer raises while we parse it: all mean "the engine failed".
+_BROKEN_ANSWER = (
+    ConnectionError,
+    asyncio.IncompleteReadError,
+    asyncio.LimitOverrunError,
+    ValueError,
+    OSError,
+)
 
 
 class Response:
@@ -36,8 +44,11 @@ class Response:
         self.body = body
 
     def json(self) -> Any:
-        """The body decoded as JSON."""
-        return json.loads(self.body) if self.body else None
+        """The body decoded as JSON; an answer that is not JSON is an engine error."""
+        try:
+            return json.loads(self.body) if self.body else None
+        except ValueError as exc:
+            raise EngineError("engine_error", f"the engine's answer is not JSON: {exc}") from exc
 
 
 class DockerClient:
@@ -97,6 +108,8 @@ class DockerClient:
                 raise _error(Response(status, headers, raw))
             async for chunk in _iter_body(reader, headers):
                 yield chunk
+        except _BROKEN_ANSWER as exc:
+            raise EngineError("engine_error", f"{method} {path}: {exc!r}") from exc
         finally:
             writer.close()
 
@@ -152,8 +165,38 @@ class DockerClient:
             return await asyncio.wait_for(exchange(), timeout_s or self.timeout_s)
         except TimeoutError as exc:
             raise EngineError("engine_error", f"{method} {path}: no answer in time") from exc
-        except (ConnectionError, asyncio.IncompleteReadError) as exc:
-            raise EngineError("engine_error", f"{method} {path}: {exc}") from exc
+        except _BROKEN_ANSWER as exc:
+            raise EngineError("engine_error", f"{method} {path}: {exc!r}") from exc
+
+    async def wait_armed(self, container_id: str) -> Callable[[], Coroutine[Any, Any, Response]]:
+        """Register a wait for the container's next exit; return the call that collects it.
+
+        The engine answers the headers only once the wait is registered, so an exit that
+        comes right after (even before ``start`` returns) is not missed.
+        """
+        if self._prefix is None:
+            await self.version()
+        path = self._path(f"/containers/{container_id}/wait", {"condition": "next-exit"})
+        reader, writer = await self._connect()
+        try:
+            writer.write(_request_bytes("POST", path, None))
+            await writer.drain()
+            status, headers = await asyncio.wait_for(_read_head(reader), self.timeout_s)
+        except BaseException as exc:
+            writer.close()
+            if isinstance(exc, TimeoutError | _BROKEN_ANSWER):
+                raise EngineError("engine_error", f"wait {container_id}: {exc!r}") from exc
+            raise
+
+        async def collect() -> Response:
+            try:
+                return _checked(Response(status, headers, await _read_body(reader, headers)))
+            except _BROKEN_ANSWER as exc:
+                raise EngineError("engine_error", f"wait {container_id}: {exc!r}") from exc
+            finally:
+                writer.close()
+
+        return collect
 
 
 def quote_ref(reference: str) -> str:
@@ -223,6 +266,8 @@ def _error(response: Response) -> EngineError:
     except (ValueError, AttributeError):
         message = response.body[:200].decode(errors="replace")
     code = "engine_error"
-    if response.status == 404:
+    if response.status == 304:
+        code = "not_modified"
+    elif response.status == 404:
         code = "image_not_found" if "image" in message.lower() else "not_found"
     return EngineError(code, f"Docker answered {response.status}: {message}")

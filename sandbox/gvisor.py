@@ -14,7 +14,7 @@ import signal
 from collections.abc import Collection
 from pathlib import Path
 
-__all__ = ["leaked_sandboxes", "reap_sandboxes"]
+__all__ = ["reap_sandboxes", "sandboxes_of"]
 
 _SANDBOX = "runsc-sandbox"
 _RUNSC_PROCESSES = (_SANDBOX, "runsc-gofer")
@@ -37,26 +37,31 @@ def _cmdlines(proc: Path) -> dict[int, list[str]]:
     return found
 
 
-def leaked_sandboxes(known: Collection[str], proc: Path = Path("/proc")) -> dict[str, list[int]]:
-    """Sandboxes whose container id is not in ``known``: id -> the pids that serve it."""
+def sandboxes_of(
+    container_ids: Collection[str], proc: Path = Path("/proc")
+) -> dict[str, list[int]]:
+    """The runsc processes serving each of ``container_ids`` that still has a sandbox."""
     processes = _cmdlines(proc)
     sandbox_ids = {
         argv[-1]
         for argv in processes.values()
         if Path(argv[0]).name == _SANDBOX and len(argv[-1]) == _CONTAINER_ID_LENGTH
     }
-    leaked = sandbox_ids - set(known)
     return {
         container_id: sorted(
             pid for pid, argv in processes.items() if any(container_id in arg for arg in argv)
         )
-        for container_id in sorted(leaked)
+        for container_id in sorted(sandbox_ids & set(container_ids))
     }
 
 
-def reap_sandboxes(known: Collection[str], proc: Path = Path("/proc")) -> list[str]:
-    """SIGKILL every leaked sandbox's processes; return the container ids reaped."""
-    leaked = leaked_sandboxes(known, proc)
+def reap_sandboxes(container_ids: Collection[str], proc: Path = Path("/proc")) -> list[str]:
+    """SIGKILL the sandboxes of these (our own, orphaned) containers; return the ids reaped.
+
+    Only ids the caller knows to be its own: another engine's or another runner's gVisor
+    sandboxes are none of our business.
+    """
+    leaked = sandboxes_of(container_ids, proc)
     for container_id, pids in leaked.items():
         for pid in pids:
             try:

@@ -10,27 +10,28 @@ job's id in a label, so that what a crash leaves behind is found by :meth:`reap_
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import hashlib
 import logging
+import os
 import re
-import shutil
 import time
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Callable
 from contextlib import aclosing
 from datetime import datetime
+from functools import partial
 from pathlib import Path
 from typing import Literal
 
 import msgspec
 
 from sandbox.cgroups import JobCgroup
-from sandbox.container import LABEL_JOB, LABEL_MANAGED, JobMounts, create_body
+from sandbox.container import LABEL_JOB, LABEL_MANAGED, LABEL_RUNNER, create_body
 from sandbox.docker_api import DockerClient, quote_ref
 from sandbox.errors import EngineError, RunError, SandboxError
 from sandbox.gpu_mapping import DeviceFacts, HostGroups, host_groups, map_gpus
 from sandbox.gvisor import reap_sandboxes
+from sandbox.jobdir import JobDir, instance_alive, leftovers, remove_tree, runner_instance
 from sandbox.outputs import collect_outputs
 from sandbox.results import (
     Created,
@@ -44,9 +45,10 @@ from sandbox.results import (
 )
 from sandbox.spec import WorkloadSpec, spec_digest
 
-__all__ = ["Runner", "RunnerConfig"]
+__all__ = ["LogBudget", "Runner", "RunnerConfig"]
 
 _JOB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+_WATCH_INTERVAL_S = 0.5
 _REMOVE_ATTEMPTS = 5
 _REMOVE_BACKOFF_S = 0.2
 _log = logging.getLogger(__name__)
@@ -59,7 +61,8 @@ class RunnerConfig(msgspec.Struct, frozen=True, kw_only=True):
     Attributes:
         jobs_dir: where each job's input and output directories are made (and removed).
         runtime: the OCI runtime (``runc``, or ``runsc`` for gVisor).
-        user: the uid:gid jobs run as; never root.
+        user: the uid:gid jobs run as; by default this process's own (so that the agent
+            can always delete what a job wrote), or 65534:65534 when this process is root.
         log_max_bytes: output kept and forwarded per job; the rest is counted and dropped.
         log_rate_bytes_per_s: sustained output forwarded per second, with a burst of as much.
         cgroup_root: where the cgroup file systems are mounted.
@@ -67,20 +70,23 @@ class RunnerConfig(msgspec.Struct, frozen=True, kw_only=True):
 
     jobs_dir: Path
     runtime: str = "runc"
-    user: str = "65534:65534"
+    user: str | None = None
     log_max_bytes: int = 1 << 20
     log_rate_bytes_per_s: int = 256 << 10
     cgroup_root: Path = Path("/sys/fs/cgroup")
 
 
-class _LogBudget:
+class LogBudget:
     """Caps a job's log in total size and in rate (a token bucket), and digests what passes."""
 
-    def __init__(self, max_bytes: int, rate: int) -> None:
+    def __init__(
+        self, max_bytes: int, rate: int, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self.max_bytes = max_bytes
         self.rate = rate
+        self.clock = clock
         self.tokens = float(rate)
-        self.last = time.monotonic()
+        self.last = clock()
         self.kept = 0
         self.dropped = 0
         self.truncated = False
@@ -92,7 +98,8 @@ class _LogBudget:
         return self.kept >= self.max_bytes
 
     def admit(self, data: bytes) -> bytes:
-        now = time.monotonic()
+        """The part of ``data`` that fits the budget now; the rest is counted as dropped."""
+        now = self.clock()
         self.tokens = min(float(self.rate), self.tokens + (now - self.last) * self.rate)
         self.last = now
         allowed = int(min(len(data), self.tokens, self.max_bytes - self.kept))
@@ -111,6 +118,10 @@ class Runner:
         self.client = client
         self.config = config
         self._cancels: dict[str, asyncio.Event] = {}
+        self.instance = runner_instance()
+        self.user = config.user or (
+            "65534:65534" if os.getuid() == 0 else f"{os.getuid()}:{os.getgid()}"
+        )
         self._cgroup_driver = "cgroupfs"
         self._groups = HostGroups(video_gid=None, render_gid=None)
 
@@ -124,30 +135,36 @@ class Runner:
         self._groups = host_groups()
         return await self.reap_orphans()
 
-    async def resolve_image(self, reference: str) -> str:
-        """The id (``sha256:...``) of a local image, pinning a tag to what it names now."""
-        response = await self.client.request("GET", f"/images/{quote_ref(reference)}/json")
-        return str(response.json()["Id"])
+    async def resolve_image(self, reference: str) -> tuple[str, list[str]]:
+        """The id (``sha256:...``) of a local image, pinning a tag to what it names now,
+        and the paths it declares as volumes."""
+        image = (await self.client.request("GET", f"/images/{quote_ref(reference)}/json")).json()
+        volumes = (image.get("Config") or {}).get("Volumes") or {}
+        return str(image["Id"]), sorted(volumes)
 
     async def reap_orphans(self) -> list[str]:
-        """Remove every job container, directory, cgroup and gVisor sandbox left behind."""
+        """Remove what runners that are gone left behind: containers, directories, cgroups,
+        gVisor sandboxes. A live runner's jobs (another process) are left alone."""
         filters = msgspec.json.encode({"label": [LABEL_MANAGED]}).decode()
         listed = await self.client.request(
             "GET", "/containers/json", params={"all": 1, "filters": filters}
         )
         reaped = []
         for container in listed.json():
+            labels = container.get("Labels") or {}
+            if instance_alive(labels.get(LABEL_RUNNER, "")):
+                continue
             await self._remove_container(container["Id"])
-            job = container.get("Labels", {}).get(LABEL_JOB, "")
+            job = labels.get(LABEL_JOB, "")
             if _JOB_ID.fullmatch(job):
                 JobCgroup(job, self._cgroup_driver, self.config.cgroup_root).remove()
             reaped.append(job or container["Id"])
-        if self.config.jobs_dir.is_dir():
-            for leftover in self.config.jobs_dir.iterdir():
-                shutil.rmtree(leftover, ignore_errors=True)
-        every = await self.client.request("GET", "/containers/json", params={"all": 1})
-        known = {container["Id"] for container in every.json()}
-        reaped += [f"runsc:{sandbox[:12]}" for sandbox in reap_sandboxes(known)]
+        ours = []
+        for leftover in leftovers(self.config.jobs_dir):
+            if leftover.container_id is not None:
+                ours.append(leftover.container_id)
+            remove_tree(leftover.path)
+        reaped += [f"runsc:{sandbox[:12]}" for sandbox in reap_sandboxes(ours)]
         return reaped
 
     def cancel(self, job_id: str) -> bool:
@@ -180,69 +197,80 @@ class Runner:
             spec_digest=spec_digest(spec),
             log_sha256=hashlib.sha256().hexdigest(),
         )
-        job_dir = self.config.jobs_dir / job_id
+        job_dir = JobDir(self.config.jobs_dir, job_id)
         cgroup = JobCgroup(job_id, self._cgroup_driver, self.config.cgroup_root)
         container_id: str | None = None
         try:
             # The canonical name: a bare "abc123" must not resolve as an image-id prefix.
-            result.image_id = await self.resolve_image(spec.image_ref.canonical)
-            mounts = _prepare_dirs(job_dir, spec)
+            result.image_id, volumes = await self.resolve_image(spec.image_ref.canonical)
+            job_dir.create(self.instance)
+            mounts = job_dir.mounts(spec)
             body = create_body(
                 job_id=job_id,
                 spec=spec,
                 image_id=result.image_id,
                 gpus=map_gpus(gpus, cdi=self.client.supports_cdi, groups=self._groups),
                 mounts=mounts,
-                user=self.config.user,
+                user=self.user,
                 runtime=self.config.runtime,
                 cgroup_parent=cgroup.parent,
+                runner=self.instance,
+                image_volumes=volumes,
             )
             created = await self.client.request(
                 "POST", "/containers/create", params={"name": f"gpu-agent-{job_id}"}, body=body
             )
             container_id = str(created.json()["Id"])
+            job_dir.record_container(container_id)
             yield Created(container_id)
-            async with aclosing(self._execute(container_id, spec, cancel, result)) as execution:
-                async for event in execution:
+            execution = self._execute(container_id, spec, cancel, result, job_dir)
+            async with aclosing(execution) as events:
+                async for event in events:
                     yield event
-            if mounts.output_dir is not None:
-                result.outputs = collect_outputs(
-                    mounts.output_dir, spec.outputs, spec.output_max_bytes
+            if mounts.output_dir is not None and result.error_code is None:
+                # Hashing up to output_max_bytes must not stall the event loop.
+                result.outputs = await asyncio.to_thread(
+                    collect_outputs, mounts.output_dir, spec.outputs, spec.output_max_bytes
                 )
             usage = cgroup.usage()
             result.cpu_seconds = usage.cpu_seconds
             result.peak_memory_bytes = usage.peak_memory_bytes
         except SandboxError as exc:
             result.reason, result.error_code, result.detail = "error", exc.code, exc.detail
+        except (OSError, KeyError, TypeError) as exc:  # the host or the engine's answer
+            result.reason, result.error_code, result.detail = "error", "internal", repr(exc)
         finally:
-            del self._cancels[job_id]
             if container_id is not None:
                 await self._remove_container(container_id)
-            shutil.rmtree(job_dir, ignore_errors=True)
+            job_dir.remove()
             cgroup.remove()
+            # Last: until everything above is gone, the same job id cannot start again.
+            del self._cancels[job_id]
         yield Finished(result)
 
     async def _execute(
-        self, container_id: str, spec: WorkloadSpec, cancel: asyncio.Event, result: JobResult
+        self,
+        container_id: str,
+        spec: WorkloadSpec,
+        cancel: asyncio.Event,
+        result: JobResult,
+        job_dir: JobDir,
     ) -> AsyncGenerator[Event, None]:
-        """Start the container, stream its logs, stop it on timeout or cancel."""
-        # Wait before start, so that an exit that comes at once is not missed.
-        waiting = asyncio.create_task(
-            self.client.request(
-                "POST",
-                f"/containers/{container_id}/wait",
-                params={"condition": "next-exit"},
-                timeout_s=spec.timeout_s + spec.grace_s + _WAIT_SLACK_S,
-            )
-        )
+        """Start the container, stream its logs, stop it on timeout, cancel or overflow."""
+        # The wait is registered before the start, so that an exit at once is not missed.
+        collect = await self.client.wait_armed(container_id)
+        waiting: asyncio.Task[object] = asyncio.create_task(collect())
         try:
             await self.client.request("POST", f"/containers/{container_id}/start")
         except EngineError as exc:
             waiting.cancel()
             raise RunError("start_failed", exc.detail) from exc
         yield Started(time.time())
-        stopping = asyncio.create_task(self._supervise(container_id, spec, cancel, waiting))
-        budget = _LogBudget(self.config.log_max_bytes, self.config.log_rate_bytes_per_s)
+        watch = partial(job_dir.output_overflow, spec.output_max_bytes) if spec.outputs else None
+        stopping = asyncio.create_task(
+            self._supervise(container_id, spec, cancel, waiting, watch=watch, result=result)
+        )
+        budget = LogBudget(self.config.log_max_bytes, self.config.log_rate_bytes_per_s)
         queue: asyncio.Queue[LogChunk | None] = asyncio.Queue()
         pump = asyncio.create_task(self._pump_logs(container_id, budget, queue))
         try:
@@ -274,31 +302,52 @@ class Runner:
         spec: WorkloadSpec,
         cancel: asyncio.Event,
         waiting: asyncio.Task[object],
+        *,
+        watch: Callable[[], str | None] | None,
+        result: JobResult,
     ) -> ExitReason | None:
-        """Wait for the exit; on timeout or cancel, stop the container. Say which it was."""
+        """Wait for the exit; on timeout, cancel or an overflowing /output, stop the
+        container and say which it was."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + spec.timeout_s
         cancelled = asyncio.create_task(cancel.wait())
+        reason: ExitReason | None = None
         try:
-            done, _ = await asyncio.wait(
-                {waiting, cancelled}, timeout=spec.timeout_s, return_when=asyncio.FIRST_COMPLETED
-            )
+            while reason is None:
+                remaining = deadline - loop.time()
+                done, _ = await asyncio.wait(
+                    {waiting, cancelled},
+                    timeout=min(remaining, _WATCH_INTERVAL_S) if watch else remaining,
+                    return_when=asyncio.FIRST_COMPLETED,
+                )
+                if waiting in done and waiting.exception() is None:
+                    return None
+                if cancelled in done:
+                    reason = "cancelled"
+                elif waiting in done or loop.time() >= deadline:
+                    # A wait that failed (the engine restarted) proves nothing: stop it.
+                    reason = "timeout" if waiting not in done else "error"
+                elif watch is not None and (overflow := await asyncio.to_thread(watch)):
+                    reason, result.error_code, result.detail = "failed", "output_limit", overflow
         finally:
             cancelled.cancel()
-        if waiting in done:
-            return None
-        reason: ExitReason = "cancelled" if cancelled in done else "timeout"
         # Docker sends the stop signal (SIGTERM), then SIGKILL after t seconds.
-        await self.client.request(
-            "POST",
-            f"/containers/{container_id}/stop",
-            params={"t": int(spec.grace_s)},
-            timeout_s=spec.grace_s + _WAIT_SLACK_S,
-        )
+        try:
+            await self.client.request(
+                "POST",
+                f"/containers/{container_id}/stop",
+                params={"t": int(spec.grace_s)},
+                timeout_s=spec.grace_s + _WAIT_SLACK_S,
+            )
+        except EngineError as exc:
+            if exc.code != "not_modified":  # 304: it had stopped by itself meanwhile
+                raise
         with contextlib.suppress(EngineError):
             await waiting
         return reason
 
     async def _pump_logs(
-        self, container_id: str, budget: _LogBudget, queue: asyncio.Queue[LogChunk | None]
+        self, container_id: str, budget: LogBudget, queue: asyncio.Queue[LogChunk | None]
     ) -> None:
         try:
             async with aclosing(self.client.logs(container_id)) as frames:
@@ -334,32 +383,6 @@ class Runner:
                 await asyncio.sleep(_REMOVE_BACKOFF_S * (attempt + 1))
             else:
                 return
-
-
-def _prepare_dirs(job_dir: Path, spec: WorkloadSpec) -> JobMounts:
-    """Make the job's own directories; the job runs as another uid, hence the modes."""
-    if not spec.inputs and not spec.outputs:
-        return JobMounts()
-    job_dir.mkdir(mode=0o711, parents=True)
-    input_dir = output_dir = None
-    if spec.inputs:
-        input_dir = job_dir / "input"
-        input_dir.mkdir(mode=0o755)
-        for item in spec.inputs:
-            target = input_dir / item.path
-            target.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
-            data = (
-                base64.b64decode(item.content)
-                if item.encoding == "base64"
-                else item.content.encode()
-            )
-            target.write_bytes(data)
-            target.chmod(item.mode)
-    if spec.outputs:
-        output_dir = job_dir / "output"
-        output_dir.mkdir()
-        output_dir.chmod(0o777)  # writable by the job's uid, inside a directory only we list
-    return JobMounts(input_dir=input_dir, output_dir=output_dir)
 
 
 def _reason(exit_code: int, oom_killed: bool) -> ExitReason:

@@ -18,11 +18,11 @@ import psutil
 import pytest
 from conftest import require_runtime
 
-from sandbox.container import LABEL_MANAGED
+from sandbox.container import LABEL_MANAGED, LABEL_RUNNER
 from sandbox.docker_api import DockerClient
 from sandbox.errors import RunError
 from sandbox.results import Created, Event, Exited, Finished, JobResult, LogChunk, Started
-from sandbox.runner import Runner, RunnerConfig
+from sandbox.runner import LogBudget, Runner, RunnerConfig
 from sandbox.spec import WorkloadSpec, load_spec
 
 MiB = 1 << 20
@@ -42,9 +42,10 @@ def make_spec(image: str, script: str, **overrides: Any) -> WorkloadSpec:
     return load_spec(json.dumps(fields).encode(), "json")
 
 
-def _leftovers(jobs_dir: Path) -> tuple[list[str], list[str]]:
+def _leftovers(jobs_dir: Path, label: str = LABEL_MANAGED) -> tuple[list[str], list[str]]:
+    """Containers with ``label`` (any agent's, by default) and directories in ``jobs_dir``."""
     containers = subprocess.run(
-        ["docker", "ps", "-aq", "--filter", f"label={LABEL_MANAGED}"],
+        ["docker", "ps", "-aq", "--filter", f"label={label}"],
         capture_output=True,
         text=True,
         check=True,
@@ -64,7 +65,7 @@ async def runner(
     runner = Runner(DockerClient(docker_engine), config)
     await runner.prepare()
     yield runner
-    assert _leftovers(jobs_dir) == ([], [])
+    assert _leftovers(jobs_dir, f"{LABEL_RUNNER}={runner.instance}") == ([], [])
 
 
 async def run_job(
@@ -187,7 +188,7 @@ import asyncio, json, sys
 sys.path[:0] = {[str(Path(__file__).parent), str(Path(__file__).parent.parent)]!r}
 from test_runner import make_spec
 from sandbox.docker_api import DockerClient
-from sandbox.runner import Runner, RunnerConfig
+from sandbox.runner import LogBudget, Runner, RunnerConfig
 from pathlib import Path
 
 async def main():
@@ -255,19 +256,41 @@ async def test_root_filesystem_is_read_only(runner: Runner, test_image: str) -> 
     assert log.count("No such file or directory") == 2
 
 
+async def _probe_bridge(runner: Runner, image: str, network: str) -> tuple[str, bool]:
+    """Run a job that probes a listener on this machine's own Docker bridge (never an
+    outside address); return its output and whether the listener saw a connection."""
+    bridge = next(a.address for a in psutil.net_if_addrs()["docker0"] if a.family == 2)
+    connected = asyncio.Event()
+
+    async def accept(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        connected.set()
+        writer.close()
+
+    server = await asyncio.start_server(accept, bridge, 0)
+    port = server.sockets[0].getsockname()[1]
+    script = f"ip -o link | cut -d: -f2; nc -w 2 {bridge} {port} </dev/null && echo REACHED"
+    async with server:
+        events, _ = await run_job(runner, make_spec(image, script, network=network))
+    return _log(events).decode(), connected.is_set()
+
+
 async def test_network_has_only_loopback_and_reaches_nothing(
     runner: Runner, test_image: str
 ) -> None:
-    # The probe aims at this machine's own Docker bridge, never at an outside address.
-    bridge = next(
-        (a.address for a in psutil.net_if_addrs().get("docker0", []) if a.family == 2),
-        "127.0.0.2",
-    )
-    script = f"ip -o link | cut -d: -f2; nc -w 2 {bridge} 2375 </dev/null && echo REACHED"
-    events, _ = await run_job(runner, make_spec(test_image, script))
-    log = _log(events).decode()
+    log, connected = await _probe_bridge(runner, test_image, "none")
     assert [line.strip() for line in log.splitlines() if line.startswith(" ")] == ["lo"]
     assert "REACHED" not in log
+    assert not connected
+
+
+async def test_the_network_probe_does_reach_the_bridge_with_egress(
+    runner: Runner, test_image: str
+) -> None:
+    if runner.config.runtime == "runsc":
+        pytest.skip("this engine's runsc is registered with --network=none")
+    log, connected = await _probe_bridge(runner, test_image, "egress")
+    assert "REACHED" in log
+    assert connected
 
 
 async def test_job_has_no_capabilities_and_setuid_does_not_escalate(
@@ -292,50 +315,101 @@ async def test_host_files_and_devices_are_absent(runner: Runner, test_image: str
 
 
 async def test_huge_log_output_is_capped(runner: Runner, test_image: str) -> None:
-    events, result = await run_job(runner, make_spec(test_image, "yes | head -c 20000000"))
-    assert result.log_bytes == len(_log(events))
-    assert result.log_bytes <= RunnerConfig(jobs_dir=Path()).log_max_bytes
-    assert result.log_truncated or result.log_dropped_bytes > 0
+    events, result = await run_job(runner, make_spec(test_image, "yes | head -c 5000000"))
+    log = _log(events)
+    assert result.log_bytes == len(log)
+    assert 0 < result.log_bytes <= RunnerConfig(jobs_dir=Path()).log_max_bytes
+    assert set(log) == set(b"y\n")
     assert result.reason == "completed"
 
 
-async def test_leaked_gvisor_sandbox_is_reaped_and_live_ones_are_not(
+def test_log_budget_caps_the_rate_then_the_size() -> None:
+    now = [0.0]
+    budget = LogBudget(max_bytes=1000, rate=100, clock=lambda: now[0])
+    assert budget.admit(b"x" * 150) == b"x" * 100  # the first second's burst
+    assert budget.dropped == 50
+    now[0] = 0.5
+    assert len(budget.admit(b"x" * 100)) == 50  # half a second refills half the rate
+    now[0] = 100.0
+    assert len(budget.admit(b"x" * 2000)) == 100  # a long pause refills one burst, no more
+    roomy = LogBudget(max_bytes=1000, rate=1 << 20, clock=lambda: now[0])
+    assert len(roomy.admit(b"x" * 5000)) == 1000
+    assert roomy.full
+    assert roomy.admit(b"more") == b""
+
+
+async def test_leaked_gvisor_sandbox_is_reaped_and_others_are_not(
     docker_engine: str, test_image: str, tmp_path: Path
 ) -> None:
     require_runtime("runsc")
     live = subprocess.run(
-        [
-            "docker",
-            "run",
-            "-d",
-            "--runtime",
-            "runsc",
-            "--label",
-            "test=live",
-            test_image,
-            "sleep",
-            "60",
-        ],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout.strip()
-    leaked_id = "f" * 64  # a sandbox whose container Docker has never heard of
+        ["docker", "run", "-d", "--runtime", "runsc", test_image, "sleep", "60"],
+        capture_output=True, text=True, check=True,
+    ).stdout.strip()  # fmt: skip
+    # A job of a runner that died, whose container Docker has forgotten but whose gVisor
+    # sandbox lives on (a stand-in process with the sandbox's name and arguments).
+    leaked_id = "f" * 64
+    jobs_dir = tmp_path / "jobs"
+    (jobs_dir / "gone-1").mkdir(parents=True)
+    (jobs_dir / "gone-1" / "runner").write_text("another-boot:1:1")
+    (jobs_dir / "gone-1" / "container").write_text(leaked_id)
     disguised = f"exec -a runsc-sandbox {sys.executable} -c 'import time; time.sleep(60)' "
     with subprocess.Popen(["bash", "-c", disguised + leaked_id]) as leaked:
         try:
-            runner = Runner(DockerClient(docker_engine), RunnerConfig(jobs_dir=tmp_path / "j"))
+            runner = Runner(DockerClient(docker_engine), RunnerConfig(jobs_dir=jobs_dir))
             await asyncio.sleep(0.2)  # let bash exec into the disguised sleep
             reaped = await runner.prepare()
             assert leaked.wait(timeout=10) == -signal.SIGKILL
             assert f"runsc:{leaked_id[:12]}" in reaped
-            assert f"runsc:{live[:12]}" not in reaped
+            assert not any(item.startswith(f"runsc:{live[:12]}") for item in reaped)
             state = subprocess.run(
                 ["docker", "inspect", "-f", "{{.State.Running}}", live],
-                capture_output=True,
-                text=True,
-                check=True,
-            ).stdout.strip()
+                capture_output=True, text=True, check=True,
+            ).stdout.strip()  # fmt: skip
             assert state == "true"
+            assert not (jobs_dir / "gone-1").exists()
         finally:
             subprocess.run(["docker", "rm", "-f", live], capture_output=True, check=True)
+
+
+async def test_a_live_runners_jobs_are_not_reaped_by_another(
+    runner: Runner, docker_engine: str, test_image: str, tmp_path: Path
+) -> None:
+    spec = make_spec(test_image, "echo ready; sleep 30", outputs=["x"])
+    async with aclosing(runner.run("mine-1", spec, [])) as events:
+        async for event in events:
+            if isinstance(event, LogChunk):
+                other = Runner(
+                    DockerClient(docker_engine), RunnerConfig(jobs_dir=runner.config.jobs_dir)
+                )
+                assert await other.prepare() == []
+                assert runner.cancel("mine-1")
+
+
+async def test_output_directory_past_its_limit_stops_the_job(
+    runner: Runner, test_image: str
+) -> None:
+    script = "i=0; while true; do head -c 1048576 /dev/zero > /output/f$i; i=$((i+1)); done"
+    spec = make_spec(test_image, script, outputs=["f0"], output_max_bytes=4 * MiB)
+    _, result = await run_job(runner, spec)
+    assert (result.reason, result.error_code) == ("failed", "output_limit")
+
+
+async def test_image_volumes_are_size_capped_tmpfs_not_host_disk(
+    runner: Runner, docker_engine: str, test_image: str, tmp_path: Path
+) -> None:
+    context = tmp_path / "volume-image"
+    context.mkdir()
+    (context / "Dockerfile").write_text(f"FROM {test_image}\nVOLUME /data\n")
+    subprocess.run(
+        ["docker", "build", "-q", "-t", "gpu-agent-test/volume:1", str(context)],
+        capture_output=True, check=True,
+    )  # fmt: skip
+    script = (
+        "grep ' /data ' /proc/mounts | cut -d' ' -f3; dd if=/dev/zero of=/data/x bs=1M count=64"
+    )
+    spec = make_spec("gpu-agent-test/volume:1", script, resources={"scratch_bytes": 4 * MiB})
+    events, result = await run_job(runner, spec)
+    log = _log(events).decode()
+    assert log.splitlines()[0] == "tmpfs"
+    assert result.reason == "failed"  # dd ran out of the 4 MiB

@@ -1,0 +1,169 @@
+"""A job's own directory on the host: its inputs, its outputs, and who it belongs to.
+
+``jobs_dir/<job id>/`` holds ``runner`` (the runner instance that owns the job, so that a
+later runner reaps it only once that instance is gone), ``container`` (the container id,
+so that a gVisor sandbox Docker forgot can still be found), ``input/`` (mounted read-only)
+and ``output/`` (the one host directory a job may write; watched while it runs).
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import shutil
+import stat
+from pathlib import Path
+
+import msgspec
+
+from sandbox.spec import WorkloadSpec
+
+__all__ = ["JobDir", "JobMounts", "Leftover", "instance_alive", "leftovers", "runner_instance"]
+
+# Watching the output directory stops counting past this many entries: a job that makes
+# millions of files must not make the agent spend its time walking them.
+_MAX_OUTPUT_ENTRIES = 10_000
+_BOOT_ID = Path("/proc/sys/kernel/random/boot_id")
+
+
+class JobMounts(msgspec.Struct, frozen=True, kw_only=True):
+    """Host directories of the job's own: inputs (read-only) and outputs."""
+
+    input_dir: Path | None = None
+    output_dir: Path | None = None
+
+
+class Leftover(msgspec.Struct, frozen=True, kw_only=True):
+    """A job directory some runner left behind."""
+
+    path: Path
+    runner: str
+    container_id: str | None
+
+
+def runner_instance() -> str:
+    """This process as a runner: boot, pid and start time (a pid alone gets reused)."""
+    return f"{_boot_id()}:{os.getpid()}:{_start_time(os.getpid())}"
+
+
+def instance_alive(instance: str) -> bool:
+    """Whether the runner instance that wrote ``instance`` is still running."""
+    boot, _, rest = instance.partition(":")
+    pid_text, _, started = rest.partition(":")
+    if boot != _boot_id() or not pid_text.isdigit():
+        return False
+    return _start_time(int(pid_text)) == started
+
+
+def _boot_id() -> str:
+    try:
+        return _BOOT_ID.read_text(encoding="ascii").strip()
+    except OSError:
+        return "unknown-boot"
+
+
+def _start_time(pid: int) -> str:
+    try:
+        stat_line = Path(f"/proc/{pid}/stat").read_text(encoding="ascii", errors="replace")
+    except OSError:
+        return ""
+    return stat_line.rsplit(")", 1)[1].split()[19]  # field 22: starttime, in clock ticks
+
+
+class JobDir:
+    """The directory of one job while it runs."""
+
+    def __init__(self, jobs_dir: Path, job_id: str) -> None:
+        self.path = jobs_dir / job_id
+
+    def create(self, runner: str) -> None:
+        """Make the directory and record which runner owns it."""
+        self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.path.mkdir(mode=0o711)
+        (self.path / "runner").write_text(runner, encoding="ascii")
+
+    def record_container(self, container_id: str) -> None:
+        """Remember the job's container, for a reaper that finds Docker has forgotten it."""
+        (self.path / "container").write_text(container_id, encoding="ascii")
+
+    def mounts(self, spec: WorkloadSpec) -> JobMounts:
+        """Write the inputs and make the output directory the spec asks for."""
+        input_dir = output_dir = None
+        if spec.inputs:
+            input_dir = self.path / "input"
+            input_dir.mkdir(mode=0o755)
+            for item in spec.inputs:
+                target = input_dir / item.path
+                target.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+                data = (
+                    base64.b64decode(item.content)
+                    if item.encoding == "base64"
+                    else item.content.encode()
+                )
+                target.write_bytes(data)
+                target.chmod(item.mode)
+        if spec.outputs:
+            output_dir = self.path / "output"
+            output_dir.mkdir()
+            output_dir.chmod(0o777)  # writable by the job's uid; only we can reach it
+        return JobMounts(input_dir=input_dir, output_dir=output_dir)
+
+    def output_overflow(self, max_bytes: int) -> str | None:
+        """Why the output directory is over its limits now, or None while it is within."""
+        used = entries = 0
+        stack = [self.path / "output"]
+        while stack:
+            try:
+                with os.scandir(stack.pop()) as scan:
+                    for entry in scan:
+                        entries += 1
+                        if entries > _MAX_OUTPUT_ENTRIES:
+                            return f"more than {_MAX_OUTPUT_ENTRIES} files in /output"
+                        info = entry.stat(follow_symlinks=False)
+                        used += info.st_blocks * 512
+                        if used > max_bytes:
+                            return f"/output holds more than {max_bytes} bytes"
+                        if stat.S_ISDIR(info.st_mode):
+                            stack.append(Path(entry.path))
+            except OSError:
+                continue  # a directory the job made unreadable: its files still count on disk
+        return None
+
+    def remove(self) -> None:
+        """Delete the directory, whatever permissions the job left on what it wrote."""
+        remove_tree(self.path)
+
+
+def remove_tree(path: Path) -> None:
+    """``rm -rf``, first giving back the owner's rights the job may have taken away."""
+    for root, dirs, _ in os.walk(path):
+        for name in dirs:
+            try:
+                os.chmod(Path(root) / name, stat.S_IRWXU, follow_symlinks=False)
+            except (OSError, NotImplementedError):
+                continue  # not ours to change: rmtree reports what it cannot delete
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def leftovers(jobs_dir: Path) -> list[Leftover]:
+    """Job directories whose runner is no longer running."""
+    found = []
+    try:
+        entries = sorted(jobs_dir.iterdir())
+    except OSError:
+        return []
+    for path in entries:
+        runner = _read(path / "runner")
+        if runner and instance_alive(runner):
+            continue
+        found.append(
+            Leftover(path=path, runner=runner, container_id=_read(path / "container") or None)
+        )
+    return found
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text(encoding="ascii").strip()
+    except OSError:
+        return ""
