@@ -215,11 +215,13 @@ def _runtime_findings(facts: Facts) -> list[Finding]:
 def _nvidia_runtime_finding(facts: Facts) -> Finding:
     runtime = facts.profile.host.runtime
     runtimes = runtime.docker_runtimes if isinstance(runtime.docker_runtimes, list) else []
-    if not runtime.cdi_specs and "nvidia" not in runtimes:
+    cdi_usable = runtime.docker_cdi is True and bool(runtime.cdi_specs)
+    if not cdi_usable and "nvidia" not in runtimes:
         return Finding(
             code="nvidia_container_toolkit_missing",
             severity="blocker",
-            message="Docker cannot hand NVIDIA GPUs to containers: no nvidia runtime, no CDI spec",
+            message="Docker cannot hand NVIDIA GPUs to containers: no nvidia runtime, and no "
+            "CDI spec the engine uses (CDI is off in Docker before 28 unless switched on)",
             fix="install the NVIDIA Container Toolkit, then `sudo nvidia-ctk runtime configure "
             "--runtime=docker && sudo systemctl restart docker`",
         )

@@ -75,13 +75,16 @@ def runtime_info(docker_socket: Path, cdi_dirs: tuple[Path, ...]) -> RuntimeInfo
         runtimes: Reading[list[str]] = sorted(declared) if isinstance(declared, dict) else []
         version: Reading[str] = str(docker.get("ServerVersion", ""))
         reachable: Reading[bool] = True
+        cdi: Reading[bool] = bool(docker.get("CDISpecDirs"))
     else:
         runtimes = version = docker
         reachable = False if docker.reason == "docker_unreachable" else docker
+        cdi = docker
     return RuntimeInfo(
         docker_reachable=reachable,
         docker_version=version,
         docker_runtimes=runtimes,
+        docker_cdi=cdi,
         nvidia_container_toolkit=toolkit or Unavailable("not_installed"),
         cdi_specs=_nvidia_cdi_specs(cdi_dirs),
     )

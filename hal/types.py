@@ -174,6 +174,8 @@ class RuntimeInfo(msgspec.Struct, kw_only=True):
     docker_reachable: Reading[bool]
     docker_version: Reading[str]
     docker_runtimes: Reading[list[str]]
+    docker_cdi: Reading[bool]
+    """Whether the engine resolves CDI device names (opt-in before Docker 28)."""
     nvidia_container_toolkit: Reading[str]
     """Path of ``nvidia-ctk`` or ``nvidia-container-runtime`` when installed."""
     cdi_specs: list[str]

@@ -71,10 +71,11 @@ class DockerClient:
         self._prefix = f"/v{self.api_version[0]}.{self.api_version[1]}"
         return info
 
-    @property
-    def supports_cdi(self) -> bool:
-        """Whether device requests may name CDI devices (API 1.44, Docker 25)."""
-        return self.api_version >= (1, 44)
+    def supports_cdi(self, info: Mapping[str, Any]) -> bool:
+        """Whether device requests may name CDI devices: API 1.44 (Docker 25) or newer,
+        and CDI switched on in the engine (opt-in before Docker 28), which ``/info`` shows
+        by listing its CDI spec directories."""
+        return self.api_version >= (1, 44) and bool(info.get("CDISpecDirs"))
 
     async def request(
         self,

@@ -123,6 +123,7 @@ class Runner:
             "65534:65534" if os.getuid() == 0 else f"{os.getuid()}:{os.getgid()}"
         )
         self._cgroup_driver = "cgroupfs"
+        self._cdi = False
         self._groups = HostGroups(video_gid=None, render_gid=None)
 
     async def prepare(self) -> list[str]:
@@ -130,6 +131,7 @@ class Runner:
         await self.client.version()
         info = (await self.client.request("GET", "/info")).json()
         self._cgroup_driver = str(info.get("CgroupDriver", "cgroupfs"))
+        self._cdi = self.client.supports_cdi(info)
         if self.config.runtime not in (info.get("Runtimes") or {}):
             raise RunError("runtime_missing", f"the engine has no runtime {self.config.runtime!r}")
         self._groups = host_groups()
@@ -209,7 +211,7 @@ class Runner:
                 job_id=job_id,
                 spec=spec,
                 image_id=result.image_id,
-                gpus=map_gpus(gpus, cdi=self.client.supports_cdi, groups=self._groups),
+                gpus=map_gpus(gpus, cdi=self._cdi, groups=self._groups),
                 mounts=mounts,
                 user=self.user,
                 runtime=self.config.runtime,

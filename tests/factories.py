@@ -38,6 +38,7 @@ def runtime(**overrides: Any) -> RuntimeInfo:
         "docker_reachable": True,
         "docker_version": "28.2.2",
         "docker_runtimes": ["nvidia", "runc"],
+        "docker_cdi": False,
         "nvidia_container_toolkit": "/usr/bin/nvidia-ctk",
         "cdi_specs": [],
     }

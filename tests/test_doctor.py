@@ -104,8 +104,14 @@ def test_nvidia_gpu_without_toolkit_or_cdi_is_blocked() -> None:
     assert "nvidia_container_toolkit_missing" in _codes(diagnose(facts))
 
 
+def test_cdi_spec_the_engine_does_not_use_is_no_way_in() -> None:
+    off = runtime(docker_runtimes=["runc"], docker_cdi=False, cdi_specs=["/etc/cdi/nvidia.yaml"])
+    facts = Facts(profile=profile([gpu()], runtime_info=off), pci=[], node_access={})
+    assert "nvidia_container_toolkit_missing" in _codes(diagnose(facts))
+
+
 def test_cdi_spec_for_another_driver_is_a_warning() -> None:
-    cdi = runtime(docker_runtimes=["runc"], cdi_specs=["/etc/cdi/nvidia.yaml"])
+    cdi = runtime(docker_runtimes=["runc"], docker_cdi=True, cdi_specs=["/etc/cdi/nvidia.yaml"])
     facts = Facts(
         profile=profile([gpu()], runtime_info=cdi),
         pci=[],

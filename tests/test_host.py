@@ -42,7 +42,11 @@ def _serve_once(sock_path: Path, status: str, body: bytes) -> Iterator[list[byte
 @pytest.fixture
 def engine(tmp_path: Path) -> Iterator[Path]:
     sock = tmp_path / "docker.sock"
-    info = {"ServerVersion": "20.10.24", "Runtimes": {"runc": {}, "nvidia": {}}}
+    info = {
+        "ServerVersion": "25.0.3",
+        "Runtimes": {"runc": {}, "nvidia": {}},
+        "CDISpecDirs": ["/etc/cdi", "/var/run/cdi"],
+    }
     for _ in _serve_once(sock, "200 OK", json.dumps(info).encode()):
         yield sock
 
@@ -58,8 +62,9 @@ def test_profile_matches_psutil() -> None:
 def test_docker_engine_version_and_runtimes_are_read_from_its_socket(engine: Path) -> None:
     runtime = runtime_info(engine, ())
     assert runtime.docker_reachable is True
-    assert runtime.docker_version == "20.10.24"
+    assert runtime.docker_version == "25.0.3"
     assert runtime.docker_runtimes == ["nvidia", "runc"]
+    assert runtime.docker_cdi is True
 
 
 def test_no_engine_is_unreachable_not_an_error(tmp_path: Path) -> None:

@@ -236,7 +236,6 @@ async def test_memory_bomb_is_oom_killed_and_reported(runner: Runner, test_image
     spec = make_spec(test_image, script, resources={"memory_bytes": 32 * MiB})
     _, result = await run_job(runner, spec)
     assert result.reason == "oom_killed"
-    assert psutil.virtual_memory().available > 256 * MiB
 
 
 async def test_disk_fill_is_held_by_the_scratch_size(runner: Runner, test_image: str) -> None:
