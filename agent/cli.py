@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -11,6 +12,7 @@ from typing import NoReturn
 
 import msgspec
 
+from agent.errors import AgentError, ConfigError
 from hal import __version__
 from hal.backend import HalConfig
 from hal.errors import BadConfig, HalError
@@ -77,7 +79,52 @@ def _parser() -> argparse.ArgumentParser:
         help="operator policy (TOML); default: any image by name, default limits",
     )
     run.add_argument("--json", action="store_true", help="print events and result as JSON lines")
+
+    daemon = commands.add_parser(
+        "run", help="connect to a coordinator: attest this machine and stream its telemetry"
+    )
+    daemon.add_argument(
+        "--coordinator", required=True, metavar="URL", help="ws(s)://host:port/agent"
+    )
+    daemon.add_argument(
+        "--coordinator-key",
+        required=True,
+        action="append",
+        type=_public_key,
+        metavar="BASE64",
+        help="the coordinator's public key to pin (`gpu-coordinator key` prints it)",
+    )
+    daemon.add_argument("--ca-file", type=Path, help="CA bundle for a wss:// coordinator")
+    daemon.add_argument("--state-dir", type=Path, default=_default_state_dir())
+    daemon.add_argument("--interval", type=_positive_float, default=1.0, metavar="S")
+    daemon.add_argument("--batch", type=_count, default=10, metavar="N", help="samples a batch")
+
+    keys = commands.add_parser("keys", help="this node's identity")
+    keys_commands = keys.add_subparsers(dest="keys_command", required=True, parser_class=_Parser)
+    show = keys_commands.add_parser("show", help="print the node id and public key")
+    show.add_argument("--state-dir", type=Path, default=_default_state_dir())
     return parser
+
+
+def _public_key(text: str) -> bytes:
+    from agent.protocol import crypto
+
+    try:
+        key = crypto.b64decode(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not base64") from None
+    if len(key) != crypto.PUBLIC_KEY_SIZE:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a 32-byte Ed25519 public key")
+    return key
+
+
+def _default_state_dir() -> Path:
+    """``$GPU_AGENT_STATE_DIR``, else the user's data directory."""
+    env = os.environ.get("GPU_AGENT_STATE_DIR")
+    if env:
+        return Path(env)
+    data_home = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(data_home) / "gpu-agent"
 
 
 # Commands import what they need when they run: `gpu-agent profile` is timed against a bare
@@ -159,6 +206,35 @@ def _run_local(config: HalConfig, spec_path: Path, policy_path: Path | None, as_
     )
 
 
+def _run_daemon(config: HalConfig, args: argparse.Namespace) -> int:
+    import logging
+
+    from agent.daemon import DaemonConfig, run_daemon
+    from agent.link import LinkConfig
+    from agent.protocol import crypto
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    link = LinkConfig(
+        url=args.coordinator,
+        pinned_keys={crypto.key_id(key): key for key in args.coordinator_key},
+        ca_file=args.ca_file,
+    )
+    daemon = DaemonConfig(
+        state_dir=args.state_dir,
+        link=link,
+        sample_interval_s=args.interval,
+        batch_samples=args.batch or 1,
+    )
+    return run_daemon(daemon, config)
+
+
+def _keys_show(state_dir: Path) -> int:
+    from agent.identity import load_or_create, show
+
+    print(show(load_or_create(state_dir / "identity")))
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; return the exit status."""
     args = _parser().parse_args(argv)
@@ -170,10 +246,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _sample(config, args.interval, args.count)
         if args.command == "run-local":
             return _run_local(config, args.spec, args.policy, args.json)
+        if args.command == "run":
+            return _run_daemon(config, args)
+        if args.command == "keys":
+            return _keys_show(args.state_dir)
         return _doctor(config, args.json)
-    except HalError as exc:
+    except (HalError, AgentError) as exc:
         print(f"gpu-agent: error [{exc.code}]: {exc.detail}", file=sys.stderr)
-        return EXIT_USAGE if isinstance(exc, BadConfig) else 1
+        return EXIT_USAGE if isinstance(exc, BadConfig | ConfigError) else 1
 
 
 if __name__ == "__main__":

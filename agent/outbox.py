@@ -51,7 +51,8 @@ DEFAULT_MAX_TELEMETRY_ROWS = 86_400
 DEFAULT_MAX_TELEMETRY_BYTES = 64 * 1024 * 1024
 
 #: The body a dropped batch is replaced by: the one batch its seq stood for is gone.
-TOMBSTONE = b'{"dropped":1}'
+# A protocol TelemetryBody: no samples, one batch shed (docs/protocol.md, telemetry).
+TOMBSTONE = b'{"samples":[],"dropped":1}'
 
 # Each entry migrates the file from version i to i + 1 (PRAGMA user_version). Acked rows
 # are deleted rather than flagged: acks are cumulative, so meta.last_acked_seq says all a

@@ -1,0 +1,240 @@
+"""The agent's connection to its coordinator: handshake, resend, acks, reconnect.
+
+A thin driver around the sans-I/O protocol (``agent.protocol``): it moves frames between
+the websocket and the state machines, and between the outbox and the wire. Everything the
+agent must deliver is in the outbox first, numbered; a message leaves the outbox only when
+the coordinator acknowledges it. After a reconnect the coordinator says which seq it has
+stored, and sending resumes right after it, so nothing is lost and nothing duplicated.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import secrets
+import ssl
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import msgspec
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
+
+from agent.identity import Identity
+from agent.outbox import Outbox
+from agent.protocol import crypto
+from agent.protocol.errors import ProtocolError
+from agent.protocol.limits import MAX_FRAME_BYTES
+from agent.protocol.messages import (
+    COORDINATOR_SENDS,
+    RELIABLE_TYPES,
+    Ack,
+    Error,
+    Message,
+    decode_frame,
+    encode_frame,
+    error_message,
+)
+from agent.protocol.reliable import ReliableReceiver
+from agent.protocol.session import AgentHandshake
+
+__all__ = ["Link", "LinkConfig", "backoff_delays"]
+
+_log = logging.getLogger(__name__)
+_SEND_BATCH = 64
+_HANDSHAKE_TIMEOUT_S = 10.0
+
+Handler = Callable[[Message], Awaitable[None]]
+
+
+class LinkConfig(msgspec.Struct, frozen=True, kw_only=True):
+    """Where the coordinator is and how to know it is the right one.
+
+    Attributes:
+        url: ``ws://`` or ``wss://host:port/agent``.
+        pinned_keys: the coordinator keys this agent trusts, by key id.
+        ca_file: a CA bundle to verify a ``wss://`` server certificate against (default:
+            the system's).
+        backoff_initial_s: the first reconnect delay; it doubles up to ``backoff_max_s``.
+        ping_interval_s: keepalive pings; a coordinator that stops answering is dropped.
+    """
+
+    url: str
+    pinned_keys: dict[str, bytes]
+    ca_file: Path | None = None
+    backoff_initial_s: float = 0.5
+    backoff_max_s: float = 30.0
+    ping_interval_s: float = 20.0
+
+
+def backoff_delays(initial: float, maximum: float) -> Callable[[int], float]:
+    """Reconnect delay for the n-th failure in a row: exponential, capped, full jitter."""
+
+    def delay(failures: int) -> float:
+        ceiling = min(maximum, initial * 2 ** min(failures, 30))
+        # Full jitter (AWS architecture blog): agents cut off together do not return together.
+        return random.uniform(ceiling / 2, ceiling)
+
+    return delay
+
+
+class Link:
+    """Keeps one agent connected to its coordinator and its outbox delivered."""
+
+    def __init__(
+        self,
+        config: LinkConfig,
+        identity: Identity,
+        outbox: Outbox,
+        handler: Handler,
+        agent_version: str,
+    ) -> None:
+        self.config = config
+        self.identity = identity
+        self.outbox = outbox
+        self.handler = handler
+        self.agent_version = agent_version
+        self.connected = asyncio.Event()
+        self.wakeup = asyncio.Event()
+        """Set it after appending to the outbox: the sender looks at once, not at its next tick."""
+        self._delay = backoff_delays(config.backoff_initial_s, config.backoff_max_s)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Stay connected until ``stop`` is set, reconnecting with backoff."""
+        failures = 0
+        while not stop.is_set():
+            try:
+                async with connect(
+                    self.config.url,
+                    max_size=MAX_FRAME_BYTES,
+                    ping_interval=self.config.ping_interval_s,
+                    open_timeout=_HANDSHAKE_TIMEOUT_S,
+                    ssl=self._ssl(),
+                ) as websocket:
+                    failures = 0 if await self._session(websocket, stop) else failures + 1
+            except (OSError, InvalidHandshake, InvalidURI, ConnectionClosed, TimeoutError) as exc:
+                _log.info("coordinator unreachable: %r", exc)
+                failures += 1
+            except ProtocolError as exc:
+                _log.error("coordinator refused or failed the protocol: %s", exc)
+                failures += 1
+            finally:
+                self.connected.clear()
+            if stop.is_set():
+                break
+            try:
+                await asyncio.wait_for(stop.wait(), self._delay(failures))
+            except TimeoutError:
+                continue
+
+    def _ssl(self) -> ssl.SSLContext | None:
+        if not self.config.url.startswith("wss://"):
+            return None
+        # Verify the server's certificate and host name: a man in the middle with another
+        # certificate is refused before a byte of the protocol is spoken.
+        return ssl.create_default_context(
+            cafile=str(self.config.ca_file) if self.config.ca_file else None
+        )
+
+    async def _session(self, websocket: ClientConnection, stop: asyncio.Event) -> bool:
+        """One connection: handshake, then send and receive until it drops or ``stop``."""
+        receiver = ReliableReceiver(self.outbox.last_coordinator_seq())
+        welcome = await self._handshake(websocket, receiver.last_seq)
+        if welcome > self.outbox.last_acked():
+            self.outbox.ack(welcome)
+        receiver.resume()
+        self.connected.set()
+        _log.info("connected to %s; coordinator has stored up to seq %d", self.config.url, welcome)
+        tasks: set[asyncio.Task[Any]] = {
+            asyncio.create_task(self._send_pending(websocket, welcome)),
+            asyncio.create_task(self._receive(websocket, receiver)),
+            asyncio.create_task(stop.wait()),
+        }
+        try:
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in tasks:
+                task.cancel()
+        for task in done:
+            if not task.cancelled() and (exc := task.exception()) is not None:
+                raise exc
+        return True
+
+    async def _handshake(self, websocket: ClientConnection, last_coordinator_seq: int) -> int:
+        identity = self.identity
+        handshake = AgentHandshake(
+            node_id=identity.node_id,
+            public_key=identity.public_key,
+            sign=lambda data: crypto.sign(identity.private_key, data),
+            verify=crypto.verify,
+            pinned_keys=self.config.pinned_keys,
+            agent_version=self.agent_version,
+            nonce=crypto.b64encode(secrets.token_bytes(32)),
+            last_coordinator_seq=last_coordinator_seq,
+            now=time.monotonic(),
+        )
+        async with asyncio.timeout(_HANDSHAKE_TIMEOUT_S):
+            while handshake.welcome is None:
+                for message in handshake.messages_to_send():
+                    await websocket.send(encode_frame(message))
+                frame = await websocket.recv()
+                try:
+                    handshake.receive(decode_frame(frame), time.monotonic())
+                except ProtocolError:
+                    # The state machine queued the coded error for the coordinator.
+                    for message in handshake.messages_to_send():
+                        await websocket.send(encode_frame(message))
+                    raise
+            for message in handshake.messages_to_send():
+                await websocket.send(encode_frame(message))
+        return handshake.welcome.last_agent_seq
+
+    async def _send_pending(self, websocket: ClientConnection, after: int) -> None:
+        """Send what the outbox holds after ``after``, in order, then wait for more."""
+        sent = after
+        while True:
+            self.wakeup.clear()
+            entries = self.outbox.pending(sent, _SEND_BATCH)
+            for entry in entries:
+                # The outbox holds each body already encoded; only the frame is added here.
+                await websocket.send(_frame(entry.kind, entry.seq, entry.body))
+                sent = entry.seq
+            if len(entries) < _SEND_BATCH:
+                await self.wakeup.wait()
+
+    async def _receive(self, websocket: ClientConnection, receiver: ReliableReceiver) -> None:
+        async for frame in websocket:
+            try:
+                message = decode_frame(frame, accept=COORDINATOR_SENDS)
+            except ProtocolError as exc:
+                await websocket.send(encode_frame(error_message(exc)))
+                if exc.closes:
+                    raise
+                continue
+            if isinstance(message, Ack):
+                self.outbox.ack(message.body.seq)
+            elif isinstance(message, Error):
+                _log.warning("coordinator error %s: %s", message.body.code, message.body.detail)
+            elif _type(message) in RELIABLE_TYPES:
+                try:
+                    new = receiver.receive(message)  # type: ignore[arg-type]
+                except ProtocolError as exc:  # a gap or a seq going back: say so, close
+                    await websocket.send(encode_frame(error_message(exc)))
+                    raise
+                if new:
+                    await self.handler(message)
+                    self.outbox.set_last_coordinator_seq(receiver.last_seq)
+                # Acknowledged once handled and recorded; a duplicate is acknowledged again.
+                if (ack := receiver.take_ack()) is not None:
+                    await websocket.send(encode_frame(ack))
+
+
+def _type(message: Message) -> str:
+    return str(message.__struct_config__.tag)
+
+
+def _frame(kind: str, seq: int, body: bytes) -> str:
+    return f'{{"v":1,"type":"{kind}","seq":{seq},"body":{body.decode()}}}'

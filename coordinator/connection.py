@@ -1,0 +1,301 @@
+"""One agent's connection: handshake, the two reliable streams, verification, storage.
+
+The protocol logic is :mod:`agent.protocol`'s sans-I/O machines; this module only drives
+them over a websocket and writes what they accept to the store. Every protocol error is
+answered with a coded ``error``; the connection closes when its class says so.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import msgspec
+from websockets.asyncio.server import ServerConnection
+from websockets.exceptions import ConnectionClosed
+
+from agent.protocol import crypto, dsse
+from agent.protocol.errors import AuthError, DecodeError, ProtocolError
+from agent.protocol.limits import NONCE_BYTES
+from agent.protocol.messages import (
+    AGENT_SENDS,
+    Ack,
+    AttestRequestBody,
+    Error,
+    JobLog,
+    JobResult,
+    JobStatus,
+    Message,
+    Profile,
+    ReliableMessage,
+    Telemetry,
+    decode_frame,
+    encode_frame,
+    error_message,
+    message_type,
+)
+from agent.protocol.session import (
+    CoordinatorHandshake,
+    HandshakeState,
+    NonceBook,
+    ReliableReceiver,
+    ReliableSender,
+)
+from coordinator.keys import CoordinatorKey
+from coordinator.store import Store
+
+__all__ = ["CLOSE_POLICY", "Settings", "Shared", "handle"]
+
+_log = logging.getLogger(__name__)
+
+#: RFC 6455 section 7.4.1: 1008 "policy violation", the close code after a closing error.
+CLOSE_POLICY = 1008
+#: The reliable types an agent sends.
+_RELIABLE_IN = (Profile, Telemetry, JobStatus, JobLog, JobResult)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Settings:
+    """Timing the coordinator asks of agents, and how long its nonces hold."""
+
+    heartbeat_s: float = 15.0
+    telemetry_interval_s: float = 1.0
+    handshake_timeout_s: float = 30.0
+    attest_nonce_ttl_s: float = 3600.0
+
+
+@dataclass(slots=True)
+class _Live:
+    """A node's open connection, so a newer one can take over from it."""
+
+    ws: ServerConnection
+    done: asyncio.Event
+
+
+@dataclass(slots=True, kw_only=True)
+class Shared:
+    """What every connection of one coordinator shares."""
+
+    key: CoordinatorKey
+    store: Store
+    nonces: NonceBook
+    settings: Settings
+    clock: Callable[[], float]
+    sessions: dict[str, _Live]
+
+
+def _new_nonce() -> str:
+    return crypto.b64encode(secrets.token_bytes(NONCE_BYTES))
+
+
+async def handle(ws: ServerConnection, shared: Shared) -> None:
+    """Serve one agent until it goes away or breaks the protocol."""
+    try:
+        node_id = await _handshake(ws, shared)
+    except ConnectionClosed:
+        return
+    if node_id is None:
+        return
+    done = asyncio.Event()
+    shared.sessions[node_id] = _Live(ws, done)
+    try:
+        await _Session(ws, shared, node_id).run()
+    except ConnectionClosed:
+        pass
+    finally:
+        live = shared.sessions.get(node_id)
+        if live is not None and live.ws is ws:
+            del shared.sessions[node_id]
+        done.set()
+
+
+async def _send(ws: ServerConnection, messages: list[Message]) -> None:
+    for message in messages:
+        await ws.send(encode_frame(message))
+
+
+async def _handshake(ws: ServerConnection, shared: Shared) -> str | None:
+    """Run the handshake; the authenticated node id, or None after refusing the agent."""
+    key = shared.key
+    hs = CoordinatorHandshake(
+        key_id=key.key_id,
+        sign=key.sign,
+        verify=crypto.verify,
+        node_id_of=crypto.node_id,
+        nonces=shared.nonces,
+        new_nonce=_new_nonce,
+    )
+    while hs.state is not HandshakeState.AUTHENTICATED:
+        try:
+            async with asyncio.timeout(shared.settings.handshake_timeout_s):
+                raw = await ws.recv()
+        except TimeoutError:
+            await ws.close(CLOSE_POLICY, "handshake timed out")
+            return None
+        try:
+            message = decode_frame(raw, accept=AGENT_SENDS)
+        except ProtocolError as exc:
+            # During the handshake every error closes (docs/protocol.md, "Handshake").
+            await _send(ws, [error_message(exc)])
+            await ws.close(CLOSE_POLICY)
+            return None
+        try:
+            hs.receive(message, shared.clock())
+        except ProtocolError:
+            # The machine queued the error (none when the agent itself sent one).
+            await _send(ws, hs.messages_to_send())
+            await ws.close(CLOSE_POLICY)
+            return None
+        await _send(ws, hs.messages_to_send())
+    hello = hs.hello
+    assert hello is not None
+    node_id, store = hello.node_id, shared.store
+    known = store.public_key(node_id)
+    if known is not None and known != hello.public_key:
+        hs.refuse(AuthError("unknown_key", f"{node_id} is registered with another key"))
+        await _send(ws, hs.messages_to_send())
+        await ws.close(CLOSE_POLICY)
+        return None
+    # A node has one stream: a newer connection takes over, the older one is closed first
+    # so that two receivers never write the same node's seqs at once.
+    old = shared.sessions.get(node_id)
+    if old is not None:
+        await old.ws.close(1000, "superseded by a newer connection")
+        await old.done.wait()
+    now = shared.clock()
+    store.node_seen(node_id, hello.public_key, now)
+    store.purge_nonces(now - shared.settings.attest_nonce_ttl_s)
+    try:
+        resend = _outbound_resume(store, node_id, hello.last_coordinator_seq)
+    except ProtocolError as exc:
+        hs.refuse(exc)
+        await _send(ws, hs.messages_to_send())
+        await ws.close(CLOSE_POLICY)
+        return None
+    hs.accept(
+        session_id="s-" + secrets.token_hex(8),
+        last_agent_seq=store.last_agent_seq(node_id),
+        heartbeat_s=shared.settings.heartbeat_s,
+        telemetry_interval_s=shared.settings.telemetry_interval_s,
+    )
+    await _send(ws, hs.messages_to_send())
+    await _send(ws, list(resend))
+    return node_id
+
+
+def _outbound_resume(store: Store, node_id: str, agent_has: int) -> list[ReliableMessage]:
+    """What of the coordinator's stream to resend, given the agent's last stored seq."""
+    sender = _sender(store, node_id)
+    resend = sender.resend_from(agent_has)
+    if agent_has > store.outbound(node_id).acked:
+        store.ack_outbound(node_id, agent_has)
+    return resend
+
+
+def _sender(store: Store, node_id: str) -> ReliableSender:
+    """The coordinator's sender to a node, rebuilt from what the store keeps."""
+    outbound = store.outbound(node_id)
+    sender = ReliableSender(next_seq=outbound.acked + 1)
+    for seq, kind, body in outbound.pending:
+        # Only attest_request is sent today; the rows are contiguous after the acked seq.
+        assert kind == "attest_request"
+        message = sender.send(msgspec.convert(body, AttestRequestBody))
+        assert message.seq == seq
+    return sender
+
+
+class _Session:
+    """An open session: the agent's stream in, the coordinator's stream out."""
+
+    def __init__(self, ws: ServerConnection, shared: Shared, node_id: str) -> None:
+        self.ws = ws
+        self.shared = shared
+        self.store = shared.store
+        self.node_id = node_id
+        public_key = crypto.b64decode(self.store.public_key(node_id) or "")
+        self.trusted = {crypto.key_id(public_key): public_key}
+        self.receiver = ReliableReceiver(self.store.last_agent_seq(node_id))
+        self.receiver.resume()
+        self.sender = _sender(self.store, node_id)
+
+    async def run(self) -> None:
+        """Ask for a fresh attestation, then take the agent's messages until it leaves."""
+        await self._attest_request()
+        async for raw in self.ws:
+            ref_seq: int | None = None
+            try:
+                message = decode_frame(raw, accept=AGENT_SENDS)
+                ref_seq = getattr(message, "seq", None)
+                await self._on_message(message)
+            except ProtocolError as exc:
+                await self.ws.send(encode_frame(error_message(exc, ref_seq)))
+                if exc.closes:
+                    await self.ws.close(CLOSE_POLICY)
+                    return
+
+    async def _attest_request(self) -> None:
+        nonce = _new_nonce()
+        self.store.issue_nonce(self.node_id, nonce, self.shared.clock())
+        message = self.sender.send(AttestRequestBody(nonce=nonce))
+        # Kept before it is sent: the agent may acknowledge it after a restart of ours.
+        self.store.add_outbound(
+            self.node_id, message.seq, "attest_request", msgspec.to_builtins(message.body)
+        )
+        await self.ws.send(encode_frame(message))
+
+    async def _on_message(self, message: Message) -> None:
+        kind = message_type(message)
+        if isinstance(message, Ack):
+            self.sender.on_ack(message.body.seq)
+            self.store.ack_outbound(self.node_id, message.body.seq)
+        elif isinstance(message, Error):
+            # Never answer an error with an error: that could ping-pong forever.
+            _log.info("%s sent error %s: %s", self.node_id, message.body.code, message.body.detail)
+        elif isinstance(message, _RELIABLE_IN):
+            await self._on_reliable(message)
+        else:
+            raise DecodeError("unknown_type", f"{kind!r} is a handshake message; session is open")
+
+    async def _on_reliable(self, message: ReliableMessage) -> None:
+        if not self.receiver.receive(message):
+            # A resend of what is stored: drop it, acknowledge again.
+            await self._ack()
+            return
+        body = msgspec.to_builtins(message.body)
+        kind, now = message_type(message), self.shared.clock()
+        profile: dict[str, Any] | None = None
+        nonce: str | None = None
+        if isinstance(message, Profile):
+            profile, nonce = self._verify_profile(body["attestation"], now)
+        elif isinstance(message, JobResult):
+            dsse.verify_receipt(_envelope(body["receipt"]), self.trusted, self.node_id)
+        self.store.add(self.node_id, message.seq, kind, body, now, profile=profile, nonce=nonce)
+        # The add committed: only now may the agent forget the message.
+        await self._ack()
+
+    def _verify_profile(self, raw: Any, now: float) -> tuple[dict[str, Any], str]:
+        """The attested profile and the nonce it answers, if both hold."""
+        envelope = _envelope(raw)
+        statement = dsse.verify_attestation(envelope, self.trusted, dsse.PROFILE_PREDICATE)
+        nonce = statement.predicate.get("nonce")
+        if not isinstance(nonce, str):
+            raise AuthError("bad_statement", "the predicate has no nonce")
+        self.store.check_nonce(self.node_id, nonce, now, self.shared.settings.attest_nonce_ttl_s)
+        profile = dsse.verify_profile_attestation(envelope, self.trusted, nonce, self.node_id)
+        return profile, nonce
+
+    async def _ack(self) -> None:
+        ack = self.receiver.take_ack()
+        if ack is not None:
+            await self.ws.send(encode_frame(ack))
+
+
+def _envelope(raw: Any) -> dsse.Envelope:
+    try:
+        return msgspec.convert(raw, dsse.Envelope)
+    except msgspec.ValidationError as exc:
+        raise DecodeError("bad_message", f"not a DSSE envelope: {exc}") from None

@@ -1,0 +1,53 @@
+"""The dashboard page: plain HTML and a few lines of JS polling the read API every 2 s."""
+
+from __future__ import annotations
+
+__all__ = ["PAGE"]
+
+PAGE = """<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<title>gpu-coordinator</title>
+<style>
+body { font: 14px system-ui, sans-serif; margin: 2em; }
+table { border-collapse: collapse; }
+td, th { border: 1px solid #ccc; padding: 4px 8px; text-align: left; vertical-align: top; }
+.on { color: #070; } .off { color: #999; }
+</style>
+</head>
+<body>
+<h1>gpu-coordinator</h1>
+<table>
+<thead><tr><th>node</th><th>state</th><th>verified GPUs</th><th>last seq</th>
+<th>latest telemetry</th></tr></thead>
+<tbody id="nodes"><tr><td colspan="5">loading...</td></tr></tbody>
+</table>
+<script>
+const text = (v) => String(v).replace(/[&<>"]/g, (c) => "&#" + c.charCodeAt(0) + ";");
+async function gpus(id) {
+  const node = await (await fetch("/api/nodes/" + encodeURIComponent(id))).json();
+  const list = node.profile ? node.profile.profile.gpus || [] : [];
+  return list.map((g) => text(g.name || g.id)).join("<br>") || "-";
+}
+async function refresh() {
+  try {
+    const {nodes} = await (await fetch("/api/nodes")).json();
+    const rows = await Promise.all(nodes.map(async (n) => {
+      const t = n.latest_telemetry;
+      const last = t ? text(JSON.stringify(t.samples[t.samples.length - 1] || {})) : "-";
+      return "<tr><td>" + text(n.node_id) + "</td><td class=" + (n.connected ? "on" : "off")
+        + ">" + (n.connected ? "connected" : "offline") + "</td><td>" + await gpus(n.node_id)
+        + "</td><td>" + n.last_agent_seq + "</td><td><code>" + last + "</code></td></tr>";
+    }));
+    document.getElementById("nodes").innerHTML = rows.join("") || "<tr><td colspan=5>no nodes";
+  } catch (e) {
+    document.getElementById("nodes").innerHTML = "<tr><td colspan=5>" + text(e);
+  }
+}
+refresh();
+setInterval(refresh, 2000);
+</script>
+</body>
+</html>
+"""

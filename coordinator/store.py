@@ -1,0 +1,320 @@
+"""The reference coordinator's SQLite store: nodes, every reliable message, nonces, outbound.
+
+A message is stored at most once: ``(node_id, seq)`` is the primary key and a duplicate
+(an agent resending after a reconnect) is dropped by the insert itself. The highest seq
+stored for a node is what the coordinator tells the agent in ``welcome``, so a resend
+starts right after it. Each write commits before it returns, so the caller may acknowledge
+what a call stored as soon as it returns.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from agent.protocol.errors import AuthError
+
+__all__ = ["NodeRow", "Outbound", "Store", "StoredMessage", "VerifiedProfile"]
+
+_SCHEMA_VERSION = 1
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS nodes (
+    node_id TEXT PRIMARY KEY,
+    public_key TEXT NOT NULL,
+    first_seen REAL NOT NULL,
+    last_seen REAL NOT NULL,
+    coordinator_seq INTEGER NOT NULL DEFAULT 0,
+    coordinator_acked INTEGER NOT NULL DEFAULT 0
+) STRICT;
+CREATE TABLE IF NOT EXISTS messages (
+    node_id TEXT NOT NULL REFERENCES nodes(node_id),
+    seq INTEGER NOT NULL,
+    type TEXT NOT NULL,
+    body TEXT NOT NULL,
+    received REAL NOT NULL,
+    PRIMARY KEY (node_id, seq)
+) STRICT, WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS messages_by_type ON messages (node_id, type, seq);
+CREATE TABLE IF NOT EXISTS profiles (
+    node_id TEXT PRIMARY KEY REFERENCES nodes(node_id),
+    seq INTEGER NOT NULL,
+    profile TEXT NOT NULL,
+    verified_at REAL NOT NULL
+) STRICT;
+CREATE TABLE IF NOT EXISTS attest_nonces (
+    nonce TEXT PRIMARY KEY,
+    node_id TEXT NOT NULL REFERENCES nodes(node_id),
+    issued REAL NOT NULL,
+    used REAL
+) STRICT;
+CREATE TABLE IF NOT EXISTS outbound (
+    node_id TEXT NOT NULL REFERENCES nodes(node_id),
+    seq INTEGER NOT NULL,
+    type TEXT NOT NULL,
+    body TEXT NOT NULL,
+    PRIMARY KEY (node_id, seq)
+) STRICT, WITHOUT ROWID;
+"""
+
+
+class NodeRow(msgspec.Struct, frozen=True, kw_only=True):
+    """A node as the coordinator knows it."""
+
+    node_id: str
+    public_key: str
+    first_seen: float
+    last_seen: float
+    last_agent_seq: int
+
+
+class StoredMessage(msgspec.Struct, frozen=True, kw_only=True):
+    """One reliable message an agent delivered."""
+
+    seq: int
+    type: str
+    body: Any
+    received: float
+
+
+class VerifiedProfile(msgspec.Struct, frozen=True, kw_only=True):
+    """A node's latest hardware profile whose attestation verified."""
+
+    seq: int
+    profile: dict[str, Any]
+    verified_at: float
+
+
+class Outbound(msgspec.Struct, frozen=True, kw_only=True):
+    """The coordinator's stream to one node: acked seq and what is still unacknowledged."""
+
+    acked: int
+    pending: list[tuple[int, str, Any]]
+    """``(seq, type, body)`` after ``acked``, in seq order."""
+
+
+class Store:
+    """The coordinator's database; one connection, used from the event loop's thread."""
+
+    def __init__(self, path: Path) -> None:
+        self._db = sqlite3.connect(path, isolation_level=None)
+        try:
+            self._db.execute("PRAGMA journal_mode=WAL")
+            # FULL: a message is acknowledged only once it is on disk, so that a coordinator
+            # killed -9 (or a power loss) never loses what an agent then deletes.
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.execute("PRAGMA foreign_keys=ON")
+            if self._db.execute("PRAGMA user_version").fetchone()[0] < _SCHEMA_VERSION:
+                self._db.executescript(_SCHEMA)
+                self._db.execute(f"PRAGMA user_version={_SCHEMA_VERSION}")
+        except sqlite3.Error:
+            self._db.close()
+            raise
+
+    def close(self) -> None:
+        """Close the database."""
+        self._db.close()
+
+    @contextmanager
+    def _transaction(self) -> Iterator[None]:
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
+
+    # ------------------------------------------------------------------ nodes
+
+    def node_seen(self, node_id: str, public_key: str, now: float) -> None:
+        """Record a node (on first sight) and when it was last seen."""
+        self._db.execute(
+            "INSERT INTO nodes (node_id, public_key, first_seen, last_seen)"
+            " VALUES (?, ?, ?, ?) ON CONFLICT (node_id) DO UPDATE SET"
+            " last_seen = excluded.last_seen",
+            (node_id, public_key, now, now),
+        )
+
+    def public_key(self, node_id: str) -> str | None:
+        """The public key a node first presented, or None for a node never seen."""
+        row = self._db.execute(
+            "SELECT public_key FROM nodes WHERE node_id = ?", (node_id,)
+        ).fetchone()
+        return None if row is None else str(row[0])
+
+    def nodes(self) -> list[NodeRow]:
+        """Every node, most recently seen first."""
+        rows = self._db.execute(
+            "SELECT n.node_id, n.public_key, n.first_seen, n.last_seen,"
+            " COALESCE((SELECT MAX(seq) FROM messages m WHERE m.node_id = n.node_id), 0)"
+            " FROM nodes n ORDER BY n.last_seen DESC, n.node_id"
+        ).fetchall()
+        return [
+            NodeRow(
+                node_id=r[0], public_key=r[1], first_seen=r[2], last_seen=r[3], last_agent_seq=r[4]
+            )
+            for r in rows
+        ]
+
+    def node(self, node_id: str) -> NodeRow | None:
+        """One node, or None when it was never seen."""
+        return next((n for n in self.nodes() if n.node_id == node_id), None)
+
+    # ------------------------------------------------------------------ agent -> coordinator
+
+    def add(
+        self,
+        node_id: str,
+        seq: int,
+        kind: str,
+        body: Any,
+        now: float,
+        *,
+        profile: dict[str, Any] | None = None,
+        nonce: str | None = None,
+    ) -> bool:
+        """Store one message (with its verified profile, using its nonce) in one commit.
+
+        Returns False when ``(node, seq)`` was stored before (a resend): nothing changes.
+        """
+        with self._transaction():
+            cursor = self._db.execute(
+                "INSERT OR IGNORE INTO messages (node_id, seq, type, body, received)"
+                " VALUES (?, ?, ?, ?, ?)",
+                (node_id, seq, kind, msgspec.json.encode(body).decode(), now),
+            )
+            if cursor.rowcount != 1:
+                return False
+            if nonce is not None:
+                self._db.execute(
+                    "UPDATE attest_nonces SET used = ? WHERE nonce = ? AND used IS NULL",
+                    (now, nonce),
+                )
+            if profile is not None:
+                self._db.execute(
+                    "INSERT INTO profiles (node_id, seq, profile, verified_at)"
+                    " VALUES (?, ?, ?, ?) ON CONFLICT (node_id) DO UPDATE SET"
+                    " seq = excluded.seq, profile = excluded.profile,"
+                    " verified_at = excluded.verified_at",
+                    (node_id, seq, msgspec.json.encode(profile).decode(), now),
+                )
+        return True
+
+    def last_agent_seq(self, node_id: str) -> int:
+        """The highest seq stored from a node (0 when none)."""
+        row = self._db.execute(
+            "SELECT COALESCE(MAX(seq), 0) FROM messages WHERE node_id = ?", (node_id,)
+        ).fetchone()
+        return int(row[0])
+
+    def messages(
+        self, node_id: str, kind: str, *, since_seq: int = 0, limit: int = 1000
+    ) -> list[StoredMessage]:
+        """A node's messages of one type after ``since_seq``, in seq order."""
+        rows = self._db.execute(
+            "SELECT seq, type, body, received FROM messages"
+            " WHERE node_id = ? AND type = ? AND seq > ? ORDER BY seq LIMIT ?",
+            (node_id, kind, since_seq, limit),
+        ).fetchall()
+        return [
+            StoredMessage(seq=r[0], type=r[1], body=msgspec.json.decode(r[2]), received=r[3])
+            for r in rows
+        ]
+
+    def latest(self, node_id: str, kind: str) -> StoredMessage | None:
+        """A node's newest message of one type."""
+        row = self._db.execute(
+            "SELECT seq, type, body, received FROM messages"
+            " WHERE node_id = ? AND type = ? ORDER BY seq DESC LIMIT 1",
+            (node_id, kind),
+        ).fetchone()
+        if row is None:
+            return None
+        return StoredMessage(
+            seq=row[0], type=row[1], body=msgspec.json.decode(row[2]), received=row[3]
+        )
+
+    def all_seqs(self, node_id: str) -> list[int]:
+        """Every seq stored from a node, in order (what the no-gap tests check)."""
+        rows = self._db.execute(
+            "SELECT seq FROM messages WHERE node_id = ? ORDER BY seq", (node_id,)
+        ).fetchall()
+        return [int(r[0]) for r in rows]
+
+    def profile(self, node_id: str) -> VerifiedProfile | None:
+        """A node's latest verified hardware profile."""
+        row = self._db.execute(
+            "SELECT seq, profile, verified_at FROM profiles WHERE node_id = ?", (node_id,)
+        ).fetchone()
+        if row is None:
+            return None
+        return VerifiedProfile(seq=row[0], profile=msgspec.json.decode(row[1]), verified_at=row[2])
+
+    # ------------------------------------------------------------------ attestation nonces
+
+    def issue_nonce(self, node_id: str, nonce: str, now: float) -> None:
+        """Remember a nonce sent to a node in ``attest_request``."""
+        self._db.execute(
+            "INSERT INTO attest_nonces (nonce, node_id, issued) VALUES (?, ?, ?)",
+            (nonce, node_id, now),
+        )
+
+    def check_nonce(self, node_id: str, nonce: str, now: float, ttl_s: float) -> None:
+        """Refuse a nonce not issued to this node, expired, or already answered.
+
+        Raises:
+            AuthError: ``stale_nonce`` (not ours for this node, or older than ``ttl_s``),
+                ``replayed_nonce`` (a profile already answered it).
+        """
+        row = self._db.execute(
+            "SELECT issued, used FROM attest_nonces WHERE nonce = ? AND node_id = ?",
+            (nonce, node_id),
+        ).fetchone()
+        if row is None:
+            raise AuthError("stale_nonce", "not a nonce this coordinator issued to this node")
+        if row[1] is not None:
+            raise AuthError("replayed_nonce", "a profile already answered this nonce")
+        if now - row[0] > ttl_s:
+            raise AuthError("stale_nonce", f"issued {now - row[0]:.0f} s ago, limit {ttl_s:.0f}")
+
+    def purge_nonces(self, before: float) -> None:
+        """Forget nonces issued before ``before``: they can no longer be answered."""
+        self._db.execute("DELETE FROM attest_nonces WHERE issued < ?", (before,))
+
+    # ------------------------------------------------------------------ coordinator -> agent
+
+    def outbound(self, node_id: str) -> Outbound:
+        """The coordinator's stream to a node: its acked seq and what is unacknowledged."""
+        row = self._db.execute(
+            "SELECT coordinator_acked FROM nodes WHERE node_id = ?", (node_id,)
+        ).fetchone()
+        rows = self._db.execute(
+            "SELECT seq, type, body FROM outbound WHERE node_id = ? ORDER BY seq", (node_id,)
+        ).fetchall()
+        pending = [(int(r[0]), str(r[1]), msgspec.json.decode(r[2])) for r in rows]
+        return Outbound(acked=0 if row is None else int(row[0]), pending=pending)
+
+    def add_outbound(self, node_id: str, seq: int, kind: str, body: Any) -> None:
+        """Keep a message of the coordinator's stream until the node acknowledges it."""
+        with self._transaction():
+            self._db.execute(
+                "INSERT INTO outbound (node_id, seq, type, body) VALUES (?, ?, ?, ?)",
+                (node_id, seq, kind, msgspec.json.encode(body).decode()),
+            )
+            self._db.execute(
+                "UPDATE nodes SET coordinator_seq = ? WHERE node_id = ?", (seq, node_id)
+            )
+
+    def ack_outbound(self, node_id: str, seq: int) -> None:
+        """The node stored everything up to ``seq``: forget it."""
+        with self._transaction():
+            self._db.execute("DELETE FROM outbound WHERE node_id = ? AND seq <= ?", (node_id, seq))
+            self._db.execute(
+                "UPDATE nodes SET coordinator_acked = MAX(coordinator_acked, ?) WHERE node_id = ?",
+                (seq, node_id),
+            )
