@@ -1,4 +1,9 @@
-"""The dashboard page: plain HTML and a few lines of JS polling the read API every 2 s."""
+"""The dashboard page: plain HTML and a few lines of JS polling the read API every 2 s.
+
+Each node is a ``tr.node[data-node-id]`` whose cells have the classes ``node-id``,
+``state`` (plus ``on`` or ``off``), ``gpus``, ``seq`` and ``telemetry``; the headless
+Chromium test in tests/test_dashboard.py reads them.
+"""
 
 from __future__ import annotations
 
@@ -36,9 +41,13 @@ async function refresh() {
     const rows = await Promise.all(nodes.map(async (n) => {
       const t = n.latest_telemetry;
       const last = t ? text(JSON.stringify(t.samples[t.samples.length - 1] || {})) : "-";
-      return "<tr><td>" + text(n.node_id) + "</td><td class=" + (n.connected ? "on" : "off")
-        + ">" + (n.connected ? "connected" : "offline") + "</td><td>" + await gpus(n.node_id)
-        + "</td><td>" + n.last_agent_seq + "</td><td><code>" + last + "</code></td></tr>";
+      return '<tr class="node" data-node-id="' + text(n.node_id) + '">'
+        + '<td class="node-id">' + text(n.node_id) + "</td>"
+        + '<td class="state ' + (n.connected ? "on" : "off") + '">'
+        + (n.connected ? "connected" : "offline") + "</td>"
+        + '<td class="gpus">' + await gpus(n.node_id) + "</td>"
+        + '<td class="seq">' + n.last_agent_seq + "</td>"
+        + '<td class="telemetry"><code>' + last + "</code></td></tr>";
     }));
     document.getElementById("nodes").innerHTML = rows.join("") || "<tr><td colspan=5>no nodes";
   } catch (e) {

@@ -2,11 +2,14 @@
 
 One port serves both: ``process_request`` answers plain HTTP requests (the read API, the
 dashboard) and lets websocket upgrades to :data:`AGENT_PATH` through to the agent handler.
+With an ``ssl_context`` that port speaks TLS only: ``wss://`` for agents, ``https://`` for
+the API and dashboard.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ssl
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -40,8 +43,10 @@ class Coordinator:
         settings: Settings | None = None,
         ping_interval_s: float | None = 20.0,
         clock: Callable[[], float] = time.time,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         self.host = host
+        self.ssl_context = ssl_context
         self._requested_port = port
         self.db_path = db_path
         self.settings = settings or Settings()
@@ -68,12 +73,14 @@ class Coordinator:
     @property
     def url(self) -> str:
         """The websocket URL agents connect to."""
-        return f"ws://{self._url_host()}:{self.port}{AGENT_PATH}"
+        scheme = "wss" if self.ssl_context is not None else "ws"
+        return f"{scheme}://{self._url_host()}:{self.port}{AGENT_PATH}"
 
     @property
     def dashboard_url(self) -> str:
         """The dashboard's URL."""
-        return f"http://{self._url_host()}:{self.port}/"
+        scheme = "https" if self.ssl_context is not None else "http"
+        return f"{scheme}://{self._url_host()}:{self.port}/"
 
     def connected(self) -> set[str]:
         """The node ids with an open session now."""
@@ -99,6 +106,7 @@ class Coordinator:
                 max_size=MAX_FRAME_BYTES,
                 ping_interval=self._ping_interval_s,
                 ping_timeout=self._ping_interval_s,
+                ssl=self.ssl_context,
             )
         except OSError:
             store.close()
@@ -159,10 +167,16 @@ async def serve(
     settings: Settings | None = None,
     stop: asyncio.Event | None = None,
     on_ready: Callable[[Coordinator], None] | None = None,
+    ssl_context: ssl.SSLContext | None = None,
 ) -> None:
     """Run a coordinator until ``stop`` is set (or the task is cancelled)."""
     coordinator = Coordinator(
-        db_path=db_path, state_dir=state_dir, host=host, port=port, settings=settings
+        db_path=db_path,
+        state_dir=state_dir,
+        host=host,
+        port=port,
+        settings=settings,
+        ssl_context=ssl_context,
     )
     async with coordinator:
         if on_ready is not None:

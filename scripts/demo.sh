@@ -1,39 +1,83 @@
 #!/usr/bin/env bash
-# `make demo`: show what gpu-agent sees on this machine, and what comes next.
+# `make demo`: the whole loop on this machine: a reference coordinator, an agent attesting
+# this machine's hardware and streaming its telemetry, the doctor, and a sample sandboxed job.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bin=.venv/bin
+bin=$PWD/.venv/bin
+demo=$PWD/.demo
+mkdir -p "$demo"
+pids=()
+cleanup() {
+  for pid in "${pids[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+}
+trap cleanup EXIT
 
 echo "== gpu-agent profile: this machine's host and GPUs =="
 "$bin/gpu-agent" profile
 echo
-echo "== gpu-agent sample --count 2: telemetry as JSON lines =="
-"$bin/gpu-agent" sample --interval 0.5 --count 2 | cut -c1-160
-echo
-echo "== gpu-agent doctor: what stands between this machine and serving GPU jobs =="
-"$bin/gpu-agent" doctor || true
-echo
-if ! "$bin/python" -c 'import sys; sys.exit(0 if __import__("glob").glob("/dev/nvidia*") else 1)'; then
-  build=$(mktemp -d)
+
+# Without an NVIDIA GPU here, the agent serves a recorded 2x RTX A5000 through a fake
+# libnvidia-ml.so.1, so that the dashboard has GPUs to show.
+if ! ls /dev/nvidia[0-9]* >/dev/null 2>&1; then
   capture=../shared/fixtures/nvidia-smi-xml/dual_a5000-v13.xml
   if [ -f "$capture" ] && command -v gcc >/dev/null; then
-    echo "== No NVIDIA GPU here: the same profile against a recorded 2x RTX A5000 (fake NVML) =="
-    lib=$("$bin/python" tests/fakenvml/build.py --xml "$capture" --out "$build")
-    GPU_AGENT_NVML_LIB="$lib" "$bin/gpu-agent" profile | sed -n '/^VENDOR/,$p'
-    rm -rf "$build"
+    export GPU_AGENT_NVML_LIB=$("$bin/python" tests/fakenvml/build.py --xml "$capture" --out "$demo/fakenvml")
+    echo "== No NVIDIA GPU here: the agent below serves a recorded 2x RTX A5000 (fake NVML) =="
     echo
   fi
 fi
+
+port=$("$bin/python" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+echo "== gpu-coordinator serve: the reference coordinator on 127.0.0.1:$port =="
+"$bin/gpu-coordinator" serve --host 127.0.0.1 --port "$port" --db "$demo/coordinator.db" \
+  --state-dir "$demo/coordinator" > "$demo/coordinator.log" 2>&1 &
+pids+=($!)
+for _ in $(seq 50); do grep -q "dashboard at" "$demo/coordinator.log" 2>/dev/null && break; sleep 0.1; done
+cat "$demo/coordinator.log"
+key=$("$bin/gpu-coordinator" key --state-dir "$demo/coordinator" | awk '/public key/ {print $3}')
+echo
+
+echo "== gpu-agent run: this agent, pinned to that coordinator's key =="
+"$bin/gpu-agent" run --coordinator "ws://127.0.0.1:$port/agent" --coordinator-key "$key" \
+  --state-dir "$demo/agent" --interval 1 --batch 2 > "$demo/agent.log" 2>&1 &
+pids+=($!)
+"$bin/gpu-agent" keys show --state-dir "$demo/agent"
+node=$("$bin/gpu-agent" keys show --state-dir "$demo/agent" | awk '/node id/ {print $3}')
+api="http://127.0.0.1:$port/api/nodes/$node"
+for _ in $(seq 100); do
+  "$bin/python" - "$api" <<'PY' 2>/dev/null && break
+import json, sys, urllib.request
+node = json.load(urllib.request.urlopen(sys.argv[1]))
+sys.exit(0 if node.get("profile_verified") and node.get("latest_telemetry") else 1)
+PY
+  sleep 0.2
+done
+"$bin/python" - "$api" <<'PY'
+import json, sys, urllib.request
+node = json.load(urllib.request.urlopen(sys.argv[1]))
+gpus = node["profile"]["profile"]["gpus"] if node.get("profile") else []
+print(f"attestation: profile seq {node['profile']['seq'] if node.get('profile') else '-'}, "
+      f"verified={node['profile_verified']}, {len(gpus)} GPU(s): "
+      + ", ".join(g["name"] for g in gpus))
+telemetry = node.get("latest_telemetry") or {}
+print(f"telemetry:   seq {telemetry.get('seq')}, {len(telemetry.get('samples', []))} sample(s) in the last batch")
+PY
+echo
+
+echo "== gpu-agent doctor: what stands between this machine and serving GPU jobs =="
+"$bin/gpu-agent" doctor || true
+echo
+
 if docker info >/dev/null 2>&1 && [ -x /bin/busybox ]; then
   echo "== gpu-agent run-local: a sample job in the hardened sandbox =="
   context=$(mktemp -d)
   "$bin/python" -c 'import sys; sys.path.insert(0, "tests"); from images import build_busybox_image; build_busybox_image(sys.argv[1], __import__("pathlib").Path(sys.argv[2]))' \
     gpu-agent-demo/busybox:1 "$context"
   rm -rf "$context"
-  spec=$(mktemp --suffix .toml)
-  cat > "$spec" <<'SPEC'
+  cat > "$demo/job.toml" <<'SPEC'
 image = "gpu-agent-demo/busybox:1"
-command = ["sh", "-c", "echo hello from the sandbox: uid $(id -u), $(ls /sys/class/net | tr '\\n' ' '); cat /input/greeting.txt > /output/result.txt"]
+command = ["sh", "-c", "echo hello from the sandbox: uid $(id -u), network: $(ls /sys/class/net); cat /input/greeting.txt > /output/result.txt"]
 timeout_s = 30
 outputs = ["result.txt"]
 
@@ -45,18 +89,25 @@ pids = 64
 path = "greeting.txt"
 content = "inputs go in read-only, outputs come out with digests\n"
 SPEC
-  echo "spec: $spec"; cat "$spec"; echo
-  "$bin/gpu-agent" run-local "$spec"
-  rm -f "$spec"
+  echo "spec: $demo/job.toml"
+  "$bin/gpu-agent" run-local "$demo/job.toml"
   echo
 else
   echo "== No Docker engine reachable (or no /bin/busybox to build a local image from): no sample job =="
   echo "   On Debian: sudo apt install docker.io busybox-static, then make demo again."
   echo
 fi
-cat <<'MSG'
-Next in this demo, as the coordinator lands (see the issues):
-  - a reference coordinator on 127.0.0.1 with a dashboard of nodes and live telemetry,
-  - this agent connected to it, attesting its hardware with a signed profile,
-  - jobs offered by the coordinator, signed, run in this sandbox, with signed receipts.
+
+cat <<MSG
+Where to look:
+  dashboard:    http://127.0.0.1:$port/
+  attestation:  $api   (the verified hardware profile)
+  telemetry:    $api/telemetry?since_seq=0
+  logs:         $demo/coordinator.log, $demo/agent.log
 MSG
+if [ -t 0 ]; then
+  echo "The coordinator and the agent keep running; press Ctrl-C to stop them."
+  wait
+else
+  echo "(Not a terminal: stopping the coordinator and the agent now.)"
+fi
