@@ -4,7 +4,12 @@ Sans-I/O like the rest: :mod:`coordinator.server` hands each plain HTTP request 
 websocket's port to :func:`route`.
 
 - ``GET /api/nodes`` -> ``{"nodes": [node summary, ...]}``
-- ``GET /api/nodes/{id}`` -> node summary + ``profile`` (the verified profile or null)
+- ``GET /api/nodes/{id}`` -> node summary + ``profile`` (the latest verified profile or
+  null) + ``unverified_profile`` (null, or the newest profile when its nonce did not hold:
+  its ``seq``, ``received``, ``reason``, ``detail`` and ``profile``; never verified hardware)
+
+A summary's ``profile_verified`` is true only when the node's newest profile verified;
+``gpu_count`` counts the GPUs of its latest verified profile only.
 - ``GET /api/nodes/{id}/telemetry?since_seq=N&limit=M`` -> ``{"node_id", "items": [...]}``
 - ``GET /`` -> the dashboard page
 """
@@ -60,6 +65,7 @@ def route(method: str, target: str, store: Store, connected: Collection[str]) ->
 def _summary(store: Store, node: NodeRow, connected: Collection[str]) -> dict[str, Any]:
     profile = store.profile(node.node_id)
     gpus = profile.profile.get("gpus", []) if profile is not None else []
+    newest = store.latest_profile(node.node_id)
     latest = store.latest(node.node_id, "telemetry")
     return {
         "node_id": node.node_id,
@@ -68,7 +74,7 @@ def _summary(store: Store, node: NodeRow, connected: Collection[str]) -> dict[st
         "first_seen": node.first_seen,
         "last_seen": node.last_seen,
         "last_agent_seq": node.last_agent_seq,
-        "profile_verified": profile is not None,
+        "profile_verified": newest is not None and newest.verified,
         "gpu_count": len(gpus) if isinstance(gpus, list) else 0,
         "latest_telemetry": None if latest is None else _item(latest.seq, latest.body),
     }
@@ -81,6 +87,18 @@ def _detail(store: Store, node: NodeRow, connected: Collection[str]) -> dict[str
         None
         if profile is None
         else {"seq": profile.seq, "verified_at": profile.verified_at, "profile": profile.profile}
+    )
+    newest = store.latest_profile(node.node_id)
+    summary["unverified_profile"] = (
+        None
+        if newest is None or newest.unverified is None
+        else {
+            "seq": newest.seq,
+            "received": newest.received,
+            "reason": newest.unverified.reason,
+            "detail": newest.unverified.detail,
+            "profile": newest.profile,
+        }
     )
     return summary
 

@@ -3,6 +3,11 @@
 The protocol logic is :mod:`agent.protocol`'s sans-I/O machines; this module only drives
 them over a websocket and writes what they accept to the store. Every protocol error is
 answered with a coded ``error``; the connection closes when its class says so.
+
+One exception: a ``profile`` signed by the node's own key whose nonce is expired, unknown or
+already answered is not refused. Refusing it would close the connection on a message the
+agent's outbox resends after every reconnect, so nothing behind it would ever arrive. It
+is stored and acknowledged as unverified, and a fresh ``attest_request`` follows at once.
 """
 
 from __future__ import annotations
@@ -46,7 +51,7 @@ from agent.protocol.session import (
     ReliableSender,
 )
 from coordinator.keys import CoordinatorKey
-from coordinator.store import Store
+from coordinator.store import Store, Unverified
 
 __all__ = ["CLOSE_POLICY", "Settings", "Shared", "handle"]
 
@@ -56,6 +61,8 @@ _log = logging.getLogger(__name__)
 CLOSE_POLICY = 1008
 #: The reliable types an agent sends.
 _RELIABLE_IN = (Profile, Telemetry, JobStatus, JobLog, JobResult)
+#: Nonce refusals that leave a node-signed profile stored as unverified, not refused.
+_UNVERIFIED_NONCE = frozenset({"stale_nonce", "replayed_nonce"})
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -269,24 +276,57 @@ class _Session:
         kind, now = message_type(message), self.shared.clock()
         profile: dict[str, Any] | None = None
         nonce: str | None = None
+        unverified: Unverified | None = None
         if isinstance(message, Profile):
-            profile, nonce = self._verify_profile(body["attestation"], now)
+            profile, nonce, unverified = self._verify_profile(body["attestation"], now)
         elif isinstance(message, JobResult):
             dsse.verify_receipt(_envelope(body["receipt"]), self.trusted, self.node_id)
-        self.store.add(self.node_id, message.seq, kind, body, now, profile=profile, nonce=nonce)
+        added = self.store.add(
+            self.node_id,
+            message.seq,
+            kind,
+            body,
+            now,
+            profile=profile,
+            nonce=nonce,
+            unverified=unverified,
+        )
         # The add committed: only now may the agent forget the message.
         await self._ack()
+        if added and unverified is not None:
+            _log.info(
+                "%s: profile %d stored unverified (%s: %s); asking again",
+                self.node_id,
+                message.seq,
+                unverified.reason,
+                unverified.detail,
+            )
+            await self._attest_request()
 
-    def _verify_profile(self, raw: Any, now: float) -> tuple[dict[str, Any], str]:
-        """The attested profile and the nonce it answers, if both hold."""
+    def _verify_profile(
+        self, raw: Any, now: float
+    ) -> tuple[dict[str, Any], str | None, Unverified | None]:
+        """The profile, the nonce it uses up, and why it is unverified (None: verified).
+
+        Raises:
+            AuthError: the envelope is not signed by the node's key, or the statement is not
+                a profile of this node (forged or malformed: refused, the connection closes).
+        """
         envelope = _envelope(raw)
         statement = dsse.verify_attestation(envelope, self.trusted, dsse.PROFILE_PREDICATE)
         nonce = statement.predicate.get("nonce")
         if not isinstance(nonce, str):
             raise AuthError("bad_statement", "the predicate has no nonce")
-        self.store.check_nonce(self.node_id, nonce, now, self.shared.settings.attest_nonce_ttl_s)
+        # Everything but the nonce's freshness first: signature, subject, digest.
         profile = dsse.verify_profile_attestation(envelope, self.trusted, nonce, self.node_id)
-        return profile, nonce
+        ttl = self.shared.settings.attest_nonce_ttl_s
+        try:
+            self.store.check_nonce(self.node_id, nonce, now, ttl)
+        except AuthError as exc:
+            if exc.code not in _UNVERIFIED_NONCE:
+                raise
+            return profile, None, Unverified(reason=exc.code, detail=exc.detail)
+        return profile, nonce, None
 
     async def _ack(self) -> None:
         ack = self.receiver.take_ack()

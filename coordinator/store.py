@@ -5,6 +5,11 @@ A message is stored at most once: ``(node_id, seq)`` is the primary key and a du
 stored for a node is what the coordinator tells the agent in ``welcome``, so a resend
 starts right after it. Each write commits before it returns, so the caller may acknowledge
 what a call stored as soon as it returns.
+
+A profile is stored in any case once its signature verifies with the node's key; it counts
+as verified hardware (``profiles``) only when it also answered a live nonce of this
+coordinator. One that answered an expired, unknown or already used nonce is kept in
+``unverified_profiles`` with the reason, never in ``profiles``.
 """
 
 from __future__ import annotations
@@ -19,9 +24,18 @@ import msgspec
 
 from agent.protocol.errors import AuthError
 
-__all__ = ["NodeRow", "Outbound", "Store", "StoredMessage", "VerifiedProfile"]
+__all__ = [
+    "LatestProfile",
+    "NodeRow",
+    "Outbound",
+    "Store",
+    "StoredMessage",
+    "Unverified",
+    "VerifiedProfile",
+]
 
-_SCHEMA_VERSION = 1
+#: 2 adds ``unverified_profiles``; every table is ``IF NOT EXISTS``, so the script upgrades.
+_SCHEMA_VERSION = 2
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS nodes (
     node_id TEXT PRIMARY KEY,
@@ -46,6 +60,14 @@ CREATE TABLE IF NOT EXISTS profiles (
     profile TEXT NOT NULL,
     verified_at REAL NOT NULL
 ) STRICT;
+CREATE TABLE IF NOT EXISTS unverified_profiles (
+    node_id TEXT NOT NULL REFERENCES nodes(node_id),
+    seq INTEGER NOT NULL,
+    profile TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    detail TEXT NOT NULL,
+    PRIMARY KEY (node_id, seq)
+) STRICT, WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS attest_nonces (
     nonce TEXT PRIMARY KEY,
     node_id TEXT NOT NULL REFERENCES nodes(node_id),
@@ -87,6 +109,25 @@ class VerifiedProfile(msgspec.Struct, frozen=True, kw_only=True):
     seq: int
     profile: dict[str, Any]
     verified_at: float
+
+
+class Unverified(msgspec.Struct, frozen=True, kw_only=True):
+    """Why a profile signed by its node is not verified hardware: its nonce did not hold."""
+
+    reason: str
+    """The error code: ``stale_nonce`` (expired or never issued) or ``replayed_nonce``."""
+    detail: str
+
+
+class LatestProfile(msgspec.Struct, frozen=True, kw_only=True):
+    """A node's newest profile message, verified or not."""
+
+    seq: int
+    profile: dict[str, Any]
+    received: float
+    verified: bool
+    unverified: Unverified | None
+    """Why it is not verified (None when it is)."""
 
 
 class Outbound(msgspec.Struct, frozen=True, kw_only=True):
@@ -177,9 +218,12 @@ class Store:
         *,
         profile: dict[str, Any] | None = None,
         nonce: str | None = None,
+        unverified: Unverified | None = None,
     ) -> bool:
-        """Store one message (with its verified profile, using its nonce) in one commit.
+        """Store one message (with its profile, using its nonce) in one commit.
 
+        The profile becomes the node's verified one, unless ``unverified`` says why its
+        nonce did not hold: then it is kept beside, marked unverified with that reason.
         Returns False when ``(node, seq)`` was stored before (a resend): nothing changes.
         """
         with self._transaction():
@@ -195,7 +239,19 @@ class Store:
                     "UPDATE attest_nonces SET used = ? WHERE nonce = ? AND used IS NULL",
                     (now, nonce),
                 )
-            if profile is not None:
+            if profile is not None and unverified is not None:
+                self._db.execute(
+                    "INSERT INTO unverified_profiles (node_id, seq, profile, reason, detail)"
+                    " VALUES (?, ?, ?, ?, ?)",
+                    (
+                        node_id,
+                        seq,
+                        msgspec.json.encode(profile).decode(),
+                        unverified.reason,
+                        unverified.detail,
+                    ),
+                )
+            elif profile is not None:
                 self._db.execute(
                     "INSERT INTO profiles (node_id, seq, profile, verified_at)"
                     " VALUES (?, ?, ?, ?) ON CONFLICT (node_id) DO UPDATE SET"
@@ -255,6 +311,38 @@ class Store:
             return None
         return VerifiedProfile(seq=row[0], profile=msgspec.json.decode(row[1]), verified_at=row[2])
 
+    def latest_profile(self, node_id: str) -> LatestProfile | None:
+        """A node's newest profile, whether it verified and, if not, why."""
+        latest = self.latest(node_id, "profile")
+        if latest is None:
+            return None
+        verified = self.profile(node_id)
+        if verified is not None and verified.seq == latest.seq:
+            return LatestProfile(
+                seq=latest.seq,
+                profile=verified.profile,
+                received=latest.received,
+                verified=True,
+                unverified=None,
+            )
+        row = self._db.execute(
+            "SELECT profile, reason, detail FROM unverified_profiles WHERE node_id = ? AND seq = ?",
+            (node_id, latest.seq),
+        ).fetchone()
+        profile: dict[str, Any] = {} if row is None else msgspec.json.decode(row[0])
+        reason = (
+            Unverified(reason="unknown", detail="no verification recorded")
+            if row is None
+            else Unverified(reason=row[1], detail=row[2])
+        )
+        return LatestProfile(
+            seq=latest.seq,
+            profile=profile,
+            received=latest.received,
+            verified=False,
+            unverified=reason,
+        )
+
     # ------------------------------------------------------------------ attestation nonces
 
     def issue_nonce(self, node_id: str, nonce: str, now: float) -> None:
@@ -266,6 +354,9 @@ class Store:
 
     def check_nonce(self, node_id: str, nonce: str, now: float, ttl_s: float) -> None:
         """Refuse a nonce not issued to this node, expired, or already answered.
+
+        The caller decides what a refusal means: the coordinator keeps a profile whose
+        signature holds but whose nonce does not, as unverified.
 
         Raises:
             AuthError: ``stale_nonce`` (not ours for this node, or older than ``ttl_s``),

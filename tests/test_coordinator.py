@@ -311,16 +311,11 @@ async def _closing_case(case: str, link: Link, node: Node, clock: Clock) -> str:
     nonce = link.attest.body.nonce
     if case == "bad_signature":
         await link.send(profile_frame(node, 1, nonce, signer=Node()))
-    elif case == "replayed_nonce":
-        await link.send(profile_frame(node, 1, nonce))
-        assert await link.recv() == ack(1)
-        await link.send(profile_frame(node, 2, nonce))
-    elif case == "stale_nonce":
+    elif case == "forged_with_stale_nonce":
+        # A nonce that would only make it unverified: the bad signature still closes.
         clock.offset += 2 * 3600
-        await link.send(profile_frame(node, 1, nonce))
-    elif case == "foreign_nonce":
-        await link.send(profile_frame(node, 1, new_nonce()))
-        return "stale_nonce"
+        await link.send(profile_frame(node, 1, new_nonce(), signer=Node()))
+        return "bad_signature"
     elif case == "other_node_subject":
         other = Node()
         envelope = dsse.attest_profile(PROFILE, nonce, other.node_id, node.key, node.key_id)
@@ -339,9 +334,7 @@ async def _closing_case(case: str, link: Link, node: Node, clock: Clock) -> str:
 
 CLOSING = [
     "bad_signature",
-    "replayed_nonce",
-    "stale_nonce",
-    "foreign_nonce",
+    "forged_with_stale_nonce",
     "other_node_subject",
     "seq_backwards",
     "seq_gap",
@@ -366,10 +359,130 @@ async def test_bad_input_gets_its_error_and_a_close_while_another_agent_goes_on(
     store = coordinator.store
     assert store.all_seqs(good.node_id) == [1, 2]
     # Nothing of the bad input was stored: only what was acknowledged before it.
-    acked_before = {"replayed_nonce": [1], "seq_backwards": [1, 2]}.get(case, [])
+    acked_before = {"seq_backwards": [1, 2]}.get(case, [])
     assert store.all_seqs(bad.node_id) == acked_before
-    verified = store.profile(bad.node_id)
-    assert (verified.seq if verified else None) == (1 if case == "replayed_nonce" else None)
+    assert store.profile(bad.node_id) is None
+
+
+# ------------------------------------------------------------------ stale attestations
+
+
+async def _expect_attest_request(link: Link, node: Node) -> AttestRequest:
+    """The next message is a fresh attest_request; store and acknowledge it like an agent."""
+    request = await link.recv()
+    assert isinstance(request, AttestRequest), request
+    await link.send(ack(request.seq))
+    node.last_coordinator_seq = request.seq
+    return request
+
+
+async def test_agent_offline_past_the_nonce_ttl_delivers_its_stale_profile_then_reverifies(
+    coordinator: Coordinator, clock: Clock
+) -> None:
+    node = Node()
+    base = f"http://127.0.0.1:{coordinator.port}"
+    async with session(coordinator, node) as link:
+        # The agent queues its answer (seq 1) and two telemetry batches, then drops offline.
+        stale_nonce = link.attest.body.nonce
+    clock.offset += 2 * 3600  # past attest_nonce_ttl_s (1 hour)
+    async with session(coordinator, node) as link:
+        assert link.welcome.body.last_agent_seq == 0
+        await link.send(profile_frame(node, 1, stale_nonce))
+        assert await link.recv() == ack(1)
+        fresh = await _expect_attest_request(link, node)
+        assert fresh.seq == link.attest.seq + 1
+        assert fresh.body.nonce not in (stale_nonce, link.attest.body.nonce)
+        # What the agent queued behind the stale profile is delivered.
+        assert await link.telemetry(2) == ack(2)
+        assert await link.telemetry(3) == ack(3)
+
+        store = coordinator.store
+        assert store.profile(node.node_id) is None  # never verified hardware
+        latest = store.latest_profile(node.node_id)
+        assert latest is not None
+        assert (latest.seq, latest.verified, latest.profile) == (1, False, PROFILE)
+        assert latest.unverified is not None
+        assert latest.unverified.reason == "stale_nonce"
+        _, _, detail = await asyncio.to_thread(_get, f"{base}/api/nodes/{node.node_id}")
+        assert detail["profile_verified"] is False
+        assert detail["gpu_count"] == 0
+        assert detail["profile"] is None
+        assert detail["unverified_profile"]["seq"] == 1
+        assert detail["unverified_profile"]["reason"] == "stale_nonce"
+
+        # The agent answers the fresh request; the node is verified again.
+        await link.send(profile_frame(node, 4, fresh.body.nonce))
+        assert await link.recv() == ack(4)
+        assert await link.telemetry(5) == ack(5)  # no further attest_request in between
+    verified = store.profile(node.node_id)
+    assert verified is not None
+    assert (verified.seq, verified.profile) == (4, PROFILE)
+    latest = store.latest_profile(node.node_id)
+    assert latest is not None
+    assert (latest.seq, latest.verified, latest.unverified) == (4, True, None)
+    assert store.all_seqs(node.node_id) == [1, 2, 3, 4, 5]
+    _, _, detail = await asyncio.to_thread(_get, f"{base}/api/nodes/{node.node_id}")
+    assert detail["profile_verified"] is True
+    assert detail["gpu_count"] == 1
+    assert detail["profile"]["seq"] == 4
+    assert detail["unverified_profile"] is None
+
+
+async def test_resent_unverified_profile_is_only_acked_again(
+    coordinator: Coordinator, clock: Clock
+) -> None:
+    node = Node()
+    async with session(coordinator, node) as link:
+        stale_nonce = link.attest.body.nonce
+    clock.offset += 2 * 3600
+    async with session(coordinator, node) as link:
+        await link.send(profile_frame(node, 1, stale_nonce))
+        assert await link.recv() == ack(1)
+        # The fresh request is lost with the connection: the agent never stores it.
+        request = await link.recv()
+        assert isinstance(request, AttestRequest)
+    async with session(coordinator, node) as link:
+        assert link.welcome.body.last_agent_seq == 1
+        # The agent's view was stale: seq 1 again, dropped and acknowledged, nothing more.
+        assert link.attest == request  # the unacknowledged one, resent first
+        await _expect_attest_request(link, node)  # this session's own
+        await link.send(profile_frame(node, 1, stale_nonce))
+        assert await link.recv() == ack(1)
+        assert await link.telemetry(2) == ack(2)
+    store = coordinator.store
+    assert store.all_seqs(node.node_id) == [1, 2]
+    assert store.profile(node.node_id) is None
+    assert store.outbound(node.node_id).acked == node.last_coordinator_seq
+
+
+@pytest.mark.parametrize("case", ["replayed_nonce", "foreign_nonce"])
+async def test_profile_with_a_used_or_foreign_nonce_is_stored_unverified(
+    coordinator: Coordinator, case: str
+) -> None:
+    node = Node()
+    async with session(coordinator, node) as link:
+        nonce = link.attest.body.nonce
+        if case == "replayed_nonce":
+            await link.send(profile_frame(node, 1, nonce))
+            assert await link.recv() == ack(1)
+        else:
+            nonce = new_nonce()  # never issued
+            assert await link.telemetry(1) == ack(1)
+        await link.send(profile_frame(node, 2, nonce))
+        assert await link.recv() == ack(2)
+        fresh = await _expect_attest_request(link, node)
+        assert await link.telemetry(3) == ack(3)
+        latest = coordinator.store.latest_profile(node.node_id)
+        assert latest is not None
+        assert latest.unverified is not None
+        assert (latest.seq, latest.verified) == (2, False)
+        expected = "replayed_nonce" if case == "replayed_nonce" else "stale_nonce"
+        assert latest.unverified.reason == expected
+        await link.send(profile_frame(node, 4, fresh.body.nonce))
+        assert await link.recv() == ack(4)
+    verified = coordinator.store.profile(node.node_id)
+    assert verified is not None
+    assert verified.seq == 4
 
 
 async def test_oversized_frame_closes_with_1009_and_others_go_on(
