@@ -6,6 +6,7 @@ import json
 import platform
 import shutil
 import socket
+import threading
 import time
 from pathlib import Path
 
@@ -33,17 +34,27 @@ _TOOLKIT_BINARIES = ("nvidia-ctk", "nvidia-container-runtime", "nvidia-container
 
 def host_profile(config: HalConfig) -> HostProfile:
     """Static facts about this host."""
+    # The Docker engine takes milliseconds to answer; ask it while psutil reads the rest.
+    runtime: list[RuntimeInfo] = []
+    asking = threading.Thread(
+        target=lambda: runtime.append(runtime_info(config.docker_socket, config.cdi_dirs)),
+        name="docker-probe",
+    )
+    asking.start()
     uname = platform.uname()
+    cpu = _cpu(uname.machine)
+    disks, interfaces = _disks(), _interfaces()
+    asking.join()
     return HostProfile(
         hostname=uname.node,
         os=_os_name(),
         kernel=uname.release,
-        cpu=_cpu(uname.machine),
+        cpu=cpu,
         memory_total_bytes=psutil.virtual_memory().total,
         swap_total_bytes=psutil.swap_memory().total,
-        disks=_disks(),
-        interfaces=_interfaces(),
-        runtime=runtime_info(config.docker_socket, config.cdi_dirs),
+        disks=disks,
+        interfaces=interfaces,
+        runtime=runtime[0],
     )
 
 
