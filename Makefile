@@ -28,8 +28,9 @@ pytest: $(BIN)/gpu-agent
 	$(BIN)/python -m pytest -q
 
 bench: $(BIN)/gpu-agent
-	$(BIN)/python bench/hal.py
+	$(BIN)/python bench/hal_profile.py
 	$(BIN)/python bench/runner.py
+	$(BIN)/python bench/link.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -45,6 +45,8 @@ __all__ = ["Link", "LinkConfig", "backoff_delays"]
 
 _log = logging.getLogger(__name__)
 _SEND_BATCH = 64
+_ACKS_PER_COMMIT = 64
+_ACK_DELAY_S = 0.2
 _HANDSHAKE_TIMEOUT_S = 10.0
 
 Handler = Callable[[Message], Awaitable[None]]
@@ -206,6 +208,15 @@ class Link:
                 await self.wakeup.wait()
 
     async def _receive(self, websocket: ClientConnection, receiver: ReliableReceiver) -> None:
+        acks = _AckBatcher(self.outbox)
+        try:
+            await self._receive_frames(websocket, receiver, acks)
+        finally:
+            acks.flush()
+
+    async def _receive_frames(
+        self, websocket: ClientConnection, receiver: ReliableReceiver, acks: _AckBatcher
+    ) -> None:
         async for frame in websocket:
             try:
                 message = decode_frame(frame, accept=COORDINATOR_SENDS)
@@ -215,7 +226,7 @@ class Link:
                     raise
                 continue
             if isinstance(message, Ack):
-                self.outbox.ack(message.body.seq)
+                acks.note(message.body.seq)
             elif isinstance(message, Error):
                 _log.warning("coordinator error %s: %s", message.body.code, message.body.detail)
             elif _type(message) in RELIABLE_TYPES:
@@ -230,6 +241,41 @@ class Link:
                 # Acknowledged once handled and recorded; a duplicate is acknowledged again.
                 if (ack := receiver.take_ack()) is not None:
                     await websocket.send(encode_frame(ack))
+
+
+class _AckBatcher:
+    """Applies the coordinator's cumulative acks to the outbox in batches.
+
+    Each outbox ack is a synchronous SQLite commit; one per ack would cost the agent more
+    than sending. An ack applied late only means a message stays in the outbox a little
+    longer: after a reconnect the coordinator's ``welcome`` says what it has stored, and a
+    resend is dropped on its side as a duplicate.
+    """
+
+    def __init__(self, outbox: Outbox) -> None:
+        self.outbox = outbox
+        self.seq = outbox.last_acked()
+        self.noted = 0
+        self.flushed_at = time.monotonic()
+
+    def note(self, seq: int) -> None:
+        """Record an ack; apply it when enough have come or enough time has passed."""
+        self.seq = max(self.seq, seq)
+        self.noted += 1
+        caught_up = self.seq >= self.outbox.last_seq()  # nothing in flight: apply it now
+        if (
+            caught_up
+            or self.noted >= _ACKS_PER_COMMIT
+            or time.monotonic() - self.flushed_at >= _ACK_DELAY_S
+        ):
+            self.flush()
+
+    def flush(self) -> None:
+        """Apply the highest ack seen."""
+        if self.seq > self.outbox.last_acked():
+            self.outbox.ack(self.seq)
+        self.noted = 0
+        self.flushed_at = time.monotonic()
 
 
 def _type(message: Message) -> str:

@@ -1,6 +1,6 @@
 """Benchmarks of the HAL on the host plus 8 GPUs served by the fake NVML.
 
-Run with ``make bench`` (or ``python bench/hal.py --quick`` for a 10 s sampling run).
+Run with ``make bench`` (or ``python bench/hal_profile.py --quick`` for a 10 s sampling run).
 Figures are printed and written to ``bench/results/hal.json``; nothing here is asserted.
 
 - profile: wall time of ``gpu-agent profile --json``, against ``python -c "import psutil"``
