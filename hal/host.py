@@ -2,17 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import platform
-import shutil
 import socket
-import threading
-import time
-from pathlib import Path
 
 import psutil
 
 from hal.backend import HalConfig
+from hal.runtime import runtime_info
 from hal.types import (
     UNSUPPORTED,
     CpuInfo,
@@ -25,36 +21,26 @@ from hal.types import (
     Unavailable,
 )
 
-__all__ = ["host_profile", "host_sample", "runtime_info"]
+__all__ = ["host_profile", "host_sample"]
 
 _PSEUDO_FS = frozenset({"squashfs", "tmpfs", "devtmpfs", "overlay", "nsfs", "proc", "sysfs"})
 _DOCKER_TIMEOUT_S = 1.0
 _TOOLKIT_BINARIES = ("nvidia-ctk", "nvidia-container-runtime", "nvidia-container-toolkit")
 
 
-def host_profile(config: HalConfig) -> HostProfile:
-    """Static facts about this host."""
-    # The Docker engine takes milliseconds to answer; ask it while psutil reads the rest.
-    runtime: list[RuntimeInfo] = []
-    asking = threading.Thread(
-        target=lambda: runtime.append(runtime_info(config.docker_socket, config.cdi_dirs)),
-        name="docker-probe",
-    )
-    asking.start()
+def host_profile(config: HalConfig, runtime: RuntimeInfo | None = None) -> HostProfile:
+    """Static facts about this host; ``runtime`` when the caller asked Docker already."""
     uname = platform.uname()
-    cpu = _cpu(uname.machine)
-    disks, interfaces = _disks(), _interfaces()
-    asking.join()
     return HostProfile(
         hostname=uname.node,
         os=_os_name(),
         kernel=uname.release,
-        cpu=cpu,
+        cpu=_cpu(uname.machine),
         memory_total_bytes=psutil.virtual_memory().total,
         swap_total_bytes=psutil.swap_memory().total,
-        disks=disks,
-        interfaces=interfaces,
-        runtime=runtime[0],
+        disks=_disks(),
+        interfaces=_interfaces(),
+        runtime=runtime or runtime_info(config.docker_socket, config.cdi_dirs),
     )
 
 
@@ -75,83 +61,6 @@ def host_sample() -> HostSample:
         disk_read_bytes=disk_read,
         disk_write_bytes=disk_write,
     )
-
-
-def runtime_info(docker_socket: Path, cdi_dirs: tuple[Path, ...]) -> RuntimeInfo:
-    """Is Docker reachable, and can it hand NVIDIA GPUs to containers?"""
-    toolkit = next((p for p in map(shutil.which, _TOOLKIT_BINARIES) if p), None)
-    docker = _docker_get(docker_socket, "/info")
-    if isinstance(docker, dict):
-        declared = docker.get("Runtimes")
-        runtimes: Reading[list[str]] = sorted(declared) if isinstance(declared, dict) else []
-        version: Reading[str] = str(docker.get("ServerVersion", ""))
-        reachable: Reading[bool] = True
-        cdi: Reading[bool] = bool(docker.get("CDISpecDirs"))
-    else:
-        runtimes = version = docker
-        reachable = False if docker.reason == "docker_unreachable" else docker
-        cdi = docker
-    return RuntimeInfo(
-        docker_reachable=reachable,
-        docker_version=version,
-        docker_runtimes=runtimes,
-        docker_cdi=cdi,
-        nvidia_container_toolkit=toolkit or Unavailable("not_installed"),
-        cdi_specs=_nvidia_cdi_specs(cdi_dirs),
-    )
-
-
-def _docker_get(sock_path: Path, path: str) -> dict[str, object] | Unavailable:
-    """One HTTP GET on the Docker engine's unix socket, without a Docker client library."""
-    try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-            sock.settimeout(_DOCKER_TIMEOUT_S)
-            sock.connect(str(sock_path))
-            sock.sendall(f"GET {path} HTTP/1.0\r\nHost: docker\r\n\r\n".encode())
-            response = _recv_all(sock)
-    except PermissionError:
-        return Unavailable("permission_denied", f"cannot open {sock_path}")
-    except (FileNotFoundError, ConnectionRefusedError):
-        return Unavailable("docker_unreachable", f"no Docker engine at {sock_path}")
-    except OSError as exc:
-        return Unavailable("docker_unreachable", f"{sock_path}: {exc}")
-    head, _, body = response.partition(b"\r\n\r\n")
-    if not head.startswith(b"HTTP/1.") or b" 200 " not in head.split(b"\r\n", 1)[0] + b" ":
-        return Unavailable("docker_error", head.split(b"\r\n", 1)[0].decode(errors="replace"))
-    try:
-        info = json.loads(body)
-    except ValueError:
-        return Unavailable("docker_error", "the engine's answer is not JSON")
-    return info if isinstance(info, dict) else Unavailable("docker_error", "unexpected answer")
-
-
-def _recv_all(sock: socket.socket) -> bytes:
-    chunks = []
-    deadline = time.monotonic() + _DOCKER_TIMEOUT_S
-    while time.monotonic() < deadline:
-        chunk = sock.recv(1 << 16)
-        if not chunk:
-            break
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
-def _nvidia_cdi_specs(cdi_dirs: tuple[Path, ...]) -> list[str]:
-    specs = []
-    for directory in cdi_dirs:
-        try:
-            candidates = sorted(directory.iterdir())
-        except OSError:
-            continue
-        for spec in candidates:
-            if spec.suffix not in (".yaml", ".yml", ".json"):
-                continue
-            try:
-                if "nvidia.com/gpu" in spec.read_text(encoding="utf-8", errors="replace"):
-                    specs.append(str(spec))
-            except OSError:
-                continue
-    return specs
 
 
 def _os_name() -> str:

@@ -12,7 +12,8 @@ import psutil
 import pytest
 
 from hal.backend import HalConfig
-from hal.host import host_profile, host_sample, runtime_info
+from hal.host import host_profile, host_sample
+from hal.runtime import runtime_info
 from hal.types import Unavailable
 
 
