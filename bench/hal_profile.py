@@ -13,7 +13,6 @@ Figures are printed and written to ``bench/results/hal.json``; nothing here is a
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import statistics
@@ -41,20 +40,7 @@ GPUS = 8
 
 def eight_gpu_library(out_dir: Path) -> Path:
     """A fake NVML serving 8 copies of a recorded RTX A5000, each with its own bus and uuid."""
-    capture = build.parse_capture(CAPTURE)
-    model = capture.gpus[0]
-    gpus = tuple(
-        dataclasses.replace(
-            model,
-            index=i,
-            uuid=f"GPU-bench000-0000-0000-0000-{i:012d}",
-            pci_bus=0x10 + i,
-            pci_bus_id=f"00000000:{0x10 + i:02X}:00.0",
-            minor_number=i,
-        )
-        for i in range(GPUS)
-    )
-    return build.build_library(dataclasses.replace(capture, gpus=gpus), out_dir)
+    return build.build_library(build.replicate(build.parse_capture(CAPTURE), GPUS), out_dir)
 
 
 def wall_times(argv: list[str], env: dict[str, str], runs: int) -> list[float]:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import dataclasses
 import json
 import secrets
 import socket
@@ -73,20 +72,7 @@ KiB = 1024
 
 def telemetry_body(out_dir: Path) -> bytes:
     """One encoded TelemetryBody: 10 real samples of the host and 8 fake-NVML A5000s."""
-    capture = build.parse_capture(CAPTURE)
-    model = capture.gpus[0]
-    gpus = tuple(
-        dataclasses.replace(
-            model,
-            index=i,
-            uuid=f"GPU-bench000-0000-0000-0000-{i:012d}",
-            pci_bus=0x10 + i,
-            pci_bus_id=f"00000000:{0x10 + i:02X}:00.0",
-            minor_number=i,
-        )
-        for i in range(GPUS)
-    )
-    library = build.build_library(dataclasses.replace(capture, gpus=gpus), out_dir)
+    library = build.build_library(build.replicate(build.parse_capture(CAPTURE), GPUS), out_dir)
     hal = Hal(HalConfig(nvml_library=str(library), backends=("nvml",)))
     hal.open()
     try:

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_link import DUAL_A5000, Agent, Coordinator
+from test_link import DUAL_A5000, Agent, Coordinator, shutdown
 
 # Chromium as root on this closed network: no sandbox, no GPU, nothing phoned home.
 _CHROMIUM_FLAGS = [
@@ -101,7 +101,7 @@ def _api(coordinator: Coordinator, path: str) -> Any:
         return json.load(r)
 
 
-def _wait_for(condition: Callable[[], bool], what: str, timeout_s: float = 15.0) -> None:
+def wait_for(condition: Callable[[], bool], what: str, timeout_s: float = 15.0) -> None:
     deadline = time.monotonic() + timeout_s
     while not condition():
         if time.monotonic() > deadline:
@@ -126,7 +126,7 @@ def streaming(
                 n["connected"] and n["profile_verified"] and n["latest_telemetry"] for n in nodes
             )
 
-        _wait_for(ready, "a connected node with a verified profile and telemetry")
+        wait_for(ready, "a connected node with a verified profile and telemetry")
         shown = subprocess.run(
             [sys.executable, "-m", "agent.cli", "keys", "show",
              "--state-dir", str(tmp_path / "agent")],
@@ -136,12 +136,7 @@ def streaming(
         yield coordinator, node_id
         assert agent.stop() == 0
     finally:
-        for process in (agent.process, coordinator.process):
-            if process is not None and process.poll() is None:
-                process.kill()
-                process.wait()
-        if coordinator.process is not None and coordinator.process.stdout is not None:
-            coordinator.process.stdout.close()
+        shutdown(coordinator, agent)
 
 
 def test_dashboard_shows_the_connected_node_its_verified_gpus_and_live_telemetry(

@@ -106,7 +106,7 @@ class Agent:
         self.process.wait()
 
 
-def _wait_for(condition: Callable[[], bool], what: str, timeout_s: float = 30.0) -> None:
+def wait_for(condition: Callable[[], bool], what: str, timeout_s: float = 30.0) -> None:
     deadline = time.monotonic() + timeout_s
     while not condition():
         if time.monotonic() > deadline:
@@ -114,7 +114,7 @@ def _wait_for(condition: Callable[[], bool], what: str, timeout_s: float = 30.0)
         time.sleep(0.05)
 
 
-def _assert_exactly_once_no_gaps(seqs: list[tuple[int, str]]) -> None:
+def assert_exactly_once_no_gaps(seqs: list[tuple[int, str]]) -> None:
     numbers = [seq for seq, _ in seqs]
     assert numbers == list(range(1, len(numbers) + 1))
     assert numbers  # something was delivered at all
@@ -128,6 +128,11 @@ def pair(
     coordinator.start()
     agent = Agent(tmp_path, library_for(DUAL_A5000), coordinator, coordinator.public_key())
     yield coordinator, agent
+    shutdown(coordinator, agent)
+
+
+def shutdown(coordinator: Coordinator, agent: Agent) -> None:
+    """Kill whichever of the two still runs, and close what they left open."""
     for process in (agent.process, coordinator.process):
         if process is not None and process.poll() is None:
             process.kill()
@@ -141,10 +146,10 @@ def test_agent_attests_its_gpus_and_streams_until_sigterm(
 ) -> None:
     coordinator, agent = pair
     agent.start()
-    _wait_for(lambda: len(coordinator.seqs()) >= 6, "six messages")
+    wait_for(lambda: len(coordinator.seqs()) >= 6, "six messages")
     assert agent.stop() == 0
     seqs = coordinator.seqs()
-    _assert_exactly_once_no_gaps(seqs)
+    assert_exactly_once_no_gaps(seqs)
     assert seqs[0][1] == "profile"
     with sqlite3.connect(coordinator.db) as db:
         verified = db.execute("SELECT COUNT(*) FROM messages WHERE type = 'profile'").fetchone()
@@ -158,14 +163,14 @@ def test_coordinator_killed_and_restarted_mid_stream_loses_and_repeats_nothing(
     coordinator, agent = pair
     agent.start()
     for round_ in range(3):
-        _wait_for(lambda r=round_: len(coordinator.seqs()) >= 4 * (r + 1), "more messages")  # type: ignore[misc]
+        wait_for(lambda r=round_: len(coordinator.seqs()) >= 4 * (r + 1), "more messages")  # type: ignore[misc]
         coordinator.kill()
         time.sleep(0.3)  # the agent keeps sampling into its outbox while it is gone
         coordinator.start()
     before = len(coordinator.seqs())
-    _wait_for(lambda: len(coordinator.seqs()) > before + 2, "delivery after the last restart")
+    wait_for(lambda: len(coordinator.seqs()) > before + 2, "delivery after the last restart")
     assert agent.stop() == 0
-    _assert_exactly_once_no_gaps(coordinator.seqs())
+    assert_exactly_once_no_gaps(coordinator.seqs())
 
 
 def test_agent_killed_and_restarted_mid_stream_loses_and_repeats_nothing(
@@ -174,13 +179,13 @@ def test_agent_killed_and_restarted_mid_stream_loses_and_repeats_nothing(
     coordinator, agent = pair
     agent.start()
     for round_ in range(3):
-        _wait_for(lambda r=round_: len(coordinator.seqs()) >= 4 * (r + 1), "more messages")  # type: ignore[misc]
+        wait_for(lambda r=round_: len(coordinator.seqs()) >= 4 * (r + 1), "more messages")  # type: ignore[misc]
         agent.kill()
         agent.start()
     before = len(coordinator.seqs())
-    _wait_for(lambda: len(coordinator.seqs()) > before + 2, "delivery after the last restart")
+    wait_for(lambda: len(coordinator.seqs()) > before + 2, "delivery after the last restart")
     assert agent.stop() == 0
-    _assert_exactly_once_no_gaps(coordinator.seqs())
+    assert_exactly_once_no_gaps(coordinator.seqs())
 
 
 def test_agent_refuses_a_coordinator_that_cannot_prove_the_pinned_key(
@@ -192,7 +197,7 @@ def test_agent_refuses_a_coordinator_that_cannot_prove_the_pinned_key(
     agent = Agent(tmp_path, library_for(DUAL_A5000), coordinator, impostor_key)
     agent.start()
     try:
-        _wait_for(lambda: b"untrusted_key" in agent.log.read_bytes(), "the refusal")
+        wait_for(lambda: b"untrusted_key" in agent.log.read_bytes(), "the refusal")
         assert coordinator.seqs() == []
         assert agent.stop() == 0
     finally:

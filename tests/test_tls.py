@@ -25,7 +25,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
-from test_link import DUAL_A5000, Agent, Coordinator, _assert_exactly_once_no_gaps, _wait_for
+from test_link import DUAL_A5000, Agent, Coordinator, assert_exactly_once_no_gaps, wait_for
 
 from coordinator.cli import EXIT_USAGE, main
 
@@ -183,7 +183,7 @@ def test_agent_streams_to_a_coordinator_whose_certificate_chains_to_its_ca(
     agent = _tls_agent(tmp_path, library_for(DUAL_A5000), coordinator, pki.ca)
     processes.append(agent)
     agent.start()
-    _wait_for(lambda: len(coordinator.seqs()) >= 4, "four messages over wss://", 10.0)
+    wait_for(lambda: len(coordinator.seqs()) >= 4, "four messages over wss://", 10.0)
     # The read API is on the same port, so over HTTPS too.
     trust = ssl.create_default_context(cafile=str(pki.ca))
     url = f"https://127.0.0.1:{coordinator.port}/api/nodes"
@@ -192,7 +192,7 @@ def test_agent_streams_to_a_coordinator_whose_certificate_chains_to_its_ca(
     assert len(nodes) == 1
     assert agent.stop() == 0
     seqs = coordinator.seqs()
-    _assert_exactly_once_no_gaps(seqs)
+    assert_exactly_once_no_gaps(seqs)
     assert seqs[0][1] == "profile"
     assert b"CERTIFICATE_VERIFY_FAILED" not in agent.log.read_bytes()
 
@@ -226,7 +226,7 @@ def test_agent_refuses_a_man_in_the_middle_with_another_certificate(
             return log().count(b"CERTIFICATE_VERIFY_FAILED")
 
         # Refused at TLS, then retried with backoff (0.5 s, then up to 2 s), never crashing.
-        _wait_for(lambda: refusals() >= 2, f"{name}: two refused attempts", 10.0)
+        wait_for(lambda: refusals() >= 2, f"{name}: two refused attempts", 10.0)
         assert cases[name][1] in log()
         assert agent.process is not None
         assert agent.process.poll() is None

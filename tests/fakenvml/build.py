@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import re
 import subprocess
 import sys
@@ -1041,6 +1042,26 @@ def _exported_symbols(library: Path) -> set[str]:
         ["nm", "-D", "--defined-only", str(library)], check=True, capture_output=True, text=True
     ).stdout
     return {line.split()[-1] for line in listing.splitlines() if line.strip()}
+
+
+def replicate(capture: Capture, count: int) -> Capture:
+    """The capture with ``count`` copies of its first GPU, each with its own uuid and bus.
+
+    For benchmarks of many GPUs: the captures hold at most two.
+    """
+    model = capture.gpus[0]
+    gpus = tuple(
+        dataclasses.replace(
+            model,
+            index=i,
+            uuid=f"GPU-bench000-0000-0000-0000-{i:012d}",
+            pci_bus=0x10 + i,
+            pci_bus_id=f"00000000:{0x10 + i:02X}:00.0",
+            minor_number=i,
+        )
+        for i in range(count)
+    )
+    return dataclasses.replace(capture, gpus=gpus)
 
 
 def build_library(capture: Capture, out_dir: str | Path, omit: Iterable[str] = ()) -> Path:
