@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import os
 import sys
 import time
+import urllib.parse
 from collections.abc import Sequence
 from pathlib import Path
 from typing import NoReturn
@@ -95,6 +97,11 @@ def _parser() -> argparse.ArgumentParser:
         help="the coordinator's public key to pin (`gpu-coordinator key` prints it)",
     )
     daemon.add_argument("--ca-file", type=Path, help="CA bundle for a wss:// coordinator")
+    daemon.add_argument(
+        "--allow-plaintext",
+        action="store_true",
+        help="allow ws:// to a coordinator that is not on this machine (acks can be forged)",
+    )
     daemon.add_argument("--state-dir", type=Path, default=_default_state_dir())
     daemon.add_argument("--interval", type=_positive_float, default=1.0, metavar="S")
     daemon.add_argument("--batch", type=_count, default=10, metavar="N", help="samples a batch")
@@ -213,6 +220,17 @@ def _run_daemon(config: HalConfig, args: argparse.Namespace) -> int:
     from agent.link import LinkConfig
     from agent.protocol import crypto
 
+    url = urllib.parse.urlsplit(args.coordinator)
+    if url.scheme not in ("ws", "wss"):
+        raise ConfigError("bad_config", f"--coordinator {args.coordinator!r}: use ws:// or wss://")
+    if url.scheme == "ws" and not args.allow_plaintext and not _is_loopback(url.hostname or ""):
+        # The handshake proves who is at the other end, but nothing after it is bound to
+        # the connection: on plain ws:// anyone on the path could forge acks.
+        raise ConfigError(
+            "bad_config",
+            f"--coordinator {args.coordinator!r}: ws:// off this machine lets anyone on the "
+            "path forge acknowledgements; use wss:// (or --allow-plaintext)",
+        )
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     link = LinkConfig(
         url=args.coordinator,
@@ -226,6 +244,15 @@ def _run_daemon(config: HalConfig, args: argparse.Namespace) -> int:
         batch_samples=args.batch or 1,
     )
     return run_daemon(daemon, config)
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _keys_show(state_dir: Path) -> int:

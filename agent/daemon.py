@@ -17,12 +17,13 @@ from pathlib import Path
 
 import msgspec
 
+from agent.errors import OutboxError
 from agent.identity import Identity, load_or_create
 from agent.link import Link, LinkConfig
 from agent.outbox import Outbox
 from agent.protocol import dsse
 from agent.protocol.bodies import EnvelopeBody, ProfileBody, TelemetryBody
-from agent.protocol.limits import MAX_TELEMETRY_BATCH
+from agent.protocol.limits import MAX_FRAME_BYTES, MAX_TELEMETRY_BATCH
 from agent.protocol.messages import AttestRequest, Message
 from hal import __version__
 from hal.backend import HalConfig
@@ -34,6 +35,8 @@ from hal.types import Profile, Sample
 __all__ = ["DaemonConfig", "run_daemon"]
 
 _log = logging.getLogger(__name__)
+# {"v":1,"type":"telemetry","seq":<up to 19 digits>,"body":...} around a body.
+_FRAME_OVERHEAD = 64
 
 
 class DaemonConfig(msgspec.Struct, frozen=True, kw_only=True):
@@ -63,15 +66,16 @@ class _Agent:
         self.profile: Profile | None = None
         self.link = Link(config.link, self.identity, self.outbox, self.on_message, __version__)
 
-    async def on_message(self, message: Message) -> None:
-        """Handle a reliable coordinator message (called by the link, in order, once)."""
+    async def on_message(self, message: Message) -> list[tuple[str, bytes]]:
+        """Handle a reliable coordinator message (called by the link, in order, once);
+        return what to queue in answer."""
         if isinstance(message, AttestRequest):
-            self.attest(message.body.nonce)
-        else:
-            _log.info("ignoring %s: jobs are not served yet", type(message).__name__)
+            return [self.attest(message.body.nonce)]
+        _log.info("ignoring %s: jobs are not served yet", type(message).__name__)
+        return []
 
-    def attest(self, nonce: str) -> None:
-        """Queue the hardware profile, signed, with the coordinator's nonce in it."""
+    def attest(self, nonce: str) -> tuple[str, bytes]:
+        """The hardware profile, signed, with the coordinator's nonce in it."""
         assert self.profile is not None
         identity = self.identity
         envelope = dsse.attest_profile(
@@ -82,8 +86,7 @@ class _Agent:
             identity.key_id,
         )
         body = ProfileBody(attestation=msgspec.convert(msgspec.to_builtins(envelope), EnvelopeBody))
-        self.outbox.append("profile", msgspec.json.encode(body), time.time())
-        self.link.wakeup.set()
+        return "profile", msgspec.json.encode(body)
 
     async def sample(self, stop: asyncio.Event) -> None:
         """Sample at the configured interval; queue a telemetry batch every few samples."""
@@ -99,8 +102,7 @@ class _Agent:
                 )
                 batch.append(taken)
                 if len(batch) >= min(self.config.batch_samples, MAX_TELEMETRY_BATCH):
-                    self.queue_telemetry(batch)
-                    batch = []
+                    batch = self.queue_telemetry(batch)
                 next_tick += self.config.sample_interval_s
                 try:
                     await asyncio.wait_for(stop.wait(), max(0.0, next_tick - loop.time()))
@@ -111,11 +113,18 @@ class _Agent:
             if batch:
                 self.queue_telemetry(batch)
 
-    def queue_telemetry(self, samples: list[Sample]) -> None:
-        """Put a batch into the outbox (it is durable from here on) and wake the link."""
-        body = TelemetryBody(samples=msgspec.to_builtins(samples))
-        self.outbox.append("telemetry", msgspec.json.encode(body), time.time())
+    def queue_telemetry(self, samples: list[Sample]) -> list[Sample]:
+        """Put a batch into the outbox (durable from here on) and wake the link; return
+        what could not be stored (a full disk), to be tried again with the next batch."""
+        try:
+            self.outbox.append_many(
+                [("telemetry", body) for body in _telemetry_bodies(samples)], time.time()
+            )
+        except OutboxError as exc:
+            _log.error("cannot store telemetry (%s); keeping %d samples", exc, len(samples))
+            return samples[-MAX_TELEMETRY_BATCH:]
         self.link.wakeup.set()
+        return []
 
     async def run(self) -> int:
         stop = asyncio.Event()
@@ -141,6 +150,15 @@ class _Agent:
             await asyncio.sleep(0.05)
         if self.outbox.depth():
             _log.warning("%d messages stay in the outbox for the next start", self.outbox.depth())
+
+
+def _telemetry_bodies(samples: list[Sample]) -> list[bytes]:
+    """Encoded telemetry bodies for ``samples``, split so that every frame fits the limit."""
+    body = msgspec.json.encode(TelemetryBody(samples=msgspec.to_builtins(samples)))
+    if len(body) + _FRAME_OVERHEAD <= MAX_FRAME_BYTES or len(samples) == 1:
+        return [body]
+    half = len(samples) // 2
+    return _telemetry_bodies(samples[:half]) + _telemetry_bodies(samples[half:])
 
 
 def run_daemon(config: DaemonConfig, hal_config: HalConfig) -> int:

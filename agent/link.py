@@ -26,7 +26,7 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 from agent.identity import Identity
 from agent.outbox import Outbox
 from agent.protocol import crypto
-from agent.protocol.errors import ProtocolError
+from agent.protocol.errors import ProtocolError, SequenceError
 from agent.protocol.limits import MAX_FRAME_BYTES
 from agent.protocol.messages import (
     COORDINATOR_SENDS,
@@ -49,7 +49,9 @@ _ACKS_PER_COMMIT = 64
 _ACK_DELAY_S = 0.2
 _HANDSHAKE_TIMEOUT_S = 10.0
 
-Handler = Callable[[Message], Awaitable[None]]
+Handler = Callable[[Message], Awaitable[list[tuple[str, bytes]]]]
+"""Handles one reliable coordinator message; returns what to queue for the coordinator
+(kind, encoded body), which the link stores together with the fact it was handled."""
 
 
 class LinkConfig(msgspec.Struct, frozen=True, kw_only=True):
@@ -123,6 +125,11 @@ class Link:
             except ProtocolError as exc:
                 _log.error("coordinator refused or failed the protocol: %s", exc)
                 failures += 1
+            except Exception:
+                # A bug or a full disk must cost a reconnect, not the link for good: the
+                # daemon would go on sampling into an outbox nobody delivers.
+                _log.exception("link failed; reconnecting")
+                failures += 1
             finally:
                 self.connected.clear()
             if stop.is_set():
@@ -145,6 +152,17 @@ class Link:
         """One connection: handshake, then send and receive until it drops or ``stop``."""
         receiver = ReliableReceiver(self.outbox.last_coordinator_seq())
         welcome = await self._handshake(websocket, receiver.last_seq)
+        if not self.outbox.last_acked() <= welcome <= self.outbox.last_seq():
+            # Stored more than was ever sent, or less than it acknowledged (a restored
+            # database): either way resending cannot make the streams agree.
+            code = "ack_ahead" if welcome > self.outbox.last_seq() else "ack_behind"
+            error = SequenceError(
+                code,
+                f"coordinator has seq {welcome}; sent up to "
+                f"{self.outbox.last_seq()}, acked {self.outbox.last_acked()}",
+            )
+            await websocket.send(encode_frame(error_message(error)))
+            raise error
         if welcome > self.outbox.last_acked():
             self.outbox.ack(welcome)
         receiver.resume()
@@ -160,6 +178,9 @@ class Link:
         finally:
             for task in tasks:
                 task.cancel()
+            # Let the cancelled ones finish (the receiver applies its last acks) before
+            # the caller may close the outbox.
+            await asyncio.gather(*tasks, return_exceptions=True)
         for task in done:
             if not task.cancelled() and (exc := task.exception()) is not None:
                 raise exc
@@ -226,6 +247,10 @@ class Link:
                     raise
                 continue
             if isinstance(message, Ack):
+                if message.body.seq > self.outbox.last_seq():
+                    error = SequenceError("ack_ahead", f"ack {message.body.seq} for unsent seqs")
+                    await websocket.send(encode_frame(error_message(error)))
+                    raise error
                 acks.note(message.body.seq)
             elif isinstance(message, Error):
                 _log.warning("coordinator error %s: %s", message.body.code, message.body.detail)
@@ -236,8 +261,10 @@ class Link:
                     await websocket.send(encode_frame(error_message(exc)))
                     raise
                 if new:
-                    await self.handler(message)
-                    self.outbox.set_last_coordinator_seq(receiver.last_seq)
+                    queued = await self.handler(message)
+                    self.outbox.append_many(queued, time.time(), coordinator_seq=receiver.last_seq)
+                    if queued:
+                        self.wakeup.set()
                 # Acknowledged once handled and recorded; a duplicate is acknowledged again.
                 if (ack := receiver.take_ack()) is not None:
                     await websocket.send(encode_frame(ack))

@@ -154,12 +154,27 @@ class Outbox:
         """Store one message and return its seq."""
         return self.append_many([(kind, body)], now)[0]
 
-    def append_many(self, items: Iterable[tuple[str, bytes]], now: float) -> list[int]:
-        """Store several messages in one transaction (one fsync) and return their seqs."""
+    def append_many(
+        self,
+        items: Iterable[tuple[str, bytes]],
+        now: float,
+        *,
+        coordinator_seq: int | None = None,
+    ) -> list[int]:
+        """Store several messages in one transaction (one fsync) and return their seqs.
+
+        With ``coordinator_seq``, the same transaction records that coordinator message as
+        processed: what handling it produced and the fact that it was handled are stored
+        together, so a crash between the two cannot make it run twice.
+        """
         rows = list(items)
-        if not rows or any(not kind for kind, _ in rows):
+        if (not rows and coordinator_seq is None) or any(not kind for kind, _ in rows):
             raise OutboxError("bad_argument", "append needs messages, each with a kind")
         with self._tx() as db:
+            if coordinator_seq is not None:
+                _advance_coordinator_seq(db, coordinator_seq)
+            if not rows:
+                return []
             first = _meta(db, "last_seq") + 1
             db.executemany(
                 "INSERT INTO outbox (seq, kind, body, created, size) VALUES (?, ?, ?, ?, ?)",
@@ -275,10 +290,7 @@ class Outbox:
     def set_last_coordinator_seq(self, seq: int) -> None:
         """Record the last coordinator seq this agent has processed (sent in ``hello``)."""
         with self._tx() as db:
-            current = _meta(db, "last_coordinator_seq")
-            if seq < current:
-                raise OutboxError("seq_backwards", f"coordinator seq {seq} after {current}")
-            db.execute("UPDATE meta SET value = ? WHERE key = 'last_coordinator_seq'", (seq,))
+            _advance_coordinator_seq(db, seq)
 
     def last_coordinator_seq(self) -> int:
         """The last coordinator seq this agent has processed (0 before the first)."""
@@ -330,6 +342,13 @@ class Outbox:
             finally:
                 if db.in_transaction:
                     db.execute("ROLLBACK")
+
+
+def _advance_coordinator_seq(db: sqlite3.Connection, seq: int) -> None:
+    current = _meta(db, "last_coordinator_seq")
+    if seq < current:
+        raise OutboxError("seq_backwards", f"coordinator seq {seq} after {current}")
+    db.execute("UPDATE meta SET value = ? WHERE key = 'last_coordinator_seq'", (seq,))
 
 
 def _configure(conn: sqlite3.Connection) -> None:

@@ -147,8 +147,9 @@ class CoordinatorProcess:
         await wait_until(lambda: self.stored_max(node_id) > seq, timeout=60)
 
 
-async def ignore(message: Message) -> None:
-    """The link's handler: an attest_request is acknowledged and otherwise ignored."""
+async def ignore(message: Message) -> list[tuple[str, bytes]]:
+    """A handler that queues nothing in answer (the bench's agent does not attest)."""
+    return []
 
 
 async def wait_until(condition: Callable[[], bool], timeout: float, poll_s: float = 0.005) -> None:

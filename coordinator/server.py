@@ -104,6 +104,9 @@ class Coordinator:
                 self._requested_port,
                 process_request=self._process_request,
                 max_size=MAX_FRAME_BYTES,
+                # At most a few frames buffered per agent: with 1 MiB frames the default
+                # (16) lets each connection hold 16 MiB of a hostile peer's data.
+                max_queue=4,
                 ping_interval=self._ping_interval_s,
                 ping_timeout=self._ping_interval_s,
                 ssl=self.ssl_context,

@@ -88,3 +88,19 @@ def test_doctor_on_a_machine_without_gpus_exits_non_zero_with_fixes(no_gpu: dict
     assert result.returncode == 1
     assert "[BLOCKER] no_gpus" in result.stdout
     assert "fix:" in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("url", "code"),
+    [
+        ("http://127.0.0.1:1/agent", "bad_config"),
+        ("ws://192.0.2.10:8765/agent", "bad_config"),
+    ],
+)
+def test_run_refuses_an_unsafe_coordinator_url(url: str, code: str, tmp_path: Path) -> None:
+    key = "A" * 43 + "="
+    result = _run(
+        "run", "--coordinator", url, "--coordinator-key", key, "--state-dir", str(tmp_path)
+    )
+    assert result.returncode == 2
+    assert f"error [{code}]" in result.stderr

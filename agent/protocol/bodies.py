@@ -115,7 +115,8 @@ class ProfileBody(WireStruct):
 
 
 class TelemetryBody(WireStruct):
-    """A batch of telemetry samples, oldest first; ``dropped`` counts samples shed before it."""
+    """A batch of telemetry samples, oldest first; ``dropped`` counts the batches the
+    agent's outbox shed in its place while offline (a tombstone: no samples, dropped=1)."""
 
     samples: Annotated[list[dict[str, Any]], Meta(max_length=MAX_TELEMETRY_BATCH)]
     dropped: Annotated[int, Meta(ge=0)] = 0
