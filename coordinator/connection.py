@@ -231,7 +231,10 @@ class _Session:
 
     async def run(self) -> None:
         """Ask for a fresh attestation, then take the agent's messages until it leaves."""
-        await self._attest_request()
+        # One request outstanding at a time: a node that reconnects without acknowledging
+        # got the pending one again after welcome, and must not pile up new ones.
+        if not self.sender.pending():
+            await self._attest_request()
         async for raw in self.ws:
             ref_seq: int | None = None
             try:
