@@ -24,7 +24,7 @@ DEFAULT_SOCKET = "/var/run/docker.sock"
 _API_MAX = (1, 44)
 _API_MIN = (1, 41)  # Docker 20.10, as in Debian 12
 _HEADER_LIMIT = 64 * 1024
-_STREAM_NAMES = {0: "stdin", 1: "stdout", 2: "stderr"}
+_STREAM_NAMES = {1: "stdout", 2: "stderr"}
 # What a broken or hostile answer raises while we parse it: all mean "the engine failed".
 _BROKEN_ANSWER = (
     ConnectionError,
@@ -129,7 +129,8 @@ class DockerClient:
                     end = offset + 8 + size
                     if end > len(pending):
                         break
-                    yield _STREAM_NAMES.get(stream_id, "stdout"), bytes(pending[offset + 8 : end])
+                    if stream_id in _STREAM_NAMES:  # 1 stdout, 2 stderr; nothing else is output
+                        yield _STREAM_NAMES[stream_id], bytes(pending[offset + 8 : end])
                     offset = end
                 del pending[:offset]
 

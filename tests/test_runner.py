@@ -314,13 +314,15 @@ async def test_host_files_and_devices_are_absent(runner: Runner, test_image: str
 
 
 async def test_huge_log_output_is_capped(runner: Runner, test_image: str) -> None:
-    events, result = await run_job(runner, make_spec(test_image, "yes | head -c 5000000"))
+    # Long lines: Docker keeps them as few log entries, so its own capped log file does not
+    # rotate under the reader (with "y\n" lines, JSON overhead makes it rotate mid-follow).
+    script = "head -c 5000000 /dev/zero | tr '\\0' y"
+    events, result = await run_job(runner, make_spec(test_image, script))
     log = _log(events)
     assert result.log_bytes == len(log)
     assert 0 < result.log_bytes <= RunnerConfig(jobs_dir=Path()).log_max_bytes
-    # stdout is what the job printed; under gVisor `yes` may also report the closed pipe.
-    stdout = b"".join(e.data for e in events if isinstance(e, LogChunk) and e.stream == "stdout")
-    assert set(stdout) == set(b"y\n")
+    assert result.log_truncated or result.log_dropped_bytes > 0
+    assert set(log) == {ord("y")}
     assert result.reason == "completed"
 
 
