@@ -17,7 +17,6 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 import urllib.request
 from collections.abc import Callable, Iterator
 from html.parser import HTMLParser
@@ -25,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_link import DUAL_A5000, Agent, Coordinator, shutdown
+from test_link import DUAL_A5000, Agent, Coordinator, shutdown, wait_for
 
 # Chromium as root on this closed network: no sandbox, no GPU, nothing phoned home.
 _CHROMIUM_FLAGS = [
@@ -99,14 +98,6 @@ class _NodeRows(HTMLParser):
 def _api(coordinator: Coordinator, path: str) -> Any:
     with urllib.request.urlopen(f"http://127.0.0.1:{coordinator.port}{path}", timeout=5) as r:
         return json.load(r)
-
-
-def wait_for(condition: Callable[[], bool], what: str, timeout_s: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what}")
-        time.sleep(0.05)
 
 
 @pytest.fixture

@@ -157,35 +157,43 @@ def test_agent_attests_its_gpus_and_streams_until_sigterm(
     assert verified[0] >= 1
 
 
-def test_coordinator_killed_and_restarted_mid_stream_loses_and_repeats_nothing(
-    pair: tuple[Coordinator, Agent],
+def _restart_mid_stream(
+    coordinator: Coordinator, agent: Agent, restart: Callable[[], None]
 ) -> None:
-    coordinator, agent = pair
+    """Three times: let messages flow, then restart one side; end with every seq once."""
     agent.start()
     for round_ in range(3):
         wait_for(lambda r=round_: len(coordinator.seqs()) >= 4 * (r + 1), "more messages")  # type: ignore[misc]
-        coordinator.kill()
-        time.sleep(0.3)  # the agent keeps sampling into its outbox while it is gone
-        coordinator.start()
+        restart()
     before = len(coordinator.seqs())
     wait_for(lambda: len(coordinator.seqs()) > before + 2, "delivery after the last restart")
     assert agent.stop() == 0
     assert_exactly_once_no_gaps(coordinator.seqs())
+
+
+def test_coordinator_killed_and_restarted_mid_stream_loses_and_repeats_nothing(
+    pair: tuple[Coordinator, Agent],
+) -> None:
+    coordinator, agent = pair
+
+    def restart() -> None:
+        coordinator.kill()
+        time.sleep(0.3)  # the agent keeps sampling into its outbox while it is gone
+        coordinator.start()
+
+    _restart_mid_stream(coordinator, agent, restart)
 
 
 def test_agent_killed_and_restarted_mid_stream_loses_and_repeats_nothing(
     pair: tuple[Coordinator, Agent],
 ) -> None:
     coordinator, agent = pair
-    agent.start()
-    for round_ in range(3):
-        wait_for(lambda r=round_: len(coordinator.seqs()) >= 4 * (r + 1), "more messages")  # type: ignore[misc]
+
+    def restart() -> None:
         agent.kill()
         agent.start()
-    before = len(coordinator.seqs())
-    wait_for(lambda: len(coordinator.seqs()) > before + 2, "delivery after the last restart")
-    assert agent.stop() == 0
-    assert_exactly_once_no_gaps(coordinator.seqs())
+
+    _restart_mid_stream(coordinator, agent, restart)
 
 
 def test_agent_refuses_a_coordinator_that_cannot_prove_the_pinned_key(
