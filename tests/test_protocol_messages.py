@@ -74,7 +74,7 @@ EXAMPLES: dict[str, Message] = {
     "job_status": wrap(JobStatusBody(job_id="job-1", state="running"), 3),
     "job_log": wrap(JobLogBody(job_id="job-1", stream="stdout", data="epoch 1\n"), 4),
     "job_result": wrap(JobResultBody(job_id="job-1", receipt=ENVELOPE), 5),
-    "job_offer": wrap(JobOfferBody(offer=ENVELOPE), 1),
+    "job_offer": wrap(JobOfferBody(job_id="job-1", offer=ENVELOPE), 1),
     "job_cancel": wrap(JobCancelBody(job_id="job-1", reason="preempted"), 2),
     "attest_request": wrap(AttestRequestBody(nonce=b64(32, 9)), 3),
     "ack": wrap(AckBody(seq=5)),

@@ -147,8 +147,10 @@ class JobResultBody(WireStruct):
 
 
 class JobOfferBody(WireStruct):
-    """A job spec inside an envelope signed by the coordinator."""
+    """A job spec inside an envelope signed by the coordinator (agent.protocol.jobs);
+    ``job_id`` repeats the signed one, so that a refusal can name even a forged offer."""
 
+    job_id: Name
     offer: EnvelopeBody
 
 

@@ -8,7 +8,8 @@ how the receiving side reacts::
     |     codes: bad_json, bad_message, unknown_type, bad_version, frame_too_large
     +-- AuthError                 identity or signature does not hold: answer error, close
     |     codes: bad_signature, unknown_key, untrusted_key, replayed_nonce, stale_nonce,
-    |            node_mismatch, bad_statement, handshake_required, handshake_refused
+    |            node_mismatch, bad_statement, handshake_required, handshake_refused,
+    |            bad_offer, offer_expired (a job offer: refused with a job_status)
     +-- SequenceError             the reliable stream is broken: answer error, close
     |     codes: seq_backwards, seq_gap, ack_ahead, ack_behind
     +-- LimitExceeded             within the protocol but over a limit: answer error, go on
