@@ -24,6 +24,7 @@ __all__ = [
     "Unit",
     "sample_health",
     "schedulable",
+    "xid_health",
 ]
 
 Health = Literal["initialising", "healthy", "unhealthy"]
