@@ -73,6 +73,8 @@ _HOLD_ORDER = ("shutting_down", "paused", "draining", "engine_unavailable", "ini
 #: Raw output bytes per job_log chunk: after UTF-8 decoding with replacement a chunk is at
 #: most three times this, well under the protocol's MAX_LOG_CHUNK_BYTES.
 _LOG_CHUNK_BYTES = 16 * 1024
+#: How long a finished job's output stays readable with ``gpu-agent logs``.
+_LOG_RETENTION_S = 7 * 86400
 #: A quiet job's output still reaches the coordinator this soon.
 _LOG_FLUSH_S = 0.25
 
@@ -123,6 +125,7 @@ class JobManager:
             # Jobs cannot run; their labelled leftovers are reaped at the next start.
             _log.error("the container engine is not usable: %s", exc)
             self.hold("engine_unavailable", f"{exc.code}: {exc.detail}")
+        self._commit([], self.ledger.prune_logs(self.clock() - _LOG_RETENTION_S))
         recovered = []
         for record in self.ledger.unfinished():
             self._finish_unrun(record, "interrupted", "agent_restarted", "the agent restarted")

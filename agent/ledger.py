@@ -140,6 +140,20 @@ class Ledger:
 
         return write
 
+    @staticmethod
+    def prune_logs(before: float) -> Write:
+        """Forget the output of jobs that ended before ``before`` (their receipts stay:
+        they carry the log's digest)."""
+
+        def write(db: sqlite3.Connection) -> None:
+            db.execute(
+                "DELETE FROM job_logs WHERE job_id IN"
+                f" (SELECT job_id FROM jobs WHERE state IN {_FINAL} AND updated < ?)",
+                (before,),
+            )
+
+        return write
+
     # -- reads --------------------------------------------------------------------------
 
     def get(self, job_id: str) -> JobRecord | None:

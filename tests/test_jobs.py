@@ -329,3 +329,13 @@ async def test_jobs_a_crash_cut_short_are_reported_interrupted_once(
 
 async def _tick() -> None:
     await asyncio.sleep(0.05)
+
+
+async def test_old_logs_are_pruned_at_start_and_receipts_kept(world: World) -> None:
+    await deliver(world, offer_message(world, "job-old", spec(world.image, "echo old")))
+    await world.manager.wait_idle()
+    assert world.ledger.logs("job-old")
+    world.manager.clock = lambda: time.time() + 8 * 86400
+    await world.manager.recover()
+    assert world.ledger.logs("job-old") == []
+    assert world.ledger.receipt("job-old") is not None
