@@ -1,0 +1,216 @@
+"""Jobs end to end: the reference coordinator (in this process, on 127.0.0.1) offers jobs
+to ``gpu-agent run`` (a child process on a fake NVML) which runs them on the real Docker
+engine. Kill -9 the daemon mid-job, restart the coordinator mid-job: every status, log
+chunk and receipt arrives exactly once, and nothing runs twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import pytest
+from conftest import XML
+from test_link import _free_port
+
+from coordinator.jobs_store import JobRow
+from coordinator.server import Coordinator
+from sandbox.container import LABEL_JOB
+from sandbox.docker_api import DockerClient
+
+DUAL_A5000 = XML / "dual_a5000-v13.xml"
+
+
+@dataclass
+class Loop:
+    """A coordinator in this process and an agent daemon as a child, on one port."""
+
+    workdir: Path
+    library: Path
+    image: str
+    docker: DockerClient
+    port: int = field(default_factory=_free_port)
+    coordinator: Coordinator | None = None
+    agent: subprocess.Popen[bytes] | None = None
+    node_id: str = ""
+
+    async def start_coordinator(self) -> Coordinator:
+        self.coordinator = Coordinator(
+            db_path=self.workdir / "coordinator.db",
+            state_dir=self.workdir / "coordinator",
+            port=self.port,
+        )
+        await self.coordinator.start()
+        return self.coordinator
+
+    async def stop_coordinator(self) -> None:
+        assert self.coordinator is not None
+        await self.coordinator.stop()
+        self.coordinator = None
+
+    def start_agent(self) -> None:
+        assert self.coordinator is not None
+        policy = self.workdir / "policy.toml"
+        policy.write_text(f'allowed_images = ["{self.image.split(":", maxsplit=1)[0]}"]\n')
+        argv = [
+            sys.executable, "-m", "agent.cli", "run",
+            "--coordinator", f"ws://127.0.0.1:{self.port}/agent",
+            "--coordinator-key", self.coordinator.key.public_key_b64,
+            "--state-dir", str(self.workdir / "agent"), "--policy", str(policy),
+            "--interval", "0.2", "--batch", "5",
+        ]  # fmt: skip
+        env = {**os.environ, "GPU_AGENT_NVML_LIB": str(self.library)}
+        with (self.workdir / "agent.log").open("ab") as log:
+            self.agent = subprocess.Popen(argv, env=env, stdout=log, stderr=log)
+
+    @property
+    def c(self) -> Coordinator:
+        assert self.coordinator is not None
+        return self.coordinator
+
+    async def until(self, condition: Callable[[], bool], what: str, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while not condition():
+            if self.agent is not None and self.agent.poll() is not None:
+                log = (self.workdir / "agent.log").read_text()
+                pytest.fail(f"the agent exited {self.agent.returncode} waiting for {what}:\n{log}")
+            if time.monotonic() > deadline:
+                pytest.fail(f"timed out waiting for {what}")
+            await asyncio.sleep(0.05)
+
+    async def ready(self) -> str:
+        """Wait for the agent to connect and report capacity; its node id."""
+        await self.until(lambda: bool(self.c.connected), "the agent to connect")
+        [self.node_id] = self.c.connected
+        await self.until(
+            lambda: self.c.store.latest(self.node_id, "node_status") is not None,
+            "the node's capacity",
+        )
+        return self.node_id
+
+    def job(self, job_id: str) -> JobRow:
+        row = self.c.store.job(job_id)
+        assert row is not None
+        return row
+
+    def bodies(self, kind: str, job_id: str) -> list[dict[str, Any]]:
+        stored = self.c.store.messages(self.node_id, kind, limit=100_000)
+        return [m.body for m in stored if m.body.get("job_id") == job_id]
+
+    def states(self, job_id: str) -> list[str]:
+        return [b["state"] for b in self.bodies("job_status", job_id)]
+
+    async def containers(self, job_id: str) -> list[Any]:
+        filters = msgspec.json.encode({"label": [f"{LABEL_JOB}={job_id}"]}).decode()
+        answer = await self.docker.request(
+            "GET", "/containers/json", params={"all": 1, "filters": filters}
+        )
+        return list(answer.json())
+
+
+@pytest.fixture
+async def loop(
+    tmp_path: Path, library_for: Callable[[Path], Path], test_image: str, docker_engine: str
+) -> AsyncIterator[Loop]:
+    world = Loop(tmp_path, library_for(DUAL_A5000), test_image, DockerClient(docker_engine))
+    await world.start_coordinator()
+    world.start_agent()
+    await world.ready()
+    yield world
+    if world.agent is not None and world.agent.poll() is None:
+        world.agent.send_signal(signal.SIGTERM)
+        world.agent.wait(timeout=60)
+    if world.coordinator is not None:
+        await world.stop_coordinator()
+
+
+def job_spec(image: str, script: str) -> dict[str, Any]:
+    return {"image": image, "command": ["sh", "-c", script], "timeout_s": 120, "grace_s": 2}
+
+
+async def test_a_submitted_job_runs_and_its_verified_receipt_reaches_the_coordinator(
+    loop: Loop,
+) -> None:
+    job_id = await loop.c.submit(loop.node_id, job_spec(loop.image, "echo hello; echo oops >&2"))
+    await loop.until(lambda: loop.job(job_id).final, "the job to end")
+    row = loop.job(job_id)
+    assert (row.state, row.code) == ("completed", "")
+    assert loop.states(job_id) == ["accepted", "running", "completed"]
+    assert row.result is not None
+    assert row.result.problems == []
+    assert row.result.receipt["exit_code"] == 0
+    assert row.result.receipt["offer_sha256"] == row.offer_sha256
+    logs = loop.c.store.job_logs(job_id)
+    assert (logs.stdout, logs.stderr) == ("hello\n", "oops\n")
+
+
+async def test_cancel_stops_the_container_and_reports_cancelled(loop: Loop) -> None:
+    job_id = await loop.c.submit(loop.node_id, job_spec(loop.image, "echo up; sleep 300"))
+    await loop.until(lambda: "running" in loop.states(job_id), "the job to run")
+    await loop.c.cancel(job_id, "test")
+    await loop.until(lambda: loop.job(job_id).final, "the job to stop")
+    assert loop.states(job_id) == ["accepted", "running", "cancelled"]
+    assert await loop.containers(job_id) == []
+
+
+async def test_a_daemon_killed_mid_job_reaps_the_orphan_and_reports_interrupted_once(
+    loop: Loop,
+) -> None:
+    job_id = await loop.c.submit(loop.node_id, job_spec(loop.image, "echo up; sleep 300"))
+    await loop.until(lambda: "running" in loop.states(job_id), "the job to run")
+    assert loop.agent is not None
+    loop.agent.kill()
+    loop.agent.wait()
+    assert len(await loop.containers(job_id)) == 1  # the orphan, still running
+    loop.start_agent()
+    await loop.until(lambda: loop.job(job_id).final, "the job to be reported")
+    assert await loop.containers(job_id) == []
+    assert loop.job(job_id).state == "interrupted"
+    # Another restart reports nothing more: exactly once.
+    loop.agent.send_signal(signal.SIGTERM)
+    assert loop.agent.wait(timeout=60) == 0
+    loop.start_agent()
+    await loop.ready()
+    await asyncio.sleep(1)
+    assert loop.states(job_id) == ["accepted", "running", "interrupted"]
+    assert len(loop.bodies("job_result", job_id)) == 1
+
+
+async def test_a_coordinator_restart_mid_job_loses_and_duplicates_nothing(loop: Loop) -> None:
+    script = "for i in $(seq 1 40); do echo line $i; sleep 0.05; done"
+    job_id = await loop.c.submit(loop.node_id, job_spec(loop.image, script))
+    await loop.until(lambda: "running" in loop.states(job_id), "the job to run")
+    await loop.stop_coordinator()
+    await asyncio.sleep(1)  # the job goes on; its output waits in the outbox
+    await loop.start_coordinator()
+    await loop.until(lambda: loop.job(job_id).final, "the job to be reported")
+    assert loop.states(job_id) == ["accepted", "running", "completed"]
+    assert loop.c.store.job_logs(job_id).stdout == "".join(f"line {i}\n" for i in range(1, 41))
+    assert len(loop.bodies("job_result", job_id)) == 1
+    seqs = loop.c.store.all_seqs(loop.node_id)
+    assert seqs == list(range(1, len(seqs) + 1))
+
+
+async def test_sigterm_interrupts_the_running_job_and_exits_cleanly(loop: Loop) -> None:
+    job_id = await loop.c.submit(loop.node_id, job_spec(loop.image, "sleep 300"))
+    await loop.until(lambda: "running" in loop.states(job_id), "the job to run")
+    assert loop.agent is not None
+    loop.agent.send_signal(signal.SIGTERM)
+    assert loop.agent.wait(timeout=60) == 0
+    # The daemon flushed its outbox before it left.
+    await loop.until(lambda: loop.job(job_id).final, "the job to be reported")
+    assert loop.job(job_id).state == "interrupted"
+    assert await loop.containers(job_id) == []
+    status = loop.c.store.latest(loop.node_id, "node_status")
+    assert status is not None
+    assert status.body["available"] is False
+    assert status.body["reason"] == "shutting_down"
