@@ -102,6 +102,12 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="allow ws:// to a coordinator that is not on this machine (acks can be forged)",
     )
+    daemon.add_argument(
+        "--policy",
+        type=Path,
+        metavar="POLICY_FILE",
+        help="admission policy (TOML); without one no image is allowed",
+    )
     daemon.add_argument("--state-dir", type=Path, default=_default_state_dir())
     daemon.add_argument("--interval", type=_positive_float, default=1.0, metavar="S")
     daemon.add_argument("--batch", type=_count, default=10, metavar="N", help="samples a batch")
@@ -219,6 +225,10 @@ def _run_daemon(config: HalConfig, args: argparse.Namespace) -> int:
     from agent.daemon import DaemonConfig, run_daemon
     from agent.link import LinkConfig
     from agent.protocol import crypto
+    from agent.run_local import load_policy
+    from sandbox.errors import SandboxError
+    from sandbox.policy import Policy
+    from sandbox.runner import RunnerConfig
 
     url = urllib.parse.urlsplit(args.coordinator)
     if url.scheme not in ("ws", "wss"):
@@ -237,9 +247,16 @@ def _run_daemon(config: HalConfig, args: argparse.Namespace) -> int:
         pinned_keys={crypto.key_id(key): key for key in args.coordinator_key},
         ca_file=args.ca_file,
     )
+    try:
+        policy = load_policy(args.policy) if args.policy else Policy()
+    except SandboxError as exc:
+        raise ConfigError(exc.code, exc.detail) from exc
     daemon = DaemonConfig(
         state_dir=args.state_dir,
         link=link,
+        runner=RunnerConfig(jobs_dir=args.state_dir / "jobs", runtime=policy.runtime),
+        policy=policy,
+        docker_socket=str(config.docker_socket),
         sample_interval_s=args.interval,
         batch_samples=args.batch or 1,
     )

@@ -1,10 +1,16 @@
-"""``gpu-agent run``: profile, attest, and stream telemetry to the coordinator until stopped.
+"""``gpu-agent run``: the daemon. Profile, attest, stream telemetry, run signed jobs.
 
 One asyncio loop: the sampler (HAL readings, in a thread) feeds telemetry batches into the
-outbox; the link delivers the outbox and answers ``attest_request`` with a freshly signed
-profile. SIGINT or SIGTERM stops the sampler, writes the last partial batch, gives the link
-a moment to deliver what is pending, and exits 0. Whatever is not delivered stays in the
-outbox for the next start.
+outbox and keeps each GPU's health; the job manager (agent/jobs.py) takes the
+coordinator's offers and cancels and runs jobs in the sandbox; the link delivers the
+outbox and answers ``attest_request`` with a freshly signed profile. Whenever the node's
+capacity changes (health, assignments, pause) a ``node_status`` goes out, never before
+the GPUs were checked once.
+
+SIGINT or SIGTERM: take no more offers, stop running jobs with their grace period (they
+are reported ``interrupted``, with receipts), stop the sampler, write the last partial
+batch, give the link a moment to deliver what is pending, and exit 0. Whatever is not
+delivered stays in the outbox for the next start.
 """
 
 from __future__ import annotations
@@ -19,18 +25,23 @@ import msgspec
 
 from agent.errors import OutboxError
 from agent.identity import Identity, load_or_create
-from agent.link import Link, LinkConfig
+from agent.jobs import JobManager
+from agent.link import Link, LinkConfig, Reply
 from agent.outbox import Outbox
 from agent.protocol import dsse
-from agent.protocol.bodies import EnvelopeBody, ProfileBody, TelemetryBody
+from agent.protocol.bodies import EnvelopeBody, NodeStatusBody, ProfileBody, TelemetryBody
 from agent.protocol.limits import MAX_FRAME_BYTES, MAX_TELEMETRY_BATCH
-from agent.protocol.messages import AttestRequest, Message
+from agent.protocol.messages import AttestRequest, JobCancel, JobOffer, Message
+from agent.scheduler import Scheduler, sample_health
 from hal import __version__
 from hal.backend import HalConfig
 from hal.host import host_sample
 from hal.profile import take_profile
 from hal.registry import Hal
-from hal.types import Profile, Sample
+from hal.types import GpuSample, Profile, Sample
+from sandbox.docker_api import DockerClient
+from sandbox.policy import Policy
+from sandbox.runner import Runner, RunnerConfig
 
 __all__ = ["DaemonConfig", "run_daemon"]
 
@@ -43,8 +54,10 @@ class DaemonConfig(msgspec.Struct, frozen=True, kw_only=True):
     """What ``gpu-agent run`` needs.
 
     Attributes:
-        state_dir: identity and outbox live here.
-        link: the coordinator and its pinned keys.
+        state_dir: identity and outbox (with the job ledger) live here.
+        link: the coordinator and its pinned keys (which also sign job offers).
+        runner: how jobs run (jobs directory, OCI runtime, log caps).
+        policy: what jobs may ask for.
         sample_interval_s: one HAL sample every so often.
         batch_samples: samples per telemetry message.
         flush_timeout_s: on stop, how long the link may take to deliver what is pending.
@@ -52,6 +65,13 @@ class DaemonConfig(msgspec.Struct, frozen=True, kw_only=True):
 
     state_dir: Path
     link: LinkConfig
+    runner: RunnerConfig
+    policy: Policy
+    docker_socket: str = "/var/run/docker.sock"
+    max_concurrent: int = 0
+    """Most jobs at once; 0: as many as the GPUs allow."""
+    share_limit: int | None = None
+    """Most GPU units busy at once; None: all."""
     sample_interval_s: float = 1.0
     batch_samples: int = 10
     flush_timeout_s: float = 5.0
@@ -65,14 +85,55 @@ class _Agent:
         self.outbox = Outbox.open(config.state_dir / "outbox.db")
         self.profile: Profile | None = None
         self.link = Link(config.link, self.identity, self.outbox, self.on_message, __version__)
+        self.scheduler = Scheduler([])
+        self.jobs: JobManager | None = None
+        self._baseline_ecc: dict[str, int] = {}
+        self._last_status: NodeStatusBody | None = None
 
-    async def on_message(self, message: Message) -> list[tuple[str, bytes]]:
-        """Handle a reliable coordinator message (called by the link, in order, once);
-        return what to queue in answer."""
+    async def on_message(self, message: Message) -> Reply:
+        """Handle a reliable coordinator message (called by the link, in order, once)."""
         if isinstance(message, AttestRequest):
-            return [self.attest(message.body.nonce)]
-        _log.info("ignoring %s: jobs are not served yet", type(message).__name__)
-        return []
+            return Reply([self.attest(message.body.nonce)])
+        assert self.jobs is not None  # the link starts after the job manager
+        if isinstance(message, JobOffer):
+            return await self.jobs.on_offer(message)
+        if isinstance(message, JobCancel):
+            return await self.jobs.on_cancel(message)
+        _log.info("ignoring %s", type(message).__name__)
+        return Reply()
+
+    def report_node(self) -> None:
+        """Queue a ``node_status`` if what the coordinator knows of this node changed."""
+        if self.jobs is None or (status := self.jobs.node_status()) is None:
+            return
+        if status == self._last_status:
+            return
+        try:
+            self.outbox.append("node_status", msgspec.json.encode(status), time.time())
+        except OutboxError as exc:
+            _log.error("cannot store the node status (%s); trying at the next change", exc)
+            return
+        self._last_status = status
+        self.link.wakeup.set()
+
+    def check_health(self, gpus: list[GpuSample]) -> None:
+        """Each unit's health by the latest sample; a MIG instance without its own sample
+        follows its GPU. The first call ends the initial check."""
+        by_id = {g.id: g for g in gpus}
+        for unit_id, unit in self.scheduler.units.items():
+            sample = by_id.get(unit_id) or by_id.get(unit.gpu.parent_uuid or "")
+            if sample is None:
+                self.scheduler.set_health(unit_id, "unhealthy", "no_readings")
+                continue
+            errors = sample.ecc_uncorrected
+            baseline = self._baseline_ecc.setdefault(
+                unit_id, errors if isinstance(errors, int) else 0
+            )
+            if unit.health != "unhealthy":  # unhealthy stays so until the agent restarts
+                self.scheduler.set_health(unit_id, *sample_health(sample, baseline))
+        if self.jobs is not None:
+            self.jobs.release("initialising")
+        self.report_node()
 
     def attest(self, nonce: str) -> tuple[str, bytes]:
         """The hardware profile, signed, with the coordinator's nonce in it."""
@@ -100,6 +161,7 @@ class _Agent:
                 taken = await asyncio.to_thread(
                     lambda: Sample(taken_at=time.time(), host=host_sample(), gpus=hal.sample())
                 )
+                self.check_health(taken.gpus)
                 batch.append(taken)
                 if len(batch) >= min(self.config.batch_samples, MAX_TELEMETRY_BATCH):
                     batch = self.queue_telemetry(batch)
@@ -132,12 +194,35 @@ class _Agent:
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(signum, stop.set)
         self.profile = await asyncio.to_thread(take_profile, self.hal_config)
+        config = self.config
+        self.scheduler = Scheduler(self.profile.gpus)
+        self.jobs = JobManager(
+            identity=self.identity,
+            outbox=self.outbox,
+            runner=Runner(DockerClient(config.docker_socket), config.runner),
+            policy=config.policy,
+            scheduler=self.scheduler,
+            trusted_keys=dict(config.link.pinned_keys),
+            wake=self.link.wakeup.set,
+            on_change=self.report_node,
+            max_concurrent=config.max_concurrent,
+            share_limit=config.share_limit,
+        )
+        await self.jobs.recover()
         link_stop = asyncio.Event()
         linking = asyncio.create_task(self.link.run(link_stop))
+        sampling = asyncio.create_task(self.sample(stop))
+        stopped = asyncio.create_task(stop.wait())
         try:
-            await self.sample(stop)
+            # A sampler that fails ends the daemon too, after the jobs are wound down.
+            await asyncio.wait({stopped, sampling}, return_when=asyncio.FIRST_COMPLETED)
+            stop.set()
+            await self.jobs.shutdown()
+            await sampling
             await self._flush()
         finally:
+            sampling.cancel()
+            stopped.cancel()
             link_stop.set()
             await linking
             self.outbox.close()

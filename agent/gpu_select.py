@@ -15,10 +15,16 @@ def _version(text: str) -> tuple[int, ...]:
     return tuple(int(part) for part in text.split(".") if part.isdigit())
 
 
-def fits(gpu: GpuProfile, request: GpuRequest) -> bool:
-    """Whether one GPU meets every constraint of a request."""
-    if gpu.kind == "mig" or gpu.mig_enabled is True:
-        return False  # whole GPUs only here; MIG instances are the scheduler's to hand out
+def fits(gpu: GpuProfile, request: GpuRequest, *, allow_mig: bool = False) -> bool:
+    """Whether one GPU meets every constraint of a request.
+
+    A MIG instance, or a GPU split into them, fits only with ``allow_mig``: the scheduler
+    hands out the instances, never their parent.
+    """
+    if gpu.mig_enabled is True and gpu.kind != "mig":
+        return False
+    if gpu.kind == "mig" and not allow_mig:
+        return False
     if request.vendor is not None and gpu.vendor != request.vendor:
         return False
     vram = gpu.vram_total_bytes

@@ -15,16 +15,16 @@ import random
 import secrets
 import ssl
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import msgspec
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 
 from agent.identity import Identity
-from agent.outbox import Outbox
+from agent.outbox import Outbox, Write
 from agent.protocol import crypto
 from agent.protocol.errors import ProtocolError, SequenceError
 from agent.protocol.limits import MAX_FRAME_BYTES
@@ -41,7 +41,7 @@ from agent.protocol.messages import (
 from agent.protocol.reliable import ReliableReceiver
 from agent.protocol.session import AgentHandshake
 
-__all__ = ["Link", "LinkConfig", "backoff_delays"]
+__all__ = ["Handler", "Link", "LinkConfig", "Reply", "backoff_delays"]
 
 _log = logging.getLogger(__name__)
 _SEND_BATCH = 64
@@ -49,9 +49,22 @@ _ACKS_PER_COMMIT = 64
 _ACK_DELAY_S = 0.2
 _HANDSHAKE_TIMEOUT_S = 10.0
 
-Handler = Callable[[Message], Awaitable[list[tuple[str, bytes]]]]
-"""Handles one reliable coordinator message; returns what to queue for the coordinator
-(kind, encoded body), which the link stores together with the fact it was handled."""
+
+class Reply(NamedTuple):
+    """What handling one reliable coordinator message produced.
+
+    The link stores ``messages`` (kind, encoded body) for the coordinator, runs ``also``
+    (more writes, e.g. the job ledger's) and records the message as handled, all in one
+    outbox transaction; then, once that is on disk, it calls ``then``.
+    """
+
+    messages: Sequence[tuple[str, bytes]] = ()
+    also: Write | None = None
+    then: Callable[[], None] | None = None
+
+
+Handler = Callable[[Message], Awaitable[Reply]]
+"""Handles one reliable coordinator message, in order, once."""
 
 
 class LinkConfig(msgspec.Struct, frozen=True, kw_only=True):
@@ -261,10 +274,17 @@ class Link:
                     await websocket.send(encode_frame(error_message(exc)))
                     raise
                 if new:
-                    queued = await self.handler(message)
-                    self.outbox.append_many(queued, time.time(), coordinator_seq=receiver.last_seq)
-                    if queued:
+                    reply = await self.handler(message)
+                    self.outbox.append_many(
+                        reply.messages,
+                        time.time(),
+                        coordinator_seq=receiver.last_seq,
+                        also=reply.also,
+                    )
+                    if reply.messages:
                         self.wakeup.set()
+                    if reply.then is not None:
+                        reply.then()
                 # Acknowledged once handled and recorded; a duplicate is acknowledged again.
                 if (ack := receiver.take_ack()) is not None:
                     await websocket.send(encode_frame(ack))

@@ -17,10 +17,11 @@ from __future__ import annotations
 import os
 import sqlite3
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from types import TracebackType
+from typing import TypeVar
 
 import msgspec
 
@@ -35,7 +36,12 @@ __all__ = [
     "Entry",
     "Outbox",
     "OutboxError",
+    "Write",
 ]
+
+T = TypeVar("T")
+#: More writes to run inside an outbox transaction.
+Write = Callable[[sqlite3.Connection], None]
 
 #: Kinds that may be dropped under the cap. Every other kind, including kinds added later,
 #: is kept until acked. ``job_log`` is deliberately not here: it is bounded at its source
@@ -72,6 +78,36 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
         """INSERT INTO meta (key, value) VALUES
             ('last_seq', 0), ('last_acked_seq', 0), ('last_coordinator_seq', 0)""",
         "CREATE TABLE dropped (kind TEXT PRIMARY KEY, count INTEGER NOT NULL) STRICT",
+    ),
+    # The job ledger (agent/ledger.py) lives in the same file, so that a job's state and
+    # the messages that report it commit in one transaction.
+    (
+        """CREATE TABLE jobs (
+            job_id TEXT PRIMARY KEY,
+            state TEXT NOT NULL,
+            code TEXT NOT NULL DEFAULT '',
+            detail TEXT NOT NULL DEFAULT '',
+            offer BLOB NOT NULL,
+            gpus TEXT NOT NULL DEFAULT '[]',
+            container_id TEXT,
+            exit_code INTEGER,
+            created REAL NOT NULL,
+            updated REAL NOT NULL,
+            receipt BLOB
+        ) STRICT""",
+        "CREATE INDEX jobs_by_state ON jobs (state)",
+        """CREATE TABLE job_logs (
+            job_id TEXT NOT NULL,
+            n INTEGER NOT NULL,
+            stream TEXT NOT NULL,
+            data TEXT NOT NULL,
+            PRIMARY KEY (job_id, n)
+        ) STRICT, WITHOUT ROWID""",
+        """CREATE TABLE receipts (
+            n INTEGER PRIMARY KEY,
+            job_id TEXT NOT NULL UNIQUE,
+            digest TEXT NOT NULL
+        ) STRICT""",
     ),
 )
 SCHEMA_VERSION = len(_MIGRATIONS)
@@ -160,19 +196,25 @@ class Outbox:
         now: float,
         *,
         coordinator_seq: int | None = None,
+        also: Write | None = None,
     ) -> list[int]:
         """Store several messages in one transaction (one fsync) and return their seqs.
 
         With ``coordinator_seq``, the same transaction records that coordinator message as
         processed: what handling it produced and the fact that it was handled are stored
-        together, so a crash between the two cannot make it run twice.
+        together, so a crash between the two cannot make it run twice. ``also`` runs more
+        writes (the job ledger's) inside the same transaction.
         """
         rows = list(items)
-        if (not rows and coordinator_seq is None) or any(not kind for kind, _ in rows):
+        if (not rows and coordinator_seq is None and also is None) or any(
+            not kind for kind, _ in rows
+        ):
             raise OutboxError("bad_argument", "append needs messages, each with a kind")
         with self._tx() as db:
             if coordinator_seq is not None:
                 _advance_coordinator_seq(db, coordinator_seq)
+            if also is not None:
+                also(db)
             if not rows:
                 return []
             first = _meta(db, "last_seq") + 1
@@ -226,6 +268,11 @@ class Outbox:
                 (dropped,),
             )
         return dropped, freed
+
+    def query(self, read: Callable[[sqlite3.Connection], T]) -> T:
+        """Run ``read`` in a read transaction of this file (the job ledger's reads)."""
+        with self._tx(write=False) as db:
+            return read(db)
 
     def pending(self, after_seq: int, limit: int) -> list[Entry]:
         """The unacked messages after ``after_seq``, at most ``limit``, in seq order."""

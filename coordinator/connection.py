@@ -44,6 +44,7 @@ from agent.protocol.messages import (
     JobResult,
     JobStatus,
     Message,
+    NodeStatus,
     Profile,
     ReliableBody,
     ReliableMessage,
@@ -71,7 +72,7 @@ _log = logging.getLogger(__name__)
 #: RFC 6455 section 7.4.1: 1008 "policy violation", the close code after a closing error.
 CLOSE_POLICY = 1008
 #: The reliable types an agent sends.
-_RELIABLE_IN = (Profile, Telemetry, JobStatus, JobLog, JobResult)
+_RELIABLE_IN = (Profile, Telemetry, NodeStatus, JobStatus, JobLog, JobResult)
 #: Nonce refusals that leave a node-signed profile stored as unverified, not refused.
 _UNVERIFIED_NONCE = frozenset({"stale_nonce", "replayed_nonce"})
 #: The body type of each kind of message the coordinator's stream keeps in the store.

@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 
+from agent.protocol.bodies import UnitStatus
 from agent.protocol.errors import DecodeError, LimitExceeded
 from agent.protocol.limits import MAX_FRAME_BYTES, MAX_LOG_CHUNK_BYTES, MAX_TELEMETRY_BATCH
 from agent.protocol.messages import (
@@ -28,6 +29,7 @@ from agent.protocol.messages import (
     JobResultBody,
     JobStatusBody,
     Message,
+    NodeStatusBody,
     ProfileBody,
     TelemetryBody,
     WelcomeBody,
@@ -71,6 +73,14 @@ EXAMPLES: dict[str, Message] = {
     ),
     "profile": wrap(ProfileBody(attestation=ENVELOPE), 1),
     "telemetry": wrap(TelemetryBody(samples=[{"gpu": {"util_gpu_pct": 93.0}}], dropped=2), 2),
+    "node_status": wrap(
+        NodeStatusBody(
+            available=False,
+            reason="paused",
+            units=[UnitStatus(id="GPU-1", health="unhealthy", reason="xid_79", job_id="job-1")],
+        ),
+        6,
+    ),
     "job_status": wrap(JobStatusBody(job_id="job-1", state="running"), 3),
     "job_log": wrap(JobLogBody(job_id="job-1", stream="stdout", data="epoch 1\n"), 4),
     "job_result": wrap(JobResultBody(job_id="job-1", receipt=ENVELOPE), 5),
@@ -106,7 +116,7 @@ def test_every_message_round_trips(name: str) -> None:
 
 
 def test_reliable_types_are_the_streams_of_the_architecture() -> None:
-    streams = {"profile", "telemetry", "job_status", "job_log", "job_result"}
+    streams = {"profile", "telemetry", "node_status", "job_status", "job_log", "job_result"}
     streams |= {"job_offer", "job_cancel", "attest_request"}
     assert streams == RELIABLE_TYPES
 

@@ -31,10 +31,12 @@ __all__ = [
     "JobOfferBody",
     "JobResultBody",
     "JobStatusBody",
+    "NodeStatusBody",
     "ProfileBody",
     "Seq",
     "SeqOrZero",
     "TelemetryBody",
+    "UnitStatus",
     "WelcomeBody",
     "WireStruct",
 ]
@@ -120,6 +122,28 @@ class TelemetryBody(WireStruct):
 
     samples: Annotated[list[dict[str, Any]], Meta(max_length=MAX_TELEMETRY_BATCH)]
     dropped: Annotated[int, Meta(ge=0)] = 0
+
+
+class UnitStatus(WireStruct):
+    """One schedulable GPU (or MIG instance) of a node: its health and its job."""
+
+    id: Name
+    health: Literal["healthy", "unhealthy"]
+    reason: Text = ""
+    job_id: Name | None = None
+
+
+class NodeStatusBody(WireStruct):
+    """Whether the node takes jobs now and on which GPUs; sent whenever that changes.
+
+    Never sent while the node is still checking its GPUs: a coordinator that has none
+    from a node offers it nothing.
+    """
+
+    available: bool
+    units: Annotated[list[UnitStatus], Meta(max_length=1024)]
+    reason: Annotated[str, Meta(max_length=64, pattern=r"^([a-z][a-z0-9_]*)?$")] = ""
+    detail: Text = ""
 
 
 class JobStatusBody(WireStruct):

@@ -29,6 +29,7 @@ from agent.protocol.bodies import (
     JobOfferBody,
     JobResultBody,
     JobStatusBody,
+    NodeStatusBody,
     ProfileBody,
     Seq,
     TelemetryBody,
@@ -74,6 +75,8 @@ __all__ = [
     "JobStatus",
     "JobStatusBody",
     "Message",
+    "NodeStatus",
+    "NodeStatusBody",
     "Profile",
     "ProfileBody",
     "ReliableBody",
@@ -140,6 +143,12 @@ class Telemetry(_Reliable, tag="telemetry"):
     body: TelemetryBody
 
 
+class NodeStatus(_Reliable, tag="node_status"):
+    """Frame of a ``node_status``."""
+
+    body: NodeStatusBody
+
+
 class JobStatus(_Reliable, tag="job_status"):
     """Frame of a ``job_status``."""
 
@@ -189,12 +198,21 @@ class Error(_Frame, tag="error"):
 
 
 ReliableMessage: TypeAlias = (
-    Profile | Telemetry | JobStatus | JobLog | JobResult | JobOffer | JobCancel | AttestRequest
+    Profile
+    | Telemetry
+    | NodeStatus
+    | JobStatus
+    | JobLog
+    | JobResult
+    | JobOffer
+    | JobCancel
+    | AttestRequest
 )
 Message: TypeAlias = Hello | Challenge | Auth | Welcome | Ack | Error | ReliableMessage
 ReliableBody: TypeAlias = (
     ProfileBody
     | TelemetryBody
+    | NodeStatusBody
     | JobStatusBody
     | JobLogBody
     | JobResultBody
@@ -211,6 +229,7 @@ _FRAME_OF_BODY: dict[type[WireStruct], type[_Frame]] = {
     WelcomeBody: Welcome,
     ProfileBody: Profile,
     TelemetryBody: Telemetry,
+    NodeStatusBody: NodeStatus,
     JobStatusBody: JobStatus,
     JobLogBody: JobLog,
     JobResultBody: JobResult,
@@ -226,7 +245,8 @@ _TYPES: dict[str, type[_Frame]] = {str(f.__struct_config__.tag): f for f in _FRA
 RELIABLE_TYPES = frozenset(n for n, f in _TYPES.items() if issubclass(f, _Reliable))
 #: Types an agent sends; a coordinator refuses the others as ``unknown_type``.
 AGENT_SENDS = frozenset(
-    {"hello", "auth", "profile", "telemetry", "job_status", "job_log", "job_result"}
+    {"hello", "auth", "profile", "telemetry", "node_status", "job_status", "job_log"}
+    | {"job_result"}
     | {"ack", "error"}
 )
 #: Types a coordinator sends; an agent refuses the others as ``unknown_type``.

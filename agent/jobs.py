@@ -1,0 +1,507 @@
+"""Jobs from offer to receipt: verify, admit, schedule, run, report, exactly once.
+
+The job manager is the daemon's driver around the pure parts (offer verification in
+:mod:`agent.protocol.jobs`, admission in :mod:`sandbox.policy`, assignment in
+:mod:`agent.scheduler`) and the sandbox runner. Every change of a job is one outbox
+transaction holding both the ledger's new state and the messages that report it:
+
+- an offer is answered ``accepted`` (its GPUs reserved) or ``refused`` with a code, in
+  the same transaction that records the offer as handled; the container starts only
+  once that is on disk, so nothing runs that the coordinator will not hear of;
+- ``running``, bounded ``job_log`` chunks, then the signed receipt (``job_result``) and
+  the final ``job_status`` together;
+- at start, jobs that a crash cut short are reaped and reported ``interrupted`` with a
+  receipt, and never run again: only a new offer (a new job id) runs anything.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import codecs
+import logging
+import sqlite3
+import time
+from collections.abc import Callable, Iterable
+from contextlib import aclosing
+from typing import Literal
+
+import msgspec
+
+from agent.gpu_select import device_facts
+from agent.identity import Identity
+from agent.ledger import JobRecord, Ledger
+from agent.link import Reply
+from agent.outbox import Outbox, Write
+from agent.protocol import dsse
+from agent.protocol.bodies import (
+    EnvelopeBody,
+    JobLogBody,
+    JobResultBody,
+    JobStatusBody,
+    NodeStatusBody,
+    UnitStatus,
+)
+from agent.protocol.errors import AuthError
+from agent.protocol.jobs import (
+    JobState,
+    Offer,
+    OutputDigest,
+    Receipt,
+    offer_digest,
+    receipt_digest,
+    verify_offer,
+)
+from agent.protocol.limits import MAX_ERROR_DETAIL_CHARS
+from agent.protocol.messages import JobCancel, JobOffer
+from agent.scheduler import Scheduler
+from sandbox.errors import PolicyViolation, SandboxError
+from sandbox.policy import Policy, admit
+from sandbox.results import Created, Finished, JobResult, LogChunk, Started
+from sandbox.runner import Runner
+from sandbox.spec import WorkloadSpec, load_spec, spec_digest
+
+__all__ = ["JobManager", "StopReason"]
+
+_log = logging.getLogger(__name__)
+
+#: Why the agent itself stopped a job; the runner reports each as "cancelled".
+StopReason = Literal["cancelled", "interrupted", "preempted"]
+
+#: Which reason to give first when several hold offers back.
+_HOLD_ORDER = ("shutting_down", "paused", "draining", "engine_unavailable", "initialising")
+
+#: Raw output bytes per job_log chunk: after UTF-8 decoding with replacement a chunk is at
+#: most three times this, well under the protocol's MAX_LOG_CHUNK_BYTES.
+_LOG_CHUNK_BYTES = 16 * 1024
+#: How long a finished job's output stays readable with ``gpu-agent logs``.
+_LOG_RETENTION_S = 7 * 86400
+#: A quiet job's output still reaches the coordinator this soon.
+_LOG_FLUSH_S = 0.25
+
+
+class JobManager:
+    """Takes offers and cancels from the link, runs jobs, reports them through the outbox."""
+
+    def __init__(
+        self,
+        *,
+        identity: Identity,
+        outbox: Outbox,
+        runner: Runner,
+        policy: Policy,
+        scheduler: Scheduler,
+        trusted_keys: dict[str, bytes],
+        wake: Callable[[], None],
+        on_change: Callable[[], None] = lambda: None,
+        max_concurrent: int = 0,
+        share_limit: int | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.identity = identity
+        self.outbox = outbox
+        self.ledger = Ledger(outbox)
+        self.runner = runner
+        self.policy = policy
+        self.scheduler = scheduler
+        self.trusted_keys = trusted_keys
+        self.wake = wake
+        self.on_change = on_change
+        self.max_concurrent = max_concurrent
+        self.share_limit = share_limit
+        self.clock = clock
+        self.tasks: dict[str, asyncio.Task[None]] = {}
+        self.holds: dict[str, str] = {"initialising": "checking the GPUs"}
+        """Why no offer is taken now: code -> detail; empty when offers are taken."""
+        self._stops: dict[str, StopReason] = {}
+
+    # -- start -------------------------------------------------------------------------
+
+    async def recover(self) -> list[str]:
+        """Reap what a previous run left and report its unfinished jobs ``interrupted``;
+        return their ids. Call once, before the link starts."""
+        try:
+            await self.runner.prepare()  # removes containers of runners that are gone
+        except SandboxError as exc:
+            # Jobs cannot run; their labelled leftovers are reaped at the next start.
+            _log.error("the container engine is not usable: %s", exc)
+            self.hold("engine_unavailable", f"{exc.code}: {exc.detail}")
+        self._commit([], self.ledger.prune_logs(self.clock() - _LOG_RETENTION_S))
+        recovered = []
+        for record in self.ledger.unfinished():
+            self._finish_unrun(record, "interrupted", "agent_restarted", "the agent restarted")
+            recovered.append(record.job_id)
+        if recovered:
+            _log.warning("reported %d job(s) cut short as interrupted", len(recovered))
+        return recovered
+
+    # -- the coordinator's messages ----------------------------------------------------
+
+    async def on_offer(self, message: JobOffer) -> Reply:
+        """Accept or refuse one offer; an accepted job starts once the answer is stored."""
+        job_id = message.body.job_id
+        known = self.ledger.get(job_id)
+        if known is not None:
+            # Ids run once. The same offer again (a coordinator that lost its ack) gets
+            # the job's current state, not a second run.
+            _log.info("offer for known job %s (%s): not run again", job_id, known.state)
+            return self._status_reply(job_id, known.state, "duplicate_offer", "job id known")
+        self.scheduler.release(job_id)  # a reservation whose answer never got stored
+        try:
+            offer, spec = self._admit(message)
+            units = self._reserve(job_id, spec)
+        except _Refusal as refusal:
+            _log.info("refused job %s: %s %s", job_id, refusal.code, refusal.detail)
+            write = self.ledger.insert(
+                job_id, "refused", b"", self.clock(), code=refusal.code, detail=refusal.detail
+            )
+            return self._status_reply(job_id, "refused", refusal.code, refusal.detail, write)
+        payload = msgspec.json.encode(offer)
+        write = self.ledger.insert(job_id, "accepted", payload, self.clock(), gpus=units)
+        reply = self._status_reply(job_id, "accepted", "", "", write)
+        return reply._replace(then=lambda: self._start(job_id, offer, spec, units))
+
+    async def on_cancel(self, message: JobCancel) -> Reply:
+        """Stop a job; its final status (``cancelled``) follows when it has stopped."""
+        job_id = message.body.job_id
+        if job_id in self.tasks:
+            self.stop(job_id, "cancelled")
+        else:
+            _log.info("cancel for job %s, which is not running", job_id)
+        return Reply()
+
+    # -- local control -----------------------------------------------------------------
+
+    def stop(self, job_id: str, why: StopReason) -> bool:
+        """Stop a running job (SIGTERM, its grace period, SIGKILL); False if not running."""
+        if job_id not in self.tasks:
+            return False
+        self._stops.setdefault(job_id, why)
+        self.runner.cancel(job_id)  # False before the runner has it: _run checks _stops
+        return True
+
+    @property
+    def unavailable(self) -> tuple[str, str] | None:
+        """Why offers are refused now, (code, detail), the weightiest hold first; None
+        when they are taken."""
+        for code in _HOLD_ORDER:
+            if code in self.holds:
+                return code, self.holds[code]
+        return next(iter(self.holds.items()), None)
+
+    def hold(self, code: str, detail: str) -> None:
+        """Refuse new offers with ``code`` until :meth:`release` of that code."""
+        if self.holds.get(code) != detail:
+            self.holds[code] = detail
+            self.on_change()
+
+    def release(self, code: str) -> None:
+        """Drop one reason to refuse offers."""
+        if self.holds.pop(code, None) is not None:
+            self.on_change()
+
+    async def wait_idle(self) -> None:
+        """Return once no job runs."""
+        while self.tasks:
+            await asyncio.gather(*self.tasks.values(), return_exceptions=True)
+
+    async def shutdown(self) -> None:
+        """Take no more offers; stop every job (reported ``interrupted``) and wait for them."""
+        self.hold("shutting_down", "the agent is stopping")
+        for job_id in list(self.tasks):
+            self.stop(job_id, "interrupted")
+        await self.wait_idle()
+
+    def node_status(self) -> NodeStatusBody | None:
+        """What the coordinator should know of this node's capacity; None while the GPUs
+        have not been checked yet (no capacity is ever reported before)."""
+        if self.scheduler.initialising:
+            return None
+        units = [
+            UnitStatus(
+                id=unit_id,
+                health="unhealthy" if unit.health == "unhealthy" else "healthy",
+                reason=unit.reason[:MAX_ERROR_DETAIL_CHARS],
+                job_id=unit.job_id,
+            )
+            for unit_id, unit in self.scheduler.units.items()
+        ]
+        code, detail = self.unavailable or ("", "")
+        return NodeStatusBody(
+            available=self.unavailable is None, units=units, reason=code, detail=detail
+        )
+
+    # -- admission ---------------------------------------------------------------------
+
+    def _admit(self, message: JobOffer) -> tuple[Offer, WorkloadSpec]:
+        job_id = message.body.job_id
+        try:
+            envelope = msgspec.convert(msgspec.to_builtins(message.body.offer), dsse.Envelope)
+            offer = verify_offer(
+                envelope,
+                self.trusted_keys,
+                job_id=job_id,
+                node_id=self.identity.node_id,
+                now=self.clock(),
+            )
+        except AuthError as exc:
+            raise _Refusal(exc.code, exc.detail) from None
+        if self.unavailable is not None:
+            raise _Refusal(*self.unavailable)
+        try:
+            spec = load_spec(msgspec.json.encode(offer.spec), "json")
+            admit(spec, self.policy, offered_vendors=self._vendors())
+        except PolicyViolation as exc:
+            detail = "; ".join(f"{v.code}: {v.message}" for v in exc.violations)
+            raise _Refusal(exc.code, detail) from None
+        except SandboxError as exc:
+            raise _Refusal(exc.code, exc.detail) from None
+        if self.max_concurrent and len(self.tasks) >= self.max_concurrent:
+            raise _Refusal("busy", f"{len(self.tasks)} job(s) running, the limit")
+        if not self.scheduler.could_ever_fit(spec.gpus):
+            raise _Refusal("no_matching_gpus", "this node has no GPUs that meet the spec")
+        return offer, spec
+
+    def _reserve(self, job_id: str, spec: WorkloadSpec) -> list[str]:
+        units = self.scheduler.assign(job_id, spec.gpus, self.share_limit)
+        if units is None:
+            raise _Refusal("busy", f"no {spec.gpus.count} free healthy GPU(s) fit the spec now")
+        return units
+
+    def _vendors(self) -> frozenset[str]:
+        return frozenset(u.gpu.vendor for u in self.scheduler.units.values())
+
+    # -- running -----------------------------------------------------------------------
+
+    def _start(self, job_id: str, offer: Offer, spec: WorkloadSpec, units: list[str]) -> None:
+        self.tasks[job_id] = asyncio.create_task(self._run(job_id, offer, spec, units))
+        self.on_change()
+
+    async def _run(self, job_id: str, offer: Offer, spec: WorkloadSpec, units: list[str]) -> None:
+        logs = _LogForwarder(job_id, self._commit)
+        flusher = asyncio.create_task(logs.flush_every(_LOG_FLUSH_S))
+        result: JobResult | None = None
+        try:
+            if job_id not in self._stops:
+                gpus = [device_facts(g) for g in self.scheduler.gpus_of(units)]
+                async with aclosing(self.runner.run(job_id, spec, gpus)) as events:
+                    async for event in events:
+                        if isinstance(event, Created):
+                            self._commit([], self.ledger.set_container(job_id, event.container_id))
+                        elif isinstance(event, Started):
+                            self._report(job_id, "running")
+                        elif isinstance(event, LogChunk):
+                            logs.add(event.stream, event.data)
+                        elif isinstance(event, Finished):
+                            result = event.result
+        except SandboxError as exc:  # refused before it began (a job id already running)
+            _log.error("job %s could not start: %s", job_id, exc)
+            result = _no_run(job_id, spec, exc.code, exc.detail)
+        finally:
+            flusher.cancel()
+            logs.flush(final=True)
+            if result is None:
+                result = _no_run(job_id, spec, "", "stopped before it started")
+                result.reason = "cancelled"
+            self._finish(job_id, offer, units, result)
+            self.scheduler.release(job_id)
+            del self.tasks[job_id]
+            self.on_change()
+
+    def _finish(self, job_id: str, offer: Offer, units: list[str], result: JobResult) -> None:
+        """The job's receipt and final state, stored and queued together."""
+        stopped_by = self._stops.pop(job_id, None)
+        state: JobState = result.reason
+        if result.reason == "cancelled" and stopped_by is not None:
+            state = stopped_by
+        code = result.error_code or ("" if state == "completed" else state)
+        receipt = Receipt(
+            job_id=job_id,
+            node_id=self.identity.node_id,
+            state=state,
+            code=code,
+            offer_sha256=offer_digest(offer),
+            spec_digest=result.spec_digest,
+            image_id=result.image_id,
+            gpus=units,
+            exit_code=result.exit_code,
+            started_at=result.started_at,
+            finished_at=result.finished_at,
+            cpu_seconds=result.cpu_seconds,
+            peak_memory_bytes=result.peak_memory_bytes,
+            outputs=[
+                OutputDigest(path=o.path, status=o.status, size_bytes=o.size_bytes, sha256=o.sha256)
+                for o in result.outputs
+            ],
+            log_sha256=result.log_sha256,
+            log_bytes=result.log_bytes,
+            log_dropped_bytes=result.log_dropped_bytes,
+            prev_receipt=self.ledger.last_receipt_digest(),
+        )
+        self._commit_receipt(receipt, result.detail, result.exit_code)
+        _log.info("job %s ended %s%s", job_id, state, f" ({code})" if code else "")
+
+    def _finish_unrun(self, record: JobRecord, state: JobState, code: str, detail: str) -> None:
+        """A receipt for a job the agent lost track of (a crash): nothing is known of its
+        run but what the ledger kept."""
+        try:
+            offer = msgspec.json.decode(record.offer, type=Offer)
+            digest = spec_digest(load_spec(msgspec.json.encode(offer.spec), "json"))
+            offer_sha = offer_digest(offer)
+        except (msgspec.DecodeError, SandboxError):  # accepted, so it parsed then
+            offer_sha, digest = "0" * 64, ""
+        receipt = Receipt(
+            job_id=record.job_id,
+            node_id=self.identity.node_id,
+            state=state,
+            code=code,
+            offer_sha256=offer_sha,
+            spec_digest=digest,
+            gpus=record.gpus,
+            prev_receipt=self.ledger.last_receipt_digest(),
+        )
+        self._commit_receipt(receipt, detail, None)
+
+    def _commit_receipt(self, receipt: Receipt, detail: str, exit_code: int | None) -> None:
+        identity = self.identity
+        envelope = dsse.attest_receipt(
+            msgspec.to_builtins(receipt),
+            identity.node_id,
+            identity.private_key,
+            identity.key_id,
+        )
+        signed = msgspec.json.encode(envelope)
+        job_id, now = receipt.job_id, self.clock()
+        result = JobResultBody(
+            job_id=job_id, receipt=msgspec.json.decode(signed, type=EnvelopeBody)
+        )
+        status = _status(job_id, receipt.state, receipt.code, detail)
+        ledger = self.ledger
+        self._commit(
+            [("job_result", msgspec.json.encode(result)), ("job_status", status)],
+            _chain(
+                ledger.update(
+                    job_id,
+                    receipt.state,
+                    now,
+                    code=receipt.code,
+                    detail=detail[:MAX_ERROR_DETAIL_CHARS],
+                    exit_code=exit_code,
+                ),
+                ledger.add_receipt(job_id, signed, receipt_digest(receipt)),
+            ),
+        )
+
+    def _report(self, job_id: str, state: JobState, code: str = "", detail: str = "") -> None:
+        self._commit(
+            [("job_status", _status(job_id, state, code, detail))],
+            self.ledger.update(job_id, state, self.clock(), code=code, detail=detail),
+        )
+
+    def _status_reply(
+        self, job_id: str, state: str, code: str, detail: str, write: Write | None = None
+    ) -> Reply:
+        return Reply(messages=[("job_status", _status(job_id, state, code, detail))], also=write)
+
+    def _commit(self, messages: list[tuple[str, bytes]], write: Write | None = None) -> None:
+        self.outbox.append_many(messages, self.clock(), also=write)
+        if messages:
+            self.wake()
+
+
+class _Refusal(Exception):
+    def __init__(self, code: str, detail: str) -> None:
+        super().__init__(code)
+        self.code = code
+        self.detail = detail[:MAX_ERROR_DETAIL_CHARS]
+
+
+class _LogForwarder:
+    """Turns a job's output into bounded ``job_log`` chunks, stored and queued in batches:
+    one transaction per flush, not one per line."""
+
+    def __init__(
+        self, job_id: str, commit: Callable[[list[tuple[str, bytes]], Write | None], None]
+    ) -> None:
+        self.job_id = job_id
+        self.commit = commit
+        self.pending: list[tuple[str, str]] = []
+        self.size = 0
+        self.decoders = {
+            name: codecs.getincrementaldecoder("utf-8")("replace") for name in ("stdout", "stderr")
+        }
+
+    def add(self, stream: Literal["stdout", "stderr"], data: bytes) -> None:
+        decoder = self.decoders[stream]
+        for start in range(0, len(data), _LOG_CHUNK_BYTES):
+            text = decoder.decode(data[start : start + _LOG_CHUNK_BYTES])
+            if text:
+                self.pending.append((stream, text))
+                self.size += len(text)
+        if self.size >= 4 * _LOG_CHUNK_BYTES:
+            self.flush()
+
+    def flush(self, *, final: bool = False) -> None:
+        if final:
+            for stream, decoder in self.decoders.items():
+                if tail := decoder.decode(b"", final=True):
+                    self.pending.append((stream, tail))
+        if not self.pending:
+            return
+        chunks = _merge(self.pending)
+        self.pending, self.size = [], 0
+        messages = [
+            (
+                "job_log",
+                msgspec.json.encode(JobLogBody(job_id=self.job_id, stream=stream, data=data)),  # type: ignore[arg-type]
+            )
+            for stream, data in chunks
+        ]
+        self.commit(messages, Ledger.add_logs(self.job_id, chunks))
+
+    async def flush_every(self, interval: float) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            self.flush()
+
+
+def _merge(pieces: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
+    """Adjacent pieces of one stream joined, up to the chunk size."""
+    merged: list[tuple[str, str]] = []
+    for stream, text in pieces:
+        if (
+            merged
+            and merged[-1][0] == stream
+            and len(merged[-1][1]) + len(text) <= _LOG_CHUNK_BYTES
+        ):
+            merged[-1] = (stream, merged[-1][1] + text)
+        else:
+            merged.append((stream, text))
+    return merged
+
+
+def _status(job_id: str, state: str, code: str, detail: str) -> bytes:
+    body = JobStatusBody(
+        job_id=job_id, state=state, code=code, detail=detail[:MAX_ERROR_DETAIL_CHARS]
+    )
+    return msgspec.json.encode(body)
+
+
+def _chain(*writes: Write) -> Write:
+    def write(db: sqlite3.Connection) -> None:
+        for each in writes:
+            each(db)
+
+    return write
+
+
+def _no_run(job_id: str, spec: WorkloadSpec, code: str, detail: str) -> JobResult:
+    return JobResult(
+        job_id=job_id,
+        reason="error",
+        exit_code=None,
+        image_id=None,
+        spec_digest=spec_digest(spec),
+        log_sha256="",
+        error_code=code or None,
+        detail=detail,
+    )

@@ -1,0 +1,236 @@
+"""The job ledger: every job this node was offered, its state, its log and its receipt.
+
+The tables live in the outbox's SQLite file (agent/outbox.py, schema version 2). Every
+change is a :data:`~agent.outbox.Write` handed to :meth:`Outbox.append_many` together with
+the messages that report it, so a job's state and what the coordinator is told about it
+commit at once: a crash can never leave a job marked finished whose result was not queued,
+nor a result queued twice.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterable
+from typing import Any
+
+import msgspec
+
+from agent.outbox import Outbox, Write
+from agent.protocol.jobs import FINAL_STATES
+
+__all__ = ["JobRecord", "Ledger", "LogLine"]
+
+_COLUMNS = "job_id, state, code, detail, offer, gpus, container_id, exit_code, created, updated"
+_FINAL = "({})".format(", ".join(f"'{s}'" for s in sorted(FINAL_STATES)))
+
+
+class JobRecord(msgspec.Struct, frozen=True, kw_only=True):
+    """One job as the ledger has it. ``offer`` is the verified offer's JSON (empty for an
+    offer refused before it verified); ``gpus`` are the unit ids it was given."""
+
+    job_id: str
+    state: str
+    code: str
+    detail: str
+    offer: bytes
+    gpus: list[str]
+    container_id: str | None
+    exit_code: int | None
+    created: float
+    updated: float
+
+    @property
+    def final(self) -> bool:
+        """Whether the job will never change again."""
+        return self.state in FINAL_STATES
+
+
+class LogLine(msgspec.Struct, frozen=True):
+    """One stored chunk of a job's output; ``n`` orders them within the job."""
+
+    n: int
+    stream: str
+    data: str
+
+
+class Ledger:
+    """Reads the ledger, and builds the writes that change it."""
+
+    def __init__(self, outbox: Outbox) -> None:
+        self.outbox = outbox
+
+    # -- writes: each returns a Write for Outbox.append_many(also=...) ------------------
+
+    @staticmethod
+    def insert(
+        job_id: str,
+        state: str,
+        offer: bytes,
+        now: float,
+        *,
+        gpus: Iterable[str] = (),
+        code: str = "",
+        detail: str = "",
+    ) -> Write:
+        """A new job. Fails (``storage_error``) if the id is known: ids are run once."""
+        gpu_list = msgspec.json.encode(list(gpus)).decode()
+
+        def write(db: sqlite3.Connection) -> None:
+            db.execute(
+                "INSERT INTO jobs (job_id, state, code, detail, offer, gpus, created, updated)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (job_id, state, code, detail, offer, gpu_list, now, now),
+            )
+
+        return write
+
+    @staticmethod
+    def update(
+        job_id: str,
+        state: str,
+        now: float,
+        *,
+        code: str = "",
+        detail: str = "",
+        exit_code: int | None = None,
+    ) -> Write:
+        """A job's new state."""
+
+        def write(db: sqlite3.Connection) -> None:
+            db.execute(
+                "UPDATE jobs SET state = ?, code = ?, detail = ?,"
+                " exit_code = coalesce(?, exit_code), updated = ? WHERE job_id = ?",
+                (state, code, detail, exit_code, now, job_id),
+            )
+
+        return write
+
+    @staticmethod
+    def set_container(job_id: str, container_id: str) -> Write:
+        """The container a job runs in (so that a restart knows what was there)."""
+
+        def write(db: sqlite3.Connection) -> None:
+            db.execute("UPDATE jobs SET container_id = ? WHERE job_id = ?", (container_id, job_id))
+
+        return write
+
+    @staticmethod
+    def add_logs(job_id: str, chunks: Iterable[tuple[str, str]]) -> Write:
+        """Append output chunks ``(stream, text)`` to a job's stored log."""
+        rows = list(chunks)
+
+        def write(db: sqlite3.Connection) -> None:
+            first = db.execute(
+                "SELECT coalesce(max(n), 0) + 1 FROM job_logs WHERE job_id = ?", (job_id,)
+            ).fetchone()[0]
+            db.executemany(
+                "INSERT INTO job_logs (job_id, n, stream, data) VALUES (?, ?, ?, ?)",
+                [(job_id, first + i, stream, data) for i, (stream, data) in enumerate(rows)],
+            )
+
+        return write
+
+    @staticmethod
+    def add_receipt(job_id: str, envelope: bytes, digest: str) -> Write:
+        """A job's signed receipt; it becomes the head of the node's receipt chain."""
+
+        def write(db: sqlite3.Connection) -> None:
+            db.execute("UPDATE jobs SET receipt = ? WHERE job_id = ?", (envelope, job_id))
+            db.execute("INSERT INTO receipts (job_id, digest) VALUES (?, ?)", (job_id, digest))
+
+        return write
+
+    @staticmethod
+    def prune_logs(before: float) -> Write:
+        """Forget the output of jobs that ended before ``before`` (their receipts stay:
+        they carry the log's digest)."""
+
+        def write(db: sqlite3.Connection) -> None:
+            db.execute(
+                "DELETE FROM job_logs WHERE job_id IN"
+                f" (SELECT job_id FROM jobs WHERE state IN {_FINAL} AND updated < ?)",
+                (before,),
+            )
+
+        return write
+
+    # -- reads --------------------------------------------------------------------------
+
+    def get(self, job_id: str) -> JobRecord | None:
+        """One job, or None if this node never heard of it."""
+        rows = self.outbox.query(
+            lambda db: db.execute(
+                f"SELECT {_COLUMNS} FROM jobs WHERE job_id = ?", (job_id,)
+            ).fetchall()
+        )
+        return _record(rows[0]) if rows else None
+
+    def unfinished(self) -> list[JobRecord]:
+        """Jobs not in a final state, oldest first: after a crash, these were cut short."""
+        rows = self.outbox.query(
+            lambda db: db.execute(
+                f"SELECT {_COLUMNS} FROM jobs WHERE state NOT IN {_FINAL} ORDER BY created"
+            ).fetchall()
+        )
+        return [_record(row) for row in rows]
+
+    def recent(self, limit: int) -> list[JobRecord]:
+        """The newest jobs first."""
+        rows = self.outbox.query(
+            lambda db: db.execute(
+                f"SELECT {_COLUMNS} FROM jobs ORDER BY created DESC, job_id LIMIT ?", (limit,)
+            ).fetchall()
+        )
+        return [_record(row) for row in rows]
+
+    def count_finished_since(self, since: float) -> int:
+        """How many jobs ran to a final state (refusals aside) since ``since``."""
+        return int(
+            self.outbox.query(
+                lambda db: db.execute(
+                    f"SELECT count(*) FROM jobs WHERE state IN {_FINAL}"
+                    " AND state != 'refused' AND updated >= ?",
+                    (since,),
+                ).fetchone()[0]
+            )
+        )
+
+    def logs(self, job_id: str, after: int = 0) -> list[LogLine]:
+        """A job's stored output after chunk ``after``, in order."""
+        rows = self.outbox.query(
+            lambda db: db.execute(
+                "SELECT n, stream, data FROM job_logs WHERE job_id = ? AND n > ? ORDER BY n",
+                (job_id, after),
+            ).fetchall()
+        )
+        return [LogLine(n, stream, data) for n, stream, data in rows]
+
+    def receipt(self, job_id: str) -> bytes | None:
+        """A job's signed receipt envelope (JSON), if it has one."""
+        rows = self.outbox.query(
+            lambda db: db.execute("SELECT receipt FROM jobs WHERE job_id = ?", (job_id,)).fetchall()
+        )
+        return rows[0][0] if rows else None
+
+    def last_receipt_digest(self) -> str:
+        """The digest of the node's newest receipt, "" before the first."""
+        rows = self.outbox.query(
+            lambda db: db.execute("SELECT digest FROM receipts ORDER BY n DESC LIMIT 1").fetchall()
+        )
+        return str(rows[0][0]) if rows else ""
+
+
+def _record(row: Any) -> JobRecord:
+    job_id, state, code, detail, offer, gpus, container_id, exit_code, created, updated = row
+    return JobRecord(
+        job_id=job_id,
+        state=state,
+        code=code,
+        detail=detail,
+        offer=offer,
+        gpus=msgspec.json.decode(gpus, type=list[str]),
+        container_id=container_id,
+        exit_code=exit_code,
+        created=created,
+        updated=updated,
+    )

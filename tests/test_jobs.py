@@ -1,0 +1,341 @@
+"""The job manager on a real Docker engine and a real outbox: offers to receipts.
+
+The link is played by :func:`deliver`, which stores a reply exactly as the link does; the
+coordinator's side of the end-to-end path is in test_daemon_jobs.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import factories
+import msgspec
+import pytest
+
+from agent.identity import Identity, load_or_create
+from agent.jobs import JobManager
+from agent.ledger import Ledger
+from agent.outbox import Outbox
+from agent.protocol import crypto, dsse
+from agent.protocol.bodies import EnvelopeBody, JobCancelBody, JobOfferBody
+from agent.protocol.jobs import Offer, receipt_digest, sign_offer
+from agent.protocol.messages import JobCancel, JobOffer, wrap
+from agent.scheduler import Scheduler
+from hal.types import UNSUPPORTED
+from sandbox.container import LABEL_JOB
+from sandbox.docker_api import DockerClient
+from sandbox.policy import Policy
+from sandbox.runner import Runner, RunnerConfig
+
+COORDINATOR = crypto.generate_private_key()
+COORDINATOR_PUB = crypto.public_key_bytes(COORDINATOR)
+COORDINATOR_ID = crypto.key_id(COORDINATOR_PUB)
+_seqs = itertools.count(1)
+
+
+@dataclass
+class World:
+    manager: JobManager
+    outbox: Outbox
+    identity: Identity
+    client: DockerClient
+    image: str
+
+    @property
+    def ledger(self) -> Ledger:
+        return self.manager.ledger
+
+    def messages(self, job_id: str | None = None) -> list[tuple[str, dict[str, Any]]]:
+        """Every queued message (kind, body), optionally only those about one job."""
+        out = []
+        for entry in self.outbox.pending(0, 10_000):
+            body = msgspec.json.decode(entry.body)
+            if job_id is None or body.get("job_id") == job_id:
+                out.append((entry.kind, body))
+        return out
+
+    def states(self, job_id: str) -> list[str]:
+        return [b["state"] for kind, b in self.messages(job_id) if kind == "job_status"]
+
+    def receipt(self, job_id: str) -> dict[str, Any]:
+        [body] = [b for kind, b in self.messages(job_id) if kind == "job_result"]
+        trusted = {self.identity.key_id: self.identity.public_key}
+        envelope = msgspec.convert(body["receipt"], dsse.Envelope)
+        return dsse.verify_receipt(envelope, trusted, self.identity.node_id)
+
+    def log(self, job_id: str) -> str:
+        return "".join(b["data"] for kind, b in self.messages(job_id) if kind == "job_log")
+
+
+def offer_message(
+    world: World,
+    job_id: str,
+    spec: dict[str, Any],
+    *,
+    key: crypto.PrivateKey = COORDINATOR,
+    node_id: str | None = None,
+    expires_in: float = 600.0,
+) -> JobOffer:
+    now = time.time()
+    offer = Offer(
+        job_id=job_id,
+        node_id=node_id or world.identity.node_id,
+        spec=spec,
+        issued_at=now,
+        expires_at=now + expires_in,
+    )
+    envelope = sign_offer(offer, key, crypto.key_id(crypto.public_key_bytes(key)))
+    body = JobOfferBody(
+        job_id=job_id, offer=msgspec.convert(envelope, EnvelopeBody, from_attributes=True)
+    )
+    message = wrap(body, next(_seqs))
+    assert isinstance(message, JobOffer)
+    return message
+
+
+async def deliver(world: World, message: JobOffer | JobCancel) -> None:
+    """Handle one coordinator message and store its reply as the link does."""
+    if isinstance(message, JobOffer):
+        reply = await world.manager.on_offer(message)
+    else:
+        reply = await world.manager.on_cancel(message)
+    world.outbox.append_many(
+        reply.messages, time.time(), coordinator_seq=message.seq, also=reply.also
+    )
+    if reply.then is not None:
+        reply.then()
+
+
+def spec(image: str, script: str, **extra: Any) -> dict[str, Any]:
+    return {
+        "image": image,
+        "command": ["sh", "-c", script],
+        "timeout_s": 60,
+        "grace_s": 2,
+        **extra,
+    }
+
+
+@pytest.fixture
+async def world(tmp_path: Path, docker_engine: str, test_image: str) -> AsyncIterator[World]:
+    dri = tmp_path / "dev" / "dri"
+    dri.mkdir(parents=True)
+    # Stand-ins for two Intel GPUs' render nodes: Docker resolves the links and maps the
+    # real device nodes behind them, so a job can see which ones it was given.
+    (dri / "renderD128").symlink_to("/dev/null")
+    (dri / "renderD129").symlink_to("/dev/zero")
+    gpus = [
+        factories.gpu(
+            id=f"pci:0000:0{i}:00.0",
+            vendor="intel",
+            backend="intel",
+            uuid=UNSUPPORTED,
+            pci_bus_id=f"0000:0{i}:00.0",
+            render_node=str(dri / f"renderD{128 + i}"),
+        )
+        for i in range(2)
+    ]
+    scheduler = Scheduler(gpus)
+    for unit_id in scheduler.units:
+        scheduler.set_health(unit_id, "healthy")
+    outbox = Outbox.open(tmp_path / "outbox.db")
+    identity = load_or_create(tmp_path / "identity")
+    client = DockerClient(docker_engine)
+    manager = JobManager(
+        identity=identity,
+        outbox=outbox,
+        runner=Runner(client, RunnerConfig(jobs_dir=tmp_path / "jobs")),
+        policy=Policy(allowed_images=[test_image.split(":", maxsplit=1)[0]]),
+        scheduler=scheduler,
+        trusted_keys={COORDINATOR_ID: COORDINATOR_PUB},
+        wake=lambda: None,
+    )
+    await manager.recover()
+    manager.release("initialising")
+    yield World(manager, outbox, identity, client, test_image)
+    await manager.shutdown()
+    outbox.close()
+
+
+async def containers_of(client: DockerClient, job_id: str) -> list[Any]:
+    filters = msgspec.json.encode({"label": [f"{LABEL_JOB}={job_id}"]}).decode()
+    listed = await client.request("GET", "/containers/json", params={"all": 1, "filters": filters})
+    return list(listed.json())
+
+
+async def test_an_offer_runs_once_and_ends_with_a_signed_receipt(world: World) -> None:
+    await deliver(world, offer_message(world, "job-1", spec(world.image, "echo hello")))
+    await world.manager.wait_idle()
+    assert world.states("job-1") == ["accepted", "running", "completed"]
+    assert world.log("job-1") == "hello\n"
+    receipt = world.receipt("job-1")
+    assert receipt["state"] == "completed"
+    assert receipt["exit_code"] == 0
+    assert receipt["image_id"].startswith("sha256:")
+    assert receipt["prev_receipt"] == ""
+    record = world.ledger.get("job-1")
+    assert record is not None
+    assert (record.state, record.exit_code) == ("completed", 0)
+    assert [line.data for line in world.ledger.logs("job-1")] == ["hello\n"]
+    assert await containers_of(world.client, "job-1") == []
+
+    # The next receipt names this one: a hash chain the coordinator can check.
+    await deliver(world, offer_message(world, "job-2", spec(world.image, "exit 3")))
+    await world.manager.wait_idle()
+    assert world.states("job-2") == ["accepted", "running", "failed"]
+    second = world.receipt("job-2")
+    assert (second["state"], second["exit_code"]) == ("failed", 3)
+    assert second["prev_receipt"] == receipt_digest(receipt)
+
+
+@pytest.mark.parametrize(
+    ("change", "code"),
+    [
+        ({"key": crypto.generate_private_key()}, "untrusted_key"),
+        ({"node_id": "node-someoneelse"}, "node_mismatch"),
+        ({"expires_in": -1.0}, "offer_expired"),
+    ],
+)
+async def test_an_offer_that_does_not_verify_is_refused_and_nothing_runs(
+    world: World, change: dict[str, Any], code: str
+) -> None:
+    await deliver(world, offer_message(world, "job-x", spec(world.image, "echo ran"), **change))
+    await world.manager.wait_idle()
+    [(kind, body)] = world.messages("job-x")
+    assert (kind, body["state"], body["code"]) == ("job_status", "refused", code)
+    assert world.manager.tasks == {}
+    assert await containers_of(world.client, "job-x") == []
+
+
+async def test_a_tampered_offer_is_refused(world: World) -> None:
+    message = offer_message(world, "job-t", spec(world.image, "echo ran"))
+    forged = Offer(
+        job_id="job-t",
+        node_id=world.identity.node_id,
+        spec=spec(world.image, "echo pwned"),
+        issued_at=0,
+        expires_at=time.time() + 600,
+    )
+    envelope = message.body.offer
+    tampered = msgspec.structs.replace(
+        envelope, payload=crypto.b64encode(msgspec.json.encode(forged))
+    )
+    body = msgspec.structs.replace(message.body, offer=tampered)
+    await deliver(world, msgspec.structs.replace(message, body=body))
+    assert world.states("job-t") == ["refused"]
+    assert world.messages("job-t")[0][1]["code"] == "bad_signature"
+
+
+@pytest.mark.parametrize(
+    ("changes", "code", "detail"),
+    [
+        ({"image": "docker.io/library/evil:1"}, "policy_violation", "image_not_allowed"),
+        ({"resources": {"cpus": 64}}, "policy_violation", "cpus_over_limit"),
+        ({"gpus": {"count": 3}}, "no_matching_gpus", ""),
+        ({"gpus": {"count": 1, "vendor": "nvidia"}}, "policy_violation", "gpu_vendor_not_offered"),
+        ({"gpus": {"count": 1, "min_vram_bytes": 1 << 50}}, "no_matching_gpus", ""),
+        ({"command": "not a list"}, "bad_value", "command"),
+        ({"mounts": ["/etc:/etc"]}, "forbidden_field", ""),
+    ],
+)
+async def test_an_offer_against_policy_or_capacity_is_refused_with_its_code(
+    world: World, changes: dict[str, Any], code: str, detail: str
+) -> None:
+    await deliver(world, offer_message(world, "job-p", {**spec(world.image, "true"), **changes}))
+    [(_, body)] = world.messages("job-p")
+    assert (body["state"], body["code"]) == ("refused", code)
+    assert detail in body["detail"]
+    assert world.manager.tasks == {}
+
+
+async def test_a_duplicate_offer_runs_once(world: World) -> None:
+    message = offer_message(world, "job-d", spec(world.image, "echo once"))
+    await deliver(world, message)
+    await deliver(world, offer_message(world, "job-d", spec(world.image, "echo twice")))
+    await world.manager.wait_idle()
+    states = [
+        (b["state"], b["code"]) for kind, b in world.messages("job-d") if kind == "job_status"
+    ]
+    assert states[0] == ("accepted", "")
+    assert states[1][1] == "duplicate_offer"
+    assert [s for s, _ in states].count("running") == 1
+    assert world.log("job-d") == "once\n"
+
+
+async def test_each_job_sees_only_its_own_gpu(world: World) -> None:
+    gpu_job = spec(world.image, "ls /dev/dri; sleep 1", gpus={"count": 1, "vendor": "intel"})
+    await deliver(world, offer_message(world, "job-g1", gpu_job))
+    await deliver(world, offer_message(world, "job-g2", gpu_job))
+    # Both GPUs are taken now: a third job is refused as busy, not queued.
+    await deliver(world, offer_message(world, "job-g3", gpu_job))
+    assert world.states("job-g3") == ["refused"]
+    assert world.messages("job-g3")[0][1]["code"] == "busy"
+    await world.manager.wait_idle()
+    first, second = world.log("job-g1").split(), world.log("job-g2").split()
+    assert sorted(first + second) == ["renderD128", "renderD129"]
+    assert world.receipt("job-g1")["gpus"] != world.receipt("job-g2")["gpus"]
+    # Released: the next one gets a GPU again.
+    await deliver(world, offer_message(world, "job-g4", gpu_job))
+    await world.manager.wait_idle()
+    assert world.states("job-g4") == ["accepted", "running", "completed"]
+
+
+async def test_cancel_stops_the_job_and_reports_it_cancelled(world: World) -> None:
+    await deliver(world, offer_message(world, "job-c", spec(world.image, "echo up; sleep 60")))
+    while "running" not in world.states("job-c"):
+        await _tick()
+    await deliver(world, wrap(JobCancelBody(job_id="job-c", reason="test"), next(_seqs)))  # type: ignore[arg-type]
+    await world.manager.wait_idle()
+    assert world.states("job-c") == ["accepted", "running", "cancelled"]
+    assert world.receipt("job-c")["state"] == "cancelled"
+    assert await containers_of(world.client, "job-c") == []
+
+
+async def test_shutdown_interrupts_running_jobs_with_receipts(world: World) -> None:
+    await deliver(world, offer_message(world, "job-s", spec(world.image, "sleep 60")))
+    while "running" not in world.states("job-s"):
+        await _tick()
+    await world.manager.shutdown()
+    assert world.states("job-s") == ["accepted", "running", "interrupted"]
+    assert world.receipt("job-s")["state"] == "interrupted"
+    # Stopping: later offers are refused, with the reason.
+    await deliver(world, offer_message(world, "job-late", spec(world.image, "true")))
+    assert world.messages("job-late")[0][1]["code"] == "shutting_down"
+
+
+async def test_jobs_a_crash_cut_short_are_reported_interrupted_once(
+    world: World, tmp_path: Path
+) -> None:
+    offer = offer_message(world, "job-k", spec(world.image, "true"))
+    payload = crypto.b64decode(offer.body.offer.payload)
+    # What a daemon killed mid-job leaves: the job accepted or running in the ledger.
+    world.outbox.append_many([], time.time(), also=Ledger.insert("job-k", "running", payload, 1.0))
+    assert await world.manager.recover() == ["job-k"]
+    assert world.states("job-k") == ["interrupted"]
+    receipt = world.receipt("job-k")
+    assert (receipt["state"], receipt["code"]) == ("interrupted", "agent_restarted")
+    assert await world.manager.recover() == []
+    assert world.states("job-k") == ["interrupted"]
+    # And the same offer again does not run it.
+    await deliver(world, offer)
+    assert world.manager.tasks == {}
+
+
+async def _tick() -> None:
+    await asyncio.sleep(0.05)
+
+
+async def test_old_logs_are_pruned_at_start_and_receipts_kept(world: World) -> None:
+    await deliver(world, offer_message(world, "job-old", spec(world.image, "echo old")))
+    await world.manager.wait_idle()
+    assert world.ledger.logs("job-old")
+    world.manager.clock = lambda: time.time() + 8 * 86400
+    await world.manager.recover()
+    assert world.ledger.logs("job-old") == []
+    assert world.ledger.receipt("job-old") is not None
