@@ -9,7 +9,7 @@ Grouped by how the operator reacts::
     |     codes: unknown_node, unknown_job, job_exists, job_final, bad_job_id, bad_spec,
     |            spec_too_large, bad_ttl, bad_reason, bad_request
     +-- AdminError                the admin API is unreachable or refused the client
-          codes: admin_file_missing, admin_file_unsafe, admin_file_corrupt,
+          codes: admin_file_missing, admin_file_unsafe, admin_file_corrupt, admin_file_unwritable,
                  admin_unreachable, unauthorized, forbidden, bad_answer, wait_timeout,
                  and the JobError codes the API answered with
 

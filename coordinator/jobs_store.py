@@ -74,7 +74,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     log_bytes INTEGER NOT NULL DEFAULT 0,
     log_dropped_bytes INTEGER NOT NULL DEFAULT 0
 ) STRICT;
-CREATE INDEX IF NOT EXISTS jobs_by_created ON jobs (created DESC, job_id);
+CREATE INDEX IF NOT EXISTS jobs_by_created ON jobs (created DESC);
 CREATE TABLE IF NOT EXISTS job_logs (
     job_id TEXT NOT NULL REFERENCES jobs(job_id),
     seq INTEGER NOT NULL,
@@ -257,7 +257,7 @@ class JobTables:
         """Jobs, newest first (of one node when ``node_id`` is given)."""
         rows = self._db.execute(
             "SELECT job_id, node_id, state, code, created, updated FROM jobs"
-            " WHERE ?1 IS NULL OR node_id = ?1 ORDER BY created DESC, job_id LIMIT ?2",
+            " WHERE ?1 IS NULL OR node_id = ?1 ORDER BY created DESC, rowid DESC LIMIT ?2",
             (node_id, limit),
         ).fetchall()
         return [
