@@ -1,7 +1,11 @@
-"""The read API and dashboard: a GET path in, a status, content type and body out.
+"""The HTTP API and dashboard: a request in, a status, content type and body out.
 
 Sans-I/O like the rest: :mod:`coordinator.server` hands each plain HTTP request on the
-websocket's port to :func:`route`.
+websocket's port to :func:`route` (GET only: that port's parser refuses request bodies),
+and :mod:`coordinator.admin`'s loopback listener hands its requests to :func:`admin_route`
+(GET as :func:`route`, plus the authenticated POSTs).
+
+Read (both listeners, no token):
 
 - ``GET /api/nodes`` -> ``{"nodes": [node summary, ...]}``
 - ``GET /api/nodes/{id}`` -> node summary + ``profile`` (the latest verified profile or
@@ -11,55 +15,127 @@ websocket's port to :func:`route`.
 A summary's ``profile_verified`` is true only when the node's newest profile verified;
 ``gpu_count`` counts the GPUs of its latest verified profile only.
 - ``GET /api/nodes/{id}/telemetry?since_seq=N&limit=M`` -> ``{"node_id", "items": [...]}``
+- ``GET /api/jobs?node_id=ID&limit=N`` -> ``{"jobs": [job summary, ...]}``, newest first
+- ``GET /api/jobs/{id}`` -> the job: state, spec, offer, cancel, logs, result (the
+  verified receipt, its digest, ``chain_ok`` and ``problems``); 404 ``unknown_job``
 - ``GET /`` -> the dashboard page
+
+Write (the admin listener only, from loopback, with ``Authorization: Bearer <token>``):
+
+- ``POST /api/jobs`` ``{"node_id", "spec", "job_id"?, "ttl_s"?}`` -> 201 ``{"job_id", "url"}``
+- ``POST /api/jobs/{id}/cancel`` ``{"reason"?}`` (or no body) -> 202 ``{"job_id"}``
+
+Errors are ``{"error": {"code", "detail"}}``: 400 ``bad_request``, ``bad_spec``,
+``bad_job_id``, ``bad_ttl``, ``bad_reason``, ``spec_too_large``; 401 ``unauthorized``;
+403 ``forbidden``; 404 ``not_found``, ``unknown_node``, ``unknown_job``; 405; 409
+``job_exists``, ``job_final``.
 """
 
 from __future__ import annotations
 
+import hmac
+import ipaddress
 from collections.abc import Collection
 from http import HTTPStatus
 from typing import Any
-from urllib.parse import parse_qs, unquote, urlsplit
 
 import msgspec
 
+from coordinator import jobs_api
+from coordinator.api_util import (
+    MAX_LIMIT,
+    HttpAnswer,
+    HttpRequest,
+    coded_error,
+    error,
+    json_answer,
+    split_target,
+)
 from coordinator.dashboard import PAGE
+from coordinator.errors import JobError
+from coordinator.jobs_api import JobControl
 from coordinator.store import NodeRow, Store
 
-__all__ = ["HttpAnswer", "route"]
+__all__ = ["HttpAnswer", "HttpRequest", "JobControl", "admin_route", "route"]
 
-_JSON = "application/json"
-_MAX_LIMIT = 1000
-
-
-class HttpAnswer(msgspec.Struct, frozen=True):
-    """What to answer a request with."""
-
-    status: HTTPStatus
-    content_type: str
-    body: bytes
+#: The HTTP status of each JobError code (others: 400).
+_JOB_ERROR_STATUS = {
+    "unknown_node": HTTPStatus.NOT_FOUND,
+    "unknown_job": HTTPStatus.NOT_FOUND,
+    "job_exists": HTTPStatus.CONFLICT,
+    "job_final": HTTPStatus.CONFLICT,
+}
 
 
 def route(method: str, target: str, store: Store, connected: Collection[str]) -> HttpAnswer:
     """The answer to ``method target`` (the request line's path and query)."""
     if method != "GET":
-        return _error(HTTPStatus.METHOD_NOT_ALLOWED, "only GET is served")
-    url = urlsplit(target)
-    parts = [unquote(p) for p in url.path.split("/") if p]
+        return error(
+            HTTPStatus.METHOD_NOT_ALLOWED,
+            "only GET is served here; writes go to the admin API (gpu-coordinator submit)",
+        )
+    target_ = split_target(target)
+    parts = target_.parts
     if not parts:
         return HttpAnswer(HTTPStatus.OK, "text/html; charset=utf-8", PAGE.encode())
     if parts == ["api", "nodes"]:
         nodes = [_summary(store, n, connected) for n in store.nodes()]
-        return _json({"nodes": nodes})
+        return json_answer({"nodes": nodes})
     if len(parts) in (3, 4) and parts[:2] == ["api", "nodes"]:
         node = store.node(parts[2])
         if node is None:
-            return _error(HTTPStatus.NOT_FOUND, f"no node {parts[2]!r}")
+            return error(HTTPStatus.NOT_FOUND, f"no node {parts[2]!r}")
         if len(parts) == 3:
-            return _json(_detail(store, node, connected))
+            return json_answer(_detail(store, node, connected))
         if parts[3] == "telemetry":
-            return _telemetry(store, node.node_id, parse_qs(url.query))
-    return _error(HTTPStatus.NOT_FOUND, f"no such path {url.path!r}")
+            return _telemetry(store, node.node_id, target_.query)
+    if parts == ["api", "jobs"]:
+        return jobs_api.job_list(store, target_.query)
+    if len(parts) == 3 and parts[:2] == ["api", "jobs"]:
+        return jobs_api.job_detail(store, parts[2], connected)
+    return error(HTTPStatus.NOT_FOUND, f"no such path {target_.path!r}")
+
+
+async def admin_route(
+    request: HttpRequest,
+    *,
+    token: str,
+    store: Store,
+    connected: Collection[str],
+    control: JobControl,
+) -> HttpAnswer:
+    """The admin listener's answer: GET as :func:`route`; POST only from loopback with
+    ``token``."""
+    if request.method != "POST":
+        return route(request.method, request.target, store, connected)
+    if not _loopback(request.peer):
+        return coded_error(HTTPStatus.FORBIDDEN, "forbidden", "writes only from this machine")
+    given = request.headers.get("authorization", "")
+    if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
+        answer = coded_error(
+            HTTPStatus.UNAUTHORIZED,
+            "unauthorized",
+            "send Authorization: Bearer <token of the coordinator's admin.json>",
+        )
+        return msgspec.structs.replace(answer, headers=(("WWW-Authenticate", "Bearer"),))
+    target = split_target(request.target)
+    parts = target.parts
+    try:
+        if parts == ["api", "jobs"]:
+            return await jobs_api.submit(control, request.body)
+        if len(parts) == 4 and parts[:2] == ["api", "jobs"] and parts[3] == "cancel":
+            return await jobs_api.cancel(control, parts[2], request.body)
+    except JobError as exc:
+        status = _JOB_ERROR_STATUS.get(exc.code, HTTPStatus.BAD_REQUEST)
+        return coded_error(status, exc.code, exc.detail)
+    return error(HTTPStatus.NOT_FOUND, f"no such path {target.path!r}")
+
+
+def _loopback(peer: str) -> bool:
+    try:
+        return ipaddress.ip_address(peer).is_loopback
+    except ValueError:
+        return False
 
 
 def _summary(store: Store, node: NodeRow, connected: Collection[str]) -> dict[str, Any]:
@@ -106,24 +182,15 @@ def _detail(store: Store, node: NodeRow, connected: Collection[str]) -> dict[str
 def _telemetry(store: Store, node_id: str, query: dict[str, list[str]]) -> HttpAnswer:
     try:
         since = int(query.get("since_seq", ["0"])[0])
-        limit = min(int(query.get("limit", [str(_MAX_LIMIT)])[0]), _MAX_LIMIT)
+        limit = min(int(query.get("limit", [str(MAX_LIMIT)])[0]), MAX_LIMIT)
     except ValueError:
-        return _error(HTTPStatus.BAD_REQUEST, "since_seq and limit are integers")
+        return error(HTTPStatus.BAD_REQUEST, "since_seq and limit are integers")
     if since < 0 or limit < 1:
-        return _error(HTTPStatus.BAD_REQUEST, "since_seq >= 0 and limit >= 1")
+        return error(HTTPStatus.BAD_REQUEST, "since_seq >= 0 and limit >= 1")
     messages = store.messages(node_id, "telemetry", since_seq=since, limit=limit)
     items = [_item(m.seq, m.body) | {"received": m.received} for m in messages]
-    return _json({"node_id": node_id, "items": items})
+    return json_answer({"node_id": node_id, "items": items})
 
 
 def _item(seq: int, body: Any) -> dict[str, Any]:
     return {"seq": seq, "samples": body.get("samples", []), "dropped": body.get("dropped", 0)}
-
-
-def _json(value: object, status: HTTPStatus = HTTPStatus.OK) -> HttpAnswer:
-    return HttpAnswer(status, _JSON, msgspec.json.encode(value))
-
-
-def _error(status: HTTPStatus, detail: str) -> HttpAnswer:
-    code = status.phrase.lower().replace(" ", "_")
-    return _json({"error": {"code": code, "detail": detail}}, status)

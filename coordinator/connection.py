@@ -8,6 +8,12 @@ One exception: a ``profile`` signed by the node's own key whose nonce is expired
 already answered is not refused. Refusing it would close the connection on a message the
 agent's outbox resends after every reconnect, so nothing behind it would ever arrive. It
 is stored and acknowledged as unverified, and a fresh ``attest_request`` follows at once.
+
+The coordinator's stream to a node (attest requests, job offers and cancels) is numbered by
+one :class:`ReliableSender` per node: the live session's while the node is connected
+(:attr:`Shared.sessions`), else rebuilt from the store, which keeps every message until the
+node acknowledges it. :func:`deliver` numbers a message, commits it, and sends it at once
+if the node is connected; otherwise it goes out after the node's next handshake.
 """
 
 from __future__ import annotations
@@ -29,14 +35,18 @@ from agent.protocol.limits import NONCE_BYTES
 from agent.protocol.messages import (
     AGENT_SENDS,
     Ack,
+    AttestRequest,
     AttestRequestBody,
     Error,
+    JobCancelBody,
     JobLog,
+    JobOfferBody,
     JobResult,
     JobStatus,
     Message,
     NodeStatus,
     Profile,
+    ReliableBody,
     ReliableMessage,
     Telemetry,
     decode_frame,
@@ -51,10 +61,11 @@ from agent.protocol.session import (
     ReliableReceiver,
     ReliableSender,
 )
+from coordinator.jobs_store import JobEvent, VerifiedResult
 from coordinator.keys import CoordinatorKey
 from coordinator.store import Store, Unverified
 
-__all__ = ["CLOSE_POLICY", "Settings", "Shared", "handle"]
+__all__ = ["CLOSE_POLICY", "Settings", "Shared", "deliver", "handle"]
 
 _log = logging.getLogger(__name__)
 
@@ -64,6 +75,12 @@ CLOSE_POLICY = 1008
 _RELIABLE_IN = (Profile, Telemetry, NodeStatus, JobStatus, JobLog, JobResult)
 #: Nonce refusals that leave a node-signed profile stored as unverified, not refused.
 _UNVERIFIED_NONCE = frozenset({"stale_nonce", "replayed_nonce"})
+#: The body type of each kind of message the coordinator's stream keeps in the store.
+_OUTBOUND_BODIES: dict[str, type[ReliableBody]] = {
+    "attest_request": AttestRequestBody,
+    "job_offer": JobOfferBody,
+    "job_cancel": JobCancelBody,
+}
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -76,14 +93,6 @@ class Settings:
     attest_nonce_ttl_s: float = 3600.0
 
 
-@dataclass(slots=True)
-class _Live:
-    """A node's open connection, so a newer one can take over from it."""
-
-    ws: ServerConnection
-    done: asyncio.Event
-
-
 @dataclass(slots=True, kw_only=True)
 class Shared:
     """What every connection of one coordinator shares."""
@@ -93,7 +102,8 @@ class Shared:
     nonces: NonceBook
     settings: Settings
     clock: Callable[[], float]
-    sessions: dict[str, _Live]
+    sessions: dict[str, _Session]
+    """The open session of each connected node."""
 
 
 def _new_nonce() -> str:
@@ -103,22 +113,43 @@ def _new_nonce() -> str:
 async def handle(ws: ServerConnection, shared: Shared) -> None:
     """Serve one agent until it goes away or breaks the protocol."""
     try:
-        node_id = await _handshake(ws, shared)
+        opened = await _handshake(ws, shared)
     except ConnectionClosed:
         return
-    if node_id is None:
+    if opened is None:
         return
-    done = asyncio.Event()
-    shared.sessions[node_id] = _Live(ws, done)
+    hs, node_id, sender = opened
+    session = _Session(ws, shared, node_id, sender)
+    # Registered before any await: from here on, the session's sender numbers the node's
+    # stream (deliver() uses it), so that no other sender is built from the store meanwhile.
+    shared.sessions[node_id] = session
     try:
-        await _Session(ws, shared, node_id).run()
+        await session.open(hs)
+        await session.run()
     except ConnectionClosed:
         pass
     finally:
-        live = shared.sessions.get(node_id)
-        if live is not None and live.ws is ws:
+        if shared.sessions.get(node_id) is session:
             del shared.sessions[node_id]
-        done.set()
+        session.done.set()
+
+
+async def deliver(
+    shared: Shared, node_id: str, body: ReliableBody, commit: Callable[[int], None]
+) -> int:
+    """Number ``body`` in the coordinator's stream to ``node_id``, commit it, send it.
+
+    ``commit(seq)`` must store the message (``Store.add_outbound`` or a method that does it
+    in the same transaction as what goes with it); if it raises, nothing was numbered. The
+    message is sent at once when the node is connected, else after its next handshake.
+    Returns its seq.
+    """
+    session = shared.sessions.get(node_id)
+    if session is not None:
+        return await session.push(body, commit)
+    seq = _sender(shared.store, node_id).next_seq
+    commit(seq)
+    return seq
 
 
 async def _send(ws: ServerConnection, messages: list[Message]) -> None:
@@ -126,8 +157,16 @@ async def _send(ws: ServerConnection, messages: list[Message]) -> None:
         await ws.send(encode_frame(message))
 
 
-async def _handshake(ws: ServerConnection, shared: Shared) -> str | None:
-    """Run the handshake; the authenticated node id, or None after refusing the agent."""
+async def _handshake(
+    ws: ServerConnection, shared: Shared
+) -> tuple[CoordinatorHandshake, str, ReliableSender] | None:
+    """Run the handshake up to ``welcome``; None after refusing the agent.
+
+    Returns the machine (ready to accept), the authenticated node id, and the sender of the
+    coordinator's stream to the node, resumed where the agent says it is. Nothing is
+    awaited after the sender is built, so the caller can register it before the store
+    changes under it.
+    """
     key = shared.key
     hs = CoordinatorHandshake(
         key_id=key.key_id,
@@ -178,30 +217,26 @@ async def _handshake(ws: ServerConnection, shared: Shared) -> str | None:
     store.node_seen(node_id, hello.public_key, now)
     store.purge_nonces(now - shared.settings.attest_nonce_ttl_s)
     try:
-        resend = _outbound_resume(store, node_id, hello.last_coordinator_seq)
+        sender = _outbound_resume(store, node_id, hello.last_coordinator_seq)
     except ProtocolError as exc:
         hs.refuse(exc)
         await _send(ws, hs.messages_to_send())
         await ws.close(CLOSE_POLICY)
         return None
-    hs.accept(
-        session_id="s-" + secrets.token_hex(8),
-        last_agent_seq=store.last_agent_seq(node_id),
-        heartbeat_s=shared.settings.heartbeat_s,
-        telemetry_interval_s=shared.settings.telemetry_interval_s,
-    )
-    await _send(ws, hs.messages_to_send())
-    await _send(ws, list(resend))
-    return node_id
+    return hs, node_id, sender
 
 
-def _outbound_resume(store: Store, node_id: str, agent_has: int) -> list[ReliableMessage]:
-    """What of the coordinator's stream to resend, given the agent's last stored seq."""
+def _outbound_resume(store: Store, node_id: str, agent_has: int) -> ReliableSender:
+    """The sender to a node, its pending messages those after the agent's last stored seq.
+
+    Raises:
+        SequenceError: ``ack_ahead`` / ``ack_behind`` (:meth:`ReliableSender.resend_from`).
+    """
     sender = _sender(store, node_id)
-    resend = sender.resend_from(agent_has)
+    sender.resend_from(agent_has)
     if agent_has > store.outbound(node_id).acked:
         store.ack_outbound(node_id, agent_has)
-    return resend
+    return sender
 
 
 def _sender(store: Store, node_id: str) -> ReliableSender:
@@ -209,17 +244,18 @@ def _sender(store: Store, node_id: str) -> ReliableSender:
     outbound = store.outbound(node_id)
     sender = ReliableSender(next_seq=outbound.acked + 1)
     for seq, kind, body in outbound.pending:
-        # Only attest_request is sent today; the rows are contiguous after the acked seq.
-        assert kind == "attest_request"
-        message = sender.send(msgspec.convert(body, AttestRequestBody))
-        assert message.seq == seq
+        # The rows are contiguous after the acked seq: each was numbered by a sender.
+        message = sender.send(msgspec.convert(body, _OUTBOUND_BODIES[kind]))
+        assert message.seq == seq, f"outbound to {node_id}: seq {seq} after {message.seq - 1}"
     return sender
 
 
 class _Session:
     """An open session: the agent's stream in, the coordinator's stream out."""
 
-    def __init__(self, ws: ServerConnection, shared: Shared, node_id: str) -> None:
+    def __init__(
+        self, ws: ServerConnection, shared: Shared, node_id: str, sender: ReliableSender
+    ) -> None:
         self.ws = ws
         self.shared = shared
         self.store = shared.store
@@ -228,13 +264,30 @@ class _Session:
         self.trusted = {crypto.key_id(public_key): public_key}
         self.receiver = ReliableReceiver(self.store.last_agent_seq(node_id))
         self.receiver.resume()
-        self.sender = _sender(self.store, node_id)
+        self.sender = sender
+        self.done = asyncio.Event()
+        """Set when the session is over, so that a newer connection can take over."""
+        self._open = False
+        self._sent_seq = 0
+        self._send_lock = asyncio.Lock()
+
+    async def open(self, hs: CoordinatorHandshake) -> None:
+        """Send ``welcome``, then what the agent has not stored of the coordinator's stream."""
+        hs.accept(
+            session_id="s-" + secrets.token_hex(8),
+            last_agent_seq=self.store.last_agent_seq(self.node_id),
+            heartbeat_s=self.shared.settings.heartbeat_s,
+            telemetry_interval_s=self.shared.settings.telemetry_interval_s,
+        )
+        await _send(self.ws, hs.messages_to_send())
+        self._open = True
+        await self._flush()
 
     async def run(self) -> None:
         """Ask for a fresh attestation, then take the agent's messages until it leaves."""
         # One request outstanding at a time: a node that reconnects without acknowledging
         # got the pending one again after welcome, and must not pile up new ones.
-        if not self.sender.pending():
+        if not any(isinstance(m, AttestRequest) for m in self.sender.pending()):
             await self._attest_request()
         async for raw in self.ws:
             ref_seq: int | None = None
@@ -248,15 +301,46 @@ class _Session:
                     await self.ws.close(CLOSE_POLICY)
                     return
 
+    async def push(self, body: ReliableBody, commit: Callable[[int], None]) -> int:
+        """Number ``body``, ``commit(seq)`` it, and send it (see :func:`deliver`).
+
+        A connection that closed meanwhile is no error: the message is stored, and goes
+        out after the node's next handshake.
+        """
+        seq = self.sender.next_seq
+        # Stored before it is numbered in memory: a commit that fails leaves no gap, and
+        # the agent may acknowledge it after a restart of ours.
+        commit(seq)
+        message = self.sender.send(body)
+        assert message.seq == seq
+        try:
+            await self._flush()
+        except ConnectionClosed:
+            kind = message_type(message)
+            _log.info("%s: closed; %s %d goes out on the next connection", self.node_id, kind, seq)
+        return seq
+
+    async def _flush(self) -> None:
+        """Send, in seq order, what is pending and not yet sent in this session."""
+        # One flush at a time, and nothing before welcome: the agent sees seqs in order.
+        async with self._send_lock:
+            if not self._open:
+                return
+            for message in self.sender.pending():
+                if message.seq > self._sent_seq:
+                    await self.ws.send(encode_frame(message))
+                    self._sent_seq = message.seq
+
     async def _attest_request(self) -> None:
         nonce = _new_nonce()
         self.store.issue_nonce(self.node_id, nonce, self.shared.clock())
-        message = self.sender.send(AttestRequestBody(nonce=nonce))
-        # Kept before it is sent: the agent may acknowledge it after a restart of ours.
-        self.store.add_outbound(
-            self.node_id, message.seq, "attest_request", msgspec.to_builtins(message.body)
+        body = AttestRequestBody(nonce=nonce)
+        await self.push(
+            body,
+            lambda seq: self.store.add_outbound(
+                self.node_id, seq, "attest_request", msgspec.to_builtins(body)
+            ),
         )
-        await self.ws.send(encode_frame(message))
 
     async def _on_message(self, message: Message) -> None:
         kind = message_type(message)
@@ -281,10 +365,18 @@ class _Session:
         profile: dict[str, Any] | None = None
         nonce: str | None = None
         unverified: Unverified | None = None
+        job: JobEvent | None = None
         if isinstance(message, Profile):
             profile, nonce, unverified = self._verify_profile(body["attestation"], now)
         elif isinstance(message, JobResult):
-            dsse.verify_receipt(_envelope(body["receipt"]), self.trusted, self.node_id)
+            # A receipt that does not verify is refused (the connection closes); one that
+            # verifies is stored, and what else does not hold is recorded on the job.
+            receipt = dsse.verify_receipt(_envelope(body["receipt"]), self.trusted, self.node_id)
+            job = VerifiedResult(
+                job_id=message.body.job_id, receipt=receipt, envelope=body["receipt"]
+            )
+        elif isinstance(message, JobStatus | JobLog):
+            job = message.body
         added = self.store.add(
             self.node_id,
             message.seq,
@@ -294,6 +386,7 @@ class _Session:
             profile=profile,
             nonce=nonce,
             unverified=unverified,
+            job=job,
         )
         # The add committed: only now may the agent forget the message.
         await self._ack()

@@ -2,7 +2,9 @@
 
 Each node is a ``tr.node[data-node-id]`` whose cells have the classes ``node-id``,
 ``state`` (plus ``on`` or ``off``), ``gpus``, ``seq`` and ``telemetry``; the headless
-Chromium test in tests/test_dashboard.py reads them.
+Chromium test in tests/test_dashboard.py reads them. Each job is a ``tr.job[data-job-id]``
+whose cells have the classes ``job-id`` (a link to ``/api/jobs/{id}``), ``node``,
+``state`` and ``updated``.
 """
 
 from __future__ import annotations
@@ -28,6 +30,11 @@ td, th { border: 1px solid #ccc; padding: 4px 8px; text-align: left; vertical-al
 <th>latest telemetry</th></tr></thead>
 <tbody id="nodes"><tr><td colspan="5">loading...</td></tr></tbody>
 </table>
+<h2>jobs</h2>
+<table>
+<thead><tr><th>job</th><th>node</th><th>state</th><th>updated</th></tr></thead>
+<tbody id="jobs"><tr><td colspan="4">loading...</td></tr></tbody>
+</table>
 <script>
 const text = (v) => String(v).replace(/[&<>"]/g, (c) => "&#" + c.charCodeAt(0) + ";");
 async function gpus(id) {
@@ -52,6 +59,20 @@ async function refresh() {
     document.getElementById("nodes").innerHTML = rows.join("") || "<tr><td colspan=5>no nodes";
   } catch (e) {
     document.getElementById("nodes").innerHTML = "<tr><td colspan=5>" + text(e);
+  }
+  try {
+    const {jobs} = await (await fetch("/api/jobs")).json();
+    document.getElementById("jobs").innerHTML = jobs.map((j) =>
+      '<tr class="job" data-job-id="' + text(j.job_id) + '">'
+      + '<td class="job-id"><a href="/api/jobs/' + encodeURIComponent(j.job_id) + '">'
+      + text(j.job_id) + "</a></td>"
+      + '<td class="node">' + text(j.node_id) + "</td>"
+      + '<td class="state">' + text(j.state) + (j.code ? " (" + text(j.code) + ")" : "")
+      + "</td>"
+      + '<td class="updated">' + text(new Date(j.updated * 1000).toISOString()) + "</td></tr>"
+    ).join("") || "<tr><td colspan=4>no jobs";
+  } catch (e) {
+    document.getElementById("jobs").innerHTML = "<tr><td colspan=4>" + text(e);
   }
 }
 refresh();

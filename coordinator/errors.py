@@ -4,7 +4,14 @@ Grouped by how the operator reacts::
 
     CoordinatorError              base; never raised itself
     +-- KeyFileError              the signing key on disk is unsafe or unusable: fix it
-          codes: key_permissions, key_unreadable, key_unwritable, key_corrupt
+    |     codes: key_permissions, key_unreadable, key_unwritable, key_corrupt
+    +-- JobError                  a submission or cancel refused: fix the request
+    |     codes: unknown_node, unknown_job, job_exists, job_final, bad_job_id, bad_spec,
+    |            spec_too_large, bad_ttl, bad_reason, bad_request
+    +-- AdminError                the admin API is unreachable or refused the client
+          codes: admin_file_missing, admin_file_unsafe, admin_file_corrupt, admin_file_unwritable,
+                 admin_unreachable, unauthorized, forbidden, bad_answer, wait_timeout,
+                 and the JobError codes the API answered with
 
 Protocol errors with a peer are :mod:`agent.protocol.errors`; they go to the agent as an
 ``error`` message and never stop the coordinator.
@@ -12,7 +19,7 @@ Protocol errors with a peer are :mod:`agent.protocol.errors`; they go to the age
 
 from __future__ import annotations
 
-__all__ = ["CoordinatorError", "KeyFileError"]
+__all__ = ["AdminError", "CoordinatorError", "JobError", "KeyFileError"]
 
 
 class CoordinatorError(Exception):
@@ -26,3 +33,11 @@ class CoordinatorError(Exception):
 
 class KeyFileError(CoordinatorError):
     """The coordinator's signing key file is unsafe, unreadable or not a key."""
+
+
+class JobError(CoordinatorError):
+    """A job submission or cancel the coordinator refuses; nothing was stored or sent."""
+
+
+class AdminError(CoordinatorError):
+    """The admin API could not be reached, or answered with an error (a client's view)."""

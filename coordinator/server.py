@@ -4,6 +4,11 @@ One port serves both: ``process_request`` answers plain HTTP requests (the read 
 dashboard) and lets websocket upgrades to :data:`AGENT_PATH` through to the agent handler.
 With an ``ssl_context`` that port speaks TLS only: ``wss://`` for agents, ``https://`` for
 the API and dashboard.
+
+A second, plain-HTTP listener on 127.0.0.1 (:mod:`coordinator.admin`) serves the same API
+plus the writes (job submission and cancel), behind a token written to ``admin.json`` in
+the state directory. :meth:`Coordinator.submit` and :meth:`Coordinator.cancel` are the same
+writes for a caller in the coordinator's own process.
 """
 
 from __future__ import annotations
@@ -14,15 +19,21 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 from websockets.asyncio.server import Server, ServerConnection
 from websockets.asyncio.server import serve as ws_serve
 from websockets.http11 import Request, Response
 
-from agent.protocol.limits import MAX_FRAME_BYTES
+from agent.protocol.jobs import FINAL_STATES
+from agent.protocol.limits import MAX_ERROR_DETAIL_CHARS, MAX_FRAME_BYTES
+from agent.protocol.messages import JobCancelBody
 from agent.protocol.session import NonceBook
-from coordinator import api, keys
-from coordinator.connection import Settings, Shared, handle
+from coordinator import api, jobs, keys
+from coordinator.admin import AdminFile, AdminListener, new_token, write_admin_file
+from coordinator.api_util import HttpAnswer, HttpRequest
+from coordinator.connection import Settings, Shared, deliver, handle
+from coordinator.errors import JobError
 from coordinator.store import Store
 
 __all__ = ["AGENT_PATH", "Coordinator", "Settings", "serve"]
@@ -44,17 +55,24 @@ class Coordinator:
         ping_interval_s: float | None = 20.0,
         clock: Callable[[], float] = time.time,
         ssl_context: ssl.SSLContext | None = None,
+        admin_port: int = 0,
     ) -> None:
         self.host = host
         self.ssl_context = ssl_context
         self._requested_port = port
         self.db_path = db_path
+        self.state_dir = state_dir
         self.settings = settings or Settings()
         self.key = keys.load_or_create(state_dir)
         self._ping_interval_s = ping_interval_s
         self._clock = clock
         self._server: Server | None = None
         self._shared: Shared | None = None
+        self._admin = AdminListener(self._admin_request, port=admin_port)
+        self.admin_token = new_token()
+        """The bearer token of the admin API's writes (also in :attr:`admin_file`)."""
+        self.admin_file: Path | None = None
+        """Where the admin URL and token were written (while started)."""
 
     @property
     def store(self) -> Store:
@@ -82,12 +100,17 @@ class Coordinator:
         scheme = "https" if self.ssl_context is not None else "http"
         return f"{scheme}://{self._url_host()}:{self.port}/"
 
+    @property
+    def admin_url(self) -> str:
+        """The admin API's base URL: ``http://127.0.0.1:PORT``."""
+        return self._admin.url
+
     def connected(self) -> set[str]:
         """The node ids with an open session now."""
         return set(self._shared.sessions) if self._shared is not None else set()
 
     async def start(self) -> None:
-        """Open the store and start listening."""
+        """Open the store, start listening, and write the admin file."""
         store = Store(self.db_path)
         self._shared = Shared(
             key=self.key,
@@ -111,13 +134,16 @@ class Coordinator:
                 ping_timeout=self._ping_interval_s,
                 ssl=self.ssl_context,
             )
-        except OSError:
-            store.close()
-            self._shared = None
+            await self._admin.start()
+            admin = AdminFile(url=self._admin.url, token=self.admin_token)
+            self.admin_file = write_admin_file(self.state_dir, admin)
+        except BaseException:
+            await self.stop()
             raise
 
     async def stop(self) -> None:
         """Close every connection (1001, going away), stop listening, close the store."""
+        await self._admin.stop()
         if self._server is not None:
             self._server.close()
             await self._server.wait_closed()
@@ -125,6 +151,69 @@ class Coordinator:
         if self._shared is not None:
             self._shared.store.close()
             self._shared = None
+
+    async def submit(
+        self,
+        node_id: str,
+        spec: dict[str, Any],
+        *,
+        job_id: str | None = None,
+        ttl_s: float = jobs.DEFAULT_TTL_S,
+    ) -> str:
+        """Sign an offer of ``spec`` to ``node_id``, store it, send it; returns the job id.
+
+        The offer goes out at once if the node is connected, else after its next handshake
+        (it is in the store: a restart of the coordinator does not lose it). The node answers
+        with ``job_status`` messages, which :meth:`Store.job` then shows.
+
+        Args:
+            job_id: ``job-`` and 16 random hex digits when None.
+            ttl_s: how long the offer stays valid; a node that gets it later refuses it.
+
+        Raises:
+            JobError: ``unknown_node`` (never connected), ``job_exists``, ``bad_job_id``,
+                ``bad_spec`` (not a JSON object), ``bad_ttl``, ``spec_too_large``.
+        """
+        shared = self._started()
+        store = shared.store
+        if not isinstance(node_id, str) or store.public_key(node_id) is None:
+            raise JobError("unknown_node", f"no node {node_id!r} ever connected")
+        job_id = jobs.new_job_id() if job_id is None else job_id
+        if store.job(job_id) is not None:
+            raise JobError("job_exists", f"job {job_id!r} exists")
+        now = self._clock()
+        signed = jobs.make_offer(
+            self.key, job_id=job_id, node_id=node_id, spec=spec, now=now, ttl_s=ttl_s
+        )
+        await deliver(shared, node_id, signed.body, lambda seq: store.add_job(signed, seq, now))
+        return job_id
+
+    async def cancel(self, job_id: str, reason: str = "") -> None:
+        """Ask the job's node to stop it (``job_cancel``); it then reports ``cancelled``.
+
+        Asking again while a cancel is under way sends nothing more. A job not yet
+        delivered still gets its offer first, then the cancel: the stream keeps its order.
+
+        Raises:
+            JobError: ``unknown_job``, ``job_final`` (it ended already), ``bad_reason``
+                (over 1024 characters).
+        """
+        shared = self._started()
+        store = shared.store
+        job = store.job(job_id)
+        if job is None:
+            raise JobError("unknown_job", f"no job {job_id!r}")
+        if job.state in FINAL_STATES:
+            raise JobError("job_final", f"job {job_id!r} is {job.state} already")
+        if not isinstance(reason, str) or len(reason) > MAX_ERROR_DETAIL_CHARS:
+            raise JobError("bad_reason", f"a reason is at most {MAX_ERROR_DETAIL_CHARS} characters")
+        if job.cancel_requested is not None:
+            return
+        body = JobCancelBody(job_id=job_id, reason=reason)
+        now = self._clock()
+        await deliver(
+            shared, job.node_id, body, lambda seq: store.add_cancel(job.node_id, body, seq, now)
+        )
 
     async def __aenter__(self) -> Coordinator:
         await self.start()
@@ -138,9 +227,22 @@ class Coordinator:
     ) -> None:
         await self.stop()
 
+    def _started(self) -> Shared:
+        if self._shared is None:
+            raise RuntimeError("the coordinator is not started")
+        return self._shared
+
     async def _handler(self, ws: ServerConnection) -> None:
-        assert self._shared is not None
-        await handle(ws, self._shared)
+        await handle(ws, self._started())
+
+    async def _admin_request(self, request: HttpRequest) -> HttpAnswer:
+        return await api.admin_route(
+            request,
+            token=self.admin_token,
+            store=self.store,
+            connected=self.connected(),
+            control=self,
+        )
 
     def _process_request(self, connection: ServerConnection, request: Request) -> Response | None:
         if request.path.split("?", 1)[0] == AGENT_PATH:
@@ -152,6 +254,8 @@ class Coordinator:
         response.headers["Content-Length"] = str(len(answer.body))
         response.headers["Content-Type"] = answer.content_type
         response.headers["Cache-Control"] = "no-store"
+        for name, value in answer.headers:
+            response.headers[name] = value
         return response
 
     def _url_host(self) -> str:
@@ -171,6 +275,7 @@ async def serve(
     stop: asyncio.Event | None = None,
     on_ready: Callable[[Coordinator], None] | None = None,
     ssl_context: ssl.SSLContext | None = None,
+    admin_port: int = 0,
 ) -> None:
     """Run a coordinator until ``stop`` is set (or the task is cancelled)."""
     coordinator = Coordinator(
@@ -180,6 +285,7 @@ async def serve(
         port=port,
         settings=settings,
         ssl_context=ssl_context,
+        admin_port=admin_port,
     )
     async with coordinator:
         if on_ready is not None:

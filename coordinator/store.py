@@ -6,6 +6,9 @@ stored for a node is what the coordinator tells the agent in ``welcome``, so a r
 starts right after it. Each write commits before it returns, so the caller may acknowledge
 what a call stored as soon as it returns.
 
+Jobs (offers, states, logs, receipts and their chain) are :mod:`coordinator.jobs_store`'s
+tables, on the same connection and in the same transactions.
+
 A profile is stored in any case once its signature verifies with the node's key; it counts
 as verified hardware (``profiles``) only when it also answered a live nonce of this
 coordinator. One that answered an expired, unknown or already used nonce is kept in
@@ -23,6 +26,7 @@ from typing import Any
 import msgspec
 
 from agent.protocol.errors import AuthError
+from coordinator.jobs_store import JOBS_SCHEMA, JobEvent, JobTables
 
 __all__ = [
     "LatestProfile",
@@ -34,9 +38,11 @@ __all__ = [
     "VerifiedProfile",
 ]
 
-#: 2 adds ``unverified_profiles``; every table is ``IF NOT EXISTS``, so the script upgrades.
-_SCHEMA_VERSION = 2
-_SCHEMA = """
+#: 2 adds ``unverified_profiles``, 3 the job tables; every table is ``IF NOT EXISTS``, so
+#: the script upgrades.
+_SCHEMA_VERSION = 3
+_SCHEMA = (
+    """
 CREATE TABLE IF NOT EXISTS nodes (
     node_id TEXT PRIMARY KEY,
     public_key TEXT NOT NULL,
@@ -82,6 +88,8 @@ CREATE TABLE IF NOT EXISTS outbound (
     PRIMARY KEY (node_id, seq)
 ) STRICT, WITHOUT ROWID;
 """
+    + JOBS_SCHEMA
+)
 
 
 class NodeRow(msgspec.Struct, frozen=True, kw_only=True):
@@ -138,7 +146,7 @@ class Outbound(msgspec.Struct, frozen=True, kw_only=True):
     """``(seq, type, body)`` after ``acked``, in seq order."""
 
 
-class Store:
+class Store(JobTables):
     """The coordinator's database; one connection, used from the event loop's thread."""
 
     def __init__(self, path: Path) -> None:
@@ -219,8 +227,9 @@ class Store:
         profile: dict[str, Any] | None = None,
         nonce: str | None = None,
         unverified: Unverified | None = None,
+        job: JobEvent | None = None,
     ) -> bool:
-        """Store one message (with its profile, using its nonce) in one commit.
+        """Store one message (with its profile, using its nonce; or its job event) in one commit.
 
         The profile becomes the node's verified one, unless ``unverified`` says why its
         nonce did not hold: then it is kept beside, marked unverified with that reason.
@@ -259,6 +268,8 @@ class Store:
                     " verified_at = excluded.verified_at",
                     (node_id, seq, msgspec.json.encode(profile).decode(), now),
                 )
+            if job is not None:
+                self._apply_job_event(node_id, seq, job, now)
         return True
 
     def last_agent_seq(self, node_id: str) -> int:
@@ -393,13 +404,14 @@ class Store:
     def add_outbound(self, node_id: str, seq: int, kind: str, body: Any) -> None:
         """Keep a message of the coordinator's stream until the node acknowledges it."""
         with self._transaction():
-            self._db.execute(
-                "INSERT INTO outbound (node_id, seq, type, body) VALUES (?, ?, ?, ?)",
-                (node_id, seq, kind, msgspec.json.encode(body).decode()),
-            )
-            self._db.execute(
-                "UPDATE nodes SET coordinator_seq = ? WHERE node_id = ?", (seq, node_id)
-            )
+            self._insert_outbound(node_id, seq, kind, body)
+
+    def _insert_outbound(self, node_id: str, seq: int, kind: str, body: Any) -> None:
+        self._db.execute(
+            "INSERT INTO outbound (node_id, seq, type, body) VALUES (?, ?, ?, ?)",
+            (node_id, seq, kind, msgspec.json.encode(body).decode()),
+        )
+        self._db.execute("UPDATE nodes SET coordinator_seq = ? WHERE node_id = ?", (seq, node_id))
 
     def ack_outbound(self, node_id: str, seq: int) -> None:
         """The node stored everything up to ``seq``: forget it."""

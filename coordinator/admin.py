@@ -1,0 +1,229 @@
+"""The admin listener: a small HTTP/1.1 server on loopback for the API's POSTs.
+
+Why a second listener: the websocket port's HTTP parser (``websockets.http11.Request``)
+refuses any request with a body, since a websocket handshake has none, so ``POST`` with
+JSON cannot reach :mod:`coordinator.api` there. This listener binds 127.0.0.1 only and
+serves the same routes, GET and POST; it reads one request per connection (with
+``Content-Length``; no chunked bodies, no keep-alive) and answers with ``Connection: close``.
+
+The mutating routes need a bearer token. The coordinator draws a fresh one at each start
+and writes it with the listener's URL to :data:`ADMIN_FILE` in its state directory (mode
+0600, beside its key): whoever can read that file may submit jobs, nobody else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import secrets
+import stat
+from collections.abc import Awaitable, Callable
+from http import HTTPStatus
+from pathlib import Path
+
+import msgspec
+
+from agent.protocol.limits import MAX_FRAME_BYTES
+from coordinator.api_util import HttpAnswer, HttpRequest, error
+from coordinator.errors import AdminError
+
+__all__ = [
+    "ADMIN_FILE",
+    "AdminFile",
+    "AdminListener",
+    "new_token",
+    "read_admin_file",
+    "write_admin_file",
+]
+
+ADMIN_FILE = "admin.json"
+#: Largest request body: a job offer must fit in one frame, so its spec does too.
+MAX_BODY_BYTES = MAX_FRAME_BYTES
+_MAX_HEADERS = 100
+_READ_TIMEOUT_S = 10.0
+_MAX_ADMIN_FILE_BYTES = 4096
+
+
+class AdminFile(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """What ``admin.json`` holds: where the admin API is, and its token."""
+
+    url: str
+    token: str
+
+
+def new_token() -> str:
+    """A fresh admin token: 32 random bytes, URL-safe base64."""
+    return secrets.token_urlsafe(32)
+
+
+def write_admin_file(state_dir: Path, admin: AdminFile) -> Path:
+    """Write ``admin.json`` (mode 0600) atomically into ``state_dir``; returns its path."""
+    path = state_dir / ADMIN_FILE
+    temporary = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
+    try:
+        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        try:
+            os.write(fd, msgspec.json.encode(admin) + b"\n")
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(temporary, path)
+    except OSError as exc:
+        temporary.unlink(missing_ok=True)
+        raise AdminError("admin_file_unwritable", f"cannot write {path}: {exc}") from None
+    return path
+
+
+def read_admin_file(path: Path) -> AdminFile:
+    """The admin URL and token a running coordinator wrote.
+
+    Raises:
+        AdminError: ``admin_file_missing`` (no coordinator ran with that state directory,
+            or it is not readable), ``admin_file_unsafe`` (open to group or others: the
+            token may be known), ``admin_file_corrupt``.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as exc:
+        raise AdminError(
+            "admin_file_missing",
+            f"{path}: {exc.strerror}; is the coordinator running with this --state-dir?",
+        ) from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_mode & 0o077:
+            raise AdminError(
+                "admin_file_unsafe",
+                f"{path} is open to group or others (mode {stat.S_IMODE(st.st_mode):04o})",
+            )
+        data = os.read(fd, _MAX_ADMIN_FILE_BYTES + 1)
+    finally:
+        os.close(fd)
+    try:
+        return msgspec.json.decode(data, type=AdminFile)
+    except msgspec.DecodeError as exc:
+        raise AdminError("admin_file_corrupt", f"{path}: {exc}") from None
+
+
+class _BadRequest(Exception):
+    def __init__(self, status: HTTPStatus, detail: str) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.detail = detail
+
+
+Handler = Callable[[HttpRequest], Awaitable[HttpAnswer]]
+
+
+class AdminListener:
+    """The loopback HTTP listener; ``handler`` answers each request."""
+
+    def __init__(self, handler: Handler, *, port: int = 0) -> None:
+        self._handler = handler
+        self._requested_port = port
+        self._server: asyncio.Server | None = None
+        self._requests: set[asyncio.Task[None]] = set()
+
+    @property
+    def port(self) -> int:
+        """The bound TCP port (useful with port 0)."""
+        if self._server is None:
+            raise RuntimeError("the admin listener is not started")
+        return int(self._server.sockets[0].getsockname()[1])
+
+    @property
+    def url(self) -> str:
+        """The base URL of the admin API."""
+        return f"http://127.0.0.1:{self.port}"
+
+    async def start(self) -> None:
+        """Listen on 127.0.0.1."""
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", self._requested_port)
+
+    async def stop(self) -> None:
+        """Stop listening; cancel the requests under way, which answer nobody."""
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+            self._server = None
+        for task in self._requests:
+            task.cancel()
+        await asyncio.gather(*self._requests, return_exceptions=True)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._requests.add(task)
+        try:
+            try:
+                async with asyncio.timeout(_READ_TIMEOUT_S):
+                    request = await _read_request(reader, writer)
+                answer = await self._handler(request)
+            except _BadRequest as exc:
+                answer = error(exc.status, exc.detail)
+            except TimeoutError:
+                answer = error(HTTPStatus.REQUEST_TIMEOUT, "the request was not read in time")
+            writer.write(_serialize(answer))
+            await writer.drain()
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass  # the client went away: nobody to answer
+        finally:
+            self._requests.discard(task)
+            writer.close()
+            with contextlib.suppress(ConnectionError):
+                await writer.wait_closed()
+
+
+async def _read_request(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> HttpRequest:
+    """One request: line, headers, and a body of ``Content-Length`` bytes."""
+    try:
+        line = await reader.readuntil(b"\r\n")
+        parts = line.decode("ascii").rstrip("\r\n").split(" ")
+    except (asyncio.LimitOverrunError, UnicodeDecodeError):
+        raise _BadRequest(HTTPStatus.BAD_REQUEST, "not an HTTP/1.1 request line") from None
+    if len(parts) != 3 or parts[2] not in ("HTTP/1.0", "HTTP/1.1"):
+        raise _BadRequest(HTTPStatus.BAD_REQUEST, "not an HTTP/1.1 request line")
+    headers: dict[str, str] = {}
+    for _ in range(_MAX_HEADERS + 1):
+        try:
+            raw = await reader.readuntil(b"\r\n")
+        except asyncio.LimitOverrunError:
+            raise _BadRequest(HTTPStatus.BAD_REQUEST, "a header line is too long") from None
+        if raw == b"\r\n":
+            break
+        name, sep, value = raw.decode("latin-1").partition(":")
+        if not sep:
+            raise _BadRequest(HTTPStatus.BAD_REQUEST, "a header line without a colon")
+        headers[name.strip().lower()] = value.strip()
+    else:
+        raise _BadRequest(HTTPStatus.BAD_REQUEST, f"more than {_MAX_HEADERS} headers")
+    if "transfer-encoding" in headers:
+        raise _BadRequest(HTTPStatus.LENGTH_REQUIRED, "send the body with Content-Length")
+    try:
+        length = int(headers.get("content-length", "0"))
+    except ValueError:
+        raise _BadRequest(HTTPStatus.BAD_REQUEST, "Content-Length is not a number") from None
+    if not 0 <= length <= MAX_BODY_BYTES:
+        raise _BadRequest(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"limit {MAX_BODY_BYTES} bytes")
+    body = await reader.readexactly(length)
+    peer = writer.get_extra_info("peername")
+    return HttpRequest(
+        method=parts[0],
+        target=parts[1],
+        headers=headers,
+        body=body,
+        peer=str(peer[0]) if isinstance(peer, tuple) else "",
+    )
+
+
+def _serialize(answer: HttpAnswer) -> bytes:
+    head = [
+        f"HTTP/1.1 {answer.status.value} {answer.status.phrase}",
+        f"Content-Type: {answer.content_type}",
+        f"Content-Length: {len(answer.body)}",
+        "Cache-Control: no-store",
+        "Connection: close",
+    ]
+    head += [f"{name}: {value}" for name, value in answer.headers]
+    return ("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + answer.body

@@ -1,0 +1,160 @@
+"""Jobs on the coordinator's side, sans I/O: a signed offer out, a verified receipt judged.
+
+An offer is :class:`agent.protocol.jobs.Offer` signed with the coordinator key; what the
+coordinator stores and shows of it is :class:`SignedOffer`. A receipt arrives already
+verified (signed by the node's key, about the node); :func:`receipt_problems` then says
+what else does not hold: which job it names, which offer it ran, and whether it extends
+the node's hash chain of receipts.
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+from typing import Any, Final
+
+import msgspec
+
+from agent.protocol.errors import LimitExceeded
+from agent.protocol.jobs import FINAL_STATES, Offer, Receipt, offer_digest, sign_offer
+from agent.protocol.limits import MAX_SEQ
+from agent.protocol.messages import EnvelopeBody, JobOfferBody, encode_frame, wrap
+from coordinator.errors import JobError
+from coordinator.keys import CoordinatorKey
+
+__all__ = [
+    "CHAIN_BROKEN",
+    "DEFAULT_TTL_S",
+    "MAX_TTL_S",
+    "RECEIPT_PROBLEMS",
+    "SignedOffer",
+    "make_offer",
+    "new_job_id",
+    "receipt_problems",
+]
+
+#: How long an offer may wait for its node by default, in seconds.
+DEFAULT_TTL_S: Final = 3600.0
+#: The longest an offer may be valid: an offer is not a standing order.
+MAX_TTL_S: Final = 30 * 86400.0
+#: The receipt's ``prev_receipt`` is not the digest of the node's previous receipt.
+CHAIN_BROKEN: Final = "chain_broken"
+#: Every code :func:`receipt_problems` returns, in the order it returns them.
+RECEIPT_PROBLEMS: Final = (
+    "bad_receipt",  # not a Receipt (agent.protocol.jobs): nothing else could be checked
+    "job_mismatch",  # names another job than the job_result it came in
+    "node_mismatch",  # names another node than the one that signed it
+    "unknown_job",  # no job of this id was offered to this node
+    "offer_mismatch",  # offer_sha256 is not the digest of the offer this coordinator signed
+    "not_final",  # its state is not a final one with a receipt
+    CHAIN_BROKEN,
+)
+
+
+class SignedOffer(msgspec.Struct, frozen=True, kw_only=True):
+    """An offer, its digest, and the ``job_offer`` body that carries it."""
+
+    offer: Offer
+    sha256: str
+    """:func:`agent.protocol.jobs.offer_digest`: what the node's receipt must name."""
+    body: JobOfferBody
+
+
+def new_job_id() -> str:
+    """A fresh job id, ``job-`` and 16 hex digits."""
+    return "job-" + secrets.token_hex(8)
+
+
+def make_offer(
+    key: CoordinatorKey,
+    *,
+    job_id: str,
+    node_id: str,
+    spec: Any,
+    now: float,
+    ttl_s: float = DEFAULT_TTL_S,
+) -> SignedOffer:
+    """The offer of ``spec`` to ``node_id``, signed, checked to fit in one frame.
+
+    The spec is only checked to be a JSON object: the node validates it against its own
+    spec schema and admission policy, and refuses it with a coded ``job_status``.
+
+    Raises:
+        JobError: ``bad_spec`` (not a JSON object), ``bad_job_id``, ``bad_ttl`` (not in
+            (0, MAX_TTL_S]), ``spec_too_large`` (the offer would not fit in a frame).
+    """
+    if not isinstance(spec, dict):
+        raise JobError("bad_spec", "a spec is a JSON object (a TOML table)")
+    if not isinstance(ttl_s, int | float) or not (math.isfinite(ttl_s) and 0 < ttl_s <= MAX_TTL_S):
+        raise JobError("bad_ttl", f"ttl_s must be in (0, {MAX_TTL_S:.0f}] seconds")
+    fields = {
+        "job_id": job_id,
+        "node_id": node_id,
+        "spec": spec,
+        "issued_at": now,
+        "expires_at": now + ttl_s,
+    }
+    try:
+        # Round trip through JSON: the spec is signed, stored and sent exactly as the node
+        # will decode it, and anything that is not JSON is refused here.
+        offer = msgspec.json.decode(msgspec.json.encode(fields), type=Offer)
+    except (msgspec.ValidationError, TypeError) as exc:
+        where = str(exc)
+        if "$.job_id" in where:
+            raise JobError("bad_job_id", f"{job_id!r}: {where}") from None
+        raise JobError("bad_spec", where) from None
+    envelope = sign_offer(offer, key.private_key, key.key_id)
+    body = JobOfferBody(
+        job_id=job_id, offer=msgspec.convert(msgspec.to_builtins(envelope), EnvelopeBody)
+    )
+    try:
+        encode_frame(wrap(body, MAX_SEQ))  # the longest seq: the frame fits whatever seq it gets
+    except LimitExceeded as exc:
+        raise JobError("spec_too_large", f"the offer would not fit in a frame: {exc}") from None
+    return SignedOffer(offer=offer, sha256=offer_digest(offer), body=body)
+
+
+def receipt_problems(
+    receipt: dict[str, Any],
+    *,
+    job_id: str,
+    node_id: str,
+    offer_sha256: str | None,
+    prev_receipt: str,
+) -> list[str]:
+    """What does not hold about a receipt whose signature verified ([]: it all holds).
+
+    Args:
+        receipt: the verified receipt, as signed.
+        job_id: the job id of the ``job_result`` it came in.
+        node_id: the node that signed it.
+        offer_sha256: the digest of the offer of ``job_id`` to this node; None when no
+            such job was offered to it.
+        prev_receipt: the digest of the node's previous receipt ("" before the first).
+
+    Returns:
+        Codes of :data:`RECEIPT_PROBLEMS`, in that order.
+    """
+    problems: list[str] = []
+    # prev_receipt is checked by equality with the expected digest ("" or 64 hex digits),
+    # which also checks its form; msgspec would refuse "" there (it applies the pattern of
+    # Receipt's `Literal[""] | _Sha256` to the empty string too).
+    fields = {k: v for k, v in receipt.items() if k != "prev_receipt"}
+    chained = receipt.get("prev_receipt", "") == prev_receipt
+    try:
+        parsed = msgspec.convert(fields, Receipt)
+    except msgspec.ValidationError:
+        return ["bad_receipt"] if chained else ["bad_receipt", CHAIN_BROKEN]
+    if parsed.job_id != job_id:
+        problems.append("job_mismatch")
+    if parsed.node_id != node_id:
+        problems.append("node_mismatch")
+    if offer_sha256 is None:
+        problems.append("unknown_job")
+    elif parsed.offer_sha256 != offer_sha256:
+        problems.append("offer_mismatch")
+    if parsed.state not in FINAL_STATES or parsed.state == "refused":
+        problems.append("not_final")
+    if not chained:
+        problems.append(CHAIN_BROKEN)
+    return problems

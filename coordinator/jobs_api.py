@@ -1,0 +1,146 @@
+"""The API's job routes: the list, one job's view, and the two writes behind the token."""
+
+from __future__ import annotations
+
+from collections.abc import Collection
+from http import HTTPStatus
+from typing import Any, Protocol, TypeVar
+
+import msgspec
+
+from coordinator.api_util import MAX_LIMIT, HttpAnswer, error, json_answer
+from coordinator.errors import JobError
+from coordinator.jobs import DEFAULT_TTL_S
+from coordinator.jobs_store import JobRow, JobSummary
+from coordinator.store import Store
+
+__all__ = ["JobControl", "cancel", "job_detail", "job_list", "submit"]
+
+_T = TypeVar("_T")
+
+
+class JobControl(Protocol):
+    """What the write routes drive: :class:`coordinator.server.Coordinator`."""
+
+    async def submit(
+        self, node_id: str, spec: dict[str, Any], *, job_id: str | None = ..., ttl_s: float = ...
+    ) -> str: ...
+
+    async def cancel(self, job_id: str, reason: str = ...) -> None: ...
+
+
+class _Submit(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    node_id: str
+    spec: Any
+    job_id: str | None = None
+    ttl_s: float = DEFAULT_TTL_S
+
+
+class _Cancel(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    reason: str = ""
+
+
+def job_list(store: Store, query: dict[str, list[str]]) -> HttpAnswer:
+    """``GET /api/jobs``: newest first, of one node with ``?node_id=``."""
+    try:
+        limit = min(int(query.get("limit", [str(MAX_LIMIT)])[0]), MAX_LIMIT)
+    except ValueError:
+        return error(HTTPStatus.BAD_REQUEST, "limit is an integer")
+    if limit < 1:
+        return error(HTTPStatus.BAD_REQUEST, "limit >= 1")
+    node_id = query.get("node_id", [None])[0]
+    return json_answer({"jobs": [_summary(j) for j in store.jobs(node_id=node_id, limit=limit)]})
+
+
+def job_detail(store: Store, job_id: str, connected: Collection[str]) -> HttpAnswer:
+    """``GET /api/jobs/{id}``."""
+    job = store.job(job_id)
+    if job is None:
+        return json_answer(
+            {"error": {"code": "unknown_job", "detail": f"no job {job_id!r}"}},
+            HTTPStatus.NOT_FOUND,
+        )
+    return json_answer(_detail(store, job, connected))
+
+
+async def submit(control: JobControl, body: bytes) -> HttpAnswer:
+    """``POST /api/jobs``: sign and send an offer.
+
+    Raises:
+        JobError: as :meth:`coordinator.server.Coordinator.submit`, or ``bad_request``.
+    """
+    request = _decode(body or b"null", _Submit)
+    job_id = await control.submit(
+        request.node_id, request.spec, job_id=request.job_id, ttl_s=request.ttl_s
+    )
+    return json_answer({"job_id": job_id, "url": f"/api/jobs/{job_id}"}, HTTPStatus.CREATED)
+
+
+async def cancel(control: JobControl, job_id: str, body: bytes) -> HttpAnswer:
+    """``POST /api/jobs/{id}/cancel``: send ``job_cancel``; the body may be empty.
+
+    Raises:
+        JobError: as :meth:`coordinator.server.Coordinator.cancel`, or ``bad_request``.
+    """
+    request = _decode(body, _Cancel) if body else _Cancel()
+    await control.cancel(job_id, request.reason)
+    return json_answer({"job_id": job_id}, HTTPStatus.ACCEPTED)
+
+
+def _decode(body: bytes, kind: type[_T]) -> _T:
+    try:
+        return msgspec.json.decode(body, type=kind)
+    except msgspec.DecodeError as exc:
+        raise JobError("bad_request", f"the body is not the expected JSON object: {exc}") from None
+
+
+def _summary(job: JobSummary) -> dict[str, Any]:
+    return {
+        "job_id": job.job_id,
+        "node_id": job.node_id,
+        "state": job.state,
+        "code": job.code,
+        "created": job.created,
+        "updated": job.updated,
+        "url": f"/api/jobs/{job.job_id}",
+    }
+
+
+def _detail(store: Store, job: JobRow, connected: Collection[str]) -> dict[str, Any]:
+    logs = store.job_logs(job.job_id)
+    result = job.result
+    return {
+        "job_id": job.job_id,
+        "node_id": job.node_id,
+        "node_connected": job.node_id in connected,
+        "state": job.state,
+        "code": job.code,
+        "detail": job.detail,
+        "final": job.final,
+        "created": job.created,
+        "updated": job.updated,
+        "expires_at": job.expires_at,
+        "spec": job.spec,
+        "offer": job.offer,
+        "offer_sha256": job.offer_sha256,
+        "cancel": None
+        if job.cancel_requested is None
+        else {"requested": job.cancel_requested, "reason": job.cancel_reason},
+        "logs": {
+            "stdout": logs.stdout,
+            "stderr": logs.stderr,
+            "truncated": logs.truncated,
+            "kept_bytes": logs.kept_bytes,
+            "dropped_bytes": logs.dropped_bytes,
+        },
+        "result": None
+        if result is None
+        else {
+            "receipt": result.receipt,
+            "receipt_sha256": result.sha256,
+            "envelope": result.envelope,
+            "verified": True,  # only a receipt signed by the node's key is ever stored
+            "chain_ok": result.chain_ok,
+            "problems": result.problems,
+        },
+    }
