@@ -74,8 +74,8 @@ async def bench(jobs: int, idle_s: float, workdir: Path) -> dict[str, object]:
     agent = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT)
     try:
         store = coordinator.store
-        await _wait(lambda: bool(coordinator.connected), 30, 0.05)
-        [node_id] = coordinator.connected
+        await _wait(lambda: bool(coordinator.connected()), 30, 0.05)
+        [node_id] = coordinator.connected()
         # The node reports capacity once its GPUs were checked: offers go out after that.
         await _wait(lambda: store.latest(node_id, "node_status") is not None, 30, 0.05)
 

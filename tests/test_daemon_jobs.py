@@ -72,6 +72,12 @@ class Loop:
         with (self.workdir / "agent.log").open("ab") as log:
             self.agent = subprocess.Popen(argv, env=env, stdout=log, stderr=log)
 
+    async def exited(self) -> int:
+        """The agent's exit status, once it has exited. Waited for in a thread: the
+        coordinator shares this event loop and must go on serving the agent meanwhile."""
+        assert self.agent is not None
+        return await asyncio.to_thread(self.agent.wait, 60)
+
     @property
     def c(self) -> Coordinator:
         assert self.coordinator is not None
@@ -89,8 +95,8 @@ class Loop:
 
     async def ready(self) -> str:
         """Wait for the agent to connect and report capacity; its node id."""
-        await self.until(lambda: bool(self.c.connected), "the agent to connect")
-        [self.node_id] = self.c.connected
+        await self.until(lambda: bool(self.c.connected()), "the agent to connect")
+        [self.node_id] = self.c.connected()
         await self.until(
             lambda: self.c.store.latest(self.node_id, "node_status") is not None,
             "the node's capacity",
@@ -128,7 +134,7 @@ async def loop(
     yield world
     if world.agent is not None and world.agent.poll() is None:
         world.agent.send_signal(signal.SIGTERM)
-        world.agent.wait(timeout=60)
+        await world.exited()
     if world.coordinator is not None:
         await world.stop_coordinator()
 
@@ -169,7 +175,7 @@ async def test_a_daemon_killed_mid_job_reaps_the_orphan_and_reports_interrupted_
     await loop.until(lambda: "running" in loop.states(job_id), "the job to run")
     assert loop.agent is not None
     loop.agent.kill()
-    loop.agent.wait()
+    await loop.exited()
     assert len(await loop.containers(job_id)) == 1  # the orphan, still running
     loop.start_agent()
     await loop.until(lambda: loop.job(job_id).final, "the job to be reported")
@@ -177,7 +183,7 @@ async def test_a_daemon_killed_mid_job_reaps_the_orphan_and_reports_interrupted_
     assert loop.job(job_id).state == "interrupted"
     # Another restart reports nothing more: exactly once.
     loop.agent.send_signal(signal.SIGTERM)
-    assert loop.agent.wait(timeout=60) == 0
+    assert await loop.exited() == 0
     loop.start_agent()
     await loop.ready()
     await asyncio.sleep(1)
@@ -205,7 +211,7 @@ async def test_sigterm_interrupts_the_running_job_and_exits_cleanly(loop: Loop) 
     await loop.until(lambda: "running" in loop.states(job_id), "the job to run")
     assert loop.agent is not None
     loop.agent.send_signal(signal.SIGTERM)
-    assert loop.agent.wait(timeout=60) == 0
+    assert await loop.exited() == 0
     # The daemon flushed its outbox before it left.
     await loop.until(lambda: loop.job(job_id).final, "the job to be reported")
     assert loop.job(job_id).state == "interrupted"

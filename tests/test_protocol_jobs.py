@@ -117,3 +117,16 @@ def test_digests_are_the_same_for_a_struct_and_its_json() -> None:
         )
     )
     assert offer_digest(_offer()) != offer_digest(_offer(job_id="job-2"))
+
+
+def test_a_receipt_decodes_back_first_in_its_chain_or_not() -> None:
+    first = Receipt(
+        job_id="job-1", node_id=NODE, state="completed", offer_sha256="a" * 64, spec_digest="x"
+    )
+    second = msgspec.structs.replace(first, job_id="job-2", prev_receipt=receipt_digest(first))
+    for receipt in (first, second):
+        assert msgspec.json.decode(msgspec.json.encode(receipt), type=Receipt) == receipt
+    with pytest.raises(msgspec.ValidationError):
+        msgspec.json.decode(
+            msgspec.json.encode(msgspec.structs.replace(first, prev_receipt="xyz")), type=Receipt
+        )

@@ -116,7 +116,7 @@ class Receipt(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=T
     log_sha256: str = ""
     log_bytes: int = 0
     log_dropped_bytes: int = 0
-    prev_receipt: Literal[""] | _Sha256 = ""
+    prev_receipt: Annotated[str, Meta(pattern=r"^([0-9a-f]{64})?$")] = ""
 
 
 def sign_offer(offer: Offer, key: crypto.PrivateKey, keyid: str) -> Envelope:
