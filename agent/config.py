@@ -55,7 +55,7 @@ __all__ = [
     "load_config",
 ]
 
-APP_NAME = "gpu-agent"
+_APP_NAME = "gpu-agent"
 SYSTEM_CONFIG_PATH = Path("/etc/gpu-agent/agent.toml")
 _SYSTEM_STATE_DIR = Path("/var/lib/gpu-agent")
 _SYSTEM_RUNTIME_DIR = Path("/run/gpu-agent")
@@ -252,7 +252,7 @@ def default_config_path(system: bool) -> Path:
     """Where the configuration file is unless one is named."""
     if system:
         return SYSTEM_CONFIG_PATH
-    return Path(platformdirs.user_config_dir(APP_NAME, appauthor=False)) / "agent.toml"
+    return Path(platformdirs.user_config_dir(_APP_NAME, appauthor=False)) / "agent.toml"
 
 
 def is_system_install(*, euid: int | None = None, system_file: Path = SYSTEM_CONFIG_PATH) -> bool:
@@ -356,7 +356,7 @@ def _with_defaults(
             paths["state_dir"] = str(
                 _SYSTEM_STATE_DIR
                 if system
-                else platformdirs.user_data_dir(APP_NAME, appauthor=False)
+                else platformdirs.user_data_dir(_APP_NAME, appauthor=False)
             )
         if "runtime_dir" not in paths:
             paths["runtime_dir"] = str(_SYSTEM_RUNTIME_DIR if system else _user_runtime_dir())
@@ -377,7 +377,7 @@ def _user_runtime_dir() -> str:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", platformdirs.RuntimeDirWarning)
         try:
-            return platformdirs.user_runtime_dir(APP_NAME, appauthor=False)
+            return platformdirs.user_runtime_dir(_APP_NAME, appauthor=False)
         except PermissionError as exc:
             raise ConfigError(
                 "bad_config", f"paths.runtime_dir: no safe default ({exc}); set it"
