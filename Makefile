@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 PACKAGES := hal sandbox agent coordinator
 
-.PHONY: demo test lint typecheck pytest bench clean
+.PHONY: demo test lint typecheck pytest bench deb clean
 
 $(BIN)/gpu-agent: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +31,9 @@ bench: $(BIN)/gpu-agent
 	$(BIN)/python bench/hal_profile.py
 	$(BIN)/python bench/runner.py
 	$(BIN)/python bench/link.py
+
+deb: $(BIN)/gpu-agent
+	$(BIN)/python scripts/build_deb.py --out build/deb
 
 clean:
 	rm -rf $(VENV) build *.egg-info

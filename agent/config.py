@@ -1,0 +1,464 @@
+"""The agent's configuration: one TOML file, overridden by ``GPU_AGENT_<SECTION>_<KEY>``.
+
+Every key, its default and its variable are listed in ``docs/configuration.md`` (a test
+keeps the two in step). Values come from, highest first: the environment, the file, the
+defaults. The file and the environment are typed and checked alike; a bad value is refused
+as :class:`~agent.errors.ConfigError` (``bad_config``) naming where it came from (the file
+or the variable), the key (``telemetry.interval_s``) and what is wrong.
+
+Two kinds of install differ only in defaults:
+
+- **system** (the systemd service): ``/etc/gpu-agent/agent.toml``, ``/var/lib/gpu-agent``,
+  ``/run/gpu-agent``, control socket group ``gpu-agent``;
+- **user** (the tray app, a developer): platformdirs' user config, data and runtime
+  directories, no socket group.
+
+:func:`is_system_install` picks one: root, or anyone on a machine that has the system file
+(so that ``gpu-agent status`` run by a member of the ``gpu-agent`` group talks to the
+service, not to a user agent that is not running).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+import tomllib
+import types
+import typing
+import urllib.parse
+import warnings
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any
+
+import msgspec
+import platformdirs
+
+from agent.errors import ConfigError
+from agent.protocol import crypto
+from agent.protocol.limits import MAX_TELEMETRY_BATCH
+from sandbox.policy import Policy
+
+__all__ = [
+    "SYSTEM_CONFIG_PATH",
+    "AgentConfig",
+    "ControlConfig",
+    "CoordinatorConfig",
+    "JobsConfig",
+    "MetricsConfig",
+    "PathsConfig",
+    "TelemetryConfig",
+    "default_config_path",
+    "env_var",
+    "is_system_install",
+    "load_config",
+]
+
+_APP_NAME = "gpu-agent"
+SYSTEM_CONFIG_PATH = Path("/etc/gpu-agent/agent.toml")
+_SYSTEM_STATE_DIR = Path("/var/lib/gpu-agent")
+_SYSTEM_RUNTIME_DIR = Path("/run/gpu-agent")
+_SYSTEM_SOCKET_GROUP = "gpu-agent"
+_ENV_PREFIX = "GPU_AGENT_"
+
+_NonNegative = Annotated[int, msgspec.Meta(ge=0)]
+_USER = re.compile(r"\d+:\d+")
+# A message raised from __post_init__ starts with the key it is about: "url: ...".
+_KEYED = re.compile(r"(\w+(?:\[\d+\])?): (.*)", re.DOTALL)
+_AT = re.compile(r"(.*) - at `\$\.?(.*)`", re.DOTALL)
+_UNKNOWN = re.compile(r"Object contains unknown field `(.*)`")
+
+
+def _check_url(url: str, allow_plaintext: bool) -> None:
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in ("ws", "wss") or not parts.hostname:
+        raise ValueError(f"url: {url!r}: use ws://host:port/path or wss://host:port/path")
+    if parts.scheme == "ws" and not allow_plaintext and not _is_loopback(parts.hostname):
+        # The handshake proves who is at the other end, but nothing after it is bound to
+        # the connection: on plain ws:// anyone on the path could forge acks.
+        raise ValueError(
+            f"url: {url!r}: ws:// off this machine lets anyone on the path forge "
+            "acknowledgements; use wss:// (or set coordinator.allow_plaintext)"
+        )
+
+
+def _check_absolute(key: str, path: Path) -> None:
+    if not path.is_absolute():
+        raise ValueError(f"{key}: {str(path)!r} is not an absolute path")
+
+
+def _split_host_port(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise ValueError(f"listen: {text!r} is not host:port (IPv6: [::1]:9464)")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    return host, int(port)
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class CoordinatorConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """``[coordinator]``: where the coordinator is and how to know it is the right one."""
+
+    url: str | None = None
+    keys: tuple[str, ...] = ()
+    ca_file: Path | None = None
+    allow_plaintext: bool = False
+
+    def __post_init__(self) -> None:
+        for index, key in enumerate(self.keys):
+            try:
+                raw = crypto.b64decode(key)
+            except ValueError:
+                raise ValueError(f"keys[{index}]: {key!r} is not base64") from None
+            if len(raw) != crypto.PUBLIC_KEY_SIZE:
+                raise ValueError(f"keys[{index}]: {key!r} is not a 32-byte Ed25519 public key")
+        if self.url is not None:
+            _check_url(self.url, self.allow_plaintext)
+        if self.ca_file is not None:
+            _check_absolute("ca_file", self.ca_file)
+
+    @property
+    def pinned_keys(self) -> dict[str, bytes]:
+        """The pinned coordinator public keys, raw, by key id (as ``LinkConfig`` takes them)."""
+        raw = (crypto.b64decode(key) for key in self.keys)
+        return {crypto.key_id(key): key for key in raw}
+
+
+class PathsConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """``[paths]``: where the agent keeps its state, its socket and its jobs' directories."""
+
+    state_dir: Path
+    runtime_dir: Path
+    jobs_dir: Path
+
+    def __post_init__(self) -> None:
+        for name in ("state_dir", "runtime_dir", "jobs_dir"):
+            _check_absolute(name, getattr(self, name))
+
+    @property
+    def control_socket(self) -> Path:
+        """The local control API's unix socket."""
+        return self.runtime_dir / "agent.sock"
+
+
+class TelemetryConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """``[telemetry]``: how often the HAL is sampled and how samples are batched."""
+
+    interval_s: Annotated[float, msgspec.Meta(gt=0)] = 1.0
+    batch: Annotated[int, msgspec.Meta(ge=1, le=MAX_TELEMETRY_BATCH)] = 10
+
+
+class JobsConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """``[jobs]``: how jobs are run (what a job may ask for is ``[policy]``)."""
+
+    docker_host: str = "unix:///var/run/docker.sock"
+    user: str | None = None
+    log_max_bytes: _NonNegative = 1 << 20
+    log_rate_bytes_per_s: Annotated[int, msgspec.Meta(gt=0)] = 256 << 10
+    max_concurrent: _NonNegative = 0
+
+    def __post_init__(self) -> None:
+        socket = self.docker_host.removeprefix("unix://")
+        if socket == self.docker_host or not socket.startswith("/"):
+            raise ValueError(
+                f"docker_host: {self.docker_host!r}: only a local engine is supported, "
+                "as unix:///absolute/path"
+            )
+        if self.user is not None and not _USER.fullmatch(self.user):
+            raise ValueError(f"user: {self.user!r} is not numeric uid:gid, e.g. 65534:65534")
+
+    @property
+    def docker_socket(self) -> str:
+        """The Docker engine's unix socket path."""
+        return self.docker_host.removeprefix("unix://")
+
+
+class ControlConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """``[control]``: who may use the local control socket."""
+
+    socket_group: str | None = None
+    socket_mode: Annotated[int, msgspec.Meta(ge=0, le=0o777)] = 0o660
+
+    def __post_init__(self) -> None:
+        if self.socket_mode & 0o007:
+            # Anyone who can connect can pause the agent and read job logs.
+            raise ValueError(
+                f"socket_mode: {self.socket_mode:#o} lets every local user in; "
+                "grant a group instead (socket_group)"
+            )
+
+
+class MetricsConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """``[metrics]``: the Prometheus endpoint, on loopback only."""
+
+    enabled: bool = False
+    listen: str = "127.0.0.1:9464"
+
+    def __post_init__(self) -> None:
+        host, port = _split_host_port(self.listen)
+        if not _is_loopback(host):
+            raise ValueError(
+                f"listen: {self.listen!r} is not a loopback address; metrics are served "
+                "on this machine only (put a proxy in front to share them)"
+            )
+        if not 0 <= port <= 65535:
+            raise ValueError(f"listen: {self.listen!r}: port {port} is out of range")
+
+    @property
+    def host(self) -> str:
+        """The address to listen on (IPv6 without brackets)."""
+        return _split_host_port(self.listen)[0]
+
+    @property
+    def port(self) -> int:
+        """The port to listen on (0: any free one)."""
+        return _split_host_port(self.listen)[1]
+
+
+class AgentConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """The whole configuration; every section but ``paths`` has defaults for every key."""
+
+    paths: PathsConfig
+    coordinator: CoordinatorConfig = CoordinatorConfig()
+    telemetry: TelemetryConfig = TelemetryConfig()
+    jobs: JobsConfig = JobsConfig()
+    policy: Policy = Policy()
+    control: ControlConfig = ControlConfig()
+    metrics: MetricsConfig = MetricsConfig()
+
+
+_SECTIONS: dict[str, type[msgspec.Struct]] = {
+    field.name: typing.cast(type[msgspec.Struct], field.type)
+    for field in msgspec.structs.fields(AgentConfig)
+}
+
+
+def env_var(section: str, key: str) -> str:
+    """The environment variable that overrides ``section.key``."""
+    return f"{_ENV_PREFIX}{section.upper()}_{key.upper()}"
+
+
+def default_config_path(system: bool) -> Path:
+    """Where the configuration file is unless one is named."""
+    if system:
+        return SYSTEM_CONFIG_PATH
+    return Path(platformdirs.user_config_dir(_APP_NAME, appauthor=False)) / "agent.toml"
+
+
+def is_system_install(*, euid: int | None = None, system_file: Path = SYSTEM_CONFIG_PATH) -> bool:
+    """Whether this process uses the system install's defaults: root, or the system file exists."""
+    # os.path.exists, not Path.exists: a system directory this user may not search is
+    # another user's install, not an error.
+    return (os.geteuid() if euid is None else euid) == 0 or os.path.exists(system_file)
+
+
+def load_config(
+    path: Path | None,
+    env: Mapping[str, str],
+    *,
+    system: bool,
+    require_coordinator: bool = False,
+) -> AgentConfig:
+    """The configuration from ``path`` (None: the default file) overridden by ``env``.
+
+    A missing default file means every default; a missing named file is an error. With
+    ``require_coordinator``, ``coordinator.url`` and at least one of ``coordinator.keys``
+    must be set (``gpu-agent run`` needs them, ``gpu-agent status`` does not).
+
+    Raises:
+        ConfigError: ``bad_config``, naming the file or variable, the key and the fault.
+    """
+    source = default_config_path(system) if path is None else path
+    raw = _read(source, must_exist=path is not None)
+    overrides = _env_overrides(env)
+
+    def blame(key: str) -> str:
+        """Where the value of ``key`` (or of its section) came from."""
+        section, _, name = key.partition(".")
+        name = name.partition("[")[0]
+        if (section, name) in overrides:
+            var = overrides[section, name][0]
+            return f"{var}={env[var]!r}"
+        touched = sorted(var for (sec, _), (var, _) in overrides.items() if sec == section)
+        return f"{source} with {', '.join(touched)}" if touched else str(source)
+
+    for name, value in raw.items():
+        if name not in _SECTIONS and not isinstance(value, dict):
+            sections = ", ".join(f"[{s}]" for s in _SECTIONS)
+            raise ConfigError(
+                "bad_config", f"{source}: {name}: a key outside any section ({sections})"
+            )
+    merged = _with_defaults(raw, overrides, system)
+    try:
+        config = msgspec.convert(merged, AgentConfig, dec_hook=_decode_path)
+    except msgspec.ValidationError as exc:
+        key, what = _locate(str(exc), merged)
+        raise ConfigError("bad_config", f"{blame(key)}: {key}: {what}") from None
+    coordinator = config.coordinator
+    if coordinator.ca_file is not None and not coordinator.ca_file.is_file():
+        raise ConfigError(
+            "bad_config",
+            f"{blame('coordinator.ca_file')}: coordinator.ca_file: "
+            f"{coordinator.ca_file} does not exist or is not a file",
+        )
+    if require_coordinator:
+        for key, missing in (("url", coordinator.url is None), ("keys", not coordinator.keys)):
+            if missing:
+                raise ConfigError(
+                    "bad_config",
+                    f"{blame('coordinator')}: coordinator.{key} is not set; `gpu-agent run` "
+                    f"needs it (in the file, or {env_var('coordinator', key)})",
+                )
+    return config
+
+
+def _read(path: Path, *, must_exist: bool) -> dict[str, Any]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        if must_exist:
+            raise ConfigError("bad_config", f"{path}: no such file") from None
+        return {}
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+        raise ConfigError("bad_config", f"{path}: cannot read: {reason}") from None
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError("bad_config", f"{path}: not valid TOML: {exc}") from None
+
+
+def _with_defaults(
+    raw: dict[str, Any], overrides: Mapping[tuple[str, str], tuple[str, Any]], system: bool
+) -> dict[str, Any]:
+    """The file's tables with the environment's values set in them, and the defaults that
+    depend on the kind of install filled in."""
+    filled = {
+        name: dict(value) if isinstance(value, dict) else value for name, value in raw.items()
+    }
+    for (section, key), (_, value) in overrides.items():
+        table = filled.setdefault(section, {})
+        if isinstance(table, dict):  # else the file's bad value is refused as it is
+            table[key] = value
+    paths = filled.setdefault("paths", {})
+    if isinstance(paths, dict):
+        if "state_dir" not in paths:
+            paths["state_dir"] = str(
+                _SYSTEM_STATE_DIR
+                if system
+                else platformdirs.user_data_dir(_APP_NAME, appauthor=False)
+            )
+        if "runtime_dir" not in paths:
+            paths["runtime_dir"] = str(_SYSTEM_RUNTIME_DIR if system else _user_runtime_dir())
+        if "jobs_dir" not in paths and isinstance(paths["state_dir"], str):
+            paths["jobs_dir"] = str(Path(paths["state_dir"]) / "jobs")
+    control = filled.setdefault("control", {})
+    if isinstance(control, dict):
+        if system:
+            control.setdefault("socket_group", _SYSTEM_SOCKET_GROUP)
+        if control.get("socket_group") == "":
+            control["socket_group"] = None  # TOML has no null: "" says "no group"
+    return filled
+
+
+def _user_runtime_dir() -> str:
+    # Without $XDG_RUNTIME_DIR (no login session: a container, a cron job) platformdirs
+    # warns and falls back to a private directory under /tmp it has checked; that is fine.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", platformdirs.RuntimeDirWarning)
+        try:
+            return platformdirs.user_runtime_dir(_APP_NAME, appauthor=False)
+        except PermissionError as exc:
+            raise ConfigError(
+                "bad_config", f"paths.runtime_dir: no safe default ({exc}); set it"
+            ) from None
+
+
+def _decode_path(kind: type, value: Any) -> Any:
+    if kind is Path and isinstance(value, str):
+        return Path(value)
+    raise TypeError(f"Expected `{kind.__name__}`, got `{type(value).__name__}`")
+
+
+def _locate(message: str, raw: Mapping[str, Any]) -> tuple[str, str]:
+    """The dotted key and the fault in a msgspec validation message about ``raw``."""
+    key, what = "", message
+    if match := _AT.fullmatch(message):
+        what, key = match.groups()
+    if match := _UNKNOWN.fullmatch(what):
+        name = match.group(1)
+        if not key:
+            return name, f"unknown section; known: {', '.join(_SECTIONS)}"
+        known = ", ".join(f.name for f in msgspec.structs.fields(_SECTIONS[key]))
+        return f"{key}.{name}", f"unknown key; [{key}] has: {known}"
+    if key in _SECTIONS and (match := _KEYED.fullmatch(what)):
+        name, what = match.groups()
+        return f"{key}.{name}", what
+    table = raw.get("policy") if key == "policy" else None
+    patterns = table.get("allowed_images") if isinstance(table, dict) else None
+    if isinstance(patterns, list):
+        # Policy checks its image patterns as a whole; find the one it refused.
+        for index, pattern in enumerate(patterns):
+            try:
+                Policy(allowed_images=[pattern])
+            except ValueError:
+                return f"policy.allowed_images[{index}]", what
+    return key, what
+
+
+def _env_overrides(env: Mapping[str, str]) -> dict[tuple[str, str], tuple[str, Any]]:
+    """``(section, key) -> (variable, value)`` for every ``GPU_AGENT_<SECTION>_<KEY>``.
+
+    Each value is typed and checked alone here (a list is comma-separated, an empty string
+    unsets an optional key, ``*_mode`` is octal, the rest as msgspec reads a string for the
+    type), and as part of its section with the file's values when the whole is converted.
+    """
+    found: dict[tuple[str, str], tuple[str, Any]] = {}
+    for var, text in env.items():
+        if not var.startswith(_ENV_PREFIX):
+            continue
+        rest = var.removeprefix(_ENV_PREFIX)
+        for section, struct in _SECTIONS.items():
+            if not rest.startswith(section.upper() + "_"):
+                continue
+            key = rest.removeprefix(section.upper() + "_").lower()
+            fields = {field.name: field.type for field in msgspec.structs.fields(struct)}
+            if key not in fields or env_var(section, key) != var:
+                raise ConfigError(
+                    "bad_config",
+                    f"{var}: {section}.{key}: unknown key; [{section}] has: {', '.join(fields)}",
+                )
+            try:
+                value = _env_value(key, text, fields[key])
+            except (msgspec.ValidationError, ValueError) as exc:
+                raise ConfigError("bad_config", f"{var}={text!r}: {section}.{key}: {exc}") from None
+            found[section, key] = (var, value)
+    return found
+
+
+def _env_value(key: str, text: str, kind: Any) -> Any:
+    """``text`` as a value of type ``kind``, in the builtin form the file would give."""
+    plain = typing.get_args(kind)[0] if typing.get_origin(kind) is Annotated else kind
+    origin = typing.get_origin(plain)
+    value: Any = text
+    if origin in (list, tuple):
+        value = [part.strip() for part in text.split(",") if part.strip()]
+    elif origin in (types.UnionType, typing.Union) and type(None) in typing.get_args(plain):
+        value = text or None
+    elif key.endswith("_mode"):
+        try:
+            value = int(text.removeprefix("0o"), 8)
+        except ValueError:
+            raise ValueError("not an octal mode such as 0660") from None
+    typed = msgspec.convert(value, kind, strict=False, dec_hook=_decode_path)
+    return msgspec.to_builtins(typed, enc_hook=str)

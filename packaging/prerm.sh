@@ -1,0 +1,7 @@
+#!/bin/sh
+# Before removal (not upgrade): stop and disable the service. Jobs it was running get
+# their grace period and are reported interrupted, as on any stop.
+set -e
+if [ "$1" = remove ] && [ -d /run/systemd/system ]; then
+    systemctl disable --now gpu-agent.service || true
+fi
