@@ -11,7 +11,7 @@ from typing import ClassVar
 import msgspec
 
 from hal.errors import BadConfig
-from hal.types import GpuProfile, GpuSample
+from hal.types import GpuProfile, GpuSample, HealthEvent
 
 __all__ = ["Backend", "HalConfig"]
 
@@ -62,9 +62,10 @@ class Backend(abc.ABC):
     """A source of GPU profiles and samples for one vendor interface.
 
     Lifecycle: :meth:`open` once (it may raise
-    :class:`~hal.errors.BackendUnavailable` with a coded reason), then :meth:`sample` as
-    often as wanted, then :meth:`close`. A device that vanishes mid-run is reported in its
-    sample with ``state="lost"``; :meth:`sample` itself never raises for one device.
+    :class:`~hal.errors.BackendUnavailable` with a coded reason), then :meth:`sample` and
+    :meth:`events` as often as wanted, then :meth:`close`. A device that vanishes mid-run is
+    reported in its sample with ``state="lost"``; :meth:`sample` itself never raises for one
+    device.
     """
 
     name: ClassVar[str]
@@ -79,6 +80,13 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def sample(self, now: float) -> list[GpuSample]:
         """Read the fast-changing values of every device opened; ``now`` is monotonic."""
+
+    def events(self) -> list[HealthEvent]:
+        """The health events reported since the last call, oldest first; never blocks.
+
+        The sampler thread calls it at each tick, after :meth:`sample`.
+        """
+        return []
 
     def versions(self) -> dict[str, str]:
         """Versions of the libraries and drivers behind this backend."""

@@ -10,6 +10,7 @@ lacks from the others.
 from __future__ import annotations
 
 import importlib
+import logging
 import time
 from collections.abc import Iterable
 from functools import partial
@@ -21,7 +22,7 @@ from hal.backend import Backend, HalConfig
 from hal.errors import DiscoveryFailed, HalError
 from hal.isolate import Isolated
 from hal.sysfs import cards_bound_to, no_cards
-from hal.types import BackendReport, GpuProfile, GpuSample, is_value
+from hal.types import BackendReport, GpuProfile, GpuSample, HealthEvent, is_value
 
 __all__ = [
     "BACKENDS",
@@ -32,6 +33,8 @@ __all__ = [
     "merge_profiles",
     "merge_samples",
 ]
+
+_log = logging.getLogger(__name__)
 
 
 class BackendSpec(NamedTuple):
@@ -211,6 +214,24 @@ class Hal:
             (sample for backend in self._backends for sample in backend.sample(now)),
             self._aliases,
         )
+
+    def events(self) -> list[HealthEvent]:
+        """Every backend's health events since the last call; one that fails is logged."""
+        events: list[HealthEvent] = []
+        for backend in self._backends:
+            try:
+                found = backend.events()
+            except Exception:
+                # A backend's bug must not cost the others' events, nor the sampler its tick.
+                _log.exception("reading health events from %s failed", backend.name)
+                continue
+            events += (
+                msgspec.structs.replace(e, gpu_id=self._aliases[e.gpu_id])
+                if e.gpu_id in self._aliases
+                else e
+                for e in found
+            )
+        return events
 
     def close(self) -> None:
         """Close every backend."""

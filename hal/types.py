@@ -23,6 +23,7 @@ __all__ = [
     "GpuProcess",
     "GpuProfile",
     "GpuSample",
+    "HealthEvent",
     "HostProfile",
     "HostSample",
     "NetInterface",
@@ -135,6 +136,19 @@ class GpuSample(msgspec.Struct, kw_only=True):
     ecc_uncorrected: Reading[int] = UNSUPPORTED
     pcie_replay_count: Reading[int] = UNSUPPORTED
     processes: Reading[list[GpuProcess]] = UNSUPPORTED
+
+
+class HealthEvent(msgspec.Struct, frozen=True, kw_only=True):
+    """A health event a GPU's driver reported, read once (NVML: an Xid critical error)."""
+
+    gpu_id: str
+    """The :attr:`GpuProfile.id` of the GPU or MIG instance it concerns."""
+    kind: Literal["xid"]
+    """``xid``: an Xid error; ``code`` is the Xid. New kinds are added here."""
+    code: int
+    at: float
+    """When it was read, in seconds since the epoch."""
+    detail: str = ""
 
 
 class CpuInfo(msgspec.Struct, kw_only=True):

@@ -4,6 +4,7 @@ NVML is initialised once; handles and static facts are read once at :meth:`open`
 cached; each tick reads the fast-changing values, batching what it can into one
 ``nvmlDeviceGetFieldValues`` call. A reading NVML says is not supported is not asked for
 again. A GPU that falls off the bus is reported ``lost`` and looked for again with backoff.
+Xid critical errors come from an NVML event set (:mod:`hal.backends.nvml_events`).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import pynvml
 
 from hal.backend import Backend
 from hal.backends import nvml_lib
+from hal.backends.nvml_events import XidEvents
 from hal.errors import BackendUnavailable, DeviceLost
 from hal.sysfs import device_numa_node, render_node
 from hal.types import (
@@ -24,6 +26,7 @@ from hal.types import (
     GpuProcess,
     GpuProfile,
     GpuSample,
+    HealthEvent,
     Reading,
     Unavailable,
     is_value,
@@ -92,6 +95,7 @@ class NvidiaBackend(Backend):
 
     _devices: list[_Device]
     _versions: dict[str, str]
+    _xids: XidEvents
 
     def open(self) -> list[GpuProfile]:
         """Initialise NVML and profile every GPU and MIG instance."""
@@ -125,6 +129,8 @@ class NvidiaBackend(Backend):
                 device = _Device(profile.id, None, False, _relocator(profile, index))
                 device.lost_at = 0.0
                 self._devices.append(device)
+        self._xids = XidEvents()
+        self._xids.open((d.id, d.handle, d.is_mig) for d in self._devices)
         return profiles
 
     def _open_device(
@@ -146,8 +152,13 @@ class NvidiaBackend(Backend):
         """Driver, CUDA and NVML versions."""
         return dict(self._versions)
 
+    def events(self) -> list[HealthEvent]:
+        """The Xid critical errors reported since the last call; never blocks."""
+        return self._xids.drain()
+
     def close(self) -> None:
-        """Shut NVML down."""
+        """Free the event set and shut NVML down."""
+        self._xids.close()
         pynvml.nvmlShutdown()
 
     def _profile(
@@ -240,6 +251,8 @@ class NvidiaBackend(Backend):
             device.retry_at = now + device.backoff_s
             return False
         device.handle = handle
+        if not device.is_mig:  # a GPU unreadable at open was never registered for events
+            self._xids.watch(device.id, handle)
         device.lost_at = None
         device.backoff_s = _BACKOFF_FIRST_S
         return True

@@ -43,7 +43,18 @@ Fault injection, read from the environment by every ``nvmlInit*`` call (see fake
 - ``FAKENVML_CONTROL=/path``: device calls re-read this file whenever its mtime, size or inode
   changes (replace it atomically if the size stays the same). A line ``lost <index>`` makes
   every call on that GPU and its MIG devices return ``NVML_ERROR_GPU_IS_LOST`` until the line
-  is removed. A missing file means no faults.
+  is removed. A line ``noevents <index>`` makes that GPU support no events
+  (``NVML_ERROR_NOT_SUPPORTED``) while it is there. A missing file means no faults.
+  A line ``xid <index> <xid> [<gpu instance> <compute instance>]`` is an event, not a state:
+  each new version of the file read posts one Xid critical error per such line, in order, to
+  every event set that has GPU ``<index>`` registered for Xid events. Events arrive on the
+  physical GPU's handle; the instance ids (default ``0xFFFFFFFF``) name a MIG instance.
+
+Events (``nvmlEventSetCreate``, ``nvmlDeviceGetSupportedEventTypes``,
+``nvmlDeviceRegisterEvents``, ``nvmlEventSetWait_v2``, ``nvmlEventSetFree``): physical GPUs
+support Xid, P-state and clock events, plus ECC events while ECC is enabled; MIG handles
+support none. A wait returns the oldest queued event; with none queued, ``GPU_IS_LOST`` when
+a registered GPU is lost, else ``TIMEOUT`` once ``timeoutms`` has passed (at once for 0).
 """
 
 from __future__ import annotations
@@ -148,6 +159,11 @@ EXPORTED_SYMBOLS: tuple[str, ...] = (
     "nvmlDeviceGetGpuInstanceId",
     "nvmlDeviceGetComputeInstanceId",
     "nvmlDeviceGetDeviceHandleFromMigDeviceHandle",
+    "nvmlEventSetCreate",
+    "nvmlDeviceGetSupportedEventTypes",
+    "nvmlDeviceRegisterEvents",
+    "nvmlEventSetWait_v2",
+    "nvmlEventSetFree",
 )
 
 _HERE = Path(__file__).resolve().parent

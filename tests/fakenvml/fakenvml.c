@@ -25,7 +25,16 @@
  *       size stays the same. A missing file means no faults. A line
  *       "lost <index>" makes every call on GPU <index> and on its MIG devices,
  *       the handle lookups included, return NVML_ERROR_GPU_IS_LOST until the
- *       line is removed (indexes 0..63).
+ *       line is removed (indexes 0..63). A line "noevents <index>" makes GPU
+ *       <index> support no events (nvmlDeviceGetSupportedEventTypes and
+ *       nvmlDeviceRegisterEvents return NVML_ERROR_NOT_SUPPORTED) while it is
+ *       there. A line "xid <index> <xid> [<gpu instance> <compute instance>]"
+ *       is an event, not a state: each time the fake reads a new version of the
+ *       file it posts one Xid critical error per such line, in file order, to
+ *       every event set that has GPU <index> registered for Xid events (the
+ *       instance ids default to 0xFFFFFFFF, "not in a MIG instance"). Events
+ *       posted before a set registers the GPU are not delivered to it, as with
+ *       the real driver.
  *
  * Synthesised values:
  *   - nvmlDeviceGetTotalEnergyConsumption and field 83 return
@@ -39,7 +48,15 @@
  *
  * MIG device handles serve their name, UUID, memory, GPU/compute instance ids,
  * the parent's compute capability and the parent's processes that run in them;
- * every other query returns NVML_ERROR_NOT_SUPPORTED.
+ * every other query returns NVML_ERROR_NOT_SUPPORTED (events included: events
+ * of a MIG instance arrive on its parent GPU with the instance ids set).
+ *
+ * Events: GPUs support Xid, P-state and clock events, and single/double-bit
+ * ECC events while ECC is enabled; only Xid events are ever posted (see
+ * FAKENVML_CONTROL). nvmlEventSetWait_v2 returns the oldest queued event; with
+ * none queued it returns NVML_ERROR_GPU_IS_LOST when a GPU registered in the
+ * set is lost, else it polls the control file until timeoutms has passed and
+ * returns NVML_ERROR_TIMEOUT (at once for a timeout of 0).
  */
 #include "fakenvml.h"
 
@@ -64,6 +81,36 @@ _Static_assert(offsetof(nvmlPciInfo_t, busId) == 36, "nvmlPciInfo_t.busId");
 _Static_assert(sizeof(nvmlProcessInfo_t) == 24, "nvmlProcessInfo_t");
 _Static_assert(sizeof(nvmlFieldValue_t) == 40, "nvmlFieldValue_t");
 _Static_assert(offsetof(nvmlFieldValue_t, value) == 32, "nvmlFieldValue_t.value");
+
+typedef struct {
+    nvmlDevice_t device; /* the physical GPU, for MIG instances too */
+    unsigned long long eventType;
+    unsigned long long eventData; /* the Xid, for Xid events */
+    unsigned int gpuInstanceId;   /* FAKE_NO_INSTANCE outside MIG */
+    unsigned int computeInstanceId;
+} nvmlEventData_t;
+
+_Static_assert(sizeof(nvmlEventData_t) == 32, "nvmlEventData_t");
+
+#define nvmlEventTypeSingleBitEccError 0x1ULL
+#define nvmlEventTypeDoubleBitEccError 0x2ULL
+#define nvmlEventTypePState 0x4ULL
+#define nvmlEventTypeXidCriticalError 0x8ULL
+#define nvmlEventTypeClock 0x10ULL
+
+struct fake_event {
+    nvmlEventData_t data;
+    struct fake_event *next;
+};
+
+/* An event set: what each GPU registered, and the events queued for delivery. */
+struct nvmlEventSet_st {
+    unsigned long long *registered; /* per GPU index: the event types registered */
+    struct fake_event *head;        /* oldest queued event */
+    struct fake_event *tail;
+    struct nvmlEventSet_st *next; /* the next live set */
+};
+typedef struct nvmlEventSet_st *nvmlEventSet_t;
 
 /* NVML's versioned-struct tag: struct size in the low bits, version in the top byte. */
 #define NVML_STRUCT_VERSION(type, ver) ((unsigned int)(sizeof(type) | ((ver) << 24U)))
@@ -118,6 +165,8 @@ static char *control_path;           /* FAKENVML_CONTROL, or NULL */
 static int control_seen;             /* control_stat describes the file last read */
 static struct stat control_stat;
 static unsigned long long lost_gpus; /* bit i: GPU i is lost */
+static unsigned long long no_event_gpus; /* bit i: GPU i supports no events */
+static nvmlEventSet_t event_sets;        /* every live event set */
 
 /* ---------------------------------------------------------------- helpers */
 
@@ -160,20 +209,53 @@ static int is_initialized(void)
     return initialized;
 }
 
-static unsigned long long read_lost_gpus(const char *path)
+/* Queues an event on every set with the GPU registered for its type. Caller holds `lock`. */
+static void post_event(unsigned int gpu_index, unsigned long long type, unsigned long long value,
+                       unsigned int gpu_instance, unsigned int compute_instance)
 {
-    unsigned long long lost = 0;
+    if (gpu_index >= fake_gpu_count)
+        return;
+    for (nvmlEventSet_t set = event_sets; set != NULL; set = set->next) {
+        if (!(set->registered[gpu_index] & type))
+            continue;
+        struct fake_event *event = calloc(1, sizeof *event);
+        if (event == NULL)
+            continue; /* dropped, as the driver drops events when its queue is full */
+        event->data.device = &fake_devices[gpu_index];
+        event->data.eventType = type;
+        event->data.eventData = value;
+        event->data.gpuInstanceId = gpu_instance;
+        event->data.computeInstanceId = compute_instance;
+        if (set->tail == NULL)
+            set->head = event;
+        else
+            set->tail->next = event;
+        set->tail = event;
+    }
+}
+
+/* Reads the control file's faults and posts its events. Caller holds `lock`. */
+static void read_control(const char *path)
+{
+    lost_gpus = 0;
+    no_event_gpus = 0;
     FILE *file = fopen(path, "r");
     if (file == NULL)
-        return 0;
+        return;
     char line[256];
     while (fgets(line, sizeof line, file) != NULL) {
-        unsigned int index;
+        unsigned int index, xid;
+        unsigned int gpu_instance = FAKE_NO_INSTANCE, compute_instance = FAKE_NO_INSTANCE;
         if (sscanf(line, " lost %u", &index) == 1 && index < 64)
-            lost |= 1ULL << index;
+            lost_gpus |= 1ULL << index;
+        else if (sscanf(line, " noevents %u", &index) == 1 && index < 64)
+            no_event_gpus |= 1ULL << index;
+        else if (sscanf(line, " xid %u %u %u %u", &index, &xid, &gpu_instance,
+                        &compute_instance) >= 2)
+            post_event(index, nvmlEventTypeXidCriticalError, xid, gpu_instance,
+                       compute_instance);
     }
     fclose(file);
-    return lost;
 }
 
 /* Re-reads the control file when stat() shows it changed. Caller holds `lock`. */
@@ -185,6 +267,7 @@ static void refresh_control(void)
     if (stat(control_path, &st) != 0) {
         control_seen = 0;
         lost_gpus = 0;
+        no_event_gpus = 0;
         return;
     }
     if (control_seen && st.st_ino == control_stat.st_ino && st.st_size == control_stat.st_size &&
@@ -193,7 +276,7 @@ static void refresh_control(void)
         return;
     control_stat = st;
     control_seen = 1;
-    lost_gpus = read_lost_gpus(control_path);
+    read_control(control_path);
 }
 
 static int is_lost(unsigned int gpu_index)
@@ -301,6 +384,7 @@ nvmlReturn_t nvmlInitWithFlags(unsigned int flags)
         control_path = path != NULL && path[0] != '\0' ? strdup(path) : NULL;
         control_seen = 0;
         lost_gpus = 0;
+        no_event_gpus = 0;
         clock_gettime(CLOCK_MONOTONIC, &init_time);
     }
     pthread_mutex_unlock(&lock);
@@ -917,5 +1001,153 @@ nvmlReturn_t nvmlDeviceGetDeviceHandleFromMigDeviceHandle(nvmlDevice_t migDevice
     if (!migDevice->is_mig)
         return NVML_ERROR_INVALID_ARGUMENT;
     *device = &fake_devices[migDevice->gpu_index];
+    return NVML_SUCCESS;
+}
+
+/* ----------------------------------------------------------------- events */
+
+static int is_live_set(nvmlEventSet_t set) /* caller holds `lock` */
+{
+    for (nvmlEventSet_t live = event_sets; live != NULL; live = live->next)
+        if (live == set)
+            return 1;
+    return 0;
+}
+
+/* Whether a device takes events at all: physical GPUs without a "noevents" line. */
+static int takes_events(nvmlDevice_t device)
+{
+    pthread_mutex_lock(&lock);
+    refresh_control();
+    int takes = !device->is_mig && !(device->gpu_index < 64 &&
+                                     (no_event_gpus >> device->gpu_index) & 1U);
+    pthread_mutex_unlock(&lock);
+    return takes;
+}
+
+static unsigned long long supported_event_types(nvmlDevice_t device)
+{
+    unsigned long long types =
+        nvmlEventTypeXidCriticalError | nvmlEventTypePState | nvmlEventTypeClock;
+    if (device->ecc_mode_current.ok && device->ecc_mode_current.v)
+        types |= nvmlEventTypeSingleBitEccError | nvmlEventTypeDoubleBitEccError;
+    return types;
+}
+
+nvmlReturn_t nvmlEventSetCreate(nvmlEventSet_t *set)
+{
+    if (!is_initialized())
+        return NVML_ERROR_UNINITIALIZED;
+    if (set == NULL)
+        return NVML_ERROR_INVALID_ARGUMENT;
+    nvmlEventSet_t created = calloc(1, sizeof *created);
+    unsigned long long *registered = calloc(fake_gpu_count, sizeof *registered);
+    if (created == NULL || registered == NULL) {
+        free(created);
+        free(registered);
+        return NVML_ERROR_MEMORY;
+    }
+    created->registered = registered;
+    pthread_mutex_lock(&lock);
+    created->next = event_sets;
+    event_sets = created;
+    pthread_mutex_unlock(&lock);
+    *set = created;
+    return NVML_SUCCESS;
+}
+
+nvmlReturn_t nvmlDeviceGetSupportedEventTypes(nvmlDevice_t device, unsigned long long *eventTypes)
+{
+    CHECK(device, eventTypes);
+    if (!takes_events(device))
+        return NVML_ERROR_NOT_SUPPORTED;
+    *eventTypes = supported_event_types(device);
+    return NVML_SUCCESS;
+}
+
+nvmlReturn_t nvmlDeviceRegisterEvents(nvmlDevice_t device, unsigned long long eventTypes,
+                                      nvmlEventSet_t set)
+{
+    CHECK(device, set);
+    if (!takes_events(device) || (eventTypes & ~supported_event_types(device)) != 0)
+        return NVML_ERROR_NOT_SUPPORTED;
+    nvmlReturn_t result = NVML_SUCCESS;
+    pthread_mutex_lock(&lock);
+    if (is_live_set(set))
+        set->registered[device->gpu_index] |= eventTypes;
+    else
+        result = NVML_ERROR_INVALID_ARGUMENT;
+    pthread_mutex_unlock(&lock);
+    return result;
+}
+
+/* One attempt of nvmlEventSetWait_v2; NVML_ERROR_TIMEOUT means "nothing yet". */
+static nvmlReturn_t take_event(nvmlEventSet_t set, nvmlEventData_t *data)
+{
+    nvmlReturn_t result = NVML_ERROR_TIMEOUT;
+    pthread_mutex_lock(&lock);
+    if (!is_live_set(set)) {
+        result = NVML_ERROR_INVALID_ARGUMENT;
+    } else {
+        refresh_control();
+        struct fake_event *event = set->head;
+        if (event != NULL) {
+            *data = event->data;
+            set->head = event->next;
+            if (set->head == NULL)
+                set->tail = NULL;
+            free(event);
+            result = NVML_SUCCESS;
+        } else {
+            for (unsigned int i = 0; i < fake_gpu_count && i < 64; i++)
+                if (set->registered[i] && (lost_gpus >> i) & 1U)
+                    result = NVML_ERROR_GPU_IS_LOST;
+        }
+    }
+    pthread_mutex_unlock(&lock);
+    return result;
+}
+
+nvmlReturn_t nvmlEventSetWait_v2(nvmlEventSet_t set, nvmlEventData_t *data, unsigned int timeoutms)
+{
+    if (!is_initialized())
+        return NVML_ERROR_UNINITIALIZED;
+    if (data == NULL)
+        return NVML_ERROR_INVALID_ARGUMENT;
+    struct timespec start, now;
+    clock_gettime(CLOCK_MONOTONIC, &start);
+    for (;;) {
+        nvmlReturn_t result = take_event(set, data);
+        clock_gettime(CLOCK_MONOTONIC, &now);
+        long long waited_ms =
+            (now.tv_sec - start.tv_sec) * 1000LL + (now.tv_nsec - start.tv_nsec) / 1000000;
+        if (result != NVML_ERROR_TIMEOUT || waited_ms >= (long long)timeoutms)
+            return result;
+        const struct timespec poll = {0, 1000000}; /* 1 ms */
+        nanosleep(&poll, NULL);
+    }
+}
+
+nvmlReturn_t nvmlEventSetFree(nvmlEventSet_t set)
+{
+    if (!is_initialized())
+        return NVML_ERROR_UNINITIALIZED;
+    pthread_mutex_lock(&lock);
+    nvmlEventSet_t *link = &event_sets;
+    while (*link != NULL && *link != set)
+        link = &(*link)->next;
+    if (*link == NULL) {
+        pthread_mutex_unlock(&lock);
+        return NVML_ERROR_INVALID_ARGUMENT;
+    }
+    *link = set->next;
+    pthread_mutex_unlock(&lock);
+    while (set->head != NULL) {
+        struct fake_event *event = set->head;
+        set->head = event->next;
+        free(event);
+    }
+    free(set->registered);
+    free(set);
     return NVML_SUCCESS;
 }
