@@ -19,6 +19,7 @@ import asyncio
 import logging
 import signal
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import msgspec
@@ -32,13 +33,14 @@ from agent.protocol import dsse
 from agent.protocol.bodies import EnvelopeBody, NodeStatusBody, ProfileBody, TelemetryBody
 from agent.protocol.limits import MAX_FRAME_BYTES, MAX_TELEMETRY_BATCH
 from agent.protocol.messages import AttestRequest, JobCancel, JobOffer, Message
-from agent.scheduler import Scheduler, sample_health
+from agent.scheduler import Scheduler, sample_health, xid_health
+from agent.systemd import Notifier, watchdog_interval
 from hal import __version__
 from hal.backend import HalConfig
 from hal.host import host_sample
 from hal.profile import take_profile
 from hal.registry import Hal
-from hal.types import GpuSample, Profile, Sample
+from hal.types import GpuSample, HealthEvent, Profile, Sample
 from sandbox.docker_api import DockerClient
 from sandbox.policy import Policy
 from sandbox.runner import Runner, RunnerConfig
@@ -88,6 +90,7 @@ class _Agent:
         self.scheduler = Scheduler([])
         self.jobs: JobManager | None = None
         self._baseline_ecc: dict[str, int] = {}
+        self.notifier = Notifier()
         self._last_status: NodeStatusBody | None = None
 
     async def on_message(self, message: Message) -> Reply:
@@ -108,6 +111,7 @@ class _Agent:
             return
         if status == self._last_status:
             return
+        self.notifier.status(_status_line(status, len(self.jobs.tasks)))
         try:
             self.outbox.append("node_status", msgspec.json.encode(status), time.time())
         except OutboxError as exc:
@@ -116,9 +120,18 @@ class _Agent:
         self._last_status = status
         self.link.wakeup.set()
 
-    def check_health(self, gpus: list[GpuSample]) -> None:
-        """Each unit's health by the latest sample; a MIG instance without its own sample
-        follows its GPU. The first call ends the initial check."""
+    def check_health(self, gpus: list[GpuSample], events: Sequence[HealthEvent] = ()) -> None:
+        """Each unit's health by the latest sample and the driver's events; a MIG instance
+        without its own sample follows its GPU. The first call ends the initial check."""
+        for event in events:
+            verdict = xid_health(event.code) if event.kind == "xid" else None
+            if verdict is None:
+                continue
+            _log.error("GPU %s: Xid %d; it takes no more jobs", event.gpu_id, event.code)
+            for unit_id, unit in self.scheduler.units.items():
+                # An event on a GPU split into MIG instances concerns each of them.
+                if event.gpu_id in (unit_id, unit.gpu.parent_uuid):
+                    self.scheduler.set_health(unit_id, *verdict)
         by_id = {g.id: g for g in gpus}
         for unit_id, unit in self.scheduler.units.items():
             sample = by_id.get(unit_id) or by_id.get(unit.gpu.parent_uuid or "")
@@ -158,10 +171,8 @@ class _Agent:
         next_tick = loop.time()
         try:
             while not stop.is_set():
-                taken = await asyncio.to_thread(
-                    lambda: Sample(taken_at=time.time(), host=host_sample(), gpus=hal.sample())
-                )
-                self.check_health(taken.gpus)
+                taken, events = await asyncio.to_thread(_tick, hal)
+                self.check_health(taken.gpus, events)
                 batch.append(taken)
                 if len(batch) >= min(self.config.batch_samples, MAX_TELEMETRY_BATCH):
                     batch = self.queue_telemetry(batch)
@@ -209,6 +220,8 @@ class _Agent:
             share_limit=config.share_limit,
         )
         await self.jobs.recover()
+        self.notifier.ready(f"profiled {len(self.profile.gpus)} GPU(s); connecting")
+        watchdog = asyncio.create_task(self._watchdog())
         link_stop = asyncio.Event()
         linking = asyncio.create_task(self.link.run(link_stop))
         sampling = asyncio.create_task(self.sample(stop))
@@ -217,16 +230,28 @@ class _Agent:
             # A sampler that fails ends the daemon too, after the jobs are wound down.
             await asyncio.wait({stopped, sampling}, return_when=asyncio.FIRST_COMPLETED)
             stop.set()
+            self.notifier.stopping(f"stopping {len(self.jobs.tasks)} job(s)")
             await self.jobs.shutdown()
             await sampling
             await self._flush()
         finally:
             sampling.cancel()
             stopped.cancel()
+            watchdog.cancel()
             link_stop.set()
             await linking
             self.outbox.close()
         return 0
+
+    async def _watchdog(self) -> None:
+        """Keep systemd's watchdog fed from the event loop: a loop that is stuck stops
+        feeding it, and systemd restarts the service."""
+        interval = watchdog_interval()
+        if interval is None:
+            return
+        while True:
+            self.notifier.watchdog()
+            await asyncio.sleep(interval)
 
     async def _flush(self) -> None:
         """Give the link a moment to deliver what the outbox still holds."""
@@ -235,6 +260,19 @@ class _Agent:
             await asyncio.sleep(0.05)
         if self.outbox.depth():
             _log.warning("%d messages stay in the outbox for the next start", self.outbox.depth())
+
+
+def _status_line(status: NodeStatusBody, running: int) -> str:
+    """One line for ``systemctl status``."""
+    healthy = sum(1 for u in status.units if u.health == "healthy")
+    taking = "taking jobs" if status.available else f"not taking jobs ({status.reason})"
+    return f"{taking}; {healthy}/{len(status.units)} GPU(s) healthy; {running} job(s) running"
+
+
+def _tick(hal: Hal) -> tuple[Sample, list[HealthEvent]]:
+    """One sample of the host and the GPUs, and the driver's events since the last."""
+    sample = Sample(taken_at=time.time(), host=host_sample(), gpus=hal.sample())
+    return sample, hal.events()
 
 
 def _telemetry_bodies(samples: list[Sample]) -> list[bytes]:

@@ -68,7 +68,11 @@ class Loop:
             "--state-dir", str(self.workdir / "agent"), "--policy", str(policy),
             "--interval", "0.2", "--batch", "5",
         ]  # fmt: skip
-        env = {**os.environ, "GPU_AGENT_NVML_LIB": str(self.library)}
+        env = {
+            **os.environ,
+            "GPU_AGENT_NVML_LIB": str(self.library),
+            "FAKENVML_CONTROL": str(self.workdir / "nvml-control"),
+        }
         with (self.workdir / "agent.log").open("ab") as log:
             self.agent = subprocess.Popen(argv, env=env, stdout=log, stderr=log)
 
@@ -220,3 +224,23 @@ async def test_sigterm_interrupts_the_running_job_and_exits_cleanly(loop: Loop) 
     assert status is not None
     assert status.body["available"] is False
     assert status.body["reason"] == "shutting_down"
+
+
+async def test_a_critical_xid_marks_the_gpu_unhealthy_and_the_coordinator_is_told(
+    loop: Loop,
+) -> None:
+    def unit_health() -> dict[str, tuple[str, str]]:
+        status = loop.c.store.latest(loop.node_id, "node_status")
+        assert status is not None
+        return {u["id"]: (u["health"], u.get("reason", "")) for u in status.body["units"]}
+
+    first, second = sorted(unit_health())
+    assert set(unit_health().values()) == {("healthy", "")}
+    # An application's own fault (Xid 13) leaves the GPU healthy; Xid 79 (fallen off the
+    # bus) does not. The fake NVML posts events written to its control file.
+    control = loop.workdir / "nvml-control"
+    staging = control.with_suffix(".new")
+    staging.write_text("xid 0 13\nxid 1 79\n")
+    os.replace(staging, control)
+    await loop.until(lambda: unit_health()[second][0] == "unhealthy", "the GPU marked unhealthy")
+    assert unit_health() == {first: ("healthy", ""), second: ("unhealthy", "xid_79")}
