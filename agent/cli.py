@@ -3,18 +3,19 @@
 from __future__ import annotations
 
 import argparse
-import ipaddress
 import os
 import sys
 import time
-import urllib.parse
 from collections.abc import Sequence
 from pathlib import Path
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 import msgspec
 
 from agent.errors import AgentError, ConfigError
+
+if TYPE_CHECKING:
+    from agent.config import AgentConfig
 from hal import __version__
 from hal.backend import HalConfig
 from hal.errors import BadConfig, HalError
@@ -86,11 +87,18 @@ def _parser() -> argparse.ArgumentParser:
         "run", help="connect to a coordinator: attest this machine and stream its telemetry"
     )
     daemon.add_argument(
-        "--coordinator", required=True, metavar="URL", help="ws(s)://host:port/agent"
+        "--config",
+        type=Path,
+        metavar="FILE",
+        help="the agent's TOML configuration (docs/configuration.md); default: "
+        "/etc/gpu-agent/agent.toml for a system install, else the user config dir. "
+        "The options below override it",
+    )
+    daemon.add_argument(
+        "--coordinator", metavar="URL", help="ws(s)://host:port/agent (coordinator.url)"
     )
     daemon.add_argument(
         "--coordinator-key",
-        required=True,
         action="append",
         type=_public_key,
         metavar="BASE64",
@@ -108,9 +116,9 @@ def _parser() -> argparse.ArgumentParser:
         metavar="POLICY_FILE",
         help="admission policy (TOML); without one no image is allowed",
     )
-    daemon.add_argument("--state-dir", type=Path, default=_default_state_dir())
-    daemon.add_argument("--interval", type=_positive_float, default=1.0, metavar="S")
-    daemon.add_argument("--batch", type=_count, default=10, metavar="N", help="samples a batch")
+    daemon.add_argument("--state-dir", type=Path, help="paths.state_dir")
+    daemon.add_argument("--interval", type=_positive_float, metavar="S")
+    daemon.add_argument("--batch", type=_count, metavar="N", help="samples a batch")
 
     keys = commands.add_parser("keys", help="this node's identity")
     keys_commands = keys.add_subparsers(dest="keys_command", required=True, parser_class=_Parser)
@@ -222,54 +230,62 @@ def _run_local(config: HalConfig, spec_path: Path, policy_path: Path | None, as_
 def _run_daemon(config: HalConfig, args: argparse.Namespace) -> int:
     import logging
 
-    from agent.daemon import DaemonConfig, run_daemon
-    from agent.link import LinkConfig
+    from agent.config import is_system_install, load_config
+    from agent.daemon import daemon_config, run_daemon
+
+    agent_config = _with_flags(
+        load_config(
+            args.config,
+            os.environ,
+            system=is_system_install(),
+            require_coordinator=args.coordinator is None,
+        ),
+        args,
+    )
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    return run_daemon(daemon_config(agent_config), config)
+
+
+def _with_flags(config: AgentConfig, args: argparse.Namespace) -> AgentConfig:
+    """The configuration with what the command line sets instead."""
     from agent.protocol import crypto
+    from agent.protocol.limits import MAX_TELEMETRY_BATCH
     from agent.run_local import load_policy
     from sandbox.errors import SandboxError
-    from sandbox.policy import Policy
-    from sandbox.runner import RunnerConfig
 
-    url = urllib.parse.urlsplit(args.coordinator)
-    if url.scheme not in ("ws", "wss"):
-        raise ConfigError("bad_config", f"--coordinator {args.coordinator!r}: use ws:// or wss://")
-    if url.scheme == "ws" and not args.allow_plaintext and not _is_loopback(url.hostname or ""):
-        # The handshake proves who is at the other end, but nothing after it is bound to
-        # the connection: on plain ws:// anyone on the path could forge acks.
-        raise ConfigError(
-            "bad_config",
-            f"--coordinator {args.coordinator!r}: ws:// off this machine lets anyone on the "
-            "path forge acknowledgements; use wss:// (or --allow-plaintext)",
-        )
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    link = LinkConfig(
-        url=args.coordinator,
-        pinned_keys={crypto.key_id(key): key for key in args.coordinator_key},
-        ca_file=args.ca_file,
-    )
+    replace = msgspec.structs.replace
+    raw = msgspec.structs.asdict(config.coordinator)
+    if args.coordinator is not None:
+        if not args.coordinator_key:
+            raise ConfigError("bad_config", "--coordinator needs --coordinator-key")
+        raw["url"] = args.coordinator
+    if args.coordinator_key:
+        raw["keys"] = tuple(crypto.b64encode(key) for key in args.coordinator_key)
+    if args.ca_file is not None:
+        raw["ca_file"] = args.ca_file.absolute()
+    if args.allow_plaintext:
+        raw["allow_plaintext"] = True
     try:
-        policy = load_policy(args.policy) if args.policy else Policy()
-    except SandboxError as exc:
-        raise ConfigError(exc.code, exc.detail) from exc
-    daemon = DaemonConfig(
-        state_dir=args.state_dir,
-        link=link,
-        runner=RunnerConfig(jobs_dir=args.state_dir / "jobs", runtime=policy.runtime),
-        policy=policy,
-        docker_socket=str(config.docker_socket),
-        sample_interval_s=args.interval,
-        batch_samples=args.batch or 1,
-    )
-    return run_daemon(daemon, config)
-
-
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
+        # Validated as a whole, like the file: a flag must not slip past its checks.
+        coordinator = msgspec.convert(raw, type(config.coordinator))
+    except msgspec.ValidationError as exc:
+        raise ConfigError("bad_config", f"command line: {exc}") from None
+    paths = config.paths
+    if args.state_dir is not None:
+        state_dir = args.state_dir.absolute()
+        paths = replace(paths, state_dir=state_dir, jobs_dir=state_dir / "jobs")
+    telemetry = config.telemetry
+    if args.interval is not None:
+        telemetry = replace(telemetry, interval_s=args.interval)
+    if args.batch is not None:
+        telemetry = replace(telemetry, batch=min(max(args.batch, 1), MAX_TELEMETRY_BATCH))
+    policy = config.policy
+    if args.policy is not None:
+        try:
+            policy = load_policy(args.policy)
+        except SandboxError as exc:
+            raise ConfigError(exc.code, exc.detail) from exc
+    return replace(config, coordinator=coordinator, paths=paths, telemetry=telemetry, policy=policy)
 
 
 def _keys_show(state_dir: Path) -> int:

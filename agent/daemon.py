@@ -24,6 +24,7 @@ from pathlib import Path
 
 import msgspec
 
+from agent.config import AgentConfig
 from agent.errors import OutboxError
 from agent.identity import Identity, load_or_create
 from agent.jobs import JobManager
@@ -45,7 +46,7 @@ from sandbox.docker_api import DockerClient
 from sandbox.policy import Policy
 from sandbox.runner import Runner, RunnerConfig
 
-__all__ = ["DaemonConfig", "run_daemon"]
+__all__ = ["DaemonConfig", "daemon_config", "run_daemon"]
 
 _log = logging.getLogger(__name__)
 # {"v":1,"type":"telemetry","seq":<up to 19 digits>,"body":...} around a body.
@@ -77,6 +78,31 @@ class DaemonConfig(msgspec.Struct, frozen=True, kw_only=True):
     sample_interval_s: float = 1.0
     batch_samples: int = 10
     flush_timeout_s: float = 5.0
+
+
+def daemon_config(config: AgentConfig) -> DaemonConfig:
+    """What the daemon runs with, from the agent's configuration (``coordinator.url``
+    must be set: ``load_config(..., require_coordinator=True)``)."""
+    coordinator, jobs = config.coordinator, config.jobs
+    assert coordinator.url is not None
+    return DaemonConfig(
+        state_dir=config.paths.state_dir,
+        link=LinkConfig(
+            url=coordinator.url, pinned_keys=coordinator.pinned_keys, ca_file=coordinator.ca_file
+        ),
+        runner=RunnerConfig(
+            jobs_dir=config.paths.jobs_dir,
+            runtime=config.policy.runtime,
+            user=jobs.user,
+            log_max_bytes=jobs.log_max_bytes,
+            log_rate_bytes_per_s=jobs.log_rate_bytes_per_s,
+        ),
+        policy=config.policy,
+        docker_socket=jobs.docker_socket,
+        max_concurrent=jobs.max_concurrent,
+        sample_interval_s=config.telemetry.interval_s,
+        batch_samples=config.telemetry.batch,
+    )
 
 
 class _Agent:

@@ -244,3 +244,58 @@ async def test_a_critical_xid_marks_the_gpu_unhealthy_and_the_coordinator_is_tol
     os.replace(staging, control)
     await loop.until(lambda: unit_health()[second][0] == "unhealthy", "the GPU marked unhealthy")
     assert unit_health() == {first: ("healthy", ""), second: ("unhealthy", "xid_79")}
+
+
+def _run(*argv: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "agent.cli", "run", *argv],
+        capture_output=True,
+        text=True,
+        check=False,
+        env={**os.environ, **(env or {})},
+        timeout=60,
+    )
+
+
+def test_run_refuses_a_bad_config_naming_the_file_and_key(tmp_path: Path) -> None:
+    config = tmp_path / "agent.toml"
+    config.write_text('[coordinator]\nurl = "wss://c.example/agent"\nkeys = []\n')
+    done = _run("--config", str(config))
+    assert done.returncode == 2
+    assert "error [bad_config]" in done.stderr
+    assert str(config) in done.stderr
+    assert "coordinator.keys" in done.stderr
+    config.write_text("[telemetry]\ninterval_s = -1\n")
+    done = _run("--config", str(config), "--coordinator", "ws://127.0.0.1:1/agent")
+    assert done.returncode == 2
+    assert "telemetry.interval_s" in done.stderr
+    done = _run("--config", str(tmp_path / "missing.toml"))
+    assert (done.returncode, "missing.toml" in done.stderr) == (2, True)
+
+
+async def test_run_takes_everything_from_its_config_file(
+    tmp_path: Path, library_for: Callable[[Path], Path], test_image: str, docker_engine: str
+) -> None:
+    world = Loop(tmp_path, library_for(DUAL_A5000), test_image, DockerClient(docker_engine))
+    coordinator = await world.start_coordinator()
+    config = tmp_path / "agent.toml"
+    config.write_text(
+        f'[coordinator]\nurl = "ws://127.0.0.1:{world.port}/agent"\n'
+        f'keys = ["{coordinator.key.public_key_b64}"]\n'
+        f'[paths]\nstate_dir = "{tmp_path / "state"}"\n'
+        f'[policy]\nallowed_images = ["{test_image.split(":", maxsplit=1)[0]}"]\n'
+    )
+    env = {**os.environ, "GPU_AGENT_NVML_LIB": str(world.library)}
+    argv = [sys.executable, "-m", "agent.cli", "run", "--config", str(config)]
+    with (tmp_path / "agent.log").open("ab") as log:
+        world.agent = subprocess.Popen(argv, env=env, stdout=log, stderr=log)
+    try:
+        node_id = await world.ready()
+        job_id = await coordinator.submit(node_id, job_spec(test_image, "echo configured"))
+        await world.until(lambda: world.job(job_id).final, "the job to end")
+        assert world.job(job_id).state == "completed"
+        assert (tmp_path / "state" / "outbox.db").exists()
+    finally:
+        world.agent.send_signal(signal.SIGTERM)
+        assert await world.exited() == 0
+        await world.stop_coordinator()
