@@ -7,6 +7,7 @@ bin=$PWD/.venv/bin
 demo=$PWD/.demo
 mkdir -p "$demo"
 pids=()
+jobs_api=""
 cleanup() {
   for pid in "${pids[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
   wait 2>/dev/null || true
@@ -39,8 +40,11 @@ key=$("$bin/gpu-coordinator" key --state-dir "$demo/coordinator" | awk '/public 
 echo
 
 echo "== gpu-agent run: this agent, pinned to that coordinator's key =="
+# The admission policy: the coordinator's jobs may use the demo's locally built image only.
+echo 'allowed_images = ["gpu-agent-demo/busybox"]' > "$demo/policy.toml"
 "$bin/gpu-agent" run --coordinator "ws://127.0.0.1:$port/agent" --coordinator-key "$key" \
-  --state-dir "$demo/agent" --interval 1 --batch 2 > "$demo/agent.log" 2>&1 &
+  --state-dir "$demo/agent" --policy "$demo/policy.toml" --interval 1 --batch 2 \
+  > "$demo/agent.log" 2>&1 &
 pids+=($!)
 "$bin/gpu-agent" keys show --state-dir "$demo/agent"
 node=$("$bin/gpu-agent" keys show --state-dir "$demo/agent" | awk '/node id/ {print $3}')
@@ -92,6 +96,26 @@ SPEC
   echo "spec: $demo/job.toml"
   "$bin/gpu-agent" run-local "$demo/job.toml"
   echo
+  echo "== gpu-coordinator submit: the same job, as a signed offer from the coordinator to the agent =="
+  if job=$("$bin/gpu-coordinator" submit "$demo/job.toml" --node "$node" --state-dir "$demo/coordinator"); then
+    for _ in $(seq 100); do
+      "$bin/python" - "http://127.0.0.1:$port/api/jobs/$job" <<'PY' 2>/dev/null && break
+import json, sys, urllib.request
+sys.exit(0 if json.load(urllib.request.urlopen(sys.argv[1]))["final"] else 1)
+PY
+      sleep 0.2
+    done
+    "$bin/python" - "http://127.0.0.1:$port/api/jobs/$job" <<'PY'
+import json, sys, urllib.request
+job = json.load(urllib.request.urlopen(sys.argv[1]))
+result = job.get("result") or {}
+print(f"job {job['job_id']}: {job['state']}, stdout: {job['logs']['stdout'].strip()!r}")
+print(f"receipt: sha256 {result.get('receipt_sha256')}, verified={result.get('verified')}, "
+      f"chain_ok={result.get('chain_ok')}")
+PY
+    jobs_api="http://127.0.0.1:$port/api/jobs/$job"
+  fi
+  echo
 else
   echo "== No Docker engine reachable (or no /bin/busybox to build a local image from): no sample job =="
   echo "   On Debian: sudo apt install docker.io busybox-static, then make demo again."
@@ -103,6 +127,7 @@ Where to look:
   dashboard:    http://127.0.0.1:$port/
   attestation:  $api   (the verified hardware profile)
   telemetry:    $api/telemetry?since_seq=0
+  job:          ${jobs_api:-"(no job ran)"}   (state, logs, the verified receipt)
   logs:         $demo/coordinator.log, $demo/agent.log
 MSG
 if [ -t 0 ]; then
