@@ -58,6 +58,7 @@ async def bench(jobs: int, idle_s: float, workdir: Path) -> dict[str, object]:
     library = build.build_library(
         build.replicate(build.parse_capture(CAPTURE), 8), workdir / "nvml"
     )
+    (workdir / "image").mkdir()
     build_busybox_image(IMAGE, workdir / "image")
     policy = workdir / "policy.toml"
     policy.write_text(f'allowed_images = ["{IMAGE.split(":", maxsplit=1)[0]}"]\n')
