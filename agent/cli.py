@@ -3,22 +3,20 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import sys
-import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
-import msgspec
-
 from agent.errors import AgentError, ConfigError
+from hal import __version__
+from hal.errors import BadConfig, HalError
 
 if TYPE_CHECKING:
     from agent.config import AgentConfig
-from hal import __version__
-from hal.backend import HalConfig
-from hal.errors import BadConfig, HalError
+    from hal.backend import HalConfig
 
 __all__ = ["main"]
 
@@ -150,13 +148,16 @@ def _default_state_dir() -> Path:
 
 # Commands import what they need when they run: `gpu-agent profile` is timed against a bare
 # `python -c "import psutil"`, and every module imported before discovery starts counts.
+# Each command is a function of the configuration and the parsed arguments.
 
 
-def _profile(config: HalConfig, as_json: bool) -> int:
+def _profile(config: HalConfig, args: argparse.Namespace) -> int:
+    import msgspec
+
     from hal.profile import take_profile
 
     profile = take_profile(config)
-    if as_json:
+    if args.json:
         sys.stdout.buffer.write(msgspec.json.format(msgspec.json.encode(profile)) + b"\n")
     else:
         from agent.render import render_profile
@@ -165,11 +166,17 @@ def _profile(config: HalConfig, as_json: bool) -> int:
     return 0
 
 
-def _sample(config: HalConfig, interval: float, count: int) -> int:
+def _sample(config: HalConfig, args: argparse.Namespace) -> int:
+    import time
+
+    import msgspec
+
     from hal.host import host_sample
     from hal.registry import Hal
     from hal.types import Sample
 
+    interval: float = args.interval
+    count: int = args.count
     hal = Hal(config)
     hal.open()
     encoder = msgspec.json.Encoder()
@@ -193,27 +200,29 @@ def _sample(config: HalConfig, interval: float, count: int) -> int:
     return 0
 
 
-def _doctor(config: HalConfig, as_json: bool) -> int:
+def _doctor(config: HalConfig, args: argparse.Namespace) -> int:
+    import msgspec
+
     from agent.doctor import diagnose, gather
     from agent.render import render_findings
 
     findings = diagnose(gather(config))
-    if as_json:
+    if args.json:
         sys.stdout.buffer.write(msgspec.json.format(msgspec.json.encode(findings)) + b"\n")
     else:
         print(render_findings(findings))
     return 1 if any(f.severity == "blocker" for f in findings) else 0
 
 
-def _run_local(config: HalConfig, spec_path: Path, policy_path: Path | None, as_json: bool) -> int:
+def _run_local(config: HalConfig, args: argparse.Namespace) -> int:
     from agent.run_local import default_jobs_dir, load_policy, run_local
     from sandbox.errors import SandboxError
     from sandbox.runner import RunnerConfig
     from sandbox.spec import load_spec_file
 
     try:
-        spec = load_spec_file(spec_path)
-        policy = load_policy(policy_path)
+        spec = load_spec_file(args.spec)
+        policy = load_policy(args.policy)
     except SandboxError as exc:
         print(f"gpu-agent: error [{exc.code}]: {exc.detail}", file=sys.stderr)
         return EXIT_USAGE
@@ -223,7 +232,7 @@ def _run_local(config: HalConfig, spec_path: Path, policy_path: Path | None, as_
         hal_config=config,
         runner_config=RunnerConfig(jobs_dir=default_jobs_dir(), runtime=policy.runtime),
         docker_socket=str(config.docker_socket),
-        as_json=as_json,
+        as_json=args.json,
     )
 
 
@@ -248,6 +257,8 @@ def _run_daemon(config: HalConfig, args: argparse.Namespace) -> int:
 
 def _with_flags(config: AgentConfig, args: argparse.Namespace) -> AgentConfig:
     """The configuration with what the command line sets instead."""
+    import msgspec
+
     from agent.protocol import crypto
     from agent.protocol.limits import MAX_TELEMETRY_BATCH
     from agent.run_local import load_policy
@@ -288,32 +299,52 @@ def _with_flags(config: AgentConfig, args: argparse.Namespace) -> AgentConfig:
     return replace(config, coordinator=coordinator, paths=paths, telemetry=telemetry, policy=policy)
 
 
-def _keys_show(state_dir: Path) -> int:
+def _keys(config: HalConfig, args: argparse.Namespace) -> int:
     from agent.identity import load_or_create, show
 
-    print(show(load_or_create(state_dir / "identity")))
+    print(show(load_or_create(args.state_dir / "identity")))
     return 0
+
+
+_COMMANDS: dict[str, Callable[[HalConfig, argparse.Namespace], int]] = {
+    "profile": _profile,
+    "sample": _sample,
+    "doctor": _doctor,
+    "run-local": _run_local,
+    "run": _run_daemon,
+    "keys": _keys,
+}
+
+# Commands that start, report and end. Their start-up allocates many objects that live to
+# the end, so the cyclic garbage collector stays off while they run: its passes would only
+# walk (and, in a discovery child forked meanwhile, copy) pages of live objects. When they
+# are done, what they left is frozen before the collector is back on, so that neither its
+# next pass nor the interpreter's collections at exit walk it all once more. Commands that
+# run on get the collector back before they start.
+_ONE_SHOT = frozenset({"profile", "doctor", "keys"})
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; return the exit status."""
-    args = _parser().parse_args(argv)
+    collecting = gc.isenabled()
+    gc.disable()
+    one_shot = False
     try:
-        config = HalConfig.from_env()
-        if args.command == "profile":
-            return _profile(config, args.json)
-        if args.command == "sample":
-            return _sample(config, args.interval, args.count)
-        if args.command == "run-local":
-            return _run_local(config, args.spec, args.policy, args.json)
-        if args.command == "run":
-            return _run_daemon(config, args)
-        if args.command == "keys":
-            return _keys_show(args.state_dir)
-        return _doctor(config, args.json)
+        args = _parser().parse_args(argv)
+        one_shot = args.command in _ONE_SHOT
+        if collecting and not one_shot:
+            gc.enable()
+        from hal.backend import HalConfig
+
+        return _COMMANDS[args.command](HalConfig.from_env(), args)
     except (HalError, AgentError) as exc:
         print(f"gpu-agent: error [{exc.code}]: {exc.detail}", file=sys.stderr)
         return EXIT_USAGE if isinstance(exc, BadConfig | ConfigError) else 1
+    finally:
+        if collecting and not gc.isenabled():
+            if one_shot:
+                gc.freeze()
+            gc.enable()
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ import socket
 import psutil
 
 from hal.backend import HalConfig
-from hal.runtime import runtime_info
+from hal.runtime import RuntimeProbe, runtime_info
 from hal.types import (
     UNSUPPORTED,
     CpuInfo,
@@ -24,12 +24,15 @@ from hal.types import (
 __all__ = ["host_profile", "host_sample"]
 
 _PSEUDO_FS = frozenset({"squashfs", "tmpfs", "devtmpfs", "overlay", "nsfs", "proc", "sysfs"})
-_DOCKER_TIMEOUT_S = 1.0
-_TOOLKIT_BINARIES = ("nvidia-ctk", "nvidia-container-runtime", "nvidia-container-toolkit")
 
 
-def host_profile(config: HalConfig, runtime: RuntimeInfo | None = None) -> HostProfile:
-    """Static facts about this host; ``runtime`` when the caller asked Docker already."""
+def host_profile(
+    config: HalConfig, runtime: RuntimeInfo | RuntimeProbe | None = None
+) -> HostProfile:
+    """Static facts about this host; ``runtime`` when the caller asked Docker already.
+
+    A :class:`~hal.runtime.RuntimeProbe` is read last, so the engine has the longest to answer.
+    """
     uname = platform.uname()
     return HostProfile(
         hostname=uname.node,
@@ -40,8 +43,14 @@ def host_profile(config: HalConfig, runtime: RuntimeInfo | None = None) -> HostP
         swap_total_bytes=psutil.swap_memory().total,
         disks=_disks(),
         interfaces=_interfaces(),
-        runtime=runtime or runtime_info(config.docker_socket, config.cdi_dirs),
+        runtime=_runtime(config, runtime),
     )
+
+
+def _runtime(config: HalConfig, runtime: RuntimeInfo | RuntimeProbe | None) -> RuntimeInfo:
+    if isinstance(runtime, RuntimeProbe):
+        return runtime.result()
+    return runtime or runtime_info(config.docker_socket, config.cdi_dirs)
 
 
 def host_sample() -> HostSample:

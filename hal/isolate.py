@@ -14,7 +14,6 @@ import selectors
 import signal
 import sys
 import time
-import traceback
 from collections.abc import Callable, Sequence
 
 from hal.errors import DiscoveryFailed
@@ -121,8 +120,10 @@ def _spawn(fn: Callable[[], bytes]) -> tuple[int, int]:
         try:
             _write_all(write_fd, fn())
         except BaseException:  # the child must never return into the caller's code
-            traceback.print_exc()
             status = _EX_SOFTWARE
+            import traceback  # only now: it pulls in linecache and tokenize
+
+            traceback.print_exc()
         finally:
             os._exit(status)
     os.close(write_fd)

@@ -2,33 +2,27 @@
 
 from __future__ import annotations
 
-import threading
 import time
 
 from hal import __version__
 from hal.backend import HalConfig
 from hal.registry import PendingDiscovery
-from hal.runtime import runtime_info
-from hal.types import Profile, RuntimeInfo
+from hal.types import Profile
 
 __all__ = ["take_profile"]
 
 
 def take_profile(config: HalConfig) -> Profile:
     """Profile the host while the GPU backends run their isolated discovery."""
+    # Longest first: the discovery children fork before anything else is imported, then
+    # the engine gets its question, and both work while psutil is imported and read.
     pending = PendingDiscovery(config)
-    # The engine answers in milliseconds: ask it in a thread while psutil is imported and
-    # read. psutil is imported only now, so that the discovery children start sooner.
-    runtime: list[RuntimeInfo] = []
-    asking = threading.Thread(
-        target=lambda: runtime.append(runtime_info(config.docker_socket, config.cdi_dirs)),
-        name="docker-probe",
-    )
-    asking.start()
-    from hal.host import host_profile
+    from hal.runtime import RuntimeProbe
 
-    asking.join()
-    host = host_profile(config, runtime[0])
+    with RuntimeProbe(config.docker_socket, config.cdi_dirs) as runtime:
+        from hal.host import host_profile
+
+        host = host_profile(config, runtime)
     discovery = pending.result()
     return Profile(
         agent_version=__version__,

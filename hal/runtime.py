@@ -1,20 +1,23 @@
 """The container runtime around the host: is Docker reachable, can it hand out NVIDIA GPUs?
 
 Kept apart from :mod:`hal.host` (and from psutil): the engine takes milliseconds to answer,
-so a profile asks it in a thread first and reads everything else meanwhile.
+so a profile sends its question first (:class:`RuntimeProbe`) and reads the answer after
+everything else.
 """
 
 from __future__ import annotations
 
-import json
 import shutil
 import socket
 import time
 from pathlib import Path
+from types import TracebackType
+
+import msgspec
 
 from hal.types import Reading, RuntimeInfo, Unavailable
 
-__all__ = ["runtime_info"]
+__all__ = ["RuntimeProbe", "runtime_info"]
 
 _DOCKER_TIMEOUT_S = 1.0
 _TOOLKIT_BINARIES = ("nvidia-ctk", "nvidia-container-runtime", "nvidia-container-toolkit")
@@ -22,50 +25,119 @@ _TOOLKIT_BINARIES = ("nvidia-ctk", "nvidia-container-runtime", "nvidia-container
 
 def runtime_info(docker_socket: Path, cdi_dirs: tuple[Path, ...]) -> RuntimeInfo:
     """Is Docker reachable, and can it hand NVIDIA GPUs to containers?"""
-    toolkit = next((p for p in map(shutil.which, _TOOLKIT_BINARIES) if p), None)
-    docker = _docker_get(docker_socket, "/info")
-    if isinstance(docker, dict):
-        declared = docker.get("Runtimes")
-        runtimes: Reading[list[str]] = sorted(declared) if isinstance(declared, dict) else []
-        version: Reading[str] = str(docker.get("ServerVersion", ""))
-        reachable: Reading[bool] = True
-        cdi: Reading[bool] = bool(docker.get("CDISpecDirs"))
-    else:
-        runtimes = version = docker
-        reachable = False if docker.reason == "docker_unreachable" else docker
-        cdi = docker
-    return RuntimeInfo(
-        docker_reachable=reachable,
-        docker_version=version,
-        docker_runtimes=runtimes,
-        docker_cdi=cdi,
-        nvidia_container_toolkit=toolkit or Unavailable("not_installed"),
-        cdi_specs=_nvidia_cdi_specs(cdi_dirs),
-    )
+    with RuntimeProbe(docker_socket, cdi_dirs) as probe:
+        return probe.result()
 
 
-def _docker_get(sock_path: Path, path: str) -> dict[str, object] | Unavailable:
-    """One HTTP GET on the Docker engine's unix socket, without a Docker client library."""
-    try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+class RuntimeProbe:
+    """The runtime check with its question to the engine sent at once, answer read later.
+
+    The engine works on ``/info`` while the caller does other work; :meth:`result` then
+    waits for the answer as :func:`runtime_info` would. Close it (or use it as a context
+    manager) so that an unread answer does not hold its socket open.
+    """
+
+    def __init__(self, docker_socket: Path, cdi_dirs: tuple[Path, ...]) -> None:
+        self._docker_socket = docker_socket
+        self._cdi_dirs = cdi_dirs
+        self._request = _DockerRequest(docker_socket, "/info")
+
+    def result(self) -> RuntimeInfo:
+        """What the engine answered, with the toolkit and CDI specs found on this host."""
+        toolkit = next((p for p in map(shutil.which, _TOOLKIT_BINARIES) if p), None)
+        docker = self._request.response()
+        if isinstance(docker, dict):
+            declared = docker.get("Runtimes")
+            runtimes: Reading[list[str]] = sorted(declared) if isinstance(declared, dict) else []
+            version: Reading[str] = str(docker.get("ServerVersion", ""))
+            reachable: Reading[bool] = True
+            cdi: Reading[bool] = bool(docker.get("CDISpecDirs"))
+        else:
+            runtimes = version = docker
+            reachable = False if docker.reason == "docker_unreachable" else docker
+            cdi = docker
+        return RuntimeInfo(
+            docker_reachable=reachable,
+            docker_version=version,
+            docker_runtimes=runtimes,
+            docker_cdi=cdi,
+            nvidia_container_toolkit=toolkit or Unavailable("not_installed"),
+            cdi_specs=_nvidia_cdi_specs(self._cdi_dirs),
+        )
+
+    def close(self) -> None:
+        """Drop the engine's answer if it was not read."""
+        self._request.close()
+
+    def __enter__(self) -> RuntimeProbe:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+class _DockerRequest:
+    """One HTTP GET on the Docker engine's unix socket, without a Docker client library.
+
+    Connecting and sending happen in the constructor, reading in :meth:`response`.
+    """
+
+    def __init__(self, sock_path: Path, path: str) -> None:
+        self._sock_path = sock_path
+        self._sock: socket.socket | None = None
+        self._answer: dict[str, object] | Unavailable | None = None
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
             sock.settimeout(_DOCKER_TIMEOUT_S)
             sock.connect(str(sock_path))
             sock.sendall(f"GET {path} HTTP/1.0\r\nHost: docker\r\n\r\n".encode())
-            response = _recv_all(sock)
-    except PermissionError:
-        return Unavailable("permission_denied", f"cannot open {sock_path}")
-    except (FileNotFoundError, ConnectionRefusedError):
-        return Unavailable("docker_unreachable", f"no Docker engine at {sock_path}")
-    except OSError as exc:
-        return Unavailable("docker_unreachable", f"{sock_path}: {exc}")
-    head, _, body = response.partition(b"\r\n\r\n")
-    if not head.startswith(b"HTTP/1.") or b" 200 " not in head.split(b"\r\n", 1)[0] + b" ":
-        return Unavailable("docker_error", head.split(b"\r\n", 1)[0].decode(errors="replace"))
-    try:
-        info = json.loads(body)
-    except ValueError:
-        return Unavailable("docker_error", "the engine's answer is not JSON")
-    return info if isinstance(info, dict) else Unavailable("docker_error", "unexpected answer")
+        except OSError as exc:
+            sock.close()
+            self._answer = self._os_error(exc)
+        else:
+            self._sock = sock
+
+    def response(self) -> dict[str, object] | Unavailable:
+        """The engine's JSON answer, or why there is none; reads it on the first call."""
+        if self._answer is None:
+            try:
+                self._answer = self._read()
+            finally:
+                self.close()
+        return self._answer
+
+    def close(self) -> None:
+        """Close the socket, read or not."""
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+
+    def _read(self) -> dict[str, object] | Unavailable:
+        assert self._sock is not None  # the constructor set an answer when it has no socket
+        try:
+            response = _recv_all(self._sock)
+        except OSError as exc:
+            return self._os_error(exc)
+        head, _, body = response.partition(b"\r\n\r\n")
+        if not head.startswith(b"HTTP/1.") or b" 200 " not in head.split(b"\r\n", 1)[0] + b" ":
+            return Unavailable("docker_error", head.split(b"\r\n", 1)[0].decode(errors="replace"))
+        try:
+            info = msgspec.json.decode(body)
+        except ValueError:  # msgspec.DecodeError, or UnicodeDecodeError inside a string
+            return Unavailable("docker_error", "the engine's answer is not JSON")
+        return info if isinstance(info, dict) else Unavailable("docker_error", "unexpected answer")
+
+    def _os_error(self, exc: OSError) -> Unavailable:
+        if isinstance(exc, PermissionError):
+            return Unavailable("permission_denied", f"cannot open {self._sock_path}")
+        if isinstance(exc, FileNotFoundError | ConnectionRefusedError):
+            return Unavailable("docker_unreachable", f"no Docker engine at {self._sock_path}")
+        return Unavailable("docker_unreachable", f"{self._sock_path}: {exc}")
 
 
 def _recv_all(sock: socket.socket) -> bytes:
