@@ -31,6 +31,7 @@ bench: $(BIN)/gpu-agent
 	$(BIN)/python bench/hal_profile.py
 	$(BIN)/python bench/runner.py
 	$(BIN)/python bench/link.py
+	$(BIN)/python bench/daemon.py
 
 deb: $(BIN)/gpu-agent
 	$(BIN)/python scripts/build_deb.py --out build/deb
