@@ -72,6 +72,8 @@ class MemoryTarget:
         self.drain_started = asyncio.Event()
         self.drained = asyncio.Event()
         self.fail_status = False
+        self.following = asyncio.Event()
+        """Set when a ``logs`` follower has sent all there is and waits for more."""
         self._changed = asyncio.Event()
 
     def status(self) -> StatusView:
@@ -115,6 +117,7 @@ class MemoryTarget:
                 continue
             if not follow or job_id in self.ended:
                 return
+            self.following.set()
             await changed.wait()
 
     def log(self, job_id: str, stream: str, data: str) -> None:
