@@ -1,34 +1,21 @@
 """Serves the local control API on a unix socket; ``agent.control`` is the wire format.
 
-Who may connect: root, the daemon's own uid, and members of the socket's group (its
-primary or a supplementary group), as the kernel reports them for the connecting process
-(``SO_PEERCRED``, ``SO_PEERGROUPS``). Everyone else is answered ``permission_denied`` and
-closed. Read methods and the mutating ones (pause, resume) share that rule: the socket's
-group is the trust boundary, the way the ``docker`` group is Docker's, and nothing behind it
-is worth a second tier (pausing only stops this machine from taking new jobs).
-
-The socket is bound under a temporary name, given its mode and group, and renamed into
-place, so it is never reachable with other permissions. A lock file beside it tells a
-daemon still running from a stale socket left by one that died.
+Who may connect (``agent.control_socket``): root, the daemon's own uid, and members of
+the socket's group; everyone else is answered ``permission_denied`` and closed. Read
+methods and the mutating ones (pause, resume) share that rule: the socket's group is the
+trust boundary, the way the ``docker`` group is Docker's, and nothing behind it is worth a
+second tier (pausing only stops this machine from taking new jobs).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
-import fcntl
-import grp
 import logging
 import os
-import socket
-import stat
-import struct
 from collections.abc import AsyncGenerator
 from pathlib import Path
 from typing import Final
-
-import msgspec
 
 from agent.control import (
     MAX_REQUEST_BYTES,
@@ -45,61 +32,13 @@ from agent.control import (
     encode_result,
     parse_request,
 )
+from agent.control_socket import bind_control_socket, peer_allowed, read_peer_credentials
 from agent.errors import ControlError
 
-__all__ = ["ControlServer", "PeerCredentials", "peer_allowed", "read_peer_credentials"]
+__all__ = ["ControlServer"]
 
 _log = logging.getLogger(__name__)
-# Linux <asm-generic/socket.h>; Python names SO_PEERCRED but not this one.
-_SO_PEERGROUPS: Final = getattr(socket, "SO_PEERGROUPS", 59)
-_NGROUPS_MAX: Final = 65536
-_SUN_PATH_MAX: Final = 107  # sizeof(sockaddr_un.sun_path) less its terminating NUL
 _READ_SIZE: Final = 64 * 1024
-
-
-class PeerCredentials(msgspec.Struct, frozen=True):
-    """Who is at the other end of a connection, as the kernel saw it at connect time."""
-
-    pid: int
-    uid: int
-    gid: int
-    groups: tuple[int, ...] = ()
-
-
-def peer_allowed(peer: PeerCredentials, *, daemon_uid: int, socket_gid: int) -> bool:
-    """Whether ``peer`` may use the control socket."""
-    if peer.uid in (0, daemon_uid):
-        return True
-    return peer.gid == socket_gid or socket_gid in peer.groups
-
-
-def read_peer_credentials(sock: socket.socket) -> PeerCredentials:
-    """The connecting process's pid, uid, gid and supplementary groups."""
-    pid, uid, gid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
-    return PeerCredentials(pid, uid, gid, _peer_groups(sock, pid))
-
-
-def _peer_groups(sock: socket.socket, pid: int) -> tuple[int, ...]:
-    for count in (256, _NGROUPS_MAX):
-        try:
-            raw = sock.getsockopt(socket.SOL_SOCKET, _SO_PEERGROUPS, 4 * count)
-        except OSError as exc:
-            if exc.errno == errno.ERANGE:
-                continue
-            if exc.errno != errno.ENOPROTOOPT:
-                raise
-            break
-        return struct.unpack(f"{len(raw) // 4}I", raw)
-    # Kernels before 4.13: the groups the process has now, which may differ from those
-    # it had at connect time if it changed them since (only root can).
-    return _proc_groups(Path("/proc") / str(pid) / "status")
-
-
-def _proc_groups(status_file: Path) -> tuple[int, ...]:
-    for line in status_file.read_text(encoding="ascii").splitlines():
-        if line.startswith("Groups:"):
-            return tuple(int(g) for g in line.split()[1:])
-    return ()
 
 
 class _Connection:
@@ -170,7 +109,7 @@ class ControlServer:
     async def start(self) -> None:
         """Bind the socket and start answering. Raises ``ControlError``: socket_in_use,
         unknown_group, bad_socket_path, socket_error."""
-        sock, self._lock_fd = _bind(self.path, self.mode, self.group)
+        sock, self._lock_fd = bind_control_socket(self.path, self.mode, self.group)
         info = os.stat(self.path)
         self._inode, self._gid = info.st_ino, info.st_gid
         self._server = await asyncio.start_unix_server(self._serve, sock=sock)
@@ -236,9 +175,8 @@ class ControlServer:
                 connection.pusher.cancel()
             try:
                 writer.close()
-                await writer.wait_closed()
-            except ConnectionError:
-                pass
+                with contextlib.suppress(ConnectionError):  # the peer left first
+                    await writer.wait_closed()
             finally:
                 # Cancelled while flushing to a peer that reads nothing: drop what is left.
                 writer.transport.abort()
@@ -336,89 +274,3 @@ class ControlServer:
         except ConnectionError:
             # The reader sees the same end of the connection and cleans up.
             _log.debug("control subscriber went away")
-
-
-# ---------------------------------------------------------------------- the socket
-
-
-def _bind(path: Path, mode: int, group: str | None) -> tuple[socket.socket, int]:
-    """A listening socket at ``path`` with ``mode`` and ``group``, and the held lock."""
-    gid = -1
-    if group is not None:
-        try:
-            gid = grp.getgrnam(group).gr_gid
-        except KeyError:
-            raise ControlError(
-                "unknown_group",
-                f"the control socket's group {group!r} does not exist",
-                fix=f"create it: sudo groupadd --system {group}",
-            ) from None
-    staging = path.with_name(f".{path.name}.{os.getpid()}")
-    if len(os.fsencode(staging)) > _SUN_PATH_MAX:
-        raise ControlError(
-            "bad_socket_path", f"{path}: too long for a unix socket (at most ~100 bytes)"
-        )
-    try:
-        path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
-        lock_fd = os.open(f"{path}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    except OSError as exc:
-        raise ControlError("socket_error", f"{path}: {exc.strerror}") from exc
-    try:
-        try:
-            fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise _in_use(path) from None
-        _remove_stale(path)
-        return _listen(path, staging, mode, gid), lock_fd
-    except BaseException:
-        os.close(lock_fd)
-        raise
-
-
-def _listen(path: Path, staging: Path, mode: int, gid: int) -> socket.socket:
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        staging.unlink(missing_ok=True)
-        sock.bind(os.fsencode(staging))
-        os.chmod(staging, mode)
-        if gid >= 0:
-            os.chown(staging, -1, gid)
-        sock.listen(socket.SOMAXCONN)
-        os.rename(staging, path)
-    except OSError as exc:
-        sock.close()
-        staging.unlink(missing_ok=True)
-        raise ControlError("socket_error", f"{path}: {exc.strerror}") from exc
-    return sock
-
-
-def _remove_stale(path: Path) -> None:
-    """Remove a socket nobody answers on (its daemon died); refuse to touch a live one."""
-    try:
-        info = os.lstat(path)
-    except FileNotFoundError:
-        return
-    if not stat.S_ISSOCK(info.st_mode):
-        raise ControlError("bad_socket_path", f"{path} exists and is not a socket")
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    probe.settimeout(1.0)
-    try:
-        probe.connect(os.fsencode(path))
-    except ConnectionRefusedError:
-        path.unlink()
-        return
-    except TimeoutError:
-        pass  # a listener with a full backlog: alive, just busy
-    except OSError as exc:
-        raise ControlError("socket_error", f"{path}: {exc.strerror}") from exc
-    finally:
-        probe.close()
-    raise _in_use(path)
-
-
-def _in_use(path: Path) -> ControlError:
-    return ControlError(
-        "socket_in_use",
-        f"another gpu-agent answers on {path}",
-        fix="stop it first (systemctl stop gpu-agent), or give this one another socket",
-    )

@@ -11,7 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from agent.control import Call, JobsParams, LineSplitter, LogsParams, NoParams, parse_request
-from agent.control_server import (
+from agent.control_socket import (
     PeerCredentials,
     _proc_groups,
     peer_allowed,
