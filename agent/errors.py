@@ -9,13 +9,15 @@ how a caller reacts to it::
     +-- ConfigError                a setting is wrong (refuse to start, say which)
     |     code: bad_config
     +-- OutboxError                the durable outbox refused or failed an operation
-          codes: ack_ahead, seq_backwards, bad_argument, schema_too_new, closed,
-                 storage_error
+    |     codes: ack_ahead, seq_backwards, bad_argument, schema_too_new, closed,
+    |            storage_error
+    +-- ControlError               a local control API request or socket failed
+          codes: see agent.control (``fix`` says what the user can do, when known)
 """
 
 from __future__ import annotations
 
-__all__ = ["AgentError", "ConfigError", "IdentityError", "OutboxError"]
+__all__ = ["AgentError", "ConfigError", "ControlError", "IdentityError", "OutboxError"]
 
 
 class AgentError(Exception):
@@ -45,3 +47,11 @@ class OutboxError(AgentError):
     by a newer agent), ``closed``, ``storage_error`` (SQLite failed: disk, permission,
     corruption).
     """
+
+
+class ControlError(AgentError):
+    """A control API request or the control socket failed; ``fix`` is the remedy, if known."""
+
+    def __init__(self, code: str, detail: str = "", fix: str = "") -> None:
+        super().__init__(code, detail)
+        self.fix = fix

@@ -16,7 +16,11 @@ ALLOWED = {
     "sandbox": ("sandbox",),
     "agent": ("hal", "sandbox", "agent"),
     "agent.protocol": ("agent.protocol",),
-    "agent.tray": ("agent.tray", "agent.control"),
+    # The tray app and what it uses to reach the daemon: never hal or sandbox.
+    "agent.tray": ("agent.tray", "agent.control", "agent.control_client", "agent.errors"),
+    "agent.control": ("agent.control", "agent.errors"),
+    "agent.control_client": ("agent.control", "agent.errors"),
+    "agent.errors": ("agent.errors",),
     "coordinator": ("coordinator", "agent.protocol"),
 }
 
@@ -76,3 +80,23 @@ def test_there_are_no_import_cycles() -> None:
 
     for module in sorted(graph):
         visit(module)
+
+
+@pytest.mark.parametrize("module", ["agent.control_client", "agent.control"])
+def test_the_tray_apps_client_reaches_neither_hal_nor_sandbox(module: str) -> None:
+    modules = _modules()
+    reached, todo = set(), [module]
+    while todo:
+        name = todo.pop()
+        if name in reached or name not in modules:
+            continue
+        reached.add(name)
+        todo.extend(_imports(modules[name]) | _parents(name))
+    assert sorted(n for n in reached if n.split(".")[0] in ("hal", "sandbox")) == []
+    assert module in reached
+
+
+def _parents(name: str) -> set[str]:
+    """Importing ``a.b.c`` runs ``a/__init__.py`` and ``a/b/__init__.py`` first."""
+    parts = name.split(".")
+    return {".".join(parts[:i]) for i in range(1, len(parts))}

@@ -1,0 +1,217 @@
+"""``gpu-agent status | pause | resume | jobs | logs``: the daemon's control API from a shell.
+
+``agent.cli`` adds these with ``add_commands`` and runs them with ``run_command``. They
+import nothing from ``hal`` or ``sandbox``, so they start fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Final
+
+import msgspec
+
+from agent.control import MAX_JOBS_LIMIT, GpuView, JobView, StatusView
+from agent.control_client import ControlClient, default_socket_path
+from agent.errors import ControlError
+
+__all__ = ["COMMANDS", "add_commands", "render_jobs", "render_status", "run_command"]
+
+COMMANDS: Final = ("status", "pause", "resume", "jobs", "logs")
+EXIT_INTERRUPTED: Final = 130
+
+
+def _limit(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if not 1 <= value <= MAX_JOBS_LIMIT:
+        raise argparse.ArgumentTypeError(f"{text!r} must be from 1 to {MAX_JOBS_LIMIT}")
+    return value
+
+
+def add_commands(
+    subparsers: argparse._SubParsersAction[Any], parser_class: type[argparse.ArgumentParser]
+) -> None:
+    """Add the control commands to ``gpu-agent``'s subcommands (``dest="command"``)."""
+    common = parser_class(add_help=False)
+    common.add_argument(
+        "--socket",
+        type=Path,
+        metavar="PATH",
+        help="the agent's control socket (default: /run/gpu-agent/agent.sock if it "
+        "exists, else the one in your runtime directory)",
+    )
+    as_json = {"action": "store_true", "help": "print the answer as JSON"}
+
+    status = subparsers.add_parser(
+        "status", parents=[common], help="the running agent: coordinator, GPUs, jobs"
+    )
+    status.add_argument("--json", **as_json)
+
+    pause = subparsers.add_parser("pause", parents=[common], help="stop taking new jobs")
+    pause.add_argument(
+        "--drain", action="store_true", help="also wait until the running jobs have ended"
+    )
+    pause.add_argument("--json", **as_json)
+
+    resume = subparsers.add_parser("resume", parents=[common], help="take jobs again")
+    resume.add_argument("--json", **as_json)
+
+    jobs = subparsers.add_parser("jobs", parents=[common], help="the most recent jobs")
+    jobs.add_argument("--limit", type=_limit, default=20, metavar="N", help="default: 20")
+    jobs.add_argument("--json", **as_json)
+
+    logs = subparsers.add_parser("logs", parents=[common], help="a job's output")
+    logs.add_argument("job_id", metavar="JOB")
+    logs.add_argument(
+        "--follow", "-f", action="store_true", help="keep printing until the job ends"
+    )
+
+
+def run_command(args: argparse.Namespace) -> int | None:
+    """Run a control command; return its exit status, or None if it is not one of them."""
+    if getattr(args, "command", None) not in COMMANDS:
+        return None
+    path: Path = args.socket or default_socket_path()
+    try:
+        return asyncio.run(_run(path, args))
+    except ControlError as exc:
+        print(f"gpu-agent: error [{exc.code}]: {exc.detail}", file=sys.stderr)
+        if exc.fix:
+            print(f"gpu-agent: fix: {exc.fix}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+
+
+async def _run(path: Path, args: argparse.Namespace) -> int:
+    async with await ControlClient.connect(path) as client:
+        if args.command == "logs":
+            async for item in client.logs(args.job_id, follow=args.follow):
+                if isinstance(item, JobView):
+                    break
+                out = sys.stdout if item.stream == "stdout" else sys.stderr
+                out.write(item.data)
+                out.flush()
+            return 0
+        if args.command == "jobs":
+            jobs = await client.jobs(args.limit)
+            _print(jobs if args.json else render_jobs(jobs))
+            return 0
+        if args.command == "pause" and args.drain:
+            running = len((await client.status()).jobs)
+            if running:
+                print(
+                    f"paused; waiting for {running} running job(s) to end "
+                    "(Ctrl-C stops waiting, the agent stays paused)",
+                    file=sys.stderr,
+                )
+        if args.command == "pause":
+            status = await client.pause(drain=args.drain)
+        elif args.command == "resume":
+            status = await client.resume()
+        else:
+            status = await client.status()
+        _print(status if args.json else render_status(status))
+        return 0
+
+
+def _print(answer: object) -> None:
+    if isinstance(answer, str):
+        print(answer)
+    else:
+        sys.stdout.buffer.write(msgspec.json.format(msgspec.json.encode(answer)) + b"\n")
+        sys.stdout.flush()
+
+
+# ---------------------------------------------------------------------- text
+
+
+def render_status(status: StatusView) -> str:
+    """The status as a few labelled lines and two tables."""
+    connection: str = status.connection
+    if status.connection_error:
+        connection += f" ({status.connection_error})"
+    if status.draining:
+        sharing = f"paused, waiting for {len(status.jobs)} running job(s) to end"
+    elif status.paused:
+        sharing = "paused"
+    else:
+        sharing = "sharing"
+    if status.paused and status.pause_reason:
+        sharing += f" · {status.pause_reason}"
+    lines = [
+        f"Node         {status.node_id} · agent {status.agent_version}",
+        f"Coordinator  {status.coordinator_url} · {connection}",
+        f"State        {sharing}",
+        f"Outbox       {status.outbox_depth} message(s) not yet acknowledged",
+        f"Today        {status.jobs_done_today} job(s) done",
+        "",
+    ]
+    if status.gpus:
+        header = ["GPU", "NAME", "UUID", "HEALTH", "TEMP", "UTIL", "JOB"]
+        lines += _table([header, *(_gpu_row(gpu) for gpu in status.gpus)])
+    else:
+        lines.append("No GPU.")
+    lines.append("")
+    if status.jobs:
+        header = ["JOB", "STATE", "GPUS", "SINCE"]
+        rows = [[j.job_id, j.state, ",".join(j.gpus), _time(j.created_at)] for j in status.jobs]
+        lines += _table([header, *rows])
+    else:
+        lines.append("No job running.")
+    return "\n".join(lines)
+
+
+def render_jobs(jobs: Sequence[JobView]) -> str:
+    """Jobs as a table, newest first."""
+    if not jobs:
+        return "No job yet."
+    header = ["JOB", "STATE", "GPUS", "CREATED", "UPDATED", "EXIT", "WHY"]
+    rows = [
+        [
+            j.job_id,
+            j.state,
+            ",".join(j.gpus) or "-",
+            _time(j.created_at),
+            _time(j.updated_at),
+            "-" if j.exit_code is None else str(j.exit_code),
+            ": ".join(part for part in (j.code, j.detail) if part),
+        ]
+        for j in jobs
+    ]
+    return "\n".join(_table([header, *rows]))
+
+
+def _gpu_row(gpu: GpuView) -> list[str]:
+    health = gpu.health if not gpu.health_reason else f"{gpu.health} ({gpu.health_reason})"
+    temperature = "-" if gpu.temperature_c is None else f"{gpu.temperature_c:.0f}°C"
+    utilization = "-" if gpu.utilization_pct is None else f"{gpu.utilization_pct:.0f}%"
+    return [
+        str(gpu.index),
+        gpu.name,
+        gpu.uuid,
+        health,
+        temperature,
+        utilization,
+        gpu.assigned_job or "-",
+    ]
+
+
+def _time(unix: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(unix))
+
+
+def _table(rows: Sequence[Sequence[str]]) -> list[str]:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return [
+        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+        for row in rows
+    ]

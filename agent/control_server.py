@@ -1,0 +1,276 @@
+"""Serves the local control API on a unix socket; ``agent.control`` is the wire format.
+
+Who may connect (``agent.control_socket``): root, the daemon's own uid, and members of
+the socket's group; everyone else is answered ``permission_denied`` and closed. Read
+methods and the mutating ones (pause, resume) share that rule: the socket's group is the
+trust boundary, the way the ``docker`` group is Docker's, and nothing behind it is worth a
+second tier (pausing only stops this machine from taking new jobs).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+from collections.abc import AsyncGenerator
+from pathlib import Path
+from typing import Final
+
+from agent.control import (
+    MAX_REQUEST_BYTES,
+    Call,
+    ControlTarget,
+    JobsParams,
+    LineSplitter,
+    LogsParams,
+    PauseParams,
+    Refusal,
+    StatusView,
+    encode_error,
+    encode_event,
+    encode_result,
+    parse_request,
+)
+from agent.control_socket import bind_control_socket, peer_allowed, read_peer_credentials
+from agent.errors import ControlError
+
+__all__ = ["ControlServer"]
+
+_log = logging.getLogger(__name__)
+_READ_SIZE: Final = 64 * 1024
+
+
+class _Connection:
+    """One client: answers and events share its writer, one line at a time."""
+
+    def __init__(self, writer: asyncio.StreamWriter) -> None:
+        self.writer = writer
+        self.lock = asyncio.Lock()
+        self.latest: StatusView | None = None
+        self.changed = asyncio.Event()
+        self.pusher: asyncio.Task[None] | None = None
+
+    async def send(self, line: bytes) -> None:
+        async with self.lock:
+            self.writer.write(line)
+            await self.writer.drain()
+
+    async def push_states(self) -> None:
+        """Send the latest state whenever it changed: one slot, so a slow reader skips
+        the states it had no time for and never holds the daemon back."""
+        sent: StatusView | None = None
+        while True:
+            await self.changed.wait()
+            self.changed.clear()
+            status = self.latest
+            if status is not None and status != sent:
+                await self.send(encode_event("state", status))
+                sent = status
+
+
+class ControlServer:
+    """The control API on a unix socket, answering from ``target``.
+
+    Args:
+        target: the daemon.
+        path: where the socket goes (e.g. ``/run/gpu-agent/agent.sock``); its directory
+            is created if missing.
+        mode: the socket's permission bits; connecting takes write permission.
+        group: the group to own the socket; it must exist. None: the daemon's group.
+        max_request_bytes: the longest request line read.
+    """
+
+    def __init__(
+        self,
+        target: ControlTarget,
+        path: Path,
+        *,
+        mode: int = 0o660,
+        group: str | None = None,
+        max_request_bytes: int = MAX_REQUEST_BYTES,
+    ) -> None:
+        if not 0 <= mode <= 0o777:
+            raise ValueError(f"mode {mode:o} is not a permission mode")
+        self.target = target
+        self.path = path
+        self.mode = mode
+        self.group = group
+        self.max_request_bytes = max_request_bytes
+        self._server: asyncio.Server | None = None
+        self._closing = False
+        self._lock_fd = -1
+        self._inode = 0
+        self._gid = -1
+        self._conversations: set[asyncio.Task[None]] = set()
+        self._pushers: set[asyncio.Task[None]] = set()
+        self._subscribers: set[_Connection] = set()
+
+    async def start(self) -> None:
+        """Bind the socket and start answering. Raises ``ControlError``: socket_in_use,
+        unknown_group, bad_socket_path, socket_error."""
+        sock, self._lock_fd = bind_control_socket(self.path, self.mode, self.group)
+        info = os.stat(self.path)
+        self._inode, self._gid = info.st_ino, info.st_gid
+        self._server = await asyncio.start_unix_server(self._serve, sock=sock)
+
+    def publish(self, status: StatusView) -> None:
+        """The daemon's state changed: every subscriber gets it (or a later one) soon."""
+        for connection in self._subscribers:
+            connection.latest = status
+            connection.changed.set()
+
+    async def close(self) -> None:
+        """Stop answering, drop every connection, remove the socket."""
+        if self._server is None:
+            return
+        self._closing = True
+        self._server.close()
+        conversations = list(self._conversations)
+        for conversation in conversations:
+            conversation.cancel()
+        await asyncio.gather(*conversations, return_exceptions=True)
+        await asyncio.gather(*self._pushers, return_exceptions=True)
+        await self._server.wait_closed()
+        self._server = None
+        self._closing = False
+        with contextlib.suppress(FileNotFoundError):
+            if os.lstat(self.path).st_ino == self._inode:
+                self.path.unlink()
+        os.close(self._lock_fd)
+        self._lock_fd = -1
+
+    async def __aenter__(self) -> ControlServer:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    # ------------------------------------------------------------------ connections
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        # asyncio's task for this callback must not end cancelled (3.11 reports that as an
+        # unhandled error), so the conversation runs in a task of ours that close() cancels.
+        if self._closing or self._server is None:  # accepted as close() began
+            writer.transport.abort()
+            return
+        conversation = asyncio.create_task(self._converse(reader, writer))
+        self._conversations.add(conversation)
+        try:
+            await asyncio.wait([conversation])
+        finally:
+            self._conversations.discard(conversation)
+
+    async def _converse(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        connection = _Connection(writer)
+        try:
+            if await self._admit(connection):
+                await self._read_requests(reader, connection)
+        except ConnectionError:
+            _log.debug("control client went away mid-answer")
+        finally:
+            self._subscribers.discard(connection)
+            if connection.pusher is not None:
+                connection.pusher.cancel()
+            try:
+                writer.close()
+                with contextlib.suppress(ConnectionError):  # the peer left first
+                    await writer.wait_closed()
+            finally:
+                # Cancelled while flushing to a peer that reads nothing: drop what is left.
+                writer.transport.abort()
+
+    async def _admit(self, connection: _Connection) -> bool:
+        sock = connection.writer.get_extra_info("socket")
+        try:
+            peer = read_peer_credentials(sock)
+        except OSError as exc:
+            _log.warning("control socket: cannot read the peer's credentials: %s", exc)
+            await connection.send(encode_error(None, "permission_denied", "unknown peer"))
+            return False
+        if peer_allowed(peer, daemon_uid=os.geteuid(), socket_gid=self._gid):
+            return True
+        _log.warning("control socket: refused uid %d (pid %d)", peer.uid, peer.pid)
+        message = (
+            f"uid {peer.uid} is not root, the agent's user (uid {os.geteuid()}) "
+            f"or a member of the socket's group (gid {self._gid})"
+        )
+        await connection.send(encode_error(None, "permission_denied", message))
+        return False
+
+    async def _read_requests(self, reader: asyncio.StreamReader, connection: _Connection) -> None:
+        splitter = LineSplitter(self.max_request_bytes)
+        while True:
+            data = await reader.read(_READ_SIZE)
+            for line in splitter.feed(data) if data else splitter.close():
+                await self._answer(connection, line)
+            if not data:
+                return
+
+    async def _answer(self, connection: _Connection, line: bytes | None) -> None:
+        if line is None:
+            message = f"a request line is at most {self.max_request_bytes} bytes"
+            await connection.send(encode_error(None, "line_too_long", message))
+            return
+        call = parse_request(line)
+        if isinstance(call, Refusal):
+            await connection.send(encode_error(call.id, call.code, call.message))
+            return
+        try:
+            await self._call(connection, call)
+        except ControlError as exc:
+            await connection.send(encode_error(call.id, exc.code, exc.detail))
+        except ConnectionError:
+            raise
+        except Exception:
+            # The daemon's bug must not take the control socket down with it.
+            _log.exception("control method %s failed", call.method)
+            message = f"{call.method} failed; the agent's log says why"
+            await connection.send(encode_error(call.id, "internal_error", message))
+
+    async def _call(self, connection: _Connection, call: Call) -> None:
+        target, params = self.target, call.params
+        result: object
+        if call.method == "status":
+            result = target.status()
+        elif call.method == "pause":
+            assert isinstance(params, PauseParams)
+            result = await target.pause(params.drain)
+        elif call.method == "resume":
+            result = await target.resume()
+        elif call.method == "jobs":
+            assert isinstance(params, JobsParams)
+            result = target.jobs(params.limit)
+        elif call.method == "logs":
+            assert isinstance(params, LogsParams)
+            chunks = target.logs(params.job_id, params.follow)
+            try:
+                async for chunk in chunks:
+                    await connection.send(encode_event("log", chunk, call.id))
+            finally:
+                if isinstance(chunks, AsyncGenerator):
+                    await chunks.aclose()
+            result = target.job(params.job_id)
+        else:
+            assert call.method == "subscribe"
+            await connection.send(encode_result(call.id, None))
+            self._subscribe(connection)
+            return
+        await connection.send(encode_result(call.id, result))
+
+    def _subscribe(self, connection: _Connection) -> None:
+        connection.latest = self.target.status()
+        connection.changed.set()
+        self._subscribers.add(connection)
+        if connection.pusher is None:
+            connection.pusher = asyncio.create_task(self._push(connection))
+            self._pushers.add(connection.pusher)
+            connection.pusher.add_done_callback(self._pushers.discard)
+
+    async def _push(self, connection: _Connection) -> None:
+        try:
+            await connection.push_states()
+        except ConnectionError:
+            # The reader sees the same end of the connection and cleans up.
+            _log.debug("control subscriber went away")
