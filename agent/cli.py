@@ -115,6 +115,9 @@ def _parser() -> argparse.ArgumentParser:
         help="admission policy (TOML); without one no image is allowed",
     )
     daemon.add_argument("--state-dir", type=Path, help="paths.state_dir")
+    daemon.add_argument(
+        "--runtime-dir", type=Path, help="paths.runtime_dir (the control socket is there)"
+    )
     daemon.add_argument("--interval", type=_positive_float, metavar="S")
     daemon.add_argument("--batch", type=_count, metavar="N", help="samples a batch")
 
@@ -122,6 +125,10 @@ def _parser() -> argparse.ArgumentParser:
     keys_commands = keys.add_subparsers(dest="keys_command", required=True, parser_class=_Parser)
     show = keys_commands.add_parser("show", help="print the node id and public key")
     show.add_argument("--state-dir", type=Path, default=_default_state_dir())
+
+    from agent.control_cli import add_commands
+
+    add_commands(commands, _Parser)
     return parser
 
 
@@ -285,6 +292,8 @@ def _with_flags(config: AgentConfig, args: argparse.Namespace) -> AgentConfig:
     if args.state_dir is not None:
         state_dir = args.state_dir.absolute()
         paths = replace(paths, state_dir=state_dir, jobs_dir=state_dir / "jobs")
+    if args.runtime_dir is not None:
+        paths = replace(paths, runtime_dir=args.runtime_dir.absolute())
     telemetry = config.telemetry
     if args.interval is not None:
         telemetry = replace(telemetry, interval_s=args.interval)
@@ -334,6 +343,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         one_shot = args.command in _ONE_SHOT
         if collecting and not one_shot:
             gc.enable()
+        from agent.control_cli import run_command
+
+        # The control commands talk to the daemon only: no HAL settings to read.
+        if (status := run_command(args)) is not None:
+            return status
         from hal.backend import HalConfig
 
         return _COMMANDS[args.command](HalConfig.from_env(), args)

@@ -40,6 +40,8 @@ from typing import Annotated, Any, Final, Literal, Protocol
 import msgspec
 from msgspec import UNSET, Meta, UnsetType
 
+from agent.control_args import MAX_JOBS_LIMIT
+
 __all__ = [
     "MAX_JOBS_LIMIT",
     "MAX_REQUEST_BYTES",
@@ -70,7 +72,6 @@ __all__ = [
 
 MAX_REQUEST_BYTES: Final = 64 * 1024
 """The longest request line the daemon reads; requests are small."""
-MAX_JOBS_LIMIT: Final = 1000
 
 ConnectionState = Literal["connected", "connecting", "offline"]
 GpuHealth = Literal["healthy", "unhealthy", "initialising"]

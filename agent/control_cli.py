@@ -12,67 +12,18 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Final
+from typing import Final
 
 import msgspec
 
-from agent.control import MAX_JOBS_LIMIT, GpuView, JobView, StatusView
+from agent.control import GpuView, JobView, StatusView
+from agent.control_args import COMMANDS, add_commands
 from agent.control_client import ControlClient, default_socket_path
 from agent.errors import ControlError
 
 __all__ = ["COMMANDS", "add_commands", "render_jobs", "render_status", "run_command"]
 
-COMMANDS: Final = ("status", "pause", "resume", "jobs", "logs")
 EXIT_INTERRUPTED: Final = 130
-
-
-def _limit(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if not 1 <= value <= MAX_JOBS_LIMIT:
-        raise argparse.ArgumentTypeError(f"{text!r} must be from 1 to {MAX_JOBS_LIMIT}")
-    return value
-
-
-def add_commands(
-    subparsers: argparse._SubParsersAction[Any], parser_class: type[argparse.ArgumentParser]
-) -> None:
-    """Add the control commands to ``gpu-agent``'s subcommands (``dest="command"``)."""
-    common = parser_class(add_help=False)
-    common.add_argument(
-        "--socket",
-        type=Path,
-        metavar="PATH",
-        help="the agent's control socket (default: /run/gpu-agent/agent.sock if it "
-        "exists, else the one in your runtime directory)",
-    )
-    as_json = {"action": "store_true", "help": "print the answer as JSON"}
-
-    status = subparsers.add_parser(
-        "status", parents=[common], help="the running agent: coordinator, GPUs, jobs"
-    )
-    status.add_argument("--json", **as_json)
-
-    pause = subparsers.add_parser("pause", parents=[common], help="stop taking new jobs")
-    pause.add_argument(
-        "--drain", action="store_true", help="also wait until the running jobs have ended"
-    )
-    pause.add_argument("--json", **as_json)
-
-    resume = subparsers.add_parser("resume", parents=[common], help="take jobs again")
-    resume.add_argument("--json", **as_json)
-
-    jobs = subparsers.add_parser("jobs", parents=[common], help="the most recent jobs")
-    jobs.add_argument("--limit", type=_limit, default=20, metavar="N", help="default: 20")
-    jobs.add_argument("--json", **as_json)
-
-    logs = subparsers.add_parser("logs", parents=[common], help="a job's output")
-    logs.add_argument("job_id", metavar="JOB")
-    logs.add_argument(
-        "--follow", "-f", action="store_true", help="keep printing until the job ends"
-    )
 
 
 def run_command(args: argparse.Namespace) -> int | None:

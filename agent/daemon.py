@@ -16,6 +16,7 @@ delivered stays in the outbox for the next start.
 from __future__ import annotations
 
 import asyncio
+import grp
 import logging
 import signal
 import time
@@ -25,10 +26,13 @@ from pathlib import Path
 import msgspec
 
 from agent.config import AgentConfig
+from agent.control_server import ControlServer
+from agent.control_target import DaemonControl
 from agent.errors import OutboxError
 from agent.identity import Identity, load_or_create
 from agent.jobs import JobManager
 from agent.link import Link, LinkConfig, Reply
+from agent.metrics import MetricsServer
 from agent.outbox import Outbox
 from agent.protocol import dsse
 from agent.protocol.bodies import EnvelopeBody, NodeStatusBody, ProfileBody, TelemetryBody
@@ -78,6 +82,12 @@ class DaemonConfig(msgspec.Struct, frozen=True, kw_only=True):
     sample_interval_s: float = 1.0
     batch_samples: int = 10
     flush_timeout_s: float = 5.0
+    control_socket: Path | None = None
+    """The local control API's socket; None: no control API."""
+    control_mode: int = 0o660
+    control_group: str | None = None
+    metrics_listen: tuple[str, int] | None = None
+    """Where ``/metrics`` is served (loopback); None: it is not."""
 
 
 def daemon_config(config: AgentConfig) -> DaemonConfig:
@@ -85,6 +95,12 @@ def daemon_config(config: AgentConfig) -> DaemonConfig:
     must be set: ``load_config(..., require_coordinator=True)``)."""
     coordinator, jobs = config.coordinator, config.jobs
     assert coordinator.url is not None
+    group, mode = config.control.socket_group or None, config.control.socket_mode
+    if group is not None and not _group_exists(group):
+        # A system install has the group (packaging/gpu-agent.sysusers); root running the
+        # agent by hand may not. Then only this user may use the socket, not the group.
+        _log.warning("no group %r: the control socket is for this user only", group)
+        group, mode = None, mode & 0o700
     return DaemonConfig(
         state_dir=config.paths.state_dir,
         link=LinkConfig(
@@ -102,6 +118,12 @@ def daemon_config(config: AgentConfig) -> DaemonConfig:
         max_concurrent=jobs.max_concurrent,
         sample_interval_s=config.telemetry.interval_s,
         batch_samples=config.telemetry.batch,
+        control_socket=config.paths.control_socket,
+        control_mode=mode,
+        control_group=group,
+        metrics_listen=(config.metrics.host, config.metrics.port)
+        if config.metrics.enabled
+        else None,
     )
 
 
@@ -117,6 +139,10 @@ class _Agent:
         self.jobs: JobManager | None = None
         self._baseline_ecc: dict[str, int] = {}
         self.notifier = Notifier()
+        self.latest_gpus: list[GpuSample] = []
+        self.control: DaemonControl | None = None
+        self.control_server: ControlServer | None = None
+        self.metrics_server: MetricsServer | None = None
         self._last_status: NodeStatusBody | None = None
 
     async def on_message(self, message: Message) -> Reply:
@@ -132,7 +158,9 @@ class _Agent:
         return Reply()
 
     def report_node(self) -> None:
-        """Queue a ``node_status`` if what the coordinator knows of this node changed."""
+        """Queue a ``node_status`` if what the coordinator knows of this node changed, and
+        tell the control API's subscribers."""
+        self.publish()
         if self.jobs is None or (status := self.jobs.node_status()) is None:
             return
         if status == self._last_status:
@@ -145,6 +173,11 @@ class _Agent:
             return
         self._last_status = status
         self.link.wakeup.set()
+
+    def publish(self) -> None:
+        """Send the current state to the control API's subscribers (it drops repeats)."""
+        if self.control is not None and self.control_server is not None:
+            self.control_server.publish(self.control.status())
 
     def check_health(self, gpus: list[GpuSample], events: Sequence[HealthEvent] = ()) -> None:
         """Each unit's health by the latest sample and the driver's events; a MIG instance
@@ -198,6 +231,7 @@ class _Agent:
         try:
             while not stop.is_set():
                 taken, events = await asyncio.to_thread(_tick, hal)
+                self.latest_gpus = taken.gpus
                 self.check_health(taken.gpus, events)
                 batch.append(taken)
                 if len(batch) >= min(self.config.batch_samples, MAX_TELEMETRY_BATCH):
@@ -246,6 +280,7 @@ class _Agent:
             share_limit=config.share_limit,
         )
         await self.jobs.recover()
+        await self._serve_locally()
         self.notifier.ready(f"profiled {len(self.profile.gpus)} GPU(s); connecting")
         watchdog = asyncio.create_task(self._watchdog())
         link_stop = asyncio.Event()
@@ -266,8 +301,41 @@ class _Agent:
             watchdog.cancel()
             link_stop.set()
             await linking
+            if self.control_server is not None:
+                await self.control_server.close()
+            if self.metrics_server is not None:
+                await self.metrics_server.close()
             self.outbox.close()
         return 0
+
+    async def _serve_locally(self) -> None:
+        """Open the control API's socket and, if enabled, ``/metrics``.
+
+        Raises:
+            ControlError: the socket is in use (another daemon) or cannot be made.
+            ConfigError: the metrics address cannot be bound.
+        """
+        config, jobs = self.config, self.jobs
+        assert jobs is not None
+        self.control = DaemonControl(
+            identity=self.identity,
+            jobs=jobs,
+            link=self.link,
+            latest=lambda: self.latest_gpus,
+            clock=time.time,
+        )
+        if config.control_socket is not None:
+            self.control_server = ControlServer(
+                self.control,
+                config.control_socket,
+                mode=config.control_mode,
+                group=config.control_group,
+            )
+            await self.control_server.start()
+        if config.metrics_listen is not None:
+            host, port = config.metrics_listen
+            self.metrics_server = MetricsServer(self.control.metrics, host=host, port=port)
+            await self.metrics_server.start()
 
     async def _watchdog(self) -> None:
         """Keep systemd's watchdog fed from the event loop: a loop that is stuck stops
@@ -286,6 +354,14 @@ class _Agent:
             await asyncio.sleep(0.05)
         if self.outbox.depth():
             _log.warning("%d messages stay in the outbox for the next start", self.outbox.depth())
+
+
+def _group_exists(name: str) -> bool:
+    try:
+        grp.getgrnam(name)
+    except KeyError:
+        return False
+    return True
 
 
 def _status_line(status: NodeStatusBody, running: int) -> str:

@@ -195,6 +195,13 @@ class Ledger:
             )
         )
 
+    def count_by_state(self) -> dict[str, int]:
+        """How many jobs the ledger holds in each state."""
+        rows = self.outbox.query(
+            lambda db: db.execute("SELECT state, count(*) FROM jobs GROUP BY state").fetchall()
+        )
+        return {str(state): int(count) for state, count in rows}
+
     def logs(self, job_id: str, after: int = 0) -> list[LogLine]:
         """A job's stored output after chunk ``after``, in order."""
         rows = self.outbox.query(

@@ -68,7 +68,7 @@ async def bench(jobs: int, idle_s: float, workdir: Path) -> dict[str, object]:
     argv = [
         sys.executable, "-m", "agent.cli", "run", "--coordinator", coordinator.url,
         "--coordinator-key", key, "--state-dir", str(workdir / "agent"),
-        "--policy", str(policy), "--interval", "1",
+        "--policy", str(policy), "--interval", "1", "--runtime-dir", str(workdir / "run"),
     ]  # fmt: skip
     env = {**os.environ, "GPU_AGENT_NVML_LIB": str(library)}
     log = (workdir / "agent.log").open("wb")

@@ -43,7 +43,8 @@ echo "== gpu-agent run: this agent, pinned to that coordinator's key =="
 # The admission policy: the coordinator's jobs may use the demo's locally built image only.
 echo 'allowed_images = ["gpu-agent-demo/busybox"]' > "$demo/policy.toml"
 "$bin/gpu-agent" run --coordinator "ws://127.0.0.1:$port/agent" --coordinator-key "$key" \
-  --state-dir "$demo/agent" --policy "$demo/policy.toml" --interval 1 --batch 2 \
+  --state-dir "$demo/agent" --runtime-dir "$demo/run" --policy "$demo/policy.toml" \
+  --interval 1 --batch 2 \
   > "$demo/agent.log" 2>&1 &
 pids+=($!)
 "$bin/gpu-agent" keys show --state-dir "$demo/agent"

@@ -66,6 +66,7 @@ class Loop:
             "--coordinator", f"ws://127.0.0.1:{self.port}/agent",
             "--coordinator-key", self.coordinator.key.public_key_b64,
             "--state-dir", str(self.workdir / "agent"), "--policy", str(policy),
+            "--runtime-dir", str(self.workdir / "run"),
             "--interval", "0.2", "--batch", "5",
         ]  # fmt: skip
         env = {
@@ -282,7 +283,7 @@ async def test_run_takes_everything_from_its_config_file(
     config.write_text(
         f'[coordinator]\nurl = "ws://127.0.0.1:{world.port}/agent"\n'
         f'keys = ["{coordinator.key.public_key_b64}"]\n'
-        f'[paths]\nstate_dir = "{tmp_path / "state"}"\n'
+        f'[paths]\nstate_dir = "{tmp_path / "state"}"\nruntime_dir = "{tmp_path / "run"}"\n'
         f'[policy]\nallowed_images = ["{test_image.split(":", maxsplit=1)[0]}"]\n'
     )
     env = {**os.environ, "GPU_AGENT_NVML_LIB": str(world.library)}
@@ -299,3 +300,55 @@ async def test_run_takes_everything_from_its_config_file(
         world.agent.send_signal(signal.SIGTERM)
         assert await world.exited() == 0
         await world.stop_coordinator()
+
+
+def _control(loop: Loop, *argv: str) -> subprocess.CompletedProcess[str]:
+    socket_path = loop.workdir / "run" / "agent.sock"
+    command = [sys.executable, "-m", "agent.cli", argv[0], "--socket", str(socket_path)]
+    return subprocess.run(
+        [*command, *argv[1:]], capture_output=True, text=True, check=False, timeout=60
+    )
+
+
+async def test_the_local_control_api_shows_pauses_and_resumes_the_daemon(loop: Loop) -> None:
+    job_id = await loop.c.submit(loop.node_id, job_spec(loop.image, "echo from the job"))
+    await loop.until(lambda: loop.job(job_id).final, "the job to end")
+
+    done = await asyncio.to_thread(_control, loop, "status", "--json")
+    assert done.returncode == 0, done.stderr
+    status = msgspec.json.decode(done.stdout)
+    assert (status["node_id"], status["connection"]) == (loop.node_id, "connected")
+    assert [g["health"] for g in status["gpus"]] == ["healthy", "healthy"]
+    assert status["jobs_done_today"] == 1
+    jobs = msgspec.json.decode((await asyncio.to_thread(_control, loop, "jobs", "--json")).stdout)
+    assert [(j["job_id"], j["state"]) for j in jobs] == [(job_id, "completed")]
+    logs = await asyncio.to_thread(_control, loop, "logs", job_id)
+    assert logs.stdout == "from the job\n"
+    unknown = await asyncio.to_thread(_control, loop, "logs", "job-nope")
+    assert (unknown.returncode, "error [unknown_job]" in unknown.stderr) == (1, True)
+
+    # Paused: offers are refused with the reason, and the coordinator is told.
+    paused = await asyncio.to_thread(_control, loop, "pause", "--json")
+    assert msgspec.json.decode(paused.stdout)["paused"] is True
+    refused = await loop.c.submit(loop.node_id, job_spec(loop.image, "true"))
+    await loop.until(lambda: loop.job(refused).final, "the refusal")
+    assert (loop.job(refused).state, loop.job(refused).code) == ("refused", "paused")
+    node = loop.c.store.latest(loop.node_id, "node_status")
+    assert node is not None
+    assert (node.body["available"], node.body["reason"]) == (False, "paused")
+    await asyncio.to_thread(_control, loop, "resume")
+    accepted = await loop.c.submit(loop.node_id, job_spec(loop.image, "true"))
+    await loop.until(lambda: loop.job(accepted).final, "the job to end")
+    assert loop.job(accepted).state == "completed"
+
+
+async def test_pause_with_drain_returns_once_running_jobs_have_ended(loop: Loop) -> None:
+    job_id = await loop.c.submit(loop.node_id, job_spec(loop.image, "sleep 2; echo done"))
+    await loop.until(lambda: "running" in loop.states(job_id), "the job to run")
+    drained = await asyncio.to_thread(_control, loop, "pause", "--drain", "--json")
+    assert drained.returncode == 0, drained.stderr
+    status = msgspec.json.decode(drained.stdout)
+    assert (status["paused"], status["draining"], status["jobs"]) == (True, False, [])
+    # Drained, not stopped: the job ran to its end.
+    await loop.until(lambda: loop.job(job_id).final, "the job's report")
+    assert loop.job(job_id).state == "completed"

@@ -17,9 +17,16 @@ ALLOWED = {
     "agent": ("hal", "sandbox", "agent"),
     "agent.protocol": ("agent.protocol",),
     # The tray app and what it uses to reach the daemon: never hal or sandbox.
-    "agent.tray": ("agent.tray", "agent.control", "agent.control_client", "agent.errors"),
-    "agent.control": ("agent.control", "agent.errors"),
-    "agent.control_client": ("agent.control", "agent.errors"),
+    "agent.tray": (
+        "agent.tray",
+        "agent.control",
+        "agent.control_args",
+        "agent.control_client",
+        "agent.errors",
+    ),
+    "agent.control": ("agent.control", "agent.control_args", "agent.errors"),
+    "agent.control_args": ("agent.control_args",),
+    "agent.control_client": ("agent.control", "agent.control_args", "agent.errors"),
     "agent.errors": ("agent.errors",),
     "coordinator": ("coordinator", "agent.protocol"),
 }

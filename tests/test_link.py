@@ -80,6 +80,7 @@ class Agent:
             sys.executable, "-m", "agent.cli", "run",
             "--coordinator", f"ws://127.0.0.1:{coordinator.port}/agent",
             "--coordinator-key", key, "--state-dir", str(workdir / "agent"),
+            "--runtime-dir", str(workdir / "run"),
             "--interval", "0.05", "--batch", "2",
         ]  # fmt: skip
         self.env = {

@@ -1,0 +1,153 @@
+"""The daemon's side of the local control API: its state as views, pause and resume.
+
+:class:`DaemonControl` implements :class:`agent.control.ControlTarget` over the job manager,
+the scheduler, the ledger and the link; the control server (agent/control_server.py) and
+the metrics endpoint read it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from datetime import datetime
+
+from agent.control import GpuView, JobView, LogChunkView, StatusView
+from agent.errors import ControlError
+from agent.identity import Identity
+from agent.jobs import JobManager
+from agent.ledger import JobRecord
+from agent.link import Link
+from agent.metrics import MetricsInput
+from hal import __version__
+from hal.types import GpuSample, is_value
+
+__all__ = ["DaemonControl"]
+
+_FOLLOW_POLL_S = 0.2
+_PAUSED = "paused"
+_DRAINING = "draining"
+
+
+class DaemonControl:
+    """What ``gpu-agent status``, ``pause``, ``jobs``, ``logs`` and the tray see and do."""
+
+    def __init__(
+        self,
+        *,
+        identity: Identity,
+        jobs: JobManager,
+        link: Link,
+        latest: Callable[[], list[GpuSample]],
+        clock: Callable[[], float],
+    ) -> None:
+        self.identity = identity
+        self.manager = jobs
+        self.link = link
+        self.latest = latest
+        self.clock = clock
+
+    def status(self) -> StatusView:
+        jobs, link = self.manager, self.link
+        samples = {s.id: s for s in self.latest()}
+        gpus = []
+        for index, (unit_id, unit) in enumerate(jobs.scheduler.units.items()):
+            sample = samples.get(unit_id)
+            temperature = sample.temperature_c if sample else None
+            utilisation = sample.util_gpu_pct if sample else None
+            gpus.append(
+                GpuView(
+                    index=index,
+                    uuid=unit_id,
+                    name=unit.gpu.name,
+                    vendor=unit.gpu.vendor,
+                    health=unit.health,
+                    health_reason=unit.reason,
+                    assigned_job=unit.job_id,
+                    temperature_c=temperature if is_value(temperature) else None,
+                    utilization_pct=utilisation if is_value(utilisation) else None,
+                )
+            )
+        running = [self._view(r) for job_id in jobs.tasks if (r := jobs.ledger.get(job_id))]
+        hold = jobs.unavailable
+        return StatusView(
+            agent_version=__version__,
+            node_id=self.identity.node_id,
+            connection="connected" if link.connected.is_set() else "connecting",
+            coordinator_url=link.config.url,
+            paused=_PAUSED in jobs.holds,
+            pause_reason=jobs.holds.get(_PAUSED, "")
+            or (f"{hold[0]}: {hold[1]}" if hold and hold[0] != _DRAINING else ""),
+            draining=_DRAINING in jobs.holds,
+            gpus=gpus,
+            jobs=running,
+            outbox_depth=jobs.outbox.depth(),
+            jobs_done_today=jobs.ledger.count_finished_since(_midnight(self.clock())),
+        )
+
+    async def pause(self, drain: bool) -> StatusView:
+        self.manager.hold(_PAUSED, "paused by the owner")
+        if drain:
+            self.manager.hold(_DRAINING, "waiting for running jobs to end")
+            try:
+                await self.manager.wait_idle()
+            finally:
+                self.manager.release(_DRAINING)
+        return self.status()
+
+    async def resume(self) -> StatusView:
+        self.manager.release(_DRAINING)
+        self.manager.release(_PAUSED)
+        return self.status()
+
+    def jobs(self, limit: int) -> list[JobView]:
+        return [self._view(record) for record in self.manager.ledger.recent(limit)]
+
+    def job(self, job_id: str) -> JobView:
+        return self._view(self._record(job_id))
+
+    async def logs(self, job_id: str, follow: bool) -> AsyncIterator[LogChunkView]:
+        ledger = self.manager.ledger
+        self._record(job_id)
+        after = 0
+        while True:
+            lines = ledger.logs(job_id, after)
+            for line in lines:
+                yield LogChunkView(
+                    stream="stderr" if line.stream == "stderr" else "stdout", data=line.data
+                )
+                after = line.n
+            if lines or not follow:
+                if not follow:
+                    return
+                continue
+            if self._record(job_id).final and not ledger.logs(job_id, after):
+                return
+            await asyncio.sleep(_FOLLOW_POLL_S)
+
+    def metrics(self) -> MetricsInput:
+        """The figures ``/metrics`` serves."""
+        return MetricsInput.from_status(self.status(), self.manager.ledger.count_by_state())
+
+    def _record(self, job_id: str) -> JobRecord:
+        record = self.manager.ledger.get(job_id)
+        if record is None:
+            raise ControlError("unknown_job", f"this node has no job {job_id!r}")
+        return record
+
+    def _view(self, record: JobRecord) -> JobView:
+        return JobView(
+            job_id=record.job_id,
+            state=record.state,
+            gpus=record.gpus,
+            created_at=record.created,
+            updated_at=record.updated,
+            exit_code=record.exit_code,
+            code=record.code,
+            detail=record.detail,
+        )
+
+
+def _midnight(now: float) -> float:
+    """The start of today, local time, in seconds since the epoch."""
+    local = datetime.fromtimestamp(now).astimezone()
+    return local.replace(hour=0, minute=0, second=0, microsecond=0).timestamp()
