@@ -148,7 +148,12 @@ class _Agent:
     async def on_message(self, message: Message) -> Reply:
         """Handle a reliable coordinator message (called by the link, in order, once)."""
         if isinstance(message, AttestRequest):
-            return Reply([self.attest(message.body.nonce)])
+            # The capacity goes with the profile, once the GPUs were checked.
+            answer = [self.attest(message.body.nonce)]
+            if self.jobs is not None and (status := self.jobs.node_status()) is not None:
+                answer.append(("node_status", msgspec.json.encode(status)))
+                self._last_status = status
+            return Reply(answer)
         assert self.jobs is not None  # the link starts after the job manager
         if isinstance(message, JobOffer):
             return await self.jobs.on_offer(message)

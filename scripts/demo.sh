@@ -70,6 +70,10 @@ print(f"telemetry:   seq {telemetry.get('seq')}, {len(telemetry.get('samples', [
 PY
 echo
 
+echo "== gpu-agent status: the running agent, through its local control socket =="
+"$bin/gpu-agent" status --socket "$demo/run/agent.sock" || true
+echo
+
 echo "== gpu-agent doctor: what stands between this machine and serving GPU jobs =="
 "$bin/gpu-agent" doctor || true
 echo

@@ -57,7 +57,7 @@ class Loop:
         await self.coordinator.stop()
         self.coordinator = None
 
-    def start_agent(self) -> None:
+    def start_agent(self, **extra_env: str) -> None:
         assert self.coordinator is not None
         policy = self.workdir / "policy.toml"
         policy.write_text(f'allowed_images = ["{self.image.split(":", maxsplit=1)[0]}"]\n')
@@ -73,6 +73,7 @@ class Loop:
             **os.environ,
             "GPU_AGENT_NVML_LIB": str(self.library),
             "FAKENVML_CONTROL": str(self.workdir / "nvml-control"),
+            **extra_env,
         }
         with (self.workdir / "agent.log").open("ab") as log:
             self.agent = subprocess.Popen(argv, env=env, stdout=log, stderr=log)
@@ -352,3 +353,33 @@ async def test_pause_with_drain_returns_once_running_jobs_have_ended(loop: Loop)
     # Drained, not stopped: the job ran to its end.
     await loop.until(lambda: loop.job(job_id).final, "the job's report")
     assert loop.job(job_id).state == "completed"
+
+
+async def test_metrics_are_served_on_loopback_when_enabled(
+    tmp_path: Path, library_for: Callable[[Path], Path], test_image: str, docker_engine: str
+) -> None:
+    world = Loop(tmp_path, library_for(DUAL_A5000), test_image, DockerClient(docker_engine))
+    await world.start_coordinator()
+    port = _free_port()
+    world.start_agent(
+        GPU_AGENT_METRICS_ENABLED="true", GPU_AGENT_METRICS_LISTEN=f"127.0.0.1:{port}"
+    )
+    try:
+        await world.ready()
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        answer = (await reader.read()).decode()
+        writer.close()
+        await writer.wait_closed()
+        assert answer.startswith("HTTP/1.1 200")
+        lines = answer.splitlines()
+        assert "gpu_agent_up 1" in lines
+        assert "gpu_agent_connected 1" in lines
+        healthy = [line for line in lines if line.startswith("gpu_agent_gpu_healthy{")]
+        assert len(healthy) == 2
+        assert all(line.endswith(" 1") for line in healthy)
+    finally:
+        assert world.agent is not None
+        world.agent.send_signal(signal.SIGTERM)
+        assert await world.exited() == 0
+        await world.stop_coordinator()
