@@ -36,6 +36,7 @@ import msgspec
 import platformdirs
 
 from agent.errors import ConfigError
+from agent.owner import OwnerPolicy
 from agent.protocol import crypto
 from agent.protocol.limits import MAX_TELEMETRY_BATCH
 from sandbox.policy import Policy
@@ -235,6 +236,7 @@ class AgentConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
     policy: Policy = Policy()
     control: ControlConfig = ControlConfig()
     metrics: MetricsConfig = MetricsConfig()
+    owner: OwnerPolicy = OwnerPolicy()
 
 
 _SECTIONS: dict[str, type[msgspec.Struct]] = {

@@ -41,6 +41,7 @@ import msgspec
 from msgspec import UNSET, Meta, UnsetType
 
 from agent.control_args import MAX_JOBS_LIMIT
+from agent.owner import OwnerPolicy
 
 __all__ = [
     "MAX_JOBS_LIMIT",
@@ -128,7 +129,11 @@ class StatusView(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_field
         connection: ``connected`` to the coordinator, ``connecting`` (handshake or
             backoff), or ``offline``; ``connection_error`` says why it is not connected.
         paused: takes no new jobs; ``pause_reason`` says who or what paused it.
+        paused_until: when a timed pause by the owner ends (Unix seconds), if it is one.
         draining: paused with ``drain`` and jobs are still running.
+        guard: the owner control that holds sharing back now (``owner_active``,
+            ``gpu_in_use``, ``idle_unknown``, ``too_hot``, ``outside_schedule``), or "";
+            ``guard_detail`` says it in words.
         jobs: the running jobs.
         outbox_depth: messages stored but not yet acknowledged by the coordinator.
         jobs_done_today: jobs that ended since local midnight.
@@ -141,7 +146,10 @@ class StatusView(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_field
     connection_error: str = ""
     paused: bool = False
     pause_reason: str = ""
+    paused_until: float | None = None
     draining: bool = False
+    guard: str = ""
+    guard_detail: str = ""
     gpus: list[GpuView] = []
     jobs: list[JobView] = []
     outbox_depth: int = 0
@@ -163,12 +171,22 @@ class ControlTarget(Protocol):
         """The daemon's state now."""
         ...
 
-    async def pause(self, drain: bool) -> StatusView:
-        """Stop taking new jobs; with ``drain``, return once running jobs have ended.
+    async def pause(self, drain: bool, until: float | None) -> StatusView:
+        """Stop taking new jobs, until ``until`` (Unix seconds) or until resumed; with
+        ``drain``, return once running jobs have ended.
 
         The server may cancel the call (its client went away, the server stops): the
         pause must stand all the same.
         """
+        ...
+
+    def settings(self) -> OwnerPolicy:
+        """The owner's controls in force."""
+        ...
+
+    async def set_settings(self, changes: dict[str, Any]) -> OwnerPolicy:
+        """Change some of the owner's controls; raise ``ControlError("bad_settings")``
+        naming the field when the result is not valid (nothing changes then)."""
         ...
 
     async def resume(self) -> StatusView:
@@ -198,9 +216,18 @@ class NoParams(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
 
 class PauseParams(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    """``pause``: with ``drain``, answer once the running jobs have ended."""
+    """``pause``: with ``drain``, answer once the running jobs have ended; with ``until``
+    (Unix seconds), resume by itself then."""
 
     drain: bool = False
+    until: float | None = None
+
+
+class SettingsParams(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """``set_settings``: the owner controls to change (keys of ``OwnerPolicy``), others
+    left as they are."""
+
+    changes: dict[str, Any]
 
 
 class JobsParams(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -223,6 +250,8 @@ METHODS: Final[dict[str, type[msgspec.Struct]]] = {
     "jobs": JobsParams,
     "logs": LogsParams,
     "subscribe": NoParams,
+    "settings": NoParams,
+    "set_settings": SettingsParams,
 }
 """Every method and its params."""
 

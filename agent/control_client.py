@@ -30,10 +30,12 @@ from agent.control import (
     LogChunkView,
     LogsParams,
     PauseParams,
+    SettingsParams,
     StatusView,
     encode_request,
 )
 from agent.errors import ControlError
+from agent.owner import OwnerPolicy
 
 __all__ = [
     "GROUP_FIX",
@@ -137,9 +139,24 @@ class ControlClient:
         """The daemon's state."""
         return _decode(await self._call("status", None, timeout), StatusView)
 
-    async def pause(self, *, drain: bool = False, timeout: float | None = None) -> StatusView:
-        """Stop taking new jobs; with ``drain``, return once the running ones have ended."""
-        return _decode(await self._call("pause", PauseParams(drain=drain), timeout), StatusView)
+    async def pause(
+        self, *, drain: bool = False, until: float | None = None, timeout: float | None = None
+    ) -> StatusView:
+        """Stop taking new jobs (until ``until``, Unix seconds, if given); with ``drain``,
+        return once the running ones have ended."""
+        params = PauseParams(drain=drain, until=until)
+        return _decode(await self._call("pause", params, timeout), StatusView)
+
+    async def settings(self, *, timeout: float | None = 10.0) -> OwnerPolicy:
+        """The owner's controls in force."""
+        return _decode(await self._call("settings", None, timeout), OwnerPolicy)
+
+    async def set_settings(
+        self, changes: Mapping[str, object], *, timeout: float | None = 10.0
+    ) -> OwnerPolicy:
+        """Change some owner controls; the daemon validates them (``bad_settings``)."""
+        params = SettingsParams(changes=dict(changes))
+        return _decode(await self._call("set_settings", params, timeout), OwnerPolicy)
 
     async def resume(self, *, timeout: float | None = 10.0) -> StatusView:
         """Take jobs again."""

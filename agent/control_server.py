@@ -26,6 +26,7 @@ from agent.control import (
     LogsParams,
     PauseParams,
     Refusal,
+    SettingsParams,
     StatusView,
     encode_error,
     encode_event,
@@ -236,7 +237,7 @@ class ControlServer:
             result = target.status()
         elif call.method == "pause":
             assert isinstance(params, PauseParams)
-            result = await target.pause(params.drain)
+            result = await target.pause(params.drain, params.until)
         elif call.method == "resume":
             result = await target.resume()
         elif call.method == "jobs":
@@ -252,6 +253,11 @@ class ControlServer:
                 if isinstance(chunks, AsyncGenerator):
                     await chunks.aclose()
             result = target.job(params.job_id)
+        elif call.method == "settings":
+            result = target.settings()
+        elif call.method == "set_settings":
+            assert isinstance(params, SettingsParams)
+            result = await target.set_settings(params.changes)
         else:
             assert call.method == "subscribe"
             await connection.send(encode_result(call.id, None))

@@ -10,14 +10,17 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Callable
 from datetime import datetime
+from typing import Any
 
 from agent.control import GpuView, JobView, LogChunkView, StatusView
 from agent.errors import ControlError
+from agent.guard import OwnerGuard
 from agent.identity import Identity
 from agent.jobs import JobManager
 from agent.ledger import JobRecord
 from agent.link import Link
 from agent.metrics import MetricsInput
+from agent.owner import OwnerPolicy
 from hal import __version__
 from hal.types import GpuSample, is_value
 
@@ -36,12 +39,14 @@ class DaemonControl:
         *,
         identity: Identity,
         jobs: JobManager,
+        guard: OwnerGuard,
         link: Link,
         latest: Callable[[], list[GpuSample]],
         clock: Callable[[], float],
     ) -> None:
         self.identity = identity
         self.manager = jobs
+        self.guard = guard
         self.link = link
         self.latest = latest
         self.clock = clock
@@ -69,6 +74,7 @@ class DaemonControl:
             )
         running = [self._view(r) for job_id in jobs.tasks if (r := jobs.ledger.get(job_id))]
         hold = jobs.unavailable
+        verdict = self.guard.verdict
         return StatusView(
             agent_version=__version__,
             node_id=self.identity.node_id,
@@ -77,15 +83,18 @@ class DaemonControl:
             paused=_PAUSED in jobs.holds,
             pause_reason=jobs.holds.get(_PAUSED, "")
             or (f"{hold[0]}: {hold[1]}" if hold and hold[0] != _DRAINING else ""),
+            paused_until=self.guard.paused_until if _PAUSED in jobs.holds else None,
             draining=_DRAINING in jobs.holds,
+            guard="" if verdict.share else verdict.code,
+            guard_detail="" if verdict.share else verdict.detail,
             gpus=gpus,
             jobs=running,
             outbox_depth=jobs.outbox.depth(),
             jobs_done_today=jobs.ledger.count_finished_since(_midnight(self.clock())),
         )
 
-    async def pause(self, drain: bool) -> StatusView:
-        self.manager.hold(_PAUSED, "paused by the owner")
+    async def pause(self, drain: bool, until: float | None = None) -> StatusView:
+        self.guard.pause(until)
         if drain:
             self.manager.hold(_DRAINING, "waiting for running jobs to end")
             try:
@@ -96,8 +105,16 @@ class DaemonControl:
 
     async def resume(self) -> StatusView:
         self.manager.release(_DRAINING)
-        self.manager.release(_PAUSED)
+        self.guard.resume()
         return self.status()
+
+    def settings(self) -> OwnerPolicy:
+        return self.guard.policy
+
+    async def set_settings(self, changes: dict[str, Any]) -> OwnerPolicy:
+        policy = self.guard.change(changes)
+        self.manager.on_change()
+        return policy
 
     def jobs(self, limit: int) -> list[JobView]:
         return [self._view(record) for record in self.manager.ledger.recent(limit)]

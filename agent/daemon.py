@@ -29,11 +29,13 @@ from agent.config import AgentConfig
 from agent.control_server import ControlServer
 from agent.control_target import DaemonControl
 from agent.errors import OutboxError
+from agent.guard import OwnerGuard
 from agent.identity import Identity, load_or_create
 from agent.jobs import JobManager
 from agent.link import Link, LinkConfig, Reply
 from agent.metrics import MetricsServer
 from agent.outbox import Outbox
+from agent.owner import OwnerPolicy
 from agent.protocol import dsse
 from agent.protocol.bodies import EnvelopeBody, NodeStatusBody, ProfileBody, TelemetryBody
 from agent.protocol.limits import MAX_FRAME_BYTES, MAX_TELEMETRY_BATCH
@@ -82,6 +84,8 @@ class DaemonConfig(msgspec.Struct, frozen=True, kw_only=True):
     sample_interval_s: float = 1.0
     batch_samples: int = 10
     flush_timeout_s: float = 5.0
+    owner: OwnerPolicy = OwnerPolicy()
+    """The owner's controls (agent/owner.py); the control API may change them."""
     control_socket: Path | None = None
     """The local control API's socket; None: no control API."""
     control_mode: int = 0o660
@@ -118,6 +122,7 @@ def daemon_config(config: AgentConfig) -> DaemonConfig:
         max_concurrent=jobs.max_concurrent,
         sample_interval_s=config.telemetry.interval_s,
         batch_samples=config.telemetry.batch,
+        owner=config.owner,
         control_socket=config.paths.control_socket,
         control_mode=mode,
         control_group=group,
@@ -141,6 +146,7 @@ class _Agent:
         self.notifier = Notifier()
         self.latest_gpus: list[GpuSample] = []
         self.control: DaemonControl | None = None
+        self.guard: OwnerGuard | None = None
         self.control_server: ControlServer | None = None
         self.metrics_server: MetricsServer | None = None
         self._last_status: NodeStatusBody | None = None
@@ -238,6 +244,8 @@ class _Agent:
                 taken, events = await asyncio.to_thread(_tick, hal)
                 self.latest_gpus = taken.gpus
                 self.check_health(taken.gpus, events)
+                if self.guard is not None:
+                    self.guard.tick(taken.gpus)
                 batch.append(taken)
                 if len(batch) >= min(self.config.batch_samples, MAX_TELEMETRY_BATCH):
                     batch = self.queue_telemetry(batch)
@@ -284,6 +292,9 @@ class _Agent:
             max_concurrent=config.max_concurrent,
             share_limit=config.share_limit,
         )
+        self.guard = OwnerGuard(
+            jobs=self.jobs, policy=config.owner, store=config.state_dir / "owner.json"
+        )
         await self.jobs.recover()
         await self._serve_locally()
         self.notifier.ready(f"profiled {len(self.profile.gpus)} GPU(s); connecting")
@@ -320,11 +331,13 @@ class _Agent:
             ControlError: the socket is in use (another daemon) or cannot be made.
             ConfigError: the metrics address cannot be bound.
         """
-        config, jobs = self.config, self.jobs
+        config, jobs, guard = self.config, self.jobs, self.guard
         assert jobs is not None
+        assert guard is not None
         self.control = DaemonControl(
             identity=self.identity,
             jobs=jobs,
+            guard=guard,
             link=self.link,
             latest=lambda: self.latest_gpus,
             clock=time.time,

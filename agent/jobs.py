@@ -68,7 +68,19 @@ _log = logging.getLogger(__name__)
 StopReason = Literal["cancelled", "interrupted", "preempted"]
 
 #: Which reason to give first when several hold offers back.
-_HOLD_ORDER = ("shutting_down", "paused", "draining", "engine_unavailable", "initialising")
+_HOLD_ORDER = (
+    "shutting_down",
+    "paused",
+    "draining",
+    # The owner's guards (agent/guard.py):
+    "too_hot",
+    "outside_schedule",
+    "gpu_in_use",
+    "idle_unknown",
+    "owner_active",
+    "engine_unavailable",
+    "initialising",
+)
 
 #: Raw output bytes per job_log chunk: after UTF-8 decoding with replacement a chunk is at
 #: most three times this, well under the protocol's MAX_LOG_CHUNK_BYTES.
@@ -113,6 +125,7 @@ class JobManager:
         self.holds: dict[str, str] = {"initialising": "checking the GPUs"}
         """Why no offer is taken now: code -> detail; empty when offers are taken."""
         self._stops: dict[str, StopReason] = {}
+        self._containers: dict[str, str] = {}
 
     # -- start -------------------------------------------------------------------------
 
@@ -198,6 +211,10 @@ class JobManager:
         """Drop one reason to refuse offers."""
         if self.holds.pop(code, None) is not None:
             self.on_change()
+
+    def container_ids(self) -> list[str]:
+        """The containers of the running jobs."""
+        return list(self._containers.values())
 
     async def wait_idle(self) -> None:
         """Return once no job runs."""
@@ -286,6 +303,7 @@ class JobManager:
                 async with aclosing(self.runner.run(job_id, spec, gpus)) as events:
                     async for event in events:
                         if isinstance(event, Created):
+                            self._containers[job_id] = event.container_id
                             self._commit([], self.ledger.set_container(job_id, event.container_id))
                         elif isinstance(event, Started):
                             self._report(job_id, "running")
@@ -304,6 +322,7 @@ class JobManager:
                 result.reason = "cancelled"
             self._finish(job_id, offer, units, result)
             self.scheduler.release(job_id)
+            self._containers.pop(job_id, None)
             del self.tasks[job_id]
             self.on_change()
 

@@ -23,6 +23,7 @@ __all__ = [
     "OwnerPolicy",
     "Verdict",
     "Window",
+    "changed",
     "decide",
     "in_schedule",
     "too_hot",
@@ -114,6 +115,20 @@ class Verdict(NamedTuple):
     code: str = ""
     detail: str = ""
     hot: frozenset[str] = frozenset()
+
+
+def changed(policy: OwnerPolicy, changes: Mapping[str, object]) -> OwnerPolicy:
+    """``policy`` with some of its fields changed, validated as a whole.
+
+    Raises:
+        ValueError: a change names an unknown field or makes the policy invalid; the
+            message names the field.
+    """
+    merged = {**msgspec.to_builtins(policy), **changes}
+    try:
+        return msgspec.convert(merged, OwnerPolicy)
+    except msgspec.ValidationError as exc:
+        raise ValueError(str(exc)) from None
 
 
 def decide(policy: OwnerPolicy, seen: Observation, hot: frozenset[str] = frozenset()) -> Verdict:

@@ -11,11 +11,12 @@ readings are reported as unknown rather than guessed.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterable
 from pathlib import Path
 
 import msgspec
 
-__all__ = ["JobCgroup", "Usage"]
+__all__ = ["JobCgroup", "Usage", "in_job_container"]
 
 _ROOT_PARENT = "gpu-agent"
 _NS_PER_S = 1e9
@@ -88,3 +89,16 @@ def _read(path: Path) -> str:
 def _read_int(path: Path) -> int | None:
     text = _read(path).strip()
     return int(text) if text.isdigit() else None
+
+
+def in_job_container(pid: int, container_ids: Iterable[str], proc: Path = Path("/proc")) -> bool:
+    """Whether host process ``pid`` runs in one of our jobs' containers: under a job's
+    cgroup parent (the cgroupfs driver), or in a cgroup named by a container's id (the
+    systemd driver: ``.../docker-<id>.scope``). A process that is gone is not ours."""
+    try:
+        groups = (proc / str(pid) / "cgroup").read_text(encoding="utf-8")
+    except OSError:
+        return False
+    if f"/{_ROOT_PARENT}/" in groups:
+        return True
+    return any(container_id in groups for container_id in container_ids if container_id)

@@ -10,11 +10,13 @@ import tempfile
 from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import msgspec
 
 from agent.control import GpuView, JobView, LogChunkView, StatusView
 from agent.errors import ControlError
+from agent.owner import OwnerPolicy, changed
 
 __all__ = ["MemoryTarget", "as_user", "connect_as", "job", "short_dir", "status"]
 
@@ -65,6 +67,7 @@ class MemoryTarget:
     """Holds a status, a job list and their logs; the test drives them."""
 
     def __init__(self) -> None:
+        self.owner = OwnerPolicy()
         self.state = status()
         self.history = [job("job-2", "running"), job("job-1", "completed", exit_code=0)]
         self.chunks: dict[str, list[LogChunkView]] = {"job-1": [], "job-2": []}
@@ -81,9 +84,13 @@ class MemoryTarget:
             raise RuntimeError("the daemon's bug")
         return self.state
 
-    async def pause(self, drain: bool) -> StatusView:
+    async def pause(self, drain: bool, until: float | None = None) -> StatusView:
         self.state = msgspec.structs.replace(
-            self.state, paused=True, pause_reason="by the owner", draining=drain
+            self.state,
+            paused=True,
+            pause_reason="by the owner",
+            draining=drain,
+            paused_until=until,
         )
         if drain:
             self.drain_started.set()
@@ -92,8 +99,20 @@ class MemoryTarget:
         return self.state
 
     async def resume(self) -> StatusView:
-        self.state = msgspec.structs.replace(self.state, paused=False, pause_reason="")
+        self.state = msgspec.structs.replace(
+            self.state, paused=False, pause_reason="", paused_until=None
+        )
         return self.state
+
+    def settings(self) -> OwnerPolicy:
+        return self.owner
+
+    async def set_settings(self, changes: dict[str, Any]) -> OwnerPolicy:
+        try:
+            self.owner = changed(self.owner, changes)
+        except ValueError as exc:
+            raise ControlError("bad_settings", str(exc)) from None
+        return self.owner
 
     def jobs(self, limit: int) -> list[JobView]:
         return self.history[:limit]

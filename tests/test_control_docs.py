@@ -15,9 +15,11 @@ from agent.control import (
     JobView,
     LogChunkView,
     Refusal,
+    SettingsParams,
     StatusView,
     parse_request,
 )
+from agent.owner import OwnerPolicy, changed
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "control-api.md"
 RESULTS: dict[str, object] = {
@@ -27,6 +29,8 @@ RESULTS: dict[str, object] = {
     "jobs": list[JobView],
     "logs": JobView,
     "subscribe": None,
+    "settings": OwnerPolicy,
+    "set_settings": OwnerPolicy,
 }
 EVENTS: dict[str, object] = {"state": StatusView, "log": LogChunkView}
 
@@ -62,7 +66,12 @@ def test_every_example_line_decodes(block: list[str]) -> None:
             assert frame.error.code in _documented_codes()
             if frame.id is not None:
                 _, refused = requests[frame.id]
-                assert isinstance(refused, Refusal)
+                if isinstance(refused, Call):
+                    # A valid request the agent refused: the same settings are refused.
+                    assert isinstance(refused.params, SettingsParams)
+                    with pytest.raises(ValueError, match=frame.error.message):
+                        changed(OwnerPolicy(), refused.params.changes)
+                    continue
                 assert (refused.code, refused.message) == (frame.error.code, frame.error.message)
         elif frame.event is not None:
             assert isinstance(frame.data, msgspec.Raw)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import os
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -18,16 +19,19 @@ import factories
 import msgspec
 import pytest
 
+from agent.errors import ControlError
+from agent.guard import OwnerGuard
 from agent.identity import Identity, load_or_create
 from agent.jobs import JobManager
 from agent.ledger import Ledger
 from agent.outbox import Outbox
+from agent.owner import OwnerPolicy
 from agent.protocol import crypto, dsse
 from agent.protocol.bodies import EnvelopeBody, JobCancelBody, JobOfferBody
 from agent.protocol.jobs import Offer, receipt_digest, sign_offer
 from agent.protocol.messages import JobCancel, JobOffer, wrap
 from agent.scheduler import Scheduler
-from hal.types import UNSUPPORTED
+from hal.types import UNSUPPORTED, GpuProcess, GpuSample
 from sandbox.container import LABEL_JOB
 from sandbox.docker_api import DockerClient
 from sandbox.policy import Policy
@@ -339,3 +343,90 @@ async def test_old_logs_are_pruned_at_start_and_receipts_kept(world: World) -> N
     await world.manager.recover()
     assert world.ledger.logs("job-old") == []
     assert world.ledger.receipt("job-old") is not None
+
+
+# The owner's guard on the same real job manager: preemption, pauses, settings.
+
+
+def _hot(degrees: float, *, pids: tuple[int, ...] = ()) -> list[GpuSample]:
+    processes = [GpuProcess(pid=pid, used_memory_bytes=0, kind="compute") for pid in pids]
+    return [
+        GpuSample(id="pci:0000:00:00.0", temperature_c=degrees, processes=processes),
+        GpuSample(id="pci:0000:01:00.0", temperature_c=40.0),
+    ]
+
+
+def _guard(world: World, tmp_path: Path, **policy: Any) -> OwnerGuard:
+    return OwnerGuard(
+        jobs=world.manager,
+        policy=msgspec.convert(policy, OwnerPolicy),
+        store=tmp_path / "owner.json",
+    )
+
+
+async def test_a_tripped_guard_preempts_the_running_job_and_refuses_offers(
+    world: World, tmp_path: Path
+) -> None:
+    guard = _guard(world, tmp_path, pause_above_c=85, resume_below_c=75)
+    await deliver(world, offer_message(world, "job-hot", spec(world.image, "sleep 60")))
+    while "running" not in world.states("job-hot"):
+        await _tick()
+    verdict = guard.tick(_hot(90))
+    assert (verdict.share, verdict.code) == (False, "too_hot")
+    await world.manager.wait_idle()
+    assert world.states("job-hot") == ["accepted", "running", "preempted"]
+    receipt = world.receipt("job-hot")
+    assert (receipt["state"], receipt["code"]) == ("preempted", "preempted")
+    assert await containers_of(world.client, "job-hot") == []
+    await deliver(world, offer_message(world, "job-cold", spec(world.image, "true")))
+    assert world.messages("job-cold")[0][1]["code"] == "too_hot"
+    status = world.manager.node_status()
+    assert status is not None
+    assert (status.available, status.reason) == (False, "too_hot")
+    # Hysteresis: 80 °C is not cool enough; 70 °C is.
+    assert not guard.tick(_hot(80)).share
+    assert guard.tick(_hot(70)).share
+    assert world.manager.unavailable is None
+
+
+async def test_another_process_on_a_gpu_holds_sharing_back_when_idle_only(
+    world: World, tmp_path: Path
+) -> None:
+    guard = _guard(world, tmp_path, share_only_when_idle=True, idle_delay_s=0)
+    guard.idle_seconds = lambda: 3600.0
+    # This test's own process is not in a job's container: to the guard it is the owner's.
+    verdict = guard.tick(_hot(40, pids=(os.getpid(),)))
+    assert (verdict.share, verdict.code) == (False, "gpu_in_use")
+    assert guard.tick(_hot(40)).share
+
+
+async def test_a_timed_pause_ends_by_itself_and_survives_a_restart(
+    world: World, tmp_path: Path
+) -> None:
+    now = [1_000_000.0]
+    guard = _guard(world, tmp_path)
+    guard.clock = lambda: now[0]
+    guard.pause(now[0] + 3600)
+    assert world.manager.unavailable is not None
+    assert world.manager.unavailable[0] == "paused"
+    # A new daemon reads the pause back: sharing does not resume behind the owner's back.
+    world.manager.release("paused")
+    again = _guard(world, tmp_path)
+    again.clock = lambda: now[0]
+    assert again.paused_until == now[0] + 3600
+    assert "paused" in world.manager.holds
+    now[0] += 3601
+    again.tick([])
+    assert "paused" not in world.manager.holds
+    assert again.paused_until is None
+
+
+async def test_settings_are_validated_whole_and_kept(world: World, tmp_path: Path) -> None:
+    guard = _guard(world, tmp_path, max_shared_gpus=2)
+    with pytest.raises(ControlError) as caught:
+        guard.change({"pause_above_c": 80})  # without resume_below_c
+    assert caught.value.code == "bad_settings"
+    assert guard.policy.pause_above_c is None
+    guard.change({"share_only_when_idle": True, "max_shared_gpus": 1})
+    assert world.manager.share_limit == 1
+    assert _guard(world, tmp_path, max_shared_gpus=2).policy.share_only_when_idle is True

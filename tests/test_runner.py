@@ -409,7 +409,9 @@ async def test_image_volumes_are_size_capped_tmpfs_not_host_disk(
         capture_output=True, check=True,
     )  # fmt: skip
     script = (
-        "grep ' /data ' /proc/mounts | cut -d' ' -f3; dd if=/dev/zero of=/data/x bs=1M count=64"
+        # dd's error goes to stderr, which may reach the log before stdout: keep it out.
+        "grep ' /data ' /proc/mounts | cut -d' ' -f3;"
+        " dd if=/dev/zero of=/data/x bs=1M count=64 2>/dev/null"
     )
     spec = make_spec("gpu-agent-test/volume:1", script, resources={"scratch_bytes": 4 * MiB})
     events, result = await run_job(runner, spec)
