@@ -113,6 +113,8 @@ class DaemonControl:
 
     async def set_settings(self, changes: dict[str, Any]) -> OwnerPolicy:
         policy = self.guard.change(changes)
+        # Applied now, not at the next sample: a guard the owner just set trips at once.
+        self.guard.tick(self.latest())
         self.manager.on_change()
         return policy
 

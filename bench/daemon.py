@@ -8,7 +8,8 @@ that allows the locally built busybox image. Measured:
   (Docker's own start stamp), for a trivial job (``true``), N times;
 - result to coordinator: from the receipt's ``finished_at`` to the moment the coordinator's
   store shows the job final with its verified receipt (polled every millisecond);
-- the idle daemon's CPU share and RSS over S seconds of sampling at 1 Hz, no jobs.
+- the idle daemon's CPU share and RSS over S seconds of sampling at 1 Hz, no jobs;
+- an owner guard tripping (through the control API) to the job's container stopped.
 
 Needs a Docker engine. Prints one JSON object.
 """
@@ -25,6 +26,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from datetime import datetime
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -34,6 +36,8 @@ import psutil  # noqa: E402
 from fakenvml import build  # noqa: E402
 from images import build_busybox_image  # noqa: E402
 
+from agent.control_client import ControlClient  # noqa: E402
+from agent.owner import WEEKDAYS  # noqa: E402
 from coordinator.server import Coordinator  # noqa: E402
 
 CAPTURE = ROOT.parent / "shared" / "fixtures" / "nvidia-smi-xml" / "dual_a5000-v13.xml"
@@ -113,8 +117,10 @@ async def bench(jobs: int, idle_s: float, workdir: Path) -> dict[str, object]:
                 raise RuntimeError(f"{job_id} ended {row.state} ({row.code}): {row.detail}")
             to_start.append(receipt["started_at"] - submitted)
             to_coordinator.append(seen - receipt["finished_at"])
+        guard = await _guard_to_stop(coordinator, node_id, workdir / "run" / "agent.sock")
         return {
             "jobs": jobs,
+            "guard_trip_to_container_stop": guard,
             "offer_to_container_start": _percentiles(to_start),
             "result_to_coordinator": _percentiles(to_coordinator),
             "idle_daemon_8_gpus": idle,
@@ -124,6 +130,46 @@ async def bench(jobs: int, idle_s: float, workdir: Path) -> dict[str, object]:
         agent.wait(timeout=60)
         log.close()
         await coordinator.stop()
+
+
+async def _guard_to_stop(coordinator: Coordinator, node_id: str, socket: Path) -> dict[str, float]:
+    """From an owner guard tripping (a schedule that excludes now, set through the control
+    API, which applies it at once) to the preempted job's container stopped (Docker's
+    FinishedAt). A guard tripped by a reading (heat, idle) is seen at the next sample tick,
+    so add up to one sample interval for those."""
+    store = coordinator.store
+    elsewhere = WEEKDAYS[(datetime.now().weekday() + 2) % 7]
+    delays = []
+    async with await ControlClient.connect(socket) as client:
+        for _ in range(5):
+            job_id = await coordinator.submit(
+                node_id, {"image": IMAGE, "command": ["sleep", "300"], "grace_s": 5}
+            )
+
+            def running(job_id: str = job_id) -> bool:
+                row = store.job(job_id)
+                return row is not None and row.state == "running"
+
+            def final(job_id: str = job_id) -> bool:
+                row = store.job(job_id)
+                return row is not None and row.final and row.result is not None
+
+            try:
+                await _wait(running, 60)
+            except TimeoutError:
+                row = store.job(job_id)
+                raise RuntimeError(f"{job_id} did not run: {row}") from None
+            tripped = time.time()
+            await client.set_settings({"schedule": [{"days": [elsewhere], "end": "00:01"}]})
+            await _wait(final, 60)
+            row = store.job(job_id)
+            assert row is not None
+            assert row.result is not None
+            if row.state != "preempted":
+                raise RuntimeError(f"{job_id} ended {row.state}, not preempted")
+            delays.append(row.result.receipt["finished_at"] - tripped)
+            await client.set_settings({"schedule": []})
+    return _percentiles(delays)
 
 
 def main() -> None:

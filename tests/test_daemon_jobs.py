@@ -14,6 +14,7 @@ import sys
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,8 @@ import pytest
 from conftest import XML
 from test_link import _free_port
 
+from agent.control_client import ControlClient
+from agent.owner import WEEKDAYS
 from coordinator.jobs_store import JobRow
 from coordinator.server import Coordinator
 from sandbox.container import LABEL_JOB
@@ -383,3 +386,37 @@ async def test_metrics_are_served_on_loopback_when_enabled(
         world.agent.send_signal(signal.SIGTERM)
         assert await world.exited() == 0
         await world.stop_coordinator()
+
+
+async def test_an_owner_guard_preempts_the_job_and_the_coordinator_hears_it_once(
+    loop: Loop,
+) -> None:
+    job_id = await loop.c.submit(loop.node_id, job_spec(loop.image, "sleep 300"))
+    await loop.until(lambda: "running" in loop.states(job_id), "the job to run")
+    # The owner allows sharing only at a time that is not now: the schedule guard trips.
+    elsewhere = WEEKDAYS[(datetime.now().weekday() + 2) % 7]
+    socket_path = loop.workdir / "run" / "agent.sock"
+    async with await ControlClient.connect(socket_path) as client:
+        await client.set_settings({"schedule": [{"days": [elsewhere], "end": "00:01"}]})
+        await loop.until(lambda: loop.job(job_id).final, "the job to be preempted")
+        assert loop.states(job_id) == ["accepted", "running", "preempted"]
+        assert len(loop.bodies("job_result", job_id)) == 1
+        row = loop.job(job_id)
+        assert row.result is not None
+        assert (row.result.receipt["state"], row.result.problems) == ("preempted", [])
+        assert await loop.containers(job_id) == []
+        status = await client.status()
+        assert (status.guard, status.paused) == ("outside_schedule", False)
+        node = loop.c.store.latest(loop.node_id, "node_status")
+        assert node is not None
+        assert (node.body["available"], node.body["reason"]) == (False, "outside_schedule")
+        # Cleared: the node takes jobs again, and tells the coordinator.
+        await client.set_settings({"schedule": []})
+        await loop.until(
+            lambda: (
+                (latest := loop.c.store.latest(loop.node_id, "node_status")) is not None
+                and latest.body["available"]
+            ),
+            "the node to be available again",
+        )
+    assert loop.states(job_id) == ["accepted", "running", "preempted"]
