@@ -17,11 +17,10 @@ transaction holding both the ledger's new state and the messages that report it:
 from __future__ import annotations
 
 import asyncio
-import codecs
 import logging
 import sqlite3
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from contextlib import aclosing
 from typing import Literal
 
@@ -29,13 +28,13 @@ import msgspec
 
 from agent.gpu_select import device_facts
 from agent.identity import Identity
+from agent.job_logs import LogForwarder
 from agent.ledger import JobRecord, Ledger
 from agent.link import Reply
 from agent.outbox import Outbox, Write
 from agent.protocol import dsse
 from agent.protocol.bodies import (
     EnvelopeBody,
-    JobLogBody,
     JobResultBody,
     JobStatusBody,
     NodeStatusBody,
@@ -82,9 +81,6 @@ _HOLD_ORDER = (
     "initialising",
 )
 
-#: Raw output bytes per job_log chunk: after UTF-8 decoding with replacement a chunk is at
-#: most three times this, well under the protocol's MAX_LOG_CHUNK_BYTES.
-_LOG_CHUNK_BYTES = 16 * 1024
 #: How long a finished job's output stays readable with ``gpu-agent logs``.
 _LOG_RETENTION_S = 7 * 86400
 #: A quiet job's output still reaches the coordinator this soon.
@@ -294,7 +290,7 @@ class JobManager:
         self.on_change()
 
     async def _run(self, job_id: str, offer: Offer, spec: WorkloadSpec, units: list[str]) -> None:
-        logs = _LogForwarder(job_id, self._commit)
+        logs = LogForwarder(job_id, self._commit)
         flusher = asyncio.create_task(logs.flush_every(_LOG_FLUSH_S))
         result: JobResult | None = None
         try:
@@ -432,70 +428,6 @@ class _Refusal(Exception):
         super().__init__(code)
         self.code = code
         self.detail = detail[:MAX_ERROR_DETAIL_CHARS]
-
-
-class _LogForwarder:
-    """Turns a job's output into bounded ``job_log`` chunks, stored and queued in batches:
-    one transaction per flush, not one per line."""
-
-    def __init__(
-        self, job_id: str, commit: Callable[[list[tuple[str, bytes]], Write | None], None]
-    ) -> None:
-        self.job_id = job_id
-        self.commit = commit
-        self.pending: list[tuple[str, str]] = []
-        self.size = 0
-        self.decoders = {
-            name: codecs.getincrementaldecoder("utf-8")("replace") for name in ("stdout", "stderr")
-        }
-
-    def add(self, stream: Literal["stdout", "stderr"], data: bytes) -> None:
-        decoder = self.decoders[stream]
-        for start in range(0, len(data), _LOG_CHUNK_BYTES):
-            text = decoder.decode(data[start : start + _LOG_CHUNK_BYTES])
-            if text:
-                self.pending.append((stream, text))
-                self.size += len(text)
-        if self.size >= 4 * _LOG_CHUNK_BYTES:
-            self.flush()
-
-    def flush(self, *, final: bool = False) -> None:
-        if final:
-            for stream, decoder in self.decoders.items():
-                if tail := decoder.decode(b"", final=True):
-                    self.pending.append((stream, tail))
-        if not self.pending:
-            return
-        chunks = _merge(self.pending)
-        self.pending, self.size = [], 0
-        messages = [
-            (
-                "job_log",
-                msgspec.json.encode(JobLogBody(job_id=self.job_id, stream=stream, data=data)),  # type: ignore[arg-type]
-            )
-            for stream, data in chunks
-        ]
-        self.commit(messages, Ledger.add_logs(self.job_id, chunks))
-
-    async def flush_every(self, interval: float) -> None:
-        while True:
-            await asyncio.sleep(interval)
-            self.flush()
-
-
-def _merge(pieces: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
-    """Adjacent pieces of one stream joined, up to the chunk size."""
-    merged: list[tuple[str, str]] = []
-    for stream, text in pieces:
-        if (
-            merged
-            and merged[-1][0] == stream
-            and len(merged[-1][1]) + len(text) <= _LOG_CHUNK_BYTES
-        ):
-            merged[-1] = (stream, merged[-1][1] + text)
-        else:
-            merged.append((stream, text))
-    return merged
 
 
 def _status(job_id: str, state: str, code: str, detail: str) -> bytes:
