@@ -28,6 +28,7 @@ __all__ = [
     "HostSample",
     "NetInterface",
     "PowerLimitResult",
+    "PowerLimitStatus",
     "Profile",
     "Reading",
     "RuntimeInfo",
@@ -152,6 +153,11 @@ class HealthEvent(msgspec.Struct, frozen=True, kw_only=True):
     detail: str = ""
 
 
+PowerLimitStatus = Literal[
+    "set", "unsupported", "permission_denied", "out_of_range", "unknown_gpu", "failed"
+]
+
+
 class PowerLimitResult(msgspec.Struct, frozen=True, kw_only=True):
     """What became of a request to set a GPU's power limit.
 
@@ -162,9 +168,7 @@ class PowerLimitResult(msgspec.Struct, frozen=True, kw_only=True):
     """
 
     gpu_id: str
-    status: Literal[
-        "set", "unsupported", "permission_denied", "out_of_range", "unknown_gpu", "failed"
-    ]
+    status: PowerLimitStatus
     limit_w: float | None
     """The limit the driver enforces, read back after setting; None when not set or unreadable."""
     detail: str = ""
