@@ -11,7 +11,7 @@ from typing import ClassVar
 import msgspec
 
 from hal.errors import BadConfig
-from hal.types import GpuProfile, GpuSample, HealthEvent
+from hal.types import GpuProfile, GpuSample, HealthEvent, PowerLimitResult
 
 __all__ = ["Backend", "HalConfig"]
 
@@ -91,6 +91,14 @@ class Backend(abc.ABC):
     def versions(self) -> dict[str, str]:
         """Versions of the libraries and drivers behind this backend."""
         return {}
+
+    def set_power_limit(self, gpu_id: str, watts: float) -> PowerLimitResult:
+        """Set a GPU's power limit in watts and say what became of it; never raises for it.
+
+        Only backends that can set a limit override this; the others answer ``unsupported``.
+        """
+        detail = f"the {self.name} backend cannot set power limits"
+        return PowerLimitResult(gpu_id=gpu_id, status="unsupported", limit_w=None, detail=detail)
 
     def close(self) -> None:  # noqa: B027 - most backends hold nothing to release
         """Release what :meth:`open` acquired."""

@@ -22,7 +22,14 @@ from hal.backend import Backend, HalConfig
 from hal.errors import DiscoveryFailed, HalError
 from hal.isolate import Isolated
 from hal.sysfs import cards_bound_to, no_cards
-from hal.types import BackendReport, GpuProfile, GpuSample, HealthEvent, is_value
+from hal.types import (
+    BackendReport,
+    GpuProfile,
+    GpuSample,
+    HealthEvent,
+    PowerLimitResult,
+    is_value,
+)
 
 __all__ = [
     "BACKENDS",
@@ -173,6 +180,16 @@ def merge_samples(samples: Iterable[GpuSample], aliases: dict[str, str]) -> list
     return list(out.values())
 
 
+def _set_power_limit(backend: Backend, gpu_id: str, watts: float) -> PowerLimitResult:
+    try:
+        return backend.set_power_limit(gpu_id, watts)
+    except Exception as exc:
+        # A backend's bug must not reach the daemon's loop; it is logged and reported.
+        _log.exception("setting the power limit of %s through %s failed", gpu_id, backend.name)
+        detail = f"{backend.name}: {exc!r}"
+        return PowerLimitResult(gpu_id=gpu_id, status="failed", limit_w=None, detail=detail)
+
+
 def _fill(kept: _S, other: _S) -> _S:
     changes = {
         name: getattr(other, name)
@@ -192,11 +209,13 @@ class Hal:
         self.discovery = Discovery(gpus=[], backends=[])
         self._backends: list[Backend] = []
         self._aliases: dict[str, str] = {}
+        self._owners: dict[str, list[tuple[Backend, str]]] = {}
 
     def open(self) -> Discovery:
         """Discover in isolation, then open the backends that came back healthy."""
         self.discovery = discover(self.config)
         profiles: list[GpuProfile] = []
+        seen_by: list[tuple[Backend, str]] = []
         for report in self.discovery.backends:
             if report.status != "ok":
                 continue
@@ -204,7 +223,10 @@ class Hal:
             if backend is not None:
                 self._backends.append(backend)
                 profiles += found.gpus
+                seen_by += [(backend, gpu.id) for gpu in found.gpus]
         _, self._aliases = merge_profiles(profiles)
+        for backend, gpu_id in seen_by:  # in priority order: the merge's winner comes first
+            self._owners.setdefault(self._aliases.get(gpu_id, gpu_id), []).append((backend, gpu_id))
         return self.discovery
 
     def sample(self) -> list[GpuSample]:
@@ -233,8 +255,39 @@ class Hal:
             )
         return events
 
+    def set_power_limit(self, gpu_id: str, watts: float) -> PowerLimitResult:
+        """Set a GPU's power limit in watts through the backend that owns it; never raises.
+
+        A GPU that several backends saw is asked of each in priority order, moving on only
+        while the answer is ``unsupported``: ``amdsmi`` wins the merge of an AMD card but sets
+        nothing, ``amdgpu`` writes its hwmon cap. Any other answer is final, so that one
+        refusal is not retried elsewhere. On ``set`` the discovered profile's
+        ``power_limit_w`` becomes the limit read back.
+        """
+        kept = self._aliases.get(gpu_id, gpu_id)
+        owners = self._owners.get(kept, [])
+        if not owners:
+            detail = f"no GPU {gpu_id!r} was discovered"
+            return PowerLimitResult(
+                gpu_id=gpu_id, status="unknown_gpu", limit_w=None, detail=detail
+            )
+        answers: list[PowerLimitResult] = []
+        for backend, own_id in owners:
+            answers.append(_set_power_limit(backend, own_id, watts))
+            if answers[-1].status != "unsupported":
+                break
+        result = answers[-1]
+        if result.status == "unsupported":
+            result = msgspec.structs.replace(result, detail="; ".join(a.detail for a in answers))
+        if result.status == "set" and result.limit_w is not None:
+            for profile in self.discovery.gpus:
+                if profile.id == kept:
+                    profile.power_limit_w = result.limit_w
+        return msgspec.structs.replace(result, gpu_id=kept)
+
     def close(self) -> None:
         """Close every backend."""
         for backend in self._backends:
             backend.close()
         self._backends = []
+        self._owners = {}

@@ -27,6 +27,8 @@ __all__ = [
     "HostProfile",
     "HostSample",
     "NetInterface",
+    "PowerLimitResult",
+    "PowerLimitStatus",
     "Profile",
     "Reading",
     "RuntimeInfo",
@@ -148,6 +150,27 @@ class HealthEvent(msgspec.Struct, frozen=True, kw_only=True):
     code: int
     at: float
     """When it was read, in seconds since the epoch."""
+    detail: str = ""
+
+
+PowerLimitStatus = Literal[
+    "set", "unsupported", "permission_denied", "out_of_range", "unknown_gpu", "failed"
+]
+
+
+class PowerLimitResult(msgspec.Struct, frozen=True, kw_only=True):
+    """What became of a request to set a GPU's power limit.
+
+    ``status``: ``set`` (the driver took it), ``unsupported`` (the GPU, its driver or the
+    backend cannot set one), ``permission_denied`` (it needs root), ``out_of_range`` (outside
+    what the GPU allows; ``detail`` gives the range when known), ``unknown_gpu`` (no such
+    id), ``failed`` (the GPU is lost, or the driver gave another error, in ``detail``).
+    """
+
+    gpu_id: str
+    status: PowerLimitStatus
+    limit_w: float | None
+    """The limit the driver enforces, read back after setting; None when not set or unreadable."""
     detail: str = ""
 
 

@@ -23,8 +23,10 @@ Rules this backend chooses, and why:
 
 from __future__ import annotations
 
+import errno
 import importlib.util
 import logging
+import math
 import os
 import re
 from pathlib import Path
@@ -52,6 +54,8 @@ from hal.types import (
     GpuKind,
     GpuProfile,
     GpuSample,
+    PowerLimitResult,
+    PowerLimitStatus,
     Reading,
     Unavailable,
     Unsupported,
@@ -122,6 +126,18 @@ class AmdgpuSysfsBackend(Backend):
         """The amdgpu module version, which only out-of-tree (DKMS) builds publish."""
         version = read_str(self.config.sysfs_root / "module" / _DRIVER / "version")
         return {_DRIVER: version} if isinstance(version, str) and version else {}
+
+    def set_power_limit(self, gpu_id: str, watts: float) -> PowerLimitResult:
+        """Write the card's hwmon ``power1_cap`` (root only) and read back what the driver kept."""
+        card = next((c for c in self._cards if c.id == gpu_id), None)
+        if card is None:
+            return _refused(gpu_id, "unknown_gpu", f"amdgpu opened no GPU {gpu_id!r}")
+        hwmon = card.hwmon.path()
+        if hwmon is None:
+            if not card.device_dir.is_dir():
+                return _refused(gpu_id, "failed", f"{card.device_dir} is gone")
+            return _refused(gpu_id, "unsupported", f"{card.device_dir} has no amdgpu hwmon")
+        return _set_power_cap(gpu_id, hwmon, watts)
 
     def _profile(self, card: Path, hwmon: Path | None, names: dict[str, str]) -> GpuProfile:
         root = self.config.sysfs_root
@@ -255,6 +271,47 @@ def _kfd_properties(path: Path) -> dict[str, int]:
 
 def _hwmon_watts(hwmon: Path | None, attribute: str) -> Reading[float]:
     return UNSUPPORTED if hwmon is None else read_scaled(hwmon / attribute, _MICRO)
+
+
+def _set_power_cap(gpu_id: str, hwmon: Path, watts: float) -> PowerLimitResult:
+    cap = hwmon / "power1_cap"
+    if not cap.is_file():
+        return _refused(gpu_id, "unsupported", f"{cap} does not exist")
+    if not math.isfinite(watts) or watts < 0:
+        return _refused(gpu_id, "out_of_range", f"{watts:g} W is not a power limit")
+    # Without both range files the driver alone checks the cap (EINVAL when outside).
+    low = read_scaled(hwmon / "power1_cap_min", _MICRO)
+    high = read_scaled(hwmon / "power1_cap_max", _MICRO)
+    if isinstance(low, float) and isinstance(high, float) and not low <= watts <= high:
+        return _refused(
+            gpu_id, "out_of_range", f"{watts:g} W is outside this card's {low:g}-{high:g} W"
+        )
+    try:
+        # No O_CREAT: sysfs attributes are never created, and a missing one is unsupported.
+        fd = os.open(cap, os.O_WRONLY | os.O_TRUNC)
+        try:
+            os.write(fd, f"{round(watts * _MICRO)}\n".encode())  # one write, as sysfs wants
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        return _refused(gpu_id, *_power_cap_error(cap, exc, watts))
+    limit = read_scaled(cap, _MICRO)
+    limit_w = limit if isinstance(limit, float) else None
+    return PowerLimitResult(gpu_id=gpu_id, status="set", limit_w=limit_w)
+
+
+def _power_cap_error(cap: Path, exc: OSError, watts: float) -> tuple[PowerLimitStatus, str]:
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return "permission_denied", f"{cap}: {exc.strerror}; setting a power cap needs root"
+    if exc.errno == errno.EINVAL:  # how amdgpu refuses a cap outside its range
+        return "out_of_range", f"amdgpu refused {watts:g} W: {exc.strerror}"
+    if exc.errno in (errno.ENOENT, errno.ENODEV, errno.EOPNOTSUPP, errno.ENOTSUP):
+        return "unsupported", f"{cap}: {exc.strerror}"
+    return "failed", f"{cap}: {exc.strerror}"
+
+
+def _refused(gpu_id: str, status: PowerLimitStatus, detail: str) -> PowerLimitResult:
+    return PowerLimitResult(gpu_id=gpu_id, status=status, limit_w=None, detail=detail)
 
 
 def _dpm_levels(path: Path) -> Reading[list[tuple[int, bool]]]:

@@ -27,6 +27,8 @@ from hal.types import (
     GpuProfile,
     GpuSample,
     HealthEvent,
+    PowerLimitResult,
+    PowerLimitStatus,
     Reading,
     Unavailable,
     is_value,
@@ -155,6 +157,35 @@ class NvidiaBackend(Backend):
     def events(self) -> list[HealthEvent]:
         """The Xid critical errors reported since the last call; never blocks."""
         return self._xids.drain()
+
+    def set_power_limit(self, gpu_id: str, watts: float) -> PowerLimitResult:
+        """Set a GPU's power management limit (root only) and read back the one enforced.
+
+        A MIG instance has no limit of its own: it shares its GPU's.
+        """
+        device = next((d for d in self._devices if d.id == gpu_id), None)
+        if device is None:
+            return _refused(gpu_id, "unknown_gpu", f"NVML opened no GPU {gpu_id!r}")
+        if device.is_mig:
+            return _refused(gpu_id, "unsupported", "a MIG instance shares its GPU's power limit")
+        if device.lost_at is not None:
+            return _refused(gpu_id, "failed", "NVML: GPU is lost")
+        try:
+            low, high = pynvml.nvmlDeviceGetPowerManagementLimitConstraints(device.handle)
+            if not low / 1000 <= watts <= high / 1000:  # NaN fails this too
+                detail = f"{watts:g} W is outside this GPU's {low / 1000:g}-{high / 1000:g} W"
+                return _refused(gpu_id, "out_of_range", detail)
+            pynvml.nvmlDeviceSetPowerManagementLimit(device.handle, round(watts * 1000))
+        except pynvml.NVMLError as exc:
+            if _is_lost(exc):
+                device.lost_at = 0.0  # the sampler looks for it again at its next tick
+            return _power_limit_error(gpu_id, exc, watts)
+        limit_w: float | None
+        try:
+            limit_w = pynvml.nvmlDeviceGetEnforcedPowerLimit(device.handle) / 1000
+        except pynvml.NVMLError:
+            limit_w = None  # set all the same; only reading it back failed
+        return PowerLimitResult(gpu_id=gpu_id, status="set", limit_w=limit_w)
 
     def close(self) -> None:
         """Free the event set and shut NVML down."""
@@ -383,6 +414,21 @@ def _relocator(profile: GpuProfile, index: int | None) -> Callable[[], Any]:
     if isinstance(bus_id, str):
         return partial(pynvml.nvmlDeviceGetHandleByPciBusId, bus_id)
     return partial(pynvml.nvmlDeviceGetHandleByIndex, index)
+
+
+def _refused(gpu_id: str, status: PowerLimitStatus, detail: str) -> PowerLimitResult:
+    return PowerLimitResult(gpu_id=gpu_id, status=status, limit_w=None, detail=detail)
+
+
+def _power_limit_error(gpu_id: str, exc: pynvml.NVMLError, watts: float) -> PowerLimitResult:
+    code = exc.value
+    if code == pynvml.NVML_ERROR_NO_PERMISSION:
+        return _refused(gpu_id, "permission_denied", f"NVML: {exc}; setting a limit needs root")
+    if code in (pynvml.NVML_ERROR_NOT_SUPPORTED, pynvml.NVML_ERROR_FUNCTION_NOT_FOUND):
+        return _refused(gpu_id, "unsupported", f"NVML: {exc}")
+    if code == pynvml.NVML_ERROR_INVALID_ARGUMENT:  # how the driver refuses a limit
+        return _refused(gpu_id, "out_of_range", f"NVML refused {watts:g} W: {exc}")
+    return _refused(gpu_id, "failed", f"NVML: {exc}")
 
 
 def _raise(exc: Exception) -> Any:

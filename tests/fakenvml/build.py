@@ -49,6 +49,16 @@ Fault injection, read from the environment by every ``nvmlInit*`` call (see fake
   each new version of the file read posts one Xid critical error per such line, in order, to
   every event set that has GPU ``<index>`` registered for Xid events. Events arrive on the
   physical GPU's handle; the instance ids (default ``0xFFFFFFFF``) name a MIG instance.
+  A line ``nopermission <index>`` makes ``nvmlDeviceSetPowerManagementLimit`` on that GPU
+  return ``NVML_ERROR_NO_PERMISSION`` (a user who is not root), and ``nopowercap <index>``
+  ``NVML_ERROR_NOT_SUPPORTED``, while the line is there.
+
+Power limits: ``nvmlDeviceSetPowerManagementLimit`` sets what
+``nvmlDeviceGetPowerManagementLimit`` and ``nvmlDeviceGetEnforcedPowerLimit`` then report, on
+GPUs whose capture has the limit constraints. A limit outside them is
+``NVML_ERROR_INVALID_ARGUMENT``, as with the driver; MIG handles are ``NVML_ERROR_NOT_SUPPORTED``.
+The driver keeps a limit until reboot; the fake until the last ``nvmlShutdown``, so that each
+test starts from the capture.
 
 Events (``nvmlEventSetCreate``, ``nvmlDeviceGetSupportedEventTypes``,
 ``nvmlDeviceRegisterEvents``, ``nvmlEventSetWait_v2``, ``nvmlEventSetFree``): physical GPUs
@@ -131,6 +141,7 @@ EXPORTED_SYMBOLS: tuple[str, ...] = (
     "nvmlDeviceGetPowerManagementLimit",
     "nvmlDeviceGetPowerManagementLimitConstraints",
     "nvmlDeviceGetPowerManagementDefaultLimit",
+    "nvmlDeviceSetPowerManagementLimit",
     "nvmlDeviceGetClockInfo",
     "nvmlDeviceGetMaxClockInfo",
     "nvmlDeviceGetCurrentClocksEventReasons",

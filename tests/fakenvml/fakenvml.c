@@ -34,7 +34,11 @@
  *       every event set that has GPU <index> registered for Xid events (the
  *       instance ids default to 0xFFFFFFFF, "not in a MIG instance"). Events
  *       posted before a set registers the GPU are not delivered to it, as with
- *       the real driver.
+ *       the real driver. A line "nopermission <index>" makes
+ *       nvmlDeviceSetPowerManagementLimit on GPU <index> return
+ *       NVML_ERROR_NO_PERMISSION (as for a user who is not root), and a line
+ *       "nopowercap <index>" makes it return NVML_ERROR_NOT_SUPPORTED, while
+ *       the line is there.
  *
  * Synthesised values:
  *   - nvmlDeviceGetTotalEnergyConsumption and field 83 return
@@ -50,6 +54,14 @@
  * the parent's compute capability and the parent's processes that run in them;
  * every other query returns NVML_ERROR_NOT_SUPPORTED (events included: events
  * of a MIG instance arrive on its parent GPU with the instance ids set).
+ *
+ * Power limits: nvmlDeviceSetPowerManagementLimit on a GPU whose capture has
+ * its limit constraints sets the management and enforced limits that the
+ * getters then report; a limit outside [min, max] returns
+ * NVML_ERROR_INVALID_ARGUMENT, as the driver does, and MIG handles return
+ * NVML_ERROR_NOT_SUPPORTED. The driver keeps a limit until reboot; the fake
+ * keeps it until the last nvmlShutdown, so that each test starts from the
+ * capture.
  *
  * Events: GPUs support Xid, P-state and clock events, and single/double-bit
  * ECC events while ECC is enabled; only Xid events are ever posted (see
@@ -166,6 +178,9 @@ static int control_seen;             /* control_stat describes the file last rea
 static struct stat control_stat;
 static unsigned long long lost_gpus; /* bit i: GPU i is lost */
 static unsigned long long no_event_gpus; /* bit i: GPU i supports no events */
+static unsigned long long no_permission_gpus; /* bit i: setting GPU i's power limit is denied */
+static unsigned long long no_power_cap_gpus;  /* bit i: GPU i's power limit cannot be set */
+static unsigned int set_power_limit_mw[64];   /* per GPU index: the limit set, 0 when none */
 static nvmlEventSet_t event_sets;        /* every live event set */
 
 /* ---------------------------------------------------------------- helpers */
@@ -239,6 +254,8 @@ static void read_control(const char *path)
 {
     lost_gpus = 0;
     no_event_gpus = 0;
+    no_permission_gpus = 0;
+    no_power_cap_gpus = 0;
     FILE *file = fopen(path, "r");
     if (file == NULL)
         return;
@@ -250,6 +267,10 @@ static void read_control(const char *path)
             lost_gpus |= 1ULL << index;
         else if (sscanf(line, " noevents %u", &index) == 1 && index < 64)
             no_event_gpus |= 1ULL << index;
+        else if (sscanf(line, " nopermission %u", &index) == 1 && index < 64)
+            no_permission_gpus |= 1ULL << index;
+        else if (sscanf(line, " nopowercap %u", &index) == 1 && index < 64)
+            no_power_cap_gpus |= 1ULL << index;
         else if (sscanf(line, " xid %u %u %u %u", &index, &xid, &gpu_instance,
                         &compute_instance) >= 2)
             post_event(index, nvmlEventTypeXidCriticalError, xid, gpu_instance,
@@ -268,6 +289,8 @@ static void refresh_control(void)
         control_seen = 0;
         lost_gpus = 0;
         no_event_gpus = 0;
+        no_permission_gpus = 0;
+        no_power_cap_gpus = 0;
         return;
     }
     if (control_seen && st.st_ino == control_stat.st_ino && st.st_size == control_stat.st_size &&
@@ -385,6 +408,9 @@ nvmlReturn_t nvmlInitWithFlags(unsigned int flags)
         control_seen = 0;
         lost_gpus = 0;
         no_event_gpus = 0;
+        no_permission_gpus = 0;
+        no_power_cap_gpus = 0;
+        memset(set_power_limit_mw, 0, sizeof set_power_limit_mw);
         clock_gettime(CLOCK_MONOTONIC, &init_time);
     }
     pthread_mutex_unlock(&lock);
@@ -631,16 +657,54 @@ nvmlReturn_t nvmlDeviceGetTotalEnergyConsumption(nvmlDevice_t device, unsigned l
     return put_ull(energy_mj(device), energy);
 }
 
+/* A captured limit, or the one nvmlDeviceSetPowerManagementLimit set in its place. */
+static fake_value power_limit(nvmlDevice_t device, fake_value captured)
+{
+    pthread_mutex_lock(&lock);
+    unsigned int set = device->is_mig || device->gpu_index >= 64
+                           ? 0
+                           : set_power_limit_mw[device->gpu_index];
+    pthread_mutex_unlock(&lock);
+    if (set != 0) {
+        captured.ok = 1;
+        captured.v = set;
+    }
+    return captured;
+}
+
 nvmlReturn_t nvmlDeviceGetEnforcedPowerLimit(nvmlDevice_t device, unsigned int *limit)
 {
     CHECK(device, limit);
-    return put_uint(device->enforced_power_limit_mw, limit);
+    return put_uint(power_limit(device, device->enforced_power_limit_mw), limit);
 }
 
 nvmlReturn_t nvmlDeviceGetPowerManagementLimit(nvmlDevice_t device, unsigned int *limit)
 {
     CHECK(device, limit);
-    return put_uint(device->power_limit_mw, limit);
+    return put_uint(power_limit(device, device->power_limit_mw), limit);
+}
+
+/* MIG instances share their GPU's limit; only GPUs with captured constraints take one. */
+nvmlReturn_t nvmlDeviceSetPowerManagementLimit(nvmlDevice_t device, unsigned int limit)
+{
+    CHECK(device, device);
+    if (device->is_mig || device->gpu_index >= 64 || !device->min_power_limit_mw.ok ||
+        !device->max_power_limit_mw.ok)
+        return NVML_ERROR_NOT_SUPPORTED;
+    nvmlReturn_t result = NVML_SUCCESS;
+    unsigned long long bit = 1ULL << device->gpu_index;
+    pthread_mutex_lock(&lock);
+    refresh_control();
+    if (no_power_cap_gpus & bit)
+        result = NVML_ERROR_NOT_SUPPORTED;
+    else if (no_permission_gpus & bit)
+        result = NVML_ERROR_NO_PERMISSION;
+    else if (limit < device->min_power_limit_mw.v || limit > device->max_power_limit_mw.v)
+        result = NVML_ERROR_INVALID_ARGUMENT;
+    else
+        set_power_limit_mw[device->gpu_index] = limit;
+    pthread_mutex_unlock(&lock);
+    return result;
 }
 
 nvmlReturn_t nvmlDeviceGetPowerManagementDefaultLimit(nvmlDevice_t device,
