@@ -89,6 +89,8 @@ class GpuView(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=T
         assigned_job: the job that holds it, if any.
         temperature_c: the last reading, if the GPU reports one.
         utilization_pct: the last GPU utilisation reading (0 to 100), if any.
+        power_limit: what became of the owner's power limit on it (``set: 200 W``,
+            ``unsupported: ...``, ``permission_denied: ...``); "" when none is asked.
     """
 
     index: int
@@ -100,6 +102,7 @@ class GpuView(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=T
     assigned_job: str | None = None
     temperature_c: float | None = None
     utilization_pct: float | None = None
+    power_limit: str = ""
 
 
 class JobView(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):

@@ -43,6 +43,7 @@ class DaemonControl:
         link: Link,
         latest: Callable[[], list[GpuSample]],
         clock: Callable[[], float],
+        power: Callable[[str], str] = lambda gpu_id: "",
     ) -> None:
         self.identity = identity
         self.manager = jobs
@@ -50,6 +51,7 @@ class DaemonControl:
         self.link = link
         self.latest = latest
         self.clock = clock
+        self.power = power
 
     def status(self) -> StatusView:
         jobs, link = self.manager, self.link
@@ -70,6 +72,7 @@ class DaemonControl:
                     assigned_job=unit.job_id,
                     temperature_c=temperature if is_value(temperature) else None,
                     utilization_pct=utilisation if is_value(utilisation) else None,
+                    power_limit=self.power(unit_id),
                 )
             )
         running = [self._view(r) for job_id in jobs.tasks if (r := jobs.ledger.get(job_id))]

@@ -36,6 +36,7 @@ from agent.link import Link, LinkConfig, Reply
 from agent.metrics import MetricsServer
 from agent.outbox import Outbox
 from agent.owner import OwnerPolicy
+from agent.power import PowerLimiter
 from agent.protocol import dsse
 from agent.protocol.bodies import EnvelopeBody, NodeStatusBody, ProfileBody, TelemetryBody
 from agent.protocol.limits import MAX_FRAME_BYTES, MAX_TELEMETRY_BATCH
@@ -147,6 +148,7 @@ class _Agent:
         self.latest_gpus: list[GpuSample] = []
         self.control: DaemonControl | None = None
         self.guard: OwnerGuard | None = None
+        self.power = PowerLimiter([])
         self.control_server: ControlServer | None = None
         self.metrics_server: MetricsServer | None = None
         self._last_status: NodeStatusBody | None = None
@@ -245,7 +247,11 @@ class _Agent:
                 self.latest_gpus = taken.gpus
                 self.check_health(taken.gpus, events)
                 if self.guard is not None:
-                    self.guard.tick(taken.gpus)
+                    verdict = self.guard.tick(taken.gpus)
+                    sharing = verdict.share and "paused" not in self.guard.jobs.holds
+                    wanted = self.guard.policy.power_limit_w if sharing else None
+                    if await asyncio.to_thread(self.power.apply, hal, wanted):
+                        self.publish()
                 batch.append(taken)
                 if len(batch) >= min(self.config.batch_samples, MAX_TELEMETRY_BATCH):
                     batch = self.queue_telemetry(batch)
@@ -255,6 +261,8 @@ class _Agent:
                 except TimeoutError:
                     continue
         finally:
+            # The owner gets the GPUs back at their own limits.
+            await asyncio.to_thread(self.power.apply, hal, None)
             hal.close()
             if batch:
                 self.queue_telemetry(batch)
@@ -280,6 +288,7 @@ class _Agent:
         self.profile = await asyncio.to_thread(take_profile, self.hal_config)
         config = self.config
         self.scheduler = Scheduler(self.profile.gpus)
+        self.power = PowerLimiter(self.profile.gpus)
         self.jobs = JobManager(
             identity=self.identity,
             outbox=self.outbox,
@@ -340,6 +349,7 @@ class _Agent:
             guard=guard,
             link=self.link,
             latest=lambda: self.latest_gpus,
+            power=self.power.describe,
             clock=time.time,
         )
         if config.control_socket is not None:

@@ -71,8 +71,6 @@ class OwnerGuard:
         self.paused_until: float | None = None
         self._load()
         self.jobs.share_limit = self.policy.max_shared_gpus
-        if self.policy.power_limit_w is not None:
-            _log.warning("owner.power_limit_w is not applied: unsupported by this agent yet")
 
     # -- the owner's choices ----------------------------------------------------------
 

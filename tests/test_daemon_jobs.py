@@ -12,7 +12,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -101,6 +101,22 @@ class Loop:
             if time.monotonic() > deadline:
                 pytest.fail(f"timed out waiting for {what}")
             await asyncio.sleep(0.05)
+
+    async def until_async(
+        self, read: Callable[[], Awaitable[object]], expected: object, what: str
+    ) -> None:
+        """Wait until an async read returns ``expected``."""
+        seen: list[object] = []
+
+        async def poll() -> None:
+            while (value := await read()) != expected:
+                seen[:] = [value]
+                await asyncio.sleep(0.05)
+
+        try:
+            await asyncio.wait_for(poll(), 60)
+        except TimeoutError:
+            pytest.fail(f"timed out waiting for {what}; last seen {seen}")
 
     async def ready(self) -> str:
         """Wait for the agent to connect and report capacity; its node id."""
@@ -420,3 +436,27 @@ async def test_an_owner_guard_preempts_the_job_and_the_coordinator_hears_it_once
             "the node to be available again",
         )
     assert loop.states(job_id) == ["accepted", "running", "preempted"]
+
+
+async def test_the_owner_power_limit_holds_while_sharing_and_is_lifted_after(
+    loop: Loop,
+) -> None:
+    socket_path = loop.workdir / "run" / "agent.sock"
+
+    async def limits(client: ControlClient) -> list[str]:
+        return [gpu.power_limit for gpu in (await client.status()).gpus]
+
+    async with await ControlClient.connect(socket_path) as client:
+        assert await limits(client) == ["", ""]
+        await client.set_settings({"power_limit_w": 200})
+        await loop.until_async(lambda: limits(client), ["set: 200 W"] * 2, "the limit set")
+        # Not sharing (a schedule that excludes now): each GPU gets its own limit back.
+        elsewhere = WEEKDAYS[(datetime.now().weekday() + 2) % 7]
+        await client.set_settings({"schedule": [{"days": [elsewhere], "end": "00:01"}]})
+        await loop.until_async(lambda: limits(client), ["set: 230 W"] * 2, "the limit lifted")
+        await client.set_settings({"schedule": [], "power_limit_w": 500})
+        await loop.until_async(
+            lambda: limits(client),
+            ["out_of_range: 500 W is outside this GPU's 100-230 W"] * 2,
+            "the refusal",
+        )
