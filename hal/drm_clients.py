@@ -93,7 +93,11 @@ class DrmClients(NamedTuple):
     def processes(
         self, pci_bus_id: str | None, drivers: Collection[str]
     ) -> Reading[list[GpuProcess]]:
-        """The processes on the GPU at ``pci_bus_id``, whose driver is one of ``drivers``."""
+        """The processes on the GPU at ``pci_bus_id``; ``drivers`` are its backend's.
+
+        Unavailable when some DRM files name no driver and none names one of ``drivers``:
+        a kernel that prints no client stats, where an empty list would be a guess.
+        """
         if self.failure is not None:
             return self.failure
         if pci_bus_id is None:
