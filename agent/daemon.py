@@ -31,6 +31,7 @@ from agent.control_target import DaemonControl
 from agent.errors import OutboxError
 from agent.guard import OwnerGuard
 from agent.identity import Identity, load_or_create
+from agent.idle import IdleDetector
 from agent.jobs import JobManager
 from agent.link import Link, LinkConfig, Reply
 from agent.metrics import MetricsServer
@@ -302,7 +303,10 @@ class _Agent:
             share_limit=config.share_limit,
         )
         self.guard = OwnerGuard(
-            jobs=self.jobs, policy=config.owner, store=config.state_dir / "owner.json"
+            jobs=self.jobs,
+            policy=config.owner,
+            store=config.state_dir / "owner.json",
+            idle_seconds=IdleDetector().idle_seconds,
         )
         await self.jobs.recover()
         await self._serve_locally()

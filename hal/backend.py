@@ -22,6 +22,7 @@ class HalConfig(msgspec.Struct, frozen=True, kw_only=True):
     Attributes:
         sysfs_root: the directory that stands for ``/sys``.
         dev_root: the directory that stands for ``/dev``.
+        proc_root: the directory that stands for ``/proc`` (where DRM clients are found).
         nvml_library: path of ``libnvidia-ml.so.1`` to load instead of the system's.
         discovery_timeout_s: how long isolated discovery may take before it is killed.
         backends: names of the backends to run, in priority order (first wins a merge).
@@ -32,6 +33,7 @@ class HalConfig(msgspec.Struct, frozen=True, kw_only=True):
 
     sysfs_root: Path = Path("/sys")
     dev_root: Path = Path("/dev")
+    proc_root: Path = Path("/proc")
     nvml_library: str | None = None
     discovery_timeout_s: float = 10.0
     backends: tuple[str, ...] = ("nvml", "amdsmi", "amdgpu", "intel")
@@ -51,6 +53,7 @@ class HalConfig(msgspec.Struct, frozen=True, kw_only=True):
         return cls(
             sysfs_root=Path(env.get("GPU_AGENT_SYSFS_ROOT", "/sys")),
             dev_root=Path(env.get("GPU_AGENT_DEV_ROOT", "/dev")),
+            proc_root=Path(env.get("GPU_AGENT_PROC_ROOT", "/proc")),
             nvml_library=env.get("GPU_AGENT_NVML_LIB") or None,
             discovery_timeout_s=_positive(env, "GPU_AGENT_DISCOVERY_TIMEOUT", 10.0),
             rocm_path=Path(env.get("ROCM_PATH", "/opt/rocm")),

@@ -18,7 +18,9 @@ MHZ = 10**6
 
 
 def _backend(sysfs: Path, dev: Path) -> IntelSysfsBackend:
-    return IntelSysfsBackend(HalConfig(sysfs_root=sysfs, dev_root=dev))
+    proc = dev.parent / "proc"  # no process holds a DRM client here
+    proc.mkdir(exist_ok=True)
+    return IntelSysfsBackend(HalConfig(sysfs_root=sysfs, dev_root=dev, proc_root=proc))
 
 
 def _arc_a770_on_xe(sysfs: Path) -> PciGpu:

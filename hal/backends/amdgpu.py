@@ -35,6 +35,7 @@ from typing import ClassVar
 import msgspec
 
 from hal.backend import Backend, HalConfig
+from hal.drm_clients import DrmClients, scanner_for
 from hal.sysfs import (
     HwmonLocator,
     cards_bound_to,
@@ -91,6 +92,7 @@ class _Card(msgspec.Struct):
     id: str
     device_dir: Path
     hwmon: HwmonLocator
+    pci_bus_id: str | None = None
 
 
 class AmdgpuSysfsBackend(Backend):
@@ -114,13 +116,17 @@ class AmdgpuSysfsBackend(Backend):
         for card in cards:
             hwmon = HwmonLocator(card / "device", _DRIVER)
             profile = self._profile(card, hwmon.path(), names)
-            self._cards.append(_Card(id=profile.id, device_dir=card / "device", hwmon=hwmon))
+            bus = profile.pci_bus_id if isinstance(profile.pci_bus_id, str) else None
+            self._cards.append(
+                _Card(id=profile.id, device_dir=card / "device", hwmon=hwmon, pci_bus_id=bus)
+            )
             profiles.append(profile)
         return profiles
 
     def sample(self, now: float) -> list[GpuSample]:
         """Read the fast-changing values of every card opened."""
-        return [_sample(card) for card in self._cards]
+        clients = scanner_for(self.config.proc_root).clients(now)
+        return [_sample(card, clients) for card in self._cards]
 
     def versions(self) -> dict[str, str]:
         """The amdgpu module version, which only out-of-tree (DKMS) builds publish."""
@@ -346,7 +352,7 @@ def _ecc_enabled(device: Path) -> Reading[bool]:
     return bool(mask & _UMC_RAS_BIT)
 
 
-def _sample(card: _Card) -> GpuSample:
+def _sample(card: _Card, clients: DrmClients) -> GpuSample:
     device = card.device_dir
     if not device.is_dir():
         return GpuSample(id=card.id, state="lost")
@@ -359,7 +365,7 @@ def _sample(card: _Card) -> GpuSample:
         memory_used_bytes=read_int(device / "mem_info_vram_used"),
         gtt_used_bytes=read_int(device / "mem_info_gtt_used"),
         pcie_replay_count=read_int(device / "pcie_replay_count"),
-        processes=UNSUPPORTED,  # per-process use comes from DRM fdinfo, not read yet
+        processes=clients.processes(card.pci_bus_id, (_DRIVER,)),
     )
     sample.ecc_uncorrected, sample.ecc_corrected = _ras_counts(device)
     hwmon = card.hwmon.path()

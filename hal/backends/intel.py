@@ -36,6 +36,7 @@ from typing import ClassVar
 import msgspec
 
 from hal.backend import Backend, HalConfig
+from hal.drm_clients import DrmClients, scanner_for
 from hal.sysfs import (
     HwmonLocator,
     cards_bound_to,
@@ -91,6 +92,7 @@ class _Card(msgspec.Struct):
     card_dir: Path
     driver: str
     hwmon: HwmonLocator
+    pci_bus_id: str | None = None
     last_energy: tuple[float, float] | None = None
     """Joules and the monotonic time they were read at."""
 
@@ -123,7 +125,10 @@ class IntelSysfsBackend(Backend):
             driver = str(driver_name(card_dir / "device"))
             hwmon = HwmonLocator(card_dir / "device", driver)
             profile = self._profile(card_dir, driver, hwmon.path())
-            self._cards.append(_Card(id=profile.id, card_dir=card_dir, driver=driver, hwmon=hwmon))
+            bus = profile.pci_bus_id if isinstance(profile.pci_bus_id, str) else None
+            self._cards.append(
+                _Card(id=profile.id, card_dir=card_dir, driver=driver, hwmon=hwmon, pci_bus_id=bus)
+            )
             profiles.append(profile)
         if not profiles:
             raise no_cards(root, _DRIVERS)
@@ -131,7 +136,8 @@ class IntelSysfsBackend(Backend):
 
     def sample(self, now: float) -> list[GpuSample]:
         """Read the fast-changing values of every card opened; ``now`` times the power."""
-        return [_sample(card, now) for card in self._cards]
+        clients = scanner_for(self.config.proc_root).clients(now)
+        return [_sample(card, now, clients) for card in self._cards]
 
     def versions(self) -> dict[str, str]:
         """Module versions, which only out-of-tree (backport) builds publish."""
@@ -213,7 +219,7 @@ def _throttle_reasons(card: _Card) -> Reading[list[str]]:
     return sorted(reasons - {"status"})
 
 
-def _sample(card: _Card, now: float) -> GpuSample:
+def _sample(card: _Card, now: float, clients: DrmClients) -> GpuSample:
     if not card.device_dir.is_dir():
         card.last_energy = None
         return GpuSample(id=card.id, state="lost")
@@ -221,6 +227,7 @@ def _sample(card: _Card, now: float) -> GpuSample:
         id=card.id,
         clock_graphics_hz=_first_mhz(card.freq_dir, _ACT_FREQ[card.driver]),
         throttle_reasons=_throttle_reasons(card),
+        processes=clients.processes(card.pci_bus_id, _DRIVERS),
     )
     hwmon = card.hwmon.path()
     if hwmon is not None:
