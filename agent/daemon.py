@@ -20,7 +20,7 @@ import grp
 import logging
 import signal
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import msgspec
@@ -244,11 +244,12 @@ class _Agent:
         next_tick = loop.time()
         try:
             while not stop.is_set():
-                taken, events = await asyncio.to_thread(_tick, hal)
+                read_idle = self.guard.read_idle if self.guard is not None else _no_idle
+                taken, events, idle = await asyncio.to_thread(_tick, hal, read_idle)
                 self.latest_gpus = taken.gpus
                 self.check_health(taken.gpus, events)
                 if self.guard is not None:
-                    verdict = self.guard.tick(taken.gpus)
+                    verdict = self.guard.tick(taken.gpus, idle)
                     sharing = verdict.share and "paused" not in self.guard.jobs.holds
                     wanted = self.guard.policy.power_limit_w if sharing else None
                     if await asyncio.to_thread(self.power.apply, hal, wanted):
@@ -403,10 +404,17 @@ def _status_line(status: NodeStatusBody, running: int) -> str:
     return f"{taking}; {healthy}/{len(status.units)} GPU(s) healthy; {running} job(s) running"
 
 
-def _tick(hal: Hal) -> tuple[Sample, list[HealthEvent]]:
-    """One sample of the host and the GPUs, and the driver's events since the last."""
+def _tick(
+    hal: Hal, read_idle: Callable[[], float | None]
+) -> tuple[Sample, list[HealthEvent], float | None]:
+    """One sample of the host and the GPUs, the driver's events since the last, and the
+    session's idle time (blocking reads, all in the sampler thread)."""
     sample = Sample(taken_at=time.time(), host=host_sample(), gpus=hal.sample())
-    return sample, hal.events()
+    return sample, hal.events(), read_idle()
+
+
+def _no_idle() -> float | None:
+    return None
 
 
 def _telemetry_bodies(samples: list[Sample]) -> list[bytes]:

@@ -41,6 +41,13 @@ GUARD_CODES = ("too_hot", "outside_schedule", "gpu_in_use", "idle_unknown", "own
 _PAUSED = "paused"
 
 
+class Stale:
+    """The type of :data:`STALE`: no new idle reading this time."""
+
+
+STALE = Stale()
+
+
 class _Saved(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """What ``owner.json`` keeps."""
 
@@ -60,14 +67,17 @@ class OwnerGuard:
         store: Path,
         idle_seconds: Callable[[], float | None] = lambda: None,
         clock: Callable[[], float] = time.time,
+        proc: Path = Path("/proc"),
     ) -> None:
         self.jobs = jobs
+        self.proc = proc
         self.configured = policy
         self.policy = policy
         self.store = store
         self.idle_seconds = idle_seconds
         self.clock = clock
         self.verdict = Verdict(True)
+        self.last_idle: float | None = None
         self.paused_until: float | None = None
         self._load()
         self.jobs.share_limit = self.policy.max_shared_gpus
@@ -101,8 +111,16 @@ class OwnerGuard:
 
     # -- every tick ----------------------------------------------------------------------
 
-    def tick(self, gpus: Iterable[GpuSample]) -> Verdict:
-        """Observe, decide, act; the verdict."""
+    def read_idle(self) -> float | None:
+        """The session's idle time, when the policy needs it (else None, and no cost).
+        Blocking (D-Bus, X11): the daemon calls it in its sampler thread."""
+        return self.idle_seconds() if self.policy.share_only_when_idle else None
+
+    def tick(self, gpus: Iterable[GpuSample], idle_s: float | Stale | None = STALE) -> Verdict:
+        """Observe, decide, act; the verdict. ``idle_s`` is :meth:`read_idle`'s answer;
+        left out, the last one given stands (a settings change between two samples)."""
+        if not isinstance(idle_s, Stale):
+            self.last_idle = idle_s
         now = self.clock()
         if self.paused_until is not None and now >= self.paused_until:
             _log.info("the owner's pause has ended")
@@ -125,18 +143,23 @@ class OwnerGuard:
         temperatures = {g.id: g.temperature_c for g in gpus if is_value(g.temperature_c)}
         return Observation(
             now=datetime.fromtimestamp(now).astimezone(),
-            idle_s=self.idle_seconds() if self.policy.share_only_when_idle else None,
+            idle_s=self.last_idle if self.policy.share_only_when_idle else None,
             foreign_gpu_processes=self._foreign_processes(gpus),
             temperatures_c={k: float(v) for k, v in temperatures.items()},
         )
 
     def _foreign_processes(self, gpus: list[GpuSample]) -> int:
-        """Processes on a GPU that are not in one of our jobs' containers."""
+        """Processes on a GPU that are neither in one of our jobs' containers nor a
+        display server the owner's policy ignores."""
         pids = {p.pid for g in gpus if is_value(g.processes) for p in g.processes}
         if not pids:
             return 0
-        ours = self.jobs.container_ids()
-        return sum(1 for pid in pids if not in_job_container(pid, ours))
+        ours, ignored = self.jobs.container_ids(), set(self.policy.ignored_processes)
+        return sum(
+            1
+            for pid in pids
+            if not in_job_container(pid, ours, self.proc) and _name(self.proc, pid) not in ignored
+        )
 
     def _preempt(self, verdict: Verdict) -> None:
         for job_id in list(self.jobs.tasks):
@@ -176,6 +199,14 @@ class OwnerGuard:
         staging = self.store.with_suffix(".new")
         staging.write_bytes(msgspec.json.encode(saved))
         os.replace(staging, self.store)
+
+
+def _name(proc: Path, pid: int) -> str:
+    """A process's name (``comm``), "" when it is gone or hidden."""
+    try:
+        return (proc / str(pid) / "comm").read_text(encoding="utf-8").strip()
+    except OSError:
+        return ""
 
 
 def _until_text(until: float | None) -> str:

@@ -18,6 +18,7 @@ from typing import Annotated, Literal, NamedTuple
 import msgspec
 
 __all__ = [
+    "DISPLAY_SERVERS",
     "WEEKDAYS",
     "Observation",
     "OwnerPolicy",
@@ -28,6 +29,23 @@ __all__ = [
     "in_schedule",
     "too_hot",
 ]
+
+#: Display servers and compositors: on a desktop they always hold a GPU context.
+DISPLAY_SERVERS = (
+    "Xorg",
+    "Xwayland",
+    "gnome-shell",
+    "kwin_wayland",
+    "kwin_x11",
+    "plasmashell",
+    "mutter",
+    "sway",
+    "weston",
+    "Hyprland",
+    "labwc",
+    "wayfire",
+    "cosmic-comp",
+)
 
 Weekday = Literal["mon", "tue", "wed", "thu", "fri", "sat", "sun"]
 WEEKDAYS: tuple[Weekday, ...] = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
@@ -70,6 +88,9 @@ class OwnerPolicy(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
         max_shared_gpus: how many GPUs (or MIG instances) jobs may use at once; None: all.
         power_limit_w: the power limit to set on each GPU while sharing, where the driver
             allows it and the agent has the right; None: leave it as it is.
+        ignored_processes: process names (``/proc/PID/comm``, at most 15 characters)
+            that do not count as the owner using a GPU: the display server and the
+            compositor hold the GPU all the time a desktop runs.
     """
 
     share_only_when_idle: bool = False
@@ -79,6 +100,9 @@ class OwnerPolicy(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
     schedule: list[Window] = []
     max_shared_gpus: Annotated[int, msgspec.Meta(ge=0)] | None = None
     power_limit_w: Annotated[float, msgspec.Meta(gt=0)] | None = None
+    ignored_processes: list[Annotated[str, msgspec.Meta(min_length=1, max_length=15)]] = (
+        msgspec.field(default_factory=lambda: list(DISPLAY_SERVERS))
+    )
 
     def __post_init__(self) -> None:
         hot, cool = self.pause_above_c, self.resume_below_c

@@ -393,11 +393,16 @@ async def test_another_process_on_a_gpu_holds_sharing_back_when_idle_only(
     world: World, tmp_path: Path
 ) -> None:
     guard = _guard(world, tmp_path, share_only_when_idle=True, idle_delay_s=0)
-    guard.idle_seconds = lambda: 3600.0
     # This test's own process is not in a job's container: to the guard it is the owner's.
-    verdict = guard.tick(_hot(40, pids=(os.getpid(),)))
+    verdict = guard.tick(_hot(40, pids=(os.getpid(),)), 3600.0)
     assert (verdict.share, verdict.code) == (False, "gpu_in_use")
-    assert guard.tick(_hot(40)).share
+    assert guard.tick(_hot(40), 3600.0).share
+    # Unless it is a display server the policy ignores (they hold a GPU all day).
+    name = Path("/proc/self/comm").read_text().strip()
+    guard.change({"ignored_processes": [name]})
+    assert guard.tick(_hot(40, pids=(os.getpid(),)), 3600.0).share
+    # An idle time that cannot be read counts as the owner being there.
+    assert guard.tick(_hot(40), None).code == "idle_unknown"
 
 
 async def test_a_timed_pause_ends_by_itself_and_survives_a_restart(
