@@ -27,6 +27,21 @@ def _limit(text: str) -> int:
     return value
 
 
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def _duration(text: str) -> float:
+    """Seconds from ``90s``, ``30m``, ``1h``, ``2d`` (or a bare number of seconds)."""
+    number, unit = (text[:-1], text[-1]) if text[-1:] in _UNITS else (text, "s")
+    try:
+        value = float(number) * _UNITS[unit]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a duration like 30m or 1h") from None
+    if not 0 < value <= 366 * 86400:
+        raise argparse.ArgumentTypeError(f"{text!r} must be more than 0 and at most a year")
+    return value
+
+
 def add_commands(
     subparsers: argparse._SubParsersAction[Any], parser_class: type[argparse.ArgumentParser]
 ) -> None:
@@ -49,6 +64,13 @@ def add_commands(
     pause = subparsers.add_parser("pause", parents=[common], help="stop taking new jobs")
     pause.add_argument(
         "--drain", action="store_true", help="also wait until the running jobs have ended"
+    )
+    pause.add_argument(
+        "--for",
+        dest="duration",
+        type=_duration,
+        metavar="DURATION",
+        help="resume by itself after this long: 90s, 30m, 1h, 2d",
     )
     pause.add_argument("--json", **as_json)
 

@@ -65,7 +65,8 @@ async def _run(path: Path, args: argparse.Namespace) -> int:
                     file=sys.stderr,
                 )
         if args.command == "pause":
-            status = await client.pause(drain=args.drain)
+            until = time.time() + args.duration if args.duration else None
+            status = await client.pause(drain=args.drain, until=until)
         elif args.command == "resume":
             status = await client.resume()
         else:
@@ -94,6 +95,8 @@ def render_status(status: StatusView) -> str:
         sharing = f"paused, waiting for {len(status.jobs)} running job(s) to end"
     elif status.paused:
         sharing = "paused"
+    elif status.guard:
+        sharing = f"not sharing · {status.guard}: {status.guard_detail}"
     else:
         sharing = "sharing"
     if status.paused and status.pause_reason:

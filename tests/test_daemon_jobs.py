@@ -460,3 +460,15 @@ async def test_the_owner_power_limit_holds_while_sharing_and_is_lifted_after(
             ["out_of_range: 500 W is outside this GPU's 100-230 W"] * 2,
             "the refusal",
         )
+
+
+async def test_pause_for_a_while_from_the_command_line(loop: Loop) -> None:
+    paused = await asyncio.to_thread(_control, loop, "pause", "--for", "1h", "--json")
+    assert paused.returncode == 0, paused.stderr
+    status = msgspec.json.decode(paused.stdout)
+    assert status["paused"] is True
+    assert 3500 < status["paused_until"] - time.time() <= 3600
+    shown = await asyncio.to_thread(_control, loop, "status")
+    assert "paused by the owner until" in shown.stdout
+    bad = await asyncio.to_thread(_control, loop, "pause", "--for", "soon")
+    assert (bad.returncode, "error [bad_argument]" in bad.stderr) == (2, True)
