@@ -258,11 +258,24 @@ def test_the_idle_toggle_changes_the_daemons_settings(
     assert not tray.idle.isChecked()
     tray.idle.trigger()
     qtbot.waitUntil(lambda: daemon.target.owner.share_only_when_idle, timeout=WAIT_MS)
-    qtbot.waitUntil(lambda: tray.settings is not None and tray.settings.share_only_when_idle)
+    # The check mark flips at the click; it is the daemon's answer that counts.
+    qtbot.waitUntil(lambda: tray.settings == daemon.target.owner, timeout=WAIT_MS)
     assert tray.idle.isChecked()
     tray.idle.trigger()
     qtbot.waitUntil(lambda: not daemon.target.owner.share_only_when_idle, timeout=WAIT_MS)
-    qtbot.waitUntil(lambda: not tray.idle.isChecked(), timeout=WAIT_MS)
+    qtbot.waitUntil(lambda: tray.settings == daemon.target.owner, timeout=WAIT_MS)
+    assert not tray.idle.isChecked()
+
+
+def test_a_refused_toggle_falls_back_to_what_the_daemon_holds(
+    qtbot: QtBot, tray: Tray, daemon: ServedTarget, notices: list[Notice]
+) -> None:
+    _connected(qtbot, tray)
+    daemon.stop()
+    tray.idle.trigger()
+    assert tray.idle.isChecked()  # as clicked...
+    qtbot.waitUntil(lambda: not tray.idle.isChecked(), timeout=WAIT_MS)  # ...until refused
+    assert any(n.title == "Could not change the settings: Agent not running" for n in notices)
 
 
 def test_open_dashboard_opens_the_coordinators_dashboard(qtbot: QtBot, tray: Tray) -> None:

@@ -118,6 +118,13 @@ def test_a_guard_pauses_with_its_reason(guard: str) -> None:
     assert (shown.menu.pause, shown.menu.resume) == (True, False)
 
 
+def test_a_daemon_holding_offers_back_itself_is_not_taking_jobs() -> None:
+    shown = present(idle(pause_reason="engine_unavailable: no Docker engine"), None, NOW)
+    assert (shown.kind, shown.headline) == ("paused", "Not taking jobs")
+    assert shown.tooltip.splitlines()[1] == "engine_unavailable: no Docker engine"
+    assert (shown.menu.pause, shown.menu.resume) == (True, False)
+
+
 def test_no_coordinator_is_offline_with_the_reason() -> None:
     shown = present(idle(connection="connecting", connection_error="connection refused"), None, NOW)
     assert (shown.kind, shown.headline) == ("offline", "Offline: no coordinator")

@@ -7,7 +7,8 @@ that holds of:
 
     error     the daemon cannot be reached (with the fix: start it, join its group)
     paused    the owner paused it, or a guard holds sharing back (too hot, owner active,
-              outside the schedule...), with the reason
+              outside the schedule...), or the daemon itself does (still checking the
+              GPUs, no Docker engine), with the reason
     busy      a job runs on this machine
     offline   no coordinator connection (the daemon retries by itself)
     sharing   connected and waiting for work
@@ -109,6 +110,8 @@ def present(
     lines = [f"gpu-agent: {headline}"]
     if state.guard and state.guard_detail:
         lines.append(state.guard_detail)
+    elif not state.paused and state.pause_reason:
+        lines.append(state.pause_reason)
     if state.connection != "connected":
         lines.append(
             f"Coordinator: {state.connection_error}"
@@ -161,6 +164,8 @@ def _headline(state: StatusView, now: datetime) -> tuple[Kind, str]:
         return "paused", headline
     if state.guard:
         return "paused", f"Paused: {GUARD_WORDS.get(state.guard, state.guard)}"
+    if state.pause_reason:  # held back by the daemon itself: starting, no Docker engine...
+        return "paused", "Not taking jobs"
     if running:
         return "busy", f"Running {_count(running, 'job')}"
     if state.connection != "connected":
