@@ -7,6 +7,7 @@ import contextlib
 import signal
 import socket
 import sys
+import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Final
@@ -36,6 +37,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     try:
+        from PySide6.QtCore import QLockFile
         from PySide6.QtWidgets import QApplication, QSystemTrayIcon
     except ImportError:
         print(_NO_QT, file=sys.stderr)
@@ -48,6 +50,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     app.setDesktopFileName("gpu-agent-tray")
     # The windows come and go; the icon is what keeps the application.
     app.setQuitOnLastWindowClosed(False)
+    # One tray a session: the autostart entry and the user unit may both start one.
+    lock = QLockFile(_lock_path())
+    if not lock.tryLock(0):
+        print("gpu-agent-tray: already running in this session", file=sys.stderr)
+        return 0
     if not QSystemTrayIcon.isSystemTrayAvailable():
         print(
             "gpu-agent-tray: no system tray here yet; the icon shows once there is one",
@@ -59,7 +66,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         tray.start()
         code = app.exec()
     tray.stop()
+    lock.unlock()
     return code
+
+
+def _lock_path() -> str:
+    from PySide6.QtCore import QStandardPaths
+
+    where = QStandardPaths.writableLocation(QStandardPaths.StandardLocation.RuntimeLocation)
+    return str(Path(where or tempfile.gettempdir()) / "gpu-agent-tray.lock")
 
 
 @contextlib.contextmanager
