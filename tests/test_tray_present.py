@@ -323,6 +323,22 @@ def test_a_schedule_reads_back_as_it_was_written() -> None:
     assert format_schedule(policy.schedule) == "mon,fri 22:00-07:00\n09:00-17:00"
 
 
+@pytest.mark.parametrize(
+    ("days", "text"),
+    [
+        (["mon", "tue", "wed", "thu", "fri"], "mon-fri"),
+        (["sat", "sun"], "sat,sun"),
+        (["sun", "mon", "tue", "thu", "fri", "sat"], "mon,tue,thu-sun"),
+        (["wed", "wed"], "wed"),
+    ],
+)
+def test_days_in_a_row_are_written_as_a_range(days: list[str], text: str) -> None:
+    window = msgspec.convert({"days": days, "start": "22:00", "end": "07:00"}, Window)
+    assert format_schedule([window]) == f"{text} 22:00-07:00"
+    reread = parse_schedule(format_schedule([window]))
+    assert sorted(set(reread[0]["days"])) == sorted(set(days))
+
+
 def test_the_form_round_trips_every_setting() -> None:
     policy = OwnerPolicy(
         share_only_when_idle=True,

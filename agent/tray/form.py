@@ -60,13 +60,30 @@ def changes(values: FormValues) -> dict[str, Any]:
 
 
 def format_schedule(windows: Sequence[Window]) -> str:
-    """One line a window; its days left out when it is every day."""
+    """One line a window; its days left out when it is every day, three or more days in a
+    row written as a range (``mon-fri``)."""
     lines = []
     for window in windows:
         span = f"{window.start}-{window.end}"
-        days = sorted(set(window.days), key=WEEKDAYS.index)
-        lines.append(span if days == list(WEEKDAYS) else f"{','.join(days)} {span}")
+        days = sorted({WEEKDAYS.index(day) for day in window.days})
+        lines.append(span if len(days) == len(WEEKDAYS) else f"{_day_runs(days)} {span}")
     return "\n".join(lines)
+
+
+def _day_runs(days: list[int]) -> str:
+    runs: list[list[int]] = []
+    for day in days:
+        if runs and runs[-1][-1] == day - 1:
+            runs[-1].append(day)
+        else:
+            runs.append([day])
+    words = []
+    for run in runs:
+        if len(run) >= 3:
+            words.append(f"{WEEKDAYS[run[0]]}-{WEEKDAYS[run[-1]]}")
+        else:
+            words += [WEEKDAYS[day] for day in run]
+    return ",".join(words)
 
 
 def parse_schedule(text: str) -> list[dict[str, Any]]:
