@@ -27,6 +27,7 @@ os.environ["QT_QPA_PLATFORM"] = "offscreen"
 
 from PySide6.QtCore import QCoreApplication, QEvent, QObject, QUrl, Signal, Slot
 from PySide6.QtGui import QDesktopServices
+from PySide6.QtWidgets import QSystemTrayIcon
 
 from agent.tray.app import Tray
 from agent.tray.bridge import Bridge
@@ -299,6 +300,13 @@ def test_open_dashboard_opens_the_coordinators_dashboard(qtbot: QtBot, tray: Tra
         QDesktopServices.unsetUrlHandler("https")
     assert browser.opened == ["https://coordinator.example/"]
     assert dashboard_url("wss://coordinator.example/agent") == browser.opened[0]
+
+
+def test_a_left_click_on_the_icon_opens_the_menu(qtbot: QtBot, tray: Tray) -> None:
+    assert not tray.menu.isVisible()
+    tray.icon.activated.emit(QSystemTrayIcon.ActivationReason.Trigger)
+    qtbot.waitUntil(tray.menu.isVisible, timeout=WAIT_MS)
+    tray.menu.hide()
 
 
 def test_quit_leaves_the_daemon_running(qtbot: QtBot, tray: Tray, daemon: ServedTarget) -> None:

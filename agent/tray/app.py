@@ -13,7 +13,7 @@ from datetime import datetime
 from typing import Any, Final
 
 from PySide6.QtCore import QObject, QTimer, QUrl, Signal
-from PySide6.QtGui import QAction, QDesktopServices
+from PySide6.QtGui import QAction, QCursor, QDesktopServices
 from PySide6.QtWidgets import QMenu, QSystemTrayIcon
 
 from agent.control import JobView, StatusView
@@ -90,6 +90,7 @@ class Tray(QObject):
 
         self.icon = QSystemTrayIcon(self)
         self.icon.setContextMenu(self.menu)
+        self.icon.activated.connect(self._activated)
         self.redraw = QTimer(self)
         self.redraw.setInterval(_REDRAW_MS)
         self.redraw.timeout.connect(self._show)
@@ -167,6 +168,11 @@ class Tray(QObject):
         self._show()
         if isinstance(self.state, StatusView):
             self._read_settings()  # nothing streams the settings: read them when they show
+
+    def _activated(self, reason: QSystemTrayIcon.ActivationReason) -> None:
+        # Some trays open the context menu on a right click only: a left click opens it too.
+        if reason == QSystemTrayIcon.ActivationReason.Trigger:
+            self.menu.popup(QCursor.pos())
 
     def notify(self, notice: Notice) -> None:
         """A desktop notification."""
