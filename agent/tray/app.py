@@ -1,8 +1,9 @@
 """The tray icon and its menu: applies :func:`~agent.tray.present.present` to each state.
 
 Every action goes to the daemon through the :class:`~agent.tray.bridge.Bridge`; the tray
-changes what it shows only when the state stream (or, for the idle toggle, the daemon's
-answer) says so, never on its own guess.
+shows what the state stream (or, for the settings, the daemon's answer) says, never its own
+guess. Only the idle toggle's check mark moves at the click, as Qt moves it; it follows the
+daemon's answer once that comes, back again if the daemon refused.
 """
 
 from __future__ import annotations
