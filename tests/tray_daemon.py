@@ -52,10 +52,23 @@ class LoopThread:
         return self.call(run())
 
     def close(self) -> None:
-        """Stop the loop and its thread."""
+        """Let what is under way end, then stop the loop and its thread."""
+        self.call(_drain())
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join()
+        self.loop.run_until_complete(self.loop.shutdown_asyncgens())
         self.loop.close()
+
+
+async def _drain() -> None:
+    # A connection accepted as a server closed is handed to the server's handler a few
+    # turns of the loop later (which drops it); only what is left then is cancelled.
+    for _ in range(10):
+        await asyncio.sleep(0)
+    left = [task for task in asyncio.all_tasks() if task is not asyncio.current_task()]
+    for task in left:
+        task.cancel()
+    await asyncio.gather(*left, return_exceptions=True)
 
 
 class PublishingTarget(MemoryTarget):
