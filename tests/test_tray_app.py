@@ -96,7 +96,7 @@ def _status(path: Path) -> object:
 
 def test_emitting_a_signal_leaves_pythons_true_alone(qtbot: QtBot) -> None:
     # PySide6 6.12.0 drops a reference to True at every emit, and the interpreter aborts
-    # once it reaches zero (pyproject.toml excludes that version): the tray emits often.
+    # once it reaches zero (pyproject.toml keeps to 6.11 and older): the tray emits often.
     class Emitter(QObject):
         said = Signal(object)
 
