@@ -32,6 +32,7 @@ bench: $(BIN)/gpu-agent
 	$(BIN)/python bench/runner.py
 	$(BIN)/python bench/link.py
 	$(BIN)/python bench/daemon.py
+	$(BIN)/python bench/tray.py
 
 deb: $(BIN)/gpu-agent
 	$(BIN)/python scripts/build_deb.py --out build/deb

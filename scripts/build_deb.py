@@ -2,7 +2,9 @@
 
 The package holds the application and its dependencies in their own virtualenv at
 ``/opt/gpu-agent/venv`` (linked to the system's ``python3.11``), the systemd unit, the
-sysusers.d file, the default configuration (a conffile) and ``/usr/bin/gpu-agent``.
+sysusers.d file, the default configuration (a conffile) and ``/usr/bin/gpu-agent``; and the
+tray app with its ``[tray]`` extra (PySide6), its desktop entry (also started at login from
+``/etc/xdg/autostart``), icon and systemd user unit, and ``/usr/bin/gpu-agent-tray``.
 ``packaging/nfpm.yaml`` lists it all; nfpm packs it.
 
 A virtualenv is not relocatable, so it is built where it will not live, in a staging
@@ -38,6 +40,8 @@ PYTHON_PACKAGE = "python3.11"
 # in an in-tree build/ that would end up in the wheel).
 SOURCES = ("pyproject.toml", "README.md", "hal", "sandbox", "agent", "coordinator")
 _ARCH = {"x86_64": "amd64", "aarch64": "arm64"}
+# The project's extras the package installs: the tray app's Qt.
+EXTRAS = ("tray",)
 
 
 def _run(*args: str | Path, cwd: Path | None = None, env: dict[str, str] | None = None) -> None:
@@ -81,7 +85,7 @@ def _venv(work: Path, python: str, wheel: Path) -> Path:
         "--no-compile",
         "--disable-pip-version-check",
         "--no-warn-script-location",
-        wheel,
+        f"{wheel}[{','.join(EXTRAS)}]",
     )
     _forget_wheel_path(venv)
     _relocate(venv)
@@ -98,6 +102,9 @@ def _venv(work: Path, python: str, wheel: Path) -> Path:
         stage,
         "-p",
         "/",
+        # PySide6's deployment tool ships templates named *.py that are not Python.
+        "-x",
+        "/PySide6/scripts/deploy_lib/",
         venv / "lib",
     )
     for path in venv.rglob("*"):

@@ -1,4 +1,5 @@
-"""The systemd unit, the sysusers file and the .deb, checked with the tools that use them.
+"""The systemd unit, the sysusers file and the .deb, checked with the tools that use them;
+and the tray's systemd user unit and desktop entry.
 
 ``systemd-analyze verify`` needs the unit's ``ExecStart=`` binary to exist, and
 ``/opt/gpu-agent/venv/bin/gpu-agent`` exists only once the package is installed. So the
@@ -27,6 +28,9 @@ ROOT = Path(__file__).resolve().parent.parent
 PACKAGING = ROOT / "packaging"
 UNIT = PACKAGING / "gpu-agent.service"
 EXEC_START = "/opt/gpu-agent/venv/bin/gpu-agent"
+TRAY_UNIT = PACKAGING / "gpu-agent-tray.service"
+TRAY_DESKTOP = PACKAGING / "gpu-agent-tray.desktop"
+TRAY_EXEC_START = "/opt/gpu-agent/venv/bin/gpu-agent-tray"
 BASE_PYTHON = "/usr/bin/python3.11"
 
 
@@ -124,6 +128,76 @@ def test_the_sysusers_file_makes_the_user_and_every_group_the_unit_needs(tmp_pat
     assert groups >= {"gpu-agent", *_setting("SupplementaryGroups").split()}
 
 
+# The tray's user unit and desktop entry
+
+
+def _verify_user_unit(unit_text: str, tmp_path: Path) -> subprocess.CompletedProcess[str]:
+    stand_in = tmp_path / "gpu-agent-tray"
+    stand_in.write_text("#!/bin/sh\nexit 0\n")
+    stand_in.chmod(0o755)
+    unit = tmp_path / "gpu-agent-tray.service"
+    unit.write_text(unit_text.replace(TRAY_EXEC_START, str(stand_in)))
+    runtime = tmp_path / "run"  # a user manager needs one, even to verify
+    runtime.mkdir(mode=0o700, exist_ok=True)
+    return subprocess.run(
+        ["systemd-analyze", "--user", "verify", "--man=no", str(unit)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        env={**os.environ, "XDG_RUNTIME_DIR": str(runtime)},
+    )
+
+
+def test_the_tray_user_unit_passes_systemd_analyze_verify(tmp_path: Path) -> None:
+    _require("systemd-analyze")
+    text = TRAY_UNIT.read_text()
+    assert re.findall(r"^ExecStart=(.*)$", text, re.MULTILINE) == [TRAY_EXEC_START]
+    result = _verify_user_unit(text, tmp_path)
+    assert (result.returncode, result.stderr) == (0, "")
+    broken = _verify_user_unit(text.replace("Restart=on-failure", "Restart=sometimes"), tmp_path)
+    assert "restart specifier" in broken.stderr
+
+
+def test_the_tray_runs_with_the_graphical_session() -> None:
+    text = TRAY_UNIT.read_text()
+    for line in (
+        "PartOf=graphical-session.target",
+        "After=graphical-session.target",
+        "WantedBy=graphical-session.target",
+        "Restart=on-failure",  # not after "Quit", which exits 0
+    ):
+        assert line in text.splitlines()
+
+
+def test_the_tray_desktop_entry_starts_the_tray_at_login() -> None:
+    lines = TRAY_DESKTOP.read_text().splitlines()
+    assert lines[0] == "[Desktop Entry]"
+    entry = dict(line.split("=", 1) for line in lines[1:] if line and not line.startswith("#"))
+    assert (entry["Type"], entry["Exec"], entry["Icon"], entry["Terminal"]) == (
+        "Application",
+        "gpu-agent-tray",
+        "gpu-agent-tray",
+        "false",
+    )
+    assert entry["X-GNOME-Autostart-enabled"] == "true"
+    assert entry["Categories"].endswith(";")
+
+
+def test_the_tray_desktop_entry_passes_desktop_file_validate() -> None:
+    # desktop-file-utils is not among CI's tools (.ci/run): checked where it is installed.
+    if shutil.which("desktop-file-validate") is None:
+        pytest.skip("desktop-file-validate is not installed (apt-get install desktop-file-utils)")
+    result = subprocess.run(
+        ["desktop-file-validate", str(TRAY_DESKTOP)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert (result.returncode, result.stdout, result.stderr) == (0, "", "")
+
+
 # The package
 
 
@@ -173,12 +247,20 @@ def test_the_package_installs_the_unit_the_sysusers_file_and_the_config(
         "./usr/lib/sysusers.d/gpu-agent.conf",
         "./etc/gpu-agent/agent.toml",
         "./usr/share/doc/gpu-agent/configuration.md",
+        "./usr/lib/systemd/user/gpu-agent-tray.service",
+        "./usr/share/applications/gpu-agent-tray.desktop",
+        "./etc/xdg/autostart/gpu-agent-tray.desktop",
+        "./usr/share/icons/hicolor/scalable/apps/gpu-agent-tray.svg",
     ):
         assert path in listing
     for shipped, source in (
         ("usr/lib/systemd/system/gpu-agent.service", "gpu-agent.service"),
         ("usr/lib/sysusers.d/gpu-agent.conf", "gpu-agent.sysusers"),
         ("etc/gpu-agent/agent.toml", "agent.toml"),
+        ("usr/lib/systemd/user/gpu-agent-tray.service", "gpu-agent-tray.service"),
+        ("usr/share/applications/gpu-agent-tray.desktop", "gpu-agent-tray.desktop"),
+        ("etc/xdg/autostart/gpu-agent-tray.desktop", "gpu-agent-tray.desktop"),
+        ("usr/share/icons/hicolor/scalable/apps/gpu-agent-tray.svg", "gpu-agent-tray.svg"),
     ):
         assert (unpacked / shipped).read_bytes() == (PACKAGING / source).read_bytes()
 
@@ -188,7 +270,10 @@ def test_the_config_is_a_conffile_and_the_maintainer_scripts_are_there(
 ) -> None:
     subprocess.run(["dpkg-deb", "-e", str(deb), str(tmp_path / "control")], check=True)
     control = tmp_path / "control"
-    assert (control / "conffiles").read_text().split() == ["/etc/gpu-agent/agent.toml"]
+    assert (control / "conffiles").read_text().split() == [
+        "/etc/gpu-agent/agent.toml",
+        "/etc/xdg/autostart/gpu-agent-tray.desktop",  # an admin may delete it: kept so
+    ]
     for script in ("postinst", "prerm", "postrm"):
         assert os.access(control / script, os.X_OK)
     assert "systemd-sysusers" in (control / "postinst").read_text()
@@ -214,6 +299,29 @@ def test_the_venv_runs_the_agent_with_its_own_dependencies(unpacked: Path) -> No
     assert result.stdout.strip() == f"gpu-agent {__version__}"
     imports = "import agent.config, agent.daemon, agent.systemd, coordinator.cli, platformdirs"
     subprocess.run([str(venv / "bin/python"), "-I", "-c", imports], check=True, timeout=60)
+
+
+def test_the_venv_runs_the_tray_with_its_own_qt(unpacked: Path, tmp_path: Path) -> None:
+    venv = unpacked / "opt/gpu-agent/venv"
+    assert os.readlink(unpacked / "usr/bin/gpu-agent-tray") == TRAY_EXEC_START
+    script = unpacked / TRAY_EXEC_START.lstrip("/")
+    assert script.read_text().splitlines()[0] == "#!/opt/gpu-agent/venv/bin/python"
+    draw = (
+        "from PySide6.QtWidgets import QApplication; app = QApplication([]); "
+        "from agent.tray.app import Tray; from agent.tray import icons; "
+        "print(icons.pixmap('busy', 22).width())"
+    )
+    env = {**os.environ, "QT_QPA_PLATFORM": "offscreen", "XDG_RUNTIME_DIR": str(tmp_path)}
+    tmp_path.chmod(0o700)
+    result = subprocess.run(
+        [str(venv / "bin/python"), "-I", "-c", draw],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+        env=env,
+    )
+    assert result.stdout.strip() == "22"
 
 
 def test_nothing_in_the_package_names_where_it_was_built(unpacked: Path) -> None:
@@ -246,12 +354,17 @@ exec chroot "$root" sh -c '
     echo "user=$(getent passwd gpu-agent | cut -d: -f6,7)"
     echo "verify=$(systemd-analyze verify --man=no gpu-agent.service 2>&1; echo rc $?)"
     echo "version=$(gpu-agent --version)"
+    mkdir -m 700 /tmp/run
+    echo "tray=$(XDG_RUNTIME_DIR=/tmp/run systemd-analyze --user verify --man=no \
+        gpu-agent-tray.service 2>&1; echo rc $?)"
     echo "system=$(runuser -u gpu-agent -- /opt/gpu-agent/venv/bin/python -c "
 from agent.config import is_system_install; print(is_system_install())")"
     dpkg -r gpu-agent >/dev/null
     echo "removed=$(ls /opt/gpu-agent 2>/dev/null | wc -l) $(ls /etc/gpu-agent)"
+    echo "autostart=$(ls /etc/xdg/autostart | grep -c gpu-agent)"
     dpkg -P gpu-agent >/dev/null
     echo "purged=$(ls /etc/gpu-agent 2>/dev/null | wc -l)"
+    echo "autostart_purged=$(ls /etc/xdg/autostart | grep -c gpu-agent)"
 '
 """
 
@@ -280,7 +393,10 @@ def test_the_package_installs_runs_and_removes_cleanly(deb: Path, tmp_path: Path
         "user": "/var/lib/gpu-agent:/usr/sbin/nologin",
         "verify": "rc 0",
         "version": f"gpu-agent {__version__}",
+        "tray": "rc 0",
         "system": "True",
         "removed": "0 agent.toml",  # a removed package keeps its edited config...
+        "autostart": "1",
         "purged": "0",  # ...until it is purged
+        "autostart_purged": "0",
     }
