@@ -39,6 +39,9 @@ from agent.errors import ControlError
 __all__ = ["ControlServer"]
 
 _log = logging.getLogger(__name__)
+#: How long, and how much, a refused peer is read before its connection is closed.
+_LINGER_S = 1.0
+_LINGER_BYTES = 1 << 20
 _READ_SIZE: Final = 64 * 1024
 
 
@@ -168,6 +171,8 @@ class ControlServer:
         try:
             if await self._admit(connection):
                 await self._read_requests(reader, connection)
+            else:
+                await _linger(reader, writer)
         except ConnectionError:
             _log.debug("control client went away mid-answer")
         finally:
@@ -280,3 +285,18 @@ class ControlServer:
         except ConnectionError:
             # The reader sees the same end of the connection and cleans up.
             _log.debug("control subscriber went away")
+
+
+async def _linger(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """After a refusal: say no more, and read what the peer already sent before closing.
+
+    Closing a unix socket with unread data resets the connection, and the peer would see
+    a reset instead of the refusal it was sent.
+    """
+    if writer.can_write_eof():
+        writer.write_eof()
+    with contextlib.suppress(TimeoutError, ConnectionError):
+        async with asyncio.timeout(_LINGER_S):
+            left = _LINGER_BYTES
+            while left > 0 and (data := await reader.read(_READ_SIZE)):
+                left -= len(data)
