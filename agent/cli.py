@@ -16,6 +16,8 @@ from hal.errors import BadConfig, HalError
 
 if TYPE_CHECKING:
     from hal.backend import HalConfig
+    from hal.profile import PendingProfile
+    from hal.types import Profile
 
 __all__ = ["main"]
 
@@ -138,11 +140,14 @@ def _default_state_dir() -> Path:
 
 
 def _profile(config: HalConfig, args: argparse.Namespace) -> int:
-    import msgspec
-
     from hal.profile import take_profile
 
-    profile = take_profile(config)
+    return _show_profile(take_profile(config), args)
+
+
+def _show_profile(profile: Profile, args: argparse.Namespace) -> int:
+    import msgspec
+
     if args.json:
         sys.stdout.buffer.write(msgspec.json.format(msgspec.json.encode(profile)) + b"\n")
     else:
@@ -292,11 +297,34 @@ _COMMANDS: dict[str, Callable[[HalConfig, argparse.Namespace], int]] = {
 _ONE_SHOT = frozenset({"profile", "doctor", "keys"})
 
 
+def _start_early(argv: Sequence[str]) -> PendingProfile | None:
+    """Start what `gpu-agent profile` waits for (Docker, GPU discovery) before parsing.
+
+    The discovery children and the engine then work while the parser is built, which
+    takes about as long. The caller stops them when the command line turns out not to run
+    `profile` (a usage error, ``--help``).
+    """
+    if list(argv[:1]) != ["profile"]:
+        return None
+    from hal.backend import HalConfig
+
+    try:
+        config = HalConfig.from_env()
+    except BadConfig:
+        return None  # reported after parsing, as for every command
+    from hal.profile import PendingProfile
+
+    return PendingProfile(config)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; return the exit status."""
+    if argv is None:
+        argv = sys.argv[1:]
     collecting = gc.isenabled()
     gc.disable()
     one_shot = False
+    early = _start_early(argv)
     try:
         args = _parser().parse_args(argv)
         one_shot = args.command in _ONE_SHOT
@@ -304,11 +332,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             gc.enable()
         from hal.backend import HalConfig
 
-        return _COMMANDS[args.command](HalConfig.from_env(), args)
+        config = HalConfig.from_env()
+        if early is not None and args.command == "profile":
+            return _show_profile(early.result(), args)
+        return _COMMANDS[args.command](config, args)
     except (HalError, AgentError) as exc:
         print(f"gpu-agent: error [{exc.code}]: {exc.detail}", file=sys.stderr)
         return EXIT_USAGE if isinstance(exc, BadConfig | ConfigError) else 1
     finally:
+        if early is not None:
+            early.close()
         if collecting and not gc.isenabled():
             if one_shot:
                 gc.freeze()

@@ -111,6 +111,10 @@ class PendingDiscovery:
         results = iter(self._children.results())
         return _collect([(name, self._absent[name] or next(results)) for name in self._names])
 
+    def close(self) -> None:
+        """Stop the discovery children if :meth:`result` was not called."""
+        self._children.close()
+
 
 def _absent(name: str, config: HalConfig) -> HalError | None:
     """Why a backend need not run, when that can be told without touching a device."""
