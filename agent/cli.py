@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import gc
 import os
 import sys
@@ -15,6 +14,8 @@ from hal import __version__
 from hal.errors import BadConfig, HalError
 
 if TYPE_CHECKING:
+    import argparse
+
     from hal.backend import HalConfig
     from hal.profile import PendingProfile
     from hal.types import Profile
@@ -24,15 +25,9 @@ __all__ = ["main"]
 EXIT_USAGE = 2
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse, with errors that carry a stable code."""
-
-    def error(self, message: str) -> NoReturn:
-        self.print_usage(sys.stderr)
-        self.exit(EXIT_USAGE, f"{self.prog}: error [bad_argument]: {message}\n")
-
-
 def _positive_float(text: str) -> float:
+    import argparse
+
     try:
         value = float(text)
     except ValueError:
@@ -43,6 +38,8 @@ def _positive_float(text: str) -> float:
 
 
 def _count(text: str) -> int:
+    import argparse
+
     try:
         value = int(text)
     except ValueError:
@@ -53,6 +50,16 @@ def _count(text: str) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
+    # argparse is imported only now: `gpu-agent profile` starts its discovery first.
+    import argparse
+
+    class _Parser(argparse.ArgumentParser):
+        """argparse, with errors that carry a stable code."""
+
+        def error(self, message: str) -> NoReturn:
+            self.print_usage(sys.stderr)
+            self.exit(EXIT_USAGE, f"{self.prog}: error [bad_argument]: {message}\n")
+
     parser = _Parser(prog="gpu-agent", description="Lend this machine's GPUs to a compute network.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -114,6 +121,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _public_key(text: str) -> bytes:
+    import argparse
+
     from agent.protocol import crypto
 
     try:
@@ -300,21 +309,26 @@ _ONE_SHOT = frozenset({"profile", "doctor", "keys"})
 def _start_early(argv: Sequence[str]) -> PendingProfile | None:
     """Start what `gpu-agent profile` waits for (Docker, GPU discovery) before parsing.
 
-    The discovery children and the engine then work while the parser is built, which
-    takes about as long. The caller stops them when the command line turns out not to run
-    `profile` (a usage error, ``--help``).
+    The engine gets its question before msgspec is imported, and the discovery children
+    fork before argparse is: they work while this process goes on alone. The caller stops
+    them when the command line turns out not to run `profile` (a usage error, ``--help``).
     """
     if list(argv[:1]) != ["profile"]:
         return None
-    from hal.backend import HalConfig
+    from hal.runtime import RuntimeProbe, docker_socket
 
+    runtime = RuntimeProbe(docker_socket(os.environ))
     try:
-        config = HalConfig.from_env()
-    except BadConfig:
-        return None  # reported after parsing, as for every command
-    from hal.profile import PendingProfile
+        from hal.backend import HalConfig
+        from hal.profile import PendingProfile
 
-    return PendingProfile(config)
+        return PendingProfile(HalConfig.from_env(), runtime)
+    except BadConfig:
+        runtime.close()
+        return None  # reported after parsing, as for every command
+    except BaseException:
+        runtime.close()
+        raise
 
 
 def main(argv: Sequence[str] | None = None) -> int:

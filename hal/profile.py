@@ -28,11 +28,15 @@ class PendingProfile:
     it as a context manager) to stop what a result was never taken from.
     """
 
-    def __init__(self, config: HalConfig) -> None:
+    def __init__(self, config: HalConfig, runtime: RuntimeProbe | None = None) -> None:
         self._config = config
-        # Slowest first: the engine gets its question before the discovery children
-        # fork, and both work while the caller goes on (psutil is imported only later).
-        self._runtime = RuntimeProbe(config.docker_socket, config.cdi_dirs)
+        # Slowest first: the engine gets its question (unless the caller asked it already)
+        # before the discovery children fork, and both work while the caller goes on;
+        # psutil is imported only later.
+        if runtime is not None and runtime.docker_socket != config.docker_socket:
+            runtime.close()
+            runtime = None
+        self._runtime = runtime or RuntimeProbe(config.docker_socket)
         try:
             self._discovery = PendingDiscovery(config)
         except BaseException:
