@@ -338,8 +338,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     collecting = gc.isenabled()
     gc.disable()
     one_shot = False
-    early = _start_early(argv)
+    early = None
     try:
+        early = _start_early(argv)
         args = _parser().parse_args(argv)
         one_shot = args.command in _ONE_SHOT
         if collecting and not one_shot:
