@@ -15,6 +15,7 @@ import msgspec
 import pytest
 from conftest import XML
 
+from agent import cli
 from hal.types import Profile, Sample
 
 
@@ -94,6 +95,13 @@ def _group_ends(pgid: int) -> bool:
             return True
         time.sleep(0.05)
     return False
+
+
+@pytest.mark.parametrize(("argv", "as_json"), list(cli._PLAIN_PROFILE.items()))
+def test_profile_lines_read_without_argparse_are_read_as_argparse_reads_them(
+    argv: tuple[str, ...], as_json: bool
+) -> None:
+    assert vars(cli._parser().parse_args(argv)) == {"command": "profile", "json": as_json}
 
 
 def test_bad_environment_setting_is_refused_with_its_name() -> None:
