@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import gc
 import os
 import sys
@@ -15,23 +14,21 @@ from hal import __version__
 from hal.errors import BadConfig, HalError
 
 if TYPE_CHECKING:
+    import argparse
+
     from agent.config import AgentConfig
     from hal.backend import HalConfig
+    from hal.profile import PendingProfile
+    from hal.types import Profile
 
 __all__ = ["main"]
 
 EXIT_USAGE = 2
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse, with errors that carry a stable code."""
-
-    def error(self, message: str) -> NoReturn:
-        self.print_usage(sys.stderr)
-        self.exit(EXIT_USAGE, f"{self.prog}: error [bad_argument]: {message}\n")
-
-
 def _positive_float(text: str) -> float:
+    import argparse
+
     try:
         value = float(text)
     except ValueError:
@@ -42,6 +39,8 @@ def _positive_float(text: str) -> float:
 
 
 def _count(text: str) -> int:
+    import argparse
+
     try:
         value = int(text)
     except ValueError:
@@ -52,6 +51,16 @@ def _count(text: str) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
+    # argparse is imported only now: `gpu-agent profile` starts its discovery first.
+    import argparse
+
+    class _Parser(argparse.ArgumentParser):
+        """argparse, with errors that carry a stable code."""
+
+        def error(self, message: str) -> NoReturn:
+            self.print_usage(sys.stderr)
+            self.exit(EXIT_USAGE, f"{self.prog}: error [bad_argument]: {message}\n")
+
     parser = _Parser(prog="gpu-agent", description="Lend this machine's GPUs to a compute network.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -126,13 +135,15 @@ def _parser() -> argparse.ArgumentParser:
     show = keys_commands.add_parser("show", help="print the node id and public key")
     show.add_argument("--state-dir", type=Path, default=_default_state_dir())
 
-    from agent.control_cli import add_commands
+    from agent.control_args import add_commands
 
     add_commands(commands, _Parser)
     return parser
 
 
 def _public_key(text: str) -> bytes:
+    import argparse
+
     from agent.protocol import crypto
 
     try:
@@ -159,12 +170,15 @@ def _default_state_dir() -> Path:
 
 
 def _profile(config: HalConfig, args: argparse.Namespace) -> int:
-    import msgspec
-
     from hal.profile import take_profile
 
-    profile = take_profile(config)
-    if args.json:
+    return _show_profile(take_profile(config), args.json)
+
+
+def _show_profile(profile: Profile, as_json: bool) -> int:
+    import msgspec
+
+    if as_json:
         sys.stdout.buffer.write(msgspec.json.format(msgspec.json.encode(profile)) + b"\n")
     else:
         from agent.render import render_profile
@@ -315,6 +329,8 @@ def _keys(config: HalConfig, args: argparse.Namespace) -> int:
     return 0
 
 
+# A new subcommand: its arguments in _parser(), its function here, and its name in
+# _ONE_SHOT if it ends on its own.
 _COMMANDS: dict[str, Callable[[HalConfig, argparse.Namespace], int]] = {
     "profile": _profile,
     "sample": _sample,
@@ -333,28 +349,75 @@ _COMMANDS: dict[str, Callable[[HalConfig, argparse.Namespace], int]] = {
 _ONE_SHOT = frozenset({"profile", "doctor", "keys"})
 
 
+# The `profile` command lines that need no parser, each with its `--json`: argparse and
+# the shutil, gettext and locale it imports take about 5 ms, a tenth of the command.
+# tests/test_cli.py checks that argparse reads them the same.
+_PLAIN_PROFILE = {("profile",): False, ("profile", "--json"): True}
+
+
+def _start_early(argv: Sequence[str]) -> PendingProfile | None:
+    """Start what `gpu-agent profile` waits for (Docker, GPU discovery) before parsing.
+
+    The engine gets its question before msgspec is imported, and the discovery children
+    fork before argparse is: they work while this process goes on alone. The caller stops
+    them when the command line turns out not to run `profile` (a usage error, ``--help``).
+    """
+    if list(argv[:1]) != ["profile"]:
+        return None
+    from hal.runtime import RuntimeProbe, docker_socket
+
+    runtime = RuntimeProbe(docker_socket(os.environ))
+    try:
+        from hal.backend import HalConfig
+        from hal.profile import PendingProfile
+
+        return PendingProfile(HalConfig.from_env(), runtime)
+    except BadConfig:
+        runtime.close()
+        return None  # reported after parsing, as for every command
+    except BaseException:
+        runtime.close()
+        raise
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; return the exit status."""
+    if argv is None:
+        argv = sys.argv[1:]
     collecting = gc.isenabled()
     gc.disable()
     one_shot = False
+    early = None
     try:
+        early = _start_early(argv)
+        if early is not None and tuple(argv) in _PLAIN_PROFILE:
+            one_shot = True
+            return _show_profile(early.result(), _PLAIN_PROFILE[tuple(argv)])
         args = _parser().parse_args(argv)
         one_shot = args.command in _ONE_SHOT
         if collecting and not one_shot:
             gc.enable()
-        from agent.control_cli import run_command
+        from agent.control_args import COMMANDS
 
-        # The control commands talk to the daemon only: no HAL settings to read.
-        if (status := run_command(args)) is not None:
+        if args.command in COMMANDS:
+            # The control commands talk to the daemon only: no HAL settings to read.
+            from agent.control_cli import run_command
+
+            status = run_command(args)
+            assert status is not None
             return status
         from hal.backend import HalConfig
 
-        return _COMMANDS[args.command](HalConfig.from_env(), args)
+        config = HalConfig.from_env()
+        if early is not None and args.command == "profile":
+            return _show_profile(early.result(), args.json)
+        return _COMMANDS[args.command](config, args)
     except (HalError, AgentError) as exc:
         print(f"gpu-agent: error [{exc.code}]: {exc.detail}", file=sys.stderr)
         return EXIT_USAGE if isinstance(exc, BadConfig | ConfigError) else 1
     finally:
+        if early is not None:
+            early.close()
         if collecting and not gc.isenabled():
             if one_shot:
                 gc.freeze()

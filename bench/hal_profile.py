@@ -43,14 +43,20 @@ def eight_gpu_library(out_dir: Path) -> Path:
     return build.build_library(build.replicate(build.parse_capture(CAPTURE), GPUS), out_dir)
 
 
-def wall_times(argv: list[str], env: dict[str, str], runs: int) -> list[float]:
-    """Wall time of each of ``runs`` runs of a command, after one warm-up run."""
-    subprocess.run(argv, env=env, check=True, capture_output=True)
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
+def wall_times(argvs: list[list[str]], env: dict[str, str], runs: int) -> list[list[float]]:
+    """Wall times of ``runs`` runs of each command, after one warm-up run of each.
+
+    The commands take turns, so that a load that comes and goes on the machine weighs on
+    each of them alike instead of on whichever ran while it lasted.
+    """
+    for argv in argvs:
         subprocess.run(argv, env=env, check=True, capture_output=True)
-        times.append(time.perf_counter() - start)
+    times: list[list[float]] = [[] for _ in argvs]
+    for _ in range(runs):
+        for argv, taken in zip(argvs, times, strict=True):
+            start = time.perf_counter()
+            subprocess.run(argv, env=env, check=True, capture_output=True)
+            taken.append(time.perf_counter() - start)
     return times
 
 
@@ -59,18 +65,28 @@ def installed_venv(path: Path) -> Path:
 
     The development venv is slower to start: its editable-install hook runs at every
     interpreter start, and its test tools pull typing_extensions into msgspec's import.
+    The dependencies are installed once; the agent itself at every run, so that what is
+    timed is the code in this tree, not the code of the first run.
     """
+    pip = [str(path / "bin" / "pip"), "install", "--quiet"]
     if not (path / "bin" / "gpu-agent").exists():
         subprocess.run([sys.executable, "-m", "venv", str(path)], check=True)
-        pip = [str(path / "bin" / "pip"), "install", "--quiet"]
         subprocess.run([*pip, str(ROOT)], check=True)
+    else:
+        subprocess.run([*pip, "--no-deps", "--force-reinstall", str(ROOT)], check=True)
     return path
 
 
 def bench_profile(venv: Path, env: dict[str, str], runs: int) -> dict[str, float]:
     """``gpu-agent profile --json`` against the floor of starting Python and psutil."""
-    agent = wall_times([str(venv / "bin" / "gpu-agent"), "profile", "--json"], env, runs)
-    floor = wall_times([str(venv / "bin" / "python"), "-c", "import psutil"], env, runs)
+    agent, floor = wall_times(
+        [
+            [str(venv / "bin" / "gpu-agent"), "profile", "--json"],
+            [str(venv / "bin" / "python"), "-c", "import psutil"],
+        ],
+        env,
+        runs,
+    )
     prefix = "dev_" if venv == ROOT / ".venv" else ""
     return {
         f"{prefix}profile_median_s": statistics.median(agent),

@@ -48,8 +48,9 @@ class HalConfig(msgspec.Struct, frozen=True, kw_only=True):
         Raises:
             BadConfig: a variable holds a value that cannot be used.
         """
+        from hal.runtime import docker_socket
+
         env = os.environ
-        docker_host = env.get("DOCKER_HOST", "unix:///var/run/docker.sock")
         return cls(
             sysfs_root=Path(env.get("GPU_AGENT_SYSFS_ROOT", "/sys")),
             dev_root=Path(env.get("GPU_AGENT_DEV_ROOT", "/dev")),
@@ -57,7 +58,7 @@ class HalConfig(msgspec.Struct, frozen=True, kw_only=True):
             nvml_library=env.get("GPU_AGENT_NVML_LIB") or None,
             discovery_timeout_s=_positive(env, "GPU_AGENT_DISCOVERY_TIMEOUT", 10.0),
             rocm_path=Path(env.get("ROCM_PATH", "/opt/rocm")),
-            docker_socket=Path(docker_host.removeprefix("unix://")),
+            docker_socket=docker_socket(env),
         )
 
 

@@ -49,7 +49,7 @@ def host_profile(
 
 def _runtime(config: HalConfig, runtime: RuntimeInfo | RuntimeProbe | None) -> RuntimeInfo:
     if isinstance(runtime, RuntimeProbe):
-        return runtime.result()
+        return runtime.result(config.cdi_dirs)
     return runtime or runtime_info(config.docker_socket, config.cdi_dirs)
 
 

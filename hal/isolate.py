@@ -29,7 +29,8 @@ _EX_SOFTWARE = 70
 class Isolated:
     """Functions running in forked children, one each, all started at once.
 
-    Start them, do other work meanwhile, then collect with :meth:`results`.
+    Start them, do other work meanwhile, then collect with :meth:`results` (or give them up
+    with :meth:`close`).
     """
 
     def __init__(self, fns: Sequence[Callable[[], bytes]], timeout_s: float) -> None:
@@ -65,7 +66,8 @@ class Isolated:
                         selector.unregister(fd)
                         open_fds.discard(fd)
         results: list[bytes | DiscoveryFailed] = []
-        for pid, fd in self._children:
+        while self._children:
+            pid, fd = self._children.pop(0)
             os.close(fd)
             if fd in open_fds:
                 os.kill(pid, signal.SIGKILL)
@@ -77,8 +79,15 @@ class Isolated:
             _, status = os.waitpid(pid, 0)
             failure = _failure(status)
             results.append(failure if failure is not None else b"".join(buffers[fd]))
-        self._children = []
         return results
+
+    def close(self) -> None:
+        """Kill the children whose results were not collected, for a caller that gave up."""
+        for pid, fd in self._children:
+            os.close(fd)
+            os.kill(pid, signal.SIGKILL)  # a child that already exited is a zombie: still ours
+            _reap_later(pid)
+        self._children = []
 
 
 # Children killed after a timeout that have not died yet: one stuck in the kernel inside a

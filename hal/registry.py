@@ -21,7 +21,7 @@ import msgspec
 from hal.backend import Backend, HalConfig
 from hal.errors import DiscoveryFailed, HalError
 from hal.isolate import Isolated
-from hal.sysfs import cards_bound_to, no_cards
+from hal.sysfs import driver_name, drm_cards, no_cards
 from hal.types import (
     BackendReport,
     GpuProfile,
@@ -110,7 +110,10 @@ class PendingDiscovery:
 
     def __init__(self, config: HalConfig) -> None:
         self._names = [name for name in config.backends if name in BACKENDS]
-        self._absent = {name: _absent(name, config) for name in self._names}
+        # One walk of class/drm answers every backend that needs a bound card.
+        needs_card = any(BACKENDS[name].drm_drivers for name in self._names)
+        bound = _bound_drivers(config) if needs_card else set()
+        self._absent = {name: _absent(name, config, bound) for name in self._names}
         self._children = Isolated(
             [partial(_discover_one, n, config) for n in self._names if self._absent[n] is None],
             config.discovery_timeout_s,
@@ -121,11 +124,20 @@ class PendingDiscovery:
         results = iter(self._children.results())
         return _collect([(name, self._absent[name] or next(results)) for name in self._names])
 
+    def close(self) -> None:
+        """Stop the discovery children if :meth:`result` was not called."""
+        self._children.close()
 
-def _absent(name: str, config: HalConfig) -> HalError | None:
+
+def _bound_drivers(config: HalConfig) -> set[str]:
+    """The DRM drivers some card is bound to."""
+    return {d for card in drm_cards(config.sysfs_root) if (d := driver_name(card / "device"))}
+
+
+def _absent(name: str, config: HalConfig, bound: set[str]) -> HalError | None:
     """Why a backend need not run, when that can be told without touching a device."""
     drivers = BACKENDS[name].drm_drivers
-    if drivers and not cards_bound_to(config.sysfs_root, drivers):
+    if drivers and bound.isdisjoint(drivers):
         return no_cards(config.sysfs_root, drivers)
     return None
 

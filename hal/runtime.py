@@ -1,32 +1,40 @@
 """The container runtime around the host: is Docker reachable, can it hand out NVIDIA GPUs?
 
-Kept apart from :mod:`hal.host` (and from psutil): the engine takes milliseconds to answer,
-so a profile sends its question first (:class:`RuntimeProbe`) and reads the answer after
-everything else.
+Kept apart from :mod:`hal.host` (and from psutil): the engine takes milliseconds of its own
+CPU to answer ``/info``, so a profile sends its question first (:class:`RuntimeProbe`) and
+reads the answer after everything else. Sending needs only the socket module: msgspec and
+the HAL types are imported when the answer is read, so that a caller can ask before it
+imports them.
 """
 
 from __future__ import annotations
 
-import shutil
 import socket
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from types import TracebackType
+from typing import TYPE_CHECKING
 
-import msgspec
+if TYPE_CHECKING:
+    from hal.types import RuntimeInfo, Unavailable
 
-from hal.types import Reading, RuntimeInfo, Unavailable
+__all__ = ["RuntimeProbe", "docker_socket", "runtime_info"]
 
-__all__ = ["RuntimeProbe", "runtime_info"]
-
+_DOCKER_HOST_DEFAULT = "unix:///var/run/docker.sock"
 _DOCKER_TIMEOUT_S = 1.0
 _TOOLKIT_BINARIES = ("nvidia-ctk", "nvidia-container-runtime", "nvidia-container-toolkit")
 
 
+def docker_socket(env: Mapping[str, str]) -> Path:
+    """The Docker engine's unix socket, as ``DOCKER_HOST`` names it (as the docker CLI reads it)."""
+    return Path(env.get("DOCKER_HOST", _DOCKER_HOST_DEFAULT).removeprefix("unix://"))
+
+
 def runtime_info(docker_socket: Path, cdi_dirs: tuple[Path, ...]) -> RuntimeInfo:
     """Is Docker reachable, and can it hand NVIDIA GPUs to containers?"""
-    with RuntimeProbe(docker_socket, cdi_dirs) as probe:
-        return probe.result()
+    with RuntimeProbe(docker_socket) as probe:
+        return probe.result(cdi_dirs)
 
 
 class RuntimeProbe:
@@ -37,13 +45,16 @@ class RuntimeProbe:
     manager) so that an unread answer does not hold its socket open.
     """
 
-    def __init__(self, docker_socket: Path, cdi_dirs: tuple[Path, ...]) -> None:
-        self._docker_socket = docker_socket
-        self._cdi_dirs = cdi_dirs
+    def __init__(self, docker_socket: Path) -> None:
+        self.docker_socket = docker_socket
         self._request = _DockerRequest(docker_socket, "/info")
 
-    def result(self) -> RuntimeInfo:
-        """What the engine answered, with the toolkit and CDI specs found on this host."""
+    def result(self, cdi_dirs: tuple[Path, ...]) -> RuntimeInfo:
+        """What the engine answered, with the toolkit and the CDI specs in ``cdi_dirs``."""
+        import shutil
+
+        from hal.types import Reading, RuntimeInfo, Unavailable
+
         toolkit = next((p for p in map(shutil.which, _TOOLKIT_BINARIES) if p), None)
         docker = self._request.response()
         if isinstance(docker, dict):
@@ -62,7 +73,7 @@ class RuntimeProbe:
             docker_runtimes=runtimes,
             docker_cdi=cdi,
             nvidia_container_toolkit=toolkit or Unavailable("not_installed"),
-            cdi_specs=_nvidia_cdi_specs(self._cdi_dirs),
+            cdi_specs=_nvidia_cdi_specs(cdi_dirs),
         )
 
     def close(self) -> None:
@@ -90,6 +101,7 @@ class _DockerRequest:
     def __init__(self, sock_path: Path, path: str) -> None:
         self._sock_path = sock_path
         self._sock: socket.socket | None = None
+        self._failed: OSError | None = None
         self._answer: dict[str, object] | Unavailable | None = None
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
@@ -98,7 +110,7 @@ class _DockerRequest:
             sock.sendall(f"GET {path} HTTP/1.0\r\nHost: docker\r\n\r\n".encode())
         except OSError as exc:
             sock.close()
-            self._answer = self._os_error(exc)
+            self._failed = exc
         else:
             self._sock = sock
 
@@ -106,7 +118,7 @@ class _DockerRequest:
         """The engine's JSON answer, or why there is none; reads it on the first call."""
         if self._answer is None:
             try:
-                self._answer = self._read()
+                self._answer = self._os_error(self._failed) if self._failed else self._read()
             finally:
                 self.close()
         return self._answer
@@ -118,7 +130,11 @@ class _DockerRequest:
             self._sock = None
 
     def _read(self) -> dict[str, object] | Unavailable:
-        assert self._sock is not None  # the constructor set an answer when it has no socket
+        import msgspec
+
+        from hal.types import Unavailable
+
+        assert self._sock is not None  # the constructor kept its error when it has no socket
         try:
             response = _recv_all(self._sock)
         except OSError as exc:
@@ -133,6 +149,8 @@ class _DockerRequest:
         return info if isinstance(info, dict) else Unavailable("docker_error", "unexpected answer")
 
     def _os_error(self, exc: OSError) -> Unavailable:
+        from hal.types import Unavailable
+
         if isinstance(exc, PermissionError):
             return Unavailable("permission_denied", f"cannot open {self._sock_path}")
         if isinstance(exc, FileNotFoundError | ConnectionRefusedError):

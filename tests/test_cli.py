@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import msgspec
 import pytest
+from conftest import XML
 
+from agent import cli
 from hal.types import Profile, Sample
 
 
@@ -49,6 +55,53 @@ def test_bad_arguments_get_a_coded_error_and_exit_2(args: list[str], message: st
     assert "error [bad_argument]" in result.stderr
     assert message in result.stderr
     assert result.stdout == ""
+
+
+@pytest.mark.parametrize(("args", "status"), [(["--bogus"], 2), (["--help"], 0)])
+def test_profile_that_does_not_run_stops_the_discovery_it_started(
+    args: list[str], status: int, library_for: Callable[[Path], Path], tmp_path: Path
+) -> None:
+    """`profile` starts discovery before parsing; a usage error or --help must end it."""
+    env = {
+        **os.environ,
+        "GPU_AGENT_NVML_LIB": str(library_for(XML / "dual_a5000-v13.xml")),
+        "GPU_AGENT_DISCOVERY_TIMEOUT": "600",
+        "FAKENVML_INIT_HANG": "1",
+        "DOCKER_HOST": f"unix://{tmp_path / 'docker.sock'}",
+    }
+    # Its own process group: a discovery child left behind would still be in it.
+    shown = subprocess.Popen(
+        [sys.executable, "-m", "agent.cli", "profile", *args],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        env=env,
+        start_new_session=True,
+    )
+    try:
+        _, stderr = shown.communicate(timeout=60)
+        assert shown.returncode == status, stderr
+        assert _group_ends(shown.pid)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(shown.pid, signal.SIGKILL)
+
+
+def _group_ends(pgid: int) -> bool:
+    """Whether process group ``pgid`` is gone, or goes within 5 s (a zombie being reaped)."""
+    for _ in range(100):
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.05)
+    return False
+
+
+@pytest.mark.parametrize(("argv", "as_json"), list(cli._PLAIN_PROFILE.items()))
+def test_profile_lines_read_without_argparse_are_read_as_argparse_reads_them(
+    argv: tuple[str, ...], as_json: bool
+) -> None:
+    assert vars(cli._parser().parse_args(argv)) == {"command": "profile", "json": as_json}
 
 
 def test_bad_environment_setting_is_refused_with_its_name() -> None:

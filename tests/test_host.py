@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import socket
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,7 +14,7 @@ import pytest
 
 from hal.backend import HalConfig
 from hal.host import host_profile, host_sample
-from hal.runtime import runtime_info
+from hal.runtime import RuntimeProbe, docker_socket, runtime_info
 from hal.types import Unavailable
 
 
@@ -81,6 +82,27 @@ def test_engine_answering_an_error_is_reported(tmp_path: Path) -> None:
         runtime = runtime_info(sock, ())
     assert isinstance(runtime.docker_reachable, Unavailable)
     assert runtime.docker_reachable.reason == "docker_error"
+
+
+def test_probe_asks_when_made_and_the_answer_is_read_later(tmp_path: Path) -> None:
+    sock = tmp_path / "docker.sock"
+    for requests in _serve_once(sock, "200 OK", b'{"ServerVersion": "27.1.0"}'):
+        with RuntimeProbe(sock) as probe:
+            for _ in range(500):  # the engine has the question before anyone waits for it
+                if requests:
+                    break
+                time.sleep(0.01)
+            assert requests[0].startswith(b"GET /info HTTP/1.0\r\n")
+            runtime = probe.result(())
+    assert runtime.docker_version == "27.1.0"
+    assert runtime.docker_runtimes == []
+
+
+def test_docker_host_names_the_engine_socket() -> None:
+    assert docker_socket({}) == Path("/var/run/docker.sock")
+    assert docker_socket({"DOCKER_HOST": "unix:///run/user/1000/docker.sock"}) == Path(
+        "/run/user/1000/docker.sock"
+    )
 
 
 def test_only_cdi_specs_naming_nvidia_gpus_are_listed(tmp_path: Path) -> None:

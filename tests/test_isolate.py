@@ -6,6 +6,8 @@ import os
 import signal
 import time
 
+import psutil
+
 from hal.errors import DiscoveryFailed
 from hal.isolate import Isolated
 
@@ -62,3 +64,17 @@ def test_timed_out_child_is_killed_and_reaped() -> None:
     except ChildProcessError:
         pid = 0
     assert pid == 0
+
+
+def test_closing_kills_and_reaps_children_whose_results_were_not_taken() -> None:
+    before = _children()
+    isolated = Isolated([_hang, _hang], 600)
+    started = _children() - before
+    isolated.close()
+    assert len(started) == 2
+    assert not started & _children()
+
+
+def _children() -> set[int]:
+    """This process's children, zombies (killed but not reaped) included."""
+    return {child.pid for child in psutil.Process().children()}

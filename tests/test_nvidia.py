@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import msgspec
+import psutil
 import pytest
 from conftest import CAPTURES, SYSFS, TXT, XML
 from fakenvml import build
@@ -23,6 +24,7 @@ from sysfs_trees import add_pci_gpu, add_render_node
 from hal.backend import HalConfig
 from hal.backends.nvidia import NvidiaBackend, normalise_bus_id
 from hal.errors import BackendUnavailable
+from hal.profile import PendingProfile
 from hal.registry import Hal, discover
 from hal.types import UNSUPPORTED, GpuProfile, GpuSample, Profile, Reading, Unavailable
 
@@ -262,6 +264,23 @@ def test_hanging_driver_times_out_and_other_vendors_are_still_found(
     assert (reports["nvml"].status, reports["nvml"].code) == ("failed", "timeout")
     assert reports["intel"].status == "ok"
     assert {g.vendor for g in found.gpus} == {"amd", "intel"}
+
+
+def test_profile_given_up_before_its_result_stops_the_hanging_discovery(
+    library_for: Callable[[Path], Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("FAKENVML_INIT_HANG", "1")
+    config = _config(
+        library_for(DUAL_A5000),
+        tmp_path,
+        discovery_timeout_s=600.0,
+        docker_socket=tmp_path / "docker.sock",
+    )
+    before = {child.pid for child in psutil.Process().children()}
+    with PendingProfile(config):
+        discovering = {child.pid for child in psutil.Process().children()} - before
+    assert len(discovering) == 1
+    assert not discovering & {child.pid for child in psutil.Process().children()}
 
 
 def test_crashing_driver_is_reported_and_the_caller_lives(

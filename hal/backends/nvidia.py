@@ -65,9 +65,8 @@ _THROTTLE_REASONS = (
 _BACKOFF_FIRST_S = 1.0
 _BACKOFF_MAX_S = 60.0
 
-_READING_FIELDS = tuple(
-    f.name for f in msgspec.structs.fields(GpuSample) if f.name not in ("id", "state")
-)
+# The names alone: msgspec.structs.fields() would also resolve every field's type hints.
+_READING_FIELDS = tuple(name for name in GpuSample.__struct_fields__ if name not in ("id", "state"))
 
 
 def normalise_bus_id(nvml_bus_id: str) -> str:
