@@ -7,10 +7,13 @@ import shutil
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from fakenvml import build
 from images import build_busybox_image
+
+from hal.backend import HalConfig
 
 # shared/ lies beside the repository, on a developer's machine and in CI alike.
 FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
@@ -98,3 +101,31 @@ def require_runtime(runtime: str) -> None:
     if os.environ.get("GPU_AGENT_REQUIRE_DOCKER") == "1":
         pytest.fail(reason)
     pytest.skip(reason)
+
+
+def nvml_config(library: Path, tmp_path: Path, **overrides: Any) -> HalConfig:
+    """HAL settings for the NVML backend alone, on a fake library, with empty trees."""
+    settings: dict[str, Any] = {
+        "nvml_library": str(library),
+        "sysfs_root": tmp_path / "sys",
+        "dev_root": tmp_path / "dev",
+        "backends": ("nvml",),
+    }
+    settings.update(overrides)
+    return HalConfig(**settings)
+
+
+def write_control(path: Path, text: str) -> None:
+    """Give the fake NVML new faults or events (tests/fakenvml/build.py, control file)."""
+    # The fake re-reads its control file when the inode changes: replace, do not rewrite.
+    staging = path.with_suffix(".new")
+    staging.write_text(text)
+    os.replace(staging, path)
+
+
+@pytest.fixture
+def control(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The fake NVML's control file, named in ``FAKENVML_CONTROL`` (absent: no faults)."""
+    path = tmp_path / "control"
+    monkeypatch.setenv("FAKENVML_CONTROL", str(path))
+    return path

@@ -20,7 +20,7 @@ from typing import Any
 
 import msgspec
 import pytest
-from conftest import XML
+from conftest import XML, write_control
 from test_link import _free_port
 
 from agent.control_client import ControlClient
@@ -259,10 +259,7 @@ async def test_a_critical_xid_marks_the_gpu_unhealthy_and_the_coordinator_is_tol
     assert set(unit_health().values()) == {("healthy", "")}
     # An application's own fault (Xid 13) leaves the GPU healthy; Xid 79 (fallen off the
     # bus) does not. The fake NVML posts events written to its control file.
-    control = loop.workdir / "nvml-control"
-    staging = control.with_suffix(".new")
-    staging.write_text("xid 0 13\nxid 1 79\n")
-    os.replace(staging, control)
+    write_control(loop.workdir / "nvml-control", "xid 0 13\nxid 1 79\n")
     await loop.until(lambda: unit_health()[second][0] == "unhealthy", "the GPU marked unhealthy")
     assert unit_health() == {first: ("healthy", ""), second: ("unhealthy", "xid_79")}
 

@@ -17,11 +17,10 @@ from typing import Any
 import msgspec
 import psutil
 import pytest
-from conftest import CAPTURES, SYSFS, TXT, XML
+from conftest import CAPTURES, SYSFS, TXT, XML, nvml_config, write_control
 from fakenvml import build
 from sysfs_trees import add_pci_gpu, add_render_node
 
-from hal.backend import HalConfig
 from hal.backends.nvidia import NvidiaBackend, normalise_bus_id
 from hal.errors import BackendUnavailable
 from hal.profile import PendingProfile
@@ -37,17 +36,6 @@ def _expected(value: Any, convert: Callable[[Any], Any] = lambda v: v) -> Readin
     return UNSUPPORTED if value is None else convert(value)
 
 
-def _config(library: Path, tmp_path: Path, **overrides: Any) -> HalConfig:
-    settings: dict[str, Any] = {
-        "nvml_library": str(library),
-        "sysfs_root": tmp_path / "sys",
-        "dev_root": tmp_path / "dev",
-        "backends": ("nvml",),
-    }
-    settings.update(overrides)
-    return HalConfig(**settings)
-
-
 @pytest.fixture
 def backend_for(
     library_for: Callable[[Path], Path], tmp_path: Path
@@ -56,7 +44,7 @@ def backend_for(
     opened: list[NvidiaBackend] = []
 
     def backend(capture: Path) -> NvidiaBackend:
-        nvidia = NvidiaBackend(_config(library_for(capture), tmp_path))
+        nvidia = NvidiaBackend(nvml_config(library_for(capture), tmp_path))
         nvidia.open()
         opened.append(nvidia)
         return nvidia
@@ -75,7 +63,7 @@ def test_profile_matches_the_capture(
     capture_path: Path, library_for: Callable[[Path], Path], tmp_path: Path
 ) -> None:
     capture = build.parse_capture(capture_path)
-    found = discover(_config(library_for(capture_path), tmp_path))
+    found = discover(nvml_config(library_for(capture_path), tmp_path))
     (report,) = found.backends
     assert report.status == "ok", report
     assert report.versions["driver"] == str(_expected(capture.driver_version))
@@ -115,7 +103,7 @@ def test_recorded_values_spot_check_rtx_3090() -> None:
 def test_mig_instances_are_children_of_their_gpu(
     library_for: Callable[[Path], Path], tmp_path: Path
 ) -> None:
-    found = discover(_config(library_for(H100_MIG), tmp_path))
+    found = discover(nvml_config(library_for(H100_MIG), tmp_path))
     (parent,) = _physical(found.gpus)
     migs = [g for g in found.gpus if g.kind == "mig"]
     assert parent.mig_enabled is True
@@ -191,32 +179,25 @@ def test_lost_gpu_is_reported_lost_and_recovered_with_backoff(
 ) -> None:
     control = tmp_path / "control"
     monkeypatch.setenv("FAKENVML_CONTROL", str(control))
-    nvidia = NvidiaBackend(_config(library_for(DUAL_A5000), tmp_path))
+    nvidia = NvidiaBackend(nvml_config(library_for(DUAL_A5000), tmp_path))
     nvidia.open()
     try:
         assert [s.state for s in nvidia.sample(now=100.0)] == ["ok", "ok"]
 
-        _write_control(control, "lost 0\n")
+        write_control(control, "lost 0\n")
         lost, other = nvidia.sample(now=100.0)
         assert (lost.state, other.state) == ("lost", "ok")
         assert isinstance(lost.temperature_c, Unavailable)
         assert lost.temperature_c.reason == "gpu_lost"
 
         assert nvidia.sample(now=101.0)[0].state == "lost"  # retried after 1 s: still gone
-        _write_control(control, "")
+        write_control(control, "")
         assert nvidia.sample(now=102.0)[0].state == "lost"  # next retry waits 2 s more
         recovered = nvidia.sample(now=103.0)[0]
         assert recovered.state == "ok"
         assert isinstance(recovered.temperature_c, float)
     finally:
         nvidia.close()
-
-
-def _write_control(path: Path, text: str) -> None:
-    # The fake re-reads its control file when the inode changes: replace, do not rewrite.
-    staging = path.with_suffix(".new")
-    staging.write_text(text)
-    os.replace(staging, path)
 
 
 @pytest.mark.parametrize(
@@ -236,7 +217,7 @@ def test_init_failure_is_reported_with_its_code(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setenv("FAKENVML_INIT_RESULT", init_result)
-    found = discover(_config(library_for(DUAL_A5000), tmp_path))
+    found = discover(nvml_config(library_for(DUAL_A5000), tmp_path))
     assert found.gpus == []
     (report,) = found.backends
     assert (report.status, report.code) == ("unavailable", code)
@@ -244,7 +225,7 @@ def test_init_failure_is_reported_with_its_code(
 
 def test_missing_library_is_library_missing(tmp_path: Path) -> None:
     with pytest.raises(BackendUnavailable) as missing:
-        NvidiaBackend(_config(tmp_path / "nowhere" / "libnvidia-ml.so.1", tmp_path)).open()
+        NvidiaBackend(nvml_config(tmp_path / "nowhere" / "libnvidia-ml.so.1", tmp_path)).open()
     assert missing.value.code == "library_missing"
 
 
@@ -252,7 +233,7 @@ def test_hanging_driver_times_out_and_other_vendors_are_still_found(
     library_for: Callable[[Path], Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("FAKENVML_INIT_HANG", "1")
-    config = _config(
+    config = nvml_config(
         library_for(DUAL_A5000),
         tmp_path,
         sysfs_root=SYSFS,
@@ -270,7 +251,7 @@ def test_profile_given_up_before_its_result_stops_the_hanging_discovery(
     library_for: Callable[[Path], Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("FAKENVML_INIT_HANG", "1")
-    config = _config(
+    config = nvml_config(
         library_for(DUAL_A5000),
         tmp_path,
         discovery_timeout_s=600.0,
@@ -287,7 +268,7 @@ def test_crashing_driver_is_reported_and_the_caller_lives(
     library_for: Callable[[Path], Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("FAKENVML_INIT_CRASH", "1")
-    (report,) = discover(_config(library_for(DUAL_A5000), tmp_path)).backends
+    (report,) = discover(nvml_config(library_for(DUAL_A5000), tmp_path)).backends
     assert (report.status, report.code) == ("failed", "crashed")
     assert "SIGSEGV" in report.detail
 
@@ -295,7 +276,7 @@ def test_crashing_driver_is_reported_and_the_caller_lives(
 def test_driver_without_batched_fields_is_sampled_call_by_call(tmp_path: Path) -> None:
     capture = build.parse_capture(DUAL_A5000)
     library = build.build_library(capture, tmp_path / "lib", omit=["nvmlDeviceGetFieldValues"])
-    nvidia = NvidiaBackend(_config(library, tmp_path))
+    nvidia = NvidiaBackend(nvml_config(library, tmp_path))
     nvidia.open()
     try:
         sample = nvidia.sample(now=0.0)[0]
@@ -320,7 +301,7 @@ def test_render_node_and_numa_node_come_from_sysfs(
         device_files={"numa_node": 1},
     )
     add_render_node(tmp_path / "dev", 128)
-    found = discover(_config(library_for(DUAL_A5000), tmp_path))
+    found = discover(nvml_config(library_for(DUAL_A5000), tmp_path))
     first, second = found.gpus
     assert first.render_node == str(tmp_path / "dev" / "dri" / "renderD128")
     assert first.numa_node == 1
@@ -330,7 +311,7 @@ def test_render_node_and_numa_node_come_from_sysfs(
 def test_hal_samples_what_discovery_found(
     library_for: Callable[[Path], Path], tmp_path: Path
 ) -> None:
-    hal = Hal(_config(library_for(DUAL_A5000), tmp_path))
+    hal = Hal(nvml_config(library_for(DUAL_A5000), tmp_path))
     try:
         discovery = hal.open()
         samples = hal.sample()
@@ -368,9 +349,9 @@ def test_gpu_lost_during_discovery_is_reported_and_the_others_still_found(
     library_for: Callable[[Path], Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     control = tmp_path / "control"
-    _write_control(control, "lost 0\n")
+    write_control(control, "lost 0\n")
     monkeypatch.setenv("FAKENVML_CONTROL", str(control))
-    found = discover(_config(library_for(DUAL_A5000), tmp_path))
+    found = discover(nvml_config(library_for(DUAL_A5000), tmp_path))
     (report,) = found.backends
     assert report.status == "ok"
     lost, healthy = found.gpus

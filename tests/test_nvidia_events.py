@@ -5,7 +5,6 @@ libnvidia-ml.so.1, whose control file injects the events (see tests/fakenvml/bui
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -13,11 +12,11 @@ from typing import Any, ClassVar
 
 import pynvml
 import pytest
-from conftest import SYSFS, TXT, XML
+from conftest import SYSFS, TXT, XML, nvml_config, write_control
 from factories import gpu
 from fakenvml import build
 
-from hal.backend import Backend, HalConfig
+from hal.backend import Backend
 from hal.backends import nvml_lib
 from hal.backends.nvidia import NvidiaBackend, normalise_bus_id
 from hal.backends.nvml_events import MAX_EVENTS_PER_DRAIN
@@ -33,32 +32,6 @@ XID = pynvml.nvmlEventTypeXidCriticalError
 NO_INSTANCE = 0xFFFFFFFF
 
 
-def _config(library: Path, tmp_path: Path, **overrides: Any) -> HalConfig:
-    settings: dict[str, Any] = {
-        "nvml_library": str(library),
-        "sysfs_root": tmp_path / "sys",
-        "dev_root": tmp_path / "dev",
-        "backends": ("nvml",),
-    }
-    settings.update(overrides)
-    return HalConfig(**settings)
-
-
-def _write_control(path: Path, text: str) -> None:
-    # The fake re-reads its control file when the inode changes: replace, do not rewrite.
-    staging = path.with_suffix(".new")
-    staging.write_text(text)
-    os.replace(staging, path)
-
-
-@pytest.fixture
-def control(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """The fake's control file (absent until a test writes it)."""
-    path = tmp_path / "control"
-    monkeypatch.setenv("FAKENVML_CONTROL", str(path))
-    return path
-
-
 @pytest.fixture
 def open_backend(
     library_for: Callable[[Path], Path], tmp_path: Path, control: Path
@@ -67,7 +40,7 @@ def open_backend(
     opened: list[NvidiaBackend] = []
 
     def backend(capture: Path) -> NvidiaBackend:
-        nvidia = NvidiaBackend(_config(library_for(capture), tmp_path))
+        nvidia = NvidiaBackend(nvml_config(library_for(capture), tmp_path))
         nvidia.open()
         opened.append(nvidia)
         return nvidia
@@ -93,7 +66,7 @@ def test_injected_xid_is_one_event_for_that_gpu(
 ) -> None:
     nvidia = open_backend(DUAL_A5000)
     before = time.time()
-    _write_control(control, "xid 1 79\n")
+    write_control(control, "xid 1 79\n")
     (event,) = nvidia.events()
     after = time.time()
     assert (event.gpu_id, event.kind, event.code, event.detail) == (A5000_UUIDS[1], "xid", 79, "")
@@ -105,7 +78,7 @@ def test_several_events_are_drained_in_one_call_in_order(
     open_backend: Callable[[Path], NvidiaBackend], control: Path
 ) -> None:
     nvidia = open_backend(DUAL_A5000)
-    _write_control(control, "xid 0 48\nxid 1 79\nxid 0 94\n")
+    write_control(control, "xid 0 48\nxid 1 79\nxid 0 94\n")
     assert _codes(nvidia.events()) == [
         (A5000_UUIDS[0], 48),
         (A5000_UUIDS[1], 79),
@@ -125,7 +98,7 @@ def test_draining_never_blocks_and_takes_one_wait_per_event_and_one_more(
         return wait(event_set, timeout_ms)
 
     monkeypatch.setattr(pynvml, "nvmlEventSetWait_v2", recorded_wait)
-    _write_control(control, "xid 0 48\nxid 1 79\n")
+    write_control(control, "xid 0 48\nxid 1 79\n")
     assert len(nvidia.events()) == 2
     assert timeouts == [0, 0, 0]
 
@@ -135,7 +108,7 @@ def test_an_xid_storm_is_drained_over_several_ticks(
 ) -> None:
     nvidia = open_backend(DUAL_A5000)
     count = MAX_EVENTS_PER_DRAIN + 5
-    _write_control(control, "".join(f"xid 0 {13 + i % 2}\n" for i in range(count)))
+    write_control(control, "".join(f"xid 0 {13 + i % 2}\n" for i in range(count)))
     first = nvidia.events()
     second = nvidia.events()
     assert (len(first), len(second)) == (MAX_EVENTS_PER_DRAIN, 5)
@@ -145,9 +118,9 @@ def test_an_xid_storm_is_drained_over_several_ticks(
 def test_gpu_without_event_support_is_skipped(
     open_backend: Callable[[Path], NvidiaBackend], control: Path
 ) -> None:
-    _write_control(control, "noevents 0\n")
+    write_control(control, "noevents 0\n")
     nvidia = open_backend(DUAL_A5000)
-    _write_control(control, "noevents 0\nxid 0 79\nxid 1 48\n")
+    write_control(control, "noevents 0\nxid 0 79\nxid 1 48\n")
     assert _codes(nvidia.events()) == [(A5000_UUIDS[1], 48)]
     assert [s.state for s in nvidia.sample(now=0.0)] == ["ok", "ok"]
 
@@ -157,10 +130,10 @@ def test_driver_without_event_sets_samples_and_reports_no_events(
 ) -> None:
     capture = build.parse_capture(DUAL_A5000)
     library = build.build_library(capture, tmp_path / "lib", omit=["nvmlEventSetCreate"])
-    nvidia = NvidiaBackend(_config(library, tmp_path))
+    nvidia = NvidiaBackend(nvml_config(library, tmp_path))
     nvidia.open()
     try:
-        _write_control(control, "xid 0 79\n")
+        write_control(control, "xid 0 79\n")
         assert nvidia.events() == []
         assert [s.state for s in nvidia.sample(now=0.0)] == ["ok", "ok"]
     finally:
@@ -173,9 +146,9 @@ def test_events_after_close_are_none_and_touch_no_nvml(
     control: Path,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    nvidia = NvidiaBackend(_config(library_for(DUAL_A5000), tmp_path))
+    nvidia = NvidiaBackend(nvml_config(library_for(DUAL_A5000), tmp_path))
     nvidia.open()
-    _write_control(control, "xid 0 79\n")
+    write_control(control, "xid 0 79\n")
     nvidia.sample(now=0.0)  # the fake posts the event to the set: it is queued, not read
     nvidia.close()
     with caplog.at_level(logging.WARNING):
@@ -189,27 +162,27 @@ def test_lost_gpu_ends_the_drain_without_losing_earlier_events(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     nvidia = open_backend(DUAL_A5000)
-    _write_control(control, "xid 1 79\nlost 1\n")
+    write_control(control, "xid 1 79\nlost 1\n")
     with caplog.at_level(logging.WARNING):
         assert _codes(nvidia.events()) == [(A5000_UUIDS[1], 79)]
         assert nvidia.events() == []
     assert caplog.records == []  # a lost GPU is sample()'s to report, not a failure here
     assert [s.state for s in nvidia.sample(now=0.0)] == ["ok", "lost"]
-    _write_control(control, "lost 1\nxid 0 48\n")  # the other GPU's events still come
+    write_control(control, "lost 1\nxid 0 48\n")  # the other GPU's events still come
     assert _codes(nvidia.events()) == [(A5000_UUIDS[0], 48)]
 
 
 def test_gpu_unreadable_at_open_is_watched_once_found_back(
     library_for: Callable[[Path], Path], tmp_path: Path, control: Path
 ) -> None:
-    _write_control(control, "lost 0\n")
-    nvidia = NvidiaBackend(_config(library_for(DUAL_A5000), tmp_path))
+    write_control(control, "lost 0\n")
+    nvidia = NvidiaBackend(nvml_config(library_for(DUAL_A5000), tmp_path))
     nvidia.open()
     try:
-        _write_control(control, "")
+        write_control(control, "")
         recovered, _ = nvidia.sample(now=1.0)
         assert recovered.state == "ok"
-        _write_control(control, "xid 0 79\n")
+        write_control(control, "xid 0 79\n")
         assert _codes(nvidia.events()) == [(recovered.id, 79)]
     finally:
         nvidia.close()
@@ -227,7 +200,7 @@ def test_xid_in_a_mig_instance_is_reported_for_that_instance(
     nvidia = open_backend(H100_MIG)
     parent = build.parse_capture(H100_MIG).gpus[0].uuid
     migs = _mig_ids(H100_MIG)
-    _write_control(control, "xid 0 94 9 0\nxid 0 79\nxid 0 43 5 0\n")
+    write_control(control, "xid 0 94 9 0\nxid 0 79\nxid 0 43 5 0\n")
     events = nvidia.events()
     assert _codes(events) == [(migs[(9, 0)], 94), (parent, 79), (parent, 43)]
     # An instance this agent does not know: the parent, and the ids for a human.
@@ -239,7 +212,7 @@ def test_xid_in_a_gpu_instance_concerns_each_of_its_compute_instances(
 ) -> None:
     nvidia = open_backend(H200_MIG)
     migs = _mig_ids(H200_MIG)
-    _write_control(control, f"xid 0 94 2 {NO_INSTANCE}\n")
+    write_control(control, f"xid 0 94 2 {NO_INSTANCE}\n")
     assert _codes(nvidia.events()) == [(migs[(2, 0)], 94), (migs[(2, 1)], 94)]
 
 
@@ -284,10 +257,10 @@ def test_hal_reports_events_of_a_merged_gpu_under_the_kept_id(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setitem(BACKENDS, "shadow", BackendSpec(f"{__name__}:_Shadow"))
-    hal = Hal(_config(library_for(DUAL_A5000), tmp_path, backends=("nvml", "shadow")))
+    hal = Hal(nvml_config(library_for(DUAL_A5000), tmp_path, backends=("nvml", "shadow")))
     try:
         assert len(hal.open().gpus) == 2
-        _write_control(control, "xid 1 79\n")
+        write_control(control, "xid 1 79\n")
         assert _codes(hal.events()) == [(A5000_UUIDS[1], 79), (A5000_UUIDS[1], 48)]
     finally:
         hal.close()
@@ -297,12 +270,12 @@ def test_hal_gathers_every_backends_events(
     library_for: Callable[[Path], Path], tmp_path: Path, control: Path
 ) -> None:
     backends = ("nvml", "amdgpu", "intel")
-    hal = Hal(_config(library_for(DUAL_A5000), tmp_path, sysfs_root=SYSFS, backends=backends))
+    hal = Hal(nvml_config(library_for(DUAL_A5000), tmp_path, sysfs_root=SYSFS, backends=backends))
     try:
         discovery = hal.open()
         assert {g.vendor for g in discovery.gpus} == {"nvidia", "amd", "intel"}
         assert hal.events() == []
-        _write_control(control, "xid 1 79\n")
+        write_control(control, "xid 1 79\n")
         assert _codes(hal.events()) == [(A5000_UUIDS[1], 79)]
     finally:
         hal.close()
@@ -316,10 +289,10 @@ def test_hal_logs_a_failing_backend_and_keeps_the_others_events(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     monkeypatch.setitem(BACKENDS, "broken", BackendSpec(f"{__name__}:_BrokenEvents"))
-    hal = Hal(_config(library_for(DUAL_A5000), tmp_path, backends=("broken", "nvml")))
+    hal = Hal(nvml_config(library_for(DUAL_A5000), tmp_path, backends=("broken", "nvml")))
     try:
         hal.open()
-        _write_control(control, "xid 0 48\n")
+        write_control(control, "xid 0 48\n")
         with caplog.at_level(logging.ERROR, logger="hal.registry"):
             assert _codes(hal.events()) == [(A5000_UUIDS[0], 48)]
     finally:
@@ -360,12 +333,12 @@ def test_fake_delivers_only_events_posted_after_registration(
     event_set = pynvml.nvmlEventSetCreate()
     try:
         pynvml.nvmlDeviceRegisterEvents(nvml[0], XID, event_set)
-        _write_control(control, "xid 0 79\nxid 1 48\n")  # GPU 1 is not registered
+        write_control(control, "xid 0 79\nxid 1 48\n")  # GPU 1 is not registered
         assert _wait(event_set) == (XID, 79, NO_INSTANCE, NO_INSTANCE)
         assert _wait(event_set) == "NVMLError_Timeout"
         pynvml.nvmlDeviceRegisterEvents(nvml[1], XID, event_set)
         assert _wait(event_set) == "NVMLError_Timeout"  # 48 came before GPU 1 registered
-        _write_control(control, "xid 1 48 3 1\n")
+        write_control(control, "xid 1 48 3 1\n")
         assert _wait(event_set, timeout_ms=1) == (XID, 48, 3, 1)
         assert _wait(event_set, timeout_ms=1) == "NVMLError_Timeout"
     finally:
@@ -373,7 +346,7 @@ def test_fake_delivers_only_events_posted_after_registration(
 
 
 def test_fake_devices_without_events_refuse_them(nvml: list[Any], control: Path) -> None:
-    _write_control(control, "noevents 1\n")
+    write_control(control, "noevents 1\n")
     event_set = pynvml.nvmlEventSetCreate()
     try:
         with pytest.raises(pynvml.NVMLError_NotSupported):
@@ -390,7 +363,7 @@ def test_fake_wait_reports_a_lost_gpu_once_the_queue_is_empty(
     event_set = pynvml.nvmlEventSetCreate()
     try:
         pynvml.nvmlDeviceRegisterEvents(nvml[0], XID, event_set)
-        _write_control(control, "xid 0 79\nlost 0\n")
+        write_control(control, "xid 0 79\nlost 0\n")
         assert _wait(event_set) == (XID, 79, NO_INSTANCE, NO_INSTANCE)
         assert _wait(event_set) == "NVMLError_GpuIsLost"
     finally:

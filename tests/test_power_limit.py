@@ -15,12 +15,11 @@ import subprocess
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
 import msgspec
 import pynvml
 import pytest
-from conftest import TXT, XML
+from conftest import TXT, XML, nvml_config, write_control
 from fakenvml import build
 from sysfs_trees import PciGpu, add_hwmon, add_pci_gpu
 from test_amdsmi import _fake_amdsmi
@@ -38,32 +37,6 @@ H100_MIG = TXT / "linux-x86_64__nvidia-h100-mig__590.48.01.txt"
 MI100_ID = "GPU-79ccd55167a2124a"
 
 
-def _config(library: Path, tmp_path: Path, **overrides: Any) -> HalConfig:
-    settings: dict[str, Any] = {
-        "nvml_library": str(library),
-        "sysfs_root": tmp_path / "sys",
-        "dev_root": tmp_path / "dev",
-        "backends": ("nvml",),
-    }
-    settings.update(overrides)
-    return HalConfig(**settings)
-
-
-def _write_control(path: Path, text: str) -> None:
-    # The fake re-reads its control file when the inode changes: replace, do not rewrite.
-    staging = path.with_suffix(".new")
-    staging.write_text(text)
-    os.replace(staging, path)
-
-
-@pytest.fixture
-def control(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """The fake NVML's control file (absent: no faults)."""
-    path = tmp_path / "control"
-    monkeypatch.setenv("FAKENVML_CONTROL", str(path))
-    return path
-
-
 Opened = tuple[NvidiaBackend, list[GpuProfile]]
 
 
@@ -75,7 +48,7 @@ def nvidia_for(
     opened: list[NvidiaBackend] = []
 
     def backend(capture: Path) -> Opened:
-        nvidia = NvidiaBackend(_config(library_for(capture), tmp_path))
+        nvidia = NvidiaBackend(nvml_config(library_for(capture), tmp_path))
         profiles = nvidia.open()
         opened.append(nvidia)
         return nvidia, profiles
@@ -129,7 +102,7 @@ def test_without_permission_the_limit_is_permission_denied(
     nvidia_for: Callable[[Path], Opened], control: Path
 ) -> None:
     nvidia, (first, second) = nvidia_for(DUAL_A5000)
-    _write_control(control, "nopermission 0\n")
+    write_control(control, "nopermission 0\n")
 
     result = nvidia.set_power_limit(first.id, 150.0)
 
@@ -143,7 +116,7 @@ def test_gpu_that_cannot_take_a_limit_is_unsupported(
     nvidia_for: Callable[[Path], Opened], control: Path
 ) -> None:
     nvidia, (first, _) = nvidia_for(DUAL_A5000)
-    _write_control(control, "nopowercap 0\n")
+    write_control(control, "nopowercap 0\n")
 
     result = nvidia.set_power_limit(first.id, 150.0)
 
@@ -155,7 +128,7 @@ def test_driver_without_the_setter_is_unsupported(tmp_path: Path) -> None:
     library = build.build_library(
         capture, tmp_path / "old", omit=["nvmlDeviceSetPowerManagementLimit"]
     )
-    nvidia = NvidiaBackend(_config(library, tmp_path))
+    nvidia = NvidiaBackend(nvml_config(library, tmp_path))
     first = nvidia.open()[0]
     try:
         result = nvidia.set_power_limit(first.id, 150.0)
@@ -168,13 +141,13 @@ def test_lost_gpu_fails_and_is_sampled_lost_until_it_returns(
     nvidia_for: Callable[[Path], Opened], control: Path
 ) -> None:
     nvidia, (first, _) = nvidia_for(DUAL_A5000)
-    _write_control(control, "lost 0\n")
+    write_control(control, "lost 0\n")
 
     result = nvidia.set_power_limit(first.id, 150.0)
 
     assert (result.status, result.detail) == ("failed", "NVML: GPU is lost")
     assert nvidia.sample(now=100.0)[0].state == "lost"
-    _write_control(control, "")
+    write_control(control, "")
     assert nvidia.set_power_limit(first.id, 150.0).status == "failed"  # lost until sampled
     assert nvidia.sample(now=200.0)[0].state == "ok"
     assert nvidia.set_power_limit(first.id, 150.0).status == "set"
@@ -382,7 +355,7 @@ def machine(library_for: Callable[[Path], Path], tmp_path: Path, control: Path) 
     _mi100(tmp_path / "sys")
     _uhd620(tmp_path / "sys")
     (tmp_path / "dev").mkdir()
-    hal = Hal(_config(library_for(DUAL_A5000), tmp_path, backends=("nvml", "amdgpu", "intel")))
+    hal = Hal(nvml_config(library_for(DUAL_A5000), tmp_path, backends=("nvml", "amdgpu", "intel")))
     try:
         hal.open()
         yield hal
