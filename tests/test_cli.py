@@ -157,3 +157,27 @@ def test_run_refuses_an_unsafe_coordinator_url(url: str, code: str, tmp_path: Pa
     )
     assert result.returncode == 2
     assert f"error [{code}]" in result.stderr
+
+
+def test_profile_imports_nothing_it_does_not_need(
+    library_for: Callable[[Path], Path], tmp_path: Path
+) -> None:
+    """`gpu-agent profile` must start fast (bench/hal_profile.py): these modules cost
+    milliseconds each and serve only other commands or error paths, in the parent and in
+    the discovery children alike."""
+    env = {
+        **os.environ,
+        "GPU_AGENT_NVML_LIB": str(library_for(XML / "dual_a5000-v13.xml")),
+        "DOCKER_HOST": f"unix://{tmp_path / 'docker.sock'}",
+    }
+    shown = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "agent.cli", "profile", "--json"],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=True,
+        timeout=60,
+    )
+    imported = {line.rsplit("|", 1)[-1].strip() for line in shown.stderr.splitlines()}
+    assert "hal.registry" in imported  # the measurement sees the profile's own imports
+    assert imported.isdisjoint({"logging", "argparse", "asyncio", "sqlite3", "agent.control"})
