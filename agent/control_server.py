@@ -118,6 +118,12 @@ class ControlServer:
         self._inode, self._gid = info.st_ino, info.st_gid
         self._server = await asyncio.start_unix_server(self._serve, sock=sock)
 
+    @property
+    def subscribed(self) -> bool:
+        """Whether anyone follows the state stream; a new subscriber reads the state itself,
+        so a daemon with none need not build one to publish."""
+        return bool(self._subscribers)
+
     def publish(self, status: StatusView) -> None:
         """The daemon's state changed: every subscriber gets it (or a later one) soon."""
         for connection in self._subscribers:

@@ -159,10 +159,10 @@ class _Agent:
         if isinstance(message, AttestRequest):
             # The capacity goes with the profile, once the GPUs were checked.
             answer = [self.attest(message.body.nonce)]
-            if self.jobs is not None and (status := self.jobs.node_status()) is not None:
+            status = self.jobs.node_status() if self.jobs is not None else None
+            if status is not None:
                 answer.append(("node_status", msgspec.json.encode(status)))
-                self._last_status = status
-            return Reply(answer)
+            return Reply(answer, then=lambda: self._sent_status(status))
         assert self.jobs is not None  # the link starts after the job manager
         if isinstance(message, JobOffer):
             return await self.jobs.on_offer(message)
@@ -179,19 +179,27 @@ class _Agent:
             return
         if status == self._last_status:
             return
-        self.notifier.status(_status_line(status, len(self.jobs.tasks)))
         try:
             self.outbox.append("node_status", msgspec.json.encode(status), time.time())
         except OutboxError as exc:
             _log.error("cannot store the node status (%s); trying at the next change", exc)
             return
-        self._last_status = status
+        self._sent_status(status)
         self.link.wakeup.set()
+
+    def _sent_status(self, status: NodeStatusBody | None) -> None:
+        """``status`` is in the outbox: the next change is measured against it."""
+        if status is None or self.jobs is None:
+            return
+        self._last_status = status
+        self.notifier.status(_status_line(status, len(self.jobs.tasks)))
 
     def publish(self) -> None:
         """Send the current state to the control API's subscribers (it drops repeats)."""
-        if self.control is not None and self.control_server is not None:
-            self.control_server.publish(self.control.status())
+        # Called at every tick: the status (a few SQLite reads) is built only when read.
+        server = self.control_server
+        if self.control is not None and server is not None and server.subscribed:
+            server.publish(self.control.status())
 
     def check_health(self, gpus: list[GpuSample], events: Sequence[HealthEvent] = ()) -> None:
         """Each unit's health by the latest sample and the driver's events; a MIG instance
@@ -249,10 +257,11 @@ class _Agent:
                 self.latest_gpus = taken.gpus
                 self.check_health(taken.gpus, events)
                 if self.guard is not None:
-                    verdict = self.guard.tick(taken.gpus, idle)
-                    sharing = verdict.share and "paused" not in self.guard.jobs.holds
-                    wanted = self.guard.policy.power_limit_w if sharing else None
-                    if await asyncio.to_thread(self.power.apply, hal, wanted):
+                    self.guard.tick(taken.gpus, idle)
+                    wanted = self.guard.power_limit_w()
+                    # The HAL is asked (in its thread) only when the limit is to change.
+                    if wanted != self.power.applied:
+                        await asyncio.to_thread(self.power.apply, hal, wanted)
                         self.publish()
                 batch.append(taken)
                 if len(batch) >= min(self.config.batch_samples, MAX_TELEMETRY_BATCH):

@@ -111,6 +111,12 @@ class OwnerGuard:
 
     # -- every tick ----------------------------------------------------------------------
 
+    def power_limit_w(self) -> float | None:
+        """The power limit the GPUs are to be held to now: the owner's, while sharing (no
+        guard tripped, not paused); None (their own limits) otherwise."""
+        sharing = self.verdict.share and _PAUSED not in self.jobs.holds
+        return self.policy.power_limit_w if sharing else None
+
     def read_idle(self) -> float | None:
         """The session's idle time, when the policy needs it (else None, and no cost).
         Blocking (D-Bus, X11): the daemon calls it in its sampler thread."""

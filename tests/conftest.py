@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +14,8 @@ from fakenvml import build
 from images import build_busybox_image
 
 from hal.backend import HalConfig
+from hal.backends.nvidia import NvidiaBackend
+from hal.types import GpuProfile
 
 # shared/ lies beside the repository, on a developer's machine and in CI alike.
 FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
@@ -129,3 +131,22 @@ def control(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     path = tmp_path / "control"
     monkeypatch.setenv("FAKENVML_CONTROL", str(path))
     return path
+
+
+@pytest.fixture
+def nvidia_for(
+    library_for: Callable[[Path], Path], tmp_path: Path, control: Path
+) -> Iterator[Callable[[Path], tuple[NvidiaBackend, list[GpuProfile]]]]:
+    """Opens the NVIDIA backend in this process on a capture's fake library (faults from
+    ``control``); the backends and their profiles; closed after the test."""
+    opened: list[NvidiaBackend] = []
+
+    def backend(capture: Path) -> tuple[NvidiaBackend, list[GpuProfile]]:
+        nvidia = NvidiaBackend(nvml_config(library_for(capture), tmp_path))
+        profiles = nvidia.open()
+        opened.append(nvidia)
+        return nvidia, profiles
+
+    yield backend
+    for nvidia in opened:
+        nvidia.close()

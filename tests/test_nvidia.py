@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -38,20 +38,10 @@ def _expected(value: Any, convert: Callable[[Any], Any] = lambda v: v) -> Readin
 
 @pytest.fixture
 def backend_for(
-    library_for: Callable[[Path], Path], tmp_path: Path
-) -> Iterator[Callable[[Path], NvidiaBackend]]:
+    nvidia_for: Callable[[Path], tuple[NvidiaBackend, list[GpuProfile]]],
+) -> Callable[[Path], NvidiaBackend]:
     """Opens the NVIDIA backend in this process on a capture's fake library."""
-    opened: list[NvidiaBackend] = []
-
-    def backend(capture: Path) -> NvidiaBackend:
-        nvidia = NvidiaBackend(nvml_config(library_for(capture), tmp_path))
-        nvidia.open()
-        opened.append(nvidia)
-        return nvidia
-
-    yield backend
-    for nvidia in opened:
-        nvidia.close()
+    return lambda capture: nvidia_for(capture)[0]
 
 
 def _physical(gpus: list[GpuProfile]) -> list[GpuProfile]:

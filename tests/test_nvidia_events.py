@@ -34,20 +34,10 @@ NO_INSTANCE = 0xFFFFFFFF
 
 @pytest.fixture
 def open_backend(
-    library_for: Callable[[Path], Path], tmp_path: Path, control: Path
-) -> Iterator[Callable[[Path], NvidiaBackend]]:
+    nvidia_for: Callable[[Path], tuple[NvidiaBackend, list[GpuProfile]]],
+) -> Callable[[Path], NvidiaBackend]:
     """Opens the NVIDIA backend on a capture's fake library; closes it afterwards."""
-    opened: list[NvidiaBackend] = []
-
-    def backend(capture: Path) -> NvidiaBackend:
-        nvidia = NvidiaBackend(nvml_config(library_for(capture), tmp_path))
-        nvidia.open()
-        opened.append(nvidia)
-        return nvidia
-
-    yield backend
-    for nvidia in opened:
-        nvidia.close()
+    return lambda capture: nvidia_for(capture)[0]
 
 
 def _codes(events: list[HealthEvent]) -> list[tuple[str, int]]:

@@ -40,24 +40,6 @@ MI100_ID = "GPU-79ccd55167a2124a"
 Opened = tuple[NvidiaBackend, list[GpuProfile]]
 
 
-@pytest.fixture
-def nvidia_for(
-    library_for: Callable[[Path], Path], tmp_path: Path, control: Path
-) -> Iterator[Callable[[Path], Opened]]:
-    """Opens the NVIDIA backend in this process on a capture's fake library."""
-    opened: list[NvidiaBackend] = []
-
-    def backend(capture: Path) -> Opened:
-        nvidia = NvidiaBackend(nvml_config(library_for(capture), tmp_path))
-        profiles = nvidia.open()
-        opened.append(nvidia)
-        return nvidia, profiles
-
-    yield backend
-    for nvidia in opened:
-        nvidia.close()
-
-
 def _management_limit_mw(index: int) -> int:
     """What the library itself holds, asked behind the backend's back."""
     return int(pynvml.nvmlDeviceGetPowerManagementLimit(pynvml.nvmlDeviceGetHandleByIndex(index)))

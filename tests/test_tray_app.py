@@ -8,7 +8,7 @@ import asyncio
 import os
 import sys
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from datetime import datetime
 from pathlib import Path
 
@@ -25,12 +25,12 @@ from agent.tray.present import dashboard_url, tomorrow_morning
 # Before pytest-qt makes the QApplication: no display needed, whatever DISPLAY says.
 os.environ["QT_QPA_PLATFORM"] = "offscreen"
 
-from PySide6.QtCore import QCoreApplication, QEvent, QObject, QUrl, Signal, Slot
+from PySide6.QtCore import QObject, QUrl, Signal, Slot
 from PySide6.QtGui import QDesktopServices
 from PySide6.QtWidgets import QSystemTrayIcon
+from tray_helpers import open_tray
 
 from agent.tray.app import Tray
-from agent.tray.bridge import Bridge
 
 WAIT_MS = 20_000
 NOW = 1_767_225_600.0  # a fixed clock for the timed pauses: 2026-01-01 00:00 UTC
@@ -50,19 +50,8 @@ def daemon(sock_dir: Path) -> Iterator[ServedTarget]:
     served.close()
 
 
-@contextmanager
-def _tray(path: Path) -> Iterator[Tray]:
-    bridge = Bridge(path, retry_initial_s=0.05, retry_max_s=0.2)
-    tray = Tray(bridge, clock=lambda: NOW)
-    tray.start()
-    try:
-        yield tray
-    finally:
-        tray.stop()
-        # Deleted now, in this thread; not by a garbage collection in a daemon's thread.
-        tray.deleteLater()
-        bridge.deleteLater()
-        QCoreApplication.sendPostedEvents(None, QEvent.Type.DeferredDelete)
+def _tray(path: Path) -> AbstractContextManager[Tray]:
+    return open_tray(path, retry_max_s=0.2, clock=lambda: NOW)
 
 
 @pytest.fixture

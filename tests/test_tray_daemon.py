@@ -12,7 +12,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,10 +30,10 @@ from agent.tray.notices import Notice
 
 os.environ["QT_QPA_PLATFORM"] = "offscreen"
 
-from PySide6.QtCore import QCoreApplication, QEvent
+
+from tray_helpers import open_tray
 
 from agent.tray.app import Tray
-from agent.tray.bridge import Bridge
 
 WAIT_MS = 60_000
 DUAL_A5000 = XML / "dual_a5000-v13.xml"  # both GPUs at 13 °C
@@ -97,18 +97,8 @@ def machine(tmp_path: Path, library_for: Callable[[Path], Path]) -> Iterator[Mac
             coordinator.close()
 
 
-@contextmanager
-def _tray(path: Path) -> Iterator[Tray]:
-    bridge = Bridge(path, retry_initial_s=0.05, retry_max_s=0.5)
-    tray = Tray(bridge)
-    tray.start()
-    try:
-        yield tray
-    finally:
-        tray.stop()
-        tray.deleteLater()
-        bridge.deleteLater()
-        QCoreApplication.sendPostedEvents(None, QEvent.Type.DeferredDelete)
+def _tray(path: Path) -> AbstractContextManager[Tray]:
+    return open_tray(path, retry_max_s=0.5)
 
 
 @pytest.fixture
