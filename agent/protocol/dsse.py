@@ -18,7 +18,7 @@ from __future__ import annotations
 import hashlib
 import re
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, TypeVar
 
 import msgspec
 
@@ -43,6 +43,7 @@ __all__ = [
     "sign_envelope",
     "verify_attestation",
     "verify_envelope",
+    "verify_payload",
     "verify_profile_attestation",
     "verify_receipt",
 ]
@@ -52,6 +53,7 @@ PAYLOAD_TYPE = "application/vnd.in-toto+json"
 PROFILE_PREDICATE = "https://gpu-agent.dev/attestation/hardware-profile/v1"
 RECEIPT_PREDICATE = "https://gpu-agent.dev/attestation/job-receipt/v1"
 
+T = TypeVar("T")
 _SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 
 
@@ -185,17 +187,55 @@ def attest(
     return sign_envelope(canonical_json(statement), PAYLOAD_TYPE, key, keyid)
 
 
+def verify_payload(
+    envelope: Envelope,
+    trusted: Mapping[str, bytes],
+    payload_type: str,
+    kind: type[T],
+    *,
+    code: str,
+    what: str,
+) -> T:
+    """The payload of ``envelope`` decoded as ``kind``, if a trusted key signed it and it is
+    of ``payload_type``.
+
+    Raises:
+        AuthError: as :func:`verify_envelope`; ``code`` when the payload type is another
+            or the payload does not decode as ``kind`` (``what`` names it to people).
+    """
+    return _verified_payload(envelope, trusted, payload_type, kind, code=code, what=what)[0]
+
+
+def _verified_payload(
+    envelope: Envelope,
+    trusted: Mapping[str, bytes],
+    payload_type: str,
+    kind: type[T],
+    *,
+    code: str,
+    what: str,
+) -> tuple[T, set[bytes]]:
+    payload, keys = _verified_keys(envelope, trusted)
+    # protocol.md verifies the signature first, then rejects unsupported payload types.
+    if envelope.payloadType != payload_type:
+        raise AuthError(code, f"payloadType is {envelope.payloadType!r}")
+    try:
+        return msgspec.json.decode(payload, type=kind), keys
+    except msgspec.DecodeError as exc:
+        raise AuthError(code, f"not {what}: {exc}") from None
+
+
 def _verified_statement(
     envelope: Envelope, trusted: Mapping[str, bytes], predicate_type: str
 ) -> tuple[Statement, set[bytes]]:
-    payload, keys = _verified_keys(envelope, trusted)
-    # protocol.md verifies the signature first, then rejects unsupported payload types.
-    if envelope.payloadType != PAYLOAD_TYPE:
-        raise AuthError("bad_statement", f"payloadType is {envelope.payloadType!r}")
-    try:
-        statement = msgspec.json.decode(payload, type=Statement)
-    except msgspec.DecodeError as exc:
-        raise AuthError("bad_statement", f"not an in-toto Statement: {exc}") from None
+    statement, keys = _verified_payload(
+        envelope,
+        trusted,
+        PAYLOAD_TYPE,
+        Statement,
+        code="bad_statement",
+        what="an in-toto Statement",
+    )
     if statement.type != STATEMENT_TYPE:
         raise AuthError("bad_statement", f"_type is {statement.type!r}")
     if statement.predicateType != predicate_type:

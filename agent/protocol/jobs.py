@@ -21,7 +21,7 @@ import msgspec
 from msgspec import Meta
 
 from agent.protocol import crypto
-from agent.protocol.dsse import Envelope, json_sha256, sign_envelope, verify_envelope
+from agent.protocol.dsse import Envelope, json_sha256, sign_envelope, verify_payload
 from agent.protocol.errors import AuthError
 
 __all__ = [
@@ -143,13 +143,9 @@ def verify_offer(
             ``node_mismatch`` when it is for another node; ``offer_expired`` when
             ``now`` is past its expiry.
     """
-    payload = verify_envelope(envelope, trusted)
-    if envelope.payloadType != OFFER_PAYLOAD_TYPE:
-        raise AuthError("bad_offer", f"payloadType is {envelope.payloadType!r}")
-    try:
-        offer = msgspec.json.decode(payload, type=Offer)
-    except msgspec.DecodeError as exc:
-        raise AuthError("bad_offer", f"not a job offer: {exc}") from None
+    offer = verify_payload(
+        envelope, trusted, OFFER_PAYLOAD_TYPE, Offer, code="bad_offer", what="a job offer"
+    )
     if offer.job_id != job_id:
         raise AuthError("bad_offer", f"signed for job {offer.job_id!r}, sent as {job_id!r}")
     if offer.node_id != node_id:
