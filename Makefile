@@ -4,38 +4,60 @@ VENV := .venv
 BIN := $(VENV)/bin
 PACKAGES := hal sandbox agent coordinator
 
-.PHONY: demo test lint typecheck pytest bench deb clean
+.PHONY: demo test lint typecheck pytest bench deb lock clean
 
-$(BIN)/gpu-agent: pyproject.toml
+# Every dependency comes from requirements/*.txt: the whole tree pinned, with hashes.
+# pyproject.toml keeps the ranges for people who install the package; `make lock` pins anew.
+LOCKED := $(BIN)/pip install --quiet --require-hashes --only-binary :all:
+
+$(VENV)/.run: pyproject.toml requirements/build.txt requirements/run.txt
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[test]'
+	$(LOCKED) -r requirements/build.txt
+	$(LOCKED) -r requirements/run.txt
+	PYTHONWARNINGS=ignore $(BIN)/pip install --quiet --no-deps --no-build-isolation -e .
 	touch $@
 
-demo: $(BIN)/gpu-agent
+$(VENV)/.test: $(VENV)/.run requirements/test.txt
+	$(LOCKED) -r requirements/test.txt
+	touch $@
+
+# The lock is universal (every platform, Python 3.11 and newer), made by a pinned uv.
+UV_COMPILE := .venv-lock/bin/uv pip compile --quiet --universal --python-version 3.11 \
+	--generate-hashes --no-header
+
+lock:
+	$(PYTHON) -m venv .venv-lock
+	.venv-lock/bin/pip install --quiet --require-hashes -r requirements/tools.txt
+	$(UV_COMPILE) --upgrade requirements/tools.in -o requirements/tools.txt
+	$(UV_COMPILE) --upgrade requirements/build.in -o requirements/build.txt
+	$(UV_COMPILE) --upgrade pyproject.toml -o requirements/run.txt
+	$(UV_COMPILE) --upgrade pyproject.toml --extra test --extra tray -o requirements/test.txt
+	rm -rf .venv-lock
+
+demo: $(VENV)/.run
 	@bash scripts/demo.sh
 
 test: lint typecheck pytest
 
-lint: $(BIN)/gpu-agent
+lint: $(VENV)/.test
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-typecheck: $(BIN)/gpu-agent
+typecheck: $(VENV)/.test
 	$(BIN)/mypy $(PACKAGES) tests bench scripts
 
-pytest: $(BIN)/gpu-agent
+pytest: $(VENV)/.test
 	$(BIN)/python -m pytest -q
 
-bench: $(BIN)/gpu-agent
+bench: $(VENV)/.test
 	$(BIN)/python bench/hal_profile.py
 	$(BIN)/python bench/runner.py
 	$(BIN)/python bench/link.py
 	$(BIN)/python bench/daemon.py
 	$(BIN)/python bench/tray.py
 
-deb: $(BIN)/gpu-agent
+deb: $(VENV)/.test
 	$(BIN)/python scripts/build_deb.py --out build/deb
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) .venv-lock build *.egg-info

@@ -40,7 +40,7 @@ from agent.control_client import ControlClient  # noqa: E402
 from agent.owner import WEEKDAYS  # noqa: E402
 from coordinator.server import Coordinator  # noqa: E402
 
-CAPTURE = ROOT.parent / "shared" / "fixtures" / "nvidia-smi-xml" / "dual_a5000-v13.xml"
+CAPTURE = ROOT / "tests" / "fixtures" / "nvidia-smi-xml" / "dual_a5000-v13.xml"
 IMAGE = "gpu-agent-bench/busybox:1"
 
 

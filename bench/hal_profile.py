@@ -34,7 +34,7 @@ from hal.host import host_sample  # noqa: E402
 from hal.registry import Hal  # noqa: E402
 from hal.types import Sample  # noqa: E402
 
-CAPTURE = ROOT.parent / "shared" / "fixtures" / "nvidia-smi-xml" / "dual_a5000-v13.xml"
+CAPTURE = ROOT / "tests" / "fixtures" / "nvidia-smi-xml" / "dual_a5000-v13.xml"
 GPUS = 8
 
 

@@ -37,7 +37,7 @@ from tray_daemon import ServedTarget  # noqa: E402
 from agent.control_client import ControlClient  # noqa: E402
 from coordinator.server import Coordinator  # noqa: E402
 
-CAPTURE = ROOT.parent / "shared" / "fixtures" / "nvidia-smi-xml" / "dual_a5000-v13.xml"
+CAPTURE = ROOT / "tests" / "fixtures" / "nvidia-smi-xml" / "dual_a5000-v13.xml"
 WARM_UP_S = 5.0
 
 

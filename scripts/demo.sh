@@ -21,12 +21,15 @@ echo
 # Without an NVIDIA GPU here, the agent serves a recorded 2x RTX A5000 through a fake
 # libnvidia-ml.so.1, so that the dashboard has GPUs to show.
 if ! ls /dev/nvidia[0-9]* >/dev/null 2>&1; then
-  capture=../shared/fixtures/nvidia-smi-xml/dual_a5000-v13.xml
-  if [ -f "$capture" ] && command -v gcc >/dev/null; then
-    export GPU_AGENT_NVML_LIB=$("$bin/python" tests/fakenvml/build.py --xml "$capture" --out "$demo/fakenvml")
+  if command -v gcc >/dev/null; then
+    export GPU_AGENT_NVML_LIB=$("$bin/python" tests/fakenvml/build.py \
+      --xml tests/fixtures/nvidia-smi-xml/dual_a5000-v13.xml --out "$demo/fakenvml")
     echo "== No NVIDIA GPU here: the agent below serves a recorded 2x RTX A5000 (fake NVML) =="
-    echo
+  else
+    echo "== No NVIDIA GPU here, and no gcc to build the fake NVML of a recorded 2x RTX A5000:"
+    echo "   the agent below serves this machine's GPUs only (install gcc to see the recorded ones) =="
   fi
+  echo
 fi
 
 port=$("$bin/python" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')

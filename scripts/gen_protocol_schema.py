@@ -6,9 +6,11 @@ fails when it and the types in :mod:`agent.protocol.messages` drift apart.
 
 from __future__ import annotations
 
+import inspect
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 import msgspec
 
@@ -27,7 +29,25 @@ def render() -> str:
         "title": f"gpu-agent wire protocol v{PROTOCOL_VERSION}: one frame",
         **msgspec.json.schema(Message),
     }
-    return json.dumps(schema, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
+    return json.dumps(_clean(schema), indent=2, sort_keys=True, ensure_ascii=False) + "\n"
+
+
+def _clean(node: Any) -> Any:
+    """Every ``description`` as :func:`inspect.cleandoc` gives it.
+
+    msgspec copies docstrings into descriptions, and how it indents them changed between
+    releases (0.22 and 0.23); the committed schema must not depend on that.
+    """
+    if isinstance(node, dict):
+        return {
+            key: inspect.cleandoc(value)
+            if key == "description" and isinstance(value, str)
+            else _clean(value)
+            for key, value in node.items()
+        }
+    if isinstance(node, list):
+        return [_clean(item) for item in node]
+    return node
 
 
 if __name__ == "__main__":

@@ -17,8 +17,8 @@ from hal.backend import HalConfig
 from hal.backends.nvidia import NvidiaBackend
 from hal.types import GpuProfile
 
-# shared/ lies beside the repository, on a developer's machine and in CI alike.
-FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
+# Recorded real devices, with their sources and licences (fixtures/SOURCES.md).
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
 XML = FIXTURES / "nvidia-smi-xml"
 TXT = FIXTURES / "nvidia-smi-captures"
 CAPTURES = sorted([*XML.glob("*.xml"), *TXT.glob("*.txt")])

@@ -1,7 +1,7 @@
 """The amdgpu sysfs backend, on the recorded tree and on trees built per test.
 
 Values in the built trees come from the rocm-smi captures in
-shared/fixtures/rocm-smi-json/: the MI100 from mi100_rocm602.json (card0), the
+tests/fixtures/rocm-smi-json/: the MI100 from mi100_rocm602.json (card0), the
 RX 6700 XT from rx6700xt_rocm612.json.
 """
 

@@ -2,7 +2,7 @@
 
 ROCm is not installed here, so the library itself never runs. The stand-in answers the
 way ``amdsmi_interface.py`` does (dicts, "N/A" for what a device lacks, AmdSmiException
-with ``err_code``), with the MI100 of shared/fixtures/rocm-smi-json/mi100_rocm602.json
+with ``err_code``), with the MI100 of tests/fixtures/rocm-smi-json/mi100_rocm602.json
 (card0).
 """
 
