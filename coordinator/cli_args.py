@@ -12,6 +12,7 @@ import errno
 import os
 import re
 import socket
+import sqlite3
 import ssl
 import stat
 from pathlib import Path
@@ -39,6 +40,8 @@ JOB_ID: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 #: A node id, as ``agent.protocol.jobs.Offer`` takes it.
 NODE_ID: Final = re.compile(r"[A-Za-z0-9._:@/+=-]{1,128}")
 _SQLITE_HEADER = b"SQLite format 3\0"
+#: Tables every store has had since its first schema: a database without them is another's.
+_STORE_TABLES = frozenset(("nodes", "messages"))
 _MAX_PEM_BYTES = 1024 * 1024
 
 
@@ -100,7 +103,8 @@ def check_db(path: Path) -> None:
 
     Raises:
         ConfigError: ``bad_db``: its folder is missing or not writable, or it is a
-            directory, not a regular file, unreadable, or not an SQLite database.
+            directory, not a regular file, unreadable, not an SQLite database, or the
+            database of something else (the store would add its tables to it).
     """
     folder = path.parent
     if not folder.is_dir():
@@ -124,8 +128,30 @@ def check_db(path: Path) -> None:
     finally:
         os.close(fd)
     # An empty file is a database without tables to SQLite: the store makes them.
-    if header and header != _SQLITE_HEADER:
+    if not header:
+        return
+    if header != _SQLITE_HEADER:
         raise ConfigError("bad_db", f"{path} is not an SQLite database: it is left as it is")
+    tables = _tables(path)
+    if tables and not _STORE_TABLES.issubset(tables):
+        shown = ", ".join(sorted(tables)[:5])
+        raise ConfigError("bad_db", f"{path} is the database of something else (tables {shown})")
+
+
+def _tables(path: Path) -> set[str]:
+    """The names of the tables in the database file, read without writing anything."""
+    # immutable: no lock, no -wal or -shm file made beside it (a plain read-only open of a
+    # WAL database makes both); what only the WAL holds is not seen, which errs to accept.
+    uri = f"{path.absolute().as_uri()}?mode=ro&immutable=1"
+    try:
+        db = sqlite3.connect(uri, uri=True)
+        try:
+            rows = db.execute("SELECT name FROM sqlite_master WHERE type = 'table'").fetchall()
+        finally:
+            db.close()
+    except sqlite3.Error as exc:
+        raise ConfigError("bad_db", f"{path} is not a usable SQLite database: {exc}") from None
+    return {str(name) for (name,) in rows}
 
 
 def check_state_dir(path: Path) -> None:

@@ -9,10 +9,12 @@ real SQLite file where it needs one.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import re
 import socket
+import sqlite3
 import stat
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -229,19 +231,30 @@ def _serve(tmp_path: Path, *options: str, db: Path | None = None) -> list[str]:
         lambda d: d / "notes.txt",  # a file that is not a database
         lambda d: d / "fifo.db",  # a FIFO: opening it would block
         lambda d: d / "notes.txt" / "c.db",  # under a file
+        lambda d: d / "outbox.db",  # another program's database
+        lambda d: d / "corrupt.db",
     ],
-    ids=["directory", "missing-folder", "not-a-database", "fifo", "under-a-file"],
+    ids=[
+        *("directory", "missing-folder", "not-a-database", "fifo", "under-a-file"),
+        *("another-programs-database", "corrupt"),
+    ],
 )
 def test_serve_refuses_an_unusable_database_and_writes_nothing(
     tmp_path: Path, capsys: Capsys, db: Callable[[Path], Path]
 ) -> None:
     (tmp_path / "notes.txt").write_text("not a database, but my notes\n")
     os.mkfifo(tmp_path / "fifo.db")
+    with contextlib.closing(sqlite3.connect(tmp_path / "outbox.db")) as other:
+        other.execute("PRAGMA journal_mode=WAL")
+        other.execute("CREATE TABLE outbox (seq INTEGER PRIMARY KEY, body BLOB)")
+        other.execute("CREATE TABLE jobs (job_id TEXT PRIMARY KEY)")
+    (tmp_path / "corrupt.db").write_bytes(b"SQLite format 3\0" + b"\xff" * 4096)
+    contents = {p: p.read_bytes() for p in tmp_path.glob("*.*") if p.is_file()}
     before = _tree(tmp_path)
     returned = cli.main(_serve(tmp_path, db=db(tmp_path)))
     _refused(capsys, cli.EXIT_USAGE, "bad_db")(returned)
-    assert _tree(tmp_path) == before
-    assert (tmp_path / "notes.txt").read_text() == "not a database, but my notes\n"
+    assert _tree(tmp_path) == before  # no key, no -wal or -shm beside a database
+    assert {p: p.read_bytes() for p in contents} == contents
 
 
 @pytest.mark.parametrize(
