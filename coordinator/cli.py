@@ -243,8 +243,7 @@ def _serve_command(args: argparse.Namespace) -> int:
         ssl_context = None
         if args.tls_cert is not None:
             ssl_context = cli_args.tls_context(args.tls_cert, args.tls_key)
-        cli_args.check_address(args.host, args.port)
-        cli_args.check_address("127.0.0.1", args.admin_port)
+        cli_args.check_addresses([(args.host, args.port), ("127.0.0.1", args.admin_port)])
         cli_args.check_db(args.db)
         cli_args.check_state_dir(args.state_dir)
     except ConfigError as exc:

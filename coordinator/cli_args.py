@@ -8,6 +8,7 @@ protocol's patterns, so that one that no coordinator could accept never reaches 
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import re
@@ -15,8 +16,9 @@ import socket
 import sqlite3
 import ssl
 import stat
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Final
+from typing import Any, Final
 
 from agent.protocol.limits import MAX_ERROR_DETAIL_CHARS
 from coordinator.errors import ConfigError, JobError
@@ -25,7 +27,7 @@ from coordinator.jobs import MAX_TTL_S
 __all__ = [
     "JOB_ID",
     "NODE_ID",
-    "check_address",
+    "check_addresses",
     "check_db",
     "check_job_id",
     "check_node_id",
@@ -71,31 +73,39 @@ def check_ttl(ttl_s: float) -> None:
         raise JobError("bad_ttl", f"--ttl must be in (0, {MAX_TTL_S:.0f}] seconds")
 
 
-def check_address(host: str, port: int) -> None:
-    """Bind (then close) what the server will bind, so that it is known to work.
+def check_addresses(addresses: Sequence[tuple[str, int]]) -> None:
+    """Bind (then close) what the server will bind, all at once, so that it is known to work.
 
     Raises:
         ConfigError: ``bad_address`` (no such host, or not an address of this machine),
-            ``address_in_use``.
+            ``address_in_use`` (by another program, or twice in ``addresses``).
     """
+    with contextlib.ExitStack() as probes:
+        for host, port in addresses:
+            for family, kind, proto, _, address in _resolve(host, port):
+                probe = probes.enter_context(socket.socket(family, kind, proto))
+                # As asyncio binds: SO_REUSEADDR, and IPv6 sockets for IPv6 only. Listening
+                # makes a second probe of the same port fail, as the second server would.
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if family == socket.AF_INET6:
+                    probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                try:
+                    probe.bind(address)
+                    probe.listen()
+                except OSError as exc:
+                    code = "address_in_use" if exc.errno == errno.EADDRINUSE else "bad_address"
+                    where = f"{host or '*'} port {port}"
+                    raise ConfigError(code, f"cannot listen on {where}: {exc.strerror}") from None
+
+
+def _resolve(host: str, port: int) -> list[tuple[Any, ...]]:
     try:
         found = socket.getaddrinfo(
             host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
         )
     except (OSError, ValueError) as exc:  # gaierror; an embedded NUL; a label too long
         raise ConfigError("bad_address", f"{host!r} is no address to listen on: {exc}") from None
-    for family, kind, proto, _, address in found:
-        with socket.socket(family, kind, proto) as probe:
-            # As asyncio binds: SO_REUSEADDR, and IPv6 sockets for IPv6 only.
-            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            if family == socket.AF_INET6:
-                probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-            try:
-                probe.bind(address)
-            except OSError as exc:
-                code = "address_in_use" if exc.errno == errno.EADDRINUSE else "bad_address"
-                where = f"{host or '*'} port {port}"
-                raise ConfigError(code, f"cannot listen on {where}: {exc.strerror}") from None
+    return [tuple(item) for item in found]
 
 
 def check_db(path: Path) -> None:

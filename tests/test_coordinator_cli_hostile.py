@@ -265,17 +265,20 @@ def test_serve_refuses_an_unusable_database_and_writes_nothing(
         (["--host", "203.0.113.7"], "bad_address"),  # not an address of this machine
         (["--port", "{busy}"], "address_in_use"),
         (["--admin-port", "{busy}"], "address_in_use"),
+        (["--port", "{free}", "--admin-port", "{free}"], "address_in_use"),
     ],
 )
 def test_serve_refuses_an_unusable_address_before_writing_anything(
     tmp_path: Path, capsys: Capsys, options: list[str], code: str
 ) -> None:
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        ports = {"{free}": str(free.getsockname()[1])}
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
-        port = str(busy.getsockname()[1])
-        argv = _serve(tmp_path, *[o.replace("{busy}", port) for o in options])
-        returned = cli.main(argv)
+        ports["{busy}"] = str(busy.getsockname()[1])
+        returned = cli.main(_serve(tmp_path, *[ports.get(o, o) for o in options]))
     _refused(capsys, cli.EXIT_USAGE, code)(returned)
     assert _tree(tmp_path) == []  # no key, no state directory, no database
 
