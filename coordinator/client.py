@@ -174,12 +174,13 @@ class AdminClient:
         except urllib.error.HTTPError as exc:
             with exc:
                 raise _api_error(exc.code, exc.read(MAX_ANSWER_BYTES + 1)) from None
-        except (urllib.error.URLError, OSError, http.client.HTTPException, ValueError) as exc:
-            # HTTPException: something answered that is not HTTP; ValueError: a host name
-            # that cannot be encoded (IDNA).
+        except http.client.HTTPException as exc:  # something answered, not in HTTP
+            raise AdminError("bad_answer", f"{self.url} does not answer HTTP: {exc!r}") from None
+        except (urllib.error.URLError, OSError, ValueError) as exc:
+            # ValueError: a host name that cannot be encoded (IDNA).
             reason = getattr(exc, "reason", exc)
             raise AdminError(
-                "admin_unreachable", f"{self.url}: {reason!r}; is the coordinator running?"
+                "admin_unreachable", f"{self.url}: {reason}; is the coordinator running?"
             ) from None
         answer = _json_object(raw)
         if answer is None:

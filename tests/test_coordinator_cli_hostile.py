@@ -364,12 +364,13 @@ def test_a_bad_url_is_a_coded_error(
 @pytest.mark.parametrize(
     ("answer", "code"),
     [
-        (b"SSH-2.0-OpenSSH_9.6\r\n", "admin_unreachable"),  # not HTTP at all
+        (b"SSH-2.0-OpenSSH_9.6\r\n", "bad_answer"),  # not HTTP at all
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n{}", "bad_answer"),  # cut short
         (b"HTTP/1.1 200 OK\r\nContent-Length: 200000\r\n\r\n" + b"[" * 200_000, "bad_answer"),
         (b'HTTP/1.1 200 OK\r\nContent-Length: 21\r\n\r\n{"jobs": [{"a": 1}]}\n', "bad_answer"),
         (b"HTTP/1.1 404 No\r\nContent-Length: 100000\r\n\r\n" + b"[" * 100_000, "bad_answer"),
     ],
-    ids=["not-http", "deep-json", "wrong-shape", "deep-error"],
+    ids=["not-http", "cut-short", "deep-json", "wrong-shape", "deep-error"],
 )
 async def test_a_url_that_answers_nonsense_is_a_coded_error(
     tmp_path: Path, capsys: Capsys, answer: bytes, code: str
