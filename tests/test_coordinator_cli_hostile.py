@@ -375,6 +375,23 @@ def test_a_bad_url_is_a_coded_error(
 async def test_a_url_that_answers_nonsense_is_a_coded_error(
     tmp_path: Path, capsys: Capsys, answer: bytes, code: str
 ) -> None:
+    returned = await _jobs_answered_by(tmp_path, answer)
+    _refused(capsys, cli.EXIT_ERROR, code)(returned)
+
+
+async def test_a_job_time_no_calendar_holds_is_shown_as_it_came(
+    tmp_path: Path, capsys: Capsys
+) -> None:
+    job = b'{"job_id": "job-1", "node_id": "n", "state": "running", "updated": 1e300}'
+    body = b'{"jobs": [' + job + b"]}"
+    head = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body)
+    assert await _jobs_answered_by(tmp_path, head + body) == 0
+    assert capsys.readouterr().out.splitlines()[1].split() == ["job-1", "n", "running", "1e+300"]
+
+
+async def _jobs_answered_by(state: Path, answer: bytes) -> int:
+    """``gpu-coordinator jobs`` against a server that answers ``answer`` to any request."""
+
     async def reply(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await reader.readuntil(b"\r\n\r\n")
         writer.write(answer)
@@ -385,9 +402,8 @@ async def test_a_url_that_answers_nonsense_is_a_coded_error(
     server = await asyncio.start_server(reply, "127.0.0.1", 0)
     async with server:
         url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
-        _write_admin_file(tmp_path, {"url": url, "token": "t"})
-        returned = await _main("jobs", "--state-dir", str(tmp_path))
-    _refused(capsys, cli.EXIT_ERROR, code)(returned)
+        _write_admin_file(state, {"url": url, "token": "t"})
+        return await _main("jobs", "--state-dir", str(state))
 
 
 def _write_admin_file(state: Path, content: object) -> None:
