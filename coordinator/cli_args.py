@@ -38,6 +38,8 @@ __all__ = [
 ]
 
 #: A job id, as ``agent.protocol.jobs.Offer`` takes it (a test checks that they agree).
+#: Used with fullmatch, which also refuses the trailing newline that the protocol's
+#: ``^...$`` patterns let through (msgspec searches them with ``re``).
 JOB_ID: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 #: A node id, as ``agent.protocol.jobs.Offer`` takes it.
 NODE_ID: Final = re.compile(r"[A-Za-z0-9._:@/+=-]{1,128}")
