@@ -168,6 +168,7 @@ def test_deeply_nested_spec_is_a_coded_error(
         (["--job-id", ""], "bad_job_id"),
         (["--job-id", "j" * 65], "bad_job_id"),
         (["--job-id=-x"], "bad_job_id"),
+        (["--job-id", "job-1\n"], "bad_job_id"),  # the protocol's pattern would take it
         (["--node", "no de"], "bad_node_id"),
         (["--node", "node\n"], "bad_node_id"),
         (["--node", "n" * 129], "bad_node_id"),
