@@ -18,9 +18,11 @@ import contextlib
 import os
 import secrets
 import stat
+import urllib.parse
 from collections.abc import Awaitable, Callable
 from http import HTTPStatus
 from pathlib import Path
+from typing import Annotated
 
 import msgspec
 
@@ -32,6 +34,7 @@ __all__ = [
     "ADMIN_FILE",
     "AdminFile",
     "AdminListener",
+    "check_url",
     "new_token",
     "read_admin_file",
     "write_admin_file",
@@ -45,11 +48,38 @@ _READ_TIMEOUT_S = 10.0
 _MAX_ADMIN_FILE_BYTES = 4096
 
 
+# What new_token() makes; a token outside it would not fit in a header line unchanged.
+_Token = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_-]{1,256}$")]
+
+
 class AdminFile(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """What ``admin.json`` holds: where the admin API is, and its token."""
 
-    url: str
-    token: str
+    url: Annotated[str, msgspec.Meta(max_length=2048)]
+    token: _Token
+
+
+def check_url(url: str) -> str:
+    """``url`` if it can be the admin API's base URL: ``http(s)://host[:port][/path]``.
+
+    Raises:
+        AdminError: ``bad_url``, saying what is wrong.
+    """
+    # Control characters, spaces and non-ASCII would reach the request line (http.client
+    # refuses them only when sending, with exceptions of its own); credentials and a query
+    # have no place in a base URL that paths are appended to.
+    if not (url.isascii() and url.isprintable()) or " " in url:
+        raise AdminError("bad_url", f"{url!r}: a URL is printable ASCII without spaces")
+    try:
+        parts = urllib.parse.urlsplit(url)
+        port = parts.port  # ValueError when not a number in 0..65535
+    except ValueError as exc:
+        raise AdminError("bad_url", f"{url!r}: {exc}") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise AdminError("bad_url", f"{url!r}: not an http:// or https:// URL of a host")
+    if parts.username is not None or parts.query or parts.fragment or port == 0:
+        raise AdminError("bad_url", f"{url!r}: a base URL has no credentials, query or port 0")
+    return url
 
 
 def new_token() -> str:
@@ -80,11 +110,13 @@ def read_admin_file(path: Path) -> AdminFile:
 
     Raises:
         AdminError: ``admin_file_missing`` (no coordinator ran with that state directory,
-            or it is not readable), ``admin_file_unsafe`` (open to group or others: the
-            token may be known), ``admin_file_corrupt``.
+            or it is not readable), ``admin_file_unsafe`` (not a regular file, or open to
+            group or others: the token may be known), ``admin_file_corrupt`` (not the JSON
+            of an :class:`AdminFile`, or its URL is not one, see :func:`check_url`).
     """
+    # O_NONBLOCK: a FIFO put there would block the open for ever.
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as exc:
         raise AdminError(
             "admin_file_missing",
@@ -92,18 +124,24 @@ def read_admin_file(path: Path) -> AdminFile:
         ) from None
     try:
         st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode) or st.st_mode & 0o077:
+        if not stat.S_ISREG(st.st_mode):
+            raise AdminError("admin_file_unsafe", f"{path} is not a regular file")
+        if st.st_mode & 0o077:
             raise AdminError(
                 "admin_file_unsafe",
                 f"{path} is open to group or others (mode {stat.S_IMODE(st.st_mode):04o})",
             )
         data = os.read(fd, _MAX_ADMIN_FILE_BYTES + 1)
+    except OSError as exc:
+        raise AdminError("admin_file_missing", f"{path}: {exc.strerror}") from None
     finally:
         os.close(fd)
     try:
-        return msgspec.json.decode(data, type=AdminFile)
-    except msgspec.DecodeError as exc:
+        admin = msgspec.json.decode(data, type=AdminFile)
+        check_url(admin.url)
+    except (msgspec.DecodeError, AdminError) as exc:
         raise AdminError("admin_file_corrupt", f"{path}: {exc}") from None
+    return admin
 
 
 class _BadRequest(Exception):

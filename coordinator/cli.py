@@ -6,7 +6,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import signal
+import sqlite3
 import ssl
 import sys
 import time
@@ -14,16 +16,24 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
-from coordinator import keys
+import platformdirs
+
+from coordinator import cli_args, keys
+from coordinator.admin import check_url
 from coordinator.client import AdminClient, load_spec_file
-from coordinator.errors import AdminError, CoordinatorError
+from coordinator.errors import AdminError, ConfigError, CoordinatorError, JobError, KeyFileError
 from coordinator.server import Coordinator, serve
 
-__all__ = ["EXIT_ERROR", "EXIT_USAGE", "main"]
+__all__ = ["EXIT_ERROR", "EXIT_USAGE", "default_state_dir", "main"]
 
 EXIT_ERROR = 1
 EXIT_USAGE = 2
-_DEFAULT_STATE_DIR = Path("coordinator-state")
+_APP_NAME = "gpu-coordinator"
+
+
+def default_state_dir() -> Path:
+    """The key's and admin file's folder by default: the user's data dir (as the agent's)."""
+    return Path(platformdirs.user_data_dir(_APP_NAME, appauthor=False))
 
 
 class _Parser(argparse.ArgumentParser):
@@ -48,15 +58,20 @@ def _seconds(text: str) -> float:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
-    if not value > 0:
+    if not (math.isfinite(value) and value > 0):
         raise argparse.ArgumentTypeError(f"{text} is not a positive number of seconds")
     return value
 
 
-def _admin_options(parser: argparse.ArgumentParser) -> None:
+def _state_dir_option(parser: argparse.ArgumentParser, what: str) -> None:
+    default = default_state_dir()
     parser.add_argument(
-        "--state-dir", type=Path, default=_DEFAULT_STATE_DIR, help="the coordinator's (admin.json)"
+        "--state-dir", type=Path, default=default, help=f"{what} (default: {default})"
     )
+
+
+def _admin_options(parser: argparse.ArgumentParser) -> None:
+    _state_dir_option(parser, "the coordinator's, with its admin.json")
     parser.add_argument("--url", help="admin API URL (default: the one in admin.json)")
 
 
@@ -67,14 +82,17 @@ def _parser() -> _Parser:
     run.add_argument("--host", default="127.0.0.1", help="address to listen on")
     run.add_argument("--port", type=_port, default=8765, help="TCP port (0: any free one)")
     run.add_argument("--db", type=Path, required=True, help="SQLite file of the store")
-    run.add_argument("--state-dir", type=Path, default=_DEFAULT_STATE_DIR, help="signing key")
+    _state_dir_option(run, "signing key and admin.json, made at the first start")
     run.add_argument("--tls-cert", type=Path, help="PEM certificate chain (TLS on)")
     run.add_argument("--tls-key", type=Path, help="PEM private key of --tls-cert")
     run.add_argument(
         "--admin-port", type=_port, default=0, help="admin API port on 127.0.0.1 (0: any free)"
     )
     key = commands.add_parser("key", help="print the key id and public key for agents to pin")
-    key.add_argument("--state-dir", type=Path, default=_DEFAULT_STATE_DIR, help="signing key")
+    _state_dir_option(key, "signing key")
+    key.add_argument(
+        "--create", action="store_true", help="make the key if there is none (serve does too)"
+    )
     submit = commands.add_parser("submit", help="sign and send a job to a node; print its id")
     submit.add_argument("spec_file", type=Path, metavar="SPEC_FILE", help=".toml or .json spec")
     submit.add_argument("--node", required=True, help="the node id to run it")
@@ -100,19 +118,6 @@ def _ready(coordinator: Coordinator) -> None:
     print(f"dashboard at {coordinator.dashboard_url}", flush=True)
     print(f"key id {coordinator.key.key_id}", flush=True)
     print(f"admin API at {coordinator.admin_url} (token in {coordinator.admin_file})", flush=True)
-
-
-def _tls_context(cert: Path, key: Path) -> ssl.SSLContext:
-    """A server TLS context (TLS 1.2 or later) from PEM files; a coded error if unusable."""
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
-    try:
-        context.load_cert_chain(certfile=cert, keyfile=key)
-    except ssl.SSLError as exc:  # not PEM, or the key does not match the certificate
-        raise CoordinatorError("tls_invalid", f"{cert} / {key}: {exc}") from None
-    except OSError as exc:
-        raise CoordinatorError("tls_unreadable", str(exc)) from None
-    return context
 
 
 async def _serve(args: argparse.Namespace, ssl_context: ssl.SSLContext | None) -> None:
@@ -169,15 +174,46 @@ def _jobs(args: argparse.Namespace, client: AdminClient) -> int:
         return 0
     print(f"{'JOB':<24} {'NODE':<32} {'STATE':<12} UPDATED")
     for job in jobs:
-        updated = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(job["updated"])))
-        print(f"{job['job_id']:<24} {job['node_id']:<32} {job['state']:<12} {updated}")
+        print(f"{job['job_id']:<24} {job['node_id']:<32} {job['state']:<12} {_when(job)}")
     return 0
+
+
+def _when(job: dict[str, Any]) -> str:
+    try:
+        return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(job["updated"]))
+    except (OverflowError, OSError, ValueError):  # a time no calendar holds
+        return str(job["updated"])
+
+
+def _fail(exc: CoordinatorError, status: int) -> int:
+    print(f"gpu-coordinator: error [{exc.code}]: {exc.detail}", file=sys.stderr)
+    return status
+
+
+def _check_admin_arguments(args: argparse.Namespace) -> dict[str, Any]:
+    """Every argument of an admin command checked; the spec to submit ({} for the others)."""
+    if args.url is not None:
+        check_url(args.url)
+    if args.command == "cancel":
+        cli_args.check_job_id(args.job_id)
+        cli_args.check_reason(args.reason)
+    if args.command != "submit":
+        return {}
+    cli_args.check_node_id(args.node)
+    if args.job_id is not None:
+        cli_args.check_job_id(args.job_id)
+    if args.ttl is not None:
+        cli_args.check_ttl(args.ttl)
+    return load_spec_file(args.spec_file)
 
 
 def _admin_command(args: argparse.Namespace) -> int:
     try:
-        # The spec file first: a bad argument is refused before anything is reached.
-        spec = load_spec_file(args.spec_file) if args.command == "submit" else {}
+        # The arguments first: one that is refused (exit 2) reaches nothing.
+        spec = _check_admin_arguments(args)
+    except (AdminError, JobError) as exc:
+        return _fail(exc, EXIT_USAGE)
+    try:
         client = AdminClient.from_state_dir(args.state_dir, args.url)
         if args.command == "submit":
             return _submit(args, client, spec)
@@ -186,9 +222,45 @@ def _admin_command(args: argparse.Namespace) -> int:
             return 0
         return _jobs(args, client)
     except AdminError as exc:
-        print(f"gpu-coordinator: error [{exc.code}]: {exc.detail}", file=sys.stderr)
-        # A spec file that cannot be used is a bad argument, like argparse's own.
-        return EXIT_USAGE if exc.code == "bad_spec" and args.command == "submit" else EXIT_ERROR
+        return _fail(exc, EXIT_ERROR)
+
+
+def _key_command(args: argparse.Namespace) -> int:
+    try:
+        key = keys.load_or_create(args.state_dir) if args.create else keys.load(args.state_dir)
+    except KeyFileError as exc:
+        # No key where one was asked for: a state directory mistyped, most likely.
+        return _fail(exc, EXIT_USAGE if exc.code == "key_missing" else EXIT_ERROR)
+    print(f"key id:      {key.key_id}")
+    print(f"public key:  {key.public_key_b64}")
+    return 0
+
+
+def _serve_command(args: argparse.Namespace) -> int:
+    try:
+        # Read-only checks of every argument before the key, the database or the admin
+        # file is written: a refused argument leaves nothing behind.
+        ssl_context = None
+        if args.tls_cert is not None:
+            ssl_context = cli_args.tls_context(args.tls_cert, args.tls_key)
+        cli_args.check_addresses([(args.host, args.port), ("127.0.0.1", args.admin_port)])
+        cli_args.check_db(args.db)
+        cli_args.check_state_dir(args.state_dir)
+    except ConfigError as exc:
+        return _fail(exc, EXIT_USAGE)
+    try:
+        asyncio.run(_serve(args, ssl_context))
+    except CoordinatorError as exc:
+        return _fail(exc, EXIT_ERROR)
+    except sqlite3.Error as exc:
+        # What check_db cannot see: a corrupt page, another program's database.
+        print(f"gpu-coordinator: error [store_error]: {args.db}: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except OSError as exc:
+        # The address taken since it was checked, a full disk.
+        print(f"gpu-coordinator: error [os_error]: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -197,31 +269,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command in ("submit", "cancel", "jobs"):
         return _admin_command(args)
-    if args.command == "serve" and (args.tls_cert is None) != (args.tls_key is None):
+    if args.command == "key":
+        return _key_command(args)
+    if (args.tls_cert is None) != (args.tls_key is None):
         parser.error("--tls-cert and --tls-key go together")
-    if args.command == "serve" and args.tls_cert is not None:
-        try:
-            ssl_context = _tls_context(args.tls_cert, args.tls_key)
-        except CoordinatorError as exc:
-            print(f"gpu-coordinator: error [{exc.code}]: {exc.detail}", file=sys.stderr)
-            return EXIT_USAGE
-    else:
-        ssl_context = None
-    try:
-        if args.command == "key":
-            key = keys.load_or_create(args.state_dir)
-            print(f"key id:      {key.key_id}")
-            print(f"public key:  {key.public_key_b64}")
-        else:
-            asyncio.run(_serve(args, ssl_context))
-    except CoordinatorError as exc:
-        print(f"gpu-coordinator: error [{exc.code}]: {exc.detail}", file=sys.stderr)
-        return EXIT_ERROR
-    except OSError as exc:
-        # Mostly a port in use or a database that cannot be opened.
-        print(f"gpu-coordinator: error [os_error]: {exc}", file=sys.stderr)
-        return EXIT_ERROR
-    return 0
+    return _serve_command(args)
 
 
 if __name__ == "__main__":

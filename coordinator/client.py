@@ -2,12 +2,16 @@
 
 Plain blocking ``urllib``: one request at a time from a command line. Every failure is an
 :class:`~coordinator.errors.AdminError` whose code is the API's own (``unknown_node``,
-``job_exists``...) or the client's (``admin_unreachable``, ``bad_answer``).
+``job_exists``...) or the client's (``bad_url``, ``admin_unreachable``, ``bad_answer``).
+Answers are read up to a bound and checked for their shape: whatever ``--url`` points at
+may answer anything.
 """
 
 from __future__ import annotations
 
-import json
+import http.client
+import os
+import stat
 import time
 import tomllib
 import urllib.error
@@ -16,49 +20,81 @@ from pathlib import Path
 from typing import Any, Final
 from urllib.parse import quote
 
-from coordinator.admin import ADMIN_FILE, read_admin_file
-from coordinator.errors import AdminError
+import msgspec
 
-__all__ = ["MAX_SPEC_FILE_BYTES", "AdminClient", "load_spec_file"]
+from coordinator.admin import ADMIN_FILE, check_url, read_admin_file
+from coordinator.errors import AdminError, JobError
+from coordinator.jobs import check_spec
+from sandbox.spec import MAX_SPEC_BYTES
 
-#: The largest spec file read: a spec must fit in one frame, so far less goes through.
-MAX_SPEC_FILE_BYTES: Final = 1024 * 1024
+__all__ = ["MAX_ANSWER_BYTES", "AdminClient", "load_spec_file"]
+
+#: The largest answer read: a job's detail holds at most its spec, offer, logs and receipt.
+MAX_ANSWER_BYTES: Final = 64 * 1024 * 1024
 _TIMEOUT_S = 30.0
+
+
+class _JobRow(msgspec.Struct):
+    """What ``gpu-coordinator jobs`` shows of each job; other fields are let through."""
+
+    job_id: str
+    node_id: str
+    state: str
+    updated: float
 
 
 def load_spec_file(path: Path) -> dict[str, Any]:
     """A spec file (``.toml`` or ``.json``, as ``gpu-agent run-local`` takes) as a JSON object.
 
-    Only its shape is checked here: the node validates the spec and refuses it with a code.
+    It is validated as a node validates the spec of an offer, so that nothing a node would
+    refuse for its form is sent; the table is returned as written (sizes as given).
 
     Raises:
-        AdminError: ``bad_spec`` (unreadable, another suffix, not TOML/JSON, not a table).
+        JobError: ``bad_spec`` (another suffix, not a regular file, unreadable), or a code
+            of :func:`coordinator.jobs.check_spec` (``spec_too_large`` past 1 MiB...).
     """
     suffix = path.suffix.lower()
     if suffix not in (".toml", ".json"):
-        raise AdminError("bad_spec", f"{path}: a spec file ends in .toml or .json")
+        raise JobError("bad_spec", f"{path}: a spec file ends in .toml or .json")
+    data = _read_spec(path)
+    if suffix == ".toml":
+        check_spec(data, "toml")
+        return tomllib.loads(data.decode())  # what check_spec just read without an error
+    check_spec(data, "json")
+    return msgspec.json.decode(data, type=dict[str, Any])
+
+
+def _read_spec(path: Path) -> bytes:
+    """At most MAX_SPEC_BYTES + 1 bytes of a regular file (a FIFO or device is refused)."""
     try:
-        with path.open("rb") as file:
-            data = file.read(MAX_SPEC_FILE_BYTES + 1)
+        # O_NONBLOCK: opening a FIFO returns at once instead of waiting for a writer.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as exc:
-        raise AdminError("bad_spec", f"cannot read {path}: {exc.strerror}") from None
-    if len(data) > MAX_SPEC_FILE_BYTES:
-        raise AdminError("bad_spec", f"{path} is over {MAX_SPEC_FILE_BYTES} bytes")
+        raise JobError("bad_spec", f"cannot read {path}: {exc.strerror}") from None
     try:
-        text = data.decode()
-        spec = tomllib.loads(text) if suffix == ".toml" else json.loads(text)
-    except (UnicodeDecodeError, tomllib.TOMLDecodeError, json.JSONDecodeError) as exc:
-        raise AdminError("bad_spec", f"{path}: not valid {suffix[1:].upper()}: {exc}") from None
-    if not isinstance(spec, dict):
-        raise AdminError("bad_spec", f"{path}: a spec is a table (an object) of fields")
-    return spec
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise JobError("bad_spec", f"{path} is not a regular file")
+        chunks: list[bytes] = []
+        size = 0
+        while size <= MAX_SPEC_BYTES and (chunk := os.read(fd, MAX_SPEC_BYTES + 1 - size)):
+            chunks.append(chunk)
+            size += len(chunk)
+    except OSError as exc:
+        raise JobError("bad_spec", f"cannot read {path}: {exc.strerror}") from None
+    finally:
+        os.close(fd)
+    data = b"".join(chunks)
+    if len(data) > MAX_SPEC_BYTES:
+        raise JobError("spec_too_large", f"{path}: a spec may be at most {MAX_SPEC_BYTES} bytes")
+    return data
 
 
 class AdminClient:
     """The admin API of one running coordinator."""
 
     def __init__(self, url: str, token: str) -> None:
-        self.url = url.rstrip("/")
+        """A client of the API at ``url`` (AdminError ``bad_url`` if it is not an URL)."""
+        self.url = check_url(url).rstrip("/")
         self._token = token
 
     @classmethod
@@ -66,7 +102,7 @@ class AdminClient:
         """The client of the coordinator that runs with ``state_dir`` (its ``admin.json``).
 
         Raises:
-            AdminError: as :func:`coordinator.admin.read_admin_file`.
+            AdminError: ``bad_url``, or as :func:`coordinator.admin.read_admin_file`.
         """
         admin = read_admin_file(state_dir / ADMIN_FILE)
         return cls(url or admin.url, admin.token)
@@ -98,9 +134,11 @@ class AdminClient:
     def jobs(self) -> list[dict[str, Any]]:
         """Every job, newest first (``GET /api/jobs``)."""
         jobs = self._request("GET", "/api/jobs").get("jobs")
-        if not isinstance(jobs, list):
-            raise AdminError("bad_answer", "no job list in the answer")
-        return jobs
+        try:
+            msgspec.convert(jobs, list[_JobRow])
+            return msgspec.convert(jobs, list[dict[str, Any]])
+        except msgspec.ValidationError as exc:
+            raise AdminError("bad_answer", f"not a job list: {exc}") from None
 
     def job(self, job_id: str) -> dict[str, Any]:
         """One job (``GET /api/jobs/{id}``)."""
@@ -125,34 +163,43 @@ class AdminClient:
             time.sleep(poll_s)
 
     def _request(self, method: str, path: str, body: object = None) -> dict[str, Any]:
-        data = None if body is None else json.dumps(body).encode()
+        data = None if body is None else msgspec.json.encode(body)
         request = urllib.request.Request(self.url + path, data=data, method=method)
         request.add_header("Authorization", f"Bearer {self._token}")
         if data is not None:
             request.add_header("Content-Type", "application/json")
         try:
             with urllib.request.urlopen(request, timeout=_TIMEOUT_S) as response:
-                raw = response.read()
+                raw = response.read(MAX_ANSWER_BYTES + 1)
         except urllib.error.HTTPError as exc:
             with exc:
-                raise _api_error(exc.code, exc.read()) from None
-        except (urllib.error.URLError, OSError) as exc:
+                raise _api_error(exc.code, exc.read(MAX_ANSWER_BYTES + 1)) from None
+        except http.client.HTTPException as exc:  # something answered, not in HTTP
+            raise AdminError("bad_answer", f"{self.url} does not answer HTTP: {exc!r}") from None
+        except (urllib.error.URLError, OSError, ValueError) as exc:
+            # ValueError: a host name that cannot be encoded (IDNA).
             reason = getattr(exc, "reason", exc)
             raise AdminError(
                 "admin_unreachable", f"{self.url}: {reason}; is the coordinator running?"
             ) from None
-        try:
-            answer = json.loads(raw)
-        except json.JSONDecodeError:
-            answer = None
-        if not isinstance(answer, dict):
+        answer = _json_object(raw)
+        if answer is None:
             raise AdminError("bad_answer", f"{method} {path}: not a JSON object")
         return answer
 
 
-def _api_error(status: int, raw: bytes) -> AdminError:
+def _json_object(raw: bytes) -> dict[str, Any] | None:
+    """``raw`` as a JSON object, or None (too large, not JSON, nested too deeply...)."""
+    if len(raw) > MAX_ANSWER_BYTES:
+        return None
     try:
-        error = json.loads(raw)["error"]
-        return AdminError(str(error["code"]), str(error.get("detail", "")))
-    except (ValueError, KeyError, TypeError):
-        return AdminError("bad_answer", f"HTTP {status} without a coded error")
+        return msgspec.json.decode(raw, type=dict[str, Any])
+    except (msgspec.DecodeError, RecursionError):
+        return None
+
+
+def _api_error(status: int, raw: bytes) -> AdminError:
+    error = (_json_object(raw) or {}).get("error")
+    if isinstance(error, dict) and isinstance(error.get("code"), str):
+        return AdminError(error["code"], str(error.get("detail", "")))
+    return AdminError("bad_answer", f"HTTP {status} without a coded error")

@@ -3,14 +3,19 @@
 Grouped by how the operator reacts::
 
     CoordinatorError              base; never raised itself
+    +-- ConfigError               a command-line argument is unusable: fix it (exit status 2)
+    |     codes: bad_address, address_in_use, bad_db, bad_state_dir, tls_unreadable,
+    |            tls_invalid
     +-- KeyFileError              the signing key on disk is unsafe or unusable: fix it
-    |     codes: key_permissions, key_unreadable, key_unwritable, key_corrupt
+    |     codes: key_missing, key_permissions, key_unreadable, key_unwritable, key_corrupt
     +-- JobError                  a submission or cancel refused: fix the request
-    |     codes: unknown_node, unknown_job, job_exists, job_final, bad_job_id, bad_spec,
-    |            spec_too_large, bad_ttl, bad_reason, bad_request
+    |     codes: unknown_node, unknown_job, job_exists, job_final, bad_job_id,
+    |            bad_node_id, bad_ttl, bad_reason, bad_request, and a spec's refusal as a
+    |            node would say it (sandbox.errors.SpecError: bad_spec, spec_too_large,
+    |            unknown_field, missing_field, forbidden_field, bad_value)
     +-- AdminError                the admin API is unreachable or refused the client
           codes: admin_file_missing, admin_file_unsafe, admin_file_corrupt, admin_file_unwritable,
-                 admin_unreachable, unauthorized, forbidden, bad_answer, wait_timeout,
+                 bad_url, admin_unreachable, unauthorized, forbidden, bad_answer, wait_timeout,
                  and the JobError codes the API answered with
 
 Protocol errors with a peer are :mod:`agent.protocol.errors`; they go to the agent as an
@@ -19,7 +24,7 @@ Protocol errors with a peer are :mod:`agent.protocol.errors`; they go to the age
 
 from __future__ import annotations
 
-__all__ = ["AdminError", "CoordinatorError", "JobError", "KeyFileError"]
+__all__ = ["AdminError", "ConfigError", "CoordinatorError", "JobError", "KeyFileError"]
 
 
 class CoordinatorError(Exception):
@@ -29,6 +34,10 @@ class CoordinatorError(Exception):
         super().__init__(f"{code}: {detail}" if detail else code)
         self.code = code
         self.detail = detail
+
+
+class ConfigError(CoordinatorError):
+    """An argument of ``gpu-coordinator`` is unusable; nothing was written."""
 
 
 class KeyFileError(CoordinatorError):

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import secrets
-from typing import Any, Final
+from typing import Any, Final, Literal
 
 import msgspec
 
@@ -21,6 +21,8 @@ from agent.protocol.limits import MAX_SEQ
 from agent.protocol.messages import EnvelopeBody, JobOfferBody, encode_frame, wrap
 from coordinator.errors import JobError
 from coordinator.keys import CoordinatorKey
+from sandbox.errors import SpecError
+from sandbox.spec import load_spec
 
 __all__ = [
     "CHAIN_BROKEN",
@@ -28,6 +30,7 @@ __all__ = [
     "MAX_TTL_S",
     "RECEIPT_PROBLEMS",
     "SignedOffer",
+    "check_spec",
     "make_offer",
     "new_job_id",
     "receipt_problems",
@@ -65,6 +68,20 @@ def new_job_id() -> str:
     return "job-" + secrets.token_hex(8)
 
 
+def check_spec(data: bytes, fmt: Literal["toml", "json"]) -> None:
+    """Validate an encoded spec exactly as a node does before it runs one.
+
+    Raises:
+        JobError: with the code of :class:`sandbox.errors.SpecError` (``bad_spec``,
+            ``spec_too_large``, ``unknown_field``, ``missing_field``, ``forbidden_field``,
+            ``bad_value``), the field named in its detail.
+    """
+    try:
+        load_spec(data, fmt)
+    except SpecError as exc:
+        raise JobError(exc.code, exc.detail) from None
+
+
 def make_offer(
     key: CoordinatorKey,
     *,
@@ -76,12 +93,14 @@ def make_offer(
 ) -> SignedOffer:
     """The offer of ``spec`` to ``node_id``, signed, checked to fit in one frame.
 
-    The spec is only checked to be a JSON object: the node validates it against its own
-    spec schema and admission policy, and refuses it with a coded ``job_status``.
+    The spec is validated as the node will (:func:`check_spec`): nothing is signed that a
+    node would refuse for its form. Whether a node admits it (its policy, its GPUs) only
+    the node can say, with a coded ``job_status``.
 
     Raises:
-        JobError: ``bad_spec`` (not a JSON object), ``bad_job_id``, ``bad_ttl`` (not in
-            (0, MAX_TTL_S]), ``spec_too_large`` (the offer would not fit in a frame).
+        JobError: ``bad_spec`` (not a JSON object), a code of :func:`check_spec`,
+            ``bad_job_id``, ``bad_ttl`` (not in (0, MAX_TTL_S]), ``spec_too_large`` (the
+            offer would not fit in a frame).
     """
     if not isinstance(spec, dict):
         raise JobError("bad_spec", "a spec is a JSON object (a TOML table)")
@@ -103,6 +122,8 @@ def make_offer(
         if "$.job_id" in where:
             raise JobError("bad_job_id", f"{job_id!r}: {where}") from None
         raise JobError("bad_spec", where) from None
+    # The node decodes the offer's spec from JSON and loads it so (agent.jobs): the same here.
+    check_spec(msgspec.json.encode(offer.spec), "json")
     envelope = sign_offer(offer, key.private_key, key.key_id)
     body = JobOfferBody(
         job_id=job_id, offer=msgspec.convert(msgspec.to_builtins(envelope), EnvelopeBody)

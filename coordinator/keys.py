@@ -1,9 +1,10 @@
 """The coordinator's Ed25519 signing key: created on first start, refused when unsafe.
 
 ``state_dir/coordinator.key`` holds the private key as unencrypted PKCS#8 PEM, mode 0600.
-Agents pin its public key (``gpu-coordinator key`` prints it); a key that group or others
-may read could be known to someone else, who could then pose as this coordinator, so it
-is refused rather than used.
+Agents pin its public key (``gpu-coordinator key`` prints it, and only reads: a mistyped
+state directory must not yield a fresh key that no agent trusts); a key that group or
+others may read could be known to someone else, who could then pose as this coordinator,
+so it is refused rather than used.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from pathlib import Path
 from agent.protocol import crypto
 from coordinator.errors import KeyFileError
 
-__all__ = ["KEY_FILE", "CoordinatorKey", "load_or_create"]
+__all__ = ["KEY_FILE", "CoordinatorKey", "load", "load_or_create"]
 
 KEY_FILE = "coordinator.key"
 _MAX_KEY_BYTES = 16 * 1024  # a PEM Ed25519 key is 119 bytes
@@ -43,6 +44,23 @@ class CoordinatorKey:
         return crypto.sign(self.private_key, data)
 
 
+def load(state_dir: Path) -> CoordinatorKey:
+    """The key kept in ``state_dir``; nothing is created.
+
+    Raises:
+        KeyFileError: ``key_missing`` when there is none, else as :func:`load_or_create`.
+    """
+    path = state_dir / KEY_FILE
+    data = _read(path)
+    if data is None:
+        raise KeyFileError(
+            "key_missing",
+            f"no key in {state_dir}: `gpu-coordinator serve --state-dir {state_dir}` creates "
+            f"it at its first start, or `gpu-coordinator key --create --state-dir {state_dir}`",
+        )
+    return _parse(path, data)
+
+
 def load_or_create(state_dir: Path) -> CoordinatorKey:
     """The key kept in ``state_dir``, created there on first start.
 
@@ -64,6 +82,10 @@ def load_or_create(state_dir: Path) -> CoordinatorKey:
         data = _read(path)
         if data is None:
             raise KeyFileError("key_unreadable", f"{path} vanished after its creation")
+    return _parse(path, data)
+
+
+def _parse(path: Path, data: bytes) -> CoordinatorKey:
     try:
         key = crypto.load_private_key_pem(data)
     except ValueError as exc:

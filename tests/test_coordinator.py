@@ -629,20 +629,20 @@ async def test_read_api_returns_nodes_profile_and_telemetry(coordinator: Coordin
 def test_key_command_prints_the_key_id_and_public_key(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    assert cli.main(["key", "--state-dir", str(tmp_path / "s")]) == 0
+    assert cli.main(["key", "--create", "--state-dir", str(tmp_path / "s")]) == 0
     out = capsys.readouterr().out
     assert "key id:      ed25519:" in out
     public = out.split("public key:")[1].strip()
     assert crypto.key_id(crypto.b64decode(public)) in out
     assert os.stat(tmp_path / "s" / "coordinator.key").st_mode & 0o777 == 0o600
     assert cli.main(["key", "--state-dir", str(tmp_path / "s")]) == 0
-    assert capsys.readouterr().out == out  # the same key on the second start
+    assert capsys.readouterr().out == out  # the same key, read
 
 
 def test_key_readable_by_others_is_refused(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    assert cli.main(["key", "--state-dir", str(tmp_path)]) == 0
+    assert cli.main(["key", "--create", "--state-dir", str(tmp_path)]) == 0
     (tmp_path / "coordinator.key").chmod(0o644)
     assert cli.main(["key", "--state-dir", str(tmp_path)]) == cli.EXIT_ERROR
     assert "error [key_permissions]" in capsys.readouterr().err

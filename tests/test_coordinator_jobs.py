@@ -183,7 +183,7 @@ async def test_cancel_sends_job_cancel_once_and_refuses_unknown_or_final_jobs(
         ("peer", SPEC, {"job_id": "j" * 65}, "bad_job_id"),
         ("peer", SPEC, {"ttl_s": 0}, "bad_ttl"),
         ("peer", SPEC, {"ttl_s": float("inf")}, "bad_ttl"),
-        ("peer", {"blob": "x" * 800_000}, {}, "spec_too_large"),
+        ("peer", {**SPEC, "env": {"BLOB": "x" * 800_000}}, {}, "spec_too_large"),
         ("peer", SPEC, {"job_id": "job-taken"}, "job_exists"),
     ],
 )
@@ -563,7 +563,9 @@ async def _cli(*args: str) -> tuple[int, str, str]:
 
 async def test_cli_submits_waits_cancels_and_lists_jobs(serve: _Serve, tmp_path: Path) -> None:
     spec_file = tmp_path / "job.toml"
-    spec_file.write_text('image = "busybox"\ncommand = ["true"]\n[resources]\nmemory = "1g"\n')
+    spec_file.write_text(
+        'image = "busybox"\ncommand = ["true"]\n[resources]\nmemory_bytes = "1GiB"\n'
+    )
     state = ["--state-dir", str(serve.state)]
     peer = Peer()
     async with connected(serve.url, serve.pinned, peer) as link:
@@ -574,7 +576,7 @@ async def test_cli_submits_waits_cancels_and_lists_jobs(serve: _Serve, tmp_path:
         assert offer.spec == {
             "image": "busybox",
             "command": ["true"],
-            "resources": {"memory": "1g"},
+            "resources": {"memory_bytes": "1GiB"},
         }
         assert (await _cli("cancel", job_id, "--reason", "test", *state))[0] == 0
         assert (await link.take(JobCancel)).body.reason == "test"

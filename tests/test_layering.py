@@ -35,7 +35,10 @@ ALLOWED = {
     ),
     "agent.owner": ("agent.owner",),
     "agent.errors": ("agent.errors",),
-    "coordinator": ("coordinator", "agent.protocol"),
+    # The spec a coordinator signs must pass the node's own validation (sandbox.spec, a pure
+    # library: msgspec and the standard library), so the coordinator runs that validation.
+    # Nothing else of the sandbox: the test below checks what the two reach.
+    "coordinator": ("coordinator", "agent.protocol", "sandbox.spec", "sandbox.errors"),
 }
 
 
@@ -108,6 +111,26 @@ def test_the_tray_apps_client_reaches_neither_hal_nor_sandbox(module: str) -> No
         todo.extend(_imports(modules[name]) | _parents(name))
     assert sorted(n for n in reached if n.split(".")[0] in ("hal", "sandbox")) == []
     assert module in reached
+
+
+def test_the_coordinator_reaches_only_the_sandboxs_spec_and_its_errors() -> None:
+    modules = _modules()
+    reached: set[str] = set()
+    todo = [m for m in modules if m == "coordinator" or m.startswith("coordinator.")]
+    while todo:
+        name = todo.pop()
+        if name in reached or name not in modules:
+            continue
+        reached.add(name)
+        todo.extend(_imports(modules[name]) | _parents(name))
+    assert sorted(n for n in reached if n.split(".")[0] == "sandbox") == [
+        "sandbox",
+        "sandbox.errors",
+        "sandbox.spec",
+    ]
+    assert sorted(n for n in reached if n.split(".")[0] in ("hal", "agent")) == sorted(
+        n for n in reached if n == "agent" or n.startswith("agent.protocol")
+    )
 
 
 def _parents(name: str) -> set[str]:

@@ -1,0 +1,214 @@
+"""Checks of ``gpu-coordinator``'s arguments, run before anything is written or sent.
+
+``serve`` creates a key, a database and an admin file, and binds two ports: each argument
+that could make one of those fail is checked first, read-only, so that a typo is refused
+with a code and leaves nothing behind. The admin commands' ids are checked against the
+protocol's patterns, so that one that no coordinator could accept never reaches one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import re
+import socket
+import sqlite3
+import ssl
+import stat
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Final
+
+from agent.protocol.limits import MAX_ERROR_DETAIL_CHARS
+from coordinator.errors import ConfigError, JobError
+from coordinator.jobs import MAX_TTL_S
+
+__all__ = [
+    "JOB_ID",
+    "NODE_ID",
+    "check_addresses",
+    "check_db",
+    "check_job_id",
+    "check_node_id",
+    "check_reason",
+    "check_state_dir",
+    "check_ttl",
+    "tls_context",
+]
+
+#: A job id, as ``agent.protocol.jobs.Offer`` takes it (a test checks that they agree).
+#: Used with fullmatch, which also refuses the trailing newline that the protocol's
+#: ``^...$`` patterns let through (msgspec searches them with ``re``).
+JOB_ID: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+#: A node id, as ``agent.protocol.jobs.Offer`` takes it.
+NODE_ID: Final = re.compile(r"[A-Za-z0-9._:@/+=-]{1,128}")
+_SQLITE_HEADER = b"SQLite format 3\0"
+#: Tables every store has had since its first schema: a database without them is another's.
+_STORE_TABLES = frozenset(("nodes", "messages"))
+_MAX_PEM_BYTES = 1024 * 1024
+
+
+def check_job_id(job_id: str) -> None:
+    """Refuse a job id the protocol does not allow (JobError ``bad_job_id``)."""
+    if not JOB_ID.fullmatch(job_id):
+        raise JobError(
+            "bad_job_id", f"{job_id!r}: 1-64 of A-Z a-z 0-9 _ . -, a letter or digit first"
+        )
+
+
+def check_node_id(node_id: str) -> None:
+    """Refuse a node id the protocol does not allow (JobError ``bad_node_id``)."""
+    if not NODE_ID.fullmatch(node_id):
+        raise JobError("bad_node_id", f"{node_id!r}: 1-128 of A-Z a-z 0-9 . _ : @ / + = -")
+
+
+def check_reason(reason: str) -> None:
+    """Refuse a cancel reason longer than a node is told (JobError ``bad_reason``)."""
+    if len(reason) > MAX_ERROR_DETAIL_CHARS:
+        raise JobError("bad_reason", f"a reason is at most {MAX_ERROR_DETAIL_CHARS} characters")
+
+
+def check_ttl(ttl_s: float) -> None:
+    """Refuse an offer lifetime the coordinator refuses (JobError ``bad_ttl``)."""
+    if not 0 < ttl_s <= MAX_TTL_S:
+        raise JobError("bad_ttl", f"--ttl must be in (0, {MAX_TTL_S:.0f}] seconds")
+
+
+def check_addresses(addresses: Sequence[tuple[str, int]]) -> None:
+    """Bind (then close) what the server will bind, all at once, so that it is known to work.
+
+    Raises:
+        ConfigError: ``bad_address`` (no such host, or not an address of this machine),
+            ``address_in_use`` (by another program, or twice in ``addresses``).
+    """
+    with contextlib.ExitStack() as probes:
+        for host, port in addresses:
+            for family, kind, proto, _, address in _resolve(host, port):
+                probe = probes.enter_context(socket.socket(family, kind, proto))
+                # As asyncio binds: SO_REUSEADDR, and IPv6 sockets for IPv6 only. Listening
+                # makes a second probe of the same port fail, as the second server would.
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if family == socket.AF_INET6:
+                    probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                try:
+                    probe.bind(address)
+                    probe.listen()
+                except OSError as exc:
+                    code = "address_in_use" if exc.errno == errno.EADDRINUSE else "bad_address"
+                    where = f"{host or '*'} port {port}"
+                    raise ConfigError(code, f"cannot listen on {where}: {exc.strerror}") from None
+
+
+def _resolve(host: str, port: int) -> list[tuple[Any, ...]]:
+    try:
+        found = socket.getaddrinfo(
+            host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )
+    except (OSError, ValueError) as exc:  # gaierror; an embedded NUL; a label too long
+        raise ConfigError("bad_address", f"{host!r} is no address to listen on: {exc}") from None
+    return [tuple(item) for item in found]
+
+
+def check_db(path: Path) -> None:
+    """Refuse a database path that SQLite could not open as a store, or would create amiss.
+
+    Raises:
+        ConfigError: ``bad_db``: its folder is missing or not writable, or it is a
+            directory, not a regular file, unreadable, not an SQLite database, or the
+            database of something else (the store would add its tables to it).
+    """
+    folder = path.parent
+    if not folder.is_dir():
+        raise ConfigError("bad_db", f"{path}: the folder {folder} does not exist")
+    # SQLite writes its -wal and -shm files beside the database.
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ConfigError("bad_db", f"{path}: the folder {folder} is not writable")
+    try:
+        # O_NONBLOCK: a FIFO would block the open for ever; O_RDWR: the store writes.
+        fd = os.open(path, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return  # created at the start, with the store's tables
+    except OSError as exc:
+        raise ConfigError("bad_db", f"{path}: {exc.strerror}") from None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise ConfigError("bad_db", f"{path} is not a regular file")
+        header = os.read(fd, len(_SQLITE_HEADER))
+    except OSError as exc:
+        raise ConfigError("bad_db", f"{path}: {exc.strerror}") from None
+    finally:
+        os.close(fd)
+    # An empty file is a database without tables to SQLite: the store makes them.
+    if not header:
+        return
+    if header != _SQLITE_HEADER:
+        raise ConfigError("bad_db", f"{path} is not an SQLite database: it is left as it is")
+    tables = _tables(path)
+    if tables and not _STORE_TABLES.issubset(tables):
+        shown = ", ".join(sorted(tables)[:5])
+        raise ConfigError("bad_db", f"{path} is the database of something else (tables {shown})")
+
+
+def _tables(path: Path) -> set[str]:
+    """The names of the tables in the database file, read without writing anything."""
+    # immutable: no lock, no -wal or -shm file made beside it (a plain read-only open of a
+    # WAL database makes both); what only the WAL holds is not seen, which errs to accept.
+    uri = f"{path.absolute().as_uri()}?mode=ro&immutable=1"
+    try:
+        db = sqlite3.connect(uri, uri=True)
+        try:
+            rows = db.execute("SELECT name FROM sqlite_master WHERE type = 'table'").fetchall()
+        finally:
+            db.close()
+    except sqlite3.Error as exc:
+        raise ConfigError("bad_db", f"{path} is not a usable SQLite database: {exc}") from None
+    return {str(name) for (name,) in rows}
+
+
+def check_state_dir(path: Path) -> None:
+    """Refuse a state directory that ``serve`` could not make or write in.
+
+    Raises:
+        ConfigError: ``bad_state_dir``: it (or the folder it would be made in) is not a
+            directory, or not writable.
+    """
+    # The first folder that exists, from the state directory up: where it will be made.
+    for folder in (path, *path.absolute().parents):
+        try:
+            st = os.stat(folder)
+        except FileNotFoundError:
+            continue
+        except OSError as exc:  # a file on the way (ENOTDIR), no permission to look
+            raise ConfigError("bad_state_dir", f"{path}: {exc.strerror}") from None
+        if not stat.S_ISDIR(st.st_mode):
+            raise ConfigError("bad_state_dir", f"{path}: {folder} is not a directory")
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise ConfigError("bad_state_dir", f"{path}: {folder} is not writable")
+        return
+
+
+def tls_context(cert: Path, key: Path) -> ssl.SSLContext:
+    """A server TLS context (TLS 1.2 or later) from PEM files.
+
+    Raises:
+        ConfigError: ``tls_unreadable`` (missing, not a regular file, over 1 MiB),
+            ``tls_invalid`` (not PEM, or the key does not match the certificate).
+    """
+    for path in (cert, key):
+        # OpenSSL would wait for ever on a FIFO, and read a device without end.
+        try:
+            st = path.stat()
+        except OSError as exc:
+            raise ConfigError("tls_unreadable", f"{path}: {exc.strerror}") from None
+        if not stat.S_ISREG(st.st_mode) or st.st_size > _MAX_PEM_BYTES:
+            raise ConfigError("tls_unreadable", f"{path} is not a PEM file (at most 1 MiB)")
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        context.load_cert_chain(certfile=cert, keyfile=key)
+    except ssl.SSLError as exc:  # not PEM, or the key does not match the certificate
+        raise ConfigError("tls_invalid", f"{cert} / {key}: {exc}") from None
+    except OSError as exc:
+        raise ConfigError("tls_unreadable", str(exc)) from None
+    return context
