@@ -80,7 +80,7 @@ def walk(
 
 
 def _scan(fd: int, visit: Callable[[int, os.DirEntry[str]], bool]) -> list[str]:
-    # scandir(fd) reads through a duplicate and rewinds it: fd can be scanned again.
+    # scandir(fd) reads through a duplicate of fd: fd stays open, the caller's to close.
     with os.scandir(fd) as entries:
         return [entry.name for entry in entries if visit(fd, entry)]
 

@@ -22,7 +22,7 @@ from test_runner import make_spec, run_job
 from sandbox.container import LABEL_RUNNER
 from sandbox.docker_api import DockerClient
 from sandbox.errors import SpecError
-from sandbox.fstree import remove_tree
+from sandbox.fstree import TreeChanged, remove_tree, walk
 from sandbox.jobdir import JobDir
 from sandbox.outputs import collect_outputs
 from sandbox.runner import Runner, RunnerConfig
@@ -148,6 +148,23 @@ def test_what_cannot_be_removed_is_logged_and_left_not_raised(
         subprocess.run(["chattr", "-i", str(stuck)], check=True)
     assert remove_tree(tmp_path / "job") is True
     assert not (tmp_path / "job").exists()
+
+
+def test_a_tree_moved_under_the_walk_is_noticed_not_climbed_out_of(tmp_path: Path) -> None:
+    (tmp_path / "top" / "a" / "b").mkdir(parents=True)
+    (tmp_path / "top" / "a" / "b" / "f").write_text("x")
+
+    def visit(fd: int, entry: os.DirEntry[str]) -> bool:
+        if entry.name == "f":  # inside b: move b out of a, as a running job may
+            os.rename(tmp_path / "top" / "a" / "b", tmp_path / "top" / "b")
+        return entry.is_dir(follow_symlinks=False)
+
+    top = os.open(tmp_path / "top", os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        with pytest.raises(TreeChanged):
+            walk(top, visit)
+    finally:
+        os.close(top)
 
 
 def _as_nobody(directory: Path, check: Callable[[], bool]) -> bool:
