@@ -100,11 +100,12 @@ async def test_a_job_nesting_directories_past_path_max_is_cleaned_up_and_the_nex
     runner: Runner, test_image: str
 ) -> None:
     spec = make_spec(test_image, NEST_PAST_PATH_MAX, outputs=["a"], timeout_s=120)
-    _, result = await run_job(runner, spec)
+    # Job ids of these tests' own: containers are named after them, on a shared engine.
+    _, result = await run_job(runner, spec, "hostile-nest")
     assert result.reason == "completed", result
     assert [o.status for o in result.outputs] == ["not_a_file"]
     # The fixture checks that the job's directory and container are gone; a job after it runs.
-    _, after = await run_job(runner, make_spec(test_image, "echo ok"), "job-2")
+    _, after = await run_job(runner, make_spec(test_image, "echo ok"), "hostile-after")
     assert after.reason == "completed"
 
 
@@ -286,7 +287,7 @@ async def test_bytes_written_past_path_max_count_against_the_output_cap(
     spec = make_spec(
         test_image, HIDE_PAST_PATH_MAX, outputs=["f"], output_max_bytes=4 * MiB, timeout_s=120
     )
-    _, result = await run_job(runner, spec)
+    _, result = await run_job(runner, spec, "hostile-hide")
     assert (result.reason, result.error_code) == ("failed", "output_limit"), result
 
 
@@ -298,7 +299,7 @@ async def test_an_output_that_is_a_directory_symlink_or_fifo_is_not_a_file(
         " echo hi > /output/ok.txt"
     )
     spec = make_spec(test_image, script, outputs=["result", "pipe", "link", "ok.txt"])
-    _, result = await run_job(runner, spec)
+    _, result = await run_job(runner, spec, "hostile-odd")
     assert (result.reason, result.error_code) == ("completed", None), result
     status = {o.path: o.status for o in result.outputs}
     # gVisor keeps a FIFO inside the sandbox: the host never sees it.
