@@ -6,7 +6,7 @@ how a caller reacts to it::
     SandboxError                   base; never raised itself
     +-- SpecError                  the workload spec is unusable (refuse the job, say where)
     |     codes: bad_spec, spec_too_large, unknown_field, missing_field, forbidden_field,
-    |            bad_value
+    |            bad_value, path_too_long, path_too_deep
     +-- PolicyViolation            the spec asks for more than this node allows (refuse the
     |     code: policy_violation   job, list every rule broken in ``violations``)
     +-- EngineError                the Docker engine failed us (report; retry later)

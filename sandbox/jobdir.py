@@ -9,20 +9,31 @@ and ``output/`` (the one host directory a job may write; watched while it runs).
 from __future__ import annotations
 
 import base64
+import errno
 import os
-import shutil
 import stat
 from pathlib import Path
 
 import msgspec
 
+from sandbox.fstree import DIR_FLAGS, TreeChanged, open_dir, remove_tree, walk
 from sandbox.spec import WorkloadSpec
 
-__all__ = ["JobDir", "JobMounts", "Leftover", "instance_alive", "leftovers", "runner_instance"]
+__all__ = [
+    "JobDir",
+    "JobMounts",
+    "Leftover",
+    "instance_alive",
+    "leftovers",
+    "remove_tree",
+    "runner_instance",
+]
 
 # Watching the output directory stops counting past this many entries: a job that makes
 # millions of files must not make the agent spend its time walking them.
 _MAX_OUTPUT_ENTRIES = 10_000
+# A tree moved under the walk is walked again, this many times in all, then counts as over.
+_MEASURE_ATTEMPTS = 3
 _BOOT_ID = Path("/proc/sys/kernel/random/boot_id")
 
 
@@ -109,40 +120,66 @@ class JobDir:
         return JobMounts(input_dir=input_dir, output_dir=output_dir)
 
     def output_overflow(self, max_bytes: int) -> str | None:
-        """Why the output directory is over its limits now, or None while it is within."""
-        used = entries = 0
-        stack = [self.path / "output"]
-        while stack:
+        """Why the output directory is over its limits now, or None while it is within.
+
+        What cannot be measured counts as over: a directory the job made unreadable, or a
+        tree it keeps moving under the walk, would otherwise hide what it holds.
+        """
+        for _ in range(_MEASURE_ATTEMPTS):
             try:
-                with os.scandir(stack.pop()) as scan:
-                    for entry in scan:
-                        entries += 1
-                        if entries > _MAX_OUTPUT_ENTRIES:
-                            return f"more than {_MAX_OUTPUT_ENTRIES} files in /output"
-                        info = entry.stat(follow_symlinks=False)
-                        used += info.st_blocks * 512
-                        if used > max_bytes:
-                            return f"/output holds more than {max_bytes} bytes"
-                        if stat.S_ISDIR(info.st_mode):
-                            stack.append(Path(entry.path))
-            except OSError:
-                continue  # a directory the job made unreadable: its files still count on disk
-        return None
+                return _usage_over(self.path / "output", max_bytes)
+            except TreeChanged:
+                continue  # moved under the walk: walk it again
+            except OSError as exc:
+                return f"cannot measure all of /output: {exc.strerror or exc}"
+        return "/output kept changing while its size was measured"
 
     def remove(self) -> None:
-        """Delete the directory, whatever permissions the job left on what it wrote."""
+        """Delete the directory, whatever the job left in it; what cannot be is logged."""
         remove_tree(self.path)
 
 
-def remove_tree(path: Path) -> None:
-    """``rm -rf``, first giving back the owner's rights the job may have taken away."""
-    for root, dirs, _ in os.walk(path):
-        for name in dirs:
-            try:
-                os.chmod(Path(root) / name, stat.S_IRWXU, follow_symlinks=False)
-            except (OSError, NotImplementedError):
-                continue  # not ours to change: rmtree reports what it cannot delete
-    shutil.rmtree(path, ignore_errors=True)
+class _Over(Exception):
+    """The output directory is over a limit; the message says which."""
+
+
+def _usage_over(root: Path, max_bytes: int) -> str | None:
+    """Walk ``root`` counting entries and allocated bytes; which limit it is over, if one."""
+    used = entries = 0
+
+    def visit(fd: int, entry: os.DirEntry[str]) -> bool:
+        nonlocal used, entries
+        entries += 1
+        if entries > _MAX_OUTPUT_ENTRIES:
+            raise _Over(f"more than {_MAX_OUTPUT_ENTRIES} files in /output")
+        try:
+            info = entry.stat(follow_symlinks=False)
+        except FileNotFoundError:
+            return False  # deleted since it was listed: it holds nothing now
+        used += info.st_blocks * 512
+        if used > max_bytes:
+            raise _Over(f"/output holds more than {max_bytes} bytes")
+        return stat.S_ISDIR(info.st_mode)
+
+    def enter(fd: int, name: str) -> int | None:
+        try:
+            return open_dir(fd, name)
+        except FileNotFoundError:
+            return None  # deleted since it was listed
+        except OSError as exc:
+            if exc.errno in (errno.ENOTDIR, errno.ELOOP):
+                raise TreeChanged(f"{name!r} is no longer a directory") from exc
+            raise
+
+    try:
+        top = os.open(root, DIR_FLAGS)
+        try:
+            walk(top, visit, enter)
+        finally:
+            os.close(top)
+    except _Over as over:
+        return str(over)
+    return None
 
 
 def leftovers(jobs_dir: Path) -> list[Leftover]:

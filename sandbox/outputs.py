@@ -40,19 +40,26 @@ def _collect(output_dir: Path, path: str, budget: int) -> OutputFile:
         return OutputFile(path=path, status="missing")
     except OSError:  # a symlink (ELOOP), a file where a directory should be (ENOTDIR)...
         return OutputFile(path=path, status="not_a_file")
-    with os.fdopen(fd, "rb") as handle:
-        info = os.fstat(handle.fileno())
-        if not stat.S_ISREG(info.st_mode):
-            return OutputFile(path=path, status="not_a_file")
-        if info.st_size > budget:
-            return OutputFile(path=path, status="too_large", size_bytes=info.st_size)
-        digest = hashlib.sha256()
-        size = 0
-        while chunk := handle.read(min(_CHUNK, budget - size + 1)):
-            size += len(chunk)
-            if size > budget:  # it grew after the fstat
-                return OutputFile(path=path, status="too_large", size_bytes=size)
-            digest.update(chunk)
+    try:
+        return _digest(fd, path, budget)
+    finally:
+        os.close(fd)
+
+
+def _digest(fd: int, path: str, budget: int) -> OutputFile:
+    info = os.fstat(fd)
+    # A directory, a FIFO or a device opens too: only a regular file is read.
+    if not stat.S_ISREG(info.st_mode):
+        return OutputFile(path=path, status="not_a_file")
+    if info.st_size > budget:
+        return OutputFile(path=path, status="too_large", size_bytes=info.st_size)
+    digest = hashlib.sha256()
+    size = 0
+    while chunk := os.read(fd, min(_CHUNK, budget - size + 1)):
+        size += len(chunk)
+        if size > budget:  # it grew after the fstat
+            return OutputFile(path=path, status="too_large", size_bytes=size)
+        digest.update(chunk)
     return OutputFile(path=path, status="ok", size_bytes=size, sha256=digest.hexdigest())
 
 

@@ -30,6 +30,9 @@ import msgspec
 from sandbox.errors import SpecError
 
 __all__ = [
+    "MAX_NAME_BYTES",
+    "MAX_PATH_BYTES",
+    "MAX_PATH_DEPTH",
     "MAX_SPEC_BYTES",
     "GpuRequest",
     "ImageRef",
@@ -46,6 +49,12 @@ __all__ = [
 
 MAX_SPEC_BYTES = 1 << 20
 """The largest spec accepted, encoded; inline inputs count towards it."""
+MAX_PATH_BYTES = 1024
+"""The longest input or output path, in bytes (UTF-8)."""
+MAX_PATH_DEPTH = 32
+"""The most components an input or output path may have."""
+MAX_NAME_BYTES = 255
+"""The longest component of an input or output path, in bytes (NAME_MAX)."""
 
 _MIB = 1 << 20
 _SI = {f"{prefix}B": 1000 ** (i + 1) for i, prefix in enumerate("kMGT")}
@@ -406,4 +415,13 @@ def _relative(field: str, text: str) -> PurePosixPath:
     path = PurePosixPath(text)
     if path.is_absolute() or ".." in path.parts or not path.parts or "\0" in text:
         raise SpecError("bad_value", field, f"{text!r} is not a relative path without '..'")
+    # The runner makes and opens these paths under the job's directory: bounded, so that
+    # neither a path past PATH_MAX nor a name past NAME_MAX nor the depth can break it.
+    if len(text.encode()) > MAX_PATH_BYTES:
+        raise SpecError("path_too_long", field, f"longer than {MAX_PATH_BYTES} bytes")
+    if len(path.parts) > MAX_PATH_DEPTH:
+        raise SpecError("path_too_deep", field, f"more than {MAX_PATH_DEPTH} components")
+    if long := next((p for p in path.parts if len(p.encode()) > MAX_NAME_BYTES), None):
+        size = len(long.encode())
+        raise SpecError("path_too_long", field, f"a {size}-byte name, over {MAX_NAME_BYTES}")
     return path

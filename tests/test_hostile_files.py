@@ -1,0 +1,347 @@
+"""Hostile trees and paths: a job's /output, a spec's paths, on the real engine and runtimes.
+
+A job controls the shape of what it writes: directories thousands deep, paths past
+PATH_MAX, symlinks, FIFOs, directories where files were promised. None of it may crash the
+agent, outlive the job, or hide bytes from the output cap.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+
+import pytest
+from conftest import require_runtime
+from test_runner import make_spec, run_job
+
+from sandbox.container import LABEL_RUNNER
+from sandbox.docker_api import DockerClient
+from sandbox.errors import SpecError
+from sandbox.fstree import TreeChanged, remove_tree, walk
+from sandbox.jobdir import JobDir
+from sandbox.outputs import collect_outputs
+from sandbox.runner import Runner, RunnerConfig
+from sandbox.spec import load_spec
+
+MiB = 1 << 20
+RUNTIMES = ["runc", "runsc"]
+
+# Two chains of 1500 directories, one moved to the bottom of the other: 3002 deep and
+# 6000 bytes long, past PATH_MAX, which no single path given to the kernel may be.
+NEST_PAST_PATH_MAX = """
+cd /output
+p=$(seq 1500 | sed 's/.*/d/' | tr '\\n' /)
+mkdir -p a/$p b/$p && ln -s / b/$p/up && mv b a/$p && chmod 0 a/$p/b
+"""
+
+# 64 MiB written where only a path past PATH_MAX leads: a shell that went into a chain
+# while it was short writes once the chain has been moved to the bottom of another.
+HIDE_PAST_PATH_MAX = """
+cd /output
+p=$(seq 150 | sed 's/.*/dddddddddddddddddddd/' | tr '\\n' /)
+mkdir -p a/$p b/$p
+(cd b/$p && touch /output/ready && while [ ! -e /output/moved ]; do sleep 0.1; done
+ head -c 67108864 /dev/zero > f && echo wrote) &
+while [ ! -e ready ]; do sleep 0.1; done
+mv b a/$p && touch moved
+wait
+sleep 300
+"""
+
+
+@pytest.fixture(autouse=True)
+def _remove_deep_trees(tmp_path: Path) -> Iterator[None]:
+    """Leave no tree past PATH_MAX behind, even when a test fails: pytest's own cleanup of
+    old temporary directories recurses, and would trip on one in a later session."""
+    yield
+    remove_tree(tmp_path)
+
+
+@pytest.fixture(params=RUNTIMES)
+async def runner(
+    request: pytest.FixtureRequest, docker_engine: str, test_image: str, tmp_path: Path
+) -> AsyncIterator[Runner]:
+    """A prepared runner, once per runtime, checked to leave no container or directory."""
+    require_runtime(request.param)
+    jobs_dir = tmp_path / "jobs"
+    runner = Runner(
+        DockerClient(docker_engine), RunnerConfig(jobs_dir=jobs_dir, runtime=request.param)
+    )
+    await runner.prepare()
+    yield runner
+    left = subprocess.run(
+        ["docker", "ps", "-aq", "--filter", f"label={LABEL_RUNNER}={runner.instance}"],
+        capture_output=True, text=True, check=True,
+    ).stdout.split()  # fmt: skip
+    assert left == []
+    assert list(jobs_dir.iterdir()) == []
+
+
+def _nest(root: Path, depth: int, name: str = "d") -> int:
+    """Make ``depth`` nested directories under ``root`` as a job would; the deepest, open."""
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+    for _ in range(depth):
+        os.mkdir(name, dir_fd=fd)
+        deeper = os.open(name, os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+        os.close(fd)
+        fd = deeper
+    return fd
+
+
+# ------------------------------------------- 1. a tree too deep to remove the usual way
+
+
+async def test_a_job_nesting_directories_past_path_max_is_cleaned_up_and_the_next_runs(
+    runner: Runner, test_image: str
+) -> None:
+    spec = make_spec(test_image, NEST_PAST_PATH_MAX, outputs=["a"], timeout_s=120)
+    # Job ids of these tests' own: containers are named after them, on a shared engine.
+    _, result = await run_job(runner, spec, "hostile-nest")
+    assert result.reason == "completed", result
+    assert [o.status for o in result.outputs] == ["not_a_file"]
+    # The fixture checks that the job's directory and container are gone; a job after it runs.
+    _, after = await run_job(runner, make_spec(test_image, "echo ok"), "hostile-after")
+    assert after.reason == "completed"
+
+
+@pytest.mark.parametrize("runtime", RUNTIMES)
+async def test_a_leftover_nested_past_path_max_is_reaped(
+    runtime: str, docker_engine: str, tmp_path: Path
+) -> None:
+    require_runtime(runtime)
+    jobs_dir = tmp_path / "jobs"
+    (jobs_dir / "gone-1" / "output").mkdir(parents=True)
+    (jobs_dir / "gone-1" / "runner").write_text("another-boot:1:1")
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "keep").write_text("host file")
+    bottom = _nest(jobs_dir / "gone-1" / "output", 3000, "d" * 20)
+    try:
+        os.symlink(outside, "up", dir_fd=bottom)
+        os.chmod(".", 0, dir_fd=bottom)
+    finally:
+        os.close(bottom)
+    config = RunnerConfig(jobs_dir=jobs_dir, runtime=runtime)
+    await Runner(DockerClient(docker_engine), config).prepare()
+    assert list(jobs_dir.iterdir()) == []
+    assert (outside / "keep").read_text() == "host file"  # the symlink was not followed
+
+
+def test_what_cannot_be_removed_is_logged_and_left_not_raised(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    stuck = tmp_path / "job" / "output" / "stuck"
+    stuck.parent.mkdir(parents=True)
+    stuck.write_text("immutable")
+    os.close(_nest(tmp_path / "job" / "output", 2000))
+    subprocess.run(["chattr", "+i", str(stuck)], check=True)
+    try:
+        with caplog.at_level(logging.WARNING, logger="sandbox.fstree"):
+            assert remove_tree(tmp_path / "job") is False
+        assert "left for the next reap" in caplog.text
+        assert not (tmp_path / "job" / "output" / "d").exists()  # the rest went
+    finally:
+        subprocess.run(["chattr", "-i", str(stuck)], check=True)
+    assert remove_tree(tmp_path / "job") is True
+    assert not (tmp_path / "job").exists()
+
+
+def test_a_tree_moved_under_the_walk_is_noticed_not_climbed_out_of(tmp_path: Path) -> None:
+    (tmp_path / "top" / "a" / "b").mkdir(parents=True)
+    (tmp_path / "top" / "a" / "b" / "f").write_text("x")
+
+    def visit(fd: int, entry: os.DirEntry[str]) -> bool:
+        if entry.name == "f":  # inside b: move b out of a, as a running job may
+            os.rename(tmp_path / "top" / "a" / "b", tmp_path / "top" / "b")
+        return entry.is_dir(follow_symlinks=False)
+
+    top = os.open(tmp_path / "top", os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        with pytest.raises(TreeChanged):
+            walk(top, visit)
+    finally:
+        os.close(top)
+
+
+def _as_nobody(directory: Path, check: Callable[[], bool]) -> bool:
+    """``check()`` in a child running as uid 65534 in ``directory``: an agent not root."""
+    pid = os.fork()
+    if pid == 0:
+        status = 2
+        try:
+            os.chdir(directory)
+            os.setgid(65534)
+            os.setuid(65534)
+            status = 0 if check() else 1
+        finally:
+            os._exit(status)
+    return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0
+
+
+def test_removal_gives_back_rights_a_job_took_away_from_its_owner(tmp_path: Path) -> None:
+    # The agent not root: the job ran as the agent's uid, and set modes on what it wrote.
+    os.chown(tmp_path, 65534, 65534)
+
+    def nest_lock_and_remove() -> bool:
+        Path("job/output").mkdir(parents=True)
+        bottom = _nest(Path("job/output"), 1500)
+        os.close(os.open("f", os.O_WRONLY | os.O_CREAT, 0o600, dir_fd=bottom))
+        os.chmod(".", 0, dir_fd=bottom)
+        os.close(bottom)
+        os.chmod("job/output/d", 0o500)
+        return remove_tree(Path("job")) and not Path("job").exists()
+
+    assert _as_nobody(tmp_path, nest_lock_and_remove)
+
+
+# ------------------------------------------------------- 2. spec paths deep and long
+
+
+@pytest.mark.parametrize(
+    ("path", "code"),
+    [
+        ("a/" * 1500 + "x", "path_too_long"),
+        ("a/" * 32 + "x", "path_too_deep"),
+        ("x" * 256, "path_too_long"),
+        ("/".join(["abc"] * 256) + "xx", "path_too_long"),
+    ],
+)
+@pytest.mark.parametrize("where", ["inputs", "outputs"])
+def test_a_spec_path_too_deep_or_too_long_is_refused_with_its_code(
+    path: str, code: str, where: str
+) -> None:
+    field: object = [{"path": path, "content": ""}] if where == "inputs" else [path]
+    with pytest.raises(SpecError) as refused:
+        load_spec(json.dumps({"image": "x", where: field}).encode(), "json")
+    assert refused.value.code == code
+    assert refused.value.field == (f"{where}[0].path" if where == "inputs" else f"{where}[0]")
+
+
+def test_paths_at_the_limits_are_accepted() -> None:
+    deepest = "/".join(["d"] * 31 + ["x" * 255])
+    longest = "/".join(["y" * 255] * 3 + ["y" * 254]) + "/z"
+    assert len(longest) == 1024
+    raw = {"image": "x", "inputs": [{"path": deepest, "content": ""}], "outputs": [longest]}
+    spec = load_spec(json.dumps(raw).encode(), "json")
+    assert spec.outputs == [longest]
+
+
+def _run_local(
+    tmp_path: Path, spec: str, runtime: str, *extra: str
+) -> subprocess.CompletedProcess[str]:
+    (tmp_path / "job.toml").write_text(spec)
+    (tmp_path / "policy.toml").write_text(f'allowed_images = ["*"]\nruntime = "{runtime}"\n')
+    env = {
+        **os.environ,
+        "HOME": str(tmp_path),  # jobs directories go under ~/.cache
+        "GPU_AGENT_NVML_LIB": str(tmp_path / "absent" / "libnvidia-ml.so.1"),
+        "GPU_AGENT_SYSFS_ROOT": str(tmp_path),
+    }
+    command = [sys.executable, "-m", "agent.cli", "run-local", str(tmp_path / "job.toml")]
+    return subprocess.run(
+        [*command, "--policy", str(tmp_path / "policy.toml"), *extra],
+        capture_output=True, text=True, env=env, timeout=300, check=False,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("runtime", RUNTIMES)
+def test_run_local_refuses_an_input_path_1500_deep_with_exit_2(
+    tmp_path: Path, test_image: str, runtime: str
+) -> None:
+    require_runtime(runtime)
+    deep = "a/" * 1500 + "x"
+    spec = f'image = "{test_image}"\n[[inputs]]\npath = "{deep}"\ncontent = "x"\n'
+    result = _run_local(tmp_path, spec, runtime)
+    assert result.returncode == 2
+    assert "error [path_too_long]" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("runtime", RUNTIMES)
+def test_run_local_survives_a_job_nesting_past_path_max_and_runs_again(
+    tmp_path: Path, test_image: str, runtime: str
+) -> None:
+    require_runtime(runtime)
+    script = json.dumps(NEST_PAST_PATH_MAX)
+    spec = f'image = "{test_image}"\ncommand = ["sh", "-c", {script}]\noutputs = ["a"]\n'
+    first = _run_local(tmp_path, spec, runtime)
+    assert first.returncode == 0, first.stderr
+    assert "Traceback" not in first.stderr
+    jobs_dir = tmp_path / ".cache" / "gpu-agent" / "jobs"
+    assert list(jobs_dir.iterdir()) == []
+    again = _run_local(tmp_path, f'image = "{test_image}"\ncommand = ["true"]\n', runtime)
+    assert again.returncode == 0, again.stderr
+
+
+# ------------------------------------------- 3. bytes hidden from the output cap, odd outputs
+
+
+async def test_bytes_written_past_path_max_count_against_the_output_cap(
+    runner: Runner, test_image: str
+) -> None:
+    spec = make_spec(
+        test_image, HIDE_PAST_PATH_MAX, outputs=["f"], output_max_bytes=4 * MiB, timeout_s=120
+    )
+    _, result = await run_job(runner, spec, "hostile-hide")
+    assert (result.reason, result.error_code) == ("failed", "output_limit"), result
+
+
+async def test_an_output_that_is_a_directory_symlink_or_fifo_is_not_a_file(
+    runner: Runner, test_image: str
+) -> None:
+    script = (
+        "mkdir /output/result; mkfifo /output/pipe; ln -s /etc/passwd /output/link;"
+        " echo hi > /output/ok.txt"
+    )
+    spec = make_spec(test_image, script, outputs=["result", "pipe", "link", "ok.txt"])
+    _, result = await run_job(runner, spec, "hostile-odd")
+    assert (result.reason, result.error_code) == ("completed", None), result
+    status = {o.path: o.status for o in result.outputs}
+    # gVisor keeps a FIFO inside the sandbox: the host never sees it.
+    pipe = "missing" if runner.config.runtime == "runsc" else "not_a_file"
+    assert status == {"result": "not_a_file", "pipe": pipe, "link": "not_a_file", "ok.txt": "ok"}
+
+
+@pytest.fixture
+def deep_output(tmp_path: Path) -> Iterator[tuple[JobDir, int]]:
+    """A job directory whose output holds a chain past PATH_MAX; its bottom, open."""
+    job = JobDir(tmp_path, "job")
+    (job.path / "output").mkdir(parents=True)
+    bottom = _nest(job.path / "output", 300, "d" * 20)
+    yield job, bottom
+    os.close(bottom)
+
+
+def test_the_output_watch_counts_past_path_max(deep_output: tuple[JobDir, int]) -> None:
+    job, bottom = deep_output
+    with open(os.open("f", os.O_WRONLY | os.O_CREAT, dir_fd=bottom), "wb") as file:
+        file.write(b"x" * 8 * MiB)
+    assert job.output_overflow(64 * MiB) is None
+    assert job.output_overflow(4 * MiB) == f"/output holds more than {4 * MiB} bytes"
+
+
+def test_an_unreadable_directory_counts_as_over_not_as_empty(
+    tmp_path: Path, deep_output: tuple[JobDir, int]
+) -> None:
+    _, bottom = deep_output
+    # As an agent that is not root sees it: root reads through any mode.
+    os.chmod(tmp_path, 0o755)
+    relative = JobDir(Path("."), "job")
+    assert _as_nobody(tmp_path, lambda: relative.output_overflow(64 * MiB) is None)
+    os.chmod(".", 0, dir_fd=bottom)
+    assert _as_nobody(
+        tmp_path, lambda: "cannot measure" in (relative.output_overflow(64 * MiB) or "")
+    )
+
+
+def test_collecting_an_output_that_is_a_directory_is_a_coded_status(tmp_path: Path) -> None:
+    (tmp_path / "dir").mkdir()
+    os.mkfifo(tmp_path / "fifo")
+    (tmp_path / "file").write_bytes(b"data")
+    collected = collect_outputs(tmp_path, ["dir", "fifo", "file"], 1 * MiB)
+    assert [o.status for o in collected] == ["not_a_file", "not_a_file", "ok"]
