@@ -333,20 +333,36 @@ class Runner:
                     reason, result.error_code, result.detail = "failed", "output_limit", overflow
         finally:
             cancelled.cancel()
+        # A job past a limit gets no grace: it would spend it going on past the limit
+        # (writing, say, another 100 MiB while ignoring SIGTERM). Cancel and timeout are
+        # the job's due end, and it may save its work.
+        await self._halt(container_id, spec.grace_s, at_once=result.error_code is not None)
+        with contextlib.suppress(EngineError):
+            await waiting
+        return reason
+
+    async def _halt(self, container_id: str, grace_s: float, *, at_once: bool) -> None:
+        """SIGKILL the container now (``at_once``), or SIGTERM, its grace, then SIGKILL."""
+        if at_once:
+            try:
+                await self.client.request(
+                    "POST", f"/containers/{container_id}/kill", params={"signal": "SIGKILL"}
+                )
+            except EngineError:
+                pass  # 409: it had stopped by itself; anything else, the stop below ends it
+            else:
+                return
         # Docker sends the stop signal (SIGTERM), then SIGKILL after t seconds.
         try:
             await self.client.request(
                 "POST",
                 f"/containers/{container_id}/stop",
-                params={"t": int(spec.grace_s)},
-                timeout_s=spec.grace_s + _WAIT_SLACK_S,
+                params={"t": int(grace_s)},
+                timeout_s=grace_s + _WAIT_SLACK_S,
             )
         except EngineError as exc:
             if exc.code != "not_modified":  # 304: it had stopped by itself meanwhile
                 raise
-        with contextlib.suppress(EngineError):
-            await waiting
-        return reason
 
     async def _pump_logs(
         self, container_id: str, budget: LogBudget, queue: asyncio.Queue[LogChunk | None]
