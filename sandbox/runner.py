@@ -224,6 +224,7 @@ class Runner:
             )
             container_id = str(created.json()["Id"])
             job_dir.record_container(container_id)
+            await self._refuse_volumes(container_id)
             yield Created(container_id)
             execution = self._execute(container_id, spec, cancel, result, job_dir)
             async with aclosing(execution) as events:
@@ -249,6 +250,16 @@ class Runner:
             # Last: until everything above is gone, the same job id cannot start again.
             del self._cancels[job_id]
         yield Finished(result)
+
+    async def _refuse_volumes(self, container_id: str) -> None:
+        """Raise if the engine gave the container a volume anyway: every image volume
+        should be a capped tmpfs, and a volume is host disk without a bound."""
+        info = (await self.client.request("GET", f"/containers/{container_id}/json")).json()
+        volumes = [
+            m.get("Destination") for m in info.get("Mounts") or [] if m.get("Type") == "volume"
+        ]
+        if volumes:
+            raise RunError("bad_image_volume", f"the engine made volumes at {volumes}")
 
     async def _execute(
         self,
