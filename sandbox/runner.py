@@ -27,11 +27,12 @@ import msgspec
 
 from sandbox.cgroups import JobCgroup
 from sandbox.container import LABEL_JOB, LABEL_MANAGED, LABEL_RUNNER, create_body
-from sandbox.docker_api import DockerClient, quote_ref
+from sandbox.docker_api import Attachment, DockerClient, quote_ref
 from sandbox.errors import EngineError, RunError, SandboxError
 from sandbox.gpu_mapping import DeviceFacts, HostGroups, host_groups, map_gpus
 from sandbox.gvisor import reap_sandboxes
 from sandbox.jobdir import JobDir, instance_alive, leftovers, remove_tree, runner_instance
+from sandbox.joblog import Drain, LogBudget
 from sandbox.outputs import collect_outputs
 from sandbox.results import (
     Created,
@@ -65,6 +66,9 @@ class RunnerConfig(msgspec.Struct, frozen=True, kw_only=True):
             can always delete what a job wrote), or 65534:65534 when this process is root.
         log_max_bytes: output kept and forwarded per job; the rest is counted and dropped.
         log_rate_bytes_per_s: sustained output forwarded per second, with a burst of as much.
+        log_drain_bytes_per_s: output read from the engine per second at most, kept or
+            not: what the host spends copying a job's output is bounded by it, and a job
+            that writes faster waits on its full pipe.
         cgroup_root: where the cgroup file systems are mounted.
     """
 
@@ -73,42 +77,8 @@ class RunnerConfig(msgspec.Struct, frozen=True, kw_only=True):
     user: str | None = None
     log_max_bytes: int = 1 << 20
     log_rate_bytes_per_s: int = 256 << 10
+    log_drain_bytes_per_s: int = 1 << 20
     cgroup_root: Path = Path("/sys/fs/cgroup")
-
-
-class LogBudget:
-    """Caps a job's log in total size and in rate (a token bucket), and digests what passes."""
-
-    def __init__(
-        self, max_bytes: int, rate: int, clock: Callable[[], float] = time.monotonic
-    ) -> None:
-        self.max_bytes = max_bytes
-        self.rate = rate
-        self.clock = clock
-        self.tokens = float(rate)
-        self.last = clock()
-        self.kept = 0
-        self.dropped = 0
-        self.truncated = False
-        self.digest = hashlib.sha256()
-
-    @property
-    def full(self) -> bool:
-        """Whether the size cap is reached: nothing more will be kept."""
-        return self.kept >= self.max_bytes
-
-    def admit(self, data: bytes) -> bytes:
-        """The part of ``data`` that fits the budget now; the rest is counted as dropped."""
-        now = self.clock()
-        self.tokens = min(float(self.rate), self.tokens + (now - self.last) * self.rate)
-        self.last = now
-        allowed = int(min(len(data), self.tokens, self.max_bytes - self.kept))
-        allowed = max(allowed, 0)
-        self.tokens -= allowed
-        self.kept += allowed
-        self.dropped += len(data) - allowed
-        self.digest.update(data[:allowed])
-        return data[:allowed]
 
 
 class Runner:
@@ -269,30 +239,34 @@ class Runner:
         result: JobResult,
         job_dir: JobDir,
     ) -> AsyncGenerator[Event, None]:
-        """Start the container, stream its logs, stop it on timeout, cancel or overflow."""
-        # The wait is registered before the start, so that an exit at once is not missed.
-        collect = await self.client.wait_armed(container_id)
-        waiting: asyncio.Task[object] = asyncio.create_task(collect())
-        try:
-            await self.client.request("POST", f"/containers/{container_id}/start")
-        except EngineError as exc:
-            waiting.cancel()
-            raise RunError("start_failed", exc.detail) from exc
-        yield Started(time.time())
-        watch = partial(job_dir.output_overflow, spec.output_max_bytes) if spec.outputs else None
-        stopping = asyncio.create_task(
-            self._supervise(container_id, spec, cancel, waiting, watch=watch, result=result)
-        )
-        budget = LogBudget(self.config.log_max_bytes, self.config.log_rate_bytes_per_s)
-        queue: asyncio.Queue[LogChunk | None] = asyncio.Queue()
-        pump = asyncio.create_task(self._pump_logs(container_id, budget, queue))
-        try:
-            while (chunk := await queue.get()) is not None:
-                yield chunk
-            stopped_by = await stopping
-        finally:
-            for task in (pump, stopping, waiting):
-                task.cancel()
+        """Start the container, stream its output, stop it on timeout, cancel or overflow."""
+        # Attached before the start, so that no output is missed; the wait is registered
+        # before the start, so that an exit at once is not missed.
+        async with self.client.attach(container_id) as attached:
+            collect = await self.client.wait_armed(container_id)
+            waiting: asyncio.Task[object] = asyncio.create_task(collect())
+            try:
+                await self.client.request("POST", f"/containers/{container_id}/start")
+            except EngineError as exc:
+                waiting.cancel()
+                raise RunError("start_failed", exc.detail) from exc
+            yield Started(time.time())
+            watch = (
+                partial(job_dir.output_overflow, spec.output_max_bytes) if spec.outputs else None
+            )
+            stopping = asyncio.create_task(
+                self._supervise(container_id, spec, cancel, waiting, watch=watch, result=result)
+            )
+            budget = LogBudget(self.config.log_max_bytes, self.config.log_rate_bytes_per_s)
+            queue: asyncio.Queue[LogChunk | None] = asyncio.Queue()
+            pump = asyncio.create_task(self._pump_output(attached, budget, queue))
+            try:
+                while (chunk := await queue.get()) is not None:
+                    yield chunk
+                stopped_by = await stopping
+            finally:
+                for task in (pump, stopping, waiting):
+                    task.cancel()
         result.log_sha256 = budget.digest.hexdigest()
         result.log_bytes, result.log_dropped_bytes = budget.kept, budget.dropped
         result.log_truncated = budget.truncated
@@ -375,23 +349,28 @@ class Runner:
             if exc.code != "not_modified":  # 304: it had stopped by itself meanwhile
                 raise
 
-    async def _pump_logs(
-        self, container_id: str, budget: LogBudget, queue: asyncio.Queue[LogChunk | None]
+    async def _pump_output(
+        self, attached: Attachment, budget: LogBudget, queue: asyncio.Queue[LogChunk | None]
     ) -> None:
+        """Forward what the budget keeps; read it all, but no faster than the drain rate.
+
+        Past the budget, the output is still read (and dropped): a job that goes on
+        printing, say, a long training run's progress, must not be stalled on its full
+        pipe, nor killed for it. Reading at a bounded rate keeps what the host spends on
+        it (the shim's and the engine's copies, outside the job's CPU cap) bounded too,
+        and the pipe's back-pressure holds a flooding job to that rate.
+        """
+        drain = Drain(self.config.log_drain_bytes_per_s)
         try:
-            async with aclosing(self.client.logs(container_id)) as frames:
+            async with aclosing(attached.frames()) as frames:
                 async for stream, data in frames:
-                    kept = budget.admit(data)
-                    if kept:
+                    if kept := budget.admit(data):
                         name: Literal["stdout", "stderr"] = (
                             "stderr" if stream == "stderr" else "stdout"
                         )
                         await queue.put(LogChunk(name, kept))
-                    if budget.full:
-                        # Nothing more will be kept: stop reading rather than parse
-                        # megabytes only to drop them. Docker's copy is capped on its side.
-                        budget.truncated = True
-                        break
+                    if (pause := drain.delay(len(data))) > 0:
+                        await asyncio.sleep(pause)
         finally:
             queue.put_nowait(None)
 

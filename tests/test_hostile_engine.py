@@ -7,6 +7,7 @@ each job has a uid of its own; a failed start under gVisor leaves no shim nor cg
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
@@ -14,11 +15,13 @@ from contextlib import aclosing
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
-from test_runner import MiB, make_spec, runner  # noqa: F401  (the fixture, per runtime)
+from test_runner import MiB, make_spec, run_job, runner  # noqa: F401  (the fixture, per runtime)
 
 from sandbox.container import volume_paths
-from sandbox.errors import RunError
+from sandbox.errors import EngineError, RunError
+from sandbox.joblog import Drain
 from sandbox.results import Created, Event, Exited, Finished, JobResult, LogChunk
 from sandbox.runner import Runner
 
@@ -123,3 +126,71 @@ def test_image_volumes_are_matched_as_docker_cleans_them_and_odd_ones_refused() 
         with pytest.raises(RunError) as refused:
             volume_paths([declared])
         assert refused.value.code == "bad_image_volume"
+
+
+# ------------------------------------- output read by attaching, at a bounded rate
+
+
+async def test_output_is_attached_complete_and_in_order_with_no_log_driver(
+    runner: Runner,  # noqa: F811
+    test_image: str,
+) -> None:
+    # ~50 kB a stream: within the burst of the log rate and the drain, so nothing is dropped.
+    script = "seq 1 10000; seq 10001 20000 >&2"
+    events: list[Event] = []
+    host_config: dict[str, Any] = {}
+    async with aclosing(runner.run("attach-1", make_spec(test_image, script), [])) as stream:
+        async for event in stream:
+            events.append(event)
+            if isinstance(event, Created):
+                host_config = _inspect(event.container_id)["HostConfig"]
+                with pytest.raises(EngineError):  # nothing is kept for the logs endpoint
+                    await runner.client.request(
+                        "GET", f"/containers/{event.container_id}/logs", params={"stdout": 1}
+                    )
+    assert host_config["LogConfig"]["Type"] == "none"
+    chunks = [e for e in events if isinstance(e, LogChunk)]
+    out = b"".join(c.data for c in chunks if c.stream == "stdout")
+    err = b"".join(c.data for c in chunks if c.stream == "stderr")
+    assert out == "".join(f"{i}\n" for i in range(1, 10001)).encode()
+    assert err == "".join(f"{i}\n" for i in range(10001, 20001)).encode()
+    result = events[-1].result  # type: ignore[union-attr]
+    assert (result.reason, result.log_dropped_bytes, result.log_truncated) == (
+        "completed",
+        0,
+        False,
+    )
+
+
+async def test_output_flood_is_truncated_and_read_no_faster_than_the_drain(
+    runner: Runner,  # noqa: F811
+    test_image: str,
+) -> None:
+    rate, kept = 256 << 10, 64 << 10
+    flooded = Runner(
+        runner.client,
+        msgspec.structs.replace(runner.config, log_max_bytes=kept, log_drain_bytes_per_s=rate),
+    )
+    await flooded.prepare()
+    spec = make_spec(test_image, "yes ''", timeout_s=3, grace_s=0, resources={"cpus": 0.2})
+    clock = asyncio.get_running_loop().time
+    began = clock()
+    _, result = await run_job(flooded, spec, "flood-2")
+    read_for = clock() - began
+    assert result.reason == "timeout"
+    assert (result.log_truncated, result.log_bytes) == (True, kept)
+    # Read on past the cap (not left blocked), but at the drain rate and its burst at most,
+    # with a frame of slack: a flood costs the host that much, however fast it writes.
+    drained = result.log_bytes + result.log_dropped_bytes
+    assert kept < drained <= rate * read_for + rate + (64 << 10)
+
+
+def test_drain_paces_reading_to_its_rate_after_a_burst() -> None:
+    now = [0.0]
+    drain = Drain(rate=100, clock=lambda: now[0])
+    assert drain.delay(100) == 0.0  # the burst
+    assert drain.delay(50) == 0.5  # then half a second per 50 bytes
+    now[0] = 0.5
+    assert drain.delay(50) == 0.5
+    now[0] = 100.0
+    assert drain.delay(150) == 0.5  # a long pause refills one burst, no more
