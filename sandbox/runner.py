@@ -62,8 +62,13 @@ class RunnerConfig(msgspec.Struct, frozen=True, kw_only=True):
     Attributes:
         jobs_dir: where each job's input and output directories are made (and removed).
         runtime: the OCI runtime (``runc``, or ``runsc`` for gVisor).
-        user: the uid:gid jobs run as; by default this process's own (so that the agent
-            can always delete what a job wrote), or 65534:65534 when this process is root.
+        user: the uid:gid every job runs as, overriding the default: when this process
+            is root, a uid (and gid) of the job's own from ``job_uid_base`` on, so that
+            one job cannot exhaust what the kernel allows per uid (inotify instances,
+            ...) for the others; else this process's own (so that the agent can always
+            delete what a job wrote).
+        job_uid_base, job_uids: the range jobs' own uids are taken from, as many as
+            ``job_uids``; no two live jobs of this runner share one.
         log_max_bytes: output kept and forwarded per job; the rest is counted and dropped.
         log_rate_bytes_per_s: sustained output forwarded per second, with a burst of as much.
         log_drain_bytes_per_s: output read from the engine per second at most, kept or
@@ -75,6 +80,8 @@ class RunnerConfig(msgspec.Struct, frozen=True, kw_only=True):
     jobs_dir: Path
     runtime: str = "runc"
     user: str | None = None
+    job_uid_base: int = 200_000
+    job_uids: int = 65_536
     log_max_bytes: int = 1 << 20
     log_rate_bytes_per_s: int = 256 << 10
     log_drain_bytes_per_s: int = 1 << 20
@@ -89,9 +96,9 @@ class Runner:
         self.config = config
         self._cancels: dict[str, asyncio.Event] = {}
         self.instance = runner_instance()
-        self.user = config.user or (
-            "65534:65534" if os.getuid() == 0 else f"{os.getuid()}:{os.getgid()}"
-        )
+        # None: each job gets a uid of its own (see RunnerConfig.user).
+        self.user = config.user or (None if os.getuid() == 0 else f"{os.getuid()}:{os.getgid()}")
+        self._uids_taken: set[int] = set()
         self._cgroup_driver = "cgroupfs"
         self._cdi = False
         self._groups = HostGroups(video_gid=None, render_gid=None)
@@ -172,18 +179,23 @@ class Runner:
         job_dir = JobDir(self.config.jobs_dir, job_id)
         cgroup = JobCgroup(job_id, self._cgroup_driver, self.config.cgroup_root)
         container_id: str | None = None
+        uid: int | None = None
         try:
+            if self.user is None:
+                uid = self._take_uid()
             # The canonical name: a bare "abc123" must not resolve as an image-id prefix.
             result.image_id, volumes = await self.resolve_image(spec.image_ref.canonical)
             job_dir.create(self.instance)
             mounts = job_dir.mounts(spec)
+            if uid is not None and mounts.output_dir is not None:
+                os.chown(mounts.output_dir, uid, uid)
             body = create_body(
                 job_id=job_id,
                 spec=spec,
                 image_id=result.image_id,
                 gpus=map_gpus(gpus, cdi=self._cdi, groups=self._groups),
                 mounts=mounts,
-                user=self.user,
+                user=self.user or f"{uid}:{uid}",
                 runtime=self.config.runtime,
                 cgroup_parent=cgroup.parent,
                 runner=self.instance,
@@ -213,8 +225,10 @@ class Runner:
         except (OSError, KeyError, TypeError) as exc:  # the host or the engine's answer
             result.reason, result.error_code, result.detail = "error", "internal", repr(exc)
         finally:
-            if container_id is not None:
-                await self._remove_container(container_id)
+            removed = container_id is None or await self._remove_container(container_id)
+            if uid is not None and removed:
+                # A container that could not be removed may still run as this uid.
+                self._uids_taken.discard(uid)
             job_dir.remove()
             cgroup.remove()
             # Last: until everything above is gone, the same job id cannot start again.
@@ -374,8 +388,18 @@ class Runner:
         finally:
             queue.put_nowait(None)
 
-    async def _remove_container(self, container_id: str) -> None:
-        """Force-remove a container, retrying: a runtime busy tearing down refuses at first."""
+    def _take_uid(self) -> int:
+        """The lowest uid of the job range that no live job of this runner runs as."""
+        base = self.config.job_uid_base
+        for uid in range(base, base + self.config.job_uids):
+            if uid not in self._uids_taken:
+                self._uids_taken.add(uid)
+                return uid
+        raise RunError("no_free_uid", f"all {self.config.job_uids} job uids are in use")
+
+    async def _remove_container(self, container_id: str) -> bool:
+        """Force-remove a container, retrying: a runtime busy tearing down refuses at first.
+        False if it is still there."""
         for attempt in range(_REMOVE_ATTEMPTS):
             try:
                 await self.client.request(
@@ -383,14 +407,15 @@ class Runner:
                 )
             except EngineError as exc:
                 if exc.code == "not_found":
-                    return
+                    return True
                 if attempt == _REMOVE_ATTEMPTS - 1:
                     # Labelled: the next start's reap_orphans() finds it.
                     _log.warning("could not remove container %s: %s", container_id, exc)
-                    return
+                    return False
                 await asyncio.sleep(_REMOVE_BACKOFF_S * (attempt + 1))
             else:
-                return
+                return True
+        return False
 
 
 def _reason(exit_code: int, oom_killed: bool) -> ExitReason:

@@ -24,6 +24,7 @@ from sandbox.errors import EngineError, RunError
 from sandbox.joblog import Drain
 from sandbox.results import Created, Event, Exited, Finished, JobResult, LogChunk
 from sandbox.runner import Runner
+from sandbox.spec import WorkloadSpec
 
 
 def _disk_bytes(path: Path) -> int:
@@ -194,3 +195,74 @@ def test_drain_paces_reading_to_its_rate_after_a_burst() -> None:
     assert drain.delay(50) == 0.5
     now[0] = 100.0
     assert drain.delay(150) == 0.5  # a long pause refills one burst, no more
+
+
+# ----------------------------------------------------------- a uid of each job's own
+
+INOTIFY_IMAGE = "gpu-agent-test/inotify:1"
+
+
+@pytest.fixture(scope="session")
+def inotify_image(test_image: str, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The test image with ``inotify-hold`` (tests/inotify_hold.c, built static here)."""
+    context = tmp_path_factory.mktemp("inotify")
+    source = Path(__file__).with_name("inotify_hold.c")
+    subprocess.run(
+        ["gcc", "-static", "-O2", "-o", str(context / "inotify-hold"), str(source)], check=True
+    )
+    (context / "Dockerfile").write_text(f"FROM {test_image}\nCOPY inotify-hold /bin/\n")
+    subprocess.run(
+        ["docker", "build", "-q", "-t", INOTIFY_IMAGE, str(context)],
+        capture_output=True,
+        check=True,
+    )
+    return INOTIFY_IMAGE
+
+
+async def _while_running(
+    jobs: Runner, job_id: str, spec: WorkloadSpec, lines: int, then: WorkloadSpec
+) -> tuple[str, str]:
+    """Run ``spec`` until it has printed ``lines`` lines, run ``then`` to its end meanwhile,
+    cancel the first; both outputs."""
+    first = b""
+    second = b""
+    async with aclosing(jobs.run(job_id, spec, [])) as stream:
+        async for event in stream:
+            if isinstance(event, LogChunk):
+                first += event.data
+                if first.count(b"\n") == lines:
+                    events, _ = await run_job(jobs, then, f"{job_id}-next")
+                    second = b"".join(e.data for e in events if isinstance(e, LogChunk))
+                    assert jobs.cancel(job_id)
+    return first.decode(), second.decode()
+
+
+async def test_two_live_jobs_run_as_uids_and_gids_of_their_own(
+    runner: Runner,  # noqa: F811
+    test_image: str,
+) -> None:
+    ids = "echo $(id -u) $(id -g)"
+    first, second = await _while_running(
+        runner, "uid-1", make_spec(test_image, f"{ids}; sleep 30"), 1, make_spec(test_image, ids)
+    )
+    uid, gid = first.split()
+    other_uid, other_gid = second.split()
+    assert uid == gid
+    assert other_uid == other_gid
+    assert uid != other_uid
+    assert "0" not in (uid, other_uid)
+
+
+async def test_a_job_holding_every_inotify_instance_leaves_the_next_its_own(
+    runner: Runner,  # noqa: F811
+    inotify_image: str,
+) -> None:
+    # The kernel allows a uid max_user_instances (128) inotify instances: all jobs under one
+    # uid, the first to take them all leaves the others none (EMFILE). Under gVisor inotify
+    # is the sandbox's own, so there the hole may not exist; the job must still get its own.
+    hog = make_spec(inotify_image, "inotify-hold 100000 hold")
+    first, second = await _while_running(
+        runner, "inotify-1", hog, 2, make_spec(inotify_image, "inotify-hold 1")
+    )
+    assert "refused EMFILE" in first  # it holds all it may
+    assert second == "held 1\n"
