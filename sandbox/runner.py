@@ -30,7 +30,7 @@ from sandbox.container import LABEL_JOB, LABEL_MANAGED, LABEL_RUNNER, create_bod
 from sandbox.docker_api import Attachment, DockerClient, quote_ref
 from sandbox.errors import EngineError, RunError, SandboxError
 from sandbox.gpu_mapping import DeviceFacts, HostGroups, host_groups, map_gpus
-from sandbox.gvisor import reap_sandboxes
+from sandbox.gvisor import reap_sandboxes, reap_shims
 from sandbox.jobdir import JobDir, instance_alive, leftovers, remove_tree, runner_instance
 from sandbox.joblog import Drain, LogBudget
 from sandbox.outputs import collect_outputs
@@ -136,7 +136,9 @@ class Runner:
             await self._remove_container(container["Id"])
             job = labels.get(LABEL_JOB, "")
             if _JOB_ID.fullmatch(job):
-                JobCgroup(job, self._cgroup_driver, self.config.cgroup_root).remove()
+                await self._remove_cgroup(
+                    JobCgroup(job, self._cgroup_driver, self.config.cgroup_root)
+                )
             reaped.append(job or container["Id"])
         ours = []
         for leftover in leftovers(self.config.jobs_dir):
@@ -144,6 +146,7 @@ class Runner:
                 ours.append(leftover.container_id)
             remove_tree(leftover.path)
         reaped += [f"runsc:{sandbox[:12]}" for sandbox in reap_sandboxes(ours)]
+        reaped += [f"shim:{shim[:12]}" for shim in reap_shims(ours)]
         return reaped
 
     def cancel(self, job_id: str) -> bool:
@@ -226,11 +229,14 @@ class Runner:
             result.reason, result.error_code, result.detail = "error", "internal", repr(exc)
         finally:
             removed = container_id is None or await self._remove_container(container_id)
+            if container_id is not None and removed and result.error_code == "start_failed":
+                # The runtime's shim can outlive a container whose start failed (runsc).
+                await asyncio.to_thread(reap_shims, [container_id])
             if uid is not None and removed:
                 # A container that could not be removed may still run as this uid.
                 self._uids_taken.discard(uid)
             job_dir.remove()
-            cgroup.remove()
+            await self._remove_cgroup(cgroup)
             # Last: until everything above is gone, the same job id cannot start again.
             del self._cancels[job_id]
         yield Finished(result)
@@ -387,6 +393,14 @@ class Runner:
                         await asyncio.sleep(pause)
         finally:
             queue.put_nowait(None)
+
+    async def _remove_cgroup(self, cgroup: JobCgroup) -> None:
+        """Remove a job's cgroup parent, retrying while what was killed in it exits."""
+        for attempt in range(_REMOVE_ATTEMPTS):
+            if await asyncio.to_thread(cgroup.remove):
+                return
+            await asyncio.sleep(_REMOVE_BACKOFF_S * (attempt + 1))
+        _log.warning("could not remove the cgroup %s", cgroup.parent)
 
     def _take_uid(self) -> int:
         """The lowest uid of the job range that no live job of this runner runs as."""

@@ -266,3 +266,60 @@ async def test_a_job_holding_every_inotify_instance_leaves_the_next_its_own(
     )
     assert "refused EMFILE" in first  # it holds all it may
     assert second == "held 1\n"
+
+
+# ------------------------------------- a failed start leaves no shim and no cgroup
+
+BAD_SBIN_IMAGE = "gpu-agent-test/file-sbin:1"
+
+
+@pytest.fixture(scope="session")
+def bad_sbin_image(test_image: str, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The test image with a file at /sbin, where Docker mounts its init: no start there."""
+    context = tmp_path_factory.mktemp("file-sbin")
+    (context / "sbin").write_text("not a directory\n")
+    (context / "Dockerfile").write_text(f"FROM {test_image}\nCOPY sbin /sbin\n")
+    subprocess.run(
+        ["docker", "build", "-q", "-t", BAD_SBIN_IMAGE, str(context)],
+        capture_output=True,
+        check=True,
+    )
+    return BAD_SBIN_IMAGE
+
+
+def _shims(container_ids: list[str]) -> list[str]:
+    """The command lines of containerd shims serving any of ``container_ids``: not those
+    containerd runs for a moment to clean up after one (``... delete``)."""
+    listed = subprocess.run(
+        ["pgrep", "-af", "containerd-shim"], capture_output=True, text=True, check=False
+    ).stdout.splitlines()
+    return [
+        line
+        for line in listed
+        if any(f"-id {cid}" in line for cid in container_ids) and not line.endswith(" delete")
+    ]
+
+
+async def test_failed_starts_leave_no_shim_and_no_cgroup(
+    runner: Runner,  # noqa: F811
+    test_image: str,
+    bad_sbin_image: str,
+) -> None:
+    # Under runsc a working directory it cannot enter fails the start after the create,
+    # which is what left a shim per job; under runc (which enters /proc/1 fine) a /sbin that
+    # is a file fails it. Both left the container's cgroup in the job's parent.
+    if runner.config.runtime == "runsc":
+        spec = make_spec(test_image, "true", workdir="/proc/1")
+    else:
+        spec = make_spec(bad_sbin_image, "true")
+    container_ids = []
+    for attempt in range(3):
+        events, result = await run_job(runner, spec, f"nostart-{attempt}")
+        assert result.error_code == "start_failed", result
+        container_ids += [e.container_id for e in events if isinstance(e, Created)]
+    assert len(container_ids) == 3
+    assert _shims(container_ids) == []
+    root = runner.config.cgroup_root
+    assert (
+        sorted(root.glob("*/gpu-agent/nostart-*")) + sorted(root.glob("gpu-agent/nostart-*")) == []
+    )
