@@ -45,6 +45,7 @@ from sandbox.results import (
     Started,
 )
 from sandbox.spec import WorkloadSpec, spec_digest
+from sandbox.uids import UidPool
 
 __all__ = ["LogBudget", "Runner", "RunnerConfig"]
 
@@ -98,7 +99,7 @@ class Runner:
         self.instance = runner_instance()
         # None: each job gets a uid of its own (see RunnerConfig.user).
         self.user = config.user or (None if os.getuid() == 0 else f"{os.getuid()}:{os.getgid()}")
-        self._uids_taken: set[int] = set()
+        self._uids = UidPool(config.job_uid_base, config.job_uids)
         self._cgroup_driver = "cgroupfs"
         self._cdi = False
         self._groups = HostGroups(video_gid=None, render_gid=None)
@@ -185,7 +186,7 @@ class Runner:
         uid: int | None = None
         try:
             if self.user is None:
-                uid = self._take_uid()
+                uid = self._uids.take()
             # The canonical name: a bare "abc123" must not resolve as an image-id prefix.
             result.image_id, volumes = await self.resolve_image(spec.image_ref.canonical)
             job_dir.create(self.instance)
@@ -234,7 +235,7 @@ class Runner:
                 await asyncio.to_thread(reap_shims, [container_id])
             if uid is not None and removed:
                 # A container that could not be removed may still run as this uid.
-                self._uids_taken.discard(uid)
+                self._uids.release(uid)
             job_dir.remove()
             await self._remove_cgroup(cgroup)
             # Last: until everything above is gone, the same job id cannot start again.
@@ -401,15 +402,6 @@ class Runner:
                 return
             await asyncio.sleep(_REMOVE_BACKOFF_S * (attempt + 1))
         _log.warning("could not remove the cgroup %s", cgroup.parent)
-
-    def _take_uid(self) -> int:
-        """The lowest uid of the job range that no live job of this runner runs as."""
-        base = self.config.job_uid_base
-        for uid in range(base, base + self.config.job_uids):
-            if uid not in self._uids_taken:
-                self._uids_taken.add(uid)
-                return uid
-        raise RunError("no_free_uid", f"all {self.config.job_uids} job uids are in use")
 
     async def _remove_container(self, container_id: str) -> bool:
         """Force-remove a container, retrying: a runtime busy tearing down refuses at first.

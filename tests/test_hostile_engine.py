@@ -25,6 +25,7 @@ from sandbox.joblog import Drain
 from sandbox.results import Created, Event, Exited, Finished, JobResult, LogChunk
 from sandbox.runner import Runner
 from sandbox.spec import WorkloadSpec
+from sandbox.uids import UidPool
 
 
 def _disk_bytes(path: Path) -> int:
@@ -323,3 +324,13 @@ async def test_failed_starts_leave_no_shim_and_no_cgroup(
     assert (
         sorted(root.glob("*/gpu-agent/nostart-*")) + sorted(root.glob("gpu-agent/nostart-*")) == []
     )
+
+
+def test_uid_pool_gives_each_live_job_its_own_and_says_when_none_is_free() -> None:
+    pool = UidPool(base=1000, count=2)
+    assert (pool.take(), pool.take()) == (1000, 1001)
+    with pytest.raises(RunError) as refused:
+        pool.take()
+    assert refused.value.code == "no_free_uid"
+    pool.release(1000)
+    assert pool.take() == 1000
