@@ -35,13 +35,14 @@ MiB = 1 << 20
 def docker_run_argv(spec: WorkloadSpec, user: str) -> list[str]:
     """``docker run --rm`` with the flags the runner gives the same spec."""
     r = spec.resources
+    uid, _, gid = user.partition(":")
     return [
         "docker", "run", "--rm", "--read-only", "--cap-drop", "ALL",
         "--security-opt", "no-new-privileges", "--init", "--ipc", "private",
         "--network", "none", "--memory", str(r.memory_bytes), "--memory-swap",
         str(r.memory_bytes), "--cpus", str(r.cpus), "--pids-limit", str(r.pids),
         "--shm-size", str(r.shm_bytes), "--user", user, "--workdir", spec.workdir,
-        "--tmpfs", f"/scratch:rw,exec,nosuid,nodev,size={r.scratch_bytes},uid=65534,gid=65534",
+        "--tmpfs", f"/scratch:rw,exec,nosuid,nodev,size={r.scratch_bytes},uid={uid},gid={gid}",
         "--tmpfs", "/tmp:rw,noexec,nosuid,nodev,size=67108864,mode=1777",
         "--ulimit", f"fsize={max(r.scratch_bytes, spec.output_max_bytes)}",
         "--ulimit", "nofile=4096", "--ulimit", "core=0",
@@ -75,7 +76,7 @@ async def bench(runs: int) -> dict[str, float]:
         config = RunnerConfig(jobs_dir=Path(tmp) / "jobs")
         runner = Runner(DockerClient(), config)
         await runner.prepare()
-        argv = docker_run_argv(spec, runner.user)
+        argv = docker_run_argv(spec, runner.user or f"{config.job_uid_base}:{config.job_uid_base}")
         await through_runner(runner, spec, "warm-up")
         await through_cli(argv)
         ours, theirs = [], []

@@ -11,6 +11,8 @@ readings are reported as unknown rather than guessed.
 from __future__ import annotations
 
 import contextlib
+import os
+import signal
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -61,15 +63,34 @@ class JobCgroup:
         peak = _read_int(self._v1_dir("memory") / "memory.max_usage_in_bytes")
         return Usage(cpu_seconds=ns / _NS_PER_S if ns is not None else None, peak_memory_bytes=peak)
 
-    def remove(self) -> None:
-        """Remove the parent in every hierarchy Docker created it in."""
+    def remove(self) -> bool:
+        """Remove the parent, and what the runtime left under it, in every hierarchy;
+        whether it is gone. Call it once the container is removed: whatever still runs
+        under the parent is then a leftover of the job, and is killed."""
         if self.parent is None:
-            return
+            return True
         dirs = [self._root / self.relative] if self._v2 else self._root.glob(f"*/{self.relative}")
+        gone = True
         for directory in dirs:
-            # Still busy (a process lingers) or already gone: nothing to do either way.
-            with contextlib.suppress(OSError):
-                directory.rmdir()
+            # A start that failed leaves the container's own cgroup (runc's, runsc's) in
+            # the parent, and under runsc its sandbox in it for a while: removed deepest
+            # first, then the parent can go.
+            tree = sorted(
+                [directory, *(Path(r) / n for r, names, _ in os.walk(directory) for n in names)],
+                key=lambda path: len(path.parts),
+                reverse=True,
+            )
+            for path in tree:
+                for pid in _read(path / "cgroup.procs").split():
+                    with contextlib.suppress(OSError):  # gone already, or not ours to end
+                        os.kill(int(pid), signal.SIGKILL)
+                try:
+                    path.rmdir()
+                except FileNotFoundError:
+                    continue
+                except OSError:
+                    gone = False  # still busy: a process is still on its way out
+        return gone
 
     def _v1_dir(self, controller: str) -> Path:
         for name in (controller, "cpu,cpuacct" if controller == "cpuacct" else controller):

@@ -6,8 +6,10 @@ in a spec can widen it; the spec has no field for privileges, mounts or host nam
 
 from __future__ import annotations
 
+import posixpath
 from typing import Any
 
+from sandbox.errors import RunError
 from sandbox.gpu_mapping import ContainerGpus
 from sandbox.jobdir import JobMounts
 from sandbox.spec import WorkloadSpec
@@ -21,6 +23,7 @@ __all__ = [
     "RUNSC_MEMORY_HEADROOM",
     "RUNSC_PIDS_HEADROOM",
     "create_body",
+    "volume_paths",
 ]
 
 LABEL_MANAGED = "io.gpu-agent.managed"
@@ -29,15 +32,36 @@ LABEL_RUNNER = "io.gpu-agent.runner"
 INPUT_DIR = "/input"
 OUTPUT_DIR = "/output"
 _TMP_BYTES = 64 << 20
+# The kernel's own file systems: a volume over them is no data directory, and a tmpfs
+# there would hide what the runtime mounts.
+_KERNEL_DIRS = frozenset(("proc", "sys", "dev"))
 _NOFILE = 4096
 # gVisor's pids cgroup also counts the sandbox's own threads (its Go runtime, the gofer):
 # without room for them a modest limit kills the sandbox before the job starts.
 RUNSC_PIDS_HEADROOM = 128
 # Its memory, too, is charged to the job's cgroup: the job keeps what it asked for.
 RUNSC_MEMORY_HEADROOM = 64 << 20
-# Docker's own copy of the logs is capped too, so that a chatty job cannot fill the disk
-# even when nobody reads it.
-_LOG_CONFIG = {"Type": "json-file", "Config": {"max-size": "8m", "max-file": "1"}}
+# No log driver: the runner attaches and reads the output itself, at a rate it bounds.
+# Docker's json-file driver would keep a copy on host disk and cost the engine a JSON
+# entry per line, outside the job's CPU cap (`yes ''` at 0.2 CPUs: 1.7 host cores).
+_LOG_CONFIG = {"Type": "none", "Config": {}}
+
+
+def volume_paths(declared: list[str]) -> list[str]:
+    """The image's ``VOLUME`` paths as Docker matches them against mounts (Go's
+    ``filepath.Clean``); RunError ``bad_image_volume`` for one no tmpfs can cover.
+
+    The image is hostile too: declared as ``/data/`` or ``//data``, a volume is made at
+    ``/data``, which a tmpfs keyed ``/data/`` does not cover.
+    """
+    cleaned = []
+    for path in declared:
+        clean = "/" + posixpath.normpath(path).lstrip("/")
+        top = clean.split("/")[1]
+        if not path.startswith("/") or clean == "/" or top in _KERNEL_DIRS or "\0" in path:
+            raise RunError("bad_image_volume", f"the image declares a volume at {path!r}")
+        cleaned.append(clean)
+    return sorted(set(cleaned))
 
 
 def create_body(
@@ -55,13 +79,18 @@ def create_body(
 ) -> dict[str, Any]:
     """The body of ``POST /containers/create`` for one job.
 
-    ``image_volumes`` are the paths the image declares as ``VOLUME``: each gets a tmpfs of
-    the scratch size, or Docker would make an anonymous volume of unbounded host disk.
+    ``image_volumes`` are the paths the image declares as ``VOLUME``: each that is not
+    bind-mounted gets a tmpfs of the scratch size, or Docker would make an anonymous
+    volume of unbounded host disk; see :func:`volume_paths`.
     """
     resources = spec.resources
     uid, _, gid = user.partition(":")
     memory = resources.memory_bytes + (RUNSC_MEMORY_HEADROOM if runtime == "runsc" else 0)
     binds = []
+    # Only what is bind-mounted is left out of the image's volumes' tmpfs: /input or
+    # /output with nothing of the job's there would be anonymous volumes on host disk.
+    bound = [INPUT_DIR] if mounts.input_dir is not None else []
+    bound += [OUTPUT_DIR] if mounts.output_dir is not None else []
     if mounts.input_dir is not None:
         binds.append(f"{mounts.input_dir}:{INPUT_DIR}:ro")
     if mounts.output_dir is not None:
@@ -91,8 +120,8 @@ def create_body(
             **{
                 path: f"rw,noexec,nosuid,nodev,size={resources.scratch_bytes},"
                 f"mode=0700,uid={uid},gid={gid}"
-                for path in image_volumes
-                if path not in ("/scratch", "/tmp", INPUT_DIR, OUTPUT_DIR)
+                for path in volume_paths(image_volumes)
+                if path not in ("/scratch", "/tmp", *bound)
             },
         },
         "Ulimits": [

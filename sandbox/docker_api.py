@@ -1,8 +1,9 @@
 """The one boundary to the Docker engine: its HTTP API over a unix socket, asynchronously.
 
 A small client on asyncio streams rather than the Docker SDK: the runner needs a handful
-of endpoints, log streaming it can cancel, and no thread per call. Each request opens its
-own connection (``Connection: close``); a unix socket connects in microseconds.
+of endpoints, a container's output read at its own pace, and no thread per call. Each
+request opens its own connection (``Connection: close``); a unix socket connects in
+microseconds.
 """
 
 from __future__ import annotations
@@ -11,13 +12,13 @@ import asyncio
 import json
 import struct
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Coroutine, Mapping
-from contextlib import aclosing
+from contextlib import asynccontextmanager
 from typing import Any
 from urllib.parse import quote, urlencode
 
 from sandbox.errors import EngineError
 
-__all__ = ["DEFAULT_SOCKET", "DockerClient", "Response", "quote_ref"]
+__all__ = ["DEFAULT_SOCKET", "Attachment", "DockerClient", "Response", "quote_ref"]
 
 DEFAULT_SOCKET = "/var/run/docker.sock"
 # The newest API this client speaks; an older engine is spoken to at its own version.
@@ -25,6 +26,7 @@ _API_MAX = (1, 44)
 _API_MIN = (1, 41)  # Docker 20.10, as in Debian 12
 _HEADER_LIMIT = 64 * 1024
 _STREAM_NAMES = {1: "stdout", 2: "stderr"}
+_READ_BYTES = 1 << 16
 # What a broken or hostile answer raises while we parse it: all mean "the engine failed".
 _BROKEN_ANSWER = (
     ConnectionError,
@@ -93,46 +95,38 @@ class DockerClient:
             await self._send(method, self._path(path, params), body, timeout_s or self.timeout_s)
         )
 
-    async def stream(
-        self, method: str, path: str, *, params: Mapping[str, Any] | None = None
-    ) -> AsyncGenerator[bytes, None]:
-        """The body of a long-running call (logs, events) as it arrives, without a timeout."""
+    @asynccontextmanager
+    async def attach(self, container_id: str) -> AsyncIterator[Attachment]:
+        """Attach to a (non-TTY) container's stdout and stderr, as ``docker run`` does.
+
+        Attached before the start, nothing the container writes is missed; the engine
+        copies the output to this socket only, not to a log driver. The connection is
+        read only as fast as the caller iterates :meth:`Attachment.frames`, and a full
+        socket holds back the container's writes.
+        """
         if self._prefix is None:
             await self.version()
+        params = {"stream": 1, "stdout": 1, "stderr": 1}
+        path = self._path(f"/containers/{container_id}/attach", params)
         reader, writer = await self._connect()
         try:
-            writer.write(_request_bytes(method, self._path(path, params), None))
+            # The upgrade headers ask for the hijacked raw stream ("101 UPGRADED").
+            upgrade = {"Connection": "Upgrade", "Upgrade": "tcp"}
+            writer.write(_request_bytes("POST", path, None, upgrade))
             await writer.drain()
-            status, headers = await _read_head(reader)
+            status, headers = await asyncio.wait_for(_read_head(reader), self.timeout_s)
             if status >= 300:
-                raw = await _read_body(reader, headers)
-                raise _error(Response(status, headers, raw))
-            async for chunk in _iter_body(reader, headers):
-                yield chunk
-        except _BROKEN_ANSWER as exc:
-            raise EngineError("engine_error", f"{method} {path}: {exc!r}") from exc
+                raise _error(Response(status, headers, await _read_body(reader, headers)))
+        except (TimeoutError, *_BROKEN_ANSWER) as exc:
+            writer.close()
+            raise EngineError("engine_error", f"attach {container_id}: {exc!r}") from exc
+        except BaseException:
+            writer.close()
+            raise
+        try:
+            yield Attachment(reader)
         finally:
             writer.close()
-
-    async def logs(self, container_id: str) -> AsyncGenerator[tuple[str, bytes], None]:
-        """Follow a (non-TTY) container's output as ``(stream name, bytes)`` frames."""
-        params = {"follow": 1, "stdout": 1, "stderr": 1}
-        pending = bytearray()
-        body = self.stream("GET", f"/containers/{container_id}/logs", params=params)
-        async with aclosing(body) as chunks:  # however this ends, the socket is closed
-            async for chunk in chunks:
-                pending += chunk
-                # Multiplexed stream: 8-byte header (stream id, 3 zero bytes, size).
-                offset = 0
-                while len(pending) - offset >= 8:
-                    stream_id, size = struct.unpack_from(">BxxxL", pending, offset)
-                    end = offset + 8 + size
-                    if end > len(pending):
-                        break
-                    if stream_id in _STREAM_NAMES:  # 1 stdout, 2 stderr; nothing else is output
-                        yield _STREAM_NAMES[stream_id], bytes(pending[offset + 8 : end])
-                    offset = end
-                del pending[:offset]
 
     def _path(self, path: str, params: Mapping[str, Any] | None) -> str:
         query = f"?{urlencode(params)}" if params else ""
@@ -201,14 +195,44 @@ class DockerClient:
         return collect
 
 
+class Attachment:
+    """The output of an attached container, read on demand."""
+
+    def __init__(self, reader: asyncio.StreamReader) -> None:
+        self._reader = reader
+
+    async def frames(self) -> AsyncGenerator[tuple[str, bytes], None]:
+        """The output as ``(stream name, bytes)`` frames, until the container's streams close."""
+        pending = bytearray()
+        try:
+            while chunk := await self._reader.read(_READ_BYTES):
+                pending += chunk
+                # Multiplexed stream: 8-byte header (stream id, 3 zero bytes, size).
+                offset = 0
+                while len(pending) - offset >= 8:
+                    stream_id, size = struct.unpack_from(">BxxxL", pending, offset)
+                    end = offset + 8 + size
+                    if end > len(pending):
+                        break
+                    if stream_id in _STREAM_NAMES:  # 1 stdout, 2 stderr; nothing else is output
+                        yield _STREAM_NAMES[stream_id], bytes(pending[offset + 8 : end])
+                    offset = end
+                del pending[:offset]
+        except _BROKEN_ANSWER as exc:
+            raise EngineError("engine_error", f"attached stream: {exc!r}") from exc
+
+
 def quote_ref(reference: str) -> str:
     """An image reference or container name made safe for a URL path."""
     return quote(reference, safe="")
 
 
-def _request_bytes(method: str, path: str, body: Any) -> bytes:
+def _request_bytes(
+    method: str, path: str, body: Any, extra: Mapping[str, str] | None = None
+) -> bytes:
     payload = b"" if body is None else json.dumps(body).encode()
-    head = [f"{method} {path} HTTP/1.1", "Host: docker", "Connection: close"]
+    fields = {"Host": "docker", "Connection": "close", **(extra or {})}
+    head = [f"{method} {path} HTTP/1.1", *(f"{name}: {value}" for name, value in fields.items())]
     if body is not None:
         head += ["Content-Type: application/json", f"Content-Length: {len(payload)}"]
     elif method in ("POST", "PUT"):

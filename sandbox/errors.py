@@ -12,7 +12,8 @@ how a caller reacts to it::
     +-- EngineError                the Docker engine failed us (report; retry later)
     |     codes: engine_unreachable, engine_error, image_not_found, engine_too_old
     +-- RunError                   the runner could not run this job (report it as an error)
-          codes: start_failed, gpu_unmappable, bad_job_id, job_running, runtime_missing
+          codes: start_failed, gpu_unmappable, bad_job_id, job_running, runtime_missing,
+                 bad_image_volume, no_free_uid
 """
 
 from __future__ import annotations

@@ -4,26 +4,32 @@ A ``runsc`` sandbox is a pair of host processes, ``runsc-sandbox`` (whose last a
 is the container id) and ``runsc-gofer``; both name the container id in their arguments.
 When the runtime shim dies with the engine or the agent, they can stay behind, holding
 memory, with no container left for Docker to remove.
+
+The other way round, a runsc container whose start failed (after its create) leaves its
+``containerd-shim-runc-v2`` running when Docker removes the container: a process per
+failed job, waiting on a sandbox that is gone. Killed, containerd cleans up after it.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import signal
 from collections.abc import Collection
 from pathlib import Path
 
-__all__ = ["reap_sandboxes", "sandboxes_of"]
+__all__ = ["reap_sandboxes", "reap_shims", "sandboxes_of", "shims_of"]
 
 _SANDBOX = "runsc-sandbox"
 _RUNSC_PROCESSES = (_SANDBOX, "runsc-gofer")
+_SHIM = "containerd-shim-runc-v2"
 _CONTAINER_ID_LENGTH = 64
 _log = logging.getLogger(__name__)
 
 
-def _cmdlines(proc: Path) -> dict[int, list[str]]:
-    """The argument vectors of the runsc processes on this host."""
+def _cmdlines(proc: Path, names: Collection[str] = _RUNSC_PROCESSES) -> dict[int, list[str]]:
+    """The argument vectors of the processes called one of ``names`` on this host."""
     found = {}
     for entry in proc.iterdir():
         if not entry.name.isdigit():
@@ -32,7 +38,7 @@ def _cmdlines(proc: Path) -> dict[int, list[str]]:
             argv = (entry / "cmdline").read_bytes().decode(errors="replace").split("\0")
         except OSError:  # it exited while we looked
             continue
-        if argv and Path(argv[0]).name in _RUNSC_PROCESSES:
+        if argv and Path(argv[0]).name in names:
             found[int(entry.name)] = [arg for arg in argv if arg]
     return found
 
@@ -61,7 +67,28 @@ def reap_sandboxes(container_ids: Collection[str], proc: Path = Path("/proc")) -
     Only ids the caller knows to be its own: another engine's or another runner's gVisor
     sandboxes are none of our business.
     """
-    leaked = sandboxes_of(container_ids, proc)
+    return _kill(sandboxes_of(container_ids, proc), "gVisor sandbox")
+
+
+def shims_of(container_ids: Collection[str], proc: Path = Path("/proc")) -> dict[str, list[int]]:
+    """The containerd shims (``containerd-shim-runc-v2 ... -id <container id>``) serving
+    each of ``container_ids`` that still has one."""
+    wanted = set(container_ids)
+    found: dict[str, list[int]] = {}
+    for pid, argv in _cmdlines(proc, (_SHIM,)).items():
+        served = {value for flag, value in itertools.pairwise(argv) if flag == "-id"}
+        for container_id in sorted(served & wanted):
+            found.setdefault(container_id, []).append(pid)
+    return found
+
+
+def reap_shims(container_ids: Collection[str], proc: Path = Path("/proc")) -> list[str]:
+    """SIGKILL the shims left serving these containers, which must be removed already (and
+    ours); return the ids whose shim was reaped."""
+    return _kill(shims_of(container_ids, proc), "containerd shim")
+
+
+def _kill(leaked: dict[str, list[int]], what: str) -> list[str]:
     for container_id, pids in leaked.items():
         for pid in pids:
             try:
@@ -69,6 +96,6 @@ def reap_sandboxes(container_ids: Collection[str], proc: Path = Path("/proc")) -
             except ProcessLookupError:
                 continue  # already gone
             except PermissionError:
-                # The sandbox runs as root and this agent does not: say so, go on.
-                _log.warning("cannot end leaked gVisor sandbox %s (pid %d)", container_id, pid)
+                # It runs as root and this agent does not: say so, go on.
+                _log.warning("cannot end leaked %s of %s (pid %d)", what, container_id, pid)
     return list(leaked)

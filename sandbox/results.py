@@ -52,7 +52,7 @@ class JobResult(msgspec.Struct, kw_only=True):
     log_dropped_bytes: int = 0
     """Output seen and not kept (over the rate or the size cap)."""
     log_truncated: bool = False
-    """The size cap was reached: what came after was not read at all."""
+    """The size cap was reached: what came after was read at the drain rate and dropped."""
     error_code: str | None = None
     detail: str = ""
 

@@ -27,11 +27,12 @@ import msgspec
 
 from sandbox.cgroups import JobCgroup
 from sandbox.container import LABEL_JOB, LABEL_MANAGED, LABEL_RUNNER, create_body
-from sandbox.docker_api import DockerClient, quote_ref
+from sandbox.docker_api import Attachment, DockerClient, quote_ref
 from sandbox.errors import EngineError, RunError, SandboxError
 from sandbox.gpu_mapping import DeviceFacts, HostGroups, host_groups, map_gpus
-from sandbox.gvisor import reap_sandboxes
+from sandbox.gvisor import reap_sandboxes, reap_shims
 from sandbox.jobdir import JobDir, instance_alive, leftovers, remove_tree, runner_instance
+from sandbox.joblog import Drain, LogBudget
 from sandbox.outputs import collect_outputs
 from sandbox.results import (
     Created,
@@ -44,6 +45,7 @@ from sandbox.results import (
     Started,
 )
 from sandbox.spec import WorkloadSpec, spec_digest
+from sandbox.uids import UidPool
 
 __all__ = ["LogBudget", "Runner", "RunnerConfig"]
 
@@ -61,54 +63,30 @@ class RunnerConfig(msgspec.Struct, frozen=True, kw_only=True):
     Attributes:
         jobs_dir: where each job's input and output directories are made (and removed).
         runtime: the OCI runtime (``runc``, or ``runsc`` for gVisor).
-        user: the uid:gid jobs run as; by default this process's own (so that the agent
-            can always delete what a job wrote), or 65534:65534 when this process is root.
+        user: the uid:gid every job runs as, overriding the default: when this process
+            is root, a uid (and gid) of the job's own from ``job_uid_base`` on, so that
+            one job cannot exhaust what the kernel allows per uid (inotify instances,
+            ...) for the others; else this process's own (so that the agent can always
+            delete what a job wrote).
+        job_uid_base, job_uids: the range jobs' own uids are taken from, as many as
+            ``job_uids``; no two live jobs of this runner share one.
         log_max_bytes: output kept and forwarded per job; the rest is counted and dropped.
         log_rate_bytes_per_s: sustained output forwarded per second, with a burst of as much.
+        log_drain_bytes_per_s: output read from the engine per second at most, kept or
+            not: what the host spends copying a job's output is bounded by it, and a job
+            that writes faster waits on its full pipe.
         cgroup_root: where the cgroup file systems are mounted.
     """
 
     jobs_dir: Path
     runtime: str = "runc"
     user: str | None = None
+    job_uid_base: int = 200_000
+    job_uids: int = 65_536
     log_max_bytes: int = 1 << 20
     log_rate_bytes_per_s: int = 256 << 10
+    log_drain_bytes_per_s: int = 1 << 20
     cgroup_root: Path = Path("/sys/fs/cgroup")
-
-
-class LogBudget:
-    """Caps a job's log in total size and in rate (a token bucket), and digests what passes."""
-
-    def __init__(
-        self, max_bytes: int, rate: int, clock: Callable[[], float] = time.monotonic
-    ) -> None:
-        self.max_bytes = max_bytes
-        self.rate = rate
-        self.clock = clock
-        self.tokens = float(rate)
-        self.last = clock()
-        self.kept = 0
-        self.dropped = 0
-        self.truncated = False
-        self.digest = hashlib.sha256()
-
-    @property
-    def full(self) -> bool:
-        """Whether the size cap is reached: nothing more will be kept."""
-        return self.kept >= self.max_bytes
-
-    def admit(self, data: bytes) -> bytes:
-        """The part of ``data`` that fits the budget now; the rest is counted as dropped."""
-        now = self.clock()
-        self.tokens = min(float(self.rate), self.tokens + (now - self.last) * self.rate)
-        self.last = now
-        allowed = int(min(len(data), self.tokens, self.max_bytes - self.kept))
-        allowed = max(allowed, 0)
-        self.tokens -= allowed
-        self.kept += allowed
-        self.dropped += len(data) - allowed
-        self.digest.update(data[:allowed])
-        return data[:allowed]
 
 
 class Runner:
@@ -119,9 +97,9 @@ class Runner:
         self.config = config
         self._cancels: dict[str, asyncio.Event] = {}
         self.instance = runner_instance()
-        self.user = config.user or (
-            "65534:65534" if os.getuid() == 0 else f"{os.getuid()}:{os.getgid()}"
-        )
+        # None: each job gets a uid of its own (see RunnerConfig.user).
+        self.user = config.user or (None if os.getuid() == 0 else f"{os.getuid()}:{os.getgid()}")
+        self._uids = UidPool(config.job_uid_base, config.job_uids)
         self._cgroup_driver = "cgroupfs"
         self._cdi = False
         self._groups = HostGroups(video_gid=None, render_gid=None)
@@ -159,7 +137,9 @@ class Runner:
             await self._remove_container(container["Id"])
             job = labels.get(LABEL_JOB, "")
             if _JOB_ID.fullmatch(job):
-                JobCgroup(job, self._cgroup_driver, self.config.cgroup_root).remove()
+                await self._remove_cgroup(
+                    JobCgroup(job, self._cgroup_driver, self.config.cgroup_root)
+                )
             reaped.append(job or container["Id"])
         ours = []
         for leftover in leftovers(self.config.jobs_dir):
@@ -167,6 +147,7 @@ class Runner:
                 ours.append(leftover.container_id)
             remove_tree(leftover.path)
         reaped += [f"runsc:{sandbox[:12]}" for sandbox in reap_sandboxes(ours)]
+        reaped += [f"shim:{shim[:12]}" for shim in reap_shims(ours)]
         return reaped
 
     def cancel(self, job_id: str) -> bool:
@@ -202,18 +183,23 @@ class Runner:
         job_dir = JobDir(self.config.jobs_dir, job_id)
         cgroup = JobCgroup(job_id, self._cgroup_driver, self.config.cgroup_root)
         container_id: str | None = None
+        uid: int | None = None
         try:
+            if self.user is None:
+                uid = self._uids.take()
             # The canonical name: a bare "abc123" must not resolve as an image-id prefix.
             result.image_id, volumes = await self.resolve_image(spec.image_ref.canonical)
             job_dir.create(self.instance)
             mounts = job_dir.mounts(spec)
+            if uid is not None and mounts.output_dir is not None:
+                os.chown(mounts.output_dir, uid, uid)
             body = create_body(
                 job_id=job_id,
                 spec=spec,
                 image_id=result.image_id,
                 gpus=map_gpus(gpus, cdi=self._cdi, groups=self._groups),
                 mounts=mounts,
-                user=self.user,
+                user=self.user or f"{uid}:{uid}",
                 runtime=self.config.runtime,
                 cgroup_parent=cgroup.parent,
                 runner=self.instance,
@@ -224,6 +210,7 @@ class Runner:
             )
             container_id = str(created.json()["Id"])
             job_dir.record_container(container_id)
+            await self._refuse_volumes(container_id)
             yield Created(container_id)
             execution = self._execute(container_id, spec, cancel, result, job_dir)
             async with aclosing(execution) as events:
@@ -242,13 +229,28 @@ class Runner:
         except (OSError, KeyError, TypeError) as exc:  # the host or the engine's answer
             result.reason, result.error_code, result.detail = "error", "internal", repr(exc)
         finally:
-            if container_id is not None:
-                await self._remove_container(container_id)
+            removed = container_id is None or await self._remove_container(container_id)
+            if container_id is not None and removed and result.error_code == "start_failed":
+                # The runtime's shim can outlive a container whose start failed (runsc).
+                await asyncio.to_thread(reap_shims, [container_id])
+            if uid is not None and removed:
+                # A container that could not be removed may still run as this uid.
+                self._uids.release(uid)
             job_dir.remove()
-            cgroup.remove()
+            await self._remove_cgroup(cgroup)
             # Last: until everything above is gone, the same job id cannot start again.
             del self._cancels[job_id]
         yield Finished(result)
+
+    async def _refuse_volumes(self, container_id: str) -> None:
+        """Raise if the engine gave the container a volume anyway: every image volume
+        should be a capped tmpfs, and a volume is host disk without a bound."""
+        info = (await self.client.request("GET", f"/containers/{container_id}/json")).json()
+        volumes = [
+            m.get("Destination") for m in info.get("Mounts") or [] if m.get("Type") == "volume"
+        ]
+        if volumes:
+            raise RunError("bad_image_volume", f"the engine made volumes at {volumes}")
 
     async def _execute(
         self,
@@ -258,30 +260,34 @@ class Runner:
         result: JobResult,
         job_dir: JobDir,
     ) -> AsyncGenerator[Event, None]:
-        """Start the container, stream its logs, stop it on timeout, cancel or overflow."""
-        # The wait is registered before the start, so that an exit at once is not missed.
-        collect = await self.client.wait_armed(container_id)
-        waiting: asyncio.Task[object] = asyncio.create_task(collect())
-        try:
-            await self.client.request("POST", f"/containers/{container_id}/start")
-        except EngineError as exc:
-            waiting.cancel()
-            raise RunError("start_failed", exc.detail) from exc
-        yield Started(time.time())
-        watch = partial(job_dir.output_overflow, spec.output_max_bytes) if spec.outputs else None
-        stopping = asyncio.create_task(
-            self._supervise(container_id, spec, cancel, waiting, watch=watch, result=result)
-        )
-        budget = LogBudget(self.config.log_max_bytes, self.config.log_rate_bytes_per_s)
-        queue: asyncio.Queue[LogChunk | None] = asyncio.Queue()
-        pump = asyncio.create_task(self._pump_logs(container_id, budget, queue))
-        try:
-            while (chunk := await queue.get()) is not None:
-                yield chunk
-            stopped_by = await stopping
-        finally:
-            for task in (pump, stopping, waiting):
-                task.cancel()
+        """Start the container, stream its output, stop it on timeout, cancel or overflow."""
+        # Attached before the start, so that no output is missed; the wait is registered
+        # before the start, so that an exit at once is not missed.
+        async with self.client.attach(container_id) as attached:
+            collect = await self.client.wait_armed(container_id)
+            waiting: asyncio.Task[object] = asyncio.create_task(collect())
+            try:
+                await self.client.request("POST", f"/containers/{container_id}/start")
+            except EngineError as exc:
+                waiting.cancel()
+                raise RunError("start_failed", exc.detail) from exc
+            yield Started(time.time())
+            watch = (
+                partial(job_dir.output_overflow, spec.output_max_bytes) if spec.outputs else None
+            )
+            stopping = asyncio.create_task(
+                self._supervise(container_id, spec, cancel, waiting, watch=watch, result=result)
+            )
+            budget = LogBudget(self.config.log_max_bytes, self.config.log_rate_bytes_per_s)
+            queue: asyncio.Queue[LogChunk | None] = asyncio.Queue()
+            pump = asyncio.create_task(self._pump_output(attached, budget, queue))
+            try:
+                while (chunk := await queue.get()) is not None:
+                    yield chunk
+                stopped_by = await stopping
+            finally:
+                for task in (pump, stopping, waiting):
+                    task.cancel()
         result.log_sha256 = budget.digest.hexdigest()
         result.log_bytes, result.log_dropped_bytes = budget.kept, budget.dropped
         result.log_truncated = budget.truncated
@@ -333,43 +339,73 @@ class Runner:
                     reason, result.error_code, result.detail = "failed", "output_limit", overflow
         finally:
             cancelled.cancel()
+        # A job past a limit gets no grace: it would spend it going on past the limit
+        # (writing, say, another 100 MiB while ignoring SIGTERM). Cancel and timeout are
+        # the job's due end, and it may save its work.
+        await self._halt(container_id, spec.grace_s, at_once=result.error_code is not None)
+        with contextlib.suppress(EngineError):
+            await waiting
+        return reason
+
+    async def _halt(self, container_id: str, grace_s: float, *, at_once: bool) -> None:
+        """SIGKILL the container now (``at_once``), or SIGTERM, its grace, then SIGKILL."""
+        if at_once:
+            try:
+                await self.client.request(
+                    "POST", f"/containers/{container_id}/kill", params={"signal": "SIGKILL"}
+                )
+            except EngineError:
+                pass  # 409: it had stopped by itself; anything else, the stop below ends it
+            else:
+                return
         # Docker sends the stop signal (SIGTERM), then SIGKILL after t seconds.
         try:
             await self.client.request(
                 "POST",
                 f"/containers/{container_id}/stop",
-                params={"t": int(spec.grace_s)},
-                timeout_s=spec.grace_s + _WAIT_SLACK_S,
+                params={"t": int(grace_s)},
+                timeout_s=grace_s + _WAIT_SLACK_S,
             )
         except EngineError as exc:
             if exc.code != "not_modified":  # 304: it had stopped by itself meanwhile
                 raise
-        with contextlib.suppress(EngineError):
-            await waiting
-        return reason
 
-    async def _pump_logs(
-        self, container_id: str, budget: LogBudget, queue: asyncio.Queue[LogChunk | None]
+    async def _pump_output(
+        self, attached: Attachment, budget: LogBudget, queue: asyncio.Queue[LogChunk | None]
     ) -> None:
+        """Forward what the budget keeps; read it all, but no faster than the drain rate.
+
+        Past the budget, the output is still read (and dropped): a job that goes on
+        printing, say, a long training run's progress, must not be stalled on its full
+        pipe, nor killed for it. Reading at a bounded rate keeps what the host spends on
+        it (the shim's and the engine's copies, outside the job's CPU cap) bounded too,
+        and the pipe's back-pressure holds a flooding job to that rate.
+        """
+        drain = Drain(self.config.log_drain_bytes_per_s)
         try:
-            async with aclosing(self.client.logs(container_id)) as frames:
+            async with aclosing(attached.frames()) as frames:
                 async for stream, data in frames:
-                    kept = budget.admit(data)
-                    if kept:
+                    if kept := budget.admit(data):
                         name: Literal["stdout", "stderr"] = (
                             "stderr" if stream == "stderr" else "stdout"
                         )
                         await queue.put(LogChunk(name, kept))
-                    if budget.full:
-                        # Nothing more will be kept: stop reading rather than parse
-                        # megabytes only to drop them. Docker's copy is capped on its side.
-                        budget.truncated = True
-                        break
+                    if (pause := drain.delay(len(data))) > 0:
+                        await asyncio.sleep(pause)
         finally:
             queue.put_nowait(None)
 
-    async def _remove_container(self, container_id: str) -> None:
-        """Force-remove a container, retrying: a runtime busy tearing down refuses at first."""
+    async def _remove_cgroup(self, cgroup: JobCgroup) -> None:
+        """Remove a job's cgroup parent, retrying while what was killed in it exits."""
+        for attempt in range(_REMOVE_ATTEMPTS):
+            if await asyncio.to_thread(cgroup.remove):
+                return
+            await asyncio.sleep(_REMOVE_BACKOFF_S * (attempt + 1))
+        _log.warning("could not remove the cgroup %s", cgroup.parent)
+
+    async def _remove_container(self, container_id: str) -> bool:
+        """Force-remove a container, retrying: a runtime busy tearing down refuses at first.
+        False if it is still there."""
         for attempt in range(_REMOVE_ATTEMPTS):
             try:
                 await self.client.request(
@@ -377,14 +413,15 @@ class Runner:
                 )
             except EngineError as exc:
                 if exc.code == "not_found":
-                    return
+                    return True
                 if attempt == _REMOVE_ATTEMPTS - 1:
                     # Labelled: the next start's reap_orphans() finds it.
                     _log.warning("could not remove container %s: %s", container_id, exc)
-                    return
+                    return False
                 await asyncio.sleep(_REMOVE_BACKOFF_S * (attempt + 1))
             else:
-                return
+                return True
+        return False
 
 
 def _reason(exit_code: int, oom_killed: bool) -> ExitReason:
