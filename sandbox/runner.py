@@ -217,6 +217,16 @@ class Runner:
                 async for event in events:
                     yield event
             if mounts.output_dir is not None and result.error_code is None:
+                # The watch looks every _WATCH_INTERVAL_S: a job that overflows and exits
+                # between two looks is caught here, before anything is hashed.
+                overflow = await asyncio.to_thread(job_dir.output_overflow, spec.output_max_bytes)
+                if overflow is not None:
+                    result.reason, result.error_code, result.detail = (
+                        "failed",
+                        "output_limit",
+                        overflow,
+                    )
+            if mounts.output_dir is not None and result.error_code is None:
                 # Hashing up to output_max_bytes must not stall the event loop.
                 result.outputs = await asyncio.to_thread(
                     collect_outputs, mounts.output_dir, spec.outputs, spec.output_max_bytes

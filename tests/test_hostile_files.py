@@ -291,6 +291,17 @@ async def test_bytes_written_past_path_max_count_against_the_output_cap(
     assert (result.reason, result.error_code) == ("failed", "output_limit"), result
 
 
+async def test_a_job_that_overflows_and_exits_before_the_watch_looks_is_caught(
+    runner: Runner, test_image: str
+) -> None:
+    # 8 MiB against 4 MiB, written and gone well within one watch interval.
+    script = "dd if=/dev/zero of=/output/f bs=1048576 count=8 2>/dev/null"
+    spec = make_spec(test_image, script, outputs=["f"], output_max_bytes=4 * MiB)
+    _, result = await run_job(runner, spec, "hostile-quick")
+    assert (result.reason, result.error_code) == ("failed", "output_limit"), result
+    assert result.outputs == []
+
+
 async def test_an_output_that_is_a_directory_symlink_or_fifo_is_not_a_file(
     runner: Runner, test_image: str
 ) -> None:
