@@ -11,6 +11,7 @@ import asyncio
 import json
 import os
 import subprocess
+import sys
 from contextlib import aclosing
 from pathlib import Path
 from typing import Any
@@ -326,11 +327,35 @@ async def test_failed_starts_leave_no_shim_and_no_cgroup(
     )
 
 
-def test_uid_pool_gives_each_live_job_its_own_and_says_when_none_is_free() -> None:
-    pool = UidPool(base=1000, count=2)
+def test_uid_pool_gives_each_live_job_its_own_and_says_when_none_is_free(
+    tmp_path: Path,
+) -> None:
+    pool = UidPool(base=1000, count=2, lock_dir=tmp_path)
     assert (pool.take(), pool.take()) == (1000, 1001)
     with pytest.raises(RunError) as refused:
         pool.take()
     assert refused.value.code == "no_free_uid"
     pool.release(1000)
     assert pool.take() == 1000
+
+
+def test_two_runners_on_one_host_never_hand_out_the_same_uid(tmp_path: Path) -> None:
+    # The daemon and a run-local beside it: two pools, one host-wide lock directory.
+    daemon, local = UidPool(1000, 3, tmp_path), UidPool(1000, 3, tmp_path)
+    assert (daemon.take(), local.take(), daemon.take()) == (1000, 1001, 1002)
+    with pytest.raises(RunError):
+        local.take()
+    local.release(1001)
+    assert daemon.take() == 1001
+
+
+def test_a_uid_held_by_a_process_that_died_is_free_again(tmp_path: Path) -> None:
+    take = (
+        "import pathlib, sys; from sandbox.uids import UidPool;"
+        " print(UidPool(7, 1, pathlib.Path(sys.argv[1])).take())"
+    )
+    child = subprocess.run(
+        [sys.executable, "-c", take, str(tmp_path)], capture_output=True, text=True, check=True
+    )
+    assert child.stdout.strip() == "7"  # and it exited holding it
+    assert UidPool(7, 1, tmp_path).take() == 7
