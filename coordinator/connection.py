@@ -19,6 +19,7 @@ if the node is connected; otherwise it goes out after the node's next handshake.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import secrets
 from collections.abc import Callable
@@ -30,8 +31,7 @@ from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
 
 from agent.protocol import crypto, dsse
-from agent.protocol.errors import AuthError, DecodeError, ProtocolError
-from agent.protocol.limits import NONCE_BYTES
+from agent.protocol.errors import AuthError, DecodeError, LimitExceeded, ProtocolError, SessionEnded
 from agent.protocol.messages import (
     AGENT_SENDS,
     Ack,
@@ -53,24 +53,27 @@ from agent.protocol.messages import (
     encode_frame,
     error_message,
     message_type,
+    require_text,
 )
-from agent.protocol.session import (
-    CoordinatorHandshake,
-    HandshakeState,
-    NonceBook,
-    ReliableReceiver,
-    ReliableSender,
+from agent.protocol.session import CoordinatorHandshake, ReliableReceiver, ReliableSender
+from coordinator.admission import Settings, Strikes, TokenBucket
+from coordinator.handshake import (
+    CLOSE_POLICY,
+    Gate,
+    authenticate,
+    check_admission,
+    new_nonce,
+    send,
 )
 from coordinator.jobs_store import JobEvent, VerifiedResult
-from coordinator.keys import CoordinatorKey
 from coordinator.store import Store, Unverified
 
-__all__ = ["CLOSE_POLICY", "Settings", "Shared", "deliver", "handle"]
+__all__ = ["CLOSE_POLICY", "CLOSE_SUPERSEDED", "Settings", "Shared", "deliver", "handle"]
 
 _log = logging.getLogger(__name__)
 
-#: RFC 6455 section 7.4.1: 1008 "policy violation", the close code after a closing error.
-CLOSE_POLICY = 1008
+#: RFC 6455 section 7.4.1: 1000 "normal closure", after the ``superseded`` error.
+CLOSE_SUPERSEDED = 1000
 #: The reliable types an agent sends.
 _RELIABLE_IN = (Profile, Telemetry, NodeStatus, JobStatus, JobLog, JobResult)
 #: Nonce refusals that leave a node-signed profile stored as unverified, not refused.
@@ -83,54 +86,35 @@ _OUTBOUND_BODIES: dict[str, type[ReliableBody]] = {
 }
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Settings:
-    """Timing the coordinator asks of agents, and how long its nonces hold."""
-
-    heartbeat_s: float = 15.0
-    telemetry_interval_s: float = 1.0
-    handshake_timeout_s: float = 30.0
-    attest_nonce_ttl_s: float = 3600.0
-
-
 @dataclass(slots=True, kw_only=True)
-class Shared:
+class Shared(Gate):
     """What every connection of one coordinator shares."""
 
-    key: CoordinatorKey
-    store: Store
-    nonces: NonceBook
-    settings: Settings
-    clock: Callable[[], float]
     sessions: dict[str, _Session]
     """The open session of each connected node."""
-
-
-def _new_nonce() -> str:
-    return crypto.b64encode(secrets.token_bytes(NONCE_BYTES))
 
 
 async def handle(ws: ServerConnection, shared: Shared) -> None:
     """Serve one agent until it goes away or breaks the protocol."""
     try:
-        opened = await _handshake(ws, shared)
+        hs = await authenticate(ws, shared)
+        if hs is None:
+            return
+        session = _take_over(ws, shared, hs)
+        if session is None:
+            await send(ws, hs.messages_to_send())
+            await ws.close(CLOSE_POLICY)
+            return
     except ConnectionClosed:
         return
-    if opened is None:
-        return
-    hs, node_id, sender = opened
-    session = _Session(ws, shared, node_id, sender)
-    # Registered before any await: from here on, the session's sender numbers the node's
-    # stream (deliver() uses it), so that no other sender is built from the store meanwhile.
-    shared.sessions[node_id] = session
     try:
         await session.open(hs)
         await session.run()
     except ConnectionClosed:
         pass
     finally:
-        if shared.sessions.get(node_id) is session:
-            del shared.sessions[node_id]
+        if shared.sessions.get(session.node_id) is session:
+            del shared.sessions[session.node_id]
         session.done.set()
 
 
@@ -152,78 +136,31 @@ async def deliver(
     return seq
 
 
-async def _send(ws: ServerConnection, messages: list[Message]) -> None:
-    for message in messages:
-        await ws.send(encode_frame(message))
+def _take_over(ws: ServerConnection, shared: Shared, hs: CoordinatorHandshake) -> _Session | None:
+    """Make this connection the node's one session; None after refusing it (queued in hs).
 
-
-async def _handshake(
-    ws: ServerConnection, shared: Shared
-) -> tuple[CoordinatorHandshake, str, ReliableSender] | None:
-    """Run the handshake up to ``welcome``; None after refusing the agent.
-
-    Returns the machine (ready to accept), the authenticated node id, and the sender of the
-    coordinator's stream to the node, resumed where the agent says it is. Nothing is
-    awaited after the sender is built, so the caller can register it before the store
-    changes under it.
+    Nothing here awaits: from reading the store to registering the new session no other
+    connection runs, so a node never has two sessions, and the one it replaces stops
+    storing at once (:meth:`_Session.supersede`), before the new one reads where the
+    node's streams stand.
     """
-    key = shared.key
-    hs = CoordinatorHandshake(
-        key_id=key.key_id,
-        sign=key.sign,
-        verify=crypto.verify,
-        node_id_of=crypto.node_id,
-        nonces=shared.nonces,
-        new_nonce=_new_nonce,
-    )
-    while hs.state is not HandshakeState.AUTHENTICATED:
-        try:
-            async with asyncio.timeout(shared.settings.handshake_timeout_s):
-                raw = await ws.recv()
-        except TimeoutError:
-            await ws.close(CLOSE_POLICY, "handshake timed out")
-            return None
-        try:
-            message = decode_frame(raw, accept=AGENT_SENDS)
-        except ProtocolError as exc:
-            # During the handshake every error closes (docs/protocol.md, "Handshake").
-            await _send(ws, [error_message(exc)])
-            await ws.close(CLOSE_POLICY)
-            return None
-        try:
-            hs.receive(message, shared.clock())
-        except ProtocolError:
-            # The machine queued the error (none when the agent itself sent one).
-            await _send(ws, hs.messages_to_send())
-            await ws.close(CLOSE_POLICY)
-            return None
-        await _send(ws, hs.messages_to_send())
-    hello = hs.hello
+    hello, store = hs.hello, shared.store
     assert hello is not None
-    node_id, store = hello.node_id, shared.store
-    known = store.public_key(node_id)
-    if known is not None and known != hello.public_key:
-        hs.refuse(AuthError("unknown_key", f"{node_id} is registered with another key"))
-        await _send(ws, hs.messages_to_send())
-        await ws.close(CLOSE_POLICY)
-        return None
-    # A node has one stream: a newer connection takes over, the older one is closed first
-    # so that two receivers never write the same node's seqs at once.
-    old = shared.sessions.get(node_id)
-    if old is not None:
-        await old.ws.close(1000, "superseded by a newer connection")
-        await old.done.wait()
-    now = shared.clock()
-    store.node_seen(node_id, hello.public_key, now)
-    store.purge_nonces(now - shared.settings.attest_nonce_ttl_s)
+    node_id, now = hello.node_id, shared.clock()
     try:
+        check_admission(shared, hs)
+        store.node_seen(node_id, hello.public_key, now)
         sender = _outbound_resume(store, node_id, hello.last_coordinator_seq)
     except ProtocolError as exc:
         hs.refuse(exc)
-        await _send(ws, hs.messages_to_send())
-        await ws.close(CLOSE_POLICY)
         return None
-    return hs, node_id, sender
+    store.purge_nonces(now - shared.settings.attest_nonce_ttl_s)
+    old = shared.sessions.get(node_id)
+    if old is not None:
+        old.supersede()
+    session = _Session(ws, shared, node_id, sender, replaces=old)
+    shared.sessions[node_id] = session
+    return session
 
 
 def _outbound_resume(store: Store, node_id: str, agent_has: int) -> ReliableSender:
@@ -254,7 +191,13 @@ class _Session:
     """An open session: the agent's stream in, the coordinator's stream out."""
 
     def __init__(
-        self, ws: ServerConnection, shared: Shared, node_id: str, sender: ReliableSender
+        self,
+        ws: ServerConnection,
+        shared: Shared,
+        node_id: str,
+        sender: ReliableSender,
+        *,
+        replaces: _Session | None,
     ) -> None:
         self.ws = ws
         self.shared = shared
@@ -267,19 +210,53 @@ class _Session:
         self.sender = sender
         self.done = asyncio.Event()
         """Set when the session is over, so that a newer connection can take over."""
+        self.superseded = False
+        """A newer connection of the node took over: this one stores nothing more."""
+        self._replaces = replaces
+        settings = shared.settings
+        # The rate carries over from the session this one replaces: reconnecting does not
+        # buy a node a fresh burst.
+        self._frames: TokenBucket = (
+            replaces._frames
+            if replaces is not None
+            else TokenBucket(settings.frames_per_s, settings.frames_burst, shared.monotonic())
+        )
+        self._rate_strikes = Strikes(settings.abuse_strikes)
+        self._quota_strikes = Strikes(settings.abuse_strikes)
         self._open = False
         self._sent_seq = 0
         self._send_lock = asyncio.Lock()
 
+    def supersede(self) -> None:
+        """Store nothing more, and give up the node's place: a newer connection takes it."""
+        self.superseded = True
+        if self.shared.sessions.get(self.node_id) is self:
+            del self.shared.sessions[self.node_id]
+
+    async def close_superseded(self) -> None:
+        """Tell the agent (``superseded``), close, and wait until the session is over."""
+        error = SessionEnded("superseded", "a newer connection of this node took over")
+        # Gone already is fine: what matters is that it is closed.
+        with contextlib.suppress(ConnectionClosed):
+            await self.ws.send(encode_frame(error_message(error)))
+        await self.ws.close(CLOSE_SUPERSEDED, "superseded")
+        await self.done.wait()
+
     async def open(self, hs: CoordinatorHandshake) -> None:
-        """Send ``welcome``, then what the agent has not stored of the coordinator's stream."""
+        """Close the session this one replaces; then send ``welcome``, and what the agent
+        has not stored of the coordinator's stream."""
+        if self._replaces is not None:
+            await self._replaces.close_superseded()
+            self._replaces = None
+        if self.superseded:  # an even newer connection came meanwhile
+            return
         hs.accept(
             session_id="s-" + secrets.token_hex(8),
             last_agent_seq=self.store.last_agent_seq(self.node_id),
             heartbeat_s=self.shared.settings.heartbeat_s,
             telemetry_interval_s=self.shared.settings.telemetry_interval_s,
         )
-        await _send(self.ws, hs.messages_to_send())
+        await send(self.ws, hs.messages_to_send())
         self._open = True
         await self._flush()
 
@@ -287,19 +264,43 @@ class _Session:
         """Ask for a fresh attestation, then take the agent's messages until it leaves."""
         # One request outstanding at a time: a node that reconnects without acknowledging
         # got the pending one again after welcome, and must not pile up new ones.
+        if self.superseded:
+            return
         if not any(isinstance(m, AttestRequest) for m in self.sender.pending()):
             await self._attest_request()
         async for raw in self.ws:
+            if not await self._throttle():
+                return
+            if self.superseded:  # a newer session has read where the streams stand
+                return
             ref_seq: int | None = None
             try:
-                message = decode_frame(raw, accept=AGENT_SENDS)
+                message = decode_frame(require_text(raw), accept=AGENT_SENDS)
                 ref_seq = getattr(message, "seq", None)
                 await self._on_message(message)
             except ProtocolError as exc:
                 await self.ws.send(encode_frame(error_message(exc, ref_seq)))
-                if exc.closes:
-                    await self.ws.close(CLOSE_POLICY)
+                abuse = exc.code == "quota_exceeded" and self._quota_strikes.strike()
+                if exc.closes or abuse:
+                    await self.ws.close(CLOSE_POLICY, exc.code)
                     return
+
+    async def _throttle(self) -> bool:
+        """Hold the next frame until the node's rate allows it (answering ``rate_limited``);
+        False when that has gone on for too long: the session is closed."""
+        wait = self._frames.take(self.shared.monotonic())
+        if wait == 0.0:
+            self._rate_strikes.clear()
+            return True
+        # Held, not dropped: a reliable message dropped would leave a gap in the stream.
+        rate = self.shared.settings.frames_per_s
+        error = LimitExceeded("rate_limited", f"over {rate:g} frames/s: held {wait:.2f} s")
+        await self.ws.send(encode_frame(error_message(error)))
+        if self._rate_strikes.strike():
+            await self.ws.close(CLOSE_POLICY, "rate_limited")
+            return False
+        await asyncio.sleep(wait)
+        return True
 
     async def push(self, body: ReliableBody, commit: Callable[[int], None]) -> int:
         """Number ``body``, ``commit(seq)`` it, and send it (see :func:`deliver`).
@@ -332,7 +333,9 @@ class _Session:
                     self._sent_seq = message.seq
 
     async def _attest_request(self) -> None:
-        nonce = _new_nonce()
+        if self.superseded:  # the newer session asks for its own
+            return
+        nonce = new_nonce()
         self.store.issue_nonce(self.node_id, nonce, self.shared.clock())
         body = AttestRequestBody(nonce=nonce)
         await self.push(
@@ -387,10 +390,15 @@ class _Session:
             nonce=nonce,
             unverified=unverified,
             job=job,
+            quota_bytes=self.shared.settings.node_quota_bytes,
         )
         # The add committed: only now may the agent forget the message.
         await self._ack()
-        if added and unverified is not None:
+        if added == "shed":
+            quota = self.shared.settings.node_quota_bytes
+            raise LimitExceeded("quota_exceeded", f"over {quota} bytes stored: {kind} shed")
+        self._quota_strikes.clear()
+        if added == "stored" and unverified is not None:
             _log.info(
                 "%s: profile %d stored unverified (%s: %s); asking again",
                 self.node_id,

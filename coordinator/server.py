@@ -31,8 +31,9 @@ from agent.protocol.messages import JobCancelBody
 from agent.protocol.session import NonceBook
 from coordinator import api, jobs, keys
 from coordinator.admin import AdminFile, AdminListener, new_token, write_admin_file
+from coordinator.admission import Settings, TokenBucket
 from coordinator.api_util import HttpAnswer, HttpRequest
-from coordinator.connection import Settings, Shared, deliver, handle
+from coordinator.connection import Shared, deliver, handle
 from coordinator.errors import JobError
 from coordinator.store import Store
 
@@ -112,12 +113,17 @@ class Coordinator:
     async def start(self) -> None:
         """Open the store, start listening, and write the admin file."""
         store = Store(self.db_path)
+        settings = self.settings
         self._shared = Shared(
             key=self.key,
             store=store,
             nonces=NonceBook(),
-            settings=self.settings,
+            settings=settings,
             clock=self._clock,
+            monotonic=time.monotonic,
+            new_keys=TokenBucket(
+                settings.new_keys_per_s, settings.new_keys_burst, time.monotonic()
+            ),
             sessions={},
         )
         try:

@@ -21,7 +21,7 @@ import sqlite3
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, TypeAlias
 
 import msgspec
 
@@ -29,6 +29,7 @@ from agent.protocol.errors import AuthError
 from coordinator.jobs_store import JOBS_SCHEMA, JobEvent, JobTables
 
 __all__ = [
+    "Added",
     "LatestProfile",
     "NodeRow",
     "Outbound",
@@ -39,8 +40,8 @@ __all__ = [
 ]
 
 #: 2 adds ``unverified_profiles``, 3 the job tables; every table is ``IF NOT EXISTS``, so
-#: the script upgrades.
-_SCHEMA_VERSION = 3
+#: the script upgrades. 4 adds ``nodes.agent_seq`` and ``nodes.stored_bytes`` (:data:`_V4`).
+_SCHEMA_VERSION = 4
 _SCHEMA = (
     """
 CREATE TABLE IF NOT EXISTS nodes (
@@ -49,7 +50,9 @@ CREATE TABLE IF NOT EXISTS nodes (
     first_seen REAL NOT NULL,
     last_seen REAL NOT NULL,
     coordinator_seq INTEGER NOT NULL DEFAULT 0,
-    coordinator_acked INTEGER NOT NULL DEFAULT 0
+    coordinator_acked INTEGER NOT NULL DEFAULT 0,
+    agent_seq INTEGER NOT NULL DEFAULT 0,
+    stored_bytes INTEGER NOT NULL DEFAULT 0
 ) STRICT;
 CREATE TABLE IF NOT EXISTS messages (
     node_id TEXT NOT NULL REFERENCES nodes(node_id),
@@ -90,6 +93,24 @@ CREATE TABLE IF NOT EXISTS outbound (
 """
     + JOBS_SCHEMA
 )
+#: Version 4 on a database of an older version: the columns that retention needs. The
+#: node's last seq moves out of ``messages`` (retention deletes rows, never that seq), and
+#: its stored bytes are counted for its quota.
+_V4 = """
+ALTER TABLE nodes ADD COLUMN agent_seq INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE nodes ADD COLUMN stored_bytes INTEGER NOT NULL DEFAULT 0;
+UPDATE nodes SET
+    agent_seq = (SELECT COALESCE(MAX(seq), 0) FROM messages m WHERE m.node_id = nodes.node_id),
+    stored_bytes = (SELECT COALESCE(SUM(length(CAST(body AS BLOB))), 0) FROM messages m
+                    WHERE m.node_id = nodes.node_id);
+"""
+#: The body a shed message is stored with: its seq is kept (the stream has no gap), what it
+#: carried is not. Telemetry keeps its own shape: a shed batch, as the agent's outbox sheds.
+_SHED_TELEMETRY = {"samples": [], "dropped": 1}
+
+
+#: What :meth:`Store.add` did with a message.
+Added: TypeAlias = Literal["stored", "duplicate", "shed"]
 
 
 class NodeRow(msgspec.Struct, frozen=True, kw_only=True):
@@ -158,7 +179,10 @@ class Store(JobTables):
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.execute("PRAGMA foreign_keys=ON")
             if self._db.execute("PRAGMA user_version").fetchone()[0] < _SCHEMA_VERSION:
+                columns = {r[1] for r in self._db.execute("PRAGMA table_info(nodes)")}
                 self._db.executescript(_SCHEMA)
+                if columns and "agent_seq" not in columns:
+                    self._db.executescript(_V4)
                 self._db.execute(f"PRAGMA user_version={_SCHEMA_VERSION}")
         except sqlite3.Error:
             self._db.close()
@@ -199,9 +223,8 @@ class Store(JobTables):
     def nodes(self) -> list[NodeRow]:
         """Every node, most recently seen first."""
         rows = self._db.execute(
-            "SELECT n.node_id, n.public_key, n.first_seen, n.last_seen,"
-            " COALESCE((SELECT MAX(seq) FROM messages m WHERE m.node_id = n.node_id), 0)"
-            " FROM nodes n ORDER BY n.last_seen DESC, n.node_id"
+            "SELECT node_id, public_key, first_seen, last_seen, agent_seq"
+            " FROM nodes ORDER BY last_seen DESC, node_id"
         ).fetchall()
         return [
             NodeRow(
@@ -228,21 +251,56 @@ class Store(JobTables):
         nonce: str | None = None,
         unverified: Unverified | None = None,
         job: JobEvent | None = None,
-    ) -> bool:
+        quota_bytes: int = 0,
+    ) -> Added:
         """Store one message (with its profile, using its nonce; or its job event) in one commit.
 
         The profile becomes the node's verified one, unless ``unverified`` says why its
         nonce did not hold: then it is kept beside, marked unverified with that reason.
-        Returns False when ``(node, seq)`` was stored before (a resend): nothing changes.
+
+        With ``quota_bytes`` (0: none) the node's stored bytes stay within it: its oldest
+        telemetry is deleted to make room, and when that is not enough the message is
+        shed: stored under its seq (the stream keeps no gap) with a placeholder body, and
+        without its profile, nonce or job event. A ``job_status`` (small, bounded, and what
+        a job's state is made of) is never shed.
+
+        Returns ``"duplicate"`` when ``(node, seq)`` was stored before (a resend): nothing
+        changes; else ``"stored"`` or ``"shed"``.
         """
+        data = msgspec.json.encode(body)
         with self._transaction():
-            cursor = self._db.execute(
-                "INSERT OR IGNORE INTO messages (node_id, seq, type, body, received)"
-                " VALUES (?, ?, ?, ?, ?)",
-                (node_id, seq, kind, msgspec.json.encode(body).decode(), now),
+            row = self._db.execute(
+                "SELECT agent_seq, stored_bytes FROM nodes WHERE node_id = ?", (node_id,)
+            ).fetchone()
+            if row is None:
+                raise ValueError(f"no node {node_id!r}: node_seen() comes first")
+            if seq <= row[0]:
+                return "duplicate"
+            added: Added = "stored"
+            over = row[1] + len(data) - quota_bytes
+            # Evict an eighth of the quota more than needed, so that a node streaming at
+            # its quota evicts now and then, not on every message.
+            if (
+                quota_bytes
+                and over > 0
+                and kind != "job_status"
+                and self._evict_telemetry(node_id, over + quota_bytes // 8) < over
+            ):
+                added = "shed"
+                data = msgspec.json.encode(
+                    _SHED_TELEMETRY
+                    if kind == "telemetry"
+                    else {"shed": "quota_exceeded", "bytes": len(data)}
+                )
+                profile = nonce = unverified = job = None
+            self._db.execute(
+                "INSERT INTO messages (node_id, seq, type, body, received) VALUES (?, ?, ?, ?, ?)",
+                (node_id, seq, kind, data.decode(), now),
             )
-            if cursor.rowcount != 1:
-                return False
+            self._db.execute(
+                "UPDATE nodes SET agent_seq = ?, stored_bytes = stored_bytes + ? WHERE node_id = ?",
+                (seq, len(data), node_id),
+            )
             if nonce is not None:
                 self._db.execute(
                     "UPDATE attest_nonces SET used = ? WHERE nonce = ? AND used IS NULL",
@@ -270,14 +328,79 @@ class Store(JobTables):
                 )
             if job is not None:
                 self._apply_job_event(node_id, seq, job, now)
-        return True
+        return added
+
+    def _evict_telemetry(self, node_id: str, need: int) -> int:
+        """Delete a node's oldest telemetry, at least ``need`` bytes if it has that many;
+        returns the bytes freed (already taken off its count)."""
+        freed, upto = 0, 0
+        while freed < need:
+            rows = self._db.execute(
+                "SELECT seq, length(CAST(body AS BLOB)) FROM messages"
+                " WHERE node_id = ? AND type = 'telemetry' AND seq > ? ORDER BY seq LIMIT 256",
+                (node_id, upto),
+            ).fetchall()
+            if not rows:
+                break
+            for seq, size in rows:
+                freed, upto = freed + int(size), int(seq)
+                if freed >= need:
+                    break
+        if upto:
+            self._db.execute(
+                "DELETE FROM messages WHERE node_id = ? AND type = 'telemetry' AND seq <= ?",
+                (node_id, upto),
+            )
+            self._db.execute(
+                "UPDATE nodes SET stored_bytes = stored_bytes - ? WHERE node_id = ?",
+                (freed, node_id),
+            )
+        return freed
+
+    def prune_telemetry(self, received_before: float, keep_rows: int) -> int:
+        """Delete telemetry received before ``received_before`` or beyond the newest
+        ``keep_rows`` of its node; returns how many rows went.
+
+        A node's last seq is kept in ``nodes``, so that its ``welcome`` never goes back.
+        """
+        deleted = 0
+        for (node_id,) in self._db.execute("SELECT node_id FROM nodes").fetchall():
+            with self._transaction():
+                row = self._db.execute(
+                    "SELECT seq FROM messages WHERE node_id = ? AND type = 'telemetry'"
+                    " ORDER BY seq DESC LIMIT 1 OFFSET ?",
+                    (node_id, keep_rows),
+                ).fetchone()
+                where = (
+                    " FROM messages WHERE node_id = ? AND type = 'telemetry'"
+                    " AND (received < ? OR seq <= ?)"
+                )
+                args = (node_id, received_before, 0 if row is None else row[0])
+                count, size = self._db.execute(
+                    "SELECT COUNT(*), COALESCE(SUM(length(CAST(body AS BLOB))), 0)" + where, args
+                ).fetchone()
+                if count:
+                    self._db.execute("DELETE" + where, args)
+                    self._db.execute(
+                        "UPDATE nodes SET stored_bytes = stored_bytes - ? WHERE node_id = ?",
+                        (size, node_id),
+                    )
+                deleted += int(count)
+        return deleted
+
+    def stored_bytes(self, node_id: str) -> int:
+        """The bytes of message bodies stored for a node (what its quota counts)."""
+        row = self._db.execute(
+            "SELECT stored_bytes FROM nodes WHERE node_id = ?", (node_id,)
+        ).fetchone()
+        return 0 if row is None else int(row[0])
 
     def last_agent_seq(self, node_id: str) -> int:
-        """The highest seq stored from a node (0 when none)."""
+        """The highest seq stored from a node (0 when none), kept when retention deletes it."""
         row = self._db.execute(
-            "SELECT COALESCE(MAX(seq), 0) FROM messages WHERE node_id = ?", (node_id,)
+            "SELECT agent_seq FROM nodes WHERE node_id = ?", (node_id,)
         ).fetchone()
-        return int(row[0])
+        return 0 if row is None else int(row[0])
 
     def messages(
         self, node_id: str, kind: str, *, since_seq: int = 0, limit: int = 1000

@@ -569,6 +569,9 @@ async def test_newer_connection_of_a_node_takes_over(coordinator: Coordinator) -
     async with session(coordinator, node) as old:
         assert await old.telemetry(1) == ack(1)
         async with session(coordinator, node) as new:
+            told = await old.recv()
+            assert isinstance(told, Error)
+            assert told.body.code == "superseded"
             await old.expect_closed(1000)
             assert new.welcome.body.last_agent_seq == 1
             assert await new.telemetry(2) == ack(2)

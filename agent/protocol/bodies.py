@@ -95,10 +95,13 @@ class ChallengeBody(WireStruct):
     signature: Signature
 
 
-class AuthBody(WireStruct):
-    """Agent, third: proof that it holds the key named in ``hello``."""
+class AuthBody(WireStruct, omit_defaults=True):
+    """Agent, third: proof that it holds the key named in ``hello``; and, to enrol with a
+    coordinator that asks for one, its enrolment token (sent only now, once the coordinator
+    has proved it holds the pinned key; omitted when None)."""
 
     signature: Signature
+    enrolment_token: Annotated[str, Meta(min_length=1, max_length=256)] | None = None
 
 
 class WelcomeBody(WireStruct):

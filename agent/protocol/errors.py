@@ -5,21 +5,32 @@ how the receiving side reacts::
 
     ProtocolError                 base; never raised itself
     +-- DecodeError               a frame that is not a valid message: answer error, go on
-    |     codes: bad_json, bad_message, unknown_type, bad_version, frame_too_large
+    |     codes: bad_json, bad_message, unknown_type, bad_version, frame_too_large,
+    |            binary_frame (the protocol is text frames only)
     +-- AuthError                 identity or signature does not hold: answer error, close
     |     codes: bad_signature, unknown_key, untrusted_key, replayed_nonce, stale_nonce,
     |            node_mismatch, bad_statement, handshake_required, handshake_refused,
-    |            bad_offer, offer_expired (a job offer: refused with a job_status)
+    |            bad_offer, offer_expired (a job offer: refused with a job_status),
+    |            not_admitted, enrolment_required (the coordinator's admission)
     +-- SequenceError             the reliable stream is broken: answer error, close
     |     codes: seq_backwards, seq_gap, ack_ahead, ack_behind
     +-- LimitExceeded             within the protocol but over a limit: answer error, go on
-          codes: batch_too_large, log_chunk_too_large, rate_limited,
-                 frame_too_large (when encoding: the peer would refuse it)
+    |     codes: batch_too_large, log_chunk_too_large, rate_limited, quota_exceeded,
+    |            frame_too_large (when encoding: the peer would refuse it)
+    +-- SessionEnded              nobody's fault, the session is over: answer error, close
+          codes: superseded (a newer connection of the same node took over)
 """
 
 from __future__ import annotations
 
-__all__ = ["AuthError", "DecodeError", "LimitExceeded", "ProtocolError", "SequenceError"]
+__all__ = [
+    "AuthError",
+    "DecodeError",
+    "LimitExceeded",
+    "ProtocolError",
+    "SequenceError",
+    "SessionEnded",
+]
 
 
 class ProtocolError(Exception):
@@ -52,3 +63,9 @@ class SequenceError(ProtocolError):
 
 class LimitExceeded(ProtocolError):
     """A valid message over one of the protocol's limits."""
+
+
+class SessionEnded(ProtocolError):
+    """The session is over though the peer did nothing wrong (another one took its place)."""
+
+    closes = True

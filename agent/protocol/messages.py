@@ -91,6 +91,7 @@ __all__ = [
     "encode_frame",
     "error_message",
     "message_type",
+    "require_text",
     "wrap",
 ]
 
@@ -402,3 +403,14 @@ def _diagnose(data: str | bytes, exc: msgspec.ValidationError) -> ProtocolError:
             return LimitExceeded("log_chunk_too_large", f"limit {MAX_LOG_CHUNK_BYTES} bytes")
     # msgspec's message ends with the JSON path of the field, e.g. "- at `$.body.seq`".
     return DecodeError("bad_message", str(exc))
+
+
+def require_text(data: str | bytes) -> str:
+    """The text of a websocket frame; DecodeError ``binary_frame`` for a binary one.
+
+    Frames are text (RFC 6455 section 5.6, opcode 0x1); a binary frame (0x2) is refused
+    even when its bytes would decode, so that both sides speak exactly one framing.
+    """
+    if not isinstance(data, str):
+        raise DecodeError("binary_frame", f"a binary frame of {len(data)} bytes; frames are text")
+    return data

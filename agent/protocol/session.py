@@ -160,8 +160,10 @@ class AgentHandshake(_Handshake):
         now: float,
         nonce_ttl_s: float = DEFAULT_NONCE_TTL_S,
         protocol_versions: Iterable[int] = (PROTOCOL_VERSION,),
+        enrolment_token: str | None = None,
     ) -> None:
         super().__init__(HandshakeState.HELLO_SENT)
+        self._enrolment_token = enrolment_token
         self._sign = sign
         self._verify = verify
         self._pinned = dict(pinned_keys)
@@ -209,7 +211,7 @@ class AgentHandshake(_Handshake):
         signed = auth_signed_bytes(
             hello.agent_nonce, challenge.coordinator_nonce, hello.node_id, challenge.key_id
         )
-        body = AuthBody(signature=_b64(self._sign(signed)))
+        body = AuthBody(signature=_b64(self._sign(signed)), enrolment_token=self._enrolment_token)
         self._outgoing.append(Auth(v=PROTOCOL_VERSION, body=body))
         self.state = HandshakeState.AUTH_SENT
 
@@ -239,6 +241,8 @@ class CoordinatorHandshake(_Handshake):
         self._nonces = nonces
         self._new_nonce = new_nonce
         self.hello: HelloBody | None = None
+        self.enrolment_token: str | None = None
+        """The token the agent presented in ``auth`` (None: none)."""
         self.public_key = b""
         self._coordinator_nonce = ""
         self._challenged_at = 0.0
@@ -313,6 +317,7 @@ class CoordinatorHandshake(_Handshake):
         )
         if not self._verify(self.public_key, signed, _unb64(auth.signature)):
             raise AuthError("bad_signature", "auth does not verify with the key in hello")
+        self.enrolment_token = auth.enrolment_token
         self.state = HandshakeState.AUTHENTICATED
 
 

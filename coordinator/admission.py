@@ -1,0 +1,129 @@
+"""Who may connect, and how much each node may send and store: the coordinator's settings.
+
+Pure pieces, driven by :mod:`coordinator.connection` with the clock it is handed:
+
+- :func:`admit`: the admission mode (``open``, an allow-list of node ids or keys, or an
+  enrolment token that a node presents in ``auth`` the first time it connects);
+- :class:`TokenBucket`: a rate with a burst, for handshakes from new keys (one bucket per
+  coordinator) and for frames per node (one per session);
+- :class:`Strikes`: when refusals in a row become abuse, and the session is closed.
+
+docs/protocol.md, "Admission and quotas", is the reference.
+"""
+
+from __future__ import annotations
+
+import hmac
+from dataclasses import dataclass, field
+from typing import Literal
+
+from agent.protocol.errors import AuthError
+
+__all__ = ["AdmissionMode", "Settings", "Strikes", "TokenBucket", "admit"]
+
+AdmissionMode = Literal["open", "allow_list", "token"]
+
+_MIB = 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Settings:
+    """Timing the coordinator asks of agents, its nonces, admission, limits and retention.
+
+    Attributes:
+        admission: ``open`` (any key), ``allow_list`` (only :attr:`allowed`), ``token``
+            (a node never seen must present one of :attr:`enrolment_tokens`).
+        allowed: node ids or base64 public keys admitted in ``allow_list`` mode.
+        enrolment_tokens: the tokens that enrol a new node in ``token`` mode.
+        new_keys_per_s, new_keys_burst: handshakes from keys the store does not know.
+        frames_per_s, frames_burst: frames per node once its session is open.
+        node_quota_bytes: bytes of messages kept per node (its oldest telemetry goes first).
+        abuse_strikes: ``rate_limited`` / ``quota_exceeded`` refusals in a row that close
+            the session.
+        telemetry_keep_s, telemetry_keep_rows: telemetry older, or beyond that many rows
+            per node, is deleted every :attr:`retention_interval_s` (0: never).
+    """
+
+    heartbeat_s: float = 15.0
+    telemetry_interval_s: float = 1.0
+    handshake_timeout_s: float = 30.0
+    attest_nonce_ttl_s: float = 3600.0
+    admission: AdmissionMode = "open"
+    allowed: frozenset[str] = field(default_factory=frozenset)
+    enrolment_tokens: frozenset[str] = field(default_factory=frozenset)
+    new_keys_per_s: float = 5.0
+    new_keys_burst: int = 20
+    frames_per_s: float = 200.0
+    frames_burst: int = 1000
+    node_quota_bytes: int = 256 * _MIB
+    abuse_strikes: int = 30
+    telemetry_keep_s: float = 7 * 86400.0
+    telemetry_keep_rows: int = 100_000
+    retention_interval_s: float = 600.0
+
+
+def admit(
+    settings: Settings, *, node_id: str, public_key: str, known: bool, token: str | None
+) -> None:
+    """Whether the admission mode lets this authenticated node in.
+
+    Raises:
+        AuthError: ``not_admitted`` (not on the allow-list), ``enrolment_required`` (a new
+            node without a valid enrolment token).
+    """
+    if settings.admission == "allow_list":
+        if node_id not in settings.allowed and public_key not in settings.allowed:
+            raise AuthError("not_admitted", f"{node_id} is not on this coordinator's list")
+    elif settings.admission == "token" and not known:
+        given = (token or "").encode()
+        # compare_digest: the time taken says nothing about how much of a token matched.
+        if not any(hmac.compare_digest(given, t.encode()) for t in settings.enrolment_tokens):
+            raise AuthError("enrolment_required", "a new node needs a valid enrolment token")
+
+
+class TokenBucket:
+    """``rate`` events per second on average, ``burst`` at once."""
+
+    def __init__(self, rate: float, burst: int, now: float) -> None:
+        self.rate = rate
+        self.burst = float(burst)
+        self._tokens = float(burst)
+        self._at = now
+
+    def take(self, now: float) -> float:
+        """Take one token; returns 0.0, or how many seconds to wait until one is there
+        (the token is then taken already: wait, and go on)."""
+        self._tokens = min(self.burst, self._tokens + (now - self._at) * self.rate)
+        self._at = now
+        self._tokens -= 1.0
+        if self._tokens >= 0.0:
+            return 0.0
+        return -self._tokens / self.rate
+
+    def try_take(self, now: float) -> bool:
+        """Take one token if there is one; False (and nothing taken) if not."""
+        if self.take(now) == 0.0:
+            return True
+        self._tokens += 1.0
+        return False
+
+    def full(self, now: float) -> bool:
+        """Whether the bucket has refilled to its burst."""
+        return self._tokens + (now - self._at) * self.rate >= self.burst
+
+
+class Strikes:
+    """Refusals in a row; a node under its limits again starts from zero."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.count = 0
+
+    def strike(self) -> bool:
+        """Count one refusal; whether that makes it abuse (close the session)."""
+        self.count += 1
+        return self.count >= self.limit
+
+    def clear(self) -> None:
+        """The node is within its limits again."""
+        self.count = 0

@@ -1,0 +1,137 @@
+"""The coordinator's side of the handshake, up to an authenticated node; and admission.
+
+Drives :class:`agent.protocol.session.CoordinatorHandshake` over a websocket. Two checks of
+:mod:`coordinator.admission` come at ``hello``, before any signing is spent on the peer:
+the allow-list, and the rate of handshakes from keys the store does not know. The
+enrolment token comes in ``auth``, and is checked once the node has proved its key
+(:func:`check_admission`, called by the connection when it takes the node over).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from websockets.asyncio.server import ServerConnection
+
+from agent.protocol import crypto
+from agent.protocol.errors import AuthError, LimitExceeded, ProtocolError
+from agent.protocol.limits import NONCE_BYTES
+from agent.protocol.messages import (
+    AGENT_SENDS,
+    Hello,
+    Message,
+    decode_frame,
+    encode_frame,
+    error_message,
+    require_text,
+)
+from agent.protocol.session import CoordinatorHandshake, HandshakeState, NonceBook
+from coordinator.admission import Settings, TokenBucket, admit
+from coordinator.keys import CoordinatorKey
+from coordinator.store import Store
+
+__all__ = ["CLOSE_POLICY", "Gate", "authenticate", "check_admission", "new_nonce", "send"]
+
+#: RFC 6455 section 7.4.1: 1008 "policy violation", the close code after a closing error.
+CLOSE_POLICY = 1008
+
+
+@dataclass(slots=True, kw_only=True)
+class Gate:
+    """What every handshake of one coordinator shares."""
+
+    key: CoordinatorKey
+    store: Store
+    nonces: NonceBook
+    settings: Settings
+    clock: Callable[[], float]
+    """Wall time: nonces, what is stored."""
+    monotonic: Callable[[], float]
+    """Rates."""
+    new_keys: TokenBucket
+    """Handshakes from keys the store does not know."""
+
+
+def new_nonce() -> str:
+    """A fresh nonce, base64."""
+    return crypto.b64encode(secrets.token_bytes(NONCE_BYTES))
+
+
+async def send(ws: ServerConnection, messages: list[Message]) -> None:
+    """Send each message, in order."""
+    for message in messages:
+        await ws.send(encode_frame(message))
+
+
+async def authenticate(ws: ServerConnection, gate: Gate) -> CoordinatorHandshake | None:
+    """Run the handshake until the node has proved its key; None after refusing it.
+
+    The machine returned is ``AUTHENTICATED``: the caller accepts (``welcome``) or refuses.
+    """
+    key = gate.key
+    hs = CoordinatorHandshake(
+        key_id=key.key_id,
+        sign=key.sign,
+        verify=crypto.verify,
+        node_id_of=crypto.node_id,
+        nonces=gate.nonces,
+        new_nonce=new_nonce,
+    )
+    while hs.state is not HandshakeState.AUTHENTICATED:
+        try:
+            async with asyncio.timeout(gate.settings.handshake_timeout_s):
+                raw = await ws.recv()
+        except TimeoutError:
+            await ws.close(CLOSE_POLICY, "handshake timed out")
+            return None
+        try:
+            message = decode_frame(require_text(raw), accept=AGENT_SENDS)
+            if isinstance(message, Hello):
+                _at_hello(gate, message)
+        except ProtocolError as exc:
+            # During the handshake every error closes (docs/protocol.md, "Handshake").
+            await send(ws, [error_message(exc)])
+            await ws.close(CLOSE_POLICY)
+            return None
+        try:
+            hs.receive(message, gate.clock())
+        except ProtocolError:
+            # The machine queued the error (none when the agent itself sent one).
+            await send(ws, hs.messages_to_send())
+            await ws.close(CLOSE_POLICY)
+            return None
+        await send(ws, hs.messages_to_send())
+    return hs
+
+
+def _at_hello(gate: Gate, hello: Hello) -> None:
+    """The checks that need no proof of the key: cheap refusals before any signing."""
+    settings, body = gate.settings, hello.body
+    if settings.admission == "allow_list":
+        admit(settings, node_id=body.node_id, public_key=body.public_key, known=True, token=None)
+    if gate.store.public_key(body.node_id) is None and not gate.new_keys.try_take(gate.monotonic()):
+        raise LimitExceeded("rate_limited", "too many handshakes from new keys; retry later")
+
+
+def check_admission(gate: Gate, hs: CoordinatorHandshake) -> None:
+    """Whether the authenticated node may open a session.
+
+    Raises:
+        AuthError: ``unknown_key`` (its id is registered with another key), or the
+            admission codes of :func:`coordinator.admission.admit`.
+    """
+    hello = hs.hello
+    assert hello is not None
+    known = gate.store.public_key(hello.node_id)
+    if known is not None and known != hello.public_key:
+        raise AuthError("unknown_key", f"{hello.node_id} is registered with another key")
+    admit(
+        gate.settings,
+        node_id=hello.node_id,
+        public_key=hello.public_key,
+        known=known is not None,
+        token=hs.enrolment_token,
+    )
