@@ -160,6 +160,10 @@ class JobManager:
             units = self._reserve(job_id, spec)
         except _Refusal as refusal:
             _log.info("refused job %s: %s %s", job_id, refusal.code, refusal.detail)
+            if not refusal.verified:
+                # The id is only what the unsigned part of the frame says: recording it
+                # would let a forged offer use up the id of the genuine one to come.
+                return self._status_reply(job_id, "refused", refusal.code, refusal.detail)
             write = self.ledger.insert(
                 job_id, "refused", b"", self.clock(), code=refusal.code, detail=refusal.detail
             )
@@ -257,7 +261,7 @@ class JobManager:
                 now=self.clock(),
             )
         except AuthError as exc:
-            raise _Refusal(exc.code, exc.detail) from None
+            raise _Refusal(exc.code, exc.detail, verified=False) from None
         if self.unavailable is not None:
             raise _Refusal(*self.unavailable)
         try:
@@ -424,10 +428,12 @@ class JobManager:
 
 
 class _Refusal(Exception):
-    def __init__(self, code: str, detail: str) -> None:
+    def __init__(self, code: str, detail: str, *, verified: bool = True) -> None:
         super().__init__(code)
         self.code = code
         self.detail = detail[:MAX_ERROR_DETAIL_CHARS]
+        self.verified = verified
+        """Whether the offer verified: only then is its job id its own, and recorded."""
 
 
 def _status(job_id: str, state: str, code: str, detail: str) -> bytes:

@@ -37,11 +37,12 @@ from agent.protocol.messages import (
     decode_frame,
     encode_frame,
     error_message,
+    require_text,
 )
 from agent.protocol.reliable import ReliableReceiver
 from agent.protocol.session import AgentHandshake
 
-__all__ = ["Handler", "Link", "LinkConfig", "Reply", "backoff_delays"]
+__all__ = ["Handler", "Link", "LinkConfig", "Reply", "Session", "retry"]
 
 _log = logging.getLogger(__name__)
 _SEND_BATCH = 64
@@ -76,7 +77,11 @@ class LinkConfig(msgspec.Struct, frozen=True, kw_only=True):
         ca_file: a CA bundle to verify a ``wss://`` server certificate against (default:
             the system's).
         backoff_initial_s: the first reconnect delay; it doubles up to ``backoff_max_s``.
+        healthy_after_s: a session that lived this long after ``welcome`` counts as one that
+            worked, even without progress: the next delay is the first one again.
         ping_interval_s: keepalive pings; a coordinator that stops answering is dropped.
+        enrolment_token: presented in ``auth`` to a coordinator that enrols new nodes by
+            token (docs/protocol.md, "Admission and quotas"); None: none.
     """
 
     url: str
@@ -84,18 +89,40 @@ class LinkConfig(msgspec.Struct, frozen=True, kw_only=True):
     ca_file: Path | None = None
     backoff_initial_s: float = 0.5
     backoff_max_s: float = 30.0
+    healthy_after_s: float = 10.0
     ping_interval_s: float = 20.0
+    enrolment_token: str | None = None
 
 
-def backoff_delays(initial: float, maximum: float) -> Callable[[int], float]:
-    """Reconnect delay for the n-th failure in a row: exponential, capped, full jitter."""
+class Session(NamedTuple):
+    """How one connection went, as far as the retry policy cares."""
 
-    def delay(failures: int) -> float:
-        ceiling = min(maximum, initial * 2 ** min(failures, 30))
-        # Full jitter (AWS architecture blog): agents cut off together do not return together.
-        return random.uniform(ceiling / 2, ceiling)
+    welcomed: bool
+    """It reached ``welcome``."""
+    lived_s: float
+    """Seconds from ``welcome`` to its end (0 when never welcomed)."""
+    progressed: bool
+    """The coordinator acknowledged something of ours, or we handled one of its messages."""
 
-    return delay
+
+def retry(
+    failures: int,
+    session: Session,
+    config: LinkConfig,
+    jitter: Callable[[float, float], float] = random.uniform,
+) -> tuple[int, float]:
+    """The retry policy: failures in a row after ``session``, and the delay before the next.
+
+    A session that was welcomed and then lived ``healthy_after_s`` or made progress worked,
+    however it ended (a coordinator killed -9 ends it with an error): the count starts
+    again, and the next delay is the first one. Anything else is one more failure: the
+    delay doubles from ``backoff_initial_s`` up to ``backoff_max_s``.
+    """
+    worked = session.welcomed and (session.progressed or session.lived_s >= config.healthy_after_s)
+    failures = 0 if worked else failures + 1
+    ceiling = min(config.backoff_max_s, config.backoff_initial_s * 2 ** min(failures, 30))
+    # Full jitter (AWS architecture blog): agents cut off together do not return together.
+    return failures, jitter(ceiling / 2, ceiling)
 
 
 class Link:
@@ -117,12 +144,16 @@ class Link:
         self.connected = asyncio.Event()
         self.wakeup = asyncio.Event()
         """Set it after appending to the outbox: the sender looks at once, not at its next tick."""
-        self._delay = backoff_delays(config.backoff_initial_s, config.backoff_max_s)
+        self.next_delay_s = 0.0
+        """The delay chosen before the next connection attempt (status and tests)."""
+        self._welcomed_at: float | None = None
+        self._progressed = False
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Stay connected until ``stop`` is set, reconnecting with backoff."""
+        """Stay connected until ``stop`` is set, reconnecting with backoff (:func:`retry`)."""
         failures = 0
         while not stop.is_set():
+            self._welcomed_at, self._progressed = None, False
             try:
                 async with connect(
                     self.config.url,
@@ -131,24 +162,26 @@ class Link:
                     open_timeout=_HANDSHAKE_TIMEOUT_S,
                     ssl=self._ssl(),
                 ) as websocket:
-                    failures = 0 if await self._session(websocket, stop) else failures + 1
+                    await self._session(websocket, stop)
             except (OSError, InvalidHandshake, InvalidURI, ConnectionClosed, TimeoutError) as exc:
                 _log.info("coordinator unreachable: %r", exc)
-                failures += 1
             except ProtocolError as exc:
                 _log.error("coordinator refused or failed the protocol: %s", exc)
-                failures += 1
             except Exception:
                 # A bug or a full disk must cost a reconnect, not the link for good: the
                 # daemon would go on sampling into an outbox nobody delivers.
                 _log.exception("link failed; reconnecting")
-                failures += 1
             finally:
                 self.connected.clear()
             if stop.is_set():
                 break
+            welcomed = self._welcomed_at is not None
+            lived = time.monotonic() - self._welcomed_at if self._welcomed_at is not None else 0.0
+            failures, self.next_delay_s = retry(
+                failures, Session(welcomed, lived, self._progressed), self.config
+            )
             try:
-                await asyncio.wait_for(stop.wait(), self._delay(failures))
+                await asyncio.wait_for(stop.wait(), self.next_delay_s)
             except TimeoutError:
                 continue
 
@@ -161,7 +194,7 @@ class Link:
             cafile=str(self.config.ca_file) if self.config.ca_file else None
         )
 
-    async def _session(self, websocket: ClientConnection, stop: asyncio.Event) -> bool:
+    async def _session(self, websocket: ClientConnection, stop: asyncio.Event) -> None:
         """One connection: handshake, then send and receive until it drops or ``stop``."""
         receiver = ReliableReceiver(self.outbox.last_coordinator_seq())
         welcome = await self._handshake(websocket, receiver.last_seq)
@@ -178,6 +211,7 @@ class Link:
             raise error
         if welcome > self.outbox.last_acked():
             self.outbox.ack(welcome)
+        self._welcomed_at = time.monotonic()
         receiver.resume()
         self.connected.set()
         _log.info("connected to %s; coordinator has stored up to seq %d", self.config.url, welcome)
@@ -197,7 +231,6 @@ class Link:
         for task in done:
             if not task.cancelled() and (exc := task.exception()) is not None:
                 raise exc
-        return True
 
     async def _handshake(self, websocket: ClientConnection, last_coordinator_seq: int) -> int:
         identity = self.identity
@@ -211,6 +244,7 @@ class Link:
             nonce=crypto.b64encode(secrets.token_bytes(32)),
             last_coordinator_seq=last_coordinator_seq,
             now=time.monotonic(),
+            enrolment_token=self.config.enrolment_token,
         )
         async with asyncio.timeout(_HANDSHAKE_TIMEOUT_S):
             while handshake.welcome is None:
@@ -218,7 +252,12 @@ class Link:
                     await websocket.send(encode_frame(message))
                 frame = await websocket.recv()
                 try:
-                    handshake.receive(decode_frame(frame), time.monotonic())
+                    message = decode_frame(require_text(frame))
+                except ProtocolError as exc:
+                    await websocket.send(encode_frame(error_message(exc)))
+                    raise  # during the handshake every error closes
+                try:
+                    handshake.receive(message, time.monotonic())
                 except ProtocolError:
                     # The state machine queued the coded error for the coordinator.
                     for message in handshake.messages_to_send():
@@ -253,7 +292,7 @@ class Link:
     ) -> None:
         async for frame in websocket:
             try:
-                message = decode_frame(frame, accept=COORDINATOR_SENDS)
+                message = decode_frame(require_text(frame), accept=COORDINATOR_SENDS)
             except ProtocolError as exc:
                 await websocket.send(encode_frame(error_message(exc)))
                 if exc.closes:
@@ -265,6 +304,7 @@ class Link:
                     await websocket.send(encode_frame(error_message(error)))
                     raise error
                 acks.note(message.body.seq)
+                self._progressed = self._progressed or message.body.seq > acks.first
             elif isinstance(message, Error):
                 _log.warning("coordinator error %s: %s", message.body.code, message.body.detail)
             elif _type(message) in RELIABLE_TYPES:
@@ -274,6 +314,7 @@ class Link:
                     await websocket.send(encode_frame(error_message(exc)))
                     raise
                 if new:
+                    self._progressed = True
                     reply = await self.handler(message)
                     self.outbox.append_many(
                         reply.messages,
@@ -301,7 +342,7 @@ class _AckBatcher:
 
     def __init__(self, outbox: Outbox) -> None:
         self.outbox = outbox
-        self.seq = outbox.last_acked()
+        self.seq = self.first = outbox.last_acked()
         self.noted = 0
         self.flushed_at = time.monotonic()
 
