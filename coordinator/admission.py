@@ -13,17 +13,32 @@ docs/protocol.md, "Admission and quotas", is the reference.
 
 from __future__ import annotations
 
+import argparse
 import hmac
-from dataclasses import dataclass, field
-from typing import Literal
+import math
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Literal, get_args
 
 from agent.protocol.errors import AuthError
+from coordinator.errors import ConfigError
 
-__all__ = ["AdmissionMode", "Settings", "Strikes", "TokenBucket", "admit"]
+__all__ = [
+    "AdmissionMode",
+    "Settings",
+    "Strikes",
+    "TokenBucket",
+    "add_options",
+    "admit",
+    "read_tokens",
+    "settings_from",
+]
 
 AdmissionMode = Literal["open", "allow_list", "token"]
 
 _MIB = 1024 * 1024
+#: Enrolment tokens: long enough not to be guessed, short enough for ``auth`` (256).
+_MIN_TOKEN, _MAX_TOKEN = 16, 256
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -60,6 +75,29 @@ class Settings:
     telemetry_keep_s: float = 7 * 86400.0
     telemetry_keep_rows: int = 100_000
     retention_interval_s: float = 600.0
+
+    def __post_init__(self) -> None:
+        # Every number is a rate, a size or a time: positive, but retention's interval
+        # may be 0 (never).
+        for each in fields(self):
+            value = getattr(self, each.name)
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                continue
+            zero_ok = each.name == "retention_interval_s"
+            if not math.isfinite(value) or not (value >= 0 if zero_ok else value > 0):
+                raise ConfigError("bad_setting", f"{each.name} must be positive: {value!r}")
+        if self.admission not in get_args(AdmissionMode):
+            raise ConfigError("bad_setting", f"admission {self.admission!r} is not a mode")
+        if self.admission == "allow_list" and not self.allowed:
+            raise ConfigError("bad_setting", "allow_list admission with nobody on the list")
+        if self.admission == "token" and not self.enrolment_tokens:
+            raise ConfigError("bad_setting", "token admission without any enrolment token")
+        for token in self.enrolment_tokens:
+            if not _MIN_TOKEN <= len(token) <= _MAX_TOKEN or not token.isprintable():
+                raise ConfigError(
+                    "bad_setting",
+                    f"an enrolment token is {_MIN_TOKEN} to {_MAX_TOKEN} printable characters",
+                )
 
 
 def admit(
@@ -127,3 +165,64 @@ class Strikes:
     def clear(self) -> None:
         """The node is within its limits again."""
         self.count = 0
+
+
+def read_tokens(path: Path) -> frozenset[str]:
+    """The enrolment tokens in a file, one a line (blank lines and ``#`` comments skipped).
+
+    A file, not the command line: arguments are visible to every local user.
+
+    Raises:
+        ConfigError: ``tokens_unreadable``.
+    """
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError("tokens_unreadable", f"{path}: {exc}") from None
+    lines = (line.strip() for line in text.splitlines())
+    return frozenset(line for line in lines if line and not line.startswith("#"))
+
+
+def add_options(parser: argparse.ArgumentParser) -> None:
+    """The ``serve`` options of admission, quotas and retention."""
+    parser.add_argument(
+        "--admission", choices=get_args(AdmissionMode), default="open", help="who may connect"
+    )
+    parser.add_argument(
+        "--allow", action="append", default=[], metavar="NODE_OR_KEY",
+        help="with --admission allow_list: a node id or base64 public key (repeatable)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--enrolment-tokens", type=Path, metavar="FILE",
+        help="with --admission token: a file of tokens, one a line",
+    )  # fmt: skip
+    parser.add_argument("--node-quota-mib", type=float, help="MiB of messages kept per node")
+    parser.add_argument("--telemetry-keep-days", type=float, help="days of telemetry kept")
+    parser.add_argument("--telemetry-keep-rows", type=int, help="telemetry rows kept per node")
+
+
+def settings_from(args: argparse.Namespace) -> Settings:
+    """The settings :func:`add_options` asked for, the defaults for the rest.
+
+    Raises:
+        ConfigError: ``bad_setting``, ``tokens_unreadable``.
+    """
+    default = Settings()
+    tokens = read_tokens(args.enrolment_tokens) if args.enrolment_tokens else frozenset()
+    quota_mib, keep_days = args.node_quota_mib, args.telemetry_keep_days
+    return Settings(
+        admission=args.admission,
+        allowed=frozenset(args.allow),
+        enrolment_tokens=tokens,
+        node_quota_bytes=(
+            default.node_quota_bytes if quota_mib is None else _whole(quota_mib * _MIB)
+        ),
+        telemetry_keep_s=default.telemetry_keep_s if keep_days is None else keep_days * 86400,
+        telemetry_keep_rows=args.telemetry_keep_rows or default.telemetry_keep_rows,
+    )
+
+
+def _whole(value: float) -> int:
+    if not math.isfinite(value):
+        raise ConfigError("bad_setting", f"not a finite size: {value!r}")
+    return int(value)

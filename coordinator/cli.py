@@ -18,7 +18,7 @@ from typing import Any, NoReturn
 
 import platformdirs
 
-from coordinator import cli_args, keys
+from coordinator import admission, cli_args, keys
 from coordinator.admin import check_url
 from coordinator.client import AdminClient, load_spec_file
 from coordinator.errors import AdminError, ConfigError, CoordinatorError, JobError, KeyFileError
@@ -88,6 +88,7 @@ def _parser() -> _Parser:
     run.add_argument(
         "--admin-port", type=_port, default=0, help="admin API port on 127.0.0.1 (0: any free)"
     )
+    admission.add_options(run)
     key = commands.add_parser("key", help="print the key id and public key for agents to pin")
     _state_dir_option(key, "signing key")
     key.add_argument(
@@ -120,7 +121,9 @@ def _ready(coordinator: Coordinator) -> None:
     print(f"admin API at {coordinator.admin_url} (token in {coordinator.admin_file})", flush=True)
 
 
-async def _serve(args: argparse.Namespace, ssl_context: ssl.SSLContext | None) -> None:
+async def _serve(
+    args: argparse.Namespace, ssl_context: ssl.SSLContext | None, settings: admission.Settings
+) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
@@ -135,6 +138,7 @@ async def _serve(args: argparse.Namespace, ssl_context: ssl.SSLContext | None) -
             on_ready=_ready,
             ssl_context=ssl_context,
             admin_port=args.admin_port,
+            settings=settings,
         )
     finally:
         for signum in (signal.SIGINT, signal.SIGTERM):
@@ -246,10 +250,11 @@ def _serve_command(args: argparse.Namespace) -> int:
         cli_args.check_addresses([(args.host, args.port), ("127.0.0.1", args.admin_port)])
         cli_args.check_db(args.db)
         cli_args.check_state_dir(args.state_dir)
+        settings = admission.settings_from(args)
     except ConfigError as exc:
         return _fail(exc, EXIT_USAGE)
     try:
-        asyncio.run(_serve(args, ssl_context))
+        asyncio.run(_serve(args, ssl_context, settings))
     except CoordinatorError as exc:
         return _fail(exc, EXIT_ERROR)
     except sqlite3.Error as exc:

@@ -62,6 +62,7 @@ from coordinator.handshake import (
     Gate,
     authenticate,
     check_admission,
+    close,
     new_nonce,
     send,
 )
@@ -103,7 +104,7 @@ async def handle(ws: ServerConnection, shared: Shared) -> None:
         session = _take_over(ws, shared, hs)
         if session is None:
             await send(ws, hs.messages_to_send())
-            await ws.close(CLOSE_POLICY)
+            await close(ws, CLOSE_POLICY)
             return
     except ConnectionClosed:
         return
@@ -269,10 +270,14 @@ class _Session:
         if not any(isinstance(m, AttestRequest) for m in self.sender.pending()):
             await self._attest_request()
         async for raw in self.ws:
+            if self.superseded:
+                # A newer session has read where the streams stand: drop what comes, and
+                # go on reading so that the closing handshake gets through.
+                continue
             if not await self._throttle():
                 return
-            if self.superseded:  # a newer session has read where the streams stand
-                return
+            if self.superseded:
+                continue
             ref_seq: int | None = None
             try:
                 message = decode_frame(require_text(raw), accept=AGENT_SENDS)
@@ -282,7 +287,7 @@ class _Session:
                 await self.ws.send(encode_frame(error_message(exc, ref_seq)))
                 abuse = exc.code == "quota_exceeded" and self._quota_strikes.strike()
                 if exc.closes or abuse:
-                    await self.ws.close(CLOSE_POLICY, exc.code)
+                    await close(self.ws, CLOSE_POLICY, exc.code)
                     return
 
     async def _throttle(self) -> bool:
@@ -297,7 +302,7 @@ class _Session:
         error = LimitExceeded("rate_limited", f"over {rate:g} frames/s: held {wait:.2f} s")
         await self.ws.send(encode_frame(error_message(error)))
         if self._rate_strikes.strike():
-            await self.ws.close(CLOSE_POLICY, "rate_limited")
+            await close(self.ws, CLOSE_POLICY, "rate_limited")
             return False
         await asyncio.sleep(wait)
         return True

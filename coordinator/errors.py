@@ -5,7 +5,8 @@ Grouped by how the operator reacts::
     CoordinatorError              base; never raised itself
     +-- ConfigError               a command-line argument is unusable: fix it (exit status 2)
     |     codes: bad_address, address_in_use, bad_db, bad_state_dir, tls_unreadable,
-    |            tls_invalid
+    |            tls_invalid, bad_setting (admission, limits, retention: Settings),
+    |            tokens_unreadable
     +-- KeyFileError              the signing key on disk is unsafe or unusable: fix it
     |     codes: key_missing, key_permissions, key_unreadable, key_unwritable, key_corrupt
     +-- JobError                  a submission or cancel refused: fix the request

@@ -10,11 +10,13 @@ enrolment token comes in ``auth``, and is checked once the node has proved its k
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from websockets.asyncio.server import ServerConnection
+from websockets.exceptions import ConnectionClosed
 
 from agent.protocol import crypto
 from agent.protocol.errors import AuthError, LimitExceeded, ProtocolError
@@ -33,7 +35,15 @@ from coordinator.admission import Settings, TokenBucket, admit
 from coordinator.keys import CoordinatorKey
 from coordinator.store import Store
 
-__all__ = ["CLOSE_POLICY", "Gate", "authenticate", "check_admission", "new_nonce", "send"]
+__all__ = [
+    "CLOSE_POLICY",
+    "Gate",
+    "authenticate",
+    "check_admission",
+    "close",
+    "new_nonce",
+    "send",
+]
 
 #: RFC 6455 section 7.4.1: 1008 "policy violation", the close code after a closing error.
 CLOSE_POLICY = 1008
@@ -58,6 +68,19 @@ class Gate:
 def new_nonce() -> str:
     """A fresh nonce, base64."""
     return crypto.b64encode(secrets.token_bytes(NONCE_BYTES))
+
+
+async def close(ws: ServerConnection, code: int, reason: str = "") -> None:
+    """Close, reading and dropping what the peer sent meanwhile.
+
+    Reading pauses while the incoming queue is full (``max_queue``), so a peer that sent
+    ahead would have its close frame wait behind its data until the close timeout.
+    """
+    closing = asyncio.create_task(ws.close(code, reason))
+    with contextlib.suppress(ConnectionClosed):
+        async for _ in ws:
+            pass
+    await closing
 
 
 async def send(ws: ServerConnection, messages: list[Message]) -> None:
@@ -85,7 +108,7 @@ async def authenticate(ws: ServerConnection, gate: Gate) -> CoordinatorHandshake
             async with asyncio.timeout(gate.settings.handshake_timeout_s):
                 raw = await ws.recv()
         except TimeoutError:
-            await ws.close(CLOSE_POLICY, "handshake timed out")
+            await close(ws, CLOSE_POLICY, "handshake timed out")
             return None
         try:
             message = decode_frame(require_text(raw), accept=AGENT_SENDS)
@@ -94,14 +117,14 @@ async def authenticate(ws: ServerConnection, gate: Gate) -> CoordinatorHandshake
         except ProtocolError as exc:
             # During the handshake every error closes (docs/protocol.md, "Handshake").
             await send(ws, [error_message(exc)])
-            await ws.close(CLOSE_POLICY)
+            await close(ws, CLOSE_POLICY)
             return None
         try:
             hs.receive(message, gate.clock())
         except ProtocolError:
             # The machine queued the error (none when the agent itself sent one).
             await send(ws, hs.messages_to_send())
-            await ws.close(CLOSE_POLICY)
+            await close(ws, CLOSE_POLICY)
             return None
         await send(ws, hs.messages_to_send())
     return hs

@@ -14,6 +14,7 @@ writes for a caller in the coordinator's own process.
 from __future__ import annotations
 
 import asyncio
+import logging
 import ssl
 import time
 from collections.abc import Callable
@@ -40,6 +41,8 @@ from coordinator.store import Store
 __all__ = ["AGENT_PATH", "Coordinator", "Settings", "serve"]
 
 AGENT_PATH = "/agent"
+
+_log = logging.getLogger(__name__)
 
 
 class Coordinator:
@@ -69,6 +72,9 @@ class Coordinator:
         self._clock = clock
         self._server: Server | None = None
         self._shared: Shared | None = None
+        self._retention: asyncio.Task[None] | None = None
+        self.retained = asyncio.Event()
+        """Set after each retention pass (cleared by whoever waits for the next one)."""
         self._admin = AdminListener(self._admin_request, port=admin_port)
         self.admin_token = new_token()
         """The bearer token of the admin API's writes (also in :attr:`admin_file`)."""
@@ -141,6 +147,8 @@ class Coordinator:
                 ssl=self.ssl_context,
             )
             await self._admin.start()
+            if settings.retention_interval_s > 0:
+                self._retention = asyncio.create_task(self._retain())
             admin = AdminFile(url=self._admin.url, token=self.admin_token)
             self.admin_file = write_admin_file(self.state_dir, admin)
         except BaseException:
@@ -149,6 +157,10 @@ class Coordinator:
 
     async def stop(self) -> None:
         """Close every connection (1001, going away), stop listening, close the store."""
+        if self._retention is not None:
+            self._retention.cancel()
+            await asyncio.gather(self._retention, return_exceptions=True)
+            self._retention = None
         await self._admin.stop()
         if self._server is not None:
             self._server.close()
@@ -232,6 +244,21 @@ class Coordinator:
         tb: TracebackType | None,
     ) -> None:
         await self.stop()
+
+    def prune(self) -> int:
+        """Delete the telemetry past its retention now; returns how many rows went."""
+        settings = self.settings
+        before = self._clock() - settings.telemetry_keep_s
+        return self._started().store.prune_telemetry(before, settings.telemetry_keep_rows)
+
+    async def _retain(self) -> None:
+        """Prune at start, then every retention interval, until stopped."""
+        while True:
+            deleted = self.prune()
+            if deleted:
+                _log.info("retention: %d telemetry row(s) deleted", deleted)
+            self.retained.set()
+            await asyncio.sleep(self.settings.retention_interval_s)
 
     def _started(self) -> Shared:
         if self._shared is None:

@@ -284,7 +284,7 @@ class Store(JobTables):
                 quota_bytes
                 and over > 0
                 and kind != "job_status"
-                and self._evict_telemetry(node_id, over + quota_bytes // 8) < over
+                and self._evict_telemetry(node_id, over + quota_bytes // 8, over) < over
             ):
                 added = "shed"
                 data = msgspec.json.encode(
@@ -330,9 +330,17 @@ class Store(JobTables):
                 self._apply_job_event(node_id, seq, job, now)
         return added
 
-    def _evict_telemetry(self, node_id: str, need: int) -> int:
-        """Delete a node's oldest telemetry, at least ``need`` bytes if it has that many;
-        returns the bytes freed (already taken off its count)."""
+    def _evict_telemetry(self, node_id: str, need: int, least: int) -> int:
+        """Delete a node's oldest telemetry, ``need`` bytes or all it has; nothing when it
+        has less than ``least`` (deleting would not make room). Returns the bytes freed
+        (already taken off its count)."""
+        (held,) = self._db.execute(
+            "SELECT COALESCE(SUM(length(CAST(body AS BLOB))), 0) FROM messages"
+            " WHERE node_id = ? AND type = 'telemetry'",
+            (node_id,),
+        ).fetchone()
+        if held < least:
+            return 0
         freed, upto = 0, 0
         while freed < need:
             rows = self._db.execute(
