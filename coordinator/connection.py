@@ -14,6 +14,10 @@ one :class:`ReliableSender` per node: the live session's while the node is conne
 (:attr:`Shared.sessions`), else rebuilt from the store, which keeps every message until the
 node acknowledges it. :func:`deliver` numbers a message, commits it, and sends it at once
 if the node is connected; otherwise it goes out after the node's next handshake.
+
+A node has one session: a newer one supersedes the older at once (:func:`_take_over`),
+which closes with ``superseded`` before the newer is welcomed. Each session holds the
+node to its frame rate and its storage quota (:mod:`coordinator.admission`).
 """
 
 from __future__ import annotations
@@ -38,9 +42,7 @@ from agent.protocol.messages import (
     AttestRequest,
     AttestRequestBody,
     Error,
-    JobCancelBody,
     JobLog,
-    JobOfferBody,
     JobResult,
     JobStatus,
     Message,
@@ -67,7 +69,7 @@ from coordinator.handshake import (
     send,
 )
 from coordinator.jobs_store import JobEvent, VerifiedResult
-from coordinator.store import Store, Unverified
+from coordinator.store import Unverified
 
 __all__ = ["CLOSE_POLICY", "CLOSE_SUPERSEDED", "Settings", "Shared", "deliver", "handle"]
 
@@ -79,12 +81,6 @@ CLOSE_SUPERSEDED = 1000
 _RELIABLE_IN = (Profile, Telemetry, NodeStatus, JobStatus, JobLog, JobResult)
 #: Nonce refusals that leave a node-signed profile stored as unverified, not refused.
 _UNVERIFIED_NONCE = frozenset({"stale_nonce", "replayed_nonce"})
-#: The body type of each kind of message the coordinator's stream keeps in the store.
-_OUTBOUND_BODIES: dict[str, type[ReliableBody]] = {
-    "attest_request": AttestRequestBody,
-    "job_offer": JobOfferBody,
-    "job_cancel": JobCancelBody,
-}
 
 
 @dataclass(slots=True, kw_only=True)
@@ -132,7 +128,7 @@ async def deliver(
     session = shared.sessions.get(node_id)
     if session is not None:
         return await session.push(body, commit)
-    seq = _sender(shared.store, node_id).next_seq
+    seq = shared.store.sender(node_id).next_seq
     commit(seq)
     return seq
 
@@ -151,7 +147,7 @@ def _take_over(ws: ServerConnection, shared: Shared, hs: CoordinatorHandshake) -
     try:
         check_admission(shared, hs)
         store.node_seen(node_id, hello.public_key, now)
-        sender = _outbound_resume(store, node_id, hello.last_coordinator_seq)
+        sender = store.resume_sender(node_id, hello.last_coordinator_seq)
     except ProtocolError as exc:
         hs.refuse(exc)
         return None
@@ -162,30 +158,6 @@ def _take_over(ws: ServerConnection, shared: Shared, hs: CoordinatorHandshake) -
     session = _Session(ws, shared, node_id, sender, replaces=old)
     shared.sessions[node_id] = session
     return session
-
-
-def _outbound_resume(store: Store, node_id: str, agent_has: int) -> ReliableSender:
-    """The sender to a node, its pending messages those after the agent's last stored seq.
-
-    Raises:
-        SequenceError: ``ack_ahead`` / ``ack_behind`` (:meth:`ReliableSender.resend_from`).
-    """
-    sender = _sender(store, node_id)
-    sender.resend_from(agent_has)
-    if agent_has > store.outbound(node_id).acked:
-        store.ack_outbound(node_id, agent_has)
-    return sender
-
-
-def _sender(store: Store, node_id: str) -> ReliableSender:
-    """The coordinator's sender to a node, rebuilt from what the store keeps."""
-    outbound = store.outbound(node_id)
-    sender = ReliableSender(next_seq=outbound.acked + 1)
-    for seq, kind, body in outbound.pending:
-        # The rows are contiguous after the acked seq: each was numbered by a sender.
-        message = sender.send(msgspec.convert(body, _OUTBOUND_BODIES[kind]))
-        assert message.seq == seq, f"outbound to {node_id}: seq {seq} after {message.seq - 1}"
-    return sender
 
 
 class _Session:

@@ -1,13 +1,14 @@
 """The reference coordinator's SQLite store: nodes, every reliable message, nonces, outbound.
 
-A message is stored at most once: ``(node_id, seq)`` is the primary key and a duplicate
-(an agent resending after a reconnect) is dropped by the insert itself. The highest seq
-stored for a node is what the coordinator tells the agent in ``welcome``, so a resend
-starts right after it. Each write commits before it returns, so the caller may acknowledge
-what a call stored as soon as it returns.
+A message is stored at most once: a seq at or below the node's last (``nodes.agent_seq``)
+is a duplicate (an agent resending after a reconnect), a no-op. That last seq is what the
+coordinator tells the agent in ``welcome``, so a resend starts right after it. Each write
+commits before it returns, so the caller may acknowledge what a call stored as soon as it
+returns.
 
 Jobs (offers, states, logs, receipts and their chain) are :mod:`coordinator.jobs_store`'s
-tables, on the same connection and in the same transactions.
+tables; the coordinator's stream out and its nonces :mod:`coordinator.stream_store`'s; the
+quota and retention :mod:`coordinator.retention`'s: one connection, the same transactions.
 
 A profile is stored in any case once its signature verifies with the node's key; it counts
 as verified hardware (``profiles``) only when it also answered a live nonce of this
@@ -25,8 +26,9 @@ from typing import Any, Literal, TypeAlias
 
 import msgspec
 
-from agent.protocol.errors import AuthError
 from coordinator.jobs_store import JOBS_SCHEMA, JobEvent, JobTables
+from coordinator.retention import Retention
+from coordinator.stream_store import Outbound, StreamTables
 
 __all__ = [
     "Added",
@@ -159,15 +161,7 @@ class LatestProfile(msgspec.Struct, frozen=True, kw_only=True):
     """Why it is not verified (None when it is)."""
 
 
-class Outbound(msgspec.Struct, frozen=True, kw_only=True):
-    """The coordinator's stream to one node: acked seq and what is still unacknowledged."""
-
-    acked: int
-    pending: list[tuple[int, str, Any]]
-    """``(seq, type, body)`` after ``acked``, in seq order."""
-
-
-class Store(JobTables):
+class Store(StreamTables, JobTables, Retention):
     """The coordinator's database; one connection, used from the event loop's thread."""
 
     def __init__(self, path: Path) -> None:
@@ -330,79 +324,6 @@ class Store(JobTables):
                 self._apply_job_event(node_id, seq, job, now)
         return added
 
-    def _evict_telemetry(self, node_id: str, need: int, least: int) -> int:
-        """Delete a node's oldest telemetry, ``need`` bytes or all it has; nothing when it
-        has less than ``least`` (deleting would not make room). Returns the bytes freed
-        (already taken off its count)."""
-        (held,) = self._db.execute(
-            "SELECT COALESCE(SUM(length(CAST(body AS BLOB))), 0) FROM messages"
-            " WHERE node_id = ? AND type = 'telemetry'",
-            (node_id,),
-        ).fetchone()
-        if held < least:
-            return 0
-        freed, upto = 0, 0
-        while freed < need:
-            rows = self._db.execute(
-                "SELECT seq, length(CAST(body AS BLOB)) FROM messages"
-                " WHERE node_id = ? AND type = 'telemetry' AND seq > ? ORDER BY seq LIMIT 256",
-                (node_id, upto),
-            ).fetchall()
-            if not rows:
-                break
-            for seq, size in rows:
-                freed, upto = freed + int(size), int(seq)
-                if freed >= need:
-                    break
-        if upto:
-            self._db.execute(
-                "DELETE FROM messages WHERE node_id = ? AND type = 'telemetry' AND seq <= ?",
-                (node_id, upto),
-            )
-            self._db.execute(
-                "UPDATE nodes SET stored_bytes = stored_bytes - ? WHERE node_id = ?",
-                (freed, node_id),
-            )
-        return freed
-
-    def prune_telemetry(self, received_before: float, keep_rows: int) -> int:
-        """Delete telemetry received before ``received_before`` or beyond the newest
-        ``keep_rows`` of its node; returns how many rows went.
-
-        A node's last seq is kept in ``nodes``, so that its ``welcome`` never goes back.
-        """
-        deleted = 0
-        for (node_id,) in self._db.execute("SELECT node_id FROM nodes").fetchall():
-            with self._transaction():
-                row = self._db.execute(
-                    "SELECT seq FROM messages WHERE node_id = ? AND type = 'telemetry'"
-                    " ORDER BY seq DESC LIMIT 1 OFFSET ?",
-                    (node_id, keep_rows),
-                ).fetchone()
-                where = (
-                    " FROM messages WHERE node_id = ? AND type = 'telemetry'"
-                    " AND (received < ? OR seq <= ?)"
-                )
-                args = (node_id, received_before, 0 if row is None else row[0])
-                count, size = self._db.execute(
-                    "SELECT COUNT(*), COALESCE(SUM(length(CAST(body AS BLOB))), 0)" + where, args
-                ).fetchone()
-                if count:
-                    self._db.execute("DELETE" + where, args)
-                    self._db.execute(
-                        "UPDATE nodes SET stored_bytes = stored_bytes - ? WHERE node_id = ?",
-                        (size, node_id),
-                    )
-                deleted += int(count)
-        return deleted
-
-    def stored_bytes(self, node_id: str) -> int:
-        """The bytes of message bodies stored for a node (what its quota counts)."""
-        row = self._db.execute(
-            "SELECT stored_bytes FROM nodes WHERE node_id = ?", (node_id,)
-        ).fetchone()
-        return 0 if row is None else int(row[0])
-
     def last_agent_seq(self, node_id: str) -> int:
         """The highest seq stored from a node (0 when none), kept when retention deletes it."""
         row = self._db.execute(
@@ -484,71 +405,3 @@ class Store(JobTables):
             verified=False,
             unverified=reason,
         )
-
-    # ------------------------------------------------------------------ attestation nonces
-
-    def issue_nonce(self, node_id: str, nonce: str, now: float) -> None:
-        """Remember a nonce sent to a node in ``attest_request``."""
-        self._db.execute(
-            "INSERT INTO attest_nonces (nonce, node_id, issued) VALUES (?, ?, ?)",
-            (nonce, node_id, now),
-        )
-
-    def check_nonce(self, node_id: str, nonce: str, now: float, ttl_s: float) -> None:
-        """Refuse a nonce not issued to this node, expired, or already answered.
-
-        The caller decides what a refusal means: the coordinator keeps a profile whose
-        signature holds but whose nonce does not, as unverified.
-
-        Raises:
-            AuthError: ``stale_nonce`` (not ours for this node, or older than ``ttl_s``),
-                ``replayed_nonce`` (a profile already answered it).
-        """
-        row = self._db.execute(
-            "SELECT issued, used FROM attest_nonces WHERE nonce = ? AND node_id = ?",
-            (nonce, node_id),
-        ).fetchone()
-        if row is None:
-            raise AuthError("stale_nonce", "not a nonce this coordinator issued to this node")
-        if row[1] is not None:
-            raise AuthError("replayed_nonce", "a profile already answered this nonce")
-        if now - row[0] > ttl_s:
-            raise AuthError("stale_nonce", f"issued {now - row[0]:.0f} s ago, limit {ttl_s:.0f}")
-
-    def purge_nonces(self, before: float) -> None:
-        """Forget nonces issued before ``before``: they can no longer be answered."""
-        self._db.execute("DELETE FROM attest_nonces WHERE issued < ?", (before,))
-
-    # ------------------------------------------------------------------ coordinator -> agent
-
-    def outbound(self, node_id: str) -> Outbound:
-        """The coordinator's stream to a node: its acked seq and what is unacknowledged."""
-        row = self._db.execute(
-            "SELECT coordinator_acked FROM nodes WHERE node_id = ?", (node_id,)
-        ).fetchone()
-        rows = self._db.execute(
-            "SELECT seq, type, body FROM outbound WHERE node_id = ? ORDER BY seq", (node_id,)
-        ).fetchall()
-        pending = [(int(r[0]), str(r[1]), msgspec.json.decode(r[2])) for r in rows]
-        return Outbound(acked=0 if row is None else int(row[0]), pending=pending)
-
-    def add_outbound(self, node_id: str, seq: int, kind: str, body: Any) -> None:
-        """Keep a message of the coordinator's stream until the node acknowledges it."""
-        with self._transaction():
-            self._insert_outbound(node_id, seq, kind, body)
-
-    def _insert_outbound(self, node_id: str, seq: int, kind: str, body: Any) -> None:
-        self._db.execute(
-            "INSERT INTO outbound (node_id, seq, type, body) VALUES (?, ?, ?, ?)",
-            (node_id, seq, kind, msgspec.json.encode(body).decode()),
-        )
-        self._db.execute("UPDATE nodes SET coordinator_seq = ? WHERE node_id = ?", (seq, node_id))
-
-    def ack_outbound(self, node_id: str, seq: int) -> None:
-        """The node stored everything up to ``seq``: forget it."""
-        with self._transaction():
-            self._db.execute("DELETE FROM outbound WHERE node_id = ? AND seq <= ?", (node_id, seq))
-            self._db.execute(
-                "UPDATE nodes SET coordinator_acked = MAX(coordinator_acked, ?) WHERE node_id = ?",
-                (seq, node_id),
-            )

@@ -1,0 +1,96 @@
+"""Quota and retention of the coordinator's store: what keeps a node's messages bounded.
+
+Mixed into :class:`coordinator.store.Store`, on its connection and in its transactions.
+Each node's stored bytes are counted in ``nodes.stored_bytes`` as messages come and go;
+its last seq is kept in ``nodes.agent_seq``, apart from the rows, so deleting any of them
+never moves the node's ``welcome`` back.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from contextlib import AbstractContextManager
+
+__all__ = ["Retention"]
+
+
+class Retention:
+    """The quota half of :class:`coordinator.store.Store` (which provides the stubs below)."""
+
+    _db: sqlite3.Connection
+
+    def _transaction(self) -> AbstractContextManager[None]:
+        raise NotImplementedError
+
+    def _evict_telemetry(self, node_id: str, need: int, least: int) -> int:
+        """Delete a node's oldest telemetry, ``need`` bytes or all it has; nothing when it
+        has less than ``least`` (deleting would not make room). Returns the bytes freed
+        (already taken off its count)."""
+        (held,) = self._db.execute(
+            "SELECT COALESCE(SUM(length(CAST(body AS BLOB))), 0) FROM messages"
+            " WHERE node_id = ? AND type = 'telemetry'",
+            (node_id,),
+        ).fetchone()
+        if held < least:
+            return 0
+        freed, upto = 0, 0
+        while freed < need:
+            rows = self._db.execute(
+                "SELECT seq, length(CAST(body AS BLOB)) FROM messages"
+                " WHERE node_id = ? AND type = 'telemetry' AND seq > ? ORDER BY seq LIMIT 256",
+                (node_id, upto),
+            ).fetchall()
+            if not rows:
+                break
+            for seq, size in rows:
+                freed, upto = freed + int(size), int(seq)
+                if freed >= need:
+                    break
+        if upto:
+            self._db.execute(
+                "DELETE FROM messages WHERE node_id = ? AND type = 'telemetry' AND seq <= ?",
+                (node_id, upto),
+            )
+            self._db.execute(
+                "UPDATE nodes SET stored_bytes = stored_bytes - ? WHERE node_id = ?",
+                (freed, node_id),
+            )
+        return freed
+
+    def prune_telemetry(self, received_before: float, keep_rows: int) -> int:
+        """Delete telemetry received before ``received_before`` or beyond the newest
+        ``keep_rows`` of its node; returns how many rows went.
+
+        A node's last seq is kept in ``nodes``, so that its ``welcome`` never goes back.
+        """
+        deleted = 0
+        for (node_id,) in self._db.execute("SELECT node_id FROM nodes").fetchall():
+            with self._transaction():
+                row = self._db.execute(
+                    "SELECT seq FROM messages WHERE node_id = ? AND type = 'telemetry'"
+                    " ORDER BY seq DESC LIMIT 1 OFFSET ?",
+                    (node_id, keep_rows),
+                ).fetchone()
+                where = (
+                    " FROM messages WHERE node_id = ? AND type = 'telemetry'"
+                    " AND (received < ? OR seq <= ?)"
+                )
+                args = (node_id, received_before, 0 if row is None else row[0])
+                count, size = self._db.execute(
+                    "SELECT COUNT(*), COALESCE(SUM(length(CAST(body AS BLOB))), 0)" + where, args
+                ).fetchone()
+                if count:
+                    self._db.execute("DELETE" + where, args)
+                    self._db.execute(
+                        "UPDATE nodes SET stored_bytes = stored_bytes - ? WHERE node_id = ?",
+                        (size, node_id),
+                    )
+                deleted += int(count)
+        return deleted
+
+    def stored_bytes(self, node_id: str) -> int:
+        """The bytes of message bodies stored for a node (what its quota counts)."""
+        row = self._db.execute(
+            "SELECT stored_bytes FROM nodes WHERE node_id = ?", (node_id,)
+        ).fetchone()
+        return 0 if row is None else int(row[0])

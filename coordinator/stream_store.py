@@ -1,0 +1,132 @@
+"""The coordinator's stream to its nodes in the store: attestation nonces and outbound.
+
+Mixed into :class:`coordinator.store.Store`, on its connection and in its transactions.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from contextlib import AbstractContextManager
+from typing import Any
+
+import msgspec
+
+from agent.protocol.errors import AuthError
+from agent.protocol.messages import AttestRequestBody, JobCancelBody, JobOfferBody, ReliableBody
+from agent.protocol.reliable import ReliableSender
+
+__all__ = ["Outbound", "StreamTables"]
+
+#: The body type of each kind of message the coordinator's stream keeps in the store.
+_OUTBOUND_BODIES: dict[str, type[ReliableBody]] = {
+    "attest_request": AttestRequestBody,
+    "job_offer": JobOfferBody,
+    "job_cancel": JobCancelBody,
+}
+
+
+class Outbound(msgspec.Struct, frozen=True, kw_only=True):
+    """The coordinator's stream to one node: acked seq and what is still unacknowledged."""
+
+    acked: int
+    pending: list[tuple[int, str, Any]]
+    """``(seq, type, body)`` after ``acked``, in seq order."""
+
+
+class StreamTables:
+    """The outbound half of :class:`coordinator.store.Store` (which provides the stubs)."""
+
+    _db: sqlite3.Connection
+
+    def _transaction(self) -> AbstractContextManager[None]:
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ attestation nonces
+
+    def issue_nonce(self, node_id: str, nonce: str, now: float) -> None:
+        """Remember a nonce sent to a node in ``attest_request``."""
+        self._db.execute(
+            "INSERT INTO attest_nonces (nonce, node_id, issued) VALUES (?, ?, ?)",
+            (nonce, node_id, now),
+        )
+
+    def check_nonce(self, node_id: str, nonce: str, now: float, ttl_s: float) -> None:
+        """Refuse a nonce not issued to this node, expired, or already answered.
+
+        The caller decides what a refusal means: the coordinator keeps a profile whose
+        signature holds but whose nonce does not, as unverified.
+
+        Raises:
+            AuthError: ``stale_nonce`` (not ours for this node, or older than ``ttl_s``),
+                ``replayed_nonce`` (a profile already answered it).
+        """
+        row = self._db.execute(
+            "SELECT issued, used FROM attest_nonces WHERE nonce = ? AND node_id = ?",
+            (nonce, node_id),
+        ).fetchone()
+        if row is None:
+            raise AuthError("stale_nonce", "not a nonce this coordinator issued to this node")
+        if row[1] is not None:
+            raise AuthError("replayed_nonce", "a profile already answered this nonce")
+        if now - row[0] > ttl_s:
+            raise AuthError("stale_nonce", f"issued {now - row[0]:.0f} s ago, limit {ttl_s:.0f}")
+
+    def purge_nonces(self, before: float) -> None:
+        """Forget nonces issued before ``before``: they can no longer be answered."""
+        self._db.execute("DELETE FROM attest_nonces WHERE issued < ?", (before,))
+
+    # ------------------------------------------------------------------ coordinator -> agent
+
+    def outbound(self, node_id: str) -> Outbound:
+        """The coordinator's stream to a node: its acked seq and what is unacknowledged."""
+        row = self._db.execute(
+            "SELECT coordinator_acked FROM nodes WHERE node_id = ?", (node_id,)
+        ).fetchone()
+        rows = self._db.execute(
+            "SELECT seq, type, body FROM outbound WHERE node_id = ? ORDER BY seq", (node_id,)
+        ).fetchall()
+        pending = [(int(r[0]), str(r[1]), msgspec.json.decode(r[2])) for r in rows]
+        return Outbound(acked=0 if row is None else int(row[0]), pending=pending)
+
+    def add_outbound(self, node_id: str, seq: int, kind: str, body: Any) -> None:
+        """Keep a message of the coordinator's stream until the node acknowledges it."""
+        with self._transaction():
+            self._insert_outbound(node_id, seq, kind, body)
+
+    def _insert_outbound(self, node_id: str, seq: int, kind: str, body: Any) -> None:
+        self._db.execute(
+            "INSERT INTO outbound (node_id, seq, type, body) VALUES (?, ?, ?, ?)",
+            (node_id, seq, kind, msgspec.json.encode(body).decode()),
+        )
+        self._db.execute("UPDATE nodes SET coordinator_seq = ? WHERE node_id = ?", (seq, node_id))
+
+    def ack_outbound(self, node_id: str, seq: int) -> None:
+        """The node stored everything up to ``seq``: forget it."""
+        with self._transaction():
+            self._db.execute("DELETE FROM outbound WHERE node_id = ? AND seq <= ?", (node_id, seq))
+            self._db.execute(
+                "UPDATE nodes SET coordinator_acked = MAX(coordinator_acked, ?) WHERE node_id = ?",
+                (seq, node_id),
+            )
+
+    def sender(self, node_id: str) -> ReliableSender:
+        """The coordinator's sender to a node, rebuilt from what the store keeps."""
+        outbound = self.outbound(node_id)
+        sender = ReliableSender(next_seq=outbound.acked + 1)
+        for seq, kind, body in outbound.pending:
+            # The rows are contiguous after the acked seq: each was numbered by a sender.
+            message = sender.send(msgspec.convert(body, _OUTBOUND_BODIES[kind]))
+            assert message.seq == seq, f"outbound to {node_id}: seq {seq} after {message.seq - 1}"
+        return sender
+
+    def resume_sender(self, node_id: str, agent_has: int) -> ReliableSender:
+        """The sender to a node, its pending messages those after the agent's last stored seq.
+
+        Raises:
+            SequenceError: ``ack_ahead`` / ``ack_behind`` (:meth:`ReliableSender.resend_from`).
+        """
+        sender = self.sender(node_id)
+        sender.resend_from(agent_has)
+        if agent_has > self.outbound(node_id).acked:
+            self.ack_outbound(node_id, agent_has)
+        return sender
