@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import secrets
+import sqlite3
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -34,6 +35,7 @@ from agent.protocol.session import AgentHandshake, HandshakeState
 from coordinator import cli
 from coordinator.errors import ConfigError
 from coordinator.server import Coordinator, Settings
+from coordinator.store import Store
 
 TOKEN = "enrol-" + "7" * 20
 
@@ -353,3 +355,28 @@ def test_serve_refuses_bad_limits_with_exit_2_and_a_code(
     assert cli.main(argv) == cli.EXIT_USAGE
     assert f"error [{code}]" in capsys.readouterr().err
     assert not (tmp_path / "c.db").exists()
+
+
+async def test_a_store_of_version_3_is_upgraded_with_each_nodes_last_seq_and_bytes(
+    tmp_path: Path,
+) -> None:
+    node = Node()
+    async with started(tmp_path) as coordinator, welcomed(coordinator, node) as (ws, _):
+        for seq in (1, 2, 3):
+            await ws.send(telemetry(seq))
+        await answers_until_ack(ws, 3)
+    before = Store(tmp_path / "coordinator.db")
+    stored = before.stored_bytes(node.node_id)
+    before.close()
+    assert stored > 0
+    with sqlite3.connect(tmp_path / "coordinator.db") as db:  # as version 3 left it
+        db.execute("ALTER TABLE nodes DROP COLUMN agent_seq")
+        db.execute("ALTER TABLE nodes DROP COLUMN stored_bytes")
+        db.execute("PRAGMA user_version = 3")
+    db.close()
+    after = Store(tmp_path / "coordinator.db")
+    try:
+        assert after.last_agent_seq(node.node_id) == 3
+        assert after.stored_bytes(node.node_id) == stored
+    finally:
+        after.close()

@@ -34,6 +34,7 @@ from agent.protocol.messages import (
     AckBody,
     AttestRequestBody,
     Error,
+    JobStatusBody,
     Message,
     TelemetryBody,
     Welcome,
@@ -44,6 +45,7 @@ from agent.protocol.messages import (
 )
 from agent.protocol.session import AgentHandshake, CoordinatorHandshake, HandshakeState, NonceBook
 from coordinator.server import Coordinator, Settings
+from coordinator.store import Store
 
 
 @pytest.fixture
@@ -157,6 +159,19 @@ async def test_racing_handshakes_of_one_node_leave_one_session_and_lose_nothing_
         peer.last_seq = link.welcome.body.last_agent_seq
         await link.send(TelemetryBody(samples=[]))
         assert coordinator.connected() == {peer.node_id}
+
+
+def test_a_duplicate_node_seq_is_a_no_op_in_the_store(tmp_path: Path) -> None:
+    store = Store(tmp_path / "c.db")
+    try:
+        store.node_seen("node-a", "key", 1.0)
+        status = JobStatusBody(job_id="job-1", state="refused", code="busy")
+        assert store.add("node-a", 1, "job_status", {"first": True}, 1.0, job=status) == "stored"
+        again = store.add("node-a", 1, "job_status", {"second": True}, 2.0, job=status)
+        assert again == "duplicate"
+        assert [m.body for m in store.messages("node-a", "job_status")] == [{"first": True}]
+    finally:
+        store.close()
 
 
 # ------------------------------------------------------------------ binary frames
