@@ -21,6 +21,7 @@ from test_jobs import World, deliver, offer_message, spec, world  # noqa: F401 (
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.asyncio.server import ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
+from websockets.protocol import State
 
 from agent.identity import Identity
 from agent.link import Link, LinkConfig, Reply, Session, retry
@@ -66,6 +67,16 @@ def _pinned(coordinator: Coordinator) -> dict[str, bytes]:
 async def _recv(ws: ClientConnection) -> Message:
     async with asyncio.timeout(10):
         return decode_frame(await ws.recv(), accept=COORDINATOR_SENDS)
+
+
+async def _until_closed(ws: ClientConnection) -> list[Message]:
+    """Everything received until the connection closes."""
+    seen: list[Message] = []
+    while True:
+        try:
+            seen.append(await _recv(ws))
+        except ConnectionClosed:
+            return seen
 
 
 async def _handshake(ws: ClientConnection, coordinator: Coordinator, peer: Peer) -> Welcome | Error:
@@ -159,6 +170,24 @@ async def test_racing_handshakes_of_one_node_leave_one_session_and_lose_nothing_
         peer.last_seq = link.welcome.body.last_agent_seq
         await link.send(TelemetryBody(samples=[]))
         assert coordinator.connected() == {peer.node_id}
+
+
+async def test_the_old_session_is_told_and_closed_before_the_new_one_is_welcomed(
+    coordinator: Coordinator,
+) -> None:
+    peer = Peer()
+    pinned = _pinned(coordinator)
+    async with connected(coordinator.url, pinned, peer) as old:
+        async with connected(coordinator.url, pinned, peer) as new:
+            # The old agent has answered the close already: the coordinator sends welcome
+            # only once the closing handshake of the old session is over.
+            assert old.ws.state in (State.CLOSING, State.CLOSED)
+            assert coordinator.connected() == {peer.node_id}
+            peer.last_seq = new.welcome.body.last_agent_seq
+            assert await new.send(TelemetryBody(samples=[])) == 1
+        messages = await _until_closed(old.ws)
+    assert [m.body.code for m in messages if isinstance(m, Error)] == ["superseded"]
+    assert old.ws.close_code == 1000
 
 
 def test_a_duplicate_node_seq_is_a_no_op_in_the_store(tmp_path: Path) -> None:
