@@ -207,7 +207,7 @@ async def test_frames_over_the_rate_are_held_with_rate_limited_and_not_dropped(
 ) -> None:
     node = Node()
     async with (
-        started(tmp_path, frames_per_s=5.0, frames_burst=3) as coordinator,
+        started(tmp_path, frames_per_s=1.0, frames_burst=2) as coordinator,
         welcomed(coordinator, node) as (ws, _),
     ):
         for seq in range(1, 5):
