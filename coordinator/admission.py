@@ -53,8 +53,8 @@ class Settings:
         new_keys_per_s, new_keys_burst: handshakes from keys the store does not know.
         frames_per_s, frames_burst: frames per node once its session is open.
         node_quota_bytes: bytes of messages kept per node (its oldest telemetry goes first).
-        abuse_strikes: ``rate_limited`` / ``quota_exceeded`` refusals in a row that close
-            the session.
+        abuse_strikes: frames held over the rate that moved no stream on, or messages
+            shed over the quota, in a row, that close the session.
         telemetry_keep_s, telemetry_keep_rows: telemetry older, or beyond that many rows
             per node, is deleted every :attr:`retention_interval_s` (0: never).
     """

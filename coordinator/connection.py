@@ -195,6 +195,9 @@ class _Session:
             else TokenBucket(settings.frames_per_s, settings.frames_burst, shared.monotonic())
         )
         self._rate_strikes = Strikes(settings.abuse_strikes)
+        self._throttled = False
+        self._advanced = False
+        """Whether the frame being handled stored a new message of the node's stream."""
         self._quota_strikes = Strikes(settings.abuse_strikes)
         self._open = False
         self._sent_seq = 0
@@ -246,10 +249,10 @@ class _Session:
                 # A newer session has read where the streams stand: drop what comes, and
                 # go on reading so that the closing handshake gets through.
                 continue
-            if not await self._throttle():
-                return
+            held = await self._hold()
             if self.superseded:
                 continue
+            self._advanced = False
             ref_seq: int | None = None
             try:
                 message = decode_frame(require_text(raw), accept=AGENT_SENDS)
@@ -261,21 +264,28 @@ class _Session:
                 if exc.closes or abuse:
                     await close(self.ws, CLOSE_POLICY, exc.code)
                     return
+            # Over the rate, a frame that moved the stream on was only slowed down (an
+            # agent replaying its backlog); anything else (junk, acks, resends) is abuse.
+            if held and not self._advanced and self._rate_strikes.strike():
+                await close(self.ws, CLOSE_POLICY, "rate_limited")
+                return
 
-    async def _throttle(self) -> bool:
-        """Hold the next frame until the node's rate allows it (answering ``rate_limited``);
-        False when that has gone on for too long: the session is closed."""
+    async def _hold(self) -> bool:
+        """Hold the next frame until the node's rate allows it; whether it was held.
+
+        Held, not dropped: a reliable message dropped would leave a gap in the stream. The
+        node hears ``rate_limited`` once as it goes over, not for every frame held.
+        """
         wait = self._frames.take(self.shared.monotonic())
         if wait == 0.0:
+            self._throttled = False
             self._rate_strikes.clear()
-            return True
-        # Held, not dropped: a reliable message dropped would leave a gap in the stream.
-        rate = self.shared.settings.frames_per_s
-        error = LimitExceeded("rate_limited", f"over {rate:g} frames/s: held {wait:.2f} s")
-        await self.ws.send(encode_frame(error_message(error)))
-        if self._rate_strikes.strike():
-            await close(self.ws, CLOSE_POLICY, "rate_limited")
             return False
+        if not self._throttled:
+            self._throttled = True
+            rate = self.shared.settings.frames_per_s
+            error = LimitExceeded("rate_limited", f"over {rate:g} frames/s: frames are held")
+            await self.ws.send(encode_frame(error_message(error)))
         await asyncio.sleep(wait)
         return True
 
@@ -370,6 +380,7 @@ class _Session:
             quota_bytes=self.shared.settings.node_quota_bytes,
         )
         # The add committed: only now may the agent forget the message.
+        self._advanced = added != "duplicate"
         await self._ack()
         if added == "shed":
             quota = self.shared.settings.node_quota_bytes
