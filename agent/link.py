@@ -102,7 +102,10 @@ class Session(NamedTuple):
     lived_s: float
     """Seconds from ``welcome`` to its end (0 when never welcomed)."""
     progressed: bool
-    """The coordinator acknowledged something of ours, or we handled one of its messages."""
+    """The coordinator acknowledged something new of ours: it stored what we sent.
+
+    Handling its messages is not progress: a coordinator that crashes after each
+    ``welcome`` would resend the same ones, or new ones, and never be backed off from."""
 
 
 def retry(
@@ -314,7 +317,6 @@ class Link:
                     await websocket.send(encode_frame(error_message(exc)))
                     raise
                 if new:
-                    self._progressed = True
                     reply = await self.handler(message)
                     self.outbox.append_many(
                         reply.messages,
