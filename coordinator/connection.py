@@ -238,12 +238,9 @@ class _Session:
 
     async def run(self) -> None:
         """Ask for a fresh attestation, then take the agent's messages until it leaves."""
-        # One request outstanding at a time: a node that reconnects without acknowledging
-        # got the pending one again after welcome, and must not pile up new ones.
         if self.superseded:
             return
-        if not any(isinstance(m, AttestRequest) for m in self.sender.pending()):
-            await self._attest_request()
+        await self._attest_request()
         async for raw in self.ws:
             if self.superseded:
                 # A newer session has read where the streams stand: drop what comes, and
@@ -320,7 +317,13 @@ class _Session:
                     self._sent_seq = message.seq
 
     async def _attest_request(self) -> None:
+        """Ask for a fresh attestation, unless a request is still unacknowledged."""
+        # One request outstanding at a time: a node that reconnects without acknowledging
+        # got the pending one again after welcome, and a node that sends profile after
+        # stale profile must not pile up requests (and nonces) it never acknowledges.
         if self.superseded:  # the newer session asks for its own
+            return
+        if any(isinstance(m, AttestRequest) for m in self.sender.pending()):
             return
         nonce = new_nonce()
         self.store.issue_nonce(self.node_id, nonce, self.shared.clock())

@@ -14,18 +14,21 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
+import msgspec
 import pytest
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
-from agent.protocol import crypto
+from agent.protocol import crypto, dsse
 from agent.protocol.messages import (
     COORDINATOR_SENDS,
     Ack,
     AckBody,
+    EnvelopeBody,
     Error,
     JobStatusBody,
     Message,
+    ProfileBody,
     TelemetryBody,
     Welcome,
     decode_frame,
@@ -58,6 +61,7 @@ class Node:
         self.key = crypto.generate_private_key()
         self.public_key = crypto.public_key_bytes(self.key)
         self.node_id = crypto.node_id(self.public_key)
+        self.key_id = crypto.key_id(self.public_key)
 
 
 @asynccontextmanager
@@ -282,6 +286,30 @@ async def test_over_the_quota_messages_are_shed_with_a_code_and_abuse_is_closed(
         assert [m.body for m in store.messages(node.node_id, "telemetry")] == [shed_body] * 4
         assert store.messages(node.node_id, "job_status")[0].body["code"] == "busy"
         assert store.stored_bytes(node.node_id) <= quota
+
+
+async def test_stale_profiles_never_acknowledged_leave_one_attest_request_outstanding(
+    tmp_path: Path,
+) -> None:
+    node = Node()
+    async with started(tmp_path) as coordinator:
+        async with welcomed(coordinator, node) as (ws, _):
+            for seq in range(1, 6):
+                never_issued = crypto.b64encode(secrets.token_bytes(32))
+                profile = {"gpus": [], "host": {"cpus": 1}}
+                envelope = dsse.attest_profile(
+                    profile, never_issued, node.node_id, node.key, node.key_id
+                )
+                body = ProfileBody(
+                    attestation=msgspec.convert(msgspec.to_builtins(envelope), EnvelopeBody)
+                )
+                await ws.send(encode_frame(wrap(body, seq)))
+                await answers_until_ack(ws, seq)
+        latest = coordinator.store.latest_profile(node.node_id)
+        assert latest is not None
+        assert (latest.seq, latest.verified) == (5, False)
+        # The first request was never acknowledged: no other joins it.
+        assert len(coordinator.store.outbound(node.node_id).pending) == 1
 
 
 async def test_retention_deletes_old_telemetry_and_welcome_never_goes_back(
