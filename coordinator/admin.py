@@ -49,7 +49,7 @@ _MAX_ADMIN_FILE_BYTES = 4096
 
 
 # What new_token() makes; a token outside it would not fit in a header line unchanged.
-_Token = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_-]{1,256}$")]
+_Token = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_-]{1,256}(?!\n)$")]
 
 
 class AdminFile(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import base64
 import json
+import re
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -275,3 +277,18 @@ def test_signed_bytes_are_stable() -> None:
         b"\x00\x00\x00\x00\x00\x00\x00\x01B"
         b"\x00\x00\x00\x00\x00\x00\x00\x01n"
     )
+
+
+@pytest.mark.parametrize(
+    ("kind", "field"),
+    [("hello", "node_id"), ("job_status", "job_id"), ("job_cancel", "job_id"), ("error", "code")],
+)
+def test_a_trailing_newline_never_passes_a_pattern(kind: str, field: str) -> None:
+    # Python's `$` also matches before a final newline; the wire's patterns must not.
+    page = (Path(__file__).resolve().parent.parent / "docs" / "protocol.md").read_text()
+    frames = [json.loads(block) for block in re.findall(r"```json\n(.*?)```", page, re.DOTALL)]
+    frame = next(f for f in frames if f["type"] == kind and field in f["body"])
+    decode_frame(json.dumps(frame))
+    frame["body"][field] += "\n"
+    with pytest.raises(DecodeError):
+        decode_frame(json.dumps(frame))

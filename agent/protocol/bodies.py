@@ -41,18 +41,21 @@ __all__ = [
     "WireStruct",
 ]
 
+# Every pattern ends ``(?!\n)$``: msgspec checks with Python's re.search, whose ``$`` also
+# matches before a final newline ("job-1\n" would pass); in JSON Schema's ECMA-262 dialect
+# the two read the same.
 # Standard base64 with padding (RFC 4648 section 4) of exactly 32 and 64 bytes: Ed25519
 # public keys and nonces, Ed25519 signatures (RFC 8032 section 5.1.5, 5.1.6).
-_B64_32 = r"^[A-Za-z0-9+/]{43}=$"
-_B64_64 = r"^[A-Za-z0-9+/]{86}==$"
+_B64_32 = r"^[A-Za-z0-9+/]{43}=(?!\n)$"
+_B64_64 = r"^[A-Za-z0-9+/]{86}==(?!\n)$"
 
 Seq = Annotated[int, Meta(ge=1, le=MAX_SEQ, description="Sequence number, from 1.")]
 SeqOrZero = Annotated[int, Meta(ge=0, le=MAX_SEQ, description="Sequence number; 0: none.")]
 Nonce = Annotated[str, Meta(pattern=_B64_32, description="32 random bytes, base64.")]
 PublicKey = Annotated[str, Meta(pattern=_B64_32, description="Raw Ed25519 key, base64.")]
 Signature = Annotated[str, Meta(pattern=_B64_64, description="Ed25519 signature, base64.")]
-Name = Annotated[str, Meta(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._:@/+=-]+$")]
-Code = Annotated[str, Meta(min_length=1, max_length=64, pattern=r"^[a-z][a-z0-9_]*$")]
+Name = Annotated[str, Meta(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._:@/+=-]+(?!\n)$")]
+Code = Annotated[str, Meta(min_length=1, max_length=64, pattern=r"^[a-z][a-z0-9_]*(?!\n)$")]
 Text = Annotated[str, Meta(max_length=MAX_ERROR_DETAIL_CHARS)]
 Seconds = Annotated[float, Meta(gt=0, le=86400)]
 
@@ -145,7 +148,7 @@ class NodeStatusBody(WireStruct):
 
     available: bool
     units: Annotated[list[UnitStatus], Meta(max_length=1024)]
-    reason: Annotated[str, Meta(max_length=64, pattern=r"^([a-z][a-z0-9_]*)?$")] = ""
+    reason: Annotated[str, Meta(max_length=64, pattern=r"^([a-z][a-z0-9_]*)?(?!\n)$")] = ""
     detail: Text = ""
 
 

@@ -58,9 +58,9 @@ FINAL_STATES: Final = frozenset(
     | {"cancelled", "interrupted", "preempted", "error"}
 )
 
-_Name = Annotated[str, Meta(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._:@/+=-]+$")]
-_JobId = Annotated[str, Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")]
-_Sha256 = Annotated[str, Meta(pattern=r"^[0-9a-f]{64}$")]
+_Name = Annotated[str, Meta(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._:@/+=-]+(?!\n)$")]
+_JobId = Annotated[str, Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}(?!\n)$")]
+_Sha256 = Annotated[str, Meta(pattern=r"^[0-9a-f]{64}(?!\n)$")]
 
 
 class Offer(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -116,7 +116,7 @@ class Receipt(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=T
     log_sha256: str = ""
     log_bytes: int = 0
     log_dropped_bytes: int = 0
-    prev_receipt: Annotated[str, Meta(pattern=r"^([0-9a-f]{64})?$")] = ""
+    prev_receipt: Annotated[str, Meta(pattern=r"^([0-9a-f]{64})?(?!\n)$")] = ""
 
 
 def sign_offer(offer: Offer, key: crypto.PrivateKey, keyid: str) -> Envelope:
