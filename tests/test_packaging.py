@@ -12,6 +12,7 @@ runnable. The two packages (gpu-agent, gpu-agent-tray) are built once per module
 from __future__ import annotations
 
 import gzip
+import importlib
 import marshal
 import os
 import re
@@ -20,6 +21,7 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -211,6 +213,46 @@ def test_the_tray_desktop_entry_passes_desktop_file_validate() -> None:
         check=False,
     )
     assert (result.returncode, result.stdout, result.stderr) == (0, "", "")
+
+
+# The build script's refusals and findings, without a build
+
+
+@pytest.fixture
+def build_deb(monkeypatch: pytest.MonkeyPatch) -> Any:
+    """scripts/build_deb.py as a module."""
+    monkeypatch.syspath_prepend(str(ROOT))
+    return importlib.import_module("scripts.build_deb")
+
+
+def test_a_tray_lock_that_pins_the_service_deps_otherwise_is_refused(
+    build_deb: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tray = tmp_path / "tray.txt"
+    locked = (ROOT / "requirements/tray.txt").read_text()
+    tray.write_text(re.sub(r"^msgspec==\S+", "msgspec==0.19.0", locked, flags=re.M))
+    monkeypatch.setattr(build_deb, "TRAY_LOCK", tray)
+    with pytest.raises(SystemExit, match=r"differ on \['msgspec'\]"):
+        build_deb.build(tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_python_older_than_3_11_is_refused(build_deb: Any, tmp_path: Path) -> None:
+    old = tmp_path / "python3"
+    old.write_text("#!/bin/sh\necho 3.10\n")
+    old.chmod(0o755)
+    with pytest.raises(SystemExit, match=r"Python 3\.10; 3\.11 or newer needed"):
+        build_deb.build(tmp_path / "out", str(old))
+
+
+def test_libc_is_required_at_the_newest_glibc_symbol_version_used(
+    build_deb: Any, tmp_path: Path
+) -> None:
+    elf = b"\x7fELF\x02\x01\x01\0"
+    (tmp_path / "a.so").write_bytes(elf + b"\0GLIBC_2.17\0GLIBC_2.2.5\0")
+    (tmp_path / "b.so").write_bytes(elf + b"\0GLIBC_2.34\0")
+    (tmp_path / "notes.txt").write_bytes(b"GLIBC_2.99\0")  # not an ELF file: not linked
+    assert build_deb.glibc_needed(tmp_path) == "2.34"
 
 
 # The packages
