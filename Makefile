@@ -31,6 +31,7 @@ lock:
 	$(UV_COMPILE) --upgrade requirements/tools.in -o requirements/tools.txt
 	$(UV_COMPILE) --upgrade requirements/build.in -o requirements/build.txt
 	$(UV_COMPILE) --upgrade pyproject.toml -o requirements/run.txt
+	$(UV_COMPILE) --upgrade pyproject.toml --extra tray -o requirements/tray.txt
 	$(UV_COMPILE) --upgrade pyproject.toml --extra test --extra tray -o requirements/test.txt
 	rm -rf .venv-lock
 
@@ -56,6 +57,7 @@ bench: $(VENV)/.test
 	$(BIN)/python bench/daemon.py
 	$(BIN)/python bench/tray.py
 
+# Both packages: gpu-agent (the service) and gpu-agent-tray (the tray and its Qt).
 deb: $(VENV)/.test
 	$(BIN)/python scripts/build_deb.py --out build/deb
 

@@ -3,12 +3,27 @@
 # the service on an upgrade if it was running. A fresh install is not started: it needs
 # a coordinator and its key in /etc/gpu-agent/agent.toml first.
 set -e
-if command -v systemd-sysusers >/dev/null 2>&1; then
-    systemd-sysusers /usr/lib/sysusers.d/gpu-agent.conf
+if [ "$1" = configure ]; then
+    if command -v systemd-sysusers >/dev/null 2>&1; then
+        systemd-sysusers /usr/lib/sysusers.d/gpu-agent.conf
+    else
+        # No systemd-sysusers (a container, a system without systemd): the same user and
+        # groups as gpu-agent.sysusers, made with the shadow tools (package passwd).
+        for group in docker video render; do
+            getent group "$group" >/dev/null || groupadd --system "$group"
+        done
+        if ! getent passwd gpu-agent >/dev/null; then
+            getent group gpu-agent >/dev/null || groupadd --system gpu-agent
+            useradd --system --gid gpu-agent --home-dir /var/lib/gpu-agent --no-create-home \
+                --shell /usr/sbin/nologin --comment "GPU provider agent" gpu-agent
+        fi
+    fi
 fi
 if [ -d /run/systemd/system ]; then
-    systemctl daemon-reload || true
+    systemctl --system daemon-reload >/dev/null || true
     if [ "$1" = configure ] && [ -n "$2" ]; then
-        systemctl try-restart gpu-agent.service || true
+        # deb-systemd-invoke honours policy-rc.d (a chroot or image build that must not
+        # start services); try-restart leaves a stopped service stopped.
+        deb-systemd-invoke try-restart gpu-agent.service >/dev/null || true
     fi
 fi

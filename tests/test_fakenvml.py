@@ -24,11 +24,13 @@ from fakenvml import build
 H100_MIG = TXT / "linux-x86_64__nvidia-h100-mig__590.48.01.txt"
 H200_MIG = TXT / "linux-x86_64__nvidia-h200-mig__590.48.01.txt"
 DUAL_A5000 = XML / "dual_a5000-v13.xml"
+A100_MIG = XML / "a100-sxm4-v12.xml"
 QUADRO_P400 = XML / "quadro-p400.xml"
 BUILD_SCRIPT = Path(__file__).parent / "fakenvml" / "build.py"
 
 NOT_SUPPORTED = "NVMLError_NotSupported"
 NO_INSTANCE = 0xFFFFFFFF
+MIB = 1024 * 1024
 
 # The start of every subprocess: argv[1] is the library, argv[2] optional JSON input.
 PRELUDE = r"""
@@ -453,6 +455,63 @@ def test_parser_reads_mig_devices() -> None:
     assert gpu.mig_devices[1].name == "NVIDIA H200 MIG 2c.3g.71gb"
     assert gpu.mig_devices[1].uuid == "MIG-00000001-0000-0000-0000-000000000001"
     assert gpu.mig_devices[1].memory_total_bytes == 71424 * 1024 * 1024
+
+
+def test_xml_parser_reads_mig_devices() -> None:
+    """<mig_devices> nests each <mig_device>, whose memory is its <fb_memory_usage>."""
+    (gpu,) = build.parse_xml(A100_MIG).gpus
+    assert gpu.mig_mode_current is True
+    assert [(m.index, m.gpu_instance_id, m.compute_instance_id) for m in gpu.mig_devices] == [
+        (0, 3, 0),
+        (1, 4, 0),
+        (2, 5, 0),
+        (3, 6, 0),
+    ]
+    mig = gpu.mig_devices[0]
+    assert mig.name == "NVIDIA A100-SXM4-80GB MIG"  # the XML has no profile name
+    key = f"{gpu.uuid}/{mig.gpu_instance_id}/{mig.compute_instance_id}"
+    assert mig.uuid == f"MIG-{uuid.uuid5(uuid.NAMESPACE_OID, key)}"
+    memory = (mig.memory_total_bytes, mig.memory_used_bytes, mig.memory_free_bytes)
+    assert memory == (19968 * MIB, 12 * MIB, 19955 * MIB)
+    assert mig.memory_reserved_bytes == 0
+
+
+def test_xml_without_mig_has_no_mig_devices() -> None:
+    """Without MIG, <mig_devices> holds the text "None", not an element."""
+    (gpu,) = build.parse_xml(XML / "rtx-3080-v13.xml").gpus
+    assert "<mig_devices>" in (XML / "rtx-3080-v13.xml").read_text()
+    assert gpu.mig_devices == ()
+
+
+def test_xml_capture_mig_instances_are_profiled_by_gpu_agent(tmp_path: Path) -> None:
+    """The XML's MIG devices reach `gpu-agent profile --json` through the real binding."""
+    built = subprocess.run(
+        [sys.executable, str(BUILD_SCRIPT), "--xml", str(A100_MIG), "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=120,
+    )
+    env = {
+        **os.environ,
+        "GPU_AGENT_NVML_LIB": built.stdout.strip().splitlines()[-1],
+        "GPU_AGENT_SYSFS_ROOT": str(tmp_path),
+        "DOCKER_HOST": f"unix://{tmp_path / 'docker.sock'}",
+    }
+    shown = subprocess.run(
+        [sys.executable, "-m", "agent.cli", "profile", "--json"],
+        capture_output=True,
+        env=env,
+        check=True,
+        timeout=120,
+    )
+    gpus = json.loads(shown.stdout)["gpus"]
+    assert [g["kind"] for g in gpus] == ["discrete", "mig", "mig", "mig", "mig"]
+    parent, migs = gpus[0], gpus[1:]
+    assert (parent["name"], parent["mig_enabled"]) == ("NVIDIA A100-SXM4-80GB", True)
+    assert {m["parent_uuid"] for m in migs} == {parent["uuid"]}
+    assert [m["vram_total_bytes"] for m in migs] == [19968 * MIB] * 4
+    assert len({m["uuid"] for m in migs}) == 4
 
 
 def test_mig_uuid_is_derived_without_a_list_section(tmp_path: Path) -> None:

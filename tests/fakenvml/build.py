@@ -12,7 +12,8 @@ loads ``libnvidia-ml.so.1`` by name.
 
 Captures:
 
-- ``--xml``: ``nvidia-smi -q -x`` output, old schemas without a DTD up to DTD v13.
+- ``--xml``: ``nvidia-smi -q -x`` output, old schemas without a DTD up to DTD v13. Its MIG
+  devices (``<mig_devices>``) have no name or UUID in the XML: see :class:`MigDevice`.
 - ``--txt``: an nvidia_gpu_exporter capture transcript. Its idle ``nvidia-smi -q`` section is
   the source of nearly every value. The ``-L`` section adds MIG names and UUIDs, the idle
   ``--query-gpu`` CSV the compute capability, and ``topo -m`` the GPU NUMA id.
@@ -651,8 +652,15 @@ def _gpu(index: int, node: _Node, bus_id: str, extras: _Extras) -> Gpu:
             node.get("clocks_event_reasons|clocks_throttle_reasons")
         ),
         processes=_processes(node.get("processes")),
-        mig_devices=tuple(_mig(name, gpu_uuid, mig, extras) for mig in node.all("mig_device")),
+        mig_devices=tuple(_mig(name, gpu_uuid, mig, extras) for mig in _mig_nodes(node)),
     )
+
+
+def _mig_nodes(gpu: _Node) -> list[_Node]:
+    """The GPU's MIG devices: -q text lists each "MIG Device" under the GPU itself, XML
+    nests its <mig_device> elements in <mig_devices> (which reads "None" without MIG)."""
+    nested = gpu.get("mig_devices")
+    return gpu.all("mig_device") + ([] if nested is None else nested.all("mig_device"))
 
 
 def _mig(gpu_name: str, gpu_uuid: str, node: _Node, extras: _Extras) -> MigDevice:
@@ -668,7 +676,8 @@ def _mig(gpu_name: str, gpu_uuid: str, node: _Node, extras: _Extras) -> MigDevic
         mig_uuid = f"MIG-{uuid.uuid5(uuid.NAMESPACE_OID, key)}"
     else:
         name, mig_uuid = f"{gpu_name} MIG {listed[0]}", listed[1]
-    memory = "shared_fb_memory_usage"
+    # -q text: "Shared FB Memory Usage"; XML: <fb_memory_usage>, the same values.
+    memory = "shared_fb_memory_usage|fb_memory_usage"
     return MigDevice(
         index=index,
         gpu_instance_id=gpu_instance,
