@@ -47,7 +47,7 @@ def tracked_files() -> list[Path]:
     return [ROOT / name for name in listed.stdout.decode().split("\0") if name]
 
 
-@pytest.mark.parametrize("name", ["build.txt", "run.txt", "test.txt", "tools.txt"])
+@pytest.mark.parametrize("name", ["build.txt", "run.txt", "test.txt", "tools.txt", "tray.txt"])
 def test_every_locked_package_is_pinned_with_hashes(name: str) -> None:
     pins = locked(name)
     assert pins
