@@ -20,10 +20,10 @@ service, not to a user agent that is not running).
 
 from __future__ import annotations
 
+import difflib
 import ipaddress
 import os
 import re
-import tomllib
 import types
 import typing
 import urllib.parse
@@ -35,6 +35,7 @@ from typing import Annotated, Any
 import msgspec
 import platformdirs
 
+from agent.config_files import ca_file_fault, directory_fault, read_toml
 from agent.errors import ConfigError
 from agent.owner import OwnerPolicy
 from agent.protocol import crypto
@@ -42,10 +43,13 @@ from agent.protocol.limits import MAX_TELEMETRY_BATCH
 from sandbox.policy import Policy
 
 __all__ = [
+    "MAX_INTERVAL_S",
+    "NOT_CONFIG_VARIABLES",
     "SYSTEM_CONFIG_PATH",
     "AgentConfig",
     "ControlConfig",
     "CoordinatorConfig",
+    "Flag",
     "JobsConfig",
     "MetricsConfig",
     "PathsConfig",
@@ -62,6 +66,26 @@ _SYSTEM_STATE_DIR = Path("/var/lib/gpu-agent")
 _SYSTEM_RUNTIME_DIR = Path("/run/gpu-agent")
 _SYSTEM_SOCKET_GROUP = "gpu-agent"
 _ENV_PREFIX = "GPU_AGENT_"
+#: The ``GPU_AGENT_`` variables that are not config keys: the HAL's (README, Environment),
+#: the tests' and the package build's. Any other ``GPU_AGENT_`` variable that is not
+#: ``GPU_AGENT_<SECTION>_<KEY>`` is a typo, refused rather than silently ignored.
+NOT_CONFIG_VARIABLES: typing.Final = frozenset(
+    {
+        "GPU_AGENT_NVML_LIB",
+        "GPU_AGENT_SYSFS_ROOT",
+        "GPU_AGENT_DEV_ROOT",
+        "GPU_AGENT_PROC_ROOT",
+        "GPU_AGENT_DISCOVERY_TIMEOUT",
+        "GPU_AGENT_REQUIRE_DOCKER",
+        "GPU_AGENT_VERSION",
+        "GPU_AGENT_DEB_ARCH",
+        "GPU_AGENT_VENV",
+    }
+)
+#: The longest telemetry interval: samples also drive the owner's guards and GPU health.
+MAX_INTERVAL_S: typing.Final = 3600.0
+# The highest uid or gid (2**32 - 1 is the kernel's "no id").
+_MAX_ID = 2**32 - 2
 
 _NonNegative = Annotated[int, msgspec.Meta(ge=0)]
 _USER = re.compile(r"\d+:\d+")
@@ -75,6 +99,12 @@ def _check_url(url: str, allow_plaintext: bool) -> None:
     parts = urllib.parse.urlsplit(url)
     if parts.scheme not in ("ws", "wss") or not parts.hostname:
         raise ValueError(f"url: {url!r}: use ws://host:port/path or wss://host:port/path")
+    try:
+        port = parts.port
+    except ValueError:
+        port = 0  # not a number, or out of range: urlsplit only says so when asked
+    if port == 0:
+        raise ValueError(f"url: {url!r}: the port must be a number from 1 to 65535")
     if parts.scheme == "ws" and not allow_plaintext and not _is_loopback(parts.hostname):
         # The handshake proves who is at the other end, but nothing after it is bound to
         # the connection: on plain ws:// anyone on the path could forge acks.
@@ -155,7 +185,7 @@ class PathsConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
 class TelemetryConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """``[telemetry]``: how often the HAL is sampled and how samples are batched."""
 
-    interval_s: Annotated[float, msgspec.Meta(gt=0)] = 1.0
+    interval_s: Annotated[float, msgspec.Meta(gt=0, le=MAX_INTERVAL_S)] = 1.0
     batch: Annotated[int, msgspec.Meta(ge=1, le=MAX_TELEMETRY_BATCH)] = 10
 
 
@@ -175,8 +205,16 @@ class JobsConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_field
                 f"docker_host: {self.docker_host!r}: only a local engine is supported, "
                 "as unix:///absolute/path"
             )
-        if self.user is not None and not _USER.fullmatch(self.user):
-            raise ValueError(f"user: {self.user!r} is not numeric uid:gid, e.g. 65534:65534")
+        if self.user is not None:
+            if not _USER.fullmatch(self.user):
+                raise ValueError(f"user: {self.user!r} is not numeric uid:gid, e.g. 65534:65534")
+            uid, gid = (int(part) for part in self.user.split(":"))
+            if uid == 0 or gid == 0:
+                # Root (or root's group) in the container is root's files on the host
+                # through any mount, and one escape from being root on the machine.
+                raise ValueError(f"user: {self.user!r}: jobs never run as root (uid or gid 0)")
+            if max(uid, gid) > _MAX_ID:
+                raise ValueError(f"user: {self.user!r}: an id is at most {_MAX_ID}")
 
     @property
     def docker_socket(self) -> str:
@@ -264,42 +302,68 @@ def is_system_install(*, euid: int | None = None, system_file: Path = SYSTEM_CON
     return (os.geteuid() if euid is None else euid) == 0 or os.path.exists(system_file)
 
 
+class Flag(typing.NamedTuple):
+    """A command-line option that sets a key: ``Flag("--interval", "telemetry.interval_s",
+    "2")``. ``value`` is text, read as the environment's is. A whole section (``key``
+    ``"policy"``) is given as its table, with ``option`` naming its file."""
+
+    option: str
+    key: str
+    value: str | dict[str, Any]
+
+
+class _Override(typing.NamedTuple):
+    label: str  # how a refusal names it: GPU_AGENT_X='1', --interval='inf'
+    name: str  # how a refusal of its section lists it: GPU_AGENT_X, --interval
+    value: Any
+
+
 def load_config(
     path: Path | None,
     env: Mapping[str, str],
     *,
     system: bool,
     require_coordinator: bool = False,
+    flags: typing.Sequence[Flag] = (),
 ) -> AgentConfig:
-    """The configuration from ``path`` (None: the default file) overridden by ``env``.
+    """The configuration from ``path`` (None: the default file), overridden by ``env``,
+    overridden by the command line's ``flags``: one set of values, checked once.
 
     A missing default file means every default; a missing named file is an error. With
     ``require_coordinator``, ``coordinator.url`` and at least one of ``coordinator.keys``
-    must be set (``gpu-agent run`` needs them, ``gpu-agent status`` does not).
+    must be set (``gpu-agent run`` needs them, ``gpu-agent keys`` does not). Beyond the
+    types: a CA file must hold PEM certificates, and no path may be where a directory
+    cannot be.
 
     Raises:
-        ConfigError: ``bad_config``, naming the file or variable, the key and the fault.
+        ConfigError: ``bad_config``, naming the file, variable or option, the key and the
+            fault.
     """
     source = default_config_path(system) if path is None else path
-    raw = _read(source, must_exist=path is not None)
-    overrides = _env_overrides(env)
-
-    def blame(key: str) -> str:
-        """Where the value of ``key`` (or of its section) came from."""
-        section, _, name = key.partition(".")
-        name = name.partition("[")[0]
-        if (section, name) in overrides:
-            var = overrides[section, name][0]
-            return f"{var}={env[var]!r}"
-        touched = sorted(var for (sec, _), (var, _) in overrides.items() if sec == section)
-        return f"{source} with {', '.join(touched)}" if touched else str(source)
-
+    raw = read_toml(source, must_exist=path is not None)
     for name, value in raw.items():
         if name not in _SECTIONS and not isinstance(value, dict):
             sections = ", ".join(f"[{s}]" for s in _SECTIONS)
             raise ConfigError(
                 "bad_config", f"{source}: {name}: a key outside any section ({sections})"
             )
+    sources: dict[str, str] = {}
+    for flag in flags:
+        if "." not in flag.key:  # a whole section, e.g. --policy FILE
+            raw[flag.key] = flag.value
+            sources[flag.key] = flag.option
+    overrides = {**_env_overrides(env), **_flag_overrides(flags)}
+
+    def blame(key: str) -> str:
+        """Where the value of ``key`` (or of its section) came from."""
+        section, _, name = key.partition(".")
+        name = name.partition("[")[0]
+        if (section, name) in overrides:
+            return overrides[section, name].label
+        base = sources.get(section, str(source))
+        touched = sorted(o.name for (sec, _), o in overrides.items() if sec == section)
+        return f"{base} with {', '.join(touched)}" if touched else base
+
     merged = _with_defaults(raw, overrides, system)
     try:
         config = msgspec.convert(merged, AgentConfig, dec_hook=_decode_path)
@@ -307,12 +371,15 @@ def load_config(
         key, what = _locate(str(exc), merged)
         raise ConfigError("bad_config", f"{blame(key)}: {key}: {what}") from None
     coordinator = config.coordinator
-    if coordinator.ca_file is not None and not coordinator.ca_file.is_file():
-        raise ConfigError(
-            "bad_config",
-            f"{blame('coordinator.ca_file')}: coordinator.ca_file: "
-            f"{coordinator.ca_file} does not exist or is not a file",
-        )
+    faults = [
+        (f"paths.{name}", directory_fault(getattr(config.paths, name)))
+        for name in ("state_dir", "runtime_dir", "jobs_dir")
+    ]
+    if coordinator.ca_file is not None:
+        faults.append(("coordinator.ca_file", ca_file_fault(coordinator.ca_file)))
+    for key, fault in faults:
+        if fault:
+            raise ConfigError("bad_config", f"{blame(key)}: {key}: {fault}")
     if require_coordinator:
         for key, missing in (("url", coordinator.url is None), ("keys", not coordinator.keys)):
             if missing:
@@ -324,34 +391,18 @@ def load_config(
     return config
 
 
-def _read(path: Path, *, must_exist: bool) -> dict[str, Any]:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        if must_exist:
-            raise ConfigError("bad_config", f"{path}: no such file") from None
-        return {}
-    except (OSError, UnicodeDecodeError) as exc:
-        reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
-        raise ConfigError("bad_config", f"{path}: cannot read: {reason}") from None
-    try:
-        return tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError("bad_config", f"{path}: not valid TOML: {exc}") from None
-
-
 def _with_defaults(
-    raw: dict[str, Any], overrides: Mapping[tuple[str, str], tuple[str, Any]], system: bool
+    raw: dict[str, Any], overrides: Mapping[tuple[str, str], _Override], system: bool
 ) -> dict[str, Any]:
-    """The file's tables with the environment's values set in them, and the defaults that
-    depend on the kind of install filled in."""
+    """The file's tables with the environment's and the options' values set in them, and
+    the defaults that depend on the kind of install filled in."""
     filled = {
         name: dict(value) if isinstance(value, dict) else value for name, value in raw.items()
     }
-    for (section, key), (_, value) in overrides.items():
+    for (section, key), override in overrides.items():
         table = filled.setdefault(section, {})
         if isinstance(table, dict):  # else the file's bad value is refused as it is
-            table[key] = value
+            table[key] = override.value
     paths = filled.setdefault("paths", {})
     if isinstance(paths, dict):
         if "state_dir" not in paths:
@@ -418,34 +469,68 @@ def _locate(message: str, raw: Mapping[str, Any]) -> tuple[str, str]:
     return key, what
 
 
-def _env_overrides(env: Mapping[str, str]) -> dict[tuple[str, str], tuple[str, Any]]:
-    """``(section, key) -> (variable, value)`` for every ``GPU_AGENT_<SECTION>_<KEY>``.
+def _env_overrides(env: Mapping[str, str]) -> dict[tuple[str, str], _Override]:
+    """``(section, key) -> override`` for every ``GPU_AGENT_<SECTION>_<KEY>``; any other
+    ``GPU_AGENT_`` variable not in :data:`NOT_CONFIG_VARIABLES` is refused by name.
 
     Each value is typed and checked alone here (a list is comma-separated, an empty string
     unsets an optional key, ``*_mode`` is octal, the rest as msgspec reads a string for the
     type), and as part of its section with the file's values when the whole is converted.
     """
-    found: dict[tuple[str, str], tuple[str, Any]] = {}
+    found: dict[tuple[str, str], _Override] = {}
     for var, text in env.items():
-        if not var.startswith(_ENV_PREFIX):
+        if not var.startswith(_ENV_PREFIX) or var in NOT_CONFIG_VARIABLES:
             continue
         rest = var.removeprefix(_ENV_PREFIX)
-        for section, struct in _SECTIONS.items():
-            if not rest.startswith(section.upper() + "_"):
-                continue
-            key = rest.removeprefix(section.upper() + "_").lower()
-            fields = {field.name: field.type for field in msgspec.structs.fields(struct)}
-            if key not in fields or env_var(section, key) != var:
-                raise ConfigError(
-                    "bad_config",
-                    f"{var}: {section}.{key}: unknown key; [{section}] has: {', '.join(fields)}",
-                )
-            try:
-                value = _env_value(key, text, fields[key])
-            except (msgspec.ValidationError, ValueError) as exc:
-                raise ConfigError("bad_config", f"{var}={text!r}: {section}.{key}: {exc}") from None
-            found[section, key] = (var, value)
+        section = next((s for s in _SECTIONS if rest.startswith(s.upper() + "_")), None)
+        if section is None:
+            raise ConfigError("bad_config", f"{var}: {_unknown_variable(var)}")
+        key = rest.removeprefix(section.upper() + "_").lower()
+        fields = _fields(section)
+        if key not in fields or env_var(section, key) != var:
+            raise ConfigError(
+                "bad_config",
+                f"{var}: {section}.{key}: unknown key; [{section}] has: {', '.join(fields)}",
+            )
+        found[section, key] = _Override(
+            f"{var}={text!r}", var, _typed(f"{var}={text!r}", section, key, text)
+        )
     return found
+
+
+def _flag_overrides(flags: typing.Sequence[Flag]) -> dict[tuple[str, str], _Override]:
+    """``(section, key) -> override`` for every option that sets one key."""
+    found: dict[tuple[str, str], _Override] = {}
+    for flag in flags:
+        section, dot, key = flag.key.partition(".")
+        if dot and isinstance(flag.value, str):
+            label = f"{flag.option}={flag.value!r}"
+            found[section, key] = _Override(
+                label, flag.option, _typed(label, section, key, flag.value)
+            )
+    return found
+
+
+def _fields(section: str) -> dict[str, Any]:
+    return {field.name: field.type for field in msgspec.structs.fields(_SECTIONS[section])}
+
+
+def _typed(label: str, section: str, key: str, text: str) -> Any:
+    try:
+        return _env_value(key, text, _fields(section)[key])
+    except (msgspec.ValidationError, ValueError) as exc:
+        raise ConfigError("bad_config", f"{label}: {section}.{key}: {exc}") from None
+
+
+def _unknown_variable(var: str) -> str:
+    known = [env_var(s, k) for s in _SECTIONS for k in _fields(s)] + sorted(NOT_CONFIG_VARIABLES)
+    close = difflib.get_close_matches(var, known, n=1)
+    hint = f"; did you mean {close[0]}?" if close else ""
+    sections = ", ".join(s.upper() for s in _SECTIONS)
+    return (
+        f"not a setting: config variables are {_ENV_PREFIX}<SECTION>_<KEY> with a section "
+        f"of {sections} (docs/configuration.md){hint}"
+    )
 
 
 def _env_value(key: str, text: str, kind: Any) -> Any:
@@ -457,6 +542,9 @@ def _env_value(key: str, text: str, kind: Any) -> Any:
         value = [part.strip() for part in text.split(",") if part.strip()]
     elif origin in (types.UnionType, typing.Union) and type(None) in typing.get_args(plain):
         value = text or None
+    elif plain is Path and not text:
+        # Path("") is ".": relative to wherever the agent happens to start.
+        raise ValueError("an empty path; give an absolute one")
     elif key.endswith("_mode"):
         try:
             value = int(text.removeprefix("0o"), 8)
