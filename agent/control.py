@@ -20,6 +20,8 @@ Error codes (``ControlError.code``):
     unknown_job       no job has that id
     permission_denied the peer may not use the socket (the connection is then closed)
     internal_error    the daemon failed to answer; its log says why
+    too_many_connections  the daemon serves as many connections as it may (then closed)
+    idle_timeout      no request, or an unfinished one, for too long (then closed)
     -- raised by the client only --
     daemon_not_running  no socket, or nobody answering on it
     connection_lost     the daemon closed the connection mid-answer
@@ -45,6 +47,7 @@ from agent.owner import OwnerPolicy
 
 __all__ = [
     "MAX_JOBS_LIMIT",
+    "MAX_PAUSE_UNTIL",
     "MAX_REQUEST_BYTES",
     "METHODS",
     "Call",
@@ -218,12 +221,17 @@ class NoParams(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """``status``, ``resume`` and ``subscribe`` take no params."""
 
 
+#: The latest ``pause`` ``until``: the end of 9998, Unix seconds. Later ones cannot be
+#: shown as local dates (year 9999 and a time zone overflow); nobody pauses that long.
+MAX_PAUSE_UNTIL: Final = 253370764800.0
+
+
 class PauseParams(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """``pause``: with ``drain``, answer once the running jobs have ended; with ``until``
-    (Unix seconds), resume by itself then."""
+    (Unix seconds, at most :data:`MAX_PAUSE_UNTIL`), resume by itself then."""
 
     drain: bool = False
-    until: float | None = None
+    until: Annotated[float, Meta(ge=0, le=MAX_PAUSE_UNTIL)] | None = None
 
 
 class SettingsParams(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -400,6 +408,11 @@ class LineSplitter:
             self._skipping = False
             start = end + 1
         return lines
+
+    @property
+    def pending(self) -> bool:
+        """Whether part of a line has come and its newline not yet."""
+        return bool(self._buffer) or self._skipping
 
     def close(self) -> list[bytes | None]:
         """The stream ended: a last line without its newline still counts."""

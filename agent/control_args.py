@@ -15,6 +15,19 @@ __all__ = ["COMMANDS", "MAX_JOBS_LIMIT", "add_commands"]
 COMMANDS: Final = ("status", "pause", "resume", "jobs", "logs")
 #: The most jobs one ``jobs`` call lists (agent.control checks the same bound).
 MAX_JOBS_LIMIT: Final = 1000
+#: How long a command waits for the daemon's answer unless told (--timeout).
+_TIMEOUT_S: Final = 10.0
+_MAX_TIMEOUT_S: Final = 3600.0
+
+
+def _timeout(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not 0 < value <= _MAX_TIMEOUT_S:  # also refuses nan and inf
+        raise argparse.ArgumentTypeError(f"{text!r} must be more than 0 and at most 3600")
+    return value
 
 
 def _limit(text: str) -> int:
@@ -53,6 +66,14 @@ def add_commands(
         metavar="PATH",
         help="the agent's control socket (default: /run/gpu-agent/agent.sock if it "
         "exists, else the one in your runtime directory)",
+    )
+    common.add_argument(
+        "--timeout",
+        type=_timeout,
+        default=_TIMEOUT_S,
+        metavar="S",
+        help=f"seconds to wait for the agent's answer (default: {_TIMEOUT_S:g}); "
+        "pause --drain and logs --follow then wait as long as the jobs take",
     )
     as_json = {"action": "store_true", "help": "print the answer as JSON"}
 
