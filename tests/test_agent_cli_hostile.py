@@ -30,6 +30,7 @@ from agent.control_server import ControlServer
 from agent.errors import ConfigError, ControlError
 from agent.identity import load_or_create
 from agent.protocol import crypto
+from agent.tray.main import display_problem
 
 ROOT = Path(__file__).resolve().parent.parent
 KEY = crypto.b64encode(bytes(range(32)))
@@ -562,3 +563,40 @@ async def test_a_pause_no_date_can_show_is_refused_and_changes_nothing(
         assert caught.value.code == "bad_params"
         assert not (await client.status()).paused
     assert not target.state.paused
+
+
+# ---------------------------------------------------------------------- 2. (tray) no display
+
+
+def test_the_tray_without_a_display_is_a_coded_refusal_not_an_abort() -> None:
+    pytest.importorskip("PySide6")
+    env = {k: v for k, v in os.environ.items() if k not in _DISPLAY_VARIABLES}
+    tray = Path(sys.executable).parent / "gpu-agent-tray"
+    result = subprocess.run(
+        [str(tray)], capture_output=True, text=True, env=env, timeout=60, check=False
+    )
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.startswith("gpu-agent-tray: error [no_display]: ")
+    assert "Traceback" not in result.stderr
+
+
+_DISPLAY_VARIABLES = ("DISPLAY", "WAYLAND_DISPLAY", "QT_QPA_PLATFORM")
+
+
+@pytest.mark.parametrize(
+    ("env", "shown"),
+    [
+        ({}, False),
+        ({"DISPLAY": ":0"}, True),
+        ({"WAYLAND_DISPLAY": "wayland-0"}, True),
+        ({"QT_QPA_PLATFORM": "xcb"}, False),
+        ({"QT_QPA_PLATFORM": "xcb", "WAYLAND_DISPLAY": "wayland-0"}, False),
+        ({"QT_QPA_PLATFORM": "wayland;xcb", "DISPLAY": ":1"}, True),
+        ({"QT_QPA_PLATFORM": "wayland-egl", "WAYLAND_DISPLAY": "wayland-0"}, True),
+        ({"QT_QPA_PLATFORM": "offscreen"}, True),
+        ({"QT_QPA_PLATFORM": "vnc:size=800x600"}, True),
+    ],
+)
+def test_the_tray_knows_which_platforms_need_a_display(env: dict[str, str], shown: bool) -> None:
+    assert (display_problem(env, "linux") == "") is shown
+    assert display_problem(env, "darwin") == ""
