@@ -20,11 +20,9 @@ service, not to a user agent that is not running).
 
 from __future__ import annotations
 
-import difflib
 import ipaddress
 import os
 import re
-import types
 import typing
 import urllib.parse
 import warnings
@@ -36,6 +34,15 @@ import msgspec
 import platformdirs
 
 from agent.config_files import ca_file_fault, directory_fault, read_toml
+from agent.config_overrides import (
+    NOT_CONFIG_VARIABLES,
+    Flag,
+    Override,
+    decode_path,
+    env_overrides,
+    env_var,
+    flag_overrides,
+)
 from agent.errors import ConfigError
 from agent.owner import OwnerPolicy
 from agent.protocol import crypto
@@ -65,23 +72,6 @@ SYSTEM_CONFIG_PATH = Path("/etc/gpu-agent/agent.toml")
 _SYSTEM_STATE_DIR = Path("/var/lib/gpu-agent")
 _SYSTEM_RUNTIME_DIR = Path("/run/gpu-agent")
 _SYSTEM_SOCKET_GROUP = "gpu-agent"
-_ENV_PREFIX = "GPU_AGENT_"
-#: The ``GPU_AGENT_`` variables that are not config keys: the HAL's (README, Environment),
-#: the tests' and the package build's. Any other ``GPU_AGENT_`` variable that is not
-#: ``GPU_AGENT_<SECTION>_<KEY>`` is a typo, refused rather than silently ignored.
-NOT_CONFIG_VARIABLES: typing.Final = frozenset(
-    {
-        "GPU_AGENT_NVML_LIB",
-        "GPU_AGENT_SYSFS_ROOT",
-        "GPU_AGENT_DEV_ROOT",
-        "GPU_AGENT_PROC_ROOT",
-        "GPU_AGENT_DISCOVERY_TIMEOUT",
-        "GPU_AGENT_REQUIRE_DOCKER",
-        "GPU_AGENT_VERSION",
-        "GPU_AGENT_DEB_ARCH",
-        "GPU_AGENT_VENV",
-    }
-)
 #: The longest telemetry interval: samples also drive the owner's guards and GPU health.
 MAX_INTERVAL_S: typing.Final = 3600.0
 # The highest uid or gid (2**32 - 1 is the kernel's "no id").
@@ -283,11 +273,6 @@ _SECTIONS: dict[str, type[msgspec.Struct]] = {
 }
 
 
-def env_var(section: str, key: str) -> str:
-    """The environment variable that overrides ``section.key``."""
-    return f"{_ENV_PREFIX}{section.upper()}_{key.upper()}"
-
-
 def default_config_path(system: bool) -> Path:
     """Where the configuration file is unless one is named."""
     if system:
@@ -300,22 +285,6 @@ def is_system_install(*, euid: int | None = None, system_file: Path = SYSTEM_CON
     # os.path.exists, not Path.exists: a system directory this user may not search is
     # another user's install, not an error.
     return (os.geteuid() if euid is None else euid) == 0 or os.path.exists(system_file)
-
-
-class Flag(typing.NamedTuple):
-    """A command-line option that sets a key: ``Flag("--interval", "telemetry.interval_s",
-    "2")``. ``value`` is text, read as the environment's is. A whole section (``key``
-    ``"policy"``) is given as its table, with ``option`` naming its file."""
-
-    option: str
-    key: str
-    value: str | dict[str, Any]
-
-
-class _Override(typing.NamedTuple):
-    label: str  # how a refusal names it: GPU_AGENT_X='1', --interval='inf'
-    name: str  # how a refusal of its section lists it: GPU_AGENT_X, --interval
-    value: Any
 
 
 def load_config(
@@ -352,7 +321,7 @@ def load_config(
         if "." not in flag.key:  # a whole section, e.g. --policy FILE
             raw[flag.key] = flag.value
             sources[flag.key] = flag.option
-    overrides = {**_env_overrides(env), **_flag_overrides(flags)}
+    overrides = {**env_overrides(env, _SECTIONS), **flag_overrides(flags, _SECTIONS)}
 
     def blame(key: str) -> str:
         """Where the value of ``key`` (or of its section) came from."""
@@ -366,7 +335,7 @@ def load_config(
 
     merged = _with_defaults(raw, overrides, system)
     try:
-        config = msgspec.convert(merged, AgentConfig, dec_hook=_decode_path)
+        config = msgspec.convert(merged, AgentConfig, dec_hook=decode_path)
     except msgspec.ValidationError as exc:
         key, what = _locate(str(exc), merged)
         raise ConfigError("bad_config", f"{blame(key)}: {key}: {what}") from None
@@ -392,7 +361,7 @@ def load_config(
 
 
 def _with_defaults(
-    raw: dict[str, Any], overrides: Mapping[tuple[str, str], _Override], system: bool
+    raw: dict[str, Any], overrides: Mapping[tuple[str, str], Override], system: bool
 ) -> dict[str, Any]:
     """The file's tables with the environment's and the options' values set in them, and
     the defaults that depend on the kind of install filled in."""
@@ -437,12 +406,6 @@ def _user_runtime_dir() -> str:
             ) from None
 
 
-def _decode_path(kind: type, value: Any) -> Any:
-    if kind is Path and isinstance(value, str):
-        return Path(value)
-    raise TypeError(f"Expected `{kind.__name__}`, got `{type(value).__name__}`")
-
-
 def _locate(message: str, raw: Mapping[str, Any]) -> tuple[str, str]:
     """The dotted key and the fault in a msgspec validation message about ``raw``."""
     key, what = "", message
@@ -467,88 +430,3 @@ def _locate(message: str, raw: Mapping[str, Any]) -> tuple[str, str]:
             except ValueError:
                 return f"policy.allowed_images[{index}]", what
     return key, what
-
-
-def _env_overrides(env: Mapping[str, str]) -> dict[tuple[str, str], _Override]:
-    """``(section, key) -> override`` for every ``GPU_AGENT_<SECTION>_<KEY>``; any other
-    ``GPU_AGENT_`` variable not in :data:`NOT_CONFIG_VARIABLES` is refused by name.
-
-    Each value is typed and checked alone here (a list is comma-separated, an empty string
-    unsets an optional key, ``*_mode`` is octal, the rest as msgspec reads a string for the
-    type), and as part of its section with the file's values when the whole is converted.
-    """
-    found: dict[tuple[str, str], _Override] = {}
-    for var, text in env.items():
-        if not var.startswith(_ENV_PREFIX) or var in NOT_CONFIG_VARIABLES:
-            continue
-        rest = var.removeprefix(_ENV_PREFIX)
-        section = next((s for s in _SECTIONS if rest.startswith(s.upper() + "_")), None)
-        if section is None:
-            raise ConfigError("bad_config", f"{var}: {_unknown_variable(var)}")
-        key = rest.removeprefix(section.upper() + "_").lower()
-        fields = _fields(section)
-        if key not in fields or env_var(section, key) != var:
-            raise ConfigError(
-                "bad_config",
-                f"{var}: {section}.{key}: unknown key; [{section}] has: {', '.join(fields)}",
-            )
-        found[section, key] = _Override(
-            f"{var}={text!r}", var, _typed(f"{var}={text!r}", section, key, text)
-        )
-    return found
-
-
-def _flag_overrides(flags: typing.Sequence[Flag]) -> dict[tuple[str, str], _Override]:
-    """``(section, key) -> override`` for every option that sets one key."""
-    found: dict[tuple[str, str], _Override] = {}
-    for flag in flags:
-        section, dot, key = flag.key.partition(".")
-        if dot and isinstance(flag.value, str):
-            label = f"{flag.option}={flag.value!r}"
-            found[section, key] = _Override(
-                label, flag.option, _typed(label, section, key, flag.value)
-            )
-    return found
-
-
-def _fields(section: str) -> dict[str, Any]:
-    return {field.name: field.type for field in msgspec.structs.fields(_SECTIONS[section])}
-
-
-def _typed(label: str, section: str, key: str, text: str) -> Any:
-    try:
-        return _env_value(key, text, _fields(section)[key])
-    except (msgspec.ValidationError, ValueError) as exc:
-        raise ConfigError("bad_config", f"{label}: {section}.{key}: {exc}") from None
-
-
-def _unknown_variable(var: str) -> str:
-    known = [env_var(s, k) for s in _SECTIONS for k in _fields(s)] + sorted(NOT_CONFIG_VARIABLES)
-    close = difflib.get_close_matches(var, known, n=1)
-    hint = f"; did you mean {close[0]}?" if close else ""
-    sections = ", ".join(s.upper() for s in _SECTIONS)
-    return (
-        f"not a setting: config variables are {_ENV_PREFIX}<SECTION>_<KEY> with a section "
-        f"of {sections} (docs/configuration.md){hint}"
-    )
-
-
-def _env_value(key: str, text: str, kind: Any) -> Any:
-    """``text`` as a value of type ``kind``, in the builtin form the file would give."""
-    plain = typing.get_args(kind)[0] if typing.get_origin(kind) is Annotated else kind
-    origin = typing.get_origin(plain)
-    value: Any = text
-    if origin in (list, tuple):
-        value = [part.strip() for part in text.split(",") if part.strip()]
-    elif origin in (types.UnionType, typing.Union) and type(None) in typing.get_args(plain):
-        value = text or None
-    elif plain is Path and not text:
-        # Path("") is ".": relative to wherever the agent happens to start.
-        raise ValueError("an empty path; give an absolute one")
-    elif key.endswith("_mode"):
-        try:
-            value = int(text.removeprefix("0o"), 8)
-        except ValueError:
-            raise ValueError("not an octal mode such as 0660") from None
-    typed = msgspec.convert(value, kind, strict=False, dec_hook=_decode_path)
-    return msgspec.to_builtins(typed, enc_hook=str)
