@@ -43,6 +43,7 @@ from agent.config_overrides import (
     env_var,
     flag_overrides,
 )
+from agent.control_socket import socket_path_fault
 from agent.errors import ConfigError
 from agent.owner import OwnerPolicy
 from agent.protocol import crypto
@@ -344,6 +345,7 @@ def load_config(
         (f"paths.{name}", directory_fault(getattr(config.paths, name)))
         for name in ("state_dir", "runtime_dir", "jobs_dir")
     ]
+    faults.append(("paths.runtime_dir", socket_path_fault(config.paths.control_socket)))
     if coordinator.ca_file is not None:
         faults.append(("coordinator.ca_file", ca_file_fault(coordinator.ca_file)))
     for key, fault in faults:

@@ -20,6 +20,13 @@ _TIMEOUT_S: Final = 10.0
 _MAX_TIMEOUT_S: Final = 3600.0
 
 
+def _socket(text: str) -> Path:
+    if not text:
+        # Path("") is ".": not a socket anyone meant.
+        raise argparse.ArgumentTypeError("an empty path")
+    return Path(text)
+
+
 def _timeout(text: str) -> float:
     try:
         value = float(text)
@@ -62,7 +69,7 @@ def add_commands(
     common = parser_class(add_help=False)
     common.add_argument(
         "--socket",
-        type=Path,
+        type=_socket,
         metavar="PATH",
         help="the agent's control socket (default: /run/gpu-agent/agent.sock if it "
         "exists, else the one in your runtime directory)",

@@ -277,6 +277,18 @@ def test_a_directory_that_is_a_file_is_a_config_error(conf: Path, option: str, w
     _refused(result, "bad_config", option, "/etc/passwd", "not a directory")
 
 
+def test_a_runtime_dir_too_deep_for_the_socket_is_a_config_error(conf: Path) -> None:
+    deep = "/tmp/" + "d" * 100
+    args = ["--coordinator", URL, "--coordinator-key", KEY, "--runtime-dir", deep]
+    result = _run(*_daemon(conf, *args))
+    _refused(result, "bad_config", "--runtime-dir", "too long for a unix socket")
+    assert not (conf.parent / "state").exists()
+
+
+def test_an_empty_socket_path_is_a_usage_error() -> None:
+    _refused(_run("status", "--socket", ""), "bad_argument", "--socket")
+
+
 @pytest.mark.parametrize("user", ["0:0", "0:1000", "1000:0", "4294967295:1000"])
 def test_jobs_never_run_as_root(conf: Path, user: str) -> None:
     conf.write_text(f'[jobs]\nuser = "{user}"')
