@@ -361,6 +361,10 @@ class ControlServer:
     async def _push(self, connection: _Connection) -> None:
         try:
             await connection.push_states()
+        except _Stalled:
+            # A subscriber that reads nothing: drop it, and its reader then sees the end.
+            _log.debug("control subscriber read nothing for %s s; dropped", self.idle_timeout_s)
+            connection.writer.transport.abort()
         except ConnectionError:
             # The reader sees the same end of the connection and cleans up.
             _log.debug("control subscriber went away")

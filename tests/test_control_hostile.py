@@ -217,7 +217,9 @@ def _wait_for_hangup(sock: socket.socket) -> None:
     """Until the peer closes its end; what it sent is left unread."""
     poll = select.poll()
     poll.register(sock, select.POLLRDHUP)
-    poll.poll()
+    # Bounded, so that a server that never hangs up fails the test instead of leaving a
+    # thread that blocks the interpreter's exit.
+    assert poll.poll(60_000), "the server kept the connection"
 
 
 async def test_connections_past_the_cap_get_a_coded_line_and_are_closed(
@@ -249,3 +251,23 @@ async def test_a_pause_no_date_can_show_is_refused_and_changes_nothing(
         assert caught.value.code == "bad_params"
         assert not (await client.status()).paused
     assert not target.state.paused
+
+
+async def test_a_subscriber_that_reads_no_state_is_dropped(
+    sock_dir: Path, target: MemoryTarget
+) -> None:
+    loop = asyncio.get_running_loop()
+    async with ControlServer(target, sock_dir / "agent.sock", idle_timeout_s=0.1) as server:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.setblocking(False)
+            await loop.sock_connect(sock, os.fsencode(server.path))
+            await loop.sock_sendall(sock, b'{"id": 1, "method": "subscribe"}\n')
+            states = 0
+            while not states:  # until it is subscribed: the first state came
+                states = (await loop.sock_recv(sock, 1 << 16)).count(b'"event"')
+            # States far past what the socket buffers hold, one at a time (a subscriber
+            # gets only the latest of those published while it is still sending one).
+            for node in range(200):
+                server.publish(status(node_id=f"node-{node}-{'x' * 8192}"))
+                await asyncio.sleep(0)
+            await asyncio.to_thread(_wait_for_hangup, sock)
