@@ -70,6 +70,9 @@ def read_toml(path: Path, *, must_exist: bool) -> dict[str, Any]:
         raise ConfigError("bad_config", f"{path}: cannot read: not UTF-8 text") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError("bad_config", f"{path}: not valid TOML: {exc}") from None
+    except RecursionError:
+        # tomllib recurses once per level of [[[...]]] or {a={...}}: 1 MiB holds plenty.
+        raise ConfigError("bad_config", f"{path}: not valid TOML: nested too deeply") from None
 
 
 def ca_file_fault(path: Path) -> str:

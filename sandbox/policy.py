@@ -171,6 +171,9 @@ def load_policy_file(path: Path) -> Policy:
         raise SpecError("bad_policy", "", f"{path}: {exc}") from None
     except msgspec.DecodeError as exc:
         raise SpecError("bad_policy", "", f"{path} is not TOML: {exc}") from None
+    except RecursionError:
+        # The TOML parser recurses once per level of [[[...]]]: 1 MiB holds plenty.
+        raise SpecError("bad_policy", "", f"{path} is not TOML: nested too deeply") from None
 
 
 def _read_capped(path: Path) -> bytes:

@@ -178,20 +178,23 @@ def _fifo(tmp_path: Path) -> str:
     return str(path)
 
 
-@pytest.mark.parametrize("kind", ["device", "fifo", "directory", "huge"])
-def test_config_and_policy_files_are_read_only_if_regular_and_small(
+@pytest.mark.parametrize("kind", ["device", "fifo", "directory", "huge", "deep"])
+def test_config_and_policy_files_are_read_only_if_regular_small_and_flat_enough(
     conf: Path, tmp_path: Path, kind: str
 ) -> None:
     huge = tmp_path / "huge.toml"
     with huge.open("wb") as file:
         file.write(b"# " + b"x" * (2 << 20) + b"\n")
+    deep = tmp_path / "deep.toml"  # under 1 MiB, past any parser's recursion limit
+    deep.write_text("allowed_images = " + "[" * 50_000 + "]" * 50_000 + "\n")
     path = {
         "device": "/dev/zero",
         "fifo": _fifo(tmp_path),
         "directory": str(tmp_path),
         "huge": str(huge),
+        "deep": str(deep),
     }[kind]
-    fault = "larger than" if kind == "huge" else "not a regular file"
+    fault = {"huge": "larger than", "deep": "nested too deeply"}.get(kind, "not a regular file")
     base = ["--coordinator", URL, "--coordinator-key", KEY]
     _refused(_run("run", "--config", path, *base), "bad_config", path, fault)
     _refused(_run(*_daemon(conf, *base, "--policy", path)), "bad_policy", path, fault)
