@@ -299,6 +299,9 @@ def parse_request(line: bytes) -> Call | Refusal:
         raw = _ANY_JSON.decode(line)
     except msgspec.DecodeError as exc:
         return Refusal(None, "bad_json", f"not JSON: {exc}")
+    except RecursionError:
+        # [[[[...]]]]: a line of 64 KiB nests deeper than the decoder goes.
+        return Refusal(None, "bad_json", "not JSON: nested too deeply")
     if not isinstance(raw, dict):
         return Refusal(None, "bad_request", "a request is a JSON object")
     # Answer with the caller's id whenever it is a usable one, even if the rest is not.

@@ -136,7 +136,7 @@ class ControlClient:
         timeout: float | None = TIMEOUT_S,
     ) -> Any:
         """Call ``method``; return its result as plain JSON values (dicts, lists, ...)."""
-        return msgspec.json.decode(await self._call(method, params, timeout))
+        return _decode(await self._call(method, params, timeout), Any)
 
     async def status(self, *, timeout: float | None = TIMEOUT_S) -> StatusView:
         """The daemon's state."""
@@ -267,15 +267,16 @@ class ControlClient:
             raise _error("bad_response", f"an answer longer than {MAX_ANSWER_BYTES} bytes")
         try:
             return self._decoder.decode(line)
-        except msgspec.DecodeError as exc:
-            raise _error("bad_response", f"cannot read the agent's answer: {exc}") from exc
+        except (msgspec.DecodeError, RecursionError) as exc:
+            raise _error("bad_response", f"cannot read the agent's answer: {exc}") from None
 
 
 def _decode(raw: msgspec.Raw | msgspec.UnsetType, kind: type[T]) -> T:
     try:
         return msgspec.json.decode(raw if isinstance(raw, msgspec.Raw) else b"", type=kind)
-    except msgspec.DecodeError as exc:
-        raise _error("bad_response", f"cannot read the agent's answer: {exc}") from exc
+    except (msgspec.DecodeError, RecursionError) as exc:
+        # RecursionError: JSON nested deeper than the decoder goes ([[[[...]]]]).
+        raise _error("bad_response", f"cannot read the agent's answer: {exc}") from None
 
 
 async def watch(

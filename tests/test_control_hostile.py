@@ -271,3 +271,37 @@ async def test_a_subscriber_that_reads_no_state_is_dropped(
                 server.publish(status(node_id=f"node-{node}-{'x' * 8192}"))
                 await asyncio.sleep(0)
             await asyncio.to_thread(_wait_for_hangup, sock)
+
+
+# ---------------------------------------------------------------------- JSON nested too deeply
+
+_DEEP = b"[" * 30_000 + b"]" * 30_000  # under the 64 KiB of a request line
+
+
+async def test_a_request_nested_too_deeply_is_bad_json_and_the_connection_stays_usable(
+    server: ControlServer,
+) -> None:
+    reader, writer = await asyncio.open_unix_connection(server.path)
+    writer.write(_DEEP + b"\n" + b'{"id": 2, "method": "status"}\n')
+    refused = msgspec.json.decode(await reader.readline())
+    assert refused["error"]["code"] == "bad_json"
+    assert msgspec.json.decode(await reader.readline())["id"] == 2
+    writer.close()
+    await writer.wait_closed()
+
+
+@pytest.mark.parametrize("field", [b"result", b"data"])
+async def test_an_answer_nested_too_deeply_is_a_bad_response(sock_dir: Path, field: bytes) -> None:
+    answer = b'{"id": 1, "' + field + b'": ' + _DEEP + b"}\n"
+
+    async def deep(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readline()
+        writer.write(answer)
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_unix_server(deep, sock_dir / "deep.sock")
+    async with server, await ControlClient.connect(sock_dir / "deep.sock") as client:
+        with pytest.raises(ControlError) as caught:
+            await client.call("status")
+        assert caught.value.code == "bad_response"
