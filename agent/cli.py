@@ -270,48 +270,16 @@ def _run_daemon(config: HalConfig, args: argparse.Namespace) -> int:
 def _agent_config(args: argparse.Namespace, *, require_coordinator: bool = False) -> AgentConfig:
     """The configuration ``gpu-agent run`` would run with: the file, the environment and
     this command line's options, checked together."""
-    from agent.config import Flag, is_system_install, load_config
+    from agent.config import is_system_install, load_config
+    from agent.config_overrides import command_line_flags
 
-    flags: list[Flag] = []
-    for option, key, value in (
-        ("--coordinator", "coordinator.url", getattr(args, "coordinator", None)),
-        ("--ca-file", "coordinator.ca_file", _path(getattr(args, "ca_file", None))),
-        ("--state-dir", "paths.state_dir", _path(args.state_dir)),
-        ("--runtime-dir", "paths.runtime_dir", _path(getattr(args, "runtime_dir", None))),
-        ("--interval", "telemetry.interval_s", getattr(args, "interval", None)),
-        ("--batch", "telemetry.batch", getattr(args, "batch", None)),
-    ):
-        if value is not None:
-            flags.append(Flag(option, key, value))
-    if keys := getattr(args, "coordinator_key", None):
-        flags.append(Flag("--coordinator-key", "coordinator.keys", ",".join(keys)))
-    if getattr(args, "allow_plaintext", False):
-        flags.append(Flag("--allow-plaintext", "coordinator.allow_plaintext", "true"))
-    if getattr(args, "policy", None) is not None:
-        import msgspec
-
-        from sandbox.errors import SandboxError
-        from sandbox.policy import load_policy_file
-
-        try:
-            policy = load_policy_file(args.policy)
-        except SandboxError as exc:
-            raise ConfigError(exc.code, f"--policy {args.policy}: {exc.detail}") from None
-        table = msgspec.to_builtins(policy)
-        flags.append(Flag(f"--policy {args.policy}", "policy", table))
     return load_config(
         args.config,
         os.environ,
         system=is_system_install(),
         require_coordinator=require_coordinator,
-        flags=flags,
+        flags=command_line_flags(args),
     )
-
-
-def _path(text: str | None) -> str | None:
-    """A path option as the configuration takes it: relative to the working directory
-    (an empty one stays empty, and is refused)."""
-    return os.path.abspath(text) if text else text
 
 
 def _keys(config: HalConfig, args: argparse.Namespace) -> int:

@@ -8,7 +8,9 @@ string for the type.
 
 from __future__ import annotations
 
+import argparse
 import difflib
+import os
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -18,12 +20,15 @@ from typing import Annotated, Any
 import msgspec
 
 from agent.errors import ConfigError
+from sandbox.errors import SandboxError
+from sandbox.policy import load_policy_file
 
 __all__ = [
     "NOT_CONFIG_VARIABLES",
     "Flag",
     "Override",
     "Sections",
+    "command_line_flags",
     "decode_path",
     "env_overrides",
     "env_var",
@@ -72,6 +77,42 @@ class Override(typing.NamedTuple):
     label: str  # how a refusal names it: GPU_AGENT_X='1', --interval='inf'
     name: str  # how a refusal of its section lists it: GPU_AGENT_X, --interval
     value: Any
+
+
+def command_line_flags(args: argparse.Namespace) -> list[Flag]:
+    """The keys ``gpu-agent run`` (or ``keys``) options set, as text to check with the rest.
+
+    Raises:
+        ConfigError: ``bad_policy``: the ``--policy`` file cannot be read as a policy.
+    """
+    flags: list[Flag] = []
+    for option, key, value in (
+        ("--coordinator", "coordinator.url", getattr(args, "coordinator", None)),
+        ("--ca-file", "coordinator.ca_file", _path(getattr(args, "ca_file", None))),
+        ("--state-dir", "paths.state_dir", _path(getattr(args, "state_dir", None))),
+        ("--runtime-dir", "paths.runtime_dir", _path(getattr(args, "runtime_dir", None))),
+        ("--interval", "telemetry.interval_s", getattr(args, "interval", None)),
+        ("--batch", "telemetry.batch", getattr(args, "batch", None)),
+    ):
+        if value is not None:
+            flags.append(Flag(option, key, value))
+    if keys := getattr(args, "coordinator_key", None):
+        flags.append(Flag("--coordinator-key", "coordinator.keys", ",".join(keys)))
+    if getattr(args, "allow_plaintext", False):
+        flags.append(Flag("--allow-plaintext", "coordinator.allow_plaintext", "true"))
+    if (policy_file := getattr(args, "policy", None)) is not None:
+        try:
+            policy = load_policy_file(policy_file)
+        except SandboxError as exc:
+            raise ConfigError(exc.code, f"--policy {policy_file}: {exc.detail}") from None
+        flags.append(Flag(f"--policy {policy_file}", "policy", msgspec.to_builtins(policy)))
+    return flags
+
+
+def _path(text: str | None) -> str | None:
+    """A path option as the configuration takes it: relative to the working directory
+    (an empty one stays empty, and is refused)."""
+    return os.path.abspath(text) if text else text
 
 
 def env_overrides(env: Mapping[str, str], sections: Sections) -> dict[tuple[str, str], Override]:
