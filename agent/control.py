@@ -42,7 +42,7 @@ from typing import Annotated, Any, Final, Literal, Protocol
 import msgspec
 from msgspec import UNSET, Meta, UnsetType
 
-from agent.control_args import MAX_JOBS_LIMIT
+from agent.control_args import MAX_JOB_ID_CHARS, MAX_JOBS_LIMIT
 from agent.owner import OwnerPolicy
 
 __all__ = [
@@ -250,7 +250,7 @@ class JobsParams(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_field
 class LogsParams(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """``logs``: whose; with ``follow``, keep streaming until the job ends."""
 
-    job_id: Annotated[str, Meta(min_length=1, max_length=128)]
+    job_id: Annotated[str, Meta(min_length=1, max_length=MAX_JOB_ID_CHARS)]
     follow: bool = False
 
 

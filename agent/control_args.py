@@ -10,14 +10,26 @@ import argparse
 from pathlib import Path
 from typing import Any, Final
 
-__all__ = ["COMMANDS", "MAX_JOBS_LIMIT", "add_commands"]
+__all__ = ["COMMANDS", "MAX_JOBS_LIMIT", "MAX_JOB_ID_CHARS", "add_commands"]
 
 COMMANDS: Final = ("status", "pause", "resume", "jobs", "logs")
 #: The most jobs one ``jobs`` call lists (agent.control checks the same bound).
 MAX_JOBS_LIMIT: Final = 1000
+#: The longest job id ``logs`` takes (agent.control checks the same bound).
+MAX_JOB_ID_CHARS: Final = 128
 #: How long a command waits for the daemon's answer unless told (--timeout).
 _TIMEOUT_S: Final = 10.0
 _MAX_TIMEOUT_S: Final = 3600.0
+
+
+def _job_id(text: str) -> str:
+    if not 1 <= len(text) <= MAX_JOB_ID_CHARS:
+        raise argparse.ArgumentTypeError(f"a job id has 1 to {MAX_JOB_ID_CHARS} characters")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not UTF-8 text") from None
+    return text
 
 
 def _socket(text: str) -> Path:
@@ -110,7 +122,7 @@ def add_commands(
     jobs.add_argument("--json", **as_json)
 
     logs = subparsers.add_parser("logs", parents=[common], help="a job's output")
-    logs.add_argument("job_id", metavar="JOB")
+    logs.add_argument("job_id", type=_job_id, metavar="JOB")
     logs.add_argument(
         "--follow", "-f", action="store_true", help="keep printing until the job ends"
     )

@@ -240,7 +240,13 @@ class ControlClient:
             raise _error("bad_request", "this connection is subscribed; open another to call")
         request_id = next(self._ids)
         try:
-            self._writer.write(encode_request(request_id, method, params))
+            line = encode_request(request_id, method, params)
+        except (UnicodeEncodeError, TypeError) as exc:
+            # A lone surrogate (a command-line argument that was not UTF-8), or a value
+            # that has no JSON form: nothing is sent.
+            raise _error("bad_request", f"{method}: cannot encode the request: {exc}") from None
+        try:
+            self._writer.write(line)
             await self._writer.drain()
         except ConnectionError as exc:
             raise _error("connection_lost", f"{self.path}: {exc.strerror}") from exc

@@ -283,6 +283,20 @@ def test_a_control_timeout_that_never_ends_is_a_usage_error(value: str) -> None:
     _refused(_run("status", "--timeout", value), "bad_argument", "--timeout")
 
 
+@pytest.mark.parametrize("job_id", ["", "j" * 129, "\udcff"])
+def test_a_job_id_the_agent_cannot_have_is_a_usage_error(job_id: str) -> None:
+    # "\udcff" is how Python reads the byte 0xff of an argument that is not UTF-8.
+    command = [sys.executable, "-m", "agent.cli", "logs", "--socket", "/nonexistent.sock"]
+    result = subprocess.run(
+        [os.fsencode(part) for part in [*command, job_id]],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    _refused(result, "bad_argument", "JOB")
+
+
 def test_an_empty_socket_path_is_a_usage_error() -> None:
     _refused(_run("status", "--socket", ""), "bad_argument", "--socket")
 

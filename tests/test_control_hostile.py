@@ -305,3 +305,17 @@ async def test_an_answer_nested_too_deeply_is_a_bad_response(sock_dir: Path, fie
         with pytest.raises(ControlError) as caught:
             await client.call("status")
         assert caught.value.code == "bad_response"
+
+
+async def test_a_request_with_no_json_form_is_refused_before_it_is_sent(
+    server: ControlServer,
+) -> None:
+    async with await ControlClient.connect(server.path) as client:
+        with pytest.raises(ControlError) as caught:
+            async for _ in client.logs("\udcff"):
+                pass
+        assert caught.value.code == "bad_request"
+        with pytest.raises(ControlError) as caught:
+            await client.call("set_settings", {"changes": {"idle_delay_s": object()}})
+        assert caught.value.code == "bad_request"
+        assert (await client.status()).node_id == "node-7f3a"
