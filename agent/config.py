@@ -87,7 +87,17 @@ _UNKNOWN = re.compile(r"Object contains unknown field `(.*)`")
 
 
 def _check_url(url: str, allow_plaintext: bool) -> None:
-    parts = urllib.parse.urlsplit(url)
+    # The link hands the URL to websockets at every connect: what it cannot use, or any
+    # fault urlsplit only finds when asked (the port), must stop the agent at start.
+    from websockets.exceptions import InvalidURI
+    from websockets.uri import parse_uri
+
+    if not url.isprintable() or any(c.isspace() for c in url) or not _is_utf8(url):
+        raise ValueError(f"url: {url!r}: spaces, control characters or undecodable bytes")
+    try:
+        parts = urllib.parse.urlsplit(url)
+    except ValueError as exc:  # e.g. "Invalid IPv6 URL"
+        raise ValueError(f"url: {url!r}: {exc}") from None
     if parts.scheme not in ("ws", "wss") or not parts.hostname:
         raise ValueError(f"url: {url!r}: use ws://host:port/path or wss://host:port/path")
     try:
@@ -96,6 +106,10 @@ def _check_url(url: str, allow_plaintext: bool) -> None:
         port = 0  # not a number, or out of range: urlsplit only says so when asked
     if port == 0:
         raise ValueError(f"url: {url!r}: the port must be a number from 1 to 65535")
+    try:
+        parse_uri(url)
+    except InvalidURI as exc:
+        raise ValueError(f"url: {exc}") from None
     if parts.scheme == "ws" and not allow_plaintext and not _is_loopback(parts.hostname):
         # The handshake proves who is at the other end, but nothing after it is bound to
         # the connection: on plain ws:// anyone on the path could forge acks.
@@ -103,6 +117,14 @@ def _check_url(url: str, allow_plaintext: bool) -> None:
             f"url: {url!r}: ws:// off this machine lets anyone on the path forge "
             "acknowledgements; use wss:// (or set coordinator.allow_plaintext)"
         )
+
+
+def _is_utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate: bytes that were not UTF-8
+        return False
+    return True
 
 
 def _check_absolute(key: str, path: Path) -> None:
