@@ -130,6 +130,13 @@ def _is_utf8(text: str) -> bool:
 def _check_absolute(key: str, path: Path) -> None:
     if not path.is_absolute():
         raise ValueError(f"{key}: {str(path)!r} is not an absolute path")
+    _check_no_nul(key, str(path))
+
+
+def _check_no_nul(key: str, text: str) -> None:
+    # TOML may spell one ("\u0000"); no file or group name holds one.
+    if "\0" in text:
+        raise ValueError(f"{key}: {text!r} holds a NUL character")
 
 
 def _split_host_port(text: str) -> tuple[str, int]:
@@ -213,6 +220,7 @@ class JobsConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_field
 
     def __post_init__(self) -> None:
         socket = self.docker_host.removeprefix("unix://")
+        _check_no_nul("docker_host", socket)
         if socket == self.docker_host or not socket.startswith("/"):
             raise ValueError(
                 f"docker_host: {self.docker_host!r}: only a local engine is supported, "
@@ -242,6 +250,8 @@ class ControlConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     socket_mode: Annotated[int, msgspec.Meta(ge=0, le=0o777)] = 0o660
 
     def __post_init__(self) -> None:
+        if self.socket_group is not None:
+            _check_no_nul("socket_group", self.socket_group)
         if self.socket_mode & 0o007:
             # Anyone who can connect can pause the agent and read job logs.
             raise ValueError(

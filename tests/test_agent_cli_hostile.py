@@ -105,6 +105,10 @@ def test_run_refuses_a_setting_that_can_never_work_at_start(
         ("[telemetry]\ninterval_s = inf", {}, "<= 3600"),
         ("", {"GPU_AGENT_TELEMETRY_INTERVAL_S": "1e309"}, "telemetry.interval_s"),
         ('[coordinator]\nca_file = "/etc/passwd"', {}, "no PEM certificate"),
+        ('[paths]\nstate_dir = "/tmp/a\\u0000b"', {}, "NUL"),
+        ('[coordinator]\nca_file = "/tmp/a\\u0000b"', {}, "NUL"),
+        ('[control]\nsocket_group = "a\\u0000b"', {}, "NUL"),
+        ('[jobs]\ndocker_host = "unix:///a\\u0000b"', {}, "NUL"),
         ("", {"GPU_AGENT_COORDINATOR_CA_FILE": "/etc/passwd"}, "no PEM certificate"),
     ],
 )
