@@ -260,9 +260,10 @@ def _run_daemon(config: HalConfig, args: argparse.Namespace) -> int:
 
     from agent.daemon import daemon_config, run_daemon
 
-    if args.coordinator is not None and not args.coordinator_key:
-        raise ConfigError("bad_config", "--coordinator needs --coordinator-key")
     agent_config = _agent_config(args, require_coordinator=True)
+    if args.coordinator is not None and not args.coordinator_key:
+        # The file's keys are for the file's coordinator, not for another one.
+        raise ConfigError("bad_config", "--coordinator needs --coordinator-key")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     return run_daemon(daemon_config(agent_config), config)
 
