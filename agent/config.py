@@ -20,11 +20,9 @@ service, not to a user agent that is not running).
 
 from __future__ import annotations
 
-import ipaddress
 import os
 import re
 import typing
-import urllib.parse
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -33,6 +31,13 @@ from typing import Annotated, Any
 import msgspec
 import platformdirs
 
+from agent.config_checks import (
+    check_absolute,
+    check_no_nul,
+    check_url,
+    is_loopback,
+    split_host_port,
+)
 from agent.config_files import ca_file_fault, directory_fault, read_toml
 from agent.config_overrides import (
     NOT_CONFIG_VARIABLES,
@@ -86,77 +91,6 @@ _AT = re.compile(r"(.*) - at `\$\.?(.*)`", re.DOTALL)
 _UNKNOWN = re.compile(r"Object contains unknown field `(.*)`")
 
 
-def _check_url(url: str, allow_plaintext: bool) -> None:
-    # The link hands the URL to websockets at every connect: what it cannot use, or any
-    # fault urlsplit only finds when asked (the port), must stop the agent at start.
-    from websockets.exceptions import InvalidURI
-    from websockets.uri import parse_uri
-
-    if not url.isprintable() or any(c.isspace() for c in url) or not _is_utf8(url):
-        raise ValueError(f"url: {url!r}: spaces, control characters or undecodable bytes")
-    try:
-        parts = urllib.parse.urlsplit(url)
-    except ValueError as exc:  # e.g. "Invalid IPv6 URL"
-        raise ValueError(f"url: {url!r}: {exc}") from None
-    if parts.scheme not in ("ws", "wss") or not parts.hostname:
-        raise ValueError(f"url: {url!r}: use ws://host:port/path or wss://host:port/path")
-    try:
-        port = parts.port
-    except ValueError:
-        port = 0  # not a number, or out of range: urlsplit only says so when asked
-    if port == 0:
-        raise ValueError(f"url: {url!r}: the port must be a number from 1 to 65535")
-    try:
-        parse_uri(url)
-    except InvalidURI as exc:
-        raise ValueError(f"url: {exc}") from None
-    if parts.scheme == "ws" and not allow_plaintext and not _is_loopback(parts.hostname):
-        # The handshake proves who is at the other end, but nothing after it is bound to
-        # the connection: on plain ws:// anyone on the path could forge acks.
-        raise ValueError(
-            f"url: {url!r}: ws:// off this machine lets anyone on the path forge "
-            "acknowledgements; use wss:// (or set coordinator.allow_plaintext)"
-        )
-
-
-def _is_utf8(text: str) -> bool:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:  # a lone surrogate: bytes that were not UTF-8
-        return False
-    return True
-
-
-def _check_absolute(key: str, path: Path) -> None:
-    if not path.is_absolute():
-        raise ValueError(f"{key}: {str(path)!r} is not an absolute path")
-    _check_no_nul(key, str(path))
-
-
-def _check_no_nul(key: str, text: str) -> None:
-    # TOML may spell one ("\u0000"); no file or group name holds one.
-    if "\0" in text:
-        raise ValueError(f"{key}: {text!r} holds a NUL character")
-
-
-def _split_host_port(text: str) -> tuple[str, int]:
-    host, sep, port = text.rpartition(":")
-    if not sep or not host or not port.isdigit():
-        raise ValueError(f"listen: {text!r} is not host:port (IPv6: [::1]:9464)")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    return host, int(port)
-
-
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 class CoordinatorConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """``[coordinator]``: where the coordinator is and how to know it is the right one."""
 
@@ -174,9 +108,9 @@ class CoordinatorConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknow
             if len(raw) != crypto.PUBLIC_KEY_SIZE:
                 raise ValueError(f"keys[{index}]: {key!r} is not a 32-byte Ed25519 public key")
         if self.url is not None:
-            _check_url(self.url, self.allow_plaintext)
+            check_url(self.url, self.allow_plaintext)
         if self.ca_file is not None:
-            _check_absolute("ca_file", self.ca_file)
+            check_absolute("ca_file", self.ca_file)
 
     @property
     def pinned_keys(self) -> dict[str, bytes]:
@@ -194,7 +128,7 @@ class PathsConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
 
     def __post_init__(self) -> None:
         for name in ("state_dir", "runtime_dir", "jobs_dir"):
-            _check_absolute(name, getattr(self, name))
+            check_absolute(name, getattr(self, name))
 
     @property
     def control_socket(self) -> Path:
@@ -220,7 +154,7 @@ class JobsConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_field
 
     def __post_init__(self) -> None:
         socket = self.docker_host.removeprefix("unix://")
-        _check_no_nul("docker_host", socket)
+        check_no_nul("docker_host", socket)
         if socket == self.docker_host or not socket.startswith("/"):
             raise ValueError(
                 f"docker_host: {self.docker_host!r}: only a local engine is supported, "
@@ -251,7 +185,7 @@ class ControlConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
 
     def __post_init__(self) -> None:
         if self.socket_group is not None:
-            _check_no_nul("socket_group", self.socket_group)
+            check_no_nul("socket_group", self.socket_group)
         if self.socket_mode & 0o007:
             # Anyone who can connect can pause the agent and read job logs.
             raise ValueError(
@@ -267,8 +201,8 @@ class MetricsConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     listen: str = "127.0.0.1:9464"
 
     def __post_init__(self) -> None:
-        host, port = _split_host_port(self.listen)
-        if not _is_loopback(host):
+        host, port = split_host_port(self.listen)
+        if not is_loopback(host):
             raise ValueError(
                 f"listen: {self.listen!r} is not a loopback address; metrics are served "
                 "on this machine only (put a proxy in front to share them)"
@@ -279,12 +213,12 @@ class MetricsConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     @property
     def host(self) -> str:
         """The address to listen on (IPv6 without brackets)."""
-        return _split_host_port(self.listen)[0]
+        return split_host_port(self.listen)[0]
 
     @property
     def port(self) -> int:
         """The port to listen on (0: any free one)."""
-        return _split_host_port(self.listen)[1]
+        return split_host_port(self.listen)[1]
 
 
 class AgentConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
