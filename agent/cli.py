@@ -24,9 +24,16 @@ if TYPE_CHECKING:
 __all__ = ["main"]
 
 EXIT_USAGE = 2
+#: A reader of our output went away (``gpu-agent status | head -1``): the status of a
+#: command that SIGPIPE ended, as a shell reports it, without a traceback.
+EXIT_BROKEN_PIPE = 128 + 13
 
 
-def _positive_float(text: str) -> float:
+#: The longest ``sample --interval``: a day (time.sleep takes no infinity).
+MAX_SAMPLE_INTERVAL_S = 86400.0
+
+
+def _interval(text: str) -> float:
     import argparse
 
     try:
@@ -35,6 +42,10 @@ def _positive_float(text: str) -> float:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
     if not value > 0:
         raise argparse.ArgumentTypeError(f"{text!r} must be greater than 0")
+    if not value <= MAX_SAMPLE_INTERVAL_S:  # also refuses inf
+        raise argparse.ArgumentTypeError(
+            f"{text!r} must be at most {MAX_SAMPLE_INTERVAL_S:g} seconds"
+        )
     return value
 
 
@@ -69,7 +80,7 @@ def _parser() -> argparse.ArgumentParser:
     profile.add_argument("--json", action="store_true", help="print the whole profile as JSON")
 
     sample = commands.add_parser("sample", help="print telemetry samples as JSON lines")
-    sample.add_argument("--interval", type=_positive_float, default=1.0, metavar="S")
+    sample.add_argument("--interval", type=_interval, default=1.0, metavar="S")
     sample.add_argument("--count", type=_count, default=0, metavar="N", help="0: until Ctrl-C")
 
     doctor = commands.add_parser("doctor", help="check what stands between you and serving jobs")
@@ -93,25 +104,19 @@ def _parser() -> argparse.ArgumentParser:
     daemon = commands.add_parser(
         "run", help="connect to a coordinator: attest this machine and stream its telemetry"
     )
-    daemon.add_argument(
-        "--config",
-        type=Path,
-        metavar="FILE",
-        help="the agent's TOML configuration (docs/configuration.md); default: "
-        "/etc/gpu-agent/agent.toml for a system install, else the user config dir. "
-        "The options below override it",
-    )
+    _add_config_options(daemon)
     daemon.add_argument(
         "--coordinator", metavar="URL", help="ws(s)://host:port/agent (coordinator.url)"
     )
     daemon.add_argument(
         "--coordinator-key",
         action="append",
-        type=_public_key,
         metavar="BASE64",
         help="the coordinator's public key to pin (`gpu-coordinator key` prints it)",
     )
-    daemon.add_argument("--ca-file", type=Path, help="CA bundle for a wss:// coordinator")
+    daemon.add_argument(
+        "--ca-file", metavar="FILE", help="CA bundle (PEM) for a wss:// coordinator"
+    )
     daemon.add_argument(
         "--allow-plaintext",
         action="store_true",
@@ -123,17 +128,19 @@ def _parser() -> argparse.ArgumentParser:
         metavar="POLICY_FILE",
         help="admission policy (TOML); without one no image is allowed",
     )
-    daemon.add_argument("--state-dir", type=Path, help="paths.state_dir")
     daemon.add_argument(
-        "--runtime-dir", type=Path, help="paths.runtime_dir (the control socket is there)"
+        "--runtime-dir", metavar="DIR", help="paths.runtime_dir (the control socket is there)"
     )
-    daemon.add_argument("--interval", type=_positive_float, metavar="S")
-    daemon.add_argument("--batch", type=_count, metavar="N", help="samples a batch")
+    daemon.add_argument("--interval", metavar="S", help="telemetry.interval_s")
+    daemon.add_argument("--batch", metavar="N", help="telemetry.batch: samples a batch")
 
     keys = commands.add_parser("keys", help="this node's identity")
     keys_commands = keys.add_subparsers(dest="keys_command", required=True, parser_class=_Parser)
-    show = keys_commands.add_parser("show", help="print the node id and public key")
-    show.add_argument("--state-dir", type=Path, default=_default_state_dir())
+    for name, text in (
+        ("show", "print the node id and public key of the agent's key (never creates one)"),
+        ("create", "create the agent's key if there is none yet, and print it"),
+    ):
+        _add_config_options(keys_commands.add_parser(name, help=text))
 
     from agent.control_args import add_commands
 
@@ -141,27 +148,18 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _public_key(text: str) -> bytes:
-    import argparse
-
-    from agent.protocol import crypto
-
-    try:
-        key = crypto.b64decode(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not base64") from None
-    if len(key) != crypto.PUBLIC_KEY_SIZE:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a 32-byte Ed25519 public key")
-    return key
-
-
-def _default_state_dir() -> Path:
-    """``$GPU_AGENT_STATE_DIR``, else the user's data directory."""
-    env = os.environ.get("GPU_AGENT_STATE_DIR")
-    if env:
-        return Path(env)
-    data_home = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
-    return Path(data_home) / "gpu-agent"
+def _add_config_options(parser: argparse.ArgumentParser) -> None:
+    """``--config`` and ``--state-dir``: the commands that read the agent's configuration
+    read it the same way (``keys show`` finds the key ``run`` uses)."""
+    parser.add_argument(
+        "--config",
+        type=Path,
+        metavar="FILE",
+        help="the agent's TOML configuration (docs/configuration.md); default: "
+        "/etc/gpu-agent/agent.toml for a system install, else the user config dir. "
+        "The options below override it",
+    )
+    parser.add_argument("--state-dir", metavar="DIR", help="paths.state_dir")
 
 
 # Commands import what they need when they run: `gpu-agent profile` is timed against a bare
@@ -260,72 +258,40 @@ def _run_local(config: HalConfig, args: argparse.Namespace) -> int:
 def _run_daemon(config: HalConfig, args: argparse.Namespace) -> int:
     import logging
 
-    from agent.config import is_system_install, load_config
     from agent.daemon import daemon_config, run_daemon
 
-    agent_config = _with_flags(
-        load_config(
-            args.config,
-            os.environ,
-            system=is_system_install(),
-            require_coordinator=args.coordinator is None,
-        ),
-        args,
-    )
+    agent_config = _agent_config(args, require_coordinator=True)
+    if args.coordinator is not None and not args.coordinator_key:
+        # The file's keys are for the file's coordinator, not for another one.
+        raise ConfigError("bad_config", "--coordinator needs --coordinator-key")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     return run_daemon(daemon_config(agent_config), config)
 
 
-def _with_flags(config: AgentConfig, args: argparse.Namespace) -> AgentConfig:
-    """The configuration with what the command line sets instead."""
-    import msgspec
+def _agent_config(args: argparse.Namespace, *, require_coordinator: bool = False) -> AgentConfig:
+    """The configuration ``gpu-agent run`` would run with: the file, the environment and
+    this command line's options, checked together."""
+    from agent.config import is_system_install, load_config
+    from agent.config_overrides import command_line_flags
 
-    from agent.protocol import crypto
-    from agent.protocol.limits import MAX_TELEMETRY_BATCH
-    from agent.run_local import load_policy
-    from sandbox.errors import SandboxError
-
-    replace = msgspec.structs.replace
-    raw = msgspec.structs.asdict(config.coordinator)
-    if args.coordinator is not None:
-        if not args.coordinator_key:
-            raise ConfigError("bad_config", "--coordinator needs --coordinator-key")
-        raw["url"] = args.coordinator
-    if args.coordinator_key:
-        raw["keys"] = tuple(crypto.b64encode(key) for key in args.coordinator_key)
-    if args.ca_file is not None:
-        raw["ca_file"] = args.ca_file.absolute()
-    if args.allow_plaintext:
-        raw["allow_plaintext"] = True
-    try:
-        # Validated as a whole, like the file: a flag must not slip past its checks.
-        coordinator = msgspec.convert(raw, type(config.coordinator))
-    except msgspec.ValidationError as exc:
-        raise ConfigError("bad_config", f"command line: {exc}") from None
-    paths = config.paths
-    if args.state_dir is not None:
-        state_dir = args.state_dir.absolute()
-        paths = replace(paths, state_dir=state_dir, jobs_dir=state_dir / "jobs")
-    if args.runtime_dir is not None:
-        paths = replace(paths, runtime_dir=args.runtime_dir.absolute())
-    telemetry = config.telemetry
-    if args.interval is not None:
-        telemetry = replace(telemetry, interval_s=args.interval)
-    if args.batch is not None:
-        telemetry = replace(telemetry, batch=min(max(args.batch, 1), MAX_TELEMETRY_BATCH))
-    policy = config.policy
-    if args.policy is not None:
-        try:
-            policy = load_policy(args.policy)
-        except SandboxError as exc:
-            raise ConfigError(exc.code, exc.detail) from exc
-    return replace(config, coordinator=coordinator, paths=paths, telemetry=telemetry, policy=policy)
+    return load_config(
+        args.config,
+        os.environ,
+        system=is_system_install(),
+        require_coordinator=require_coordinator,
+        flags=command_line_flags(args),
+    )
 
 
 def _keys(config: HalConfig, args: argparse.Namespace) -> int:
-    from agent.identity import load_or_create, show
+    from agent.identity import IDENTITY_DIR, load_existing, load_or_create, show
 
-    print(show(load_or_create(args.state_dir / "identity")))
+    identity_dir = _agent_config(args).paths.state_dir / IDENTITY_DIR
+    if args.keys_command == "create":
+        identity = load_or_create(identity_dir)
+    else:
+        identity = load_existing(identity_dir)
+    print(show(identity))
     return 0
 
 
@@ -380,6 +346,14 @@ def _start_early(argv: Sequence[str]) -> PendingProfile | None:
         raise
 
 
+def _drop_stdout() -> None:
+    """Point stdout at /dev/null: what is still buffered for the reader that left must
+    not fail again when the interpreter flushes it at exit."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; return the exit status."""
     if argv is None:
@@ -392,29 +366,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         early = _start_early(argv)
         if early is not None and tuple(argv) in _PLAIN_PROFILE:
             one_shot = True
-            return _show_profile(early.result(), _PLAIN_PROFILE[tuple(argv)])
-        args = _parser().parse_args(argv)
-        one_shot = args.command in _ONE_SHOT
-        if collecting and not one_shot:
-            gc.enable()
-        from agent.control_args import COMMANDS
-
-        if args.command in COMMANDS:
-            # The control commands talk to the daemon only: no HAL settings to read.
-            from agent.control_cli import run_command
-
-            status = run_command(args)
-            assert status is not None
-            return status
-        from hal.backend import HalConfig
-
-        config = HalConfig.from_env()
-        if early is not None and args.command == "profile":
-            return _show_profile(early.result(), args.json)
-        return _COMMANDS[args.command](config, args)
+            status = _show_profile(early.result(), _PLAIN_PROFILE[tuple(argv)])
+        else:
+            args = _parser().parse_args(argv)
+            one_shot = args.command in _ONE_SHOT
+            if collecting and not one_shot:
+                gc.enable()
+            status = _dispatch(args, early)
+        sys.stdout.flush()  # here, where a reader that went away is caught
+        return status
     except (HalError, AgentError) as exc:
         print(f"gpu-agent: error [{exc.code}]: {exc.detail}", file=sys.stderr)
         return EXIT_USAGE if isinstance(exc, BadConfig | ConfigError) else 1
+    except BrokenPipeError:
+        _drop_stdout()
+        return EXIT_BROKEN_PIPE
     finally:
         if early is not None:
             early.close()
@@ -422,6 +388,24 @@ def main(argv: Sequence[str] | None = None) -> int:
             if one_shot:
                 gc.freeze()
             gc.enable()
+
+
+def _dispatch(args: argparse.Namespace, early: PendingProfile | None) -> int:
+    from agent.control_args import COMMANDS
+
+    if args.command in COMMANDS:
+        # The control commands talk to the daemon only: no HAL settings to read.
+        from agent.control_cli import run_command
+
+        status = run_command(args)
+        assert status is not None
+        return status
+    from hal.backend import HalConfig
+
+    config = HalConfig.from_env()
+    if early is not None and args.command == "profile":
+        return _show_profile(early.result(), args.json)
+    return _COMMANDS[args.command](config, args)
 
 
 if __name__ == "__main__":

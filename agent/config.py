@@ -20,13 +20,9 @@ service, not to a user agent that is not running).
 
 from __future__ import annotations
 
-import ipaddress
 import os
 import re
-import tomllib
-import types
 import typing
-import urllib.parse
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -35,6 +31,24 @@ from typing import Annotated, Any
 import msgspec
 import platformdirs
 
+from agent.config_checks import (
+    check_absolute,
+    check_no_nul,
+    check_url,
+    is_loopback,
+    split_host_port,
+)
+from agent.config_files import ca_file_fault, directory_fault, read_toml
+from agent.config_overrides import (
+    NOT_CONFIG_VARIABLES,
+    Flag,
+    Override,
+    decode_path,
+    env_overrides,
+    env_var,
+    flag_overrides,
+)
+from agent.control_socket import socket_path_fault
 from agent.errors import ConfigError
 from agent.owner import OwnerPolicy
 from agent.protocol import crypto
@@ -42,10 +56,13 @@ from agent.protocol.limits import MAX_TELEMETRY_BATCH
 from sandbox.policy import Policy
 
 __all__ = [
+    "MAX_INTERVAL_S",
+    "NOT_CONFIG_VARIABLES",
     "SYSTEM_CONFIG_PATH",
     "AgentConfig",
     "ControlConfig",
     "CoordinatorConfig",
+    "Flag",
     "JobsConfig",
     "MetricsConfig",
     "PathsConfig",
@@ -61,7 +78,10 @@ SYSTEM_CONFIG_PATH = Path("/etc/gpu-agent/agent.toml")
 _SYSTEM_STATE_DIR = Path("/var/lib/gpu-agent")
 _SYSTEM_RUNTIME_DIR = Path("/run/gpu-agent")
 _SYSTEM_SOCKET_GROUP = "gpu-agent"
-_ENV_PREFIX = "GPU_AGENT_"
+#: The longest telemetry interval: samples also drive the owner's guards and GPU health.
+MAX_INTERVAL_S: typing.Final = 3600.0
+# The highest uid or gid (2**32 - 1 is the kernel's "no id").
+_MAX_ID = 2**32 - 2
 
 _NonNegative = Annotated[int, msgspec.Meta(ge=0)]
 _USER = re.compile(r"\d+:\d+")
@@ -69,42 +89,6 @@ _USER = re.compile(r"\d+:\d+")
 _KEYED = re.compile(r"(\w+(?:\[\d+\])?): (.*)", re.DOTALL)
 _AT = re.compile(r"(.*) - at `\$\.?(.*)`", re.DOTALL)
 _UNKNOWN = re.compile(r"Object contains unknown field `(.*)`")
-
-
-def _check_url(url: str, allow_plaintext: bool) -> None:
-    parts = urllib.parse.urlsplit(url)
-    if parts.scheme not in ("ws", "wss") or not parts.hostname:
-        raise ValueError(f"url: {url!r}: use ws://host:port/path or wss://host:port/path")
-    if parts.scheme == "ws" and not allow_plaintext and not _is_loopback(parts.hostname):
-        # The handshake proves who is at the other end, but nothing after it is bound to
-        # the connection: on plain ws:// anyone on the path could forge acks.
-        raise ValueError(
-            f"url: {url!r}: ws:// off this machine lets anyone on the path forge "
-            "acknowledgements; use wss:// (or set coordinator.allow_plaintext)"
-        )
-
-
-def _check_absolute(key: str, path: Path) -> None:
-    if not path.is_absolute():
-        raise ValueError(f"{key}: {str(path)!r} is not an absolute path")
-
-
-def _split_host_port(text: str) -> tuple[str, int]:
-    host, sep, port = text.rpartition(":")
-    if not sep or not host or not port.isdigit():
-        raise ValueError(f"listen: {text!r} is not host:port (IPv6: [::1]:9464)")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    return host, int(port)
-
-
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 class CoordinatorConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -124,9 +108,9 @@ class CoordinatorConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknow
             if len(raw) != crypto.PUBLIC_KEY_SIZE:
                 raise ValueError(f"keys[{index}]: {key!r} is not a 32-byte Ed25519 public key")
         if self.url is not None:
-            _check_url(self.url, self.allow_plaintext)
+            check_url(self.url, self.allow_plaintext)
         if self.ca_file is not None:
-            _check_absolute("ca_file", self.ca_file)
+            check_absolute("ca_file", self.ca_file)
 
     @property
     def pinned_keys(self) -> dict[str, bytes]:
@@ -144,7 +128,7 @@ class PathsConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
 
     def __post_init__(self) -> None:
         for name in ("state_dir", "runtime_dir", "jobs_dir"):
-            _check_absolute(name, getattr(self, name))
+            check_absolute(name, getattr(self, name))
 
     @property
     def control_socket(self) -> Path:
@@ -155,7 +139,7 @@ class PathsConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
 class TelemetryConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """``[telemetry]``: how often the HAL is sampled and how samples are batched."""
 
-    interval_s: Annotated[float, msgspec.Meta(gt=0)] = 1.0
+    interval_s: Annotated[float, msgspec.Meta(gt=0, le=MAX_INTERVAL_S)] = 1.0
     batch: Annotated[int, msgspec.Meta(ge=1, le=MAX_TELEMETRY_BATCH)] = 10
 
 
@@ -170,13 +154,22 @@ class JobsConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_field
 
     def __post_init__(self) -> None:
         socket = self.docker_host.removeprefix("unix://")
+        check_no_nul("docker_host", socket)
         if socket == self.docker_host or not socket.startswith("/"):
             raise ValueError(
                 f"docker_host: {self.docker_host!r}: only a local engine is supported, "
                 "as unix:///absolute/path"
             )
-        if self.user is not None and not _USER.fullmatch(self.user):
-            raise ValueError(f"user: {self.user!r} is not numeric uid:gid, e.g. 65534:65534")
+        if self.user is not None:
+            if not _USER.fullmatch(self.user):
+                raise ValueError(f"user: {self.user!r} is not numeric uid:gid, e.g. 65534:65534")
+            uid, gid = (int(part) for part in self.user.split(":"))
+            if uid == 0 or gid == 0:
+                # Root (or root's group) in the container is root's files on the host
+                # through any mount, and one escape from being root on the machine.
+                raise ValueError(f"user: {self.user!r}: jobs never run as root (uid or gid 0)")
+            if max(uid, gid) > _MAX_ID:
+                raise ValueError(f"user: {self.user!r}: an id is at most {_MAX_ID}")
 
     @property
     def docker_socket(self) -> str:
@@ -191,6 +184,8 @@ class ControlConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     socket_mode: Annotated[int, msgspec.Meta(ge=0, le=0o777)] = 0o660
 
     def __post_init__(self) -> None:
+        if self.socket_group is not None:
+            check_no_nul("socket_group", self.socket_group)
         if self.socket_mode & 0o007:
             # Anyone who can connect can pause the agent and read job logs.
             raise ValueError(
@@ -206,8 +201,8 @@ class MetricsConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     listen: str = "127.0.0.1:9464"
 
     def __post_init__(self) -> None:
-        host, port = _split_host_port(self.listen)
-        if not _is_loopback(host):
+        host, port = split_host_port(self.listen)
+        if not is_loopback(host):
             raise ValueError(
                 f"listen: {self.listen!r} is not a loopback address; metrics are served "
                 "on this machine only (put a proxy in front to share them)"
@@ -218,12 +213,12 @@ class MetricsConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     @property
     def host(self) -> str:
         """The address to listen on (IPv6 without brackets)."""
-        return _split_host_port(self.listen)[0]
+        return split_host_port(self.listen)[0]
 
     @property
     def port(self) -> int:
         """The port to listen on (0: any free one)."""
-        return _split_host_port(self.listen)[1]
+        return split_host_port(self.listen)[1]
 
 
 class AgentConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -243,11 +238,6 @@ _SECTIONS: dict[str, type[msgspec.Struct]] = {
     field.name: typing.cast(type[msgspec.Struct], field.type)
     for field in msgspec.structs.fields(AgentConfig)
 }
-
-
-def env_var(section: str, key: str) -> str:
-    """The environment variable that overrides ``section.key``."""
-    return f"{_ENV_PREFIX}{section.upper()}_{key.upper()}"
 
 
 def default_config_path(system: bool) -> Path:
@@ -270,49 +260,63 @@ def load_config(
     *,
     system: bool,
     require_coordinator: bool = False,
+    flags: typing.Sequence[Flag] = (),
 ) -> AgentConfig:
-    """The configuration from ``path`` (None: the default file) overridden by ``env``.
+    """The configuration from ``path`` (None: the default file), overridden by ``env``,
+    overridden by the command line's ``flags``: one set of values, checked once.
 
     A missing default file means every default; a missing named file is an error. With
     ``require_coordinator``, ``coordinator.url`` and at least one of ``coordinator.keys``
-    must be set (``gpu-agent run`` needs them, ``gpu-agent status`` does not).
+    must be set (``gpu-agent run`` needs them, ``gpu-agent keys`` does not). Beyond the
+    types: a CA file must hold PEM certificates, and no path may be where a directory
+    cannot be.
 
     Raises:
-        ConfigError: ``bad_config``, naming the file or variable, the key and the fault.
+        ConfigError: ``bad_config``, naming the file, variable or option, the key and the
+            fault.
     """
     source = default_config_path(system) if path is None else path
-    raw = _read(source, must_exist=path is not None)
-    overrides = _env_overrides(env)
-
-    def blame(key: str) -> str:
-        """Where the value of ``key`` (or of its section) came from."""
-        section, _, name = key.partition(".")
-        name = name.partition("[")[0]
-        if (section, name) in overrides:
-            var = overrides[section, name][0]
-            return f"{var}={env[var]!r}"
-        touched = sorted(var for (sec, _), (var, _) in overrides.items() if sec == section)
-        return f"{source} with {', '.join(touched)}" if touched else str(source)
-
+    raw = read_toml(source, must_exist=path is not None)
     for name, value in raw.items():
         if name not in _SECTIONS and not isinstance(value, dict):
             sections = ", ".join(f"[{s}]" for s in _SECTIONS)
             raise ConfigError(
                 "bad_config", f"{source}: {name}: a key outside any section ({sections})"
             )
+    sources: dict[str, str] = {}
+    for flag in flags:
+        if "." not in flag.key:  # a whole section, e.g. --policy FILE
+            raw[flag.key] = flag.value
+            sources[flag.key] = flag.option
+    overrides = {**env_overrides(env, _SECTIONS), **flag_overrides(flags, _SECTIONS)}
+
+    def blame(key: str) -> str:
+        """Where the value of ``key`` (or of its section) came from."""
+        section, _, name = key.partition(".")
+        name = name.partition("[")[0]
+        if (section, name) in overrides:
+            return overrides[section, name].label
+        base = sources.get(section, str(source))
+        touched = sorted(o.name for (sec, _), o in overrides.items() if sec == section)
+        return f"{base} with {', '.join(touched)}" if touched else base
+
     merged = _with_defaults(raw, overrides, system)
     try:
-        config = msgspec.convert(merged, AgentConfig, dec_hook=_decode_path)
+        config = msgspec.convert(merged, AgentConfig, dec_hook=decode_path)
     except msgspec.ValidationError as exc:
         key, what = _locate(str(exc), merged)
         raise ConfigError("bad_config", f"{blame(key)}: {key}: {what}") from None
     coordinator = config.coordinator
-    if coordinator.ca_file is not None and not coordinator.ca_file.is_file():
-        raise ConfigError(
-            "bad_config",
-            f"{blame('coordinator.ca_file')}: coordinator.ca_file: "
-            f"{coordinator.ca_file} does not exist or is not a file",
-        )
+    faults = [
+        (f"paths.{name}", directory_fault(getattr(config.paths, name)))
+        for name in ("state_dir", "runtime_dir", "jobs_dir")
+    ]
+    faults.append(("paths.runtime_dir", socket_path_fault(config.paths.control_socket)))
+    if coordinator.ca_file is not None:
+        faults.append(("coordinator.ca_file", ca_file_fault(coordinator.ca_file)))
+    for key, fault in faults:
+        if fault:
+            raise ConfigError("bad_config", f"{blame(key)}: {key}: {fault}")
     if require_coordinator:
         for key, missing in (("url", coordinator.url is None), ("keys", not coordinator.keys)):
             if missing:
@@ -324,34 +328,18 @@ def load_config(
     return config
 
 
-def _read(path: Path, *, must_exist: bool) -> dict[str, Any]:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        if must_exist:
-            raise ConfigError("bad_config", f"{path}: no such file") from None
-        return {}
-    except (OSError, UnicodeDecodeError) as exc:
-        reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
-        raise ConfigError("bad_config", f"{path}: cannot read: {reason}") from None
-    try:
-        return tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError("bad_config", f"{path}: not valid TOML: {exc}") from None
-
-
 def _with_defaults(
-    raw: dict[str, Any], overrides: Mapping[tuple[str, str], tuple[str, Any]], system: bool
+    raw: dict[str, Any], overrides: Mapping[tuple[str, str], Override], system: bool
 ) -> dict[str, Any]:
-    """The file's tables with the environment's values set in them, and the defaults that
-    depend on the kind of install filled in."""
+    """The file's tables with the environment's and the options' values set in them, and
+    the defaults that depend on the kind of install filled in."""
     filled = {
         name: dict(value) if isinstance(value, dict) else value for name, value in raw.items()
     }
-    for (section, key), (_, value) in overrides.items():
+    for (section, key), override in overrides.items():
         table = filled.setdefault(section, {})
         if isinstance(table, dict):  # else the file's bad value is refused as it is
-            table[key] = value
+            table[key] = override.value
     paths = filled.setdefault("paths", {})
     if isinstance(paths, dict):
         if "state_dir" not in paths:
@@ -386,12 +374,6 @@ def _user_runtime_dir() -> str:
             ) from None
 
 
-def _decode_path(kind: type, value: Any) -> Any:
-    if kind is Path and isinstance(value, str):
-        return Path(value)
-    raise TypeError(f"Expected `{kind.__name__}`, got `{type(value).__name__}`")
-
-
 def _locate(message: str, raw: Mapping[str, Any]) -> tuple[str, str]:
     """The dotted key and the fault in a msgspec validation message about ``raw``."""
     key, what = "", message
@@ -416,51 +398,3 @@ def _locate(message: str, raw: Mapping[str, Any]) -> tuple[str, str]:
             except ValueError:
                 return f"policy.allowed_images[{index}]", what
     return key, what
-
-
-def _env_overrides(env: Mapping[str, str]) -> dict[tuple[str, str], tuple[str, Any]]:
-    """``(section, key) -> (variable, value)`` for every ``GPU_AGENT_<SECTION>_<KEY>``.
-
-    Each value is typed and checked alone here (a list is comma-separated, an empty string
-    unsets an optional key, ``*_mode`` is octal, the rest as msgspec reads a string for the
-    type), and as part of its section with the file's values when the whole is converted.
-    """
-    found: dict[tuple[str, str], tuple[str, Any]] = {}
-    for var, text in env.items():
-        if not var.startswith(_ENV_PREFIX):
-            continue
-        rest = var.removeprefix(_ENV_PREFIX)
-        for section, struct in _SECTIONS.items():
-            if not rest.startswith(section.upper() + "_"):
-                continue
-            key = rest.removeprefix(section.upper() + "_").lower()
-            fields = {field.name: field.type for field in msgspec.structs.fields(struct)}
-            if key not in fields or env_var(section, key) != var:
-                raise ConfigError(
-                    "bad_config",
-                    f"{var}: {section}.{key}: unknown key; [{section}] has: {', '.join(fields)}",
-                )
-            try:
-                value = _env_value(key, text, fields[key])
-            except (msgspec.ValidationError, ValueError) as exc:
-                raise ConfigError("bad_config", f"{var}={text!r}: {section}.{key}: {exc}") from None
-            found[section, key] = (var, value)
-    return found
-
-
-def _env_value(key: str, text: str, kind: Any) -> Any:
-    """``text`` as a value of type ``kind``, in the builtin form the file would give."""
-    plain = typing.get_args(kind)[0] if typing.get_origin(kind) is Annotated else kind
-    origin = typing.get_origin(plain)
-    value: Any = text
-    if origin in (list, tuple):
-        value = [part.strip() for part in text.split(",") if part.strip()]
-    elif origin in (types.UnionType, typing.Union) and type(None) in typing.get_args(plain):
-        value = text or None
-    elif key.endswith("_mode"):
-        try:
-            value = int(text.removeprefix("0o"), 8)
-        except ValueError:
-            raise ValueError("not an octal mode such as 0660") from None
-    typed = msgspec.convert(value, kind, strict=False, dec_hook=_decode_path)
-    return msgspec.to_builtins(typed, enc_hook=str)

@@ -20,6 +20,8 @@ Error codes (``ControlError.code``):
     unknown_job       no job has that id
     permission_denied the peer may not use the socket (the connection is then closed)
     internal_error    the daemon failed to answer; its log says why
+    too_many_connections  the daemon serves as many connections as it may (then closed)
+    idle_timeout      no request, or an unfinished one, for too long (then closed)
     -- raised by the client only --
     daemon_not_running  no socket, or nobody answering on it
     connection_lost     the daemon closed the connection mid-answer
@@ -40,11 +42,12 @@ from typing import Annotated, Any, Final, Literal, Protocol
 import msgspec
 from msgspec import UNSET, Meta, UnsetType
 
-from agent.control_args import MAX_JOBS_LIMIT
+from agent.control_args import MAX_JOB_ID_CHARS, MAX_JOBS_LIMIT
 from agent.owner import OwnerPolicy
 
 __all__ = [
     "MAX_JOBS_LIMIT",
+    "MAX_PAUSE_UNTIL",
     "MAX_REQUEST_BYTES",
     "METHODS",
     "Call",
@@ -218,12 +221,17 @@ class NoParams(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """``status``, ``resume`` and ``subscribe`` take no params."""
 
 
+#: The latest ``pause`` ``until``: the end of 9998, Unix seconds. Later ones cannot be
+#: shown as local dates (year 9999 and a time zone overflow); nobody pauses that long.
+MAX_PAUSE_UNTIL: Final = 253370764800.0
+
+
 class PauseParams(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """``pause``: with ``drain``, answer once the running jobs have ended; with ``until``
-    (Unix seconds), resume by itself then."""
+    (Unix seconds, at most :data:`MAX_PAUSE_UNTIL`), resume by itself then."""
 
     drain: bool = False
-    until: float | None = None
+    until: Annotated[float, Meta(ge=0, le=MAX_PAUSE_UNTIL)] | None = None
 
 
 class SettingsParams(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -242,7 +250,7 @@ class JobsParams(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_field
 class LogsParams(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """``logs``: whose; with ``follow``, keep streaming until the job ends."""
 
-    job_id: Annotated[str, Meta(min_length=1, max_length=128)]
+    job_id: Annotated[str, Meta(min_length=1, max_length=MAX_JOB_ID_CHARS)]
     follow: bool = False
 
 
@@ -291,6 +299,9 @@ def parse_request(line: bytes) -> Call | Refusal:
         raw = _ANY_JSON.decode(line)
     except msgspec.DecodeError as exc:
         return Refusal(None, "bad_json", f"not JSON: {exc}")
+    except RecursionError:
+        # [[[[...]]]]: a line of 64 KiB nests deeper than the decoder goes.
+        return Refusal(None, "bad_json", "not JSON: nested too deeply")
     if not isinstance(raw, dict):
         return Refusal(None, "bad_request", "a request is a JSON object")
     # Answer with the caller's id whenever it is a usable one, even if the rest is not.
@@ -400,6 +411,11 @@ class LineSplitter:
             self._skipping = False
             start = end + 1
         return lines
+
+    @property
+    def pending(self) -> bool:
+        """Whether part of a line has come and its newline not yet."""
+        return bool(self._buffer) or self._skipping
 
     def close(self) -> list[bytes | None]:
         """The stream ended: a last line without its newline still counts."""

@@ -10,11 +10,43 @@ import argparse
 from pathlib import Path
 from typing import Any, Final
 
-__all__ = ["COMMANDS", "MAX_JOBS_LIMIT", "add_commands"]
+__all__ = ["COMMANDS", "MAX_JOBS_LIMIT", "MAX_JOB_ID_CHARS", "add_commands"]
 
 COMMANDS: Final = ("status", "pause", "resume", "jobs", "logs")
 #: The most jobs one ``jobs`` call lists (agent.control checks the same bound).
 MAX_JOBS_LIMIT: Final = 1000
+#: The longest job id ``logs`` takes (agent.control checks the same bound).
+MAX_JOB_ID_CHARS: Final = 128
+#: How long a command waits for the daemon's answer unless told (--timeout).
+_TIMEOUT_S: Final = 10.0
+_MAX_TIMEOUT_S: Final = 3600.0
+
+
+def _job_id(text: str) -> str:
+    if not 1 <= len(text) <= MAX_JOB_ID_CHARS:
+        raise argparse.ArgumentTypeError(f"a job id has 1 to {MAX_JOB_ID_CHARS} characters")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not UTF-8 text") from None
+    return text
+
+
+def _socket(text: str) -> Path:
+    if not text:
+        # Path("") is ".": not a socket anyone meant.
+        raise argparse.ArgumentTypeError("an empty path")
+    return Path(text)
+
+
+def _timeout(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not 0 < value <= _MAX_TIMEOUT_S:  # also refuses nan and inf
+        raise argparse.ArgumentTypeError(f"{text!r} must be more than 0 and at most 3600")
+    return value
 
 
 def _limit(text: str) -> int:
@@ -49,10 +81,18 @@ def add_commands(
     common = parser_class(add_help=False)
     common.add_argument(
         "--socket",
-        type=Path,
+        type=_socket,
         metavar="PATH",
         help="the agent's control socket (default: /run/gpu-agent/agent.sock if it "
         "exists, else the one in your runtime directory)",
+    )
+    common.add_argument(
+        "--timeout",
+        type=_timeout,
+        default=_TIMEOUT_S,
+        metavar="S",
+        help=f"seconds to wait for the agent's answer (default: {_TIMEOUT_S:g}); "
+        "pause --drain and logs --follow then wait as long as the jobs take",
     )
     as_json = {"action": "store_true", "help": "print the answer as JSON"}
 
@@ -82,7 +122,7 @@ def add_commands(
     jobs.add_argument("--json", **as_json)
 
     logs = subparsers.add_parser("logs", parents=[common], help="a job's output")
-    logs.add_argument("job_id", metavar="JOB")
+    logs.add_argument("job_id", type=_job_id, metavar="JOB")
     logs.add_argument(
         "--follow", "-f", action="store_true", help="keep printing until the job ends"
     )

@@ -43,9 +43,10 @@ def run_command(args: argparse.Namespace) -> int | None:
 
 
 async def _run(path: Path, args: argparse.Namespace) -> int:
-    async with await ControlClient.connect(path) as client:
+    timeout: float = args.timeout
+    async with await ControlClient.connect(path, timeout=timeout) as client:
         if args.command == "logs":
-            async for item in client.logs(args.job_id, follow=args.follow):
+            async for item in client.logs(args.job_id, follow=args.follow, timeout=timeout):
                 if isinstance(item, JobView):
                     break
                 out = sys.stdout if item.stream == "stdout" else sys.stderr
@@ -53,11 +54,11 @@ async def _run(path: Path, args: argparse.Namespace) -> int:
                 out.flush()
             return 0
         if args.command == "jobs":
-            jobs = await client.jobs(args.limit)
+            jobs = await client.jobs(args.limit, timeout=timeout)
             _print(jobs if args.json else render_jobs(jobs))
             return 0
         if args.command == "pause" and args.drain:
-            running = len((await client.status()).jobs)
+            running = len((await client.status(timeout=timeout)).jobs)
             if running:
                 print(
                     f"paused; waiting for {running} running job(s) to end "
@@ -66,11 +67,11 @@ async def _run(path: Path, args: argparse.Namespace) -> int:
                 )
         if args.command == "pause":
             until = time.time() + args.duration if args.duration else None
-            status = await client.pause(drain=args.drain, until=until)
+            status = await client.pause(drain=args.drain, until=until, timeout=timeout)
         elif args.command == "resume":
-            status = await client.resume()
+            status = await client.resume(timeout=timeout)
         else:
-            status = await client.status()
+            status = await client.status(timeout=timeout)
         _print(status if args.json else render_status(status))
         return 0
 

@@ -41,6 +41,7 @@ __all__ = [
     "GROUP_FIX",
     "START_FIX",
     "SYSTEM_SOCKET",
+    "TIMEOUT_S",
     "ControlClient",
     "call_sync",
     "default_socket_path",
@@ -51,6 +52,8 @@ __all__ = [
 SYSTEM_SOCKET: Final = Path("/run/gpu-agent/agent.sock")
 START_FIX: Final = "start the service: systemctl start gpu-agent"
 GROUP_FIX: Final = "join the group: sudo usermod -aG gpu-agent $USER (then log in again)"
+TIMEOUT_S: Final = 10.0
+"""How long a call waits for its answer unless told otherwise."""
 MAX_ANSWER_BYTES: Final = 16 * 1024 * 1024
 """The longest line read from the daemon (a status with many GPUs and jobs fits easily)."""
 _FIXES: Final = {"daemon_not_running": START_FIX, "permission_denied": GROUP_FIX}
@@ -130,52 +133,66 @@ class ControlClient:
         method: str,
         params: Mapping[str, object] | msgspec.Struct | None = None,
         *,
-        timeout: float | None = 10.0,
+        timeout: float | None = TIMEOUT_S,
     ) -> Any:
         """Call ``method``; return its result as plain JSON values (dicts, lists, ...)."""
-        return msgspec.json.decode(await self._call(method, params, timeout))
+        return _decode(await self._call(method, params, timeout), Any)
 
-    async def status(self, *, timeout: float | None = 10.0) -> StatusView:
+    async def status(self, *, timeout: float | None = TIMEOUT_S) -> StatusView:
         """The daemon's state."""
         return _decode(await self._call("status", None, timeout), StatusView)
 
     async def pause(
-        self, *, drain: bool = False, until: float | None = None, timeout: float | None = None
+        self, *, drain: bool = False, until: float | None = None, timeout: float | None = TIMEOUT_S
     ) -> StatusView:
         """Stop taking new jobs (until ``until``, Unix seconds, if given); with ``drain``,
-        return once the running ones have ended."""
-        params = PauseParams(drain=drain, until=until)
-        return _decode(await self._call("pause", params, timeout), StatusView)
+        return once the running ones have ended.
 
-    async def settings(self, *, timeout: float | None = 10.0) -> OwnerPolicy:
+        The pause is asked for, and answered, within ``timeout``; only then, with
+        ``drain``, is the wait for the jobs (as long as they run) asked for.
+        """
+        params = PauseParams(until=until)
+        status = _decode(await self._call("pause", params, timeout), StatusView)
+        if drain:
+            params = PauseParams(drain=True, until=until)
+            status = _decode(await self._call("pause", params, None), StatusView)
+        return status
+
+    async def settings(self, *, timeout: float | None = TIMEOUT_S) -> OwnerPolicy:
         """The owner's controls in force."""
         return _decode(await self._call("settings", None, timeout), OwnerPolicy)
 
     async def set_settings(
-        self, changes: Mapping[str, object], *, timeout: float | None = 10.0
+        self, changes: Mapping[str, object], *, timeout: float | None = TIMEOUT_S
     ) -> OwnerPolicy:
         """Change some owner controls; the daemon validates them (``bad_settings``)."""
         params = SettingsParams(changes=dict(changes))
         return _decode(await self._call("set_settings", params, timeout), OwnerPolicy)
 
-    async def resume(self, *, timeout: float | None = 10.0) -> StatusView:
+    async def resume(self, *, timeout: float | None = TIMEOUT_S) -> StatusView:
         """Take jobs again."""
         return _decode(await self._call("resume", None, timeout), StatusView)
 
-    async def jobs(self, limit: int = 20, *, timeout: float | None = 10.0) -> list[JobView]:
+    async def jobs(self, limit: int = 20, *, timeout: float | None = TIMEOUT_S) -> list[JobView]:
         """The most recent jobs, newest first."""
         return _decode(await self._call("jobs", JobsParams(limit=limit), timeout), list[JobView])
 
     async def logs(
-        self, job_id: str, *, follow: bool = False
+        self, job_id: str, *, follow: bool = False, timeout: float | None = TIMEOUT_S
     ) -> AsyncGenerator[LogChunkView | JobView, None]:
-        """The job's log chunks (with ``follow``, until it ends), then the job itself."""
+        """The job's log chunks (with ``follow``, until it ends), then the job itself.
+
+        Each piece must come within ``timeout``; with ``follow`` a job may be quiet for
+        long, so only the daemon's answer to a ``status`` asked first is timed.
+        """
+        if follow:
+            await self._call("status", None, timeout)
         async with self._busy:
             request_id = await self._send("logs", LogsParams(job_id=job_id, follow=follow))
             ended = False
             try:
                 while not ended:
-                    frame = await self._frame()
+                    frame = await self._timed_frame("logs", None if follow else timeout)
                     if frame.event == "log" and frame.id == request_id:
                         yield _decode(frame.data, LogChunkView)
                     else:
@@ -189,7 +206,7 @@ class ControlClient:
     async def subscribe(self) -> AsyncGenerator[StatusView, None]:
         """The daemon's state now, then each time it changes. Ends by raising
         ``ControlError("connection_lost")`` when the daemon goes away."""
-        await self._call("subscribe", None, 10.0)
+        await self._call("subscribe", None, TIMEOUT_S)
         self._subscribed = True
         while True:
             frame = await self._frame()
@@ -207,21 +224,29 @@ class ControlClient:
     ) -> msgspec.Raw:
         async with self._busy:
             request_id = await self._send(method, params)
-            try:
-                async with asyncio.timeout(timeout):
-                    frame = await self._frame()
-            except TimeoutError:
-                # A late answer would be taken for the next call's: this connection is done.
-                self._writer.close()
-                raise _error("timeout", f"{method}: no answer in {timeout} s") from None
-            return self._result(frame, request_id)
+            return self._result(await self._timed_frame(method, timeout), request_id)
+
+    async def _timed_frame(self, method: str, timeout: float | None) -> Frame:
+        try:
+            async with asyncio.timeout(timeout):
+                return await self._frame()
+        except TimeoutError:
+            # A late answer would be taken for the next call's: this connection is done.
+            self._writer.close()
+            raise _error("timeout", f"{method}: no answer in {timeout} s") from None
 
     async def _send(self, method: str, params: Mapping[str, object] | msgspec.Struct | None) -> int:
         if self._subscribed:
             raise _error("bad_request", "this connection is subscribed; open another to call")
         request_id = next(self._ids)
         try:
-            self._writer.write(encode_request(request_id, method, params))
+            line = encode_request(request_id, method, params)
+        except (UnicodeEncodeError, TypeError) as exc:
+            # A lone surrogate (a command-line argument that was not UTF-8), or a value
+            # that has no JSON form: nothing is sent.
+            raise _error("bad_request", f"{method}: cannot encode the request: {exc}") from None
+        try:
+            self._writer.write(line)
             await self._writer.drain()
         except ConnectionError as exc:
             raise _error("connection_lost", f"{self.path}: {exc.strerror}") from exc
@@ -248,15 +273,16 @@ class ControlClient:
             raise _error("bad_response", f"an answer longer than {MAX_ANSWER_BYTES} bytes")
         try:
             return self._decoder.decode(line)
-        except msgspec.DecodeError as exc:
-            raise _error("bad_response", f"cannot read the agent's answer: {exc}") from exc
+        except (msgspec.DecodeError, RecursionError) as exc:
+            raise _error("bad_response", f"cannot read the agent's answer: {exc}") from None
 
 
 def _decode(raw: msgspec.Raw | msgspec.UnsetType, kind: type[T]) -> T:
     try:
         return msgspec.json.decode(raw if isinstance(raw, msgspec.Raw) else b"", type=kind)
-    except msgspec.DecodeError as exc:
-        raise _error("bad_response", f"cannot read the agent's answer: {exc}") from exc
+    except (msgspec.DecodeError, RecursionError) as exc:
+        # RecursionError: JSON nested deeper than the decoder goes ([[[[...]]]]).
+        raise _error("bad_response", f"cannot read the agent's answer: {exc}") from None
 
 
 async def watch(
@@ -286,7 +312,7 @@ def call_sync(
     method: str,
     params: Mapping[str, object] | msgspec.Struct | None = None,
     *,
-    timeout: float | None = 10.0,
+    timeout: float | None = TIMEOUT_S,
 ) -> Any:
     """``ControlClient.call`` for code without an event loop (one connection per call)."""
 

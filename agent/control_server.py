@@ -5,6 +5,12 @@ the socket's group; everyone else is answered ``permission_denied`` and closed. 
 methods and the mutating ones (pause, resume) share that rule: the socket's group is the
 trust boundary, the way the ``docker`` group is Docker's, and nothing behind it is worth a
 second tier (pausing only stops this machine from taking new jobs).
+
+What one connection may hold is bounded: at most ``max_connections`` are served at once
+(the next ones get one ``too_many_connections`` line), a connection that sends no request
+for ``idle_timeout_s`` (unless it is subscribed) or leaves a request line unfinished for
+``line_timeout_s`` gets one ``idle_timeout`` line and is closed, and so is one that reads
+none of its answers for ``idle_timeout_s``.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import socket
 from collections.abc import AsyncGenerator
 from pathlib import Path
 from typing import Final
@@ -43,13 +50,25 @@ _log = logging.getLogger(__name__)
 _LINGER_S = 1.0
 _LINGER_BYTES = 1 << 20
 _READ_SIZE: Final = 64 * 1024
+#: Connections served at once; the tray holds two, each CLI command one.
+MAX_CONNECTIONS: Final = 256
+#: How long a connection may wait between requests (a subscribed one may wait forever),
+#: and take to read an answer.
+IDLE_TIMEOUT_S: Final = 300.0
+#: How long a request line may take from its first byte to its newline.
+LINE_TIMEOUT_S: Final = 10.0
+
+
+class _Stalled(ConnectionError):
+    """The peer read none of what it was sent for ``idle_timeout_s``."""
 
 
 class _Connection:
     """One client: answers and events share its writer, one line at a time."""
 
-    def __init__(self, writer: asyncio.StreamWriter) -> None:
+    def __init__(self, writer: asyncio.StreamWriter, send_timeout_s: float) -> None:
         self.writer = writer
+        self.send_timeout_s = send_timeout_s
         self.lock = asyncio.Lock()
         self.latest: StatusView | None = None
         self.changed = asyncio.Event()
@@ -58,7 +77,11 @@ class _Connection:
     async def send(self, line: bytes) -> None:
         async with self.lock:
             self.writer.write(line)
-            await self.writer.drain()
+            try:
+                async with asyncio.timeout(self.send_timeout_s):
+                    await self.writer.drain()
+            except TimeoutError:
+                raise _Stalled from None
 
     async def push_states(self) -> None:
         """Send the latest state whenever it changed: one slot, so a slow reader skips
@@ -83,6 +106,10 @@ class ControlServer:
         mode: the socket's permission bits; connecting takes write permission.
         group: the group to own the socket; it must exist. None: the daemon's group.
         max_request_bytes: the longest request line read.
+        max_connections: connections served at once.
+        idle_timeout_s: the longest wait for a request (unless subscribed), and for the
+            peer to read an answer.
+        line_timeout_s: the longest a request line may take from first byte to newline.
     """
 
     def __init__(
@@ -93,9 +120,16 @@ class ControlServer:
         mode: int = 0o660,
         group: str | None = None,
         max_request_bytes: int = MAX_REQUEST_BYTES,
+        max_connections: int = MAX_CONNECTIONS,
+        idle_timeout_s: float = IDLE_TIMEOUT_S,
+        line_timeout_s: float = LINE_TIMEOUT_S,
     ) -> None:
         if not 0 <= mode <= 0o777:
             raise ValueError(f"mode {mode:o} is not a permission mode")
+        self.max_connections = max_connections
+        self.idle_timeout_s = idle_timeout_s
+        self.line_timeout_s = line_timeout_s
+        self._served = 0
         self.target = target
         self.path = path
         self.mode = mode
@@ -116,7 +150,11 @@ class ControlServer:
         sock, self._lock_fd = bind_control_socket(self.path, self.mode, self.group)
         info = os.stat(self.path)
         self._inode, self._gid = info.st_ino, info.st_gid
-        self._server = await asyncio.start_unix_server(self._serve, sock=sock)
+        # asyncio listens again on a socket it is given, with a backlog of 100 unless
+        # told: a burst of clients past that would be refused by the kernel.
+        self._server = await asyncio.start_unix_server(
+            self._serve, sock=sock, backlog=socket.SOMAXCONN
+        )
 
     @property
     def subscribed(self) -> bool:
@@ -165,20 +203,35 @@ class ControlServer:
         if self._closing or self._server is None:  # accepted as close() began
             writer.transport.abort()
             return
-        conversation = asyncio.create_task(self._converse(reader, writer))
+        busy = self._served >= self.max_connections
+        if not busy:
+            self._served += 1
+        conversation = asyncio.create_task(self._converse(reader, writer, busy))
         self._conversations.add(conversation)
         try:
             await asyncio.wait([conversation])
         finally:
             self._conversations.discard(conversation)
+            if not busy:
+                self._served -= 1
 
-    async def _converse(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        connection = _Connection(writer)
+    async def _converse(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, busy: bool
+    ) -> None:
+        connection = _Connection(writer, self.idle_timeout_s)
+        stalled = False
         try:
-            if await self._admit(connection):
+            if busy:
+                message = f"the agent serves {self.max_connections} connections at once; retry"
+                await connection.send(encode_error(None, "too_many_connections", message))
+                await _linger(reader, writer)
+            elif await self._admit(connection):
                 await self._read_requests(reader, connection)
             else:
                 await _linger(reader, writer)
+        except _Stalled:
+            _log.debug("control client read nothing for %s s; dropped", self.idle_timeout_s)
+            stalled = True
         except ConnectionError:
             _log.debug("control client went away mid-answer")
         finally:
@@ -186,9 +239,10 @@ class ControlServer:
             if connection.pusher is not None:
                 connection.pusher.cancel()
             try:
-                writer.close()
-                with contextlib.suppress(ConnectionError):  # the peer left first
-                    await writer.wait_closed()
+                if not stalled:  # else what is left would never be flushed
+                    writer.close()
+                    with contextlib.suppress(ConnectionError):  # the peer left first
+                        await writer.wait_closed()
             finally:
                 # Cancelled while flushing to a peer that reads nothing: drop what is left.
                 writer.transport.abort()
@@ -213,8 +267,27 @@ class ControlServer:
 
     async def _read_requests(self, reader: asyncio.StreamReader, connection: _Connection) -> None:
         splitter = LineSplitter(self.max_request_bytes)
+        loop = asyncio.get_running_loop()
+        line_deadline: float | None = None
         while True:
-            data = await reader.read(_READ_SIZE)
+            # A line's deadline runs from its first byte: trickling it in does not help.
+            if splitter.pending:
+                line_deadline = line_deadline or loop.time() + self.line_timeout_s
+                deadline: float | None = line_deadline
+            else:
+                line_deadline = None
+                subscribed = connection in self._subscribers
+                deadline = None if subscribed else loop.time() + self.idle_timeout_s
+            try:
+                async with asyncio.timeout_at(deadline):
+                    data = await reader.read(_READ_SIZE)
+            except TimeoutError:
+                if splitter.pending:
+                    message = f"a request line unfinished after {self.line_timeout_s} s"
+                else:
+                    message = f"no request in {self.idle_timeout_s} s"
+                await connection.send(encode_error(None, "idle_timeout", message))
+                return
             for line in splitter.feed(data) if data else splitter.close():
                 await self._answer(connection, line)
             if not data:
@@ -288,6 +361,10 @@ class ControlServer:
     async def _push(self, connection: _Connection) -> None:
         try:
             await connection.push_states()
+        except _Stalled:
+            # A subscriber that reads nothing: drop it, and its reader then sees the end.
+            _log.debug("control subscriber read nothing for %s s; dropped", self.idle_timeout_s)
+            connection.writer.transport.abort()
         except ConnectionError:
             # The reader sees the same end of the connection and cleans up.
             _log.debug("control subscriber went away")

@@ -26,7 +26,13 @@ import msgspec
 
 from agent.errors import ControlError
 
-__all__ = ["PeerCredentials", "bind_control_socket", "peer_allowed", "read_peer_credentials"]
+__all__ = [
+    "PeerCredentials",
+    "bind_control_socket",
+    "peer_allowed",
+    "read_peer_credentials",
+    "socket_path_fault",
+]
 
 # Linux <asm-generic/socket.h>; Python names SO_PEERCRED but not this one.
 _SO_PEERGROUPS: Final = getattr(socket, "SO_PEERGROUPS", 59)
@@ -93,11 +99,9 @@ def bind_control_socket(path: Path, mode: int, group: str | None) -> tuple[socke
                 f"the control socket's group {group!r} does not exist",
                 fix=f"create it: sudo groupadd --system {group}",
             ) from None
-    staging = path.with_name(f".{path.name}.{os.getpid()}")
-    if len(os.fsencode(staging)) > _SUN_PATH_MAX:
-        raise ControlError(
-            "bad_socket_path", f"{path}: too long for a unix socket (at most ~100 bytes)"
-        )
+    staging = _staging(path)
+    if fault := socket_path_fault(path):
+        raise ControlError("bad_socket_path", fault)
     try:
         path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
         lock_fd = os.open(f"{path}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
@@ -113,6 +117,18 @@ def bind_control_socket(path: Path, mode: int, group: str | None) -> tuple[socke
     except BaseException:
         os.close(lock_fd)
         raise
+
+
+def socket_path_fault(path: Path) -> str:
+    """Why no unix socket can be bound at ``path`` ("" if one can): its address, and that
+    of the temporary name it is bound under first, must fit in ``sun_path``."""
+    if len(os.fsencode(_staging(path))) > _SUN_PATH_MAX:
+        return f"{path}: too long for a unix socket (at most ~100 bytes)"
+    return ""
+
+
+def _staging(path: Path) -> Path:
+    return path.with_name(f".{path.name}.{os.getpid()}")
 
 
 def _listen(path: Path, staging: Path, mode: int, gid: int) -> socket.socket:

@@ -5,9 +5,10 @@ how a caller reacts to it::
 
     AgentError                     base; never raised itself
     +-- IdentityError              the node key cannot be trusted or used (refuse to start)
-    |     codes: key_permissions, key_unreadable, key_unwritable, key_corrupt
+    |     codes: key_permissions, key_unreadable, key_unwritable, key_corrupt,
+    |            key_missing (read only: `keys show` before the first start)
     +-- ConfigError                a setting is wrong (refuse to start, say which)
-    |     code: bad_config
+    |     codes: bad_config; bad_policy (a `--policy` file)
     +-- OutboxError                the durable outbox refused or failed an operation
     |     codes: ack_ahead, seq_backwards, bad_argument, schema_too_new, closed,
     |            storage_error

@@ -26,14 +26,18 @@ from agent.errors import IdentityError
 from agent.protocol import crypto
 
 __all__ = [
+    "IDENTITY_DIR",
     "KEY_FILE",
     "NODE_ID_FILE",
     "PUBLIC_KEY_FILE",
     "Identity",
+    "load_existing",
     "load_or_create",
     "show",
 ]
 
+IDENTITY_DIR = "identity"
+"""The identity directory's name in the state directory."""
 KEY_FILE = "node.key"
 PUBLIC_KEY_FILE = "node.pub"
 NODE_ID_FILE = "node_id"
@@ -97,6 +101,36 @@ def load_or_create(identity_dir: Path) -> Identity:
     return identity
 
 
+def load_existing(identity_dir: Path) -> Identity:
+    """The identity kept in ``identity_dir``, read only: nothing is created or rewritten.
+
+    The checks are :func:`load_or_create`'s, except that root may read a key another
+    user owns (``sudo gpu-agent keys show`` on a service that runs as its own user).
+
+    Raises:
+        IdentityError: ``key_missing`` when there is no key yet, else as
+            :func:`load_or_create`.
+    """
+    key_path = identity_dir / KEY_FILE
+    try:
+        _check_directory(identity_dir, os.stat(identity_dir), any_owner=os.geteuid() == 0)
+        data = _read_key(key_path, any_owner=os.geteuid() == 0)
+    except FileNotFoundError:
+        data = None
+    except OSError as exc:
+        raise IdentityError("key_unreadable", f"{identity_dir}: {exc.strerror}") from None
+    if data is None:
+        raise IdentityError(
+            "key_missing",
+            f"no key in {identity_dir}: the agent creates it at its first start "
+            "(gpu-agent run), or create it now with gpu-agent keys create",
+        )
+    try:
+        return Identity.from_private_key(crypto.load_private_key_pem(data))
+    except ValueError as exc:
+        raise IdentityError("key_corrupt", f"{key_path}: {exc}") from None
+
+
 def show(identity: Identity) -> str:
     """The text of ``gpu-agent keys show``: node id, key id and public key."""
     return "\n".join(
@@ -108,9 +142,11 @@ def show(identity: Identity) -> str:
     )
 
 
-def _check_directory(path: Path, st: os.stat_result) -> None:
+def _check_directory(path: Path, st: os.stat_result, *, any_owner: bool = False) -> None:
     # Whoever may write the directory may delete the key and have us make a new identity.
-    if st.st_uid != os.geteuid():
+    if not stat.S_ISDIR(st.st_mode):
+        raise IdentityError("key_permissions", f"{path} is not a directory")
+    if st.st_uid != os.geteuid() and not any_owner:
         raise IdentityError("key_permissions", f"{path} is owned by uid {st.st_uid}")
     if st.st_mode & 0o022:
         raise IdentityError(
@@ -118,10 +154,10 @@ def _check_directory(path: Path, st: os.stat_result) -> None:
         )
 
 
-def _check_key(path: Path, st: os.stat_result) -> None:
+def _check_key(path: Path, st: os.stat_result, *, any_owner: bool = False) -> None:
     if not stat.S_ISREG(st.st_mode):
         raise IdentityError("key_permissions", f"{path} is not a regular file")
-    if st.st_uid != os.geteuid():
+    if st.st_uid != os.geteuid() and not any_owner:
         raise IdentityError(
             "key_permissions", f"{path} is owned by uid {st.st_uid}, not {os.geteuid()}"
         )
@@ -133,7 +169,7 @@ def _check_key(path: Path, st: os.stat_result) -> None:
         )
 
 
-def _read_key(path: Path) -> bytes | None:
+def _read_key(path: Path, *, any_owner: bool = False) -> bytes | None:
     """The key file's bytes after its checks, or None when there is none."""
     # O_NOFOLLOW refuses a symlink in the last component; O_NONBLOCK keeps a FIFO from
     # blocking the open. The checks then run on the opened file, not on the name, so
@@ -148,7 +184,7 @@ def _read_key(path: Path) -> bytes | None:
             raise IdentityError("key_permissions", f"{path} is a symbolic link") from None
         raise IdentityError("key_unreadable", f"{path}: {exc.strerror}") from None
     try:
-        _check_key(path, os.fstat(fd))
+        _check_key(path, os.fstat(fd), any_owner=any_owner)
         chunks: list[bytes] = []
         size = 0
         while chunk := os.read(fd, 4096):

@@ -20,9 +20,9 @@ from agent.gpu_select import device_facts, pick_gpus
 from hal.backend import HalConfig
 from hal.profile import take_profile
 from sandbox.docker_api import DockerClient
-from sandbox.errors import PolicyViolation, SandboxError, SpecError
+from sandbox.errors import PolicyViolation, SandboxError
 from sandbox.gpu_mapping import DeviceFacts
-from sandbox.policy import Policy, admit
+from sandbox.policy import Policy, admit, load_policy_file
 from sandbox.results import Created, Event, Exited, Finished, JobResult, LogChunk, Started
 from sandbox.runner import Runner, RunnerConfig
 from sandbox.spec import WorkloadSpec
@@ -125,14 +125,7 @@ def load_policy(path: Path | None) -> Policy:
     """The operator policy from a TOML file, or the permissive local default."""
     if path is None:
         return Policy(allowed_images=["*"])
-    try:
-        return msgspec.toml.decode(path.read_bytes(), type=Policy)
-    except OSError as exc:
-        raise SpecError("bad_policy", "", f"cannot read {path}: {exc.strerror}") from exc
-    except msgspec.ValidationError as exc:
-        raise SpecError("bad_policy", "", f"{path}: {exc}") from exc
-    except msgspec.DecodeError as exc:
-        raise SpecError("bad_policy", "", f"{path} is not TOML: {exc}") from exc
+    return load_policy_file(path)
 
 
 def default_jobs_dir() -> Path:

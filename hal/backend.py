@@ -13,7 +13,10 @@ import msgspec
 from hal.errors import BadConfig
 from hal.types import GpuProfile, GpuSample, HealthEvent, PowerLimitResult
 
-__all__ = ["Backend", "HalConfig"]
+__all__ = ["MAX_DISCOVERY_TIMEOUT_S", "Backend", "HalConfig"]
+
+#: The longest ``GPU_AGENT_DISCOVERY_TIMEOUT``: an hour is far past any real discovery.
+MAX_DISCOVERY_TIMEOUT_S = 3600.0
 
 
 class HalConfig(msgspec.Struct, frozen=True, kw_only=True):
@@ -118,4 +121,6 @@ def _positive(env: Mapping[str, str], key: str, default: float) -> float:
         raise BadConfig(f"{key}={text!r} is not a number of seconds") from None
     if not value > 0:
         raise BadConfig(f"{key}={text!r} must be greater than 0")
+    if not value <= MAX_DISCOVERY_TIMEOUT_S:  # inf and 1e309 too: waits take no infinity
+        raise BadConfig(f"{key}={text!r} must be at most {MAX_DISCOVERY_TIMEOUT_S:g} seconds")
     return value

@@ -17,16 +17,22 @@ Image patterns in ``allowed_images`` are one of:
 from __future__ import annotations
 
 import fnmatch
+import os
 import re
+import stat
 from collections.abc import Callable
-from typing import Annotated, Literal
+from pathlib import Path
+from typing import Annotated, Final, Literal
 
 import msgspec
 
-from sandbox.errors import PolicyViolation, Violation
+from sandbox.errors import PolicyViolation, SpecError, Violation
 from sandbox.spec import ImageRef, WorkloadSpec, format_size
 
-__all__ = ["Policy", "admit", "check", "image_allowed"]
+__all__ = ["MAX_POLICY_BYTES", "Policy", "admit", "check", "image_allowed", "load_policy_file"]
+
+MAX_POLICY_BYTES: Final = 1 << 20
+"""The largest policy file read; a policy is a few hundred bytes."""
 
 _GLOB = re.compile(r"[*?\[]")
 _GIB = 1 << 30
@@ -146,3 +152,46 @@ def admit(
     violations = check(spec, policy, offered_vendors=offered_vendors)
     if violations:
         raise PolicyViolation(violations)
+
+
+def load_policy_file(path: Path) -> Policy:
+    """The policy in the TOML file ``path``: a regular file of at most
+    :data:`MAX_POLICY_BYTES` (``--policy /dev/zero`` is refused, not read forever).
+
+    Raises:
+        SpecError: ``bad_policy``, naming the file and the fault.
+    """
+    try:
+        data = _read_capped(path)
+    except OSError as exc:
+        raise SpecError("bad_policy", "", f"cannot read {path}: {exc.strerror}") from None
+    try:
+        return msgspec.toml.decode(data, type=Policy)
+    except msgspec.ValidationError as exc:
+        raise SpecError("bad_policy", "", f"{path}: {exc}") from None
+    except msgspec.DecodeError as exc:
+        raise SpecError("bad_policy", "", f"{path} is not TOML: {exc}") from None
+    except RecursionError:
+        # The TOML parser recurses once per level of [[[...]]]: 1 MiB holds plenty.
+        raise SpecError("bad_policy", "", f"{path} is not TOML: nested too deeply") from None
+
+
+def _read_capped(path: Path) -> bytes:
+    # O_NONBLOCK: a FIFO must not hold the open until a writer comes; the type is checked
+    # on the opened file, so the name cannot be swapped between the check and the read.
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise SpecError("bad_policy", "", f"{path} is not a regular file")
+        chunks: list[bytes] = []
+        size = 0
+        while size <= MAX_POLICY_BYTES and (
+            chunk := os.read(fd, min(1 << 16, MAX_POLICY_BYTES + 1 - size))
+        ):
+            chunks.append(chunk)
+            size += len(chunk)
+    finally:
+        os.close(fd)
+    if size > MAX_POLICY_BYTES:
+        raise SpecError("bad_policy", "", f"{path} is larger than {MAX_POLICY_BYTES} bytes")
+    return b"".join(chunks)

@@ -50,7 +50,7 @@ echo 'allowed_images = ["gpu-agent-demo/busybox"]' > "$demo/policy.toml"
   --interval 1 --batch 2 \
   > "$demo/agent.log" 2>&1 &
 pids+=($!)
-"$bin/gpu-agent" keys show --state-dir "$demo/agent"
+"$bin/gpu-agent" keys create --state-dir "$demo/agent"
 node=$("$bin/gpu-agent" keys show --state-dir "$demo/agent" | awk '/node id/ {print $3}')
 api="http://127.0.0.1:$port/api/nodes/$node"
 for _ in $(seq 100); do

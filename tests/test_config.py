@@ -9,6 +9,7 @@ from typing import Any
 
 import msgspec
 import pytest
+from certs import ca_pem
 
 from agent.config import (
     AgentConfig,
@@ -179,11 +180,13 @@ def test_plain_ws_is_allowed_on_loopback_or_when_the_file_allows_it(tmp_path: Pa
     assert remote.coordinator.allow_plaintext
 
 
-def test_a_ca_file_must_exist(tmp_path: Path) -> None:
+def test_a_ca_file_must_exist_and_hold_certificates(tmp_path: Path) -> None:
     ca = tmp_path / "ca.pem"
     text = f'[coordinator]\nca_file = "{ca}"'
     assert "coordinator.ca_file" in _refusal(tmp_path, text)
     ca.write_text("")
+    assert "holds no PEM certificate" in _refusal(tmp_path, text)
+    ca.write_bytes(ca_pem())
     assert _load(tmp_path, text).coordinator.ca_file == ca
 
 
@@ -234,7 +237,7 @@ def test_the_environment_can_allow_what_the_file_alone_would_refuse(tmp_path: Pa
 def test_variables_that_are_not_config_keys_are_left_alone(tmp_path: Path) -> None:
     hal_vars = set(re.findall(r'"(GPU_AGENT_\w+)"', (ROOT / "hal/backend.py").read_text()))
     assert hal_vars >= {"GPU_AGENT_SYSFS_ROOT", "GPU_AGENT_NVML_LIB"}
-    env = dict.fromkeys([*hal_vars, "GPU_AGENT_STATE_DIR", "DOCKER_HOST", "HOME"], "x")
+    env = dict.fromkeys([*hal_vars, "GPU_AGENT_REQUIRE_DOCKER", "DOCKER_HOST", "HOME"], "x")
     assert _load(tmp_path, "", env) == _load(tmp_path, "")
 
 
@@ -417,6 +420,6 @@ def test_the_sample_file_shows_every_key_with_a_valid_example(tmp_path: Path) ->
     raw = tomllib.loads(text)
     shown = {f"{section}.{key}" for section, table in raw.items() for key in table}
     assert shown == _keys()
-    (tmp_path / "ca.pem").write_text("")
+    (tmp_path / "ca.pem").write_bytes(ca_pem())
     text = re.sub(r'ca_file = ".*"', f'ca_file = "{tmp_path / "ca.pem"}"', text)
     _load(tmp_path, text)

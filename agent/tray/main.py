@@ -4,17 +4,20 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import signal
 import socket
 import sys
 import tempfile
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Final
 
 __all__ = ["main"]
 
 EXIT_NO_QT: Final = 3
+#: No display to show the icon on (Qt would abort the process instead, status 134).
+EXIT_NO_DISPLAY: Final = 2
 _NO_QT: Final = (
     "gpu-agent-tray: PySide6 is not installed; install the tray's extra: "
     "pip install 'gpu-provider-agent[tray]'"
@@ -36,6 +39,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         "else the one in your runtime directory; looked for again at each retry)",
     )
     args = parser.parse_args(argv)
+    problem = display_problem(os.environ, sys.platform)
+    if problem:
+        print(f"gpu-agent-tray: error [no_display]: {problem}", file=sys.stderr)
+        return EXIT_NO_DISPLAY
     try:
         from PySide6.QtCore import QLockFile
         from PySide6.QtWidgets import QApplication, QSystemTrayIcon
@@ -68,6 +75,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     tray.stop()
     lock.unlock()
     return code
+
+
+def display_problem(env: Mapping[str, str], platform: str) -> str:
+    """Why Qt would find no display here ("" if it would): on Linux and the BSDs it needs
+    an X server (``DISPLAY``) or a Wayland compositor (``WAYLAND_DISPLAY``), unless
+    ``QT_QPA_PLATFORM`` names a platform that needs neither (``offscreen``, ``vnc``,
+    ``eglfs``: the user's explicit choice is taken as it is)."""
+    if platform in ("darwin", "win32"):
+        return ""
+    displays = {"xcb": "DISPLAY", "wayland": "WAYLAND_DISPLAY"}
+    wanted = env.get("QT_QPA_PLATFORM", "")
+    # "wayland;xcb" is a list to try in order; "xcb:option=value" carries options.
+    platforms = [p.split(":")[0].strip() for p in wanted.split(";") if p.strip()]
+    for name in platforms or ["wayland", "xcb"]:
+        kind = next((k for k in displays if name.startswith(k)), None)
+        if kind is None or env.get(displays[kind]):
+            return ""
+    tried = ", ".join(platforms) if platforms else "wayland, xcb"
+    return (
+        f"no display to show the icon on: DISPLAY and WAYLAND_DISPLAY are unset (Qt "
+        f"platform: {tried}); start it in a desktop session, or set QT_QPA_PLATFORM"
+    )
 
 
 def _lock_path() -> str:
