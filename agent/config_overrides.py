@@ -48,8 +48,12 @@ NOT_CONFIG_VARIABLES: typing.Final = frozenset(
         "GPU_AGENT_DISCOVERY_TIMEOUT",
         "GPU_AGENT_REQUIRE_DOCKER",
         "GPU_AGENT_VERSION",
+        "GPU_AGENT_RELEASE",
         "GPU_AGENT_DEB_ARCH",
         "GPU_AGENT_VENV",
+        "GPU_AGENT_PYTHON",
+        "GPU_AGENT_LIBC",
+        "GPU_AGENT_DOC",
     }
 )
 Sections = Mapping[str, type[msgspec.Struct]]
