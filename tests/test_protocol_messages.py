@@ -292,3 +292,17 @@ def test_a_trailing_newline_never_passes_a_pattern(kind: str, field: str) -> Non
     frame["body"][field] += "\n"
     with pytest.raises(DecodeError):
         decode_frame(json.dumps(frame))
+
+
+@pytest.mark.parametrize(
+    "frame",
+    [
+        '{{"v": 1, "type": "ack", "body": {{"x": {nested}}}}}',  # an unknown field
+        '{{"v": 1, "type": "telemetry", "seq": 1, "body": {{"samples": [{{"x": {nested}}}]}}}}',
+    ],
+)
+def test_a_frame_nested_too_deeply_is_bad_json(frame: str) -> None:
+    nested = "[" * 40_000 + "]" * 40_000
+    with pytest.raises(DecodeError) as refused:
+        decode_frame(frame.format(nested=nested))
+    assert refused.value.code == "bad_json"

@@ -308,6 +308,8 @@ def decode_frame(data: str | bytes, *, accept: frozenset[str] | None = None) -> 
         raise _diagnose(data, exc) from None
     except msgspec.DecodeError as exc:
         raise DecodeError("bad_json", str(exc)) from None
+    except RecursionError:  # msgspec's own limit: a frame of nested brackets
+        raise DecodeError("bad_json", "nested too deeply") from None
     if accept is not None and message_type(message) not in accept:
         raise DecodeError("unknown_type", f"{message_type(message)!r} is not accepted here")
     _check_limits(message)
@@ -383,6 +385,8 @@ def _diagnose(data: str | bytes, exc: msgspec.ValidationError) -> ProtocolError:
         frame = msgspec.json.decode(data)
     except msgspec.DecodeError as bad_json:
         return DecodeError("bad_json", str(bad_json))
+    except RecursionError:  # the typed decode stopped before the nesting; this one does not
+        return DecodeError("bad_json", "nested too deeply")
     if not isinstance(frame, dict):
         return DecodeError("bad_message", str(exc))
     version = frame.get("v")
