@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from agent.errors import ConfigError
+from sandbox.files import read_regular
 
 __all__ = ["MAX_FILE_BYTES", "ca_file_fault", "directory_fault", "read_capped", "read_toml"]
 
@@ -31,29 +32,12 @@ def read_capped(path: Path, *, limit: int = MAX_FILE_BYTES) -> bytes:
         FileNotFoundError: there is no such file (the caller decides if that is a fault).
         ConfigError: ``bad_config``: not a regular file, larger than ``limit``, unreadable.
     """
-    # O_NONBLOCK: opening a FIFO must not wait for a writer; the type is checked on the
-    # opened file, so the name cannot be swapped between the check and the read.
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        return read_regular(path, limit)
     except FileNotFoundError:
         raise
     except OSError as exc:
-        raise ConfigError("bad_config", f"{path}: cannot read: {exc.strerror}") from None
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise ConfigError("bad_config", f"{path}: not a regular file")
-        chunks: list[bytes] = []
-        size = 0
-        while size <= limit and (chunk := os.read(fd, min(1 << 16, limit + 1 - size))):
-            chunks.append(chunk)
-            size += len(chunk)
-        if size > limit:
-            raise ConfigError("bad_config", f"{path}: larger than {limit} bytes")
-    except OSError as exc:
-        raise ConfigError("bad_config", f"{path}: cannot read: {exc.strerror}") from None
-    finally:
-        os.close(fd)
-    return b"".join(chunks)
+        raise ConfigError("bad_config", f"{path}: {exc.strerror}") from None
 
 
 def read_toml(path: Path, *, must_exist: bool) -> dict[str, Any]:

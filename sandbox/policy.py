@@ -17,9 +17,7 @@ Image patterns in ``allowed_images`` are one of:
 from __future__ import annotations
 
 import fnmatch
-import os
 import re
-import stat
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Final, Literal
@@ -27,6 +25,7 @@ from typing import Annotated, Final, Literal
 import msgspec
 
 from sandbox.errors import PolicyViolation, SpecError, Violation
+from sandbox.files import read_regular
 from sandbox.spec import ImageRef, WorkloadSpec, format_size
 
 __all__ = ["MAX_POLICY_BYTES", "Policy", "admit", "check", "image_allowed", "load_policy_file"]
@@ -162,7 +161,7 @@ def load_policy_file(path: Path) -> Policy:
         SpecError: ``bad_policy``, naming the file and the fault.
     """
     try:
-        data = _read_capped(path)
+        data = read_regular(path, MAX_POLICY_BYTES)
     except OSError as exc:
         raise SpecError("bad_policy", "", f"cannot read {path}: {exc.strerror}") from None
     try:
@@ -174,24 +173,3 @@ def load_policy_file(path: Path) -> Policy:
     except RecursionError:
         # The TOML parser recurses once per level of [[[...]]]: 1 MiB holds plenty.
         raise SpecError("bad_policy", "", f"{path} is not TOML: nested too deeply") from None
-
-
-def _read_capped(path: Path) -> bytes:
-    # O_NONBLOCK: a FIFO must not hold the open until a writer comes; the type is checked
-    # on the opened file, so the name cannot be swapped between the check and the read.
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise SpecError("bad_policy", "", f"{path} is not a regular file")
-        chunks: list[bytes] = []
-        size = 0
-        while size <= MAX_POLICY_BYTES and (
-            chunk := os.read(fd, min(1 << 16, MAX_POLICY_BYTES + 1 - size))
-        ):
-            chunks.append(chunk)
-            size += len(chunk)
-    finally:
-        os.close(fd)
-    if size > MAX_POLICY_BYTES:
-        raise SpecError("bad_policy", "", f"{path} is larger than {MAX_POLICY_BYTES} bytes")
-    return b"".join(chunks)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import errno
 import hashlib
 import os
 import re
@@ -28,6 +29,7 @@ from typing import Annotated, Any, Literal
 import msgspec
 
 from sandbox.errors import SpecError
+from sandbox.files import read_regular
 
 __all__ = [
     "MAX_NAME_BYTES",
@@ -287,10 +289,10 @@ def load_spec_file(path: str | os.PathLike[str]) -> WorkloadSpec:
     if suffix not in (".toml", ".json"):
         raise SpecError("bad_spec", "", f"{path}: a spec file ends in .toml or .json")
     try:
-        with path.open("rb") as file:
-            data = file.read(MAX_SPEC_BYTES + 1)
+        data = read_regular(path, MAX_SPEC_BYTES)
     except OSError as exc:
-        raise SpecError("bad_spec", "", f"cannot read {path}: {exc.strerror}") from exc
+        code = "spec_too_large" if exc.errno == errno.EFBIG else "bad_spec"
+        raise SpecError(code, "", f"cannot read {path}: {exc.strerror}") from exc
     return load_spec(data, "toml" if suffix == ".toml" else "json")
 
 

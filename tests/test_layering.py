@@ -37,8 +37,15 @@ ALLOWED = {
     "agent.errors": ("agent.errors",),
     # The spec a coordinator signs must pass the node's own validation (sandbox.spec, a pure
     # library: msgspec and the standard library), so the coordinator runs that validation.
-    # Nothing else of the sandbox: the test below checks what the two reach.
-    "coordinator": ("coordinator", "agent.protocol", "sandbox.spec", "sandbox.errors"),
+    # Nothing else of the sandbox but the bounded file reader the spec's loader uses: the
+    # test below checks what the three reach.
+    "coordinator": (
+        "coordinator",
+        "agent.protocol",
+        "sandbox.spec",
+        "sandbox.errors",
+        "sandbox.files",
+    ),
 }
 
 
@@ -126,6 +133,7 @@ def test_the_coordinator_reaches_only_the_sandboxs_spec_and_its_errors() -> None
     assert sorted(n for n in reached if n.split(".")[0] == "sandbox") == [
         "sandbox",
         "sandbox.errors",
+        "sandbox.files",
         "sandbox.spec",
     ]
     assert sorted(n for n in reached if n.split(".")[0] in ("hal", "agent")) == sorted(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -481,3 +482,19 @@ def test_a_base64_input_counts_its_decoded_size(content: bytes) -> None:
 
 def test_a_text_input_counts_its_utf8_size() -> None:
     assert InputFile(path="f", content="héllo").size_bytes == 6
+
+
+@pytest.mark.timeout(20)
+@pytest.mark.parametrize(("kind", "code"), [("fifo", "bad_spec"), ("huge", "spec_too_large")])
+def test_a_spec_file_is_read_only_if_regular_and_small(
+    tmp_path: Path, kind: str, code: str
+) -> None:
+    path = tmp_path / "job.toml"
+    if kind == "fifo":
+        os.mkfifo(path)  # opening it for reading would wait for a writer for ever
+    else:
+        with path.open("wb") as file:
+            file.truncate(1 << 40)  # sparse: a terabyte that costs no disk
+    with pytest.raises(SpecError) as refused:
+        load_spec_file(path)
+    assert refused.value.code == code
