@@ -43,7 +43,7 @@ import msgspec
 from msgspec import UNSET, Meta, UnsetType
 
 from agent.control_args import MAX_JOB_ID_CHARS, MAX_JOBS_LIMIT
-from agent.owner import OwnerPolicy
+from agent.owner import MAX_PAUSE_UNTIL, OwnerPolicy
 
 __all__ = [
     "MAX_JOBS_LIMIT",
@@ -219,11 +219,6 @@ class ControlTarget(Protocol):
 
 class NoParams(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """``status``, ``resume`` and ``subscribe`` take no params."""
-
-
-#: The latest ``pause`` ``until``: the end of 9998, Unix seconds. Later ones cannot be
-#: shown as local dates (year 9999 and a time zone overflow); nobody pauses that long.
-MAX_PAUSE_UNTIL: Final = 253370764800.0
 
 
 class PauseParams(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):

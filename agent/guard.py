@@ -22,13 +22,20 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import msgspec
 
 from agent.errors import ControlError
 from agent.jobs import JobManager
-from agent.owner import Observation, OwnerPolicy, Verdict, changed, decide
+from agent.owner import (
+    MAX_PAUSE_UNTIL,
+    Observation,
+    OwnerPolicy,
+    Verdict,
+    changed,
+    decide,
+)
 from hal.types import GpuSample, is_value
 from sandbox.cgroups import in_job_container
 
@@ -53,7 +60,8 @@ class _Saved(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 
     policy: dict[str, Any] | None = None
     paused: bool = False
-    paused_until: float | None = None
+    # Checked as the control API checks it: a file edited by hand must not crash the start.
+    paused_until: Annotated[float, msgspec.Meta(ge=0, le=MAX_PAUSE_UNTIL)] | None = None
 
 
 class OwnerGuard:

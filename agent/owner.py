@@ -13,12 +13,13 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from datetime import datetime, time, timedelta
-from typing import Annotated, Literal, NamedTuple
+from typing import Annotated, Final, Literal, NamedTuple
 
 import msgspec
 
 __all__ = [
     "DISPLAY_SERVERS",
+    "MAX_PAUSE_UNTIL",
     "WEEKDAYS",
     "Observation",
     "OwnerPolicy",
@@ -50,6 +51,11 @@ DISPLAY_SERVERS = (
 Weekday = Literal["mon", "tue", "wed", "thu", "fri", "sat", "sun"]
 WEEKDAYS: tuple[Weekday, ...] = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
 _HH_MM = re.compile(r"(?:[01]\d|2[0-3]):[0-5]\d")
+
+
+#: The latest pause ``until``: the end of 9998, Unix seconds. Later ones cannot be shown
+#: as local dates (year 9999 and a time zone overflow); nobody pauses that long.
+MAX_PAUSE_UNTIL: Final = 253370764800.0
 
 
 class Window(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):

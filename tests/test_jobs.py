@@ -435,3 +435,14 @@ async def test_settings_are_validated_whole_and_kept(world: World, tmp_path: Pat
     guard.change({"share_only_when_idle": True, "max_shared_gpus": 1})
     assert world.manager.share_limit == 1
     assert _guard(world, tmp_path, max_shared_gpus=2).policy.share_only_when_idle is True
+
+
+@pytest.mark.parametrize("until", [1e300, -1.0])
+async def test_a_saved_pause_no_date_can_show_is_ignored_at_start(
+    world: World, tmp_path: Path, until: float
+) -> None:
+    # owner.json edited by hand: the daemon starts with the configured settings.
+    (tmp_path / "owner.json").write_text(f'{{"paused": true, "paused_until": {until}}}')
+    guard = _guard(world, tmp_path)
+    assert guard.paused_until is None
+    assert world.manager.unavailable is None
