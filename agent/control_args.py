@@ -10,7 +10,7 @@ import argparse
 from pathlib import Path
 from typing import Any, Final
 
-__all__ = ["COMMANDS", "MAX_JOBS_LIMIT", "MAX_JOB_ID_CHARS", "add_commands"]
+__all__ = ["COMMANDS", "MAX_JOBS_LIMIT", "MAX_JOB_ID_CHARS", "add_commands", "socket_arg"]
 
 COMMANDS: Final = ("status", "pause", "resume", "jobs", "logs")
 #: The most jobs one ``jobs`` call lists (agent.control checks the same bound).
@@ -32,7 +32,8 @@ def _job_id(text: str) -> str:
     return text
 
 
-def _socket(text: str) -> Path:
+def socket_arg(text: str) -> Path:
+    """An argparse type: a control socket path, never an empty one."""
     if not text:
         # Path("") is ".": not a socket anyone meant.
         raise argparse.ArgumentTypeError("an empty path")
@@ -81,7 +82,7 @@ def add_commands(
     common = parser_class(add_help=False)
     common.add_argument(
         "--socket",
-        type=_socket,
+        type=socket_arg,
         metavar="PATH",
         help="the agent's control socket (default: /run/gpu-agent/agent.sock if it "
         "exists, else the one in your runtime directory)",

@@ -380,6 +380,14 @@ def test_the_tray_without_a_display_is_a_coded_refusal_not_an_abort() -> None:
 _DISPLAY_VARIABLES = ("DISPLAY", "WAYLAND_DISPLAY", "QT_QPA_PLATFORM")
 
 
+def test_the_tray_refuses_an_empty_socket_path() -> None:
+    from agent.tray.main import main
+
+    with pytest.raises(SystemExit) as exited:
+        main(["--socket", ""])
+    assert exited.value.code == 2
+
+
 @pytest.mark.parametrize(
     ("env", "shown"),
     [

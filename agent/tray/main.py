@@ -13,6 +13,8 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Final
 
+from agent.control_args import socket_arg
+
 __all__ = ["main"]
 
 EXIT_NO_QT: Final = 3
@@ -33,7 +35,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument(
         "--socket",
-        type=Path,
+        type=socket_arg,
         metavar="PATH",
         help="the agent's control socket (default: /run/gpu-agent/agent.sock if it exists, "
         "else the one in your runtime directory; looked for again at each retry)",
