@@ -15,6 +15,7 @@ from pathlib import Path
 import msgspec
 import pytest
 from certs import ca_pem
+from test_cli import _run
 
 from agent.config import NOT_CONFIG_VARIABLES, AgentConfig, Flag, env_var, load_config
 from agent.errors import ConfigError
@@ -25,17 +26,6 @@ from agent.tray.main import display_problem
 ROOT = Path(__file__).resolve().parent.parent
 KEY = crypto.b64encode(bytes(range(32)))
 URL = "ws://127.0.0.1:1/agent"
-
-
-def _run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "agent.cli", *args],
-        capture_output=True,
-        text=True,
-        env={**os.environ, **(env or {})},
-        timeout=60,
-        check=False,
-    )
 
 
 def _refused(result: subprocess.CompletedProcess[str], code: str, *fragments: str) -> None:
