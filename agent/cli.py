@@ -118,6 +118,12 @@ def _parser() -> argparse.ArgumentParser:
         "--ca-file", metavar="FILE", help="CA bundle (PEM) for a wss:// coordinator"
     )
     daemon.add_argument(
+        "--enrolment-token-file",
+        metavar="FILE",
+        help="a file (mode 0600) with the token a coordinator asks of a new node "
+        "(coordinator.enrolment_token_file); never the token itself: arguments are public",
+    )
+    daemon.add_argument(
         "--allow-plaintext",
         action="store_true",
         help="allow ws:// to a coordinator that is not on this machine (acks can be forged)",

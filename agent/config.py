@@ -38,7 +38,7 @@ from agent.config_checks import (
     is_loopback,
     split_host_port,
 )
-from agent.config_files import ca_file_fault, directory_fault, read_toml
+from agent.config_files import ca_file_fault, directory_fault, enrolment_token_fault, read_toml
 from agent.config_overrides import (
     NOT_CONFIG_VARIABLES,
     Flag,
@@ -98,6 +98,7 @@ class CoordinatorConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknow
     keys: tuple[str, ...] = ()
     ca_file: Path | None = None
     allow_plaintext: bool = False
+    enrolment_token_file: Path | None = None
 
     def __post_init__(self) -> None:
         for index, key in enumerate(self.keys):
@@ -109,8 +110,9 @@ class CoordinatorConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknow
                 raise ValueError(f"keys[{index}]: {key!r} is not a 32-byte Ed25519 public key")
         if self.url is not None:
             check_url(self.url, self.allow_plaintext)
-        if self.ca_file is not None:
-            check_absolute("ca_file", self.ca_file)
+        for name in ("ca_file", "enrolment_token_file"):
+            if (path := getattr(self, name)) is not None:
+                check_absolute(name, path)
 
     @property
     def pinned_keys(self) -> dict[str, bytes]:
@@ -267,9 +269,10 @@ def load_config(
 
     A missing default file means every default; a missing named file is an error. With
     ``require_coordinator``, ``coordinator.url`` and at least one of ``coordinator.keys``
-    must be set (``gpu-agent run`` needs them, ``gpu-agent keys`` does not). Beyond the
-    types: a CA file must hold PEM certificates, and no path may be where a directory
-    cannot be.
+    must be set (``gpu-agent run`` needs them, ``gpu-agent keys`` does not), and an
+    enrolment token file must hold a token (config_files.read_enrolment_token). Beyond
+    the types: a CA file must hold PEM certificates, and no path may be where a
+    directory cannot be.
 
     Raises:
         ConfigError: ``bad_config``, naming the file, variable or option, the key and the
@@ -314,6 +317,9 @@ def load_config(
     faults.append(("paths.runtime_dir", socket_path_fault(config.paths.control_socket)))
     if coordinator.ca_file is not None:
         faults.append(("coordinator.ca_file", ca_file_fault(coordinator.ca_file)))
+    if require_coordinator and (token_file := coordinator.enrolment_token_file) is not None:
+        # `run`'s alone: the file is for the service's user, not for `keys show`'s.
+        faults.append(("coordinator.enrolment_token_file", enrolment_token_fault(token_file)))
     for key, fault in faults:
         if fault:
             raise ConfigError("bad_config", f"{blame(key)}: {key}: {fault}")

@@ -1,9 +1,10 @@
 """What the configuration reads from, and checks on, the filesystem.
 
-Every file named by a user (``--config``, ``coordinator.ca_file``) is read only if it is a
-regular file, and at most :data:`MAX_FILE_BYTES` of it: ``--config /dev/zero`` is refused
-at once instead of filling memory. Each fault is a ``ConfigError`` (``bad_config``) that
-names the file; the caller says which setting named it.
+Every file named by a user (``--config``, ``coordinator.ca_file``,
+``coordinator.enrolment_token_file``) is read only if it is a regular file, and at most
+:data:`MAX_FILE_BYTES` of it: ``--config /dev/zero`` is refused at once instead of filling
+memory. Each fault is a ``ConfigError`` (``bad_config``) that names the file; the caller
+says which setting named it. A fault never quotes a secret file's content.
 """
 
 from __future__ import annotations
@@ -15,29 +16,46 @@ import tomllib
 from pathlib import Path
 from typing import Any, Final
 
+import msgspec
+
 from agent.errors import ConfigError
+from agent.protocol.bodies import EnrolmentToken
 from sandbox.files import read_regular
 
-__all__ = ["MAX_FILE_BYTES", "ca_file_fault", "directory_fault", "read_capped", "read_toml"]
+__all__ = [
+    "MAX_FILE_BYTES",
+    "MAX_TOKEN_FILE_BYTES",
+    "ca_file_fault",
+    "directory_fault",
+    "enrolment_token_fault",
+    "read_capped",
+    "read_enrolment_token",
+    "read_toml",
+]
 
 MAX_FILE_BYTES: Final = 1 << 20
 """The largest configuration or CA file read (a CA bundle of a few hundred certificates
 is about 200 KiB)."""
+MAX_TOKEN_FILE_BYTES: Final = 4096
+"""The largest enrolment token file read: a token is at most 256 characters."""
 
 
-def read_capped(path: Path, *, limit: int = MAX_FILE_BYTES) -> bytes:
-    """The bytes of the regular file ``path``, at most ``limit`` of them.
+def read_capped(path: Path, *, limit: int = MAX_FILE_BYTES, private: bool = False) -> bytes:
+    """The bytes of the regular file ``path``, at most ``limit`` of them; with ``private``,
+    only if neither group nor others may access it (as the node key, agent/identity.py).
 
     Raises:
         FileNotFoundError: there is no such file (the caller decides if that is a fault).
-        ConfigError: ``bad_config``: not a regular file, larger than ``limit``, unreadable.
+        ConfigError: ``bad_config``: not a regular file, larger than ``limit``, unreadable,
+            open to group or others when ``private``.
     """
     try:
-        return read_regular(path, limit)
+        return read_regular(path, limit, private=private)
     except FileNotFoundError:
         raise
     except OSError as exc:
-        raise ConfigError("bad_config", f"{path}: {exc.strerror}") from None
+        hint = " (and get a new token if someone else may have read it)" if private else ""
+        raise ConfigError("bad_config", f"{path}: {exc.strerror}{hint}") from None
 
 
 def read_toml(path: Path, *, must_exist: bool) -> dict[str, Any]:
@@ -77,6 +95,43 @@ def ca_file_fault(path: Path) -> str:
         ssl.create_default_context().load_verify_locations(cadata=text)
     except (UnicodeDecodeError, ssl.SSLError, ValueError) as exc:
         return f"{path} is not a PEM CA bundle ({exc})"
+    return ""
+
+
+def read_enrolment_token(path: Path) -> str:
+    """The enrolment token in ``path``: one line of printable text (surrounding whitespace
+    dropped), of the length the protocol's ``auth`` takes (agent/protocol/bodies.py).
+
+    Raises:
+        ConfigError: ``bad_config``: no such file, :func:`read_capped`'s faults (the file
+            must be private), or not one token. The detail never quotes the content.
+    """
+    try:
+        data = read_capped(path, limit=MAX_TOKEN_FILE_BYTES, private=True)
+    except FileNotFoundError:
+        raise ConfigError("bad_config", f"{path}: no such file") from None
+    try:
+        token = data.decode("utf-8").strip()
+    except UnicodeDecodeError:
+        raise ConfigError("bad_config", f"{path}: not UTF-8 text") from None
+    if not token.isprintable():
+        # Several lines are several tokens (a coordinator's whole list?): which one is
+        # meant is not this agent's guess.
+        raise ConfigError("bad_config", f"{path}: not one token on one line of printable text")
+    try:
+        return msgspec.convert(token, EnrolmentToken)
+    except msgspec.ValidationError:
+        raise ConfigError(
+            "bad_config", f"{path}: a token is 1 to 256 characters, not {len(token)}"
+        ) from None
+
+
+def enrolment_token_fault(path: Path) -> str:
+    """Why ``path`` holds no usable enrolment token ("" if it holds one)."""
+    try:
+        read_enrolment_token(path)
+    except ConfigError as exc:
+        return exc.detail
     return ""
 
 

@@ -56,6 +56,13 @@ NOT_CONFIG_VARIABLES: typing.Final = frozenset(
         "GPU_AGENT_DOC",
     }
 )
+#: The options that name a file or directory, and the key each sets.
+_PATH_OPTIONS: typing.Final = (
+    ("--ca-file", "coordinator.ca_file"),
+    ("--enrolment-token-file", "coordinator.enrolment_token_file"),
+    ("--state-dir", "paths.state_dir"),
+    ("--runtime-dir", "paths.runtime_dir"),
+)
 Sections = Mapping[str, type[msgspec.Struct]]
 """The configuration's sections by name, as ``AgentConfig`` has them."""
 
@@ -92,14 +99,20 @@ def command_line_flags(args: argparse.Namespace) -> list[Flag]:
     flags: list[Flag] = []
     for option, key, value in (
         ("--coordinator", "coordinator.url", getattr(args, "coordinator", None)),
-        ("--ca-file", "coordinator.ca_file", _path(getattr(args, "ca_file", None))),
-        ("--state-dir", "paths.state_dir", _path(getattr(args, "state_dir", None))),
-        ("--runtime-dir", "paths.runtime_dir", _path(getattr(args, "runtime_dir", None))),
         ("--interval", "telemetry.interval_s", getattr(args, "interval", None)),
         ("--batch", "telemetry.batch", getattr(args, "batch", None)),
     ):
         if value is not None:
             flags.append(Flag(option, key, value))
+    for option, key in _PATH_OPTIONS:
+        text = getattr(args, option.removeprefix("--").replace("-", "_"), None)
+        if text == "":
+            # An optional key takes "" as unset: from an option it is a mistake
+            # (`--enrolment-token-file "$UNSET"`), never a wish to send no token.
+            raise ConfigError("bad_config", f"{option}='': {key}: an empty path; give one")
+        if text is not None:
+            # Relative to the working directory, as the user sees it.
+            flags.append(Flag(option, key, os.path.abspath(text)))
     if keys := getattr(args, "coordinator_key", None):
         flags.append(Flag("--coordinator-key", "coordinator.keys", ",".join(keys)))
     if getattr(args, "allow_plaintext", False):
@@ -111,12 +124,6 @@ def command_line_flags(args: argparse.Namespace) -> list[Flag]:
             raise ConfigError(exc.code, f"--policy {policy_file}: {exc.detail}") from None
         flags.append(Flag(f"--policy {policy_file}", "policy", msgspec.to_builtins(policy)))
     return flags
-
-
-def _path(text: str | None) -> str | None:
-    """A path option as the configuration takes it: relative to the working directory
-    (an empty one stays empty, and is refused)."""
-    return os.path.abspath(text) if text else text
 
 
 def env_overrides(env: Mapping[str, str], sections: Sections) -> dict[tuple[str, str], Override]:

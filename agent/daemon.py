@@ -26,6 +26,7 @@ from pathlib import Path
 import msgspec
 
 from agent.config import AgentConfig
+from agent.config_files import read_enrolment_token
 from agent.control_server import ControlServer
 from agent.control_target import DaemonControl
 from agent.errors import OutboxError
@@ -98,9 +99,18 @@ class DaemonConfig(msgspec.Struct, frozen=True, kw_only=True):
 
 def daemon_config(config: AgentConfig) -> DaemonConfig:
     """What the daemon runs with, from the agent's configuration (``coordinator.url``
-    must be set: ``load_config(..., require_coordinator=True)``)."""
+    must be set: ``load_config(..., require_coordinator=True)``).
+
+    Raises:
+        ConfigError: ``bad_config``: the enrolment token file changed for the worse
+            since the configuration was checked.
+    """
     coordinator, jobs = config.coordinator, config.jobs
     assert coordinator.url is not None
+    token_file = coordinator.enrolment_token_file
+    # Checked by load_config already; read once more here, where it is used, and kept
+    # nowhere else (not in the status, not in the logs).
+    token = read_enrolment_token(token_file) if token_file is not None else None
     group, mode = config.control.socket_group or None, config.control.socket_mode
     if group is not None and not _group_exists(group):
         # A system install has the group (packaging/gpu-agent.sysusers); root running the
@@ -110,7 +120,10 @@ def daemon_config(config: AgentConfig) -> DaemonConfig:
     return DaemonConfig(
         state_dir=config.paths.state_dir,
         link=LinkConfig(
-            url=coordinator.url, pinned_keys=coordinator.pinned_keys, ca_file=coordinator.ca_file
+            url=coordinator.url,
+            pinned_keys=coordinator.pinned_keys,
+            ca_file=coordinator.ca_file,
+            enrolment_token=token,
         ),
         runner=RunnerConfig(
             jobs_dir=config.paths.jobs_dir,

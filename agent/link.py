@@ -93,6 +93,13 @@ class LinkConfig(msgspec.Struct, frozen=True, kw_only=True):
     ping_interval_s: float = 20.0
     enrolment_token: str | None = None
 
+    def __repr__(self) -> str:
+        # The token is a secret: a configuration that is logged or printed shows its place.
+        shown = {name: getattr(self, name) for name in self.__struct_fields__}
+        if self.enrolment_token is not None:
+            shown["enrolment_token"] = "<hidden>"
+        return f"LinkConfig({', '.join(f'{name}={value!r}' for name, value in shown.items())})"
+
 
 class Session(NamedTuple):
     """How one connection went, as far as the retry policy cares."""

@@ -22,6 +22,7 @@ __all__ = [
     "AttestRequestBody",
     "AuthBody",
     "ChallengeBody",
+    "EnrolmentToken",
     "EnvelopeBody",
     "EnvelopeSignature",
     "ErrorBody",
@@ -58,6 +59,7 @@ Name = Annotated[str, Meta(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._
 Code = Annotated[str, Meta(min_length=1, max_length=64, pattern=r"^[a-z][a-z0-9_]*(?!\n)$")]
 Text = Annotated[str, Meta(max_length=MAX_ERROR_DETAIL_CHARS)]
 Seconds = Annotated[float, Meta(gt=0, le=86400)]
+EnrolmentToken = Annotated[str, Meta(min_length=1, max_length=256)]
 
 
 class WireStruct(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -104,7 +106,7 @@ class AuthBody(WireStruct, omit_defaults=True):
     has proved it holds the pinned key; omitted when None)."""
 
     signature: Signature
-    enrolment_token: Annotated[str, Meta(min_length=1, max_length=256)] | None = None
+    enrolment_token: EnrolmentToken | None = None
 
 
 class WelcomeBody(WireStruct):
