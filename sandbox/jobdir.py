@@ -81,6 +81,14 @@ def _start_time(pid: int) -> str:
     return stat_line.rsplit(")", 1)[1].split()[19]  # field 22: starttime, in clock ticks
 
 
+def _readable_dir(path: Path) -> None:
+    """Make ``path`` (if new) readable by a job of any uid, whatever this process's umask
+    (the service's is 0027)."""
+    if not path.is_dir():
+        path.mkdir()
+        path.chmod(0o755)
+
+
 class JobDir:
     """The directory of one job while it runs."""
 
@@ -102,10 +110,11 @@ class JobDir:
         input_dir = output_dir = None
         if spec.inputs:
             input_dir = self.path / "input"
-            input_dir.mkdir(mode=0o755)
+            _readable_dir(input_dir)
             for item in spec.inputs:
                 target = input_dir / item.path
-                target.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+                for parent in reversed(target.relative_to(input_dir).parents[:-1]):
+                    _readable_dir(input_dir / parent)
                 data = (
                     base64.b64decode(item.content)
                     if item.encoding == "base64"

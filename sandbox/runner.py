@@ -45,7 +45,7 @@ from sandbox.results import (
     Started,
 )
 from sandbox.spec import WorkloadSpec, spec_digest
-from sandbox.uids import UidPool
+from sandbox.uids import UidPool, can_give_files_away
 
 __all__ = ["LogBudget", "Runner", "RunnerConfig"]
 
@@ -64,10 +64,10 @@ class RunnerConfig(msgspec.Struct, frozen=True, kw_only=True):
         jobs_dir: where each job's input and output directories are made (and removed).
         runtime: the OCI runtime (``runc``, or ``runsc`` for gVisor).
         user: the uid:gid every job runs as, overriding the default: when this process
-            is root, a uid (and gid) of the job's own from ``job_uid_base`` on, so that
-            one job cannot exhaust what the kernel allows per uid (inotify instances,
-            ...) for the others; else this process's own (so that the agent can always
-            delete what a job wrote).
+            is root or holds ``uids.FILE_CAPABILITIES`` (the service does), a uid (and
+            gid) of the job's own from ``job_uid_base`` on, so that one job cannot exhaust
+            what the kernel allows per uid (inotify instances, ...) for the others; else
+            this process's own (so that the agent can always delete what a job wrote).
         job_uid_base, job_uids: the range jobs' own uids are taken from, as many as
             ``job_uids``; no two live jobs of this runner share one.
         log_max_bytes: output kept and forwarded per job; the rest is counted and dropped.
@@ -98,7 +98,9 @@ class Runner:
         self._cancels: dict[str, asyncio.Event] = {}
         self.instance = runner_instance()
         # None: each job gets a uid of its own (see RunnerConfig.user).
-        self.user = config.user or (None if os.getuid() == 0 else f"{os.getuid()}:{os.getgid()}")
+        self.user = config.user or (
+            None if can_give_files_away() else f"{os.getuid()}:{os.getgid()}"
+        )
         self._uids = UidPool(config.job_uid_base, config.job_uids)
         self._cgroup_driver = "cgroupfs"
         self._cdi = False

@@ -17,9 +17,24 @@ from pathlib import Path
 
 from sandbox.errors import RunError
 
-__all__ = ["DEFAULT_LOCK_DIR", "UidPool"]
+__all__ = ["DEFAULT_LOCK_DIR", "FILE_CAPABILITIES", "UidPool", "can_give_files_away"]
 
 DEFAULT_LOCK_DIR = Path("/run/lock/gpu-agent-job-uids")
+
+#: What giving each job a uid of its own takes: handing the job its output directory
+#: (CAP_CHOWN), and reading, measuring and removing whatever the job left there, whatever
+#: modes it set (CAP_DAC_OVERRIDE, CAP_FOWNER). Root has them; the service is given them.
+FILE_CAPABILITIES = {"CAP_CHOWN": 0, "CAP_DAC_OVERRIDE": 1, "CAP_FOWNER": 3}
+
+
+def can_give_files_away(status: Path = Path("/proc/self/status")) -> bool:
+    """Whether this process holds every one of :data:`FILE_CAPABILITIES` now."""
+    try:
+        lines = status.read_text(encoding="ascii").splitlines()
+    except OSError:
+        return os.geteuid() == 0
+    effective = next((int(line.split()[1], 16) for line in lines if line.startswith("CapEff:")), 0)
+    return all(effective >> bit & 1 for bit in FILE_CAPABILITIES.values())
 
 
 class UidPool:

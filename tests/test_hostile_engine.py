@@ -12,12 +12,14 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from contextlib import aclosing
 from pathlib import Path
 from typing import Any
 
 import msgspec
 import pytest
+from conftest import require_runtime
 from test_runner import MiB, make_spec, run_job, runner  # noqa: F401  (the fixture, per runtime)
 
 from sandbox.container import volume_paths
@@ -359,3 +361,93 @@ def test_a_uid_held_by_a_process_that_died_is_free_again(tmp_path: Path) -> None
     )
     assert child.stdout.strip() == "7"  # and it exited holding it
     assert UidPool(7, 1, tmp_path).take() == 7
+
+
+# A runner that is not root: the service runs as its own user, with the three file
+# capabilities its unit grants (packaging/gpu-agent.service), or with none.
+_AS_SERVICE = """
+import asyncio, json, os, sys
+from contextlib import aclosing
+from pathlib import Path
+from sandbox.docker_api import DockerClient
+from sandbox.results import Finished, LogChunk
+from sandbox.runner import Runner, RunnerConfig
+from sandbox.spec import load_spec
+
+async def main() -> None:
+    jobs_dir, image, runtime = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
+    runner = Runner(DockerClient(sys.argv[4]), RunnerConfig(jobs_dir=jobs_dir, runtime=runtime))
+    await runner.prepare()
+    spec = load_spec(json.dumps({
+        "image": image,
+        "command": ["sh", "-c", "cat /input/in/data.txt > /output/seen; id -u;"
+                    " mkdir /output/locked; echo x > /output/locked/f; chmod 0 /output/locked"],
+        "inputs": [{"path": "in/data.txt", "content": "input for any uid"}],
+        "outputs": ["seen"],
+    }).encode(), "json")
+    log = b""
+    async with aclosing(runner.run("as-service", spec, [])) as events:
+        async for event in events:
+            if isinstance(event, LogChunk):
+                log += event.data
+            if isinstance(event, Finished):
+                result = event.result
+    print(json.dumps({"reason": result.reason, "error": result.error_code,
+                      "uid": int(log), "me": os.getuid(),
+                      "outputs": [o.status for o in result.outputs],
+                      "left": sorted(p.name for p in jobs_dir.iterdir())}))
+
+os.umask(0o027)  # the service's UMask=
+asyncio.run(main())
+"""
+
+
+@pytest.mark.parametrize("runtime", ["runc", "runsc"])
+@pytest.mark.parametrize("caps", [True, False], ids=["file-caps", "no-caps"])
+def test_a_service_with_the_file_capabilities_gives_each_job_its_own_uid(
+    runtime: str, caps: bool, docker_engine: str, test_image: str
+) -> None:
+    require_runtime(runtime)
+    # pytest's own temporary root is root's alone (0700): the service could not reach it.
+    with tempfile.TemporaryDirectory(prefix="gpu-agent-service-") as top:
+        Path(top).chmod(0o755)
+        jobs_dir = Path(top) / "jobs"
+        jobs_dir.mkdir()
+        os.chown(jobs_dir, 65534, 65534)
+        _run_as_service(runtime, caps, docker_engine, test_image, jobs_dir)
+
+
+def _run_as_service(
+    runtime: str, caps: bool, docker_engine: str, test_image: str, jobs_dir: Path
+) -> None:
+    docker_gid = os.stat(docker_engine.removeprefix("unix://")).st_gid
+    granted = "+chown,+dac_override,+fowner" if caps else "-all"
+    setpriv = ["setpriv", "--reuid=65534", "--regid=65534", f"--groups={docker_gid}"]
+    setpriv += [f"--inh-caps={granted}"] + ([f"--ambient-caps={granted}"] if caps else [])
+    script = [sys.executable, "-c", _AS_SERVICE, str(jobs_dir), test_image, runtime]
+    ran = subprocess.run(
+        [*setpriv, *script, docker_engine],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)},
+    )
+    assert ran.returncode == 0, ran.stderr
+    outcome = json.loads(ran.stdout.splitlines()[-1])
+    # The job read its input, whatever the service's umask; nothing of it is left.
+    assert outcome["left"] == []
+    if caps:
+        # A uid of the job's own, not the service's: per-uid limits are its own; and what
+        # it locked (chmod 0) is still measured, collected and removed.
+        assert outcome["uid"] >= 200_000
+        assert (outcome["reason"], outcome["error"], outcome["outputs"]) == (
+            "completed",
+            None,
+            ["ok"],
+        )
+    else:
+        # The service's own uid; a directory the job locked cannot be measured, which
+        # counts as over the output limit.
+        assert outcome["uid"] == outcome["me"] == 65534
+        assert (outcome["reason"], outcome["error"]) == ("failed", "output_limit")
