@@ -6,13 +6,14 @@ in a spec can widen it; the spec has no field for privileges, mounts or host nam
 
 from __future__ import annotations
 
+import math
 import posixpath
 from typing import Any
 
-from sandbox.errors import RunError
+from sandbox.errors import RunError, SpecError
 from sandbox.gpu_mapping import ContainerGpus
 from sandbox.jobdir import JobMounts
-from sandbox.spec import WorkloadSpec
+from sandbox.spec import MIN_CPUS, WorkloadSpec
 
 __all__ = [
     "INPUT_DIR",
@@ -84,6 +85,10 @@ def create_body(
     volume of unbounded host disk; see :func:`volume_paths`.
     """
     resources = spec.resources
+    # A spec built in code is not validated: 0 nanocpus would be no CPU limit at all.
+    if not (math.isfinite(resources.cpus) and resources.cpus >= MIN_CPUS):
+        raise SpecError("bad_value", "resources.cpus", f"{resources.cpus} is under {MIN_CPUS}")
+    nano_cpus = round(resources.cpus * 1e9)
     uid, _, gid = user.partition(":")
     memory = resources.memory_bytes + (RUNSC_MEMORY_HEADROOM if runtime == "runsc" else 0)
     binds = []
@@ -107,7 +112,7 @@ def create_body(
         "NetworkMode": "bridge" if spec.network == "egress" else "none",
         "Memory": memory,
         "MemorySwap": memory,  # equal to Memory: no swap
-        "NanoCpus": int(resources.cpus * 1e9),
+        "NanoCpus": nano_cpus,
         "PidsLimit": resources.pids + (RUNSC_PIDS_HEADROOM if runtime == "runsc" else 0),
         "ShmSize": resources.shm_bytes,
         "Tmpfs": {

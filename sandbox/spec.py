@@ -36,6 +36,7 @@ __all__ = [
     "MAX_PATH_BYTES",
     "MAX_PATH_DEPTH",
     "MAX_SPEC_BYTES",
+    "MIN_CPUS",
     "GpuRequest",
     "ImageRef",
     "InputFile",
@@ -57,6 +58,9 @@ MAX_PATH_DEPTH = 32
 """The most components an input or output path may have."""
 MAX_NAME_BYTES = 255
 """The longest component of an input or output path, in bytes (NAME_MAX)."""
+MIN_CPUS = 0.01
+"""The smallest CPU limit: Docker's. Below 1e-9 the limit would be 0 nanocpus, which
+Docker reads as no limit at all."""
 
 _MIB = 1 << 20
 _SI = {f"{prefix}B": 1000 ** (i + 1) for i, prefix in enumerate("kMGT")}
@@ -212,7 +216,7 @@ class GpuRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_field
 class Resources(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """The job's CPU, memory, process and disk limits."""
 
-    cpus: Annotated[float, msgspec.Meta(gt=0, le=1024)] = 1.0
+    cpus: Annotated[float, msgspec.Meta(ge=MIN_CPUS, le=1024)] = 1.0
     # Docker refuses a memory limit under 6 MiB.
     memory_bytes: Annotated[int, msgspec.Meta(ge=6 * _MIB)] = 512 * _MIB
     pids: Annotated[int, msgspec.Meta(ge=1)] = 256
