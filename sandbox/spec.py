@@ -375,6 +375,14 @@ def _check(spec: WorkloadSpec) -> None:
         ImageRef.parse(spec.image)
     except ValueError as exc:
         raise SpecError("bad_value", "image", str(exc)) from exc
+    # The engine passes these on as C strings: a NUL would cut them, or fail the start.
+    strings = [
+        *((f"command[{i}]", arg) for i, arg in enumerate(spec.command)),
+        *((f"args[{i}]", arg) for i, arg in enumerate(spec.args)),
+        *((f"env.{name}", value) for name, value in spec.env.items()),
+    ]
+    if nul := next((field for field, text in strings if "\0" in text), None):
+        raise SpecError("bad_value", nul, "a NUL character cannot be passed to a process")
     for name in spec.env:
         if not _ENV_NAME.fullmatch(name):
             raise SpecError("bad_value", f"env.{name}", "not a valid variable name")

@@ -6,8 +6,9 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
+import msgspec
 import pytest
 
 from sandbox.container import create_body
@@ -83,3 +84,40 @@ def test_run_local_refuses_a_vanishing_cpu_limit_with_exit_2(
     assert result.returncode == 2, result.stdout + result.stderr
     assert "error [bad_value]" in result.stderr
     assert "resources.cpus" in result.stderr
+
+
+# ------------------------------------------------------------------ 2. NUL in strings
+
+
+def _toml(value: object, top: bool = True) -> str:
+    """A document of strings, lists and tables as TOML, NULs escaped as JSON does it."""
+    if isinstance(value, dict):
+        pairs = [f"{msgspec.json.encode(k).decode()} = {_toml(v, False)}" for k, v in value.items()]
+        return "\n".join(pairs) + "\n" if top else "{" + ", ".join(pairs) + "}"
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml(item, False) for item in value) + "]"
+    return msgspec.json.encode(value).decode()
+
+
+@pytest.mark.parametrize(
+    ("raw", "field"),
+    [
+        ({"env": {"A": "x\0y"}}, "env.A"),
+        ({"env": {"A\0B": "x"}}, "env.A\0B"),
+        ({"command": ["sh", "-c\0", "true"]}, "command[1]"),
+        ({"args": ["\0"]}, "args[0]"),
+        ({"workdir": "/scratch/\0x"}, "workdir"),
+        ({"inputs": [{"path": "a\0b", "content": ""}]}, "inputs[0].path"),
+        ({"outputs": ["a\0"]}, "outputs[0]"),
+        ({"image": "busybox\0:latest"}, "image"),
+    ],
+)
+@pytest.mark.parametrize("fmt", ["json", "toml"])
+def test_a_nul_in_any_string_that_reaches_the_engine_is_refused(
+    raw: dict[str, Any], field: str, fmt: Literal["json", "toml"]
+) -> None:
+    doc = {"image": "busybox", **raw}
+    data = msgspec.json.encode(doc) if fmt == "json" else _toml(doc).encode()
+    with pytest.raises(SpecError) as refused:
+        load_spec(data, fmt)
+    assert (refused.value.code, refused.value.field) == ("bad_value", field)
