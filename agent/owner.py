@@ -100,12 +100,13 @@ class OwnerPolicy(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
     """
 
     share_only_when_idle: bool = False
-    idle_delay_s: Annotated[float, msgspec.Meta(ge=0)] = 300.0
+    # Finite bounds on each: an infinite delay or limit is never reached, only stored.
+    idle_delay_s: Annotated[float, msgspec.Meta(ge=0, le=86400)] = 300.0
     pause_above_c: _Celsius | None = None
     resume_below_c: _Celsius | None = None
     schedule: list[Window] = []
-    max_shared_gpus: Annotated[int, msgspec.Meta(ge=0)] | None = None
-    power_limit_w: Annotated[float, msgspec.Meta(gt=0)] | None = None
+    max_shared_gpus: Annotated[int, msgspec.Meta(ge=0, le=1024)] | None = None
+    power_limit_w: Annotated[float, msgspec.Meta(gt=0, le=10000)] | None = None
     ignored_processes: list[Annotated[str, msgspec.Meta(min_length=1, max_length=15)]] = (
         msgspec.field(default_factory=lambda: list(DISPLAY_SERVERS))
     )

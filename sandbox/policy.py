@@ -36,7 +36,9 @@ MAX_POLICY_BYTES: Final = 1 << 20
 _GLOB = re.compile(r"[*?\[]")
 _GIB = 1 << 30
 
-_NonNegative = Annotated[int, msgspec.Meta(ge=0)]
+# Finite bounds on every limit: an infinite one can never be met by Docker nor shown.
+_Bytes = Annotated[int, msgspec.Meta(ge=0, le=1 << 50)]
+_DAY_S = 86400.0
 _Show = Callable[[float], str]
 
 
@@ -44,16 +46,17 @@ class Policy(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
     """Operator-set limits on what a job may ask for; an empty ``allowed_images`` allows none."""
 
     allowed_images: list[str] = []
-    max_cpus: Annotated[float, msgspec.Meta(gt=0)] = 4.0
-    max_memory_bytes: _NonNegative = 8 * _GIB
-    max_pids: _NonNegative = 1024
-    max_shm_bytes: _NonNegative = _GIB
-    max_scratch_bytes: _NonNegative = 10 * _GIB
-    max_timeout_s: Annotated[float, msgspec.Meta(gt=0)] = 86400.0
-    max_grace_s: Annotated[float, msgspec.Meta(ge=0)] = 60.0
-    max_gpus: _NonNegative = 8
-    max_input_bytes: _NonNegative = 512 * 1024
-    max_output_bytes: _NonNegative = _GIB
+    max_cpus: Annotated[float, msgspec.Meta(gt=0, le=1024)] = 4.0
+    max_memory_bytes: _Bytes = 8 * _GIB
+    # The kernel's PID_MAX_LIMIT.
+    max_pids: Annotated[int, msgspec.Meta(ge=0, le=1 << 22)] = 1024
+    max_shm_bytes: _Bytes = _GIB
+    max_scratch_bytes: _Bytes = 10 * _GIB
+    max_timeout_s: Annotated[float, msgspec.Meta(gt=0, le=30 * _DAY_S)] = _DAY_S
+    max_grace_s: Annotated[float, msgspec.Meta(ge=0, le=3600)] = 60.0
+    max_gpus: Annotated[int, msgspec.Meta(ge=0, le=1024)] = 8
+    max_input_bytes: _Bytes = 512 * 1024
+    max_output_bytes: _Bytes = _GIB
     allow_egress: bool = False
     runtime: Literal["runc", "runsc"] = "runc"
 

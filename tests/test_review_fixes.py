@@ -10,11 +10,17 @@ from typing import Any, Literal
 
 import msgspec
 import pytest
+from control_target import MemoryTarget, short_dir
 
+from agent.config import load_config
+from agent.control_client import ControlClient
+from agent.control_server import ControlServer
+from agent.errors import ConfigError, ControlError
 from sandbox.container import create_body
 from sandbox.errors import SpecError
 from sandbox.gpu_mapping import ContainerGpus
 from sandbox.jobdir import JobMounts
+from sandbox.policy import load_policy_file
 from sandbox.spec import Resources, WorkloadSpec, load_spec
 
 
@@ -121,3 +127,84 @@ def test_a_nul_in_any_string_that_reaches_the_engine_is_refused(
     with pytest.raises(SpecError) as refused:
         load_spec(data, fmt)
     assert (refused.value.code, refused.value.field) == ("bad_value", field)
+
+
+# ------------------------------------------------------------------ 3. settings that never work
+
+_NEVER = [
+    ("policy", "max_cpus", "inf"),
+    ("policy", "max_timeout_s", "inf"),
+    ("policy", "max_timeout_s", "2592001"),
+    ("policy", "max_grace_s", "1e309"),
+    ("policy", "max_grace_s", "nan"),
+    ("policy", "max_memory_bytes", "9223372036854775807"),
+    ("policy", "max_pids", "9223372036854775807"),
+    ("policy", "max_gpus", "9223372036854775807"),
+    ("owner", "idle_delay_s", "inf"),
+    ("owner", "idle_delay_s", "86401"),
+    ("owner", "power_limit_w", "inf"),
+    ("owner", "power_limit_w", "1e308"),
+    ("owner", "max_shared_gpus", "9223372036854775807"),
+]
+
+
+@pytest.mark.parametrize(("section", "key", "value"), _NEVER)
+def test_an_unbounded_setting_in_the_agent_file_is_a_bad_config(
+    tmp_path: Path, section: str, key: str, value: str
+) -> None:
+    path = tmp_path / "agent.toml"
+    path.write_text(f"[{section}]\n{key} = {value}\n")
+    with pytest.raises(ConfigError) as refused:
+        load_config(path, {}, system=True)
+    assert refused.value.code == "bad_config"
+    assert f"{section}.{key}" in refused.value.detail
+
+
+@pytest.mark.parametrize(("section", "key", "value"), _NEVER)
+def test_an_unbounded_setting_in_a_variable_is_a_bad_config(
+    tmp_path: Path, section: str, key: str, value: str
+) -> None:
+    path = tmp_path / "agent.toml"
+    path.write_text("")
+    with pytest.raises(ConfigError) as refused:
+        load_config(path, {f"GPU_AGENT_{section}_{key}".upper(): value}, system=True)
+    assert refused.value.code == "bad_config"
+
+
+@pytest.mark.parametrize(
+    ("key", "value"), [(k, v) for section, k, v in _NEVER if section == "policy"]
+)
+def test_an_unbounded_limit_in_the_policy_file_is_a_bad_policy(
+    tmp_path: Path, key: str, value: str
+) -> None:
+    path = tmp_path / "policy.toml"
+    path.write_text(f"{key} = {value}\n")
+    with pytest.raises(SpecError) as refused:
+        load_policy_file(path)
+    assert refused.value.code == "bad_policy"
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"power_limit_w": 1e308},
+        {"power_limit_w": 10001},
+        {"max_shared_gpus": 99999999999999999999999},
+        {"max_shared_gpus": 1025},
+        {"idle_delay_s": 1e300},
+    ],
+)
+async def test_an_unbounded_setting_over_the_control_api_is_refused_and_not_kept(
+    changes: dict[str, Any],
+) -> None:
+    target = MemoryTarget()
+    before = target.settings()
+    with short_dir() as sock_dir:
+        async with (
+            ControlServer(target, sock_dir / "agent.sock") as server,
+            await ControlClient.connect(server.path) as client,
+        ):
+            with pytest.raises(ControlError) as refused:
+                await client.set_settings(changes)
+            assert refused.value.code == "bad_settings"
+            assert await client.settings() == before
