@@ -7,6 +7,7 @@ parser costs no more than argparse: ``gpu-agent profile`` must start fast.
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 from typing import Any, Final
 
@@ -20,6 +21,8 @@ MAX_JOB_ID_CHARS: Final = 128
 #: How long a command waits for the daemon's answer unless told (--timeout).
 _TIMEOUT_S: Final = 10.0
 _MAX_TIMEOUT_S: Final = 3600.0
+#: sizeof(sockaddr_un.sun_path) less its terminating NUL (as agent.control_socket says).
+_SUN_PATH_MAX: Final = 107
 
 
 def _job_id(text: str) -> str:
@@ -33,10 +36,15 @@ def _job_id(text: str) -> str:
 
 
 def socket_arg(text: str) -> Path:
-    """An argparse type: a control socket path, never an empty one."""
+    """An argparse type: a control socket path, never an empty one nor one too long to reach."""
     if not text:
         # Path("") is ".": not a socket anyone meant.
         raise argparse.ArgumentTypeError("an empty path")
+    if len(os.fsencode(text)) > _SUN_PATH_MAX:
+        # No socket can be reached there: a usage error, not "the daemon is not running".
+        raise argparse.ArgumentTypeError(
+            f"{len(os.fsencode(text))} bytes: too long for a unix socket (at most {_SUN_PATH_MAX})"
+        )
     return Path(text)
 
 

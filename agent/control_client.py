@@ -111,7 +111,8 @@ class ControlClient:
         except TimeoutError:
             raise _error("timeout", f"{path} did not accept within {timeout} s") from None
         except OSError as exc:
-            raise _error("daemon_not_running", f"{path}: {exc.strerror}") from exc
+            # An address too long for sun_path is an OSError without an errno.
+            raise _error("daemon_not_running", f"{path}: {exc.strerror or exc}") from exc
         return cls(path, reader, writer)
 
     async def close(self) -> None:

@@ -208,3 +208,30 @@ async def test_an_unbounded_setting_over_the_control_api_is_refused_and_not_kept
                 await client.set_settings(changes)
             assert refused.value.code == "bad_settings"
             assert await client.settings() == before
+
+
+# ------------------------------------------------------------------ 4. an over-long socket path
+
+
+@pytest.mark.parametrize("command", [["status"], ["jobs"], ["logs", "job-1"]])
+def test_a_socket_path_too_long_for_a_unix_address_is_a_usage_error(
+    tmp_path: Path, command: list[str]
+) -> None:
+    socket_path = "/tmp/" + "s" * 195
+    result = subprocess.run(
+        [sys.executable, "-m", "agent.cli", *command, "--socket", socket_path],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "HOME": str(tmp_path)},
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 2, result.stderr
+    assert "too long for a unix socket" in result.stderr
+    assert "None" not in result.stderr
+
+
+async def test_the_client_says_why_an_over_long_socket_path_cannot_be_reached() -> None:
+    with pytest.raises(ControlError) as refused:
+        await ControlClient.connect(Path("/tmp/" + "s" * 195))
+    assert not refused.value.detail.endswith("None")
