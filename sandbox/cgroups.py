@@ -18,7 +18,7 @@ from pathlib import Path
 
 import msgspec
 
-__all__ = ["JobCgroup", "Usage", "in_job_container"]
+__all__ = ["JobCgroup", "Usage", "in_job_container", "job_cgroup_keys"]
 
 _ROOT_PARENT = "gpu-agent"
 _NS_PER_S = 1e9
@@ -98,6 +98,14 @@ class JobCgroup:
             if candidate.is_dir():
                 return candidate
         return self._root / controller / self.relative
+
+
+def job_cgroup_keys(root: Path = Path("/sys/fs/cgroup")) -> set[str]:
+    """The job keys of every job cgroup parent under ``root``, in any hierarchy."""
+    pattern = (
+        f"{_ROOT_PARENT}/*" if (root / "cgroup.controllers").exists() else f"*/{_ROOT_PARENT}/*"
+    )
+    return {path.name for path in root.glob(pattern) if path.is_dir()}
 
 
 def _read(path: Path) -> str:

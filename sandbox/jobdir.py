@@ -25,6 +25,7 @@ __all__ = [
     "Leftover",
     "instance_alive",
     "leftovers",
+    "live_jobs",
     "remove_tree",
     "runner_instance",
 ]
@@ -206,6 +207,15 @@ def leftovers(jobs_dir: Path) -> list[Leftover]:
             Leftover(path=path, runner=runner, container_id=_read(path / "container") or None)
         )
     return found
+
+
+def live_jobs(jobs_dir: Path) -> set[str]:
+    """The ids of the jobs whose directory a runner that is still running holds."""
+    try:
+        entries = sorted(jobs_dir.iterdir())
+    except OSError:
+        return set()
+    return {path.name for path in entries if instance_alive(_read(path / "runner"))}
 
 
 def _read(path: Path) -> str:

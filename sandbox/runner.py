@@ -25,13 +25,20 @@ from typing import Literal
 
 import msgspec
 
-from sandbox.cgroups import JobCgroup
+from sandbox.cgroups import JobCgroup, job_cgroup_keys
 from sandbox.container import LABEL_JOB, LABEL_MANAGED, LABEL_RUNNER, create_body
 from sandbox.docker_api import Attachment, DockerClient, quote_ref
 from sandbox.errors import EngineError, RunError, SandboxError
 from sandbox.gpu_mapping import DeviceFacts, HostGroups, host_groups, map_gpus
 from sandbox.gvisor import reap_sandboxes, reap_shims
-from sandbox.jobdir import JobDir, instance_alive, leftovers, remove_tree, runner_instance
+from sandbox.jobdir import (
+    JobDir,
+    instance_alive,
+    leftovers,
+    live_jobs,
+    remove_tree,
+    runner_instance,
+)
 from sandbox.joblog import Drain, LogBudget
 from sandbox.outputs import collect_outputs
 from sandbox.results import (
@@ -127,14 +134,19 @@ class Runner:
     async def reap_orphans(self) -> list[str]:
         """Remove what runners that are gone left behind: containers, directories, cgroups,
         gVisor sandboxes. A live runner's jobs (another process) are left alone."""
+        # The cgroups first: a job's container is made before its cgroup, so a cgroup
+        # seen here whose job is in none of the listings below is no live job's.
+        cgroups = await asyncio.to_thread(job_cgroup_keys, self.config.cgroup_root)
         filters = msgspec.json.encode({"label": [LABEL_MANAGED]}).decode()
         listed = await self.client.request(
             "GET", "/containers/json", params={"all": 1, "filters": filters}
         )
         reaped = []
+        live = set(self._cancels) | await asyncio.to_thread(live_jobs, self.config.jobs_dir)
         for container in listed.json():
             labels = container.get("Labels") or {}
             if instance_alive(labels.get(LABEL_RUNNER, "")):
+                live.add(labels.get(LABEL_JOB, ""))
                 continue
             await self._remove_container(container["Id"])
             job = labels.get(LABEL_JOB, "")
@@ -143,6 +155,16 @@ class Runner:
                     JobCgroup(job, self._cgroup_driver, self.config.cgroup_root)
                 )
             reaped.append(job or container["Id"])
+        # Job cgroup parents no container is left in (a runner killed after removing its
+        # container, or one that could not remove the cgroup): nothing else removes them.
+        for job in sorted(cgroups - live - set(reaped)):
+            if not _JOB_ID.fullmatch(job):
+                continue
+            # One attempt each: a leftover this process may not remove must not hold up
+            # every start; what a kill has just emptied goes at the next one.
+            cgroup = JobCgroup(job, "cgroupfs", self.config.cgroup_root)
+            if await asyncio.to_thread(cgroup.remove):
+                reaped.append(f"cgroup:{job}")
         ours = []
         for leftover in leftovers(self.config.jobs_dir):
             if leftover.container_id is not None:

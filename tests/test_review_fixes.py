@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 from typing import Any, Literal
 
@@ -16,11 +17,13 @@ from agent.config import load_config
 from agent.control_client import ControlClient
 from agent.control_server import ControlServer
 from agent.errors import ConfigError, ControlError
-from sandbox.container import create_body
+from sandbox.container import LABEL_JOB, LABEL_MANAGED, LABEL_RUNNER, create_body
+from sandbox.docker_api import DockerClient
 from sandbox.errors import SpecError
 from sandbox.gpu_mapping import ContainerGpus
-from sandbox.jobdir import JobMounts
+from sandbox.jobdir import JobDir, JobMounts, runner_instance
 from sandbox.policy import load_policy_file
+from sandbox.runner import Runner, RunnerConfig
 from sandbox.spec import Resources, WorkloadSpec, load_spec
 
 
@@ -235,3 +238,50 @@ async def test_the_client_says_why_an_over_long_socket_path_cannot_be_reached() 
     with pytest.raises(ControlError) as refused:
         await ControlClient.connect(Path("/tmp/" + "s" * 195))
     assert not refused.value.detail.endswith("None")
+
+
+# ------------------------------------------------------------------ 5. cgroup leftovers
+
+_CGROUP_ROOT = Path("/sys/fs/cgroup")
+
+
+def _hierarchies() -> list[Path]:
+    """Every mounted cgroup hierarchy: the root itself under v2, each controller's under v1."""
+    if (_CGROUP_ROOT / "cgroup.controllers").exists():
+        return [_CGROUP_ROOT]
+    return [h for h in _CGROUP_ROOT.iterdir() if (h / "cgroup.procs").exists()]
+
+
+def _plant(key: str) -> list[Path]:
+    planted = [h / "gpu-agent" / key for h in _hierarchies()]
+    for path in planted:
+        path.mkdir(parents=True, exist_ok=True)
+    return planted
+
+
+async def test_an_empty_job_cgroup_no_live_runner_holds_is_reaped(
+    docker_engine: str, test_image: str, tmp_path: Path
+) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("making a cgroup needs root")
+    tag = uuid.uuid4().hex[:8]
+    orphan, with_dir, with_container = (f"{name}-{tag}" for name in ("orphan", "dir", "ctr"))
+    runner = Runner(DockerClient(docker_engine), RunnerConfig(jobs_dir=tmp_path / "jobs"))
+    # A job of a live runner (this process) that has its directory, and one that has a
+    # container: neither is an orphan, though neither runs yet.
+    JobDir(tmp_path / "jobs", with_dir).create(runner_instance())
+    labels = {LABEL_MANAGED: "1", LABEL_JOB: with_container, LABEL_RUNNER: runner_instance()}
+    created = await runner.client.request(
+        "POST", "/containers/create", body={"Image": test_image, "Labels": labels}
+    )
+    container_id = created.json()["Id"]
+    planted = {key: _plant(key) for key in (orphan, with_dir, with_container)}
+    try:
+        reaped = await runner.reap_orphans()
+        assert f"cgroup:{orphan}" in reaped
+        assert not any(path.exists() for path in planted[orphan])
+        assert all(path.is_dir() for path in planted[with_dir] + planted[with_container])
+    finally:
+        await runner.client.request("DELETE", f"/containers/{container_id}", params={"force": 1})
+        for path in planted[with_dir] + planted[with_container]:
+            path.rmdir()
