@@ -53,6 +53,10 @@ class Settings:
         new_keys_per_s, new_keys_burst: handshakes from keys the store does not know.
         frames_per_s, frames_burst: frames per node once its session is open.
         node_quota_bytes: bytes of messages kept per node (its oldest telemetry goes first).
+        unverified_quota_bytes: the same, for a node whose profile is not verified yet
+            (open admission lets any fresh key in: each may keep only this little).
+        store_max_bytes: bytes of messages kept by all nodes together; past it, a node's
+            message is shed unless its own oldest telemetry makes room.
         abuse_strikes: frames held over the rate that moved no stream on, or messages
             shed over the quota, in a row, that close the session.
         telemetry_keep_s, telemetry_keep_rows: telemetry older, or beyond that many rows
@@ -71,6 +75,8 @@ class Settings:
     frames_per_s: float = 200.0
     frames_burst: int = 1000
     node_quota_bytes: int = 256 * _MIB
+    unverified_quota_bytes: int = 4 * _MIB
+    store_max_bytes: int = 4096 * _MIB
     abuse_strikes: int = 30
     telemetry_keep_s: float = 7 * 86400.0
     telemetry_keep_rows: int = 100_000
@@ -197,6 +203,13 @@ def add_options(parser: argparse.ArgumentParser) -> None:
         help="with --admission token: a file of tokens, one a line",
     )  # fmt: skip
     parser.add_argument("--node-quota-mib", type=float, help="MiB of messages kept per node")
+    parser.add_argument(
+        "--unverified-quota-mib", type=float,
+        help="MiB kept per node until its profile is verified",
+    )  # fmt: skip
+    parser.add_argument(
+        "--store-max-mib", type=float, help="MiB of messages kept by all nodes together"
+    )
     parser.add_argument("--telemetry-keep-days", type=float, help="days of telemetry kept")
     parser.add_argument("--telemetry-keep-rows", type=int, help="telemetry rows kept per node")
 
@@ -216,6 +229,16 @@ def settings_from(args: argparse.Namespace) -> Settings:
         enrolment_tokens=tokens,
         node_quota_bytes=(
             default.node_quota_bytes if quota_mib is None else _whole(quota_mib * _MIB)
+        ),
+        unverified_quota_bytes=(
+            default.unverified_quota_bytes
+            if args.unverified_quota_mib is None
+            else _whole(args.unverified_quota_mib * _MIB)
+        ),
+        store_max_bytes=(
+            default.store_max_bytes
+            if args.store_max_mib is None
+            else _whole(args.store_max_mib * _MIB)
         ),
         telemetry_keep_s=default.telemetry_keep_s if keep_days is None else keep_days * 86400,
         telemetry_keep_rows=args.telemetry_keep_rows or default.telemetry_keep_rows,
