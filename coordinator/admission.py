@@ -22,6 +22,7 @@ from typing import Literal, get_args
 
 from agent.protocol.errors import AuthError
 from coordinator.errors import ConfigError
+from sandbox.files import read_regular
 
 __all__ = [
     "AdmissionMode",
@@ -39,6 +40,8 @@ AdmissionMode = Literal["open", "allow_list", "token"]
 _MIB = 1024 * 1024
 #: Enrolment tokens: long enough not to be guessed, short enough for ``auth`` (256).
 _MIN_TOKEN, _MAX_TOKEN = 16, 256
+#: The largest tokens file read: thousands of tokens; /dev/zero or a huge file is refused.
+_MAX_TOKENS_FILE = _MIB
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -176,15 +179,19 @@ class Strikes:
 def read_tokens(path: Path) -> frozenset[str]:
     """The enrolment tokens in a file, one a line (blank lines and ``#`` comments skipped).
 
-    A file, not the command line: arguments are visible to every local user.
+    A file, not the command line: arguments are visible to every local user. A regular
+    file of at most 1 MiB: a FIFO, a device or a huge file is refused, not waited on or
+    read whole.
 
     Raises:
         ConfigError: ``tokens_unreadable``.
     """
     try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError("tokens_unreadable", f"{path}: {exc}") from None
+        text = read_regular(path, _MAX_TOKENS_FILE).decode()
+    except OSError as exc:
+        raise ConfigError("tokens_unreadable", f"{path}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError("tokens_unreadable", f"{path} is not UTF-8 text") from None
     lines = (line.strip() for line in text.splitlines())
     return frozenset(line for line in lines if line and not line.startswith("#"))
 

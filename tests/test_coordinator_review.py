@@ -5,8 +5,10 @@ and a CLI that dies on a closed pipe. Real coordinator on 127.0.0.1:0, real SQLi
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
+import pytest
 from test_coordinator_admission import (
     Node,
     answers_until_ack,
@@ -18,6 +20,10 @@ from test_coordinator_admission import (
 )
 
 from agent.protocol.messages import JobStatusBody, encode_frame, wrap
+from coordinator import cli
+from coordinator.admission import read_tokens
+
+Capsys = pytest.CaptureFixture[str]
 
 _MIB = 1024 * 1024
 
@@ -72,3 +78,45 @@ async def test_the_store_cap_holds_over_all_nodes_and_job_status_is_never_shed(
                 await ws.send(telemetry(seq, 1000 * 1000))
             await answers_until_ack(ws, 3)
         assert store.stored_bytes(third.node_id) < 1000
+
+
+# ------------------------------------------------------------------ 2. the tokens file, bounded
+
+
+def _fifo(path: Path) -> Path:
+    os.mkfifo(path)
+    return path
+
+
+def _sparse(path: Path) -> Path:
+    with path.open("wb") as file:
+        file.truncate(2 * 1024 * _MIB)  # 2 GiB of holes: nothing on disk, all read whole
+    return path
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        pytest.param(lambda tmp: Path("/dev/zero"), id="device"),
+        pytest.param(lambda tmp: _fifo(tmp / "fifo"), id="fifo"),
+        pytest.param(lambda tmp: _sparse(tmp / "sparse"), id="huge"),
+        pytest.param(lambda tmp: tmp, id="directory"),
+    ],
+)
+def test_serve_refuses_a_tokens_file_that_is_no_small_regular_file(
+    tmp_path: Path, capsys: Capsys, make: object
+) -> None:
+    tokens = make(tmp_path)  # type: ignore[operator]
+    argv = ["serve", "--port", "0", "--db", str(tmp_path / "c.db")]
+    argv += ["--admission", "token", "--enrolment-tokens", str(tokens)]
+    assert cli.main(argv) == cli.EXIT_USAGE
+    err = capsys.readouterr().err
+    assert "error [tokens_unreadable]" in err
+    assert "Traceback" not in err
+    assert not (tmp_path / "c.db").exists()
+
+
+def test_a_small_tokens_file_is_read_one_token_a_line(tmp_path: Path) -> None:
+    path = tmp_path / "tokens"
+    path.write_text("# enrolment\n\n" + "a" * 16 + "\n  " + "b" * 20 + "  \n")
+    assert read_tokens(path) == {"a" * 16, "b" * 20}
