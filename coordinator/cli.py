@@ -7,6 +7,7 @@ import argparse
 import asyncio
 import json
 import math
+import os
 import signal
 import sqlite3
 import ssl
@@ -24,10 +25,12 @@ from coordinator.client import AdminClient, load_spec_file
 from coordinator.errors import AdminError, ConfigError, CoordinatorError, JobError, KeyFileError
 from coordinator.server import Coordinator, serve
 
-__all__ = ["EXIT_ERROR", "EXIT_USAGE", "default_state_dir", "main"]
+__all__ = ["EXIT_BROKEN_PIPE", "EXIT_ERROR", "EXIT_USAGE", "default_state_dir", "main"]
 
 EXIT_ERROR = 1
 EXIT_USAGE = 2
+#: As a shell reports a command killed by SIGPIPE: the reader went away (``| head``).
+EXIT_BROKEN_PIPE = 128 + 13
 _APP_NAME = "gpu-coordinator"
 
 
@@ -268,10 +271,29 @@ def _serve_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def _drop_stdout() -> None:
+    """Point stdout at /dev/null: what is still buffered for the reader that left must
+    not fail again when the interpreter flushes it at exit."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; return the exit status."""
     parser = _parser()
     args = parser.parse_args(argv)
+    try:
+        status = _command(parser, args)
+        # Flushed here, not at exit, so that a reader gone is seen (and said) here.
+        sys.stdout.flush()
+    except BrokenPipeError:
+        _drop_stdout()
+        return EXIT_BROKEN_PIPE
+    return status
+
+
+def _command(parser: _Parser, args: argparse.Namespace) -> int:
     if args.command in ("submit", "cancel", "jobs"):
         return _admin_command(args)
     if args.command == "key":

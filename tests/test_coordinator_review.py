@@ -5,7 +5,10 @@ and a CLI that dies on a closed pipe. Real coordinator on 127.0.0.1:0, real SQLi
 
 from __future__ import annotations
 
+import asyncio
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -20,8 +23,9 @@ from test_coordinator_admission import (
 )
 
 from agent.protocol.messages import JobStatusBody, encode_frame, wrap
-from coordinator import cli
+from coordinator import cli, keys
 from coordinator.admission import read_tokens
+from coordinator.server import Coordinator, Settings
 
 Capsys = pytest.CaptureFixture[str]
 
@@ -120,3 +124,39 @@ def test_a_small_tokens_file_is_read_one_token_a_line(tmp_path: Path) -> None:
     path = tmp_path / "tokens"
     path.write_text("# enrolment\n\n" + "a" * 16 + "\n  " + "b" * 20 + "  \n")
     assert read_tokens(path) == {"a" * 16, "b" * 20}
+
+
+# ------------------------------------------------------------------ 3. a reader that goes away
+
+
+def _to_closed_pipe(*argv: str) -> subprocess.CompletedProcess[str]:
+    """``gpu-coordinator ARGV | true``, the reader gone before anything is written."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        return subprocess.run(
+            [sys.executable, "-m", "coordinator.cli", *argv],
+            stdout=write_end,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+    finally:
+        os.close(write_end)
+
+
+def test_key_to_a_reader_gone_ends_quietly_with_141(tmp_path: Path) -> None:
+    keys.load_or_create(tmp_path)
+    done = _to_closed_pipe("key", "--state-dir", str(tmp_path))
+    assert (done.returncode, done.stderr) == (cli.EXIT_BROKEN_PIPE, "")
+
+
+async def test_jobs_to_a_reader_gone_ends_quietly_with_141(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    server = Coordinator(db_path=tmp_path / "c.db", state_dir=state, settings=Settings())
+    async with server:
+        for extra in ([], ["--json"]):
+            argv = ("jobs", "--state-dir", str(state), *extra)
+            done = await asyncio.to_thread(_to_closed_pipe, *argv)
+            assert (done.returncode, done.stderr) == (cli.EXIT_BROKEN_PIPE, "")
