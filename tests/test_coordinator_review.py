@@ -6,6 +6,8 @@ and a CLI that dies on a closed pipe. Real coordinator on 127.0.0.1:0, real SQLi
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import os
 import subprocess
 import sys
@@ -23,7 +25,7 @@ from test_coordinator_admission import (
 )
 
 from agent.protocol.messages import JobStatusBody, encode_frame, wrap
-from coordinator import cli, keys
+from coordinator import cli, client, keys
 from coordinator.admission import read_tokens
 from coordinator.server import Coordinator, Settings
 
@@ -160,3 +162,41 @@ async def test_jobs_to_a_reader_gone_ends_quietly_with_141(tmp_path: Path) -> No
             argv = ("jobs", "--state-dir", str(state), *extra)
             done = await asyncio.to_thread(_to_closed_pipe, *argv)
             assert (done.returncode, done.stderr) == (cli.EXIT_BROKEN_PIPE, "")
+
+
+# ------------------------------------------------------------------ 4. a deadline in all
+
+
+async def test_jobs_against_a_server_that_drips_its_answer_gives_up_with_a_code(
+    tmp_path: Path, capsys: Capsys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Every read gets a byte well within the timeout; the answer never ends.
+    monkeypatch.setattr(client, "_TIMEOUT_S", 1.0)
+    gone = asyncio.Event()
+
+    async def drip(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\n{")
+        with contextlib.suppress(ConnectionError):
+            while not reader.at_eof():
+                writer.write(b" ")
+                await writer.drain()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(reader.read(1), 0.2)
+        gone.set()
+        writer.close()
+        with contextlib.suppress(ConnectionError):
+            await writer.wait_closed()
+
+    server = await asyncio.start_server(drip, "127.0.0.1", 0)
+    async with server:
+        url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+        fd = os.open(tmp_path / "admin.json", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as file:
+            json.dump({"url": url, "token": "t"}, file)
+        argv = ["jobs", "--state-dir", str(tmp_path)]
+        returned = await asyncio.to_thread(cli.main, argv)
+        await gone.wait()  # the client hung up: the server's side ends too
+    err = capsys.readouterr().err
+    assert returned == cli.EXIT_ERROR, err
+    assert "error [admin_timeout]" in err
