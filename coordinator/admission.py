@@ -40,6 +40,9 @@ AdmissionMode = Literal["open", "allow_list", "token"]
 _MIB = 1024 * 1024
 #: Enrolment tokens: long enough not to be guessed, short enough for ``auth`` (256).
 _MIN_TOKEN, _MAX_TOKEN = 16, 256
+#: The largest number a setting may be: SQLite's integers hold 2**63 - 1, and a size, row
+#: count or time beyond this one means nothing anyway.
+_MAX_SETTING = 2**62
 #: The largest tokens file read: thousands of tokens; /dev/zero or a huge file is refused.
 _MAX_TOKENS_FILE = _MIB
 
@@ -87,14 +90,17 @@ class Settings:
 
     def __post_init__(self) -> None:
         # Every number is a rate, a size or a time: positive, but retention's interval
-        # may be 0 (never).
+        # may be 0 (never); and within what SQLite's integers (and the code) hold.
         for each in fields(self):
             value = getattr(self, each.name)
             if isinstance(value, bool) or not isinstance(value, int | float):
                 continue
             zero_ok = each.name == "retention_interval_s"
-            if not math.isfinite(value) or not (value >= 0 if zero_ok else value > 0):
-                raise ConfigError("bad_setting", f"{each.name} must be positive: {value!r}")
+            if not (value >= 0 if zero_ok else value > 0) or not value <= _MAX_SETTING:
+                low = "0" if zero_ok else "above 0"
+                raise ConfigError(
+                    "bad_setting", f"{each.name} must be {low} and at most 2**62: {value!r}"
+                )
         if self.admission not in get_args(AdmissionMode):
             raise ConfigError("bad_setting", f"admission {self.admission!r} is not a mode")
         if self.admission == "allow_list" and not self.allowed:
@@ -247,8 +253,12 @@ def settings_from(args: argparse.Namespace) -> Settings:
             if args.store_max_mib is None
             else _whole(args.store_max_mib * _MIB)
         ),
-        telemetry_keep_s=default.telemetry_keep_s if keep_days is None else keep_days * 86400,
-        telemetry_keep_rows=args.telemetry_keep_rows or default.telemetry_keep_rows,
+        telemetry_keep_s=default.telemetry_keep_s if keep_days is None else _seconds(keep_days),
+        telemetry_keep_rows=(
+            default.telemetry_keep_rows
+            if args.telemetry_keep_rows is None
+            else args.telemetry_keep_rows
+        ),
     )
 
 
@@ -256,3 +266,10 @@ def _whole(value: float) -> int:
     if not math.isfinite(value):
         raise ConfigError("bad_setting", f"not a finite size: {value!r}")
     return int(value)
+
+
+def _seconds(days: float) -> float:
+    seconds = days * 86400
+    if not math.isfinite(seconds):
+        raise ConfigError("bad_setting", f"not a finite number of days: {days!r}")
+    return seconds

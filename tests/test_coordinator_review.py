@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -27,7 +28,9 @@ from test_coordinator_admission import (
 from agent.protocol.messages import JobStatusBody, encode_frame, wrap
 from coordinator import cli, client, keys
 from coordinator.admission import read_tokens
+from coordinator.errors import ConfigError
 from coordinator.server import Coordinator, Settings
+from coordinator.store import Store
 
 Capsys = pytest.CaptureFixture[str]
 
@@ -200,3 +203,66 @@ async def test_jobs_against_a_server_that_drips_its_answer_gives_up_with_a_code(
     err = capsys.readouterr().err
     assert returned == cli.EXIT_ERROR, err
     assert "error [admin_timeout]" in err
+
+
+# ------------------------------------------------------------------ 5. settings SQLite can hold
+
+
+def _serve(tmp_path: Path, *extra: str) -> list[str]:
+    return ["serve", "--port", "0", "--db", str(tmp_path / "c.db"), *extra]
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        ["--telemetry-keep-rows", "99999999999999999999999"],
+        ["--telemetry-keep-rows", "0"],
+        ["--telemetry-keep-rows", "-1"],
+        ["--node-quota-mib", "1e300"],
+        ["--node-quota-mib", "0"],
+        ["--unverified-quota-mib", "1e300"],
+        ["--store-max-mib", "1e300"],
+        ["--store-max-mib", "0"],
+        ["--telemetry-keep-days", "1e300"],
+        ["--telemetry-keep-days", "0"],
+    ],
+)
+def test_serve_refuses_a_setting_sqlite_cannot_hold_or_that_means_nothing(
+    tmp_path: Path, capsys: Capsys, extra: list[str]
+) -> None:
+    assert cli.main(_serve(tmp_path, *extra)) == cli.EXIT_USAGE
+    err = capsys.readouterr().err
+    assert "error [bad_setting]" in err
+    assert "Traceback" not in err
+    assert not (tmp_path / "c.db").exists()
+
+
+@pytest.mark.parametrize(
+    "setting",
+    ["telemetry_keep_rows", "node_quota_bytes", "store_max_bytes", "frames_burst"],
+)
+def test_settings_past_what_sqlite_holds_are_refused(setting: str) -> None:
+    with pytest.raises(ConfigError) as refused:
+        Settings(**{setting: 2**63})  # type: ignore[arg-type]
+    assert refused.value.code == "bad_setting"
+
+
+async def test_a_retention_pass_that_fails_is_logged_and_tried_again(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    settings = Settings(retention_interval_s=0.01)
+    # What the checks now refuse, forced in: the pass fails as it did (OverflowError).
+    object.__setattr__(settings, "telemetry_keep_rows", 10**20)
+    store = Store(tmp_path / "c.db")  # a node for the pass to prune
+    store.node_seen("node-1", "key", 0.0)
+    store.close()
+    server = Coordinator(db_path=tmp_path / "c.db", state_dir=tmp_path / "s", settings=settings)
+    with caplog.at_level(logging.ERROR, logger="coordinator"):
+        async with server:
+            for _ in range(2):  # at start, and again: the task goes on
+                async with asyncio.timeout(10):
+                    await server.retained.wait()
+                server.retained.clear()
+    failed = [r for r in caplog.records if r.getMessage().startswith("retention: the pass failed")]
+    assert len(failed) >= 2
+    assert failed[0].exc_info is not None
