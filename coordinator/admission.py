@@ -16,10 +16,12 @@ from __future__ import annotations
 import argparse
 import hmac
 import math
+import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Literal, get_args
 
+from agent.protocol import crypto
 from agent.protocol.errors import AuthError
 from coordinator.errors import ConfigError
 from sandbox.files import read_regular
@@ -31,6 +33,7 @@ __all__ = [
     "TokenBucket",
     "add_options",
     "admit",
+    "allow_entry",
     "read_tokens",
     "settings_from",
 ]
@@ -43,6 +46,8 @@ _MIN_TOKEN, _MAX_TOKEN = 16, 256
 #: The largest number a setting may be: SQLite's integers hold 2**63 - 1, and a size, row
 #: count or time beyond this one means nothing anyway.
 _MAX_SETTING = 2**62
+#: A node id as :func:`agent.protocol.crypto.node_id` derives it.
+_NODE_ID = re.compile(r"node-[a-z2-7]{26}")
 #: The largest tokens file read: thousands of tokens; /dev/zero or a huge file is refused.
 _MAX_TOKENS_FILE = _MIB
 
@@ -105,6 +110,19 @@ class Settings:
             raise ConfigError("bad_setting", f"admission {self.admission!r} is not a mode")
         if self.admission == "allow_list" and not self.allowed:
             raise ConfigError("bad_setting", "allow_list admission with nobody on the list")
+        # A list or tokens the mode does not use would be ignored: the operator meant
+        # another mode, and would believe the coordinator closed when it is open.
+        if self.allowed and self.admission != "allow_list":
+            raise ConfigError("bad_setting", f"an allow-list with {self.admission} admission")
+        if self.enrolment_tokens and self.admission != "token":
+            raise ConfigError("bad_setting", f"enrolment tokens with {self.admission} admission")
+        for entry in self.allowed:
+            if not _NODE_ID.fullmatch(entry) and _public_key(entry) != entry:
+                raise ConfigError(
+                    "bad_setting",
+                    f"{entry[:80]!r} on the allow-list is neither a node id (node-...) nor a"
+                    " base64 Ed25519 public key",
+                )
         if self.admission == "token" and not self.enrolment_tokens:
             raise ConfigError("bad_setting", "token admission without any enrolment token")
         for token in self.enrolment_tokens:
@@ -113,6 +131,22 @@ class Settings:
                     "bad_setting",
                     f"an enrolment token is {_MIN_TOKEN} to {_MAX_TOKEN} printable characters",
                 )
+
+
+def _public_key(text: str) -> str | None:
+    """``text`` as agents send a public key (standard base64, padded), if it is a base64
+    Ed25519 public key in either alphabet; None if it is not one."""
+    try:
+        raw = crypto.b64decode(text)
+    except ValueError:
+        return None
+    return crypto.b64encode(raw) if len(raw) == 32 else None
+
+
+def allow_entry(text: str) -> str:
+    """An ``--allow`` argument as the allow-list holds it: a node id as it is, a public
+    key as agents send it (so that one given URL-safe or unpadded still matches)."""
+    return text if _NODE_ID.fullmatch(text) else (_public_key(text) or text)
 
 
 def admit(
@@ -125,7 +159,9 @@ def admit(
             node without a valid enrolment token).
     """
     if settings.admission == "allow_list":
-        if node_id not in settings.allowed and public_key not in settings.allowed:
+        # The key as the list holds it: standard, padded, whatever alphabet the agent used.
+        key = _public_key(public_key) or public_key
+        if node_id not in settings.allowed and key not in settings.allowed:
             raise AuthError("not_admitted", f"{node_id} is not on this coordinator's list")
     elif settings.admission == "token" and not known:
         given = (token or "").encode()
@@ -238,7 +274,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
     quota_mib, keep_days = args.node_quota_mib, args.telemetry_keep_days
     return Settings(
         admission=args.admission,
-        allowed=frozenset(args.allow),
+        allowed=frozenset(allow_entry(entry) for entry in args.allow),
         enrolment_tokens=tokens,
         node_quota_bytes=(
             default.node_quota_bytes if quota_mib is None else _whole(quota_mib * _MIB)

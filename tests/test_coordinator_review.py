@@ -20,13 +20,15 @@ from test_coordinator_admission import (
     answers_until_ack,
     codes,
     recv,
+    refusal,
     started,
     telemetry,
     welcomed,
 )
 
+from agent.protocol import crypto
 from agent.protocol.messages import JobStatusBody, encode_frame, wrap
-from coordinator import cli, client, keys
+from coordinator import admission, cli, client, keys
 from coordinator.admission import read_tokens
 from coordinator.errors import ConfigError
 from coordinator.server import Coordinator, Settings
@@ -266,3 +268,82 @@ async def test_a_retention_pass_that_fails_is_logged_and_tried_again(
     failed = [r for r in caplog.records if r.getMessage().startswith("retention: the pass failed")]
     assert len(failed) >= 2
     assert failed[0].exc_info is not None
+
+
+# ------------------------------------------------------------------ 6. admission and state dir
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        ["--admission", "allow_list", "--allow", "garbage"],
+        ["--admission", "allow_list", "--allow", Node().node_id, "--allow", "node-"],
+        ["--admission", "allow_list", "--allow", "AAAA"],  # base64, not 32 bytes
+        ["--admission", "open", "--allow", Node().node_id],
+        ["--allow", Node().node_id],  # open by default
+    ],
+    ids=["garbage", "one-bad", "short-key", "open-with-allow", "default-with-allow"],
+)
+def test_serve_refuses_an_allow_list_entry_or_mode_that_would_not_hold(
+    tmp_path: Path, capsys: Capsys, extra: list[str]
+) -> None:
+    assert cli.main(_serve(tmp_path, *extra)) == cli.EXIT_USAGE
+    err = capsys.readouterr().err
+    assert "error [bad_setting]" in err
+    assert not (tmp_path / "c.db").exists()
+
+
+def test_serve_refuses_enrolment_tokens_with_another_mode(tmp_path: Path, capsys: Capsys) -> None:
+    tokens = tmp_path / "tokens"
+    tokens.write_text("t" * 20 + "\n")
+    argv = _serve(tmp_path, "--admission", "open", "--enrolment-tokens", str(tokens))
+    assert cli.main(argv) == cli.EXIT_USAGE
+    assert "error [bad_setting]" in capsys.readouterr().err
+
+
+async def test_an_allowed_key_given_url_safe_and_unpadded_admits_its_node(
+    tmp_path: Path,
+) -> None:
+    allowed, stranger = Node(), Node()
+    standard = crypto.b64encode(allowed.public_key)
+    url_safe = standard.rstrip("=").replace("+", "-").replace("/", "_")
+    entries = frozenset({admission.allow_entry(url_safe), admission.allow_entry(Node().node_id)})
+    async with started(tmp_path, admission="allow_list", allowed=entries) as coordinator:
+        async with welcomed(coordinator, allowed):
+            pass
+        assert await refusal(coordinator, stranger) == "not_admitted"
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["key", "--state-dir", "", "--create"],
+        ["key", "--state-dir", ""],
+        ["jobs", "--state-dir", ""],
+        ["serve", "--port", "0", "--db", "x.db", "--state-dir", ""],
+        ["serve", "--port", "0", "--db", ""],
+    ],
+    ids=["key-create", "key", "jobs", "serve", "serve-db"],
+)
+def test_an_empty_path_is_refused_not_taken_as_the_current_directory(
+    tmp_path: Path, capsys: Capsys, monkeypatch: pytest.MonkeyPatch, argv: list[str]
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exited:
+        cli.main(argv)
+    assert exited.value.code == cli.EXIT_USAGE
+    assert "error [bad_argument]" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("create", [True, False])
+def test_key_with_a_file_for_state_dir_is_a_usage_error(
+    tmp_path: Path, capsys: Capsys, create: bool
+) -> None:
+    file = tmp_path / "passwd"
+    file.write_text("root:x:0:0::/root:/bin/sh\n")
+    argv = ["key", "--state-dir", str(file), *(["--create"] if create else [])]
+    assert cli.main(argv) == cli.EXIT_USAGE
+    err = capsys.readouterr().err
+    assert "error [bad_state_dir]" in err
+    assert file.read_text() == "root:x:0:0::/root:/bin/sh\n"
