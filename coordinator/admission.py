@@ -16,12 +16,15 @@ from __future__ import annotations
 import argparse
 import hmac
 import math
+import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Literal, get_args
 
+from agent.protocol import crypto
 from agent.protocol.errors import AuthError
 from coordinator.errors import ConfigError
+from sandbox.files import read_regular
 
 __all__ = [
     "AdmissionMode",
@@ -30,6 +33,7 @@ __all__ = [
     "TokenBucket",
     "add_options",
     "admit",
+    "allow_entry",
     "read_tokens",
     "settings_from",
 ]
@@ -39,6 +43,13 @@ AdmissionMode = Literal["open", "allow_list", "token"]
 _MIB = 1024 * 1024
 #: Enrolment tokens: long enough not to be guessed, short enough for ``auth`` (256).
 _MIN_TOKEN, _MAX_TOKEN = 16, 256
+#: The largest number a setting may be: SQLite's integers hold 2**63 - 1, and a size, row
+#: count or time beyond this one means nothing anyway.
+_MAX_SETTING = 2**62
+#: A node id as :func:`agent.protocol.crypto.node_id` derives it.
+_NODE_ID = re.compile(r"node-[a-z2-7]{26}")
+#: The largest tokens file read: thousands of tokens; /dev/zero or a huge file is refused.
+_MAX_TOKENS_FILE = _MIB
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -53,6 +64,10 @@ class Settings:
         new_keys_per_s, new_keys_burst: handshakes from keys the store does not know.
         frames_per_s, frames_burst: frames per node once its session is open.
         node_quota_bytes: bytes of messages kept per node (its oldest telemetry goes first).
+        unverified_quota_bytes: the same, for a node whose profile is not verified yet
+            (open admission lets any fresh key in: each may keep only this little).
+        store_max_bytes: bytes of messages kept by all nodes together; past it, a node's
+            message is shed unless its own oldest telemetry makes room.
         abuse_strikes: frames held over the rate that moved no stream on, or messages
             shed over the quota, in a row, that close the session.
         telemetry_keep_s, telemetry_keep_rows: telemetry older, or beyond that many rows
@@ -71,6 +86,8 @@ class Settings:
     frames_per_s: float = 200.0
     frames_burst: int = 1000
     node_quota_bytes: int = 256 * _MIB
+    unverified_quota_bytes: int = 4 * _MIB
+    store_max_bytes: int = 4096 * _MIB
     abuse_strikes: int = 30
     telemetry_keep_s: float = 7 * 86400.0
     telemetry_keep_rows: int = 100_000
@@ -78,18 +95,34 @@ class Settings:
 
     def __post_init__(self) -> None:
         # Every number is a rate, a size or a time: positive, but retention's interval
-        # may be 0 (never).
+        # may be 0 (never); and within what SQLite's integers (and the code) hold.
         for each in fields(self):
             value = getattr(self, each.name)
             if isinstance(value, bool) or not isinstance(value, int | float):
                 continue
             zero_ok = each.name == "retention_interval_s"
-            if not math.isfinite(value) or not (value >= 0 if zero_ok else value > 0):
-                raise ConfigError("bad_setting", f"{each.name} must be positive: {value!r}")
+            if not (value >= 0 if zero_ok else value > 0) or not value <= _MAX_SETTING:
+                low = "0" if zero_ok else "above 0"
+                raise ConfigError(
+                    "bad_setting", f"{each.name} must be {low} and at most 2**62: {value!r}"
+                )
         if self.admission not in get_args(AdmissionMode):
             raise ConfigError("bad_setting", f"admission {self.admission!r} is not a mode")
         if self.admission == "allow_list" and not self.allowed:
             raise ConfigError("bad_setting", "allow_list admission with nobody on the list")
+        # A list or tokens the mode does not use would be ignored: the operator meant
+        # another mode, and would believe the coordinator closed when it is open.
+        if self.allowed and self.admission != "allow_list":
+            raise ConfigError("bad_setting", f"an allow-list with {self.admission} admission")
+        if self.enrolment_tokens and self.admission != "token":
+            raise ConfigError("bad_setting", f"enrolment tokens with {self.admission} admission")
+        for entry in self.allowed:
+            if not _NODE_ID.fullmatch(entry) and _public_key(entry) != entry:
+                raise ConfigError(
+                    "bad_setting",
+                    f"{entry[:80]!r} on the allow-list is neither a node id (node-...) nor a"
+                    " base64 Ed25519 public key",
+                )
         if self.admission == "token" and not self.enrolment_tokens:
             raise ConfigError("bad_setting", "token admission without any enrolment token")
         for token in self.enrolment_tokens:
@@ -98,6 +131,22 @@ class Settings:
                     "bad_setting",
                     f"an enrolment token is {_MIN_TOKEN} to {_MAX_TOKEN} printable characters",
                 )
+
+
+def _public_key(text: str) -> str | None:
+    """``text`` as agents send a public key (standard base64, padded), if it is a base64
+    Ed25519 public key in either alphabet; None if it is not one."""
+    try:
+        raw = crypto.b64decode(text)
+    except ValueError:
+        return None
+    return crypto.b64encode(raw) if len(raw) == 32 else None
+
+
+def allow_entry(text: str) -> str:
+    """An ``--allow`` argument as the allow-list holds it: a node id as it is, a public
+    key as agents send it (so that one given URL-safe or unpadded still matches)."""
+    return text if _NODE_ID.fullmatch(text) else (_public_key(text) or text)
 
 
 def admit(
@@ -110,7 +159,9 @@ def admit(
             node without a valid enrolment token).
     """
     if settings.admission == "allow_list":
-        if node_id not in settings.allowed and public_key not in settings.allowed:
+        # The key as the list holds it: standard, padded, whatever alphabet the agent used.
+        key = _public_key(public_key) or public_key
+        if node_id not in settings.allowed and key not in settings.allowed:
             raise AuthError("not_admitted", f"{node_id} is not on this coordinator's list")
     elif settings.admission == "token" and not known:
         given = (token or "").encode()
@@ -170,15 +221,19 @@ class Strikes:
 def read_tokens(path: Path) -> frozenset[str]:
     """The enrolment tokens in a file, one a line (blank lines and ``#`` comments skipped).
 
-    A file, not the command line: arguments are visible to every local user.
+    A file, not the command line: arguments are visible to every local user. A regular
+    file of at most 1 MiB: a FIFO, a device or a huge file is refused, not waited on or
+    read whole.
 
     Raises:
         ConfigError: ``tokens_unreadable``.
     """
     try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError("tokens_unreadable", f"{path}: {exc}") from None
+        text = read_regular(path, _MAX_TOKENS_FILE).decode()
+    except OSError as exc:
+        raise ConfigError("tokens_unreadable", f"{path}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError("tokens_unreadable", f"{path} is not UTF-8 text") from None
     lines = (line.strip() for line in text.splitlines())
     return frozenset(line for line in lines if line and not line.startswith("#"))
 
@@ -197,6 +252,13 @@ def add_options(parser: argparse.ArgumentParser) -> None:
         help="with --admission token: a file of tokens, one a line",
     )  # fmt: skip
     parser.add_argument("--node-quota-mib", type=float, help="MiB of messages kept per node")
+    parser.add_argument(
+        "--unverified-quota-mib", type=float,
+        help="MiB kept per node until its profile is verified",
+    )  # fmt: skip
+    parser.add_argument(
+        "--store-max-mib", type=float, help="MiB of messages kept by all nodes together"
+    )
     parser.add_argument("--telemetry-keep-days", type=float, help="days of telemetry kept")
     parser.add_argument("--telemetry-keep-rows", type=int, help="telemetry rows kept per node")
 
@@ -212,13 +274,27 @@ def settings_from(args: argparse.Namespace) -> Settings:
     quota_mib, keep_days = args.node_quota_mib, args.telemetry_keep_days
     return Settings(
         admission=args.admission,
-        allowed=frozenset(args.allow),
+        allowed=frozenset(allow_entry(entry) for entry in args.allow),
         enrolment_tokens=tokens,
         node_quota_bytes=(
             default.node_quota_bytes if quota_mib is None else _whole(quota_mib * _MIB)
         ),
-        telemetry_keep_s=default.telemetry_keep_s if keep_days is None else keep_days * 86400,
-        telemetry_keep_rows=args.telemetry_keep_rows or default.telemetry_keep_rows,
+        unverified_quota_bytes=(
+            default.unverified_quota_bytes
+            if args.unverified_quota_mib is None
+            else _whole(args.unverified_quota_mib * _MIB)
+        ),
+        store_max_bytes=(
+            default.store_max_bytes
+            if args.store_max_mib is None
+            else _whole(args.store_max_mib * _MIB)
+        ),
+        telemetry_keep_s=default.telemetry_keep_s if keep_days is None else _seconds(keep_days),
+        telemetry_keep_rows=(
+            default.telemetry_keep_rows
+            if args.telemetry_keep_rows is None
+            else args.telemetry_keep_rows
+        ),
     )
 
 
@@ -226,3 +302,10 @@ def _whole(value: float) -> int:
     if not math.isfinite(value):
         raise ConfigError("bad_setting", f"not a finite size: {value!r}")
     return int(value)
+
+
+def _seconds(days: float) -> float:
+    seconds = days * 86400
+    if not math.isfinite(seconds):
+        raise ConfigError("bad_setting", f"not a finite number of days: {days!r}")
+    return seconds

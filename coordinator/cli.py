@@ -7,6 +7,7 @@ import argparse
 import asyncio
 import json
 import math
+import os
 import signal
 import sqlite3
 import ssl
@@ -24,10 +25,12 @@ from coordinator.client import AdminClient, load_spec_file
 from coordinator.errors import AdminError, ConfigError, CoordinatorError, JobError, KeyFileError
 from coordinator.server import Coordinator, serve
 
-__all__ = ["EXIT_ERROR", "EXIT_USAGE", "default_state_dir", "main"]
+__all__ = ["EXIT_BROKEN_PIPE", "EXIT_ERROR", "EXIT_USAGE", "default_state_dir", "main"]
 
 EXIT_ERROR = 1
 EXIT_USAGE = 2
+#: As a shell reports a command killed by SIGPIPE: the reader went away (``| head``).
+EXIT_BROKEN_PIPE = 128 + 13
 _APP_NAME = "gpu-coordinator"
 
 
@@ -63,10 +66,18 @@ def _seconds(text: str) -> float:
     return value
 
 
+def _path(text: str) -> Path:
+    # Path("") is ".": an empty option (an unset variable in a script) would put the key
+    # in whatever directory the command ran in.
+    if not text:
+        raise argparse.ArgumentTypeError("an empty path (it would mean the current directory)")
+    return Path(text)
+
+
 def _state_dir_option(parser: argparse.ArgumentParser, what: str) -> None:
     default = default_state_dir()
     parser.add_argument(
-        "--state-dir", type=Path, default=default, help=f"{what} (default: {default})"
+        "--state-dir", type=_path, default=default, help=f"{what} (default: {default})"
     )
 
 
@@ -81,10 +92,10 @@ def _parser() -> _Parser:
     run = commands.add_parser("serve", help="accept agents; serve the read API and dashboard")
     run.add_argument("--host", default="127.0.0.1", help="address to listen on")
     run.add_argument("--port", type=_port, default=8765, help="TCP port (0: any free one)")
-    run.add_argument("--db", type=Path, required=True, help="SQLite file of the store")
+    run.add_argument("--db", type=_path, required=True, help="SQLite file of the store")
     _state_dir_option(run, "signing key and admin.json, made at the first start")
-    run.add_argument("--tls-cert", type=Path, help="PEM certificate chain (TLS on)")
-    run.add_argument("--tls-key", type=Path, help="PEM private key of --tls-cert")
+    run.add_argument("--tls-cert", type=_path, help="PEM certificate chain (TLS on)")
+    run.add_argument("--tls-key", type=_path, help="PEM private key of --tls-cert")
     run.add_argument(
         "--admin-port", type=_port, default=0, help="admin API port on 127.0.0.1 (0: any free)"
     )
@@ -95,7 +106,7 @@ def _parser() -> _Parser:
         "--create", action="store_true", help="make the key if there is none (serve does too)"
     )
     submit = commands.add_parser("submit", help="sign and send a job to a node; print its id")
-    submit.add_argument("spec_file", type=Path, metavar="SPEC_FILE", help=".toml or .json spec")
+    submit.add_argument("spec_file", type=_path, metavar="SPEC_FILE", help=".toml or .json spec")
     submit.add_argument("--node", required=True, help="the node id to run it")
     submit.add_argument("--job-id", help="the job id (default: job-<random hex>)")
     submit.add_argument("--ttl", type=_seconds, help="seconds the offer stays valid (1 hour)")
@@ -231,6 +242,12 @@ def _admin_command(args: argparse.Namespace) -> int:
 
 def _key_command(args: argparse.Namespace) -> int:
     try:
+        # A file where the folder should be, one not writable: a usage error, before
+        # anything is made.
+        cli_args.check_state_dir(args.state_dir)
+    except ConfigError as exc:
+        return _fail(exc, EXIT_USAGE)
+    try:
         key = keys.load_or_create(args.state_dir) if args.create else keys.load(args.state_dir)
     except KeyFileError as exc:
         # No key where one was asked for: a state directory mistyped, most likely.
@@ -268,10 +285,29 @@ def _serve_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def _drop_stdout() -> None:
+    """Point stdout at /dev/null: what is still buffered for the reader that left must
+    not fail again when the interpreter flushes it at exit."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; return the exit status."""
     parser = _parser()
     args = parser.parse_args(argv)
+    try:
+        status = _command(parser, args)
+        # Flushed here, not at exit, so that a reader gone is seen (and said) here.
+        sys.stdout.flush()
+    except BrokenPipeError:
+        _drop_stdout()
+        return EXIT_BROKEN_PIPE
+    return status
+
+
+def _command(parser: _Parser, args: argparse.Namespace) -> int:
     if args.command in ("submit", "cancel", "jobs"):
         return _admin_command(args)
     if args.command == "key":

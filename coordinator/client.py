@@ -1,24 +1,26 @@
 """A client of the admin API, for ``gpu-coordinator submit``, ``cancel`` and ``jobs``.
 
-Plain blocking ``urllib``: one request at a time from a command line. Every failure is an
+Plain blocking ``http.client``: one request at a time from a command line. Every failure is an
 :class:`~coordinator.errors.AdminError` whose code is the API's own (``unknown_node``,
-``job_exists``...) or the client's (``bad_url``, ``admin_unreachable``, ``bad_answer``).
+``job_exists``...) or the client's (``bad_url``, ``admin_unreachable``, ``admin_timeout``,
+``bad_answer``).
 Answers are read up to a bound and checked for their shape: whatever ``--url`` points at
 may answer anything.
 """
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import os
+import socket
 import stat
+import threading
 import time
 import tomllib
-import urllib.error
-import urllib.request
 from pathlib import Path
 from typing import Any, Final
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 import msgspec
 
@@ -92,10 +94,13 @@ def _read_spec(path: Path) -> bytes:
 class AdminClient:
     """The admin API of one running coordinator."""
 
-    def __init__(self, url: str, token: str) -> None:
-        """A client of the API at ``url`` (AdminError ``bad_url`` if it is not an URL)."""
+    def __init__(self, url: str, token: str, *, timeout_s: float | None = None) -> None:
+        """A client of the API at ``url`` (AdminError ``bad_url`` if it is not an URL),
+        that gives each request ``timeout_s`` (30 s) in all, from connecting to the last
+        byte of the answer (AdminError ``admin_timeout`` past it)."""
         self.url = check_url(url).rstrip("/")
         self._token = token
+        self._timeout_s = _TIMEOUT_S if timeout_s is None else timeout_s
 
     @classmethod
     def from_state_dir(cls, state_dir: Path, url: str | None = None) -> AdminClient:
@@ -164,28 +169,83 @@ class AdminClient:
 
     def _request(self, method: str, path: str, body: object = None) -> dict[str, Any]:
         data = None if body is None else msgspec.json.encode(body)
-        request = urllib.request.Request(self.url + path, data=data, method=method)
-        request.add_header("Authorization", f"Bearer {self._token}")
+        headers = {"Authorization": f"Bearer {self._token}"}
         if data is not None:
-            request.add_header("Content-Type", "application/json")
+            headers["Content-Type"] = "application/json"
         try:
-            with urllib.request.urlopen(request, timeout=_TIMEOUT_S) as response:
-                raw = response.read(MAX_ANSWER_BYTES + 1)
-        except urllib.error.HTTPError as exc:
-            with exc:
-                raise _api_error(exc.code, exc.read(MAX_ANSWER_BYTES + 1)) from None
+            status, raw = self._exchange(method, path, data, headers)
+        except _Expired:
+            raise AdminError(
+                "admin_timeout", f"{self.url}: no whole answer within {self._timeout_s:g} s"
+            ) from None
         except http.client.HTTPException as exc:  # something answered, not in HTTP
             raise AdminError("bad_answer", f"{self.url} does not answer HTTP: {exc!r}") from None
-        except (urllib.error.URLError, OSError, ValueError) as exc:
+        except (OSError, ValueError) as exc:
             # ValueError: a host name that cannot be encoded (IDNA).
-            reason = getattr(exc, "reason", exc)
             raise AdminError(
-                "admin_unreachable", f"{self.url}: {reason}; is the coordinator running?"
+                "admin_unreachable", f"{self.url}: {exc}; is the coordinator running?"
             ) from None
+        if not 200 <= status < 300:
+            raise _api_error(status, raw)
         answer = _json_object(raw)
         if answer is None:
             raise AdminError("bad_answer", f"{method} {path}: not a JSON object")
         return answer
+
+    def _exchange(
+        self, method: str, path: str, data: bytes | None, headers: dict[str, str]
+    ) -> tuple[int, bytes]:
+        """One request and its whole answer (status, at most MAX_ANSWER_BYTES + 1 bytes),
+        within the timeout in all: a socket timeout alone is per read, and a server that
+        drips a byte now and then would hold the command for ever.
+
+        Raises:
+            _Expired: the timeout passed (the socket was shut down under the reads).
+        """
+        deadline = time.monotonic() + self._timeout_s
+        parts = urlsplit(self.url)
+        kind = (
+            http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
+        )
+        connection = kind(parts.hostname or "", parts.port, timeout=self._timeout_s)
+        expired = threading.Event()
+        timer: threading.Timer | None = None
+        try:
+            connection.connect()
+            sock = connection.sock
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise _Expired
+
+            def expire() -> None:
+                expired.set()
+                # Wakes the read blocked on it; closed already is fine.
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+
+            timer = threading.Timer(left, expire)
+            timer.daemon = True
+            timer.start()
+            connection.request(method, parts.path + path, body=data, headers=headers)
+            with connection.getresponse() as response:
+                raw = response.read(MAX_ANSWER_BYTES + 1)
+                status = response.status
+        except (http.client.HTTPException, OSError):
+            if expired.is_set():
+                raise _Expired from None
+            raise
+        finally:
+            if timer is not None:
+                timer.cancel()
+                timer.join()
+            connection.close()
+        if expired.is_set():  # the last read came just as the time was up
+            raise _Expired
+        return status, raw
+
+
+class _Expired(Exception):
+    """The admin API took longer than the timeout for a whole exchange."""
 
 
 def _json_object(raw: bytes) -> dict[str, Any] | None:

@@ -381,13 +381,14 @@ class _Session:
             unverified=unverified,
             job=job,
             quota_bytes=self.shared.settings.node_quota_bytes,
+            unverified_quota_bytes=self.shared.settings.unverified_quota_bytes,
+            store_max_bytes=self.shared.settings.store_max_bytes,
         )
         # The add committed: only now may the agent forget the message.
         self._advanced = added != "duplicate"
         await self._ack()
         if added == "shed":
-            quota = self.shared.settings.node_quota_bytes
-            raise LimitExceeded("quota_exceeded", f"over {quota} bytes stored: {kind} shed")
+            raise LimitExceeded("quota_exceeded", f"over the storage quota: {kind} shed")
         self._quota_strikes.clear()
         if added == "stored" and unverified is not None:
             _log.info(

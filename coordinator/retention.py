@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import sqlite3
 from contextlib import AbstractContextManager
+from typing import Any
 
 __all__ = ["Retention"]
 
@@ -21,6 +22,24 @@ class Retention:
 
     def _transaction(self) -> AbstractContextManager[None]:
         raise NotImplementedError
+
+    def _quota(
+        self,
+        node_id: str,
+        quota: int,
+        unverified_quota: int,
+        profile: dict[str, Any] | None,
+        unverified: object,
+    ) -> int:
+        """The node's quota (0: none): the smaller one until it has a verified profile."""
+        if not unverified_quota or (profile is not None and unverified is None):
+            return quota  # a message that verifies the node is held to its full quota
+        verified = self._db.execute(
+            "SELECT 1 FROM profiles WHERE node_id = ?", (node_id,)
+        ).fetchone()
+        if verified is not None:
+            return quota
+        return min(quota, unverified_quota) if quota else unverified_quota
 
     def _evict_telemetry(self, node_id: str, need: int, least: int) -> int:
         """Delete a node's oldest telemetry, ``need`` bytes or all it has; nothing when it

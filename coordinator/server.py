@@ -254,9 +254,16 @@ class Coordinator:
     async def _retain(self) -> None:
         """Prune at start, then every retention interval, until stopped."""
         while True:
-            deleted = self.prune()
-            if deleted:
-                _log.info("retention: %d telemetry row(s) deleted", deleted)
+            try:
+                deleted = self.prune()
+            except Exception:  # said, and tried again at the next interval
+                # A task that dies says nothing: the store would grow without a word.
+                _log.exception(
+                    "retention: the pass failed; next in %gs", self.settings.retention_interval_s
+                )
+            else:
+                if deleted:
+                    _log.info("retention: %d telemetry row(s) deleted", deleted)
             self.retained.set()
             await asyncio.sleep(self.settings.retention_interval_s)
 

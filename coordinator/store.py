@@ -246,13 +246,17 @@ class Store(StreamTables, JobTables, Retention):
         unverified: Unverified | None = None,
         job: JobEvent | None = None,
         quota_bytes: int = 0,
+        unverified_quota_bytes: int = 0,
+        store_max_bytes: int = 0,
     ) -> Added:
         """Store one message (with its profile, using its nonce; or its job event) in one commit.
 
         The profile becomes the node's verified one, unless ``unverified`` says why its
         nonce did not hold: then it is kept beside, marked unverified with that reason.
 
-        With ``quota_bytes`` (0: none) the node's stored bytes stay within it: its oldest
+        With ``quota_bytes`` (0: none) the node's stored bytes stay within it (within
+        ``unverified_quota_bytes`` too, while the node has no verified profile and this
+        message brings none), and all nodes' within ``store_max_bytes``: its oldest
         telemetry is deleted to make room, and when that is not enough the message is
         shed: stored under its seq (the stream keeps no gap) with a placeholder body, and
         without its profile, nonce or job event. A ``job_status`` (small, bounded, and what
@@ -271,14 +275,21 @@ class Store(StreamTables, JobTables, Retention):
             if seq <= row[0]:
                 return "duplicate"
             added: Added = "stored"
-            over = row[1] + len(data) - quota_bytes
-            # Evict an eighth of the quota more than needed, so that a node streaming at
-            # its quota evicts now and then, not on every message.
+            quota = self._quota(node_id, quota_bytes, unverified_quota_bytes, profile, unverified)
+            over = row[1] + len(data) - quota if quota else 0
+            slack = quota // 8
+            if store_max_bytes:
+                slack = min(slack, store_max_bytes // 8) if slack else store_max_bytes // 8
+                (total,) = self._db.execute(
+                    "SELECT COALESCE(SUM(stored_bytes), 0) FROM nodes"
+                ).fetchone()
+                over = max(over, int(total) + len(data) - store_max_bytes)
+            # Evict an eighth of the quota (or cap) more than needed, so that a node
+            # streaming at its quota evicts now and then, not on every message.
             if (
-                quota_bytes
-                and over > 0
+                over > 0
                 and kind != "job_status"
-                and self._evict_telemetry(node_id, over + quota_bytes // 8, over) < over
+                and self._evict_telemetry(node_id, over + slack, over) < over
             ):
                 added = "shed"
                 data = msgspec.json.encode(
