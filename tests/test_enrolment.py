@@ -20,6 +20,7 @@ from pathlib import Path
 import msgspec
 import pytest
 from conftest import XML
+from test_cli import _run
 
 from agent.config import AgentConfig, Flag, load_config
 from agent.daemon import daemon_config
@@ -142,17 +143,6 @@ def test_keys_show_does_not_read_the_token_file(conf: Path) -> None:
 
 
 # ------------------------------------------------------------------ refused at start, exit 2
-
-
-def _run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "agent.cli", *args],
-        capture_output=True,
-        text=True,
-        env={**os.environ, **(env or {})},
-        timeout=60,
-        check=False,
-    )
 
 
 def _fifo(directory: Path) -> Path:
