@@ -6,19 +6,19 @@ PACKAGES := hal sandbox agent coordinator
 
 .PHONY: demo test lint typecheck pytest bench deb lock clean
 
-# Every dependency comes from requirements/*.txt: the whole tree pinned, with hashes.
+# Every dependency comes from requirements*.txt: the whole tree pinned, with hashes.
 # pyproject.toml keeps the ranges for people who install the package; `make lock` pins anew.
 LOCKED := $(BIN)/pip install --quiet --require-hashes --only-binary :all:
 
-$(VENV)/.run: pyproject.toml requirements/build.txt requirements/run.txt
+$(VENV)/.run: pyproject.toml requirements-build.txt requirements.txt
 	$(PYTHON) -m venv $(VENV)
-	$(LOCKED) -r requirements/build.txt
-	$(LOCKED) -r requirements/run.txt
+	$(LOCKED) -r requirements-build.txt
+	$(LOCKED) -r requirements.txt
 	PYTHONWARNINGS=ignore $(BIN)/pip install --quiet --no-deps --no-build-isolation -e .
 	touch $@
 
-$(VENV)/.test: $(VENV)/.run requirements/test.txt
-	$(LOCKED) -r requirements/test.txt
+$(VENV)/.test: $(VENV)/.run requirements-test.txt
+	$(LOCKED) -r requirements-test.txt
 	touch $@
 
 # The lock is universal (every platform, Python 3.11 and newer), made by a pinned uv.
@@ -27,12 +27,12 @@ UV_COMPILE := .venv-lock/bin/uv pip compile --quiet --universal --python-version
 
 lock:
 	$(PYTHON) -m venv .venv-lock
-	.venv-lock/bin/pip install --quiet --require-hashes -r requirements/tools.txt
-	$(UV_COMPILE) --upgrade requirements/tools.in -o requirements/tools.txt
-	$(UV_COMPILE) --upgrade requirements/build.in -o requirements/build.txt
-	$(UV_COMPILE) --upgrade pyproject.toml -o requirements/run.txt
-	$(UV_COMPILE) --upgrade pyproject.toml --extra tray -o requirements/tray.txt
-	$(UV_COMPILE) --upgrade pyproject.toml --extra test --extra tray -o requirements/test.txt
+	.venv-lock/bin/pip install --quiet --require-hashes -r requirements-tools.txt
+	$(UV_COMPILE) --upgrade requirements-tools.in -o requirements-tools.txt
+	$(UV_COMPILE) --upgrade requirements-build.in -o requirements-build.txt
+	$(UV_COMPILE) --upgrade pyproject.toml -o requirements.txt
+	$(UV_COMPILE) --upgrade pyproject.toml --extra tray -o requirements-tray.txt
+	$(UV_COMPILE) --upgrade pyproject.toml --extra test --extra tray -o requirements-test.txt
 	rm -rf .venv-lock
 
 demo: $(VENV)/.run

@@ -65,15 +65,17 @@ def installed_venv(path: Path) -> Path:
 
     The development venv is slower to start: its editable-install hook runs at every
     interpreter start, and its test tools pull typing_extensions into msgspec's import.
-    The dependencies are installed once; the agent itself at every run, so that what is
-    timed is the code in this tree, not the code of the first run.
+    The dependencies are installed once, from the lock; the agent itself at every run, so
+    that what is timed is the code in this tree, not the code of the first run.
     """
     pip = [str(path / "bin" / "pip"), "install", "--quiet"]
     if not (path / "bin" / "gpu-agent").exists():
         subprocess.run([sys.executable, "-m", "venv", str(path)], check=True)
-        subprocess.run([*pip, str(ROOT)], check=True)
-    else:
-        subprocess.run([*pip, "--no-deps", "--force-reinstall", str(ROOT)], check=True)
+        locked = ["--require-hashes", "--only-binary", ":all:", "-r"]
+        for lock in ("requirements-build.txt", "requirements.txt"):
+            subprocess.run([*pip, *locked, str(ROOT / lock)], check=True)
+    own = ["--no-deps", "--no-build-isolation", "--force-reinstall", str(ROOT)]
+    subprocess.run([*pip, *own], check=True)
     return path
 
 

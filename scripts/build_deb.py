@@ -14,7 +14,7 @@ Two packages share one virtualenv at ``/opt/gpu-agent/venv``, linked to the buil
 ``packaging/nfpm.yaml`` and ``packaging/nfpm-tray.yaml`` list their contents; nfpm packs them.
 
 The venv's dependencies come from the lock, never from resolving ranges:
-``requirements/run.txt``, then ``requirements/tray.txt`` for the tray's additions (both
+``requirements.txt``, then ``requirements-tray.txt`` for the tray's additions (both
 ``--require-hashes --only-binary :all:``), then the project's own wheel without deps.
 
 A venv is tied to its interpreter's minor version (``lib/python3.X``, the extensions' ABI
@@ -70,8 +70,8 @@ MAINTAINER = "gpu-agent maintainers <maintainers@gpu-agent.invalid>"
 # in an in-tree build/ that would end up in the wheel).
 SOURCES = ("pyproject.toml", "README.md", "LICENSE", "hal", "sandbox", "agent", "coordinator")
 LICENSE = ROOT / "LICENSE"
-LOCK = ROOT / "requirements" / "run.txt"
-TRAY_LOCK = ROOT / "requirements" / "tray.txt"
+LOCK = ROOT / "requirements.txt"
+TRAY_LOCK = ROOT / "requirements-tray.txt"
 # The tray's own launcher, made by the project's wheel but shipped by gpu-agent-tray.
 TRAY_SCRIPT = "bin/gpu-agent-tray"
 # PySide6's tools for Qt app developers (deploy, designer, uic...): the tray needs none.
@@ -262,7 +262,7 @@ def write_changelog(doc: Path, package: str, version: str, when: datetime) -> Pa
     text = (
         f"{package} ({version}) unstable; urgency=medium\n\n"
         f"  * Upstream release {version.rsplit('-', 1)[0]}, with its dependencies from the\n"
-        "    project's lock (requirements/*.txt).\n\n"
+        "    project's lock (requirements*.txt).\n\n"
         f" -- {MAINTAINER}  {format_datetime(when)}\n"
     )
     return _gzip_9n(text.encode(), doc / "changelog.Debian.gz")

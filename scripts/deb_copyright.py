@@ -164,7 +164,7 @@ def render(venv: Path, project_license: Path, relative_site: str, year: int) -> 
     paragraphs = [
         f"Format: {FORMAT}\nUpstream-Name: gpu-agent\n"
         "Comment: The application, and in /opt/gpu-agent/venv the Python distributions it\n"
-        " runs with, installed from the project's hash-locked requirements/*.txt. Each\n"
+        " runs with, installed from the project's hash-locked requirements*.txt. Each\n"
         " one's licence below is as its metadata declares it, with the text it ships.",
         f"Files: *\nCopyright: {year} gpu-agent contributors\nLicense: Apache-2.0\n"
         + _field(_pointer("Apache-2.0")),

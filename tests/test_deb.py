@@ -52,7 +52,7 @@ def test_a_tray_lock_that_pins_the_service_deps_otherwise_is_refused(
     build_deb: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     tray = tmp_path / "tray.txt"
-    locked = (ROOT / "requirements/tray.txt").read_text()
+    locked = (ROOT / "requirements-tray.txt").read_text()
     tray.write_text(re.sub(r"^msgspec==\S+", "msgspec==0.19.0", locked, flags=re.M))
     monkeypatch.setattr(build_deb, "TRAY_LOCK", tray)
     with pytest.raises(SystemExit, match=r"differ on \['msgspec'\]"):
@@ -318,10 +318,8 @@ def test_the_venv_holds_exactly_the_locked_distributions(debs: Debs) -> None:
     ]
     installed = {re.sub(r"[-_.]+", "-", name).lower(): version for name, version in named}
     locked = {}
-    for lock in ("run.txt", "tray.txt"):
-        pins = re.findall(
-            r"^([A-Za-z0-9._-]+)==(\S+)", (ROOT / "requirements" / lock).read_text(), re.M
-        )
+    for lock in ("requirements.txt", "requirements-tray.txt"):
+        pins = re.findall(r"^([A-Za-z0-9._-]+)==(\S+)", (ROOT / lock).read_text(), re.M)
         locked.update({re.sub(r"[-_.]+", "-", n).lower(): v for n, v in pins})
     assert installed == {**locked, "gpu-provider-agent": __version__}
 

@@ -14,7 +14,6 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
 ROOT = Path(__file__).resolve().parent.parent
-LOCKS = ROOT / "requirements"
 
 # One pinned requirement of a uv/pip-tools hashed lock: "name==version [; marker] \".
 _PIN = re.compile(r"^([A-Za-z0-9_.-]+)==([^\s;\\]+)\s*(?:;\s*([^\\]+?))?\s*\\?$")
@@ -24,7 +23,7 @@ def locked(name: str) -> dict[str, tuple[str, list[str]]]:
     """Package -> (version, hashes) of one lock file, for the packages this Python installs."""
     pins: dict[str, tuple[str, list[str]]] = {}
     current: list[str] = []
-    for line in (LOCKS / name).read_text(encoding="utf-8").splitlines():
+    for line in (ROOT / name).read_text(encoding="utf-8").splitlines():
         if match := _PIN.match(line):
             package, version, marker = match.groups()
             current = []
@@ -47,14 +46,25 @@ def tracked_files() -> list[Path]:
     return [ROOT / name for name in listed.stdout.decode().split("\0") if name]
 
 
-@pytest.mark.parametrize("name", ["build.txt", "run.txt", "test.txt", "tools.txt", "tray.txt"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "requirements-build.txt",
+        "requirements.txt",
+        "requirements-test.txt",
+        "requirements-tools.txt",
+        "requirements-tray.txt",
+    ],
+)
 def test_every_locked_package_is_pinned_with_hashes(name: str) -> None:
     pins = locked(name)
     assert pins
     assert sorted(p for p, (_, hashes) in pins.items() if not hashes) == []
 
 
-@pytest.mark.parametrize(("lock", "extras"), [("run.txt", ()), ("test.txt", ("test", "tray"))])
+@pytest.mark.parametrize(
+    ("lock", "extras"), [("requirements.txt", ()), ("requirements-test.txt", ("test", "tray"))]
+)
 def test_the_lock_holds_every_dependency_within_its_range(
     lock: str, extras: tuple[str, ...]
 ) -> None:
@@ -77,14 +87,14 @@ def test_the_lock_holds_every_dependency_within_its_range(
 def test_this_environment_runs_what_the_test_lock_pins() -> None:
     drift = {
         package: (version, installed)
-        for package, (version, _) in locked("test.txt").items()
+        for package, (version, _) in locked("requirements-test.txt").items()
         if (installed := metadata.version(package)) != version
     }
     assert drift == {}, "install from the lock: make .venv/.test (or make lock, then that)"
 
 
 def test_nothing_reads_outside_the_repository() -> None:
-    # A clone from a forge has nothing beside it: no ../shared, no sibling checkout.
+    # A clone from a forge has nothing beside it: no shared folder, no sibling checkout.
     outside = re.compile(rb'\.\./shared|/ "shared"')
     found = [
         str(path.relative_to(ROOT))
