@@ -16,6 +16,7 @@ from pathlib import Path
 
 import msgspec
 import pytest
+from test_coordinator import Clock, Node
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
@@ -42,26 +43,6 @@ from coordinator.server import Coordinator, Settings
 from coordinator.store import Store
 
 TOKEN = "enrol-" + "7" * 20
-
-
-class Clock:
-    """Wall time plus an offset a test can move forward."""
-
-    def __init__(self) -> None:
-        self.offset = 0.0
-
-    def __call__(self) -> float:
-        return time.time() + self.offset
-
-
-class Node:
-    """A test agent's identity."""
-
-    def __init__(self) -> None:
-        self.key = crypto.generate_private_key()
-        self.public_key = crypto.public_key_bytes(self.key)
-        self.node_id = crypto.node_id(self.public_key)
-        self.key_id = crypto.key_id(self.public_key)
 
 
 @asynccontextmanager

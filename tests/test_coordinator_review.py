@@ -15,8 +15,8 @@ import sys
 from pathlib import Path
 
 import pytest
+from test_coordinator import Node
 from test_coordinator_admission import (
-    Node,
     answers_until_ack,
     codes,
     recv,
