@@ -19,9 +19,29 @@ class Retention:
     """The quota half of :class:`coordinator.store.Store` (which provides the stubs below)."""
 
     _db: sqlite3.Connection
+    #: All nodes' stored bytes, so that the store-wide cap costs no scan of ``nodes`` per
+    #: message; None: not known (at start, or after a rollback), read again when needed.
+    _total_bytes: int | None = None
 
     def _transaction(self) -> AbstractContextManager[None]:
         raise NotImplementedError
+
+    def _total_stored(self) -> int:
+        """All nodes' stored bytes together."""
+        if self._total_bytes is None:
+            (total,) = self._db.execute(
+                "SELECT COALESCE(SUM(stored_bytes), 0) FROM nodes"
+            ).fetchone()
+            self._total_bytes = int(total)
+        return self._total_bytes
+
+    def _count_bytes(self, node_id: str, delta: int) -> None:
+        """Add ``delta`` to the node's stored bytes (and to the total)."""
+        self._db.execute(
+            "UPDATE nodes SET stored_bytes = stored_bytes + ? WHERE node_id = ?", (delta, node_id)
+        )
+        if self._total_bytes is not None:
+            self._total_bytes += delta
 
     def _quota(
         self,
@@ -70,10 +90,7 @@ class Retention:
                 "DELETE FROM messages WHERE node_id = ? AND type = 'telemetry' AND seq <= ?",
                 (node_id, upto),
             )
-            self._db.execute(
-                "UPDATE nodes SET stored_bytes = stored_bytes - ? WHERE node_id = ?",
-                (freed, node_id),
-            )
+            self._count_bytes(node_id, -freed)
         return freed
 
     def prune_telemetry(self, received_before: float, keep_rows: int) -> int:
@@ -100,10 +117,7 @@ class Retention:
                 ).fetchone()
                 if count:
                     self._db.execute("DELETE" + where, args)
-                    self._db.execute(
-                        "UPDATE nodes SET stored_bytes = stored_bytes - ? WHERE node_id = ?",
-                        (size, node_id),
-                    )
+                    self._count_bytes(node_id, -int(size))
                 deleted += int(count)
         return deleted
 

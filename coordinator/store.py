@@ -193,6 +193,7 @@ class Store(StreamTables, JobTables, Retention):
             yield
         except BaseException:
             self._db.execute("ROLLBACK")
+            self._total_bytes = None  # what the rollback undid is read again when needed
             raise
         self._db.execute("COMMIT")
 
@@ -280,10 +281,7 @@ class Store(StreamTables, JobTables, Retention):
             slack = quota // 8
             if store_max_bytes:
                 slack = min(slack, store_max_bytes // 8) if slack else store_max_bytes // 8
-                (total,) = self._db.execute(
-                    "SELECT COALESCE(SUM(stored_bytes), 0) FROM nodes"
-                ).fetchone()
-                over = max(over, int(total) + len(data) - store_max_bytes)
+                over = max(over, self._total_stored() + len(data) - store_max_bytes)
             # Evict an eighth of the quota (or cap) more than needed, so that a node
             # streaming at its quota evicts now and then, not on every message.
             if (
@@ -302,10 +300,8 @@ class Store(StreamTables, JobTables, Retention):
                 "INSERT INTO messages (node_id, seq, type, body, received) VALUES (?, ?, ?, ?, ?)",
                 (node_id, seq, kind, data.decode(), now),
             )
-            self._db.execute(
-                "UPDATE nodes SET agent_seq = ?, stored_bytes = stored_bytes + ? WHERE node_id = ?",
-                (seq, len(data), node_id),
-            )
+            self._db.execute("UPDATE nodes SET agent_seq = ? WHERE node_id = ?", (seq, node_id))
+            self._count_bytes(node_id, len(data))
             if nonce is not None:
                 self._db.execute(
                     "UPDATE attest_nonces SET used = ? WHERE nonce = ? AND used IS NULL",
