@@ -11,10 +11,9 @@ may answer anything.
 from __future__ import annotations
 
 import contextlib
+import errno
 import http.client
-import os
 import socket
-import stat
 import threading
 import time
 import tomllib
@@ -27,6 +26,7 @@ import msgspec
 from coordinator.admin import ADMIN_FILE, check_url, read_admin_file
 from coordinator.errors import AdminError, JobError
 from coordinator.jobs import check_spec
+from sandbox.files import read_regular
 from sandbox.spec import MAX_SPEC_BYTES
 
 __all__ = ["MAX_ANSWER_BYTES", "AdminClient", "load_spec_file"]
@@ -67,28 +67,16 @@ def load_spec_file(path: Path) -> dict[str, Any]:
 
 
 def _read_spec(path: Path) -> bytes:
-    """At most MAX_SPEC_BYTES + 1 bytes of a regular file (a FIFO or device is refused)."""
+    """The bytes of a regular spec file of at most MAX_SPEC_BYTES (a FIFO or device is
+    refused without waiting on it)."""
     try:
-        # O_NONBLOCK: opening a FIFO returns at once instead of waiting for a writer.
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        return read_regular(path, MAX_SPEC_BYTES)
     except OSError as exc:
+        if exc.errno == errno.EFBIG:
+            raise JobError(
+                "spec_too_large", f"{path}: a spec may be at most {MAX_SPEC_BYTES} bytes"
+            ) from None
         raise JobError("bad_spec", f"cannot read {path}: {exc.strerror}") from None
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise JobError("bad_spec", f"{path} is not a regular file")
-        chunks: list[bytes] = []
-        size = 0
-        while size <= MAX_SPEC_BYTES and (chunk := os.read(fd, MAX_SPEC_BYTES + 1 - size)):
-            chunks.append(chunk)
-            size += len(chunk)
-    except OSError as exc:
-        raise JobError("bad_spec", f"cannot read {path}: {exc.strerror}") from None
-    finally:
-        os.close(fd)
-    data = b"".join(chunks)
-    if len(data) > MAX_SPEC_BYTES:
-        raise JobError("spec_too_large", f"{path}: a spec may be at most {MAX_SPEC_BYTES} bytes")
-    return data
 
 
 class AdminClient:
