@@ -16,7 +16,7 @@ from hal.errors import BadConfig, HalError
 if TYPE_CHECKING:
     import argparse
 
-    from agent.config import AgentConfig
+    from agent.config.settings import AgentConfig
     from hal.backend import HalConfig
     from hal.profile import PendingProfile
     from hal.types import Profile
@@ -148,7 +148,7 @@ def _parser() -> argparse.ArgumentParser:
     ):
         _add_config_options(keys_commands.add_parser(name, help=text))
 
-    from agent.control_args import add_commands
+    from agent.control.args import add_commands
 
     add_commands(commands, _Parser)
     return parser
@@ -240,7 +240,7 @@ def _doctor(config: HalConfig, args: argparse.Namespace) -> int:
 
 
 def _run_local(config: HalConfig, args: argparse.Namespace) -> int:
-    from agent.run_local import default_jobs_dir, load_policy, run_local
+    from agent.jobs.run_local import default_jobs_dir, load_policy, run_local
     from sandbox.errors import SandboxError
     from sandbox.runner import RunnerConfig
     from sandbox.spec import load_spec_file
@@ -264,7 +264,7 @@ def _run_local(config: HalConfig, args: argparse.Namespace) -> int:
 def _run_daemon(config: HalConfig, args: argparse.Namespace) -> int:
     import logging
 
-    from agent.daemon import daemon_config, run_daemon
+    from agent.daemon.main import daemon_config, run_daemon
 
     agent_config = _agent_config(args, require_coordinator=True)
     if args.coordinator is not None and not args.coordinator_key:
@@ -277,8 +277,8 @@ def _run_daemon(config: HalConfig, args: argparse.Namespace) -> int:
 def _agent_config(args: argparse.Namespace, *, require_coordinator: bool = False) -> AgentConfig:
     """The configuration ``gpu-agent run`` would run with: the file, the environment and
     this command line's options, checked together."""
-    from agent.config import is_system_install, load_config
-    from agent.config_overrides import command_line_flags
+    from agent.config.overrides import command_line_flags
+    from agent.config.settings import is_system_install, load_config
 
     return load_config(
         args.config,
@@ -290,7 +290,7 @@ def _agent_config(args: argparse.Namespace, *, require_coordinator: bool = False
 
 
 def _keys(config: HalConfig, args: argparse.Namespace) -> int:
-    from agent.identity import IDENTITY_DIR, load_existing, load_or_create, show
+    from agent.link.identity import IDENTITY_DIR, load_existing, load_or_create, show
 
     identity_dir = _agent_config(args).paths.state_dir / IDENTITY_DIR
     if args.keys_command == "create":
@@ -397,11 +397,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _dispatch(args: argparse.Namespace, early: PendingProfile | None) -> int:
-    from agent.control_args import COMMANDS
+    from agent.control.args import COMMANDS
 
     if args.command in COMMANDS:
         # The control commands talk to the daemon only: no HAL settings to read.
-        from agent.control_cli import run_command
+        from agent.control.cli import run_command
 
         status = run_command(args)
         assert status is not None

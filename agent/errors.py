@@ -13,7 +13,7 @@ how a caller reacts to it::
     |     codes: ack_ahead, seq_backwards, bad_argument, schema_too_new, closed,
     |            storage_error
     +-- ControlError               a local control API request or socket failed
-          codes: see agent.control (``fix`` says what the user can do, when known)
+          codes: see agent.control.wire (``fix`` says what the user can do, when known)
 """
 
 from __future__ import annotations

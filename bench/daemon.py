@@ -36,8 +36,8 @@ import psutil  # noqa: E402
 from fakenvml import build  # noqa: E402
 from images import build_busybox_image  # noqa: E402
 
-from agent.control_client import ControlClient  # noqa: E402
-from agent.owner import WEEKDAYS  # noqa: E402
+from agent.control.client import ControlClient  # noqa: E402
+from agent.owner.policy import WEEKDAYS  # noqa: E402
 from coordinator.server import Coordinator  # noqa: E402
 
 CAPTURE = ROOT / "tests" / "fixtures" / "nvidia-smi-xml" / "dual_a5000-v13.xml"

@@ -30,9 +30,9 @@ from test_idle import (  # noqa: E402
     add_input_device,
 )
 
-from agent.idle_input import InputIdle  # noqa: E402
-from agent.idle_logind import LogindIdle  # noqa: E402
-from agent.idle_x11 import X11Idle  # noqa: E402
+from agent.owner.idle.input import InputIdle  # noqa: E402
+from agent.owner.idle.logind import LogindIdle  # noqa: E402
+from agent.owner.idle.x11 import X11Idle  # noqa: E402
 
 READINGS = 2000
 

@@ -5,7 +5,7 @@ Run with ``make bench`` (or ``python bench/link.py --quick``). The coordinator i
 are printed and written to ``bench/results/link.json``; nothing here is asserted.
 
 - throughput: telemetry batches (10 samples of the host and 8 GPUs) per second from a
-  filled durable outbox through :class:`agent.link.Link` until the coordinator has acked
+  filled durable outbox through :class:`agent.link.connection.Link` until the coordinator has acked
   them all; against the same frames from a bare ``websockets`` send loop to a bare sink
   that also commits each frame to SQLite (WAL, synchronous=FULL) before acking it (goal:
   the link at least half of that), and to a sink that acks without storing.
@@ -42,9 +42,9 @@ sys.path[0] = str(ROOT / "tests")
 
 from fakenvml import build  # noqa: E402
 
-from agent.identity import Identity, load_or_create  # noqa: E402
-from agent.link import Link, LinkConfig, Reply  # noqa: E402
-from agent.outbox import Outbox  # noqa: E402
+from agent.link.connection import Link, LinkConfig, Reply  # noqa: E402
+from agent.link.identity import Identity, load_or_create  # noqa: E402
+from agent.link.outbox import Outbox  # noqa: E402
 from agent.protocol import crypto  # noqa: E402
 from agent.protocol.bodies import TelemetryBody  # noqa: E402
 from agent.protocol.limits import MAX_FRAME_BYTES  # noqa: E402

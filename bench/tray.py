@@ -34,7 +34,7 @@ import psutil  # noqa: E402
 from fakenvml import build  # noqa: E402
 from tray_daemon import ServedTarget  # noqa: E402
 
-from agent.control_client import ControlClient  # noqa: E402
+from agent.control.client import ControlClient  # noqa: E402
 from coordinator.server import Coordinator  # noqa: E402
 
 CAPTURE = ROOT / "tests" / "fixtures" / "nvidia-smi-xml" / "dual_a5000-v13.xml"

@@ -31,8 +31,8 @@ sys.path.insert(0, str(ROOT / "tests"))
 from control_target import job, short_dir  # noqa: E402
 from tray_daemon import ServedTarget  # noqa: E402
 
-from agent.control import GpuView  # noqa: E402
-from agent.owner import OwnerPolicy, Window  # noqa: E402
+from agent.control.wire import GpuView  # noqa: E402
+from agent.owner.policy import OwnerPolicy, Window  # noqa: E402
 
 if TYPE_CHECKING:
     from PySide6.QtCore import QRect

@@ -14,9 +14,9 @@ from typing import Any
 
 import msgspec
 
-from agent.control import GpuView, JobView, LogChunkView, StatusView
+from agent.control.wire import GpuView, JobView, LogChunkView, StatusView
 from agent.errors import ControlError
-from agent.owner import OwnerPolicy, changed
+from agent.owner.policy import OwnerPolicy, changed
 
 __all__ = ["MemoryTarget", "as_user", "connect_as", "job", "short_dir", "status"]
 

@@ -17,9 +17,9 @@ import pytest
 from certs import ca_pem
 from test_cli import _run
 
-from agent.config import NOT_CONFIG_VARIABLES, AgentConfig, Flag, env_var, load_config
+from agent.config.settings import NOT_CONFIG_VARIABLES, AgentConfig, Flag, env_var, load_config
 from agent.errors import ConfigError
-from agent.identity import load_or_create
+from agent.link.identity import load_or_create
 from agent.protocol import crypto
 from agent.tray.main import display_problem
 

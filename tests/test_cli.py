@@ -180,4 +180,4 @@ def test_profile_imports_nothing_it_does_not_need(
     )
     imported = {line.rsplit("|", 1)[-1].strip() for line in shown.stderr.splitlines()}
     assert "hal.registry" in imported  # the measurement sees the profile's own imports
-    assert imported.isdisjoint({"logging", "argparse", "asyncio", "sqlite3", "agent.control"})
+    assert imported.isdisjoint({"logging", "argparse", "asyncio", "sqlite3", "agent.control.wire"})

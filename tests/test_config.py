@@ -11,7 +11,7 @@ import msgspec
 import pytest
 from certs import ca_pem
 
-from agent.config import (
+from agent.config.settings import (
     AgentConfig,
     default_config_path,
     env_var,

@@ -11,10 +11,10 @@ import msgspec
 import pytest
 from control_target import MemoryTarget, job, short_dir, status
 
-from agent import control_client
-from agent.control import JobView, StatusView
-from agent.control_cli import add_commands, render_jobs, render_status, run_command
-from agent.control_server import ControlServer
+from agent.control import client as control_client
+from agent.control.cli import add_commands, render_jobs, render_status, run_command
+from agent.control.server import ControlServer
+from agent.control.wire import JobView, StatusView
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -13,9 +13,8 @@ import msgspec
 import pytest
 from control_target import MemoryTarget, as_user, connect_as, short_dir, status
 
-from agent import control_client
-from agent.control import StatusView
-from agent.control_client import (
+from agent.control import client as control_client
+from agent.control.client import (
     GROUP_FIX,
     START_FIX,
     ControlClient,
@@ -24,7 +23,8 @@ from agent.control_client import (
     user_socket_path,
     watch,
 )
-from agent.control_server import ControlServer
+from agent.control.server import ControlServer
+from agent.control.wire import StatusView
 from agent.errors import ControlError
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="takes another uid for a moment")

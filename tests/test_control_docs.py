@@ -8,7 +8,7 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from agent.control import (
+from agent.control.wire import (
     METHODS,
     Call,
     Frame,
@@ -19,7 +19,7 @@ from agent.control import (
     StatusView,
     parse_request,
 )
-from agent.owner import OwnerPolicy, changed
+from agent.owner.policy import OwnerPolicy, changed
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "control-api.md"
 RESULTS: dict[str, object] = {
@@ -88,9 +88,9 @@ def test_every_example_line_decodes(block: list[str]) -> None:
 
 
 def test_every_server_error_code_is_documented() -> None:
-    import agent.control
+    import agent.control.wire
 
-    listed = re.findall(r"^    ([a-z_]+) {2,}", agent.control.__doc__ or "", flags=re.M)
+    listed = re.findall(r"^    ([a-z_]+) {2,}", agent.control.wire.__doc__ or "", flags=re.M)
     assert len(listed) >= 15
     assert set(listed) <= _documented_codes() | {
         "socket_in_use",

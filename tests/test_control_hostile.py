@@ -17,10 +17,10 @@ import msgspec
 import pytest
 from control_target import MemoryTarget, short_dir, status
 
-from agent.control_args import add_commands
-from agent.control_cli import run_command
-from agent.control_client import ControlClient
-from agent.control_server import ControlServer
+from agent.control.args import add_commands
+from agent.control.cli import run_command
+from agent.control.client import ControlClient
+from agent.control.server import ControlServer
 from agent.errors import ControlError
 
 

@@ -15,9 +15,9 @@ import msgspec
 import pytest
 from control_target import MemoryTarget, connect_as, job, short_dir, status
 
-from agent.control import MAX_REQUEST_BYTES, LogChunkView, StatusView
-from agent.control_client import ControlClient
-from agent.control_server import ControlServer
+from agent.control.client import ControlClient
+from agent.control.server import ControlServer
+from agent.control.wire import MAX_REQUEST_BYTES, LogChunkView, StatusView
 from agent.errors import ControlError
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="takes another uid for a moment")

@@ -10,13 +10,13 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from agent.control import Call, JobsParams, LineSplitter, LogsParams, NoParams, parse_request
-from agent.control_socket import (
+from agent.control.socket_file import (
     PeerCredentials,
     _proc_groups,
     peer_allowed,
     read_peer_credentials,
 )
+from agent.control.wire import Call, JobsParams, LineSplitter, LogsParams, NoParams, parse_request
 
 DAEMON_UID, SOCKET_GID = 998, 997
 

@@ -23,8 +23,8 @@ import pytest
 from conftest import XML, write_control
 from test_link import _free_port
 
-from agent.control_client import ControlClient
-from agent.owner import WEEKDAYS
+from agent.control.client import ControlClient
+from agent.owner.policy import WEEKDAYS
 from coordinator.jobs_store import JobRow
 from coordinator.server import Coordinator
 from sandbox.container import LABEL_JOB

@@ -334,7 +334,10 @@ def test_the_venv_runs_the_agent_with_its_own_dependencies(debs: Debs) -> None:
         timeout=60,
     )
     assert result.stdout.strip() == f"gpu-agent {__version__}"
-    imports = "import agent.config, agent.daemon, agent.systemd, coordinator.cli, platformdirs"
+    imports = (
+        "import agent.config.settings, agent.daemon.main, agent.daemon.systemd,"
+        " coordinator.cli, platformdirs"
+    )
     subprocess.run([str(venv / "bin/python"), "-I", "-c", imports], check=True, timeout=60)
 
 
@@ -412,7 +415,7 @@ exec chroot "$root" sh -c '
     site=$(echo /opt/gpu-agent/venv/lib/python3*/site-packages)
     echo "headless=$(ls $site | grep -ci -e pyside -e shiboken)"
     echo "system=$(runuser -u gpu-agent -- /opt/gpu-agent/venv/bin/python -c "
-from agent.config import is_system_install; print(is_system_install())")"
+from agent.config.settings import is_system_install; print(is_system_install())")"
     dpkg -i /tmp/gpu-agent-tray.deb >/dev/null
     mkdir -m 700 /tmp/run
     echo "tray=$(XDG_RUNTIME_DIR=/tmp/run systemd-analyze --user verify --man=no \

@@ -22,8 +22,8 @@ import pytest
 from conftest import XML
 from test_cli import _run
 
-from agent.config import AgentConfig, Flag, load_config
-from agent.daemon import daemon_config
+from agent.config.settings import AgentConfig, Flag, load_config
+from agent.daemon.main import daemon_config
 from agent.errors import ConfigError
 from agent.protocol import crypto
 from coordinator.server import Coordinator, Settings

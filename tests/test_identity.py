@@ -13,7 +13,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from agent.errors import AgentError, IdentityError
-from agent.identity import Identity, load_or_create, show
+from agent.link.identity import Identity, load_or_create, show
 from agent.protocol import crypto
 
 

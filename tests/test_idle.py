@@ -28,10 +28,10 @@ from jeepney import (  # type: ignore[import-untyped]
 )
 from jeepney.io.blocking import open_dbus_connection  # type: ignore[import-untyped]
 
-from agent.idle import IdleDetector, IdleSource
-from agent.idle_input import InputIdle, is_human_input, parse_bitmap
-from agent.idle_logind import LogindIdle, system_bus_address
-from agent.idle_x11 import X11Idle, XLibraries, load_libraries
+from agent.owner.idle.input import InputIdle, is_human_input, parse_bitmap
+from agent.owner.idle.logind import LogindIdle, system_bus_address
+from agent.owner.idle.monitor import IdleDetector, IdleSource
+from agent.owner.idle.x11 import X11Idle, XLibraries, load_libraries
 from hal.types import Unavailable
 
 LOGIND = "org.freedesktop.login1"
@@ -483,7 +483,7 @@ def test_no_source_that_can_tell_gives_none_and_logs_each_reason_once(
     detector = IdleDetector(
         [LogindIdle(f"unix:path={tmp_path}/no-bus", monotonic=clock), input_source(tmp_path, clock)]
     )
-    with caplog.at_level(logging.DEBUG, logger="agent.idle"):
+    with caplog.at_level(logging.DEBUG, logger="agent.owner.idle.monitor"):
         assert detector.idle_seconds() is None
         assert detector.idle_seconds() is None
     assert detector.source is None

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import msgspec
 
-from agent.job_logs import CHUNK_BYTES, LogForwarder
-from agent.outbox import Write
+from agent.jobs.logs import CHUNK_BYTES, LogForwarder
+from agent.link.outbox import Write
 from agent.protocol.limits import MAX_LOG_CHUNK_BYTES
 
 

@@ -20,17 +20,17 @@ import msgspec
 import pytest
 
 from agent.errors import ControlError
-from agent.guard import OwnerGuard
-from agent.identity import Identity, load_or_create
-from agent.jobs import JobManager
-from agent.ledger import Ledger
-from agent.outbox import Outbox
-from agent.owner import OwnerPolicy
+from agent.jobs.ledger import Ledger
+from agent.jobs.manager import JobManager
+from agent.jobs.scheduler import Scheduler
+from agent.link.identity import Identity, load_or_create
+from agent.link.outbox import Outbox
+from agent.owner.guard import OwnerGuard
+from agent.owner.policy import OwnerPolicy
 from agent.protocol import crypto, dsse
 from agent.protocol.bodies import EnvelopeBody, JobCancelBody, JobOfferBody
 from agent.protocol.jobs import Offer, receipt_digest, sign_offer
 from agent.protocol.messages import JobCancel, JobOffer, wrap
-from agent.scheduler import Scheduler
 from hal.types import UNSUPPORTED, GpuProcess, GpuSample
 from sandbox.container import LABEL_JOB
 from sandbox.docker_api import DockerClient

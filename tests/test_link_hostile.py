@@ -23,9 +23,9 @@ from websockets.asyncio.server import ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 from websockets.protocol import State
 
-from agent.identity import Identity
-from agent.link import Link, LinkConfig, Reply, Session, retry
-from agent.outbox import Outbox
+from agent.link.connection import Link, LinkConfig, Reply, Session, retry
+from agent.link.identity import Identity
+from agent.link.outbox import Outbox
 from agent.protocol import crypto
 from agent.protocol.errors import AuthError
 from agent.protocol.jobs import Offer

@@ -12,8 +12,7 @@ from typing import NamedTuple
 import pytest
 from control_target import status
 
-from agent.errors import ConfigError
-from agent.metrics import (
+from agent.daemon.metrics import (
     CONTENT_TYPE,
     Family,
     GpuMetrics,
@@ -22,6 +21,7 @@ from agent.metrics import (
     exposition,
     render,
 )
+from agent.errors import ConfigError
 
 _SAMPLE = re.compile(r"(?P<name>[a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(?P<labels>.*)\})? (?P<value>\S+)")
 _LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"(,|$)')

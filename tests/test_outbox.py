@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
-from agent.outbox import DROPPABLE, SCHEMA_VERSION, TOMBSTONE, Entry, Outbox, OutboxError
+from agent.link.outbox import DROPPABLE, SCHEMA_VERSION, TOMBSTONE, Entry, Outbox, OutboxError
 
 ROOT = Path(__file__).resolve().parent.parent
 NOW = 1_700_000_000.0
@@ -289,7 +289,7 @@ def test_a_file_that_is_not_a_database_is_refused_with_storage_error(db: Path) -
 CHILD = """
 import sys
 from pathlib import Path
-from agent.outbox import Outbox
+from agent.link.outbox import Outbox
 
 outbox = Outbox.open(Path(sys.argv[1]), max_telemetry_rows=20)
 i = 0

@@ -8,7 +8,7 @@ from zoneinfo import ZoneInfo
 import msgspec
 import pytest
 
-from agent.owner import Observation, OwnerPolicy, Window, decide, in_schedule, too_hot
+from agent.owner.policy import Observation, OwnerPolicy, Window, decide, in_schedule, too_hot
 
 BERLIN = ZoneInfo("Europe/Berlin")
 

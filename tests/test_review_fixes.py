@@ -13,9 +13,9 @@ import msgspec
 import pytest
 from control_target import MemoryTarget, short_dir
 
-from agent.config import load_config
-from agent.control_client import ControlClient
-from agent.control_server import ControlServer
+from agent.config.settings import load_config
+from agent.control.client import ControlClient
+from agent.control.server import ControlServer
 from agent.errors import ConfigError, ControlError
 from sandbox.container import LABEL_JOB, LABEL_MANAGED, LABEL_RUNNER, create_body
 from sandbox.docker_api import DockerClient

@@ -5,7 +5,7 @@ from __future__ import annotations
 import factories
 import pytest
 
-from agent.scheduler import Scheduler, sample_health, schedulable, xid_health
+from agent.jobs.scheduler import Scheduler, sample_health, schedulable, xid_health
 from hal.types import UNSUPPORTED, GpuProfile, GpuSample
 from sandbox.spec import GpuRequest
 

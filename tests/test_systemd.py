@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.systemd import Notifier, watchdog_interval
+from agent.daemon.systemd import Notifier, watchdog_interval
 
 
 @pytest.fixture
@@ -76,7 +76,7 @@ def test_a_socket_that_is_gone_is_reported_once_not_raised(
 ) -> None:
     with (
         Notifier({"NOTIFY_SOCKET": str(tmp_path / "gone")}) as notifier,
-        caplog.at_level(logging.WARNING, logger="agent.systemd"),
+        caplog.at_level(logging.WARNING, logger="agent.daemon.systemd"),
     ):
         assert not notifier.ready()
         assert not notifier.watchdog()

@@ -18,7 +18,7 @@ from control_target import job, short_dir
 from pytestqt.qtbot import QtBot
 from tray_daemon import LoopThread, ServedTarget
 
-from agent.control_client import GROUP_FIX, START_FIX, ControlClient
+from agent.control.client import GROUP_FIX, START_FIX, ControlClient
 from agent.tray.notices import Notice
 from agent.tray.present import dashboard_url, tomorrow_morning
 

@@ -23,9 +23,9 @@ from pytestqt.qtbot import QtBot
 from test_link import _free_port
 from tray_daemon import CoordinatorThread
 
-from agent.control import StatusView
-from agent.control_client import START_FIX, ControlClient
-from agent.owner import OwnerPolicy
+from agent.control.client import START_FIX, ControlClient
+from agent.control.wire import StatusView
+from agent.owner.policy import OwnerPolicy
 from agent.tray.notices import Notice
 
 os.environ["QT_QPA_PLATFORM"] = "offscreen"

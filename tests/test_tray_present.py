@@ -10,10 +10,10 @@ import msgspec
 import pytest
 from control_target import job, status
 
-from agent.control import GpuView, StatusView
-from agent.control_client import GROUP_FIX, START_FIX
+from agent.control.client import GROUP_FIX, START_FIX
+from agent.control.wire import GpuView, StatusView
 from agent.errors import ControlError
-from agent.owner import OwnerPolicy, Window, changed
+from agent.owner.policy import OwnerPolicy, Window, changed
 from agent.tray.form import FormValues, changes, format_schedule, parse_schedule, values_of
 from agent.tray.notices import Notice, Notices
 from agent.tray.present import (

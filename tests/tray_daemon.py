@@ -17,9 +17,9 @@ from typing import Any, TypeVar
 import msgspec
 from control_target import MemoryTarget
 
-from agent.control import StatusView
-from agent.control_server import ControlServer
-from agent.owner import OwnerPolicy
+from agent.control.server import ControlServer
+from agent.control.wire import StatusView
+from agent.owner.policy import OwnerPolicy
 from coordinator.server import Coordinator
 
 __all__ = ["CoordinatorThread", "LoopThread", "PublishingTarget", "ServedTarget"]

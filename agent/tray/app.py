@@ -17,10 +17,10 @@ from PySide6.QtCore import QObject, QTimer, QUrl, Signal
 from PySide6.QtGui import QAction, QCursor, QDesktopServices
 from PySide6.QtWidgets import QMenu, QSystemTrayIcon
 
-from agent.control import JobView, StatusView
-from agent.control_client import ControlClient
+from agent.control.client import ControlClient
+from agent.control.wire import JobView, StatusView
 from agent.errors import ControlError
-from agent.owner import OwnerPolicy
+from agent.owner.policy import OwnerPolicy
 from agent.tray import icons
 from agent.tray.bridge import Bridge
 from agent.tray.notices import Notice, Notices

@@ -3,7 +3,7 @@
 Qt owns the main thread and the control client is asyncio. Rather than run one loop inside
 the other, a worker thread runs an asyncio loop that
 
-- follows the state stream with :func:`agent.control_client.watch` (which re-subscribes
+- follows the state stream with :func:`agent.control.client.watch` (which re-subscribes
   with backoff after a drop, and yields a ``ControlError`` with its fix meanwhile), and
 - runs the calls that the menu and the windows ask for (:meth:`Bridge.request`), each on
   a connection of its own: a subscribed connection takes no calls.
@@ -28,8 +28,8 @@ from typing import Any, TypeVar
 
 from PySide6.QtCore import QObject, Signal
 
-from agent.control import StatusView
-from agent.control_client import ControlClient, default_socket_path, watch
+from agent.control.client import ControlClient, default_socket_path, watch
+from agent.control.wire import StatusView
 from agent.errors import ControlError
 
 __all__ = ["Bridge"]

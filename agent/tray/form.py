@@ -14,7 +14,7 @@ import re
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
-from agent.owner import WEEKDAYS, OwnerPolicy, Window
+from agent.owner.policy import WEEKDAYS, OwnerPolicy, Window
 
 __all__ = ["FormValues", "changes", "format_schedule", "parse_schedule", "values_of"]
 

@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Final
 
-from agent.control_args import socket_arg
+from agent.control.args import socket_arg
 
 __all__ = ["main"]
 

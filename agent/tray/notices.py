@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Final, NamedTuple
 
-from agent.control import JobView, StatusView
+from agent.control.wire import JobView, StatusView
 from agent.errors import ControlError
 from agent.tray.present import error_headline
 

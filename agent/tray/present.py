@@ -23,9 +23,9 @@ from datetime import datetime, time, timedelta
 from typing import Final, Literal, NamedTuple
 from urllib.parse import urlsplit, urlunsplit
 
-from agent.control import GpuView, StatusView
+from agent.control.wire import GpuView, StatusView
 from agent.errors import ControlError
-from agent.owner import OwnerPolicy
+from agent.owner.policy import OwnerPolicy
 
 __all__ = [
     "GUARD_WORDS",

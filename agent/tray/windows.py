@@ -28,10 +28,10 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
-from agent.control import JobView, LogChunkView
-from agent.control_client import ControlClient
+from agent.control.client import ControlClient
+from agent.control.wire import JobView, LogChunkView
 from agent.errors import ControlError
-from agent.owner import OwnerPolicy
+from agent.owner.policy import OwnerPolicy
 from agent.tray import icons
 from agent.tray.bridge import Bridge
 from agent.tray.form import FormValues, changes, values_of

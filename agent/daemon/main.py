@@ -1,7 +1,7 @@
 """``gpu-agent run``: the daemon. Profile, attest, stream telemetry, run signed jobs.
 
 One asyncio loop: the sampler (HAL readings, in a thread) feeds telemetry batches into the
-outbox and keeps each GPU's health; the job manager (agent/jobs.py) takes the
+outbox and keeps each GPU's health; the job manager (agent/jobs/manager.py) takes the
 coordinator's offers and cancels and runs jobs in the sandbox; the link delivers the
 outbox and answers ``attest_request`` with a freshly signed profile. Whenever the node's
 capacity changes (health, assignments, pause) a ``node_status`` goes out, never before
@@ -25,26 +25,26 @@ from pathlib import Path
 
 import msgspec
 
-from agent.config import AgentConfig
-from agent.config_files import read_enrolment_token
-from agent.control_server import ControlServer
-from agent.control_target import DaemonControl
+from agent.config.files import read_enrolment_token
+from agent.config.settings import AgentConfig
+from agent.control.server import ControlServer
+from agent.daemon.control import DaemonControl
+from agent.daemon.metrics import MetricsServer
+from agent.daemon.systemd import Notifier, watchdog_interval
 from agent.errors import OutboxError
-from agent.guard import OwnerGuard
-from agent.identity import Identity, load_or_create
-from agent.idle import IdleDetector
-from agent.jobs import JobManager
-from agent.link import Link, LinkConfig, Reply
-from agent.metrics import MetricsServer
-from agent.outbox import Outbox
-from agent.owner import OwnerPolicy
-from agent.power import PowerLimiter
+from agent.jobs.manager import JobManager
+from agent.jobs.scheduler import Scheduler, sample_health, xid_health
+from agent.link.connection import Link, LinkConfig, Reply
+from agent.link.identity import Identity, load_or_create
+from agent.link.outbox import Outbox
+from agent.owner.guard import OwnerGuard
+from agent.owner.idle.monitor import IdleDetector
+from agent.owner.policy import OwnerPolicy
+from agent.owner.power import PowerLimiter
 from agent.protocol import dsse
 from agent.protocol.bodies import EnvelopeBody, NodeStatusBody, ProfileBody, TelemetryBody
 from agent.protocol.limits import MAX_FRAME_BYTES, MAX_TELEMETRY_BATCH
 from agent.protocol.messages import AttestRequest, JobCancel, JobOffer, Message
-from agent.scheduler import Scheduler, sample_health, xid_health
-from agent.systemd import Notifier, watchdog_interval
 from hal import __version__
 from hal.backend import HalConfig
 from hal.host import host_sample
@@ -88,7 +88,7 @@ class DaemonConfig(msgspec.Struct, frozen=True, kw_only=True):
     batch_samples: int = 10
     flush_timeout_s: float = 5.0
     owner: OwnerPolicy = OwnerPolicy()
-    """The owner's controls (agent/owner.py); the control API may change them."""
+    """The owner's controls (agent/owner/policy.py); the control API may change them."""
     control_socket: Path | None = None
     """The local control API's socket; None: no control API."""
     control_mode: int = 0o660

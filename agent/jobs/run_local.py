@@ -16,7 +16,7 @@ from typing import BinaryIO
 
 import msgspec
 
-from agent.gpu_select import device_facts, pick_gpus
+from agent.jobs.gpus import device_facts, pick_gpus
 from hal.backend import HalConfig
 from hal.profile import take_profile
 from sandbox.docker_api import DockerClient

@@ -1,6 +1,6 @@
 """The control commands' arguments (``gpu-agent status``, ``pause``, ...).
 
-Apart from :mod:`agent.control_cli`, which runs them, so that building ``gpu-agent``'s
+Apart from :mod:`agent.control.cli`, which runs them, so that building ``gpu-agent``'s
 parser costs no more than argparse: ``gpu-agent profile`` must start fast.
 """
 
@@ -14,14 +14,14 @@ from typing import Any, Final
 __all__ = ["COMMANDS", "MAX_JOBS_LIMIT", "MAX_JOB_ID_CHARS", "add_commands", "socket_arg"]
 
 COMMANDS: Final = ("status", "pause", "resume", "jobs", "logs")
-#: The most jobs one ``jobs`` call lists (agent.control checks the same bound).
+#: The most jobs one ``jobs`` call lists (agent.control.wire checks the same bound).
 MAX_JOBS_LIMIT: Final = 1000
-#: The longest job id ``logs`` takes (agent.control checks the same bound).
+#: The longest job id ``logs`` takes (agent.control.wire checks the same bound).
 MAX_JOB_ID_CHARS: Final = 128
 #: How long a command waits for the daemon's answer unless told (--timeout).
 _TIMEOUT_S: Final = 10.0
 _MAX_TIMEOUT_S: Final = 3600.0
-#: sizeof(sockaddr_un.sun_path) less its terminating NUL (as agent.control_socket says).
+#: sizeof(sockaddr_un.sun_path) less its terminating NUL (as agent.control.socket_file says).
 _SUN_PATH_MAX: Final = 107
 
 

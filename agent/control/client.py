@@ -22,7 +22,7 @@ from typing import Any, Final, TypeVar
 import msgspec
 import platformdirs
 
-from agent.control import (
+from agent.control.wire import (
     Frame,
     JobsParams,
     JobView,
@@ -35,7 +35,7 @@ from agent.control import (
     encode_request,
 )
 from agent.errors import ControlError
-from agent.owner import OwnerPolicy
+from agent.owner.policy import OwnerPolicy
 
 __all__ = [
     "GROUP_FIX",

@@ -79,7 +79,7 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
             ('last_seq', 0), ('last_acked_seq', 0), ('last_coordinator_seq', 0)""",
         "CREATE TABLE dropped (kind TEXT PRIMARY KEY, count INTEGER NOT NULL) STRICT",
     ),
-    # The job ledger (agent/ledger.py) lives in the same file, so that a job's state and
+    # The job ledger (agent/jobs/ledger.py) lives in the same file, so that a job's state and
     # the messages that report it commit in one transaction.
     (
         """CREATE TABLE jobs (

@@ -1,7 +1,7 @@
 """The local control API's wire format: views, requests, answers, events, and the daemon side.
 
-Sans-I/O: what goes over the unix socket (``agent.control_server`` serves it,
-``agent.control_client`` speaks it; ``docs/control-api.md`` is the reference). One JSON
+Sans-I/O: what goes over the unix socket (``agent.control.server`` serves it,
+``agent.control.client`` speaks it; ``docs/control-api.md`` is the reference). One JSON
 object a line, in UTF-8::
 
     -> {"id": 1, "method": "status", "params": {}}
@@ -42,8 +42,8 @@ from typing import Annotated, Any, Final, Literal, Protocol
 import msgspec
 from msgspec import UNSET, Meta, UnsetType
 
-from agent.control_args import MAX_JOB_ID_CHARS, MAX_JOBS_LIMIT
-from agent.owner import MAX_PAUSE_UNTIL, OwnerPolicy
+from agent.control.args import MAX_JOB_ID_CHARS, MAX_JOBS_LIMIT
+from agent.owner.policy import MAX_PAUSE_UNTIL, OwnerPolicy
 
 __all__ = [
     "MAX_JOBS_LIMIT",

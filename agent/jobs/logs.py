@@ -16,8 +16,8 @@ from typing import Literal
 
 import msgspec
 
-from agent.ledger import Ledger
-from agent.outbox import Write
+from agent.jobs.ledger import Ledger
+from agent.link.outbox import Write
 from agent.protocol.bodies import JobLogBody
 
 __all__ = ["CHUNK_BYTES", "LogForwarder", "merge"]

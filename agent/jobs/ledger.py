@@ -1,7 +1,7 @@
 """The job ledger: every job this node was offered, its state, its log and its receipt.
 
-The tables live in the outbox's SQLite file (agent/outbox.py, schema version 2). Every
-change is a :data:`~agent.outbox.Write` handed to :meth:`Outbox.append_many` together with
+The tables live in the outbox's SQLite file (agent/link/outbox.py, schema version 2). Every
+change is a :data:`~agent.link.outbox.Write` handed to :meth:`Outbox.append_many` together with
 the messages that report it, so a job's state and what the coordinator is told about it
 commit at once: a crash can never leave a job marked finished whose result was not queued,
 nor a result queued twice.
@@ -15,7 +15,7 @@ from typing import Any
 
 import msgspec
 
-from agent.outbox import Outbox, Write
+from agent.link.outbox import Outbox, Write
 from agent.protocol.jobs import FINAL_STATES
 
 __all__ = ["JobRecord", "Ledger", "LogLine"]

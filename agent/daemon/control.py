@@ -1,7 +1,7 @@
 """The daemon's side of the local control API: its state as views, pause and resume.
 
-:class:`DaemonControl` implements :class:`agent.control.ControlTarget` over the job manager,
-the scheduler, the ledger and the link; the control server (agent/control_server.py) and
+:class:`DaemonControl` implements :class:`agent.control.wire.ControlTarget` over the job manager,
+the scheduler, the ledger and the link; the control server (agent/control/server.py) and
 the metrics endpoint read it.
 """
 
@@ -12,15 +12,15 @@ from collections.abc import AsyncIterator, Callable
 from datetime import datetime
 from typing import Any
 
-from agent.control import GpuView, JobView, LogChunkView, StatusView
+from agent.control.wire import GpuView, JobView, LogChunkView, StatusView
+from agent.daemon.metrics import MetricsInput
 from agent.errors import ControlError
-from agent.guard import OwnerGuard
-from agent.identity import Identity
-from agent.jobs import JobManager
-from agent.ledger import JobRecord
-from agent.link import Link
-from agent.metrics import MetricsInput
-from agent.owner import OwnerPolicy
+from agent.jobs.ledger import JobRecord
+from agent.jobs.manager import JobManager
+from agent.link.connection import Link
+from agent.link.identity import Identity
+from agent.owner.guard import OwnerGuard
+from agent.owner.policy import OwnerPolicy
 from hal import __version__
 from hal.types import GpuSample, is_value
 

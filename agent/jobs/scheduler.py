@@ -13,7 +13,7 @@ from typing import Literal
 
 import msgspec
 
-from agent.gpu_select import fits
+from agent.jobs.gpus import fits
 from hal.types import GpuProfile, GpuSample, is_value
 from sandbox.spec import GpuRequest
 

@@ -23,8 +23,8 @@ import msgspec
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 
-from agent.identity import Identity
-from agent.outbox import Outbox, Write
+from agent.link.identity import Identity
+from agent.link.outbox import Outbox, Write
 from agent.protocol import crypto
 from agent.protocol.errors import ProtocolError, SequenceError
 from agent.protocol.limits import MAX_FRAME_BYTES

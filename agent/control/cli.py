@@ -16,9 +16,9 @@ from typing import Final
 
 import msgspec
 
-from agent.control import GpuView, JobView, StatusView
-from agent.control_args import COMMANDS, add_commands
-from agent.control_client import ControlClient, default_socket_path
+from agent.control.args import COMMANDS, add_commands
+from agent.control.client import ControlClient, default_socket_path
+from agent.control.wire import GpuView, JobView, StatusView
 from agent.errors import ControlError
 
 __all__ = ["COMMANDS", "add_commands", "render_jobs", "render_status", "run_command"]

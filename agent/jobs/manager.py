@@ -2,7 +2,7 @@
 
 The job manager is the daemon's driver around the pure parts (offer verification in
 :mod:`agent.protocol.jobs`, admission in :mod:`sandbox.policy`, assignment in
-:mod:`agent.scheduler`) and the sandbox runner. Every change of a job is one outbox
+:mod:`agent.jobs.scheduler`) and the sandbox runner. Every change of a job is one outbox
 transaction holding both the ledger's new state and the messages that report it:
 
 - an offer is answered ``accepted`` (its GPUs reserved) or ``refused`` with a code, in
@@ -26,12 +26,13 @@ from typing import Literal
 
 import msgspec
 
-from agent.gpu_select import device_facts
-from agent.identity import Identity
-from agent.job_logs import LogForwarder
-from agent.ledger import JobRecord, Ledger
-from agent.link import Reply
-from agent.outbox import Outbox, Write
+from agent.jobs.gpus import device_facts
+from agent.jobs.ledger import JobRecord, Ledger
+from agent.jobs.logs import LogForwarder
+from agent.jobs.scheduler import Scheduler
+from agent.link.connection import Reply
+from agent.link.identity import Identity
+from agent.link.outbox import Outbox, Write
 from agent.protocol import dsse
 from agent.protocol.bodies import (
     EnvelopeBody,
@@ -52,7 +53,6 @@ from agent.protocol.jobs import (
 )
 from agent.protocol.limits import MAX_ERROR_DETAIL_CHARS
 from agent.protocol.messages import JobCancel, JobOffer
-from agent.scheduler import Scheduler
 from sandbox.errors import PolicyViolation, SandboxError
 from sandbox.policy import Policy, admit
 from sandbox.results import Created, Finished, JobResult, LogChunk, Started
@@ -71,7 +71,7 @@ _HOLD_ORDER = (
     "shutting_down",
     "paused",
     "draining",
-    # The owner's guards (agent/guard.py):
+    # The owner's guards (agent/owner/guard.py):
     "too_hot",
     "outside_schedule",
     "gpu_in_use",

@@ -1,6 +1,6 @@
-"""Serves the local control API on a unix socket; ``agent.control`` is the wire format.
+"""Serves the local control API on a unix socket; ``agent.control.wire`` is the wire format.
 
-Who may connect (``agent.control_socket``): root, the daemon's own uid, and members of
+Who may connect (``agent.control.socket_file``): root, the daemon's own uid, and members of
 the socket's group; everyone else is answered ``permission_denied`` and closed. Read
 methods and the mutating ones (pause, resume) share that rule: the socket's group is the
 trust boundary, the way the ``docker`` group is Docker's, and nothing behind it is worth a
@@ -24,7 +24,8 @@ from collections.abc import AsyncGenerator
 from pathlib import Path
 from typing import Final
 
-from agent.control import (
+from agent.control.socket_file import bind_control_socket, peer_allowed, read_peer_credentials
+from agent.control.wire import (
     MAX_REQUEST_BYTES,
     Call,
     ControlTarget,
@@ -40,7 +41,6 @@ from agent.control import (
     encode_result,
     parse_request,
 )
-from agent.control_socket import bind_control_socket, peer_allowed, read_peer_credentials
 from agent.errors import ControlError
 
 __all__ = ["ControlServer"]

@@ -2,11 +2,11 @@
 
 Sources, asked in this order at each reading; the first that can tell answers:
 
-1. logind over the system bus (:mod:`agent.idle_logind`): the idle hint of the session
+1. logind over the system bus (:mod:`agent.owner.idle.logind`): the idle hint of the session
    active on seat0, set by the desktop itself;
-2. X11 (:mod:`agent.idle_x11`): the X server's time since its last input, where
+2. X11 (:mod:`agent.owner.idle.x11`): the X server's time since its last input, where
    ``DISPLAY`` is set and the server lets the agent in;
-3. input devices (:mod:`agent.idle_input`): the kernel's input events, or the i8042
+3. input devices (:mod:`agent.owner.idle.input`): the kernel's input events, or the i8042
    interrupt count.
 
 Every source keeps its connection or open files between readings, so a reading costs well
@@ -23,9 +23,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Protocol
 
-from agent.idle_input import InputIdle
-from agent.idle_logind import LogindIdle
-from agent.idle_x11 import X11Idle
+from agent.owner.idle.input import InputIdle
+from agent.owner.idle.logind import LogindIdle
+from agent.owner.idle.x11 import X11Idle
 from hal.types import Reading, Unavailable
 
 __all__ = ["IdleDetector", "IdleSource", "default_sources"]

@@ -18,7 +18,7 @@ from typing import Final, Literal
 
 import msgspec
 
-from agent.control import StatusView
+from agent.control.wire import StatusView
 from agent.errors import ConfigError
 
 __all__ = [

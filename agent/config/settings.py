@@ -31,15 +31,15 @@ from typing import Annotated, Any
 import msgspec
 import platformdirs
 
-from agent.config_checks import (
+from agent.config.checks import (
     check_absolute,
     check_no_nul,
     check_url,
     is_loopback,
     split_host_port,
 )
-from agent.config_files import ca_file_fault, directory_fault, enrolment_token_fault, read_toml
-from agent.config_overrides import (
+from agent.config.files import ca_file_fault, directory_fault, enrolment_token_fault, read_toml
+from agent.config.overrides import (
     NOT_CONFIG_VARIABLES,
     Flag,
     Override,
@@ -48,9 +48,9 @@ from agent.config_overrides import (
     env_var,
     flag_overrides,
 )
-from agent.control_socket import socket_path_fault
+from agent.control.socket_file import socket_path_fault
 from agent.errors import ConfigError
-from agent.owner import OwnerPolicy
+from agent.owner.policy import OwnerPolicy
 from agent.protocol import crypto
 from agent.protocol.limits import MAX_TELEMETRY_BATCH
 from sandbox.policy import Policy

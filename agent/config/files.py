@@ -42,7 +42,7 @@ MAX_TOKEN_FILE_BYTES: Final = 4096
 
 def read_capped(path: Path, *, limit: int = MAX_FILE_BYTES, private: bool = False) -> bytes:
     """The bytes of the regular file ``path``, at most ``limit`` of them; with ``private``,
-    only if neither group nor others may access it (as the node key, agent/identity.py).
+    only if neither group nor others may access it (as the node key, agent/link/identity.py).
 
     Raises:
         FileNotFoundError: there is no such file (the caller decides if that is a fault).

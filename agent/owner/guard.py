@@ -1,8 +1,8 @@
 """The owner's controls at work in the daemon: observe, decide, hold or preempt.
 
 Every sample tick the daemon hands :meth:`OwnerGuard.tick` the GPUs' readings; the guard
-turns them, the session's idle time and the clock into an :class:`~agent.owner.Observation`,
-asks :func:`~agent.owner.decide`, and acts:
+turns them, the session's idle time and the clock into an :class:`~agent.owner.policy.Observation`,
+asks :func:`~agent.owner.policy.decide`, and acts:
 
 - sharing not allowed: new offers are refused with the guard's code (the coordinator
   hears it in ``node_status``) and running jobs are stopped with their grace period and
@@ -27,8 +27,8 @@ from typing import Annotated, Any
 import msgspec
 
 from agent.errors import ControlError
-from agent.jobs import JobManager
-from agent.owner import (
+from agent.jobs.manager import JobManager
+from agent.owner.policy import (
     MAX_PAUSE_UNTIL,
     Observation,
     OwnerPolicy,
@@ -43,7 +43,7 @@ __all__ = ["GUARD_CODES", "OwnerGuard"]
 
 _log = logging.getLogger(__name__)
 
-#: The codes an owner guard holds offers back with (agent.owner.decide's).
+#: The codes an owner guard holds offers back with (agent.owner.policy.decide's).
 GUARD_CODES = ("too_hot", "outside_schedule", "gpu_in_use", "idle_unknown", "owner_active")
 _PAUSED = "paused"
 

@@ -1,5 +1,5 @@
 """``GPU_AGENT_<SECTION>_<KEY>`` variables and command-line options: each a typed override
-of one key of the configuration (``agent.config`` merges them over the file).
+of one key of the configuration (``agent.config.settings`` merges them over the file).
 
 A value is text, read as the file's value of the key would be: a list comma-separated, an
 empty string unsets an optional key, ``*_mode`` in octal, the rest as msgspec reads a
