@@ -13,12 +13,21 @@ how a caller reacts to it::
     |     codes: ack_ahead, seq_backwards, bad_argument, schema_too_new, closed,
     |            storage_error
     +-- ControlError               a local control API request or socket failed
-          codes: see agent.control.wire (``fix`` says what the user can do, when known)
+    |     codes: see agent.control.wire (``fix`` says what the user can do, when known)
+    +-- JobStateError              a job was to move where its state machine does not go
+          codes: bad_transition
 """
 
 from __future__ import annotations
 
-__all__ = ["AgentError", "ConfigError", "ControlError", "IdentityError", "OutboxError"]
+__all__ = [
+    "AgentError",
+    "ConfigError",
+    "ControlError",
+    "IdentityError",
+    "JobStateError",
+    "OutboxError",
+]
 
 
 class AgentError(Exception):
@@ -56,3 +65,8 @@ class ControlError(AgentError):
     def __init__(self, code: str, detail: str = "", fix: str = "") -> None:
         super().__init__(code, detail)
         self.fix = fix
+
+
+class JobStateError(AgentError):
+    """A job was to make a move :data:`agent.jobs.machine.TRANSITIONS` does not hold
+    (``bad_transition``): a bug, never something the coordinator can cause."""

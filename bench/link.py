@@ -42,7 +42,7 @@ sys.path[0] = str(ROOT / "tests")
 
 from fakenvml import build  # noqa: E402
 
-from agent.link.connection import Link, LinkConfig, Reply  # noqa: E402
+from agent.link.connection import Link, LinkConfig  # noqa: E402
 from agent.link.identity import Identity, load_or_create  # noqa: E402
 from agent.link.outbox import Outbox  # noqa: E402
 from agent.protocol import crypto  # noqa: E402
@@ -147,9 +147,8 @@ class CoordinatorProcess:
         await wait_until(lambda: self.stored_max(node_id) > seq, timeout=60)
 
 
-async def ignore(message: Message) -> Reply:
+async def ignore(message: Message) -> None:
     """A handler that queues nothing in answer (the bench's agent does not attest)."""
-    return Reply()
 
 
 async def wait_until(condition: Callable[[], bool], timeout: float, poll_s: float = 0.005) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import msgspec
 
 from agent.jobs.logs import CHUNK_BYTES, LogForwarder
-from agent.link.outbox import Write
+from agent.jobs.machine import Decision, Logs
 from agent.protocol.limits import MAX_LOG_CHUNK_BYTES
 
 
@@ -13,10 +13,12 @@ class Sink:
     def __init__(self) -> None:
         self.commits: list[list[tuple[str, str]]] = []
 
-    def __call__(self, messages: list[tuple[str, bytes]], write: Write | None) -> None:
-        assert write is not None  # the ledger's copy goes with the messages
-        bodies = [msgspec.json.decode(body) for kind, body in messages if kind == "job_log"]
-        self.commits.append([(b["stream"], b["data"]) for b in bodies])
+    def __call__(self, decision: Decision) -> None:
+        bodies = [msgspec.json.decode(b) for kind, b in decision.messages if kind == "job_log"]
+        chunks = [(b["stream"], b["data"]) for b in bodies]
+        # The ledger's copy goes with the messages, the same chunks.
+        assert decision.rows == (Logs("job-1", tuple(chunks)),)
+        self.commits.append(chunks)
 
 
 def test_a_character_split_across_reads_stays_whole() -> None:

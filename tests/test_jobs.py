@@ -21,7 +21,9 @@ import pytest
 
 from agent.errors import ControlError
 from agent.jobs.ledger import Ledger
+from agent.jobs.machine import NewJob
 from agent.jobs.manager import JobManager
+from agent.jobs.node import NodeState
 from agent.jobs.scheduler import Scheduler
 from agent.link.identity import Identity, load_or_create
 from agent.link.outbox import Outbox
@@ -104,16 +106,13 @@ def offer_message(
 
 
 async def deliver(world: World, message: JobOffer | JobCancel) -> None:
-    """Handle one coordinator message and store its reply as the link does."""
+    """Handle one coordinator message as the link does: the handler, then its seq handled."""
     if isinstance(message, JobOffer):
-        reply = await world.manager.on_offer(message)
+        await world.manager.on_offer(message)
     else:
-        reply = await world.manager.on_cancel(message)
-    world.outbox.append_many(
-        reply.messages, time.time(), coordinator_seq=message.seq, also=reply.also
-    )
-    if reply.then is not None:
-        reply.then()
+        await world.manager.on_cancel(message)
+    if world.outbox.last_coordinator_seq() < message.seq:
+        world.outbox.set_last_coordinator_seq(message.seq)
 
 
 def spec(image: str, script: str, **extra: Any) -> dict[str, Any]:
@@ -148,6 +147,7 @@ async def world(tmp_path: Path, docker_engine: str, test_image: str) -> AsyncIte
     scheduler = Scheduler(gpus)
     for unit_id in scheduler.units:
         scheduler.set_health(unit_id, "healthy")
+    node = NodeState(scheduler)
     outbox = Outbox.open(tmp_path / "outbox.db")
     identity = load_or_create(tmp_path / "identity")
     client = DockerClient(docker_engine)
@@ -156,12 +156,12 @@ async def world(tmp_path: Path, docker_engine: str, test_image: str) -> AsyncIte
         outbox=outbox,
         runner=Runner(client, RunnerConfig(jobs_dir=tmp_path / "jobs")),
         policy=Policy(allowed_images=[test_image.split(":", maxsplit=1)[0]]),
-        scheduler=scheduler,
+        node=node,
         trusted_keys={COORDINATOR_ID: COORDINATOR_PUB},
         wake=lambda: None,
     )
     await manager.recover()
-    manager.release("initialising")
+    node.release("initialising")
     yield World(manager, outbox, identity, client, test_image)
     await manager.shutdown()
     outbox.close()
@@ -319,7 +319,8 @@ async def test_jobs_a_crash_cut_short_are_reported_interrupted_once(
     offer = offer_message(world, "job-k", spec(world.image, "true"))
     payload = crypto.b64decode(offer.body.offer.payload)
     # What a daemon killed mid-job leaves: the job accepted or running in the ledger.
-    world.outbox.append_many([], time.time(), also=Ledger.insert("job-k", "running", payload, 1.0))
+    crashed = NewJob(job_id="job-k", state="running", offer=payload)
+    world.outbox.append_many([], time.time(), also=Ledger.write([crashed], 1.0))
     assert await world.manager.recover() == ["job-k"]
     assert world.states("job-k") == ["interrupted"]
     receipt = world.receipt("job-k")
@@ -359,6 +360,7 @@ def _hot(degrees: float, *, pids: tuple[int, ...] = ()) -> list[GpuSample]:
 def _guard(world: World, tmp_path: Path, **policy: Any) -> OwnerGuard:
     return OwnerGuard(
         jobs=world.manager,
+        node=world.manager.node,
         policy=msgspec.convert(policy, OwnerPolicy),
         store=tmp_path / "owner.json",
     )
@@ -380,13 +382,13 @@ async def test_a_tripped_guard_preempts_the_running_job_and_refuses_offers(
     assert await containers_of(world.client, "job-hot") == []
     await deliver(world, offer_message(world, "job-cold", spec(world.image, "true")))
     assert world.messages("job-cold")[0][1]["code"] == "too_hot"
-    status = world.manager.node_status()
+    status = world.manager.node.status()
     assert status is not None
     assert (status.available, status.reason) == (False, "too_hot")
     # Hysteresis: 80 °C is not cool enough; 70 °C is.
     assert not guard.tick(_hot(80)).share
     assert guard.tick(_hot(70)).share
-    assert world.manager.unavailable is None
+    assert world.manager.node.unavailable is None
 
 
 async def test_another_process_on_a_gpu_holds_sharing_back_when_idle_only(
@@ -412,17 +414,17 @@ async def test_a_timed_pause_ends_by_itself_and_survives_a_restart(
     guard = _guard(world, tmp_path)
     guard.clock = lambda: now[0]
     guard.pause(now[0] + 3600)
-    assert world.manager.unavailable is not None
-    assert world.manager.unavailable[0] == "paused"
+    assert world.manager.node.unavailable is not None
+    assert world.manager.node.unavailable[0] == "paused"
     # A new daemon reads the pause back: sharing does not resume behind the owner's back.
-    world.manager.release("paused")
+    world.manager.node.release("paused")
     again = _guard(world, tmp_path)
     again.clock = lambda: now[0]
     assert again.paused_until == now[0] + 3600
-    assert "paused" in world.manager.holds
+    assert world.manager.node.held("paused")
     now[0] += 3601
     again.tick([])
-    assert "paused" not in world.manager.holds
+    assert not world.manager.node.held("paused")
     assert again.paused_until is None
 
 
@@ -433,7 +435,7 @@ async def test_settings_are_validated_whole_and_kept(world: World, tmp_path: Pat
     assert caught.value.code == "bad_settings"
     assert guard.policy.pause_above_c is None
     guard.change({"share_only_when_idle": True, "max_shared_gpus": 1})
-    assert world.manager.share_limit == 1
+    assert world.manager.node.share_limit == 1
     assert _guard(world, tmp_path, max_shared_gpus=2).policy.share_only_when_idle is True
 
 
@@ -445,4 +447,4 @@ async def test_a_saved_pause_no_date_can_show_is_ignored_at_start(
     (tmp_path / "owner.json").write_text(f'{{"paused": true, "paused_until": {until}}}')
     guard = _guard(world, tmp_path)
     assert guard.paused_until is None
-    assert world.manager.unavailable is None
+    assert world.manager.node.unavailable is None

@@ -23,7 +23,7 @@ from websockets.asyncio.server import ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 from websockets.protocol import State
 
-from agent.link.connection import Link, LinkConfig, Reply, Session, retry
+from agent.link.connection import Link, LinkConfig, Session, retry
 from agent.link.identity import Identity
 from agent.link.outbox import Outbox
 from agent.protocol import crypto
@@ -294,8 +294,8 @@ async def fake_coordinator(script: Script) -> AsyncIterator[str]:
 async def running_link(tmp_path: Path, url: str) -> AsyncIterator[Link]:
     """The daemon's link to ``url``, with an empty outbox, until the block ends."""
 
-    async def handler(message: Message) -> Reply:
-        return Reply()
+    async def handler(message: Message) -> None:
+        return None
 
     config = LinkConfig(
         url=url,

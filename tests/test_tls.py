@@ -193,7 +193,9 @@ def test_agent_streams_to_a_coordinator_whose_certificate_chains_to_its_ca(
     assert agent.stop() == 0
     seqs = coordinator.seqs()
     assert_exactly_once_no_gaps(seqs)
-    assert seqs[0][1] == "profile"
+    # The profile answers the coordinator's attest_request; the first node_status (queued
+    # when the sampler has checked the GPUs once) may be in the outbox before it.
+    assert "profile" in [kind for _, kind in seqs[:2]]
     assert b"CERTIFICATE_VERIFY_FAILED" not in agent.log.read_bytes()
 
 

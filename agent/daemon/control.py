@@ -17,6 +17,7 @@ from agent.daemon.metrics import MetricsInput
 from agent.errors import ControlError
 from agent.jobs.ledger import JobRecord
 from agent.jobs.manager import JobManager
+from agent.jobs.node import DRAINING, PAUSED, NodeState
 from agent.link.connection import Link
 from agent.link.identity import Identity
 from agent.owner.guard import OwnerGuard
@@ -27,8 +28,6 @@ from hal.types import GpuSample, is_value
 __all__ = ["DaemonControl"]
 
 _FOLLOW_POLL_S = 0.2
-_PAUSED = "paused"
-_DRAINING = "draining"
 
 
 class DaemonControl:
@@ -39,6 +38,7 @@ class DaemonControl:
         *,
         identity: Identity,
         jobs: JobManager,
+        node: NodeState,
         guard: OwnerGuard,
         link: Link,
         latest: Callable[[], list[GpuSample]],
@@ -47,6 +47,7 @@ class DaemonControl:
     ) -> None:
         self.identity = identity
         self.manager = jobs
+        self.node = node
         self.guard = guard
         self.link = link
         self.latest = latest
@@ -57,7 +58,7 @@ class DaemonControl:
         jobs, link = self.manager, self.link
         samples = {s.id: s for s in self.latest()}
         gpus = []
-        for index, (unit_id, unit) in enumerate(jobs.scheduler.units.items()):
+        for index, (unit_id, unit) in enumerate(self.node.scheduler.units.items()):
             sample = samples.get(unit_id)
             temperature = sample.temperature_c if sample else None
             utilisation = sample.util_gpu_pct if sample else None
@@ -76,18 +77,19 @@ class DaemonControl:
                 )
             )
         running = [self._view(r) for job_id in jobs.tasks if (r := jobs.ledger.get(job_id))]
-        hold = jobs.unavailable
+        node = self.node
+        hold = node.unavailable
         verdict = self.guard.verdict
         return StatusView(
             agent_version=__version__,
             node_id=self.identity.node_id,
             connection="connected" if link.connected.is_set() else "connecting",
             coordinator_url=link.config.url,
-            paused=_PAUSED in jobs.holds,
-            pause_reason=jobs.holds.get(_PAUSED, "")
-            or (f"{hold[0]}: {hold[1]}" if hold and hold[0] != _DRAINING else ""),
-            paused_until=self.guard.paused_until if _PAUSED in jobs.holds else None,
-            draining=_DRAINING in jobs.holds,
+            paused=node.held(PAUSED),
+            pause_reason=node.hold_detail(PAUSED)
+            or (f"{hold[0]}: {hold[1]}" if hold and hold[0] != DRAINING else ""),
+            paused_until=self.guard.paused_until if node.held(PAUSED) else None,
+            draining=node.held(DRAINING),
             guard="" if verdict.share else verdict.code,
             guard_detail="" if verdict.share else verdict.detail,
             gpus=gpus,
@@ -99,15 +101,15 @@ class DaemonControl:
     async def pause(self, drain: bool, until: float | None = None) -> StatusView:
         self.guard.pause(until)
         if drain:
-            self.manager.hold(_DRAINING, "waiting for running jobs to end")
+            self.node.hold(DRAINING, "waiting for running jobs to end")
             try:
                 await self.manager.wait_idle()
             finally:
-                self.manager.release(_DRAINING)
+                self.node.release(DRAINING)
         return self.status()
 
     async def resume(self) -> StatusView:
-        self.manager.release(_DRAINING)
+        self.node.release(DRAINING)
         self.guard.resume()
         return self.status()
 
@@ -118,7 +120,7 @@ class DaemonControl:
         policy = self.guard.change(changes)
         # Applied now, not at the next sample: a guard the owner just set trips at once.
         self.guard.tick(self.latest())
-        self.manager.on_change()
+        self.node.changed()
         return policy
 
     def jobs(self, limit: int) -> list[JobView]:

@@ -1,11 +1,12 @@
 """``gpu-agent run``: the daemon. Profile, attest, stream telemetry, run signed jobs.
 
-One asyncio loop: the sampler (HAL readings, in a thread) feeds telemetry batches into the
-outbox and keeps each GPU's health; the job manager (agent/jobs/manager.py) takes the
-coordinator's offers and cancels and runs jobs in the sandbox; the link delivers the
-outbox and answers ``attest_request`` with a freshly signed profile. Whenever the node's
-capacity changes (health, assignments, pause) a ``node_status`` goes out, never before
-the GPUs were checked once.
+One asyncio loop, wired here and nothing else: the sampler (agent/daemon/sampler.py, the
+HAL in a thread) feeds telemetry batches into the outbox and each tick to the health check
+and the owner's guard; the job manager (agent/jobs/manager.py) takes the coordinator's
+offers and cancels and runs jobs in the sandbox; the link delivers the outbox, and the
+daemon answers ``attest_request`` with a freshly signed profile. Whenever the node's
+capacity changes (health, assignments, pause: agent/jobs/node.py) a ``node_status`` goes
+out (agent/daemon/node_status.py), never before the GPUs were checked once.
 
 SIGINT or SIGTERM: take no more offers, stop running jobs with their grace period (they
 are reported ``interrupted``, with receipts), stop the sampler, write the last partial
@@ -20,7 +21,6 @@ import grp
 import logging
 import signal
 import time
-from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import msgspec
@@ -29,12 +29,15 @@ from agent.config.files import read_enrolment_token
 from agent.config.settings import AgentConfig
 from agent.control.server import ControlServer
 from agent.daemon.control import DaemonControl
+from agent.daemon.health import HealthCheck
 from agent.daemon.metrics import MetricsServer
+from agent.daemon.node_status import NodeReporter
+from agent.daemon.sampler import Sampler, Tick
 from agent.daemon.systemd import Notifier, watchdog_interval
-from agent.errors import OutboxError
 from agent.jobs.manager import JobManager
-from agent.jobs.scheduler import Scheduler, sample_health, xid_health
-from agent.link.connection import Link, LinkConfig, Reply
+from agent.jobs.node import NodeState
+from agent.jobs.scheduler import Scheduler
+from agent.link.connection import Link, LinkConfig
 from agent.link.identity import Identity, load_or_create
 from agent.link.outbox import Outbox
 from agent.owner.guard import OwnerGuard
@@ -42,15 +45,12 @@ from agent.owner.idle.monitor import IdleDetector
 from agent.owner.policy import OwnerPolicy
 from agent.owner.power import PowerLimiter
 from agent.protocol import dsse
-from agent.protocol.bodies import EnvelopeBody, NodeStatusBody, ProfileBody, TelemetryBody
-from agent.protocol.limits import MAX_FRAME_BYTES, MAX_TELEMETRY_BATCH
+from agent.protocol.bodies import EnvelopeBody, ProfileBody
 from agent.protocol.messages import AttestRequest, JobCancel, JobOffer, Message
 from hal import __version__
 from hal.backend import HalConfig
-from hal.host import host_sample
 from hal.profile import take_profile
-from hal.registry import Hal
-from hal.types import GpuSample, HealthEvent, Profile, Sample
+from hal.types import Profile
 from sandbox.docker_api import DockerClient
 from sandbox.policy import Policy
 from sandbox.runner import Runner, RunnerConfig
@@ -58,8 +58,6 @@ from sandbox.runner import Runner, RunnerConfig
 __all__ = ["DaemonConfig", "daemon_config", "run_daemon"]
 
 _log = logging.getLogger(__name__)
-# {"v":1,"type":"telemetry","seq":<up to 19 digits>,"body":...} around a body.
-_FRAME_OVERHEAD = 64
 
 
 class DaemonConfig(msgspec.Struct, frozen=True, kw_only=True):
@@ -147,104 +145,110 @@ def daemon_config(config: AgentConfig) -> DaemonConfig:
     )
 
 
-class _Agent:
-    def __init__(self, config: DaemonConfig, hal_config: HalConfig) -> None:
-        self.config = config
-        self.hal_config = hal_config
-        self.identity: Identity = load_or_create(config.state_dir / "identity")
-        self.outbox = Outbox.open(config.state_dir / "outbox.db")
-        self.profile: Profile | None = None
-        self.link = Link(config.link, self.identity, self.outbox, self.on_message, __version__)
-        self.scheduler = Scheduler([])
-        self.jobs: JobManager | None = None
-        self._baseline_ecc: dict[str, int] = {}
-        self.notifier = Notifier()
-        self.latest_gpus: list[GpuSample] = []
-        self.control: DaemonControl | None = None
-        self.guard: OwnerGuard | None = None
-        self.power = PowerLimiter([])
-        self.control_server: ControlServer | None = None
-        self.metrics_server: MetricsServer | None = None
-        self._last_status: NodeStatusBody | None = None
+class _Daemon:
+    """The daemon's parts, each made once the hardware profile is known."""
 
-    async def on_message(self, message: Message) -> Reply:
+    def __init__(
+        self,
+        config: DaemonConfig,
+        hal_config: HalConfig,
+        *,
+        identity: Identity,
+        outbox: Outbox,
+        profile: Profile,
+    ) -> None:
+        self.config = config
+        self.identity = identity
+        self.outbox = outbox
+        self.profile = profile
+        self.notifier = Notifier()
+        self.node = NodeState(Scheduler(profile.gpus), share_limit=config.share_limit)
+        self.link = Link(config.link, identity, outbox, self.on_message, __version__)
+        wake = self.link.wakeup.set
+        self.jobs = JobManager(
+            identity=identity,
+            outbox=outbox,
+            runner=Runner(DockerClient(config.docker_socket), config.runner),
+            policy=config.policy,
+            node=self.node,
+            trusted_keys=dict(config.link.pinned_keys),
+            wake=wake,
+            max_concurrent=config.max_concurrent,
+        )
+        self.guard = OwnerGuard(
+            jobs=self.jobs,
+            node=self.node,
+            policy=config.owner,
+            store=config.state_dir / "owner.json",
+            idle_seconds=IdleDetector().idle_seconds,
+        )
+        self.health = HealthCheck(self.node)
+        power = PowerLimiter(profile.gpus)
+        self.sampler = Sampler(
+            hal_config,
+            outbox,
+            power=power,
+            interval_s=config.sample_interval_s,
+            batch=config.batch_samples,
+            wake=wake,
+        )
+        self.control = DaemonControl(
+            identity=identity,
+            jobs=self.jobs,
+            node=self.node,
+            guard=self.guard,
+            link=self.link,
+            latest=lambda: self.sampler.latest_gpus,
+            power=power.describe,
+            clock=time.time,
+        )
+        self.control_server = (
+            ControlServer(
+                self.control,
+                config.control_socket,
+                mode=config.control_mode,
+                group=config.control_group,
+            )
+            if config.control_socket is not None
+            else None
+        )
+        self.metrics_server = (
+            MetricsServer(
+                self.control.metrics, host=config.metrics_listen[0], port=config.metrics_listen[1]
+            )
+            if config.metrics_listen is not None
+            else None
+        )
+        self.reporter = NodeReporter(
+            self.node,
+            outbox,
+            notifier=self.notifier,
+            wake=wake,
+            running=lambda: len(self.jobs.tasks),
+            publish=self.publish,
+        )
+        self.node.on_change = self.reporter.report
+
+    async def on_message(self, message: Message) -> None:
         """Handle a reliable coordinator message (called by the link, in order, once)."""
         if isinstance(message, AttestRequest):
             # The capacity goes with the profile, once the GPUs were checked.
             answer = [self.attest(message.body.nonce)]
-            status = self.jobs.node_status() if self.jobs is not None else None
+            status = self.node.status()
             if status is not None:
                 answer.append(("node_status", msgspec.json.encode(status)))
-            return Reply(answer, then=lambda: self._sent_status(status))
-        assert self.jobs is not None  # the link starts after the job manager
-        if isinstance(message, JobOffer):
-            return await self.jobs.on_offer(message)
-        if isinstance(message, JobCancel):
-            return await self.jobs.on_cancel(message)
-        _log.info("ignoring %s", type(message).__name__)
-        return Reply()
-
-    def report_node(self) -> None:
-        """Queue a ``node_status`` if what the coordinator knows of this node changed, and
-        tell the control API's subscribers."""
-        self.publish()
-        if self.jobs is None or (status := self.jobs.node_status()) is None:
-            return
-        if status == self._last_status:
-            return
-        try:
-            self.outbox.append("node_status", msgspec.json.encode(status), time.time())
-        except OutboxError as exc:
-            _log.error("cannot store the node status (%s); trying at the next change", exc)
-            return
-        self._sent_status(status)
-        self.link.wakeup.set()
-
-    def _sent_status(self, status: NodeStatusBody | None) -> None:
-        """``status`` is in the outbox: the next change is measured against it."""
-        if status is None or self.jobs is None:
-            return
-        self._last_status = status
-        self.notifier.status(_status_line(status, len(self.jobs.tasks)))
-
-    def publish(self) -> None:
-        """Send the current state to the control API's subscribers (it drops repeats)."""
-        # Called at every tick: the status (a few SQLite reads) is built only when read.
-        server = self.control_server
-        if self.control is not None and server is not None and server.subscribed:
-            server.publish(self.control.status())
-
-    def check_health(self, gpus: list[GpuSample], events: Sequence[HealthEvent] = ()) -> None:
-        """Each unit's health by the latest sample and the driver's events; a MIG instance
-        without its own sample follows its GPU. The first call ends the initial check."""
-        for event in events:
-            verdict = xid_health(event.code) if event.kind == "xid" else None
-            if verdict is None:
-                continue
-            _log.error("GPU %s: Xid %d; it takes no more jobs", event.gpu_id, event.code)
-            for unit_id, unit in self.scheduler.units.items():
-                # An event on a GPU split into MIG instances concerns each of them.
-                if event.gpu_id in (unit_id, unit.gpu.parent_uuid):
-                    self.scheduler.set_health(unit_id, *verdict)
-        by_id = {g.id: g for g in gpus}
-        for unit_id, unit in self.scheduler.units.items():
-            sample = by_id.get(unit_id) or by_id.get(unit.gpu.parent_uuid or "")
-            if sample is None:
-                self.scheduler.set_health(unit_id, "unhealthy", "no_readings")
-                continue
-            errors = sample.ecc_uncorrected
-            baseline = self._baseline_ecc.setdefault(
-                unit_id, errors if isinstance(errors, int) else 0
-            )
-            if unit.health != "unhealthy":  # unhealthy stays so until the agent restarts
-                self.scheduler.set_health(unit_id, *sample_health(sample, baseline))
-        if self.jobs is not None:
-            self.jobs.release("initialising")
-        self.report_node()
+            self.outbox.append_many(answer, time.time(), coordinator_seq=message.seq)
+            self.link.wakeup.set()
+            self.reporter.sent(status)
+        elif isinstance(message, JobOffer):
+            await self.jobs.on_offer(message)
+        elif isinstance(message, JobCancel):
+            await self.jobs.on_cancel(message)
+        else:
+            _log.info("ignoring %s", type(message).__name__)
 
     def attest(self, nonce: str) -> tuple[str, bytes]:
         """The hardware profile, signed, with the coordinator's nonce in it."""
-        assert self.profile is not None
         identity = self.identity
         envelope = dsse.attest_profile(
             msgspec.to_builtins(self.profile),
@@ -256,88 +260,37 @@ class _Agent:
         body = ProfileBody(attestation=msgspec.convert(msgspec.to_builtins(envelope), EnvelopeBody))
         return "profile", msgspec.json.encode(body)
 
-    async def sample(self, stop: asyncio.Event) -> None:
-        """Sample at the configured interval; queue a telemetry batch every few samples."""
-        hal = Hal(self.hal_config)
-        await asyncio.to_thread(hal.open)
-        batch: list[Sample] = []
-        loop = asyncio.get_running_loop()
-        next_tick = loop.time()
-        try:
-            while not stop.is_set():
-                read_idle = self.guard.read_idle if self.guard is not None else _no_idle
-                taken, events, idle = await asyncio.to_thread(_tick, hal, read_idle)
-                self.latest_gpus = taken.gpus
-                self.check_health(taken.gpus, events)
-                if self.guard is not None:
-                    self.guard.tick(taken.gpus, idle)
-                    wanted = self.guard.power_limit_w()
-                    # The HAL is asked (in its thread) only when the limit is to change.
-                    if wanted != self.power.applied:
-                        await asyncio.to_thread(self.power.apply, hal, wanted)
-                        self.publish()
-                batch.append(taken)
-                if len(batch) >= min(self.config.batch_samples, MAX_TELEMETRY_BATCH):
-                    batch = self.queue_telemetry(batch)
-                next_tick += self.config.sample_interval_s
-                try:
-                    await asyncio.wait_for(stop.wait(), max(0.0, next_tick - loop.time()))
-                except TimeoutError:
-                    continue
-        finally:
-            # The owner gets the GPUs back at their own limits.
-            await asyncio.to_thread(self.power.apply, hal, None)
-            hal.close()
-            if batch:
-                self.queue_telemetry(batch)
+    def publish(self) -> None:
+        """Send the current state to the control API's subscribers (it drops repeats)."""
+        # Called at every tick: the status (a few SQLite reads) is built only when read.
+        server = self.control_server
+        if server is not None and server.subscribed:
+            server.publish(self.control.status())
 
-    def queue_telemetry(self, samples: list[Sample]) -> list[Sample]:
-        """Put a batch into the outbox (durable from here on) and wake the link; return
-        what could not be stored (a full disk), to be tried again with the next batch."""
-        try:
-            self.outbox.append_many(
-                [("telemetry", body) for body in _telemetry_bodies(samples)], time.time()
-            )
-        except OutboxError as exc:
-            _log.error("cannot store telemetry (%s); keeping %d samples", exc, len(samples))
-            return samples[-MAX_TELEMETRY_BATCH:]
-        self.link.wakeup.set()
-        return []
+    def on_tick(self, tick: Tick) -> None:
+        """One sample: the units' health, then the owner's guards."""
+        self.health.check(tick.sample.gpus, tick.events)
+        self.guard.tick(tick.sample.gpus, tick.idle)
 
-    async def run(self) -> int:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(signum, stop.set)
-        self.profile = await asyncio.to_thread(take_profile, self.hal_config)
-        config = self.config
-        self.scheduler = Scheduler(self.profile.gpus)
-        self.power = PowerLimiter(self.profile.gpus)
-        self.jobs = JobManager(
-            identity=self.identity,
-            outbox=self.outbox,
-            runner=Runner(DockerClient(config.docker_socket), config.runner),
-            policy=config.policy,
-            scheduler=self.scheduler,
-            trusted_keys=dict(config.link.pinned_keys),
-            wake=self.link.wakeup.set,
-            on_change=self.report_node,
-            max_concurrent=config.max_concurrent,
-            share_limit=config.share_limit,
-        )
-        self.guard = OwnerGuard(
-            jobs=self.jobs,
-            policy=config.owner,
-            store=config.state_dir / "owner.json",
-            idle_seconds=IdleDetector().idle_seconds,
-        )
+    async def run(self, stop: asyncio.Event) -> int:
         await self.jobs.recover()
-        await self._serve_locally()
+        if self.control_server is not None:
+            await self.control_server.start()
+        if self.metrics_server is not None:
+            await self.metrics_server.start()
         self.notifier.ready(f"profiled {len(self.profile.gpus)} GPU(s); connecting")
         watchdog = asyncio.create_task(self._watchdog())
         link_stop = asyncio.Event()
         linking = asyncio.create_task(self.link.run(link_stop))
-        sampling = asyncio.create_task(self.sample(stop))
+        sampling = asyncio.create_task(
+            self.sampler.run(
+                stop,
+                read_idle=self.guard.read_idle,
+                on_tick=self.on_tick,
+                power_target=self.guard.power_limit_w,
+                on_power=self.publish,
+            )
+        )
         stopped = asyncio.create_task(stop.wait())
         try:
             # A sampler that fails ends the daemon too, after the jobs are wound down.
@@ -357,40 +310,7 @@ class _Agent:
                 await self.control_server.close()
             if self.metrics_server is not None:
                 await self.metrics_server.close()
-            self.outbox.close()
         return 0
-
-    async def _serve_locally(self) -> None:
-        """Open the control API's socket and, if enabled, ``/metrics``.
-
-        Raises:
-            ControlError: the socket is in use (another daemon) or cannot be made.
-            ConfigError: the metrics address cannot be bound.
-        """
-        config, jobs, guard = self.config, self.jobs, self.guard
-        assert jobs is not None
-        assert guard is not None
-        self.control = DaemonControl(
-            identity=self.identity,
-            jobs=jobs,
-            guard=guard,
-            link=self.link,
-            latest=lambda: self.latest_gpus,
-            power=self.power.describe,
-            clock=time.time,
-        )
-        if config.control_socket is not None:
-            self.control_server = ControlServer(
-                self.control,
-                config.control_socket,
-                mode=config.control_mode,
-                group=config.control_group,
-            )
-            await self.control_server.start()
-        if config.metrics_listen is not None:
-            host, port = config.metrics_listen
-            self.metrics_server = MetricsServer(self.control.metrics, host=host, port=port)
-            await self.metrics_server.start()
 
     async def _watchdog(self) -> None:
         """Keep systemd's watchdog fed from the event loop: a loop that is stuck stops
@@ -411,6 +331,22 @@ class _Agent:
             _log.warning("%d messages stay in the outbox for the next start", self.outbox.depth())
 
 
+async def _main(config: DaemonConfig, hal_config: HalConfig) -> int:
+    """Refuse an unsafe key before anything else; profile; run until SIGINT or SIGTERM."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    identity = load_or_create(config.state_dir / "identity")
+    outbox = Outbox.open(config.state_dir / "outbox.db")
+    try:
+        profile = await asyncio.to_thread(take_profile, hal_config)
+        daemon = _Daemon(config, hal_config, identity=identity, outbox=outbox, profile=profile)
+        return await daemon.run(stop)
+    finally:
+        outbox.close()
+
+
 def _group_exists(name: str) -> bool:
     try:
         grp.getgrnam(name)
@@ -419,35 +355,6 @@ def _group_exists(name: str) -> bool:
     return True
 
 
-def _status_line(status: NodeStatusBody, running: int) -> str:
-    """One line for ``systemctl status``."""
-    healthy = sum(1 for u in status.units if u.health == "healthy")
-    taking = "taking jobs" if status.available else f"not taking jobs ({status.reason})"
-    return f"{taking}; {healthy}/{len(status.units)} GPU(s) healthy; {running} job(s) running"
-
-
-def _tick(
-    hal: Hal, read_idle: Callable[[], float | None]
-) -> tuple[Sample, list[HealthEvent], float | None]:
-    """One sample of the host and the GPUs, the driver's events since the last, and the
-    session's idle time (blocking reads, all in the sampler thread)."""
-    sample = Sample(taken_at=time.time(), host=host_sample(), gpus=hal.sample())
-    return sample, hal.events(), read_idle()
-
-
-def _no_idle() -> float | None:
-    return None
-
-
-def _telemetry_bodies(samples: list[Sample]) -> list[bytes]:
-    """Encoded telemetry bodies for ``samples``, split so that every frame fits the limit."""
-    body = msgspec.json.encode(TelemetryBody(samples=msgspec.to_builtins(samples)))
-    if len(body) + _FRAME_OVERHEAD <= MAX_FRAME_BYTES or len(samples) == 1:
-        return [body]
-    half = len(samples) // 2
-    return _telemetry_bodies(samples[:half]) + _telemetry_bodies(samples[half:])
-
-
 def run_daemon(config: DaemonConfig, hal_config: HalConfig) -> int:
     """Run the agent until SIGINT or SIGTERM; return the exit status."""
-    return asyncio.run(_Agent(config, hal_config).run())
+    return asyncio.run(_main(config, hal_config))

@@ -1,20 +1,29 @@
 """The job ledger: every job this node was offered, its state, its log and its receipt.
 
 The tables live in the outbox's SQLite file (agent/link/outbox.py, schema version 2). Every
-change is a :data:`~agent.link.outbox.Write` handed to :meth:`Outbox.append_many` together with
-the messages that report it, so a job's state and what the coordinator is told about it
-commit at once: a crash can never leave a job marked finished whose result was not queued,
-nor a result queued twice.
+change is a row of a decision (:mod:`agent.jobs.machine`), written by :meth:`Ledger.write`
+inside :meth:`Outbox.append_many` together with the messages that report it, so a job's
+state and what the coordinator is told about it commit at once: a crash can never leave a
+job marked finished whose result was not queued, nor a result queued twice.
 """
 
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import msgspec
 
+from agent.jobs.machine import (
+    ContainerOf,
+    Logs,
+    NewJob,
+    PruneLogs,
+    Receipted,
+    Row,
+    Transition,
+)
 from agent.link.outbox import Outbox, Write
 from agent.protocol.jobs import FINAL_STATES
 
@@ -59,98 +68,17 @@ class Ledger:
     def __init__(self, outbox: Outbox) -> None:
         self.outbox = outbox
 
-    # -- writes: each returns a Write for Outbox.append_many(also=...) ------------------
+    # -- writes ------------------------------------------------------------------------
 
     @staticmethod
-    def insert(
-        job_id: str,
-        state: str,
-        offer: bytes,
-        now: float,
-        *,
-        gpus: Iterable[str] = (),
-        code: str = "",
-        detail: str = "",
-    ) -> Write:
-        """A new job. Fails (``storage_error``) if the id is known: ids are run once."""
-        gpu_list = msgspec.json.encode(list(gpus)).decode()
+    def write(rows: Iterable[Row], now: float) -> Write:
+        """The rows of a decision (agent/jobs/machine.py) as one Write, for
+        :meth:`Outbox.append_many` (``also=``) to run in its transaction."""
+        listed = list(rows)
 
         def write(db: sqlite3.Connection) -> None:
-            db.execute(
-                "INSERT INTO jobs (job_id, state, code, detail, offer, gpus, created, updated)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (job_id, state, code, detail, offer, gpu_list, now, now),
-            )
-
-        return write
-
-    @staticmethod
-    def update(
-        job_id: str,
-        state: str,
-        now: float,
-        *,
-        code: str = "",
-        detail: str = "",
-        exit_code: int | None = None,
-    ) -> Write:
-        """A job's new state."""
-
-        def write(db: sqlite3.Connection) -> None:
-            db.execute(
-                "UPDATE jobs SET state = ?, code = ?, detail = ?,"
-                " exit_code = coalesce(?, exit_code), updated = ? WHERE job_id = ?",
-                (state, code, detail, exit_code, now, job_id),
-            )
-
-        return write
-
-    @staticmethod
-    def set_container(job_id: str, container_id: str) -> Write:
-        """The container a job runs in (so that a restart knows what was there)."""
-
-        def write(db: sqlite3.Connection) -> None:
-            db.execute("UPDATE jobs SET container_id = ? WHERE job_id = ?", (container_id, job_id))
-
-        return write
-
-    @staticmethod
-    def add_logs(job_id: str, chunks: Iterable[tuple[str, str]]) -> Write:
-        """Append output chunks ``(stream, text)`` to a job's stored log."""
-        rows = list(chunks)
-
-        def write(db: sqlite3.Connection) -> None:
-            first = db.execute(
-                "SELECT coalesce(max(n), 0) + 1 FROM job_logs WHERE job_id = ?", (job_id,)
-            ).fetchone()[0]
-            db.executemany(
-                "INSERT INTO job_logs (job_id, n, stream, data) VALUES (?, ?, ?, ?)",
-                [(job_id, first + i, stream, data) for i, (stream, data) in enumerate(rows)],
-            )
-
-        return write
-
-    @staticmethod
-    def add_receipt(job_id: str, envelope: bytes, digest: str) -> Write:
-        """A job's signed receipt; it becomes the head of the node's receipt chain."""
-
-        def write(db: sqlite3.Connection) -> None:
-            db.execute("UPDATE jobs SET receipt = ? WHERE job_id = ?", (envelope, job_id))
-            db.execute("INSERT INTO receipts (job_id, digest) VALUES (?, ?)", (job_id, digest))
-
-        return write
-
-    @staticmethod
-    def prune_logs(before: float) -> Write:
-        """Forget the output of jobs that ended before ``before`` (their receipts stay:
-        they carry the log's digest)."""
-
-        def write(db: sqlite3.Connection) -> None:
-            db.execute(
-                "DELETE FROM job_logs WHERE job_id IN"
-                f" (SELECT job_id FROM jobs WHERE state IN {_FINAL} AND updated < ?)",
-                (before,),
-            )
+            for row in listed:
+                _WRITERS[type(row)](db, row, now)
 
         return write
 
@@ -241,3 +169,66 @@ def _record(row: Any) -> JobRecord:
         created=created,
         updated=updated,
     )
+
+
+def _new_job(db: sqlite3.Connection, row: NewJob, now: float) -> None:
+    # Fails (storage_error) if the id is known: ids are run once.
+    db.execute(
+        "INSERT INTO jobs (job_id, state, code, detail, offer, gpus, created, updated)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        (
+            row.job_id,
+            row.state,
+            row.code,
+            row.detail,
+            row.offer,
+            msgspec.json.encode(list(row.gpus)).decode(),
+            now,
+            now,
+        ),
+    )
+
+
+def _transition(db: sqlite3.Connection, row: Transition, now: float) -> None:
+    db.execute(
+        "UPDATE jobs SET state = ?, code = ?, detail = ?,"
+        " exit_code = coalesce(?, exit_code), updated = ? WHERE job_id = ?",
+        (row.state, row.code, row.detail, row.exit_code, now, row.job_id),
+    )
+
+
+def _container_of(db: sqlite3.Connection, row: ContainerOf, now: float) -> None:
+    db.execute("UPDATE jobs SET container_id = ? WHERE job_id = ?", (row.container_id, row.job_id))
+
+
+def _logs(db: sqlite3.Connection, row: Logs, now: float) -> None:
+    first = db.execute(
+        "SELECT coalesce(max(n), 0) + 1 FROM job_logs WHERE job_id = ?", (row.job_id,)
+    ).fetchone()[0]
+    db.executemany(
+        "INSERT INTO job_logs (job_id, n, stream, data) VALUES (?, ?, ?, ?)",
+        [(row.job_id, first + i, stream, data) for i, (stream, data) in enumerate(row.chunks)],
+    )
+
+
+def _receipted(db: sqlite3.Connection, row: Receipted, now: float) -> None:
+    db.execute("UPDATE jobs SET receipt = ? WHERE job_id = ?", (row.envelope, row.job_id))
+    db.execute("INSERT INTO receipts (job_id, digest) VALUES (?, ?)", (row.job_id, row.digest))
+
+
+def _prune_logs(db: sqlite3.Connection, row: PruneLogs, now: float) -> None:
+    db.execute(
+        "DELETE FROM job_logs WHERE job_id IN"
+        f" (SELECT job_id FROM jobs WHERE state IN {_FINAL} AND updated < ?)",
+        (row.before,),
+    )
+
+
+_WRITERS: dict[type[Any], Callable[[sqlite3.Connection, Any, float], None]] = {
+    NewJob: _new_job,
+    Transition: _transition,
+    ContainerOf: _container_of,
+    Logs: _logs,
+    Receipted: _receipted,
+    PruneLogs: _prune_logs,
+}

@@ -14,11 +14,7 @@ import codecs
 from collections.abc import Callable, Iterable
 from typing import Literal
 
-import msgspec
-
-from agent.jobs.ledger import Ledger
-from agent.link.outbox import Write
-from agent.protocol.bodies import JobLogBody
+from agent.jobs.machine import Decision, forward_logs
 
 __all__ = ["CHUNK_BYTES", "LogForwarder", "merge"]
 
@@ -26,7 +22,8 @@ __all__ = ["CHUNK_BYTES", "LogForwarder", "merge"]
 #: most three times this, well under the protocol's MAX_LOG_CHUNK_BYTES.
 CHUNK_BYTES = 16 * 1024
 
-Commit = Callable[[list[tuple[str, bytes]], Write | None], None]
+Commit = Callable[[Decision], None]
+"""Carries out a decision (the job manager's ``_carry_out``)."""
 
 
 class LogForwarder:
@@ -61,14 +58,7 @@ class LogForwarder:
             return
         chunks = merge(self.pending)
         self.pending, self.size = [], 0
-        messages = [
-            (
-                "job_log",
-                msgspec.json.encode(JobLogBody(job_id=self.job_id, stream=stream, data=data)),  # type: ignore[arg-type]
-            )
-            for stream, data in chunks
-        ]
-        self.commit(messages, Ledger.add_logs(self.job_id, chunks))
+        self.commit(forward_logs(self.job_id, chunks))
 
     async def flush_every(self, interval: float) -> None:
         while True:

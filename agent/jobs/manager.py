@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import sqlite3
 import time
 from collections.abc import Callable
 from contextlib import aclosing
@@ -26,21 +25,15 @@ from typing import Literal
 
 import msgspec
 
+from agent.jobs import machine
 from agent.jobs.gpus import device_facts
 from agent.jobs.ledger import JobRecord, Ledger
 from agent.jobs.logs import LogForwarder
-from agent.jobs.scheduler import Scheduler
-from agent.link.connection import Reply
+from agent.jobs.machine import ContainerOf, Decision, PruneLogs, Start
+from agent.jobs.node import SHUTTING_DOWN, NodeState
 from agent.link.identity import Identity
-from agent.link.outbox import Outbox, Write
+from agent.link.outbox import Outbox
 from agent.protocol import dsse
-from agent.protocol.bodies import (
-    EnvelopeBody,
-    JobResultBody,
-    JobStatusBody,
-    NodeStatusBody,
-    UnitStatus,
-)
 from agent.protocol.errors import AuthError
 from agent.protocol.jobs import (
     JobState,
@@ -66,21 +59,6 @@ _log = logging.getLogger(__name__)
 #: Why the agent itself stopped a job; the runner reports each as "cancelled".
 StopReason = Literal["cancelled", "interrupted", "preempted"]
 
-#: Which reason to give first when several hold offers back.
-_HOLD_ORDER = (
-    "shutting_down",
-    "paused",
-    "draining",
-    # The owner's guards (agent/owner/guard.py):
-    "too_hot",
-    "outside_schedule",
-    "gpu_in_use",
-    "idle_unknown",
-    "owner_active",
-    "engine_unavailable",
-    "initialising",
-)
-
 #: How long a finished job's output stays readable with ``gpu-agent logs``.
 _LOG_RETENTION_S = 7 * 86400
 #: A quiet job's output still reaches the coordinator this soon.
@@ -88,7 +66,11 @@ _LOG_FLUSH_S = 0.25
 
 
 class JobManager:
-    """Takes offers and cancels from the link, runs jobs, reports them through the outbox."""
+    """Takes offers and cancels from the link, runs jobs, reports them through the outbox.
+
+    Each event goes through the pure machine (:mod:`agent.jobs.machine`), whose decision
+    the manager carries out: one outbox transaction, then the container it names.
+    """
 
     def __init__(
         self,
@@ -97,12 +79,10 @@ class JobManager:
         outbox: Outbox,
         runner: Runner,
         policy: Policy,
-        scheduler: Scheduler,
+        node: NodeState,
         trusted_keys: dict[str, bytes],
         wake: Callable[[], None],
-        on_change: Callable[[], None] = lambda: None,
         max_concurrent: int = 0,
-        share_limit: int | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.identity = identity
@@ -110,16 +90,13 @@ class JobManager:
         self.ledger = Ledger(outbox)
         self.runner = runner
         self.policy = policy
-        self.scheduler = scheduler
+        self.node = node
         self.trusted_keys = trusted_keys
         self.wake = wake
-        self.on_change = on_change
         self.max_concurrent = max_concurrent
-        self.share_limit = share_limit
         self.clock = clock
         self.tasks: dict[str, asyncio.Task[None]] = {}
-        self.holds: dict[str, str] = {"initialising": "checking the GPUs"}
-        """Why no offer is taken now: code -> detail; empty when offers are taken."""
+        self._states: dict[str, str] = {}
         self._stops: dict[str, StopReason] = {}
         self._containers: dict[str, str] = {}
 
@@ -133,8 +110,8 @@ class JobManager:
         except SandboxError as exc:
             # Jobs cannot run; their labelled leftovers are reaped at the next start.
             _log.error("the container engine is not usable: %s", exc)
-            self.hold("engine_unavailable", f"{exc.code}: {exc.detail}")
-        self._commit([], self.ledger.prune_logs(self.clock() - _LOG_RETENTION_S))
+            self.node.hold("engine_unavailable", f"{exc.code}: {exc.detail}")
+        self._carry_out(Decision(rows=(PruneLogs(self.clock() - _LOG_RETENTION_S),)))
         recovered = []
         for record in self.ledger.unfinished():
             self._finish_unrun(record, "interrupted", "agent_restarted", "the agent restarted")
@@ -145,42 +122,33 @@ class JobManager:
 
     # -- the coordinator's messages ----------------------------------------------------
 
-    async def on_offer(self, message: JobOffer) -> Reply:
-        """Accept or refuse one offer; an accepted job starts once the answer is stored."""
+    async def on_offer(self, message: JobOffer) -> None:
+        """Accept or refuse one offer, recorded with the offer's seq as handled; an
+        accepted job starts once that is on disk."""
+        self._carry_out(self._decide_offer(message), handled=message.seq)
+
+    async def on_cancel(self, message: JobCancel) -> None:
+        """Stop a job; its final status (``cancelled``) follows when it has stopped."""
+        job_id = message.body.job_id
+        if not self.stop(job_id, "cancelled"):
+            _log.info("cancel for job %s, which is not running", job_id)
+
+    def _decide_offer(self, message: JobOffer) -> Decision:
         job_id = message.body.job_id
         known = self.ledger.get(job_id)
         if known is not None:
             # Ids run once. The same offer again (a coordinator that lost its ack) gets
             # the job's current state, not a second run.
             _log.info("offer for known job %s (%s): not run again", job_id, known.state)
-            return self._status_reply(job_id, known.state, "duplicate_offer", "job id known")
-        self.scheduler.release(job_id)  # a reservation whose answer never got stored
+            return machine.answer_known(job_id, known.state)
+        self.node.free(job_id)  # a reservation whose answer never got stored
         try:
             offer, spec = self._admit(message)
             units = self._reserve(job_id, spec)
         except _Refusal as refusal:
             _log.info("refused job %s: %s %s", job_id, refusal.code, refusal.detail)
-            if not refusal.verified:
-                # The id is only what the unsigned part of the frame says: recording it
-                # would let a forged offer use up the id of the genuine one to come.
-                return self._status_reply(job_id, "refused", refusal.code, refusal.detail)
-            write = self.ledger.insert(
-                job_id, "refused", b"", self.clock(), code=refusal.code, detail=refusal.detail
-            )
-            return self._status_reply(job_id, "refused", refusal.code, refusal.detail, write)
-        payload = msgspec.json.encode(offer)
-        write = self.ledger.insert(job_id, "accepted", payload, self.clock(), gpus=units)
-        reply = self._status_reply(job_id, "accepted", "", "", write)
-        return reply._replace(then=lambda: self._start(job_id, offer, spec, units))
-
-    async def on_cancel(self, message: JobCancel) -> Reply:
-        """Stop a job; its final status (``cancelled``) follows when it has stopped."""
-        job_id = message.body.job_id
-        if job_id in self.tasks:
-            self.stop(job_id, "cancelled")
-        else:
-            _log.info("cancel for job %s, which is not running", job_id)
-        return Reply()
+            return machine.refuse(job_id, refusal.code, refusal.detail, verified=refusal.verified)
+        return machine.accept(offer, msgspec.json.encode(offer), spec, units)
 
     # -- local control -----------------------------------------------------------------
 
@@ -191,26 +159,6 @@ class JobManager:
         self._stops.setdefault(job_id, why)
         self.runner.cancel(job_id)  # False before the runner has it: _run checks _stops
         return True
-
-    @property
-    def unavailable(self) -> tuple[str, str] | None:
-        """Why offers are refused now, (code, detail), the weightiest hold first; None
-        when they are taken."""
-        for code in _HOLD_ORDER:
-            if code in self.holds:
-                return code, self.holds[code]
-        return next(iter(self.holds.items()), None)
-
-    def hold(self, code: str, detail: str) -> None:
-        """Refuse new offers with ``code`` until :meth:`release` of that code."""
-        if self.holds.get(code) != detail:
-            self.holds[code] = detail
-            self.on_change()
-
-    def release(self, code: str) -> None:
-        """Drop one reason to refuse offers."""
-        if self.holds.pop(code, None) is not None:
-            self.on_change()
 
     def container_ids(self) -> list[str]:
         """The containers of the running jobs."""
@@ -223,29 +171,10 @@ class JobManager:
 
     async def shutdown(self) -> None:
         """Take no more offers; stop every job (reported ``interrupted``) and wait for them."""
-        self.hold("shutting_down", "the agent is stopping")
+        self.node.hold(SHUTTING_DOWN, "the agent is stopping")
         for job_id in list(self.tasks):
             self.stop(job_id, "interrupted")
         await self.wait_idle()
-
-    def node_status(self) -> NodeStatusBody | None:
-        """What the coordinator should know of this node's capacity; None while the GPUs
-        have not been checked yet (no capacity is ever reported before)."""
-        if self.scheduler.initialising:
-            return None
-        units = [
-            UnitStatus(
-                id=unit_id,
-                health="unhealthy" if unit.health == "unhealthy" else "healthy",
-                reason=unit.reason[:MAX_ERROR_DETAIL_CHARS],
-                job_id=unit.job_id,
-            )
-            for unit_id, unit in self.scheduler.units.items()
-        ]
-        code, detail = self.unavailable or ("", "")
-        return NodeStatusBody(
-            available=self.unavailable is None, units=units, reason=code, detail=detail
-        )
 
     # -- admission ---------------------------------------------------------------------
 
@@ -262,8 +191,8 @@ class JobManager:
             )
         except AuthError as exc:
             raise _Refusal(exc.code, exc.detail, verified=False) from None
-        if self.unavailable is not None:
-            raise _Refusal(*self.unavailable)
+        if (held := self.node.unavailable) is not None:
+            raise _Refusal(*held)
         try:
             spec = load_spec(msgspec.json.encode(offer.spec), "json")
             admit(spec, self.policy, offered_vendors=self._vendors())
@@ -274,39 +203,60 @@ class JobManager:
             raise _Refusal(exc.code, exc.detail) from None
         if self.max_concurrent and len(self.tasks) >= self.max_concurrent:
             raise _Refusal("busy", f"{len(self.tasks)} job(s) running, the limit")
-        if not self.scheduler.could_ever_fit(spec.gpus):
+        if not self.node.scheduler.could_ever_fit(spec.gpus):
             raise _Refusal("no_matching_gpus", "this node has no GPUs that meet the spec")
         return offer, spec
 
     def _reserve(self, job_id: str, spec: WorkloadSpec) -> list[str]:
-        units = self.scheduler.assign(job_id, spec.gpus, self.share_limit)
+        units = self.node.assign(job_id, spec.gpus)
         if units is None:
             raise _Refusal("busy", f"no {spec.gpus.count} free healthy GPU(s) fit the spec now")
         return units
 
     def _vendors(self) -> frozenset[str]:
-        return frozenset(u.gpu.vendor for u in self.scheduler.units.values())
+        return frozenset(u.gpu.vendor for u in self.node.scheduler.units.values())
 
-    # -- running -----------------------------------------------------------------------
+    # -- carrying out ------------------------------------------------------------------
 
-    def _start(self, job_id: str, offer: Offer, spec: WorkloadSpec, units: list[str]) -> None:
-        self.tasks[job_id] = asyncio.create_task(self._run(job_id, offer, spec, units))
-        self.on_change()
+    def _carry_out(self, decision: Decision, *, handled: int | None = None) -> None:
+        """Write a decision's rows and queue its messages in one transaction (with the
+        coordinator message that caused it recorded as handled), then start its job."""
+        if decision.rows or decision.messages or handled is not None:
+            self.outbox.append_many(
+                decision.messages,
+                self.clock(),
+                coordinator_seq=handled,
+                also=self.ledger.write(decision.rows, self.clock()) if decision.rows else None,
+            )
+        if decision.messages:
+            self.wake()
+        for row in decision.rows:
+            if isinstance(row, machine.NewJob | machine.Transition):
+                self._states[row.job_id] = row.state
+        if decision.start is not None:
+            self._start(decision.start)
 
-    async def _run(self, job_id: str, offer: Offer, spec: WorkloadSpec, units: list[str]) -> None:
-        logs = LogForwarder(job_id, self._commit)
+    def _start(self, start: Start) -> None:
+        self.tasks[start.job_id] = asyncio.create_task(self._run(start))
+        self.node.changed()
+
+    async def _run(self, start: Start) -> None:
+        job_id, spec, units = start.job_id, start.spec, list(start.units)
+        logs = LogForwarder(job_id, self._carry_out)
         flusher = asyncio.create_task(logs.flush_every(_LOG_FLUSH_S))
         result: JobResult | None = None
         try:
             if job_id not in self._stops:
-                gpus = [device_facts(g) for g in self.scheduler.gpus_of(units)]
+                gpus = [device_facts(g) for g in self.node.scheduler.gpus_of(units)]
                 async with aclosing(self.runner.run(job_id, spec, gpus)) as events:
                     async for event in events:
                         if isinstance(event, Created):
                             self._containers[job_id] = event.container_id
-                            self._commit([], self.ledger.set_container(job_id, event.container_id))
+                            self._carry_out(
+                                Decision(rows=(ContainerOf(job_id, event.container_id),))
+                            )
                         elif isinstance(event, Started):
-                            self._report(job_id, "running")
+                            self._carry_out(machine.advance(job_id, self._state(job_id), "running"))
                         elif isinstance(event, LogChunk):
                             logs.add(event.stream, event.data)
                         elif isinstance(event, Finished):
@@ -320,14 +270,23 @@ class JobManager:
             if result is None:
                 result = _no_run(job_id, spec, "", "stopped before it started")
                 result.reason = "cancelled"
-            self._finish(job_id, offer, units, result)
-            self.scheduler.release(job_id)
+            self._finish(start.offer, units, result)
+            self.node.free(job_id)
             self._containers.pop(job_id, None)
+            self._states.pop(job_id, None)
             del self.tasks[job_id]
-            self.on_change()
+            self.node.changed()
 
-    def _finish(self, job_id: str, offer: Offer, units: list[str], result: JobResult) -> None:
+    def _state(self, job_id: str) -> str:
+        state = self._states.get(job_id)
+        if state is None:  # not decided by this manager: the ledger knows
+            record = self.ledger.get(job_id)
+            state = record.state if record is not None else "accepted"
+        return state
+
+    def _finish(self, offer: Offer, units: list[str], result: JobResult) -> None:
         """The job's receipt and final state, stored and queued together."""
+        job_id = offer.job_id
         stopped_by = self._stops.pop(job_id, None)
         state: JobState = result.reason
         if result.reason == "cancelled" and stopped_by is not None:
@@ -356,7 +315,7 @@ class JobManager:
             log_dropped_bytes=result.log_dropped_bytes,
             prev_receipt=self.ledger.last_receipt_digest(),
         )
-        self._commit_receipt(receipt, result.detail, result.exit_code)
+        self._commit_receipt(self._state(job_id), receipt, result.detail, result.exit_code)
         _log.info("job %s ended %s%s", job_id, state, f" ({code})" if code else "")
 
     def _finish_unrun(self, record: JobRecord, state: JobState, code: str, detail: str) -> None:
@@ -378,9 +337,11 @@ class JobManager:
             gpus=record.gpus,
             prev_receipt=self.ledger.last_receipt_digest(),
         )
-        self._commit_receipt(receipt, detail, None)
+        self._commit_receipt(record.state, receipt, detail, None)
 
-    def _commit_receipt(self, receipt: Receipt, detail: str, exit_code: int | None) -> None:
+    def _commit_receipt(
+        self, current: str, receipt: Receipt, detail: str, exit_code: int | None
+    ) -> None:
         identity = self.identity
         envelope = dsse.attest_receipt(
             msgspec.to_builtins(receipt),
@@ -388,43 +349,17 @@ class JobManager:
             identity.private_key,
             identity.key_id,
         )
-        signed = msgspec.json.encode(envelope)
-        job_id, now = receipt.job_id, self.clock()
-        result = JobResultBody(
-            job_id=job_id, receipt=msgspec.json.decode(signed, type=EnvelopeBody)
+        decision = machine.finish(
+            receipt.job_id,
+            current,
+            receipt.state,
+            code=receipt.code,
+            detail=detail,
+            exit_code=exit_code,
+            envelope=msgspec.json.encode(envelope),
+            digest=receipt_digest(receipt),
         )
-        status = _status(job_id, receipt.state, receipt.code, detail)
-        ledger = self.ledger
-        self._commit(
-            [("job_result", msgspec.json.encode(result)), ("job_status", status)],
-            _chain(
-                ledger.update(
-                    job_id,
-                    receipt.state,
-                    now,
-                    code=receipt.code,
-                    detail=detail[:MAX_ERROR_DETAIL_CHARS],
-                    exit_code=exit_code,
-                ),
-                ledger.add_receipt(job_id, signed, receipt_digest(receipt)),
-            ),
-        )
-
-    def _report(self, job_id: str, state: JobState, code: str = "", detail: str = "") -> None:
-        self._commit(
-            [("job_status", _status(job_id, state, code, detail))],
-            self.ledger.update(job_id, state, self.clock(), code=code, detail=detail),
-        )
-
-    def _status_reply(
-        self, job_id: str, state: str, code: str, detail: str, write: Write | None = None
-    ) -> Reply:
-        return Reply(messages=[("job_status", _status(job_id, state, code, detail))], also=write)
-
-    def _commit(self, messages: list[tuple[str, bytes]], write: Write | None = None) -> None:
-        self.outbox.append_many(messages, self.clock(), also=write)
-        if messages:
-            self.wake()
+        self._carry_out(decision)
 
 
 class _Refusal(Exception):
@@ -434,21 +369,6 @@ class _Refusal(Exception):
         self.detail = detail[:MAX_ERROR_DETAIL_CHARS]
         self.verified = verified
         """Whether the offer verified: only then is its job id its own, and recorded."""
-
-
-def _status(job_id: str, state: str, code: str, detail: str) -> bytes:
-    body = JobStatusBody(
-        job_id=job_id, state=state, code=code, detail=detail[:MAX_ERROR_DETAIL_CHARS]
-    )
-    return msgspec.json.encode(body)
-
-
-def _chain(*writes: Write) -> Write:
-    def write(db: sqlite3.Connection) -> None:
-        for each in writes:
-            each(db)
-
-    return write
 
 
 def _no_run(job_id: str, spec: WorkloadSpec, code: str, detail: str) -> JobResult:

@@ -15,7 +15,7 @@ import random
 import secrets
 import ssl
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -24,7 +24,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 
 from agent.link.identity import Identity
-from agent.link.outbox import Outbox, Write
+from agent.link.outbox import Outbox
 from agent.protocol import crypto
 from agent.protocol.errors import ProtocolError, SequenceError
 from agent.protocol.limits import MAX_FRAME_BYTES
@@ -42,7 +42,7 @@ from agent.protocol.messages import (
 from agent.protocol.reliable import ReliableReceiver
 from agent.protocol.session import AgentHandshake
 
-__all__ = ["Handler", "Link", "LinkConfig", "Reply", "Session", "retry"]
+__all__ = ["Handler", "Link", "LinkConfig", "Session", "retry"]
 
 _log = logging.getLogger(__name__)
 _SEND_BATCH = 64
@@ -51,21 +51,14 @@ _ACK_DELAY_S = 0.2
 _HANDSHAKE_TIMEOUT_S = 10.0
 
 
-class Reply(NamedTuple):
-    """What handling one reliable coordinator message produced.
+Handler = Callable[[Message], Awaitable[None]]
+"""Handles one reliable coordinator message, in order, once.
 
-    The link stores ``messages`` (kind, encoded body) for the coordinator, runs ``also``
-    (more writes, e.g. the job ledger's) and records the message as handled, all in one
-    outbox transaction; then, once that is on disk, it calls ``then``.
-    """
-
-    messages: Sequence[tuple[str, bytes]] = ()
-    also: Write | None = None
-    then: Callable[[], None] | None = None
-
-
-Handler = Callable[[Message], Awaitable[Reply]]
-"""Handles one reliable coordinator message, in order, once."""
+A handler whose effects must survive exactly once (a job accepted, its GPUs reserved)
+stores them with ``Outbox.append_many(..., coordinator_seq=message.seq)``: what handling
+produced and the fact that it was handled commit together. Once it returns, the link
+records the seq as handled anyway (for a handler with nothing to store) and acknowledges.
+"""
 
 
 class LinkConfig(msgspec.Struct, frozen=True, kw_only=True):
@@ -324,17 +317,9 @@ class Link:
                     await websocket.send(encode_frame(error_message(exc)))
                     raise
                 if new:
-                    reply = await self.handler(message)
-                    self.outbox.append_many(
-                        reply.messages,
-                        time.time(),
-                        coordinator_seq=receiver.last_seq,
-                        also=reply.also,
-                    )
-                    if reply.messages:
-                        self.wakeup.set()
-                    if reply.then is not None:
-                        reply.then()
+                    await self.handler(message)
+                    if self.outbox.last_coordinator_seq() < receiver.last_seq:
+                        self.outbox.set_last_coordinator_seq(receiver.last_seq)
                 # Acknowledged once handled and recorded; a duplicate is acknowledged again.
                 if (ack := receiver.take_ack()) is not None:
                     await websocket.send(encode_frame(ack))

@@ -28,6 +28,7 @@ import msgspec
 
 from agent.errors import ControlError
 from agent.jobs.manager import JobManager
+from agent.jobs.node import PAUSED, NodeState
 from agent.owner.policy import (
     MAX_PAUSE_UNTIL,
     Observation,
@@ -45,7 +46,6 @@ _log = logging.getLogger(__name__)
 
 #: The codes an owner guard holds offers back with (agent.owner.policy.decide's).
 GUARD_CODES = ("too_hot", "outside_schedule", "gpu_in_use", "idle_unknown", "owner_active")
-_PAUSED = "paused"
 
 
 class Stale:
@@ -71,6 +71,7 @@ class OwnerGuard:
         self,
         *,
         jobs: JobManager,
+        node: NodeState,
         policy: OwnerPolicy,
         store: Path,
         idle_seconds: Callable[[], float | None] = lambda: None,
@@ -78,6 +79,7 @@ class OwnerGuard:
         proc: Path = Path("/proc"),
     ) -> None:
         self.jobs = jobs
+        self.node = node
         self.proc = proc
         self.configured = policy
         self.policy = policy
@@ -88,7 +90,7 @@ class OwnerGuard:
         self.last_idle: float | None = None
         self.paused_until: float | None = None
         self._load()
-        self.jobs.share_limit = self.policy.max_shared_gpus
+        self.node.share_limit = self.policy.max_shared_gpus
 
     # -- the owner's choices ----------------------------------------------------------
 
@@ -97,13 +99,13 @@ class OwnerGuard:
         if until is not None and until <= self.clock():
             raise ControlError("bad_params", "a pause must end in the future")
         self.paused_until = until
-        self.jobs.hold(_PAUSED, "paused by the owner" + _until_text(until))
+        self.node.hold(PAUSED, "paused by the owner" + _until_text(until))
         self._save()
 
     def resume(self) -> None:
         """Take jobs again (the guards still apply)."""
         self.paused_until = None
-        self.jobs.release(_PAUSED)
+        self.node.release(PAUSED)
         self._save()
 
     def change(self, changes: Mapping[str, object]) -> OwnerPolicy:
@@ -113,7 +115,7 @@ class OwnerGuard:
         except ValueError as exc:
             raise ControlError("bad_settings", str(exc)) from None
         self.policy = policy
-        self.jobs.share_limit = policy.max_shared_gpus
+        self.node.share_limit = policy.max_shared_gpus
         self._save()
         return policy
 
@@ -122,7 +124,7 @@ class OwnerGuard:
     def power_limit_w(self) -> float | None:
         """The power limit the GPUs are to be held to now: the owner's, while sharing (no
         guard tripped, not paused); None (their own limits) otherwise."""
-        sharing = self.verdict.share and _PAUSED not in self.jobs.holds
+        sharing = self.verdict.share and not self.node.held(PAUSED)
         return self.policy.power_limit_w if sharing else None
 
     def read_idle(self) -> float | None:
@@ -143,11 +145,11 @@ class OwnerGuard:
         verdict = decide(self.policy, seen, self.verdict.hot)
         if verdict.share:
             for code in GUARD_CODES:
-                self.jobs.release(code)
+                self.node.release(code)
         else:
             if not self.verdict.share and self.verdict.code != verdict.code:
-                self.jobs.release(self.verdict.code)
-            self.jobs.hold(verdict.code, verdict.detail)
+                self.node.release(self.verdict.code)
+            self.node.hold(verdict.code, verdict.detail)
             self._preempt(verdict)
         self.verdict = verdict
         return verdict
@@ -197,7 +199,7 @@ class OwnerGuard:
                 _log.error("ignoring the saved owner settings in %s: %s", self.store, exc)
         if saved.paused:
             self.paused_until = saved.paused_until
-            self.jobs.hold(_PAUSED, "paused by the owner" + _until_text(saved.paused_until))
+            self.node.hold(PAUSED, "paused by the owner" + _until_text(saved.paused_until))
 
     def _save(self) -> None:
         changes = {
@@ -207,7 +209,7 @@ class OwnerGuard:
         }
         saved = _Saved(
             policy=changes or None,
-            paused=_PAUSED in self.jobs.holds,
+            paused=self.node.held(PAUSED),
             paused_until=self.paused_until,
         )
         staging = self.store.with_suffix(".new")

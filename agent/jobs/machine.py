@@ -1,0 +1,227 @@
+"""A job's life as a pure state machine: what each event decides, as data.
+
+Nothing here touches the ledger, the outbox, the engine or the clock. Each function takes
+what is known (the job's state, the event) and returns a :class:`Decision`: the ledger rows
+to write, the messages to queue for the coordinator, and the container to start, if any.
+The job manager (:mod:`agent.jobs.manager`) carries a decision out in one outbox
+transaction, then starts what it names: jobs flow one way, from event to decision to I/O.
+
+The states and the moves between them (:data:`TRANSITIONS`)::
+
+    (new) --> accepted --> running --> completed | failed | timeout | oom_killed
+      |          |            |    \\-> cancelled | interrupted | preempted | error
+      |          \\------------+-----> cancelled | interrupted | preempted | error
+      \\--> refused
+
+A move the table does not hold is refused with :class:`~agent.errors.JobStateError`
+(``bad_transition``): a bug or a confused runner must not rewrite a finished job.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Final, NamedTuple
+
+import msgspec
+
+from agent.errors import JobStateError
+from agent.protocol.bodies import EnvelopeBody, JobLogBody, JobResultBody, JobStatusBody
+from agent.protocol.jobs import FINAL_STATES, JobState, Offer
+from agent.protocol.limits import MAX_ERROR_DETAIL_CHARS
+from sandbox.spec import WorkloadSpec
+
+__all__ = [
+    "TRANSITIONS",
+    "ContainerOf",
+    "Decision",
+    "Logs",
+    "NewJob",
+    "PruneLogs",
+    "Receipted",
+    "Row",
+    "Start",
+    "Transition",
+    "accept",
+    "advance",
+    "answer_known",
+    "finish",
+    "forward_logs",
+    "refuse",
+]
+
+_STOPPED: Final = frozenset({"cancelled", "interrupted", "preempted", "error"})
+_ENDED: Final = frozenset({"completed", "failed", "timeout", "oom_killed"}) | _STOPPED
+
+#: Where a job may go from each state; ``None`` is a job the ledger does not have yet.
+#: Final states go nowhere.
+TRANSITIONS: Final[Mapping[str | None, frozenset[str]]] = {
+    None: frozenset({"accepted", "refused"}),
+    "accepted": frozenset({"running"}) | _STOPPED,
+    "running": _ENDED,
+    **{state: frozenset() for state in FINAL_STATES},
+}
+
+
+# -- ledger rows, as data: agent.jobs.ledger writes them ----------------------------------
+
+
+class NewJob(msgspec.Struct, frozen=True, kw_only=True):
+    """A job the ledger did not have: accepted (its offer, its GPUs) or refused."""
+
+    job_id: str
+    state: JobState
+    offer: bytes = b""
+    gpus: tuple[str, ...] = ()
+    code: str = ""
+    detail: str = ""
+
+
+class Transition(msgspec.Struct, frozen=True, kw_only=True):
+    """A job's new state."""
+
+    job_id: str
+    state: JobState
+    code: str = ""
+    detail: str = ""
+    exit_code: int | None = None
+
+
+class ContainerOf(msgspec.Struct, frozen=True):
+    """The container a job runs in, so that a restart knows what was there."""
+
+    job_id: str
+    container_id: str
+
+
+class Logs(msgspec.Struct, frozen=True):
+    """Output chunks ``(stream, text)`` appended to a job's stored log."""
+
+    job_id: str
+    chunks: tuple[tuple[str, str], ...]
+
+
+class Receipted(msgspec.Struct, frozen=True):
+    """A job's signed receipt: the new head of the node's receipt chain."""
+
+    job_id: str
+    envelope: bytes
+    digest: str
+
+
+class PruneLogs(msgspec.Struct, frozen=True):
+    """Forget the output of jobs that ended before ``before`` (their receipts stay)."""
+
+    before: float
+
+
+Row = NewJob | Transition | ContainerOf | Logs | Receipted | PruneLogs
+
+
+class Start(NamedTuple):
+    """A container to start once the decision is on disk."""
+
+    job_id: str
+    offer: Offer
+    spec: WorkloadSpec
+    units: tuple[str, ...]
+
+
+class Decision(NamedTuple):
+    """What one event decided: rows and messages committed together, then ``start``."""
+
+    rows: tuple[Row, ...] = ()
+    messages: tuple[tuple[str, bytes], ...] = ()
+    start: Start | None = None
+
+
+# -- the events ----------------------------------------------------------------------------
+
+
+def accept(offer: Offer, payload: bytes, spec: WorkloadSpec, units: Iterable[str]) -> Decision:
+    """A verified, admitted offer whose GPUs are reserved: recorded ``accepted``, answered,
+    and started once both are on disk (nothing runs that the coordinator will not hear of)."""
+    gpus = tuple(units)
+    job_id = offer.job_id
+    _check(job_id, None, "accepted")
+    return Decision(
+        rows=(NewJob(job_id=job_id, state="accepted", offer=payload, gpus=gpus),),
+        messages=(_status(job_id, "accepted"),),
+        start=Start(job_id, offer, spec, gpus),
+    )
+
+
+def refuse(job_id: str, code: str, detail: str, *, verified: bool) -> Decision:
+    """An offer refused. Only a verified offer's id is recorded: the unsigned id of a
+    forged one must not use up the id of the genuine offer to come."""
+    _check(job_id, None, "refused")
+    detail = detail[:MAX_ERROR_DETAIL_CHARS]
+    message = _status(job_id, "refused", code, detail)
+    if not verified:
+        return Decision(messages=(message,))
+    row = NewJob(job_id=job_id, state="refused", code=code, detail=detail)
+    return Decision(rows=(row,), messages=(message,))
+
+
+def answer_known(job_id: str, state: str) -> Decision:
+    """The same job id offered again (a coordinator that lost its ack): ids run once, so
+    the answer is the job's current state, and nothing is written or run."""
+    return Decision(messages=(_status(job_id, state, "duplicate_offer", "job id known"),))
+
+
+def advance(
+    job_id: str, current: str, state: JobState, code: str = "", detail: str = ""
+) -> Decision:
+    """A job moves on (``running``), recorded and reported together."""
+    _check(job_id, current, state)
+    detail = detail[:MAX_ERROR_DETAIL_CHARS]
+    return Decision(
+        rows=(Transition(job_id=job_id, state=state, code=code, detail=detail),),
+        messages=(_status(job_id, state, code, detail),),
+    )
+
+
+def finish(
+    job_id: str,
+    current: str,
+    state: JobState,
+    *,
+    code: str,
+    detail: str,
+    exit_code: int | None,
+    envelope: bytes,
+    digest: str,
+) -> Decision:
+    """A job's end: its final state and its signed receipt, stored and queued together."""
+    _check(job_id, current, state)
+    detail = detail[:MAX_ERROR_DETAIL_CHARS]
+    result = JobResultBody(job_id=job_id, receipt=msgspec.json.decode(envelope, type=EnvelopeBody))
+    return Decision(
+        rows=(
+            Transition(job_id=job_id, state=state, code=code, detail=detail, exit_code=exit_code),
+            Receipted(job_id, envelope, digest),
+        ),
+        messages=(
+            ("job_result", msgspec.json.encode(result)),
+            _status(job_id, state, code, detail),
+        ),
+    )
+
+
+def forward_logs(job_id: str, chunks: Iterable[tuple[str, str]]) -> Decision:
+    """Output chunks: stored in the ledger and queued as ``job_log`` messages."""
+    rows = tuple(chunks)
+    messages = tuple(
+        ("job_log", msgspec.json.encode(JobLogBody(job_id=job_id, stream=stream, data=data)))  # type: ignore[arg-type]
+        for stream, data in rows
+    )
+    return Decision(rows=(Logs(job_id, rows),), messages=messages)
+
+
+def _check(job_id: str, current: str | None, state: str) -> None:
+    if state not in TRANSITIONS.get(current, frozenset()):
+        raise JobStateError("bad_transition", f"job {job_id}: {current or '(new)'} -> {state}")
+
+
+def _status(job_id: str, state: str, code: str = "", detail: str = "") -> tuple[str, bytes]:
+    body = JobStatusBody(job_id=job_id, state=state, code=code, detail=detail)
+    return "job_status", msgspec.json.encode(body)
