@@ -8,13 +8,15 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-PACKAGES = ("hal", "sandbox", "agent", "coordinator")
+PACKAGES = ("hal", "sandbox", "keyfile", "agent", "coordinator")
 
 # Module prefix -> the project prefixes it may import. The longest matching prefix rules.
 ALLOWED = {
     "hal": ("hal",),
     "sandbox": ("sandbox",),
-    "agent": ("hal", "sandbox", "agent"),
+    # Key files, read and made alike by the node (its identity) and the coordinator.
+    "keyfile": ("keyfile",),
+    "agent": ("hal", "sandbox", "keyfile", "agent"),
     "agent.protocol": ("agent.protocol",),
     # The tray app talks to the daemon through the control package only: never hal or
     # sandbox, nor the daemon's internals. The control package itself reaches no further.
@@ -29,6 +31,7 @@ ALLOWED = {
     "coordinator": (
         "coordinator",
         "agent.protocol",
+        "keyfile",
         "sandbox.spec",
         "sandbox.errors",
         "sandbox.files",
