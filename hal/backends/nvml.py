@@ -1,9 +1,10 @@
 """The boundary to NVML: the one module that imports and calls ``pynvml``.
 
 ``pynvml`` is the real ``nvidia-ml-py`` binding. Each NVML call the HAL makes is a typed
-function here that answers a plain value, in SI units (W, Hz, bytes, J, °C), or raises a
-HAL error; :func:`reading` turns such a call into a reading. NVML's return codes are
-mapped once, in :data:`_CODES` and :func:`_failure`::
+function here, or a method of a device's :class:`Handle` or of an :class:`EventSet`, that
+answers a plain value in SI units (W, Hz, bytes, J, °C) or raises a HAL error;
+:func:`reading` turns such a call into a reading. NVML's return codes are mapped once, in
+:data:`_CODES` and :func:`_failure`::
 
     NVML return code                      raised                  as a reading
     GPU_IS_LOST                           DeviceLost              (raised all the same)
@@ -61,7 +62,8 @@ Field = Literal[
     "ecc_uncorrected",
     "pcie_replay_count",
 ]
-"""A reading :func:`field_values` batches, named as the :class:`~hal.types.GpuSample` field."""
+"""A reading :meth:`Handle.field_values` batches, named as its :class:`~hal.types.GpuSample`
+field."""
 
 # NVML return code -> the CallFailed code; any other is "nvml_error", GPU_IS_LOST DeviceLost.
 _CODES = {
