@@ -74,6 +74,22 @@ def test_module_imports_only_the_layers_below_it(module: str, path: Path) -> Non
     assert forbidden == [], f"{module} may not import {forbidden}"
 
 
+def test_only_the_nvml_boundary_imports_pynvml() -> None:
+    """ARCHITECTURE: one boundary per outside thing; NVML's is hal.backends.nvml."""
+    importers = []
+    for module, path in sorted(_modules().items()):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                names = [node.module or ""]
+            else:
+                continue
+            if any(name.split(".")[0] == "pynvml" for name in names):
+                importers.append(module)
+    assert sorted(set(importers)) == ["hal.backends.nvml"]
+
+
 def test_there_are_no_import_cycles() -> None:
     modules = _modules()
     graph = {m: {n for n in _imports(p) if n in modules} for m, p in modules.items()}
