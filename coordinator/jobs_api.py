@@ -10,8 +10,8 @@ import msgspec
 
 from coordinator.api_util import MAX_LIMIT, HttpAnswer, error, json_answer
 from coordinator.errors import JobError
-from coordinator.jobs import DEFAULT_TTL_S
 from coordinator.jobs_store import JobRow, JobSummary
+from coordinator.offers import DEFAULT_TTL_S
 from coordinator.store import Store
 
 __all__ = ["JobControl", "cancel", "job_detail", "job_list", "submit"]

@@ -27,7 +27,7 @@ import msgspec
 from agent.protocol.jobs import FINAL_STATES, JobState, receipt_digest
 from agent.protocol.messages import JobCancelBody, JobLogBody, JobStatusBody
 from coordinator.errors import JobError
-from coordinator.jobs import SignedOffer, receipt_problems
+from coordinator.offers import SignedOffer, receipt_problems
 
 __all__ = [
     "JOBS_SCHEMA",
@@ -122,7 +122,7 @@ class StoredReceipt(msgspec.Struct, frozen=True, kw_only=True):
     """:func:`agent.protocol.jobs.receipt_digest` of it: the next receipt's prev_receipt."""
     envelope: dict[str, Any]
     problems: list[str]
-    """Codes of :data:`coordinator.jobs.RECEIPT_PROBLEMS`; [] when everything holds."""
+    """Codes of :data:`coordinator.offers.RECEIPT_PROBLEMS`; [] when everything holds."""
 
     @property
     def chain_ok(self) -> bool:

@@ -30,7 +30,7 @@ from agent.protocol.jobs import FINAL_STATES
 from agent.protocol.limits import MAX_ERROR_DETAIL_CHARS, MAX_FRAME_BYTES
 from agent.protocol.messages import JobCancelBody
 from agent.protocol.session import NonceBook
-from coordinator import api, jobs, keys
+from coordinator import api, keys, offers
 from coordinator.admin import AdminFile, AdminListener, new_token, write_admin_file
 from coordinator.admission import Settings, TokenBucket
 from coordinator.api_util import HttpAnswer, HttpRequest
@@ -176,7 +176,7 @@ class Coordinator:
         spec: dict[str, Any],
         *,
         job_id: str | None = None,
-        ttl_s: float = jobs.DEFAULT_TTL_S,
+        ttl_s: float = offers.DEFAULT_TTL_S,
     ) -> str:
         """Sign an offer of ``spec`` to ``node_id``, store it, send it; returns the job id.
 
@@ -196,11 +196,11 @@ class Coordinator:
         store = shared.store
         if not isinstance(node_id, str) or store.public_key(node_id) is None:
             raise JobError("unknown_node", f"no node {node_id!r} ever connected")
-        job_id = jobs.new_job_id() if job_id is None else job_id
+        job_id = offers.new_job_id() if job_id is None else job_id
         if store.job(job_id) is not None:
             raise JobError("job_exists", f"job {job_id!r} exists")
         now = self._clock()
-        signed = jobs.make_offer(
+        signed = offers.make_offer(
             self.key, job_id=job_id, node_id=node_id, spec=spec, now=now, ttl_s=ttl_s
         )
         await deliver(shared, node_id, signed.body, lambda seq: store.add_job(signed, seq, now))
