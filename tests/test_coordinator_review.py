@@ -31,6 +31,7 @@ from agent.protocol.messages import JobStatusBody, encode_frame, wrap
 from coordinator import admission, cli, client, keys
 from coordinator.admission import read_tokens
 from coordinator.errors import ConfigError
+from coordinator.retention import Quotas
 from coordinator.server import Coordinator, Settings
 from coordinator.store import Store
 
@@ -89,6 +90,25 @@ async def test_the_store_cap_holds_over_all_nodes_and_job_status_is_never_shed(
                 await ws.send(telemetry(seq, 1000 * 1000))
             await answers_until_ack(ws, 3)
         assert store.retention.stored_bytes(third.node_id) < 1000
+
+
+def test_a_message_rolled_back_does_not_count_against_the_store_cap(tmp_path: Path) -> None:
+    store = Store(tmp_path / "c.db", Quotas(store_bytes=100))
+    try:
+        store.nodes.seen("node-1", "key", 0.0)
+        assert store.add("node-1", 1, "telemetry", {"samples": ["x" * 30]}, 1.0) == "stored"
+        held = store.retention.stored_bytes("node-1")
+        # Stored and counted, then its profile fails to encode: the whole add rolls back.
+        with pytest.raises(TypeError):
+            store.add("node-1", 2, "profile", {"p": "y" * 30}, 2.0, profile={"x": object()})
+        assert store.retention.stored_bytes("node-1") == held
+        # It fills the cap to the byte beside the telemetry: only if the rolled-back bytes
+        # are not counted (else the telemetry is evicted to make room).
+        fill = {"s": "z" * (100 - held - len(b'{"s":""}'))}
+        assert store.add("node-1", 2, "node_status", fill, 3.0) == "stored"
+        assert store.nodes.all_seqs("node-1") == [1, 2]
+    finally:
+        store.close()
 
 
 # ------------------------------------------------------------------ 2. the tokens file, bounded
