@@ -10,13 +10,10 @@ agent's outbox resends after every reconnect, so nothing behind it would ever ar
 is stored and acknowledged as unverified, and a fresh ``attest_request`` follows at once.
 
 The coordinator's stream to a node (attest requests, job offers and cancels) is numbered by
-one :class:`ReliableSender` per node: the open session's while the node is connected
-(:class:`coordinator.sessions.OpenSessions`), else rebuilt from the store, which keeps
-every message until the node acknowledges it. A message is stored under the seq it gets
-next, then numbered and sent by the node's session (:meth:`_Session.send_stored`); a node
-not connected gets it after its next handshake. Jobs are
-:class:`coordinator.job_service.JobService`'s: it offers through the open sessions, and
-what a node says about its jobs goes to it (:meth:`~JobService.report`).
+one :class:`ReliableSender` per node: its open session's (:attr:`Shared.sessions`), else
+rebuilt from the store, which keeps every message until the node acknowledges it. A message
+is stored under its seq, then numbered and sent by :meth:`_Session.send_stored`. Jobs go
+through :class:`coordinator.job_service.JobService`, out (offers) and in (reports).
 
 A node has one session: a newer one supersedes the older at once (:func:`_take_over`),
 which closes with ``superseded`` before the newer is welcomed. Each session holds the
@@ -84,8 +81,6 @@ CLOSE_SUPERSEDED = 1000
 _RELIABLE_IN = (Profile, Telemetry, NodeStatus, JobStatus, JobLog, JobResult)
 #: Nonce refusals that leave a node-signed profile stored as unverified, not refused.
 _UNVERIFIED_NONCE = frozenset({"stale_nonce", "replayed_nonce"})
-
-
 #: The open session of each connected node.
 AgentSessions: TypeAlias = "OpenSessions[_Session]"
 

@@ -1,6 +1,6 @@
 """The job tables of the coordinator's store: offers, states, bounded logs, receipts.
 
-On the store's connection, in its transactions:
+Its tables share the store's connection and transactions:
 
 - an offer (or a cancel) and its row in the coordinator's outbound stream commit together,
   so a job is never stored without its message, nor a message sent without its job;
