@@ -52,6 +52,7 @@ def exchange(
     connection = http.client.HTTPSConnection(
         parts.hostname, parts.port, context=context, timeout=_wait(stall, deadline)
     )
+    response = None
     try:
         connection.request(method, target, headers=headers)
         response = connection.getresponse()
@@ -73,6 +74,9 @@ def exchange(
         # http.client refuses a header value with CR/LF in it (a hostile token, say).
         raise RegistryError("registry_unreachable", f"{_safe(url)}: {error}") from error
     finally:
+        # A response that will close owns the socket: the connection no longer closes it.
+        if response is not None:
+            response.close()
         connection.close()
 
 
@@ -91,6 +95,9 @@ def _read(
             connection.sock.settimeout(_wait(stall, deadline))
         chunk = response.read1(min(_CHUNK, max_body + 1 - size))
         if not chunk:
+            # read1 ends quietly where read() would say IncompleteRead: say it here.
+            if response.length:
+                raise http.client.IncompleteRead(b"".join(chunks), response.length)
             break
         chunks.append(chunk)
         size += len(chunk)
