@@ -8,6 +8,7 @@ byte at a time is cut off too. Failures come out as OciError codes, never as OSE
 from __future__ import annotations
 
 import http.client
+import socket
 import ssl
 import time
 from dataclasses import dataclass
@@ -55,12 +56,14 @@ def exchange(
     response = None
     try:
         connection.request(method, target, headers=headers)
+        # Kept: a response that will close takes the socket over, and connection.sock is None.
+        sock = connection.sock
         response = connection.getresponse()
         length = response.getheader("Content-Length")
         ok = 200 <= response.status < 300
         if ok and length is not None and length.isdigit() and int(length) > max_body:
             raise ImageError("manifest_too_large", f"{_safe(url)}: {length} bytes announced")
-        body = b"" if method == "HEAD" else _read(connection, response, stall, deadline, max_body)
+        body = b"" if method == "HEAD" else _read(sock, response, stall, deadline, max_body)
         if ok and len(body) > max_body:
             raise ImageError("manifest_too_large", f"{_safe(url)}: over {max_body} bytes")
         return Response(status=response.status, headers=response.msg, body=body)
@@ -81,7 +84,7 @@ def exchange(
 
 
 def _read(
-    connection: http.client.HTTPSConnection,
+    sock: socket.socket,
     response: http.client.HTTPResponse,
     stall: float,
     deadline: float,
@@ -91,8 +94,7 @@ def _read(
     chunks: list[bytes] = []
     size = 0
     while size <= max_body:
-        if connection.sock is not None:
-            connection.sock.settimeout(_wait(stall, deadline))
+        sock.settimeout(_wait(stall, deadline))
         chunk = response.read1(min(_CHUNK, max_body + 1 - size))
         if not chunk:
             # read1 ends quietly where read() would say IncompleteRead: say it here.

@@ -181,7 +181,11 @@ def test_an_unknown_tag_or_repository_is_not_found(pushed: Pushed, reference: st
 
 def test_a_wrong_password_or_none_is_refused(pushed: Pushed) -> None:
     reference = f"{pushed.repository}:1"
-    assert _code(lambda: resolve(pushed.client("wrong"), reference)) == "registry_auth_failed"
+    with pytest.raises(OciError) as caught:
+        resolve(pushed.client("wrong-password-0123"), reference)
+    assert caught.value.code == "registry_auth_failed"
+    assert "wrong-password-0123" not in repr(caught.value)
+    assert "wrong-password-0123" not in repr(pushed.client("wrong-password-0123").__dict__)
     anonymous = RegistryClient(ca_file=pushed.registry.ca_file)
     assert _code(lambda: resolve(anonymous, reference)) == "registry_auth_failed"
 
@@ -251,6 +255,37 @@ def test_a_signature_of_another_image_is_invalid(pushed: Pushed, lie: str) -> No
     assert code == "signature_invalid"
 
 
+@pytest.mark.parametrize(
+    ("media_type", "annotation"),
+    [
+        ("application/vnd.dev.cosign.simplesigning.v1+json", "not base64!"),
+        ("application/vnd.oci.image.layer.v1.tar", None),
+    ],
+)
+def test_a_signature_artifact_without_a_usable_signature_is_invalid(
+    pushed: Pushed, media_type: str, annotation: str | None
+) -> None:
+    subject = "sha256:" + hashlib.sha256(media_type.encode()).hexdigest()
+    layer = pushed.api.push_blob(PATH, b"{}")
+    config = pushed.api.push_blob(PATH, b"{}")
+    annotations = {"dev.cosignproject.cosign/signature": annotation} if annotation else {}
+    manifest = {
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", **config},
+        "layers": [{"mediaType": media_type, **layer, "annotations": annotations}],
+    }
+    pushed.api.push_manifest(
+        PATH,
+        subject.replace(":", "-") + ".sig",
+        json.dumps(manifest).encode(),
+        "application/vnd.oci.image.manifest.v1+json",
+    )
+    client, key = pushed.client(), pushed.key.public_key()
+    code = _code(lambda: verify_signature(client, pushed.repository, subject, [key]))
+    assert code == "signature_invalid"
+
+
 # ------------------------------------------------------------------ a hostile registry
 
 
@@ -281,12 +316,22 @@ def test_a_bearer_token_registry_is_resolved_through_its_token_endpoint(
         ("garbage:1", "bad_manifest"),
         ("schema1:1", "unsupported_media_type"),
         ("missing:1", "image_not_found"),
+        ("redirect-http:1", "registry_unreachable"),
     ],
 )
 def test_a_hostile_registry_gets_a_coded_refusal(
     hostile: HostileRegistry, name: str, code: str
 ) -> None:
     assert _code(lambda: resolve(_hostile(hostile), f"{hostile.host}/{name}")) == code
+
+
+def test_a_blob_redirected_to_a_store_is_followed(hostile: HostileRegistry) -> None:
+    assert resolve(_hostile(hostile), f"{hostile.host}/redirect:1").digest == MANIFEST_DIGEST
+
+
+def test_a_registry_that_drips_is_cut_off_at_the_deadline(hostile: HostileRegistry) -> None:
+    client = RegistryClient(ca_file=hostile.ca_file, stall=30.0, deadline=0.5)
+    assert _code(lambda: resolve(client, f"{hostile.host}/drip:1")) == "pull_timeout"
 
 
 def test_a_bearer_registry_without_a_login_is_refused(hostile: HostileRegistry) -> None:

@@ -75,6 +75,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         if parts[0] == "token":
             self._token()
             return
+        if parts[0] == "blobstore" and parts[-1] == CONFIG_DIGEST:
+            self._send(200, CONFIG)
+            return
         if len(parts) != 4 or parts[0] != "v2":
             self._send(401, b"{}")  # the refusing token endpoint, and anything unknown
             return
@@ -116,6 +119,25 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                     json.dumps(index).encode(),
                     content_type="application/vnd.oci.image.index.v1+json",
                 )
+        elif name == "redirect":
+            # Blobs live elsewhere, as on registries backed by an object store.
+            if kind == "blobs":
+                self._send(307, b"", {"Location": f"https://{host}/blobstore/{ref}"})
+            else:
+                self._manifest(MANIFEST)
+        elif name == "redirect-http":
+            if kind == "blobs":
+                self._send(307, b"", {"Location": f"http://{host}/blobstore/{ref}"})
+            else:
+                self._manifest(MANIFEST)
+        elif name == "drip":
+            # Never stalls long enough for the stall bound: only the deadline stops it.
+            self._head(200, {"Content-Length": str(len(MANIFEST))})
+            for byte in MANIFEST:
+                self.wfile.write(bytes([byte]))
+                self.wfile.flush()
+                if self.server.registry.release.wait(0.05):
+                    break
         elif name == "huge":
             self._head(200, {"Content-Length": str(64 * 1024 * 1024)})
         elif name == "short":
