@@ -111,8 +111,10 @@ class RegistryClient:
         key = (ref.api_host, scope)
         response = self._send(url, accept, self._auth.get(key))
         if response.status == 401:
-            self._auth[key] = self._authenticate(ref, scope, response)
-            response = self._send(url, accept, self._auth[key])
+            authorization = self._authenticate(ref, scope, response)
+            response = self._send(url, accept, authorization)
+            if response.status != 401:
+                self._auth[key] = authorization
         for _ in range(3):
             location = response.headers.get("Location")
             if response.status not in _REDIRECTS or not location:

@@ -39,23 +39,26 @@ def exchange(
     stall: float,
     deadline: float,
     max_body: int,
-    method: str = "GET",
 ) -> Response:
-    """Send one request to an https ``url``; read at most ``max_body`` bytes of the answer.
+    """GET an https ``url``; read at most ``max_body`` bytes of the answer.
 
-    ``deadline`` is a ``time.monotonic()`` instant. Only 2xx bodies count against the cap;
-    any other body is read no further than the cap and then dropped.
+    ``deadline`` is a ``time.monotonic()`` instant. A 2xx body over the cap is
+    ``manifest_too_large``; any other body is cut at the cap (only its status matters).
     """
     parts = urlsplit(url)
+    try:
+        port = parts.port
+    except ValueError as error:
+        raise RegistryError("registry_unreachable", f"{_safe(url)}: bad port") from error
     if parts.scheme != "https" or not parts.hostname:
         raise RegistryError("registry_unreachable", f"{_safe(url)}: only https URLs are used")
     target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
     connection = http.client.HTTPSConnection(
-        parts.hostname, parts.port, context=context, timeout=_wait(stall, deadline)
+        parts.hostname, port, context=context, timeout=_wait(stall, deadline)
     )
     response = None
     try:
-        connection.request(method, target, headers=headers)
+        connection.request("GET", target, headers=headers)
         # Kept: a response that will close takes the socket over, and connection.sock is None.
         sock = connection.sock
         response = connection.getresponse()
@@ -63,7 +66,7 @@ def exchange(
         ok = 200 <= response.status < 300
         if ok and length is not None and length.isdigit() and int(length) > max_body:
             raise ImageError("manifest_too_large", f"{_safe(url)}: {length} bytes announced")
-        body = b"" if method == "HEAD" else _read(sock, response, stall, deadline, max_body)
+        body = _read(sock, response, stall, deadline, max_body)
         if ok and len(body) > max_body:
             raise ImageError("manifest_too_large", f"{_safe(url)}: over {max_body} bytes")
         return Response(status=response.status, headers=response.msg, body=body)
@@ -117,5 +120,4 @@ def _wait(stall: float, deadline: float) -> float:
 def _safe(url: str) -> str:
     """The URL without user info or query, fit for an error's detail."""
     parts = urlsplit(url)
-    port = f":{parts.port}" if parts.port else ""
-    return f"{parts.scheme}://{parts.hostname}{port}{parts.path}"
+    return f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}{parts.path}"

@@ -317,6 +317,7 @@ def test_a_bearer_token_registry_is_resolved_through_its_token_endpoint(
         ("schema1:1", "unsupported_media_type"),
         ("missing:1", "image_not_found"),
         ("redirect-http:1", "registry_unreachable"),
+        ("redirect-bad-port:1", "registry_unreachable"),
     ],
 )
 def test_a_hostile_registry_gets_a_coded_refusal(
@@ -327,6 +328,16 @@ def test_a_hostile_registry_gets_a_coded_refusal(
 
 def test_a_blob_redirected_to_a_store_is_followed(hostile: HostileRegistry) -> None:
     assert resolve(_hostile(hostile), f"{hostile.host}/redirect:1").digest == MANIFEST_DIGEST
+
+
+def test_a_refused_registry_is_never_asked(hostile: HostileRegistry) -> None:
+    policy = ImagePolicy(allow=("registry.example.com/*",))
+    before = hostile.requests
+    reference = f"{hostile.host}/bearer:1"
+    assert _code(lambda: resolve_allowed(_hostile(hostile), policy, reference)) == (
+        "registry_not_allowed"
+    )
+    assert hostile.requests == before
 
 
 def test_a_registry_that_drips_is_cut_off_at_the_deadline(hostile: HostileRegistry) -> None:

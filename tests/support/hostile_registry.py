@@ -55,6 +55,7 @@ class HostileRegistry:
     host: str
     ca_file: Path
     release: threading.Event = field(default_factory=threading.Event)
+    requests: int = 0
 
 
 class _Handler(http.server.BaseHTTPRequestHandler):
@@ -71,6 +72,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self.close_connection = True
 
     def _route(self) -> None:
+        self.server.registry.requests += 1
         parts = self.path.split("?")[0].strip("/").split("/")
         if parts[0] == "token":
             self._token()
@@ -128,6 +130,11 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         elif name == "redirect-http":
             if kind == "blobs":
                 self._send(307, b"", {"Location": f"http://{host}/blobstore/{ref}"})
+            else:
+                self._manifest(MANIFEST)
+        elif name == "redirect-bad-port":
+            if kind == "blobs":
+                self._send(307, b"", {"Location": "https://127.0.0.1:99999/blobstore/x"})
             else:
                 self._manifest(MANIFEST)
         elif name == "drip":
