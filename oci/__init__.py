@@ -2,7 +2,7 @@
 
 A library both sides use: the coordinator resolves a tag to the digest an offer pins, the
 agent checks what it is about to pull. It imports nothing of the project's other packages.
-Blocking calls (http.client): run them through ``asyncio.to_thread`` from an event loop.
+Blocking calls (httpx, sync): run them through ``asyncio.to_thread`` from an event loop.
 
     client = RegistryClient(credentials={"host:5000": Credentials("u", "p")}, ca_file=ca)
     resolved = resolve_allowed(client, policy, "host:5000/models/llm:v1", "linux/amd64")

@@ -1,8 +1,10 @@
 """A registry client over the Distribution HTTP API v2: manifests and small blobs, read-only.
 
-Blocking (http.client); call it through ``asyncio.to_thread`` from an event loop. One client
-serves any number of registries, each with its own credentials. Auth follows the registry's
-``WWW-Authenticate`` challenge: Basic, or Bearer through the token endpoint it names.
+Blocking (httpx's sync client, keep-alive connections); call it through
+``asyncio.to_thread`` from an event loop, and close it (or use it in ``with``) when done.
+One client serves any number of registries, each with its own credentials. Auth follows
+the registry's ``WWW-Authenticate`` challenge: Basic, or Bearer through the token
+endpoint it names (which gets the registry's login, over https only, as Docker does).
 """
 
 from __future__ import annotations
@@ -14,9 +16,12 @@ import ssl
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from http.cookiejar import CookieJar, DefaultCookiePolicy
 from pathlib import Path
+from types import TracebackType
 from urllib.parse import urlencode, urlsplit
 
+import httpx
 import msgspec
 
 from oci.errors import ImageError, RegistryError
@@ -71,12 +76,31 @@ class RegistryClient:
         besides the system's; a socket wait over ``stall`` seconds, or one request over
         ``deadline`` seconds, is ``pull_timeout``."""
         self._credentials = dict(credentials or {})
-        self._context = ssl.create_default_context()
+        context = ssl.create_default_context()
         if ca_file is not None:
-            self._context.load_verify_locations(cafile=str(ca_file))
+            context.load_verify_locations(cafile=str(ca_file))
         self._stall = stall
         self._deadline = deadline
         self._auth: dict[tuple[str, str], str] = {}
+        # Cookies off (a jar that accepts none): the API is stateless, and a registry's
+        # cookie has no business at another host.
+        jar = CookieJar(policy=DefaultCookiePolicy(allowed_domains=[]))
+        self._http = httpx.Client(verify=context, follow_redirects=False, cookies=jar)
+
+    def close(self) -> None:
+        """Close the kept-alive connections."""
+        self._http.close()
+
+    def __enter__(self) -> RegistryClient:
+        return self
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.close()
 
     def manifest(self, ref: Reference, target: str | None = None) -> Fetched:
         """GET the manifest ``target`` (default: the reference's digest or tag), checked.
@@ -136,9 +160,9 @@ class RegistryClient:
         if authorization is not None:
             headers["Authorization"] = authorization
         return exchange(
+            self._http,
             url,
             headers=headers,
-            context=self._context,
             stall=self._stall,
             deadline=time.monotonic() + self._deadline,
             max_body=MAX_BODY,

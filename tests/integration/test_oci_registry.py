@@ -60,9 +60,25 @@ class Pushed:
 
     def client(self, password: str | None = None) -> RegistryClient:
         login = Credentials(self.registry.username, password or self.registry.password)
-        return RegistryClient(
-            credentials={self.registry.host: login}, ca_file=self.registry.ca_file
+        return _opened(
+            RegistryClient(credentials={self.registry.host: login}, ca_file=self.registry.ca_file)
         )
+
+
+_OPEN: list[RegistryClient] = []
+
+
+def _opened(client: RegistryClient) -> RegistryClient:
+    """Close ``client`` after the test (its kept-alive connections would leak)."""
+    _OPEN.append(client)
+    return client
+
+
+@pytest.fixture(autouse=True)
+def _close_clients() -> Iterator[None]:
+    yield
+    while _OPEN:
+        _OPEN.pop().close()
 
 
 @pytest.fixture(scope="module")
@@ -186,12 +202,12 @@ def test_a_wrong_password_or_none_is_refused(pushed: Pushed) -> None:
     assert caught.value.code == "registry_auth_failed"
     assert "wrong-password-0123" not in repr(caught.value)
     assert "wrong-password-0123" not in repr(pushed.client("wrong-password-0123").__dict__)
-    anonymous = RegistryClient(ca_file=pushed.registry.ca_file)
+    anonymous = _opened(RegistryClient(ca_file=pushed.registry.ca_file))
     assert _code(lambda: resolve(anonymous, reference)) == "registry_auth_failed"
 
 
 def test_a_registry_whose_ca_is_not_trusted_is_unreachable(pushed: Pushed) -> None:
-    client = RegistryClient(credentials={pushed.registry.host: Credentials("a", "b")})
+    client = _opened(RegistryClient(credentials={pushed.registry.host: Credentials("a", "b")}))
     code = _code(lambda: resolve(client, f"{pushed.repository}:1"))
     assert code == "registry_unreachable"
 
@@ -291,7 +307,9 @@ def test_a_signature_artifact_without_a_usable_signature_is_invalid(
 
 def _hostile(hostile: HostileRegistry, stall: float = 30.0) -> RegistryClient:
     login = Credentials(*LOGIN)
-    return RegistryClient(credentials={hostile.host: login}, ca_file=hostile.ca_file, stall=stall)
+    return _opened(
+        RegistryClient(credentials={hostile.host: login}, ca_file=hostile.ca_file, stall=stall)
+    )
 
 
 def test_a_bearer_token_registry_is_resolved_through_its_token_endpoint(
@@ -341,12 +359,12 @@ def test_a_refused_registry_is_never_asked(hostile: HostileRegistry) -> None:
 
 
 def test_a_registry_that_drips_is_cut_off_at_the_deadline(hostile: HostileRegistry) -> None:
-    client = RegistryClient(ca_file=hostile.ca_file, stall=30.0, deadline=0.5)
+    client = _opened(RegistryClient(ca_file=hostile.ca_file, stall=30.0, deadline=0.5))
     assert _code(lambda: resolve(client, f"{hostile.host}/drip:1")) == "pull_timeout"
 
 
 def test_a_bearer_registry_without_a_login_is_refused(hostile: HostileRegistry) -> None:
-    anonymous = RegistryClient(ca_file=hostile.ca_file)
+    anonymous = _opened(RegistryClient(ca_file=hostile.ca_file))
     code = _code(lambda: resolve(anonymous, f"{hostile.host}/bearer:1"))
     assert code == "registry_auth_failed"
 
@@ -357,5 +375,5 @@ def test_a_registry_that_stalls_mid_body_times_out(hostile: HostileRegistry) -> 
 
 
 def test_a_closed_port_is_unreachable() -> None:
-    client = RegistryClient()
+    client = _opened(RegistryClient())
     assert _code(lambda: resolve(client, "127.0.0.1:1/x:1")) == "registry_unreachable"
