@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from http.cookiejar import CookieJar, DefaultCookiePolicy
 from pathlib import Path
 from types import TracebackType
-from urllib.parse import urlencode, urlsplit
+from urllib.parse import urlencode, urljoin, urlsplit
 
 import httpx
 import msgspec
@@ -144,8 +144,8 @@ class RegistryClient:
             if response.status not in _REDIRECTS or not location:
                 break
             # Blob stores (S3 and the like) redirect; their URL carries its own signature.
-            same = urlsplit(location).netloc in ("", ref.api_host)
-            url = location if urlsplit(location).netloc else f"https://{ref.api_host}{location}"
+            url = urljoin(url, location)
+            same = urlsplit(url).netloc == ref.api_host
             response = self._send(url, accept, self._auth.get(key) if same else None)
         if response.status in (401, 403):
             raise RegistryError("registry_auth_failed", f"{ref.repository}: refused")

@@ -252,6 +252,9 @@ def test_a_signature_under_another_key_is_invalid(pushed: Pushed) -> None:
     client = pushed.client()
     code = _code(lambda: verify_signature(client, pushed.repository, pushed.digest, [other]))
     assert code == "signature_invalid"
+    policy = ImagePolicy(allow=(f"{pushed.registry.host}/*",), keys=(other,))
+    reference = f"{pushed.repository}:1"
+    assert _code(lambda: resolve_allowed(client, policy, reference)) == "signature_invalid"
 
 
 @pytest.mark.parametrize("lie", ["digest", "repository"])

@@ -122,9 +122,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                     content_type="application/vnd.oci.image.index.v1+json",
                 )
         elif name == "redirect":
-            # Blobs live elsewhere, as on registries backed by an object store.
+            # Blobs live elsewhere, as on registries backed by an object store (a relative URL).
             if kind == "blobs":
-                self._send(307, b"", {"Location": f"https://{host}/blobstore/{ref}"})
+                self._send(307, b"", {"Location": f"/blobstore/{ref}"})
             else:
                 self._manifest(MANIFEST)
         elif name == "redirect-http":
