@@ -168,6 +168,19 @@ def test_a_tag_resolves_to_the_manifest_docker_pushed(pushed: Pushed) -> None:
     assert resolved.pinned == f"{pushed.repository}@{pushed.digest}"
 
 
+def test_a_warm_client_resolves_a_tag_in_two_requests(pushed: Pushed) -> None:
+    """The login is kept: no 401 round trip once the client has authenticated."""
+    client, reference = pushed.client(), f"{pushed.repository}:1"
+    config = json.loads(pushed.api.manifest(PATH, "1"))["config"]["digest"]
+    resolve(client, reference)
+    before = len(pushed.registry.requests())
+    resolve(client, reference)
+    assert pushed.registry.requests()[before:] == [
+        ("GET", f"/v2/{PATH}/manifests/1", 200),
+        ("GET", f"/v2/{PATH}/blobs/{config}", 200),
+    ]
+
+
 def test_a_digest_resolves_to_itself(pushed: Pushed) -> None:
     resolved = resolve(pushed.client(), f"{pushed.repository}@{pushed.digest}")
     assert resolved.digest == pushed.digest

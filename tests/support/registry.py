@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import re
 import shutil
 import socket
 import ssl
@@ -18,6 +19,7 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -43,14 +45,42 @@ DOCKER_CONFIG = "application/vnd.docker.container.image.v1+json"
 CERTS_D = Path("/etc/docker/certs.d")
 
 
+_ACCESS = re.compile(r'"([A-Z]+) (\S+) HTTP/[0-9.]+" ([0-9]{3}) ')
+
+
 @dataclass(frozen=True)
 class LocalRegistry:
-    """Where the registry answers, the CA that signed it, and its one login."""
+    """Where the registry answers, the CA that signed it, its one login, and its log."""
 
     host: str
     ca_file: Path
     username: str
     password: str
+    log_file: Path
+
+    def requests(self) -> list[tuple[str, str, int]]:
+        """Every request answered so far, as (method, path, status), from the access log.
+
+        The log is written just after each answer, so a marker request of our own is sent
+        and waited for: what the caller sent before it is then in the log.
+        """
+        marker = f"/v2/?marker={uuid.uuid4().hex}"
+        context = ssl.create_default_context(cafile=str(self.ca_file))
+        try:
+            urllib.request.urlopen(f"https://{self.host}{marker}", context=context, timeout=10)
+        except urllib.error.HTTPError as error:
+            error.close()
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            entries = _ACCESS.findall(self.log_file.read_text(errors="replace"))
+            if any(path == marker for _, path, _ in entries):
+                return [
+                    (method, path, int(status))
+                    for method, path, status in entries
+                    if "?marker=" not in path
+                ]
+            time.sleep(0.02)
+        raise RuntimeError("the registry did not log the marker request")
 
 
 def _free_port() -> int:
@@ -72,7 +102,7 @@ def running_registry(workdir: Path) -> Iterator[LocalRegistry]:
         subprocess.run(["htpasswd", "-Bbn", username, password], stdout=out, check=True)
     config = {
         "version": 0.1,
-        "log": {"level": "error", "accesslog": {"disabled": True}},
+        "log": {"level": "error", "accesslog": {"disabled": False}},
         "storage": {"filesystem": {"rootdirectory": str(workdir / "data")}},
         "http": {
             "addr": host,
@@ -91,7 +121,7 @@ def running_registry(workdir: Path) -> Iterator[LocalRegistry]:
         ["docker-registry", "serve", str(workdir / "config.yml")], stdout=log, stderr=log
     )
     try:
-        registry = LocalRegistry(host, tls.ca_file, username, password)
+        registry = LocalRegistry(host, tls.ca_file, username, password, workdir / "registry.log")
         _wait_until_up(registry, process)
         yield registry
     finally:
