@@ -108,7 +108,7 @@ def pushed(
             capture_output=True,
             check=True,
         )
-        subprocess.run([*docker, "push", tag], capture_output=True, check=True)
+        push = subprocess.run([*docker, "push", tag], capture_output=True, text=True, check=True)
     finally:
         subprocess.run(["docker", "rmi", tag], capture_output=True, check=False)
     api = RegistryApi(registry)
@@ -124,6 +124,8 @@ def pushed(
     arm_digest = "sha256:" + hashlib.sha256(arm_body).hexdigest()
     api.push_manifest(PATH, arm_digest, arm_body, DOCKER_MANIFEST)
     digest = "sha256:" + hashlib.sha256(body).hexdigest()
+    # What the engine reports is what oci must find: "1: digest: sha256:... size: N".
+    assert f"digest: {digest} " in push.stdout
     entries = [
         (digest, len(body), {"os": "linux", "architecture": "amd64"}),
         (arm_digest, len(arm_body), {"os": "linux", "architecture": "arm64", "variant": "v8"}),
