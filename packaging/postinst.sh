@@ -1,9 +1,11 @@
 #!/bin/sh
-# After unpacking: create the service user, make systemd see the (new) unit, and restart
-# the service on an upgrade if it was running. A fresh install is not started: it needs
-# a coordinator and its key in /etc/gpu-agent/agent.toml first.
+# After unpacking: make the venv for this system's python3 from the shipped wheels (offline),
+# create the service user, make systemd see the (new) unit, and restart the service on an
+# upgrade if it was running. A fresh install is not started: it needs a coordinator and
+# its key in /etc/gpu-agent/agent.toml first.
 set -e
 if [ "$1" = configure ]; then
+    /usr/lib/gpu-agent/make-venv
     if command -v systemd-sysusers >/dev/null 2>&1; then
         systemd-sysusers /usr/lib/sysusers.d/gpu-agent.conf
     else
