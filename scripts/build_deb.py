@@ -69,7 +69,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from scripts import deb_copyright  # noqa: E402
+from scripts import deb_copyright, make_venv  # noqa: E402
 
 # The Debian revision: this packaging's first of each upstream version.
 RELEASE = "1"
@@ -307,10 +307,15 @@ def build(out: Path, arch: str | None = None) -> list[Path]:
                 "GPU_AGENT_VERSION": upstream,
                 "GPU_AGENT_RELEASE": RELEASE,
                 "GPU_AGENT_DEB_ARCH": arch,
-                "GPU_AGENT_WHEELS": str(wheels),
+                # Not GPU_AGENT_: that is the agent's configuration's prefix, which
+                # refuses any it does not know (agent.config NOT_CONFIG_VARIABLES).
+                "DEB_WHEELS": str(wheels),
                 "GPU_AGENT_DOC": str(doc),
-                "GPU_AGENT_PYTHON_OLDEST": f"{oldest_major}.{oldest_minor}",
-                "GPU_AGENT_PYTHON_TOO_NEW": f"{major}.{newest + 1}",
+                "GPU_AGENT_VENV": str(make_venv.PREFIX / "venv"),
+                # One entry of Depends: nfpm has no other way to say two relations.
+                "GPU_AGENT_PYTHON": (
+                    f"python3 (>= {oldest_major}.{oldest_minor}), python3 (<< {major}.{newest + 1})"
+                ),
                 "GPU_AGENT_LIBC": glibc_needed(sorted(wheels.glob("*.whl"))) or "2.17",
             }
             target = out / f"{package}_{version}_{arch}.deb"
