@@ -256,15 +256,21 @@ from agent.config import is_system_install; print(is_system_install())")"
 from PySide6.QtWidgets import QApplication; print(type(QApplication([])).__name__)")"
     dpkg -r gpu-agent-tray >/dev/null
     echo "tray_removed=$(ls /opt/gpu-agent | tr "\n" " ")"
-    [ "$(readlink /opt/gpu-agent/venv)" = "$service" ] && echo "service_venv=kept"
+    [ "$(readlink /opt/gpu-agent/venv)" = "$service" ] && echo "tray_left_service_venv=yes"
     echo "autostart=$(ls /etc/xdg/autostart | grep -c gpu-agent)"
     dpkg -P gpu-agent-tray >/dev/null
     echo "autostart_purged=$(ls /etc/xdg/autostart | grep -c gpu-agent)"
+    ln -sf "$2" /usr/bin/python3  # python3 upgraded to its next minor version
+    dpkg-trigger --no-await /usr/bin/python3
+    dpkg --triggers-only --pending | grep -c "make-venv: made /opt/gpu-agent/venv" | \
+        sed "s/^/triggered=/"
+    echo "upgraded=$(gpu-agent --version) $(ls /opt/gpu-agent/venv/lib)"
+    [ "$(readlink /opt/gpu-agent/venv)" != "$service" ] && echo "service_venv=remade"
     dpkg -r gpu-agent >/dev/null
     echo "removed=$(ls -A /opt/gpu-agent 2>/dev/null | wc -l) $(ls /etc/gpu-agent)"
     dpkg -P gpu-agent >/dev/null
     echo "purged=$(ls /etc/gpu-agent 2>/dev/null | wc -l)"
-' sh "$4"
+' sh "$4" "$5"
 """
 
 
@@ -282,7 +288,8 @@ def test_the_packages_install_run_and_remove_cleanly(
     for name in ("upper", "work", "merged"):
         (tmp_path / name).mkdir()
     namespace = ["unshare", "--mount", "--propagation", "private"]
-    script = [str(tmp_path), str(debs.service), str(debs.tray), sysusers]
+    newer = os.path.realpath(_python(PYTHONS[-1]))
+    script = [str(tmp_path), str(debs.service), str(debs.tray), sysusers, newer]
     result = subprocess.run(
         [*namespace, "sh", "-c", _INSTALL, "sh", *script],
         capture_output=True,
@@ -308,7 +315,10 @@ def test_the_packages_install_run_and_remove_cleanly(
         "launcher": "ok",
         "qt": "QApplication",
         "tray_removed": headless,  # as before the tray
-        "service_venv": "kept",
+        "service_venv": "remade",
+        "triggered": "1",
+        "upgraded": f"gpu-agent {__version__} python{PYTHONS[-1][0]}.{PYTHONS[-1][1]}",
+        "tray_left_service_venv": "yes",
         "autostart": "1",  # a removed package keeps its conffiles...
         "autostart_purged": "0",  # ...until it is purged
         "removed": "0 agent.toml",
