@@ -30,6 +30,7 @@ import argparse
 import fcntl
 import hashlib
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -49,6 +50,8 @@ LOCK = "requirements.txt"
 STAMP = ".gpu-agent-stamp"
 PROJECT_WHEEL = "gpu_provider_agent-*.whl"
 PIP_WHEEL = "pip-*-py3-none-any.whl"
+# A wheel for one CPython version only: its interpreter and ABI tags (cp312-cp312).
+_CPYTHON = re.compile(r"-cp3(\d+)-cp3\1-")
 
 
 class MakeVenvError(Exception):
@@ -140,10 +143,20 @@ def _pip(venv: Path, pip_wheel: Path, source: Source, *args: str | Path) -> None
         raise MakeVenvError(f"pip could not install {args[-1]}:\n{result.stderr.strip()}")
 
 
-def _build(prefix: Path, source: Source, python: Path, wanted: str) -> None:
+def _served(wheelhouse: Path) -> list[str]:
+    """The Python versions the wheelhouse's version-specific wheels are for (``3.12``)."""
+    tags = {found.group(1) for w in wheelhouse.glob("*.whl") if (found := _CPYTHON.search(w.name))}
+    return [f"3.{tag}" for tag in sorted(tags, key=int)]
+
+
+def _build(prefix: Path, source: Source, python: Path, version: str, wanted: str) -> None:
     """Build the venv in a new directory, then switch ``prefix/name`` to it."""
     lib = source.wheelhouses[0]
     pip_wheel, wheel = _one(lib, PIP_WHEEL), _one(lib, PROJECT_WHEEL)
+    if (served := _served(lib)) and version not in served:
+        raise MakeVenvError(
+            f"{python} is Python {version}; the wheels are for Python {', '.join(served)}"
+        )
     venv = Path(tempfile.mkdtemp(prefix=f"{source.name}.", dir=prefix))
     try:
         venv.chmod(0o755)  # the service's user reads it
@@ -200,7 +213,7 @@ def ensure(prefix: Path, source: Source, python: str) -> bool:
         link = prefix / source.name
         built = not _current(link, wanted)
         if built:
-            _build(prefix, source, real, wanted)
+            _build(prefix, source, real, version, wanted)
         _leftovers(prefix, source.name)
     return built
 

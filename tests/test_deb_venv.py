@@ -189,6 +189,20 @@ def test_an_interrupted_build_is_never_taken_for_a_venv(lib: Path, tmp_path: Pat
     assert _venvs(prefix) == [os.readlink(prefix / "venv")]
 
 
+def test_a_python_the_wheels_do_not_serve_is_refused_clearly(lib: Path, tmp_path: Path) -> None:
+    old = _python((3, 10))  # older than the oldest release's; a newer one alike
+    refused = _make_venv(lib, tmp_path, old)
+    assert (refused.returncode, refused.stdout) == (1, "")
+    assert refused.stderr == (
+        f"make-venv: {os.path.realpath(old)} is Python 3.10; "
+        "the wheels are for Python 3.11, 3.12, 3.13\n"
+    )
+    assert _venvs(tmp_path) == []
+    assert not (tmp_path / "venv").exists()
+    missing = _make_venv(lib, tmp_path, str(tmp_path / "no-python"))
+    assert (missing.returncode, missing.stderr.startswith("make-venv: cannot run ")) == (1, True)
+
+
 def test_the_tray_venv_is_made_while_the_tray_is_installed(debs: Debs, tmp_path: Path) -> None:
     # Both packages' files: the tray's wheelhouse is there.
     prefix, python = tmp_path / "opt", "/usr/bin/python3"
