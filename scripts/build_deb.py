@@ -19,8 +19,9 @@ One pair of packages for every release with Python 3.11 to 3.13 (Debian 12: 3.11
 offline and from the hash-checked wheels only: ``/opt/gpu-agent/venv`` (the service) and,
 while the tray is installed, ``/opt/gpu-agent/tray-venv`` (the tray apart, so that
 installing or removing it never touches the venv a running service uses). The postinsts
-run it, and so does the service before each start (a no-op while current), so a venv
-follows ``python3`` to its next minor version. ``packaging/nfpm.yaml`` and
+run it, and so do a dpkg trigger on ``/usr/bin/python3`` and the service before each
+start (a no-op while current), so the venvs follow ``python3`` to its next minor version
+(a dist-upgrade from Debian 12 to 13) at once. ``packaging/nfpm.yaml`` and
 ``packaging/nfpm-tray.yaml`` list the packages' contents; nfpm packs them.
 
 Why not a venv built here, as before: a venv is tied to its interpreter's minor version
