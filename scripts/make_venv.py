@@ -219,7 +219,7 @@ def ensure(prefix: Path, source: Source, python: str) -> bool:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Make (or check, or remove) the venvs; say what was made."""
+    """Make the venvs current (the tray's only with the tray); say which were made."""
     parser = argparse.ArgumentParser(prog="make-venv", description=__doc__.splitlines()[0])
     parser.add_argument("--python", default="/usr/bin/python3", help="the interpreter")
     parser.add_argument("--prefix", type=Path, default=PREFIX, help="where the venvs live")
