@@ -42,6 +42,7 @@ from sandbox.results import (
     Finished,
     JobResult,
     LogChunk,
+    Pulled,
     Pulling,
     Started,
 )
@@ -179,6 +180,7 @@ class Runner:
                         yield progress
                 image = await self.engine.inspect_image(ref.canonical)
                 _check_pulled(ref, image)
+                yield Pulled(f"{ref.repository}@{ref.digest}", image.id, image.size)
             result.image_id = image.id  # a tag pinned to the image it names now
             job_dir.create(self.instance)
             mounts = job_dir.mounts(spec)

@@ -168,6 +168,10 @@ class JobsConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_field
     registry_ca_file: Path | None = None
     """A PEM CA bundle registries chain to, for the node's own checks of an image at its
     registry (size, signature); the engine trusts registries through /etc/docker/certs.d."""
+    image_cache_max_bytes: _NonNegative = 64 << 30
+    """The images the agent pulled, together, at most (least recently used out first)."""
+    image_cache_min_free_bytes: _NonNegative = 5 << 30
+    """Pulled images are removed while the engine's disk has less than this free."""
 
     def __post_init__(self) -> None:
         socket = self.docker_host.removeprefix("unix://")

@@ -35,7 +35,7 @@ from agent.daemon.node_status import NodeReporter
 from agent.daemon.sampler import Sampler, Tick
 from agent.daemon.systemd import Notifier, watchdog_interval
 from agent.jobs.images import ImageGate, load_keys
-from agent.jobs.manager import JobManager
+from agent.jobs.manager import ImageBudget, JobManager
 from agent.jobs.node import NodeState
 from agent.jobs.scheduler import Scheduler
 from agent.link.connection import Link, LinkConfig
@@ -98,6 +98,7 @@ class DaemonConfig(msgspec.Struct, frozen=True, kw_only=True):
     registry_logins: dict[str, Credentials] = {}
     """Registry logins, for the node's own checks of an image before its pull."""
     registry_ca_file: Path | None = None
+    image_budget: ImageBudget = ImageBudget()
 
 
 def daemon_config(config: AgentConfig) -> DaemonConfig:
@@ -150,6 +151,9 @@ def daemon_config(config: AgentConfig) -> DaemonConfig:
         control_group=group,
         registry_logins=logins,
         registry_ca_file=jobs.registry_ca_file,
+        image_budget=ImageBudget(
+            max_bytes=jobs.image_cache_max_bytes, min_free_bytes=jobs.image_cache_min_free_bytes
+        ),
         metrics_listen=(config.metrics.host, config.metrics.port)
         if config.metrics.enabled
         else None,
@@ -191,6 +195,7 @@ class _Daemon:
                 logins=config.registry_logins,
                 ca_file=config.registry_ca_file,
             ),
+            image_budget=config.image_budget,
         )
         self.guard = OwnerGuard(
             jobs=self.jobs,

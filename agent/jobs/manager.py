@@ -22,16 +22,18 @@ import math
 import time
 from collections.abc import Callable
 from contextlib import aclosing
+from dataclasses import dataclass
 from typing import Literal
 
 import msgspec
 
 from agent.jobs import machine
 from agent.jobs.gpus import device_facts
+from agent.jobs.image_cache import ImageCache
 from agent.jobs.images import ImageGate
 from agent.jobs.ledger import JobRecord, Ledger
 from agent.jobs.logs import LogForwarder
-from agent.jobs.machine import ContainerOf, Decision, PruneLogs, Start
+from agent.jobs.machine import ContainerOf, Decision, ImagePulled, ImageUsed, PruneLogs, Start
 from agent.jobs.node import SHUTTING_DOWN, NodeState
 from agent.link.identity import Identity
 from agent.link.outbox import Outbox
@@ -51,11 +53,11 @@ from agent.protocol.messages import JobCancel, JobOffer
 from oci import OciError
 from sandbox.errors import PolicyViolation, SandboxError
 from sandbox.policy import Policy, admit
-from sandbox.results import Created, Finished, JobResult, LogChunk, Pulling, Started
+from sandbox.results import Created, Finished, JobResult, LogChunk, Pulled, Pulling, Started
 from sandbox.runner import Runner
 from sandbox.spec import WorkloadSpec, load_spec, spec_digest
 
-__all__ = ["JobManager", "StopReason"]
+__all__ = ["ImageBudget", "JobManager", "StopReason"]
 
 _log = logging.getLogger(__name__)
 
@@ -68,6 +70,14 @@ _LOG_RETENTION_S = 7 * 86400
 _LOG_FLUSH_S = 0.25
 #: A pull's progress goes to the coordinator at most this often.
 _PULL_REPORT_S = 2.0
+
+
+@dataclass(frozen=True)
+class ImageBudget:
+    """The pulled images' disk budget: their total, and the engine's disk's free floor."""
+
+    max_bytes: int = 64 << 30
+    min_free_bytes: int = 5 << 30
 
 
 class JobManager:
@@ -89,6 +99,7 @@ class JobManager:
         wake: Callable[[], None],
         max_concurrent: int = 0,
         images: ImageGate | None = None,
+        image_budget: ImageBudget | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.identity = identity
@@ -102,6 +113,15 @@ class JobManager:
         self.max_concurrent = max_concurrent
         self.images = images or ImageGate()
         self.clock = clock
+        budget = image_budget or ImageBudget()
+        self.image_cache = ImageCache(
+            runner.engine,
+            self.ledger,
+            self._carry_out,
+            max_bytes=budget.max_bytes,
+            min_free_bytes=budget.min_free_bytes,
+        )
+        self._images_in_use: dict[str, str] = {}
         self.tasks: dict[str, asyncio.Task[None]] = {}
         self._states: dict[str, str] = {}
         self._stops: dict[str, StopReason] = {}
@@ -119,6 +139,7 @@ class JobManager:
             _log.error("the container engine is not usable: %s", exc)
             self.node.hold("engine_unavailable", f"{exc.code}: {exc.detail}")
         self._carry_out(Decision(rows=(PruneLogs(self.clock() - _LOG_RETENTION_S),)))
+        await self.image_cache.trim(in_use=())
         recovered = []
         for record in self.ledger.unfinished():
             self._finish_unrun(record, "interrupted", "agent_restarted", "the agent restarted")
@@ -264,6 +285,9 @@ class JobManager:
         try:
             if job_id not in self._stops:
                 await self.images.check(spec.image_ref)  # size and signature, at the registry
+                if (cached := _cache_key(spec)) is not None:
+                    self._images_in_use[job_id] = cached
+                    self._carry_out(Decision(rows=(ImageUsed(cached),)))
                 gpus = [device_facts(g) for g in self.node.scheduler.gpus_of(units)]
                 async with aclosing(self.runner.run(job_id, spec, gpus)) as events:
                     async for event in events:
@@ -274,6 +298,10 @@ class JobManager:
                             if state != "pulling" or now - reported >= _PULL_REPORT_S:
                                 self._carry_out(machine.pulling(job_id, state, layers))
                                 reported = now
+                        elif isinstance(event, Pulled):
+                            row = ImagePulled(event.reference, event.image_id, event.size)
+                            self._carry_out(Decision(rows=(row,)))
+                            await self.image_cache.trim(in_use=set(self._images_in_use.values()))
                         elif isinstance(event, Created):
                             self._containers[job_id] = event.container_id
                             self._carry_out(
@@ -298,6 +326,7 @@ class JobManager:
             self.node.free(job_id)
             self._containers.pop(job_id, None)
             self._states.pop(job_id, None)
+            self._images_in_use.pop(job_id, None)
             del self.tasks[job_id]
             self.node.changed()
 
@@ -393,6 +422,15 @@ class _Refusal(Exception):
         self.detail = detail[:MAX_ERROR_DETAIL_CHARS]
         self.verified = verified
         """Whether the offer verified: only then is its job id its own, and recorded."""
+
+
+def _cache_key(spec: WorkloadSpec) -> str | None:
+    """The image cache's name for the spec's image: ``repository@sha256:...`` (None for a
+    local image id or a tag, which the agent never pulls)."""
+    ref = spec.image_ref
+    if ref.repository is None or ref.digest is None:
+        return None
+    return f"{ref.repository}@{ref.digest}"
 
 
 def _no_run(job_id: str, spec: WorkloadSpec, code: str, detail: str) -> JobResult:
