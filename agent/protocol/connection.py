@@ -250,8 +250,10 @@ class AgentConnection(_Connection):
         Raises:
             LimitExceeded: ``frame_too_large``: the coordinator would refuse it.
         """
-        if self.state is not ConnectionState.OPEN:
-            raise RuntimeError(f"cannot send in state {self.state.value}")
+        if self.state is ConnectionState.HANDSHAKE:
+            raise RuntimeError("cannot send before welcome")
+        if self.state is ConnectionState.CLOSED:
+            return  # nothing goes out after the closing error; the outbox keeps it
         self._out.append(encode_reliable(kind, seq, body))
         self._sent = max(self._sent, seq)
 
