@@ -398,3 +398,31 @@ def test_agent_takes_only_what_a_coordinator_sends() -> None:
     assert isinstance(event, Deliver)
     assert isinstance(event.message, AttestRequest)
     assert decode_frame(offer) == event.message
+
+
+def test_reconnect_resends_after_what_the_coordinator_stored_and_nothing_twice() -> None:
+    # First connection: the agent sends 1..3; the coordinator stores 1 and 2, then the
+    # connection drops before 3 arrives and before the agent saw any ack.
+    a, c, _ = open_pair(last_seq=3)
+    for seq in (1, 2, 3):
+        a.send_reliable(*telemetry(seq))
+    frames = a.frames_to_send()
+    stored: list[int] = []
+    for frame in frames[:2]:
+        (event,) = c.receive_frame(frame, 2.0)
+        assert isinstance(event, Deliver)
+        stored.append(event.message.seq)
+        c.handled(event.message.seq)
+    # Second connection: welcome says 2 is stored; the agent resends from there.
+    a, c, seen = open_pair(stored=stored[-1], last_seq=3, last_acked=0)
+    (welcomed,) = seen
+    assert isinstance(welcomed, Welcomed)
+    resend_from = welcomed.welcome.last_agent_seq + 1
+    assert resend_from == 3
+    a.send_reliable(*telemetry(3))
+    (event,) = c.receive_frame(a.frames_to_send()[0], 3.0)
+    assert isinstance(event, Deliver)
+    stored.append(event.message.seq)
+    c.handled(3)
+    assert a.receive_frame(c.frames_to_send()[0], 3.0) == [Acked(3)]
+    assert stored == [1, 2, 3]
