@@ -10,20 +10,20 @@ so it is refused rather than used.
 from __future__ import annotations
 
 import contextlib
-import errno
 import os
-import secrets
-import stat
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import keyfile.errors
 from agent.protocol import crypto
 from coordinator.errors import KeyFileError
+from keyfile.private import create_private, read_private
 
 __all__ = ["KEY_FILE", "CoordinatorKey", "load", "load_or_create"]
 
 KEY_FILE = "coordinator.key"
-_MAX_KEY_BYTES = 16 * 1024  # a PEM Ed25519 key is 119 bytes
+_LEAKED = "chmod 600 it if the key never leaked, else delete it and re-pin agents"
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,7 +51,9 @@ def load(state_dir: Path) -> CoordinatorKey:
         KeyFileError: ``key_missing`` when there is none, else as :func:`load_or_create`.
     """
     path = state_dir / KEY_FILE
-    data = _read(path)
+    with _as_coordinator_error():
+        # Root may read the key of a coordinator that runs as its own user.
+        data = read_private(path, any_owner=os.geteuid() == 0, fix=_LEAKED)
     if data is None:
         raise KeyFileError(
             "key_missing",
@@ -75,13 +77,14 @@ def load_or_create(state_dir: Path) -> CoordinatorKey:
     except OSError as exc:
         raise KeyFileError("key_unwritable", f"cannot create {state_dir}: {exc}") from None
     path = state_dir / KEY_FILE
-    data = _read(path)
-    if data is None:
-        _create(path)
-        # Read back what is on disk: if another process won the race, its key is the one.
-        data = _read(path)
+    with _as_coordinator_error():
+        data = read_private(path, fix=_LEAKED)
         if data is None:
-            raise KeyFileError("key_unreadable", f"{path} vanished after its creation")
+            create_private(path, crypto.private_key_pem(crypto.generate_private_key()))
+            # Read back what is on disk: if another process won the race, its key is the one.
+            data = read_private(path, fix=_LEAKED)
+    if data is None:
+        raise KeyFileError("key_unreadable", f"{path} vanished after its creation")
     return _parse(path, data)
 
 
@@ -94,55 +97,10 @@ def _parse(path: Path, data: bytes) -> CoordinatorKey:
     return CoordinatorKey(private_key=key, public_key=public, key_id=crypto.key_id(public))
 
 
-def _read(path: Path) -> bytes | None:
-    """The key file's bytes after its checks, or None when there is none."""
-    # The checks run on the opened descriptor, so the name cannot be swapped in between.
-    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+@contextlib.contextmanager
+def _as_coordinator_error() -> Iterator[None]:
+    """The key file library's refusals, as the coordinator's."""
     try:
-        fd = os.open(path, flags)
-    except FileNotFoundError:
-        return None
-    except OSError as exc:
-        if exc.errno == errno.ELOOP:
-            raise KeyFileError("key_permissions", f"{path} is a symbolic link") from None
-        raise KeyFileError("key_unreadable", f"{path}: {exc.strerror}") from None
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise KeyFileError("key_permissions", f"{path} is not a regular file")
-        if st.st_mode & 0o077:
-            raise KeyFileError(
-                "key_permissions",
-                f"{path} has mode {stat.S_IMODE(st.st_mode):04o}, open to group or others; "
-                "chmod 600 it if the key never leaked, else delete it and re-pin agents",
-            )
-        data = os.read(fd, _MAX_KEY_BYTES + 1)
-    except OSError as exc:
-        raise KeyFileError("key_unreadable", f"{path}: {exc.strerror}") from None
-    finally:
-        os.close(fd)
-    if len(data) > _MAX_KEY_BYTES:
-        raise KeyFileError("key_corrupt", f"{path} is over {_MAX_KEY_BYTES} bytes")
-    return data
-
-
-def _create(path: Path) -> None:
-    """Write a fresh key to ``path`` atomically, unless a key appeared there meanwhile."""
-    pem = crypto.private_key_pem(crypto.generate_private_key())
-    # Born 0600 under O_EXCL in a temporary name, linked into place when complete: a crash
-    # never leaves a half-written key, and no file someone else prepared is reused.
-    temporary = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
-    try:
-        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-        try:
-            os.write(fd, pem)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        # FileExistsError: another process created the key first; its key is the one.
-        with contextlib.suppress(FileExistsError):
-            os.link(temporary, path)
-    except OSError as exc:
-        raise KeyFileError("key_unwritable", f"cannot create {path}: {exc}") from None
-    finally:
-        temporary.unlink(missing_ok=True)
+        yield
+    except keyfile.errors.KeyFileError as exc:
+        raise KeyFileError(exc.code, exc.detail) from None

@@ -13,7 +13,11 @@ how a caller reacts to it::
     +-- DiscoveryFailed            isolated discovery did not come back
     |     codes: timeout, crashed, bad_result
     +-- DeviceLost                 one device fell off the bus (mark it lost, recover later)
-          code: gpu_lost
+    |     code: gpu_lost
+    +-- CallFailed                 one call to a device's library failed, the device still
+          there (report the reading or the request with the reason)
+          codes: unsupported, not_found, permission_denied, invalid_argument, timeout,
+                 nvml_error
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from __future__ import annotations
 __all__ = [
     "BackendUnavailable",
     "BadConfig",
+    "CallFailed",
     "DeviceLost",
     "DiscoveryFailed",
     "HalError",
@@ -58,3 +63,11 @@ class DeviceLost(HalError):
 
     def __init__(self, detail: str = "") -> None:
         super().__init__("gpu_lost", detail)
+
+
+class CallFailed(HalError):
+    """One call to a device's library failed; the device is still there.
+
+    Raised by the NVML boundary (:mod:`hal.backends.nvml`) for a call whose answer is
+    needed; a reading turns it into unsupported or unavailable instead.
+    """

@@ -1,6 +1,7 @@
 """The Docker ``create`` body of a job: the sandbox defaults of ARCHITECTURE.md, in one place.
 
-Pure: from a spec and what the runner prepared to the JSON the engine receives. Nothing
+Pure: from a spec and what the runner prepared to the :class:`ContainerConfig` the engine
+receives. Nothing
 in a spec can widen it; the spec has no field for privileges, mounts or host namespaces.
 """
 
@@ -8,8 +9,8 @@ from __future__ import annotations
 
 import math
 import posixpath
-from typing import Any
 
+from sandbox.engine_types import ContainerConfig, HostConfig, LogConfig, Ulimit
 from sandbox.errors import RunError, SpecError
 from sandbox.gpu_mapping import ContainerGpus
 from sandbox.jobdir import JobMounts
@@ -45,7 +46,7 @@ RUNSC_MEMORY_HEADROOM = 64 << 20
 # No log driver: the runner attaches and reads the output itself, at a rate it bounds.
 # Docker's json-file driver would keep a copy on host disk and cost the engine a JSON
 # entry per line, outside the job's CPU cap (`yes ''` at 0.2 CPUs: 1.7 host cores).
-_LOG_CONFIG = {"Type": "none", "Config": {}}
+_LOG_CONFIG = LogConfig(type="none", config={})
 
 
 def volume_paths(declared: list[str]) -> list[str]:
@@ -77,7 +78,7 @@ def create_body(
     cgroup_parent: str | None,
     runner: str,
     image_volumes: list[str],
-) -> dict[str, Any]:
+) -> ContainerConfig:
     """The body of ``POST /containers/create`` for one job.
 
     ``image_volumes`` are the paths the image declares as ``VOLUME``: each that is not
@@ -102,65 +103,62 @@ def create_body(
         binds.append(f"{mounts.output_dir}:{OUTPUT_DIR}:rw")
     # A file may grow no larger than what the job may write anywhere: scratch or outputs.
     fsize = max(resources.scratch_bytes, spec.output_max_bytes)
-    host_config: dict[str, Any] = {
-        "Privileged": False,
-        "CapDrop": ["ALL"],
-        "SecurityOpt": ["no-new-privileges"],
-        "ReadonlyRootfs": True,
-        "Init": True,
-        "IpcMode": "private",
-        "NetworkMode": "bridge" if spec.network == "egress" else "none",
-        "Memory": memory,
-        "MemorySwap": memory,  # equal to Memory: no swap
-        "NanoCpus": nano_cpus,
-        "PidsLimit": resources.pids + (RUNSC_PIDS_HEADROOM if runtime == "runsc" else 0),
-        "ShmSize": resources.shm_bytes,
-        "Tmpfs": {
-            # Owned by the job's user: when /scratch is also the working directory, Docker
-            # makes the mount point root's 0755 whatever mode= says. exec: the job may run
-            # what it builds in its own workspace; /tmp stays noexec.
-            "/scratch": f"rw,exec,nosuid,nodev,size={resources.scratch_bytes},"
-            f"mode=0700,uid={uid},gid={gid}",
-            "/tmp": f"rw,noexec,nosuid,nodev,size={_TMP_BYTES},mode=1777",
-            **{
-                path: f"rw,noexec,nosuid,nodev,size={resources.scratch_bytes},"
-                f"mode=0700,uid={uid},gid={gid}"
-                for path in volume_paths(image_volumes)
-                if path not in ("/scratch", "/tmp", *bound)
-            },
+    tmpfs = {
+        # Owned by the job's user: when /scratch is also the working directory, Docker
+        # makes the mount point root's 0755 whatever mode= says. exec: the job may run
+        # what it builds in its own workspace; /tmp stays noexec.
+        "/scratch": f"rw,exec,nosuid,nodev,size={resources.scratch_bytes},"
+        f"mode=0700,uid={uid},gid={gid}",
+        "/tmp": f"rw,noexec,nosuid,nodev,size={_TMP_BYTES},mode=1777",
+        **{
+            path: f"rw,noexec,nosuid,nodev,size={resources.scratch_bytes},"
+            f"mode=0700,uid={uid},gid={gid}"
+            for path in volume_paths(image_volumes)
+            if path not in ("/scratch", "/tmp", *bound)
         },
-        "Ulimits": [
-            {"Name": "fsize", "Soft": fsize, "Hard": fsize},
-            {"Name": "nofile", "Soft": _NOFILE, "Hard": _NOFILE},
-            {"Name": "core", "Soft": 0, "Hard": 0},
+    }
+    host_config = HostConfig(
+        privileged=False,
+        cap_drop=["ALL"],
+        security_opt=["no-new-privileges"],
+        readonly_rootfs=True,
+        init=True,
+        ipc_mode="private",
+        network_mode="bridge" if spec.network == "egress" else "none",
+        memory=memory,
+        memory_swap=memory,  # equal to Memory: no swap
+        nano_cpus=nano_cpus,
+        pids_limit=resources.pids + (RUNSC_PIDS_HEADROOM if runtime == "runsc" else 0),
+        shm_size=resources.shm_bytes,
+        tmpfs=tmpfs,
+        ulimits=[
+            Ulimit("fsize", fsize, fsize),
+            Ulimit("nofile", _NOFILE, _NOFILE),
+            Ulimit("core", 0, 0),
         ],
-        "Binds": binds,
-        "Devices": gpus.devices,
-        "DeviceRequests": gpus.device_requests,
-        "GroupAdd": gpus.group_add,
-        "LogConfig": _LOG_CONFIG,
-        "Runtime": runtime,
-        "AutoRemove": False,  # the runner removes it, after reading how it ended
-    }
-    if cgroup_parent is not None:
-        host_config["CgroupParent"] = cgroup_parent
-    body: dict[str, Any] = {
-        "Image": image_id,
-        "Env": [f"{key}={value}" for key, value in {**spec.env, **gpus.env}.items()],
-        "WorkingDir": spec.workdir,
-        "User": user,
-        "Labels": {LABEL_MANAGED: "1", LABEL_JOB: job_id, LABEL_RUNNER: runner},
-        "NetworkDisabled": spec.network != "egress",
-        "StopSignal": "SIGTERM",
-        "StopTimeout": int(spec.grace_s),
-        "AttachStdout": False,
-        "AttachStderr": False,
-        "Tty": False,
-        "HostConfig": host_config,
-    }
-    # Kubernetes' meaning: command replaces the image's entrypoint, args its command.
-    if spec.command:
-        body["Entrypoint"] = spec.command
-    if spec.args or spec.command:
-        body["Cmd"] = spec.args
-    return body
+        binds=binds,
+        devices=gpus.devices,
+        device_requests=gpus.device_requests,
+        group_add=gpus.group_add,
+        log_config=_LOG_CONFIG,
+        runtime=runtime,
+        auto_remove=False,  # the runner removes it, after reading how it ended
+        cgroup_parent=cgroup_parent,
+    )
+    return ContainerConfig(
+        image=image_id,
+        env=[f"{key}={value}" for key, value in {**spec.env, **gpus.env}.items()],
+        working_dir=spec.workdir,
+        user=user,
+        labels={LABEL_MANAGED: "1", LABEL_JOB: job_id, LABEL_RUNNER: runner},
+        network_disabled=spec.network != "egress",
+        stop_signal="SIGTERM",
+        stop_timeout=int(spec.grace_s),
+        attach_stdout=False,
+        attach_stderr=False,
+        tty=False,
+        host_config=host_config,
+        # Kubernetes' meaning: command replaces the image's entrypoint, args its command.
+        entrypoint=spec.command or None,
+        cmd=spec.args if spec.args or spec.command else None,
+    )

@@ -1,4 +1,9 @@
-"""The one boundary to the Docker engine: its HTTP API over a unix socket, asynchronously.
+"""The wire to the Docker engine: its HTTP API over a unix socket, asynchronously.
+
+The lower half of the one engine boundary: HTTP/1.1 requests, the API version to speak,
+the hijacked stream of an attach and an armed wait. It knows no endpoint's meaning;
+:mod:`sandbox.engine` (the typed client the runner uses) does. An answer other than 2xx
+raises :class:`EngineError` ``engine_error`` with its ``status``, which the engine maps.
 
 A small client on asyncio streams rather than the Docker SDK: the runner needs a handful
 of endpoints, a container's output read at its own pace, and no thread per call. Each
@@ -16,6 +21,9 @@ from contextlib import asynccontextmanager
 from typing import Any
 from urllib.parse import quote, urlencode
 
+import msgspec
+
+from sandbox.engine_types import VersionInfo
 from sandbox.errors import EngineError
 
 __all__ = ["DEFAULT_SOCKET", "Attachment", "DockerClient", "Response", "quote_ref"]
@@ -62,22 +70,21 @@ class DockerClient:
         self._prefix: str | None = None
         self.api_version: tuple[int, int] = _API_MIN
 
-    async def version(self) -> dict[str, Any]:
-        """The engine's version document; also fixes the API version to speak."""
-        response = await self._send("GET", "/version")
-        info: dict[str, Any] = _checked(response).json()
-        server = tuple(int(part) for part in str(info.get("ApiVersion", "1.41")).split("."))
+    async def version(self) -> VersionInfo:
+        """The engine's version; also fixes the API version to speak."""
+        response = _checked(await self._send("GET", "/version"))
+        try:
+            info = msgspec.json.decode(response.body, type=VersionInfo)
+            server = tuple(int(part) for part in info.api_version.split("."))
+        except (msgspec.DecodeError, ValueError) as exc:
+            raise EngineError("engine_error", f"the engine's version is unreadable: {exc}") from exc
+        if len(server) < 2:
+            raise EngineError("engine_error", f"Docker API version {info.api_version!r}")
         if server < _API_MIN:
-            raise EngineError("engine_too_old", f"Docker API {info.get('ApiVersion')} < 1.41")
+            raise EngineError("engine_too_old", f"Docker API {info.api_version} < 1.41")
         self.api_version = min((server[0], server[1]), _API_MAX)
         self._prefix = f"/v{self.api_version[0]}.{self.api_version[1]}"
         return info
-
-    def supports_cdi(self, info: Mapping[str, Any]) -> bool:
-        """Whether device requests may name CDI devices: API 1.44 (Docker 25) or newer,
-        and CDI switched on in the engine (opt-in before Docker 28), which ``/info`` shows
-        by listing its CDI spec directories."""
-        return self.api_version >= (1, 44) and bool(info.get("CDISpecDirs"))
 
     async def request(
         self,
@@ -230,7 +237,8 @@ def quote_ref(reference: str) -> str:
 def _request_bytes(
     method: str, path: str, body: Any, extra: Mapping[str, str] | None = None
 ) -> bytes:
-    payload = b"" if body is None else json.dumps(body).encode()
+    # A dict or a Struct of sandbox.engine_types alike.
+    payload = b"" if body is None else msgspec.json.encode(body)
     fields = {"Host": "docker", "Connection": "close", **(extra or {})}
     head = [f"{method} {path} HTTP/1.1", *(f"{name}: {value}" for name, value in fields.items())]
     if body is not None:
@@ -286,14 +294,18 @@ def _checked(response: Response) -> Response:
     return response
 
 
+class _Refusal(msgspec.Struct, frozen=True):
+    """The body of an engine's error answer."""
+
+    message: str = ""
+
+
 def _error(response: Response) -> EngineError:
+    """A refusal as an error that carries its status; :mod:`sandbox.engine` gives it
+    its meaning (and code) for the operation that was refused."""
     try:
-        message = str(json.loads(response.body).get("message", ""))
-    except (ValueError, AttributeError):
+        message = msgspec.json.decode(response.body, type=_Refusal).message
+    except msgspec.DecodeError:
         message = response.body[:200].decode(errors="replace")
-    code = "engine_error"
-    if response.status == 304:
-        code = "not_modified"
-    elif response.status == 404:
-        code = "image_not_found" if "image" in message.lower() else "not_found"
-    return EngineError(code, f"Docker answered {response.status}: {message}")
+    detail = f"Docker answered {response.status}: {message}"
+    return EngineError("engine_error", detail, status=response.status)

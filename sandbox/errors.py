@@ -10,7 +10,8 @@ how a caller reacts to it::
     +-- PolicyViolation            the spec asks for more than this node allows (refuse the
     |     code: policy_violation   job, list every rule broken in ``violations``)
     +-- EngineError                the Docker engine failed us (report; retry later)
-    |     codes: engine_unreachable, engine_error, image_not_found, engine_too_old
+    |     codes: engine_unreachable, engine_error, image_not_found, not_found, engine_too_old
+    |     (``status``: the engine's HTTP status, when it answered; sandbox.engine maps them)
     +-- RunError                   the runner could not run this job (report it as an error)
           codes: start_failed, gpu_unmappable, bad_job_id, job_running, runtime_missing,
                  bad_image_volume, no_free_uid
@@ -68,7 +69,15 @@ class PolicyViolation(SandboxError):
 
 
 class EngineError(SandboxError):
-    """The Docker engine is unreachable, too old, or answered with an error."""
+    """The Docker engine is unreachable, too old, or answered with an error.
+
+    ``status`` is the HTTP status of an engine's refusal, None when there was no answer
+    (or no usable one).
+    """
+
+    def __init__(self, code: str, detail: str = "", *, status: int | None = None) -> None:
+        super().__init__(code, detail)
+        self.status = status
 
 
 class RunError(SandboxError):

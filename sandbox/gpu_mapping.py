@@ -19,10 +19,11 @@ from __future__ import annotations
 
 import re
 from pathlib import Path, PurePosixPath
-from typing import Any, Literal
+from typing import Literal
 
 import msgspec
 
+from sandbox.engine_types import DeviceMapping, DeviceRequest
 from sandbox.errors import RunError
 
 __all__ = ["ContainerGpus", "DeviceFacts", "HostGroups", "host_groups", "map_gpus"]
@@ -57,8 +58,8 @@ class ContainerGpus(msgspec.Struct, frozen=True, kw_only=True):
         env: variables to set in the container, over the image's own.
     """
 
-    device_requests: list[dict[str, Any]] = []
-    devices: list[dict[str, str]] = []
+    device_requests: list[DeviceRequest] = []
+    devices: list[DeviceMapping] = []
     group_add: list[str] = []
     env: dict[str, str] = {}
 
@@ -74,7 +75,7 @@ def map_gpus(
     """
     nvidia = [device for device in devices if device.vendor == "nvidia"]
     uuids = list(dict.fromkeys(_need(device, device.uuid, "UUID") for device in nvidia))
-    nodes: list[dict[str, str]] = []
+    nodes: list[DeviceMapping] = []
     gids: list[int | None] = []
     if any(device.vendor == "amd" for device in devices):
         nodes.append(_node(kfd_path, "/dev/kfd"))
@@ -89,7 +90,7 @@ def map_gpus(
             nodes.append(_node(host, f"/dev/dri/{name}"))
             # A host without a render group gives render nodes to video.
             gids.append(groups.render_gid if groups.render_gid is not None else groups.video_gid)
-    requests: list[dict[str, Any]] = []
+    requests: list[DeviceRequest] = []
     env: dict[str, str] = {}
     if uuids and cdi:
         requests.append({"Driver": "cdi", "DeviceIDs": [f"nvidia.com/gpu={u}" for u in uuids]})
@@ -132,5 +133,5 @@ def _name(device: DeviceFacts) -> str:
     return f"{device.vendor} GPU {where}"
 
 
-def _node(host: str, container: str) -> dict[str, str]:
+def _node(host: str, container: str) -> DeviceMapping:
     return {"PathOnHost": host, "PathInContainer": container, "CgroupPermissions": "rw"}

@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import errno
 import os
+import re
 import stat
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from sandbox.fstree import DIR_FLAGS, TreeChanged, open_dir, remove_tree, walk
 from sandbox.spec import WorkloadSpec
 
 __all__ = [
+    "JOB_ID",
     "JobDir",
     "JobMounts",
     "Leftover",
@@ -36,6 +38,8 @@ _MAX_OUTPUT_ENTRIES = 10_000
 # A tree moved under the walk is walked again, this many times in all, then counts as over.
 _MEASURE_ATTEMPTS = 3
 _BOOT_ID = Path("/proc/sys/kernel/random/boot_id")
+# What a job id may be: it names a directory, a container and a cgroup.
+JOB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 
 
 class JobMounts(msgspec.Struct, frozen=True, kw_only=True):

@@ -12,35 +12,27 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-import logging
 import os
-import re
 import time
 from collections.abc import AsyncGenerator, Callable
 from contextlib import aclosing
-from datetime import datetime
 from functools import partial
 from pathlib import Path
 from typing import Literal
 
 import msgspec
 
-from sandbox.cgroups import JobCgroup, job_cgroup_keys
-from sandbox.container import LABEL_JOB, LABEL_MANAGED, LABEL_RUNNER, create_body
-from sandbox.docker_api import Attachment, DockerClient, quote_ref
+from sandbox.cgroups import JobCgroup
+from sandbox.container import create_body
+from sandbox.docker_api import Attachment, DockerClient
+from sandbox.engine import Engine
 from sandbox.errors import EngineError, RunError, SandboxError
 from sandbox.gpu_mapping import DeviceFacts, HostGroups, host_groups, map_gpus
-from sandbox.gvisor import reap_sandboxes, reap_shims
-from sandbox.jobdir import (
-    JobDir,
-    instance_alive,
-    leftovers,
-    live_jobs,
-    remove_tree,
-    runner_instance,
-)
+from sandbox.gvisor import reap_shims
+from sandbox.jobdir import JOB_ID, JobDir, runner_instance
 from sandbox.joblog import Drain, LogBudget
 from sandbox.outputs import collect_outputs
+from sandbox.reaper import reap_orphans, remove_cgroup
 from sandbox.results import (
     Created,
     Event,
@@ -56,12 +48,7 @@ from sandbox.uids import UidPool, can_give_files_away
 
 __all__ = ["LogBudget", "Runner", "RunnerConfig"]
 
-_JOB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 _WATCH_INTERVAL_S = 0.5
-_REMOVE_ATTEMPTS = 5
-_REMOVE_BACKOFF_S = 0.2
-_log = logging.getLogger(__name__)
-_WAIT_SLACK_S = 60.0
 
 
 class RunnerConfig(msgspec.Struct, frozen=True, kw_only=True):
@@ -100,7 +87,7 @@ class Runner:
     """Runs jobs on one Docker engine."""
 
     def __init__(self, client: DockerClient, config: RunnerConfig) -> None:
-        self.client = client
+        self.engine = Engine(client)
         self.config = config
         self._cancels: dict[str, asyncio.Event] = {}
         self.instance = runner_instance()
@@ -115,64 +102,24 @@ class Runner:
 
     async def prepare(self) -> list[str]:
         """Learn the engine's setup and reap what an earlier run left; return reaped ids."""
-        await self.client.version()
-        info = (await self.client.request("GET", "/info")).json()
-        self._cgroup_driver = str(info.get("CgroupDriver", "cgroupfs"))
-        self._cdi = self.client.supports_cdi(info)
-        if self.config.runtime not in (info.get("Runtimes") or {}):
+        info = await self.engine.info()
+        self._cgroup_driver = info.cgroup_driver
+        self._cdi = self.engine.supports_cdi(info)
+        if self.config.runtime not in (info.runtimes or {}):
             raise RunError("runtime_missing", f"the engine has no runtime {self.config.runtime!r}")
         self._groups = host_groups()
         return await self.reap_orphans()
 
-    async def resolve_image(self, reference: str) -> tuple[str, list[str]]:
-        """The id (``sha256:...``) of a local image, pinning a tag to what it names now,
-        and the paths it declares as volumes."""
-        image = (await self.client.request("GET", f"/images/{quote_ref(reference)}/json")).json()
-        volumes = (image.get("Config") or {}).get("Volumes") or {}
-        return str(image["Id"]), sorted(volumes)
-
     async def reap_orphans(self) -> list[str]:
         """Remove what runners that are gone left behind: containers, directories, cgroups,
         gVisor sandboxes. A live runner's jobs (another process) are left alone."""
-        # The cgroups first: a job's container is made before its cgroup, so a cgroup
-        # seen here whose job is in none of the listings below is no live job's.
-        cgroups = await asyncio.to_thread(job_cgroup_keys, self.config.cgroup_root)
-        filters = msgspec.json.encode({"label": [LABEL_MANAGED]}).decode()
-        listed = await self.client.request(
-            "GET", "/containers/json", params={"all": 1, "filters": filters}
+        return await reap_orphans(
+            self.engine,
+            jobs_dir=self.config.jobs_dir,
+            cgroup_root=self.config.cgroup_root,
+            cgroup_driver=self._cgroup_driver,
+            running=self._cancels,
         )
-        reaped = []
-        live = set(self._cancels) | await asyncio.to_thread(live_jobs, self.config.jobs_dir)
-        for container in listed.json():
-            labels = container.get("Labels") or {}
-            if instance_alive(labels.get(LABEL_RUNNER, "")):
-                live.add(labels.get(LABEL_JOB, ""))
-                continue
-            await self._remove_container(container["Id"])
-            job = labels.get(LABEL_JOB, "")
-            if _JOB_ID.fullmatch(job):
-                await self._remove_cgroup(
-                    JobCgroup(job, self._cgroup_driver, self.config.cgroup_root)
-                )
-            reaped.append(job or container["Id"])
-        # Job cgroup parents no container is left in (a runner killed after removing its
-        # container, or one that could not remove the cgroup): nothing else removes them.
-        for job in sorted(cgroups - live - set(reaped)):
-            if not _JOB_ID.fullmatch(job):
-                continue
-            # One attempt each: a leftover this process may not remove must not hold up
-            # every start; what a kill has just emptied goes at the next one.
-            cgroup = JobCgroup(job, "cgroupfs", self.config.cgroup_root)
-            if await asyncio.to_thread(cgroup.remove):
-                reaped.append(f"cgroup:{job}")
-        ours = []
-        for leftover in leftovers(self.config.jobs_dir):
-            if leftover.container_id is not None:
-                ours.append(leftover.container_id)
-            remove_tree(leftover.path)
-        reaped += [f"runsc:{sandbox[:12]}" for sandbox in reap_sandboxes(ours)]
-        reaped += [f"shim:{shim[:12]}" for shim in reap_shims(ours)]
-        return reaped
 
     def cancel(self, job_id: str) -> bool:
         """Ask a running job to stop (SIGTERM, its grace period, SIGKILL); False if unknown."""
@@ -191,7 +138,7 @@ class Runner:
         gets the container stopped and removed at once, not whenever the generator is
         garbage-collected.
         """
-        if not _JOB_ID.fullmatch(job_id):
+        if not JOB_ID.fullmatch(job_id):
             raise RunError("bad_job_id", f"job id {job_id!r} is not 1-64 of [A-Za-z0-9_.-]")
         if job_id in self._cancels:
             raise RunError("job_running", f"job {job_id} is already running")
@@ -212,12 +159,13 @@ class Runner:
             if self.user is None:
                 uid = self._uids.take()
             # The canonical name: a bare "abc123" must not resolve as an image-id prefix.
-            result.image_id, volumes = await self.resolve_image(spec.image_ref.canonical)
+            image = await self.engine.inspect_image(spec.image_ref.canonical)
+            result.image_id = image.id  # a tag pinned to the image it names now
             job_dir.create(self.instance)
             mounts = job_dir.mounts(spec)
             if uid is not None and mounts.output_dir is not None:
                 os.chown(mounts.output_dir, uid, uid)
-            body = create_body(
+            config = create_body(
                 job_id=job_id,
                 spec=spec,
                 image_id=result.image_id,
@@ -227,14 +175,13 @@ class Runner:
                 runtime=self.config.runtime,
                 cgroup_parent=cgroup.parent,
                 runner=self.instance,
-                image_volumes=volumes,
+                image_volumes=image.volumes,
             )
-            created = await self.client.request(
-                "POST", "/containers/create", params={"name": f"gpu-agent-{job_id}"}, body=body
-            )
-            container_id = str(created.json()["Id"])
+            container_id = await self.engine.create(f"gpu-agent-{job_id}", config)
             job_dir.record_container(container_id)
-            await self._refuse_volumes(container_id)
+            if volumes := (await self.engine.inspect(container_id)).volumes:
+                # Every image volume should be a capped tmpfs: a volume is unbounded host disk.
+                raise RunError("bad_image_volume", f"the engine made volumes at {volumes}")
             yield Created(container_id)
             execution = self._execute(container_id, spec, cancel, result, job_dir)
             async with aclosing(execution) as events:
@@ -260,10 +207,11 @@ class Runner:
             result.peak_memory_bytes = usage.peak_memory_bytes
         except SandboxError as exc:
             result.reason, result.error_code, result.detail = "error", exc.code, exc.detail
-        except (OSError, KeyError, TypeError) as exc:  # the host or the engine's answer
+        except (OSError, KeyError, TypeError) as exc:  # the host
             result.reason, result.error_code, result.detail = "error", "internal", repr(exc)
         finally:
-            removed = container_id is None or await self._remove_container(container_id)
+            # Labelled: what cannot be removed, the next start's reap_orphans() finds.
+            removed = container_id is None or await self.engine.remove(container_id)
             if container_id is not None and removed and result.error_code == "start_failed":
                 # The runtime's shim can outlive a container whose start failed (runsc).
                 await asyncio.to_thread(reap_shims, [container_id])
@@ -271,20 +219,10 @@ class Runner:
                 # A container that could not be removed may still run as this uid.
                 self._uids.release(uid)
             job_dir.remove()
-            await self._remove_cgroup(cgroup)
+            await remove_cgroup(cgroup)
             # Last: until everything above is gone, the same job id cannot start again.
             del self._cancels[job_id]
         yield Finished(result)
-
-    async def _refuse_volumes(self, container_id: str) -> None:
-        """Raise if the engine gave the container a volume anyway: every image volume
-        should be a capped tmpfs, and a volume is host disk without a bound."""
-        info = (await self.client.request("GET", f"/containers/{container_id}/json")).json()
-        volumes = [
-            m.get("Destination") for m in info.get("Mounts") or [] if m.get("Type") == "volume"
-        ]
-        if volumes:
-            raise RunError("bad_image_volume", f"the engine made volumes at {volumes}")
 
     async def _execute(
         self,
@@ -297,14 +235,14 @@ class Runner:
         """Start the container, stream its output, stop it on timeout, cancel or overflow."""
         # Attached before the start, so that no output is missed; the wait is registered
         # before the start, so that an exit at once is not missed.
-        async with self.client.attach(container_id) as attached:
-            collect = await self.client.wait_armed(container_id)
-            waiting: asyncio.Task[object] = asyncio.create_task(collect())
+        async with self.engine.attach(container_id) as attached:
+            exited = await self.engine.arm_wait(container_id)
+            waiting: asyncio.Task[object] = asyncio.create_task(exited())
             try:
-                await self.client.request("POST", f"/containers/{container_id}/start")
-            except EngineError as exc:
+                await self.engine.start(container_id)
+            except RunError:
                 waiting.cancel()
-                raise RunError("start_failed", exc.detail) from exc
+                raise
             yield Started(time.time())
             watch = (
                 partial(job_dir.output_overflow, spec.output_max_bytes) if spec.outputs else None
@@ -325,17 +263,14 @@ class Runner:
         result.log_sha256 = budget.digest.hexdigest()
         result.log_bytes, result.log_dropped_bytes = budget.kept, budget.dropped
         result.log_truncated = budget.truncated
-        state = (await self.client.request("GET", f"/containers/{container_id}/json")).json()[
-            "State"
-        ]
-        result.exit_code = int(state.get("ExitCode", -1))
-        result.started_at = _epoch(state.get("StartedAt"))
-        result.finished_at = _epoch(state.get("FinishedAt"))
+        state = (await self.engine.inspect(container_id)).state
+        result.exit_code = state.exit_code
+        result.started_at, result.finished_at = state.started, state.finished
         if result.started_at is not None and result.finished_at is not None:
             # Docker stamps StartedAt after runc reports the start; a process that is done
             # by then gets a FinishedAt before its StartedAt.
             result.finished_at = max(result.finished_at, result.started_at)
-        result.reason = stopped_by or _reason(result.exit_code, bool(state.get("OOMKilled")))
+        result.reason = stopped_by or _reason(result.exit_code, state.oom_killed)
         yield Exited(result.exit_code, result.reason)
 
     async def _supervise(
@@ -376,33 +311,13 @@ class Runner:
         # A job past a limit gets no grace: it would spend it going on past the limit
         # (writing, say, another 100 MiB while ignoring SIGTERM). Cancel and timeout are
         # the job's due end, and it may save its work.
-        await self._halt(container_id, spec.grace_s, at_once=result.error_code is not None)
+        if not (result.error_code is not None and await self.engine.kill(container_id)):
+            # Not killed (it had stopped by itself, or the engine failed), or not to be:
+            # its stop signal (SIGTERM), its grace, then SIGKILL.
+            await self.engine.stop(container_id, spec.grace_s)
         with contextlib.suppress(EngineError):
             await waiting
         return reason
-
-    async def _halt(self, container_id: str, grace_s: float, *, at_once: bool) -> None:
-        """SIGKILL the container now (``at_once``), or SIGTERM, its grace, then SIGKILL."""
-        if at_once:
-            try:
-                await self.client.request(
-                    "POST", f"/containers/{container_id}/kill", params={"signal": "SIGKILL"}
-                )
-            except EngineError:
-                pass  # 409: it had stopped by itself; anything else, the stop below ends it
-            else:
-                return
-        # Docker sends the stop signal (SIGTERM), then SIGKILL after t seconds.
-        try:
-            await self.client.request(
-                "POST",
-                f"/containers/{container_id}/stop",
-                params={"t": int(grace_s)},
-                timeout_s=grace_s + _WAIT_SLACK_S,
-            )
-        except EngineError as exc:
-            if exc.code != "not_modified":  # 304: it had stopped by itself meanwhile
-                raise
 
     async def _pump_output(
         self, attached: Attachment, budget: LogBudget, queue: asyncio.Queue[LogChunk | None]
@@ -429,48 +344,8 @@ class Runner:
         finally:
             queue.put_nowait(None)
 
-    async def _remove_cgroup(self, cgroup: JobCgroup) -> None:
-        """Remove a job's cgroup parent, retrying while what was killed in it exits."""
-        for attempt in range(_REMOVE_ATTEMPTS):
-            if await asyncio.to_thread(cgroup.remove):
-                return
-            await asyncio.sleep(_REMOVE_BACKOFF_S * (attempt + 1))
-        _log.warning("could not remove the cgroup %s", cgroup.parent)
-
-    async def _remove_container(self, container_id: str) -> bool:
-        """Force-remove a container, retrying: a runtime busy tearing down refuses at first.
-        False if it is still there."""
-        for attempt in range(_REMOVE_ATTEMPTS):
-            try:
-                await self.client.request(
-                    "DELETE", f"/containers/{container_id}", params={"force": 1, "v": 1}
-                )
-            except EngineError as exc:
-                if exc.code == "not_found":
-                    return True
-                if attempt == _REMOVE_ATTEMPTS - 1:
-                    # Labelled: the next start's reap_orphans() finds it.
-                    _log.warning("could not remove container %s: %s", container_id, exc)
-                    return False
-                await asyncio.sleep(_REMOVE_BACKOFF_S * (attempt + 1))
-            else:
-                return True
-        return False
-
 
 def _reason(exit_code: int, oom_killed: bool) -> ExitReason:
     if oom_killed:
         return "oom_killed"
     return "completed" if exit_code == 0 else "failed"
-
-
-def _epoch(stamp: object) -> float | None:
-    """Docker's RFC 3339 time with nanoseconds as seconds since the epoch."""
-    if not isinstance(stamp, str) or stamp.startswith("0001-"):
-        return None
-    # datetime keeps microseconds: cut the nanoseconds' last three digits.
-    text = re.sub(r"(\.\d{6})\d*", r"\1", stamp.replace("Z", "+00:00"))
-    try:
-        return datetime.fromisoformat(text).timestamp()
-    except ValueError:
-        return None

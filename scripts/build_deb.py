@@ -68,7 +68,16 @@ RELEASE = "1"
 MAINTAINER = "gpu-agent maintainers <maintainers@gpu-agent.invalid>"
 # What a wheel of the project is built from (a copy: setuptools leaves stale files behind
 # in an in-tree build/ that would end up in the wheel).
-SOURCES = ("pyproject.toml", "README.md", "LICENSE", "hal", "sandbox", "agent", "coordinator")
+SOURCES = (
+    "pyproject.toml",
+    "README.md",
+    "LICENSE",
+    "hal",
+    "sandbox",
+    "keyfile",
+    "agent",
+    "coordinator",
+)
 LICENSE = ROOT / "LICENSE"
 LOCK = ROOT / "requirements.txt"
 TRAY_LOCK = ROOT / "requirements-tray.txt"

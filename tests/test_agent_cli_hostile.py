@@ -335,7 +335,16 @@ def test_every_gpu_agent_variable_the_code_reads_is_still_accepted(conf: Path) -
         for key in msgspec.structs.fields(section.type)
     }
     found: set[str] = set()
-    for top in ("hal", "sandbox", "agent", "coordinator", "scripts", "packaging", "tests"):
+    for top in (
+        "hal",
+        "sandbox",
+        "keyfile",
+        "agent",
+        "coordinator",
+        "scripts",
+        "packaging",
+        "tests",
+    ):
         for path in (ROOT / top).rglob("*"):
             if path.is_file() and path.suffix in (".py", ".sh", ".yaml", ".toml", ".service"):
                 found |= set(re.findall(r"\bGPU_AGENT_[A-Z0-9_]*[A-Z0-9]\b", path.read_text()))

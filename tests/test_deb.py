@@ -374,7 +374,7 @@ def test_nothing_in_the_packages_names_where_they_were_built(debs: Debs) -> None
     ]
     assert staged == []
     tag = f"cpython-{PYTHON.removeprefix('python').replace('.', '')}"
-    cached = venv / f"lib/{PYTHON}/site-packages/agent/__pycache__/config.{tag}.pyc"
+    cached = venv / f"lib/{PYTHON}/site-packages/agent/config/__pycache__/settings.{tag}.pyc"
     data = cached.read_bytes()
     assert int.from_bytes(data[4:8], "little") == 1  # hash-based, never checked: never rewritten
     source = f"/opt/gpu-agent/venv/lib/{PYTHON}/site-packages/agent/config.py"

@@ -43,20 +43,17 @@ async def test_chunked_answer_is_reassembled(engine: Callable[[bytes], str]) -> 
     assert (await client.request("GET", "/containers/json")).json() == [1, 2]
 
 
-async def test_not_modified_has_its_own_code(engine: Callable[[bytes], str]) -> None:
-    client = DockerClient(engine(b"HTTP/1.1 304 Not Modified\r\nContent-Length: 0\r\n\r\n"))
-    with pytest.raises(EngineError) as raised:
-        await client.request("POST", "/containers/x/stop")
-    assert raised.value.code == "not_modified"
-
-
-async def test_missing_image_is_image_not_found(engine: Callable[[bytes], str]) -> None:
+async def test_a_refusal_is_an_engine_error_with_its_status_and_message(
+    engine: Callable[[bytes], str],
+) -> None:
+    # What a status means for each operation is sandbox.engine's (tests/test_engine.py).
     body = b'{"message": "No such image: nope:latest"}'
     raw = b"HTTP/1.1 404 Not Found\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
     client = DockerClient(engine(raw))
     with pytest.raises(EngineError) as raised:
         await client.request("GET", "/images/nope/json")
-    assert raised.value.code == "image_not_found"
+    assert (raised.value.code, raised.value.status) == ("engine_error", 404)
+    assert raised.value.detail == "Docker answered 404: No such image: nope:latest"
 
 
 @pytest.mark.parametrize(
@@ -86,13 +83,3 @@ async def test_no_engine_is_unreachable(tmp_path: Path) -> None:
     with pytest.raises(EngineError) as raised:
         await DockerClient(str(tmp_path / "absent.sock")).version()
     assert raised.value.code == "engine_unreachable"
-
-
-async def test_cdi_only_where_the_engine_has_switched_it_on(
-    engine: Callable[[bytes], str],
-) -> None:
-    client = DockerClient(engine(b""))
-    await client.version()  # API 1.44
-    assert client.supports_cdi({"CDISpecDirs": ["/etc/cdi"]})
-    assert not client.supports_cdi({"CDISpecDirs": []})
-    assert not client.supports_cdi({})

@@ -16,11 +16,16 @@ from hal.backend import HalConfig
 from hal.backends.amdgpu import AmdgpuSysfsBackend
 from hal.backends.intel import IntelSysfsBackend
 from hal.types import GpuProfile, value_or
+from sandbox.engine_types import DeviceMapping
 from sandbox.errors import RunError
 from sandbox.gpu_mapping import ContainerGpus, DeviceFacts, HostGroups, host_groups, map_gpus
 
 GROUPS = HostGroups(video_gid=44, render_gid=105)
-KFD = {"PathOnHost": "/dev/kfd", "PathInContainer": "/dev/kfd", "CgroupPermissions": "rw"}
+KFD: DeviceMapping = {
+    "PathOnHost": "/dev/kfd",
+    "PathInContainer": "/dev/kfd",
+    "CgroupPermissions": "rw",
+}
 
 
 def _facts(gpu: GpuProfile) -> DeviceFacts:
@@ -33,7 +38,7 @@ def _facts(gpu: GpuProfile) -> DeviceFacts:
     )
 
 
-def _node(host: Path | str, minor: int) -> dict[str, str]:
+def _node(host: Path | str, minor: int) -> DeviceMapping:
     path = f"/dev/dri/renderD{minor}"
     return {"PathOnHost": str(host), "PathInContainer": path, "CgroupPermissions": "rw"}
 

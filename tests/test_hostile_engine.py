@@ -150,7 +150,7 @@ async def test_output_is_attached_complete_and_in_order_with_no_log_driver(
             if isinstance(event, Created):
                 host_config = _inspect(event.container_id)["HostConfig"]
                 with pytest.raises(EngineError):  # nothing is kept for the logs endpoint
-                    await runner.client.request(
+                    await runner.engine.client.request(
                         "GET", f"/containers/{event.container_id}/logs", params={"stdout": 1}
                     )
     assert host_config["LogConfig"]["Type"] == "none"
@@ -173,7 +173,7 @@ async def test_output_flood_is_truncated_and_read_no_faster_than_the_drain(
 ) -> None:
     rate, kept = 256 << 10, 64 << 10
     flooded = Runner(
-        runner.client,
+        runner.engine.client,
         msgspec.structs.replace(runner.config, log_max_bytes=kept, log_drain_bytes_per_s=rate),
     )
     await flooded.prepare()

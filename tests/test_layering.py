@@ -8,13 +8,15 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-PACKAGES = ("hal", "sandbox", "agent", "coordinator")
+PACKAGES = ("hal", "sandbox", "keyfile", "agent", "coordinator")
 
 # Module prefix -> the project prefixes it may import. The longest matching prefix rules.
 ALLOWED = {
     "hal": ("hal",),
     "sandbox": ("sandbox",),
-    "agent": ("hal", "sandbox", "agent"),
+    # Key files, read and made alike by the node (its identity) and the coordinator.
+    "keyfile": ("keyfile",),
+    "agent": ("hal", "sandbox", "keyfile", "agent"),
     "agent.protocol": ("agent.protocol",),
     # The tray app talks to the daemon through the control package only: never hal or
     # sandbox, nor the daemon's internals. The control package itself reaches no further.
@@ -29,6 +31,7 @@ ALLOWED = {
     "coordinator": (
         "coordinator",
         "agent.protocol",
+        "keyfile",
         "sandbox.spec",
         "sandbox.errors",
         "sandbox.files",
@@ -69,6 +72,22 @@ def _within(name: str, prefixes: tuple[str, ...]) -> bool:
 def test_module_imports_only_the_layers_below_it(module: str, path: Path) -> None:
     forbidden = sorted(n for n in _imports(path) if not _within(n, _rule(module)))
     assert forbidden == [], f"{module} may not import {forbidden}"
+
+
+def test_only_the_nvml_boundary_imports_pynvml() -> None:
+    """ARCHITECTURE: one boundary per outside thing; NVML's is hal.backends.nvml."""
+    importers = []
+    for module, path in sorted(_modules().items()):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                names = [node.module or ""]
+            else:
+                continue
+            if any(name.split(".")[0] == "pynvml" for name in names):
+                importers.append(module)
+    assert sorted(set(importers)) == ["hal.backends.nvml"]
 
 
 def test_there_are_no_import_cycles() -> None:

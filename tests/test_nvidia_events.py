@@ -17,8 +17,8 @@ from factories import gpu
 from fakenvml import build
 
 from hal.backend import Backend
-from hal.backends import nvml_lib
 from hal.backends.nvidia import NvidiaBackend, normalise_bus_id
+from hal.backends.nvml import init as nvml_init
 from hal.backends.nvml_events import MAX_EVENTS_PER_DRAIN
 from hal.registry import BACKENDS, BackendSpec, Hal
 from hal.types import GpuProfile, GpuSample, HealthEvent
@@ -298,7 +298,7 @@ def test_hal_logs_a_failing_backend_and_keeps_the_others_events(
 @pytest.fixture
 def nvml(library_for: Callable[[Path], Path], control: Path) -> Iterator[list[Any]]:
     """NVML on the dual-A5000 fake, initialised in this process; its GPU handles."""
-    nvml_lib.init(str(library_for(DUAL_A5000)))
+    nvml_init(str(library_for(DUAL_A5000)))
     yield [pynvml.nvmlDeviceGetHandleByIndex(i) for i in range(pynvml.nvmlDeviceGetCount())]
     pynvml.nvmlShutdown()
 

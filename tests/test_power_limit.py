@@ -25,10 +25,10 @@ from sysfs_trees import PciGpu, add_hwmon, add_pci_gpu
 from test_amdsmi import _fake_amdsmi
 
 from hal.backend import HalConfig
-from hal.backends import nvml_lib
 from hal.backends.amdgpu import AmdgpuSysfsBackend
 from hal.backends.intel import IntelSysfsBackend
 from hal.backends.nvidia import NvidiaBackend
+from hal.backends.nvml import init as nvml_init
 from hal.registry import Discovery, Hal, discover
 from hal.types import GpuProfile, PowerLimitResult
 
@@ -157,7 +157,7 @@ def test_gpu_nvml_did_not_open_is_unknown(nvidia_for: Callable[[Path], Opened]) 
 
 def test_fake_forgets_a_limit_at_the_last_shutdown(library_for: Callable[[Path], Path]) -> None:
     """So that each test starts from the capture (the driver keeps a limit until reboot)."""
-    nvml_lib.init(str(library_for(DUAL_A5000)))
+    nvml_init(str(library_for(DUAL_A5000)))
     try:
         pynvml.nvmlDeviceSetPowerManagementLimit(pynvml.nvmlDeviceGetHandleByIndex(0), 120_000)
         pynvml.nvmlInit()  # a second user, gone again: the limit stays

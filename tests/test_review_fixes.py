@@ -19,6 +19,7 @@ from agent.control.server import ControlServer
 from agent.errors import ConfigError, ControlError
 from sandbox.container import LABEL_JOB, LABEL_MANAGED, LABEL_RUNNER, create_body
 from sandbox.docker_api import DockerClient
+from sandbox.engine_types import ContainerConfig
 from sandbox.errors import SpecError
 from sandbox.gpu_mapping import ContainerGpus
 from sandbox.jobdir import JobDir, JobMounts, runner_instance
@@ -46,7 +47,7 @@ def _run_local(tmp_path: Path, spec: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-def _body(spec: WorkloadSpec) -> dict[str, Any]:
+def _body(spec: WorkloadSpec) -> ContainerConfig:
     return create_body(
         job_id="j",
         spec=spec,
@@ -73,7 +74,7 @@ def test_a_cpu_limit_under_dockers_minimum_or_not_finite_is_refused(cpus: str) -
 
 def test_dockers_minimum_cpu_limit_is_accepted_and_capped() -> None:
     spec = load_spec(b'image = "x"\n[resources]\ncpus = 0.01\n', "toml")
-    assert _body(spec)["HostConfig"]["NanoCpus"] == 10_000_000
+    assert _body(spec).host_config.nano_cpus == 10_000_000
 
 
 @pytest.mark.parametrize("cpus", [1e-10, 0.0, float("nan"), float("inf"), -1.0])
@@ -271,7 +272,7 @@ async def test_an_empty_job_cgroup_no_live_runner_holds_is_reaped(
     # container: neither is an orphan, though neither runs yet.
     JobDir(tmp_path / "jobs", with_dir).create(runner_instance())
     labels = {LABEL_MANAGED: "1", LABEL_JOB: with_container, LABEL_RUNNER: runner_instance()}
-    created = await runner.client.request(
+    created = await runner.engine.client.request(
         "POST", "/containers/create", body={"Image": test_image, "Labels": labels}
     )
     container_id = created.json()["Id"]
@@ -282,6 +283,8 @@ async def test_an_empty_job_cgroup_no_live_runner_holds_is_reaped(
         assert not any(path.exists() for path in planted[orphan])
         assert all(path.is_dir() for path in planted[with_dir] + planted[with_container])
     finally:
-        await runner.client.request("DELETE", f"/containers/{container_id}", params={"force": 1})
+        await runner.engine.client.request(
+            "DELETE", f"/containers/{container_id}", params={"force": 1}
+        )
         for path in planted[with_dir] + planted[with_container]:
             path.rmdir()

@@ -15,15 +15,16 @@ symbolic link: such a key may be known, or swapped, by someone else.
 from __future__ import annotations
 
 import contextlib
-import errno
 import os
 import secrets
-import stat
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from agent.errors import IdentityError
 from agent.protocol import crypto
+from keyfile.errors import KeyFileError
+from keyfile.private import check_private_dir, create_private, read_private
 
 __all__ = [
     "IDENTITY_DIR",
@@ -42,8 +43,7 @@ KEY_FILE = "node.key"
 PUBLIC_KEY_FILE = "node.pub"
 NODE_ID_FILE = "node_id"
 
-# A PEM Ed25519 key is 119 bytes; anything far larger is not one.
-_MAX_KEY_BYTES = 16 * 1024
+_LEAKED = "chmod 600 it if the key never leaked, else delete it to make a new identity"
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,21 +76,22 @@ def load_or_create(identity_dir: Path) -> Identity:
             the module docstring); ``key_unreadable``, ``key_unwritable`` when it cannot be
             read or created; ``key_corrupt`` when the file is not an Ed25519 private key.
     """
-    try:
-        identity_dir.parent.mkdir(parents=True, exist_ok=True)
-        # mkdir's mode only loses bits to the umask, so the directory is never wider.
-        identity_dir.mkdir(mode=0o700, exist_ok=True)
-        _check_directory(identity_dir, os.stat(identity_dir))
-    except OSError as exc:
-        raise IdentityError("key_unwritable", f"cannot create {identity_dir}: {exc}") from None
     key_path = identity_dir / KEY_FILE
-    data = _read_key(key_path)
-    if data is None:
-        _create_key(key_path)
-        # Read back what is on disk: if another process won the race, its key is the one.
-        data = _read_key(key_path)
+    with _as_identity_error():
+        try:
+            identity_dir.parent.mkdir(parents=True, exist_ok=True)
+            # mkdir's mode only loses bits to the umask, so the directory is never wider.
+            identity_dir.mkdir(mode=0o700, exist_ok=True)
+            check_private_dir(identity_dir)
+        except OSError as exc:
+            raise KeyFileError("key_unwritable", f"cannot create {identity_dir}: {exc}") from None
+        data = read_private(key_path, fix=_LEAKED)
         if data is None:
-            raise IdentityError("key_unreadable", f"{key_path} vanished after its creation")
+            create_private(key_path, crypto.private_key_pem(crypto.generate_private_key()))
+            # Read back what is on disk: if another process won the race, its key is the one.
+            data = read_private(key_path, fix=_LEAKED)
+            if data is None:
+                raise KeyFileError("key_unreadable", f"{key_path} vanished after its creation")
     try:
         key = crypto.load_private_key_pem(data)
     except ValueError as exc:
@@ -112,13 +113,15 @@ def load_existing(identity_dir: Path) -> Identity:
             :func:`load_or_create`.
     """
     key_path = identity_dir / KEY_FILE
-    try:
-        _check_directory(identity_dir, os.stat(identity_dir), any_owner=os.geteuid() == 0)
-        data = _read_key(key_path, any_owner=os.geteuid() == 0)
-    except FileNotFoundError:
-        data = None
-    except OSError as exc:
-        raise IdentityError("key_unreadable", f"{identity_dir}: {exc.strerror}") from None
+    root = os.geteuid() == 0
+    with _as_identity_error():
+        try:
+            check_private_dir(identity_dir, any_owner=root)
+            data = read_private(key_path, any_owner=root, fix=_LEAKED)
+        except FileNotFoundError:
+            data = None
+        except OSError as exc:
+            raise KeyFileError("key_unreadable", f"{identity_dir}: {exc.strerror}") from None
     if data is None:
         raise IdentityError(
             "key_missing",
@@ -142,79 +145,13 @@ def show(identity: Identity) -> str:
     )
 
 
-def _check_directory(path: Path, st: os.stat_result, *, any_owner: bool = False) -> None:
-    # Whoever may write the directory may delete the key and have us make a new identity.
-    if not stat.S_ISDIR(st.st_mode):
-        raise IdentityError("key_permissions", f"{path} is not a directory")
-    if st.st_uid != os.geteuid() and not any_owner:
-        raise IdentityError("key_permissions", f"{path} is owned by uid {st.st_uid}")
-    if st.st_mode & 0o022:
-        raise IdentityError(
-            "key_permissions", f"{path} has mode {stat.S_IMODE(st.st_mode):04o}; chmod 700 it"
-        )
-
-
-def _check_key(path: Path, st: os.stat_result, *, any_owner: bool = False) -> None:
-    if not stat.S_ISREG(st.st_mode):
-        raise IdentityError("key_permissions", f"{path} is not a regular file")
-    if st.st_uid != os.geteuid() and not any_owner:
-        raise IdentityError(
-            "key_permissions", f"{path} is owned by uid {st.st_uid}, not {os.geteuid()}"
-        )
-    if st.st_mode & 0o077:
-        raise IdentityError(
-            "key_permissions",
-            f"{path} has mode {stat.S_IMODE(st.st_mode):04o}, open to group or others; "
-            "chmod 600 it if the key never leaked, else delete it to make a new identity",
-        )
-
-
-def _read_key(path: Path, *, any_owner: bool = False) -> bytes | None:
-    """The key file's bytes after its checks, or None when there is none."""
-    # O_NOFOLLOW refuses a symlink in the last component; O_NONBLOCK keeps a FIFO from
-    # blocking the open. The checks then run on the opened file, not on the name, so
-    # the name cannot be swapped between check and read.
-    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+@contextlib.contextmanager
+def _as_identity_error() -> Iterator[None]:
+    """The key file library's refusals, as the agent's (the node's key is its identity)."""
     try:
-        fd = os.open(path, flags)
-    except FileNotFoundError:
-        return None
-    except OSError as exc:
-        if exc.errno == errno.ELOOP:
-            raise IdentityError("key_permissions", f"{path} is a symbolic link") from None
-        raise IdentityError("key_unreadable", f"{path}: {exc.strerror}") from None
-    try:
-        _check_key(path, os.fstat(fd), any_owner=any_owner)
-        chunks: list[bytes] = []
-        size = 0
-        while chunk := os.read(fd, 4096):
-            chunks.append(chunk)
-            size += len(chunk)
-            if size > _MAX_KEY_BYTES:
-                raise IdentityError("key_corrupt", f"{path} is over {_MAX_KEY_BYTES} bytes")
-    except OSError as exc:
-        raise IdentityError("key_unreadable", f"{path}: {exc.strerror}") from None
-    finally:
-        os.close(fd)
-    return b"".join(chunks)
-
-
-def _create_key(path: Path) -> None:
-    """Write a fresh key to ``path``, atomically, unless a key appeared there meanwhile."""
-    pem = crypto.private_key_pem(crypto.generate_private_key())
-    # The key is born 0600 (O_EXCL: a file nobody else prepared) in a temporary name and
-    # linked into place when complete, so a crash never leaves a half-written node.key.
-    temporary = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
-    try:
-        _write_new(temporary, pem, 0o600)
-        # FileExistsError: another process created the key first; its key is the identity.
-        with contextlib.suppress(FileExistsError):
-            os.link(temporary, path)
-        _fsync_directory(path.parent)
-    except OSError as exc:
-        raise IdentityError("key_unwritable", f"cannot create {path}: {exc}") from None
-    finally:
-        temporary.unlink(missing_ok=True)
+        yield
+    except KeyFileError as exc:
+        raise IdentityError(exc.code, exc.detail) from None
 
 
 def _write_derived(path: Path, text: str) -> None:
@@ -247,14 +184,6 @@ def _write_new(path: Path, content: bytes, mode: int) -> None:
         view = memoryview(content)
         while view:
             view = view[os.write(fd, view) :]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_directory(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
         os.fsync(fd)
     finally:
         os.close(fd)
