@@ -426,3 +426,12 @@ def test_reconnect_resends_after_what_the_coordinator_stored_and_nothing_twice()
     c.handled(3)
     assert a.receive_frame(c.frames_to_send()[0], 3.0) == [Acked(3)]
     assert stored == [1, 2, 3]
+
+
+def test_agent_refuses_a_gap_in_the_coordinator_stream_naming_the_seq() -> None:
+    a, _, _ = open_pair(last_coordinator_seq=4)
+    events = a.receive_frame(encode_frame(wrap(AttestRequestBody(nonce=nonce()), 6)), 2.0)
+    assert [type(e) for e in events] == [Close]
+    (error,) = [json.loads(f) for f in a.frames_to_send()]
+    assert error["body"]["code"] == "seq_gap"
+    assert error["body"]["ref_seq"] == 6

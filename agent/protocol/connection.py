@@ -239,11 +239,6 @@ class AgentConnection(_Connection):
         self.progressed = False
         """The coordinator acknowledged something new of ours after ``welcome``."""
 
-    @property
-    def last_coordinator_seq(self) -> int:
-        """The last seq of the coordinator's stream received in order."""
-        return self._receiver.last_seq
-
     def send_reliable(self, kind: str, seq: int, body: bytes) -> None:
         """Queue the frame of outbox entry ``seq``; entries go in seq order.
 
