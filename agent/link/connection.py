@@ -247,9 +247,10 @@ class Link:
             self.wakeup.clear()
             entries = self.outbox.pending(sent, _SEND_BATCH)
             for entry in entries:
+                # One frame at a time: a batch of entries may be large.
                 writer.conn.send_reliable(entry.kind, entry.seq, entry.body)
+                await writer.flush()
                 sent = entry.seq
-            await writer.flush()
             if len(entries) < _SEND_BATCH:
                 await self.wakeup.wait()
 
