@@ -17,7 +17,7 @@ from coordinator.job_service import JobService
 from coordinator.jobs_store import JobRow, JobSummary
 from coordinator.offers import DEFAULT_TTL_S
 
-__all__ = ["cancel", "job_detail", "job_list", "submit"]
+__all__ = ["cancel", "job_detail", "job_list", "prefetch", "submit"]
 
 _T = TypeVar("_T")
 
@@ -31,6 +31,10 @@ class _Submit(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=T
 
 class _Cancel(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     reason: str = ""
+
+
+class _Prefetch(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    image: str
 
 
 def job_list(jobs: JobService, query: dict[str, list[str]]) -> HttpAnswer:
@@ -78,6 +82,17 @@ async def cancel(jobs: JobService, job_id: str, body: bytes) -> HttpAnswer:
     request = _decode(body, _Cancel) if body else _Cancel()
     await jobs.cancel(job_id, request.reason)
     return json_answer({"job_id": job_id}, HTTPStatus.ACCEPTED)
+
+
+async def prefetch(jobs: JobService, node_id: str, body: bytes) -> HttpAnswer:
+    """``POST /api/nodes/{id}/prefetch`` ``{"image"}``: send ``image_prefetch``.
+
+    Raises:
+        JobError: as :meth:`JobService.prefetch`, or ``bad_request``.
+    """
+    request = _decode(body or b"null", _Prefetch)
+    image = await jobs.prefetch(node_id, request.image)
+    return json_answer({"node_id": node_id, "image": image}, HTTPStatus.ACCEPTED)
 
 
 def _decode(body: bytes, kind: type[_T]) -> _T:

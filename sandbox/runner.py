@@ -245,6 +245,29 @@ class Runner:
             del self._cancels[job_id]
         yield Finished(result)
 
+    async def prefetch(self, ref: ImageRef) -> Pulled | None:
+        """Pull ``ref`` now unless the engine has it (a job will want it soon); what was
+        pulled, or None when nothing was.
+
+        Raises:
+            PullError: as a job's pull; ``image_not_pinned`` for a tag or a local id.
+        """
+        if not _pullable(ref):
+            raise PullError("image_not_pinned", f"{ref.canonical}: only name@sha256:... is pulled")
+        try:
+            await self.engine.inspect_image(ref.canonical)
+        except EngineError as exc:
+            if exc.code != "image_not_found":
+                raise
+        else:
+            return None
+        async with aclosing(self._pull(ref)) as pulling:
+            async for _ in pulling:
+                pass
+        image = await self.engine.inspect_image(ref.canonical)
+        _check_pulled(ref, image)
+        return Pulled(f"{ref.repository}@{ref.digest}", image.id, image.size)
+
     async def _pull(self, ref: ImageRef) -> AsyncGenerator[Pulling, None]:
         """Pull a pinned image, yielding each layer's progress as the engine reports it."""
         assert ref.repository is not None

@@ -47,7 +47,7 @@ from agent.owner.policy import OwnerPolicy
 from agent.owner.power import PowerLimiter
 from agent.protocol import dsse
 from agent.protocol.bodies import EnvelopeBody, ProfileBody
-from agent.protocol.messages import AttestRequest, JobCancel, JobOffer, Message
+from agent.protocol.messages import AttestRequest, ImagePrefetch, JobCancel, JobOffer, Message
 from hal import __version__
 from hal.backend import HalConfig
 from hal.profile import take_profile
@@ -266,6 +266,8 @@ class _Daemon:
             await self.jobs.on_offer(message)
         elif isinstance(message, JobCancel):
             await self.jobs.on_cancel(message)
+        elif isinstance(message, ImagePrefetch):
+            await self.jobs.on_prefetch(message)
         else:
             _log.info("ignoring %s", type(message).__name__)
 

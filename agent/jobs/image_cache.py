@@ -1,4 +1,5 @@
-"""The images the agent pulled, kept within a disk budget: least recently used out first.
+"""The images the agent pulled, kept within a disk budget: least recently used out first;
+and pulled ahead of time when the coordinator asks (``image_prefetch``).
 
 Only images the agent pulled are in the ledger's ``images`` table, so only those are ever
 removed: an image the owner built or pulled is not the agent's to touch. After each pull
@@ -11,17 +12,22 @@ held by the owner keeps it; the engine then keeps the layers others share.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import shutil
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
+from agent.jobs.images import ImageGate
 from agent.jobs.ledger import CachedImage, Ledger
-from agent.jobs.machine import Decision, ImageRemoved
+from agent.jobs.machine import Decision, ImagePulled, ImageRemoved
+from oci import OciError
 from sandbox.engine import Engine
-from sandbox.errors import EngineError
+from sandbox.errors import EngineError, SandboxError
+from sandbox.runner import Runner
+from sandbox.spec import ImageRef
 
-__all__ = ["ImageCache", "Trim"]
+__all__ = ["ImageCache", "Prefetcher", "Trim"]
 
 _log = logging.getLogger(__name__)
 
@@ -99,3 +105,60 @@ class ImageCache:
             _log.info("removed cached image %s (%d bytes)", image.reference, image.size)
             self.carry_out(Decision(rows=(ImageRemoved(image.reference),)))
         return gone
+
+
+class Prefetcher:
+    """Pulls images the coordinator names ahead of the jobs that will want them, one task
+    per image at a time, in the background: the link is not held while a pull runs."""
+
+    def __init__(
+        self,
+        cache: ImageCache,
+        runner: Runner,
+        gate: ImageGate,
+        *,
+        allowed: Callable[[ImageRef], bool],
+        in_use: Callable[[], Collection[str]],
+    ) -> None:
+        self.cache = cache
+        self.runner = runner
+        self.gate = gate
+        self.allowed = allowed
+        self.in_use = in_use
+        self.tasks: dict[str, asyncio.Task[None]] = {}
+
+    def soon(self, image: str) -> bool:
+        """Start pulling ``image`` (``repository@sha256:...``) unless the policy refuses
+        it or it is being pulled; False (and logged) when refused."""
+        try:
+            ref = ImageRef.parse(image)
+        except ValueError as exc:
+            _log.warning("prefetch of %r refused: %s", image, exc)
+            return False
+        if ref.repository is None or ref.digest is None or not self.allowed(ref):
+            _log.warning("prefetch of %s refused: not pinned, or not allowed here", image)
+            return False
+        key = f"{ref.repository}@{ref.digest}"
+        if key not in self.tasks:
+            self.tasks[key] = asyncio.create_task(self._pull(key, ref))
+        return True
+
+    async def close(self) -> None:
+        """Stop the pulls under way (at shutdown)."""
+        for task in self.tasks.values():
+            task.cancel()
+        await asyncio.gather(*self.tasks.values(), return_exceptions=True)
+
+    async def _pull(self, key: str, ref: ImageRef) -> None:
+        try:
+            await self.gate.check(ref)
+            pulled = await self.runner.prefetch(ref)
+            if pulled is not None:
+                row = ImagePulled(pulled.reference, pulled.image_id, pulled.size)
+                self.cache.carry_out(Decision(rows=(row,)))
+                _log.info("prefetched %s (%d bytes)", key, pulled.size)
+                await self.cache.trim(in_use={*self.in_use(), key})
+        except (SandboxError, OciError) as exc:
+            _log.warning("prefetch of %s failed: %s", key, exc)
+        finally:
+            del self.tasks[key]

@@ -29,7 +29,7 @@ import msgspec
 
 from agent.jobs import machine
 from agent.jobs.gpus import device_facts
-from agent.jobs.image_cache import ImageCache
+from agent.jobs.image_cache import ImageCache, Prefetcher
 from agent.jobs.images import ImageGate
 from agent.jobs.ledger import JobRecord, Ledger
 from agent.jobs.logs import LogForwarder
@@ -49,10 +49,10 @@ from agent.protocol.jobs import (
     verify_offer,
 )
 from agent.protocol.limits import MAX_ERROR_DETAIL_CHARS
-from agent.protocol.messages import JobCancel, JobOffer
+from agent.protocol.messages import ImagePrefetch, JobCancel, JobOffer
 from oci import OciError
 from sandbox.errors import PolicyViolation, SandboxError
-from sandbox.policy import Policy, admit
+from sandbox.policy import Policy, admit, image_allowed
 from sandbox.results import Created, Finished, JobResult, LogChunk, Pulled, Pulling, Started
 from sandbox.runner import Runner
 from sandbox.spec import WorkloadSpec, load_spec, spec_digest
@@ -122,6 +122,13 @@ class JobManager:
             min_free_bytes=budget.min_free_bytes,
         )
         self._images_in_use: dict[str, str] = {}
+        self.prefetcher = Prefetcher(
+            self.image_cache,
+            runner,
+            self.images,
+            allowed=lambda ref: image_allowed(ref, self.policy.allowed_images),
+            in_use=lambda: set(self._images_in_use.values()),
+        )
         self.tasks: dict[str, asyncio.Task[None]] = {}
         self._states: dict[str, str] = {}
         self._stops: dict[str, StopReason] = {}
@@ -160,6 +167,10 @@ class JobManager:
         job_id = message.body.job_id
         if not self.stop(job_id, "cancelled"):
             _log.info("cancel for job %s, which is not running", job_id)
+
+    async def on_prefetch(self, message: ImagePrefetch) -> None:
+        """Pull an image ahead of the jobs that will want it, in the background."""
+        self.prefetcher.soon(message.body.image)
 
     def _decide_offer(self, message: JobOffer) -> Decision:
         job_id = message.body.job_id
@@ -202,6 +213,7 @@ class JobManager:
         self.node.hold(SHUTTING_DOWN, "the agent is stopping")
         for job_id in list(self.tasks):
             self.stop(job_id, "interrupted")
+        await self.prefetcher.close()
         await self.wait_idle()
 
     # -- admission ---------------------------------------------------------------------

@@ -311,3 +311,21 @@ async def test_the_least_recently_used_pulled_image_goes_first_and_the_owners_ne
     assert (await world.manager.image_cache.trim(in_use=())).removed == (second.ref,)
     assert world.manager.ledger.cached_images() == []
     assert await _image_exists(engine, test_image_id)
+
+
+@needs_registry
+async def test_a_prefetch_pulls_an_allowed_pinned_image_into_the_cache_and_nothing_else(
+    world: World,  # noqa: F811
+    pushed: Pushed,
+) -> None:
+    await _remove(pushed.ref)
+    prefetcher = world.manager.prefetcher
+    assert not prefetcher.soon(pushed.ref)  # the policy does not allow it yet
+    assert not prefetcher.soon(pushed.ref.split("@")[0] + ":1")  # a tag: never pulled
+    world.manager.policy = Policy(allowed_images=[pushed.ref.split("@")[0]])
+    assert prefetcher.soon(pushed.ref)
+    assert prefetcher.soon(pushed.ref)  # the same image again: one pull
+    assert len(prefetcher.tasks) == 1
+    await asyncio.gather(*prefetcher.tasks.values())
+    assert [c.reference for c in world.manager.ledger.cached_images()] == [pushed.ref]
+    assert await _image_exists(world.manager.runner.engine, pushed.ref)
