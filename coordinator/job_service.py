@@ -198,6 +198,10 @@ class JobService:
             job = message.body
         return self._store.add(node_id, message.seq, message_type(message), body, now, job=job)
 
+    def pull_progress(self, job: JobSummary) -> tuple[int, int] | None:
+        """How far a pulling job's image pull is, (bytes done, in all), as last reported."""
+        return self._store.nodes.job_progress(job.node_id, job.job_id)
+
     def get(self, job_id: str) -> JobRow | None:
         """One job, or None when there is no such job."""
         return self._store.jobs.get(job_id)

@@ -46,7 +46,9 @@ def job_list(jobs: JobService, query: dict[str, list[str]]) -> HttpAnswer:
     if limit < 1:
         return error(HTTPStatus.BAD_REQUEST, "limit >= 1")
     node_id = query.get("node_id", [None])[0]
-    return json_answer({"jobs": [_summary(j) for j in jobs.recent(node_id=node_id, limit=limit)]})
+    return json_answer(
+        {"jobs": [_summary(jobs, j) for j in jobs.recent(node_id=node_id, limit=limit)]}
+    )
 
 
 def job_detail(jobs: JobService, job_id: str, connected: Collection[str]) -> HttpAnswer:
@@ -102,8 +104,8 @@ def _decode(body: bytes, kind: type[_T]) -> _T:
         raise JobError("bad_request", f"the body is not the expected JSON object: {exc}") from None
 
 
-def _summary(job: JobSummary) -> dict[str, Any]:
-    return {
+def _summary(jobs: JobService, job: JobSummary) -> dict[str, Any]:
+    summary: dict[str, Any] = {
         "job_id": job.job_id,
         "node_id": job.node_id,
         "state": job.state,
@@ -112,6 +114,9 @@ def _summary(job: JobSummary) -> dict[str, Any]:
         "updated": job.updated,
         "url": f"/api/jobs/{job.job_id}",
     }
+    if job.state == "pulling" and (progress := jobs.pull_progress(job)) is not None:
+        summary["pulled_bytes"], summary["pull_bytes"] = progress
+    return summary
 
 
 def _detail(jobs: JobService, job: JobRow, connected: Collection[str]) -> dict[str, Any]:

@@ -122,6 +122,7 @@ class JobManager:
             min_free_bytes=budget.min_free_bytes,
         )
         self._images_in_use: dict[str, str] = {}
+        self._pulls: dict[str, dict[str, tuple[int, int]]] = {}
         self.prefetcher = Prefetcher(
             self.image_cache,
             runner,
@@ -198,6 +199,13 @@ class JobManager:
         self._stops.setdefault(job_id, why)
         self.runner.cancel(job_id)  # False before the runner has it: _run checks _stops
         return True
+
+    def pull_progress(self, job_id: str) -> tuple[int, int] | None:
+        """A job's image pull so far: bytes done and in all; None when none is under way."""
+        layers = self._pulls.get(job_id)
+        if not layers:
+            return None
+        return sum(d for d, _ in layers.values()), sum(t for _, t in layers.values())
 
     def container_ids(self) -> list[str]:
         """The containers of the running jobs."""
@@ -292,7 +300,7 @@ class JobManager:
         logs = LogForwarder(job_id, self._carry_out)
         flusher = asyncio.create_task(logs.flush_every(_LOG_FLUSH_S))
         result: JobResult | None = None
-        layers: dict[str, tuple[int, int]] = {}
+        layers = self._pulls[job_id] = {}
         reported = -math.inf
         try:
             if job_id not in self._stops:
@@ -311,6 +319,7 @@ class JobManager:
                                 self._carry_out(machine.pulling(job_id, state, layers))
                                 reported = now
                         elif isinstance(event, Pulled):
+                            layers.clear()  # no pull under way any more
                             row = ImagePulled(event.reference, event.image_id, event.size)
                             self._carry_out(Decision(rows=(row,)))
                             await self.image_cache.trim(in_use=set(self._images_in_use.values()))
@@ -339,6 +348,7 @@ class JobManager:
             self._containers.pop(job_id, None)
             self._states.pop(job_id, None)
             self._images_in_use.pop(job_id, None)
+            self._pulls.pop(job_id, None)
             del self.tasks[job_id]
             self.node.changed()
 
