@@ -1,7 +1,7 @@
 """Run a workload spec in a hardened container, streaming its events, always cleaning up.
 
 ``Runner.run`` is an async generator: ``Created``, ``Started``, ``LogChunk``..., ``Exited``
-and last ``Finished`` with the :class:`~sandbox.results.JobResult`. Whatever happens (a
+and last ``Finished`` with the :class:`~sandbox.events.JobResult`. Whatever happens (a
 failed start, a timeout, a cancel, an exception in the caller), the container, the job's
 directories and its cgroup are removed before the generator ends. Containers carry the
 job's id in a label, so that what a crash leaves behind is found by :meth:`reap_orphans`.
@@ -28,13 +28,7 @@ from sandbox.docker_api import Attachment, DockerClient
 from sandbox.engine import Engine
 from sandbox.engine_types import ImageInfo, RegistryAuth
 from sandbox.errors import EngineError, PullError, RunError, SandboxError
-from sandbox.gpu_mapping import DeviceFacts, HostGroups, host_groups, map_gpus
-from sandbox.gvisor import reap_shims
-from sandbox.jobdir import JOB_ID, JobDir, runner_instance
-from sandbox.joblog import Drain, LogBudget
-from sandbox.outputs import collect_outputs
-from sandbox.reaper import reap_orphans, remove_cgroup
-from sandbox.results import (
+from sandbox.events import (
     Created,
     Event,
     Exited,
@@ -46,6 +40,12 @@ from sandbox.results import (
     Pulling,
     Started,
 )
+from sandbox.gpu_mapping import DeviceFacts, HostGroups, host_groups, map_gpus
+from sandbox.gvisor import reap_shims
+from sandbox.jobdir import JOB_ID, JobDir, runner_instance
+from sandbox.joblog import Drain, LogBudget
+from sandbox.outputs import collect_outputs
+from sandbox.reaper import reap_orphans, remove_cgroup
 from sandbox.spec import ImageRef, WorkloadSpec, spec_digest
 from sandbox.uids import UidPool, can_give_files_away
 

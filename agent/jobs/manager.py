@@ -52,8 +52,8 @@ from agent.protocol.limits import MAX_ERROR_DETAIL_CHARS
 from agent.protocol.messages import ImagePrefetch, JobCancel, JobOffer
 from oci import OciError
 from sandbox.errors import PolicyViolation, SandboxError
+from sandbox.events import Created, Finished, JobResult, LogChunk, Pulled, Pulling, Started
 from sandbox.policy import Policy, admit, image_allowed
-from sandbox.results import Created, Finished, JobResult, LogChunk, Pulled, Pulling, Started
 from sandbox.runner import Runner
 from sandbox.spec import WorkloadSpec, load_spec, spec_digest
 

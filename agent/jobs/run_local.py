@@ -21,9 +21,7 @@ from hal.backend import HalConfig
 from hal.profile import take_profile
 from sandbox.docker_api import DockerClient
 from sandbox.errors import PolicyViolation, SandboxError
-from sandbox.gpu_mapping import DeviceFacts
-from sandbox.policy import Policy, admit, load_policy_file
-from sandbox.results import (
+from sandbox.events import (
     Created,
     Event,
     Exited,
@@ -34,6 +32,8 @@ from sandbox.results import (
     Pulling,
     Started,
 )
+from sandbox.gpu_mapping import DeviceFacts
+from sandbox.policy import Policy, admit, load_policy_file
 from sandbox.runner import Runner, RunnerConfig
 from sandbox.spec import WorkloadSpec
 

@@ -22,8 +22,8 @@ from sandbox.docker_api import DockerClient
 from sandbox.engine import Engine
 from sandbox.engine_types import ImageInfo
 from sandbox.errors import EngineError, PullError
+from sandbox.events import Created, Finished, Pulling
 from sandbox.policy import Policy
-from sandbox.results import Created, Finished, Pulling
 from sandbox.runner import Runner, RunnerConfig, _check_pulled
 from sandbox.spec import ImageRef, load_spec
 

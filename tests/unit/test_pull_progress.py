@@ -8,7 +8,7 @@ import pytest
 
 from agent.control.wire import JobView
 from agent.jobs.run_local import PullProgress, line
-from sandbox.results import Pulling
+from sandbox.events import Pulling
 
 
 def _job(state: str, pulled: int | None, total: int | None) -> JobView:
