@@ -1,0 +1,39 @@
+"""A job's inputs by URL, fetched (or found in the cache) before its container starts."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
+from functools import partial
+from pathlib import Path
+
+from agent.inputs.cache import InputCache
+from agent.inputs.fetch import FetchLimits, fetch
+from sandbox.spec import WorkloadSpec
+
+__all__ = ["stage_inputs"]
+
+
+@asynccontextmanager
+async def stage_inputs(
+    cache: InputCache, spec: WorkloadSpec, allowed_hosts: list[str], limits: FetchLimits
+) -> AsyncIterator[dict[str, Path]]:
+    """Each URL input of ``spec`` as ``{path in /input: cached host file}``, held in the
+    cache (not evicted) until the block ends; InputError if one cannot be had."""
+    async with AsyncExitStack() as stack:
+        files: dict[str, Path] = {}
+        for item in spec.inputs:
+            if item.url is None or item.sha256 is None or item.size_bytes is None:
+                continue
+            fill = partial(
+                fetch,
+                item.url,
+                sha256=item.sha256,
+                size_bytes=item.size_bytes,
+                allowed_hosts=allowed_hosts,
+                limits=limits,
+            )
+            files[item.path] = await stack.enter_async_context(
+                cache.use(item.sha256, item.size_bytes, fill)
+            )
+        yield files
