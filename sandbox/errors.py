@@ -14,7 +14,7 @@ how a caller reacts to it::
     |     (``status``: the engine's HTTP status, when it answered; sandbox.engine maps them)
     +-- RunError                   the runner could not run this job (report it as an error)
           codes: start_failed, gpu_unmappable, bad_job_id, job_running, runtime_missing,
-                 bad_image_volume, no_free_uid
+                 bad_image_volume, no_free_uid, input_missing
 """
 
 from __future__ import annotations

@@ -26,7 +26,7 @@ from pathlib import Path
 import msgspec
 
 from agent.config.files import read_enrolment_token
-from agent.config.settings import AgentConfig
+from agent.config.settings import AgentConfig, CacheConfig
 from agent.control.server import ControlServer
 from agent.daemon.control import DaemonControl
 from agent.daemon.health import HealthCheck
@@ -34,6 +34,7 @@ from agent.daemon.metrics import MetricsServer
 from agent.daemon.node_status import NodeReporter
 from agent.daemon.sampler import Sampler, Tick
 from agent.daemon.systemd import Notifier, watchdog_interval
+from agent.inputs.stage import Inputs
 from agent.jobs.manager import JobManager
 from agent.jobs.node import NodeState
 from agent.jobs.scheduler import Scheduler
@@ -93,6 +94,8 @@ class DaemonConfig(msgspec.Struct, frozen=True, kw_only=True):
     control_group: str | None = None
     metrics_listen: tuple[str, int] | None = None
     """Where ``/metrics`` is served (loopback); None: it is not."""
+    cache: CacheConfig = CacheConfig()
+    """The fetched inputs' cache (under ``state_dir``) and fetch limits."""
 
 
 def daemon_config(config: AgentConfig) -> DaemonConfig:
@@ -139,6 +142,7 @@ def daemon_config(config: AgentConfig) -> DaemonConfig:
         control_socket=config.paths.control_socket,
         control_mode=mode,
         control_group=group,
+        cache=config.cache,
         metrics_listen=(config.metrics.host, config.metrics.port)
         if config.metrics.enabled
         else None,
@@ -174,6 +178,7 @@ class _Daemon:
             trusted_keys=dict(config.link.pinned_keys),
             wake=wake,
             max_concurrent=config.max_concurrent,
+            inputs=Inputs.open(config.state_dir, config.cache),
         )
         self.guard = OwnerGuard(
             jobs=self.jobs,

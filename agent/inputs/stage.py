@@ -3,15 +3,39 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from contextlib import AsyncExitStack, asynccontextmanager
+from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
 from functools import partial
 from pathlib import Path
 
+from agent.config.settings import CacheConfig
 from agent.inputs.cache import InputCache
 from agent.inputs.fetch import FetchLimits, fetch
 from sandbox.spec import WorkloadSpec
 
-__all__ = ["stage_inputs"]
+__all__ = ["Inputs", "stage_inputs"]
+
+
+class Inputs:
+    """The cache and the fetch limits a job manager (or ``run-local``) stages inputs with."""
+
+    def __init__(self, cache: InputCache, limits: FetchLimits) -> None:
+        self.cache = cache
+        self.limits = limits
+
+    def stage(
+        self, spec: WorkloadSpec, allowed_hosts: list[str]
+    ) -> AbstractAsyncContextManager[dict[str, Path]]:
+        """:func:`stage_inputs` with this cache and these limits."""
+        return stage_inputs(self.cache, spec, allowed_hosts, self.limits)
+
+    @classmethod
+    def open(cls, state_dir: Path, settings: CacheConfig) -> Inputs:
+        """The cache under ``state_dir/cache/inputs``, opened (what a killed fetch left is
+        removed), with the ``[cache]`` settings."""
+        cache = InputCache(state_dir / "cache" / "inputs", settings.inputs_max_bytes)
+        cache.open()
+        limits = FetchLimits(stall_s=settings.input_stall_s, deadline_s=settings.input_deadline_s)
+        return cls(cache, limits)
 
 
 @asynccontextmanager

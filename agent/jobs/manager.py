@@ -8,6 +8,8 @@ transaction holding both the ledger's new state and the messages that report it:
 - an offer is answered ``accepted`` (its GPUs reserved) or ``refused`` with a code, in
   the same transaction that records the offer as handled; the container starts only
   once that is on disk, so nothing runs that the coordinator will not hear of;
+- inputs given by URL are fetched (or found in the cache) before the container is made;
+  one that cannot be had ends the job ``error`` with its code (``input_*``, ``disk_full``);
 - ``running``, bounded ``job_log`` chunks, then the signed receipt (``job_result``) and
   the final ``job_status`` together;
 - at start, jobs that a crash cut short are reaped and reported ``interrupted`` with a
@@ -20,11 +22,14 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
-from contextlib import aclosing
+from contextlib import AsyncExitStack, aclosing
+from pathlib import Path
 from typing import Literal
 
 import msgspec
 
+from agent.errors import InputError
+from agent.inputs.stage import Inputs
 from agent.jobs import machine
 from agent.jobs.gpus import device_facts
 from agent.jobs.ledger import JobRecord, Ledger
@@ -83,6 +88,7 @@ class JobManager:
         trusted_keys: dict[str, bytes],
         wake: Callable[[], None],
         max_concurrent: int = 0,
+        inputs: Inputs | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.identity = identity
@@ -94,11 +100,13 @@ class JobManager:
         self.trusted_keys = trusted_keys
         self.wake = wake
         self.max_concurrent = max_concurrent
+        self.inputs = inputs
         self.clock = clock
         self.tasks: dict[str, asyncio.Task[None]] = {}
         self._states: dict[str, str] = {}
         self._stops: dict[str, StopReason] = {}
         self._containers: dict[str, str] = {}
+        self._fetching: set[str] = set()
 
     # -- start -------------------------------------------------------------------------
 
@@ -157,6 +165,8 @@ class JobManager:
         if job_id not in self.tasks:
             return False
         self._stops.setdefault(job_id, why)
+        if job_id in self._fetching:  # nothing of the job runs yet: stop the fetch itself
+            self.tasks[job_id].cancel()
         self.runner.cancel(job_id)  # False before the runner has it: _run checks _stops
         return True
 
@@ -246,21 +256,33 @@ class JobManager:
         flusher = asyncio.create_task(logs.flush_every(_LOG_FLUSH_S))
         result: JobResult | None = None
         try:
+            async with AsyncExitStack() as held:
+                fetched = await self._fetch(job_id, spec, held)
+                if job_id not in self._stops:
+                    gpus = [device_facts(g) for g in self.node.scheduler.gpus_of(units)]
+                    run = self.runner.run(job_id, spec, gpus, fetched)
+                    async with aclosing(run) as events:
+                        async for event in events:
+                            if isinstance(event, Created):
+                                self._containers[job_id] = event.container_id
+                                self._carry_out(
+                                    Decision(rows=(ContainerOf(job_id, event.container_id),))
+                                )
+                            elif isinstance(event, Started):
+                                self._carry_out(
+                                    machine.advance(job_id, self._state(job_id), "running")
+                                )
+                            elif isinstance(event, LogChunk):
+                                logs.add(event.stream, event.data)
+                            elif isinstance(event, Finished):
+                                result = event.result
+        except InputError as exc:
+            _log.warning("job %s: an input could not be had: %s", job_id, exc)
+            result = _no_run(job_id, spec, exc.code, exc.detail)
+        except asyncio.CancelledError:
             if job_id not in self._stops:
-                gpus = [device_facts(g) for g in self.node.scheduler.gpus_of(units)]
-                async with aclosing(self.runner.run(job_id, spec, gpus)) as events:
-                    async for event in events:
-                        if isinstance(event, Created):
-                            self._containers[job_id] = event.container_id
-                            self._carry_out(
-                                Decision(rows=(ContainerOf(job_id, event.container_id),))
-                            )
-                        elif isinstance(event, Started):
-                            self._carry_out(machine.advance(job_id, self._state(job_id), "running"))
-                        elif isinstance(event, LogChunk):
-                            logs.add(event.stream, event.data)
-                        elif isinstance(event, Finished):
-                            result = event.result
+                raise
+            # stop() cancelled the fetch: the job ends as it asked, below
         except SandboxError as exc:  # refused before it began (a job id already running)
             _log.error("job %s could not start: %s", job_id, exc)
             result = _no_run(job_id, spec, exc.code, exc.detail)
@@ -276,6 +298,20 @@ class JobManager:
             self._states.pop(job_id, None)
             del self.tasks[job_id]
             self.node.changed()
+
+    async def _fetch(
+        self, job_id: str, spec: WorkloadSpec, held: AsyncExitStack
+    ) -> dict[str, Path]:
+        """The job's inputs given by URL, fetched or found in the cache, held in it until
+        ``held`` closes (the job has ended)."""
+        if self.inputs is None or all(item.url is None for item in spec.inputs):
+            return {}
+        self._fetching.add(job_id)
+        try:
+            stage = self.inputs.stage(spec, self.policy.allowed_input_hosts)
+            return await held.enter_async_context(stage)
+        finally:
+            self._fetching.discard(job_id)
 
     def _state(self, job_id: str) -> str:
         state = self._states.get(job_id)
