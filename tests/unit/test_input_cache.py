@@ -38,7 +38,7 @@ async def _put(cache: InputCache, data: bytes, calls: list[str]) -> None:
 
 
 async def test_an_entry_is_read_only_and_named_by_its_digest(tmp_path: Path) -> None:
-    cache, calls = _cache(tmp_path, 100), []
+    cache, calls = _cache(tmp_path, 100), list[str]()
     async with cache.use(_digest(b"abc"), 3, _writer(b"abc", calls)) as path:
         assert path == tmp_path / "inputs" / "sha256" / _digest(b"abc")
         assert path.read_bytes() == b"abc"
@@ -47,14 +47,14 @@ async def test_an_entry_is_read_only_and_named_by_its_digest(tmp_path: Path) -> 
 
 
 async def test_an_entry_is_fetched_once_for_many_jobs(tmp_path: Path) -> None:
-    cache, calls = _cache(tmp_path, 100), []
+    cache, calls = _cache(tmp_path, 100), list[str]()
     await _put(cache, b"abc", calls)
     await _put(cache, b"abc", calls)
     assert calls == [_digest(b"abc")]
 
 
 async def test_two_jobs_asking_at_once_share_one_fetch(tmp_path: Path) -> None:
-    cache, calls = _cache(tmp_path, 100), []
+    cache, calls = _cache(tmp_path, 100), list[str]()
     started, release = asyncio.Event(), asyncio.Event()
 
     async def slow(fd: int) -> None:
@@ -78,20 +78,21 @@ async def test_two_jobs_asking_at_once_share_one_fetch(tmp_path: Path) -> None:
 
 
 async def test_the_least_recently_used_entry_is_evicted_to_fit(tmp_path: Path) -> None:
-    cache, calls = _cache(tmp_path, 10), []
+    cache, calls = _cache(tmp_path, 10), list[str]()
     a, b, c = b"a" * 4, b"b" * 4, b"c" * 4
     await _put(cache, a, calls)
     await _put(cache, b, calls)
     await _put(cache, a, calls)  # a is now more recent than b
     await _put(cache, c, calls)
-    assert cache.holds(_digest(a)) and cache.holds(_digest(c))
+    assert cache.holds(_digest(a))
+    assert cache.holds(_digest(c))
     assert not cache.holds(_digest(b))
     assert not cache.path_of(_digest(b)).exists()
     assert cache.used_bytes == 8
 
 
 async def test_an_entry_in_use_is_not_evicted(tmp_path: Path) -> None:
-    cache, calls = _cache(tmp_path, 10), []
+    cache, calls = _cache(tmp_path, 10), list[str]()
     a, b = b"a" * 6, b"b" * 6
     async with cache.use(_digest(a), 6, _writer(a, calls)) as held:
         with pytest.raises(InputError) as caught:
@@ -103,7 +104,7 @@ async def test_an_entry_in_use_is_not_evicted(tmp_path: Path) -> None:
 
 
 async def test_an_input_larger_than_the_budget_is_refused_unfetched(tmp_path: Path) -> None:
-    cache, calls = _cache(tmp_path, 10), []
+    cache, calls = _cache(tmp_path, 10), list[str]()
     with pytest.raises(InputError) as caught:
         await _put(cache, b"x" * 11, calls)
     assert caught.value.code == "input_cache_full"
@@ -131,7 +132,7 @@ async def test_a_partial_file_a_killed_agent_left_is_removed_not_used(tmp_path: 
     partial = tmp_path / "inputs" / "tmp" / f"{digest}.0badf00d"
     partial.parent.mkdir(parents=True)
     partial.write_bytes(b"ab")
-    cache, calls = _cache(tmp_path, 100), []
+    cache, calls = _cache(tmp_path, 100), list[str]()
     assert not partial.exists()
     assert not cache.holds(digest)
     await _put(cache, b"abc", calls)
@@ -139,15 +140,17 @@ async def test_a_partial_file_a_killed_agent_left_is_removed_not_used(tmp_path: 
 
 
 async def test_entries_and_their_order_survive_a_restart(tmp_path: Path) -> None:
-    cache, calls = _cache(tmp_path, 10), []
+    cache, calls = _cache(tmp_path, 10), list[str]()
     a, b = b"a" * 4, b"b" * 4
     await _put(cache, a, calls)
     await _put(cache, b, calls)
     os.utime(cache.path_of(_digest(a)), ns=(1, 1))  # a: long unused
     again = _cache(tmp_path, 10)
-    assert again.holds(_digest(a)) and again.holds(_digest(b))
+    assert again.holds(_digest(a))
+    assert again.holds(_digest(b))
     await _put(again, b"c" * 4, calls)
-    assert again.holds(_digest(b)) and not again.holds(_digest(a))
+    assert again.holds(_digest(b))
+    assert not again.holds(_digest(a))
 
 
 async def test_a_stray_file_in_the_cache_is_removed(tmp_path: Path) -> None:
