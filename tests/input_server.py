@@ -28,6 +28,8 @@ class InputServer:
         self.sha256 = hashlib.sha256(data).hexdigest()
         self.hits: Counter[str] = Counter()
         self.stop = threading.Event()
+        self.stalled = threading.Event()
+        """Set once ``/stall`` has sent its half."""
         self.base = ""
 
     def url(self, path: str) -> str:
@@ -39,7 +41,7 @@ def _handler(server: InputServer) -> type[http.server.BaseHTTPRequestHandler]:
     class Handler(http.server.BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
 
-        def log_message(self, format: str, *args: object) -> None:  # noqa: A002
+        def log_message(self, format: str, *args: object) -> None:
             """Quiet: the tests read ``hits``."""
 
         def handle(self) -> None:
@@ -81,6 +83,7 @@ def _handler(server: InputServer) -> type[http.server.BaseHTTPRequestHandler]:
                 self._head(200, len(data))
                 self.wfile.write(data[: len(data) // 2])
                 self.wfile.flush()
+                server.stalled.set()
                 server.stop.wait()
                 self.close_connection = True
             elif parts.path == "/endless":
