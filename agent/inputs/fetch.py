@@ -28,6 +28,8 @@ from sandbox.policy import host_allowed
 __all__ = ["FetchLimits", "fetch", "redirect_target", "status_error"]
 
 _REDIRECTS: Final = frozenset({301, 302, 303, 307, 308})
+# What is handed to the writing thread at once: large enough that the hand-off costs little.
+_BATCH_BYTES: Final = 1 << 20
 
 
 class FetchLimits(msgspec.Struct, frozen=True, kw_only=True):
@@ -134,20 +136,82 @@ async def _receive(response: httpx.Response, fd: int, sha256: str, size_bytes: i
     announced = response.headers.get("content-length", "")
     if announced.isdigit() and int(announced) > size_bytes:
         raise InputError("input_too_large", f"{url} announces {announced} of {size_bytes} bytes")
-    digest = hashlib.sha256()
-    received = 0
-    async for chunk in response.aiter_raw():
-        received += len(chunk)
-        if received > size_bytes:
-            raise InputError("input_too_large", f"{url} sent more than {size_bytes} bytes")
-        digest.update(chunk)
-        _write_all(fd, chunk)
+    sink = _Sink(fd)
+    try:
+        received = 0
+        async for chunk in response.aiter_raw():
+            received += len(chunk)
+            if received > size_bytes:
+                raise InputError("input_too_large", f"{url} sent more than {size_bytes} bytes")
+            await sink.add(chunk)
+        await sink.finish()
+    finally:
+        sink.close()
     if received != size_bytes:
         detail = f"{url} sent {received} of {size_bytes} bytes"
         raise InputError("input_digest_mismatch", detail)
-    if digest.hexdigest() != sha256:
-        detail = f"{url}: sha256 {digest.hexdigest()}, not {sha256}"
+    if sink.digest.hexdigest() != sha256:
+        detail = f"{url}: sha256 {sink.digest.hexdigest()}, not {sha256}"
         raise InputError("input_digest_mismatch", detail)
+
+
+class _Sink:
+    """Hashes and writes what was received in a worker thread, one batch at a time, while
+    the event loop receives the next: both release the GIL, so they overlap."""
+
+    def __init__(self, fd: int) -> None:
+        # Its own descriptor, closed only once the last write is done: a fetch cancelled
+        # mid-write must not leave a thread writing to a number the caller closed and
+        # something else may have opened since.
+        self._fd = os.dup(fd)
+        self.digest = hashlib.sha256()
+        self._pending: asyncio.Future[None] | None = None
+        self._batch: list[bytes] = []
+        self._batched = 0
+
+    async def add(self, chunk: bytes) -> None:
+        """Take one chunk; hand a full batch to the worker once it is done with the last."""
+        self._batch.append(chunk)
+        self._batched += len(chunk)
+        if self._batched >= _BATCH_BYTES:
+            await self._flush()
+
+    async def finish(self) -> None:
+        """Return once everything taken is hashed and written."""
+        await self._flush()
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            await pending
+
+    def close(self) -> None:
+        """Close the descriptor now, or once the write under way is done."""
+        pending, fd = self._pending, self._fd
+        if pending is None or pending.done():
+            os.close(fd)
+            if pending is not None and not pending.cancelled():
+                pending.exception()  # retrieved: the fetch has already failed
+            return
+
+        def closed(done: asyncio.Future[None]) -> None:
+            os.close(fd)
+            if not done.cancelled():
+                done.exception()
+
+        pending.add_done_callback(closed)
+
+    async def _flush(self) -> None:
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            await pending
+        if self._batch:
+            batch, self._batch, self._batched = self._batch, [], 0
+            loop = asyncio.get_running_loop()
+            self._pending = loop.run_in_executor(None, self._consume, batch)
+
+    def _consume(self, batch: list[bytes]) -> None:
+        for chunk in batch:
+            self.digest.update(chunk)
+            _write_all(self._fd, chunk)
 
 
 def _write_all(fd: int, data: bytes) -> None:
