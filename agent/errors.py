@@ -21,7 +21,7 @@ how a caller reacts to it::
           codes: input_digest_mismatch, input_too_large, input_unreachable,
                  input_timeout, input_not_found, input_http_error,
                  input_redirect_refused, input_scheme_refused, input_cache_full,
-                 disk_full
+                 input_cache_error (the cache's directory failed), disk_full
 """
 
 from __future__ import annotations

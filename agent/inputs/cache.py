@@ -16,6 +16,8 @@ import logging
 import os
 import re
 import secrets
+import shutil
+import stat
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -59,9 +61,12 @@ class InputCache:
         found = []
         for path in (self.root / "sha256").iterdir():
             info = path.lstat()
-            if not _HEX64.fullmatch(path.name) or not path.is_file() or path.is_symlink():
+            if not _HEX64.fullmatch(path.name) or not stat.S_ISREG(info.st_mode):
                 _log.warning("not a cache entry, removed: %s", path)
-                path.unlink()
+                if stat.S_ISDIR(info.st_mode):
+                    shutil.rmtree(path)
+                else:
+                    path.unlink()
                 continue
             found.append((info.st_mtime_ns, path.name, info.st_size))
         self._entries = {name: size for _, name, size in sorted(found)}
@@ -119,7 +124,7 @@ class InputCache:
         except OSError as exc:
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise InputError("disk_full", f"caching the input: {exc.strerror}") from None
-            raise
+            raise InputError("input_cache_error", f"caching the input: {exc}") from None
         finally:
             self._reserved -= size_bytes
             temp.unlink(missing_ok=True)

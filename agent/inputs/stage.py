@@ -8,6 +8,7 @@ from functools import partial
 from pathlib import Path
 
 from agent.config.settings import CacheConfig
+from agent.errors import ConfigError
 from agent.inputs.cache import InputCache
 from agent.inputs.fetch import FetchLimits, fetch
 from sandbox.spec import WorkloadSpec
@@ -31,9 +32,13 @@ class Inputs:
     @classmethod
     def open(cls, state_dir: Path, settings: CacheConfig) -> Inputs:
         """The cache under ``state_dir/cache/inputs``, opened (what a killed fetch left is
-        removed), with the ``[cache]`` settings."""
+        removed), with the ``[cache]`` settings; ConfigError if it cannot be used."""
         cache = InputCache(state_dir / "cache" / "inputs", settings.inputs_max_bytes)
-        cache.open()
+        try:
+            cache.open()
+        except OSError as exc:
+            detail = f"cannot use the input cache {cache.root}: {exc.strerror or exc}"
+            raise ConfigError("bad_config", detail) from None
         limits = FetchLimits(stall_s=settings.input_stall_s, deadline_s=settings.input_deadline_s)
         return cls(cache, limits)
 

@@ -160,3 +160,20 @@ async def test_a_stray_file_in_the_cache_is_removed(tmp_path: Path) -> None:
     cache = _cache(tmp_path, 10)
     assert not stray.exists()
     assert cache.used_bytes == 0
+
+
+async def test_a_directory_in_the_place_of_an_entry_is_removed_at_open(tmp_path: Path) -> None:
+    digest = _digest(b"abc")
+    squatter = tmp_path / "inputs" / "sha256" / digest
+    (squatter / "inner").mkdir(parents=True)
+    cache, calls = _cache(tmp_path, 10), list[str]()
+    await _put(cache, b"abc", calls)
+    assert cache.path_of(digest).read_bytes() == b"abc"
+
+
+async def test_a_cache_directory_that_fails_is_a_coded_input_error(tmp_path: Path) -> None:
+    cache, calls = _cache(tmp_path, 10), list[str]()
+    (tmp_path / "inputs" / "tmp").rmdir()
+    with pytest.raises(InputError) as caught:
+        await _put(cache, b"abc", calls)
+    assert caught.value.code == "input_cache_error"
