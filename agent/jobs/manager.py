@@ -259,23 +259,7 @@ class JobManager:
             async with AsyncExitStack() as held:
                 fetched = await self._fetch(job_id, spec, held)
                 if job_id not in self._stops:
-                    gpus = [device_facts(g) for g in self.node.scheduler.gpus_of(units)]
-                    run = self.runner.run(job_id, spec, gpus, fetched)
-                    async with aclosing(run) as events:
-                        async for event in events:
-                            if isinstance(event, Created):
-                                self._containers[job_id] = event.container_id
-                                self._carry_out(
-                                    Decision(rows=(ContainerOf(job_id, event.container_id),))
-                                )
-                            elif isinstance(event, Started):
-                                self._carry_out(
-                                    machine.advance(job_id, self._state(job_id), "running")
-                                )
-                            elif isinstance(event, LogChunk):
-                                logs.add(event.stream, event.data)
-                            elif isinstance(event, Finished):
-                                result = event.result
+                    result = await self._follow(job_id, spec, units, fetched, logs)
         except InputError as exc:
             _log.warning("job %s: an input could not be had: %s", job_id, exc)
             result = _no_run(job_id, spec, exc.code, exc.detail)
@@ -298,6 +282,31 @@ class JobManager:
             self._states.pop(job_id, None)
             del self.tasks[job_id]
             self.node.changed()
+
+    async def _follow(
+        self,
+        job_id: str,
+        spec: WorkloadSpec,
+        units: list[str],
+        fetched: dict[str, Path],
+        logs: LogForwarder,
+    ) -> JobResult | None:
+        """Run the job's container, carrying out what each of its events decides; its
+        result, or None if the runner ended without one."""
+        gpus = [device_facts(g) for g in self.node.scheduler.gpus_of(units)]
+        result = None
+        async with aclosing(self.runner.run(job_id, spec, gpus, fetched)) as events:
+            async for event in events:
+                if isinstance(event, Created):
+                    self._containers[job_id] = event.container_id
+                    self._carry_out(Decision(rows=(ContainerOf(job_id, event.container_id),)))
+                elif isinstance(event, Started):
+                    self._carry_out(machine.advance(job_id, self._state(job_id), "running"))
+                elif isinstance(event, LogChunk):
+                    logs.add(event.stream, event.data)
+                elif isinstance(event, Finished):
+                    result = event.result
+        return result
 
     async def _fetch(
         self, job_id: str, spec: WorkloadSpec, held: AsyncExitStack
