@@ -22,7 +22,7 @@ from typing import Any, Final
 
 from agent.protocol.limits import MAX_ERROR_DETAIL_CHARS
 from coordinator.errors import ConfigError, JobError
-from coordinator.jobs import MAX_TTL_S
+from coordinator.offers import MAX_TTL_S
 
 __all__ = [
     "JOB_ID",

@@ -123,18 +123,18 @@ class Loop:
         await self.until(lambda: bool(self.c.connected()), "the agent to connect")
         [self.node_id] = self.c.connected()
         await self.until(
-            lambda: self.c.store.latest(self.node_id, "node_status") is not None,
+            lambda: self.c.store.nodes.latest(self.node_id, "node_status") is not None,
             "the node's capacity",
         )
         return self.node_id
 
     def job(self, job_id: str) -> JobRow:
-        row = self.c.store.job(job_id)
+        row = self.c.store.jobs.get(job_id)
         assert row is not None
         return row
 
     def bodies(self, kind: str, job_id: str) -> list[dict[str, Any]]:
-        stored = self.c.store.messages(self.node_id, kind, limit=100_000)
+        stored = self.c.store.nodes.messages(self.node_id, kind, limit=100_000)
         return [m.body for m in stored if m.body.get("job_id") == job_id]
 
     def states(self, job_id: str) -> list[str]:
@@ -180,7 +180,7 @@ async def test_a_submitted_job_runs_and_its_verified_receipt_reaches_the_coordin
     assert row.result.problems == []
     assert row.result.receipt["exit_code"] == 0
     assert row.result.receipt["offer_sha256"] == row.offer_sha256
-    logs = loop.c.store.job_logs(job_id)
+    logs = loop.c.store.jobs.logs(job_id)
     assert (logs.stdout, logs.stderr) == ("hello\n", "oops\n")
 
 
@@ -225,9 +225,9 @@ async def test_a_coordinator_restart_mid_job_loses_and_duplicates_nothing(loop: 
     await loop.start_coordinator()
     await loop.until(lambda: loop.job(job_id).final, "the job to be reported")
     assert loop.states(job_id) == ["accepted", "running", "completed"]
-    assert loop.c.store.job_logs(job_id).stdout == "".join(f"line {i}\n" for i in range(1, 41))
+    assert loop.c.store.jobs.logs(job_id).stdout == "".join(f"line {i}\n" for i in range(1, 41))
     assert len(loop.bodies("job_result", job_id)) == 1
-    seqs = loop.c.store.all_seqs(loop.node_id)
+    seqs = loop.c.store.nodes.all_seqs(loop.node_id)
     assert seqs == list(range(1, len(seqs) + 1))
 
 
@@ -241,7 +241,7 @@ async def test_sigterm_interrupts_the_running_job_and_exits_cleanly(loop: Loop) 
     await loop.until(lambda: loop.job(job_id).final, "the job to be reported")
     assert loop.job(job_id).state == "interrupted"
     assert await loop.containers(job_id) == []
-    status = loop.c.store.latest(loop.node_id, "node_status")
+    status = loop.c.store.nodes.latest(loop.node_id, "node_status")
     assert status is not None
     assert status.body["available"] is False
     assert status.body["reason"] == "shutting_down"
@@ -251,7 +251,7 @@ async def test_a_critical_xid_marks_the_gpu_unhealthy_and_the_coordinator_is_tol
     loop: Loop,
 ) -> None:
     def unit_health() -> dict[str, tuple[str, str]]:
-        status = loop.c.store.latest(loop.node_id, "node_status")
+        status = loop.c.store.nodes.latest(loop.node_id, "node_status")
         assert status is not None
         return {u["id"]: (u["health"], u.get("reason", "")) for u in status.body["units"]}
 
@@ -350,7 +350,7 @@ async def test_the_local_control_api_shows_pauses_and_resumes_the_daemon(loop: L
     refused = await loop.c.submit(loop.node_id, job_spec(loop.image, "true"))
     await loop.until(lambda: loop.job(refused).final, "the refusal")
     assert (loop.job(refused).state, loop.job(refused).code) == ("refused", "paused")
-    node = loop.c.store.latest(loop.node_id, "node_status")
+    node = loop.c.store.nodes.latest(loop.node_id, "node_status")
     assert node is not None
     assert (node.body["available"], node.body["reason"]) == (False, "paused")
     await asyncio.to_thread(_control, loop, "resume")
@@ -420,14 +420,14 @@ async def test_an_owner_guard_preempts_the_job_and_the_coordinator_hears_it_once
         assert await loop.containers(job_id) == []
         status = await client.status()
         assert (status.guard, status.paused) == ("outside_schedule", False)
-        node = loop.c.store.latest(loop.node_id, "node_status")
+        node = loop.c.store.nodes.latest(loop.node_id, "node_status")
         assert node is not None
         assert (node.body["available"], node.body["reason"]) == (False, "outside_schedule")
         # Cleared: the node takes jobs again, and tells the coordinator.
         await client.set_settings({"schedule": []})
         await loop.until(
             lambda: (
-                (latest := loop.c.store.latest(loop.node_id, "node_status")) is not None
+                (latest := loop.c.store.nodes.latest(loop.node_id, "node_status")) is not None
                 and latest.body["available"]
             ),
             "the node to be available again",

@@ -11,15 +11,17 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import stat
 import tomllib
 from pathlib import Path
-from typing import Any, Final
+from typing import Annotated, Any, Final
 
 import msgspec
 
 from agent.errors import ConfigError
 from agent.protocol.bodies import EnrolmentToken
+from sandbox.engine_types import RegistryAuth
 from sandbox.files import read_regular
 
 __all__ = [
@@ -30,7 +32,9 @@ __all__ = [
     "enrolment_token_fault",
     "read_capped",
     "read_enrolment_token",
+    "read_registry_logins",
     "read_toml",
+    "registry_logins_fault",
 ]
 
 MAX_FILE_BYTES: Final = 1 << 20
@@ -124,6 +128,63 @@ def read_enrolment_token(path: Path) -> str:
         raise ConfigError(
             "bad_config", f"{path}: a token is 1 to 256 characters, not {len(token)}"
         ) from None
+
+
+class _RegistryLogin(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    username: Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
+    password: Annotated[str, msgspec.Meta(min_length=1, max_length=4096)]
+
+
+_REGISTRY_HOST = re.compile(r"^[a-z0-9]([a-z0-9.-]{0,251}[a-z0-9])?(:[0-9]{1,5})?(?!\n)$")
+
+
+def read_registry_logins(path: Path) -> dict[str, RegistryAuth]:
+    """The registry credentials in ``path``, by registry host, for image pulls::
+
+        [registry."registry.example.com:5000"]
+        username = "puller"
+        password = "..."
+
+    Raises:
+        ConfigError: ``bad_config``: no such file, :func:`read_capped`'s faults (the file
+            must be private), not TOML of that shape. The detail never quotes a secret.
+    """
+    try:
+        data = read_capped(path, limit=MAX_TOKEN_FILE_BYTES * 16, private=True)
+    except FileNotFoundError:
+        raise ConfigError("bad_config", f"{path}: no such file") from None
+    try:
+        table = tomllib.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        # TOML's messages name a line and column, never the value there.
+        raise ConfigError("bad_config", f"{path}: not TOML: {exc}") from None
+    unknown = sorted(set(table) - {"registry"})
+    if unknown:
+        raise ConfigError("bad_config", f"{path}: unknown table {unknown[0]!r}")
+    logins: dict[str, RegistryAuth] = {}
+    for host, login in (table.get("registry") or {}).items():
+        if not _REGISTRY_HOST.fullmatch(host):
+            raise ConfigError("bad_config", f"{path}: {host!r} is not a registry host[:port]")
+        try:
+            checked = msgspec.convert(login, _RegistryLogin)
+        except msgspec.ValidationError as exc:
+            where = str(exc).rpartition(" - at ")[2] or "the entry"
+            raise ConfigError(
+                "bad_config", f"{path}: registry {host!r}: {where} is not valid"
+            ) from None
+        logins[host] = RegistryAuth(
+            username=checked.username, password=checked.password, serveraddress=host
+        )
+    return logins
+
+
+def registry_logins_fault(path: Path) -> str:
+    """Why ``path`` holds no usable registry credentials ("" if it does)."""
+    try:
+        read_registry_logins(path)
+    except ConfigError as exc:
+        return exc.detail
+    return ""
 
 
 def enrolment_token_fault(path: Path) -> str:

@@ -7,7 +7,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from input_server import InputServer, serve_input
+from support.input_server import InputServer, serve_input
 
 from agent.errors import InputError
 from agent.inputs.fetch import FetchLimits, fetch

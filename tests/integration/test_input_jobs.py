@@ -16,7 +16,7 @@ from typing import Any
 import msgspec
 import pytest
 from conftest import require_runtime
-from input_server import InputServer, serve_input
+from support.input_server import InputServer, serve_input
 
 from agent.inputs.cache import InputCache
 from agent.inputs.fetch import FetchLimits
@@ -148,7 +148,7 @@ async def test_a_job_reads_its_fetched_input_and_cannot_change_it(
 ) -> None:
     await world.offer("job-1", _spec(world.image, server.url("/file"), _TAMPER))
     await world.manager.wait_idle()
-    assert world.states("job-1") == ["accepted", "running", "completed"]
+    assert world.states("job-1") == ["accepted", "running", "completed"], world.messages("job-1")
     log = world.log("job-1")
     assert log.count(f"{SHA}  /input/model.bin") == 2
     for refused in ("append", "rm", "chmod", "mv", "touch"):

@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from input_server import serve_input
+from support.input_server import serve_input
 
 DATA = os.urandom(200_000)
 SHA = hashlib.sha256(DATA).hexdigest()
