@@ -327,6 +327,7 @@ class JobManager:
         ``held`` closes (the job has ended)."""
         if self.inputs is None or all(item.url is None for item in spec.inputs):
             return {}
+        self._carry_out(machine.advance(job_id, self._state(job_id), "fetching"))
         self._fetching.add(job_id)
         try:
             stage = self.inputs.stage(spec, self.policy.allowed_input_hosts)

@@ -148,7 +148,9 @@ async def test_a_job_reads_its_fetched_input_and_cannot_change_it(
 ) -> None:
     await world.offer("job-1", _spec(world.image, server.url("/file"), _TAMPER))
     await world.manager.wait_idle()
-    assert world.states("job-1") == ["accepted", "running", "completed"], world.messages("job-1")
+    assert world.states("job-1") == ["accepted", "fetching", "running", "completed"], (
+        world.messages("job-1")
+    )
     log = world.log("job-1")
     assert log.count(f"{SHA}  /input/model.bin") == 2
     for refused in ("append", "rm", "chmod", "mv", "touch"):
@@ -167,7 +169,7 @@ async def test_two_jobs_at_once_fetch_their_shared_input_once(
     await world.offer("job-c", _spec(world.image, server.url("/file"), script))
     await world.manager.wait_idle()
     for job_id in ("job-a", "job-b", "job-c"):
-        assert world.states(job_id) == ["accepted", "running", "completed"]
+        assert world.states(job_id) == ["accepted", "fetching", "running", "completed"]
         assert world.log(job_id) == f"{SHA}  /input/model.bin\n"
     assert server.hits["/file"] == 1
 
@@ -185,7 +187,7 @@ async def test_an_input_that_cannot_be_had_ends_the_job_before_it_starts(
 ) -> None:
     await world.offer("job-1", _spec(world.image, server.url(path), "echo ran"))
     await world.manager.wait_idle()
-    assert world.states("job-1") == ["accepted", "error"]
+    assert world.states("job-1") == ["accepted", "fetching", "error"]
     receipt = world.receipt("job-1")
     assert (receipt["state"], receipt["code"]) == ("error", code)
     assert world.log("job-1") == ""
@@ -210,7 +212,7 @@ async def test_a_job_cancelled_while_its_input_is_fetched_ends_cancelled(
     assert isinstance(cancel, JobCancel)
     await world.manager.on_cancel(cancel)
     await world.manager.wait_idle()
-    assert world.states("job-1") == ["accepted", "cancelled"]
+    assert world.states("job-1") == ["accepted", "fetching", "cancelled"]
     assert not world.cache.holds(SHA)
     assert list((world.cache.root / "tmp").iterdir()) == []
 
