@@ -80,6 +80,10 @@ _COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
 _PATH = re.compile(rf"{_COMPONENT}(?:/{_COMPONENT})*")
 _TAG = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+# RFC 3986's characters (unreserved, reserved, '%'): no backslash or quote a parser might
+# read otherwise; and a host name, an IPv4 or an IPv6 address, nothing else.
+_URL_CHARS = re.compile(r"[A-Za-z0-9\-._~:/?#\[\]@!$&'()*+,;=%]+")
+_URL_HOST = re.compile(r"[a-z0-9](?:[a-z0-9.-]*[a-z0-9])?|[0-9a-f:.]+")
 
 # Keys that ask for host access, by what they would grant. A key is compared in lower case
 # without "_" or "-", so that Docker's API spelling "CapAdd" is caught as well as "cap_add".
@@ -462,12 +466,13 @@ def _check_input_form(field: str, item: InputFile) -> None:
 
 
 def url_problem(url: str) -> str | None:
-    """What makes ``url`` unfit as an input URL, or None: https or http, a host, no
-    credentials, no fragment, printable ASCII, at most :data:`MAX_URL_CHARS`."""
+    """What makes ``url`` unfit as an input URL, or None: https or http, a host name or
+    address, no credentials, no fragment, RFC 3986 characters, at most
+    :data:`MAX_URL_CHARS`."""
     if len(url) > MAX_URL_CHARS:
         return f"longer than {MAX_URL_CHARS} characters"
-    if not url.isascii() or not url.isprintable() or " " in url:
-        return "not printable ASCII (percent-encode it)"
+    if not _URL_CHARS.fullmatch(url):
+        return "characters outside RFC 3986 (percent-encode them)"
     try:
         parts = urllib.parse.urlsplit(url)
         host = parts.hostname
@@ -478,6 +483,8 @@ def url_problem(url: str) -> str | None:
         return f"scheme {parts.scheme!r}: only https and http (the digest protects http)"
     if not host:
         return "no host"
+    if not _URL_HOST.fullmatch(host):
+        return f"{host!r} is not a host name or an IP address"
     if parts.username is not None or parts.password is not None:
         return "credentials in a URL would end up in logs: not allowed"
     if parts.fragment:

@@ -24,6 +24,7 @@ import msgspec
 
 from agent.errors import InputError
 from sandbox.policy import host_allowed
+from sandbox.spec import url_problem
 
 __all__ = ["FetchLimits", "fetch", "redirect_target", "status_error"]
 
@@ -54,6 +55,8 @@ def redirect_target(current: str, location: str, allowed_hosts: list[str]) -> st
         raise InputError("input_scheme_refused", f"redirect to a {scheme!r} URL")
     if urllib.parse.urlsplit(current).scheme == "https" and scheme == "http":
         raise InputError("input_redirect_refused", f"redirect from https to http ({target})")
+    if problem := url_problem(target):
+        raise InputError("input_redirect_refused", f"redirect to {target!r}: {problem}")
     if not host_allowed(target, allowed_hosts):
         raise InputError("input_redirect_refused", f"redirect to a host not allowed: {target}")
     return target
@@ -102,6 +105,8 @@ async def fetch(
             raise InputError("input_timeout", f"{url}: {what} ({type(exc).__name__})") from None
         except httpx.TransportError as exc:  # refused, reset, cut short, bad TLS, ...
             raise InputError("input_unreachable", f"{url}: {exc or type(exc).__name__}") from None
+        except (httpx.HTTPError, httpx.InvalidURL) as exc:  # an answer that is not HTTP
+            raise InputError("input_http_error", f"{url}: {exc or type(exc).__name__}") from None
 
 
 async def _follow(

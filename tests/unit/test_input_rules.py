@@ -36,6 +36,8 @@ def test_a_redirect_within_allowed_hosts_is_followed(
         ("https://a.example.org/m", "https://evil.test/m", "input_redirect_refused"),
         ("https://a.example.org/m", "//evil.test/m", "input_redirect_refused"),
         ("https://a.example.org/m", "file:///etc/shadow", "input_scheme_refused"),
+        ("https://a.example.org/m", "https://u:p@b.example.org/m", "input_redirect_refused"),
+        ("https://a.example.org/m", "https://evil.test\\.example.org/m", "input_redirect_refused"),
         ("http://127.0.0.1/m", "gopher://127.0.0.1/m", "input_scheme_refused"),
     ],
 )

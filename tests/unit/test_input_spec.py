@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import msgspec
 import pytest
 
 from sandbox.errors import SpecError
@@ -91,12 +92,16 @@ def test_a_mixed_or_incomplete_input_is_refused_with_a_code(
         "https://h.example:99999/m",
         "https://h.example/\u00e9",
         "https://h.example/" + "a" * 2100,
+        "http://evil.test\\.example.org/m",
+        'https://h.example/"m',
+        "https://-h.example/m",
+        "https://h.example%2eevil.test/m",
     ],
 )
 def test_an_input_url_that_is_not_plain_https_or_http_is_refused(url: str) -> None:
-    item = f'url = "{url}"\nsha256 = "{HEX}"\nsize_bytes = 1'
+    item = {"path": "m", "url": url, "sha256": HEX, "size_bytes": 1}
     with pytest.raises(SpecError) as caught:
-        load_spec(_spec(item), "toml")
+        load_spec(msgspec.json.encode({"image": "python", "inputs": [item]}), "json")
     assert (caught.value.code, caught.value.field) == ("bad_value", "inputs[0].url")
 
 
