@@ -10,7 +10,8 @@ alternating, R times each:
 - the agent's whole cache path, :meth:`agent.inputs.cache.InputCache.use` on an empty
   cache: the fetch plus the fsync and rename that make an entry whole.
 
-Prints one JSON object: min/median/max wall seconds and MiB/s, CPU seconds per run and
+Each run starts after ``sync``, so that none pays for the one before's writeback. Prints
+one JSON object: min/median/max wall seconds and MiB/s, CPU seconds per run and
 CPU seconds per GiB, per method, and the agent/curl ratio of median throughputs.
 """
 
@@ -155,8 +156,13 @@ def main() -> None:
             runs: dict[str, list[tuple[float, float]]] = {"curl": [], "agent": [], "cache": []}
             sha = digest.hexdigest()
             for _ in range(args.runs):
+                # Each starts with no dirty pages: the one after a write must not pay for
+                # the writeback of the one before.
+                os.sync()
                 runs["curl"].append(_curl(url, work / "curl.bin"))
+                os.sync()
                 runs["agent"].append(asyncio.run(_agent(url, work / "agent.bin", sha, size)))
+                os.sync()
                 runs["cache"].append(asyncio.run(_cached(url, work / "cache", sha, size)))
                 for name in ("curl.bin", "agent.bin"):
                     (work / name).unlink()
