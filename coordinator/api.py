@@ -65,6 +65,9 @@ _JOB_ERROR_STATUS = {
     "unknown_job": HTTPStatus.NOT_FOUND,
     "job_exists": HTTPStatus.CONFLICT,
     "job_final": HTTPStatus.CONFLICT,
+    # The image's registry, asked to pin a tag, failed us: not the request's fault.
+    "registry_unreachable": HTTPStatus.BAD_GATEWAY,
+    "pull_timeout": HTTPStatus.GATEWAY_TIMEOUT,
 }
 
 

@@ -28,6 +28,7 @@ from agent.protocol.messages import (
     message_type,
 )
 from coordinator.errors import JobError
+from coordinator.images import ImagePinner
 from coordinator.jobs_store import JobEvent, JobLogs, JobRow, JobSummary, VerifiedResult
 from coordinator.keys import CoordinatorKey
 from coordinator.offers import DEFAULT_TTL_S, make_offer, new_job_id
@@ -64,11 +65,13 @@ class JobService:
         key: CoordinatorKey,
         sessions: Sessions,
         clock: Callable[[], float],
+        pinner: ImagePinner | None = None,
     ) -> None:
         self._store = store
         self._key = key
         self._sessions = sessions
         self._clock = clock
+        self._pinner = pinner or ImagePinner()
 
     async def submit(
         self,
@@ -88,9 +91,14 @@ class JobService:
             job_id: ``job-`` and 16 random hex digits when None.
             ttl_s: how long the offer stays valid; a node that gets it later refuses it.
 
+        An image named by a tag is pinned to its digest first (:mod:`coordinator.images`):
+        the offer carries ``repository@sha256:...``, and the node refuses a tag.
+
         Raises:
             JobError: ``unknown_node`` (never connected), ``job_exists``, ``bad_job_id``,
-                ``bad_spec`` (not a JSON object), ``bad_ttl``, ``spec_too_large``.
+                ``bad_spec`` (not a JSON object), ``bad_ttl``, ``spec_too_large``, and the
+                registry's codes when a tag cannot be pinned (``image_not_found``,
+                ``registry_unreachable``, ``registry_auth_failed``, ...).
         """
         store = self._store
         if not isinstance(node_id, str) or store.nodes.public_key(node_id) is None:
@@ -99,9 +107,16 @@ class JobService:
         if store.jobs.get(job_id) is not None:
             raise JobError("job_exists", f"job {job_id!r} exists")
         now = self._clock()
+        # Checked as the node will before any registry is asked; signed again once pinned.
         signed = make_offer(
             self._key, job_id=job_id, node_id=node_id, spec=spec, now=now, ttl_s=ttl_s
         )
+        pinned = await self._pinner.pin(spec)
+        if pinned is not spec:
+            now = self._clock()
+            signed = make_offer(
+                self._key, job_id=job_id, node_id=node_id, spec=pinned, now=now, ttl_s=ttl_s
+            )
         # Stored before it is sent, under the seq the stream gives it next: a store that
         # fails leaves no gap, and the node may acknowledge it after a restart of ours.
         seq = self._next_seq(node_id)

@@ -35,6 +35,7 @@ from coordinator.admin import AdminFile, AdminListener, new_token, write_admin_f
 from coordinator.admission import Settings, TokenBucket
 from coordinator.api_util import HttpAnswer, HttpRequest
 from coordinator.connection import AgentSessions, Shared, handle
+from coordinator.images import ImagePinner
 from coordinator.job_service import JobService
 from coordinator.retention import Quotas
 from coordinator.sessions import OpenSessions
@@ -62,8 +63,10 @@ class Coordinator:
         clock: Callable[[], float] = time.time,
         ssl_context: ssl.SSLContext | None = None,
         admin_port: int = 0,
+        pinner: ImagePinner | None = None,
     ) -> None:
         self.host = host
+        self.pinner = pinner or ImagePinner()
         self.ssl_context = ssl_context
         self._requested_port = port
         self.db_path = db_path
@@ -144,7 +147,7 @@ class Coordinator:
                 settings.new_keys_per_s, settings.new_keys_burst, time.monotonic()
             ),
             sessions=sessions,
-            jobs=JobService(store, self.key, sessions, self._clock),
+            jobs=JobService(store, self.key, sessions, self._clock, self.pinner),
         )
         try:
             self._server = await ws_serve(
@@ -282,6 +285,7 @@ async def serve(
     on_ready: Callable[[Coordinator], None] | None = None,
     ssl_context: ssl.SSLContext | None = None,
     admin_port: int = 0,
+    pinner: ImagePinner | None = None,
 ) -> None:
     """Run a coordinator until ``stop`` is set (or the task is cancelled)."""
     coordinator = Coordinator(
@@ -292,6 +296,7 @@ async def serve(
         settings=settings,
         ssl_context=ssl_context,
         admin_port=admin_port,
+        pinner=pinner,
     )
     async with coordinator:
         if on_ready is not None:

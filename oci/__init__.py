@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from oci.client import MAX_BODY, Credentials, RegistryClient
 from oci.errors import ImageError, ImageRefused, OciError, RegistryError
+from oci.logins import read_logins
 from oci.policy import ImagePolicy, check_repository, check_size, resolve_allowed
 from oci.reference import Reference, parse_reference
 from oci.resolve import Resolved, resolve
@@ -34,6 +35,7 @@ __all__ = [
     "check_size",
     "load_public_key",
     "parse_reference",
+    "read_logins",
     "resolve",
     "resolve_allowed",
     "signature_tag",

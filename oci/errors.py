@@ -2,6 +2,7 @@
 
 OciError                    base; ``code`` is stable and may travel to the coordinator
     bad_reference           the text is not an image reference (or an os/arch platform)
+    bad_logins_file         a registry logins file is missing, unsafe or malformed
     RegistryError           talking to the registry failed; worth a retry later
         registry_unreachable    no connection, TLS refused, a 5xx, a body cut short
         registry_auth_failed    the credentials (or their absence) were refused

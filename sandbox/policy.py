@@ -10,7 +10,8 @@ Image patterns in ``allowed_images`` are one of:
 - a repository, normalised as Docker does: ``python`` is ``docker.io/library/python``; it
   allows every tag and digest of that repository;
 - a glob over fully qualified repositories, e.g. ``ghcr.io/acme/*`` (``*`` also matches
-  ``/``); write it with its registry, globs are not normalised;
+  ``/``); write it with its registry, globs are not normalised; a bare local image id is
+  matched as ``sha256:<hex>``, so ``*`` allows every image;
 - a local image id, ``sha256:<64 hex>``, which allows a spec naming exactly that id.
 
 Host patterns in ``allowed_input_hosts`` are globs over a URL's host name in lower case
@@ -91,7 +92,9 @@ def image_allowed(image: ImageRef, patterns: list[str]) -> bool:
     """Whether an image reference matches one of the policy's image patterns."""
     for pattern in patterns:
         if _GLOB.search(pattern):
-            if image.repository is not None and fnmatch.fnmatchcase(image.repository, pattern):
+            # A bare image id has no repository: a glob then reads its id ("*" allows it).
+            name = image.repository if image.repository is not None else str(image.digest)
+            if fnmatch.fnmatchcase(name, pattern):
                 return True
             continue
         allowed = ImageRef.parse(pattern)

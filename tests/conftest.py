@@ -89,6 +89,18 @@ def test_image(docker_engine: str, tmp_path_factory: pytest.TempPathFactory) -> 
     return build_busybox_image(TEST_IMAGE, tmp_path_factory.mktemp("image"))
 
 
+@pytest.fixture(scope="session")
+def test_image_id(test_image: str) -> str:
+    """The test image's id, ``sha256:<hex>``: how an offer pins an image built here (an
+    offer never names a tag)."""
+    return subprocess.run(
+        ["docker", "image", "inspect", "--format", "{{.Id}}", test_image],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+
+
 def require_runtime(runtime: str) -> None:
     """Skip, or fail under GPU_AGENT_REQUIRE_DOCKER=1, when the engine lacks a runtime."""
     listed = subprocess.run(

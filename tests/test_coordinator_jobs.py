@@ -32,7 +32,8 @@ from coordinator.errors import JobError
 from coordinator.jobs_store import MAX_LOG_BYTES
 from coordinator.server import Coordinator, Settings
 
-SPEC: dict[str, Any] = {"image": "busybox@sha256:" + "a" * 64, "command": ["echo", "hi"]}
+PINNED = "busybox@sha256:" + "a" * 64
+SPEC: dict[str, Any] = {"image": PINNED, "command": ["echo", "hi"]}
 
 
 def _coordinator(tmp_path: Path) -> Coordinator:
@@ -564,7 +565,7 @@ async def _cli(*args: str) -> tuple[int, str, str]:
 async def test_cli_submits_waits_cancels_and_lists_jobs(serve: _Serve, tmp_path: Path) -> None:
     spec_file = tmp_path / "job.toml"
     spec_file.write_text(
-        'image = "busybox"\ncommand = ["true"]\n[resources]\nmemory_bytes = "1GiB"\n'
+        f'image = "{PINNED}"\ncommand = ["true"]\n[resources]\nmemory_bytes = "1GiB"\n'
     )
     state = ["--state-dir", str(serve.state)]
     peer = Peer()
@@ -574,7 +575,7 @@ async def test_cli_submits_waits_cancels_and_lists_jobs(serve: _Serve, tmp_path:
         job_id = out.strip()
         offer = link.verify(await link.take(JobOffer), serve.pinned)
         assert offer.spec == {
-            "image": "busybox",
+            "image": PINNED,
             "command": ["true"],
             "resources": {"memory_bytes": "1GiB"},
         }

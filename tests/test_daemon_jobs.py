@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -21,12 +22,15 @@ from typing import Any
 import msgspec
 import pytest
 from conftest import XML, write_control
+from support.registry import docker_push, running_registry
 from test_link import _free_port
 
 from agent.control.client import ControlClient
 from agent.owner.policy import WEEKDAYS
+from coordinator.images import ImagePinner
 from coordinator.jobs_store import JobRow
 from coordinator.server import Coordinator
+from oci import Credentials
 from sandbox.container import LABEL_JOB
 from sandbox.docker_api import DockerClient
 
@@ -45,12 +49,14 @@ class Loop:
     coordinator: Coordinator | None = None
     agent: subprocess.Popen[bytes] | None = None
     node_id: str = ""
+    pinner: ImagePinner | None = None
 
     async def start_coordinator(self) -> Coordinator:
         self.coordinator = Coordinator(
             db_path=self.workdir / "coordinator.db",
             state_dir=self.workdir / "coordinator",
             port=self.port,
+            pinner=self.pinner,
         )
         await self.coordinator.start()
         return self.coordinator
@@ -63,7 +69,8 @@ class Loop:
     def start_agent(self, **extra_env: str) -> None:
         assert self.coordinator is not None
         policy = self.workdir / "policy.toml"
-        policy.write_text(f'allowed_images = ["{self.image.split(":", maxsplit=1)[0]}"]\n')
+        # The image is pinned by its id (offers never name a tag); the policy allows that id.
+        policy.write_text(f'allowed_images = ["{self.image}"]\n')
         argv = [
             sys.executable, "-m", "agent.cli", "run",
             "--coordinator", f"ws://127.0.0.1:{self.port}/agent",
@@ -150,9 +157,9 @@ class Loop:
 
 @pytest.fixture
 async def loop(
-    tmp_path: Path, library_for: Callable[[Path], Path], test_image: str, docker_engine: str
+    tmp_path: Path, library_for: Callable[[Path], Path], test_image_id: str, docker_engine: str
 ) -> AsyncIterator[Loop]:
-    world = Loop(tmp_path, library_for(DUAL_A5000), test_image, DockerClient(docker_engine))
+    world = Loop(tmp_path, library_for(DUAL_A5000), test_image_id, DockerClient(docker_engine))
     await world.start_coordinator()
     world.start_agent()
     await world.ready()
@@ -292,16 +299,16 @@ def test_run_refuses_a_bad_config_naming_the_file_and_key(tmp_path: Path) -> Non
 
 
 async def test_run_takes_everything_from_its_config_file(
-    tmp_path: Path, library_for: Callable[[Path], Path], test_image: str, docker_engine: str
+    tmp_path: Path, library_for: Callable[[Path], Path], test_image_id: str, docker_engine: str
 ) -> None:
-    world = Loop(tmp_path, library_for(DUAL_A5000), test_image, DockerClient(docker_engine))
+    world = Loop(tmp_path, library_for(DUAL_A5000), test_image_id, DockerClient(docker_engine))
     coordinator = await world.start_coordinator()
     config = tmp_path / "agent.toml"
     config.write_text(
         f'[coordinator]\nurl = "ws://127.0.0.1:{world.port}/agent"\n'
         f'keys = ["{coordinator.key.public_key_b64}"]\n'
         f'[paths]\nstate_dir = "{tmp_path / "state"}"\nruntime_dir = "{tmp_path / "run"}"\n'
-        f'[policy]\nallowed_images = ["{test_image.split(":", maxsplit=1)[0]}"]\n'
+        f'[policy]\nallowed_images = ["{test_image_id}"]\n'
     )
     env = {**os.environ, "GPU_AGENT_NVML_LIB": str(world.library)}
     argv = [sys.executable, "-m", "agent.cli", "run", "--config", str(config)]
@@ -309,7 +316,7 @@ async def test_run_takes_everything_from_its_config_file(
         world.agent = subprocess.Popen(argv, env=env, stdout=log, stderr=log)
     try:
         node_id = await world.ready()
-        job_id = await coordinator.submit(node_id, job_spec(test_image, "echo configured"))
+        job_id = await coordinator.submit(node_id, job_spec(test_image_id, "echo configured"))
         await world.until(lambda: world.job(job_id).final, "the job to end")
         assert world.job(job_id).state == "completed"
         assert (tmp_path / "state" / "outbox.db").exists()
@@ -372,9 +379,9 @@ async def test_pause_with_drain_returns_once_running_jobs_have_ended(loop: Loop)
 
 
 async def test_metrics_are_served_on_loopback_when_enabled(
-    tmp_path: Path, library_for: Callable[[Path], Path], test_image: str, docker_engine: str
+    tmp_path: Path, library_for: Callable[[Path], Path], test_image_id: str, docker_engine: str
 ) -> None:
-    world = Loop(tmp_path, library_for(DUAL_A5000), test_image, DockerClient(docker_engine))
+    world = Loop(tmp_path, library_for(DUAL_A5000), test_image_id, DockerClient(docker_engine))
     await world.start_coordinator()
     port = _free_port()
     world.start_agent(
@@ -469,3 +476,54 @@ async def test_pause_for_a_while_from_the_command_line(loop: Loop) -> None:
     assert "paused by the owner until" in shown.stdout
     bad = await asyncio.to_thread(_control, loop, "pause", "--for", "soon")
     assert (bad.returncode, "error [bad_argument]" in bad.stderr) == (2, True)
+
+
+async def test_a_tag_submitted_is_pinned_pulled_with_the_nodes_login_and_run(
+    tmp_path: Path, library_for: Callable[[Path], Path], docker_engine: str
+) -> None:
+    (tmp_path / "registry").mkdir()
+    with running_registry(tmp_path / "registry") as registry:
+        # An image the engine does not have once pushed: busybox and a layer of its own.
+        context = tmp_path / "context"
+        (context / "bin").mkdir(parents=True)
+        shutil.copy2("/bin/busybox", context / "bin" / "busybox")
+        (context / "bin" / "sh").symlink_to("busybox")
+        (context / "blob").write_bytes(os.urandom(1 << 16))
+        (context / "Dockerfile").write_text("FROM scratch\nCOPY bin /bin\nCOPY blob /blob\n")
+        tag = f"{registry.host}/e2e/job:1"
+        subprocess.run(["docker", "build", "-q", "-t", tag, str(context)], check=True)
+        pinned = docker_push(registry, tag, tmp_path / "docker-config")
+        logins = tmp_path / "registries.toml"
+        logins.write_text(
+            f'[registry."{registry.host}"]\n'
+            f'username = "{registry.username}"\npassword = "{registry.password}"\n'
+        )
+        logins.chmod(0o600)
+        login = Credentials(registry.username, registry.password)
+        loop = Loop(tmp_path, library_for(DUAL_A5000), f"{registry.host}/e2e/job", DockerClient())
+        loop.pinner = ImagePinner(logins={registry.host: login}, ca_file=registry.ca_file)
+        await loop.start_coordinator()
+        loop.start_agent(GPU_AGENT_JOBS_REGISTRY_LOGINS_FILE=str(logins))
+        try:
+            node_id = await loop.ready()
+            job_id = await loop.c.submit(node_id, job_spec(tag, "wc -c < /blob"))
+            await loop.until(lambda: loop.job(job_id).final, "the job to end")
+            # What the node ran is what was signed: the digest, not the tag.
+            offered = loop.c.store.jobs.get(job_id)
+            assert offered is not None
+            assert offered.spec["image"] == pinned
+            states = loop.states(job_id)
+            assert states[:2] == ["accepted", "pulling"]
+            assert states[-1] == "completed", loop.bodies("job_status", job_id)
+            logs = "".join(b["data"] for b in loop.bodies("job_log", job_id))
+            assert logs.strip() == str(1 << 16)
+        finally:
+            if loop.agent is not None and loop.agent.poll() is None:
+                loop.agent.send_signal(signal.SIGTERM)
+                await loop.exited()
+            await loop.stop_coordinator()
+        # The registry's password is nowhere the node or the coordinator keeps or shows.
+        secret = registry.password.encode()
+        kept = [tmp_path / "agent.log", tmp_path / "coordinator.db"]
+        kept += [p for p in (tmp_path / "agent").rglob("*") if p.is_file()]
+        assert [p for p in kept if secret in p.read_bytes()] == []

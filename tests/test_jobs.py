@@ -126,7 +126,9 @@ def spec(image: str, script: str, **extra: Any) -> dict[str, Any]:
 
 
 @pytest.fixture
-async def world(tmp_path: Path, docker_engine: str, test_image: str) -> AsyncIterator[World]:
+async def world(
+    tmp_path: Path, docker_engine: str, test_image: str, test_image_id: str
+) -> AsyncIterator[World]:
     dri = tmp_path / "dev" / "dri"
     dri.mkdir(parents=True)
     # Stand-ins for two Intel GPUs' render nodes: Docker resolves the links and maps the
@@ -155,14 +157,15 @@ async def world(tmp_path: Path, docker_engine: str, test_image: str) -> AsyncIte
         identity=identity,
         outbox=outbox,
         runner=Runner(client, RunnerConfig(jobs_dir=tmp_path / "jobs")),
-        policy=Policy(allowed_images=[test_image.split(":", maxsplit=1)[0]]),
+        policy=Policy(allowed_images=[test_image.split(":", maxsplit=1)[0], test_image_id]),
         node=node,
         trusted_keys={COORDINATOR_ID: COORDINATOR_PUB},
         wake=lambda: None,
     )
     await manager.recover()
     node.release("initialising")
-    yield World(manager, outbox, identity, client, test_image)
+    # Offers name the image by its id: a tag is refused (image_not_pinned).
+    yield World(manager, outbox, identity, client, test_image_id)
     await manager.shutdown()
     outbox.close()
 
@@ -239,7 +242,12 @@ async def test_a_tampered_offer_is_refused(world: World) -> None:
 @pytest.mark.parametrize(
     ("changes", "code", "detail"),
     [
-        ({"image": "docker.io/library/evil:1"}, "policy_violation", "image_not_allowed"),
+        (
+            {"image": "docker.io/library/evil@sha256:" + "e" * 64},
+            "policy_violation",
+            "image_not_allowed",
+        ),
+        ({"image": "docker.io/library/evil:1"}, "image_not_pinned", "is a tag"),
         ({"resources": {"cpus": 64}}, "policy_violation", "cpus_over_limit"),
         ({"gpus": {"count": 3}}, "no_matching_gpus", ""),
         ({"gpus": {"count": 1, "vendor": "nvidia"}}, "policy_violation", "gpu_vendor_not_offered"),

@@ -17,7 +17,7 @@ ALLOWED = {
     # Key files, read and made alike by the node (its identity) and the coordinator.
     "keyfile": ("keyfile",),
     # Images from registries: the coordinator resolves tags, the agent checks what it pulls.
-    "oci": ("oci",),
+    "oci": ("oci", "keyfile"),
     "agent": ("hal", "sandbox", "keyfile", "oci", "agent"),
     "agent.protocol": ("agent.protocol",),
     # The tray app talks to the daemon through the control package only: never hal or

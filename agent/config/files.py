@@ -11,16 +11,16 @@ from __future__ import annotations
 
 import errno
 import os
-import re
 import stat
 import tomllib
 from pathlib import Path
-from typing import Annotated, Any, Final
+from typing import Any, Final
 
 import msgspec
 
 from agent.errors import ConfigError
 from agent.protocol.bodies import EnrolmentToken
+from oci import OciError, read_logins
 from sandbox.engine_types import RegistryAuth
 from sandbox.files import read_regular
 
@@ -130,52 +130,21 @@ def read_enrolment_token(path: Path) -> str:
         ) from None
 
 
-class _RegistryLogin(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    username: Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
-    password: Annotated[str, msgspec.Meta(min_length=1, max_length=4096)]
-
-
-_REGISTRY_HOST = re.compile(r"^[a-z0-9]([a-z0-9.-]{0,251}[a-z0-9])?(:[0-9]{1,5})?(?!\n)$")
-
-
 def read_registry_logins(path: Path) -> dict[str, RegistryAuth]:
-    """The registry credentials in ``path``, by registry host, for image pulls::
-
-        [registry."registry.example.com:5000"]
-        username = "puller"
-        password = "..."
+    """The registry logins in ``path`` (:func:`oci.read_logins`'s file), by registry host,
+    as the engine takes them for image pulls.
 
     Raises:
-        ConfigError: ``bad_config``: no such file, :func:`read_capped`'s faults (the file
-            must be private), not TOML of that shape. The detail never quotes a secret.
+        ConfigError: ``bad_config``: missing, unsafe, malformed; never quoting a secret.
     """
     try:
-        data = read_capped(path, limit=MAX_TOKEN_FILE_BYTES * 16, private=True)
-    except FileNotFoundError:
-        raise ConfigError("bad_config", f"{path}: no such file") from None
-    try:
-        table = tomllib.loads(data.decode("utf-8"))
-    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
-        # TOML's messages name a line and column, never the value there.
-        raise ConfigError("bad_config", f"{path}: not TOML: {exc}") from None
-    unknown = sorted(set(table) - {"registry"})
-    if unknown:
-        raise ConfigError("bad_config", f"{path}: unknown table {unknown[0]!r}")
-    logins: dict[str, RegistryAuth] = {}
-    for host, login in (table.get("registry") or {}).items():
-        if not _REGISTRY_HOST.fullmatch(host):
-            raise ConfigError("bad_config", f"{path}: {host!r} is not a registry host[:port]")
-        try:
-            checked = msgspec.convert(login, _RegistryLogin)
-        except msgspec.ValidationError as exc:
-            where = str(exc).rpartition(" - at ")[2] or "the entry"
-            raise ConfigError(
-                "bad_config", f"{path}: registry {host!r}: {where} is not valid"
-            ) from None
-        logins[host] = RegistryAuth(
-            username=checked.username, password=checked.password, serveraddress=host
-        )
-    return logins
+        logins = read_logins(path)
+    except OciError as exc:
+        raise ConfigError("bad_config", exc.detail) from None
+    return {
+        host: RegistryAuth(username=login.username, password=login.password, serveraddress=host)
+        for host, login in logins.items()
+    }
 
 
 def registry_logins_fault(path: Path) -> str:

@@ -208,6 +208,13 @@ class JobManager:
             raise _Refusal(*held)
         try:
             spec = load_spec(msgspec.json.encode(offer.spec), "json")
+            if not spec.image_ref.is_pinned:
+                # What runs must be what was signed: a tag can move after the signature.
+                raise _Refusal(
+                    "image_not_pinned",
+                    f"image {spec.image} is a tag; an offer names it by digest (name@sha256:...)"
+                    " or by local image id (sha256:...)",
+                )
             admit(spec, self.policy, offered_vendors=self._vendors())
         except PolicyViolation as exc:
             detail = "; ".join(f"{v.code}: {v.message}" for v in exc.violations)

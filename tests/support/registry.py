@@ -249,3 +249,23 @@ def sign_image(
     api.push_manifest(
         path, tag, json.dumps(manifest).encode(), "application/vnd.oci.image.manifest.v1+json"
     )
+
+
+def docker_push(registry: LocalRegistry, tag: str, docker_config: Path) -> str:
+    """Log in and push ``tag`` (an image the engine has, named in ``registry``) with the
+    docker CLI, under a config directory of the test's own (the user's ~/.docker is not
+    touched), then drop the local tag; return ``repository@sha256:...`` as pushed."""
+    docker = ["docker", "--config", str(docker_config)]
+    try:
+        subprocess.run(
+            [*docker, "login", registry.host, "-u", registry.username, "--password-stdin"],
+            input=registry.password.encode(),
+            capture_output=True,
+            check=True,
+        )
+        pushed = subprocess.run([*docker, "push", tag], capture_output=True, text=True, check=True)
+    finally:
+        subprocess.run(["docker", "image", "rm", "--force", tag], capture_output=True, check=False)
+    digest = re.search(r"digest: (sha256:[0-9a-f]{64}) ", pushed.stdout)
+    assert digest is not None, pushed.stdout
+    return f"{tag.rsplit(':', 1)[0]}@{digest.group(1)}"
