@@ -117,7 +117,9 @@ def _spec(image: str, url: str, script: str) -> dict[str, Any]:
 
 
 @pytest.fixture
-async def world(tmp_path: Path, docker_engine: str, test_image: str) -> AsyncIterator[World]:
+async def world(
+    tmp_path: Path, docker_engine: str, test_image: str, test_image_id: str
+) -> AsyncIterator[World]:
     node = NodeState(Scheduler([]))
     outbox = Outbox.open(tmp_path / "outbox.db")
     identity = load_or_create(tmp_path / "identity")
@@ -128,7 +130,7 @@ async def world(tmp_path: Path, docker_engine: str, test_image: str) -> AsyncIte
         outbox=outbox,
         runner=Runner(DockerClient(docker_engine), RunnerConfig(jobs_dir=tmp_path / "jobs")),
         policy=Policy(
-            allowed_images=[test_image.split(":", maxsplit=1)[0]],
+            allowed_images=[test_image_id],
             allowed_input_hosts=["127.0.0.1"],
         ),
         node=node,
@@ -138,7 +140,8 @@ async def world(tmp_path: Path, docker_engine: str, test_image: str) -> AsyncIte
     )
     await manager.recover()
     node.release("initialising")
-    yield World(manager, outbox, identity, cache, test_image)
+    # Offers name the image by its id: a tag is refused (image_not_pinned).
+    yield World(manager, outbox, identity, cache, test_image_id)
     await manager.shutdown()
     outbox.close()
 
