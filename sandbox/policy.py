@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import fnmatch
 import re
-import urllib.parse
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Final, Literal
@@ -33,13 +32,13 @@ import msgspec
 from sandbox.errors import PolicyViolation, SpecError, Violation
 from sandbox.files import read_regular
 from sandbox.spec import ImageRef, WorkloadSpec, format_size
+from sandbox.urls import host_allowed
 
 __all__ = [
     "MAX_POLICY_BYTES",
     "Policy",
     "admit",
     "check",
-    "host_allowed",
     "image_allowed",
     "load_policy_file",
 ]
@@ -104,15 +103,6 @@ def image_allowed(image: ImageRef, patterns: list[str]) -> bool:
         elif image.repository == allowed.repository:
             return True
     return False
-
-
-def host_allowed(url: str, patterns: list[str]) -> bool:
-    """Whether the host of ``url`` matches one of the policy's input host patterns."""
-    try:
-        host = urllib.parse.urlsplit(url).hostname
-    except ValueError:
-        return False
-    return bool(host) and any(fnmatch.fnmatchcase(str(host), p.lower()) for p in patterns)
 
 
 def check(

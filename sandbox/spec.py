@@ -22,7 +22,6 @@ import hashlib
 import os
 import re
 import tomllib
-import urllib.parse
 from fractions import Fraction
 from pathlib import Path, PurePosixPath
 from typing import Annotated, Any, Literal
@@ -31,13 +30,13 @@ import msgspec
 
 from sandbox.errors import SpecError
 from sandbox.files import read_regular
+from sandbox.urls import url_problem
 
 __all__ = [
     "MAX_NAME_BYTES",
     "MAX_PATH_BYTES",
     "MAX_PATH_DEPTH",
     "MAX_SPEC_BYTES",
-    "MAX_URL_CHARS",
     "MIN_CPUS",
     "GpuRequest",
     "ImageRef",
@@ -50,7 +49,6 @@ __all__ = [
     "load_spec_file",
     "parse_size",
     "spec_digest",
-    "url_problem",
 ]
 
 MAX_SPEC_BYTES = 1 << 20
@@ -61,8 +59,6 @@ MAX_PATH_DEPTH = 32
 """The most components an input or output path may have."""
 MAX_NAME_BYTES = 255
 """The longest component of an input or output path, in bytes (NAME_MAX)."""
-MAX_URL_CHARS = 2048
-"""The longest input URL."""
 MIN_CPUS = 0.01
 """The smallest CPU limit: Docker's. Below 1e-9 the limit would be 0 nanocpus, which
 Docker reads as no limit at all."""
@@ -80,10 +76,6 @@ _COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
 _PATH = re.compile(rf"{_COMPONENT}(?:/{_COMPONENT})*")
 _TAG = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-# RFC 3986's characters (unreserved, reserved, '%'): no backslash or quote a parser might
-# read otherwise; and a host name, an IPv4 or an IPv6 address, nothing else.
-_URL_CHARS = re.compile(r"[A-Za-z0-9\-._~:/?#\[\]@!$&'()*+,;=%]+")
-_URL_HOST = re.compile(r"[a-z0-9](?:[a-z0-9.-]*[a-z0-9])?|[0-9a-f:.]+")
 
 # Keys that ask for host access, by what they would grant. A key is compared in lower case
 # without "_" or "-", so that Docker's API spelling "CapAdd" is caught as well as "cap_add".
@@ -463,33 +455,6 @@ def _check_input_form(field: str, item: InputFile) -> None:
         raise SpecError("bad_value", field, "a fetched input has no encoding nor mode")
     if problem := url_problem(item.url):
         raise SpecError("bad_value", f"{field}.url", problem)
-
-
-def url_problem(url: str) -> str | None:
-    """What makes ``url`` unfit as an input URL, or None: https or http, a host name or
-    address, no credentials, no fragment, RFC 3986 characters, at most
-    :data:`MAX_URL_CHARS`."""
-    if len(url) > MAX_URL_CHARS:
-        return f"longer than {MAX_URL_CHARS} characters"
-    if not _URL_CHARS.fullmatch(url):
-        return "characters outside RFC 3986 (percent-encode them)"
-    try:
-        parts = urllib.parse.urlsplit(url)
-        host = parts.hostname
-        parts.port  # noqa: B018 - raises ValueError on a bad port
-    except ValueError as exc:
-        return f"not a URL: {exc}"
-    if parts.scheme not in ("https", "http"):
-        return f"scheme {parts.scheme!r}: only https and http (the digest protects http)"
-    if not host:
-        return "no host"
-    if not _URL_HOST.fullmatch(host):
-        return f"{host!r} is not a host name or an IP address"
-    if parts.username is not None or parts.password is not None:
-        return "credentials in a URL would end up in logs: not allowed"
-    if parts.fragment:
-        return "a fragment is never sent to the server: remove it"
-    return None
 
 
 def _each_once(paths: list[PurePosixPath], field: str) -> None:

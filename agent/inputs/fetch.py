@@ -24,8 +24,7 @@ import httpx
 import msgspec
 
 from agent.errors import InputError
-from sandbox.policy import host_allowed
-from sandbox.spec import url_problem
+from sandbox.urls import host_allowed, url_problem
 
 __all__ = ["FetchLimits", "fetch", "redirect_target", "status_error"]
 

@@ -6,8 +6,9 @@ import msgspec
 import pytest
 
 from sandbox.errors import SpecError
-from sandbox.policy import Policy, check, host_allowed
+from sandbox.policy import Policy, check
 from sandbox.spec import InputFile, load_spec
+from sandbox.urls import host_allowed
 
 HEX = "ab" * 32
 
