@@ -14,7 +14,7 @@ import contextlib
 import hashlib
 import os
 import time
-from collections.abc import AsyncGenerator, Callable
+from collections.abc import AsyncGenerator, Callable, Mapping
 from contextlib import aclosing
 from functools import partial
 from pathlib import Path
@@ -140,9 +140,16 @@ class Runner:
         return True
 
     async def run(
-        self, job_id: str, spec: WorkloadSpec, gpus: list[DeviceFacts]
+        self,
+        job_id: str,
+        spec: WorkloadSpec,
+        gpus: list[DeviceFacts],
+        fetched: Mapping[str, Path] | None = None,
     ) -> AsyncGenerator[Event, None]:
         """Run ``spec`` on exactly ``gpus``; yield its events, the last one ``Finished``.
+
+        ``fetched`` maps the path of each input the spec gives by URL to the host file
+        that holds it (the caller fetched and checked it); each is mounted read-only.
 
         Iterate it under ``contextlib.aclosing``: a caller that stops early then still
         gets the container stopped and removed at once, not whenever the generator is
@@ -183,7 +190,7 @@ class Runner:
                 yield Pulled(f"{ref.repository}@{ref.digest}", image.id, image.size)
             result.image_id = image.id  # a tag pinned to the image it names now
             job_dir.create(self.instance)
-            mounts = job_dir.mounts(spec)
+            mounts = job_dir.mounts(spec, fetched)
             if uid is not None and mounts.output_dir is not None:
                 os.chown(mounts.output_dir, uid, uid)
             config = create_body(

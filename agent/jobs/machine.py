@@ -8,10 +8,13 @@ transaction, then starts what it names: jobs flow one way, from event to decisio
 
 The states and the moves between them (:data:`TRANSITIONS`)::
 
-    (new) --> accepted --> [pulling] --> running --> completed | failed | timeout | oom_killed
-      |          |             |            \\----> cancelled | interrupted | preempted | error
-      |          \\-------------+----------------> cancelled | interrupted | preempted | error
+    (new) --> accepted --> [fetching] --> [pulling] --> running --> completed | failed | ...
+      |          |             |              |            \\----> cancelled | ... | error
+      |          \\-------------+--------------+----------------> cancelled | ... | error
       \\--> refused
+
+(``fetching``: the job's inputs given by URL; ``pulling``: its image; each only when
+needed. ``...`` are the final states of :data:`TRANSITIONS`.)
 
 A move the table does not hold is refused with :class:`~agent.errors.JobStateError`
 (``bad_transition``): a bug or a confused runner must not rewrite a finished job.
@@ -66,7 +69,8 @@ _ENDED: Final = frozenset({"completed", "failed", "timeout", "oom_killed"}) | _S
 #: Final states go nowhere.
 TRANSITIONS: Final[Mapping[str | None, frozenset[str]]] = {
     None: frozenset({"accepted", "refused"}),
-    "accepted": frozenset({"pulling", "running"}) | _STOPPED,
+    "accepted": frozenset({"fetching", "pulling", "running"}) | _STOPPED,
+    "fetching": frozenset({"pulling", "running"}) | _STOPPED,
     "pulling": frozenset({"running"}) | _STOPPED,
     "running": _ENDED,
     **{state: frozenset() for state in FINAL_STATES},
