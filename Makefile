@@ -2,7 +2,7 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-PACKAGES := hal sandbox keyfile agent coordinator
+PACKAGES := hal sandbox keyfile oci agent coordinator
 
 .PHONY: demo test lint typecheck pytest unit bench deb lock clean
 

@@ -82,7 +82,7 @@ async def bench(jobs: int, idle_s: float, workdir: Path) -> dict[str, object]:
         await _wait(lambda: bool(coordinator.connected()), 30, 0.05)
         [node_id] = coordinator.connected()
         # The node reports capacity once its GPUs were checked: offers go out after that.
-        await _wait(lambda: store.latest(node_id, "node_status") is not None, 30, 0.05)
+        await _wait(lambda: store.nodes.latest(node_id, "node_status") is not None, 30, 0.05)
 
         # Idle first, before any job ran.
         process = psutil.Process(agent.pid)
@@ -104,12 +104,12 @@ async def bench(jobs: int, idle_s: float, workdir: Path) -> dict[str, object]:
             job_id = await coordinator.submit(node_id, spec)
 
             def final(job_id: str = job_id) -> bool:
-                row = store.job(job_id)
+                row = store.jobs.get(job_id)
                 return row is not None and row.final and row.result is not None
 
             await _wait(final, 60)
             seen = time.time()
-            row = store.job(job_id)
+            row = store.jobs.get(job_id)
             assert row is not None
             assert row.result is not None
             receipt = row.result.receipt
@@ -147,22 +147,22 @@ async def _guard_to_stop(coordinator: Coordinator, node_id: str, socket: Path) -
             )
 
             def running(job_id: str = job_id) -> bool:
-                row = store.job(job_id)
+                row = store.jobs.get(job_id)
                 return row is not None and row.state == "running"
 
             def final(job_id: str = job_id) -> bool:
-                row = store.job(job_id)
+                row = store.jobs.get(job_id)
                 return row is not None and row.final and row.result is not None
 
             try:
                 await _wait(running, 60)
             except TimeoutError:
-                row = store.job(job_id)
+                row = store.jobs.get(job_id)
                 raise RuntimeError(f"{job_id} did not run: {row}") from None
             tripped = time.time()
             await client.set_settings({"schedule": [{"days": [elsewhere], "end": "00:01"}]})
             await _wait(final, 60)
-            row = store.job(job_id)
+            row = store.jobs.get(job_id)
             assert row is not None
             assert row.result is not None
             if row.state != "preempted":

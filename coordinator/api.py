@@ -53,10 +53,11 @@ from coordinator.api_util import (
 )
 from coordinator.dashboard import PAGE
 from coordinator.errors import JobError
-from coordinator.jobs_api import JobControl
-from coordinator.store import NodeRow, Store
+from coordinator.job_service import JobService
+from coordinator.nodes_store import NodeRow
+from coordinator.store import Store
 
-__all__ = ["HttpAnswer", "HttpRequest", "JobControl", "admin_route", "route"]
+__all__ = ["HttpAnswer", "HttpRequest", "admin_route", "route"]
 
 #: The HTTP status of each JobError code (others: 400).
 _JOB_ERROR_STATUS = {
@@ -64,10 +65,15 @@ _JOB_ERROR_STATUS = {
     "unknown_job": HTTPStatus.NOT_FOUND,
     "job_exists": HTTPStatus.CONFLICT,
     "job_final": HTTPStatus.CONFLICT,
+    # The image's registry, asked to pin a tag, failed us: not the request's fault.
+    "registry_unreachable": HTTPStatus.BAD_GATEWAY,
+    "pull_timeout": HTTPStatus.GATEWAY_TIMEOUT,
 }
 
 
-def route(method: str, target: str, store: Store, connected: Collection[str]) -> HttpAnswer:
+def route(
+    method: str, target: str, store: Store, jobs: JobService, connected: Collection[str]
+) -> HttpAnswer:
     """The answer to ``method target`` (the request line's path and query)."""
     if method != "GET":
         return error(
@@ -79,10 +85,10 @@ def route(method: str, target: str, store: Store, connected: Collection[str]) ->
     if not parts:
         return HttpAnswer(HTTPStatus.OK, "text/html; charset=utf-8", PAGE.encode())
     if parts == ["api", "nodes"]:
-        nodes = [_summary(store, n, connected) for n in store.nodes()]
+        nodes = [_summary(store, n, connected) for n in store.nodes.all()]
         return json_answer({"nodes": nodes})
     if len(parts) in (3, 4) and parts[:2] == ["api", "nodes"]:
-        node = store.node(parts[2])
+        node = store.nodes.get(parts[2])
         if node is None:
             return error(HTTPStatus.NOT_FOUND, f"no node {parts[2]!r}")
         if len(parts) == 3:
@@ -90,9 +96,9 @@ def route(method: str, target: str, store: Store, connected: Collection[str]) ->
         if parts[3] == "telemetry":
             return _telemetry(store, node.node_id, target_.query)
     if parts == ["api", "jobs"]:
-        return jobs_api.job_list(store, target_.query)
+        return jobs_api.job_list(jobs, target_.query)
     if len(parts) == 3 and parts[:2] == ["api", "jobs"]:
-        return jobs_api.job_detail(store, parts[2], connected)
+        return jobs_api.job_detail(jobs, parts[2], connected)
     return error(HTTPStatus.NOT_FOUND, f"no such path {target_.path!r}")
 
 
@@ -102,12 +108,12 @@ async def admin_route(
     token: str,
     store: Store,
     connected: Collection[str],
-    control: JobControl,
+    jobs: JobService,
 ) -> HttpAnswer:
     """The admin listener's answer: GET as :func:`route`; POST only from loopback with
     ``token``."""
     if request.method != "POST":
-        return route(request.method, request.target, store, connected)
+        return route(request.method, request.target, store, jobs, connected)
     if not _loopback(request.peer):
         return coded_error(HTTPStatus.FORBIDDEN, "forbidden", "writes only from this machine")
     given = request.headers.get("authorization", "")
@@ -122,9 +128,9 @@ async def admin_route(
     parts = target.parts
     try:
         if parts == ["api", "jobs"]:
-            return await jobs_api.submit(control, request.body)
+            return await jobs_api.submit(jobs, request.body)
         if len(parts) == 4 and parts[:2] == ["api", "jobs"] and parts[3] == "cancel":
-            return await jobs_api.cancel(control, parts[2], request.body)
+            return await jobs_api.cancel(jobs, parts[2], request.body)
     except JobError as exc:
         status = _JOB_ERROR_STATUS.get(exc.code, HTTPStatus.BAD_REQUEST)
         return coded_error(status, exc.code, exc.detail)
@@ -139,10 +145,10 @@ def _loopback(peer: str) -> bool:
 
 
 def _summary(store: Store, node: NodeRow, connected: Collection[str]) -> dict[str, Any]:
-    profile = store.profile(node.node_id)
+    profile = store.nodes.profile(node.node_id)
     gpus = profile.profile.get("gpus", []) if profile is not None else []
-    newest = store.latest_profile(node.node_id)
-    latest = store.latest(node.node_id, "telemetry")
+    newest = store.nodes.latest_profile(node.node_id)
+    latest = store.nodes.latest(node.node_id, "telemetry")
     return {
         "node_id": node.node_id,
         "public_key": node.public_key,
@@ -157,14 +163,14 @@ def _summary(store: Store, node: NodeRow, connected: Collection[str]) -> dict[st
 
 
 def _detail(store: Store, node: NodeRow, connected: Collection[str]) -> dict[str, Any]:
-    profile = store.profile(node.node_id)
+    profile = store.nodes.profile(node.node_id)
     summary = _summary(store, node, connected)
     summary["profile"] = (
         None
         if profile is None
         else {"seq": profile.seq, "verified_at": profile.verified_at, "profile": profile.profile}
     )
-    newest = store.latest_profile(node.node_id)
+    newest = store.nodes.latest_profile(node.node_id)
     summary["unverified_profile"] = (
         None
         if newest is None or newest.unverified is None
@@ -187,7 +193,7 @@ def _telemetry(store: Store, node_id: str, query: dict[str, list[str]]) -> HttpA
         return error(HTTPStatus.BAD_REQUEST, "since_seq and limit are integers")
     if since < 0 or limit < 1:
         return error(HTTPStatus.BAD_REQUEST, "since_seq >= 0 and limit >= 1")
-    messages = store.messages(node_id, "telemetry", since_seq=since, limit=limit)
+    messages = store.nodes.messages(node_id, "telemetry", since_seq=since, limit=limit)
     items = [_item(m.seq, m.body) | {"received": m.received} for m in messages]
     return json_answer({"node_id": node_id, "items": items})
 

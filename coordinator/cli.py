@@ -23,6 +23,7 @@ from coordinator import admission, cli_args, keys
 from coordinator.admin import check_url
 from coordinator.client import AdminClient, load_spec_file
 from coordinator.errors import AdminError, ConfigError, CoordinatorError, JobError, KeyFileError
+from coordinator.images import ImagePinner
 from coordinator.server import Coordinator, serve
 
 __all__ = ["EXIT_BROKEN_PIPE", "EXIT_ERROR", "EXIT_USAGE", "default_state_dir", "main"]
@@ -99,6 +100,12 @@ def _parser() -> _Parser:
     run.add_argument(
         "--admin-port", type=_port, default=0, help="admin API port on 127.0.0.1 (0: any free)"
     )
+    run.add_argument(
+        "--registry-logins",
+        type=_path,
+        help="TOML file of registry logins, to pin submitted tags to digests (mode 600)",
+    )
+    run.add_argument("--registry-ca", type=_path, help="PEM CA bundle the registries chain to")
     admission.add_options(run)
     key = commands.add_parser("key", help="print the key id and public key for agents to pin")
     _state_dir_option(key, "signing key")
@@ -133,7 +140,10 @@ def _ready(coordinator: Coordinator) -> None:
 
 
 async def _serve(
-    args: argparse.Namespace, ssl_context: ssl.SSLContext | None, settings: admission.Settings
+    args: argparse.Namespace,
+    ssl_context: ssl.SSLContext | None,
+    settings: admission.Settings,
+    pinner: ImagePinner,
 ) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -150,6 +160,7 @@ async def _serve(
             ssl_context=ssl_context,
             admin_port=args.admin_port,
             settings=settings,
+            pinner=pinner,
         )
     finally:
         for signum in (signal.SIGINT, signal.SIGTERM):
@@ -268,10 +279,11 @@ def _serve_command(args: argparse.Namespace) -> int:
         cli_args.check_db(args.db)
         cli_args.check_state_dir(args.state_dir)
         settings = admission.settings_from(args)
+        pinner = cli_args.image_pinner(args.registry_logins, args.registry_ca)
     except ConfigError as exc:
         return _fail(exc, EXIT_USAGE)
     try:
-        asyncio.run(_serve(args, ssl_context, settings))
+        asyncio.run(_serve(args, ssl_context, settings, pinner))
     except CoordinatorError as exc:
         return _fail(exc, EXIT_ERROR)
     except sqlite3.Error as exc:

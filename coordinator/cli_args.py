@@ -22,7 +22,9 @@ from typing import Any, Final
 
 from agent.protocol.limits import MAX_ERROR_DETAIL_CHARS
 from coordinator.errors import ConfigError, JobError
-from coordinator.jobs import MAX_TTL_S
+from coordinator.images import ImagePinner
+from coordinator.offers import MAX_TTL_S
+from oci import OciError, read_logins
 
 __all__ = [
     "JOB_ID",
@@ -212,3 +214,24 @@ def tls_context(cert: Path, key: Path) -> ssl.SSLContext:
     except OSError as exc:
         raise ConfigError("tls_unreadable", str(exc)) from None
     return context
+
+
+def image_pinner(logins_file: Path | None, ca_file: Path | None) -> ImagePinner:
+    """The pinner of submitted tags, with the registry logins and CA given to ``serve``.
+
+    Raises:
+        ConfigError: ``bad_logins_file`` (missing, unsafe, malformed), ``bad_setting``
+            (the CA file is not a readable PEM file).
+    """
+    logins = {}
+    if logins_file is not None:
+        try:
+            logins = read_logins(logins_file)
+        except OciError as exc:
+            raise ConfigError(exc.code, exc.detail) from None
+    if ca_file is not None:
+        try:
+            ssl.create_default_context(cafile=str(ca_file))
+        except (OSError, ssl.SSLError, ValueError) as exc:
+            raise ConfigError("bad_setting", f"--registry-ca {ca_file}: {exc}") from None
+    return ImagePinner(logins=logins, ca_file=ca_file)

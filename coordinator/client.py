@@ -25,7 +25,7 @@ import msgspec
 
 from coordinator.admin import ADMIN_FILE, check_url, read_admin_file
 from coordinator.errors import AdminError, JobError
-from coordinator.jobs import check_spec
+from coordinator.offers import check_spec
 from sandbox.files import read_regular
 from sandbox.spec import MAX_SPEC_BYTES
 
@@ -53,7 +53,7 @@ def load_spec_file(path: Path) -> dict[str, Any]:
 
     Raises:
         JobError: ``bad_spec`` (another suffix, not a regular file, unreadable), or a code
-            of :func:`coordinator.jobs.check_spec` (``spec_too_large`` past 1 MiB...).
+            of :func:`coordinator.offers.check_spec` (``spec_too_large`` past 1 MiB...).
     """
     suffix = path.suffix.lower()
     if suffix not in (".toml", ".json"):

@@ -10,10 +10,10 @@ agent's outbox resends after every reconnect, so nothing behind it would ever ar
 is stored and acknowledged as unverified, and a fresh ``attest_request`` follows at once.
 
 The coordinator's stream to a node (attest requests, job offers and cancels) is numbered by
-one :class:`ReliableSender` per node: the live session's while the node is connected
-(:attr:`Shared.sessions`), else rebuilt from the store, which keeps every message until the
-node acknowledges it. :func:`deliver` numbers a message, commits it, and sends it at once
-if the node is connected; otherwise it goes out after the node's next handshake.
+one :class:`ReliableSender` per node: its open session's (:attr:`Shared.sessions`), else
+rebuilt from the store, which keeps every message until the node acknowledges it. A message
+is stored under its seq, then numbered and sent by :meth:`_Session.send_stored`. Jobs go
+through :class:`coordinator.job_service.JobService`, out (offers) and in (reports).
 
 A node has one session: a newer one supersedes the older at once (:func:`_take_over`),
 which closes with ``superseded`` before the newer is welcomed. Each session holds the
@@ -26,9 +26,8 @@ import asyncio
 import contextlib
 import logging
 import secrets
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeAlias
 
 import msgspec
 from websockets.asyncio.server import ServerConnection
@@ -68,10 +67,11 @@ from coordinator.handshake import (
     new_nonce,
     send,
 )
-from coordinator.jobs_store import JobEvent, VerifiedResult
-from coordinator.store import Unverified
+from coordinator.job_service import JobService
+from coordinator.nodes_store import Unverified
+from coordinator.sessions import OpenSessions
 
-__all__ = ["CLOSE_POLICY", "CLOSE_SUPERSEDED", "Settings", "Shared", "deliver", "handle"]
+__all__ = ["CLOSE_POLICY", "CLOSE_SUPERSEDED", "AgentSessions", "Settings", "Shared", "handle"]
 
 _log = logging.getLogger(__name__)
 
@@ -81,14 +81,16 @@ CLOSE_SUPERSEDED = 1000
 _RELIABLE_IN = (Profile, Telemetry, NodeStatus, JobStatus, JobLog, JobResult)
 #: Nonce refusals that leave a node-signed profile stored as unverified, not refused.
 _UNVERIFIED_NONCE = frozenset({"stale_nonce", "replayed_nonce"})
+#: The open session of each connected node.
+AgentSessions: TypeAlias = "OpenSessions[_Session]"
 
 
 @dataclass(slots=True, kw_only=True)
 class Shared(Gate):
     """What every connection of one coordinator shares."""
 
-    sessions: dict[str, _Session]
-    """The open session of each connected node."""
+    sessions: AgentSessions
+    jobs: JobService
 
 
 async def handle(ws: ServerConnection, shared: Shared) -> None:
@@ -110,27 +112,8 @@ async def handle(ws: ServerConnection, shared: Shared) -> None:
     except ConnectionClosed:
         pass
     finally:
-        if shared.sessions.get(session.node_id) is session:
-            del shared.sessions[session.node_id]
+        shared.sessions.drop(session)
         session.done.set()
-
-
-async def deliver(
-    shared: Shared, node_id: str, body: ReliableBody, commit: Callable[[int], None]
-) -> int:
-    """Number ``body`` in the coordinator's stream to ``node_id``, commit it, send it.
-
-    ``commit(seq)`` must store the message (``Store.add_outbound`` or a method that does it
-    in the same transaction as what goes with it); if it raises, nothing was numbered. The
-    message is sent at once when the node is connected, else after its next handshake.
-    Returns its seq.
-    """
-    session = shared.sessions.get(node_id)
-    if session is not None:
-        return await session.push(body, commit)
-    seq = shared.store.sender(node_id).next_seq
-    commit(seq)
-    return seq
 
 
 def _take_over(ws: ServerConnection, shared: Shared, hs: CoordinatorHandshake) -> _Session | None:
@@ -146,17 +129,17 @@ def _take_over(ws: ServerConnection, shared: Shared, hs: CoordinatorHandshake) -
     node_id, now = hello.node_id, shared.clock()
     try:
         check_admission(shared, hs)
-        store.node_seen(node_id, hello.public_key, now)
-        sender = store.resume_sender(node_id, hello.last_coordinator_seq)
+        store.nodes.seen(node_id, hello.public_key, now)
+        sender = store.streams.resume_sender(node_id, hello.last_coordinator_seq)
     except ProtocolError as exc:
         hs.refuse(exc)
         return None
-    store.purge_nonces(now - shared.settings.attest_nonce_ttl_s)
+    store.streams.purge_nonces(now - shared.settings.attest_nonce_ttl_s)
     old = shared.sessions.get(node_id)
     if old is not None:
         old.supersede()
     session = _Session(ws, shared, node_id, sender, replaces=old)
-    shared.sessions[node_id] = session
+    shared.sessions.put(session)
     return session
 
 
@@ -176,9 +159,9 @@ class _Session:
         self.shared = shared
         self.store = shared.store
         self.node_id = node_id
-        public_key = crypto.b64decode(self.store.public_key(node_id) or "")
+        public_key = crypto.b64decode(self.store.nodes.public_key(node_id) or "")
         self.trusted = {crypto.key_id(public_key): public_key}
-        self.receiver = ReliableReceiver(self.store.last_agent_seq(node_id))
+        self.receiver = ReliableReceiver(self.store.nodes.last_agent_seq(node_id))
         self.receiver.resume()
         self.sender = sender
         self.done = asyncio.Event()
@@ -206,8 +189,7 @@ class _Session:
     def supersede(self) -> None:
         """Store nothing more, and give up the node's place: a newer connection takes it."""
         self.superseded = True
-        if self.shared.sessions.get(self.node_id) is self:
-            del self.shared.sessions[self.node_id]
+        self.shared.sessions.drop(self)
 
     async def close_superseded(self) -> None:
         """Tell the agent (``superseded``), close, and wait until the session is over."""
@@ -228,7 +210,7 @@ class _Session:
             return
         hs.accept(
             session_id="s-" + secrets.token_hex(8),
-            last_agent_seq=self.store.last_agent_seq(self.node_id),
+            last_agent_seq=self.store.nodes.last_agent_seq(self.node_id),
             heartbeat_s=self.shared.settings.heartbeat_s,
             telemetry_interval_s=self.shared.settings.telemetry_interval_s,
         )
@@ -286,24 +268,20 @@ class _Session:
         await asyncio.sleep(wait)
         return True
 
-    async def push(self, body: ReliableBody, commit: Callable[[int], None]) -> int:
-        """Number ``body``, ``commit(seq)`` it, and send it (see :func:`deliver`).
+    async def send_stored(self, body: ReliableBody, seq: int) -> None:
+        """Number ``body``, just stored as ``seq`` (its :meth:`OpenSessions.next_seq`), send it.
 
-        A connection that closed meanwhile is no error: the message is stored, and goes
-        out after the node's next handshake.
+        Stored before it is numbered in memory: a store that fails leaves no gap, and the
+        agent may acknowledge it after a restart of ours. A connection that closed
+        meanwhile is no error: the message goes out after the node's next handshake.
         """
-        seq = self.sender.next_seq
-        # Stored before it is numbered in memory: a commit that fails leaves no gap, and
-        # the agent may acknowledge it after a restart of ours.
-        commit(seq)
         message = self.sender.send(body)
-        assert message.seq == seq
+        assert message.seq == seq, f"{self.node_id}: stored as {seq}, numbered {message.seq}"
         try:
             await self._flush()
         except ConnectionClosed:
             kind = message_type(message)
             _log.info("%s: closed; %s %d goes out on the next connection", self.node_id, kind, seq)
-        return seq
 
     async def _flush(self) -> None:
         """Send, in seq order, what is pending and not yet sent in this session."""
@@ -326,20 +304,19 @@ class _Session:
         if any(isinstance(m, AttestRequest) for m in self.sender.pending()):
             return
         nonce = new_nonce()
-        self.store.issue_nonce(self.node_id, nonce, self.shared.clock())
+        self.store.streams.issue_nonce(self.node_id, nonce, self.shared.clock())
         body = AttestRequestBody(nonce=nonce)
-        await self.push(
-            body,
-            lambda seq: self.store.add_outbound(
-                self.node_id, seq, "attest_request", msgspec.to_builtins(body)
-            ),
+        seq = self.sender.next_seq
+        self.store.streams.add_outbound(
+            self.node_id, seq, "attest_request", msgspec.to_builtins(body)
         )
+        await self.send_stored(body, seq)
 
     async def _on_message(self, message: Message) -> None:
         kind = message_type(message)
         if isinstance(message, Ack):
             self.sender.on_ack(message.body.seq)
-            self.store.ack_outbound(self.node_id, message.body.seq)
+            self.store.streams.ack_outbound(self.node_id, message.body.seq)
         elif isinstance(message, Error):
             # Never answer an error with an error: that could ping-pong forever.
             _log.info("%s sent error %s: %s", self.node_id, message.body.code, message.body.detail)
@@ -353,37 +330,27 @@ class _Session:
             # A resend of what is stored: drop it, acknowledge again.
             await self._ack()
             return
-        body = msgspec.to_builtins(message.body)
         kind, now = message_type(message), self.shared.clock()
-        profile: dict[str, Any] | None = None
-        nonce: str | None = None
         unverified: Unverified | None = None
-        job: JobEvent | None = None
-        if isinstance(message, Profile):
-            profile, nonce, unverified = self._verify_profile(body["attestation"], now)
-        elif isinstance(message, JobResult):
-            # A receipt that does not verify is refused (the connection closes); one that
-            # verifies is stored, and what else does not hold is recorded on the job.
-            receipt = dsse.verify_receipt(_envelope(body["receipt"]), self.trusted, self.node_id)
-            job = VerifiedResult(
-                job_id=message.body.job_id, receipt=receipt, envelope=body["receipt"]
+        if isinstance(message, JobStatus | JobLog | JobResult):
+            # A receipt that does not verify is refused (the connection closes).
+            added = self.shared.jobs.report(self.node_id, message, now)
+        else:
+            body = msgspec.to_builtins(message.body)
+            profile: dict[str, Any] | None = None
+            nonce: str | None = None
+            if isinstance(message, Profile):
+                profile, nonce, unverified = self._verify_profile(body["attestation"], now)
+            added = self.store.add(
+                self.node_id,
+                message.seq,
+                kind,
+                body,
+                now,
+                profile=profile,
+                nonce=nonce,
+                unverified=unverified,
             )
-        elif isinstance(message, JobStatus | JobLog):
-            job = message.body
-        added = self.store.add(
-            self.node_id,
-            message.seq,
-            kind,
-            body,
-            now,
-            profile=profile,
-            nonce=nonce,
-            unverified=unverified,
-            job=job,
-            quota_bytes=self.shared.settings.node_quota_bytes,
-            unverified_quota_bytes=self.shared.settings.unverified_quota_bytes,
-            store_max_bytes=self.shared.settings.store_max_bytes,
-        )
         # The add committed: only now may the agent forget the message.
         self._advanced = added != "duplicate"
         await self._ack()
@@ -418,7 +385,7 @@ class _Session:
         profile = dsse.verify_profile_attestation(envelope, self.trusted, nonce, self.node_id)
         ttl = self.shared.settings.attest_nonce_ttl_s
         try:
-            self.store.check_nonce(self.node_id, nonce, now, ttl)
+            self.store.streams.check_nonce(self.node_id, nonce, now, ttl)
         except AuthError as exc:
             if exc.code not in _UNVERIFIED_NONCE:
                 raise

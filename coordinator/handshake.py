@@ -135,7 +135,9 @@ def _at_hello(gate: Gate, hello: Hello) -> None:
     settings, body = gate.settings, hello.body
     if settings.admission == "allow_list":
         admit(settings, node_id=body.node_id, public_key=body.public_key, known=True, token=None)
-    if gate.store.public_key(body.node_id) is None and not gate.new_keys.try_take(gate.monotonic()):
+    if gate.store.nodes.public_key(body.node_id) is None and not gate.new_keys.try_take(
+        gate.monotonic()
+    ):
         raise LimitExceeded("rate_limited", "too many handshakes from new keys; retry later")
 
 
@@ -148,7 +150,7 @@ def check_admission(gate: Gate, hs: CoordinatorHandshake) -> None:
     """
     hello = hs.hello
     assert hello is not None
-    known = gate.store.public_key(hello.node_id)
+    known = gate.store.nodes.public_key(hello.node_id)
     if known is not None and known != hello.public_key:
         raise AuthError("unknown_key", f"{hello.node_id} is registered with another key")
     admit(

@@ -1,32 +1,25 @@
-"""The API's job routes: the list, one job's view, and the two writes behind the token."""
+"""The API's job routes: the list, one job's view, and the two writes behind the token.
+
+Each reads or writes through :class:`coordinator.job_service.JobService`.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Collection
 from http import HTTPStatus
-from typing import Any, Protocol, TypeVar
+from typing import Any, TypeVar
 
 import msgspec
 
 from coordinator.api_util import MAX_LIMIT, HttpAnswer, error, json_answer
 from coordinator.errors import JobError
-from coordinator.jobs import DEFAULT_TTL_S
+from coordinator.job_service import JobService
 from coordinator.jobs_store import JobRow, JobSummary
-from coordinator.store import Store
+from coordinator.offers import DEFAULT_TTL_S
 
-__all__ = ["JobControl", "cancel", "job_detail", "job_list", "submit"]
+__all__ = ["cancel", "job_detail", "job_list", "submit"]
 
 _T = TypeVar("_T")
-
-
-class JobControl(Protocol):
-    """What the write routes drive: :class:`coordinator.server.Coordinator`."""
-
-    async def submit(
-        self, node_id: str, spec: dict[str, Any], *, job_id: str | None = ..., ttl_s: float = ...
-    ) -> str: ...
-
-    async def cancel(self, job_id: str, reason: str = ...) -> None: ...
 
 
 class _Submit(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -40,7 +33,7 @@ class _Cancel(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=T
     reason: str = ""
 
 
-def job_list(store: Store, query: dict[str, list[str]]) -> HttpAnswer:
+def job_list(jobs: JobService, query: dict[str, list[str]]) -> HttpAnswer:
     """``GET /api/jobs``: newest first, of one node with ``?node_id=``."""
     try:
         limit = min(int(query.get("limit", [str(MAX_LIMIT)])[0]), MAX_LIMIT)
@@ -49,41 +42,41 @@ def job_list(store: Store, query: dict[str, list[str]]) -> HttpAnswer:
     if limit < 1:
         return error(HTTPStatus.BAD_REQUEST, "limit >= 1")
     node_id = query.get("node_id", [None])[0]
-    return json_answer({"jobs": [_summary(j) for j in store.jobs(node_id=node_id, limit=limit)]})
+    return json_answer({"jobs": [_summary(j) for j in jobs.recent(node_id=node_id, limit=limit)]})
 
 
-def job_detail(store: Store, job_id: str, connected: Collection[str]) -> HttpAnswer:
+def job_detail(jobs: JobService, job_id: str, connected: Collection[str]) -> HttpAnswer:
     """``GET /api/jobs/{id}``."""
-    job = store.job(job_id)
+    job = jobs.get(job_id)
     if job is None:
         return json_answer(
             {"error": {"code": "unknown_job", "detail": f"no job {job_id!r}"}},
             HTTPStatus.NOT_FOUND,
         )
-    return json_answer(_detail(store, job, connected))
+    return json_answer(_detail(jobs, job, connected))
 
 
-async def submit(control: JobControl, body: bytes) -> HttpAnswer:
+async def submit(jobs: JobService, body: bytes) -> HttpAnswer:
     """``POST /api/jobs``: sign and send an offer.
 
     Raises:
-        JobError: as :meth:`coordinator.server.Coordinator.submit`, or ``bad_request``.
+        JobError: as :meth:`JobService.submit`, or ``bad_request``.
     """
     request = _decode(body or b"null", _Submit)
-    job_id = await control.submit(
+    job_id = await jobs.submit(
         request.node_id, request.spec, job_id=request.job_id, ttl_s=request.ttl_s
     )
     return json_answer({"job_id": job_id, "url": f"/api/jobs/{job_id}"}, HTTPStatus.CREATED)
 
 
-async def cancel(control: JobControl, job_id: str, body: bytes) -> HttpAnswer:
+async def cancel(jobs: JobService, job_id: str, body: bytes) -> HttpAnswer:
     """``POST /api/jobs/{id}/cancel``: send ``job_cancel``; the body may be empty.
 
     Raises:
-        JobError: as :meth:`coordinator.server.Coordinator.cancel`, or ``bad_request``.
+        JobError: as :meth:`JobService.cancel`, or ``bad_request``.
     """
     request = _decode(body, _Cancel) if body else _Cancel()
-    await control.cancel(job_id, request.reason)
+    await jobs.cancel(job_id, request.reason)
     return json_answer({"job_id": job_id}, HTTPStatus.ACCEPTED)
 
 
@@ -106,8 +99,8 @@ def _summary(job: JobSummary) -> dict[str, Any]:
     }
 
 
-def _detail(store: Store, job: JobRow, connected: Collection[str]) -> dict[str, Any]:
-    logs = store.job_logs(job.job_id)
+def _detail(jobs: JobService, job: JobRow, connected: Collection[str]) -> dict[str, Any]:
+    logs = jobs.logs(job.job_id)
     result = job.result
     return {
         "job_id": job.job_id,

@@ -1,6 +1,6 @@
 """The job tables of the coordinator's store: offers, states, bounded logs, receipts.
 
-Mixed into :class:`coordinator.store.Store`, on its connection and in its transactions:
+Its tables share the store's connection and transactions:
 
 - an offer (or a cancel) and its row in the coordinator's outbound stream commit together,
   so a job is never stored without its message, nor a message sent without its job;
@@ -19,25 +19,25 @@ from __future__ import annotations
 
 import logging
 import sqlite3
-from contextlib import AbstractContextManager
 from typing import Any, Final, TypeAlias, get_args
 
 import msgspec
 
 from agent.protocol.jobs import FINAL_STATES, JobState, receipt_digest
 from agent.protocol.messages import JobCancelBody, JobLogBody, JobStatusBody
+from coordinator.db import Database
 from coordinator.errors import JobError
-from coordinator.jobs import SignedOffer, receipt_problems
+from coordinator.offers import SignedOffer, receipt_problems
+from coordinator.stream_store import StreamTable
 
 __all__ = [
-    "JOBS_SCHEMA",
     "MAX_LOG_BYTES",
     "OFFERED",
     "JobEvent",
     "JobLogs",
     "JobRow",
     "JobSummary",
-    "JobTables",
+    "JobTable",
     "ReceiptChain",
     "StoredReceipt",
     "VerifiedResult",
@@ -50,45 +50,6 @@ OFFERED: Final = "offered"
 #: Log text kept per job (both streams together), in UTF-8 bytes; the rest is counted.
 MAX_LOG_BYTES: Final = 1024 * 1024
 _AGENT_STATES: Final = frozenset(get_args(JobState))
-
-JOBS_SCHEMA = """
-CREATE TABLE IF NOT EXISTS jobs (
-    job_id TEXT PRIMARY KEY,
-    node_id TEXT NOT NULL REFERENCES nodes(node_id),
-    offer TEXT NOT NULL,
-    spec TEXT NOT NULL,
-    offer_sha256 TEXT NOT NULL,
-    offer_seq INTEGER NOT NULL,
-    expires_at REAL NOT NULL,
-    state TEXT NOT NULL,
-    code TEXT NOT NULL DEFAULT '',
-    detail TEXT NOT NULL DEFAULT '',
-    created REAL NOT NULL,
-    updated REAL NOT NULL,
-    cancel_requested REAL,
-    cancel_reason TEXT NOT NULL DEFAULT '',
-    receipt TEXT,
-    receipt_sha256 TEXT,
-    receipt_envelope TEXT,
-    receipt_problems TEXT NOT NULL DEFAULT '[]',
-    log_bytes INTEGER NOT NULL DEFAULT 0,
-    log_dropped_bytes INTEGER NOT NULL DEFAULT 0
-) STRICT;
-CREATE INDEX IF NOT EXISTS jobs_by_created ON jobs (created DESC);
-CREATE TABLE IF NOT EXISTS job_logs (
-    job_id TEXT NOT NULL REFERENCES jobs(job_id),
-    seq INTEGER NOT NULL,
-    stream TEXT NOT NULL,
-    data TEXT NOT NULL,
-    PRIMARY KEY (job_id, seq)
-) STRICT, WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS receipt_chain (
-    node_id TEXT PRIMARY KEY REFERENCES nodes(node_id),
-    last_receipt TEXT NOT NULL,
-    receipts INTEGER NOT NULL,
-    breaks INTEGER NOT NULL
-) STRICT;
-"""
 
 
 class VerifiedResult(msgspec.Struct, frozen=True, kw_only=True):
@@ -122,7 +83,7 @@ class StoredReceipt(msgspec.Struct, frozen=True, kw_only=True):
     """:func:`agent.protocol.jobs.receipt_digest` of it: the next receipt's prev_receipt."""
     envelope: dict[str, Any]
     problems: list[str]
-    """Codes of :data:`coordinator.jobs.RECEIPT_PROBLEMS`; [] when everything holds."""
+    """Codes of :data:`coordinator.offers.RECEIPT_PROBLEMS`; [] when everything holds."""
 
     @property
     def chain_ok(self) -> bool:
@@ -191,27 +152,24 @@ def _json(value: object) -> str:
     return msgspec.json.encode(value).decode()
 
 
-class JobTables:
-    """The job half of :class:`coordinator.store.Store` (which provides the stubs below)."""
+class JobTable:
+    """Jobs, their logs, and each node's receipt chain; offers and cancels go out through
+    ``streams`` in the same transaction."""
 
-    _db: sqlite3.Connection
-
-    def _transaction(self) -> AbstractContextManager[None]:
-        raise NotImplementedError
-
-    def _insert_outbound(self, node_id: str, seq: int, kind: str, body: Any) -> None:
-        raise NotImplementedError
+    def __init__(self, db: Database, streams: StreamTable) -> None:
+        self._db = db
+        self._streams = streams
 
     # ------------------------------------------------------------------ coordinator -> agent
 
-    def add_job(self, signed: SignedOffer, seq: int, now: float) -> None:
+    def add(self, signed: SignedOffer, seq: int, now: float) -> None:
         """Store a new job and its ``job_offer`` (seq ``seq`` of the node's stream) at once.
 
         Raises:
             JobError: ``job_exists`` when the job id is taken (nothing is stored).
         """
         offer = signed.offer
-        with self._transaction():
+        with self._db.transaction():
             try:
                 self._db.execute(
                     "INSERT INTO jobs (job_id, node_id, state, spec, offer, offer_sha256,"
@@ -232,28 +190,30 @@ class JobTables:
                 )
             except sqlite3.IntegrityError:
                 raise JobError("job_exists", f"job {offer.job_id!r} exists") from None
-            self._insert_outbound(offer.node_id, seq, "job_offer", msgspec.to_builtins(signed.body))
+            self._streams.insert_outbound(
+                offer.node_id, seq, "job_offer", msgspec.to_builtins(signed.body)
+            )
 
     def add_cancel(self, node_id: str, body: JobCancelBody, seq: int, now: float) -> None:
         """Mark a job's cancel as requested and store its ``job_cancel`` at once."""
-        with self._transaction():
+        with self._db.transaction():
             self._db.execute(
                 "UPDATE jobs SET cancel_requested = ?, cancel_reason = ?, updated = ?"
                 " WHERE job_id = ?",
                 (now, body.reason, now, body.job_id),
             )
-            self._insert_outbound(node_id, seq, "job_cancel", msgspec.to_builtins(body))
+            self._streams.insert_outbound(node_id, seq, "job_cancel", msgspec.to_builtins(body))
 
     # ------------------------------------------------------------------ reading
 
-    def job(self, job_id: str) -> JobRow | None:
+    def get(self, job_id: str) -> JobRow | None:
         """One job, or None when there is no such job."""
         row = self._db.execute(
             f"SELECT {_JOB_COLUMNS} FROM jobs WHERE job_id = ?", (job_id,)
         ).fetchone()
         return None if row is None else _job_row(row)
 
-    def jobs(self, *, node_id: str | None = None, limit: int = 1000) -> list[JobSummary]:
+    def recent(self, *, node_id: str | None = None, limit: int = 1000) -> list[JobSummary]:
         """Jobs, newest first (of one node when ``node_id`` is given)."""
         rows = self._db.execute(
             "SELECT job_id, node_id, state, code, created, updated FROM jobs"
@@ -265,7 +225,7 @@ class JobTables:
             for r in rows
         ]
 
-    def job_logs(self, job_id: str) -> JobLogs:
+    def logs(self, job_id: str) -> JobLogs:
         """A job's kept log text per stream, in the order it arrived."""
         rows = self._db.execute(
             "SELECT stream, data FROM job_logs WHERE job_id = ? ORDER BY seq", (job_id,)
@@ -293,8 +253,8 @@ class JobTables:
 
     # ------------------------------------------------------------------ agent -> coordinator
 
-    def _apply_job_event(self, node_id: str, seq: int, event: JobEvent, now: float) -> None:
-        """Apply what a just-stored message says about a job (inside its transaction)."""
+    def apply(self, node_id: str, seq: int, event: JobEvent, now: float) -> None:
+        """Apply what a just-stored message says about a job (in its transaction)."""
         row = self._db.execute(
             "SELECT state, offer_sha256, log_bytes FROM jobs WHERE job_id = ? AND node_id = ?",
             (event.job_id, node_id),

@@ -1,6 +1,5 @@
 """Quota and retention of the coordinator's store: what keeps a node's messages bounded.
 
-Mixed into :class:`coordinator.store.Store`, on its connection and in its transactions.
 Each node's stored bytes are counted in ``nodes.stored_bytes`` as messages come and go;
 its last seq is kept in ``nodes.agent_seq``, apart from the rows, so deleting any of them
 never moves the node's ``welcome`` back.
@@ -8,34 +7,64 @@ never moves the node's ``welcome`` back.
 
 from __future__ import annotations
 
-import sqlite3
-from contextlib import AbstractContextManager
-from typing import Any
+import msgspec
 
-__all__ = ["Retention"]
+from coordinator.db import Database
+
+__all__ = ["Quotas", "Retention"]
+
+
+class Quotas(msgspec.Struct, frozen=True, kw_only=True):
+    """The bytes of message bodies the store keeps; 0: no limit."""
+
+    node_bytes: int = 0
+    """Per node."""
+    unverified_node_bytes: int = 0
+    """Per node while it has no verified profile."""
+    store_bytes: int = 0
+    """All nodes together."""
 
 
 class Retention:
-    """The quota half of :class:`coordinator.store.Store` (which provides the stubs below)."""
+    """Each node's stored bytes within its quota, and telemetry pruned past its time."""
 
-    _db: sqlite3.Connection
-    #: All nodes' stored bytes, so that the store-wide cap costs no scan of ``nodes`` per
-    #: message; None: not known (at start, or after a rollback), read again when needed.
-    _total_bytes: int | None = None
+    def __init__(self, db: Database, quotas: Quotas) -> None:
+        self._db = db
+        self._quotas = quotas
+        # All nodes' stored bytes, so that the store-wide cap costs no scan of ``nodes`` per
+        # message; None: not known yet. Read again after a rollback, which may undo a count.
+        self._total_bytes: int | None = None
+        self._total_read_at = db.rollbacks
 
-    def _transaction(self) -> AbstractContextManager[None]:
-        raise NotImplementedError
+    def make_room(self, node_id: str, size: int, *, verifies: bool) -> bool:
+        """Whether a message of ``size`` bytes fits the node's quota and the store's cap,
+        once its oldest telemetry is deleted (in the caller's transaction) to make room.
+
+        Args:
+            verifies: the message brings a verified profile: the node is held to its full
+                quota, not to the unverified one.
+        """
+        quota = self._quota(node_id, verifies=verifies)
+        over = self.stored_bytes(node_id) + size - quota if quota else 0
+        slack = quota // 8
+        cap = self._quotas.store_bytes
+        if cap:
+            slack = min(slack, cap // 8) if slack else cap // 8
+            over = max(over, self._total_stored() + size - cap)
+        # Evict an eighth of the quota (or cap) more than needed, so that a node streaming
+        # at its quota evicts now and then, not on every message.
+        return over <= 0 or self._evict_telemetry(node_id, over + slack, over) >= over
 
     def _total_stored(self) -> int:
         """All nodes' stored bytes together."""
-        if self._total_bytes is None:
+        if self._total_bytes is None or self._total_read_at != self._db.rollbacks:
             (total,) = self._db.execute(
                 "SELECT COALESCE(SUM(stored_bytes), 0) FROM nodes"
             ).fetchone()
-            self._total_bytes = int(total)
+            self._total_bytes, self._total_read_at = int(total), self._db.rollbacks
         return self._total_bytes
 
-    def _count_bytes(self, node_id: str, delta: int) -> None:
+    def count_bytes(self, node_id: str, delta: int) -> None:
         """Add ``delta`` to the node's stored bytes (and to the total)."""
         self._db.execute(
             "UPDATE nodes SET stored_bytes = stored_bytes + ? WHERE node_id = ?", (delta, node_id)
@@ -43,16 +72,10 @@ class Retention:
         if self._total_bytes is not None:
             self._total_bytes += delta
 
-    def _quota(
-        self,
-        node_id: str,
-        quota: int,
-        unverified_quota: int,
-        profile: dict[str, Any] | None,
-        unverified: object,
-    ) -> int:
+    def _quota(self, node_id: str, *, verifies: bool) -> int:
         """The node's quota (0: none): the smaller one until it has a verified profile."""
-        if not unverified_quota or (profile is not None and unverified is None):
+        quota, unverified_quota = self._quotas.node_bytes, self._quotas.unverified_node_bytes
+        if not unverified_quota or verifies:
             return quota  # a message that verifies the node is held to its full quota
         verified = self._db.execute(
             "SELECT 1 FROM profiles WHERE node_id = ?", (node_id,)
@@ -90,7 +113,7 @@ class Retention:
                 "DELETE FROM messages WHERE node_id = ? AND type = 'telemetry' AND seq <= ?",
                 (node_id, upto),
             )
-            self._count_bytes(node_id, -freed)
+            self.count_bytes(node_id, -freed)
         return freed
 
     def prune_telemetry(self, received_before: float, keep_rows: int) -> int:
@@ -101,7 +124,7 @@ class Retention:
         """
         deleted = 0
         for (node_id,) in self._db.execute("SELECT node_id FROM nodes").fetchall():
-            with self._transaction():
+            with self._db.transaction():
                 row = self._db.execute(
                     "SELECT seq FROM messages WHERE node_id = ? AND type = 'telemetry'"
                     " ORDER BY seq DESC LIMIT 1 OFFSET ?",
@@ -117,7 +140,7 @@ class Retention:
                 ).fetchone()
                 if count:
                     self._db.execute("DELETE" + where, args)
-                    self._count_bytes(node_id, -int(size))
+                    self.count_bytes(node_id, -int(size))
                 deleted += int(count)
         return deleted
 

@@ -7,8 +7,10 @@ the API and dashboard.
 
 A second, plain-HTTP listener on 127.0.0.1 (:mod:`coordinator.admin`) serves the same API
 plus the writes (job submission and cancel), behind a token written to ``admin.json`` in
-the state directory. :meth:`Coordinator.submit` and :meth:`Coordinator.cancel` are the same
-writes for a caller in the coordinator's own process.
+the state directory. Both listeners and the agents' connections reach jobs through one
+:class:`coordinator.job_service.JobService` (:attr:`Coordinator.jobs`), which offers
+through the server's open sessions; :meth:`Coordinator.submit` and
+:meth:`Coordinator.cancel` are its writes for a caller in the coordinator's own process.
 """
 
 from __future__ import annotations
@@ -26,16 +28,17 @@ from websockets.asyncio.server import Server, ServerConnection
 from websockets.asyncio.server import serve as ws_serve
 from websockets.http11 import Request, Response
 
-from agent.protocol.jobs import FINAL_STATES
-from agent.protocol.limits import MAX_ERROR_DETAIL_CHARS, MAX_FRAME_BYTES
-from agent.protocol.messages import JobCancelBody
+from agent.protocol.limits import MAX_FRAME_BYTES
 from agent.protocol.session import NonceBook
-from coordinator import api, jobs, keys
+from coordinator import api, keys, offers
 from coordinator.admin import AdminFile, AdminListener, new_token, write_admin_file
 from coordinator.admission import Settings, TokenBucket
 from coordinator.api_util import HttpAnswer, HttpRequest
-from coordinator.connection import Shared, deliver, handle
-from coordinator.errors import JobError
+from coordinator.connection import AgentSessions, Shared, handle
+from coordinator.images import ImagePinner
+from coordinator.job_service import JobService
+from coordinator.retention import Quotas
+from coordinator.sessions import OpenSessions
 from coordinator.store import Store
 
 __all__ = ["AGENT_PATH", "Coordinator", "Settings", "serve"]
@@ -60,8 +63,10 @@ class Coordinator:
         clock: Callable[[], float] = time.time,
         ssl_context: ssl.SSLContext | None = None,
         admin_port: int = 0,
+        pinner: ImagePinner | None = None,
     ) -> None:
         self.host = host
+        self.pinner = pinner or ImagePinner()
         self.ssl_context = ssl_context
         self._requested_port = port
         self.db_path = db_path
@@ -87,6 +92,11 @@ class Coordinator:
         if self._shared is None:
             raise RuntimeError("the coordinator is not started")
         return self._shared.store
+
+    @property
+    def jobs(self) -> JobService:
+        """The jobs: offers, cancels, what nodes report (only while started)."""
+        return self._started().jobs
 
     @property
     def port(self) -> int:
@@ -118,8 +128,14 @@ class Coordinator:
 
     async def start(self) -> None:
         """Open the store, start listening, and write the admin file."""
-        store = Store(self.db_path)
         settings = self.settings
+        quotas = Quotas(
+            node_bytes=settings.node_quota_bytes,
+            unverified_node_bytes=settings.unverified_quota_bytes,
+            store_bytes=settings.store_max_bytes,
+        )
+        store = Store(self.db_path, quotas)
+        sessions: AgentSessions = OpenSessions()
         self._shared = Shared(
             key=self.key,
             store=store,
@@ -130,7 +146,8 @@ class Coordinator:
             new_keys=TokenBucket(
                 settings.new_keys_per_s, settings.new_keys_burst, time.monotonic()
             ),
-            sessions={},
+            sessions=sessions,
+            jobs=JobService(store, self.key, sessions, self._clock, self.pinner),
         )
         try:
             self._server = await ws_serve(
@@ -176,62 +193,14 @@ class Coordinator:
         spec: dict[str, Any],
         *,
         job_id: str | None = None,
-        ttl_s: float = jobs.DEFAULT_TTL_S,
+        ttl_s: float = offers.DEFAULT_TTL_S,
     ) -> str:
-        """Sign an offer of ``spec`` to ``node_id``, store it, send it; returns the job id.
-
-        The offer goes out at once if the node is connected, else after its next handshake
-        (it is in the store: a restart of the coordinator does not lose it). The node answers
-        with ``job_status`` messages, which :meth:`Store.job` then shows.
-
-        Args:
-            job_id: ``job-`` and 16 random hex digits when None.
-            ttl_s: how long the offer stays valid; a node that gets it later refuses it.
-
-        Raises:
-            JobError: ``unknown_node`` (never connected), ``job_exists``, ``bad_job_id``,
-                ``bad_spec`` (not a JSON object), ``bad_ttl``, ``spec_too_large``.
-        """
-        shared = self._started()
-        store = shared.store
-        if not isinstance(node_id, str) or store.public_key(node_id) is None:
-            raise JobError("unknown_node", f"no node {node_id!r} ever connected")
-        job_id = jobs.new_job_id() if job_id is None else job_id
-        if store.job(job_id) is not None:
-            raise JobError("job_exists", f"job {job_id!r} exists")
-        now = self._clock()
-        signed = jobs.make_offer(
-            self.key, job_id=job_id, node_id=node_id, spec=spec, now=now, ttl_s=ttl_s
-        )
-        await deliver(shared, node_id, signed.body, lambda seq: store.add_job(signed, seq, now))
-        return job_id
+        """:meth:`JobService.submit`: sign an offer, store it, send it; returns the job id."""
+        return await self.jobs.submit(node_id, spec, job_id=job_id, ttl_s=ttl_s)
 
     async def cancel(self, job_id: str, reason: str = "") -> None:
-        """Ask the job's node to stop it (``job_cancel``); it then reports ``cancelled``.
-
-        Asking again while a cancel is under way sends nothing more. A job not yet
-        delivered still gets its offer first, then the cancel: the stream keeps its order.
-
-        Raises:
-            JobError: ``unknown_job``, ``job_final`` (it ended already), ``bad_reason``
-                (over 1024 characters).
-        """
-        shared = self._started()
-        store = shared.store
-        job = store.job(job_id)
-        if job is None:
-            raise JobError("unknown_job", f"no job {job_id!r}")
-        if job.state in FINAL_STATES:
-            raise JobError("job_final", f"job {job_id!r} is {job.state} already")
-        if not isinstance(reason, str) or len(reason) > MAX_ERROR_DETAIL_CHARS:
-            raise JobError("bad_reason", f"a reason is at most {MAX_ERROR_DETAIL_CHARS} characters")
-        if job.cancel_requested is not None:
-            return
-        body = JobCancelBody(job_id=job_id, reason=reason)
-        now = self._clock()
-        await deliver(
-            shared, job.node_id, body, lambda seq: store.add_cancel(job.node_id, body, seq, now)
-        )
+        """:meth:`JobService.cancel`: ask the job's node to stop it."""
+        await self.jobs.cancel(job_id, reason)
 
     async def __aenter__(self) -> Coordinator:
         await self.start()
@@ -249,7 +218,7 @@ class Coordinator:
         """Delete the telemetry past its retention now; returns how many rows went."""
         settings = self.settings
         before = self._clock() - settings.telemetry_keep_s
-        return self._started().store.prune_telemetry(before, settings.telemetry_keep_rows)
+        return self._started().store.retention.prune_telemetry(before, settings.telemetry_keep_rows)
 
     async def _retain(self) -> None:
         """Prune at start, then every retention interval, until stopped."""
@@ -281,13 +250,13 @@ class Coordinator:
             token=self.admin_token,
             store=self.store,
             connected=self.connected(),
-            control=self,
+            jobs=self.jobs,
         )
 
     def _process_request(self, connection: ServerConnection, request: Request) -> Response | None:
         if request.path.split("?", 1)[0] == AGENT_PATH:
             return None  # the websocket handshake goes on (426 if it is not an upgrade)
-        answer = api.route(request.method, request.path, self.store, self.connected())
+        answer = api.route(request.method, request.path, self.store, self.jobs, self.connected())
         response = connection.respond(answer.status, "")
         response.body = answer.body
         del response.headers["Content-Length"], response.headers["Content-Type"]
@@ -316,6 +285,7 @@ async def serve(
     on_ready: Callable[[Coordinator], None] | None = None,
     ssl_context: ssl.SSLContext | None = None,
     admin_port: int = 0,
+    pinner: ImagePinner | None = None,
 ) -> None:
     """Run a coordinator until ``stop`` is set (or the task is cancelled)."""
     coordinator = Coordinator(
@@ -326,6 +296,7 @@ async def serve(
         settings=settings,
         ssl_context=ssl_context,
         admin_port=admin_port,
+        pinner=pinner,
     )
     async with coordinator:
         if on_ready is not None:

@@ -1,12 +1,11 @@
 """The coordinator's stream to its nodes in the store: attestation nonces and outbound.
 
-Mixed into :class:`coordinator.store.Store`, on its connection and in its transactions.
+What the coordinator sends a node stays in ``outbound`` until the node acknowledges it, so
+that the stream's sender is rebuilt from the store after a reconnect or a restart.
 """
 
 from __future__ import annotations
 
-import sqlite3
-from contextlib import AbstractContextManager
 from typing import Any
 
 import msgspec
@@ -14,8 +13,9 @@ import msgspec
 from agent.protocol.errors import AuthError
 from agent.protocol.messages import AttestRequestBody, JobCancelBody, JobOfferBody, ReliableBody
 from agent.protocol.reliable import ReliableSender
+from coordinator.db import Database
 
-__all__ = ["Outbound", "StreamTables"]
+__all__ = ["Outbound", "StreamTable"]
 
 #: The body type of each kind of message the coordinator's stream keeps in the store.
 _OUTBOUND_BODIES: dict[str, type[ReliableBody]] = {
@@ -33,13 +33,11 @@ class Outbound(msgspec.Struct, frozen=True, kw_only=True):
     """``(seq, type, body)`` after ``acked``, in seq order."""
 
 
-class StreamTables:
-    """The outbound half of :class:`coordinator.store.Store` (which provides the stubs)."""
+class StreamTable:
+    """Attestation nonces, and each node's stream of messages from the coordinator."""
 
-    _db: sqlite3.Connection
-
-    def _transaction(self) -> AbstractContextManager[None]:
-        raise NotImplementedError
+    def __init__(self, db: Database) -> None:
+        self._db = db
 
     # ------------------------------------------------------------------ attestation nonces
 
@@ -71,6 +69,12 @@ class StreamTables:
         if now - row[0] > ttl_s:
             raise AuthError("stale_nonce", f"issued {now - row[0]:.0f} s ago, limit {ttl_s:.0f}")
 
+    def use_nonce(self, nonce: str, now: float) -> None:
+        """Mark a nonce answered (in the caller's transaction, with the profile)."""
+        self._db.execute(
+            "UPDATE attest_nonces SET used = ? WHERE nonce = ? AND used IS NULL", (now, nonce)
+        )
+
     def purge_nonces(self, before: float) -> None:
         """Forget nonces issued before ``before``: they can no longer be answered."""
         self._db.execute("DELETE FROM attest_nonces WHERE issued < ?", (before,))
@@ -90,10 +94,11 @@ class StreamTables:
 
     def add_outbound(self, node_id: str, seq: int, kind: str, body: Any) -> None:
         """Keep a message of the coordinator's stream until the node acknowledges it."""
-        with self._transaction():
-            self._insert_outbound(node_id, seq, kind, body)
+        with self._db.transaction():
+            self.insert_outbound(node_id, seq, kind, body)
 
-    def _insert_outbound(self, node_id: str, seq: int, kind: str, body: Any) -> None:
+    def insert_outbound(self, node_id: str, seq: int, kind: str, body: Any) -> None:
+        """:meth:`add_outbound` in the caller's transaction (with what goes with it)."""
         self._db.execute(
             "INSERT INTO outbound (node_id, seq, type, body) VALUES (?, ?, ?, ?)",
             (node_id, seq, kind, msgspec.json.encode(body).decode()),
@@ -102,7 +107,7 @@ class StreamTables:
 
     def ack_outbound(self, node_id: str, seq: int) -> None:
         """The node stored everything up to ``seq``: forget it."""
-        with self._transaction():
+        with self._db.transaction():
             self._db.execute("DELETE FROM outbound WHERE node_id = ? AND seq <= ?", (node_id, seq))
             self._db.execute(
                 "UPDATE nodes SET coordinator_acked = MAX(coordinator_acked, ?) WHERE node_id = ?",

@@ -135,6 +135,58 @@ class DockerClient:
         finally:
             writer.close()
 
+    async def stream_lines(
+        self,
+        method: str,
+        path: str,
+        *,
+        params: Mapping[str, Any] | None = None,
+        headers: Mapping[str, str] | None = None,
+        idle_timeout_s: float,
+        max_line_bytes: int = _HEADER_LIMIT,
+    ) -> AsyncGenerator[bytes, None]:
+        """One API call whose answer is a stream of JSON lines (an image pull's progress),
+        yielded line by line as the engine writes them.
+
+        Raises:
+            EngineError: a non-2xx answer (with its status), a broken stream,
+                ``engine_error`` for a line over ``max_line_bytes``, and ``stream_stalled``
+                when no byte came for ``idle_timeout_s``.
+        """
+        if self._prefix is None:
+            await self.version()
+        reader, writer = await self._connect()
+        try:
+            writer.write(_request_bytes(method, self._path(path, params), None, headers))
+            await writer.drain()
+            status, head = await asyncio.wait_for(_read_head(reader), self.timeout_s)
+            if status >= 300:
+                raise _error(Response(status, head, await _read_body(reader, head)))
+            pending = b""
+            chunks = _iter_body(reader, head).__aiter__()
+            while True:
+                try:
+                    async with asyncio.timeout(idle_timeout_s):
+                        chunk = await anext(chunks)
+                except StopAsyncIteration:
+                    break
+                except TimeoutError as exc:
+                    detail = f"{method} {path}: nothing for {idle_timeout_s:g} s"
+                    raise EngineError("stream_stalled", detail) from exc
+                pending += chunk
+                *lines, pending = pending.split(b"\n")
+                if len(pending) > max_line_bytes:
+                    raise EngineError("engine_error", f"{method} {path}: a line over the cap")
+                for line in lines:
+                    if line.strip():
+                        yield line
+            if pending.strip():
+                yield pending
+        except _BROKEN_ANSWER as exc:
+            raise EngineError("engine_error", f"{method} {path}: {exc!r}") from exc
+        finally:
+            writer.close()
+
     def _path(self, path: str, params: Mapping[str, Any] | None) -> str:
         query = f"?{urlencode(params)}" if params else ""
         return f"{self._prefix}{path}{query}"

@@ -28,6 +28,9 @@ __all__ = [
     "ImageInfo",
     "LogConfig",
     "MountPoint",
+    "PullMessage",
+    "PullProgressDetail",
+    "RegistryAuth",
     "Ulimit",
     "VersionInfo",
 ]
@@ -145,15 +148,52 @@ class _ImageConfig(msgspec.Struct, frozen=True, rename="pascal"):
 
 
 class ImageInfo(msgspec.Struct, frozen=True, rename="pascal"):
-    """``GET /images/{name}/json``: the image's id and the volumes it declares."""
+    """``GET /images/{name}/json``: the image's id, the volumes it declares, the
+    ``repository@digest`` names it was pulled by, and its unpacked size."""
 
     id: str
     config: _ImageConfig | None = None
+    repo_digests: list[str] | None = None
+    size: int = 0
 
     @property
     def volumes(self) -> list[str]:
         """The paths the image declares as ``VOLUME``, sorted."""
         return sorted((self.config.volumes or {}) if self.config else {})
+
+
+class RegistryAuth(msgspec.Struct, frozen=True, kw_only=True):
+    """Credentials for one registry, sent as ``X-Registry-Auth``; never shown: ``repr``
+    hides the password, and nothing logs or stores the header."""
+
+    username: str
+    password: str
+    serveraddress: str
+
+    def __repr__(self) -> str:
+        return f"RegistryAuth(username={self.username!r}, serveraddress={self.serveraddress!r})"
+
+
+class PullProgressDetail(msgspec.Struct, frozen=True):
+    """Bytes done and in all of one layer's download or extraction."""
+
+    current: int = 0
+    total: int = 0
+
+
+class _PullErrorDetail(msgspec.Struct, frozen=True):
+    message: str = ""
+
+
+class PullMessage(msgspec.Struct, frozen=True, rename="camel"):
+    """One line of ``POST /images/create``'s answer: a layer's progress, or the error
+    that ends the pull (the answer's status is 200 by then)."""
+
+    status: str = ""
+    id: str = ""
+    progress_detail: PullProgressDetail | None = None
+    error: str = ""
+    error_detail: _PullErrorDetail | None = None
 
 
 class CreatedContainer(msgspec.Struct, frozen=True, rename="pascal"):

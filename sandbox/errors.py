@@ -12,6 +12,9 @@ how a caller reacts to it::
     +-- EngineError                the Docker engine failed us (report; retry later)
     |     codes: engine_unreachable, engine_error, image_not_found, not_found, engine_too_old
     |     (``status``: the engine's HTTP status, when it answered; sandbox.engine maps them)
+    +-- PullError                  the job's image could not be pulled (report it as an error)
+    |     codes: image_not_found, registry_auth_failed, registry_unreachable,
+    |            digest_mismatch, pull_timeout, disk_full, pull_failed
     +-- RunError                   the runner could not run this job (report it as an error)
           codes: start_failed, gpu_unmappable, bad_job_id, job_running, runtime_missing,
                  bad_image_volume, no_free_uid
@@ -24,6 +27,7 @@ import msgspec
 __all__ = [
     "EngineError",
     "PolicyViolation",
+    "PullError",
     "RunError",
     "SandboxError",
     "SpecError",
@@ -82,3 +86,7 @@ class EngineError(SandboxError):
 
 class RunError(SandboxError):
     """The runner could not run a job (as opposed to the job running and failing)."""
+
+
+class PullError(SandboxError):
+    """The job's image could not be pulled from its registry."""

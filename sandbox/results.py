@@ -15,6 +15,7 @@ __all__ = [
     "JobResult",
     "LogChunk",
     "OutputFile",
+    "Pulling",
     "Started",
 ]
 
@@ -57,6 +58,14 @@ class JobResult(msgspec.Struct, kw_only=True):
     detail: str = ""
 
 
+class Pulling(msgspec.Struct, frozen=True, tag="pulling"):
+    """The job's image is being pulled: one layer's bytes downloaded of its total."""
+
+    layer: str
+    done: int
+    total: int
+
+
 class Created(msgspec.Struct, frozen=True, tag="created"):
     """The container exists (not yet started)."""
 
@@ -89,4 +98,4 @@ class Finished(msgspec.Struct, frozen=True, tag="finished"):
     result: JobResult
 
 
-Event: TypeAlias = Created | Started | LogChunk | Exited | Finished
+Event: TypeAlias = Pulling | Created | Started | LogChunk | Exited | Finished

@@ -26,7 +26,8 @@ from sandbox.cgroups import JobCgroup
 from sandbox.container import create_body
 from sandbox.docker_api import Attachment, DockerClient
 from sandbox.engine import Engine
-from sandbox.errors import EngineError, RunError, SandboxError
+from sandbox.engine_types import ImageInfo, RegistryAuth
+from sandbox.errors import EngineError, PullError, RunError, SandboxError
 from sandbox.gpu_mapping import DeviceFacts, HostGroups, host_groups, map_gpus
 from sandbox.gvisor import reap_shims
 from sandbox.jobdir import JOB_ID, JobDir, runner_instance
@@ -41,9 +42,10 @@ from sandbox.results import (
     Finished,
     JobResult,
     LogChunk,
+    Pulling,
     Started,
 )
-from sandbox.spec import WorkloadSpec, spec_digest
+from sandbox.spec import ImageRef, WorkloadSpec, spec_digest
 from sandbox.uids import UidPool, can_give_files_away
 
 __all__ = ["LogBudget", "Runner", "RunnerConfig"]
@@ -70,6 +72,9 @@ class RunnerConfig(msgspec.Struct, frozen=True, kw_only=True):
             not: what the host spends copying a job's output is bounded by it, and a job
             that writes faster waits on its full pipe.
         cgroup_root: where the cgroup file systems are mounted.
+
+    An image that is not on the host is pulled when the spec pins it by digest
+    (``repository@sha256:...``); a tag is never pulled (:func:`_pullable`).
     """
 
     jobs_dir: Path
@@ -81,6 +86,10 @@ class RunnerConfig(msgspec.Struct, frozen=True, kw_only=True):
     log_rate_bytes_per_s: int = 256 << 10
     log_drain_bytes_per_s: int = 1 << 20
     cgroup_root: Path = Path("/sys/fs/cgroup")
+    registry_auth: dict[str, RegistryAuth] = {}
+    """Credentials per registry host (``registry.example.com:5000``) for image pulls."""
+    pull_idle_timeout_s: float = 120.0
+    """A pull that makes no progress for this long fails ``pull_timeout``."""
 
 
 class Runner:
@@ -159,7 +168,17 @@ class Runner:
             if self.user is None:
                 uid = self._uids.take()
             # The canonical name: a bare "abc123" must not resolve as an image-id prefix.
-            image = await self.engine.inspect_image(spec.image_ref.canonical)
+            ref = spec.image_ref
+            try:
+                image = await self.engine.inspect_image(ref.canonical)
+            except EngineError as exc:
+                if exc.code != "image_not_found" or not _pullable(ref):
+                    raise
+                async with aclosing(self._pull(ref)) as pulling:
+                    async for progress in pulling:
+                        yield progress
+                image = await self.engine.inspect_image(ref.canonical)
+                _check_pulled(ref, image)
             result.image_id = image.id  # a tag pinned to the image it names now
             job_dir.create(self.instance)
             mounts = job_dir.mounts(spec)
@@ -223,6 +242,29 @@ class Runner:
             # Last: until everything above is gone, the same job id cannot start again.
             del self._cancels[job_id]
         yield Finished(result)
+
+    async def _pull(self, ref: ImageRef) -> AsyncGenerator[Pulling, None]:
+        """Pull a pinned image, yielding each layer's progress as the engine reports it."""
+        assert ref.repository is not None
+        registry = ref.repository.split("/", 1)[0]
+        progress: asyncio.Queue[Pulling | None] = asyncio.Queue()
+        pull = asyncio.create_task(
+            self.engine.pull(
+                f"{ref.repository}@{ref.digest}",
+                auth=self.config.registry_auth.get(registry),
+                idle_timeout_s=self.config.pull_idle_timeout_s,
+                on_progress=lambda layer, done, total: progress.put_nowait(
+                    Pulling(layer, done, total)
+                ),
+            )
+        )
+        pull.add_done_callback(lambda _: progress.put_nowait(None))
+        try:
+            while (event := await progress.get()) is not None:
+                yield event
+            await pull  # its error, if it failed
+        finally:
+            pull.cancel()
 
     async def _execute(
         self,
@@ -349,3 +391,15 @@ def _reason(exit_code: int, oom_killed: bool) -> ExitReason:
     if oom_killed:
         return "oom_killed"
     return "completed" if exit_code == 0 else "failed"
+
+
+def _pullable(ref: ImageRef) -> bool:
+    """Whether the engine may pull ``ref``: by digest from a repository, never a movable
+    tag (what runs must be what was signed) nor a bare local image id."""
+    return ref.repository is not None and ref.digest is not None
+
+
+def _check_pulled(ref: ImageRef, image: ImageInfo) -> None:
+    """The image the engine now has under ``ref`` is the one pulled by its digest."""
+    if not any(name.endswith(f"@{ref.digest}") for name in image.repo_digests or []):
+        raise PullError("digest_mismatch", f"{ref.canonical}: the engine has {image.id}")

@@ -75,6 +75,7 @@ SOURCES = (
     "hal",
     "sandbox",
     "keyfile",
+    "oci",
     "agent",
     "coordinator",
 )

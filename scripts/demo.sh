@@ -42,9 +42,21 @@ cat "$demo/coordinator.log"
 key=$("$bin/gpu-coordinator" key --state-dir "$demo/coordinator" | awk '/public key/ {print $3}')
 echo
 
+# The sample job's image, built here from the static busybox (nothing is pulled).
+image=""
+if docker info >/dev/null 2>&1 && [ -x /bin/busybox ]; then
+  context=$(mktemp -d)
+  "$bin/python" -c 'import sys; sys.path.insert(0, "tests"); from support.images import build_busybox_image; build_busybox_image(sys.argv[1], __import__("pathlib").Path(sys.argv[2]))' \
+    gpu-agent-demo/busybox:1 "$context"
+  rm -rf "$context"
+  # An offer names its image by digest or id, never by a tag that could move after the
+  # coordinator signed it: this image has no registry, so its id.
+  image=$(docker image inspect --format '{{.Id}}' gpu-agent-demo/busybox:1)
+fi
+
 echo "== gpu-agent run: this agent, pinned to that coordinator's key =="
 # The admission policy: the coordinator's jobs may use the demo's locally built image only.
-echo 'allowed_images = ["gpu-agent-demo/busybox"]' > "$demo/policy.toml"
+echo "allowed_images = [\"${image:-gpu-agent-demo/busybox}\"]" > "$demo/policy.toml"
 "$bin/gpu-agent" run --coordinator "ws://127.0.0.1:$port/agent" --coordinator-key "$key" \
   --state-dir "$demo/agent" --runtime-dir "$demo/run" --policy "$demo/policy.toml" \
   --interval 1 --batch 2 \
@@ -81,15 +93,12 @@ echo "== gpu-agent doctor: what stands between this machine and serving GPU jobs
 "$bin/gpu-agent" doctor || true
 echo
 
-if docker info >/dev/null 2>&1 && [ -x /bin/busybox ]; then
+if [ -n "$image" ]; then
   echo "== gpu-agent run-local: a sample job in the hardened sandbox =="
-  context=$(mktemp -d)
-  "$bin/python" -c 'import sys; sys.path.insert(0, "tests"); from support.images import build_busybox_image; build_busybox_image(sys.argv[1], __import__("pathlib").Path(sys.argv[2]))' \
-    gpu-agent-demo/busybox:1 "$context"
-  rm -rf "$context"
-  cat > "$demo/job.toml" <<'SPEC'
-image = "gpu-agent-demo/busybox:1"
-command = ["sh", "-c", "echo hello from the sandbox: uid $(id -u), network: $(ls /sys/class/net); cat /input/greeting.txt > /output/result.txt"]
+  echo "image: gpu-agent-demo/busybox:1, id $image"
+  cat > "$demo/job.toml" <<SPEC
+image = "$image"
+command = ["sh", "-c", "echo hello from the sandbox: uid \$(id -u), network: \$(ls /sys/class/net); cat /input/greeting.txt > /output/result.txt"]
 timeout_s = 30
 outputs = ["result.txt"]
 

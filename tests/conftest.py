@@ -43,7 +43,7 @@ MARK_BY_NAME = {
     "websockets": "websocket",
     "coordinator.server.Coordinator": "websocket",
     "support.processes": "websocket",
-    "support.coordinator_peer": "websocket",
+    "support.coordinator_peer.connected": "websocket",
     "support.admission": "websocket",
     "support.tray_daemon.CoordinatorThread": "websocket",
     "support.fakenvml.build.build_library": "gcc",
@@ -188,6 +188,18 @@ def docker_engine() -> str:
 def test_image(docker_engine: str, tmp_path_factory: pytest.TempPathFactory) -> str:
     """A local image of static busybox (nothing can be pulled here), with a setuid copy."""
     return build_busybox_image(TEST_IMAGE, tmp_path_factory.mktemp("image"))
+
+
+@pytest.fixture(scope="session")
+def test_image_id(test_image: str) -> str:
+    """The test image's id, ``sha256:<hex>``: how an offer pins an image built here (an
+    offer never names a tag)."""
+    return subprocess.run(
+        ["docker", "image", "inspect", "--format", "{{.Id}}", test_image],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
 
 
 @pytest.fixture

@@ -20,6 +20,8 @@ import msgspec
 
 from agent.errors import ConfigError
 from agent.protocol.bodies import EnrolmentToken
+from oci import OciError, read_logins
+from sandbox.engine_types import RegistryAuth
 from sandbox.files import read_regular
 
 __all__ = [
@@ -30,7 +32,9 @@ __all__ = [
     "enrolment_token_fault",
     "read_capped",
     "read_enrolment_token",
+    "read_registry_logins",
     "read_toml",
+    "registry_logins_fault",
 ]
 
 MAX_FILE_BYTES: Final = 1 << 20
@@ -124,6 +128,32 @@ def read_enrolment_token(path: Path) -> str:
         raise ConfigError(
             "bad_config", f"{path}: a token is 1 to 256 characters, not {len(token)}"
         ) from None
+
+
+def read_registry_logins(path: Path) -> dict[str, RegistryAuth]:
+    """The registry logins in ``path`` (:func:`oci.read_logins`'s file), by registry host,
+    as the engine takes them for image pulls.
+
+    Raises:
+        ConfigError: ``bad_config``: missing, unsafe, malformed; never quoting a secret.
+    """
+    try:
+        logins = read_logins(path)
+    except OciError as exc:
+        raise ConfigError("bad_config", exc.detail) from None
+    return {
+        host: RegistryAuth(username=login.username, password=login.password, serveraddress=host)
+        for host, login in logins.items()
+    }
+
+
+def registry_logins_fault(path: Path) -> str:
+    """Why ``path`` holds no usable registry credentials ("" if it does)."""
+    try:
+        read_registry_logins(path)
+    except ConfigError as exc:
+        return exc.detail
+    return ""
 
 
 def enrolment_token_fault(path: Path) -> str:

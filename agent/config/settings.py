@@ -38,7 +38,13 @@ from agent.config.checks import (
     is_loopback,
     split_host_port,
 )
-from agent.config.files import ca_file_fault, directory_fault, enrolment_token_fault, read_toml
+from agent.config.files import (
+    ca_file_fault,
+    directory_fault,
+    enrolment_token_fault,
+    read_toml,
+    registry_logins_fault,
+)
 from agent.config.overrides import (
     NOT_CONFIG_VARIABLES,
     Flag,
@@ -153,6 +159,11 @@ class JobsConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_field
     log_max_bytes: _NonNegative = 1 << 20
     log_rate_bytes_per_s: Annotated[int, msgspec.Meta(gt=0)] = 256 << 10
     max_concurrent: _NonNegative = 0
+    registry_logins_file: Path | None = None
+    """Credentials for image pulls, per registry (a private TOML file; see
+    config.files.read_registry_logins); None: pulls go without credentials."""
+    pull_timeout_s: Annotated[float, msgspec.Meta(gt=0, le=86400)] = 120.0
+    """A pull with no progress for this long fails ``pull_timeout``."""
 
     def __post_init__(self) -> None:
         socket = self.docker_host.removeprefix("unix://")
@@ -320,6 +331,8 @@ def load_config(
     if require_coordinator and (token_file := coordinator.enrolment_token_file) is not None:
         # `run`'s alone: the file is for the service's user, not for `keys show`'s.
         faults.append(("coordinator.enrolment_token_file", enrolment_token_fault(token_file)))
+    if require_coordinator and (logins := config.jobs.registry_logins_file) is not None:
+        faults.append(("jobs.registry_logins_file", registry_logins_fault(logins)))
     for key, fault in faults:
         if fault:
             raise ConfigError("bad_config", f"{blame(key)}: {key}: {fault}")

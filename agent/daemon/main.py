@@ -25,7 +25,7 @@ from pathlib import Path
 
 import msgspec
 
-from agent.config.files import read_enrolment_token
+from agent.config.files import read_enrolment_token, read_registry_logins
 from agent.config.settings import AgentConfig
 from agent.control.server import ControlServer
 from agent.daemon.control import DaemonControl
@@ -109,6 +109,8 @@ def daemon_config(config: AgentConfig) -> DaemonConfig:
     # Checked by load_config already; read once more here, where it is used, and kept
     # nowhere else (not in the status, not in the logs).
     token = read_enrolment_token(token_file) if token_file is not None else None
+    logins_file = jobs.registry_logins_file
+    logins = read_registry_logins(logins_file) if logins_file is not None else {}
     group, mode = config.control.socket_group or None, config.control.socket_mode
     if group is not None and not _group_exists(group):
         # A system install has the group (packaging/gpu-agent.sysusers); root running the
@@ -129,6 +131,8 @@ def daemon_config(config: AgentConfig) -> DaemonConfig:
             user=jobs.user,
             log_max_bytes=jobs.log_max_bytes,
             log_rate_bytes_per_s=jobs.log_rate_bytes_per_s,
+            registry_auth=logins,
+            pull_idle_timeout_s=jobs.pull_timeout_s,
         ),
         policy=config.policy,
         docker_socket=jobs.docker_socket,

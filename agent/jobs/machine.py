@@ -8,9 +8,9 @@ transaction, then starts what it names: jobs flow one way, from event to decisio
 
 The states and the moves between them (:data:`TRANSITIONS`)::
 
-    (new) --> accepted --> running --> completed | failed | timeout | oom_killed
-      |          |            |    \\-> cancelled | interrupted | preempted | error
-      |          \\------------+-----> cancelled | interrupted | preempted | error
+    (new) --> accepted --> [pulling] --> running --> completed | failed | timeout | oom_killed
+      |          |             |            \\----> cancelled | interrupted | preempted | error
+      |          \\-------------+----------------> cancelled | interrupted | preempted | error
       \\--> refused
 
 A move the table does not hold is refused with :class:`~agent.errors.JobStateError`
@@ -25,9 +25,15 @@ from typing import Final, NamedTuple
 import msgspec
 
 from agent.errors import JobStateError
-from agent.protocol.bodies import EnvelopeBody, JobLogBody, JobResultBody, JobStatusBody
+from agent.protocol.bodies import (
+    EnvelopeBody,
+    JobLogBody,
+    JobResultBody,
+    JobStatusBody,
+    LayerProgress,
+)
 from agent.protocol.jobs import FINAL_STATES, JobState, Offer
-from agent.protocol.limits import MAX_ERROR_DETAIL_CHARS
+from agent.protocol.limits import MAX_ERROR_DETAIL_CHARS, MAX_PROGRESS_LAYERS, MAX_SEQ
 from sandbox.spec import WorkloadSpec
 
 __all__ = [
@@ -46,6 +52,7 @@ __all__ = [
     "answer_known",
     "finish",
     "forward_logs",
+    "pulling",
     "refuse",
 ]
 
@@ -56,7 +63,8 @@ _ENDED: Final = frozenset({"completed", "failed", "timeout", "oom_killed"}) | _S
 #: Final states go nowhere.
 TRANSITIONS: Final[Mapping[str | None, frozenset[str]]] = {
     None: frozenset({"accepted", "refused"}),
-    "accepted": frozenset({"running"}) | _STOPPED,
+    "accepted": frozenset({"pulling", "running"}) | _STOPPED,
+    "pulling": frozenset({"running"}) | _STOPPED,
     "running": _ENDED,
     **{state: frozenset() for state in FINAL_STATES},
 }
@@ -180,6 +188,21 @@ def advance(
     )
 
 
+def pulling(job_id: str, current: str, layers: Mapping[str, tuple[int, int]]) -> Decision:
+    """The image's download so far (layer -> bytes done, total): the first report moves
+    the job to ``pulling``; the next ones are progress only, nothing written."""
+    progress = [
+        LayerProgress(layer=layer[:128], done=_count(done), total=_count(total))
+        for layer, (done, total) in sorted(layers.items())[:MAX_PROGRESS_LAYERS]
+    ]
+    body = JobStatusBody(job_id=job_id, state="pulling", progress=progress)
+    message = ("job_status", msgspec.json.encode(body))
+    if current == "pulling":
+        return Decision(messages=(message,))
+    _check(job_id, current, "pulling")
+    return Decision(rows=(Transition(job_id=job_id, state="pulling"),), messages=(message,))
+
+
 def finish(
     job_id: str,
     current: str,
@@ -215,6 +238,11 @@ def forward_logs(job_id: str, chunks: Iterable[tuple[str, str]]) -> Decision:
         for stream, data in rows
     )
     return Decision(rows=(Logs(job_id, rows),), messages=messages)
+
+
+def _count(n: int) -> int:
+    """A byte count from the engine, within what the wire carries."""
+    return min(max(0, n), MAX_SEQ)
 
 
 def _check(job_id: str, current: str | None, state: str) -> None:

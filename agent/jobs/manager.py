@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections.abc import Callable
 from contextlib import aclosing
@@ -48,7 +49,7 @@ from agent.protocol.limits import MAX_ERROR_DETAIL_CHARS
 from agent.protocol.messages import JobCancel, JobOffer
 from sandbox.errors import PolicyViolation, SandboxError
 from sandbox.policy import Policy, admit
-from sandbox.results import Created, Finished, JobResult, LogChunk, Started
+from sandbox.results import Created, Finished, JobResult, LogChunk, Pulling, Started
 from sandbox.runner import Runner
 from sandbox.spec import WorkloadSpec, load_spec, spec_digest
 
@@ -63,6 +64,8 @@ StopReason = Literal["cancelled", "interrupted", "preempted"]
 _LOG_RETENTION_S = 7 * 86400
 #: A quiet job's output still reaches the coordinator this soon.
 _LOG_FLUSH_S = 0.25
+#: A pull's progress goes to the coordinator at most this often.
+_PULL_REPORT_S = 2.0
 
 
 class JobManager:
@@ -195,6 +198,13 @@ class JobManager:
             raise _Refusal(*held)
         try:
             spec = load_spec(msgspec.json.encode(offer.spec), "json")
+            if not spec.image_ref.is_pinned:
+                # What runs must be what was signed: a tag can move after the signature.
+                raise _Refusal(
+                    "image_not_pinned",
+                    f"image {spec.image} is a tag; an offer names it by digest (name@sha256:...)"
+                    " or by local image id (sha256:...)",
+                )
             admit(spec, self.policy, offered_vendors=self._vendors())
         except PolicyViolation as exc:
             detail = "; ".join(f"{v.code}: {v.message}" for v in exc.violations)
@@ -245,12 +255,21 @@ class JobManager:
         logs = LogForwarder(job_id, self._carry_out)
         flusher = asyncio.create_task(logs.flush_every(_LOG_FLUSH_S))
         result: JobResult | None = None
+        layers: dict[str, tuple[int, int]] = {}
+        reported = -math.inf
         try:
             if job_id not in self._stops:
                 gpus = [device_facts(g) for g in self.node.scheduler.gpus_of(units)]
                 async with aclosing(self.runner.run(job_id, spec, gpus)) as events:
                     async for event in events:
-                        if isinstance(event, Created):
+                        if isinstance(event, Pulling):
+                            layers[event.layer] = (event.done, event.total)
+                            state, now = self._state(job_id), self.clock()
+                            # Progress goes out at a bounded rate; the move to pulling at once.
+                            if state != "pulling" or now - reported >= _PULL_REPORT_S:
+                                self._carry_out(machine.pulling(job_id, state, layers))
+                                reported = now
+                        elif isinstance(event, Created):
                             self._containers[job_id] = event.container_id
                             self._carry_out(
                                 Decision(rows=(ContainerOf(job_id, event.container_id),))

@@ -13,6 +13,7 @@ from msgspec import Meta
 from agent.protocol.limits import (
     MAX_ERROR_DETAIL_CHARS,
     MAX_LOG_CHUNK_BYTES,
+    MAX_PROGRESS_LAYERS,
     MAX_SEQ,
     MAX_TELEMETRY_BATCH,
 )
@@ -32,6 +33,7 @@ __all__ = [
     "JobOfferBody",
     "JobResultBody",
     "JobStatusBody",
+    "LayerProgress",
     "NodeStatusBody",
     "ProfileBody",
     "Seq",
@@ -154,13 +156,28 @@ class NodeStatusBody(WireStruct):
     detail: Text = ""
 
 
+class LayerProgress(WireStruct):
+    """One image layer's download: bytes done of its total (0: not known yet)."""
+
+    layer: Name
+    done: Annotated[int, Meta(ge=0, le=MAX_SEQ)]
+    total: Annotated[int, Meta(ge=0, le=MAX_SEQ)]
+
+
 class JobStatusBody(WireStruct):
-    """A job changed state; ``code`` says why when it failed or was refused."""
+    """A job changed state; ``code`` says why when it failed or was refused. While the
+    state is ``pulling``, ``progress`` has each image layer's download (rate-limited).
+
+    ``progress`` is left out when unset, so that a coordinator that predates it (and
+    refuses unknown fields) reads every other status as before."""
 
     job_id: Name
     state: Code
     code: Annotated[str, Meta(max_length=64)] = ""
     detail: Text = ""
+    progress: (
+        Annotated[list[LayerProgress], Meta(max_length=MAX_PROGRESS_LAYERS)] | msgspec.UnsetType
+    ) = msgspec.UNSET
 
 
 class JobLogBody(WireStruct):

@@ -39,3 +39,6 @@ NONCE_BYTES = 32
 
 #: How long a nonce may be answered after it was issued, in seconds.
 DEFAULT_NONCE_TTL_S = 30.0
+
+#: Image layers whose download progress one ``job_status`` carries; an image has tens.
+MAX_PROGRESS_LAYERS = 256

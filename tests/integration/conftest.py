@@ -43,7 +43,9 @@ async def runner(
 
 
 @pytest.fixture
-async def world(tmp_path: Path, docker_engine: str, test_image: str) -> AsyncIterator[World]:
+async def world(
+    tmp_path: Path, docker_engine: str, test_image: str, test_image_id: str
+) -> AsyncIterator[World]:
     dri = tmp_path / "dev" / "dri"
     dri.mkdir(parents=True)
     # Stand-ins for two Intel GPUs' render nodes: Docker resolves the links and maps the
@@ -72,13 +74,14 @@ async def world(tmp_path: Path, docker_engine: str, test_image: str) -> AsyncIte
         identity=identity,
         outbox=outbox,
         runner=Runner(client, RunnerConfig(jobs_dir=tmp_path / "jobs")),
-        policy=Policy(allowed_images=[test_image.split(":", maxsplit=1)[0]]),
+        policy=Policy(allowed_images=[test_image.split(":", maxsplit=1)[0], test_image_id]),
         node=node,
         trusted_keys={COORDINATOR_ID: COORDINATOR_PUB},
         wake=lambda: None,
     )
     await manager.recover()
     node.release("initialising")
-    yield World(manager, outbox, identity, client, test_image)
+    # Offers name the image by its id: a tag is refused (image_not_pinned).
+    yield World(manager, outbox, identity, client, test_image_id)
     await manager.shutdown()
     outbox.close()

@@ -197,11 +197,11 @@ async def test_profile_and_telemetry_are_verified_and_stored_once(
         assert await link.telemetry(2) == ack(2)
         assert coordinator.connected() == {node.node_id}
     store = coordinator.store
-    assert store.all_seqs(node.node_id) == [1, 2]
-    verified = store.profile(node.node_id)
+    assert store.nodes.all_seqs(node.node_id) == [1, 2]
+    verified = store.nodes.profile(node.node_id)
     assert verified is not None
     assert verified.profile == PROFILE
-    assert store.outbound(node.node_id).acked == 1
+    assert store.streams.outbound(node.node_id).acked == 1
 
 
 async def test_duplicate_seq_resent_is_stored_once_and_acked_again(
@@ -216,7 +216,7 @@ async def test_duplicate_seq_resent_is_stored_once_and_acked_again(
         # The agent's view was stale: it resends what the coordinator already stored.
         assert await link.telemetry(2) == ack(2)
         assert await link.telemetry(3) == ack(3)
-    assert coordinator.store.all_seqs(node.node_id) == [1, 2, 3]
+    assert coordinator.store.nodes.all_seqs(node.node_id) == [1, 2, 3]
 
 
 async def test_unacked_attest_request_is_resent_after_reconnect_and_not_piled_up(
@@ -231,7 +231,7 @@ async def test_unacked_attest_request_is_resent_after_reconnect_and_not_piled_up
             again = await handshake(ws, coordinator, node)
             assert isinstance(again, Link)
             assert again.attest == first
-    assert [seq for seq, _, _ in coordinator.store.outbound(node.node_id).pending] == [1]
+    assert [seq for seq, _, _ in coordinator.store.streams.outbound(node.node_id).pending] == [1]
     async with connect(coordinator.url) as ws:
         link2 = await handshake(ws, coordinator, node)
         assert isinstance(link2, Link)
@@ -257,7 +257,7 @@ async def test_restarted_coordinator_keeps_every_seq_exactly_once(
                 assert await link.telemetry(seq) == ack(seq)
     server = Coordinator(db_path=tmp_path / "c.db", state_dir=tmp_path / "state")
     async with server:
-        assert server.store.all_seqs(node.node_id) == list(range(1, 10))
+        assert server.store.nodes.all_seqs(node.node_id) == list(range(1, 10))
 
 
 # ------------------------------------------------------------------ bad input
@@ -284,7 +284,7 @@ async def test_undecodable_frame_gets_a_coded_error_and_the_session_goes_on(
         assert isinstance(answer, Error)
         assert answer.body.code == code
         assert await link.telemetry(1) == ack(1)
-    assert coordinator.store.all_seqs(node.node_id) == [1]
+    assert coordinator.store.nodes.all_seqs(node.node_id) == [1]
 
 
 async def _closing_case(case: str, link: Link, node: Node, clock: Clock) -> str:
@@ -338,11 +338,11 @@ async def test_bad_input_gets_its_error_and_a_close_while_another_agent_goes_on(
             await bad_link.expect_closed(1008)
         assert await good_link.telemetry(2) == ack(2)
     store = coordinator.store
-    assert store.all_seqs(good.node_id) == [1, 2]
+    assert store.nodes.all_seqs(good.node_id) == [1, 2]
     # Nothing of the bad input was stored: only what was acknowledged before it.
     acked_before = {"seq_backwards": [1, 2]}.get(case, [])
-    assert store.all_seqs(bad.node_id) == acked_before
-    assert store.profile(bad.node_id) is None
+    assert store.nodes.all_seqs(bad.node_id) == acked_before
+    assert store.nodes.profile(bad.node_id) is None
 
 
 # ------------------------------------------------------------------ stale attestations
@@ -378,8 +378,8 @@ async def test_agent_offline_past_the_nonce_ttl_delivers_its_stale_profile_then_
         assert await link.telemetry(3) == ack(3)
 
         store = coordinator.store
-        assert store.profile(node.node_id) is None  # never verified hardware
-        latest = store.latest_profile(node.node_id)
+        assert store.nodes.profile(node.node_id) is None  # never verified hardware
+        latest = store.nodes.latest_profile(node.node_id)
         assert latest is not None
         assert (latest.seq, latest.verified, latest.profile) == (1, False, PROFILE)
         assert latest.unverified is not None
@@ -395,13 +395,13 @@ async def test_agent_offline_past_the_nonce_ttl_delivers_its_stale_profile_then_
         await link.send(profile_frame(node, 4, fresh.body.nonce))
         assert await link.recv() == ack(4)
         assert await link.telemetry(5) == ack(5)  # no further attest_request in between
-    verified = store.profile(node.node_id)
+    verified = store.nodes.profile(node.node_id)
     assert verified is not None
     assert (verified.seq, verified.profile) == (4, PROFILE)
-    latest = store.latest_profile(node.node_id)
+    latest = store.nodes.latest_profile(node.node_id)
     assert latest is not None
     assert (latest.seq, latest.verified, latest.unverified) == (4, True, None)
-    assert store.all_seqs(node.node_id) == [1, 2, 3, 4, 5]
+    assert store.nodes.all_seqs(node.node_id) == [1, 2, 3, 4, 5]
     _, _, detail = await asyncio.to_thread(_get, f"{base}/api/nodes/{node.node_id}")
     assert detail["profile_verified"] is True
     assert detail["gpu_count"] == 1
@@ -430,9 +430,9 @@ async def test_resent_unverified_profile_is_only_acked_again(
         assert await link.recv() == ack(1)
         assert await link.telemetry(2) == ack(2)
     store = coordinator.store
-    assert store.all_seqs(node.node_id) == [1, 2]
-    assert store.profile(node.node_id) is None
-    assert store.outbound(node.node_id).acked == node.last_coordinator_seq
+    assert store.nodes.all_seqs(node.node_id) == [1, 2]
+    assert store.nodes.profile(node.node_id) is None
+    assert store.streams.outbound(node.node_id).acked == node.last_coordinator_seq
 
 
 @pytest.mark.parametrize("case", ["replayed_nonce", "foreign_nonce"])
@@ -452,7 +452,7 @@ async def test_profile_with_a_used_or_foreign_nonce_is_stored_unverified(
         assert await link.recv() == ack(2)
         fresh = await _expect_attest_request(link, node)
         assert await link.telemetry(3) == ack(3)
-        latest = coordinator.store.latest_profile(node.node_id)
+        latest = coordinator.store.nodes.latest_profile(node.node_id)
         assert latest is not None
         assert latest.unverified is not None
         assert (latest.seq, latest.verified) == (2, False)
@@ -460,7 +460,7 @@ async def test_profile_with_a_used_or_foreign_nonce_is_stored_unverified(
         assert latest.unverified.reason == expected
         await link.send(profile_frame(node, 4, fresh.body.nonce))
         assert await link.recv() == ack(4)
-    verified = coordinator.store.profile(node.node_id)
+    verified = coordinator.store.nodes.profile(node.node_id)
     assert verified is not None
     assert verified.seq == 4
 
@@ -506,7 +506,7 @@ async def test_hello_claiming_another_nodes_id_is_refused(coordinator: Coordinat
             await ws.recv()
     assert isinstance(answer, Error)
     assert answer.body.code == "node_mismatch"
-    assert coordinator.store.node(victim.node_id) is None
+    assert coordinator.store.nodes.get(victim.node_id) is None
 
 
 async def test_replayed_hello_nonce_is_refused(coordinator: Coordinator) -> None:

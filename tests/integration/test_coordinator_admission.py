@@ -49,7 +49,7 @@ async def test_allow_list_admits_listed_ids_and_keys_and_refuses_others(tmp_path
         for node in (by_id, by_key):
             async with welcomed(coordinator, node):
                 pass
-        assert coordinator.store.node(stranger.node_id) is None
+        assert coordinator.store.nodes.get(stranger.node_id) is None
 
 
 async def test_token_admission_enrols_a_new_node_once_with_a_valid_token(tmp_path: Path) -> None:
@@ -58,7 +58,7 @@ async def test_token_admission_enrols_a_new_node_once_with_a_valid_token(tmp_pat
     async with started(tmp_path, admission="token", enrolment_tokens=tokens) as coordinator:
         assert await refusal(coordinator, node) == "enrolment_required"
         assert await refusal(coordinator, node, "enrol-" + "8" * 20) == "enrolment_required"
-        assert coordinator.store.node(node.node_id) is None
+        assert coordinator.store.nodes.get(node.node_id) is None
         async with welcomed(coordinator, node, TOKEN):
             pass
         async with welcomed(coordinator, node):  # known now: no token needed
@@ -75,7 +75,7 @@ async def test_handshakes_from_new_keys_are_capped_and_known_nodes_still_connect
         async with welcomed(coordinator, Node()):
             pass
         assert await refusal(coordinator, Node()) == "rate_limited"
-        assert len(coordinator.store.nodes()) == 2
+        assert len(coordinator.store.nodes.all()) == 2
         async with welcomed(coordinator, known):  # a known key is not a new one
             pass
 
@@ -95,7 +95,7 @@ async def test_a_stream_over_the_rate_is_held_with_one_rate_limited_never_droppe
             seen = await answers_until_ack(ws, 6)
             assert codes(seen) == ["rate_limited"]  # once, as it went over
             assert coordinator.connected() == {node.node_id}
-        assert coordinator.store.all_seqs(node.node_id) == [1, 2, 3, 4, 5, 6]
+        assert coordinator.store.nodes.all_seqs(node.node_id) == [1, 2, 3, 4, 5, 6]
 
 
 async def test_a_node_that_goes_on_over_its_rate_with_nothing_new_is_closed_with_a_code(
@@ -110,7 +110,7 @@ async def test_a_node_that_goes_on_over_its_rate_with_nothing_new_is_closed_with
             seen = await until_closed(ws)
         assert codes(seen) == ["rate_limited"]
         assert (ws.close_code, ws.close_reason) == (1008, "rate_limited")
-        assert coordinator.store.all_seqs(node.node_id) == [1]
+        assert coordinator.store.nodes.all_seqs(node.node_id) == [1]
 
 
 # ------------------------------------------------------------------ storage
@@ -127,11 +127,11 @@ async def test_a_flood_of_large_telemetry_keeps_the_store_bounded(tmp_path: Path
         seen = await answers_until_ack(ws, 50)
         store = coordinator.store
         assert codes(seen) == []  # each fits the quota: the oldest make room
-        assert store.stored_bytes(node.node_id) <= quota
-        kept = store.all_seqs(node.node_id)
+        assert store.retention.stored_bytes(node.node_id) <= quota
+        kept = store.nodes.all_seqs(node.node_id)
         assert 1 <= len(kept) <= 4
         assert kept[-1] == 50
-        assert store.last_agent_seq(node.node_id) == 50
+        assert store.nodes.last_agent_seq(node.node_id) == 50
     on_disk = sum(p.stat().st_size for p in tmp_path.glob("coordinator.db*"))
     assert on_disk < 16 * 1024 * 1024  # 50 MB were sent
 
@@ -157,11 +157,11 @@ async def test_over_the_quota_messages_are_shed_with_a_code_and_abuse_is_closed(
         assert codes(seen) == ["quota_exceeded"] * 3
         assert (ws.close_code, ws.close_reason) == (1008, "quota_exceeded")
         store = coordinator.store
-        assert store.all_seqs(node.node_id) == [1, 2, 3, 4, 5]  # shed, under their seqs
+        assert store.nodes.all_seqs(node.node_id) == [1, 2, 3, 4, 5]  # shed, under their seqs
         shed_body = {"samples": [], "dropped": 1}
-        assert [m.body for m in store.messages(node.node_id, "telemetry")] == [shed_body] * 4
-        assert store.messages(node.node_id, "job_status")[0].body["code"] == "busy"
-        assert store.stored_bytes(node.node_id) <= quota
+        assert [m.body for m in store.nodes.messages(node.node_id, "telemetry")] == [shed_body] * 4
+        assert store.nodes.messages(node.node_id, "job_status")[0].body["code"] == "busy"
+        assert store.retention.stored_bytes(node.node_id) <= quota
 
 
 async def test_stale_profiles_never_acknowledged_leave_one_attest_request_outstanding(
@@ -181,11 +181,11 @@ async def test_stale_profiles_never_acknowledged_leave_one_attest_request_outsta
                 )
                 await ws.send(encode_frame(wrap(body, seq)))
                 await answers_until_ack(ws, seq)
-        latest = coordinator.store.latest_profile(node.node_id)
+        latest = coordinator.store.nodes.latest_profile(node.node_id)
         assert latest is not None
         assert (latest.seq, latest.verified) == (5, False)
         # The first request was never acknowledged: no other joins it.
-        assert len(coordinator.store.outbound(node.node_id).pending) == 1
+        assert len(coordinator.store.streams.outbound(node.node_id).pending) == 1
 
 
 async def test_retention_deletes_old_telemetry_and_welcome_never_goes_back(
@@ -198,10 +198,10 @@ async def test_retention_deletes_old_telemetry_and_welcome_never_goes_back(
                 await ws.send(telemetry(seq))
             await answers_until_ack(ws, 10)
         assert coordinator.prune() == 7
-        assert coordinator.store.all_seqs(coordinator_node := node.node_id) == [8, 9, 10]
+        assert coordinator.store.nodes.all_seqs(coordinator_node := node.node_id) == [8, 9, 10]
         clock.offset += 8 * 86400  # past a week
         assert coordinator.prune() == 3
-        assert coordinator.store.all_seqs(coordinator_node) == []
+        assert coordinator.store.nodes.all_seqs(coordinator_node) == []
         async with welcomed(coordinator, node) as (ws, welcome):
             assert welcome.body.last_agent_seq == 10
             # A resend of a seq retention deleted is a duplicate: acked, not stored again.
@@ -209,7 +209,7 @@ async def test_retention_deletes_old_telemetry_and_welcome_never_goes_back(
             await answers_until_ack(ws, 10)
             await ws.send(telemetry(11))
             await answers_until_ack(ws, 11)
-        assert coordinator.store.all_seqs(coordinator_node) == [11]
+        assert coordinator.store.nodes.all_seqs(coordinator_node) == [11]
 
 
 async def test_retention_runs_by_itself_every_interval(tmp_path: Path) -> None:
@@ -232,7 +232,7 @@ async def test_a_store_of_version_3_is_upgraded_with_each_nodes_last_seq_and_byt
             await ws.send(telemetry(seq))
         await answers_until_ack(ws, 3)
     before = Store(tmp_path / "coordinator.db")
-    stored = before.stored_bytes(node.node_id)
+    stored = before.retention.stored_bytes(node.node_id)
     before.close()
     assert stored > 0
     with sqlite3.connect(tmp_path / "coordinator.db") as db:  # as version 3 left it
@@ -242,7 +242,7 @@ async def test_a_store_of_version_3_is_upgraded_with_each_nodes_last_seq_and_byt
     db.close()
     after = Store(tmp_path / "coordinator.db")
     try:
-        assert after.last_agent_seq(node.node_id) == 3
-        assert after.stored_bytes(node.node_id) == stored
+        assert after.nodes.last_agent_seq(node.node_id) == 3
+        assert after.retention.stored_bytes(node.node_id) == stored
     finally:
         after.close()

@@ -67,13 +67,13 @@ async def test_submit_refuses_a_spec_a_node_would_refuse_with_its_code_and_sends
 ) -> None:
     name, text = file
     node = await _known_node(coordinator)
-    before = coordinator.store.outbound(node)
+    before = coordinator.store.streams.outbound(node)
     (tmp_path / name).write_text(text)
     state = str(coordinator.state_dir)
     returned = await main("submit", str(tmp_path / name), "--node", node, "--state-dir", state)
     refused(capsys, cli.EXIT_USAGE, code)(returned)
-    assert coordinator.store.jobs() == []
-    assert coordinator.store.outbound(node) == before
+    assert coordinator.store.jobs.recent() == []
+    assert coordinator.store.streams.outbound(node) == before
 
 
 async def test_submit_of_a_good_spec_still_goes_out(
@@ -84,7 +84,7 @@ async def test_submit_of_a_good_spec_still_goes_out(
     argv = ["submit", str(tmp_path / "job.toml"), "--node", node, "--job-id", "job-ok"]
     assert await main(*argv, "--state-dir", str(coordinator.state_dir)) == 0
     assert capsys.readouterr().out == "job-ok\n"
-    [job] = coordinator.store.jobs()
+    [job] = coordinator.store.jobs.recent()
     assert job.job_id == "job-ok"
 
 
@@ -103,7 +103,7 @@ async def test_the_coordinator_signs_no_spec_a_node_would_refuse(
     with pytest.raises(JobError) as refused:
         await coordinator.submit(node, spec)
     assert refused.value.code == code
-    assert coordinator.store.jobs() == []
+    assert coordinator.store.jobs.recent() == []
 
 
 # ------------------------------------------------------------------ 2. nesting, ids, ttl
@@ -133,7 +133,7 @@ async def test_submit_refuses_bad_ids_and_ttls_before_reaching_the_coordinator(
     argv = ["submit", str(tmp_path / "job.toml"), "--node", node, *options]
     returned = await main(*argv, "--state-dir", str(coordinator.state_dir))
     refused(capsys, cli.EXIT_USAGE, code)(returned)
-    assert coordinator.store.jobs() == []
+    assert coordinator.store.jobs.recent() == []
 
 
 # ------------------------------------------------------------------ 3. serve: nothing written

@@ -32,7 +32,8 @@ from coordinator.errors import JobError
 from coordinator.jobs_store import MAX_LOG_BYTES
 from coordinator.server import Coordinator, Settings
 
-SPEC: dict[str, Any] = {"image": "busybox@sha256:" + "a" * 64, "command": ["echo", "hi"]}
+PINNED = "busybox@sha256:" + "a" * 64
+SPEC: dict[str, Any] = {"image": PINNED, "command": ["echo", "hi"]}
 
 
 def _coordinator(tmp_path: Path) -> Coordinator:
@@ -96,11 +97,11 @@ async def test_offer_to_a_connected_node_is_signed_for_it_and_verifies(
         verified = link.verify(offer, _pinned(coordinator))
         assert (verified.job_id, verified.node_id, verified.spec) == (job_id, peer.node_id, SPEC)
         assert 3599 < verified.expires_at - verified.issued_at <= 3600
-    job = coordinator.store.job(job_id)
+    job = coordinator.store.jobs.get(job_id)
     assert job is not None
     assert (job.state, job.node_id, job.spec, job.offer_seq) == ("offered", peer.node_id, SPEC, 2)
     assert job_id.startswith("job-")
-    assert coordinator.store.outbound(peer.node_id).pending == []  # acknowledged
+    assert coordinator.store.streams.outbound(peer.node_id).pending == []  # acknowledged
 
 
 async def test_offer_to_an_offline_node_goes_out_once_after_its_next_handshake(
@@ -110,7 +111,7 @@ async def test_offer_to_an_offline_node_goes_out_once_after_its_next_handshake(
     await _known(coordinator, peer)
     job_id = await coordinator.submit(peer.node_id, SPEC, job_id="job-offline")
     assert job_id == "job-offline"
-    assert [kind for _, kind, _ in coordinator.store.outbound(peer.node_id).pending] == [
+    assert [kind for _, kind, _ in coordinator.store.streams.outbound(peer.node_id).pending] == [
         "job_offer"
     ]
     async with _link(coordinator, peer) as link:
@@ -161,7 +162,7 @@ async def test_cancel_sends_job_cancel_once_and_refuses_unknown_or_final_jobs(
         kinds = [type(m) for m in peer.stored]
         assert kinds == [AttestRequest, JobOffer, JobCancel, JobOffer]
         await link.status(job_id, "cancelled")
-    job = coordinator.store.job(job_id)
+    job = coordinator.store.jobs.get(job_id)
     assert job is not None
     assert job.state == "cancelled"
     assert job.cancel_requested is not None
@@ -193,12 +194,12 @@ async def test_bad_submission_is_refused_with_its_code_and_changes_nothing(
     peer = Peer()
     await _known(coordinator, peer)
     await coordinator.submit(peer.node_id, SPEC, job_id="job-taken")
-    before = coordinator.store.outbound(peer.node_id)
+    before = coordinator.store.streams.outbound(peer.node_id)
     with pytest.raises(JobError) as refused:
         await coordinator.submit(peer.node_id if node == "peer" else node, spec, **options)
     assert refused.value.code == code
-    assert coordinator.store.outbound(peer.node_id) == before
-    assert [j.job_id for j in coordinator.store.jobs()] == ["job-taken"]
+    assert coordinator.store.streams.outbound(peer.node_id) == before
+    assert [j.job_id for j in coordinator.store.jobs.recent()] == ["job-taken"]
 
 
 # ------------------------------------------------------------------ what the agent reports
@@ -272,20 +273,20 @@ async def test_receipt_chain_holds_across_jobs_and_a_break_is_flagged_not_closed
     store = coordinator.store
     chain_ok = []
     for offer in offers:
-        job = store.job(offer.job_id)
+        job = store.jobs.get(offer.job_id)
         assert job is not None
         assert job.result is not None
         chain_ok.append(job.result.chain_ok)
     assert chain_ok == [True, True, False]
-    broken = store.job(offers[2].job_id)
+    broken = store.jobs.get(offers[2].job_id)
     assert broken is not None
     assert broken.result is not None
     assert broken.result.problems == ["chain_broken"]
-    last = store.job(fourth)
+    last = store.jobs.get(fourth)
     assert last is not None
     assert last.result is not None
     assert last.result.problems == []
-    chain = store.receipt_chain(peer.node_id)
+    chain = store.jobs.receipt_chain(peer.node_id)
     assert (chain.last_receipt, chain.receipts, chain.breaks) == (peer.last_receipt, 4, 1)
 
 
@@ -309,7 +310,7 @@ async def test_receipt_that_does_not_match_its_job_is_stored_with_its_problems(
         # The job_result names the job; the receipt inside says something else.
         await link.send(type(result)(job_id=job_id, receipt=result.receipt))
         await link.status(job_id, "completed")
-    job = coordinator.store.job(job_id)
+    job = coordinator.store.jobs.get(job_id)
     assert job is not None
     assert job.result is not None
     assert job.result.problems == problems
@@ -328,11 +329,11 @@ async def test_reports_about_unknown_or_foreign_jobs_are_kept_and_change_no_job(
         await link.status("job-forged", "refused", "bad_signature", "no trusted signature")
         await link.status(job_id, "completed")
         await link.log(job_id, "not yours\n")
-    job = coordinator.store.job(job_id)
+    job = coordinator.store.jobs.get(job_id)
     assert job is not None
     assert (job.state, job.log_bytes) == ("offered", 0)
-    assert coordinator.store.job("job-forged") is None
-    kinds = [m.type for m in coordinator.store.messages(other.node_id, "job_status")]
+    assert coordinator.store.jobs.get("job-forged") is None
+    kinds = [m.type for m in coordinator.store.nodes.messages(other.node_id, "job_status")]
     assert kinds == ["job_status", "job_status"]
 
 
@@ -344,7 +345,7 @@ async def test_a_final_state_is_never_left(coordinator: Coordinator) -> None:
         await link.status(job_id, "refused", "over_capacity", "no free GPU")
         await link.status(job_id, "running")
         await link.status(job_id, "no_such_state")
-    job = coordinator.store.job(job_id)
+    job = coordinator.store.jobs.get(job_id)
     assert job is not None
     assert (job.state, job.code, job.detail) == ("refused", "over_capacity", "no free GPU")
 
@@ -359,7 +360,7 @@ async def test_logs_past_the_cap_are_counted_not_kept(coordinator: Coordinator) 
         await link.log(job_id, "x")  # one byte: the cap then falls mid-character
         for _ in range(chunks):
             await link.log(job_id, chunk)
-    logs = coordinator.store.job_logs(job_id)
+    logs = coordinator.store.jobs.logs(job_id)
     sent = 1 + chunks * len(chunk.encode())
     assert logs.kept_bytes == MAX_LOG_BYTES - 1  # whole characters only
     assert logs.dropped_bytes == sent - logs.kept_bytes
@@ -442,7 +443,7 @@ async def test_admin_api_refuses_bad_requests_with_their_codes(
 
     answer_status, answer = await asyncio.to_thread(send)
     assert (answer_status, answer["error"]["code"]) == (status, code)
-    assert [j.job_id for j in coordinator.store.jobs()] == ["job-done", "job-1"]
+    assert [j.job_id for j in coordinator.store.jobs.recent()] == ["job-done", "job-1"]
 
 
 async def test_public_port_serves_jobs_read_only(coordinator: Coordinator) -> None:
@@ -564,7 +565,7 @@ async def _cli(*args: str) -> tuple[int, str, str]:
 async def test_cli_submits_waits_cancels_and_lists_jobs(serve: _Serve, tmp_path: Path) -> None:
     spec_file = tmp_path / "job.toml"
     spec_file.write_text(
-        'image = "busybox"\ncommand = ["true"]\n[resources]\nmemory_bytes = "1GiB"\n'
+        f'image = "{PINNED}"\ncommand = ["true"]\n[resources]\nmemory_bytes = "1GiB"\n'
     )
     state = ["--state-dir", str(serve.state)]
     peer = Peer()
@@ -574,7 +575,7 @@ async def test_cli_submits_waits_cancels_and_lists_jobs(serve: _Serve, tmp_path:
         job_id = out.strip()
         offer = link.verify(await link.take(JobOffer), serve.pinned)
         assert offer.spec == {
-            "image": "busybox",
+            "image": PINNED,
             "command": ["true"],
             "resources": {"memory_bytes": "1GiB"},
         }

@@ -42,8 +42,8 @@ async def test_nodes_that_never_attest_keep_only_the_small_quota_each(tmp_path: 
                 await answers_until_ack(ws, 10)
         store = coordinator.store
         for node in nodes:
-            assert store.stored_bytes(node.node_id) <= small
-            assert store.last_agent_seq(node.node_id) == 10
+            assert store.retention.stored_bytes(node.node_id) <= small
+            assert store.nodes.last_agent_seq(node.node_id) == 10
 
 
 async def test_the_store_cap_holds_over_all_nodes_and_job_status_is_never_shed(
@@ -57,7 +57,7 @@ async def test_the_store_cap_holds_over_all_nodes_and_job_status_is_never_shed(
         store = coordinator.store
 
         def total() -> int:
-            return sum(store.stored_bytes(n.node_id) for n in (first, second, third))
+            return sum(store.retention.stored_bytes(n.node_id) for n in (first, second, third))
 
         async with welcomed(coordinator, first) as (ws, _):
             for seq in range(1, 6):
@@ -73,12 +73,12 @@ async def test_the_store_cap_holds_over_all_nodes_and_job_status_is_never_shed(
             status = JobStatusBody(job_id="job-1", state="refused", code="busy")
             await ws.send(encode_frame(wrap(status, 2)))
             assert codes(await answers_until_ack(ws, 2)) == []
-        assert store.messages(second.node_id, "job_status")[0].body["code"] == "busy"
+        assert store.nodes.messages(second.node_id, "job_status")[0].body["code"] == "busy"
         async with welcomed(coordinator, third) as (ws, _):
             for seq in range(1, 4):
                 await ws.send(telemetry(seq, 1000 * 1000))
             await answers_until_ack(ws, 3)
-        assert store.stored_bytes(third.node_id) < 1000
+        assert store.retention.stored_bytes(third.node_id) < 1000
 
 
 # ------------------------------------------------------------------ 2. the tokens file, bounded
@@ -168,7 +168,7 @@ async def test_a_retention_pass_that_fails_is_logged_and_tried_again(
     # What the checks now refuse, forced in: the pass fails as it did (OverflowError).
     object.__setattr__(settings, "telemetry_keep_rows", 10**20)
     store = Store(tmp_path / "c.db")  # a node for the pass to prune
-    store.node_seen("node-1", "key", 0.0)
+    store.nodes.seen("node-1", "key", 0.0)
     store.close()
     server = Coordinator(db_path=tmp_path / "c.db", state_dir=tmp_path / "s", settings=settings)
     with caplog.at_level(logging.ERROR, logger="coordinator"):

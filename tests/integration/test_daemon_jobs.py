@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -23,11 +24,14 @@ import pytest
 from support.nvml import write_control
 from support.paths import XML
 from support.processes import free_port
+from support.registry import docker_push, running_registry
 
 from agent.control.client import ControlClient
 from agent.owner.policy import WEEKDAYS
+from coordinator.images import ImagePinner
 from coordinator.jobs_store import JobRow
 from coordinator.server import Coordinator
+from oci import Credentials
 from sandbox.container import LABEL_JOB
 from sandbox.docker_api import DockerClient
 
@@ -46,12 +50,14 @@ class Loop:
     coordinator: Coordinator | None = None
     agent: subprocess.Popen[bytes] | None = None
     node_id: str = ""
+    pinner: ImagePinner | None = None
 
     async def start_coordinator(self) -> Coordinator:
         self.coordinator = Coordinator(
             db_path=self.workdir / "coordinator.db",
             state_dir=self.workdir / "coordinator",
             port=self.port,
+            pinner=self.pinner,
         )
         await self.coordinator.start()
         return self.coordinator
@@ -64,7 +70,8 @@ class Loop:
     def start_agent(self, **extra_env: str) -> None:
         assert self.coordinator is not None
         policy = self.workdir / "policy.toml"
-        policy.write_text(f'allowed_images = ["{self.image.split(":", maxsplit=1)[0]}"]\n')
+        # The image is pinned by its id (offers never name a tag); the policy allows that id.
+        policy.write_text(f'allowed_images = ["{self.image}"]\n')
         argv = [
             sys.executable, "-m", "agent.cli", "run",
             "--coordinator", f"ws://127.0.0.1:{self.port}/agent",
@@ -124,18 +131,18 @@ class Loop:
         await self.until(lambda: bool(self.c.connected()), "the agent to connect")
         [self.node_id] = self.c.connected()
         await self.until(
-            lambda: self.c.store.latest(self.node_id, "node_status") is not None,
+            lambda: self.c.store.nodes.latest(self.node_id, "node_status") is not None,
             "the node's capacity",
         )
         return self.node_id
 
     def job(self, job_id: str) -> JobRow:
-        row = self.c.store.job(job_id)
+        row = self.c.store.jobs.get(job_id)
         assert row is not None
         return row
 
     def bodies(self, kind: str, job_id: str) -> list[dict[str, Any]]:
-        stored = self.c.store.messages(self.node_id, kind, limit=100_000)
+        stored = self.c.store.nodes.messages(self.node_id, kind, limit=100_000)
         return [m.body for m in stored if m.body.get("job_id") == job_id]
 
     def states(self, job_id: str) -> list[str]:
@@ -151,9 +158,9 @@ class Loop:
 
 @pytest.fixture
 async def loop(
-    tmp_path: Path, library_for: Callable[[Path], Path], test_image: str, docker_engine: str
+    tmp_path: Path, library_for: Callable[[Path], Path], test_image_id: str, docker_engine: str
 ) -> AsyncIterator[Loop]:
-    world = Loop(tmp_path, library_for(DUAL_A5000), test_image, DockerClient(docker_engine))
+    world = Loop(tmp_path, library_for(DUAL_A5000), test_image_id, DockerClient(docker_engine))
     await world.start_coordinator()
     world.start_agent()
     await world.ready()
@@ -181,7 +188,7 @@ async def test_a_submitted_job_runs_and_its_verified_receipt_reaches_the_coordin
     assert row.result.problems == []
     assert row.result.receipt["exit_code"] == 0
     assert row.result.receipt["offer_sha256"] == row.offer_sha256
-    logs = loop.c.store.job_logs(job_id)
+    logs = loop.c.store.jobs.logs(job_id)
     assert (logs.stdout, logs.stderr) == ("hello\n", "oops\n")
 
 
@@ -226,9 +233,9 @@ async def test_a_coordinator_restart_mid_job_loses_and_duplicates_nothing(loop: 
     await loop.start_coordinator()
     await loop.until(lambda: loop.job(job_id).final, "the job to be reported")
     assert loop.states(job_id) == ["accepted", "running", "completed"]
-    assert loop.c.store.job_logs(job_id).stdout == "".join(f"line {i}\n" for i in range(1, 41))
+    assert loop.c.store.jobs.logs(job_id).stdout == "".join(f"line {i}\n" for i in range(1, 41))
     assert len(loop.bodies("job_result", job_id)) == 1
-    seqs = loop.c.store.all_seqs(loop.node_id)
+    seqs = loop.c.store.nodes.all_seqs(loop.node_id)
     assert seqs == list(range(1, len(seqs) + 1))
 
 
@@ -242,7 +249,7 @@ async def test_sigterm_interrupts_the_running_job_and_exits_cleanly(loop: Loop) 
     await loop.until(lambda: loop.job(job_id).final, "the job to be reported")
     assert loop.job(job_id).state == "interrupted"
     assert await loop.containers(job_id) == []
-    status = loop.c.store.latest(loop.node_id, "node_status")
+    status = loop.c.store.nodes.latest(loop.node_id, "node_status")
     assert status is not None
     assert status.body["available"] is False
     assert status.body["reason"] == "shutting_down"
@@ -252,7 +259,7 @@ async def test_a_critical_xid_marks_the_gpu_unhealthy_and_the_coordinator_is_tol
     loop: Loop,
 ) -> None:
     def unit_health() -> dict[str, tuple[str, str]]:
-        status = loop.c.store.latest(loop.node_id, "node_status")
+        status = loop.c.store.nodes.latest(loop.node_id, "node_status")
         assert status is not None
         return {u["id"]: (u["health"], u.get("reason", "")) for u in status.body["units"]}
 
@@ -293,16 +300,16 @@ def test_run_refuses_a_bad_config_naming_the_file_and_key(tmp_path: Path) -> Non
 
 
 async def test_run_takes_everything_from_its_config_file(
-    tmp_path: Path, library_for: Callable[[Path], Path], test_image: str, docker_engine: str
+    tmp_path: Path, library_for: Callable[[Path], Path], test_image_id: str, docker_engine: str
 ) -> None:
-    world = Loop(tmp_path, library_for(DUAL_A5000), test_image, DockerClient(docker_engine))
+    world = Loop(tmp_path, library_for(DUAL_A5000), test_image_id, DockerClient(docker_engine))
     coordinator = await world.start_coordinator()
     config = tmp_path / "agent.toml"
     config.write_text(
         f'[coordinator]\nurl = "ws://127.0.0.1:{world.port}/agent"\n'
         f'keys = ["{coordinator.key.public_key_b64}"]\n'
         f'[paths]\nstate_dir = "{tmp_path / "state"}"\nruntime_dir = "{tmp_path / "run"}"\n'
-        f'[policy]\nallowed_images = ["{test_image.split(":", maxsplit=1)[0]}"]\n'
+        f'[policy]\nallowed_images = ["{test_image_id}"]\n'
     )
     env = {**os.environ, "GPU_AGENT_NVML_LIB": str(world.library)}
     argv = [sys.executable, "-m", "agent.cli", "run", "--config", str(config)]
@@ -310,7 +317,7 @@ async def test_run_takes_everything_from_its_config_file(
         world.agent = subprocess.Popen(argv, env=env, stdout=log, stderr=log)
     try:
         node_id = await world.ready()
-        job_id = await coordinator.submit(node_id, job_spec(test_image, "echo configured"))
+        job_id = await coordinator.submit(node_id, job_spec(test_image_id, "echo configured"))
         await world.until(lambda: world.job(job_id).final, "the job to end")
         assert world.job(job_id).state == "completed"
         assert (tmp_path / "state" / "outbox.db").exists()
@@ -351,7 +358,7 @@ async def test_the_local_control_api_shows_pauses_and_resumes_the_daemon(loop: L
     refused = await loop.c.submit(loop.node_id, job_spec(loop.image, "true"))
     await loop.until(lambda: loop.job(refused).final, "the refusal")
     assert (loop.job(refused).state, loop.job(refused).code) == ("refused", "paused")
-    node = loop.c.store.latest(loop.node_id, "node_status")
+    node = loop.c.store.nodes.latest(loop.node_id, "node_status")
     assert node is not None
     assert (node.body["available"], node.body["reason"]) == (False, "paused")
     await asyncio.to_thread(_control, loop, "resume")
@@ -373,9 +380,9 @@ async def test_pause_with_drain_returns_once_running_jobs_have_ended(loop: Loop)
 
 
 async def test_metrics_are_served_on_loopback_when_enabled(
-    tmp_path: Path, library_for: Callable[[Path], Path], test_image: str, docker_engine: str
+    tmp_path: Path, library_for: Callable[[Path], Path], test_image_id: str, docker_engine: str
 ) -> None:
-    world = Loop(tmp_path, library_for(DUAL_A5000), test_image, DockerClient(docker_engine))
+    world = Loop(tmp_path, library_for(DUAL_A5000), test_image_id, DockerClient(docker_engine))
     await world.start_coordinator()
     port = free_port()
     world.start_agent(
@@ -421,14 +428,14 @@ async def test_an_owner_guard_preempts_the_job_and_the_coordinator_hears_it_once
         assert await loop.containers(job_id) == []
         status = await client.status()
         assert (status.guard, status.paused) == ("outside_schedule", False)
-        node = loop.c.store.latest(loop.node_id, "node_status")
+        node = loop.c.store.nodes.latest(loop.node_id, "node_status")
         assert node is not None
         assert (node.body["available"], node.body["reason"]) == (False, "outside_schedule")
         # Cleared: the node takes jobs again, and tells the coordinator.
         await client.set_settings({"schedule": []})
         await loop.until(
             lambda: (
-                (latest := loop.c.store.latest(loop.node_id, "node_status")) is not None
+                (latest := loop.c.store.nodes.latest(loop.node_id, "node_status")) is not None
                 and latest.body["available"]
             ),
             "the node to be available again",
@@ -470,3 +477,54 @@ async def test_pause_for_a_while_from_the_command_line(loop: Loop) -> None:
     assert "paused by the owner until" in shown.stdout
     bad = await asyncio.to_thread(_control, loop, "pause", "--for", "soon")
     assert (bad.returncode, "error [bad_argument]" in bad.stderr) == (2, True)
+
+
+async def test_a_tag_submitted_is_pinned_pulled_with_the_nodes_login_and_run(
+    tmp_path: Path, library_for: Callable[[Path], Path], docker_engine: str
+) -> None:
+    (tmp_path / "registry").mkdir()
+    with running_registry(tmp_path / "registry") as registry:
+        # An image the engine does not have once pushed: busybox and a layer of its own.
+        context = tmp_path / "context"
+        (context / "bin").mkdir(parents=True)
+        shutil.copy2("/bin/busybox", context / "bin" / "busybox")
+        (context / "bin" / "sh").symlink_to("busybox")
+        (context / "blob").write_bytes(os.urandom(1 << 16))
+        (context / "Dockerfile").write_text("FROM scratch\nCOPY bin /bin\nCOPY blob /blob\n")
+        tag = f"{registry.host}/e2e/job:1"
+        subprocess.run(["docker", "build", "-q", "-t", tag, str(context)], check=True)
+        pinned = docker_push(registry, tag, tmp_path / "docker-config")
+        logins = tmp_path / "registries.toml"
+        logins.write_text(
+            f'[registry."{registry.host}"]\n'
+            f'username = "{registry.username}"\npassword = "{registry.password}"\n'
+        )
+        logins.chmod(0o600)
+        login = Credentials(registry.username, registry.password)
+        loop = Loop(tmp_path, library_for(DUAL_A5000), f"{registry.host}/e2e/job", DockerClient())
+        loop.pinner = ImagePinner(logins={registry.host: login}, ca_file=registry.ca_file)
+        await loop.start_coordinator()
+        loop.start_agent(GPU_AGENT_JOBS_REGISTRY_LOGINS_FILE=str(logins))
+        try:
+            node_id = await loop.ready()
+            job_id = await loop.c.submit(node_id, job_spec(tag, "wc -c < /blob"))
+            await loop.until(lambda: loop.job(job_id).final, "the job to end")
+            # What the node ran is what was signed: the digest, not the tag.
+            offered = loop.c.store.jobs.get(job_id)
+            assert offered is not None
+            assert offered.spec["image"] == pinned
+            states = loop.states(job_id)
+            assert states[:2] == ["accepted", "pulling"]
+            assert states[-1] == "completed", loop.bodies("job_status", job_id)
+            logs = "".join(b["data"] for b in loop.bodies("job_log", job_id))
+            assert logs.strip() == str(1 << 16)
+        finally:
+            if loop.agent is not None and loop.agent.poll() is None:
+                loop.agent.send_signal(signal.SIGTERM)
+                await loop.exited()
+            await loop.stop_coordinator()
+        # The registry's password is nowhere the node or the coordinator keeps or shows.
+        secret = registry.password.encode()
+        kept = [tmp_path / "agent.log", tmp_path / "coordinator.db"]
+        kept += [p for p in (tmp_path / "agent").rglob("*") if p.is_file()]
+        assert [p for p in kept if secret in p.read_bytes()] == []

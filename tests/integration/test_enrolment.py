@@ -298,7 +298,7 @@ async def test_a_new_node_is_refused_without_its_token_and_enrolled_with_it(
     agent.start()
     await agent.until(lambda: agent.refusals() >= 2, "two refusals")
     node_id = agent.node_id()
-    assert coordinator.store.node(node_id) is None
+    assert coordinator.store.nodes.get(node_id) is None
     assert agent.status()["connection"] == "connecting"
     assert await agent.stop() == 0
 
@@ -307,7 +307,7 @@ async def test_a_new_node_is_refused_without_its_token_and_enrolled_with_it(
     process = agent.start("--enrolment-token-file", str(path))
     await agent.until(lambda: node_id in coordinator.connected(), "the node to be admitted")
     await agent.until(
-        lambda: coordinator.store.latest_profile(node_id) is not None, "the node's profile"
+        lambda: coordinator.store.nodes.latest_profile(node_id) is not None, "the node's profile"
     )
     status = agent.status()
     assert (status["node_id"], status["connection"]) == (node_id, "connected")

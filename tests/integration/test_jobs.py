@@ -108,7 +108,12 @@ async def test_a_tampered_offer_is_refused(world: World) -> None:
 @pytest.mark.parametrize(
     ("changes", "code", "detail"),
     [
-        ({"image": "docker.io/library/evil:1"}, "policy_violation", "image_not_allowed"),
+        (
+            {"image": "docker.io/library/evil@sha256:" + "e" * 64},
+            "policy_violation",
+            "image_not_allowed",
+        ),
+        ({"image": "docker.io/library/evil:1"}, "image_not_pinned", "is a tag"),
         ({"resources": {"cpus": 64}}, "policy_violation", "cpus_over_limit"),
         ({"gpus": {"count": 3}}, "no_matching_gpus", ""),
         ({"gpus": {"count": 1, "vendor": "nvidia"}}, "policy_violation", "gpu_vendor_not_offered"),

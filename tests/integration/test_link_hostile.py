@@ -159,11 +159,13 @@ async def test_racing_handshakes_of_one_node_leave_one_session_and_lose_nothing_
             assert set(contender.errors) <= {"superseded"}, contender.errors
             assert contender.close_code in (None, 1000), contender.close_code
         # Every ack is for what the store holds from that very contender.
-        stored = {m.seq: m.body for m in coordinator.store.messages(peer.node_id, "telemetry")}
+        stored = {
+            m.seq: m.body for m in coordinator.store.nodes.messages(peer.node_id, "telemetry")
+        }
         for contender in contenders:
             for seq in contender.acked:
                 assert stored[seq]["samples"][0]["contender"] == contender.index
-        seqs = coordinator.store.all_seqs(peer.node_id)
+        seqs = coordinator.store.nodes.all_seqs(peer.node_id)
         assert seqs == list(range(1, len(seqs) + 1))
     # After all that, the node connects once more and is served normally.
     async with connected(coordinator.url, _pinned(coordinator), peer) as link:
@@ -193,12 +195,12 @@ async def test_the_old_session_is_told_and_closed_before_the_new_one_is_welcomed
 def test_a_duplicate_node_seq_is_a_no_op_in_the_store(tmp_path: Path) -> None:
     store = Store(tmp_path / "c.db")
     try:
-        store.node_seen("node-a", "key", 1.0)
+        store.nodes.seen("node-a", "key", 1.0)
         status = JobStatusBody(job_id="job-1", state="refused", code="busy")
         assert store.add("node-a", 1, "job_status", {"first": True}, 1.0, job=status) == "stored"
         again = store.add("node-a", 1, "job_status", {"second": True}, 2.0, job=status)
         assert again == "duplicate"
-        assert [m.body for m in store.messages("node-a", "job_status")] == [{"first": True}]
+        assert [m.body for m in store.nodes.messages("node-a", "job_status")] == [{"first": True}]
     finally:
         store.close()
 
@@ -217,7 +219,7 @@ async def test_binary_frame_gets_a_coded_error_and_the_session_goes_on(
             answer = await _recv(link.ws)
         assert answer.body.code == "binary_frame"
         assert await link.send(TelemetryBody(samples=[])) == 1
-    assert coordinator.store.all_seqs(peer.node_id) == [1]
+    assert coordinator.store.nodes.all_seqs(peer.node_id) == [1]
 
 
 async def test_binary_frame_during_the_handshake_is_refused_and_closed(
@@ -243,7 +245,7 @@ async def test_binary_frame_during_the_handshake_is_refused_and_closed(
     assert isinstance(answer, Error)
     assert answer.body.code == "binary_frame"
     assert ws.close_code == 1008
-    assert coordinator.store.node(peer.node_id) is None
+    assert coordinator.store.nodes.get(peer.node_id) is None
 
 
 # ------------------------------------------------------------------ the daemon's link

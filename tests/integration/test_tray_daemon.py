@@ -57,7 +57,11 @@ class Machine:
 
     def start_agent(self) -> None:
         policy = self.workdir / "policy.toml"
-        policy.write_text(f'allowed_images = ["{self.image.split(":", maxsplit=1)[0]}"]\n')
+        # Offers name an image by its id (never a tag): the id too, if the engine has it.
+        inspect = ["docker", "image", "inspect", "--format", "{{.Id}}", self.image]
+        found = subprocess.run(inspect, capture_output=True, text=True, check=False)
+        allowed = [self.image.split(":", maxsplit=1)[0], *found.stdout.split()]
+        policy.write_text(f"allowed_images = {allowed!r}\n".replace("'", '"'))
         c = self.coordinator.coordinator
         argv = [
             sys.executable, "-m", "agent.cli", "run",
@@ -180,12 +184,12 @@ def test_the_daemon_stopping_and_starting_again(qtbot: QtBot, machine: Machine, 
 
 
 def test_a_guard_set_in_the_settings_window_preempts_the_running_job(
-    qtbot: QtBot, machine: Machine, tray: Tray, test_image: str
+    qtbot: QtBot, machine: Machine, tray: Tray, test_image_id: str
 ) -> None:
     told: list[Notice] = []
     tray.noticed.connect(told.append)
 
-    spec = {"image": test_image, "command": ["sleep", "300"], "timeout_s": 120, "grace_s": 2}
+    spec = {"image": test_image_id, "command": ["sleep", "300"], "timeout_s": 120, "grace_s": 2}
     job_id = machine.coordinator.submit(_status(tray).node_id, spec)
     qtbot.waitUntil(lambda: tray_kind(tray) == "busy", timeout=WAIT_MS)
     assert f"Current job: {job_id}" in tray.icon.toolTip()

@@ -42,6 +42,7 @@ __all__ = [
     "welcomed",
 ]
 
+
 TOKEN = "enrol-" + "7" * 20
 
 

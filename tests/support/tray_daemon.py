@@ -148,7 +148,7 @@ class CoordinatorThread(LoopThread):
 
     def job_state(self, job_id: str) -> str:
         """The job's state as the coordinator knows it."""
-        row = self.do(lambda: self.coordinator.store.job(job_id))
+        row = self.do(lambda: self.coordinator.store.jobs.get(job_id))
         return row.state if row is not None else ""
 
     def close(self) -> None:

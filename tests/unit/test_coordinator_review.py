@@ -17,12 +17,33 @@ from support.nodes import Node
 from coordinator import cli
 from coordinator.admission import read_tokens
 from coordinator.errors import ConfigError
+from coordinator.retention import Quotas
 from coordinator.server import Settings
+from coordinator.store import Store
 
 Capsys = pytest.CaptureFixture[str]
 
 
 _MIB = 1024 * 1024
+
+
+def test_a_message_rolled_back_does_not_count_against_the_store_cap(tmp_path: Path) -> None:
+    store = Store(tmp_path / "c.db", Quotas(store_bytes=100))
+    try:
+        store.nodes.seen("node-1", "key", 0.0)
+        assert store.add("node-1", 1, "telemetry", {"samples": ["x" * 30]}, 1.0) == "stored"
+        held = store.retention.stored_bytes("node-1")
+        # Stored and counted, then its profile fails to encode: the whole add rolls back.
+        with pytest.raises(TypeError):
+            store.add("node-1", 2, "profile", {"p": "y" * 30}, 2.0, profile={"x": object()})
+        assert store.retention.stored_bytes("node-1") == held
+        # It fills the cap to the byte beside the telemetry: only if the rolled-back bytes
+        # are not counted (else the telemetry is evicted to make room).
+        fill = {"s": "z" * (100 - held - len(b'{"s":""}'))}
+        assert store.add("node-1", 2, "node_status", fill, 3.0) == "stored"
+        assert store.nodes.all_seqs("node-1") == [1, 2]
+    finally:
+        store.close()
 
 
 def _fifo(path: Path) -> Path:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import time
+from typing import Any
 
 import msgspec
 import pytest
@@ -11,6 +12,7 @@ import pytest
 from agent.errors import JobStateError
 from agent.jobs import machine
 from agent.jobs.machine import TRANSITIONS, Logs, NewJob, Receipted, Start, Transition
+from agent.protocol.bodies import JobStatusBody
 from agent.protocol.jobs import FINAL_STATES, Offer
 from sandbox.spec import load_spec
 
@@ -23,7 +25,7 @@ def _offer(job_id: str = "job-1") -> Offer:
     return Offer(job_id=job_id, node_id="n" * 16, spec=SPEC, issued_at=now, expires_at=now + 60)
 
 
-def _statuses(decision: machine.Decision) -> list[dict[str, str]]:
+def _statuses(decision: machine.Decision) -> list[dict[str, Any]]:
     return [msgspec.json.decode(body) for kind, body in decision.messages if kind == "job_status"]
 
 
@@ -100,3 +102,25 @@ def test_final_states_go_nowhere_and_every_state_is_reachable() -> None:
     assert all(TRANSITIONS[state] == frozenset() for state in FINAL_STATES)
     reachable = set().union(*TRANSITIONS.values())
     assert reachable == set(TRANSITIONS) - {None}
+
+
+def test_the_first_pull_report_moves_the_job_and_the_next_only_report() -> None:
+    first = machine.pulling("job-1", "accepted", {"l1": (5, 10)})
+    assert first.rows == (Transition(job_id="job-1", state="pulling"),)
+    [status] = _statuses(first)
+    assert status["state"] == "pulling"
+    assert status["progress"] == [{"layer": "l1", "done": 5, "total": 10}]
+    later = machine.pulling("job-1", "pulling", {"l1": (10, 10), "l0": (1, 0)})
+    assert later.rows == ()
+    assert [p["layer"] for p in _statuses(later)[0]["progress"]] == ["l0", "l1"]
+    with pytest.raises(JobStateError):
+        machine.pulling("job-1", "running", {})
+
+
+def test_a_pull_report_is_bounded_whatever_the_engine_says() -> None:
+    layers = {f"layer{i:04d}": (-1, 2**70) for i in range(1000)}
+    [status] = _statuses(machine.pulling("job-1", "accepted", layers))
+    assert len(status["progress"]) == 256
+    assert (status["progress"][0]["done"], status["progress"][0]["total"]) == (0, 2**63 - 1)
+    # What the node sends, the coordinator's decoder takes.
+    msgspec.json.decode(msgspec.json.encode(status), type=JobStatusBody)

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-PACKAGES = ("hal", "sandbox", "keyfile", "agent", "coordinator")
+PACKAGES = ("hal", "sandbox", "keyfile", "oci", "agent", "coordinator")
 
 # Module prefix -> the project prefixes it may import. The longest matching prefix rules.
 ALLOWED = {
@@ -16,7 +16,9 @@ ALLOWED = {
     "sandbox": ("sandbox",),
     # Key files, read and made alike by the node (its identity) and the coordinator.
     "keyfile": ("keyfile",),
-    "agent": ("hal", "sandbox", "keyfile", "agent"),
+    # Images from registries: the coordinator resolves tags, the agent checks what it pulls.
+    "oci": ("oci", "keyfile"),
+    "agent": ("hal", "sandbox", "keyfile", "oci", "agent"),
     "agent.protocol": ("agent.protocol",),
     # The tray app talks to the daemon through the control package only: never hal or
     # sandbox, nor the daemon's internals. The control package itself reaches no further.
@@ -32,6 +34,7 @@ ALLOWED = {
         "coordinator",
         "agent.protocol",
         "keyfile",
+        "oci",
         "sandbox.spec",
         "sandbox.errors",
         "sandbox.files",

@@ -1,4 +1,4 @@
-"""Jobs on the coordinator's side, sans I/O: a signed offer out, a verified receipt judged.
+"""Offers out and receipts in, sans I/O: a signed offer made, a verified receipt judged.
 
 An offer is :class:`agent.protocol.jobs.Offer` signed with the coordinator key; what the
 coordinator stores and shows of it is :class:`SignedOffer`. A receipt arrives already

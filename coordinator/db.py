@@ -1,0 +1,57 @@
+"""The coordinator's one SQLite connection, and its transactions: what every table shares.
+
+Each write commits before it returns (autocommit, ``BEGIN IMMEDIATE`` for the writes that
+go together), so the caller may acknowledge what a call stored as soon as it returns.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+__all__ = ["Database"]
+
+
+class Database:
+    """One connection to the store's file, used from the event loop's thread."""
+
+    def __init__(self, path: Path) -> None:
+        self._conn = sqlite3.connect(path, isolation_level=None)
+        self.rollbacks = 0
+        """How many transactions rolled back: what was read before one may be undone."""
+        try:
+            self._conn.execute("PRAGMA journal_mode=WAL")
+            # FULL: a message is acknowledged only once it is on disk, so that a coordinator
+            # killed -9 (or a power loss) never loses what an agent then deletes.
+            self._conn.execute("PRAGMA synchronous=FULL")
+            self._conn.execute("PRAGMA foreign_keys=ON")
+        except sqlite3.Error:
+            self._conn.close()
+            raise
+
+    def execute(self, sql: str, args: tuple[Any, ...] = ()) -> sqlite3.Cursor:
+        """Run one statement."""
+        return self._conn.execute(sql, args)
+
+    def executescript(self, sql: str) -> None:
+        """Run a script of statements (the schema)."""
+        self._conn.executescript(sql)
+
+    @contextmanager
+    def transaction(self) -> Iterator[None]:
+        """Commit what the block writes together, or none of it."""
+        self._conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            self._conn.execute("ROLLBACK")
+            self.rollbacks += 1
+            raise
+        self._conn.execute("COMMIT")
+
+    def close(self) -> None:
+        """Close the connection."""
+        self._conn.close()

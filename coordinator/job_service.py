@@ -1,0 +1,192 @@
+"""The coordinator's jobs: what the API and the agents' connections both call.
+
+Jobs flow one way. An offer or a cancel comes from the API (or a caller in the
+coordinator's process), is signed and checked (:mod:`coordinator.offers`), stored with its
+message of the node's stream (:class:`coordinator.jobs_store.JobTable`), and handed to the
+node's open session, if any, through :class:`Sessions` (the server's sessions by node id);
+a node not connected gets it after its next handshake. What a node says about its jobs
+(``job_status``, ``job_log``, ``job_result``) comes from its connection to :meth:`report`,
+which stores the message and applies it to the job in one commit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Protocol, TypeAlias
+
+import msgspec
+
+from agent.protocol import crypto, dsse
+from agent.protocol.jobs import FINAL_STATES
+from agent.protocol.limits import MAX_ERROR_DETAIL_CHARS
+from agent.protocol.messages import (
+    JobCancelBody,
+    JobLog,
+    JobResult,
+    JobStatus,
+    ReliableBody,
+    message_type,
+)
+from coordinator.errors import JobError
+from coordinator.images import ImagePinner
+from coordinator.jobs_store import JobEvent, JobLogs, JobRow, JobSummary, VerifiedResult
+from coordinator.keys import CoordinatorKey
+from coordinator.offers import DEFAULT_TTL_S, make_offer, new_job_id
+from coordinator.store import Added, Store
+
+__all__ = ["JobMessage", "JobService", "Sessions"]
+
+#: What a node sends about one of its jobs.
+JobMessage: TypeAlias = JobStatus | JobLog | JobResult
+
+
+class Sessions(Protocol):
+    """The server's open sessions by node id: how a message just stored reaches its node.
+
+    A message is numbered with :meth:`next_seq`, stored under that seq, then handed to
+    :meth:`send`, with nothing awaited in between: no other message to the node can take
+    the seq meanwhile, and a session that opens later reads the message from the store.
+    """
+
+    def next_seq(self, node_id: str) -> int | None:
+        """The seq the node's open session gives its next message; None: not connected."""
+
+    async def send(self, node_id: str, body: ReliableBody, seq: int) -> None:
+        """Send the message stored as ``seq`` if the node is connected (else it goes out
+        after the node's next handshake, from the store)."""
+
+
+class JobService:
+    """Offers and cancels out, job reports in, the jobs as stored."""
+
+    def __init__(
+        self,
+        store: Store,
+        key: CoordinatorKey,
+        sessions: Sessions,
+        clock: Callable[[], float],
+        pinner: ImagePinner | None = None,
+    ) -> None:
+        self._store = store
+        self._key = key
+        self._sessions = sessions
+        self._clock = clock
+        self._pinner = pinner or ImagePinner()
+
+    async def submit(
+        self,
+        node_id: str,
+        spec: dict[str, Any],
+        *,
+        job_id: str | None = None,
+        ttl_s: float = DEFAULT_TTL_S,
+    ) -> str:
+        """Sign an offer of ``spec`` to ``node_id``, store it, send it; returns the job id.
+
+        The offer goes out at once if the node is connected, else after its next handshake
+        (it is in the store: a restart of the coordinator does not lose it). The node answers
+        with ``job_status`` messages, which :meth:`get` then shows.
+
+        Args:
+            job_id: ``job-`` and 16 random hex digits when None.
+            ttl_s: how long the offer stays valid; a node that gets it later refuses it.
+
+        An image named by a tag is pinned to its digest first (:mod:`coordinator.images`):
+        the offer carries ``repository@sha256:...``, and the node refuses a tag.
+
+        Raises:
+            JobError: ``unknown_node`` (never connected), ``job_exists``, ``bad_job_id``,
+                ``bad_spec`` (not a JSON object), ``bad_ttl``, ``spec_too_large``, and the
+                registry's codes when a tag cannot be pinned (``image_not_found``,
+                ``registry_unreachable``, ``registry_auth_failed``, ...).
+        """
+        store = self._store
+        if not isinstance(node_id, str) or store.nodes.public_key(node_id) is None:
+            raise JobError("unknown_node", f"no node {node_id!r} ever connected")
+        job_id = new_job_id() if job_id is None else job_id
+        if store.jobs.get(job_id) is not None:
+            raise JobError("job_exists", f"job {job_id!r} exists")
+        now = self._clock()
+        # Checked as the node will before any registry is asked; signed again once pinned.
+        signed = make_offer(
+            self._key, job_id=job_id, node_id=node_id, spec=spec, now=now, ttl_s=ttl_s
+        )
+        pinned = await self._pinner.pin(spec)
+        if pinned is not spec:
+            now = self._clock()
+            signed = make_offer(
+                self._key, job_id=job_id, node_id=node_id, spec=pinned, now=now, ttl_s=ttl_s
+            )
+        # Stored before it is sent, under the seq the stream gives it next: a store that
+        # fails leaves no gap, and the node may acknowledge it after a restart of ours.
+        seq = self._next_seq(node_id)
+        store.jobs.add(signed, seq, now)
+        await self._sessions.send(node_id, signed.body, seq)
+        return job_id
+
+    async def cancel(self, job_id: str, reason: str = "") -> None:
+        """Ask the job's node to stop it (``job_cancel``); it then reports ``cancelled``.
+
+        Asking again while a cancel is under way sends nothing more. A job not yet
+        delivered still gets its offer first, then the cancel: the stream keeps its order.
+
+        Raises:
+            JobError: ``unknown_job``, ``job_final`` (it ended already), ``bad_reason``
+                (over 1024 characters).
+        """
+        job = self._store.jobs.get(job_id)
+        if job is None:
+            raise JobError("unknown_job", f"no job {job_id!r}")
+        if job.state in FINAL_STATES:
+            raise JobError("job_final", f"job {job_id!r} is {job.state} already")
+        if not isinstance(reason, str) or len(reason) > MAX_ERROR_DETAIL_CHARS:
+            raise JobError("bad_reason", f"a reason is at most {MAX_ERROR_DETAIL_CHARS} characters")
+        if job.cancel_requested is not None:
+            return
+        body = JobCancelBody(job_id=job_id, reason=reason)
+        seq = self._next_seq(job.node_id)
+        self._store.jobs.add_cancel(job.node_id, body, seq, self._clock())
+        await self._sessions.send(job.node_id, body, seq)
+
+    def report(self, node_id: str, message: JobMessage, now: float) -> Added:
+        """Store what ``node_id`` says about a job, and apply it to the job, in one commit.
+
+        A receipt that does not verify with the node's key is refused; one that verifies is
+        stored, and what else does not hold is recorded on the job
+        (:func:`coordinator.offers.receipt_problems`).
+
+        Raises:
+            AuthError: the receipt is not signed by the node's key, or not about the node.
+        """
+        body = msgspec.to_builtins(message.body)
+        job: JobEvent
+        if isinstance(message, JobResult):
+            envelope = msgspec.convert(body["receipt"], dsse.Envelope)  # a superset of the body's
+            receipt = dsse.verify_receipt(envelope, self._trusted(node_id), node_id)
+            job = VerifiedResult(
+                job_id=message.body.job_id, receipt=receipt, envelope=body["receipt"]
+            )
+        else:
+            job = message.body
+        return self._store.add(node_id, message.seq, message_type(message), body, now, job=job)
+
+    def get(self, job_id: str) -> JobRow | None:
+        """One job, or None when there is no such job."""
+        return self._store.jobs.get(job_id)
+
+    def recent(self, *, node_id: str | None = None, limit: int = 1000) -> list[JobSummary]:
+        """Jobs, newest first (of one node when ``node_id`` is given)."""
+        return self._store.jobs.recent(node_id=node_id, limit=limit)
+
+    def logs(self, job_id: str) -> JobLogs:
+        """A job's kept log text per stream."""
+        return self._store.jobs.logs(job_id)
+
+    def _next_seq(self, node_id: str) -> int:
+        """The seq of the next message of the coordinator's stream to ``node_id``."""
+        seq = self._sessions.next_seq(node_id)
+        return self._store.streams.sender(node_id).next_seq if seq is None else seq
+
+    def _trusted(self, node_id: str) -> dict[str, bytes]:
+        public_key = crypto.b64decode(self._store.nodes.public_key(node_id) or "")
+        return {crypto.key_id(public_key): public_key}

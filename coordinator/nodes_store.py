@@ -1,0 +1,239 @@
+"""The node tables of the coordinator's store: nodes, their messages, their profiles.
+
+A node's last seq is kept in ``nodes.agent_seq``, apart from the rows of ``messages``, so
+that deleting any of them (retention, quota) never moves the node's ``welcome`` back.
+
+A profile is stored in any case once its signature verifies with the node's key; it counts
+as verified hardware (``profiles``) only when it also answered a live nonce of this
+coordinator. One that answered an expired, unknown or already used nonce is kept in
+``unverified_profiles`` with the reason, never in ``profiles``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+
+from coordinator.db import Database
+
+__all__ = [
+    "LatestProfile",
+    "NodeRow",
+    "NodeTable",
+    "StoredMessage",
+    "Unverified",
+    "VerifiedProfile",
+]
+
+
+class NodeRow(msgspec.Struct, frozen=True, kw_only=True):
+    """A node as the coordinator knows it."""
+
+    node_id: str
+    public_key: str
+    first_seen: float
+    last_seen: float
+    last_agent_seq: int
+
+
+class StoredMessage(msgspec.Struct, frozen=True, kw_only=True):
+    """One reliable message an agent delivered."""
+
+    seq: int
+    type: str
+    body: Any
+    received: float
+
+
+class VerifiedProfile(msgspec.Struct, frozen=True, kw_only=True):
+    """A node's latest hardware profile whose attestation verified."""
+
+    seq: int
+    profile: dict[str, Any]
+    verified_at: float
+
+
+class Unverified(msgspec.Struct, frozen=True, kw_only=True):
+    """Why a profile signed by its node is not verified hardware: its nonce did not hold."""
+
+    reason: str
+    """The error code: ``stale_nonce`` (expired or never issued) or ``replayed_nonce``."""
+    detail: str
+
+
+class LatestProfile(msgspec.Struct, frozen=True, kw_only=True):
+    """A node's newest profile message, verified or not."""
+
+    seq: int
+    profile: dict[str, Any]
+    received: float
+    verified: bool
+    unverified: Unverified | None
+    """Why it is not verified (None when it is)."""
+
+
+class NodeTable:
+    """Nodes, the messages each sent, and their profiles."""
+
+    def __init__(self, db: Database) -> None:
+        self._db = db
+
+    # ------------------------------------------------------------------ nodes
+
+    def seen(self, node_id: str, public_key: str, now: float) -> None:
+        """Record a node (on first sight) and when it was last seen."""
+        self._db.execute(
+            "INSERT INTO nodes (node_id, public_key, first_seen, last_seen)"
+            " VALUES (?, ?, ?, ?) ON CONFLICT (node_id) DO UPDATE SET"
+            " last_seen = excluded.last_seen",
+            (node_id, public_key, now, now),
+        )
+
+    def public_key(self, node_id: str) -> str | None:
+        """The public key a node first presented, or None for a node never seen."""
+        row = self._db.execute(
+            "SELECT public_key FROM nodes WHERE node_id = ?", (node_id,)
+        ).fetchone()
+        return None if row is None else str(row[0])
+
+    def all(self) -> list[NodeRow]:
+        """Every node, most recently seen first."""
+        rows = self._db.execute(
+            "SELECT node_id, public_key, first_seen, last_seen, agent_seq"
+            " FROM nodes ORDER BY last_seen DESC, node_id"
+        ).fetchall()
+        return [
+            NodeRow(
+                node_id=r[0], public_key=r[1], first_seen=r[2], last_seen=r[3], last_agent_seq=r[4]
+            )
+            for r in rows
+        ]
+
+    def get(self, node_id: str) -> NodeRow | None:
+        """One node, or None when it was never seen."""
+        return next((n for n in self.all() if n.node_id == node_id), None)
+
+    def agent_seq(self, node_id: str) -> int | None:
+        """The highest seq stored from a node (0 when none); None for a node never seen."""
+        row = self._db.execute(
+            "SELECT agent_seq FROM nodes WHERE node_id = ?", (node_id,)
+        ).fetchone()
+        return None if row is None else int(row[0])
+
+    def last_agent_seq(self, node_id: str) -> int:
+        """The highest seq stored from a node (0 when none), kept when retention deletes it."""
+        return self.agent_seq(node_id) or 0
+
+    # ------------------------------------------------------------------ writes (in a transaction)
+
+    def insert_message(self, node_id: str, seq: int, kind: str, body: str, now: float) -> None:
+        """Store a message (JSON ``body``) as the node's last; its seq is the caller's check."""
+        self._db.execute(
+            "INSERT INTO messages (node_id, seq, type, body, received) VALUES (?, ?, ?, ?, ?)",
+            (node_id, seq, kind, body, now),
+        )
+        self._db.execute("UPDATE nodes SET agent_seq = ? WHERE node_id = ?", (seq, node_id))
+
+    def insert_profile(
+        self,
+        node_id: str,
+        seq: int,
+        profile: dict[str, Any],
+        now: float,
+        unverified: Unverified | None,
+    ) -> None:
+        """Make the profile of message ``seq`` the node's verified one, or keep it beside
+        as unverified for the reason ``unverified`` gives."""
+        data = msgspec.json.encode(profile).decode()
+        if unverified is not None:
+            self._db.execute(
+                "INSERT INTO unverified_profiles (node_id, seq, profile, reason, detail)"
+                " VALUES (?, ?, ?, ?, ?)",
+                (node_id, seq, data, unverified.reason, unverified.detail),
+            )
+            return
+        self._db.execute(
+            "INSERT INTO profiles (node_id, seq, profile, verified_at)"
+            " VALUES (?, ?, ?, ?) ON CONFLICT (node_id) DO UPDATE SET"
+            " seq = excluded.seq, profile = excluded.profile,"
+            " verified_at = excluded.verified_at",
+            (node_id, seq, data, now),
+        )
+
+    # ------------------------------------------------------------------ messages and profiles
+
+    def messages(
+        self, node_id: str, kind: str, *, since_seq: int = 0, limit: int = 1000
+    ) -> list[StoredMessage]:
+        """A node's messages of one type after ``since_seq``, in seq order."""
+        rows = self._db.execute(
+            "SELECT seq, type, body, received FROM messages"
+            " WHERE node_id = ? AND type = ? AND seq > ? ORDER BY seq LIMIT ?",
+            (node_id, kind, since_seq, limit),
+        ).fetchall()
+        return [
+            StoredMessage(seq=r[0], type=r[1], body=msgspec.json.decode(r[2]), received=r[3])
+            for r in rows
+        ]
+
+    def latest(self, node_id: str, kind: str) -> StoredMessage | None:
+        """A node's newest message of one type."""
+        row = self._db.execute(
+            "SELECT seq, type, body, received FROM messages"
+            " WHERE node_id = ? AND type = ? ORDER BY seq DESC LIMIT 1",
+            (node_id, kind),
+        ).fetchone()
+        if row is None:
+            return None
+        return StoredMessage(
+            seq=row[0], type=row[1], body=msgspec.json.decode(row[2]), received=row[3]
+        )
+
+    def all_seqs(self, node_id: str) -> list[int]:
+        """Every seq stored from a node, in order (what the no-gap tests check)."""
+        rows = self._db.execute(
+            "SELECT seq FROM messages WHERE node_id = ? ORDER BY seq", (node_id,)
+        ).fetchall()
+        return [int(r[0]) for r in rows]
+
+    def profile(self, node_id: str) -> VerifiedProfile | None:
+        """A node's latest verified hardware profile."""
+        row = self._db.execute(
+            "SELECT seq, profile, verified_at FROM profiles WHERE node_id = ?", (node_id,)
+        ).fetchone()
+        if row is None:
+            return None
+        return VerifiedProfile(seq=row[0], profile=msgspec.json.decode(row[1]), verified_at=row[2])
+
+    def latest_profile(self, node_id: str) -> LatestProfile | None:
+        """A node's newest profile, whether it verified and, if not, why."""
+        latest = self.latest(node_id, "profile")
+        if latest is None:
+            return None
+        verified = self.profile(node_id)
+        if verified is not None and verified.seq == latest.seq:
+            return LatestProfile(
+                seq=latest.seq,
+                profile=verified.profile,
+                received=latest.received,
+                verified=True,
+                unverified=None,
+            )
+        row = self._db.execute(
+            "SELECT profile, reason, detail FROM unverified_profiles WHERE node_id = ? AND seq = ?",
+            (node_id, latest.seq),
+        ).fetchone()
+        profile: dict[str, Any] = {} if row is None else msgspec.json.decode(row[0])
+        reason = (
+            Unverified(reason="unknown", detail="no verification recorded")
+            if row is None
+            else Unverified(reason=row[1], detail=row[2])
+        )
+        return LatestProfile(
+            seq=latest.seq,
+            profile=profile,
+            received=latest.received,
+            verified=False,
+            unverified=reason,
+        )

@@ -1,0 +1,244 @@
+"""Images pulled by digest through the Engine API from a real registry (Debian's
+docker-registry on loopback), and the job that runs them; the failures, coded."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from contextlib import aclosing
+from dataclasses import dataclass
+from pathlib import Path
+
+import msgspec
+import pytest
+from support.world import World, deliver, offer_message, spec
+
+from sandbox.docker_api import DockerClient
+from sandbox.engine import Engine
+from sandbox.engine_types import ImageInfo
+from sandbox.errors import PullError
+from sandbox.policy import Policy
+from sandbox.results import Created, Finished, Pulling
+from sandbox.runner import Runner, RunnerConfig, _check_pulled
+from sandbox.spec import ImageRef, load_spec
+
+REGISTRY = shutil.which("docker-registry")
+needs_registry = pytest.mark.skipif(
+    REGISTRY is None and os.environ.get("GPU_AGENT_REQUIRE_DOCKER") != "1",
+    reason="Debian's docker-registry is not installed",
+)
+
+
+@dataclass(frozen=True)
+class Pushed:
+    """An image in the test registry that the engine does not have: ``ref`` by digest."""
+
+    host: str
+    ref: str
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def _run(*argv: str) -> str:
+    return subprocess.run(argv, capture_output=True, text=True, check=True).stdout.strip()
+
+
+@pytest.fixture(scope="module")
+def registry(docker_engine: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A registry on loopback (plain HTTP: the engine trusts 127.0.0.0/8 as it is)."""
+    assert REGISTRY is not None, "docker-registry is missing (.ci/run installs it)"
+    root = tmp_path_factory.mktemp("registry")
+    port = _free_port()
+    config = root / "config.yml"
+    config.write_text(
+        f"version: 0.1\nstorage:\n  filesystem:\n    rootdirectory: {root / 'data'}\n"
+        f"http:\n  addr: 127.0.0.1:{port}\nlog:\n  level: error\n"
+    )
+    process = subprocess.Popen(
+        [REGISTRY, "serve", str(config)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "the registry did not start"
+                time.sleep(0.1)
+        yield f"127.0.0.1:{port}"
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def pushed(registry: str, tmp_path_factory: pytest.TempPathFactory) -> Pushed:
+    """busybox plus a layer of 1 MiB of random bytes, pushed, then removed from the host."""
+    context = tmp_path_factory.mktemp("pushed")
+    (context / "bin").mkdir()
+    shutil.copy2("/bin/busybox", context / "bin" / "busybox")
+    (context / "bin" / "sh").symlink_to("busybox")
+    (context / "bin" / "cat").symlink_to("busybox")
+    (context / "blob").write_bytes(os.urandom(1 << 20))
+    (context / "Dockerfile").write_text("FROM scratch\nCOPY bin /bin\nCOPY blob /blob\n")
+    tag = f"{registry}/pulltest/busybox:1"
+    _run("docker", "build", "--quiet", "--tag", tag, str(context))
+    _run("docker", "push", "--quiet", tag)
+    digest = _run("docker", "image", "inspect", "--format", "{{index .RepoDigests 0}}", tag)
+    _run("docker", "image", "rm", "--force", tag)
+    return Pushed(registry, digest)
+
+
+async def _remove(ref: str) -> None:
+    subprocess.run(["docker", "image", "rm", "--force", ref], capture_output=True, check=False)
+
+
+@pytest.fixture
+def engine(docker_engine: str) -> Engine:
+    return Engine(DockerClient(docker_engine))
+
+
+@needs_registry
+async def test_an_image_pinned_by_digest_is_pulled_with_its_progress(
+    engine: Engine, pushed: Pushed
+) -> None:
+    await _remove(pushed.ref)
+    progress: list[tuple[str, int, int]] = []
+    await engine.pull(pushed.ref, on_progress=lambda *seen: progress.append(seen))
+    image = await engine.inspect_image(pushed.ref)
+    assert pushed.ref in (image.repo_digests or [])
+    # The random layer was downloaded, and its total is what was announced.
+    assert progress
+    assert all(0 <= done <= total for _, done, total in progress if total)
+
+
+@needs_registry
+async def test_a_digest_the_registry_does_not_have_is_image_not_found(
+    engine: Engine, pushed: Pushed
+) -> None:
+    missing = pushed.ref.split("@")[0] + "@sha256:" + "0" * 64
+    with pytest.raises(PullError) as caught:
+        await engine.pull(missing)
+    assert caught.value.code == "image_not_found"
+
+
+async def test_a_registry_that_is_not_there_is_unreachable(engine: Engine) -> None:
+    ref = f"127.0.0.1:{_free_port()}/nobody/here@sha256:" + "0" * 64
+    with pytest.raises(PullError) as caught:
+        await engine.pull(ref)
+    assert caught.value.code == "registry_unreachable"
+
+
+async def test_a_registry_that_stalls_is_a_pull_timeout(engine: Engine) -> None:
+    held: list[asyncio.StreamWriter] = []
+
+    async def accept_and_say_nothing(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        held.append(writer)
+
+    server = await asyncio.start_server(accept_and_say_nothing, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        # The engine's own client gives up on it first, or this side's idle timeout does.
+        with pytest.raises(PullError) as caught:
+            await engine.pull(f"127.0.0.1:{port}/slow/image@sha256:" + "0" * 64, idle_timeout_s=2)
+        assert caught.value.code == "pull_timeout"
+    finally:
+        for writer in held:
+            writer.close()
+        server.close()
+        await server.wait_closed()
+
+
+def test_an_image_the_engine_holds_under_another_digest_is_a_mismatch() -> None:
+    ref = ImageRef.parse("127.0.0.1:5000/a/b@sha256:" + "1" * 64)
+    other = ImageInfo(
+        id="sha256:" + "2" * 64, repo_digests=["127.0.0.1:5000/a/b@sha256:" + "3" * 64]
+    )
+    with pytest.raises(PullError) as caught:
+        _check_pulled(ref, other)
+    assert caught.value.code == "digest_mismatch"
+    _check_pulled(ref, ImageInfo(id="x", repo_digests=[f"127.0.0.1:5000/a/b@{ref.digest}"]))
+
+
+@needs_registry
+async def test_the_runner_pulls_a_pinned_image_it_lacks_and_runs_the_job(
+    docker_engine: str, pushed: Pushed, tmp_path: Path
+) -> None:
+    await _remove(pushed.ref)
+    runner = Runner(DockerClient(docker_engine), RunnerConfig(jobs_dir=tmp_path / "jobs"))
+    await runner.prepare()
+    spec = load_spec(
+        msgspec.json.encode(
+            {"image": pushed.ref, "command": ["sh", "-c", "cat /blob | wc -c"], "timeout_s": 60}
+        ),
+        "json",
+    )
+    events = []
+    async with aclosing(runner.run("pull-1", spec, [])) as run:
+        async for event in run:
+            events.append(event)
+    kinds = [type(e) for e in events]
+    assert Pulling in kinds
+    assert kinds.index(Pulling) < kinds.index(Created)
+    [finished] = [e for e in events if isinstance(e, Finished)]
+    assert (finished.result.reason, finished.result.exit_code) == ("completed", 0)
+
+
+@needs_registry
+async def test_a_tag_is_never_pulled(docker_engine: str, pushed: Pushed, tmp_path: Path) -> None:
+    runner = Runner(DockerClient(docker_engine), RunnerConfig(jobs_dir=tmp_path / "jobs"))
+    await runner.prepare()
+    tag = pushed.ref.split("@")[0] + ":1"
+    await _remove(tag)
+    spec = load_spec(msgspec.json.encode({"image": tag, "command": ["true"]}), "json")
+    async with aclosing(runner.run("pull-2", spec, [])) as run:
+        events = [event async for event in run]
+    assert not [e for e in events if isinstance(e, Pulling)]
+    [finished] = [e for e in events if isinstance(e, Finished)]
+    assert finished.result.error_code == "image_not_found"
+
+
+@needs_registry
+async def test_a_job_reports_pulling_with_progress_then_runs(
+    world: World,
+    pushed: Pushed,
+) -> None:
+    await _remove(pushed.ref)
+    world.manager.policy = Policy(allowed_images=[pushed.ref.split("@")[0]])
+    job = spec(pushed.ref, "cat /blob | wc -c")
+    await deliver(world, offer_message(world, "job-pull", job))
+    await world.manager.wait_idle()
+    states = world.states("job-pull")
+    assert states[0] == "accepted"
+    assert states[1] == "pulling"
+    assert states[-2:] == ["running", "completed"]
+    assert set(states[1:-2]) <= {"pulling"}
+    [first, *_] = [b for k, b in world.messages("job-pull") if b.get("state") == "pulling"]
+    assert first["progress"]
+    assert world.log("job-pull").strip() == str(1 << 20)
+
+
+@needs_registry
+async def test_a_job_whose_image_cannot_be_pulled_ends_with_the_pulls_code(
+    world: World,
+    pushed: Pushed,
+) -> None:
+    missing = pushed.ref.split("@")[0] + "@sha256:" + "0" * 64
+    world.manager.policy = Policy(allowed_images=[pushed.ref.split("@")[0]])
+    await deliver(world, offer_message(world, "job-nopull", spec(missing, "true")))
+    await world.manager.wait_idle()
+    assert world.states("job-nopull") == ["accepted", "error"]
+    receipt = world.receipt("job-nopull")
+    assert (receipt["state"], receipt["code"]) == ("error", "image_not_found")
