@@ -1,4 +1,4 @@
-"""What the unit and integration tests of test_coordinator_cli_hostile share."""
+"""What the unit and the integration test_coordinator_cli_hostile.py share."""
 
 from __future__ import annotations
 
@@ -9,6 +9,8 @@ from collections.abc import Callable
 import pytest
 
 from coordinator import cli
+
+__all__ = ["Capsys", "main", "refused", "run"]
 
 Capsys = pytest.CaptureFixture[str]
 

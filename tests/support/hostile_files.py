@@ -1,10 +1,12 @@
-"""What the unit and integration tests of test_hostile_files share."""
+"""What the unit and the integration test_hostile_files.py share."""
 
 from __future__ import annotations
 
 import os
 from collections.abc import Callable
 from pathlib import Path
+
+__all__ = ["as_nobody", "nest"]
 
 
 def nest(root: Path, depth: int, name: str = "d") -> int:

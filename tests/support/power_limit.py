@@ -1,10 +1,12 @@
-"""What the unit and integration tests of test_power_limit share."""
+"""What the unit and the integration test_power_limit.py share."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 from support.sysfs_trees import PciGpu, add_hwmon, add_pci_gpu
+
+__all__ = ["cap_file", "mi100", "uhd620"]
 
 
 def mi100(sysfs: Path, **hwmon_files: str | int) -> PciGpu:
