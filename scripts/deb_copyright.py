@@ -2,7 +2,8 @@
 (DEP-5, https://www.debian.org/doc/packaging-manuals/copyright-format/1.0/).
 
 The project itself is Apache-2.0 (the repository's LICENSE). Every third-party distribution
-installed in the package's part of the venv gets a ``Files:`` paragraph naming its files,
+whose wheels the package ships gets a ``Files:`` paragraph naming them (its metadata read
+from a tree its wheels' ``.dist-info`` and top-level modules are unpacked into),
 with its licence as its metadata declares it (``License-Expression``, else ``License``,
 else the trove classifiers) and the licence text it ships (``License-File``). A licence it
 ships no text for is pointed at ``/usr/share/common-licenses`` where Debian has it there;
@@ -12,6 +13,7 @@ else the header comment of its first module (nvidia-ml-py carries its BSD terms 
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from email import message_from_bytes
 from email.message import Message
 from pathlib import Path
@@ -53,18 +55,6 @@ class Dist:
         record = (self.dist_info / "RECORD").read_text(encoding="utf-8").splitlines()
         tops = {line.split(",", 1)[0].split("/", 1)[0] for line in record if line}
         return sorted(top for top in tops if not top.startswith("..") and top != "__pycache__")
-
-    def patterns(self) -> list[str]:
-        """DEP-5 ``Files:`` patterns of its entries, and of the bytecode of its modules."""
-        patterns = []
-        for top in self.paths():
-            if (self.site / top).is_dir():
-                patterns.append(f"{top}/*")
-            else:
-                patterns.append(top)
-                if top.endswith(".py"):  # compiled at build time, so not in RECORD
-                    patterns.append(f"__pycache__/{top.removesuffix('.py')}.*")
-        return patterns
 
     def license(self) -> str:
         """The licence as a DEP-5 short name (SPDX; ``OR`` and ``AND`` lowered, as DEP-5)."""
@@ -115,9 +105,9 @@ def _leading_comments(lines: list[str]) -> list[str]:
     return block
 
 
-def dists(venv: Path) -> list[Dist]:
-    """The distributions installed in ``venv``'s site-packages (of this tree), by name."""
-    found = [Dist(info) for info in venv.glob("lib/python3.*/site-packages/*.dist-info")]
+def dists(site: Path) -> list[Dist]:
+    """The distributions (``*.dist-info``) in ``site``, by name."""
+    found = [Dist(info) for info in site.glob("*.dist-info")]
     return sorted(found, key=lambda dist: dist.name.lower())
 
 
@@ -157,35 +147,36 @@ def _copyright(dist: Dist, body: str) -> str:
     return "\n".join(holders) or dist.authors()
 
 
-def render(venv: Path, project_license: Path, relative_site: str, year: int) -> str:
-    """The copyright file of a package holding the venv tree ``venv``."""
+def render(site: Path, project_license: Path, files: Callable[[Dist], str], year: int) -> str:
+    """The copyright file of a package shipping the distributions in ``site``, each one's
+    files (its wheels) named by ``files``."""
     if "Apache License\n                           Version 2.0" not in project_license.read_text():
         raise ValueError(f"{project_license} is not the Apache License 2.0 this file says it is")
     paragraphs = [
         f"Format: {FORMAT}\nUpstream-Name: gpu-agent\n"
-        "Comment: The application, and in /opt/gpu-agent/venv the Python distributions it\n"
-        " runs with, installed from the project's hash-locked requirements*.txt. Each\n"
-        " one's licence below is as its metadata declares it, with the text it ships.",
+        "Comment: The application, and the wheels of the Python distributions it runs\n"
+        " with, installed into a virtualenv in /opt/gpu-agent on the machine, as pinned\n"
+        " with their hashes in the project's requirements*.txt. Each one's licence\n"
+        " below is as its metadata declares it, with the text it ships.",
         f"Files: *\nCopyright: {year} gpu-agent contributors\nLicense: Apache-2.0\n"
         + _field(_pointer("Apache-2.0")),
     ]
-    for dist in dists(venv):
+    for dist in dists(site):
         if dist.name == "gpu-provider-agent":
             continue  # the project itself: Files: *
         license = dist.license()
         body = _license_body(dist, license)
-        files = " ".join(f"{relative_site}/{pattern}" for pattern in dist.patterns())
         paragraphs.append(
-            f"Files: {files}\nCopyright: {_field(_copyright(dist, body)).lstrip()}\n"
+            f"Files: {files(dist)}\nCopyright: {_field(_copyright(dist, body)).lstrip()}\n"
             f"Comment: {dist.name} {dist.version}\nLicense: {license}\n{_field(body)}"
         )
     return "\n\n".join(paragraphs) + "\n"
 
 
-def write(target: Path, venv: Path, project_license: Path, year: int) -> Path:
-    """Write ``target`` for the venv tree ``venv`` staged as /opt/gpu-agent/venv."""
-    (site,) = venv.glob("lib/python3.*/site-packages")
-    relative = "opt/gpu-agent/venv/" + site.relative_to(venv).as_posix()
+def write(
+    target: Path, site: Path, project_license: Path, files: Callable[[Dist], str], year: int
+) -> Path:
+    """Write ``target`` for the distributions in ``site`` (see ``render``)."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    target.write_text(render(venv, project_license, relative, year), encoding="utf-8")
+    target.write_text(render(site, project_license, files, year), encoding="utf-8")
     return target

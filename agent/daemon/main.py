@@ -25,7 +25,7 @@ from pathlib import Path
 
 import msgspec
 
-from agent.config.files import read_enrolment_token, read_registry_logins
+from agent.config.files import engine_logins, read_enrolment_token, read_registry_logins
 from agent.config.settings import AgentConfig
 from agent.control.server import ControlServer
 from agent.daemon.control import DaemonControl
@@ -34,6 +34,7 @@ from agent.daemon.metrics import MetricsServer
 from agent.daemon.node_status import NodeReporter
 from agent.daemon.sampler import Sampler, Tick
 from agent.daemon.systemd import Notifier, watchdog_interval
+from agent.jobs.images import ImageGate, load_keys
 from agent.jobs.manager import JobManager
 from agent.jobs.node import NodeState
 from agent.jobs.scheduler import Scheduler
@@ -51,6 +52,7 @@ from hal import __version__
 from hal.backend import HalConfig
 from hal.profile import take_profile
 from hal.types import Profile
+from oci import Credentials
 from sandbox.docker_api import DockerClient
 from sandbox.policy import Policy
 from sandbox.runner import Runner, RunnerConfig
@@ -93,6 +95,9 @@ class DaemonConfig(msgspec.Struct, frozen=True, kw_only=True):
     control_group: str | None = None
     metrics_listen: tuple[str, int] | None = None
     """Where ``/metrics`` is served (loopback); None: it is not."""
+    registry_logins: dict[str, Credentials] = {}
+    """Registry logins, for the node's own checks of an image before its pull."""
+    registry_ca_file: Path | None = None
 
 
 def daemon_config(config: AgentConfig) -> DaemonConfig:
@@ -131,7 +136,7 @@ def daemon_config(config: AgentConfig) -> DaemonConfig:
             user=jobs.user,
             log_max_bytes=jobs.log_max_bytes,
             log_rate_bytes_per_s=jobs.log_rate_bytes_per_s,
-            registry_auth=logins,
+            registry_auth=engine_logins(logins),
             pull_idle_timeout_s=jobs.pull_timeout_s,
         ),
         policy=config.policy,
@@ -143,6 +148,8 @@ def daemon_config(config: AgentConfig) -> DaemonConfig:
         control_socket=config.paths.control_socket,
         control_mode=mode,
         control_group=group,
+        registry_logins=logins,
+        registry_ca_file=jobs.registry_ca_file,
         metrics_listen=(config.metrics.host, config.metrics.port)
         if config.metrics.enabled
         else None,
@@ -178,6 +185,12 @@ class _Daemon:
             trusted_keys=dict(config.link.pinned_keys),
             wake=wake,
             max_concurrent=config.max_concurrent,
+            images=ImageGate(
+                keys=load_keys(config.policy.image_signature_keys),
+                max_bytes=config.policy.max_image_bytes,
+                logins=config.registry_logins,
+                ca_file=config.registry_ca_file,
+            ),
         )
         self.guard = OwnerGuard(
             jobs=self.jobs,

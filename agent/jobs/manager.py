@@ -28,6 +28,7 @@ import msgspec
 
 from agent.jobs import machine
 from agent.jobs.gpus import device_facts
+from agent.jobs.images import ImageGate
 from agent.jobs.ledger import JobRecord, Ledger
 from agent.jobs.logs import LogForwarder
 from agent.jobs.machine import ContainerOf, Decision, PruneLogs, Start
@@ -47,6 +48,7 @@ from agent.protocol.jobs import (
 )
 from agent.protocol.limits import MAX_ERROR_DETAIL_CHARS
 from agent.protocol.messages import JobCancel, JobOffer
+from oci import OciError
 from sandbox.errors import PolicyViolation, SandboxError
 from sandbox.policy import Policy, admit
 from sandbox.results import Created, Finished, JobResult, LogChunk, Pulling, Started
@@ -86,6 +88,7 @@ class JobManager:
         trusted_keys: dict[str, bytes],
         wake: Callable[[], None],
         max_concurrent: int = 0,
+        images: ImageGate | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.identity = identity
@@ -97,6 +100,7 @@ class JobManager:
         self.trusted_keys = trusted_keys
         self.wake = wake
         self.max_concurrent = max_concurrent
+        self.images = images or ImageGate()
         self.clock = clock
         self.tasks: dict[str, asyncio.Task[None]] = {}
         self._states: dict[str, str] = {}
@@ -259,6 +263,7 @@ class JobManager:
         reported = -math.inf
         try:
             if job_id not in self._stops:
+                await self.images.check(spec.image_ref)  # size and signature, at the registry
                 gpus = [device_facts(g) for g in self.node.scheduler.gpus_of(units)]
                 async with aclosing(self.runner.run(job_id, spec, gpus)) as events:
                     async for event in events:
@@ -280,7 +285,7 @@ class JobManager:
                             logs.add(event.stream, event.data)
                         elif isinstance(event, Finished):
                             result = event.result
-        except SandboxError as exc:  # refused before it began (a job id already running)
+        except (SandboxError, OciError) as exc:  # refused before it began
             _log.error("job %s could not start: %s", job_id, exc)
             result = _no_run(job_id, spec, exc.code, exc.detail)
         finally:

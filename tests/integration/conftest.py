@@ -3,18 +3,18 @@ world on the real engine."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 from support import factories
+from support.deb import ARCH, VERSION, Debs
 from support.engine import require_runtime
+from support.packaging import ROOT, require_tool
 from support.runner import RUNTIMES, leftovers
-from support.world import (
-    COORDINATOR_ID,
-    COORDINATOR_PUB,
-    World,
-)
+from support.world import COORDINATOR_ID, COORDINATOR_PUB, World
 
 from agent.jobs.manager import JobManager
 from agent.jobs.node import NodeState
@@ -85,3 +85,22 @@ async def world(
     yield World(manager, outbox, identity, client, test_image_id)
     await manager.shutdown()
     outbox.close()
+
+
+@pytest.fixture(scope="module")
+def debs(tmp_path_factory: pytest.TempPathFactory) -> Debs:
+    require_tool("dpkg-deb")
+    out = tmp_path_factory.mktemp("deb")
+    subprocess.run(
+        [sys.executable, str(ROOT / "scripts/build_deb.py"), "--out", str(out)],
+        capture_output=True,
+        check=True,
+        timeout=600,
+    )
+    service = out / f"gpu-agent_{VERSION}_{ARCH}.deb"
+    tray = out / f"gpu-agent-tray_{VERSION}_{ARCH}.deb"
+    assert sorted(out.glob("*.deb")) == sorted([service, tray])
+    root = tmp_path_factory.mktemp("root")
+    for package in (service, tray):
+        subprocess.run(["dpkg-deb", "-x", str(package), str(root)], check=True, timeout=60)
+    return Debs(service, tray, root)

@@ -1,11 +1,11 @@
 """The systemd unit and the sysusers file, checked with the tools that use them; and the
 tray's systemd user unit and desktop entry. The packages are tests/integration/test_deb.py's.
 
-``systemd-analyze verify`` needs the unit's ``ExecStart=`` binary to exist, and
-``/opt/gpu-agent/venv/bin/gpu-agent`` exists only once the package is installed. So the
-unit is verified as shipped except for that one path, pointed at a stand-in executable,
-and the package test checks that the real path is in the package, executable and
-runnable.
+``systemd-analyze verify`` needs the unit's ``ExecStart=`` and ``ExecStartPre=`` binaries
+to exist, and ``/opt/gpu-agent/venv/bin/gpu-agent`` and ``/usr/lib/gpu-agent/make-venv``
+exist only once the package is installed. So the unit is verified as shipped except for
+those paths, pointed at a stand-in executable, and the package tests check that the real
+ones are made by the package, executable and runnable.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from support.packaging import EXEC_START, PACKAGING, TRAY_EXEC_START, require_tool
+from support.packaging import EXEC_START, MAKE_VENV, PACKAGING, TRAY_EXEC_START, require_tool
 
 from sandbox.policy import Policy
 
@@ -31,7 +31,7 @@ def _verify(unit_text: str, tmp_path: Path) -> subprocess.CompletedProcess[str]:
     stand_in.write_text("#!/bin/sh\nexit 0\n")
     stand_in.chmod(0o755)
     unit = tmp_path / "gpu-agent.service"
-    unit.write_text(unit_text.replace(EXEC_START, str(stand_in)))
+    unit.write_text(unit_text.replace(EXEC_START, str(stand_in)).replace(MAKE_VENV, str(stand_in)))
     return subprocess.run(
         ["systemd-analyze", "verify", "--man=no", str(unit)],
         capture_output=True,
@@ -78,6 +78,8 @@ def test_verify_as_run_here_catches_a_broken_unit(
 
 def test_the_unit_runs_the_agent_from_its_venv_with_the_system_config() -> None:
     assert _setting("ExecStart") == f"{EXEC_START} run --config /etc/gpu-agent/agent.toml"
+    # The venv remade first, as root, if python3 or the package changed since.
+    assert _setting("ExecStartPre") == f"+{MAKE_VENV}"
     assert (_setting("Type"), _setting("NotifyAccess")) == ("notify", "main")
     assert (_setting("User"), _setting("Group")) == ("gpu-agent", "gpu-agent")
     assert _setting("SupplementaryGroups").split() == ["docker", "video", "render"]

@@ -1,6 +1,6 @@
 /* inotify_hold N [hold]: open up to N inotify instances, print "held K" and, if an
  * instance was refused, "refused <errno name>"; with "hold", keep them until killed.
- * Built static on the host (tests/test_hostile_engine.py) into a FROM-scratch image. */
+ * Built static on the host (tests/integration/test_hostile_engine.py) into a FROM-scratch image. */
 #include <errno.h>
 #include <stdio.h>
 #include <stdlib.h>

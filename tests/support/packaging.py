@@ -1,4 +1,4 @@
-"""The packaging files and the tools that check them."""
+"""The packaging files, the paths the packages install to, and the tools that check them."""
 
 from __future__ import annotations
 
@@ -8,17 +8,13 @@ from pathlib import Path
 
 import pytest
 
-from support.paths import ROOT
+__all__ = ["EXEC_START", "MAKE_VENV", "PACKAGING", "ROOT", "TRAY_EXEC_START", "require_tool"]
 
-__all__ = ["EXEC_START", "PACKAGING", "TRAY_EXEC_START", "require_tool"]
-
+ROOT = Path(__file__).resolve().parents[2]
 PACKAGING = ROOT / "packaging"
-
-
 EXEC_START = "/opt/gpu-agent/venv/bin/gpu-agent"
-
-
-TRAY_EXEC_START = "/opt/gpu-agent/venv/bin/gpu-agent-tray"
+MAKE_VENV = "/usr/lib/gpu-agent/make-venv"
+TRAY_EXEC_START = "/opt/gpu-agent/tray-venv/bin/gpu-agent-tray"
 
 
 def require_tool(*tools: str) -> None:

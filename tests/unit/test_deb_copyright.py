@@ -1,6 +1,6 @@
 """The packages' DEP-5 copyright files, generated from the bundled distributions' metadata
-(scripts/deb_copyright.py), on small venv trees made here; tests/integration/test_packaging.py
-checks the real ones in the built packages."""
+(scripts/deb_copyright.py), on small trees of unpacked wheel metadata made here;
+tests/integration/test_deb.py checks the real ones in the built packages."""
 
 from __future__ import annotations
 
@@ -14,16 +14,15 @@ sys.path.insert(0, str(ROOT))
 
 from scripts import deb_copyright  # noqa: E402
 
-SITE = "lib/python3.11/site-packages"
+WHEELS = "usr/lib/gpu-agent/wheels"
 APACHE = (ROOT / "LICENSE").read_text()
 MIT = "MIT License\n\nCopyright (c) 2019 Jane Doe\n\nPermission is hereby granted...\n"
 
 
 def _dist(
-    venv: Path, name: str, metadata: str, files: dict[str, str], licences: dict[str, str]
+    site: Path, name: str, metadata: str, files: dict[str, str], licences: dict[str, str]
 ) -> None:
-    """Install a distribution ``name`` 1.0 as pip would: its files, RECORD, METADATA."""
-    site = venv / SITE
+    """Unpack a distribution ``name`` 1.0 as from its wheel: its files, RECORD, METADATA."""
     info = site / f"{name}-1.0.dist-info"
     (info / "licenses").mkdir(parents=True)
     for path, text in files.items():
@@ -39,10 +38,12 @@ def _dist(
     )
 
 
-def _render(venv: Path) -> list[str]:
-    return deb_copyright.render(venv, ROOT / "LICENSE", f"opt/gpu-agent/venv/{SITE}", 2026).split(
-        "\n\n"
-    )
+def _wheels(dist: deb_copyright.Dist) -> str:
+    return f"{WHEELS}/{dist.name}-{dist.version}-*.whl"
+
+
+def _render(site: Path) -> list[str]:
+    return deb_copyright.render(site, ROOT / "LICENSE", _wheels, 2026).split("\n\n")
 
 
 def test_each_distribution_gets_its_files_licence_and_text(tmp_path: Path) -> None:
@@ -51,7 +52,7 @@ def test_each_distribution_gets_its_files_licence_and_text(tmp_path: Path) -> No
     assert header.startswith(f"Format: {deb_copyright.FORMAT}\n")
     assert project.startswith("Files: *\nCopyright: 2026 gpu-agent contributors\n")
     assert tiny.splitlines()[:4] == [
-        f"Files: opt/gpu-agent/venv/{SITE}/tiny/* opt/gpu-agent/venv/{SITE}/tiny-1.0.dist-info/*",
+        f"Files: {WHEELS}/tiny-1.0-*.whl",
         "Copyright: Copyright (c) 2019 Jane Doe",
         "Comment: tiny 1.0",
         "License: MIT",
@@ -78,7 +79,6 @@ def test_a_licence_named_only_by_classifier_takes_the_modules_header(tmp_path: P
     )
     _dist(tmp_path, "binding", metadata, {"binding.py": header + "import os\n"}, {})
     binding = _render(tmp_path)[2]
-    assert f"opt/gpu-agent/venv/{SITE}/__pycache__/binding.*" in binding.splitlines()[0]
     assert "Copyright: Copyright (c) 2020, Vendor Corp.  All rights reserved.\n" in binding
     assert "License: BSD\n Copyright (c) 2020, Vendor Corp." in binding
 
@@ -96,4 +96,4 @@ def test_a_project_licence_that_is_not_apache_is_refused(tmp_path: Path) -> None
     other = tmp_path / "LICENSE"
     other.write_text(MIT)
     with pytest.raises(ValueError, match=r"not the Apache License 2\.0"):
-        deb_copyright.render(tmp_path, other, SITE, 2026)
+        deb_copyright.render(tmp_path, other, _wheels, 2026)

@@ -53,6 +53,8 @@ def _codes(spec: WorkloadSpec, policy: Policy = OPEN, **kwargs: Any) -> list[str
         ("ghcr.io/acme/*", "ghcr.io/acmeco/tool", False),
         ("ghcr.io/acme/*", "docker.io/acme/tool", False),
         ("ghcr.io/acme/*", DIGEST, False),
+        ("*", DIGEST, True),  # run-local's default allows a local image by its id
+        ("*", "python:3", True),
         ("docker.io/library/*", "python", True),
         ("docker.io/library/*", "acme/python", False),
         ("localhost:5000/*", "localhost:5000/x:1", True),
