@@ -41,6 +41,7 @@ from agent.protocol.limits import (
     MAX_ERROR_DETAIL_CHARS,
     MAX_FRAME_BYTES,
     MAX_LOG_CHUNK_BYTES,
+    MAX_SEQ,
     MAX_TELEMETRY_BATCH,
     PROTOCOL_VERSION,
 )
@@ -89,8 +90,10 @@ __all__ = [
     "challenge_signed_bytes",
     "decode_frame",
     "encode_frame",
+    "encode_reliable",
     "error_message",
     "message_type",
+    "reliable_overhead",
     "require_text",
     "wrap",
 ]
@@ -255,6 +258,20 @@ COORDINATOR_SENDS = frozenset(
     {"challenge", "welcome", "job_offer", "job_cancel", "attest_request", "ack", "error"}
 )
 
+
+class _StoredFrame(msgspec.Struct):
+    """A reliable frame around a body encoded earlier (an outbox keeps bodies encoded).
+
+    Its fields are in the order msgspec writes a tagged frame's (the tag first), so both
+    encoders write the same text for the same message.
+    """
+
+    type: str
+    v: int
+    seq: int
+    body: msgspec.Raw
+
+
 _decoder: msgspec.json.Decoder[Message] = msgspec.json.Decoder(Message)
 _encoder = msgspec.json.Encoder()
 
@@ -328,6 +345,33 @@ def encode_frame(message: Message) -> str:
     if len(data) > MAX_FRAME_BYTES:
         raise LimitExceeded("frame_too_large", f"{len(data)} bytes, limit {MAX_FRAME_BYTES}")
     return data.decode()
+
+
+def encode_reliable(kind: str, seq: int, body: bytes) -> str:
+    """Encode the frame of reliable message ``seq`` around ``body``, already encoded JSON.
+
+    Raises:
+        LimitExceeded: ``frame_too_large``: the peer would refuse it.
+    """
+    if kind not in RELIABLE_TYPES:
+        raise ValueError(f"{kind!r} is not a reliable type")
+    frame = _StoredFrame(type=kind, v=PROTOCOL_VERSION, seq=seq, body=msgspec.Raw(body))
+    data = _encoder.encode(frame)
+    if len(data) > MAX_FRAME_BYTES:
+        raise LimitExceeded("frame_too_large", f"{len(data)} bytes, limit {MAX_FRAME_BYTES}")
+    return data.decode()
+
+
+def reliable_overhead(kind: str, seq: int = MAX_SEQ) -> int:
+    """Bytes that :func:`encode_reliable` adds around a body (at most: the longest seq).
+
+    A body of ``MAX_FRAME_BYTES - reliable_overhead(kind)`` bytes or less fits one frame
+    whatever seq it is given.
+    """
+    if kind not in RELIABLE_TYPES:
+        raise ValueError(f"{kind!r} is not a reliable type")
+    frame = _StoredFrame(type=kind, v=PROTOCOL_VERSION, seq=seq, body=msgspec.Raw(b""))
+    return len(_encoder.encode(frame))
 
 
 def challenge_signed_bytes(agent_nonce: str, coordinator_nonce: str, node_id: str) -> bytes:
