@@ -15,7 +15,13 @@ how a caller reacts to it::
     +-- ControlError               a local control API request or socket failed
     |     codes: see agent.control.wire (``fix`` says what the user can do, when known)
     +-- JobStateError              a job was to move where its state machine does not go
-          codes: bad_transition
+    |     codes: bad_transition
+    +-- InputError                 an input given by URL could not be had (the job ends
+          before it starts, ``error`` with the code)
+          codes: input_digest_mismatch, input_too_large, input_unreachable,
+                 input_timeout, input_not_found, input_http_error,
+                 input_redirect_refused, input_scheme_refused, input_cache_full,
+                 input_cache_error (the cache's directory failed), disk_full
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ __all__ = [
     "ConfigError",
     "ControlError",
     "IdentityError",
+    "InputError",
     "JobStateError",
     "OutboxError",
 ]
@@ -70,3 +77,7 @@ class ControlError(AgentError):
 class JobStateError(AgentError):
     """A job was to make a move :data:`agent.jobs.machine.TRANSITIONS` does not hold
     (``bad_transition``): a bug, never something the coordinator can cause."""
+
+
+class InputError(AgentError):
+    """An input given by URL could not be fetched, checked or cached; see the codes above."""

@@ -67,6 +67,7 @@ __all__ = [
     "NOT_CONFIG_VARIABLES",
     "SYSTEM_CONFIG_PATH",
     "AgentConfig",
+    "CacheConfig",
     "ControlConfig",
     "CoordinatorConfig",
     "Flag",
@@ -168,6 +169,10 @@ class JobsConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_field
     registry_ca_file: Path | None = None
     """A PEM CA bundle registries chain to, for the node's own checks of an image at its
     registry (size, signature); the engine trusts registries through /etc/docker/certs.d."""
+    image_cache_max_bytes: _NonNegative = 64 << 30
+    """The images the agent pulled, together, at most (least recently used out first)."""
+    image_cache_min_free_bytes: _NonNegative = 5 << 30
+    """Pulled images are removed while the engine's disk has less than this free."""
 
     def __post_init__(self) -> None:
         socket = self.docker_host.removeprefix("unix://")
@@ -192,6 +197,14 @@ class JobsConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_field
     def docker_socket(self) -> str:
         """The Docker engine's unix socket path."""
         return self.docker_host.removeprefix("unix://")
+
+
+class CacheConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """``[cache]``: the disk fetched inputs may take, and how long a fetch may take."""
+
+    inputs_max_bytes: Annotated[int, msgspec.Meta(ge=0, le=1 << 50)] = 64 << 30
+    input_stall_s: Annotated[float, msgspec.Meta(gt=0, le=3600)] = 30.0
+    input_deadline_s: Annotated[float, msgspec.Meta(gt=0, le=7 * 86400)] = 6 * 3600.0
 
 
 class ControlConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -246,6 +259,7 @@ class AgentConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
     telemetry: TelemetryConfig = TelemetryConfig()
     jobs: JobsConfig = JobsConfig()
     policy: Policy = Policy()
+    cache: CacheConfig = CacheConfig()
     control: ControlConfig = ControlConfig()
     metrics: MetricsConfig = MetricsConfig()
     owner: OwnerPolicy = OwnerPolicy()

@@ -26,7 +26,7 @@ from pathlib import Path
 import msgspec
 
 from agent.config.files import engine_logins, read_enrolment_token, read_registry_logins
-from agent.config.settings import AgentConfig
+from agent.config.settings import AgentConfig, CacheConfig
 from agent.control.server import ControlServer
 from agent.daemon.control import DaemonControl
 from agent.daemon.health import HealthCheck
@@ -34,8 +34,9 @@ from agent.daemon.metrics import MetricsServer
 from agent.daemon.node_status import NodeReporter
 from agent.daemon.sampler import Sampler, Tick
 from agent.daemon.systemd import Notifier, watchdog_interval
+from agent.inputs.stage import Inputs
 from agent.jobs.images import ImageGate, load_keys
-from agent.jobs.manager import JobManager
+from agent.jobs.manager import ImageBudget, JobManager
 from agent.jobs.node import NodeState
 from agent.jobs.scheduler import Scheduler
 from agent.link.connection import Link, LinkConfig
@@ -47,7 +48,7 @@ from agent.owner.policy import OwnerPolicy
 from agent.owner.power import PowerLimiter
 from agent.protocol import dsse
 from agent.protocol.bodies import EnvelopeBody, ProfileBody
-from agent.protocol.messages import AttestRequest, JobCancel, JobOffer, Message
+from agent.protocol.messages import AttestRequest, ImagePrefetch, JobCancel, JobOffer, Message
 from hal import __version__
 from hal.backend import HalConfig
 from hal.profile import take_profile
@@ -98,6 +99,9 @@ class DaemonConfig(msgspec.Struct, frozen=True, kw_only=True):
     registry_logins: dict[str, Credentials] = {}
     """Registry logins, for the node's own checks of an image before its pull."""
     registry_ca_file: Path | None = None
+    image_budget: ImageBudget = ImageBudget()
+    cache: CacheConfig = CacheConfig()
+    """The fetched inputs' cache (under ``state_dir``) and fetch limits."""
 
 
 def daemon_config(config: AgentConfig) -> DaemonConfig:
@@ -150,6 +154,10 @@ def daemon_config(config: AgentConfig) -> DaemonConfig:
         control_group=group,
         registry_logins=logins,
         registry_ca_file=jobs.registry_ca_file,
+        image_budget=ImageBudget(
+            max_bytes=jobs.image_cache_max_bytes, min_free_bytes=jobs.image_cache_min_free_bytes
+        ),
+        cache=config.cache,
         metrics_listen=(config.metrics.host, config.metrics.port)
         if config.metrics.enabled
         else None,
@@ -191,6 +199,8 @@ class _Daemon:
                 logins=config.registry_logins,
                 ca_file=config.registry_ca_file,
             ),
+            image_budget=config.image_budget,
+            inputs=Inputs.open(config.state_dir, config.cache),
         )
         self.guard = OwnerGuard(
             jobs=self.jobs,
@@ -261,6 +271,8 @@ class _Daemon:
             await self.jobs.on_offer(message)
         elif isinstance(message, JobCancel):
             await self.jobs.on_cancel(message)
+        elif isinstance(message, ImagePrefetch):
+            await self.jobs.on_prefetch(message)
         else:
             _log.info("ignoring %s", type(message).__name__)
 

@@ -22,7 +22,7 @@ from agent.protocol import batching
 from agent.protocol.limits import MAX_TELEMETRY_BATCH
 from hal.backend import HalConfig
 from hal.host import host_sample
-from hal.registry import Hal
+from hal.machine import Hal
 from hal.types import GpuSample, HealthEvent, Sample
 
 __all__ = ["Sampler", "Tick", "telemetry_bodies"]

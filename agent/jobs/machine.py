@@ -8,10 +8,13 @@ transaction, then starts what it names: jobs flow one way, from event to decisio
 
 The states and the moves between them (:data:`TRANSITIONS`)::
 
-    (new) --> accepted --> [pulling] --> running --> completed | failed | timeout | oom_killed
-      |          |             |            \\----> cancelled | interrupted | preempted | error
-      |          \\-------------+----------------> cancelled | interrupted | preempted | error
+    (new) --> accepted --> [fetching] --> [pulling] --> running --> completed | failed | ...
+      |          |             |              |            \\----> cancelled | ... | error
+      |          \\-------------+--------------+----------------> cancelled | ... | error
       \\--> refused
+
+(``fetching``: the job's inputs given by URL; ``pulling``: its image; each only when
+needed. ``...`` are the final states of :data:`TRANSITIONS`.)
 
 A move the table does not hold is refused with :class:`~agent.errors.JobStateError`
 (``bad_transition``): a bug or a confused runner must not rewrite a finished job.
@@ -40,6 +43,9 @@ __all__ = [
     "TRANSITIONS",
     "ContainerOf",
     "Decision",
+    "ImagePulled",
+    "ImageRemoved",
+    "ImageUsed",
     "Logs",
     "NewJob",
     "PruneLogs",
@@ -63,7 +69,8 @@ _ENDED: Final = frozenset({"completed", "failed", "timeout", "oom_killed"}) | _S
 #: Final states go nowhere.
 TRANSITIONS: Final[Mapping[str | None, frozenset[str]]] = {
     None: frozenset({"accepted", "refused"}),
-    "accepted": frozenset({"pulling", "running"}) | _STOPPED,
+    "accepted": frozenset({"fetching", "pulling", "running"}) | _STOPPED,
+    "fetching": frozenset({"pulling", "running"}) | _STOPPED,
     "pulling": frozenset({"running"}) | _STOPPED,
     "running": _ENDED,
     **{state: frozenset() for state in FINAL_STATES},
@@ -116,13 +123,43 @@ class Receipted(msgspec.Struct, frozen=True):
     digest: str
 
 
+class ImagePulled(msgspec.Struct, frozen=True):
+    """An image the agent pulled, now in its cache (``used`` at ``now``)."""
+
+    reference: str
+    image_id: str
+    size: int
+
+
+class ImageUsed(msgspec.Struct, frozen=True):
+    """A cached image a job starts from: the most recently used now."""
+
+    reference: str
+
+
+class ImageRemoved(msgspec.Struct, frozen=True):
+    """A cached image removed from the engine to keep within the budget."""
+
+    reference: str
+
+
 class PruneLogs(msgspec.Struct, frozen=True):
     """Forget the output of jobs that ended before ``before`` (their receipts stay)."""
 
     before: float
 
 
-Row = NewJob | Transition | ContainerOf | Logs | Receipted | PruneLogs
+Row = (
+    NewJob
+    | Transition
+    | ContainerOf
+    | Logs
+    | Receipted
+    | PruneLogs
+    | ImagePulled
+    | ImageUsed
+    | ImageRemoved
+)
 
 
 class Start(NamedTuple):

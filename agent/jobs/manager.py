@@ -8,6 +8,8 @@ transaction holding both the ledger's new state and the messages that report it:
 - an offer is answered ``accepted`` (its GPUs reserved) or ``refused`` with a code, in
   the same transaction that records the offer as handled; the container starts only
   once that is on disk, so nothing runs that the coordinator will not hear of;
+- inputs given by URL are fetched (or found in the cache) before the container is made;
+  one that cannot be had ends the job ``error`` with its code (``input_*``, ``disk_full``);
 - ``running``, bounded ``job_log`` chunks, then the signed receipt (``job_result``) and
   the final ``job_status`` together;
 - at start, jobs that a crash cut short are reaped and reported ``interrupted`` with a
@@ -21,17 +23,22 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from contextlib import aclosing
+from contextlib import AsyncExitStack, aclosing
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 import msgspec
 
+from agent.errors import InputError
+from agent.inputs.stage import Inputs
 from agent.jobs import machine
 from agent.jobs.gpus import device_facts
+from agent.jobs.image_cache import ImageCache, Prefetcher
 from agent.jobs.images import ImageGate
 from agent.jobs.ledger import JobRecord, Ledger
 from agent.jobs.logs import LogForwarder
-from agent.jobs.machine import ContainerOf, Decision, PruneLogs, Start
+from agent.jobs.machine import ContainerOf, Decision, ImagePulled, ImageUsed, PruneLogs, Start
 from agent.jobs.node import SHUTTING_DOWN, NodeState
 from agent.link.identity import Identity
 from agent.link.outbox import Outbox
@@ -47,15 +54,15 @@ from agent.protocol.jobs import (
     verify_offer,
 )
 from agent.protocol.limits import MAX_ERROR_DETAIL_CHARS
-from agent.protocol.messages import JobCancel, JobOffer
+from agent.protocol.messages import ImagePrefetch, JobCancel, JobOffer
 from oci import OciError
 from sandbox.errors import PolicyViolation, SandboxError
-from sandbox.policy import Policy, admit
-from sandbox.results import Created, Finished, JobResult, LogChunk, Pulling, Started
+from sandbox.events import Created, Finished, JobResult, LogChunk, Pulled, Pulling, Started
+from sandbox.policy import Policy, admit, image_allowed
 from sandbox.runner import Runner
 from sandbox.spec import WorkloadSpec, load_spec, spec_digest
 
-__all__ = ["JobManager", "StopReason"]
+__all__ = ["ImageBudget", "JobManager", "StopReason"]
 
 _log = logging.getLogger(__name__)
 
@@ -68,6 +75,14 @@ _LOG_RETENTION_S = 7 * 86400
 _LOG_FLUSH_S = 0.25
 #: A pull's progress goes to the coordinator at most this often.
 _PULL_REPORT_S = 2.0
+
+
+@dataclass(frozen=True)
+class ImageBudget:
+    """The pulled images' disk budget: their total, and the engine's disk's free floor."""
+
+    max_bytes: int = 64 << 30
+    min_free_bytes: int = 5 << 30
 
 
 class JobManager:
@@ -88,7 +103,9 @@ class JobManager:
         trusted_keys: dict[str, bytes],
         wake: Callable[[], None],
         max_concurrent: int = 0,
+        inputs: Inputs | None = None,
         images: ImageGate | None = None,
+        image_budget: ImageBudget | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.identity = identity
@@ -100,12 +117,31 @@ class JobManager:
         self.trusted_keys = trusted_keys
         self.wake = wake
         self.max_concurrent = max_concurrent
+        self.inputs = inputs
         self.images = images or ImageGate()
         self.clock = clock
         self.tasks: dict[str, asyncio.Task[None]] = {}
         self._states: dict[str, str] = {}
         self._stops: dict[str, StopReason] = {}
         self._containers: dict[str, str] = {}
+        self._fetching: set[str] = set()
+        budget = image_budget or ImageBudget()
+        self.image_cache = ImageCache(
+            runner.engine,
+            self.ledger,
+            self._carry_out,
+            max_bytes=budget.max_bytes,
+            min_free_bytes=budget.min_free_bytes,
+        )
+        self._images_in_use: dict[str, str] = {}
+        self._pulls: dict[str, dict[str, tuple[int, int]]] = {}
+        self.prefetcher = Prefetcher(
+            self.image_cache,
+            runner,
+            self.images,
+            allowed=lambda ref: image_allowed(ref, self.policy.allowed_images),
+            in_use=lambda: set(self._images_in_use.values()),
+        )
 
     # -- start -------------------------------------------------------------------------
 
@@ -119,6 +155,7 @@ class JobManager:
             _log.error("the container engine is not usable: %s", exc)
             self.node.hold("engine_unavailable", f"{exc.code}: {exc.detail}")
         self._carry_out(Decision(rows=(PruneLogs(self.clock() - _LOG_RETENTION_S),)))
+        await self.image_cache.trim(in_use=())
         recovered = []
         for record in self.ledger.unfinished():
             self._finish_unrun(record, "interrupted", "agent_restarted", "the agent restarted")
@@ -139,6 +176,10 @@ class JobManager:
         job_id = message.body.job_id
         if not self.stop(job_id, "cancelled"):
             _log.info("cancel for job %s, which is not running", job_id)
+
+    async def on_prefetch(self, message: ImagePrefetch) -> None:
+        """Pull an image ahead of the jobs that will want it, in the background."""
+        self.prefetcher.soon(message.body.image)
 
     def _decide_offer(self, message: JobOffer) -> Decision:
         job_id = message.body.job_id
@@ -164,8 +205,17 @@ class JobManager:
         if job_id not in self.tasks:
             return False
         self._stops.setdefault(job_id, why)
+        if job_id in self._fetching:  # nothing of the job runs yet: stop the fetch itself
+            self.tasks[job_id].cancel()
         self.runner.cancel(job_id)  # False before the runner has it: _run checks _stops
         return True
+
+    def pull_progress(self, job_id: str) -> tuple[int, int] | None:
+        """A job's image pull so far: bytes done and in all; None when none is under way."""
+        layers = self._pulls.get(job_id)
+        if not layers:
+            return None
+        return sum(d for d, _ in layers.values()), sum(t for _, t in layers.values())
 
     def container_ids(self) -> list[str]:
         """The containers of the running jobs."""
@@ -181,6 +231,7 @@ class JobManager:
         self.node.hold(SHUTTING_DOWN, "the agent is stopping")
         for job_id in list(self.tasks):
             self.stop(job_id, "interrupted")
+        await self.prefetcher.close()
         await self.wait_idle()
 
     # -- admission ---------------------------------------------------------------------
@@ -259,32 +310,22 @@ class JobManager:
         logs = LogForwarder(job_id, self._carry_out)
         flusher = asyncio.create_task(logs.flush_every(_LOG_FLUSH_S))
         result: JobResult | None = None
-        layers: dict[str, tuple[int, int]] = {}
-        reported = -math.inf
         try:
+            async with AsyncExitStack() as held:
+                fetched = await self._fetch(job_id, spec, held)
+                if job_id not in self._stops:
+                    await self.images.check(spec.image_ref)  # size and signature, at its registry
+                    if (cached := _cache_key(spec)) is not None:
+                        self._images_in_use[job_id] = cached
+                        self._carry_out(Decision(rows=(ImageUsed(cached),)))
+                    result = await self._follow(job_id, spec, units, fetched, logs)
+        except InputError as exc:
+            _log.warning("job %s: an input could not be had: %s", job_id, exc)
+            result = _no_run(job_id, spec, exc.code, exc.detail)
+        except asyncio.CancelledError:
             if job_id not in self._stops:
-                await self.images.check(spec.image_ref)  # size and signature, at the registry
-                gpus = [device_facts(g) for g in self.node.scheduler.gpus_of(units)]
-                async with aclosing(self.runner.run(job_id, spec, gpus)) as events:
-                    async for event in events:
-                        if isinstance(event, Pulling):
-                            layers[event.layer] = (event.done, event.total)
-                            state, now = self._state(job_id), self.clock()
-                            # Progress goes out at a bounded rate; the move to pulling at once.
-                            if state != "pulling" or now - reported >= _PULL_REPORT_S:
-                                self._carry_out(machine.pulling(job_id, state, layers))
-                                reported = now
-                        elif isinstance(event, Created):
-                            self._containers[job_id] = event.container_id
-                            self._carry_out(
-                                Decision(rows=(ContainerOf(job_id, event.container_id),))
-                            )
-                        elif isinstance(event, Started):
-                            self._carry_out(machine.advance(job_id, self._state(job_id), "running"))
-                        elif isinstance(event, LogChunk):
-                            logs.add(event.stream, event.data)
-                        elif isinstance(event, Finished):
-                            result = event.result
+                raise
+            # stop() cancelled the fetch: the job ends as it asked, below
         except (SandboxError, OciError) as exc:  # refused before it began
             _log.error("job %s could not start: %s", job_id, exc)
             result = _no_run(job_id, spec, exc.code, exc.detail)
@@ -298,8 +339,64 @@ class JobManager:
             self.node.free(job_id)
             self._containers.pop(job_id, None)
             self._states.pop(job_id, None)
+            self._images_in_use.pop(job_id, None)
+            self._pulls.pop(job_id, None)
             del self.tasks[job_id]
             self.node.changed()
+
+    async def _follow(
+        self,
+        job_id: str,
+        spec: WorkloadSpec,
+        units: list[str],
+        fetched: dict[str, Path],
+        logs: LogForwarder,
+    ) -> JobResult | None:
+        """Run the job's container, carrying out what each of its events decides; its
+        result, or None if the runner ended without one."""
+        gpus = [device_facts(g) for g in self.node.scheduler.gpus_of(units)]
+        result = None
+        layers = self._pulls[job_id] = {}
+        reported = -math.inf
+        async with aclosing(self.runner.run(job_id, spec, gpus, fetched)) as events:
+            async for event in events:
+                if isinstance(event, Pulling):
+                    layers[event.layer] = (event.done, event.total)
+                    state, now = self._state(job_id), self.clock()
+                    # Progress goes out at a bounded rate; the move to pulling at once.
+                    if state != "pulling" or now - reported >= _PULL_REPORT_S:
+                        self._carry_out(machine.pulling(job_id, state, layers))
+                        reported = now
+                elif isinstance(event, Pulled):
+                    layers.clear()  # no pull under way any more
+                    row = ImagePulled(event.reference, event.image_id, event.size)
+                    self._carry_out(Decision(rows=(row,)))
+                    await self.image_cache.trim(in_use=set(self._images_in_use.values()))
+                elif isinstance(event, Created):
+                    self._containers[job_id] = event.container_id
+                    self._carry_out(Decision(rows=(ContainerOf(job_id, event.container_id),)))
+                elif isinstance(event, Started):
+                    self._carry_out(machine.advance(job_id, self._state(job_id), "running"))
+                elif isinstance(event, LogChunk):
+                    logs.add(event.stream, event.data)
+                elif isinstance(event, Finished):
+                    result = event.result
+        return result
+
+    async def _fetch(
+        self, job_id: str, spec: WorkloadSpec, held: AsyncExitStack
+    ) -> dict[str, Path]:
+        """The job's inputs given by URL, fetched or found in the cache, held in it until
+        ``held`` closes (the job has ended)."""
+        if self.inputs is None or all(item.url is None for item in spec.inputs):
+            return {}
+        self._carry_out(machine.advance(job_id, self._state(job_id), "fetching"))
+        self._fetching.add(job_id)
+        try:
+            stage = self.inputs.stage(spec, self.policy.allowed_input_hosts)
+            return await held.enter_async_context(stage)
+        finally:
+            self._fetching.discard(job_id)
 
     def _state(self, job_id: str) -> str:
         state = self._states.get(job_id)
@@ -393,6 +490,15 @@ class _Refusal(Exception):
         self.detail = detail[:MAX_ERROR_DETAIL_CHARS]
         self.verified = verified
         """Whether the offer verified: only then is its job id its own, and recorded."""
+
+
+def _cache_key(spec: WorkloadSpec) -> str | None:
+    """The image cache's name for the spec's image: ``repository@sha256:...`` (None for a
+    local image id or a tag, which the agent never pulls)."""
+    ref = spec.image_ref
+    if ref.repository is None or ref.digest is None:
+        return None
+    return f"{ref.repository}@{ref.digest}"
 
 
 def _no_run(job_id: str, spec: WorkloadSpec, code: str, detail: str) -> JobResult:

@@ -24,6 +24,7 @@ from agent.protocol.bodies import (
     EnvelopeSignature,
     ErrorBody,
     HelloBody,
+    ImagePrefetchBody,
     JobCancelBody,
     JobLogBody,
     JobOfferBody,
@@ -65,6 +66,8 @@ __all__ = [
     "ErrorBody",
     "Hello",
     "HelloBody",
+    "ImagePrefetch",
+    "ImagePrefetchBody",
     "JobCancel",
     "JobCancelBody",
     "JobLog",
@@ -183,6 +186,12 @@ class JobCancel(_Reliable, tag="job_cancel"):
     body: JobCancelBody
 
 
+class ImagePrefetch(_Reliable, tag="image_prefetch"):
+    """Frame of an ``image_prefetch``."""
+
+    body: ImagePrefetchBody
+
+
 class AttestRequest(_Reliable, tag="attest_request"):
     """Frame of an ``attest_request``."""
 
@@ -210,6 +219,7 @@ ReliableMessage: TypeAlias = (
     | JobResult
     | JobOffer
     | JobCancel
+    | ImagePrefetch
     | AttestRequest
 )
 Message: TypeAlias = Hello | Challenge | Auth | Welcome | Ack | Error | ReliableMessage
@@ -222,6 +232,7 @@ ReliableBody: TypeAlias = (
     | JobResultBody
     | JobOfferBody
     | JobCancelBody
+    | ImagePrefetchBody
     | AttestRequestBody
 )
 Body: TypeAlias = HelloBody | ChallengeBody | AuthBody | WelcomeBody | AckBody | ErrorBody
@@ -239,6 +250,7 @@ _FRAME_OF_BODY: dict[type[WireStruct], type[_Frame]] = {
     JobResultBody: JobResult,
     JobOfferBody: JobOffer,
     JobCancelBody: JobCancel,
+    ImagePrefetchBody: ImagePrefetch,
     AttestRequestBody: AttestRequest,
     AckBody: Ack,
     ErrorBody: Error,
@@ -255,7 +267,8 @@ AGENT_SENDS = frozenset(
 )
 #: Types a coordinator sends; an agent refuses the others as ``unknown_type``.
 COORDINATOR_SENDS = frozenset(
-    {"challenge", "welcome", "job_offer", "job_cancel", "attest_request", "ack", "error"}
+    {"challenge", "welcome", "job_offer", "job_cancel", "image_prefetch", "attest_request"}
+    | {"ack", "error"}
 )
 
 

@@ -24,7 +24,7 @@ from support.paths import ROOT, SUPPORT
 from support.runner import MiB, make_spec, run_job
 
 from sandbox.errors import EngineError
-from sandbox.results import Created, Event, Exited, Finished, JobResult, LogChunk
+from sandbox.events import Created, Event, Exited, Finished, JobResult, LogChunk
 from sandbox.runner import Runner
 from sandbox.spec import WorkloadSpec
 from sandbox.uids import UidPool
@@ -328,7 +328,7 @@ import asyncio, json, os, sys
 from contextlib import aclosing
 from pathlib import Path
 from sandbox.docker_api import DockerClient
-from sandbox.results import Finished, LogChunk
+from sandbox.events import Finished, LogChunk
 from sandbox.runner import Runner, RunnerConfig
 from sandbox.spec import load_spec
 

@@ -26,7 +26,7 @@ from support.power_limit import cap_file, mi100, uhd620
 
 from hal.backends.nvidia import NvidiaBackend
 from hal.backends.nvml import init as nvml_init
-from hal.registry import Hal, discover
+from hal.machine import Hal, discover
 from hal.types import GpuProfile, PowerLimitResult
 
 DUAL_A5000 = XML / "dual_a5000-v13.xml"

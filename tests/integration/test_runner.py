@@ -19,7 +19,7 @@ from support.runner import MiB, leftovers, make_spec, run_job
 
 from sandbox.docker_api import DockerClient
 from sandbox.errors import RunError
-from sandbox.results import Created, Event, Exited, Finished, LogChunk, Started
+from sandbox.events import Created, Event, Exited, Finished, LogChunk, Started
 from sandbox.runner import LogBudget, Runner, RunnerConfig
 
 

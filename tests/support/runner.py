@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from sandbox.container import LABEL_MANAGED
-from sandbox.results import Event, Finished, JobResult
+from sandbox.events import Event, Finished, JobResult
 from sandbox.runner import Runner
 from sandbox.spec import WorkloadSpec, load_spec
 

@@ -19,7 +19,7 @@ from support.power_limit import cap_file, mi100, uhd620
 from hal.backend import HalConfig
 from hal.backends.amdgpu import AmdgpuSysfsBackend
 from hal.backends.intel import IntelSysfsBackend
-from hal.registry import Discovery, Hal
+from hal.machine import Discovery, Hal
 from hal.types import GpuProfile, PowerLimitResult
 
 MI100_ID = "GPU-79ccd55167a2124a"
