@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 PACKAGES := hal sandbox keyfile oci agent coordinator
 
-.PHONY: demo test lint typecheck pytest bench deb lock clean
+.PHONY: demo test lint typecheck pytest unit bench deb lock clean
 
 # Every dependency comes from requirements*.txt: the whole tree pinned, with hashes.
 # pyproject.toml keeps the ranges for people who install the package; `make lock` pins anew.
@@ -49,6 +49,10 @@ typecheck: $(VENV)/.test
 
 pytest: $(VENV)/.test
 	$(BIN)/python -m pytest -q
+
+# The tests that need no Docker engine, websocket or gcc (tests/conftest.py holds them to it).
+unit: $(VENV)/.test
+	$(BIN)/python -m pytest -q tests/unit
 
 bench: $(VENV)/.test
 	$(BIN)/python bench/hal_profile.py

@@ -33,8 +33,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[0] = str(ROOT / "tests")
 
 import psutil  # noqa: E402
-from fakenvml import build  # noqa: E402
-from images import build_busybox_image  # noqa: E402
+from support.fakenvml import build  # noqa: E402
+from support.images import build_busybox_image  # noqa: E402
 
 from agent.control.client import ControlClient  # noqa: E402
 from agent.owner.policy import WEEKDAYS  # noqa: E402

@@ -27,7 +27,7 @@ import msgspec
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
-from fakenvml import build  # noqa: E402
+from support.fakenvml import build  # noqa: E402
 
 from hal.backend import HalConfig  # noqa: E402
 from hal.host import host_sample  # noqa: E402

@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
-from test_idle import (  # noqa: E402
+from support.idle import (  # noqa: E402
     BUS_CONFIG,
     KEYBOARD_EV,
     KEYBOARD_KEYS,

@@ -40,7 +40,7 @@ ROOT = Path(__file__).resolve().parent.parent
 # In place of this script's own directory, whose hal.py would shadow the hal package.
 sys.path[0] = str(ROOT / "tests")
 
-from fakenvml import build  # noqa: E402
+from support.fakenvml import build  # noqa: E402
 
 from agent.link.connection import Link, LinkConfig  # noqa: E402
 from agent.link.identity import Identity, load_or_create  # noqa: E402

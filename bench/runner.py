@@ -21,7 +21,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
-from images import build_busybox_image  # noqa: E402
+from support.images import build_busybox_image  # noqa: E402
 
 from sandbox.docker_api import DockerClient  # noqa: E402
 from sandbox.events import Finished  # noqa: E402

@@ -31,8 +31,8 @@ sys.path[0] = str(ROOT / "tests")
 
 import msgspec  # noqa: E402
 import psutil  # noqa: E402
-from fakenvml import build  # noqa: E402
-from tray_daemon import ServedTarget  # noqa: E402
+from support.fakenvml import build  # noqa: E402
+from support.tray_daemon import ServedTarget  # noqa: E402
 
 from agent.control.client import ControlClient  # noqa: E402
 from coordinator.server import Coordinator  # noqa: E402

@@ -22,7 +22,7 @@ echo
 # libnvidia-ml.so.1, so that the dashboard has GPUs to show.
 if ! ls /dev/nvidia[0-9]* >/dev/null 2>&1; then
   if command -v gcc >/dev/null; then
-    export GPU_AGENT_NVML_LIB=$("$bin/python" tests/fakenvml/build.py \
+    export GPU_AGENT_NVML_LIB=$("$bin/python" tests/support/fakenvml/build.py \
       --xml tests/fixtures/nvidia-smi-xml/dual_a5000-v13.xml --out "$demo/fakenvml")
     echo "== No NVIDIA GPU here: the agent below serves a recorded 2x RTX A5000 (fake NVML) =="
   else
@@ -46,7 +46,7 @@ echo
 image=""
 if docker info >/dev/null 2>&1 && [ -x /bin/busybox ]; then
   context=$(mktemp -d)
-  "$bin/python" -c 'import sys; sys.path.insert(0, "tests"); from images import build_busybox_image; build_busybox_image(sys.argv[1], __import__("pathlib").Path(sys.argv[2]))' \
+  "$bin/python" -c 'import sys; sys.path.insert(0, "tests"); from support.images import build_busybox_image; build_busybox_image(sys.argv[1], __import__("pathlib").Path(sys.argv[2]))' \
     gpu-agent-demo/busybox:1 "$context"
   rm -rf "$context"
   # An offer names its image by digest or id, never by a tag that could move after the

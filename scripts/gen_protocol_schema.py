@@ -1,6 +1,6 @@
 """Print the JSON Schema of every wire message: ``python scripts/gen_protocol_schema.py``.
 
-The output is committed as ``docs/protocol.schema.json``; tests/test_protocol_schema.py
+The output is committed as ``docs/protocol.schema.json``; tests/unit/test_protocol_schema.py
 fails when it and the types in :mod:`agent.protocol.messages` drift apart.
 """
 

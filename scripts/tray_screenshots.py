@@ -1,7 +1,7 @@
 """Screenshots of the tray for the README: ``python scripts/tray_screenshots.py [--out docs]``.
 
 Starts an X server of its own (Xvfb, ``apt-get install xvfb``), a control server over the
-tests' in-memory daemon (``tests/tray_daemon.py``) and the real tray on Qt's X11 platform;
+tests' in-memory daemon (``tests/support/tray_daemon.py``) and the real tray on Qt's X11 platform;
 opens the menu and the settings window and grabs them from the screen:
 
 - ``tray-menu.png``: the menu, with the icon's tooltip beside it;
@@ -28,8 +28,8 @@ import msgspec
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
-from control_target import job, short_dir  # noqa: E402
-from tray_daemon import ServedTarget  # noqa: E402
+from support.control_target import job, short_dir  # noqa: E402
+from support.tray_daemon import ServedTarget  # noqa: E402
 
 from agent.control.wire import GpuView  # noqa: E402
 from agent.owner.policy import OwnerPolicy, Window  # noqa: E402

@@ -1,31 +1,134 @@
-"""What many tests share: the recorded captures, and the fake NVML built from them."""
+"""What many tests share: the fake NVML built from the recorded captures, /dev and sysfs
+roots, the Docker engine and its test image; and the markers.
+
+Each test gets the markers of what it uses (``docker``, ``websocket``, ``gcc``), from the
+fixtures it asks for and the names its code (and the fixtures', and the module's helpers')
+reaches: ``pytest -m "not docker"`` leaves the engine alone. A test under tests/unit that
+gets one fails the run: tests/unit is what runs in seconds, on any machine.
+"""
 
 from __future__ import annotations
 
+import inspect
 import os
 import shutil
 import subprocess
-from collections.abc import Callable, Iterator
+import types
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
-from fakenvml import build
-from images import build_busybox_image
+from support.engine import TEST_IMAGE
+from support.fakenvml import build
+from support.images import build_busybox_image
+from support.nvml import nvml_config
 
-from hal.backend import HalConfig
 from hal.backends.nvidia import NvidiaBackend
 from hal.types import GpuProfile
 
-# Recorded real devices, with their sources and licences (fixtures/SOURCES.md).
-FIXTURES = Path(__file__).resolve().parent / "fixtures"
-XML = FIXTURES / "nvidia-smi-xml"
-TXT = FIXTURES / "nvidia-smi-captures"
-CAPTURES = sorted([*XML.glob("*.xml"), *TXT.glob("*.txt")])
-SYSFS = FIXTURES / "sysfs-procfs" / "sys"
+UNIT = Path(__file__).resolve().parent / "unit"
 
-if len(CAPTURES) < 25:
-    raise RuntimeError(f"the recorded captures are missing from {FIXTURES}")
+#: What each marker means; pyproject.toml registers them (strict markers).
+MARKERS = {
+    "docker": "needs the Docker engine",
+    "websocket": "runs a websocket server or an agent/coordinator process",
+    "gcc": "builds the fake libnvidia-ml with gcc",
+}
+
+#: Fixtures whose use the code cannot show (the engine is reached through a socket path).
+MARK_BY_FIXTURE = {"docker_engine": "docker", "test_image": "docker"}
+
+#: What a test's code reaches, by qualified name (a module, or a name in one), and its marker.
+MARK_BY_NAME = {
+    "websockets": "websocket",
+    "coordinator.server.Coordinator": "websocket",
+    "support.processes": "websocket",
+    "support.coordinator_peer.connected": "websocket",
+    "support.admission": "websocket",
+    "support.tray_daemon.CoordinatorThread": "websocket",
+    "support.fakenvml.build.build_library": "gcc",
+    "support.fakenvml.build.main": "gcc",
+}
+
+
+def _reached(code: types.CodeType, names: dict[str, object], seen: set[object]) -> Iterator[object]:
+    """Every object ``code`` names, following the functions and classes of its own module."""
+    if code in seen:
+        return
+    seen.add(code)
+    for name in code.co_names:
+        found = names.get(name)
+        if found is None:
+            continue
+        yield found
+        if isinstance(found, types.ModuleType):
+            # ``build.build_library``: the attribute's name is among the code's names too.
+            yield from (getattr(found, attr) for attr in code.co_names if hasattr(found, attr))
+        elif inspect.isfunction(found) and found.__globals__ is names:
+            yield from _reached(found.__code__, names, seen)
+        elif inspect.isclass(found) and found.__module__ == names.get("__name__"):
+            for member in vars(found).values():
+                function = getattr(member, "__func__", getattr(member, "fget", member))
+                if inspect.isfunction(function):
+                    yield from _reached(function.__code__, names, seen)
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            yield from _reached(const, names, seen)
+
+
+def _qualified(thing: object) -> str:
+    if isinstance(thing, types.ModuleType):
+        return thing.__name__
+    return f"{getattr(thing, '__module__', '')}.{getattr(thing, '__qualname__', '')}"
+
+
+def _marks_by_name(things: Iterable[object]) -> set[str]:
+    marks = set()
+    for thing in things:
+        name = _qualified(thing)
+        for prefix, mark in MARK_BY_NAME.items():
+            if name == prefix or name.startswith(prefix + "."):
+                marks.add(mark)
+    return marks
+
+
+def _functions(item: pytest.Item) -> Iterator[Callable[..., object]]:
+    """The test's function and every fixture function it uses."""
+    if isinstance(item, pytest.Function):
+        yield item.function
+        for name in item.fixturenames:
+            for fixturedef in item._fixtureinfo.name2fixturedefs.get(name, ()):
+                yield fixturedef.func
+
+
+def _marks_of(item: pytest.Item) -> set[str]:
+    marks = {
+        MARK_BY_FIXTURE[name]
+        for name in getattr(item, "fixturenames", ())
+        if name in MARK_BY_FIXTURE
+    }
+    seen: set[object] = set()
+    for wrapped in _functions(item):
+        function = inspect.unwrap(wrapped)
+        if inspect.isfunction(function):
+            marks |= _marks_by_name(_reached(function.__code__, function.__globals__, seen))
+    return marks
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark each test with what it uses; refuse the run if a unit test uses any of it."""
+    misplaced = []
+    for item in items:
+        for mark in sorted(_marks_of(item)):
+            item.add_marker(mark)
+        used = sorted(mark for mark in MARKERS if item.get_closest_marker(mark))
+        if used and item.path.is_relative_to(UNIT):
+            misplaced.append(f"{item.nodeid} ({', '.join(used)})")
+    if misplaced:
+        raise pytest.UsageError(
+            "tests/unit must need no Docker engine, websocket or gcc; move these to"
+            " tests/integration:\n  " + "\n  ".join(misplaced)
+        )
 
 
 @pytest.fixture(scope="session")
@@ -57,8 +160,6 @@ def dev(tmp_path: Path) -> Path:
 
 
 # ------------------------------------------------------------------ the Docker engine
-
-TEST_IMAGE = "gpu-agent-test/busybox:1"
 
 
 @pytest.fixture(scope="session")
@@ -99,42 +200,6 @@ def test_image_id(test_image: str) -> str:
         text=True,
         check=True,
     ).stdout.strip()
-
-
-def require_runtime(runtime: str) -> None:
-    """Skip, or fail under GPU_AGENT_REQUIRE_DOCKER=1, when the engine lacks a runtime."""
-    listed = subprocess.run(
-        ["docker", "info", "--format", "{{json .Runtimes}}"],
-        capture_output=True,
-        text=True,
-        check=False,
-    ).stdout
-    if f'"{runtime}"' in listed:
-        return
-    reason = f"the Docker engine has no {runtime} runtime"
-    if os.environ.get("GPU_AGENT_REQUIRE_DOCKER") == "1":
-        pytest.fail(reason)
-    pytest.skip(reason)
-
-
-def nvml_config(library: Path, tmp_path: Path, **overrides: Any) -> HalConfig:
-    """HAL settings for the NVML backend alone, on a fake library, with empty trees."""
-    settings: dict[str, Any] = {
-        "nvml_library": str(library),
-        "sysfs_root": tmp_path / "sys",
-        "dev_root": tmp_path / "dev",
-        "backends": ("nvml",),
-    }
-    settings.update(overrides)
-    return HalConfig(**settings)
-
-
-def write_control(path: Path, text: str) -> None:
-    """Give the fake NVML new faults or events (tests/fakenvml/build.py, control file)."""
-    # The fake re-reads its control file when the inode changes: replace, do not rewrite.
-    staging = path.with_suffix(".new")
-    staging.write_text(text)
-    os.replace(staging, path)
 
 
 @pytest.fixture

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import msgspec
 import pytest
-from test_jobs import World, deliver, offer_message, spec, world  # noqa: F401 (a fixture)
+from support.world import World, deliver, offer_message, spec
 
 from sandbox.docker_api import DockerClient
 from sandbox.engine import Engine
@@ -224,7 +224,7 @@ async def test_a_tag_is_never_pulled(docker_engine: str, pushed: Pushed, tmp_pat
 
 @needs_registry
 async def test_a_job_reports_pulling_with_progress_then_runs(
-    world: World,  # noqa: F811
+    world: World,
     pushed: Pushed,
 ) -> None:
     await _remove(pushed.ref)
@@ -244,7 +244,7 @@ async def test_a_job_reports_pulling_with_progress_then_runs(
 
 @needs_registry
 async def test_a_job_whose_image_cannot_be_pulled_ends_with_the_pulls_code(
-    world: World,  # noqa: F811
+    world: World,
     pushed: Pushed,
 ) -> None:
     missing = pushed.ref.split("@")[0] + "@sha256:" + "0" * 64
@@ -266,7 +266,7 @@ async def _image_exists(engine: Engine, ref: str) -> bool:
 
 @needs_registry
 async def test_a_second_job_on_a_cached_image_pulls_nothing_and_marks_it_used(
-    world: World,  # noqa: F811
+    world: World,
     pushed: Pushed,
 ) -> None:
     await _remove(pushed.ref)
@@ -284,7 +284,7 @@ async def test_a_second_job_on_a_cached_image_pulls_nothing_and_marks_it_used(
 
 @needs_registry
 async def test_the_least_recently_used_pulled_image_goes_first_and_the_owners_never(
-    world: World,  # noqa: F811
+    world: World,
     two_more: tuple[Pushed, Pushed],
     test_image_id: str,
 ) -> None:
@@ -315,7 +315,7 @@ async def test_the_least_recently_used_pulled_image_goes_first_and_the_owners_ne
 
 @needs_registry
 async def test_a_prefetch_pulls_an_allowed_pinned_image_into_the_cache_and_nothing_else(
-    world: World,  # noqa: F811
+    world: World,
     pushed: Pushed,
 ) -> None:
     await _remove(pushed.ref)

@@ -15,7 +15,7 @@ from typing import Any
 
 import msgspec
 import pytest
-from conftest import require_runtime
+from support.engine import require_runtime
 from support.input_server import InputServer, serve_input
 
 from agent.inputs.cache import InputCache

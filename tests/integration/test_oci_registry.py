@@ -12,13 +12,13 @@ from dataclasses import dataclass
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
-from images import build_busybox_image
 from support.hostile_registry import (
     LOGIN,
     MANIFEST_DIGEST,
     HostileRegistry,
     running_hostile_registry,
 )
+from support.images import build_busybox_image
 from support.registry import (
     DOCKER_MANIFEST,
     LocalRegistry,

@@ -29,6 +29,7 @@ from urllib.parse import urljoin
 
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
+
 from support.tls import make_server_tls
 
 __all__ = [

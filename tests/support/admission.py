@@ -1,0 +1,144 @@
+"""The reference coordinator in this process, and a test agent's side of its admission."""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import pytest
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed
+
+from agent.protocol import crypto
+from agent.protocol.messages import (
+    COORDINATOR_SENDS,
+    Ack,
+    Error,
+    Message,
+    TelemetryBody,
+    Welcome,
+    decode_frame,
+    encode_frame,
+    wrap,
+)
+from agent.protocol.session import AgentHandshake, HandshakeState
+from coordinator.server import Coordinator, Settings
+from support.nodes import Clock, Node
+
+__all__ = [
+    "TOKEN",
+    "answers_until_ack",
+    "codes",
+    "handshake",
+    "recv",
+    "refusal",
+    "started",
+    "telemetry",
+    "until_closed",
+    "welcomed",
+]
+
+
+TOKEN = "enrol-" + "7" * 20
+
+
+@asynccontextmanager
+async def started(
+    tmp_path: Path, clock: Clock | None = None, **settings: object
+) -> AsyncIterator[Coordinator]:
+    server = Coordinator(
+        db_path=tmp_path / "coordinator.db",
+        state_dir=tmp_path / "state",
+        settings=Settings(handshake_timeout_s=5.0, **settings),  # type: ignore[arg-type]
+        clock=clock or time.time,
+    )
+    async with server:
+        yield server
+
+
+async def recv(ws: ClientConnection) -> Message:
+    async with asyncio.timeout(10):
+        return decode_frame(await ws.recv(), accept=COORDINATOR_SENDS)
+
+
+async def handshake(
+    ws: ClientConnection, coordinator: Coordinator, node: Node, token: str | None = None
+) -> Welcome | Error:
+    """The agent's handshake: the welcome, or the coordinator's coded refusal."""
+    hs = AgentHandshake(
+        node_id=node.node_id,
+        public_key=node.public_key,
+        sign=lambda data: crypto.sign(node.key, data),
+        verify=crypto.verify,
+        pinned_keys={coordinator.key.key_id: coordinator.key.public_key},
+        agent_version="0.1.0",
+        nonce=crypto.b64encode(secrets.token_bytes(32)),
+        last_coordinator_seq=0,
+        now=time.time(),
+        enrolment_token=token,
+    )
+    while hs.state is not HandshakeState.OPEN:
+        for message in hs.messages_to_send():
+            await ws.send(encode_frame(message))
+        answer = await recv(ws)
+        if isinstance(answer, Error):
+            return answer
+        hs.receive(answer, time.time())
+    assert hs.welcome is not None
+    return Welcome(v=1, body=hs.welcome)
+
+
+async def refusal(coordinator: Coordinator, node: Node, token: str | None = None) -> str:
+    """Connect; the code the coordinator refused the handshake with (it then closed)."""
+    async with connect(coordinator.url) as ws:
+        answer = await handshake(ws, coordinator, node, token)
+        assert isinstance(answer, Error), answer
+        with pytest.raises(ConnectionClosed):
+            await recv(ws)
+    assert ws.close_code == 1008
+    return answer.body.code
+
+
+@asynccontextmanager
+async def welcomed(
+    coordinator: Coordinator, node: Node, token: str | None = None
+) -> AsyncIterator[tuple[ClientConnection, Welcome]]:
+    async with connect(coordinator.url) as ws:
+        welcome = await handshake(ws, coordinator, node, token)
+        assert isinstance(welcome, Welcome), welcome
+        yield ws, welcome
+
+
+def telemetry(seq: int, size: int = 0) -> str:
+    """A telemetry frame; with ``size``, one sample padded to about that many bytes."""
+    samples = [{"t": float(seq), "pad": "x" * size}] if size else []
+    return encode_frame(wrap(TelemetryBody(samples=samples), seq))
+
+
+async def answers_until_ack(ws: ClientConnection, seq: int) -> list[Message]:
+    """What the coordinator sends up to the ack of ``seq`` (its own stream left aside)."""
+    seen: list[Message] = []
+    while True:
+        message = await recv(ws)
+        if isinstance(message, Ack | Error):
+            seen.append(message)
+        if isinstance(message, Ack) and message.body.seq >= seq:
+            return seen
+
+
+async def until_closed(ws: ClientConnection) -> list[Message]:
+    """Everything the coordinator sends until it closes the connection."""
+    seen: list[Message] = []
+    while True:
+        try:
+            seen.append(await recv(ws))
+        except ConnectionClosed:
+            return seen
+
+
+def codes(messages: list[Message]) -> list[str]:
+    return [m.body.code for m in messages if isinstance(m, Error)]
