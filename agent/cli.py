@@ -323,7 +323,7 @@ _ONE_SHOT = frozenset({"profile", "doctor", "keys"})
 
 # The `profile` command lines that need no parser, each with its `--json`: argparse and
 # the shutil, gettext and locale it imports take about 5 ms, a tenth of the command.
-# tests/test_cli.py checks that argparse reads them the same.
+# tests/integration/test_cli.py checks that argparse reads them the same.
 _PLAIN_PROFILE = {("profile",): False, ("profile", "--json"): True}
 
 

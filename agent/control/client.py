@@ -1,7 +1,7 @@
 """A client of the daemon's local control API (the CLI and the tray app use it).
 
 It imports nothing from ``hal`` or ``sandbox``: the tray app talks to the daemon through
-this module only (tests/test_layering.py holds it to that).
+this module only (tests/unit/test_layering.py holds it to that).
 
 Example::
 
