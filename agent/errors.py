@@ -15,7 +15,11 @@ how a caller reacts to it::
     +-- ControlError               a local control API request or socket failed
     |     codes: see agent.control.wire (``fix`` says what the user can do, when known)
     +-- JobStateError              a job was to move where its state machine does not go
-          codes: bad_transition
+    |     codes: bad_transition
+    +-- UploadError                an output could not be delivered to its target
+          codes: upload_failed (retries spent; the detail says the last cause),
+                 upload_refused (a 4xx other than 408/429: retrying cannot help),
+                 upload_too_large, output_changed (the spooled file is not what was hashed)
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ __all__ = [
     "IdentityError",
     "JobStateError",
     "OutboxError",
+    "UploadError",
 ]
 
 
@@ -70,3 +75,7 @@ class ControlError(AgentError):
 class JobStateError(AgentError):
     """A job was to make a move :data:`agent.jobs.machine.TRANSITIONS` does not hold
     (``bad_transition``): a bug, never something the coordinator can cause."""
+
+
+class UploadError(AgentError):
+    """A job's output could not be PUT to its target."""
