@@ -139,9 +139,17 @@ class Runner:
         return True
 
     async def run(
-        self, job_id: str, spec: WorkloadSpec, gpus: list[DeviceFacts]
+        self,
+        job_id: str,
+        spec: WorkloadSpec,
+        gpus: list[DeviceFacts],
+        keep_outputs: Path | None = None,
     ) -> AsyncGenerator[Event, None]:
         """Run ``spec`` on exactly ``gpus``; yield its events, the last one ``Finished``.
+
+        ``keep_outputs``, an existing empty directory, receives a copy of each collected
+        output file (``<index in spec.outputs>``), made from the reads that hashed it: the
+        job directory is removed when the job ends, what is kept there is not.
 
         Iterate it under ``contextlib.aclosing``: a caller that stops early then still
         gets the container stopped and removed at once, not whenever the generator is
@@ -219,7 +227,11 @@ class Runner:
             if mounts.output_dir is not None and result.error_code is None:
                 # Hashing up to output_max_bytes must not stall the event loop.
                 result.outputs = await asyncio.to_thread(
-                    collect_outputs, mounts.output_dir, spec.outputs, spec.output_max_bytes
+                    collect_outputs,
+                    mounts.output_dir,
+                    spec.outputs,
+                    spec.output_max_bytes,
+                    keep_outputs,
                 )
             usage = cgroup.usage()
             result.cpu_seconds = usage.cpu_seconds

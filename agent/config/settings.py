@@ -164,6 +164,10 @@ class JobsConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_field
     config.files.read_registry_logins); None: pulls go without credentials."""
     pull_timeout_s: Annotated[float, msgspec.Meta(gt=0, le=86400)] = 120.0
     """A pull with no progress for this long fails ``pull_timeout``."""
+    upload_spool_max_bytes: _NonNegative = 4 << 30
+    """Most bytes of job outputs held for upload at once (state_dir/spool); a job whose
+    offer names upload targets is admitted only if its output_max_bytes fits beside the
+    others' (refused ``spool_full``); 0: such offers are always refused."""
 
     def __post_init__(self) -> None:
         socket = self.docker_host.removeprefix("unix://")

@@ -34,6 +34,7 @@ from agent.daemon.metrics import MetricsServer
 from agent.daemon.node_status import NodeReporter
 from agent.daemon.sampler import Sampler, Tick
 from agent.daemon.systemd import Notifier, watchdog_interval
+from agent.jobs.delivery import Delivery
 from agent.jobs.manager import JobManager
 from agent.jobs.node import NodeState
 from agent.jobs.scheduler import Scheduler
@@ -93,6 +94,8 @@ class DaemonConfig(msgspec.Struct, frozen=True, kw_only=True):
     control_group: str | None = None
     metrics_listen: tuple[str, int] | None = None
     """Where ``/metrics`` is served (loopback); None: it is not."""
+    upload_spool_max_bytes: int = 4 << 30
+    """Most bytes of outputs waiting for upload in ``state_dir/spool`` at once."""
 
 
 def daemon_config(config: AgentConfig) -> DaemonConfig:
@@ -137,6 +140,7 @@ def daemon_config(config: AgentConfig) -> DaemonConfig:
         policy=config.policy,
         docker_socket=jobs.docker_socket,
         max_concurrent=jobs.max_concurrent,
+        upload_spool_max_bytes=jobs.upload_spool_max_bytes,
         sample_interval_s=config.telemetry.interval_s,
         batch_samples=config.telemetry.batch,
         owner=config.owner,
@@ -178,6 +182,11 @@ class _Daemon:
             trusted_keys=dict(config.link.pinned_keys),
             wake=wake,
             max_concurrent=config.max_concurrent,
+            delivery=Delivery(
+                config.state_dir / "spool",
+                max_bytes=config.upload_spool_max_bytes,
+                ca_file=config.link.ca_file,
+            ),
         )
         self.guard = OwnerGuard(
             jobs=self.jobs,

@@ -9,9 +9,12 @@ transaction holding both the ledger's new state and the messages that report it:
   the same transaction that records the offer as handled; the container starts only
   once that is on disk, so nothing runs that the coordinator will not hear of;
 - ``running``, bounded ``job_log`` chunks, then the signed receipt (``job_result``) and
-  the final ``job_status`` together;
+  the final ``job_status`` together; a job whose offer names upload targets goes through
+  ``uploading`` first, and its receipt is signed and sent only once the stores have every
+  output (:mod:`agent.jobs.delivery`);
 - at start, jobs that a crash cut short are reaped and reported ``interrupted`` with a
-  receipt, and never run again: only a new offer (a new job id) runs anything.
+  receipt, and never run again: only a new offer (a new job id) runs anything; a job
+  that was ``uploading`` resumes its uploads from its spool instead.
 """
 
 from __future__ import annotations
@@ -22,20 +25,23 @@ import math
 import time
 from collections.abc import Callable
 from contextlib import aclosing
+from pathlib import Path
 from typing import Literal
 
 import msgspec
 
+from agent.errors import UploadError
 from agent.jobs import machine
+from agent.jobs.delivery import Delivery
 from agent.jobs.gpus import device_facts
 from agent.jobs.ledger import JobRecord, Ledger
 from agent.jobs.logs import LogForwarder
-from agent.jobs.machine import ContainerOf, Decision, PruneLogs, Start
+from agent.jobs.machine import ContainerOf, Decision, PruneLogs, Start, Upload
 from agent.jobs.node import SHUTTING_DOWN, NodeState
 from agent.link.identity import Identity
 from agent.link.outbox import Outbox
 from agent.protocol import dsse
-from agent.protocol.errors import AuthError
+from agent.protocol.errors import AuthError, DecodeError
 from agent.protocol.jobs import (
     JobState,
     Offer,
@@ -47,6 +53,7 @@ from agent.protocol.jobs import (
 )
 from agent.protocol.limits import MAX_ERROR_DETAIL_CHARS
 from agent.protocol.messages import JobCancel, JobOffer
+from agent.protocol.uploads import check_uploads
 from sandbox.errors import PolicyViolation, SandboxError
 from sandbox.policy import Policy, admit
 from sandbox.results import Created, Finished, JobResult, LogChunk, Pulling, Started
@@ -87,6 +94,7 @@ class JobManager:
         wake: Callable[[], None],
         max_concurrent: int = 0,
         clock: Callable[[], float] = time.time,
+        delivery: Delivery | None = None,
     ) -> None:
         self.identity = identity
         self.outbox = outbox
@@ -98,7 +106,10 @@ class JobManager:
         self.wake = wake
         self.max_concurrent = max_concurrent
         self.clock = clock
+        self.delivery = delivery
+        """Where outputs wait for upload; None: offers naming upload targets are refused."""
         self.tasks: dict[str, asyncio.Task[None]] = {}
+        self._uploads: dict[str, asyncio.Task[None]] = {}
         self._states: dict[str, str] = {}
         self._stops: dict[str, StopReason] = {}
         self._containers: dict[str, str] = {}
@@ -115,13 +126,31 @@ class JobManager:
             _log.error("the container engine is not usable: %s", exc)
             self.node.hold("engine_unavailable", f"{exc.code}: {exc.detail}")
         self._carry_out(Decision(rows=(PruneLogs(self.clock() - _LOG_RETENTION_S),)))
-        recovered = []
+        recovered, resumed = [], []
         for record in self.ledger.unfinished():
+            if (upload := self._held_upload(record)) is not None:
+                resumed.append(record.job_id)
+                self.tasks[record.job_id] = asyncio.create_task(self._resume(upload))
+                continue
             self._finish_unrun(record, "interrupted", "agent_restarted", "the agent restarted")
             recovered.append(record.job_id)
         if recovered:
             _log.warning("reported %d job(s) cut short as interrupted", len(recovered))
+        if self.delivery is not None:
+            self.delivery.sweep(resumed)
         return recovered
+
+    def _held_upload(self, record: JobRecord) -> Upload | None:
+        """The uploads of a job a restart found ``uploading``, if they can go on."""
+        held = self.ledger.held(record.job_id) if record.state == "uploading" else None
+        if held is None or self.delivery is None:
+            return None
+        offer = msgspec.json.decode(record.offer, type=Offer)
+        upload = machine.resume(record.job_id, held[0], offer.uploads, held[1]).upload
+        if upload is not None:
+            self.delivery.reserve(record.job_id, sum(f[3] for f in upload.files))
+            self._states[record.job_id] = "uploading"
+        return upload
 
     # -- the coordinator's messages ----------------------------------------------------
 
@@ -148,6 +177,9 @@ class JobManager:
         try:
             offer, spec = self._admit(message)
             units = self._reserve(job_id, spec)
+            if offer.uploads and not self.delivery.reserve(job_id, spec.output_max_bytes):  # type: ignore[union-attr]
+                self.node.free(job_id)
+                raise _Refusal("spool_full", "the node's output spool cannot hold this job's")
         except _Refusal as refusal:
             _log.info("refused job %s: %s %s", job_id, refusal.code, refusal.detail)
             return machine.refuse(job_id, refusal.code, refusal.detail, verified=refusal.verified)
@@ -160,6 +192,10 @@ class JobManager:
         if job_id not in self.tasks:
             return False
         self._stops.setdefault(job_id, why)
+        if (upload := self._uploads.get(job_id)) is not None:
+            if why != "preempted":  # an upload holds no GPU: an owner guard lets it finish
+                upload.cancel()
+            return True
         self.runner.cancel(job_id)  # False before the runner has it: _run checks _stops
         return True
 
@@ -194,6 +230,8 @@ class JobManager:
             )
         except AuthError as exc:
             raise _Refusal(exc.code, exc.detail, verified=False) from None
+        if offer.uploads and self.delivery is None:
+            raise _Refusal("bad_upload_target", "this node has no output spool")
         if (held := self.node.unavailable) is not None:
             raise _Refusal(*held)
         try:
@@ -206,6 +244,9 @@ class JobManager:
                     " or by local image id (sha256:...)",
                 )
             admit(spec, self.policy, offered_vendors=self._vendors())
+            check_uploads(offer.uploads, spec.outputs)
+        except DecodeError as exc:
+            raise _Refusal(exc.code, exc.detail) from None
         except PolicyViolation as exc:
             detail = "; ".join(f"{v.code}: {v.message}" for v in exc.violations)
             raise _Refusal(exc.code, detail) from None
@@ -243,6 +284,8 @@ class JobManager:
         for row in decision.rows:
             if isinstance(row, machine.NewJob | machine.Transition):
                 self._states[row.job_id] = row.state
+        if decision.discard is not None and self.delivery is not None:
+            self.delivery.discard(decision.discard)
         if decision.start is not None:
             self._start(decision.start)
 
@@ -257,10 +300,14 @@ class JobManager:
         result: JobResult | None = None
         layers: dict[str, tuple[int, int]] = {}
         reported = -math.inf
+        keep: Path | None = None
         try:
             if job_id not in self._stops:
                 gpus = [device_facts(g) for g in self.node.scheduler.gpus_of(units)]
-                async with aclosing(self.runner.run(job_id, spec, gpus)) as events:
+                if start.offer.uploads and self.delivery is not None:
+                    keep = self.delivery.spool(job_id)
+                run = self.runner.run(job_id, spec, gpus, keep_outputs=keep)
+                async with aclosing(run) as events:
                     async for event in events:
                         if isinstance(event, Pulling):
                             layers[event.layer] = (event.done, event.total)
@@ -289,12 +336,51 @@ class JobManager:
             if result is None:
                 result = _no_run(job_id, spec, "", "stopped before it started")
                 result.reason = "cancelled"
-            self._finish(start.offer, units, result)
-            self.node.free(job_id)
             self._containers.pop(job_id, None)
-            self._states.pop(job_id, None)
-            del self.tasks[job_id]
-            self.node.changed()
+            try:
+                await self._finish(start.offer, units, result, keep)
+            finally:
+                self._end(job_id)
+
+    def _end(self, job_id: str) -> None:
+        self.node.free(job_id)
+        if self.delivery is not None:
+            self.delivery.release(job_id)
+        self._states.pop(job_id, None)
+        del self.tasks[job_id]
+        self.node.changed()
+
+    async def _resume(self, upload: Upload) -> None:
+        try:
+            await self._deliver(upload)
+        finally:
+            self._end(upload.job_id)
+
+    async def _deliver(self, upload: Upload) -> None:
+        """PUT a job's outputs, then sign and send its receipt; a shutdown leaves it
+        ``uploading`` for the next start."""
+        job_id, receipt, detail = upload.job_id, upload.receipt, upload.detail
+        task = asyncio.create_task(
+            self.delivery.run(  # type: ignore[union-attr]
+                upload, lambda path: self._carry_out(machine.uploaded(job_id, path))
+            )
+        )
+        self._uploads[job_id] = task
+        try:
+            await task
+        except UploadError as exc:
+            _log.warning("job %s: outputs not delivered: %s", job_id, exc)
+            detail = f"{exc.code}: {exc.detail}"
+            receipt = msgspec.structs.replace(receipt, state="error", code="upload_failed")
+        except asyncio.CancelledError:
+            if self._stops.pop(job_id, None) != "cancelled":
+                raise  # the agent stops: the next start resumes the uploads
+            receipt = msgspec.structs.replace(receipt, state="cancelled", code="cancelled")
+        finally:
+            self._uploads.pop(job_id, None)
+        receipt = msgspec.structs.replace(receipt, prev_receipt=self.ledger.last_receipt_digest())
+        self._commit_receipt("uploading", receipt, detail, receipt.exit_code, upload.spool)
+        _log.info("job %s ended %s after its uploads", job_id, receipt.state)
 
     def _state(self, job_id: str) -> str:
         state = self._states.get(job_id)
@@ -303,8 +389,11 @@ class JobManager:
             state = record.state if record is not None else "accepted"
         return state
 
-    def _finish(self, offer: Offer, units: list[str], result: JobResult) -> None:
-        """The job's receipt and final state, stored and queued together."""
+    async def _finish(
+        self, offer: Offer, units: list[str], result: JobResult, keep: Path | None
+    ) -> None:
+        """The job's receipt and final state, stored and queued together; first, when its
+        offer names targets for outputs it left, their uploads."""
         job_id = offer.job_id
         stopped_by = self._stops.pop(job_id, None)
         state: JobState = result.reason
@@ -334,7 +423,24 @@ class JobManager:
             log_dropped_bytes=result.log_dropped_bytes,
             prev_receipt=self.ledger.last_receipt_digest(),
         )
-        self._commit_receipt(self._state(job_id), receipt, result.detail, result.exit_code)
+        spool = None if keep is None else str(keep)
+        if spool is not None and (
+            held := machine.upload(
+                job_id,
+                self._state(job_id),
+                receipt,
+                detail=result.detail,
+                targets=offer.uploads,
+                spool=spool,
+            )
+        ):
+            self.node.free(job_id)  # uploads hold no GPU
+            self.node.changed()
+            self._carry_out(held)
+            assert held.upload is not None  # machine.upload made one
+            await self._deliver(held.upload)
+            return
+        self._commit_receipt(self._state(job_id), receipt, result.detail, result.exit_code, spool)
         _log.info("job %s ended %s%s", job_id, state, f" ({code})" if code else "")
 
     def _finish_unrun(self, record: JobRecord, state: JobState, code: str, detail: str) -> None:
@@ -359,7 +465,12 @@ class JobManager:
         self._commit_receipt(record.state, receipt, detail, None)
 
     def _commit_receipt(
-        self, current: str, receipt: Receipt, detail: str, exit_code: int | None
+        self,
+        current: str,
+        receipt: Receipt,
+        detail: str,
+        exit_code: int | None,
+        spool: str | None = None,
     ) -> None:
         identity = self.identity
         envelope = dsse.attest_receipt(
@@ -377,6 +488,7 @@ class JobManager:
             exit_code=exit_code,
             envelope=msgspec.json.encode(envelope),
             digest=receipt_digest(receipt),
+            spool=spool,
         )
         self._carry_out(decision)
 
