@@ -24,6 +24,7 @@ from coordinator.admin import check_url
 from coordinator.client import AdminClient, load_spec_file
 from coordinator.errors import AdminError, ConfigError, CoordinatorError, JobError, KeyFileError
 from coordinator.images import ImagePinner
+from coordinator.outputs_download import download_outputs
 from coordinator.server import Coordinator, serve
 
 __all__ = ["EXIT_BROKEN_PIPE", "EXIT_ERROR", "EXIT_USAGE", "default_state_dir", "main"]
@@ -121,6 +122,16 @@ def _parser() -> _Parser:
         "--wait", action="store_true", help="wait until it ends; exit 0 only if completed"
     )
     submit.add_argument("--timeout", type=_seconds, help="with --wait: give up after this")
+    submit.add_argument(
+        "--upload",
+        action="append",
+        default=[],
+        metavar="PATH=URL",
+        help="PUT output PATH to URL (a presigned URL); others go to the coordinator",
+    )
+    submit.add_argument(
+        "--out", type=Path, metavar="DIR", help="with --wait: fetch the outputs here, checked"
+    )
     _admin_options(submit)
     cancel = commands.add_parser("cancel", help="ask a job's node to stop it")
     cancel.add_argument("job_id", metavar="JOB_ID")
@@ -168,12 +179,16 @@ async def _serve(
 
 
 def _submit(args: argparse.Namespace, client: AdminClient, spec: dict[str, Any]) -> int:
-    job_id = client.submit(args.node, spec, job_id=args.job_id, ttl_s=args.ttl)
+    uploads = cli_args.parse_uploads(args.upload)
+    job_id = client.submit(args.node, spec, job_id=args.job_id, ttl_s=args.ttl, uploads=uploads)
     print(job_id, flush=True)
     if not args.wait:
         return 0
     job = client.wait(job_id, timeout_s=args.timeout)
     print(_outcome(job))
+    if args.out is not None:
+        for path in download_outputs(client, job, args.out):
+            print(f"{args.out / path}")
     return 0 if job.get("state") == "completed" else EXIT_ERROR
 
 
@@ -230,6 +245,9 @@ def _check_admin_arguments(args: argparse.Namespace) -> dict[str, Any]:
         cli_args.check_job_id(args.job_id)
     if args.ttl is not None:
         cli_args.check_ttl(args.ttl)
+    cli_args.parse_uploads(args.upload)
+    if args.out is not None and not args.wait:
+        raise JobError("bad_request", "--out needs --wait: outputs exist once the job ended")
     return load_spec_file(args.spec_file)
 
 

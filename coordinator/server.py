@@ -34,6 +34,7 @@ from coordinator import api, keys, offers
 from coordinator.admin import AdminFile, AdminListener, new_token, write_admin_file
 from coordinator.admission import Settings, TokenBucket
 from coordinator.api_util import HttpAnswer, HttpRequest
+from coordinator.artifacts import ArtifactStore, job_outputs
 from coordinator.connection import AgentSessions, Shared, handle
 from coordinator.images import ImagePinner
 from coordinator.job_service import JobService
@@ -64,6 +65,8 @@ class Coordinator:
         ssl_context: ssl.SSLContext | None = None,
         admin_port: int = 0,
         pinner: ImagePinner | None = None,
+        artifacts_port: int = 0,
+        artifact_node_max_bytes: int = 16 << 30,
     ) -> None:
         self.host = host
         self.pinner = pinner or ImagePinner()
@@ -81,6 +84,16 @@ class Coordinator:
         self.retained = asyncio.Event()
         """Set after each retention pass (cleared by whoever waits for the next one)."""
         self._admin = AdminListener(self._admin_request, port=admin_port)
+        # Where nodes PUT outputs: reachable as the websocket port is, under the same TLS.
+        self._artifact_listener = AdminListener(
+            self._artifact_read,
+            host=host,
+            port=artifacts_port,
+            ssl_context=ssl_context,
+            stream=self._artifact_put,
+        )
+        self._artifact_node_max_bytes = artifact_node_max_bytes
+        self.artifacts: ArtifactStore | None = None
         self.admin_token = new_token()
         """The bearer token of the admin API's writes (also in :attr:`admin_file`)."""
         self.admin_file: Path | None = None
@@ -118,6 +131,12 @@ class Coordinator:
         return f"{scheme}://{self._url_host()}:{self.port}/"
 
     @property
+    def artifacts_url(self) -> str:
+        """The artifact listener's base URL, as nodes reach it."""
+        scheme = "https" if self.ssl_context is not None else "http"
+        return f"{scheme}://{self._url_host()}:{self._artifact_listener.port}"
+
+    @property
     def admin_url(self) -> str:
         """The admin API's base URL: ``http://127.0.0.1:PORT``."""
         return self._admin.url
@@ -136,6 +155,12 @@ class Coordinator:
         )
         store = Store(self.db_path, quotas)
         sessions: AgentSessions = OpenSessions()
+        self.artifacts = ArtifactStore(
+            self.state_dir,
+            job_of=lambda job_id: job_outputs(store.jobs.get(job_id)),
+            node_max_bytes=self._artifact_node_max_bytes,
+            clock=self._clock,
+        )
         self._shared = Shared(
             key=self.key,
             store=store,
@@ -147,7 +172,15 @@ class Coordinator:
                 settings.new_keys_per_s, settings.new_keys_burst, time.monotonic()
             ),
             sessions=sessions,
-            jobs=JobService(store, self.key, sessions, self._clock, self.pinner),
+            jobs=JobService(
+                store,
+                self.key,
+                sessions,
+                self._clock,
+                self.pinner,
+                artifacts=self.artifacts,
+                artifacts_url=lambda: self.artifacts_url,
+            ),
         )
         try:
             self._server = await ws_serve(
@@ -164,6 +197,7 @@ class Coordinator:
                 ssl=self.ssl_context,
             )
             await self._admin.start()
+            await self._artifact_listener.start()
             if settings.retention_interval_s > 0:
                 self._retention = asyncio.create_task(self._retain())
             admin = AdminFile(url=self._admin.url, token=self.admin_token)
@@ -179,6 +213,10 @@ class Coordinator:
             await asyncio.gather(self._retention, return_exceptions=True)
             self._retention = None
         await self._admin.stop()
+        await self._artifact_listener.stop()
+        if self.artifacts is not None:
+            self.artifacts.close()
+            self.artifacts = None
         if self._server is not None:
             self._server.close()
             await self._server.wait_closed()
@@ -252,6 +290,14 @@ class Coordinator:
             connected=self.connected(),
             jobs=self.jobs,
         )
+
+    async def _artifact_put(self, request: HttpRequest, reader: asyncio.StreamReader) -> HttpAnswer:
+        assert self.artifacts is not None  # the listener runs only while started
+        return await self.artifacts.receive(request, reader)
+
+    async def _artifact_read(self, request: HttpRequest) -> HttpAnswer:
+        """The artifact listener's other requests: the read API, as on the main port."""
+        return api.route(request.method, request.target, self.store, self.jobs, self.connected())
 
     def _process_request(self, connection: ServerConnection, request: Request) -> Response | None:
         if request.path.split("?", 1)[0] == AGENT_PATH:
