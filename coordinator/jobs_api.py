@@ -11,6 +11,7 @@ from typing import Any, TypeVar
 
 import msgspec
 
+from agent.protocol import crypto
 from coordinator.api_util import MAX_LIMIT, HttpAnswer, coded_error, error, json_answer
 from coordinator.artifacts import output_problems
 from coordinator.errors import JobError
@@ -169,9 +170,11 @@ def _outputs(jobs: JobService, job: JobRow) -> dict[str, Any]:
     if jobs.artifacts is None:
         return {"outputs": [], "output_problems": []}
     stored = jobs.artifacts.outputs(job.job_id)
+    # The envelope's payload is the offer as signed: which outputs were to come here.
+    offer = msgspec.json.decode(crypto.b64decode(job.offer["payload"]))
     ours = {
         path
-        for path, target in job.offer.get("uploads", {}).items()
+        for path, target in offer.get("uploads", {}).items()
         if f"/artifacts/{job.job_id}?" in target.get("url", "")
     }
     receipt = job.result.receipt if job.result is not None else {}
