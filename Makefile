@@ -56,6 +56,7 @@ bench: $(VENV)/.test
 	$(BIN)/python bench/link.py
 	$(BIN)/python bench/daemon.py
 	$(BIN)/python bench/tray.py
+	$(BIN)/python bench/pull.py
 
 # Both packages: gpu-agent (the service) and gpu-agent-tray (the tray and its Qt).
 deb: $(VENV)/.test

@@ -197,7 +197,7 @@ def _sample(config: HalConfig, args: argparse.Namespace) -> int:
     import msgspec
 
     from hal.host import host_sample
-    from hal.registry import Hal
+    from hal.machine import Hal
     from hal.types import Sample
 
     interval: float = args.interval

@@ -61,7 +61,7 @@ from agent.protocol.session import AgentHandshake  # noqa: E402
 from coordinator import keys  # noqa: E402
 from hal.backend import HalConfig  # noqa: E402
 from hal.host import host_sample  # noqa: E402
-from hal.registry import Hal  # noqa: E402
+from hal.machine import Hal  # noqa: E402
 from hal.types import Sample  # noqa: E402
 
 CAPTURE = ROOT / "tests" / "fixtures" / "nvidia-smi-xml" / "dual_a5000-v13.xml"

@@ -24,7 +24,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 from images import build_busybox_image  # noqa: E402
 
 from sandbox.docker_api import DockerClient  # noqa: E402
-from sandbox.results import Finished  # noqa: E402
+from sandbox.events import Finished  # noqa: E402
 from sandbox.runner import Runner, RunnerConfig  # noqa: E402
 from sandbox.spec import WorkloadSpec, load_spec  # noqa: E402
 

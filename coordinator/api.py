@@ -24,6 +24,8 @@ Write (the admin listener only, from loopback, with ``Authorization: Bearer <tok
 
 - ``POST /api/jobs`` ``{"node_id", "spec", "job_id"?, "ttl_s"?}`` -> 201 ``{"job_id", "url"}``
 - ``POST /api/jobs/{id}/cancel`` ``{"reason"?}`` (or no body) -> 202 ``{"job_id"}``
+- ``POST /api/nodes/{id}/prefetch`` ``{"image"}`` -> 202 ``{"node_id", "image"}`` (the image
+  pinned): the node pulls it now, before a job needs it
 
 Errors are ``{"error": {"code", "detail"}}``: 400 ``bad_request``, ``bad_spec``,
 ``bad_job_id``, ``bad_ttl``, ``bad_reason``, ``spec_too_large``; 401 ``unauthorized``;
@@ -133,6 +135,8 @@ async def admin_route(
             return await jobs_api.submit(jobs, request.body)
         if len(parts) == 4 and parts[:2] == ["api", "jobs"] and parts[3] == "cancel":
             return await jobs_api.cancel(jobs, parts[2], request.body)
+        if len(parts) == 4 and parts[:2] == ["api", "nodes"] and parts[3] == "prefetch":
+            return await jobs_api.prefetch(jobs, parts[2], request.body)
     except JobError as exc:
         status = _JOB_ERROR_STATUS.get(exc.code, HTTPStatus.BAD_REQUEST)
         return coded_error(status, exc.code, exc.detail)

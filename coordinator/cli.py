@@ -133,6 +133,12 @@ def _parser() -> _Parser:
         "--out", type=Path, metavar="DIR", help="with --wait: fetch the outputs here, checked"
     )
     _admin_options(submit)
+    prefetch = commands.add_parser(
+        "prefetch", help="ask a node to pull an image now (a tag is pinned first)"
+    )
+    prefetch.add_argument("image", metavar="IMAGE", help="name@sha256:<digest>, or name:tag")
+    prefetch.add_argument("--node", required=True, help="the node id to pull it")
+    _admin_options(prefetch)
     cancel = commands.add_parser("cancel", help="ask a job's node to stop it")
     cancel.add_argument("job_id", metavar="JOB_ID")
     cancel.add_argument("--reason", default="", help="told to the node")
@@ -238,6 +244,8 @@ def _check_admin_arguments(args: argparse.Namespace) -> dict[str, Any]:
     if args.command == "cancel":
         cli_args.check_job_id(args.job_id)
         cli_args.check_reason(args.reason)
+    if args.command == "prefetch":
+        cli_args.check_node_id(args.node)
     if args.command != "submit":
         return {}
     cli_args.check_node_id(args.node)
@@ -263,6 +271,9 @@ def _admin_command(args: argparse.Namespace) -> int:
             return _submit(args, client, spec)
         if args.command == "cancel":
             client.cancel(args.job_id, args.reason)
+            return 0
+        if args.command == "prefetch":
+            print(client.prefetch(args.node, args.image))
             return 0
         return _jobs(args, client)
     except AdminError as exc:
@@ -338,7 +349,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _command(parser: _Parser, args: argparse.Namespace) -> int:
-    if args.command in ("submit", "cancel", "jobs"):
+    if args.command in ("submit", "cancel", "prefetch", "jobs"):
         return _admin_command(args)
     if args.command == "key":
         return _key_command(args)

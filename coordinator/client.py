@@ -127,6 +127,14 @@ class AdminClient:
         """Ask the job's node to stop it."""
         self._request("POST", f"/api/jobs/{quote(job_id, safe='')}/cancel", {"reason": reason})
 
+    def prefetch(self, node_id: str, image: str) -> str:
+        """Ask a node to pull an image now; the image as pinned."""
+        path = f"/api/nodes/{quote(node_id, safe='')}/prefetch"
+        pinned = self._request("POST", path, {"image": image}).get("image")
+        if not isinstance(pinned, str):
+            raise AdminError("bad_answer", f"no image in the answer: {pinned!r}")
+        return pinned
+
     def jobs(self) -> list[dict[str, Any]]:
         """Every job, newest first (``GET /api/jobs``)."""
         jobs = self._request("GET", "/api/jobs").get("jobs")

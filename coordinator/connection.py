@@ -34,29 +34,21 @@ from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
 
 from agent.protocol import crypto, dsse
+from agent.protocol.connection import CoordinatorConnection
 from agent.protocol.errors import AuthError, DecodeError, LimitExceeded, ProtocolError, SessionEnded
+from agent.protocol.events import Acked, Close, Deliver, PeerError
 from agent.protocol.messages import (
-    AGENT_SENDS,
-    Ack,
     AttestRequest,
     AttestRequestBody,
-    Error,
     JobLog,
     JobResult,
     JobStatus,
-    Message,
-    NodeStatus,
     Profile,
     ReliableBody,
     ReliableMessage,
-    Telemetry,
-    decode_frame,
-    encode_frame,
-    error_message,
     message_type,
-    require_text,
 )
-from agent.protocol.session import CoordinatorHandshake, ReliableReceiver, ReliableSender
+from agent.protocol.reliable import ReliableSender
 from coordinator.admission import Settings, Strikes, TokenBucket
 from coordinator.handshake import (
     CLOSE_POLICY,
@@ -77,8 +69,6 @@ _log = logging.getLogger(__name__)
 
 #: RFC 6455 section 7.4.1: 1000 "normal closure", after the ``superseded`` error.
 CLOSE_SUPERSEDED = 1000
-#: The reliable types an agent sends.
-_RELIABLE_IN = (Profile, Telemetry, NodeStatus, JobStatus, JobLog, JobResult)
 #: Nonce refusals that leave a node-signed profile stored as unverified, not refused.
 _UNVERIFIED_NONCE = frozenset({"stale_nonce", "replayed_nonce"})
 #: The open session of each connected node.
@@ -96,18 +86,18 @@ class Shared(Gate):
 async def handle(ws: ServerConnection, shared: Shared) -> None:
     """Serve one agent until it goes away or breaks the protocol."""
     try:
-        hs = await authenticate(ws, shared)
-        if hs is None:
+        conn = await authenticate(ws, shared)
+        if conn is None:
             return
-        session = _take_over(ws, shared, hs)
+        session = _take_over(ws, shared, conn)
         if session is None:
-            await send(ws, hs.messages_to_send())
+            await send(ws, conn.frames_to_send())
             await close(ws, CLOSE_POLICY)
             return
     except ConnectionClosed:
         return
     try:
-        await session.open(hs)
+        await session.open()
         await session.run()
     except ConnectionClosed:
         pass
@@ -116,29 +106,32 @@ async def handle(ws: ServerConnection, shared: Shared) -> None:
         session.done.set()
 
 
-def _take_over(ws: ServerConnection, shared: Shared, hs: CoordinatorHandshake) -> _Session | None:
-    """Make this connection the node's one session; None after refusing it (queued in hs).
+def _take_over(
+    ws: ServerConnection, shared: Shared, conn: CoordinatorConnection
+) -> _Session | None:
+    """Make this connection the node's one session; None after refusing it (queued in conn).
 
     Nothing here awaits: from reading the store to registering the new session no other
     connection runs, so a node never has two sessions, and the one it replaces stops
     storing at once (:meth:`_Session.supersede`), before the new one reads where the
     node's streams stand.
     """
-    hello, store = hs.hello, shared.store
+    hello, store = conn.handshake.hello, shared.store
     assert hello is not None
     node_id, now = hello.node_id, shared.clock()
     try:
-        check_admission(shared, hs)
+        check_admission(shared, conn.handshake)
         store.nodes.seen(node_id, hello.public_key, now)
         sender = store.streams.resume_sender(node_id, hello.last_coordinator_seq)
     except ProtocolError as exc:
-        hs.refuse(exc)
+        conn.refuse(exc)
         return None
     store.streams.purge_nonces(now - shared.settings.attest_nonce_ttl_s)
     old = shared.sessions.get(node_id)
     if old is not None:
         old.supersede()
-    session = _Session(ws, shared, node_id, sender, replaces=old)
+    conn.resume(sender, store.nodes.last_agent_seq(node_id))
+    session = _Session(ws, shared, node_id, conn, sender, replaces=old)
     shared.sessions.put(session)
     return session
 
@@ -151,6 +144,7 @@ class _Session:
         ws: ServerConnection,
         shared: Shared,
         node_id: str,
+        conn: CoordinatorConnection,
         sender: ReliableSender,
         *,
         replaces: _Session | None,
@@ -161,9 +155,11 @@ class _Session:
         self.node_id = node_id
         public_key = crypto.b64decode(self.store.nodes.public_key(node_id) or "")
         self.trusted = {crypto.key_id(public_key): public_key}
-        self.receiver = ReliableReceiver(self.store.nodes.last_agent_seq(node_id))
-        self.receiver.resume()
+        self.conn = conn
+        """The protocol's machine; this session carries out its events."""
         self.sender = sender
+        """The machine's sender (:meth:`CoordinatorConnection.resume`): read here, for
+        :class:`OpenSessions`; only the machine numbers and acknowledges."""
         self.done = asyncio.Event()
         """Set when the session is over, so that a newer connection can take over."""
         self.superseded = False
@@ -182,8 +178,6 @@ class _Session:
         self._advanced = False
         """Whether the frame being handled stored a new message of the node's stream."""
         self._quota_strikes = Strikes(settings.abuse_strikes)
-        self._open = False
-        self._sent_seq = 0
         self._send_lock = asyncio.Lock()
 
     def supersede(self) -> None:
@@ -193,14 +187,14 @@ class _Session:
 
     async def close_superseded(self) -> None:
         """Tell the agent (``superseded``), close, and wait until the session is over."""
-        error = SessionEnded("superseded", "a newer connection of this node took over")
+        self.conn.fail(SessionEnded("superseded", "a newer connection of this node took over"))
         # Gone already is fine: what matters is that it is closed.
         with contextlib.suppress(ConnectionClosed):
-            await self.ws.send(encode_frame(error_message(error)))
+            await self._flush()
         await self.ws.close(CLOSE_SUPERSEDED, "superseded")
         await self.done.wait()
 
-    async def open(self, hs: CoordinatorHandshake) -> None:
+    async def open(self) -> None:
         """Close the session this one replaces; then send ``welcome``, and what the agent
         has not stored of the coordinator's stream."""
         if self._replaces is not None:
@@ -208,14 +202,11 @@ class _Session:
             self._replaces = None
         if self.superseded:  # an even newer connection came meanwhile
             return
-        hs.accept(
+        self.conn.accept(
             session_id="s-" + secrets.token_hex(8),
-            last_agent_seq=self.store.nodes.last_agent_seq(self.node_id),
             heartbeat_s=self.shared.settings.heartbeat_s,
             telemetry_interval_s=self.shared.settings.telemetry_interval_s,
         )
-        await send(self.ws, hs.messages_to_send())
-        self._open = True
         await self._flush()
 
     async def run(self) -> None:
@@ -232,22 +223,37 @@ class _Session:
             if self.superseded:
                 continue
             self._advanced = False
-            ref_seq: int | None = None
-            try:
-                message = decode_frame(require_text(raw), accept=AGENT_SENDS)
-                ref_seq = getattr(message, "seq", None)
-                await self._on_message(message)
-            except ProtocolError as exc:
-                await self.ws.send(encode_frame(error_message(exc, ref_seq)))
-                abuse = exc.code == "quota_exceeded" and self._quota_strikes.strike()
-                if exc.closes or abuse:
-                    await close(self.ws, CLOSE_POLICY, exc.code)
-                    return
+            if await self._receive(raw):
+                return
             # Over the rate, a frame that moved the stream on was only slowed down (an
             # agent replaying its backlog); anything else (junk, acks, resends) is abuse.
             if held and not self._advanced and self._rate_strikes.strike():
                 await close(self.ws, CLOSE_POLICY, "rate_limited")
                 return
+
+    async def _receive(self, raw: str | bytes) -> bool:
+        """Carry out what one frame means; whether the connection is closed."""
+        for event in self.conn.receive_frame(raw, self.shared.clock()):
+            if isinstance(event, Acked):
+                self.store.streams.ack_outbound(self.node_id, event.seq)
+            elif isinstance(event, PeerError):
+                _log.info("%s sent error %s: %s", self.node_id, event.code, event.detail)
+            elif isinstance(event, Deliver):
+                try:
+                    await self._on_reliable(event.message)
+                except ProtocolError as exc:
+                    closes = self.conn.fail(exc, event.message.seq)
+                    await self._flush()
+                    abuse = exc.code == "quota_exceeded" and self._quota_strikes.strike()
+                    if closes or abuse:
+                        await close(self.ws, CLOSE_POLICY, exc.code)
+                        return True
+            elif isinstance(event, Close):
+                await self._flush()
+                await close(self.ws, CLOSE_POLICY, event.error.code)
+                return True
+        await self._flush()
+        return False
 
     async def _hold(self) -> bool:
         """Hold the next frame until the node's rate allows it; whether it was held.
@@ -264,7 +270,8 @@ class _Session:
             self._throttled = True
             rate = self.shared.settings.frames_per_s
             error = LimitExceeded("rate_limited", f"over {rate:g} frames/s: frames are held")
-            await self.ws.send(encode_frame(error_message(error)))
+            self.conn.fail(error)
+            await self._flush()
         await asyncio.sleep(wait)
         return True
 
@@ -275,7 +282,7 @@ class _Session:
         agent may acknowledge it after a restart of ours. A connection that closed
         meanwhile is no error: the message goes out after the node's next handshake.
         """
-        message = self.sender.send(body)
+        message = self.conn.send_reliable(body)
         assert message.seq == seq, f"{self.node_id}: stored as {seq}, numbered {message.seq}"
         try:
             await self._flush()
@@ -284,15 +291,10 @@ class _Session:
             _log.info("%s: closed; %s %d goes out on the next connection", self.node_id, kind, seq)
 
     async def _flush(self) -> None:
-        """Send, in seq order, what is pending and not yet sent in this session."""
-        # One flush at a time, and nothing before welcome: the agent sees seqs in order.
+        """Write what the machine queued, in order (it queues nothing before welcome)."""
+        # One flush at a time: the agent sees seqs in order.
         async with self._send_lock:
-            if not self._open:
-                return
-            for message in self.sender.pending():
-                if message.seq > self._sent_seq:
-                    await self.ws.send(encode_frame(message))
-                    self._sent_seq = message.seq
+            await send(self.ws, self.conn.frames_to_send())
 
     async def _attest_request(self) -> None:
         """Ask for a fresh attestation, unless a request is still unacknowledged."""
@@ -301,35 +303,18 @@ class _Session:
         # stale profile must not pile up requests (and nonces) it never acknowledges.
         if self.superseded:  # the newer session asks for its own
             return
-        if any(isinstance(m, AttestRequest) for m in self.sender.pending()):
+        if any(isinstance(m, AttestRequest) for m in self.conn.pending()):
             return
         nonce = new_nonce()
         self.store.streams.issue_nonce(self.node_id, nonce, self.shared.clock())
         body = AttestRequestBody(nonce=nonce)
-        seq = self.sender.next_seq
+        seq = self.conn.next_seq
         self.store.streams.add_outbound(
             self.node_id, seq, "attest_request", msgspec.to_builtins(body)
         )
         await self.send_stored(body, seq)
 
-    async def _on_message(self, message: Message) -> None:
-        kind = message_type(message)
-        if isinstance(message, Ack):
-            self.sender.on_ack(message.body.seq)
-            self.store.streams.ack_outbound(self.node_id, message.body.seq)
-        elif isinstance(message, Error):
-            # Never answer an error with an error: that could ping-pong forever.
-            _log.info("%s sent error %s: %s", self.node_id, message.body.code, message.body.detail)
-        elif isinstance(message, _RELIABLE_IN):
-            await self._on_reliable(message)
-        else:
-            raise DecodeError("unknown_type", f"{kind!r} is a handshake message; session is open")
-
     async def _on_reliable(self, message: ReliableMessage) -> None:
-        if not self.receiver.receive(message):
-            # A resend of what is stored: drop it, acknowledge again.
-            await self._ack()
-            return
         kind, now = message_type(message), self.shared.clock()
         unverified: Unverified | None = None
         if isinstance(message, JobStatus | JobLog | JobResult):
@@ -353,7 +338,8 @@ class _Session:
             )
         # The add committed: only now may the agent forget the message.
         self._advanced = added != "duplicate"
-        await self._ack()
+        self.conn.handled(message.seq)
+        await self._flush()
         if added == "shed":
             raise LimitExceeded("quota_exceeded", f"over the storage quota: {kind} shed")
         self._quota_strikes.clear()
@@ -391,11 +377,6 @@ class _Session:
                 raise
             return profile, None, Unverified(reason=exc.code, detail=exc.detail)
         return profile, nonce, None
-
-    async def _ack(self) -> None:
-        ack = self.receiver.take_ack()
-        if ack is not None:
-            await self.ws.send(encode_frame(ack))
 
 
 def _envelope(raw: Any) -> dsse.Envelope:

@@ -67,13 +67,18 @@ async function refresh() {
       + '<td class="job-id"><a href="/api/jobs/' + encodeURIComponent(j.job_id) + '">'
       + text(j.job_id) + "</a></td>"
       + '<td class="node">' + text(j.node_id) + "</td>"
-      + '<td class="state">' + text(j.state) + (j.code ? " (" + text(j.code) + ")" : "")
+      + '<td class="state">' + text(j.state)
+      + (j.pull_bytes ? " " + percent(j.pulled_bytes, j.pull_bytes) + "%" : "")
+      + (j.code ? " (" + text(j.code) + ")" : "")
       + "</td>"
       + '<td class="updated">' + text(new Date(j.updated * 1000).toISOString()) + "</td></tr>"
     ).join("") || "<tr><td colspan=4>no jobs";
   } catch (e) {
     document.getElementById("jobs").innerHTML = "<tr><td colspan=4>" + text(e);
   }
+}
+function percent(done, total) {
+  return Math.floor(100 * Math.min(done, total) / total);
 }
 refresh();
 setInterval(refresh, 2000);

@@ -1,6 +1,6 @@
 """The coordinator's side of the handshake, up to an authenticated node; and admission.
 
-Drives :class:`agent.protocol.session.CoordinatorHandshake` over a websocket. Two checks of
+Drives :class:`agent.protocol.connection.CoordinatorConnection` up to ``welcome``. Two checks of
 :mod:`coordinator.admission` come at ``hello``, before any signing is spent on the peer:
 the allow-list, and the rate of handshakes from keys the store does not know. The
 enrolment token comes in ``auth``, and is checked once the node has proved its key
@@ -19,18 +19,12 @@ from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
 
 from agent.protocol import crypto
-from agent.protocol.errors import AuthError, LimitExceeded, ProtocolError
+from agent.protocol.connection import CoordinatorConnection
+from agent.protocol.errors import AuthError, LimitExceeded
+from agent.protocol.events import Close
 from agent.protocol.limits import NONCE_BYTES
-from agent.protocol.messages import (
-    AGENT_SENDS,
-    Hello,
-    Message,
-    decode_frame,
-    encode_frame,
-    error_message,
-    require_text,
-)
-from agent.protocol.session import CoordinatorHandshake, HandshakeState, NonceBook
+from agent.protocol.messages import HelloBody
+from agent.protocol.session import CoordinatorHandshake, NonceBook
 from coordinator.admission import Settings, TokenBucket, admit
 from coordinator.keys import CoordinatorKey
 from coordinator.store import Store
@@ -83,59 +77,50 @@ async def close(ws: ServerConnection, code: int, reason: str = "") -> None:
     await closing
 
 
-async def send(ws: ServerConnection, messages: list[Message]) -> None:
-    """Send each message, in order."""
-    for message in messages:
-        await ws.send(encode_frame(message))
+async def send(ws: ServerConnection, frames: list[str]) -> None:
+    """Write each frame, in order."""
+    for frame in frames:
+        await ws.send(frame)
 
 
-async def authenticate(ws: ServerConnection, gate: Gate) -> CoordinatorHandshake | None:
+async def authenticate(ws: ServerConnection, gate: Gate) -> CoordinatorConnection | None:
     """Run the handshake until the node has proved its key; None after refusing it.
 
-    The machine returned is ``AUTHENTICATED``: the caller accepts (``welcome``) or refuses.
+    The connection returned is ``authenticated``: the caller accepts (``welcome``) or
+    refuses.
     """
     key = gate.key
-    hs = CoordinatorHandshake(
+    conn = CoordinatorConnection(
         key_id=key.key_id,
         sign=key.sign,
         verify=crypto.verify,
         node_id_of=crypto.node_id,
         nonces=gate.nonces,
         new_nonce=new_nonce,
+        check_hello=lambda hello: _at_hello(gate, hello),
     )
-    while hs.state is not HandshakeState.AUTHENTICATED:
+    while not conn.authenticated:
         try:
             async with asyncio.timeout(gate.settings.handshake_timeout_s):
                 raw = await ws.recv()
         except TimeoutError:
             await close(ws, CLOSE_POLICY, "handshake timed out")
             return None
-        try:
-            message = decode_frame(require_text(raw), accept=AGENT_SENDS)
-            if isinstance(message, Hello):
-                _at_hello(gate, message)
-        except ProtocolError as exc:
+        events = conn.receive_frame(raw, gate.clock())
+        await send(ws, conn.frames_to_send())
+        if any(isinstance(event, Close) for event in events):
             # During the handshake every error closes (docs/protocol.md, "Handshake").
-            await send(ws, [error_message(exc)])
             await close(ws, CLOSE_POLICY)
             return None
-        try:
-            hs.receive(message, gate.clock())
-        except ProtocolError:
-            # The machine queued the error (none when the agent itself sent one).
-            await send(ws, hs.messages_to_send())
-            await close(ws, CLOSE_POLICY)
-            return None
-        await send(ws, hs.messages_to_send())
-    return hs
+    return conn
 
 
-def _at_hello(gate: Gate, hello: Hello) -> None:
+def _at_hello(gate: Gate, hello: HelloBody) -> None:
     """The checks that need no proof of the key: cheap refusals before any signing."""
-    settings, body = gate.settings, hello.body
+    settings = gate.settings
     if settings.admission == "allow_list":
-        admit(settings, node_id=body.node_id, public_key=body.public_key, known=True, token=None)
-    if gate.store.nodes.public_key(body.node_id) is None and not gate.new_keys.try_take(
+        admit(settings, node_id=hello.node_id, public_key=hello.public_key, known=True, token=None)
+    if gate.store.nodes.public_key(hello.node_id) is None and not gate.new_keys.try_take(
         gate.monotonic()
     ):
         raise LimitExceeded("rate_limited", "too many handshakes from new keys; retry later")

@@ -20,6 +20,7 @@ from agent.protocol import crypto, dsse
 from agent.protocol.jobs import FINAL_STATES
 from agent.protocol.limits import MAX_ERROR_DETAIL_CHARS
 from agent.protocol.messages import (
+    ImagePrefetchBody,
     JobCancelBody,
     JobLog,
     JobResult,
@@ -174,6 +175,33 @@ class JobService:
         self._store.jobs.add_cancel(job.node_id, body, seq, self._clock())
         await self._sessions.send(job.node_id, body, seq)
 
+    async def prefetch(self, node_id: str, image: str) -> str:
+        """Ask ``node_id`` to pull ``image`` now (``image_prefetch``), so that the first job
+        on it does not wait for the pull; a tag is pinned to its digest first. Returns the
+        pinned reference.
+
+        Raises:
+            JobError: ``unknown_node``, ``bad_image`` (not an image reference, or a local
+                image id: a node cannot pull that), and the registry's codes of a tag that
+                cannot be pinned.
+        """
+        store = self._store
+        if not isinstance(node_id, str) or store.nodes.public_key(node_id) is None:
+            raise JobError("unknown_node", f"no node {node_id!r} ever connected")
+        if not isinstance(image, str):
+            raise JobError("bad_image", "an image is a string")
+        pinned = (await self._pinner.pin({"image": image}))["image"]
+        try:
+            body = msgspec.convert({"image": pinned}, ImagePrefetchBody)
+        except msgspec.ValidationError:
+            raise JobError(
+                "bad_image", f"{image!r}: a node pulls name@sha256:<digest> (or a tag of one)"
+            ) from None
+        seq = self._next_seq(node_id)
+        store.streams.add_outbound(node_id, seq, "image_prefetch", msgspec.to_builtins(body))
+        await self._sessions.send(node_id, body, seq)
+        return body.image
+
     def report(self, node_id: str, message: JobMessage, now: float) -> Added:
         """Store what ``node_id`` says about a job, and apply it to the job, in one commit.
 
@@ -195,6 +223,10 @@ class JobService:
         else:
             job = message.body
         return self._store.add(node_id, message.seq, message_type(message), body, now, job=job)
+
+    def pull_progress(self, job: JobSummary) -> tuple[int, int] | None:
+        """How far a pulling job's image pull is, (bytes done, in all), as last reported."""
+        return self._store.nodes.job_progress(job.node_id, job.job_id)
 
     def get(self, job_id: str) -> JobRow | None:
         """One job, or None when there is no such job."""

@@ -19,7 +19,7 @@ from coordinator.job_service import JobService
 from coordinator.jobs_store import JobRow, JobSummary
 from coordinator.offers import DEFAULT_TTL_S
 
-__all__ = ["cancel", "job_detail", "job_list", "job_output", "submit"]
+__all__ = ["cancel", "job_detail", "job_list", "job_output", "prefetch", "submit"]
 
 _T = TypeVar("_T")
 
@@ -38,6 +38,10 @@ class _Cancel(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=T
     reason: str = ""
 
 
+class _Prefetch(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    image: str
+
+
 def job_list(jobs: JobService, query: dict[str, list[str]]) -> HttpAnswer:
     """``GET /api/jobs``: newest first, of one node with ``?node_id=``."""
     try:
@@ -47,7 +51,9 @@ def job_list(jobs: JobService, query: dict[str, list[str]]) -> HttpAnswer:
     if limit < 1:
         return error(HTTPStatus.BAD_REQUEST, "limit >= 1")
     node_id = query.get("node_id", [None])[0]
-    return json_answer({"jobs": [_summary(j) for j in jobs.recent(node_id=node_id, limit=limit)]})
+    return json_answer(
+        {"jobs": [_summary(jobs, j) for j in jobs.recent(node_id=node_id, limit=limit)]}
+    )
 
 
 def job_detail(jobs: JobService, job_id: str, connected: Collection[str]) -> HttpAnswer:
@@ -105,6 +111,17 @@ async def cancel(jobs: JobService, job_id: str, body: bytes) -> HttpAnswer:
     return json_answer({"job_id": job_id}, HTTPStatus.ACCEPTED)
 
 
+async def prefetch(jobs: JobService, node_id: str, body: bytes) -> HttpAnswer:
+    """``POST /api/nodes/{id}/prefetch`` ``{"image"}``: send ``image_prefetch``.
+
+    Raises:
+        JobError: as :meth:`JobService.prefetch`, or ``bad_request``.
+    """
+    request = _decode(body or b"null", _Prefetch)
+    image = await jobs.prefetch(node_id, request.image)
+    return json_answer({"node_id": node_id, "image": image}, HTTPStatus.ACCEPTED)
+
+
 def _decode(body: bytes, kind: type[_T]) -> _T:
     try:
         return msgspec.json.decode(body, type=kind)
@@ -112,8 +129,8 @@ def _decode(body: bytes, kind: type[_T]) -> _T:
         raise JobError("bad_request", f"the body is not the expected JSON object: {exc}") from None
 
 
-def _summary(job: JobSummary) -> dict[str, Any]:
-    return {
+def _summary(jobs: JobService, job: JobSummary) -> dict[str, Any]:
+    summary: dict[str, Any] = {
         "job_id": job.job_id,
         "node_id": job.node_id,
         "state": job.state,
@@ -122,6 +139,9 @@ def _summary(job: JobSummary) -> dict[str, Any]:
         "updated": job.updated,
         "url": f"/api/jobs/{job.job_id}",
     }
+    if job.state == "pulling" and (progress := jobs.pull_progress(job)) is not None:
+        summary["pulled_bytes"], summary["pull_bytes"] = progress
+    return summary
 
 
 def _detail(jobs: JobService, job: JobRow, connected: Collection[str]) -> dict[str, Any]:

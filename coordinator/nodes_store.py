@@ -190,6 +190,23 @@ class NodeTable:
             seq=row[0], type=row[1], body=msgspec.json.decode(row[2]), received=row[3]
         )
 
+    def job_progress(self, node_id: str, job_id: str) -> tuple[int, int] | None:
+        """A pulling job's latest progress, (bytes done, bytes in all), from the newest
+        ``job_status`` the node sent about it; None when it carried none."""
+        row = self._db.execute(
+            "SELECT body FROM messages WHERE node_id = ? AND type = 'job_status'"
+            " AND json_extract(body, '$.job_id') = ? ORDER BY seq DESC LIMIT 1",
+            (node_id, job_id),
+        ).fetchone()
+        if row is None:
+            return None
+        layers = msgspec.json.decode(row[0]).get("progress") or []
+        if not isinstance(layers, list) or not layers:
+            return None
+        done = sum(int(layer.get("done", 0)) for layer in layers if isinstance(layer, dict))
+        total = sum(int(layer.get("total", 0)) for layer in layers if isinstance(layer, dict))
+        return done, total
+
     def all_seqs(self, node_id: str) -> list[int]:
         """Every seq stored from a node, in order (what the no-gap tests check)."""
         rows = self._db.execute(

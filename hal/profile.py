@@ -7,7 +7,7 @@ from types import TracebackType
 
 from hal import __version__
 from hal.backend import HalConfig
-from hal.registry import PendingDiscovery
+from hal.machine import PendingDiscovery
 from hal.runtime import RuntimeProbe
 from hal.types import Profile
 

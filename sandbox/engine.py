@@ -55,7 +55,7 @@ _log = logging.getLogger(__name__)
 
 # What the engine's refusals mean, per operation. _DONE: the state the caller wants holds
 # already (a stop of a stopped container, 304; a removal of a removed one, 404).
-_DONE = frozenset({("stop", 304), ("remove", 404)})
+_DONE = frozenset({("stop", 304), ("remove", 404), ("remove_image", 404)})
 # Refusals with a code of their own; every other is engine_error. Two operations mean the
 # same whatever failed: a start (start_failed, see _meaning) and a kill (not delivered).
 _CODES = {
@@ -209,6 +209,19 @@ class Engine:
             if _holds("stop", exc):
                 return False
             raise _meaning("stop", exc) from exc
+        return True
+
+    async def remove_image(self, image_id: str) -> bool:
+        """Remove an image (and its layers no other image shares); False if a container
+        still uses it (the engine refuses, 409), True if it is gone, now or before."""
+        try:
+            await self.client.request("DELETE", f"/images/{quote_ref(image_id)}")
+        except EngineError as exc:
+            if _holds("remove_image", exc):
+                return True
+            if exc.status == 409:
+                return False
+            raise _meaning("remove_image", exc) from exc
         return True
 
     async def remove(self, container_id: str) -> bool:

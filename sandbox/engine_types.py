@@ -141,6 +141,7 @@ class EngineInfo(msgspec.Struct, frozen=True, rename="pascal"):
     cgroup_driver: str = "cgroupfs"
     runtimes: dict[str, object] | None = None
     cdi_spec_dirs: list[str] | None = msgspec.field(default=None, name="CDISpecDirs")
+    docker_root_dir: str = "/var/lib/docker"
 
 
 class _ImageConfig(msgspec.Struct, frozen=True, rename="pascal"):

@@ -13,7 +13,7 @@ how a caller reacts to it::
     |     codes: engine_unreachable, engine_error, image_not_found, not_found, engine_too_old
     |     (``status``: the engine's HTTP status, when it answered; sandbox.engine maps them)
     +-- PullError                  the job's image could not be pulled (report it as an error)
-    |     codes: image_not_found, registry_auth_failed, registry_unreachable,
+    |     codes: image_not_found, registry_auth_failed, registry_unreachable, image_not_pinned,
     |            digest_mismatch, pull_timeout, disk_full, pull_failed
     +-- RunError                   the runner could not run this job (report it as an error)
           codes: start_failed, gpu_unmappable, bad_job_id, job_running, runtime_missing,

@@ -18,7 +18,7 @@ import stat
 from collections.abc import Iterable
 from pathlib import Path, PurePosixPath
 
-from sandbox.results import OutputFile
+from sandbox.events import OutputFile
 
 __all__ = ["collect_outputs"]
 

@@ -37,6 +37,15 @@ MAX_POLICY_BYTES: Final = 1 << 20
 _GLOB = re.compile(r"[*?\[]")
 _GIB = 1 << 30
 
+# A PEM public key, checked for its form here (the agent parses it: agent/jobs/images.py).
+_PublicKeyPem = Annotated[
+    str,
+    msgspec.Meta(
+        max_length=8192,
+        pattern=r"^\s*-----BEGIN PUBLIC KEY-----\n[A-Za-z0-9+/=\n]+-----END PUBLIC KEY-----\s*$",
+    ),
+]
+
 # Finite bounds on every limit: an infinite one can never be met by Docker nor shown.
 _Bytes = Annotated[int, msgspec.Meta(ge=0, le=1 << 50)]
 _DAY_S = 86400.0
@@ -60,6 +69,11 @@ class Policy(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
     max_output_bytes: _Bytes = _GIB
     allow_egress: bool = False
     runtime: Literal["runc", "runsc"] = "runc"
+    max_image_bytes: _Bytes | None = None
+    """The largest image pulled, compressed (as its registry's manifest says); None: any."""
+    image_signature_keys: Annotated[list[_PublicKeyPem], msgspec.Meta(max_length=16)] = []
+    """PEM public keys (cosign's ECDSA P-256, or Ed25519): when any, an image pulled by
+    digest must carry a cosign-style signature of that digest under one of them."""
 
     def __post_init__(self) -> None:
         # A pattern that can never match would refuse every job in silence: say so early.

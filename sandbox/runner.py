@@ -1,7 +1,7 @@
 """Run a workload spec in a hardened container, streaming its events, always cleaning up.
 
 ``Runner.run`` is an async generator: ``Created``, ``Started``, ``LogChunk``..., ``Exited``
-and last ``Finished`` with the :class:`~sandbox.results.JobResult`. Whatever happens (a
+and last ``Finished`` with the :class:`~sandbox.events.JobResult`. Whatever happens (a
 failed start, a timeout, a cancel, an exception in the caller), the container, the job's
 directories and its cgroup are removed before the generator ends. Containers carry the
 job's id in a label, so that what a crash leaves behind is found by :meth:`reap_orphans`.
@@ -28,13 +28,7 @@ from sandbox.docker_api import Attachment, DockerClient
 from sandbox.engine import Engine
 from sandbox.engine_types import ImageInfo, RegistryAuth
 from sandbox.errors import EngineError, PullError, RunError, SandboxError
-from sandbox.gpu_mapping import DeviceFacts, HostGroups, host_groups, map_gpus
-from sandbox.gvisor import reap_shims
-from sandbox.jobdir import JOB_ID, JobDir, runner_instance
-from sandbox.joblog import Drain, LogBudget
-from sandbox.outputs import collect_outputs
-from sandbox.reaper import reap_orphans, remove_cgroup
-from sandbox.results import (
+from sandbox.events import (
     Created,
     Event,
     Exited,
@@ -42,9 +36,16 @@ from sandbox.results import (
     Finished,
     JobResult,
     LogChunk,
+    Pulled,
     Pulling,
     Started,
 )
+from sandbox.gpu_mapping import DeviceFacts, HostGroups, host_groups, map_gpus
+from sandbox.gvisor import reap_shims
+from sandbox.jobdir import JOB_ID, JobDir, runner_instance
+from sandbox.joblog import Drain, LogBudget
+from sandbox.outputs import collect_outputs
+from sandbox.reaper import reap_orphans, remove_cgroup
 from sandbox.spec import ImageRef, WorkloadSpec, spec_digest
 from sandbox.uids import UidPool, can_give_files_away
 
@@ -187,6 +188,7 @@ class Runner:
                         yield progress
                 image = await self.engine.inspect_image(ref.canonical)
                 _check_pulled(ref, image)
+                yield Pulled(f"{ref.repository}@{ref.digest}", image.id, image.size)
             result.image_id = image.id  # a tag pinned to the image it names now
             job_dir.create(self.instance)
             mounts = job_dir.mounts(spec)
@@ -254,6 +256,29 @@ class Runner:
             # Last: until everything above is gone, the same job id cannot start again.
             del self._cancels[job_id]
         yield Finished(result)
+
+    async def prefetch(self, ref: ImageRef) -> Pulled | None:
+        """Pull ``ref`` now unless the engine has it (a job will want it soon); what was
+        pulled, or None when nothing was.
+
+        Raises:
+            PullError: as a job's pull; ``image_not_pinned`` for a tag or a local id.
+        """
+        if not _pullable(ref):
+            raise PullError("image_not_pinned", f"{ref.canonical}: only name@sha256:... is pulled")
+        try:
+            await self.engine.inspect_image(ref.canonical)
+        except EngineError as exc:
+            if exc.code != "image_not_found":
+                raise
+        else:
+            return None
+        async with aclosing(self._pull(ref)) as pulling:
+            async for _ in pulling:
+                pass
+        image = await self.engine.inspect_image(ref.canonical)
+        _check_pulled(ref, image)
+        return Pulled(f"{ref.repository}@{ref.digest}", image.id, image.size)
 
     async def _pull(self, ref: ImageRef) -> AsyncGenerator[Pulling, None]:
         """Pull a pinned image, yielding each layer's progress as the engine reports it."""

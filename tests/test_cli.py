@@ -179,5 +179,5 @@ def test_profile_imports_nothing_it_does_not_need(
         timeout=60,
     )
     imported = {line.rsplit("|", 1)[-1].strip() for line in shown.stderr.splitlines()}
-    assert "hal.registry" in imported  # the measurement sees the profile's own imports
+    assert "hal.machine" in imported  # the measurement sees the profile's own imports
     assert imported.isdisjoint({"logging", "argparse", "asyncio", "sqlite3", "agent.control.wire"})

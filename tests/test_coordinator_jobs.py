@@ -25,9 +25,10 @@ import pytest
 from coordinator_peer import Peer, connected, signed_receipt
 from test_dashboard import _render
 
+from agent.protocol.bodies import JobStatusBody, LayerProgress
 from agent.protocol.jobs import receipt_digest
 from agent.protocol.messages import AttestRequest, JobCancel, JobOffer
-from coordinator import keys
+from coordinator import jobs_api, keys
 from coordinator.errors import JobError
 from coordinator.jobs_store import MAX_LOG_BYTES
 from coordinator.server import Coordinator, Settings
@@ -644,3 +645,30 @@ def test_serve_writes_a_fresh_admin_token_each_start(tmp_path: Path) -> None:
         tokens.append(json.loads((server.state / "admin.json").read_text())["token"])
         server.stop()
     assert tokens[0] != tokens[1]
+
+
+async def test_the_job_list_shows_how_far_a_pull_is(coordinator: Coordinator) -> None:
+    peer = Peer()
+    async with _link(coordinator, peer) as link:
+        job_id = await coordinator.submit(peer.node_id, SPEC)
+        await link.take(JobOffer)
+        await link.status(job_id, "accepted")
+        layers = [
+            LayerProgress(layer="a", done=30, total=50),
+            LayerProgress(layer="b", done=0, total=50),
+        ]
+        await link.send(JobStatusBody(job_id=job_id, state="pulling", progress=layers))
+        [summary] = [j for j in _list(coordinator) if j["job_id"] == job_id]
+        assert (summary["state"], summary["pulled_bytes"], summary["pull_bytes"]) == (
+            "pulling",
+            30,
+            100,
+        )
+        await link.status(job_id, "running")
+        [summary] = [j for j in _list(coordinator) if j["job_id"] == job_id]
+        assert "pull_bytes" not in summary
+
+
+def _list(coordinator: Coordinator) -> list[dict[str, Any]]:
+    answer = jobs_api.job_list(coordinator.jobs, {})
+    return list(msgspec.json.decode(answer.body)["jobs"])

@@ -14,25 +14,29 @@ import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import msgspec
 import pytest
 from conftest import XML, write_control
-from support.registry import docker_push, running_registry
+from support.registry import LocalRegistry, docker_push, running_registry
 from test_link import _free_port
 
 from agent.control.client import ControlClient
 from agent.owner.policy import WEEKDAYS
+from coordinator.errors import JobError
 from coordinator.images import ImagePinner
 from coordinator.jobs_store import JobRow
 from coordinator.server import Coordinator
 from oci import Credentials
 from sandbox.container import LABEL_JOB
 from sandbox.docker_api import DockerClient
+from sandbox.errors import EngineError
 
 DUAL_A5000 = XML / "dual_a5000-v13.xml"
 
@@ -478,9 +482,20 @@ async def test_pause_for_a_while_from_the_command_line(loop: Loop) -> None:
     assert (bad.returncode, "error [bad_argument]" in bad.stderr) == (2, True)
 
 
-async def test_a_tag_submitted_is_pinned_pulled_with_the_nodes_login_and_run(
-    tmp_path: Path, library_for: Callable[[Path], Path], docker_engine: str
-) -> None:
+@dataclass
+class _Registered:
+    """A real registry with one image of its own pushed, and a daemon that may pull it."""
+
+    loop: Loop
+    registry: LocalRegistry
+    tag: str
+    pinned: str
+
+
+@asynccontextmanager
+async def _registered(
+    tmp_path: Path, library_for: Callable[[Path], Path]
+) -> AsyncIterator[_Registered]:
     (tmp_path / "registry").mkdir()
     with running_registry(tmp_path / "registry") as registry:
         # An image the engine does not have once pushed: busybox and a layer of its own.
@@ -505,25 +520,55 @@ async def test_a_tag_submitted_is_pinned_pulled_with_the_nodes_login_and_run(
         await loop.start_coordinator()
         loop.start_agent(GPU_AGENT_JOBS_REGISTRY_LOGINS_FILE=str(logins))
         try:
-            node_id = await loop.ready()
-            job_id = await loop.c.submit(node_id, job_spec(tag, "wc -c < /blob"))
-            await loop.until(lambda: loop.job(job_id).final, "the job to end")
-            # What the node ran is what was signed: the digest, not the tag.
-            offered = loop.c.store.jobs.get(job_id)
-            assert offered is not None
-            assert offered.spec["image"] == pinned
-            states = loop.states(job_id)
-            assert states[:2] == ["accepted", "pulling"]
-            assert states[-1] == "completed", loop.bodies("job_status", job_id)
-            logs = "".join(b["data"] for b in loop.bodies("job_log", job_id))
-            assert logs.strip() == str(1 << 16)
+            yield _Registered(loop, registry, tag, pinned)
         finally:
             if loop.agent is not None and loop.agent.poll() is None:
                 loop.agent.send_signal(signal.SIGTERM)
                 await loop.exited()
             await loop.stop_coordinator()
-        # The registry's password is nowhere the node or the coordinator keeps or shows.
-        secret = registry.password.encode()
-        kept = [tmp_path / "agent.log", tmp_path / "coordinator.db"]
-        kept += [p for p in (tmp_path / "agent").rglob("*") if p.is_file()]
-        assert [p for p in kept if secret in p.read_bytes()] == []
+
+
+async def test_a_tag_submitted_is_pinned_pulled_with_the_nodes_login_and_run(
+    tmp_path: Path, library_for: Callable[[Path], Path], docker_engine: str
+) -> None:
+    async with _registered(tmp_path, library_for) as it:
+        loop = it.loop
+        node_id = await loop.ready()
+        job_id = await loop.c.submit(node_id, job_spec(it.tag, "wc -c < /blob"))
+        await loop.until(lambda: loop.job(job_id).final, "the job to end")
+        # What the node ran is what was signed: the digest, not the tag.
+        assert loop.job(job_id).spec["image"] == it.pinned
+        states = loop.states(job_id)
+        assert states[:2] == ["accepted", "pulling"]
+        assert states[-1] == "completed", loop.bodies("job_status", job_id)
+        logs = "".join(b["data"] for b in loop.bodies("job_log", job_id))
+        assert logs.strip() == str(1 << 16)
+    # The registry's password is nowhere the node or the coordinator keeps or shows.
+    secret = it.registry.password.encode()
+    kept = [tmp_path / "agent.log", tmp_path / "coordinator.db"]
+    kept += [p for p in (tmp_path / "agent").rglob("*") if p.is_file()]
+    assert [p for p in kept if secret in p.read_bytes()] == []
+
+
+async def test_an_image_prefetched_is_there_when_its_first_job_comes(
+    tmp_path: Path, library_for: Callable[[Path], Path], docker_engine: str
+) -> None:
+    async with _registered(tmp_path, library_for) as it:
+        loop = it.loop
+        node_id = await loop.ready()
+        assert await loop.c.jobs.prefetch(node_id, it.tag) == it.pinned
+
+        async def pulled() -> bool:
+            try:
+                await loop.docker.request("GET", f"/images/{quote(it.pinned, safe='')}/json")
+            except EngineError:
+                return False
+            return True
+
+        await loop.until_async(pulled, True, "the prefetch to pull the image")
+        job_id = await loop.c.submit(node_id, job_spec(it.tag, "true"))
+        await loop.until(lambda: loop.job(job_id).final, "the job to end")
+        assert loop.states(job_id) == ["accepted", "running", "completed"]  # no pull
+        with pytest.raises(JobError) as refused:
+            await loop.c.jobs.prefetch(node_id, "sha256:" + "a" * 64)
+        assert refused.value.code == "bad_image"

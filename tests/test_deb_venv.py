@@ -259,7 +259,7 @@ exec chroot "$root" sh -c '
     echo "headless=$(ls /opt/gpu-agent | tr "\n" " ")"
     echo "prestart=$(/usr/lib/gpu-agent/make-venv; echo rc $?)"
     echo "system=$(runuser -u gpu-agent -- /opt/gpu-agent/venv/bin/python -c "
-from agent.config import is_system_install; print(is_system_install())")"
+from agent.config.settings import is_system_install; print(is_system_install())")"
     service=$(readlink /opt/gpu-agent/venv)
     dpkg -i /tmp/gpu-agent-tray.deb >/dev/null
     mkdir -m 700 /tmp/run

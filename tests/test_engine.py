@@ -22,9 +22,9 @@ from sandbox.docker_api import DockerClient, quote_ref
 from sandbox.engine import Engine
 from sandbox.engine_types import ContainerConfig
 from sandbox.errors import EngineError, RunError
+from sandbox.events import Finished
 from sandbox.gpu_mapping import ContainerGpus, DeviceFacts, HostGroups, map_gpus
 from sandbox.jobdir import JobMounts
-from sandbox.results import Finished
 from sandbox.runner import Runner, RunnerConfig
 from sandbox.spec import load_spec
 

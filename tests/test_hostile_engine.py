@@ -24,8 +24,8 @@ from test_runner import MiB, make_spec, run_job, runner  # noqa: F401  (the fixt
 
 from sandbox.container import volume_paths
 from sandbox.errors import EngineError, RunError
+from sandbox.events import Created, Event, Exited, Finished, JobResult, LogChunk
 from sandbox.joblog import Drain
-from sandbox.results import Created, Event, Exited, Finished, JobResult, LogChunk
 from sandbox.runner import Runner
 from sandbox.spec import WorkloadSpec
 from sandbox.uids import UidPool
@@ -370,7 +370,7 @@ import asyncio, json, os, sys
 from contextlib import aclosing
 from pathlib import Path
 from sandbox.docker_api import DockerClient
-from sandbox.results import Finished, LogChunk
+from sandbox.events import Finished, LogChunk
 from sandbox.runner import Runner, RunnerConfig
 from sandbox.spec import load_spec
 

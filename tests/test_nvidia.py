@@ -23,8 +23,8 @@ from sysfs_trees import add_pci_gpu, add_render_node
 
 from hal.backends.nvidia import NvidiaBackend, normalise_bus_id
 from hal.errors import BackendUnavailable
+from hal.machine import Hal, discover
 from hal.profile import PendingProfile
-from hal.registry import Hal, discover
 from hal.types import UNSUPPORTED, GpuProfile, GpuSample, Profile, Reading, Unavailable
 
 DUAL_A5000 = XML / "dual_a5000-v13.xml"

@@ -20,7 +20,7 @@ from hal.backend import Backend
 from hal.backends.nvidia import NvidiaBackend, normalise_bus_id
 from hal.backends.nvml import init as nvml_init
 from hal.backends.nvml_events import MAX_EVENTS_PER_DRAIN
-from hal.registry import BACKENDS, BackendSpec, Hal
+from hal.machine import BACKENDS, BackendSpec, Hal
 from hal.types import GpuProfile, GpuSample, HealthEvent
 
 DUAL_A5000 = XML / "dual_a5000-v13.xml"
@@ -283,7 +283,7 @@ def test_hal_logs_a_failing_backend_and_keeps_the_others_events(
     try:
         hal.open()
         write_control(control, "xid 0 48\n")
-        with caplog.at_level(logging.ERROR, logger="hal.registry"):
+        with caplog.at_level(logging.ERROR, logger="hal.machine"):
             assert _codes(hal.events()) == [(A5000_UUIDS[0], 48)]
     finally:
         hal.close()

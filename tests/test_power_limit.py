@@ -29,7 +29,7 @@ from hal.backends.amdgpu import AmdgpuSysfsBackend
 from hal.backends.intel import IntelSysfsBackend
 from hal.backends.nvidia import NvidiaBackend
 from hal.backends.nvml import init as nvml_init
-from hal.registry import Discovery, Hal, discover
+from hal.machine import Discovery, Hal, discover
 from hal.types import GpuProfile, PowerLimitResult
 
 DUAL_A5000 = XML / "dual_a5000-v13.xml"

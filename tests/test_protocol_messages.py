@@ -25,6 +25,7 @@ from agent.protocol.messages import (
     EnvelopeSignature,
     ErrorBody,
     HelloBody,
+    ImagePrefetchBody,
     JobCancelBody,
     JobLogBody,
     JobOfferBody,
@@ -88,6 +89,7 @@ EXAMPLES: dict[str, Message] = {
     "job_result": wrap(JobResultBody(job_id="job-1", receipt=ENVELOPE), 5),
     "job_offer": wrap(JobOfferBody(job_id="job-1", offer=ENVELOPE), 1),
     "job_cancel": wrap(JobCancelBody(job_id="job-1", reason="preempted"), 2),
+    "image_prefetch": wrap(ImagePrefetchBody(image="r.example/m@sha256:" + "5f" * 32), 3),
     "attest_request": wrap(AttestRequestBody(nonce=b64(32, 9)), 3),
     "ack": wrap(AckBody(seq=5)),
     "error": wrap(ErrorBody(code="seq_gap", detail="seq 7, expected 6", ref_seq=7)),
@@ -119,7 +121,7 @@ def test_every_message_round_trips(name: str) -> None:
 
 def test_reliable_types_are_the_streams_of_the_architecture() -> None:
     streams = {"profile", "telemetry", "node_status", "job_status", "job_log", "job_result"}
-    streams |= {"job_offer", "job_cancel", "attest_request"}
+    streams |= {"job_offer", "job_cancel", "image_prefetch", "attest_request"}
     assert streams == RELIABLE_TYPES
 
 
@@ -306,3 +308,15 @@ def test_a_frame_nested_too_deeply_is_bad_json(frame: str) -> None:
     with pytest.raises(DecodeError) as refused:
         decode_frame(frame.format(nested=nested))
     assert refused.value.code == "bad_json"
+
+
+@pytest.mark.parametrize(
+    "image",
+    ["busybox:1", "sha256:" + "a" * 64, "r.example/m@sha256:" + "A" * 64, "r/m@sha256:1\n"],
+)
+def test_a_prefetch_names_an_image_by_digest_only(image: str) -> None:
+    text = json.dumps({"v": 1, "type": "image_prefetch", "seq": 1, "body": {"image": image}})
+    with pytest.raises(DecodeError) as caught:
+        decode_frame(text)
+    assert caught.value.code == "bad_message"
+    assert "$.body.image" in caught.value.detail

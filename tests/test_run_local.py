@@ -10,7 +10,7 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from sandbox.results import Event, Finished
+from sandbox.events import Event, Finished
 
 
 def _run(tmp_path: Path, spec: str, *extra: str) -> subprocess.CompletedProcess[str]:

@@ -21,7 +21,7 @@ from conftest import require_runtime
 from sandbox.container import LABEL_MANAGED, LABEL_RUNNER
 from sandbox.docker_api import DockerClient
 from sandbox.errors import RunError
-from sandbox.results import Created, Event, Exited, Finished, JobResult, LogChunk, Started
+from sandbox.events import Created, Event, Exited, Finished, JobResult, LogChunk, Started
 from sandbox.runner import LogBudget, Runner, RunnerConfig
 from sandbox.spec import WorkloadSpec, load_spec
 

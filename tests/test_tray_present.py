@@ -366,3 +366,9 @@ def test_the_form_sends_every_field_so_the_daemon_judges_them_together() -> None
     }
     with pytest.raises(ValueError, match="go together"):
         changed(OwnerPolicy(), changes(values))
+
+
+def test_a_pulling_job_says_how_far_its_pull_is() -> None:
+    pulling = job("a", "pulling", pulled_bytes=45, pull_bytes=100)
+    shown = present(status(jobs=[pulling, job("b", "running")]), None, NOW)
+    assert "Current jobs: a (pulling 45%), b" in shown.tooltip

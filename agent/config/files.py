@@ -13,6 +13,7 @@ import errno
 import os
 import stat
 import tomllib
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Final
 
@@ -20,7 +21,7 @@ import msgspec
 
 from agent.errors import ConfigError
 from agent.protocol.bodies import EnrolmentToken
-from oci import OciError, read_logins
+from oci import Credentials, OciError, read_logins
 from sandbox.engine_types import RegistryAuth
 from sandbox.files import read_regular
 
@@ -29,6 +30,7 @@ __all__ = [
     "MAX_TOKEN_FILE_BYTES",
     "ca_file_fault",
     "directory_fault",
+    "engine_logins",
     "enrolment_token_fault",
     "read_capped",
     "read_enrolment_token",
@@ -130,17 +132,20 @@ def read_enrolment_token(path: Path) -> str:
         ) from None
 
 
-def read_registry_logins(path: Path) -> dict[str, RegistryAuth]:
-    """The registry logins in ``path`` (:func:`oci.read_logins`'s file), by registry host,
-    as the engine takes them for image pulls.
+def read_registry_logins(path: Path) -> dict[str, Credentials]:
+    """The registry logins in ``path`` (:func:`oci.read_logins`'s file), by registry host.
 
     Raises:
         ConfigError: ``bad_config``: missing, unsafe, malformed; never quoting a secret.
     """
     try:
-        logins = read_logins(path)
+        return read_logins(path)
     except OciError as exc:
         raise ConfigError("bad_config", exc.detail) from None
+
+
+def engine_logins(logins: Mapping[str, Credentials]) -> dict[str, RegistryAuth]:
+    """The logins as the engine takes them for image pulls (``X-Registry-Auth``)."""
     return {
         host: RegistryAuth(username=login.username, password=login.password, serveraddress=host)
         for host, login in logins.items()

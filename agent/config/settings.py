@@ -56,6 +56,7 @@ from agent.config.overrides import (
 )
 from agent.control.socket_file import socket_path_fault
 from agent.errors import ConfigError
+from agent.jobs.images import load_keys
 from agent.owner.policy import OwnerPolicy
 from agent.protocol import crypto
 from agent.protocol.limits import MAX_TELEMETRY_BATCH
@@ -164,6 +165,13 @@ class JobsConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_field
     config.files.read_registry_logins); None: pulls go without credentials."""
     pull_timeout_s: Annotated[float, msgspec.Meta(gt=0, le=86400)] = 120.0
     """A pull with no progress for this long fails ``pull_timeout``."""
+    registry_ca_file: Path | None = None
+    """A PEM CA bundle registries chain to, for the node's own checks of an image at its
+    registry (size, signature); the engine trusts registries through /etc/docker/certs.d."""
+    image_cache_max_bytes: _NonNegative = 64 << 30
+    """The images the agent pulled, together, at most (least recently used out first)."""
+    image_cache_min_free_bytes: _NonNegative = 5 << 30
+    """Pulled images are removed while the engine's disk has less than this free."""
     upload_spool_max_bytes: _NonNegative = 4 << 30
     """Most bytes of job outputs held for upload at once (state_dir/spool); a job whose
     offer names upload targets is admitted only if its output_max_bytes fits beside the
@@ -271,6 +279,15 @@ def is_system_install(*, euid: int | None = None, system_file: Path = SYSTEM_CON
     return (os.geteuid() if euid is None else euid) == 0 or os.path.exists(system_file)
 
 
+def _keys_fault(policy: Policy) -> str:
+    """Why the policy's image signing keys cannot be used ("" if they can)."""
+    try:
+        load_keys(policy.image_signature_keys)
+    except ValueError as exc:
+        return str(exc)
+    return ""
+
+
 def load_config(
     path: Path | None,
     env: Mapping[str, str],
@@ -337,6 +354,9 @@ def load_config(
         faults.append(("coordinator.enrolment_token_file", enrolment_token_fault(token_file)))
     if require_coordinator and (logins := config.jobs.registry_logins_file) is not None:
         faults.append(("jobs.registry_logins_file", registry_logins_fault(logins)))
+    if require_coordinator and (registry_ca := config.jobs.registry_ca_file) is not None:
+        faults.append(("jobs.registry_ca_file", ca_file_fault(registry_ca)))
+    faults.append(("policy.image_signature_keys", _keys_fault(config.policy)))
     for key, fault in faults:
         if fault:
             raise ConfigError("bad_config", f"{blame(key)}: {key}: {fault}")

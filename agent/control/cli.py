@@ -133,7 +133,7 @@ def render_jobs(jobs: Sequence[JobView]) -> str:
     rows = [
         [
             j.job_id,
-            j.state,
+            j.shown_state,
             ",".join(j.gpus) or "-",
             _time(j.created_at),
             _time(j.updated_at),

@@ -116,6 +116,8 @@ class JobView(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=T
         created_at: when the offer arrived (Unix seconds).
         updated_at: when its state last changed (Unix seconds).
         exit_code: the container's exit code, once it has one.
+        pulled_bytes, pull_bytes: while ``pulling``, the image's bytes downloaded so far
+            and in all (the layers' totals the engine announced so far).
     """
 
     job_id: str
@@ -126,6 +128,16 @@ class JobView(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=T
     exit_code: int | None = None
     code: str = ""
     detail: str = ""
+    pulled_bytes: int | None = None
+    pull_bytes: int | None = None
+
+    @property
+    def shown_state(self) -> str:
+        """The state, with how far a pull is: ``pulling 45%``."""
+        if self.state == "pulling" and self.pull_bytes:
+            done = min(self.pulled_bytes or 0, self.pull_bytes)
+            return f"pulling {100 * done // self.pull_bytes}%"
+        return self.state
 
 
 class StatusView(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):

@@ -159,7 +159,10 @@ class DaemonControl:
         return record
 
     def _view(self, record: JobRecord) -> JobView:
+        pulled = self.manager.pull_progress(record.job_id)
         return JobView(
+            pulled_bytes=None if pulled is None else pulled[0],
+            pull_bytes=None if pulled is None else pulled[1],
             job_id=record.job_id,
             state=record.state,
             gpus=record.gpus,

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import msgspec
 
-from agent.config.files import read_enrolment_token, read_registry_logins
+from agent.config.files import engine_logins, read_enrolment_token, read_registry_logins
 from agent.config.settings import AgentConfig
 from agent.control.server import ControlServer
 from agent.daemon.control import DaemonControl
@@ -35,7 +35,8 @@ from agent.daemon.node_status import NodeReporter
 from agent.daemon.sampler import Sampler, Tick
 from agent.daemon.systemd import Notifier, watchdog_interval
 from agent.jobs.delivery import Delivery
-from agent.jobs.manager import JobManager
+from agent.jobs.images import ImageGate, load_keys
+from agent.jobs.manager import ImageBudget, JobManager
 from agent.jobs.node import NodeState
 from agent.jobs.scheduler import Scheduler
 from agent.link.connection import Link, LinkConfig
@@ -47,11 +48,12 @@ from agent.owner.policy import OwnerPolicy
 from agent.owner.power import PowerLimiter
 from agent.protocol import dsse
 from agent.protocol.bodies import EnvelopeBody, ProfileBody
-from agent.protocol.messages import AttestRequest, JobCancel, JobOffer, Message
+from agent.protocol.messages import AttestRequest, ImagePrefetch, JobCancel, JobOffer, Message
 from hal import __version__
 from hal.backend import HalConfig
 from hal.profile import take_profile
 from hal.types import Profile
+from oci import Credentials
 from sandbox.docker_api import DockerClient
 from sandbox.policy import Policy
 from sandbox.runner import Runner, RunnerConfig
@@ -94,6 +96,10 @@ class DaemonConfig(msgspec.Struct, frozen=True, kw_only=True):
     control_group: str | None = None
     metrics_listen: tuple[str, int] | None = None
     """Where ``/metrics`` is served (loopback); None: it is not."""
+    registry_logins: dict[str, Credentials] = {}
+    """Registry logins, for the node's own checks of an image before its pull."""
+    registry_ca_file: Path | None = None
+    image_budget: ImageBudget = ImageBudget()
     upload_spool_max_bytes: int = 4 << 30
     """Most bytes of outputs waiting for upload in ``state_dir/spool`` at once."""
 
@@ -134,7 +140,7 @@ def daemon_config(config: AgentConfig) -> DaemonConfig:
             user=jobs.user,
             log_max_bytes=jobs.log_max_bytes,
             log_rate_bytes_per_s=jobs.log_rate_bytes_per_s,
-            registry_auth=logins,
+            registry_auth=engine_logins(logins),
             pull_idle_timeout_s=jobs.pull_timeout_s,
         ),
         policy=config.policy,
@@ -147,6 +153,11 @@ def daemon_config(config: AgentConfig) -> DaemonConfig:
         control_socket=config.paths.control_socket,
         control_mode=mode,
         control_group=group,
+        registry_logins=logins,
+        registry_ca_file=jobs.registry_ca_file,
+        image_budget=ImageBudget(
+            max_bytes=jobs.image_cache_max_bytes, min_free_bytes=jobs.image_cache_min_free_bytes
+        ),
         metrics_listen=(config.metrics.host, config.metrics.port)
         if config.metrics.enabled
         else None,
@@ -182,6 +193,13 @@ class _Daemon:
             trusted_keys=dict(config.link.pinned_keys),
             wake=wake,
             max_concurrent=config.max_concurrent,
+            images=ImageGate(
+                keys=load_keys(config.policy.image_signature_keys),
+                max_bytes=config.policy.max_image_bytes,
+                logins=config.registry_logins,
+                ca_file=config.registry_ca_file,
+            ),
+            image_budget=config.image_budget,
             delivery=Delivery(
                 config.state_dir / "spool",
                 max_bytes=config.upload_spool_max_bytes,
@@ -257,6 +275,8 @@ class _Daemon:
             await self.jobs.on_offer(message)
         elif isinstance(message, JobCancel):
             await self.jobs.on_cancel(message)
+        elif isinstance(message, ImagePrefetch):
+            await self.jobs.on_prefetch(message)
         else:
             _log.info("ignoring %s", type(message).__name__)
 

@@ -18,18 +18,16 @@ import msgspec
 from agent.errors import OutboxError
 from agent.link.outbox import Outbox
 from agent.owner.power import PowerLimiter
-from agent.protocol.bodies import TelemetryBody
-from agent.protocol.limits import MAX_FRAME_BYTES, MAX_TELEMETRY_BATCH
+from agent.protocol import batching
+from agent.protocol.limits import MAX_TELEMETRY_BATCH
 from hal.backend import HalConfig
 from hal.host import host_sample
-from hal.registry import Hal
+from hal.machine import Hal
 from hal.types import GpuSample, HealthEvent, Sample
 
 __all__ = ["Sampler", "Tick", "telemetry_bodies"]
 
 _log = logging.getLogger(__name__)
-# {"v":1,"type":"telemetry","seq":<up to 19 digits>,"body":...} around a body.
-_FRAME_OVERHEAD = 64
 
 
 class Tick(NamedTuple):
@@ -119,12 +117,8 @@ class Sampler:
 
 
 def telemetry_bodies(samples: Sequence[Sample]) -> list[bytes]:
-    """Encoded telemetry bodies for ``samples``, split so that every frame fits the limit."""
-    body = msgspec.json.encode(TelemetryBody(samples=msgspec.to_builtins(samples)))
-    if len(body) + _FRAME_OVERHEAD <= MAX_FRAME_BYTES or len(samples) == 1:
-        return [body]
-    half = len(samples) // 2
-    return telemetry_bodies(samples[:half]) + telemetry_bodies(samples[half:])
+    """Encoded telemetry bodies for ``samples``, split so that every frame fits the limits."""
+    return batching.telemetry_bodies(msgspec.to_builtins(samples))
 
 
 def _take(hal: Hal, read_idle: Callable[[], float | None]) -> Tick:

@@ -1,6 +1,6 @@
 """The job ledger: every job this node was offered, its state, its log and its receipt.
 
-The tables live in the outbox's SQLite file (agent/link/outbox.py, schema version 3). Every
+The tables live in the outbox's SQLite file (agent/link/outbox.py, schema version 4). Every
 change is a row of a decision (:mod:`agent.jobs.machine`), written by :meth:`Ledger.write`
 inside :meth:`Outbox.append_many` together with the messages that report it, so a job's
 state and what the coordinator is told about it commit at once: a crash can never leave a
@@ -17,6 +17,9 @@ import msgspec
 
 from agent.jobs.machine import (
     ContainerOf,
+    ImagePulled,
+    ImageRemoved,
+    ImageUsed,
     Logs,
     NewJob,
     PruneLogs,
@@ -29,7 +32,7 @@ from agent.jobs.machine import (
 from agent.link.outbox import Outbox, Write
 from agent.protocol.jobs import FINAL_STATES
 
-__all__ = ["JobRecord", "Ledger", "LogLine"]
+__all__ = ["CachedImage", "JobRecord", "Ledger", "LogLine"]
 
 _COLUMNS = "job_id, state, code, detail, offer, gpus, container_id, exit_code, created, updated"
 _FINAL = "({})".format(", ".join(f"'{s}'" for s in sorted(FINAL_STATES)))
@@ -54,6 +57,17 @@ class JobRecord(msgspec.Struct, frozen=True, kw_only=True):
     def final(self) -> bool:
         """Whether the job will never change again."""
         return self.state in FINAL_STATES
+
+
+class CachedImage(msgspec.Struct, frozen=True):
+    """An image the agent pulled: its ``repository@sha256:...``, local id, unpacked size,
+    when it was pulled and last used."""
+
+    reference: str
+    image_id: str
+    size: int
+    pulled: float
+    used: float
 
 
 class LogLine(msgspec.Struct, frozen=True):
@@ -85,6 +99,17 @@ class Ledger:
         return write
 
     # -- reads --------------------------------------------------------------------------
+
+    def cached_images(self) -> list[CachedImage]:
+        """The images the agent pulled, least recently used first."""
+
+        def read(db: sqlite3.Connection) -> list[CachedImage]:
+            rows = db.execute(
+                "SELECT reference, image_id, size, pulled, used FROM images ORDER BY used, pulled"
+            ).fetchall()
+            return [CachedImage(*row) for row in rows]
+
+        return self.outbox.query(read)
 
     def get(self, job_id: str) -> JobRecord | None:
         """One job, or None if this node never heard of it."""
@@ -257,7 +282,26 @@ def _prune_logs(db: sqlite3.Connection, row: PruneLogs, now: float) -> None:
     )
 
 
+def _image_pulled(db: sqlite3.Connection, row: ImagePulled, now: float) -> None:
+    db.execute(
+        "INSERT OR REPLACE INTO images (reference, image_id, size, pulled, used)"
+        " VALUES (?, ?, ?, ?, ?)",
+        (row.reference, row.image_id, row.size, now, now),
+    )
+
+
+def _image_used(db: sqlite3.Connection, row: ImageUsed, now: float) -> None:
+    db.execute("UPDATE images SET used = ? WHERE reference = ?", (now, row.reference))
+
+
+def _image_removed(db: sqlite3.Connection, row: ImageRemoved, now: float) -> None:
+    db.execute("DELETE FROM images WHERE reference = ?", (row.reference,))
+
+
 _WRITERS: dict[type[Any], Callable[[sqlite3.Connection, Any, float], None]] = {
+    ImagePulled: _image_pulled,
+    ImageUsed: _image_used,
+    ImageRemoved: _image_removed,
     NewJob: _new_job,
     Transition: _transition,
     ContainerOf: _container_of,

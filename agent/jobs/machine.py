@@ -46,6 +46,9 @@ __all__ = [
     "TRANSITIONS",
     "ContainerOf",
     "Decision",
+    "ImagePulled",
+    "ImageRemoved",
+    "ImageUsed",
     "Logs",
     "NewJob",
     "PruneLogs",
@@ -129,6 +132,26 @@ class Receipted(msgspec.Struct, frozen=True):
     digest: str
 
 
+class ImagePulled(msgspec.Struct, frozen=True):
+    """An image the agent pulled, now in its cache (``used`` at ``now``)."""
+
+    reference: str
+    image_id: str
+    size: int
+
+
+class ImageUsed(msgspec.Struct, frozen=True):
+    """A cached image a job starts from: the most recently used now."""
+
+    reference: str
+
+
+class ImageRemoved(msgspec.Struct, frozen=True):
+    """A cached image removed from the engine to keep within the budget."""
+
+    reference: str
+
+
 class PruneLogs(msgspec.Struct, frozen=True):
     """Forget the output of jobs that ended before ``before`` (their receipts stay)."""
 
@@ -152,7 +175,19 @@ class Uploaded(msgspec.Struct, frozen=True):
     path: str
 
 
-Row = NewJob | Transition | ContainerOf | Logs | Receipted | PruneLogs | Uploading | Uploaded
+Row = (
+    NewJob
+    | Transition
+    | ContainerOf
+    | Logs
+    | Receipted
+    | PruneLogs
+    | ImagePulled
+    | ImageUsed
+    | ImageRemoved
+    | Uploading
+    | Uploaded
+)
 
 
 class Upload(NamedTuple):

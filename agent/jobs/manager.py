@@ -25,6 +25,7 @@ import math
 import time
 from collections.abc import Callable
 from contextlib import aclosing
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -34,9 +35,19 @@ from agent.errors import UploadError
 from agent.jobs import machine
 from agent.jobs.delivery import Delivery
 from agent.jobs.gpus import device_facts
+from agent.jobs.image_cache import ImageCache, Prefetcher
+from agent.jobs.images import ImageGate
 from agent.jobs.ledger import JobRecord, Ledger
 from agent.jobs.logs import LogForwarder
-from agent.jobs.machine import ContainerOf, Decision, PruneLogs, Start, Upload
+from agent.jobs.machine import (
+    ContainerOf,
+    Decision,
+    ImagePulled,
+    ImageUsed,
+    PruneLogs,
+    Start,
+    Upload,
+)
 from agent.jobs.node import SHUTTING_DOWN, NodeState
 from agent.link.identity import Identity
 from agent.link.outbox import Outbox
@@ -52,15 +63,16 @@ from agent.protocol.jobs import (
     verify_offer,
 )
 from agent.protocol.limits import MAX_ERROR_DETAIL_CHARS
-from agent.protocol.messages import JobCancel, JobOffer
+from agent.protocol.messages import ImagePrefetch, JobCancel, JobOffer
 from agent.protocol.uploads import check_uploads
+from oci import OciError
 from sandbox.errors import PolicyViolation, SandboxError
-from sandbox.policy import Policy, admit
-from sandbox.results import Created, Finished, JobResult, LogChunk, Pulling, Started
+from sandbox.events import Created, Finished, JobResult, LogChunk, Pulled, Pulling, Started
+from sandbox.policy import Policy, admit, image_allowed
 from sandbox.runner import Runner
 from sandbox.spec import WorkloadSpec, load_spec, spec_digest
 
-__all__ = ["JobManager", "StopReason"]
+__all__ = ["ImageBudget", "JobManager", "StopReason"]
 
 _log = logging.getLogger(__name__)
 
@@ -73,6 +85,14 @@ _LOG_RETENTION_S = 7 * 86400
 _LOG_FLUSH_S = 0.25
 #: A pull's progress goes to the coordinator at most this often.
 _PULL_REPORT_S = 2.0
+
+
+@dataclass(frozen=True)
+class ImageBudget:
+    """The pulled images' disk budget: their total, and the engine's disk's free floor."""
+
+    max_bytes: int = 64 << 30
+    min_free_bytes: int = 5 << 30
 
 
 class JobManager:
@@ -93,6 +113,8 @@ class JobManager:
         trusted_keys: dict[str, bytes],
         wake: Callable[[], None],
         max_concurrent: int = 0,
+        images: ImageGate | None = None,
+        image_budget: ImageBudget | None = None,
         clock: Callable[[], float] = time.time,
         delivery: Delivery | None = None,
     ) -> None:
@@ -105,9 +127,27 @@ class JobManager:
         self.trusted_keys = trusted_keys
         self.wake = wake
         self.max_concurrent = max_concurrent
+        self.images = images or ImageGate()
         self.clock = clock
         self.delivery = delivery
         """Where outputs wait for upload; None: offers naming upload targets are refused."""
+        budget = image_budget or ImageBudget()
+        self.image_cache = ImageCache(
+            runner.engine,
+            self.ledger,
+            self._carry_out,
+            max_bytes=budget.max_bytes,
+            min_free_bytes=budget.min_free_bytes,
+        )
+        self._images_in_use: dict[str, str] = {}
+        self._pulls: dict[str, dict[str, tuple[int, int]]] = {}
+        self.prefetcher = Prefetcher(
+            self.image_cache,
+            runner,
+            self.images,
+            allowed=lambda ref: image_allowed(ref, self.policy.allowed_images),
+            in_use=lambda: set(self._images_in_use.values()),
+        )
         self.tasks: dict[str, asyncio.Task[None]] = {}
         self._uploads: dict[str, asyncio.Task[None]] = {}
         self._states: dict[str, str] = {}
@@ -126,6 +166,7 @@ class JobManager:
             _log.error("the container engine is not usable: %s", exc)
             self.node.hold("engine_unavailable", f"{exc.code}: {exc.detail}")
         self._carry_out(Decision(rows=(PruneLogs(self.clock() - _LOG_RETENTION_S),)))
+        await self.image_cache.trim(in_use=())
         recovered, resumed = [], []
         for record in self.ledger.unfinished():
             if (upload := self._held_upload(record)) is not None:
@@ -165,6 +206,10 @@ class JobManager:
         if not self.stop(job_id, "cancelled"):
             _log.info("cancel for job %s, which is not running", job_id)
 
+    async def on_prefetch(self, message: ImagePrefetch) -> None:
+        """Pull an image ahead of the jobs that will want it, in the background."""
+        self.prefetcher.soon(message.body.image)
+
     def _decide_offer(self, message: JobOffer) -> Decision:
         job_id = message.body.job_id
         known = self.ledger.get(job_id)
@@ -199,6 +244,13 @@ class JobManager:
         self.runner.cancel(job_id)  # False before the runner has it: _run checks _stops
         return True
 
+    def pull_progress(self, job_id: str) -> tuple[int, int] | None:
+        """A job's image pull so far: bytes done and in all; None when none is under way."""
+        layers = self._pulls.get(job_id)
+        if not layers:
+            return None
+        return sum(d for d, _ in layers.values()), sum(t for _, t in layers.values())
+
     def container_ids(self) -> list[str]:
         """The containers of the running jobs."""
         return list(self._containers.values())
@@ -213,6 +265,7 @@ class JobManager:
         self.node.hold(SHUTTING_DOWN, "the agent is stopping")
         for job_id in list(self.tasks):
             self.stop(job_id, "interrupted")
+        await self.prefetcher.close()
         await self.wait_idle()
 
     # -- admission ---------------------------------------------------------------------
@@ -298,11 +351,15 @@ class JobManager:
         logs = LogForwarder(job_id, self._carry_out)
         flusher = asyncio.create_task(logs.flush_every(_LOG_FLUSH_S))
         result: JobResult | None = None
-        layers: dict[str, tuple[int, int]] = {}
+        layers = self._pulls[job_id] = {}
         reported = -math.inf
         keep: Path | None = None
         try:
             if job_id not in self._stops:
+                await self.images.check(spec.image_ref)  # size and signature, at the registry
+                if (cached := _cache_key(spec)) is not None:
+                    self._images_in_use[job_id] = cached
+                    self._carry_out(Decision(rows=(ImageUsed(cached),)))
                 gpus = [device_facts(g) for g in self.node.scheduler.gpus_of(units)]
                 if start.offer.uploads and self.delivery is not None:
                     keep = self.delivery.spool(job_id)
@@ -316,6 +373,11 @@ class JobManager:
                             if state != "pulling" or now - reported >= _PULL_REPORT_S:
                                 self._carry_out(machine.pulling(job_id, state, layers))
                                 reported = now
+                        elif isinstance(event, Pulled):
+                            layers.clear()  # no pull under way any more
+                            row = ImagePulled(event.reference, event.image_id, event.size)
+                            self._carry_out(Decision(rows=(row,)))
+                            await self.image_cache.trim(in_use=set(self._images_in_use.values()))
                         elif isinstance(event, Created):
                             self._containers[job_id] = event.container_id
                             self._carry_out(
@@ -327,7 +389,7 @@ class JobManager:
                             logs.add(event.stream, event.data)
                         elif isinstance(event, Finished):
                             result = event.result
-        except SandboxError as exc:  # refused before it began (a job id already running)
+        except (SandboxError, OciError) as exc:  # refused before it began
             _log.error("job %s could not start: %s", job_id, exc)
             result = _no_run(job_id, spec, exc.code, exc.detail)
         finally:
@@ -347,6 +409,8 @@ class JobManager:
         if self.delivery is not None:
             self.delivery.release(job_id)
         self._states.pop(job_id, None)
+        self._images_in_use.pop(job_id, None)
+        self._pulls.pop(job_id, None)
         del self.tasks[job_id]
         self.node.changed()
 
@@ -500,6 +564,15 @@ class _Refusal(Exception):
         self.detail = detail[:MAX_ERROR_DETAIL_CHARS]
         self.verified = verified
         """Whether the offer verified: only then is its job id its own, and recorded."""
+
+
+def _cache_key(spec: WorkloadSpec) -> str | None:
+    """The image cache's name for the spec's image: ``repository@sha256:...`` (None for a
+    local image id or a tag, which the agent never pulls)."""
+    ref = spec.image_ref
+    if ref.repository is None or ref.digest is None:
+        return None
+    return f"{ref.repository}@{ref.digest}"
 
 
 def _no_run(job_id: str, spec: WorkloadSpec, code: str, detail: str) -> JobResult:

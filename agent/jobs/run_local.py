@@ -12,7 +12,7 @@ import sys
 import uuid
 from contextlib import aclosing
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, TextIO
 
 import msgspec
 
@@ -21,9 +21,19 @@ from hal.backend import HalConfig
 from hal.profile import take_profile
 from sandbox.docker_api import DockerClient
 from sandbox.errors import PolicyViolation, SandboxError
+from sandbox.events import (
+    Created,
+    Event,
+    Exited,
+    Finished,
+    JobResult,
+    LogChunk,
+    Pulled,
+    Pulling,
+    Started,
+)
 from sandbox.gpu_mapping import DeviceFacts
 from sandbox.policy import Policy, admit, load_policy_file
-from sandbox.results import Created, Event, Exited, Finished, JobResult, LogChunk, Started
 from sandbox.runner import Runner, RunnerConfig
 from sandbox.spec import WorkloadSpec
 
@@ -72,15 +82,56 @@ async def _run(
     loop = asyncio.get_running_loop()
     # Ctrl-C stops the job the way a coordinator's cancel would: SIGTERM, grace, SIGKILL.
     loop.add_signal_handler(signal.SIGINT, runner.cancel, job_id)
+    progress = PullProgress(sys.stderr) if not as_json and sys.stderr.isatty() else None
     try:
         async with aclosing(runner.run(job_id, spec, gpus)) as events:
             async for event in events:
+                if isinstance(event, Pulling):
+                    if progress is not None:
+                        progress.update(event)
+                    continue
+                if progress is not None:
+                    progress.done()
                 _print_event(event, as_json)
                 if isinstance(event, Finished):
                     return event.result
     finally:
         loop.remove_signal_handler(signal.SIGINT)
     raise AssertionError("the runner ended without a result")
+
+
+class PullProgress:
+    """One line on a terminal, redrawn as an image's layers download."""
+
+    def __init__(self, out: TextIO) -> None:
+        self.out = out
+        self.layers: dict[str, tuple[int, int]] = {}
+        self.shown = False
+
+    def update(self, event: Pulling) -> None:
+        """Take a layer's progress and redraw the line."""
+        self.layers[event.layer] = (event.done, event.total)
+        done = sum(d for d, _ in self.layers.values())
+        total = sum(t for _, t in self.layers.values())
+        self.out.write(f"\r[gpu-agent] pulling {line(done, total)}\x1b[K")
+        self.out.flush()
+        self.shown = True
+
+    def done(self) -> None:
+        """End the line, once, when the pull is over."""
+        if self.shown:
+            self.out.write("\n")
+            self.out.flush()
+            self.shown = False
+
+
+def line(done: int, total: int) -> str:
+    """``12.0 of 64.0 MiB (18%)``: how far a pull is."""
+    mib = 1 << 20
+    if total <= 0:
+        return f"{done / mib:.1f} MiB"
+    done = min(done, total)
+    return f"{done / mib:.1f} of {total / mib:.1f} MiB ({100 * done // total}%)"
 
 
 def _print_event(event: Event, as_json: bool) -> None:
@@ -93,6 +144,8 @@ def _print_event(event: Event, as_json: bool) -> None:
         stream: BinaryIO = sys.stderr.buffer if event.stream == "stderr" else out
         stream.write(event.data)
         stream.flush()
+    elif isinstance(event, Pulled):
+        print(f"[gpu-agent] pulled {event.reference} ({event.size} bytes)", file=sys.stderr)
     elif isinstance(event, Created):
         print(f"[gpu-agent] created container {event.container_id[:12]}", file=sys.stderr)
     elif isinstance(event, Started):

@@ -26,21 +26,11 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 from agent.link.identity import Identity
 from agent.link.outbox import Outbox
 from agent.protocol import crypto
-from agent.protocol.errors import ProtocolError, SequenceError
-from agent.protocol.limits import MAX_FRAME_BYTES
-from agent.protocol.messages import (
-    COORDINATOR_SENDS,
-    RELIABLE_TYPES,
-    Ack,
-    Error,
-    Message,
-    decode_frame,
-    encode_frame,
-    error_message,
-    require_text,
-)
-from agent.protocol.reliable import ReliableReceiver
-from agent.protocol.session import AgentHandshake
+from agent.protocol.connection import AgentConnection
+from agent.protocol.errors import ProtocolError
+from agent.protocol.events import Acked, Close, Deliver, Event, PeerError, Welcomed
+from agent.protocol.limits import MAX_FRAME_BYTES, NONCE_BYTES
+from agent.protocol.messages import Message
 
 __all__ = ["Handler", "Link", "LinkConfig", "Session", "retry"]
 
@@ -199,28 +189,32 @@ class Link:
 
     async def _session(self, websocket: ClientConnection, stop: asyncio.Event) -> None:
         """One connection: handshake, then send and receive until it drops or ``stop``."""
-        receiver = ReliableReceiver(self.outbox.last_coordinator_seq())
-        welcome = await self._handshake(websocket, receiver.last_seq)
-        if not self.outbox.last_acked() <= welcome <= self.outbox.last_seq():
-            # Stored more than was ever sent, or less than it acknowledged (a restored
-            # database): either way resending cannot make the streams agree.
-            code = "ack_ahead" if welcome > self.outbox.last_seq() else "ack_behind"
-            error = SequenceError(
-                code,
-                f"coordinator has seq {welcome}; sent up to "
-                f"{self.outbox.last_seq()}, acked {self.outbox.last_acked()}",
-            )
-            await websocket.send(encode_frame(error_message(error)))
-            raise error
-        if welcome > self.outbox.last_acked():
-            self.outbox.ack(welcome)
+        identity, outbox = self.identity, self.outbox
+        conn = AgentConnection(
+            node_id=identity.node_id,
+            public_key=identity.public_key,
+            sign=lambda data: crypto.sign(identity.private_key, data),
+            verify=crypto.verify,
+            pinned_keys=self.config.pinned_keys,
+            agent_version=self.agent_version,
+            nonce=crypto.b64encode(secrets.token_bytes(NONCE_BYTES)),
+            last_coordinator_seq=outbox.last_coordinator_seq(),
+            last_seq=outbox.last_seq(),
+            last_acked=outbox.last_acked(),
+            now=time.monotonic(),
+            enrolment_token=self.config.enrolment_token,
+        )
+        writer = _Writer(websocket, conn)
+        async with asyncio.timeout(_HANDSHAKE_TIMEOUT_S):
+            welcome = await self._handshake(websocket, writer)
+        if welcome > outbox.last_acked():
+            outbox.ack(welcome)
         self._welcomed_at = time.monotonic()
-        receiver.resume()
         self.connected.set()
         _log.info("connected to %s; coordinator has stored up to seq %d", self.config.url, welcome)
         tasks: set[asyncio.Task[Any]] = {
-            asyncio.create_task(self._send_pending(websocket, welcome)),
-            asyncio.create_task(self._receive(websocket, receiver)),
+            asyncio.create_task(self._send_pending(writer, welcome)),
+            asyncio.create_task(self._receive(websocket, writer)),
             asyncio.create_task(stop.wait()),
         }
         try:
@@ -235,94 +229,71 @@ class Link:
             if not task.cancelled() and (exc := task.exception()) is not None:
                 raise exc
 
-    async def _handshake(self, websocket: ClientConnection, last_coordinator_seq: int) -> int:
-        identity = self.identity
-        handshake = AgentHandshake(
-            node_id=identity.node_id,
-            public_key=identity.public_key,
-            sign=lambda data: crypto.sign(identity.private_key, data),
-            verify=crypto.verify,
-            pinned_keys=self.config.pinned_keys,
-            agent_version=self.agent_version,
-            nonce=crypto.b64encode(secrets.token_bytes(32)),
-            last_coordinator_seq=last_coordinator_seq,
-            now=time.monotonic(),
-            enrolment_token=self.config.enrolment_token,
-        )
-        async with asyncio.timeout(_HANDSHAKE_TIMEOUT_S):
-            while handshake.welcome is None:
-                for message in handshake.messages_to_send():
-                    await websocket.send(encode_frame(message))
-                frame = await websocket.recv()
-                try:
-                    message = decode_frame(require_text(frame))
-                except ProtocolError as exc:
-                    await websocket.send(encode_frame(error_message(exc)))
-                    raise  # during the handshake every error closes
-                try:
-                    handshake.receive(message, time.monotonic())
-                except ProtocolError:
-                    # The state machine queued the coded error for the coordinator.
-                    for message in handshake.messages_to_send():
-                        await websocket.send(encode_frame(message))
-                    raise
-            for message in handshake.messages_to_send():
-                await websocket.send(encode_frame(message))
-        return handshake.welcome.last_agent_seq
+    async def _handshake(self, websocket: ClientConnection, writer: _Writer) -> int:
+        """Run the handshake; the last agent seq the coordinator says it stored."""
+        while True:
+            await writer.flush()
+            for event in writer.conn.receive_frame(await websocket.recv(), time.monotonic()):
+                if isinstance(event, Close):
+                    await writer.flush()
+                    raise event.error
+                if isinstance(event, Welcomed):
+                    return event.welcome.last_agent_seq
 
-    async def _send_pending(self, websocket: ClientConnection, after: int) -> None:
+    async def _send_pending(self, writer: _Writer, after: int) -> None:
         """Send what the outbox holds after ``after``, in order, then wait for more."""
         sent = after
         while True:
             self.wakeup.clear()
             entries = self.outbox.pending(sent, _SEND_BATCH)
             for entry in entries:
-                # The outbox holds each body already encoded; only the frame is added here.
-                await websocket.send(_frame(entry.kind, entry.seq, entry.body))
+                # One frame at a time: a batch of entries may be large.
+                writer.conn.send_reliable(entry.kind, entry.seq, entry.body)
+                await writer.flush()
                 sent = entry.seq
             if len(entries) < _SEND_BATCH:
                 await self.wakeup.wait()
 
-    async def _receive(self, websocket: ClientConnection, receiver: ReliableReceiver) -> None:
+    async def _receive(self, websocket: ClientConnection, writer: _Writer) -> None:
         acks = _AckBatcher(self.outbox)
         try:
-            await self._receive_frames(websocket, receiver, acks)
+            async for frame in websocket:
+                for event in writer.conn.receive_frame(frame, time.monotonic()):
+                    await self._carry_out(event, writer, acks)
+                await writer.flush()
         finally:
             acks.flush()
 
-    async def _receive_frames(
-        self, websocket: ClientConnection, receiver: ReliableReceiver, acks: _AckBatcher
-    ) -> None:
-        async for frame in websocket:
-            try:
-                message = decode_frame(require_text(frame), accept=COORDINATOR_SENDS)
-            except ProtocolError as exc:
-                await websocket.send(encode_frame(error_message(exc)))
-                if exc.closes:
-                    raise
-                continue
-            if isinstance(message, Ack):
-                if message.body.seq > self.outbox.last_seq():
-                    error = SequenceError("ack_ahead", f"ack {message.body.seq} for unsent seqs")
-                    await websocket.send(encode_frame(error_message(error)))
-                    raise error
-                acks.note(message.body.seq)
-                self._progressed = self._progressed or message.body.seq > acks.first
-            elif isinstance(message, Error):
-                _log.warning("coordinator error %s: %s", message.body.code, message.body.detail)
-            elif _type(message) in RELIABLE_TYPES:
-                try:
-                    new = receiver.receive(message)  # type: ignore[arg-type]
-                except ProtocolError as exc:  # a gap or a seq going back: say so, close
-                    await websocket.send(encode_frame(error_message(exc)))
-                    raise
-                if new:
-                    await self.handler(message)
-                    if self.outbox.last_coordinator_seq() < receiver.last_seq:
-                        self.outbox.set_last_coordinator_seq(receiver.last_seq)
-                # Acknowledged once handled and recorded; a duplicate is acknowledged again.
-                if (ack := receiver.take_ack()) is not None:
-                    await websocket.send(encode_frame(ack))
+    async def _carry_out(self, event: Event, writer: _Writer, acks: _AckBatcher) -> None:
+        if isinstance(event, Acked):
+            acks.note(event.seq)
+            self._progressed = True
+        elif isinstance(event, Deliver):
+            await self.handler(event.message)
+            # Recorded once handled (if the handler did not), then acknowledged.
+            if self.outbox.last_coordinator_seq() < event.message.seq:
+                self.outbox.set_last_coordinator_seq(event.message.seq)
+            writer.conn.handled(event.message.seq)
+        elif isinstance(event, PeerError):
+            _log.warning("coordinator error %s: %s", event.code, event.detail)
+        elif isinstance(event, Close):
+            await writer.flush()
+            raise event.error
+
+
+class _Writer:
+    """Writes what the connection machine queued, one writer at a time, in order."""
+
+    def __init__(self, websocket: ClientConnection, conn: AgentConnection) -> None:
+        self.websocket = websocket
+        self.conn = conn
+        self._lock = asyncio.Lock()
+
+    async def flush(self) -> None:
+        """Write every queued frame."""
+        async with self._lock:
+            for frame in self.conn.frames_to_send():
+                await self.websocket.send(frame)
 
 
 class _AckBatcher:
@@ -336,7 +307,7 @@ class _AckBatcher:
 
     def __init__(self, outbox: Outbox) -> None:
         self.outbox = outbox
-        self.seq = self.first = outbox.last_acked()
+        self.seq = outbox.last_acked()
         self.noted = 0
         self.flushed_at = time.monotonic()
 
@@ -358,11 +329,3 @@ class _AckBatcher:
             self.outbox.ack(self.seq)
         self.noted = 0
         self.flushed_at = time.monotonic()
-
-
-def _type(message: Message) -> str:
-    return str(message.__struct_config__.tag)
-
-
-def _frame(kind: str, seq: int, body: bytes) -> str:
-    return f'{{"v":1,"type":"{kind}","seq":{seq},"body":{body.decode()}}}'

@@ -109,6 +109,17 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
             digest TEXT NOT NULL
         ) STRICT""",
     ),
+    # The images the agent pulled (agent/jobs/image_cache.py): only these are ever removed
+    # to keep within the cache's budget, least recently used first.
+    (
+        """CREATE TABLE images (
+            reference TEXT PRIMARY KEY,
+            image_id TEXT NOT NULL,
+            size INTEGER NOT NULL,
+            pulled REAL NOT NULL,
+            used REAL NOT NULL
+        ) STRICT, WITHOUT ROWID""",
+    ),
     # Uploads that outlive the agent (agent/jobs/machine.py, uploading): the receipt's
     # makings and the spool a job's outputs wait in, and which outputs the store has.
     (

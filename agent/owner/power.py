@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable
 
-from hal.registry import Hal
+from hal.machine import Hal
 from hal.types import GpuProfile, PowerLimitResult, is_value
 
 __all__ = ["PowerLimiter"]

@@ -28,6 +28,7 @@ __all__ = [
     "EnvelopeSignature",
     "ErrorBody",
     "HelloBody",
+    "ImagePrefetchBody",
     "JobCancelBody",
     "JobLogBody",
     "JobOfferBody",
@@ -208,6 +209,19 @@ class JobCancelBody(WireStruct):
 
     job_id: Name
     reason: Text = ""
+
+
+class ImagePrefetchBody(WireStruct):
+    """Pull this image now, before a job needs it: ``repository@sha256:<digest>``."""
+
+    image: Annotated[
+        str,
+        Meta(
+            min_length=1,
+            max_length=512,
+            pattern=r"^[a-z0-9][a-z0-9._:/-]*@sha256:[0-9a-f]{64}(?!\n)$",
+        ),
+    ]
 
 
 class AttestRequestBody(WireStruct):

@@ -24,6 +24,7 @@ from agent.protocol.bodies import (
     EnvelopeSignature,
     ErrorBody,
     HelloBody,
+    ImagePrefetchBody,
     JobCancelBody,
     JobLogBody,
     JobOfferBody,
@@ -41,6 +42,7 @@ from agent.protocol.limits import (
     MAX_ERROR_DETAIL_CHARS,
     MAX_FRAME_BYTES,
     MAX_LOG_CHUNK_BYTES,
+    MAX_SEQ,
     MAX_TELEMETRY_BATCH,
     PROTOCOL_VERSION,
 )
@@ -64,6 +66,8 @@ __all__ = [
     "ErrorBody",
     "Hello",
     "HelloBody",
+    "ImagePrefetch",
+    "ImagePrefetchBody",
     "JobCancel",
     "JobCancelBody",
     "JobLog",
@@ -89,8 +93,10 @@ __all__ = [
     "challenge_signed_bytes",
     "decode_frame",
     "encode_frame",
+    "encode_reliable",
     "error_message",
     "message_type",
+    "reliable_overhead",
     "require_text",
     "wrap",
 ]
@@ -180,6 +186,12 @@ class JobCancel(_Reliable, tag="job_cancel"):
     body: JobCancelBody
 
 
+class ImagePrefetch(_Reliable, tag="image_prefetch"):
+    """Frame of an ``image_prefetch``."""
+
+    body: ImagePrefetchBody
+
+
 class AttestRequest(_Reliable, tag="attest_request"):
     """Frame of an ``attest_request``."""
 
@@ -207,6 +219,7 @@ ReliableMessage: TypeAlias = (
     | JobResult
     | JobOffer
     | JobCancel
+    | ImagePrefetch
     | AttestRequest
 )
 Message: TypeAlias = Hello | Challenge | Auth | Welcome | Ack | Error | ReliableMessage
@@ -219,6 +232,7 @@ ReliableBody: TypeAlias = (
     | JobResultBody
     | JobOfferBody
     | JobCancelBody
+    | ImagePrefetchBody
     | AttestRequestBody
 )
 Body: TypeAlias = HelloBody | ChallengeBody | AuthBody | WelcomeBody | AckBody | ErrorBody
@@ -236,6 +250,7 @@ _FRAME_OF_BODY: dict[type[WireStruct], type[_Frame]] = {
     JobResultBody: JobResult,
     JobOfferBody: JobOffer,
     JobCancelBody: JobCancel,
+    ImagePrefetchBody: ImagePrefetch,
     AttestRequestBody: AttestRequest,
     AckBody: Ack,
     ErrorBody: Error,
@@ -252,8 +267,23 @@ AGENT_SENDS = frozenset(
 )
 #: Types a coordinator sends; an agent refuses the others as ``unknown_type``.
 COORDINATOR_SENDS = frozenset(
-    {"challenge", "welcome", "job_offer", "job_cancel", "attest_request", "ack", "error"}
+    {"challenge", "welcome", "job_offer", "job_cancel", "image_prefetch", "attest_request"}
+    | {"ack", "error"}
 )
+
+
+class _StoredFrame(msgspec.Struct):
+    """A reliable frame around a body encoded earlier (an outbox keeps bodies encoded).
+
+    Its fields are in the order msgspec writes a tagged frame's (the tag first), so both
+    encoders write the same text for the same message.
+    """
+
+    type: str
+    v: int
+    seq: int
+    body: msgspec.Raw
+
 
 _decoder: msgspec.json.Decoder[Message] = msgspec.json.Decoder(Message)
 _encoder = msgspec.json.Encoder()
@@ -328,6 +358,33 @@ def encode_frame(message: Message) -> str:
     if len(data) > MAX_FRAME_BYTES:
         raise LimitExceeded("frame_too_large", f"{len(data)} bytes, limit {MAX_FRAME_BYTES}")
     return data.decode()
+
+
+def encode_reliable(kind: str, seq: int, body: bytes) -> str:
+    """Encode the frame of reliable message ``seq`` around ``body``, already encoded JSON.
+
+    Raises:
+        LimitExceeded: ``frame_too_large``: the peer would refuse it.
+    """
+    if kind not in RELIABLE_TYPES:
+        raise ValueError(f"{kind!r} is not a reliable type")
+    frame = _StoredFrame(type=kind, v=PROTOCOL_VERSION, seq=seq, body=msgspec.Raw(body))
+    data = _encoder.encode(frame)
+    if len(data) > MAX_FRAME_BYTES:
+        raise LimitExceeded("frame_too_large", f"{len(data)} bytes, limit {MAX_FRAME_BYTES}")
+    return data.decode()
+
+
+def reliable_overhead(kind: str, seq: int = MAX_SEQ) -> int:
+    """Bytes that :func:`encode_reliable` adds around a body (at most: the longest seq).
+
+    A body of ``MAX_FRAME_BYTES - reliable_overhead(kind)`` bytes or less fits one frame
+    whatever seq it is given.
+    """
+    if kind not in RELIABLE_TYPES:
+        raise ValueError(f"{kind!r} is not a reliable type")
+    frame = _StoredFrame(type=kind, v=PROTOCOL_VERSION, seq=seq, body=msgspec.Raw(b""))
+    return len(_encoder.encode(frame))
 
 
 def challenge_signed_bytes(agent_nonce: str, coordinator_nonce: str, node_id: str) -> bytes:

@@ -121,7 +121,11 @@ def present(
     lines += [_gpu_line(gpu) for gpu in state.gpus]
     if state.jobs:
         label = "Current job" if len(state.jobs) == 1 else "Current jobs"
-        lines.append(f"{label}: {', '.join(job.job_id for job in state.jobs)}")
+        shown = [
+            job.job_id if job.state == "running" else f"{job.job_id} ({job.shown_state})"
+            for job in state.jobs
+        ]
+        lines.append(f"{label}: {', '.join(shown)}")
     lines.append(f"Today: {_count(state.jobs_done_today, 'job')} done")
     menu = Menu(
         pause=not state.paused,

@@ -21,9 +21,9 @@ from test_jobs import World, deliver, offer_message, spec, world  # noqa: F401 (
 from sandbox.docker_api import DockerClient
 from sandbox.engine import Engine
 from sandbox.engine_types import ImageInfo
-from sandbox.errors import PullError
+from sandbox.errors import EngineError, PullError
+from sandbox.events import Created, Finished, Pulling
 from sandbox.policy import Policy
-from sandbox.results import Created, Finished, Pulling
 from sandbox.runner import Runner, RunnerConfig, _check_pulled
 from sandbox.spec import ImageRef, load_spec
 
@@ -81,22 +81,34 @@ def registry(docker_engine: str, tmp_path_factory: pytest.TempPathFactory) -> It
         process.wait(timeout=30)
 
 
-@pytest.fixture(scope="module")
-def pushed(registry: str, tmp_path_factory: pytest.TempPathFactory) -> Pushed:
+def _push(registry: str, name: str, context: Path) -> Pushed:
     """busybox plus a layer of 1 MiB of random bytes, pushed, then removed from the host."""
-    context = tmp_path_factory.mktemp("pushed")
     (context / "bin").mkdir()
     shutil.copy2("/bin/busybox", context / "bin" / "busybox")
     (context / "bin" / "sh").symlink_to("busybox")
     (context / "bin" / "cat").symlink_to("busybox")
     (context / "blob").write_bytes(os.urandom(1 << 20))
     (context / "Dockerfile").write_text("FROM scratch\nCOPY bin /bin\nCOPY blob /blob\n")
-    tag = f"{registry}/pulltest/busybox:1"
+    tag = f"{registry}/{name}:1"
     _run("docker", "build", "--quiet", "--tag", tag, str(context))
     _run("docker", "push", "--quiet", tag)
     digest = _run("docker", "image", "inspect", "--format", "{{index .RepoDigests 0}}", tag)
     _run("docker", "image", "rm", "--force", tag)
     return Pushed(registry, digest)
+
+
+@pytest.fixture(scope="module")
+def pushed(registry: str, tmp_path_factory: pytest.TempPathFactory) -> Pushed:
+    return _push(registry, "pulltest/busybox", tmp_path_factory.mktemp("pushed"))
+
+
+@pytest.fixture(scope="module")
+def two_more(registry: str, tmp_path_factory: pytest.TempPathFactory) -> tuple[Pushed, Pushed]:
+    """Two more images, each with a layer of its own, for the cache's tests."""
+    return (
+        _push(registry, "cache/first", tmp_path_factory.mktemp("first")),
+        _push(registry, "cache/second", tmp_path_factory.mktemp("second")),
+    )
 
 
 async def _remove(ref: str) -> None:
@@ -242,3 +254,78 @@ async def test_a_job_whose_image_cannot_be_pulled_ends_with_the_pulls_code(
     assert world.states("job-nopull") == ["accepted", "error"]
     receipt = world.receipt("job-nopull")
     assert (receipt["state"], receipt["code"]) == ("error", "image_not_found")
+
+
+async def _image_exists(engine: Engine, ref: str) -> bool:
+    try:
+        await engine.inspect_image(ref)
+    except EngineError:
+        return False
+    return True
+
+
+@needs_registry
+async def test_a_second_job_on_a_cached_image_pulls_nothing_and_marks_it_used(
+    world: World,  # noqa: F811
+    pushed: Pushed,
+) -> None:
+    await _remove(pushed.ref)
+    world.manager.policy = Policy(allowed_images=[pushed.ref.split("@")[0]])
+    await deliver(world, offer_message(world, "job-c1", spec(pushed.ref, "true")))
+    await world.manager.wait_idle()
+    [first] = world.manager.ledger.cached_images()
+    assert first.reference == pushed.ref
+    await deliver(world, offer_message(world, "job-c2", spec(pushed.ref, "true")))
+    await world.manager.wait_idle()
+    assert world.states("job-c2") == ["accepted", "running", "completed"]  # no pulling
+    [again] = world.manager.ledger.cached_images()
+    assert again.used > first.used
+
+
+@needs_registry
+async def test_the_least_recently_used_pulled_image_goes_first_and_the_owners_never(
+    world: World,  # noqa: F811
+    two_more: tuple[Pushed, Pushed],
+    test_image_id: str,
+) -> None:
+    first, second = two_more
+    for each in two_more:
+        await _remove(each.ref)
+    engine = world.manager.runner.engine
+    world.manager.policy = Policy(allowed_images=[p.ref.split("@")[0] for p in two_more])
+    await deliver(world, offer_message(world, "job-l1", spec(first.ref, "true")))
+    await world.manager.wait_idle()
+    [cached] = world.manager.ledger.cached_images()
+    # Room for one of them only: the second pull pushes the first, unused now, out.
+    world.manager.image_cache.max_bytes = cached.size + cached.size // 2
+    await deliver(world, offer_message(world, "job-l2", spec(second.ref, "true")))
+    await world.manager.wait_idle()
+    assert [c.reference for c in world.manager.ledger.cached_images()] == [second.ref]
+    assert not await _image_exists(engine, first.ref)
+    assert await _image_exists(engine, second.ref)
+    # A budget of nothing: what a running job uses stays, and so does the owner's image.
+    world.manager.image_cache.max_bytes = 0
+    trimmed = await world.manager.image_cache.trim(in_use={second.ref})
+    assert trimmed.removed == ()
+    assert await _image_exists(engine, second.ref)
+    assert (await world.manager.image_cache.trim(in_use=())).removed == (second.ref,)
+    assert world.manager.ledger.cached_images() == []
+    assert await _image_exists(engine, test_image_id)
+
+
+@needs_registry
+async def test_a_prefetch_pulls_an_allowed_pinned_image_into_the_cache_and_nothing_else(
+    world: World,  # noqa: F811
+    pushed: Pushed,
+) -> None:
+    await _remove(pushed.ref)
+    prefetcher = world.manager.prefetcher
+    assert not prefetcher.soon(pushed.ref)  # the policy does not allow it yet
+    assert not prefetcher.soon(pushed.ref.split("@")[0] + ":1")  # a tag: never pulled
+    world.manager.policy = Policy(allowed_images=[pushed.ref.split("@")[0]])
+    assert prefetcher.soon(pushed.ref)
+    assert prefetcher.soon(pushed.ref)  # the same image again: one pull
+    assert len(prefetcher.tasks) == 1
+    await asyncio.gather(*prefetcher.tasks.values())
+    assert [c.reference for c in world.manager.ledger.cached_images()] == [pushed.ref]
+    assert await _image_exists(world.manager.runner.engine, pushed.ref)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.config.files import read_registry_logins
+from agent.config.files import engine_logins, read_registry_logins
 from agent.errors import ConfigError
 from sandbox.runner import RunnerConfig
 
@@ -36,7 +36,7 @@ def test_logins_are_read_by_registry_host_and_never_shown(tmp_path: Path) -> Non
     )
     logins = read_registry_logins(path)
     assert sorted(logins) == ["127.0.0.1:5000", "registry.example.com"]
-    login = logins["127.0.0.1:5000"]
+    login = engine_logins(logins)["127.0.0.1:5000"]
     assert (login.username, login.password, login.serveraddress) == (
         "puller",
         SECRET,
@@ -44,7 +44,8 @@ def test_logins_are_read_by_registry_host_and_never_shown(tmp_path: Path) -> Non
     )
     # Not in what a log line or an error would print of the runner's settings.
     assert SECRET not in repr(login)
-    assert SECRET not in repr(RunnerConfig(jobs_dir=tmp_path, registry_auth=logins))
+    assert SECRET not in repr(logins)
+    assert SECRET not in repr(RunnerConfig(jobs_dir=tmp_path, registry_auth=engine_logins(logins)))
 
 
 def test_a_file_others_may_read_is_refused(tmp_path: Path) -> None:

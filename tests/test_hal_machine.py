@@ -5,7 +5,7 @@ from __future__ import annotations
 from factories import gpu
 
 from hal.backend import HalConfig
-from hal.registry import Hal, discover, merge_profiles, merge_samples
+from hal.machine import Hal, discover, merge_profiles, merge_samples
 from hal.types import UNSUPPORTED, GpuSample, Unavailable
 
 

@@ -15,6 +15,7 @@ __all__ = [
     "JobResult",
     "LogChunk",
     "OutputFile",
+    "Pulled",
     "Pulling",
     "Started",
 ]
@@ -66,6 +67,15 @@ class Pulling(msgspec.Struct, frozen=True, tag="pulling"):
     total: int
 
 
+class Pulled(msgspec.Struct, frozen=True, tag="pulled"):
+    """The job's image was pulled: ``reference`` (``repository@sha256:...``) is now the
+    local image ``image_id`` of ``size`` bytes unpacked."""
+
+    reference: str
+    image_id: str
+    size: int
+
+
 class Created(msgspec.Struct, frozen=True, tag="created"):
     """The container exists (not yet started)."""
 
@@ -98,4 +108,4 @@ class Finished(msgspec.Struct, frozen=True, tag="finished"):
     result: JobResult
 
 
-Event: TypeAlias = Pulling | Created | Started | LogChunk | Exited | Finished
+Event: TypeAlias = Pulling | Pulled | Created | Started | LogChunk | Exited | Finished
