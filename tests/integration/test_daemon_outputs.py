@@ -1,0 +1,140 @@
+"""Outputs end to end: ``gpu-agent run`` (a child process) runs a job the in-process
+coordinator offered, PUTs its outputs (to the coordinator's artifact store, to a real S3
+API, to a store that stalls while the agent is killed -9), and ``gpu-coordinator submit
+--wait --out DIR`` gets them back, checked against the receipt."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import signal
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from support.s3 import running_s3
+from support.store import running_store
+from test_daemon_jobs import DUAL_A5000, Loop, job_spec
+
+from sandbox.docker_api import DockerClient
+
+SCRIPT = (
+    "mkdir -p /output/data; printf 'result %s\\n' $(seq 1 2000) > /output/result.txt;"
+    " head -c 300000 /dev/zero | tr '\\0' 'b' > /output/data/b.bin"
+)
+
+
+@pytest.fixture
+async def loop(
+    tmp_path: Path, library_for: Callable[[Path], Path], test_image_id: str, docker_engine: str
+) -> AsyncIterator[Loop]:
+    world = Loop(tmp_path, library_for(DUAL_A5000), test_image_id, DockerClient(docker_engine))
+    await world.start_coordinator()
+    world.start_agent()
+    await world.ready()
+    yield world
+    if world.agent is not None and world.agent.poll() is None:
+        world.agent.send_signal(signal.SIGTERM)
+        await world.exited()
+    if world.coordinator is not None:
+        await world.stop_coordinator()
+
+
+def _spec(loop: Loop, tmp: Path) -> Path:
+    spec: dict[str, Any] = job_spec(loop.image, SCRIPT) | {"outputs": ["result.txt", "data/b.bin"]}
+    path = tmp / "spec.json"
+    path.write_text(json.dumps(spec))
+    return path
+
+
+async def _cli(loop: Loop, *args: str) -> subprocess.CompletedProcess[str]:
+    argv = [sys.executable, "-m", "coordinator.cli", *args]
+    argv += ["--state-dir", str(loop.workdir / "coordinator")]
+    # In a thread: the coordinator shares this event loop and must serve the command.
+    return await asyncio.to_thread(
+        subprocess.run, argv, capture_output=True, text=True, timeout=180, check=False
+    )
+
+
+def _receipt_outputs(loop: Loop, job_id: str) -> dict[str, str]:
+    row = loop.job(job_id)
+    assert row.result is not None
+    return {o["path"]: o["sha256"] for o in row.result.receipt["outputs"]}
+
+
+async def test_submit_wait_out_gets_the_outputs_and_their_digests_are_the_receipts(
+    loop: Loop, tmp_path: Path
+) -> None:
+    out = tmp_path / "out"
+    done = await _cli(
+        loop, "submit", str(_spec(loop, tmp_path)), "--node", loop.node_id,
+        "--wait", "--timeout", "150", "--out", str(out),
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr + (loop.workdir / "agent.log").read_text()
+    job_id = done.stdout.split()[0]
+    assert loop.states(job_id) == ["accepted", "running", "uploading", "completed"]
+    digests = _receipt_outputs(loop, job_id)
+    for path in ("result.txt", "data/b.bin"):
+        assert hashlib.sha256((out / path).read_bytes()).hexdigest() == digests[path]
+    assert (out / "data/b.bin").read_bytes() == b"b" * 300000
+    assert loop.c.jobs.artifacts is not None
+    assert sorted(loop.c.jobs.artifacts.outputs(job_id)) == ["data/b.bin", "result.txt"]
+    assert list((loop.workdir / "agent" / "spool").iterdir()) == []
+
+
+async def test_an_output_given_a_presigned_url_goes_to_s3_the_rest_to_the_coordinator(
+    loop: Loop, tmp_path: Path
+) -> None:
+    with running_s3() as s3:
+        url = s3.presign_put("run/result.txt")
+        done = await _cli(
+            loop, "submit", str(_spec(loop, tmp_path)), "--node", loop.node_id,
+            "--upload", f"result.txt={url}", "--wait", "--timeout", "150",
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        job_id = done.stdout.split()[0]
+        digests = _receipt_outputs(loop, job_id)
+        assert s3.sha256("run/result.txt") == digests["result.txt"]
+        assert loop.c.jobs.artifacts is not None
+        assert sorted(loop.c.jobs.artifacts.outputs(job_id)) == ["data/b.bin"]
+
+
+async def test_an_agent_killed_mid_upload_redoes_it_at_restart_and_reports_the_job_once(
+    loop: Loop, tmp_path: Path
+) -> None:
+    with running_store() as store:
+        store.stall = True
+        submitted = asyncio.create_task(
+            _cli(
+                loop,
+                "submit",
+                str(_spec(loop, tmp_path)),
+                "--node",
+                loop.node_id,
+                "--upload",
+                f"result.txt={store.url}/r",
+                "--wait",
+                "--timeout",
+                "170",
+            )
+        )
+        await loop.until(store.stalled.is_set, "the upload to reach the store", timeout=120)
+        assert loop.agent is not None
+        loop.agent.kill()
+        await loop.exited()
+        [job] = loop.c.jobs.recent()
+        assert loop.states(job.job_id) == ["accepted", "running", "uploading"]
+        store.stall = False
+        store.release.set()
+        loop.start_agent()
+        done = await submitted
+        assert done.returncode == 0, done.stderr + (loop.workdir / "agent.log").read_text()
+        assert loop.states(job.job_id) == ["accepted", "running", "uploading", "completed"]
+        assert len(loop.bodies("job_result", job.job_id)) == 1
+        digests = _receipt_outputs(loop, job.job_id)
+        assert store.objects == {"/r": digests["result.txt"]}
+        assert list((loop.workdir / "agent" / "spool").iterdir()) == []
