@@ -11,6 +11,7 @@ transport errors are retried with exponential backoff and full jitter
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import os
@@ -106,15 +107,28 @@ async def _put_once(  # noqa: PLR0917 (private, called once)
         if os.fstat(fd).st_size != size:
             raise UploadError("output_changed", f"{path.name} is no longer {size} bytes")
 
+        def read(offset: int) -> bytes:
+            # Read and hash in a worker thread (hashlib lets go of the GIL on large
+            # buffers): the next chunk is ready while the current one is being sent.
+            chunk = os.pread(fd, min(_CHUNK, size - offset), offset)
+            digest.update(chunk)
+            return chunk
+
         async def body() -> AsyncIterator[bytes]:
             sent = 0
-            while sent < size:
-                chunk = await asyncio.to_thread(os.pread, fd, min(_CHUNK, size - sent), sent)
-                if not chunk:
-                    raise UploadError("output_changed", f"{path.name} shrank under the upload")
-                digest.update(chunk)
-                sent += len(chunk)
-                yield chunk
+            ahead = _read_ahead(read, 0) if size else None
+            try:
+                while ahead is not None:
+                    chunk = await ahead
+                    if not chunk:
+                        raise UploadError("output_changed", f"{path.name} shrank under the upload")
+                    sent += len(chunk)
+                    ahead = _read_ahead(read, sent) if sent < size else None
+                    yield chunk
+            finally:
+                if ahead is not None:  # stopped early: no read may outlive the descriptor
+                    with contextlib.suppress(OSError):
+                        await ahead
 
         response = await client.put(
             target.url,
@@ -128,6 +142,10 @@ async def _put_once(  # noqa: PLR0917 (private, called once)
     if digest.hexdigest() != sha256:
         raise UploadError("output_changed", f"{path.name} no longer hashes to its receipt's")
     return response.status_code
+
+
+def _read_ahead(read: Callable[[int], bytes], offset: int) -> asyncio.Future[bytes]:
+    return asyncio.ensure_future(asyncio.to_thread(read, offset))
 
 
 def _where(url: str) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import secrets
 import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -52,8 +53,10 @@ def _free_port() -> int:
 
 
 @contextmanager
-def running_s3(bucket: str = "results") -> Iterator[S3]:
-    """moto's S3 API server on 127.0.0.1, with ``bucket`` made; stopped after."""
+def running_s3() -> Iterator[S3]:
+    """moto's S3 API server on 127.0.0.1, with a bucket of its own made; stopped after.
+    (moto keeps its objects in the process, across servers: each gets a fresh bucket.)"""
+    bucket = f"results-{secrets.token_hex(6)}"
     port = _free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
