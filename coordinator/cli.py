@@ -102,6 +102,12 @@ def _parser() -> _Parser:
         "--admin-port", type=_port, default=0, help="admin API port on 127.0.0.1 (0: any free)"
     )
     run.add_argument(
+        "--artifacts-port",
+        type=_port,
+        default=0,
+        help="port on --host where nodes PUT job outputs (0: any free)",
+    )
+    run.add_argument(
         "--registry-logins",
         type=_path,
         help="TOML file of registry logins, to pin submitted tags to digests (mode 600)",
@@ -176,6 +182,7 @@ async def _serve(
             on_ready=_ready,
             ssl_context=ssl_context,
             admin_port=args.admin_port,
+            artifacts_port=args.artifacts_port,
             settings=settings,
             pinner=pinner,
         )
@@ -304,7 +311,13 @@ def _serve_command(args: argparse.Namespace) -> int:
         ssl_context = None
         if args.tls_cert is not None:
             ssl_context = cli_args.tls_context(args.tls_cert, args.tls_key)
-        cli_args.check_addresses([(args.host, args.port), ("127.0.0.1", args.admin_port)])
+        cli_args.check_addresses(
+            [
+                (args.host, args.port),
+                ("127.0.0.1", args.admin_port),
+                (args.host, args.artifacts_port),
+            ]
+        )
         cli_args.check_db(args.db)
         cli_args.check_state_dir(args.state_dir)
         settings = admission.settings_from(args)

@@ -333,6 +333,7 @@ async def serve(
     ssl_context: ssl.SSLContext | None = None,
     admin_port: int = 0,
     pinner: ImagePinner | None = None,
+    artifacts_port: int = 0,
 ) -> None:
     """Run a coordinator until ``stop`` is set (or the task is cancelled)."""
     coordinator = Coordinator(
@@ -344,6 +345,7 @@ async def serve(
         ssl_context=ssl_context,
         admin_port=admin_port,
         pinner=pinner,
+        artifacts_port=artifacts_port,
     )
     async with coordinator:
         if on_ready is not None:

@@ -175,6 +175,10 @@ def test_deeply_nested_spec_is_a_coded_error(
         (["--ttl", "inf"], "bad_argument"),
         (["--ttl", "nan"], "bad_argument"),
         (["--ttl", str(31 * 86400)], "bad_ttl"),
+        (["--upload", "result.txt"], "bad_upload_target"),
+        (["--upload", "=https://s3.example/b/k"], "bad_upload_target"),
+        (["--upload", "a=https://x/1", "--upload", "a=https://x/2"], "bad_upload_target"),
+        (["--out", "outputs"], "bad_request"),  # --out without --wait
     ],
 )
 async def test_submit_refuses_bad_ids_and_ttls_before_reaching_the_coordinator(
