@@ -141,6 +141,10 @@ def _summary(jobs: JobService, job: JobSummary) -> dict[str, Any]:
     }
     if job.state == "pulling" and (progress := jobs.pull_progress(job)) is not None:
         summary["pulled_bytes"], summary["pull_bytes"] = progress
+    if jobs.artifacts is not None and jobs.artifacts.outputs(job.job_id):
+        row = jobs.get(job.job_id)
+        if row is not None and (problems := _outputs(jobs, row)["output_problems"]):
+            summary["output_problems"] = problems
     return summary
 
 

@@ -35,7 +35,9 @@ _CHUNK: Final = 1 << 20
 class RetryPolicy(NamedTuple):
     """How often and how patiently an upload is retried."""
 
-    attempts: int = 6
+    attempts: int = 10
+    """With the defaults, about a minute of retries on average (at most ~2 minutes): a
+    coordinator restarting, or a store's brief outage, does not fail the job."""
     base_s: float = 0.5
     max_s: float = 30.0
     timeout_s: float = 60.0

@@ -114,6 +114,9 @@ async def test_a_receipt_whose_digest_is_not_what_was_stored_is_flagged(
             base = coordinator.dashboard_url.rstrip("/")
             job = (await client.get(f"{base}/api/jobs/{offer.job_id}")).json()
         assert job["output_problems"] == ["output_mismatch:result.txt", "output_missing:sub/b.txt"]
+        async with httpx.AsyncClient() as client:
+            [listed] = (await client.get(f"{base}/api/jobs")).json()["jobs"]
+        assert listed["output_problems"] == job["output_problems"]  # what the dashboard shows
     finally:
         await cm.__aexit__(None, None, None)
 

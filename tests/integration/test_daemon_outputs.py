@@ -19,7 +19,9 @@ import pytest
 from support.s3 import running_s3
 from support.store import running_store
 from test_daemon_jobs import DUAL_A5000, Loop, job_spec
+from test_link import _free_port
 
+from coordinator.server import Coordinator
 from sandbox.docker_api import DockerClient
 
 SCRIPT = (
@@ -138,3 +140,52 @@ async def test_an_agent_killed_mid_upload_redoes_it_at_restart_and_reports_the_j
         digests = _receipt_outputs(loop, job.job_id)
         assert store.objects == {"/r": digests["result.txt"]}
         assert list((loop.workdir / "agent" / "spool").iterdir()) == []
+
+
+async def test_a_coordinator_down_when_the_outputs_are_ready_gets_them_after_its_restart(
+    tmp_path: Path, library_for: Callable[[Path], Path], test_image_id: str, docker_engine: str
+) -> None:
+    world = _FixedArtifacts(
+        tmp_path, library_for(DUAL_A5000), test_image_id, DockerClient(docker_engine)
+    )
+    await world.start_coordinator()
+    world.start_agent()
+    try:
+        await world.ready()
+        spec = job_spec(world.image, "sleep 1; echo done > /output/result.txt")
+        job_id = await world.c.submit(world.node_id, spec | {"outputs": ["result.txt"]})
+        await world.until(lambda: "running" in world.states(job_id), "the job to run")
+        await world.stop_coordinator()  # its artifact store is gone while the job ends
+        await asyncio.sleep(2)  # the agent's first PUTs fail and are retried
+        await world.start_coordinator()
+        await world.until(lambda: world.job(job_id).final, "the job to end", timeout=150)
+        assert world.job(job_id).state == "completed"
+        assert world.states(job_id) == ["accepted", "running", "uploading", "completed"]
+        assert world.c.jobs.artifacts is not None
+        stored = world.c.jobs.artifacts.outputs(job_id)
+        assert stored["result.txt"].sha256 == _receipt_outputs(world, job_id)["result.txt"]
+    finally:
+        if world.agent is not None and world.agent.poll() is None:
+            world.agent.send_signal(signal.SIGTERM)
+            await world.exited()
+        if world.coordinator is not None:
+            await world.stop_coordinator()
+
+
+class _FixedArtifacts(Loop):
+    """A loop whose coordinator keeps its artifact port across restarts (the signed URLs
+    name it), as ``serve --artifacts-port`` does."""
+
+    artifacts_port: int = 0
+
+    async def start_coordinator(self) -> Coordinator:
+        if not self.artifacts_port:
+            self.artifacts_port = _free_port()
+        self.coordinator = Coordinator(
+            db_path=self.workdir / "coordinator.db",
+            state_dir=self.workdir / "coordinator",
+            port=self.port,
+            artifacts_port=self.artifacts_port,
+        )
+        await self.coordinator.start()
+        return self.coordinator
