@@ -133,6 +133,13 @@ class ArtifactStore:
                 out.flush()
                 os.fsync(out.fileno())
             hexdigest = digest.hexdigest()
+            before = self.outputs(job_id).get(path)
+            if before is not None and before.sha256 != hexdigest:
+                # First write wins: a node redoing its PUT sends the same bytes; anything
+                # else is not the node's output (and the receipt check would flag it).
+                return coded_error(
+                    HTTPStatus.CONFLICT, "output_exists", f"{path!r} is stored with other bytes"
+                )
             os.replace(temporary, self.file(hexdigest))
         finally:
             with contextlib.suppress(FileNotFoundError):
@@ -158,7 +165,8 @@ class ArtifactStore:
         if "content-length" not in request.headers:
             raise JobError("bad_request", "a PUT here carries Content-Length")
         length = content_length(request.headers)  # its form was checked with the head
-        others = sum(s.size_bytes for p, s in self.outputs(job_id).items() if p != path)
+        stored = self.outputs(job_id)
+        others = sum(s.size_bytes for p, s in stored.items() if p != path)
         if others + length > job.max_bytes:
             raise JobError("too_large", f"over the job's output_max_bytes ({job.max_bytes})")
         (node_total,) = self._db.execute(

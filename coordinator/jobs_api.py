@@ -163,7 +163,7 @@ def _detail(jobs: JobService, job: JobRow, connected: Collection[str]) -> dict[s
         "updated": job.updated,
         "expires_at": job.expires_at,
         "spec": job.spec,
-        "offer": job.offer,
+        "offer": _public_offer(job.offer),
         "offer_sha256": job.offer_sha256,
         "cancel": None
         if job.cancel_requested is None
@@ -186,6 +186,23 @@ def _detail(jobs: JobService, job: JobRow, connected: Collection[str]) -> dict[s
             "problems": result.problems,
         },
         **_outputs(jobs, job),
+    }
+
+
+def _public_offer(envelope: dict[str, Any]) -> dict[str, Any]:
+    """The signed offer as the read API shows it. Its upload URLs are write credentials (a
+    presigned URL's signature, an artifact token), and the read API is anyone's who reaches
+    the port: an offer with targets is shown without its payload, its targets without
+    their queries and headers (``offer_sha256`` still names what was signed)."""
+    offer = msgspec.json.decode(crypto.b64decode(envelope["payload"]))
+    uploads = offer.get("uploads")
+    if not uploads:
+        return envelope
+    return {
+        "payloadType": envelope.get("payloadType"),
+        "payload": None,
+        "redacted": "the payload holds upload credentials",
+        "uploads": {path: target["url"].split("?", 1)[0] for path, target in uploads.items()},
     }
 
 

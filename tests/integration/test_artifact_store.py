@@ -192,3 +192,27 @@ async def test_a_path_outside_the_outputs_is_refused(coordinator: Coordinator) -
         assert caught.value.code == "bad_upload_target"
     finally:
         await cm.__aexit__(None, None, None)
+
+
+async def test_a_stored_output_is_not_replaced_and_the_read_api_shows_no_credential(
+    coordinator: Coordinator,
+) -> None:
+    peer = Peer()
+    (cm, _), offer = await _offered(coordinator, peer)
+    try:
+        url = offer.uploads["result.txt"].url
+        assert (await _put(url, DATA)).status_code == 201
+        assert (await _put(url, DATA)).status_code == 201  # a node redoing its PUT
+        other = await _put(url, b"someone else's")
+        assert (other.status_code, other.json()["error"]["code"]) == (409, "output_exists")
+        assert coordinator.artifacts is not None
+        stored = coordinator.artifacts.outputs(offer.job_id)["result.txt"]
+        assert stored.sha256 == hashlib.sha256(DATA).hexdigest()
+        async with httpx.AsyncClient() as client:
+            base = coordinator.dashboard_url.rstrip("/")
+            shown = (await client.get(f"{base}/api/jobs/{offer.job_id}")).text
+        token = parse_qs(urlsplit(url).query)["token"][0]
+        assert token not in shown
+        assert offer.uploads["sub/b.txt"].url.split("token=")[1] not in shown
+    finally:
+        await cm.__aexit__(None, None, None)
