@@ -222,7 +222,8 @@ class JobManager:
         try:
             offer, spec = self._admit(message)
             units = self._reserve(job_id, spec)
-            if offer.uploads and not self.delivery.reserve(job_id, spec.output_max_bytes):  # type: ignore[union-attr]
+            delivery = self.delivery
+            if offer.uploads and not (delivery and delivery.reserve(job_id, spec.output_max_bytes)):
                 self.node.free(job_id)
                 raise _Refusal("spool_full", "the node's output spool cannot hold this job's")
         except _Refusal as refusal:
@@ -424,10 +425,9 @@ class JobManager:
         """PUT a job's outputs, then sign and send its receipt; a shutdown leaves it
         ``uploading`` for the next start."""
         job_id, receipt, detail = upload.job_id, upload.receipt, upload.detail
+        assert self.delivery is not None  # only an offer it could spool has uploads
         task = asyncio.create_task(
-            self.delivery.run(  # type: ignore[union-attr]
-                upload, lambda path: self._carry_out(machine.uploaded(job_id, path))
-            )
+            self.delivery.run(upload, lambda path: self._carry_out(machine.uploaded(job_id, path)))
         )
         self._uploads[job_id] = task
         try:
@@ -437,11 +437,12 @@ class JobManager:
             detail = f"{exc.code}: {exc.detail}"
             receipt = msgspec.structs.replace(receipt, state="error", code="upload_failed")
         except asyncio.CancelledError:
-            if self._stops.pop(job_id, None) != "cancelled":
+            if self._stops.get(job_id) != "cancelled":
                 raise  # the agent stops: the next start resumes the uploads
             receipt = msgspec.structs.replace(receipt, state="cancelled", code="cancelled")
         finally:
             self._uploads.pop(job_id, None)
+            self._stops.pop(job_id, None)  # a preemption asked meanwhile changes nothing
         receipt = msgspec.structs.replace(receipt, prev_receipt=self.ledger.last_receipt_digest())
         self._commit_receipt("uploading", receipt, detail, receipt.exit_code, upload.spool)
         _log.info("job %s ended %s after its uploads", job_id, receipt.state)

@@ -248,3 +248,20 @@ async def _wait_for(condition: Callable[[], bool]) -> None:
             return
         await asyncio.sleep(0.01)
     pytest.fail("timed out")
+
+
+async def test_a_cancel_mid_upload_ends_the_job_cancelled_with_its_receipt(
+    node: Node, store: Store
+) -> None:
+    manager = node.start()
+    await manager.recover()
+    store.stall = True
+    await node.offer("up-5", {"result.txt": UploadTarget(url=f"{store.url}/r5")})
+    await _wait_for(store.stalled.is_set)
+    assert manager.stop("up-5", "cancelled")
+    await manager.wait_idle()
+    assert node.states("up-5") == ["accepted", "running", "uploading", "cancelled"]
+    [receipt] = node.receipts("up-5")
+    assert (receipt["state"], receipt["outputs"][0]["sha256"]) == ("cancelled", RESULT_SHA)
+    assert not (node.tmp / "spool" / "up-5").exists()
+    assert manager.ledger.held("up-5") is None
