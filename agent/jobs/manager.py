@@ -32,7 +32,7 @@ from typing import Literal
 import msgspec
 
 from agent.errors import UploadError
-from agent.jobs import machine
+from agent.jobs import machine, receipts
 from agent.jobs.delivery import Delivery
 from agent.jobs.gpus import device_facts
 from agent.jobs.image_cache import ImageCache, Prefetcher
@@ -56,9 +56,7 @@ from agent.protocol.errors import AuthError, DecodeError
 from agent.protocol.jobs import (
     JobState,
     Offer,
-    OutputDigest,
     Receipt,
-    offer_digest,
     receipt_digest,
     verify_offer,
 )
@@ -465,28 +463,14 @@ class JobManager:
         if result.reason == "cancelled" and stopped_by is not None:
             state = stopped_by
         code = result.error_code or ("" if state == "completed" else state)
-        receipt = Receipt(
-            job_id=job_id,
-            node_id=self.identity.node_id,
+        receipt = receipts.of_result(
+            offer,
+            self.identity.node_id,
+            units,
+            result,
             state=state,
             code=code,
-            offer_sha256=offer_digest(offer),
-            spec_digest=result.spec_digest,
-            image_id=result.image_id,
-            gpus=units,
-            exit_code=result.exit_code,
-            started_at=result.started_at,
-            finished_at=result.finished_at,
-            cpu_seconds=result.cpu_seconds,
-            peak_memory_bytes=result.peak_memory_bytes,
-            outputs=[
-                OutputDigest(path=o.path, status=o.status, size_bytes=o.size_bytes, sha256=o.sha256)
-                for o in result.outputs
-            ],
-            log_sha256=result.log_sha256,
-            log_bytes=result.log_bytes,
-            log_dropped_bytes=result.log_dropped_bytes,
-            prev_receipt=self.ledger.last_receipt_digest(),
+            prev=self.ledger.last_receipt_digest(),
         )
         spool = None if keep is None else str(keep)
         if spool is not None and (
@@ -509,23 +493,13 @@ class JobManager:
         _log.info("job %s ended %s%s", job_id, state, f" ({code})" if code else "")
 
     def _finish_unrun(self, record: JobRecord, state: JobState, code: str, detail: str) -> None:
-        """A receipt for a job the agent lost track of (a crash): nothing is known of its
-        run but what the ledger kept."""
-        try:
-            offer = msgspec.json.decode(record.offer, type=Offer)
-            digest = spec_digest(load_spec(msgspec.json.encode(offer.spec), "json"))
-            offer_sha = offer_digest(offer)
-        except (msgspec.DecodeError, SandboxError):  # accepted, so it parsed then
-            offer_sha, digest = "0" * 64, ""
-        receipt = Receipt(
-            job_id=record.job_id,
-            node_id=self.identity.node_id,
+        """A receipt for a job the agent lost track of (a crash)."""
+        receipt = receipts.of_record(
+            record,
+            self.identity.node_id,
             state=state,
             code=code,
-            offer_sha256=offer_sha,
-            spec_digest=digest,
-            gpus=record.gpus,
-            prev_receipt=self.ledger.last_receipt_digest(),
+            prev=self.ledger.last_receipt_digest(),
         )
         self._commit_receipt(record.state, receipt, detail, None)
 
