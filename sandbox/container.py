@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import posixpath
 
-from sandbox.engine_types import ContainerConfig, HostConfig, LogConfig, Ulimit
+from sandbox.engine_types import ContainerConfig, HostConfig, LogConfig, Mount, Ulimit
 from sandbox.errors import RunError, SpecError
 from sandbox.gpu_mapping import ContainerGpus
 from sandbox.jobdir import JobMounts
@@ -143,6 +143,11 @@ def create_body(
         log_config=_LOG_CONFIG,
         runtime=runtime,
         auto_remove=False,  # the runner removes it, after reading how it ended
+        # Each over its empty file in the read-only /input: the job cannot change the cache.
+        mounts=[
+            Mount(type="bind", source=str(host), target=target, read_only=True)
+            for target, host in mounts.input_files
+        ],
         cgroup_parent=cgroup_parent,
     )
     return ContainerConfig(

@@ -27,6 +27,7 @@ __all__ = [
     "HostConfig",
     "ImageInfo",
     "LogConfig",
+    "Mount",
     "MountPoint",
     "PullMessage",
     "PullProgressDetail",
@@ -63,6 +64,16 @@ class Ulimit(msgspec.Struct, frozen=True, rename="pascal"):
     hard: int
 
 
+class Mount(msgspec.Struct, frozen=True, kw_only=True, rename="pascal"):
+    """``HostConfig.Mounts[]``: a host file bound at ``target`` (no ``:`` parsing, unlike
+    ``Binds``, so any target path is safe)."""
+
+    type: str
+    source: str
+    target: str
+    read_only: bool
+
+
 class LogConfig(msgspec.Struct, frozen=True, rename="pascal"):
     """``HostConfig.LogConfig``: the log driver and its options."""
 
@@ -74,7 +85,7 @@ class HostConfig(msgspec.Struct, frozen=True, kw_only=True, rename="pascal", omi
     """``HostConfig`` of ``POST /containers/create``: every field the sandbox sets.
 
     All are sent, explicit even where they equal the engine's default, except
-    ``CgroupParent`` when None (the engine's own parent).
+    ``CgroupParent`` when None (the engine's own parent) and ``Mounts`` when empty.
     """
 
     privileged: bool
@@ -98,6 +109,8 @@ class HostConfig(msgspec.Struct, frozen=True, kw_only=True, rename="pascal", omi
     log_config: LogConfig
     runtime: str
     auto_remove: bool
+    mounts: list[Mount] = []
+    """Sent only when not empty: the fetched inputs' files, read-only."""
     cgroup_parent: str | None = None
 
 

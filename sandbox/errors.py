@@ -17,7 +17,7 @@ how a caller reacts to it::
     |            digest_mismatch, pull_timeout, disk_full, pull_failed
     +-- RunError                   the runner could not run this job (report it as an error)
           codes: start_failed, gpu_unmappable, bad_job_id, job_running, runtime_missing,
-                 bad_image_volume, no_free_uid
+                 bad_image_volume, no_free_uid, input_missing
 """
 
 from __future__ import annotations

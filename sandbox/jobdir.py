@@ -3,7 +3,9 @@
 ``jobs_dir/<job id>/`` holds ``runner`` (the runner instance that owns the job, so that a
 later runner reaps it only once that instance is gone), ``container`` (the container id,
 so that a gVisor sandbox Docker forgot can still be found), ``input/`` (mounted read-only)
-and ``output/`` (the one host directory a job may write; watched while it runs).
+and ``output/`` (the one host directory a job may write; watched while it runs). Inputs
+the agent fetched are host files of its cache: ``input/`` holds an empty file where each
+goes, and the cached file is bound read-only over it.
 """
 
 from __future__ import annotations
@@ -13,10 +15,12 @@ import errno
 import os
 import re
 import stat
-from pathlib import Path
+from collections.abc import Mapping
+from pathlib import Path, PurePosixPath
 
 import msgspec
 
+from sandbox.errors import RunError
 from sandbox.fstree import DIR_FLAGS, TreeChanged, open_dir, remove_tree, walk
 from sandbox.spec import WorkloadSpec
 
@@ -43,10 +47,12 @@ JOB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 
 
 class JobMounts(msgspec.Struct, frozen=True, kw_only=True):
-    """Host directories of the job's own: inputs (read-only) and outputs."""
+    """Host directories of the job's own: inputs (read-only) and outputs; and host files
+    bound read-only at paths under /input (``(path under /input, host file)``)."""
 
     input_dir: Path | None = None
     output_dir: Path | None = None
+    input_files: tuple[tuple[str, Path], ...] = ()
 
 
 class Leftover(msgspec.Struct, frozen=True, kw_only=True):
@@ -110,9 +116,15 @@ class JobDir:
         """Remember the job's container, for a reaper that finds Docker has forgotten it."""
         (self.path / "container").write_text(container_id, encoding="ascii")
 
-    def mounts(self, spec: WorkloadSpec) -> JobMounts:
-        """Write the inputs and make the output directory the spec asks for."""
+    def mounts(self, spec: WorkloadSpec, fetched: Mapping[str, Path] | None = None) -> JobMounts:
+        """Write the inputs and make the output directory the spec asks for.
+
+        ``fetched`` maps the path of each input given by URL to its host file (RunError
+        ``input_missing`` if one is not there).
+        """
+        fetched = fetched or {}
         input_dir = output_dir = None
+        files: list[tuple[str, Path]] = []
         if spec.inputs:
             input_dir = self.path / "input"
             _readable_dir(input_dir)
@@ -120,6 +132,14 @@ class JobDir:
                 target = input_dir / item.path
                 for parent in reversed(target.relative_to(input_dir).parents[:-1]):
                     _readable_dir(input_dir / parent)
+                if item.content is None:
+                    host = fetched.get(item.path)
+                    if host is None or not host.is_file():
+                        raise RunError("input_missing", f"input {item.path!r} was not fetched")
+                    # The mount point: under a read-only /input the runtime cannot make it.
+                    target.touch(mode=0o444)
+                    files.append((str(PurePosixPath("/input") / item.path), host))
+                    continue
                 data = (
                     base64.b64decode(item.content)
                     if item.encoding == "base64"
@@ -131,7 +151,7 @@ class JobDir:
             output_dir = self.path / "output"
             output_dir.mkdir()
             output_dir.chmod(0o777)  # writable by the job's uid; only we can reach it
-        return JobMounts(input_dir=input_dir, output_dir=output_dir)
+        return JobMounts(input_dir=input_dir, output_dir=output_dir, input_files=tuple(files))
 
     def output_overflow(self, max_bytes: int) -> str | None:
         """Why the output directory is over its limits now, or None while it is within.

@@ -13,6 +13,10 @@ Image patterns in ``allowed_images`` are one of:
   ``/``); write it with its registry, globs are not normalised; a bare local image id is
   matched as ``sha256:<hex>``, so ``*`` allows every image;
 - a local image id, ``sha256:<64 hex>``, which allows a spec naming exactly that id.
+
+Host patterns in ``allowed_input_hosts`` are globs over a URL's host name in lower case
+(``*.example.org``, ``127.0.0.1``); the port is not part of it. They bound where the agent
+fetches inputs from, the first URL and every redirect alike.
 """
 
 from __future__ import annotations
@@ -28,8 +32,16 @@ import msgspec
 from sandbox.errors import PolicyViolation, SpecError, Violation
 from sandbox.files import read_regular
 from sandbox.spec import ImageRef, WorkloadSpec, format_size
+from sandbox.urls import host_allowed
 
-__all__ = ["MAX_POLICY_BYTES", "Policy", "admit", "check", "image_allowed", "load_policy_file"]
+__all__ = [
+    "MAX_POLICY_BYTES",
+    "Policy",
+    "admit",
+    "check",
+    "image_allowed",
+    "load_policy_file",
+]
 
 MAX_POLICY_BYTES: Final = 1 << 20
 """The largest policy file read; a policy is a few hundred bytes."""
@@ -66,6 +78,11 @@ class Policy(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
     max_grace_s: Annotated[float, msgspec.Meta(ge=0, le=3600)] = 60.0
     max_gpus: Annotated[int, msgspec.Meta(ge=0, le=1024)] = 8
     max_input_bytes: _Bytes = 512 * 1024
+    """The inline inputs' total size."""
+    allowed_input_hosts: list[str] = []
+    """Where inputs given by URL may be fetched from (and redirected to); none if empty."""
+    max_url_input_bytes: _Bytes = 16 * _GIB
+    """The largest input fetched by URL."""
     max_output_bytes: _Bytes = _GIB
     allow_egress: bool = False
     runtime: Literal["runc", "runsc"] = "runc"
@@ -135,7 +152,15 @@ def check(
     over("grace_over_limit", "grace_s", spec.grace_s, policy.max_grace_s, _seconds)
     if spec.network == "egress" and not policy.allow_egress:
         found.append(Violation("egress_not_allowed", "this node allows no network egress"))
-    inputs = sum(item.size_bytes for item in spec.inputs)
+    inputs = sum(item.inline_bytes for item in spec.inputs)
+    for item in spec.inputs:
+        if item.url is None:
+            continue
+        if not host_allowed(item.url, policy.allowed_input_hosts):
+            message = f"input {item.path!r}: the host of {item.url} is not allowed here"
+            found.append(Violation("input_host_not_allowed", message))
+        field = f"input {item.path!r}"
+        over("input_over_limit", field, item.size_bytes or 0, policy.max_url_input_bytes, _size)
     for code, field, asked, limit in (
         ("memory_over_limit", "resources.memory_bytes", res.memory_bytes, policy.max_memory_bytes),
         ("shm_over_limit", "resources.shm_bytes", res.shm_bytes, policy.max_shm_bytes),

@@ -14,7 +14,7 @@ import contextlib
 import hashlib
 import os
 import time
-from collections.abc import AsyncGenerator, Callable
+from collections.abc import AsyncGenerator, Callable, Mapping
 from contextlib import aclosing
 from functools import partial
 from pathlib import Path
@@ -144,10 +144,13 @@ class Runner:
         job_id: str,
         spec: WorkloadSpec,
         gpus: list[DeviceFacts],
+        fetched: Mapping[str, Path] | None = None,
         keep_outputs: Path | None = None,
     ) -> AsyncGenerator[Event, None]:
         """Run ``spec`` on exactly ``gpus``; yield its events, the last one ``Finished``.
 
+        ``fetched`` maps the path of each input the spec gives by URL to the host file
+        that holds it (the caller fetched and checked it); each is mounted read-only.
         ``keep_outputs``, an existing empty directory, receives a copy of each collected
         output file (``<index in spec.outputs>``), made from the reads that hashed it: the
         job directory is removed when the job ends, what is kept there is not.
@@ -191,7 +194,7 @@ class Runner:
                 yield Pulled(f"{ref.repository}@{ref.digest}", image.id, image.size)
             result.image_id = image.id  # a tag pinned to the image it names now
             job_dir.create(self.instance)
-            mounts = job_dir.mounts(spec)
+            mounts = job_dir.mounts(spec, fetched)
             if uid is not None and mounts.output_dir is not None:
                 os.chown(mounts.output_dir, uid, uid)
             config = create_body(

@@ -30,6 +30,7 @@ import msgspec
 
 from sandbox.errors import SpecError
 from sandbox.files import read_regular
+from sandbox.urls import url_problem
 
 __all__ = [
     "MAX_NAME_BYTES",
@@ -226,16 +227,27 @@ class Resources(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields
 
 
 class InputFile(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    """A file written under /input before the job starts; ``path`` is relative to it."""
+    """A file under /input before the job starts; ``path`` is relative to it.
+
+    Either inline (``content``, written into the job's directory) or fetched by the agent
+    (``url`` with its ``sha256`` and ``size_bytes``, mounted read-only from its cache).
+    """
 
     path: str
-    content: str
+    content: str | None = None
     encoding: Literal["utf-8", "base64"] = "utf-8"
     mode: Annotated[int, msgspec.Meta(ge=0, le=0o777)] = 0o444
+    url: str | None = None
+    sha256: Annotated[str, msgspec.Meta(pattern=r"^[0-9a-f]{64}$")] | None = None
+    """64 lower-case hex digits: what the fetched file must hash to."""
+    size_bytes: Annotated[int, msgspec.Meta(ge=1, le=1 << 50)] | None = None
+    """The fetched file's exact size; a server that sends more is refused."""
 
     @property
-    def size_bytes(self) -> int:
-        """The size of the file once written (the content decoded)."""
+    def inline_bytes(self) -> int:
+        """The size of the inline content once written (decoded); 0 for a fetched input."""
+        if self.content is None:
+            return 0
         if self.encoding == "base64":
             return len(self.content) // 4 * 3 - self.content[-2:].count("=")
         return len(self.content.encode())
@@ -342,6 +354,9 @@ def _refuse_host_access(value: object, path: str) -> None:
 def _parse_sizes(raw: dict[str, Any]) -> None:
     """Turn size strings into bytes, in place: the spec's own, its resources' and GPUs'."""
     tables = {"": raw, "resources.": raw.get("resources"), "gpus.": raw.get("gpus")}
+    inputs = raw.get("inputs")
+    if isinstance(inputs, list):
+        tables.update((f"inputs[{i}].", item) for i, item in enumerate(inputs))
     for prefix, table in tables.items():
         if not isinstance(table, dict):
             continue
@@ -407,7 +422,8 @@ def _check(spec: WorkloadSpec) -> None:
             raise SpecError(
                 "bad_value", f"{field}.path", f"{item.path!r} lies inside input {str(clash)!r}"
             )
-        if item.encoding == "base64":
+        _check_input_form(field, item)
+        if item.content is not None and item.encoding == "base64":
             try:
                 base64.b64decode(item.content, validate=True)
             except binascii.Error as exc:
@@ -415,6 +431,30 @@ def _check(spec: WorkloadSpec) -> None:
                     "bad_value", f"{field}.content", f"not base64 (one line, padded): {exc}"
                 ) from exc
     _each_once([_relative(f"outputs[{i}]", p) for i, p in enumerate(spec.outputs)], "outputs[{}]")
+
+
+def _check_input_form(field: str, item: InputFile) -> None:
+    """Exactly one of the two forms: inline ``content``, or ``url`` with its digest and size."""
+    if item.url is None:
+        if item.content is None:
+            raise SpecError("missing_field", f"{field}.content", "give content or url")
+        for name in ("sha256", "size_bytes"):
+            if getattr(item, name) is not None:
+                raise SpecError("bad_value", f"{field}.{name}", "only an input with a url has one")
+        return
+    if item.content is not None:
+        raise SpecError("bad_value", field, "give either content or url, not both")
+    for name, why in (
+        ("sha256", "a fetched input needs its digest: it is what makes the bytes trusted"),
+        ("size_bytes", "a fetched input needs its size: more bytes than it says are refused"),
+    ):
+        if getattr(item, name) is None:
+            raise SpecError("missing_field", f"{field}.{name}", why)
+    if item.encoding != "utf-8" or item.mode != 0o444:
+        # The fetched file is shared read-only from the cache: it has one form, 0444 bytes.
+        raise SpecError("bad_value", field, "a fetched input has no encoding nor mode")
+    if problem := url_problem(item.url):
+        raise SpecError("bad_value", f"{field}.url", problem)
 
 
 def _each_once(paths: list[PurePosixPath], field: str) -> None:

@@ -477,11 +477,11 @@ def test_a_spec_is_a_struct_that_refuses_unknown_fields_when_decoded_directly() 
 @given(st.binary(max_size=200))
 def test_a_base64_input_counts_its_decoded_size(content: bytes) -> None:
     item = InputFile(path="f", content=base64.b64encode(content).decode(), encoding="base64")
-    assert item.size_bytes == len(content)
+    assert item.inline_bytes == len(content)
 
 
 def test_a_text_input_counts_its_utf8_size() -> None:
-    assert InputFile(path="f", content="héllo").size_bytes == 6
+    assert InputFile(path="f", content="héllo").inline_bytes == 6
 
 
 @pytest.mark.timeout(20)

@@ -67,6 +67,7 @@ __all__ = [
     "NOT_CONFIG_VARIABLES",
     "SYSTEM_CONFIG_PATH",
     "AgentConfig",
+    "CacheConfig",
     "ControlConfig",
     "CoordinatorConfig",
     "Flag",
@@ -202,6 +203,14 @@ class JobsConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_field
         return self.docker_host.removeprefix("unix://")
 
 
+class CacheConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """``[cache]``: the disk fetched inputs may take, and how long a fetch may take."""
+
+    inputs_max_bytes: Annotated[int, msgspec.Meta(ge=0, le=1 << 50)] = 64 << 30
+    input_stall_s: Annotated[float, msgspec.Meta(gt=0, le=3600)] = 30.0
+    input_deadline_s: Annotated[float, msgspec.Meta(gt=0, le=7 * 86400)] = 6 * 3600.0
+
+
 class ControlConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """``[control]``: who may use the local control socket."""
 
@@ -254,6 +263,7 @@ class AgentConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
     telemetry: TelemetryConfig = TelemetryConfig()
     jobs: JobsConfig = JobsConfig()
     policy: Policy = Policy()
+    cache: CacheConfig = CacheConfig()
     control: ControlConfig = ControlConfig()
     metrics: MetricsConfig = MetricsConfig()
     owner: OwnerPolicy = OwnerPolicy()

@@ -26,7 +26,7 @@ from pathlib import Path
 import msgspec
 
 from agent.config.files import engine_logins, read_enrolment_token, read_registry_logins
-from agent.config.settings import AgentConfig
+from agent.config.settings import AgentConfig, CacheConfig
 from agent.control.server import ControlServer
 from agent.daemon.control import DaemonControl
 from agent.daemon.health import HealthCheck
@@ -34,6 +34,7 @@ from agent.daemon.metrics import MetricsServer
 from agent.daemon.node_status import NodeReporter
 from agent.daemon.sampler import Sampler, Tick
 from agent.daemon.systemd import Notifier, watchdog_interval
+from agent.inputs.stage import Inputs
 from agent.jobs.delivery import Delivery
 from agent.jobs.images import ImageGate, load_keys
 from agent.jobs.manager import ImageBudget, JobManager
@@ -100,6 +101,8 @@ class DaemonConfig(msgspec.Struct, frozen=True, kw_only=True):
     """Registry logins, for the node's own checks of an image before its pull."""
     registry_ca_file: Path | None = None
     image_budget: ImageBudget = ImageBudget()
+    cache: CacheConfig = CacheConfig()
+    """The fetched inputs' cache (under ``state_dir``) and fetch limits."""
     upload_spool_max_bytes: int = 4 << 30
     """Most bytes of outputs waiting for upload in ``state_dir/spool`` at once."""
 
@@ -158,6 +161,7 @@ def daemon_config(config: AgentConfig) -> DaemonConfig:
         image_budget=ImageBudget(
             max_bytes=jobs.image_cache_max_bytes, min_free_bytes=jobs.image_cache_min_free_bytes
         ),
+        cache=config.cache,
         metrics_listen=(config.metrics.host, config.metrics.port)
         if config.metrics.enabled
         else None,
@@ -200,6 +204,7 @@ class _Daemon:
                 ca_file=config.registry_ca_file,
             ),
             image_budget=config.image_budget,
+            inputs=Inputs.open(config.state_dir, config.cache),
             delivery=Delivery(
                 config.state_dir / "spool",
                 max_bytes=config.upload_spool_max_bytes,

@@ -8,11 +8,14 @@ transaction, then starts what it names: jobs flow one way, from event to decisio
 
 The states and the moves between them (:data:`TRANSITIONS`)::
 
-    (new) --> accepted --> [pulling] --> running --> [uploading] --> completed | failed
-      |          |             |            |                         | timeout | oom_killed
-      |          |             |            \\---------------------> cancelled | interrupted
-      |          \\-------------+----------------------------------> | preempted | error
+    (new) --> accepted --> [fetching] --> [pulling] --> running --> [uploading] --> ended
+      |          |             |              |            \\----------------> ended
+      |          \\-------------+--------------+----------------> cancelled | ... | error
       \\--> refused
+
+(``fetching``: the job's inputs given by URL; ``pulling``: its image; ``uploading``: its
+outputs, to the offer's targets; each only when needed. ``ended`` is any final state but
+``refused``; ``...`` the others of :data:`TRANSITIONS`.)
 
 ``uploading``: the job ended and its outputs are PUT to the offer's targets from the spool;
 its final state is only written (and its receipt only signed and sent) once every upload
@@ -78,7 +81,8 @@ _ENDED: Final = frozenset({"completed", "failed", "timeout", "oom_killed"}) | _S
 #: Final states go nowhere.
 TRANSITIONS: Final[Mapping[str | None, frozenset[str]]] = {
     None: frozenset({"accepted", "refused"}),
-    "accepted": frozenset({"pulling", "running"}) | _STOPPED,
+    "accepted": frozenset({"fetching", "pulling", "running"}) | _STOPPED,
+    "fetching": frozenset({"pulling", "running"}) | _STOPPED,
     "pulling": frozenset({"running"}) | _STOPPED,
     "running": _ENDED | {"uploading"},
     "uploading": _ENDED,

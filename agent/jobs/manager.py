@@ -8,6 +8,8 @@ transaction holding both the ledger's new state and the messages that report it:
 - an offer is answered ``accepted`` (its GPUs reserved) or ``refused`` with a code, in
   the same transaction that records the offer as handled; the container starts only
   once that is on disk, so nothing runs that the coordinator will not hear of;
+- inputs given by URL are fetched (or found in the cache) before the container is made;
+  one that cannot be had ends the job ``error`` with its code (``input_*``, ``disk_full``);
 - ``running``, bounded ``job_log`` chunks, then the signed receipt (``job_result``) and
   the final ``job_status`` together; a job whose offer names upload targets goes through
   ``uploading`` first, and its receipt is signed and sent only once the stores have every
@@ -24,14 +26,15 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from contextlib import aclosing
+from contextlib import AsyncExitStack, aclosing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 import msgspec
 
-from agent.errors import UploadError
+from agent.errors import InputError, UploadError
+from agent.inputs.stage import Inputs
 from agent.jobs import machine, receipts
 from agent.jobs.delivery import Delivery
 from agent.jobs.gpus import device_facts
@@ -111,6 +114,7 @@ class JobManager:
         trusted_keys: dict[str, bytes],
         wake: Callable[[], None],
         max_concurrent: int = 0,
+        inputs: Inputs | None = None,
         images: ImageGate | None = None,
         image_budget: ImageBudget | None = None,
         clock: Callable[[], float] = time.time,
@@ -125,10 +129,17 @@ class JobManager:
         self.trusted_keys = trusted_keys
         self.wake = wake
         self.max_concurrent = max_concurrent
+        self.inputs = inputs
         self.images = images or ImageGate()
         self.clock = clock
         self.delivery = delivery
         """Where outputs wait for upload; None: offers naming upload targets are refused."""
+        self.tasks: dict[str, asyncio.Task[None]] = {}
+        self._uploads: dict[str, asyncio.Task[None]] = {}
+        self._states: dict[str, str] = {}
+        self._stops: dict[str, StopReason] = {}
+        self._containers: dict[str, str] = {}
+        self._fetching: set[str] = set()
         budget = image_budget or ImageBudget()
         self.image_cache = ImageCache(
             runner.engine,
@@ -146,11 +157,6 @@ class JobManager:
             allowed=lambda ref: image_allowed(ref, self.policy.allowed_images),
             in_use=lambda: set(self._images_in_use.values()),
         )
-        self.tasks: dict[str, asyncio.Task[None]] = {}
-        self._uploads: dict[str, asyncio.Task[None]] = {}
-        self._states: dict[str, str] = {}
-        self._stops: dict[str, StopReason] = {}
-        self._containers: dict[str, str] = {}
 
     # -- start -------------------------------------------------------------------------
 
@@ -240,6 +246,8 @@ class JobManager:
             if why != "preempted":  # an upload holds no GPU: an owner guard lets it finish
                 upload.cancel()
             return True
+        if job_id in self._fetching:  # nothing of the job runs yet: stop the fetch itself
+            self.tasks[job_id].cancel()
         self.runner.cancel(job_id)  # False before the runner has it: _run checks _stops
         return True
 
@@ -350,44 +358,25 @@ class JobManager:
         logs = LogForwarder(job_id, self._carry_out)
         flusher = asyncio.create_task(logs.flush_every(_LOG_FLUSH_S))
         result: JobResult | None = None
-        layers = self._pulls[job_id] = {}
-        reported = -math.inf
         keep: Path | None = None
+        if start.offer.uploads and self.delivery is not None:
+            keep = self.delivery.spool(job_id)
         try:
+            async with AsyncExitStack() as held:
+                fetched = await self._fetch(job_id, spec, held)
+                if job_id not in self._stops:
+                    await self.images.check(spec.image_ref)  # size and signature, at its registry
+                    if (cached := _cache_key(spec)) is not None:
+                        self._images_in_use[job_id] = cached
+                        self._carry_out(Decision(rows=(ImageUsed(cached),)))
+                    result = await self._follow(job_id, spec, units, fetched, logs, keep=keep)
+        except InputError as exc:
+            _log.warning("job %s: an input could not be had: %s", job_id, exc)
+            result = _no_run(job_id, spec, exc.code, exc.detail)
+        except asyncio.CancelledError:
             if job_id not in self._stops:
-                await self.images.check(spec.image_ref)  # size and signature, at the registry
-                if (cached := _cache_key(spec)) is not None:
-                    self._images_in_use[job_id] = cached
-                    self._carry_out(Decision(rows=(ImageUsed(cached),)))
-                gpus = [device_facts(g) for g in self.node.scheduler.gpus_of(units)]
-                if start.offer.uploads and self.delivery is not None:
-                    keep = self.delivery.spool(job_id)
-                run = self.runner.run(job_id, spec, gpus, keep_outputs=keep)
-                async with aclosing(run) as events:
-                    async for event in events:
-                        if isinstance(event, Pulling):
-                            layers[event.layer] = (event.done, event.total)
-                            state, now = self._state(job_id), self.clock()
-                            # Progress goes out at a bounded rate; the move to pulling at once.
-                            if state != "pulling" or now - reported >= _PULL_REPORT_S:
-                                self._carry_out(machine.pulling(job_id, state, layers))
-                                reported = now
-                        elif isinstance(event, Pulled):
-                            layers.clear()  # no pull under way any more
-                            row = ImagePulled(event.reference, event.image_id, event.size)
-                            self._carry_out(Decision(rows=(row,)))
-                            await self.image_cache.trim(in_use=set(self._images_in_use.values()))
-                        elif isinstance(event, Created):
-                            self._containers[job_id] = event.container_id
-                            self._carry_out(
-                                Decision(rows=(ContainerOf(job_id, event.container_id),))
-                            )
-                        elif isinstance(event, Started):
-                            self._carry_out(machine.advance(job_id, self._state(job_id), "running"))
-                        elif isinstance(event, LogChunk):
-                            logs.add(event.stream, event.data)
-                        elif isinstance(event, Finished):
-                            result = event.result
+                raise
+            # stop() cancelled the fetch: the job ends as it asked, below
         except (SandboxError, OciError) as exc:  # refused before it began
             _log.error("job %s could not start: %s", job_id, exc)
             result = _no_run(job_id, spec, exc.code, exc.detail)
@@ -402,6 +391,63 @@ class JobManager:
                 await self._finish(start.offer, units, result, keep)
             finally:
                 self._end(job_id)
+
+    async def _follow(
+        self,
+        job_id: str,
+        spec: WorkloadSpec,
+        units: list[str],
+        fetched: dict[str, Path],
+        logs: LogForwarder,
+        *,
+        keep: Path | None,
+    ) -> JobResult | None:
+        """Run the job's container, carrying out what each of its events decides; its
+        result, or None if the runner ended without one."""
+        gpus = [device_facts(g) for g in self.node.scheduler.gpus_of(units)]
+        result = None
+        layers = self._pulls[job_id] = {}
+        reported = -math.inf
+        run = self.runner.run(job_id, spec, gpus, fetched, keep_outputs=keep)
+        async with aclosing(run) as events:
+            async for event in events:
+                if isinstance(event, Pulling):
+                    layers[event.layer] = (event.done, event.total)
+                    state, now = self._state(job_id), self.clock()
+                    # Progress goes out at a bounded rate; the move to pulling at once.
+                    if state != "pulling" or now - reported >= _PULL_REPORT_S:
+                        self._carry_out(machine.pulling(job_id, state, layers))
+                        reported = now
+                elif isinstance(event, Pulled):
+                    layers.clear()  # no pull under way any more
+                    row = ImagePulled(event.reference, event.image_id, event.size)
+                    self._carry_out(Decision(rows=(row,)))
+                    await self.image_cache.trim(in_use=set(self._images_in_use.values()))
+                elif isinstance(event, Created):
+                    self._containers[job_id] = event.container_id
+                    self._carry_out(Decision(rows=(ContainerOf(job_id, event.container_id),)))
+                elif isinstance(event, Started):
+                    self._carry_out(machine.advance(job_id, self._state(job_id), "running"))
+                elif isinstance(event, LogChunk):
+                    logs.add(event.stream, event.data)
+                elif isinstance(event, Finished):
+                    result = event.result
+        return result
+
+    async def _fetch(
+        self, job_id: str, spec: WorkloadSpec, held: AsyncExitStack
+    ) -> dict[str, Path]:
+        """The job's inputs given by URL, fetched or found in the cache, held in it until
+        ``held`` closes (the job has ended)."""
+        if self.inputs is None or all(item.url is None for item in spec.inputs):
+            return {}
+        self._carry_out(machine.advance(job_id, self._state(job_id), "fetching"))
+        self._fetching.add(job_id)
+        try:
+            stage = self.inputs.stage(spec, self.policy.allowed_input_hosts)
+            return await held.enter_async_context(stage)
+        finally:
+            self._fetching.discard(job_id)
 
     def _end(self, job_id: str) -> None:
         self.node.free(job_id)

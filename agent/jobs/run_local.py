@@ -10,12 +10,15 @@ import asyncio
 import signal
 import sys
 import uuid
-from contextlib import aclosing
+from contextlib import AbstractAsyncContextManager, aclosing, nullcontext
 from pathlib import Path
 from typing import BinaryIO, TextIO
 
 import msgspec
 
+from agent.config.settings import CacheConfig
+from agent.errors import InputError
+from agent.inputs.stage import Inputs
 from agent.jobs.gpus import device_facts, pick_gpus
 from hal.backend import HalConfig
 from hal.profile import take_profile
@@ -51,8 +54,13 @@ def run_local(
     runner_config: RunnerConfig,
     docker_socket: str,
     as_json: bool,
+    inputs: Inputs | None = None,
 ) -> int:
-    """Admit and run one spec; print its events and result; return the exit status."""
+    """Admit and run one spec; print its events and result; return the exit status.
+
+    Inputs given by URL are fetched first into ``inputs`` (by default the user's cache,
+    beside :func:`default_jobs_dir`).
+    """
     profile = take_profile(hal_config)
     offered = frozenset(g.vendor for g in profile.gpus)
     try:
@@ -67,36 +75,49 @@ def run_local(
         return EXIT_REFUSED
     runner = Runner(DockerClient(docker_socket), runner_config)
     job_id = f"local-{uuid.uuid4().hex[:12]}"
+    gpus = [device_facts(g) for g in chosen]
     try:
-        result = asyncio.run(_run(runner, job_id, spec, [device_facts(g) for g in chosen], as_json))
-    except SandboxError as exc:
+        staged: AbstractAsyncContextManager[dict[str, Path]] = nullcontext({})
+        if any(item.url is not None for item in spec.inputs):
+            if inputs is None:
+                inputs = Inputs.open(default_jobs_dir().parent, CacheConfig())
+            staged = inputs.stage(spec, policy.allowed_input_hosts)
+        result = asyncio.run(_run(runner, job_id, spec, gpus, as_json=as_json, staged=staged))
+    except (SandboxError, InputError) as exc:
         _print_error(exc.code, exc.detail, as_json)
         return EXIT_FAILED
     return 0 if result.reason == "completed" else EXIT_FAILED
 
 
 async def _run(
-    runner: Runner, job_id: str, spec: WorkloadSpec, gpus: list[DeviceFacts], as_json: bool
+    runner: Runner,
+    job_id: str,
+    spec: WorkloadSpec,
+    gpus: list[DeviceFacts],
+    *,
+    as_json: bool,
+    staged: AbstractAsyncContextManager[dict[str, Path]],
 ) -> JobResult:
     await runner.prepare()
-    loop = asyncio.get_running_loop()
-    # Ctrl-C stops the job the way a coordinator's cancel would: SIGTERM, grace, SIGKILL.
-    loop.add_signal_handler(signal.SIGINT, runner.cancel, job_id)
-    progress = PullProgress(sys.stderr) if not as_json and sys.stderr.isatty() else None
-    try:
-        async with aclosing(runner.run(job_id, spec, gpus)) as events:
-            async for event in events:
-                if isinstance(event, Pulling):
+    async with staged as fetched:
+        loop = asyncio.get_running_loop()
+        # Ctrl-C stops the job the way a coordinator's cancel would: SIGTERM, grace, SIGKILL.
+        loop.add_signal_handler(signal.SIGINT, runner.cancel, job_id)
+        progress = PullProgress(sys.stderr) if not as_json and sys.stderr.isatty() else None
+        try:
+            async with aclosing(runner.run(job_id, spec, gpus, fetched)) as events:
+                async for event in events:
+                    if isinstance(event, Pulling):
+                        if progress is not None:
+                            progress.update(event)
+                        continue
                     if progress is not None:
-                        progress.update(event)
-                    continue
-                if progress is not None:
-                    progress.done()
-                _print_event(event, as_json)
-                if isinstance(event, Finished):
-                    return event.result
-    finally:
-        loop.remove_signal_handler(signal.SIGINT)
+                        progress.done()
+                    _print_event(event, as_json)
+                    if isinstance(event, Finished):
+                        return event.result
+        finally:
+            loop.remove_signal_handler(signal.SIGINT)
     raise AssertionError("the runner ended without a result")
 
 
@@ -175,9 +196,10 @@ def _print_error(code: str, message: str, as_json: bool) -> None:
 
 
 def load_policy(path: Path | None) -> Policy:
-    """The operator policy from a TOML file, or the permissive local default."""
+    """The operator policy from a TOML file, or the permissive local default (any image,
+    inputs from any host)."""
     if path is None:
-        return Policy(allowed_images=["*"])
+        return Policy(allowed_images=["*"], allowed_input_hosts=["*"])
     return load_policy_file(path)
 
 

@@ -43,6 +43,7 @@ OFFER_PAYLOAD_TYPE: Final = "application/vnd.gpu-agent.job-offer+json"
 
 JobState = Literal[
     "accepted",  # in the ledger, its GPUs reserved; nothing started yet
+    "fetching",  # its inputs given by URL are being fetched (or found in the node's cache)
     "pulling",  # its image is being pulled (by digest) from its registry
     "refused",  # never accepted: bad signature, policy, capacity... (code says which)
     "running",  # the container's process started

@@ -1,0 +1,127 @@
+"""Fetching inputs by URL from a real HTTP server on 127.0.0.1, honest and hostile."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from support.input_server import InputServer, serve_input
+
+from agent.errors import InputError
+from agent.inputs.fetch import FetchLimits, fetch
+
+DATA = os.urandom(300_000)
+LIMITS = FetchLimits(stall_s=0.5, deadline_s=30.0, max_redirects=3)
+
+
+@pytest.fixture
+def server() -> Iterator[InputServer]:
+    with serve_input(DATA) as running:
+        yield running
+
+
+async def _fetch(
+    url: str,
+    out: Path,
+    *,
+    sha256: str,
+    size: int = len(DATA),
+    hosts: tuple[str, ...] = ("127.0.0.1",),
+    limits: FetchLimits = LIMITS,
+) -> bytes:
+    fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        await fetch(
+            url, fd, sha256=sha256, size_bytes=size, allowed_hosts=list(hosts), limits=limits
+        )
+    finally:
+        os.close(fd)
+    return out.read_bytes()
+
+
+async def test_a_file_with_its_digest_and_size_is_fetched_whole(
+    server: InputServer, tmp_path: Path
+) -> None:
+    got = await _fetch(server.url("/file"), tmp_path / "f", sha256=server.sha256)
+    assert got == DATA
+
+
+@pytest.mark.parametrize(
+    ("path", "size", "code"),
+    [
+        ("/wrong", len(DATA), "input_digest_mismatch"),
+        ("/file", len(DATA) + 1, "input_digest_mismatch"),  # fewer bytes than announced
+        ("/more", len(DATA), "input_too_large"),
+        ("/more-unannounced", len(DATA), "input_too_large"),
+        ("/endless", len(DATA), "input_too_large"),
+        ("/stall", len(DATA), "input_timeout"),
+        ("/status/404", len(DATA), "input_not_found"),
+        ("/status/500", len(DATA), "input_http_error"),
+        ("/status/206", len(DATA), "input_http_error"),
+    ],
+)
+async def test_a_hostile_server_is_refused_with_a_code(
+    server: InputServer, tmp_path: Path, path: str, size: int, code: str
+) -> None:
+    with pytest.raises(InputError) as caught:
+        await _fetch(server.url(path), tmp_path / "f", sha256=server.sha256, size=size)
+    assert caught.value.code == code
+
+
+async def test_a_body_trickled_past_the_deadline_is_refused(
+    server: InputServer, tmp_path: Path
+) -> None:
+    limits = FetchLimits(stall_s=30.0, deadline_s=0.3)
+    with pytest.raises(InputError) as caught:
+        await _fetch(server.url("/stall"), tmp_path / "f", sha256=server.sha256, limits=limits)
+    assert caught.value.code == "input_timeout"
+
+
+async def test_a_redirect_to_an_allowed_host_is_followed(
+    server: InputServer, tmp_path: Path
+) -> None:
+    url = server.url("/to?url=" + server.url("/file"))
+    assert await _fetch(url, tmp_path / "f", sha256=server.sha256) == DATA
+    assert server.hits["/to"] == server.hits["/file"] == 1
+
+
+async def test_a_redirect_to_a_host_the_policy_does_not_allow_is_refused(
+    server: InputServer, tmp_path: Path
+) -> None:
+    elsewhere = server.url("/file").replace("127.0.0.1", "localhost")
+    with pytest.raises(InputError) as caught:
+        await _fetch(server.url("/to?url=" + elsewhere), tmp_path / "f", sha256=server.sha256)
+    assert caught.value.code == "input_redirect_refused"
+    assert server.hits["/file"] == 0
+
+
+@pytest.mark.parametrize("target", ["file:///etc/passwd", "ftp://127.0.0.1/x"])
+async def test_a_redirect_to_another_scheme_is_refused(
+    server: InputServer, tmp_path: Path, target: str
+) -> None:
+    with pytest.raises(InputError) as caught:
+        await _fetch(server.url("/to?url=" + target), tmp_path / "f", sha256=server.sha256)
+    assert caught.value.code == "input_scheme_refused"
+
+
+async def test_endless_redirects_are_refused(server: InputServer, tmp_path: Path) -> None:
+    url = server.url("/to?url=/to%3Furl%3D/to%253Furl%253D/to%25253Furl%25253D/file")
+    with pytest.raises(InputError) as caught:
+        await _fetch(url, tmp_path / "f", sha256=server.sha256)
+    assert caught.value.code == "input_redirect_refused"
+
+
+async def test_a_closed_port_is_unreachable(tmp_path: Path) -> None:
+    with serve_input(DATA) as gone:
+        url = gone.url("/file")
+    with pytest.raises(InputError) as caught:
+        await _fetch(url, tmp_path / "f", sha256="0" * 64)
+    assert caught.value.code == "input_unreachable"
+
+
+async def test_a_url_of_another_scheme_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(InputError) as caught:
+        await _fetch("ftp://127.0.0.1/x", tmp_path / "f", sha256="0" * 64)
+    assert caught.value.code == "input_scheme_refused"
