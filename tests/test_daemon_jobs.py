@@ -54,6 +54,8 @@ class Loop:
     agent: subprocess.Popen[bytes] | None = None
     node_id: str = ""
     pinner: ImagePinner | None = None
+    extra_policy: str = ""
+    """More of the agent's policy file (TOML), after ``allowed_images``."""
 
     async def start_coordinator(self) -> Coordinator:
         self.coordinator = Coordinator(
@@ -74,7 +76,7 @@ class Loop:
         assert self.coordinator is not None
         policy = self.workdir / "policy.toml"
         # The image is pinned by its id (offers never name a tag); the policy allows that id.
-        policy.write_text(f'allowed_images = ["{self.image}"]\n')
+        policy.write_text(f'allowed_images = ["{self.image}"]\n' + self.extra_policy)
         argv = [
             sys.executable, "-m", "agent.cli", "run",
             "--coordinator", f"ws://127.0.0.1:{self.port}/agent",
@@ -494,7 +496,7 @@ class _Registered:
 
 @asynccontextmanager
 async def _registered(
-    tmp_path: Path, library_for: Callable[[Path], Path]
+    tmp_path: Path, library_for: Callable[[Path], Path], extra_policy: str = ""
 ) -> AsyncIterator[_Registered]:
     (tmp_path / "registry").mkdir()
     with running_registry(tmp_path / "registry") as registry:
@@ -517,6 +519,7 @@ async def _registered(
         login = Credentials(registry.username, registry.password)
         loop = Loop(tmp_path, library_for(DUAL_A5000), f"{registry.host}/e2e/job", DockerClient())
         loop.pinner = ImagePinner(logins={registry.host: login}, ca_file=registry.ca_file)
+        loop.extra_policy = extra_policy
         await loop.start_coordinator()
         loop.start_agent(GPU_AGENT_JOBS_REGISTRY_LOGINS_FILE=str(logins))
         try:

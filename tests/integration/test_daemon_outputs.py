@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -16,9 +17,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from support.input_server import serve_input
 from support.s3 import running_s3
 from support.store import running_store
-from test_daemon_jobs import DUAL_A5000, Loop, job_spec
+from test_daemon_jobs import DUAL_A5000, Loop, _registered, job_spec
 from test_link import _free_port
 
 from coordinator.server import Coordinator
@@ -189,3 +191,43 @@ class _FixedArtifacts(Loop):
         )
         await self.coordinator.start()
         return self.coordinator
+
+
+async def test_a_real_job_a_tag_pulled_an_input_fetched_its_outputs_uploaded_and_fetched(
+    tmp_path: Path, library_for: Callable[[Path], Path], docker_engine: str
+) -> None:
+    """The issue's end to end: a spec naming a tag in a local registry and an input by URL,
+    submitted with ``gpu-coordinator submit --wait --out``: pinned, pulled, fetched, run,
+    uploaded, and the outputs back on the submitter's disk, matching the receipt."""
+    weights = os.urandom(1 << 20)
+    with serve_input(weights) as server:
+        policy = 'allowed_input_hosts = ["127.0.0.1"]\n'
+        async with _registered(tmp_path, library_for, extra_policy=policy) as it:
+            loop = it.loop
+            await loop.ready()
+            spec = job_spec(it.tag, "sha256sum /input/weights.bin > /output/sum.txt")
+            spec |= {
+                "inputs": [
+                    {
+                        "path": "weights.bin",
+                        "url": server.url("/file"),
+                        "sha256": server.sha256,
+                        "size_bytes": len(weights),
+                    }
+                ],
+                "outputs": ["sum.txt"],
+            }
+            (tmp_path / "job.json").write_text(json.dumps(spec))
+            out = tmp_path / "out"
+            argv = ["submit", str(tmp_path / "job.json"), "--node", loop.node_id]
+            done = await _cli(loop, *argv, "--wait", "--timeout", "150", "--out", str(out))
+            assert done.returncode == 0, done.stderr + (tmp_path / "agent.log").read_text()
+            job_id = done.stdout.split()[0]
+            states = loop.states(job_id)
+            assert states[:3] == ["accepted", "fetching", "pulling"]
+            assert states[-2:] == ["uploading", "completed"]
+            assert loop.job(job_id).spec["image"] == it.pinned
+            text = (out / "sum.txt").read_text()
+            assert text.split()[0] == server.sha256
+            digest = hashlib.sha256(text.encode()).hexdigest()
+            assert _receipt_outputs(loop, job_id) == {"sum.txt": digest}
