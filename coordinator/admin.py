@@ -232,6 +232,8 @@ class AdminListener:
                 answer = error(HTTPStatus.REQUEST_TIMEOUT, "the request was not read in time")
             writer.write(_serialize(answer))
             await writer.drain()
+            if answer.file is not None:
+                await _send_file(writer, *answer.file)
         except (ConnectionError, asyncio.IncompleteReadError):
             pass  # the client went away: nobody to answer
         finally:
@@ -297,11 +299,29 @@ async def _read_body(request: HttpRequest, reader: asyncio.StreamReader) -> Http
     return msgspec.structs.replace(request, body=await reader.readexactly(length))
 
 
+async def _send_file(writer: asyncio.StreamWriter, path: str, size: int) -> None:
+    """Stream ``size`` bytes of ``path`` (an answer's file) to the client, read in a
+    worker thread a chunk at a time."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        sent = 0
+        while sent < size:
+            chunk = await asyncio.to_thread(os.pread, fd, min(1 << 20, size - sent), sent)
+            if not chunk:
+                break  # shorter than recorded: the client sees a short body, not garbage
+            writer.write(chunk)
+            sent += len(chunk)
+            await writer.drain()
+    finally:
+        os.close(fd)
+
+
 def _serialize(answer: HttpAnswer) -> bytes:
+    length = answer.file[1] if answer.file is not None else len(answer.body)
     head = [
         f"HTTP/1.1 {answer.status.value} {answer.status.phrase}",
         f"Content-Type: {answer.content_type}",
-        f"Content-Length: {len(answer.body)}",
+        f"Content-Length: {length}",
         "Cache-Control: no-store",
         "Connection: close",
     ]

@@ -91,12 +91,12 @@ def job_output(jobs: JobService, job_id: str, path: str) -> HttpAnswer:
         return coded_error(
             HTTPStatus.NOT_FOUND, "output_missing", f"no output {path!r} of job {job_id!r} here"
         )
-    body = jobs.artifacts.file(stored.sha256).read_bytes()
     return HttpAnswer(
         HTTPStatus.OK,
         "application/octet-stream",
-        body,
+        b"",
         headers=(("X-Content-SHA256", stored.sha256),),
+        file=(str(jobs.artifacts.file(stored.sha256)), stored.size_bytes),
     )
 
 

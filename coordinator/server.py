@@ -20,10 +20,12 @@ import logging
 import ssl
 import time
 from collections.abc import Callable
+from http import HTTPStatus
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+import msgspec
 from websockets.asyncio.server import Server, ServerConnection
 from websockets.asyncio.server import serve as ws_serve
 from websockets.http11 import Request, Response
@@ -33,7 +35,7 @@ from agent.protocol.session import NonceBook
 from coordinator import api, keys, offers
 from coordinator.admin import AdminFile, AdminListener, new_token, write_admin_file
 from coordinator.admission import Settings, TokenBucket
-from coordinator.api_util import HttpAnswer, HttpRequest
+from coordinator.api_util import HttpAnswer, HttpRequest, coded_error
 from coordinator.artifacts import ArtifactStore, job_outputs
 from coordinator.connection import AgentSessions, Shared, handle
 from coordinator.images import ImagePinner
@@ -47,6 +49,11 @@ __all__ = ["AGENT_PATH", "Coordinator", "Settings", "serve"]
 AGENT_PATH = "/agent"
 
 _log = logging.getLogger(__name__)
+
+
+#: The largest stored output the websocket port serves (from memory); the artifact and
+#: admin listeners stream any size from disk.
+_MAX_INLINE_OUTPUT = 16 << 20
 
 
 class Coordinator:
@@ -304,6 +311,18 @@ class Coordinator:
         if request.path.split("?", 1)[0] == AGENT_PATH:
             return None  # the websocket handshake goes on (426 if it is not an upgrade)
         answer = api.route(request.method, request.path, self.store, self.jobs, self.connected())
+        if answer.file is not None:
+            # The websocket server answers from memory: a stored output is served in full
+            # only up to a bound here, and from disk, streamed, by the other listeners.
+            path, size = answer.file
+            if size > _MAX_INLINE_OUTPUT:
+                answer = coded_error(
+                    HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+                    "output_too_large",
+                    f"over {_MAX_INLINE_OUTPUT} bytes: GET it from the artifact or admin port",
+                )
+            else:
+                answer = msgspec.structs.replace(answer, body=Path(path).read_bytes(), file=None)
         response = connection.respond(answer.status, "")
         response.body = answer.body
         del response.headers["Content-Length"], response.headers["Content-Type"]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import os
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -216,3 +217,22 @@ async def test_a_stored_output_is_not_replaced_and_the_read_api_shows_no_credent
         assert offer.uploads["sub/b.txt"].url.split("token=")[1] not in shown
     finally:
         await cm.__aexit__(None, None, None)
+
+
+async def test_a_large_output_is_streamed_from_disk_and_the_public_port_does_not_hold_it(
+    coordinator: Coordinator,
+) -> None:
+    peer = Peer()
+    pinned = {coordinator.key.key_id: coordinator.key.public_key}
+    async with connected(coordinator.url, pinned, peer) as link:
+        await coordinator.submit(peer.node_id, SPEC | {"output_max_bytes": 64 << 20})
+        offer = link.verify(await link.take(JobOffer), pinned)
+        big = os.urandom(17 << 20)
+        assert (await _put(offer.uploads["result.txt"].url, big)).status_code == 201
+        where = f"/api/jobs/{offer.job_id}/outputs/result.txt"
+        async with httpx.AsyncClient(timeout=30) as client:
+            streamed = await client.get(coordinator.admin_url + where)
+            public = await client.get(coordinator.dashboard_url.rstrip("/") + where)
+        assert streamed.status_code == 200
+        assert hashlib.sha256(streamed.content).digest() == hashlib.sha256(big).digest()
+        assert (public.status_code, public.json()["error"]["code"]) == (413, "output_too_large")
