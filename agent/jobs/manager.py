@@ -312,8 +312,9 @@ class JobManager:
             raise _Refusal(exc.code, detail) from None
         except SandboxError as exc:
             raise _Refusal(exc.code, exc.detail) from None
-        if self.max_concurrent and len(self.tasks) >= self.max_concurrent:
-            raise _Refusal("busy", f"{len(self.tasks)} job(s) running, the limit")
+        running = len(self.tasks) - len(self._uploads)  # an upload holds no slot, no GPU
+        if self.max_concurrent and running >= self.max_concurrent:
+            raise _Refusal("busy", f"{running} job(s) running, the limit")
         if not self.node.scheduler.could_ever_fit(spec.gpus):
             raise _Refusal("no_matching_gpus", "this node has no GPUs that meet the spec")
         return offer, spec

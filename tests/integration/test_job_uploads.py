@@ -51,7 +51,7 @@ class Node:
     identity: Identity
     manager: JobManager | None = None
 
-    def start(self, spool_max: int = 1 << 30) -> JobManager:
+    def start(self, spool_max: int = 1 << 30, max_concurrent: int = 0) -> JobManager:
         scheduler = Scheduler([factories.gpu(vendor="intel", backend="intel", uuid=UNSUPPORTED)])
         for unit in scheduler.units:
             scheduler.set_health(unit, "healthy")
@@ -66,6 +66,7 @@ class Node:
             trusted_keys={KEY_ID: crypto.public_key_bytes(KEY)},
             wake=lambda: None,
             delivery=Delivery(self.tmp / "spool", max_bytes=spool_max, policy=_FAST),
+            max_concurrent=max_concurrent,
         )
         return self.manager
 
@@ -265,3 +266,19 @@ async def test_a_cancel_mid_upload_ends_the_job_cancelled_with_its_receipt(
     assert (receipt["state"], receipt["outputs"][0]["sha256"]) == ("cancelled", RESULT_SHA)
     assert not (node.tmp / "spool" / "up-5").exists()
     assert manager.ledger.held("up-5") is None
+
+
+async def test_a_job_uploading_holds_no_slot_nor_gpu_for_the_next_offer(
+    node: Node, store: Store
+) -> None:
+    manager = node.start(max_concurrent=1)
+    await manager.recover()
+    store.stall = True
+    await node.offer("up-6", {"result.txt": UploadTarget(url=f"{store.url}/r6")})
+    await _wait_for(store.stalled.is_set)
+    await node.offer("up-7", {})  # the one GPU and the one slot are free again
+    assert node.states("up-7")[0] == "accepted"
+    store.stall = False
+    store.release.set()
+    await manager.wait_idle()
+    assert node.states("up-6")[-1] == node.states("up-7")[-1] == "completed"
