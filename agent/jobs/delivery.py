@@ -10,6 +10,7 @@ acknowledged, or could not be). The node's spool is capped: a job is admitted on
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import shutil
@@ -18,10 +19,14 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import httpx
+import msgspec
 
 from agent.errors import UploadError
+from agent.jobs import machine
+from agent.jobs.ledger import JobRecord, Ledger
 from agent.jobs.machine import Upload
 from agent.jobs.uploader import RetryPolicy, put_file
+from agent.protocol.jobs import Offer, Receipt
 
 __all__ = ["Delivery"]
 
@@ -44,6 +49,8 @@ class Delivery:
         self.ca_file = ca_file
         self.policy = policy
         self._reserved: dict[str, int] = {}
+        self.tasks: dict[str, asyncio.Task[None]] = {}
+        """The uploads under way, by job id (a stop cancels them)."""
 
     def reserve(self, job_id: str, nbytes: int) -> bool:
         """Hold ``nbytes`` of the spool for a job; False if that would pass the cap."""
@@ -79,6 +86,49 @@ class Delivery:
             if entry.name not in kept:
                 _log.info("removing the leftover spool of job %s", entry.name)
                 shutil.rmtree(entry.path, ignore_errors=True)
+
+    def resumable(self, ledger: Ledger, record: JobRecord) -> Upload | None:
+        """The uploads of a job a restart found ``uploading``, its spool space held again;
+        None if it was not uploading."""
+        held = ledger.held(record.job_id) if record.state == "uploading" else None
+        if held is None:
+            return None
+        offer = msgspec.json.decode(record.offer, type=Offer)
+        upload = machine.resume(record.job_id, held[0], offer.uploads, held[1]).upload
+        if upload is not None:
+            self._reserved[record.job_id] = sum(f[3] for f in upload.files)
+        return upload
+
+    async def deliver(
+        self,
+        upload: Upload,
+        acknowledged: Callable[[str], None],
+        *,
+        cancelled: Callable[[], bool],
+    ) -> tuple[Receipt, str]:
+        """Run the upload as a task of :attr:`tasks`; the receipt and detail the job ends
+        with: as held, or ``error``/``upload_failed``, or ``cancelled`` when its task was
+        cancelled and ``cancelled()`` says the coordinator asked.
+
+        Raises:
+            asyncio.CancelledError: its task was cancelled otherwise (the agent stops: the
+                job stays ``uploading`` for the next start).
+        """
+        job_id, receipt, detail = upload.job_id, upload.receipt, upload.detail
+        task = self.tasks[job_id] = asyncio.create_task(self.run(upload, acknowledged))
+        try:
+            await task
+        except UploadError as exc:
+            _log.warning("job %s: outputs not delivered: %s", job_id, exc)
+            detail = f"{exc.code}: {exc.detail}"
+            receipt = msgspec.structs.replace(receipt, state="error", code="upload_failed")
+        except asyncio.CancelledError:
+            if not cancelled():
+                raise
+            receipt = msgspec.structs.replace(receipt, state="cancelled", code="cancelled")
+        finally:
+            self.tasks.pop(job_id, None)
+        return receipt, detail
 
     async def run(self, upload: Upload, acknowledged: Callable[[str], None]) -> None:
         """PUT each of the upload's files, calling ``acknowledged(path)`` after each 2xx.

@@ -33,7 +33,7 @@ from typing import Literal
 
 import msgspec
 
-from agent.errors import InputError, UploadError
+from agent.errors import InputError
 from agent.inputs.stage import Inputs
 from agent.jobs import machine, receipts
 from agent.jobs.delivery import Delivery
@@ -135,7 +135,6 @@ class JobManager:
         self.delivery = delivery
         """Where outputs wait for upload; None: offers naming upload targets are refused."""
         self.tasks: dict[str, asyncio.Task[None]] = {}
-        self._uploads: dict[str, asyncio.Task[None]] = {}
         self._states: dict[str, str] = {}
         self._stops: dict[str, StopReason] = {}
         self._containers: dict[str, str] = {}
@@ -173,7 +172,9 @@ class JobManager:
         await self.image_cache.trim(in_use=())
         recovered, resumed = [], []
         for record in self.ledger.unfinished():
-            if (upload := self._held_upload(record)) is not None:
+            upload = self.delivery.resumable(self.ledger, record) if self.delivery else None
+            if upload is not None:
+                self._states[record.job_id] = "uploading"
                 resumed.append(record.job_id)
                 self.tasks[record.job_id] = asyncio.create_task(self._resume(upload))
                 continue
@@ -184,18 +185,6 @@ class JobManager:
         if self.delivery is not None:
             self.delivery.sweep(resumed)
         return recovered
-
-    def _held_upload(self, record: JobRecord) -> Upload | None:
-        """The uploads of a job a restart found ``uploading``, if they can go on."""
-        held = self.ledger.held(record.job_id) if record.state == "uploading" else None
-        if held is None or self.delivery is None:
-            return None
-        offer = msgspec.json.decode(record.offer, type=Offer)
-        upload = machine.resume(record.job_id, held[0], offer.uploads, held[1]).upload
-        if upload is not None:
-            self.delivery.reserve(record.job_id, sum(f[3] for f in upload.files))
-            self._states[record.job_id] = "uploading"
-        return upload
 
     # -- the coordinator's messages ----------------------------------------------------
 
@@ -242,7 +231,7 @@ class JobManager:
         if job_id not in self.tasks:
             return False
         self._stops.setdefault(job_id, why)
-        if (upload := self._uploads.get(job_id)) is not None:
+        if self.delivery is not None and (upload := self.delivery.tasks.get(job_id)):
             if why != "preempted":  # an upload holds no GPU: an owner guard lets it finish
                 upload.cancel()
             return True
@@ -312,7 +301,8 @@ class JobManager:
             raise _Refusal(exc.code, detail) from None
         except SandboxError as exc:
             raise _Refusal(exc.code, exc.detail) from None
-        running = len(self.tasks) - len(self._uploads)  # an upload holds no slot, no GPU
+        # An upload holds no slot, no GPU.
+        running = len(self.tasks) - (len(self.delivery.tasks) if self.delivery else 0)
         if self.max_concurrent and running >= self.max_concurrent:
             raise _Refusal("busy", f"{running} job(s) running, the limit")
         if not self.node.scheduler.could_ever_fit(spec.gpus):
@@ -469,24 +459,15 @@ class JobManager:
     async def _deliver(self, upload: Upload) -> None:
         """PUT a job's outputs, then sign and send its receipt; a shutdown leaves it
         ``uploading`` for the next start."""
-        job_id, receipt, detail = upload.job_id, upload.receipt, upload.detail
+        job_id = upload.job_id
         assert self.delivery is not None  # only an offer it could spool has uploads
-        task = asyncio.create_task(
-            self.delivery.run(upload, lambda path: self._carry_out(machine.uploaded(job_id, path)))
-        )
-        self._uploads[job_id] = task
         try:
-            await task
-        except UploadError as exc:
-            _log.warning("job %s: outputs not delivered: %s", job_id, exc)
-            detail = f"{exc.code}: {exc.detail}"
-            receipt = msgspec.structs.replace(receipt, state="error", code="upload_failed")
-        except asyncio.CancelledError:
-            if self._stops.get(job_id) != "cancelled":
-                raise  # the agent stops: the next start resumes the uploads
-            receipt = msgspec.structs.replace(receipt, state="cancelled", code="cancelled")
+            receipt, detail = await self.delivery.deliver(
+                upload,
+                lambda path: self._carry_out(machine.uploaded(job_id, path)),
+                cancelled=lambda: self._stops.get(job_id) == "cancelled",
+            )
         finally:
-            self._uploads.pop(job_id, None)
             self._stops.pop(job_id, None)  # a preemption asked meanwhile changes nothing
         receipt = msgspec.structs.replace(receipt, prev_receipt=self.ledger.last_receipt_digest())
         self._commit_receipt("uploading", receipt, detail, receipt.exit_code, upload.spool)
