@@ -236,3 +236,25 @@ async def test_a_large_output_is_streamed_from_disk_and_the_public_port_does_not
         assert streamed.status_code == 200
         assert hashlib.sha256(streamed.content).digest() == hashlib.sha256(big).digest()
         assert (public.status_code, public.json()["error"]["code"]) == (413, "output_too_large")
+
+
+async def test_bytes_past_the_announced_length_are_never_stored(coordinator: Coordinator) -> None:
+    peer = Peer()
+    pinned = {coordinator.key.key_id: coordinator.key.public_key}
+    async with connected(coordinator.url, pinned, peer) as link:
+        await coordinator.submit(peer.node_id, SPEC)
+        offer = link.verify(await link.take(JobOffer), pinned)
+        parts = urlsplit(offer.uploads["result.txt"].url)
+        reader, writer = await asyncio.open_connection(parts.hostname, parts.port)
+        writer.write(
+            f"PUT {parts.path}?{parts.query} HTTP/1.1\r\nHost: x\r\n"
+            "Content-Length: 10\r\n\r\n0123456789 and 990 more bytes".encode()
+        )
+        writer.write_eof()
+        answer = await reader.read()
+        writer.close()
+        await writer.wait_closed()
+        assert answer.startswith(b"HTTP/1.1 201 ")
+        assert coordinator.artifacts is not None
+        stored = coordinator.artifacts.outputs(offer.job_id)["result.txt"]
+        assert (stored.size_bytes, stored.sha256) == (10, hashlib.sha256(b"0123456789").hexdigest())
