@@ -31,6 +31,7 @@ __all__ = [
     "DEFAULT_TTL_S",
     "MAX_TTL_S",
     "RECEIPT_PROBLEMS",
+    "UPLOAD_GRACE_S",
     "SignedOffer",
     "check_spec",
     "make_offer",
@@ -42,6 +43,8 @@ __all__ = [
 DEFAULT_TTL_S: Final = 3600.0
 #: The longest an offer may be valid: an offer is not a standing order.
 MAX_TTL_S: Final = 30 * 86400.0
+#: How long past a job's latest possible end its artifact tokens stay valid, in seconds.
+UPLOAD_GRACE_S: Final = 86400.0
 #: The receipt's ``prev_receipt`` is not the digest of the node's previous receipt.
 CHAIN_BROKEN: Final = "chain_broken"
 #: Every code :func:`receipt_problems` returns, in the order it returns them.
@@ -135,15 +138,18 @@ def make_offer(
         raise JobError("bad_spec", where) from None
     # The node decodes the offer's spec from JSON and loads it so (agent.jobs): the same here.
     check_spec(msgspec.json.encode(offer.spec), "json")
-    outputs = load_spec(msgspec.json.encode(offer.spec), "json").outputs
+    loaded = load_spec(msgspec.json.encode(offer.spec), "json")
+    outputs = loaded.outputs
     try:
         check_uploads(offer.uploads, outputs)
     except DecodeError as exc:
         raise JobError(exc.code, exc.detail) from None
     if default_target is not None:
+        # A token must outlive the job: taken at the offer's last moment, run to its
+        # timeout, then its uploads retried for a while.
+        until = offer.expires_at + loaded.timeout_s + UPLOAD_GRACE_S
         filled = {
-            path: offer.uploads.get(path) or default_target(job_id, path, offer.expires_at)
-            for path in outputs
+            path: offer.uploads.get(path) or default_target(job_id, path, until) for path in outputs
         }
         offer = msgspec.structs.replace(offer, uploads=filled)
     envelope = sign_offer(offer, key.private_key, key.key_id)

@@ -258,3 +258,15 @@ async def test_bytes_past_the_announced_length_are_never_stored(coordinator: Coo
         assert coordinator.artifacts is not None
         stored = coordinator.artifacts.outputs(offer.job_id)["result.txt"]
         assert (stored.size_bytes, stored.sha256) == (10, hashlib.sha256(b"0123456789").hexdigest())
+
+
+async def test_a_token_outlives_the_offer_by_the_jobs_timeout_and_a_day(
+    coordinator: Coordinator,
+) -> None:
+    peer = Peer()
+    pinned = {coordinator.key.key_id: coordinator.key.public_key}
+    async with connected(coordinator.url, pinned, peer) as link:
+        await coordinator.submit(peer.node_id, SPEC | {"timeout_s": 7200})
+        offer = link.verify(await link.take(JobOffer), pinned)
+    token = parse_qs(urlsplit(offer.uploads["result.txt"].url).query)["token"][0]
+    assert int(token.split(".")[0]) == int(offer.expires_at + 7200 + 86400)
