@@ -17,11 +17,16 @@ how a caller reacts to it::
     +-- JobStateError              a job was to move where its state machine does not go
     |     codes: bad_transition
     +-- InputError                 an input given by URL could not be had (the job ends
-          before it starts, ``error`` with the code)
-          codes: input_digest_mismatch, input_too_large, input_unreachable,
-                 input_timeout, input_not_found, input_http_error,
-                 input_redirect_refused, input_scheme_refused, input_cache_full,
-                 input_cache_error (the cache's directory failed), disk_full
+    |     before it starts, ``error`` with the code)
+    |     codes: input_digest_mismatch, input_too_large, input_unreachable,
+    |            input_timeout, input_not_found, input_http_error,
+    |            input_redirect_refused, input_scheme_refused, input_cache_full,
+    |            input_cache_error (the cache's directory failed), disk_full
+    +-- UploadError                an output could not be delivered to its target (the job
+          ends ``error``, code ``upload_failed``, the detail starting with one of these)
+          codes: upload_failed (retries spent; the detail says the last cause),
+                 upload_refused (a 4xx other than 408/429: retrying cannot help),
+                 output_changed (the spooled file is not what was hashed)
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ __all__ = [
     "InputError",
     "JobStateError",
     "OutboxError",
+    "UploadError",
 ]
 
 
@@ -81,3 +87,7 @@ class JobStateError(AgentError):
 
 class InputError(AgentError):
     """An input given by URL could not be fetched, checked or cached; see the codes above."""
+
+
+class UploadError(AgentError):
+    """A job's output could not be PUT to its target."""

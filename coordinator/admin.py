@@ -9,6 +9,10 @@ serves the same routes, GET and POST; it reads one request per connection (with
 The mutating routes need a bearer token. The coordinator draws a fresh one at each start
 and writes it with the listener's URL to :data:`ADMIN_FILE` in its state directory (mode
 0600, beside its key): whoever can read that file may submit jobs, nobody else.
+
+The same server, given a ``stream`` handler, a host and TLS, is the artifact listener
+(:mod:`coordinator.artifacts`): a ``PUT``'s body is then not read here but handed on as
+the stream it is, for the handler to copy to disk under its own caps.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import asyncio
 import contextlib
 import os
 import secrets
+import ssl
 import stat
 import urllib.parse
 from collections.abc import Awaitable, Callable
@@ -152,13 +157,27 @@ class _BadRequest(Exception):
 
 
 Handler = Callable[[HttpRequest], Awaitable[HttpAnswer]]
+#: Answers a PUT whose body it reads itself (``Content-Length`` bytes from the stream).
+StreamHandler = Callable[[HttpRequest, asyncio.StreamReader], Awaitable[HttpAnswer]]
 
 
 class AdminListener:
-    """The loopback HTTP listener; ``handler`` answers each request."""
+    """The HTTP listener (loopback unless told); ``handler`` answers each request, and
+    ``stream``, if given, each PUT."""
 
-    def __init__(self, handler: Handler, *, port: int = 0) -> None:
+    def __init__(
+        self,
+        handler: Handler,
+        *,
+        port: int = 0,
+        host: str = "127.0.0.1",
+        ssl_context: ssl.SSLContext | None = None,
+        stream: StreamHandler | None = None,
+    ) -> None:
         self._handler = handler
+        self._stream = stream
+        self._host = host
+        self._ssl = ssl_context
         self._requested_port = port
         self._server: asyncio.Server | None = None
         self._requests: set[asyncio.Task[None]] = set()
@@ -177,7 +196,9 @@ class AdminListener:
 
     async def start(self) -> None:
         """Listen on 127.0.0.1."""
-        self._server = await asyncio.start_server(self._serve, "127.0.0.1", self._requested_port)
+        self._server = await asyncio.start_server(
+            self._serve, self._host, self._requested_port, ssl=self._ssl
+        )
 
     async def stop(self) -> None:
         """Stop listening; cancel the requests under way, which answer nobody."""
@@ -195,15 +216,24 @@ class AdminListener:
         self._requests.add(task)
         try:
             try:
+                streamed = False
                 async with asyncio.timeout(_READ_TIMEOUT_S):
-                    request = await _read_request(reader, writer)
-                answer = await self._handler(request)
+                    request = await _read_head(reader, writer)
+                    streamed = self._stream is not None and request.method == "PUT"
+                    if not streamed:
+                        request = await _read_body(request, reader)
+                if self._stream is not None and streamed:
+                    answer = await self._stream(request, reader)
+                else:
+                    answer = await self._handler(request)
             except _BadRequest as exc:
                 answer = error(exc.status, exc.detail)
             except TimeoutError:
                 answer = error(HTTPStatus.REQUEST_TIMEOUT, "the request was not read in time")
             writer.write(_serialize(answer))
             await writer.drain()
+            if answer.file is not None:
+                await _send_file(writer, *answer.file)
         except (ConnectionError, asyncio.IncompleteReadError):
             pass  # the client went away: nobody to answer
         finally:
@@ -213,8 +243,8 @@ class AdminListener:
                 await writer.wait_closed()
 
 
-async def _read_request(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> HttpRequest:
-    """One request: line, headers, and a body of ``Content-Length`` bytes."""
+async def _read_head(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> HttpRequest:
+    """One request's line and headers (its body not read)."""
     try:
         line = await reader.readuntil(b"\r\n")
         parts = line.decode("ascii").rstrip("\r\n").split(" ")
@@ -238,28 +268,60 @@ async def _read_request(reader: asyncio.StreamReader, writer: asyncio.StreamWrit
         raise _BadRequest(HTTPStatus.BAD_REQUEST, f"more than {_MAX_HEADERS} headers")
     if "transfer-encoding" in headers:
         raise _BadRequest(HTTPStatus.LENGTH_REQUIRED, "send the body with Content-Length")
-    try:
-        length = int(headers.get("content-length", "0"))
-    except ValueError:
-        raise _BadRequest(HTTPStatus.BAD_REQUEST, "Content-Length is not a number") from None
-    if not 0 <= length <= MAX_BODY_BYTES:
-        raise _BadRequest(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"limit {MAX_BODY_BYTES} bytes")
-    body = await reader.readexactly(length)
+    content_length(headers)
     peer = writer.get_extra_info("peername")
     return HttpRequest(
         method=parts[0],
         target=parts[1],
         headers=headers,
-        body=body,
+        body=b"",
         peer=str(peer[0]) if isinstance(peer, tuple) else "",
     )
 
 
+def content_length(headers: dict[str, str]) -> int:
+    """The request's ``Content-Length`` (0 when absent).
+
+    Raises:
+        _BadRequest: not a plain non-negative decimal number.
+    """
+    text = headers.get("content-length", "0")
+    if not (text.isascii() and text.isdigit() and len(text) <= 18):
+        raise _BadRequest(HTTPStatus.BAD_REQUEST, "Content-Length is not a number")
+    return int(text)
+
+
+async def _read_body(request: HttpRequest, reader: asyncio.StreamReader) -> HttpRequest:
+    """The request with its body of ``Content-Length`` bytes, at most MAX_BODY_BYTES."""
+    length = content_length(request.headers)
+    if length > MAX_BODY_BYTES:
+        raise _BadRequest(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"limit {MAX_BODY_BYTES} bytes")
+    return msgspec.structs.replace(request, body=await reader.readexactly(length))
+
+
+async def _send_file(writer: asyncio.StreamWriter, path: str, size: int) -> None:
+    """Stream ``size`` bytes of ``path`` (an answer's file) to the client, read in a
+    worker thread a chunk at a time."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        sent = 0
+        while sent < size:
+            chunk = await asyncio.to_thread(os.pread, fd, min(1 << 20, size - sent), sent)
+            if not chunk:
+                break  # shorter than recorded: the client sees a short body, not garbage
+            writer.write(chunk)
+            sent += len(chunk)
+            await writer.drain()
+    finally:
+        os.close(fd)
+
+
 def _serialize(answer: HttpAnswer) -> bytes:
+    length = answer.file[1] if answer.file is not None else len(answer.body)
     head = [
         f"HTTP/1.1 {answer.status.value} {answer.status.phrase}",
         f"Content-Type: {answer.content_type}",
-        f"Content-Length: {len(answer.body)}",
+        f"Content-Length: {length}",
         "Cache-Control: no-store",
         "Connection: close",
     ]

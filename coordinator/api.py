@@ -101,6 +101,8 @@ def route(
         return jobs_api.job_list(jobs, target_.query)
     if len(parts) == 3 and parts[:2] == ["api", "jobs"]:
         return jobs_api.job_detail(jobs, parts[2], connected)
+    if len(parts) > 4 and parts[:2] == ["api", "jobs"] and parts[3] == "outputs":
+        return jobs_api.job_output(jobs, parts[2], "/".join(parts[4:]))
     return error(HTTPStatus.NOT_FOUND, f"no such path {target_.path!r}")
 
 

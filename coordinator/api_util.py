@@ -32,6 +32,9 @@ class HttpAnswer(msgspec.Struct, frozen=True):
     content_type: str
     body: bytes
     headers: tuple[tuple[str, str], ...] = ()
+    file: tuple[str, int] | None = None
+    """Instead of ``body``: a file's path and size, streamed from disk by the HTTP
+    listener (an output may be far larger than an answer should be in memory)."""
     """Headers beyond Content-Type, Content-Length and Cache-Control."""
 
 

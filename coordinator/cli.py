@@ -24,6 +24,7 @@ from coordinator.admin import check_url
 from coordinator.client import AdminClient, load_spec_file
 from coordinator.errors import AdminError, ConfigError, CoordinatorError, JobError, KeyFileError
 from coordinator.images import ImagePinner
+from coordinator.outputs_download import download_outputs
 from coordinator.server import Coordinator, serve
 
 __all__ = ["EXIT_BROKEN_PIPE", "EXIT_ERROR", "EXIT_USAGE", "default_state_dir", "main"]
@@ -101,6 +102,12 @@ def _parser() -> _Parser:
         "--admin-port", type=_port, default=0, help="admin API port on 127.0.0.1 (0: any free)"
     )
     run.add_argument(
+        "--artifacts-port",
+        type=_port,
+        default=0,
+        help="port on --host where nodes PUT job outputs (0: any free)",
+    )
+    run.add_argument(
         "--registry-logins",
         type=_path,
         help="TOML file of registry logins, to pin submitted tags to digests (mode 600)",
@@ -121,6 +128,16 @@ def _parser() -> _Parser:
         "--wait", action="store_true", help="wait until it ends; exit 0 only if completed"
     )
     submit.add_argument("--timeout", type=_seconds, help="with --wait: give up after this")
+    submit.add_argument(
+        "--upload",
+        action="append",
+        default=[],
+        metavar="PATH=URL",
+        help="PUT output PATH to URL (a presigned URL); others go to the coordinator",
+    )
+    submit.add_argument(
+        "--out", type=Path, metavar="DIR", help="with --wait: fetch the outputs here, checked"
+    )
     _admin_options(submit)
     prefetch = commands.add_parser(
         "prefetch", help="ask a node to pull an image now (a tag is pinned first)"
@@ -165,6 +182,7 @@ async def _serve(
             on_ready=_ready,
             ssl_context=ssl_context,
             admin_port=args.admin_port,
+            artifacts_port=args.artifacts_port,
             settings=settings,
             pinner=pinner,
         )
@@ -174,12 +192,16 @@ async def _serve(
 
 
 def _submit(args: argparse.Namespace, client: AdminClient, spec: dict[str, Any]) -> int:
-    job_id = client.submit(args.node, spec, job_id=args.job_id, ttl_s=args.ttl)
+    uploads = cli_args.parse_uploads(args.upload)
+    job_id = client.submit(args.node, spec, job_id=args.job_id, ttl_s=args.ttl, uploads=uploads)
     print(job_id, flush=True)
     if not args.wait:
         return 0
     job = client.wait(job_id, timeout_s=args.timeout)
     print(_outcome(job))
+    if args.out is not None:
+        for path in download_outputs(client, job, args.out):
+            print(f"{args.out / path}")
     return 0 if job.get("state") == "completed" else EXIT_ERROR
 
 
@@ -238,6 +260,9 @@ def _check_admin_arguments(args: argparse.Namespace) -> dict[str, Any]:
         cli_args.check_job_id(args.job_id)
     if args.ttl is not None:
         cli_args.check_ttl(args.ttl)
+    cli_args.parse_uploads(args.upload)
+    if args.out is not None and not args.wait:
+        raise JobError("bad_request", "--out needs --wait: outputs exist once the job ended")
     return load_spec_file(args.spec_file)
 
 
@@ -286,7 +311,13 @@ def _serve_command(args: argparse.Namespace) -> int:
         ssl_context = None
         if args.tls_cert is not None:
             ssl_context = cli_args.tls_context(args.tls_cert, args.tls_key)
-        cli_args.check_addresses([(args.host, args.port), ("127.0.0.1", args.admin_port)])
+        cli_args.check_addresses(
+            [
+                (args.host, args.port),
+                ("127.0.0.1", args.admin_port),
+                (args.host, args.artifacts_port),
+            ]
+        )
         cli_args.check_db(args.db)
         cli_args.check_state_dir(args.state_dir)
         settings = admission.settings_from(args)

@@ -36,6 +36,7 @@ __all__ = [
     "check_reason",
     "check_state_dir",
     "check_ttl",
+    "parse_uploads",
     "tls_context",
 ]
 
@@ -235,3 +236,20 @@ def image_pinner(logins_file: Path | None, ca_file: Path | None) -> ImagePinner:
         except (OSError, ssl.SSLError, ValueError) as exc:
             raise ConfigError("bad_setting", f"--registry-ca {ca_file}: {exc}") from None
     return ImagePinner(logins=logins, ca_file=ca_file)
+
+
+def parse_uploads(given: list[str]) -> dict[str, str]:
+    """``--upload PATH=URL`` arguments as output path -> URL.
+
+    Raises:
+        JobError: ``bad_upload_target`` (no ``=``, an empty side, a path given twice).
+    """
+    uploads: dict[str, str] = {}
+    for text in given:
+        path, sep, url = text.partition("=")
+        if not sep or not path or not url:
+            raise JobError("bad_upload_target", f"--upload {text!r}: give PATH=URL")
+        if path in uploads:
+            raise JobError("bad_upload_target", f"--upload: {path!r} given twice")
+        uploads[path] = url
+    return uploads

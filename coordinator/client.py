@@ -107,9 +107,12 @@ class AdminClient:
         *,
         job_id: str | None = None,
         ttl_s: float | None = None,
+        uploads: dict[str, str] | None = None,
     ) -> str:
-        """Submit a job; its id."""
+        """Submit a job; its id. ``uploads``: output path -> a PUT URL of the submitter's."""
         body: dict[str, Any] = {"node_id": node_id, "spec": spec}
+        if uploads:
+            body["uploads"] = {path: {"url": url} for path, url in uploads.items()}
         if job_id is not None:
             body["job_id"] = job_id
         if ttl_s is not None:
@@ -163,6 +166,26 @@ class AdminClient:
                 raise AdminError("wait_timeout", f"{job_id} is still {state} after {timeout_s} s")
             time.sleep(poll_s)
 
+    def output(self, job_id: str, path: str, max_bytes: int) -> bytes:
+        """One output of a job as the coordinator's artifact store holds it.
+
+        Raises:
+            AdminError: the API's code (``output_missing``), ``output_too_large``.
+        """
+        where = f"/api/jobs/{quote(job_id, safe='')}/outputs/{quote(path)}"
+        headers = {"Authorization": f"Bearer {self._token}"}
+        try:
+            status, raw = self._exchange("GET", where, None, headers, max_bytes)
+        except _Expired:
+            raise AdminError("admin_timeout", f"{where}: not whole within the timeout") from None
+        except (http.client.HTTPException, OSError, ValueError) as exc:
+            raise AdminError("admin_unreachable", f"{self.url}: {exc}") from None
+        if not 200 <= status < 300:
+            raise _api_error(status, raw)
+        if len(raw) > max_bytes:
+            raise AdminError("output_too_large", f"{path}: over {max_bytes} bytes")
+        return raw
+
     def _request(self, method: str, path: str, body: object = None) -> dict[str, Any]:
         data = None if body is None else msgspec.json.encode(body)
         headers = {"Authorization": f"Bearer {self._token}"}
@@ -189,7 +212,12 @@ class AdminClient:
         return answer
 
     def _exchange(
-        self, method: str, path: str, data: bytes | None, headers: dict[str, str]
+        self,
+        method: str,
+        path: str,
+        data: bytes | None,
+        headers: dict[str, str],
+        max_bytes: int = MAX_ANSWER_BYTES,
     ) -> tuple[int, bytes]:
         """One request and its whole answer (status, at most MAX_ANSWER_BYTES + 1 bytes),
         within the timeout in all: a socket timeout alone is per read, and a server that
@@ -224,7 +252,7 @@ class AdminClient:
             timer.start()
             connection.request(method, parts.path + path, body=data, headers=headers)
             with connection.getresponse() as response:
-                raw = response.read(MAX_ANSWER_BYTES + 1)
+                raw = response.read(max_bytes + 1)
                 status = response.status
         except (http.client.HTTPException, OSError):
             if expired.is_set():

@@ -4,7 +4,8 @@ Each node is a ``tr.node[data-node-id]`` whose cells have the classes ``node-id`
 ``state`` (plus ``on`` or ``off``), ``gpus``, ``seq`` and ``telemetry``; the headless
 Chromium test in tests/integration/test_dashboard.py reads them. Each job is a
 ``tr.job[data-job-id]`` whose cells have the classes ``job-id`` (a link to ``/api/jobs/{id}``), ``node``,
-``state`` and ``updated``.
+``state`` and ``updated``; a job whose stored outputs are not what its receipt names shows
+them in a ``span.output-problems`` in its state cell.
 """
 
 from __future__ import annotations
@@ -70,6 +71,8 @@ async function refresh() {
       + '<td class="state">' + text(j.state)
       + (j.pull_bytes ? " " + percent(j.pulled_bytes, j.pull_bytes) + "%" : "")
       + (j.code ? " (" + text(j.code) + ")" : "")
+      + (j.output_problems ? ' <span class="output-problems">'
+         + text(j.output_problems.join(", ")) + "</span>" : "")
       + "</td>"
       + '<td class="updated">' + text(new Date(j.updated * 1000).toISOString()) + "</td></tr>"
     ).join("") || "<tr><td colspan=4>no jobs";

@@ -28,6 +28,8 @@ from agent.protocol.messages import (
     ReliableBody,
     message_type,
 )
+from agent.protocol.uploads import UploadTarget
+from coordinator.artifacts import ArtifactStore
 from coordinator.errors import JobError
 from coordinator.images import ImagePinner
 from coordinator.jobs_store import JobEvent, JobLogs, JobRow, JobSummary, VerifiedResult
@@ -67,7 +69,13 @@ class JobService:
         sessions: Sessions,
         clock: Callable[[], float],
         pinner: ImagePinner | None = None,
+        *,
+        artifacts: ArtifactStore | None = None,
+        artifacts_url: Callable[[], str] | None = None,
     ) -> None:
+        self.artifacts = artifacts
+        """The coordinator's own store for outputs; None: only the submitter's targets."""
+        self._artifacts_url = artifacts_url
         self._store = store
         self._key = key
         self._sessions = sessions
@@ -81,6 +89,7 @@ class JobService:
         *,
         job_id: str | None = None,
         ttl_s: float = DEFAULT_TTL_S,
+        uploads: Any = None,
     ) -> str:
         """Sign an offer of ``spec`` to ``node_id``, store it, send it; returns the job id.
 
@@ -91,6 +100,8 @@ class JobService:
         Args:
             job_id: ``job-`` and 16 random hex digits when None.
             ttl_s: how long the offer stays valid; a node that gets it later refuses it.
+            uploads: output path -> ``{"url", "headers"}`` the node PUTs it to (presigned
+                URLs); the other outputs go to the coordinator's artifact store.
 
         An image named by a tag is pinned to its digest first (:mod:`coordinator.images`):
         the offer carries ``repository@sha256:...``, and the node refuses a tag.
@@ -109,14 +120,29 @@ class JobService:
             raise JobError("job_exists", f"job {job_id!r} exists")
         now = self._clock()
         # Checked as the node will before any registry is asked; signed again once pinned.
+        default = self._default_target()
         signed = make_offer(
-            self._key, job_id=job_id, node_id=node_id, spec=spec, now=now, ttl_s=ttl_s
+            self._key,
+            job_id=job_id,
+            node_id=node_id,
+            spec=spec,
+            now=now,
+            ttl_s=ttl_s,
+            uploads=uploads,
+            default_target=default,
         )
         pinned = await self._pinner.pin(spec)
         if pinned is not spec:
             now = self._clock()
             signed = make_offer(
-                self._key, job_id=job_id, node_id=node_id, spec=pinned, now=now, ttl_s=ttl_s
+                self._key,
+                job_id=job_id,
+                node_id=node_id,
+                spec=pinned,
+                now=now,
+                ttl_s=ttl_s,
+                uploads=uploads,
+                default_target=default,
             )
         # Stored before it is sent, under the seq the stream gives it next: a store that
         # fails leaves no gap, and the node may acknowledge it after a restart of ours.
@@ -213,6 +239,13 @@ class JobService:
     def logs(self, job_id: str) -> JobLogs:
         """A job's kept log text per stream."""
         return self._store.jobs.logs(job_id)
+
+    def _default_target(self) -> Callable[[str, str, float], UploadTarget] | None:
+        artifacts, base = self.artifacts, self._artifacts_url
+        if artifacts is None or base is None:
+            return None
+        url = base()
+        return lambda job_id, path, expires: artifacts.target(url, job_id, path, expires)
 
     def _next_seq(self, node_id: str) -> int:
         """The seq of the next message of the coordinator's stream to ``node_id``."""

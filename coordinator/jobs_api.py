@@ -11,13 +11,15 @@ from typing import Any, TypeVar
 
 import msgspec
 
-from coordinator.api_util import MAX_LIMIT, HttpAnswer, error, json_answer
+from agent.protocol import crypto
+from coordinator.api_util import MAX_LIMIT, HttpAnswer, coded_error, error, json_answer
+from coordinator.artifacts import output_problems
 from coordinator.errors import JobError
 from coordinator.job_service import JobService
 from coordinator.jobs_store import JobRow, JobSummary
 from coordinator.offers import DEFAULT_TTL_S
 
-__all__ = ["cancel", "job_detail", "job_list", "prefetch", "submit"]
+__all__ = ["cancel", "job_detail", "job_list", "job_output", "prefetch", "submit"]
 
 _T = TypeVar("_T")
 
@@ -27,6 +29,9 @@ class _Submit(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=T
     spec: Any
     job_id: str | None = None
     ttl_s: float = DEFAULT_TTL_S
+    uploads: dict[str, Any] = {}
+    """Output path -> ``{"url", "headers"}``: the submitter's own targets (presigned PUT
+    URLs); the other outputs go to the coordinator's artifact store."""
 
 
 class _Cancel(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -70,9 +75,29 @@ async def submit(jobs: JobService, body: bytes) -> HttpAnswer:
     """
     request = _decode(body or b"null", _Submit)
     job_id = await jobs.submit(
-        request.node_id, request.spec, job_id=request.job_id, ttl_s=request.ttl_s
+        request.node_id,
+        request.spec,
+        job_id=request.job_id,
+        ttl_s=request.ttl_s,
+        uploads=request.uploads,
     )
     return json_answer({"job_id": job_id, "url": f"/api/jobs/{job_id}"}, HTTPStatus.CREATED)
+
+
+def job_output(jobs: JobService, job_id: str, path: str) -> HttpAnswer:
+    """``GET /api/jobs/{id}/outputs/{path}``: an output the node uploaded here."""
+    stored = None if jobs.artifacts is None else jobs.artifacts.outputs(job_id).get(path)
+    if stored is None or jobs.artifacts is None:
+        return coded_error(
+            HTTPStatus.NOT_FOUND, "output_missing", f"no output {path!r} of job {job_id!r} here"
+        )
+    return HttpAnswer(
+        HTTPStatus.OK,
+        "application/octet-stream",
+        b"",
+        headers=(("X-Content-SHA256", stored.sha256),),
+        file=(str(jobs.artifacts.file(stored.sha256)), stored.size_bytes),
+    )
 
 
 async def cancel(jobs: JobService, job_id: str, body: bytes) -> HttpAnswer:
@@ -116,6 +141,10 @@ def _summary(jobs: JobService, job: JobSummary) -> dict[str, Any]:
     }
     if job.state == "pulling" and (progress := jobs.pull_progress(job)) is not None:
         summary["pulled_bytes"], summary["pull_bytes"] = progress
+    if jobs.artifacts is not None and jobs.artifacts.outputs(job.job_id):
+        row = jobs.get(job.job_id)
+        if row is not None and (problems := _outputs(jobs, row)["output_problems"]):
+            summary["output_problems"] = problems
     return summary
 
 
@@ -134,7 +163,7 @@ def _detail(jobs: JobService, job: JobRow, connected: Collection[str]) -> dict[s
         "updated": job.updated,
         "expires_at": job.expires_at,
         "spec": job.spec,
-        "offer": job.offer,
+        "offer": _public_offer(job.offer),
         "offer_sha256": job.offer_sha256,
         "cancel": None
         if job.cancel_requested is None
@@ -156,4 +185,49 @@ def _detail(jobs: JobService, job: JobRow, connected: Collection[str]) -> dict[s
             "chain_ok": result.chain_ok,
             "problems": result.problems,
         },
+        **_outputs(jobs, job),
+    }
+
+
+def _public_offer(envelope: dict[str, Any]) -> dict[str, Any]:
+    """The signed offer as the read API shows it. Its upload URLs are write credentials (a
+    presigned URL's signature, an artifact token), and the read API is anyone's who reaches
+    the port: an offer with targets is shown without its payload, its targets without
+    their queries and headers (``offer_sha256`` still names what was signed)."""
+    offer = msgspec.json.decode(crypto.b64decode(envelope["payload"]))
+    uploads = offer.get("uploads")
+    if not uploads:
+        return envelope
+    return {
+        "payloadType": envelope.get("payloadType"),
+        "payload": None,
+        "redacted": "the payload holds upload credentials",
+        "uploads": {path: target["url"].split("?", 1)[0] for path, target in uploads.items()},
+    }
+
+
+def _outputs(jobs: JobService, job: JobRow) -> dict[str, Any]:
+    """What the artifact store holds of the job, and how it differs from the receipt."""
+    if jobs.artifacts is None:
+        return {"outputs": [], "output_problems": []}
+    stored = jobs.artifacts.outputs(job.job_id)
+    # The envelope's payload is the offer as signed: which outputs were to come here.
+    offer = msgspec.json.decode(crypto.b64decode(job.offer["payload"]))
+    ours = {
+        path
+        for path, target in offer.get("uploads", {}).items()
+        if f"/artifacts/{job.job_id}?" in target.get("url", "")
+    }
+    receipt = job.result.receipt if job.result is not None else {}
+    return {
+        "outputs": [
+            {
+                "path": path,
+                "sha256": item.sha256,
+                "size_bytes": item.size_bytes,
+                "url": f"/api/jobs/{job.job_id}/outputs/{path}",
+            }
+            for path, item in sorted(stored.items())
+        ],
+        "output_problems": output_problems(receipt, stored, ours) if job.result else [],
     }

@@ -11,14 +11,16 @@ from __future__ import annotations
 
 import math
 import secrets
+from collections.abc import Callable
 from typing import Any, Final, Literal
 
 import msgspec
 
-from agent.protocol.errors import LimitExceeded
+from agent.protocol.errors import DecodeError, LimitExceeded
 from agent.protocol.jobs import FINAL_STATES, Offer, Receipt, offer_digest, sign_offer
 from agent.protocol.limits import MAX_SEQ
 from agent.protocol.messages import EnvelopeBody, JobOfferBody, encode_frame, wrap
+from agent.protocol.uploads import UploadTarget, check_uploads
 from coordinator.errors import JobError
 from coordinator.keys import CoordinatorKey
 from sandbox.errors import SpecError
@@ -29,6 +31,7 @@ __all__ = [
     "DEFAULT_TTL_S",
     "MAX_TTL_S",
     "RECEIPT_PROBLEMS",
+    "UPLOAD_GRACE_S",
     "SignedOffer",
     "check_spec",
     "make_offer",
@@ -40,6 +43,8 @@ __all__ = [
 DEFAULT_TTL_S: Final = 3600.0
 #: The longest an offer may be valid: an offer is not a standing order.
 MAX_TTL_S: Final = 30 * 86400.0
+#: How long past a job's latest possible end its artifact tokens stay valid, in seconds.
+UPLOAD_GRACE_S: Final = 86400.0
 #: The receipt's ``prev_receipt`` is not the digest of the node's previous receipt.
 CHAIN_BROKEN: Final = "chain_broken"
 #: Every code :func:`receipt_problems` returns, in the order it returns them.
@@ -90,8 +95,14 @@ def make_offer(
     spec: Any,
     now: float,
     ttl_s: float = DEFAULT_TTL_S,
+    uploads: Any = None,
+    default_target: Callable[[str, str, float], UploadTarget] | None = None,
 ) -> SignedOffer:
     """The offer of ``spec`` to ``node_id``, signed, checked to fit in one frame.
+
+    ``uploads`` (output path -> ``{"url", "headers"}``) are the submitter's targets, e.g.
+    presigned S3 PUT URLs; each declared output without one gets ``default_target(job_id,
+    path, expires_at)`` (the coordinator's artifact store) when that is given.
 
     The spec is validated as the node will (:func:`check_spec`): nothing is signed that a
     node would refuse for its form. Whether a node admits it (its policy, its GPUs) only
@@ -100,7 +111,7 @@ def make_offer(
     Raises:
         JobError: ``bad_spec`` (not a JSON object), a code of :func:`check_spec`,
             ``bad_job_id``, ``bad_ttl`` (not in (0, MAX_TTL_S]), ``spec_too_large`` (the
-            offer would not fit in a frame).
+            offer would not fit in a frame), ``bad_upload_target``.
     """
     if not isinstance(spec, dict):
         raise JobError("bad_spec", "a spec is a JSON object (a TOML table)")
@@ -112,6 +123,7 @@ def make_offer(
         "spec": spec,
         "issued_at": now,
         "expires_at": now + ttl_s,
+        "uploads": uploads or {},
     }
     try:
         # Round trip through JSON: the spec is signed, stored and sent exactly as the node
@@ -121,9 +133,25 @@ def make_offer(
         where = str(exc)
         if "$.job_id" in where:
             raise JobError("bad_job_id", f"{job_id!r}: {where}") from None
+        if "$.uploads" in where:
+            raise JobError("bad_upload_target", where) from None
         raise JobError("bad_spec", where) from None
     # The node decodes the offer's spec from JSON and loads it so (agent.jobs): the same here.
     check_spec(msgspec.json.encode(offer.spec), "json")
+    loaded = load_spec(msgspec.json.encode(offer.spec), "json")
+    outputs = loaded.outputs
+    try:
+        check_uploads(offer.uploads, outputs)
+    except DecodeError as exc:
+        raise JobError(exc.code, exc.detail) from None
+    if default_target is not None:
+        # A token must outlive the job: taken at the offer's last moment, run to its
+        # timeout, then its uploads retried for a while.
+        until = offer.expires_at + loaded.timeout_s + UPLOAD_GRACE_S
+        filled = {
+            path: offer.uploads.get(path) or default_target(job_id, path, until) for path in outputs
+        }
+        offer = msgspec.structs.replace(offer, uploads=filled)
     envelope = sign_offer(offer, key.private_key, key.key_id)
     body = JobOfferBody(
         job_id=job_id, offer=msgspec.convert(msgspec.to_builtins(envelope), EnvelopeBody)

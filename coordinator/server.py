@@ -20,10 +20,12 @@ import logging
 import ssl
 import time
 from collections.abc import Callable
+from http import HTTPStatus
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+import msgspec
 from websockets.asyncio.server import Server, ServerConnection
 from websockets.asyncio.server import serve as ws_serve
 from websockets.http11 import Request, Response
@@ -33,7 +35,8 @@ from agent.protocol.session import NonceBook
 from coordinator import api, keys, offers
 from coordinator.admin import AdminFile, AdminListener, new_token, write_admin_file
 from coordinator.admission import Settings, TokenBucket
-from coordinator.api_util import HttpAnswer, HttpRequest
+from coordinator.api_util import HttpAnswer, HttpRequest, coded_error
+from coordinator.artifacts import ArtifactStore, job_outputs
 from coordinator.connection import AgentSessions, Shared, handle
 from coordinator.images import ImagePinner
 from coordinator.job_service import JobService
@@ -46,6 +49,11 @@ __all__ = ["AGENT_PATH", "Coordinator", "Settings", "serve"]
 AGENT_PATH = "/agent"
 
 _log = logging.getLogger(__name__)
+
+
+#: The largest stored output the websocket port serves (from memory); the artifact and
+#: admin listeners stream any size from disk.
+_MAX_INLINE_OUTPUT = 16 << 20
 
 
 class Coordinator:
@@ -64,6 +72,8 @@ class Coordinator:
         ssl_context: ssl.SSLContext | None = None,
         admin_port: int = 0,
         pinner: ImagePinner | None = None,
+        artifacts_port: int = 0,
+        artifact_node_max_bytes: int = 16 << 30,
     ) -> None:
         self.host = host
         self.pinner = pinner or ImagePinner()
@@ -81,6 +91,16 @@ class Coordinator:
         self.retained = asyncio.Event()
         """Set after each retention pass (cleared by whoever waits for the next one)."""
         self._admin = AdminListener(self._admin_request, port=admin_port)
+        # Where nodes PUT outputs: reachable as the websocket port is, under the same TLS.
+        self._artifact_listener = AdminListener(
+            self._artifact_read,
+            host=host,
+            port=artifacts_port,
+            ssl_context=ssl_context,
+            stream=self._artifact_put,
+        )
+        self._artifact_node_max_bytes = artifact_node_max_bytes
+        self.artifacts: ArtifactStore | None = None
         self.admin_token = new_token()
         """The bearer token of the admin API's writes (also in :attr:`admin_file`)."""
         self.admin_file: Path | None = None
@@ -118,6 +138,12 @@ class Coordinator:
         return f"{scheme}://{self._url_host()}:{self.port}/"
 
     @property
+    def artifacts_url(self) -> str:
+        """The artifact listener's base URL, as nodes reach it."""
+        scheme = "https" if self.ssl_context is not None else "http"
+        return f"{scheme}://{self._url_host()}:{self._artifact_listener.port}"
+
+    @property
     def admin_url(self) -> str:
         """The admin API's base URL: ``http://127.0.0.1:PORT``."""
         return self._admin.url
@@ -136,6 +162,12 @@ class Coordinator:
         )
         store = Store(self.db_path, quotas)
         sessions: AgentSessions = OpenSessions()
+        self.artifacts = ArtifactStore(
+            self.state_dir,
+            job_of=lambda job_id: job_outputs(store.jobs.get(job_id)),
+            node_max_bytes=self._artifact_node_max_bytes,
+            clock=self._clock,
+        )
         self._shared = Shared(
             key=self.key,
             store=store,
@@ -147,7 +179,15 @@ class Coordinator:
                 settings.new_keys_per_s, settings.new_keys_burst, time.monotonic()
             ),
             sessions=sessions,
-            jobs=JobService(store, self.key, sessions, self._clock, self.pinner),
+            jobs=JobService(
+                store,
+                self.key,
+                sessions,
+                self._clock,
+                self.pinner,
+                artifacts=self.artifacts,
+                artifacts_url=lambda: self.artifacts_url,
+            ),
         )
         try:
             self._server = await ws_serve(
@@ -164,6 +204,7 @@ class Coordinator:
                 ssl=self.ssl_context,
             )
             await self._admin.start()
+            await self._artifact_listener.start()
             if settings.retention_interval_s > 0:
                 self._retention = asyncio.create_task(self._retain())
             admin = AdminFile(url=self._admin.url, token=self.admin_token)
@@ -179,6 +220,10 @@ class Coordinator:
             await asyncio.gather(self._retention, return_exceptions=True)
             self._retention = None
         await self._admin.stop()
+        await self._artifact_listener.stop()
+        if self.artifacts is not None:
+            self.artifacts.close()
+            self.artifacts = None
         if self._server is not None:
             self._server.close()
             await self._server.wait_closed()
@@ -194,9 +239,10 @@ class Coordinator:
         *,
         job_id: str | None = None,
         ttl_s: float = offers.DEFAULT_TTL_S,
+        uploads: dict[str, Any] | None = None,
     ) -> str:
         """:meth:`JobService.submit`: sign an offer, store it, send it; returns the job id."""
-        return await self.jobs.submit(node_id, spec, job_id=job_id, ttl_s=ttl_s)
+        return await self.jobs.submit(node_id, spec, job_id=job_id, ttl_s=ttl_s, uploads=uploads)
 
     async def cancel(self, job_id: str, reason: str = "") -> None:
         """:meth:`JobService.cancel`: ask the job's node to stop it."""
@@ -253,10 +299,30 @@ class Coordinator:
             jobs=self.jobs,
         )
 
+    async def _artifact_put(self, request: HttpRequest, reader: asyncio.StreamReader) -> HttpAnswer:
+        assert self.artifacts is not None  # the listener runs only while started
+        return await self.artifacts.receive(request, reader)
+
+    async def _artifact_read(self, request: HttpRequest) -> HttpAnswer:
+        """The artifact listener's other requests: the read API, as on the main port."""
+        return api.route(request.method, request.target, self.store, self.jobs, self.connected())
+
     def _process_request(self, connection: ServerConnection, request: Request) -> Response | None:
         if request.path.split("?", 1)[0] == AGENT_PATH:
             return None  # the websocket handshake goes on (426 if it is not an upgrade)
         answer = api.route(request.method, request.path, self.store, self.jobs, self.connected())
+        if answer.file is not None:
+            # The websocket server answers from memory: a stored output is served in full
+            # only up to a bound here, and from disk, streamed, by the other listeners.
+            path, size = answer.file
+            if size > _MAX_INLINE_OUTPUT:
+                answer = coded_error(
+                    HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+                    "output_too_large",
+                    f"over {_MAX_INLINE_OUTPUT} bytes: GET it from the artifact or admin port",
+                )
+            else:
+                answer = msgspec.structs.replace(answer, body=Path(path).read_bytes(), file=None)
         response = connection.respond(answer.status, "")
         response.body = answer.body
         del response.headers["Content-Length"], response.headers["Content-Type"]
@@ -286,6 +352,7 @@ async def serve(
     ssl_context: ssl.SSLContext | None = None,
     admin_port: int = 0,
     pinner: ImagePinner | None = None,
+    artifacts_port: int = 0,
 ) -> None:
     """Run a coordinator until ``stop`` is set (or the task is cancelled)."""
     coordinator = Coordinator(
@@ -297,6 +364,7 @@ async def serve(
         ssl_context=ssl_context,
         admin_port=admin_port,
         pinner=pinner,
+        artifacts_port=artifacts_port,
     )
     async with coordinator:
         if on_ready is not None:

@@ -4,6 +4,10 @@ The directory was writable by the job: anything in it may be a trap. A symlink n
 ``result`` pointing at ``/etc/shadow`` must not make the agent read a host file, so every
 path component is opened with ``O_NOFOLLOW`` relative to the directory above it, and only
 regular files are read.
+
+Given a ``keep`` directory, each file is copied there as it is hashed (``keep/<index>``,
+its index in ``paths``), from the same reads: what is kept is exactly what was hashed, and
+it outlives the job directory (the agent uploads it later from there).
 """
 
 from __future__ import annotations
@@ -21,18 +25,23 @@ __all__ = ["collect_outputs"]
 _CHUNK = 1 << 20
 
 
-def collect_outputs(output_dir: Path, paths: Iterable[str], max_bytes: int) -> list[OutputFile]:
-    """Digest each requested output path; together they may not exceed ``max_bytes``."""
+def collect_outputs(
+    output_dir: Path, paths: Iterable[str], max_bytes: int, keep: Path | None = None
+) -> list[OutputFile]:
+    """Digest each requested output path; together they may not exceed ``max_bytes``.
+    With ``keep``, an existing directory, each regular file is also copied to
+    ``keep/<index>``."""
     budget = max_bytes
     collected = []
-    for path in paths:
-        item = _collect(output_dir, path, budget)
+    for index, path in enumerate(paths):
+        copy = None if keep is None else keep / str(index)
+        item = _collect(output_dir, path, budget, copy)
         budget -= item.size_bytes if item.status == "ok" else 0
         collected.append(item)
     return collected
 
 
-def _collect(output_dir: Path, path: str, budget: int) -> OutputFile:
+def _collect(output_dir: Path, path: str, budget: int, copy: Path | None) -> OutputFile:
     parts = PurePosixPath(path).parts
     try:
         fd = _open_beneath(output_dir, parts)
@@ -41,26 +50,41 @@ def _collect(output_dir: Path, path: str, budget: int) -> OutputFile:
     except OSError:  # a symlink (ELOOP), a file where a directory should be (ENOTDIR)...
         return OutputFile(path=path, status="not_a_file")
     try:
-        return _digest(fd, path, budget)
+        return _digest(fd, path, budget, copy)
     finally:
         os.close(fd)
 
 
-def _digest(fd: int, path: str, budget: int) -> OutputFile:
+def _digest(fd: int, path: str, budget: int, copy: Path | None) -> OutputFile:
     info = os.fstat(fd)
     # A directory, a FIFO or a device opens too: only a regular file is read.
     if not stat.S_ISREG(info.st_mode):
         return OutputFile(path=path, status="not_a_file")
     if info.st_size > budget:
         return OutputFile(path=path, status="too_large", size_bytes=info.st_size)
-    digest = hashlib.sha256()
-    size = 0
-    while chunk := os.read(fd, min(_CHUNK, budget - size + 1)):
-        size += len(chunk)
-        if size > budget:  # it grew after the fstat
-            return OutputFile(path=path, status="too_large", size_bytes=size)
-        digest.update(chunk)
+    out = None
+    if copy is not None:
+        out = os.open(copy, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    try:
+        digest = hashlib.sha256()
+        size = 0
+        while chunk := os.read(fd, min(_CHUNK, budget - size + 1)):
+            size += len(chunk)
+            if size > budget:  # it grew after the fstat
+                return OutputFile(path=path, status="too_large", size_bytes=size)
+            digest.update(chunk)
+            if out is not None:
+                _write_all(out, chunk)
+    finally:
+        if out is not None:
+            os.close(out)
     return OutputFile(path=path, status="ok", size_bytes=size, sha256=digest.hexdigest())
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
 
 
 def _open_beneath(root: Path, parts: tuple[str, ...]) -> int:

@@ -145,11 +145,15 @@ class Runner:
         spec: WorkloadSpec,
         gpus: list[DeviceFacts],
         fetched: Mapping[str, Path] | None = None,
+        keep_outputs: Path | None = None,
     ) -> AsyncGenerator[Event, None]:
         """Run ``spec`` on exactly ``gpus``; yield its events, the last one ``Finished``.
 
         ``fetched`` maps the path of each input the spec gives by URL to the host file
         that holds it (the caller fetched and checked it); each is mounted read-only.
+        ``keep_outputs``, an existing empty directory, receives a copy of each collected
+        output file (``<index in spec.outputs>``), made from the reads that hashed it: the
+        job directory is removed when the job ends, what is kept there is not.
 
         Iterate it under ``contextlib.aclosing``: a caller that stops early then still
         gets the container stopped and removed at once, not whenever the generator is
@@ -228,7 +232,11 @@ class Runner:
             if mounts.output_dir is not None and result.error_code is None:
                 # Hashing up to output_max_bytes must not stall the event loop.
                 result.outputs = await asyncio.to_thread(
-                    collect_outputs, mounts.output_dir, spec.outputs, spec.output_max_bytes
+                    collect_outputs,
+                    mounts.output_dir,
+                    spec.outputs,
+                    spec.output_max_bytes,
+                    keep_outputs,
                 )
             usage = cgroup.usage()
             result.cpu_seconds = usage.cpu_seconds

@@ -173,6 +173,10 @@ class JobsConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_field
     """The images the agent pulled, together, at most (least recently used out first)."""
     image_cache_min_free_bytes: _NonNegative = 5 << 30
     """Pulled images are removed while the engine's disk has less than this free."""
+    upload_spool_max_bytes: _NonNegative = 4 << 30
+    """Most bytes of job outputs held for upload at once (state_dir/spool); a job whose
+    offer names upload targets is admitted only if its output_max_bytes fits beside the
+    others' (refused ``spool_full``); 0: such offers are always refused."""
 
     def __post_init__(self) -> None:
         socket = self.docker_host.removeprefix("unix://")

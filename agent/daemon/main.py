@@ -35,6 +35,7 @@ from agent.daemon.node_status import NodeReporter
 from agent.daemon.sampler import Sampler, Tick
 from agent.daemon.systemd import Notifier, watchdog_interval
 from agent.inputs.stage import Inputs
+from agent.jobs.delivery import Delivery
 from agent.jobs.images import ImageGate, load_keys
 from agent.jobs.manager import ImageBudget, JobManager
 from agent.jobs.node import NodeState
@@ -102,6 +103,8 @@ class DaemonConfig(msgspec.Struct, frozen=True, kw_only=True):
     image_budget: ImageBudget = ImageBudget()
     cache: CacheConfig = CacheConfig()
     """The fetched inputs' cache (under ``state_dir``) and fetch limits."""
+    upload_spool_max_bytes: int = 4 << 30
+    """Most bytes of outputs waiting for upload in ``state_dir/spool`` at once."""
 
 
 def daemon_config(config: AgentConfig) -> DaemonConfig:
@@ -146,6 +149,7 @@ def daemon_config(config: AgentConfig) -> DaemonConfig:
         policy=config.policy,
         docker_socket=jobs.docker_socket,
         max_concurrent=jobs.max_concurrent,
+        upload_spool_max_bytes=jobs.upload_spool_max_bytes,
         sample_interval_s=config.telemetry.interval_s,
         batch_samples=config.telemetry.batch,
         owner=config.owner,
@@ -201,6 +205,11 @@ class _Daemon:
             ),
             image_budget=config.image_budget,
             inputs=Inputs.open(config.state_dir, config.cache),
+            delivery=Delivery(
+                config.state_dir / "spool",
+                max_bytes=config.upload_spool_max_bytes,
+                ca_file=config.link.ca_file,
+            ),
         )
         self.guard = OwnerGuard(
             jobs=self.jobs,

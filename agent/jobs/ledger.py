@@ -1,6 +1,6 @@
 """The job ledger: every job this node was offered, its state, its log and its receipt.
 
-The tables live in the outbox's SQLite file (agent/link/outbox.py, schema version 2). Every
+The tables live in the outbox's SQLite file (agent/link/outbox.py, schema version 4). Every
 change is a row of a decision (:mod:`agent.jobs.machine`), written by :meth:`Ledger.write`
 inside :meth:`Outbox.append_many` together with the messages that report it, so a job's
 state and what the coordinator is told about it commit at once: a crash can never leave a
@@ -26,6 +26,8 @@ from agent.jobs.machine import (
     Receipted,
     Row,
     Transition,
+    Uploaded,
+    Uploading,
 )
 from agent.link.outbox import Outbox, Write
 from agent.protocol.jobs import FINAL_STATES
@@ -165,6 +167,24 @@ class Ledger:
         )
         return [LogLine(n, stream, data) for n, stream, data in rows]
 
+    def held(self, job_id: str) -> tuple[Uploading, frozenset[str]] | None:
+        """A job left ``uploading``: what its receipt will say, its spool, and the outputs
+        the store already acknowledged; None if it is not uploading."""
+
+        def read(db: sqlite3.Connection) -> tuple[Any, list[Any]]:
+            row = db.execute(
+                "SELECT held, detail, spool FROM jobs WHERE job_id = ? AND state = 'uploading'",
+                (job_id,),
+            ).fetchone()
+            done = db.execute("SELECT path FROM job_uploads WHERE job_id = ?", (job_id,))
+            return row, done.fetchall()
+
+        row, done = self.outbox.query(read)
+        if row is None or row[0] is None:
+            return None
+        held = Uploading(job_id=job_id, receipt=row[0], detail=row[1], spool=row[2] or "")
+        return held, frozenset(str(path) for (path,) in done)
+
     def receipt(self, job_id: str) -> bytes | None:
         """A job's signed receipt envelope (JSON), if it has one."""
         rows = self.outbox.query(
@@ -241,6 +261,19 @@ def _receipted(db: sqlite3.Connection, row: Receipted, now: float) -> None:
     db.execute("INSERT INTO receipts (job_id, digest) VALUES (?, ?)", (row.job_id, row.digest))
 
 
+def _uploading(db: sqlite3.Connection, row: Uploading, now: float) -> None:
+    db.execute(
+        "UPDATE jobs SET held = ?, detail = ?, spool = ? WHERE job_id = ?",
+        (row.receipt, row.detail, row.spool, row.job_id),
+    )
+
+
+def _uploaded(db: sqlite3.Connection, row: Uploaded, now: float) -> None:
+    db.execute(
+        "INSERT OR IGNORE INTO job_uploads (job_id, path) VALUES (?, ?)", (row.job_id, row.path)
+    )
+
+
 def _prune_logs(db: sqlite3.Connection, row: PruneLogs, now: float) -> None:
     db.execute(
         "DELETE FROM job_logs WHERE job_id IN"
@@ -275,4 +308,6 @@ _WRITERS: dict[type[Any], Callable[[sqlite3.Connection, Any, float], None]] = {
     Logs: _logs,
     Receipted: _receipted,
     PruneLogs: _prune_logs,
+    Uploading: _uploading,
+    Uploaded: _uploaded,
 }

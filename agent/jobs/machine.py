@@ -8,13 +8,19 @@ transaction, then starts what it names: jobs flow one way, from event to decisio
 
 The states and the moves between them (:data:`TRANSITIONS`)::
 
-    (new) --> accepted --> [fetching] --> [pulling] --> running --> completed | failed | ...
-      |          |             |              |            \\----> cancelled | ... | error
+    (new) --> accepted --> [fetching] --> [pulling] --> running --> [uploading] --> ended
+      |          |             |              |            \\----------------> ended
       |          \\-------------+--------------+----------------> cancelled | ... | error
       \\--> refused
 
-(``fetching``: the job's inputs given by URL; ``pulling``: its image; each only when
-needed. ``...`` are the final states of :data:`TRANSITIONS`.)
+(``fetching``: the job's inputs given by URL; ``pulling``: its image; ``uploading``: its
+outputs, to the offer's targets; each only when needed. ``ended`` is any final state but
+``refused``; ``...`` the others of :data:`TRANSITIONS`.)
+
+``uploading``: the job ended and its outputs are PUT to the offer's targets from the spool;
+its final state is only written (and its receipt only signed and sent) once every upload
+was acknowledged, or ``error`` (``upload_failed``) once one cannot be. A restart resumes
+it (:func:`resume`) rather than calling it interrupted.
 
 A move the table does not hold is refused with :class:`~agent.errors.JobStateError`
 (``bad_transition``): a bug or a confused runner must not rewrite a finished job.
@@ -35,7 +41,7 @@ from agent.protocol.bodies import (
     JobStatusBody,
     LayerProgress,
 )
-from agent.protocol.jobs import FINAL_STATES, JobState, Offer
+from agent.protocol.jobs import FINAL_STATES, JobState, Offer, Receipt, UploadTarget
 from agent.protocol.limits import MAX_ERROR_DETAIL_CHARS, MAX_PROGRESS_LAYERS, MAX_SEQ
 from sandbox.spec import WorkloadSpec
 
@@ -53,6 +59,9 @@ __all__ = [
     "Row",
     "Start",
     "Transition",
+    "Upload",
+    "Uploaded",
+    "Uploading",
     "accept",
     "advance",
     "answer_known",
@@ -60,6 +69,9 @@ __all__ = [
     "forward_logs",
     "pulling",
     "refuse",
+    "resume",
+    "upload",
+    "uploaded",
 ]
 
 _STOPPED: Final = frozenset({"cancelled", "interrupted", "preempted", "error"})
@@ -72,7 +84,8 @@ TRANSITIONS: Final[Mapping[str | None, frozenset[str]]] = {
     "accepted": frozenset({"fetching", "pulling", "running"}) | _STOPPED,
     "fetching": frozenset({"pulling", "running"}) | _STOPPED,
     "pulling": frozenset({"running"}) | _STOPPED,
-    "running": _ENDED,
+    "running": _ENDED | {"uploading"},
+    "uploading": _ENDED,
     **{state: frozenset() for state in FINAL_STATES},
 }
 
@@ -149,6 +162,23 @@ class PruneLogs(msgspec.Struct, frozen=True):
     before: float
 
 
+class Uploading(msgspec.Struct, frozen=True, kw_only=True):
+    """A job whose outputs wait in ``spool`` for upload, and what its receipt will say:
+    ``receipt`` (unsigned, its ``prev_receipt`` set when it is signed) and ``detail``."""
+
+    job_id: str
+    receipt: bytes
+    detail: str
+    spool: str
+
+
+class Uploaded(msgspec.Struct, frozen=True):
+    """One output the store acknowledged: a resumed upload does not send it again."""
+
+    job_id: str
+    path: str
+
+
 Row = (
     NewJob
     | Transition
@@ -159,7 +189,20 @@ Row = (
     | ImagePulled
     | ImageUsed
     | ImageRemoved
+    | Uploading
+    | Uploaded
 )
+
+
+class Upload(NamedTuple):
+    """Outputs to PUT once the decision is on disk: ``(index, path, target, size, sha256)``
+    each, the file being ``spool/<index>``; then the held receipt is signed and sent."""
+
+    job_id: str
+    receipt: Receipt
+    detail: str
+    spool: str
+    files: tuple[tuple[int, str, UploadTarget, int, str], ...]
 
 
 class Start(NamedTuple):
@@ -177,6 +220,9 @@ class Decision(NamedTuple):
     rows: tuple[Row, ...] = ()
     messages: tuple[tuple[str, bytes], ...] = ()
     start: Start | None = None
+    upload: Upload | None = None
+    discard: str | None = None
+    """A spool directory to remove once the decision is on disk."""
 
 
 # -- the events ----------------------------------------------------------------------------
@@ -250,8 +296,10 @@ def finish(
     exit_code: int | None,
     envelope: bytes,
     digest: str,
+    spool: str | None = None,
 ) -> Decision:
-    """A job's end: its final state and its signed receipt, stored and queued together."""
+    """A job's end: its final state and its signed receipt, stored and queued together;
+    its ``spool``, if any, removed after (the store has the outputs, or never will)."""
     _check(job_id, current, state)
     detail = detail[:MAX_ERROR_DETAIL_CHARS]
     result = JobResultBody(job_id=job_id, receipt=msgspec.json.decode(envelope, type=EnvelopeBody))
@@ -264,6 +312,59 @@ def finish(
             ("job_result", msgspec.json.encode(result)),
             _status(job_id, state, code, detail),
         ),
+        discard=spool,
+    )
+
+
+def upload(
+    job_id: str,
+    current: str,
+    receipt: Receipt,
+    *,
+    detail: str,
+    targets: Mapping[str, UploadTarget],
+    spool: str,
+) -> Decision | None:
+    """A job that ended with outputs to deliver: held ``uploading`` with its receipt's
+    makings, and its uploads started. None when no collected output has a target."""
+    files = _pending(receipt, targets, frozenset())
+    if not files:
+        return None
+    _check(job_id, current, "uploading")
+    held = Uploading(
+        job_id=job_id, receipt=msgspec.json.encode(receipt), detail=detail, spool=spool
+    )
+    return Decision(
+        rows=(Transition(job_id=job_id, state="uploading"), held),
+        messages=(_status(job_id, "uploading"),),
+        upload=Upload(job_id, receipt, detail, spool, files),
+    )
+
+
+def resume(
+    job_id: str, held: Uploading, targets: Mapping[str, UploadTarget], done: frozenset[str]
+) -> Decision:
+    """After a restart, a job left ``uploading``: its uploads again, but those acknowledged."""
+    receipt = msgspec.json.decode(held.receipt, type=Receipt)
+    files = _pending(receipt, targets, done)
+    return Decision(upload=Upload(job_id, receipt, held.detail, held.spool, files))
+
+
+def uploaded(job_id: str, path: str) -> Decision:
+    """One output acknowledged by its store."""
+    return Decision(rows=(Uploaded(job_id, path),))
+
+
+def _pending(
+    receipt: Receipt, targets: Mapping[str, UploadTarget], done: frozenset[str]
+) -> tuple[tuple[int, str, UploadTarget, int, str], ...]:
+    return tuple(
+        (index, item.path, targets[item.path], item.size_bytes, item.sha256)
+        for index, item in enumerate(receipt.outputs)
+        if item.status == "ok"
+        and item.sha256 is not None
+        and item.path in targets
+        and item.path not in done
     )
 
 

@@ -11,9 +11,12 @@ transaction holding both the ledger's new state and the messages that report it:
 - inputs given by URL are fetched (or found in the cache) before the container is made;
   one that cannot be had ends the job ``error`` with its code (``input_*``, ``disk_full``);
 - ``running``, bounded ``job_log`` chunks, then the signed receipt (``job_result``) and
-  the final ``job_status`` together;
+  the final ``job_status`` together; a job whose offer names upload targets goes through
+  ``uploading`` first, and its receipt is signed and sent only once the stores have every
+  output (:mod:`agent.jobs.delivery`);
 - at start, jobs that a crash cut short are reaped and reported ``interrupted`` with a
-  receipt, and never run again: only a new offer (a new job id) runs anything.
+  receipt, and never run again: only a new offer (a new job id) runs anything; a job
+  that was ``uploading`` resumes its uploads from its spool instead.
 """
 
 from __future__ import annotations
@@ -32,29 +35,37 @@ import msgspec
 
 from agent.errors import InputError
 from agent.inputs.stage import Inputs
-from agent.jobs import machine
+from agent.jobs import machine, receipts
+from agent.jobs.delivery import Delivery
 from agent.jobs.gpus import device_facts
 from agent.jobs.image_cache import ImageCache, Prefetcher
 from agent.jobs.images import ImageGate
 from agent.jobs.ledger import JobRecord, Ledger
 from agent.jobs.logs import LogForwarder
-from agent.jobs.machine import ContainerOf, Decision, ImagePulled, ImageUsed, PruneLogs, Start
+from agent.jobs.machine import (
+    ContainerOf,
+    Decision,
+    ImagePulled,
+    ImageUsed,
+    PruneLogs,
+    Start,
+    Upload,
+)
 from agent.jobs.node import SHUTTING_DOWN, NodeState
 from agent.link.identity import Identity
 from agent.link.outbox import Outbox
 from agent.protocol import dsse
-from agent.protocol.errors import AuthError
+from agent.protocol.errors import AuthError, DecodeError
 from agent.protocol.jobs import (
     JobState,
     Offer,
-    OutputDigest,
     Receipt,
-    offer_digest,
     receipt_digest,
     verify_offer,
 )
 from agent.protocol.limits import MAX_ERROR_DETAIL_CHARS
 from agent.protocol.messages import ImagePrefetch, JobCancel, JobOffer
+from agent.protocol.uploads import check_uploads
 from oci import OciError
 from sandbox.errors import PolicyViolation, SandboxError
 from sandbox.events import Created, Finished, JobResult, LogChunk, Pulled, Pulling, Started
@@ -107,6 +118,7 @@ class JobManager:
         images: ImageGate | None = None,
         image_budget: ImageBudget | None = None,
         clock: Callable[[], float] = time.time,
+        delivery: Delivery | None = None,
     ) -> None:
         self.identity = identity
         self.outbox = outbox
@@ -120,6 +132,8 @@ class JobManager:
         self.inputs = inputs
         self.images = images or ImageGate()
         self.clock = clock
+        self.delivery = delivery
+        """Where outputs wait for upload; None: offers naming upload targets are refused."""
         self.tasks: dict[str, asyncio.Task[None]] = {}
         self._states: dict[str, str] = {}
         self._stops: dict[str, StopReason] = {}
@@ -156,12 +170,20 @@ class JobManager:
             self.node.hold("engine_unavailable", f"{exc.code}: {exc.detail}")
         self._carry_out(Decision(rows=(PruneLogs(self.clock() - _LOG_RETENTION_S),)))
         await self.image_cache.trim(in_use=())
-        recovered = []
+        recovered, resumed = [], []
         for record in self.ledger.unfinished():
+            upload = self.delivery.resumable(self.ledger, record) if self.delivery else None
+            if upload is not None:
+                self._states[record.job_id] = "uploading"
+                resumed.append(record.job_id)
+                self.tasks[record.job_id] = asyncio.create_task(self._resume(upload))
+                continue
             self._finish_unrun(record, "interrupted", "agent_restarted", "the agent restarted")
             recovered.append(record.job_id)
         if recovered:
             _log.warning("reported %d job(s) cut short as interrupted", len(recovered))
+        if self.delivery is not None:
+            self.delivery.sweep(resumed)
         return recovered
 
     # -- the coordinator's messages ----------------------------------------------------
@@ -193,6 +215,10 @@ class JobManager:
         try:
             offer, spec = self._admit(message)
             units = self._reserve(job_id, spec)
+            delivery = self.delivery
+            if offer.uploads and not (delivery and delivery.reserve(job_id, spec.output_max_bytes)):
+                self.node.free(job_id)
+                raise _Refusal("spool_full", "the node's output spool cannot hold this job's")
         except _Refusal as refusal:
             _log.info("refused job %s: %s %s", job_id, refusal.code, refusal.detail)
             return machine.refuse(job_id, refusal.code, refusal.detail, verified=refusal.verified)
@@ -205,6 +231,10 @@ class JobManager:
         if job_id not in self.tasks:
             return False
         self._stops.setdefault(job_id, why)
+        if self.delivery is not None and (upload := self.delivery.tasks.get(job_id)):
+            if why != "preempted":  # an upload holds no GPU: an owner guard lets it finish
+                upload.cancel()
+            return True
         if job_id in self._fetching:  # nothing of the job runs yet: stop the fetch itself
             self.tasks[job_id].cancel()
         self.runner.cancel(job_id)  # False before the runner has it: _run checks _stops
@@ -249,6 +279,8 @@ class JobManager:
             )
         except AuthError as exc:
             raise _Refusal(exc.code, exc.detail, verified=False) from None
+        if offer.uploads and self.delivery is None:
+            raise _Refusal("bad_upload_target", "this node has no output spool")
         if (held := self.node.unavailable) is not None:
             raise _Refusal(*held)
         try:
@@ -261,13 +293,18 @@ class JobManager:
                     " or by local image id (sha256:...)",
                 )
             admit(spec, self.policy, offered_vendors=self._vendors())
+            check_uploads(offer.uploads, spec.outputs)
+        except DecodeError as exc:
+            raise _Refusal(exc.code, exc.detail) from None
         except PolicyViolation as exc:
             detail = "; ".join(f"{v.code}: {v.message}" for v in exc.violations)
             raise _Refusal(exc.code, detail) from None
         except SandboxError as exc:
             raise _Refusal(exc.code, exc.detail) from None
-        if self.max_concurrent and len(self.tasks) >= self.max_concurrent:
-            raise _Refusal("busy", f"{len(self.tasks)} job(s) running, the limit")
+        # An upload holds no slot, no GPU.
+        running = len(self.tasks) - (len(self.delivery.tasks) if self.delivery else 0)
+        if self.max_concurrent and running >= self.max_concurrent:
+            raise _Refusal("busy", f"{running} job(s) running, the limit")
         if not self.node.scheduler.could_ever_fit(spec.gpus):
             raise _Refusal("no_matching_gpus", "this node has no GPUs that meet the spec")
         return offer, spec
@@ -298,6 +335,8 @@ class JobManager:
         for row in decision.rows:
             if isinstance(row, machine.NewJob | machine.Transition):
                 self._states[row.job_id] = row.state
+        if decision.discard is not None and self.delivery is not None:
+            self.delivery.discard(decision.discard)
         if decision.start is not None:
             self._start(decision.start)
 
@@ -310,6 +349,9 @@ class JobManager:
         logs = LogForwarder(job_id, self._carry_out)
         flusher = asyncio.create_task(logs.flush_every(_LOG_FLUSH_S))
         result: JobResult | None = None
+        keep: Path | None = None
+        if start.offer.uploads and self.delivery is not None:
+            keep = self.delivery.spool(job_id)
         try:
             async with AsyncExitStack() as held:
                 fetched = await self._fetch(job_id, spec, held)
@@ -318,7 +360,7 @@ class JobManager:
                     if (cached := _cache_key(spec)) is not None:
                         self._images_in_use[job_id] = cached
                         self._carry_out(Decision(rows=(ImageUsed(cached),)))
-                    result = await self._follow(job_id, spec, units, fetched, logs)
+                    result = await self._follow(job_id, spec, units, fetched, logs, keep=keep)
         except InputError as exc:
             _log.warning("job %s: an input could not be had: %s", job_id, exc)
             result = _no_run(job_id, spec, exc.code, exc.detail)
@@ -335,14 +377,11 @@ class JobManager:
             if result is None:
                 result = _no_run(job_id, spec, "", "stopped before it started")
                 result.reason = "cancelled"
-            self._finish(start.offer, units, result)
-            self.node.free(job_id)
             self._containers.pop(job_id, None)
-            self._states.pop(job_id, None)
-            self._images_in_use.pop(job_id, None)
-            self._pulls.pop(job_id, None)
-            del self.tasks[job_id]
-            self.node.changed()
+            try:
+                await self._finish(start.offer, units, result, keep)
+            finally:
+                self._end(job_id)
 
     async def _follow(
         self,
@@ -351,6 +390,8 @@ class JobManager:
         units: list[str],
         fetched: dict[str, Path],
         logs: LogForwarder,
+        *,
+        keep: Path | None,
     ) -> JobResult | None:
         """Run the job's container, carrying out what each of its events decides; its
         result, or None if the runner ended without one."""
@@ -358,7 +399,8 @@ class JobManager:
         result = None
         layers = self._pulls[job_id] = {}
         reported = -math.inf
-        async with aclosing(self.runner.run(job_id, spec, gpus, fetched)) as events:
+        run = self.runner.run(job_id, spec, gpus, fetched, keep_outputs=keep)
+        async with aclosing(run) as events:
             async for event in events:
                 if isinstance(event, Pulling):
                     layers[event.layer] = (event.done, event.total)
@@ -398,6 +440,39 @@ class JobManager:
         finally:
             self._fetching.discard(job_id)
 
+    def _end(self, job_id: str) -> None:
+        self.node.free(job_id)
+        if self.delivery is not None:
+            self.delivery.release(job_id)
+        self._states.pop(job_id, None)
+        self._images_in_use.pop(job_id, None)
+        self._pulls.pop(job_id, None)
+        del self.tasks[job_id]
+        self.node.changed()
+
+    async def _resume(self, upload: Upload) -> None:
+        try:
+            await self._deliver(upload)
+        finally:
+            self._end(upload.job_id)
+
+    async def _deliver(self, upload: Upload) -> None:
+        """PUT a job's outputs, then sign and send its receipt; a shutdown leaves it
+        ``uploading`` for the next start."""
+        job_id = upload.job_id
+        assert self.delivery is not None  # only an offer it could spool has uploads
+        try:
+            receipt, detail = await self.delivery.deliver(
+                upload,
+                lambda path: self._carry_out(machine.uploaded(job_id, path)),
+                cancelled=lambda: self._stops.get(job_id) == "cancelled",
+            )
+        finally:
+            self._stops.pop(job_id, None)  # a preemption asked meanwhile changes nothing
+        receipt = msgspec.structs.replace(receipt, prev_receipt=self.ledger.last_receipt_digest())
+        self._commit_receipt("uploading", receipt, detail, receipt.exit_code, upload.spool)
+        _log.info("job %s ended %s after its uploads", job_id, receipt.state)
+
     def _state(self, job_id: str) -> str:
         state = self._states.get(job_id)
         if state is None:  # not decided by this manager: the ledger knows
@@ -405,63 +480,64 @@ class JobManager:
             state = record.state if record is not None else "accepted"
         return state
 
-    def _finish(self, offer: Offer, units: list[str], result: JobResult) -> None:
-        """The job's receipt and final state, stored and queued together."""
+    async def _finish(
+        self, offer: Offer, units: list[str], result: JobResult, keep: Path | None
+    ) -> None:
+        """The job's receipt and final state, stored and queued together; first, when its
+        offer names targets for outputs it left, their uploads."""
         job_id = offer.job_id
         stopped_by = self._stops.pop(job_id, None)
         state: JobState = result.reason
         if result.reason == "cancelled" and stopped_by is not None:
             state = stopped_by
         code = result.error_code or ("" if state == "completed" else state)
-        receipt = Receipt(
-            job_id=job_id,
-            node_id=self.identity.node_id,
+        receipt = receipts.of_result(
+            offer,
+            self.identity.node_id,
+            units,
+            result,
             state=state,
             code=code,
-            offer_sha256=offer_digest(offer),
-            spec_digest=result.spec_digest,
-            image_id=result.image_id,
-            gpus=units,
-            exit_code=result.exit_code,
-            started_at=result.started_at,
-            finished_at=result.finished_at,
-            cpu_seconds=result.cpu_seconds,
-            peak_memory_bytes=result.peak_memory_bytes,
-            outputs=[
-                OutputDigest(path=o.path, status=o.status, size_bytes=o.size_bytes, sha256=o.sha256)
-                for o in result.outputs
-            ],
-            log_sha256=result.log_sha256,
-            log_bytes=result.log_bytes,
-            log_dropped_bytes=result.log_dropped_bytes,
-            prev_receipt=self.ledger.last_receipt_digest(),
+            prev=self.ledger.last_receipt_digest(),
         )
-        self._commit_receipt(self._state(job_id), receipt, result.detail, result.exit_code)
+        spool = None if keep is None else str(keep)
+        if spool is not None and (
+            held := machine.upload(
+                job_id,
+                self._state(job_id),
+                receipt,
+                detail=result.detail,
+                targets=offer.uploads,
+                spool=spool,
+            )
+        ):
+            self.node.free(job_id)  # uploads hold no GPU
+            self.node.changed()
+            self._carry_out(held)
+            assert held.upload is not None  # machine.upload made one
+            await self._deliver(held.upload)
+            return
+        self._commit_receipt(self._state(job_id), receipt, result.detail, result.exit_code, spool)
         _log.info("job %s ended %s%s", job_id, state, f" ({code})" if code else "")
 
     def _finish_unrun(self, record: JobRecord, state: JobState, code: str, detail: str) -> None:
-        """A receipt for a job the agent lost track of (a crash): nothing is known of its
-        run but what the ledger kept."""
-        try:
-            offer = msgspec.json.decode(record.offer, type=Offer)
-            digest = spec_digest(load_spec(msgspec.json.encode(offer.spec), "json"))
-            offer_sha = offer_digest(offer)
-        except (msgspec.DecodeError, SandboxError):  # accepted, so it parsed then
-            offer_sha, digest = "0" * 64, ""
-        receipt = Receipt(
-            job_id=record.job_id,
-            node_id=self.identity.node_id,
+        """A receipt for a job the agent lost track of (a crash)."""
+        receipt = receipts.of_record(
+            record,
+            self.identity.node_id,
             state=state,
             code=code,
-            offer_sha256=offer_sha,
-            spec_digest=digest,
-            gpus=record.gpus,
-            prev_receipt=self.ledger.last_receipt_digest(),
+            prev=self.ledger.last_receipt_digest(),
         )
         self._commit_receipt(record.state, receipt, detail, None)
 
     def _commit_receipt(
-        self, current: str, receipt: Receipt, detail: str, exit_code: int | None
+        self,
+        current: str,
+        receipt: Receipt,
+        detail: str,
+        exit_code: int | None,
+        spool: str | None = None,
     ) -> None:
         identity = self.identity
         envelope = dsse.attest_receipt(
@@ -479,6 +555,7 @@ class JobManager:
             exit_code=exit_code,
             envelope=msgspec.json.encode(envelope),
             digest=receipt_digest(receipt),
+            spool=spool,
         )
         self._carry_out(decision)
 

@@ -120,6 +120,17 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
             used REAL NOT NULL
         ) STRICT, WITHOUT ROWID""",
     ),
+    # Uploads that outlive the agent (agent/jobs/machine.py, uploading): the receipt's
+    # makings and the spool a job's outputs wait in, and which outputs the store has.
+    (
+        "ALTER TABLE jobs ADD COLUMN held BLOB",
+        "ALTER TABLE jobs ADD COLUMN spool TEXT",
+        """CREATE TABLE job_uploads (
+            job_id TEXT NOT NULL,
+            path TEXT NOT NULL,
+            PRIMARY KEY (job_id, path)
+        ) STRICT, WITHOUT ROWID""",
+    ),
 )
 SCHEMA_VERSION = len(_MIGRATIONS)
 

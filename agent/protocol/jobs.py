@@ -23,6 +23,7 @@ from msgspec import Meta
 from agent.protocol import crypto
 from agent.protocol.dsse import Envelope, json_sha256, sign_envelope, verify_payload
 from agent.protocol.errors import AuthError
+from agent.protocol.uploads import Uploads, UploadTarget
 
 __all__ = [
     "FINAL_STATES",
@@ -31,6 +32,7 @@ __all__ = [
     "Offer",
     "OutputDigest",
     "Receipt",
+    "UploadTarget",
     "offer_digest",
     "receipt_digest",
     "sign_offer",
@@ -45,6 +47,7 @@ JobState = Literal[
     "pulling",  # its image is being pulled (by digest) from its registry
     "refused",  # never accepted: bad signature, policy, capacity... (code says which)
     "running",  # the container's process started
+    "uploading",  # it ended; its outputs are being uploaded, its receipt waits for them
     "completed",  # exited 0
     "failed",  # exited non-zero, or broke a limit it was given (code says which)
     "timeout",  # ran past its timeout and was stopped
@@ -65,7 +68,9 @@ _JobId = Annotated[str, Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}(?!\n)$")
 _Sha256 = Annotated[str, Meta(pattern=r"^[0-9a-f]{64}(?!\n)$")]
 
 
-class Offer(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+class Offer(
+    msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True, omit_defaults=True
+):
     """What a coordinator signs to offer one job to one node.
 
     Attributes:
@@ -75,6 +80,9 @@ class Offer(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tru
         issued_at: seconds since the epoch, the coordinator's clock.
         expires_at: after this the agent refuses it (``offer_expired``): an offer that
             reaches an agent back from a long time offline is not run blindly.
+        uploads: output path -> where the node PUTs that output once the job ended
+            (:mod:`agent.protocol.uploads`). Left out when empty, so an offer without
+            targets encodes (and digests) as before the field existed.
     """
 
     job_id: _JobId
@@ -82,6 +90,7 @@ class Offer(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tru
     spec: dict[str, Any]
     issued_at: float
     expires_at: float
+    uploads: Uploads = {}
 
 
 class OutputDigest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):

@@ -123,6 +123,10 @@ async def test_the_coordinator_signs_no_spec_a_node_would_refuse(
         (["--ttl", "inf"], "bad_argument"),
         (["--ttl", "nan"], "bad_argument"),
         (["--ttl", str(31 * 86400)], "bad_ttl"),
+        (["--upload", "result.txt"], "bad_upload_target"),
+        (["--upload", "=https://s3.example/b/k"], "bad_upload_target"),
+        (["--upload", "a=https://x/1", "--upload", "a=https://x/2"], "bad_upload_target"),
+        (["--out", "outputs"], "bad_request"),  # --out without --wait
     ],
 )
 async def test_submit_refuses_bad_ids_and_ttls_before_reaching_the_coordinator(
