@@ -36,6 +36,7 @@ import msgspec
 from agent.errors import InputError
 from agent.inputs.stage import Inputs
 from agent.jobs import machine, receipts
+from agent.jobs.admission import OfferDesk
 from agent.jobs.delivery import Delivery
 from agent.jobs.gpus import device_facts
 from agent.jobs.image_cache import ImageCache, Prefetcher
@@ -55,23 +56,19 @@ from agent.jobs.node import SHUTTING_DOWN, NodeState
 from agent.link.identity import Identity
 from agent.link.outbox import Outbox
 from agent.protocol import dsse
-from agent.protocol.errors import AuthError, DecodeError
 from agent.protocol.jobs import (
     JobState,
     Offer,
     Receipt,
     receipt_digest,
-    verify_offer,
 )
-from agent.protocol.limits import MAX_ERROR_DETAIL_CHARS
 from agent.protocol.messages import ImagePrefetch, JobCancel, JobOffer
-from agent.protocol.uploads import check_uploads
 from oci import OciError
-from sandbox.errors import PolicyViolation, SandboxError
+from sandbox.errors import SandboxError
 from sandbox.events import Created, Finished, JobResult, LogChunk, Pulled, Pulling, Started
-from sandbox.policy import Policy, admit, image_allowed
+from sandbox.policy import Policy, image_allowed
 from sandbox.runner import Runner
-from sandbox.spec import WorkloadSpec, load_spec, spec_digest
+from sandbox.spec import WorkloadSpec, spec_digest
 
 __all__ = ["ImageBudget", "JobManager", "StopReason"]
 
@@ -157,6 +154,22 @@ class JobManager:
             in_use=lambda: set(self._images_in_use.values()),
         )
 
+        def running() -> int:
+            """Jobs holding a slot: an upload holds no slot, no GPU."""
+            return len(self.tasks) - (len(delivery.tasks) if delivery else 0)
+
+        self.desk = OfferDesk(
+            identity=identity,
+            ledger=self.ledger,
+            node=node,
+            trusted_keys=trusted_keys,
+            clock=clock,
+            policy=lambda: self.policy,
+            limit=lambda: self.max_concurrent,
+            running=running,
+            delivery=delivery,
+        )
+
     # -- start -------------------------------------------------------------------------
 
     async def recover(self) -> list[str]:
@@ -191,7 +204,7 @@ class JobManager:
     async def on_offer(self, message: JobOffer) -> None:
         """Accept or refuse one offer, recorded with the offer's seq as handled; an
         accepted job starts once that is on disk."""
-        self._carry_out(self._decide_offer(message), handled=message.seq)
+        self._carry_out(self.desk.decide(message), handled=message.seq)
 
     async def on_cancel(self, message: JobCancel) -> None:
         """Stop a job; its final status (``cancelled``) follows when it has stopped."""
@@ -202,27 +215,6 @@ class JobManager:
     async def on_prefetch(self, message: ImagePrefetch) -> None:
         """Pull an image ahead of the jobs that will want it, in the background."""
         self.prefetcher.soon(message.body.image)
-
-    def _decide_offer(self, message: JobOffer) -> Decision:
-        job_id = message.body.job_id
-        known = self.ledger.get(job_id)
-        if known is not None:
-            # Ids run once. The same offer again (a coordinator that lost its ack) gets
-            # the job's current state, not a second run.
-            _log.info("offer for known job %s (%s): not run again", job_id, known.state)
-            return machine.answer_known(job_id, known.state)
-        self.node.free(job_id)  # a reservation whose answer never got stored
-        try:
-            offer, spec = self._admit(message)
-            units = self._reserve(job_id, spec)
-            delivery = self.delivery
-            if offer.uploads and not (delivery and delivery.reserve(job_id, spec.output_max_bytes)):
-                self.node.free(job_id)
-                raise _Refusal("spool_full", "the node's output spool cannot hold this job's")
-        except _Refusal as refusal:
-            _log.info("refused job %s: %s %s", job_id, refusal.code, refusal.detail)
-            return machine.refuse(job_id, refusal.code, refusal.detail, verified=refusal.verified)
-        return machine.accept(offer, msgspec.json.encode(offer), spec, units)
 
     # -- local control -----------------------------------------------------------------
 
@@ -263,60 +255,6 @@ class JobManager:
             self.stop(job_id, "interrupted")
         await self.prefetcher.close()
         await self.wait_idle()
-
-    # -- admission ---------------------------------------------------------------------
-
-    def _admit(self, message: JobOffer) -> tuple[Offer, WorkloadSpec]:
-        job_id = message.body.job_id
-        try:
-            envelope = msgspec.convert(msgspec.to_builtins(message.body.offer), dsse.Envelope)
-            offer = verify_offer(
-                envelope,
-                self.trusted_keys,
-                job_id=job_id,
-                node_id=self.identity.node_id,
-                now=self.clock(),
-            )
-        except AuthError as exc:
-            raise _Refusal(exc.code, exc.detail, verified=False) from None
-        if offer.uploads and self.delivery is None:
-            raise _Refusal("bad_upload_target", "this node has no output spool")
-        if (held := self.node.unavailable) is not None:
-            raise _Refusal(*held)
-        try:
-            spec = load_spec(msgspec.json.encode(offer.spec), "json")
-            if not spec.image_ref.is_pinned:
-                # What runs must be what was signed: a tag can move after the signature.
-                raise _Refusal(
-                    "image_not_pinned",
-                    f"image {spec.image} is a tag; an offer names it by digest (name@sha256:...)"
-                    " or by local image id (sha256:...)",
-                )
-            admit(spec, self.policy, offered_vendors=self._vendors())
-            check_uploads(offer.uploads, spec.outputs)
-        except DecodeError as exc:
-            raise _Refusal(exc.code, exc.detail) from None
-        except PolicyViolation as exc:
-            detail = "; ".join(f"{v.code}: {v.message}" for v in exc.violations)
-            raise _Refusal(exc.code, detail) from None
-        except SandboxError as exc:
-            raise _Refusal(exc.code, exc.detail) from None
-        # An upload holds no slot, no GPU.
-        running = len(self.tasks) - (len(self.delivery.tasks) if self.delivery else 0)
-        if self.max_concurrent and running >= self.max_concurrent:
-            raise _Refusal("busy", f"{running} job(s) running, the limit")
-        if not self.node.scheduler.could_ever_fit(spec.gpus):
-            raise _Refusal("no_matching_gpus", "this node has no GPUs that meet the spec")
-        return offer, spec
-
-    def _reserve(self, job_id: str, spec: WorkloadSpec) -> list[str]:
-        units = self.node.assign(job_id, spec.gpus)
-        if units is None:
-            raise _Refusal("busy", f"no {spec.gpus.count} free healthy GPU(s) fit the spec now")
-        return units
-
-    def _vendors(self) -> frozenset[str]:
-        return frozenset(u.gpu.vendor for u in self.node.scheduler.units.values())
 
     # -- carrying out ------------------------------------------------------------------
 
@@ -558,15 +496,6 @@ class JobManager:
             spool=spool,
         )
         self._carry_out(decision)
-
-
-class _Refusal(Exception):
-    def __init__(self, code: str, detail: str, *, verified: bool = True) -> None:
-        super().__init__(code)
-        self.code = code
-        self.detail = detail[:MAX_ERROR_DETAIL_CHARS]
-        self.verified = verified
-        """Whether the offer verified: only then is its job id its own, and recorded."""
 
 
 def _cache_key(spec: WorkloadSpec) -> str | None:
