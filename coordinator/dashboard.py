@@ -3,9 +3,9 @@
 Each node is a ``tr.node[data-node-id]`` whose cells have the classes ``node-id``,
 ``state`` (plus ``on`` or ``off``), ``gpus``, ``seq`` and ``telemetry``; the headless
 Chromium test in tests/integration/test_dashboard.py reads them. Each job is a
-``tr.job[data-job-id]`` whose cells have the classes ``job-id`` (a link to ``/api/jobs/{id}``), ``node``,
-``state`` and ``updated``; a job whose stored outputs are not what its receipt names shows
-them in a ``span.output-problems`` in its state cell.
+``tr.job[data-job-id]`` whose cells have the classes ``job-id`` (a link to
+``/api/jobs/{id}``), ``node``, ``state`` and ``updated``; a job whose stored outputs are not
+what its receipt names shows them in a ``span.output-problems`` in its state cell.
 """
 
 from __future__ import annotations
