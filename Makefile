@@ -61,6 +61,8 @@ bench: $(VENV)/.test
 	$(BIN)/python bench/daemon.py
 	$(BIN)/python bench/tray.py
 	$(BIN)/python bench/pull.py
+	$(BIN)/python bench/input_fetch.py
+	$(BIN)/python bench/upload.py
 
 # Both packages: gpu-agent (the service) and gpu-agent-tray (the tray and its Qt).
 deb: $(VENV)/.test
