@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import AsyncIterator, Callable
 from datetime import datetime
 from pathlib import Path
@@ -197,6 +198,11 @@ async def test_run_takes_everything_from_its_config_file(
         await world.stop_coordinator()
 
 
+def _get(url: str) -> str:
+    with urllib.request.urlopen(url, timeout=30) as answer:
+        return str(answer.read().decode())
+
+
 def _control(loop: Loop, *argv: str) -> subprocess.CompletedProcess[str]:
     socket_path = loop.workdir / "run" / "agent.sock"
     command = [sys.executable, "-m", "agent.cli", argv[0], "--socket", str(socket_path)]
@@ -364,8 +370,15 @@ async def test_a_tag_submitted_is_pinned_pulled_with_the_nodes_login_and_run(
         assert states[-1] == "completed", loop.bodies("job_status", job_id)
         logs = "".join(b["data"] for b in loop.bodies("job_log", job_id))
         assert logs.strip() == str(1 << 16)
+        secret = it.registry.password.encode()
+        # Nor in what the control API, the read API or the dashboard show.
+        shown = [_control(loop, "status", "--json").stdout, _control(loop, "jobs", "--json").stdout]
+        assert job_id in shown[1]
+        base = f"http://127.0.0.1:{loop.port}"
+        for path in ("/", "/api/jobs", f"/api/jobs/{job_id}", f"/api/nodes/{node_id}"):
+            shown.append(await asyncio.to_thread(_get, base + path))
+        assert [text[:80] for text in shown if secret.decode() in text] == []
     # The registry's password is nowhere the node or the coordinator keeps or shows.
-    secret = it.registry.password.encode()
     kept = [tmp_path / "agent.log", tmp_path / "coordinator.db"]
     kept += [p for p in (tmp_path / "agent").rglob("*") if p.is_file()]
     assert [p for p in kept if secret in p.read_bytes()] == []
