@@ -16,6 +16,7 @@ from pathlib import Path
 
 import msgspec
 import pytest
+from support.processes import free_port
 from support.world import World, deliver, offer_message, spec
 
 from sandbox.docker_api import DockerClient
@@ -42,12 +43,6 @@ class Pushed:
     ref: str
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
 def _run(*argv: str) -> str:
     return subprocess.run(argv, capture_output=True, text=True, check=True).stdout.strip()
 
@@ -57,7 +52,7 @@ def registry(docker_engine: str, tmp_path_factory: pytest.TempPathFactory) -> It
     """A registry on loopback (plain HTTP: the engine trusts 127.0.0.0/8 as it is)."""
     assert REGISTRY is not None, "docker-registry is missing (.ci/run installs it)"
     root = tmp_path_factory.mktemp("registry")
-    port = _free_port()
+    port = free_port()
     config = root / "config.yml"
     config.write_text(
         f"version: 0.1\nstorage:\n  filesystem:\n    rootdirectory: {root / 'data'}\n"
@@ -145,7 +140,7 @@ async def test_a_digest_the_registry_does_not_have_is_image_not_found(
 
 
 async def test_a_registry_that_is_not_there_is_unreachable(engine: Engine) -> None:
-    ref = f"127.0.0.1:{_free_port()}/nobody/here@sha256:" + "0" * 64
+    ref = f"127.0.0.1:{free_port()}/nobody/here@sha256:" + "0" * 64
     with pytest.raises(PullError) as caught:
         await engine.pull(ref)
     assert caught.value.code == "registry_unreachable"

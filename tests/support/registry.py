@@ -13,7 +13,6 @@ import hashlib
 import json
 import re
 import shutil
-import socket
 import ssl
 import subprocess
 import time
@@ -30,6 +29,7 @@ from urllib.parse import urljoin
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 
+from support.processes import free_port
 from support.tls import make_server_tls
 
 __all__ = [
@@ -84,18 +84,11 @@ class LocalRegistry:
         raise RuntimeError("the registry did not log the marker request")
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
-
-
 @contextmanager
 def running_registry(workdir: Path) -> Iterator[LocalRegistry]:
     """A registry on 127.0.0.1:<free port>, stopped and its engine trust removed after."""
     tls = make_server_tls(workdir)
-    port = _free_port()
+    port = free_port()
     host = f"127.0.0.1:{port}"
     username, password = "tester", "registry-secret-0123"
     htpasswd = workdir / "htpasswd"
