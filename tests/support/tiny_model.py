@@ -184,6 +184,8 @@ def tiny_model(model: TinyModel = TinyModel(), cache: Path | None = None) -> Pat
         os.close(fd)
         try:
             write_tiny_model(Path(staging), model)
+            # Readable by all: the server in its container runs as nobody.
+            os.chmod(staging, 0o644)
             os.replace(staging, path)
         finally:
             if os.path.exists(staging):

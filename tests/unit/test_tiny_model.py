@@ -117,6 +117,7 @@ def test_the_cache_writes_a_model_once_per_parameter_set(tmp_path: Path) -> None
     other = tiny_model(replace(SMALL, seed=9), cache=tmp_path)
     assert again == first
     assert again.stat().st_mtime_ns == written
+    assert first.stat().st_mode & 0o777 == 0o644  # the server's container runs as nobody
     assert other != first
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([first.name, other.name])
 
