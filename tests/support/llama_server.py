@@ -81,11 +81,15 @@ def running_llama_server(
     model: Path,
     args: Sequence[str] = (),
     *,
-    threads: int = 2,
+    threads: int = 1,
     parallel: int = 2,
 ) -> Iterator[LlamaServer]:
     """Start llama-server on ``model`` (extra server ``args`` appended); wait until /health
-    says ok; remove the container and its network after."""
+    says ok; remove the container and its network after.
+
+    One thread by default: on a small shared machine, ggml's threads spin waiting on each
+    other whenever one is preempted, and a 4 MB model gains nothing from a second one.
+    """
     name = f"gpu-agent-test-llama-{uuid.uuid4().hex[:12]}"
     _docker(socket, "network", "create", "--internal", "--label", "gpu-agent-test=llama", name)
     try:
