@@ -13,19 +13,23 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-from support.llama import cache_dir, llama_server_image
+from support.llama import EngineUnreachable, cache_dir, llama_server_image
 
 __all__ = ["main"]
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Build (or find) the image; print its tag."""
+    """Build (or find) the image; print its tag. Exit 2 when no engine answers on the
+    socket (a wrong ``--docker-socket``), 1 when the build fails."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--docker-socket", default="/var/run/docker.sock")
     parser.add_argument("--log", type=Path, default=cache_dir() / "build.log")
     args = parser.parse_args(argv)
     try:
         tag = llama_server_image(args.docker_socket, log=args.log)
+    except EngineUnreachable as error:
+        print(f"build-llama-image: {error}", file=sys.stderr)
+        return 2
     except (OSError, RuntimeError) as error:
         print(f"build-llama-image: {error}", file=sys.stderr)
         return 1

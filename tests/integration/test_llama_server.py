@@ -4,14 +4,18 @@ in a container on an internal network, called with the official ``openai`` clien
 from __future__ import annotations
 
 import io
+import os
 import subprocess
+import sys
 import tarfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import openai
 import pytest
+from support.llama import EngineUnreachable, llama_server_image
 from support.llama_server import MODEL_ALIAS, PORT, LlamaServer, running_llama_server
+from support.paths import ROOT
 from support.tiny_model import TinyModel, write_tiny_model
 
 #: The end-of-sequence token is forbidden, so every request runs to its token budget.
@@ -181,3 +185,34 @@ def test_a_server_that_cannot_load_its_model_fails_with_its_log_and_leaves_nothi
     ):
         pytest.fail("the server came up")
     assert _labelled(docker_engine) == before
+
+
+def _build_script(cache: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, str(ROOT / "scripts/build_llama_image.py"), *args],
+        env={**os.environ, "XDG_CACHE_HOME": str(cache)},
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+    )
+
+
+def test_the_build_script_finds_the_image_and_fetches_nothing(
+    docker_engine: str, llama_image: str, tmp_path: Path
+) -> None:
+    done = _build_script(tmp_path / "cache", "--docker-socket", docker_engine)
+    assert (done.returncode, done.stdout, done.stderr) == (0, f"{llama_image}\n", "")
+    assert not (tmp_path / "cache").exists()  # no download, no build tree
+
+
+def test_no_engine_on_the_socket_is_a_usage_error_before_anything_is_fetched(
+    tmp_path: Path,
+) -> None:
+    done = _build_script(tmp_path / "cache", "--docker-socket", str(tmp_path / "none.sock"))
+    assert done.returncode == 2
+    assert "build-llama-image: no Docker engine at" in done.stderr
+    assert done.stdout == ""
+    assert not (tmp_path / "cache").exists()
+    with pytest.raises(EngineUnreachable):
+        llama_server_image(str(tmp_path / "none.sock"))

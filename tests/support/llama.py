@@ -32,6 +32,7 @@ __all__ = [
     "SDIST_SHA256",
     "SDIST_URL",
     "BuildToolsMissing",
+    "EngineUnreachable",
     "cache_dir",
     "image_tag",
     "llama_server_image",
@@ -78,6 +79,10 @@ class BuildToolsMissing(RuntimeError):
     """The image is not there and this host lacks what building it takes."""
 
 
+class EngineUnreachable(RuntimeError):
+    """No Docker engine answers on the socket: nothing is fetched or built then."""
+
+
 def cache_dir() -> Path:
     """Where the sdist and the build tree are kept, outside the repository."""
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
@@ -106,6 +111,16 @@ def llama_server_image(docker_socket: str, log: Path | None = None) -> str:
     """
     tag = image_tag()
     docker = ["docker", "--host", f"unix://{docker_socket}"]
+    # Else a missing image could not be told from a missing engine, and a wrong socket
+    # would cost a download and a long build before failing.
+    probe = subprocess.run(
+        [*docker, "version", "--format", "{{.Server.Version}}"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if probe.returncode != 0:
+        raise EngineUnreachable(f"no Docker engine at {docker_socket}: {probe.stderr.strip()}")
     if _image_exists(docker, tag):
         return tag
     if missing := [tool for tool in BUILD_TOOLS if shutil.which(tool) is None]:
