@@ -173,6 +173,21 @@ def test_embeddings_are_served_beside_completions(client: openai.OpenAI) -> None
     assert result.usage.prompt_tokens > 0
 
 
+def test_an_f16_model_is_served_too(docker_engine: str, llama_image: str, tmp_path: Path) -> None:
+    model = write_tiny_model(tmp_path / "model.gguf", TinyModel(f16=True))
+    model.chmod(0o644)
+    with (
+        running_llama_server(docker_engine, llama_image, model) as server,
+        openai.OpenAI(base_url=server.base_url, api_key="unused", max_retries=0) as client,
+    ):
+        completion = client.completions.create(
+            model=MODEL_ALIAS, prompt="hello", max_tokens=4, temperature=0, logit_bias=NO_EOS
+        )
+    assert completion.usage is not None
+    assert completion.usage.completion_tokens == 4
+    assert completion.choices[0].text
+
+
 def test_a_server_that_cannot_load_its_model_fails_with_its_log_and_leaves_nothing(
     docker_engine: str, llama_image: str, tmp_path: Path
 ) -> None:

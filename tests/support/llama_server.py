@@ -3,6 +3,10 @@
 The container sits on a Docker network created ``--internal`` (no route off the host),
 publishes no port, and is reached at its own address on that network: how the agent will
 reach a service. Its root file system is read-only and the model is mounted read-only.
+
+``--internal`` cuts the route off the host, not the way to the host itself: a host service
+listening on 0.0.0.0 answers the container at the network's gateway address (or any of the
+host's addresses). Only 127.0.0.1 stays out of reach; the agent has to close the rest.
 """
 
 from __future__ import annotations
