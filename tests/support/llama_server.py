@@ -28,10 +28,12 @@ PORT = 8080
 MODEL_ALIAS = "tiny-llama"
 _MODEL_IN_CONTAINER = "/models/model.gguf"
 
-#: /health is polled this many times, ``_HEALTH_PAUSE_S`` apart, before giving up: loading a
-#: few-MB model takes well under a second, the bound is for a loaded machine.
+#: /health is polled this many times, ``_HEALTH_PAUSE_S`` apart (each poll waiting at most
+#: ``_HEALTH_TIMEOUT_S``), before giving up: loading a few-MB model takes well under a
+#: second, the bound is for a loaded machine.
 _HEALTH_TRIES = 600
 _HEALTH_PAUSE_S = 0.1
+_HEALTH_TIMEOUT_S = 2
 
 
 @dataclass(frozen=True)
@@ -69,7 +71,7 @@ def _docker(socket: str, *args: str) -> str:
 def _health(url: str) -> str | None:
     """The server's /health status, or None while it does not answer."""
     try:
-        with urllib.request.urlopen(f"{url}/health", timeout=5) as response:
+        with urllib.request.urlopen(f"{url}/health", timeout=_HEALTH_TIMEOUT_S) as response:
             return str(json.load(response).get("status"))
     except urllib.error.HTTPError as error:  # 503 while the model loads
         error.close()
