@@ -28,6 +28,7 @@ import time
 from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack, aclosing
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Literal
 
@@ -248,6 +249,16 @@ class JobManager:
     def container_ids(self) -> list[str]:
         """The containers of the running jobs."""
         return list(self._containers.values())
+
+    async def drain_services(self, in_flight: Callable[[str], int] = lambda _: 0) -> None:
+        """Stop every service once its requests in flight (``in_flight(job_id)``) are done,
+        within its spec's grace period: they end ``stopped`` (``drained``)."""
+        await asyncio.gather(
+            *(
+                service.drain(partial(in_flight, job_id))
+                for job_id, service in list(self.services.items())
+            )
+        )
 
     async def wait_idle(self) -> None:
         """Return once no job runs."""
