@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import enum
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Final, TypeAlias
 
@@ -60,6 +61,7 @@ __all__ = [
     "MAX_CONTROL_BACKLOG",
     "MAX_STREAMS",
     "STREAM_WINDOW",
+    "TUNNEL_PATH",
     "ResetCode",
     "Role",
     "StreamEnded",
@@ -71,6 +73,8 @@ __all__ = [
     "TunnelMux",
 ]
 
+#: The websocket path of the data connection, beside the control link's ``/agent``.
+TUNNEL_PATH: Final = "/tunnel"
 #: Each side's initial window per stream, and per connection (both sides assume these).
 STREAM_WINDOW: Final = 256 * 1024
 CONNECTION_WINDOW: Final = 16 * 1024 * 1024
@@ -311,7 +315,7 @@ class TunnelMux:
             if len(self._control) > MAX_CONTROL_BACKLOG:
                 raise TunnelError("flood", f"over {MAX_CONTROL_BACKLOG} control frames owed")
         except TunnelError as exc:
-            return self._fail(exc, events)
+            return self.fail(exc, events)
         # One StreamReadable per stream and message, however many DATA frames it held.
         seen: set[int] = set()
         deduped: list[TunnelEvent] = []
@@ -404,10 +408,11 @@ class TunnelMux:
             return  # a WINDOW or RESET may cross this side's END or RESET
         raise TunnelError("stream_closed", f"{type(frame).__name__.upper()} on closed stream {sid}")
 
-    def _fail(self, error: TunnelError, events: list[TunnelEvent]) -> list[TunnelEvent]:
+    def fail(self, error: TunnelError, events: Sequence[TunnelEvent] = ()) -> list[TunnelEvent]:
         """The peer broke the rules: every stream the driver knows of is reset, then close.
 
-        Of what this message did before the error, only the resets stand: a stream it
+        A driver calls it for what the machine cannot see (a text message). Of ``events``,
+        what the failing message did before the error, only the resets stand: a stream it
         opened was never heard of, data and ends no longer matter.
         """
         fresh = {e.stream_id for e in events if isinstance(e, StreamOpened)}
