@@ -63,6 +63,7 @@ bench: $(VENV)/.test
 	$(BIN)/python bench/pull.py
 	$(BIN)/python bench/input_fetch.py
 	$(BIN)/python bench/upload.py
+	$(BIN)/python bench/tunnel.py
 
 # Both packages: gpu-agent (the service) and gpu-agent-tray (the tray and its Qt).
 deb: $(VENV)/.test

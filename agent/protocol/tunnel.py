@@ -39,6 +39,7 @@ from typing import Final, TypeAlias
 from agent.protocol.errors import LimitExceeded, TunnelError
 from agent.protocol.tunnel_frames import (
     HEADER_BYTES,
+    MAX_DATA_BYTES,
     MAX_STREAM_ID,
     MAX_WINDOW,
     Data,
@@ -46,8 +47,8 @@ from agent.protocol.tunnel_frames import (
     Open,
     Reset,
     Window,
+    data_header,
     decode_frames,
-    encode_data,
     encode_end,
     encode_open,
     encode_reset,
@@ -80,7 +81,7 @@ STREAM_WINDOW: Final = 256 * 1024
 CONNECTION_WINDOW: Final = 16 * 1024 * 1024
 #: Most streams open at once on one connection, as each side counts them.
 MAX_STREAMS: Final = 256
-#: The scheduler's unit: one stream's turn sends at most this much.
+#: The scheduler's unit: one stream's turn sends at most this much while others wait.
 CHUNK_BYTES: Final = 16 * 1024
 #: What one data_to_send() returns at most, besides control frames (one websocket message).
 MAX_BATCH_BYTES: Final = 256 * 1024
@@ -147,6 +148,7 @@ class _Stream:
         "inbound",
         "inbound_bytes",
         "out",
+        "out_bytes",
         "recv_window",
         "remote_ended",
         "send_window",
@@ -159,10 +161,13 @@ class _Stream:
         self.send_window = window
         self.recv_window = window
         self.unannounced = 0  # read, not yet granted back
-        self.out = bytearray()
+        # What the application queued, as it came: a chunk that fits a frame goes out
+        # without a copy of its own.
+        self.out: deque[bytes | memoryview] = deque()
+        self.out_bytes = 0
         self.end_queued = False
         self.end_sent = False
-        self.inbound: deque[bytes] = deque()
+        self.inbound: deque[bytes | memoryview] = deque()
         self.inbound_bytes = 0
         self.remote_ended = False
 
@@ -231,7 +236,8 @@ class TunnelMux:
         if stream is None or stream.end_queued:
             return False
         if data:
-            stream.out += data
+            stream.out.append(data if isinstance(data, bytes) else bytes(data))
+            stream.out_bytes += len(data)
             self._schedule(stream)
         return True
 
@@ -258,7 +264,7 @@ class TunnelMux:
         stream = self._streams.get(stream_id)
         if stream is None or not stream.inbound:
             return b""
-        parts: list[bytes] = []
+        parts: list[bytes | memoryview] = []
         taken = 0
         while stream.inbound and taken < max_bytes:
             part = stream.inbound.popleft()
@@ -281,7 +287,7 @@ class TunnelMux:
     def buffered(self, stream_id: int) -> int:
         """Bytes of a stream queued and not yet framed."""
         stream = self._streams.get(stream_id)
-        return len(stream.out) if stream is not None else 0
+        return stream.out_bytes if stream is not None else 0
 
     def is_open(self, stream_id: int) -> bool:
         """Whether the stream is still known (not reset, not over both ways)."""
@@ -429,11 +435,15 @@ class TunnelMux:
     # -- what goes out --------------------------------------------------------------------
 
     def data_to_send(self, max_bytes: int = MAX_BATCH_BYTES) -> bytes:
-        """The next message to write: control frames, then data in turns (b"": nothing)."""
+        """The next message to write: control frames, then data in turns (b"": nothing).
+
+        A stream's turn is one chunk of at most :data:`CHUNK_BYTES` while others wait for
+        theirs, and of up to a whole frame when it is alone: fairness costs nothing then.
+        """
         if self.closed:
             return b""
-        out = bytearray().join(self._control)
-        self._control.clear()
+        parts: list[bytes | bytearray | memoryview] = list(self._control)
+        self._control = []
         budget = max_bytes
         while self._ready and self._conn_send > 0 and budget > HEADER_BYTES:
             sid = self._ready.popleft()
@@ -442,27 +452,26 @@ class TunnelMux:
                 self._scheduled.discard(sid)
                 continue
             size = min(
-                CHUNK_BYTES,
-                len(stream.out),
+                CHUNK_BYTES if self._ready else MAX_DATA_BYTES,
+                stream.out_bytes,
                 stream.send_window,
                 self._conn_send,
                 budget - HEADER_BYTES,
             )
-            chunk = bytes(stream.out[:size])
-            del stream.out[:size]
+            parts.append(data_header(sid, size))
+            _take(stream, size, parts)
             stream.send_window -= size
             self._conn_send -= size
             budget -= HEADER_BYTES + size
-            out += encode_data(sid, chunk)
             if stream.out and stream.send_window > 0:
                 self._ready.append(sid)
             else:
                 self._scheduled.discard(sid)
                 if not stream.out and stream.end_queued:
-                    out += encode_end(sid)
+                    parts.append(encode_end(sid))
                     stream.end_sent = True
                     self._forget_if_done(stream)
-        return bytes(out)
+        return b"".join(parts)
 
     # -- helpers ----------------------------------------------------------------------------
 
@@ -511,3 +520,19 @@ class TunnelMux:
         self._reset_order.append(stream_id)
         if len(self._reset_order) > _RESET_MEMORY:
             self._reset_ids.discard(self._reset_order.popleft())
+
+
+def _take(stream: _Stream, size: int, parts: list[bytes | bytearray | memoryview]) -> None:
+    """Move the first ``size`` bytes queued on ``stream`` to ``parts``."""
+    out = stream.out
+    stream.out_bytes -= size
+    while size:
+        head = out[0]
+        if len(head) <= size:
+            parts.append(out.popleft())
+            size -= len(head)
+        else:
+            view = memoryview(head)
+            parts.append(view[:size])
+            out[0] = view[size:]
+            size = 0

@@ -40,6 +40,7 @@ __all__ = [
     "Open",
     "Reset",
     "Window",
+    "data_header",
     "decode_frames",
     "encode_data",
     "encode_end",
@@ -85,7 +86,8 @@ class Data:
     """Bytes of a stream, within the receiver's windows."""
 
     stream_id: int
-    data: bytes
+    data: bytes | memoryview
+    """A view into the message it came in: no copy until the application reads it."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,8 +130,13 @@ def encode_open(stream_id: int, target: str) -> bytes:
 
 def encode_data(stream_id: int, data: bytes) -> bytes:
     """A DATA frame (1..MAX_DATA_BYTES bytes)."""
-    assert 0 < len(data) <= MAX_DATA_BYTES
-    return _frame(FrameType.DATA, stream_id, data)
+    return data_header(stream_id, len(data)) + data
+
+
+def data_header(stream_id: int, size: int) -> bytes:
+    """The header of a DATA frame of ``size`` bytes (the payload follows it)."""
+    assert 0 < size <= MAX_DATA_BYTES
+    return _HEADER.pack(FrameType.DATA, stream_id, size)
 
 
 def encode_window(stream_id: int, increment: int) -> bytes:
@@ -184,7 +191,7 @@ def _decode_one(kind: int, stream_id: int, payload: memoryview) -> Frame:
     if kind == FrameType.DATA:
         if not payload:
             raise TunnelError("bad_frame", f"an empty DATA frame on stream {stream_id}")
-        return Data(stream_id, bytes(payload))
+        return Data(stream_id, payload)
     if kind == FrameType.WINDOW:
         if len(payload) != _U32.size:
             raise TunnelError("bad_frame", f"a WINDOW payload of {len(payload)} bytes")

@@ -9,15 +9,32 @@ now and at most, and records each one closed while held.
 from __future__ import annotations
 
 import asyncio
+import functools
+from collections.abc import Iterator
 from typing import Protocol
 
 __all__ = ["ByteStream", "Target", "exchange", "pattern", "request"]
 
 
+_PIECE = 1 << 16
+
+
+@functools.cache
+def _block(seed: int) -> bytes:
+    """One period of :func:`pattern`, repeated to a little over a piece's length."""
+    period = bytes((seed * 7 + i) % 251 for i in range(251 * 64))
+    return period * (_PIECE // len(period) + 2)
+
+
 def pattern(size: int, seed: int = 0) -> bytes:
     """``size`` bytes whose values depend on their offset and ``seed``."""
-    block = bytes((seed * 7 + i) % 251 for i in range(251 * 64))
-    return (block * (size // len(block) + 1))[:size]
+    return b"".join(_pattern_pieces(size, seed))
+
+
+def _pattern_pieces(size: int, seed: int) -> Iterator[bytes]:
+    block, period = _block(seed), 251 * 64
+    for at in range(0, size, _PIECE):
+        yield block[at % period : at % period + min(_PIECE, size - at)]
 
 
 def request(method: str, path: str, body: bytes = b"") -> bytes:
@@ -108,9 +125,10 @@ class Target:
                 length = int(value)
         body = await reader.readexactly(length)
         if path == "/echo":
-            answer = body
+            size, pieces = len(body), iter([body])
         elif path.startswith("/bytes/"):
-            answer = pattern(int(path.removeprefix("/bytes/")), seed=len(path))
+            size = int(path.removeprefix("/bytes/"))
+            pieces = _pattern_pieces(size, seed=len(path))
         elif path == "/hold":
             writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n\r\n")
             await writer.drain()
@@ -125,10 +143,8 @@ class Target:
         else:
             writer.write(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n")
             return
-        writer.write(
-            b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: %d\r\n\r\n" % len(answer)
-        )
+        writer.write(b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: %d\r\n\r\n" % size)
         # Written in pieces, each awaited: a slow reader holds the server back, as a real one.
-        for at in range(0, len(answer), 1 << 16):
-            writer.write(answer[at : at + (1 << 16)])
+        for piece in pieces:
+            writer.write(piece)
             await writer.drain()
