@@ -11,7 +11,8 @@ each answer closes its connection). Each run measures, both ways:
 - bulk: one ``GET /bytes/N`` of ``--mib`` MiB read to the end; MiB/s (goal: the tunnel at
   least 0.8x straight);
 
-with wall time and the CPU time (user + system) of all three processes beside it.
+with wall time and the CPU time (user + system) of all three processes beside it (and,
+for bulk, of this process and of the agent's apart).
 Run with ``python bench/tunnel.py --runs N``; min/median/max over runs printed and written
 to ``bench/results/tunnel.json``. Nothing asserted.
 """
@@ -60,18 +61,19 @@ asyncio.run(main())
 
 
 class _Cpu:
-    """CPU seconds (user + system) of this process and the children named."""
+    """CPU seconds (user + system) of this process and the agent's, and all three's."""
 
-    def __init__(self, *pids: int) -> None:
-        self.children = [psutil.Process(pid) for pid in pids]
+    def __init__(self, agent: int, target: int) -> None:
+        self.agent = psutil.Process(agent)
+        self.target = psutil.Process(target)
 
-    def now(self) -> float:
+    def now(self) -> tuple[float, float, float]:
+        """This process's (the coordinator and the client), the agent's, and all three's."""
         own = resource.getrusage(resource.RUSAGE_SELF)
-        total = own.ru_utime + own.ru_stime
-        for child in self.children:
-            times = child.cpu_times()
-            total += times.user + times.system
-        return total
+        agent, target = self.agent.cpu_times(), self.target.cpu_times()
+        mine = own.ru_utime + own.ru_stime
+        theirs = agent.user + agent.system
+        return mine, theirs, mine + theirs + target.user + target.system
 
 
 def _stats(values: list[float]) -> dict[str, float]:
@@ -103,8 +105,9 @@ async def _direct(port: int, data: bytes) -> bytes:
 
 async def _timed(
     cpu: _Cpu, call: Callable[[], Awaitable[bytes]], times: int
-) -> tuple[list[float], float, float, int]:
-    """Latencies (s), wall and CPU seconds for ``times`` calls, and the bytes of the last."""
+) -> tuple[list[float], float, list[float], int]:
+    """Latencies (s), wall and CPU seconds (as :meth:`_Cpu.now`) for ``times`` calls, and
+    the bytes of the last answer."""
     latencies = []
     wall, used = time.perf_counter(), cpu.now()
     size = 0
@@ -112,7 +115,8 @@ async def _timed(
         start = time.perf_counter()
         size = len(await call())
         latencies.append(time.perf_counter() - start)
-    return latencies, time.perf_counter() - wall, cpu.now() - used, size
+    spent = [after - before for before, after in zip(used, cpu.now(), strict=True)]
+    return latencies, time.perf_counter() - wall, spent, size
 
 
 async def main(runs: int, requests: int, mib: int) -> dict[str, object]:
@@ -167,12 +171,14 @@ async def main(runs: int, requests: int, mib: int) -> dict[str, object]:
                         row.setdefault("p50_ms", []).append(_percentile(lat, 0.5) * 1000)
                         row.setdefault("p99_ms", []).append(_percentile(lat, 0.99) * 1000)
                         row.setdefault("small_wall_s", []).append(wall)
-                        row.setdefault("small_cpu_s", []).append(used)
+                        row.setdefault("small_cpu_s", []).append(used[2])
                         _, wall, used, size = await _timed(cpu, path(bulk), 1)
                         assert size > mib * MiB, size
                         row.setdefault("bulk_mib_s", []).append(mib / wall)
                         row.setdefault("bulk_wall_s", []).append(wall)
-                        row.setdefault("bulk_cpu_s", []).append(used)
+                        row.setdefault("bulk_cpu_s", []).append(used[2])
+                        row.setdefault("bulk_cpu_s_coordinator_client", []).append(used[0])
+                        row.setdefault("bulk_cpu_s_agent", []).append(used[1])
             finally:
                 agent.kill()
                 await agent.wait()

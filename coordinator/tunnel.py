@@ -180,6 +180,13 @@ class _Link:
         self.waiting.discard(stream)
         self.wake.set()
 
+    def sweep(self) -> None:
+        """Forget the streams the machine finished (ended both ways, read out)."""
+        for stream_id in self.mux.take_finished():
+            stream = self.streams.pop(stream_id, None)
+            if stream is not None:
+                self.waiting.discard(stream)
+
     async def run(self) -> None:
         """Move frames until the connection closes or the node breaks the rules."""
         writer = asyncio.create_task(self._write())
@@ -229,6 +236,8 @@ class _Link:
                 await self.ws.send(message)
                 self._notify_writers()
             self._notify_writers()
+            # Whatever finished a stream (a read, an END sent or received) woke this loop.
+            self.sweep()
 
     def _notify_writers(self) -> None:
         for stream in [s for s in self.waiting if self.mux.buffered(s.stream_id) <= _HIGH_WATER]:
@@ -263,9 +272,9 @@ class Tunnels:
         return set(self._links)
 
     def open_streams(self, node_id: str) -> int:
-        """How many streams to ``node_id`` are open now."""
+        """How many streams to ``node_id`` are open now (kept track of here)."""
         link = self._links.get(node_id)
-        return link.mux.open_streams if link is not None else 0
+        return len(link.streams) if link is not None else 0
 
     def open(self, node_id: str, target: str) -> TunnelStream:
         """A new stream to the service ``target`` of ``node_id``.

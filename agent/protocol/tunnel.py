@@ -24,6 +24,7 @@ Events::
     StreamReadable(id)         read() has bytes for it
     StreamEnded(id)            the peer sends no more: read() gives b"" once drained
     StreamReset(id, code, remote)  the stream is over (remote: the peer reset it)
+    (a stream that ended both ways and was read out: take_finished())
     TunnelFailed(error)        the peer broke the rules: close with error.code (every
                                stream got its StreamReset first)
 """
@@ -208,6 +209,7 @@ class TunnelMux:
         self._scheduled: set[int] = set()
         self._reset_ids: set[int] = set()
         self._reset_order: deque[int] = deque()
+        self._finished: list[int] = []
 
     # -- what the application does ------------------------------------------------------
 
@@ -292,6 +294,15 @@ class TunnelMux:
     def is_open(self, stream_id: int) -> bool:
         """Whether the stream is still known (not reset, not over both ways)."""
         return stream_id in self._streams
+
+    def take_finished(self) -> list[int]:
+        """The streams that ended both ways and were read out since the last call.
+
+        A driver calls it after what may finish a stream (reading, :meth:`data_to_send`,
+        :meth:`receive_data`) and forgets them: no event says so.
+        """
+        finished, self._finished = self._finished, []
+        return finished
 
     @property
     def open_streams(self) -> int:
@@ -488,6 +499,7 @@ class TunnelMux:
     def _forget_if_done(self, stream: _Stream) -> None:
         if stream.end_sent and stream.remote_ended and not stream.inbound:
             del self._streams[stream.stream_id]
+            self._finished.append(stream.stream_id)
 
     def _credit(self, stream: _Stream, size: int) -> None:
         """The application read ``size`` bytes: grant them back once half a window is due."""

@@ -306,6 +306,7 @@ class _Session:
                 await self.ws.send(message)
                 self._notify()
             self._notify()
+            self.mux.take_finished()  # each pipe forgets itself when its task ends
 
     def _notify(self) -> None:
         for pipe in [p for p in self.waiting if self.mux.buffered(p.stream_id) <= _HIGH_WATER]:
@@ -319,7 +320,11 @@ class _Session:
 
     async def _serve(self, pipe: _Pipe, target: str) -> None:
         """Connect the stream to its target and pump both ways; abort it when reset."""
-        address = await self.tunnel.resolve(target)
+        try:
+            address = await self.tunnel.resolve(target)
+        except Exception:  # the daemon's callback: a bug there resets one stream only
+            _log.exception("tunnel: resolving %r failed", target)
+            address = None
         if address is None:
             self._reset(pipe, ResetCode.UNKNOWN_TARGET)
             return

@@ -8,6 +8,7 @@ import os
 import sys
 import time
 from collections.abc import AsyncIterator, Callable
+from http import HTTPStatus
 from pathlib import Path
 
 import pytest
@@ -15,7 +16,9 @@ from support.coordinator_peer import Peer, connected
 from support.processes import free_port
 from support.tunnel_target import Target, exchange, pattern, request
 from websockets.asyncio.client import ClientConnection, connect
+from websockets.asyncio.server import ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
+from websockets.http11 import Request, Response
 
 from agent.link.identity import Identity, load_or_create
 from agent.protocol import crypto
@@ -123,6 +126,90 @@ async def test_200_concurrent_streams_each_get_their_own_answer(
     await asyncio.gather(*(one(i) for i in range(200)))
     assert target.accepted == 200
     assert target.open_max > 1
+    # Each stream, over both ways and read out, is forgotten on both sides.
+    await until(lambda: coordinator.tunnels.open_streams(node_id) == 0, "streams forgotten")
+    assert node.open_streams == 0
+
+
+async def test_a_token_stream_passes_chunk_by_chunk(
+    coordinator: Coordinator, target: Target, node: ServiceTunnel
+) -> None:
+    stream = coordinator.tunnels.open(node.identity.node_id, "web")
+    await stream.write(request("GET", "/events"))
+    assert (await stream.read()).startswith(b"HTTP/1.1 200 OK")
+    for n in range(5):
+        # The next token is written only once the client has read this one: nothing waits
+        # for a buffer to fill on the way.
+        event = b"data: token %d\n\n" % n
+        target.events.put_nowait(event)
+        assert await stream.read() == event
+    target.events.put_nowait(None)
+    assert await stream.read() == b""
+
+
+async def test_a_service_that_resets_its_connection_resets_the_stream_target_error(
+    coordinator: Coordinator, node: ServiceTunnel
+) -> None:
+    stream = coordinator.tunnels.open(node.identity.node_id, "web")
+    await stream.write(request("GET", "/reset"))
+    received: list[bytes] = []
+
+    async def drain() -> None:
+        while chunk := await stream.read():
+            received.append(chunk)
+
+    with pytest.raises(StreamError) as failed:
+        await drain()
+    assert failed.value.code == "target_error"
+    assert b"HTTP/1.1 200 OK\r\n".startswith(b"".join(received))
+
+
+async def test_a_newer_data_connection_of_the_node_takes_over(
+    coordinator: Coordinator, target: Target, node: ServiceTunnel
+) -> None:
+    node_id = node.identity.node_id
+    held = coordinator.tunnels.open(node_id, "web")
+    await held.write(request("GET", "/hold"))
+    assert (await held.read()).startswith(b"HTTP/1.1 200 OK")
+    newer = _tunnel(coordinator, node.identity, target)
+    newer.start()
+    try:
+        with pytest.raises(StreamError) as failed:
+            await held.read()
+        assert failed.value.code == "connection_lost"
+        await until(newer.connected.is_set, "the newer connection")
+        answer = await exchange(
+            coordinator.tunnels.open(node_id, "web"), request("GET", "/bytes/9")
+        )
+        assert answer.endswith(pattern(9, seed=len("/bytes/9")))
+    finally:
+        await newer.stop()
+
+
+async def test_the_data_connection_offers_no_compression(
+    coordinator: Coordinator, target: Target
+) -> None:
+    offered: list[str | None] = []
+
+    def refuse(connection: ServerConnection, request: Request) -> Response:
+        offered.append(request.headers.get("Sec-WebSocket-Extensions"))
+        return connection.respond(HTTPStatus.FORBIDDEN, "")
+
+    async with serve(lambda ws: ws.close(), "127.0.0.1", 0, process_request=refuse) as server:
+        port = server.sockets[0].getsockname()[1] if server.sockets else 0
+        tunnel = ServiceTunnel(
+            url=f"ws://127.0.0.1:{port}/tunnel",
+            identity=Identity.from_private_key(crypto.generate_private_key()),
+            pinned_keys=_pinned(coordinator),
+            resolve=lambda name: asyncio.sleep(0, None),
+        )
+        tunnel.start()
+        try:
+            await until(lambda: bool(offered), "a connection attempt")
+        finally:
+            await tunnel.stop()
+    # permessage-deflate would cost CPU, and leak secrets by length beside chosen bytes.
+    assert offered == [None]
 
 
 async def test_a_slow_reader_stalls_neither_another_stream_nor_the_control_link(

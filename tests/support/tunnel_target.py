@@ -2,7 +2,9 @@
 
 Paths: ``/bytes/N`` answers N bytes (a pattern: one out of place shows), ``/echo`` answers
 the request's body, ``/hold`` answers its headers and then holds the connection until the
-client closes it. Every answer closes the connection. The server counts connections open
+client closes it, ``/events`` writes each item of :attr:`Target.events` as it comes (a
+token stream; None ends it), ``/reset`` writes a few bytes and resets the connection
+(RST). Every answer closes the connection. The server counts connections open
 now and at most, and records each one closed while held.
 """
 
@@ -10,6 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import socket
+import struct
 from collections.abc import Iterator
 from typing import Protocol
 
@@ -71,6 +75,8 @@ class Target:
         """One item per ``/hold`` connection the client closed."""
         self.holding = asyncio.Event()
         """Set when a ``/hold`` connection has been answered its headers."""
+        self.events: asyncio.Queue[bytes | None] = asyncio.Queue()
+        """What ``/events`` writes, one item at a time."""
         self._server: asyncio.Server | None = None
         self._handlers: set[asyncio.Task[None]] = set()
 
@@ -139,6 +145,20 @@ class Target:
             except ConnectionError:  # an abort: a reset rather than an EOF
                 pass
             self.held_closed.put_nowait(None)
+            return
+        elif path == "/events":
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n\r\n")
+            while (event := await self.events.get()) is not None:
+                writer.write(event)
+                await writer.drain()
+            return
+        elif path == "/reset":
+            writer.write(b"HTTP/1.1 200 OK\r\n")
+            await writer.drain()
+            sock = writer.get_extra_info("socket")
+            # A zero linger time: closing sends RST, not FIN (a crashed server's way).
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            writer.transport.abort()
             return
         else:
             writer.write(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n")

@@ -137,6 +137,9 @@ def test_a_stream_carries_bytes_both_ways_and_closes_when_both_ended() -> None:
     assert coordinator.read(sid, 1000) == b"HTTP/1.1 200 OK\r\n\r\nhi"
     assert not coordinator.is_open(sid)
     assert coordinator.open_streams == agent.open_streams == 0
+    # No event says a stream finished: the drivers take the list, once.
+    assert coordinator.take_finished() == agent.take_finished() == [sid]
+    assert coordinator.take_finished() == []
 
 
 def test_a_reset_cancels_the_stream_on_the_other_side_with_its_code() -> None:
