@@ -31,13 +31,21 @@ Events::
 
 from __future__ import annotations
 
-import enum
 from collections import deque
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Final, TypeAlias
+from typing import Final
 
 from agent.protocol.errors import LimitExceeded, TunnelError
+from agent.protocol.tunnel_events import (
+    ResetCode,
+    Role,
+    StreamEnded,
+    StreamOpened,
+    StreamReadable,
+    StreamReset,
+    TunnelEvent,
+    TunnelFailed,
+)
 from agent.protocol.tunnel_frames import (
     HEADER_BYTES,
     MAX_DATA_BYTES,
@@ -84,62 +92,12 @@ CONNECTION_WINDOW: Final = 16 * 1024 * 1024
 MAX_STREAMS: Final = 256
 #: The scheduler's unit: one stream's turn sends at most this much while others wait.
 CHUNK_BYTES: Final = 16 * 1024
-#: What one data_to_send() returns at most, besides control frames (one websocket message).
+#: What one data_to_send() returns at most, give or take a frame (one websocket message).
 MAX_BATCH_BYTES: Final = 256 * 1024
 #: Control frames queued and not yet sent past which the peer is flooding (``flood``).
 MAX_CONTROL_BACKLOG: Final = 4096
 #: Stream ids this side reset, remembered so that the peer's frames in flight are dropped.
 _RESET_MEMORY = 4096
-
-
-class ResetCode(enum.StrEnum):
-    """Why a stream was reset (the codes this code sends; a peer may send others)."""
-
-    CANCEL = "cancel"  # the application gave up on it (a client went away)
-    REFUSED = "refused"  # this side accepts no streams
-    TOO_MANY_STREAMS = "too_many_streams"
-    UNKNOWN_TARGET = "unknown_target"
-    CONNECT_FAILED = "connect_failed"
-    TARGET_ERROR = "target_error"  # the target's connection failed mid-stream
-    CONNECTION_LOST = "connection_lost"  # never sent: the tunnel itself went
-
-
-class Role(enum.Enum):
-    """Which side: the coordinator opens odd stream ids, the agent even ones."""
-
-    COORDINATOR = 1
-    AGENT = 2
-
-
-@dataclass(frozen=True, slots=True)
-class StreamOpened:
-    stream_id: int
-    target: str
-
-
-@dataclass(frozen=True, slots=True)
-class StreamReadable:
-    stream_id: int
-
-
-@dataclass(frozen=True, slots=True)
-class StreamEnded:
-    stream_id: int
-
-
-@dataclass(frozen=True, slots=True)
-class StreamReset:
-    stream_id: int
-    code: str
-    remote: bool
-
-
-@dataclass(frozen=True, slots=True)
-class TunnelFailed:
-    error: TunnelError
-
-
-TunnelEvent: TypeAlias = StreamOpened | StreamReadable | StreamEnded | StreamReset | TunnelFailed
 
 
 class _Stream:
@@ -204,7 +162,7 @@ class TunnelMux:
         self._conn_send = connection_window
         self._conn_recv = connection_window
         self._conn_unannounced = 0
-        self._control: list[bytes] = []
+        self._control: deque[bytes] = deque()
         self._ready: deque[int] = deque()  # streams with data to send, in turn
         self._scheduled: set[int] = set()
         self._reset_ids: set[int] = set()
@@ -453,9 +411,13 @@ class TunnelMux:
         """
         if self.closed:
             return b""
-        parts: list[bytes | bytearray | memoryview] = list(self._control)
-        self._control = []
+        parts: list[bytes | bytearray | memoryview] = []
         budget = max_bytes
+        control = self._control
+        while control and (budget > 0 or not parts):
+            frame = control.popleft()
+            parts.append(frame)
+            budget -= len(frame)
         while self._ready and self._conn_send > 0 and budget > HEADER_BYTES:
             sid = self._ready.popleft()
             stream = self._streams.get(sid)

@@ -9,6 +9,7 @@ import pytest
 from agent.protocol.errors import LimitExceeded, TunnelError
 from agent.protocol.tunnel import (
     CHUNK_BYTES,
+    MAX_BATCH_BYTES,
     MAX_CONTROL_BACKLOG,
     Role,
     StreamEnded,
@@ -312,6 +313,18 @@ def test_control_frames_go_ahead_of_queued_data() -> None:
     coordinator.reset(bulk, "cancel")
     message = coordinator.data_to_send()
     assert decode_frames(message) == [Open(other, "svc"), Reset(bulk, "cancel")]
+
+
+def test_a_backlog_of_control_frames_goes_out_in_bounded_messages() -> None:
+    coordinator = TunnelMux(Role.COORDINATOR, max_streams=20_000)
+    target = "t" * 128
+    ids = [coordinator.open(target) for _ in range(10_000)]
+    messages = []
+    while message := coordinator.data_to_send():
+        messages.append(message)
+    # Each within what the peer's websocket takes (1 MiB), give or take a frame.
+    assert max(map(len, messages)) <= MAX_BATCH_BYTES + 9 + 128
+    assert [f for m in messages for f in decode_frames(m)] == [Open(i, target) for i in ids]
 
 
 def test_streams_with_data_take_turns_in_bounded_chunks() -> None:
