@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import struct
+import tracemalloc
 
 import pytest
 
@@ -168,6 +169,32 @@ def test_opens_past_the_cap_are_reset_too_many_streams_not_a_failure() -> None:
     # Data already in flight on a refused stream is dropped, not a protocol error.
     assert agent.receive_data(encode_data(ids[4], b"late")) == []
     assert not agent.closed
+
+
+def test_opens_past_the_cap_cost_bounded_memory_however_many() -> None:
+    agent = TunnelMux(Role.AGENT, max_streams=256)
+    stream_id = 1
+
+    def batch() -> None:
+        nonlocal stream_id
+        message = b"".join(encode_open(stream_id + 2 * i, "svc") for i in range(100))
+        stream_id += 200
+        agent.receive_data(message)
+        agent.data_to_send()  # the resets go out
+
+    for _ in range(100):  # the cap reached, and the memory of resets filled
+        batch()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for _ in range(1000):  # 100,000 more opens
+            batch()
+        grown = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert agent.open_streams == 256
+    assert not agent.closed
+    assert grown < 256 * 1024, grown
 
 
 def test_this_side_cannot_open_past_its_own_cap() -> None:
