@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import ssl
 import sys
 import time
 from collections.abc import AsyncIterator, Callable
@@ -14,6 +15,7 @@ from pathlib import Path
 import pytest
 from support.coordinator_peer import Peer, connected
 from support.processes import free_port
+from support.tls import make_server_tls
 from support.tunnel_target import Target, exchange, pattern, request
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.asyncio.server import ServerConnection, serve
@@ -184,6 +186,40 @@ async def test_a_newer_data_connection_of_the_node_takes_over(
         assert answer.endswith(pattern(9, seed=len("/bytes/9")))
     finally:
         await newer.stop()
+
+
+async def test_over_tls_the_tunnel_serves_and_another_certificate_is_refused(
+    tmp_path: Path, target: Target
+) -> None:
+    tls = make_server_tls(tmp_path)
+    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_context.load_cert_chain(tls.cert_file, tls.key_file)
+    async with Coordinator(
+        db_path=tmp_path / "c.db", state_dir=tmp_path / "state", ssl_context=server_context
+    ) as coordinator:
+        assert coordinator.url.startswith("wss://")
+        identity = Identity.from_private_key(crypto.generate_private_key())
+        _register(coordinator, identity)
+        for trusted in (False, True):
+            tunnel = _tunnel(coordinator, identity, target)
+            # The system's CAs do not know the test's: a man in the middle, as far as the
+            # node can tell.
+            tunnel.ssl_context = ssl.create_default_context(
+                cafile=str(tls.ca_file) if trusted else None
+            )
+            tunnel.start()
+            try:
+                if not trusted:
+                    await until(lambda t=tunnel: t.last_error is not None, "a refusal")  # type: ignore[misc]
+                    assert tunnel.last_error == "unreachable"
+                    assert coordinator.tunnels.connected() == set()
+                    continue
+                await until(lambda: identity.node_id in coordinator.tunnels.connected(), "tls")
+                stream = coordinator.tunnels.open(identity.node_id, "web")
+                answer = await exchange(stream, request("GET", "/bytes/7"))
+                assert answer.endswith(pattern(7, seed=len("/bytes/7")))
+            finally:
+                await tunnel.stop()
 
 
 async def test_the_data_connection_offers_no_compression(
