@@ -97,12 +97,15 @@ def make_offer(
     ttl_s: float = DEFAULT_TTL_S,
     uploads: Any = None,
     default_target: Callable[[str, str, float], UploadTarget] | None = None,
+    registry_logins: Any = None,
 ) -> SignedOffer:
     """The offer of ``spec`` to ``node_id``, signed, checked to fit in one frame.
 
     ``uploads`` (output path -> ``{"url", "headers"}``) are the submitter's targets, e.g.
     presigned S3 PUT URLs; each declared output without one gets ``default_target(job_id,
     path, expires_at)`` (the coordinator's artifact store) when that is given.
+    ``registry_logins`` (registry host -> ``{"username", "password"}``) is a short-lived
+    login for the node's pull of the image; only the image's registry may be named.
 
     The spec is validated as the node will (:func:`check_spec`): nothing is signed that a
     node would refuse for its form. Whether a node admits it (its policy, its GPUs) only
@@ -111,7 +114,8 @@ def make_offer(
     Raises:
         JobError: ``bad_spec`` (not a JSON object), a code of :func:`check_spec`,
             ``bad_job_id``, ``bad_ttl`` (not in (0, MAX_TTL_S]), ``spec_too_large`` (the
-            offer would not fit in a frame), ``bad_upload_target``.
+            offer would not fit in a frame), ``bad_upload_target``, ``bad_registry_login``
+            (not of that shape, or for another registry than the image's).
     """
     if not isinstance(spec, dict):
         raise JobError("bad_spec", "a spec is a JSON object (a TOML table)")
@@ -124,6 +128,7 @@ def make_offer(
         "issued_at": now,
         "expires_at": now + ttl_s,
         "uploads": uploads or {},
+        "registry_logins": registry_logins or {},
     }
     try:
         # Round trip through JSON: the spec is signed, stored and sent exactly as the node
@@ -135,11 +140,18 @@ def make_offer(
             raise JobError("bad_job_id", f"{job_id!r}: {where}") from None
         if "$.uploads" in where:
             raise JobError("bad_upload_target", where) from None
+        if "$.registry_logins" in where:
+            # msgspec's message names the path, never the value: no password in an error.
+            raise JobError("bad_registry_login", where) from None
         raise JobError("bad_spec", where) from None
     # The node decodes the offer's spec from JSON and loads it so (agent.jobs): the same here.
     check_spec(msgspec.json.encode(offer.spec), "json")
     loaded = load_spec(msgspec.json.encode(offer.spec), "json")
     outputs = loaded.outputs
+    registry = loaded.image_ref.repository
+    for host in offer.registry_logins:
+        if registry is None or host != registry.split("/", 1)[0]:
+            raise JobError("bad_registry_login", f"a login for {host}; the image is {loaded.image}")
     try:
         check_uploads(offer.uploads, outputs)
     except DecodeError as exc:

@@ -46,6 +46,7 @@ from sandbox.jobdir import JOB_ID, JobDir, runner_instance
 from sandbox.joblog import Drain, LogBudget
 from sandbox.outputs import collect_outputs
 from sandbox.reaper import reap_orphans, remove_cgroup
+from sandbox.service_net import close_host, network_config
 from sandbox.spec import ImageRef, WorkloadSpec, spec_digest
 from sandbox.uids import UidPool, can_give_files_away
 
@@ -108,6 +109,7 @@ class Runner:
         self._uids = UidPool(config.job_uid_base, config.job_uids)
         self._cgroup_driver = "cgroupfs"
         self._cdi = False
+        self._services = True
         self._groups = HostGroups(video_gid=None, render_gid=None)
 
     async def prepare(self) -> list[str]:
@@ -118,6 +120,8 @@ class Runner:
         if self.config.runtime not in (info.runtimes or {}):
             raise RunError("runtime_missing", f"the engine has no runtime {self.config.runtime!r}")
         self._groups = host_groups()
+        # gVisor's own network stack off: a service's address would lead nowhere.
+        self._services = "--network=none" not in info.runtime_args(self.config.runtime)
         return await self.reap_orphans()
 
     async def reap_orphans(self) -> list[str]:
@@ -145,7 +149,9 @@ class Runner:
         spec: WorkloadSpec,
         gpus: list[DeviceFacts],
         fetched: Mapping[str, Path] | None = None,
+        *,
         keep_outputs: Path | None = None,
+        registry_auth: RegistryAuth | None = None,
     ) -> AsyncGenerator[Event, None]:
         """Run ``spec`` on exactly ``gpus``; yield its events, the last one ``Finished``.
 
@@ -154,6 +160,8 @@ class Runner:
         ``keep_outputs``, an existing empty directory, receives a copy of each collected
         output file (``<index in spec.outputs>``), made from the reads that hashed it: the
         job directory is removed when the job ends, what is kept there is not.
+        ``registry_auth``, a login to the image's registry for this job alone (one its
+        offer carried), goes before the configured one for that registry.
 
         Iterate it under ``contextlib.aclosing``: a caller that stops early then still
         gets the container stopped and removed at once, not whenever the generator is
@@ -176,6 +184,7 @@ class Runner:
         cgroup = JobCgroup(job_id, self._cgroup_driver, self.config.cgroup_root)
         container_id: str | None = None
         uid: int | None = None
+        network: str | None = None
         try:
             if self.user is None:
                 uid = self._uids.take()
@@ -186,7 +195,7 @@ class Runner:
             except EngineError as exc:
                 if exc.code != "image_not_found" or not _pullable(ref):
                     raise
-                async with aclosing(self._pull(ref)) as pulling:
+                async with aclosing(self._pull(ref, registry_auth)) as pulling:
                     async for progress in pulling:
                         yield progress
                 image = await self.engine.inspect_image(ref.canonical)
@@ -197,8 +206,20 @@ class Runner:
             mounts = job_dir.mounts(spec, fetched)
             if uid is not None and mounts.output_dir is not None:
                 os.chown(mounts.output_dir, uid, uid)
+            if spec.kind == "service":
+                if not self._services:
+                    raise RunError(
+                        "service_runtime_unsupported",
+                        f"the runtime {self.config.runtime} runs with --network=none here:"
+                        " a service in it could not be reached",
+                    )
+                await close_host()
+                made = network_config(job_id, self.instance)
+                await self.engine.create_network(made)
+                network = made.name
             config = create_body(
                 job_id=job_id,
+                network=network,
                 spec=spec,
                 image_id=result.image_id,
                 gpus=map_gpus(gpus, cdi=self._cdi, groups=self._groups),
@@ -215,7 +236,9 @@ class Runner:
                 # Every image volume should be a capped tmpfs: a volume is unbounded host disk.
                 raise RunError("bad_image_volume", f"the engine made volumes at {volumes}")
             yield Created(container_id)
-            execution = self._execute(container_id, spec, cancel, result, job_dir)
+            execution = self._execute(
+                container_id, spec, cancel, result, job_dir=job_dir, network=network
+            )
             async with aclosing(execution) as events:
                 async for event in events:
                     yield event
@@ -254,6 +277,8 @@ class Runner:
             if uid is not None and removed:
                 # A container that could not be removed may still run as this uid.
                 self._uids.release(uid)
+            if network is not None and removed:
+                await self.engine.remove_network(network)
             job_dir.remove()
             await remove_cgroup(cgroup)
             # Last: until everything above is gone, the same job id cannot start again.
@@ -283,15 +308,18 @@ class Runner:
         _check_pulled(ref, image)
         return Pulled(f"{ref.repository}@{ref.digest}", image.id, image.size)
 
-    async def _pull(self, ref: ImageRef) -> AsyncGenerator[Pulling, None]:
-        """Pull a pinned image, yielding each layer's progress as the engine reports it."""
+    async def _pull(
+        self, ref: ImageRef, auth: RegistryAuth | None = None
+    ) -> AsyncGenerator[Pulling, None]:
+        """Pull a pinned image, yielding each layer's progress as the engine reports it;
+        with ``auth``, else the configured login of its registry."""
         assert ref.repository is not None
         registry = ref.repository.split("/", 1)[0]
         progress: asyncio.Queue[Pulling | None] = asyncio.Queue()
         pull = asyncio.create_task(
             self.engine.pull(
                 f"{ref.repository}@{ref.digest}",
-                auth=self.config.registry_auth.get(registry),
+                auth=auth or self.config.registry_auth.get(registry),
                 idle_timeout_s=self.config.pull_idle_timeout_s,
                 on_progress=lambda layer, done, total: progress.put_nowait(
                     Pulling(layer, done, total)
@@ -312,7 +340,9 @@ class Runner:
         spec: WorkloadSpec,
         cancel: asyncio.Event,
         result: JobResult,
+        *,
         job_dir: JobDir,
+        network: str | None,
     ) -> AsyncGenerator[Event, None]:
         """Start the container, stream its output, stop it on timeout, cancel or overflow."""
         # Attached before the start, so that no output is missed; the wait is registered
@@ -325,7 +355,11 @@ class Runner:
             except RunError:
                 waiting.cancel()
                 raise
-            yield Started(time.time())
+            started = time.time()
+            address = ""
+            if network is not None:  # a service: where the agent reaches it
+                address = (await self.engine.inspect(container_id)).address(network)
+            yield Started(started, address)
             watch = (
                 partial(job_dir.output_overflow, spec.output_max_bytes) if spec.outputs else None
             )

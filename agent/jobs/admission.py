@@ -5,7 +5,7 @@ comes back (:mod:`agent.jobs.machine`): ``accepted`` with the GPUs reserved, or
 ``refused`` with the first reason found, in this order: the signature and the node
 (an offer that does not verify is not recorded: its id is only what the unsigned frame
 says), the node's holds, the spec, a pinned image, the policy, the upload targets, the
-running jobs, the GPUs.
+registry login, the running jobs, the GPUs.
 """
 
 from __future__ import annotations
@@ -23,13 +23,13 @@ from agent.jobs.node import NodeState
 from agent.link.identity import Identity
 from agent.protocol import dsse
 from agent.protocol.errors import AuthError, DecodeError
-from agent.protocol.jobs import Offer, verify_offer
+from agent.protocol.jobs import Offer, RegistryLogins, verify_offer
 from agent.protocol.limits import MAX_ERROR_DETAIL_CHARS
 from agent.protocol.messages import JobOffer
 from agent.protocol.uploads import check_uploads
 from sandbox.errors import PolicyViolation, SandboxError
 from sandbox.policy import Policy, admit
-from sandbox.spec import WorkloadSpec, load_spec
+from sandbox.spec import ImageRef, WorkloadSpec, load_spec
 
 __all__ = ["OfferDesk"]
 
@@ -112,6 +112,7 @@ class OfferDesk:
                 )
             admit(spec, self.policy(), offered_vendors=self._vendors())
             check_uploads(offer.uploads, spec.outputs)
+            _check_logins(offer.registry_logins, spec.image_ref)
         except DecodeError as exc:
             raise _Refusal(exc.code, exc.detail) from None
         except PolicyViolation as exc:
@@ -135,6 +136,16 @@ class OfferDesk:
 
     def _vendors(self) -> frozenset[str]:
         return frozenset(u.gpu.vendor for u in self.node.scheduler.units.values())
+
+
+def _check_logins(logins: RegistryLogins, image: ImageRef) -> None:
+    """A login an offer carries is for its image's registry, and for nothing else: the
+    node hands it to the engine for that one pull."""
+    registry = image.repository.split("/", 1)[0] if image.repository else None
+    for host in logins:
+        if host != registry:
+            what = f"the registry {registry}" if registry else "no registry (a local image)"
+            raise _Refusal("bad_registry_login", f"a login for {host}; the image is from {what}")
 
 
 class _Refusal(Exception):
