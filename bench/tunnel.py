@@ -10,6 +10,8 @@ each answer closes its connection). Each run measures, both ways:
   new stream or a new TCP connection; p50 and p99 (goal: at most 2 ms added at p50);
 - bulk: one ``GET /bytes/N`` of ``--mib`` MiB read to the end; MiB/s (goal: the tunnel at
   least 0.8x straight);
+- tokens: a stream of ``--tokens`` server-sent events, each written on its own as a model
+  server does; events/s (the issue's goal: at least 0.95x straight);
 
 with wall time and the CPU time (user + system) of all three processes beside it (and,
 for bulk, of this process and of the agent's apart).
@@ -119,7 +121,7 @@ async def _timed(
     return latencies, time.perf_counter() - wall, spent, size
 
 
-async def main(runs: int, requests: int, mib: int) -> dict[str, object]:
+async def main(runs: int, requests: int, mib: int, tokens: int) -> dict[str, object]:
     """The figures of ``runs`` runs."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), str(ROOT)])}
     target = await asyncio.create_subprocess_exec(
@@ -161,6 +163,7 @@ async def main(runs: int, requests: int, mib: int) -> dict[str, object]:
                     return lambda: _direct(port, data)
 
                 small, bulk = request("GET", "/bytes/100"), request("GET", f"/bytes/{mib * MiB}")
+                stream = request("GET", f"/tokens/{tokens}")
                 await _timed(cpu, tunneled(small), 50)  # warm up both paths
                 await _timed(cpu, direct(small), 50)
                 figures: dict[str, dict[str, list[float]]] = {"direct": {}, "tunnel": {}}
@@ -179,6 +182,10 @@ async def main(runs: int, requests: int, mib: int) -> dict[str, object]:
                         row.setdefault("bulk_cpu_s", []).append(used[2])
                         row.setdefault("bulk_cpu_s_coordinator_client", []).append(used[0])
                         row.setdefault("bulk_cpu_s_agent", []).append(used[1])
+                        _, wall, used, size = await _timed(cpu, path(stream), 1)
+                        assert size > tokens * 12, size
+                        row.setdefault("tokens_per_s", []).append(tokens / wall)
+                        row.setdefault("tokens_cpu_s", []).append(used[2])
             finally:
                 agent.kill()
                 await agent.wait()
@@ -187,14 +194,17 @@ async def main(runs: int, requests: int, mib: int) -> dict[str, object]:
     d, t = figures["direct"], figures["tunnel"]
     added = [b - a for a, b in zip(d["p50_ms"], t["p50_ms"], strict=True)]
     ratio = [b / a for a, b in zip(d["bulk_mib_s"], t["bulk_mib_s"], strict=True)]
+    token_ratio = [b / a for a, b in zip(d["tokens_per_s"], t["tokens_per_s"], strict=True)]
     return {
         "runs": runs,
         "requests": requests,
         "bulk_mib": mib,
+        "tokens": tokens,
         "direct": {key: _stats(values) for key, values in d.items()},
         "tunnel": {key: _stats(values) for key, values in t.items()},
         "added_p50_ms": _stats(added),
         "bulk_tunnel_over_direct": _stats(ratio),
+        "tokens_tunnel_over_direct": _stats(token_ratio),
     }
 
 
@@ -203,8 +213,9 @@ if __name__ == "__main__":
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--requests", type=int, default=500)
     parser.add_argument("--mib", type=int, default=64)
+    parser.add_argument("--tokens", type=int, default=5000)
     args = parser.parse_args()
-    results = asyncio.run(main(args.runs, args.requests, args.mib))
+    results = asyncio.run(main(args.runs, args.requests, args.mib, args.tokens))
     text = json.dumps(results, indent=2)
     print(text)
     out = ROOT / "bench" / "results"

@@ -3,9 +3,10 @@
 Paths: ``/bytes/N`` answers N bytes (a pattern: one out of place shows), ``/echo`` answers
 the request's body, ``/hold`` answers its headers and then holds the connection until the
 client closes it, ``/events`` writes each item of :attr:`Target.events` as it comes (a
-token stream; None ends it), ``/reset`` writes a few bytes and resets the connection
-(RST). Every answer closes the connection. The server counts connections open
-now and at most, and records each one closed while held.
+token stream; None ends it), ``/tokens/N`` writes N server-sent events as fast as it can,
+each written and drained on its own (a model server's stream), ``/reset`` writes a few
+bytes and resets the connection (RST). Every answer closes the connection. The server
+counts connections open now and at most, and records each one closed while held.
 """
 
 from __future__ import annotations
@@ -150,6 +151,12 @@ class Target:
             writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n\r\n")
             while (event := await self.events.get()) is not None:
                 writer.write(event)
+                await writer.drain()
+            return
+        elif path.startswith("/tokens/"):
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n\r\n")
+            for n in range(int(path.removeprefix("/tokens/"))):
+                writer.write(b'data: {"token": %d}\n\n' % n)
                 await writer.drain()
             return
         elif path == "/reset":
