@@ -290,6 +290,23 @@ async def test_a_client_gone_cancels_the_stream_and_the_service_sees_it_closed(
     await until(lambda: node.open_streams == 0, "the agent to drop the stream")
 
 
+async def test_stopping_the_tunnel_closes_its_services_connections_and_fails_its_streams(
+    coordinator: Coordinator, target: Target, node: ServiceTunnel
+) -> None:
+    stream = coordinator.tunnels.open(node.identity.node_id, "web")
+    await stream.write(request("GET", "/hold"))
+    assert (await stream.read()).startswith(b"HTTP/1.1 200 OK")
+    await node.stop()
+    async with asyncio.timeout(10):
+        await target.held_closed.get()
+    with pytest.raises(StreamError) as failed:
+        await stream.read()
+    assert failed.value.code == "connection_lost"
+    assert not node.connected.is_set()
+    node.start()  # and it comes back when started again
+    await until(lambda: node.identity.node_id in coordinator.tunnels.connected(), "again")
+
+
 @pytest.mark.parametrize(
     ("name", "code"), [("nope", "unknown_target"), ("closed", "connect_failed")]
 )
