@@ -21,6 +21,7 @@ Grouped by how the operator reacts::
     +-- StreamError               a tunnel stream to a node's service failed or was refused:
           another node may serve the request (if nothing of it was read yet)
           codes: no_tunnel (the node has no data connection), too_many_streams,
+                 ids_exhausted (its connection's stream ids are used up: it reconnects),
                  bad_target, stream_ended (written after write_eof), and every reset
                  code (agent.protocol.tunnel.ResetCode: cancel, unknown_target,
                  connect_failed, target_error, connection_lost, ...), or the

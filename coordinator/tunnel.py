@@ -160,6 +160,7 @@ class _Link:
         self.waiting: set[TunnelStream] = set()
         self.wake = asyncio.Event()
         self.superseded = False
+        self.closing: asyncio.Task[None] | None = None
 
     def open(self, target: str) -> TunnelStream:
         if self.mux.closed:
@@ -167,6 +168,9 @@ class _Link:
         try:
             stream_id = self.mux.open(target)
         except LimitExceeded as exc:
+            if exc.code == "ids_exhausted" and self.closing is None:
+                # Once in 2^30 opens: the node opens a new connection, with new ids.
+                self.closing = asyncio.create_task(self.ws.close(1000, exc.code))
             raise StreamError(exc.code, exc.detail) from None
         except ValueError as exc:
             raise StreamError("bad_target", str(exc)) from None
@@ -283,7 +287,8 @@ class Tunnels:
         a StreamError from the stream's first read.
 
         Raises:
-            StreamError: ``no_tunnel``, ``too_many_streams``, ``bad_target``.
+            StreamError: ``no_tunnel``, ``too_many_streams``, ``bad_target``,
+                ``ids_exhausted`` (the node reconnects: try again in a moment).
         """
         link = self._links.get(node_id)
         if link is None:

@@ -17,7 +17,8 @@ how the receiving side reacts::
     +-- LimitExceeded             within the protocol but over a limit: answer error, go on
     |     codes: batch_too_large, log_chunk_too_large, rate_limited, quota_exceeded,
     |            frame_too_large (when encoding: the peer would refuse it),
-    |            too_many_streams (opening a tunnel stream past the cap)
+    |            too_many_streams (opening a tunnel stream past the cap),
+    |            ids_exhausted (a tunnel connection's stream ids are used up)
     +-- SessionEnded              nobody's fault, the session is over: answer error, close
     |     codes: superseded (a newer connection of the same node took over)
     +-- TunnelError               a tunnel connection's peer broke its rules: close it (the

@@ -175,7 +175,8 @@ class TunnelMux:
         """Open a stream to ``target``; its id.
 
         Raises:
-            LimitExceeded: ``too_many_streams``.
+            LimitExceeded: ``too_many_streams``; ``ids_exhausted`` after 2^30 opens on one
+                connection (a new connection starts again).
             ValueError: a target name the peer would refuse.
         """
         if self.closed:
@@ -183,7 +184,7 @@ class TunnelMux:
         if len(self._streams) >= self._max_streams:
             raise LimitExceeded("too_many_streams", f"{self._max_streams} streams are open")
         if self._next_id > MAX_STREAM_ID:
-            raise LimitExceeded("too_many_streams", "stream ids are used up: reconnect")
+            raise LimitExceeded("ids_exhausted", "stream ids are used up: reconnect")
         frame = encode_open(self._next_id, target)
         stream_id, self._next_id = self._next_id, self._next_id + 2
         self._streams[stream_id] = _Stream(stream_id, self._window)

@@ -321,6 +321,23 @@ async def test_a_target_the_node_cannot_reach_resets_the_stream_with_a_code(
         await stream.write(b"x")
 
 
+async def test_a_connection_whose_stream_ids_are_used_up_is_replaced(
+    coordinator: Coordinator, target: Target, node: ServiceTunnel
+) -> None:
+    node_id = node.identity.node_id
+    link = coordinator.tunnels._links[node_id]
+    link.mux._next_id = 2**31 - 1  # as after 2^30 opens
+    last = coordinator.tunnels.open(node_id, "web")
+    assert last.stream_id == 2**31 - 1
+    with pytest.raises(StreamError) as refused:
+        coordinator.tunnels.open(node_id, "web")
+    assert refused.value.code == "ids_exhausted"
+    # The coordinator closes the connection; the node opens a new one, with new ids.
+    await until(lambda: coordinator.tunnels._links.get(node_id) not in (None, link), "anew")
+    answer = await exchange(coordinator.tunnels.open(node_id, "web"), request("GET", "/bytes/4"))
+    assert answer.endswith(pattern(4, seed=len("/bytes/4")))
+
+
 async def test_a_node_without_a_data_connection_is_a_coded_error(
     coordinator: Coordinator,
 ) -> None:

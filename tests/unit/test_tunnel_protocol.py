@@ -342,6 +342,15 @@ def test_control_frames_go_ahead_of_queued_data() -> None:
     assert decode_frames(message) == [Open(other, "svc"), Reset(bulk, "cancel")]
 
 
+def test_stream_ids_used_up_refuse_the_open_with_ids_exhausted() -> None:
+    coordinator = TunnelMux(Role.COORDINATOR)
+    coordinator._next_id = 2**31 - 1  # after 2^30 opens
+    assert coordinator.open("svc") == 2**31 - 1
+    with pytest.raises(LimitExceeded) as refused:
+        coordinator.open("svc")
+    assert refused.value.code == "ids_exhausted"
+
+
 def test_a_backlog_of_control_frames_goes_out_in_bounded_messages() -> None:
     coordinator = TunnelMux(Role.COORDINATOR, max_streams=20_000)
     target = "t" * 128
