@@ -159,8 +159,12 @@ class _Link:
         self.streams: dict[int, TunnelStream] = {}
         self.waiting: set[TunnelStream] = set()
         self.wake = asyncio.Event()
-        self.superseded = False
         self.closing: asyncio.Task[None] | None = None
+
+    async def retire(self) -> None:
+        """A newer connection of the node took over: close this one."""
+        with contextlib.suppress(ConnectionClosed):
+            await self.ws.close(_CLOSE_SUPERSEDED, "superseded")
 
     def open(self, target: str) -> TunnelStream:
         if self.mux.closed:
@@ -323,15 +327,16 @@ class Tunnels:
         link = _Link(ws, node_id, mux)
         old = self._links.get(node_id)
         self._links[node_id] = link
-        if old is not None:
-            old.superseded = True
-            with contextlib.suppress(ConnectionClosed):
-                await old.ws.close(_CLOSE_SUPERSEDED, "superseded")
+        # The older connection closes beside the newer one's serving: a node gone silent
+        # would hold the newer one up for the whole closing timeout.
+        retiring = None if old is None else asyncio.create_task(old.retire())
         try:
             await link.run()
         finally:
             if self._links.get(node_id) is link:
                 del self._links[node_id]
+            if retiring is not None:
+                await retiring
 
 
 def _known_node(gate: Gate, hello: HelloBody) -> None:

@@ -21,6 +21,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.asyncio.server import ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
+from websockets.protocol import State
 
 from agent.link.identity import Identity, load_or_create
 from agent.protocol import crypto
@@ -220,6 +221,30 @@ async def test_over_tls_the_tunnel_serves_and_another_certificate_is_refused(
                 assert answer.endswith(pattern(7, seed=len("/bytes/7")))
             finally:
                 await tunnel.stop()
+
+
+async def test_a_silent_older_connection_does_not_hold_up_the_newer_one(
+    coordinator: Coordinator, target: Target
+) -> None:
+    identity = Identity.from_private_key(crypto.generate_private_key())
+    _register(coordinator, identity)
+    async with connect(tunnel_url(coordinator.url)) as silent:
+        await _handshake(silent, coordinator, identity)
+        await until(lambda: identity.node_id in coordinator.tunnels.connected(), "the tunnel")
+        older = coordinator.tunnels._links[identity.node_id]
+        silent.transport.pause_reading()  # it will not answer the closing handshake
+        newer = _tunnel(coordinator, identity, target)
+        newer.start()
+        try:
+            await until(newer.connected.is_set, "the newer connection")
+            stream = coordinator.tunnels.open(identity.node_id, "web")
+            answer = await exchange(stream, request("GET", "/bytes/6"))
+            assert answer.endswith(pattern(6, seed=len("/bytes/6")))
+            # Served while the older one still waits for its closing handshake.
+            assert older.ws.state is State.CLOSING
+        finally:
+            await newer.stop()
+            silent.transport.resume_reading()
 
 
 async def test_the_data_connection_offers_no_compression(
