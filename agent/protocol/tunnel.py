@@ -141,6 +141,8 @@ class TunnelMux:
             make them small.
         max_streams: the most streams open at once; the peer's opens past it are reset
             ``too_many_streams``, this side's refused with LimitExceeded.
+        accept_opens: whether the peer may open streams; if not, each of its opens is
+            reset ``refused`` here (counted as owed control frames, as any reset).
     """
 
     def __init__(
@@ -150,8 +152,10 @@ class TunnelMux:
         window: int = STREAM_WINDOW,
         connection_window: int = CONNECTION_WINDOW,
         max_streams: int = MAX_STREAMS,
+        accept_opens: bool = True,
     ) -> None:
         self.role = role
+        self._accept_opens = accept_opens
         self.closed = False
         self._window = window
         self._conn_window = connection_window
@@ -360,9 +364,16 @@ class TunnelMux:
         if sid <= self._last_peer_id:
             raise TunnelError("bad_stream_id", f"stream {sid} after {self._last_peer_id}")
         self._last_peer_id = sid
-        if len(self._streams) >= self._max_streams:
+        refusal = (
+            ResetCode.REFUSED
+            if not self._accept_opens
+            else ResetCode.TOO_MANY_STREAMS
+            if len(self._streams) >= self._max_streams
+            else None
+        )
+        if refusal is not None:
             self._remember_reset(sid)
-            self._control.append(encode_reset(sid, ResetCode.TOO_MANY_STREAMS))
+            self._control.append(encode_reset(sid, refusal))
             return
         self._streams[sid] = _Stream(sid, self._window)
         out.append(StreamOpened(sid, frame.target))

@@ -28,7 +28,7 @@ from agent.protocol import crypto
 from agent.protocol.messages import TelemetryBody, decode_frame, encode_frame, require_text
 from agent.protocol.session import AgentHandshake, HandshakeState
 from agent.protocol.tunnel import STREAM_WINDOW
-from agent.protocol.tunnel_frames import encode_data, encode_window
+from agent.protocol.tunnel_frames import encode_data, encode_open, encode_window
 from agent.services.tunnel import ServiceTunnel, tunnel_url
 from coordinator.admission import Settings
 from coordinator.server import Coordinator
@@ -485,6 +485,8 @@ async def _handshake(ws: ClientConnection, coordinator: Coordinator, identity: I
         ("a text message", "bad_frame"),
         (encode_data(2, b"x"), "unknown_stream"),
         (encode_window(0, 2**31 - 1), "window_overflow"),
+        # Agents open no streams: each is refused, and five thousand at once are a flood.
+        (b"".join(encode_open(2 * i + 2, "x") for i in range(5000)), "flood"),
     ],
 )
 async def test_a_hostile_agent_is_closed_with_a_code_and_the_coordinator_serves_on(
