@@ -200,10 +200,7 @@ class _Link:
         writer = asyncio.create_task(self._write())
         try:
             async for message in self.ws:
-                if isinstance(message, str):
-                    events = self.mux.fail(TunnelError("bad_frame", "a text message"))
-                else:
-                    events = self.mux.receive_data(message)
+                events = self.mux.receive_data(message)
                 failed = self._carry_out(events)
                 self.wake.set()
                 if failed is not None:

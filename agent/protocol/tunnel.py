@@ -243,8 +243,10 @@ class TunnelMux:
 
     # -- what the peer sent ---------------------------------------------------------------
 
-    def receive_data(self, message: bytes) -> list[TunnelEvent]:
-        """Take one binary message of the peer's."""
+    def receive_data(self, message: bytes | str) -> list[TunnelEvent]:
+        """Take one message of the peer's: binary; a text message breaks the rules."""
+        if isinstance(message, str):
+            return self.fail(TunnelError("bad_frame", "a text message"))
         if self.closed:
             return []
         events: list[TunnelEvent] = []

@@ -262,10 +262,7 @@ class _Session:
         writer = asyncio.create_task(self._write())
         try:
             async for message in self.ws:
-                if isinstance(message, str):
-                    events = self.mux.fail(TunnelError("bad_frame", "a text message"))
-                else:
-                    events = self.mux.receive_data(message)
+                events = self.mux.receive_data(message)
                 failure = self._carry_out(events)
                 self.wake.set()
                 if failure is not None:

@@ -12,11 +12,10 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import pytest
 from support.daemon_loop import DUAL_A5000, Loop, job_spec, registered
 from support.input_server import serve_input
 from support.processes import free_port as _free_port
@@ -30,22 +29,6 @@ SCRIPT = (
     "mkdir -p /output/data; printf 'result %s\\n' $(seq 1 2000) > /output/result.txt;"
     " head -c 300000 /dev/zero | tr '\\0' 'b' > /output/data/b.bin"
 )
-
-
-@pytest.fixture
-async def loop(
-    tmp_path: Path, library_for: Callable[[Path], Path], test_image_id: str, docker_engine: str
-) -> AsyncIterator[Loop]:
-    world = Loop(tmp_path, library_for(DUAL_A5000), test_image_id, DockerClient(docker_engine))
-    await world.start_coordinator()
-    world.start_agent()
-    await world.ready()
-    yield world
-    if world.agent is not None and world.agent.poll() is None:
-        world.agent.send_signal(signal.SIGTERM)
-        await world.exited()
-    if world.coordinator is not None:
-        await world.stop_coordinator()
 
 
 def _spec(loop: Loop, tmp: Path) -> Path:

@@ -4,18 +4,14 @@ probes it, and the coordinator's requests reach it through the node's tunnel."""
 from __future__ import annotations
 
 import asyncio
-import signal
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Callable
-from pathlib import Path
 
 import pytest
-from support.daemon_loop import DUAL_A5000, Loop, job_spec
+from support.daemon_loop import Loop, job_spec
 
 from coordinator.errors import StreamError
 from coordinator.server import Coordinator
-from sandbox.docker_api import DockerClient
 
 SERVE = (
     "mkdir -p /scratch/www && echo up > /scratch/www/health"
@@ -27,22 +23,6 @@ SERVICE = {
     "readiness": {"interval_s": 0.2},
     "liveness": {"interval_s": 0.5},
 }
-
-
-@pytest.fixture
-async def loop(
-    tmp_path: Path, library_for: Callable[[Path], Path], test_image_id: str, docker_engine: str
-) -> AsyncIterator[Loop]:
-    world = Loop(tmp_path, library_for(DUAL_A5000), test_image_id, DockerClient(docker_engine))
-    await world.start_coordinator()
-    world.start_agent()
-    await world.ready()
-    yield world
-    if world.agent is not None and world.agent.poll() is None:
-        world.agent.send_signal(signal.SIGTERM)
-        await world.exited()
-    if world.coordinator is not None:
-        await world.stop_coordinator()
 
 
 async def _get(coordinator: Coordinator, node_id: str, target: str, path: str) -> bytes:

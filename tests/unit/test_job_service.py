@@ -15,42 +15,26 @@ from typing import Any
 import msgspec
 import pytest
 from support.coordinator_peer import Peer, signed_receipt
+from support.job_service import Jobs, jobs_in
 
-from agent.protocol import crypto, dsse
+from agent.protocol import dsse
 from agent.protocol.errors import AuthError
 from agent.protocol.jobs import verify_offer
 from agent.protocol.messages import JobLog, JobLogBody, JobResult, JobStatus, JobStatusBody
-from coordinator import keys
 from coordinator.errors import JobError
-from coordinator.job_service import JobService
-from coordinator.sessions import OpenSessions
 from coordinator.store import Store
 
 SPEC: dict[str, Any] = {"image": "busybox@sha256:" + "a" * 64, "command": ["echo", "hi"]}
 COORDINATOR = Path(__file__).resolve().parents[2] / "coordinator"
 
 
-class _Jobs:
-    def __init__(self, tmp_path: Path) -> None:
-        self.key = keys.load_or_create(tmp_path / "state")
-        self.store = Store(tmp_path / "coordinator.db")
-        self.service = JobService(self.store, self.key, OpenSessions(), time.time)
-        self.peer = Peer()
-
-    def seen(self) -> None:
-        self.store.nodes.seen(self.peer.node_id, crypto.b64encode(self.peer.public_key), 1.0)
-
-
 @pytest.fixture
-def jobs(tmp_path: Path) -> Iterator[_Jobs]:
-    service = _Jobs(tmp_path)
-    try:
-        yield service
-    finally:
-        service.store.close()
+def jobs(tmp_path: Path) -> Iterator[Jobs]:
+    with jobs_in(tmp_path) as made:
+        yield made
 
 
-async def test_an_offer_to_a_node_never_seen_is_refused_and_stores_nothing(jobs: _Jobs) -> None:
+async def test_an_offer_to_a_node_never_seen_is_refused_and_stores_nothing(jobs: Jobs) -> None:
     with pytest.raises(JobError) as refused:
         await jobs.service.submit(jobs.peer.node_id, SPEC)
     assert refused.value.code == "unknown_node"
@@ -58,7 +42,7 @@ async def test_an_offer_to_a_node_never_seen_is_refused_and_stores_nothing(jobs:
 
 
 async def test_offer_and_cancel_to_an_offline_node_wait_in_its_stream_in_order(
-    jobs: _Jobs,
+    jobs: Jobs,
 ) -> None:
     jobs.seen()
     job_id = await jobs.service.submit(jobs.peer.node_id, SPEC)
@@ -78,7 +62,7 @@ async def test_offer_and_cancel_to_an_offline_node_wait_in_its_stream_in_order(
 
 
 async def test_reports_change_the_job_once_and_a_receipt_not_of_the_node_changes_nothing(
-    jobs: _Jobs,
+    jobs: Jobs,
 ) -> None:
     jobs.seen()
     job_id = await jobs.service.submit(jobs.peer.node_id, SPEC)
