@@ -102,3 +102,17 @@ async def test_a_drain_takes_a_service_out_lets_its_requests_finish_then_stops_i
         ("unhealthy", "draining"),
         ("stopped", "drained"),
     ]
+
+
+async def test_a_service_outlives_its_specs_timeout_which_is_a_jobs_not_a_services(
+    world: World,
+) -> None:
+    short = {**_service(world, SERVE), "timeout_s": 1}
+    await deliver(world, offer_message(world, "svc-f", short))
+    await _until(lambda: "ready" in world.states("svc-f"))
+    await asyncio.sleep(2)  # past timeout_s: a batch job would be stopped by now
+    assert world.states("svc-f")[-1] == "ready"
+    assert world.manager.services["svc-f"].ready
+    world.manager.stop("svc-f", "cancelled")
+    await world.manager.wait_idle()
+    assert world.states("svc-f")[-1] == "stopped"
