@@ -72,6 +72,8 @@ class Settings:
             shed over the quota, in a row, that close the session.
         telemetry_keep_s, telemetry_keep_rows: telemetry older, or beyond that many rows
             per node, is deleted every :attr:`retention_interval_s` (0: never).
+        artifacts_keep_s: the outputs in the artifact store of a job that ended longer ago
+            are removed by the same pass.
     """
 
     heartbeat_s: float = 15.0
@@ -91,6 +93,7 @@ class Settings:
     abuse_strikes: int = 30
     telemetry_keep_s: float = 7 * 86400.0
     telemetry_keep_rows: int = 100_000
+    artifacts_keep_s: float = 7 * 86400.0
     retention_interval_s: float = 600.0
 
     def __post_init__(self) -> None:
@@ -261,6 +264,10 @@ def add_options(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--telemetry-keep-days", type=float, help="days of telemetry kept")
     parser.add_argument("--telemetry-keep-rows", type=int, help="telemetry rows kept per node")
+    parser.add_argument(
+        "--artifacts-keep-days", type=float,
+        help="days a job's stored outputs are kept after it ended (default 7)",
+    )  # fmt: skip
 
 
 def settings_from(args: argparse.Namespace) -> Settings:
@@ -272,6 +279,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
     default = Settings()
     tokens = read_tokens(args.enrolment_tokens) if args.enrolment_tokens else frozenset()
     quota_mib, keep_days = args.node_quota_mib, args.telemetry_keep_days
+    artifact_days = args.artifacts_keep_days
     return Settings(
         admission=args.admission,
         allowed=frozenset(allow_entry(entry) for entry in args.allow),
@@ -294,6 +302,9 @@ def settings_from(args: argparse.Namespace) -> Settings:
             default.telemetry_keep_rows
             if args.telemetry_keep_rows is None
             else args.telemetry_keep_rows
+        ),
+        artifacts_keep_s=(
+            default.artifacts_keep_s if artifact_days is None else _seconds(artifact_days)
         ),
     )
 

@@ -36,7 +36,7 @@ from coordinator import api, keys, offers
 from coordinator.admin import AdminFile, AdminListener, new_token, write_admin_file
 from coordinator.admission import Settings, TokenBucket
 from coordinator.api_util import HttpAnswer, HttpRequest, coded_error
-from coordinator.artifacts import ArtifactStore, job_outputs
+from coordinator.artifacts import ArtifactStore, Retained, job_outputs
 from coordinator.connection import AgentSessions, Shared, handle
 from coordinator.images import ImagePinner
 from coordinator.job_service import JobService
@@ -266,11 +266,25 @@ class Coordinator:
         before = self._clock() - settings.telemetry_keep_s
         return self._started().store.retention.prune_telemetry(before, settings.telemetry_keep_rows)
 
+    def expire_outputs(self) -> Retained:
+        """Remove the stored outputs of jobs that ended over ``artifacts_keep_s`` ago (a job
+        the store no longer has counts as ended), and every file no output needs."""
+        jobs, artifacts = self._started().store.jobs, self.artifacts
+        assert artifacts is not None  # made with the store
+        before = self._clock() - self.settings.artifacts_keep_s
+
+        def ended(job_id: str) -> bool:
+            job = jobs.get(job_id)
+            return job is None or (job.final and job.updated < before)
+
+        return artifacts.retain(ended)
+
     async def _retain(self) -> None:
         """Prune at start, then every retention interval, until stopped."""
         while True:
             try:
                 deleted = self.prune()
+                expired = self.expire_outputs()
             except Exception:  # said, and tried again at the next interval
                 # A task that dies says nothing: the store would grow without a word.
                 _log.exception(
@@ -279,6 +293,8 @@ class Coordinator:
             else:
                 if deleted:
                     _log.info("retention: %d telemetry row(s) deleted", deleted)
+                if expired.outputs or expired.files:
+                    _log.info("retention: %d output(s) expired, %d file(s) deleted", *expired)
             self.retained.set()
             await asyncio.sleep(self.settings.retention_interval_s)
 
