@@ -104,8 +104,8 @@ def _parser() -> _Parser:
     run.add_argument(
         "--artifacts-port",
         type=_port,
-        default=0,
-        help="port on --host where nodes PUT job outputs (0: any free)",
+        help="port on --host where nodes PUT job outputs (default: --port + 1, so 8766;"
+        " 0: any free, which breaks the upload URLs of offers sent before a restart)",
     )
     run.add_argument(
         "--registry-logins",
@@ -308,6 +308,7 @@ def _serve_command(args: argparse.Namespace) -> int:
     try:
         # Read-only checks of every argument before the key, the database or the admin
         # file is written: a refused argument leaves nothing behind.
+        args.artifacts_port = cli_args.artifacts_port(args.port, args.artifacts_port)
         ssl_context = None
         if args.tls_cert is not None:
             ssl_context = cli_args.tls_context(args.tls_cert, args.tls_key)

@@ -29,6 +29,7 @@ from oci import OciError, read_logins
 __all__ = [
     "JOB_ID",
     "NODE_ID",
+    "artifacts_port",
     "check_addresses",
     "check_db",
     "check_job_id",
@@ -76,6 +77,26 @@ def check_ttl(ttl_s: float) -> None:
     """Refuse an offer lifetime the coordinator refuses (JobError ``bad_ttl``)."""
     if not 0 < ttl_s <= MAX_TTL_S:
         raise JobError("bad_ttl", f"--ttl must be in (0, {MAX_TTL_S:.0f}] seconds")
+
+
+def artifacts_port(port: int, given: int | None) -> int:
+    """The artifact listener's port: ``given``, else the one after the websocket's.
+
+    A fixed port, not any free one: the upload URLs signed into offers name it, and must
+    still reach the store after a restart. Derived from ``port`` so that a coordinator
+    moved to another port (or a second one on the host) needs no second option; with
+    ``port`` 0 (any free) it is any free one too.
+
+    Raises:
+        ConfigError: ``bad_address`` (``port`` is 65535: no port after it).
+    """
+    if given is not None:
+        return given
+    if port == 0:
+        return 0
+    if port >= 65535:
+        raise ConfigError("bad_address", "--port 65535 leaves no default --artifacts-port")
+    return port + 1
 
 
 def check_addresses(addresses: Sequence[tuple[str, int]]) -> None:
