@@ -22,6 +22,7 @@ import logging
 import signal
 import time
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import msgspec
 
@@ -210,6 +211,7 @@ class _Daemon:
                 max_bytes=config.upload_spool_max_bytes,
                 ca_file=config.link.ca_file,
             ),
+            coordinator_host=urlsplit(config.link.url).hostname,
         )
         self.guard = OwnerGuard(
             jobs=self.jobs,

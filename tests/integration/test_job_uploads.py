@@ -51,7 +51,14 @@ class Node:
     identity: Identity
     manager: JobManager | None = None
 
-    def start(self, spool_max: int = 1 << 30, max_concurrent: int = 0) -> JobManager:
+    def start(
+        self,
+        spool_max: int = 1 << 30,
+        max_concurrent: int = 0,
+        *,
+        upload_hosts: list[str] | None = None,
+        coordinator_host: str | None = None,
+    ) -> JobManager:
         scheduler = Scheduler([factories.gpu(vendor="intel", backend="intel", uuid=UNSUPPORTED)])
         for unit in scheduler.units:
             scheduler.set_health(unit, "healthy")
@@ -61,12 +68,17 @@ class Node:
             identity=self.identity,
             outbox=self.outbox,
             runner=Runner(DockerClient(self.docker), RunnerConfig(jobs_dir=self.tmp / "jobs")),
-            policy=Policy(allowed_images=[self.image]),
+            # The stores here are on loopback: listed by the owner, as a presigned S3 store is.
+            policy=Policy(
+                allowed_images=[self.image],
+                allowed_upload_hosts=["127.0.0.1"] if upload_hosts is None else upload_hosts,
+            ),
             node=node,
             trusted_keys={KEY_ID: crypto.public_key_bytes(KEY)},
             wake=lambda: None,
             delivery=Delivery(self.tmp / "spool", max_bytes=spool_max, policy=_FAST),
             max_concurrent=max_concurrent,
+            coordinator_host=coordinator_host,
         )
         return self.manager
 
@@ -207,6 +219,35 @@ async def test_an_offer_with_a_bad_target_is_refused_and_nothing_runs(
     assert node.states("up-bad") == ["refused"]
     assert node.messages("up-bad")[0][1]["code"] == code
     assert manager.tasks == {}
+
+
+async def test_an_upload_host_the_owner_did_not_list_is_refused_and_nothing_runs(
+    node: Node, s3: S3
+) -> None:
+    # As shipped: only the coordinator's own host, which the S3 store is not.
+    manager = node.start(upload_hosts=["@coordinator"], coordinator_host="coordinator.example")
+    await manager.recover()
+    url = s3.presign_put("jobs/up-host/result.txt")
+    await node.offer("up-host", {"result.txt": UploadTarget(url=url)})
+    assert node.states("up-host") == ["refused"]
+    refusal = node.messages("up-host")[0][1]
+    assert refusal["code"] == "upload_host_refused"
+    assert "127.0.0.1" in refusal["detail"]
+    assert "Signature" not in refusal["detail"]  # a presigned URL's query is a credential
+    assert manager.tasks == {}
+    assert not (node.tmp / "spool" / "up-host").exists()
+    assert s3.keys() == []
+    assert manager.delivery is not None
+    assert manager.delivery.reserve("next", 1 << 30)  # the refused offer holds no spool
+
+
+async def test_the_coordinators_own_host_is_allowed_by_default(node: Node, store: Store) -> None:
+    manager = node.start(upload_hosts=["@coordinator"], coordinator_host="127.0.0.1")
+    await manager.recover()
+    await node.offer("up-own", {"result.txt": UploadTarget(url=f"{store.url}/r")})
+    await manager.wait_idle()
+    assert node.states("up-own") == ["accepted", "running", "uploading", "completed"]
+    assert store.objects == {"/r": RESULT_SHA}
 
 
 async def test_an_offer_whose_outputs_do_not_fit_the_spool_is_refused_spool_full(
