@@ -280,23 +280,30 @@ class Coordinator:
         return artifacts.retain(ended)
 
     async def _retain(self) -> None:
-        """Prune at start, then every retention interval, until stopped."""
+        """Prune and expire at start, then every retention interval, until stopped."""
         while True:
-            try:
-                deleted = self.prune()
-                expired = self.expire_outputs()
-            except Exception:  # said, and tried again at the next interval
-                # A task that dies says nothing: the store would grow without a word.
-                _log.exception(
-                    "retention: the pass failed; next in %gs", self.settings.retention_interval_s
-                )
-            else:
-                if deleted:
-                    _log.info("retention: %d telemetry row(s) deleted", deleted)
-                if expired.outputs or expired.files:
-                    _log.info("retention: %d output(s) expired, %d file(s) deleted", *expired)
+            # Each apart: telemetry that cannot be pruned does not keep outputs forever.
+            for what, step in (("telemetry", self._prune_step), ("outputs", self._expire_step)):
+                try:
+                    step()
+                except Exception:  # said, and tried again at the next interval
+                    # A task that dies says nothing: the store would grow without a word.
+                    _log.exception(
+                        "retention: the %s pass failed; next in %gs",
+                        what,
+                        self.settings.retention_interval_s,
+                    )
             self.retained.set()
             await asyncio.sleep(self.settings.retention_interval_s)
+
+    def _prune_step(self) -> None:
+        if deleted := self.prune():
+            _log.info("retention: %d telemetry row(s) deleted", deleted)
+
+    def _expire_step(self) -> None:
+        expired = self.expire_outputs()
+        if expired.outputs or expired.files:
+            _log.info("retention: %d output(s) expired, %d file(s) deleted", *expired)
 
     def _started(self) -> Shared:
         if self._shared is None:

@@ -184,3 +184,34 @@ async def test_a_pass_during_a_put_leaves_its_temporary_file_and_the_put_lands(
     assert answer.startswith(b"HTTP/1.1 201 "), answer
     assert coordinator.artifacts is not None
     assert coordinator.artifacts.outputs(offer.job_id)["result.txt"].size_bytes == 10
+
+
+async def test_the_periodic_pass_expires_outputs_and_a_restart_keeps_them_expired(
+    tmp_path: Path, clock: Clock
+) -> None:
+    def started(interval_s: float) -> Coordinator:
+        return Coordinator(
+            db_path=tmp_path / "coordinator.db",
+            state_dir=tmp_path / "state",
+            settings=Settings(artifacts_keep_s=DAY, retention_interval_s=interval_s),
+            clock=clock,
+        )
+
+    peer = Peer()
+    async with started(0) as first:
+        pinned = {first.key.key_id: first.key.public_key}
+        async with connected(first.url, pinned, peer) as link:
+            offer = await _offer(first, link)
+            assert (await _put(offer.uploads["result.txt"].url, SHARED)).status_code == 201
+            await link.status(offer.job_id, "completed")
+    clock.now += 2 * DAY
+    where = f"/api/jobs/{offer.job_id}/outputs/result.txt"
+    async with started(3600) as second:  # a pass at start, the next an hour on
+        async with asyncio.timeout(30):
+            await second.retained.wait()
+        gone = await _get(second, where)
+        assert (gone.status_code, gone.json()["error"]["code"]) == (410, "output_expired")
+        assert _blobs(second) == set()
+    async with started(0) as third:
+        gone = await _get(third, where)
+        assert (gone.status_code, gone.json()["error"]["code"]) == (410, "output_expired")

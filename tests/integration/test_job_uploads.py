@@ -58,6 +58,7 @@ class Node:
         *,
         upload_hosts: list[str] | None = None,
         coordinator_host: str | None = None,
+        retry: RetryPolicy = _FAST,
     ) -> JobManager:
         scheduler = Scheduler([factories.gpu(vendor="intel", backend="intel", uuid=UNSUPPORTED)])
         for unit in scheduler.units:
@@ -76,7 +77,7 @@ class Node:
             node=node,
             trusted_keys={KEY_ID: crypto.public_key_bytes(KEY)},
             wake=lambda: None,
-            delivery=Delivery(self.tmp / "spool", max_bytes=spool_max, policy=_FAST),
+            delivery=Delivery(self.tmp / "spool", max_bytes=spool_max, policy=retry),
             max_concurrent=max_concurrent,
             coordinator_host=coordinator_host,
         )
@@ -200,6 +201,25 @@ async def test_a_store_that_is_down_ends_the_job_upload_failed(node: Node) -> No
     await manager.wait_idle()
     assert node.states("up-3")[-1] == "error"
     assert node.receipts("up-3")[0]["code"] == "upload_failed"
+
+
+async def test_a_store_that_stays_down_is_retried_until_the_deadline_after_the_job_ended(
+    node: Node,
+) -> None:
+    # No cap on attempts: only the deadline (a second after the job ended) ends them.
+    retry = RetryPolicy(base_s=0.01, max_s=0.05, timeout_s=20, give_up_s=1.0)
+    manager = node.start(retry=retry)
+    await manager.recover()
+    with running_store() as gone:
+        url = f"{gone.url}/r"
+    await node.offer("up-late", {"result.txt": UploadTarget(url=url)})
+    await manager.wait_idle()
+    assert node.states("up-late") == ["accepted", "running", "uploading", "error"]
+    [receipt] = node.receipts("up-late")
+    assert receipt["code"] == "upload_failed"
+    [detail] = [b["detail"] for k, b in node.messages("up-late") if b.get("state") == "error"]
+    attempts = int(detail.split("upload_failed: ")[1].split(" attempts")[0])
+    assert attempts > 3  # many tries, not a count spent in a blink
 
 
 @pytest.mark.parametrize(
