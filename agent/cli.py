@@ -100,6 +100,15 @@ def _parser() -> argparse.ArgumentParser:
         help="operator policy (TOML); default: any image by name, default limits",
     )
     run.add_argument("--json", action="store_true", help="print events and result as JSON lines")
+    run.add_argument(
+        "--registry-logins",
+        type=Path,
+        metavar="FILE",
+        help="TOML file of registry logins (mode 600), to resolve and pull a tag",
+    )
+    run.add_argument(
+        "--registry-ca", type=Path, metavar="FILE", help="PEM CA bundle the registries chain to"
+    )
 
     daemon = commands.add_parser(
         "run", help="connect to a coordinator: attest this machine and stream its telemetry"
@@ -240,7 +249,8 @@ def _doctor(config: HalConfig, args: argparse.Namespace) -> int:
 
 
 def _run_local(config: HalConfig, args: argparse.Namespace) -> int:
-    from agent.jobs.run_local import default_jobs_dir, load_policy, run_local
+    from agent.jobs.run_local import Registries, default_jobs_dir, load_policy, run_local
+    from oci import OciError, read_logins
     from sandbox.errors import SandboxError
     from sandbox.runner import RunnerConfig
     from sandbox.spec import load_spec_file
@@ -248,7 +258,11 @@ def _run_local(config: HalConfig, args: argparse.Namespace) -> int:
     try:
         spec = load_spec_file(args.spec)
         policy = load_policy(args.policy)
-    except SandboxError as exc:
+        logins = read_logins(args.registry_logins) if args.registry_logins else {}
+        ca_file = args.registry_ca
+        if ca_file is not None and not ca_file.is_file():
+            raise OciError("bad_setting", f"--registry-ca {ca_file}: not a file")
+    except (SandboxError, OciError) as exc:
         print(f"gpu-agent: error [{exc.code}]: {exc.detail}", file=sys.stderr)
         return EXIT_USAGE
     return run_local(
@@ -258,6 +272,7 @@ def _run_local(config: HalConfig, args: argparse.Namespace) -> int:
         runner_config=RunnerConfig(jobs_dir=default_jobs_dir(), runtime=policy.runtime),
         docker_socket=str(config.docker_socket),
         as_json=args.json,
+        registries=Registries(logins, ca_file),
     )
 
 

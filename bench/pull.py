@@ -31,7 +31,7 @@ import msgspec
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
-from support.registry import docker_push, running_registry  # noqa: E402
+from support.registry import push_busybox, running_registry  # noqa: E402
 
 from sandbox.docker_api import DockerClient  # noqa: E402
 from sandbox.engine import Engine  # noqa: E402
@@ -69,15 +69,9 @@ async def main(runs: int, mib: int) -> dict[str, object]:
     work = Path(tempfile.mkdtemp(prefix="bench-pull-"))
     try:
         with running_registry(work) as registry:
-            context = work / "context"
-            (context / "bin").mkdir(parents=True)
-            shutil.copy2("/bin/busybox", context / "bin" / "busybox")
-            (context / "blob").write_bytes(os.urandom(mib * MiB))
-            (context / "Dockerfile").write_text("FROM scratch\nCOPY bin /bin\nCOPY blob /blob\n")
             tag = f"{registry.host}/bench/pull:1"
-            subprocess.run(["docker", "build", "-q", "-t", tag, str(context)], check=True)
+            pinned = push_busybox(registry, tag, os.urandom(mib * MiB), work)
             config = work / "docker-config"
-            pinned = docker_push(registry, tag, config)
             auth = RegistryAuth(
                 username=registry.username, password=registry.password, serveraddress=registry.host
             )

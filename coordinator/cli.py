@@ -15,7 +15,7 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, NamedTuple, NoReturn
 
 import platformdirs
 
@@ -26,6 +26,7 @@ from coordinator.errors import AdminError, ConfigError, CoordinatorError, JobErr
 from coordinator.images import ImagePinner
 from coordinator.outputs_download import download_outputs
 from coordinator.server import Coordinator, serve
+from oci import Credentials
 
 __all__ = ["EXIT_BROKEN_PIPE", "EXIT_ERROR", "EXIT_USAGE", "default_state_dir", "main"]
 
@@ -138,6 +139,13 @@ def _parser() -> _Parser:
     submit.add_argument(
         "--out", type=Path, metavar="DIR", help="with --wait: fetch the outputs here, checked"
     )
+    submit.add_argument(
+        "--registry-logins",
+        type=_path,
+        metavar="FILE",
+        help="TOML file of a short-lived login to the image's registry, sent in the signed"
+        " offer for the node's pull (mode 600)",
+    )
     _admin_options(submit)
     prefetch = commands.add_parser(
         "prefetch", help="ask a node to pull an image now (a tag is pinned first)"
@@ -191,9 +199,16 @@ async def _serve(
             loop.remove_signal_handler(signum)
 
 
-def _submit(args: argparse.Namespace, client: AdminClient, spec: dict[str, Any]) -> int:
+def _submit(args: argparse.Namespace, client: AdminClient, submission: _Submission) -> int:
     uploads = cli_args.parse_uploads(args.upload)
-    job_id = client.submit(args.node, spec, job_id=args.job_id, ttl_s=args.ttl, uploads=uploads)
+    job_id = client.submit(
+        args.node,
+        submission.spec,
+        job_id=args.job_id,
+        ttl_s=args.ttl,
+        uploads=uploads,
+        registry_logins=submission.logins,
+    )
     print(job_id, flush=True)
     if not args.wait:
         return 0
@@ -244,8 +259,13 @@ def _fail(exc: CoordinatorError, status: int) -> int:
     return status
 
 
-def _check_admin_arguments(args: argparse.Namespace) -> dict[str, Any]:
-    """Every argument of an admin command checked; the spec to submit ({} for the others)."""
+class _Submission(NamedTuple):
+    spec: dict[str, Any]
+    logins: dict[str, Credentials]
+
+
+def _check_admin_arguments(args: argparse.Namespace) -> _Submission:
+    """Every argument of an admin command checked; what to submit (nothing for the others)."""
     if args.url is not None:
         check_url(args.url)
     if args.command == "cancel":
@@ -254,7 +274,7 @@ def _check_admin_arguments(args: argparse.Namespace) -> dict[str, Any]:
     if args.command == "prefetch":
         cli_args.check_node_id(args.node)
     if args.command != "submit":
-        return {}
+        return _Submission({}, {})
     cli_args.check_node_id(args.node)
     if args.job_id is not None:
         cli_args.check_job_id(args.job_id)
@@ -263,19 +283,20 @@ def _check_admin_arguments(args: argparse.Namespace) -> dict[str, Any]:
     cli_args.parse_uploads(args.upload)
     if args.out is not None and not args.wait:
         raise JobError("bad_request", "--out needs --wait: outputs exist once the job ended")
-    return load_spec_file(args.spec_file)
+    logins = cli_args.registry_logins(args.registry_logins)
+    return _Submission(load_spec_file(args.spec_file), logins)
 
 
 def _admin_command(args: argparse.Namespace) -> int:
     try:
         # The arguments first: one that is refused (exit 2) reaches nothing.
-        spec = _check_admin_arguments(args)
-    except (AdminError, JobError) as exc:
+        submission = _check_admin_arguments(args)
+    except (AdminError, ConfigError, JobError) as exc:
         return _fail(exc, EXIT_USAGE)
     try:
         client = AdminClient.from_state_dir(args.state_dir, args.url)
         if args.command == "submit":
-            return _submit(args, client, spec)
+            return _submit(args, client, submission)
         if args.command == "cancel":
             client.cancel(args.job_id, args.reason)
             return 0

@@ -24,7 +24,7 @@ from agent.protocol.limits import MAX_ERROR_DETAIL_CHARS
 from coordinator.errors import ConfigError, JobError
 from coordinator.images import ImagePinner
 from coordinator.offers import MAX_TTL_S
-from oci import OciError, read_logins
+from oci import Credentials, OciError, read_logins
 
 __all__ = [
     "JOB_ID",
@@ -245,18 +245,27 @@ def image_pinner(logins_file: Path | None, ca_file: Path | None) -> ImagePinner:
         ConfigError: ``bad_logins_file`` (missing, unsafe, malformed), ``bad_setting``
             (the CA file is not a readable PEM file).
     """
-    logins = {}
-    if logins_file is not None:
-        try:
-            logins = read_logins(logins_file)
-        except OciError as exc:
-            raise ConfigError(exc.code, exc.detail) from None
+    logins = registry_logins(logins_file)
     if ca_file is not None:
         try:
             ssl.create_default_context(cafile=str(ca_file))
         except (OSError, ssl.SSLError, ValueError) as exc:
             raise ConfigError("bad_setting", f"--registry-ca {ca_file}: {exc}") from None
     return ImagePinner(logins=logins, ca_file=ca_file)
+
+
+def registry_logins(path: Path | None) -> dict[str, Credentials]:
+    """The registry logins in ``path`` (none without one).
+
+    Raises:
+        ConfigError: ``bad_logins_file`` (missing, unsafe, malformed).
+    """
+    if path is None:
+        return {}
+    try:
+        return read_logins(path)
+    except OciError as exc:
+        raise ConfigError(exc.code, exc.detail) from None
 
 
 def parse_uploads(given: list[str]) -> dict[str, str]:

@@ -17,6 +17,7 @@ import socket
 import threading
 import time
 import tomllib
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Final
 from urllib.parse import quote, urlsplit
@@ -26,6 +27,7 @@ import msgspec
 from coordinator.admin import ADMIN_FILE, check_url, read_admin_file
 from coordinator.errors import AdminError, JobError
 from coordinator.offers import check_spec
+from oci import Credentials
 from sandbox.files import read_regular
 from sandbox.spec import MAX_SPEC_BYTES
 
@@ -108,11 +110,18 @@ class AdminClient:
         job_id: str | None = None,
         ttl_s: float | None = None,
         uploads: dict[str, str] | None = None,
+        registry_logins: Mapping[str, Credentials] | None = None,
     ) -> str:
-        """Submit a job; its id. ``uploads``: output path -> a PUT URL of the submitter's."""
+        """Submit a job; its id. ``uploads``: output path -> a PUT URL of the submitter's;
+        ``registry_logins``: a short-lived login to the image's registry, for the node."""
         body: dict[str, Any] = {"node_id": node_id, "spec": spec}
         if uploads:
             body["uploads"] = {path: {"url": url} for path, url in uploads.items()}
+        if registry_logins:
+            body["registry_logins"] = {
+                host: {"username": login.username, "password": login.password}
+                for host, login in registry_logins.items()
+            }
         if job_id is not None:
             body["job_id"] = job_id
         if ttl_s is not None:

@@ -42,9 +42,12 @@ class ImagePinner:
         self._stall_s = stall_s
         self._deadline_s = deadline_s
 
-    async def pin(self, spec: dict[str, Any]) -> dict[str, Any]:
+    async def pin(
+        self, spec: dict[str, Any], logins: Mapping[str, Credentials] | None = None
+    ) -> dict[str, Any]:
         """``spec`` with its image pinned by digest (a copy; the same when already pinned
         or when it has no usable image, which the spec's own checks then refuse).
+        ``logins`` (a submitter's) go before the coordinator's own for their registries.
 
         Raises:
             JobError: the registry's code (``image_not_found``, ``registry_unreachable``,
@@ -58,13 +61,13 @@ class ImagePinner:
                 return spec
         except ValueError:
             return spec  # the spec's checks say what is wrong with it
-        pinned = await asyncio.to_thread(self._resolve, image)
+        pinned = await asyncio.to_thread(self._resolve, image, {**self._logins, **(logins or {})})
         return {**spec, "image": pinned}
 
-    def _resolve(self, image: str) -> str:
+    def _resolve(self, image: str, logins: Mapping[str, Credentials]) -> str:
         try:
             with RegistryClient(
-                credentials=self._logins,
+                credentials=logins,
                 ca_file=self._ca_file,
                 stall=self._stall_s,
                 deadline=self._deadline_s,

@@ -36,6 +36,7 @@ from coordinator.jobs_store import JobEvent, JobLogs, JobRow, JobSummary, Verifi
 from coordinator.keys import CoordinatorKey
 from coordinator.offers import DEFAULT_TTL_S, draft_offer, new_job_id, repin, sign_draft
 from coordinator.store import Added, Store
+from oci import Credentials
 
 __all__ = ["JobMessage", "JobService", "Sessions"]
 
@@ -90,6 +91,7 @@ class JobService:
         job_id: str | None = None,
         ttl_s: float = DEFAULT_TTL_S,
         uploads: Any = None,
+        registry_logins: Any = None,
     ) -> str:
         """Sign an offer of ``spec`` to ``node_id``, store it, send it; returns the job id.
 
@@ -102,6 +104,9 @@ class JobService:
             ttl_s: how long the offer stays valid; a node that gets it later refuses it.
             uploads: output path -> ``{"url", "headers"}`` the node PUTs it to (presigned
                 URLs); the other outputs go to the coordinator's artifact store.
+            registry_logins: registry host -> ``{"username", "password"}``, a short-lived
+                login to the image's registry: used to pin its tag, and carried in the
+                offer for the node's pull (the node's own logins are not needed then).
 
         An image named by a tag is pinned to its digest first (:mod:`coordinator.images`):
         the offer carries ``repository@sha256:...``, and the node refuses a tag.
@@ -127,8 +132,13 @@ class JobService:
             now=self._clock(),
             ttl_s=ttl_s,
             uploads=uploads,
+            registry_logins=registry_logins,
         )
-        pinned = await self._pinner.pin(draft.offer.spec)
+        logins = {
+            host: Credentials(login.username, login.password)
+            for host, login in draft.offer.registry_logins.items()
+        }
+        pinned = await self._pinner.pin(draft.offer.spec, logins)
         if pinned is not draft.offer.spec:
             draft = repin(draft, pinned.get("image"), self._clock())
         signed = sign_draft(self._key, draft, self._default_target())

@@ -32,6 +32,9 @@ class _Submit(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=T
     uploads: dict[str, Any] = {}
     """Output path -> ``{"url", "headers"}``: the submitter's own targets (presigned PUT
     URLs); the other outputs go to the coordinator's artifact store."""
+    registry_logins: dict[str, Any] = {}
+    """Registry host -> ``{"username", "password"}``: a short-lived login to the image's
+    registry, for pinning its tag and for the node's pull."""
 
 
 class _Cancel(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -80,6 +83,7 @@ async def submit(jobs: JobService, body: bytes) -> HttpAnswer:
         job_id=request.job_id,
         ttl_s=request.ttl_s,
         uploads=request.uploads,
+        registry_logins=request.registry_logins,
     )
     return json_answer({"job_id": job_id, "url": f"/api/jobs/{job_id}"}, HTTPStatus.CREATED)
 
@@ -197,19 +201,24 @@ def _detail(jobs: JobService, job: JobRow, connected: Collection[str]) -> dict[s
 
 def _public_offer(envelope: dict[str, Any]) -> dict[str, Any]:
     """The signed offer as the read API shows it. Its upload URLs are write credentials (a
-    presigned URL's signature, an artifact token), and the read API is anyone's who reaches
-    the port: an offer with targets is shown without its payload, its targets without
-    their queries and headers (``offer_sha256`` still names what was signed)."""
+    presigned URL's signature, an artifact token) and a registry login is one, and the
+    read API is anyone's who reaches the port: an offer with either is shown without its
+    payload, its targets without their queries and headers, its registries without their
+    logins (``offer_sha256`` still names what was signed)."""
     offer = msgspec.json.decode(crypto.b64decode(envelope["payload"]))
-    uploads = offer.get("uploads")
-    if not uploads:
+    uploads = offer.get("uploads") or {}
+    logins = offer.get("registry_logins") or {}
+    if not uploads and not logins:
         return envelope
-    return {
+    shown: dict[str, Any] = {
         "payloadType": envelope.get("payloadType"),
         "payload": None,
-        "redacted": "the payload holds upload credentials",
+        "redacted": "the payload holds credentials",
         "uploads": {path: target["url"].split("?", 1)[0] for path, target in uploads.items()},
     }
+    if logins:
+        shown["registry_logins"] = sorted(logins)
+    return shown
 
 
 def _outputs(jobs: JobService, job: JobRow) -> dict[str, Any]:

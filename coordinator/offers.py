@@ -108,6 +108,7 @@ def draft_offer(
     now: float,
     ttl_s: float = DEFAULT_TTL_S,
     uploads: Any = None,
+    registry_logins: Any = None,
 ) -> Draft:
     """The offer of ``spec`` to ``node_id``, checked: everything :func:`make_offer` refuses
     but the frame's size, which only the signed offer has.
@@ -126,6 +127,7 @@ def draft_offer(
         "issued_at": now,
         "expires_at": now + ttl_s,
         "uploads": uploads or {},
+        "registry_logins": registry_logins or {},
     }
     try:
         # Round trip through JSON: the spec is signed, stored and sent exactly as the node
@@ -137,9 +139,16 @@ def draft_offer(
             raise JobError("bad_job_id", f"{job_id!r}: {where}") from None
         if "$.uploads" in where:
             raise JobError("bad_upload_target", where) from None
+        if "$.registry_logins" in where:
+            # msgspec's message names the path, never the value: no password in an error.
+            raise JobError("bad_registry_login", where) from None
         raise JobError("bad_spec", where) from None
     # The node decodes the offer's spec from JSON and loads it so (agent.jobs): the same here.
     loaded = _load(offer.spec)
+    registry = loaded.image_ref.repository
+    for host in offer.registry_logins:
+        if registry is None or host != registry.split("/", 1)[0]:
+            raise JobError("bad_registry_login", f"a login for {host}; the image is {loaded.image}")
     try:
         check_uploads(offer.uploads, loaded.outputs)
     except DecodeError as exc:
@@ -149,8 +158,9 @@ def draft_offer(
 
 def repin(draft: Draft, image: object, now: float) -> Draft:
     """``draft`` with its spec's image replaced by ``image`` (the tag pinned to a digest),
-    issued ``now``. Nothing else of the spec changed, so only the image is checked again,
-    as the node checks one.
+    issued ``now``. Nothing else of the spec changed (its repository neither, so a login
+    for its registry still is one), so only the image is checked again, as the node checks
+    one.
 
     Raises:
         JobError: ``bad_value`` (no image reference the node reads, e.g. over 255
@@ -215,12 +225,15 @@ def make_offer(
     ttl_s: float = DEFAULT_TTL_S,
     uploads: Any = None,
     default_target: Callable[[str, str, float], UploadTarget] | None = None,
+    registry_logins: Any = None,
 ) -> SignedOffer:
     """The offer of ``spec`` to ``node_id``, signed, checked to fit in one frame.
 
     ``uploads`` (output path -> ``{"url", "headers"}``) are the submitter's targets, e.g.
     presigned S3 PUT URLs; each declared output without one gets ``default_target(job_id,
     path, expires_at)`` (the coordinator's artifact store) when that is given.
+    ``registry_logins`` (registry host -> ``{"username", "password"}``) is a short-lived
+    login for the node's pull of the image; only the image's registry may be named.
 
     The spec is validated as the node will (:func:`check_spec`): nothing is signed that a
     node would refuse for its form. Whether a node admits it (its policy, its GPUs) only
@@ -229,10 +242,17 @@ def make_offer(
     Raises:
         JobError: ``bad_spec`` (not a JSON object), a code of :func:`check_spec`,
             ``bad_job_id``, ``bad_ttl`` (not in (0, MAX_TTL_S]), ``spec_too_large`` (the
-            offer would not fit in a frame), ``bad_upload_target``.
+            offer would not fit in a frame), ``bad_upload_target``, ``bad_registry_login``
+            (not of that shape, or for another registry than the image's).
     """
     draft = draft_offer(
-        job_id=job_id, node_id=node_id, spec=spec, now=now, ttl_s=ttl_s, uploads=uploads
+        job_id=job_id,
+        node_id=node_id,
+        spec=spec,
+        now=now,
+        ttl_s=ttl_s,
+        uploads=uploads,
+        registry_logins=registry_logins,
     )
     return sign_draft(key, draft, default_target)
 

@@ -240,9 +240,17 @@ class Coordinator:
         job_id: str | None = None,
         ttl_s: float = offers.DEFAULT_TTL_S,
         uploads: dict[str, Any] | None = None,
+        registry_logins: dict[str, Any] | None = None,
     ) -> str:
         """:meth:`JobService.submit`: sign an offer, store it, send it; returns the job id."""
-        return await self.jobs.submit(node_id, spec, job_id=job_id, ttl_s=ttl_s, uploads=uploads)
+        return await self.jobs.submit(
+            node_id,
+            spec,
+            job_id=job_id,
+            ttl_s=ttl_s,
+            uploads=uploads,
+            registry_logins=registry_logins,
+        )
 
     async def cancel(self, job_id: str, reason: str = "") -> None:
         """:meth:`JobService.cancel`: ask the job's node to stop it."""

@@ -16,7 +16,7 @@ from oci.errors import ImageError, ImageRefused, OciError, RegistryError
 from oci.logins import read_logins
 from oci.policy import ImagePolicy, check_repository, check_size, resolve_allowed
 from oci.reference import Reference, parse_reference
-from oci.resolve import Resolved, resolve
+from oci.resolve import Resolved, host_platform, resolve
 from oci.signature import PublicKey, load_public_key, signature_tag, verify_signature
 
 __all__ = [
@@ -33,6 +33,7 @@ __all__ = [
     "Resolved",
     "check_repository",
     "check_size",
+    "host_platform",
     "load_public_key",
     "parse_reference",
     "read_logins",

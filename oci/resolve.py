@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from platform import machine as _machine
 
 from oci.client import RegistryClient
 from oci.errors import ImageError, OciError
@@ -17,7 +18,7 @@ from oci.manifest import (
 )
 from oci.reference import Reference, parse_reference
 
-__all__ = ["Resolved", "resolve"]
+__all__ = ["Resolved", "host_platform", "resolve"]
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,12 @@ class Resolved:
     def pinned(self) -> str:
         """``repository@sha256:...``, the reference an offer carries."""
         return f"{self.repository}@{self.digest}"
+
+
+def host_platform() -> str:
+    """This machine's platform as an image index names it: ``linux/amd64``, ``linux/arm64``."""
+    arch = _machine().lower()
+    return "linux/" + {"x86_64": "amd64", "aarch64": "arm64"}.get(arch, arch)
 
 
 def resolve(client: RegistryClient, reference: str, platform: str = "linux/amd64") -> Resolved:

@@ -145,7 +145,9 @@ class Runner:
         spec: WorkloadSpec,
         gpus: list[DeviceFacts],
         fetched: Mapping[str, Path] | None = None,
+        *,
         keep_outputs: Path | None = None,
+        registry_auth: RegistryAuth | None = None,
     ) -> AsyncGenerator[Event, None]:
         """Run ``spec`` on exactly ``gpus``; yield its events, the last one ``Finished``.
 
@@ -154,6 +156,8 @@ class Runner:
         ``keep_outputs``, an existing empty directory, receives a copy of each collected
         output file (``<index in spec.outputs>``), made from the reads that hashed it: the
         job directory is removed when the job ends, what is kept there is not.
+        ``registry_auth``, a login to the image's registry for this job alone (one its
+        offer carried), goes before the configured one for that registry.
 
         Iterate it under ``contextlib.aclosing``: a caller that stops early then still
         gets the container stopped and removed at once, not whenever the generator is
@@ -186,7 +190,7 @@ class Runner:
             except EngineError as exc:
                 if exc.code != "image_not_found" or not _pullable(ref):
                     raise
-                async with aclosing(self._pull(ref)) as pulling:
+                async with aclosing(self._pull(ref, registry_auth)) as pulling:
                     async for progress in pulling:
                         yield progress
                 image = await self.engine.inspect_image(ref.canonical)
@@ -283,15 +287,18 @@ class Runner:
         _check_pulled(ref, image)
         return Pulled(f"{ref.repository}@{ref.digest}", image.id, image.size)
 
-    async def _pull(self, ref: ImageRef) -> AsyncGenerator[Pulling, None]:
-        """Pull a pinned image, yielding each layer's progress as the engine reports it."""
+    async def _pull(
+        self, ref: ImageRef, auth: RegistryAuth | None = None
+    ) -> AsyncGenerator[Pulling, None]:
+        """Pull a pinned image, yielding each layer's progress as the engine reports it;
+        with ``auth``, else the configured login of its registry."""
         assert ref.repository is not None
         registry = ref.repository.split("/", 1)[0]
         progress: asyncio.Queue[Pulling | None] = asyncio.Queue()
         pull = asyncio.create_task(
             self.engine.pull(
                 f"{ref.repository}@{ref.digest}",
-                auth=self.config.registry_auth.get(registry),
+                auth=auth or self.config.registry_auth.get(registry),
                 idle_timeout_s=self.config.pull_idle_timeout_s,
                 on_progress=lambda layer, done, total: progress.put_nowait(
                     Pulling(layer, done, total)

@@ -13,7 +13,6 @@ import errno
 import os
 import stat
 import tomllib
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Final
 
@@ -22,7 +21,6 @@ import msgspec
 from agent.errors import ConfigError
 from agent.protocol.bodies import EnrolmentToken
 from oci import Credentials, OciError, read_logins
-from sandbox.engine_types import RegistryAuth
 from sandbox.files import read_regular
 
 __all__ = [
@@ -30,7 +28,6 @@ __all__ = [
     "MAX_TOKEN_FILE_BYTES",
     "ca_file_fault",
     "directory_fault",
-    "engine_logins",
     "enrolment_token_fault",
     "read_capped",
     "read_enrolment_token",
@@ -142,14 +139,6 @@ def read_registry_logins(path: Path) -> dict[str, Credentials]:
         return read_logins(path)
     except OciError as exc:
         raise ConfigError("bad_config", exc.detail) from None
-
-
-def engine_logins(logins: Mapping[str, Credentials]) -> dict[str, RegistryAuth]:
-    """The logins as the engine takes them for image pulls (``X-Registry-Auth``)."""
-    return {
-        host: RegistryAuth(username=login.username, password=login.password, serveraddress=host)
-        for host, login in logins.items()
-    }
 
 
 def registry_logins_fault(path: Path) -> str:

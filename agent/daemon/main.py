@@ -26,7 +26,7 @@ from urllib.parse import urlsplit
 
 import msgspec
 
-from agent.config.files import engine_logins, read_enrolment_token, read_registry_logins
+from agent.config.files import read_enrolment_token, read_registry_logins
 from agent.config.settings import AgentConfig, CacheConfig
 from agent.control.server import ControlServer
 from agent.daemon.control import DaemonControl
@@ -37,7 +37,7 @@ from agent.daemon.sampler import Sampler, Tick
 from agent.daemon.systemd import Notifier, watchdog_interval
 from agent.inputs.stage import Inputs
 from agent.jobs.delivery import Delivery
-from agent.jobs.images import ImageGate, load_keys
+from agent.jobs.images import ImageGate, engine_logins, load_keys
 from agent.jobs.manager import ImageBudget, JobManager
 from agent.jobs.node import NodeState
 from agent.jobs.scheduler import Scheduler

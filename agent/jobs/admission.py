@@ -5,7 +5,8 @@ comes back (:mod:`agent.jobs.machine`): ``accepted`` with the GPUs reserved, or
 ``refused`` with the first reason found, in this order: the signature and the node
 (an offer that does not verify is not recorded: its id is only what the unsigned frame
 says), the node's holds, the spec, a pinned image, the policy, the upload targets (their
-form, then their hosts: ``policy.allowed_upload_hosts``), the running jobs, the GPUs.
+form, then their hosts: ``policy.allowed_upload_hosts``), the registry login, the running
+jobs, the GPUs.
 """
 
 from __future__ import annotations
@@ -24,13 +25,13 @@ from agent.jobs.node import NodeState
 from agent.link.identity import Identity
 from agent.protocol import dsse
 from agent.protocol.errors import AuthError, DecodeError
-from agent.protocol.jobs import Offer, verify_offer
+from agent.protocol.jobs import Offer, RegistryLogins, verify_offer
 from agent.protocol.limits import MAX_ERROR_DETAIL_CHARS
 from agent.protocol.messages import JobOffer
 from agent.protocol.uploads import UploadTarget, check_uploads
 from sandbox.errors import PolicyViolation, SandboxError
 from sandbox.policy import COORDINATOR_HOST, Policy, admit
-from sandbox.spec import WorkloadSpec, load_spec
+from sandbox.spec import ImageRef, WorkloadSpec, load_spec
 from sandbox.urls import host_allowed
 
 __all__ = ["OfferDesk"]
@@ -119,6 +120,7 @@ class OfferDesk:
             admit(spec, policy, offered_vendors=self._vendors())
             check_uploads(offer.uploads, spec.outputs)
             self._check_upload_hosts(offer.uploads, policy.allowed_upload_hosts)
+            _check_logins(offer.registry_logins, spec.image_ref)
         except DecodeError as exc:
             raise _Refusal(exc.code, exc.detail) from None
         except PolicyViolation as exc:
@@ -157,6 +159,16 @@ class OfferDesk:
 
     def _vendors(self) -> frozenset[str]:
         return frozenset(u.gpu.vendor for u in self.node.scheduler.units.values())
+
+
+def _check_logins(logins: RegistryLogins, image: ImageRef) -> None:
+    """A login an offer carries is for its image's registry, and for nothing else: the
+    node hands it to the engine for that one pull."""
+    registry = image.repository.split("/", 1)[0] if image.repository else None
+    for host in logins:
+        if host != registry:
+            what = f"the registry {registry}" if registry else "no registry (a local image)"
+            raise _Refusal("bad_registry_login", f"a login for {host}; the image is from {what}")
 
 
 class _Refusal(Exception):

@@ -16,6 +16,7 @@ import asyncio
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from agent.protocol.jobs import Offer
 from oci import (
     Credentials,
     ImagePolicy,
@@ -26,9 +27,26 @@ from oci import (
     resolve,
     verify_signature,
 )
+from sandbox.engine_types import RegistryAuth
 from sandbox.spec import ImageRef
 
-__all__ = ["ImageGate", "load_keys"]
+__all__ = ["ImageGate", "engine_logins", "load_keys", "offer_logins"]
+
+
+def engine_logins(logins: Mapping[str, Credentials]) -> dict[str, RegistryAuth]:
+    """The logins as the engine takes them for image pulls (``X-Registry-Auth``)."""
+    return {
+        host: RegistryAuth(username=login.username, password=login.password, serveraddress=host)
+        for host, login in logins.items()
+    }
+
+
+def offer_logins(offer: Offer) -> dict[str, Credentials]:
+    """The short-lived logins an offer carries (for its image's registry alone)."""
+    return {
+        host: Credentials(login.username, login.password)
+        for host, login in offer.registry_logins.items()
+    }
 
 
 def load_keys(pems: Sequence[str]) -> tuple[PublicKey, ...]:
@@ -70,8 +88,9 @@ class ImageGate:
         """Whether there is anything to check."""
         return bool(self._policy.keys) or self._policy.max_compressed_bytes is not None
 
-    async def check(self, ref: ImageRef) -> None:
-        """Check ``ref`` if it is pinned in a repository and the policy asks anything.
+    async def check(self, ref: ImageRef, logins: Mapping[str, Credentials] | None = None) -> None:
+        """Check ``ref`` if it is pinned in a repository and the policy asks anything;
+        ``logins`` (an offer's) go before the node's own for their registries.
 
         Raises:
             OciError: ``image_too_large``, ``signature_missing``, ``signature_invalid``,
@@ -81,11 +100,11 @@ class ImageGate:
             return
         pinned = f"{ref.repository}@{ref.digest}"
         if pinned not in self._passed:
-            await asyncio.to_thread(self._check, pinned)
+            await asyncio.to_thread(self._check, pinned, {**self._logins, **(logins or {})})
             self._passed.add(pinned)
 
-    def _check(self, pinned: str) -> None:
-        with RegistryClient(credentials=self._logins, ca_file=self._ca_file) as client:
+    def _check(self, pinned: str, logins: Mapping[str, Credentials]) -> None:
+        with RegistryClient(credentials=logins, ca_file=self._ca_file) as client:
             resolved = resolve(client, pinned, self._platform)
             check_size(self._policy, resolved)
             if self._policy.keys:

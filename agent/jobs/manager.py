@@ -40,7 +40,7 @@ from agent.jobs.admission import OfferDesk
 from agent.jobs.delivery import Delivery
 from agent.jobs.gpus import device_facts
 from agent.jobs.image_cache import ImageCache, Prefetcher
-from agent.jobs.images import ImageGate
+from agent.jobs.images import ImageGate, engine_logins, offer_logins
 from agent.jobs.ledger import JobRecord, Ledger
 from agent.jobs.logs import LogForwarder
 from agent.jobs.machine import (
@@ -64,6 +64,7 @@ from agent.protocol.jobs import (
 )
 from agent.protocol.messages import ImagePrefetch, JobCancel, JobOffer
 from oci import OciError
+from sandbox.engine_types import RegistryAuth
 from sandbox.errors import SandboxError
 from sandbox.events import Created, Finished, JobResult, LogChunk, Pulled, Pulling, Started
 from sandbox.policy import Policy, image_allowed
@@ -298,11 +299,16 @@ class JobManager:
             async with AsyncExitStack() as held:
                 fetched = await self._fetch(job_id, spec, held)
                 if job_id not in self._stops:
-                    await self.images.check(spec.image_ref)  # size and signature, at its registry
+                    logins = offer_logins(start.offer)
+                    # Size and signature, at its registry.
+                    await self.images.check(spec.image_ref, logins)
                     if (cached := _cache_key(spec)) is not None:
                         self._images_in_use[job_id] = cached
                         self._carry_out(Decision(rows=(ImageUsed(cached),)))
-                    result = await self._follow(job_id, spec, units, fetched, logs, keep=keep)
+                    auth = next(iter(engine_logins(logins).values()), None)
+                    result = await self._follow(
+                        job_id, spec, units, fetched, logs, keep=keep, auth=auth
+                    )
         except InputError as exc:
             _log.warning("job %s: an input could not be had: %s", job_id, exc)
             result = _no_run(job_id, spec, exc.code, exc.detail)
@@ -334,6 +340,7 @@ class JobManager:
         logs: LogForwarder,
         *,
         keep: Path | None,
+        auth: RegistryAuth | None = None,
     ) -> JobResult | None:
         """Run the job's container, carrying out what each of its events decides; its
         result, or None if the runner ended without one."""
@@ -341,7 +348,7 @@ class JobManager:
         result = None
         layers = self._pulls[job_id] = {}
         reported = -math.inf
-        run = self.runner.run(job_id, spec, gpus, fetched, keep_outputs=keep)
+        run = self.runner.run(job_id, spec, gpus, fetched, keep_outputs=keep, registry_auth=auth)
         async with aclosing(run) as events:
             async for event in events:
                 if isinstance(event, Pulling):

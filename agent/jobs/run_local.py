@@ -2,6 +2,9 @@
 
 What a provider uses to check their setup end to end: the same admission policy and the
 same hardened runner a coordinator's job would go through, with its events on the terminal.
+Unlike an offer, the spec may name its image by tag: a tag the engine has is the owner's
+own image and runs as it is; any other is resolved at its registry (:func:`oci.resolve`,
+for this machine's platform), printed, and pulled by that digest.
 """
 
 from __future__ import annotations
@@ -10,7 +13,9 @@ import asyncio
 import signal
 import sys
 import uuid
+from collections.abc import Mapping
 from contextlib import AbstractAsyncContextManager, aclosing, nullcontext
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO, TextIO
 
@@ -20,10 +25,13 @@ from agent.config.settings import CacheConfig
 from agent.errors import InputError
 from agent.inputs.stage import Inputs
 from agent.jobs.gpus import device_facts, pick_gpus
+from agent.jobs.images import engine_logins
 from hal.backend import HalConfig
 from hal.profile import take_profile
+from oci import Credentials, OciError, RegistryClient, host_platform, resolve
 from sandbox.docker_api import DockerClient
-from sandbox.errors import PolicyViolation, SandboxError
+from sandbox.engine import Engine
+from sandbox.errors import EngineError, PolicyViolation, SandboxError
 from sandbox.events import (
     Created,
     Event,
@@ -40,10 +48,26 @@ from sandbox.policy import Policy, admit, load_policy_file
 from sandbox.runner import Runner, RunnerConfig
 from sandbox.spec import WorkloadSpec
 
-__all__ = ["EXIT_FAILED", "EXIT_REFUSED", "default_jobs_dir", "load_policy", "run_local"]
+__all__ = [
+    "EXIT_FAILED",
+    "EXIT_REFUSED",
+    "Registries",
+    "default_jobs_dir",
+    "load_policy",
+    "pin_tag",
+    "run_local",
+]
 
 EXIT_FAILED = 1
 EXIT_REFUSED = 3
+
+
+@dataclass(frozen=True)
+class Registries:
+    """What resolving and pulling a tag may use: logins by registry host, a CA bundle."""
+
+    logins: Mapping[str, Credentials] = field(default_factory=dict)
+    ca_file: Path | None = None
 
 
 def run_local(
@@ -55,6 +79,7 @@ def run_local(
     docker_socket: str,
     as_json: bool,
     inputs: Inputs | None = None,
+    registries: Registries | None = None,
 ) -> int:
     """Admit and run one spec; print its events and result; return the exit status.
 
@@ -73,6 +98,10 @@ def run_local(
         message = f"no {spec.gpus.count} free GPU(s) on this machine meet the spec's constraints"
         _print_error("gpus_unavailable", message, as_json)
         return EXIT_REFUSED
+    registries = registries or Registries()
+    if registries.logins:
+        auth = engine_logins(registries.logins)
+        runner_config = msgspec.structs.replace(runner_config, registry_auth=auth)
     runner = Runner(DockerClient(docker_socket), runner_config)
     job_id = f"local-{uuid.uuid4().hex[:12]}"
     gpus = [device_facts(g) for g in chosen]
@@ -82,8 +111,11 @@ def run_local(
             if inputs is None:
                 inputs = Inputs.open(default_jobs_dir().parent, CacheConfig())
             staged = inputs.stage(spec, policy.allowed_input_hosts)
-        result = asyncio.run(_run(runner, job_id, spec, gpus, as_json=as_json, staged=staged))
-    except (SandboxError, InputError) as exc:
+        run = _run(
+            runner, job_id, spec, gpus, as_json=as_json, staged=staged, registries=registries
+        )
+        result = asyncio.run(run)
+    except (SandboxError, InputError, OciError) as exc:
         _print_error(exc.code, exc.detail, as_json)
         return EXIT_FAILED
     return 0 if result.reason == "completed" else EXIT_FAILED
@@ -97,8 +129,10 @@ async def _run(
     *,
     as_json: bool,
     staged: AbstractAsyncContextManager[dict[str, Path]],
+    registries: Registries,
 ) -> JobResult:
     await runner.prepare()
+    spec = await pin_tag(runner.engine, spec, registries)
     async with staged as fetched:
         loop = asyncio.get_running_loop()
         # Ctrl-C stops the job the way a coordinator's cancel would: SIGTERM, grace, SIGKILL.
@@ -119,6 +153,35 @@ async def _run(
         finally:
             loop.remove_signal_handler(signal.SIGINT)
     raise AssertionError("the runner ended without a result")
+
+
+async def pin_tag(engine: Engine, spec: WorkloadSpec, registries: Registries) -> WorkloadSpec:
+    """``spec`` with its image pinned by digest if it names a tag the engine lacks (resolved
+    at its registry and printed); as it is otherwise.
+
+    Raises:
+        OciError: the registry's code (``image_not_found``, ``registry_auth_failed``, ...).
+        EngineError: the engine could not be asked.
+    """
+    ref = spec.image_ref
+    if ref.is_pinned:
+        return spec
+    try:
+        image = await engine.inspect_image(ref.canonical)
+    except EngineError as exc:
+        if exc.code != "image_not_found":
+            raise
+    else:
+        print(f"[gpu-agent] {spec.image} is a local image: {image.id}", file=sys.stderr)
+        return spec
+    pinned = await asyncio.to_thread(_resolve, ref.canonical, registries)
+    print(f"[gpu-agent] resolved {spec.image} to {pinned}", file=sys.stderr)
+    return msgspec.structs.replace(spec, image=pinned)
+
+
+def _resolve(reference: str, registries: Registries) -> str:
+    with RegistryClient(credentials=registries.logins, ca_file=registries.ca_file) as client:
+        return resolve(client, reference, host_platform()).pinned
 
 
 class PullProgress:

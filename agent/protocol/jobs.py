@@ -32,6 +32,8 @@ __all__ = [
     "Offer",
     "OutputDigest",
     "Receipt",
+    "RegistryLogin",
+    "RegistryLogins",
     "UploadTarget",
     "offer_digest",
     "receipt_digest",
@@ -66,6 +68,27 @@ FINAL_STATES: Final = frozenset(
 _Name = Annotated[str, Meta(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._:@/+=-]+(?!\n)$")]
 _JobId = Annotated[str, Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}(?!\n)$")]
 _Sha256 = Annotated[str, Meta(pattern=r"^[0-9a-f]{64}(?!\n)$")]
+# A registry as an image reference names it: host[:port], lower case.
+_RegistryHost = Annotated[
+    str, Meta(pattern=r"^[a-z0-9]([a-z0-9.-]{0,251}[a-z0-9])?(:[0-9]{1,5})?(?!\n)$")
+]
+# Printable ASCII: a login goes into an HTTP header (base64'd JSON for the engine).
+_Secret = Annotated[str, Meta(min_length=1, max_length=4096, pattern=r"^[\x20-\x7e]+(?!\n)$")]
+
+
+class RegistryLogin(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """A short-lived login to the registry of an offer's image (a token the coordinator
+    had issued for this pull). Its ``repr`` hides the password."""
+
+    username: Annotated[str, Meta(min_length=1, max_length=256, pattern=r"^[\x20-\x7e]+(?!\n)$")]
+    password: _Secret
+
+    def __repr__(self) -> str:
+        return f"RegistryLogin(username={self.username!r}, password=<hidden>)"
+
+
+#: What :class:`Offer` carries: one login at most, for the registry of its image.
+RegistryLogins = Annotated[dict[_RegistryHost, RegistryLogin], Meta(max_length=1)]
 
 
 class Offer(
@@ -83,6 +106,9 @@ class Offer(
         uploads: output path -> where the node PUTs that output once the job ended
             (:mod:`agent.protocol.uploads`). Left out when empty, so an offer without
             targets encodes (and digests) as before the field existed.
+        registry_logins: registry host -> a short-lived login for pulling the spec's
+            image (only its registry may be named; the node's own logins are used when
+            there is none). Shown by nothing: the read API redacts an offer that has one.
     """
 
     job_id: _JobId
@@ -91,6 +117,7 @@ class Offer(
     issued_at: float
     expires_at: float
     uploads: Uploads = {}
+    registry_logins: RegistryLogins = {}
 
 
 class OutputDigest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):

@@ -7,6 +7,7 @@ chunk and receipt arrives exactly once, and nothing runs twice.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import signal
 import subprocess
@@ -382,6 +383,65 @@ async def test_a_tag_submitted_is_pinned_pulled_with_the_nodes_login_and_run(
     kept = [tmp_path / "agent.log", tmp_path / "coordinator.db"]
     kept += [p for p in (tmp_path / "agent").rglob("*") if p.is_file()]
     assert [p for p in kept if secret in p.read_bytes()] == []
+
+
+async def test_a_short_lived_login_in_the_offer_pulls_where_no_one_has_one_and_shows_nowhere(
+    tmp_path: Path,
+    library_for: Callable[[Path], Path],
+    docker_engine: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    async with registered(tmp_path, library_for, logins_everywhere=False) as it:
+        loop = it.loop
+        node_id = await loop.ready()
+        # Neither side has a login: the tag cannot be pinned, the digest cannot be pulled.
+        with pytest.raises(JobError) as unpinned:
+            await loop.c.submit(node_id, job_spec(it.tag, "true"))
+        assert unpinned.value.code == "registry_auth_failed"
+        refused = await loop.c.submit(node_id, job_spec(it.pinned, "true"))
+        await loop.until(lambda: loop.job(refused).final, "the job without a login to end")
+        assert (loop.job(refused).state, loop.job(refused).code) == (
+            "error",
+            "registry_auth_failed",
+        )
+        # The submitter's login: the coordinator pins the tag with it and signs it into the
+        # offer, and the node pulls with it.
+        spec_file = tmp_path / "job.json"
+        spec_file.write_bytes(msgspec.json.encode(job_spec(it.tag, "wc -c < /blob")))
+        argv = [sys.executable, "-m", "coordinator.cli", "submit", str(spec_file)]
+        argv += ["--node", node_id, "--wait"]
+        argv += ["--registry-logins", str(tmp_path / "registries.toml")]
+        argv += ["--state-dir", str(loop.workdir / "coordinator")]
+        done = await asyncio.to_thread(
+            subprocess.run, argv, capture_output=True, text=True, timeout=180, check=False
+        )
+        assert done.returncode == 0, done.stderr
+        job_id = done.stdout.split()[0]
+        assert loop.job(job_id).spec["image"] == it.pinned
+        assert loop.states(job_id)[-1] == "completed", loop.bodies("job_status", job_id)
+        logs = "".join(b["data"] for b in loop.bodies("job_log", job_id))
+        assert logs.strip() == str(1 << 16)
+        secret = it.registry.password
+        shown = [done.stdout, done.stderr]
+        shown += [_control(loop, "status", "--json").stdout]
+        shown += [_control(loop, "jobs", "--json").stdout]
+        base = f"http://127.0.0.1:{loop.port}"
+        for path in ("/", "/api/jobs", f"/api/jobs/{job_id}", f"/api/nodes/{node_id}"):
+            shown.append(await asyncio.to_thread(_get, base + path))
+        # The read API shows the offer without its payload (base64, which a grep would miss).
+        detail = msgspec.json.decode(shown[-2])
+        assert detail["offer"]["payload"] is None
+        assert detail["offer"]["registry_logins"] == [it.registry.host]
+        # Nor in what the node sent: statuses, logs, telemetry, the receipt.
+        for kind in ("job_status", "job_log", "job_result", "telemetry", "profile"):
+            stored = loop.c.store.nodes.messages(node_id, kind, limit=100_000)
+            shown += [msgspec.json.encode(message.body).decode() for message in stored]
+        assert [text[:80] for text in shown if secret in text] == []
+        # The agent's log and the coordinator's never had it.
+        assert secret.encode() not in (tmp_path / "agent.log").read_bytes()
+        assert caplog.records
+        assert secret not in caplog.text
 
 
 async def test_an_image_prefetched_is_there_when_its_first_job_comes(

@@ -3,8 +3,6 @@ and a cosign-style signature under a pinned key, against Debian's real registry.
 
 from __future__ import annotations
 
-import shutil
-import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,7 +10,7 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from support.registry import LocalRegistry, RegistryApi, docker_push, running_registry, sign_image
+from support.registry import LocalRegistry, RegistryApi, push_busybox, running_registry, sign_image
 
 from agent.jobs.images import ImageGate, load_keys
 from oci import Credentials, OciError
@@ -39,13 +37,7 @@ def _pem(key: ec.EllipticCurvePrivateKey) -> str:
 
 
 def _push(registry: LocalRegistry, tag: str, blob: bytes, workdir: Path) -> ImageRef:
-    context = workdir / tag.rsplit(":", 1)[1]
-    (context / "bin").mkdir(parents=True)
-    shutil.copy2("/bin/busybox", context / "bin" / "busybox")
-    (context / "blob").write_bytes(blob)
-    (context / "Dockerfile").write_text("FROM scratch\nCOPY bin /bin\nCOPY blob /blob\n")
-    subprocess.run(["docker", "build", "-q", "-t", tag, str(context)], check=True)
-    return ImageRef.parse(docker_push(registry, tag, workdir / "docker-config"))
+    return ImageRef.parse(push_busybox(registry, tag, blob, workdir))
 
 
 @pytest.fixture(scope="module")

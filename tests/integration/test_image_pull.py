@@ -17,6 +17,7 @@ from pathlib import Path
 import msgspec
 import pytest
 from support.processes import free_port
+from support.registry import build_busybox
 from support.world import World, deliver, offer_message, spec
 
 from sandbox.docker_api import DockerClient
@@ -78,14 +79,8 @@ def registry(docker_engine: str, tmp_path_factory: pytest.TempPathFactory) -> It
 
 def _push(registry: str, name: str, context: Path) -> Pushed:
     """busybox plus a layer of 1 MiB of random bytes, pushed, then removed from the host."""
-    (context / "bin").mkdir()
-    shutil.copy2("/bin/busybox", context / "bin" / "busybox")
-    (context / "bin" / "sh").symlink_to("busybox")
-    (context / "bin" / "cat").symlink_to("busybox")
-    (context / "blob").write_bytes(os.urandom(1 << 20))
-    (context / "Dockerfile").write_text("FROM scratch\nCOPY bin /bin\nCOPY blob /blob\n")
     tag = f"{registry}/{name}:1"
-    _run("docker", "build", "--quiet", "--tag", tag, str(context))
+    build_busybox(tag, context / "image", os.urandom(1 << 20))
     _run("docker", "push", "--quiet", tag)
     digest = _run("docker", "image", "inspect", "--format", "{{index .RepoDigests 0}}", tag)
     _run("docker", "image", "rm", "--force", tag)

@@ -29,7 +29,7 @@ from agent.owner.guard import OwnerGuard
 from agent.owner.policy import OwnerPolicy
 from agent.protocol import crypto
 from agent.protocol.bodies import JobCancelBody
-from agent.protocol.jobs import Offer, receipt_digest
+from agent.protocol.jobs import Offer, RegistryLogin, receipt_digest
 from agent.protocol.messages import wrap
 from hal.types import GpuProcess, GpuSample
 from sandbox.container import LABEL_JOB
@@ -129,6 +129,20 @@ async def test_an_offer_against_policy_or_capacity_is_refused_with_its_code(
     [(_, body)] = world.messages("job-p")
     assert (body["state"], body["code"]) == ("refused", code)
     assert detail in body["detail"]
+    assert world.manager.tasks == {}
+
+
+async def test_an_offer_with_a_login_for_another_registry_than_its_images_is_refused(
+    world: World,
+) -> None:
+    login = RegistryLogin(username="u", password="short-lived")
+    message = offer_message(
+        world, "job-l", spec(world.image, "true"), registry_logins={"elsewhere.example": login}
+    )
+    await deliver(world, message)
+    [(_, body)] = world.messages("job-l")
+    assert (body["state"], body["code"]) == ("refused", "bad_registry_login")
+    assert "short-lived" not in body["detail"]
     assert world.manager.tasks == {}
 
 

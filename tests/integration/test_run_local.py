@@ -9,6 +9,8 @@ from pathlib import Path
 
 import msgspec
 import pytest
+from support.processes import free_port
+from support.registry import build_busybox, push_busybox, running_registry
 
 from sandbox.events import Event, Finished
 
@@ -83,3 +85,57 @@ def test_unreadable_policy_is_a_coded_error(tmp_path: Path) -> None:
     result = _run(tmp_path, 'image = "x"\n', "--policy", str(tmp_path / "missing.toml"))
     assert result.returncode == 2
     assert "error [bad_policy]" in result.stderr
+
+
+def test_a_tag_is_resolved_at_its_registry_printed_and_pulled_by_that_digest(
+    tmp_path: Path, docker_engine: str
+) -> None:
+    (tmp_path / "registry").mkdir()
+    with running_registry(tmp_path / "registry") as registry:
+        tag = f"{registry.host}/local/tagged:1"
+        pinned = push_busybox(registry, tag, os.urandom(1 << 12), tmp_path)
+        logins = tmp_path / "registries.toml"
+        logins.write_text(
+            f'[registry."{registry.host}"]\n'
+            f'username = "{registry.username}"\npassword = "{registry.password}"\n'
+        )
+        logins.chmod(0o600)
+        spec = f'image = "{tag}"\ncommand = ["sh", "-c", "wc -c < /blob"]\ntimeout_s = 60\n'
+        try:
+            # Without the login: the registry's code, before anything runs.
+            refused = _run(tmp_path, spec, "--registry-ca", str(registry.ca_file))
+            assert refused.returncode == 1
+            assert "error [registry_auth_failed]" in refused.stderr
+            ran = _run(
+                tmp_path,
+                spec,
+                "--registry-logins",
+                str(logins),
+                "--registry-ca",
+                str(registry.ca_file),
+            )
+            assert ran.returncode == 0, ran.stderr
+            assert f"resolved {tag} to {pinned}" in ran.stderr
+            assert f"pulled {pinned}" in ran.stderr
+            assert ran.stdout.startswith("4096\n")
+            assert registry.password not in ran.stdout + ran.stderr
+        finally:
+            subprocess.run(
+                ["docker", "image", "rm", "--force", pinned], capture_output=True, check=False
+            )
+
+
+def test_a_tag_the_engine_has_is_the_owners_image_and_no_registry_is_asked(
+    tmp_path: Path, docker_engine: str
+) -> None:
+    # A registry host that does not answer: a tag found locally never reaches it.
+    tag = f"127.0.0.1:{free_port()}/owner/made:1"
+    build_busybox(tag, tmp_path / "image", b"mine")
+    try:
+        spec = f'image = "{tag}"\ncommand = ["cat", "/blob"]\ntimeout_s = 60\n'
+        ran = _run(tmp_path, spec)
+        assert ran.returncode == 0, ran.stderr
+        assert f"{tag} is a local image: sha256:" in ran.stderr
+        assert ran.stdout.startswith("mine")
+    finally:
+        subprocess.run(["docker", "image", "rm", "--force", tag], capture_output=True, check=False)

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -28,7 +27,7 @@ from sandbox.container import LABEL_JOB
 from sandbox.docker_api import DockerClient
 from support.paths import XML
 from support.processes import free_port
-from support.registry import LocalRegistry, docker_push, running_registry
+from support.registry import LocalRegistry, push_busybox, running_registry
 
 __all__ = ["DUAL_A5000", "Loop", "Registered", "job_spec", "registered"]
 
@@ -171,20 +170,19 @@ class Registered:
 
 @asynccontextmanager
 async def registered(
-    tmp_path: Path, library_for: Callable[[Path], Path], extra_policy: str = ""
+    tmp_path: Path,
+    library_for: Callable[[Path], Path],
+    extra_policy: str = "",
+    *,
+    logins_everywhere: bool = True,
 ) -> AsyncIterator[Registered]:
+    """Without ``logins_everywhere``, neither the node nor the coordinator has a login of
+    the registry (``tmp_path / "registries.toml"`` still holds one, for a submitter)."""
     (tmp_path / "registry").mkdir()
     with running_registry(tmp_path / "registry") as registry:
         # An image the engine does not have once pushed: busybox and a layer of its own.
-        context = tmp_path / "context"
-        (context / "bin").mkdir(parents=True)
-        shutil.copy2("/bin/busybox", context / "bin" / "busybox")
-        (context / "bin" / "sh").symlink_to("busybox")
-        (context / "blob").write_bytes(os.urandom(1 << 16))
-        (context / "Dockerfile").write_text("FROM scratch\nCOPY bin /bin\nCOPY blob /blob\n")
         tag = f"{registry.host}/e2e/job:1"
-        subprocess.run(["docker", "build", "-q", "-t", tag, str(context)], check=True)
-        pinned = docker_push(registry, tag, tmp_path / "docker-config")
+        pinned = push_busybox(registry, tag, os.urandom(1 << 16), tmp_path)
         logins = tmp_path / "registries.toml"
         logins.write_text(
             f'[registry."{registry.host}"]\n'
@@ -193,10 +191,14 @@ async def registered(
         logins.chmod(0o600)
         login = Credentials(registry.username, registry.password)
         loop = Loop(tmp_path, library_for(DUAL_A5000), f"{registry.host}/e2e/job", DockerClient())
-        loop.pinner = ImagePinner(logins={registry.host: login}, ca_file=registry.ca_file)
+        pinner_logins = {registry.host: login} if logins_everywhere else {}
+        loop.pinner = ImagePinner(logins=pinner_logins, ca_file=registry.ca_file)
         loop.extra_policy = extra_policy
         await loop.start_coordinator()
-        loop.start_agent(GPU_AGENT_JOBS_REGISTRY_LOGINS_FILE=str(logins))
+        if logins_everywhere:
+            loop.start_agent(GPU_AGENT_JOBS_REGISTRY_LOGINS_FILE=str(logins))
+        else:
+            loop.start_agent()
         try:
             yield Registered(loop, registry, tag, pinned)
         finally:

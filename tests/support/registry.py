@@ -37,6 +37,9 @@ __all__ = [
     "DOCKER_MANIFEST",
     "LocalRegistry",
     "RegistryApi",
+    "build_busybox",
+    "docker_push",
+    "push_busybox",
     "running_registry",
     "sign_image",
 ]
@@ -263,3 +266,23 @@ def docker_push(registry: LocalRegistry, tag: str, docker_config: Path) -> str:
     digest = re.search(r"digest: (sha256:[0-9a-f]{64}) ", pushed.stdout)
     assert digest is not None, pushed.stdout
     return f"{tag.rsplit(':', 1)[0]}@{digest.group(1)}"
+
+
+def build_busybox(tag: str, context: Path, blob: bytes) -> None:
+    """Build ``tag`` in the empty directory ``context``: FROM scratch, the static busybox
+    (with ``sh`` and ``cat``), and ``blob`` at ``/blob``, a layer no other image shares."""
+    (context / "bin").mkdir(parents=True)
+    shutil.copy2("/bin/busybox", context / "bin" / "busybox")
+    for applet in ("sh", "cat"):
+        (context / "bin" / applet).symlink_to("busybox")
+    (context / "blob").write_bytes(blob)
+    (context / "Dockerfile").write_text("FROM scratch\nCOPY bin /bin\nCOPY blob /blob\n")
+    subprocess.run(["docker", "build", "-q", "-t", tag, str(context)], check=True)
+
+
+def push_busybox(registry: LocalRegistry, tag: str, blob: bytes, workdir: Path) -> str:
+    """:func:`build_busybox` under ``workdir``, pushed to ``registry`` (and the local tag
+    dropped): ``repository@sha256:...`` as pushed."""
+    context = workdir / f"context-{uuid.uuid4().hex[:8]}"
+    build_busybox(tag, context, blob)
+    return docker_push(registry, tag, workdir / "docker-config")

@@ -15,7 +15,7 @@ from agent.link.identity import Identity
 from agent.link.outbox import Outbox
 from agent.protocol import crypto, dsse
 from agent.protocol.bodies import EnvelopeBody, JobOfferBody
-from agent.protocol.jobs import Offer, sign_offer
+from agent.protocol.jobs import Offer, RegistryLogin, sign_offer
 from agent.protocol.messages import JobCancel, JobOffer, wrap
 from sandbox.docker_api import DockerClient
 
@@ -83,6 +83,7 @@ def offer_message(
     key: crypto.PrivateKey = COORDINATOR,
     node_id: str | None = None,
     expires_in: float = 600.0,
+    registry_logins: dict[str, RegistryLogin] | None = None,
 ) -> JobOffer:
     now = time.time()
     offer = Offer(
@@ -91,6 +92,7 @@ def offer_message(
         spec=spec,
         issued_at=now,
         expires_at=now + expires_in,
+        registry_logins=registry_logins or {},
     )
     envelope = sign_offer(offer, key, crypto.key_id(crypto.public_key_bytes(key)))
     body = JobOfferBody(

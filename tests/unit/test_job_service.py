@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import ast
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +26,7 @@ from coordinator.images import ImagePinner
 from coordinator.job_service import JobService
 from coordinator.sessions import OpenSessions
 from coordinator.store import Store
+from oci import Credentials
 
 SPEC: dict[str, Any] = {"image": "busybox@sha256:" + "a" * 64, "command": ["echo", "hi"]}
 COORDINATOR = Path(__file__).resolve().parents[2] / "coordinator"
@@ -85,7 +86,7 @@ class _Registry(ImagePinner):
         super().__init__()
         self.asked: list[str] = []
 
-    def _resolve(self, image: str) -> str:
+    def _resolve(self, image: str, logins: Mapping[str, Credentials]) -> str:
         self.asked.append(image)
         return image.rsplit(":", 1)[0] + "@sha256:" + "b" * 64
 
@@ -146,7 +147,7 @@ async def test_a_pinned_reference_no_node_reads_is_refused_and_nothing_stored(
     jobs: _Jobs, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     registry, signed = _pinning(jobs, monkeypatch)
-    monkeypatch.setattr(registry, "_resolve", lambda image: "Busybox@sha256:NOT-HEX")
+    monkeypatch.setattr(registry, "_resolve", lambda image, logins: "Busybox@sha256:NOT-HEX")
     with pytest.raises(JobError) as refused:
         await jobs.service.submit(jobs.peer.node_id, SPEC | {"image": "busybox:1"})
     assert refused.value.code == "bad_value"

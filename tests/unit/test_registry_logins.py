@@ -6,8 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from agent.config.files import engine_logins, read_registry_logins
+from agent.config.files import read_registry_logins
 from agent.errors import ConfigError
+from agent.jobs.images import engine_logins
 from sandbox.runner import RunnerConfig
 
 SECRET = "hunter2-do-not-print"
