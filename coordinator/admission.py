@@ -41,6 +41,7 @@ __all__ = [
 AdmissionMode = Literal["open", "allow_list", "token"]
 
 _MIB = 1024 * 1024
+_GIB = 1024 * _MIB
 #: Enrolment tokens: long enough not to be guessed, short enough for ``auth`` (256).
 _MIN_TOKEN, _MAX_TOKEN = 16, 256
 #: The largest number a setting may be: SQLite's integers hold 2**63 - 1, and a size, row
@@ -74,6 +75,8 @@ class Settings:
             per node, is deleted every :attr:`retention_interval_s` (0: never).
         artifacts_keep_s: the outputs in the artifact store of a job that ended longer ago
             are removed by the same pass.
+        artifacts_max_bytes: past it, the same pass also removes the outputs of the jobs
+            that ended first, until the store is within it; None: no such budget.
     """
 
     heartbeat_s: float = 15.0
@@ -94,6 +97,7 @@ class Settings:
     telemetry_keep_s: float = 7 * 86400.0
     telemetry_keep_rows: int = 100_000
     artifacts_keep_s: float = 7 * 86400.0
+    artifacts_max_bytes: int | None = None
     retention_interval_s: float = 600.0
 
     def __post_init__(self) -> None:
@@ -268,6 +272,11 @@ def add_options(parser: argparse.ArgumentParser) -> None:
         "--artifacts-keep-days", type=float,
         help="days a job's stored outputs are kept after it ended (default 7)",
     )  # fmt: skip
+    parser.add_argument(
+        "--artifacts-max-gib", type=float,
+        help="GiB the stored outputs may take; past it, those of the jobs that ended first go"
+        " (default: no budget but --artifacts-keep-days and the per-node cap)",
+    )  # fmt: skip
 
 
 def settings_from(args: argparse.Namespace) -> Settings:
@@ -305,6 +314,9 @@ def settings_from(args: argparse.Namespace) -> Settings:
         ),
         artifacts_keep_s=(
             default.artifacts_keep_s if artifact_days is None else _seconds(artifact_days)
+        ),
+        artifacts_max_bytes=(
+            None if args.artifacts_max_gib is None else _whole(args.artifacts_max_gib * _GIB)
         ),
     )
 

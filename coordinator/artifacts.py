@@ -133,13 +133,18 @@ class ArtifactStore:
         ).fetchall()
         return {path: float(when) for path, when in rows}
 
-    def retain(self, ended: Callable[[str], bool]) -> Retained:
-        """Remove the outputs of the jobs ``ended`` says are past their retention, and every
-        file no live output needs (what a crash left behind, a blob no job shares now)."""
-        live = self._db.execute(
-            "SELECT DISTINCT job_id FROM artifacts WHERE expired IS NULL"
+    def retain(
+        self, ended_at: Callable[[str], float | None], *, before: float, max_bytes: int | None
+    ) -> Retained:
+        """Remove the outputs of the jobs that ended (``ended_at``: when; None: not yet)
+        ``before``, then of the oldest other ended jobs while the objects of all live
+        outputs together are over ``max_bytes`` (None: no such budget); and every file no
+        live output needs (what a crash left behind, an object no job shares now)."""
+        rows = self._db.execute(
+            "SELECT job_id, sha256, size FROM artifacts WHERE expired IS NULL"
         ).fetchall()
-        gone = [job_id for (job_id,) in live if ended(job_id)]
+        ends = {job_id: ended_at(job_id) for job_id in {row[0] for row in rows}}
+        gone = _to_expire(rows, ends, before, max_bytes)
         # The rows first, committed: from here on no GET serves these objects, so deleting
         # them below (or in a later pass, after a crash) takes nothing anybody may read.
         self._db.execute("BEGIN IMMEDIATE")
@@ -267,6 +272,48 @@ def output_problems(
         elif got.sha256 != item.get("sha256") or got.size_bytes != item.get("size_bytes"):
             problems.append(f"output_mismatch:{path}")
     return problems
+
+
+def _to_expire(
+    rows: list[tuple[str, str, int]],
+    ends: dict[str, float | None],
+    before: float,
+    max_bytes: int | None,
+) -> list[str]:
+    """The jobs whose outputs a pass expires: (job, sha256, size) ``rows`` of live outputs,
+    each job's end (None: still running, never expired)."""
+    ended = sorted((end, job_id) for job_id, end in ends.items() if end is not None)
+    gone = [job_id for end, job_id in ended if end < before]
+    if max_bytes is None:
+        return gone
+    # An object counts once however many outputs share it, until none of them is live.
+    holders: dict[str, set[str]] = {}
+    sizes: dict[str, int] = {}
+    for job_id, sha256, size in rows:
+        holders.setdefault(sha256, set()).add(job_id)
+        sizes[sha256] = size
+    blobs: dict[str, set[str]] = {}
+    for sha256, jobs in holders.items():
+        for job_id in jobs:
+            blobs.setdefault(job_id, set()).add(sha256)
+    total = sum(sizes.values())
+
+    def drop(job_id: str) -> None:
+        nonlocal total
+        for sha256 in blobs.get(job_id, ()):
+            holders[sha256].discard(job_id)
+            if not holders[sha256]:
+                total -= sizes[sha256]
+
+    for job_id in gone:
+        drop(job_id)
+    for end, job_id in ended:  # the oldest first
+        if total <= max_bytes:
+            break
+        if end >= before:
+            drop(job_id)
+            gone.append(job_id)
+    return gone
 
 
 def _gone(job_id: str, path: str) -> HttpAnswer:

@@ -275,17 +275,24 @@ class Coordinator:
         return self._started().store.retention.prune_telemetry(before, settings.telemetry_keep_rows)
 
     def expire_outputs(self) -> Retained:
-        """Remove the stored outputs of jobs that ended over ``artifacts_keep_s`` ago (a job
-        the store no longer has counts as ended), and every file no output needs."""
+        """Remove the stored outputs of jobs that ended over ``artifacts_keep_s`` ago, then
+        of the oldest ended jobs while the store is over ``artifacts_max_bytes``; and every
+        file no output needs. A job the store no longer has counts as ended long ago."""
         jobs, artifacts = self._started().store.jobs, self.artifacts
         assert artifacts is not None  # made with the store
-        before = self._clock() - self.settings.artifacts_keep_s
+        settings = self.settings
 
-        def ended(job_id: str) -> bool:
+        def ended_at(job_id: str) -> float | None:
             job = jobs.get(job_id)
-            return job is None or (job.final and job.updated < before)
+            if job is None:
+                return 0.0
+            return job.updated if job.final else None
 
-        return artifacts.retain(ended)
+        return artifacts.retain(
+            ended_at,
+            before=self._clock() - settings.artifacts_keep_s,
+            max_bytes=settings.artifacts_max_bytes,
+        )
 
     async def _retain(self) -> None:
         """Prune and expire at start, then every retention interval, until stopped."""

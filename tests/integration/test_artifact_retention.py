@@ -215,3 +215,41 @@ async def test_the_periodic_pass_expires_outputs_and_a_restart_keeps_them_expire
     async with started(0) as third:
         gone = await _get(third, where)
         assert (gone.status_code, gone.json()["error"]["code"]) == (410, "output_expired")
+
+
+@pytest.mark.parametrize(
+    ("budget", "kept"),
+    [
+        (200, [False, True, True, True]),  # the oldest job's going is enough
+        # The 2nd job's going frees nothing (the 3rd shares its object), so the 3rd goes
+        # too; the running job's outputs never go.
+        (150, [False, False, False, True]),
+    ],
+)
+async def test_over_the_byte_budget_the_outputs_of_the_jobs_that_ended_first_go(
+    tmp_path: Path, clock: Clock, budget: int, kept: list[bool]
+) -> None:
+    server = Coordinator(
+        db_path=tmp_path / "coordinator.db",
+        state_dir=tmp_path / "state",
+        settings=Settings(artifacts_max_bytes=budget, retention_interval_s=0),
+        clock=clock,
+    )
+    peer = Peer()
+    bodies = [b"a" * 100, b"b" * 100, b"b" * 100, b"d" * 100]  # the 2nd and 3rd share one
+    async with (
+        server,
+        connected(server.url, {server.key.key_id: server.key.public_key}, peer) as link,
+    ):
+        jobs = [await _offer(server, link) for _ in bodies]
+        for offer, body in zip(jobs, bodies, strict=True):
+            assert (await _put(offer.uploads["result.txt"].url, body)).status_code == 201
+        for offer in jobs[:3]:  # the last one still runs
+            await link.status(offer.job_id, "completed")
+            clock.now += 60
+        # 300 bytes on disk, none ended a week ago: the oldest go until the budget holds.
+        assert server.expire_outputs().outputs == kept.count(False)
+        assert server.artifacts is not None
+        assert [bool(server.artifacts.outputs(o.job_id)) for o in jobs] == kept
+        left = {body for body, still in zip(bodies, kept, strict=True) if still}
+        assert _blobs(server) == {hashlib.sha256(body).hexdigest() for body in left}
