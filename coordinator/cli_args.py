@@ -19,6 +19,7 @@ import stat
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Final
+from urllib.parse import urlsplit
 
 from agent.protocol.limits import MAX_ERROR_DETAIL_CHARS
 from coordinator.errors import ConfigError, JobError
@@ -38,6 +39,7 @@ __all__ = [
     "check_state_dir",
     "check_ttl",
     "parse_uploads",
+    "public_url",
     "tls_context",
 ]
 
@@ -97,6 +99,31 @@ def artifacts_port(port: int, given: int | None) -> int:
     if port >= 65535:
         raise ConfigError("bad_address", "--port 65535 leaves no default --artifacts-port")
     return port + 1
+
+
+def public_url(text: str) -> str:
+    """An ``--artifacts-url``: ``http(s)://host[:port]`` as nodes reach the listener.
+
+    Raises:
+        ConfigError: ``bad_address`` (not such a URL: a path, query, fragment or login
+            would not survive the ``/artifacts/...`` appended to it).
+    """
+    try:
+        parts = urlsplit(text)
+        parts.port  # noqa: B018 - raises ValueError on a bad port
+    except ValueError as exc:
+        raise ConfigError("bad_address", f"--artifacts-url {text!r}: {exc}") from None
+    if (
+        parts.scheme not in ("http", "https")
+        or not parts.hostname
+        or "@" in parts.netloc
+        or parts.path not in ("", "/")
+        or parts.query
+        or parts.fragment
+        or not text.isprintable()
+    ):
+        raise ConfigError("bad_address", f"--artifacts-url {text!r} is not http(s)://host[:port]")
+    return f"{parts.scheme}://{parts.netloc}"
 
 
 def check_addresses(addresses: Sequence[tuple[str, int]]) -> None:

@@ -74,6 +74,7 @@ class Coordinator:
         pinner: ImagePinner | None = None,
         artifacts_port: int = 0,
         artifact_node_max_bytes: int = 16 << 30,
+        artifacts_url: str | None = None,
     ) -> None:
         self.host = host
         self.pinner = pinner or ImagePinner()
@@ -100,6 +101,7 @@ class Coordinator:
             stream=self._artifact_put,
         )
         self._artifact_node_max_bytes = artifact_node_max_bytes
+        self._artifacts_public_url = artifacts_url
         self.artifacts: ArtifactStore | None = None
         self.admin_token = new_token()
         """The bearer token of the admin API's writes (also in :attr:`admin_file`)."""
@@ -139,7 +141,9 @@ class Coordinator:
 
     @property
     def artifacts_url(self) -> str:
-        """The artifact listener's base URL, as nodes reach it."""
+        """The artifact listener's base URL, as nodes reach it (as given, or this host's)."""
+        if self._artifacts_public_url is not None:
+            return self._artifacts_public_url
         scheme = "https" if self.ssl_context is not None else "http"
         return f"{scheme}://{self._url_host()}:{self._artifact_listener.port}"
 
@@ -391,6 +395,7 @@ async def serve(
     admin_port: int = 0,
     pinner: ImagePinner | None = None,
     artifacts_port: int = 0,
+    artifacts_url: str | None = None,
 ) -> None:
     """Run a coordinator until ``stop`` is set (or the task is cancelled)."""
     coordinator = Coordinator(
@@ -403,6 +408,7 @@ async def serve(
         admin_port=admin_port,
         pinner=pinner,
         artifacts_port=artifacts_port,
+        artifacts_url=artifacts_url,
     )
     async with coordinator:
         if on_ready is not None:

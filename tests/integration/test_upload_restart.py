@@ -86,3 +86,24 @@ async def test_an_upload_retried_across_a_coordinator_restart_lands_on_the_same_
         finally:
             upload.cancel()
     assert stored.sha256 == hashlib.sha256(DATA).hexdigest()
+
+
+async def test_offers_name_the_artifacts_url_given_and_a_put_there_lands(tmp_path: Path) -> None:
+    artifacts_port = free_port()
+    server = Coordinator(
+        db_path=tmp_path / "coordinator.db",
+        state_dir=tmp_path / "state",
+        artifacts_port=artifacts_port,
+        # The name nodes know the coordinator by, not the address it listens on.
+        artifacts_url=f"http://localhost:{artifacts_port}",
+    )
+    peer = Peer()
+    async with server:
+        pinned = {server.key.key_id: server.key.public_key}
+        async with connected(server.url, pinned, peer) as link:
+            await server.submit(peer.node_id, SPEC)
+            offer = link.verify(await link.take(JobOffer), pinned)
+        url = offer.uploads["result.txt"].url
+        assert url.startswith(f"http://localhost:{artifacts_port}/artifacts/{offer.job_id}?")
+        async with httpx.AsyncClient() as client:
+            assert (await client.put(url, content=DATA)).status_code == 201

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from coordinator import cli
-from coordinator.cli_args import artifacts_port
+from coordinator.cli_args import artifacts_port, public_url
 from coordinator.errors import ConfigError
 
 
@@ -35,6 +35,42 @@ def test_no_default_artifact_port_after_65535_is_a_usage_error(
         artifacts_port(65535, None)
     assert caught.value.code == "bad_address"
     argv = ["serve", "--port", "65535", "--db", str(tmp_path / "c.db")]
+    assert cli.main([*argv, "--state-dir", str(tmp_path / "state")]) == cli.EXIT_USAGE
+    assert "error [bad_address]" in capsys.readouterr().err
+    assert not (tmp_path / "c.db").exists()
+
+
+@pytest.mark.parametrize(
+    ("given", "kept"),
+    [
+        ("https://coord.example.org:8766", "https://coord.example.org:8766"),
+        ("http://[::1]:8766/", "http://[::1]:8766"),
+    ],
+)
+def test_an_artifacts_url_is_a_scheme_and_an_authority(given: str, kept: str) -> None:
+    assert public_url(given) == kept
+
+
+@pytest.mark.parametrize(
+    "given",
+    [
+        "ftp://coord.example.org",
+        "https://coord.example.org/prefix",
+        "https://user:secret@coord.example.org",
+        "https://coord.example.org?x=1",
+        "https://coord.example.org#x",
+        "http://coord.example.org:99999",
+        "coord.example.org:8766",
+        "http://",
+    ],
+)
+def test_serve_refuses_an_artifacts_url_that_is_not_one_with_exit_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], given: str
+) -> None:
+    with pytest.raises(ConfigError) as caught:
+        public_url(given)
+    assert caught.value.code == "bad_address"
+    argv = ["serve", "--port", "0", "--db", str(tmp_path / "c.db"), "--artifacts-url", given]
     assert cli.main([*argv, "--state-dir", str(tmp_path / "state")]) == cli.EXIT_USAGE
     assert "error [bad_address]" in capsys.readouterr().err
     assert not (tmp_path / "c.db").exists()
