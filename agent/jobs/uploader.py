@@ -98,7 +98,8 @@ async def put_file(
             if not retryable(status):
                 raise UploadError("upload_refused", f"{where} answered {status}")
             last = f"{where} answered {status}"
-        _log.info("upload to %s, attempt %d: %s", where, attempt, last)
+        if attempt <= 8 or attempt % 100 == 0:  # a store down for a day: not 3000 lines
+            _log.info("upload to %s, attempt %d: %s", where, attempt, last)
         wait = backoff(attempt, policy)
         if attempt == policy.attempts or (deadline is not None and clock() + wait >= deadline):
             raise UploadError("upload_failed", f"{attempt} attempts; the last: {last}")
