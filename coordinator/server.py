@@ -308,7 +308,7 @@ class Coordinator:
                 except Exception:  # said, and tried again at the next interval
                     # A task that dies says nothing: the store would grow without a word.
                     _log.exception(
-                        "retention: the %s pass failed; next in %gs",
+                        "retention: the pass failed (%s); next in %gs",
                         what,
                         self.settings.retention_interval_s,
                     )

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
 import sqlite3
 import time
 from collections.abc import AsyncIterator
@@ -187,13 +188,17 @@ async def test_a_pass_during_a_put_leaves_its_temporary_file_and_the_put_lands(
 
 
 async def test_the_periodic_pass_expires_outputs_and_a_restart_keeps_them_expired(
-    tmp_path: Path, clock: Clock
+    tmp_path: Path, clock: Clock, caplog: pytest.LogCaptureFixture
 ) -> None:
     def started(interval_s: float) -> Coordinator:
+        settings = Settings(artifacts_keep_s=DAY, retention_interval_s=interval_s)
+        # A telemetry pass that fails (as tests/integration/test_coordinator_review.py forces
+        # one to): the outputs pass runs all the same.
+        object.__setattr__(settings, "telemetry_keep_rows", 10**20)
         return Coordinator(
             db_path=tmp_path / "coordinator.db",
             state_dir=tmp_path / "state",
-            settings=Settings(artifacts_keep_s=DAY, retention_interval_s=interval_s),
+            settings=settings,
             clock=clock,
         )
 
@@ -206,12 +211,16 @@ async def test_the_periodic_pass_expires_outputs_and_a_restart_keeps_them_expire
             await link.status(offer.job_id, "completed")
     clock.now += 2 * DAY
     where = f"/api/jobs/{offer.job_id}/outputs/result.txt"
-    async with started(3600) as second:  # a pass at start, the next an hour on
-        async with asyncio.timeout(30):
-            await second.retained.wait()
-        gone = await _get(second, where)
-        assert (gone.status_code, gone.json()["error"]["code"]) == (410, "output_expired")
-        assert _blobs(second) == set()
+    with caplog.at_level(logging.ERROR, logger="coordinator"):
+        async with started(3600) as second:  # a pass at start, the next an hour on
+            async with asyncio.timeout(30):
+                await second.retained.wait()
+            gone = await _get(second, where)
+            assert (gone.status_code, gone.json()["error"]["code"]) == (410, "output_expired")
+            assert _blobs(second) == set()
+    assert [r.getMessage() for r in caplog.records] == [
+        "retention: the pass failed (telemetry); next in 3600s"
+    ]
     async with started(0) as third:
         gone = await _get(third, where)
         assert (gone.status_code, gone.json()["error"]["code"]) == (410, "output_expired")
