@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 PACKAGES := hal sandbox keyfile oci agent coordinator
 
-.PHONY: demo test lint typecheck pytest unit bench deb lock clean
+.PHONY: demo test lint typecheck pytest unit bench deb lock clean llama-image
 
 # Every dependency comes from requirements*.txt: the whole tree pinned, with hashes.
 # pyproject.toml keeps the ranges for people who install the package; `make lock` pins anew.
@@ -63,6 +63,12 @@ bench: $(VENV)/.test
 	$(BIN)/python bench/pull.py
 	$(BIN)/python bench/input_fetch.py
 	$(BIN)/python bench/upload.py
+	$(BIN)/python bench/tunnel.py
+	$(BIN)/python bench/llama_direct.py
+
+# The llama-server test image, built from source once per machine (tests/support/llama.py).
+llama-image: $(VENV)/.test
+	$(BIN)/python scripts/build_llama_image.py
 
 # Both packages: gpu-agent (the service) and gpu-agent-tray (the tray and its Qt).
 deb: $(VENV)/.test

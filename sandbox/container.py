@@ -78,12 +78,14 @@ def create_body(
     cgroup_parent: str | None,
     runner: str,
     image_volumes: list[str],
+    network: str | None = None,
 ) -> ContainerConfig:
     """The body of ``POST /containers/create`` for one job.
 
     ``image_volumes`` are the paths the image declares as ``VOLUME``: each that is not
     bind-mounted gets a tmpfs of the scratch size, or Docker would make an anonymous
-    volume of unbounded host disk; see :func:`volume_paths`.
+    volume of unbounded host disk; see :func:`volume_paths`. ``network``: a service's
+    own network (:mod:`sandbox.service_net`), instead of none or the engine's bridge.
     """
     resources = spec.resources
     # A spec built in code is not validated: 0 nanocpus would be no CPU limit at all.
@@ -124,7 +126,7 @@ def create_body(
         readonly_rootfs=True,
         init=True,
         ipc_mode="private",
-        network_mode="bridge" if spec.network == "egress" else "none",
+        network_mode=network or ("bridge" if spec.network == "egress" else "none"),
         memory=memory,
         memory_swap=memory,  # equal to Memory: no swap
         nano_cpus=nano_cpus,
@@ -156,7 +158,7 @@ def create_body(
         working_dir=spec.workdir,
         user=user,
         labels={LABEL_MANAGED: "1", LABEL_JOB: job_id, LABEL_RUNNER: runner},
-        network_disabled=spec.network != "egress",
+        network_disabled=network is None and spec.network != "egress",
         stop_signal="SIGTERM",
         stop_timeout=int(spec.grace_s),
         attach_stdout=False,

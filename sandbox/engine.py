@@ -38,6 +38,8 @@ from sandbox.engine_types import (
     CreatedContainer,
     EngineInfo,
     ImageInfo,
+    NetworkConfig,
+    NetworkSummary,
     PullMessage,
     RegistryAuth,
 )
@@ -55,7 +57,7 @@ _log = logging.getLogger(__name__)
 
 # What the engine's refusals mean, per operation. _DONE: the state the caller wants holds
 # already (a stop of a stopped container, 304; a removal of a removed one, 404).
-_DONE = frozenset({("stop", 304), ("remove", 404), ("remove_image", 404)})
+_DONE = frozenset({("stop", 304), ("remove", 404), ("remove_image", 404), ("remove_network", 404)})
 # Refusals with a code of their own; every other is engine_error. Two operations mean the
 # same whatever failed: a start (start_failed, see _meaning) and a kill (not delivered).
 _CODES = {
@@ -222,6 +224,31 @@ class Engine:
             if exc.status == 409:
                 return False
             raise _meaning("remove_image", exc) from exc
+        return True
+
+    async def create_network(self, config: NetworkConfig) -> None:
+        """Create a network (a leftover of the same name is removed first)."""
+        await self.remove_network(config.name)
+        try:
+            await self.client.request("POST", "/networks/create", body=config)
+        except EngineError as exc:
+            raise _meaning("create_network", exc) from exc
+
+    async def networks(self, label: str) -> list[NetworkSummary]:
+        """Every network that carries ``label`` (``name`` or ``name=value``)."""
+        filters = msgspec.json.encode({"label": [label]}).decode()
+        return await self._get("networks", "/networks", list[NetworkSummary], {"filters": filters})
+
+    async def remove_network(self, name: str) -> bool:
+        """Remove a network; True if it is gone (now or before), False (and logged) if the
+        engine refused (a container is still on it)."""
+        try:
+            await self.client.request("DELETE", f"/networks/{quote_ref(name)}")
+        except EngineError as exc:
+            if _holds("remove_network", exc):
+                return True
+            _log.warning("could not remove network %s: %s", name, exc)
+            return False
         return True
 
     async def remove(self, container_id: str) -> bool:

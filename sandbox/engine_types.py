@@ -29,6 +29,8 @@ __all__ = [
     "LogConfig",
     "Mount",
     "MountPoint",
+    "NetworkConfig",
+    "NetworkSummary",
     "PullMessage",
     "PullProgressDetail",
     "RegistryAuth",
@@ -38,6 +40,18 @@ __all__ = [
 
 
 # ------------------------------------------------------------------ requests
+
+
+class NetworkConfig(msgspec.Struct, frozen=True, kw_only=True, rename="pascal"):
+    """The body of ``POST /networks/create``."""
+
+    name: str
+    driver: str = "bridge"
+    internal: bool = True
+    """No route out: its containers reach each other and the host's bridge address only."""
+    attachable: bool = False
+    labels: dict[str, str] = {}
+    options: dict[str, str] = {}
 
 
 class DeviceMapping(TypedDict):
@@ -156,6 +170,12 @@ class EngineInfo(msgspec.Struct, frozen=True, rename="pascal"):
     cdi_spec_dirs: list[str] | None = msgspec.field(default=None, name="CDISpecDirs")
     docker_root_dir: str = "/var/lib/docker"
 
+    def runtime_args(self, runtime: str) -> list[str]:
+        """The arguments the engine gives ``runtime`` (``runtimeArgs`` in daemon.json)."""
+        entry = (self.runtimes or {}).get(runtime)
+        args = entry.get("runtimeArgs") if isinstance(entry, dict) else None
+        return [str(arg) for arg in args] if isinstance(args, list) else []
+
 
 class _ImageConfig(msgspec.Struct, frozen=True, rename="pascal"):
     volumes: dict[str, object] | None = None
@@ -242,16 +262,46 @@ class ContainerState(msgspec.Struct, frozen=True, rename="pascal"):
         return _epoch(self.finished_at)
 
 
+class EndpointSettings(msgspec.Struct, frozen=True, rename="pascal"):
+    """``NetworkSettings.Networks.<name>`` of a container: its address there."""
+
+    ip_address: str = msgspec.field(default="", name="IPAddress")
+
+
+class NetworkSettings(msgspec.Struct, frozen=True, rename="pascal"):
+    """``NetworkSettings`` of a container: the networks it is on."""
+
+    networks: dict[str, EndpointSettings] | None = None
+
+
 class ContainerInfo(msgspec.Struct, frozen=True, rename="pascal"):
-    """``GET /containers/{id}/json``: its state and mounts."""
+    """``GET /containers/{id}/json``: its state, mounts and addresses."""
 
     state: ContainerState
     mounts: list[MountPoint] | None = None
+    network_settings: NetworkSettings | None = None
+
+    def address(self, network: str) -> str:
+        """Its IP address on ``network``; empty if it has none there."""
+        networks = self.network_settings.networks if self.network_settings else None
+        endpoint = (networks or {}).get(network)
+        return endpoint.ip_address if endpoint is not None else ""
 
     @property
     def volumes(self) -> list[str]:
         """Where the engine mounted a volume (host disk) into the container."""
         return [mount.destination for mount in self.mounts or [] if mount.type == "volume"]
+
+
+class NetworkSummary(msgspec.Struct, frozen=True, rename="pascal"):
+    """One network of ``GET /networks``: its name and labels."""
+
+    name: str
+    labels: dict[str, str] | None = None
+
+    def label(self, name: str) -> str:
+        """The value of label ``name``; empty if it has none."""
+        return (self.labels or {}).get(name, "")
 
 
 class ContainerSummary(msgspec.Struct, frozen=True, rename="pascal"):

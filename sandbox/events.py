@@ -83,9 +83,11 @@ class Created(msgspec.Struct, frozen=True, tag="created"):
 
 
 class Started(msgspec.Struct, frozen=True, tag="started"):
-    """The container's process runs."""
+    """The container's process runs; a service's is reached at ``address`` (its IP on
+    its own network; empty for a batch job, which has none)."""
 
     at: float
+    address: str = ""
 
 
 class LogChunk(msgspec.Struct, frozen=True, tag="log"):

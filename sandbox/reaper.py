@@ -51,6 +51,10 @@ async def reap_orphans(
         if JOB_ID.fullmatch(job):
             await remove_cgroup(JobCgroup(job, cgroup_driver, cgroup_root))
         reaped.append(job or container.id)
+    # A service's network, once no container is left on it.
+    for network in await engine.networks(LABEL_MANAGED):
+        if not instance_alive(network.label(LABEL_RUNNER)):
+            await engine.remove_network(network.name)
     # Job cgroup parents no container is left in (a runner killed after removing its
     # container, or one that could not remove the cgroup): nothing else removes them.
     for job in sorted(cgroups - live - set(reaped)):

@@ -46,6 +46,7 @@ from sandbox.jobdir import JOB_ID, JobDir, runner_instance
 from sandbox.joblog import Drain, LogBudget
 from sandbox.outputs import collect_outputs
 from sandbox.reaper import reap_orphans, remove_cgroup
+from sandbox.service_net import close_host, network_config
 from sandbox.spec import ImageRef, WorkloadSpec, spec_digest
 from sandbox.uids import UidPool, can_give_files_away
 
@@ -108,6 +109,7 @@ class Runner:
         self._uids = UidPool(config.job_uid_base, config.job_uids)
         self._cgroup_driver = "cgroupfs"
         self._cdi = False
+        self._services = True
         self._groups = HostGroups(video_gid=None, render_gid=None)
 
     async def prepare(self) -> list[str]:
@@ -118,6 +120,8 @@ class Runner:
         if self.config.runtime not in (info.runtimes or {}):
             raise RunError("runtime_missing", f"the engine has no runtime {self.config.runtime!r}")
         self._groups = host_groups()
+        # gVisor's own network stack off: a service's address would lead nowhere.
+        self._services = "--network=none" not in info.runtime_args(self.config.runtime)
         return await self.reap_orphans()
 
     async def reap_orphans(self) -> list[str]:
@@ -180,6 +184,7 @@ class Runner:
         cgroup = JobCgroup(job_id, self._cgroup_driver, self.config.cgroup_root)
         container_id: str | None = None
         uid: int | None = None
+        network: str | None = None
         try:
             if self.user is None:
                 uid = self._uids.take()
@@ -201,8 +206,20 @@ class Runner:
             mounts = job_dir.mounts(spec, fetched)
             if uid is not None and mounts.output_dir is not None:
                 os.chown(mounts.output_dir, uid, uid)
+            if spec.kind == "service":
+                if not self._services:
+                    raise RunError(
+                        "service_runtime_unsupported",
+                        f"the runtime {self.config.runtime} runs with --network=none here:"
+                        " a service in it could not be reached",
+                    )
+                await close_host()
+                made = network_config(job_id, self.instance)
+                await self.engine.create_network(made)
+                network = made.name
             config = create_body(
                 job_id=job_id,
+                network=network,
                 spec=spec,
                 image_id=result.image_id,
                 gpus=map_gpus(gpus, cdi=self._cdi, groups=self._groups),
@@ -219,7 +236,9 @@ class Runner:
                 # Every image volume should be a capped tmpfs: a volume is unbounded host disk.
                 raise RunError("bad_image_volume", f"the engine made volumes at {volumes}")
             yield Created(container_id)
-            execution = self._execute(container_id, spec, cancel, result, job_dir)
+            execution = self._execute(
+                container_id, spec, cancel, result, job_dir=job_dir, network=network
+            )
             async with aclosing(execution) as events:
                 async for event in events:
                     yield event
@@ -258,6 +277,8 @@ class Runner:
             if uid is not None and removed:
                 # A container that could not be removed may still run as this uid.
                 self._uids.release(uid)
+            if network is not None and removed:
+                await self.engine.remove_network(network)
             job_dir.remove()
             await remove_cgroup(cgroup)
             # Last: until everything above is gone, the same job id cannot start again.
@@ -319,7 +340,9 @@ class Runner:
         spec: WorkloadSpec,
         cancel: asyncio.Event,
         result: JobResult,
+        *,
         job_dir: JobDir,
+        network: str | None,
     ) -> AsyncGenerator[Event, None]:
         """Start the container, stream its output, stop it on timeout, cancel or overflow."""
         # Attached before the start, so that no output is missed; the wait is registered
@@ -332,7 +355,11 @@ class Runner:
             except RunError:
                 waiting.cancel()
                 raise
-            yield Started(time.time())
+            started = time.time()
+            address = ""
+            if network is not None:  # a service: where the agent reaches it
+                address = (await self.engine.inspect(container_id)).address(network)
+            yield Started(started, address)
             watch = (
                 partial(job_dir.output_overflow, spec.output_max_bytes) if spec.outputs else None
             )

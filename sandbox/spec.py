@@ -30,6 +30,7 @@ import msgspec
 
 from sandbox.errors import SpecError
 from sandbox.files import read_regular
+from sandbox.service_spec import HttpCheck, RestartPolicy, ServiceSpec
 from sandbox.urls import url_problem
 
 __all__ = [
@@ -39,9 +40,12 @@ __all__ = [
     "MAX_SPEC_BYTES",
     "MIN_CPUS",
     "GpuRequest",
+    "HttpCheck",
     "ImageRef",
     "InputFile",
     "Resources",
+    "RestartPolicy",
+    "ServiceSpec",
     "WorkloadSpec",
     "encode_spec",
     "format_size",
@@ -273,6 +277,10 @@ class WorkloadSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     outputs: list[str] = []
     """Paths relative to /output, collected after the job exits."""
     output_max_bytes: Annotated[int, msgspec.Meta(ge=0)] = 64 * _MIB
+    kind: Literal["batch", "service"] = "batch"
+    """A batch job runs to its end; a service serves until its lease ends."""
+    service: ServiceSpec | None = None
+    """What a service is (its port, checks, restarts, lease); only with kind "service"."""
 
     @property
     def image_ref(self) -> ImageRef:
@@ -313,7 +321,12 @@ def load_spec_file(path: str | os.PathLike[str]) -> WorkloadSpec:
 
 
 def encode_spec(spec: WorkloadSpec) -> bytes:
-    """The canonical JSON of a spec: keys sorted, defaults spelled out, sizes in bytes."""
+    """The canonical JSON of a spec: keys sorted, defaults spelled out, sizes in bytes. A
+    batch job's has no ``kind`` nor ``service``: its digest is what it was before services."""
+    if spec.kind == "batch":
+        raw = msgspec.to_builtins(spec)
+        del raw["kind"], raw["service"]
+        return msgspec.json.encode(raw, order="sorted")
     return msgspec.json.encode(spec, order="sorted")
 
 
@@ -431,6 +444,22 @@ def _check(spec: WorkloadSpec) -> None:
                     "bad_value", f"{field}.content", f"not base64 (one line, padded): {exc}"
                 ) from exc
     _each_once([_relative(f"outputs[{i}]", p) for i, p in enumerate(spec.outputs)], "outputs[{}]")
+    _check_kind(spec)
+
+
+def _check_kind(spec: WorkloadSpec) -> None:
+    """A service has its ``[service]`` table and nothing of a batch job's ending."""
+    if spec.kind == "batch":
+        if spec.service is not None:
+            raise SpecError("bad_value", "service", 'only a spec of kind "service" has one')
+        return
+    if spec.service is None:
+        raise SpecError("missing_field", "service", 'a spec of kind "service" needs [service]')
+    if spec.network != "none":
+        # Its network is its own, internal: the agent reaches it; it reaches nothing.
+        raise SpecError("bad_value", "network", "a service gets a network with no route out")
+    if spec.outputs:
+        raise SpecError("bad_value", "outputs", "a service has no outputs to collect")
 
 
 def _check_input_form(field: str, item: InputFile) -> None:

@@ -13,6 +13,9 @@ The states and the moves between them (:data:`TRANSITIONS`)::
       |          \\-------------+--------------+----------------> cancelled | ... | error
       \\--> refused
 
+    (a service) ... --> starting <--> ready <--> unhealthy --> restarting --> starting ...
+                          \\------------+------------+---------------> stopped | ... | error
+
 (``fetching``: the job's inputs given by URL; ``pulling``: its image; ``uploading``: its
 outputs, to the offer's targets; each only when needed. ``ended`` is any final state but
 ``refused``; ``...`` the others of :data:`TRANSITIONS`.)
@@ -76,16 +79,22 @@ __all__ = [
 
 _STOPPED: Final = frozenset({"cancelled", "interrupted", "preempted", "error"})
 _ENDED: Final = frozenset({"completed", "failed", "timeout", "oom_killed"}) | _STOPPED
+_SERVING: Final = _STOPPED | {"restarting", "stopped"}
 
 #: Where a job may go from each state; ``None`` is a job the ledger does not have yet.
 #: Final states go nowhere.
 TRANSITIONS: Final[Mapping[str | None, frozenset[str]]] = {
     None: frozenset({"accepted", "refused"}),
-    "accepted": frozenset({"fetching", "pulling", "running"}) | _STOPPED,
-    "fetching": frozenset({"pulling", "running"}) | _STOPPED,
-    "pulling": frozenset({"running"}) | _STOPPED,
+    "accepted": frozenset({"fetching", "pulling", "running", "starting"}) | _STOPPED,
+    "fetching": frozenset({"pulling", "running", "starting"}) | _STOPPED,
+    "pulling": frozenset({"running", "starting"}) | _STOPPED,
     "running": _ENDED | {"uploading"},
     "uploading": _ENDED,
+    # A service: its server's health, then ``stopped`` (or the agent's own ends).
+    "starting": _SERVING | {"ready"},
+    "ready": _SERVING | {"unhealthy"},
+    "unhealthy": _SERVING | {"ready"},
+    "restarting": _STOPPED | {"starting", "stopped"},
     **{state: frozenset() for state in FINAL_STATES},
 }
 

@@ -25,9 +25,10 @@ import asyncio
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack, aclosing
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Literal
 
@@ -63,6 +64,7 @@ from agent.protocol.jobs import (
     receipt_digest,
 )
 from agent.protocol.messages import ImagePrefetch, JobCancel, JobOffer
+from agent.services.supervisor import Hooks, ServiceSupervisor
 from oci import OciError
 from sandbox.engine_types import RegistryAuth
 from sandbox.errors import SandboxError
@@ -136,6 +138,8 @@ class JobManager:
         self.delivery = delivery
         """Where outputs wait for upload; None: offers naming upload targets are refused."""
         self.tasks: dict[str, asyncio.Task[None]] = {}
+        self.services: dict[str, ServiceSupervisor] = {}
+        """The services running, by job id: where each answers, and whether it is ready."""
         self._states: dict[str, str] = {}
         self._stops: dict[str, StopReason] = {}
         self._containers: dict[str, str] = {}
@@ -234,6 +238,8 @@ class JobManager:
             return True
         if job_id in self._fetching:  # nothing of the job runs yet: stop the fetch itself
             self.tasks[job_id].cancel()
+        if (service := self.services.get(job_id)) is not None:
+            service.wake()  # between two runs of its server, nothing else would wake it
         self.runner.cancel(job_id)  # False before the runner has it: _run checks _stops
         return True
 
@@ -247,6 +253,16 @@ class JobManager:
     def container_ids(self) -> list[str]:
         """The containers of the running jobs."""
         return list(self._containers.values())
+
+    async def drain_services(self, in_flight: Callable[[str], int] = lambda _: 0) -> None:
+        """Stop every service once its requests in flight (``in_flight(job_id)``) are done,
+        within its spec's grace period: they end ``stopped`` (``drained``)."""
+        await asyncio.gather(
+            *(
+                service.drain(partial(in_flight, job_id))
+                for job_id, service in list(self.services.items())
+            )
+        )
 
     async def wait_idle(self) -> None:
         """Return once no job runs."""
@@ -306,9 +322,12 @@ class JobManager:
                         self._images_in_use[job_id] = cached
                         self._carry_out(Decision(rows=(ImageUsed(cached),)))
                     auth = next(iter(engine_logins(logins).values()), None)
-                    result = await self._follow(
-                        job_id, spec, units, fetched, logs, keep=keep, auth=auth
-                    )
+                    if spec.kind == "service":
+                        result = await self._serve(job_id, spec, units, fetched, logs, auth=auth)
+                    else:
+                        result = await self._follow(
+                            job_id, spec, units, fetched, logs, keep=keep, auth=auth
+                        )
         except InputError as exc:
             _log.warning("job %s: an input could not be had: %s", job_id, exc)
             result = _no_run(job_id, spec, exc.code, exc.detail)
@@ -341,9 +360,12 @@ class JobManager:
         *,
         keep: Path | None,
         auth: RegistryAuth | None = None,
+        on_started: Callable[[str], None] | None = None,
+        on_log: Callable[[str], None] | None = None,
     ) -> JobResult | None:
         """Run the job's container, carrying out what each of its events decides; its
-        result, or None if the runner ended without one."""
+        result, or None if the runner ended without one. A service's supervisor hears of
+        its start (``on_started``, instead of the move to ``running``) and its output."""
         gpus = [device_facts(g) for g in self.node.scheduler.gpus_of(units)]
         result = None
         layers = self._pulls[job_id] = {}
@@ -367,11 +389,60 @@ class JobManager:
                     self._containers[job_id] = event.container_id
                     self._carry_out(Decision(rows=(ContainerOf(job_id, event.container_id),)))
                 elif isinstance(event, Started):
-                    self._carry_out(machine.advance(job_id, self._state(job_id), "running"))
+                    if on_started is not None:
+                        on_started(event.address)
+                    else:
+                        self._carry_out(machine.advance(job_id, self._state(job_id), "running"))
                 elif isinstance(event, LogChunk):
                     logs.add(event.stream, event.data)
+                    if on_log is not None:
+                        on_log(event.data.decode(errors="replace"))
                 elif isinstance(event, Finished):
                     result = event.result
+        return result
+
+    async def _serve(
+        self,
+        job_id: str,
+        spec: WorkloadSpec,
+        units: list[str],
+        fetched: dict[str, Path],
+        logs: LogForwarder,
+        *,
+        auth: RegistryAuth | None,
+    ) -> JobResult | None:
+        """Run a service until it ends (:mod:`agent.services.supervisor`): each attempt
+        a run of its container; its states reported on change. Its last result, with the
+        code of its end."""
+        assert spec.service is not None  # a spec of kind service has one
+
+        def attempt(
+            on_started: Callable[[str], None], on_log: Callable[[str], None]
+        ) -> Awaitable[JobResult | None]:
+            return self._follow(
+                job_id, spec, units, fetched, logs, keep=None, auth=auth,
+                on_started=on_started, on_log=on_log,
+            )  # fmt: skip
+
+        def report(state: str, code: str, detail: str) -> None:
+            current = self._state(job_id)
+            self._carry_out(machine.advance(job_id, current, state, code, detail))  # type: ignore[arg-type]
+
+        hooks = Hooks(
+            run=attempt,
+            cancel=lambda: self.runner.cancel(job_id),
+            report=report,
+            stopped=lambda: self._stops.get(job_id),
+        )
+        supervisor = self.services[job_id] = ServiceSupervisor(
+            spec.service, hooks, clock=self.clock
+        )
+        try:
+            end = await supervisor.run()
+        finally:
+            del self.services[job_id]
+        result = end.result or _no_run(job_id, spec, end.code, end.detail)
+        result.error_code, result.detail = end.code, end.detail
         return result
 
     async def _fetch(
@@ -439,6 +510,8 @@ class JobManager:
         state: JobState = result.reason
         if result.reason == "cancelled" and stopped_by is not None:
             state = stopped_by
+        if offer.spec.get("kind") == "service" and state not in ("error", "interrupted"):
+            state = "stopped"  # why is its code: lease_expired, restart_limit, cancelled, ...
         code = result.error_code or ("" if state == "completed" else state)
         receipt = receipts.of_result(
             offer,

@@ -49,6 +49,11 @@ JobState = Literal[
     "pulling",  # its image is being pulled (by digest) from its registry
     "refused",  # never accepted: bad signature, policy, capacity... (code says which)
     "running",  # the container's process started
+    "starting",  # a service's server started; not answering its readiness check yet
+    "ready",  # a service that answers: requests may go to it
+    "unhealthy",  # a ready service that failed a liveness check: no new requests
+    "restarting",  # a service's server ended or failed its checks; it starts again
+    "stopped",  # a service that ended: lease over, stopped, restart limit (code says which)
     "uploading",  # it ended; its outputs are being uploaded, its receipt waits for them
     "completed",  # exited 0
     "failed",  # exited non-zero, or broke a limit it was given (code says which)
@@ -61,7 +66,7 @@ JobState = Literal[
 ]
 #: States a job never leaves; each one comes with a receipt, except ``refused``.
 FINAL_STATES: Final = frozenset(
-    {"refused", "completed", "failed", "timeout", "oom_killed"}
+    {"refused", "completed", "failed", "timeout", "oom_killed", "stopped"}
     | {"cancelled", "interrupted", "preempted", "error"}
 )
 

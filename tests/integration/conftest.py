@@ -1,8 +1,9 @@
 """Fixtures only the integration tests use: a prepared runner per runtime, the job manager's
-world on the real engine."""
+world on the real engine, the llama-server image and the tiny model it serves."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from collections.abc import AsyncIterator
@@ -12,8 +13,10 @@ import pytest
 from support import factories
 from support.deb import ARCH, VERSION, Debs
 from support.engine import require_runtime
+from support.llama import BuildToolsMissing, llama_server_image
 from support.packaging import ROOT, require_tool
 from support.runner import RUNTIMES, leftovers
+from support.tiny_model import tiny_model
 from support.world import COORDINATOR_ID, COORDINATOR_PUB, World
 
 from agent.jobs.manager import JobManager
@@ -104,3 +107,21 @@ def debs(tmp_path_factory: pytest.TempPathFactory) -> Debs:
     for package in (service, tray):
         subprocess.run(["dpkg-deb", "-x", str(package), str(root)], check=True, timeout=60)
     return Debs(service, tray, root)
+
+
+@pytest.fixture(scope="session")
+def llama_image(docker_engine: str) -> str:
+    """The llama-server image's tag; built first (many minutes, once per machine: ``make
+    llama-image``) where the engine lacks it."""
+    try:
+        return llama_server_image(docker_engine)
+    except BuildToolsMissing as missing:
+        if os.environ.get("GPU_AGENT_REQUIRE_DOCKER") == "1":
+            pytest.fail(str(missing))
+        pytest.skip(str(missing))
+
+
+@pytest.fixture(scope="session")
+def tiny_model_file() -> Path:
+    """The default tiny llama model (about 4 MB), from the cache or written there once."""
+    return tiny_model()

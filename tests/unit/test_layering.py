@@ -145,6 +145,7 @@ def test_the_coordinator_reaches_only_the_sandboxs_spec_and_its_errors() -> None
         "sandbox",
         "sandbox.errors",
         "sandbox.files",
+        "sandbox.service_spec",  # the spec's [service] table: types only
         "sandbox.spec",
         "sandbox.urls",  # the spec's check of input URLs: pure, stdlib only
     ]
