@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import logging
 import os
 import secrets
 import sqlite3
@@ -47,6 +48,7 @@ from sandbox.spec import load_spec
 
 __all__ = ["ArtifactStore", "JobOutputs", "Retained", "Stored", "job_outputs", "output_problems"]
 
+_log = logging.getLogger(__name__)
 _CHUNK: Final = 1 << 20
 #: A PUT that sends nothing for this long is dropped.
 _IDLE_S: Final = 60.0
@@ -134,16 +136,17 @@ class ArtifactStore:
         return {path: float(when) for path, when in rows}
 
     def retain(
-        self, ended_at: Callable[[str], float | None], *, before: float, max_bytes: int | None
+        self, job_of: Callable[[str], JobRow | None], *, before: float, max_bytes: int | None
     ) -> Retained:
-        """Remove the outputs of the jobs that ended (``ended_at``: when; None: not yet)
-        ``before``, then of the oldest other ended jobs while the objects of all live
-        outputs together are over ``max_bytes`` (None: no such budget); and every file no
-        live output needs (what a crash left behind, an object no job shares now)."""
+        """Remove the outputs of the jobs that ended (a final state; a job ``job_of`` no
+        longer has, long ago) ``before``, then of the oldest other ended jobs while the
+        objects of all live outputs together are over ``max_bytes`` (None: no such
+        budget); and every file no live output needs (what a crash left behind, an object
+        no job shares now)."""
         rows = self._db.execute(
             "SELECT job_id, sha256, size FROM artifacts WHERE expired IS NULL"
         ).fetchall()
-        ends = {job_id: ended_at(job_id) for job_id in {row[0] for row in rows}}
+        ends = {job_id: _ended_at(job_of(job_id)) for job_id in {row[0] for row in rows}}
         gone = _to_expire(rows, ends, before, max_bytes)
         # The rows first, committed: from here on no GET serves these objects, so deleting
         # them below (or in a later pass, after a crash) takes nothing anybody may read.
@@ -157,6 +160,8 @@ class ArtifactStore:
             self._db.execute("ROLLBACK")
             raise
         self._db.execute("COMMIT")
+        if expired:
+            _log.info("retention: %d output(s) of %d job(s) expired", expired, len(gone))
         needed = {
             sha256
             for (sha256,) in self._db.execute(
@@ -171,6 +176,8 @@ class ArtifactStore:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(path)
                     files += 1
+        if files:
+            _log.info("retention: %d artifact file(s) deleted", files)
         return Retained(expired, files)
 
     def file(self, sha256: str) -> Path:
@@ -272,6 +279,13 @@ def output_problems(
         elif got.sha256 != item.get("sha256") or got.size_bytes != item.get("size_bytes"):
             problems.append(f"output_mismatch:{path}")
     return problems
+
+
+def _ended_at(job: JobRow | None) -> float | None:
+    """When a job ended (None: it runs still); a job the store no longer has, long ago."""
+    if job is None:
+        return 0.0
+    return job.updated if job.final else None
 
 
 def _to_expire(

@@ -42,7 +42,7 @@ from coordinator.artifacts import ArtifactStore, Retained, job_outputs
 from coordinator.connection import AgentSessions, Shared, handle
 from coordinator.images import ImagePinner
 from coordinator.job_service import JobService
-from coordinator.retention import Quotas
+from coordinator.retention import Quotas, run_passes
 from coordinator.sessions import OpenSessions
 from coordinator.store import Store
 from coordinator.tunnel import TUNNEL_PATH, Tunnels
@@ -291,53 +291,25 @@ class Coordinator:
         """Delete the telemetry past its retention now; returns how many rows went."""
         settings = self.settings
         before = self._clock() - settings.telemetry_keep_s
-        return self._started().store.retention.prune_telemetry(before, settings.telemetry_keep_rows)
+        store = self._started().store
+        if deleted := store.retention.prune_telemetry(before, settings.telemetry_keep_rows):
+            _log.info("retention: %d telemetry row(s) deleted", deleted)
+        return deleted
 
     def expire_outputs(self) -> Retained:
-        """Remove the stored outputs of jobs that ended over ``artifacts_keep_s`` ago, then
-        of the oldest ended jobs while the store is over ``artifacts_max_bytes``; and every
-        file no output needs. A job the store no longer has counts as ended long ago."""
-        jobs, artifacts = self._started().store.jobs, self.artifacts
-        assert artifacts is not None  # made with the store
+        """Remove the stored outputs past their retention now (:meth:`ArtifactStore.retain`)."""
+        assert self.artifacts is not None  # made with the store
         settings = self.settings
-
-        def ended_at(job_id: str) -> float | None:
-            job = jobs.get(job_id)
-            if job is None:
-                return 0.0
-            return job.updated if job.final else None
-
-        return artifacts.retain(
-            ended_at,
+        return self.artifacts.retain(
+            self._started().store.jobs.get,
             before=self._clock() - settings.artifacts_keep_s,
             max_bytes=settings.artifacts_max_bytes,
         )
 
     async def _retain(self) -> None:
         """Prune and expire at start, then every retention interval, until stopped."""
-        while True:
-            # Each apart: telemetry that cannot be pruned does not keep outputs forever.
-            for what, step in (("telemetry", self._prune_step), ("outputs", self._expire_step)):
-                try:
-                    step()
-                except Exception:  # said, and tried again at the next interval
-                    # A task that dies says nothing: the store would grow without a word.
-                    _log.exception(
-                        "retention: the pass failed (%s); next in %gs",
-                        what,
-                        self.settings.retention_interval_s,
-                    )
-            self.retained.set()
-            await asyncio.sleep(self.settings.retention_interval_s)
-
-    def _prune_step(self) -> None:
-        if deleted := self.prune():
-            _log.info("retention: %d telemetry row(s) deleted", deleted)
-
-    def _expire_step(self) -> None:
-        expired = self.expire_outputs()
-        if expired.outputs or expired.files:
-            _log.info("retention: %d output(s) expired, %d file(s) deleted", *expired)
+        passes = (("telemetry", self.prune), ("outputs", self.expire_outputs))
+        await run_passes(passes, self.settings.retention_interval_s, self.retained)
 
     def _started(self) -> Shared:
         if self._shared is None:
