@@ -105,8 +105,14 @@ def _parser() -> _Parser:
     run.add_argument(
         "--artifacts-port",
         type=_port,
-        default=0,
-        help="port on --host where nodes PUT job outputs (0: any free)",
+        help="port on --host where nodes PUT job outputs (default: --port + 1, so 8766;"
+        " 0: any free, which breaks the upload URLs of offers sent before a restart)",
+    )
+    run.add_argument(
+        "--artifacts-url",
+        help="http(s)://host[:port] of the artifact listener as nodes reach it (default: --host"
+        " and --artifacts-port): the host nodes name this coordinator by, as they upload"
+        " only there by default",
     )
     run.add_argument(
         "--registry-logins",
@@ -191,6 +197,7 @@ async def _serve(
             ssl_context=ssl_context,
             admin_port=args.admin_port,
             artifacts_port=args.artifacts_port,
+            artifacts_url=args.artifacts_url,
             settings=settings,
             pinner=pinner,
         )
@@ -329,6 +336,9 @@ def _serve_command(args: argparse.Namespace) -> int:
     try:
         # Read-only checks of every argument before the key, the database or the admin
         # file is written: a refused argument leaves nothing behind.
+        args.artifacts_port = cli_args.artifacts_port(args.port, args.artifacts_port)
+        if args.artifacts_url is not None:
+            args.artifacts_url = cli_args.public_url(args.artifacts_url)
         ssl_context = None
         if args.tls_cert is not None:
             ssl_context = cli_args.tls_context(args.tls_cert, args.tls_key)

@@ -22,6 +22,7 @@ import logging
 import signal
 import time
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import msgspec
 
@@ -211,6 +212,7 @@ class _Daemon:
                 max_bytes=config.upload_spool_max_bytes,
                 ca_file=config.link.ca_file,
             ),
+            coordinator_host=urlsplit(config.link.url).hostname,
         )
         link_config = config.link
         self.tunnel = ServiceTunnel(

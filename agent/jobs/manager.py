@@ -119,7 +119,10 @@ class JobManager:
         image_budget: ImageBudget | None = None,
         clock: Callable[[], float] = time.time,
         delivery: Delivery | None = None,
+        coordinator_host: str | None = None,
     ) -> None:
+        """``coordinator_host``: the host of the coordinator's URL, what ``@coordinator``
+        in the policy's ``allowed_upload_hosts`` stands for."""
         self.identity = identity
         self.outbox = outbox
         self.ledger = Ledger(outbox)
@@ -173,6 +176,7 @@ class JobManager:
             limit=lambda: self.max_concurrent,
             running=running,
             delivery=delivery,
+            coordinator_host=coordinator_host,
         )
 
     # -- start -------------------------------------------------------------------------

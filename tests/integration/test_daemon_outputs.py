@@ -141,7 +141,9 @@ async def test_a_coordinator_down_when_the_outputs_are_ready_gets_them_after_its
         job_id = await world.c.submit(world.node_id, spec | {"outputs": ["result.txt"]})
         await world.until(lambda: "running" in world.states(job_id), "the job to run")
         await world.stop_coordinator()  # its artifact store is gone while the job ends
-        await asyncio.sleep(2)  # the agent's first PUTs fail and are retried
+        log = world.workdir / "agent.log"
+        # The agent's PUTs are refused, and retried (it says so), before the store is back.
+        await world.until(lambda: b"attempt 2:" in log.read_bytes(), "a retried PUT", timeout=120)
         await world.start_coordinator()
         await world.until(lambda: world.job(job_id).final, "the job to end", timeout=150)
         assert world.job(job_id).state == "completed"
