@@ -1,0 +1,197 @@
+"""Deployments end to end: the reference coordinator (in this process) and two
+``gpu-agent run`` daemons (children, two nodes) on the real engine, a busybox ``httpd``
+as the service. ``gpu-coordinator deploy --replicas 2`` spreads the replicas over both
+nodes; their leases are renewed past ``lease_s``; a node killed -9 has its replica placed
+again after the grace (on the node left: a deployment keeps its capacity); undeploy
+cancels every replica."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from support.daemon_loop import DUAL_A5000, Loop
+
+from coordinator import deployments_api
+from coordinator.server import Coordinator
+from sandbox.docker_api import DockerClient
+
+LEASE_S = 10.0
+GRACE_S = 2.0
+# busybox's httpd in the foreground, serving /health from the job's scratch space.
+SERVE = "mkdir -p /scratch/www && echo up > /scratch/www/health && exec httpd -f -p 8080 -h /scratch/www"  # noqa: E501
+
+
+def service_spec(image: str) -> dict[str, Any]:
+    return {
+        "kind": "service",
+        "image": image,
+        "command": ["sh", "-c", SERVE],
+        "timeout_s": 3600,
+        "grace_s": 2,
+        "service": {
+            "port": 8080,
+            "models": ["tiny"],
+            "lease_s": LEASE_S,
+            "start_allowance_s": 30,
+            "readiness": {"interval_s": 0.2, "timeout_s": 1},
+            "liveness": {"interval_s": 0.5, "timeout_s": 1, "failures": 3},
+        },
+    }
+
+
+class Nodes:
+    """One coordinator, two agents (each a :class:`Loop` of its own state directory)."""
+
+    def __init__(self, a: Loop, b: Loop) -> None:
+        self.a, self.b = a, b
+
+    @property
+    def c(self) -> Coordinator:
+        return self.a.c
+
+    def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
+        state = ["--state-dir", str(self.c.state_dir)]
+        return subprocess.run(
+            [sys.executable, "-m", "coordinator.cli", *args, *state],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+
+    def deployment(self, name: str) -> dict[str, Any]:
+        """The API's view, read in this process (the coordinator shares its event loop)."""
+        row = self.c.store.deployments.get(name)
+        assert row is not None
+        return deployments_api.view(self.c.store, row, self.c.connected())
+
+    async def get(self, path: str) -> tuple[int, dict[str, Any]]:
+        """GET a path of the read API, in a thread."""
+
+        def get() -> tuple[int, dict[str, Any]]:
+            try:
+                with urllib.request.urlopen(self.c.dashboard_url + path, timeout=10) as answer:
+                    return answer.status, json.load(answer)
+            except urllib.error.HTTPError as exc:
+                return exc.code, json.load(exc)
+
+        return await asyncio.to_thread(get)
+
+    def job_state(self, job_id: str) -> tuple[str, str]:
+        row = self.c.store.jobs.get(job_id)
+        assert row is not None
+        return row.state, row.code
+
+
+async def _node_of(loop: Loop, known: set[str]) -> str:
+    """Start ``loop``'s agent; its node id once it is connected and has said its capacity."""
+    loop.start_agent()
+    await loop.until(lambda: len(set(loop.c.connected()) - known) == 1, "the agent to connect")
+    [loop.node_id] = set(loop.c.connected()) - known
+    await loop.until(
+        lambda: loop.c.store.nodes.latest(loop.node_id, "node_status") is not None,
+        "the node's capacity",
+    )
+    return loop.node_id
+
+
+@pytest.fixture
+async def nodes(
+    tmp_path: Path, library_for: Callable[[Path], Path], test_image_id: str, docker_engine: str
+) -> AsyncIterator[Nodes]:
+    library = library_for(DUAL_A5000)
+    a = Loop(tmp_path / "a", library, test_image_id, DockerClient(docker_engine))
+    b = Loop(tmp_path / "b", library, test_image_id, DockerClient(docker_engine), port=a.port)
+    a.workdir.mkdir()
+    b.workdir.mkdir()
+    a.coordinator = b.coordinator = Coordinator(
+        db_path=tmp_path / "coordinator.db",
+        state_dir=tmp_path / "coordinator",
+        port=a.port,
+        deploy_grace_s=GRACE_S,
+        deploy_interval_s=0.2,
+    )
+    await a.c.start()
+    try:
+        await _node_of(a, set())
+        await _node_of(b, {a.node_id})
+        yield Nodes(a, b)
+    finally:
+        for loop in (a, b):
+            if loop.agent is not None and loop.agent.poll() is None:
+                loop.agent.send_signal(signal.SIGTERM)
+                await loop.exited()
+        await a.c.stop()
+
+
+async def test_deploy_spreads_renews_replaces_a_lost_node_and_undeploy_cancels(
+    nodes: Nodes, tmp_path: Path
+) -> None:
+    spec_file = tmp_path / "web.json"
+    spec_file.write_text(json.dumps(service_spec(nodes.a.image)))
+    deployed = await asyncio.to_thread(nodes.cli, "deploy", str(spec_file), "--replicas", "2")
+    assert (deployed.returncode, deployed.stdout, deployed.stderr) == (0, "web\n", "")
+
+    def ready() -> list[dict[str, Any]]:
+        return [r for r in nodes.deployment("web")["live"] if r["state"] == "ready"]
+
+    await nodes.a.until(lambda: len(ready()) == 2, "two replicas ready")
+    first = nodes.deployment("web")["live"]
+    assert {r["node_id"] for r in first} == {nodes.a.node_id, nodes.b.node_id}
+    status, shown = await nodes.get("api/deployments/web")
+    assert (status, shown["ready"], shown["replicas"]) == (200, 2, 2)
+
+    # Renewed: still ready once the lease they started with has run out.
+    placed = max(r["created"] for r in first)
+    await nodes.a.until(lambda: time.time() > placed + LEASE_S + 3, "the first lease to pass")
+    assert [nodes.job_state(r["job_id"]) for r in first] == [("ready", "")] * 2
+    assert all(r["renewed_until"] > placed + LEASE_S for r in nodes.deployment("web")["live"])
+
+    # Node b killed -9: after the grace its replica goes to the node left.
+    [lost] = [r["job_id"] for r in first if r["node_id"] == nodes.b.node_id]
+    assert nodes.b.agent is not None
+    nodes.b.agent.kill()
+    await nodes.b.exited()
+    await nodes.a.until(
+        lambda: [r["job_id"] for r in nodes.deployment("web")["retired"]] == [lost]
+        and len(ready()) == 2,
+        "the lost replica placed again and ready",
+        timeout=90,
+    )
+    shown = nodes.deployment("web")
+    assert shown["retired"][0]["retired_code"] == "node_lost"
+    assert {r["node_id"] for r in shown["live"]} == {nodes.a.node_id}
+    assert lost not in {r["job_id"] for r in shown["live"]}
+
+    # Node b back: its old replica does not run on (the agent reaps it; the cancel follows).
+    nodes.b.start_agent()
+    await nodes.a.until(lambda: nodes.c.store.jobs.get(lost).final, "the lost replica to end")  # type: ignore[union-attr]
+    assert await nodes.b.containers(lost) == []
+
+    listed = await asyncio.to_thread(nodes.cli, "deployments")
+    assert listed.returncode == 0
+    assert sum(line.startswith("web ") for line in listed.stdout.splitlines()) == 2
+
+    live = [r["job_id"] for r in shown["live"]]
+    undeployed = await asyncio.to_thread(nodes.cli, "undeploy", "web")
+    assert undeployed.returncode == 0, undeployed.stderr
+    assert sorted(undeployed.stdout.split()) == sorted(live)
+    await nodes.a.until(
+        lambda: all(nodes.c.store.jobs.get(j).final for j in live),  # type: ignore[union-attr]
+        "every replica to stop",
+    )
+    assert [nodes.job_state(j) for j in live] == [("stopped", "cancelled")] * 2
+    assert nodes.c.store.deployments.all() == []
+    status, gone = await nodes.get("api/deployments/web")
+    assert (status, gone["error"]["code"]) == (404, "unknown_deployment")
