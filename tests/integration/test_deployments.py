@@ -8,6 +8,7 @@ cancels every replica."""
 from __future__ import annotations
 
 import asyncio
+import http.client
 import json
 import signal
 import subprocess
@@ -164,8 +165,10 @@ async def test_deploy_spreads_renews_replaces_a_lost_node_and_undeploy_cancels(
     nodes.b.agent.kill()
     await nodes.b.exited()
     await nodes.a.until(
-        lambda: [r["job_id"] for r in nodes.deployment("web")["retired"]] == [lost]
-        and len(ready()) == 2,
+        lambda: (
+            [r["job_id"] for r in nodes.deployment("web")["retired"]] == [lost]
+            and len(ready()) == 2
+        ),
         "the lost replica placed again and ready",
         timeout=90,
     )
@@ -195,3 +198,128 @@ async def test_deploy_spreads_renews_replaces_a_lost_node_and_undeploy_cancels(
     assert nodes.c.store.deployments.all() == []
     status, gone = await nodes.get("api/deployments/web")
     assert (status, gone["error"]["code"]) == (404, "unknown_deployment")
+
+
+@pytest.fixture
+async def coordinator(tmp_path: Path) -> AsyncIterator[Coordinator]:
+    async with Coordinator(
+        db_path=tmp_path / "coordinator.db", state_dir=tmp_path / "coordinator"
+    ) as started:
+        yield started
+
+
+def _cli(coordinator: Coordinator, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "coordinator.cli", *args, "--state-dir", str(coordinator.state_dir)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+@pytest.mark.parametrize(
+    ("args", "code"),
+    [
+        (["--replicas", "0"], "bad_replicas"),
+        (["--replicas", "65"], "bad_replicas"),
+        (["--replicas", "two"], "bad_argument"),
+        (["--name", "Web Server"], "bad_name"),
+        (["--name", "../etc"], "bad_name"),
+        (["--name", "x" * 64], "bad_name"),
+        (["--job"], "not_a_service"),
+        (["--missing"], "bad_spec"),
+        (["--stem"], "bad_name"),
+    ],
+)
+async def test_a_bad_deploy_is_refused_with_a_code_exit_2_and_nothing_changes(
+    coordinator: Coordinator, tmp_path: Path, args: list[str], code: str
+) -> None:
+    spec = service_spec("sha256:" + "0" * 64)
+    path = tmp_path / "web.json"
+    if args == ["--job"]:
+        spec = {k: v for k, v in spec.items() if k not in ("kind", "service")}
+        args = []
+    elif args == ["--missing"]:
+        path, args = tmp_path / "missing.json", []
+    elif args == ["--stem"]:
+        path, args = tmp_path / "Web Server.json", []
+    if path.name != "missing.json":
+        path.write_text(json.dumps(spec))
+    done = await asyncio.to_thread(_cli, coordinator, "deploy", str(path), *args)
+    assert done.returncode == 2, done.stderr
+    assert f"[{code}]" in done.stderr
+    assert "Traceback" not in done.stderr
+    assert coordinator.store.deployments.all() == []
+    assert coordinator.jobs.recent() == []
+
+
+async def test_undeploy_of_no_such_deployment_is_a_coded_error(coordinator: Coordinator) -> None:
+    unknown = await asyncio.to_thread(_cli, coordinator, "undeploy", "nothing")
+    assert (unknown.returncode, "[unknown_deployment]" in unknown.stderr) == (1, True)
+    bad = await asyncio.to_thread(_cli, coordinator, "undeploy", "../../x")
+    assert (bad.returncode, "[bad_name]" in bad.stderr) == (2, True)
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "code"),
+    [
+        (b"not json", 400, "bad_request"),
+        (b'{"name": "web", "spec": {}, "replicas": 1, "extra": 1}', 400, "bad_request"),
+        (b'{"name": "web", "spec": {}}', 400, "bad_request"),
+        (b'{"name": "web", "spec": "x", "replicas": 1}', 400, "not_a_service"),
+        (b'{"name": "web", "spec": {"kind": "service"}, "replicas": true}', 400, "bad_replicas"),
+        (b'{"name": "web", "spec": {"kind": "service"}, "replicas": 1.5}', 400, "bad_replicas"),
+        (b'{"name": "web", "spec": {"kind": "service"}, "replicas": 1e9}', 400, "bad_replicas"),
+        (b'{"name": ["web"], "spec": {"kind": "service"}, "replicas": 1}', 400, "bad_name"),
+        (b'{"name": "web", "spec": {"kind": "service"}, "replicas": 1}', 400, "missing_field"),
+    ],
+)
+async def test_the_admin_api_refuses_a_bad_deployment_with_a_code(
+    coordinator: Coordinator, body: bytes, status: int, code: str
+) -> None:
+    answer = await asyncio.to_thread(_admin, coordinator, "POST", "/api/deployments", body)
+    assert answer == (status, code)
+    assert coordinator.store.deployments.all() == []
+
+
+async def test_a_name_is_deployed_once_and_writes_need_the_token(
+    coordinator: Coordinator,
+) -> None:
+    body = json.dumps(
+        {"name": "web", "spec": service_spec("sha256:" + "0" * 64), "replicas": 1}
+    ).encode()
+    assert await asyncio.to_thread(_admin, coordinator, "POST", "/api/deployments", body) == (
+        201,
+        "",
+    )
+    again = await asyncio.to_thread(_admin, coordinator, "POST", "/api/deployments", body)
+    assert again == (409, "deployment_exists")
+    anonymous = await asyncio.to_thread(
+        _admin, coordinator, "DELETE", "/api/deployments/web", b"", token=""
+    )
+    assert anonymous == (401, "unauthorized")
+    assert [d.name for d in coordinator.store.deployments.all()] == ["web"]
+    missing = await asyncio.to_thread(_admin, coordinator, "DELETE", "/api/deployments/x", b"")
+    assert missing == (404, "unknown_deployment")
+    gone = await asyncio.to_thread(_admin, coordinator, "DELETE", "/api/deployments/web", b"")
+    assert gone == (202, "")
+    assert coordinator.store.deployments.all() == []
+
+
+def _admin(
+    coordinator: Coordinator, method: str, path: str, body: bytes, *, token: str | None = None
+) -> tuple[int, str]:
+    """The status and error code (or "") of one admin API request."""
+    host, port = coordinator.admin_url.removeprefix("http://").rsplit(":", 1)
+    connection = http.client.HTTPConnection(host, int(port), timeout=30)
+    try:
+        bearer = coordinator.admin_token if token is None else token
+        headers = {"Authorization": f"Bearer {bearer}", "Content-Type": "application/json"}
+        connection.request(method, path, body=body, headers=headers)
+        answer = connection.getresponse()
+        shown = json.loads(answer.read() or b"{}")
+    finally:
+        connection.close()
+    error = shown.get("error") if isinstance(shown, dict) else None
+    return answer.status, error["code"] if isinstance(error, dict) else ""
