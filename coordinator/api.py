@@ -34,7 +34,7 @@ Errors are ``{"error": {"code", "detail"}}``: 400 ``bad_request``, ``bad_spec``,
 ``bad_job_id``, ``bad_ttl``, ``bad_reason``, ``spec_too_large``, ``bad_name``,
 ``bad_replicas``, ``not_a_service``; 401 ``unauthorized``; 403 ``forbidden``; 404
 ``not_found``, ``unknown_node``, ``unknown_job``, ``unknown_deployment``; 405; 409
-``job_exists``, ``job_final``, ``deployment_exists``.
+``job_exists``, ``job_final``, ``deployment_exists``, ``too_many_deployments``.
 """
 
 from __future__ import annotations
@@ -74,6 +74,7 @@ _JOB_ERROR_STATUS = {
     "job_final": HTTPStatus.CONFLICT,
     "unknown_deployment": HTTPStatus.NOT_FOUND,
     "deployment_exists": HTTPStatus.CONFLICT,
+    "too_many_deployments": HTTPStatus.CONFLICT,
     # The image's registry, asked to pin a tag, failed us: not the request's fault.
     "registry_unreachable": HTTPStatus.BAD_GATEWAY,
     "pull_timeout": HTTPStatus.GATEWAY_TIMEOUT,

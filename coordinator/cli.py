@@ -115,6 +115,7 @@ def _parser() -> _Parser:
     )
     run.add_argument("--registry-ca", type=_path, help="PEM CA bundle the registries chain to")
     admission.add_options(run)
+    cli_deploy.add_serve_options(run, _seconds)
     key = commands.add_parser("key", help="print the key id and public key for agents to pin")
     _state_dir_option(key, "signing key")
     key.add_argument(
@@ -194,6 +195,7 @@ async def _serve(
             artifacts_port=args.artifacts_port,
             settings=settings,
             pinner=pinner,
+            deploy_grace_s=args.deploy_grace,
         )
     finally:
         for signum in (signal.SIGINT, signal.SIGTERM):

@@ -10,10 +10,10 @@ from pathlib import Path
 from typing import Any, Final
 
 from coordinator.client import AdminClient, load_spec_file
-from coordinator.deployments import MAX_REPLICAS, NAME
+from coordinator.deployments import DEFAULT_GRACE_S, MAX_REPLICAS, NAME
 from coordinator.errors import JobError
 
-__all__ = ["COMMANDS", "add_commands", "check", "run"]
+__all__ = ["COMMANDS", "add_commands", "add_serve_options", "check", "run"]
 
 #: The commands of this module.
 COMMANDS: Final = frozenset({"deploy", "undeploy", "deployments"})
@@ -40,6 +40,17 @@ def add_commands(
     listing = commands.add_parser("deployments", help="list deployments and their replicas")
     listing.add_argument("--json", action="store_true", help="the API's JSON instead of a table")
     admin_options(listing)
+
+
+def add_serve_options(run: argparse.ArgumentParser, seconds: Callable[[str], float]) -> None:
+    """Add ``serve``'s deployment options."""
+    run.add_argument(
+        "--deploy-grace",
+        type=seconds,
+        default=DEFAULT_GRACE_S,
+        metavar="SECONDS",
+        help=f"how long a node may be away before its replicas go elsewhere ({DEFAULT_GRACE_S:g})",
+    )
 
 
 def check(args: argparse.Namespace) -> dict[str, Any]:

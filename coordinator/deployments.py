@@ -37,7 +37,14 @@ from coordinator.offers import make_offer
 from coordinator.store import Store
 from sandbox.spec import load_spec
 
-__all__ = ["DEFAULT_GRACE_S", "DEFAULT_INTERVAL_S", "MAX_REPLICAS", "NAME", "Deployments"]
+__all__ = [
+    "DEFAULT_GRACE_S",
+    "DEFAULT_INTERVAL_S",
+    "MAX_DEPLOYMENTS",
+    "MAX_REPLICAS",
+    "NAME",
+    "Deployments",
+]
 
 #: How long a node may be away before its replicas are placed elsewhere, in seconds.
 DEFAULT_GRACE_S: Final = 60.0
@@ -45,6 +52,8 @@ DEFAULT_GRACE_S: Final = 60.0
 DEFAULT_INTERVAL_S: Final = 1.0
 #: The most replicas of one deployment.
 MAX_REPLICAS: Final = 64
+#: The most deployments at once: each pass reads every one of them.
+MAX_DEPLOYMENTS: Final = 256
 #: A deployment's name: lowercase letters, digits, ``.``, ``_``, ``-``; 1-63 characters.
 NAME: Final = re.compile(r"[a-z0-9][a-z0-9._-]{0,62}")
 #: How long a replica that failed on a node puts that node last for the deployment.
@@ -90,7 +99,8 @@ class Deployments:
         Raises:
             JobError: ``bad_name``, ``bad_replicas`` (not an integer in 1..64),
                 ``not_a_service``, a code of the spec's check (as :meth:`JobService.submit`),
-                the registry's codes of a tag that cannot be pinned, ``deployment_exists``.
+                the registry's codes of a tag that cannot be pinned, ``deployment_exists``,
+                ``too_many_deployments``.
         """
         if not isinstance(name, str) or NAME.fullmatch(name) is None:
             raise JobError("bad_name", f"{name!r}: 1-63 of a-z 0-9 . _ -, from a letter or digit")
@@ -104,6 +114,8 @@ class Deployments:
         service = load_spec(msgspec.json.encode(pinned), "json").service
         assert service is not None  # a spec of kind service has one
         async with self._lock:
+            if len(self._store.deployments.all()) >= MAX_DEPLOYMENTS:
+                raise JobError("too_many_deployments", f"at most {MAX_DEPLOYMENTS}; undeploy one")
             if not self._store.deployments.add(
                 name, pinned, replicas, service.lease_s, self._clock()
             ):

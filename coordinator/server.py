@@ -410,6 +410,7 @@ async def serve(
     admin_port: int = 0,
     pinner: ImagePinner | None = None,
     artifacts_port: int = 0,
+    deploy_grace_s: float = DEFAULT_GRACE_S,
 ) -> None:
     """Run a coordinator until ``stop`` is set (or the task is cancelled)."""
     coordinator = Coordinator(
@@ -422,6 +423,7 @@ async def serve(
         admin_port=admin_port,
         pinner=pinner,
         artifacts_port=artifacts_port,
+        deploy_grace_s=deploy_grace_s,
     )
     async with coordinator:
         if on_ready is not None:

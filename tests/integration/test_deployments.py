@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 from support.daemon_loop import DUAL_A5000, Loop
 
-from coordinator import deployments_api
+from coordinator import deployments, deployments_api
 from coordinator.server import Coordinator
 from sandbox.docker_api import DockerClient
 
@@ -254,6 +254,20 @@ async def test_a_bad_deploy_is_refused_with_a_code_exit_2_and_nothing_changes(
     assert coordinator.jobs.recent() == []
 
 
+@pytest.mark.parametrize("grace", ["0", "-1", "nan", "soon"])
+def test_serve_refuses_a_grace_that_is_not_a_positive_number(tmp_path: Path, grace: str) -> None:
+    argv = ["serve", "--db", str(tmp_path / "c.db"), "--state-dir", str(tmp_path / "state")]
+    done = subprocess.run(
+        [sys.executable, "-m", "coordinator.cli", *argv, "--deploy-grace", grace],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert (done.returncode, "[bad_argument]" in done.stderr) == (2, True)
+    assert not (tmp_path / "c.db").exists()
+
+
 async def test_undeploy_of_no_such_deployment_is_a_coded_error(coordinator: Coordinator) -> None:
     unknown = await asyncio.to_thread(_cli, coordinator, "undeploy", "nothing")
     assert (unknown.returncode, "[unknown_deployment]" in unknown.stderr) == (1, True)
@@ -283,8 +297,8 @@ async def test_the_admin_api_refuses_a_bad_deployment_with_a_code(
     assert coordinator.store.deployments.all() == []
 
 
-async def test_a_name_is_deployed_once_and_writes_need_the_token(
-    coordinator: Coordinator,
+async def test_a_name_is_deployed_once_within_a_bound_and_writes_need_the_token(
+    coordinator: Coordinator, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     body = json.dumps(
         {"name": "web", "spec": service_spec("sha256:" + "0" * 64), "replicas": 1}
@@ -295,6 +309,10 @@ async def test_a_name_is_deployed_once_and_writes_need_the_token(
     )
     again = await asyncio.to_thread(_admin, coordinator, "POST", "/api/deployments", body)
     assert again == (409, "deployment_exists")
+    monkeypatch.setattr(deployments, "MAX_DEPLOYMENTS", 1)
+    other = body.replace(b'"web"', b'"web2"')
+    full = await asyncio.to_thread(_admin, coordinator, "POST", "/api/deployments", other)
+    assert full == (409, "too_many_deployments")
     anonymous = await asyncio.to_thread(
         _admin, coordinator, "DELETE", "/api/deployments/web", b"", token=""
     )
