@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import http.client
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -17,11 +18,13 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import AsyncIterator, Callable
+from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any
 
 import pytest
 from support.daemon_loop import DUAL_A5000, Loop
+from support.dashboard import render
 
 from coordinator import deployments, deployments_api
 from coordinator.server import Coordinator
@@ -341,3 +344,71 @@ def _admin(
         connection.close()
     error = shown.get("error") if isinstance(shown, dict) else None
     return answer.status, error["code"] if isinstance(error, dict) else ""
+
+
+class _ReplicaRows(HTMLParser):
+    """The dashboard's ``tr.replica`` rows: their data attributes and classed cells' text."""
+
+    def __init__(self) -> None:
+        super().__init__(convert_charrefs=True)
+        self.rows: list[dict[str, str]] = []
+        self._cell: str | None = None
+        self._in_replica = False
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        attributes = {k: v or "" for k, v in attrs}
+        classes = attributes.get("class", "").split()
+        if tag == "tr":
+            self._in_replica = "replica" in classes
+            if self._in_replica:
+                self.rows.append({k: v for k, v in attributes.items() if k.startswith("data-")})
+        elif tag == "td" and self._in_replica and classes:
+            self._cell = classes[0]
+            self.rows[-1][self._cell] = ""
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag == "td":
+            self._cell = None
+
+    def handle_data(self, data: str) -> None:
+        if self._cell:
+            self.rows[-1][self._cell] += data
+
+
+async def test_the_dashboard_shows_each_deployment_and_its_replicas(
+    coordinator: Coordinator, tmp_path: Path
+) -> None:
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        pytest.skip("no chromium on PATH (Debian: apt-get install chromium)")
+    spec = service_spec("sha256:" + "0" * 64)
+    await coordinator.deployments.deploy("idle", spec, 1)
+    await coordinator.deployments.deploy("web", spec, 2)
+    # A replica recorded as the reconciler does, on a node known but not connected.
+    coordinator.store.nodes.seen("node-x", coordinator.key.public_key_b64, time.time())
+    job_id = await coordinator.submit("node-x", spec)
+    coordinator.store.deployments.add_replica("web", job_id, "node-x", time.time(), 1e10)
+    url = f"http://127.0.0.1:{coordinator.port}/"
+    rendered = await asyncio.to_thread(render, chromium, tmp_path / "chromium", "--dump-dom", url)
+    parser = _ReplicaRows()
+    parser.feed(rendered.stdout)
+    assert parser.rows == [
+        {
+            "data-deployment": "idle",
+            "data-job-id": "",
+            "deployment": "idle",
+            "ready": "0/1",
+            "job-id": "-",
+            "node": "-",
+            "state": "placing",
+        },
+        {
+            "data-deployment": "web",
+            "data-job-id": job_id,
+            "deployment": "web",
+            "ready": "0/2",
+            "job-id": job_id,
+            "node": "node-x",
+            "state": "offered",
+        },
+    ]
