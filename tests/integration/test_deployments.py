@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import http.client
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -25,9 +26,13 @@ from typing import Any
 import pytest
 from support.daemon_loop import DUAL_A5000, Loop
 from support.dashboard import render
+from support.registry import push_busybox, running_registry
 
 from coordinator import deployments, deployments_api
+from coordinator.errors import JobError
+from coordinator.images import ImagePinner
 from coordinator.server import Coordinator
+from oci import Credentials
 from sandbox.docker_api import DockerClient
 
 LEASE_S = 10.0
@@ -412,3 +417,23 @@ async def test_the_dashboard_shows_each_deployment_and_its_replicas(
             "state": "offered",
         },
     ]
+
+
+async def test_a_tag_is_pinned_once_at_deploy_and_every_replica_runs_that_digest(
+    tmp_path: Path,
+) -> None:
+    (tmp_path / "registry").mkdir()
+    with running_registry(tmp_path / "registry") as registry:
+        tag = f"{registry.host}/deploy/web:1"
+        pinned = await asyncio.to_thread(push_busybox, registry, tag, os.urandom(1024), tmp_path)
+        login = Credentials(registry.username, registry.password)
+        pinner = ImagePinner(logins={registry.host: login}, ca_file=registry.ca_file)
+        async with Coordinator(
+            db_path=tmp_path / "c.db", state_dir=tmp_path / "state", pinner=pinner
+        ) as coordinator:
+            row = await coordinator.deployments.deploy("web", service_spec(tag), 2)
+            assert row.spec["image"] == pinned
+            with pytest.raises(JobError) as err:
+                await coordinator.deployments.deploy("gone", service_spec(tag + "-missing"), 1)
+            assert err.value.code == "image_not_found"
+            assert [d.name for d in coordinator.store.deployments.all()] == ["web"]
