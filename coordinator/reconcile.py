@@ -17,7 +17,10 @@ of the deployment, so no node holds two while another holds none. When every eli
 already holds one, a node takes a second: the deployment keeps its capacity (a node of two
 GPUs serves two replicas; one that cannot refuses the offer, a failure held back as any
 other) rather than wait, perhaps for ever, for another node. A node where a replica of the
-deployment failed lately comes last among equals.
+deployment failed lately comes last among equals. When a node holds two while an eligible
+node holds none, and every replica is ready, one more replica goes to the free node, and
+once it is ready a replica of the doubled node is retired (``rebalanced``): the spread
+comes back without the deployment ever running short.
 
 Leases: a live replica on a connected node is renewed once a third of its lease has passed
 since the last renewal (its placement at first), to one lease from now, so that a late
@@ -38,6 +41,7 @@ __all__ = [
     "BASE_HOLD_S",
     "MAX_HOLD_S",
     "NODE_LOST",
+    "REBALANCED",
     "Plan",
     "Renew",
     "Replica",
@@ -52,6 +56,8 @@ BASE_HOLD_S: Final = 1.0
 MAX_HOLD_S: Final = 300.0
 #: The code of a replica retired because its node stayed away past the grace.
 NODE_LOST: Final = "node_lost"
+#: The code of a replica retired because the spread was restored without it.
+REBALANCED: Final = "rebalanced"
 
 
 @dataclass(frozen=True)
@@ -150,10 +156,43 @@ def decide(
     if now < plan.hold_until:
         return plan
     held = Counter(r.node_id for r in kept)
-    for _ in range(max(0, want - len(kept))):
+    _trim(plan, kept, held, want)
+    if now < plan.hold_until:
+        return plan
+    missing = want - len(kept)
+    if missing <= 0 and _spread_restorable(kept, held, eligible, connected):
+        missing = 1  # one more on the free node; the doubled-up one goes once it is ready
+    for _ in range(max(0, missing)):
         if not eligible:
             break
         node = min(eligible, key=lambda n: (held[n], n in failed_on, n))
         held[node] += 1
         plan.place.append(node)
     return plan
+
+
+def _trim(plan: Plan, kept: list[Replica], held: Counter[str], want: int) -> None:
+    """Retire the replicas past ``want`` from the nodes holding the most (one not ready
+    first, else the newest), once as many as wanted are ready without them."""
+    while len(kept) > want:
+        node = max(held, key=lambda n: (held[n], n))
+        on_node = [r for r in reversed(kept) if r.node_id == node]
+        victim = next((r for r in on_node if r.state != "ready"), on_node[0])
+        if sum(1 for r in kept if r.state == "ready" and r is not victim) < want:
+            return
+        kept.remove(victim)
+        held[node] -= 1
+        plan.retire.append(Retire(victim.job_id, REBALANCED, cancel=True))
+        plan.renew = [r for r in plan.renew if r.job_id != victim.job_id]
+
+
+def _spread_restorable(
+    kept: Sequence[Replica], held: Counter[str], eligible: Sequence[str], connected: Collection[str]
+) -> bool:
+    """Whether a node holds two replicas while an eligible one holds none, and every
+    replica is ready on a connected node (nothing else to wait for first)."""
+    return (
+        all(r.state == "ready" and r.node_id in connected for r in kept)
+        and any(count >= 2 for count in held.values())
+        and any(held[n] == 0 for n in eligible)
+    )

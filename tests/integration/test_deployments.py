@@ -2,8 +2,8 @@
 ``gpu-agent run`` daemons (children, two nodes) on the real engine, a busybox ``httpd``
 as the service. ``gpu-coordinator deploy --replicas 2`` spreads the replicas over both
 nodes; their leases are renewed past ``lease_s``; a node killed -9 has its replica placed
-again after the grace (on the node left: a deployment keeps its capacity); undeploy
-cancels every replica."""
+again after the grace (on the node left: a deployment keeps its capacity), and moved back
+when the node returns; undeploy cancels every replica."""
 
 from __future__ import annotations
 
@@ -185,10 +185,24 @@ async def test_deploy_spreads_renews_replaces_a_lost_node_and_undeploy_cancels(
     assert {r["node_id"] for r in shown["live"]} == {nodes.a.node_id}
     assert lost not in {r["job_id"] for r in shown["live"]}
 
-    # Node b back: its old replica does not run on (the agent reaps it; the cancel follows).
+    # Node b back: its old replica does not run on (the agent reaps it; the cancel follows),
+    # and the spread comes back: a replica on b, then one of a's two retired.
     nodes.b.start_agent()
     await nodes.a.until(lambda: nodes.c.store.jobs.get(lost).final, "the lost replica to end")  # type: ignore[union-attr]
     assert await nodes.b.containers(lost) == []
+    both = {nodes.a.node_id, nodes.b.node_id}
+    await nodes.a.until(
+        lambda: (
+            {r["node_id"] for r in ready()} == both and len(nodes.deployment("web")["live"]) == 2
+        ),
+        "the spread restored",
+        timeout=90,
+    )
+    shown = nodes.deployment("web")
+    [moved] = [r for r in shown["retired"] if r["retired_code"] == "rebalanced"]
+    assert moved["node_id"] == nodes.a.node_id
+    await nodes.a.until(lambda: nodes.c.store.jobs.get(moved["job_id"]).final, "it to stop")  # type: ignore[union-attr]
+    assert nodes.job_state(moved["job_id"]) == ("stopped", "cancelled")
 
     listed = await asyncio.to_thread(nodes.cli, "deployments")
     assert listed.returncode == 0

@@ -10,6 +10,7 @@ import pytest
 from coordinator.reconcile import (
     MAX_HOLD_S,
     NODE_LOST,
+    REBALANCED,
     Plan,
     Renew,
     Replica,
@@ -128,3 +129,25 @@ def test_a_lease_is_renewed_once_a_third_of_it_has_passed() -> None:
 def test_a_replica_on_a_node_away_is_not_renewed() -> None:
     result = plan([running("j1", "a", until=100.0)], want=1, eligible=["b"], away_since={"a": 99.0})
     assert (result.renew, result.retire) == ([], [])
+
+
+def test_a_node_back_gets_one_more_replica_while_another_holds_two() -> None:
+    doubled = [running("j1", "a"), running("j2", "a")]
+    assert plan(doubled, eligible=["a", "b"]).place == ["b"]
+    starting = [running("j1", "a"), running("j2", "a", "starting")]
+    assert plan(starting, eligible=["a", "b"]).place == []  # not before every one is ready
+
+
+def test_the_doubled_up_replica_goes_once_the_new_one_is_ready() -> None:
+    waiting = [running("j1", "a"), running("j2", "a"), running("j3", "b", "starting")]
+    result = plan(waiting, eligible=["a", "b"])
+    assert (result.retire, result.place) == ([], [])
+    ready = [
+        running("j1", "a", until=0.0),
+        running("j2", "a", until=0.0),
+        running("j3", "b", until=500.0),
+    ]
+    result = plan(ready, eligible=["a", "b"], failures=0)
+    assert result.retire == [Retire("j2", REBALANCED, cancel=True)]
+    assert [r.job_id for r in result.renew] == ["j1"]  # not the one retired
+    assert (result.place, result.failures) == ([], 0)
