@@ -11,7 +11,8 @@ A view: ``name``, ``replicas`` (wanted), ``ready`` (how many are), ``image``, ``
 ``lease_s``, ``created``, ``failures`` (in a row) and ``hold_until`` (placements held back
 until then), ``live`` (each replica's ``job_id``, ``node_id``, ``connected``, ``state``,
 ``code``, ``created``, ``renewed_until``) and ``retired`` (the newest, each with
-``retired`` and ``retired_code``: ``node_lost`` or the final state of its job).
+``retired`` and ``retired_code``: ``node_lost``, ``rebalanced`` or the final state of
+its job).
 """
 
 from __future__ import annotations
