@@ -26,6 +26,7 @@ from agent.protocol.messages import (
     JobResult,
     JobStatus,
     ReliableBody,
+    ServiceRenewBody,
     message_type,
 )
 from agent.protocol.uploads import UploadTarget
@@ -61,7 +62,7 @@ class Sessions(Protocol):
 
 
 class JobService:
-    """Offers and cancels out, job reports in, the jobs as stored."""
+    """Offers, cancels and lease renewals out, job reports in, the jobs as stored."""
 
     def __init__(
         self,
@@ -171,6 +172,19 @@ class JobService:
         body = JobCancelBody(job_id=job_id, reason=reason)
         seq = self._next_seq(job.node_id)
         self._store.jobs.add_cancel(job.node_id, body, seq, self._clock())
+        await self._sessions.send(job.node_id, body, seq)
+
+    async def renew(self, job_id: str, until: float) -> None:
+        """Extend a running service's lease to ``until`` (``service_renew``), unless the
+        job has ended. ``until`` is a time within the wire's bounds."""
+        job = self._store.jobs.get(job_id)
+        if job is None or job.state in FINAL_STATES:
+            return
+        body = ServiceRenewBody(job_id=job_id, lease_until=until)
+        seq = self._next_seq(job.node_id)
+        self._store.streams.add_outbound(
+            job.node_id, seq, "service_renew", msgspec.to_builtins(body)
+        )
         await self._sessions.send(job.node_id, body, seq)
 
     async def prefetch(self, node_id: str, image: str) -> str:

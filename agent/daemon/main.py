@@ -50,7 +50,14 @@ from agent.owner.policy import OwnerPolicy
 from agent.owner.power import PowerLimiter
 from agent.protocol import dsse
 from agent.protocol.bodies import EnvelopeBody, ProfileBody
-from agent.protocol.messages import AttestRequest, ImagePrefetch, JobCancel, JobOffer, Message
+from agent.protocol.messages import (
+    AttestRequest,
+    ImagePrefetch,
+    JobCancel,
+    JobOffer,
+    Message,
+    ServiceRenew,
+)
 from agent.services.tunnel import ServiceTunnel, tunnel_url
 from hal import __version__
 from hal.backend import HalConfig
@@ -295,6 +302,8 @@ class _Daemon:
             await self.jobs.on_cancel(message)
         elif isinstance(message, ImagePrefetch):
             await self.jobs.on_prefetch(message)
+        elif isinstance(message, ServiceRenew):
+            self.jobs.on_renew(message)
         else:
             _log.info("ignoring %s", type(message).__name__)
 

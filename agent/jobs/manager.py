@@ -63,7 +63,7 @@ from agent.protocol.jobs import (
     Receipt,
     receipt_digest,
 )
-from agent.protocol.messages import ImagePrefetch, JobCancel, JobOffer
+from agent.protocol.messages import ImagePrefetch, JobCancel, JobOffer, ServiceRenew
 from agent.services.supervisor import Hooks, ServiceSupervisor
 from oci import OciError
 from sandbox.engine_types import RegistryAuth
@@ -220,6 +220,16 @@ class JobManager:
         job_id = message.body.job_id
         if not self.stop(job_id, "cancelled"):
             _log.info("cancel for job %s, which is not running", job_id)
+
+    def on_renew(self, message: ServiceRenew) -> None:
+        """Extend a running service's lease, to one lease from now at most; a renewal of
+        a job that is not a running service (ended, unknown, still pulling) is ignored."""
+        job_id, until = message.body.job_id, message.body.lease_until
+        service = self.services.get(job_id)
+        if service is None:
+            _log.info("lease renewal for job %s, which is not a running service", job_id)
+            return
+        service.renew(min(until, self.clock() + service.service.lease_s))
 
     async def on_prefetch(self, message: ImagePrefetch) -> None:
         """Pull an image ahead of the jobs that will want it, in the background."""

@@ -12,6 +12,7 @@ from msgspec import Meta
 
 from agent.protocol.limits import (
     MAX_ERROR_DETAIL_CHARS,
+    MAX_LEASE_UNTIL,
     MAX_LOG_CHUNK_BYTES,
     MAX_PROGRESS_LAYERS,
     MAX_SEQ,
@@ -39,6 +40,7 @@ __all__ = [
     "ProfileBody",
     "Seq",
     "SeqOrZero",
+    "ServiceRenewBody",
     "TelemetryBody",
     "UnitStatus",
     "WelcomeBody",
@@ -209,6 +211,17 @@ class JobCancelBody(WireStruct):
 
     job_id: Name
     reason: Text = ""
+
+
+class ServiceRenewBody(WireStruct):
+    """Extend a running service's lease to ``lease_until`` (seconds since the epoch).
+
+    A time, not a duration: a renewal delivered late (the stream waited for a reconnect)
+    is then stale and changes nothing, instead of granting a full lease from its arrival.
+    """
+
+    job_id: Name
+    lease_until: Annotated[float, Meta(gt=0, le=MAX_LEASE_UNTIL)]
 
 
 class ImagePrefetchBody(WireStruct):

@@ -8,6 +8,7 @@ __all__ = [
     "DEFAULT_NONCE_TTL_S",
     "MAX_ERROR_DETAIL_CHARS",
     "MAX_FRAME_BYTES",
+    "MAX_LEASE_UNTIL",
     "MAX_LOG_CHUNK_BYTES",
     "MAX_SEQ",
     "MAX_TELEMETRY_BATCH",
@@ -30,6 +31,11 @@ MAX_LOG_CHUNK_BYTES = 64 * 1024
 
 #: Longest ``detail`` of an ``error`` message, in characters.
 MAX_ERROR_DETAIL_CHARS = 1024
+
+#: Latest ``lease_until`` of a ``service_renew``, in seconds since the epoch (the year
+#: 5138): a finite time any clock can compare with; the agent then holds a renewal to one
+#: lease from its own now.
+MAX_LEASE_UNTIL = 1e11
 
 #: Largest sequence number: a signed 64-bit SQLite INTEGER holds every seq.
 MAX_SEQ = 2**63 - 1
