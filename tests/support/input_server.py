@@ -2,20 +2,26 @@
 
 Paths: ``/file`` (the file), ``/wrong`` (other bytes, same size), ``/more`` (the file
 and more, its Content-Length saying so), ``/more-unannounced`` (the same, no length),
-``/stall`` (half the file, then nothing until the server stops), ``/endless`` (zeros
-for ever, no length), ``/to?url=U`` (302 to U), ``/status/N`` (status N). Requests are
-counted per path in ``hits``.
+``/more-than-announced`` (a Content-Length of the file, then more), ``/chunked`` (the
+file in chunks), ``/chunked-more`` (the file and more, in chunks), ``/early-close``
+(half the file, then the connection closed), ``/chunked-early-close`` (the same, in
+chunks), ``/stall`` (half the file, then nothing until the server stops), ``/endless``
+(zeros for ever, no length), ``/to?url=U`` (302 to U), ``/status/N`` (status N).
+Requests are counted per path in ``hits``. With ``tls``, the same over https.
 """
 
 from __future__ import annotations
 
 import hashlib
 import http.server
+import ssl
 import threading
 import urllib.parse
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
+
+from support.tls import ServerTls
 
 __all__ = ["InputServer", "serve_input"]
 
@@ -71,13 +77,32 @@ def _handler(server: InputServer) -> type[http.server.BaseHTTPRequestHandler]:
                 self.wfile.write(data)
             elif parts.path == "/wrong":
                 self._head(200, len(data))
-                self.wfile.write(bytes(b ^ 1 for b in data))
+                self.wfile.write(data[1:] + data[:1])  # other bytes (fast: no Python per byte)
             elif parts.path == "/more":
                 self._head(200, len(data) + 1024)
                 self.wfile.write(data + b"x" * 1024)
             elif parts.path == "/more-unannounced":
                 self._head(200, None)
                 self.wfile.write(data + b"x" * 1024)
+                self.close_connection = True
+            elif parts.path == "/more-than-announced":
+                self._head(200, len(data))
+                self.wfile.write(data + b"x" * 1024)
+                self.close_connection = True
+            elif parts.path in ("/chunked", "/chunked-more", "/chunked-early-close"):
+                self._head(200, None, **{"Transfer-Encoding": "chunked"})
+                body = data + b"x" * 1024 if parts.path == "/chunked-more" else data
+                if parts.path == "/chunked-early-close":
+                    body = body[: len(body) // 2]
+                for at in range(0, len(body), 100_000):  # chunks over several reads
+                    piece = body[at : at + 100_000]
+                    self.wfile.write(b"%x\r\n%b\r\n" % (len(piece), piece))
+                if parts.path != "/chunked-early-close":
+                    self.wfile.write(b"0\r\n\r\n")
+                self.close_connection = True
+            elif parts.path == "/early-close":
+                self._head(200, len(data))
+                self.wfile.write(data[: len(data) // 2])
                 self.close_connection = True
             elif parts.path == "/stall":
                 self._head(200, len(data))
@@ -104,12 +129,21 @@ def _handler(server: InputServer) -> type[http.server.BaseHTTPRequestHandler]:
 
 
 @contextmanager
-def serve_input(data: bytes, host: str = "127.0.0.1") -> Iterator[InputServer]:
-    """Serve ``data`` (and the hostile variants) on ``host``, a free port, in a thread."""
+def serve_input(
+    data: bytes, host: str = "127.0.0.1", tls: ServerTls | None = None
+) -> Iterator[InputServer]:
+    """Serve ``data`` (and the hostile variants) on ``host``, a free port, in a thread;
+    over https with ``tls``'s certificate if given."""
     state = InputServer(data)
     httpd = http.server.ThreadingHTTPServer((host, 0), _handler(state))
     httpd.daemon_threads = True
-    state.base = f"http://{host}:{httpd.server_address[1]}"
+    scheme = "http"
+    if tls is not None:
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.load_cert_chain(tls.cert_file, tls.key_file)
+        httpd.socket = context.wrap_socket(httpd.socket, server_side=True)
+        scheme = "https"
+    state.base = f"{scheme}://{host}:{httpd.server_address[1]}"
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
     thread.start()
     try:
