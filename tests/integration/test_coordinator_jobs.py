@@ -25,7 +25,7 @@ import pytest
 from support.coordinator_peer import Peer, connected, signed_receipt
 from support.dashboard import render
 
-from agent.protocol.bodies import JobStatusBody, LayerProgress
+from agent.protocol.bodies import InputProgress, JobStatusBody, LayerProgress
 from agent.protocol.jobs import receipt_digest
 from agent.protocol.messages import AttestRequest, JobCancel, JobOffer
 from coordinator import jobs_api, keys
@@ -647,26 +647,35 @@ def test_serve_writes_a_fresh_admin_token_each_start(tmp_path: Path) -> None:
     assert tokens[0] != tokens[1]
 
 
-async def test_the_job_list_shows_how_far_a_pull_is(coordinator: Coordinator) -> None:
+@pytest.mark.parametrize("state", ["pulling", "fetching"])
+async def test_the_job_list_shows_how_far_a_pull_or_a_fetch_is(
+    coordinator: Coordinator, state: str
+) -> None:
     peer = Peer()
     async with _link(coordinator, peer) as link:
         job_id = await coordinator.submit(peer.node_id, SPEC)
         await link.take(JobOffer)
         await link.status(job_id, "accepted")
-        layers = [
-            LayerProgress(layer="a", done=30, total=50),
-            LayerProgress(layer="b", done=0, total=50),
-        ]
-        await link.send(JobStatusBody(job_id=job_id, state="pulling", progress=layers))
+        if state == "pulling":
+            layers = [
+                LayerProgress(layer="a", done=30, total=50),
+                LayerProgress(layer="b", done=0, total=50),
+            ]
+            body = JobStatusBody(job_id=job_id, state=state, progress=layers)
+            done, total = "pulled_bytes", "pull_bytes"
+        else:
+            inputs = [
+                InputProgress(path="w/a.bin", done=30, total=50),
+                InputProgress(path="b.bin", done=0, total=50),
+            ]
+            body = JobStatusBody(job_id=job_id, state=state, inputs=inputs)
+            done, total = "fetched_bytes", "fetch_bytes"
+        await link.send(body)
         [summary] = [j for j in _list(coordinator) if j["job_id"] == job_id]
-        assert (summary["state"], summary["pulled_bytes"], summary["pull_bytes"]) == (
-            "pulling",
-            30,
-            100,
-        )
+        assert (summary["state"], summary[done], summary[total]) == (state, 30, 100)
         await link.status(job_id, "running")
         [summary] = [j for j in _list(coordinator) if j["job_id"] == job_id]
-        assert "pull_bytes" not in summary
+        assert total not in summary
 
 
 def _list(coordinator: Coordinator) -> list[dict[str, Any]]:

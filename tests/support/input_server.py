@@ -6,7 +6,8 @@ and more, its Content-Length saying so), ``/more-unannounced`` (the same, no len
 file in chunks), ``/chunked-more`` (the file and more, in chunks), ``/early-close``
 (half the file, then the connection closed), ``/chunked-early-close`` (the same, in
 chunks), ``/stall`` (half the file, then nothing until the server stops), ``/endless``
-(zeros for ever, no length), ``/to?url=U`` (302 to U), ``/status/N`` (status N).
+(zeros for ever, no length), ``/paced`` (the file, ``piece`` bytes each time ``go``
+is released), ``/to?url=U`` (302 to U), ``/status/N`` (status N).
 Requests are counted per path in ``hits``. With ``tls``, the same over https.
 """
 
@@ -36,6 +37,9 @@ class InputServer:
         self.stop = threading.Event()
         self.stalled = threading.Event()
         """Set once ``/stall`` has sent its half."""
+        self.go = threading.Semaphore(0)
+        """Released once per piece ``/paced`` may send."""
+        self.piece = 1 << 20
         self.base = ""
 
     def url(self, path: str) -> str:
@@ -111,6 +115,15 @@ def _handler(server: InputServer) -> type[http.server.BaseHTTPRequestHandler]:
                 server.stalled.set()
                 server.stop.wait()
                 self.close_connection = True
+            elif parts.path == "/paced":
+                self._head(200, len(data))
+                for at in range(0, len(data), server.piece):
+                    while not server.go.acquire(timeout=0.1):
+                        if server.stop.is_set():  # the test is over: give up
+                            self.close_connection = True
+                            return
+                    self.wfile.write(data[at : at + server.piece])
+                    self.wfile.flush()
             elif parts.path == "/endless":
                 self._head(200, None)
                 zeros = bytes(1 << 16)
