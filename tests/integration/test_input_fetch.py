@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import os
 import ssl
@@ -106,6 +107,37 @@ async def test_a_body_larger_than_the_buffers_is_fetched_whole_over_http_and_htt
             tls=tls if https else None,
         )
     assert got == LARGE
+
+
+@pytest.mark.parametrize("path", ["/file", "/chunked"])
+@pytest.mark.parametrize("https", [False, True], ids=["http", "https"])
+async def test_what_a_server_sent_before_it_closed_is_all_taken_while_the_disk_is_behind(
+    tls: ServerTls, path: str, https: bool
+) -> None:
+    body = LARGE[: 6 * BUFFER_BYTES]
+    read_end, write_end = os.pipe()  # a disk that takes nothing until the server has closed
+    with serve_input(body, tls=tls if https else None) as server:
+
+        def drain() -> bytes:
+            server.closed.wait(timeout=30)  # (a fallback only: the server is not that slow)
+            with open(read_end, "rb") as reader:
+                return reader.read()
+
+        drained = asyncio.create_task(asyncio.to_thread(drain))
+        try:
+            await fetch(
+                server.url(path),
+                write_end,
+                sha256=server.sha256,
+                size_bytes=len(body),
+                allowed_hosts=["127.0.0.1"],
+                limits=FetchLimits(stall_s=60.0, deadline_s=120.0),
+                context=ssl.create_default_context(cafile=str(tls.ca_file)),
+            )
+        finally:
+            os.close(write_end)
+            server.closed.set()
+        assert await drained == body
 
 
 @pytest.mark.parametrize(

@@ -21,6 +21,7 @@ import urllib.parse
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 from support.tls import ServerTls
 
@@ -37,6 +38,8 @@ class InputServer:
         self.stop = threading.Event()
         self.stalled = threading.Event()
         """Set once ``/stall`` has sent its half."""
+        self.closed = threading.Event()
+        """Set each time the server has closed a connection."""
         self.go = threading.Semaphore(0)
         """Released once per piece ``/paced`` may send."""
         self.piece = 1 << 20
@@ -148,7 +151,13 @@ def serve_input(
     """Serve ``data`` (and the hostile variants) on ``host``, a free port, in a thread;
     over https with ``tls``'s certificate if given."""
     state = InputServer(data)
-    httpd = http.server.ThreadingHTTPServer((host, 0), _handler(state))
+
+    class Server(http.server.ThreadingHTTPServer):
+        def shutdown_request(self, request: Any) -> None:
+            super().shutdown_request(request)
+            state.closed.set()
+
+    httpd = Server((host, 0), _handler(state))
     httpd.daemon_threads = True
     scheme = "http"
     if tls is not None:
