@@ -30,6 +30,8 @@ __all__ = ["Answer", "get"]
 
 #: The largest answer head taken, and the most read at once before the body.
 _HEAD_BYTES: Final = 1 << 16
+#: The most read from the socket at once for https (as asyncio's own TLS reads).
+_TLS_READ_BYTES: Final = 1 << 18
 
 
 class Answer(asyncio.BufferedProtocol):
@@ -49,7 +51,7 @@ class Answer(asyncio.BufferedProtocol):
         self._transport: asyncio.Transport | None = None
         self._scratch = bytearray(_HEAD_BYTES)
         self._tls = tls
-        self._raw = bytearray(_HEAD_BYTES) if tls is not None else self._scratch
+        self._raw = bytearray(_TLS_READ_BYTES) if tls is not None else self._scratch
         self._paused = False
         self._ready: asyncio.Future[None] = loop.create_future()
         self._head: asyncio.Future[None] = loop.create_future()
