@@ -257,7 +257,9 @@ class Answer(asyncio.BufferedProtocol):
             space[:count] = view[:count]
             view = view[count:]
             self._take(count)
-        if closed:
+        if self._mode == "length" and self._left == 0:  # a body of no bytes: nothing to read
+            self._complete()
+        elif closed:
             self._eof()
 
     def _take(self, count: int) -> None:

@@ -83,6 +83,7 @@ async def test_a_file_with_its_digest_and_size_is_fetched_whole(
         ("/status/404", len(DATA), "input_not_found"),
         ("/status/500", len(DATA), "input_http_error"),
         ("/status/206", len(DATA), "input_http_error"),
+        ("/status/200", len(DATA), "input_digest_mismatch"),  # a 200 with nothing in it
     ],
 )
 async def test_a_hostile_server_is_refused_with_a_code(
