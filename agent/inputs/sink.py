@@ -6,7 +6,7 @@ and one that writes to the file, each in order, and comes back once both are don
 it. hashlib and ``os.write`` release the GIL, so receiving, hashing and writing overlap
 (hashing then writing in one thread was what held the agent back: sha256 alone is about
 as slow as receiving and writing), and no object is allocated per chunk received (a
-fresh 1 MiB ``bytes`` per read costs its page faults every time).
+fresh ``bytes`` per read costs its page faults every time).
 """
 
 from __future__ import annotations
@@ -25,9 +25,10 @@ from agent.errors import InputError
 __all__ = ["Sink"]
 
 #: Buffers per sink, and their size: the receive path runs up to three ahead of the disk
-#: (one is the one being filled, one a spare for what was read before a pause).
+#: (one is the one being filled, one a spare for what was read before a pause). 4 MiB
+#: buffers take about half the CPU per GiB of 1 MiB ones (fewer pauses, larger reads).
 BUFFERS: Final = 5
-BUFFER_BYTES: Final = 1 << 20
+BUFFER_BYTES: Final = 4 << 20
 
 
 class Sink:

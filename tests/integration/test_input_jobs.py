@@ -246,7 +246,7 @@ async def test_a_job_reports_its_fetch_growing_before_it_runs(
     world: World, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(manager_module, "_PULL_REPORT_S", 0.0)  # each step (rate: unit tests)
-    pieces, piece = 4, BUFFER_BYTES + 1024  # each fills at least one more sink buffer
+    pieces, piece = 3, BUFFER_BYTES + 1024  # each fills at least one more sink buffer
     large = os.urandom(pieces * piece)
     sha = hashlib.sha256(large).hexdigest()
     with serve_input(large) as slow:
