@@ -520,6 +520,31 @@ async def test_dashboard_lists_jobs_newest_first_with_links(
     assert all(r["updated"].endswith("Z") for r in parser.rows)
 
 
+async def test_dashboard_shows_how_far_a_pull_and_a_fetch_are(
+    coordinator: Coordinator, chromium: str, tmp_path: Path
+) -> None:
+    peer = Peer()
+    async with _link(coordinator, peer) as link:
+        await coordinator.submit(peer.node_id, SPEC, job_id="job-pull")
+        await coordinator.submit(peer.node_id, SPEC, job_id="job-fetch")
+        await link.take(JobOffer)
+        await link.take(JobOffer)
+        for job_id in ("job-pull", "job-fetch"):
+            await link.status(job_id, "accepted")
+        layers = [LayerProgress(layer="a", done=30, total=100)]
+        await link.send(JobStatusBody(job_id="job-pull", state="pulling", progress=layers))
+        inputs = [InputProgress(path="m.bin", done=60, total=100)]
+        await link.send(JobStatusBody(job_id="job-fetch", state="fetching", inputs=inputs))
+    url = f"http://127.0.0.1:{coordinator.port}/"
+    rendered = await asyncio.to_thread(render, chromium, tmp_path / "chromium", "--dump-dom", url)
+    parser = _JobRows()
+    parser.feed(rendered.stdout)
+    assert {r["data-job-id"]: r["state"] for r in parser.rows} == {
+        "job-pull": "pulling 30%",
+        "job-fetch": "fetching 60%",
+    }
+
+
 # ------------------------------------------------------------------ the CLI
 
 
