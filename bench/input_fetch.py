@@ -14,7 +14,10 @@ each place equally often):
 
 Each run starts after ``sync``, so that none pays for the one before's writeback. Prints
 one JSON object: min/median/max wall seconds and MiB/s, CPU seconds per run and
-CPU seconds per GiB, per method, and the agent/curl ratio of median throughputs.
+CPU seconds per GiB, per method, and the agent/curl ratio of median throughputs. On a
+busy host, runs are bimodal: some pay several times the usual system time (in the
+kernel, not in Python: user time stays put), so read the max with the median, and run
+it while the host is quiet when you can.
 """
 
 from __future__ import annotations

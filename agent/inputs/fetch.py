@@ -88,8 +88,9 @@ async def fetch(
     """Stream ``url`` into the open file ``fd``; return once ``size_bytes`` bytes hashing
     to ``sha256`` were written, else raise InputError (what was written is then garbage).
 
-    ``progress`` is called with the bytes received so far, about every MiB; ``context``
-    checks https servers' certificates (default: certifi's CAs)."""
+    ``progress`` is called with the bytes received so far as they go to the disk (a few
+    MiB at a time); ``context`` checks https servers' certificates (default: certifi's
+    CAs)."""
     if urllib.parse.urlsplit(url).scheme not in ("https", "http"):
         raise InputError("input_scheme_refused", f"{url}: only https and http")
     context = context or _default_context()
@@ -107,10 +108,7 @@ async def fetch(
                         detail = f"{url} announces {announced} of {size_bytes} bytes"
                         raise InputError("input_too_large", detail)
                     digest = await answer.receive(
-                        fd,
-                        cap=size_bytes,
-                        stall_s=limits.stall_s,
-                        progress=progress or _no_progress,
+                        fd, cap=size_bytes, stall_s=limits.stall_s, progress=progress
                     )
                     _check(url, answer.received, digest, size_bytes=size_bytes, sha256=sha256)
                     return
@@ -131,7 +129,3 @@ def _check(url: str, received: int, digest: str, *, size_bytes: int, sha256: str
 @functools.cache
 def _default_context() -> ssl.SSLContext:
     return ssl.create_default_context(cafile=certifi.where())
-
-
-def _no_progress(received: int) -> None:
-    """Progress nobody follows."""

@@ -91,12 +91,12 @@ class Answer(asyncio.BufferedProtocol):
         await self._wait(self._head, stall_s)
 
     async def receive(
-        self, fd: int, *, cap: int, stall_s: float, progress: Callable[[int], None]
+        self, fd: int, *, cap: int, stall_s: float, progress: Callable[[int], None] | None = None
     ) -> str:
         """Hash the body and write it to ``fd``; its sha256 once all of it is written.
         More than ``cap`` bytes is ``input_too_large``, at once; ``progress`` is called
         with the bytes received so far as they go to the disk."""
-        self._cap, self._progress = cap, progress
+        self._cap, self._progress = cap, progress or _no_progress
         self._sink = sink = Sink(fd, self._woken)
         try:
             if self.headers.get("transfer-encoding", "").lower() == "chunked":
