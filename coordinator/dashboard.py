@@ -96,6 +96,7 @@ async function refresh() {
       + '<td class="node">' + text(j.node_id) + "</td>"
       + '<td class="state">' + text(j.state)
       + (j.pull_bytes ? " " + percent(j.pulled_bytes, j.pull_bytes) + "%" : "")
+      + (j.fetch_bytes ? " " + percent(j.fetched_bytes, j.fetch_bytes) + "%" : "")
       + (j.code ? " (" + text(j.code) + ")" : "")
       + (j.output_problems ? ' <span class="output-problems">'
          + text(j.output_problems.join(", ")) + "</span>" : "")

@@ -35,6 +35,7 @@ from typing import Literal
 import msgspec
 
 from agent.errors import InputError
+from agent.inputs.progress import FetchProgress
 from agent.inputs.stage import Inputs
 from agent.jobs import machine, receipts
 from agent.jobs.admission import OfferDesk
@@ -84,7 +85,7 @@ StopReason = Literal["cancelled", "interrupted", "preempted"]
 _LOG_RETENTION_S = 7 * 86400
 #: A quiet job's output still reaches the coordinator this soon.
 _LOG_FLUSH_S = 0.25
-#: A pull's progress goes to the coordinator at most this often.
+#: A pull's or a fetch's progress goes to the coordinator at most this often.
 _PULL_REPORT_S = 2.0
 
 
@@ -143,7 +144,7 @@ class JobManager:
         self._states: dict[str, str] = {}
         self._stops: dict[str, StopReason] = {}
         self._containers: dict[str, str] = {}
-        self._fetching: set[str] = set()
+        self._fetching: dict[str, FetchProgress] = {}
         budget = image_budget or ImageBudget()
         self.image_cache = ImageCache(
             runner.engine,
@@ -259,6 +260,11 @@ class JobManager:
         if not layers:
             return None
         return sum(d for d, _ in layers.values()), sum(t for _, t in layers.values())
+
+    def fetch_progress(self, job_id: str) -> tuple[int, int] | None:
+        """A job's inputs fetched so far: bytes done and in all; None when not fetching."""
+        progress = self._fetching.get(job_id)
+        return None if progress is None else progress.totals
 
     def container_ids(self) -> list[str]:
         """The containers of the running jobs."""
@@ -462,13 +468,20 @@ class JobManager:
         ``held`` closes (the job has ended)."""
         if self.inputs is None or all(item.url is None for item in spec.inputs):
             return {}
-        self._carry_out(machine.advance(job_id, self._state(job_id), "fetching"))
-        self._fetching.add(job_id)
+        progress = self._fetching[job_id] = self.inputs.progress(
+            spec,
+            every_s=_PULL_REPORT_S,
+            clock=self.clock,
+            report=lambda rows: self._carry_out(
+                machine.fetching(job_id, self._state(job_id), rows)
+            ),
+        )
         try:
-            stage = self.inputs.stage(spec, self.policy.allowed_input_hosts)
+            progress.start()  # the move to fetching, at once
+            stage = self.inputs.stage(spec, self.policy.allowed_input_hosts, progress.update)
             return await held.enter_async_context(stage)
         finally:
-            self._fetching.discard(job_id)
+            del self._fetching[job_id]
 
     def _end(self, job_id: str) -> None:
         self.node.free(job_id)
