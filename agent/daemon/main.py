@@ -248,6 +248,7 @@ class _Daemon:
             batch=config.batch_samples,
             wake=wake,
         )
+        self.jobs.gpu_samples = lambda: self.sampler.latest_gpus
         self.control = DaemonControl(
             identity=identity,
             jobs=self.jobs,

@@ -38,7 +38,7 @@ from agent.jobs import machine
 from agent.jobs.admission import OfferDesk
 from agent.jobs.delivery import Delivery
 from agent.jobs.endings import Endings, StopReason
-from agent.jobs.gpus import device_facts
+from agent.jobs.gpus import device_facts, memory_full
 from agent.jobs.image_cache import ImageCache, Prefetcher
 from agent.jobs.images import ImageGate, engine_logins, offer_logins
 from agent.jobs.ledger import Ledger
@@ -57,6 +57,7 @@ from agent.link.identity import Identity
 from agent.link.outbox import Outbox
 from agent.protocol.messages import ImagePrefetch, JobCancel, JobOffer, ServiceRenew
 from agent.services.supervisor import Hooks, ServiceSupervisor
+from hal.types import GpuSample
 from oci import OciError
 from sandbox.engine_types import RegistryAuth
 from sandbox.errors import SandboxError
@@ -128,6 +129,9 @@ class JobManager:
         self.delivery = delivery
         """Where outputs wait for upload; None: offers naming upload targets are refused."""
         self.tasks: dict[str, asyncio.Task[None]] = {}
+        self.gpu_samples: Callable[[], list[GpuSample]] = list
+        """The GPUs' latest samples (the daemon's sampler): whether a service's GPU memory
+        was full when it died (``gpu_oom``)."""
         self.services: dict[str, ServiceSupervisor] = {}
         """The services running, by job id: where each answers, and whether it is ready."""
         self._states: dict[str, str] = {}
@@ -444,11 +448,13 @@ class JobManager:
             current = self._state(job_id)
             self._carry_out(machine.advance(job_id, current, state, code, detail))  # type: ignore[arg-type]
 
+        gpus = self.node.scheduler.gpus_of(units)
         hooks = Hooks(
             run=attempt,
             cancel=lambda: self.runner.cancel(job_id),
             report=report,
             stopped=lambda: self._stops.get(job_id),
+            memory_full=lambda: memory_full(gpus, self.gpu_samples()),
         )
         supervisor = self.services[job_id] = ServiceSupervisor(
             spec.service, hooks, clock=self.clock
