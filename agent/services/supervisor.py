@@ -47,12 +47,19 @@ Probe = Callable[[str, int, HttpCheck], Awaitable[str]]
 
 
 async def http_probe(address: str, port: int, check: HttpCheck) -> str:
-    """:data:`Probe` over HTTP: a 2xx answer within the check's timeout passes."""
+    """:data:`Probe` over HTTP: a 2xx status line and headers within the check's timeout
+    pass. The whole check is bounded, not each read (a server trickling a byte a second
+    would hold a per-read timeout open for ever), and no body is read (a server that sends
+    gigabytes costs nothing)."""
     host = f"[{address}]" if ":" in address else address
-    timeout = httpx.Timeout(check.timeout_s)
     try:
-        async with httpx.AsyncClient(timeout=timeout, trust_env=False) as client:
-            answer = await client.get(f"http://{host}:{port}{check.path}")
+        async with asyncio.timeout(check.timeout_s):
+            async with httpx.AsyncClient(timeout=check.timeout_s, trust_env=False) as client:
+                request = client.build_request("GET", f"http://{host}:{port}{check.path}")
+                answer = await client.send(request, stream=True)
+                await answer.aclose()
+    except TimeoutError:
+        return f"no answer within {check.timeout_s:g} s"
     except httpx.HTTPError as exc:
         return f"{type(exc).__name__}: {exc}"[:200]
     return "" if 200 <= answer.status_code < 300 else f"{check.path} answered {answer.status_code}"
