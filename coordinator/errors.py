@@ -15,9 +15,17 @@ Grouped by how the operator reacts::
     |            node would say it (sandbox.errors.SpecError: bad_spec, spec_too_large,
     |            unknown_field, missing_field, forbidden_field, bad_value)
     +-- AdminError                the admin API is unreachable or refused the client
-          codes: admin_file_missing, admin_file_unsafe, admin_file_corrupt, admin_file_unwritable,
-                 bad_url, admin_unreachable, unauthorized, forbidden, bad_answer, wait_timeout,
-                 and the JobError codes the API answered with
+    |     codes: admin_file_missing, admin_file_unsafe, admin_file_corrupt, admin_file_unwritable,
+    |            bad_url, admin_unreachable, unauthorized, forbidden, bad_answer, wait_timeout,
+    |            and the JobError codes the API answered with
+    +-- StreamError               a tunnel stream to a node's service failed or was refused:
+          another node may serve the request (if nothing of it was read yet)
+          codes: no_tunnel (the node has no data connection), too_many_streams,
+                 ids_exhausted (its connection's stream ids are used up: it reconnects),
+                 bad_target, stream_ended (written after write_eof), and every reset
+                 code (agent.protocol.tunnel.ResetCode: cancel, unknown_target,
+                 connect_failed, target_error, connection_lost, ...), or the
+                 TunnelError code that closed the connection
 
 Protocol errors with a peer are :mod:`agent.protocol.errors`; they go to the agent as an
 ``error`` message and never stop the coordinator.
@@ -25,7 +33,14 @@ Protocol errors with a peer are :mod:`agent.protocol.errors`; they go to the age
 
 from __future__ import annotations
 
-__all__ = ["AdminError", "ConfigError", "CoordinatorError", "JobError", "KeyFileError"]
+__all__ = [
+    "AdminError",
+    "ConfigError",
+    "CoordinatorError",
+    "JobError",
+    "KeyFileError",
+    "StreamError",
+]
 
 
 class CoordinatorError(Exception):
@@ -51,3 +66,7 @@ class JobError(CoordinatorError):
 
 class AdminError(CoordinatorError):
     """The admin API could not be reached, or answered with an error (a client's view)."""
+
+
+class StreamError(CoordinatorError):
+    """A tunnel stream could not be opened, or ended other than by the service's EOF."""

@@ -83,12 +83,18 @@ async def send(ws: ServerConnection, frames: list[str]) -> None:
         await ws.send(frame)
 
 
-async def authenticate(ws: ServerConnection, gate: Gate) -> CoordinatorConnection | None:
+async def authenticate(
+    ws: ServerConnection,
+    gate: Gate,
+    check_hello: Callable[[Gate, HelloBody], None] | None = None,
+) -> CoordinatorConnection | None:
     """Run the handshake until the node has proved its key; None after refusing it.
 
     The connection returned is ``authenticated``: the caller accepts (``welcome``) or
-    refuses.
+    refuses. ``check_hello`` refuses a ``hello`` before any signing (default: the control
+    link's admission checks).
     """
+    at_hello = check_hello or _at_hello
     key = gate.key
     conn = CoordinatorConnection(
         key_id=key.key_id,
@@ -97,7 +103,7 @@ async def authenticate(ws: ServerConnection, gate: Gate) -> CoordinatorConnectio
         node_id_of=crypto.node_id,
         nonces=gate.nonces,
         new_nonce=new_nonce,
-        check_hello=lambda hello: _at_hello(gate, hello),
+        check_hello=lambda hello: at_hello(gate, hello),
     )
     while not conn.authenticated:
         try:

@@ -1,7 +1,8 @@
 """The reference coordinator's server: agents on ``/agent``, the read API and dashboard beside.
 
 One port serves both: ``process_request`` answers plain HTTP requests (the read API, the
-dashboard) and lets websocket upgrades to :data:`AGENT_PATH` through to the agent handler.
+dashboard) and lets websocket upgrades to :data:`AGENT_PATH` through to the agent handler,
+and to :data:`TUNNEL_PATH` to the nodes' data connections (:attr:`Coordinator.tunnels`).
 With an ``ssl_context`` that port speaks TLS only: ``wss://`` for agents, ``https://`` for
 the API and dashboard.
 
@@ -32,6 +33,7 @@ from websockets.http11 import Request, Response
 
 from agent.protocol.limits import MAX_FRAME_BYTES
 from agent.protocol.session import NonceBook
+from agent.protocol.tunnel import MAX_STREAMS
 from coordinator import api, keys, offers
 from coordinator.admin import AdminFile, AdminListener, new_token, write_admin_file
 from coordinator.admission import Settings, TokenBucket
@@ -43,6 +45,7 @@ from coordinator.job_service import JobService
 from coordinator.retention import Quotas
 from coordinator.sessions import OpenSessions
 from coordinator.store import Store
+from coordinator.tunnel import TUNNEL_PATH, Tunnels
 
 __all__ = ["AGENT_PATH", "Coordinator", "Settings", "serve"]
 
@@ -74,6 +77,7 @@ class Coordinator:
         pinner: ImagePinner | None = None,
         artifacts_port: int = 0,
         artifact_node_max_bytes: int = 16 << 30,
+        tunnel_max_streams: int = MAX_STREAMS,
     ) -> None:
         self.host = host
         self.pinner = pinner or ImagePinner()
@@ -87,6 +91,8 @@ class Coordinator:
         self._clock = clock
         self._server: Server | None = None
         self._shared: Shared | None = None
+        self._tunnels: Tunnels | None = None
+        self._tunnel_max_streams = tunnel_max_streams
         self._retention: asyncio.Task[None] | None = None
         self.retained = asyncio.Event()
         """Set after each retention pass (cleared by whoever waits for the next one)."""
@@ -112,6 +118,13 @@ class Coordinator:
         if self._shared is None:
             raise RuntimeError("the coordinator is not started")
         return self._shared.store
+
+    @property
+    def tunnels(self) -> Tunnels:
+        """The nodes' data connections: streams to their services (only while started)."""
+        if self._tunnels is None:
+            raise RuntimeError("the coordinator is not started")
+        return self._tunnels
 
     @property
     def jobs(self) -> JobService:
@@ -189,6 +202,7 @@ class Coordinator:
                 artifacts_url=lambda: self.artifacts_url,
             ),
         )
+        self._tunnels = Tunnels(self._shared, max_streams=self._tunnel_max_streams)
         try:
             self._server = await ws_serve(
                 self._handler,
@@ -228,6 +242,7 @@ class Coordinator:
             self._server.close()
             await self._server.wait_closed()
             self._server = None
+        self._tunnels = None
         if self._shared is not None:
             self._shared.store.close()
             self._shared = None
@@ -296,6 +311,9 @@ class Coordinator:
         return self._shared
 
     async def _handler(self, ws: ServerConnection) -> None:
+        if ws.request is not None and _path(ws.request) == TUNNEL_PATH:
+            await self.tunnels.handle(ws)
+            return
         await handle(ws, self._started())
 
     async def _admin_request(self, request: HttpRequest) -> HttpAnswer:
@@ -316,7 +334,7 @@ class Coordinator:
         return api.route(request.method, request.target, self.store, self.jobs, self.connected())
 
     def _process_request(self, connection: ServerConnection, request: Request) -> Response | None:
-        if request.path.split("?", 1)[0] == AGENT_PATH:
+        if _path(request) in (AGENT_PATH, TUNNEL_PATH):
             return None  # the websocket handshake goes on (426 if it is not an upgrade)
         answer = api.route(request.method, request.path, self.store, self.jobs, self.connected())
         if answer.file is not None:
@@ -346,6 +364,10 @@ class Coordinator:
         if host in ("0.0.0.0", "::"):  # a wildcard is not an address to browse to
             host = "127.0.0.1" if host == "0.0.0.0" else "::1"
         return f"[{host}]" if ":" in host else host
+
+
+def _path(request: Request) -> str:
+    return request.path.split("?", 1)[0]
 
 
 async def serve(

@@ -16,9 +16,15 @@ how the receiving side reacts::
     |     codes: seq_backwards, seq_gap, ack_ahead, ack_behind
     +-- LimitExceeded             within the protocol but over a limit: answer error, go on
     |     codes: batch_too_large, log_chunk_too_large, rate_limited, quota_exceeded,
-    |            frame_too_large (when encoding: the peer would refuse it)
+    |            frame_too_large (when encoding: the peer would refuse it),
+    |            too_many_streams (opening a tunnel stream past the cap),
+    |            ids_exhausted (a tunnel connection's stream ids are used up)
     +-- SessionEnded              nobody's fault, the session is over: answer error, close
-          codes: superseded (a newer connection of the same node took over)
+    |     codes: superseded (a newer connection of the same node took over)
+    +-- TunnelError               a tunnel connection's peer broke its rules: close it (the
+          code as the websocket close reason); every stream on it is reset
+          codes: bad_frame, unknown_frame, frame_too_large, bad_target, bad_stream_id,
+                 unknown_stream, stream_closed, flow_control, window_overflow, flood
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ __all__ = [
     "ProtocolError",
     "SequenceError",
     "SessionEnded",
+    "TunnelError",
 ]
 
 
@@ -67,5 +74,11 @@ class LimitExceeded(ProtocolError):
 
 class SessionEnded(ProtocolError):
     """The session is over though the peer did nothing wrong (another one took its place)."""
+
+    closes = True
+
+
+class TunnelError(ProtocolError):
+    """A tunnel connection's peer broke the tunnel's rules (docs/protocol.md, "Tunnel")."""
 
     closes = True

@@ -1,0 +1,513 @@
+"""Sans-I/O tunnel: byte streams multiplexed over one connection, with flow control.
+
+The coordinator opens a stream to a service the agent names by target; bytes go both
+ways, each direction half-closed by END, the whole stream cancelled by RESET with a code
+(docs/protocol.md, "Tunnel"; frames in :mod:`agent.protocol.tunnel_frames`). As with
+:mod:`agent.protocol.connection`, a driver feeds each received binary message in
+(:meth:`TunnelMux.receive_data`), carries out the events it returns, and writes what
+:meth:`TunnelMux.data_to_send` returns; nothing here touches a socket or a clock.
+
+Flow control, per stream and per connection (as RFC 9113 section 5.2): a sender may have
+at most ``window`` bytes of a stream, and ``connection_window`` of all streams, that the
+receiver has not yet read; the receiver grants more (WINDOW) as its application reads
+(:meth:`TunnelMux.read`), once half a window has been read. A receiver therefore holds at
+most ``connection_window`` bytes for the peer, whatever the peer does.
+
+The sender's scheduler (:meth:`TunnelMux.data_to_send`) puts control frames (WINDOW, RESET,
+OPEN, END of a drained stream) ahead of any data, then takes one bounded chunk from each
+stream that has data and window in turn (round robin), so one bulk stream cannot hold the
+others up.
+
+Events::
+
+    StreamOpened(id, target)   the peer opened a stream: connect it, or reset() it
+    StreamReadable(id)         read() has bytes for it
+    StreamEnded(id)            the peer sends no more: read() gives b"" once drained
+    StreamReset(id, code, remote)  the stream is over (remote: the peer reset it)
+    (a stream that ended both ways and was read out: take_finished())
+    TunnelFailed(error)        the peer broke the rules: close with error.code (every
+                               stream got its StreamReset first)
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Sequence
+from typing import Final
+
+from agent.protocol.errors import LimitExceeded, TunnelError
+from agent.protocol.tunnel_events import (
+    ResetCode,
+    Role,
+    StreamEnded,
+    StreamOpened,
+    StreamReadable,
+    StreamReset,
+    TunnelEvent,
+    TunnelFailed,
+)
+from agent.protocol.tunnel_frames import (
+    HEADER_BYTES,
+    MAX_DATA_BYTES,
+    MAX_STREAM_ID,
+    MAX_WINDOW,
+    Data,
+    End,
+    Open,
+    Reset,
+    Window,
+    data_header,
+    decode_frames,
+    encode_end,
+    encode_open,
+    encode_reset,
+    encode_window,
+)
+
+__all__ = [
+    "CHUNK_BYTES",
+    "CONNECTION_WINDOW",
+    "MAX_BATCH_BYTES",
+    "MAX_CONTROL_BACKLOG",
+    "MAX_STREAMS",
+    "STREAM_WINDOW",
+    "TUNNEL_PATH",
+    "ResetCode",
+    "Role",
+    "StreamEnded",
+    "StreamOpened",
+    "StreamReadable",
+    "StreamReset",
+    "TunnelEvent",
+    "TunnelFailed",
+    "TunnelMux",
+]
+
+#: The websocket path of the data connection, beside the control link's ``/agent``.
+TUNNEL_PATH: Final = "/tunnel"
+#: Each side's initial window per stream, and per connection (both sides assume these).
+STREAM_WINDOW: Final = 256 * 1024
+CONNECTION_WINDOW: Final = 16 * 1024 * 1024
+#: Most streams open at once on one connection, as each side counts them.
+MAX_STREAMS: Final = 256
+#: The scheduler's unit: one stream's turn sends at most this much while others wait.
+CHUNK_BYTES: Final = 16 * 1024
+#: What one data_to_send() returns at most, give or take a frame (one websocket message).
+MAX_BATCH_BYTES: Final = 256 * 1024
+#: Control frames queued and not yet sent past which the peer is flooding (``flood``).
+MAX_CONTROL_BACKLOG: Final = 4096
+#: Stream ids this side reset, remembered so that the peer's frames in flight are dropped.
+_RESET_MEMORY = 4096
+
+
+class _Stream:
+    __slots__ = (
+        "end_queued",
+        "end_sent",
+        "inbound",
+        "inbound_bytes",
+        "out",
+        "out_bytes",
+        "recv_window",
+        "remote_ended",
+        "send_window",
+        "stream_id",
+        "unannounced",
+    )
+
+    def __init__(self, stream_id: int, window: int) -> None:
+        self.stream_id = stream_id
+        self.send_window = window
+        self.recv_window = window
+        self.unannounced = 0  # read, not yet granted back
+        # What the application queued, as it came: a chunk that fits a frame goes out
+        # without a copy of its own.
+        self.out: deque[bytes | memoryview] = deque()
+        self.out_bytes = 0
+        self.end_queued = False
+        self.end_sent = False
+        self.inbound: deque[bytes | memoryview] = deque()
+        self.inbound_bytes = 0
+        self.remote_ended = False
+
+
+class TunnelMux:
+    """One side of a tunnel connection.
+
+    Args:
+        role: which side; it fixes the parity of the ids this side opens.
+        window, connection_window: the initial windows. Both sides must use the same
+            values: they are the protocol's constants, parameters only so that tests can
+            make them small.
+        max_streams: the most streams open at once; the peer's opens past it are reset
+            ``too_many_streams``, this side's refused with LimitExceeded.
+    """
+
+    def __init__(
+        self,
+        role: Role,
+        *,
+        window: int = STREAM_WINDOW,
+        connection_window: int = CONNECTION_WINDOW,
+        max_streams: int = MAX_STREAMS,
+    ) -> None:
+        self.role = role
+        self.closed = False
+        self._window = window
+        self._conn_window = connection_window
+        self._max_streams = max_streams
+        self._streams: dict[int, _Stream] = {}
+        self._next_id = role.value
+        self._last_peer_id = 0
+        self._conn_send = connection_window
+        self._conn_recv = connection_window
+        self._conn_unannounced = 0
+        self._control: deque[bytes] = deque()
+        self._ready: deque[int] = deque()  # streams with data to send, in turn
+        self._scheduled: set[int] = set()
+        self._reset_ids: set[int] = set()
+        self._reset_order: deque[int] = deque()
+        self._finished: list[int] = []
+
+    # -- what the application does ------------------------------------------------------
+
+    def open(self, target: str) -> int:
+        """Open a stream to ``target``; its id.
+
+        Raises:
+            LimitExceeded: ``too_many_streams``; ``ids_exhausted`` after 2^30 opens on one
+                connection (a new connection starts again).
+            ValueError: a target name the peer would refuse.
+        """
+        if self.closed:
+            raise RuntimeError("the tunnel is closed")
+        if len(self._streams) >= self._max_streams:
+            raise LimitExceeded("too_many_streams", f"{self._max_streams} streams are open")
+        if self._next_id > MAX_STREAM_ID:
+            raise LimitExceeded("ids_exhausted", "stream ids are used up: reconnect")
+        frame = encode_open(self._next_id, target)
+        stream_id, self._next_id = self._next_id, self._next_id + 2
+        self._streams[stream_id] = _Stream(stream_id, self._window)
+        self._control.append(frame)
+        return stream_id
+
+    def send(self, stream_id: int, data: bytes) -> bool:
+        """Queue bytes of a stream; False if the stream is gone or ended (nothing queued)."""
+        stream = self._streams.get(stream_id)
+        if stream is None or stream.end_queued:
+            return False
+        if data:
+            stream.out.append(data if isinstance(data, bytes) else bytes(data))
+            stream.out_bytes += len(data)
+            self._schedule(stream)
+        return True
+
+    def end(self, stream_id: int) -> None:
+        """Send no more on a stream: END follows the bytes queued."""
+        stream = self._streams.get(stream_id)
+        if stream is None or stream.end_queued:
+            return
+        stream.end_queued = True
+        if not stream.out:
+            self._send_end(stream)
+
+    def reset(self, stream_id: int, code: str = ResetCode.CANCEL) -> None:
+        """Abandon a stream both ways; what it had queued is dropped."""
+        stream = self._streams.pop(stream_id, None)
+        if stream is None:
+            return
+        self._remember_reset(stream_id)
+        self._control.append(encode_reset(stream_id, code))
+        self._release_inbound(stream)
+
+    def read(self, stream_id: int, max_bytes: int) -> bytes:
+        """Up to ``max_bytes`` received bytes of a stream (b"": none now, or gone)."""
+        stream = self._streams.get(stream_id)
+        if stream is None or not stream.inbound:
+            return b""
+        parts: list[bytes | memoryview] = []
+        taken = 0
+        while stream.inbound and taken < max_bytes:
+            part = stream.inbound.popleft()
+            room = max_bytes - taken
+            if len(part) > room:
+                stream.inbound.appendleft(part[room:])
+                part = part[:room]
+            parts.append(part)
+            taken += len(part)
+        stream.inbound_bytes -= taken
+        self._credit(stream, taken)
+        self._forget_if_done(stream)
+        return b"".join(parts)
+
+    def readable(self, stream_id: int) -> int:
+        """Bytes received on a stream and not yet read."""
+        stream = self._streams.get(stream_id)
+        return stream.inbound_bytes if stream is not None else 0
+
+    def buffered(self, stream_id: int) -> int:
+        """Bytes of a stream queued and not yet framed."""
+        stream = self._streams.get(stream_id)
+        return stream.out_bytes if stream is not None else 0
+
+    def is_open(self, stream_id: int) -> bool:
+        """Whether the stream is still known (not reset, not over both ways)."""
+        return stream_id in self._streams
+
+    def take_finished(self) -> list[int]:
+        """The streams that ended both ways and were read out since the last call.
+
+        A driver calls it after what may finish a stream (reading, :meth:`data_to_send`,
+        :meth:`receive_data`) and forgets them: no event says so.
+        """
+        finished, self._finished = self._finished, []
+        return finished
+
+    @property
+    def open_streams(self) -> int:
+        """How many streams are open."""
+        return len(self._streams)
+
+    def connection_lost(self) -> list[StreamReset]:
+        """The connection went: every stream is reset ``connection_lost``."""
+        self.closed = True
+        events = [
+            StreamReset(sid, ResetCode.CONNECTION_LOST, remote=False) for sid in self._streams
+        ]
+        self._streams.clear()
+        self._control.clear()
+        return events
+
+    # -- what the peer sent ---------------------------------------------------------------
+
+    def receive_data(self, message: bytes) -> list[TunnelEvent]:
+        """Take one binary message of the peer's."""
+        if self.closed:
+            return []
+        events: list[TunnelEvent] = []
+        try:
+            for frame in decode_frames(message):
+                self._receive_frame(frame, events)
+            if len(self._control) > MAX_CONTROL_BACKLOG:
+                raise TunnelError("flood", f"over {MAX_CONTROL_BACKLOG} control frames owed")
+        except TunnelError as exc:
+            return self.fail(exc, events)
+        # One StreamReadable per stream and message, however many DATA frames it held.
+        seen: set[int] = set()
+        deduped: list[TunnelEvent] = []
+        for event in events:
+            if isinstance(event, StreamReadable):
+                if event.stream_id in seen:
+                    continue
+                seen.add(event.stream_id)
+            deduped.append(event)
+        return deduped
+
+    def _receive_frame(
+        self, frame: Data | Window | End | Reset | Open, out: list[TunnelEvent]
+    ) -> None:
+        sid = frame.stream_id
+        if isinstance(frame, Window) and sid == 0:
+            self._conn_send += frame.increment
+            if self._conn_send > MAX_WINDOW:
+                raise TunnelError("window_overflow", f"connection window {self._conn_send}")
+            return
+        if sid == 0:
+            raise TunnelError("bad_stream_id", f"{type(frame).__name__.upper()} on stream 0")
+        if isinstance(frame, Open):
+            self._on_open(frame, out)
+            return
+        stream = self._streams.get(sid)
+        if stream is None:
+            self._on_unknown(frame)
+            return
+        if isinstance(frame, Data):
+            if stream.remote_ended:
+                raise TunnelError("stream_closed", f"DATA on stream {sid} after its END")
+            size = len(frame.data)
+            if size > stream.recv_window or size > self._conn_recv:
+                raise TunnelError(
+                    "flow_control",
+                    f"{size} bytes on stream {sid}; windows {stream.recv_window}, "
+                    f"connection {self._conn_recv}",
+                )
+            stream.recv_window -= size
+            self._conn_recv -= size
+            stream.inbound.append(frame.data)
+            stream.inbound_bytes += size
+            out.append(StreamReadable(sid))
+        elif isinstance(frame, Window):
+            stream.send_window += frame.increment
+            if stream.send_window > MAX_WINDOW:
+                raise TunnelError("window_overflow", f"stream {sid} window {stream.send_window}")
+            if stream.out:
+                self._schedule(stream)
+        elif isinstance(frame, End):
+            if stream.remote_ended:
+                raise TunnelError("stream_closed", f"a second END on stream {sid}")
+            stream.remote_ended = True
+            out.append(StreamEnded(sid))
+            self._forget_if_done(stream)
+        else:
+            del self._streams[sid]
+            self._release_inbound(stream)
+            out.append(StreamReset(sid, frame.code, remote=True))
+
+    def _on_open(self, frame: Open, out: list[TunnelEvent]) -> None:
+        sid = frame.stream_id
+        if sid % 2 == self.role.value % 2:
+            raise TunnelError("bad_stream_id", f"stream {sid} has this side's parity")
+        if sid <= self._last_peer_id:
+            raise TunnelError("bad_stream_id", f"stream {sid} after {self._last_peer_id}")
+        self._last_peer_id = sid
+        if len(self._streams) >= self._max_streams:
+            self._remember_reset(sid)
+            self._control.append(encode_reset(sid, ResetCode.TOO_MANY_STREAMS))
+            return
+        self._streams[sid] = _Stream(sid, self._window)
+        out.append(StreamOpened(sid, frame.target))
+
+    def _on_unknown(self, frame: Data | Window | End | Reset) -> None:
+        """A frame of a stream not open: in flight after this side reset it, or an error."""
+        sid = frame.stream_id
+        ours = sid % 2 == self.role.value % 2
+        if (ours and sid >= self._next_id) or (not ours and sid > self._last_peer_id):
+            raise TunnelError("unknown_stream", f"stream {sid} was never opened")
+        if isinstance(frame, Data):
+            # Counted against the connection's window all the same: grant it back.
+            size = len(frame.data)
+            if size > self._conn_recv:
+                raise TunnelError("flow_control", f"{size} bytes; connection {self._conn_recv}")
+            self._conn_recv -= size
+            self._credit_connection(size)
+        if sid in self._reset_ids or isinstance(frame, Window | Reset):
+            return  # a WINDOW or RESET may cross this side's END or RESET
+        raise TunnelError("stream_closed", f"{type(frame).__name__.upper()} on closed stream {sid}")
+
+    def fail(self, error: TunnelError, events: Sequence[TunnelEvent] = ()) -> list[TunnelEvent]:
+        """The peer broke the rules: every stream the driver knows of is reset, then close.
+
+        A driver calls it for what the machine cannot see (a text message). Of ``events``,
+        what the failing message did before the error, only the resets stand: a stream it
+        opened was never heard of, data and ends no longer matter.
+        """
+        fresh = {e.stream_id for e in events if isinstance(e, StreamOpened)}
+        kept: list[TunnelEvent] = [e for e in events if isinstance(e, StreamReset)]
+        kept += [
+            StreamReset(sid, error.code, remote=False) for sid in self._streams if sid not in fresh
+        ]
+        kept.append(TunnelFailed(error))
+        self.closed = True
+        self._streams.clear()
+        self._control.clear()
+        return kept
+
+    # -- what goes out --------------------------------------------------------------------
+
+    def data_to_send(self, max_bytes: int = MAX_BATCH_BYTES) -> bytes:
+        """The next message to write: control frames, then data in turns (b"": nothing).
+
+        A stream's turn is one chunk of at most :data:`CHUNK_BYTES` while others wait for
+        theirs, and of up to a whole frame when it is alone: fairness costs nothing then.
+        """
+        if self.closed:
+            return b""
+        parts: list[bytes | bytearray | memoryview] = []
+        budget = max_bytes
+        control = self._control
+        while control and (budget > 0 or not parts):
+            frame = control.popleft()
+            parts.append(frame)
+            budget -= len(frame)
+        while self._ready and self._conn_send > 0 and budget > HEADER_BYTES:
+            sid = self._ready.popleft()
+            stream = self._streams.get(sid)
+            if stream is None or not stream.out or stream.send_window <= 0:
+                self._scheduled.discard(sid)
+                continue
+            size = min(
+                CHUNK_BYTES if self._ready else MAX_DATA_BYTES,
+                stream.out_bytes,
+                stream.send_window,
+                self._conn_send,
+                budget - HEADER_BYTES,
+            )
+            parts.append(data_header(sid, size))
+            _take(stream, size, parts)
+            stream.send_window -= size
+            self._conn_send -= size
+            budget -= HEADER_BYTES + size
+            if stream.out and stream.send_window > 0:
+                self._ready.append(sid)
+            else:
+                self._scheduled.discard(sid)
+                if not stream.out and stream.end_queued:
+                    parts.append(encode_end(sid))
+                    stream.end_sent = True
+                    self._forget_if_done(stream)
+        return b"".join(parts)
+
+    # -- helpers ----------------------------------------------------------------------------
+
+    def _schedule(self, stream: _Stream) -> None:
+        if stream.stream_id not in self._scheduled and stream.send_window > 0:
+            self._scheduled.add(stream.stream_id)
+            self._ready.append(stream.stream_id)
+
+    def _send_end(self, stream: _Stream) -> None:
+        self._control.append(encode_end(stream.stream_id))
+        stream.end_sent = True
+        self._forget_if_done(stream)
+
+    def _forget_if_done(self, stream: _Stream) -> None:
+        if stream.end_sent and stream.remote_ended and not stream.inbound:
+            del self._streams[stream.stream_id]
+            self._finished.append(stream.stream_id)
+
+    def _credit(self, stream: _Stream, size: int) -> None:
+        """The application read ``size`` bytes: grant them back once half a window is due."""
+        if size == 0:
+            return
+        if not stream.remote_ended:
+            stream.unannounced += size
+            if stream.unannounced >= self._window // 2:
+                self._control.append(encode_window(stream.stream_id, stream.unannounced))
+                stream.recv_window += stream.unannounced
+                stream.unannounced = 0
+        self._credit_connection(size)
+
+    def _credit_connection(self, size: int) -> None:
+        self._conn_unannounced += size
+        if self._conn_unannounced >= self._conn_window // 2:
+            self._control.append(encode_window(0, self._conn_unannounced))
+            self._conn_recv += self._conn_unannounced
+            self._conn_unannounced = 0
+
+    def _release_inbound(self, stream: _Stream) -> None:
+        """A stream gone with bytes unread: they no longer count against the connection."""
+        if stream.inbound_bytes:
+            self._credit_connection(stream.inbound_bytes)
+            stream.inbound.clear()
+            stream.inbound_bytes = 0
+
+    def _remember_reset(self, stream_id: int) -> None:
+        self._reset_ids.add(stream_id)
+        self._reset_order.append(stream_id)
+        if len(self._reset_order) > _RESET_MEMORY:
+            self._reset_ids.discard(self._reset_order.popleft())
+
+
+def _take(stream: _Stream, size: int, parts: list[bytes | bytearray | memoryview]) -> None:
+    """Move the first ``size`` bytes queued on ``stream`` to ``parts``."""
+    out = stream.out
+    stream.out_bytes -= size
+    while size:
+        head = out[0]
+        if len(head) <= size:
+            parts.append(out.popleft())
+            size -= len(head)
+        else:
+            view = memoryview(head)
+            parts.append(view[:size])
+            out[0] = view[size:]
+            size = 0

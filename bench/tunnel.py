@@ -1,0 +1,223 @@
+"""The tunnel's overhead: a service reached through the node's data connection against the
+same service reached straight, side by side in one run.
+
+Three processes on loopback: this one (the reference coordinator, in process, and the
+client), the agent's :class:`agent.services.tunnel.ServiceTunnel` (tests/support/
+tunnel_agent.py) and the service, a plain HTTP/1.1 server (tests/support/tunnel_target.py;
+each answer closes its connection). Each run measures, both ways:
+
+- latency: ``--requests`` small requests (``GET /bytes/100``) one after another, each on a
+  new stream or a new TCP connection; p50 and p99 (goal: at most 2 ms added at p50);
+- bulk: one ``GET /bytes/N`` of ``--mib`` MiB read to the end; MiB/s (goal: the tunnel at
+  least 0.8x straight);
+- tokens: a stream of ``--tokens`` server-sent events, each written on its own as a model
+  server does; events/s (the issue's goal: at least 0.95x straight);
+
+with wall time and the CPU time (user + system) of all three processes beside it (and,
+for bulk, of this process and of the agent's apart).
+Run with ``python bench/tunnel.py --runs N``; min/median/max over runs printed and written
+to ``bench/results/tunnel.json``. Nothing asserted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import resource
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import psutil
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[0] = str(ROOT / "tests")
+
+from support.tunnel_target import exchange, request  # noqa: E402
+
+from agent.link.identity import load_or_create  # noqa: E402
+from agent.protocol import crypto  # noqa: E402
+from agent.services.tunnel import tunnel_url  # noqa: E402
+from coordinator.server import Coordinator  # noqa: E402
+
+MiB = 1 << 20
+_TARGET = """
+import asyncio, sys
+sys.path.insert(0, sys.argv[1])
+from support.tunnel_target import Target
+
+async def main():
+    target = Target()
+    await target.start()
+    print(target.port, flush=True)
+    await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
+    await target.stop()
+
+asyncio.run(main())
+"""
+
+
+class _Cpu:
+    """CPU seconds (user + system) of this process and the agent's, and all three's."""
+
+    def __init__(self, agent: int, target: int) -> None:
+        self.agent = psutil.Process(agent)
+        self.target = psutil.Process(target)
+
+    def now(self) -> tuple[float, float, float]:
+        """This process's (the coordinator and the client), the agent's, and all three's."""
+        own = resource.getrusage(resource.RUSAGE_SELF)
+        agent, target = self.agent.cpu_times(), self.target.cpu_times()
+        mine = own.ru_utime + own.ru_stime
+        theirs = agent.user + agent.system
+        return mine, theirs, mine + theirs + target.user + target.system
+
+
+def _stats(values: list[float]) -> dict[str, float]:
+    return {
+        "min": round(min(values), 4),
+        "median": round(statistics.median(values), 4),
+        "max": round(max(values), 4),
+    }
+
+
+def _percentile(values: list[float], fraction: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
+
+
+async def _direct(port: int, data: bytes) -> bytes:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(data)
+        writer.write_eof()
+        parts = []
+        while chunk := await reader.read(MiB):
+            parts.append(chunk)
+        return b"".join(parts)
+    finally:
+        writer.close()
+        await writer.wait_closed()
+
+
+async def _timed(
+    cpu: _Cpu, call: Callable[[], Awaitable[bytes]], times: int
+) -> tuple[list[float], float, list[float], int]:
+    """Latencies (s), wall and CPU seconds (as :meth:`_Cpu.now`) for ``times`` calls, and
+    the bytes of the last answer."""
+    latencies = []
+    wall, used = time.perf_counter(), cpu.now()
+    size = 0
+    for _ in range(times):
+        start = time.perf_counter()
+        size = len(await call())
+        latencies.append(time.perf_counter() - start)
+    spent = [after - before for before, after in zip(used, cpu.now(), strict=True)]
+    return latencies, time.perf_counter() - wall, spent, size
+
+
+async def main(runs: int, requests: int, mib: int, tokens: int) -> dict[str, object]:
+    """The figures of ``runs`` runs."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), str(ROOT)])}
+    target = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        _TARGET,
+        str(ROOT / "tests"),
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+    )
+    assert target.stdout is not None
+    assert target.stdin is not None
+    port = int((await target.stdout.readline()).decode())
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        identity = load_or_create(work / "identity")
+        async with Coordinator(db_path=work / "c.db", state_dir=work / "state") as coordinator:
+            coordinator.store.nodes.seen(identity.node_id, identity.public_key_b64, time.time())
+            agent = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                "support.tunnel_agent",
+                tunnel_url(coordinator.url),
+                str(work / "identity"),
+                coordinator.key.key_id,
+                crypto.b64encode(coordinator.key.public_key),
+                str(port),
+                env=env,
+            )
+            try:
+                while identity.node_id not in coordinator.tunnels.connected():
+                    await asyncio.sleep(0.05)
+                cpu = _Cpu(agent.pid, target.pid)
+
+                def tunneled(data: bytes) -> Callable[[], Awaitable[bytes]]:
+                    return lambda: exchange(coordinator.tunnels.open(identity.node_id, "web"), data)
+
+                def direct(data: bytes) -> Callable[[], Awaitable[bytes]]:
+                    return lambda: _direct(port, data)
+
+                small, bulk = request("GET", "/bytes/100"), request("GET", f"/bytes/{mib * MiB}")
+                stream = request("GET", f"/tokens/{tokens}")
+                await _timed(cpu, tunneled(small), 50)  # warm up both paths
+                await _timed(cpu, direct(small), 50)
+                figures: dict[str, dict[str, list[float]]] = {"direct": {}, "tunnel": {}}
+                for _ in range(runs):
+                    for name, path in (("direct", direct), ("tunnel", tunneled)):
+                        lat, wall, used, _ = await _timed(cpu, path(small), requests)
+                        row = figures[name]
+                        row.setdefault("p50_ms", []).append(_percentile(lat, 0.5) * 1000)
+                        row.setdefault("p99_ms", []).append(_percentile(lat, 0.99) * 1000)
+                        row.setdefault("small_wall_s", []).append(wall)
+                        row.setdefault("small_cpu_s", []).append(used[2])
+                        _, wall, used, size = await _timed(cpu, path(bulk), 1)
+                        assert size > mib * MiB, size
+                        row.setdefault("bulk_mib_s", []).append(mib / wall)
+                        row.setdefault("bulk_wall_s", []).append(wall)
+                        row.setdefault("bulk_cpu_s", []).append(used[2])
+                        row.setdefault("bulk_cpu_s_coordinator_client", []).append(used[0])
+                        row.setdefault("bulk_cpu_s_agent", []).append(used[1])
+                        _, wall, used, size = await _timed(cpu, path(stream), 1)
+                        assert size > tokens * 12, size
+                        row.setdefault("tokens_per_s", []).append(tokens / wall)
+                        row.setdefault("tokens_cpu_s", []).append(used[2])
+            finally:
+                agent.kill()
+                await agent.wait()
+    target.stdin.close()
+    await target.wait()
+    d, t = figures["direct"], figures["tunnel"]
+    added = [b - a for a, b in zip(d["p50_ms"], t["p50_ms"], strict=True)]
+    ratio = [b / a for a, b in zip(d["bulk_mib_s"], t["bulk_mib_s"], strict=True)]
+    token_ratio = [b / a for a, b in zip(d["tokens_per_s"], t["tokens_per_s"], strict=True)]
+    return {
+        "runs": runs,
+        "requests": requests,
+        "bulk_mib": mib,
+        "tokens": tokens,
+        "direct": {key: _stats(values) for key, values in d.items()},
+        "tunnel": {key: _stats(values) for key, values in t.items()},
+        "added_p50_ms": _stats(added),
+        "bulk_tunnel_over_direct": _stats(ratio),
+        "tokens_tunnel_over_direct": _stats(token_ratio),
+    }
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--requests", type=int, default=500)
+    parser.add_argument("--mib", type=int, default=64)
+    parser.add_argument("--tokens", type=int, default=5000)
+    args = parser.parse_args()
+    results = asyncio.run(main(args.runs, args.requests, args.mib, args.tokens))
+    text = json.dumps(results, indent=2)
+    print(text)
+    out = ROOT / "bench" / "results"
+    out.mkdir(exist_ok=True)
+    (out / "tunnel.json").write_text(text + "\n")
