@@ -19,10 +19,17 @@ from typing import Any, NamedTuple, NoReturn
 
 import platformdirs
 
-from coordinator import admission, cli_args, keys
+from coordinator import admission, cli_args, cli_keys, keys
 from coordinator.admin import check_url
 from coordinator.client import AdminClient, load_spec_file
-from coordinator.errors import AdminError, ConfigError, CoordinatorError, JobError, KeyFileError
+from coordinator.errors import (
+    AdminError,
+    ConfigError,
+    CoordinatorError,
+    GatewayError,
+    JobError,
+    KeyFileError,
+)
 from coordinator.images import ImagePinner
 from coordinator.outputs_download import download_outputs
 from coordinator.server import Coordinator, serve
@@ -109,6 +116,12 @@ def _parser() -> _Parser:
         help="port on --host where nodes PUT job outputs (0: any free)",
     )
     run.add_argument(
+        "--gateway-port",
+        type=_port,
+        help="port on --host of the OpenAI-compatible gateway (default: --port + 1; 0: any"
+        " free one, as with --port 0)",
+    )
+    run.add_argument(
         "--registry-logins",
         type=_path,
         help="TOML file of registry logins, to pin submitted tags to digests (mode 600)",
@@ -160,6 +173,9 @@ def _parser() -> _Parser:
     jobs = commands.add_parser("jobs", help="list jobs, newest first")
     jobs.add_argument("--json", action="store_true", help="the API's JSON instead of a table")
     _admin_options(jobs)
+    admin = argparse.ArgumentParser(add_help=False)
+    _admin_options(admin)
+    cli_keys.add_parser(commands, [admin])
     return parser
 
 
@@ -167,6 +183,7 @@ def _ready(coordinator: Coordinator) -> None:
     print(f"listening on {coordinator.url}", flush=True)
     print(f"dashboard at {coordinator.dashboard_url}", flush=True)
     print(f"key id {coordinator.key.key_id}", flush=True)
+    print(f"gateway at {coordinator.gateway_url}", flush=True)
     print(f"admin API at {coordinator.admin_url} (token in {coordinator.admin_file})", flush=True)
 
 
@@ -191,6 +208,7 @@ async def _serve(
             ssl_context=ssl_context,
             admin_port=args.admin_port,
             artifacts_port=args.artifacts_port,
+            gateway_port=args.gateway_port,
             settings=settings,
             pinner=pinner,
         )
@@ -273,6 +291,8 @@ def _check_admin_arguments(args: argparse.Namespace) -> _Submission:
         cli_args.check_reason(args.reason)
     if args.command == "prefetch":
         cli_args.check_node_id(args.node)
+    if args.command == "api-keys":
+        cli_keys.check(args)
     if args.command != "submit":
         return _Submission({}, {})
     cli_args.check_node_id(args.node)
@@ -291,7 +311,7 @@ def _admin_command(args: argparse.Namespace) -> int:
     try:
         # The arguments first: one that is refused (exit 2) reaches nothing.
         submission = _check_admin_arguments(args)
-    except (AdminError, ConfigError, JobError) as exc:
+    except (AdminError, ConfigError, JobError, GatewayError) as exc:
         return _fail(exc, EXIT_USAGE)
     try:
         client = AdminClient.from_state_dir(args.state_dir, args.url)
@@ -303,6 +323,8 @@ def _admin_command(args: argparse.Namespace) -> int:
         if args.command == "prefetch":
             print(client.prefetch(args.node, args.image))
             return 0
+        if args.command == "api-keys":
+            return cli_keys.run(args, client)
         return _jobs(args, client)
     except AdminError as exc:
         return _fail(exc, EXIT_ERROR)
@@ -326,6 +348,9 @@ def _key_command(args: argparse.Namespace) -> int:
 
 
 def _serve_command(args: argparse.Namespace) -> int:
+    if args.gateway_port is None:
+        # Beside the agents' port; any free one beside any free one.
+        args.gateway_port = args.port + 1 if 0 < args.port < 65535 else 0
     try:
         # Read-only checks of every argument before the key, the database or the admin
         # file is written: a refused argument leaves nothing behind.
@@ -337,6 +362,7 @@ def _serve_command(args: argparse.Namespace) -> int:
                 (args.host, args.port),
                 ("127.0.0.1", args.admin_port),
                 (args.host, args.artifacts_port),
+                (args.host, args.gateway_port),
             ]
         )
         cli_args.check_db(args.db)
@@ -383,7 +409,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _command(parser: _Parser, args: argparse.Namespace) -> int:
-    if args.command in ("submit", "cancel", "prefetch", "jobs"):
+    if args.command in ("submit", "cancel", "prefetch", "jobs", "api-keys"):
         return _admin_command(args)
     if args.command == "key":
         return _key_command(args)

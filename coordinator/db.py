@@ -36,6 +36,10 @@ class Database:
         """Run one statement."""
         return self._conn.execute(sql, args)
 
+    def executemany(self, sql: str, rows: list[tuple[Any, ...]]) -> None:
+        """Run one statement for each row."""
+        self._conn.executemany(sql, rows)
+
     def executescript(self, sql: str) -> None:
         """Run a script of statements (the schema)."""
         self._conn.executescript(sql)

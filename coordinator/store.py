@@ -3,9 +3,10 @@
 :class:`Store` holds one object per group of tables, each on the same
 :class:`coordinator.db.Database`: :attr:`Store.nodes` (nodes, their messages and profiles),
 :attr:`Store.streams` (the coordinator's stream out, attestation nonces), :attr:`Store.jobs`
-(offers, states, logs, receipts and their chain) and :attr:`Store.retention` (quota and
-telemetry retention). :meth:`Store.add` is the one write that spans them: a node's message
-with what it carries, in one commit.
+(offers, states, logs, receipts and their chain), :attr:`Store.retention` (quota and
+telemetry retention), :attr:`Store.api_keys` and :attr:`Store.requests` (the gateway's
+client keys and request records). :meth:`Store.add` is the one write that spans them: a
+node's message with what it carries, in one commit.
 
 A message is stored at most once: a seq at or below the node's last (``nodes.agent_seq``)
 is a duplicate (an agent resending after a reconnect), a no-op. That last seq is what the
@@ -23,6 +24,8 @@ from typing import Any, Literal, TypeAlias
 import msgspec
 
 from coordinator.db import Database
+from coordinator.gateway.tables import SCHEMA as GATEWAY_SCHEMA
+from coordinator.gateway.tables import ApiKeyTable, RequestTable, ServiceJobs
 from coordinator.jobs_store import JobEvent, JobTable
 from coordinator.nodes_store import NodeTable, Unverified
 from coordinator.retention import Quotas, Retention
@@ -31,8 +34,9 @@ from coordinator.stream_store import StreamTable
 __all__ = ["Added", "Store"]
 
 #: 2 adds ``unverified_profiles``, 3 the job tables; every table is ``IF NOT EXISTS``, so
-#: the script upgrades. 4 adds ``nodes.agent_seq`` and ``nodes.stored_bytes`` (:data:`_V4`).
-_SCHEMA_VERSION = 4
+#: the script upgrades. 4 adds ``nodes.agent_seq`` and ``nodes.stored_bytes`` (:data:`_V4`);
+#: 5 the gateway's tables (:data:`coordinator.gateway.tables.SCHEMA`).
+_SCHEMA_VERSION = 5
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS nodes (
     node_id TEXT PRIMARY KEY,
@@ -149,6 +153,7 @@ class Store:
             if self._db.execute("PRAGMA user_version").fetchone()[0] < _SCHEMA_VERSION:
                 columns = {r[1] for r in self._db.execute("PRAGMA table_info(nodes)")}
                 self._db.executescript(_SCHEMA)
+                self._db.executescript(GATEWAY_SCHEMA)
                 if columns and "agent_seq" not in columns:
                     self._db.executescript(_V4)
                 self._db.execute(f"PRAGMA user_version={_SCHEMA_VERSION}")
@@ -159,6 +164,9 @@ class Store:
         self.streams = StreamTable(self._db)
         self.jobs = JobTable(self._db, self.streams)
         self.retention = Retention(self._db, quotas or Quotas())
+        self.api_keys = ApiKeyTable(self._db)
+        self.requests = RequestTable(self._db)
+        self.services = ServiceJobs(self._db)
 
     def close(self) -> None:
         """Close the database."""
