@@ -36,6 +36,7 @@ STATUS: Final[dict[str, tuple[int, str]]] = {
     "request_timeout": (408, "invalid_request_error"),
     "request_too_large": (413, "invalid_request_error"),
     "rate_limited": (429, "rate_limit_error"),
+    "headers_too_large": (431, "invalid_request_error"),
     "upstream_error": (502, "server_error"),
     "response_too_large": (502, "server_error"),
     "no_ready_replica": (503, "server_error"),

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator
+from http import HTTPStatus
 
 import h11
 import msgspec
@@ -64,7 +65,7 @@ class ClientConnection:
     @property
     def can_answer(self) -> bool:
         """Whether no response to the current request has started yet."""
-        return self._conn.our_state is h11.SEND_RESPONSE
+        return self._conn.our_state in (h11.IDLE, h11.SEND_RESPONSE)
 
     async def next_request(self) -> tuple[h11.Request, bytes] | None:
         """The next request and its whole body; None when the client is done or too slow.
@@ -86,6 +87,9 @@ class ClientConnection:
             ) from None
         if not isinstance(event, h11.Request):
             return None  # the client closed
+        # h11 bounds a head that arrives in pieces; one that came whole is counted here.
+        if sum(len(n) + len(v) + 4 for n, v in event.headers) > self._limits.max_header_bytes:
+            raise GatewayError("headers_too_large", "the request's headers are too large")
         length = _content_length(event)
         if length is not None and length > self._limits.max_body_bytes:
             raise GatewayError(
@@ -113,7 +117,10 @@ class ClientConnection:
 
     async def start(self, status: int, headers: list[tuple[str, str]]) -> None:
         """Send a response's head."""
-        await self._send(h11.Response(status_code=status, headers=_encode(headers)))
+        response = h11.Response(
+            status_code=status, headers=_encode(headers), reason=_phrase(status)
+        )
+        await self._send(response)
 
     async def send(self, data: bytes) -> None:
         """Send a piece of the response's body."""
@@ -126,7 +133,18 @@ class ClientConnection:
 
     async def answer(self, status: int, headers: list[tuple[str, str]], body: bytes) -> None:
         """A whole response at once."""
-        await self.start(status, [*headers, ("content-length", str(len(body)))])
+        headers = [*headers, ("content-length", str(len(body)))]
+        if self._conn.our_state is h11.IDLE and self._conn.their_state is not h11.ERROR:
+            # A request whose head never came whole: h11 has none to answer, so the
+            # refusal is written as it is, and the connection closes after it.
+            head = [
+                f"HTTP/1.1 {status} {_phrase(status).decode()}",
+                *(f"{n}: {v}" for n, v in headers),
+            ]
+            self._writer.write("\r\n".join([*head, "connection: close", "", ""]).encode() + body)
+            await self._drain()
+            return
+        await self.start(status, headers)
         await self.send(body)
         await self.end()
 
@@ -177,7 +195,7 @@ class ClientConnection:
                 event = self._conn.next_event()
             except h11.RemoteProtocolError as exc:
                 status = exc.error_status_hint
-                code = "request_too_large" if status == 431 else "bad_request"
+                code = "headers_too_large" if status == 431 else "bad_request"
                 raise GatewayError(code, str(exc)) from None
             if event is not h11.NEED_DATA:
                 return event
@@ -194,6 +212,9 @@ class ClientConnection:
             raise ClientGone(str(exc)) from None
         if data:
             self._writer.write(data)
+        await self._drain()
+
+    async def _drain(self) -> None:
         try:
             async with asyncio.timeout(self._limits.write_timeout_s):
                 await self._writer.drain()
@@ -207,6 +228,13 @@ def _content_length(request: h11.Request) -> int | None:
         if name == b"content-length":
             return int(value)
     return None
+
+
+def _phrase(status: int) -> bytes:
+    try:
+        return HTTPStatus(status).phrase.encode()
+    except ValueError:
+        return b""
 
 
 def _encode(headers: list[tuple[str, str]]) -> list[tuple[bytes, bytes]]:
