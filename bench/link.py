@@ -115,6 +115,7 @@ class CoordinatorProcess:
         self.process = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "coordinator.cli", "serve", "--host", "127.0.0.1",
             "--port", str(self.port), "--db", str(self.db), "--state-dir", str(self.state_dir),
+            "--gateway-port", "0",
             stdout=asyncio.subprocess.PIPE,
         )  # fmt: skip
         assert self.process.stdout is not None

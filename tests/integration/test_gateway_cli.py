@@ -5,12 +5,17 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
+import ssl
+import subprocess
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import httpx
 import pytest
+from support.processes import free_port
+from support.tls import make_server_tls
 
 from coordinator.server import Coordinator
 
@@ -90,3 +95,45 @@ async def test_the_key_routes_need_the_admin_token_even_to_list(
         public = await client.get(f"{coordinator.dashboard_url}api/keys")
     assert (listing.status_code, made.status_code, public.status_code) == (401, 401, 404)
     assert coordinator.store.api_keys.all() == []
+
+
+def _serve_lines(argv: list[str]) -> list[str]:
+    """What ``serve`` prints as it starts (it is stopped with SIGTERM after)."""
+    command = [sys.executable, "-m", "coordinator.cli", "serve", *argv]
+    with subprocess.Popen(command, stdout=subprocess.PIPE, text=True) as process:
+        assert process.stdout is not None
+        lines = [process.stdout.readline() for _ in range(5)]
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=10) == 0
+        process.stdout.close()
+    return lines
+
+
+def test_serve_puts_the_gateway_beside_its_port_or_where_told(tmp_path: Path) -> None:
+    port, told = free_port(), free_port()
+    state = ["--db", str(tmp_path / "c.db"), "--state-dir", str(tmp_path / "s")]
+    lines = _serve_lines(["--port", str(port), "--gateway-port", str(told), *state])
+    assert f"gateway at http://127.0.0.1:{told}/v1\n" in lines
+    lines = _serve_lines(["--port", "0", *state])
+    assert any(line.startswith("gateway at http://127.0.0.1:") for line in lines)
+
+
+async def test_the_gateway_speaks_tls_with_the_coordinators_certificate(tmp_path: Path) -> None:
+    tls = make_server_tls(tmp_path)
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(tls.cert_file, tls.key_file)
+    server = Coordinator(
+        db_path=tmp_path / "c.db", state_dir=tmp_path / "state", ssl_context=context
+    )
+    async with server:
+        key = server.store.api_keys.create("tls", 60, 0.0)[1]
+        assert server.gateway_url.startswith("https://127.0.0.1:")
+        trusting = ssl.create_default_context(cafile=str(tls.ca_file))
+        async with httpx.AsyncClient(trust_env=False, verify=trusting) as client:
+            answer = await client.get(
+                f"{server.gateway_url}/models", headers={"authorization": f"Bearer {key}"}
+            )
+        assert answer.json() == {"object": "list", "data": []}
+        async with httpx.AsyncClient(trust_env=False) as untrusting:
+            with pytest.raises(httpx.ConnectError):
+                await untrusting.get(f"{server.gateway_url}/models")

@@ -48,7 +48,7 @@ class Coordinator:
         self.process = subprocess.Popen(
             [sys.executable, "-m", "coordinator.cli", "serve", "--host", "127.0.0.1",
              "--port", str(self.port), "--db", str(self.db),
-             "--state-dir", str(self.workdir / "state")],
+             "--state-dir", str(self.workdir / "state"), "--gateway-port", "0"],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
         )  # fmt: skip
         assert self.process.stdout is not None
