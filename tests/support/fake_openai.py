@@ -2,9 +2,10 @@
 
 ``POST /v1/chat/completions``, ``/v1/completions`` and ``/v1/embeddings`` answer in
 OpenAI's shapes, each naming the server in ``system_fingerprint`` (which replica served).
-A streamed chat answers ``tokens`` events, each written and drained on its own, then a
-last event with ``usage`` when the request asked for it (``stream_options``), then
-``[DONE]``. :attr:`FakeOpenAI.mode` makes it hostile:
+A streamed chat answers ``max_tokens`` events (``tokens`` when the request says none),
+each written and drained on its own, then a last event with ``usage`` when the request
+asked for it (``stream_options``), then ``[DONE]``; a plain answer has as many words.
+:attr:`FakeOpenAI.mode` makes it hostile:
 
 - ``"ok"``: as above;
 - ``"reset"``: reads the request, then resets the connection (RST) before any byte;
@@ -111,8 +112,13 @@ class FakeOpenAI:
         )
         await writer.drain()
 
+    def _count(self, request: dict[str, Any]) -> int:
+        asked = request.get("max_tokens")
+        return asked if isinstance(asked, int) and asked > 0 else self.tokens
+
     def _completion(self, request: dict[str, Any], path: str) -> dict[str, Any]:
-        text = " ".join(f"t{n}" for n in range(self.tokens))
+        count = self._count(request)
+        text = " ".join(f"t{n}" for n in range(count))
         chat = path == "/v1/chat/completions"
         choice: dict[str, Any] = {"index": 0, "finish_reason": "stop"}
         if chat:
@@ -127,7 +133,7 @@ class FakeOpenAI:
             "model": request["model"],
             "system_fingerprint": self.name,
             "choices": [choice],
-            "usage": {"prompt_tokens": 7, "completion_tokens": self.tokens, "total_tokens": 7},
+            "usage": {"prompt_tokens": 7, "completion_tokens": count, "total_tokens": 7},
         }
 
     async def _stream(
@@ -139,7 +145,8 @@ class FakeOpenAI:
                 writer.write(b":")
                 await writer.drain()
                 await asyncio.sleep(self.slow_s)
-        for n in range(self.tokens):
+        count = self._count(request)
+        for n in range(count):
             writer.write(self._event(request, {"content": f"t{n} "}))
             await writer.drain()
             if self.mode == "hold":
@@ -152,7 +159,7 @@ class FakeOpenAI:
                 self.closed.put_nowait(None)
                 return
         if (request.get("stream_options") or {}).get("include_usage"):
-            usage = {"prompt_tokens": 7, "completion_tokens": self.tokens, "total_tokens": 7}
+            usage = {"prompt_tokens": 7, "completion_tokens": count, "total_tokens": 7}
             writer.write(self._event(request, None, usage))
         writer.write(b"data: [DONE]\n\n")
         await writer.drain()
