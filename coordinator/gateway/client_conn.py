@@ -7,7 +7,7 @@ within ``body_timeout_s``, at most ``max_body_bytes``; each write must be taken 
 client within ``write_timeout_s``. A client that breaks a bound is answered (400, 408,
 413, 431) when it can be, and closed.
 
-While an answer is written, :meth:`ClientConnection.watch` reads on: the client closing
+While an answer is written, :meth:`ClientConnection.guarded` reads on: the client closing
 its side is seen at once (the request is cancelled, and with it the tunnel stream), and
 bytes of a next (pipelined) request are kept for later, to a bound.
 """
@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import Coroutine
 from http import HTTPStatus
+from typing import Any
 
 import h11
 import msgspec
@@ -67,12 +68,13 @@ class ClientConnection:
         """Whether no response to the current request has started yet."""
         return self._conn.our_state in (h11.IDLE, h11.SEND_RESPONSE)
 
-    async def next_request(self) -> tuple[h11.Request, bytes] | None:
-        """The next request and its whole body; None when the client is done or too slow.
+    async def next_head(self) -> h11.Request | None:
+        """The next request's line and headers; None when the client is done or idle.
 
         Raises:
             GatewayError: the request broke HTTP or a bound (``bad_request``,
-                ``request_too_large``, ``request_timeout``): answer it, then close.
+                ``headers_too_large``, ``request_too_large``, ``request_timeout``): answer
+                it, then close.
         """
         if self._conn.our_state is h11.DONE and self._conn.their_state is h11.DONE:
             self._conn.start_next_cycle()
@@ -95,6 +97,15 @@ class ClientConnection:
             raise GatewayError(
                 "request_too_large", f"a body is at most {self._limits.max_body_bytes} bytes"
             )
+        return event
+
+    async def read_body(self) -> bytes:
+        """The current request's whole body.
+
+        Raises:
+            GatewayError: ``request_too_large``, ``request_timeout``, ``bad_request``.
+            ClientGone: the client closed before the end of its body.
+        """
         if self._conn.they_are_waiting_for_100_continue:
             await self._send(h11.InformationalResponse(status_code=100, headers=[]))
         body = bytearray()
@@ -102,7 +113,7 @@ class ClientConnection:
             async with asyncio.timeout(self._limits.body_timeout_s):
                 while not isinstance(part := await self._next_event(), h11.EndOfMessage):
                     if not isinstance(part, h11.Data):
-                        return None  # closed before the end of its body
+                        raise ClientGone("closed before the end of its body")
                     body += part.data
                     if len(body) > self._limits.max_body_bytes:
                         raise GatewayError(
@@ -113,7 +124,7 @@ class ClientConnection:
             raise GatewayError(
                 "request_timeout", "the request's body was not sent in time"
             ) from None
-        return event, bytes(body)
+        return bytes(body)
 
     async def start(self, status: int, headers: list[tuple[str, str]]) -> None:
         """Send a response's head."""
@@ -153,15 +164,23 @@ class ClientConnection:
         """Whether the connection may carry another request."""
         return self._conn.our_state is h11.DONE and self._conn.their_state is h11.DONE
 
-    @contextlib.asynccontextmanager
-    async def watch(self) -> AsyncIterator[asyncio.Event]:
-        """While the block runs, read on: :attr:`gone` is set if the client closes."""
+    async def guarded(self, work: Coroutine[Any, Any, None]) -> None:
+        """Run ``work`` (once the request is read whole) while watching the client: if it
+        closes its side, ``work`` is cancelled and ClientGone raised."""
+        task = asyncio.create_task(work)
         watcher = asyncio.create_task(self._watch())
         try:
-            yield self.gone
+            await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
         finally:
             watcher.cancel()
+            task.cancel()  # no-op when it is done
+            # Cancelled, the request's stream is reset (``cancel``) on its way out.
+            (outcome,) = await asyncio.gather(task, return_exceptions=True)
             await asyncio.gather(watcher, return_exceptions=True)
+        if self.gone.is_set() and isinstance(outcome, asyncio.CancelledError):
+            raise ClientGone("the client closed its side")
+        if isinstance(outcome, BaseException):
+            raise outcome
 
     async def close(self) -> None:
         """Close the connection (after what was written)."""

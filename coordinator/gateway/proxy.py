@@ -105,14 +105,15 @@ class Proxy:
         self._rates = RateLimits()
         self._freed: asyncio.Future[None] | None = None
 
-    async def handle(self, request: h11.Request, body: bytes, client: ClientConnection) -> None:
-        """Answer one request (the client may be gone: then it is cancelled)."""
+    async def handle(self, request: h11.Request, client: ClientConnection) -> None:
+        """Answer one request whose head was read: the key first, then the body (the
+        client may be gone: then it is cancelled)."""
         path = request.target.decode("latin-1").split("?", 1)[0]
         state = _Request(
             method=request.method.decode("latin-1"), path=path, started=self._monotonic()
         )
         try:
-            await self._serve(request, body, client, state)
+            await self._serve(request, client, state)
         except GatewayError as exc:
             state.status, state.code = answers.error_body(exc)[0], exc.code
             await self._refuse(client, exc)
@@ -126,9 +127,7 @@ class Proxy:
             if state.key_id:
                 self._record(state)
 
-    async def _serve(
-        self, request: h11.Request, body: bytes, client: ClientConnection, state: _Request
-    ) -> None:
+    async def _serve(self, request: h11.Request, client: ClientConnection, state: _Request) -> None:
         headers = {n.decode("latin-1"): v.decode("latin-1") for n, v in request.headers}
         token = bearer(headers.get("authorization"))
         key = None if token is None else self._keys.find(token)
@@ -140,6 +139,8 @@ class Proxy:
             raise GatewayError(
                 "rate_limited", f"{key.rate_per_min} requests a minute", retry_after_s=wait
             )
+        # Only a known key's body is read: nobody else makes the gateway hold 8 MiB.
+        body = await client.read_body()
         if state.path == "/v1/models":
             if state.method != "GET":
                 raise GatewayError("method_not_allowed", "GET /v1/models")
@@ -155,10 +156,16 @@ class Proxy:
         state.model, state.stream = asked.model, asked.stream
         if asked.model not in self._view.current().models:
             raise GatewayError("model_not_found", f"no service serves {asked.model!r}")
+        await client.guarded(self._route(asked.model, body, client, state))
+
+    async def _route(
+        self, model: str, body: bytes, client: ClientConnection, state: _Request
+    ) -> None:
+        """To a replica, and once more to another if the first failed before answering."""
         tried: set[str] = set()
         failure = ""
         while len(tried) < 2:
-            replica = await self._slot(asked.model, tried, failure)
+            replica = await self._slot(model, tried, failure)
             tried.add(replica.job_id)
             state.node_id, state.job_id, state.attempts = (
                 replica.node_id,

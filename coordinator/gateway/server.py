@@ -3,15 +3,16 @@
 Each connection is a task; at most ``max_connections`` are served at once (one more is
 answered 503 and closed), and each is bounded in time and bytes
 (:class:`coordinator.gateway.client_conn.Limits`). A request is answered by
-:class:`coordinator.gateway.proxy.Proxy` in a task of its own, beside a watch on the
-client's side of the connection: the client closing it cancels the request, and the
-request's tunnel stream is reset (``cancel``): the service sees its connection closed.
+:class:`coordinator.gateway.proxy.Proxy`: its key checked from its head, then its body
+read, then, while it is sent to a replica and answered, the client's side of the
+connection watched: the client closing it cancels the request, and the request's tunnel
+stream is reset (``cancel``): the service sees its connection closed.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import logging
 import ssl
 import time
 from collections.abc import Callable
@@ -28,6 +29,8 @@ from coordinator.store import Store
 from coordinator.tunnel import Tunnels
 
 __all__ = ["Gateway", "GatewaySettings"]
+
+_log = logging.getLogger(__name__)
 
 _BUSY = (
     b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n"
@@ -128,6 +131,8 @@ class Gateway:
                 pass
         except (ClientGone, ConnectionError):
             pass  # nobody to answer
+        except Exception:  # a bug: said, and this connection closed; the others go on
+            _log.exception("gateway: a request failed")
         finally:
             self._connections.discard(task)
             await client.close()
@@ -135,29 +140,13 @@ class Gateway:
     async def _one(self, client: ClientConnection) -> bool:
         """Answer the connection's next request; False when it is to be closed."""
         try:
-            got = await client.next_request()
+            request = await client.next_head()
         except GatewayError as exc:
             if client.can_answer:
                 status, body = answers.error_body(exc)
                 await client.answer(status, [("content-type", "application/json")], body)
             return False
-        if got is None:
+        if request is None:
             return False
-        request, body = got
-        async with client.watch() as gone:
-            answering = asyncio.create_task(self.proxy.handle(request, body, client))
-            leaving = asyncio.create_task(gone.wait())
-            try:
-                await asyncio.wait({answering, leaving}, return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                leaving.cancel()
-                answering.cancel()  # no-op when it is done
-                # Cancelled, the request's stream is reset (``cancel``) on its way out.
-                (outcome,) = await asyncio.gather(answering, return_exceptions=True)
-                with contextlib.suppress(asyncio.CancelledError):
-                    await leaving
-        if isinstance(outcome, BaseException):
-            if isinstance(outcome, ClientGone | asyncio.CancelledError):
-                return False
-            raise outcome
+        await self.proxy.handle(request, client)
         return client.keep_alive

@@ -75,12 +75,16 @@ async def test_slow_and_oversized_requests_are_answered_with_a_code_and_closed(
 ) -> None:
     async with _coordinator(tmp_path, _settings()) as coordinator:
         port = coordinator.gateway.port
+        key = new_key(coordinator).encode()
         openings = [
             b"POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\nX-Slow: ",  # a head never done
-            b"POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\nContent-Length: 100\r\n\r\n{",
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\nContent-Length: 100\r\n"
+            b"Authorization: Bearer " + key + b"\r\n\r\n{",  # a body never done
             b"GET /v1/models HTTP/1.1\r\nHost: gw\r\nX-Big: " + b"a" * 20_000 + b"\r\n\r\n",
             b"POST /v1/completions HTTP/1.1\r\nHost: gw\r\nContent-Length: 99999999\r\n\r\n",
             b"\x16\x03\x01 not http at all\r\n\r\n",
+            # No key: refused before its body is read (it is never sent here).
+            b"POST /v1/completions HTTP/1.1\r\nHost: gw\r\nContent-Length: 8000000\r\n\r\n",
         ]
         clients = [await asyncio.open_connection("127.0.0.1", port) for _ in openings]
         for (_, writer), opening in zip(clients, openings, strict=True):
@@ -90,13 +94,14 @@ async def test_slow_and_oversized_requests_are_answered_with_a_code_and_closed(
         answers = [await _until_answered(reader) for reader, _ in clients]
         silent = [await _until_answered(reader) for reader, _ in idle]
         statuses = [a.split(b" ", 2)[1] for a in answers]
-        assert statuses == [b"408", b"408", b"431", b"413", b"400"]
+        assert statuses == [b"408", b"408", b"431", b"413", b"400", b"401"]
         assert [json.loads(a.split(b"\r\n\r\n", 1)[1])["error"]["code"] for a in answers] == [
             "request_timeout",
             "request_timeout",
             "headers_too_large",
             "request_too_large",
             "bad_request",
+            "invalid_api_key",
         ]
         assert silent == [b""] * 100  # idle connections are closed without a word
         for _, writer in clients + idle:
