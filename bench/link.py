@@ -107,6 +107,7 @@ class CoordinatorProcess:
         key = keys.load_or_create(self.state_dir)  # created here, loaded by the child
         self.pinned = {key.key_id: key.public_key}
         self.port = free_port()
+        self.artifacts_port = free_port()  # not --port + 1, which may be taken
         self.url = f"ws://127.0.0.1:{self.port}/agent"
         self.process: asyncio.subprocess.Process | None = None
 
@@ -114,7 +115,8 @@ class CoordinatorProcess:
         """Start it and return once it listens (an asyncio child: the link keeps running)."""
         self.process = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "coordinator.cli", "serve", "--host", "127.0.0.1",
-            "--port", str(self.port), "--db", str(self.db), "--state-dir", str(self.state_dir),
+            "--port", str(self.port), "--artifacts-port", str(self.artifacts_port),
+            "--db", str(self.db), "--state-dir", str(self.state_dir),
             "--gateway-port", "0",
             stdout=asyncio.subprocess.PIPE,
         )  # fmt: skip

@@ -41,6 +41,7 @@ __all__ = [
 AdmissionMode = Literal["open", "allow_list", "token"]
 
 _MIB = 1024 * 1024
+_GIB = 1024 * _MIB
 #: Enrolment tokens: long enough not to be guessed, short enough for ``auth`` (256).
 _MIN_TOKEN, _MAX_TOKEN = 16, 256
 #: The largest number a setting may be: SQLite's integers hold 2**63 - 1, and a size, row
@@ -72,6 +73,10 @@ class Settings:
             shed over the quota, in a row, that close the session.
         telemetry_keep_s, telemetry_keep_rows: telemetry older, or beyond that many rows
             per node, is deleted every :attr:`retention_interval_s` (0: never).
+        artifacts_keep_s: the outputs in the artifact store of a job that ended longer ago
+            are removed by the same pass.
+        artifacts_max_bytes: past it, the same pass also removes the outputs of the jobs
+            that ended first, until the store is within it; None: no such budget.
     """
 
     heartbeat_s: float = 15.0
@@ -91,6 +96,8 @@ class Settings:
     abuse_strikes: int = 30
     telemetry_keep_s: float = 7 * 86400.0
     telemetry_keep_rows: int = 100_000
+    artifacts_keep_s: float = 7 * 86400.0
+    artifacts_max_bytes: int | None = None
     retention_interval_s: float = 600.0
 
     def __post_init__(self) -> None:
@@ -261,6 +268,15 @@ def add_options(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--telemetry-keep-days", type=float, help="days of telemetry kept")
     parser.add_argument("--telemetry-keep-rows", type=int, help="telemetry rows kept per node")
+    parser.add_argument(
+        "--artifacts-keep-days", type=float,
+        help="days a job's stored outputs are kept after it ended (default 7)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--artifacts-max-gib", type=float,
+        help="GiB the stored outputs may take; past it, those of the jobs that ended first go"
+        " (default: no budget but --artifacts-keep-days and the per-node cap)",
+    )  # fmt: skip
 
 
 def settings_from(args: argparse.Namespace) -> Settings:
@@ -272,6 +288,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
     default = Settings()
     tokens = read_tokens(args.enrolment_tokens) if args.enrolment_tokens else frozenset()
     quota_mib, keep_days = args.node_quota_mib, args.telemetry_keep_days
+    artifact_days = args.artifacts_keep_days
     return Settings(
         admission=args.admission,
         allowed=frozenset(allow_entry(entry) for entry in args.allow),
@@ -294,6 +311,12 @@ def settings_from(args: argparse.Namespace) -> Settings:
             default.telemetry_keep_rows
             if args.telemetry_keep_rows is None
             else args.telemetry_keep_rows
+        ),
+        artifacts_keep_s=(
+            default.artifacts_keep_s if artifact_days is None else _seconds(artifact_days)
+        ),
+        artifacts_max_bytes=(
+            None if args.artifacts_max_gib is None else _whole(args.artifacts_max_gib * _GIB)
         ),
     )
 

@@ -112,14 +112,20 @@ def _parser() -> _Parser:
     run.add_argument(
         "--artifacts-port",
         type=_port,
-        default=0,
-        help="port on --host where nodes PUT job outputs (0: any free)",
+        help="port on --host where nodes PUT job outputs (default: --port + 1, so 8766;"
+        " 0: any free, which breaks the upload URLs of offers sent before a restart)",
+    )
+    run.add_argument(
+        "--artifacts-url",
+        help="http(s)://host[:port] of the artifact listener as nodes reach it (default: --host"
+        " and --artifacts-port): the host nodes name this coordinator by, as they upload"
+        " only there by default",
     )
     run.add_argument(
         "--gateway-port",
         type=_port,
-        help="port on --host of the OpenAI-compatible gateway (default: --port + 1; 0: any"
-        " free one, as with --port 0)",
+        help="port on --host of the OpenAI-compatible gateway (default: --port + 2, so 8767;"
+        " 0: any free one, as with --port 0)",
     )
     run.add_argument(
         "--registry-logins",
@@ -208,6 +214,7 @@ async def _serve(
             ssl_context=ssl_context,
             admin_port=args.admin_port,
             artifacts_port=args.artifacts_port,
+            artifacts_url=args.artifacts_url,
             gateway_port=args.gateway_port,
             settings=settings,
             pinner=pinner,
@@ -348,12 +355,13 @@ def _key_command(args: argparse.Namespace) -> int:
 
 
 def _serve_command(args: argparse.Namespace) -> int:
-    if args.gateway_port is None:
-        # Beside the agents' port; any free one beside any free one.
-        args.gateway_port = args.port + 1 if 0 < args.port < 65535 else 0
     try:
         # Read-only checks of every argument before the key, the database or the admin
         # file is written: a refused argument leaves nothing behind.
+        args.artifacts_port = cli_args.artifacts_port(args.port, args.artifacts_port)
+        args.gateway_port = cli_args.gateway_port(args.port, args.gateway_port)
+        if args.artifacts_url is not None:
+            args.artifacts_url = cli_args.public_url(args.artifacts_url)
         ssl_context = None
         if args.tls_cert is not None:
             ssl_context = cli_args.tls_context(args.tls_cert, args.tls_key)

@@ -19,6 +19,7 @@ import stat
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Final
+from urllib.parse import urlsplit
 
 from agent.protocol.limits import MAX_ERROR_DETAIL_CHARS
 from coordinator.errors import ConfigError, JobError
@@ -29,6 +30,7 @@ from oci import Credentials, OciError, read_logins
 __all__ = [
     "JOB_ID",
     "NODE_ID",
+    "artifacts_port",
     "check_addresses",
     "check_db",
     "check_job_id",
@@ -36,7 +38,9 @@ __all__ = [
     "check_reason",
     "check_state_dir",
     "check_ttl",
+    "gateway_port",
     "parse_uploads",
+    "public_url",
     "tls_context",
 ]
 
@@ -76,6 +80,67 @@ def check_ttl(ttl_s: float) -> None:
     """Refuse an offer lifetime the coordinator refuses (JobError ``bad_ttl``)."""
     if not 0 < ttl_s <= MAX_TTL_S:
         raise JobError("bad_ttl", f"--ttl must be in (0, {MAX_TTL_S:.0f}] seconds")
+
+
+def artifacts_port(port: int, given: int | None) -> int:
+    """The artifact listener's port: ``given``, else the one after the websocket's.
+
+    A fixed port, not any free one: the upload URLs signed into offers name it, and must
+    still reach the store after a restart. Derived from ``port`` so that a coordinator
+    moved to another port (or a second one on the host) needs no second option; with
+    ``port`` 0 (any free) it is any free one too.
+
+    Raises:
+        ConfigError: ``bad_address`` (``port`` is 65535: no port after it).
+    """
+    if given is not None:
+        return given
+    if port == 0:
+        return 0
+    if port >= 65535:
+        raise ConfigError("bad_address", "--port 65535 leaves no default --artifacts-port")
+    return port + 1
+
+
+def gateway_port(port: int, given: int | None) -> int:
+    """The gateway's port: ``given``, else the second after the websocket's (the first is
+    the artifact listener's): clients are told a fixed one; any free one with ``port`` 0.
+
+    Raises:
+        ConfigError: ``bad_address`` (``port`` is over 65533: no port two after it).
+    """
+    if given is not None:
+        return given
+    if port == 0:
+        return 0
+    if port >= 65534:
+        raise ConfigError("bad_address", f"--port {port} leaves no default --gateway-port")
+    return port + 2
+
+
+def public_url(text: str) -> str:
+    """An ``--artifacts-url``: ``http(s)://host[:port]`` as nodes reach the listener.
+
+    Raises:
+        ConfigError: ``bad_address`` (not such a URL: a path, query, fragment or login
+            would not survive the ``/artifacts/...`` appended to it).
+    """
+    try:
+        parts = urlsplit(text)
+        parts.port  # noqa: B018 - raises ValueError on a bad port
+    except ValueError as exc:
+        raise ConfigError("bad_address", f"--artifacts-url {text!r}: {exc}") from None
+    if (
+        parts.scheme not in ("http", "https")
+        or not parts.hostname
+        or "@" in parts.netloc
+        or parts.path not in ("", "/")
+        or parts.query
+        or parts.fragment
+        or not text.isprintable()
+    ):
+        raise ConfigError("bad_address", f"--artifacts-url {text!r} is not http(s)://host[:port]")
+    return f"{parts.scheme}://{parts.netloc}"
 
 
 def check_addresses(addresses: Sequence[tuple[str, int]]) -> None:

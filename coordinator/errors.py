@@ -11,7 +11,9 @@ Grouped by how the operator reacts::
     |     codes: key_missing, key_permissions, key_unreadable, key_unwritable, key_corrupt
     +-- JobError                  a submission or cancel refused: fix the request
     |     codes: unknown_node, unknown_job, job_exists, job_final, bad_job_id,
-    |            bad_node_id, bad_ttl, bad_reason, bad_request, and a spec's refusal as a
+    |            bad_node_id, bad_ttl, bad_reason, bad_request, the artifact store's
+    |            bad_token, token_expired, too_large, output_exists, output_expired,
+    |            and a spec's refusal as a
     |            node would say it (sandbox.errors.SpecError: bad_spec, spec_too_large,
     |            unknown_field, missing_field, forbidden_field, bad_value)
     +-- AdminError                the admin API is unreachable or refused the client

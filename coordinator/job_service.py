@@ -34,7 +34,7 @@ from coordinator.errors import JobError
 from coordinator.images import ImagePinner
 from coordinator.jobs_store import JobEvent, JobLogs, JobRow, JobSummary, VerifiedResult
 from coordinator.keys import CoordinatorKey
-from coordinator.offers import DEFAULT_TTL_S, make_offer, new_job_id
+from coordinator.offers import DEFAULT_TTL_S, draft_offer, new_job_id, repin, sign_draft
 from coordinator.store import Added, Store
 from oci import Credentials
 
@@ -115,7 +115,8 @@ class JobService:
             JobError: ``unknown_node`` (never connected), ``job_exists``, ``bad_job_id``,
                 ``bad_spec`` (not a JSON object), ``bad_ttl``, ``spec_too_large``, and the
                 registry's codes when a tag cannot be pinned (``image_not_found``,
-                ``registry_unreachable``, ``registry_auth_failed``, ...).
+                ``registry_unreachable``, ``registry_auth_failed``, ...), ``bad_value`` (the
+                pinned reference is too long for a node to read).
         """
         store = self._store
         if not isinstance(node_id, str) or store.nodes.public_key(node_id) is None:
@@ -123,42 +124,28 @@ class JobService:
         job_id = new_job_id() if job_id is None else job_id
         if store.jobs.get(job_id) is not None:
             raise JobError("job_exists", f"job {job_id!r} exists")
-        now = self._clock()
-        # Checked as the node will before any registry is asked; signed again once pinned.
-        default = self._default_target()
-        signed = make_offer(
-            self._key,
+        # Checked once, as the node will, before any registry is asked; signed once pinned.
+        draft = draft_offer(
             job_id=job_id,
             node_id=node_id,
             spec=spec,
-            now=now,
+            now=self._clock(),
             ttl_s=ttl_s,
             uploads=uploads,
-            default_target=default,
             registry_logins=registry_logins,
         )
         logins = {
             host: Credentials(login.username, login.password)
-            for host, login in signed.offer.registry_logins.items()
+            for host, login in draft.offer.registry_logins.items()
         }
-        pinned = await self._pinner.pin(spec, logins)
-        if pinned is not spec:
-            now = self._clock()
-            signed = make_offer(
-                self._key,
-                job_id=job_id,
-                node_id=node_id,
-                spec=pinned,
-                now=now,
-                ttl_s=ttl_s,
-                uploads=uploads,
-                default_target=default,
-                registry_logins=registry_logins,
-            )
+        pinned = await self._pinner.pin(draft.offer.spec, logins)
+        if pinned is not draft.offer.spec:
+            draft = repin(draft, pinned.get("image"), self._clock())
+        signed = sign_draft(self._key, draft, self._default_target())
         # Stored before it is sent, under the seq the stream gives it next: a store that
         # fails leaves no gap, and the node may acknowledge it after a restart of ours.
         seq = self._next_seq(node_id)
-        store.jobs.add(signed, seq, now)
+        store.jobs.add(signed, seq, signed.offer.issued_at)
         await self._sessions.send(node_id, signed.body, seq)
         return job_id
 

@@ -92,6 +92,12 @@ def job_output(jobs: JobService, job_id: str, path: str) -> HttpAnswer:
     """``GET /api/jobs/{id}/outputs/{path}``: an output the node uploaded here."""
     stored = None if jobs.artifacts is None else jobs.artifacts.outputs(job_id).get(path)
     if stored is None or jobs.artifacts is None:
+        if jobs.artifacts is not None and path in jobs.artifacts.expired(job_id):
+            return coded_error(
+                HTTPStatus.GONE,
+                "output_expired",
+                f"output {path!r} of job {job_id!r} was removed by the store's retention",
+            )
         return coded_error(
             HTTPStatus.NOT_FOUND, "output_missing", f"no output {path!r} of job {job_id!r} here"
         )
@@ -218,14 +224,15 @@ def _public_offer(envelope: dict[str, Any]) -> dict[str, Any]:
 def _outputs(jobs: JobService, job: JobRow) -> dict[str, Any]:
     """What the artifact store holds of the job, and how it differs from the receipt."""
     if jobs.artifacts is None:
-        return {"outputs": [], "output_problems": []}
+        return {"outputs": [], "outputs_expired": [], "output_problems": []}
     stored = jobs.artifacts.outputs(job.job_id)
+    expired = jobs.artifacts.expired(job.job_id)
     # The envelope's payload is the offer as signed: which outputs were to come here.
     offer = msgspec.json.decode(crypto.b64decode(job.offer["payload"]))
     ours = {
         path
         for path, target in offer.get("uploads", {}).items()
-        if f"/artifacts/{job.job_id}?" in target.get("url", "")
+        if f"/artifacts/{job.job_id}?" in target.get("url", "") and path not in expired
     }
     receipt = job.result.receipt if job.result is not None else {}
     return {
@@ -237,6 +244,10 @@ def _outputs(jobs: JobService, job: JobRow) -> dict[str, Any]:
                 "url": f"/api/jobs/{job.job_id}/outputs/{path}",
             }
             for path, item in sorted(stored.items())
+        ],
+        # Removed by retention: not missing (never stored), gone.
+        "outputs_expired": [
+            {"path": path, "expired": when} for path, when in sorted(expired.items())
         ],
         "output_problems": output_problems(receipt, stored, ours) if job.result else [],
     }

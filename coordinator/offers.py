@@ -24,7 +24,7 @@ from agent.protocol.uploads import UploadTarget, check_uploads
 from coordinator.errors import JobError
 from coordinator.keys import CoordinatorKey
 from sandbox.errors import SpecError
-from sandbox.spec import load_spec
+from sandbox.spec import ImageRef, WorkloadSpec, load_spec
 
 __all__ = [
     "CHAIN_BROKEN",
@@ -32,11 +32,15 @@ __all__ = [
     "MAX_TTL_S",
     "RECEIPT_PROBLEMS",
     "UPLOAD_GRACE_S",
+    "Draft",
     "SignedOffer",
     "check_spec",
+    "draft_offer",
     "make_offer",
     "new_job_id",
     "receipt_problems",
+    "repin",
+    "sign_draft",
 ]
 
 #: How long an offer may wait for its node by default, in seconds.
@@ -87,6 +91,130 @@ def check_spec(data: bytes, fmt: Literal["toml", "json"]) -> None:
         raise JobError(exc.code, exc.detail) from None
 
 
+class Draft(msgspec.Struct, frozen=True, kw_only=True):
+    """An offer checked as the node will check it, not signed yet (:func:`draft_offer`)."""
+
+    offer: Offer
+    spec: WorkloadSpec
+    """The offer's spec as the node loads it."""
+    ttl_s: float
+
+
+def draft_offer(
+    *,
+    job_id: str,
+    node_id: str,
+    spec: Any,
+    now: float,
+    ttl_s: float = DEFAULT_TTL_S,
+    uploads: Any = None,
+    registry_logins: Any = None,
+) -> Draft:
+    """The offer of ``spec`` to ``node_id``, checked: everything :func:`make_offer` refuses
+    but the frame's size, which only the signed offer has.
+
+    Raises:
+        JobError: as :func:`make_offer`, but ``spec_too_large`` only of the spec itself.
+    """
+    if not isinstance(spec, dict):
+        raise JobError("bad_spec", "a spec is a JSON object (a TOML table)")
+    if not isinstance(ttl_s, int | float) or not (math.isfinite(ttl_s) and 0 < ttl_s <= MAX_TTL_S):
+        raise JobError("bad_ttl", f"ttl_s must be in (0, {MAX_TTL_S:.0f}] seconds")
+    fields = {
+        "job_id": job_id,
+        "node_id": node_id,
+        "spec": spec,
+        "issued_at": now,
+        "expires_at": now + ttl_s,
+        "uploads": uploads or {},
+        "registry_logins": registry_logins or {},
+    }
+    try:
+        # Round trip through JSON: the spec is signed, stored and sent exactly as the node
+        # will decode it, and anything that is not JSON is refused here.
+        offer = msgspec.json.decode(msgspec.json.encode(fields), type=Offer)
+    except (msgspec.ValidationError, TypeError) as exc:
+        where = str(exc)
+        if "$.job_id" in where:
+            raise JobError("bad_job_id", f"{job_id!r}: {where}") from None
+        if "$.uploads" in where:
+            raise JobError("bad_upload_target", where) from None
+        if "$.registry_logins" in where:
+            # msgspec's message names the path, never the value: no password in an error.
+            raise JobError("bad_registry_login", where) from None
+        raise JobError("bad_spec", where) from None
+    # The node decodes the offer's spec from JSON and loads it so (agent.jobs): the same here.
+    loaded = _load(offer.spec)
+    registry = loaded.image_ref.repository
+    for host in offer.registry_logins:
+        if registry is None or host != registry.split("/", 1)[0]:
+            raise JobError("bad_registry_login", f"a login for {host}; the image is {loaded.image}")
+    try:
+        check_uploads(offer.uploads, loaded.outputs)
+    except DecodeError as exc:
+        raise JobError(exc.code, exc.detail) from None
+    return Draft(offer=offer, spec=loaded, ttl_s=float(ttl_s))
+
+
+def repin(draft: Draft, image: object, now: float) -> Draft:
+    """``draft`` with its spec's image replaced by ``image`` (the tag pinned to a digest),
+    issued ``now``. Nothing else of the spec changed (its repository neither, so a login
+    for its registry still is one), so only the image is checked again, as the node checks
+    one.
+
+    Raises:
+        JobError: ``bad_value`` (no image reference the node reads, e.g. over 255
+            characters once pinned).
+    """
+    if not isinstance(image, str):
+        raise JobError("bad_value", f"image: {image!r} is not a reference")
+    try:
+        ImageRef.parse(image)
+    except ValueError as exc:
+        raise JobError("bad_value", f"image: {exc}") from None
+    offer = msgspec.structs.replace(
+        draft.offer,
+        spec={**draft.offer.spec, "image": image},
+        issued_at=now,
+        expires_at=now + draft.ttl_s,
+    )
+    return msgspec.structs.replace(
+        draft, offer=offer, spec=msgspec.structs.replace(draft.spec, image=image)
+    )
+
+
+def sign_draft(
+    key: CoordinatorKey,
+    draft: Draft,
+    default_target: Callable[[str, str, float], UploadTarget] | None = None,
+) -> SignedOffer:
+    """``draft`` signed, its outputs without a target given ``default_target(job_id, path,
+    expires_at)``, checked to fit in one frame.
+
+    Raises:
+        JobError: ``spec_too_large`` (the offer would not fit in a frame).
+    """
+    offer, job_id = draft.offer, draft.offer.job_id
+    if default_target is not None:
+        # A token must outlive the job: taken at the offer's last moment, run to its
+        # timeout, then its uploads retried for a while.
+        until = offer.expires_at + draft.spec.timeout_s + UPLOAD_GRACE_S
+        filled = {
+            path: offer.uploads.get(path) or default_target(job_id, path, until)
+            for path in draft.spec.outputs
+        }
+        offer = msgspec.structs.replace(offer, uploads=filled)
+    envelope = sign_offer(offer, key.private_key, key.key_id)
+    body = JobOfferBody(
+        job_id=job_id, offer=msgspec.convert(msgspec.to_builtins(envelope), EnvelopeBody)
+    )
+    try:
+        encode_frame(wrap(body, MAX_SEQ))  # the longest seq: the frame fits whatever seq it gets
+    except LimitExceeded as exc:
+        raise JobError("spec_too_large", f"the offer would not fit in a frame: {exc}") from None
+    return SignedOffer(offer=offer, sha256=offer_digest(offer), body=body)
+
+
 def make_offer(
     key: CoordinatorKey,
     *,
@@ -117,62 +245,24 @@ def make_offer(
             offer would not fit in a frame), ``bad_upload_target``, ``bad_registry_login``
             (not of that shape, or for another registry than the image's).
     """
-    if not isinstance(spec, dict):
-        raise JobError("bad_spec", "a spec is a JSON object (a TOML table)")
-    if not isinstance(ttl_s, int | float) or not (math.isfinite(ttl_s) and 0 < ttl_s <= MAX_TTL_S):
-        raise JobError("bad_ttl", f"ttl_s must be in (0, {MAX_TTL_S:.0f}] seconds")
-    fields = {
-        "job_id": job_id,
-        "node_id": node_id,
-        "spec": spec,
-        "issued_at": now,
-        "expires_at": now + ttl_s,
-        "uploads": uploads or {},
-        "registry_logins": registry_logins or {},
-    }
-    try:
-        # Round trip through JSON: the spec is signed, stored and sent exactly as the node
-        # will decode it, and anything that is not JSON is refused here.
-        offer = msgspec.json.decode(msgspec.json.encode(fields), type=Offer)
-    except (msgspec.ValidationError, TypeError) as exc:
-        where = str(exc)
-        if "$.job_id" in where:
-            raise JobError("bad_job_id", f"{job_id!r}: {where}") from None
-        if "$.uploads" in where:
-            raise JobError("bad_upload_target", where) from None
-        if "$.registry_logins" in where:
-            # msgspec's message names the path, never the value: no password in an error.
-            raise JobError("bad_registry_login", where) from None
-        raise JobError("bad_spec", where) from None
-    # The node decodes the offer's spec from JSON and loads it so (agent.jobs): the same here.
-    check_spec(msgspec.json.encode(offer.spec), "json")
-    loaded = load_spec(msgspec.json.encode(offer.spec), "json")
-    outputs = loaded.outputs
-    registry = loaded.image_ref.repository
-    for host in offer.registry_logins:
-        if registry is None or host != registry.split("/", 1)[0]:
-            raise JobError("bad_registry_login", f"a login for {host}; the image is {loaded.image}")
-    try:
-        check_uploads(offer.uploads, outputs)
-    except DecodeError as exc:
-        raise JobError(exc.code, exc.detail) from None
-    if default_target is not None:
-        # A token must outlive the job: taken at the offer's last moment, run to its
-        # timeout, then its uploads retried for a while.
-        until = offer.expires_at + loaded.timeout_s + UPLOAD_GRACE_S
-        filled = {
-            path: offer.uploads.get(path) or default_target(job_id, path, until) for path in outputs
-        }
-        offer = msgspec.structs.replace(offer, uploads=filled)
-    envelope = sign_offer(offer, key.private_key, key.key_id)
-    body = JobOfferBody(
-        job_id=job_id, offer=msgspec.convert(msgspec.to_builtins(envelope), EnvelopeBody)
+    draft = draft_offer(
+        job_id=job_id,
+        node_id=node_id,
+        spec=spec,
+        now=now,
+        ttl_s=ttl_s,
+        uploads=uploads,
+        registry_logins=registry_logins,
     )
+    return sign_draft(key, draft, default_target)
+
+
+def _load(spec: dict[str, Any]) -> WorkloadSpec:
+    """The spec as the node loads it from the offer's JSON (:func:`check_spec`'s codes)."""
     try:
-        encode_frame(wrap(body, MAX_SEQ))  # the longest seq: the frame fits whatever seq it gets
-    except LimitExceeded as exc:
-        raise JobError("spec_too_large", f"the offer would not fit in a frame: {exc}") from None
-    return SignedOffer(offer=offer, sha256=offer_digest(offer), body=body)
+        return load_spec(msgspec.json.encode(spec), "json")
+    except SpecError as exc:
+        raise JobError(exc.code, exc.detail) from None
 
 
 def receipt_problems(

@@ -3,7 +3,8 @@
 Each output the receipt names ``ok`` and the coordinator's artifact store holds is fetched
 through the read API and written to ``DIR/<path>`` only once its SHA-256 and size are the
 receipt's (``output_mismatch`` otherwise; nothing of it is written). Outputs that went to
-the submitter's own targets are not here, and are listed as such.
+the submitter's own targets are not here, and are listed as such; one the store's retention
+removed is ``output_expired``.
 """
 
 from __future__ import annotations
@@ -24,15 +25,19 @@ def download_outputs(client: AdminClient, job: dict[str, Any], out_dir: Path) ->
     """Fetch and check ``job``'s stored outputs into ``out_dir``; the paths written.
 
     Raises:
-        AdminError: ``output_mismatch`` (the bytes are not the receipt's), ``bad_answer``
+        AdminError: ``output_mismatch`` (the bytes are not the receipt's), ``output_expired``
+            (removed by the store's retention), ``bad_answer``
             (a receipt path that would leave ``out_dir``), the API's codes.
     """
     result = job.get("result") or {}
     receipt = result.get("receipt") or {}
     stored = {o.get("path") for o in job.get("outputs", []) if isinstance(o, dict)}
+    expired = {o.get("path") for o in job.get("outputs_expired", []) if isinstance(o, dict)}
     written = []
     for item in receipt.get("outputs", []):
         path, sha256, size = item.get("path"), item.get("sha256"), item.get("size_bytes")
+        if item.get("status") == "ok" and path in expired:
+            raise AdminError("output_expired", f"{path}: removed by the store's retention")
         if item.get("status") != "ok" or path not in stored:
             continue
         relative = PurePosixPath(str(path))

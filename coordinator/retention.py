@@ -7,11 +7,17 @@ never moves the node's ``welcome`` back.
 
 from __future__ import annotations
 
+import asyncio
+import logging
+from collections.abc import Callable, Sequence
+
 import msgspec
 
 from coordinator.db import Database
 
-__all__ = ["Quotas", "Retention"]
+__all__ = ["Quotas", "Retention", "run_passes"]
+
+_log = logging.getLogger(__name__)
 
 
 class Quotas(msgspec.Struct, frozen=True, kw_only=True):
@@ -150,3 +156,20 @@ class Retention:
             "SELECT stored_bytes FROM nodes WHERE node_id = ?", (node_id,)
         ).fetchone()
         return 0 if row is None else int(row[0])
+
+
+async def run_passes(
+    passes: Sequence[tuple[str, Callable[[], object]]], interval_s: float, done: asyncio.Event
+) -> None:
+    """Run each pass now, then every ``interval_s``, setting ``done`` after each round,
+    until cancelled. A pass that fails is logged and tried again at the next round; the
+    others run all the same (telemetry that cannot be pruned keeps no output forever)."""
+    while True:
+        for what, run in passes:
+            try:
+                run()
+            except Exception:  # said, and tried again at the next interval
+                # A task that dies says nothing: the store would grow without a word.
+                _log.exception("retention: the pass failed (%s); next in %gs", what, interval_s)
+        done.set()
+        await asyncio.sleep(interval_s)

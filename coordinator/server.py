@@ -41,12 +41,12 @@ from coordinator import api, keys, offers
 from coordinator.admin import AdminFile, AdminListener, new_token, write_admin_file
 from coordinator.admission import Settings, TokenBucket
 from coordinator.api_util import HttpAnswer, HttpRequest, coded_error
-from coordinator.artifacts import ArtifactStore, job_outputs
+from coordinator.artifacts import ArtifactStore, Retained, job_outputs
 from coordinator.connection import AgentSessions, Shared, handle
 from coordinator.gateway.server import Gateway, GatewaySettings
 from coordinator.images import ImagePinner
 from coordinator.job_service import JobService
-from coordinator.retention import Quotas
+from coordinator.retention import Quotas, run_passes
 from coordinator.sessions import OpenSessions
 from coordinator.store import Store
 from coordinator.tunnel import TUNNEL_PATH, Tunnels
@@ -81,6 +81,7 @@ class Coordinator:
         pinner: ImagePinner | None = None,
         artifacts_port: int = 0,
         artifact_node_max_bytes: int = 16 << 30,
+        artifacts_url: str | None = None,
         tunnel_max_streams: int = MAX_STREAMS,
         gateway_port: int = 0,
         gateway_settings: GatewaySettings | None = None,
@@ -112,6 +113,7 @@ class Coordinator:
             stream=self._artifact_put,
         )
         self._artifact_node_max_bytes = artifact_node_max_bytes
+        self._artifacts_public_url = artifacts_url
         self._gateway_port = gateway_port
         self._gateway_settings = gateway_settings
         self._gateway: Gateway | None = None
@@ -174,7 +176,9 @@ class Coordinator:
 
     @property
     def artifacts_url(self) -> str:
-        """The artifact listener's base URL, as nodes reach it."""
+        """The artifact listener's base URL, as nodes reach it (as given, or this host's)."""
+        if self._artifacts_public_url is not None:
+            return self._artifacts_public_url
         scheme = "https" if self.ssl_context is not None else "http"
         return f"{scheme}://{self._url_host()}:{self._artifact_listener.port}"
 
@@ -322,23 +326,25 @@ class Coordinator:
         """Delete the telemetry past its retention now; returns how many rows went."""
         settings = self.settings
         before = self._clock() - settings.telemetry_keep_s
-        return self._started().store.retention.prune_telemetry(before, settings.telemetry_keep_rows)
+        store = self._started().store
+        if deleted := store.retention.prune_telemetry(before, settings.telemetry_keep_rows):
+            _log.info("retention: %d telemetry row(s) deleted", deleted)
+        return deleted
+
+    def expire_outputs(self) -> Retained:
+        """Remove the stored outputs past their retention now (:meth:`ArtifactStore.retain`)."""
+        assert self.artifacts is not None  # made with the store
+        settings = self.settings
+        return self.artifacts.retain(
+            self._started().store.jobs.get,
+            before=self._clock() - settings.artifacts_keep_s,
+            max_bytes=settings.artifacts_max_bytes,
+        )
 
     async def _retain(self) -> None:
-        """Prune at start, then every retention interval, until stopped."""
-        while True:
-            try:
-                deleted = self.prune()
-            except Exception:  # said, and tried again at the next interval
-                # A task that dies says nothing: the store would grow without a word.
-                _log.exception(
-                    "retention: the pass failed; next in %gs", self.settings.retention_interval_s
-                )
-            else:
-                if deleted:
-                    _log.info("retention: %d telemetry row(s) deleted", deleted)
-            self.retained.set()
-            await asyncio.sleep(self.settings.retention_interval_s)
+        """Prune and expire at start, then every retention interval, until stopped."""
+        passes = (("telemetry", self.prune), ("outputs", self.expire_outputs))
+        await run_passes(passes, self.settings.retention_interval_s, self.retained)
 
     def _started(self) -> Shared:
         if self._shared is None:
@@ -418,6 +424,7 @@ async def serve(
     admin_port: int = 0,
     pinner: ImagePinner | None = None,
     artifacts_port: int = 0,
+    artifacts_url: str | None = None,
     gateway_port: int = 0,
 ) -> None:
     """Run a coordinator until ``stop`` is set (or the task is cancelled)."""
@@ -431,6 +438,7 @@ async def serve(
         admin_port=admin_port,
         pinner=pinner,
         artifacts_port=artifacts_port,
+        artifacts_url=artifacts_url,
         gateway_port=gateway_port,
     )
     async with coordinator:

@@ -35,10 +35,10 @@ from agent.protocol.tunnel import (
     ResetCode,
     Role,
     StreamEnded,
-    StreamOpened,
     StreamReadable,
     StreamReset,
     TunnelEvent,
+    TunnelFailed,
     TunnelMux,
 )
 from coordinator.admission import admit
@@ -200,10 +200,7 @@ class _Link:
         writer = asyncio.create_task(self._write())
         try:
             async for message in self.ws:
-                if isinstance(message, str):
-                    events = self.mux.fail(TunnelError("bad_frame", "a text message"))
-                else:
-                    events = self.mux.receive_data(message)
+                events = self.mux.receive_data(message)
                 failed = self._carry_out(events)
                 self.wake.set()
                 if failed is not None:
@@ -220,9 +217,7 @@ class _Link:
     def _carry_out(self, events: list[TunnelEvent]) -> TunnelError | None:
         failed: TunnelError | None = None
         for event in events:
-            if isinstance(event, StreamOpened):
-                self.mux.reset(event.stream_id, ResetCode.REFUSED)  # agents open nothing
-            elif isinstance(event, StreamReset):
+            if isinstance(event, StreamReset):
                 stream = self.streams.pop(event.stream_id, None)
                 if stream is not None:
                     self.waiting.discard(stream)
@@ -232,8 +227,9 @@ class _Link:
                 if stream is not None:
                     stream._eof |= isinstance(event, StreamEnded)
                     stream._readable.set()
-            else:
+            elif isinstance(event, TunnelFailed):
                 failed = event.error
+            # A StreamOpened never comes: the machine refuses the agent's opens itself.
         return failed
 
     async def _write(self) -> None:
@@ -323,6 +319,7 @@ class Tunnels:
             window=self._window,
             connection_window=self._connection_window,
             max_streams=self._max_streams,
+            accept_opens=False,  # agents open nothing
         )
         link = _Link(ws, node_id, mux)
         old = self._links.get(node_id)

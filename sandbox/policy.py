@@ -16,7 +16,10 @@ Image patterns in ``allowed_images`` are one of:
 
 Host patterns in ``allowed_input_hosts`` are globs over a URL's host name in lower case
 (``*.example.org``, ``127.0.0.1``); the port is not part of it. They bound where the agent
-fetches inputs from, the first URL and every redirect alike.
+fetches inputs from, the first URL and every redirect alike. ``allowed_upload_hosts`` are
+the same kind of globs over where the agent may PUT a job's outputs (the upload targets an
+offer names, which the agent checks: the spec does not carry them), plus
+:data:`COORDINATOR_HOST`, which stands for the host of the coordinator the agent connects to.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from sandbox.spec import ImageRef, WorkloadSpec, format_size
 from sandbox.urls import host_allowed
 
 __all__ = [
+    "COORDINATOR_HOST",
     "MAX_POLICY_BYTES",
     "Policy",
     "admit",
@@ -45,6 +49,9 @@ __all__ = [
 
 MAX_POLICY_BYTES: Final = 1 << 20
 """The largest policy file read; a policy is a few hundred bytes."""
+
+COORDINATOR_HOST: Final = "@coordinator"
+"""In ``allowed_upload_hosts``: the host of the coordinator the agent connects to."""
 
 _GLOB = re.compile(r"[*?\[]")
 _GIB = 1 << 30
@@ -81,6 +88,8 @@ class Policy(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
     """The inline inputs' total size."""
     allowed_input_hosts: list[str] = []
     """Where inputs given by URL may be fetched from (and redirected to); none if empty."""
+    allowed_upload_hosts: list[str] = msgspec.field(default_factory=lambda: [COORDINATOR_HOST])
+    """Where job outputs may be uploaded to; by default only the coordinator's own store."""
     max_url_input_bytes: _Bytes = 16 * _GIB
     """The largest input fetched by URL."""
     max_output_bytes: _Bytes = _GIB

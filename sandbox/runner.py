@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import math
 import os
 import time
 from collections.abc import AsyncGenerator, Callable, Mapping
@@ -402,15 +403,17 @@ class Runner:
         """Wait for the exit; on timeout, cancel or an overflowing /output, stop the
         container and say which it was."""
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + spec.timeout_s
+        # A service runs until its lease ends, which its supervisor keeps: no timeout here.
+        deadline = loop.time() + spec.timeout_s if spec.kind == "batch" else math.inf
         cancelled = asyncio.create_task(cancel.wait())
         reason: ExitReason | None = None
         try:
             while reason is None:
                 remaining = deadline - loop.time()
+                wait = min(remaining, _WATCH_INTERVAL_S) if watch else remaining
                 done, _ = await asyncio.wait(
                     {waiting, cancelled},
-                    timeout=min(remaining, _WATCH_INTERVAL_S) if watch else remaining,
+                    timeout=None if math.isinf(wait) else wait,
                     return_when=asyncio.FIRST_COMPLETED,
                 )
                 if waiting in done and waiting.exception() is None:

@@ -22,6 +22,7 @@ import logging
 import signal
 import time
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import msgspec
 
@@ -40,7 +41,7 @@ from agent.jobs.images import ImageGate, engine_logins, load_keys
 from agent.jobs.manager import ImageBudget, JobManager
 from agent.jobs.node import NodeState
 from agent.jobs.scheduler import Scheduler
-from agent.link.connection import Link, LinkConfig
+from agent.link.connection import Link, LinkConfig, client_ssl
 from agent.link.identity import Identity, load_or_create
 from agent.link.outbox import Outbox
 from agent.owner.guard import OwnerGuard
@@ -50,6 +51,7 @@ from agent.owner.power import PowerLimiter
 from agent.protocol import dsse
 from agent.protocol.bodies import EnvelopeBody, ProfileBody
 from agent.protocol.messages import AttestRequest, ImagePrefetch, JobCancel, JobOffer, Message
+from agent.services.tunnel import ServiceTunnel, tunnel_url
 from hal import __version__
 from hal.backend import HalConfig
 from hal.profile import take_profile
@@ -210,6 +212,16 @@ class _Daemon:
                 max_bytes=config.upload_spool_max_bytes,
                 ca_file=config.link.ca_file,
             ),
+            coordinator_host=urlsplit(config.link.url).hostname,
+        )
+        link_config = config.link
+        self.tunnel = ServiceTunnel(
+            url=tunnel_url(link_config.url),
+            identity=identity,
+            pinned_keys=link_config.pinned_keys,
+            resolve=self._service_address,
+            ssl_context=client_ssl(link_config),
+            agent_version=__version__,
         )
         self.guard = OwnerGuard(
             jobs=self.jobs,
@@ -237,6 +249,7 @@ class _Daemon:
             latest=lambda: self.sampler.latest_gpus,
             power=power.describe,
             clock=time.time,
+            in_flight=self.tunnel.streams_to,
         )
         self.control_server = (
             ControlServer(
@@ -320,6 +333,7 @@ class _Daemon:
         watchdog = asyncio.create_task(self._watchdog())
         link_stop = asyncio.Event()
         linking = asyncio.create_task(self.link.run(link_stop))
+        tunnelling = asyncio.create_task(self._tunnel_once_linked())
         sampling = asyncio.create_task(
             self.sampler.run(
                 stop,
@@ -343,12 +357,28 @@ class _Daemon:
             stopped.cancel()
             watchdog.cancel()
             link_stop.set()
+            tunnelling.cancel()
+            await self.tunnel.stop()
             await linking
             if self.control_server is not None:
                 await self.control_server.close()
             if self.metrics_server is not None:
                 await self.metrics_server.close()
         return 0
+
+    async def _tunnel_once_linked(self) -> None:
+        """Open the services' data connection (the coordinator's requests for them come in
+        on it) once the control link is up: a new node is admitted there, not here."""
+        await self.link.connected.wait()
+        self.tunnel.start()
+
+    async def _service_address(self, target: str) -> tuple[str, int] | None:
+        """Where the tunnel takes a stream for ``target`` (a service's job id): its server,
+        once it runs and unless it is draining."""
+        service = self.jobs.services.get(target)
+        if service is None or not service.address or service.draining:
+            return None
+        return service.address, service.service.port
 
     async def _watchdog(self) -> None:
         """Keep systemd's watchdog fed from the event loop: a loop that is stuck stops

@@ -4,14 +4,16 @@ The job manager hands each ``job_offer`` here and carries out the :class:`Decisi
 comes back (:mod:`agent.jobs.machine`): ``accepted`` with the GPUs reserved, or
 ``refused`` with the first reason found, in this order: the signature and the node
 (an offer that does not verify is not recorded: its id is only what the unsigned frame
-says), the node's holds, the spec, a pinned image, the policy, the upload targets, the
-registry login, the running jobs, the GPUs.
+says), the node's holds, the spec, a pinned image, the policy, the upload targets (their
+form, then their hosts: ``policy.allowed_upload_hosts``), the registry login, the running
+jobs, the GPUs.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from urllib.parse import urlsplit
 
 import msgspec
 
@@ -26,10 +28,11 @@ from agent.protocol.errors import AuthError, DecodeError
 from agent.protocol.jobs import Offer, RegistryLogins, verify_offer
 from agent.protocol.limits import MAX_ERROR_DETAIL_CHARS
 from agent.protocol.messages import JobOffer
-from agent.protocol.uploads import check_uploads
+from agent.protocol.uploads import UploadTarget, check_uploads
 from sandbox.errors import PolicyViolation, SandboxError
-from sandbox.policy import Policy, admit
+from sandbox.policy import COORDINATOR_HOST, Policy, admit
 from sandbox.spec import ImageRef, WorkloadSpec, load_spec
+from sandbox.urls import host_allowed
 
 __all__ = ["OfferDesk"]
 
@@ -51,6 +54,7 @@ class OfferDesk:
         limit: Callable[[], int],
         running: Callable[[], int],
         delivery: Delivery | None,
+        coordinator_host: str | None = None,
     ) -> None:
         self.identity = identity
         self.ledger = ledger
@@ -61,6 +65,8 @@ class OfferDesk:
         self.limit = limit
         self.running = running
         self.delivery = delivery
+        self.coordinator_host = coordinator_host
+        """What ``@coordinator`` in ``allowed_upload_hosts`` means (None: nothing)."""
 
     def decide(self, message: JobOffer) -> Decision:
         """Accept an offer (its GPUs reserved) or refuse it, as the pure machine decides."""
@@ -110,8 +116,10 @@ class OfferDesk:
                     f"image {spec.image} is a tag; an offer names it by digest (name@sha256:...)"
                     " or by local image id (sha256:...)",
                 )
-            admit(spec, self.policy(), offered_vendors=self._vendors())
+            policy = self.policy()
+            admit(spec, policy, offered_vendors=self._vendors())
             check_uploads(offer.uploads, spec.outputs)
+            self._check_upload_hosts(offer.uploads, policy.allowed_upload_hosts)
             _check_logins(offer.registry_logins, spec.image_ref)
         except DecodeError as exc:
             raise _Refusal(exc.code, exc.detail) from None
@@ -127,6 +135,21 @@ class OfferDesk:
         if not self.node.scheduler.could_ever_fit(spec.gpus):
             raise _Refusal("no_matching_gpus", "this node has no GPUs that meet the spec")
         return offer, spec
+
+    def _check_upload_hosts(self, uploads: Mapping[str, UploadTarget], allowed: list[str]) -> None:
+        """Refuse an offer that would send outputs to a host the node owner did not list."""
+        patterns = [p for p in allowed if p != COORDINATOR_HOST]
+        if COORDINATOR_HOST in allowed and self.coordinator_host:
+            patterns.append(self.coordinator_host)
+        for path, target in sorted(uploads.items()):
+            if not host_allowed(target.url, patterns):
+                # The host only: the rest of a presigned URL is a credential.
+                host = urlsplit(target.url).hostname
+                raise _Refusal(
+                    "upload_host_refused",
+                    f"output {path!r}: uploads to {host} are not allowed here"
+                    " (policy.allowed_upload_hosts)",
+                )
 
     def _reserve(self, job_id: str, spec: WorkloadSpec) -> list[str]:
         units = self.node.assign(job_id, spec.gpus)

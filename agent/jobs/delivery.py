@@ -15,6 +15,7 @@ import logging
 import os
 import shutil
 import ssl
+import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -43,11 +44,13 @@ class Delivery:
         max_bytes: int,
         ca_file: Path | None = None,
         policy: RetryPolicy = RetryPolicy(),  # noqa: B008 (an immutable tuple)
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self.spool_dir = spool_dir
         self.max_bytes = max_bytes
         self.ca_file = ca_file
         self.policy = policy
+        self._clock = clock
         self._reserved: dict[str, int] = {}
         self.tasks: dict[str, asyncio.Task[None]] = {}
         """The uploads under way, by job id (a stop cancels them)."""
@@ -131,12 +134,15 @@ class Delivery:
         return receipt, detail
 
     async def run(self, upload: Upload, acknowledged: Callable[[str], None]) -> None:
-        """PUT each of the upload's files, calling ``acknowledged(path)`` after each 2xx.
+        """PUT each of the upload's files, calling ``acknowledged(path)`` after each 2xx;
+        each retried until ``policy.give_up_s`` after the job ended.
 
         Raises:
             UploadError: the first output that could not be delivered.
         """
         spool = Path(upload.spool)
+        ended = upload.receipt.finished_at
+        deadline = (self._clock() if ended is None else ended) + self.policy.give_up_s
         verify: ssl.SSLContext | bool = True
         if self.ca_file is not None:  # the coordinator's own store, under its own CA
             verify = ssl.create_default_context()
@@ -146,5 +152,14 @@ class Delivery:
                 file = spool / str(index)
                 if not file.is_file():
                     raise UploadError("upload_failed", f"{path}: its spool file is gone")
-                await put_file(client, file, target, size=size, sha256=sha256, policy=self.policy)
+                await put_file(
+                    client,
+                    file,
+                    target,
+                    size=size,
+                    sha256=sha256,
+                    policy=self.policy,
+                    deadline=deadline,
+                    clock=self._clock,
+                )
                 acknowledged(path)

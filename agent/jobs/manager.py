@@ -28,6 +28,7 @@ import time
 from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack, aclosing
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Literal
 
@@ -118,7 +119,10 @@ class JobManager:
         image_budget: ImageBudget | None = None,
         clock: Callable[[], float] = time.time,
         delivery: Delivery | None = None,
+        coordinator_host: str | None = None,
     ) -> None:
+        """``coordinator_host``: the host of the coordinator's URL, what ``@coordinator``
+        in the policy's ``allowed_upload_hosts`` stands for."""
         self.identity = identity
         self.outbox = outbox
         self.ledger = Ledger(outbox)
@@ -172,6 +176,7 @@ class JobManager:
             limit=lambda: self.max_concurrent,
             running=running,
             delivery=delivery,
+            coordinator_host=coordinator_host,
         )
 
     # -- start -------------------------------------------------------------------------
@@ -248,6 +253,16 @@ class JobManager:
     def container_ids(self) -> list[str]:
         """The containers of the running jobs."""
         return list(self._containers.values())
+
+    async def drain_services(self, in_flight: Callable[[str], int] = lambda _: 0) -> None:
+        """Stop every service once its requests in flight (``in_flight(job_id)``) are done,
+        within its spec's grace period: they end ``stopped`` (``drained``)."""
+        await asyncio.gather(
+            *(
+                service.drain(partial(in_flight, job_id))
+                for job_id, service in list(self.services.items())
+            )
+        )
 
     async def wait_idle(self) -> None:
         """Return once no job runs."""

@@ -4,8 +4,10 @@ The same code serves a presigned S3 URL and the coordinator's artifact store: a 
 ``Content-Length`` and the target's headers, the body streamed from the spool file and
 hashed on the way, so that what left is what the receipt names (``output_changed`` if the
 spool file no longer is). A 2xx is the store's acknowledgement; 408, 429, 5xx and
-transport errors are retried with exponential backoff and full jitter
-(:func:`backoff`); any other answer is final (``upload_refused``).
+transport errors (a store down, a coordinator restarting: connection refused) are retried
+with exponential backoff and full jitter (:func:`backoff`) until the deadline the caller
+gives (when the target's credential has expired: nothing could take the bytes after it);
+any other answer is final (``upload_refused``).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import hashlib
 import logging
 import os
 import random
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Final, NamedTuple
@@ -35,13 +38,16 @@ _CHUNK: Final = 1 << 20
 class RetryPolicy(NamedTuple):
     """How often and how patiently an upload is retried."""
 
-    attempts: int = 10
-    """With the defaults, about a minute of retries on average (at most ~2 minutes): a
-    coordinator restarting, or a store's brief outage, does not fail the job."""
+    attempts: int = 0
+    """At most this many attempts (0: no cap, until the deadline)."""
     base_s: float = 0.5
     max_s: float = 30.0
     timeout_s: float = 60.0
     """Connect, and each read or write, may take this long before the attempt fails."""
+    give_up_s: float = 86400.0
+    """The deadline: this long after the job ended. The reference coordinator's upload
+    tokens last a day past the job's latest end; a store down for longer than that has
+    lost the job's outputs anyway (a presigned URL that expired sooner answers 403)."""
 
 
 _DEFAULT: Final = RetryPolicy()
@@ -67,19 +73,21 @@ async def put_file(
     size: int,
     sha256: str,
     policy: RetryPolicy = _DEFAULT,
+    deadline: float | None = None,
+    clock: Callable[[], float] = time.time,
     sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
 ) -> None:
-    """PUT ``path`` (``size`` bytes hashing to ``sha256``) to ``target`` until a 2xx.
+    """PUT ``path`` (``size`` bytes hashing to ``sha256``) to ``target`` until a 2xx;
+    retried until ``deadline`` (on ``clock``; None: no deadline) or ``policy.attempts``.
 
     Raises:
-        UploadError: ``upload_refused`` (a final 4xx), ``upload_failed`` (retries spent),
-            ``output_changed`` (the file is not the one hashed).
+        UploadError: ``upload_refused`` (a final 4xx), ``upload_failed`` (retries spent,
+            or the deadline reached), ``output_changed`` (the file is not the one hashed).
     """
     where = _where(target.url)
-    last = ""
-    for attempt in range(1, policy.attempts + 1):
-        if attempt > 1:
-            await sleep(backoff(attempt - 1, policy))
+    attempt = 0
+    while True:
+        attempt += 1
         try:
             status = await _put_once(client, path, target, size, sha256, policy)
         except httpx.HTTPError as exc:
@@ -90,8 +98,12 @@ async def put_file(
             if not retryable(status):
                 raise UploadError("upload_refused", f"{where} answered {status}")
             last = f"{where} answered {status}"
-        _log.info("upload to %s, attempt %d of %d: %s", where, attempt, policy.attempts, last)
-    raise UploadError("upload_failed", f"{policy.attempts} attempts; the last: {last}")
+        if attempt <= 8 or attempt % 100 == 0:  # a store down for a day: not 3000 lines
+            _log.info("upload to %s, attempt %d: %s", where, attempt, last)
+        wait = backoff(attempt, policy)
+        if attempt == policy.attempts or (deadline is not None and clock() + wait >= deadline):
+            raise UploadError("upload_failed", f"{attempt} attempts; the last: {last}")
+        await sleep(wait)
 
 
 async def _put_once(  # noqa: PLR0917 (private, called once)

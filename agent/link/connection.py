@@ -32,7 +32,7 @@ from agent.protocol.events import Acked, Close, Deliver, Event, PeerError, Welco
 from agent.protocol.limits import MAX_FRAME_BYTES, NONCE_BYTES
 from agent.protocol.messages import Message
 
-__all__ = ["Handler", "Link", "LinkConfig", "Session", "retry"]
+__all__ = ["Handler", "Link", "LinkConfig", "Session", "client_ssl", "retry"]
 
 _log = logging.getLogger(__name__)
 _SEND_BATCH = 64
@@ -96,6 +96,15 @@ class Session(NamedTuple):
 
     Handling its messages is not progress: a coordinator that crashes after each
     ``welcome`` would resend the same ones, or new ones, and never be backed off from."""
+
+
+def client_ssl(config: LinkConfig) -> ssl.SSLContext | None:
+    """The TLS context of a ``wss://`` coordinator (None for ``ws://``): its certificate
+    and host name verified against ``ca_file`` or the system's roots, so that a man in
+    the middle with another certificate is refused before a byte of the protocol."""
+    if not config.url.startswith("wss://"):
+        return None
+    return ssl.create_default_context(cafile=str(config.ca_file) if config.ca_file else None)
 
 
 def retry(
@@ -179,13 +188,7 @@ class Link:
                 continue
 
     def _ssl(self) -> ssl.SSLContext | None:
-        if not self.config.url.startswith("wss://"):
-            return None
-        # Verify the server's certificate and host name: a man in the middle with another
-        # certificate is refused before a byte of the protocol is spoken.
-        return ssl.create_default_context(
-            cafile=str(self.config.ca_file) if self.config.ca_file else None
-        )
+        return client_ssl(self.config)
 
     async def _session(self, websocket: ClientConnection, stop: asyncio.Event) -> None:
         """One connection: handshake, then send and receive until it drops or ``stop``."""

@@ -63,6 +63,7 @@ from agent.protocol.tunnel_frames import (
     encode_reset,
     encode_window,
 )
+from agent.protocol.tunnel_stream import StreamState
 
 __all__ = [
     "CHUNK_BYTES",
@@ -100,37 +101,6 @@ MAX_CONTROL_BACKLOG: Final = 4096
 _RESET_MEMORY = 4096
 
 
-class _Stream:
-    __slots__ = (
-        "end_queued",
-        "end_sent",
-        "inbound",
-        "inbound_bytes",
-        "out",
-        "out_bytes",
-        "recv_window",
-        "remote_ended",
-        "send_window",
-        "stream_id",
-        "unannounced",
-    )
-
-    def __init__(self, stream_id: int, window: int) -> None:
-        self.stream_id = stream_id
-        self.send_window = window
-        self.recv_window = window
-        self.unannounced = 0  # read, not yet granted back
-        # What the application queued, as it came: a chunk that fits a frame goes out
-        # without a copy of its own.
-        self.out: deque[bytes | memoryview] = deque()
-        self.out_bytes = 0
-        self.end_queued = False
-        self.end_sent = False
-        self.inbound: deque[bytes | memoryview] = deque()
-        self.inbound_bytes = 0
-        self.remote_ended = False
-
-
 class TunnelMux:
     """One side of a tunnel connection.
 
@@ -141,6 +111,8 @@ class TunnelMux:
             make them small.
         max_streams: the most streams open at once; the peer's opens past it are reset
             ``too_many_streams``, this side's refused with LimitExceeded.
+        accept_opens: whether the peer may open streams; if not, each of its opens is
+            reset ``refused`` here (counted as owed control frames, as any reset).
     """
 
     def __init__(
@@ -150,13 +122,15 @@ class TunnelMux:
         window: int = STREAM_WINDOW,
         connection_window: int = CONNECTION_WINDOW,
         max_streams: int = MAX_STREAMS,
+        accept_opens: bool = True,
     ) -> None:
         self.role = role
+        self._accept_opens = accept_opens
         self.closed = False
         self._window = window
         self._conn_window = connection_window
         self._max_streams = max_streams
-        self._streams: dict[int, _Stream] = {}
+        self._streams: dict[int, StreamState] = {}
         self._next_id = role.value
         self._last_peer_id = 0
         self._conn_send = connection_window
@@ -187,7 +161,7 @@ class TunnelMux:
             raise LimitExceeded("ids_exhausted", "stream ids are used up: reconnect")
         frame = encode_open(self._next_id, target)
         stream_id, self._next_id = self._next_id, self._next_id + 2
-        self._streams[stream_id] = _Stream(stream_id, self._window)
+        self._streams[stream_id] = StreamState(stream_id, self._window)
         self._control.append(frame)
         return stream_id
 
@@ -197,8 +171,7 @@ class TunnelMux:
         if stream is None or stream.end_queued:
             return False
         if data:
-            stream.out.append(data if isinstance(data, bytes) else bytes(data))
-            stream.out_bytes += len(data)
+            stream.queue(data)
             self._schedule(stream)
         return True
 
@@ -225,20 +198,10 @@ class TunnelMux:
         stream = self._streams.get(stream_id)
         if stream is None or not stream.inbound:
             return b""
-        parts: list[bytes | memoryview] = []
-        taken = 0
-        while stream.inbound and taken < max_bytes:
-            part = stream.inbound.popleft()
-            room = max_bytes - taken
-            if len(part) > room:
-                stream.inbound.appendleft(part[room:])
-                part = part[:room]
-            parts.append(part)
-            taken += len(part)
-        stream.inbound_bytes -= taken
-        self._credit(stream, taken)
+        data = stream.read(max_bytes)
+        self._credit(stream, len(data))
         self._forget_if_done(stream)
-        return b"".join(parts)
+        return data
 
     def readable(self, stream_id: int) -> int:
         """Bytes received on a stream and not yet read."""
@@ -280,8 +243,10 @@ class TunnelMux:
 
     # -- what the peer sent ---------------------------------------------------------------
 
-    def receive_data(self, message: bytes) -> list[TunnelEvent]:
-        """Take one binary message of the peer's."""
+    def receive_data(self, message: bytes | str) -> list[TunnelEvent]:
+        """Take one message of the peer's: binary; a text message breaks the rules."""
+        if isinstance(message, str):
+            return self.fail(TunnelError("bad_frame", "a text message"))
         if self.closed:
             return []
         events: list[TunnelEvent] = []
@@ -333,8 +298,7 @@ class TunnelMux:
                 )
             stream.recv_window -= size
             self._conn_recv -= size
-            stream.inbound.append(frame.data)
-            stream.inbound_bytes += size
+            stream.receive(frame.data)
             out.append(StreamReadable(sid))
         elif isinstance(frame, Window):
             stream.send_window += frame.increment
@@ -360,11 +324,18 @@ class TunnelMux:
         if sid <= self._last_peer_id:
             raise TunnelError("bad_stream_id", f"stream {sid} after {self._last_peer_id}")
         self._last_peer_id = sid
-        if len(self._streams) >= self._max_streams:
+        refusal = (
+            ResetCode.REFUSED
+            if not self._accept_opens
+            else ResetCode.TOO_MANY_STREAMS
+            if len(self._streams) >= self._max_streams
+            else None
+        )
+        if refusal is not None:
             self._remember_reset(sid)
-            self._control.append(encode_reset(sid, ResetCode.TOO_MANY_STREAMS))
+            self._control.append(encode_reset(sid, refusal))
             return
-        self._streams[sid] = _Stream(sid, self._window)
+        self._streams[sid] = StreamState(sid, self._window)
         out.append(StreamOpened(sid, frame.target))
 
     def _on_unknown(self, frame: Data | Window | End | Reset) -> None:
@@ -433,7 +404,7 @@ class TunnelMux:
                 budget - HEADER_BYTES,
             )
             parts.append(data_header(sid, size))
-            _take(stream, size, parts)
+            stream.take(size, parts)
             stream.send_window -= size
             self._conn_send -= size
             budget -= HEADER_BYTES + size
@@ -449,22 +420,22 @@ class TunnelMux:
 
     # -- helpers ----------------------------------------------------------------------------
 
-    def _schedule(self, stream: _Stream) -> None:
+    def _schedule(self, stream: StreamState) -> None:
         if stream.stream_id not in self._scheduled and stream.send_window > 0:
             self._scheduled.add(stream.stream_id)
             self._ready.append(stream.stream_id)
 
-    def _send_end(self, stream: _Stream) -> None:
+    def _send_end(self, stream: StreamState) -> None:
         self._control.append(encode_end(stream.stream_id))
         stream.end_sent = True
         self._forget_if_done(stream)
 
-    def _forget_if_done(self, stream: _Stream) -> None:
+    def _forget_if_done(self, stream: StreamState) -> None:
         if stream.end_sent and stream.remote_ended and not stream.inbound:
             del self._streams[stream.stream_id]
             self._finished.append(stream.stream_id)
 
-    def _credit(self, stream: _Stream, size: int) -> None:
+    def _credit(self, stream: StreamState, size: int) -> None:
         """The application read ``size`` bytes: grant them back once half a window is due."""
         if size == 0:
             return
@@ -483,7 +454,7 @@ class TunnelMux:
             self._conn_recv += self._conn_unannounced
             self._conn_unannounced = 0
 
-    def _release_inbound(self, stream: _Stream) -> None:
+    def _release_inbound(self, stream: StreamState) -> None:
         """A stream gone with bytes unread: they no longer count against the connection."""
         if stream.inbound_bytes:
             self._credit_connection(stream.inbound_bytes)
@@ -495,19 +466,3 @@ class TunnelMux:
         self._reset_order.append(stream_id)
         if len(self._reset_order) > _RESET_MEMORY:
             self._reset_ids.discard(self._reset_order.popleft())
-
-
-def _take(stream: _Stream, size: int, parts: list[bytes | bytearray | memoryview]) -> None:
-    """Move the first ``size`` bytes queued on ``stream`` to ``parts``."""
-    out = stream.out
-    stream.out_bytes -= size
-    while size:
-        head = out[0]
-        if len(head) <= size:
-            parts.append(out.popleft())
-            size -= len(head)
-        else:
-            view = memoryview(head)
-            parts.append(view[:size])
-            out[0] = view[size:]
-            size = 0

@@ -1,2 +1,3 @@
-"""The node's services: what the coordinator reaches on the node, through the node's own
-outbound connections (``tunnel``: streams carried to local services)."""
+"""The node's services: servers that run until their lease ends (``supervisor``: probed,
+restarted, stopped; ``health``: what each probe means), reached by the coordinator
+through the node's own outbound connection (``tunnel``: streams carried to them)."""

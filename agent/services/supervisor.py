@@ -40,6 +40,7 @@ _GPU_OOM: Final = re.compile(
     re.IGNORECASE,
 )
 _LOG_TAIL: Final = 8192
+_DRAIN_POLL_S: Final = 0.1
 
 Probe = Callable[[str, int, HttpCheck], Awaitable[str]]
 """Send ``check`` to the server at (address, port): "" if it passed, else why not."""
@@ -94,30 +95,48 @@ class ServiceSupervisor:
         service: ServiceSpec,
         hooks: Hooks,
         *,
+        grace_s: float = 10.0,
         clock: Callable[[], float] = time.time,
         probe: Probe = http_probe,
     ) -> None:
         self.service = service
         self.hooks = hooks
+        self.grace_s = grace_s
         self.clock = clock
         self.probe = probe
         self.lease_until = clock() + service.lease_s
         self.address = ""
         """Where the server of the attempt under way answers ("" between attempts)."""
         self.phase = ""
+        self.draining = False
+        """Set once the node drains it: no new requests, whatever its checks say."""
         self._ending: tuple[str, str] | None = None
         self._wake = asyncio.Event()
 
     @property
     def ready(self) -> bool:
         """Whether requests may go to the server now."""
-        return self.phase == "ready" and bool(self.address)
+        return self.phase == "ready" and bool(self.address) and not self.draining
 
     def renew(self, until: float) -> None:
         """Extend the lease to ``until`` (on :attr:`clock`'s scale); never shortens it."""
         if until > self.lease_until:
             self.lease_until = until
             self._wake.set()
+
+    async def drain(self, in_flight: Callable[[], int]) -> None:
+        """Take no new requests, let those in flight finish (for its spec's grace period
+        at most), then stop the server: the service ends ``drained``."""
+        if self.phase == "ready":
+            self._set("unhealthy", "draining", "the node is draining")
+        self.draining = True
+        deadline = self.clock() + self.grace_s
+        while in_flight() > 0 and self.clock() < deadline:
+            await asyncio.sleep(_DRAIN_POLL_S)
+        if self._ending is None:
+            self._ending = ("drained", f"the node drained it ({in_flight()} request(s) cut)")
+        self.hooks.cancel()
+        self._wake.set()
 
     def wake(self) -> None:
         """The manager decided to stop the service: end a backoff now."""
@@ -196,7 +215,7 @@ class ServiceSupervisor:
             check = health.check
             failure = await self.probe(address, self.service.port, check)
             verdict = health.observe(not failure, self.clock(), failure)
-            if verdict.phase is not None:
+            if verdict.phase is not None and not self.draining:
                 self._set(verdict.phase, "", verdict.detail)
             if verdict.restart:
                 why.append((verdict.restart, verdict.detail))

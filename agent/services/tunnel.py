@@ -131,6 +131,11 @@ class ServiceTunnel:
         """Streams served now."""
         return self._session.mux.open_streams if self._session is not None else 0
 
+    def streams_to(self, target: str) -> int:
+        """Streams served now to ``target``: a service's requests in flight."""
+        session = self._session
+        return sum(p.target == target for p in session.pipes.values()) if session else 0
+
     def start(self) -> None:
         """Run in the background until :meth:`stop`."""
         if self._task is None:
@@ -230,8 +235,9 @@ class ServiceTunnel:
 class _Pipe:
     """One stream and its service connection."""
 
-    def __init__(self, stream_id: int) -> None:
+    def __init__(self, stream_id: int, target: str) -> None:
         self.stream_id = stream_id
+        self.target = target
         self.readable = asyncio.Event()
         self.drained = asyncio.Event()
         self.eof = False
@@ -256,10 +262,7 @@ class _Session:
         writer = asyncio.create_task(self._write())
         try:
             async for message in self.ws:
-                if isinstance(message, str):
-                    events = self.mux.fail(TunnelError("bad_frame", "a text message"))
-                else:
-                    events = self.mux.receive_data(message)
+                events = self.mux.receive_data(message)
                 failure = self._carry_out(events)
                 self.wake.set()
                 if failure is not None:
@@ -279,7 +282,7 @@ class _Session:
     def _carry_out(self, events: list[TunnelEvent]) -> TunnelError | None:
         for event in events:
             if isinstance(event, StreamOpened):
-                new = _Pipe(event.stream_id)
+                new = _Pipe(event.stream_id, event.target)
                 self.pipes[event.stream_id] = new
                 new.task = asyncio.create_task(self._serve(new, event.target))
                 continue

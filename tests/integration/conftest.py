@@ -1,16 +1,19 @@
 """Fixtures only the integration tests use: a prepared runner per runtime, the job manager's
-world on the real engine, the llama-server image and the tiny model it serves."""
+world on the real engine, a coordinator with a real agent daemon (``loop``), the
+llama-server image and the tiny model it serves."""
 
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
 from support import factories
+from support.daemon_loop import DUAL_A5000, Loop
 from support.deb import ARCH, VERSION, Debs
 from support.engine import require_runtime
 from support.llama import BuildToolsMissing, llama_server_image
@@ -125,3 +128,21 @@ def llama_image(docker_engine: str) -> str:
 def tiny_model_file() -> Path:
     """The default tiny llama model (about 4 MB), from the cache or written there once."""
     return tiny_model()
+
+
+@pytest.fixture
+async def loop(
+    tmp_path: Path, library_for: Callable[[Path], Path], test_image_id: str, docker_engine: str
+) -> AsyncIterator[Loop]:
+    """A coordinator in this process and a real agent daemon of two recorded GPUs,
+    connected; stopped after the test."""
+    world = Loop(tmp_path, library_for(DUAL_A5000), test_image_id, DockerClient(docker_engine))
+    await world.start_coordinator()
+    world.start_agent()
+    await world.ready()
+    yield world
+    if world.agent is not None and world.agent.poll() is None:
+        world.agent.send_signal(signal.SIGTERM)
+        await world.exited()
+    if world.coordinator is not None:
+        await world.stop_coordinator()

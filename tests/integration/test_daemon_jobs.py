@@ -14,7 +14,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 from urllib.parse import quote
@@ -30,22 +30,6 @@ from agent.owner.policy import WEEKDAYS
 from coordinator.errors import JobError
 from sandbox.docker_api import DockerClient
 from sandbox.errors import EngineError
-
-
-@pytest.fixture
-async def loop(
-    tmp_path: Path, library_for: Callable[[Path], Path], test_image_id: str, docker_engine: str
-) -> AsyncIterator[Loop]:
-    world = Loop(tmp_path, library_for(DUAL_A5000), test_image_id, DockerClient(docker_engine))
-    await world.start_coordinator()
-    world.start_agent()
-    await world.ready()
-    yield world
-    if world.agent is not None and world.agent.poll() is None:
-        world.agent.send_signal(signal.SIGTERM)
-        await world.exited()
-    if world.coordinator is not None:
-        await world.stop_coordinator()
 
 
 async def test_a_submitted_job_runs_and_its_verified_receipt_reaches_the_coordinator(

@@ -12,11 +12,10 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import pytest
 from support.daemon_loop import DUAL_A5000, Loop, job_spec, registered
 from support.input_server import serve_input
 from support.processes import free_port as _free_port
@@ -30,22 +29,6 @@ SCRIPT = (
     "mkdir -p /output/data; printf 'result %s\\n' $(seq 1 2000) > /output/result.txt;"
     " head -c 300000 /dev/zero | tr '\\0' 'b' > /output/data/b.bin"
 )
-
-
-@pytest.fixture
-async def loop(
-    tmp_path: Path, library_for: Callable[[Path], Path], test_image_id: str, docker_engine: str
-) -> AsyncIterator[Loop]:
-    world = Loop(tmp_path, library_for(DUAL_A5000), test_image_id, DockerClient(docker_engine))
-    await world.start_coordinator()
-    world.start_agent()
-    await world.ready()
-    yield world
-    if world.agent is not None and world.agent.poll() is None:
-        world.agent.send_signal(signal.SIGTERM)
-        await world.exited()
-    if world.coordinator is not None:
-        await world.stop_coordinator()
 
 
 def _spec(loop: Loop, tmp: Path) -> Path:
@@ -158,7 +141,9 @@ async def test_a_coordinator_down_when_the_outputs_are_ready_gets_them_after_its
         job_id = await world.c.submit(world.node_id, spec | {"outputs": ["result.txt"]})
         await world.until(lambda: "running" in world.states(job_id), "the job to run")
         await world.stop_coordinator()  # its artifact store is gone while the job ends
-        await asyncio.sleep(2)  # the agent's first PUTs fail and are retried
+        log = world.workdir / "agent.log"
+        # The agent's PUTs are refused, and retried (it says so), before the store is back.
+        await world.until(lambda: b"attempt 2:" in log.read_bytes(), "a retried PUT", timeout=120)
         await world.start_coordinator()
         await world.until(lambda: world.job(job_id).final, "the job to end", timeout=150)
         assert world.job(job_id).state == "completed"

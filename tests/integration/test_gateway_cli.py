@@ -17,6 +17,8 @@ import pytest
 from support.processes import free_port
 from support.tls import make_server_tls
 
+from coordinator import cli_args
+from coordinator.errors import ConfigError
 from coordinator.server import Coordinator
 
 
@@ -109,10 +111,21 @@ def _serve_lines(argv: list[str]) -> list[str]:
     return lines
 
 
-def test_serve_puts_the_gateway_beside_its_port_or_where_told(tmp_path: Path) -> None:
+def test_the_gateway_is_two_ports_after_the_agents_unless_told() -> None:
+    assert cli_args.gateway_port(8765, None) == 8767
+    assert cli_args.gateway_port(8765, 9000) == 9000
+    assert cli_args.gateway_port(0, None) == 0
+    with pytest.raises(ConfigError) as refused:
+        cli_args.gateway_port(65534, None)
+    assert refused.value.code == "bad_address"
+
+
+def test_serve_puts_the_gateway_where_told_or_any_free_port(tmp_path: Path) -> None:
     port, told = free_port(), free_port()
     state = ["--db", str(tmp_path / "c.db"), "--state-dir", str(tmp_path / "s")]
-    lines = _serve_lines(["--port", str(port), "--gateway-port", str(told), *state])
+    lines = _serve_lines(
+        ["--port", str(port), "--artifacts-port", "0", "--gateway-port", str(told), *state]
+    )
     assert f"gateway at http://127.0.0.1:{told}/v1\n" in lines
     lines = _serve_lines(["--port", "0", *state])
     assert any(line.startswith("gateway at http://127.0.0.1:") for line in lines)

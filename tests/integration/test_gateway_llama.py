@@ -62,10 +62,12 @@ async def through(server: LlamaServer, tmp_path: Path) -> AsyncIterator[Through]
         yield Through(opened, coordinator, direct)
 
 
-async def _record(coordinator: Coordinator) -> dict[str, Any]:
+async def _record(coordinator: Coordinator, count: int) -> dict[str, Any]:
+    """The newest record, once ``count`` are written."""
+
     def written() -> bool:
         coordinator.gateway.records.flush()
-        return bool(coordinator.store.requests.recent(1))
+        return len(coordinator.store.requests.recent(count)) == count
 
     await until(written, "the request's record")
     record: dict[str, Any] = msgspec.to_builtins(coordinator.store.requests.recent(1)[0])
@@ -84,7 +86,7 @@ async def test_a_chat_completion_and_an_embedding_through_the_gateway(through: T
     )
     assert chat.usage is not None
     assert chat.usage.completion_tokens == MAX_TOKENS
-    record = await _record(through.coordinator)
+    record = await _record(through.coordinator, 2)  # after GET /v1/models
     assert (record["job_id"], record["status"], record["code"]) == ("svc-llama", 200, "")
     assert (record["tokens_in"], record["tokens_out"]) == (chat.usage.prompt_tokens, MAX_TOKENS)
     embedded = await client.embeddings.create(model=MODEL_ALIAS, input="the water")
@@ -114,6 +116,6 @@ async def test_a_token_stream_through_the_gateway_is_the_servers_event_by_event(
     assert (deltas, tokens) == await _deltas(through.direct)
     assert tokens == MAX_TOKENS
     assert len([d for d in deltas if d]) >= 3
-    record = await _record(through.coordinator)
+    record = await _record(through.coordinator, 1)
     assert (record["stream"], record["tokens_out"]) == (True, MAX_TOKENS)
     assert record["ttft_s"] is not None

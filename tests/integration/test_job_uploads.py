@@ -51,7 +51,15 @@ class Node:
     identity: Identity
     manager: JobManager | None = None
 
-    def start(self, spool_max: int = 1 << 30, max_concurrent: int = 0) -> JobManager:
+    def start(
+        self,
+        spool_max: int = 1 << 30,
+        max_concurrent: int = 0,
+        *,
+        upload_hosts: list[str] | None = None,
+        coordinator_host: str | None = None,
+        retry: RetryPolicy = _FAST,
+    ) -> JobManager:
         scheduler = Scheduler([factories.gpu(vendor="intel", backend="intel", uuid=UNSUPPORTED)])
         for unit in scheduler.units:
             scheduler.set_health(unit, "healthy")
@@ -61,12 +69,17 @@ class Node:
             identity=self.identity,
             outbox=self.outbox,
             runner=Runner(DockerClient(self.docker), RunnerConfig(jobs_dir=self.tmp / "jobs")),
-            policy=Policy(allowed_images=[self.image]),
+            # The stores here are on loopback: listed by the owner, as a presigned S3 store is.
+            policy=Policy(
+                allowed_images=[self.image],
+                allowed_upload_hosts=["127.0.0.1"] if upload_hosts is None else upload_hosts,
+            ),
             node=node,
             trusted_keys={KEY_ID: crypto.public_key_bytes(KEY)},
             wake=lambda: None,
-            delivery=Delivery(self.tmp / "spool", max_bytes=spool_max, policy=_FAST),
+            delivery=Delivery(self.tmp / "spool", max_bytes=spool_max, policy=retry),
             max_concurrent=max_concurrent,
+            coordinator_host=coordinator_host,
         )
         return self.manager
 
@@ -190,6 +203,25 @@ async def test_a_store_that_is_down_ends_the_job_upload_failed(node: Node) -> No
     assert node.receipts("up-3")[0]["code"] == "upload_failed"
 
 
+async def test_a_store_that_stays_down_is_retried_until_the_deadline_after_the_job_ended(
+    node: Node,
+) -> None:
+    # No cap on attempts: only the deadline (a second after the job ended) ends them.
+    retry = RetryPolicy(base_s=0.01, max_s=0.05, timeout_s=20, give_up_s=1.0)
+    manager = node.start(retry=retry)
+    await manager.recover()
+    with running_store() as gone:
+        url = f"{gone.url}/r"
+    await node.offer("up-late", {"result.txt": UploadTarget(url=url)})
+    await manager.wait_idle()
+    assert node.states("up-late") == ["accepted", "running", "uploading", "error"]
+    [receipt] = node.receipts("up-late")
+    assert receipt["code"] == "upload_failed"
+    [detail] = [b["detail"] for k, b in node.messages("up-late") if b.get("state") == "error"]
+    attempts = int(detail.split("upload_failed: ")[1].split(" attempts")[0])
+    assert attempts > 3  # many tries, not a count spent in a blink
+
+
 @pytest.mark.parametrize(
     ("uploads", "code"),
     [
@@ -207,6 +239,35 @@ async def test_an_offer_with_a_bad_target_is_refused_and_nothing_runs(
     assert node.states("up-bad") == ["refused"]
     assert node.messages("up-bad")[0][1]["code"] == code
     assert manager.tasks == {}
+
+
+async def test_an_upload_host_the_owner_did_not_list_is_refused_and_nothing_runs(
+    node: Node, s3: S3
+) -> None:
+    # As shipped: only the coordinator's own host, which the S3 store is not.
+    manager = node.start(upload_hosts=["@coordinator"], coordinator_host="coordinator.example")
+    await manager.recover()
+    url = s3.presign_put("jobs/up-host/result.txt")
+    await node.offer("up-host", {"result.txt": UploadTarget(url=url)})
+    assert node.states("up-host") == ["refused"]
+    refusal = node.messages("up-host")[0][1]
+    assert refusal["code"] == "upload_host_refused"
+    assert "127.0.0.1" in refusal["detail"]
+    assert "Signature" not in refusal["detail"]  # a presigned URL's query is a credential
+    assert manager.tasks == {}
+    assert not (node.tmp / "spool" / "up-host").exists()
+    assert s3.keys() == []
+    assert manager.delivery is not None
+    assert manager.delivery.reserve("next", 1 << 30)  # the refused offer holds no spool
+
+
+async def test_the_coordinators_own_host_is_allowed_by_default(node: Node, store: Store) -> None:
+    manager = node.start(upload_hosts=["@coordinator"], coordinator_host="127.0.0.1")
+    await manager.recover()
+    await node.offer("up-own", {"result.txt": UploadTarget(url=f"{store.url}/r")})
+    await manager.wait_idle()
+    assert node.states("up-own") == ["accepted", "running", "uploading", "completed"]
+    assert store.objects == {"/r": RESULT_SHA}
 
 
 async def test_an_offer_whose_outputs_do_not_fit_the_spool_is_refused_spool_full(

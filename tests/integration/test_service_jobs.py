@@ -79,3 +79,40 @@ async def test_a_service_spec_is_refused_with_its_field_like_any_spec(world: Wor
     [(_, body)] = world.messages("svc-d")
     assert (body["state"], body["code"]) == ("refused", "missing_field")
     assert world.manager.tasks == {}
+
+
+async def test_a_drain_takes_a_service_out_lets_its_requests_finish_then_stops_it(
+    world: World,
+) -> None:
+    await deliver(world, offer_message(world, "svc-e", _service(world, SERVE)))
+    await _until(lambda: "ready" in world.states("svc-e"))
+    service = world.manager.services["svc-e"]
+    requests = [1]  # one request in flight, until the test ends it
+
+    draining = asyncio.create_task(world.manager.drain_services(lambda _: requests[0]))
+    await _until(lambda: "unhealthy" in world.states("svc-e"))
+    assert not service.ready  # no new requests go to it, though its checks still pass
+    await asyncio.sleep(0.5)  # its liveness checks go on passing meanwhile
+    assert world.states("svc-e")[-1] == "unhealthy"
+    requests[0] = 0
+    await draining
+    await world.manager.wait_idle()
+    bodies = [b for kind, b in world.messages("svc-e") if kind == "job_status"]
+    assert [(b["state"], b["code"]) for b in bodies[-2:]] == [
+        ("unhealthy", "draining"),
+        ("stopped", "drained"),
+    ]
+
+
+async def test_a_service_outlives_its_specs_timeout_which_is_a_jobs_not_a_services(
+    world: World,
+) -> None:
+    short = {**_service(world, SERVE), "timeout_s": 1}
+    await deliver(world, offer_message(world, "svc-f", short))
+    await _until(lambda: "ready" in world.states("svc-f"))
+    await asyncio.sleep(2)  # past timeout_s: a batch job would be stopped by now
+    assert world.states("svc-f")[-1] == "ready"
+    assert world.manager.services["svc-f"].ready
+    world.manager.stop("svc-f", "cancelled")
+    await world.manager.wait_idle()
+    assert world.states("svc-f")[-1] == "stopped"

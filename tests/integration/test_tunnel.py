@@ -7,100 +7,53 @@ import asyncio
 import os
 import ssl
 import sys
-import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from http import HTTPStatus
 from pathlib import Path
 
 import pytest
 from support.coordinator_peer import Peer, connected
-from support.processes import free_port
 from support.tls import make_server_tls
 from support.tunnel_target import Target, exchange, pattern, request
-from websockets.asyncio.client import ClientConnection, connect
+from support.tunnel_world import (
+    make_tunnel,
+    pinned,
+    register,
+    running_coordinator,
+    running_node,
+    running_target,
+    until,
+)
 from websockets.asyncio.server import ServerConnection, serve
-from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
-from websockets.protocol import State
 
 from agent.link.identity import Identity, load_or_create
 from agent.protocol import crypto
-from agent.protocol.messages import TelemetryBody, decode_frame, encode_frame, require_text
-from agent.protocol.session import AgentHandshake, HandshakeState
+from agent.protocol.messages import TelemetryBody
 from agent.protocol.tunnel import STREAM_WINDOW
-from agent.protocol.tunnel_frames import encode_data, encode_window
 from agent.services.tunnel import ServiceTunnel, tunnel_url
-from coordinator.admission import Settings
 from coordinator.server import Coordinator
 from coordinator.tunnel import StreamError
 
 _TESTS = Path(__file__).resolve().parents[1]
 
 
-async def until(condition: Callable[[], bool], what: str, timeout_s: float = 10.0) -> None:
-    """Wait for a condition nothing signals (a count in another component)."""
-    try:
-        async with asyncio.timeout(timeout_s):
-            while not condition():
-                await asyncio.sleep(0.01)
-    except TimeoutError:
-        raise AssertionError(f"timed out waiting for {what}") from None
-
-
 @pytest.fixture
 async def coordinator(tmp_path: Path) -> AsyncIterator[Coordinator]:
-    server = Coordinator(
-        db_path=tmp_path / "coordinator.db",
-        state_dir=tmp_path / "state",
-        settings=Settings(handshake_timeout_s=5.0),
-        tunnel_max_streams=20_000,  # a coordinator side that opens past the agent's cap
-    )
-    async with server:
+    async with running_coordinator(tmp_path) as server:
         yield server
 
 
 @pytest.fixture
 async def target() -> AsyncIterator[Target]:
-    server = Target()
-    await server.start()
-    yield server
-    await server.stop()
-
-
-def _pinned(coordinator: Coordinator) -> dict[str, bytes]:
-    return {coordinator.key.key_id: coordinator.key.public_key}
-
-
-def _register(coordinator: Coordinator, identity: Identity) -> None:
-    """The node as the store knows it after its first control session."""
-    coordinator.store.nodes.seen(identity.node_id, identity.public_key_b64, time.time())
-
-
-def _tunnel(coordinator: Coordinator, identity: Identity, target: Target) -> ServiceTunnel:
-    closed = free_port()
-
-    async def resolve(name: str) -> tuple[str, int] | None:
-        return {"web": ("127.0.0.1", target.port), "closed": ("127.0.0.1", closed)}.get(name)
-
-    return ServiceTunnel(
-        url=tunnel_url(coordinator.url),
-        identity=identity,
-        pinned_keys=_pinned(coordinator),
-        resolve=resolve,
-        backoff_initial_s=0.05,
-        backoff_max_s=0.2,
-    )
+    async with running_target() as server:
+        yield server
 
 
 @pytest.fixture
 async def node(coordinator: Coordinator, target: Target) -> AsyncIterator[ServiceTunnel]:
-    identity = Identity.from_private_key(crypto.generate_private_key())
-    _register(coordinator, identity)
-    tunnel = _tunnel(coordinator, identity, target)
-    tunnel.start()
-    await until(lambda: identity.node_id in coordinator.tunnels.connected(), "the tunnel")
-    yield tunnel
-    await tunnel.stop()
+    async with running_node(coordinator, target) as tunnel:
+        yield tunnel
 
 
 async def test_a_request_and_its_response_pass_byte_exact(
@@ -174,7 +127,7 @@ async def test_a_newer_data_connection_of_the_node_takes_over(
     held = coordinator.tunnels.open(node_id, "web")
     await held.write(request("GET", "/hold"))
     assert (await held.read()).startswith(b"HTTP/1.1 200 OK")
-    newer = _tunnel(coordinator, node.identity, target)
+    newer = make_tunnel(coordinator, node.identity, target)
     newer.start()
     try:
         with pytest.raises(StreamError) as failed:
@@ -200,9 +153,9 @@ async def test_over_tls_the_tunnel_serves_and_another_certificate_is_refused(
     ) as coordinator:
         assert coordinator.url.startswith("wss://")
         identity = Identity.from_private_key(crypto.generate_private_key())
-        _register(coordinator, identity)
+        register(coordinator, identity)
         for trusted in (False, True):
-            tunnel = _tunnel(coordinator, identity, target)
+            tunnel = make_tunnel(coordinator, identity, target)
             # The system's CAs do not know the test's: a man in the middle, as far as the
             # node can tell.
             tunnel.ssl_context = ssl.create_default_context(
@@ -223,30 +176,6 @@ async def test_over_tls_the_tunnel_serves_and_another_certificate_is_refused(
                 await tunnel.stop()
 
 
-async def test_a_silent_older_connection_does_not_hold_up_the_newer_one(
-    coordinator: Coordinator, target: Target
-) -> None:
-    identity = Identity.from_private_key(crypto.generate_private_key())
-    _register(coordinator, identity)
-    async with connect(tunnel_url(coordinator.url)) as silent:
-        await _handshake(silent, coordinator, identity)
-        await until(lambda: identity.node_id in coordinator.tunnels.connected(), "the tunnel")
-        older = coordinator.tunnels._links[identity.node_id]
-        silent.transport.pause_reading()  # it will not answer the closing handshake
-        newer = _tunnel(coordinator, identity, target)
-        newer.start()
-        try:
-            await until(newer.connected.is_set, "the newer connection")
-            stream = coordinator.tunnels.open(identity.node_id, "web")
-            answer = await exchange(stream, request("GET", "/bytes/6"))
-            assert answer.endswith(pattern(6, seed=len("/bytes/6")))
-            # Served while the older one still waits for its closing handshake.
-            assert older.ws.state is State.CLOSING
-        finally:
-            await newer.stop()
-            silent.transport.resume_reading()
-
-
 async def test_the_data_connection_offers_no_compression(
     coordinator: Coordinator, target: Target
 ) -> None:
@@ -261,7 +190,7 @@ async def test_the_data_connection_offers_no_compression(
         tunnel = ServiceTunnel(
             url=f"ws://127.0.0.1:{port}/tunnel",
             identity=Identity.from_private_key(crypto.generate_private_key()),
-            pinned_keys=_pinned(coordinator),
+            pinned_keys=pinned(coordinator),
             resolve=lambda name: asyncio.sleep(0, None),
         )
         tunnel.start()
@@ -278,8 +207,8 @@ async def test_a_slow_reader_stalls_neither_another_stream_nor_the_control_link(
 ) -> None:
     peer = Peer()
     identity = Identity.from_private_key(peer.key)
-    async with connected(coordinator.url, _pinned(coordinator), peer) as link:
-        tunnel = _tunnel(coordinator, identity, target)
+    async with connected(coordinator.url, pinned(coordinator), peer) as link:
+        tunnel = make_tunnel(coordinator, identity, target)
         tunnel.start()
         try:
             await until(lambda: peer.node_id in coordinator.tunnels.connected(), "the tunnel")
@@ -346,23 +275,6 @@ async def test_a_target_the_node_cannot_reach_resets_the_stream_with_a_code(
         await stream.write(b"x")
 
 
-async def test_a_connection_whose_stream_ids_are_used_up_is_replaced(
-    coordinator: Coordinator, target: Target, node: ServiceTunnel
-) -> None:
-    node_id = node.identity.node_id
-    link = coordinator.tunnels._links[node_id]
-    link.mux._next_id = 2**31 - 1  # as after 2^30 opens
-    last = coordinator.tunnels.open(node_id, "web")
-    assert last.stream_id == 2**31 - 1
-    with pytest.raises(StreamError) as refused:
-        coordinator.tunnels.open(node_id, "web")
-    assert refused.value.code == "ids_exhausted"
-    # The coordinator closes the connection; the node opens a new one, with new ids.
-    await until(lambda: coordinator.tunnels._links.get(node_id) not in (None, link), "anew")
-    answer = await exchange(coordinator.tunnels.open(node_id, "web"), request("GET", "/bytes/4"))
-    assert answer.endswith(pattern(4, seed=len("/bytes/4")))
-
-
 async def test_a_node_without_a_data_connection_is_a_coded_error(
     coordinator: Coordinator,
 ) -> None:
@@ -371,25 +283,11 @@ async def test_a_node_without_a_data_connection_is_a_coded_error(
     assert refused.value.code == "no_tunnel"
 
 
-async def test_a_node_the_store_does_not_know_gets_no_data_connection(
-    coordinator: Coordinator, target: Target
-) -> None:
-    identity = Identity.from_private_key(crypto.generate_private_key())
-    tunnel = _tunnel(coordinator, identity, target)
-    tunnel.start()
-    try:
-        await until(lambda: tunnel.last_error is not None, "a refusal")
-        assert tunnel.last_error == "handshake_refused"
-        assert coordinator.tunnels.connected() == set()
-    finally:
-        await tunnel.stop()
-
-
 async def test_the_agent_killed_fails_its_open_streams_at_once_with_a_code(
     coordinator: Coordinator, target: Target, tmp_path: Path
 ) -> None:
     identity = load_or_create(tmp_path / "identity")
-    _register(coordinator, identity)
+    register(coordinator, identity)
     key = coordinator.key
     process = await asyncio.create_subprocess_exec(
         sys.executable,
@@ -415,104 +313,3 @@ async def test_the_agent_killed_fails_its_open_streams_at_once_with_a_code(
             await stream.read()
     assert failed.value.code == "connection_lost"
     assert coordinator.tunnels.connected() == set()
-
-
-async def test_ten_thousand_opens_are_capped_by_the_agent(
-    coordinator: Coordinator, target: Target, node: ServiceTunnel
-) -> None:
-    node_id = node.identity.node_id
-    streams = []
-    for _ in range(100):
-        streams += [coordinator.tunnels.open(node_id, "web") for _ in range(100)]
-        await asyncio.sleep(0)  # the writer sends them in many messages
-    await until(
-        lambda: (
-            sum(s.reset_code == "too_many_streams" for s in streams) == 10_000 - node.max_streams
-        ),
-        "the opens past the cap refused",
-    )
-    assert node.open_streams == node.max_streams
-    await until(lambda: target.accepted == node.max_streams, "the accepted ones connected")
-    assert target.open_max == node.max_streams
-    for stream in streams:
-        stream.reset()
-    await until(lambda: target.open_now == 0 and node.open_streams == 0, "all closed")
-    # The node serves on.
-    answer = await exchange(coordinator.tunnels.open(node_id, "web"), request("GET", "/bytes/5"))
-    assert answer.endswith(pattern(5, seed=len("/bytes/5")))
-
-
-async def test_ten_thousand_opens_in_one_message_close_the_connection_as_a_flood(
-    coordinator: Coordinator, target: Target, node: ServiceTunnel
-) -> None:
-    node_id = node.identity.node_id
-    streams = [coordinator.tunnels.open(node_id, "web") for _ in range(10_000)]
-    await until(lambda: node.last_error == "flood", "the agent to refuse the flood")
-    await until(lambda: all(s.reset_code == "connection_lost" for s in streams), "resets")
-    # It reconnects, and serves.
-    await until(lambda: node_id in coordinator.tunnels.connected(), "the tunnel again")
-    answer = await exchange(coordinator.tunnels.open(node_id, "web"), request("GET", "/bytes/5"))
-    assert answer.endswith(pattern(5, seed=len("/bytes/5")))
-
-
-# -- a hostile agent ------------------------------------------------------------------------
-
-
-async def _handshake(ws: ClientConnection, coordinator: Coordinator, identity: Identity) -> None:
-    hs = AgentHandshake(
-        node_id=identity.node_id,
-        public_key=identity.public_key,
-        sign=lambda data: crypto.sign(identity.private_key, data),
-        verify=crypto.verify,
-        pinned_keys=_pinned(coordinator),
-        agent_version="0",
-        nonce=crypto.b64encode(os.urandom(32)),
-        last_coordinator_seq=0,
-        now=time.monotonic(),
-    )
-    while hs.state is not HandshakeState.OPEN:
-        for message in hs.messages_to_send():
-            await ws.send(encode_frame(message))
-        hs.receive(decode_frame(require_text(await ws.recv())), time.monotonic())
-
-
-@pytest.mark.parametrize(
-    ("garbage", "code"),
-    [
-        (b"\xff" * 40, "frame_too_large"),
-        (b"\x09" + bytes(8), "unknown_frame"),
-        (b"\x02\x00", "bad_frame"),
-        ("a text message", "bad_frame"),
-        (encode_data(2, b"x"), "unknown_stream"),
-        (encode_window(0, 2**31 - 1), "window_overflow"),
-    ],
-)
-async def test_a_hostile_agent_is_closed_with_a_code_and_the_coordinator_serves_on(
-    coordinator: Coordinator, target: Target, garbage: bytes | str, code: str
-) -> None:
-    identity = Identity.from_private_key(crypto.generate_private_key())
-    _register(coordinator, identity)
-    url = tunnel_url(coordinator.url)
-    async with connect(url) as ws:
-        await _handshake(ws, coordinator, identity)
-        await until(lambda: identity.node_id in coordinator.tunnels.connected(), "the tunnel")
-        await ws.send(garbage)
-        with pytest.raises(ConnectionClosed):
-            async with asyncio.timeout(10):
-                await ws.recv()
-        assert ws.close_code == 1008
-        assert ws.close_reason == code
-    await until(lambda: coordinator.tunnels.connected() == set(), "the link dropped")
-    # The coordinator serves on: another node's tunnel works.
-    honest = Identity.from_private_key(crypto.generate_private_key())
-    _register(coordinator, honest)
-    tunnel = _tunnel(coordinator, honest, target)
-    tunnel.start()
-    try:
-        await until(lambda: honest.node_id in coordinator.tunnels.connected(), "the tunnel")
-        answer = await exchange(
-            coordinator.tunnels.open(honest.node_id, "web"), request("GET", "/bytes/3")
-        )
-        assert answer.endswith(pattern(3, seed=len("/bytes/3")))
-    finally:
-        await tunnel.stop()

@@ -62,3 +62,39 @@ async def test_500s_past_the_retries_fail_upload_failed(store: Store, tmp_path: 
     assert caught.value.code == "upload_failed"
     assert store.puts == 3
     assert store.objects == {}
+
+
+async def test_a_store_that_refuses_connections_is_retried_until_the_deadline(
+    tmp_path: Path,
+) -> None:
+    path, digest = _file(tmp_path)
+    with running_store() as gone:
+        url = f"{gone.url}/obj"
+    now = [1000.0]
+    waits: list[float] = []
+
+    async def sleep(seconds: float) -> None:  # time passes without waiting for it
+        waits.append(seconds)
+        now[0] += seconds
+
+    policy = RetryPolicy(base_s=1.0, max_s=8.0, timeout_s=10)  # no cap on attempts
+    async with httpx.AsyncClient() as client:
+        with pytest.raises(UploadError) as caught:
+            await put_file(
+                client,
+                path,
+                UploadTarget(url=url),
+                size=7000,
+                sha256=digest,
+                policy=policy,
+                deadline=1000.0 + 600,
+                clock=lambda: now[0],
+                sleep=sleep,
+            )
+    assert caught.value.code == "upload_failed"
+    assert "ConnectError" in caught.value.detail
+    # Backed off up to its ceiling, and gave up only where the next try would pass the
+    # deadline: never before it.
+    assert max(waits) <= 8.0
+    assert len(waits) > 10
+    assert now[0] <= 1600.0

@@ -41,14 +41,17 @@ class Coordinator:
     def __init__(self, workdir: Path) -> None:
         self.workdir = workdir
         self.port = free_port()
+        # Its own, not --port + 1 (the default), which another test may hold.
+        self.artifacts_port = free_port()
         self.db = workdir / "coordinator.db"
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
         self.process = subprocess.Popen(
             [sys.executable, "-m", "coordinator.cli", "serve", "--host", "127.0.0.1",
-             "--port", str(self.port), "--db", str(self.db),
-             "--state-dir", str(self.workdir / "state"), "--gateway-port", "0"],
+             "--port", str(self.port), "--artifacts-port", str(self.artifacts_port),
+             "--db", str(self.db), "--state-dir", str(self.workdir / "state"),
+             "--gateway-port", "0"],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
         )  # fmt: skip
         assert self.process.stdout is not None

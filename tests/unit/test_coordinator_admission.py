@@ -6,11 +6,12 @@ tests/integration/test_coordinator_admission.py.
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 import pytest
 
-from coordinator import cli
+from coordinator import admission, cli
 from coordinator.errors import ConfigError
 from coordinator.server import Settings
 
@@ -44,6 +45,13 @@ def test_settings_out_of_range_are_refused_with_a_code(settings: dict[str, objec
         ),
         (["--node-quota-mib", "-3"], "bad_setting"),
         (["--telemetry-keep-days", "nan"], "bad_setting"),
+        (["--artifacts-keep-days", "nan"], "bad_setting"),
+        (["--artifacts-keep-days", "0"], "bad_setting"),
+        (["--artifacts-keep-days", "-1"], "bad_setting"),
+        (["--artifacts-keep-days", "1e300"], "bad_setting"),
+        (["--artifacts-max-gib", "0"], "bad_setting"),
+        (["--artifacts-max-gib", "nan"], "bad_setting"),
+        (["--artifacts-max-gib", "1e300"], "bad_setting"),
     ],
 )
 def test_serve_refuses_bad_limits_with_exit_2_and_a_code(
@@ -53,3 +61,19 @@ def test_serve_refuses_bad_limits_with_exit_2_and_a_code(
     assert cli.main(argv) == cli.EXIT_USAGE
     assert f"error [{code}]" in capsys.readouterr().err
     assert not (tmp_path / "c.db").exists()
+
+
+def test_artifacts_keep_days_sets_the_artifact_retention_and_defaults_to_a_week() -> None:
+    parser = argparse.ArgumentParser()
+    admission.add_options(parser)
+    assert admission.settings_from(parser.parse_args([])).artifacts_keep_s == 7 * 86400
+    given = parser.parse_args(["--artifacts-keep-days", "1.5"])
+    assert admission.settings_from(given).artifacts_keep_s == 1.5 * 86400
+
+
+def test_artifacts_max_gib_sets_a_byte_budget_and_there_is_none_by_default() -> None:
+    parser = argparse.ArgumentParser()
+    admission.add_options(parser)
+    assert admission.settings_from(parser.parse_args([])).artifacts_max_bytes is None
+    given = parser.parse_args(["--artifacts-max-gib", "0.5"])
+    assert admission.settings_from(given).artifacts_max_bytes == 1 << 29

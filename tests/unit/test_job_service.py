@@ -8,49 +8,37 @@ from __future__ import annotations
 
 import ast
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import msgspec
 import pytest
 from support.coordinator_peer import Peer, signed_receipt
+from support.job_service import Jobs, jobs_in
 
-from agent.protocol import crypto, dsse
+from agent.protocol import dsse
 from agent.protocol.errors import AuthError
-from agent.protocol.jobs import verify_offer
+from agent.protocol.jobs import sign_offer, verify_offer
 from agent.protocol.messages import JobLog, JobLogBody, JobResult, JobStatus, JobStatusBody
-from coordinator import keys
 from coordinator.errors import JobError
+from coordinator.images import ImagePinner
 from coordinator.job_service import JobService
 from coordinator.sessions import OpenSessions
 from coordinator.store import Store
+from oci import Credentials
 
 SPEC: dict[str, Any] = {"image": "busybox@sha256:" + "a" * 64, "command": ["echo", "hi"]}
 COORDINATOR = Path(__file__).resolve().parents[2] / "coordinator"
 
 
-class _Jobs:
-    def __init__(self, tmp_path: Path) -> None:
-        self.key = keys.load_or_create(tmp_path / "state")
-        self.store = Store(tmp_path / "coordinator.db")
-        self.service = JobService(self.store, self.key, OpenSessions(), time.time)
-        self.peer = Peer()
-
-    def seen(self) -> None:
-        self.store.nodes.seen(self.peer.node_id, crypto.b64encode(self.peer.public_key), 1.0)
-
-
 @pytest.fixture
-def jobs(tmp_path: Path) -> Iterator[_Jobs]:
-    service = _Jobs(tmp_path)
-    try:
-        yield service
-    finally:
-        service.store.close()
+def jobs(tmp_path: Path) -> Iterator[Jobs]:
+    with jobs_in(tmp_path) as made:
+        yield made
 
 
-async def test_an_offer_to_a_node_never_seen_is_refused_and_stores_nothing(jobs: _Jobs) -> None:
+async def test_an_offer_to_a_node_never_seen_is_refused_and_stores_nothing(jobs: Jobs) -> None:
     with pytest.raises(JobError) as refused:
         await jobs.service.submit(jobs.peer.node_id, SPEC)
     assert refused.value.code == "unknown_node"
@@ -58,7 +46,7 @@ async def test_an_offer_to_a_node_never_seen_is_refused_and_stores_nothing(jobs:
 
 
 async def test_offer_and_cancel_to_an_offline_node_wait_in_its_stream_in_order(
-    jobs: _Jobs,
+    jobs: Jobs,
 ) -> None:
     jobs.seen()
     job_id = await jobs.service.submit(jobs.peer.node_id, SPEC)
@@ -77,8 +65,83 @@ async def test_offer_and_cancel_to_an_offline_node_wait_in_its_stream_in_order(
     assert (job.state, job.offer_seq, job.cancel_reason) == ("offered", 1, "changed my mind")
 
 
+class _Registry(ImagePinner):
+    """The registry's side of pinning (a tag's digest), counting what it is asked."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.asked: list[str] = []
+
+    def _resolve(self, image: str, logins: Mapping[str, Credentials]) -> str:
+        self.asked.append(image)
+        return image.rsplit(":", 1)[0] + "@sha256:" + "b" * 64
+
+
+def _pinning(jobs: Jobs, monkeypatch: pytest.MonkeyPatch) -> tuple[_Registry, list[str]]:
+    registry = _Registry()
+    jobs.service = JobService(jobs.store, jobs.key, OpenSessions(), time.time, registry)
+    signed: list[str] = []
+
+    def counted(offer: Any, key: Any, keyid: str) -> Any:
+        signed.append(offer.job_id)
+        return sign_offer(offer, key, keyid)
+
+    monkeypatch.setattr("coordinator.offers.sign_offer", counted)
+    jobs.seen()
+    return registry, signed
+
+
+async def test_a_tag_is_pinned_and_its_offer_signed_once(
+    jobs: Jobs, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    registry, signed = _pinning(jobs, monkeypatch)
+    job_id = await jobs.service.submit(jobs.peer.node_id, SPEC | {"image": "busybox:1.36"})
+    assert registry.asked == ["busybox:1.36"]
+    assert signed == [job_id]
+    job = jobs.service.get(job_id)
+    assert job is not None
+    trusted = {jobs.key.key_id: jobs.key.public_key}
+    envelope = msgspec.convert(job.offer, dsse.Envelope)
+    offer = verify_offer(
+        envelope, trusted, job_id=job_id, node_id=jobs.peer.node_id, now=time.time()
+    )
+    assert offer.spec == SPEC | {"image": "busybox@sha256:" + "b" * 64}
+
+
+@pytest.mark.parametrize(
+    ("spec", "ttl_s", "code"),
+    [
+        ({"image": "busybox:1", "command": ["x"], "bogus": 1}, 60.0, "unknown_field"),
+        ({"image": "busybox:1", "command": [object()]}, 60.0, "bad_spec"),  # not JSON
+        ({"image": "busybox:1", "command": ["x"], "timeout_s": -1}, 60.0, "bad_value"),
+        ({"image": "busybox:1", "command": ["x"]}, -1.0, "bad_ttl"),
+        (["busybox:1"], 60.0, "bad_spec"),
+    ],
+    ids=["unknown-field", "not-json", "bad-value", "bad-ttl", "not-an-object"],
+)
+async def test_a_submission_a_node_would_refuse_never_reaches_the_registry(
+    jobs: Jobs, monkeypatch: pytest.MonkeyPatch, spec: Any, ttl_s: float, code: str
+) -> None:
+    registry, signed = _pinning(jobs, monkeypatch)
+    with pytest.raises(JobError) as refused:
+        await jobs.service.submit(jobs.peer.node_id, spec, ttl_s=ttl_s)
+    assert refused.value.code == code
+    assert (registry.asked, signed, jobs.service.recent()) == ([], [], [])
+
+
+async def test_a_pinned_reference_no_node_reads_is_refused_and_nothing_stored(
+    jobs: Jobs, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    registry, signed = _pinning(jobs, monkeypatch)
+    monkeypatch.setattr(registry, "_resolve", lambda image, logins: "Busybox@sha256:NOT-HEX")
+    with pytest.raises(JobError) as refused:
+        await jobs.service.submit(jobs.peer.node_id, SPEC | {"image": "busybox:1"})
+    assert refused.value.code == "bad_value"
+    assert (signed, jobs.service.recent()) == ([], [])
+
+
 async def test_reports_change_the_job_once_and_a_receipt_not_of_the_node_changes_nothing(
-    jobs: _Jobs,
+    jobs: Jobs,
 ) -> None:
     jobs.seen()
     job_id = await jobs.service.submit(jobs.peer.node_id, SPEC)

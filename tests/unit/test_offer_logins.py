@@ -10,17 +10,13 @@ from typing import Any
 
 import msgspec
 import pytest
-from support.coordinator_peer import Peer
+from support.job_service import Jobs, jobs_in
 
 from agent.jobs.images import engine_logins, offer_logins
 from agent.protocol import crypto, dsse
 from agent.protocol.jobs import Offer, RegistryLogin, offer_digest, sign_offer, verify_offer
-from coordinator import keys
 from coordinator.errors import JobError
-from coordinator.job_service import JobService
 from coordinator.jobs_api import job_detail
-from coordinator.sessions import OpenSessions
-from coordinator.store import Store
 
 SECRET = "short-lived-token-do-not-show"
 IMAGE = "registry.example:5000/models/llm@sha256:" + "a" * 64
@@ -73,26 +69,15 @@ def test_malformed_logins_do_not_decode(logins: object) -> None:
         _offer(registry_logins=logins)
 
 
-class _Jobs:
-    def __init__(self, tmp_path: Path) -> None:
-        self.key = keys.load_or_create(tmp_path / "state")
-        self.store = Store(tmp_path / "coordinator.db")
-        self.service = JobService(self.store, self.key, OpenSessions(), time.time)
-        self.peer = Peer()
-        self.store.nodes.seen(self.peer.node_id, crypto.b64encode(self.peer.public_key), 1.0)
-
-
 @pytest.fixture
-def jobs(tmp_path: Path) -> Iterator[_Jobs]:
-    service = _Jobs(tmp_path)
-    try:
-        yield service
-    finally:
-        service.store.close()
+def jobs(tmp_path: Path) -> Iterator[Jobs]:
+    with jobs_in(tmp_path) as made:
+        made.seen()
+        yield made
 
 
 async def test_a_submitted_login_rides_in_the_signed_offer_and_the_read_api_hides_it(
-    jobs: _Jobs,
+    jobs: Jobs,
 ) -> None:
     job_id = await jobs.service.submit(jobs.peer.node_id, SPEC, registry_logins=LOGIN)
     pending = jobs.store.streams.outbound(jobs.peer.node_id).pending
@@ -118,7 +103,7 @@ async def test_a_submitted_login_rides_in_the_signed_offer_and_the_read_api_hide
     ],
 )
 async def test_a_login_for_another_registry_or_malformed_is_refused_and_not_quoted(
-    jobs: _Jobs, spec: dict[str, Any], logins: dict[str, Any]
+    jobs: Jobs, spec: dict[str, Any], logins: dict[str, Any]
 ) -> None:
     with pytest.raises(JobError) as refused:
         await jobs.service.submit(jobs.peer.node_id, spec, registry_logins=logins)

@@ -10,8 +10,10 @@ import pytest
 from agent.protocol.errors import LimitExceeded, TunnelError
 from agent.protocol.tunnel import (
     CHUNK_BYTES,
+    CONNECTION_WINDOW,
     MAX_BATCH_BYTES,
     MAX_CONTROL_BACKLOG,
+    STREAM_WINDOW,
     Role,
     StreamEnded,
     StreamOpened,
@@ -39,8 +41,13 @@ from agent.protocol.tunnel_frames import (
 _HEADER = struct.Struct(">BII")
 
 
-def _pair(**kwargs: int) -> tuple[TunnelMux, TunnelMux]:
-    return TunnelMux(Role.COORDINATOR, **kwargs), TunnelMux(Role.AGENT, **kwargs)
+def _pair(
+    window: int = STREAM_WINDOW, connection_window: int = CONNECTION_WINDOW
+) -> tuple[TunnelMux, ...]:
+    return tuple(
+        TunnelMux(role, window=window, connection_window=connection_window)
+        for role in (Role.COORDINATOR, Role.AGENT)
+    )
 
 
 def _deliver(src: TunnelMux, dst: TunnelMux) -> list[TunnelEvent]:
@@ -195,6 +202,14 @@ def test_opens_past_the_cap_cost_bounded_memory_however_many() -> None:
     assert agent.open_streams == 256
     assert not agent.closed
     assert grown < 256 * 1024, grown
+
+
+def test_a_side_that_accepts_no_opens_refuses_each_and_counts_them_as_owed() -> None:
+    coordinator = TunnelMux(Role.COORDINATOR, accept_opens=False)
+    assert coordinator.receive_data(encode_open(2, "svc")) == []
+    assert decode_frames(coordinator.data_to_send()) == [Reset(2, "refused")]
+    message = b"".join(encode_open(2 * i + 4, "svc") for i in range(MAX_CONTROL_BACKLOG + 1))
+    assert _failure(coordinator, message) == "flood"
 
 
 def test_this_side_cannot_open_past_its_own_cap() -> None:
