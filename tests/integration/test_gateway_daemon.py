@@ -25,7 +25,8 @@ while IFS= read -r line; do
 done
 [ "$length" -gt 0 ] && head -c "$length" > /dev/null
 body='ANSWER'
-printf 'HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s' "${#body}" "$body"
+printf 'HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n'
+printf 'Content-Length: %d\r\nConnection: close\r\n\r\n%s' "${#body}" "$body"
 """.replace("ANSWER", ANSWER)
 SERVE = (
     "mkdir -p /scratch && cat > /scratch/answer.sh <<'EOF'\n"
