@@ -17,6 +17,7 @@ from coordinator.errors import GatewayError
 __all__ = [
     "ROUTES",
     "STATUS",
+    "Asked",
     "error_body",
     "error_event",
     "models_body",

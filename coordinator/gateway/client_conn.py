@@ -59,11 +59,6 @@ class ClientConnection:
         """Set when the client closed its side while an answer was being written."""
 
     @property
-    def answering(self) -> bool:
-        """Whether a response was started and not ended."""
-        return self._conn.our_state is h11.SEND_BODY
-
-    @property
     def can_answer(self) -> bool:
         """Whether no response to the current request has started yet."""
         return self._conn.our_state in (h11.IDLE, h11.SEND_RESPONSE)
