@@ -220,8 +220,9 @@ class Proxy:
         async with stream:
             upstream = Upstream(stream)
             try:
-                await upstream.request(state.method, state.path, replica.job_id, body)
+                # The request's sending too: a service that reads nothing holds it up.
                 async with asyncio.timeout(self._timeouts.first_byte_s):
+                    await upstream.request(state.method, state.path, replica.job_id, body)
                     head = await upstream.response()
             except StreamError as exc:
                 if upstream.received:

@@ -120,10 +120,15 @@ class RequestRecord(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class ApiKeyTable:
-    """Client keys: made, listed, revoked, looked up by their hash."""
+    """Client keys: made, listed, revoked, looked up by their hash.
+
+    The keys found are kept in memory by their hash (as many as there are keys: an
+    unknown key is never kept); a revocation, through this same table, drops its entry.
+    """
 
     def __init__(self, db: Database) -> None:
         self._db = db
+        self._found: dict[str, ApiKey] = {}
 
     def create(self, name: str, rate_per_min: int, now: float) -> tuple[ApiKey, str]:
         """A new key; returns it and its text (which is stored nowhere: shown once)."""
@@ -151,10 +156,17 @@ class ApiKeyTable:
 
     def find(self, text: str) -> ApiKey | None:
         """The key whose text this is, revoked or not; None when there is none."""
+        digest = hash_key(text)
+        key = self._found.get(digest)
+        if key is not None:
+            return key
         row = self._db.execute(
-            f"SELECT {_KEY_COLUMNS} FROM api_keys WHERE key_sha256 = ?", (hash_key(text),)
+            f"SELECT {_KEY_COLUMNS} FROM api_keys WHERE key_sha256 = ?", (digest,)
         ).fetchone()
-        return None if row is None else _key(row)
+        if row is None:
+            return None
+        key = self._found[digest] = _key(row)
+        return key
 
     def revoke(self, key_id: str, now: float) -> ApiKey:
         """Revoke a key (again: no change).
@@ -165,6 +177,7 @@ class ApiKeyTable:
         self._db.execute(
             "UPDATE api_keys SET revoked = ? WHERE key_id = ? AND revoked IS NULL", (now, key_id)
         )
+        self._found = {h: k for h, k in self._found.items() if k.key_id != key_id}
         row = self._db.execute(
             f"SELECT {_KEY_COLUMNS} FROM api_keys WHERE key_id = ?", (key_id,)
         ).fetchone()
@@ -219,15 +232,25 @@ class ServiceJobs:
 
     def __init__(self, db: Database) -> None:
         self._db = db
+        self._read: tuple[int, list[ServiceRow]] | None = None
 
     def live(self) -> list[ServiceRow]:
-        """Every job in a state of :data:`LIVE_STATES` (the ``jobs_by_state`` index)."""
+        """Every job in a state of :data:`LIVE_STATES` (the ``jobs_by_state`` index).
+
+        Read again only when the store changed since the last read: a gateway asks at
+        every request, and a job's state changes only by a write through this store.
+        """
+        if self._read is not None and self._read[0] == self._db.changes:
+            return self._read[1]
+        changes = self._db.changes
         marks = ", ".join("?" * len(LIVE_STATES))
         rows = self._db.execute(
             f"SELECT job_id, node_id, state, spec FROM jobs WHERE state IN ({marks})",
             LIVE_STATES,
         ).fetchall()
-        return [ServiceRow(job_id=r[0], node_id=r[1], state=r[2], spec=r[3]) for r in rows]
+        live = [ServiceRow(job_id=r[0], node_id=r[1], state=r[2], spec=r[3]) for r in rows]
+        self._read = (changes, live)
+        return live
 
 
 def _builtin(value: Any) -> Any:

@@ -140,6 +140,9 @@ def test_keys_are_stored_hashed_and_records_are_held_to_their_bound(tmp_path: Pa
         assert text.encode() not in dump
         assert hash_key(text).encode() in dump
         assert store.api_keys.revoke(key.key_id, 2.0).revoked == 2.0
+        found = store.api_keys.find(text)  # it was found (and kept) before: not any more
+        assert found is not None
+        assert found.revoked == 2.0
         assert store.api_keys.revoke(key.key_id, 3.0).revoked == 2.0  # once
         with pytest.raises(GatewayError):
             store.api_keys.revoke("key-0000000000000000", 3.0)
