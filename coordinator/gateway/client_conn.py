@@ -28,6 +28,9 @@ from coordinator.errors import GatewayError
 __all__ = ["ClientConnection", "ClientGone", "Limits"]
 
 _READ = 64 * 1024
+#: Bytes written and not yet taken by the client before a write waits (asyncio's default
+#: high-water mark): the answer's memory per client, beside the tunnel's window.
+_WRITE_HIGH = 64 * 1024
 
 
 class Limits(msgspec.Struct, frozen=True, kw_only=True):
@@ -229,6 +232,9 @@ class ClientConnection:
         await self._drain()
 
     async def _drain(self) -> None:
+        transport = self._writer.transport
+        if transport.get_write_buffer_size() < _WRITE_HIGH and not transport.is_closing():
+            return  # taken as fast as written: no timer per token event
         try:
             async with asyncio.timeout(self._limits.write_timeout_s):
                 await self._writer.drain()
