@@ -189,8 +189,9 @@ def _ready(coordinator: Coordinator) -> None:
     print(f"listening on {coordinator.url}", flush=True)
     print(f"dashboard at {coordinator.dashboard_url}", flush=True)
     print(f"key id {coordinator.key.key_id}", flush=True)
-    print(f"gateway at {coordinator.gateway_url}", flush=True)
     print(f"admin API at {coordinator.admin_url} (token in {coordinator.admin_file})", flush=True)
+    # After the lines before it: scripts read them by their order.
+    print(f"gateway at {coordinator.gateway_url}", flush=True)
 
 
 async def _serve(
