@@ -13,8 +13,12 @@ a new one each time to the server (which closes them). Each run measures, both w
   does, read event by event; tokens/s (goal: at least 0.95x straight);
 
 with wall time and the CPU time (user + system) of all three processes beside it.
-Run with ``python bench/gateway.py --runs N``; min/median/max over runs printed and written
-to ``bench/results/gateway.json``. Nothing asserted.
+With ``--llama`` the server is the real llama-server in its container instead (as
+bench/llama_direct.py runs it: the tiny model, one thread, an internal network), and the
+tokens are the model's (end-of-sequence forbidden): the figures a client of a real model
+sees. Run with ``python bench/gateway.py --runs N [--llama]``; min/median/max over runs
+printed and written to ``bench/results/gateway.json`` (``gateway_llama.json``). Nothing
+asserted.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import json
 import os
 import resource
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -39,6 +44,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[0] = str(ROOT / "tests")
 
 from support.gateway import report, service_spec  # noqa: E402
+from support.llama import llama_server_image  # noqa: E402
+from support.llama_server import MODEL_ALIAS, PORT, running_llama_server  # noqa: E402
+from support.tiny_model import tiny_model  # noqa: E402
 
 from agent.link.identity import load_or_create  # noqa: E402
 from agent.protocol import crypto  # noqa: E402
@@ -86,21 +94,28 @@ def _percentile(values: list[float], fraction: float) -> float:
     return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
 
 
-async def _small(client: httpx.AsyncClient, base: str) -> int:
-    answer = await client.post(
-        f"{base}/completions", json={"model": "tiny", "prompt": "hi", "max_tokens": 1}
-    )
+SOCKET = "/var/run/docker.sock"
+#: llama-server: the end-of-sequence token forbidden, greedy: every stream is as long.
+_LLAMA = {"logit_bias": {"2": -100}, "temperature": 0}
+
+
+async def _small(client: httpx.AsyncClient, base: str, model: str) -> int:
+    body = {"model": model, "prompt": "hi", "max_tokens": 1, **_LLAMA}
+    answer = await client.post(f"{base}/completions", json=body)
     answer.raise_for_status()
     return len(answer.content)
 
 
-async def _stream(client: httpx.AsyncClient, base: str, tokens: int) -> int:
-    events = 0
-    body = {"model": "tiny", "messages": [], "stream": True, "max_tokens": tokens}
+async def _stream(client: httpx.AsyncClient, base: str, model: str, tokens: int) -> int:
+    """A streamed chat, read event by event: the tokens it reports in its last event."""
+    body = {"model": model, "messages": [{"role": "user", "content": "hi"}], "stream": True}
+    body |= {"max_tokens": tokens, "stream_options": {"include_usage": True}, **_LLAMA}
+    generated = 0
     async with client.stream("POST", f"{base}/chat/completions", json=body) as answer:
         async for line in answer.aiter_lines():
-            events += line.startswith("data: {")
-    return events
+            if line.startswith("data: {") and '"usage":{' in line.replace(" ", ""):
+                generated = json.loads(line[6:])["usage"]["completion_tokens"]
+    return generated
 
 
 async def _timed(
@@ -117,10 +132,15 @@ async def _timed(
     return latencies, time.perf_counter() - wall, cpu.now() - used, result
 
 
-async def main(runs: int, requests: int, tokens: int) -> dict[str, object]:
-    """The figures of ``runs`` runs."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), str(ROOT)])}
-    server = await asyncio.create_subprocess_exec(
+async def main(runs: int, requests: int, tokens: int, llama: bool) -> dict[str, object]:
+    """The figures of ``runs`` runs against the fake server or llama-server."""
+    if llama:
+        with running_llama_server(SOCKET, llama_server_image(SOCKET), tiny_model()) as server:
+            pid = int(_docker_pid(server.container))
+            return await _measure(
+                server.ip, PORT, pid, MODEL_ALIAS, runs=runs, requests=requests, tokens=tokens
+            )
+    fake = await asyncio.create_subprocess_exec(
         sys.executable,
         "-c",
         _SERVER,
@@ -128,9 +148,32 @@ async def main(runs: int, requests: int, tokens: int) -> dict[str, object]:
         stdin=asyncio.subprocess.PIPE,
         stdout=asyncio.subprocess.PIPE,
     )
-    assert server.stdout is not None
-    assert server.stdin is not None
-    port = int((await server.stdout.readline()).decode())
+    assert fake.stdout is not None
+    assert fake.stdin is not None
+    try:
+        port = int((await fake.stdout.readline()).decode())
+        return await _measure(
+            "127.0.0.1", port, fake.pid, "tiny", runs=runs, requests=requests, tokens=tokens
+        )
+    finally:
+        fake.stdin.close()
+        await fake.wait()
+
+
+def _docker_pid(container: str) -> str:
+    done = subprocess.run(
+        ["docker", "--host", f"unix://{SOCKET}", "inspect", "-f", "{{.State.Pid}}", container],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return done.stdout.strip()
+
+
+async def _measure(
+    host: str, port: int, server_pid: int, model: str, *, runs: int, requests: int, tokens: int
+) -> dict[str, object]:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), str(ROOT)])}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         identity = load_or_create(work / "identity")
@@ -145,19 +188,19 @@ async def main(runs: int, requests: int, tokens: int) -> dict[str, object]:
                 str(work / "identity"),
                 coordinator.key.key_id,
                 crypto.b64encode(coordinator.key.public_key),
-                str(port),
+                f"{host}:{port}",
                 env=env,
             )
             try:
                 while node not in coordinator.tunnels.connected():
                     await asyncio.sleep(0.05)
                 # The tunnel agent serves the target "web": the job is named so.
-                await coordinator.submit(node, service_spec(["tiny"]), job_id="web")
+                await coordinator.submit(node, service_spec([model]), job_id="web")
                 report(coordinator, node, "web", "ready")
                 key = coordinator.store.api_keys.create("bench", 1_000_000, time.time())[1]
-                cpu = _Cpu(agent.pid, server.pid)
+                cpu = _Cpu(agent.pid, server_pid)
                 bases = {
-                    "direct": f"http://127.0.0.1:{port}/v1",
+                    "direct": f"http://{host}:{port}/v1",
                     "gateway": coordinator.gateway_url,
                 }
                 headers = {"authorization": f"Bearer {key}"}
@@ -165,18 +208,18 @@ async def main(runs: int, requests: int, tokens: int) -> dict[str, object]:
                     trust_env=False, headers=headers, timeout=60
                 ) as client:
                     for base in bases.values():  # warm up both paths
-                        await _timed(cpu, functools.partial(_small, client, base), 50)
+                        await _timed(cpu, functools.partial(_small, client, base, model), 50)
                     figures: dict[str, dict[str, list[float]]] = {"direct": {}, "gateway": {}}
                     for _ in range(runs):
                         for name, base in bases.items():
                             row = figures[name]
-                            small = functools.partial(_small, client, base)
+                            small = functools.partial(_small, client, base, model)
                             lat, wall, used, _ = await _timed(cpu, small, requests)
                             row.setdefault("p50_ms", []).append(_percentile(lat, 0.5) * 1000)
                             row.setdefault("p99_ms", []).append(_percentile(lat, 0.99) * 1000)
                             row.setdefault("small_wall_s", []).append(wall)
                             row.setdefault("small_cpu_s", []).append(used)
-                            stream = functools.partial(_stream, client, base, tokens)
+                            stream = functools.partial(_stream, client, base, model, tokens)
                             _, wall, used, events = await _timed(cpu, stream, 1)
                             assert events == tokens, events
                             row.setdefault("tokens_per_s", []).append(tokens / wall)
@@ -185,8 +228,6 @@ async def main(runs: int, requests: int, tokens: int) -> dict[str, object]:
             finally:
                 agent.kill()
                 await agent.wait()
-    server.stdin.close()
-    await server.wait()
     d, g = figures["direct"], figures["gateway"]
     added = [b - a for a, b in zip(d["p50_ms"], g["p50_ms"], strict=True)]
     ratio = [b / a for a, b in zip(d["tokens_per_s"], g["tokens_per_s"], strict=True)]
@@ -205,11 +246,15 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--requests", type=int, default=500)
-    parser.add_argument("--tokens", type=int, default=5000)
+    parser.add_argument("--tokens", type=int, default=None, help="5000; 64 with --llama")
+    parser.add_argument("--llama", action="store_true", help="the real llama-server")
     args = parser.parse_args()
-    results = asyncio.run(main(args.runs, args.requests, args.tokens))
+    tokens = args.tokens or (64 if args.llama else 5000)
+    results = asyncio.run(main(args.runs, args.requests, tokens, args.llama))
+    results["server"] = "llama-server" if args.llama else "fake_openai"
     text = json.dumps(results, indent=2)
     print(text)
     out = ROOT / "bench" / "results"
     out.mkdir(exist_ok=True)
-    (out / "gateway.json").write_text(text + "\n")
+    name = "gateway_llama.json" if args.llama else "gateway.json"
+    (out / name).write_text(text + "\n")
