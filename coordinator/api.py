@@ -18,6 +18,7 @@ A summary's ``profile_verified`` is true only when the node's newest profile ver
 - ``GET /api/jobs?node_id=ID&limit=N`` -> ``{"jobs": [job summary, ...]}``, newest first
 - ``GET /api/jobs/{id}`` -> the job: state, spec, offer, cancel, logs, result (the
   verified receipt, its digest, ``chain_ok`` and ``problems``); 404 ``unknown_job``
+- ``GET /api/deployments`` and ``GET /api/deployments/{name}``: :mod:`coordinator.deployments_api`
 - ``GET /api/requests?limit=N`` -> ``{"requests": [record, ...]}``: the gateway's request
   records, newest first (:mod:`coordinator.gateway.keys_api`)
 - ``GET /`` -> the dashboard page
@@ -31,11 +32,14 @@ Write (the admin listener only, from loopback, with ``Authorization: Bearer <tok
   /api/keys/{id}/revoke`` -> the key, revoked
 - ``POST /api/nodes/{id}/prefetch`` ``{"image"}`` -> 202 ``{"node_id", "image"}`` (the image
   pinned): the node pulls it now, before a job needs it
+- ``POST /api/deployments`` ``{"name", "spec", "replicas"}`` -> 201 the deployment;
+  ``DELETE /api/deployments/{name}`` -> 202 ``{"name", "cancelled"}``: every replica cancelled
 
 Errors are ``{"error": {"code", "detail"}}``: 400 ``bad_request``, ``bad_spec``,
-``bad_job_id``, ``bad_ttl``, ``bad_reason``, ``spec_too_large``; 401 ``unauthorized``;
-403 ``forbidden``; 404 ``not_found``, ``unknown_node``, ``unknown_job``; 405; 409
-``job_exists``, ``job_final``.
+``bad_job_id``, ``bad_ttl``, ``bad_reason``, ``spec_too_large``, ``bad_name``,
+``bad_replicas``, ``not_a_service``; 401 ``unauthorized``; 403 ``forbidden``; 404
+``not_found``, ``unknown_node``, ``unknown_job``, ``unknown_deployment``; 405; 409
+``job_exists``, ``job_final``, ``deployment_exists``, ``too_many_deployments``.
 """
 
 from __future__ import annotations
@@ -48,7 +52,7 @@ from typing import Any
 
 import msgspec
 
-from coordinator import jobs_api
+from coordinator import deployments_api, jobs_api
 from coordinator.api_util import (
     MAX_LIMIT,
     HttpAnswer,
@@ -59,6 +63,7 @@ from coordinator.api_util import (
     split_target,
 )
 from coordinator.dashboard import PAGE
+from coordinator.deployments import Deployments
 from coordinator.errors import JobError
 from coordinator.gateway import keys_api
 from coordinator.job_service import JobService
@@ -73,6 +78,9 @@ _JOB_ERROR_STATUS = {
     "unknown_job": HTTPStatus.NOT_FOUND,
     "job_exists": HTTPStatus.CONFLICT,
     "job_final": HTTPStatus.CONFLICT,
+    "unknown_deployment": HTTPStatus.NOT_FOUND,
+    "deployment_exists": HTTPStatus.CONFLICT,
+    "too_many_deployments": HTTPStatus.CONFLICT,
     # The image's registry, asked to pin a tag, failed us: not the request's fault.
     "registry_unreachable": HTTPStatus.BAD_GATEWAY,
     "pull_timeout": HTTPStatus.GATEWAY_TIMEOUT,
@@ -111,6 +119,10 @@ def route(
         return jobs_api.job_detail(jobs, parts[2], connected)
     if len(parts) > 4 and parts[:2] == ["api", "jobs"] and parts[3] == "outputs":
         return jobs_api.job_output(jobs, parts[2], "/".join(parts[4:]))
+    if parts == ["api", "deployments"]:
+        return deployments_api.listing(store, connected)
+    if len(parts) == 3 and parts[:2] == ["api", "deployments"]:
+        return deployments_api.detail(store, parts[2], connected)
     return error(HTTPStatus.NOT_FOUND, f"no such path {target_.path!r}")
 
 
@@ -121,11 +133,12 @@ async def admin_route(
     store: Store,
     connected: Collection[str],
     jobs: JobService,
+    deployments: Deployments | None = None,
 ) -> HttpAnswer:
-    """The admin listener's answer: GET as :func:`route`; POST, and the API keys, only
-    from loopback with ``token``."""
+    """The admin listener's answer: GET as :func:`route`; POST and DELETE, and the API
+    keys, only from loopback with ``token``."""
     keys = split_target(request.target).parts[:2] == ["api", "keys"]
-    if request.method != "POST" and not keys:
+    if request.method not in ("POST", "DELETE") and not keys:
         return route(request.method, request.target, store, jobs, connected)
     if not _loopback(request.peer):
         return coded_error(HTTPStatus.FORBIDDEN, "forbidden", "writes only from this machine")
@@ -147,9 +160,16 @@ async def admin_route(
     revoking = len(parts) == 4 and parts[:2] == ["api", "keys"] and parts[3] == "revoke"
     if revoking and request.method == "POST":
         return keys_api.revoke(store, parts[2])
-    if request.method != "POST":
+    if request.method not in ("POST", "DELETE"):
         return error(HTTPStatus.METHOD_NOT_ALLOWED, f"not {request.method} {target.path!r}")
     try:
+        if deployments is not None and parts[:2] == ["api", "deployments"]:
+            if request.method == "POST" and len(parts) == 2:
+                return await deployments_api.create(deployments, store, request.body)
+            if request.method == "DELETE" and len(parts) == 3:
+                return await deployments_api.delete(deployments, parts[2])
+        if request.method != "POST":
+            return error(HTTPStatus.METHOD_NOT_ALLOWED, "DELETE is for a deployment only")
         if parts == ["api", "jobs"]:
             return await jobs_api.submit(jobs, request.body)
         if len(parts) == 4 and parts[:2] == ["api", "jobs"] and parts[3] == "cancel":

@@ -1,5 +1,5 @@
-"""``gpu-coordinator``: run the reference coordinator, print its key for agents to pin, and
-submit, cancel and list jobs through the admin API of a running one."""
+"""``gpu-coordinator``: run the reference coordinator, print its key for agents to pin,
+submit, cancel and list jobs, and deploy services, through the admin API of a running one."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from typing import Any, NamedTuple, NoReturn
 
 import platformdirs
 
-from coordinator import admission, cli_args, cli_keys, keys
+from coordinator import admission, cli_args, cli_deploy, cli_keys, keys
 from coordinator.admin import check_url
 from coordinator.client import AdminClient, load_spec_file
 from coordinator.errors import (
@@ -134,6 +134,7 @@ def _parser() -> _Parser:
     )
     run.add_argument("--registry-ca", type=_path, help="PEM CA bundle the registries chain to")
     admission.add_options(run)
+    cli_deploy.add_serve_options(run, _seconds)
     key = commands.add_parser("key", help="print the key id and public key for agents to pin")
     _state_dir_option(key, "signing key")
     key.add_argument(
@@ -179,6 +180,7 @@ def _parser() -> _Parser:
     jobs = commands.add_parser("jobs", help="list jobs, newest first")
     jobs.add_argument("--json", action="store_true", help="the API's JSON instead of a table")
     _admin_options(jobs)
+    cli_deploy.add_commands(commands, _admin_options, _path)
     admin = argparse.ArgumentParser(add_help=False)
     _admin_options(admin)
     cli_keys.add_parser(commands, [admin])
@@ -219,6 +221,7 @@ async def _serve(
             gateway_port=args.gateway_port,
             settings=settings,
             pinner=pinner,
+            deploy_grace_s=args.deploy_grace,
         )
     finally:
         for signum in (signal.SIGINT, signal.SIGTERM):
@@ -319,10 +322,13 @@ def _admin_command(args: argparse.Namespace) -> int:
     try:
         # The arguments first: one that is refused (exit 2) reaches nothing.
         submission = _check_admin_arguments(args)
+        deployment = cli_deploy.check(args)
     except (AdminError, ConfigError, JobError, GatewayError) as exc:
         return _fail(exc, EXIT_USAGE)
     try:
         client = AdminClient.from_state_dir(args.state_dir, args.url)
+        if args.command in cli_deploy.COMMANDS:
+            return cli_deploy.run(args, client, deployment)
         if args.command == "submit":
             return _submit(args, client, submission)
         if args.command == "cancel":
@@ -418,7 +424,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _command(parser: _Parser, args: argparse.Namespace) -> int:
-    if args.command in ("submit", "cancel", "prefetch", "jobs", "api-keys"):
+    if args.command in {"submit", "cancel", "prefetch", "jobs", "api-keys"} | cli_deploy.COMMANDS:
         return _admin_command(args)
     if args.command == "key":
         return _key_command(args)

@@ -1,4 +1,5 @@
-"""A client of the admin API, for ``gpu-coordinator submit``, ``cancel`` and ``jobs``.
+"""A client of the admin API, for ``gpu-coordinator submit``, ``cancel``, ``jobs``,
+``deploy``, ``undeploy`` and ``deployments``.
 
 Plain blocking ``http.client``: one request at a time from a command line. Every failure is an
 :class:`~coordinator.errors.AdminError` whose code is the API's own (``unknown_node``,
@@ -45,6 +46,15 @@ class _JobRow(msgspec.Struct):
     node_id: str
     state: str
     updated: float
+
+
+class _DeploymentRow(msgspec.Struct):
+    """What ``gpu-coordinator deployments`` prints of a deployment (the rest is ignored)."""
+
+    name: str
+    replicas: int
+    ready: int
+    live: list[dict[str, Any]]
 
 
 def load_spec_file(path: Path) -> dict[str, Any]:
@@ -143,6 +153,28 @@ class AdminClient:
         if not isinstance(pinned, str):
             raise AdminError("bad_answer", f"no image in the answer: {pinned!r}")
         return pinned
+
+    def deploy(self, name: str, spec: dict[str, Any], replicas: int) -> dict[str, Any]:
+        """Deploy ``replicas`` replicas of a service spec as ``name``; the deployment."""
+        body = {"name": name, "spec": spec, "replicas": replicas}
+        return self._request("POST", "/api/deployments", body)
+
+    def undeploy(self, name: str) -> list[str]:
+        """Cancel every replica of a deployment and forget it; the jobs cancelled."""
+        answer = self._request("DELETE", f"/api/deployments/{quote(name, safe='')}")
+        try:
+            return msgspec.convert(answer.get("cancelled"), list[str])
+        except msgspec.ValidationError as exc:
+            raise AdminError("bad_answer", f"not a list of jobs cancelled: {exc}") from None
+
+    def deployments(self) -> list[dict[str, Any]]:
+        """Every deployment, by name (``GET /api/deployments``)."""
+        found = self._request("GET", "/api/deployments").get("deployments")
+        try:
+            msgspec.convert(found, list[_DeploymentRow])
+            return msgspec.convert(found, list[dict[str, Any]])
+        except msgspec.ValidationError as exc:
+            raise AdminError("bad_answer", f"not a deployment list: {exc}") from None
 
     def create_key(self, name: str, rate_per_min: int) -> dict[str, Any]:
         """Make a gateway API key; the answer holds its text (``key``), shown this once."""

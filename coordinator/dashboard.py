@@ -5,10 +5,13 @@ Each node is a ``tr.node[data-node-id]`` whose cells have the classes ``node-id`
 Chromium test in tests/integration/test_dashboard.py reads them. Each job is a
 ``tr.job[data-job-id]`` whose cells have the classes ``job-id`` (a link to
 ``/api/jobs/{id}``), ``node``, ``state`` and ``updated``; a job whose stored outputs are not
-what its receipt names shows them in a ``span.output-problems`` in its state cell. Each of
-the gateway's newest requests is a ``tr.request`` whose cells have the classes ``at``,
-``model``, ``node``, ``job``, ``status`` (the HTTP status, and the gateway's code if any),
-``tokens`` (in/out, ``-`` when not reported), ``latency`` and ``ttft`` (in ms).
+what its receipt names shows them in a ``span.output-problems`` in its state cell. Each
+replica of a deployment is a ``tr.replica[data-deployment][data-job-id]`` whose cells have
+the classes ``deployment``, ``ready`` (ready of wanted), ``node`` and ``state``; a
+deployment without a live replica is one such row without a job id. Each of the gateway's
+newest requests is a ``tr.request`` whose cells have the classes ``at``, ``model``,
+``node``, ``job``, ``status`` (the HTTP status, and the gateway's code if any), ``tokens``
+(in/out, ``-`` when not reported), ``latency`` and ``ttft`` (in ms).
 """
 
 from __future__ import annotations
@@ -33,6 +36,11 @@ td, th { border: 1px solid #ccc; padding: 4px 8px; text-align: left; vertical-al
 <thead><tr><th>node</th><th>state</th><th>verified GPUs</th><th>last seq</th>
 <th>latest telemetry</th></tr></thead>
 <tbody id="nodes"><tr><td colspan="5">loading...</td></tr></tbody>
+</table>
+<h2>deployments</h2>
+<table>
+<thead><tr><th>deployment</th><th>ready</th><th>job</th><th>node</th><th>state</th></tr></thead>
+<tbody id="deployments"><tr><td colspan="5">loading...</td></tr></tbody>
 </table>
 <h2>jobs</h2>
 <table>
@@ -71,6 +79,24 @@ async function refresh() {
     document.getElementById("nodes").innerHTML = "<tr><td colspan=5>" + text(e);
   }
   try {
+    const {deployments} = await (await fetch("/api/deployments")).json();
+    document.getElementById("deployments").innerHTML = deployments.flatMap((d) =>
+      (d.live.length ? d.live : [{}]).map((r) =>
+        '<tr class="replica" data-deployment="' + text(d.name) + '" data-job-id="'
+        + text(r.job_id || "") + '">'
+        + '<td class="deployment">' + text(d.name) + "</td>"
+        + '<td class="ready">' + d.ready + "/" + d.replicas + "</td>"
+        + '<td class="job-id">' + (r.job_id ? '<a href="/api/jobs/'
+           + encodeURIComponent(r.job_id) + '">' + text(r.job_id) + "</a>" : "-") + "</td>"
+        + '<td class="node ' + (r.connected ? "on" : "off") + '">' + text(r.node_id || "-")
+        + "</td>"
+        + '<td class="state">' + text(r.state || "placing")
+        + (r.code ? " (" + text(r.code) + ")" : "") + "</td></tr>")
+    ).join("") || "<tr><td colspan=5>no deployments";
+  } catch (e) {
+    document.getElementById("deployments").innerHTML = "<tr><td colspan=5>" + text(e);
+  }
+  try {
     const {jobs} = await (await fetch("/api/jobs")).json();
     document.getElementById("jobs").innerHTML = jobs.map((j) =>
       '<tr class="job" data-job-id="' + text(j.job_id) + '">'
@@ -79,6 +105,7 @@ async function refresh() {
       + '<td class="node">' + text(j.node_id) + "</td>"
       + '<td class="state">' + text(j.state)
       + (j.pull_bytes ? " " + percent(j.pulled_bytes, j.pull_bytes) + "%" : "")
+      + (j.fetch_bytes ? " " + percent(j.fetched_bytes, j.fetch_bytes) + "%" : "")
       + (j.code ? " (" + text(j.code) + ")" : "")
       + (j.output_problems ? ' <span class="output-problems">'
          + text(j.output_problems.join(", ")) + "</span>" : "")

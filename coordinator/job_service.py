@@ -26,6 +26,7 @@ from agent.protocol.messages import (
     JobResult,
     JobStatus,
     ReliableBody,
+    ServiceRenewBody,
     message_type,
 )
 from agent.protocol.uploads import UploadTarget
@@ -61,7 +62,7 @@ class Sessions(Protocol):
 
 
 class JobService:
-    """Offers and cancels out, job reports in, the jobs as stored."""
+    """Offers, cancels and lease renewals out, job reports in, the jobs as stored."""
 
     def __init__(
         self,
@@ -173,6 +174,19 @@ class JobService:
         self._store.jobs.add_cancel(job.node_id, body, seq, self._clock())
         await self._sessions.send(job.node_id, body, seq)
 
+    async def renew(self, job_id: str, until: float) -> None:
+        """Extend a running service's lease to ``until`` (``service_renew``), unless the
+        job has ended. ``until`` is a time within the wire's bounds."""
+        job = self._store.jobs.get(job_id)
+        if job is None or job.state in FINAL_STATES:
+            return
+        body = ServiceRenewBody(job_id=job_id, lease_until=until)
+        seq = self._next_seq(job.node_id)
+        self._store.streams.add_outbound(
+            job.node_id, seq, "service_renew", msgspec.to_builtins(body)
+        )
+        await self._sessions.send(job.node_id, body, seq)
+
     async def prefetch(self, node_id: str, image: str) -> str:
         """Ask ``node_id`` to pull ``image`` now (``image_prefetch``), so that the first job
         on it does not wait for the pull; a tag is pinned to its digest first. Returns the
@@ -222,8 +236,9 @@ class JobService:
             job = message.body
         return self._store.add(node_id, message.seq, message_type(message), body, now, job=job)
 
-    def pull_progress(self, job: JobSummary) -> tuple[int, int] | None:
-        """How far a pulling job's image pull is, (bytes done, in all), as last reported."""
+    def progress(self, job: JobSummary) -> tuple[int, int] | None:
+        """How far a pulling job's image pull or a fetching job's inputs are, (bytes done,
+        in all), as last reported."""
         return self._store.nodes.job_progress(job.node_id, job.job_id)
 
     def get(self, job_id: str) -> JobRow | None:

@@ -43,6 +43,7 @@ from coordinator.admission import Settings, TokenBucket
 from coordinator.api_util import HttpAnswer, HttpRequest, coded_error
 from coordinator.artifacts import ArtifactStore, Retained, job_outputs
 from coordinator.connection import AgentSessions, Shared, handle
+from coordinator.deployments import DEFAULT_GRACE_S, DEFAULT_INTERVAL_S, Deployments
 from coordinator.gateway.server import Gateway, GatewaySettings
 from coordinator.images import ImagePinner
 from coordinator.job_service import JobService
@@ -83,6 +84,8 @@ class Coordinator:
         artifact_node_max_bytes: int = 16 << 30,
         artifacts_url: str | None = None,
         tunnel_max_streams: int = MAX_STREAMS,
+        deploy_grace_s: float = DEFAULT_GRACE_S,
+        deploy_interval_s: float = DEFAULT_INTERVAL_S,
         gateway_port: int = 0,
         gateway_settings: GatewaySettings | None = None,
     ) -> None:
@@ -101,6 +104,10 @@ class Coordinator:
         self._tunnels: Tunnels | None = None
         self._tunnel_max_streams = tunnel_max_streams
         self._retention: asyncio.Task[None] | None = None
+        self._deploy_grace_s = deploy_grace_s
+        self._deploy_interval_s = deploy_interval_s
+        self._deployments: Deployments | None = None
+        self._reconciler: asyncio.Task[None] | None = None
         self.retained = asyncio.Event()
         """Set after each retention pass (cleared by whoever waits for the next one)."""
         self._admin = AdminListener(self._admin_request, port=admin_port)
@@ -154,6 +161,13 @@ class Coordinator:
     def jobs(self) -> JobService:
         """The jobs: offers, cancels, what nodes report (only while started)."""
         return self._started().jobs
+
+    @property
+    def deployments(self) -> Deployments:
+        """Deploy, undeploy, and the reconciler's state (only while started)."""
+        if self._deployments is None:
+            raise RuntimeError("the coordinator is not started")
+        return self._deployments
 
     @property
     def port(self) -> int:
@@ -229,6 +243,16 @@ class Coordinator:
             ),
         )
         self._tunnels = Tunnels(self._shared, max_streams=self._tunnel_max_streams)
+        self._deployments = Deployments(
+            store,
+            self._shared.jobs,
+            self.key,
+            self.connected,
+            self._clock,
+            pinner=self.pinner,
+            grace_s=self._deploy_grace_s,
+            interval_s=self._deploy_interval_s,
+        )
         try:
             self._server = await ws_serve(
                 self._handler,
@@ -257,6 +281,7 @@ class Coordinator:
             await self._gateway.start()
             if settings.retention_interval_s > 0:
                 self._retention = asyncio.create_task(self._retain())
+            self._reconciler = asyncio.create_task(self._deployments.run())
             admin = AdminFile(url=self._admin.url, token=self.admin_token)
             self.admin_file = write_admin_file(self.state_dir, admin)
         except BaseException:
@@ -265,10 +290,11 @@ class Coordinator:
 
     async def stop(self) -> None:
         """Close every connection (1001, going away), stop listening, close the store."""
-        if self._retention is not None:
-            self._retention.cancel()
-            await asyncio.gather(self._retention, return_exceptions=True)
-            self._retention = None
+        for task in (self._retention, self._reconciler):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+        self._retention = self._reconciler = self._deployments = None
         if self._gateway is not None:
             await self._gateway.stop()
             self._gateway = None
@@ -364,6 +390,7 @@ class Coordinator:
             store=self.store,
             connected=self.connected(),
             jobs=self.jobs,
+            deployments=self.deployments,
         )
 
     async def _artifact_put(self, request: HttpRequest, reader: asyncio.StreamReader) -> HttpAnswer:
@@ -425,6 +452,7 @@ async def serve(
     pinner: ImagePinner | None = None,
     artifacts_port: int = 0,
     artifacts_url: str | None = None,
+    deploy_grace_s: float = DEFAULT_GRACE_S,
     gateway_port: int = 0,
 ) -> None:
     """Run a coordinator until ``stop`` is set (or the task is cancelled)."""
@@ -439,6 +467,7 @@ async def serve(
         pinner=pinner,
         artifacts_port=artifacts_port,
         artifacts_url=artifacts_url,
+        deploy_grace_s=deploy_grace_s,
         gateway_port=gateway_port,
     )
     async with coordinator:

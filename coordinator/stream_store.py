@@ -11,7 +11,14 @@ from typing import Any
 import msgspec
 
 from agent.protocol.errors import AuthError
-from agent.protocol.messages import AttestRequestBody, JobCancelBody, JobOfferBody, ReliableBody
+from agent.protocol.messages import (
+    AttestRequestBody,
+    ImagePrefetchBody,
+    JobCancelBody,
+    JobOfferBody,
+    ReliableBody,
+    ServiceRenewBody,
+)
 from agent.protocol.reliable import ReliableSender
 from coordinator.db import Database
 
@@ -22,6 +29,8 @@ _OUTBOUND_BODIES: dict[str, type[ReliableBody]] = {
     "attest_request": AttestRequestBody,
     "job_offer": JobOfferBody,
     "job_cancel": JobCancelBody,
+    "image_prefetch": ImagePrefetchBody,
+    "service_renew": ServiceRenewBody,
 }
 
 

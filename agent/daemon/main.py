@@ -50,7 +50,14 @@ from agent.owner.policy import OwnerPolicy
 from agent.owner.power import PowerLimiter
 from agent.protocol import dsse
 from agent.protocol.bodies import EnvelopeBody, ProfileBody
-from agent.protocol.messages import AttestRequest, ImagePrefetch, JobCancel, JobOffer, Message
+from agent.protocol.messages import (
+    AttestRequest,
+    ImagePrefetch,
+    JobCancel,
+    JobOffer,
+    Message,
+    ServiceRenew,
+)
 from agent.services.tunnel import ServiceTunnel, tunnel_url
 from hal import __version__
 from hal.backend import HalConfig
@@ -147,6 +154,7 @@ def daemon_config(config: AgentConfig) -> DaemonConfig:
             log_rate_bytes_per_s=jobs.log_rate_bytes_per_s,
             registry_auth=engine_logins(logins),
             pull_idle_timeout_s=jobs.pull_timeout_s,
+            max_image_unpacked_bytes=config.policy.max_image_unpacked_bytes,
         ),
         policy=config.policy,
         docker_socket=jobs.docker_socket,
@@ -295,6 +303,8 @@ class _Daemon:
             await self.jobs.on_cancel(message)
         elif isinstance(message, ImagePrefetch):
             await self.jobs.on_prefetch(message)
+        elif isinstance(message, ServiceRenew):
+            self.jobs.on_renew(message)
         else:
             _log.info("ignoring %s", type(message).__name__)
 

@@ -8,6 +8,7 @@ __all__ = [
     "DEFAULT_NONCE_TTL_S",
     "MAX_ERROR_DETAIL_CHARS",
     "MAX_FRAME_BYTES",
+    "MAX_LEASE_UNTIL",
     "MAX_LOG_CHUNK_BYTES",
     "MAX_SEQ",
     "MAX_TELEMETRY_BATCH",
@@ -31,6 +32,11 @@ MAX_LOG_CHUNK_BYTES = 64 * 1024
 #: Longest ``detail`` of an ``error`` message, in characters.
 MAX_ERROR_DETAIL_CHARS = 1024
 
+#: Latest ``lease_until`` of a ``service_renew``, in seconds since the epoch (the year
+#: 5138): a finite time any clock can compare with; the agent then holds a renewal to one
+#: lease from its own now.
+MAX_LEASE_UNTIL = 1e11
+
 #: Largest sequence number: a signed 64-bit SQLite INTEGER holds every seq.
 MAX_SEQ = 2**63 - 1
 
@@ -42,3 +48,8 @@ DEFAULT_NONCE_TTL_S = 30.0
 
 #: Image layers whose download progress one ``job_status`` carries; an image has tens.
 MAX_PROGRESS_LAYERS = 256
+
+#: URL inputs whose fetch progress one ``job_status`` carries, and the characters of
+#: each one's path shown (a longer path is cut).
+MAX_PROGRESS_INPUTS = 256
+MAX_PROGRESS_PATH_CHARS = 256

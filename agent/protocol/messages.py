@@ -33,6 +33,7 @@ from agent.protocol.bodies import (
     NodeStatusBody,
     ProfileBody,
     Seq,
+    ServiceRenewBody,
     TelemetryBody,
     WelcomeBody,
     WireStruct,
@@ -85,6 +86,8 @@ __all__ = [
     "ProfileBody",
     "ReliableBody",
     "ReliableMessage",
+    "ServiceRenew",
+    "ServiceRenewBody",
     "Telemetry",
     "TelemetryBody",
     "Welcome",
@@ -192,6 +195,12 @@ class ImagePrefetch(_Reliable, tag="image_prefetch"):
     body: ImagePrefetchBody
 
 
+class ServiceRenew(_Reliable, tag="service_renew"):
+    """Frame of a ``service_renew``."""
+
+    body: ServiceRenewBody
+
+
 class AttestRequest(_Reliable, tag="attest_request"):
     """Frame of an ``attest_request``."""
 
@@ -220,6 +229,7 @@ ReliableMessage: TypeAlias = (
     | JobOffer
     | JobCancel
     | ImagePrefetch
+    | ServiceRenew
     | AttestRequest
 )
 Message: TypeAlias = Hello | Challenge | Auth | Welcome | Ack | Error | ReliableMessage
@@ -233,6 +243,7 @@ ReliableBody: TypeAlias = (
     | JobOfferBody
     | JobCancelBody
     | ImagePrefetchBody
+    | ServiceRenewBody
     | AttestRequestBody
 )
 Body: TypeAlias = HelloBody | ChallengeBody | AuthBody | WelcomeBody | AckBody | ErrorBody
@@ -251,6 +262,7 @@ _FRAME_OF_BODY: dict[type[WireStruct], type[_Frame]] = {
     JobOfferBody: JobOffer,
     JobCancelBody: JobCancel,
     ImagePrefetchBody: ImagePrefetch,
+    ServiceRenewBody: ServiceRenew,
     AttestRequestBody: AttestRequest,
     AckBody: Ack,
     ErrorBody: Error,
@@ -267,7 +279,8 @@ AGENT_SENDS = frozenset(
 )
 #: Types a coordinator sends; an agent refuses the others as ``unknown_type``.
 COORDINATOR_SENDS = frozenset(
-    {"challenge", "welcome", "job_offer", "job_cancel", "image_prefetch", "attest_request"}
+    {"challenge", "welcome", "job_offer", "job_cancel", "image_prefetch", "service_renew"}
+    | {"attest_request"}
     | {"ack", "error"}
 )
 

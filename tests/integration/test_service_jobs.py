@@ -10,8 +10,8 @@ from typing import Any
 import httpx
 from support.world import World, deliver, offer_message, spec
 
-from agent.protocol.bodies import JobCancelBody
-from agent.protocol.messages import JobCancel, wrap
+from agent.protocol.bodies import JobCancelBody, ServiceRenewBody
+from agent.protocol.messages import JobCancel, ServiceRenew, wrap
 
 FAST = {
     "readiness": {"interval_s": 0.2, "timeout_s": 1},
@@ -116,3 +116,34 @@ async def test_a_service_outlives_its_specs_timeout_which_is_a_jobs_not_a_servic
     world.manager.stop("svc-f", "cancelled")
     await world.manager.wait_idle()
     assert world.states("svc-f")[-1] == "stopped"
+
+
+async def test_a_renewal_extends_a_running_lease_to_one_lease_from_now_at_most(
+    world: World,
+) -> None:
+    await deliver(world, offer_message(world, "svc-e", _service(world, SERVE, lease_s=10)))
+    await _until(lambda: "ready" in world.states("svc-e"))
+    service = world.manager.services["svc-e"]
+    first = service.lease_until
+    world.manager.on_renew(_renew("svc-e", 1e11, 901))  # far ahead: held to a lease from now
+    held = service.lease_until
+    assert first < held <= world.manager.clock() + 10
+    world.manager.on_renew(_renew("svc-e", 1000.0, 902))  # in the past: never shortens
+    assert service.lease_until == held
+    world.manager.on_renew(_renew("svc-unknown", 1e11, 903))  # no such service: ignored
+    await deliver(world, _cancel("svc-e", 904))
+    await world.manager.wait_idle()
+    world.manager.on_renew(_renew("svc-e", 1e11, 905))  # ended: ignored
+    assert world.messages("svc-e")[-1][1]["code"] == "cancelled"
+
+
+def _renew(job_id: str, until: float, seq: int) -> ServiceRenew:
+    message = wrap(ServiceRenewBody(job_id=job_id, lease_until=until), seq)
+    assert isinstance(message, ServiceRenew)
+    return message
+
+
+def _cancel(job_id: str, seq: int) -> JobCancel:
+    message = wrap(JobCancelBody(job_id=job_id, reason="undeploy"), seq)
+    assert isinstance(message, JobCancel)
+    return message

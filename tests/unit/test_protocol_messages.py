@@ -34,6 +34,7 @@ from agent.protocol.messages import (
     Message,
     NodeStatusBody,
     ProfileBody,
+    ServiceRenewBody,
     TelemetryBody,
     WelcomeBody,
     auth_signed_bytes,
@@ -90,6 +91,7 @@ EXAMPLES: dict[str, Message] = {
     "job_offer": wrap(JobOfferBody(job_id="job-1", offer=ENVELOPE), 1),
     "job_cancel": wrap(JobCancelBody(job_id="job-1", reason="preempted"), 2),
     "image_prefetch": wrap(ImagePrefetchBody(image="r.example/m@sha256:" + "5f" * 32), 3),
+    "service_renew": wrap(ServiceRenewBody(job_id="job-1", lease_until=1764770400.5), 4),
     "attest_request": wrap(AttestRequestBody(nonce=b64(32, 9)), 3),
     "ack": wrap(AckBody(seq=5)),
     "error": wrap(ErrorBody(code="seq_gap", detail="seq 7, expected 6", ref_seq=7)),
@@ -121,7 +123,7 @@ def test_every_message_round_trips(name: str) -> None:
 
 def test_reliable_types_are_the_streams_of_the_architecture() -> None:
     streams = {"profile", "telemetry", "node_status", "job_status", "job_log", "job_result"}
-    streams |= {"job_offer", "job_cancel", "image_prefetch", "attest_request"}
+    streams |= {"job_offer", "job_cancel", "image_prefetch", "service_renew", "attest_request"}
     assert streams == RELIABLE_TYPES
 
 
@@ -189,6 +191,12 @@ def test_a_type_this_side_does_not_take_is_unknown_type() -> None:
         (frame(type="job_cancel", seq=0, body={"job_id": "j"}), "$.seq"),
         (frame(type="auth", body={"signature": "not base64"}), "$.body.signature"),
         (frame(type="job_log", seq=1, body={"job_id": "j", "stream": "x", "data": ""}), "stream"),
+        (frame(type="service_renew", seq=1, body={"job_id": "j", "lease_until": 0}), "until"),
+        (frame(type="service_renew", seq=1, body={"job_id": "j", "lease_until": -5}), "until"),
+        (frame(type="service_renew", seq=1, body={"job_id": "j", "lease_until": 1e12}), "until"),
+        (frame(type="service_renew", seq=1, body={"job_id": "j", "lease_until": "1"}), "until"),
+        (frame(type="service_renew", seq=1, body={"job_id": "", "lease_until": 1}), "job_id"),
+        (frame(type="service_renew", seq=1, body={"lease_until": 1}), "job_id"),
     ],
 )
 def test_invalid_message_is_bad_message_naming_the_field(data: str, path: str) -> None:
