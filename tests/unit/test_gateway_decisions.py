@@ -4,6 +4,7 @@ reported, what a request's body asks for."""
 from __future__ import annotations
 
 import json
+import sqlite3
 from pathlib import Path
 
 import pytest
@@ -174,3 +175,20 @@ def _record(n: int) -> RequestRecord:
         ttfb_s=0.1,
         ttft_s=None,
     )
+
+
+def test_a_store_of_version_5_gets_the_gateways_tables(tmp_path: Path) -> None:
+    Store(tmp_path / "c.db").close()
+    db = sqlite3.connect(tmp_path / "c.db")
+    db.executescript(
+        "DROP TABLE api_keys; DROP TABLE gateway_requests; DROP INDEX jobs_by_state;"
+        " PRAGMA user_version = 5;"
+    )
+    db.close()
+    store = Store(tmp_path / "c.db")
+    try:
+        assert store.api_keys.all() == []
+        store.requests.add([_record(1)], keep_rows=10)
+        assert store.services.live() == []
+    finally:
+        store.close()
