@@ -64,6 +64,7 @@ bench: $(VENV)/.test
 	$(BIN)/python bench/input_fetch.py
 	$(BIN)/python bench/upload.py
 	$(BIN)/python bench/tunnel.py
+	$(BIN)/python bench/gateway.py
 	$(BIN)/python bench/llama_direct.py
 
 # The llama-server test image, built from source once per machine (tests/support/llama.py).

@@ -117,6 +117,7 @@ class CoordinatorProcess:
             sys.executable, "-m", "coordinator.cli", "serve", "--host", "127.0.0.1",
             "--port", str(self.port), "--artifacts-port", str(self.artifacts_port),
             "--db", str(self.db), "--state-dir", str(self.state_dir),
+            "--gateway-port", "0",
             stdout=asyncio.subprocess.PIPE,
         )  # fmt: skip
         assert self.process.stdout is not None
