@@ -42,41 +42,26 @@ from support.fakenvml import build  # noqa: E402
 from support.gateway import new_key  # noqa: E402
 from support.input_server import InputServer, serve_input  # noqa: E402
 from support.llama import llama_server_image  # noqa: E402
+from support.llama_server import MODEL_ALIAS, service_spec  # noqa: E402
 from support.tiny_model import tiny_model  # noqa: E402
 
 from sandbox.docker_api import DockerClient  # noqa: E402
 
-MODEL = "tiny-llama"
+MODEL = MODEL_ALIAS
 STREAMS = 64
 _SOCKET = "/var/run/docker.sock"
 
 
 def _spec(image: str, model: InputServer, size: int) -> dict[str, Any]:
-    return {
-        "kind": "service",
-        "image": image,
-        "args": [
-            *("--model", "/input/model.gguf", "--alias", MODEL, "--host", "0.0.0.0"),
-            *("--port", "8080", "--threads", "1", "--parallel", "8", "--ctx-size", "4096"),
-        ],
-        "resources": {"memory_bytes": "2GiB", "pids": 256},
-        "grace_s": 2,
-        "inputs": [
-            {
-                "path": "model.gguf",
-                "url": model.url("/file"),
-                "sha256": model.sha256,
-                "size_bytes": size,
-            }
-        ],
-        "service": {
-            "port": 8080,
-            "models": [MODEL],
-            "readiness": {"path": "/health", "interval_s": 0.1},
-            "start_allowance_s": 120,
-            "max_streams": STREAMS,
-        },
-    }
+    return service_spec(
+        image,
+        model.url("/file"),
+        model.sha256,
+        size,
+        parallel=8,
+        ctx_size=4096,
+        max_streams=STREAMS,
+    )
 
 
 async def _first_token(client: httpx.AsyncClient, url: str, key: str | None) -> float | None:

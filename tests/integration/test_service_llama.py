@@ -15,15 +15,12 @@ import msgspec
 import pytest
 from support.daemon_loop import DUAL_A5000, Loop
 from support.input_server import InputServer, serve_input
+from support.llama_server import MODEL_ALIAS, service_spec
 
 from coordinator.server import Coordinator
 from sandbox.docker_api import DockerClient
 
-MODEL = "tiny-llama"
-SERVER_ARGS = (
-    *("--model", "/input/model.gguf", "--alias", MODEL, "--host", "0.0.0.0", "--port", "8080"),
-    *("--threads", "1", "--parallel", "2", "--ctx-size", "2048"),
-)
+MODEL = MODEL_ALIAS
 
 
 def _image_id(tag: str) -> str:
@@ -61,31 +58,6 @@ async def llama_loop(
     await world.stop_coordinator()
 
 
-def llama_service(image: str, model: InputServer, size: int) -> dict[str, Any]:
-    """The spec of a llama-server service on the tiny model served by ``model``."""
-    return {
-        "kind": "service",
-        "image": image,
-        "args": list(SERVER_ARGS),
-        "resources": {"memory_bytes": "1GiB", "pids": 256},
-        "grace_s": 2,
-        "inputs": [
-            {
-                "path": "model.gguf",
-                "url": model.url("/file"),
-                "sha256": model.sha256,
-                "size_bytes": size,
-            }
-        ],
-        "service": {
-            "port": 8080,
-            "models": [MODEL],
-            "readiness": {"path": "/health", "interval_s": 0.2},
-            "start_allowance_s": 120,
-        },
-    }
-
-
 async def _post(coordinator: Coordinator, node_id: str, job_id: str, body: bytes) -> bytes:
     stream = coordinator.tunnels.open(node_id, job_id)
     async with stream:
@@ -104,7 +76,8 @@ async def test_llama_server_serves_real_tokens_through_the_tunnel(
     llama_loop: Loop, model_server: InputServer, tiny_model_file: Path
 ) -> None:
     loop = llama_loop
-    spec = llama_service(loop.image, model_server, tiny_model_file.stat().st_size)
+    size = tiny_model_file.stat().st_size
+    spec = service_spec(loop.image, model_server.url("/file"), model_server.sha256, size)
     job_id = await loop.c.submit(loop.node_id, spec)
     await loop.until(lambda: "ready" in loop.states(job_id), "llama-server to be ready", 180)
     await loop.until(lambda: loop.node_id in loop.c.tunnels.connected(), "the tunnel")
