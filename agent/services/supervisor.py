@@ -229,6 +229,8 @@ class ServiceSupervisor:
         while True:
             check = health.check
             failure = await self.probe(address, self.service.port, check)
+            if self.hooks.stopped() is not None or self._ending is not None:
+                return  # being stopped: a server going down says nothing of its health
             self._memory_full_at = self.clock() if self.hooks.memory_full() else None
             verdict = health.observe(not failure, self.clock(), failure)
             if verdict.phase is not None and not self.draining:

@@ -215,3 +215,25 @@ async def test_a_server_that_dies_with_its_gpu_memory_full_is_restarted_for_gpu_
     full[0] = True
     await asyncio.wait_for(running, timeout=30)
     assert ("restarting", "gpu_oom") in node.reports
+
+
+async def test_a_server_going_down_because_it_is_stopped_is_not_called_unhealthy() -> None:
+    node = _Node()
+    node.script.append(node.serve_until_cancelled)
+    probed_after_stop = asyncio.Event()
+
+    async def probe(address: str, port: int, check: HttpCheck) -> str:
+        if node.stop is None:
+            return ""
+        probed_after_stop.set()
+        return "ConnectError: refused"  # the server is on its way down
+
+    supervisor = ServiceSupervisor(_service(), node.hooks(), probe=probe)
+    running = asyncio.create_task(supervisor.run())
+    while not supervisor.ready:
+        await asyncio.sleep(0.01)
+    node.stop = "cancelled"  # as the manager's stop() does, before the runner acts on it
+    await probed_after_stop.wait()
+    node.cancelled.set()
+    end = await asyncio.wait_for(running, timeout=30)
+    assert (end.code, node.reports) == ("cancelled", [("starting", ""), ("ready", "")])
