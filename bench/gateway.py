@@ -30,7 +30,6 @@ import functools
 import json
 import os
 import resource
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -47,6 +46,7 @@ sys.path[0] = str(ROOT / "tests")
 from support.gateway import report, service_spec  # noqa: E402
 from support.llama import llama_server_image  # noqa: E402
 from support.llama_server import MODEL_ALIAS, PORT, running_llama_server  # noqa: E402
+from support.stats import spread  # noqa: E402
 from support.tiny_model import tiny_model  # noqa: E402
 
 from agent.link.identity import load_or_create  # noqa: E402
@@ -80,14 +80,6 @@ class _Cpu:
         own = resource.getrusage(resource.RUSAGE_SELF)
         times = [p.cpu_times() for p in self.others]
         return own.ru_utime + own.ru_stime + sum(t.user + t.system for t in times)
-
-
-def _stats(values: list[float]) -> dict[str, float]:
-    return {
-        "min": round(min(values), 4),
-        "median": round(statistics.median(values), 4),
-        "max": round(max(values), 4),
-    }
 
 
 def _percentile(values: list[float], fraction: float) -> float:
@@ -258,10 +250,10 @@ async def _measure(
         "runs": runs,
         "requests": requests,
         "tokens": tokens,
-        "direct": {key: _stats(values) for key, values in d.items()},
-        "gateway": {key: _stats(values) for key, values in g.items()},
-        "added_p50_ms": _stats(added),
-        "tokens_gateway_over_direct": _stats(ratio),
+        "direct": {key: spread(values) for key, values in d.items()},
+        "gateway": {key: spread(values) for key, values in g.items()},
+        "added_p50_ms": spread(added),
+        "tokens_gateway_over_direct": spread(ratio),
     }
 
 

@@ -43,6 +43,7 @@ from support.gateway import new_key  # noqa: E402
 from support.input_server import InputServer, serve_input  # noqa: E402
 from support.llama import llama_server_image  # noqa: E402
 from support.llama_server import MODEL_ALIAS, service_spec  # noqa: E402
+from support.stats import spread  # noqa: E402
 from support.tiny_model import tiny_model  # noqa: E402
 
 from sandbox.docker_api import DockerClient  # noqa: E402
@@ -120,14 +121,6 @@ async def _concurrent(url: str, key: str | None) -> tuple[float, float]:
     return statistics.median(served), served[int(0.99 * (len(served) - 1))]
 
 
-def _stats(values: list[float]) -> dict[str, float]:
-    return {
-        "min": round(min(values), 4),
-        "median": round(statistics.median(values), 4),
-        "max": round(max(values), 4),
-    }
-
-
 async def main(runs: int) -> dict[str, Any]:
     image = subprocess.run(
         ["docker", "image", "inspect", "--format", "{{.Id}}", llama_server_image(_SOCKET)],
@@ -165,15 +158,15 @@ async def main(runs: int) -> dict[str, Any]:
             await loop.stop_coordinator()
     return {
         "deploy_to_first_token_s_model_fetched": round(starts[0], 4),
-        "deploy_to_first_token_s_model_cached": _stats(starts[1:]),
+        "deploy_to_first_token_s_model_cached": spread(starts[1:]),
         "streams": STREAMS,
         "ttft_p50_s": {
-            "gateway": _stats([t[0] for t in through]),
-            "direct": _stats([d[0] for d in direct]),
+            "gateway": spread([t[0] for t in through]),
+            "direct": spread([d[0] for d in direct]),
         },
         "ttft_p99_s": {
-            "gateway": _stats([t[1] for t in through]),
-            "direct": _stats([d[1] for d in direct]),
+            "gateway": spread([t[1] for t in through]),
+            "direct": spread([d[1] for d in direct]),
         },
     }
 
