@@ -44,11 +44,8 @@ class DaemonControl:
         latest: Callable[[], list[GpuSample]],
         clock: Callable[[], float],
         power: Callable[[str], str] = lambda gpu_id: "",
-        in_flight: Callable[[str], int] = lambda job_id: 0,
     ) -> None:
         self.identity = identity
-        self.in_flight = in_flight
-        """Requests in flight to a service (by job id), which a drain lets finish."""
         self.manager = jobs
         self.node = node
         self.guard = guard
@@ -107,7 +104,7 @@ class DaemonControl:
             self.node.hold(DRAINING, "waiting for running jobs to end")
             try:
                 # A service never ends by itself: it ends once its requests are done.
-                await self.manager.drain_services(self.in_flight)
+                await self.manager.drain_services()
                 await self.manager.wait_idle()
             finally:
                 self.node.release(DRAINING)

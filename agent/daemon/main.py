@@ -249,6 +249,7 @@ class _Daemon:
             wake=wake,
         )
         self.jobs.gpu_samples = lambda: self.sampler.latest_gpus
+        self.jobs.in_flight = self.tunnel.streams_to
         self.control = DaemonControl(
             identity=identity,
             jobs=self.jobs,
@@ -258,7 +259,6 @@ class _Daemon:
             latest=lambda: self.sampler.latest_gpus,
             power=power.describe,
             clock=time.time,
-            in_flight=self.tunnel.streams_to,
         )
         self.control_server = (
             ControlServer(

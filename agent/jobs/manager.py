@@ -134,6 +134,10 @@ class JobManager:
         was full when it died (``gpu_oom``)."""
         self.services: dict[str, ServiceSupervisor] = {}
         """The services running, by job id: where each answers, and whether it is ready."""
+        self.in_flight: Callable[[str], int] = lambda job_id: 0
+        """How many requests a service is answering now (the daemon's tunnel): a drain
+        waits for them."""
+        self._drains: dict[str, asyncio.Task[None]] = {}
         self._states: dict[str, str] = {}
         self._stops: dict[str, StopReason] = {}
         self._containers: dict[str, str] = {}
@@ -274,15 +278,32 @@ class JobManager:
         """The containers of the running jobs."""
         return list(self._containers.values())
 
-    async def drain_services(self, in_flight: Callable[[str], int] = lambda _: 0) -> None:
-        """Stop every service once its requests in flight (``in_flight(job_id)``) are done,
-        within its spec's grace period: they end ``stopped`` (``drained``)."""
+    async def drain_services(
+        self, code: str = "drained", detail: str = "the node drained it"
+    ) -> None:
+        """Stop every service once its requests in flight (:attr:`in_flight`) are done,
+        within its spec's grace period: they end ``stopped`` with ``code``."""
         await asyncio.gather(
             *(
-                service.drain(partial(in_flight, job_id))
+                service.drain(partial(self.in_flight, job_id), code, detail)
                 for job_id, service in list(self.services.items())
             )
         )
+
+    def preempt(self, detail: str) -> None:
+        """An owner's guard tripped: stop the batch jobs now (their grace period, then
+        SIGKILL: they end ``preempted``); drain the services (no new requests, those in
+        flight finish within the grace period, then they end ``stopped``, ``preempted``)."""
+        for job_id in list(self.tasks):
+            if (service := self.services.get(job_id)) is None:
+                if self.stop(job_id, "preempted"):
+                    _log.warning("preempting job %s: %s", job_id, detail)
+            elif not service.draining and job_id not in self._drains:
+                _log.warning("draining service %s: %s", job_id, detail)
+                guard = f"the owner's guard: {detail}"
+                drain = service.drain(partial(self.in_flight, job_id), "preempted", guard)
+                self._drains[job_id] = task = asyncio.create_task(drain)
+                task.add_done_callback(lambda _, j=job_id: self._drains.pop(j, None))  # type: ignore[misc]
 
     async def wait_idle(self) -> None:
         """Return once no job runs."""
@@ -294,6 +315,8 @@ class JobManager:
         self.node.hold(SHUTTING_DOWN, "the agent is stopping")
         for job_id in list(self.tasks):
             self.stop(job_id, "interrupted")
+        for drain in list(self._drains.values()):
+            drain.cancel()
         await self.prefetcher.close()
         await self.wait_idle()
 

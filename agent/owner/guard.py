@@ -6,7 +6,8 @@ asks :func:`~agent.owner.policy.decide`, and acts:
 
 - sharing not allowed: new offers are refused with the guard's code (the coordinator
   hears it in ``node_status``) and running jobs are stopped with their grace period and
-  reported ``preempted``, with their receipts;
+  reported ``preempted``, with their receipts; a service is drained first (no new
+  requests; those in flight finish within its grace period), then ends ``preempted``;
 - allowed again: the hold is lifted.
 
 The owner's own pause (for an hour, until tomorrow, until resumed) and the settings changed
@@ -150,7 +151,7 @@ class OwnerGuard:
             if not self.verdict.share and self.verdict.code != verdict.code:
                 self.node.release(self.verdict.code)
             self.node.hold(verdict.code, verdict.detail)
-            self._preempt(verdict)
+            self.jobs.preempt(verdict.detail)
         self.verdict = verdict
         return verdict
 
@@ -176,11 +177,6 @@ class OwnerGuard:
             for pid in pids
             if not in_job_container(pid, ours, self.proc) and _name(self.proc, pid) not in ignored
         )
-
-    def _preempt(self, verdict: Verdict) -> None:
-        for job_id in list(self.jobs.tasks):
-            if self.jobs.stop(job_id, "preempted"):
-                _log.warning("preempting job %s: %s", job_id, verdict.detail)
 
     # -- storage --------------------------------------------------------------------------
 

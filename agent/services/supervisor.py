@@ -135,17 +135,25 @@ class ServiceSupervisor:
             self.lease_until = until
             self._wake.set()
 
-    async def drain(self, in_flight: Callable[[], int]) -> None:
+    async def drain(
+        self,
+        in_flight: Callable[[], int],
+        code: str = "drained",
+        detail: str = "the node drained it",
+    ) -> None:
         """Take no new requests, let those in flight finish (for its spec's grace period
-        at most), then stop the server: the service ends ``drained``."""
+        at most), then stop the server: the service ends with ``code`` (``drained``; an
+        owner's guard: ``preempted``). A second drain while one is under way does nothing."""
+        if self.draining:
+            return
         if self.phase == "ready":
-            self._set("unhealthy", "draining", "the node is draining")
+            self._set("unhealthy", "draining", detail)
         self.draining = True
         deadline = self.clock() + self.grace_s
         while in_flight() > 0 and self.clock() < deadline:
             await asyncio.sleep(_DRAIN_POLL_S)
         if self._ending is None:
-            self._ending = ("drained", f"the node drained it ({in_flight()} request(s) cut)")
+            self._ending = (code, f"{detail}: {in_flight()} request(s) cut")
         self.hooks.cancel()
         self._wake.set()
 

@@ -5,13 +5,17 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import httpx
 from support.world import World, deliver, offer_message, spec
 
+from agent.owner.guard import OwnerGuard
+from agent.owner.policy import OwnerPolicy
 from agent.protocol.bodies import JobCancelBody, ServiceRenewBody
 from agent.protocol.messages import JobCancel, ServiceRenew, wrap
+from hal.types import GpuSample
 
 FAST = {
     "readiness": {"interval_s": 0.2, "timeout_s": 1},
@@ -89,7 +93,8 @@ async def test_a_drain_takes_a_service_out_lets_its_requests_finish_then_stops_i
     service = world.manager.services["svc-e"]
     requests = [1]  # one request in flight, until the test ends it
 
-    draining = asyncio.create_task(world.manager.drain_services(lambda _: requests[0]))
+    world.manager.in_flight = lambda _: requests[0]
+    draining = asyncio.create_task(world.manager.drain_services())
     await _until(lambda: "unhealthy" in world.states("svc-e"))
     assert not service.ready  # no new requests go to it, though its checks still pass
     await asyncio.sleep(0.5)  # its liveness checks go on passing meanwhile
@@ -102,6 +107,42 @@ async def test_a_drain_takes_a_service_out_lets_its_requests_finish_then_stops_i
         ("unhealthy", "draining"),
         ("stopped", "drained"),
     ]
+
+
+async def test_a_tripped_guard_drains_a_service_but_preempts_a_batch_job_at_once(
+    world: World, tmp_path: Path
+) -> None:
+    guard = OwnerGuard(
+        jobs=world.manager,
+        node=world.manager.node,
+        policy=OwnerPolicy(pause_above_c=85, resume_below_c=75),
+        store=tmp_path / "owner.json",
+    )
+    await deliver(world, offer_message(world, "svc-g", _service(world, SERVE)))
+    await deliver(world, offer_message(world, "job-g", spec(world.image, "sleep 60")))
+    await _until(lambda: "ready" in world.states("svc-g") and "running" in world.states("job-g"))
+    service = world.manager.services["svc-g"]
+    requests = [1]  # one request in flight to the service, until the test ends it
+    world.manager.in_flight = lambda job_id: requests[0] if job_id == "svc-g" else 0
+
+    hot = [GpuSample(id="pci:0000:00:00.0", temperature_c=90.0)]
+    assert guard.tick(hot).code == "too_hot"
+    # The batch job is stopped now; the service takes no new request but is not stopped.
+    await _until(lambda: "preempted" in world.states("job-g"))
+    await _until(lambda: "unhealthy" in world.states("svc-g"))
+    assert not service.ready
+    guard.tick(hot)  # the guard goes on ticking: a second drain is not started
+    await asyncio.sleep(0.5)  # its liveness checks go on passing meanwhile
+    assert world.states("svc-g")[-1] == "unhealthy"
+    assert "svc-g" in world.manager.services
+    requests[0] = 0
+    await world.manager.wait_idle()
+    bodies = [b for kind, b in world.messages("svc-g") if kind == "job_status"]
+    drained = [(b["state"], b["code"]) for b in bodies[-2:]]
+    assert drained == [("unhealthy", "draining"), ("stopped", "preempted")]
+    assert bodies[-1]["detail"].startswith("the owner's guard: GPU pci:0000:00:00.0 at 90 °C")
+    receipt = world.receipt("svc-g")
+    assert (receipt["state"], receipt["code"]) == ("stopped", "preempted")
 
 
 async def test_a_service_outlives_its_specs_timeout_which_is_a_jobs_not_a_services(

@@ -1,8 +1,8 @@
 """Issue 13's end to end, on the real engine with real daemons: one deployment of two
 replicas over two nodes, called through the gateway with the official client. A stream
 whose node is killed -9 ends in an error, not a hang, and the next request goes to the
-other replica; a node drained lets its stream finish, then stops; a bad key gets 401, a
-flood from one key 429 while another key is served.
+other replica; a node whose owner's guard trips lets its stream finish, then stops (a
+drain); a bad key gets 401, a flood from one key 429 while another key is served.
 
 The server is busybox in the container: a token stream of its own, one event every
 0.2 s, so that "mid-stream" is a moment a test can hold (the real llama-server behind the
@@ -17,6 +17,7 @@ import signal
 import subprocess
 import sys
 from collections.abc import Callable
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,9 @@ import openai
 import pytest
 from support.daemon_loop import DUAL_A5000, Loop, two_nodes
 from support.gateway import new_key
+
+from agent.control.client import ControlClient
+from agent.owner.policy import WEEKDAYS
 
 MODEL = "slow"
 EVENTS = 40
@@ -166,23 +170,26 @@ async def test_a_deployment_of_two_replicas_serves_through_the_gateway_and_outli
             assert len(events) == EVENTS
             assert c.tunnels.open_streams(survivor.node_id) == 0
 
-            # The survivor drained: the stream under way finishes whole, then the service
-            # stops, and nothing is left to serve the model.
+            # The survivor's owner guard trips (its sharing hours changed to hours that are
+            # not now): the stream under way finishes whole, then the service stops, and
+            # nothing is left to serve the model.
             stream = await client.completions.create(model=MODEL, prompt="hi", stream=True)
             received = [await anext(aiter(stream))]
             socket_path = survivor.workdir / "run" / "agent.sock"
-            drain = asyncio.create_task(
-                asyncio.to_thread(
-                    subprocess.run,
-                    [*_AGENT, "pause", "--drain", "--socket", str(socket_path)],
-                    capture_output=True,
-                    timeout=120,
-                    check=False,
-                )
-            )
+            elsewhen = WEEKDAYS[(datetime.now().weekday() + 3) % 7]
+            async with await ControlClient.connect(socket_path) as control:
+                window = {"days": [elsewhen], "start": "00:00", "end": "00:01"}
+                await control.set_settings({"schedule": [window]})
             received += [event async for event in stream]
             assert len(received) == EVENTS
-            assert (await drain).returncode == 0
+            await _until(
+                lambda: any(
+                    (row.state, row.code) == ("stopped", "preempted")
+                    for row in c.store.jobs.recent(limit=50)
+                    if row.node_id == survivor.node_id
+                ),
+                "the survivor's replica stopped by its guard",
+            )
             with pytest.raises(openai.APIStatusError) as gone:
                 await client.completions.create(model=MODEL, prompt="hi")
             assert gone.value.status_code in (404, 503)
