@@ -33,6 +33,7 @@ Write (the admin listener only, from loopback, with ``Authorization: Bearer <tok
 - ``POST /api/nodes/{id}/prefetch`` ``{"image"}`` -> 202 ``{"node_id", "image"}`` (the image
   pinned): the node pulls it now, before a job needs it
 - ``POST /api/deployments`` ``{"name", "spec", "replicas"}`` -> 201 the deployment;
+  ``POST /api/deployments/{name}/scale`` ``{"replicas"}`` -> 200 the deployment;
   ``DELETE /api/deployments/{name}`` -> 202 ``{"name", "cancelled"}``: every replica cancelled
 
 Errors are ``{"error": {"code", "detail"}}``: 400 ``bad_request``, ``bad_spec``,
@@ -166,6 +167,8 @@ async def admin_route(
         if deployments is not None and parts[:2] == ["api", "deployments"]:
             if request.method == "POST" and len(parts) == 2:
                 return await deployments_api.create(deployments, store, request.body)
+            if request.method == "POST" and len(parts) == 4 and parts[3] == "scale":
+                return await deployments_api.scale(deployments, store, parts[2], request.body)
             if request.method == "DELETE" and len(parts) == 3:
                 return await deployments_api.delete(deployments, parts[2])
         if request.method != "POST":

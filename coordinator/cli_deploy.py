@@ -1,4 +1,4 @@
-"""``gpu-coordinator deploy``, ``undeploy`` and ``deployments``: the admin API's
+"""``gpu-coordinator deploy``, ``scale``, ``undeploy`` and ``deployments``: the admin API's
 deployment routes from the command line (:mod:`coordinator.deployments_api`)."""
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from coordinator.errors import JobError
 __all__ = ["COMMANDS", "add_commands", "add_serve_options", "check", "run"]
 
 #: The commands of this module.
-COMMANDS: Final = frozenset({"deploy", "undeploy", "deployments"})
+COMMANDS: Final = frozenset({"deploy", "scale", "undeploy", "deployments"})
 
 
 def add_commands(
@@ -24,7 +24,7 @@ def add_commands(
     admin_options: Callable[[argparse.ArgumentParser], None],
     path: Callable[[str], Path],
 ) -> None:
-    """Add the three commands to the subparsers ``commands``."""
+    """Add the four commands to the subparsers ``commands``."""
     deploy = commands.add_parser(
         "deploy", help="keep N replicas of a service running, each on its own node if it can"
     )
@@ -34,6 +34,12 @@ def add_commands(
     )
     deploy.add_argument("--name", help="the deployment's name (default: the file's stem)")
     admin_options(deploy)
+    scale = commands.add_parser(
+        "scale", help="change how many replicas a deployment keeps (in place, never short)"
+    )
+    scale.add_argument("name", metavar="NAME")
+    scale.add_argument("--replicas", type=int, required=True, help=f"how many (1..{MAX_REPLICAS})")
+    admin_options(scale)
     undeploy = commands.add_parser("undeploy", help="stop every replica of a deployment")
     undeploy.add_argument("name", metavar="NAME")
     admin_options(undeploy)
@@ -60,8 +66,10 @@ def check(args: argparse.Namespace) -> dict[str, Any]:
         JobError: ``bad_name``, ``bad_replicas``, ``not_a_service``, and the spec file's
             codes (:func:`coordinator.client.load_spec_file`).
     """
-    if args.command == "undeploy":
+    if args.command in ("undeploy", "scale"):
         _check_name(args.name, "")
+    if args.command == "scale" and not 1 <= args.replicas <= MAX_REPLICAS:
+        raise JobError("bad_replicas", f"--replicas {args.replicas}: 1..{MAX_REPLICAS}")
     if args.command != "deploy":
         return {}
     name = args.name if args.name is not None else args.spec_file.stem
@@ -80,6 +88,10 @@ def run(args: argparse.Namespace, client: AdminClient, spec: dict[str, Any]) -> 
     if args.command == "deploy":
         deployment = client.deploy(args.name, spec, args.replicas)
         print(deployment.get("name"), flush=True)
+        return 0
+    if args.command == "scale":
+        deployment = client.scale(args.name, args.replicas)
+        print(f"{deployment.get('name')} {deployment.get('replicas')}", flush=True)
         return 0
     if args.command == "undeploy":
         for job_id in client.undeploy(args.name):

@@ -159,6 +159,11 @@ class AdminClient:
         body = {"name": name, "spec": spec, "replicas": replicas}
         return self._request("POST", "/api/deployments", body)
 
+    def scale(self, name: str, replicas: int) -> dict[str, Any]:
+        """Change how many replicas a deployment keeps; the deployment."""
+        path = f"/api/deployments/{quote(name, safe='')}/scale"
+        return self._request("POST", path, {"replicas": replicas})
+
     def undeploy(self, name: str) -> list[str]:
         """Cancel every replica of a deployment and forget it; the jobs cancelled."""
         answer = self._request("DELETE", f"/api/deployments/{quote(name, safe='')}")

@@ -125,6 +125,24 @@ class Deployments:
         assert row is not None
         return row
 
+    async def scale(self, name: str, replicas: Any) -> DeploymentRow:
+        """Change how many replicas a deployment keeps, in place: the reconciler places the
+        new ones, or retires those past it (``rebalanced``) once as many as wanted are
+        ready without them, so that scaling down never leaves the deployment short.
+
+        Raises:
+            JobError: ``bad_replicas`` (not an integer in 1..64), ``unknown_deployment``.
+        """
+        if type(replicas) is not int or not 1 <= replicas <= MAX_REPLICAS:
+            raise JobError("bad_replicas", f"{replicas!r}: an integer in 1..{MAX_REPLICAS}")
+        async with self._lock:
+            if not self._store.deployments.set_replicas(name, replicas):
+                raise JobError("unknown_deployment", f"no deployment {name!r}")
+        self._wake.set()
+        row = self._store.deployments.get(name)
+        assert row is not None
+        return row
+
     async def undeploy(self, name: str) -> list[str]:
         """Cancel every replica of a deployment (reason ``undeploy``) and forget it; the
         ids of the jobs cancelled.

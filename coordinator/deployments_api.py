@@ -5,6 +5,7 @@ and deploy and undeploy behind the admin token (through
 - ``GET /api/deployments`` -> ``{"deployments": [view, ...]}``, by name
 - ``GET /api/deployments/{name}`` -> the view; 404 ``unknown_deployment``
 - ``POST /api/deployments`` ``{"name", "spec", "replicas"}`` -> 201 the view
+- ``POST /api/deployments/{name}/scale`` ``{"replicas"}`` -> 200 the view
 - ``DELETE /api/deployments/{name}`` -> 202 ``{"name", "cancelled": [job id, ...]}``
 
 A view: ``name``, ``replicas`` (wanted), ``ready`` (how many are), ``image``, ``models``,
@@ -29,12 +30,16 @@ from coordinator.deployments_store import DeploymentRow
 from coordinator.errors import JobError
 from coordinator.store import Store
 
-__all__ = ["create", "delete", "detail", "listing", "view"]
+__all__ = ["create", "delete", "detail", "listing", "scale", "view"]
 
 
 class _Deploy(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     name: Any
     spec: Any
+    replicas: Any
+
+
+class _Scale(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     replicas: Any
 
 
@@ -64,6 +69,20 @@ async def create(deployments: Deployments, store: Store, body: bytes) -> HttpAns
         raise JobError("bad_request", str(exc)) from None
     row = await deployments.deploy(request.name, request.spec, request.replicas)
     return json_answer(view(store, row, ()), HTTPStatus.CREATED)
+
+
+async def scale(deployments: Deployments, store: Store, name: str, body: bytes) -> HttpAnswer:
+    """``POST /api/deployments/{name}/scale``.
+
+    Raises:
+        JobError: as :meth:`Deployments.scale`, or ``bad_request``.
+    """
+    try:
+        request = msgspec.json.decode(body or b"null", type=_Scale)
+    except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+        raise JobError("bad_request", str(exc)) from None
+    row = await deployments.scale(name, request.replicas)
+    return json_answer(view(store, row, ()))
 
 
 async def delete(deployments: Deployments, name: str) -> HttpAnswer:

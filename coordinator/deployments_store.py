@@ -101,6 +101,13 @@ class DeploymentTable:
             self._db.execute("DELETE FROM deployment_replicas WHERE deployment = ?", (name,))
             self._db.execute("DELETE FROM deployments WHERE name = ?", (name,))
 
+    def set_replicas(self, name: str, replicas: int) -> bool:
+        """Change how many replicas a deployment wants; False if there is no such one."""
+        cursor = self._db.execute(
+            "UPDATE deployments SET replicas = ? WHERE name = ?", (replicas, name)
+        )
+        return cursor.rowcount == 1
+
     def set_hold(self, name: str, failures: int, hold_until: float) -> None:
         """Record a deployment's failures in a row and its hold."""
         self._db.execute(

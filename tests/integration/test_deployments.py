@@ -172,9 +172,24 @@ async def test_deploy_spreads_renews_replaces_a_lost_node_and_undeploy_cancels(
     await nodes.a.until(lambda: nodes.c.store.jobs.get(moved["job_id"]).final, "it to stop")  # type: ignore[union-attr]
     assert nodes.job_state(moved["job_id"]) == ("stopped", "cancelled")
 
+    # Scaled in place: up to 3 (a node takes a second), then down to 1, never short: the
+    # two retired are rebalanced away only while the one kept is ready.
+    scaled = await asyncio.to_thread(nodes.cli, "scale", "web", "--replicas", "3")
+    assert (scaled.returncode, scaled.stdout) == (0, "web 3\n"), scaled.stderr
+    await nodes.a.until(lambda: len(ready()) == 3, "three replicas ready")
+    three = {r["job_id"] for r in nodes.deployment("web")["live"]}
+    scaled = await asyncio.to_thread(nodes.cli, "scale", "web", "--replicas", "1")
+    assert scaled.returncode == 0, scaled.stderr
+    await nodes.a.until(lambda: len(nodes.deployment("web")["live"]) == 1, "scaled down to one")
+    shown = nodes.deployment("web")
+    [kept] = [r["job_id"] for r in shown["live"]]
+    dropped = {r["job_id"]: r["retired_code"] for r in shown["retired"] if r["job_id"] in three}
+    assert dropped == dict.fromkeys(three - {kept}, "rebalanced")
+    assert nodes.job_state(kept) == ("ready", "")
+
     listed = await asyncio.to_thread(nodes.cli, "deployments")
     assert listed.returncode == 0
-    assert sum(line.startswith("web ") for line in listed.stdout.splitlines()) == 2
+    assert sum(line.startswith("web ") for line in listed.stdout.splitlines()) == 1
 
     live = [r["job_id"] for r in shown["live"]]
     undeployed = await asyncio.to_thread(nodes.cli, "undeploy", "web")
@@ -184,7 +199,7 @@ async def test_deploy_spreads_renews_replaces_a_lost_node_and_undeploy_cancels(
         lambda: all(nodes.c.store.jobs.get(j).final for j in live),  # type: ignore[union-attr]
         "every replica to stop",
     )
-    assert [nodes.job_state(j) for j in live] == [("stopped", "cancelled")] * 2
+    assert [nodes.job_state(j) for j in live] == [("stopped", "cancelled")]
     assert nodes.c.store.deployments.all() == []
     status, gone = await nodes.get("api/deployments/web")
     assert (status, gone["error"]["code"]) == (404, "unknown_deployment")
@@ -263,6 +278,59 @@ async def test_undeploy_of_no_such_deployment_is_a_coded_error(coordinator: Coor
     assert (unknown.returncode, "[unknown_deployment]" in unknown.stderr) == (1, True)
     bad = await asyncio.to_thread(_cli, coordinator, "undeploy", "../../x")
     assert (bad.returncode, "[bad_name]" in bad.stderr) == (2, True)
+
+
+@pytest.mark.parametrize(
+    ("args", "status", "code"),
+    [
+        (["nothing", "--replicas", "2"], 1, "unknown_deployment"),
+        (["web", "--replicas", "0"], 2, "bad_replicas"),
+        (["web", "--replicas", "65"], 2, "bad_replicas"),
+        (["web", "--replicas", "many"], 2, "bad_argument"),
+        (["web"], 2, "bad_argument"),
+        (["../x", "--replicas", "2"], 2, "bad_name"),
+    ],
+)
+async def test_a_bad_scale_is_a_coded_error_and_changes_nothing(
+    coordinator: Coordinator, args: list[str], status: int, code: str
+) -> None:
+    body = json.dumps({"name": "web", "spec": service_spec("sha256:" + "0" * 64), "replicas": 2})
+    created = await asyncio.to_thread(
+        _admin, coordinator, "POST", "/api/deployments", body.encode()
+    )
+    assert created == (201, "")
+    done = await asyncio.to_thread(_cli, coordinator, "scale", *args)
+    assert (done.returncode, f"[{code}]" in done.stderr) == (status, True), done.stderr
+    assert "Traceback" not in done.stderr
+    [row] = coordinator.store.deployments.all()
+    assert row.replicas == 2
+
+
+@pytest.mark.parametrize(
+    ("body", "code"),
+    [
+        (b"not json", "bad_request"),
+        (b'{"replicas": 2, "extra": 1}', "bad_request"),
+        (b'{"replicas": true}', "bad_replicas"),
+        (b'{"replicas": 1.5}', "bad_replicas"),
+        (b'{"replicas": 1e9}', "bad_replicas"),
+        (b'{"replicas": -1}', "bad_replicas"),
+    ],
+)
+async def test_the_admin_api_refuses_a_bad_scale_with_a_code(
+    coordinator: Coordinator, body: bytes, code: str
+) -> None:
+    deploy = json.dumps({"name": "web", "spec": service_spec("sha256:" + "0" * 64), "replicas": 2})
+    created = await asyncio.to_thread(
+        _admin, coordinator, "POST", "/api/deployments", deploy.encode()
+    )
+    assert created == (201, "")
+    answer = await asyncio.to_thread(
+        _admin, coordinator, "POST", "/api/deployments/web/scale", body
+    )
+    assert answer == (400, code)
+    [row] = coordinator.store.deployments.all()
+    assert row.replicas == 2
 
 
 @pytest.mark.parametrize(
