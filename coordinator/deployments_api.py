@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Collection
 from http import HTTPStatus
-from typing import Any
+from typing import Any, TypeVar
 
 import msgspec
 
@@ -43,6 +43,9 @@ class _Scale(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
     replicas: Any
 
 
+_Request = TypeVar("_Request", _Deploy, _Scale)
+
+
 def listing(store: Store, connected: Collection[str]) -> HttpAnswer:
     """``GET /api/deployments``."""
     rows = store.deployments.all()
@@ -63,10 +66,7 @@ async def create(deployments: Deployments, store: Store, body: bytes) -> HttpAns
     Raises:
         JobError: as :meth:`Deployments.deploy`, or ``bad_request``.
     """
-    try:
-        request = msgspec.json.decode(body or b"null", type=_Deploy)
-    except (msgspec.ValidationError, msgspec.DecodeError) as exc:
-        raise JobError("bad_request", str(exc)) from None
+    request = _decode(body, _Deploy)
     row = await deployments.deploy(request.name, request.spec, request.replicas)
     return json_answer(view(store, row, ()), HTTPStatus.CREATED)
 
@@ -77,12 +77,17 @@ async def scale(deployments: Deployments, store: Store, name: str, body: bytes) 
     Raises:
         JobError: as :meth:`Deployments.scale`, or ``bad_request``.
     """
-    try:
-        request = msgspec.json.decode(body or b"null", type=_Scale)
-    except (msgspec.ValidationError, msgspec.DecodeError) as exc:
-        raise JobError("bad_request", str(exc)) from None
+    request = _decode(body, _Scale)
     row = await deployments.scale(name, request.replicas)
     return json_answer(view(store, row, ()))
+
+
+def _decode(body: bytes, kind: type[_Request]) -> _Request:
+    """A request's body as ``kind``; ``JobError`` ``bad_request`` if it is not one."""
+    try:
+        return msgspec.json.decode(body or b"null", type=kind)
+    except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+        raise JobError("bad_request", str(exc)) from None
 
 
 async def delete(deployments: Deployments, name: str) -> HttpAnswer:
