@@ -101,7 +101,8 @@ class TunnelStream:
         while True:
             data = mux.read(self.stream_id, max_bytes)
             if data:
-                self._link.wake.set()  # a window update may be due
+                if mux.wants_write:  # a window update due, or the stream finished
+                    self._link.wake.set()
                 return data
             if self._error is not None:
                 raise StreamError(self._error, f"stream to {self.target} on {self.node_id}")

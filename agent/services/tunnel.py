@@ -359,7 +359,8 @@ class _Session:
         while True:
             data = self.mux.read(pipe.stream_id, _READ_BYTES)
             if data:
-                self.wake.set()  # a window update may be due
+                if self.mux.wants_write:  # a window update due, or the stream finished
+                    self.wake.set()
                 writer.write(data)
                 await writer.drain()
             elif pipe.eof:
