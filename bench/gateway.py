@@ -3,15 +3,18 @@ and a node's tunnel against the same server reached straight, side by side in on
 
 Three processes on loopback: this one (the reference coordinator with its gateway, in
 process, and the client), the agent's :class:`agent.services.tunnel.ServiceTunnel`
-(tests/support/tunnel_agent.py) and the server (tests/support/fake_openai.py; each answer
-closes its connection). The client is httpx, on one kept-alive connection to the gateway,
-a new one each time to the server (which closes them). Each run measures, both ways:
+(tests/support/tunnel_agent.py) and the server (tests/support/fake_openai.py, which keeps
+its connections alive after a plain answer, as llama.cpp's server does). The client is
+httpx, on kept-alive connections to the gateway and to the server. Each run measures,
+both ways:
 
 - latency: ``--requests`` small non-streamed completions (one token) one after another;
   p50 and p99 (the issue's goal: at most 2 ms added at p50);
 - tokens: a streamed chat of ``--tokens`` events, each written on its own as a model server
   does, read event by event; time to the first event, and tokens/s after it (the stream's
-  pace, apart from the request's setup; goal: at least 0.95x straight);
+  pace, apart from the request's setup; goal: at least 0.95x straight), and with
+  ``--llama`` the tokens/s the server reports for itself (the model's own pace: on a
+  machine whose cores the relay shares, what the relay's CPU takes from the model);
 
 with wall time and the CPU time (user + system) of all three processes beside it.
 With ``--llama`` the server is the real llama-server in its container instead (as
@@ -60,7 +63,7 @@ sys.path.insert(0, sys.argv[1])
 from support.fake_openai import FakeOpenAI
 
 async def main():
-    server = FakeOpenAI("bench")
+    server = FakeOpenAI("bench", keep_alive=True)
     await server.start()
     print(server.port, flush=True)
     await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
@@ -107,6 +110,8 @@ class _Streamed:
         self.start = 0.0
         self.first = 0.0
         self.last = 0.0
+        self.server_rate = 0.0
+        """The tokens/s the server reports for itself (llama.cpp's ``timings``)."""
 
 
 async def _stream(
@@ -123,7 +128,9 @@ async def _stream(
             seen.last = time.perf_counter()
             seen.first = seen.first or seen.last
             if '"usage":{' in line.replace(" ", ""):
-                seen.tokens = json.loads(line[6:])["usage"]["completion_tokens"]
+                last = json.loads(line[6:])
+                seen.tokens = last["usage"]["completion_tokens"]
+                seen.server_rate = last.get("timings", {}).get("predicted_per_second", 0.0)
     return seen.tokens
 
 
@@ -236,6 +243,10 @@ async def _measure(
                             # setup (its latency is the figure above; ttft beside).
                             rate = (tokens - 1) / (seen.last - seen.first)
                             row.setdefault("tokens_per_s", []).append(rate)
+                            if seen.server_rate:
+                                # The model's own pace: a relay that costs CPU slows it on
+                                # a machine whose cores it shares.
+                                row.setdefault("server_tokens_per_s", []).append(seen.server_rate)
                             ttft = (seen.first - seen.start) * 1000
                             row.setdefault("ttft_ms", []).append(ttft)
                             row.setdefault("tokens_wall_s", []).append(wall)
@@ -246,6 +257,12 @@ async def _measure(
     d, g = figures["direct"], figures["gateway"]
     added = [b - a for a, b in zip(d["p50_ms"], g["p50_ms"], strict=True)]
     ratio = [b / a for a, b in zip(d["tokens_per_s"], g["tokens_per_s"], strict=True)]
+    server = [
+        b / a
+        for a, b in zip(
+            d.get("server_tokens_per_s", []), g.get("server_tokens_per_s", []), strict=True
+        )
+    ]
     return {
         "runs": runs,
         "requests": requests,
@@ -254,6 +271,7 @@ async def _measure(
         "gateway": {key: spread(values) for key, values in g.items()},
         "added_p50_ms": spread(added),
         "tokens_gateway_over_direct": spread(ratio),
+        **({"server_tokens_gateway_over_direct": spread(server)} if server else {}),
     }
 
 
@@ -261,10 +279,10 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--requests", type=int, default=500)
-    parser.add_argument("--tokens", type=int, default=None, help="5000; 64 with --llama")
+    parser.add_argument("--tokens", type=int, default=None, help="5000; 512 with --llama")
     parser.add_argument("--llama", action="store_true", help="the real llama-server")
     args = parser.parse_args()
-    tokens = args.tokens or (64 if args.llama else 5000)
+    tokens = args.tokens or (512 if args.llama else 5000)
     results = asyncio.run(main(args.runs, args.requests, tokens, args.llama))
     results["server"] = "llama-server" if args.llama else "fake_openai"
     text = json.dumps(results, indent=2)

@@ -75,6 +75,18 @@ class TunnelStream:
         return self._error
 
     @property
+    def usable(self) -> bool:
+        """Whether more may be sent and received: not reset, no EOF, nothing unread (a
+        kept-alive stream's server has not spoken or closed since its last answer)."""
+        return (
+            self._error is None
+            and not self._eof
+            and not self._ended
+            and self.is_open
+            and self.unread == 0
+        )
+
+    @property
     def unread(self) -> int:
         """Bytes received and not yet read: at most the stream's window."""
         return self._link.mux.readable(self.stream_id)
@@ -89,7 +101,8 @@ class TunnelStream:
         while True:
             data = mux.read(self.stream_id, max_bytes)
             if data:
-                self._link.wake.set()  # a window update may be due
+                if mux.wants_write:  # a window update due, or the stream finished
+                    self._link.wake.set()
                 return data
             if self._error is not None:
                 raise StreamError(self._error, f"stream to {self.target} on {self.node_id}")
@@ -133,9 +146,14 @@ class TunnelStream:
     async def __aenter__(self) -> TunnelStream:
         return self
 
+    @property
+    def is_open(self) -> bool:
+        """Whether the stream is still known (not reset, not over both ways)."""
+        return self._link.mux.is_open(self.stream_id)
+
     async def __aexit__(self, *exc_info: object) -> None:
         """Reset the stream unless it ended both ways (a caller gone is a ``cancel``)."""
-        if self._link.mux.is_open(self.stream_id):
+        if self.is_open:
             self.reset()
 
     def _check(self) -> None:

@@ -227,6 +227,12 @@ class TunnelMux:
         return finished
 
     @property
+    def wants_write(self) -> bool:
+        """Whether the driver's writer has work: frames to send (data_to_send), or
+        streams finished (take_finished). A read that grants no window makes none."""
+        return bool(self._control or self._ready or self._finished)
+
+    @property
     def open_streams(self) -> int:
         """How many streams are open."""
         return len(self._streams)

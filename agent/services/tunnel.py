@@ -47,6 +47,7 @@ from agent.protocol.tunnel import (
     TunnelFailed,
     TunnelMux,
 )
+from agent.services.tunnel_conn import ServiceConnection
 
 __all__ = ["Resolve", "ServiceTunnel", "tunnel_url"]
 
@@ -239,7 +240,7 @@ class _Pipe:
         self.stream_id = stream_id
         self.target = target
         self.readable = asyncio.Event()
-        self.drained = asyncio.Event()
+        self.conn: ServiceConnection | None = None
         self.eof = False
         self.reset: str | None = None
         self.task: asyncio.Task[None] | None = None
@@ -314,7 +315,8 @@ class _Session:
     def _notify(self) -> None:
         for pipe in [p for p in self.waiting if self.mux.buffered(p.stream_id) <= _HIGH_WATER]:
             self.waiting.discard(pipe)
-            pipe.drained.set()
+            if pipe.conn is not None:
+                pipe.conn.resume()
 
     def _reset(self, pipe: _Pipe, code: str) -> None:
         self.mux.reset(pipe.stream_id, code)
@@ -331,53 +333,71 @@ class _Session:
         if address is None:
             self._reset(pipe, ResetCode.UNKNOWN_TARGET)
             return
+        sid = pipe.stream_id
+
+        def deliver(data: bytes) -> bool:
+            if not self.mux.send(sid, data):
+                return False  # reset meanwhile: this task is being cancelled
+            self.wake.set()
+            if self.mux.buffered(sid) > _HIGH_WATER:
+                self.waiting.add(pipe)
+                return True
+            return False
+
+        def at_eof() -> None:
+            self.mux.end(sid)
+            self.wake.set()
+
+        loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(self.tunnel.connect_timeout_s):
-                reader, writer = await asyncio.open_connection(*address)
+                transport, conn = await loop.create_connection(
+                    lambda: ServiceConnection(deliver, at_eof), *address
+                )
         except (OSError, TimeoutError) as exc:
             _log.info("tunnel: %s (%s:%d) refused: %r", target, *address, exc)
             self._reset(pipe, ResetCode.CONNECT_FAILED)
             return
+        pipe.conn = conn
         done = False
+        writing = asyncio.create_task(self._to_service(pipe, conn))
         try:
-            async with asyncio.TaskGroup() as group:
-                group.create_task(self._to_service(pipe, writer))
-                group.create_task(self._from_service(pipe, reader))
+            # Over when both ways are: the service's EOF, and the coordinator's END passed
+            # on. A failure of either (an OSError) fails the stream.
+            await asyncio.wait({writing, conn.finished}, return_when=asyncio.FIRST_EXCEPTION)
+            for side in (conn.finished, writing):
+                if side.done() and (failure := side.exception()) is not None:
+                    raise failure
             done = True
-        except* OSError as exc:
-            _log.info("tunnel: %s failed: %r", target, exc.exceptions[0])
+        except OSError as exc:
+            _log.info("tunnel: %s failed: %r", target, exc)
             self._reset(pipe, ResetCode.TARGET_ERROR)
         finally:
+            writing.cancel()
+            await asyncio.gather(writing, return_exceptions=True)
+            if not conn.finished.done():
+                conn.finished.cancel()
+            elif not conn.finished.cancelled():
+                conn.finished.exception()  # retrieved: asyncio says nothing of it
             self.waiting.discard(pipe)
             self.pipes.pop(pipe.stream_id, None)
             if done:
-                writer.close()
+                transport.close()
             else:
-                writer.transport.abort()  # reset, failed or cancelled: the service sees it
+                transport.abort()  # reset, failed or cancelled: the service sees it
 
-    async def _to_service(self, pipe: _Pipe, writer: asyncio.StreamWriter) -> None:
+    async def _to_service(self, pipe: _Pipe, conn: ServiceConnection) -> None:
         while True:
             data = self.mux.read(pipe.stream_id, _READ_BYTES)
             if data:
-                self.wake.set()  # a window update may be due
-                writer.write(data)
-                await writer.drain()
+                if self.mux.wants_write:  # a window update due, or the stream finished
+                    self.wake.set()
+                conn.transport.write(data)
+                await conn.drain()
             elif pipe.eof:
-                if writer.can_write_eof():
-                    writer.write_eof()
+                if conn.transport.can_write_eof():
+                    conn.transport.write_eof()
                 return
             else:
                 pipe.readable.clear()
                 await pipe.readable.wait()
-
-    async def _from_service(self, pipe: _Pipe, reader: asyncio.StreamReader) -> None:
-        while data := await reader.read(_READ_BYTES):
-            if not self.mux.send(pipe.stream_id, data):
-                return
-            self.wake.set()
-            while self.mux.buffered(pipe.stream_id) > _HIGH_WATER:
-                pipe.drained.clear()
-                self.waiting.add(pipe)
-                await pipe.drained.wait()
-        self.mux.end(pipe.stream_id)
-        self.wake.set()

@@ -1,7 +1,9 @@
 """One client request through the gateway: key, rate, model, replica, answer, record.
 
 A request of a model goes to a ready replica (:mod:`coordinator.gateway.routing`) over a
-tunnel stream (:mod:`coordinator.gateway.upstream`). One that fails before any byte of
+tunnel stream (:mod:`coordinator.gateway.upstream`), one kept alive from an earlier
+request when the replica has one idle (:mod:`coordinator.gateway.pool`; if its server
+closed it meanwhile, the request goes on a new stream). One that fails before any byte of
 the service's answer came (the node refused the stream, its connection went, the server
 reset or closed it) is tried once more on another replica: nothing reached the client.
 Once the answer started, a failure ends the client's answer: a stream gets an error
@@ -26,6 +28,7 @@ from coordinator.errors import GatewayError, StreamError
 from coordinator.gateway import answers
 from coordinator.gateway.client_conn import ClientConnection, ClientGone
 from coordinator.gateway.limits import RateLimits, bearer, retry_after
+from coordinator.gateway.pool import StreamPool
 from coordinator.gateway.records import RecordWriter
 from coordinator.gateway.replicas import ReplicaView
 from coordinator.gateway.routing import Full, Replica, Router
@@ -95,6 +98,8 @@ class Proxy:
         monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self.router = Router()
+        self.pool = StreamPool()
+        """Idle kept-alive streams to the replicas."""
         self._keys = keys
         self._view = view
         self._tunnels = tunnels
@@ -185,7 +190,9 @@ class Proxy:
         """A replica of ``model`` not tried yet, counted in flight."""
         deadline = self._monotonic() + self._timeouts.queue_s
         while True:
-            choice = self.router.pick(self._view.current().ready, model, tried)
+            ready = self._view.current().ready
+            self.pool.prune({r.job_id for r in ready})
+            choice = self.router.pick(ready, model, tried)
             if isinstance(choice, Replica):
                 return choice
             if choice is Full.NONE:
@@ -213,31 +220,68 @@ class Proxy:
     async def _exchange(
         self, replica: Replica, body: bytes, client: ClientConnection, state: _Request
     ) -> None:
-        try:
-            stream = self._tunnels.open(replica.node_id, replica.job_id)
-        except StreamError as exc:
-            raise _Retry(exc.code) from None
-        async with stream:
-            upstream = Upstream(stream)
+        """One exchange with the replica, on a kept-alive stream if one is idle: if that
+        one fails before any byte of its answer (its server closed it meanwhile), once
+        more on a new stream; a new stream failing so is for another replica."""
+        upstream = self.pool.take(replica.job_id)
+        head = None
+        if upstream is not None:
             try:
-                # The request's sending too: a service that reads nothing holds it up.
-                async with asyncio.timeout(self._timeouts.first_byte_s):
-                    await upstream.request(state.method, state.path, replica.job_id, body)
-                    head = await upstream.response()
+                head = await self._ask(upstream, replica, body, state)
+            except _Retry:
+                pass  # its server closed it while it was idle: a new stream, below
+            finally:
+                if head is None:
+                    upstream.close()
+        if head is None:
+            try:
+                stream = self._tunnels.open(replica.node_id, replica.job_id)
             except StreamError as exc:
-                if upstream.received:
-                    raise GatewayError("upstream_error", f"the stream: {exc.code}") from None
                 raise _Retry(exc.code) from None
-            except GatewayError as exc:
-                if upstream.received:
-                    raise
-                raise _Retry(exc.detail) from None
-            except TimeoutError:
-                raise GatewayError(
-                    "upstream_timeout", f"no answer in {self._timeouts.first_byte_s:g} s"
-                ) from None
+            upstream = Upstream(stream)
+        assert upstream is not None
+        kept = False
+        try:
+            if head is None:
+                head = await self._ask(upstream, replica, body, state)
             state.ttfb_s = self._monotonic() - state.started
             await self._relay(head, upstream, client, state)
+            if upstream.reusable:
+                upstream.next_cycle()
+                self.pool.put(replica.job_id, upstream)
+                kept = True
+            else:
+                await upstream.finish()
+        finally:
+            if not kept:
+                upstream.close_unless_over()
+
+    async def _ask(
+        self, upstream: Upstream, replica: Replica, body: bytes, state: _Request
+    ) -> h11.Response:
+        """Send the request, and read the answer's head.
+
+        Raises:
+            _Retry: the stream failed before any byte of the answer.
+            GatewayError: ``upstream_error`` after some; ``upstream_timeout``.
+        """
+        try:
+            # The request's sending too: a service that reads nothing holds it up.
+            async with asyncio.timeout(self._timeouts.first_byte_s):
+                await upstream.request(state.method, state.path, replica.job_id, body)
+                return await upstream.response()
+        except StreamError as exc:
+            if upstream.received:
+                raise GatewayError("upstream_error", f"the stream: {exc.code}") from None
+            raise _Retry(exc.code) from None
+        except GatewayError as exc:
+            if upstream.received:
+                raise
+            raise _Retry(exc.detail) from None
+        except TimeoutError:
+            raise GatewayError(
+                "upstream_timeout", f"no answer in {self._timeouts.first_byte_s:g} s"
+            ) from None
 
     async def _relay(
         self, head: h11.Response, upstream: Upstream, client: ClientConnection, state: _Request
@@ -272,7 +316,6 @@ class Proxy:
             raise ClientGone(f"the answer broke off: {exc.code}") from None
         state.usage = reader.finish()
         await client.end()
-        await upstream.finish()
 
     async def _refuse(self, client: ClientConnection, exc: GatewayError) -> None:
         if not client.can_answer:

@@ -105,7 +105,8 @@ class Gateway:
         self.records.start()
 
     async def stop(self) -> None:
-        """Stop listening; cancel the requests under way; write the last records."""
+        """Stop listening; cancel the requests under way; close the kept streams; write
+        the last records."""
         if self._server is not None:
             self._server.close()
             for task in list(self._connections):
@@ -113,6 +114,7 @@ class Gateway:
             await asyncio.gather(*self._connections, return_exceptions=True)
             await self._server.wait_closed()
             self._server = None
+        self.proxy.pool.close()
         await self.records.stop()
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

@@ -1,9 +1,11 @@
-"""One request to a service over a tunnel stream: HTTP/1.1 spoken with h11, as a client.
+"""Requests to a service over a tunnel stream: HTTP/1.1 spoken with h11, as a client.
 
-One stream per request, ``Connection: close``: the service's connection ends with its
-answer, and a stream never carries two clients' requests. The request is not
-half-closed after its body: some servers (llama.cpp's among them) take a peer's EOF for
-a client gone, and stop generating.
+A stream carries one request at a time, and, kept alive, the next ones after it
+(:mod:`coordinator.gateway.pool`): :attr:`Upstream.reusable` says whether the last
+exchange allows another (h11 follows RFC 9112 section 9.3: no ``Connection: close`` either
+way, a body framed by its length or chunks). The request is not half-closed after its
+body: some servers (llama.cpp's among them) take a peer's EOF for a client gone, and stop
+generating.
 
 :attr:`Upstream.received` says whether any byte of the answer came: before it, a failed
 request may go to another replica (nothing reached the client); after it, it may not.
@@ -34,6 +36,39 @@ class Upstream:
         self._conn = h11.Connection(h11.CLIENT, max_incomplete_event_size=_MAX_HEAD_BYTES)
         self.received = False
         """Whether any byte of the answer came."""
+        self.exchanges = 0
+        """Requests sent on this stream so far (more than one: kept alive)."""
+
+    @property
+    def reusable(self) -> bool:
+        """Whether another request may follow: the answer ended, both sides keep the
+        connection, nothing came after the answer, the stream is up."""
+        conn, stream = self._conn, self._stream
+        return (
+            conn.our_state is h11.DONE
+            and conn.their_state is h11.DONE
+            and not conn.trailing_data[0]
+            and stream.usable
+        )
+
+    @property
+    def idle_usable(self) -> bool:
+        """Whether a kept stream is still fit for a request: up, its server silent."""
+        return self._stream.usable
+
+    def next_cycle(self) -> None:
+        """Ready for the next request, once :attr:`reusable`."""
+        self._conn.start_next_cycle()
+        self.received = False
+
+    def close(self) -> None:
+        """Drop the stream: the agent closes the server's connection."""
+        self._stream.reset()
+
+    def close_unless_over(self) -> None:
+        """Drop the stream unless it ended both ways (the client gone: ``cancel``)."""
+        if self._stream.is_open:
+            self._stream.reset()
 
     async def request(self, method: str, path: str, host: str, body: bytes) -> None:
         """Send the request, whole.
@@ -49,9 +84,9 @@ class Upstream:
                 ("content-type", "application/json"),
                 ("content-length", str(len(body))),
                 ("accept", "application/json, text/event-stream"),
-                ("connection", "close"),
             ],
         )
+        self.exchanges += 1
         await self._stream.write(self._conn.send(head) or b"")
         if body:
             await self._stream.write(self._conn.send(h11.Data(data=body)) or b"")

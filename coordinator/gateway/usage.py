@@ -12,6 +12,7 @@ parsing only up to :data:`MAX_BODY_BYTES`, a stream's line up to :data:`MAX_LINE
 
 from __future__ import annotations
 
+import re
 from typing import Any, Final
 
 import msgspec
@@ -20,6 +21,9 @@ __all__ = ["MAX_BODY_BYTES", "MAX_LINE_BYTES", "Usage", "UsageReader"]
 
 MAX_BODY_BYTES: Final = 1 << 20
 MAX_LINE_BYTES: Final = 256 * 1024
+#: An event that may report usage: an object under either name. The others (a token's
+#: event, whose ``"usage"`` is null) are not decoded: a stream passes thousands of them.
+_REPORTS: Final = re.compile(rb'"(?:usage|timings)"\s*:\s*\{')
 
 
 class Usage(msgspec.Struct, frozen=True):
@@ -72,18 +76,21 @@ class UsageReader:
             self._kept.clear()
 
     def _line(self, piece: bytes) -> None:
-        skipped = self._overflow
-        self._partial(piece)
-        line = bytes(self._kept).rstrip(b"\r")
-        self._kept.clear()
-        self._overflow = False
-        if skipped or not line.startswith(b"data:"):
+        if self._kept or self._overflow:  # the line began in an earlier piece
+            skipped = self._overflow
+            self._partial(piece)
+            piece = bytes(self._kept)
+            self._kept.clear()
+            self._overflow = False
+            if skipped:
+                return
+        if not piece.startswith(b"data:"):
             return
-        payload = line[5:].strip()
+        payload = piece[5:].strip()
         if payload == b"[DONE]":
             return
         self.events += 1
-        if b'"usage"' in payload or b'"timings"' in payload:
+        if _REPORTS.search(payload):
             self.usage = _usage(_decode(payload)) or self.usage
 
 

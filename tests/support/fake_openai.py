@@ -12,9 +12,13 @@ asked for it (``stream_options``), then ``[DONE]``; a plain answer has as many w
 - ``"hold"``: a stream's head and first event, then nothing until the peer closes
   (:attr:`FakeOpenAI.closed` gets an item then: a cancellation reached the server);
 - ``"huge"``: an answer of ``Content-Length`` 10 GB, written as fast as it is taken;
-- ``"slow"``: a stream's head, then one byte at a time, ``slow_s`` apart.
+- ``"slow"``: a stream's head, then one byte at a time, ``slow_s`` apart;
+- ``"drop_kept"``: a request on a kept-alive connection is read, and the connection
+  closed without a byte (as a server whose idle timer fired as the request came).
 
-Every answer closes its connection.
+Every answer closes its connection, unless the server is made with ``keep_alive``: then
+a plain answer keeps it (a stream, close-delimited, still closes it). :attr:`connections`
+counts the connections accepted.
 """
 
 from __future__ import annotations
@@ -34,9 +38,11 @@ _CHUNK = b"x" * (1 << 16)
 class FakeOpenAI:
     """The server: :meth:`start` it, read :attr:`port`, :meth:`stop` it."""
 
-    def __init__(self, name: str, *, tokens: int = 5) -> None:
+    def __init__(self, name: str, *, tokens: int = 5, keep_alive: bool = False) -> None:
         self.name = name
         self.tokens = tokens
+        self.keep_alive = keep_alive
+        self.connections = 0
         self.mode = "ok"
         self.slow_s = 1.0
         self.port = 0
@@ -63,16 +69,26 @@ class FakeOpenAI:
         task = asyncio.current_task()
         assert task is not None
         self._handlers.add(task)
+        self.connections += 1
         try:
-            await self._answer(reader, writer)
+            kept = False
+            while await self._answer(reader, writer, kept=kept):
+                kept = True
         except (ConnectionError, asyncio.IncompleteReadError):
             pass
         finally:
             self._handlers.discard(task)
             writer.close()
 
-    async def _answer(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        head = await reader.readuntil(b"\r\n\r\n")
+    async def _answer(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *, kept: bool
+    ) -> bool:
+        """Answer one request; whether the connection is kept for another."""
+        try:
+            head = await reader.readuntil(b"\r\n\r\n")
+        except asyncio.IncompleteReadError:
+            return False  # the client closed a kept connection
+
         lines = head.decode().split("\r\n")
         _, path, _ = lines[0].split(" ")
         length = 0
@@ -82,11 +98,13 @@ class FakeOpenAI:
                 length = int(value)
         request = json.loads(await reader.readexactly(length) or b"{}")
         self.requests.append(request)
+        if self.mode == "drop_kept" and kept:
+            return False
         if self.mode == "reset":
             sock = writer.get_extra_info("socket")
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
             writer.transport.abort()
-            return
+            return False
         if self.mode == "huge":
             writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % HUGE_BYTES)
             while True:
@@ -95,7 +113,7 @@ class FakeOpenAI:
                 await writer.drain()
         if request.get("stream"):
             await self._stream(request, reader, writer)
-            return
+            return False
         if path == "/v1/embeddings":
             body: dict[str, Any] = {
                 "object": "list",
@@ -106,11 +124,13 @@ class FakeOpenAI:
         else:
             body = self._completion(request, path)
         data = json.dumps(body).encode()
+        close = b"" if self.keep_alive else b"Connection: close\r\n"
         writer.write(
             b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
-            b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(data) + data
+            b"Content-Length: %d\r\n%s\r\n" % (len(data), close) + data
         )
         await writer.drain()
+        return self.keep_alive
 
     def _count(self, request: dict[str, Any]) -> int:
         asked = request.get("max_tokens")

@@ -11,6 +11,7 @@ import pytest
 
 from coordinator.errors import GatewayError
 from coordinator.gateway import answers
+from coordinator.gateway import usage as usage_module
 from coordinator.gateway.limits import RateLimits, bearer, retry_after
 from coordinator.gateway.routing import Full, Replica, Router
 from coordinator.gateway.tables import RequestRecord, hash_key
@@ -93,6 +94,26 @@ def test_a_stream_gives_its_first_event_and_its_last_usage_or_timings() -> None:
     llama = UsageReader(stream=True)
     llama.feed(b'data: {"timings": {"prompt_n": 5, "predicted_n": 12}}\r\n\r\n')
     assert llama.finish() == Usage(5, 12)
+
+
+def test_only_a_streams_events_that_report_usage_are_decoded(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    decoded: list[bytes] = []
+    real = usage_module._decode
+
+    def counting(data: bytes) -> object:
+        decoded.append(data)
+        return real(data)
+
+    monkeypatch.setattr(usage_module, "_decode", counting)
+    reader = UsageReader(stream=True)
+    token = b'data: {"choices": [{"delta": {"content": "\\"usage\\""}}], "usage": null}\n\n'
+    for _ in range(1000):
+        reader.feed(token)
+    reader.feed(b'data: {"choices": [], "usage" : {"prompt_tokens": 2, "completion_tokens": 9}}\n')
+    assert (reader.finish(), reader.events) == (Usage(2, 9), 1001)
+    assert len(decoded) == 1
 
 
 def test_hostile_usage_is_ignored_and_held_to_a_bound() -> None:

@@ -346,6 +346,29 @@ def test_a_sender_stops_at_the_window_and_goes_on_as_the_receiver_reads() -> Non
     assert coordinator.buffered(sid) == 10_000 - 4096 - 2048
 
 
+def test_a_read_wants_the_writer_only_when_it_grants_a_window_or_finishes_a_stream() -> None:
+    coordinator, agent = _pair(window=4096, connection_window=1 << 20)
+    sid = coordinator.open("svc")
+    coordinator.send(sid, b"z" * 3000)
+    _deliver(coordinator, agent)
+    assert not agent.wants_write
+    agent.read(sid, 1000)
+    assert not agent.wants_write  # under half a window: nothing to send
+    agent.read(sid, 1048)
+    assert agent.wants_write  # a WINDOW is due
+    _deliver(agent, coordinator)
+    assert not agent.wants_write
+    coordinator.end(sid)
+    _deliver(coordinator, agent)
+    agent.end(sid)
+    _deliver(agent, coordinator)
+    assert not agent.wants_write
+    agent.read(sid, 4096)
+    assert agent.wants_write  # the stream is over both ways and read out
+    assert agent.take_finished() == [sid]
+    assert not agent.wants_write
+
+
 def test_control_frames_go_ahead_of_queued_data() -> None:
     coordinator, agent = _pair()
     bulk = coordinator.open("bulk")
