@@ -31,6 +31,7 @@ from agent.config.settings import AgentConfig, CacheConfig
 from agent.control.server import ControlServer
 from agent.daemon.control import DaemonControl
 from agent.daemon.health import HealthCheck
+from agent.daemon.memory import reuse_freed_memory
 from agent.daemon.metrics import MetricsServer
 from agent.daemon.node_status import NodeReporter
 from agent.daemon.sampler import Sampler, Tick
@@ -436,4 +437,5 @@ def _group_exists(name: str) -> bool:
 
 def run_daemon(config: DaemonConfig, hal_config: HalConfig) -> int:
     """Run the agent until SIGINT or SIGTERM; return the exit status."""
+    reuse_freed_memory()
     return asyncio.run(_main(config, hal_config))

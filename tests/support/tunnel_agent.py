@@ -11,6 +11,7 @@ import asyncio
 import sys
 from pathlib import Path
 
+from agent.daemon.memory import reuse_freed_memory
 from agent.link.identity import load_or_create
 from agent.protocol import crypto
 from agent.services.tunnel import ServiceTunnel
@@ -36,4 +37,5 @@ async def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+    reuse_freed_memory()  # as the daemon does
     asyncio.run(main(sys.argv[1:]))
