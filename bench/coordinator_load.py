@@ -290,6 +290,7 @@ class Clients:
                     str(interval),
                     stdin=asyncio.subprocess.PIPE,
                     stdout=asyncio.subprocess.PIPE,
+                    limit=1 << 28,  # a report holds every latency: lines of megabytes
                 )
             )
 
@@ -325,7 +326,8 @@ async def one_run(
     work: Path, body: Path, args: argparse.Namespace, agents: int
 ) -> dict[str, float]:
     """One fleet of ``agents``: connect, steady window, restart."""
-    coordinator = CoordinatorProcess(work)
+    # A fleet enrolling at once: far more new keys per second than the default's 5.
+    coordinator = CoordinatorProcess(work, ("--new-keys-per-s", str(args.new_keys_per_s)))
     await coordinator.start()
     assert coordinator.process is not None
     clients = Clients()
@@ -401,6 +403,7 @@ def main() -> None:
     parser.add_argument("--procs", type=int, default=2, help="client processes")
     parser.add_argument("--interval", type=float, default=10.0, help="s between an agent's batches")
     parser.add_argument("--duration", type=float, default=30.0, help="s of the steady window")
+    parser.add_argument("--new-keys-per-s", type=float, default=1000.0, help="serve's option")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "coordinator_load.json"))
     parser.add_argument("--client", nargs=5, help=argparse.SUPPRESS)  # a client process
     args = parser.parse_args()

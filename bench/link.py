@@ -90,8 +90,10 @@ def free_port() -> int:
 class CoordinatorProcess:
     """``gpu-coordinator serve`` as a child process, on a port and database kept across restarts."""
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, options: tuple[str, ...] = ()) -> None:
         workdir.mkdir(parents=True)
+        self.options = options
+        """More ``serve`` options."""
         self.db = workdir / "coordinator.db"
         self.state_dir = workdir / "state"
         key = keys.load_or_create(self.state_dir)  # created here, loaded by the child
@@ -106,7 +108,7 @@ class CoordinatorProcess:
         self.process = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "coordinator.cli", "serve", "--host", "127.0.0.1",
             "--port", str(self.port), "--artifacts-port", str(self.artifacts_port),
-            "--db", str(self.db), "--state-dir", str(self.state_dir),
+            "--db", str(self.db), "--state-dir", str(self.state_dir), *self.options,
             stdout=asyncio.subprocess.PIPE,
         )  # fmt: skip
         assert self.process.stdout is not None

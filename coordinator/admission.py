@@ -258,6 +258,11 @@ def add_options(parser: argparse.ArgumentParser) -> None:
         "--enrolment-tokens", type=Path, metavar="FILE",
         help="with --admission token: a file of tokens, one a line",
     )  # fmt: skip
+    parser.add_argument(
+        "--new-keys-per-s", type=float,
+        help="handshakes per second from keys never seen (default 5: enrolling a fleet at"
+        " once wants more)",
+    )  # fmt: skip
     parser.add_argument("--node-quota-mib", type=float, help="MiB of messages kept per node")
     parser.add_argument(
         "--unverified-quota-mib", type=float,
@@ -293,6 +298,9 @@ def settings_from(args: argparse.Namespace) -> Settings:
         admission=args.admission,
         allowed=frozenset(allow_entry(entry) for entry in args.allow),
         enrolment_tokens=tokens,
+        new_keys_per_s=(
+            default.new_keys_per_s if args.new_keys_per_s is None else args.new_keys_per_s
+        ),
         node_quota_bytes=(
             default.node_quota_bytes if quota_mib is None else _whole(quota_mib * _MIB)
         ),
