@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import math
 import os
@@ -172,6 +173,9 @@ def _parser() -> _Parser:
 
 
 def _ready(coordinator: Coordinator) -> None:
+    # What start-up made (modules, the store, the key) lives as long as the process: out of
+    # the collector's sight, so that its full collections walk only what sessions hold.
+    gc.freeze()
     print(f"listening on {coordinator.url}", flush=True)
     print(f"dashboard at {coordinator.dashboard_url}", flush=True)
     print(f"key id {coordinator.key.key_id}", flush=True)

@@ -46,10 +46,12 @@ from agent.protocol.messages import (
     Profile,
     ReliableBody,
     ReliableMessage,
+    Telemetry,
     message_type,
 )
 from agent.protocol.reliable import ReliableSender
 from coordinator.admission import Settings, Strikes, TokenBucket
+from coordinator.group_commit import GroupCommit
 from coordinator.handshake import (
     CLOSE_POLICY,
     Gate,
@@ -62,6 +64,7 @@ from coordinator.handshake import (
 from coordinator.job_service import JobService
 from coordinator.nodes_store import Unverified
 from coordinator.sessions import OpenSessions
+from coordinator.store import Message
 
 __all__ = ["CLOSE_POLICY", "CLOSE_SUPERSEDED", "AgentSessions", "Settings", "Shared", "handle"]
 
@@ -81,6 +84,8 @@ class Shared(Gate):
 
     sessions: AgentSessions
     jobs: JobService
+    writer: GroupCommit
+    """Where sessions store the agents' messages (but job reports), many to a commit."""
 
 
 async def handle(ws: ServerConnection, shared: Shared) -> None:
@@ -215,21 +220,31 @@ class _Session:
             return
         await self._attest_request()
         async for raw in self.ws:
-            if self.superseded:
-                # A newer session has read where the streams stand: drop what comes, and
-                # go on reading so that the closing handshake gets through.
-                continue
-            held = await self._hold()
-            if self.superseded:
-                continue
-            self._advanced = False
-            if await self._receive(raw):
+            closed = await self._on_frame(raw)
+            # Not kept while waiting for the next frame: 10,000 idle sessions would each
+            # hold their last ~56 KB frame (and, before, its decoded objects) for 10 s.
+            del raw
+            if closed:
                 return
-            # Over the rate, a frame that moved the stream on was only slowed down (an
-            # agent replaying its backlog); anything else (junk, acks, resends) is abuse.
-            if held and not self._advanced and self._rate_strikes.strike():
-                await close(self.ws, CLOSE_POLICY, "rate_limited")
-                return
+
+    async def _on_frame(self, raw: str | bytes) -> bool:
+        """Hold one frame to the node's rate, then carry it out; whether the connection closed."""
+        if self.superseded:
+            # A newer session has read where the streams stand: drop what comes, and go on
+            # reading so that the closing handshake gets through.
+            return False
+        held = await self._hold()
+        if self.superseded:
+            return False
+        self._advanced = False
+        if await self._receive(raw):
+            return True
+        # Over the rate, a frame that moved the stream on was only slowed down (an agent
+        # replaying its backlog); anything else (junk, acks, resends) is abuse.
+        if held and not self._advanced and self._rate_strikes.strike():
+            await close(self.ws, CLOSE_POLICY, "rate_limited")
+            return True
+        return False
 
     async def _receive(self, raw: str | bytes) -> bool:
         """Carry out what one frame means; whether the connection is closed."""
@@ -321,20 +336,17 @@ class _Session:
             # A receipt that does not verify is refused (the connection closes).
             added = self.shared.jobs.report(self.node_id, message, now)
         else:
-            body = msgspec.to_builtins(message.body)
+            # Telemetry is stored as received (its samples are msgspec.Raw); the rest is small.
+            body: Any = message.body
+            if not isinstance(message, Telemetry):
+                body = msgspec.to_builtins(body)
             profile: dict[str, Any] | None = None
             nonce: str | None = None
             if isinstance(message, Profile):
                 profile, nonce, unverified = self._verify_profile(body["attestation"], now)
-            added = self.store.add(
-                self.node_id,
-                message.seq,
-                kind,
-                body,
-                now,
-                profile=profile,
-                nonce=nonce,
-                unverified=unverified,
+            # Group commit (:mod:`coordinator.group_commit`): returns once it committed.
+            added = await self.shared.writer.add(
+                Message(self.node_id, message.seq, kind, body, now, profile, nonce, unverified)
             )
         # The add committed: only now may the agent forget the message.
         self._advanced = added != "duplicate"

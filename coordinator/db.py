@@ -16,10 +16,13 @@ __all__ = ["Database"]
 
 
 class Database:
-    """One connection to the store's file, used from the event loop's thread."""
+    """One connection to the store's file, used from one thread (the event loop's, or the
+    group-commit writer's: :mod:`coordinator.group_commit`)."""
 
     def __init__(self, path: Path) -> None:
-        self._conn = sqlite3.connect(path, isolation_level=None)
+        # Two connections write the file (this one and the group-commit writer's): one
+        # waits for the other's transaction, up to the timeout.
+        self._conn = sqlite3.connect(path, isolation_level=None, timeout=30.0)
         self.rollbacks = 0
         """How many transactions rolled back: what was read before one may be undone."""
         try:
@@ -51,6 +54,24 @@ class Database:
             self.rollbacks += 1
             raise
         self._conn.execute("COMMIT")
+
+    @contextmanager
+    def savepoint(self) -> Iterator[None]:
+        """Within a transaction: keep what the block writes, or undo only that."""
+        self._conn.execute("SAVEPOINT part")
+        try:
+            yield
+        except BaseException:
+            self._conn.execute("ROLLBACK TO part")
+            self._conn.execute("RELEASE part")
+            self.rollbacks += 1
+            raise
+        self._conn.execute("RELEASE part")
+
+    def data_version(self) -> int:
+        """A number that changes when another connection commits to the file (SQLite's
+        ``PRAGMA data_version``): what this one read before may be stale."""
+        return int(self._conn.execute("PRAGMA data_version").fetchone()[0])
 
     def close(self) -> None:
         """Close the connection."""

@@ -38,9 +38,10 @@ class Retention:
         self._db = db
         self._quotas = quotas
         # All nodes' stored bytes, so that the store-wide cap costs no scan of ``nodes`` per
-        # message; None: not known yet. Read again after a rollback, which may undo a count.
+        # message; None: not known yet. Read again after a rollback, which may undo a count,
+        # and after another connection (the group-commit writer, or the loop's) committed.
         self._total_bytes: int | None = None
-        self._total_read_at = db.rollbacks
+        self._total_read_at = (db.rollbacks, 0)
 
     def make_room(self, node_id: str, size: int, *, verifies: bool) -> bool:
         """Whether a message of ``size`` bytes fits the node's quota and the store's cap,
@@ -63,11 +64,12 @@ class Retention:
 
     def _total_stored(self) -> int:
         """All nodes' stored bytes together."""
-        if self._total_bytes is None or self._total_read_at != self._db.rollbacks:
+        version = (self._db.rollbacks, self._db.data_version())
+        if self._total_bytes is None or self._total_read_at != version:
             (total,) = self._db.execute(
                 "SELECT COALESCE(SUM(stored_bytes), 0) FROM nodes"
             ).fetchone()
-            self._total_bytes, self._total_read_at = int(total), self._db.rollbacks
+            self._total_bytes, self._total_read_at = int(total), version
         return self._total_bytes
 
     def count_bytes(self, node_id: str, delta: int) -> None:

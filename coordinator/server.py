@@ -39,8 +39,10 @@ from coordinator.admin import AdminFile, AdminListener, new_token, write_admin_f
 from coordinator.admission import Settings, TokenBucket
 from coordinator.api_util import HttpAnswer, HttpRequest, coded_error
 from coordinator.artifacts import ArtifactStore, Retained, job_outputs
+from coordinator.compression import agent_extensions
 from coordinator.connection import AgentSessions, Shared, handle
 from coordinator.deployments import DEFAULT_GRACE_S, DEFAULT_INTERVAL_S, Deployments
+from coordinator.group_commit import GroupCommit
 from coordinator.images import ImagePinner
 from coordinator.job_service import JobService
 from coordinator.retention import Quotas, run_passes
@@ -192,6 +194,11 @@ class Coordinator:
             store_bytes=settings.store_max_bytes,
         )
         store = Store(self.db_path, quotas)
+        try:
+            writer = GroupCommit(self.db_path, quotas)
+        except BaseException:
+            store.close()
+            raise
         sessions: AgentSessions = OpenSessions()
         self.artifacts = ArtifactStore(
             self.state_dir,
@@ -210,6 +217,7 @@ class Coordinator:
                 settings.new_keys_per_s, settings.new_keys_burst, time.monotonic()
             ),
             sessions=sessions,
+            writer=writer,
             jobs=JobService(
                 store,
                 self.key,
@@ -238,6 +246,9 @@ class Coordinator:
                 self._requested_port,
                 process_request=self._process_request,
                 max_size=MAX_FRAME_BYTES,
+                # Deflate negotiated, but acks and other small messages sent uncompressed.
+                compression=None,
+                extensions=agent_extensions(),
                 # At most a few frames buffered per agent: with 1 MiB frames the default
                 # (16) lets each connection hold 16 MiB of a hostile peer's data.
                 max_queue=4,
@@ -274,6 +285,7 @@ class Coordinator:
             self._server = None
         self._tunnels = None
         if self._shared is not None:
+            self._shared.writer.close()  # what sessions queued is stored first
             self._shared.store.close()
             self._shared = None
 

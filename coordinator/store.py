@@ -18,8 +18,9 @@ returns.
 from __future__ import annotations
 
 import sqlite3
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal, TypeAlias
+from typing import Any, Literal, NamedTuple, TypeAlias
 
 import msgspec
 
@@ -31,7 +32,7 @@ from coordinator.nodes_store import NodeTable, Unverified
 from coordinator.retention import Quotas, Retention
 from coordinator.stream_store import StreamTable
 
-__all__ = ["Added", "Store"]
+__all__ = ["Added", "Message", "Store"]
 
 #: 2 adds ``unverified_profiles``, 3 the job tables; every table is ``IF NOT EXISTS``, so
 #: the script upgrades. 4 adds ``nodes.agent_seq`` and ``nodes.stored_bytes`` (:data:`_V4`);
@@ -142,6 +143,22 @@ _SHED_TELEMETRY = {"samples": [], "dropped": 1}
 Added: TypeAlias = Literal["stored", "duplicate", "shed"]
 
 
+class Message(NamedTuple):
+    """One message of a node's stream to store (:meth:`Store.add`'s arguments)."""
+
+    node_id: str
+    seq: int
+    kind: str
+    body: Any
+    """Encoded with msgspec as it is: a Struct whose samples are msgspec.Raw is stored as
+    the bytes received."""
+    now: float
+    profile: dict[str, Any] | None = None
+    nonce: str | None = None
+    unverified: Unverified | None = None
+    job: JobEvent | None = None
+
+
 class Store:
     """The coordinator's database: its tables, composed over one connection."""
 
@@ -196,31 +213,56 @@ class Store:
         Returns ``"duplicate"`` when ``(node, seq)`` was stored before (a resend): nothing
         changes; else ``"stored"`` or ``"shed"``.
         """
-        data = msgspec.json.encode(body)
         with self._db.transaction():
-            last = self.nodes.agent_seq(node_id)
-            if last is None:
-                raise ValueError(f"no node {node_id!r}: nodes.seen() comes first")
-            if seq <= last:
-                return "duplicate"
-            added: Added = "stored"
-            verifies = profile is not None and unverified is None
-            if kind != "job_status" and not self.retention.make_room(
-                node_id, len(data), verifies=verifies
-            ):
-                added = "shed"
-                data = msgspec.json.encode(
-                    _SHED_TELEMETRY
-                    if kind == "telemetry"
-                    else {"shed": "quota_exceeded", "bytes": len(data)}
-                )
-                profile = nonce = unverified = job = None
-            self.nodes.insert_message(node_id, seq, kind, data.decode(), now)
-            self.retention.count_bytes(node_id, len(data))
-            if nonce is not None:
-                self.streams.use_nonce(nonce, now)
-            if profile is not None:
-                self.nodes.insert_profile(node_id, seq, profile, now, unverified)
-            if job is not None:
-                self.jobs.apply(node_id, seq, job, now)
+            return self._add(
+                Message(node_id, seq, kind, body, now, profile, nonce, unverified, job)
+            )
+
+    def add_many(self, messages: Sequence[Message]) -> list[Added | Exception]:
+        """Store each message as :meth:`add` does, all in one commit (group commit).
+
+        A message that fails is undone alone (a savepoint) and its error returned in its
+        place; the others still commit. Nothing is committed before this returns, so no
+        message of the group may be acknowledged before then.
+        """
+        results: list[Added | Exception] = []
+        with self._db.transaction():
+            for message in messages:
+                try:
+                    with self._db.savepoint():
+                        results.append(self._add(message))
+                except (ValueError, sqlite3.Error) as exc:  # this message's, not the group's
+                    results.append(exc)
+        return results
+
+    def _add(self, m: Message) -> Added:
+        """:meth:`add` in the caller's transaction."""
+        node_id, seq, kind, now = m.node_id, m.seq, m.kind, m.now
+        profile, nonce, unverified, job = m.profile, m.nonce, m.unverified, m.job
+        last = self.nodes.agent_seq(node_id)
+        if last is None:
+            raise ValueError(f"no node {node_id!r}: nodes.seen() comes first")
+        if seq <= last:
+            return "duplicate"
+        data = msgspec.json.encode(m.body)
+        added: Added = "stored"
+        verifies = profile is not None and unverified is None
+        if kind != "job_status" and not self.retention.make_room(
+            node_id, len(data), verifies=verifies
+        ):
+            added = "shed"
+            data = msgspec.json.encode(
+                _SHED_TELEMETRY
+                if kind == "telemetry"
+                else {"shed": "quota_exceeded", "bytes": len(data)}
+            )
+            profile = nonce = unverified = job = None
+        self.nodes.insert_message(node_id, seq, kind, data.decode(), now)
+        self.retention.count_bytes(node_id, len(data))
+        if nonce is not None:
+            self.streams.use_nonce(nonce, now)
+        if profile is not None:
+            self.nodes.insert_profile(node_id, seq, profile, now, unverified)
+        if job is not None:
+            self.jobs.apply(node_id, seq, job, now)
         return added

@@ -8,6 +8,7 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 from websockets.asyncio.client import ClientConnection, connect
@@ -105,9 +106,9 @@ async def refusal(coordinator: Coordinator, node: Node, token: str | None = None
 
 @asynccontextmanager
 async def welcomed(
-    coordinator: Coordinator, node: Node, token: str | None = None
+    coordinator: Coordinator, node: Node, token: str | None = None, **connect_args: Any
 ) -> AsyncIterator[tuple[ClientConnection, Welcome]]:
-    async with connect(coordinator.url) as ws:
+    async with connect(coordinator.url, **connect_args) as ws:
         welcome = await handshake(ws, coordinator, node, token)
         assert isinstance(welcome, Welcome), welcome
         yield ws, welcome
