@@ -73,6 +73,9 @@ class Settings:
             shed over the quota, in a row, that close the session.
         telemetry_keep_s, telemetry_keep_rows: telemetry older, or beyond that many rows
             per node, is deleted every :attr:`retention_interval_s` (0: never).
+        telemetry_raw_s: raw telemetry older than this is folded into per-minute
+            aggregates per GPU metric by the same pass (:mod:`coordinator.downsample`);
+            the aggregates are kept :attr:`telemetry_keep_s`.
         artifacts_keep_s: the outputs in the artifact store of a job that ended longer ago
             are removed by the same pass.
         artifacts_max_bytes: past it, the same pass also removes the outputs of the jobs
@@ -96,6 +99,7 @@ class Settings:
     abuse_strikes: int = 30
     telemetry_keep_s: float = 7 * 86400.0
     telemetry_keep_rows: int = 100_000
+    telemetry_raw_s: float = 3600.0
     artifacts_keep_s: float = 7 * 86400.0
     artifacts_max_bytes: int | None = None
     retention_interval_s: float = 600.0
@@ -274,6 +278,10 @@ def add_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--telemetry-keep-days", type=float, help="days of telemetry kept")
     parser.add_argument("--telemetry-keep-rows", type=int, help="telemetry rows kept per node")
     parser.add_argument(
+        "--telemetry-raw-minutes", type=float,
+        help="minutes telemetry is kept raw, then as per-minute aggregates (default 60)",
+    )  # fmt: skip
+    parser.add_argument(
         "--artifacts-keep-days", type=float,
         help="days a job's stored outputs are kept after it ended (default 7)",
     )  # fmt: skip
@@ -322,6 +330,11 @@ def settings_from(args: argparse.Namespace) -> Settings:
         ),
         artifacts_keep_s=(
             default.artifacts_keep_s if artifact_days is None else _seconds(artifact_days)
+        ),
+        telemetry_raw_s=(
+            default.telemetry_raw_s
+            if args.telemetry_raw_minutes is None
+            else _whole(args.telemetry_raw_minutes * 60)
         ),
         artifacts_max_bytes=(
             None if args.artifacts_max_gib is None else _whole(args.artifacts_max_gib * _GIB)

@@ -8,6 +8,7 @@ never moves the node's ``welcome`` back.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 from collections.abc import Callable, Sequence
 
@@ -169,7 +170,9 @@ async def run_passes(
     while True:
         for what, run in passes:
             try:
-                run()
+                done_now = run()
+                if inspect.isawaitable(done_now):  # a pass on a thread of its own
+                    await done_now
             except Exception:  # said, and tried again at the next interval
                 # A task that dies says nothing: the store would grow without a word.
                 _log.exception("retention: the pass failed (%s); next in %gs", what, interval_s)

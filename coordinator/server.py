@@ -42,6 +42,7 @@ from coordinator.artifacts import ArtifactStore, Retained, job_outputs
 from coordinator.compression import agent_extensions
 from coordinator.connection import AgentSessions, Shared, handle
 from coordinator.deployments import DEFAULT_GRACE_S, DEFAULT_INTERVAL_S, Deployments
+from coordinator.downsample import downsample
 from coordinator.group_commit import GroupCommit
 from coordinator.images import ImagePinner
 from coordinator.job_service import JobService
@@ -334,6 +335,20 @@ class Coordinator:
             _log.info("retention: %d telemetry row(s) deleted", deleted)
         return deleted
 
+    async def downsample(self) -> int:
+        """Fold the raw telemetry past its window into per-minute aggregates now (on a
+        thread: :mod:`coordinator.downsample`); returns how many raw rows were folded."""
+        settings, now = self.settings, self._clock()
+        folded = await asyncio.to_thread(
+            downsample,
+            self.db_path,
+            now - settings.telemetry_raw_s,
+            now - settings.telemetry_keep_s,
+        )
+        if folded:
+            _log.info("retention: %d raw telemetry row(s) folded into minutes", folded)
+        return folded
+
     def expire_outputs(self) -> Retained:
         """Remove the stored outputs past their retention now (:meth:`ArtifactStore.retain`)."""
         assert self.artifacts is not None  # made with the store
@@ -346,7 +361,11 @@ class Coordinator:
 
     async def _retain(self) -> None:
         """Prune and expire at start, then every retention interval, until stopped."""
-        passes = (("telemetry", self.prune), ("outputs", self.expire_outputs))
+        passes = (
+            ("telemetry", self.prune),
+            ("downsample", self.downsample),
+            ("outputs", self.expire_outputs),
+        )
         await run_passes(passes, self.settings.retention_interval_s, self.retained)
 
     def _started(self) -> Shared:

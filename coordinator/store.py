@@ -27,6 +27,7 @@ import msgspec
 from coordinator.db import Database
 from coordinator.deployments_store import SCHEMA as DEPLOYMENTS_SCHEMA
 from coordinator.deployments_store import DeploymentTable
+from coordinator.downsample import SCHEMA as DOWNSAMPLE_SCHEMA
 from coordinator.jobs_store import JobEvent, JobTable
 from coordinator.nodes_store import NodeTable, Unverified
 from coordinator.retention import Quotas, Retention
@@ -36,8 +37,9 @@ __all__ = ["Added", "Message", "Store"]
 
 #: 2 adds ``unverified_profiles``, 3 the job tables; every table is ``IF NOT EXISTS``, so
 #: the script upgrades. 4 adds ``nodes.agent_seq`` and ``nodes.stored_bytes`` (:data:`_V4`);
-#: 5 the deployments (:mod:`coordinator.deployments_store`).
-_SCHEMA_VERSION = 5
+#: 5 the deployments (:mod:`coordinator.deployments_store`); 6 the per-minute telemetry
+#: aggregates (:mod:`coordinator.downsample`).
+_SCHEMA_VERSION = 6
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS nodes (
     node_id TEXT PRIMARY KEY,
@@ -169,7 +171,7 @@ class Store:
         try:
             if self._db.execute("PRAGMA user_version").fetchone()[0] < _SCHEMA_VERSION:
                 columns = {r[1] for r in self._db.execute("PRAGMA table_info(nodes)")}
-                self._db.executescript(_SCHEMA + DEPLOYMENTS_SCHEMA)
+                self._db.executescript(_SCHEMA + DEPLOYMENTS_SCHEMA + DOWNSAMPLE_SCHEMA)
                 if columns and "agent_seq" not in columns:
                     self._db.executescript(_V4)
                 self._db.execute(f"PRAGMA user_version={_SCHEMA_VERSION}")

@@ -1,0 +1,88 @@
+"""Raw telemetry past its window becomes per-minute min/mean/max per GPU metric."""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from coordinator.downsample import downsample
+from coordinator.store import Store
+
+NODE = "node-aa"
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[Store]:
+    store = Store(tmp_path / "c.db")
+    store.nodes.seen(NODE, "key", 0.0)
+    yield store
+    store.close()
+
+
+def sample(t: float, power: float, util: float | None) -> dict[str, Any]:
+    gpus: list[dict[str, Any]] = [
+        {"id": "GPU-0", "state": "ok", "power_w": power, "throttle_reasons": ["idle"]},
+        {"id": "GPU-1", "power_w": power * 2, "util_gpu_pct": {"status": "unsupported"}},
+    ]
+    if util is not None:
+        gpus[0]["util_gpu_pct"] = util
+    return {"taken_at": t, "host": {"load_1m": 9.0}, "gpus": gpus}
+
+
+def minutes(path: Path) -> dict[tuple[int, str, str], tuple[float, float, float, int]]:
+    db = sqlite3.connect(path)
+    try:
+        rows = db.execute(
+            "SELECT minute, gpu, metric, min, mean, max, samples FROM telemetry_minutes"
+        ).fetchall()
+    finally:
+        db.close()
+    return {(m, g, k): (lo, mean, hi, n) for m, g, k, lo, mean, hi, n in rows}
+
+
+def test_raw_rows_past_the_window_become_minutes_and_go(tmp_path: Path, store: Store) -> None:
+    # Minute 600 (10:00-10:59 s past epoch minute 10) gets samples from two batches.
+    store.add(NODE, 1, "telemetry", {"samples": [sample(600, 100, 10), sample(610, 200, 30)]}, 1000)
+    store.add(NODE, 2, "telemetry", {"samples": [sample(650, 300, None), sample(660, 50, 5)]}, 1001)
+    store.add(NODE, 3, "telemetry", {"samples": [sample(720, 80, 8)]}, 5000)  # in the window
+    before = store.retention.stored_bytes(NODE)
+    assert downsample(tmp_path / "c.db", received_before=2000, aggregates_before=0) == 2
+    got = minutes(tmp_path / "c.db")
+    assert got[(600, "GPU-0", "power_w")] == (100, 200, 300, 3)
+    assert got[(600, "GPU-0", "util_gpu_pct")] == (10, 20, 30, 2)  # absent once: not a zero
+    assert got[(600, "GPU-1", "power_w")] == (200, 400, 600, 3)
+    assert got[(660, "GPU-0", "power_w")] == (50, 50, 50, 1)
+    # Strings, lists, unsupported readings and host readings are no GPU metric.
+    assert {metric for _, _, metric in got} == {"power_w", "util_gpu_pct"}
+    assert {gpu for _, gpu, _ in got} == {"GPU-0", "GPU-1"}
+    assert store.nodes.all_seqs(NODE) == [3]
+    assert store.retention.stored_bytes(NODE) < before
+    assert store.nodes.last_agent_seq(NODE) == 3  # welcome never goes back
+
+
+def test_a_minute_folded_over_two_passes_keeps_a_weighted_mean(
+    tmp_path: Path, store: Store
+) -> None:
+    store.add(NODE, 1, "telemetry", {"samples": [sample(600, 100, 1)]}, 1000)
+    downsample(tmp_path / "c.db", received_before=2000, aggregates_before=0)
+    store.add(NODE, 2, "telemetry", {"samples": [sample(601, 400, 1), sample(602, 400, 1)]}, 3000)
+    downsample(tmp_path / "c.db", received_before=4000, aggregates_before=0)
+    assert minutes(tmp_path / "c.db")[(600, "GPU-0", "power_w")] == (100, 300, 400, 3)
+
+
+def test_aggregates_past_the_keep_window_are_deleted(tmp_path: Path, store: Store) -> None:
+    store.add(NODE, 1, "telemetry", {"samples": [sample(600, 100, 1), sample(7200, 1, 1)]}, 1)
+    downsample(tmp_path / "c.db", received_before=10, aggregates_before=3600)
+    assert {minute for minute, _, _ in minutes(tmp_path / "c.db")} == {7200}
+
+
+def test_a_malformed_stored_sample_is_skipped_not_fatal(tmp_path: Path, store: Store) -> None:
+    odd = [{"taken_at": "x", "gpus": [{"id": "GPU-0", "p": 1}]}, {"gpus": 3}, sample(600, 5, 5)]
+    store.add(NODE, 1, "telemetry", {"samples": odd, "dropped": 0}, 1)
+    store.add(NODE, 2, "telemetry", {"samples": [], "dropped": 1}, 1)  # a shed batch
+    assert downsample(tmp_path / "c.db", received_before=10, aggregates_before=0) == 2
+    assert minutes(tmp_path / "c.db")[(600, "GPU-0", "power_w")] == (5, 5, 5, 1)
