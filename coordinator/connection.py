@@ -126,7 +126,10 @@ def _take_over(
     node_id, now = hello.node_id, shared.clock()
     try:
         check_admission(shared, conn.handshake)
-        store.nodes.seen(node_id, hello.public_key, now)
+        if store.nodes.public_key(node_id) is None:
+            store.nodes.seen(node_id, hello.public_key, now)  # before anything refers to it
+        else:  # a node reconnecting: no fsync on the loop for its last-seen time
+            shared.writer.submit(lambda s: s.nodes.seen(node_id, hello.public_key, now))
         sender = store.streams.resume_sender(node_id, hello.last_coordinator_seq)
     except ProtocolError as exc:
         conn.refuse(exc)
@@ -321,11 +324,10 @@ class _Session:
         if any(isinstance(m, AttestRequest) for m in self.conn.pending()):
             return
         nonce = new_nonce()
-        self.store.streams.issue_nonce(self.node_id, nonce, self.shared.clock())
         body = AttestRequestBody(nonce=nonce)
         seq = self.conn.next_seq
-        self.store.streams.add_outbound(
-            self.node_id, seq, "attest_request", msgspec.to_builtins(body)
+        self.store.streams.add_attest_request(
+            self.node_id, nonce, self.shared.clock(), seq, msgspec.to_builtins(body)
         )
         await self.send_stored(body, seq)
 

@@ -20,8 +20,10 @@ import logging
 import queue
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, TypeVar
 
 from coordinator.retention import Quotas
 from coordinator.store import Added, Message, Store
@@ -29,6 +31,7 @@ from coordinator.store import Added, Message, Store
 __all__ = ["WINDOW_S", "GroupCommit"]
 
 _log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 #: How long the writer waits for more messages after the first of a group: a few ms of
 #: latency for far fewer fsyncs under load. Messages queued during a commit need no wait.
@@ -39,8 +42,9 @@ MAX_GROUP = 512
 
 @dataclass(slots=True)
 class _Pending:
-    message: Message
-    future: asyncio.Future[Added]
+    call: Callable[[Store], Any]
+    future: asyncio.Future[Any] | None
+    """None: nobody waits (:meth:`GroupCommit.submit`)."""
     loop: asyncio.AbstractEventLoop
 
 
@@ -54,8 +58,9 @@ class GroupCommit:
         self._opened = threading.Event()
         self._error: BaseException | None = None
         self.groups = 0
-        """Transactions committed: with :attr:`messages`, how well messages are grouped."""
+        """Transactions committed: with :attr:`messages`, how well calls are grouped."""
         self.messages = 0
+        """Calls committed."""
         self._thread = threading.Thread(
             target=self._run, args=(path, quotas), name="store-writer", daemon=True
         )
@@ -71,10 +76,19 @@ class GroupCommit:
         Raises:
             ValueError, sqlite3.Error: as :meth:`Store.add`; nothing of it was stored.
         """
+        return await self.call(lambda store: store.add_in_transaction(message))
+
+    async def call(self, call: Callable[[Store], T]) -> T:
+        """Run ``call`` on the writer's store in the next group; its result once committed."""
         loop = asyncio.get_running_loop()
-        future: asyncio.Future[Added] = loop.create_future()
-        self._queue.put(_Pending(message, future, loop))
+        future: asyncio.Future[T] = loop.create_future()
+        self._queue.put(_Pending(call, future, loop))
         return await future
+
+    def submit(self, call: Callable[[Store], object]) -> None:
+        """Run ``call`` in the next group, waiting for nothing (what may be lost on a crash:
+        a node's last-seen time). A failure is logged."""
+        self._queue.put(_Pending(call, None, asyncio.get_running_loop()))
 
     def close(self) -> None:
         """Store what is queued, then stop the thread and close its connection."""
@@ -118,20 +132,22 @@ class GroupCommit:
     def _commit(self, store: Store, group: list[_Pending | None]) -> None:
         pendings = [p for p in group if p is not None]
         try:
-            results = store.add_many([p.message for p in pendings])
+            results = store.run_group([p.call for p in pendings])
         except Exception as exc:  # the commit failed: none of the group is stored
-            _log.exception("group commit of %d message(s) failed", len(pendings))
-            for p in pendings:
-                p.loop.call_soon_threadsafe(_settle, p.future, exc)
-            return
-        self.groups += 1
-        self.messages += len(pendings)
+            _log.exception("group commit of %d call(s) failed", len(pendings))
+            results = [exc] * len(pendings)
+        else:
+            self.groups += 1
+            self.messages += len(pendings)
         for p, result in zip(pendings, results, strict=True):
-            p.loop.call_soon_threadsafe(_settle, p.future, result)
+            if p.future is not None:
+                p.loop.call_soon_threadsafe(_settle, p.future, result)
+            elif isinstance(result, Exception):
+                _log.error("a store write nobody waits for failed: %s", result)
 
 
-def _settle(future: asyncio.Future[Added], result: Added | Exception) -> None:
-    """Give a session its message's outcome (unless it went away meanwhile)."""
+def _settle(future: asyncio.Future[Any], result: object) -> None:
+    """Give a session its call's outcome (unless it went away meanwhile)."""
     if future.done():  # cancelled: the session ended; the agent resends, a duplicate
         return
     if isinstance(result, Exception):

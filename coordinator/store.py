@@ -18,9 +18,9 @@ returns.
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Literal, NamedTuple, TypeAlias
+from typing import Any, Literal, NamedTuple, TypeAlias, TypeVar
 
 import msgspec
 
@@ -141,6 +141,8 @@ UPDATE nodes SET
 _SHED_TELEMETRY = {"samples": [], "dropped": 1}
 
 
+T = TypeVar("T")
+
 #: What :meth:`Store.add` did with a message.
 Added: TypeAlias = Literal["stored", "duplicate", "shed"]
 
@@ -216,28 +218,28 @@ class Store:
         changes; else ``"stored"`` or ``"shed"``.
         """
         with self._db.transaction():
-            return self._add(
+            return self.add_in_transaction(
                 Message(node_id, seq, kind, body, now, profile, nonce, unverified, job)
             )
 
-    def add_many(self, messages: Sequence[Message]) -> list[Added | Exception]:
-        """Store each message as :meth:`add` does, all in one commit (group commit).
+    def run_group(self, calls: Sequence[Callable[[Store], T]]) -> list[T | Exception]:
+        """Run each call on this store, all in one commit (group commit).
 
-        A message that fails is undone alone (a savepoint) and its error returned in its
+        A call that fails is undone alone (a savepoint) and its error returned in its
         place; the others still commit. Nothing is committed before this returns, so no
         message of the group may be acknowledged before then.
         """
-        results: list[Added | Exception] = []
+        results: list[T | Exception] = []
         with self._db.transaction():
-            for message in messages:
+            for call in calls:
                 try:
                     with self._db.savepoint():
-                        results.append(self._add(message))
-                except (ValueError, sqlite3.Error) as exc:  # this message's, not the group's
+                        results.append(call(self))
+                except (ValueError, sqlite3.Error) as exc:  # this call's, not the group's
                     results.append(exc)
         return results
 
-    def _add(self, m: Message) -> Added:
+    def add_in_transaction(self, m: Message) -> Added:
         """:meth:`add` in the caller's transaction."""
         node_id, seq, kind, now = m.node_id, m.seq, m.kind, m.now
         profile, nonce, unverified, job = m.profile, m.nonce, m.unverified, m.job

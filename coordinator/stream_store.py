@@ -57,6 +57,13 @@ class StreamTable:
             (nonce, node_id, now),
         )
 
+    def add_attest_request(self, node_id: str, nonce: str, now: float, seq: int, body: Any) -> None:
+        """Remember ``nonce`` and keep the ``attest_request`` carrying it as ``seq``, in one
+        commit (one fsync per handshake, not two)."""
+        with self._db.transaction():
+            self.issue_nonce(node_id, nonce, now)
+            self.insert_outbound(node_id, seq, "attest_request", body)
+
     def check_nonce(self, node_id: str, nonce: str, now: float, ttl_s: float) -> None:
         """Refuse a nonce not issued to this node, expired, or already answered.
 
