@@ -8,7 +8,10 @@ RFC 7692 section 6 lets an endpoint send any message uncompressed (RSV1 unset) o
 connection that negotiated the extension, so messages under :data:`MIN_COMPRESSED_BYTES`
 go as they are; larger ones (job offers, welcome with a backlog) are compressed as before.
 Skipping a message leaves the compressor's window as it was, and the peer's decompressor
-sees only compressed messages, so context takeover stays in step.
+sees only compressed messages, so context takeover would stay in step; but neither side
+takes context over (``server_no_context_takeover``, ``client_no_context_takeover``): a
+connection then holds no zlib state between messages, ~50 KB less per idle agent, and with
+4 KB windows a 56 KB batch gains next to nothing from the one before.
 """
 
 from __future__ import annotations
@@ -63,6 +66,8 @@ def agent_extensions() -> list[Any]:
     """The server extensions of the agents' endpoint (websockets' default settings)."""
     return [
         _Factory(
+            server_no_context_takeover=True,
+            client_no_context_takeover=True,
             server_max_window_bits=12,
             client_max_window_bits=12,
             compress_settings={"memLevel": 5},

@@ -253,6 +253,9 @@ class Coordinator:
                 # At most a few frames buffered per agent: with 1 MiB frames the default
                 # (16) lets each connection hold 16 MiB of a hostile peer's data.
                 max_queue=4,
+                # 10,000 agents reconnecting after a restart: a SYN dropped from a full
+                # accept queue is retried only 1 s, 3 s, 7 s... later (asyncio's default: 100).
+                backlog=4096,
                 ping_interval=self._ping_interval_s,
                 ping_timeout=self._ping_interval_s,
                 ssl=self.ssl_context,
