@@ -74,6 +74,8 @@ _log = logging.getLogger(__name__)
 CLOSE_SUPERSEDED = 1000
 #: Nonce refusals that leave a node-signed profile stored as unverified, not refused.
 _UNVERIFIED_NONCE = frozenset({"stale_nonce", "replayed_nonce"})
+#: Seconds between purges of expired attestation nonces.
+_PURGE_EVERY_S = 60.0
 #: The open session of each connected node.
 AgentSessions: TypeAlias = "OpenSessions[_Session]"
 
@@ -86,6 +88,8 @@ class Shared(Gate):
     jobs: JobService
     writer: GroupCommit
     """Where sessions store the agents' messages (but job reports), many to a commit."""
+    nonces_purged_at: float = 0.0
+    """When expired attestation nonces were last purged (wall time)."""
 
 
 async def handle(ws: ServerConnection, shared: Shared) -> None:
@@ -134,7 +138,10 @@ def _take_over(
     except ProtocolError as exc:
         conn.refuse(exc)
         return None
-    store.streams.purge_nonces(now - shared.settings.attest_nonce_ttl_s)
+    if now - shared.nonces_purged_at >= _PURGE_EVERY_S:  # a scan: not at every handshake
+        shared.nonces_purged_at = now
+        before = now - shared.settings.attest_nonce_ttl_s
+        shared.writer.submit(lambda s: s.streams.purge_nonces(before))
     old = shared.sessions.get(node_id)
     if old is not None:
         old.supersede()

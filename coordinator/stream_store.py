@@ -124,11 +124,15 @@ class StreamTable:
     def ack_outbound(self, node_id: str, seq: int) -> None:
         """The node stored everything up to ``seq``: forget it."""
         with self._db.transaction():
-            self._db.execute("DELETE FROM outbound WHERE node_id = ? AND seq <= ?", (node_id, seq))
-            self._db.execute(
-                "UPDATE nodes SET coordinator_acked = MAX(coordinator_acked, ?) WHERE node_id = ?",
-                (seq, node_id),
-            )
+            self.forget_acked(node_id, seq)
+
+    def forget_acked(self, node_id: str, seq: int) -> None:
+        """:meth:`ack_outbound` in the caller's transaction (a group commit's)."""
+        self._db.execute("DELETE FROM outbound WHERE node_id = ? AND seq <= ?", (node_id, seq))
+        self._db.execute(
+            "UPDATE nodes SET coordinator_acked = MAX(coordinator_acked, ?) WHERE node_id = ?",
+            (seq, node_id),
+        )
 
     def sender(self, node_id: str) -> ReliableSender:
         """The coordinator's sender to a node, rebuilt from what the store keeps."""
