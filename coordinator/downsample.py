@@ -71,7 +71,14 @@ def downsample(path: Path, received_before: float, aggregates_before: float) -> 
     try:
         db.execute("PRAGMA synchronous=NORMAL")
         folded = 0
-        for (node_id,) in db.execute("SELECT node_id FROM nodes").fetchall():
+        # A transaction only for the nodes that have raw rows to fold (the others would
+        # take the write lock for nothing).
+        nodes = db.execute(
+            "SELECT n.node_id FROM nodes n WHERE EXISTS (SELECT 1 FROM messages m"
+            " WHERE m.node_id = n.node_id AND m.type = 'telemetry' AND m.received < ?)",
+            (received_before,),
+        ).fetchall()
+        for (node_id,) in nodes:
             db.execute("BEGIN IMMEDIATE")
             try:
                 count, size = db.execute(
@@ -85,15 +92,13 @@ def downsample(path: Path, received_before: float, aggregates_before: float) -> 
                         "UPDATE nodes SET stored_bytes = stored_bytes - ? WHERE node_id = ?",
                         (size, node_id),
                     )
-                db.execute(
-                    "DELETE FROM telemetry_minutes WHERE node_id = ? AND minute < ?",
-                    (node_id, aggregates_before),
-                )
             except BaseException:
                 db.execute("ROLLBACK")
                 raise
             db.execute("COMMIT")
             folded += int(count)
+        # One statement for every node's minutes past their keep.
+        db.execute("DELETE FROM telemetry_minutes WHERE minute < ?", (aggregates_before,))
         return folded
     finally:
         db.close()

@@ -132,7 +132,16 @@ class Retention:
         A node's last seq is kept in ``nodes``, so that its ``welcome`` never goes back.
         """
         deleted = 0
-        for (node_id,) in self._db.execute("SELECT node_id FROM nodes").fetchall():
+        # Only the nodes with telemetry to delete take the write lock (a transaction each):
+        # 10,000 empty transactions at start-up would make the loop wait on the group-commit
+        # writer 10,000 times.
+        for (node_id,) in self._db.execute(
+            "SELECT n.node_id FROM nodes n WHERE EXISTS (SELECT 1 FROM messages m"
+            " WHERE m.node_id = n.node_id AND m.type = 'telemetry' AND m.received < ?)"
+            " OR (SELECT COUNT(*) FROM (SELECT 1 FROM messages m WHERE m.node_id = n.node_id"
+            " AND m.type = 'telemetry' LIMIT -1 OFFSET ?)) > 0",
+            (received_before, keep_rows),
+        ).fetchall():
             with self._db.transaction():
                 row = self._db.execute(
                     "SELECT seq FROM messages WHERE node_id = ? AND type = 'telemetry'"
