@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import secrets
 from dataclasses import dataclass
@@ -64,7 +65,7 @@ from coordinator.handshake import (
 from coordinator.job_service import JobService
 from coordinator.nodes_store import Unverified
 from coordinator.sessions import OpenSessions
-from coordinator.store import Message
+from coordinator.store import Message, Store
 
 __all__ = ["CLOSE_POLICY", "CLOSE_SUPERSEDED", "AgentSessions", "Settings", "Shared", "handle"]
 
@@ -260,7 +261,10 @@ class _Session:
         """Carry out what one frame means; whether the connection is closed."""
         for event in self.conn.receive_frame(raw, self.shared.clock()):
             if isinstance(event, Acked):
-                self.store.streams.ack_outbound(self.node_id, event.seq)
+                # Through the writer: on the loop's connection it would wait for the
+                # writer's group to be written, and the whole loop with it.
+                forget = functools.partial(_forget_acked, node_id=self.node_id, seq=event.seq)
+                await self.shared.writer.call(forget)
             elif isinstance(event, PeerError):
                 _log.info("%s sent error %s: %s", self.node_id, event.code, event.detail)
             elif isinstance(event, Deliver):
@@ -398,6 +402,10 @@ class _Session:
                 raise
             return profile, None, Unverified(reason=exc.code, detail=exc.detail)
         return profile, nonce, None
+
+
+def _forget_acked(store: Store, *, node_id: str, seq: int) -> None:
+    store.streams.forget_acked(node_id, seq)
 
 
 def _envelope(raw: Any) -> dsse.Envelope:

@@ -36,8 +36,9 @@ T = TypeVar("T")
 #: How long the writer waits for more messages after the first of a group: a few ms of
 #: latency for far fewer fsyncs under load. Messages queued during a commit need no wait.
 WINDOW_S = 0.002
-#: The most messages in one transaction (each is at most a frame, 1 MiB).
-MAX_GROUP = 512
+#: The most messages in one transaction: a group of 56 KB batches holds the write lock
+#: while it is written, and the loop's own writes (handshakes) wait for it meanwhile.
+MAX_GROUP = 64
 
 
 @dataclass(slots=True)

@@ -32,6 +32,7 @@ from support.nodes import Clock, Node
 
 __all__ = [
     "TOKEN",
+    "acks_stored",
     "answers_until_ack",
     "codes",
     "handshake",
@@ -143,3 +144,11 @@ async def until_closed(ws: ClientConnection) -> list[Message]:
 
 def codes(messages: list[Message]) -> list[str]:
     return [m.body.code for m in messages if isinstance(m, Error)]
+
+
+async def acks_stored(coordinator: Coordinator, node_id: str) -> None:
+    """Return once the node's acks of the coordinator's stream are stored: the group-commit
+    writer stores them a moment after the session read them."""
+    async with asyncio.timeout(10):
+        while coordinator.store.streams.outbound(node_id).pending:
+            await asyncio.sleep(0.01)
