@@ -361,6 +361,10 @@ class _Session:
             added = await self.shared.writer.add(
                 Message(self.node_id, message.seq, kind, body, now, profile, nonce, unverified)
             )
+            if self.superseded:
+                # A newer connection took over while it was committed: the newer session
+                # read where the stream stands, and the agent's resend there is a duplicate.
+                return
         # The add committed: only now may the agent forget the message.
         self._advanced = added != "duplicate"
         self.conn.handled(message.seq)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import secrets
 import sqlite3
 import time
@@ -10,7 +11,16 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from support.admission import recv, started, telemetry, welcomed
+import pytest
+from support.admission import (
+    answers_until_ack,
+    handshake,
+    recv,
+    started,
+    telemetry,
+    until_closed,
+    welcomed,
+)
 from support.nodes import Node
 from support.processes import Coordinator
 from websockets.asyncio.client import ClientConnection, connect
@@ -30,11 +40,14 @@ from agent.protocol.messages import (
     Ack,
     AckBody,
     AttestRequest,
+    Error,
+    Welcome,
     decode_frame,
     encode_frame,
     wrap,
 )
 from agent.protocol.session import AgentHandshake
+from coordinator.store import Store
 
 RECEIVED: list[bool] = []
 """RSV1 (compressed) of each data frame the test agent received."""
@@ -181,3 +194,32 @@ async def test_what_was_acked_survives_kill_9_and_the_resend_duplicates_nothing(
         assert all(stored[node.node_id] == list(range(1, sent + 1)) for node in nodes)
     finally:
         coordinator.kill()
+
+
+async def test_a_session_superseded_while_its_message_commits_ends_cleanly(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    node = Node()
+    async with started(tmp_path) as server, welcomed(server, node) as (old, _):
+        assert isinstance(await recv(old), AttestRequest)
+        # Another writer holds the file: the old session's message waits for its commit.
+        blocker = sqlite3.connect(tmp_path / "coordinator.db", isolation_level=None)
+        blocker.execute("BEGIN IMMEDIATE")
+        await old.send(telemetry(1))
+        async with connect(server.url) as new:
+            welcoming = asyncio.create_task(handshake(new, server, node))
+            seen = await until_closed(old)  # the newer connection supersedes it
+            assert [m.body.code for m in seen if isinstance(m, Error)] == ["superseded"]
+            blocker.execute("COMMIT")
+            blocker.close()
+            welcome = await welcoming
+            assert isinstance(welcome, Welcome)
+            if welcome.body.last_agent_seq < 1:  # read before the commit: resent
+                await new.send(telemetry(1))
+                await answers_until_ack(new, 1)
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+    store = Store(tmp_path / "coordinator.db")
+    try:
+        assert store.nodes.all_seqs(node.node_id) == [1]
+    finally:
+        store.close()
