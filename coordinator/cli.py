@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import gc
 import json
 import math
 import os
@@ -23,6 +22,7 @@ import platformdirs
 from coordinator import admission, cli_args, cli_deploy, keys
 from coordinator.admin import check_url
 from coordinator.client import AdminClient, load_spec_file
+from coordinator.collector import keep_frozen
 from coordinator.errors import AdminError, ConfigError, CoordinatorError, JobError, KeyFileError
 from coordinator.images import ImagePinner
 from coordinator.outputs_download import download_outputs
@@ -173,9 +173,6 @@ def _parser() -> _Parser:
 
 
 def _ready(coordinator: Coordinator) -> None:
-    # What start-up made (modules, the store, the key) lives as long as the process: out of
-    # the collector's sight, so that its full collections walk only what sessions hold.
-    gc.freeze()
     print(f"listening on {coordinator.url}", flush=True)
     print(f"dashboard at {coordinator.dashboard_url}", flush=True)
     print(f"key id {coordinator.key.key_id}", flush=True)
@@ -192,6 +189,9 @@ async def _serve(
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
+    # Long-lived objects (sessions) frozen out of the collector's full passes: the process's
+    # own policy, not the library's (a test process that embeds a coordinator keeps its own).
+    frozen = asyncio.create_task(keep_frozen())
     try:
         await serve(
             args.host,
@@ -209,6 +209,8 @@ async def _serve(
             deploy_grace_s=args.deploy_grace,
         )
     finally:
+        frozen.cancel()
+        await asyncio.gather(frozen, return_exceptions=True)
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(signum)
 
