@@ -350,6 +350,15 @@ async def one_run(
         cpu = (cpu_s(pid) - cpu0) / (time.perf_counter() - t0)
         reports = await clients.ask("report", "report")
         latencies = sorted(x for r in reports for x in r["latencies"])
+        steady = {
+            "agents": agents,
+            "ack_p50_ms": 1e3 * statistics.median(latencies),
+            "ack_p99_ms": 1e3 * statistics.quantiles(latencies, n=100)[98],
+            "cpu_cores": cpu,
+            "rss_mib": rss / (KiB * KiB),
+            "load_avg_1m": load,
+        }
+        print("steady", json.dumps(steady), flush=True)  # kept should the restart hang
         killed = time.time()
         coordinator.process.send_signal(signal.SIGKILL)
         await coordinator.process.wait()
