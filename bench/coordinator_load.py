@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import random
@@ -386,7 +387,12 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
     """Every fleet size, ``--runs`` times each; min/median/max of each figure."""
     results: dict[str, Any] = {}
     (ROOT / "build").mkdir(exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=ROOT / "build") as tmp:  # a real disk: fsync counts
+    # A real disk: fsync counts. --keep leaves the databases for a look afterwards.
+    with contextlib.ExitStack() as stack:
+        if args.keep:
+            tmp = tempfile.mkdtemp(dir=ROOT / "build")
+        else:
+            tmp = stack.enter_context(tempfile.TemporaryDirectory(dir=ROOT / "build"))
         work = Path(tmp)
         body = work / "telemetry.json"
         body.write_bytes(await asyncio.to_thread(telemetry_body, work / "nvml"))
@@ -416,6 +422,7 @@ def main() -> None:
     parser.add_argument("--interval", type=float, default=10.0, help="s between an agent's batches")
     parser.add_argument("--duration", type=float, default=30.0, help="s of the steady window")
     parser.add_argument("--new-keys-per-s", type=float, default=1000.0, help="serve's option")
+    parser.add_argument("--keep", action="store_true", help="keep the databases under build/")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "coordinator_load.json"))
     parser.add_argument("--client", nargs=5, help=argparse.SUPPRESS)  # a client process
     args = parser.parse_args()
