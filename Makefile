@@ -64,7 +64,9 @@ bench: $(VENV)/.test
 	$(BIN)/python bench/input_fetch.py
 	$(BIN)/python bench/upload.py
 	$(BIN)/python bench/tunnel.py
+	$(BIN)/python bench/gateway.py
 	$(BIN)/python bench/llama_direct.py
+	$(BIN)/python bench/service_start.py
 
 # The llama-server test image, built from source once per machine (tests/support/llama.py).
 llama-image: $(VENV)/.test

@@ -269,7 +269,11 @@ def _run_local(config: HalConfig, args: argparse.Namespace) -> int:
         spec,
         policy,
         hal_config=config,
-        runner_config=RunnerConfig(jobs_dir=default_jobs_dir(), runtime=policy.runtime),
+        runner_config=RunnerConfig(
+            jobs_dir=default_jobs_dir(),
+            runtime=policy.runtime,
+            max_image_unpacked_bytes=policy.max_image_unpacked_bytes,
+        ),
         docker_socket=str(config.docker_socket),
         as_json=args.json,
         registries=Registries(logins, ca_file),

@@ -108,7 +108,8 @@ class CoordinatorProcess:
         self.process = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "coordinator.cli", "serve", "--host", "127.0.0.1",
             "--port", str(self.port), "--artifacts-port", str(self.artifacts_port),
-            "--db", str(self.db), "--state-dir", str(self.state_dir), *self.options,
+            "--db", str(self.db), "--state-dir", str(self.state_dir),
+            "--gateway-port", "0", *self.options,
             stdout=asyncio.subprocess.PIPE,
         )  # fmt: skip
         assert self.process.stdout is not None

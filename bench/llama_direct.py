@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -33,18 +32,11 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from support.llama import llama_server_image  # noqa: E402
 from support.llama_server import MODEL_ALIAS, running_llama_server  # noqa: E402
+from support.stats import spread  # noqa: E402
 from support.tiny_model import tiny_model  # noqa: E402
 
 SOCKET = "/var/run/docker.sock"
 NO_EOS = {"2": -100}
-
-
-def _stats(values: list[float]) -> dict[str, float]:
-    return {
-        "min": round(min(values), 4),
-        "median": round(statistics.median(values), 4),
-        "max": round(max(values), 4),
-    }
 
 
 def _small(client: openai.OpenAI) -> float:
@@ -102,10 +94,10 @@ def main(runs: int, tokens: int, threads: int) -> dict[str, object]:
         "runs": runs,
         "tokens": tokens,
         "threads": threads,
-        "small_request_s": _stats(small),
-        "ttft_s": _stats([s[0] for s in streams]),
-        "client_tokens_per_s": _stats([s[1] for s in streams]),
-        "server_tokens_per_s": _stats([s[2] for s in streams]),
+        "small_request_s": spread(small),
+        "ttft_s": spread([s[0] for s in streams]),
+        "client_tokens_per_s": spread([s[1] for s in streams]),
+        "server_tokens_per_s": spread([s[2] for s in streams]),
     }
 
 

@@ -18,7 +18,6 @@ import json
 import os
 import resource
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -32,6 +31,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
 from support.registry import push_busybox, running_registry  # noqa: E402
+from support.stats import spread  # noqa: E402
 
 from sandbox.docker_api import DockerClient  # noqa: E402
 from sandbox.engine import Engine  # noqa: E402
@@ -55,14 +55,6 @@ async def _timed(action: Callable[[], Awaitable[object]]) -> tuple[float, float]
     wall, cpu = time.perf_counter(), _cpu()
     await action()
     return time.perf_counter() - wall, _cpu() - cpu
-
-
-def _stats(values: list[float]) -> dict[str, float]:
-    return {
-        "min": min(values),
-        "median": statistics.median(values),
-        "max": max(values),
-    }
 
 
 async def main(runs: int, mib: int) -> dict[str, object]:
@@ -117,12 +109,12 @@ async def main(runs: int, mib: int) -> dict[str, object]:
                 "runs": runs,
                 "image_mib": mib,
                 "throughput_mib_s": {
-                    name: _stats([mib / w for w in entry["wall_s"]])
+                    name: spread([mib / w for w in entry["wall_s"]])
                     for name, entry in figures.items()
                 },
-                "wall_s": {name: _stats(entry["wall_s"]) for name, entry in figures.items()},
+                "wall_s": {name: spread(entry["wall_s"]) for name, entry in figures.items()},
                 "this_process_cpu_s": {
-                    name: _stats(entry["cpu_s"]) for name, entry in figures.items()
+                    name: spread(entry["cpu_s"]) for name, entry in figures.items()
                 },
                 "cached_second_pull": {
                     "pulled": again is not None,

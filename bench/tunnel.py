@@ -26,7 +26,6 @@ import asyncio
 import json
 import os
 import resource
-import statistics
 import sys
 import tempfile
 import time
@@ -38,6 +37,7 @@ import psutil
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[0] = str(ROOT / "tests")
 
+from support.stats import spread  # noqa: E402
 from support.tunnel_target import exchange, request  # noqa: E402
 
 from agent.link.identity import load_or_create  # noqa: E402
@@ -76,14 +76,6 @@ class _Cpu:
         mine = own.ru_utime + own.ru_stime
         theirs = agent.user + agent.system
         return mine, theirs, mine + theirs + target.user + target.system
-
-
-def _stats(values: list[float]) -> dict[str, float]:
-    return {
-        "min": round(min(values), 4),
-        "median": round(statistics.median(values), 4),
-        "max": round(max(values), 4),
-    }
 
 
 def _percentile(values: list[float], fraction: float) -> float:
@@ -200,11 +192,11 @@ async def main(runs: int, requests: int, mib: int, tokens: int) -> dict[str, obj
         "requests": requests,
         "bulk_mib": mib,
         "tokens": tokens,
-        "direct": {key: _stats(values) for key, values in d.items()},
-        "tunnel": {key: _stats(values) for key, values in t.items()},
-        "added_p50_ms": _stats(added),
-        "bulk_tunnel_over_direct": _stats(ratio),
-        "tokens_tunnel_over_direct": _stats(token_ratio),
+        "direct": {key: spread(values) for key, values in d.items()},
+        "tunnel": {key: spread(values) for key, values in t.items()},
+        "added_p50_ms": spread(added),
+        "bulk_tunnel_over_direct": spread(ratio),
+        "tokens_tunnel_over_direct": spread(token_ratio),
     }
 
 

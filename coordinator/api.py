@@ -19,12 +19,17 @@ A summary's ``profile_verified`` is true only when the node's newest profile ver
 - ``GET /api/jobs/{id}`` -> the job: state, spec, offer, cancel, logs, result (the
   verified receipt, its digest, ``chain_ok`` and ``problems``); 404 ``unknown_job``
 - ``GET /api/deployments`` and ``GET /api/deployments/{name}``: :mod:`coordinator.deployments_api`
+- ``GET /api/requests?limit=N`` -> ``{"requests": [record, ...]}``: the gateway's request
+  records, newest first (:mod:`coordinator.gateway.keys_api`)
 - ``GET /`` -> the dashboard page
 
 Write (the admin listener only, from loopback, with ``Authorization: Bearer <token>``):
 
 - ``POST /api/jobs`` ``{"node_id", "spec", "job_id"?, "ttl_s"?}`` -> 201 ``{"job_id", "url"}``
 - ``POST /api/jobs/{id}/cancel`` ``{"reason"?}`` (or no body) -> 202 ``{"job_id"}``
+- ``POST /api/keys`` ``{"name", "rate_per_min"?}`` -> 201 the key with its text (shown
+  once); ``GET /api/keys`` (token too) -> ``{"keys": [...]}``; ``POST
+  /api/keys/{id}/revoke`` -> the key, revoked
 - ``POST /api/nodes/{id}/prefetch`` ``{"image"}`` -> 202 ``{"node_id", "image"}`` (the image
   pinned): the node pulls it now, before a job needs it
 - ``POST /api/deployments`` ``{"name", "spec", "replicas"}`` -> 201 the deployment;
@@ -60,6 +65,7 @@ from coordinator.api_util import (
 from coordinator.dashboard import PAGE
 from coordinator.deployments import Deployments
 from coordinator.errors import JobError
+from coordinator.gateway import keys_api
 from coordinator.job_service import JobService
 from coordinator.nodes_store import NodeRow
 from coordinator.store import Store
@@ -105,6 +111,8 @@ def route(
             return json_answer(_detail(store, node, connected))
         if parts[3] == "telemetry":
             return _telemetry(store, node.node_id, target_.query)
+    if parts == ["api", "requests"]:
+        return keys_api.recent_requests(store, target_.query)
     if parts == ["api", "jobs"]:
         return jobs_api.job_list(jobs, target_.query)
     if len(parts) == 3 and parts[:2] == ["api", "jobs"]:
@@ -127,9 +135,10 @@ async def admin_route(
     jobs: JobService,
     deployments: Deployments | None = None,
 ) -> HttpAnswer:
-    """The admin listener's answer: GET as :func:`route`; POST and DELETE only from
-    loopback with ``token``."""
-    if request.method not in ("POST", "DELETE"):
+    """The admin listener's answer: GET as :func:`route`; POST and DELETE, and the API
+    keys, only from loopback with ``token``."""
+    keys = split_target(request.target).parts[:2] == ["api", "keys"]
+    if request.method not in ("POST", "DELETE") and not keys:
         return route(request.method, request.target, store, jobs, connected)
     if not _loopback(request.peer):
         return coded_error(HTTPStatus.FORBIDDEN, "forbidden", "writes only from this machine")
@@ -143,6 +152,16 @@ async def admin_route(
         return msgspec.structs.replace(answer, headers=(("WWW-Authenticate", "Bearer"),))
     target = split_target(request.target)
     parts = target.parts
+    if parts == ["api", "keys"]:
+        if request.method == "GET":
+            return keys_api.listing(store)
+        if request.method == "POST":
+            return keys_api.create(store, request.body)
+    revoking = len(parts) == 4 and parts[:2] == ["api", "keys"] and parts[3] == "revoke"
+    if revoking and request.method == "POST":
+        return keys_api.revoke(store, parts[2])
+    if request.method not in ("POST", "DELETE"):
+        return error(HTTPStatus.METHOD_NOT_ALLOWED, f"not {request.method} {target.path!r}")
     try:
         if deployments is not None and parts[:2] == ["api", "deployments"]:
             if request.method == "POST" and len(parts) == 2:

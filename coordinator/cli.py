@@ -19,11 +19,18 @@ from typing import Any, NamedTuple, NoReturn
 
 import platformdirs
 
-from coordinator import admission, cli_args, cli_deploy, keys
+from coordinator import admission, cli_args, cli_deploy, cli_keys, keys
 from coordinator.admin import check_url
 from coordinator.client import AdminClient, load_spec_file
 from coordinator.collector import keep_frozen
-from coordinator.errors import AdminError, ConfigError, CoordinatorError, JobError, KeyFileError
+from coordinator.errors import (
+    AdminError,
+    ConfigError,
+    CoordinatorError,
+    GatewayError,
+    JobError,
+    KeyFileError,
+)
 from coordinator.images import ImagePinner
 from coordinator.outputs_download import download_outputs
 from coordinator.server import Coordinator, serve
@@ -116,6 +123,12 @@ def _parser() -> _Parser:
         " only there by default",
     )
     run.add_argument(
+        "--gateway-port",
+        type=_port,
+        help="port on --host of the OpenAI-compatible gateway (default: --port + 2, so 8767;"
+        " 0: any free one, as with --port 0)",
+    )
+    run.add_argument(
         "--registry-logins",
         type=_path,
         help="TOML file of registry logins, to pin submitted tags to digests (mode 600)",
@@ -169,6 +182,9 @@ def _parser() -> _Parser:
     jobs.add_argument("--json", action="store_true", help="the API's JSON instead of a table")
     _admin_options(jobs)
     cli_deploy.add_commands(commands, _admin_options, _path)
+    admin = argparse.ArgumentParser(add_help=False)
+    _admin_options(admin)
+    cli_keys.add_parser(commands, [admin])
     return parser
 
 
@@ -177,6 +193,8 @@ def _ready(coordinator: Coordinator) -> None:
     print(f"dashboard at {coordinator.dashboard_url}", flush=True)
     print(f"key id {coordinator.key.key_id}", flush=True)
     print(f"admin API at {coordinator.admin_url} (token in {coordinator.admin_file})", flush=True)
+    # After the lines before it: scripts read them by their order.
+    print(f"gateway at {coordinator.gateway_url}", flush=True)
 
 
 async def _serve(
@@ -204,6 +222,7 @@ async def _serve(
             admin_port=args.admin_port,
             artifacts_port=args.artifacts_port,
             artifacts_url=args.artifacts_url,
+            gateway_port=args.gateway_port,
             settings=settings,
             pinner=pinner,
             deploy_grace_s=args.deploy_grace,
@@ -289,6 +308,8 @@ def _check_admin_arguments(args: argparse.Namespace) -> _Submission:
         cli_args.check_reason(args.reason)
     if args.command == "prefetch":
         cli_args.check_node_id(args.node)
+    if args.command == "api-keys":
+        cli_keys.check(args)
     if args.command != "submit":
         return _Submission({}, {})
     cli_args.check_node_id(args.node)
@@ -308,7 +329,7 @@ def _admin_command(args: argparse.Namespace) -> int:
         # The arguments first: one that is refused (exit 2) reaches nothing.
         submission = _check_admin_arguments(args)
         deployment = cli_deploy.check(args)
-    except (AdminError, ConfigError, JobError) as exc:
+    except (AdminError, ConfigError, JobError, GatewayError) as exc:
         return _fail(exc, EXIT_USAGE)
     try:
         client = AdminClient.from_state_dir(args.state_dir, args.url)
@@ -322,6 +343,8 @@ def _admin_command(args: argparse.Namespace) -> int:
         if args.command == "prefetch":
             print(client.prefetch(args.node, args.image))
             return 0
+        if args.command == "api-keys":
+            return cli_keys.run(args, client)
         return _jobs(args, client)
     except AdminError as exc:
         return _fail(exc, EXIT_ERROR)
@@ -349,6 +372,7 @@ def _serve_command(args: argparse.Namespace) -> int:
         # Read-only checks of every argument before the key, the database or the admin
         # file is written: a refused argument leaves nothing behind.
         args.artifacts_port = cli_args.artifacts_port(args.port, args.artifacts_port)
+        args.gateway_port = cli_args.gateway_port(args.port, args.gateway_port)
         if args.artifacts_url is not None:
             args.artifacts_url = cli_args.public_url(args.artifacts_url)
         ssl_context = None
@@ -359,6 +383,7 @@ def _serve_command(args: argparse.Namespace) -> int:
                 (args.host, args.port),
                 ("127.0.0.1", args.admin_port),
                 (args.host, args.artifacts_port),
+                (args.host, args.gateway_port),
             ]
         )
         cli_args.check_db(args.db)
@@ -405,7 +430,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _command(parser: _Parser, args: argparse.Namespace) -> int:
-    if args.command in {"submit", "cancel", "prefetch", "jobs"} | cli_deploy.COMMANDS:
+    if args.command in {"submit", "cancel", "prefetch", "jobs", "api-keys"} | cli_deploy.COMMANDS:
         return _admin_command(args)
     if args.command == "key":
         return _key_command(args)

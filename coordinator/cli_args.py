@@ -38,6 +38,7 @@ __all__ = [
     "check_reason",
     "check_state_dir",
     "check_ttl",
+    "gateway_port",
     "parse_uploads",
     "public_url",
     "tls_context",
@@ -99,6 +100,22 @@ def artifacts_port(port: int, given: int | None) -> int:
     if port >= 65535:
         raise ConfigError("bad_address", "--port 65535 leaves no default --artifacts-port")
     return port + 1
+
+
+def gateway_port(port: int, given: int | None) -> int:
+    """The gateway's port: ``given``, else the second after the websocket's (the first is
+    the artifact listener's): clients are told a fixed one; any free one with ``port`` 0.
+
+    Raises:
+        ConfigError: ``bad_address`` (``port`` is over 65533: no port two after it).
+    """
+    if given is not None:
+        return given
+    if port == 0:
+        return 0
+    if port >= 65534:
+        raise ConfigError("bad_address", f"--port {port} leaves no default --gateway-port")
+    return port + 2
 
 
 def public_url(text: str) -> str:

@@ -176,6 +176,21 @@ class AdminClient:
         except msgspec.ValidationError as exc:
             raise AdminError("bad_answer", f"not a deployment list: {exc}") from None
 
+    def create_key(self, name: str, rate_per_min: int) -> dict[str, Any]:
+        """Make a gateway API key; the answer holds its text (``key``), shown this once."""
+        return self._request("POST", "/api/keys", {"name": name, "rate_per_min": rate_per_min})
+
+    def keys(self) -> list[dict[str, Any]]:
+        """The gateway's API keys, without their text (``GET /api/keys``)."""
+        keys = self._request("GET", "/api/keys").get("keys")
+        if not isinstance(keys, list) or not all(isinstance(k, dict) for k in keys):
+            raise AdminError("bad_answer", f"not a key list: {keys!r}")
+        return keys
+
+    def revoke_key(self, key_id: str) -> dict[str, Any]:
+        """Revoke a gateway API key."""
+        return self._request("POST", f"/api/keys/{quote(key_id, safe='')}/revoke")
+
     def jobs(self) -> list[dict[str, Any]]:
         """Every job, newest first (``GET /api/jobs``)."""
         jobs = self._request("GET", "/api/jobs").get("jobs")

@@ -8,7 +8,10 @@ Chromium test in tests/integration/test_dashboard.py reads them. Each job is a
 what its receipt names shows them in a ``span.output-problems`` in its state cell. Each
 replica of a deployment is a ``tr.replica[data-deployment][data-job-id]`` whose cells have
 the classes ``deployment``, ``ready`` (ready of wanted), ``node`` and ``state``; a
-deployment without a live replica is one such row without a job id.
+deployment without a live replica is one such row without a job id. Each of the gateway's
+newest requests is a ``tr.request`` whose cells have the classes ``at``, ``model``,
+``node``, ``job``, ``status`` (the HTTP status, and the gateway's code if any), ``tokens``
+(in/out, ``-`` when not reported), ``latency`` and ``ttft`` (in ms).
 """
 
 from __future__ import annotations
@@ -43,6 +46,12 @@ td, th { border: 1px solid #ccc; padding: 4px 8px; text-align: left; vertical-al
 <table>
 <thead><tr><th>job</th><th>node</th><th>state</th><th>updated</th></tr></thead>
 <tbody id="jobs"><tr><td colspan="4">loading...</td></tr></tbody>
+</table>
+<h2>gateway requests</h2>
+<table>
+<thead><tr><th>at</th><th>model</th><th>node</th><th>job</th><th>status</th>
+<th>tokens in/out</th><th>latency ms</th><th>first token ms</th></tr></thead>
+<tbody id="requests"><tr><td colspan="8">loading...</td></tr></tbody>
 </table>
 <script>
 const text = (v) => String(v).replace(/[&<>"]/g, (c) => "&#" + c.charCodeAt(0) + ";");
@@ -96,6 +105,7 @@ async function refresh() {
       + '<td class="node">' + text(j.node_id) + "</td>"
       + '<td class="state">' + text(j.state)
       + (j.pull_bytes ? " " + percent(j.pulled_bytes, j.pull_bytes) + "%" : "")
+      + (j.fetch_bytes ? " " + percent(j.fetched_bytes, j.fetch_bytes) + "%" : "")
       + (j.code ? " (" + text(j.code) + ")" : "")
       + (j.output_problems ? ' <span class="output-problems">'
          + text(j.output_problems.join(", ")) + "</span>" : "")
@@ -104,6 +114,24 @@ async function refresh() {
     ).join("") || "<tr><td colspan=4>no jobs";
   } catch (e) {
     document.getElementById("jobs").innerHTML = "<tr><td colspan=4>" + text(e);
+  }
+  try {
+    const {requests} = await (await fetch("/api/requests?limit=50")).json();
+    const ms = (s) => s === null ? "-" : String(Math.round(s * 1000));
+    const n = (v) => v === null ? "-" : text(v);
+    document.getElementById("requests").innerHTML = requests.map((r) =>
+      '<tr class="request">'
+      + '<td class="at">' + text(new Date(r.at * 1000).toISOString()) + "</td>"
+      + '<td class="model">' + text(r.model) + "</td>"
+      + '<td class="node">' + text(r.node_id) + "</td>"
+      + '<td class="job">' + text(r.job_id) + "</td>"
+      + '<td class="status">' + text(r.status) + (r.code ? " " + text(r.code) : "") + "</td>"
+      + '<td class="tokens">' + n(r.tokens_in) + "/" + n(r.tokens_out) + "</td>"
+      + '<td class="latency">' + ms(r.latency_s) + "</td>"
+      + '<td class="ttft">' + ms(r.ttft_s) + "</td></tr>"
+    ).join("") || "<tr><td colspan=8>no requests";
+  } catch (e) {
+    document.getElementById("requests").innerHTML = "<tr><td colspan=8>" + text(e);
   }
 }
 function percent(done, total) {

@@ -39,6 +39,16 @@ class Database:
         """Run one statement."""
         return self._conn.execute(sql, args)
 
+    @property
+    def changes(self) -> int:
+        """Rows this connection changed since it opened: every write of the store's counts,
+        so an unchanged count means nothing read before has changed."""
+        return self._conn.total_changes
+
+    def executemany(self, sql: str, rows: list[tuple[Any, ...]]) -> None:
+        """Run one statement for each row."""
+        self._conn.executemany(sql, rows)
+
     def executescript(self, sql: str) -> None:
         """Run a script of statements (the schema)."""
         self._conn.executescript(sql)

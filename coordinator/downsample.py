@@ -21,7 +21,7 @@ from pathlib import Path
 
 __all__ = ["SCHEMA", "downsample"]
 
-#: Schema version 6 (:mod:`coordinator.store`).
+#: Schema version 7 (:mod:`coordinator.store`).
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS telemetry_minutes (
     node_id TEXT NOT NULL REFERENCES nodes(node_id),

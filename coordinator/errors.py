@@ -20,6 +20,12 @@ Grouped by how the operator reacts::
     |     codes: admin_file_missing, admin_file_unsafe, admin_file_corrupt, admin_file_unwritable,
     |            bad_url, admin_unreachable, unauthorized, forbidden, bad_answer, wait_timeout,
     |            and the JobError codes the API answered with
+    +-- GatewayError              the gateway refused a client's request, or the admin a key
+    |     codes: invalid_api_key, rate_limited, model_not_found, no_ready_replica,
+    |            replicas_busy, bad_request, request_too_large, headers_too_large,
+    |            request_timeout, upstream_error,
+    |            upstream_timeout, response_too_large, not_found, method_not_allowed,
+    |            unknown_key_id, bad_key_name, bad_rate
     +-- StreamError               a tunnel stream to a node's service failed or was refused:
           another node may serve the request (if nothing of it was read yet)
           codes: no_tunnel (the node has no data connection), too_many_streams,
@@ -39,6 +45,7 @@ __all__ = [
     "AdminError",
     "ConfigError",
     "CoordinatorError",
+    "GatewayError",
     "JobError",
     "KeyFileError",
     "StreamError",
@@ -72,3 +79,12 @@ class AdminError(CoordinatorError):
 
 class StreamError(CoordinatorError):
     """A tunnel stream could not be opened, or ended other than by the service's EOF."""
+
+
+class GatewayError(CoordinatorError):
+    """The gateway refuses a request (answered in OpenAI's error shape), or a key change."""
+
+    def __init__(self, code: str, detail: str = "", *, retry_after_s: float | None = None) -> None:
+        super().__init__(code, detail)
+        self.retry_after_s = retry_after_s
+        """When the client may try again (``Retry-After``); None: not said."""

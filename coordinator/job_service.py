@@ -236,8 +236,9 @@ class JobService:
             job = message.body
         return self._store.add(node_id, message.seq, message_type(message), body, now, job=job)
 
-    def pull_progress(self, job: JobSummary) -> tuple[int, int] | None:
-        """How far a pulling job's image pull is, (bytes done, in all), as last reported."""
+    def progress(self, job: JobSummary) -> tuple[int, int] | None:
+        """How far a pulling job's image pull or a fetching job's inputs are, (bytes done,
+        in all), as last reported."""
         return self._store.nodes.job_progress(job.node_id, job.job_id)
 
     def get(self, job_id: str) -> JobRow | None:

@@ -149,8 +149,9 @@ def _summary(jobs: JobService, job: JobSummary) -> dict[str, Any]:
         "updated": job.updated,
         "url": f"/api/jobs/{job.job_id}",
     }
-    if job.state == "pulling" and (progress := jobs.pull_progress(job)) is not None:
-        summary["pulled_bytes"], summary["pull_bytes"] = progress
+    if job.state in ("pulling", "fetching") and (progress := jobs.progress(job)) is not None:
+        done, total = ("pulled", "pull") if job.state == "pulling" else ("fetched", "fetch")
+        summary[f"{done}_bytes"], summary[f"{total}_bytes"] = progress
     if jobs.artifacts is not None and jobs.artifacts.outputs(job.job_id):
         row = jobs.get(job.job_id)
         if row is not None and (problems := _outputs(jobs, row)["output_problems"]):

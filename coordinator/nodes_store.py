@@ -191,8 +191,8 @@ class NodeTable:
         )
 
     def job_progress(self, node_id: str, job_id: str) -> tuple[int, int] | None:
-        """A pulling job's latest progress, (bytes done, bytes in all), from the newest
-        ``job_status`` the node sent about it; None when it carried none."""
+        """A pulling or fetching job's latest progress, (bytes done, bytes in all), from
+        the newest ``job_status`` the node sent about it; None when it carried none."""
         row = self._db.execute(
             "SELECT body FROM messages WHERE node_id = ? AND type = 'job_status'"
             " AND json_extract(body, '$.job_id') = ? ORDER BY seq DESC LIMIT 1",
@@ -200,7 +200,8 @@ class NodeTable:
         ).fetchone()
         if row is None:
             return None
-        layers = msgspec.json.decode(row[0]).get("progress") or []
+        body = msgspec.json.decode(row[0])
+        layers = body.get("progress") or body.get("inputs") or []
         if not isinstance(layers, list) or not layers:
             return None
         done = sum(int(layer.get("done", 0)) for layer in layers if isinstance(layer, dict))

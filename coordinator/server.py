@@ -6,6 +6,9 @@ and to :data:`TUNNEL_PATH` to the nodes' data connections (:attr:`Coordinator.tu
 With an ``ssl_context`` that port speaks TLS only: ``wss://`` for agents, ``https://`` for
 the API and dashboard.
 
+A third listener, on the same host and TLS, is the OpenAI-compatible gateway
+(:mod:`coordinator.gateway`): clients' requests to the nodes' services, through the tunnel.
+
 A second, plain-HTTP listener on 127.0.0.1 (:mod:`coordinator.admin`) serves the same API
 plus the writes (job submission and cancel), behind a token written to ``admin.json`` in
 the state directory. Both listeners and the agents' connections reach jobs through one
@@ -43,6 +46,7 @@ from coordinator.compression import agent_extensions
 from coordinator.connection import AgentSessions, Shared, handle
 from coordinator.deployments import DEFAULT_GRACE_S, DEFAULT_INTERVAL_S, Deployments
 from coordinator.downsample import downsample
+from coordinator.gateway.server import Gateway, GatewaySettings
 from coordinator.group_commit import GroupCommit
 from coordinator.images import ImagePinner
 from coordinator.job_service import JobService
@@ -85,6 +89,8 @@ class Coordinator:
         tunnel_max_streams: int = MAX_STREAMS,
         deploy_grace_s: float = DEFAULT_GRACE_S,
         deploy_interval_s: float = DEFAULT_INTERVAL_S,
+        gateway_port: int = 0,
+        gateway_settings: GatewaySettings | None = None,
     ) -> None:
         self.host = host
         self.pinner = pinner or ImagePinner()
@@ -118,6 +124,9 @@ class Coordinator:
         )
         self._artifact_node_max_bytes = artifact_node_max_bytes
         self._artifacts_public_url = artifacts_url
+        self._gateway_port = gateway_port
+        self._gateway_settings = gateway_settings
+        self._gateway: Gateway | None = None
         self.artifacts: ArtifactStore | None = None
         self.admin_token = new_token()
         """The bearer token of the admin API's writes (also in :attr:`admin_file`)."""
@@ -137,6 +146,19 @@ class Coordinator:
         if self._tunnels is None:
             raise RuntimeError("the coordinator is not started")
         return self._tunnels
+
+    @property
+    def gateway(self) -> Gateway:
+        """The OpenAI-compatible gateway (only while started)."""
+        if self._gateway is None:
+            raise RuntimeError("the coordinator is not started")
+        return self._gateway
+
+    @property
+    def gateway_url(self) -> str:
+        """The gateway's base URL, as OpenAI's clients take it: ``http(s)://host:port/v1``."""
+        scheme = "https" if self.ssl_context is not None else "http"
+        return f"{scheme}://{self._url_host()}:{self.gateway.port}/v1"
 
     @property
     def jobs(self) -> JobService:
@@ -262,6 +284,16 @@ class Coordinator:
             )
             await self._admin.start()
             await self._artifact_listener.start()
+            self._gateway = Gateway(
+                store,
+                self._tunnels,
+                host=self.host,
+                port=self._gateway_port,
+                ssl_context=self.ssl_context,
+                settings=self._gateway_settings,
+                clock=self._clock,
+            )
+            await self._gateway.start()
             if settings.retention_interval_s > 0:
                 self._retention = asyncio.create_task(self._retain())
             self._reconciler = asyncio.create_task(self._deployments.run())
@@ -278,6 +310,9 @@ class Coordinator:
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
         self._retention = self._reconciler = self._deployments = None
+        if self._gateway is not None:
+            await self._gateway.stop()
+            self._gateway = None
         await self._admin.stop()
         await self._artifact_listener.stop()
         if self.artifacts is not None:
@@ -452,6 +487,7 @@ async def serve(
     artifacts_port: int = 0,
     artifacts_url: str | None = None,
     deploy_grace_s: float = DEFAULT_GRACE_S,
+    gateway_port: int = 0,
 ) -> None:
     """Run a coordinator until ``stop`` is set (or the task is cancelled)."""
     coordinator = Coordinator(
@@ -466,6 +502,7 @@ async def serve(
         artifacts_port=artifacts_port,
         artifacts_url=artifacts_url,
         deploy_grace_s=deploy_grace_s,
+        gateway_port=gateway_port,
     )
     async with coordinator:
         if on_ready is not None:

@@ -4,9 +4,10 @@
 :class:`coordinator.db.Database`: :attr:`Store.nodes` (nodes, their messages and profiles),
 :attr:`Store.streams` (the coordinator's stream out, attestation nonces), :attr:`Store.jobs`
 (offers, states, logs, receipts and their chain), :attr:`Store.retention` (quota and
-telemetry retention) and :attr:`Store.deployments` (deployments and their replicas).
-:meth:`Store.add` is the one write that spans them: a node's message with what it
-carries, in one commit.
+telemetry retention), :attr:`Store.deployments` (deployments and their replicas),
+:attr:`Store.api_keys` and :attr:`Store.requests` (the gateway's client keys and request
+records). :meth:`Store.add` is the one write that spans them: a node's message with what
+it carries, in one commit.
 
 A message is stored at most once: a seq at or below the node's last (``nodes.agent_seq``)
 is a duplicate (an agent resending after a reconnect), a no-op. That last seq is what the
@@ -28,6 +29,8 @@ from coordinator.db import Database
 from coordinator.deployments_store import SCHEMA as DEPLOYMENTS_SCHEMA
 from coordinator.deployments_store import DeploymentTable
 from coordinator.downsample import SCHEMA as DOWNSAMPLE_SCHEMA
+from coordinator.gateway.tables import SCHEMA as GATEWAY_SCHEMA
+from coordinator.gateway.tables import ApiKeyTable, RequestTable, ServiceJobs
 from coordinator.jobs_store import JobEvent, JobTable
 from coordinator.nodes_store import NodeTable, Unverified
 from coordinator.retention import Quotas, Retention
@@ -37,9 +40,10 @@ __all__ = ["Added", "Message", "Store"]
 
 #: 2 adds ``unverified_profiles``, 3 the job tables; every table is ``IF NOT EXISTS``, so
 #: the script upgrades. 4 adds ``nodes.agent_seq`` and ``nodes.stored_bytes`` (:data:`_V4`);
-#: 5 the deployments (:mod:`coordinator.deployments_store`); 6 the per-minute telemetry
-#: aggregates (:mod:`coordinator.downsample`).
-_SCHEMA_VERSION = 6
+#: 5 the deployments (:mod:`coordinator.deployments_store`); 6 the gateway's tables
+#: (:data:`coordinator.gateway.tables.SCHEMA`); 7 the per-minute telemetry aggregates
+#: (:mod:`coordinator.downsample`).
+_SCHEMA_VERSION = 7
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS nodes (
     node_id TEXT PRIMARY KEY,
@@ -173,7 +177,9 @@ class Store:
         try:
             if self._db.execute("PRAGMA user_version").fetchone()[0] < _SCHEMA_VERSION:
                 columns = {r[1] for r in self._db.execute("PRAGMA table_info(nodes)")}
-                self._db.executescript(_SCHEMA + DEPLOYMENTS_SCHEMA + DOWNSAMPLE_SCHEMA)
+                self._db.executescript(
+                    _SCHEMA + DEPLOYMENTS_SCHEMA + GATEWAY_SCHEMA + DOWNSAMPLE_SCHEMA
+                )
                 if columns and "agent_seq" not in columns:
                     self._db.executescript(_V4)
                 self._db.execute(f"PRAGMA user_version={_SCHEMA_VERSION}")
@@ -185,6 +191,9 @@ class Store:
         self.jobs = JobTable(self._db, self.streams)
         self.retention = Retention(self._db, quotas or Quotas())
         self.deployments = DeploymentTable(self._db)
+        self.api_keys = ApiKeyTable(self._db)
+        self.requests = RequestTable(self._db)
+        self.services = ServiceJobs(self._db)
 
     def close(self) -> None:
         """Close the database."""

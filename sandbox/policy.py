@@ -97,6 +97,9 @@ class Policy(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
     runtime: Literal["runc", "runsc"] = "runc"
     max_image_bytes: _Bytes | None = None
     """The largest image pulled, compressed (as its registry's manifest says); None: any."""
+    max_image_unpacked_bytes: _Bytes | None = None
+    """The largest image pulled, unpacked (as the engine counts it once pulled: a larger
+    one is removed again); None: any."""
     image_signature_keys: Annotated[list[_PublicKeyPem], msgspec.Meta(max_length=16)] = []
     """PEM public keys (cosign's ECDSA P-256, or Ed25519): when any, an image pulled by
     digest must carry a cosign-style signature of that digest under one of them."""

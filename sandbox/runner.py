@@ -93,6 +93,9 @@ class RunnerConfig(msgspec.Struct, frozen=True, kw_only=True):
     """Credentials per registry host (``registry.example.com:5000``) for image pulls."""
     pull_idle_timeout_s: float = 120.0
     """A pull that makes no progress for this long fails ``pull_timeout``."""
+    max_image_unpacked_bytes: int | None = None
+    """The largest image pulled, unpacked (as the engine counts it once pulled): a larger
+    one is removed again and fails ``image_too_large``; None: any."""
 
 
 class Runner:
@@ -199,8 +202,7 @@ class Runner:
                 async with aclosing(self._pull(ref, registry_auth)) as pulling:
                     async for progress in pulling:
                         yield progress
-                image = await self.engine.inspect_image(ref.canonical)
-                _check_pulled(ref, image)
+                image = await self._pulled(ref)
                 yield Pulled(f"{ref.repository}@{ref.digest}", image.id, image.size)
             result.image_id = image.id  # a tag pinned to the image it names now
             job_dir.create(self.instance)
@@ -305,9 +307,21 @@ class Runner:
         async with aclosing(self._pull(ref)) as pulling:
             async for _ in pulling:
                 pass
+        image = await self._pulled(ref)
+        return Pulled(f"{ref.repository}@{ref.digest}", image.id, image.size)
+
+    async def _pulled(self, ref: ImageRef) -> ImageInfo:
+        """The image just pulled under ``ref``: that digest, within the unpacked cap (a
+        larger one is removed again: the disk is the owner's)."""
         image = await self.engine.inspect_image(ref.canonical)
         _check_pulled(ref, image)
-        return Pulled(f"{ref.repository}@{ref.digest}", image.id, image.size)
+        cap = self.config.max_image_unpacked_bytes
+        if cap is not None and image.size > cap:
+            await self.engine.remove_image(image.id)
+            raise PullError(
+                "image_too_large", f"{ref.canonical}: {image.size} > {cap} bytes unpacked"
+            )
+        return image
 
     async def _pull(
         self, ref: ImageRef, auth: RegistryAuth | None = None

@@ -32,12 +32,20 @@ if ! ls /dev/nvidia[0-9]* >/dev/null 2>&1; then
   echo
 fi
 
-port=$("$bin/python" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+# Three free ports at once (the agents' websocket, the artifact store, the gateway): the
+# defaults next to the first one may be another program's on a busy machine.
+read -r port artifacts_port gateway_port < <("$bin/python" -c '
+import socket
+held = [socket.socket() for _ in range(3)]
+for s in held:
+    s.bind(("127.0.0.1", 0))
+print(*(s.getsockname()[1] for s in held))')
 echo "== gpu-coordinator serve: the reference coordinator on 127.0.0.1:$port =="
 "$bin/gpu-coordinator" serve --host 127.0.0.1 --port "$port" --db "$demo/coordinator.db" \
+  --artifacts-port "$artifacts_port" --gateway-port "$gateway_port" \
   --state-dir "$demo/coordinator" > "$demo/coordinator.log" 2>&1 &
 pids+=($!)
-for _ in $(seq 50); do grep -q "dashboard at" "$demo/coordinator.log" 2>/dev/null && break; sleep 0.1; done
+for _ in $(seq 50); do grep -q "gateway at" "$demo/coordinator.log" 2>/dev/null && break; sleep 0.1; done
 cat "$demo/coordinator.log"
 key=$("$bin/gpu-coordinator" key --state-dir "$demo/coordinator" | awk '/public key/ {print $3}')
 echo
@@ -145,6 +153,7 @@ Where to look:
   attestation:  $api   (the verified hardware profile)
   telemetry:    $api/telemetry?since_seq=0
   job:          ${jobs_api:-"(no job ran)"}   (state, logs, the verified receipt)
+  gateway:      http://127.0.0.1:$gateway_port/v1   (OpenAI-compatible; a key: gpu-coordinator api-keys create NAME --state-dir $demo/coordinator)
   logs:         $demo/coordinator.log, $demo/agent.log
 MSG
 if [ -t 0 ]; then

@@ -118,6 +118,8 @@ class JobView(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=T
         exit_code: the container's exit code, once it has one.
         pulled_bytes, pull_bytes: while ``pulling``, the image's bytes downloaded so far
             and in all (the layers' totals the engine announced so far).
+        fetched_bytes, fetch_bytes: while ``fetching``, the URL inputs' bytes fetched so
+            far (a cached input counts as whole) and in all.
     """
 
     job_id: str
@@ -130,13 +132,18 @@ class JobView(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=T
     detail: str = ""
     pulled_bytes: int | None = None
     pull_bytes: int | None = None
+    fetched_bytes: int | None = None
+    fetch_bytes: int | None = None
 
     @property
     def shown_state(self) -> str:
-        """The state, with how far a pull is: ``pulling 45%``."""
+        """The state, with how far a pull or a fetch is: ``pulling 45%``."""
         if self.state == "pulling" and self.pull_bytes:
             done = min(self.pulled_bytes or 0, self.pull_bytes)
             return f"pulling {100 * done // self.pull_bytes}%"
+        if self.state == "fetching" and self.fetch_bytes:
+            done = min(self.fetched_bytes or 0, self.fetch_bytes)
+            return f"fetching {100 * done // self.fetch_bytes}%"
         return self.state
 
 

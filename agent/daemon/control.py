@@ -165,9 +165,12 @@ class DaemonControl:
 
     def _view(self, record: JobRecord) -> JobView:
         pulled = self.manager.pull_progress(record.job_id)
+        fetched = self.manager.fetch_progress(record.job_id)
         return JobView(
             pulled_bytes=None if pulled is None else pulled[0],
             pull_bytes=None if pulled is None else pulled[1],
+            fetched_bytes=None if fetched is None else fetched[0],
+            fetch_bytes=None if fetched is None else fetched[1],
             job_id=record.job_id,
             state=record.state,
             gpus=record.gpus,

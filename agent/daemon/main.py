@@ -154,6 +154,7 @@ def daemon_config(config: AgentConfig) -> DaemonConfig:
             log_rate_bytes_per_s=jobs.log_rate_bytes_per_s,
             registry_auth=engine_logins(logins),
             pull_idle_timeout_s=jobs.pull_timeout_s,
+            max_image_unpacked_bytes=config.policy.max_image_unpacked_bytes,
         ),
         policy=config.policy,
         docker_socket=jobs.docker_socket,
@@ -247,6 +248,7 @@ class _Daemon:
             batch=config.batch_samples,
             wake=wake,
         )
+        self.jobs.gpu_samples = lambda: self.sampler.latest_gpus
         self.control = DaemonControl(
             identity=identity,
             jobs=self.jobs,

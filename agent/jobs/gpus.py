@@ -1,14 +1,32 @@
-"""Choosing which of this machine's GPUs a job gets, and describing them to the sandbox."""
+"""Choosing which of this machine's GPUs a job gets, describing them to the sandbox, and
+reading whether their memory is full."""
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 
-from hal.types import GpuProfile
+from hal.types import GpuProfile, GpuSample, value_or
 from sandbox.gpu_mapping import DeviceFacts
 from sandbox.spec import GpuRequest
 
-__all__ = ["device_facts", "fits", "pick_gpus"]
+__all__ = ["MEMORY_FULL", "device_facts", "fits", "memory_full", "pick_gpus"]
+
+#: The share of a GPU's memory in use from which it counts as full (an allocator's
+#: slack and the driver's own reservations keep a full GPU a little under 100%).
+MEMORY_FULL = 0.95
+
+
+def memory_full(gpus: Iterable[GpuProfile], samples: Iterable[GpuSample]) -> bool:
+    """Whether any of ``gpus`` had its memory full at its latest sample; a GPU whose
+    memory is not read (unsupported, unavailable) never counts as full."""
+    latest = {sample.id: sample for sample in samples}
+    for gpu in gpus:
+        total = value_or(gpu.vram_total_bytes, 0)
+        sample = latest.get(gpu.id)
+        used = value_or(sample.memory_used_bytes, 0) if sample is not None else 0
+        if total > 0 and used >= MEMORY_FULL * total:
+            return True
+    return False
 
 
 def _version(text: str) -> tuple[int, ...]:

@@ -39,13 +39,20 @@ import msgspec
 from agent.errors import JobStateError
 from agent.protocol.bodies import (
     EnvelopeBody,
+    InputProgress,
     JobLogBody,
     JobResultBody,
     JobStatusBody,
     LayerProgress,
 )
 from agent.protocol.jobs import FINAL_STATES, JobState, Offer, Receipt, UploadTarget
-from agent.protocol.limits import MAX_ERROR_DETAIL_CHARS, MAX_PROGRESS_LAYERS, MAX_SEQ
+from agent.protocol.limits import (
+    MAX_ERROR_DETAIL_CHARS,
+    MAX_PROGRESS_INPUTS,
+    MAX_PROGRESS_LAYERS,
+    MAX_PROGRESS_PATH_CHARS,
+    MAX_SEQ,
+)
 from sandbox.spec import WorkloadSpec
 
 __all__ = [
@@ -68,6 +75,7 @@ __all__ = [
     "accept",
     "advance",
     "answer_known",
+    "fetching",
     "finish",
     "forward_logs",
     "pulling",
@@ -288,11 +296,27 @@ def pulling(job_id: str, current: str, layers: Mapping[str, tuple[int, int]]) ->
         for layer, (done, total) in sorted(layers.items())[:MAX_PROGRESS_LAYERS]
     ]
     body = JobStatusBody(job_id=job_id, state="pulling", progress=progress)
+    return _progress(job_id, current, "pulling", body)
+
+
+def fetching(job_id: str, current: str, inputs: Mapping[str, tuple[int, int]]) -> Decision:
+    """The URL inputs' fetch so far (path -> bytes done, size): the first report moves the
+    job to ``fetching``; the next ones are progress only, nothing written."""
+    rows = [
+        InputProgress(path=path[:MAX_PROGRESS_PATH_CHARS], done=_count(done), total=_count(total))
+        for path, (done, total) in sorted(inputs.items())[:MAX_PROGRESS_INPUTS]
+    ]
+    body = JobStatusBody(job_id=job_id, state="fetching", inputs=rows)
+    return _progress(job_id, current, "fetching", body)
+
+
+def _progress(job_id: str, current: str, state: JobState, body: JobStatusBody) -> Decision:
+    """A progress report: the first moves the job to ``state``; the next are only sent."""
     message = ("job_status", msgspec.json.encode(body))
-    if current == "pulling":
+    if current == state:
         return Decision(messages=(message,))
-    _check(job_id, current, "pulling")
-    return Decision(rows=(Transition(job_id=job_id, state="pulling"),), messages=(message,))
+    _check(job_id, current, state)
+    return Decision(rows=(Transition(job_id=job_id, state=state),), messages=(message,))
 
 
 def finish(

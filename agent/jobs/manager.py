@@ -30,19 +30,18 @@ from contextlib import AsyncExitStack, aclosing
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Literal
-
-import msgspec
 
 from agent.errors import InputError
+from agent.inputs.progress import FetchProgress
 from agent.inputs.stage import Inputs
-from agent.jobs import machine, receipts
+from agent.jobs import machine
 from agent.jobs.admission import OfferDesk
 from agent.jobs.delivery import Delivery
-from agent.jobs.gpus import device_facts
+from agent.jobs.endings import Endings, StopReason
+from agent.jobs.gpus import device_facts, memory_full
 from agent.jobs.image_cache import ImageCache, Prefetcher
 from agent.jobs.images import ImageGate, engine_logins, offer_logins
-from agent.jobs.ledger import JobRecord, Ledger
+from agent.jobs.ledger import Ledger
 from agent.jobs.logs import LogForwarder
 from agent.jobs.machine import (
     ContainerOf,
@@ -56,15 +55,9 @@ from agent.jobs.machine import (
 from agent.jobs.node import SHUTTING_DOWN, NodeState
 from agent.link.identity import Identity
 from agent.link.outbox import Outbox
-from agent.protocol import dsse
-from agent.protocol.jobs import (
-    JobState,
-    Offer,
-    Receipt,
-    receipt_digest,
-)
 from agent.protocol.messages import ImagePrefetch, JobCancel, JobOffer, ServiceRenew
 from agent.services.supervisor import Hooks, ServiceSupervisor
+from hal.types import GpuSample
 from oci import OciError
 from sandbox.engine_types import RegistryAuth
 from sandbox.errors import SandboxError
@@ -77,14 +70,12 @@ __all__ = ["ImageBudget", "JobManager", "StopReason"]
 
 _log = logging.getLogger(__name__)
 
-#: Why the agent itself stopped a job; the runner reports each as "cancelled".
-StopReason = Literal["cancelled", "interrupted", "preempted"]
 
 #: How long a finished job's output stays readable with ``gpu-agent logs``.
 _LOG_RETENTION_S = 7 * 86400
 #: A quiet job's output still reaches the coordinator this soon.
 _LOG_FLUSH_S = 0.25
-#: A pull's progress goes to the coordinator at most this often.
+#: A pull's or a fetch's progress goes to the coordinator at most this often.
 _PULL_REPORT_S = 2.0
 
 
@@ -138,12 +129,24 @@ class JobManager:
         self.delivery = delivery
         """Where outputs wait for upload; None: offers naming upload targets are refused."""
         self.tasks: dict[str, asyncio.Task[None]] = {}
+        self.gpu_samples: Callable[[], list[GpuSample]] = list
+        """The GPUs' latest samples (the daemon's sampler): whether a service's GPU memory
+        was full when it died (``gpu_oom``)."""
         self.services: dict[str, ServiceSupervisor] = {}
         """The services running, by job id: where each answers, and whether it is ready."""
         self._states: dict[str, str] = {}
         self._stops: dict[str, StopReason] = {}
         self._containers: dict[str, str] = {}
-        self._fetching: set[str] = set()
+        self._fetching: dict[str, FetchProgress] = {}
+        self.endings = Endings(
+            identity=identity,
+            ledger=self.ledger,
+            node=node,
+            delivery=delivery,
+            carry_out=self._carry_out,
+            state=self._state,
+            stops=self._stops,
+        )
         budget = image_budget or ImageBudget()
         self.image_cache = ImageCache(
             runner.engine,
@@ -200,7 +203,9 @@ class JobManager:
                 resumed.append(record.job_id)
                 self.tasks[record.job_id] = asyncio.create_task(self._resume(upload))
                 continue
-            self._finish_unrun(record, "interrupted", "agent_restarted", "the agent restarted")
+            self.endings.finish_unrun(
+                record, "interrupted", "agent_restarted", "the agent restarted"
+            )
             recovered.append(record.job_id)
         if recovered:
             _log.warning("reported %d job(s) cut short as interrupted", len(recovered))
@@ -259,6 +264,11 @@ class JobManager:
         if not layers:
             return None
         return sum(d for d, _ in layers.values()), sum(t for _, t in layers.values())
+
+    def fetch_progress(self, job_id: str) -> tuple[int, int] | None:
+        """A job's inputs fetched so far: bytes done and in all; None when not fetching."""
+        progress = self._fetching.get(job_id)
+        return None if progress is None else progress.totals
 
     def container_ids(self) -> list[str]:
         """The containers of the running jobs."""
@@ -356,7 +366,7 @@ class JobManager:
                 result.reason = "cancelled"
             self._containers.pop(job_id, None)
             try:
-                await self._finish(start.offer, units, result, keep)
+                await self.endings.finish(start.offer, units, result, keep)
             finally:
                 self._end(job_id)
 
@@ -438,11 +448,13 @@ class JobManager:
             current = self._state(job_id)
             self._carry_out(machine.advance(job_id, current, state, code, detail))  # type: ignore[arg-type]
 
+        gpus = self.node.scheduler.gpus_of(units)
         hooks = Hooks(
             run=attempt,
             cancel=lambda: self.runner.cancel(job_id),
             report=report,
             stopped=lambda: self._stops.get(job_id),
+            memory_full=lambda: memory_full(gpus, self.gpu_samples()),
         )
         supervisor = self.services[job_id] = ServiceSupervisor(
             spec.service, hooks, clock=self.clock
@@ -462,13 +474,20 @@ class JobManager:
         ``held`` closes (the job has ended)."""
         if self.inputs is None or all(item.url is None for item in spec.inputs):
             return {}
-        self._carry_out(machine.advance(job_id, self._state(job_id), "fetching"))
-        self._fetching.add(job_id)
+        progress = self._fetching[job_id] = self.inputs.progress(
+            spec,
+            every_s=_PULL_REPORT_S,
+            clock=self.clock,
+            report=lambda rows: self._carry_out(
+                machine.fetching(job_id, self._state(job_id), rows)
+            ),
+        )
         try:
-            stage = self.inputs.stage(spec, self.policy.allowed_input_hosts)
+            progress.start()  # the move to fetching, at once
+            stage = self.inputs.stage(spec, self.policy.allowed_input_hosts, progress.update)
             return await held.enter_async_context(stage)
         finally:
-            self._fetching.discard(job_id)
+            del self._fetching[job_id]
 
     def _end(self, job_id: str) -> None:
         self.node.free(job_id)
@@ -482,26 +501,9 @@ class JobManager:
 
     async def _resume(self, upload: Upload) -> None:
         try:
-            await self._deliver(upload)
+            await self.endings.deliver(upload)
         finally:
             self._end(upload.job_id)
-
-    async def _deliver(self, upload: Upload) -> None:
-        """PUT a job's outputs, then sign and send its receipt; a shutdown leaves it
-        ``uploading`` for the next start."""
-        job_id = upload.job_id
-        assert self.delivery is not None  # only an offer it could spool has uploads
-        try:
-            receipt, detail = await self.delivery.deliver(
-                upload,
-                lambda path: self._carry_out(machine.uploaded(job_id, path)),
-                cancelled=lambda: self._stops.get(job_id) == "cancelled",
-            )
-        finally:
-            self._stops.pop(job_id, None)  # a preemption asked meanwhile changes nothing
-        receipt = msgspec.structs.replace(receipt, prev_receipt=self.ledger.last_receipt_digest())
-        self._commit_receipt("uploading", receipt, detail, receipt.exit_code, upload.spool)
-        _log.info("job %s ended %s after its uploads", job_id, receipt.state)
 
     def _state(self, job_id: str) -> str:
         state = self._states.get(job_id)
@@ -509,87 +511,6 @@ class JobManager:
             record = self.ledger.get(job_id)
             state = record.state if record is not None else "accepted"
         return state
-
-    async def _finish(
-        self, offer: Offer, units: list[str], result: JobResult, keep: Path | None
-    ) -> None:
-        """The job's receipt and final state, stored and queued together; first, when its
-        offer names targets for outputs it left, their uploads."""
-        job_id = offer.job_id
-        stopped_by = self._stops.pop(job_id, None)
-        state: JobState = result.reason
-        if result.reason == "cancelled" and stopped_by is not None:
-            state = stopped_by
-        if offer.spec.get("kind") == "service" and state not in ("error", "interrupted"):
-            state = "stopped"  # why is its code: lease_expired, restart_limit, cancelled, ...
-        code = result.error_code or ("" if state == "completed" else state)
-        receipt = receipts.of_result(
-            offer,
-            self.identity.node_id,
-            units,
-            result,
-            state=state,
-            code=code,
-            prev=self.ledger.last_receipt_digest(),
-        )
-        spool = None if keep is None else str(keep)
-        if spool is not None and (
-            held := machine.upload(
-                job_id,
-                self._state(job_id),
-                receipt,
-                detail=result.detail,
-                targets=offer.uploads,
-                spool=spool,
-            )
-        ):
-            self.node.free(job_id)  # uploads hold no GPU
-            self.node.changed()
-            self._carry_out(held)
-            assert held.upload is not None  # machine.upload made one
-            await self._deliver(held.upload)
-            return
-        self._commit_receipt(self._state(job_id), receipt, result.detail, result.exit_code, spool)
-        _log.info("job %s ended %s%s", job_id, state, f" ({code})" if code else "")
-
-    def _finish_unrun(self, record: JobRecord, state: JobState, code: str, detail: str) -> None:
-        """A receipt for a job the agent lost track of (a crash)."""
-        receipt = receipts.of_record(
-            record,
-            self.identity.node_id,
-            state=state,
-            code=code,
-            prev=self.ledger.last_receipt_digest(),
-        )
-        self._commit_receipt(record.state, receipt, detail, None)
-
-    def _commit_receipt(
-        self,
-        current: str,
-        receipt: Receipt,
-        detail: str,
-        exit_code: int | None,
-        spool: str | None = None,
-    ) -> None:
-        identity = self.identity
-        envelope = dsse.attest_receipt(
-            msgspec.to_builtins(receipt),
-            identity.node_id,
-            identity.private_key,
-            identity.key_id,
-        )
-        decision = machine.finish(
-            receipt.job_id,
-            current,
-            receipt.state,
-            code=receipt.code,
-            detail=detail,
-            exit_code=exit_code,
-            envelope=msgspec.json.encode(envelope),
-            digest=receipt_digest(receipt),
-            spool=spool,
-        )
-        self._carry_out(decision)
 
 
 def _cache_key(spec: WorkloadSpec) -> str | None:

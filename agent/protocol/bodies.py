@@ -14,7 +14,9 @@ from agent.protocol.limits import (
     MAX_ERROR_DETAIL_CHARS,
     MAX_LEASE_UNTIL,
     MAX_LOG_CHUNK_BYTES,
+    MAX_PROGRESS_INPUTS,
     MAX_PROGRESS_LAYERS,
+    MAX_PROGRESS_PATH_CHARS,
     MAX_SEQ,
     MAX_TELEMETRY_BATCH,
 )
@@ -30,6 +32,7 @@ __all__ = [
     "ErrorBody",
     "HelloBody",
     "ImagePrefetchBody",
+    "InputProgress",
     "JobCancelBody",
     "JobLogBody",
     "JobOfferBody",
@@ -177,12 +180,21 @@ class LayerProgress(WireStruct):
     total: Annotated[int, Meta(ge=0, le=MAX_SEQ)]
 
 
+class InputProgress(WireStruct):
+    """One URL input's fetch: bytes done of its size; ``path`` is where it goes in /input."""
+
+    path: Annotated[str, Meta(min_length=1, max_length=MAX_PROGRESS_PATH_CHARS)]
+    done: Annotated[int, Meta(ge=0, le=MAX_SEQ)]
+    total: Annotated[int, Meta(ge=0, le=MAX_SEQ)]
+
+
 class JobStatusBody(WireStruct):
     """A job changed state; ``code`` says why when it failed or was refused. While the
-    state is ``pulling``, ``progress`` has each image layer's download (rate-limited).
+    state is ``pulling``, ``progress`` has each image layer's download; while it is
+    ``fetching``, ``inputs`` has each URL input's fetch (both rate-limited).
 
-    ``progress`` is left out when unset, so that a coordinator that predates it (and
-    refuses unknown fields) reads every other status as before."""
+    ``progress`` and ``inputs`` are left out when unset, so that a coordinator that
+    predates them (and refuses unknown fields) reads every other status as before."""
 
     job_id: Name
     state: Code
@@ -190,6 +202,9 @@ class JobStatusBody(WireStruct):
     detail: Text = ""
     progress: (
         Annotated[list[LayerProgress], Meta(max_length=MAX_PROGRESS_LAYERS)] | msgspec.UnsetType
+    ) = msgspec.UNSET
+    inputs: (
+        Annotated[list[InputProgress], Meta(max_length=MAX_PROGRESS_INPUTS)] | msgspec.UnsetType
     ) = msgspec.UNSET
 
 

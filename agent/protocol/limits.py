@@ -48,3 +48,8 @@ DEFAULT_NONCE_TTL_S = 30.0
 
 #: Image layers whose download progress one ``job_status`` carries; an image has tens.
 MAX_PROGRESS_LAYERS = 256
+
+#: URL inputs whose fetch progress one ``job_status`` carries, and the characters of
+#: each one's path shown (a longer path is cut).
+MAX_PROGRESS_INPUTS = 256
+MAX_PROGRESS_PATH_CHARS = 256

@@ -47,12 +47,19 @@ Probe = Callable[[str, int, HttpCheck], Awaitable[str]]
 
 
 async def http_probe(address: str, port: int, check: HttpCheck) -> str:
-    """:data:`Probe` over HTTP: a 2xx answer within the check's timeout passes."""
+    """:data:`Probe` over HTTP: a 2xx status line and headers within the check's timeout
+    pass. The whole check is bounded, not each read (a server trickling a byte a second
+    would hold a per-read timeout open for ever), and no body is read (a server that sends
+    gigabytes costs nothing)."""
     host = f"[{address}]" if ":" in address else address
-    timeout = httpx.Timeout(check.timeout_s)
     try:
-        async with httpx.AsyncClient(timeout=timeout, trust_env=False) as client:
-            answer = await client.get(f"http://{host}:{port}{check.path}")
+        async with asyncio.timeout(check.timeout_s):
+            async with httpx.AsyncClient(timeout=check.timeout_s, trust_env=False) as client:
+                request = client.build_request("GET", f"http://{host}:{port}{check.path}")
+                answer = await client.send(request, stream=True)
+                await answer.aclose()
+    except TimeoutError:
+        return f"no answer within {check.timeout_s:g} s"
     except httpx.HTTPError as exc:
         return f"{type(exc).__name__}: {exc}"[:200]
     return "" if 200 <= answer.status_code < 300 else f"{check.path} answered {answer.status_code}"
@@ -68,12 +75,15 @@ class Hooks:
         cancel: stop the attempt under way (SIGTERM, grace, SIGKILL).
         report: a state change, with its code and detail.
         stopped: why the manager is stopping the service, or None.
+        memory_full: whether its GPUs' memory is (nearly) all used now, as NVML and the
+            other backends read it; looked at with each probe.
     """
 
     run: Callable[[Callable[[str], None], Callable[[str], None]], Awaitable[JobResult | None]]
     cancel: Callable[[], object]
     report: Callable[[str, str, str], None]
     stopped: Callable[[], str | None]
+    memory_full: Callable[[], bool] = lambda: False
 
 
 @dataclass(frozen=True)
@@ -111,6 +121,7 @@ class ServiceSupervisor:
         self.draining = False
         """Set once the node drains it: no new requests, whatever its checks say."""
         self._ending: tuple[str, str] | None = None
+        self._memory_full_at: float | None = None
         self._wake = asyncio.Event()
 
     @property
@@ -180,6 +191,7 @@ class ServiceSupervisor:
         """One run of the container: its result, whether it started, and why the
         supervisor ended it (None: it ended by itself, or was stopped)."""
         tail: list[str] = []
+        self._memory_full_at = None
         started: asyncio.Future[str] = asyncio.get_running_loop().create_future()
 
         def on_started(address: str) -> None:
@@ -205,6 +217,9 @@ class ServiceSupervisor:
             self.address, self.phase = "", ""
         if not why and _GPU_OOM.search("".join(tail)):
             why.append(("gpu_oom", "the server ran out of GPU memory (its log says so)"))
+        elif not why and self._memory_full_at is not None:
+            # Full at the last look before it died: freed by now, but that is why.
+            why.append(("gpu_oom", "its GPUs' memory was full when it ended (as read)"))
         return result, started.done(), why[0] if why else None
 
     async def _watch(self, started: asyncio.Future[str], why: list[tuple[str, str]]) -> None:
@@ -214,6 +229,9 @@ class ServiceSupervisor:
         while True:
             check = health.check
             failure = await self.probe(address, self.service.port, check)
+            if self.hooks.stopped() is not None or self._ending is not None:
+                return  # being stopped: a server going down says nothing of its health
+            self._memory_full_at = self.clock() if self.hooks.memory_full() else None
             verdict = health.observe(not failure, self.clock(), failure)
             if verdict.phase is not None and not self.draining:
                 self._set(verdict.phase, "", verdict.detail)

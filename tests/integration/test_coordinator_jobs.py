@@ -26,7 +26,7 @@ from support.admission import acks_stored
 from support.coordinator_peer import Peer, connected, signed_receipt
 from support.dashboard import render
 
-from agent.protocol.bodies import JobStatusBody, LayerProgress
+from agent.protocol.bodies import InputProgress, JobStatusBody, LayerProgress
 from agent.protocol.jobs import receipt_digest
 from agent.protocol.messages import AttestRequest, JobCancel, JobOffer
 from coordinator import jobs_api, keys
@@ -522,6 +522,31 @@ async def test_dashboard_lists_jobs_newest_first_with_links(
     assert all(r["updated"].endswith("Z") for r in parser.rows)
 
 
+async def test_dashboard_shows_how_far_a_pull_and_a_fetch_are(
+    coordinator: Coordinator, chromium: str, tmp_path: Path
+) -> None:
+    peer = Peer()
+    async with _link(coordinator, peer) as link:
+        await coordinator.submit(peer.node_id, SPEC, job_id="job-pull")
+        await coordinator.submit(peer.node_id, SPEC, job_id="job-fetch")
+        await link.take(JobOffer)
+        await link.take(JobOffer)
+        for job_id in ("job-pull", "job-fetch"):
+            await link.status(job_id, "accepted")
+        layers = [LayerProgress(layer="a", done=30, total=100)]
+        await link.send(JobStatusBody(job_id="job-pull", state="pulling", progress=layers))
+        inputs = [InputProgress(path="m.bin", done=60, total=100)]
+        await link.send(JobStatusBody(job_id="job-fetch", state="fetching", inputs=inputs))
+    url = f"http://127.0.0.1:{coordinator.port}/"
+    rendered = await asyncio.to_thread(render, chromium, tmp_path / "chromium", "--dump-dom", url)
+    parser = _JobRows()
+    parser.feed(rendered.stdout)
+    assert {r["data-job-id"]: r["state"] for r in parser.rows} == {
+        "job-pull": "pulling 30%",
+        "job-fetch": "fetching 60%",
+    }
+
+
 # ------------------------------------------------------------------ the CLI
 
 
@@ -649,26 +674,35 @@ def test_serve_writes_a_fresh_admin_token_each_start(tmp_path: Path) -> None:
     assert tokens[0] != tokens[1]
 
 
-async def test_the_job_list_shows_how_far_a_pull_is(coordinator: Coordinator) -> None:
+@pytest.mark.parametrize("state", ["pulling", "fetching"])
+async def test_the_job_list_shows_how_far_a_pull_or_a_fetch_is(
+    coordinator: Coordinator, state: str
+) -> None:
     peer = Peer()
     async with _link(coordinator, peer) as link:
         job_id = await coordinator.submit(peer.node_id, SPEC)
         await link.take(JobOffer)
         await link.status(job_id, "accepted")
-        layers = [
-            LayerProgress(layer="a", done=30, total=50),
-            LayerProgress(layer="b", done=0, total=50),
-        ]
-        await link.send(JobStatusBody(job_id=job_id, state="pulling", progress=layers))
+        if state == "pulling":
+            layers = [
+                LayerProgress(layer="a", done=30, total=50),
+                LayerProgress(layer="b", done=0, total=50),
+            ]
+            body = JobStatusBody(job_id=job_id, state=state, progress=layers)
+            done, total = "pulled_bytes", "pull_bytes"
+        else:
+            inputs = [
+                InputProgress(path="w/a.bin", done=30, total=50),
+                InputProgress(path="b.bin", done=0, total=50),
+            ]
+            body = JobStatusBody(job_id=job_id, state=state, inputs=inputs)
+            done, total = "fetched_bytes", "fetch_bytes"
+        await link.send(body)
         [summary] = [j for j in _list(coordinator) if j["job_id"] == job_id]
-        assert (summary["state"], summary["pulled_bytes"], summary["pull_bytes"]) == (
-            "pulling",
-            30,
-            100,
-        )
+        assert (summary["state"], summary[done], summary[total]) == (state, 30, 100)
         await link.status(job_id, "running")
         [summary] = [j for j in _list(coordinator) if j["job_id"] == job_id]
-        assert "pull_bytes" not in summary
+        assert total not in summary
 
 
 def _list(coordinator: Coordinator) -> list[dict[str, Any]]:

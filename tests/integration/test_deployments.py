@@ -12,7 +12,6 @@ import http.client
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -24,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from support.daemon_loop import DUAL_A5000, Loop
+from support.daemon_loop import DUAL_A5000, Loop, two_nodes
 from support.dashboard import render
 from support.registry import push_busybox, running_registry
 
@@ -33,7 +32,6 @@ from coordinator.errors import JobError
 from coordinator.images import ImagePinner
 from coordinator.server import Coordinator
 from oci import Credentials
-from sandbox.docker_api import DockerClient
 
 LEASE_S = 10.0
 GRACE_S = 2.0
@@ -103,45 +101,15 @@ class Nodes:
         return row.state, row.code
 
 
-async def _node_of(loop: Loop, known: set[str]) -> str:
-    """Start ``loop``'s agent; its node id once it is connected and has said its capacity."""
-    loop.start_agent()
-    await loop.until(lambda: len(set(loop.c.connected()) - known) == 1, "the agent to connect")
-    [loop.node_id] = set(loop.c.connected()) - known
-    await loop.until(
-        lambda: loop.c.store.nodes.latest(loop.node_id, "node_status") is not None,
-        "the node's capacity",
-    )
-    return loop.node_id
-
-
 @pytest.fixture
 async def nodes(
     tmp_path: Path, library_for: Callable[[Path], Path], test_image_id: str, docker_engine: str
 ) -> AsyncIterator[Nodes]:
     library = library_for(DUAL_A5000)
-    a = Loop(tmp_path / "a", library, test_image_id, DockerClient(docker_engine))
-    b = Loop(tmp_path / "b", library, test_image_id, DockerClient(docker_engine), port=a.port)
-    a.workdir.mkdir()
-    b.workdir.mkdir()
-    a.coordinator = b.coordinator = Coordinator(
-        db_path=tmp_path / "coordinator.db",
-        state_dir=tmp_path / "coordinator",
-        port=a.port,
-        deploy_grace_s=GRACE_S,
-        deploy_interval_s=0.2,
-    )
-    await a.c.start()
-    try:
-        await _node_of(a, set())
-        await _node_of(b, {a.node_id})
+    async with two_nodes(
+        tmp_path, library, test_image_id, deploy_grace_s=GRACE_S, deploy_interval_s=0.2
+    ) as (a, b):
         yield Nodes(a, b)
-    finally:
-        for loop in (a, b):
-            if loop.agent is not None and loop.agent.poll() is None:
-                loop.agent.send_signal(signal.SIGTERM)
-                await loop.exited()
-        await a.c.stop()
 
 
 async def test_deploy_spreads_renews_replaces_a_lost_node_and_undeploy_cancels(

@@ -319,3 +319,22 @@ async def test_a_prefetch_pulls_an_allowed_pinned_image_into_the_cache_and_nothi
     await asyncio.gather(*prefetcher.tasks.values())
     assert [c.reference for c in world.manager.ledger.cached_images()] == [pushed.ref]
     assert await _image_exists(world.manager.runner.engine, pushed.ref)
+
+
+@needs_registry
+async def test_an_image_larger_unpacked_than_the_cap_is_removed_again_and_refused(
+    docker_engine: str, pushed: Pushed, tmp_path: Path
+) -> None:
+    await _remove(pushed.ref)
+    config = RunnerConfig(jobs_dir=tmp_path / "jobs", max_image_unpacked_bytes=1 << 20)
+    runner = Runner(DockerClient(docker_engine), config)
+    await runner.prepare()
+    spec = load_spec(msgspec.json.encode({"image": pushed.ref, "command": ["true"]}), "json")
+    async with aclosing(runner.run("pull-big", spec, [])) as run:
+        events = [event async for event in run]
+    [finished] = [e for e in events if isinstance(e, Finished)]
+    assert finished.result.error_code == "image_too_large"
+    assert "unpacked" in finished.result.detail
+    assert not [e for e in events if isinstance(e, Created)]
+    with pytest.raises(EngineError):  # not left on the owner's disk
+        await Engine(DockerClient(docker_engine)).inspect_image(pushed.ref)

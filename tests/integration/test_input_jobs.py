@@ -20,7 +20,9 @@ from support.input_server import InputServer, serve_input
 
 from agent.inputs.cache import InputCache
 from agent.inputs.fetch import FetchLimits
+from agent.inputs.sink import BUFFER_BYTES
 from agent.inputs.stage import Inputs
+from agent.jobs import manager as manager_module
 from agent.jobs.manager import JobManager
 from agent.jobs.node import NodeState
 from agent.jobs.scheduler import Scheduler
@@ -67,6 +69,8 @@ class World:
     identity: Identity
     cache: InputCache
     image: str
+    woken: asyncio.Event
+    """Set each time the manager queues messages for the coordinator."""
 
     def messages(self, job_id: str) -> list[tuple[str, dict[str, Any]]]:
         out = []
@@ -106,14 +110,31 @@ class World:
         await self.manager.on_offer(message)
 
 
-def _spec(image: str, url: str, script: str) -> dict[str, Any]:
+def _spec(
+    image: str, url: str, script: str, *, sha256: str = SHA, size: int = len(DATA)
+) -> dict[str, Any]:
     return {
         "image": image,
         "command": ["sh", "-c", script],
         "timeout_s": 60,
         "grace_s": 1,
-        "inputs": [{"path": "model.bin", "url": url, "sha256": SHA, "size_bytes": len(DATA)}],
+        "inputs": [{"path": "model.bin", "url": url, "sha256": sha256, "size_bytes": size}],
     }
+
+
+async def _fetched(world: World, job_id: str, above: int) -> int:
+    """Wait for a ``fetching`` status of ``job_id`` with more than ``above`` bytes done."""
+    async with asyncio.timeout(60):
+        while True:
+            world.woken.clear()
+            done = [
+                body["inputs"][0]["done"]
+                for kind, body in world.messages(job_id)
+                if body.get("state") == "fetching"
+            ]
+            if done and done[-1] > above:
+                return int(done[-1])
+            await world.woken.wait()
 
 
 @pytest.fixture
@@ -125,6 +146,7 @@ async def world(
     identity = load_or_create(tmp_path / "identity")
     cache = InputCache(tmp_path / "cache", 16 << 20)
     cache.open()
+    woken = asyncio.Event()
     manager = JobManager(
         identity=identity,
         outbox=outbox,
@@ -135,13 +157,13 @@ async def world(
         ),
         node=node,
         trusted_keys={COORDINATOR_ID: COORDINATOR_PUB},
-        wake=lambda: None,
+        wake=woken.set,
         inputs=Inputs(cache, FetchLimits(stall_s=30.0, deadline_s=60.0)),
     )
     await manager.recover()
     node.release("initialising")
     # Offers name the image by its id: a tag is refused (image_not_pinned).
-    yield World(manager, outbox, identity, cache, test_image_id)
+    yield World(manager, outbox, identity, cache, test_image_id, woken)
     await manager.shutdown()
     outbox.close()
 
@@ -218,6 +240,47 @@ async def test_a_job_cancelled_while_its_input_is_fetched_ends_cancelled(
     assert world.states("job-1") == ["accepted", "fetching", "cancelled"]
     assert not world.cache.holds(SHA)
     assert list((world.cache.root / "tmp").iterdir()) == []
+
+
+async def test_a_job_reports_its_fetch_growing_before_it_runs(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(manager_module, "_PULL_REPORT_S", 0.0)  # each step (rate: unit tests)
+    pieces, piece = 3, BUFFER_BYTES + 1024  # each fills at least one more sink buffer
+    large = os.urandom(pieces * piece)
+    sha = hashlib.sha256(large).hexdigest()
+    with serve_input(large) as slow:
+        slow.piece = piece
+        spec = _spec(
+            world.image, slow.url("/paced"), "wc -c < /input/model.bin", sha256=sha, size=len(large)
+        )
+        await world.offer("job-f", spec)
+        seen = [await _fetched(world, "job-f", -1)]  # the move to fetching, at once
+        assert seen == [0]
+        assert world.manager.fetch_progress("job-f") == (0, len(large))
+        for _ in range(pieces):
+            slow.go.release()
+            seen.append(await _fetched(world, "job-f", seen[-1]))
+        await world.manager.wait_idle()
+    assert seen[-1] <= len(large)
+    states = world.states("job-f")
+    assert states[:2] == ["accepted", "fetching"]
+    assert states[-2:] == ["running", "completed"]
+    assert set(states[1:-2]) == {"fetching"}
+    assert world.log("job-f").strip() == str(len(large))
+    assert world.manager.fetch_progress("job-f") is None
+
+
+async def test_an_input_in_the_cache_is_reported_whole_at_once(
+    world: World, server: InputServer
+) -> None:
+    await world.offer("job-1", _spec(world.image, server.url("/file"), "true"))
+    await world.manager.wait_idle()
+    await world.offer("job-2", _spec(world.image, server.url("/file"), "true"))
+    await world.manager.wait_idle()
+    [first, *_] = [b for k, b in world.messages("job-2") if b.get("state") == "fetching"]
+    assert first["inputs"] == [{"path": "model.bin", "done": len(DATA), "total": len(DATA)}]
+    assert server.hits["/file"] == 1
 
 
 @pytest.mark.parametrize("runtime", ["runc", "runsc"])

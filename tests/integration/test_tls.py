@@ -140,6 +140,7 @@ class TlsCoordinator(Coordinator):
             [sys.executable, "-m", "coordinator.cli", "serve", "--host", "127.0.0.1",
              "--port", str(self.port), "--artifacts-port", str(self.artifacts_port),
              "--db", str(self.db), "--state-dir", str(self.workdir / "state"),
+             "--gateway-port", "0",
              "--tls-cert", str(self.cert), "--tls-key", str(self.key)],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
         )  # fmt: skip

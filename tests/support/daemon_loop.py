@@ -29,7 +29,7 @@ from support.paths import XML
 from support.processes import free_port
 from support.registry import LocalRegistry, push_busybox, running_registry
 
-__all__ = ["DUAL_A5000", "Loop", "Registered", "job_spec", "registered"]
+__all__ = ["DUAL_A5000", "Loop", "Registered", "job_spec", "registered", "two_nodes"]
 
 DUAL_A5000 = XML / "dual_a5000-v13.xml"
 
@@ -206,3 +206,50 @@ async def registered(
                 loop.agent.send_signal(signal.SIGTERM)
                 await loop.exited()
             await loop.stop_coordinator()
+
+
+async def _node_of(loop: Loop, known: set[str]) -> str:
+    """Start ``loop``'s agent; its node id once it is connected and has said its capacity."""
+    loop.start_agent()
+    await loop.until(lambda: len(set(loop.c.connected()) - known) == 1, "the agent to connect")
+    [loop.node_id] = set(loop.c.connected()) - known
+    await loop.until(
+        lambda: loop.c.store.nodes.latest(loop.node_id, "node_status") is not None,
+        "the node's capacity",
+    )
+    return loop.node_id
+
+
+@asynccontextmanager
+async def two_nodes(
+    workdir: Path,
+    library: Path,
+    image: str,
+    *,
+    extra_policy: str = "",
+    **coordinator: Any,
+) -> AsyncIterator[tuple[Loop, Loop]]:
+    """One coordinator in this process (``coordinator``: more of its arguments) and two
+    agent daemons, each a :class:`Loop` of its own state directory, both connected."""
+    a = Loop(workdir / "a", library, image, DockerClient())
+    b = Loop(workdir / "b", library, image, DockerClient(), port=a.port)
+    for loop in (a, b):
+        loop.workdir.mkdir()
+        loop.extra_policy = extra_policy
+    a.coordinator = b.coordinator = Coordinator(
+        db_path=workdir / "coordinator.db",
+        state_dir=workdir / "coordinator",
+        port=a.port,
+        **coordinator,
+    )
+    await a.c.start()
+    try:
+        await _node_of(a, set())
+        await _node_of(b, {a.node_id})
+        yield a, b
+    finally:
+        for loop in (a, b):
+            if loop.agent is not None and loop.agent.poll() is None:
+                loop.agent.send_signal(signal.SIGTERM)
+                await loop.exited()
+        await a.c.stop()

@@ -21,8 +21,9 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-__all__ = ["MODEL_ALIAS", "PORT", "LlamaServer", "running_llama_server"]
+__all__ = ["MODEL_ALIAS", "PORT", "LlamaServer", "running_llama_server", "service_spec"]
 
 PORT = 8080
 MODEL_ALIAS = "tiny-llama"
@@ -134,3 +135,43 @@ def _wait_ready(socket: str, server: LlamaServer) -> None:
         check=False,
     )
     raise RuntimeError(f"llama-server never became ready:\n{logs.stdout}{logs.stderr}")
+
+
+def service_spec(
+    image: str,
+    model_url: str,
+    model_sha256: str,
+    model_size: int,
+    *,
+    parallel: int = 2,
+    ctx_size: int = 2048,
+    max_streams: int = 64,
+) -> dict[str, Any]:
+    """The spec of llama-server as a service (``kind = "service"``) on a model the agent
+    fetches by URL into ``/input/model.gguf``: one thread, ``parallel`` slots."""
+    return {
+        "kind": "service",
+        "image": image,
+        "args": [
+            *("--model", "/input/model.gguf", "--alias", MODEL_ALIAS, "--host", "0.0.0.0"),
+            *("--port", str(PORT), "--threads", "1", "--parallel", str(parallel)),
+            *("--ctx-size", str(ctx_size)),
+        ],
+        "resources": {"memory_bytes": "2GiB", "pids": 256},
+        "grace_s": 2,
+        "inputs": [
+            {
+                "path": "model.gguf",
+                "url": model_url,
+                "sha256": model_sha256,
+                "size_bytes": model_size,
+            }
+        ],
+        "service": {
+            "port": PORT,
+            "models": [MODEL_ALIAS],
+            "readiness": {"path": "/health", "interval_s": 0.1},
+            "start_allowance_s": 120,
+            "max_streams": max_streams,
+        },
+    }

@@ -50,7 +50,8 @@ class Coordinator:
         self.process = subprocess.Popen(
             [sys.executable, "-m", "coordinator.cli", "serve", "--host", "127.0.0.1",
              "--port", str(self.port), "--artifacts-port", str(self.artifacts_port),
-             "--db", str(self.db), "--state-dir", str(self.workdir / "state")],
+             "--db", str(self.db), "--state-dir", str(self.workdir / "state"),
+             "--gateway-port", "0"],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
         )  # fmt: skip
         assert self.process.stdout is not None

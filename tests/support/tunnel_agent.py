@@ -1,8 +1,8 @@
 """A node's tunnel alone, as a process a test can kill -9.
 
-    python -m support.tunnel_agent URL IDENTITY_DIR KEY_ID PUBLIC_KEY_B64 TARGET_PORT
+    python -m support.tunnel_agent URL IDENTITY_DIR KEY_ID PUBLIC_KEY_B64 [HOST:]PORT
 
-Serves the target ``web`` (127.0.0.1:TARGET_PORT) until killed.
+Serves the target ``web`` (HOST:PORT; 127.0.0.1 when no host is given) until killed.
 """
 
 from __future__ import annotations
@@ -19,8 +19,9 @@ __all__ = ["main"]
 
 
 async def main(argv: list[str]) -> None:
-    url, identity_dir, key_id, public_key, port = argv
-    address = ("127.0.0.1", int(port))
+    url, identity_dir, key_id, public_key, where = argv
+    host, _, port = where.rpartition(":")
+    address = (host or "127.0.0.1", int(port))
 
     async def resolve(target: str) -> tuple[str, int] | None:
         return address if target == "web" else None

@@ -9,9 +9,12 @@ from typing import Any
 
 import msgspec
 import pytest
+from support import factories
 
+from agent.jobs.gpus import memory_full
 from agent.services.health import Health, Verdict
 from agent.services.supervisor import Hooks, ServiceSupervisor
+from hal.types import GpuSample
 from sandbox.events import JobResult
 from sandbox.service_spec import HttpCheck, ServiceSpec
 
@@ -162,3 +165,75 @@ def test_a_service_table_without_its_required_fields_does_not_decode(field: str)
     del raw[field]
     with pytest.raises(msgspec.ValidationError):
         msgspec.convert(raw, ServiceSpec)
+
+
+def test_a_gpu_is_full_from_95_percent_of_its_memory_and_an_unread_one_never() -> None:
+    gib = 1 << 30
+    gpus = [factories.gpu(id="a", vram_total_bytes=24 * gib), factories.gpu(id="b")]
+    assert not memory_full(gpus, [GpuSample(id="a", memory_used_bytes=22 * gib)])
+    assert memory_full(gpus, [GpuSample(id="a", memory_used_bytes=23 * gib)])
+    # b's total is not known: however much it uses, it is not called full.
+    assert not memory_full(gpus, [GpuSample(id="b", memory_used_bytes=99 * gib)])
+    assert not memory_full(gpus, [])
+
+
+async def test_a_server_that_dies_with_its_gpu_memory_full_is_restarted_for_gpu_oom() -> None:
+    full = [False]
+    seen_full = asyncio.Event()
+
+    def gpu_full() -> bool:
+        if full[0]:
+            seen_full.set()
+        return full[0]
+
+    async def fills_then_dies(
+        on_started: Callable[[str], None], _: Callable[[str], None]
+    ) -> JobResult:
+        on_started("10.0.0.2")
+        await seen_full.wait()  # it dies once its GPU memory was read full
+        return _result("failed", 139)
+
+    async def quiet(_: Callable[[str], None], __: Callable[[str], None]) -> JobResult:
+        return _result("error", None, error_code="stopped", detail="")
+
+    node = _Node(fills_then_dies, quiet)
+    made = node.hooks()
+    supervisor = ServiceSupervisor(
+        _service(restart={"limit": 1, "backoff_s": 0, "max_backoff_s": 0}),
+        Hooks(
+            run=made.run,
+            cancel=made.cancel,
+            report=made.report,
+            stopped=made.stopped,
+            memory_full=gpu_full,
+        ),
+        probe=node.probe,
+    )
+    running = asyncio.create_task(supervisor.run())
+    while "ready" not in [state for state, _ in node.reports]:
+        await asyncio.sleep(0.01)
+    full[0] = True
+    await asyncio.wait_for(running, timeout=30)
+    assert ("restarting", "gpu_oom") in node.reports
+
+
+async def test_a_server_going_down_because_it_is_stopped_is_not_called_unhealthy() -> None:
+    node = _Node()
+    node.script.append(node.serve_until_cancelled)
+    probed_after_stop = asyncio.Event()
+
+    async def probe(address: str, port: int, check: HttpCheck) -> str:
+        if node.stop is None:
+            return ""
+        probed_after_stop.set()
+        return "ConnectError: refused"  # the server is on its way down
+
+    supervisor = ServiceSupervisor(_service(), node.hooks(), probe=probe)
+    running = asyncio.create_task(supervisor.run())
+    while not supervisor.ready:
+        await asyncio.sleep(0.01)
+    node.stop = "cancelled"  # as the manager's stop() does, before the runner acts on it
+    await probed_after_stop.wait()
+    node.cancelled.set()
+    end = await asyncio.wait_for(running, timeout=30)
+    assert (end.code, node.reports) == ("cancelled", [("starting", ""), ("ready", "")])

@@ -372,3 +372,9 @@ def test_a_pulling_job_says_how_far_its_pull_is() -> None:
     pulling = job("a", "pulling", pulled_bytes=45, pull_bytes=100)
     shown = present(status(jobs=[pulling, job("b", "running")]), None, NOW)
     assert "Current jobs: a (pulling 45%), b" in shown.tooltip
+
+
+def test_a_fetching_job_says_how_far_its_inputs_are() -> None:
+    fetching = job("a", "fetching", fetched_bytes=30, fetch_bytes=120)
+    shown = present(status(jobs=[fetching]), None, NOW)
+    assert "Current job: a (fetching 25%)" in shown.tooltip

@@ -1,0 +1,152 @@
+"""The gateway's listener: client connections, one request at a time each, kept alive.
+
+Each connection is a task; at most ``max_connections`` are served at once (one more is
+answered 503 and closed), and each is bounded in time and bytes
+(:class:`coordinator.gateway.client_conn.Limits`). A request is answered by
+:class:`coordinator.gateway.proxy.Proxy`: its key checked from its head, then its body
+read, then, while it is sent to a replica and answered, the client's side of the
+connection watched: the client closing it cancels the request, and the request's tunnel
+stream is reset (``cancel``): the service sees its connection closed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+import time
+from collections.abc import Callable
+
+import msgspec
+
+from coordinator.errors import GatewayError
+from coordinator.gateway import answers
+from coordinator.gateway.client_conn import ClientConnection, ClientGone, Limits
+from coordinator.gateway.proxy import Proxy, Timeouts
+from coordinator.gateway.records import RecordWriter
+from coordinator.gateway.replicas import ReplicaView
+from coordinator.store import Store
+from coordinator.tunnel import Tunnels
+
+__all__ = ["Gateway", "GatewaySettings"]
+
+_log = logging.getLogger(__name__)
+
+_BUSY = (
+    b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n"
+    b"retry-after: 1\r\nconnection: close\r\ncontent-length: %d\r\n\r\n"
+)
+
+
+class GatewaySettings(msgspec.Struct, frozen=True, kw_only=True):
+    """The gateway's bounds, timeouts and record keeping."""
+
+    limits: Limits = msgspec.field(default_factory=Limits)
+    timeouts: Timeouts = msgspec.field(default_factory=Timeouts)
+    record_flush_s: float = 1.0
+    record_keep_rows: int = 100_000
+
+
+class Gateway:
+    """The OpenAI-compatible listener: :meth:`start` it, read :attr:`port`, :meth:`stop` it."""
+
+    def __init__(
+        self,
+        store: Store,
+        tunnels: Tunnels,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        ssl_context: ssl.SSLContext | None = None,
+        settings: GatewaySettings | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.settings = settings or GatewaySettings()
+        self._host = host
+        self._requested_port = port
+        self._ssl = ssl_context
+        self.records = RecordWriter(
+            store.requests,
+            flush_s=self.settings.record_flush_s,
+            keep_rows=self.settings.record_keep_rows,
+        )
+        self.proxy = Proxy(
+            keys=store.api_keys,
+            view=ReplicaView(store.services, tunnels.connected),
+            tunnels=tunnels,
+            records=self.records,
+            timeouts=self.settings.timeouts,
+            clock=clock,
+        )
+        self._server: asyncio.Server | None = None
+        self._connections: set[asyncio.Task[None]] = set()
+
+    @property
+    def port(self) -> int:
+        """The bound TCP port (useful with port 0)."""
+        if self._server is None:
+            raise RuntimeError("the gateway is not started")
+        return int(self._server.sockets[0].getsockname()[1])
+
+    @property
+    def connections(self) -> int:
+        """Client connections served now."""
+        return len(self._connections)
+
+    async def start(self) -> None:
+        """Listen, and start writing request records."""
+        self._server = await asyncio.start_server(
+            self._serve,
+            self._host,
+            self._requested_port,
+            ssl=self._ssl,
+            ssl_handshake_timeout=self.settings.limits.head_timeout_s if self._ssl else None,
+        )
+        self.records.start()
+
+    async def stop(self) -> None:
+        """Stop listening; cancel the requests under way; write the last records."""
+        if self._server is not None:
+            self._server.close()
+            for task in list(self._connections):
+                task.cancel()
+            await asyncio.gather(*self._connections, return_exceptions=True)
+            await self._server.wait_closed()
+            self._server = None
+        await self.records.stop()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        limits = self.settings.limits
+        if len(self._connections) >= limits.max_connections:
+            body = answers.error_body(GatewayError("replicas_busy", "too many connections"))[1]
+            writer.write(_BUSY % len(body) + body)
+            writer.close()
+            return
+        self._connections.add(task)
+        client = ClientConnection(reader, writer, limits)
+        try:
+            while await self._one(client):
+                pass
+        except (ClientGone, ConnectionError):
+            pass  # nobody to answer
+        except Exception:  # a bug: said, and this connection closed; the others go on
+            _log.exception("gateway: a request failed")
+        finally:
+            self._connections.discard(task)
+            await client.close()
+
+    async def _one(self, client: ClientConnection) -> bool:
+        """Answer the connection's next request; False when it is to be closed."""
+        try:
+            request = await client.next_head()
+        except GatewayError as exc:
+            if client.can_answer:
+                status, body = answers.error_body(exc)
+                await client.answer(status, [("content-type", "application/json")], body)
+            return False
+        if request is None:
+            return False
+        await self.proxy.handle(request, client)
+        return client.keep_alive

@@ -1,0 +1,99 @@
+"""Replicas behind the real gateway: each a node with its own real tunnel, a service job the
+store holds as ``ready`` (as the node's ``job_status`` makes it), and a server on loopback
+that the node's ServiceTunnel carries the job's streams to."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+import msgspec
+
+from agent.link.identity import Identity
+from agent.protocol import crypto
+from agent.protocol.bodies import JobStatusBody
+from agent.services.tunnel import ServiceTunnel, tunnel_url
+from coordinator.server import Coordinator
+
+__all__ = ["IMAGE", "Replica", "new_key", "replica", "report", "service_spec", "until"]
+
+IMAGE = "registry.example/llama-server@sha256:" + "ab" * 32
+
+
+async def until(condition: Callable[[], bool], what: str, timeout_s: float = 10.0) -> None:
+    """Wait for a condition nothing signals (a count in another component)."""
+    try:
+        async with asyncio.timeout(timeout_s):
+            while not condition():
+                await asyncio.sleep(0.01)
+    except TimeoutError:
+        raise AssertionError(f"timed out waiting for {what}") from None
+
+
+def service_spec(models: list[str], *, max_streams: int = 64) -> dict[str, Any]:
+    """A service job's spec serving ``models``."""
+    return {
+        "kind": "service",
+        "image": IMAGE,
+        "command": ["/llama-server"],
+        "service": {"port": 8080, "models": models, "max_streams": max_streams},
+    }
+
+
+def report(coordinator: Coordinator, node_id: str, job_id: str, state: str) -> None:
+    """Store a ``job_status`` of the node's, as its control connection does."""
+    store = coordinator.store
+    seq = (store.nodes.agent_seq(node_id) or 0) + 1
+    body = JobStatusBody(job_id=job_id, state=state)
+    store.add(node_id, seq, "job_status", msgspec.to_builtins(body), time.time(), job=body)
+
+
+def new_key(coordinator: Coordinator, rate_per_min: int = 6000, name: str = "test") -> str:
+    """A fresh API key's text."""
+    return coordinator.store.api_keys.create(name, rate_per_min, time.time())[1]
+
+
+class Replica(msgspec.Struct, kw_only=True):
+    """A ready replica: its job, its node, the node's tunnel."""
+
+    job_id: str
+    node_id: str
+    tunnel: ServiceTunnel
+
+
+@asynccontextmanager
+async def replica(
+    coordinator: Coordinator,
+    job_id: str,
+    address: tuple[str, int],
+    models: list[str],
+    *,
+    max_streams: int = 64,
+) -> AsyncIterator[Replica]:
+    """A node whose tunnel carries ``job_id``'s streams to ``address``, and the job ready."""
+    identity = Identity.from_private_key(crypto.generate_private_key())
+    coordinator.store.nodes.seen(identity.node_id, identity.public_key_b64, time.time())
+
+    async def resolve(name: str) -> tuple[str, int] | None:
+        return address if name == job_id else None
+
+    tunnel = ServiceTunnel(
+        url=tunnel_url(coordinator.url),
+        identity=identity,
+        pinned_keys={coordinator.key.key_id: coordinator.key.public_key},
+        resolve=resolve,
+        backoff_initial_s=0.05,
+        backoff_max_s=0.2,
+    )
+    tunnel.start()
+    try:
+        await until(lambda: identity.node_id in coordinator.tunnels.connected(), "the tunnel")
+        spec = service_spec(models, max_streams=max_streams)
+        await coordinator.submit(identity.node_id, spec, job_id=job_id)
+        report(coordinator, identity.node_id, job_id, "ready")
+        yield Replica(job_id=job_id, node_id=identity.node_id, tunnel=tunnel)
+    finally:
+        await tunnel.stop()
