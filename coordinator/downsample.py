@@ -6,18 +6,19 @@ any disk. Past :attr:`Settings.telemetry_raw_s` each node's raw batches become o
 the raw rows go. The minute is the sample's own ``taken_at``; every numeric reading of a
 GPU is a metric (``unsupported``/``unavailable`` readings, strings and lists are not).
 
-The work is SQLite's (its JSON functions over the stored text; no Python object per
+The work is the database's (its JSON functions over the stored text; no Python object per
 sample) on a thread of its own, with its own connection, one short transaction per node:
 the event loop never waits for it, and the group-commit writer waits at most one node's
-transaction. That connection commits with ``synchronous=NORMAL``: a transaction both writes
-the aggregates and deletes their rows, so a power loss undoes both or neither, and nothing
-of it was ever acknowledged to anyone.
+transaction (on PostgreSQL: only for the node being folded, whose row it locks). A SQLite
+connection commits here with ``synchronous=NORMAL``: a transaction both writes the
+aggregates and deletes their rows, so a power loss undoes both or neither, and nothing of
+it was ever acknowledged to anyone.
 """
 
 from __future__ import annotations
 
-import sqlite3
-from pathlib import Path
+from coordinator.db import JSONB, Database, DbTarget, SqliteDatabase
+from coordinator.db_open import open_database
 
 __all__ = ["SCHEMA", "downsample"]
 
@@ -41,7 +42,7 @@ _RAW = "FROM messages WHERE node_id = ? AND type = 'telemetry' AND received < ?"
 
 # Each numeric reading of each GPU of each sample, folded into its minute; a minute that
 # spans two passes (or two batches) is merged: counts add, the mean is weighted by them.
-_FOLD = """
+_FOLD_SQLITE = """
 INSERT INTO telemetry_minutes (node_id, minute, gpu, metric, min, mean, max, samples)
 SELECT ?1, CAST(json_extract(s.value, '$.taken_at') / 60 AS INTEGER) * 60 AS minute,
        json_extract(g.value, '$.id') AS gpu, k.key AS metric,
@@ -63,13 +64,49 @@ ON CONFLICT (node_id, minute, gpu, metric) DO UPDATE SET
 """
 
 
-def downsample(path: Path, received_before: float, aggregates_before: float) -> int:
+# PostgreSQL's: jsonb, each value checked for its type before it is cast (a cast of the
+# wrong type is an error there, not a NULL), readings as numeric (1e400 is one, a float8
+# overflows) and only those a float8 holds kept.
+_FOLD_POSTGRES = f"""
+INSERT INTO telemetry_minutes (node_id, minute, gpu, metric, min, mean, max, samples)
+SELECT CAST(? AS TEXT), (trunc(taken_at / 60) * 60)::bigint AS minute, gpu, metric,
+       MIN(v), AVG(v), MAX(v), COUNT(*)
+FROM (
+    SELECT CASE WHEN jsonb_typeof(s.value -> 'taken_at') = 'number'
+                THEN (s.value -> 'taken_at')::numeric END AS taken_at,
+           CASE WHEN jsonb_typeof(g.value -> 'id') = 'string' THEN g.value ->> 'id' END AS gpu,
+           k.key AS metric,
+           CASE WHEN jsonb_typeof(k.value) = 'number' THEN k.value::numeric END AS v
+    FROM (SELECT {JSONB.format("body")} AS b FROM messages
+          WHERE node_id = ? AND type = 'telemetry' AND received < ?) AS m
+    CROSS JOIN LATERAL jsonb_array_elements(CASE jsonb_typeof(m.b -> 'samples')
+        WHEN 'array' THEN m.b -> 'samples' ELSE '[]' END) AS s
+    CROSS JOIN LATERAL jsonb_array_elements(CASE jsonb_typeof(s.value -> 'gpus')
+        WHEN 'array' THEN s.value -> 'gpus' ELSE '[]' END) AS g
+    CROSS JOIN LATERAL jsonb_each(CASE jsonb_typeof(g.value)
+        WHEN 'object' THEN g.value ELSE '{{}}' END) AS k
+) AS readings
+WHERE v IS NOT NULL AND taken_at IS NOT NULL AND gpu IS NOT NULL
+  AND abs(v) < 1e300 AND abs(taken_at) < 1e15
+GROUP BY minute, gpu, metric
+ON CONFLICT (node_id, minute, gpu, metric) DO UPDATE SET
+    min = LEAST(telemetry_minutes.min, excluded.min),
+    max = GREATEST(telemetry_minutes.max, excluded.max),
+    mean = (telemetry_minutes.mean * telemetry_minutes.samples
+            + excluded.mean * excluded.samples)
+           / (telemetry_minutes.samples + excluded.samples),
+    samples = telemetry_minutes.samples + excluded.samples
+"""
+
+
+def downsample(target: DbTarget, received_before: float, aggregates_before: float) -> int:
     """Fold every node's raw telemetry received before ``received_before`` into per-minute
     aggregates, and delete the aggregates of minutes before ``aggregates_before``; returns
     how many raw rows were folded. Opens its own connection: run it on a thread."""
-    db = sqlite3.connect(path, isolation_level=None, timeout=30.0)
+    db = open_database(target)
     try:
-        db.execute("PRAGMA synchronous=NORMAL")
+        if isinstance(db, SqliteDatabase):
+            db.execute("PRAGMA synchronous=NORMAL")
         folded = 0
         # A transaction only for the nodes that have raw rows to fold (the others would
         # take the write lock for nothing).
@@ -79,26 +116,31 @@ def downsample(path: Path, received_before: float, aggregates_before: float) -> 
             (received_before,),
         ).fetchall()
         for (node_id,) in nodes:
-            db.execute("BEGIN IMMEDIATE")
-            try:
-                count, size = db.execute(
-                    f"SELECT COUNT(*), COALESCE(SUM(length(CAST(body AS BLOB))), 0) {_RAW}",
-                    (node_id, received_before),
-                ).fetchone()
-                if count:
-                    db.execute(_FOLD, (node_id, received_before))
-                    db.execute(f"DELETE {_RAW}", (node_id, received_before))
-                    db.execute(
-                        "UPDATE nodes SET stored_bytes = stored_bytes - ? WHERE node_id = ?",
-                        (size, node_id),
-                    )
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
-            db.execute("COMMIT")
-            folded += int(count)
+            folded += _fold(db, str(node_id), received_before)
         # One statement for every node's minutes past their keep.
         db.execute("DELETE FROM telemetry_minutes WHERE minute < ?", (aggregates_before,))
         return folded
     finally:
         db.close()
+
+
+def _fold(db: Database, node_id: str, received_before: float) -> int:
+    """Fold one node's raw rows in one transaction; how many there were."""
+    with db.transaction():
+        # The node's row first, as Store.add locks it: its bytes are counted again here.
+        db.execute("SELECT 1 FROM nodes WHERE node_id = ?" + db.for_update, (node_id,))
+        count, size = db.execute(
+            f"SELECT COUNT(*), COALESCE(SUM(length(CAST(body AS BLOB))), 0) {_RAW}",
+            (node_id, received_before),
+        ).fetchone()
+        if count:
+            if isinstance(db, SqliteDatabase):
+                db.execute(_FOLD_SQLITE, (node_id, received_before))
+            else:
+                db.execute(_FOLD_POSTGRES, (node_id, node_id, received_before))
+            db.execute(f"DELETE {_RAW}", (node_id, received_before))
+            db.execute(
+                "UPDATE nodes SET stored_bytes = stored_bytes - ? WHERE node_id = ?",
+                (size, node_id),
+            )
+    return int(count)

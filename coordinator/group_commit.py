@@ -10,7 +10,8 @@ returned, so an ack can never precede the durability of what it acknowledges; a 
 handles its frames one at a time, so a node's messages are stored in its seq order.
 
 The loop's connection still writes the rest (handshakes, the coordinator's own stream, job
-reports); SQLite serialises the two writers (WAL: readers never wait).
+reports); the database serialises the two writers (SQLite: one at a time, WAL: readers
+never wait; PostgreSQL: a node's row is locked while its message is stored).
 """
 
 from __future__ import annotations
@@ -22,9 +23,9 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, TypeVar
 
+from coordinator.db import DbTarget
 from coordinator.retention import Quotas
 from coordinator.store import Added, Message, Store
 
@@ -52,8 +53,8 @@ class _Pending:
 class GroupCommit:
     """The writer thread and its queue; :meth:`add` from the event loop."""
 
-    def __init__(self, path: Path, quotas: Quotas, *, window_s: float = WINDOW_S) -> None:
-        """Open the writer's own connection to the store at ``path`` (opened already)."""
+    def __init__(self, target: DbTarget, quotas: Quotas, *, window_s: float = WINDOW_S) -> None:
+        """Open the writer's own connection to the store at ``target`` (opened already)."""
         self._queue: queue.SimpleQueue[_Pending | None] = queue.SimpleQueue()
         self._window_s = window_s
         self._opened = threading.Event()
@@ -63,7 +64,7 @@ class GroupCommit:
         self.messages = 0
         """Calls committed."""
         self._thread = threading.Thread(
-            target=self._run, args=(path, quotas), name="store-writer", daemon=True
+            target=self._run, args=(target, quotas), name="store-writer", daemon=True
         )
         self._thread.start()
         self._opened.wait()
@@ -75,7 +76,8 @@ class GroupCommit:
         """Store ``message`` (as :meth:`Store.add`); return once its group has committed.
 
         Raises:
-            ValueError, sqlite3.Error: as :meth:`Store.add`; nothing of it was stored.
+            ValueError, a driver error (:func:`coordinator.db.driver_errors`): as
+                :meth:`Store.add`; nothing of it was stored.
         """
         return await self.call(lambda store: store.add_in_transaction(message))
 
@@ -96,10 +98,10 @@ class GroupCommit:
         self._queue.put(None)
         self._thread.join()
 
-    def _run(self, path: Path, quotas: Quotas) -> None:
+    def _run(self, target: DbTarget, quotas: Quotas) -> None:
         try:
-            # Opened here: a SQLite connection belongs to the thread that made it.
-            store = Store(path, quotas)
+            # Opened here: a connection belongs to the thread that made it.
+            store = Store(target, quotas)
         except BaseException as exc:
             self._error = exc
             self._opened.set()

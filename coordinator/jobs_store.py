@@ -18,7 +18,6 @@ from it (so one break is reported once, not on every receipt after it).
 from __future__ import annotations
 
 import logging
-import sqlite3
 from typing import Any, Final, TypeAlias, get_args
 
 import msgspec
@@ -170,26 +169,26 @@ class JobTable:
         """
         offer = signed.offer
         with self._db.transaction():
-            try:
-                self._db.execute(
-                    "INSERT INTO jobs (job_id, node_id, state, spec, offer, offer_sha256,"
-                    " offer_seq, created, updated, expires_at)"
-                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    (
-                        offer.job_id,
-                        offer.node_id,
-                        OFFERED,
-                        _json(offer.spec),
-                        _json(signed.body.offer),
-                        signed.sha256,
-                        seq,
-                        now,
-                        now,
-                        offer.expires_at,
-                    ),
-                )
-            except sqlite3.IntegrityError:
-                raise JobError("job_exists", f"job {offer.job_id!r} exists") from None
+            # DO NOTHING, not a caught error: on PostgreSQL an error ends the transaction.
+            added = self._db.execute(
+                "INSERT INTO jobs (job_id, node_id, state, spec, offer, offer_sha256,"
+                " offer_seq, created, updated, expires_at)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (job_id) DO NOTHING",
+                (
+                    offer.job_id,
+                    offer.node_id,
+                    OFFERED,
+                    _json(offer.spec),
+                    _json(signed.body.offer),
+                    signed.sha256,
+                    seq,
+                    now,
+                    now,
+                    offer.expires_at,
+                ),
+            )
+            if added.rowcount != 1:
+                raise JobError("job_exists", f"job {offer.job_id!r} exists")
             self._streams.insert_outbound(
                 offer.node_id, seq, "job_offer", msgspec.to_builtins(signed.body)
             )
@@ -215,10 +214,12 @@ class JobTable:
 
     def recent(self, *, node_id: str | None = None, limit: int = 1000) -> list[JobSummary]:
         """Jobs, newest first (of one node when ``node_id`` is given)."""
-        rows = self._db.execute(
-            "SELECT job_id, node_id, state, code, created, updated FROM jobs"
-            " WHERE ?1 IS NULL OR node_id = ?1 ORDER BY created DESC, rowid DESC LIMIT ?2",
-            (node_id, limit),
+        columns = "SELECT job_id, node_id, state, code, created, updated FROM jobs"
+        order = " ORDER BY created DESC, rowid DESC LIMIT ?"
+        rows = (
+            self._db.execute(columns + order, (limit,))
+            if node_id is None
+            else self._db.execute(columns + " WHERE node_id = ?" + order, (node_id, limit))
         ).fetchall()
         return [
             JobSummary(job_id=r[0], node_id=r[1], state=r[2], code=r[3], created=r[4], updated=r[5])
@@ -318,8 +319,8 @@ class JobTable:
         self._db.execute(
             "INSERT INTO receipt_chain (node_id, last_receipt, receipts, breaks)"
             " VALUES (?, ?, 1, ?) ON CONFLICT (node_id) DO UPDATE SET"
-            " last_receipt = excluded.last_receipt, receipts = receipts + 1,"
-            " breaks = breaks + excluded.breaks",
+            " last_receipt = excluded.last_receipt, receipts = receipt_chain.receipts + 1,"
+            " breaks = receipt_chain.breaks + excluded.breaks",
             (node_id, digest, broken),
         )
         if problems:

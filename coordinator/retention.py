@@ -138,11 +138,16 @@ class Retention:
         for (node_id,) in self._db.execute(
             "SELECT n.node_id FROM nodes n WHERE EXISTS (SELECT 1 FROM messages m"
             " WHERE m.node_id = n.node_id AND m.type = 'telemetry' AND m.received < ?)"
-            " OR (SELECT COUNT(*) FROM (SELECT 1 FROM messages m WHERE m.node_id = n.node_id"
-            " AND m.type = 'telemetry' LIMIT -1 OFFSET ?)) > 0",
+            " OR EXISTS (SELECT 1 FROM messages m WHERE m.node_id = n.node_id"
+            " AND m.type = 'telemetry' LIMIT 1 OFFSET ?)",
             (received_before, keep_rows),
         ).fetchall():
             with self._db.transaction():
+                # The node's row first, as Store.add locks it: a count of its bytes and a
+                # delete of its rows by another coordinator's writer wait for this one.
+                self._db.execute(
+                    "SELECT 1 FROM nodes WHERE node_id = ?" + self._db.for_update, (node_id,)
+                )
                 row = self._db.execute(
                     "SELECT seq FROM messages WHERE node_id = ? AND type = 'telemetry'"
                     " ORDER BY seq DESC LIMIT 1 OFFSET ?",

@@ -44,6 +44,7 @@ from coordinator.api_util import HttpAnswer, HttpRequest, coded_error
 from coordinator.artifacts import ArtifactStore, Retained, job_outputs
 from coordinator.compression import agent_extensions
 from coordinator.connection import AgentSessions, Shared, handle
+from coordinator.db import DbTarget
 from coordinator.deployments import DEFAULT_GRACE_S, DEFAULT_INTERVAL_S, Deployments
 from coordinator.downsample import downsample
 from coordinator.gateway.server import Gateway, GatewaySettings
@@ -73,7 +74,7 @@ class Coordinator:
     def __init__(
         self,
         *,
-        db_path: Path,
+        db_path: DbTarget,
         state_dir: Path,
         host: str = "127.0.0.1",
         port: int = 0,
@@ -475,7 +476,7 @@ def _path(request: Request) -> str:
 async def serve(
     host: str,
     port: int,
-    db_path: Path,
+    db_path: DbTarget,
     state_dir: Path,
     *,
     settings: Settings | None = None,

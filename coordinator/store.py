@@ -1,4 +1,5 @@
-"""The reference coordinator's SQLite store: its tables over one connection.
+"""The reference coordinator's store: its tables over one connection, to a SQLite file
+or a PostgreSQL database (:mod:`coordinator.db`).
 
 :class:`Store` holds one object per group of tables, each on the same
 :class:`coordinator.db.Database`: :attr:`Store.nodes` (nodes, their messages and profiles),
@@ -18,14 +19,13 @@ returns.
 
 from __future__ import annotations
 
-import sqlite3
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any, Literal, NamedTuple, TypeAlias, TypeVar
 
 import msgspec
 
-from coordinator.db import Database
+from coordinator.db import Database, DbTarget, SqliteDatabase, driver_errors
+from coordinator.db_open import open_database
 from coordinator.deployments_store import SCHEMA as DEPLOYMENTS_SCHEMA
 from coordinator.deployments_store import DeploymentTable
 from coordinator.downsample import SCHEMA as DOWNSAMPLE_SCHEMA
@@ -170,20 +170,14 @@ class Message(NamedTuple):
 class Store:
     """The coordinator's database: its tables, composed over one connection."""
 
-    def __init__(self, path: Path, quotas: Quotas | None = None) -> None:
-        """Open (or create, or upgrade) the store at ``path``, its messages held to ``quotas``
-        (none by default)."""
-        self._db = Database(path)
+    def __init__(self, target: DbTarget, quotas: Quotas | None = None) -> None:
+        """Open (or create, or upgrade) the store at ``target`` (a SQLite file, or a
+        PostgreSQL URL), its messages held to ``quotas`` (none by default)."""
+        self._db = open_database(target)
         try:
-            if self._db.execute("PRAGMA user_version").fetchone()[0] < _SCHEMA_VERSION:
-                columns = {r[1] for r in self._db.execute("PRAGMA table_info(nodes)")}
-                self._db.executescript(
-                    _SCHEMA + DEPLOYMENTS_SCHEMA + GATEWAY_SCHEMA + DOWNSAMPLE_SCHEMA
-                )
-                if columns and "agent_seq" not in columns:
-                    self._db.executescript(_V4)
-                self._db.execute(f"PRAGMA user_version={_SCHEMA_VERSION}")
-        except sqlite3.Error:
+            if self._db.schema_version() < _SCHEMA_VERSION:
+                _create(self._db)
+        except driver_errors():
             self._db.close()
             raise
         self.nodes = NodeTable(self._db)
@@ -239,12 +233,13 @@ class Store:
         message of the group may be acknowledged before then.
         """
         results: list[T | Exception] = []
+        failures: tuple[type[Exception], ...] = (ValueError, *driver_errors())
         with self._db.transaction():
             for call in calls:
                 try:
                     with self._db.savepoint():
                         results.append(call(self))
-                except (ValueError, sqlite3.Error) as exc:  # this call's, not the group's
+                except failures as exc:  # this call's, not the group's
                     results.append(exc)
         return results
 
@@ -252,7 +247,9 @@ class Store:
         """:meth:`add` in the caller's transaction."""
         node_id, seq, kind, now = m.node_id, m.seq, m.kind, m.now
         profile, nonce, unverified, job = m.profile, m.nonce, m.unverified, m.job
-        last = self.nodes.agent_seq(node_id)
+        # Locked until the commit where a transaction does not hold the whole store: a
+        # second coordinator storing this node's same seq waits, then finds it a duplicate.
+        last = self.nodes.agent_seq(node_id, lock=True)
         if last is None:
             raise ValueError(f"no node {node_id!r}: nodes.seen() comes first")
         if seq <= last:
@@ -279,3 +276,14 @@ class Store:
         if job is not None:
             self.jobs.apply(node_id, seq, job, now)
         return added
+
+
+def _create(db: Database) -> None:
+    """Create the schema, or upgrade an older one (SQLite's: a PostgreSQL store began at
+    version 7)."""
+    script = _SCHEMA + DEPLOYMENTS_SCHEMA + GATEWAY_SCHEMA + DOWNSAMPLE_SCHEMA
+    upgrade = ""
+    if isinstance(db, SqliteDatabase):
+        columns = {r[1] for r in db.execute("PRAGMA table_info(nodes)")}
+        upgrade = _V4 if columns and "agent_seq" not in columns else ""
+    db.create_schema(script, _SCHEMA_VERSION, upgrade=upgrade)

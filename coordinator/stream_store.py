@@ -130,8 +130,8 @@ class StreamTable:
         """:meth:`ack_outbound` in the caller's transaction (a group commit's)."""
         self._db.execute("DELETE FROM outbound WHERE node_id = ? AND seq <= ?", (node_id, seq))
         self._db.execute(
-            "UPDATE nodes SET coordinator_acked = MAX(coordinator_acked, ?) WHERE node_id = ?",
-            (seq, node_id),
+            "UPDATE nodes SET coordinator_acked = ? WHERE node_id = ? AND coordinator_acked < ?",
+            (seq, node_id, seq),
         )
 
     def sender(self, node_id: str) -> ReliableSender:

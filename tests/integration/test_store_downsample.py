@@ -1,14 +1,16 @@
-"""Raw telemetry past its window becomes per-minute min/mean/max per GPU metric."""
+"""Raw telemetry past its window becomes per-minute min/mean/max per GPU metric (on SQLite
+and on PostgreSQL: ``store_target``)."""
 
 from __future__ import annotations
 
-import sqlite3
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
+from msgspec import Raw
 
+from coordinator.db import DbTarget
+from coordinator.db_open import open_database
 from coordinator.downsample import downsample
 from coordinator.store import Store
 
@@ -16,8 +18,8 @@ NODE = "node-aa"
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> Iterator[Store]:
-    store = Store(tmp_path / "c.db")
+def store(store_target: DbTarget) -> Iterator[Store]:
+    store = Store(store_target)
     store.nodes.seen(NODE, "key", 0.0)
     yield store
     store.close()
@@ -33,8 +35,8 @@ def sample(t: float, power: float, util: float | None) -> dict[str, Any]:
     return {"taken_at": t, "host": {"load_1m": 9.0}, "gpus": gpus}
 
 
-def minutes(path: Path) -> dict[tuple[int, str, str], tuple[float, float, float, int]]:
-    db = sqlite3.connect(path)
+def minutes(target: DbTarget) -> dict[tuple[int, str, str], tuple[float, float, float, int]]:
+    db = open_database(target)
     try:
         rows = db.execute(
             "SELECT minute, gpu, metric, min, mean, max, samples FROM telemetry_minutes"
@@ -44,14 +46,16 @@ def minutes(path: Path) -> dict[tuple[int, str, str], tuple[float, float, float,
     return {(m, g, k): (lo, mean, hi, n) for m, g, k, lo, mean, hi, n in rows}
 
 
-def test_raw_rows_past_the_window_become_minutes_and_go(tmp_path: Path, store: Store) -> None:
+def test_raw_rows_past_the_window_become_minutes_and_go(
+    store_target: DbTarget, store: Store
+) -> None:
     # Minute 600 (10:00-10:59 s past epoch minute 10) gets samples from two batches.
     store.add(NODE, 1, "telemetry", {"samples": [sample(600, 100, 10), sample(610, 200, 30)]}, 1000)
     store.add(NODE, 2, "telemetry", {"samples": [sample(650, 300, None), sample(660, 50, 5)]}, 1001)
     store.add(NODE, 3, "telemetry", {"samples": [sample(720, 80, 8)]}, 5000)  # in the window
     before = store.retention.stored_bytes(NODE)
-    assert downsample(tmp_path / "c.db", received_before=2000, aggregates_before=0) == 2
-    got = minutes(tmp_path / "c.db")
+    assert downsample(store_target, received_before=2000, aggregates_before=0) == 2
+    got = minutes(store_target)
     assert got[(600, "GPU-0", "power_w")] == (100, 200, 300, 3)
     assert got[(600, "GPU-0", "util_gpu_pct")] == (10, 20, 30, 2)  # absent once: not a zero
     assert got[(600, "GPU-1", "power_w")] == (200, 400, 600, 3)
@@ -65,24 +69,38 @@ def test_raw_rows_past_the_window_become_minutes_and_go(tmp_path: Path, store: S
 
 
 def test_a_minute_folded_over_two_passes_keeps_a_weighted_mean(
-    tmp_path: Path, store: Store
+    store_target: DbTarget, store: Store
 ) -> None:
     store.add(NODE, 1, "telemetry", {"samples": [sample(600, 100, 1)]}, 1000)
-    downsample(tmp_path / "c.db", received_before=2000, aggregates_before=0)
+    downsample(store_target, received_before=2000, aggregates_before=0)
     store.add(NODE, 2, "telemetry", {"samples": [sample(601, 400, 1), sample(602, 400, 1)]}, 3000)
-    downsample(tmp_path / "c.db", received_before=4000, aggregates_before=0)
-    assert minutes(tmp_path / "c.db")[(600, "GPU-0", "power_w")] == (100, 300, 400, 3)
+    downsample(store_target, received_before=4000, aggregates_before=0)
+    assert minutes(store_target)[(600, "GPU-0", "power_w")] == (100, 300, 400, 3)
 
 
-def test_aggregates_past_the_keep_window_are_deleted(tmp_path: Path, store: Store) -> None:
+def test_aggregates_past_the_keep_window_are_deleted(store_target: DbTarget, store: Store) -> None:
     store.add(NODE, 1, "telemetry", {"samples": [sample(600, 100, 1), sample(7200, 1, 1)]}, 1)
-    downsample(tmp_path / "c.db", received_before=10, aggregates_before=3600)
-    assert {minute for minute, _, _ in minutes(tmp_path / "c.db")} == {7200}
+    downsample(store_target, received_before=10, aggregates_before=3600)
+    assert {minute for minute, _, _ in minutes(store_target)} == {7200}
 
 
-def test_a_malformed_stored_sample_is_skipped_not_fatal(tmp_path: Path, store: Store) -> None:
+def test_a_malformed_stored_sample_is_skipped_not_fatal(
+    store_target: DbTarget, store: Store
+) -> None:
     odd = [{"taken_at": "x", "gpus": [{"id": "GPU-0", "p": 1}]}, {"gpus": 3}, sample(600, 5, 5)]
     store.add(NODE, 1, "telemetry", {"samples": odd, "dropped": 0}, 1)
     store.add(NODE, 2, "telemetry", {"samples": [], "dropped": 1}, 1)  # a shed batch
-    assert downsample(tmp_path / "c.db", received_before=10, aggregates_before=0) == 2
-    assert minutes(tmp_path / "c.db")[(600, "GPU-0", "power_w")] == (5, 5, 5, 1)
+    assert downsample(store_target, received_before=10, aggregates_before=0) == 2
+    assert minutes(store_target)[(600, "GPU-0", "power_w")] == (5, 5, 5, 1)
+
+
+def test_an_escaped_nul_or_a_reading_no_double_holds_does_not_stop_the_fold(
+    store_target: DbTarget, store: Store
+) -> None:
+    # Both pass the protocol's checks (msgspec keeps telemetry as the bytes received);
+    # PostgreSQL's jsonb refuses the one and a float8 cannot hold the other.
+    odd = {"taken_at": 600, "note": "a\u0000b", "gpus": [{"id": "GPU-0", "huge": Raw(b"1e400")}]}
+    store.add(NODE, 1, "telemetry", {"samples": [odd, sample(600, 7, 7)]}, 1)
+    assert downsample(store_target, received_before=10, aggregates_before=0) == 1
+    assert minutes(store_target)[(600, "GPU-0", "power_w")] == (7, 7, 7, 1)
+    assert store.nodes.all_seqs(NODE) == []
