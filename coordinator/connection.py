@@ -10,14 +10,15 @@ agent's outbox resends after every reconnect, so nothing behind it would ever ar
 is stored and acknowledged as unverified, and a fresh ``attest_request`` follows at once.
 
 The coordinator's stream to a node (attest requests, job offers and cancels) is numbered by
-one :class:`ReliableSender` per node: its open session's (:attr:`Shared.sessions`), else
-rebuilt from the store, which keeps every message until the node acknowledges it. A message
-is stored under its seq, then numbered and sent by :meth:`_Session.send_stored`. Jobs go
+the store as each message is stored (it keeps every one until the node acknowledges it);
+the node's open session (:attr:`Shared.sessions`) then sends what it has not sent, in seq
+order (:meth:`_Session.catch_up`), whichever coordinator on the database stored it. Jobs go
 through :class:`coordinator.job_service.JobService`, out (offers) and in (reports).
 
 A node has one session: a newer one supersedes the older at once (:func:`_take_over`),
-which closes with ``superseded`` before the newer is welcomed. Each session holds the
-node to its frame rate and its storage quota (:mod:`coordinator.admission`).
+which closes with ``superseded`` before the newer is welcomed; one on another coordinator
+on the same database is told by the store (:mod:`coordinator.listener`). Each session
+holds the node to its frame rate and its storage quota (:mod:`coordinator.admission`).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import contextlib
 import functools
 import logging
 import secrets
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeAlias
 
 import msgspec
@@ -45,7 +46,6 @@ from agent.protocol.messages import (
     JobResult,
     JobStatus,
     Profile,
-    ReliableBody,
     ReliableMessage,
     Telemetry,
     message_type,
@@ -91,6 +91,8 @@ class Shared(Gate):
     """Where sessions store the agents' messages (but job reports), many to a commit."""
     nonces_purged_at: float = 0.0
     """When expired attestation nonces were last purged (wall time)."""
+    coordinator_id: str = field(default_factory=lambda: secrets.token_hex(8))
+    """This coordinator among those on one database: what it signs its sessions with."""
 
 
 async def handle(ws: ServerConnection, shared: Shared) -> None:
@@ -149,6 +151,8 @@ def _take_over(
     conn.resume(sender, store.nodes.last_agent_seq(node_id))
     session = _Session(ws, shared, node_id, conn, sender, replaces=old)
     shared.sessions.put(session)
+    # Another coordinator on the database holding an older session of the node closes it.
+    store.streams.session_opened(node_id, shared.coordinator_id, session.token)
     return session
 
 
@@ -180,6 +184,11 @@ class _Session:
         """Set when the session is over, so that a newer connection can take over."""
         self.superseded = False
         """A newer connection of the node took over: this one stores nothing more."""
+        self.token = secrets.token_hex(8)
+        """This session among the node's, on every coordinator of the database."""
+        self.announced = False
+        """The store told this coordinator of this session (:mod:`coordinator.listener`):
+        a session of the node announced after it is newer."""
         self._replaces = replaces
         settings = shared.settings
         # The rate carries over from the session this one replaces: reconnecting does not
@@ -304,20 +313,31 @@ class _Session:
         await asyncio.sleep(wait)
         return True
 
-    async def send_stored(self, body: ReliableBody, seq: int) -> None:
-        """Number ``body``, just stored as ``seq`` (its :meth:`OpenSessions.next_seq`), send it.
+    async def catch_up(self) -> None:
+        """Number and send what the store holds for the node past what this session sent.
 
         Stored before it is numbered in memory: a store that fails leaves no gap, and the
-        agent may acknowledge it after a restart of ours. A connection that closed
-        meanwhile is no error: the message goes out after the node's next handshake.
+        agent may acknowledge it after a restart of ours. The store numbered it, so a
+        message stored by another coordinator on the database takes its place in the
+        stream. A connection that closed meanwhile is no error: what was not sent goes out
+        after the node's next handshake.
         """
-        message = self.conn.send_reliable(body)
-        assert message.seq == seq, f"{self.node_id}: stored as {seq}, numbered {message.seq}"
+        if self.superseded:
+            return
+        unsent = self.store.streams.unsent(self.node_id, self.conn.next_seq)
+        for seq, body in unsent:
+            message = self.conn.send_reliable(body)
+            assert message.seq == seq, f"{self.node_id}: stored as {seq}, numbered {message.seq}"
+        if not unsent:
+            return
         try:
             await self._flush()
         except ConnectionClosed:
-            kind = message_type(message)
-            _log.info("%s: closed; %s %d goes out on the next connection", self.node_id, kind, seq)
+            _log.info(
+                "%s: closed; seq %d and after go out on the next connection",
+                self.node_id,
+                unsent[0][0],
+            )
 
     async def _flush(self) -> None:
         """Write what the machine queued, in order (it queues nothing before welcome)."""
@@ -336,11 +356,10 @@ class _Session:
             return
         nonce = new_nonce()
         body = AttestRequestBody(nonce=nonce)
-        seq = self.conn.next_seq
         self.store.streams.add_attest_request(
-            self.node_id, nonce, self.shared.clock(), seq, msgspec.to_builtins(body)
+            self.node_id, nonce, self.shared.clock(), msgspec.to_builtins(body)
         )
-        await self.send_stored(body, seq)
+        await self.catch_up()
 
     async def _on_reliable(self, message: ReliableMessage) -> None:
         kind, now = message_type(message), self.shared.clock()

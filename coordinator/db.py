@@ -95,6 +95,11 @@ class Database(ABC):
         """Within a transaction: keep what the block writes, or undo only that."""
 
     @abstractmethod
+    def notify(self, channel: str, payload: str) -> None:
+        """Tell the other coordinators on the database ``payload`` on ``channel``, at the
+        commit of the transaction (at once outside one)."""
+
+    @abstractmethod
     def data_version(self) -> int:
         """A number that changes when another connection may have committed: what this one
         read before may be stale."""
@@ -172,6 +177,9 @@ class SqliteDatabase(Database):
             self.rollbacks += 1
             raise
         self._conn.execute("RELEASE part")
+
+    def notify(self, channel: str, payload: str) -> None:
+        """Nothing: a SQLite file has one coordinator, which holds every session itself."""
 
     def data_version(self) -> int:
         """SQLite's ``PRAGMA data_version``: it changes when another connection commits."""

@@ -118,6 +118,10 @@ class PostgresDatabase(Database):
             self.rollbacks += 1
             raise
 
+    def notify(self, channel: str, payload: str) -> None:
+        """``pg_notify``: delivered to every listener once the transaction commits."""
+        self._conn.execute("SELECT pg_notify(%s, %s)", (channel, payload))
+
     def data_version(self) -> int:
         """Different at every call: PostgreSQL tells no connection when another commits,
         so what was read before is read again."""

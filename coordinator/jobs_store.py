@@ -161,14 +161,18 @@ class JobTable:
 
     # ------------------------------------------------------------------ coordinator -> agent
 
-    def add(self, signed: SignedOffer, seq: int, now: float) -> None:
-        """Store a new job and its ``job_offer`` (seq ``seq`` of the node's stream) at once.
+    def add(self, signed: SignedOffer, now: float) -> int:
+        """Store a new job and its ``job_offer`` at once; returns the offer's seq in the
+        node's stream.
 
         Raises:
             JobError: ``job_exists`` when the job id is taken (nothing is stored).
         """
         offer = signed.offer
         with self._db.transaction():
+            seq = self._streams.insert_outbound(
+                offer.node_id, "job_offer", msgspec.to_builtins(signed.body)
+            )
             # DO NOTHING, not a caught error: on PostgreSQL an error ends the transaction.
             added = self._db.execute(
                 "INSERT INTO jobs (job_id, node_id, state, spec, offer, offer_sha256,"
@@ -189,19 +193,18 @@ class JobTable:
             )
             if added.rowcount != 1:
                 raise JobError("job_exists", f"job {offer.job_id!r} exists")
-            self._streams.insert_outbound(
-                offer.node_id, seq, "job_offer", msgspec.to_builtins(signed.body)
-            )
+        return seq
 
-    def add_cancel(self, node_id: str, body: JobCancelBody, seq: int, now: float) -> None:
-        """Mark a job's cancel as requested and store its ``job_cancel`` at once."""
+    def add_cancel(self, node_id: str, body: JobCancelBody, now: float) -> int:
+        """Mark a job's cancel as requested and store its ``job_cancel`` at once; returns
+        its seq."""
         with self._db.transaction():
             self._db.execute(
                 "UPDATE jobs SET cancel_requested = ?, cancel_reason = ?, updated = ?"
                 " WHERE job_id = ?",
                 (now, body.reason, now, body.job_id),
             )
-            self._streams.insert_outbound(node_id, seq, "job_cancel", msgspec.to_builtins(body))
+            return self._streams.insert_outbound(node_id, "job_cancel", msgspec.to_builtins(body))
 
     # ------------------------------------------------------------------ reading
 

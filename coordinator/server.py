@@ -27,7 +27,7 @@ from collections.abc import Callable
 from http import HTTPStatus
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 from websockets.asyncio.server import Server, ServerConnection
@@ -51,6 +51,9 @@ from coordinator.gateway.server import Gateway, GatewaySettings
 from coordinator.group_commit import GroupCommit
 from coordinator.images import ImagePinner
 from coordinator.job_service import JobService
+
+if TYPE_CHECKING:
+    from coordinator.listener import Listener
 from coordinator.retention import Quotas, run_passes
 from coordinator.sessions import OpenSessions
 from coordinator.store import Store
@@ -128,6 +131,7 @@ class Coordinator:
         self._gateway_port = gateway_port
         self._gateway_settings = gateway_settings
         self._gateway: Gateway | None = None
+        self._listener: Listener | None = None
         self.artifacts: ArtifactStore | None = None
         self.admin_token = new_token()
         """The bearer token of the admin API's writes (also in :attr:`admin_file`)."""
@@ -283,6 +287,13 @@ class Coordinator:
                 ping_timeout=self._ping_interval_s,
                 ssl=self.ssl_context,
             )
+            if isinstance(self.db_path, str):  # PostgreSQL: others may share the store
+                from coordinator.listener import Listener  # psycopg: the postgres extra
+
+                self._listener = Listener(
+                    self.db_path, self._shared.coordinator_id, self._shared.sessions
+                )
+                await self._listener.start()
             await self._admin.start()
             await self._artifact_listener.start()
             self._gateway = Gateway(
@@ -311,6 +322,9 @@ class Coordinator:
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
         self._retention = self._reconciler = self._deployments = None
+        if self._listener is not None:
+            await self._listener.stop()
+            self._listener = None
         if self._gateway is not None:
             await self._gateway.stop()
             self._gateway = None

@@ -131,7 +131,8 @@ def test_the_coordinators_stream_is_kept_until_acked_and_acks_never_go_back(
     store: Store,
 ) -> None:
     for seq in (1, 2, 3):
-        store.streams.add_outbound(NODE, seq, "job_cancel", {"job_id": f"j{seq}", "reason": ""})
+        body = {"job_id": f"j{seq}", "reason": ""}
+        assert store.streams.add_outbound(NODE, "job_cancel", body) == seq
     store.streams.ack_outbound(NODE, 2)
     store.streams.ack_outbound(NODE, 1)  # a late, older ack
     outbound = store.streams.outbound(NODE)
