@@ -115,6 +115,9 @@ async def handle(ws: ServerConnection, shared: Shared) -> None:
         pass
     finally:
         shared.sessions.drop(session)
+        if shared.store.shared:  # the others count the node connected no more
+            node_id, token = session.node_id, session.token
+            shared.writer.submit(lambda s: s.presence.closed(node_id, token))
         session.done.set()
 
 
@@ -151,8 +154,12 @@ def _take_over(
     conn.resume(sender, store.nodes.last_agent_seq(node_id))
     session = _Session(ws, shared, node_id, conn, sender, replaces=old)
     shared.sessions.put(session)
-    # Another coordinator on the database holding an older session of the node closes it.
-    store.streams.session_opened(node_id, shared.coordinator_id, session.token)
+    if store.shared:
+        # Another coordinator on the database holding an older session of the node closes
+        # it; the lead's reconciler counts the node connected.
+        store.streams.session_opened(node_id, shared.coordinator_id, session.token)
+        token, coordinator_id = session.token, shared.coordinator_id
+        shared.writer.submit(lambda s: s.presence.opened(node_id, coordinator_id, token, now))
     return session
 
 

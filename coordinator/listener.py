@@ -9,6 +9,9 @@ one, through PostgreSQL's LISTEN/NOTIFY on one dedicated connection each:
 - :data:`~coordinator.stream_store.SESSION` ``<coordinator> <session> <node id>``, as a
   session opens: one holding an older session of the node closes it (``superseded``).
 
+It also says, every :data:`~coordinator.presence_store.HEARTBEAT_S`, that its coordinator
+is alive (:mod:`coordinator.presence_store`).
+
 Notifications arrive in the order their transactions committed. So a coordinator that
 hears of another's session of a node it holds knows which is newer: its own, if it has
 not heard of its own yet (the other will close its session on hearing of this one).
@@ -21,11 +24,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Coroutine, Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from typing import Any, Protocol
 
 import psycopg
 
+from coordinator.db import driver_errors
+from coordinator.presence_store import HEARTBEAT_S
 from coordinator.stream_store import OUTBOUND, SESSION
 
 __all__ = ["ListenedSession", "ListenedSessions", "Listener"]
@@ -60,7 +65,17 @@ class ListenedSessions(Protocol):
 class Listener:
     """One connection LISTENing on the store's channels, run as a task on the loop."""
 
-    def __init__(self, url: str, coordinator_id: str, sessions: ListenedSessions) -> None:
+    def __init__(
+        self,
+        url: str,
+        coordinator_id: str,
+        sessions: ListenedSessions,
+        *,
+        alive: Callable[[], None],
+    ) -> None:
+        """``alive``: say that this coordinator is alive (called now, then every
+        :data:`HEARTBEAT_S`)."""
+        self._alive = alive
         self._url = url
         self._id = coordinator_id
         self._sessions = sessions
@@ -70,8 +85,10 @@ class Listener:
 
     async def start(self) -> None:
         """Listen (raises the driver's error if the server cannot be reached now)."""
+        self._alive()
         self._conn = await self._connect()
         self._task = asyncio.create_task(self._run())
+        self._spawn(self._beat())
 
     async def stop(self) -> None:
         """Stop listening, and what was started on hearing something."""
@@ -114,6 +131,14 @@ class Listener:
             for node_id in list(self._sessions):
                 if (session := self._sessions.get(node_id)) is not None:
                     self._spawn(session.catch_up())
+
+    async def _beat(self) -> None:
+        while True:
+            await asyncio.sleep(HEARTBEAT_S)
+            try:
+                self._alive()
+            except driver_errors() as exc:  # the store is down: so is everything else
+                _log.warning("listener: heartbeat not stored: %s", exc)
 
     def _heard(self, channel: str, payload: str) -> None:
         """Carry out one notification."""

@@ -261,11 +261,13 @@ class Coordinator:
             store,
             self._shared.jobs,
             self.key,
-            self.connected,
+            # Several coordinators on the store: the lead's reconciler, over all their nodes.
+            (lambda: store.presence.connected(self._clock())) if store.shared else self.connected,
             self._clock,
             pinner=self.pinner,
             grace_s=self._deploy_grace_s,
             interval_s=self._deploy_interval_s,
+            leads=store.presence.lead,
         )
         try:
             self._server = await ws_serve(
@@ -290,8 +292,12 @@ class Coordinator:
             if isinstance(self.db_path, str):  # PostgreSQL: others may share the store
                 from coordinator.listener import Listener  # psycopg: the postgres extra
 
+                shared = self._shared
                 self._listener = Listener(
-                    self.db_path, self._shared.coordinator_id, self._shared.sessions
+                    self.db_path,
+                    shared.coordinator_id,
+                    shared.sessions,
+                    alive=lambda: store.presence.alive(shared.coordinator_id, self._clock()),
                 )
                 await self._listener.start()
             await self._admin.start()

@@ -33,6 +33,8 @@ from coordinator.gateway.tables import SCHEMA as GATEWAY_SCHEMA
 from coordinator.gateway.tables import ApiKeyTable, RequestTable, ServiceJobs
 from coordinator.jobs_store import JobEvent, JobTable
 from coordinator.nodes_store import NodeTable, Unverified
+from coordinator.presence_store import SCHEMA as PRESENCE_SCHEMA
+from coordinator.presence_store import Presence
 from coordinator.retention import Quotas, Retention
 from coordinator.stream_store import StreamTable
 
@@ -42,8 +44,9 @@ __all__ = ["Added", "Message", "Store"]
 #: the script upgrades. 4 adds ``nodes.agent_seq`` and ``nodes.stored_bytes`` (:data:`_V4`);
 #: 5 the deployments (:mod:`coordinator.deployments_store`); 6 the gateway's tables
 #: (:data:`coordinator.gateway.tables.SCHEMA`); 7 the per-minute telemetry aggregates
-#: (:mod:`coordinator.downsample`).
-_SCHEMA_VERSION = 7
+#: (:mod:`coordinator.downsample`); 8 who holds each node's session when several
+#: coordinators share the database (:mod:`coordinator.presence_store`).
+_SCHEMA_VERSION = 8
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS nodes (
     node_id TEXT PRIMARY KEY,
@@ -188,6 +191,10 @@ class Store:
         self.api_keys = ApiKeyTable(self._db)
         self.requests = RequestTable(self._db)
         self.services = ServiceJobs(self._db)
+        self.presence = Presence(self._db)
+        self.shared = self._db.dialect == "postgres"
+        """Whether other coordinators may use this store (PostgreSQL's; a SQLite file has
+        one)."""
 
     def close(self) -> None:
         """Close the database."""
@@ -279,9 +286,9 @@ class Store:
 
 
 def _create(db: Database) -> None:
-    """Create the schema, or upgrade an older one (SQLite's: a PostgreSQL store began at
-    version 7)."""
-    script = _SCHEMA + DEPLOYMENTS_SCHEMA + GATEWAY_SCHEMA + DOWNSAMPLE_SCHEMA
+    """Create the schema, or upgrade an older one (every table ``IF NOT EXISTS``; the
+    columns SQLite's version 4 added, by :data:`_V4`)."""
+    script = _SCHEMA + DEPLOYMENTS_SCHEMA + GATEWAY_SCHEMA + DOWNSAMPLE_SCHEMA + PRESENCE_SCHEMA
     upgrade = ""
     if isinstance(db, SqliteDatabase):
         columns = {r[1] for r in db.execute("PRAGMA table_info(nodes)")}

@@ -110,14 +110,19 @@ class StreamTable:
 
     def outbound(self, node_id: str) -> Outbound:
         """The coordinator's stream to a node: its acked seq and what is unacknowledged."""
-        row = self._db.execute(
-            "SELECT coordinator_acked FROM nodes WHERE node_id = ?", (node_id,)
-        ).fetchone()
+        # One statement, so one snapshot: read apart, an ack committed in between (by the
+        # writer, or another coordinator) would show the old acked seq without its rows.
         rows = self._db.execute(
-            "SELECT seq, type, body FROM outbound WHERE node_id = ? ORDER BY seq", (node_id,)
+            "SELECT n.coordinator_acked, o.seq, o.type, o.body FROM nodes n"
+            " LEFT JOIN outbound o ON o.node_id = n.node_id WHERE n.node_id = ? ORDER BY o.seq",
+            (node_id,),
         ).fetchall()
-        pending = [(int(r[0]), str(r[1]), msgspec.json.decode(r[2])) for r in rows]
-        return Outbound(acked=0 if row is None else int(row[0]), pending=pending)
+        pending = [
+            (int(seq), str(kind), msgspec.json.decode(body))
+            for _, seq, kind, body in rows
+            if seq is not None
+        ]
+        return Outbound(acked=int(rows[0][0]) if rows else 0, pending=pending)
 
     def add_outbound(self, node_id: str, kind: str, body: Any) -> int:
         """Keep a message of the coordinator's stream until the node acknowledges it;

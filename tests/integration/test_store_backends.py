@@ -25,6 +25,7 @@ from coordinator.db import DbTarget
 from coordinator.deployments_store import KEEP_RETIRED
 from coordinator.errors import JobError
 from coordinator.gateway.tables import RequestRecord
+from coordinator.presence_store import ALIVE_S
 from coordinator.retention import Quotas
 from coordinator.store import Added, Store
 
@@ -229,3 +230,63 @@ def _record(n: int) -> RequestRecord:
         ttfb_s=0.125,
         ttft_s=None,
     )
+
+
+def test_a_session_counts_while_its_coordinator_is_alive_and_one_store_leads(
+    store: Store, store_target: DbTarget
+) -> None:
+    presence = store.presence
+    presence.alive("coord-1", 100.0)
+    presence.opened(NODE, "coord-1", "s1", 100.0)
+    assert presence.connected(100.0 + ALIVE_S) == {NODE}
+    assert presence.connected(101.0 + ALIVE_S) == set()  # killed -9: it stopped saying so
+    presence.alive("coord-1", 200.0)
+    presence.closed(NODE, "s0")  # an older session's end: the newer one stays
+    assert presence.connected(200.0) == {NODE}
+    presence.closed(NODE, "s1")
+    assert presence.connected(200.0) == set()
+    other = Store(store_target)
+    try:
+        assert presence.lead()
+        # A SQLite file has one coordinator; on PostgreSQL the first one leads, alone.
+        assert other.presence.lead() is (not store.shared)
+    finally:
+        other.close()
+    if store.shared:
+        store.close()  # the lead's connection gone, the lock goes with it
+        assert other_leads(store_target)
+
+
+def other_leads(target: DbTarget) -> bool:
+    other = Store(target)
+    try:
+        return other.presence.lead()
+    finally:
+        other.close()
+
+
+def test_the_stream_out_is_read_whole_while_another_connection_acks_it(
+    store: Store, store_target: DbTarget, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # What a handshake reads to resume the stream (the acked seq and what is pending)
+    # while the old session's ack commits on another connection, right after the read's
+    # first statement: never the acked seq from before the ack with the rows from after
+    # it (the node, which has the message, would be refused: ack_ahead).
+    seq = store.streams.add_outbound(NODE, "job_cancel", {"job_id": "j", "reason": ""})
+    other = Store(store_target)
+    db = store._db  # the interleaving is forced between its statements
+    real = db.execute
+
+    def execute_then_ack(sql: str, args: tuple[Any, ...] = ()) -> Any:
+        cursor = real(sql, args)
+        monkeypatch.setattr(db, "execute", real)
+        other.streams.ack_outbound(NODE, seq)
+        return cursor
+
+    try:
+        monkeypatch.setattr(db, "execute", execute_then_ack)
+        outbound = store.streams.outbound(NODE)
+    finally:
+        other.close()
+    assert (outbound.acked, [s for s, _, _ in outbound.pending]) in [(0, [seq]), (seq, [])]
+    store.streams.resume_sender(NODE, seq)  # the node stored it: no ack_ahead

@@ -96,6 +96,26 @@ async def test_a_newer_session_on_another_coordinator_closes_the_older(
             store.close()
 
 
+async def test_one_coordinator_places_a_deployments_replicas_on_every_coordinators_nodes(
+    postgres_url: str, tmp_path: Path
+) -> None:
+    service = {"port": 8080, "models": ["tiny"], "lease_s": 60}
+    spec = SPEC | {"kind": "service", "service": service}
+    async with two_coordinators(postgres_url, tmp_path) as (a, b):
+        peer = Peer()
+        async with connected(b.url, _pinned(b), peer) as link:
+            await link.send(NodeStatusBody(available=True, units=[]))
+            await b.deployments.deploy("web", spec, 1)
+            for _ in range(3):  # both reconcilers pass; only the lead's places
+                await b.deployments.tick()
+                await a.deployments.tick()
+            offer = await link.take(JobOffer)
+            replicas = a.store.deployments.replicas("web")
+            assert [(r.job_id, r.node_id) for r in replicas] == [(offer.body.job_id, peer.node_id)]
+            assert (a.deployments.passes > 0, b.deployments.passes) == (True, 0)
+            assert a.store.deployments.replicas("web", retired=True) == []
+
+
 async def _until_closed(link: PeerLink) -> Error | None:
     """Read the link to its close; the last ``error`` it got, if any."""
     last: Error | None = None
