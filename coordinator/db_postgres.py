@@ -32,13 +32,12 @@ _TABLE = re.compile(r"CREATE TABLE IF NOT EXISTS (\w+) \((.*?)\n\)([^;]*)", re.D
 
 
 @lru_cache(maxsize=1024)
-def translate(sql: str) -> tuple[str, bool]:
-    """A statement of the tables' dialect as PostgreSQL's, and whether it writes."""
+def translate(sql: str) -> str:
+    """A statement of the tables' dialect as PostgreSQL's."""
     text = sql.replace("%", "%%")  # psycopg's placeholders are %s: a literal % doubles
     text = _BLOB_LENGTH.sub(r"octet_length(\1)", text)
     text = _JSON_FIELD.sub(lambda m: f"({JSONB.format(m[1])} ->> '{m[2]}')", text)
-    text = text.replace("LIMIT -1", "LIMIT ALL").replace("?", "%s")
-    return text, not text.lstrip().upper().startswith("SELECT")
+    return text.replace("LIMIT -1", "LIMIT ALL").replace("?", "%s")
 
 
 def translate_schema(script: str) -> list[str]:
@@ -73,36 +72,39 @@ class PostgresDatabase(Database):
     def __init__(self, url: str) -> None:
         # autocommit: as SQLite's isolation_level=None, each write commits unless it is in
         # a transaction(); READ COMMITTED with row locks where a read decides a write.
+        self._url = url
         self._conn = psycopg.connect(url, autocommit=True, connect_timeout=10)
         self.rollbacks = 0
-        self._changes = 0
         self._reads = itertools.count()
+
+    def _live(self) -> psycopg.Connection[Any]:
+        """The connection, made again if the server dropped it (a restart, a failover):
+        the call that met the drop failed, the next one goes through."""
+        if self._conn.broken:
+            self._conn.close()
+            self._conn = psycopg.connect(self._url, autocommit=True, connect_timeout=10)
+        return self._conn
 
     def execute(self, sql: str, args: tuple[Any, ...] = ()) -> psycopg.Cursor[Any]:
         """Run one statement (translated once: :func:`translate`)."""
-        statement, writes = translate(sql)
-        cursor = self._conn.execute(statement, _text(args))
-        if writes:
-            self._changes += max(cursor.rowcount, 0)
-        return cursor
+        return self._live().execute(translate(sql), _text(args))
 
     def executemany(self, sql: str, rows: list[tuple[Any, ...]]) -> None:
         """Run one statement for each row."""
-        statement, _ = translate(sql)
-        with self._conn.cursor() as cursor:
-            cursor.executemany(statement, [_text(row) for row in rows])
-            self._changes += max(cursor.rowcount, 0)
+        with self._live().cursor() as cursor:
+            cursor.executemany(translate(sql), [_text(row) for row in rows])
 
     @property
     def changes(self) -> int:
-        """Rows this connection's writes changed since it opened."""
-        return self._changes
+        """Different at every read: other coordinators write the store too, so nothing
+        read before is known unchanged."""
+        return next(self._reads)
 
     @contextmanager
     def transaction(self) -> Iterator[None]:
         """Commit what the block writes together, or none of it."""
         try:
-            with self._conn.transaction():
+            with self._live().transaction():
                 yield
         except BaseException:
             self.rollbacks += 1
@@ -120,7 +122,7 @@ class PostgresDatabase(Database):
 
     def notify(self, channel: str, payload: str) -> None:
         """``pg_notify``: delivered to every listener once the transaction commits."""
-        self._conn.execute("SELECT pg_notify(%s, %s)", (channel, payload))
+        self._live().execute("SELECT pg_notify(%s, %s)", (channel, payload))
 
     def data_version(self) -> int:
         """Different at every call: PostgreSQL tells no connection when another commits,
@@ -129,7 +131,7 @@ class PostgresDatabase(Database):
 
     def schema_version(self) -> int:
         """The version in ``store_schema`` (0 when there is none)."""
-        row = self._conn.execute("SELECT to_regclass('store_schema') IS NOT NULL").fetchone()
+        row = self._live().execute("SELECT to_regclass('store_schema') IS NOT NULL").fetchone()
         if row is None or not row[0]:
             return 0
         (version,) = self._conn.execute(

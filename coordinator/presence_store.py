@@ -44,7 +44,6 @@ class Presence:
 
     def __init__(self, db: Database) -> None:
         self._db = db
-        self._leads = db.dialect == "sqlite"
 
     def alive(self, coordinator_id: str, now: float) -> None:
         """Say that ``coordinator_id`` is alive at ``now``."""
@@ -81,8 +80,14 @@ class Presence:
 
     def lead(self) -> bool:
         """Whether this connection's coordinator leads (taking the lead if it is free)."""
-        if not self._leads:
-            (self._leads,) = self._db.execute(
-                "SELECT pg_try_advisory_lock(?)", (_LEAD_LOCK,)
-            ).fetchone()
-        return bool(self._leads)
+        if self._db.dialect == "sqlite":
+            return True
+        # Asked each time, not remembered: a connection made again lost the lock. The
+        # connection takes no other advisory lock outside a transaction.
+        (held,) = self._db.execute(
+            "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory'"
+            " AND pid = pg_backend_pid() AND granted)"
+        ).fetchone()
+        if not held:
+            (held,) = self._db.execute("SELECT pg_try_advisory_lock(?)", (_LEAD_LOCK,)).fetchone()
+        return bool(held)

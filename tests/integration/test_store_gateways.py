@@ -14,7 +14,10 @@ from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import psycopg
+import pytest
 from support.coordinator_peer import Peer, PeerLink, connected
+from support.job_service import jobs_in
 from websockets.exceptions import ConnectionClosed
 
 from agent.protocol.messages import (
@@ -219,5 +222,41 @@ async def test_agents_of_a_coordinator_killed_9_resume_on_the_other_losing_nothi
             assert [m.body["detail"] for m in stored] == [
                 f"message {s}" for s in range(1, last + 1)
             ]
+    finally:
+        store.close()
+
+
+async def test_a_job_another_coordinator_stored_is_live_here_at_once(
+    postgres_url: str, tmp_path: Path
+) -> None:
+    # The gateway asks at every request which jobs may serve; another coordinator's
+    # writes are not this connection's, and must not be hidden by what it read before.
+    here = Store(postgres_url)
+    try:
+        with jobs_in(tmp_path, postgres_url) as there:
+            there.seen()
+            assert here.services.live() == []
+            job_id = await there.service.submit(there.peer.node_id, SPEC)
+            assert [row.job_id for row in here.services.live()] == [job_id]
+    finally:
+        here.close()
+
+
+def test_a_connection_the_server_dropped_is_made_again_at_the_next_call(
+    postgres_url: str,
+) -> None:
+    store = Store(postgres_url)
+    try:
+        store.nodes.seen("node-aa", "key", 1.0)
+        assert store.presence.lead()
+        with psycopg.connect(postgres_url, autocommit=True) as admin:
+            admin.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+            )
+        with pytest.raises(psycopg.OperationalError):
+            store.nodes.all()  # the call that meets the drop fails (nothing is retried)
+        assert [n.node_id for n in store.nodes.all()] == ["node-aa"]
+        assert store.presence.lead()  # taken again on the new connection
     finally:
         store.close()
