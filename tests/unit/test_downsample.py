@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from coordinator.downsample import downsample
-from coordinator.store import Store
+from coordinator.store import Message, Store
 
 NODE = "node-aa"
 
@@ -86,3 +86,29 @@ def test_a_malformed_stored_sample_is_skipped_not_fatal(tmp_path: Path, store: S
     store.add(NODE, 2, "telemetry", {"samples": [], "dropped": 1}, 1)  # a shed batch
     assert downsample(tmp_path / "c.db", received_before=10, aggregates_before=0) == 2
     assert minutes(tmp_path / "c.db")[(600, "GPU-0", "power_w")] == (5, 5, 5, 1)
+
+
+def _read_bytes() -> int:
+    """Bytes this thread has read from files so far (what SQLite's page reads cost)."""
+    fields = dict(
+        line.split(": ") for line in Path("/proc/thread-self/io").read_text().split("\n") if line
+    )
+    return int(fields["rchar"])
+
+
+def test_a_pass_over_telemetry_within_its_window_reads_none_of_it(
+    tmp_path: Path, store: Store
+) -> None:
+    # 200 batches of ~56 KB (11 MB), all received after the pass's window: nothing to do.
+    batch = {"samples": [sample(600, 100, 10) | {"pad": "x" * 56_000}]}
+    calls = [
+        lambda s, q=q: s.add_in_transaction(Message(NODE, q, "telemetry", batch, 5000))
+        for q in range(1, 201)
+    ]
+    assert store.run_group(calls) == ["stored"] * 200
+    stored = store.retention.stored_bytes(NODE)
+    start = _read_bytes()
+    assert downsample(tmp_path / "c.db", received_before=2000, aggregates_before=0) == 0
+    assert store.retention.prune_telemetry(received_before=2000, keep_rows=1000) == 0
+    # Found from an index: at 10,000 agents the rows are the whole store, read at each pass.
+    assert _read_bytes() - start < stored // 10
