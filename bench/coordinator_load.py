@@ -24,6 +24,7 @@ import json
 import os
 import random
 import secrets
+import shutil
 import signal
 import statistics
 import sys
@@ -406,9 +407,12 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
         body = work / "telemetry.json"
         body.write_bytes(await asyncio.to_thread(telemetry_body, work / "nvml"))
         for agents in args.agents:
-            runs = [
-                await one_run(work / f"{agents}-{i}", body, args, agents) for i in range(args.runs)
-            ]
+            runs = []
+            for i in range(args.runs):
+                run_dir = work / f"{agents}-{i}"
+                runs.append(await one_run(run_dir, body, args, agents))
+                if not args.keep:  # ~25 GB a run at 10,000 agents: the disk would fill
+                    shutil.rmtree(run_dir)
             for run in runs:
                 print(agents, json.dumps(run), flush=True)
             results[str(agents)] = {
