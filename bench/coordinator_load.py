@@ -11,7 +11,8 @@ one core) and peak RSS, errors and disconnects. Then the restart: the coordinato
 killed (SIGKILL) and started again on the same database; every agent reconnects with the
 real agent's jittered backoff (:func:`agent.link.connection.retry`) and resends what was
 not acknowledged; the figure is the seconds from the kill until every agent has had a new
-batch acknowledged. Figures are printed and written to ``bench/results/coordinator_load.json``.
+batch acknowledged (or ``--restart-timeout``, with how many agents were not back by then).
+Figures are printed and written to ``bench/results/coordinator_load.json``.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import json
 import os
 import random
 import secrets
+import shutil
 import signal
 import statistics
 import sys
@@ -254,11 +256,15 @@ async def client(url: str, pinned_hex: str, body_path: str, agents: int, interva
             disconnects = sum(a.disconnects for a in fleet)
             print(json.dumps({"event": "report", "latencies": latencies, "errors": errors,
                               "disconnects": disconnects}), flush=True)  # fmt: skip
-        elif line == "back":
-            while not all(a.reconnected and a.back_at is not None for a in fleet):
+        elif line.startswith("back "):  # "back <seconds>": all back, or the deadline
+            deadline = time.monotonic() + float(line.split()[1])
+            while time.monotonic() < deadline and not all(
+                a.reconnected and a.back_at is not None for a in fleet
+            ):
                 await asyncio.sleep(0.1)
-            back = max(a.back_at for a in fleet if a.back_at is not None)
-            print(json.dumps({"event": "back", "at": back}), flush=True)
+            back = [a.back_at for a in fleet if a.reconnected and a.back_at is not None]
+            print(json.dumps({"event": "back", "at": max(back, default=0.0),
+                              "missing": len(fleet) - len(back)}), flush=True)  # fmt: skip
     for task in tasks:
         task.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
@@ -364,7 +370,10 @@ async def one_run(
         coordinator.process.send_signal(signal.SIGKILL)
         await coordinator.process.wait()
         await coordinator.start()
-        back = max(r["at"] for r in await clients.ask("back", "back"))
+        answers = await clients.ask(f"back {args.restart_timeout}", "back")
+        missing = sum(r["missing"] for r in answers)
+        # Not all back by the deadline: the figure is the deadline (and how many missed it).
+        back = killed + args.restart_timeout if missing else max(r["at"] for r in answers)
     finally:
         await clients.stop()
         await coordinator.stop()
@@ -379,6 +388,7 @@ async def one_run(
         "errors": sum(r["errors"] for r in reports),
         "disconnects": sum(r["disconnects"] for r in reports),
         "restart_all_back_s": back - killed,
+        "restart_missing": missing,
         "load_avg_1m": load,
     }
 
@@ -397,9 +407,12 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
         body = work / "telemetry.json"
         body.write_bytes(await asyncio.to_thread(telemetry_body, work / "nvml"))
         for agents in args.agents:
-            runs = [
-                await one_run(work / f"{agents}-{i}", body, args, agents) for i in range(args.runs)
-            ]
+            runs = []
+            for i in range(args.runs):
+                run_dir = work / f"{agents}-{i}"
+                runs.append(await one_run(run_dir, body, args, agents))
+                if not args.keep:  # ~25 GB a run at 10,000 agents: the disk would fill
+                    shutil.rmtree(run_dir)
             for run in runs:
                 print(agents, json.dumps(run), flush=True)
             results[str(agents)] = {
@@ -422,6 +435,9 @@ def main() -> None:
     parser.add_argument("--interval", type=float, default=10.0, help="s between an agent's batches")
     parser.add_argument("--duration", type=float, default=30.0, help="s of the steady window")
     parser.add_argument("--new-keys-per-s", type=float, default=1000.0, help="serve's option")
+    parser.add_argument(
+        "--restart-timeout", type=float, default=300.0, help="s to wait for all to be back"
+    )
     parser.add_argument("--keep", action="store_true", help="keep the databases under build/")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "coordinator_load.json"))
     parser.add_argument("--client", nargs=5, help=argparse.SUPPRESS)  # a client process

@@ -179,7 +179,7 @@ def _resolve(host: str, port: int) -> list[tuple[Any, ...]]:
     return [tuple(item) for item in found]
 
 
-def check_db(text: str) -> DbTarget:
+def check_db(text: str | Path) -> DbTarget:
     """The store ``serve --db`` names: a SQLite file's path, or a ``postgresql://`` URL;
     refused if the store could not be opened there, or would be created amiss.
 
@@ -190,7 +190,7 @@ def check_db(text: str) -> DbTarget:
             is malformed, whose server cannot be reached or refuses the login, whose
             database holds another program's tables, or where no table can be created.
     """
-    if text.partition("://")[0].lower() in URL_SCHEMES:
+    if isinstance(text, str) and text.partition("://")[0].lower() in URL_SCHEMES:
         return _check_postgres(text)
     path = Path(text)
     _check_sqlite(path)
@@ -258,9 +258,15 @@ def _check_sqlite(path: Path) -> None:
 
 def _tables(path: Path) -> set[str]:
     """The names of the tables in the database file, read without writing anything."""
-    # immutable: no lock, no -wal or -shm file made beside it (a plain read-only open of a
-    # WAL database makes both); what only the WAL holds is not seen, which errs to accept.
-    uri = f"{path.absolute().as_uri()}?mode=ro&immutable=1"
+    # Without a -wal beside it the file alone is the database: read immutable (no lock, no
+    # -wal or -shm made beside it, which a plain read-only open of a WAL database makes).
+    # With one, the database is the file and its WAL together, and the file alone may be
+    # torn: a checkpoint copies page 1 first, so a coordinator killed -9 in one leaves a
+    # header that counts pages the file does not have yet, which SQLite reads as corrupt
+    # (the 10,000-agent restart refused its store so). Read through the WAL then, read-only
+    # (SQLite's locks; it recovers the WAL index as the store would at its open).
+    wal = path.with_name(path.name + "-wal")
+    uri = f"{path.absolute().as_uri()}?mode=ro" + ("" if wal.exists() else "&immutable=1")
     try:
         db = sqlite3.connect(uri, uri=True)
         try:

@@ -4,6 +4,7 @@ and on PostgreSQL: ``store_target``)."""
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -12,7 +13,7 @@ from msgspec import Raw
 from coordinator.db import DbTarget
 from coordinator.db_open import open_database
 from coordinator.downsample import downsample
-from coordinator.store import Store
+from coordinator.store import Message, Store
 
 NODE = "node-aa"
 
@@ -104,3 +105,34 @@ def test_an_escaped_nul_or_a_reading_no_double_holds_does_not_stop_the_fold(
     assert downsample(store_target, received_before=10, aggregates_before=0) == 1
     assert minutes(store_target)[(600, "GPU-0", "power_w")] == (7, 7, 7, 1)
     assert store.nodes.all_seqs(NODE) == []
+
+
+def _read_bytes() -> int:
+    """Bytes this thread has read from files so far (what SQLite's page reads cost)."""
+    fields = dict(
+        line.split(": ") for line in Path("/proc/thread-self/io").read_text().split("\n") if line
+    )
+    return int(fields["rchar"])
+
+
+def test_a_pass_over_telemetry_within_its_window_reads_none_of_it(tmp_path: Path) -> None:
+    # SQLite's: its reads are this thread's (PostgreSQL's, the server's).
+    store = Store(tmp_path / "c.db")
+    try:
+        store.nodes.seen(NODE, "key", 0.0)
+        # 200 batches of ~56 KB (11 MB), all received after the pass's window: nothing to do.
+        batch = {"samples": [sample(600, 100, 10) | {"pad": "x" * 56_000}]}
+        calls = [
+            lambda s, q=q: s.add_in_transaction(Message(NODE, q, "telemetry", batch, 5000))
+            for q in range(1, 201)
+        ]
+        assert store.run_group(calls) == ["stored"] * 200
+        stored = store.retention.stored_bytes(NODE)
+        start = _read_bytes()
+        assert downsample(tmp_path / "c.db", received_before=2000, aggregates_before=0) == 0
+        assert store.retention.prune_telemetry(received_before=2000, keep_rows=1000) == 0
+        # Found from an index: at 10,000 agents the rows are the whole store, read at each
+        # pass.
+        assert _read_bytes() - start < stored // 10
+    finally:
+        store.close()
