@@ -419,10 +419,13 @@ class Coordinator:
         )
 
     async def _retain(self) -> None:
-        """Prune and expire at start, then every retention interval, until stopped."""
+        """Prune and expire at start, then every retention interval, until stopped. Of the
+        coordinators sharing a store, the one that leads runs the store's passes (each
+        would repeat the others' work); every one expires its own outputs."""
+        leads = self._started().store.presence.lead
         passes = (
-            ("telemetry", self.prune),
-            ("downsample", self.downsample),
+            ("telemetry", lambda: self.prune() if leads() else 0),
+            ("downsample", lambda: self.downsample() if leads() else 0),
             ("outputs", self.expire_outputs),
         )
         await run_passes(passes, self.settings.retention_interval_s, self.retained)

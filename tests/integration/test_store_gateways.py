@@ -29,7 +29,7 @@ from agent.protocol.messages import (
     decode_frame,
 )
 from coordinator import keys
-from coordinator.server import Coordinator
+from coordinator.server import Coordinator, Settings
 from coordinator.store import Store
 
 SPEC: dict[str, Any] = {"image": "busybox@sha256:" + "a" * 64, "command": ["echo", "hi"]}
@@ -260,3 +260,30 @@ def test_a_connection_the_server_dropped_is_made_again_at_the_next_call(
         assert store.presence.lead()  # taken again on the new connection
     finally:
         store.close()
+
+
+async def test_only_the_coordinator_that_leads_runs_the_stores_retention(
+    postgres_url: str, tmp_path: Path
+) -> None:
+    holder = Store(postgres_url)  # another coordinator's connection, leading
+    try:
+        assert holder.presence.lead()
+        holder.nodes.seen("node-aa", "key", 1.0)
+        holder.add("node-aa", 1, "telemetry", {"samples": []}, 1.0)  # long past its keep
+        settings = Settings(retention_interval_s=0.05)
+        async with Coordinator(
+            db_path=postgres_url, state_dir=tmp_path / "s", settings=settings
+        ) as follower:
+            for _ in range(2):
+                async with asyncio.timeout(10):
+                    await follower.retained.wait()
+                follower.retained.clear()
+            assert holder.nodes.all_seqs("node-aa") == [1]  # the lead's work, not its
+            holder.close()  # the lead goes: the lock with its connection
+            for _ in range(2):
+                async with asyncio.timeout(10):
+                    await follower.retained.wait()
+                follower.retained.clear()
+            assert follower.store.nodes.all_seqs("node-aa") == []
+    finally:
+        holder.close()
