@@ -15,12 +15,14 @@ from typing import Final
 
 from coordinator.db import Database
 
-__all__ = ["ALIVE_S", "HEARTBEAT_S", "SCHEMA", "Presence"]
+__all__ = ["ALIVE_S", "FORGET_S", "HEARTBEAT_S", "SCHEMA", "Presence"]
 
 #: Seconds between a coordinator's heartbeats.
 HEARTBEAT_S: Final = 5.0
 #: A coordinator not heard of for this long holds no session any more.
 ALIVE_S: Final = 3 * HEARTBEAT_S
+#: A coordinator not heard of for this long is forgotten (by the lead's retention pass).
+FORGET_S: Final = 86400.0
 #: The advisory lock of the leading coordinator.
 _LEAD_LOCK: Final = 0x67_70_75_2D_6C_65_61_64  # "gpu-lead"
 
@@ -77,6 +79,17 @@ class Presence:
             (now - ALIVE_S,),
         ).fetchall()
         return {str(r[0]) for r in rows}
+
+    def forget_dead(self, before: float) -> int:
+        """Forget the coordinators not alive since ``before``, and the sessions they held
+        (each start of a coordinator is a new one); returns how many coordinators went."""
+        with self._db.transaction():
+            self._db.execute(
+                "DELETE FROM node_sessions WHERE coordinator_id IN"
+                " (SELECT coordinator_id FROM coordinators WHERE alive < ?)",
+                (before,),
+            )
+            return self._db.execute("DELETE FROM coordinators WHERE alive < ?", (before,)).rowcount
 
     def lead(self) -> bool:
         """Whether this connection's coordinator leads (taking the lead if it is free)."""

@@ -54,6 +54,7 @@ from coordinator.job_service import JobService
 
 if TYPE_CHECKING:
     from coordinator.listener import Listener
+from coordinator.presence_store import FORGET_S
 from coordinator.retention import Quotas, run_passes
 from coordinator.sessions import OpenSessions
 from coordinator.store import Store
@@ -422,13 +423,19 @@ class Coordinator:
         """Prune and expire at start, then every retention interval, until stopped. Of the
         coordinators sharing a store, the one that leads runs the store's passes (each
         would repeat the others' work); every one expires its own outputs."""
-        leads = self._started().store.presence.lead
+        store = self._started().store
+        leads = store.presence.lead
         passes = (
             ("telemetry", lambda: self.prune() if leads() else 0),
             ("downsample", lambda: self.downsample() if leads() else 0),
+            ("coordinators", lambda: store.shared and leads() and self._forget_coordinators()),
             ("outputs", self.expire_outputs),
         )
         await run_passes(passes, self.settings.retention_interval_s, self.retained)
+
+    def _forget_coordinators(self) -> int:
+        """Forget the coordinators on the store not alive for :data:`FORGET_S`."""
+        return self._started().store.presence.forget_dead(self._clock() - FORGET_S)
 
     def _started(self) -> Shared:
         if self._shared is None:

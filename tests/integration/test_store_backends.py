@@ -290,3 +290,14 @@ def test_the_stream_out_is_read_whole_while_another_connection_acks_it(
         other.close()
     assert (outbound.acked, [s for s, _, _ in outbound.pending]) in [(0, [seq]), (seq, [])]
     store.streams.resume_sender(NODE, seq)  # the node stored it: no ack_ahead
+
+
+def test_coordinators_gone_for_long_are_forgotten_with_their_sessions(store: Store) -> None:
+    presence = store.presence
+    presence.alive("gone", 100.0)
+    presence.opened(NODE, "gone", "s1", 100.0)
+    presence.alive("here", 5000.0)
+    presence.opened("node-bb", "here", "s2", 5000.0)
+    assert presence.forget_dead(1000.0) == 1
+    assert presence.connected(100.0) == {"node-bb"}  # "gone" and its session forgotten
+    assert presence.forget_dead(1000.0) == 0
