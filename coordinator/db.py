@@ -32,7 +32,6 @@ __all__ = [
     "SqliteDatabase",
     "describe",
     "driver_errors",
-    "is_url",
     "redact",
 ]
 
@@ -40,11 +39,11 @@ __all__ = [
 DbTarget: TypeAlias = Path | str
 #: The URL schemes libpq takes for a server.
 URL_SCHEMES = ("postgresql", "postgres")
+_USERINFO_PASSWORD = re.compile(r"(://[^:/@\s]*:)[^@\s]*@")
+_OPTION_PASSWORD = re.compile(r"(password\s*=\s*)[^&\s\"']*", re.IGNORECASE)
 #: A stored JSON text column as jsonb: an escaped NUL (``\u0000``, which msgspec passes and
 #: jsonb refuses) becomes U+FFFD first. Still JSON: an escape becomes another one, and
 #: after an escaped backslash it was text and stays text.
-_USERINFO_PASSWORD = re.compile(r"(://[^:/@\s]*:)[^@\s]*@")
-_OPTION_PASSWORD = re.compile(r"(password\s*=\s*)[^&\s\"']*", re.IGNORECASE)
 JSONB: Final = "replace({}, '\\u0000', '\\ufffd')::jsonb"
 
 
@@ -83,8 +82,7 @@ class Database(ABC):
     @property
     @abstractmethod
     def changes(self) -> int:
-        """Rows this connection changed since it opened: every write of the store's counts,
-        so an unchanged count means nothing read before has changed."""
+        """A number that stays the same only while nothing read before can have changed."""
 
     @abstractmethod
     def transaction(self) -> AbstractContextManager[None]:
@@ -199,11 +197,6 @@ class SqliteDatabase(Database):
     def close(self) -> None:
         """Close the connection."""
         self._conn.close()
-
-
-def is_url(target: DbTarget) -> bool:
-    """Whether ``target`` names a PostgreSQL server rather than a SQLite file."""
-    return isinstance(target, str)
 
 
 def describe(target: DbTarget) -> str:
