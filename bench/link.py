@@ -11,9 +11,8 @@ are printed and written to ``bench/results/link.json``; nothing here is asserted
   the link at least half of that), and to a sink that acks without storing.
 - restart: the coordinator stopped (SIGTERM) and started on the same port and database
   while the agent streams; seconds until the first new message is stored, median of 10.
-- fleet: N = 100, 1000, 2000 simulated agents (the real handshake, then a batch every
-  10 s each, the daemon's cadence): the coordinator's RSS growth per agent and the ack
-  latency p50/p99.
+
+A fleet of simulated agents on one coordinator (issue 14) is ``bench/coordinator_load.py``.
 """
 
 from __future__ import annotations
@@ -21,7 +20,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import secrets
 import socket
 import sqlite3
 import statistics
@@ -33,7 +31,7 @@ from pathlib import Path
 
 import msgspec
 import psutil
-from websockets.asyncio.client import ClientConnection, connect
+from websockets.asyncio.client import connect
 from websockets.asyncio.server import ServerConnection, serve
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -43,21 +41,13 @@ sys.path[0] = str(ROOT / "tests")
 from support.fakenvml import build  # noqa: E402
 
 from agent.link.connection import Link, LinkConfig  # noqa: E402
-from agent.link.identity import Identity, load_or_create  # noqa: E402
+from agent.link.identity import load_or_create  # noqa: E402
 from agent.link.outbox import Outbox  # noqa: E402
-from agent.protocol import crypto  # noqa: E402
 from agent.protocol.bodies import TelemetryBody  # noqa: E402
 from agent.protocol.limits import MAX_FRAME_BYTES  # noqa: E402
 from agent.protocol.messages import (  # noqa: E402
-    COORDINATOR_SENDS,
-    Ack,
-    AttestRequest,
     Message,
-    decode_frame,
-    encode_frame,
 )
-from agent.protocol.reliable import ReliableReceiver  # noqa: E402
-from agent.protocol.session import AgentHandshake  # noqa: E402
 from coordinator import keys  # noqa: E402
 from hal.backend import HalConfig  # noqa: E402
 from hal.host import host_sample  # noqa: E402
@@ -100,8 +90,10 @@ def free_port() -> int:
 class CoordinatorProcess:
     """``gpu-coordinator serve`` as a child process, on a port and database kept across restarts."""
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, options: tuple[str, ...] = ()) -> None:
         workdir.mkdir(parents=True)
+        self.options = options
+        """More ``serve`` options."""
         self.db = workdir / "coordinator.db"
         self.state_dir = workdir / "state"
         key = keys.load_or_create(self.state_dir)  # created here, loaded by the child
@@ -117,7 +109,7 @@ class CoordinatorProcess:
             sys.executable, "-m", "coordinator.cli", "serve", "--host", "127.0.0.1",
             "--port", str(self.port), "--artifacts-port", str(self.artifacts_port),
             "--db", str(self.db), "--state-dir", str(self.state_dir),
-            "--gateway-port", "0",
+            "--gateway-port", "0", *self.options,
             stdout=asyncio.subprocess.PIPE,
         )  # fmt: skip
         assert self.process.stdout is not None
@@ -321,129 +313,6 @@ async def bench_restart(work: Path, body: bytes, restarts: int) -> dict[str, flo
     }
 
 
-# ---------------------------------------------------------------- fleet
-
-
-class SimAgent:
-    """One simulated agent: its own key, the real handshake, a telemetry stream."""
-
-    def __init__(self, url: str, pinned: dict[str, bytes]) -> None:
-        self.url = url
-        self.pinned = pinned
-        self.identity = Identity.from_private_key(crypto.generate_private_key())
-        self.ws: ClientConnection | None = None
-
-    async def connect(self) -> None:
-        """Open a connection and run the agent side of the handshake to ``welcome``."""
-        identity = self.identity
-        self.ws = ws = await connect(self.url, max_size=MAX_FRAME_BYTES, open_timeout=120)
-        handshake = AgentHandshake(
-            node_id=identity.node_id,
-            public_key=identity.public_key,
-            sign=lambda data: crypto.sign(identity.private_key, data),
-            verify=crypto.verify,
-            pinned_keys=self.pinned,
-            agent_version="bench",
-            nonce=crypto.b64encode(secrets.token_bytes(32)),
-            last_coordinator_seq=0,
-            now=time.monotonic(),
-        )
-        while handshake.welcome is None:
-            for message in handshake.messages_to_send():
-                await ws.send(encode_frame(message))
-            handshake.receive(decode_frame(await ws.recv()), time.monotonic())
-        for message in handshake.messages_to_send():
-            await ws.send(encode_frame(message))
-
-    async def stream(
-        self, body: bytes, first_at: float, interval: float, count: int
-    ) -> list[float]:
-        """Send ``count`` batches ``interval`` apart; seconds from each send to its ack."""
-        ws = self.ws
-        assert ws is not None
-        sent: dict[int, float] = {}
-        latencies: list[float] = []
-        receiver = ReliableReceiver()
-        receiver.resume()
-
-        async def receive() -> None:
-            async for raw in ws:
-                message = decode_frame(raw, accept=COORDINATOR_SENDS)
-                if isinstance(message, Ack):
-                    now = time.perf_counter()
-                    for seq in [s for s in sent if s <= message.body.seq]:
-                        latencies.append(now - sent.pop(seq))
-                    if message.body.seq == count:
-                        return
-                elif isinstance(message, AttestRequest):  # acknowledged, as the link does
-                    receiver.receive(message)
-                    if (ack := receiver.take_ack()) is not None:
-                        await ws.send(encode_frame(ack))
-
-        receiving = asyncio.create_task(receive())
-        loop = asyncio.get_running_loop()
-        for seq in range(1, count + 1):
-            await asyncio.sleep(max(0.0, first_at + (seq - 1) * interval - loop.time()))
-            sent[seq] = time.perf_counter()
-            await ws.send(telemetry_frame(seq, body))
-        async with asyncio.timeout(120):
-            await receiving
-        return latencies
-
-
-async def bench_fleet(
-    work: Path, body: bytes, agents: int, interval: float, count: int
-) -> dict[str, float]:
-    """RSS growth per connected agent and ack latency, with ``agents`` streaming at once."""
-    coordinator = CoordinatorProcess(work / f"fleet-{agents}")
-    await coordinator.start()
-    loop = asyncio.get_running_loop()
-    try:
-        warm = SimAgent(coordinator.url, coordinator.pinned)  # first-use allocations
-        await warm.connect()
-        await warm.stream(body, loop.time(), 0, 1)
-        assert warm.ws is not None
-        await warm.ws.close()
-        await asyncio.sleep(0.5)
-        base = coordinator.rss()
-        fleet = [SimAgent(coordinator.url, coordinator.pinned) for _ in range(agents)]
-        gate = asyncio.Semaphore(32)  # below the listen backlog
-
-        async def join(agent: SimAgent) -> None:
-            async with gate:
-                await agent.connect()
-
-        start = time.perf_counter()
-        await asyncio.gather(*(join(agent) for agent in fleet))
-        handshakes_s = time.perf_counter() - start
-        connected = coordinator.rss()
-        first_at = loop.time() + 0.5
-        per_agent = await asyncio.gather(
-            *(
-                agent.stream(body, first_at + interval * i / agents, interval, count)
-                for i, agent in enumerate(fleet)
-            )
-        )
-        streamed = coordinator.rss()
-        for agent in fleet:
-            assert agent.ws is not None
-            await agent.ws.close()
-    finally:
-        await coordinator.stop()
-    latencies = sorted(x for xs in per_agent for x in xs)
-    prefix = f"fleet_{agents}_"
-    return {
-        f"{prefix}handshakes_per_s": agents / handshakes_s,
-        f"{prefix}msgs_per_s_offered": agents / interval,
-        f"{prefix}rss_base_mib": base / (KiB * KiB),
-        f"{prefix}rss_per_agent_connected_kib": (connected - base) / agents / KiB,
-        f"{prefix}rss_per_agent_streamed_kib": (streamed - base) / agents / KiB,
-        f"{prefix}ack_p50_ms": 1e3 * statistics.median(latencies),
-        f"{prefix}ack_p99_ms": 1e3 * statistics.quantiles(latencies, n=100)[98],
-        f"{prefix}ack_max_ms": 1e3 * latencies[-1],
-    }
-
-
 async def bench(args: argparse.Namespace) -> dict[str, float]:
     """Every benchmark, one after the other."""
     with tempfile.TemporaryDirectory(dir=ROOT / "build") as tmp:  # a real disk: fsync counts
@@ -451,8 +320,6 @@ async def bench(args: argparse.Namespace) -> dict[str, float]:
         body = await asyncio.to_thread(telemetry_body, work / "nvml")
         results = await bench_throughput(work, body, args.batches)
         results |= await bench_restart(work, body, args.restarts)
-        for agents in args.agents:
-            results |= await bench_fleet(work, body, agents, args.interval, args.count)
     return results
 
 
@@ -467,10 +334,6 @@ def main() -> None:
         return
     args.batches = 1000 if args.quick else 3000
     args.restarts = 3 if args.quick else 10
-    args.agents = [100] if args.quick else [100, 1000, 2000]
-    # The daemon's cadence: a batch of 10 one-second samples every 10 s per agent.
-    args.interval = 2.0 if args.quick else 10.0
-    args.count = 2 if args.quick else 3
     (ROOT / "build").mkdir(exist_ok=True)
     results = asyncio.run(bench(args))
     out = ROOT / "bench" / "results"

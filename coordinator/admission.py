@@ -73,6 +73,9 @@ class Settings:
             shed over the quota, in a row, that close the session.
         telemetry_keep_s, telemetry_keep_rows: telemetry older, or beyond that many rows
             per node, is deleted every :attr:`retention_interval_s` (0: never).
+        telemetry_raw_s: raw telemetry older than this is folded into per-minute
+            aggregates per GPU metric by the same pass (:mod:`coordinator.downsample`);
+            the aggregates are kept :attr:`telemetry_keep_s`.
         artifacts_keep_s: the outputs in the artifact store of a job that ended longer ago
             are removed by the same pass.
         artifacts_max_bytes: past it, the same pass also removes the outputs of the jobs
@@ -96,6 +99,7 @@ class Settings:
     abuse_strikes: int = 30
     telemetry_keep_s: float = 7 * 86400.0
     telemetry_keep_rows: int = 100_000
+    telemetry_raw_s: float = 3600.0
     artifacts_keep_s: float = 7 * 86400.0
     artifacts_max_bytes: int | None = None
     retention_interval_s: float = 600.0
@@ -258,6 +262,11 @@ def add_options(parser: argparse.ArgumentParser) -> None:
         "--enrolment-tokens", type=Path, metavar="FILE",
         help="with --admission token: a file of tokens, one a line",
     )  # fmt: skip
+    parser.add_argument(
+        "--new-keys-per-s", type=float,
+        help="handshakes per second from keys never seen (default 5: enrolling a fleet at"
+        " once wants more)",
+    )  # fmt: skip
     parser.add_argument("--node-quota-mib", type=float, help="MiB of messages kept per node")
     parser.add_argument(
         "--unverified-quota-mib", type=float,
@@ -268,6 +277,10 @@ def add_options(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--telemetry-keep-days", type=float, help="days of telemetry kept")
     parser.add_argument("--telemetry-keep-rows", type=int, help="telemetry rows kept per node")
+    parser.add_argument(
+        "--telemetry-raw-minutes", type=float,
+        help="minutes telemetry is kept raw, then as per-minute aggregates (default 60)",
+    )  # fmt: skip
     parser.add_argument(
         "--artifacts-keep-days", type=float,
         help="days a job's stored outputs are kept after it ended (default 7)",
@@ -293,6 +306,9 @@ def settings_from(args: argparse.Namespace) -> Settings:
         admission=args.admission,
         allowed=frozenset(allow_entry(entry) for entry in args.allow),
         enrolment_tokens=tokens,
+        new_keys_per_s=(
+            default.new_keys_per_s if args.new_keys_per_s is None else args.new_keys_per_s
+        ),
         node_quota_bytes=(
             default.node_quota_bytes if quota_mib is None else _whole(quota_mib * _MIB)
         ),
@@ -314,6 +330,11 @@ def settings_from(args: argparse.Namespace) -> Settings:
         ),
         artifacts_keep_s=(
             default.artifacts_keep_s if artifact_days is None else _seconds(artifact_days)
+        ),
+        telemetry_raw_s=(
+            default.telemetry_raw_s
+            if args.telemetry_raw_minutes is None
+            else _whole(args.telemetry_raw_minutes * 60)
         ),
         artifacts_max_bytes=(
             None if args.artifacts_max_gib is None else _whole(args.artifacts_max_gib * _GIB)

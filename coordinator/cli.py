@@ -9,7 +9,6 @@ import json
 import math
 import os
 import signal
-import sqlite3
 import ssl
 import sys
 import time
@@ -22,6 +21,8 @@ import platformdirs
 from coordinator import admission, cli_args, cli_deploy, cli_keys, keys
 from coordinator.admin import check_url
 from coordinator.client import AdminClient, load_spec_file
+from coordinator.collector import keep_frozen
+from coordinator.db import describe, driver_errors, redact
 from coordinator.errors import (
     AdminError,
     ConfigError,
@@ -76,6 +77,12 @@ def _seconds(text: str) -> float:
     return value
 
 
+def _nonempty(text: str) -> str:
+    if not text:
+        raise argparse.ArgumentTypeError("an empty path (it would mean the current directory)")
+    return text
+
+
 def _path(text: str) -> Path:
     # Path("") is ".": an empty option (an unset variable in a script) would put the key
     # in whatever directory the command ran in.
@@ -102,7 +109,13 @@ def _parser() -> _Parser:
     run = commands.add_parser("serve", help="accept agents; serve the read API and dashboard")
     run.add_argument("--host", default="127.0.0.1", help="address to listen on")
     run.add_argument("--port", type=_port, default=8765, help="TCP port (0: any free one)")
-    run.add_argument("--db", type=_path, required=True, help="SQLite file of the store")
+    run.add_argument(
+        "--db",
+        type=_nonempty,
+        required=True,
+        help="the store: a SQLite file, or a postgresql://user@host/db URL (several"
+        " coordinators may share one)",
+    )
     _state_dir_option(run, "signing key and admin.json, made at the first start")
     run.add_argument("--tls-cert", type=_path, help="PEM certificate chain (TLS on)")
     run.add_argument("--tls-key", type=_path, help="PEM private key of --tls-cert")
@@ -206,6 +219,9 @@ async def _serve(
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
+    # Long-lived objects (sessions) frozen out of the collector's full passes: the process's
+    # own policy, not the library's (a test process that embeds a coordinator keeps its own).
+    frozen = asyncio.create_task(keep_frozen())
     try:
         await serve(
             args.host,
@@ -224,6 +240,8 @@ async def _serve(
             deploy_grace_s=args.deploy_grace,
         )
     finally:
+        frozen.cancel()
+        await asyncio.gather(frozen, return_exceptions=True)
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(signum)
 
@@ -380,7 +398,7 @@ def _serve_command(args: argparse.Namespace) -> int:
                 (args.host, args.gateway_port),
             ]
         )
-        cli_args.check_db(args.db)
+        args.db = cli_args.check_db(args.db)
         cli_args.check_state_dir(args.state_dir)
         settings = admission.settings_from(args)
         pinner = cli_args.image_pinner(args.registry_logins, args.registry_ca)
@@ -390,9 +408,12 @@ def _serve_command(args: argparse.Namespace) -> int:
         asyncio.run(_serve(args, ssl_context, settings, pinner))
     except CoordinatorError as exc:
         return _fail(exc, EXIT_ERROR)
-    except sqlite3.Error as exc:
-        # What check_db cannot see: a corrupt page, another program's database.
-        print(f"gpu-coordinator: error [store_error]: {args.db}: {exc}", file=sys.stderr)
+    except driver_errors() as exc:
+        # What check_db cannot see: a corrupt page, a server gone since.
+        print(
+            f"gpu-coordinator: error [store_error]: {describe(args.db)}: {redact(str(exc))}",
+            file=sys.stderr,
+        )
         return EXIT_ERROR
     except OSError as exc:
         # The address taken since it was checked, a full disk.

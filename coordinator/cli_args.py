@@ -22,6 +22,7 @@ from typing import Any, Final
 from urllib.parse import urlsplit
 
 from agent.protocol.limits import MAX_ERROR_DETAIL_CHARS
+from coordinator.db import URL_SCHEMES, DbTarget, describe, driver_errors, redact
 from coordinator.errors import ConfigError, JobError
 from coordinator.images import ImagePinner
 from coordinator.offers import MAX_TTL_S
@@ -178,14 +179,51 @@ def _resolve(host: str, port: int) -> list[tuple[Any, ...]]:
     return [tuple(item) for item in found]
 
 
-def check_db(path: Path) -> None:
-    """Refuse a database path that SQLite could not open as a store, or would create amiss.
+def check_db(text: str | Path) -> DbTarget:
+    """The store ``serve --db`` names: a SQLite file's path, or a ``postgresql://`` URL;
+    refused if the store could not be opened there, or would be created amiss.
 
     Raises:
-        ConfigError: ``bad_db``: its folder is missing or not writable, or it is a
-            directory, not a regular file, unreadable, not an SQLite database, or the
-            database of something else (the store would add its tables to it).
+        ConfigError: ``bad_db``: a file whose folder is missing or not writable, or that is
+            a directory, not a regular file, unreadable, not an SQLite database, or the
+            database of something else (the store would add its tables to it); a URL that
+            is malformed, whose server cannot be reached or refuses the login, whose
+            database holds another program's tables, or where no table can be created.
     """
+    if isinstance(text, str) and text.partition("://")[0].lower() in URL_SCHEMES:
+        return _check_postgres(text)
+    path = Path(text)
+    _check_sqlite(path)
+    return path
+
+
+def _check_postgres(url: str) -> str:
+    shown = describe(url)
+    try:
+        from coordinator import db_postgres
+    except ImportError:
+        raise ConfigError(
+            "bad_db",
+            f"{shown}: PostgreSQL needs psycopg: pip install 'gpu-provider-agent[postgres]'",
+        ) from None
+    try:
+        found = db_postgres.inspect(url)
+    except driver_errors() as exc:
+        # libpq says what failed (the host, the login), quoting a malformed URL whole.
+        raise ConfigError("bad_db", f"{shown}: {redact(str(exc).strip())}") from None
+    if found.schema is None:
+        raise ConfigError("bad_db", f"{shown}: the search path names no schema for the tables")
+    if found.tables and not _STORE_TABLES.issubset(found.tables):
+        names = ", ".join(sorted(found.tables)[:5])
+        raise ConfigError(
+            "bad_db", f"{shown}: schema {found.schema} is another program's (tables {names})"
+        )
+    if not found.tables and not found.can_create:
+        raise ConfigError("bad_db", f"{shown}: no right to create tables in {found.schema}")
+    return url
+
+
+def _check_sqlite(path: Path) -> None:
     folder = path.parent
     if not folder.is_dir():
         raise ConfigError("bad_db", f"{path}: the folder {folder} does not exist")
@@ -220,9 +258,15 @@ def check_db(path: Path) -> None:
 
 def _tables(path: Path) -> set[str]:
     """The names of the tables in the database file, read without writing anything."""
-    # immutable: no lock, no -wal or -shm file made beside it (a plain read-only open of a
-    # WAL database makes both); what only the WAL holds is not seen, which errs to accept.
-    uri = f"{path.absolute().as_uri()}?mode=ro&immutable=1"
+    # Without a -wal beside it the file alone is the database: read immutable (no lock, no
+    # -wal or -shm made beside it, which a plain read-only open of a WAL database makes).
+    # With one, the database is the file and its WAL together, and the file alone may be
+    # torn: a checkpoint copies page 1 first, so a coordinator killed -9 in one leaves a
+    # header that counts pages the file does not have yet, which SQLite reads as corrupt
+    # (the 10,000-agent restart refused its store so). Read through the WAL then, read-only
+    # (SQLite's locks; it recovers the WAL index as the store would at its open).
+    wal = path.with_name(path.name + "-wal")
+    uri = f"{path.absolute().as_uri()}?mode=ro" + ("" if wal.exists() else "&immutable=1")
     try:
         db = sqlite3.connect(uri, uri=True)
         try:

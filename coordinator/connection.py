@@ -10,23 +10,25 @@ agent's outbox resends after every reconnect, so nothing behind it would ever ar
 is stored and acknowledged as unverified, and a fresh ``attest_request`` follows at once.
 
 The coordinator's stream to a node (attest requests, job offers and cancels) is numbered by
-one :class:`ReliableSender` per node: its open session's (:attr:`Shared.sessions`), else
-rebuilt from the store, which keeps every message until the node acknowledges it. A message
-is stored under its seq, then numbered and sent by :meth:`_Session.send_stored`. Jobs go
+the store as each message is stored (it keeps every one until the node acknowledges it);
+the node's open session (:attr:`Shared.sessions`) then sends what it has not sent, in seq
+order (:meth:`_Session.catch_up`), whichever coordinator on the database stored it. Jobs go
 through :class:`coordinator.job_service.JobService`, out (offers) and in (reports).
 
 A node has one session: a newer one supersedes the older at once (:func:`_take_over`),
-which closes with ``superseded`` before the newer is welcomed. Each session holds the
-node to its frame rate and its storage quota (:mod:`coordinator.admission`).
+which closes with ``superseded`` before the newer is welcomed; one on another coordinator
+on the same database is told by the store (:mod:`coordinator.listener`). Each session
+holds the node to its frame rate and its storage quota (:mod:`coordinator.admission`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import secrets
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeAlias
 
 import msgspec
@@ -44,12 +46,13 @@ from agent.protocol.messages import (
     JobResult,
     JobStatus,
     Profile,
-    ReliableBody,
     ReliableMessage,
+    Telemetry,
     message_type,
 )
 from agent.protocol.reliable import ReliableSender
 from coordinator.admission import Settings, Strikes, TokenBucket
+from coordinator.group_commit import GroupCommit
 from coordinator.handshake import (
     CLOSE_POLICY,
     Gate,
@@ -62,6 +65,7 @@ from coordinator.handshake import (
 from coordinator.job_service import JobService
 from coordinator.nodes_store import Unverified
 from coordinator.sessions import OpenSessions
+from coordinator.store import Message, Store
 
 __all__ = ["CLOSE_POLICY", "CLOSE_SUPERSEDED", "AgentSessions", "Settings", "Shared", "handle"]
 
@@ -71,6 +75,8 @@ _log = logging.getLogger(__name__)
 CLOSE_SUPERSEDED = 1000
 #: Nonce refusals that leave a node-signed profile stored as unverified, not refused.
 _UNVERIFIED_NONCE = frozenset({"stale_nonce", "replayed_nonce"})
+#: Seconds between purges of expired attestation nonces.
+_PURGE_EVERY_S = 60.0
 #: The open session of each connected node.
 AgentSessions: TypeAlias = "OpenSessions[_Session]"
 
@@ -81,6 +87,12 @@ class Shared(Gate):
 
     sessions: AgentSessions
     jobs: JobService
+    writer: GroupCommit
+    """Where sessions store the agents' messages (but job reports), many to a commit."""
+    nonces_purged_at: float = 0.0
+    """When expired attestation nonces were last purged (wall time)."""
+    coordinator_id: str = field(default_factory=lambda: secrets.token_hex(8))
+    """This coordinator among those on one database: what it signs its sessions with."""
 
 
 async def handle(ws: ServerConnection, shared: Shared) -> None:
@@ -103,6 +115,9 @@ async def handle(ws: ServerConnection, shared: Shared) -> None:
         pass
     finally:
         shared.sessions.drop(session)
+        if shared.store.shared:  # the others count the node connected no more
+            node_id, token = session.node_id, session.token
+            shared.writer.submit(lambda s: s.presence.closed(node_id, token))
         session.done.set()
 
 
@@ -121,18 +136,30 @@ def _take_over(
     node_id, now = hello.node_id, shared.clock()
     try:
         check_admission(shared, conn.handshake)
-        store.nodes.seen(node_id, hello.public_key, now)
+        if store.nodes.public_key(node_id) is None:
+            store.nodes.seen(node_id, hello.public_key, now)  # before anything refers to it
+        else:  # a node reconnecting: no fsync on the loop for its last-seen time
+            shared.writer.submit(lambda s: s.nodes.seen(node_id, hello.public_key, now))
         sender = store.streams.resume_sender(node_id, hello.last_coordinator_seq)
     except ProtocolError as exc:
         conn.refuse(exc)
         return None
-    store.streams.purge_nonces(now - shared.settings.attest_nonce_ttl_s)
+    if now - shared.nonces_purged_at >= _PURGE_EVERY_S:  # a scan: not at every handshake
+        shared.nonces_purged_at = now
+        before = now - shared.settings.attest_nonce_ttl_s
+        shared.writer.submit(lambda s: s.streams.purge_nonces(before))
     old = shared.sessions.get(node_id)
     if old is not None:
         old.supersede()
     conn.resume(sender, store.nodes.last_agent_seq(node_id))
     session = _Session(ws, shared, node_id, conn, sender, replaces=old)
     shared.sessions.put(session)
+    if store.shared:
+        # Another coordinator on the database holding an older session of the node closes
+        # it; the lead's reconciler counts the node connected.
+        store.streams.session_opened(node_id, shared.coordinator_id, session.token)
+        token, coordinator_id = session.token, shared.coordinator_id
+        shared.writer.submit(lambda s: s.presence.opened(node_id, coordinator_id, token, now))
     return session
 
 
@@ -164,6 +191,11 @@ class _Session:
         """Set when the session is over, so that a newer connection can take over."""
         self.superseded = False
         """A newer connection of the node took over: this one stores nothing more."""
+        self.token = secrets.token_hex(8)
+        """This session among the node's, on every coordinator of the database."""
+        self.announced = False
+        """The store told this coordinator of this session (:mod:`coordinator.listener`):
+        a session of the node announced after it is newer."""
         self._replaces = replaces
         settings = shared.settings
         # The rate carries over from the session this one replaces: reconnecting does not
@@ -215,27 +247,40 @@ class _Session:
             return
         await self._attest_request()
         async for raw in self.ws:
-            if self.superseded:
-                # A newer session has read where the streams stand: drop what comes, and
-                # go on reading so that the closing handshake gets through.
-                continue
-            held = await self._hold()
-            if self.superseded:
-                continue
-            self._advanced = False
-            if await self._receive(raw):
+            closed = await self._on_frame(raw)
+            # Not kept while waiting for the next frame: 10,000 idle sessions would each
+            # hold their last ~56 KB frame (and, before, its decoded objects) for 10 s.
+            del raw
+            if closed:
                 return
-            # Over the rate, a frame that moved the stream on was only slowed down (an
-            # agent replaying its backlog); anything else (junk, acks, resends) is abuse.
-            if held and not self._advanced and self._rate_strikes.strike():
-                await close(self.ws, CLOSE_POLICY, "rate_limited")
-                return
+
+    async def _on_frame(self, raw: str | bytes) -> bool:
+        """Hold one frame to the node's rate, then carry it out; whether the connection closed."""
+        if self.superseded:
+            # A newer session has read where the streams stand: drop what comes, and go on
+            # reading so that the closing handshake gets through.
+            return False
+        held = await self._hold()
+        if self.superseded:
+            return False
+        self._advanced = False
+        if await self._receive(raw):
+            return True
+        # Over the rate, a frame that moved the stream on was only slowed down (an agent
+        # replaying its backlog); anything else (junk, acks, resends) is abuse.
+        if held and not self._advanced and self._rate_strikes.strike():
+            await close(self.ws, CLOSE_POLICY, "rate_limited")
+            return True
+        return False
 
     async def _receive(self, raw: str | bytes) -> bool:
         """Carry out what one frame means; whether the connection is closed."""
         for event in self.conn.receive_frame(raw, self.shared.clock()):
             if isinstance(event, Acked):
-                self.store.streams.ack_outbound(self.node_id, event.seq)
+                # Through the writer: on the loop's connection it would wait for the
+                # writer's group to be written, and the whole loop with it.
+                forget = functools.partial(_forget_acked, node_id=self.node_id, seq=event.seq)
+                await self.shared.writer.call(forget)
             elif isinstance(event, PeerError):
                 _log.info("%s sent error %s: %s", self.node_id, event.code, event.detail)
             elif isinstance(event, Deliver):
@@ -275,20 +320,31 @@ class _Session:
         await asyncio.sleep(wait)
         return True
 
-    async def send_stored(self, body: ReliableBody, seq: int) -> None:
-        """Number ``body``, just stored as ``seq`` (its :meth:`OpenSessions.next_seq`), send it.
+    async def catch_up(self) -> None:
+        """Number and send what the store holds for the node past what this session sent.
 
         Stored before it is numbered in memory: a store that fails leaves no gap, and the
-        agent may acknowledge it after a restart of ours. A connection that closed
-        meanwhile is no error: the message goes out after the node's next handshake.
+        agent may acknowledge it after a restart of ours. The store numbered it, so a
+        message stored by another coordinator on the database takes its place in the
+        stream. A connection that closed meanwhile is no error: what was not sent goes out
+        after the node's next handshake.
         """
-        message = self.conn.send_reliable(body)
-        assert message.seq == seq, f"{self.node_id}: stored as {seq}, numbered {message.seq}"
+        if self.superseded:
+            return
+        unsent = self.store.streams.unsent(self.node_id, self.conn.next_seq)
+        for seq, body in unsent:
+            message = self.conn.send_reliable(body)
+            assert message.seq == seq, f"{self.node_id}: stored as {seq}, numbered {message.seq}"
+        if not unsent:
+            return
         try:
             await self._flush()
         except ConnectionClosed:
-            kind = message_type(message)
-            _log.info("%s: closed; %s %d goes out on the next connection", self.node_id, kind, seq)
+            _log.info(
+                "%s: closed; seq %d and after go out on the next connection",
+                self.node_id,
+                unsent[0][0],
+            )
 
     async def _flush(self) -> None:
         """Write what the machine queued, in order (it queues nothing before welcome)."""
@@ -306,13 +362,11 @@ class _Session:
         if any(isinstance(m, AttestRequest) for m in self.conn.pending()):
             return
         nonce = new_nonce()
-        self.store.streams.issue_nonce(self.node_id, nonce, self.shared.clock())
         body = AttestRequestBody(nonce=nonce)
-        seq = self.conn.next_seq
-        self.store.streams.add_outbound(
-            self.node_id, seq, "attest_request", msgspec.to_builtins(body)
+        self.store.streams.add_attest_request(
+            self.node_id, nonce, self.shared.clock(), msgspec.to_builtins(body)
         )
-        await self.send_stored(body, seq)
+        await self.catch_up()
 
     async def _on_reliable(self, message: ReliableMessage) -> None:
         kind, now = message_type(message), self.shared.clock()
@@ -321,21 +375,22 @@ class _Session:
             # A receipt that does not verify is refused (the connection closes).
             added = self.shared.jobs.report(self.node_id, message, now)
         else:
-            body = msgspec.to_builtins(message.body)
+            # Telemetry is stored as received (its samples are msgspec.Raw); the rest is small.
+            body: Any = message.body
+            if not isinstance(message, Telemetry):
+                body = msgspec.to_builtins(body)
             profile: dict[str, Any] | None = None
             nonce: str | None = None
             if isinstance(message, Profile):
                 profile, nonce, unverified = self._verify_profile(body["attestation"], now)
-            added = self.store.add(
-                self.node_id,
-                message.seq,
-                kind,
-                body,
-                now,
-                profile=profile,
-                nonce=nonce,
-                unverified=unverified,
+            # Group commit (:mod:`coordinator.group_commit`): returns once it committed.
+            added = await self.shared.writer.add(
+                Message(self.node_id, message.seq, kind, body, now, profile, nonce, unverified)
             )
+            if self.superseded:
+                # A newer connection took over while it was committed: the newer session
+                # read where the stream stands, and the agent's resend there is a duplicate.
+                return
         # The add committed: only now may the agent forget the message.
         self._advanced = added != "duplicate"
         self.conn.handled(message.seq)
@@ -377,6 +432,10 @@ class _Session:
                 raise
             return profile, None, Unverified(reason=exc.code, detail=exc.detail)
         return profile, nonce, None
+
+
+def _forget_acked(store: Store, *, node_id: str, seq: int) -> None:
+    store.streams.forget_acked(node_id, seq)
 
 
 def _envelope(raw: Any) -> dsse.Envelope:

@@ -76,7 +76,11 @@ class Deployments:
         pinner: ImagePinner | None = None,
         grace_s: float = DEFAULT_GRACE_S,
         interval_s: float = DEFAULT_INTERVAL_S,
+        leads: Callable[[], bool] = lambda: True,
     ) -> None:
+        """``connected``: the nodes connected (to any coordinator on the store); ``leads``:
+        whether this coordinator's reconciler is the one that runs, of those on the store."""
+        self._leads = leads
         self._store = store
         self._jobs = jobs
         self._key = key
@@ -173,7 +177,9 @@ class Deployments:
                 await asyncio.wait_for(self._wake.wait(), self.interval_s)
 
     async def tick(self) -> None:
-        """One pass over every deployment: retire, renew, place."""
+        """One pass over every deployment: retire, renew, place (if this coordinator leads)."""
+        if not self._leads():
+            return
         async with self._lock:
             now = self._clock()
             connected = set(self._connected())

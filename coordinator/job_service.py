@@ -25,7 +25,6 @@ from agent.protocol.messages import (
     JobLog,
     JobResult,
     JobStatus,
-    ReliableBody,
     ServiceRenewBody,
     message_type,
 )
@@ -48,17 +47,14 @@ JobMessage: TypeAlias = JobStatus | JobLog | JobResult
 class Sessions(Protocol):
     """The server's open sessions by node id: how a message just stored reaches its node.
 
-    A message is numbered with :meth:`next_seq`, stored under that seq, then handed to
-    :meth:`send`, with nothing awaited in between: no other message to the node can take
-    the seq meanwhile, and a session that opens later reads the message from the store.
+    A message is numbered by the store as it is stored
+    (:meth:`coordinator.stream_store.StreamTable.insert_outbound`), then :meth:`deliver`
+    has the node's session send what it has not sent; a session that opens later reads
+    it from the store, and one on another coordinator is told by the store.
     """
 
-    def next_seq(self, node_id: str) -> int | None:
-        """The seq the node's open session gives its next message; None: not connected."""
-
-    async def send(self, node_id: str, body: ReliableBody, seq: int) -> None:
-        """Send the message stored as ``seq`` if the node is connected (else it goes out
-        after the node's next handshake, from the store)."""
+    async def deliver(self, node_id: str) -> None:
+        """Send the node what is stored for it and not sent yet, if its session is here."""
 
 
 class JobService:
@@ -143,11 +139,10 @@ class JobService:
         if pinned is not draft.offer.spec:
             draft = repin(draft, pinned.get("image"), self._clock())
         signed = sign_draft(self._key, draft, self._default_target())
-        # Stored before it is sent, under the seq the stream gives it next: a store that
-        # fails leaves no gap, and the node may acknowledge it after a restart of ours.
-        seq = self._next_seq(node_id)
-        store.jobs.add(signed, seq, signed.offer.issued_at)
-        await self._sessions.send(node_id, signed.body, seq)
+        # Stored before it is sent, under the seq the store gives it: a store that fails
+        # leaves no gap, and the node may acknowledge it after a restart of ours.
+        store.jobs.add(signed, signed.offer.issued_at)
+        await self._sessions.deliver(node_id)
         return job_id
 
     async def cancel(self, job_id: str, reason: str = "") -> None:
@@ -170,9 +165,8 @@ class JobService:
         if job.cancel_requested is not None:
             return
         body = JobCancelBody(job_id=job_id, reason=reason)
-        seq = self._next_seq(job.node_id)
-        self._store.jobs.add_cancel(job.node_id, body, seq, self._clock())
-        await self._sessions.send(job.node_id, body, seq)
+        self._store.jobs.add_cancel(job.node_id, body, self._clock())
+        await self._sessions.deliver(job.node_id)
 
     async def renew(self, job_id: str, until: float) -> None:
         """Extend a running service's lease to ``until`` (``service_renew``), unless the
@@ -181,11 +175,8 @@ class JobService:
         if job is None or job.state in FINAL_STATES:
             return
         body = ServiceRenewBody(job_id=job_id, lease_until=until)
-        seq = self._next_seq(job.node_id)
-        self._store.streams.add_outbound(
-            job.node_id, seq, "service_renew", msgspec.to_builtins(body)
-        )
-        await self._sessions.send(job.node_id, body, seq)
+        self._store.streams.add_outbound(job.node_id, "service_renew", msgspec.to_builtins(body))
+        await self._sessions.deliver(job.node_id)
 
     async def prefetch(self, node_id: str, image: str) -> str:
         """Ask ``node_id`` to pull ``image`` now (``image_prefetch``), so that the first job
@@ -209,9 +200,8 @@ class JobService:
             raise JobError(
                 "bad_image", f"{image!r}: a node pulls name@sha256:<digest> (or a tag of one)"
             ) from None
-        seq = self._next_seq(node_id)
-        store.streams.add_outbound(node_id, seq, "image_prefetch", msgspec.to_builtins(body))
-        await self._sessions.send(node_id, body, seq)
+        store.streams.add_outbound(node_id, "image_prefetch", msgspec.to_builtins(body))
+        await self._sessions.deliver(node_id)
         return body.image
 
     def report(self, node_id: str, message: JobMessage, now: float) -> Added:
@@ -259,11 +249,6 @@ class JobService:
             return None
         url = base()
         return lambda job_id, path, expires: artifacts.target(url, job_id, path, expires)
-
-    def _next_seq(self, node_id: str) -> int:
-        """The seq of the next message of the coordinator's stream to ``node_id``."""
-        seq = self._sessions.next_seq(node_id)
-        return self._store.streams.sender(node_id).next_seq if seq is None else seq
 
     def _trusted(self, node_id: str) -> dict[str, bytes]:
         public_key = crypto.b64decode(self._store.nodes.public_key(node_id) or "")

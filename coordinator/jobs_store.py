@@ -18,7 +18,6 @@ from it (so one break is reported once, not on every receipt after it).
 from __future__ import annotations
 
 import logging
-import sqlite3
 from typing import Any, Final, TypeAlias, get_args
 
 import msgspec
@@ -162,47 +161,50 @@ class JobTable:
 
     # ------------------------------------------------------------------ coordinator -> agent
 
-    def add(self, signed: SignedOffer, seq: int, now: float) -> None:
-        """Store a new job and its ``job_offer`` (seq ``seq`` of the node's stream) at once.
+    def add(self, signed: SignedOffer, now: float) -> int:
+        """Store a new job and its ``job_offer`` at once; returns the offer's seq in the
+        node's stream.
 
         Raises:
             JobError: ``job_exists`` when the job id is taken (nothing is stored).
         """
         offer = signed.offer
         with self._db.transaction():
-            try:
-                self._db.execute(
-                    "INSERT INTO jobs (job_id, node_id, state, spec, offer, offer_sha256,"
-                    " offer_seq, created, updated, expires_at)"
-                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    (
-                        offer.job_id,
-                        offer.node_id,
-                        OFFERED,
-                        _json(offer.spec),
-                        _json(signed.body.offer),
-                        signed.sha256,
-                        seq,
-                        now,
-                        now,
-                        offer.expires_at,
-                    ),
-                )
-            except sqlite3.IntegrityError:
-                raise JobError("job_exists", f"job {offer.job_id!r} exists") from None
-            self._streams.insert_outbound(
-                offer.node_id, seq, "job_offer", msgspec.to_builtins(signed.body)
+            seq = self._streams.insert_outbound(
+                offer.node_id, "job_offer", msgspec.to_builtins(signed.body)
             )
+            # DO NOTHING, not a caught error: on PostgreSQL an error ends the transaction.
+            added = self._db.execute(
+                "INSERT INTO jobs (job_id, node_id, state, spec, offer, offer_sha256,"
+                " offer_seq, created, updated, expires_at)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (job_id) DO NOTHING",
+                (
+                    offer.job_id,
+                    offer.node_id,
+                    OFFERED,
+                    _json(offer.spec),
+                    _json(signed.body.offer),
+                    signed.sha256,
+                    seq,
+                    now,
+                    now,
+                    offer.expires_at,
+                ),
+            )
+            if added.rowcount != 1:
+                raise JobError("job_exists", f"job {offer.job_id!r} exists")
+        return seq
 
-    def add_cancel(self, node_id: str, body: JobCancelBody, seq: int, now: float) -> None:
-        """Mark a job's cancel as requested and store its ``job_cancel`` at once."""
+    def add_cancel(self, node_id: str, body: JobCancelBody, now: float) -> int:
+        """Mark a job's cancel as requested and store its ``job_cancel`` at once; returns
+        its seq."""
         with self._db.transaction():
             self._db.execute(
                 "UPDATE jobs SET cancel_requested = ?, cancel_reason = ?, updated = ?"
                 " WHERE job_id = ?",
                 (now, body.reason, now, body.job_id),
             )
-            self._streams.insert_outbound(node_id, seq, "job_cancel", msgspec.to_builtins(body))
+            return self._streams.insert_outbound(node_id, "job_cancel", msgspec.to_builtins(body))
 
     # ------------------------------------------------------------------ reading
 
@@ -215,10 +217,12 @@ class JobTable:
 
     def recent(self, *, node_id: str | None = None, limit: int = 1000) -> list[JobSummary]:
         """Jobs, newest first (of one node when ``node_id`` is given)."""
-        rows = self._db.execute(
-            "SELECT job_id, node_id, state, code, created, updated FROM jobs"
-            " WHERE ?1 IS NULL OR node_id = ?1 ORDER BY created DESC, rowid DESC LIMIT ?2",
-            (node_id, limit),
+        columns = "SELECT job_id, node_id, state, code, created, updated FROM jobs"
+        order = " ORDER BY created DESC, rowid DESC LIMIT ?"
+        rows = (
+            self._db.execute(columns + order, (limit,))
+            if node_id is None
+            else self._db.execute(columns + " WHERE node_id = ?" + order, (node_id, limit))
         ).fetchall()
         return [
             JobSummary(job_id=r[0], node_id=r[1], state=r[2], code=r[3], created=r[4], updated=r[5])
@@ -318,8 +322,8 @@ class JobTable:
         self._db.execute(
             "INSERT INTO receipt_chain (node_id, last_receipt, receipts, breaks)"
             " VALUES (?, ?, 1, ?) ON CONFLICT (node_id) DO UPDATE SET"
-            " last_receipt = excluded.last_receipt, receipts = receipts + 1,"
-            " breaks = breaks + excluded.breaks",
+            " last_receipt = excluded.last_receipt, receipts = receipt_chain.receipts + 1,"
+            " breaks = receipt_chain.breaks + excluded.breaks",
             (node_id, digest, broken),
         )
         if problems:

@@ -114,10 +114,16 @@ class NodeTable:
         """One node, or None when it was never seen."""
         return next((n for n in self.all() if n.node_id == node_id), None)
 
-    def agent_seq(self, node_id: str) -> int | None:
-        """The highest seq stored from a node (0 when none); None for a node never seen."""
+    def agent_seq(self, node_id: str, *, lock: bool = False) -> int | None:
+        """The highest seq stored from a node (0 when none); None for a node never seen.
+
+        Args:
+            lock: lock the node's row until the transaction ends (where the transaction
+                does not hold the whole store already): what decides the next write.
+        """
         row = self._db.execute(
-            "SELECT agent_seq FROM nodes WHERE node_id = ?", (node_id,)
+            "SELECT agent_seq FROM nodes WHERE node_id = ?" + (self._db.for_update if lock else ""),
+            (node_id,),
         ).fetchone()
         return None if row is None else int(row[0])
 

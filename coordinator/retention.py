@@ -8,6 +8,7 @@ never moves the node's ``welcome`` back.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 from collections.abc import Callable, Sequence
 
@@ -38,9 +39,10 @@ class Retention:
         self._db = db
         self._quotas = quotas
         # All nodes' stored bytes, so that the store-wide cap costs no scan of ``nodes`` per
-        # message; None: not known yet. Read again after a rollback, which may undo a count.
+        # message; None: not known yet. Read again after a rollback, which may undo a count,
+        # and after another connection (the group-commit writer, or the loop's) committed.
         self._total_bytes: int | None = None
-        self._total_read_at = db.rollbacks
+        self._total_read_at = (db.rollbacks, 0)
 
     def make_room(self, node_id: str, size: int, *, verifies: bool) -> bool:
         """Whether a message of ``size`` bytes fits the node's quota and the store's cap,
@@ -63,11 +65,12 @@ class Retention:
 
     def _total_stored(self) -> int:
         """All nodes' stored bytes together."""
-        if self._total_bytes is None or self._total_read_at != self._db.rollbacks:
+        version = (self._db.rollbacks, self._db.data_version())
+        if self._total_bytes is None or self._total_read_at != version:
             (total,) = self._db.execute(
                 "SELECT COALESCE(SUM(stored_bytes), 0) FROM nodes"
             ).fetchone()
-            self._total_bytes, self._total_read_at = int(total), self._db.rollbacks
+            self._total_bytes, self._total_read_at = int(total), version
         return self._total_bytes
 
     def count_bytes(self, node_id: str, delta: int) -> None:
@@ -129,8 +132,22 @@ class Retention:
         A node's last seq is kept in ``nodes``, so that its ``welcome`` never goes back.
         """
         deleted = 0
-        for (node_id,) in self._db.execute("SELECT node_id FROM nodes").fetchall():
+        # Only the nodes with telemetry to delete take the write lock (a transaction each):
+        # 10,000 empty transactions at start-up would make the loop wait on the group-commit
+        # writer 10,000 times.
+        for (node_id,) in self._db.execute(
+            "SELECT n.node_id FROM nodes n WHERE EXISTS (SELECT 1 FROM messages m"
+            " WHERE m.node_id = n.node_id AND m.type = 'telemetry' AND m.received < ?)"
+            " OR EXISTS (SELECT 1 FROM messages m WHERE m.node_id = n.node_id"
+            " AND m.type = 'telemetry' LIMIT 1 OFFSET ?)",
+            (received_before, keep_rows),
+        ).fetchall():
             with self._db.transaction():
+                # The node's row first, as Store.add locks it: a count of its bytes and a
+                # delete of its rows by another coordinator's writer wait for this one.
+                self._db.execute(
+                    "SELECT 1 FROM nodes WHERE node_id = ?" + self._db.for_update, (node_id,)
+                )
                 row = self._db.execute(
                     "SELECT seq FROM messages WHERE node_id = ? AND type = 'telemetry'"
                     " ORDER BY seq DESC LIMIT 1 OFFSET ?",
@@ -167,7 +184,9 @@ async def run_passes(
     while True:
         for what, run in passes:
             try:
-                run()
+                done_now = run()
+                if inspect.isawaitable(done_now):  # a pass on a thread of its own
+                    await done_now
             except Exception:  # said, and tried again at the next interval
                 # A task that dies says nothing: the store would grow without a word.
                 _log.exception("retention: the pass failed (%s); next in %gs", what, interval_s)

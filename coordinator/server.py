@@ -27,7 +27,7 @@ from collections.abc import Callable
 from http import HTTPStatus
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 from websockets.asyncio.server import Server, ServerConnection
@@ -42,11 +42,19 @@ from coordinator.admin import AdminFile, AdminListener, new_token, write_admin_f
 from coordinator.admission import Settings, TokenBucket
 from coordinator.api_util import HttpAnswer, HttpRequest, coded_error
 from coordinator.artifacts import ArtifactStore, Retained, job_outputs
+from coordinator.compression import agent_extensions
 from coordinator.connection import AgentSessions, Shared, handle
+from coordinator.db import DbTarget
 from coordinator.deployments import DEFAULT_GRACE_S, DEFAULT_INTERVAL_S, Deployments
+from coordinator.downsample import downsample
 from coordinator.gateway.server import Gateway, GatewaySettings
+from coordinator.group_commit import GroupCommit
 from coordinator.images import ImagePinner
 from coordinator.job_service import JobService
+
+if TYPE_CHECKING:
+    from coordinator.listener import Listener
+from coordinator.presence_store import FORGET_S
 from coordinator.retention import Quotas, run_passes
 from coordinator.sessions import OpenSessions
 from coordinator.store import Store
@@ -70,7 +78,7 @@ class Coordinator:
     def __init__(
         self,
         *,
-        db_path: Path,
+        db_path: DbTarget,
         state_dir: Path,
         host: str = "127.0.0.1",
         port: int = 0,
@@ -124,6 +132,7 @@ class Coordinator:
         self._gateway_port = gateway_port
         self._gateway_settings = gateway_settings
         self._gateway: Gateway | None = None
+        self._listener: Listener | None = None
         self.artifacts: ArtifactStore | None = None
         self.admin_token = new_token()
         """The bearer token of the admin API's writes (also in :attr:`admin_file`)."""
@@ -214,6 +223,11 @@ class Coordinator:
             store_bytes=settings.store_max_bytes,
         )
         store = Store(self.db_path, quotas)
+        try:
+            writer = GroupCommit(self.db_path, quotas)
+        except BaseException:
+            store.close()
+            raise
         sessions: AgentSessions = OpenSessions()
         self.artifacts = ArtifactStore(
             self.state_dir,
@@ -232,6 +246,7 @@ class Coordinator:
                 settings.new_keys_per_s, settings.new_keys_burst, time.monotonic()
             ),
             sessions=sessions,
+            writer=writer,
             jobs=JobService(
                 store,
                 self.key,
@@ -247,11 +262,13 @@ class Coordinator:
             store,
             self._shared.jobs,
             self.key,
-            self.connected,
+            # Several coordinators on the store: the lead's reconciler, over all their nodes.
+            (lambda: store.presence.connected(self._clock())) if store.shared else self.connected,
             self._clock,
             pinner=self.pinner,
             grace_s=self._deploy_grace_s,
             interval_s=self._deploy_interval_s,
+            leads=store.presence.lead,
         )
         try:
             self._server = await ws_serve(
@@ -260,13 +277,30 @@ class Coordinator:
                 self._requested_port,
                 process_request=self._process_request,
                 max_size=MAX_FRAME_BYTES,
+                # Deflate negotiated, but acks and other small messages sent uncompressed.
+                compression=None,
+                extensions=agent_extensions(),
                 # At most a few frames buffered per agent: with 1 MiB frames the default
                 # (16) lets each connection hold 16 MiB of a hostile peer's data.
                 max_queue=4,
+                # 10,000 agents reconnecting after a restart: a SYN dropped from a full
+                # accept queue is retried only 1 s, 3 s, 7 s... later (asyncio's default: 100).
+                backlog=4096,
                 ping_interval=self._ping_interval_s,
                 ping_timeout=self._ping_interval_s,
                 ssl=self.ssl_context,
             )
+            if isinstance(self.db_path, str):  # PostgreSQL: others may share the store
+                from coordinator.listener import Listener  # psycopg: the postgres extra
+
+                shared = self._shared
+                self._listener = Listener(
+                    self.db_path,
+                    shared.coordinator_id,
+                    shared.sessions,
+                    alive=lambda: store.presence.alive(shared.coordinator_id, self._clock()),
+                )
+                await self._listener.start()
             await self._admin.start()
             await self._artifact_listener.start()
             self._gateway = Gateway(
@@ -295,6 +329,9 @@ class Coordinator:
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
         self._retention = self._reconciler = self._deployments = None
+        if self._listener is not None:
+            await self._listener.stop()
+            self._listener = None
         if self._gateway is not None:
             await self._gateway.stop()
             self._gateway = None
@@ -309,6 +346,7 @@ class Coordinator:
             self._server = None
         self._tunnels = None
         if self._shared is not None:
+            self._shared.writer.close()  # what sessions queued is stored first
             self._shared.store.close()
             self._shared = None
 
@@ -357,6 +395,20 @@ class Coordinator:
             _log.info("retention: %d telemetry row(s) deleted", deleted)
         return deleted
 
+    async def downsample(self) -> int:
+        """Fold the raw telemetry past its window into per-minute aggregates now (on a
+        thread: :mod:`coordinator.downsample`); returns how many raw rows were folded."""
+        settings, now = self.settings, self._clock()
+        folded = await asyncio.to_thread(
+            downsample,
+            self.db_path,
+            now - settings.telemetry_raw_s,
+            now - settings.telemetry_keep_s,
+        )
+        if folded:
+            _log.info("retention: %d raw telemetry row(s) folded into minutes", folded)
+        return folded
+
     def expire_outputs(self) -> Retained:
         """Remove the stored outputs past their retention now (:meth:`ArtifactStore.retain`)."""
         assert self.artifacts is not None  # made with the store
@@ -368,9 +420,22 @@ class Coordinator:
         )
 
     async def _retain(self) -> None:
-        """Prune and expire at start, then every retention interval, until stopped."""
-        passes = (("telemetry", self.prune), ("outputs", self.expire_outputs))
+        """Prune and expire at start, then every retention interval, until stopped. Of the
+        coordinators sharing a store, the one that leads runs the store's passes (each
+        would repeat the others' work); every one expires its own outputs."""
+        store = self._started().store
+        leads = store.presence.lead
+        passes = (
+            ("telemetry", lambda: self.prune() if leads() else 0),
+            ("downsample", lambda: self.downsample() if leads() else 0),
+            ("coordinators", lambda: store.shared and leads() and self._forget_coordinators()),
+            ("outputs", self.expire_outputs),
+        )
         await run_passes(passes, self.settings.retention_interval_s, self.retained)
+
+    def _forget_coordinators(self) -> int:
+        """Forget the coordinators on the store not alive for :data:`FORGET_S`."""
+        return self._started().store.presence.forget_dead(self._clock() - FORGET_S)
 
     def _started(self) -> Shared:
         if self._shared is None:
@@ -441,7 +506,7 @@ def _path(request: Request) -> str:
 async def serve(
     host: str,
     port: int,
-    db_path: Path,
+    db_path: DbTarget,
     state_dir: Path,
     *,
     settings: Settings | None = None,

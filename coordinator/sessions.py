@@ -1,16 +1,13 @@
 """The open session of each connected node, by node id: where a stored message is sent from.
 
-It is what :class:`coordinator.job_service.Sessions` asks of the server: the seq a node's
-open session gives its next message, and sending a message once it is stored.
+It is what :class:`coordinator.job_service.Sessions` asks of the server: that a node's
+session, if it is here, sends what is stored for the node and not sent yet.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from typing import Generic, Protocol, TypeVar
-
-from agent.protocol.messages import ReliableBody
-from agent.protocol.reliable import ReliableSender
 
 __all__ = ["OpenSessions", "Session"]
 
@@ -19,11 +16,9 @@ class Session(Protocol):
     """What :class:`OpenSessions` needs of one session."""
 
     node_id: str
-    sender: ReliableSender
-    """Numbers the coordinator's stream to the node while the session is open."""
 
-    async def send_stored(self, body: ReliableBody, seq: int) -> None:
-        """Number ``body``, just stored as ``seq``, and send it."""
+    async def catch_up(self) -> None:
+        """Send what is stored for the node and not sent yet."""
 
 
 S = TypeVar("S", bound=Session)
@@ -52,14 +47,9 @@ class OpenSessions(Generic[S]):
         if self._open.get(session.node_id) is session:
             del self._open[session.node_id]
 
-    def next_seq(self, node_id: str) -> int | None:
-        """The seq the node's open session gives its next message; None: not connected."""
-        session = self._open.get(node_id)
-        return None if session is None else session.sender.next_seq
-
-    async def send(self, node_id: str, body: ReliableBody, seq: int) -> None:
-        """Send the message stored as ``seq`` if the node is connected (else the store keeps
-        it for the node's next handshake)."""
+    async def deliver(self, node_id: str) -> None:
+        """Send the node what is stored for it and not sent, if it is connected here (else
+        the store keeps it for the session that holds it, or the node's next handshake)."""
         session = self._open.get(node_id)
         if session is not None:
-            await session.send_stored(body, seq)
+            await session.catch_up()

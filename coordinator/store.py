@@ -1,4 +1,5 @@
-"""The reference coordinator's SQLite store: its tables over one connection.
+"""The reference coordinator's store: its tables over one connection, to a SQLite file
+or a PostgreSQL database (:mod:`coordinator.db`).
 
 :class:`Store` holds one object per group of tables, each on the same
 :class:`coordinator.db.Database`: :attr:`Store.nodes` (nodes, their messages and profiles),
@@ -18,29 +19,34 @@ returns.
 
 from __future__ import annotations
 
-import sqlite3
-from pathlib import Path
-from typing import Any, Literal, TypeAlias
+from collections.abc import Callable, Sequence
+from typing import Any, Literal, NamedTuple, TypeAlias, TypeVar
 
 import msgspec
 
-from coordinator.db import Database
+from coordinator.db import Database, DbTarget, SqliteDatabase, driver_errors
+from coordinator.db_open import open_database
 from coordinator.deployments_store import SCHEMA as DEPLOYMENTS_SCHEMA
 from coordinator.deployments_store import DeploymentTable
+from coordinator.downsample import SCHEMA as DOWNSAMPLE_SCHEMA
 from coordinator.gateway.tables import SCHEMA as GATEWAY_SCHEMA
 from coordinator.gateway.tables import ApiKeyTable, RequestTable, ServiceJobs
 from coordinator.jobs_store import JobEvent, JobTable
 from coordinator.nodes_store import NodeTable, Unverified
+from coordinator.presence_store import SCHEMA as PRESENCE_SCHEMA
+from coordinator.presence_store import Presence
 from coordinator.retention import Quotas, Retention
 from coordinator.stream_store import StreamTable
 
-__all__ = ["Added", "Store"]
+__all__ = ["Added", "Message", "Store"]
 
 #: 2 adds ``unverified_profiles``, 3 the job tables; every table is ``IF NOT EXISTS``, so
 #: the script upgrades. 4 adds ``nodes.agent_seq`` and ``nodes.stored_bytes`` (:data:`_V4`);
 #: 5 the deployments (:mod:`coordinator.deployments_store`); 6 the gateway's tables
-#: (:data:`coordinator.gateway.tables.SCHEMA`).
-_SCHEMA_VERSION = 6
+#: (:data:`coordinator.gateway.tables.SCHEMA`); 7 the per-minute telemetry aggregates
+#: (:mod:`coordinator.downsample`); 8 who holds each node's session when several
+#: coordinators share the database (:mod:`coordinator.presence_store`).
+_SCHEMA_VERSION = 8
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS nodes (
     node_id TEXT PRIMARY KEY,
@@ -142,25 +148,39 @@ UPDATE nodes SET
 _SHED_TELEMETRY = {"samples": [], "dropped": 1}
 
 
+T = TypeVar("T")
+
 #: What :meth:`Store.add` did with a message.
 Added: TypeAlias = Literal["stored", "duplicate", "shed"]
+
+
+class Message(NamedTuple):
+    """One message of a node's stream to store (:meth:`Store.add`'s arguments)."""
+
+    node_id: str
+    seq: int
+    kind: str
+    body: Any
+    """Encoded with msgspec as it is: a Struct whose samples are msgspec.Raw is stored as
+    the bytes received."""
+    now: float
+    profile: dict[str, Any] | None = None
+    nonce: str | None = None
+    unverified: Unverified | None = None
+    job: JobEvent | None = None
 
 
 class Store:
     """The coordinator's database: its tables, composed over one connection."""
 
-    def __init__(self, path: Path, quotas: Quotas | None = None) -> None:
-        """Open (or create, or upgrade) the store at ``path``, its messages held to ``quotas``
-        (none by default)."""
-        self._db = Database(path)
+    def __init__(self, target: DbTarget, quotas: Quotas | None = None) -> None:
+        """Open (or create, or upgrade) the store at ``target`` (a SQLite file, or a
+        PostgreSQL URL), its messages held to ``quotas`` (none by default)."""
+        self._db = open_database(target)
         try:
-            if self._db.execute("PRAGMA user_version").fetchone()[0] < _SCHEMA_VERSION:
-                columns = {r[1] for r in self._db.execute("PRAGMA table_info(nodes)")}
-                self._db.executescript(_SCHEMA + DEPLOYMENTS_SCHEMA + GATEWAY_SCHEMA)
-                if columns and "agent_seq" not in columns:
-                    self._db.executescript(_V4)
-                self._db.execute(f"PRAGMA user_version={_SCHEMA_VERSION}")
-        except sqlite3.Error:
+            if self._db.schema_version() < _SCHEMA_VERSION:
+                _create(self._db)
+        except driver_errors():
             self._db.close()
             raise
         self.nodes = NodeTable(self._db)
@@ -171,6 +191,10 @@ class Store:
         self.api_keys = ApiKeyTable(self._db)
         self.requests = RequestTable(self._db)
         self.services = ServiceJobs(self._db)
+        self.presence = Presence(self._db)
+        self.shared = self._db.dialect == "postgres"
+        """Whether other coordinators may use this store (PostgreSQL's; a SQLite file has
+        one)."""
 
     def close(self) -> None:
         """Close the database."""
@@ -203,31 +227,70 @@ class Store:
         Returns ``"duplicate"`` when ``(node, seq)`` was stored before (a resend): nothing
         changes; else ``"stored"`` or ``"shed"``.
         """
-        data = msgspec.json.encode(body)
         with self._db.transaction():
-            last = self.nodes.agent_seq(node_id)
-            if last is None:
-                raise ValueError(f"no node {node_id!r}: nodes.seen() comes first")
-            if seq <= last:
-                return "duplicate"
-            added: Added = "stored"
-            verifies = profile is not None and unverified is None
-            if kind != "job_status" and not self.retention.make_room(
-                node_id, len(data), verifies=verifies
-            ):
-                added = "shed"
-                data = msgspec.json.encode(
-                    _SHED_TELEMETRY
-                    if kind == "telemetry"
-                    else {"shed": "quota_exceeded", "bytes": len(data)}
-                )
-                profile = nonce = unverified = job = None
-            self.nodes.insert_message(node_id, seq, kind, data.decode(), now)
-            self.retention.count_bytes(node_id, len(data))
-            if nonce is not None:
-                self.streams.use_nonce(nonce, now)
-            if profile is not None:
-                self.nodes.insert_profile(node_id, seq, profile, now, unverified)
-            if job is not None:
-                self.jobs.apply(node_id, seq, job, now)
+            return self.add_in_transaction(
+                Message(node_id, seq, kind, body, now, profile, nonce, unverified, job)
+            )
+
+    def run_group(self, calls: Sequence[Callable[[Store], T]]) -> list[T | Exception]:
+        """Run each call on this store, all in one commit (group commit).
+
+        A call that fails is undone alone (a savepoint) and its error returned in its
+        place; the others still commit. Nothing is committed before this returns, so no
+        message of the group may be acknowledged before then.
+        """
+        results: list[T | Exception] = []
+        failures: tuple[type[Exception], ...] = (ValueError, *driver_errors())
+        with self._db.transaction():
+            for call in calls:
+                try:
+                    with self._db.savepoint():
+                        results.append(call(self))
+                except failures as exc:  # this call's, not the group's
+                    results.append(exc)
+        return results
+
+    def add_in_transaction(self, m: Message) -> Added:
+        """:meth:`add` in the caller's transaction."""
+        node_id, seq, kind, now = m.node_id, m.seq, m.kind, m.now
+        profile, nonce, unverified, job = m.profile, m.nonce, m.unverified, m.job
+        # Locked until the commit where a transaction does not hold the whole store: a
+        # second coordinator storing this node's same seq waits, then finds it a duplicate.
+        last = self.nodes.agent_seq(node_id, lock=True)
+        if last is None:
+            raise ValueError(f"no node {node_id!r}: nodes.seen() comes first")
+        if seq <= last:
+            return "duplicate"
+        data = msgspec.json.encode(m.body)
+        added: Added = "stored"
+        verifies = profile is not None and unverified is None
+        if kind != "job_status" and not self.retention.make_room(
+            node_id, len(data), verifies=verifies
+        ):
+            added = "shed"
+            data = msgspec.json.encode(
+                _SHED_TELEMETRY
+                if kind == "telemetry"
+                else {"shed": "quota_exceeded", "bytes": len(data)}
+            )
+            profile = nonce = unverified = job = None
+        self.nodes.insert_message(node_id, seq, kind, data.decode(), now)
+        self.retention.count_bytes(node_id, len(data))
+        if nonce is not None:
+            self.streams.use_nonce(nonce, now)
+        if profile is not None:
+            self.nodes.insert_profile(node_id, seq, profile, now, unverified)
+        if job is not None:
+            self.jobs.apply(node_id, seq, job, now)
         return added
+
+
+def _create(db: Database) -> None:
+    """Create the schema, or upgrade an older one (every table ``IF NOT EXISTS``; the
+    columns SQLite's version 4 added, by :data:`_V4`)."""
+    script = _SCHEMA + DEPLOYMENTS_SCHEMA + GATEWAY_SCHEMA + DOWNSAMPLE_SCHEMA + PRESENCE_SCHEMA
+    upgrade = ""
+    if isinstance(db, SqliteDatabase):
+        columns = {r[1] for r in db.execute("PRAGMA table_info(nodes)")}
+        upgrade = _V4 if columns and "agent_seq" not in columns else ""
+    db.create_schema(script, _SCHEMA_VERSION, upgrade=upgrade)

@@ -2,6 +2,12 @@
 
 What the coordinator sends a node stays in ``outbound`` until the node acknowledges it, so
 that the stream's sender is rebuilt from the store after a reconnect or a restart.
+
+The store numbers that stream: a message takes the node's next seq (``nodes.coordinator_seq``
++ 1, the node's row locked until the commit) as it is inserted, so that two coordinators on
+one database never give two messages one seq. Whichever holds the node's session then sends
+the rows it has not sent (:meth:`StreamTable.unsent`), told by :data:`OUTBOUND` (a PostgreSQL
+NOTIFY at the commit) when the row was written by another.
 """
 
 from __future__ import annotations
@@ -22,7 +28,12 @@ from agent.protocol.messages import (
 from agent.protocol.reliable import ReliableSender
 from coordinator.db import Database
 
-__all__ = ["Outbound", "StreamTable"]
+__all__ = ["OUTBOUND", "SESSION", "Outbound", "StreamTable"]
+
+#: The channel told the node id of each message stored in a node's stream.
+OUTBOUND = "outbound"
+#: The channel told ``<coordinator> <session> <node id>`` of each session opened.
+SESSION = "session"
 
 #: The body type of each kind of message the coordinator's stream keeps in the store.
 _OUTBOUND_BODIES: dict[str, type[ReliableBody]] = {
@@ -56,6 +67,13 @@ class StreamTable:
             "INSERT INTO attest_nonces (nonce, node_id, issued) VALUES (?, ?, ?)",
             (nonce, node_id, now),
         )
+
+    def add_attest_request(self, node_id: str, nonce: str, now: float, body: Any) -> int:
+        """Remember ``nonce`` and keep the ``attest_request`` carrying it, in one commit (one
+        fsync per handshake, not two); returns its seq."""
+        with self._db.transaction():
+            self.issue_nonce(node_id, nonce, now)
+            return self.insert_outbound(node_id, "attest_request", body)
 
     def check_nonce(self, node_id: str, nonce: str, now: float, ttl_s: float) -> None:
         """Refuse a nonce not issued to this node, expired, or already answered.
@@ -92,36 +110,76 @@ class StreamTable:
 
     def outbound(self, node_id: str) -> Outbound:
         """The coordinator's stream to a node: its acked seq and what is unacknowledged."""
-        row = self._db.execute(
-            "SELECT coordinator_acked FROM nodes WHERE node_id = ?", (node_id,)
-        ).fetchone()
+        # One statement, so one snapshot: read apart, an ack committed in between (by the
+        # writer, or another coordinator) would show the old acked seq without its rows.
         rows = self._db.execute(
-            "SELECT seq, type, body FROM outbound WHERE node_id = ? ORDER BY seq", (node_id,)
+            "SELECT n.coordinator_acked, o.seq, o.type, o.body FROM nodes n"
+            " LEFT JOIN outbound o ON o.node_id = n.node_id WHERE n.node_id = ? ORDER BY o.seq",
+            (node_id,),
         ).fetchall()
-        pending = [(int(r[0]), str(r[1]), msgspec.json.decode(r[2])) for r in rows]
-        return Outbound(acked=0 if row is None else int(row[0]), pending=pending)
+        pending = [
+            (int(seq), str(kind), msgspec.json.decode(body))
+            for _, seq, kind, body in rows
+            if seq is not None
+        ]
+        return Outbound(acked=int(rows[0][0]) if rows else 0, pending=pending)
 
-    def add_outbound(self, node_id: str, seq: int, kind: str, body: Any) -> None:
-        """Keep a message of the coordinator's stream until the node acknowledges it."""
+    def add_outbound(self, node_id: str, kind: str, body: Any) -> int:
+        """Keep a message of the coordinator's stream until the node acknowledges it;
+        returns its seq."""
         with self._db.transaction():
-            self.insert_outbound(node_id, seq, kind, body)
+            return self.insert_outbound(node_id, kind, body)
 
-    def insert_outbound(self, node_id: str, seq: int, kind: str, body: Any) -> None:
-        """:meth:`add_outbound` in the caller's transaction (with what goes with it)."""
+    def insert_outbound(self, node_id: str, kind: str, body: Any) -> int:
+        """:meth:`add_outbound` in the caller's transaction (with what goes with it).
+
+        Raises:
+            ValueError: no such node.
+        """
+        row = self._db.execute(
+            "SELECT coordinator_seq FROM nodes WHERE node_id = ?" + self._db.for_update,
+            (node_id,),
+        ).fetchone()
+        if row is None:
+            raise ValueError(f"no node {node_id!r}")
+        seq = int(row[0]) + 1
         self._db.execute(
             "INSERT INTO outbound (node_id, seq, type, body) VALUES (?, ?, ?, ?)",
             (node_id, seq, kind, msgspec.json.encode(body).decode()),
         )
         self._db.execute("UPDATE nodes SET coordinator_seq = ? WHERE node_id = ?", (seq, node_id))
+        self._db.notify(OUTBOUND, node_id)
+        return seq
+
+    def unsent(self, node_id: str, from_seq: int) -> list[tuple[int, ReliableBody]]:
+        """The messages of the node's stream from ``from_seq`` on, in seq order: what a
+        session that numbered those before has still to send."""
+        rows = self._db.execute(
+            "SELECT seq, type, body FROM outbound WHERE node_id = ? AND seq >= ? ORDER BY seq",
+            (node_id, from_seq),
+        ).fetchall()
+        return [
+            (int(seq), msgspec.json.decode(body.encode(), type=_OUTBOUND_BODIES[kind]))
+            for seq, kind, body in rows
+        ]
+
+    def session_opened(self, node_id: str, coordinator: str, session: str) -> None:
+        """Tell every coordinator on the database (:data:`SESSION`) that ``coordinator``
+        holds the node's session now: one holding an older one closes it."""
+        self._db.notify(SESSION, f"{coordinator} {session} {node_id}")
 
     def ack_outbound(self, node_id: str, seq: int) -> None:
         """The node stored everything up to ``seq``: forget it."""
         with self._db.transaction():
-            self._db.execute("DELETE FROM outbound WHERE node_id = ? AND seq <= ?", (node_id, seq))
-            self._db.execute(
-                "UPDATE nodes SET coordinator_acked = MAX(coordinator_acked, ?) WHERE node_id = ?",
-                (seq, node_id),
-            )
+            self.forget_acked(node_id, seq)
+
+    def forget_acked(self, node_id: str, seq: int) -> None:
+        """:meth:`ack_outbound` in the caller's transaction (a group commit's)."""
+        self._db.execute("DELETE FROM outbound WHERE node_id = ? AND seq <= ?", (node_id, seq))
+        self._db.execute(
+            "UPDATE nodes SET coordinator_acked = ? WHERE node_id = ? AND coordinator_acked < ?",
+            (seq, node_id, seq),
+        )
 
     def sender(self, node_id: str) -> ReliableSender:
         """The coordinator's sender to a node, rebuilt from what the store keeps."""

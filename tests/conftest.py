@@ -4,7 +4,8 @@ roots, the Docker engine and its test image; and the markers.
 Each test gets the markers of what it uses (``docker``, ``websocket``, ``gcc``), from the
 fixtures it asks for and the names its code (and the fixtures', and the module's helpers')
 reaches: ``pytest -m "not docker"`` leaves the engine alone. A test under tests/unit that
-gets one fails the run: tests/unit is what runs in seconds, on any machine.
+gets one fails the run: tests/unit is what runs in seconds, on any machine. ``postgres``
+marks a test on a PostgreSQL server.
 """
 
 from __future__ import annotations
@@ -33,10 +34,16 @@ MARKERS = {
     "docker": "needs the Docker engine",
     "websocket": "runs a websocket server or an agent/coordinator process",
     "gcc": "builds the fake libnvidia-ml with gcc",
+    "postgres": "runs a PostgreSQL server (tests/support/postgres.py)",
 }
 
 #: Fixtures whose use the code cannot show (the engine is reached through a socket path).
-MARK_BY_FIXTURE = {"docker_engine": "docker", "test_image": "docker"}
+MARK_BY_FIXTURE = {
+    "docker_engine": "docker",
+    "test_image": "docker",
+    "postgres_cluster": "postgres",
+    "postgres_url": "postgres",
+}
 
 #: What a test's code reaches, by qualified name (a module, or a name in one), and its marker.
 MARK_BY_NAME = {
@@ -126,7 +133,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             misplaced.append(f"{item.nodeid} ({', '.join(used)})")
     if misplaced:
         raise pytest.UsageError(
-            "tests/unit must need no Docker engine, websocket or gcc; move these to"
+            "tests/unit must need no Docker engine, websocket, gcc or PostgreSQL; move these to"
             " tests/integration:\n  " + "\n  ".join(misplaced)
         )
 

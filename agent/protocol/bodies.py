@@ -5,7 +5,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal, TypeAlias
 
 import msgspec
 from msgspec import Meta
@@ -68,6 +68,13 @@ Code = Annotated[str, Meta(min_length=1, max_length=64, pattern=r"^[a-z][a-z0-9_
 Text = Annotated[str, Meta(max_length=MAX_ERROR_DETAIL_CHARS)]
 Seconds = Annotated[float, Meta(gt=0, le=86400)]
 EnrolmentToken = Annotated[str, Meta(min_length=1, max_length=256)]
+# A value in a telemetry sample: decoded as msgspec.Raw (the bytes received, checked as JSON,
+# not built); an agent builds its samples from plain values, which encode the same: Any to
+# the type checker.
+if TYPE_CHECKING:
+    SampleValue: TypeAlias = Any
+else:
+    SampleValue = msgspec.Raw
 
 
 class WireStruct(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -136,7 +143,10 @@ class TelemetryBody(WireStruct):
     """A batch of telemetry samples, oldest first; ``dropped`` counts the batches the
     agent's outbox shed in its place while offline (a tombstone: no samples, dropped=1)."""
 
-    samples: Annotated[list[dict[str, Any]], Meta(max_length=MAX_TELEMETRY_BATCH)]
+    # Each sample is a JSON object whose values stay the bytes received (msgspec.Raw,
+    # checked as JSON but not built): a coordinator stores a batch of 10 samples of 8 GPUs
+    # without making the ~3,400 Python objects they hold (docs/coordinator.md, issue 14).
+    samples: Annotated[list[dict[str, SampleValue]], Meta(max_length=MAX_TELEMETRY_BATCH)]
     dropped: Annotated[int, Meta(ge=0)] = 0
 
 

@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import sqlite3
 from collections import deque
 from typing import Final
 
+from coordinator.db import driver_errors
 from coordinator.gateway.tables import RequestRecord, RequestTable
 
 __all__ = ["MAX_PENDING", "RecordWriter"]
@@ -63,7 +63,7 @@ class RecordWriter:
         self._pending.clear()
         try:
             self._table.add(batch, self._keep_rows)
-        except sqlite3.Error:
+        except driver_errors():
             # Said, and the batch dropped: records are statistics, and a store that fails
             # would otherwise grow the batch to its bound at every pass.
             _log.exception("gateway: %d request record(s) not written", len(batch))

@@ -18,6 +18,7 @@ from support.deb import ARCH, VERSION, Debs
 from support.engine import require_runtime
 from support.llama import BuildToolsMissing, llama_server_image
 from support.packaging import ROOT, require_tool
+from support.postgres import postgres_cluster, postgres_url
 from support.runner import RUNTIMES, leftovers
 from support.tiny_model import tiny_model
 from support.world import COORDINATOR_ID, COORDINATOR_PUB, World
@@ -27,11 +28,22 @@ from agent.jobs.node import NodeState
 from agent.jobs.scheduler import Scheduler
 from agent.link.identity import load_or_create
 from agent.link.outbox import Outbox
+from coordinator.db import DbTarget
 from hal.types import UNSUPPORTED
 from sandbox.container import LABEL_RUNNER
 from sandbox.docker_api import DockerClient
 from sandbox.policy import Policy
 from sandbox.runner import Runner, RunnerConfig
+
+__all__ = ["postgres_cluster", "postgres_url"]  # fixtures of support.postgres, here for all
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def store_target(request: pytest.FixtureRequest, tmp_path: Path) -> DbTarget:
+    """Where a store is, once per backend: a SQLite file, and a fresh PostgreSQL database."""
+    if request.param == "sqlite":
+        return tmp_path / "coordinator.db"
+    return str(request.getfixturevalue("postgres_url"))
 
 
 @pytest.fixture(params=RUNTIMES)

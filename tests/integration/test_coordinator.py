@@ -46,6 +46,7 @@ from agent.protocol.messages import (
 )
 from agent.protocol.session import AgentHandshake, HandshakeState
 from coordinator import cli
+from coordinator.db import DbTarget
 from coordinator.server import Coordinator, Settings
 
 PROFILE = {"gpus": [{"id": "GPU-5d1c", "name": "NVIDIA H100"}], "host": {"cpus": 64}}
@@ -167,9 +168,12 @@ def clock() -> Clock:
 
 
 @pytest.fixture
-async def coordinator(tmp_path: Path, clock: Clock) -> AsyncIterator[Coordinator]:
+async def coordinator(
+    tmp_path: Path, clock: Clock, store_target: DbTarget
+) -> AsyncIterator[Coordinator]:
+    """A coordinator on each store: SQLite, and PostgreSQL."""
     server = Coordinator(
-        db_path=tmp_path / "coordinator.db",
+        db_path=store_target,
         state_dir=tmp_path / "state",
         settings=Settings(handshake_timeout_s=5.0),
         clock=clock,

@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+from support.admission import acks_stored
 from support.coordinator_cli_hostile import Capsys, main, refused
 from support.coordinator_peer import Peer, connected
 
@@ -40,6 +41,7 @@ async def _known_node(coordinator: Coordinator) -> str:
     pinned = {coordinator.key.key_id: coordinator.key.public_key}
     async with connected(coordinator.url, pinned, peer) as link:
         await link.take(AttestRequest)
+    await acks_stored(coordinator, peer.node_id)
     return peer.node_id
 
 

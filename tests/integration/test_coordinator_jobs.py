@@ -22,6 +22,7 @@ from typing import Any
 
 import msgspec
 import pytest
+from support.admission import acks_stored
 from support.coordinator_peer import Peer, connected, signed_receipt
 from support.dashboard import render
 
@@ -63,6 +64,7 @@ async def _known(coordinator: Coordinator, peer: Peer) -> None:
     """Connect once, so that the coordinator knows the node, and leave."""
     async with _link(coordinator, peer) as link:
         await link.take(AttestRequest)
+    await acks_stored(coordinator, peer.node_id)
 
 
 def _http(method: str, url: str, body: object = None, token: str | None = None) -> tuple[int, Any]:
@@ -102,7 +104,7 @@ async def test_offer_to_a_connected_node_is_signed_for_it_and_verifies(
     assert job is not None
     assert (job.state, job.node_id, job.spec, job.offer_seq) == ("offered", peer.node_id, SPEC, 2)
     assert job_id.startswith("job-")
-    assert coordinator.store.streams.outbound(peer.node_id).pending == []  # acknowledged
+    await acks_stored(coordinator, peer.node_id)  # acknowledged
 
 
 async def test_offer_to_an_offline_node_goes_out_once_after_its_next_handshake(

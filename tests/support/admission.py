@@ -8,6 +8,7 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 from websockets.asyncio.client import ClientConnection, connect
@@ -31,6 +32,7 @@ from support.nodes import Clock, Node
 
 __all__ = [
     "TOKEN",
+    "acks_stored",
     "answers_until_ack",
     "codes",
     "handshake",
@@ -105,9 +107,9 @@ async def refusal(coordinator: Coordinator, node: Node, token: str | None = None
 
 @asynccontextmanager
 async def welcomed(
-    coordinator: Coordinator, node: Node, token: str | None = None
+    coordinator: Coordinator, node: Node, token: str | None = None, **connect_args: Any
 ) -> AsyncIterator[tuple[ClientConnection, Welcome]]:
-    async with connect(coordinator.url) as ws:
+    async with connect(coordinator.url, **connect_args) as ws:
         welcome = await handshake(ws, coordinator, node, token)
         assert isinstance(welcome, Welcome), welcome
         yield ws, welcome
@@ -142,3 +144,11 @@ async def until_closed(ws: ClientConnection) -> list[Message]:
 
 def codes(messages: list[Message]) -> list[str]:
     return [m.body.code for m in messages if isinstance(m, Error)]
+
+
+async def acks_stored(coordinator: Coordinator, node_id: str) -> None:
+    """Return once the node's acks of the coordinator's stream are stored: the group-commit
+    writer stores them a moment after the session read them."""
+    async with asyncio.timeout(10):
+        while coordinator.store.streams.outbound(node_id).pending:
+            await asyncio.sleep(0.01)

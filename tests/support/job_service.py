@@ -9,6 +9,7 @@ from pathlib import Path
 
 from agent.protocol import crypto
 from coordinator import keys
+from coordinator.db import DbTarget
 from coordinator.job_service import JobService
 from coordinator.sessions import OpenSessions
 from coordinator.store import Store
@@ -20,9 +21,9 @@ __all__ = ["Jobs", "jobs_in"]
 class Jobs:
     """The service, its store and key, and a node not yet seen (:meth:`seen` records it)."""
 
-    def __init__(self, tmp_path: Path) -> None:
+    def __init__(self, tmp_path: Path, store: DbTarget | None = None) -> None:
         self.key = keys.load_or_create(tmp_path / "state")
-        self.store = Store(tmp_path / "coordinator.db")
+        self.store = Store(tmp_path / "coordinator.db" if store is None else store)
         self.service = JobService(self.store, self.key, OpenSessions(), time.time)
         self.peer = Peer()
 
@@ -32,9 +33,9 @@ class Jobs:
 
 
 @contextmanager
-def jobs_in(tmp_path: Path) -> Iterator[Jobs]:
-    """:class:`Jobs` in ``tmp_path``, its store closed after."""
-    jobs = Jobs(tmp_path)
+def jobs_in(tmp_path: Path, store: DbTarget | None = None) -> Iterator[Jobs]:
+    """:class:`Jobs` in ``tmp_path`` (its store there, or at ``store``), closed after."""
+    jobs = Jobs(tmp_path, store)
     try:
         yield jobs
     finally:

@@ -77,3 +77,14 @@ def test_artifacts_max_gib_sets_a_byte_budget_and_there_is_none_by_default() -> 
     assert admission.settings_from(parser.parse_args([])).artifacts_max_bytes is None
     given = parser.parse_args(["--artifacts-max-gib", "0.5"])
     assert admission.settings_from(given).artifacts_max_bytes == 1 << 29
+
+
+def test_new_keys_per_s_sets_the_enrolment_rate_and_a_bad_one_is_refused() -> None:
+    parser = argparse.ArgumentParser()
+    admission.add_options(parser)
+    assert admission.settings_from(parser.parse_args([])).new_keys_per_s == 5.0
+    given = parser.parse_args(["--new-keys-per-s", "1000"])
+    assert admission.settings_from(given).new_keys_per_s == 1000.0
+    with pytest.raises(ConfigError) as caught:
+        admission.settings_from(parser.parse_args(["--new-keys-per-s", "-1"]))
+    assert caught.value.code == "bad_setting"

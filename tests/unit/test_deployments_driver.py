@@ -10,7 +10,7 @@ from typing import Any
 import msgspec
 import pytest
 
-from agent.protocol.messages import JobStatusBody, ReliableBody
+from agent.protocol.messages import JobStatusBody
 from coordinator import keys
 from coordinator.deployments import Deployments
 from coordinator.errors import JobError
@@ -32,13 +32,9 @@ class Clock:
 
 
 class FakeSessions:
-    """Nothing connected as far as numbering goes: every message is numbered from the
-    store and kept there, which is what the test reads."""
+    """No session here: every message is kept in the store, which is what the test reads."""
 
-    def next_seq(self, node_id: str) -> int | None:
-        return None
-
-    async def send(self, node_id: str, body: ReliableBody, seq: int) -> None:
+    async def deliver(self, node_id: str) -> None:
         return None
 
 

@@ -29,7 +29,7 @@ def test_unacknowledged_renewals_and_prefetches_are_rebuilt_in_order(tmp_path: P
             kind = {JobCancelBody: "job_cancel", ServiceRenewBody: "service_renew"}.get(
                 type(body), "image_prefetch"
             )
-            store.streams.add_outbound("node-a", seq, kind, msgspec.to_builtins(body))
+            assert store.streams.add_outbound("node-a", kind, msgspec.to_builtins(body)) == seq
         pending = store.streams.sender("node-a").pending()
     finally:
         store.close()

@@ -113,8 +113,13 @@ def test_examples_cover_every_type() -> None:
 def test_every_message_round_trips(name: str) -> None:
     message = EXAMPLES[name]
     text = encode_frame(message)
-    assert decode_frame(text) == message
-    assert decode_frame(text.encode()) == message
+    if name == "telemetry":
+        # Its samples decode as msgspec.Raw (the bytes received): compared as encoded.
+        assert encode_frame(decode_frame(text)) == text
+        assert encode_frame(decode_frame(text.encode())) == text
+    else:
+        assert decode_frame(text) == message
+        assert decode_frame(text.encode()) == message
     wire = json.loads(text)
     assert wire["v"] == 1
     assert wire["type"] == name
@@ -232,7 +237,7 @@ def test_telemetry_batch_over_the_limit_is_limit_exceeded() -> None:
     with pytest.raises(LimitExceeded):
         encode_frame(wrap(TelemetryBody(samples=samples), 1))
     full = wrap(TelemetryBody(samples=samples[:-1]), 1)
-    assert decode_frame(encode_frame(full)) == full
+    assert encode_frame(decode_frame(encode_frame(full))) == encode_frame(full)
 
 
 @pytest.mark.parametrize(

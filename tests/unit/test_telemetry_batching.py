@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import msgspec
+
 from agent.daemon.sampler import telemetry_bodies
 from agent.protocol import batching
 from agent.protocol.limits import MAX_FRAME_BYTES, MAX_SEQ, MAX_TELEMETRY_BATCH
@@ -42,7 +44,9 @@ def test_more_samples_than_a_batch_holds_are_split_into_batches_the_peer_takes()
     frames = [decode_frame(encode_reliable("telemetry", MAX_SEQ, body)) for body in bodies]
     assert all(isinstance(f, Telemetry) for f in frames)
     kept = [s for f in frames if isinstance(f, Telemetry) for s in f.body.samples]
-    assert [s["taken_at"] for s in kept] == [float(n) for n in range(MAX_TELEMETRY_BATCH + 1)]
+    assert [msgspec.json.decode(s["taken_at"]) for s in kept] == [
+        float(n) for n in range(MAX_TELEMETRY_BATCH + 1)
+    ]
 
 
 def test_a_body_whose_frame_just_fits_is_not_split() -> None:

@@ -1,0 +1,461 @@
+"""Load on one coordinator: N simulated agents at the daemon's cadence, then a restart.
+
+``python bench/coordinator_load.py --agents 1000,5000,10000`` (issue 14). The coordinator is
+``gpu-coordinator serve`` in its own process (:class:`bench.link.CoordinatorProcess`); the
+agents run in ``--procs`` client processes. Each agent does what a daemon does: the real
+handshake, a signed ``profile`` answering the coordinator's ``attest_request``, a
+``node_status``, then a telemetry batch (10 one-second samples of the host and 8 GPUs,
+about 56 KB) every ``--interval`` seconds, each agent at its own phase. Measured over the
+``--duration`` s steady window: ack latency p50/p99/max, the coordinator's CPU (fraction of
+one core) and peak RSS, errors and disconnects. Then the restart: the coordinator is
+killed (SIGKILL) and started again on the same database; every agent reconnects with the
+real agent's jittered backoff (:func:`agent.link.connection.retry`) and resends what was
+not acknowledged; the figure is the seconds from the kill until every agent has had a new
+batch acknowledged (or ``--restart-timeout``, with how many agents were not back by then).
+Figures are printed and written to ``bench/results/coordinator_load.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import random
+import secrets
+import shutil
+import signal
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import psutil
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed, InvalidHandshake
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[0] = str(ROOT / "tests")  # as bench/link.py: support.* and the packages
+sys.path.insert(1, str(ROOT))
+
+from agent.link.connection import LinkConfig, Session, retry  # noqa: E402
+from agent.link.identity import Identity  # noqa: E402
+from agent.protocol import crypto, dsse  # noqa: E402
+from agent.protocol.bodies import UnitStatus  # noqa: E402
+from agent.protocol.errors import ProtocolError  # noqa: E402
+from agent.protocol.limits import MAX_FRAME_BYTES  # noqa: E402
+from agent.protocol.messages import (  # noqa: E402
+    COORDINATOR_SENDS,
+    Ack,
+    AttestRequest,
+    EnvelopeBody,
+    NodeStatusBody,
+    ProfileBody,
+    decode_frame,
+    encode_frame,
+    encode_reliable,
+)
+from agent.protocol.reliable import ReliableReceiver  # noqa: E402
+from agent.protocol.session import AgentHandshake  # noqa: E402
+from bench.link import CoordinatorProcess, KiB, telemetry_body  # noqa: E402
+
+#: Handshakes in flight per client process: below the listen backlog.
+CONNECTING = 64
+
+
+class SimAgent:
+    """One simulated daemon: its key, its two streams, reconnecting as the real link does."""
+
+    def __init__(self, url: str, pinned: dict[str, bytes], body: bytes, interval: float) -> None:
+        self.url, self.pinned, self.body, self.interval = url, pinned, body, interval
+        self.identity = Identity.from_private_key(crypto.generate_private_key())
+        self.config = LinkConfig(url=url, pinned_keys=pinned)
+        self.receiver = ReliableReceiver()
+        self.next_seq = 1
+        self.sent: dict[int, float] = {}
+        """Unacknowledged seq -> when it was (last) sent, perf_counter."""
+        self.kinds: dict[int, str] = {}
+        self._bodies: dict[int, str] = {}
+        """The frames of unacknowledged messages other than telemetry (built once)."""
+        self.latencies: list[float] = []
+        self.ready = asyncio.Event()
+        """Set when profile and node_status are acknowledged."""
+        self.back_at: float | None = None
+        """Wall time of the first telemetry ack after the last reconnect."""
+        self.reconnected = False
+        self.errors = 0
+        self.disconnects = 0
+        self.phase = random.uniform(0, interval)
+
+    async def run(self, gate: asyncio.Semaphore) -> None:
+        """Stay connected (the real link's retry policy), streaming telemetry."""
+        failures = 0
+        while True:
+            welcomed_at: float | None = None
+            progressed = False
+            try:
+                async with gate:
+                    ws = await connect(self.url, max_size=MAX_FRAME_BYTES, open_timeout=120)
+                    try:
+                        await self._handshake(ws)
+                    except BaseException:
+                        await ws.close()
+                        raise
+                welcomed_at = time.monotonic()
+                async with ws:
+                    progressed = await self._session(ws)
+            except (OSError, ConnectionClosed, InvalidHandshake, TimeoutError, ProtocolError):
+                pass
+            if welcomed_at is not None:
+                self.disconnects += 1
+                self.reconnected = True
+                self.back_at = None
+            lived = 0.0 if welcomed_at is None else time.monotonic() - welcomed_at
+            failures, delay = retry(
+                failures, Session(welcomed_at is not None, lived, progressed), self.config
+            )
+            await asyncio.sleep(delay)
+
+    async def _handshake(self, ws: ClientConnection) -> None:
+        identity = self.identity
+        handshake = AgentHandshake(
+            node_id=identity.node_id,
+            public_key=identity.public_key,
+            sign=lambda data: crypto.sign(identity.private_key, data),
+            verify=crypto.verify,
+            pinned_keys=self.pinned,
+            agent_version="bench",
+            nonce=crypto.b64encode(secrets.token_bytes(32)),
+            last_coordinator_seq=self.receiver.last_seq,
+            now=time.monotonic(),
+        )
+        while handshake.welcome is None:
+            for message in handshake.messages_to_send():
+                await ws.send(encode_frame(message))
+            handshake.receive(decode_frame(await ws.recv()), time.monotonic())
+        self.receiver.resume()
+        # What the coordinator stored is acked; the rest goes again, in order.
+        self._acked(handshake.welcome.last_agent_seq, record=False)
+        for seq in sorted(self.sent):
+            self.sent[seq] = time.perf_counter()
+            await ws.send(self._frame(seq))
+
+    def _frame(self, seq: int) -> str:
+        kind = self.kinds[seq]
+        if kind == "telemetry":
+            return encode_reliable("telemetry", seq, self.body)
+        return self._bodies[seq]
+
+    async def _send(self, ws: ClientConnection, kind: str, frame_of: Any) -> None:
+        seq, self.next_seq = self.next_seq, self.next_seq + 1
+        self.kinds[seq] = kind
+        if kind != "telemetry":
+            self._bodies[seq] = encode_reliable(kind, seq, frame_of)
+        self.sent[seq] = time.perf_counter()
+        await ws.send(self._frame(seq))
+
+    def _acked(self, upto: int, *, record: bool) -> bool:
+        now = time.perf_counter()
+        telemetry = False
+        for seq in [s for s in self.sent if s <= upto]:
+            sent = self.sent.pop(seq)
+            kind = self.kinds.pop(seq)
+            self._bodies.pop(seq, None)
+            if kind == "telemetry":
+                telemetry = True
+                if record:
+                    self.latencies.append(now - sent)
+        return telemetry
+
+    async def _session(self, ws: ClientConnection) -> bool:
+        """Answer attest requests, send node_status once, then a batch every interval."""
+        progressed = False
+        status_sent = "node_status" in self.kinds.values() or self.ready.is_set()
+
+        async def produce() -> None:
+            loop = asyncio.get_running_loop()
+            start = loop.time() + self.phase
+            while True:
+                await asyncio.sleep(max(0.0, start - loop.time()))
+                start += self.interval
+                if self.ready.is_set():
+                    await self._send(ws, "telemetry", None)
+
+        producing = asyncio.create_task(produce())
+        try:
+            async for raw in ws:
+                message = decode_frame(raw, accept=COORDINATOR_SENDS)
+                if isinstance(message, Ack):
+                    progressed = True
+                    if self._acked(message.body.seq, record=True) and self.back_at is None:
+                        self.back_at = time.time()
+                    if not self.ready.is_set() and status_sent and not self.sent:
+                        self.ready.set()
+                elif isinstance(message, AttestRequest):
+                    if self.receiver.receive(message):
+                        await self._send(ws, "profile", self._profile(message.body.nonce))
+                        if not status_sent:
+                            status_sent = True
+                            await self._send(ws, "node_status", _NODE_STATUS)
+                    if (ack := self.receiver.take_ack()) is not None:
+                        await ws.send(encode_frame(ack))
+                else:
+                    self.errors += 1
+        finally:
+            producing.cancel()
+        return progressed
+
+    def _profile(self, nonce: str) -> bytes:
+        identity = self.identity
+        envelope = dsse.attest_profile(
+            _PROFILE, nonce, identity.node_id, identity.private_key, identity.key_id
+        )
+        body = ProfileBody(attestation=msgspec.convert(msgspec.to_builtins(envelope), EnvelopeBody))
+        return msgspec.json.encode(body)
+
+
+_PROFILE: dict[str, Any] = {
+    "bench": True,
+    "gpus": [{"index": i, "name": "A5000"} for i in range(8)],
+}
+_NODE_STATUS = msgspec.json.encode(
+    NodeStatusBody(
+        available=True, units=[UnitStatus(id=f"gpu{i}", health="healthy") for i in range(8)]
+    )
+)
+
+
+# ---------------------------------------------------------------- client process
+
+
+async def client(url: str, pinned_hex: str, body_path: str, agents: int, interval: float) -> None:
+    """A client process: ``agents`` agents; commands on stdin, reports on stdout."""
+    pinned = {k: bytes.fromhex(v) for k, v in json.loads(pinned_hex).items()}
+    body = Path(body_path).read_bytes()
+    fleet = [SimAgent(url, pinned, body, interval) for _ in range(agents)]
+    gate = asyncio.Semaphore(CONNECTING)
+    tasks = [asyncio.create_task(a.run(gate)) for a in fleet]
+    await asyncio.gather(*(a.ready.wait() for a in fleet))
+    print(json.dumps({"event": "ready"}), flush=True)
+    reader = asyncio.StreamReader()
+    loop = asyncio.get_running_loop()
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+    while line := (await reader.readline()).decode().strip():
+        if line == "mark":
+            for a in fleet:
+                a.latencies.clear()
+                a.errors = a.disconnects = 0
+            print(json.dumps({"event": "marked"}), flush=True)
+        elif line == "report":
+            latencies = [x for a in fleet for x in a.latencies]
+            errors = sum(a.errors for a in fleet)
+            disconnects = sum(a.disconnects for a in fleet)
+            print(json.dumps({"event": "report", "latencies": latencies, "errors": errors,
+                              "disconnects": disconnects}), flush=True)  # fmt: skip
+        elif line.startswith("back "):  # "back <seconds>": all back, or the deadline
+            deadline = time.monotonic() + float(line.split()[1])
+            while time.monotonic() < deadline and not all(
+                a.reconnected and a.back_at is not None for a in fleet
+            ):
+                await asyncio.sleep(0.1)
+            back = [a.back_at for a in fleet if a.reconnected and a.back_at is not None]
+            print(json.dumps({"event": "back", "at": max(back, default=0.0),
+                              "missing": len(fleet) - len(back)}), flush=True)  # fmt: skip
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+
+
+# ---------------------------------------------------------------- the driver
+
+
+class Clients:
+    """The client processes, driven by lines on their stdin."""
+
+    def __init__(self) -> None:
+        self.procs: list[asyncio.subprocess.Process] = []
+
+    async def start(
+        self, coordinator: CoordinatorProcess, body: Path, agents: int, procs: int, interval: float
+    ) -> None:
+        pinned = json.dumps({k: v.hex() for k, v in coordinator.pinned.items()})
+        for i in range(procs):
+            share = agents // procs + (1 if i < agents % procs else 0)
+            self.procs.append(
+                await asyncio.create_subprocess_exec(
+                    sys.executable,
+                    __file__,
+                    "--client",
+                    coordinator.url,
+                    pinned,
+                    str(body),
+                    str(share),
+                    str(interval),
+                    stdin=asyncio.subprocess.PIPE,
+                    stdout=asyncio.subprocess.PIPE,
+                    limit=1 << 28,  # a report holds every latency: lines of megabytes
+                )
+            )
+
+    async def ask(self, command: str | None, event: str) -> list[dict[str, Any]]:
+        """Send ``command`` to every client; their answers (each ``event``)."""
+        if command is not None:
+            for p in self.procs:
+                assert p.stdin is not None
+                p.stdin.write(command.encode() + b"\n")
+        answers = []
+        for p in self.procs:
+            assert p.stdout is not None
+            line = await p.stdout.readline()
+            answer = json.loads(line)
+            assert answer["event"] == event, answer
+            answers.append(answer)
+        return answers
+
+    async def stop(self) -> None:
+        for p in self.procs:
+            assert p.stdin is not None
+            p.stdin.close()
+        for p in self.procs:
+            await p.wait()
+
+
+def cpu_s(pid: int) -> float:
+    times = psutil.Process(pid).cpu_times()
+    return float(times.user + times.system)
+
+
+async def one_run(
+    work: Path, body: Path, args: argparse.Namespace, agents: int
+) -> dict[str, float]:
+    """One fleet of ``agents``: connect, steady window, restart."""
+    # A fleet enrolling at once: far more new keys per second than the default's 5. At
+    # 10,000 agents the default store cap (4 GiB) is 73 s of raw telemetry: the cap is
+    # sized for the run, so that what is measured is not its eviction.
+    options = ("--new-keys-per-s", str(args.new_keys_per_s), "--store-max-mib", "65536")
+    coordinator = CoordinatorProcess(work, options)
+    await coordinator.start()
+    assert coordinator.process is not None
+    clients = Clients()
+    try:
+        start = time.perf_counter()
+        await clients.start(coordinator, body, agents, args.procs, args.interval)
+        await clients.ask(None, "ready")
+        connect_s = time.perf_counter() - start
+        await asyncio.sleep(args.interval)  # every agent past its first batch
+        await clients.ask("mark", "marked")
+        pid = coordinator.process.pid
+        cpu0, t0, rss = cpu_s(pid), time.perf_counter(), coordinator.rss()
+        load = os.getloadavg()[0]
+        while time.perf_counter() - t0 < args.duration:
+            await asyncio.sleep(1)
+            rss = max(rss, coordinator.rss())
+        cpu = (cpu_s(pid) - cpu0) / (time.perf_counter() - t0)
+        reports = await clients.ask("report", "report")
+        latencies = sorted(x for r in reports for x in r["latencies"])
+        steady = {
+            "agents": agents,
+            "ack_p50_ms": 1e3 * statistics.median(latencies),
+            "ack_p99_ms": 1e3 * statistics.quantiles(latencies, n=100)[98],
+            "cpu_cores": cpu,
+            "rss_mib": rss / (KiB * KiB),
+            "load_avg_1m": load,
+        }
+        print("steady", json.dumps(steady), flush=True)  # kept should the restart hang
+        killed = time.time()
+        coordinator.process.send_signal(signal.SIGKILL)
+        await coordinator.process.wait()
+        await coordinator.start()
+        answers = await clients.ask(f"back {args.restart_timeout}", "back")
+        missing = sum(r["missing"] for r in answers)
+        # Not all back by the deadline: the figure is the deadline (and how many missed it).
+        back = killed + args.restart_timeout if missing else max(r["at"] for r in answers)
+    finally:
+        await clients.stop()
+        await coordinator.stop()
+    return {
+        "connect_s": connect_s,
+        "ack_p50_ms": 1e3 * statistics.median(latencies),
+        "ack_p99_ms": 1e3 * statistics.quantiles(latencies, n=100)[98],
+        "ack_max_ms": 1e3 * latencies[-1],
+        "acks": len(latencies),
+        "cpu_cores": cpu,
+        "rss_mib": rss / (KiB * KiB),
+        "errors": sum(r["errors"] for r in reports),
+        "disconnects": sum(r["disconnects"] for r in reports),
+        "restart_all_back_s": back - killed,
+        "restart_missing": missing,
+        "load_avg_1m": load,
+    }
+
+
+async def bench(args: argparse.Namespace) -> dict[str, Any]:
+    """Every fleet size, ``--runs`` times each; min/median/max of each figure."""
+    results: dict[str, Any] = {}
+    (ROOT / "build").mkdir(exist_ok=True)
+    # A real disk: fsync counts. --keep leaves the databases for a look afterwards.
+    with contextlib.ExitStack() as stack:
+        if args.keep:
+            tmp = tempfile.mkdtemp(dir=ROOT / "build")
+        else:
+            tmp = stack.enter_context(tempfile.TemporaryDirectory(dir=ROOT / "build"))
+        work = Path(tmp)
+        body = work / "telemetry.json"
+        body.write_bytes(await asyncio.to_thread(telemetry_body, work / "nvml"))
+        for agents in args.agents:
+            runs = []
+            for i in range(args.runs):
+                run_dir = work / f"{agents}-{i}"
+                runs.append(await one_run(run_dir, body, args, agents))
+                if not args.keep:  # ~25 GB a run at 10,000 agents: the disk would fill
+                    shutil.rmtree(run_dir)
+            for run in runs:
+                print(agents, json.dumps(run), flush=True)
+            results[str(agents)] = {
+                key: {
+                    "min": min(r[key] for r in runs),
+                    "median": statistics.median(r[key] for r in runs),
+                    "max": max(r[key] for r in runs),
+                }
+                for key in runs[0]
+            }
+    return results
+
+
+def main() -> None:
+    """Run the load and print the figures."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--agents", default="1000,5000,10000", help="fleet sizes, comma-separated")
+    parser.add_argument("--runs", type=int, default=1, help="runs of each size")
+    parser.add_argument("--procs", type=int, default=2, help="client processes")
+    parser.add_argument("--interval", type=float, default=10.0, help="s between an agent's batches")
+    parser.add_argument("--duration", type=float, default=30.0, help="s of the steady window")
+    parser.add_argument("--new-keys-per-s", type=float, default=1000.0, help="serve's option")
+    parser.add_argument(
+        "--restart-timeout", type=float, default=300.0, help="s to wait for all to be back"
+    )
+    parser.add_argument("--keep", action="store_true", help="keep the databases under build/")
+    parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "coordinator_load.json"))
+    parser.add_argument("--client", nargs=5, help=argparse.SUPPRESS)  # a client process
+    args = parser.parse_args()
+    if args.client is not None:
+        url, pinned, body, agents, interval = args.client
+        asyncio.run(client(url, pinned, body, int(agents), float(interval)))
+        return
+    args.agents = [int(n) for n in args.agents.split(",")]
+    results = asyncio.run(bench(args))
+    out = Path(args.out)
+    out.parent.mkdir(exist_ok=True)
+    out.write_text(json.dumps(results, indent=2) + "\n")
+    for agents, figures in results.items():
+        for key, value in figures.items():
+            low, mid, high = value["min"], value["median"], value["max"]
+            print(f"{agents:>6} {key:20} {low:10.2f} {mid:10.2f} {high:10.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,138 @@
+"""Raw telemetry past its window becomes per-minute min/mean/max per GPU metric (on SQLite
+and on PostgreSQL: ``store_target``)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from msgspec import Raw
+
+from coordinator.db import DbTarget
+from coordinator.db_open import open_database
+from coordinator.downsample import downsample
+from coordinator.store import Message, Store
+
+NODE = "node-aa"
+
+
+@pytest.fixture
+def store(store_target: DbTarget) -> Iterator[Store]:
+    store = Store(store_target)
+    store.nodes.seen(NODE, "key", 0.0)
+    yield store
+    store.close()
+
+
+def sample(t: float, power: float, util: float | None) -> dict[str, Any]:
+    gpus: list[dict[str, Any]] = [
+        {"id": "GPU-0", "state": "ok", "power_w": power, "throttle_reasons": ["idle"]},
+        {"id": "GPU-1", "power_w": power * 2, "util_gpu_pct": {"status": "unsupported"}},
+    ]
+    if util is not None:
+        gpus[0]["util_gpu_pct"] = util
+    return {"taken_at": t, "host": {"load_1m": 9.0}, "gpus": gpus}
+
+
+def minutes(target: DbTarget) -> dict[tuple[int, str, str], tuple[float, float, float, int]]:
+    db = open_database(target)
+    try:
+        rows = db.execute(
+            "SELECT minute, gpu, metric, min, mean, max, samples FROM telemetry_minutes"
+        ).fetchall()
+    finally:
+        db.close()
+    return {(m, g, k): (lo, mean, hi, n) for m, g, k, lo, mean, hi, n in rows}
+
+
+def test_raw_rows_past_the_window_become_minutes_and_go(
+    store_target: DbTarget, store: Store
+) -> None:
+    # Minute 600 (10:00-10:59 s past epoch minute 10) gets samples from two batches.
+    store.add(NODE, 1, "telemetry", {"samples": [sample(600, 100, 10), sample(610, 200, 30)]}, 1000)
+    store.add(NODE, 2, "telemetry", {"samples": [sample(650, 300, None), sample(660, 50, 5)]}, 1001)
+    store.add(NODE, 3, "telemetry", {"samples": [sample(720, 80, 8)]}, 5000)  # in the window
+    before = store.retention.stored_bytes(NODE)
+    assert downsample(store_target, received_before=2000, aggregates_before=0) == 2
+    got = minutes(store_target)
+    assert got[(600, "GPU-0", "power_w")] == (100, 200, 300, 3)
+    assert got[(600, "GPU-0", "util_gpu_pct")] == (10, 20, 30, 2)  # absent once: not a zero
+    assert got[(600, "GPU-1", "power_w")] == (200, 400, 600, 3)
+    assert got[(660, "GPU-0", "power_w")] == (50, 50, 50, 1)
+    # Strings, lists, unsupported readings and host readings are no GPU metric.
+    assert {metric for _, _, metric in got} == {"power_w", "util_gpu_pct"}
+    assert {gpu for _, gpu, _ in got} == {"GPU-0", "GPU-1"}
+    assert store.nodes.all_seqs(NODE) == [3]
+    assert store.retention.stored_bytes(NODE) < before
+    assert store.nodes.last_agent_seq(NODE) == 3  # welcome never goes back
+
+
+def test_a_minute_folded_over_two_passes_keeps_a_weighted_mean(
+    store_target: DbTarget, store: Store
+) -> None:
+    store.add(NODE, 1, "telemetry", {"samples": [sample(600, 100, 1)]}, 1000)
+    downsample(store_target, received_before=2000, aggregates_before=0)
+    store.add(NODE, 2, "telemetry", {"samples": [sample(601, 400, 1), sample(602, 400, 1)]}, 3000)
+    downsample(store_target, received_before=4000, aggregates_before=0)
+    assert minutes(store_target)[(600, "GPU-0", "power_w")] == (100, 300, 400, 3)
+
+
+def test_aggregates_past_the_keep_window_are_deleted(store_target: DbTarget, store: Store) -> None:
+    store.add(NODE, 1, "telemetry", {"samples": [sample(600, 100, 1), sample(7200, 1, 1)]}, 1)
+    downsample(store_target, received_before=10, aggregates_before=3600)
+    assert {minute for minute, _, _ in minutes(store_target)} == {7200}
+
+
+def test_a_malformed_stored_sample_is_skipped_not_fatal(
+    store_target: DbTarget, store: Store
+) -> None:
+    odd = [{"taken_at": "x", "gpus": [{"id": "GPU-0", "p": 1}]}, {"gpus": 3}, sample(600, 5, 5)]
+    store.add(NODE, 1, "telemetry", {"samples": odd, "dropped": 0}, 1)
+    store.add(NODE, 2, "telemetry", {"samples": [], "dropped": 1}, 1)  # a shed batch
+    assert downsample(store_target, received_before=10, aggregates_before=0) == 2
+    assert minutes(store_target)[(600, "GPU-0", "power_w")] == (5, 5, 5, 1)
+
+
+def test_an_escaped_nul_or_a_reading_no_double_holds_does_not_stop_the_fold(
+    store_target: DbTarget, store: Store
+) -> None:
+    # Both pass the protocol's checks (msgspec keeps telemetry as the bytes received);
+    # PostgreSQL's jsonb refuses the one and a float8 cannot hold the other.
+    odd = {"taken_at": 600, "note": "a\u0000b", "gpus": [{"id": "GPU-0", "huge": Raw(b"1e400")}]}
+    store.add(NODE, 1, "telemetry", {"samples": [odd, sample(600, 7, 7)]}, 1)
+    assert downsample(store_target, received_before=10, aggregates_before=0) == 1
+    assert minutes(store_target)[(600, "GPU-0", "power_w")] == (7, 7, 7, 1)
+    assert store.nodes.all_seqs(NODE) == []
+
+
+def _read_bytes() -> int:
+    """Bytes this thread has read from files so far (what SQLite's page reads cost)."""
+    fields = dict(
+        line.split(": ") for line in Path("/proc/thread-self/io").read_text().split("\n") if line
+    )
+    return int(fields["rchar"])
+
+
+def test_a_pass_over_telemetry_within_its_window_reads_none_of_it(tmp_path: Path) -> None:
+    # SQLite's: its reads are this thread's (PostgreSQL's, the server's).
+    store = Store(tmp_path / "c.db")
+    try:
+        store.nodes.seen(NODE, "key", 0.0)
+        # 200 batches of ~56 KB (11 MB), all received after the pass's window: nothing to do.
+        batch = {"samples": [sample(600, 100, 10) | {"pad": "x" * 56_000}]}
+        calls = [
+            lambda s, q=q: s.add_in_transaction(Message(NODE, q, "telemetry", batch, 5000))
+            for q in range(1, 201)
+        ]
+        assert store.run_group(calls) == ["stored"] * 200
+        stored = store.retention.stored_bytes(NODE)
+        start = _read_bytes()
+        assert downsample(tmp_path / "c.db", received_before=2000, aggregates_before=0) == 0
+        assert store.retention.prune_telemetry(received_before=2000, keep_rows=1000) == 0
+        # Found from an index: at 10,000 agents the rows are the whole store, read at each
+        # pass.
+        assert _read_bytes() - start < stored // 10
+    finally:
+        store.close()

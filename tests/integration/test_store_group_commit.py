@@ -1,0 +1,101 @@
+"""Group commit: many messages to one transaction on the writer thread, none settled early
+(on SQLite and on PostgreSQL: ``store_target``)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+
+import pytest
+
+from agent.protocol.messages import Telemetry, decode_frame
+from coordinator.db import Database, DbTarget
+from coordinator.db_open import open_database
+from coordinator.group_commit import GroupCommit
+from coordinator.retention import Quotas
+from coordinator.store import Message, Store
+
+NODES = [f"node-{i:02d}" for i in range(50)]
+
+
+@pytest.fixture
+def store(store_target: DbTarget) -> Iterator[Store]:
+    store = Store(store_target)
+    for node in NODES:
+        store.nodes.seen(node, "key", 1.0)
+    yield store
+    store.close()
+
+
+def telemetry(node: str, seq: int) -> Message:
+    return Message(node, seq, "telemetry", {"samples": [{"t": seq}]}, 2.0)
+
+
+def stored(target: DbTarget) -> list[tuple[str, int]]:
+    db = open_database(target)
+    try:
+        return [(str(n), int(s)) for n, s in db.execute("SELECT node_id, seq FROM messages")]
+    finally:
+        db.close()
+
+
+def hold_every_node(db: Database) -> None:
+    """Take what a writer needs, in ``db``'s transaction: SQLite's file (``BEGIN
+    IMMEDIATE`` did), PostgreSQL's node rows."""
+    db.execute("SELECT node_id FROM nodes" + db.for_update).fetchall()
+
+
+async def test_no_message_is_settled_before_its_group_commits(
+    store_target: DbTarget, store: Store
+) -> None:
+    writer = GroupCommit(store_target, Quotas())
+    try:
+        # Another writer holds the nodes: the group cannot commit, so nothing may settle.
+        blocker = open_database(store_target)
+        with blocker.transaction():
+            hold_every_node(blocker)
+            adds = [asyncio.ensure_future(writer.add(telemetry(n, 1))) for n in NODES]
+            done, _ = await asyncio.wait(adds, timeout=0.3)
+            assert done == set()
+            assert stored(store_target) == []
+        blocker.close()
+        assert await asyncio.gather(*adds) == ["stored"] * len(NODES)
+        # Settled only after the commit: every one is in the file.
+        assert sorted(stored(store_target)) == [(n, 1) for n in NODES]
+        assert writer.messages == len(NODES)
+        assert writer.groups < len(NODES)  # grouped, not one commit each
+    finally:
+        writer.close()
+
+
+async def test_a_failing_message_fails_alone_and_a_resend_is_a_duplicate(
+    store_target: DbTarget, store: Store
+) -> None:
+    writer = GroupCommit(store_target, Quotas())
+    try:
+        unknown = writer.add(telemetry("node-unknown", 1))
+        results = await asyncio.gather(
+            writer.add(telemetry("node-00", 1)), unknown, return_exceptions=True
+        )
+        assert results[0] == "stored"
+        assert isinstance(results[1], ValueError)
+        assert await writer.add(telemetry("node-00", 1)) == "duplicate"
+        assert await writer.add(telemetry("node-00", 2)) == "stored"
+        assert sorted(stored(store_target)) == [("node-00", 1), ("node-00", 2)]
+    finally:
+        writer.close()
+
+
+def test_telemetry_is_stored_as_the_bytes_its_samples_came_in(
+    store_target: DbTarget, store: Store
+) -> None:
+    body = '{"samples":[{"t":1.50,"g":[ 1 ]}],"dropped":0}'
+    message = decode_frame('{"v":1,"type":"telemetry","seq":1,"body":' + body + "}")
+    assert isinstance(message, Telemetry)
+    assert store.add("node-00", 1, "telemetry", message.body, 2.0) == "stored"
+    db = open_database(store_target)
+    try:
+        (text,) = db.execute("SELECT body FROM messages").fetchone()
+    finally:
+        db.close()
+    assert text == body
