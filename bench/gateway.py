@@ -20,8 +20,10 @@ with wall time and the CPU time (user + system) of all three processes beside it
 With ``--llama`` the server is the real llama-server in its container instead (as
 bench/llama_direct.py runs it: the tiny model, one thread, an internal network), and the
 tokens are the model's (end-of-sequence forbidden): the figures a client of a real model
-sees. Run with ``python bench/gateway.py --runs N [--llama]``; min/median/max over runs
-printed and written to ``bench/results/gateway.json`` (``gateway_llama.json``). Nothing
+sees. The model runs on the last CPU alone and everything else on the others, as on a
+node whose model computes on its GPU (the relays take nothing from it). Run with
+``python bench/gateway.py --runs N [--llama]``; min/median/max over runs printed and
+written to ``bench/results/gateway.json`` (``gateway_llama.json``). Nothing
 asserted.
 """
 
@@ -151,7 +153,15 @@ async def _timed(
 async def main(runs: int, requests: int, tokens: int, llama: bool) -> dict[str, object]:
     """The figures of ``runs`` runs against the fake server or llama-server."""
     if llama:
-        with running_llama_server(SOCKET, llama_server_image(SOCKET), tiny_model()) as server:
+        # A model on a GPU takes no CPU from the relays; on this CPU-only machine the model
+        # gets the last core to itself and everything else (client, coordinator, agent) the
+        # others, for the direct run and the gateway run alike.
+        cores = sorted(os.sched_getaffinity(0))
+        model_cpu, others = (str(cores[-1]), set(cores[:-1])) if len(cores) > 1 else ("", set())
+        if others:
+            os.sched_setaffinity(0, others)  # the agent, started later, inherits it
+        image = llama_server_image(SOCKET)
+        with running_llama_server(SOCKET, image, tiny_model(), cpus=model_cpu) as server:
             pid = int(_docker_pid(server.container))
             return await _measure(
                 server.ip, PORT, pid, MODEL_ALIAS, runs=runs, requests=requests, tokens=tokens

@@ -90,9 +90,11 @@ def running_llama_server(
     *,
     threads: int = 1,
     parallel: int = 2,
+    cpus: str = "",
 ) -> Iterator[LlamaServer]:
-    """Start llama-server on ``model`` (extra server ``args`` appended); wait until /health
-    says ok; remove the container and its network after.
+    """Start llama-server on ``model`` (extra server ``args`` appended; ``cpus``: the only
+    CPUs it may run on, as ``docker run --cpuset-cpus``); wait until /health says ok;
+    remove the container and its network after.
 
     One thread by default: on a small shared machine, ggml's threads spin waiting on each
     other whenever one is preempted, and a 4 MB model gains nothing from a second one.
@@ -104,6 +106,7 @@ def running_llama_server(
             socket, "run", "--detach", "--name", name, "--network", name,
             "--label", "gpu-agent-test=llama", "--read-only", "--cap-drop", "ALL",
             "--security-opt", "no-new-privileges", "--memory", "1g", "--pids-limit", "256",
+            *(["--cpuset-cpus", cpus] if cpus else []),
             "--mount", f"type=bind,source={model.resolve()},target={_MODEL_IN_CONTAINER},readonly",
             image, "--model", _MODEL_IN_CONTAINER, "--alias", MODEL_ALIAS,
             "--host", "0.0.0.0", "--port", str(PORT),
