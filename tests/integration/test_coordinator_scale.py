@@ -228,14 +228,15 @@ async def test_a_session_superseded_while_its_message_commits_ends_cleanly(
         store.close()
 
 
-async def attested_once(server: Server, node: Node) -> None:
-    """A first session of ``node``: its attest_request (seq 1) acknowledged and stored."""
+async def attested_once(server: Server, node: Node, *, ack: bool = True) -> None:
+    """A first session of ``node``: its attest_request (seq 1) received (and acknowledged)."""
     async with welcomed(server, node) as (ws, _):
         attest = await recv(ws)
         assert isinstance(attest, AttestRequest)
         assert attest.seq == 1
-        await ws.send(encode_frame(wrap(AckBody(seq=1))))
-        await acks_stored(server, node.node_id)
+        if ack:
+            await ws.send(encode_frame(wrap(AckBody(seq=1))))
+            await acks_stored(server, node.node_id)
 
 
 async def test_reconnecting_nodes_are_served_while_another_writer_holds_the_file(
@@ -243,11 +244,12 @@ async def test_reconnecting_nodes_are_served_while_another_writer_holds_the_file
 ) -> None:
     nodes = [Node(), Node()]
     async with started(tmp_path) as server:
-        for node in nodes:
-            await attested_once(server, node)
-        # Another writer holds the file: a reconnecting node's writes (last seen, nonce,
-        # attest_request) wait for it on the writer's thread, never on the loop, which
-        # welcomes one node after the other meanwhile.
+        await attested_once(server, nodes[0])
+        # The other stores seq 1 but its ack is lost: its handshake says it has it.
+        await attested_once(server, nodes[1], ack=False)
+        # Another writer holds the file: a reconnecting node's writes (last seen, the ack
+        # its handshake carries, nonce, attest_request) wait for it on the writer's thread,
+        # never on the loop, which welcomes one node after the other meanwhile.
         blocker = sqlite3.connect(tmp_path / "coordinator.db", isolation_level=None)
         blocker.execute("BEGIN IMMEDIATE")
         a, b = (welcomed(server, node, last_coordinator_seq=1) for node in nodes)
@@ -260,6 +262,7 @@ async def test_reconnecting_nodes_are_served_while_another_writer_holds_the_file
                 assert attest.seq == 2
                 # Its nonce was stored with it: a profile may answer it.
                 server.store.streams.check_nonce(node.node_id, attest.body.nonce, time.time(), 60)
+                assert server.store.streams.outbound(node.node_id).acked == 1
 
 
 async def test_a_session_superseded_while_its_attest_request_commits_leaves_no_gap(
