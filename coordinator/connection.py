@@ -138,12 +138,15 @@ def _take_over(
         check_admission(shared, conn.handshake)
         if store.nodes.public_key(node_id) is None:
             store.nodes.seen(node_id, hello.public_key, now)  # before anything refers to it
-        else:  # a node reconnecting: no fsync on the loop for its last-seen time
+        else:  # a node reconnecting: its writes wait for no lock on the loop
             shared.writer.submit(lambda s: s.nodes.seen(node_id, hello.public_key, now))
-        sender = store.streams.resume_sender(node_id, hello.last_coordinator_seq)
+        agent_has = hello.last_coordinator_seq
+        sender, ahead = store.streams.resume_sender(node_id, agent_has)
     except ProtocolError as exc:
         conn.refuse(exc)
         return None
+    if ahead:  # the node stored what it had not acknowledged: the sender knows it already
+        shared.writer.submit(functools.partial(_forget_acked, node_id=node_id, seq=agent_has))
     if now - shared.nonces_purged_at >= _PURGE_EVERY_S:  # a scan: not at every handshake
         shared.nonces_purged_at = now
         before = now - shared.settings.attest_nonce_ttl_s
@@ -362,10 +365,23 @@ class _Session:
         if any(isinstance(m, AttestRequest) for m in self.conn.pending()):
             return
         nonce = new_nonce()
-        body = AttestRequestBody(nonce=nonce)
-        self.store.streams.add_attest_request(
-            self.node_id, nonce, self.shared.clock(), msgspec.to_builtins(body)
+        body = msgspec.to_builtins(AttestRequestBody(nonce=nonce))
+        # Through the writer: on the loop's connection, every reconnecting node's request
+        # waited for the writer's group (SQLite's one write lock), and the loop with it. The
+        # store numbers it as it commits; catch_up sends from where this session's numbering
+        # stands, so a job offer stored meanwhile goes out in its place too.
+        await self.shared.writer.call(
+            functools.partial(
+                _insert_attest_request,
+                node_id=self.node_id,
+                nonce=nonce,
+                now=self.shared.clock(),
+                body=body,
+            )
         )
+        # Superseded meanwhile: catch_up sends nothing here. The newer session numbered the
+        # stream as it stood before this commit; its next catch-up (its own request, a job
+        # offer) sends this one first, in its place, or the node's next handshake does.
         await self.catch_up()
 
     async def _on_reliable(self, message: ReliableMessage) -> None:
@@ -436,6 +452,10 @@ class _Session:
 
 def _forget_acked(store: Store, *, node_id: str, seq: int) -> None:
     store.streams.forget_acked(node_id, seq)
+
+
+def _insert_attest_request(store: Store, *, node_id: str, nonce: str, now: float, body: Any) -> int:
+    return store.streams.insert_attest_request(node_id, nonce, now, body)
 
 
 def _envelope(raw: Any) -> dsse.Envelope:

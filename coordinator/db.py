@@ -122,13 +122,20 @@ class SqliteDatabase(Database):
     dialect = "sqlite"
     for_update = ""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, checkpoints: bool = True) -> None:
+        """Open the file at ``path``; ``checkpoints=False``: this connection never copies
+        the WAL into the file (another connection to it does)."""
         # Two connections write the file (this one and the group-commit writer's): one
         # waits for the other's transaction, up to the timeout.
         self._conn = sqlite3.connect(path, isolation_level=None, timeout=30.0)
         self.rollbacks = 0
         try:
             self._conn.execute("PRAGMA journal_mode=WAL")
+            if not checkpoints:
+                # The commit that takes the WAL past its 1,000 pages copies them into the
+                # file: on the event loop's connection that stalls every session meanwhile.
+                # The group-commit writer's connection commits often and does it instead.
+                self._conn.execute("PRAGMA wal_autocheckpoint=0")
             # FULL: a message is acknowledged only once it is on disk, so that a coordinator
             # killed -9 (or a power loss) never loses what an agent then deletes.
             self._conn.execute("PRAGMA synchronous=FULL")

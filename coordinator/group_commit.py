@@ -9,9 +9,12 @@ session awaits its own message's outcome, which is set only once the group's com
 returned, so an ack can never precede the durability of what it acknowledges; a session
 handles its frames one at a time, so a node's messages are stored in its seq order.
 
-The loop's connection still writes the rest (handshakes, the coordinator's own stream, job
+A reconnecting node's handshake writes here too (its last-seen time, its ``attest_request``
+and nonce), so that 10,000 reconnecting nodes never have the loop wait for the write lock.
+The loop's connection still writes the rest (a new node's first row, job offers and
 reports); the database serialises the two writers (SQLite: one at a time, WAL: readers
-never wait; PostgreSQL: a node's row is locked while its message is stored).
+never wait; PostgreSQL: a node's row is locked while its message is stored). On SQLite the
+writer's commits also checkpoint the WAL: the loop's connection never does.
 """
 
 from __future__ import annotations

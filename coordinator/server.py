@@ -222,7 +222,9 @@ class Coordinator:
             unverified_node_bytes=settings.unverified_quota_bytes,
             store_bytes=settings.store_max_bytes,
         )
-        store = Store(self.db_path, quotas)
+        # The loop's connection leaves the WAL's checkpoints to the writer's, which commits
+        # many times a second under load: the loop never waits for one.
+        store = Store(self.db_path, quotas, checkpoints=False)
         try:
             writer = GroupCommit(self.db_path, quotas)
         except BaseException:

@@ -173,10 +173,16 @@ class Message(NamedTuple):
 class Store:
     """The coordinator's database: its tables, composed over one connection."""
 
-    def __init__(self, target: DbTarget, quotas: Quotas | None = None) -> None:
+    def __init__(
+        self, target: DbTarget, quotas: Quotas | None = None, *, checkpoints: bool = True
+    ) -> None:
         """Open (or create, or upgrade) the store at ``target`` (a SQLite file, or a
-        PostgreSQL URL), its messages held to ``quotas`` (none by default)."""
-        self._db = open_database(target)
+        PostgreSQL URL), its messages held to ``quotas`` (none by default).
+
+        ``checkpoints=False``: this connection never copies SQLite's WAL into the file; a
+        connection that does must be open beside it (the coordinator's group-commit writer).
+        """
+        self._db = open_database(target, checkpoints=checkpoints)
         try:
             if self._db.schema_version() < _SCHEMA_VERSION:
                 _create(self._db)

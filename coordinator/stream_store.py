@@ -72,8 +72,16 @@ class StreamTable:
         """Remember ``nonce`` and keep the ``attest_request`` carrying it, in one commit (one
         fsync per handshake, not two); returns its seq."""
         with self._db.transaction():
-            self.issue_nonce(node_id, nonce, now)
-            return self.insert_outbound(node_id, "attest_request", body)
+            return self.insert_attest_request(node_id, nonce, now, body)
+
+    def insert_attest_request(self, node_id: str, nonce: str, now: float, body: Any) -> int:
+        """:meth:`add_attest_request` in the caller's transaction (a group commit's).
+
+        Raises:
+            ValueError: no such node.
+        """
+        self.issue_nonce(node_id, nonce, now)
+        return self.insert_outbound(node_id, "attest_request", body)
 
     def check_nonce(self, node_id: str, nonce: str, now: float, ttl_s: float) -> None:
         """Refuse a nonce not issued to this node, expired, or already answered.
@@ -191,14 +199,15 @@ class StreamTable:
             assert message.seq == seq, f"outbound to {node_id}: seq {seq} after {message.seq - 1}"
         return sender
 
-    def resume_sender(self, node_id: str, agent_has: int) -> ReliableSender:
-        """The sender to a node, its pending messages those after the agent's last stored seq.
+    def resume_sender(self, node_id: str, agent_has: int) -> tuple[ReliableSender, bool]:
+        """The sender to a node, its pending messages those after the agent's last stored
+        seq; and whether the store has still to forget up to that seq (:meth:`forget_acked`:
+        the caller's to write, where it writes without waiting).
 
         Raises:
             SequenceError: ``ack_ahead`` / ``ack_behind`` (:meth:`ReliableSender.resend_from`).
         """
         sender = self.sender(node_id)
+        stored_ack = sender.acked_seq
         sender.resend_from(agent_has)
-        if agent_has > self.outbound(node_id).acked:
-            self.ack_outbound(node_id, agent_has)
-        return sender
+        return sender, agent_has > stored_ack

@@ -94,6 +94,8 @@ async def test_offer_to_a_connected_node_is_signed_for_it_and_verifies(
 ) -> None:
     peer = Peer()
     async with _link(coordinator, peer) as link:
+        # The session's attest_request is stored through the writer: here before the offer.
+        await link.take(AttestRequest)
         job_id = await coordinator.submit(peer.node_id, SPEC)
         offer = await link.take(JobOffer)
         assert offer.body.job_id == job_id
@@ -153,6 +155,8 @@ async def test_cancel_sends_job_cancel_once_and_refuses_unknown_or_final_jobs(
 ) -> None:
     peer = Peer()
     async with _link(coordinator, peer) as link:
+        # The session's attest_request is stored through the writer: here before the offer.
+        await link.take(AttestRequest)
         job_id = await coordinator.submit(peer.node_id, SPEC)
         await link.take(JobOffer)
         await link.status(job_id, "accepted")
@@ -307,6 +311,8 @@ async def test_receipt_that_does_not_match_its_job_is_stored_with_its_problems(
 ) -> None:
     peer = Peer()
     async with _link(coordinator, peer) as link:
+        # The session's attest_request is stored through the writer: here before the offer.
+        await link.take(AttestRequest)
         job_id = await coordinator.submit(peer.node_id, SPEC)
         offer = link.verify(await link.take(JobOffer), _pinned(coordinator))
         result = signed_receipt(peer, offer, **fields)
@@ -343,6 +349,8 @@ async def test_reports_about_unknown_or_foreign_jobs_are_kept_and_change_no_job(
 async def test_a_final_state_is_never_left(coordinator: Coordinator) -> None:
     peer = Peer()
     async with _link(coordinator, peer) as link:
+        # The session's attest_request is stored through the writer: here before the offer.
+        await link.take(AttestRequest)
         job_id = await coordinator.submit(peer.node_id, SPEC)
         await link.take(JobOffer)
         await link.status(job_id, "refused", "over_capacity", "no free GPU")
@@ -680,6 +688,8 @@ async def test_the_job_list_shows_how_far_a_pull_or_a_fetch_is(
 ) -> None:
     peer = Peer()
     async with _link(coordinator, peer) as link:
+        # The session's attest_request is stored through the writer: here before the offer.
+        await link.take(AttestRequest)
         job_id = await coordinator.submit(peer.node_id, SPEC)
         await link.take(JobOffer)
         await link.status(job_id, "accepted")

@@ -13,7 +13,9 @@ from typing import Any
 
 import pytest
 from support.admission import (
+    acks_stored,
     answers_until_ack,
+    codes,
     handshake,
     recv,
     started,
@@ -47,6 +49,7 @@ from agent.protocol.messages import (
     wrap,
 )
 from agent.protocol.session import AgentHandshake
+from coordinator.server import Coordinator as Server
 from coordinator.store import Store
 
 RECEIVED: list[bool] = []
@@ -207,7 +210,7 @@ async def test_a_session_superseded_while_its_message_commits_ends_cleanly(
         blocker.execute("BEGIN IMMEDIATE")
         await old.send(telemetry(1))
         async with connect(server.url) as new:
-            welcoming = asyncio.create_task(handshake(new, server, node))
+            welcoming = asyncio.create_task(handshake(new, server, node, last_coordinator_seq=1))
             seen = await until_closed(old)  # the newer connection supersedes it
             assert [m.body.code for m in seen if isinstance(m, Error)] == ["superseded"]
             blocker.execute("COMMIT")
@@ -223,3 +226,64 @@ async def test_a_session_superseded_while_its_message_commits_ends_cleanly(
         assert store.nodes.all_seqs(node.node_id) == [1]
     finally:
         store.close()
+
+
+async def attested_once(server: Server, node: Node, *, ack: bool = True) -> None:
+    """A first session of ``node``: its attest_request (seq 1) received (and acknowledged)."""
+    async with welcomed(server, node) as (ws, _):
+        attest = await recv(ws)
+        assert isinstance(attest, AttestRequest)
+        assert attest.seq == 1
+        if ack:
+            await ws.send(encode_frame(wrap(AckBody(seq=1))))
+            await acks_stored(server, node.node_id)
+
+
+async def test_reconnecting_nodes_are_served_while_another_writer_holds_the_file(
+    tmp_path: Path,
+) -> None:
+    nodes = [Node(), Node()]
+    async with started(tmp_path) as server:
+        await attested_once(server, nodes[0])
+        # The other stores seq 1 but its ack is lost: its handshake says it has it.
+        await attested_once(server, nodes[1], ack=False)
+        # Another writer holds the file: a reconnecting node's writes (last seen, the ack
+        # its handshake carries, nonce, attest_request) wait for it on the writer's thread,
+        # never on the loop, which welcomes one node after the other meanwhile.
+        blocker = sqlite3.connect(tmp_path / "coordinator.db", isolation_level=None)
+        blocker.execute("BEGIN IMMEDIATE")
+        a, b = (welcomed(server, node, last_coordinator_seq=1) for node in nodes)
+        async with a as (first, _), b as (second, _):
+            blocker.execute("COMMIT")
+            blocker.close()
+            for node, ws in zip(nodes, [first, second], strict=True):
+                attest = await recv(ws)
+                assert isinstance(attest, AttestRequest)
+                assert attest.seq == 2
+                # Its nonce was stored with it: a profile may answer it.
+                server.store.streams.check_nonce(node.node_id, attest.body.nonce, time.time(), 60)
+                assert server.store.streams.outbound(node.node_id).acked == 1
+
+
+async def test_a_session_superseded_while_its_attest_request_commits_leaves_no_gap(
+    tmp_path: Path,
+) -> None:
+    node = Node()
+    async with started(tmp_path) as server:
+        await attested_once(server, node)
+        blocker = sqlite3.connect(tmp_path / "coordinator.db", isolation_level=None)
+        blocker.execute("BEGIN IMMEDIATE")
+        old_session = welcomed(server, node, last_coordinator_seq=1)
+        async with old_session as (old, _), connect(server.url) as new:
+            # The old session's attest_request (seq 2) waits for the file; the newer session
+            # takes over meanwhile, its stream read as it stood before that commit.
+            welcoming = asyncio.create_task(handshake(new, server, node, last_coordinator_seq=1))
+            assert codes(await until_closed(old)) == ["superseded"]
+            blocker.execute("COMMIT")
+            blocker.close()
+            assert isinstance(await welcoming, Welcome)
+            # The newer session sends the old one's request in its place, then its own.
+            sent = [await recv(new), await recv(new)]
+            assert [m.seq for m in sent if isinstance(m, AttestRequest)] == [2, 3]
+            await new.send(encode_frame(wrap(AckBody(seq=3))))
+            await acks_stored(server, node.node_id)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -99,3 +100,26 @@ def test_telemetry_is_stored_as_the_bytes_its_samples_came_in(
     finally:
         db.close()
     assert text == body
+
+
+async def test_the_loops_commits_leave_the_wal_to_the_writers_checkpoint(tmp_path: Path) -> None:
+    # SQLite only: PostgreSQL's server checkpoints by itself.
+    path = tmp_path / "coordinator.db"
+    wal = path.with_name(path.name + "-wal")
+    loop_store = Store(path, checkpoints=False)
+    loop_store.nodes.seen("node-00", "key", 1.0)
+    writer = GroupCommit(path, Quotas())
+    try:
+        before = path.stat().st_size
+        # ~8 MB in 200 commits on the loop's connection: twice the WAL's 1,000 pages, past
+        # which a connection that checkpoints copies the WAL into the file as it commits.
+        for seq in range(1, 201):
+            loop_store.add("node-00", seq, "telemetry", {"samples": ["x" * 40_000]}, 2.0)
+        assert wal.stat().st_size > 8_000_000
+        assert path.stat().st_size == before  # none of it copied by the loop
+        # The writer's next commit finds the WAL past its pages, and copies it.
+        assert await writer.add(telemetry("node-00", 201)) == "stored"
+        assert path.stat().st_size > 8_000_000
+    finally:
+        writer.close()
+        loop_store.close()

@@ -68,9 +68,15 @@ async def recv(ws: ClientConnection) -> Message:
 
 
 async def handshake(
-    ws: ClientConnection, coordinator: Coordinator, node: Node, token: str | None = None
+    ws: ClientConnection,
+    coordinator: Coordinator,
+    node: Node,
+    token: str | None = None,
+    *,
+    last_coordinator_seq: int = 0,
 ) -> Welcome | Error:
-    """The agent's handshake: the welcome, or the coordinator's coded refusal."""
+    """The agent's handshake (having stored the coordinator's stream up to
+    ``last_coordinator_seq``): the welcome, or the coordinator's coded refusal."""
     hs = AgentHandshake(
         node_id=node.node_id,
         public_key=node.public_key,
@@ -79,7 +85,7 @@ async def handshake(
         pinned_keys={coordinator.key.key_id: coordinator.key.public_key},
         agent_version="0.1.0",
         nonce=crypto.b64encode(secrets.token_bytes(32)),
-        last_coordinator_seq=0,
+        last_coordinator_seq=last_coordinator_seq,
         now=time.time(),
         enrolment_token=token,
     )
@@ -107,10 +113,17 @@ async def refusal(coordinator: Coordinator, node: Node, token: str | None = None
 
 @asynccontextmanager
 async def welcomed(
-    coordinator: Coordinator, node: Node, token: str | None = None, **connect_args: Any
+    coordinator: Coordinator,
+    node: Node,
+    token: str | None = None,
+    *,
+    last_coordinator_seq: int = 0,
+    **connect_args: Any,
 ) -> AsyncIterator[tuple[ClientConnection, Welcome]]:
     async with connect(coordinator.url, **connect_args) as ws:
-        welcome = await handshake(ws, coordinator, node, token)
+        welcome = await handshake(
+            ws, coordinator, node, token, last_coordinator_seq=last_coordinator_seq
+        )
         assert isinstance(welcome, Welcome), welcome
         yield ws, welcome
 
