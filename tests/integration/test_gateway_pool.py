@@ -9,30 +9,14 @@ from pathlib import Path
 import openai
 import pytest
 from support.fake_openai import FakeOpenAI
-from support.gateway import new_key, replica, report, until
+from support.gateway import coordinator_with_gateway, new_key, replica, report, until
 
-from coordinator.admission import Settings
-from coordinator.gateway.client_conn import Limits
-from coordinator.gateway.proxy import Timeouts
-from coordinator.gateway.server import GatewaySettings
 from coordinator.server import Coordinator
-
-SETTINGS = GatewaySettings(
-    limits=Limits(head_timeout_s=1.0, body_timeout_s=2.0, write_timeout_s=2.0),
-    timeouts=Timeouts(first_byte_s=10.0, idle_s=10.0, queue_s=0.3),
-    record_flush_s=0.05,
-)
 
 
 @pytest.fixture
 async def coordinator(tmp_path: Path) -> AsyncIterator[Coordinator]:
-    server = Coordinator(
-        db_path=tmp_path / "coordinator.db",
-        state_dir=tmp_path / "state",
-        settings=Settings(handshake_timeout_s=5.0),
-        gateway_settings=SETTINGS,
-    )
-    async with server:
+    async with coordinator_with_gateway(tmp_path) as server:
         yield server
 
 

@@ -8,6 +8,7 @@ import asyncio
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -16,11 +17,33 @@ from agent.link.identity import Identity
 from agent.protocol import crypto
 from agent.protocol.bodies import JobStatusBody
 from agent.services.tunnel import ServiceTunnel, tunnel_url
+from coordinator.admission import Settings
+from coordinator.gateway.client_conn import Limits
+from coordinator.gateway.proxy import Timeouts
+from coordinator.gateway.server import GatewaySettings
 from coordinator.server import Coordinator
 
 __all__ = ["IMAGE", "Replica", "new_key", "replica", "report", "service_spec", "until"]
 
 IMAGE = "registry.example/llama-server@sha256:" + "ab" * 32
+
+
+#: Short timeouts, records flushed at once: what the gateway's tests wait on.
+SETTINGS = GatewaySettings(
+    limits=Limits(head_timeout_s=1.0, body_timeout_s=2.0, write_timeout_s=2.0),
+    timeouts=Timeouts(first_byte_s=10.0, idle_s=10.0, queue_s=0.3),
+    record_flush_s=0.05,
+)
+
+
+def coordinator_with_gateway(tmp_path: Path) -> Coordinator:
+    """A coordinator (not started) whose gateway has :data:`SETTINGS`."""
+    return Coordinator(
+        db_path=tmp_path / "coordinator.db",
+        state_dir=tmp_path / "state",
+        settings=Settings(handshake_timeout_s=5.0),
+        gateway_settings=SETTINGS,
+    )
 
 
 async def until(condition: Callable[[], bool], what: str, timeout_s: float = 10.0) -> None:
