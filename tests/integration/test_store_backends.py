@@ -16,6 +16,7 @@ from typing import Any
 import msgspec
 import pytest
 from support.coordinator_peer import signed_receipt
+from support.factories import request_record
 from support.job_service import Jobs, jobs_in
 
 from agent.protocol import dsse
@@ -24,7 +25,6 @@ from agent.protocol.messages import JobLog, JobLogBody, JobResult, JobStatus, Jo
 from coordinator.db import DbTarget
 from coordinator.deployments_store import KEEP_RETIRED
 from coordinator.errors import JobError
-from coordinator.gateway.tables import RequestRecord
 from coordinator.presence_store import ALIVE_S
 from coordinator.retention import Quotas
 from coordinator.store import Added, Store
@@ -204,32 +204,11 @@ def test_the_gateways_keys_records_and_live_jobs(store: Store) -> None:
     assert store.api_keys.find(text) == key
     assert store.api_keys.revoke(key.key_id, 2.0).revoked == 2.0
     assert [k.key_id for k in store.api_keys.all()] == [key.key_id]
-    records = [_record(n) for n in range(10)]
+    records = [request_record(n, node_id=NODE, ttfb_s=0.125) for n in range(10)]
     store.requests.add(records[:6], keep_rows=4)
     store.requests.add(records[6:], keep_rows=4)
     assert store.requests.recent(100) == records[:5:-1]
     assert store.services.live() == []
-
-
-def _record(n: int) -> RequestRecord:
-    return RequestRecord(
-        at=float(n),
-        key_id="key-1",
-        method="POST",
-        path="/v1/completions",
-        model="tiny",
-        node_id=NODE,
-        job_id="svc-1",
-        status=200,
-        code="",
-        stream=n % 2 == 0,
-        attempts=1,
-        tokens_in=n,
-        tokens_out=None,
-        latency_s=0.5,
-        ttfb_s=0.125,
-        ttft_s=None,
-    )
 
 
 def test_a_session_counts_while_its_coordinator_is_alive_and_one_store_leads(

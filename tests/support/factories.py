@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from coordinator.gateway.tables import RequestRecord
 from hal.types import (
     UNSUPPORTED,
     BackendReport,
@@ -70,3 +71,25 @@ def profile(
 
 
 DENIED = Unavailable("permission_denied", "/dev/dri/renderD128")
+
+
+def request_record(n: int, *, node_id: str = "node-1", ttfb_s: float = 0.1) -> RequestRecord:
+    """The gateway's record of request ``n`` (a stream when ``n`` is even)."""
+    return RequestRecord(
+        at=float(n),
+        key_id="key-1",
+        method="POST",
+        path="/v1/completions",
+        model="tiny",
+        node_id=node_id,
+        job_id="svc-1",
+        status=200,
+        code="",
+        stream=n % 2 == 0,
+        attempts=1,
+        tokens_in=n,
+        tokens_out=None,
+        latency_s=0.5,
+        ttfb_s=ttfb_s,
+        ttft_s=None,
+    )

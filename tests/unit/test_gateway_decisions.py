@@ -8,13 +8,14 @@ import sqlite3
 from pathlib import Path
 
 import pytest
+from support.factories import request_record
 
 from coordinator.errors import GatewayError
 from coordinator.gateway import answers
 from coordinator.gateway import usage as usage_module
 from coordinator.gateway.limits import RateLimits, bearer, retry_after
 from coordinator.gateway.routing import Full, Replica, Router
-from coordinator.gateway.tables import RequestRecord, hash_key
+from coordinator.gateway.tables import hash_key
 from coordinator.gateway.usage import MAX_BODY_BYTES, MAX_LINE_BYTES, Usage, UsageReader
 from coordinator.store import Store
 
@@ -168,34 +169,13 @@ def test_keys_are_stored_hashed_and_records_are_held_to_their_bound(tmp_path: Pa
         assert store.api_keys.revoke(key.key_id, 3.0).revoked == 2.0  # once
         with pytest.raises(GatewayError):
             store.api_keys.revoke("key-0000000000000000", 3.0)
-        records = [_record(n) for n in range(10)]
+        records = [request_record(n) for n in range(10)]
         store.requests.add(records[:6], keep_rows=4)
         store.requests.add(records[6:], keep_rows=4)
         assert [r.at for r in store.requests.recent(100)] == [9, 8, 7, 6]
         assert store.requests.recent(2) == [records[9], records[8]]
     finally:
         store.close()
-
-
-def _record(n: int) -> RequestRecord:
-    return RequestRecord(
-        at=float(n),
-        key_id="key-1",
-        method="POST",
-        path="/v1/completions",
-        model="tiny",
-        node_id="node-1",
-        job_id="svc-1",
-        status=200,
-        code="",
-        stream=n % 2 == 0,
-        attempts=1,
-        tokens_in=n,
-        tokens_out=None,
-        latency_s=0.5,
-        ttfb_s=0.1,
-        ttft_s=None,
-    )
 
 
 def test_a_store_of_version_5_gets_the_gateways_tables(tmp_path: Path) -> None:
@@ -209,7 +189,7 @@ def test_a_store_of_version_5_gets_the_gateways_tables(tmp_path: Path) -> None:
     store = Store(tmp_path / "c.db")
     try:
         assert store.api_keys.all() == []
-        store.requests.add([_record(1)], keep_rows=10)
+        store.requests.add([request_record(1)], keep_rows=10)
         assert store.services.live() == []
     finally:
         store.close()
