@@ -42,6 +42,7 @@ from support.tunnel_target import exchange, request  # noqa: E402
 
 from agent.link.identity import load_or_create  # noqa: E402
 from agent.protocol import crypto  # noqa: E402
+from agent.protocol.memory import reuse_freed_memory  # noqa: E402
 from agent.services.tunnel import tunnel_url  # noqa: E402
 from coordinator.server import Coordinator  # noqa: E402
 
@@ -207,6 +208,7 @@ if __name__ == "__main__":
     parser.add_argument("--mib", type=int, default=64)
     parser.add_argument("--tokens", type=int, default=5000)
     args = parser.parse_args()
+    reuse_freed_memory()  # as gpu-coordinator serve does (the direct client gets it too)
     results = asyncio.run(main(args.runs, args.requests, args.mib, args.tokens))
     text = json.dumps(results, indent=2)
     print(text)

@@ -31,7 +31,7 @@ from agent.config.settings import AgentConfig, CacheConfig
 from agent.control.server import ControlServer
 from agent.daemon.control import DaemonControl
 from agent.daemon.health import HealthCheck
-from agent.daemon.memory import reuse_freed_memory
+from agent.protocol.memory import reuse_freed_memory
 from agent.daemon.metrics import MetricsServer
 from agent.daemon.node_status import NodeReporter
 from agent.daemon.sampler import Sampler, Tick

@@ -11,7 +11,7 @@ import asyncio
 import sys
 from pathlib import Path
 
-from agent.daemon.memory import reuse_freed_memory
+from agent.protocol.memory import reuse_freed_memory
 from agent.link.identity import load_or_create
 from agent.protocol import crypto
 from agent.services.tunnel import ServiceTunnel

@@ -1,11 +1,16 @@
-"""The daemon's allocator settings: buffers reused, not faulted in anew.
+"""The allocator settings both ends of a tunnel run with: buffers reused, not faulted in anew.
 
-The tunnel and the log forwarder read into buffers of 64-256 KiB, one after another.
-glibc serves a block that size with ``mmap`` (or trims the heap's top as soon as it is
-freed), so each new buffer is fresh pages: a page fault per 4 KiB, a quarter of the
-agent's CPU when it relays a bulk answer (issue 13). Serving blocks under 1 MiB from the
-heap and keeping up to 16 MiB freed at its top lets the next buffer reuse the last one's
-pages; the cost is at most that much memory held back from the system while idle.
+A relay reads and writes buffers of 64 KiB-1 MiB, one after another: the agent its
+service's reads and the messages it frames, the coordinator the messages it receives
+and the chunks its readers take. glibc serves a block that size with ``mmap`` (or trims
+the heap's top as soon as it is freed), so each new buffer is fresh pages: a page fault
+per 4 KiB, a quarter of the agent's CPU and a third of the coordinator's when they relay
+a bulk answer (issue 13). Serving blocks under 1 MiB from the heap and keeping up to
+16 MiB freed at its top lets the next buffer reuse the last one's pages; the cost is at
+most that much memory held back from the system while idle.
+
+Here, beside the protocol both sides share, because both processes call it at start-up
+(``gpu-agent run``, ``gpu-coordinator serve``); it does no I/O.
 """
 
 from __future__ import annotations
