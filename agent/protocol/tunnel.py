@@ -71,6 +71,7 @@ __all__ = [
     "MAX_BATCH_BYTES",
     "MAX_CONTROL_BACKLOG",
     "MAX_STREAMS",
+    "MAX_STREAM_WINDOW",
     "STREAM_WINDOW",
     "TUNNEL_PATH",
     "ResetCode",
@@ -89,6 +90,8 @@ TUNNEL_PATH: Final = "/tunnel"
 #: Each side's initial window per stream, and per connection (both sides assume these).
 STREAM_WINDOW: Final = 256 * 1024
 CONNECTION_WINDOW: Final = 16 * 1024 * 1024
+#: What a stream's receive window may grow to while its reader keeps up (TunnelMux._credit).
+MAX_STREAM_WINDOW: Final = 4 * 1024 * 1024
 #: Most streams open at once on one connection, as each side counts them.
 MAX_STREAMS: Final = 256
 #: The scheduler's unit: one stream's turn sends at most this much while others wait.
@@ -109,6 +112,10 @@ class TunnelMux:
         window, connection_window: the initial windows. Both sides must use the same
             values: they are the protocol's constants, parameters only so that tests can
             make them small.
+        max_window: what this side lets a stream's receive window grow to while the
+            application reads all it receives (this side's choice: the peer only sees
+            larger WINDOW increments). The streams' growth together is held to a quarter
+            of the connection's window.
         max_streams: the most streams open at once; the peer's opens past it are reset
             ``too_many_streams``, this side's refused with LimitExceeded.
         accept_opens: whether the peer may open streams; if not, each of its opens is
@@ -121,6 +128,7 @@ class TunnelMux:
         *,
         window: int = STREAM_WINDOW,
         connection_window: int = CONNECTION_WINDOW,
+        max_window: int = MAX_STREAM_WINDOW,
         max_streams: int = MAX_STREAMS,
         accept_opens: bool = True,
     ) -> None:
@@ -128,6 +136,9 @@ class TunnelMux:
         self._accept_opens = accept_opens
         self.closed = False
         self._window = window
+        self._max_window = max(window, max_window)
+        self._growth_budget = connection_window // 4
+        self._grown = 0  # what the open streams' windows grew by, together
         self._conn_window = connection_window
         self._max_streams = max_streams
         self._streams: dict[int, StreamState] = {}
@@ -189,6 +200,7 @@ class TunnelMux:
         stream = self._streams.pop(stream_id, None)
         if stream is None:
             return
+        self._grown -= stream.window - self._window
         self._remember_reset(stream_id)
         self._control.append(encode_reset(stream_id, code))
         self._release_inbound(stream)
@@ -244,6 +256,7 @@ class TunnelMux:
             StreamReset(sid, ResetCode.CONNECTION_LOST, remote=False) for sid in self._streams
         ]
         self._streams.clear()
+        self._grown = 0
         self._control.clear()
         return events
 
@@ -320,6 +333,7 @@ class TunnelMux:
             self._forget_if_done(stream)
         else:
             del self._streams[sid]
+            self._grown -= stream.window - self._window
             self._release_inbound(stream)
             out.append(StreamReset(sid, frame.code, remote=True))
 
@@ -376,6 +390,7 @@ class TunnelMux:
         kept.append(TunnelFailed(error))
         self.closed = True
         self._streams.clear()
+        self._grown = 0
         self._control.clear()
         return kept
 
@@ -439,17 +454,37 @@ class TunnelMux:
     def _forget_if_done(self, stream: StreamState) -> None:
         if stream.end_sent and stream.remote_ended and not stream.inbound:
             del self._streams[stream.stream_id]
+            self._grown -= stream.window - self._window
             self._finished.append(stream.stream_id)
 
     def _credit(self, stream: StreamState, size: int) -> None:
-        """The application read ``size`` bytes: grant them back once half a window is due."""
+        """The application read ``size`` bytes: grant them back once half a window is due.
+
+        A reader that has read all it received by then keeps up with the sender: the
+        window, not the reader, is what holds the stream back (one round trip per half
+        window). Its window doubles, up to ``max_window``, as HTTP/2 receivers auto-tune
+        theirs; a reader that falls behind keeps the window it has. All streams' growth
+        together stays within a quarter of the connection's window, so that readers that
+        kept up and then stopped leave the rest to the others.
+        """
         if size == 0:
             return
         if not stream.remote_ended:
             stream.unannounced += size
-            if stream.unannounced >= self._window // 2:
-                self._control.append(encode_window(stream.stream_id, stream.unannounced))
-                stream.recv_window += stream.unannounced
+            if stream.unannounced >= stream.window // 2:
+                increment = stream.unannounced
+                if not stream.inbound:
+                    extra = min(
+                        stream.window,
+                        self._max_window - stream.window,
+                        self._growth_budget - self._grown,
+                    )
+                    if extra > 0:
+                        increment += extra
+                        stream.window += extra
+                        self._grown += extra
+                self._control.append(encode_window(stream.stream_id, increment))
+                stream.recv_window += increment
                 stream.unannounced = 0
         self._credit_connection(size)
 

@@ -23,12 +23,15 @@ class StreamState:
         "send_window",
         "stream_id",
         "unannounced",
+        "window",
     )
 
     def __init__(self, stream_id: int, window: int) -> None:
         self.stream_id = stream_id
         self.send_window = window
         self.recv_window = window
+        self.window = window
+        """The receive window this side grants the stream now (it grows: TunnelMux)."""
         self.unannounced = 0
         """Read by the application, not yet granted back to the peer."""
         # What the application queued, as it came: a chunk that fits a frame goes out

@@ -133,6 +133,10 @@ def test_random_interleavings_deliver_every_byte_in_order_within_the_windows(
             for role_ in _SIDES:
                 got = sides[other(role_)].received.get(sid_, bytearray())
                 assert sides[role_].sent.get(sid_, bytearray()).startswith(got)
+        # Windows grow only within a quarter of the connection's, given back as streams go.
+        for side_ in sides.values():
+            grown = sum(s.window - window for s in side_.mux._streams.values())
+            assert side_.mux._grown == grown <= window * connection_factor // 4
 
     # Both sides keep reading and delivering: everything sent arrives.
     for _ in range(10_000):
