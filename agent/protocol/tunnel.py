@@ -401,6 +401,9 @@ class TunnelMux:
 
         A stream's turn is one chunk of at most :data:`CHUNK_BYTES` while others wait for
         theirs, and of up to a whole frame when it is alone: fairness costs nothing then.
+        A frame is never cut to fit ``max_bytes``: the last one may go past it. Cut, a
+        service's read of 256 KiB went as a message and a second one of its last 36 bytes,
+        each written, woken for and read on its own.
         """
         if self.closed:
             return b""
@@ -411,7 +414,7 @@ class TunnelMux:
             frame = control.popleft()
             parts.append(frame)
             budget -= len(frame)
-        while self._ready and self._conn_send > 0 and budget > HEADER_BYTES:
+        while self._ready and self._conn_send > 0 and budget > 0:
             sid = self._ready.popleft()
             stream = self._streams.get(sid)
             if stream is None or not stream.out or stream.send_window <= 0:
@@ -422,7 +425,6 @@ class TunnelMux:
                 stream.out_bytes,
                 stream.send_window,
                 self._conn_send,
-                budget - HEADER_BYTES,
             )
             parts.append(data_header(sid, size))
             stream.take(size, parts)

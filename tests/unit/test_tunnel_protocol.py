@@ -406,7 +406,7 @@ def test_streams_with_data_take_turns_in_bounded_chunks() -> None:
     a, b = coordinator.open("a"), coordinator.open("b")
     _deliver(coordinator, agent)
     coordinator.send(a, b"a" * (4 * CHUNK_BYTES))
-    coordinator.send(b, b"b" * CHUNK_BYTES)
+    coordinator.send(b, b"b" * (2 * CHUNK_BYTES))
     frames = decode_frames(coordinator.data_to_send(max_bytes=3 * (CHUNK_BYTES + 9)))
     assert [(f.stream_id, len(f.data)) for f in frames if isinstance(f, Data)] == [
         (a, CHUNK_BYTES),

@@ -1,10 +1,11 @@
-"""A stream's receive window grows while its reader keeps up, and only then (docs/protocol.md,
-"Flow control"): one bulk stream is not held to a round trip per half window, and a
-reader that stops holds no more of the connection than the window it had."""
+"""What keeps one bulk stream moving (docs/protocol.md, "Flow control"): its receive window
+grows while its reader keeps up, and only then, so it is not held to a round trip per
+half window, and a reader that stops holds no more of the connection than the window it
+had; a service's read goes out as one message, not two."""
 
 from __future__ import annotations
 
-from agent.protocol.tunnel import Role, TunnelMux
+from agent.protocol.tunnel import MAX_BATCH_BYTES, Role, TunnelMux
 
 
 def _pair(window: int, max_window: int) -> tuple[TunnelMux, TunnelMux]:
@@ -90,3 +91,16 @@ def test_streams_grow_together_within_a_quarter_of_the_connection_window() -> No
         _carry(agent, coordinator)
         _carry(coordinator, agent)
     assert agent.readable(second) == 16384
+
+
+def test_a_read_of_the_batch_size_goes_as_one_message() -> None:
+    # A service's read of 256 KiB (asyncio's most) fills whole frames: no second message
+    # of the bytes the frames' headers displaced.
+    coordinator, agent = _pair(window=1 << 20, max_window=1 << 20)
+    sid = agent_sid = coordinator.open("svc")
+    _carry(coordinator, agent)
+    agent.send(agent_sid, b"z" * MAX_BATCH_BYTES)
+    first = agent.data_to_send()
+    assert agent.data_to_send() == b""
+    coordinator.receive_data(first)
+    assert coordinator.readable(sid) == MAX_BATCH_BYTES
