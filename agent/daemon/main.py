@@ -31,7 +31,6 @@ from agent.config.settings import AgentConfig, CacheConfig
 from agent.control.server import ControlServer
 from agent.daemon.control import DaemonControl
 from agent.daemon.health import HealthCheck
-from agent.protocol.memory import reuse_freed_memory
 from agent.daemon.metrics import MetricsServer
 from agent.daemon.node_status import NodeReporter
 from agent.daemon.sampler import Sampler, Tick
@@ -51,6 +50,7 @@ from agent.owner.policy import OwnerPolicy
 from agent.owner.power import PowerLimiter
 from agent.protocol import dsse
 from agent.protocol.bodies import EnvelopeBody, ProfileBody
+from agent.protocol.memory import reuse_freed_memory
 from agent.protocol.messages import (
     AttestRequest,
     ImagePrefetch,

@@ -11,9 +11,9 @@ import asyncio
 import sys
 from pathlib import Path
 
-from agent.protocol.memory import reuse_freed_memory
 from agent.link.identity import load_or_create
 from agent.protocol import crypto
+from agent.protocol.memory import reuse_freed_memory
 from agent.services.tunnel import ServiceTunnel
 
 __all__ = ["main"]

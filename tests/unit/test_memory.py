@@ -47,10 +47,14 @@ def test_gpu_coordinator_serve_relays_with_the_same_settings_as_the_agent(
     # before it serves, as the agent's daemon does (a third of its relaying CPU otherwise).
     calls: list[str] = []
 
+    def tuned() -> bool:
+        calls.append("tuned")
+        return True
+
     async def serve(*_: object) -> None:
         calls.append("serve")
 
-    monkeypatch.setattr(cli, "reuse_freed_memory", lambda: calls.append("tuned") or True)
+    monkeypatch.setattr(cli, "reuse_freed_memory", tuned)
     monkeypatch.setattr(cli, "_serve", serve)
     argv = ["serve", "--port", "0", "--state-dir", str(tmp_path / "state")]
     assert cli.main([*argv, "--db", str(tmp_path / "c.db")]) == 0
