@@ -34,6 +34,7 @@ from coordinator.gateway.tables import ApiKeyTable, RequestTable, ServiceJobs
 from coordinator.jobs_store import JobEvent, JobTable
 from coordinator.nodes_store import STORED_SIZE, NodeTable, Unverified
 from coordinator.presence_store import SCHEMA as PRESENCE_SCHEMA
+from coordinator.presence_store import UPGRADE_9 as PRESENCE_UPGRADE_9
 from coordinator.presence_store import Presence
 from coordinator.retention import Quotas, Retention
 from coordinator.stream_store import StreamTable
@@ -317,8 +318,12 @@ def _create(db: Database) -> None:
         # 9 first: 4 counts the bytes stored, deflated ones too.
         columns = {r[1] for r in db.execute("PRAGMA table_info(messages)")}
         upgrade = _V9 if columns and "deflated" not in columns else ""
+        columns = {r[1] for r in db.execute("PRAGMA table_info(coordinators)")}
+        upgrade += PRESENCE_UPGRADE_9 if columns and "peer_url" not in columns else ""
         columns = {r[1] for r in db.execute("PRAGMA table_info(nodes)")}
         upgrade += _V4 if columns and "agent_seq" not in columns else ""
     else:
-        upgrade = _V9_POSTGRES
+        upgrade = _V9_POSTGRES + PRESENCE_UPGRADE_9.replace(
+            "ADD COLUMN", "ADD COLUMN IF NOT EXISTS"
+        )
     db.create_schema(script, _SCHEMA_VERSION, upgrade=upgrade)

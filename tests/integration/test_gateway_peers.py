@@ -1,0 +1,137 @@
+"""The gateway of any coordinator on one PostgreSQL serves a model whose replica's tunnel
+ends at another: it asks that one for a stream (coordinator/gateway/peer.py), and only a
+coordinator of the network may ask."""
+
+from __future__ import annotations
+
+import shutil
+import time
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
+from pathlib import Path
+
+import httpx
+import openai
+from support.fake_openai import FakeOpenAI
+from support.gateway import SETTINGS, new_key, replica, until
+from support.processes import free_port
+
+from coordinator import keys
+from coordinator.gateway.peer import PeerAuth
+from coordinator.server import Coordinator
+
+
+@asynccontextmanager
+async def two_coordinators(url: str, tmp_path: Path) -> AsyncIterator[list[Coordinator]]:
+    """Two coordinators on the database at ``url`` with one key, each giving its gateway's
+    address to the other."""
+    keys.load_or_create(tmp_path / "a")
+    (tmp_path / "b").mkdir(mode=0o700)
+    shutil.copy2(tmp_path / "a" / keys.KEY_FILE, tmp_path / "b" / keys.KEY_FILE)
+    async with AsyncExitStack() as stack:
+        started = []
+        for name in ("a", "b"):
+            port = free_port()
+            coordinator = Coordinator(
+                db_path=url,
+                state_dir=tmp_path / name,
+                gateway_port=port,
+                gateway_settings=SETTINGS,
+                peer_url=f"http://127.0.0.1:{port}",
+            )
+            started.append(await stack.enter_async_context(coordinator))
+        yield started
+
+
+@asynccontextmanager
+async def served() -> AsyncIterator[FakeOpenAI]:
+    server = FakeOpenAI("behind-b")
+    await server.start()
+    try:
+        yield server
+    finally:
+        await server.stop()
+
+
+def _client(coordinator: Coordinator, key: str) -> openai.AsyncOpenAI:
+    return openai.AsyncOpenAI(
+        base_url=coordinator.gateway_url, api_key=key, max_retries=0, timeout=20
+    )
+
+
+async def test_a_request_to_one_coordinator_is_served_by_a_replica_tunnelled_to_the_other(
+    postgres_url: str, tmp_path: Path
+) -> None:
+    async with (
+        two_coordinators(postgres_url, tmp_path) as (a, b),
+        served() as server,
+        replica(b, "svc-b", ("127.0.0.1", server.port), ["tiny"]) as held,
+        _client(a, new_key(a)) as client,
+    ):
+        a_id = a.coordinator_id
+
+        def seen_elsewhere() -> bool:
+            return held.node_id in a.store.presence.peer_tunnels(a_id, time.time())
+
+        await until(seen_elsewhere, "b's tunnel, in the store")
+        assert held.node_id not in a.tunnels.connected()
+        answer = await client.chat.completions.create(
+            model="tiny", messages=[{"role": "user", "content": "hi"}]
+        )
+        stream = await client.chat.completions.create(
+            model="tiny", messages=[{"role": "user", "content": "again"}], stream=True
+        )
+        pieces = [c.choices[0].delta.content async for c in stream if c.choices]
+        models = [m.id for m in (await client.models.list()).data]
+        # Recorded once, by the gateway that took the request and its key.
+        for coordinator in (a, b):
+            coordinator.gateway.records.flush()
+        records = a.store.requests.recent(10)
+    assert answer.choices[0].message.content == "t0 t1 t2 t3 t4"
+    assert answer.system_fingerprint == "behind-b"
+    assert pieces == [f"t{n} " for n in range(5)]
+    assert models == ["tiny"]
+    assert [r["messages"][0]["content"] for r in server.requests] == ["hi", "again"]
+    chats = [(r.node_id, r.job_id, r.status) for r in records if r.path != "/v1/models"]
+    assert chats == [(held.node_id, "svc-b", 200)] * 2
+
+
+async def test_only_a_coordinator_of_the_network_gets_a_stream_from_a_peer(
+    postgres_url: str, tmp_path: Path
+) -> None:
+    async with (
+        two_coordinators(postgres_url, tmp_path) as (_, b),
+        served() as server,
+        replica(b, "svc-b", ("127.0.0.1", server.port), ["tiny"]) as held,
+        httpx.AsyncClient(trust_env=False, timeout=10) as http,
+    ):
+        base = b.gateway_url.removesuffix("/v1")
+        path = f"{base}/_peer/streams/{held.node_id}/svc-b"
+        upgrade = {"connection": "upgrade", "upgrade": "gpu-agent-stream"}
+        ours = PeerAuth(b.key)
+        another = PeerAuth(keys.load_or_create(tmp_path / "other"))
+        late = PeerAuth(b.key, clock=lambda: time.time() - 120)
+        answers = [
+            await http.get(path, headers=upgrade | extra)
+            for extra in (
+                {},
+                {"gpu-peer-auth": another.header(held.node_id, "svc-b")},
+                {"gpu-peer-auth": late.header(held.node_id, "svc-b")},
+                {"gpu-peer-auth": ours.header(held.node_id, "svc-other")},  # not this job's
+                {"gpu-peer-auth": "12:" + "0" * 64},
+            )
+        ]
+        assert [(r.status_code, r.json()["error"]["code"]) for r in answers] == [
+            (403, "bad_peer")
+        ] * 5
+        # A proof for a node whose tunnel is not there: nothing to relay.
+        elsewhere = await http.get(
+            f"{base}/_peer/streams/node-nowhere/svc-b",
+            headers=upgrade | {"gpu-peer-auth": ours.header("node-nowhere", "svc-b")},
+        )
+        assert (elsewhere.status_code, elsewhere.json()["error"]["code"]) == (
+            502,
+            "upstream_error",
+        )
+        assert b.tunnels.open_streams(held.node_id) == 0
+    assert server.connections == 0
