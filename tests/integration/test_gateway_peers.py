@@ -4,6 +4,8 @@ coordinator of the network may ask."""
 
 from __future__ import annotations
 
+import asyncio
+import json
 import shutil
 import time
 from collections.abc import AsyncIterator
@@ -94,6 +96,38 @@ async def test_a_request_to_one_coordinator_is_served_by_a_replica_tunnelled_to_
     assert [r["messages"][0]["content"] for r in server.requests] == ["hi", "again"]
     chats = [(r.node_id, r.job_id, r.status) for r in records if r.path != "/v1/models"]
     assert chats == [(held.node_id, "svc-b", 200)] * 2
+
+
+async def test_a_client_gone_mid_stream_through_a_peer_resets_the_holders_stream(
+    postgres_url: str, tmp_path: Path
+) -> None:
+    async with (
+        two_coordinators(postgres_url, tmp_path) as (a, b),
+        served() as server,
+        replica(b, "svc-b", ("127.0.0.1", server.port), ["tiny"]) as held,
+    ):
+        server.mode = "hold"
+        key, a_id = new_key(a), a.coordinator_id
+        await until(
+            lambda: held.node_id in a.store.presence.peer_tunnels(a_id, time.time()),
+            "b's tunnel, in the store",
+        )
+        reader, writer = await asyncio.open_connection("127.0.0.1", a.gateway.port)
+        body = json.dumps({"model": "tiny", "stream": True, "messages": []}).encode()
+        writer.write(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\n"
+            b"Authorization: Bearer %s\r\nContent-Length: %d\r\n\r\n%s"
+            % (key.encode(), len(body), body)
+        )
+        head = await reader.readuntil(b"data: ")
+        assert head.startswith(b"HTTP/1.1 200 ")
+        assert b.tunnels.open_streams(held.node_id) == 1
+        writer.close()
+        await writer.wait_closed()
+        async with asyncio.timeout(10):
+            await server.closed.get()  # the service saw its connection closed
+        await until(lambda: b.tunnels.open_streams(held.node_id) == 0, "the holder's reset")
+        await until(lambda: b.gateway.connections == 0, "the peer's connection closed")
 
 
 async def test_only_a_coordinator_of_the_network_gets_a_stream_from_a_peer(
