@@ -142,7 +142,10 @@ class Proxy:
         if key is None or key.revoked is not None:
             raise GatewayError("invalid_api_key", "send Authorization: Bearer <a valid API key>")
         state.key_id = key.key_id
-        wait = self._rates.admit(key.key_id, key.rate_per_min, self._monotonic())
+        if self._keys.shared:  # one rate over every coordinator's gateway
+            wait = self._keys.take_rate(key.key_id, key.rate_per_min, self._clock())
+        else:
+            wait = self._rates.admit(key.key_id, key.rate_per_min, self._monotonic())
         if wait > 0:
             raise GatewayError(
                 "rate_limited", f"{key.rate_per_min} requests a minute", retry_after_s=wait

@@ -1,6 +1,7 @@
-"""The gateway of any coordinator on one PostgreSQL serves a model whose replica's tunnel
-ends at another: it asks that one for a stream (coordinator/gateway/peer.py), and only a
-coordinator of the network may ask."""
+"""The gateways of several coordinators on one PostgreSQL act as one: any serves a model
+whose replica's tunnel ends at another (it asks that one for a stream,
+coordinator/gateway/peer.py, and only a coordinator of the network may ask), a key's rate
+is one over all of them, and a key revoked through one is refused by the others."""
 
 from __future__ import annotations
 
@@ -169,3 +170,32 @@ async def test_only_a_coordinator_of_the_network_gets_a_stream_from_a_peer(
         )
         assert b.tunnels.open_streams(held.node_id) == 0
     assert server.connections == 0
+
+
+async def test_a_keys_rate_is_one_over_every_coordinator_and_a_revocation_holds_on_all(
+    postgres_url: str, tmp_path: Path
+) -> None:
+    async with (
+        two_coordinators(postgres_url, tmp_path) as (a, b),
+        httpx.AsyncClient(trust_env=False, timeout=10) as http,
+    ):
+        key = new_key(a, rate_per_min=3)
+        auth = {"authorization": f"Bearer {key}"}
+
+        async def models(via: Coordinator) -> httpx.Response:
+            return await http.get(f"{via.gateway_url}/models", headers=auth)
+
+        passed = [(await models(via)).status_code for via in (a, b, a)]
+        refused = [await models(via) for via in (b, a)]
+        assert passed == [200, 200, 200]
+        assert [(r.status_code, r.json()["error"]["code"]) for r in refused] == [
+            (429, "rate_limited")
+        ] * 2
+        assert all(int(r.headers["retry-after"]) >= 1 for r in refused)
+        other, text = b.store.api_keys.create("other", 6000, time.time())
+        other_auth = {"authorization": f"Bearer {text}"}
+        first = await http.get(f"{b.gateway_url}/models", headers=other_auth)
+        assert first.status_code == 200  # b has now seen (and, alone, would keep) the key
+        a.store.api_keys.revoke(other.key_id, time.time())
+        after = await http.get(f"{b.gateway_url}/models", headers=other_auth)
+        assert (after.status_code, after.json()["error"]["code"]) == (401, "invalid_api_key")
