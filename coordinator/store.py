@@ -217,6 +217,12 @@ class Store:
         """Close the database."""
         self._db.close()
 
+    def checkpoint(self) -> None:
+        """Copy what SQLite's WAL holds into the file, as far as readers allow (PASSIVE:
+        nobody waits); nothing on PostgreSQL, whose server does its own."""
+        if isinstance(self._db, SqliteDatabase):
+            self._db.execute("PRAGMA wal_checkpoint(PASSIVE)")
+
     def add(
         self,
         node_id: str,
