@@ -17,7 +17,7 @@ from typing import Final
 
 from coordinator.db import Database
 
-__all__ = ["ALIVE_S", "FORGET_S", "HEARTBEAT_S", "SCHEMA", "UPGRADE_9", "Presence"]
+__all__ = ["ALIVE_S", "FORGET_S", "HEARTBEAT_S", "SCHEMA", "Presence"]
 
 #: Seconds between a coordinator's heartbeats.
 HEARTBEAT_S: Final = 5.0
@@ -28,8 +28,7 @@ FORGET_S: Final = 86400.0
 #: The advisory lock of the leading coordinator.
 _LEAD_LOCK: Final = 0x67_70_75_2D_6C_65_61_64  # "gpu-lead"
 
-#: Schema version 8 (:mod:`coordinator.store`); 9 adds ``peer_url`` (:data:`UPGRADE_9`) and
-#: ``node_tunnels``.
+#: Schema version 8 (:mod:`coordinator.store`); 9 adds ``peer_url`` and ``node_tunnels``.
 SCHEMA: Final = """
 CREATE TABLE IF NOT EXISTS coordinators (
     coordinator_id TEXT PRIMARY KEY,
@@ -48,10 +47,6 @@ CREATE TABLE IF NOT EXISTS node_sessions (
     opened REAL NOT NULL
 ) STRICT;
 """
-
-
-#: Version 9 on a store of version 8 (both dialects).
-UPGRADE_9: Final = "ALTER TABLE coordinators ADD COLUMN peer_url TEXT NOT NULL DEFAULT '';"
 
 
 class Presence:

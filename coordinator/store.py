@@ -34,7 +34,6 @@ from coordinator.gateway.tables import ApiKeyTable, RequestTable, ServiceJobs
 from coordinator.jobs_store import JobEvent, JobTable
 from coordinator.nodes_store import STORED_SIZE, NodeTable, Unverified
 from coordinator.presence_store import SCHEMA as PRESENCE_SCHEMA
-from coordinator.presence_store import UPGRADE_9 as PRESENCE_UPGRADE_9
 from coordinator.presence_store import Presence
 from coordinator.retention import Quotas, Retention
 from coordinator.stream_store import StreamTable
@@ -146,10 +145,14 @@ UPDATE nodes SET
     stored_bytes = (SELECT COALESCE(SUM({STORED_SIZE}), 0) FROM messages m
                     WHERE m.node_id = nodes.node_id);
 """
-#: Version 9 on an older database: telemetry's frames as they came, deflated (SQLite's
-#: ``ALTER TABLE``; PostgreSQL's is :data:`_V9_POSTGRES`).
-_V9 = "ALTER TABLE messages ADD COLUMN deflated BLOB;"
-_V9_POSTGRES = "ALTER TABLE messages ADD COLUMN IF NOT EXISTS deflated BYTEA;"
+#: Version 9's columns on an older database: (table, column, its type): telemetry's frames
+#: as they came, deflated; where a coordinator's gateway is reached by the others; a
+#: deployment's registry logins.
+_V9_COLUMNS = (
+    ("messages", "deflated", "BLOB"),
+    ("coordinators", "peer_url", "TEXT NOT NULL DEFAULT ''"),
+    ("deployments", "registry_logins", "TEXT NOT NULL DEFAULT '{}'"),
+)
 #: The body a shed message is stored with: its seq is kept (the stream has no gap), what it
 #: carried is not. Telemetry keeps its own shape: a shed batch, as the agent's outbox sheds.
 _SHED_TELEMETRY = {"samples": [], "dropped": 1}
@@ -317,19 +320,22 @@ class Store:
 
 def _create(db: Database) -> None:
     """Create the schema, or upgrade an older one (every table ``IF NOT EXISTS``; the
-    columns versions 4 and 9 added, by :data:`_V4` and :data:`_V9`)."""
+    columns versions 4 and 9 added, by :data:`_V4` and :data:`_V9_COLUMNS`)."""
     script = _SCHEMA + DEPLOYMENTS_SCHEMA + GATEWAY_SCHEMA + DOWNSAMPLE_SCHEMA + PRESENCE_SCHEMA
     upgrade = ""
     if isinstance(db, SqliteDatabase):
         # 9 first: 4 counts the bytes stored, deflated ones too.
-        columns = {r[1] for r in db.execute("PRAGMA table_info(messages)")}
-        upgrade = _V9 if columns and "deflated" not in columns else ""
-        columns = {r[1] for r in db.execute("PRAGMA table_info(coordinators)")}
-        upgrade += PRESENCE_UPGRADE_9 if columns and "peer_url" not in columns else ""
+        for table, column, kind in _V9_COLUMNS:
+            columns = {r[1] for r in db.execute(f"PRAGMA table_info({table})")}
+            if columns and column not in columns:
+                upgrade += f"ALTER TABLE {table} ADD COLUMN {column} {kind};"
         columns = {r[1] for r in db.execute("PRAGMA table_info(nodes)")}
         upgrade += _V4 if columns and "agent_seq" not in columns else ""
     else:
-        upgrade = _V9_POSTGRES + PRESENCE_UPGRADE_9.replace(
-            "ADD COLUMN", "ADD COLUMN IF NOT EXISTS"
+        upgrade = "".join(
+            f"ALTER TABLE {table} ADD COLUMN IF NOT EXISTS {column} {kind};".replace(
+                "BLOB", "BYTEA"
+            )
+            for table, column, kind in _V9_COLUMNS
         )
     db.create_schema(script, _SCHEMA_VERSION, upgrade=upgrade)
