@@ -6,7 +6,6 @@ is one over all of them, and a key revoked through one is refused by the others.
 from __future__ import annotations
 
 import asyncio
-import json
 import shutil
 import time
 from collections.abc import AsyncIterator
@@ -14,9 +13,10 @@ from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
 
 import httpx
+import msgspec
 import openai
 from support.fake_openai import FakeOpenAI
-from support.gateway import SETTINGS, new_key, replica, until
+from support.gateway import SETTINGS, Replica, new_key, replica, streaming_request, until
 from support.processes import free_port
 
 from coordinator import keys
@@ -46,12 +46,31 @@ async def two_coordinators(url: str, tmp_path: Path) -> AsyncIterator[list[Coord
         yield started
 
 
+class World(msgspec.Struct, kw_only=True):
+    """Two coordinators, and a replica whose tunnel ends at ``b``, as ``a`` sees it."""
+
+    a: Coordinator
+    b: Coordinator
+    server: FakeOpenAI
+    held: Replica
+
+
 @asynccontextmanager
-async def served() -> AsyncIterator[FakeOpenAI]:
+async def held_by_b(url: str, tmp_path: Path) -> AsyncIterator[World]:
+    """A replica of ``tiny`` on a node whose tunnel ends at ``b``, once ``a`` sees it so."""
     server = FakeOpenAI("behind-b")
     await server.start()
     try:
-        yield server
+        async with (
+            two_coordinators(url, tmp_path) as (a, b),
+            replica(b, "svc-b", ("127.0.0.1", server.port), ["tiny"]) as held,
+        ):
+            a_id = a.coordinator_id
+            await until(
+                lambda: held.node_id in a.store.presence.peer_tunnels(a_id, time.time()),
+                "b's tunnel, in the store",
+            )
+            yield World(a=a, b=b, server=server, held=held)
     finally:
         await server.stop()
 
@@ -65,30 +84,21 @@ def _client(coordinator: Coordinator, key: str) -> openai.AsyncOpenAI:
 async def test_a_request_to_one_coordinator_is_served_by_a_replica_tunnelled_to_the_other(
     postgres_url: str, tmp_path: Path
 ) -> None:
-    async with (
-        two_coordinators(postgres_url, tmp_path) as (a, b),
-        served() as server,
-        replica(b, "svc-b", ("127.0.0.1", server.port), ["tiny"]) as held,
-        _client(a, new_key(a)) as client,
-    ):
-        a_id = a.coordinator_id
-
-        def seen_elsewhere() -> bool:
-            return held.node_id in a.store.presence.peer_tunnels(a_id, time.time())
-
-        await until(seen_elsewhere, "b's tunnel, in the store")
+    async with held_by_b(postgres_url, tmp_path) as world:
+        a, b, server, held = world.a, world.b, world.server, world.held
         assert held.node_id not in a.tunnels.connected()
-        answer = await client.chat.completions.create(
-            model="tiny", messages=[{"role": "user", "content": "hi"}]
-        )
-        stream = await client.chat.completions.create(
-            model="tiny", messages=[{"role": "user", "content": "again"}], stream=True
-        )
-        pieces = [c.choices[0].delta.content async for c in stream if c.choices]
-        models = [m.id for m in (await client.models.list()).data]
-        # Recorded once, by the gateway that took the request and its key.
-        for coordinator in (a, b):
-            coordinator.gateway.records.flush()
+        async with _client(a, new_key(a)) as client:
+            answer = await client.chat.completions.create(
+                model="tiny", messages=[{"role": "user", "content": "hi"}]
+            )
+            stream = await client.chat.completions.create(
+                model="tiny", messages=[{"role": "user", "content": "again"}], stream=True
+            )
+            pieces = [c.choices[0].delta.content async for c in stream if c.choices]
+            models = [m.id for m in (await client.models.list()).data]
+            # Recorded once, by the gateway that took the request and its key.
+            for coordinator in (a, b):
+                coordinator.gateway.records.flush()
         records = a.store.requests.recent(10)
     assert answer.choices[0].message.content == "t0 t1 t2 t3 t4"
     assert answer.system_fingerprint == "behind-b"
@@ -102,26 +112,10 @@ async def test_a_request_to_one_coordinator_is_served_by_a_replica_tunnelled_to_
 async def test_a_client_gone_mid_stream_through_a_peer_resets_the_holders_stream(
     postgres_url: str, tmp_path: Path
 ) -> None:
-    async with (
-        two_coordinators(postgres_url, tmp_path) as (a, b),
-        served() as server,
-        replica(b, "svc-b", ("127.0.0.1", server.port), ["tiny"]) as held,
-    ):
+    async with held_by_b(postgres_url, tmp_path) as world:
+        a, b, server, held = world.a, world.b, world.server, world.held
         server.mode = "hold"
-        key, a_id = new_key(a), a.coordinator_id
-        await until(
-            lambda: held.node_id in a.store.presence.peer_tunnels(a_id, time.time()),
-            "b's tunnel, in the store",
-        )
-        reader, writer = await asyncio.open_connection("127.0.0.1", a.gateway.port)
-        body = json.dumps({"model": "tiny", "stream": True, "messages": []}).encode()
-        writer.write(
-            b"POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\n"
-            b"Authorization: Bearer %s\r\nContent-Length: %d\r\n\r\n%s"
-            % (key.encode(), len(body), body)
-        )
-        head = await reader.readuntil(b"data: ")
-        assert head.startswith(b"HTTP/1.1 200 ")
+        writer = await streaming_request(a.gateway.port, new_key(a))
         assert b.tunnels.open_streams(held.node_id) == 1
         writer.close()
         await writer.wait_closed()
@@ -135,11 +129,10 @@ async def test_only_a_coordinator_of_the_network_gets_a_stream_from_a_peer(
     postgres_url: str, tmp_path: Path
 ) -> None:
     async with (
-        two_coordinators(postgres_url, tmp_path) as (_, b),
-        served() as server,
-        replica(b, "svc-b", ("127.0.0.1", server.port), ["tiny"]) as held,
+        held_by_b(postgres_url, tmp_path) as world,
         httpx.AsyncClient(trust_env=False, timeout=10) as http,
     ):
+        b, server, held = world.b, world.server, world.held
         base = b.gateway_url.removesuffix("/v1")
         path = f"{base}/_peer/streams/{held.node_id}/svc-b"
         upgrade = {"connection": "upgrade", "upgrade": "gpu-agent-stream"}
