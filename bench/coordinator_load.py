@@ -13,6 +13,13 @@ real agent's jittered backoff (:func:`agent.link.connection.retry`) and resends 
 not acknowledged; the figure is the seconds from the kill until every agent has had a new
 batch acknowledged (or ``--restart-timeout``, with how many agents were not back by then).
 Figures are printed and written to ``bench/results/coordinator_load.json``.
+
+``--handshakes-only`` measures what one reconnect costs the coordinator: the agents send no
+telemetry, so the restart is only the reconnect storm (TCP, HTTP upgrade, the handshake,
+the ``attest_request``, the signed profile answering it); an agent is back when its new
+profile is acknowledged, and the figure is the coordinator's CPU from listening until all
+are back, per agent. ``--pyspy FILE`` records the restarted coordinator meanwhile (py-spy,
+raw format). Either mode reports how many handshakes began and ended per second.
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ import secrets
 import shutil
 import signal
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -41,6 +49,8 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[0] = str(ROOT / "tests")  # as bench/link.py: support.* and the packages
 sys.path.insert(1, str(ROOT))
+
+from support.fakenvml import build  # noqa: E402
 
 from agent.link.connection import LinkConfig, Session, retry  # noqa: E402
 from agent.link.identity import Identity  # noqa: E402
@@ -61,7 +71,9 @@ from agent.protocol.messages import (  # noqa: E402
 )
 from agent.protocol.reliable import ReliableReceiver  # noqa: E402
 from agent.protocol.session import AgentHandshake  # noqa: E402
-from bench.link import CoordinatorProcess, KiB, telemetry_body  # noqa: E402
+from bench.link import CAPTURE, GPUS, CoordinatorProcess, KiB, telemetry_body  # noqa: E402
+from hal.backend import HalConfig  # noqa: E402
+from hal.profile import take_profile  # noqa: E402
 
 #: Handshakes in flight per client process: below the listen backlog.
 CONNECTING = 64
@@ -70,8 +82,20 @@ CONNECTING = 64
 class SimAgent:
     """One simulated daemon: its key, its two streams, reconnecting as the real link does."""
 
-    def __init__(self, url: str, pinned: dict[str, bytes], body: bytes, interval: float) -> None:
+    def __init__(
+        self,
+        url: str,
+        pinned: dict[str, bytes],
+        body: bytes,
+        interval: float,
+        profile: dict[str, Any],
+        *,
+        telemetry: bool = True,
+    ) -> None:
         self.url, self.pinned, self.body, self.interval = url, pinned, body, interval
+        self.profile = profile
+        self.telemetry = telemetry
+        """False: no telemetry; back once the profile answering the new request is acked."""
         self.identity = Identity.from_private_key(crypto.generate_private_key())
         self.config = LinkConfig(url=url, pinned_keys=pinned)
         self.receiver = ReliableReceiver()
@@ -85,7 +109,12 @@ class SimAgent:
         self.ready = asyncio.Event()
         """Set when profile and node_status are acknowledged."""
         self.back_at: float | None = None
-        """Wall time of the first telemetry ack after the last reconnect."""
+        """Wall time of the first telemetry ack (or profile ack, without telemetry) after
+        the last reconnect."""
+        self.began: list[float] = []
+        """Wall time of each connection attempt (past the client's gate)."""
+        self.welcomed: list[float] = []
+        """Wall time of each ``welcome``."""
         self.reconnected = False
         self.errors = 0
         self.disconnects = 0
@@ -99,6 +128,7 @@ class SimAgent:
             progressed = False
             try:
                 async with gate:
+                    self.began.append(time.time())
                     ws = await connect(self.url, max_size=MAX_FRAME_BYTES, open_timeout=120)
                     try:
                         await self._handshake(ws)
@@ -106,6 +136,7 @@ class SimAgent:
                         await ws.close()
                         raise
                 welcomed_at = time.monotonic()
+                self.welcomed.append(time.time())
                 async with ws:
                     progressed = await self._session(ws)
             except (OSError, ConnectionClosed, InvalidHandshake, TimeoutError, ProtocolError):
@@ -159,17 +190,20 @@ class SimAgent:
         await ws.send(self._frame(seq))
 
     def _acked(self, upto: int, *, record: bool) -> bool:
+        """Forget what ``upto`` acknowledges; whether that makes the agent back."""
         now = time.perf_counter()
-        telemetry = False
+        back = False
         for seq in [s for s in self.sent if s <= upto]:
             sent = self.sent.pop(seq)
             kind = self.kinds.pop(seq)
             self._bodies.pop(seq, None)
             if kind == "telemetry":
-                telemetry = True
+                back = True
                 if record:
                     self.latencies.append(now - sent)
-        return telemetry
+            elif kind == "profile" and not self.telemetry:
+                back = True
+        return back
 
     async def _session(self, ws: ClientConnection) -> bool:
         """Answer attest requests, send node_status once, then a batch every interval."""
@@ -182,7 +216,7 @@ class SimAgent:
             while True:
                 await asyncio.sleep(max(0.0, start - loop.time()))
                 start += self.interval
-                if self.ready.is_set():
+                if self.ready.is_set() and self.telemetry:
                     await self._send(ws, "telemetry", None)
 
         producing = asyncio.create_task(produce())
@@ -212,16 +246,32 @@ class SimAgent:
     def _profile(self, nonce: str) -> bytes:
         identity = self.identity
         envelope = dsse.attest_profile(
-            _PROFILE, nonce, identity.node_id, identity.private_key, identity.key_id
+            self.profile, nonce, identity.node_id, identity.private_key, identity.key_id
         )
         body = ProfileBody(attestation=msgspec.convert(msgspec.to_builtins(envelope), EnvelopeBody))
         return msgspec.json.encode(body)
 
 
-_PROFILE: dict[str, Any] = {
-    "bench": True,
-    "gpus": [{"index": i, "name": "A5000"} for i in range(8)],
-}
+def real_profile(work: Path) -> bytes:
+    """A real profile of the host and 8 fake-NVML A5000s (~8 KB of JSON), as the daemon's."""
+    capture = build.replicate(build.parse_capture(CAPTURE), GPUS)
+    library = build.build_library(capture, work / "nvml-profile")
+    profile = take_profile(HalConfig(nvml_library=str(library), backends=("nvml",)))
+    return msgspec.json.encode(profile)
+
+
+def per_second(times: list[float], since: float) -> dict[str, float]:
+    """How many of ``times`` fall in each second after ``since``: peak, median, seconds."""
+    counts: dict[int, int] = {}
+    for t in times:
+        if t >= since:
+            counts[int(t - since)] = counts.get(int(t - since), 0) + 1
+    if not counts:
+        return {"peak": 0, "median": 0, "seconds": 0}
+    spread = [counts.get(i, 0) for i in range(min(counts), max(counts) + 1)]
+    return {"peak": max(spread), "median": statistics.median(spread), "seconds": len(spread)}
+
+
 _NODE_STATUS = msgspec.json.encode(
     NodeStatusBody(
         available=True, units=[UnitStatus(id=f"gpu{i}", health="healthy") for i in range(8)]
@@ -232,11 +282,18 @@ _NODE_STATUS = msgspec.json.encode(
 # ---------------------------------------------------------------- client process
 
 
-async def client(url: str, pinned_hex: str, body_path: str, agents: int, interval: float) -> None:
-    """A client process: ``agents`` agents; commands on stdin, reports on stdout."""
+async def client(url: str, pinned_hex: str, work: str, agents: int, interval: float) -> None:
+    """A client process: ``agents`` agents; commands on stdin, reports on stdout.
+
+    ``interval`` 0: no telemetry (``--handshakes-only``).
+    """
     pinned = {k: bytes.fromhex(v) for k, v in json.loads(pinned_hex).items()}
-    body = Path(body_path).read_bytes()
-    fleet = [SimAgent(url, pinned, body, interval) for _ in range(agents)]
+    body = (Path(work) / "telemetry.json").read_bytes()
+    profile = msgspec.json.decode((Path(work) / "profile.json").read_bytes())
+    fleet = [
+        SimAgent(url, pinned, body, interval or 10.0, profile, telemetry=interval > 0)
+        for _ in range(agents)
+    ]
     gate = asyncio.Semaphore(CONNECTING)
     tasks = [asyncio.create_task(a.run(gate)) for a in fleet]
     await asyncio.gather(*(a.ready.wait() for a in fleet))
@@ -257,14 +314,18 @@ async def client(url: str, pinned_hex: str, body_path: str, agents: int, interva
             print(json.dumps({"event": "report", "latencies": latencies, "errors": errors,
                               "disconnects": disconnects}), flush=True)  # fmt: skip
         elif line.startswith("back "):  # "back <seconds>": all back, or the deadline
+            asked = time.time()
             deadline = time.monotonic() + float(line.split()[1])
             while time.monotonic() < deadline and not all(
                 a.reconnected and a.back_at is not None for a in fleet
             ):
                 await asyncio.sleep(0.1)
             back = [a.back_at for a in fleet if a.reconnected and a.back_at is not None]
+            began = [t for a in fleet for t in a.began if t >= asked]
+            welcomed = [t for a in fleet for t in a.welcomed if t >= asked]
             print(json.dumps({"event": "back", "at": max(back, default=0.0),
-                              "missing": len(fleet) - len(back)}), flush=True)  # fmt: skip
+                              "missing": len(fleet) - len(back), "began": began,
+                              "welcomed": welcomed}), flush=True)  # fmt: skip
     for task in tasks:
         task.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
@@ -280,7 +341,7 @@ class Clients:
         self.procs: list[asyncio.subprocess.Process] = []
 
     async def start(
-        self, coordinator: CoordinatorProcess, body: Path, agents: int, procs: int, interval: float
+        self, coordinator: CoordinatorProcess, work: Path, agents: int, procs: int, interval: float
     ) -> None:
         pinned = json.dumps({k: v.hex() for k, v in coordinator.pinned.items()})
         for i in range(procs):
@@ -292,7 +353,7 @@ class Clients:
                     "--client",
                     coordinator.url,
                     pinned,
-                    str(body),
+                    str(work),
                     str(share),
                     str(interval),
                     stdin=asyncio.subprocess.PIPE,
@@ -330,55 +391,81 @@ def cpu_s(pid: int) -> float:
 
 
 async def one_run(
-    work: Path, body: Path, args: argparse.Namespace, agents: int
+    work: Path, run_dir: Path, args: argparse.Namespace, agents: int
 ) -> dict[str, float]:
     """One fleet of ``agents``: connect, steady window, restart."""
     # A fleet enrolling at once: far more new keys per second than the default's 5. At
     # 10,000 agents the default store cap (4 GiB) is 73 s of raw telemetry: the cap is
     # sized for the run, so that what is measured is not its eviction.
     options = ("--new-keys-per-s", str(args.new_keys_per_s), "--store-max-mib", "65536")
-    coordinator = CoordinatorProcess(work, options)
+    coordinator = CoordinatorProcess(run_dir, options)
     await coordinator.start()
     assert coordinator.process is not None
     clients = Clients()
+    interval = 0.0 if args.handshakes_only else args.interval
+    figures: dict[str, float] = {"agents": agents}
     try:
         start = time.perf_counter()
-        await clients.start(coordinator, body, agents, args.procs, args.interval)
+        await clients.start(coordinator, work, agents, args.procs, interval)
         await clients.ask(None, "ready")
-        connect_s = time.perf_counter() - start
-        await asyncio.sleep(args.interval)  # every agent past its first batch
-        await clients.ask("mark", "marked")
-        pid = coordinator.process.pid
-        cpu0, t0, rss = cpu_s(pid), time.perf_counter(), coordinator.rss()
-        load = os.getloadavg()[0]
-        while time.perf_counter() - t0 < args.duration:
-            await asyncio.sleep(1)
-            rss = max(rss, coordinator.rss())
-        cpu = (cpu_s(pid) - cpu0) / (time.perf_counter() - t0)
-        reports = await clients.ask("report", "report")
-        latencies = sorted(x for r in reports for x in r["latencies"])
-        steady = {
-            "agents": agents,
-            "ack_p50_ms": 1e3 * statistics.median(latencies),
-            "ack_p99_ms": 1e3 * statistics.quantiles(latencies, n=100)[98],
-            "cpu_cores": cpu,
-            "rss_mib": rss / (KiB * KiB),
-            "load_avg_1m": load,
-        }
-        print("steady", json.dumps(steady), flush=True)  # kept should the restart hang
+        figures["connect_s"] = time.perf_counter() - start
+        if not args.handshakes_only:
+            figures.update(await steady(coordinator, clients, args))
+            print("steady", json.dumps(figures), flush=True)  # kept should the restart hang
+        figures["load_avg_1m"] = os.getloadavg()[0]
         killed = time.time()
         coordinator.process.send_signal(signal.SIGKILL)
         await coordinator.process.wait()
         await coordinator.start()
+        pid = coordinator.process.pid
+        cpu0 = cpu_s(pid)
+        spy = None
+        if args.pyspy:
+            spy = subprocess.Popen(
+                [args.pyspy_bin, "record", "-r", "100", "-f", "raw", "--threads", "-p",
+                 str(pid), "-o", args.pyspy],
+                stdout=subprocess.DEVNULL,
+            )  # fmt: skip
         answers = await clients.ask(f"back {args.restart_timeout}", "back")
-        missing = sum(r["missing"] for r in answers)
-        # Not all back by the deadline: the figure is the deadline (and how many missed it).
-        back = killed + args.restart_timeout if missing else max(r["at"] for r in answers)
+        figures["restart_cpu_s"] = cpu_s(pid) - cpu0
+        if spy is not None:
+            spy.send_signal(signal.SIGINT)
+            await asyncio.to_thread(spy.wait)
+        figures["restart_load_avg_1m"] = os.getloadavg()[0]
     finally:
         await clients.stop()
         await coordinator.stop()
+    missing = sum(r["missing"] for r in answers)
+    # Not all back by the deadline: the figure is the deadline (and how many missed it).
+    back = killed + args.restart_timeout if missing else max(r["at"] for r in answers)
+    figures["restart_all_back_s"] = back - killed
+    figures["restart_missing"] = missing
+    # CPU from listening to all back, per agent that came back: what one reconnect costs.
+    figures["restart_cpu_ms_per_agent"] = 1e3 * figures["restart_cpu_s"] / max(1, agents - missing)
+    for kind in ("began", "welcomed"):
+        rate = per_second([t for r in answers for t in r[kind]], killed)
+        figures[f"{kind}_per_s_peak"] = rate["peak"]
+        figures[f"{kind}_per_s_median"] = rate["median"]
+    return figures
+
+
+async def steady(
+    coordinator: CoordinatorProcess, clients: Clients, args: argparse.Namespace
+) -> dict[str, float]:
+    """The steady window: ack latency, the coordinator's CPU and RSS, errors."""
+    assert coordinator.process is not None
+    await asyncio.sleep(args.interval)  # every agent past its first batch
+    await clients.ask("mark", "marked")
+    pid = coordinator.process.pid
+    cpu0, t0, rss = cpu_s(pid), time.perf_counter(), coordinator.rss()
+    load = os.getloadavg()[0]
+    while time.perf_counter() - t0 < args.duration:
+        await asyncio.sleep(1)
+        rss = max(rss, coordinator.rss())
+    cpu = (cpu_s(pid) - cpu0) / (time.perf_counter() - t0)
+    reports = await clients.ask("report", "report")
+    latencies = sorted(x for r in reports for x in r["latencies"])
     return {
-        "connect_s": connect_s,
         "ack_p50_ms": 1e3 * statistics.median(latencies),
         "ack_p99_ms": 1e3 * statistics.quantiles(latencies, n=100)[98],
         "ack_max_ms": 1e3 * latencies[-1],
@@ -387,9 +474,7 @@ async def one_run(
         "rss_mib": rss / (KiB * KiB),
         "errors": sum(r["errors"] for r in reports),
         "disconnects": sum(r["disconnects"] for r in reports),
-        "restart_all_back_s": back - killed,
-        "restart_missing": missing,
-        "load_avg_1m": load,
+        "steady_load_avg_1m": load,
     }
 
 
@@ -404,13 +489,14 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
         else:
             tmp = stack.enter_context(tempfile.TemporaryDirectory(dir=ROOT / "build"))
         work = Path(tmp)
-        body = work / "telemetry.json"
-        body.write_bytes(await asyncio.to_thread(telemetry_body, work / "nvml"))
+        body = await asyncio.to_thread(telemetry_body, work / "nvml")
+        (work / "telemetry.json").write_bytes(body)
+        (work / "profile.json").write_bytes(await asyncio.to_thread(real_profile, work))
         for agents in args.agents:
             runs = []
             for i in range(args.runs):
                 run_dir = work / f"{agents}-{i}"
-                runs.append(await one_run(run_dir, body, args, agents))
+                runs.append(await one_run(work, run_dir, args, agents))
                 if not args.keep:  # ~25 GB a run at 10,000 agents: the disk would fill
                     shutil.rmtree(run_dir)
             for run in runs:
@@ -439,6 +525,12 @@ def main() -> None:
         "--restart-timeout", type=float, default=300.0, help="s to wait for all to be back"
     )
     parser.add_argument("--keep", action="store_true", help="keep the databases under build/")
+    parser.add_argument(
+        "--handshakes-only", action="store_true",
+        help="no telemetry: only the restart's reconnects, and their CPU per agent",
+    )  # fmt: skip
+    parser.add_argument("--pyspy", help="py-spy record (raw) the restarted coordinator to FILE")
+    parser.add_argument("--pyspy-bin", default="py-spy", help="the py-spy executable")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "coordinator_load.json"))
     parser.add_argument("--client", nargs=5, help=argparse.SUPPRESS)  # a client process
     args = parser.parse_args()
