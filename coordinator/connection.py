@@ -433,13 +433,9 @@ class _Session:
             AuthError: the envelope is not signed by the node's key, or the statement is not
                 a profile of this node (forged or malformed: refused, the connection closes).
         """
-        envelope = _envelope(raw)
-        statement = dsse.verify_attestation(envelope, self.trusted, dsse.PROFILE_PREDICATE)
-        nonce = statement.predicate.get("nonce")
-        if not isinstance(nonce, str):
-            raise AuthError("bad_statement", "the predicate has no nonce")
-        # Everything but the nonce's freshness first: signature, subject, digest.
-        profile = dsse.verify_profile_attestation(envelope, self.trusted, nonce, self.node_id)
+        # Everything but the nonce's freshness first (signature, subject, digest), with the
+        # signature verified once; then the nonce against what the store issued the node.
+        nonce, profile = dsse.verify_profile(_envelope(raw), self.trusted, self.node_id)
         ttl = self.shared.settings.attest_nonce_ttl_s
         try:
             self.store.streams.check_nonce(self.node_id, nonce, now, ttl)
