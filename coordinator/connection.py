@@ -51,6 +51,7 @@ from agent.protocol.messages import (
     message_type,
 )
 from agent.protocol.reliable import ReliableSender
+from coordinator import collector
 from coordinator.admission import Settings, Strikes, TokenBucket
 from coordinator.group_commit import GroupCommit
 from coordinator.handshake import (
@@ -157,6 +158,7 @@ def _take_over(
     conn.resume(sender, store.nodes.last_agent_seq(node_id))
     session = _Session(ws, shared, node_id, conn, sender, replaces=old)
     shared.sessions.put(session)
+    collector.opened()  # a burst of them (a restart's reconnects) is frozen sooner
     if store.shared:
         # Another coordinator on the database holding an older session of the node closes
         # it; the lead's reconciler counts the node connected.
