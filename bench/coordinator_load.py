@@ -19,7 +19,9 @@ telemetry, so the restart is only the reconnect storm (TCP, HTTP upgrade, the ha
 the ``attest_request``, the signed profile answering it); an agent is back when its new
 profile is acknowledged, and the figure is the coordinator's CPU from listening until all
 are back, per agent. ``--pyspy FILE`` records the restarted coordinator meanwhile (py-spy,
-raw format). Either mode reports how many handshakes began and ended per second.
+raw format). Either mode reports, per second from the kill, how many connection attempts the
+agents' backoff made (``wanted``), how many began past the client's gate (at most
+:data:`CONNECTING` at once per client process) and how many were welcomed.
 """
 
 from __future__ import annotations
@@ -111,6 +113,8 @@ class SimAgent:
         self.back_at: float | None = None
         """Wall time of the first telemetry ack (or profile ack, without telemetry) after
         the last reconnect."""
+        self.wanted: list[float] = []
+        """Wall time of each connection attempt as the backoff chose it (before the gate)."""
         self.began: list[float] = []
         """Wall time of each connection attempt (past the client's gate)."""
         self.welcomed: list[float] = []
@@ -126,6 +130,7 @@ class SimAgent:
         while True:
             welcomed_at: float | None = None
             progressed = False
+            self.wanted.append(time.time())
             try:
                 async with gate:
                     self.began.append(time.time())
@@ -313,18 +318,20 @@ async def client(url: str, pinned_hex: str, work: str, agents: int, interval: fl
             disconnects = sum(a.disconnects for a in fleet)
             print(json.dumps({"event": "report", "latencies": latencies, "errors": errors,
                               "disconnects": disconnects}), flush=True)  # fmt: skip
-        elif line.startswith("back "):  # "back <seconds>": all back, or the deadline
-            asked = time.time()
-            deadline = time.monotonic() + float(line.split()[1])
+        elif line.startswith("back "):  # "back <seconds> <since>": all back, or the deadline
+            _, timeout, since = line.split()
+            asked = float(since)
+            deadline = time.monotonic() + float(timeout)
             while time.monotonic() < deadline and not all(
                 a.reconnected and a.back_at is not None for a in fleet
             ):
                 await asyncio.sleep(0.1)
             back = [a.back_at for a in fleet if a.reconnected and a.back_at is not None]
+            wanted = [t for a in fleet for t in a.wanted if t >= asked]
             began = [t for a in fleet for t in a.began if t >= asked]
             welcomed = [t for a in fleet for t in a.welcomed if t >= asked]
             print(json.dumps({"event": "back", "at": max(back, default=0.0),
-                              "missing": len(fleet) - len(back), "began": began,
+                              "missing": len(fleet) - len(back), "wanted": wanted, "began": began,
                               "welcomed": welcomed}), flush=True)  # fmt: skip
     for task in tasks:
         task.cancel()
@@ -426,7 +433,7 @@ async def one_run(
                  str(pid), "-o", args.pyspy],
                 stdout=subprocess.DEVNULL,
             )  # fmt: skip
-        answers = await clients.ask(f"back {args.restart_timeout}", "back")
+        answers = await clients.ask(f"back {args.restart_timeout} {killed}", "back")
         figures["restart_cpu_s"] = cpu_s(pid) - cpu0
         if spy is not None:
             spy.send_signal(signal.SIGINT)
@@ -442,7 +449,7 @@ async def one_run(
     figures["restart_missing"] = missing
     # CPU from listening to all back, per agent that came back: what one reconnect costs.
     figures["restart_cpu_ms_per_agent"] = 1e3 * figures["restart_cpu_s"] / max(1, agents - missing)
-    for kind in ("began", "welcomed"):
+    for kind in ("wanted", "began", "welcomed"):
         rate = per_second([t for r in answers for t in r[kind]], killed)
         figures[f"{kind}_per_s_peak"] = rate["peak"]
         figures[f"{kind}_per_s_median"] = rate["median"]
