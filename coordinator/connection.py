@@ -136,8 +136,7 @@ def _take_over(
     assert hello is not None
     node_id, now = hello.node_id, shared.clock()
     try:
-        check_admission(shared, conn.handshake)
-        if store.nodes.public_key(node_id) is None:
+        if not check_admission(shared, conn.handshake):
             store.nodes.seen(node_id, hello.public_key, now)  # before anything refers to it
         else:  # a node reconnecting: its writes wait for no lock on the loop
             shared.writer.submit(lambda s: s.nodes.seen(node_id, hello.public_key, now))
@@ -185,7 +184,8 @@ class _Session:
         self.shared = shared
         self.store = shared.store
         self.node_id = node_id
-        public_key = crypto.b64decode(self.store.nodes.public_key(node_id) or "")
+        # The key the node proved it holds: the one the store has (check_admission).
+        public_key = conn.handshake.public_key
         self.trusted = {crypto.key_id(public_key): public_key}
         self.conn = conn
         """The protocol's machine; this session carries out its events."""
