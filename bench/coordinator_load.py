@@ -21,7 +21,9 @@ profile is acknowledged, and the figure is the coordinator's CPU from listening 
 are back, per agent. ``--pyspy FILE`` records the restarted coordinator meanwhile (py-spy,
 raw format). Either mode reports, per second from the kill, how many connection attempts the
 agents' backoff made (``wanted``), how many began past the client's gate (at most
-:data:`CONNECTING` at once per client process) and how many were welcomed.
+``--connecting`` at once per client process; 0: no gate, every agent connects when its
+backoff says) and how many were welcomed; and how many attempts timed out (an agent gives up
+a connection not welcomed within :data:`HANDSHAKE_TIMEOUT_S`, as the daemon's link does).
 """
 
 from __future__ import annotations
@@ -77,8 +79,11 @@ from bench.link import CAPTURE, GPUS, CoordinatorProcess, KiB, telemetry_body  #
 from hal.backend import HalConfig  # noqa: E402
 from hal.profile import take_profile  # noqa: E402
 
-#: Handshakes in flight per client process: below the listen backlog.
+#: Handshakes in flight per client process (``--connecting``): below the listen backlog.
 CONNECTING = 64
+#: The daemon's link gives up a connection not open, or a handshake not welcomed, within
+#: this long (``agent.link.connection``), and backs off.
+HANDSHAKE_TIMEOUT_S = 10.0
 
 
 class SimAgent:
@@ -119,12 +124,14 @@ class SimAgent:
         """Wall time of each connection attempt (past the client's gate)."""
         self.welcomed: list[float] = []
         """Wall time of each ``welcome``."""
+        self.timeouts: list[float] = []
+        """Wall time of each attempt given up after :data:`HANDSHAKE_TIMEOUT_S`."""
         self.reconnected = False
         self.errors = 0
         self.disconnects = 0
         self.phase = random.uniform(0, interval)
 
-    async def run(self, gate: asyncio.Semaphore) -> None:
+    async def run(self, gate: asyncio.Semaphore | contextlib.nullcontext[None]) -> None:
         """Stay connected (the real link's retry policy), streaming telemetry."""
         failures = 0
         while True:
@@ -134,9 +141,12 @@ class SimAgent:
             try:
                 async with gate:
                     self.began.append(time.time())
-                    ws = await connect(self.url, max_size=MAX_FRAME_BYTES, open_timeout=120)
+                    ws = await connect(
+                        self.url, max_size=MAX_FRAME_BYTES, open_timeout=HANDSHAKE_TIMEOUT_S
+                    )
                     try:
-                        await self._handshake(ws)
+                        async with asyncio.timeout(HANDSHAKE_TIMEOUT_S):
+                            await self._handshake(ws)
                     except BaseException:
                         await ws.close()
                         raise
@@ -144,7 +154,9 @@ class SimAgent:
                 self.welcomed.append(time.time())
                 async with ws:
                     progressed = await self._session(ws)
-            except (OSError, ConnectionClosed, InvalidHandshake, TimeoutError, ProtocolError):
+            except TimeoutError:
+                self.timeouts.append(time.time())
+            except (OSError, ConnectionClosed, InvalidHandshake, ProtocolError):
                 pass
             if welcomed_at is not None:
                 self.disconnects += 1
@@ -287,10 +299,12 @@ _NODE_STATUS = msgspec.json.encode(
 # ---------------------------------------------------------------- client process
 
 
-async def client(url: str, pinned_hex: str, work: str, agents: int, interval: float) -> None:
+async def client(
+    url: str, pinned_hex: str, work: str, agents: int, interval: float, *, connecting: int
+) -> None:
     """A client process: ``agents`` agents; commands on stdin, reports on stdout.
 
-    ``interval`` 0: no telemetry (``--handshakes-only``).
+    ``interval`` 0: no telemetry (``--handshakes-only``); ``connecting`` 0: no gate.
     """
     pinned = {k: bytes.fromhex(v) for k, v in json.loads(pinned_hex).items()}
     body = (Path(work) / "telemetry.json").read_bytes()
@@ -299,7 +313,7 @@ async def client(url: str, pinned_hex: str, work: str, agents: int, interval: fl
         SimAgent(url, pinned, body, interval or 10.0, profile, telemetry=interval > 0)
         for _ in range(agents)
     ]
-    gate = asyncio.Semaphore(CONNECTING)
+    gate = asyncio.Semaphore(connecting) if connecting else contextlib.nullcontext()
     tasks = [asyncio.create_task(a.run(gate)) for a in fleet]
     await asyncio.gather(*(a.ready.wait() for a in fleet))
     print(json.dumps({"event": "ready"}), flush=True)
@@ -329,9 +343,11 @@ async def client(url: str, pinned_hex: str, work: str, agents: int, interval: fl
             back = [a.back_at for a in fleet if a.reconnected and a.back_at is not None]
             wanted = [t for a in fleet for t in a.wanted if t >= asked]
             began = [t for a in fleet for t in a.began if t >= asked]
+            timeouts = [t for a in fleet for t in a.timeouts if t >= asked]
             welcomed = [t for a in fleet for t in a.welcomed if t >= asked]
             print(json.dumps({"event": "back", "at": max(back, default=0.0),
                               "missing": len(fleet) - len(back), "wanted": wanted, "began": began,
+                              "timeouts": timeouts,
                               "welcomed": welcomed}), flush=True)  # fmt: skip
     for task in tasks:
         task.cancel()
@@ -348,8 +364,14 @@ class Clients:
         self.procs: list[asyncio.subprocess.Process] = []
 
     async def start(
-        self, coordinator: CoordinatorProcess, work: Path, agents: int, procs: int, interval: float
+        self,
+        coordinator: CoordinatorProcess,
+        work: Path,
+        agents: int,
+        args: argparse.Namespace,
+        interval: float,
     ) -> None:
+        procs = args.procs
         pinned = json.dumps({k: v.hex() for k, v in coordinator.pinned.items()})
         for i in range(procs):
             share = agents // procs + (1 if i < agents % procs else 0)
@@ -363,6 +385,7 @@ class Clients:
                     str(work),
                     str(share),
                     str(interval),
+                    str(args.connecting),
                     stdin=asyncio.subprocess.PIPE,
                     stdout=asyncio.subprocess.PIPE,
                     limit=1 << 28,  # a report holds every latency: lines of megabytes
@@ -413,7 +436,7 @@ async def one_run(
     figures: dict[str, float] = {"agents": agents}
     try:
         start = time.perf_counter()
-        await clients.start(coordinator, work, agents, args.procs, interval)
+        await clients.start(coordinator, work, agents, args, interval)
         await clients.ask(None, "ready")
         figures["connect_s"] = time.perf_counter() - start
         if not args.handshakes_only:
@@ -449,6 +472,7 @@ async def one_run(
     figures["restart_missing"] = missing
     # CPU from listening to all back, per agent that came back: what one reconnect costs.
     figures["restart_cpu_ms_per_agent"] = 1e3 * figures["restart_cpu_s"] / max(1, agents - missing)
+    figures["restart_timeouts"] = sum(len(r["timeouts"]) for r in answers)
     for kind in ("wanted", "began", "welcomed"):
         rate = per_second([t for r in answers for t in r[kind]], killed)
         figures[f"{kind}_per_s_peak"] = rate["peak"]
@@ -539,11 +563,17 @@ def main() -> None:
     parser.add_argument("--pyspy", help="py-spy record (raw) the restarted coordinator to FILE")
     parser.add_argument("--pyspy-bin", default="py-spy", help="the py-spy executable")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "coordinator_load.json"))
-    parser.add_argument("--client", nargs=5, help=argparse.SUPPRESS)  # a client process
+    parser.add_argument(
+        "--connecting", type=int, default=CONNECTING,
+        help="handshakes in flight per client process (0: no limit)",
+    )  # fmt: skip
+    parser.add_argument("--client", nargs=6, help=argparse.SUPPRESS)  # a client process
     args = parser.parse_args()
     if args.client is not None:
-        url, pinned, body, agents, interval = args.client
-        asyncio.run(client(url, pinned, body, int(agents), float(interval)))
+        url, pinned, body, agents, interval, connecting = args.client
+        asyncio.run(
+            client(url, pinned, body, int(agents), float(interval), connecting=int(connecting))
+        )
         return
     args.agents = [int(n) for n in args.agents.split(",")]
     results = asyncio.run(bench(args))
