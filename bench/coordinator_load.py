@@ -126,6 +126,8 @@ class SimAgent:
         """Wall time of each ``welcome``."""
         self.timeouts: list[float] = []
         """Wall time of each attempt given up after :data:`HANDSHAKE_TIMEOUT_S`."""
+        self.failed: list[tuple[float, str]] = []
+        """Wall time and error of each attempt that failed (a timeout, refused, reset...)."""
         self.reconnected = False
         self.errors = 0
         self.disconnects = 0
@@ -154,10 +156,11 @@ class SimAgent:
                 self.welcomed.append(time.time())
                 async with ws:
                     progressed = await self._session(ws)
-            except TimeoutError:
-                self.timeouts.append(time.time())
-            except (OSError, ConnectionClosed, InvalidHandshake, ProtocolError):
-                pass
+            except (OSError, ConnectionClosed, InvalidHandshake, ProtocolError) as exc:
+                if isinstance(exc, TimeoutError):
+                    self.timeouts.append(time.time())
+                if welcomed_at is None:
+                    self.failed.append((time.time(), type(exc).__name__))
             if welcomed_at is not None:
                 self.disconnects += 1
                 self.reconnected = True
@@ -344,10 +347,14 @@ async def client(
             wanted = [t for a in fleet for t in a.wanted if t >= asked]
             began = [t for a in fleet for t in a.began if t >= asked]
             timeouts = [t for a in fleet for t in a.timeouts if t >= asked]
+            failed: dict[str, int] = {}
+            for t, error in (f for a in fleet for f in a.failed):
+                if t >= asked:
+                    failed[error] = failed.get(error, 0) + 1
             welcomed = [t for a in fleet for t in a.welcomed if t >= asked]
             print(json.dumps({"event": "back", "at": max(back, default=0.0),
                               "missing": len(fleet) - len(back), "wanted": wanted, "began": began,
-                              "timeouts": timeouts,
+                              "timeouts": timeouts, "failed": failed,
                               "welcomed": welcomed}), flush=True)  # fmt: skip
     for task in tasks:
         task.cancel()
@@ -447,6 +454,7 @@ async def one_run(
         coordinator.process.send_signal(signal.SIGKILL)
         await coordinator.process.wait()
         await coordinator.start()
+        figures["restart_listening_s"] = time.time() - killed
         pid = coordinator.process.pid
         cpu0 = cpu_s(pid)
         spy = None
@@ -473,6 +481,11 @@ async def one_run(
     # CPU from listening to all back, per agent that came back: what one reconnect costs.
     figures["restart_cpu_ms_per_agent"] = 1e3 * figures["restart_cpu_s"] / max(1, agents - missing)
     figures["restart_timeouts"] = sum(len(r["timeouts"]) for r in answers)
+    failed: dict[str, int] = {}
+    for r in answers:
+        for error, n in r["failed"].items():
+            failed[error] = failed.get(error, 0) + n
+    print("failed attempts since the kill", json.dumps(failed), flush=True)
     for kind in ("wanted", "began", "welcomed"):
         rate = per_second([t for r in answers for t in r[kind]], killed)
         figures[f"{kind}_per_s_peak"] = rate["peak"]
