@@ -131,6 +131,8 @@ class SimAgent:
         self.reconnected = False
         self.errors = 0
         self.disconnects = 0
+        self.progressed = False
+        """The coordinator acknowledged something on this connection (:func:`retry`)."""
         self.phase = random.uniform(0, interval)
 
     async def run(self, gate: asyncio.Semaphore | contextlib.nullcontext[None]) -> None:
@@ -138,7 +140,7 @@ class SimAgent:
         failures = 0
         while True:
             welcomed_at: float | None = None
-            progressed = False
+            self.progressed = False
             self.wanted.append(time.time())
             try:
                 async with gate:
@@ -155,7 +157,7 @@ class SimAgent:
                 welcomed_at = time.monotonic()
                 self.welcomed.append(time.time())
                 async with ws:
-                    progressed = await self._session(ws)
+                    await self._session(ws)
             except (OSError, ConnectionClosed, InvalidHandshake, ProtocolError) as exc:
                 if isinstance(exc, TimeoutError):
                     self.timeouts.append(time.time())
@@ -167,7 +169,7 @@ class SimAgent:
                 self.back_at = None
             lived = 0.0 if welcomed_at is None else time.monotonic() - welcomed_at
             failures, delay = retry(
-                failures, Session(welcomed_at is not None, lived, progressed), self.config
+                failures, Session(welcomed_at is not None, lived, self.progressed), self.config
             )
             await asyncio.sleep(delay)
 
@@ -225,9 +227,8 @@ class SimAgent:
                 back = True
         return back
 
-    async def _session(self, ws: ClientConnection) -> bool:
+    async def _session(self, ws: ClientConnection) -> None:
         """Answer attest requests, send node_status once, then a batch every interval."""
-        progressed = False
         status_sent = "node_status" in self.kinds.values() or self.ready.is_set()
 
         async def produce() -> None:
@@ -244,7 +245,8 @@ class SimAgent:
             async for raw in ws:
                 message = decode_frame(raw, accept=COORDINATOR_SENDS)
                 if isinstance(message, Ack):
-                    progressed = True
+                    # Kept on the agent, as the link does: a session ends in an exception.
+                    self.progressed = True
                     if self._acked(message.body.seq, record=True) and self.back_at is None:
                         self.back_at = time.time()
                     if not self.ready.is_set() and status_sent and not self.sent:
@@ -261,7 +263,6 @@ class SimAgent:
                     self.errors += 1
         finally:
             producing.cancel()
-        return progressed
 
     def _profile(self, nonce: str) -> bytes:
         identity = self.identity
@@ -422,6 +423,20 @@ class Clients:
             await p.wait()
 
 
+def listen_overflows() -> int:
+    """Connections the kernel dropped from a full accept queue, machine-wide (Linux; 0
+    elsewhere): each costs its client a SYN retransmitted 1, 3, 7, 15, 31 s later."""
+    try:
+        lines = Path("/proc/net/netstat").read_text().splitlines()
+    except OSError:
+        return 0
+    for names, values in zip(lines[::2], lines[1::2], strict=False):
+        fields = dict(zip(names.split(), values.split(), strict=False))
+        if "ListenOverflows" in fields:
+            return int(fields["ListenOverflows"])
+    return 0
+
+
 def cpu_s(pid: int) -> float:
     times = psutil.Process(pid).cpu_times()
     return float(times.user + times.system)
@@ -450,6 +465,7 @@ async def one_run(
             figures.update(await steady(coordinator, clients, args))
             print("steady", json.dumps(figures), flush=True)  # kept should the restart hang
         figures["load_avg_1m"] = os.getloadavg()[0]
+        overflows = listen_overflows()
         killed = time.time()
         coordinator.process.send_signal(signal.SIGKILL)
         await coordinator.process.wait()
@@ -466,6 +482,7 @@ async def one_run(
             )  # fmt: skip
         answers = await clients.ask(f"back {args.restart_timeout} {killed}", "back")
         figures["restart_cpu_s"] = cpu_s(pid) - cpu0
+        figures["restart_listen_overflows"] = listen_overflows() - overflows
         if spy is not None:
             spy.send_signal(signal.SIGINT)
             await asyncio.to_thread(spy.wait)
