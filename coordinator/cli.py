@@ -141,6 +141,12 @@ def _parser() -> _Parser:
         " 0: any free one, as with --port 0)",
     )
     run.add_argument(
+        "--peer-url",
+        help="http(s)://host[:port] of the gateway as the other coordinators on the same"
+        " --db reach it: they send it the requests for the services of the nodes whose"
+        " tunnel is here (default: none; only with PostgreSQL)",
+    )
+    run.add_argument(
         "--registry-logins",
         type=_path,
         help="TOML file of registry logins, to pin submitted tags to digests (mode 600)",
@@ -235,6 +241,7 @@ async def _serve(
             artifacts_port=args.artifacts_port,
             artifacts_url=args.artifacts_url,
             gateway_port=args.gateway_port,
+            peer_url=args.peer_url or "",
             settings=settings,
             pinner=pinner,
             deploy_grace_s=args.deploy_grace,
@@ -387,6 +394,8 @@ def _serve_command(args: argparse.Namespace) -> int:
         args.gateway_port = cli_args.gateway_port(args.port, args.gateway_port)
         if args.artifacts_url is not None:
             args.artifacts_url = cli_args.public_url(args.artifacts_url)
+        if args.peer_url is not None:
+            args.peer_url = cli_args.public_url(args.peer_url, "--peer-url")
         ssl_context = None
         if args.tls_cert is not None:
             ssl_context = cli_args.tls_context(args.tls_cert, args.tls_key)

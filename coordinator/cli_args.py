@@ -119,8 +119,9 @@ def gateway_port(port: int, given: int | None) -> int:
     return port + 2
 
 
-def public_url(text: str) -> str:
-    """An ``--artifacts-url``: ``http(s)://host[:port]`` as nodes reach the listener.
+def public_url(text: str, option: str = "--artifacts-url") -> str:
+    """An ``--artifacts-url`` (or ``option``): ``http(s)://host[:port]`` as others reach
+    a listener.
 
     Raises:
         ConfigError: ``bad_address`` (not such a URL: a path, query, fragment or login
@@ -130,7 +131,7 @@ def public_url(text: str) -> str:
         parts = urlsplit(text)
         parts.port  # noqa: B018 - raises ValueError on a bad port
     except ValueError as exc:
-        raise ConfigError("bad_address", f"--artifacts-url {text!r}: {exc}") from None
+        raise ConfigError("bad_address", f"{option} {text!r}: {exc}") from None
     if (
         parts.scheme not in ("http", "https")
         or not parts.hostname
@@ -140,7 +141,7 @@ def public_url(text: str) -> str:
         or parts.fragment
         or not text.isprintable()
     ):
-        raise ConfigError("bad_address", f"--artifacts-url {text!r} is not http(s)://host[:port]")
+        raise ConfigError("bad_address", f"{option} {text!r} is not http(s)://host[:port]")
     return f"{parts.scheme}://{parts.netloc}"
 
 

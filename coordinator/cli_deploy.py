@@ -9,6 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Final
 
+from coordinator import cli_args
 from coordinator.client import AdminClient, load_spec_file
 from coordinator.deployments import DEFAULT_GRACE_S, MAX_REPLICAS, NAME
 from coordinator.errors import JobError
@@ -33,6 +34,13 @@ def add_commands(
         "--replicas", type=int, default=1, help=f"how many (1..{MAX_REPLICAS}; default 1)"
     )
     deploy.add_argument("--name", help="the deployment's name (default: the file's stem)")
+    deploy.add_argument(
+        "--registry-logins",
+        type=path,
+        metavar="FILE",
+        help="TOML file of a login to a private image's registry, sent in each replica's"
+        " signed offer for the node's pull, and kept with the deployment (mode 600)",
+    )
     admin_options(deploy)
     scale = commands.add_parser(
         "scale", help="change how many replicas a deployment keeps (in place, never short)"
@@ -65,6 +73,7 @@ def check(args: argparse.Namespace) -> dict[str, Any]:
     Raises:
         JobError: ``bad_name``, ``bad_replicas``, ``not_a_service``, and the spec file's
             codes (:func:`coordinator.client.load_spec_file`).
+        ConfigError: ``bad_logins_file`` (``--registry-logins``).
     """
     if args.command in ("undeploy", "scale"):
         _check_name(args.name, "")
@@ -80,13 +89,14 @@ def check(args: argparse.Namespace) -> dict[str, Any]:
     if spec.get("kind") != "service":
         raise JobError("not_a_service", f'{args.spec_file}: a deployment runs kind = "service"')
     args.name = name
+    args.logins = cli_args.registry_logins(args.registry_logins)
     return spec
 
 
 def run(args: argparse.Namespace, client: AdminClient, spec: dict[str, Any]) -> int:
     """Carry a checked deployment command out; the exit status."""
     if args.command == "deploy":
-        deployment = client.deploy(args.name, spec, args.replicas)
+        deployment = client.deploy(args.name, spec, args.replicas, args.logins)
         print(deployment.get("name"), flush=True)
         return 0
     if args.command == "scale":

@@ -128,10 +128,7 @@ class AdminClient:
         if uploads:
             body["uploads"] = {path: {"url": url} for path, url in uploads.items()}
         if registry_logins:
-            body["registry_logins"] = {
-                host: {"username": login.username, "password": login.password}
-                for host, login in registry_logins.items()
-            }
+            body["registry_logins"] = _logins(registry_logins)
         if job_id is not None:
             body["job_id"] = job_id
         if ttl_s is not None:
@@ -154,9 +151,18 @@ class AdminClient:
             raise AdminError("bad_answer", f"no image in the answer: {pinned!r}")
         return pinned
 
-    def deploy(self, name: str, spec: dict[str, Any], replicas: int) -> dict[str, Any]:
-        """Deploy ``replicas`` replicas of a service spec as ``name``; the deployment."""
-        body = {"name": name, "spec": spec, "replicas": replicas}
+    def deploy(
+        self,
+        name: str,
+        spec: dict[str, Any],
+        replicas: int,
+        registry_logins: Mapping[str, Credentials] | None = None,
+    ) -> dict[str, Any]:
+        """Deploy ``replicas`` replicas of a service spec as ``name``; the deployment.
+        ``registry_logins``: a login to a private image's registry, for every replica."""
+        body: dict[str, Any] = {"name": name, "spec": spec, "replicas": replicas}
+        if registry_logins:
+            body["registry_logins"] = _logins(registry_logins)
         return self._request("POST", "/api/deployments", body)
 
     def scale(self, name: str, replicas: int) -> dict[str, Any]:
@@ -348,3 +354,11 @@ def _api_error(status: int, raw: bytes) -> AdminError:
     if isinstance(error, dict) and isinstance(error.get("code"), str):
         return AdminError(error["code"], str(error.get("detail", "")))
     return AdminError("bad_answer", f"HTTP {status} without a coded error")
+
+
+def _logins(logins: Mapping[str, Credentials]) -> dict[str, dict[str, str]]:
+    """Registry logins as the API takes them."""
+    return {
+        host: {"username": login.username, "password": login.password}
+        for host, login in logins.items()
+    }

@@ -53,6 +53,7 @@ from agent.protocol.messages import (
 from agent.protocol.reliable import ReliableSender
 from coordinator import collector
 from coordinator.admission import Settings, Strikes, TokenBucket
+from coordinator.compression import receive
 from coordinator.group_commit import GroupCommit
 from coordinator.handshake import (
     CLOSE_POLICY,
@@ -214,6 +215,8 @@ class _Session:
         self._throttled = False
         self._advanced = False
         """Whether the frame being handled stored a new message of the node's stream."""
+        self._deflated: bytes | None = None
+        """The frame being handled as the DEFLATE stream it came in (None: it did not)."""
         self._quota_strikes = Strikes(settings.abuse_strikes)
         self._send_lock = asyncio.Lock()
 
@@ -251,11 +254,13 @@ class _Session:
         if self.superseded:
             return
         await self._attest_request()
-        async for raw in self.ws:
+        while True:  # until the connection closes (ConnectionClosed, to handle())
+            raw, self._deflated = await receive(self.ws)
             closed = await self._on_frame(raw)
             # Not kept while waiting for the next frame: 10,000 idle sessions would each
             # hold their last ~56 KB frame (and, before, its decoded objects) for 10 s.
             del raw
+            self._deflated = None
             if closed:
                 return
 
@@ -402,8 +407,20 @@ class _Session:
             if isinstance(message, Profile):
                 profile, nonce, unverified = self._verify_profile(body["attestation"], now)
             # Group commit (:mod:`coordinator.group_commit`): returns once it committed.
+            # Telemetry as the DEFLATE stream it came in (its frame's), where it came so.
+            deflated = self._deflated if isinstance(message, Telemetry) else None
             added = await self.shared.writer.add(
-                Message(self.node_id, message.seq, kind, body, now, profile, nonce, unverified)
+                Message(
+                    self.node_id,
+                    message.seq,
+                    kind,
+                    body,
+                    now,
+                    profile,
+                    nonce,
+                    unverified,
+                    deflated=deflated,
+                )
             )
             if self.superseded:
                 # A newer connection took over while it was committed: the newer session

@@ -17,7 +17,7 @@ from __future__ import annotations
 import re
 import sqlite3
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from functools import cache
 from pathlib import Path
@@ -152,6 +152,10 @@ class SqliteDatabase(Database):
     def changes(self) -> int:
         """Rows this connection changed since it opened."""
         return self._conn.total_changes
+
+    def function(self, name: str, arity: int, func: Callable[..., Any]) -> None:
+        """Make ``func`` an SQL function of this connection (deterministic)."""
+        self._conn.create_function(name, arity, func, deterministic=True)
 
     def executemany(self, sql: str, rows: list[tuple[Any, ...]]) -> None:
         """Run one statement for each row."""

@@ -60,6 +60,7 @@ def translate_schema(script: str) -> list[str]:
     # SQLite's REAL is 8 bytes, PostgreSQL's 4; an INTEGER holds 8 bytes in SQLite.
     text = re.sub(r"\bREAL\b", "DOUBLE PRECISION", text)
     text = re.sub(r"\bINTEGER\b", "BIGINT", text)
+    text = re.sub(r"\bBLOB\b", "BYTEA", text)
     return [s.strip() for s in text.split(";") if s.strip()]
 
 

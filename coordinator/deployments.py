@@ -35,6 +35,7 @@ from coordinator.job_service import JobService
 from coordinator.keys import CoordinatorKey
 from coordinator.offers import make_offer
 from coordinator.store import Store
+from oci import Credentials
 from sandbox.spec import load_spec
 
 __all__ = [
@@ -95,10 +96,14 @@ class Deployments:
         self.passes = 0
         """Passes made so far (a test waits for the next one)."""
 
-    async def deploy(self, name: Any, spec: Any, replicas: Any) -> DeploymentRow:
+    async def deploy(
+        self, name: Any, spec: Any, replicas: Any, registry_logins: Any = None
+    ) -> DeploymentRow:
         """Check and store a deployment of ``replicas`` replicas of the service ``spec``;
         the reconciler places them. A tag is pinned to its digest once, here: every replica
-        runs the same image.
+        runs the same image. ``registry_logins`` (registry host -> ``{"username",
+        "password"}``) pin a private image's tag, and go in each replica's offer for the
+        node's pull (as a job's do: :meth:`JobService.submit`).
 
         Raises:
             JobError: ``bad_name``, ``bad_replicas`` (not an integer in 1..64),
@@ -113,15 +118,31 @@ class Deployments:
         if not isinstance(spec, dict) or spec.get("kind") != "service":
             raise JobError("not_a_service", 'a deployment runs a spec of kind = "service"')
         # Checked as a node will, then pinned; the offers are signed at each placement.
-        make_offer(self._key, job_id="job-check", node_id="check", spec=spec, now=self._clock())
-        pinned = await self._pinner.pin(spec)
+        checked = make_offer(
+            self._key,
+            job_id="job-check",
+            node_id="check",
+            spec=spec,
+            now=self._clock(),
+            registry_logins=registry_logins,
+        ).offer
+        logins = {
+            host: Credentials(login.username, login.password)
+            for host, login in checked.registry_logins.items()
+        }
+        pinned = await self._pinner.pin(spec, logins)
         service = load_spec(msgspec.json.encode(pinned), "json").service
         assert service is not None  # a spec of kind service has one
         async with self._lock:
             if len(self._store.deployments.all()) >= MAX_DEPLOYMENTS:
                 raise JobError("too_many_deployments", f"at most {MAX_DEPLOYMENTS}; undeploy one")
             if not self._store.deployments.add(
-                name, pinned, replicas, service.lease_s, self._clock()
+                name,
+                pinned,
+                replicas,
+                service.lease_s,
+                self._clock(),
+                registry_logins=msgspec.to_builtins(checked.registry_logins),
             ):
                 raise JobError("deployment_exists", f"a deployment {name!r} exists")
         self._wake.set()
@@ -232,7 +253,9 @@ class Deployments:
         failures, hold_until = plan.failures, plan.hold_until
         for node in plan.place:
             try:
-                job_id = await self._jobs.submit(node, row.spec)
+                job_id = await self._jobs.submit(
+                    node, row.spec, registry_logins=row.registry_logins or None
+                )
             except JobError as exc:
                 # A node forgotten, a registry gone: held back as a failed replica would be.
                 _log.warning("deployment %s: placing on %s failed: %s", row.name, node, exc)

@@ -37,6 +37,7 @@ class _Deploy(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=T
     name: Any
     spec: Any
     replicas: Any
+    registry_logins: Any = None
 
 
 class _Scale(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -67,7 +68,9 @@ async def create(deployments: Deployments, store: Store, body: bytes) -> HttpAns
         JobError: as :meth:`Deployments.deploy`, or ``bad_request``.
     """
     request = _decode(body, _Deploy)
-    row = await deployments.deploy(request.name, request.spec, request.replicas)
+    row = await deployments.deploy(
+        request.name, request.spec, request.replicas, request.registry_logins
+    )
     return json_answer(view(store, row, ()), HTTPStatus.CREATED)
 
 
@@ -110,6 +113,7 @@ def view(store: Store, row: DeploymentRow, connected: Collection[str]) -> dict[s
         "replicas": row.replicas,
         "ready": sum(1 for r in live if r.state == "ready"),
         "image": row.spec.get("image"),
+        "registry_logins": sorted(row.registry_logins),  # the hosts: never a password
         "models": service.get("models", []) if isinstance(service, dict) else [],
         "lease_s": row.lease_s,
         "created": row.created,

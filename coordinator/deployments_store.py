@@ -14,7 +14,13 @@ import msgspec
 
 from coordinator.db import Database
 
-__all__ = ["KEEP_RETIRED", "SCHEMA", "DeploymentRow", "DeploymentTable", "ReplicaRow"]
+__all__ = [
+    "KEEP_RETIRED",
+    "SCHEMA",
+    "DeploymentRow",
+    "DeploymentTable",
+    "ReplicaRow",
+]
 
 #: Retired replicas kept per deployment (the newest): the record of what went wrong.
 KEEP_RETIRED: Final = 20
@@ -27,7 +33,8 @@ CREATE TABLE IF NOT EXISTS deployments (
     lease_s REAL NOT NULL,
     created REAL NOT NULL,
     failures INTEGER NOT NULL DEFAULT 0,
-    hold_until REAL NOT NULL DEFAULT 0
+    hold_until REAL NOT NULL DEFAULT 0,
+    registry_logins TEXT NOT NULL DEFAULT '{}'
 ) STRICT;
 CREATE TABLE IF NOT EXISTS deployment_replicas (
     job_id TEXT PRIMARY KEY REFERENCES jobs(job_id),
@@ -52,6 +59,9 @@ class DeploymentRow(msgspec.Struct, frozen=True, kw_only=True):
     created: float
     failures: int
     hold_until: float
+    registry_logins: dict[str, Any] = {}
+    """Registry host -> ``{"username", "password"}``: the login each replica's offer
+    carries for the node's pull of a private image (never shown by the API)."""
 
 
 class ReplicaRow(msgspec.Struct, frozen=True, kw_only=True):
@@ -74,13 +84,21 @@ class DeploymentTable:
         self._db = db
 
     def add(
-        self, name: str, spec: dict[str, Any], replicas: int, lease_s: float, now: float
+        self,
+        name: str,
+        spec: dict[str, Any],
+        replicas: int,
+        lease_s: float,
+        now: float,
+        *,
+        registry_logins: dict[str, Any] | None = None,
     ) -> bool:
         """Store a new deployment; False if one of that name exists."""
+        logins = msgspec.json.encode(registry_logins or {}).decode()
         cursor = self._db.execute(
-            "INSERT INTO deployments (name, spec, replicas, lease_s, created)"
-            " VALUES (?, ?, ?, ?, ?) ON CONFLICT (name) DO NOTHING",
-            (name, msgspec.json.encode(spec).decode(), replicas, lease_s, now),
+            "INSERT INTO deployments (name, spec, replicas, lease_s, created, registry_logins)"
+            " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (name) DO NOTHING",
+            (name, msgspec.json.encode(spec).decode(), replicas, lease_s, now, logins),
         )
         return cursor.rowcount == 1
 
@@ -170,7 +188,7 @@ class DeploymentTable:
         ]
 
 
-_COLUMNS = "name, spec, replicas, lease_s, created, failures, hold_until"
+_COLUMNS = "name, spec, replicas, lease_s, created, failures, hold_until, registry_logins"
 
 
 def _deployment(row: Any) -> DeploymentRow:
@@ -182,4 +200,5 @@ def _deployment(row: Any) -> DeploymentRow:
         created=row[4],
         failures=row[5],
         hold_until=row[6],
+        registry_logins=msgspec.json.decode(row[7]),
     )

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from coordinator.db import JSONB, Database, DbTarget, SqliteDatabase
 from coordinator.db_open import open_database
+from coordinator.nodes_store import STORED_SIZE, inflated_body
 
 __all__ = ["SCHEMA", "downsample"]
 
@@ -51,8 +52,8 @@ INSERT INTO telemetry_minutes (node_id, minute, gpu, metric, min, mean, max, sam
 SELECT ?1, CAST(json_extract(s.value, '$.taken_at') / 60 AS INTEGER) * 60 AS minute,
        json_extract(g.value, '$.id') AS gpu, k.key AS metric,
        MIN(k.value), AVG(k.value), MAX(k.value), COUNT(*)
-FROM (SELECT body FROM messages
-      WHERE node_id = ?1 AND type = 'telemetry' AND received < ?2) AS m,
+FROM (SELECT CASE WHEN deflated IS NULL THEN body ELSE inflated_body(deflated) END AS body
+      FROM messages WHERE node_id = ?1 AND type = 'telemetry' AND received < ?2) AS m,
      json_each(m.body, '$.samples') AS s,
      json_each(s.value, '$.gpus') AS g,
      json_each(g.value) AS k
@@ -111,6 +112,7 @@ def downsample(target: DbTarget, received_before: float, aggregates_before: floa
     try:
         if isinstance(db, SqliteDatabase):
             db.execute("PRAGMA synchronous=NORMAL")
+            db.function("inflated_body", 1, _inflated_body)
         folded = 0
         # A transaction only for the nodes that have raw rows to fold (the others would
         # take the write lock for nothing).
@@ -128,13 +130,22 @@ def downsample(target: DbTarget, received_before: float, aggregates_before: floa
         db.close()
 
 
+def _inflated_body(deflated: bytes) -> str | None:
+    """SQLite's ``inflated_body(deflated)``: the JSON body of a frame stored deflated; NULL
+    (nothing to fold) for bytes that do not inflate to one."""
+    try:
+        return inflated_body(deflated).decode()
+    except (ValueError, UnicodeDecodeError):
+        return None
+
+
 def _fold(db: Database, node_id: str, received_before: float) -> int:
     """Fold one node's raw rows in one transaction; how many there were."""
     with db.transaction():
         # The node's row first, as Store.add locks it: its bytes are counted again here.
         db.execute("SELECT 1 FROM nodes WHERE node_id = ?" + db.for_update, (node_id,))
         count, size = db.execute(
-            f"SELECT COUNT(*), COALESCE(SUM(length(CAST(body AS BLOB))), 0) {_RAW}",
+            f"SELECT COUNT(*), COALESCE(SUM({STORED_SIZE}), 0) {_RAW}",
             (node_id, received_before),
         ).fetchone()
         if count:

@@ -25,12 +25,14 @@ Grouped by how the operator reacts::
     |            replicas_busy, bad_request, request_too_large, headers_too_large,
     |            request_timeout, upstream_error,
     |            upstream_timeout, response_too_large, not_found, method_not_allowed,
-    |            unknown_key_id, bad_key_name, bad_rate
+    |            unknown_key_id, bad_key_name, bad_rate, bad_peer (a request on the
+    |            coordinators' own path without their proof)
     +-- StreamError               a tunnel stream to a node's service failed or was refused:
           another node may serve the request (if nothing of it was read yet)
           codes: no_tunnel (the node has no data connection), too_many_streams,
                  ids_exhausted (its connection's stream ids are used up: it reconnects),
-                 bad_target, stream_ended (written after write_eof), and every reset
+                 bad_target, stream_ended (written after write_eof), peer_failed (the
+                 coordinator holding the node's tunnel gave no stream), and every reset
                  code (agent.protocol.tunnel.ResetCode: cancel, unknown_target,
                  connect_failed, target_error, connection_lost, ...), or the
                  TunnelError code that closed the connection

@@ -14,7 +14,8 @@ and nonce), so that 10,000 reconnecting nodes never have the loop wait for the w
 The loop's connection still writes the rest (a new node's first row, job offers and
 reports); the database serialises the two writers (SQLite: one at a time, WAL: readers
 never wait; PostgreSQL: a node's row is locked while its message is stored). On SQLite the
-writer's commits also checkpoint the WAL: the loop's connection never does.
+writer's commits also checkpoint the WAL (and the writer, idle, now and then): the loop's
+connection never does.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from coordinator.db import DbTarget
 from coordinator.retention import Quotas
 from coordinator.store import Added, Message, Store
 
-__all__ = ["WINDOW_S", "GroupCommit"]
+__all__ = ["IDLE_CHECKPOINT_S", "WINDOW_S", "GroupCommit"]
 
 _log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -40,6 +41,9 @@ T = TypeVar("T")
 #: How long the writer waits for more messages after the first of a group: a few ms of
 #: latency for far fewer fsyncs under load. Messages queued during a commit need no wait.
 WINDOW_S = 0.002
+#: A writer with nothing to write for this long copies the WAL into the file: the loop's
+#: connection never does, and with no agent sending, its commits would grow the WAL for good.
+IDLE_CHECKPOINT_S = 5.0
 #: The most messages in one transaction: a group of 56 KB batches holds the write lock
 #: while it is written, and the loop's own writes (handshakes) wait for it meanwhile.
 MAX_GROUP = 64
@@ -56,10 +60,18 @@ class _Pending:
 class GroupCommit:
     """The writer thread and its queue; :meth:`add` from the event loop."""
 
-    def __init__(self, target: DbTarget, quotas: Quotas, *, window_s: float = WINDOW_S) -> None:
+    def __init__(
+        self,
+        target: DbTarget,
+        quotas: Quotas,
+        *,
+        window_s: float = WINDOW_S,
+        idle_checkpoint_s: float = IDLE_CHECKPOINT_S,
+    ) -> None:
         """Open the writer's own connection to the store at ``target`` (opened already)."""
         self._queue: queue.SimpleQueue[_Pending | None] = queue.SimpleQueue()
         self._window_s = window_s
+        self._idle_checkpoint_s = idle_checkpoint_s
         self._opened = threading.Event()
         self._error: BaseException | None = None
         self.groups = 0
@@ -111,16 +123,22 @@ class GroupCommit:
             return
         self._opened.set()
         try:
-            while (group := self._next_group()) is not None:
+            while (group := self._next_group(store)) is not None:
                 self._commit(store, group)
                 if group and group[-1] is None:
                     break
         finally:
             store.close()
 
-    def _next_group(self) -> list[_Pending | None] | None:
-        """The next group: what is queued, waiting up to the window for more; None: stop."""
-        first = self._queue.get()
+    def _next_group(self, store: Store) -> list[_Pending | None] | None:
+        """The next group: what is queued, waiting up to the window for more; None: stop.
+        Idle meanwhile, it checkpoints the WAL now and then."""
+        while True:
+            try:
+                first = self._queue.get(timeout=self._idle_checkpoint_s)
+                break
+            except queue.Empty:
+                store.checkpoint()
         if first is None:
             return None
         group: list[_Pending | None] = [first]

@@ -26,6 +26,7 @@ from agent.protocol.limits import NONCE_BYTES
 from agent.protocol.messages import HelloBody
 from agent.protocol.session import CoordinatorHandshake, NonceBook
 from coordinator.admission import Settings, TokenBucket, admit
+from coordinator.compression import receive
 from coordinator.keys import CoordinatorKey
 from coordinator.store import Store
 
@@ -108,7 +109,7 @@ async def authenticate(
     while not conn.authenticated:
         try:
             async with asyncio.timeout(gate.settings.handshake_timeout_s):
-                raw = await ws.recv()
+                raw, _ = await receive(ws)
         except TimeoutError:
             await close(ws, CLOSE_POLICY, "handshake timed out")
             return None

@@ -11,20 +11,51 @@ coordinator. One that answered an expired, unknown or already used nonce is kept
 
 from __future__ import annotations
 
+import zlib
 from typing import Any
 
 import msgspec
 
+from agent.protocol.limits import MAX_FRAME_BYTES
 from coordinator.db import Database
 
 __all__ = [
+    "STORED_SIZE",
     "LatestProfile",
     "NodeRow",
     "NodeTable",
     "StoredMessage",
     "Unverified",
     "VerifiedProfile",
+    "inflated_body",
 ]
+
+#: A message row's bytes as stored (what quotas and retention count): its text, or its
+#: deflated frame.
+STORED_SIZE = "(length(CAST(body AS BLOB)) + COALESCE(length(deflated), 0))"
+
+#: What RFC 7692 drops from the end of each compressed message (section 7.2.1).
+_DEFLATE_TAIL = b"\x00\x00\xff\xff"
+
+
+class _Frame(msgspec.Struct):
+    body: msgspec.Raw
+
+
+def inflated_body(deflated: bytes) -> bytes:
+    """The JSON body of a message stored as the DEFLATE stream of its frame (RFC 7692's
+    permessage-deflate, without context takeover): the text of its ``body``.
+
+    Raises:
+        ValueError: the bytes do not inflate to a frame with a body (not what was stored).
+    """
+    inflater = zlib.decompressobj(wbits=-zlib.MAX_WBITS)
+    try:
+        # Bounded as when it arrived: the frame inflated within MAX_FRAME_BYTES then.
+        frame = inflater.decompress(deflated + _DEFLATE_TAIL, MAX_FRAME_BYTES + 1)
+        return bytes(msgspec.json.decode(frame, type=_Frame).body)
+    except (zlib.error, msgspec.DecodeError) as exc:
+        raise ValueError(f"a stored frame that does not inflate: {exc}") from exc
 
 
 class NodeRow(msgspec.Struct, frozen=True, kw_only=True):
@@ -133,11 +164,16 @@ class NodeTable:
 
     # ------------------------------------------------------------------ writes (in a transaction)
 
-    def insert_message(self, node_id: str, seq: int, kind: str, body: str, now: float) -> None:
-        """Store a message (JSON ``body``) as the node's last; its seq is the caller's check."""
+    def insert_message(
+        self, node_id: str, seq: int, kind: str, body: str, now: float, *, deflated: bytes = b""
+    ) -> None:
+        """Store a message as the node's last (its seq is the caller's check): its JSON
+        ``body``, or its whole frame as the DEFLATE stream ``deflated`` it came in, with an
+        empty ``body`` (:func:`inflated_body` reads it)."""
         self._db.execute(
-            "INSERT INTO messages (node_id, seq, type, body, received) VALUES (?, ?, ?, ?, ?)",
-            (node_id, seq, kind, body, now),
+            "INSERT INTO messages (node_id, seq, type, body, deflated, received)"
+            " VALUES (?, ?, ?, ?, ?, ?)",
+            (node_id, seq, kind, body, deflated or None, now),
         )
         self._db.execute("UPDATE nodes SET agent_seq = ? WHERE node_id = ?", (seq, node_id))
 
@@ -174,27 +210,20 @@ class NodeTable:
     ) -> list[StoredMessage]:
         """A node's messages of one type after ``since_seq``, in seq order."""
         rows = self._db.execute(
-            "SELECT seq, type, body, received FROM messages"
+            "SELECT seq, type, body, deflated, received FROM messages"
             " WHERE node_id = ? AND type = ? AND seq > ? ORDER BY seq LIMIT ?",
             (node_id, kind, since_seq, limit),
         ).fetchall()
-        return [
-            StoredMessage(seq=r[0], type=r[1], body=msgspec.json.decode(r[2]), received=r[3])
-            for r in rows
-        ]
+        return [_stored(row) for row in rows]
 
     def latest(self, node_id: str, kind: str) -> StoredMessage | None:
         """A node's newest message of one type."""
         row = self._db.execute(
-            "SELECT seq, type, body, received FROM messages"
+            "SELECT seq, type, body, deflated, received FROM messages"
             " WHERE node_id = ? AND type = ? ORDER BY seq DESC LIMIT 1",
             (node_id, kind),
         ).fetchone()
-        if row is None:
-            return None
-        return StoredMessage(
-            seq=row[0], type=row[1], body=msgspec.json.decode(row[2]), received=row[3]
-        )
+        return None if row is None else _stored(row)
 
     def job_progress(self, node_id: str, job_id: str) -> tuple[int, int] | None:
         """A pulling or fetching job's latest progress, (bytes done, bytes in all), from
@@ -261,3 +290,10 @@ class NodeTable:
             verified=False,
             unverified=reason,
         )
+
+
+def _stored(row: Any) -> StoredMessage:
+    """A message from its row: seq, type, body, deflated, received."""
+    seq, kind, body, deflated, received = row
+    text = body if deflated is None else inflated_body(bytes(deflated))
+    return StoredMessage(seq=seq, type=kind, body=msgspec.json.decode(text), received=received)

@@ -1,7 +1,9 @@
 """Which coordinator holds each node's session, when several share one database.
 
 Each coordinator on PostgreSQL records the sessions it opens and closes
-(``node_sessions``) and says it is alive every :data:`HEARTBEAT_S` (``coordinators``); a
+(``node_sessions``), the nodes' data connections it holds (``node_tunnels``: where the
+gateway of another coordinator sends a request for their services, to the ``peer_url``
+the holder gives), and says it is alive every :data:`HEARTBEAT_S` (``coordinators``); a
 node counts as connected while a coordinator alive within :data:`ALIVE_S` holds its
 session, so the sessions of one killed -9 stop counting on their own. One coordinator at a
 time leads (a session-level advisory lock on its connection, released with it): the
@@ -26,11 +28,17 @@ FORGET_S: Final = 86400.0
 #: The advisory lock of the leading coordinator.
 _LEAD_LOCK: Final = 0x67_70_75_2D_6C_65_61_64  # "gpu-lead"
 
-#: Schema version 8 (:mod:`coordinator.store`).
+#: Schema version 8 (:mod:`coordinator.store`); 9 adds ``peer_url`` and ``node_tunnels``.
 SCHEMA: Final = """
 CREATE TABLE IF NOT EXISTS coordinators (
     coordinator_id TEXT PRIMARY KEY,
-    alive REAL NOT NULL
+    alive REAL NOT NULL,
+    peer_url TEXT NOT NULL DEFAULT ''
+) STRICT;
+CREATE TABLE IF NOT EXISTS node_tunnels (
+    node_id TEXT PRIMARY KEY,
+    coordinator_id TEXT NOT NULL,
+    opened REAL NOT NULL
 ) STRICT;
 CREATE TABLE IF NOT EXISTS node_sessions (
     node_id TEXT PRIMARY KEY,
@@ -47,13 +55,42 @@ class Presence:
     def __init__(self, db: Database) -> None:
         self._db = db
 
-    def alive(self, coordinator_id: str, now: float) -> None:
-        """Say that ``coordinator_id`` is alive at ``now``."""
+    def alive(self, coordinator_id: str, now: float, peer_url: str = "") -> None:
+        """Say that ``coordinator_id`` is alive at ``now``, its gateway reachable by the
+        others at ``peer_url`` (empty: it takes no request of theirs)."""
         self._db.execute(
-            "INSERT INTO coordinators (coordinator_id, alive) VALUES (?, ?)"
-            " ON CONFLICT (coordinator_id) DO UPDATE SET alive = excluded.alive",
-            (coordinator_id, now),
+            "INSERT INTO coordinators (coordinator_id, alive, peer_url) VALUES (?, ?, ?)"
+            " ON CONFLICT (coordinator_id) DO UPDATE SET alive = excluded.alive,"
+            " peer_url = excluded.peer_url",
+            (coordinator_id, now, peer_url),
         )
+
+    def tunnel_opened(self, node_id: str, coordinator_id: str, now: float) -> None:
+        """Record that ``coordinator_id`` holds the node's data connection now."""
+        self._db.execute(
+            "INSERT INTO node_tunnels (node_id, coordinator_id, opened) VALUES (?, ?, ?)"
+            " ON CONFLICT (node_id) DO UPDATE SET"
+            " coordinator_id = excluded.coordinator_id, opened = excluded.opened",
+            (node_id, coordinator_id, now),
+        )
+
+    def tunnel_closed(self, node_id: str, coordinator_id: str) -> None:
+        """Forget the node's data connection on ``coordinator_id`` (unless it is elsewhere now)."""
+        self._db.execute(
+            "DELETE FROM node_tunnels WHERE node_id = ? AND coordinator_id = ?",
+            (node_id, coordinator_id),
+        )
+
+    def peer_tunnels(self, coordinator_id: str, now: float) -> dict[str, str]:
+        """The nodes whose data connection another coordinator alive now holds, and the
+        ``peer_url`` of that coordinator's gateway (those that gave one)."""
+        rows = self._db.execute(
+            "SELECT t.node_id, c.peer_url FROM node_tunnels t JOIN coordinators c"
+            " ON c.coordinator_id = t.coordinator_id"
+            " WHERE c.alive >= ? AND c.coordinator_id <> ? AND c.peer_url <> ''",
+            (now - ALIVE_S, coordinator_id),
+        ).fetchall()
+        return {str(node): str(url) for node, url in rows}
 
     def opened(self, node_id: str, coordinator_id: str, token: str, now: float) -> None:
         """Record that ``coordinator_id`` holds the node's session ``token`` now."""
@@ -84,11 +121,12 @@ class Presence:
         """Forget the coordinators not alive since ``before``, and the sessions they held
         (each start of a coordinator is a new one); returns how many coordinators went."""
         with self._db.transaction():
-            self._db.execute(
-                "DELETE FROM node_sessions WHERE coordinator_id IN"
-                " (SELECT coordinator_id FROM coordinators WHERE alive < ?)",
-                (before,),
-            )
+            for table in ("node_sessions", "node_tunnels"):
+                self._db.execute(
+                    f"DELETE FROM {table} WHERE coordinator_id IN"
+                    " (SELECT coordinator_id FROM coordinators WHERE alive < ?)",
+                    (before,),
+                )
             return self._db.execute("DELETE FROM coordinators WHERE alive < ?", (before,)).rowcount
 
     def lead(self) -> bool:

@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 import msgspec
 
 from coordinator.db import Database
+from coordinator.nodes_store import STORED_SIZE
 
 __all__ = ["Quotas", "Retention", "run_passes"]
 
@@ -98,7 +99,7 @@ class Retention:
         has less than ``least`` (deleting would not make room). Returns the bytes freed
         (already taken off its count)."""
         (held,) = self._db.execute(
-            "SELECT COALESCE(SUM(length(CAST(body AS BLOB))), 0) FROM messages"
+            f"SELECT COALESCE(SUM({STORED_SIZE}), 0) FROM messages"
             " WHERE node_id = ? AND type = 'telemetry'",
             (node_id,),
         ).fetchone()
@@ -107,7 +108,7 @@ class Retention:
         freed, upto = 0, 0
         while freed < need:
             rows = self._db.execute(
-                "SELECT seq, length(CAST(body AS BLOB)) FROM messages"
+                f"SELECT seq, {STORED_SIZE} FROM messages"
                 " WHERE node_id = ? AND type = 'telemetry' AND seq > ? ORDER BY seq LIMIT 256",
                 (node_id, upto),
             ).fetchall()
@@ -159,7 +160,7 @@ class Retention:
                 )
                 args = (node_id, received_before, 0 if row is None else row[0])
                 count, size = self._db.execute(
-                    "SELECT COUNT(*), COALESCE(SUM(length(CAST(body AS BLOB))), 0)" + where, args
+                    f"SELECT COUNT(*), COALESCE(SUM({STORED_SIZE}), 0)" + where, args
                 ).fetchone()
                 if count:
                     self._db.execute("DELETE" + where, args)

@@ -47,7 +47,8 @@ from coordinator.connection import AgentSessions, Shared, handle
 from coordinator.db import DbTarget
 from coordinator.deployments import DEFAULT_GRACE_S, DEFAULT_INTERVAL_S, Deployments
 from coordinator.downsample import downsample
-from coordinator.gateway.server import Gateway, GatewaySettings
+from coordinator.gateway.peer import PeerAuth
+from coordinator.gateway.server import Gateway, GatewaySettings, Peers
 from coordinator.group_commit import GroupCommit
 from coordinator.images import ImagePinner
 from coordinator.job_service import JobService
@@ -96,8 +97,12 @@ class Coordinator:
         deploy_interval_s: float = DEFAULT_INTERVAL_S,
         gateway_port: int = 0,
         gateway_settings: GatewaySettings | None = None,
+        peer_url: str = "",
     ) -> None:
         self.host = host
+        self.peer_url = peer_url
+        """Where the other coordinators on the store reach this one's gateway (empty: they
+        do not: the services of the nodes whose tunnel is here are served only here)."""
         self.pinner = pinner or ImagePinner()
         self.ssl_context = ssl_context
         self._requested_port = port
@@ -145,6 +150,11 @@ class Coordinator:
         if self._shared is None:
             raise RuntimeError("the coordinator is not started")
         return self._shared.store
+
+    @property
+    def coordinator_id(self) -> str:
+        """This coordinator among those on its store (a new one at each start)."""
+        return self._started().coordinator_id
 
     @property
     def tunnels(self) -> Tunnels:
@@ -259,7 +269,12 @@ class Coordinator:
                 artifacts_url=lambda: self.artifacts_url,
             ),
         )
-        self._tunnels = Tunnels(self._shared, max_streams=self._tunnel_max_streams)
+        shared = self._shared
+        self._tunnels = Tunnels(
+            shared,
+            max_streams=self._tunnel_max_streams,
+            on_link=self._tunnel_moved if store.shared else None,
+        )
         self._deployments = Deployments(
             store,
             self._shared.jobs,
@@ -295,12 +310,13 @@ class Coordinator:
             if isinstance(self.db_path, str):  # PostgreSQL: others may share the store
                 from coordinator.listener import Listener  # psycopg: the postgres extra
 
-                shared = self._shared
                 self._listener = Listener(
                     self.db_path,
                     shared.coordinator_id,
                     shared.sessions,
-                    alive=lambda: store.presence.alive(shared.coordinator_id, self._clock()),
+                    alive=lambda: store.presence.alive(
+                        shared.coordinator_id, self._clock(), self.peer_url
+                    ),
                 )
                 await self._listener.start()
             await self._admin.start()
@@ -312,6 +328,7 @@ class Coordinator:
                 port=self._gateway_port,
                 ssl_context=self.ssl_context,
                 settings=self._gateway_settings,
+                peers=self._peers(store, shared.coordinator_id) if store.shared else None,
                 clock=self._clock,
             )
             await self._gateway.start()
@@ -323,6 +340,22 @@ class Coordinator:
         except BaseException:
             await self.stop()
             raise
+
+    def _peers(self, store: Store, coordinator_id: str) -> Peers:
+        """The other coordinators on the store, for the gateway."""
+        return Peers(
+            auth=PeerAuth(self.key, self._clock),
+            elsewhere=lambda: store.presence.peer_tunnels(coordinator_id, self._clock()),
+        )
+
+    def _tunnel_moved(self, node_id: str, here: bool) -> None:
+        """Tell the store that a node's data connection is up here, or gone."""
+        shared = self._started()
+        coordinator_id, now = shared.coordinator_id, self._clock()
+        if here:
+            shared.writer.submit(lambda s: s.presence.tunnel_opened(node_id, coordinator_id, now))
+        else:
+            shared.writer.submit(lambda s: s.presence.tunnel_closed(node_id, coordinator_id))
 
     async def stop(self) -> None:
         """Close every connection (1001, going away), stop listening, close the store."""
@@ -521,6 +554,7 @@ async def serve(
     artifacts_url: str | None = None,
     deploy_grace_s: float = DEFAULT_GRACE_S,
     gateway_port: int = 0,
+    peer_url: str = "",
 ) -> None:
     """Run a coordinator until ``stop`` is set (or the task is cancelled)."""
     coordinator = Coordinator(
@@ -536,6 +570,7 @@ async def serve(
         artifacts_url=artifacts_url,
         deploy_grace_s=deploy_grace_s,
         gateway_port=gateway_port,
+        peer_url=peer_url,
     )
     async with coordinator:
         if on_ready is not None:

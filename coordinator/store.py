@@ -32,7 +32,7 @@ from coordinator.downsample import SCHEMA as DOWNSAMPLE_SCHEMA
 from coordinator.gateway.tables import SCHEMA as GATEWAY_SCHEMA
 from coordinator.gateway.tables import ApiKeyTable, RequestTable, ServiceJobs
 from coordinator.jobs_store import JobEvent, JobTable
-from coordinator.nodes_store import NodeTable, Unverified
+from coordinator.nodes_store import STORED_SIZE, NodeTable, Unverified
 from coordinator.presence_store import SCHEMA as PRESENCE_SCHEMA
 from coordinator.presence_store import Presence
 from coordinator.retention import Quotas, Retention
@@ -45,8 +45,9 @@ __all__ = ["Added", "Message", "Store"]
 #: 5 the deployments (:mod:`coordinator.deployments_store`); 6 the gateway's tables
 #: (:data:`coordinator.gateway.tables.SCHEMA`); 7 the per-minute telemetry aggregates
 #: (:mod:`coordinator.downsample`); 8 who holds each node's session when several
-#: coordinators share the database (:mod:`coordinator.presence_store`).
-_SCHEMA_VERSION = 8
+#: coordinators share the database (:mod:`coordinator.presence_store`); 9 telemetry kept as
+#: the DEFLATE stream it came in (``messages.deflated``, :data:`_V9`).
+_SCHEMA_VERSION = 9
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS nodes (
     node_id TEXT PRIMARY KEY,
@@ -64,6 +65,7 @@ CREATE TABLE IF NOT EXISTS messages (
     type TEXT NOT NULL,
     body TEXT NOT NULL,
     received REAL NOT NULL,
+    deflated BLOB,
     PRIMARY KEY (node_id, seq)
 ) STRICT, WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS messages_by_type ON messages (node_id, type, seq);
@@ -135,14 +137,22 @@ CREATE TABLE IF NOT EXISTS receipt_chain (
 #: Version 4 on a database of an older version: the columns that retention needs. The
 #: node's last seq moves out of ``messages`` (retention deletes rows, never that seq), and
 #: its stored bytes are counted for its quota.
-_V4 = """
+_V4 = f"""
 ALTER TABLE nodes ADD COLUMN agent_seq INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE nodes ADD COLUMN stored_bytes INTEGER NOT NULL DEFAULT 0;
 UPDATE nodes SET
     agent_seq = (SELECT COALESCE(MAX(seq), 0) FROM messages m WHERE m.node_id = nodes.node_id),
-    stored_bytes = (SELECT COALESCE(SUM(length(CAST(body AS BLOB))), 0) FROM messages m
+    stored_bytes = (SELECT COALESCE(SUM({STORED_SIZE}), 0) FROM messages m
                     WHERE m.node_id = nodes.node_id);
 """
+#: Version 9's columns on an older database: (table, column, its type): telemetry's frames
+#: as they came, deflated; where a coordinator's gateway is reached by the others; a
+#: deployment's registry logins.
+_V9_COLUMNS = (
+    ("messages", "deflated", "BLOB"),
+    ("coordinators", "peer_url", "TEXT NOT NULL DEFAULT ''"),
+    ("deployments", "registry_logins", "TEXT NOT NULL DEFAULT '{}'"),
+)
 #: The body a shed message is stored with: its seq is kept (the stream has no gap), what it
 #: carried is not. Telemetry keeps its own shape: a shed batch, as the agent's outbox sheds.
 _SHED_TELEMETRY = {"samples": [], "dropped": 1}
@@ -168,6 +178,9 @@ class Message(NamedTuple):
     nonce: str | None = None
     unverified: Unverified | None = None
     job: JobEvent | None = None
+    deflated: bytes | None = None
+    """Telemetry's whole frame as the DEFLATE stream it came in, when it came so: stored
+    instead of ``body`` (about a tenth of it) where the store keeps frames deflated."""
 
 
 class Store:
@@ -198,6 +211,7 @@ class Store:
         self.requests = RequestTable(self._db)
         self.services = ServiceJobs(self._db)
         self.presence = Presence(self._db)
+        self._keeps_deflated = self._db.dialect == "sqlite"
         self.shared = self._db.dialect == "postgres"
         """Whether other coordinators may use this store (PostgreSQL's; a SQLite file has
         one)."""
@@ -205,6 +219,12 @@ class Store:
     def close(self) -> None:
         """Close the database."""
         self._db.close()
+
+    def checkpoint(self) -> None:
+        """Copy what SQLite's WAL holds into the file, as far as readers allow (PASSIVE:
+        nobody waits); nothing on PostgreSQL, whose server does its own."""
+        if isinstance(self._db, SqliteDatabase):
+            self._db.execute("PRAGMA wal_checkpoint(PASSIVE)")
 
     def add(
         self,
@@ -218,6 +238,7 @@ class Store:
         nonce: str | None = None,
         unverified: Unverified | None = None,
         job: JobEvent | None = None,
+        deflated: bytes | None = None,
     ) -> Added:
         """Store one message (with its profile, using its nonce; or its job event) in one commit.
 
@@ -235,7 +256,7 @@ class Store:
         """
         with self._db.transaction():
             return self.add_in_transaction(
-                Message(node_id, seq, kind, body, now, profile, nonce, unverified, job)
+                Message(node_id, seq, kind, body, now, profile, nonce, unverified, job, deflated)
             )
 
     def run_group(self, calls: Sequence[Callable[[Store], T]]) -> list[T | Exception]:
@@ -267,20 +288,26 @@ class Store:
             raise ValueError(f"no node {node_id!r}: nodes.seen() comes first")
         if seq <= last:
             return "duplicate"
-        data = msgspec.json.encode(m.body)
+        # Telemetry as it came, deflated (SQLite: a tenth of the bytes to write and fsync;
+        # PostgreSQL compresses large values itself, and folds the text in SQL).
+        deflated = m.deflated if kind == "telemetry" and self._keeps_deflated else None
+        data = deflated or msgspec.json.encode(m.body)
         added: Added = "stored"
         verifies = profile is not None and unverified is None
         if kind != "job_status" and not self.retention.make_room(
             node_id, len(data), verifies=verifies
         ):
-            added = "shed"
+            added, deflated = "shed", None
             data = msgspec.json.encode(
                 _SHED_TELEMETRY
                 if kind == "telemetry"
                 else {"shed": "quota_exceeded", "bytes": len(data)}
             )
             profile = nonce = unverified = job = None
-        self.nodes.insert_message(node_id, seq, kind, data.decode(), now)
+        if deflated:
+            self.nodes.insert_message(node_id, seq, kind, "", now, deflated=deflated)
+        else:
+            self.nodes.insert_message(node_id, seq, kind, data.decode(), now)
         self.retention.count_bytes(node_id, len(data))
         if nonce is not None:
             self.streams.use_nonce(nonce, now)
@@ -293,10 +320,22 @@ class Store:
 
 def _create(db: Database) -> None:
     """Create the schema, or upgrade an older one (every table ``IF NOT EXISTS``; the
-    columns SQLite's version 4 added, by :data:`_V4`)."""
+    columns versions 4 and 9 added, by :data:`_V4` and :data:`_V9_COLUMNS`)."""
     script = _SCHEMA + DEPLOYMENTS_SCHEMA + GATEWAY_SCHEMA + DOWNSAMPLE_SCHEMA + PRESENCE_SCHEMA
     upgrade = ""
     if isinstance(db, SqliteDatabase):
+        # 9 first: 4 counts the bytes stored, deflated ones too.
+        for table, column, kind in _V9_COLUMNS:
+            columns = {r[1] for r in db.execute(f"PRAGMA table_info({table})")}
+            if columns and column not in columns:
+                upgrade += f"ALTER TABLE {table} ADD COLUMN {column} {kind};"
         columns = {r[1] for r in db.execute("PRAGMA table_info(nodes)")}
-        upgrade = _V4 if columns and "agent_seq" not in columns else ""
+        upgrade += _V4 if columns and "agent_seq" not in columns else ""
+    else:
+        upgrade = "".join(
+            f"ALTER TABLE {table} ADD COLUMN IF NOT EXISTS {column} {kind};".replace(
+                "BLOB", "BYTEA"
+            )
+            for table, column, kind in _V9_COLUMNS
+        )
     db.create_schema(script, _SCHEMA_VERSION, upgrade=upgrade)

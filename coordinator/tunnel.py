@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import logging
 import secrets
+from collections.abc import Callable
 from typing import Final
 
 from websockets.asyncio.server import ServerConnection
@@ -273,6 +274,9 @@ class Tunnels:
     Args:
         gate: the coordinator's handshake gate (key, store, nonces, settings, clocks).
         max_streams: streams open at once per node (the agent caps its side alike).
+        on_link: told ``(node_id, True)`` when a node's data connection is up here, and
+            ``(node_id, False)`` when it is gone (what the other coordinators on the
+            store route by).
     """
 
     def __init__(
@@ -282,8 +286,10 @@ class Tunnels:
         max_streams: int = MAX_STREAMS,
         window: int = STREAM_WINDOW,
         connection_window: int = CONNECTION_WINDOW,
+        on_link: Callable[[str, bool], None] | None = None,
     ) -> None:
         self._gate = gate
+        self._on_link = on_link
         self._max_streams = max_streams
         self._window = window
         self._connection_window = connection_window
@@ -345,11 +351,15 @@ class Tunnels:
         # The older connection closes beside the newer one's serving: a node gone silent
         # would hold the newer one up for the whole closing timeout.
         retiring = None if old is None else asyncio.create_task(old.retire())
+        if self._on_link is not None:
+            self._on_link(node_id, True)
         try:
             await link.run()
         finally:
             if self._links.get(node_id) is link:
                 del self._links[node_id]
+                if self._on_link is not None:
+                    self._on_link(node_id, False)
             if retiring is not None:
                 await retiring
 

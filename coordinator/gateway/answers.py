@@ -31,6 +31,7 @@ ROUTES: Final = frozenset(("/v1/chat/completions", "/v1/completions", "/v1/embed
 STATUS: Final[dict[str, tuple[int, str]]] = {
     "bad_request": (400, "invalid_request_error"),
     "invalid_api_key": (401, "invalid_request_error"),
+    "bad_peer": (403, "invalid_request_error"),
     "not_found": (404, "invalid_request_error"),
     "model_not_found": (404, "invalid_request_error"),
     "method_not_allowed": (405, "invalid_request_error"),

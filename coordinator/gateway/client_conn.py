@@ -187,6 +187,19 @@ class ClientConnection:
             async with asyncio.timeout(self._limits.write_timeout_s):
                 await self._writer.wait_closed()
 
+    def take_over(self, request: h11.Request) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        """The connection's streams, for bytes that are not HTTP any more (an upgrade),
+        after ``request``, which has no body.
+
+        Raises:
+            GatewayError: ``bad_request``: the request has a body, or the client sent
+                bytes past its head before it was answered.
+        """
+        bodied = any(n == b"transfer-encoding" for n, _ in request.headers)
+        if bodied or _content_length(request) or self._conn.trailing_data[0]:
+            raise GatewayError("bad_request", "nothing may follow an upgrade's request")
+        return self._reader, self._writer
+
     def abort(self) -> None:
         """Drop the connection at once (a response that cannot end well)."""
         self._writer.transport.abort()

@@ -28,6 +28,7 @@ from coordinator.errors import GatewayError, StreamError
 from coordinator.gateway import answers
 from coordinator.gateway.client_conn import ClientConnection, ClientGone
 from coordinator.gateway.limits import RateLimits, bearer, retry_after
+from coordinator.gateway.peer import PeerAuth, PeerStream
 from coordinator.gateway.pool import StreamPool
 from coordinator.gateway.records import RecordWriter
 from coordinator.gateway.replicas import ReplicaView
@@ -35,7 +36,7 @@ from coordinator.gateway.routing import Full, Replica, Router
 from coordinator.gateway.tables import ApiKeyTable, RequestRecord
 from coordinator.gateway.upstream import Upstream
 from coordinator.gateway.usage import Usage, UsageReader
-from coordinator.tunnel import Tunnels
+from coordinator.tunnel import Tunnels, TunnelStream
 
 __all__ = ["Proxy", "Timeouts"]
 
@@ -94,6 +95,7 @@ class Proxy:
         tunnels: Tunnels,
         records: RecordWriter,
         timeouts: Timeouts,
+        peer_auth: PeerAuth | None = None,
         clock: Callable[[], float] = time.time,
         monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -103,6 +105,7 @@ class Proxy:
         self._keys = keys
         self._view = view
         self._tunnels = tunnels
+        self._peer_auth = peer_auth
         self._records = records
         self._timeouts = timeouts
         self._clock = clock
@@ -139,7 +142,10 @@ class Proxy:
         if key is None or key.revoked is not None:
             raise GatewayError("invalid_api_key", "send Authorization: Bearer <a valid API key>")
         state.key_id = key.key_id
-        wait = self._rates.admit(key.key_id, key.rate_per_min, self._monotonic())
+        if self._keys.shared:  # one rate over every coordinator's gateway
+            wait = self._keys.take_rate(key.key_id, key.rate_per_min, self._clock())
+        else:
+            wait = self._rates.admit(key.key_id, key.rate_per_min, self._monotonic())
         if wait > 0:
             raise GatewayError(
                 "rate_limited", f"{key.rate_per_min} requests a minute", retry_after_s=wait
@@ -235,10 +241,9 @@ class Proxy:
                     upstream.close()
         if head is None:
             try:
-                stream = self._tunnels.open(replica.node_id, replica.job_id)
+                upstream = Upstream(await self._open(replica))
             except StreamError as exc:
                 raise _Retry(exc.code) from None
-            upstream = Upstream(stream)
         assert upstream is not None
         kept = False
         try:
@@ -255,6 +260,18 @@ class Proxy:
         finally:
             if not kept:
                 upstream.close_unless_over()
+
+    async def _open(self, replica: Replica) -> TunnelStream | PeerStream:
+        """A new stream to the replica: through our tunnel, or its holder's (a peer).
+
+        Raises:
+            StreamError: none could be opened (nothing reached the service).
+        """
+        if not replica.via:
+            return self._tunnels.open(replica.node_id, replica.job_id)
+        if self._peer_auth is None:
+            raise StreamError("no_tunnel", f"{replica.node_id}: its tunnel is elsewhere")
+        return await PeerStream.open(replica.via, replica.node_id, replica.job_id, self._peer_auth)
 
     async def _ask(
         self, upstream: Upstream, replica: Replica, body: bytes, state: _Request

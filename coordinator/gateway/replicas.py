@@ -8,7 +8,7 @@ is parsed once and kept while the job lives.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Mapping
 
 import msgspec
 
@@ -33,11 +33,19 @@ class _Service(msgspec.Struct, frozen=True):
 
 
 class ReplicaView:
-    """Ready replicas from the store's live jobs and the nodes with a data connection."""
+    """Ready replicas from the store's live jobs and the nodes with a data connection:
+    here (``connected``), or on another coordinator on the store (``elsewhere``: node ->
+    that coordinator's gateway, asked only for nodes that have none here)."""
 
-    def __init__(self, jobs: ServiceJobs, connected: Callable[[], Collection[str]]) -> None:
+    def __init__(
+        self,
+        jobs: ServiceJobs,
+        connected: Callable[[], Collection[str]],
+        elsewhere: Callable[[], Mapping[str, str]] | None = None,
+    ) -> None:
         self._jobs = jobs
         self._connected = connected
+        self._elsewhere = elsewhere
         self._specs: dict[str, ServiceSpec | None] = {}
 
     def current(self) -> Catalogue:
@@ -47,6 +55,11 @@ class ReplicaView:
         specs = {row.job_id: self._spec(row.job_id, row.spec) for row in rows}
         # Only the live jobs' specs are kept: the cache is as large as the live set.
         self._specs = specs
+        remote: Mapping[str, str] = {}
+        if self._elsewhere is not None and any(
+            r.state == "ready" and r.node_id not in connected for r in rows
+        ):
+            remote = self._elsewhere()
         ready: list[Replica] = []
         models: set[str] = set()
         for row in rows:
@@ -54,13 +67,15 @@ class ReplicaView:
             if spec is None:
                 continue
             models.update(spec.models)
-            if row.state == "ready" and row.node_id in connected:
+            here = row.node_id in connected
+            if row.state == "ready" and (here or row.node_id in remote):
                 ready.append(
                     Replica(
                         job_id=row.job_id,
                         node_id=row.node_id,
                         models=tuple(spec.models),
                         max_streams=spec.max_streams,
+                        via="" if here else remote[row.node_id],
                     )
                 )
         return Catalogue(ready=ready, models=frozenset(models))

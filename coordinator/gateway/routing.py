@@ -25,6 +25,8 @@ class Replica(msgspec.Struct, frozen=True, kw_only=True):
     node_id: str
     models: tuple[str, ...]
     max_streams: int
+    via: str = ""
+    """The gateway of the coordinator holding the node's tunnel (empty: this one)."""
 
 
 class Full(Enum):

@@ -15,20 +15,22 @@ import asyncio
 import logging
 import ssl
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
+import h11
 import msgspec
 
 from coordinator.errors import GatewayError
 from coordinator.gateway import answers
 from coordinator.gateway.client_conn import ClientConnection, ClientGone, Limits
+from coordinator.gateway.peer import PATH_PREFIX, PeerAuth, serve_peer
 from coordinator.gateway.proxy import Proxy, Timeouts
 from coordinator.gateway.records import RecordWriter
 from coordinator.gateway.replicas import ReplicaView
 from coordinator.store import Store
 from coordinator.tunnel import Tunnels
 
-__all__ = ["Gateway", "GatewaySettings"]
+__all__ = ["Gateway", "GatewaySettings", "Peers"]
 
 _log = logging.getLogger(__name__)
 
@@ -47,6 +49,14 @@ class GatewaySettings(msgspec.Struct, frozen=True, kw_only=True):
     record_keep_rows: int = 100_000
 
 
+class Peers(msgspec.Struct, frozen=True, kw_only=True):
+    """The other coordinators on the store, as the gateway sees them."""
+
+    auth: PeerAuth
+    elsewhere: Callable[[], Mapping[str, str]]
+    """The nodes whose tunnel another coordinator holds, and its gateway's URL."""
+
+
 class Gateway:
     """The OpenAI-compatible listener: :meth:`start` it, read :attr:`port`, :meth:`stop` it."""
 
@@ -59,9 +69,14 @@ class Gateway:
         port: int = 0,
         ssl_context: ssl.SSLContext | None = None,
         settings: GatewaySettings | None = None,
+        peers: Peers | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
+        """``peers``: the other coordinators on the store, whose nodes' services this
+        gateway reaches through theirs, and which reach ours through it."""
         self.settings = settings or GatewaySettings()
+        self._tunnels = tunnels
+        self._peers = peers
         self._host = host
         self._requested_port = port
         self._ssl = ssl_context
@@ -72,8 +87,11 @@ class Gateway:
         )
         self.proxy = Proxy(
             keys=store.api_keys,
-            view=ReplicaView(store.services, tunnels.connected),
+            view=ReplicaView(
+                store.services, tunnels.connected, None if peers is None else peers.elsewhere
+            ),
             tunnels=tunnels,
+            peer_auth=None if peers is None else peers.auth,
             records=self.records,
             timeouts=self.settings.timeouts,
             clock=clock,
@@ -150,5 +168,19 @@ class Gateway:
             return False
         if request is None:
             return False
+        if request.target.startswith(PATH_PREFIX):
+            await self._peer(request, client)
+            return False
         await self.proxy.handle(request, client)
         return client.keep_alive
+
+    async def _peer(self, request: h11.Request, client: ClientConnection) -> None:
+        """A peer's request for a stream (a coordinator's own path: no client's)."""
+        try:
+            if self._peers is None:
+                raise GatewayError("not_found", "this coordinator has no peers")
+            await serve_peer(request, client, self._tunnels, self._peers.auth)
+        except GatewayError as exc:
+            if client.can_answer:
+                status, body = answers.error_body(exc)
+                await client.answer(status, [("content-type", "application/json")], body)

@@ -56,6 +56,22 @@ CREATE TABLE IF NOT EXISTS gateway_requests (
     ttft_s REAL
 ) STRICT;
 CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs (state);
+CREATE TABLE IF NOT EXISTS api_key_rates (
+    key_id TEXT PRIMARY KEY,
+    tat REAL NOT NULL
+) STRICT;
+"""
+# The shared rate of a key (several coordinators on PostgreSQL), as GCRA: ``tat`` is when
+# the key's bucket will be full again; a request moves it one interval (60 s / rate) on from
+# now or from where it stands, and passes while that leaves it within a minute of now (a
+# full bucket holds a minute's worth: the in-memory bucket's rule, in one row). One
+# statement: the row is locked while it is moved, so two coordinators never both take the
+# last request.
+_TAKE_RATE: Final = """
+INSERT INTO api_key_rates AS r (key_id, tat) VALUES (?, ?)
+ON CONFLICT (key_id) DO UPDATE SET tat = GREATEST(r.tat, ?) + ?
+WHERE GREATEST(r.tat, ?) + ? - ? <= 60.0
+RETURNING tat
 """
 
 #: What every key starts with: a secret scanner (and a person) tells it from others.
@@ -123,12 +139,17 @@ class ApiKeyTable:
     """Client keys: made, listed, revoked, looked up by their hash.
 
     The keys found are kept in memory by their hash (as many as there are keys: an
-    unknown key is never kept); a revocation, through this same table, drops its entry.
+    unknown key is never kept); a revocation, through this same table, drops its entry. On
+    a store that other coordinators share, a key is read at each request instead: one
+    revoked through another coordinator is refused here at once.
     """
 
     def __init__(self, db: Database) -> None:
         self._db = db
         self._found: dict[str, ApiKey] = {}
+        self._keeps = db.dialect == "sqlite"
+        self.shared = not self._keeps
+        """Whether other coordinators use these keys (and :meth:`take_rate`)."""
 
     def create(self, name: str, rate_per_min: int, now: float) -> tuple[ApiKey, str]:
         """A new key; returns it and its text (which is stored nowhere: shown once)."""
@@ -165,8 +186,25 @@ class ApiKeyTable:
         ).fetchone()
         if row is None:
             return None
-        key = self._found[digest] = _key(row)
+        key = _key(row)
+        if self._keeps:
+            self._found[digest] = key
         return key
+
+    def take_rate(self, key_id: str, rate_per_min: int, now: float) -> float:
+        """Take one request of the key's shared rate (PostgreSQL): 0.0, or the seconds to
+        wait (nothing taken). Wall time: the coordinators' clocks are one."""
+        interval = 60.0 / rate_per_min
+        row = self._db.execute(
+            _TAKE_RATE,
+            (key_id, now + interval, now, interval, now, interval, now),
+        ).fetchone()
+        if row is not None:
+            return 0.0
+        (tat,) = self._db.execute(
+            "SELECT tat FROM api_key_rates WHERE key_id = ?", (key_id,)
+        ).fetchone()
+        return max(float(tat), now) + interval - now - 60.0
 
     def revoke(self, key_id: str, now: float) -> ApiKey:
         """Revoke a key (again: no change).

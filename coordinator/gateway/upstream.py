@@ -19,6 +19,7 @@ from collections.abc import AsyncIterator
 import h11
 
 from coordinator.errors import GatewayError, StreamError
+from coordinator.gateway.peer import PeerStream
 from coordinator.tunnel import TunnelStream
 
 __all__ = ["Upstream"]
@@ -31,7 +32,7 @@ _MAX_HEAD_BYTES = 64 * 1024
 class Upstream:
     """The client side of one exchange with a service."""
 
-    def __init__(self, stream: TunnelStream) -> None:
+    def __init__(self, stream: TunnelStream | PeerStream) -> None:
         self._stream = stream
         self._conn = h11.Connection(h11.CLIENT, max_incomplete_event_size=_MAX_HEAD_BYTES)
         self.received = False

@@ -47,6 +47,7 @@ from agent.protocol.messages import (
 from agent.protocol.session import AgentHandshake, HandshakeState
 from coordinator import cli
 from coordinator.db import DbTarget
+from coordinator.db_open import open_database
 from coordinator.server import Coordinator, Settings
 
 PROFILE = {"gpus": [{"id": "GPU-5d1c", "name": "NVIDIA H100"}], "host": {"cpus": 64}}
@@ -105,12 +106,14 @@ async def session(
     claimed_id: str | None = None,
     nonce: str | None = None,
     ack_attest: bool = True,
+    compression: str | None = "deflate",
 ) -> AsyncIterator[Link]:
     """Connect and run the handshake; fails the test if the coordinator refuses.
 
-    Like a real agent, it stores and acknowledges the ``attest_request`` (unless told not to).
+    Like a real agent, it stores and acknowledges the ``attest_request`` (unless told not to),
+    and offers permessage-deflate (unless ``compression=None``).
     """
-    async with connect(coordinator.url) as ws:
+    async with connect(coordinator.url, compression=compression) as ws:
         link = await handshake(
             ws,
             coordinator,
@@ -655,6 +658,80 @@ async def test_read_api_returns_nodes_profile_and_telemetry(coordinator: Coordin
     assert (status, missing["error"]["code"]) == (404, "not_found")
     status, _, bad = await asyncio.to_thread(_get, url.replace("=2", "=x"))
     assert (status, bad["error"]["code"]) == (400, "bad_request")
+
+
+# ------------------------------------------------------------------ telemetry as it came
+
+
+def _batch(seq: int) -> dict[str, Any]:
+    """A daemon-like batch: 10 samples of 8 GPUs (what compresses as a real one does)."""
+    gpus = [{"id": f"GPU-{i}", "util_gpu_pct": 50.0 + i, "power_w": 200.5} for i in range(8)]
+    return {"samples": [{"t": seq * 10.0 + n, "gpus": gpus} for n in range(10)], "dropped": 0}
+
+
+def _stored_rows(target: DbTarget, node_id: str) -> list[tuple[int, str, bytes | None]]:
+    db = open_database(target)
+    try:
+        rows = db.execute(
+            "SELECT seq, body, deflated FROM messages WHERE node_id = ? AND type = 'telemetry'"
+            " ORDER BY seq",
+            (node_id,),
+        ).fetchall()
+    finally:
+        db.close()
+    return [(int(seq), str(body), None if d is None else bytes(d)) for seq, body, d in rows]
+
+
+async def test_telemetry_is_stored_as_the_deflate_stream_it_came_in_and_reads_back_whole(
+    coordinator: Coordinator, store_target: DbTarget
+) -> None:
+    node = Node()
+    async with session(coordinator, node) as link:
+        await link.send(profile_frame(node, 1, link.attest.body.nonce))
+        assert await link.recv() == ack(1)
+        # Sent back to back, before any ack: each stored row must be its own frame's.
+        for seq in (2, 3, 4):
+            await link.send(wrap(TelemetryBody(**_batch(seq)), seq))
+        assert [await link.recv() for _ in range(3)] == [ack(2), ack(3), ack(4)]
+    store = coordinator.store
+    read = store.nodes.messages(node.node_id, "telemetry")
+    assert [(m.seq, m.body) for m in read] == [(seq, _batch(seq)) for seq in (2, 3, 4)]
+    rows = _stored_rows(store_target, node.node_id)
+    text = sum(len(msgspec.json.encode(_batch(seq))) for seq in (2, 3, 4))
+    if isinstance(store_target, Path):  # SQLite keeps the frames as they came
+        assert [(seq, body) for seq, body, _ in rows] == [(2, ""), (3, ""), (4, "")]
+        deflated = [d for _, _, d in rows]
+        assert all(d is not None for d in deflated)
+        size = sum(len(d) for d in deflated if d is not None)
+        assert size * 5 < text
+        # Quotas and retention count what is stored: the profile's text, the frames deflated.
+        db = open_database(store_target)
+        try:
+            (profile,) = db.execute(
+                "SELECT length(body) FROM messages WHERE type = 'profile'"
+            ).fetchone()
+        finally:
+            db.close()
+        assert store.retention.stored_bytes(node.node_id) == profile + size
+    else:  # PostgreSQL keeps the text (and compresses it itself)
+        assert [d for _, _, d in rows] == [None, None, None]
+        assert [msgspec.json.decode(body) for _, body, _ in rows] == [
+            _batch(seq) for seq in (2, 3, 4)
+        ]
+
+
+async def test_telemetry_that_came_uncompressed_is_stored_as_text(
+    coordinator: Coordinator, store_target: DbTarget
+) -> None:
+    node = Node()
+    async with session(coordinator, node, compression=None) as link:
+        await link.send(wrap(TelemetryBody(**_batch(1)), 1))
+        assert await link.recv() == ack(1)
+    [(seq, body, deflated)] = _stored_rows(store_target, node.node_id)
+    assert (seq, deflated) == (1, None)
+    assert msgspec.json.decode(body) == _batch(1)
+    [message] = coordinator.store.nodes.messages(node.node_id, "telemetry")
+    assert message.body == _batch(1)
 
 
 # ------------------------------------------------------------------ key and CLI

@@ -23,6 +23,7 @@ from support.admission import (
     until_closed,
     welcomed,
 )
+from support.factories import deflated_frame
 from support.nodes import Clock, Node
 
 from agent.protocol import crypto, dsse
@@ -129,7 +130,7 @@ async def test_a_flood_of_large_telemetry_keeps_the_store_bounded(tmp_path: Path
         assert codes(seen) == []  # each fits the quota: the oldest make room
         assert store.retention.stored_bytes(node.node_id) <= quota
         kept = store.nodes.all_seqs(node.node_id)
-        assert 1 <= len(kept) <= 4
+        assert 1 <= len(kept) <= 5  # ~1 MB each, stored deflated: ~750 KB
         assert kept[-1] == 50
         assert store.nodes.last_agent_seq(node.node_id) == 50
     on_disk = sum(p.stat().st_size for p in tmp_path.glob("coordinator.db*"))
@@ -246,3 +247,30 @@ async def test_a_store_of_version_3_is_upgraded_with_each_nodes_last_seq_and_byt
         assert after.retention.stored_bytes(node.node_id) == stored
     finally:
         after.close()
+
+
+def test_a_store_of_version_8_keeps_its_text_rows_and_stores_frames_deflated(
+    tmp_path: Path,
+) -> None:
+    path, batch = tmp_path / "coordinator.db", {"samples": [{"t": 1.0}], "dropped": 0}
+    store = Store(path)
+    store.nodes.seen("node-aa", "key", 0.0)
+    assert store.add("node-aa", 1, "telemetry", batch, 1.0) == "stored"
+    store.close()
+    with sqlite3.connect(path) as db:  # as version 8 left it: no deflated frames
+        db.execute("ALTER TABLE messages DROP COLUMN deflated")
+        db.execute("PRAGMA user_version = 8")
+    db.close()
+    store = Store(path)
+    try:
+        frame = msgspec.json.encode({"v": 1, "type": "telemetry", "seq": 2, "body": batch})
+        added = store.add("node-aa", 2, "telemetry", batch, 2.0, deflated=deflated_frame(frame))
+        assert added == "stored"
+        assert [m.body for m in store.nodes.messages("node-aa", "telemetry")] == [batch, batch]
+    finally:
+        store.close()
+    with sqlite3.connect(path) as db:
+        rows = db.execute("SELECT seq, deflated IS NULL FROM messages ORDER BY seq").fetchall()
+        (version,) = db.execute("PRAGMA user_version").fetchone()
+    db.close()
+    assert (rows, version) == ([(1, 1), (2, 0)], 9)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 from support.admission import answers_until_ack, codes, recv, refusal, started, telemetry, welcomed
+from support.factories import deflated_frame
 from support.nodes import Node
 
 from agent.protocol import crypto
@@ -49,7 +50,8 @@ async def test_nodes_that_never_attest_keep_only_the_small_quota_each(tmp_path: 
 async def test_the_store_cap_holds_over_all_nodes_and_job_status_is_never_shed(
     tmp_path: Path,
 ) -> None:
-    cap = 3 * _MIB
+    # What three 1 MB frames and a little more weigh as stored (deflated).
+    cap = len(deflated_frame(telemetry(1, 1000 * 1000).encode())) * 3 * _MIB // 1_000_000
     first, second, third = Node(), Node(), Node()
     async with started(
         tmp_path, unverified_quota_bytes=64 * _MIB, store_max_bytes=cap

@@ -22,11 +22,14 @@ from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
+from support.coordinator_peer import Peer, connected
 from support.daemon_loop import DUAL_A5000, Loop, two_nodes
 from support.dashboard import render
 from support.registry import push_busybox, running_registry
 
+from agent.protocol.messages import JobOffer, NodeStatusBody
 from coordinator import deployments, deployments_api
 from coordinator.errors import JobError
 from coordinator.images import ImagePinner
@@ -235,6 +238,7 @@ def _cli(coordinator: Coordinator, *args: str) -> subprocess.CompletedProcess[st
         (["--job"], "not_a_service"),
         (["--missing"], "bad_spec"),
         (["--stem"], "bad_name"),
+        (["--registry-logins", "/nonexistent/logins.toml"], "bad_logins_file"),
     ],
 )
 async def test_a_bad_deploy_is_refused_with_a_code_exit_2_and_nothing_changes(
@@ -333,6 +337,14 @@ async def test_the_admin_api_refuses_a_bad_scale_with_a_code(
     assert row.replicas == 2
 
 
+def _with_logins(logins: Any) -> bytes:
+    """A deployment that would be fine, but for its ``registry_logins``."""
+    spec = service_spec("busybox@sha256:" + "0" * 64)
+    return json.dumps(
+        {"name": "web", "spec": spec, "replicas": 1, "registry_logins": logins}
+    ).encode()
+
+
 @pytest.mark.parametrize(
     ("body", "status", "code"),
     [
@@ -345,6 +357,13 @@ async def test_the_admin_api_refuses_a_bad_scale_with_a_code(
         (b'{"name": "web", "spec": {"kind": "service"}, "replicas": 1e9}', 400, "bad_replicas"),
         (b'{"name": ["web"], "spec": {"kind": "service"}, "replicas": 1}', 400, "bad_name"),
         (b'{"name": "web", "spec": {"kind": "service"}, "replicas": 1}', 400, "missing_field"),
+        (_with_logins({"r.example": "x"}), 400, "bad_registry_login"),
+        (
+            _with_logins({"bad host!": {"username": "u", "password": "p"}}),
+            400,
+            "bad_registry_login",
+        ),
+        (_with_logins(["r.example"]), 400, "bad_registry_login"),
     ],
 )
 async def test_the_admin_api_refuses_a_bad_deployment_with_a_code(
@@ -487,3 +506,38 @@ async def test_a_tag_is_pinned_once_at_deploy_and_every_replica_runs_that_digest
                 await coordinator.deployments.deploy("gone", service_spec(tag + "-missing"), 1)
             assert err.value.code == "image_not_found"
             assert [d.name for d in coordinator.store.deployments.all()] == ["web"]
+
+
+async def test_a_private_images_login_pins_it_and_goes_in_each_replicas_offer(
+    tmp_path: Path,
+) -> None:
+    (tmp_path / "registry").mkdir()
+    with running_registry(tmp_path / "registry") as registry:
+        tag = f"{registry.host}/deploy/private:1"
+        pinned = await asyncio.to_thread(push_busybox, registry, tag, os.urandom(1024), tmp_path)
+        login = {"username": registry.username, "password": registry.password}
+        # The coordinator has no login of its own to this registry: only the deployment's.
+        pinner = ImagePinner(ca_file=registry.ca_file)
+        async with Coordinator(
+            db_path=tmp_path / "c.db", state_dir=tmp_path / "state", pinner=pinner
+        ) as coordinator:
+            with pytest.raises(JobError) as err:
+                await coordinator.deployments.deploy("web", service_spec(tag), 1)
+            assert err.value.code == "registry_auth_failed"
+            row = await coordinator.deployments.deploy(
+                "web", service_spec(tag), 1, {registry.host: login}
+            )
+            assert row.spec["image"] == pinned
+            pinned_keys = {coordinator.key.key_id: coordinator.key.public_key}
+            peer = Peer()
+            async with connected(coordinator.url, pinned_keys, peer) as link:
+                await link.send(NodeStatusBody(available=True, units=[]))
+                await coordinator.deployments.tick()
+                offer = link.verify(await link.take(JobOffer), pinned_keys)
+            assert offer.spec["image"] == pinned
+            assert msgspec.to_builtins(offer.registry_logins) == {registry.host: login}
+            shown = deployments_api.view(
+                coordinator.store, coordinator.store.deployments.all()[0], set()
+            )
+            assert shown["registry_logins"] == [registry.host]
+            assert registry.password not in json.dumps(shown)

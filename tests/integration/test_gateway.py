@@ -21,6 +21,7 @@ from support.gateway import (
     replica,
     report,
     service_spec,
+    streaming_request,
     until,
 )
 
@@ -271,15 +272,7 @@ async def test_a_client_gone_mid_stream_resets_the_stream_and_the_server_sees_it
     a.mode = "hold"
     key = new_key(coordinator)
     async with replica(coordinator, "svc-a", ("127.0.0.1", a.port), ["tiny"]) as one:
-        reader, writer = await asyncio.open_connection("127.0.0.1", coordinator.gateway.port)
-        body = json.dumps({"model": "tiny", "stream": True, "messages": []}).encode()
-        writer.write(
-            b"POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\n"
-            b"Authorization: Bearer %s\r\nContent-Length: %d\r\n\r\n%s"
-            % (key.encode(), len(body), body)
-        )
-        head = await reader.readuntil(b"data: ")
-        assert head.startswith(b"HTTP/1.1 200 ")
+        writer = await streaming_request(coordinator.gateway.port, key)
         writer.close()
         await writer.wait_closed()
         async with asyncio.timeout(10):

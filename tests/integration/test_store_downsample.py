@@ -7,8 +7,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 from msgspec import Raw
+from support.factories import deflated_frame
 
 from coordinator.db import DbTarget
 from coordinator.db_open import open_database
@@ -67,6 +69,33 @@ def test_raw_rows_past_the_window_become_minutes_and_go(
     assert store.nodes.all_seqs(NODE) == [3]
     assert store.retention.stored_bytes(NODE) < before
     assert store.nodes.last_agent_seq(NODE) == 3  # welcome never goes back
+
+
+def test_a_batch_stored_as_its_deflated_frame_folds_as_its_text_does(
+    store_target: DbTarget, store: Store
+) -> None:
+    other = "node-bb"
+    store.nodes.seen(other, "key", 0.0)
+    batch = {"samples": [sample(600, 100, 10), sample(610, 200, 30)], "dropped": 0}
+    frame = msgspec.json.encode({"v": 1, "type": "telemetry", "seq": 1, "body": batch})
+    store.add(NODE, 1, "telemetry", batch, 1000)
+    store.add(other, 1, "telemetry", batch, 1000, deflated=deflated_frame(frame))
+    # A row whose bytes do not inflate (a damaged file) is folded as nothing, not fatal.
+    shed = {"samples": [], "dropped": 1}  # what PostgreSQL, which keeps the text, stores
+    store.add(other, 2, "telemetry", shed, 1000, deflated=b"\xff not deflate")
+    assert downsample(store_target, received_before=2000, aggregates_before=0) == 3
+    db = open_database(store_target)
+    try:
+        rows = db.execute(
+            "SELECT node_id, minute, gpu, metric, min, mean, max, samples FROM telemetry_minutes"
+        ).fetchall()
+    finally:
+        db.close()
+    folded = {node: {tuple(r[1:]) for r in rows if r[0] == node} for node in (NODE, other)}
+    assert folded[NODE]
+    assert folded[other] == folded[NODE]
+    assert store.nodes.all_seqs(other) == []
+    assert store.retention.stored_bytes(other) == 0
 
 
 def test_a_minute_folded_over_two_passes_keeps_a_weighted_mean(

@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from support.gateway import until
 
 from agent.protocol.messages import Telemetry, decode_frame
 from coordinator.db import Database, DbTarget
@@ -120,6 +121,23 @@ async def test_the_loops_commits_leave_the_wal_to_the_writers_checkpoint(tmp_pat
         # The writer's next commit finds the WAL past its pages, and copies it.
         assert await writer.add(telemetry("node-00", 201)) == "stored"
         assert path.stat().st_size > 8_000_000
+    finally:
+        writer.close()
+        loop_store.close()
+
+
+async def test_an_idle_writer_copies_the_loops_commits_into_the_file(tmp_path: Path) -> None:
+    # No agent sends: without the writer's idle checkpoint the WAL would only grow.
+    path = tmp_path / "coordinator.db"
+    loop_store = Store(path, checkpoints=False)
+    loop_store.nodes.seen("node-00", "key", 1.0)
+    writer = GroupCommit(path, Quotas(), idle_checkpoint_s=0.05)
+    try:
+        before = path.stat().st_size
+        for seq in range(1, 21):
+            loop_store.add("node-00", seq, "telemetry", {"samples": ["x" * 40_000]}, 2.0)
+        await until(lambda: path.stat().st_size >= before + 800_000, "the idle checkpoint")
+        assert loop_store.nodes.all_seqs("node-00") == list(range(1, 21))
     finally:
         writer.close()
         loop_store.close()

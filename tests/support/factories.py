@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import zlib
 from typing import Any
 
 from coordinator.gateway.tables import RequestRecord
@@ -93,3 +94,12 @@ def request_record(n: int, *, node_id: str = "node-1", ttfb_s: float = 0.1) -> R
         ttfb_s=ttfb_s,
         ttft_s=None,
     )
+
+
+def deflated_frame(frame: bytes, window_bits: int = 12) -> bytes:
+    """``frame`` compressed as an agent's permessage-deflate sends it (RFC 7692, no context
+    takeover): a raw DEFLATE stream, sync-flushed, without its last 4 bytes."""
+    compressor = zlib.compressobj(wbits=-window_bits)
+    data = compressor.compress(frame) + compressor.flush(zlib.Z_SYNC_FLUSH)
+    assert data.endswith(b"\x00\x00\xff\xff")
+    return data[:-4]

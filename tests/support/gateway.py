@@ -5,6 +5,7 @@ that the node's ServiceTunnel carries the job's streams to."""
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -23,7 +24,16 @@ from coordinator.gateway.proxy import Timeouts
 from coordinator.gateway.server import GatewaySettings
 from coordinator.server import Coordinator
 
-__all__ = ["IMAGE", "Replica", "new_key", "replica", "report", "service_spec", "until"]
+__all__ = [
+    "IMAGE",
+    "Replica",
+    "new_key",
+    "replica",
+    "report",
+    "service_spec",
+    "streaming_request",
+    "until",
+]
 
 IMAGE = "registry.example/llama-server@sha256:" + "ab" * 32
 
@@ -120,3 +130,18 @@ async def replica(
         yield Replica(job_id=job_id, node_id=identity.node_id, tunnel=tunnel)
     finally:
         await tunnel.stop()
+
+
+async def streaming_request(port: int, key: str) -> asyncio.StreamWriter:
+    """A streamed chat completion sent raw to the gateway on ``port``, read up to its
+    first event; the connection's writer (closing it is the client going away)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    body = json.dumps({"model": "tiny", "stream": True, "messages": []}).encode()
+    writer.write(
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\n"
+        b"Authorization: Bearer %s\r\nContent-Length: %d\r\n\r\n%s"
+        % (key.encode(), len(body), body)
+    )
+    head = await reader.readuntil(b"data: ")
+    assert head.startswith(b"HTTP/1.1 200 "), head
+    return writer

@@ -64,13 +64,15 @@ def test_an_artifacts_url_is_a_scheme_and_an_authority(given: str, kept: str) ->
         "http://",
     ],
 )
-def test_serve_refuses_an_artifacts_url_that_is_not_one_with_exit_2(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str], given: str
+@pytest.mark.parametrize("option", ["--artifacts-url", "--peer-url"])
+def test_serve_refuses_an_artifacts_or_peer_url_that_is_not_one_with_exit_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], given: str, option: str
 ) -> None:
     with pytest.raises(ConfigError) as caught:
-        public_url(given)
+        public_url(given, option)
     assert caught.value.code == "bad_address"
-    argv = ["serve", "--port", "0", "--db", str(tmp_path / "c.db"), "--artifacts-url", given]
+    assert option in str(caught.value)
+    argv = ["serve", "--port", "0", "--db", str(tmp_path / "c.db"), option, given]
     assert cli.main([*argv, "--state-dir", str(tmp_path / "state")]) == cli.EXIT_USAGE
     assert "error [bad_address]" in capsys.readouterr().err
     assert not (tmp_path / "c.db").exists()
