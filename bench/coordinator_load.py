@@ -13,6 +13,17 @@ real agent's jittered backoff (:func:`agent.link.connection.retry`) and resends 
 not acknowledged; the figure is the seconds from the kill until every agent has had a new
 batch acknowledged (or ``--restart-timeout``, with how many agents were not back by then).
 Figures are printed and written to ``bench/results/coordinator_load.json``.
+
+``--handshakes-only`` measures what one reconnect costs the coordinator: the agents send no
+telemetry, so the restart is only the reconnect storm (TCP, HTTP upgrade, the handshake,
+the ``attest_request``, the signed profile answering it); an agent is back when its new
+profile is acknowledged, and the figure is the coordinator's CPU from listening until all
+are back, per agent. ``--pyspy FILE`` records the restarted coordinator meanwhile (py-spy,
+raw format). Either mode reports, per second from the kill, how many connection attempts the
+agents' backoff made (``wanted``), how many began past the client's gate (at most
+``--connecting`` at once per client process; 0: no gate, every agent connects when its
+backoff says) and how many were welcomed; and how many attempts timed out (an agent gives up
+a connection not welcomed within :data:`HANDSHAKE_TIMEOUT_S`, as the daemon's link does).
 """
 
 from __future__ import annotations
@@ -27,6 +38,7 @@ import secrets
 import shutil
 import signal
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -41,6 +53,8 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[0] = str(ROOT / "tests")  # as bench/link.py: support.* and the packages
 sys.path.insert(1, str(ROOT))
+
+from support.fakenvml import build  # noqa: E402
 
 from agent.link.connection import LinkConfig, Session, retry  # noqa: E402
 from agent.link.identity import Identity  # noqa: E402
@@ -61,17 +75,34 @@ from agent.protocol.messages import (  # noqa: E402
 )
 from agent.protocol.reliable import ReliableReceiver  # noqa: E402
 from agent.protocol.session import AgentHandshake  # noqa: E402
-from bench.link import CoordinatorProcess, KiB, telemetry_body  # noqa: E402
+from bench.link import CAPTURE, GPUS, CoordinatorProcess, KiB, telemetry_body  # noqa: E402
+from hal.backend import HalConfig  # noqa: E402
+from hal.profile import take_profile  # noqa: E402
 
-#: Handshakes in flight per client process: below the listen backlog.
+#: Handshakes in flight per client process (``--connecting``): below the listen backlog.
 CONNECTING = 64
+#: The daemon's link gives up a connection not open, or a handshake not welcomed, within
+#: this long (``agent.link.connection``), and backs off.
+HANDSHAKE_TIMEOUT_S = 10.0
 
 
 class SimAgent:
     """One simulated daemon: its key, its two streams, reconnecting as the real link does."""
 
-    def __init__(self, url: str, pinned: dict[str, bytes], body: bytes, interval: float) -> None:
+    def __init__(
+        self,
+        url: str,
+        pinned: dict[str, bytes],
+        body: bytes,
+        interval: float,
+        profile: dict[str, Any],
+        *,
+        telemetry: bool = True,
+    ) -> None:
         self.url, self.pinned, self.body, self.interval = url, pinned, body, interval
+        self.profile = profile
+        self.telemetry = telemetry
+        """False: no telemetry; back once the profile answering the new request is acked."""
         self.identity = Identity.from_private_key(crypto.generate_private_key())
         self.config = LinkConfig(url=url, pinned_keys=pinned)
         self.receiver = ReliableReceiver()
@@ -85,38 +116,60 @@ class SimAgent:
         self.ready = asyncio.Event()
         """Set when profile and node_status are acknowledged."""
         self.back_at: float | None = None
-        """Wall time of the first telemetry ack after the last reconnect."""
+        """Wall time of the first telemetry ack (or profile ack, without telemetry) after
+        the last reconnect."""
+        self.wanted: list[float] = []
+        """Wall time of each connection attempt as the backoff chose it (before the gate)."""
+        self.began: list[float] = []
+        """Wall time of each connection attempt (past the client's gate)."""
+        self.welcomed: list[float] = []
+        """Wall time of each ``welcome``."""
+        self.timeouts: list[float] = []
+        """Wall time of each attempt given up after :data:`HANDSHAKE_TIMEOUT_S`."""
+        self.failed: list[tuple[float, str]] = []
+        """Wall time and error of each attempt that failed (a timeout, refused, reset...)."""
         self.reconnected = False
         self.errors = 0
         self.disconnects = 0
+        self.progressed = False
+        """The coordinator acknowledged something on this connection (:func:`retry`)."""
         self.phase = random.uniform(0, interval)
 
-    async def run(self, gate: asyncio.Semaphore) -> None:
+    async def run(self, gate: asyncio.Semaphore | contextlib.nullcontext[None]) -> None:
         """Stay connected (the real link's retry policy), streaming telemetry."""
         failures = 0
         while True:
             welcomed_at: float | None = None
-            progressed = False
+            self.progressed = False
+            self.wanted.append(time.time())
             try:
                 async with gate:
-                    ws = await connect(self.url, max_size=MAX_FRAME_BYTES, open_timeout=120)
+                    self.began.append(time.time())
+                    ws = await connect(
+                        self.url, max_size=MAX_FRAME_BYTES, open_timeout=HANDSHAKE_TIMEOUT_S
+                    )
                     try:
-                        await self._handshake(ws)
+                        async with asyncio.timeout(HANDSHAKE_TIMEOUT_S):
+                            await self._handshake(ws)
                     except BaseException:
                         await ws.close()
                         raise
                 welcomed_at = time.monotonic()
+                self.welcomed.append(time.time())
                 async with ws:
-                    progressed = await self._session(ws)
-            except (OSError, ConnectionClosed, InvalidHandshake, TimeoutError, ProtocolError):
-                pass
+                    await self._session(ws)
+            except (OSError, ConnectionClosed, InvalidHandshake, ProtocolError) as exc:
+                if isinstance(exc, TimeoutError):
+                    self.timeouts.append(time.time())
+                if welcomed_at is None:
+                    self.failed.append((time.time(), type(exc).__name__))
             if welcomed_at is not None:
                 self.disconnects += 1
                 self.reconnected = True
                 self.back_at = None
             lived = 0.0 if welcomed_at is None else time.monotonic() - welcomed_at
             failures, delay = retry(
-                failures, Session(welcomed_at is not None, lived, progressed), self.config
+                failures, Session(welcomed_at is not None, lived, self.progressed), self.config
             )
             await asyncio.sleep(delay)
 
@@ -159,21 +212,23 @@ class SimAgent:
         await ws.send(self._frame(seq))
 
     def _acked(self, upto: int, *, record: bool) -> bool:
+        """Forget what ``upto`` acknowledges; whether that makes the agent back."""
         now = time.perf_counter()
-        telemetry = False
+        back = False
         for seq in [s for s in self.sent if s <= upto]:
             sent = self.sent.pop(seq)
             kind = self.kinds.pop(seq)
             self._bodies.pop(seq, None)
             if kind == "telemetry":
-                telemetry = True
+                back = True
                 if record:
                     self.latencies.append(now - sent)
-        return telemetry
+            elif kind == "profile" and not self.telemetry:
+                back = True
+        return back
 
-    async def _session(self, ws: ClientConnection) -> bool:
+    async def _session(self, ws: ClientConnection) -> None:
         """Answer attest requests, send node_status once, then a batch every interval."""
-        progressed = False
         status_sent = "node_status" in self.kinds.values() or self.ready.is_set()
 
         async def produce() -> None:
@@ -182,7 +237,7 @@ class SimAgent:
             while True:
                 await asyncio.sleep(max(0.0, start - loop.time()))
                 start += self.interval
-                if self.ready.is_set():
+                if self.ready.is_set() and self.telemetry:
                     await self._send(ws, "telemetry", None)
 
         producing = asyncio.create_task(produce())
@@ -190,7 +245,8 @@ class SimAgent:
             async for raw in ws:
                 message = decode_frame(raw, accept=COORDINATOR_SENDS)
                 if isinstance(message, Ack):
-                    progressed = True
+                    # Kept on the agent, as the link does: a session ends in an exception.
+                    self.progressed = True
                     if self._acked(message.body.seq, record=True) and self.back_at is None:
                         self.back_at = time.time()
                     if not self.ready.is_set() and status_sent and not self.sent:
@@ -207,21 +263,36 @@ class SimAgent:
                     self.errors += 1
         finally:
             producing.cancel()
-        return progressed
 
     def _profile(self, nonce: str) -> bytes:
         identity = self.identity
         envelope = dsse.attest_profile(
-            _PROFILE, nonce, identity.node_id, identity.private_key, identity.key_id
+            self.profile, nonce, identity.node_id, identity.private_key, identity.key_id
         )
         body = ProfileBody(attestation=msgspec.convert(msgspec.to_builtins(envelope), EnvelopeBody))
         return msgspec.json.encode(body)
 
 
-_PROFILE: dict[str, Any] = {
-    "bench": True,
-    "gpus": [{"index": i, "name": "A5000"} for i in range(8)],
-}
+def real_profile(work: Path) -> bytes:
+    """A real profile of the host and 8 fake-NVML A5000s (~8 KB of JSON), as the daemon's."""
+    capture = build.replicate(build.parse_capture(CAPTURE), GPUS)
+    library = build.build_library(capture, work / "nvml-profile")
+    profile = take_profile(HalConfig(nvml_library=str(library), backends=("nvml",)))
+    return msgspec.json.encode(profile)
+
+
+def per_second(times: list[float], since: float) -> dict[str, float]:
+    """How many of ``times`` fall in each second after ``since``: peak, median, seconds."""
+    counts: dict[int, int] = {}
+    for t in times:
+        if t >= since:
+            counts[int(t - since)] = counts.get(int(t - since), 0) + 1
+    if not counts:
+        return {"peak": 0, "median": 0, "seconds": 0}
+    spread = [counts.get(i, 0) for i in range(min(counts), max(counts) + 1)]
+    return {"peak": max(spread), "median": statistics.median(spread), "seconds": len(spread)}
+
+
 _NODE_STATUS = msgspec.json.encode(
     NodeStatusBody(
         available=True, units=[UnitStatus(id=f"gpu{i}", health="healthy") for i in range(8)]
@@ -232,12 +303,21 @@ _NODE_STATUS = msgspec.json.encode(
 # ---------------------------------------------------------------- client process
 
 
-async def client(url: str, pinned_hex: str, body_path: str, agents: int, interval: float) -> None:
-    """A client process: ``agents`` agents; commands on stdin, reports on stdout."""
+async def client(
+    url: str, pinned_hex: str, work: str, agents: int, interval: float, *, connecting: int
+) -> None:
+    """A client process: ``agents`` agents; commands on stdin, reports on stdout.
+
+    ``interval`` 0: no telemetry (``--handshakes-only``); ``connecting`` 0: no gate.
+    """
     pinned = {k: bytes.fromhex(v) for k, v in json.loads(pinned_hex).items()}
-    body = Path(body_path).read_bytes()
-    fleet = [SimAgent(url, pinned, body, interval) for _ in range(agents)]
-    gate = asyncio.Semaphore(CONNECTING)
+    body = (Path(work) / "telemetry.json").read_bytes()
+    profile = msgspec.json.decode((Path(work) / "profile.json").read_bytes())
+    fleet = [
+        SimAgent(url, pinned, body, interval or 10.0, profile, telemetry=interval > 0)
+        for _ in range(agents)
+    ]
+    gate = asyncio.Semaphore(connecting) if connecting else contextlib.nullcontext()
     tasks = [asyncio.create_task(a.run(gate)) for a in fleet]
     await asyncio.gather(*(a.ready.wait() for a in fleet))
     print(json.dumps({"event": "ready"}), flush=True)
@@ -256,15 +336,27 @@ async def client(url: str, pinned_hex: str, body_path: str, agents: int, interva
             disconnects = sum(a.disconnects for a in fleet)
             print(json.dumps({"event": "report", "latencies": latencies, "errors": errors,
                               "disconnects": disconnects}), flush=True)  # fmt: skip
-        elif line.startswith("back "):  # "back <seconds>": all back, or the deadline
-            deadline = time.monotonic() + float(line.split()[1])
+        elif line.startswith("back "):  # "back <seconds> <since>": all back, or the deadline
+            _, timeout, since = line.split()
+            asked = float(since)
+            deadline = time.monotonic() + float(timeout)
             while time.monotonic() < deadline and not all(
                 a.reconnected and a.back_at is not None for a in fleet
             ):
                 await asyncio.sleep(0.1)
             back = [a.back_at for a in fleet if a.reconnected and a.back_at is not None]
+            wanted = [t for a in fleet for t in a.wanted if t >= asked]
+            began = [t for a in fleet for t in a.began if t >= asked]
+            timeouts = [t for a in fleet for t in a.timeouts if t >= asked]
+            failed: dict[str, int] = {}
+            for t, error in (f for a in fleet for f in a.failed):
+                if t >= asked:
+                    failed[error] = failed.get(error, 0) + 1
+            welcomed = [t for a in fleet for t in a.welcomed if t >= asked]
             print(json.dumps({"event": "back", "at": max(back, default=0.0),
-                              "missing": len(fleet) - len(back)}), flush=True)  # fmt: skip
+                              "missing": len(fleet) - len(back), "wanted": wanted, "began": began,
+                              "timeouts": timeouts, "failed": failed,
+                              "welcomed": welcomed}), flush=True)  # fmt: skip
     for task in tasks:
         task.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
@@ -280,8 +372,14 @@ class Clients:
         self.procs: list[asyncio.subprocess.Process] = []
 
     async def start(
-        self, coordinator: CoordinatorProcess, body: Path, agents: int, procs: int, interval: float
+        self,
+        coordinator: CoordinatorProcess,
+        work: Path,
+        agents: int,
+        args: argparse.Namespace,
+        interval: float,
     ) -> None:
+        procs = args.procs
         pinned = json.dumps({k: v.hex() for k, v in coordinator.pinned.items()})
         for i in range(procs):
             share = agents // procs + (1 if i < agents % procs else 0)
@@ -292,9 +390,10 @@ class Clients:
                     "--client",
                     coordinator.url,
                     pinned,
-                    str(body),
+                    str(work),
                     str(share),
                     str(interval),
+                    str(args.connecting),
                     stdin=asyncio.subprocess.PIPE,
                     stdout=asyncio.subprocess.PIPE,
                     limit=1 << 28,  # a report holds every latency: lines of megabytes
@@ -324,61 +423,110 @@ class Clients:
             await p.wait()
 
 
+def listen_overflows() -> int:
+    """Connections the kernel dropped from a full accept queue, machine-wide (Linux; 0
+    elsewhere): each costs its client a SYN retransmitted 1, 3, 7, 15, 31 s later."""
+    try:
+        lines = Path("/proc/net/netstat").read_text().splitlines()
+    except OSError:
+        return 0
+    for names, values in zip(lines[::2], lines[1::2], strict=False):
+        fields = dict(zip(names.split(), values.split(), strict=False))
+        if "ListenOverflows" in fields:
+            return int(fields["ListenOverflows"])
+    return 0
+
+
 def cpu_s(pid: int) -> float:
     times = psutil.Process(pid).cpu_times()
     return float(times.user + times.system)
 
 
 async def one_run(
-    work: Path, body: Path, args: argparse.Namespace, agents: int
+    work: Path, run_dir: Path, args: argparse.Namespace, agents: int
 ) -> dict[str, float]:
     """One fleet of ``agents``: connect, steady window, restart."""
     # A fleet enrolling at once: far more new keys per second than the default's 5. At
     # 10,000 agents the default store cap (4 GiB) is 73 s of raw telemetry: the cap is
     # sized for the run, so that what is measured is not its eviction.
     options = ("--new-keys-per-s", str(args.new_keys_per_s), "--store-max-mib", "65536")
-    coordinator = CoordinatorProcess(work, options)
+    coordinator = CoordinatorProcess(run_dir, options)
     await coordinator.start()
     assert coordinator.process is not None
     clients = Clients()
+    interval = 0.0 if args.handshakes_only else args.interval
+    figures: dict[str, float] = {"agents": agents}
     try:
         start = time.perf_counter()
-        await clients.start(coordinator, body, agents, args.procs, args.interval)
+        await clients.start(coordinator, work, agents, args, interval)
         await clients.ask(None, "ready")
-        connect_s = time.perf_counter() - start
-        await asyncio.sleep(args.interval)  # every agent past its first batch
-        await clients.ask("mark", "marked")
-        pid = coordinator.process.pid
-        cpu0, t0, rss = cpu_s(pid), time.perf_counter(), coordinator.rss()
-        load = os.getloadavg()[0]
-        while time.perf_counter() - t0 < args.duration:
-            await asyncio.sleep(1)
-            rss = max(rss, coordinator.rss())
-        cpu = (cpu_s(pid) - cpu0) / (time.perf_counter() - t0)
-        reports = await clients.ask("report", "report")
-        latencies = sorted(x for r in reports for x in r["latencies"])
-        steady = {
-            "agents": agents,
-            "ack_p50_ms": 1e3 * statistics.median(latencies),
-            "ack_p99_ms": 1e3 * statistics.quantiles(latencies, n=100)[98],
-            "cpu_cores": cpu,
-            "rss_mib": rss / (KiB * KiB),
-            "load_avg_1m": load,
-        }
-        print("steady", json.dumps(steady), flush=True)  # kept should the restart hang
+        figures["connect_s"] = time.perf_counter() - start
+        if not args.handshakes_only:
+            figures.update(await steady(coordinator, clients, args))
+            print("steady", json.dumps(figures), flush=True)  # kept should the restart hang
+        figures["load_avg_1m"] = os.getloadavg()[0]
+        overflows = listen_overflows()
         killed = time.time()
         coordinator.process.send_signal(signal.SIGKILL)
         await coordinator.process.wait()
         await coordinator.start()
-        answers = await clients.ask(f"back {args.restart_timeout}", "back")
-        missing = sum(r["missing"] for r in answers)
-        # Not all back by the deadline: the figure is the deadline (and how many missed it).
-        back = killed + args.restart_timeout if missing else max(r["at"] for r in answers)
+        figures["restart_listening_s"] = time.time() - killed
+        pid = coordinator.process.pid
+        cpu0 = cpu_s(pid)
+        spy = None
+        if args.pyspy:
+            spy = subprocess.Popen(
+                [args.pyspy_bin, "record", "-r", "100", "-f", "raw", "--threads", "-p",
+                 str(pid), "-o", args.pyspy],
+                stdout=subprocess.DEVNULL,
+            )  # fmt: skip
+        answers = await clients.ask(f"back {args.restart_timeout} {killed}", "back")
+        figures["restart_cpu_s"] = cpu_s(pid) - cpu0
+        figures["restart_listen_overflows"] = listen_overflows() - overflows
+        if spy is not None:
+            spy.send_signal(signal.SIGINT)
+            await asyncio.to_thread(spy.wait)
+        figures["restart_load_avg_1m"] = os.getloadavg()[0]
     finally:
         await clients.stop()
         await coordinator.stop()
+    missing = sum(r["missing"] for r in answers)
+    # Not all back by the deadline: the figure is the deadline (and how many missed it).
+    back = killed + args.restart_timeout if missing else max(r["at"] for r in answers)
+    figures["restart_all_back_s"] = back - killed
+    figures["restart_missing"] = missing
+    # CPU from listening to all back, per agent that came back: what one reconnect costs.
+    figures["restart_cpu_ms_per_agent"] = 1e3 * figures["restart_cpu_s"] / max(1, agents - missing)
+    figures["restart_timeouts"] = sum(len(r["timeouts"]) for r in answers)
+    failed: dict[str, int] = {}
+    for r in answers:
+        for error, n in r["failed"].items():
+            failed[error] = failed.get(error, 0) + n
+    print("failed attempts since the kill", json.dumps(failed), flush=True)
+    for kind in ("wanted", "began", "welcomed"):
+        rate = per_second([t for r in answers for t in r[kind]], killed)
+        figures[f"{kind}_per_s_peak"] = rate["peak"]
+        figures[f"{kind}_per_s_median"] = rate["median"]
+    return figures
+
+
+async def steady(
+    coordinator: CoordinatorProcess, clients: Clients, args: argparse.Namespace
+) -> dict[str, float]:
+    """The steady window: ack latency, the coordinator's CPU and RSS, errors."""
+    assert coordinator.process is not None
+    await asyncio.sleep(args.interval)  # every agent past its first batch
+    await clients.ask("mark", "marked")
+    pid = coordinator.process.pid
+    cpu0, t0, rss = cpu_s(pid), time.perf_counter(), coordinator.rss()
+    load = os.getloadavg()[0]
+    while time.perf_counter() - t0 < args.duration:
+        await asyncio.sleep(1)
+        rss = max(rss, coordinator.rss())
+    cpu = (cpu_s(pid) - cpu0) / (time.perf_counter() - t0)
+    reports = await clients.ask("report", "report")
+    latencies = sorted(x for r in reports for x in r["latencies"])
     return {
-        "connect_s": connect_s,
         "ack_p50_ms": 1e3 * statistics.median(latencies),
         "ack_p99_ms": 1e3 * statistics.quantiles(latencies, n=100)[98],
         "ack_max_ms": 1e3 * latencies[-1],
@@ -387,9 +535,7 @@ async def one_run(
         "rss_mib": rss / (KiB * KiB),
         "errors": sum(r["errors"] for r in reports),
         "disconnects": sum(r["disconnects"] for r in reports),
-        "restart_all_back_s": back - killed,
-        "restart_missing": missing,
-        "load_avg_1m": load,
+        "steady_load_avg_1m": load,
     }
 
 
@@ -404,13 +550,14 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
         else:
             tmp = stack.enter_context(tempfile.TemporaryDirectory(dir=ROOT / "build"))
         work = Path(tmp)
-        body = work / "telemetry.json"
-        body.write_bytes(await asyncio.to_thread(telemetry_body, work / "nvml"))
+        body = await asyncio.to_thread(telemetry_body, work / "nvml")
+        (work / "telemetry.json").write_bytes(body)
+        (work / "profile.json").write_bytes(await asyncio.to_thread(real_profile, work))
         for agents in args.agents:
             runs = []
             for i in range(args.runs):
                 run_dir = work / f"{agents}-{i}"
-                runs.append(await one_run(run_dir, body, args, agents))
+                runs.append(await one_run(work, run_dir, args, agents))
                 if not args.keep:  # ~25 GB a run at 10,000 agents: the disk would fill
                     shutil.rmtree(run_dir)
             for run in runs:
@@ -439,12 +586,24 @@ def main() -> None:
         "--restart-timeout", type=float, default=300.0, help="s to wait for all to be back"
     )
     parser.add_argument("--keep", action="store_true", help="keep the databases under build/")
+    parser.add_argument(
+        "--handshakes-only", action="store_true",
+        help="no telemetry: only the restart's reconnects, and their CPU per agent",
+    )  # fmt: skip
+    parser.add_argument("--pyspy", help="py-spy record (raw) the restarted coordinator to FILE")
+    parser.add_argument("--pyspy-bin", default="py-spy", help="the py-spy executable")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "coordinator_load.json"))
-    parser.add_argument("--client", nargs=5, help=argparse.SUPPRESS)  # a client process
+    parser.add_argument(
+        "--connecting", type=int, default=CONNECTING,
+        help="handshakes in flight per client process (0: no limit)",
+    )  # fmt: skip
+    parser.add_argument("--client", nargs=6, help=argparse.SUPPRESS)  # a client process
     args = parser.parse_args()
     if args.client is not None:
-        url, pinned, body, agents, interval = args.client
-        asyncio.run(client(url, pinned, body, int(agents), float(interval)))
+        url, pinned, body, agents, interval, connecting = args.client
+        asyncio.run(
+            client(url, pinned, body, int(agents), float(interval), connecting=int(connecting))
+        )
         return
     args.agents = [int(n) for n in args.agents.split(",")]
     results = asyncio.run(bench(args))

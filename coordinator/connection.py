@@ -51,6 +51,7 @@ from agent.protocol.messages import (
     message_type,
 )
 from agent.protocol.reliable import ReliableSender
+from coordinator import collector
 from coordinator.admission import Settings, Strikes, TokenBucket
 from coordinator.compression import receive
 from coordinator.group_commit import GroupCommit
@@ -136,8 +137,7 @@ def _take_over(
     assert hello is not None
     node_id, now = hello.node_id, shared.clock()
     try:
-        check_admission(shared, conn.handshake)
-        if store.nodes.public_key(node_id) is None:
+        if not check_admission(shared, conn.handshake):
             store.nodes.seen(node_id, hello.public_key, now)  # before anything refers to it
         else:  # a node reconnecting: its writes wait for no lock on the loop
             shared.writer.submit(lambda s: s.nodes.seen(node_id, hello.public_key, now))
@@ -158,6 +158,7 @@ def _take_over(
     conn.resume(sender, store.nodes.last_agent_seq(node_id))
     session = _Session(ws, shared, node_id, conn, sender, replaces=old)
     shared.sessions.put(session)
+    collector.opened()  # a burst of them (a restart's reconnects) is frozen sooner
     if store.shared:
         # Another coordinator on the database holding an older session of the node closes
         # it; the lead's reconciler counts the node connected.
@@ -184,7 +185,8 @@ class _Session:
         self.shared = shared
         self.store = shared.store
         self.node_id = node_id
-        public_key = crypto.b64decode(self.store.nodes.public_key(node_id) or "")
+        # The key the node proved it holds: the one the store has (check_admission).
+        public_key = conn.handshake.public_key
         self.trusted = {crypto.key_id(public_key): public_key}
         self.conn = conn
         """The protocol's machine; this session carries out its events."""
@@ -450,13 +452,9 @@ class _Session:
             AuthError: the envelope is not signed by the node's key, or the statement is not
                 a profile of this node (forged or malformed: refused, the connection closes).
         """
-        envelope = _envelope(raw)
-        statement = dsse.verify_attestation(envelope, self.trusted, dsse.PROFILE_PREDICATE)
-        nonce = statement.predicate.get("nonce")
-        if not isinstance(nonce, str):
-            raise AuthError("bad_statement", "the predicate has no nonce")
-        # Everything but the nonce's freshness first: signature, subject, digest.
-        profile = dsse.verify_profile_attestation(envelope, self.trusted, nonce, self.node_id)
+        # Everything but the nonce's freshness first (signature, subject, digest), with the
+        # signature verified once; then the nonce against what the store issued the node.
+        nonce, profile = dsse.verify_profile(_envelope(raw), self.trusted, self.node_id)
         ttl = self.shared.settings.attest_nonce_ttl_s
         try:
             self.store.streams.check_nonce(self.node_id, nonce, now, ttl)

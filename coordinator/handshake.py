@@ -133,8 +133,9 @@ def _at_hello(gate: Gate, hello: HelloBody) -> None:
         raise LimitExceeded("rate_limited", "too many handshakes from new keys; retry later")
 
 
-def check_admission(gate: Gate, hs: CoordinatorHandshake) -> None:
-    """Whether the authenticated node may open a session.
+def check_admission(gate: Gate, hs: CoordinatorHandshake) -> bool:
+    """Whether the authenticated node may open a session; whether the store knows it (False:
+    a new node, to be recorded).
 
     Raises:
         AuthError: ``unknown_key`` (its id is registered with another key), or the
@@ -152,3 +153,4 @@ def check_admission(gate: Gate, hs: CoordinatorHandshake) -> None:
         known=known is not None,
         token=hs.enrolment_token,
     )
+    return known is not None

@@ -44,6 +44,7 @@ __all__ = [
     "verify_attestation",
     "verify_envelope",
     "verify_payload",
+    "verify_profile",
     "verify_profile_attestation",
     "verify_receipt",
 ]
@@ -295,6 +296,34 @@ def attest_profile(
     return attest(node_id, json_sha256(body), PROFILE_PREDICATE, predicate, key=key, keyid=keyid)
 
 
+def verify_profile(
+    envelope: Envelope, trusted: Mapping[str, bytes], expected_node_id: str
+) -> tuple[str, dict[str, Any]]:
+    """The nonce a profile attestation answers, and the profile, if ``expected_node_id``
+    signed it: every check but the nonce's freshness, the signature verified once.
+
+    The nonce is the caller's to check (fresh, issued to this node, not answered yet): the
+    coordinator keeps a profile whose signature holds but whose nonce does not, as
+    unverified. Verifying once matters at a coordinator's restart: every node reconnecting
+    attests again, and the signature of an 8 KB profile is most of what its check costs.
+
+    Raises:
+        AuthError: as :func:`verify_attestation`; ``node_mismatch`` when the subject is
+            another node or the signing key is not the node's; ``bad_statement`` when the
+            predicate is not ``{"nonce", "profile"}`` or the subject digest does not match
+            the profile.
+    """
+    statement, keys = _verified_statement(envelope, trusted, PROFILE_PREDICATE)
+    predicate = statement.predicate
+    nonce, profile = predicate.get("nonce"), predicate.get("profile")
+    if predicate.keys() != {"nonce", "profile"} or not isinstance(nonce, str):
+        raise AuthError("bad_statement", "the predicate is not {nonce, profile}")
+    if not isinstance(profile, dict):
+        raise AuthError("bad_statement", "the profile is not an object")
+    _check_digest(_node_subject(statement, keys, expected_node_id), profile)
+    return nonce, profile
+
+
 def verify_profile_attestation(
     envelope: Envelope,
     trusted: Mapping[str, bytes],
@@ -304,22 +333,12 @@ def verify_profile_attestation(
     """The attested profile, if ``expected_node_id`` signed it for ``expected_nonce``.
 
     Raises:
-        AuthError: as :func:`verify_attestation`; ``node_mismatch`` when the subject is
-            another node or the signing key is not the node's; ``stale_nonce`` when the
-            nonce is not the expected one; ``bad_statement`` when the predicate is not
-            ``{"nonce", "profile"}`` or the subject digest does not match the profile.
+        AuthError: as :func:`verify_profile`; ``stale_nonce`` when the nonce is not the
+            expected one.
     """
-    statement, keys = _verified_statement(envelope, trusted, PROFILE_PREDICATE)
-    predicate = statement.predicate
-    nonce, profile = predicate.get("nonce"), predicate.get("profile")
-    if predicate.keys() != {"nonce", "profile"} or not isinstance(nonce, str):
-        raise AuthError("bad_statement", "the predicate is not {nonce, profile}")
-    if not isinstance(profile, dict):
-        raise AuthError("bad_statement", "the profile is not an object")
-    subject = _node_subject(statement, keys, expected_node_id)
+    nonce, profile = verify_profile(envelope, trusted, expected_node_id)
     if nonce != expected_nonce:
         raise AuthError("stale_nonce", "the profile answers another nonce")
-    _check_digest(subject, profile)
     return profile
 
 

@@ -211,6 +211,54 @@ async def test_profile_and_telemetry_are_verified_and_stored_once(
     assert store.streams.outbound(node.node_id).acked == 1
 
 
+async def test_a_profile_is_stored_verified_after_one_signature_check(
+    coordinator: Coordinator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Every node attests again after a coordinator's restart: the profile's signature is
+    # verified once (it was twice: once to read the nonce, once for the rest).
+    checked: list[bytes] = []
+    real = crypto.verify
+
+    def counting(public_key: bytes, data: bytes, signature: bytes) -> bool:
+        if data.startswith(b"DSSEv1 "):
+            checked.append(data)
+        return real(public_key, data, signature)
+
+    monkeypatch.setattr(crypto, "verify", counting)
+    node = Node()
+    async with session(coordinator, node) as link:
+        await link.send(profile_frame(node, 1, link.attest.body.nonce))
+        assert await link.recv() == ack(1)
+    verified = coordinator.store.nodes.profile(node.node_id)
+    assert verified is not None
+    assert verified.profile == PROFILE
+    assert len(checked) == 1
+
+
+async def test_a_reconnecting_node_has_its_key_read_once_per_handshake_message(
+    coordinator: Coordinator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # hello (a known key is not rate-limited) and auth (admission); then the session trusts
+    # the key the node proved it holds, without reading it again.
+    node = Node()
+    async with session(coordinator, node):
+        pass
+    nodes = coordinator.store.nodes
+    reads: list[str] = []
+    real = nodes.public_key
+
+    def counting(node_id: str) -> str | None:
+        reads.append(node_id)
+        return real(node_id)
+
+    monkeypatch.setattr(nodes, "public_key", counting)
+    async with session(coordinator, node) as link:
+        await link.send(profile_frame(node, 1, link.attest.body.nonce))
+        assert await link.recv() == ack(1)
+    assert reads == [node.node_id] * 2
+    assert coordinator.store.nodes.profile(node.node_id) is not None
+
+
 async def test_duplicate_seq_resent_is_stored_once_and_acked_again(
     coordinator: Coordinator,
 ) -> None:

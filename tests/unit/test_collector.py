@@ -50,3 +50,25 @@ async def test_keep_frozen_freezes_at_once_and_sweeps_what_it_froze() -> None:
             await asyncio.sleep(0.01)
     task.cancel()
     await asyncio.gather(task, return_exceptions=True)
+
+
+async def test_a_burst_of_sessions_is_frozen_before_the_period_is_over() -> None:
+    # After a restart every agent reconnects at once: their sessions are frozen as they
+    # come, not FREEZE_EVERY_S later, so that full collections do not walk them meanwhile.
+    task = asyncio.create_task(
+        collector.keep_frozen(freeze_every_s=3600, after_opened=3, poll_s=0.01)
+    )
+    await asyncio.sleep(0)
+    sessions = [_Node() for _ in range(1000)]
+    # Frozen: counted by the freeze count (give or take what was frozen and freed since).
+    frozen = gc.get_freeze_count() + len(sessions) // 2
+    for _ in range(2):
+        collector.opened()
+    await asyncio.sleep(0.05)
+    assert gc.get_freeze_count() < frozen  # two opened: not due yet
+    collector.opened()
+    async with asyncio.timeout(10):
+        while gc.get_freeze_count() < frozen:
+            await asyncio.sleep(0.01)
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)

@@ -273,6 +273,61 @@ def test_a_profile_attestation_verifies_to_the_profile(node: Node) -> None:
     assert verified == PROFILE
 
 
+def test_verify_profile_gives_the_nonce_answered_and_the_profile(node: Node) -> None:
+    envelope = dsse.attest_profile(PROFILE, "n-7", node.node_id, node.key, node.keyid)
+    assert dsse.verify_profile(envelope, node.trusted, node.node_id) == ("n-7", PROFILE)
+
+
+def test_a_profile_is_checked_with_one_signature_verification(
+    node: Node, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Every node attests again when a coordinator restarts: its signature is the check's
+    # main cost, and verifying it twice bought nothing.
+    calls: list[bytes] = []
+    real = crypto.verify
+
+    def counting(public_key: bytes, data: bytes, signature: bytes) -> bool:
+        calls.append(data)
+        return real(public_key, data, signature)
+
+    envelope = dsse.attest_profile(PROFILE, "n-1", node.node_id, node.key, node.keyid)
+    monkeypatch.setattr(crypto, "verify", counting)
+    assert dsse.verify_profile(envelope, node.trusted, node.node_id) == ("n-1", PROFILE)
+    assert len(calls) == 1
+
+
+def _forged(node: Node, other: Node, case: str) -> dsse.Envelope:
+    if case == "another node's key":
+        return dsse.attest_profile(PROFILE, "n-1", node.node_id, other.key, node.keyid)
+    if case == "about another node":
+        return dsse.attest_profile(PROFILE, "n-1", other.node_id, node.key, node.keyid)
+    if case == "digest of another profile":
+        predicate = {"nonce": "n-1", "profile": PROFILE}
+        digest = dsse.json_sha256({**PROFILE, "host": {"cpus": 1}})
+        return dsse.attest(
+            node.node_id, digest, dsse.PROFILE_PREDICATE, predicate, key=node.key, keyid=""
+        )
+    assert case == "a receipt"
+    return dsse.attest_receipt(RECEIPT, node.node_id, node.key, node.keyid)
+
+
+@pytest.mark.parametrize(
+    ("case", "code"),
+    [
+        ("another node's key", "bad_signature"),
+        ("about another node", "node_mismatch"),
+        ("digest of another profile", "bad_statement"),
+        ("a receipt", "bad_statement"),
+    ],
+)
+def test_verify_profile_refuses_a_forged_or_malformed_profile(
+    node: Node, other: Node, case: str, code: str
+) -> None:
+    with pytest.raises(AuthError) as raised:
+        dsse.verify_profile(_forged(node, other, case), node.trusted, node.node_id)
+    assert raised.value.code == code
+
+
 def test_a_profile_is_attested_in_the_form_it_has_in_json(node: Node) -> None:
     profile: dict[str, Any] = {"pair": (1, 2), "raw": b"\x00", "nested": Predicate(value=1)}
     envelope = dsse.attest_profile(profile, "n-1", node.node_id, node.key, node.keyid)
