@@ -123,7 +123,9 @@ def retry(
     worked = session.welcomed and (session.progressed or session.lived_s >= config.healthy_after_s)
     failures = 0 if worked else failures + 1
     ceiling = min(config.backoff_max_s, config.backoff_initial_s * 2 ** min(failures, 30))
-    # Full jitter (AWS architecture blog): agents cut off together do not return together.
+    # Equal jitter (AWS architecture blog): agents cut off together do not return together,
+    # and none comes back at once (at least half the ceiling: a dead coordinator's port is
+    # not hammered by 10,000 agents retrying within milliseconds).
     return failures, jitter(ceiling / 2, ceiling)
 
 

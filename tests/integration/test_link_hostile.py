@@ -349,7 +349,7 @@ def test_retry_starts_again_after_a_session_that_worked() -> None:
     # Welcomed and useful, or welcomed and long-lived: however it ended, start again.
     assert ceiling(9, Session(welcomed=True, lived_s=0.1, progressed=True)) == (0, 1.0)
     assert ceiling(9, Session(welcomed=True, lived_s=10.0, progressed=False)) == (0, 1.0)
-    # Full jitter: between half the ceiling and the ceiling.
+    # Equal jitter: between half the ceiling and the ceiling.
     low = retry(0, never, config, jitter=lambda low, high: low)
     assert low == (1, 1.0)
 
