@@ -55,6 +55,7 @@ sys.path[0] = str(ROOT / "tests")  # as bench/link.py: support.* and the package
 sys.path.insert(1, str(ROOT))
 
 from support.fakenvml import build  # noqa: E402
+from support.postgres import PostgresCluster, find_bin  # noqa: E402
 
 from agent.link.connection import LinkConfig, Session, retry  # noqa: E402
 from agent.link.identity import Identity  # noqa: E402
@@ -443,14 +444,20 @@ def cpu_s(pid: int) -> float:
 
 
 async def one_run(
-    work: Path, run_dir: Path, args: argparse.Namespace, agents: int
+    work: Path,
+    run_dir: Path,
+    args: argparse.Namespace,
+    agents: int,
+    cluster: PostgresCluster | None,
 ) -> dict[str, float]:
-    """One fleet of ``agents``: connect, steady window, restart."""
+    """One fleet of ``agents``: connect, steady window, restart (on a fresh database of
+    ``cluster``'s, with ``--postgres``)."""
     # A fleet enrolling at once: far more new keys per second than the default's 5. At
     # 10,000 agents the default store cap (4 GiB) is 73 s of raw telemetry: the cap is
     # sized for the run, so that what is measured is not its eviction.
     options = ("--new-keys-per-s", str(args.new_keys_per_s), "--store-max-mib", "65536")
-    coordinator = CoordinatorProcess(run_dir, options)
+    db = None if cluster is None else cluster.create_database()
+    coordinator = CoordinatorProcess(run_dir, options, db)
     await coordinator.start()
     assert coordinator.process is not None
     clients = Clients()
@@ -462,7 +469,7 @@ async def one_run(
         await clients.ask(None, "ready")
         figures["connect_s"] = time.perf_counter() - start
         if not args.handshakes_only:
-            figures.update(await steady(coordinator, clients, args))
+            figures.update(await steady(coordinator, clients, args, cluster))
             print("steady", json.dumps(figures), flush=True)  # kept should the restart hang
         figures["load_avg_1m"] = os.getloadavg()[0]
         overflows = listen_overflows()
@@ -511,19 +518,27 @@ async def one_run(
 
 
 async def steady(
-    coordinator: CoordinatorProcess, clients: Clients, args: argparse.Namespace
+    coordinator: CoordinatorProcess,
+    clients: Clients,
+    args: argparse.Namespace,
+    cluster: PostgresCluster | None,
 ) -> dict[str, float]:
-    """The steady window: ack latency, the coordinator's CPU and RSS, errors."""
+    """The steady window: ack latency, the coordinator's CPU and RSS (and the database
+    server's CPU, on PostgreSQL), errors."""
     assert coordinator.process is not None
     await asyncio.sleep(args.interval)  # every agent past its first batch
     await clients.ask("mark", "marked")
     pid = coordinator.process.pid
+    db_pids = [] if cluster is None else cluster.pids()
+    db_cpu0 = sum(_cpu_or_0(p) for p in db_pids)
     cpu0, t0, rss = cpu_s(pid), time.perf_counter(), coordinator.rss()
     load = os.getloadavg()[0]
     while time.perf_counter() - t0 < args.duration:
         await asyncio.sleep(1)
         rss = max(rss, coordinator.rss())
-    cpu = (cpu_s(pid) - cpu0) / (time.perf_counter() - t0)
+    elapsed = time.perf_counter() - t0
+    cpu = (cpu_s(pid) - cpu0) / elapsed
+    db_cpu = (sum(_cpu_or_0(p) for p in db_pids) - db_cpu0) / elapsed
     reports = await clients.ask("report", "report")
     latencies = sorted(x for r in reports for x in r["latencies"])
     return {
@@ -536,7 +551,17 @@ async def steady(
         "errors": sum(r["errors"] for r in reports),
         "disconnects": sum(r["disconnects"] for r in reports),
         "steady_load_avg_1m": load,
+        **({"db_cpu_cores": db_cpu} if cluster is not None else {}),
     }
+
+
+def _cpu_or_0(pid: int) -> float:
+    """A server process's CPU seconds (0 once it has exited: a backend of a closed
+    connection, whose CPU is then not counted)."""
+    try:
+        return cpu_s(pid)
+    except psutil.NoSuchProcess:
+        return 0.0
 
 
 async def bench(args: argparse.Namespace) -> dict[str, Any]:
@@ -553,11 +578,18 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
         body = await asyncio.to_thread(telemetry_body, work / "nvml")
         (work / "telemetry.json").write_bytes(body)
         (work / "profile.json").write_bytes(await asyncio.to_thread(real_profile, work))
+        cluster = None
+        if args.postgres:
+            bin_dir = find_bin()
+            if bin_dir is None:
+                raise SystemExit("--postgres: no /usr/lib/postgresql/*/bin/postgres")
+            cluster = PostgresCluster(bin_dir, durable=True)
+            stack.callback(cluster.stop)
         for agents in args.agents:
             runs = []
             for i in range(args.runs):
                 run_dir = work / f"{agents}-{i}"
-                runs.append(await one_run(work, run_dir, args, agents))
+                runs.append(await one_run(work, run_dir, args, agents, cluster))
                 if not args.keep:  # ~25 GB a run at 10,000 agents: the disk would fill
                     shutil.rmtree(run_dir)
             for run in runs:
@@ -586,6 +618,11 @@ def main() -> None:
         "--restart-timeout", type=float, default=300.0, help="s to wait for all to be back"
     )
     parser.add_argument("--keep", action="store_true", help="keep the databases under build/")
+    parser.add_argument(
+        "--postgres", action="store_true",
+        help="the store on a PostgreSQL server of the bench's own (Debian's postgresql, fsync"
+        " on), a fresh database a run; its CPU is reported beside the coordinator's",
+    )  # fmt: skip
     parser.add_argument(
         "--handshakes-only", action="store_true",
         help="no telemetry: only the restart's reconnects, and their CPU per agent",

@@ -90,11 +90,12 @@ def free_port() -> int:
 class CoordinatorProcess:
     """``gpu-coordinator serve`` as a child process, on a port and database kept across restarts."""
 
-    def __init__(self, workdir: Path, options: tuple[str, ...] = ()) -> None:
+    def __init__(self, workdir: Path, options: tuple[str, ...] = (), db: str | None = None) -> None:
+        """``db``: a PostgreSQL URL (default: a SQLite file in ``workdir``)."""
         workdir.mkdir(parents=True)
         self.options = options
         """More ``serve`` options."""
-        self.db = workdir / "coordinator.db"
+        self.db: Path | str = workdir / "coordinator.db" if db is None else db
         self.state_dir = workdir / "state"
         key = keys.load_or_create(self.state_dir)  # created here, loaded by the child
         self.pinned = {key.key_id: key.public_key}

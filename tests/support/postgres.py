@@ -19,6 +19,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+import psutil
 import psycopg
 import pytest
 
@@ -39,7 +40,9 @@ def find_bin() -> Path | None:
 class PostgresCluster:
     """A running cluster: :meth:`create_database` gives each test its own database."""
 
-    def __init__(self, bin_dir: Path) -> None:
+    def __init__(self, bin_dir: Path, *, durable: bool = False) -> None:
+        """Make and start a cluster; ``durable``: with fsync, as a server that keeps what it
+        acknowledges runs (a bench's), not the tests' fsync off."""
         self.bin_dir = bin_dir
         self.root = Path(tempfile.mkdtemp(prefix="gpu-agent-pg-"))
         self.data = self.root / "data"
@@ -54,7 +57,9 @@ class PostgresCluster:
             "initdb", "-D", str(self.data), "-A", "trust", "-U", "postgres",
             "--no-locale", "-E", "UTF8", "--no-sync",
         )  # fmt: skip
-        options = f"-k {self.root} -c listen_addresses='' -c fsync=off -c full_page_writes=off"
+        options = f"-k {self.root} -c listen_addresses='' -c max_connections=200"
+        if not durable:
+            options += " -c fsync=off -c full_page_writes=off"
         self._run(
             "pg_ctl", "-D", str(self.data), "-l", str(self.root / "log"), "-o", options,
             "-w", "start",
@@ -75,6 +80,11 @@ class PostgresCluster:
     def url(self, dbname: str) -> str:
         """The URL of one of its databases, over its unix socket."""
         return f"postgresql://postgres@/{dbname}?host={self.socket_dir}"
+
+    def pids(self) -> list[int]:
+        """The server's processes: the postmaster and its children."""
+        postmaster = int((self.data / "postmaster.pid").read_text().split()[0])
+        return [postmaster, *(p.pid for p in psutil.Process(postmaster).children(recursive=True))]
 
     def create_database(self) -> str:
         """A new empty database (from ``template0``); its URL."""
