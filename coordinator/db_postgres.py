@@ -142,7 +142,7 @@ class PostgresDatabase(Database):
 
     def create_schema(self, script: str, version: int, *, upgrade: str = "") -> None:
         """Create the tables (:func:`translate_schema`) under an advisory lock, run
-        ``upgrade`` (statements of PostgreSQL's), and record ``version`` in ``store_schema``."""
+        ``upgrade`` (its types translated alike), and record ``version`` in ``store_schema``."""
         with self.transaction():
             self._conn.execute("SELECT pg_advisory_xact_lock(%s)", (SCHEMA_LOCK,))
             self._conn.execute("CREATE TABLE IF NOT EXISTS store_schema (version BIGINT NOT NULL)")
@@ -150,7 +150,7 @@ class PostgresDatabase(Database):
                 return
             for statement in translate_schema(script):
                 self._conn.execute(statement)
-            for statement in filter(str.strip, upgrade.split(";")):
+            for statement in translate_schema(upgrade):  # its types as the tables' are
                 self._conn.execute(statement)
             self._conn.execute("DELETE FROM store_schema")
             self._conn.execute("INSERT INTO store_schema (version) VALUES (%s)", (version,))

@@ -165,7 +165,14 @@ class NodeTable:
     # ------------------------------------------------------------------ writes (in a transaction)
 
     def insert_message(
-        self, node_id: str, seq: int, kind: str, body: str, now: float, *, deflated: bytes = b""
+        self,
+        node_id: str,
+        seq: int,
+        kind: str,
+        body: str,
+        now: float,
+        *,
+        deflated: bytes | None = None,
     ) -> None:
         """Store a message as the node's last (its seq is the caller's check): its JSON
         ``body``, or its whole frame as the DEFLATE stream ``deflated`` it came in, with an
@@ -173,7 +180,7 @@ class NodeTable:
         self._db.execute(
             "INSERT INTO messages (node_id, seq, type, body, deflated, received)"
             " VALUES (?, ?, ?, ?, ?, ?)",
-            (node_id, seq, kind, body, deflated or None, now),
+            (node_id, seq, kind, body, deflated, now),
         )
         self._db.execute("UPDATE nodes SET agent_seq = ? WHERE node_id = ?", (seq, node_id))
 

@@ -46,7 +46,7 @@ __all__ = ["Added", "Message", "Store"]
 #: (:data:`coordinator.gateway.tables.SCHEMA`); 7 the per-minute telemetry aggregates
 #: (:mod:`coordinator.downsample`); 8 who holds each node's session when several
 #: coordinators share the database (:mod:`coordinator.presence_store`); 9 telemetry kept as
-#: the DEFLATE stream it came in (``messages.deflated``, :data:`_V9`).
+#: the DEFLATE stream it came in, and two more columns (:data:`_V9_COLUMNS`).
 _SCHEMA_VERSION = 9
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS nodes (
@@ -290,7 +290,7 @@ class Store:
             return "duplicate"
         # Telemetry as it came, deflated (SQLite: a tenth of the bytes to write and fsync;
         # PostgreSQL compresses large values itself, and folds the text in SQL).
-        deflated = m.deflated if kind == "telemetry" and self._keeps_deflated else None
+        deflated = (m.deflated or None) if kind == "telemetry" and self._keeps_deflated else None
         data = deflated or msgspec.json.encode(m.body)
         added: Added = "stored"
         verifies = profile is not None and unverified is None
@@ -304,10 +304,8 @@ class Store:
                 else {"shed": "quota_exceeded", "bytes": len(data)}
             )
             profile = nonce = unverified = job = None
-        if deflated:
-            self.nodes.insert_message(node_id, seq, kind, "", now, deflated=deflated)
-        else:
-            self.nodes.insert_message(node_id, seq, kind, data.decode(), now)
+        text = "" if deflated else data.decode()
+        self.nodes.insert_message(node_id, seq, kind, text, now, deflated=deflated)
         self.retention.count_bytes(node_id, len(data))
         if nonce is not None:
             self.streams.use_nonce(nonce, now)
@@ -333,9 +331,7 @@ def _create(db: Database) -> None:
         upgrade += _V4 if columns and "agent_seq" not in columns else ""
     else:
         upgrade = "".join(
-            f"ALTER TABLE {table} ADD COLUMN IF NOT EXISTS {column} {kind};".replace(
-                "BLOB", "BYTEA"
-            )
+            f"ALTER TABLE {table} ADD COLUMN IF NOT EXISTS {column} {kind};"
             for table, column, kind in _V9_COLUMNS
         )
         # The server compresses a large body itself: with lz4 rather than its default
