@@ -6,13 +6,14 @@ any disk. Past :attr:`Settings.telemetry_raw_s` each node's raw batches become o
 the raw rows go. The minute is the sample's own ``taken_at``; every numeric reading of a
 GPU is a metric (``unsupported``/``unavailable`` readings, strings and lists are not).
 
-The work is the database's (its JSON functions over the stored text; no Python object per
-sample) on a thread of its own, with its own connection, one short transaction per node:
-the event loop never waits for it, and the group-commit writer waits at most one node's
-transaction (on PostgreSQL: only for the node being folded, whose row it locks). A SQLite
-connection commits here with ``synchronous=NORMAL``: a transaction both writes the
-aggregates and deletes their rows, so a power loss undoes both or neither, and nothing of
-it was ever acknowledged to anyone.
+The work is the database's (its JSON functions over the batches' text; no Python object
+per sample; a batch stored as its deflated frame is inflated first, by an SQL function on
+SQLite, and here for PostgreSQL, which cannot) on a thread of its own, with its own
+connection, one short transaction per node: the event loop never waits for it, and the
+group-commit writer waits at most one node's transaction (on PostgreSQL: only for the node
+being folded, whose row it locks). A SQLite connection commits here with
+``synchronous=NORMAL``: a transaction both writes the aggregates and deletes their rows, so
+a power loss undoes both or neither, and nothing of it was ever acknowledged to anyone.
 """
 
 from __future__ import annotations
@@ -71,8 +72,10 @@ ON CONFLICT (node_id, minute, gpu, metric) DO UPDATE SET
 
 # PostgreSQL's: jsonb, each value checked for its type before it is cast (a cast of the
 # wrong type is an error there, not a NULL), readings as numeric (1e400 is one, a float8
-# overflows) and only those a float8 holds kept.
-_FOLD_POSTGRES = f"""
+# overflows) and only those a float8 holds kept. ``{bodies}`` is where the batches' text
+# comes from: the rows stored as text, or those stored deflated, inflated by the caller
+# (the server cannot inflate them itself) and passed as one array.
+_FOLD_POSTGRES = """
 INSERT INTO telemetry_minutes (node_id, minute, gpu, metric, min, mean, max, samples)
 SELECT CAST(? AS TEXT), (trunc(taken_at / 60) * 60)::bigint AS minute, gpu, metric,
        MIN(v), AVG(v), MAX(v), COUNT(*)
@@ -82,8 +85,7 @@ FROM (
            CASE WHEN jsonb_typeof(g.value -> 'id') = 'string' THEN g.value ->> 'id' END AS gpu,
            k.key AS metric,
            CASE WHEN jsonb_typeof(k.value) = 'number' THEN k.value::numeric END AS v
-    FROM (SELECT {JSONB.format("body")} AS b FROM messages
-          WHERE node_id = ? AND type = 'telemetry' AND received < ?) AS m
+    FROM ({bodies}) AS m
     CROSS JOIN LATERAL jsonb_array_elements(CASE jsonb_typeof(m.b -> 'samples')
         WHEN 'array' THEN m.b -> 'samples' ELSE '[]' END) AS s
     CROSS JOIN LATERAL jsonb_array_elements(CASE jsonb_typeof(s.value -> 'gpus')
@@ -102,6 +104,14 @@ ON CONFLICT (node_id, minute, gpu, metric) DO UPDATE SET
            / (telemetry_minutes.samples + excluded.samples),
     samples = telemetry_minutes.samples + excluded.samples
 """
+_FOLD_POSTGRES_TEXT = _FOLD_POSTGRES.format(
+    bodies=f"SELECT {JSONB.format('body')} AS b {_RAW} AND deflated IS NULL"
+)
+_FOLD_POSTGRES_INFLATED = _FOLD_POSTGRES.format(
+    bodies=f"SELECT {JSONB.format('t')} AS b FROM unnest(CAST(? AS TEXT[])) AS t"
+)
+#: Deflated batches inflated and folded a statement at a time: ~3.5 MB of text at most.
+_INFLATED_AT_ONCE = 64
 
 
 def downsample(target: DbTarget, received_before: float, aggregates_before: float) -> int:
@@ -152,10 +162,25 @@ def _fold(db: Database, node_id: str, received_before: float) -> int:
             if isinstance(db, SqliteDatabase):
                 db.execute(_FOLD_SQLITE, (node_id, received_before))
             else:
-                db.execute(_FOLD_POSTGRES, (node_id, node_id, received_before))
+                _fold_postgres(db, node_id, received_before)
             db.execute(f"DELETE {_RAW}", (node_id, received_before))
             db.execute(
                 "UPDATE nodes SET stored_bytes = stored_bytes - ? WHERE node_id = ?",
                 (size, node_id),
             )
     return int(count)
+
+
+def _fold_postgres(db: Database, node_id: str, received_before: float) -> None:
+    """PostgreSQL's fold of one node's raw rows: those stored as text in one statement,
+    those stored deflated inflated here (a row that does not inflate folds as nothing, as
+    on SQLite) and folded a few dozen at a time."""
+    db.execute(_FOLD_POSTGRES_TEXT, (node_id, node_id, received_before))
+    rows = db.execute(
+        f"SELECT deflated {_RAW} AND deflated IS NOT NULL", (node_id, received_before)
+    ).fetchall()
+    for start in range(0, len(rows), _INFLATED_AT_ONCE):
+        chunk = (_inflated_body(bytes(d)) for (d,) in rows[start : start + _INFLATED_AT_ONCE])
+        bodies = [body for body in chunk if body is not None]
+        if bodies:
+            db.execute(_FOLD_POSTGRES_INFLATED, (node_id, bodies))

@@ -180,7 +180,7 @@ class Message(NamedTuple):
     job: JobEvent | None = None
     deflated: bytes | None = None
     """Telemetry's whole frame as the DEFLATE stream it came in, when it came so: stored
-    instead of ``body`` (about a tenth of it) where the store keeps frames deflated."""
+    instead of ``body`` (about a tenth of it)."""
 
 
 class Store:
@@ -211,7 +211,6 @@ class Store:
         self.requests = RequestTable(self._db)
         self.services = ServiceJobs(self._db)
         self.presence = Presence(self._db)
-        self._keeps_deflated = self._db.dialect == "sqlite"
         self.shared = self._db.dialect == "postgres"
         """Whether other coordinators may use this store (PostgreSQL's; a SQLite file has
         one)."""
@@ -288,9 +287,9 @@ class Store:
             raise ValueError(f"no node {node_id!r}: nodes.seen() comes first")
         if seq <= last:
             return "duplicate"
-        # Telemetry as it came, deflated (SQLite: a tenth of the bytes to write and fsync;
-        # PostgreSQL compresses large values itself, and folds the text in SQL).
-        deflated = (m.deflated or None) if kind == "telemetry" and self._keeps_deflated else None
+        # Telemetry as it came, deflated: a tenth of the bytes to write, log and fsync (on
+        # PostgreSQL also to send to the server, and for it to compress and TOAST).
+        deflated = (m.deflated or None) if kind == "telemetry" else None
         data = deflated or msgspec.json.encode(m.body)
         added: Added = "stored"
         verifies = profile is not None and unverified is None

@@ -81,7 +81,7 @@ def test_a_batch_stored_as_its_deflated_frame_folds_as_its_text_does(
     store.add(NODE, 1, "telemetry", batch, 1000)
     store.add(other, 1, "telemetry", batch, 1000, deflated=deflated_frame(frame))
     # A row whose bytes do not inflate (a damaged file) is folded as nothing, not fatal.
-    shed = {"samples": [], "dropped": 1}  # what PostgreSQL, which keeps the text, stores
+    shed = {"samples": [], "dropped": 1}
     store.add(other, 2, "telemetry", shed, 1000, deflated=b"\xff not deflate")
     assert downsample(store_target, received_before=2000, aggregates_before=0) == 3
     db = open_database(store_target)
@@ -96,6 +96,23 @@ def test_a_batch_stored_as_its_deflated_frame_folds_as_its_text_does(
     assert folded[other] == folded[NODE]
     assert store.nodes.all_seqs(other) == []
     assert store.retention.stored_bytes(other) == 0
+
+
+def test_many_deflated_batches_of_one_node_fold_into_the_same_minutes(
+    store_target: DbTarget, store: Store
+) -> None:
+    # More batches than PostgreSQL's fold inflates at once: its statements must add up.
+    powers = [float(p) for p in range(1, 151)]
+    for seq, power in enumerate(powers, 1):
+        batch = {"samples": [sample(600 + seq * 0.1, power, None)], "dropped": 0}
+        frame = msgspec.json.encode({"v": 1, "type": "telemetry", "seq": seq, "body": batch})
+        store.add(NODE, seq, "telemetry", batch, 1000, deflated=deflated_frame(frame))
+    assert downsample(store_target, received_before=2000, aggregates_before=0) == len(powers)
+    low, mean, high, count = minutes(store_target)[(600, "GPU-0", "power_w")]
+    assert (low, high, count) == (1, 150, 150)
+    assert mean == pytest.approx(sum(powers) / len(powers))
+    assert store.nodes.all_seqs(NODE) == []
+    assert store.retention.stored_bytes(NODE) == 0
 
 
 def test_a_minute_folded_over_two_passes_keeps_a_weighted_mean(
