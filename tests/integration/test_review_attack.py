@@ -1,0 +1,91 @@
+"""Holes an attacker's review of issues 13 and 14 found, each pinned by a test.
+
+A test marked ``xfail(strict=True, reason="hole: ...")`` documents a hole still open: it
+fails now, and passes (breaking the strict xfail) once the hole is shut.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import pytest
+from msgspec import Raw
+from support.admission import answers_until_ack, started, welcomed
+from support.nodes import Node
+
+from agent.protocol.messages import TelemetryBody, encode_frame, wrap
+from coordinator.db_open import open_database
+from coordinator.downsample import downsample
+from coordinator.store import Store
+
+# A reading no double holds: msgspec keeps a sample's values as the bytes received
+# (msgspec.Raw), so the protocol lets it through; SQLite's JSON reads it as +-inf.
+_HUGE = b'[{"id": "GPU-0", "power_w": 1e400}, {"id": "GPU-0", "power_w": -1e400}]'
+
+
+def _hostile_telemetry(seq: int) -> str:
+    sample = {"taken_at": Raw(b"600"), "gpus": Raw(_HUGE)}
+    return encode_frame(wrap(TelemetryBody(samples=[sample]), seq))
+
+
+def _get(url: str) -> tuple[int, Any]:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        with exc:
+            return exc.code, exc.read()
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="hole: a telemetry reading of 1e400 is stored (Raw), then the read API's "
+    "msgspec.json.decode of the body raises 'Number out of range': GET /api/nodes is 500",
+)
+async def test_a_node_whose_telemetry_holds_1e400_leaves_the_node_list_readable(
+    tmp_path: Path,
+) -> None:
+    honest, hostile = Node(), Node()
+    async with started(tmp_path) as coordinator:
+        async with welcomed(coordinator, honest):
+            pass
+        async with welcomed(coordinator, hostile) as (ws, _):
+            await ws.send(_hostile_telemetry(1))
+            await answers_until_ack(ws, 1)
+        base = f"http://127.0.0.1:{coordinator.port}"
+        status, nodes = await asyncio.to_thread(_get, base + "/api/nodes")
+        assert status == 200, nodes
+        assert {n["node_id"] for n in nodes["nodes"]} == {honest.node_id, hostile.node_id}
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="hole: SQLite's AVG of +inf and -inf readings is NaN, stored as NULL in "
+    "telemetry_minutes.mean (NOT NULL): the fold's IntegrityError stops every node's pass",
+)
+def test_readings_of_plus_and_minus_1e400_do_not_stop_every_nodes_fold(tmp_path: Path) -> None:
+    target = tmp_path / "c.db"
+    store = Store(target)
+    try:
+        # The hostile node is folded first (node ids in order); an honest one after it.
+        for node_id in ("node-aa", "node-bb"):
+            store.nodes.seen(node_id, "key", 0.0)
+        hostile = {"taken_at": Raw(b"600"), "gpus": Raw(_HUGE)}
+        store.add("node-aa", 1, "telemetry", {"samples": [hostile]}, 1)
+        honest = {"taken_at": 600, "gpus": [{"id": "GPU-0", "power_w": 7}]}
+        store.add("node-bb", 1, "telemetry", {"samples": [honest]}, 1)
+        downsample(target, received_before=10, aggregates_before=0)
+        db = open_database(target)
+        try:
+            rows = db.execute("SELECT node_id, mean FROM telemetry_minutes").fetchall()
+        finally:
+            db.close()
+        assert ("node-bb", 7.0) in rows
+        assert store.nodes.all_seqs("node-bb") == []
+    finally:
+        store.close()
