@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 from msgspec import Raw
 from support.admission import answers_until_ack, started, welcomed
+from support.gateway import coordinator_with_gateway, new_key
 from support.nodes import Node
 
 from agent.protocol.messages import TelemetryBody, encode_frame, wrap
@@ -89,3 +90,21 @@ def test_readings_of_plus_and_minus_1e400_do_not_stop_every_nodes_fold(tmp_path:
         assert store.nodes.all_seqs("node-bb") == []
     finally:
         store.close()
+
+
+async def test_a_body_nested_past_msgspecs_depth_is_refused_400_not_dropped(
+    tmp_path: Path,
+) -> None:
+    async with coordinator_with_gateway(tmp_path) as coordinator:
+        key = new_key(coordinator)
+        body = b'{"model": "tiny", "messages": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+        reader, writer = await asyncio.open_connection("127.0.0.1", coordinator.gateway.port)
+        writer.write(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer %s\r\n"
+            b"Content-Length: %d\r\n\r\n%s" % (key.encode(), len(body), body)
+        )
+        async with asyncio.timeout(10):
+            answer = await reader.read()
+        writer.close()
+        assert answer.startswith(b"HTTP/1.1 400 "), answer[:200]
+        assert json.loads(answer.split(b"\r\n\r\n", 1)[1])["error"]["code"] == "bad_request"
