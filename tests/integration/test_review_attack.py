@@ -16,7 +16,8 @@ from typing import Any
 import pytest
 from msgspec import Raw
 from support.admission import answers_until_ack, started, welcomed
-from support.gateway import coordinator_with_gateway, new_key
+from support.fake_openai import FakeOpenAI
+from support.gateway import coordinator_with_gateway, new_key, replica
 from support.nodes import Node
 
 from agent.protocol.messages import TelemetryBody, encode_frame, wrap
@@ -108,3 +109,37 @@ async def test_a_body_nested_past_msgspecs_depth_is_refused_400_not_dropped(
         writer.close()
         assert answer.startswith(b"HTTP/1.1 400 "), answer[:200]
         assert json.loads(answer.split(b"\r\n\r\n", 1)[1])["error"]["code"] == "bad_request"
+
+
+async def test_a_pipelined_request_past_a_header_blocks_worth_leaves_the_first_answered(
+    tmp_path: Path,
+) -> None:
+    server = FakeOpenAI("server-a")
+    await server.start()
+    try:
+        async with (
+            coordinator_with_gateway(tmp_path) as coordinator,
+            replica(coordinator, "svc-a", ("127.0.0.1", server.port), ["tiny"]),
+        ):
+            key = new_key(coordinator)
+            first = json.dumps({"model": "tiny"}).encode()
+            # The next request's bytes arrive while the first is answered: more than the
+            # watcher keeps (a header block's worth) before it stops reading.
+            second = json.dumps({"model": "tiny", "pad": "x" * 200_000}).encode()
+            reader, writer = await asyncio.open_connection("127.0.0.1", coordinator.gateway.port)
+            writer.write(b"".join(_post(key, body) for body in (first, second)))
+            async with asyncio.timeout(10):
+                # Both answered; then the idle connection is closed (the head timeout).
+                answers = await reader.read()
+            writer.close()
+            assert answers.startswith(b"HTTP/1.1 200 "), answers[:200]
+            assert answers.count(b"HTTP/1.1 200 ") == 2, answers[:200]
+    finally:
+        await server.stop()
+
+
+def _post(key: str, body: bytes) -> bytes:
+    return (
+        b"POST /v1/completions HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer %s\r\n"
+        b"Content-Length: %d\r\n\r\n%s" % (key.encode(), len(body), body)
+    )
