@@ -17,12 +17,14 @@ import pytest
 from msgspec import Raw
 from support.admission import answers_until_ack, started, welcomed
 from support.fake_openai import FakeOpenAI
-from support.gateway import coordinator_with_gateway, new_key, replica
+from support.gateway import SETTINGS, coordinator_with_gateway, new_key, replica
 from support.nodes import Node
+from support.processes import free_port
 
 from agent.protocol.messages import TelemetryBody, encode_frame, wrap
 from coordinator.db_open import open_database
 from coordinator.downsample import downsample
+from coordinator.server import Coordinator
 from coordinator.store import Store
 
 # A reading no double holds: msgspec keeps a sample's values as the bytes received
@@ -143,3 +145,27 @@ def _post(key: str, body: bytes) -> bytes:
         b"POST /v1/completions HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer %s\r\n"
         b"Content-Length: %d\r\n\r\n%s" % (key.encode(), len(body), body)
     )
+
+
+@pytest.mark.postgres
+async def test_a_peer_proof_timed_in_superscript_digits_is_refused_403(
+    postgres_url: str, tmp_path: Path
+) -> None:
+    # "²" (0xb2 in latin-1) is a digit to str.isdigit, and no number to int().
+    port = free_port()
+    async with Coordinator(
+        db_path=postgres_url,
+        state_dir=tmp_path / "a",
+        gateway_port=port,
+        gateway_settings=SETTINGS,
+        peer_url=f"http://127.0.0.1:{port}",
+    ):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(
+            b"GET /_peer/streams/node-aa/job-1 HTTP/1.1\r\nHost: gw\r\nConnection: upgrade\r\n"
+            b"Upgrade: gpu-agent-stream\r\ngpu-peer-auth: \xb2:" + b"0" * 64 + b"\r\n\r\n"
+        )
+        async with asyncio.timeout(10):
+            answer = await reader.read()
+        writer.close()
+        assert answer.startswith(b"HTTP/1.1 403 "), answer[:200]
