@@ -7,6 +7,7 @@ fails now, and passes (breaking the strict xfail) once the hole is shut.
 from __future__ import annotations
 
 import asyncio
+import http.client
 import json
 import urllib.error
 import urllib.request
@@ -169,3 +170,28 @@ async def test_a_peer_proof_timed_in_superscript_digits_is_refused_403(
             answer = await reader.read()
         writer.close()
         assert answer.startswith(b"HTTP/1.1 403 "), answer[:200]
+
+
+def _admin_post(coordinator: Coordinator, path: str, body: bytes) -> tuple[int, bytes]:
+    host, port = coordinator.admin_url.removeprefix("http://").rsplit(":", 1)
+    connection = http.client.HTTPConnection(host, int(port), timeout=30)
+    try:
+        headers = {"Authorization": f"Bearer {coordinator.admin_token}"}
+        connection.request("POST", path, body=body, headers=headers)
+        answer = connection.getresponse()
+        return answer.status, answer.read()
+    finally:
+        connection.close()
+
+
+async def test_an_admin_body_nested_past_msgspecs_depth_is_refused_400(tmp_path: Path) -> None:
+    nested = b"[" * 100_000 + b"]" * 100_000
+    async with started(tmp_path) as coordinator:
+        answers = [
+            await asyncio.to_thread(_admin_post, coordinator, path, body)
+            for path, body in (
+                ("/api/deployments", b'{"name": "x", "replicas": 1, "spec": ' + nested + b"}"),
+                ("/api/jobs", b'{"node_id": "node-aa", "spec": ' + nested + b"}"),
+            )
+        ]
+    assert [status for status, _ in answers] == [400, 400], answers
