@@ -195,3 +195,42 @@ async def test_an_admin_body_nested_past_msgspecs_depth_is_refused_400(tmp_path:
             )
         ]
     assert [status for status, _ in answers] == [400, 400], answers
+
+
+async def test_a_services_usage_event_nested_past_msgspecs_depth_passes_through(
+    tmp_path: Path,
+) -> None:
+    nested = b'data: {"usage": {"a": ' + b"[" * 100_000 + b"]" * 100_000 + b"}}\n\n"
+
+    async def service(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(
+            b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nConnection: close\r\n\r\n"
+            + nested
+            + b"data: [DONE]\n\n"
+        )
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(service, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        async with (
+            coordinator_with_gateway(tmp_path) as coordinator,
+            replica(coordinator, "svc-a", ("127.0.0.1", port), ["tiny"]),
+        ):
+            key = new_key(coordinator)
+            body = json.dumps({"model": "tiny", "stream": True}).encode()
+            reader, writer = await asyncio.open_connection("127.0.0.1", coordinator.gateway.port)
+            writer.write(
+                b"POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n"
+                b"Authorization: Bearer %s\r\nContent-Length: %d\r\n\r\n%s"
+                % (key.encode(), len(body), body)
+            )
+            async with asyncio.timeout(10):
+                answer = await reader.read()
+            writer.close()
+            assert b"data: [DONE]" in answer, answer[-200:]
+    finally:
+        server.close()
+        await server.wait_closed()
