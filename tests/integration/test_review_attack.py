@@ -258,3 +258,20 @@ async def test_the_read_api_serves_no_more_of_a_nodes_telemetry_than_its_quota_h
         status, answer = await asyncio.to_thread(_get, url + "?limit=1000")
     assert status == 200
     assert len(answer["items"]) * 1_000_000 <= quota, f"{len(answer['items'])} items served"
+
+
+async def test_a_requests_record_keeps_a_bounded_path(tmp_path: Path) -> None:
+    async with coordinator_with_gateway(tmp_path) as coordinator:
+        key = new_key(coordinator)
+        reader, writer = await asyncio.open_connection("127.0.0.1", coordinator.gateway.port)
+        writer.write(
+            b"GET /v1/" + b"x" * 15_000 + b" HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n"
+            b"Authorization: Bearer %s\r\n\r\n" % key.encode()
+        )
+        async with asyncio.timeout(10):
+            answer = await reader.read()
+        writer.close()
+        assert answer.startswith(b"HTTP/1.1 404 ")
+        coordinator.gateway.records.flush()
+        (record,) = coordinator.store.requests.recent(1)
+    assert record.path == "/v1/" + "x" * 252  # its start, for whoever looks
