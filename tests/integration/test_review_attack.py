@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import http.client
 import json
+import os
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -275,3 +276,18 @@ async def test_a_requests_record_keeps_a_bounded_path(tmp_path: Path) -> None:
         coordinator.gateway.records.flush()
         (record,) = coordinator.store.requests.recent(1)
     assert record.path == "/v1/" + "x" * 252  # its start, for whoever looks
+
+
+def test_a_new_store_file_is_readable_by_its_owner_only(tmp_path: Path) -> None:
+    # It holds registry logins and upload URLs: the read API redacts them, the file must too.
+    previous = os.umask(0o022)
+    try:
+        store = Store(tmp_path / "c.db")
+    finally:
+        os.umask(previous)
+    try:
+        store.nodes.seen("node-aa", "key", 0.0)
+        modes = {p.name: oct(p.stat().st_mode & 0o777) for p in tmp_path.iterdir()}
+    finally:
+        store.close()
+    assert modes == {"c.db": "0o600", "c.db-wal": "0o600", "c.db-shm": "0o600"}
