@@ -327,3 +327,13 @@ async def test_one_address_holding_every_connection_leaves_others_served(tmp_pat
         for _, held_writer in held:
             held_writer.close()
     assert answer.startswith(b"HTTP/1.1 401 "), answer[:60]  # served: its key refused
+
+
+async def test_a_since_seq_past_what_sqlite_holds_is_refused_400(tmp_path: Path) -> None:
+    node = Node()
+    async with started(tmp_path) as coordinator:
+        async with welcomed(coordinator, node):
+            pass
+        base = f"http://127.0.0.1:{coordinator.port}/api/nodes/{node.node_id}/telemetry"
+        status, _ = await asyncio.to_thread(_get, base + "?since_seq=" + "9" * 30)
+    assert status == 400
