@@ -239,8 +239,8 @@ def _telemetry(store: Store, node_id: str, query: dict[str, list[str]]) -> HttpA
         limit = min(int(query.get("limit", [str(MAX_LIMIT)])[0]), MAX_LIMIT)
     except ValueError:
         return error(HTTPStatus.BAD_REQUEST, "since_seq and limit are integers")
-    if since < 0 or limit < 1:
-        return error(HTTPStatus.BAD_REQUEST, "since_seq >= 0 and limit >= 1")
+    if not 0 <= since < 1 << 63 or limit < 1:  # a seq is what SQLite's integers hold
+        return error(HTTPStatus.BAD_REQUEST, "since_seq in 0..2^63-1 and limit >= 1")
     messages = store.nodes.messages(node_id, "telemetry", since_seq=since, limit=limit)
     items = [_item(m.seq, m.body) | {"received": m.received} for m in messages]
     return json_answer({"node_id": node_id, "items": items})

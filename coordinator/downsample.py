@@ -48,6 +48,9 @@ _RAW = "FROM messages WHERE node_id = ? AND type = 'telemetry' AND received < ?"
 
 # Each numeric reading of each GPU of each sample, folded into its minute; a minute that
 # spans two passes (or two batches) is merged: counts add, the mean is weighted by them.
+# Readings kept as PostgreSQL's are: 1e400 passes the protocol (a sample's values are kept
+# as received) and is inf to SQLite's JSON, and inf beside -inf averages to NaN, which
+# SQLite stores as NULL, failing the pass.
 _FOLD_SQLITE = """
 INSERT INTO telemetry_minutes (node_id, minute, gpu, metric, min, mean, max, samples)
 SELECT ?1, CAST(json_extract(s.value, '$.taken_at') / 60 AS INTEGER) * 60 AS minute,
@@ -59,7 +62,9 @@ FROM (SELECT CASE WHEN deflated IS NULL THEN body ELSE inflated_body(deflated) E
      json_each(s.value, '$.gpus') AS g,
      json_each(g.value) AS k
 WHERE k.type IN ('integer', 'real')
+  AND abs(k.value) < 1e300
   AND json_type(s.value, '$.taken_at') IN ('integer', 'real')
+  AND abs(json_extract(s.value, '$.taken_at')) < 1e15
   AND json_type(g.value, '$.id') = 'text'
 GROUP BY minute, gpu, metric
 ON CONFLICT (node_id, minute, gpu, metric) DO UPDATE SET

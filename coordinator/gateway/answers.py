@@ -82,6 +82,8 @@ def read_model(body: bytes) -> Asked:
         value: Any = msgspec.json.decode(body)
     except msgspec.DecodeError:
         raise GatewayError("bad_request", "the body is not JSON") from None
+    except RecursionError:  # msgspec's own limit: a body of nested brackets
+        raise GatewayError("bad_request", "the body is nested too deeply") from None
     if not isinstance(value, dict):
         raise GatewayError("bad_request", "the body is not a JSON object")
     model = value.get("model")

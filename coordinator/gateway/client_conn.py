@@ -208,7 +208,7 @@ class ClientConnection:
         kept = 0
         try:
             # Bytes of a next request are kept, up to one header block's worth: then
-            # reading stops (the client waits, as TCP makes it).
+            # reading stops (the client waits, as TCP makes it) while the work goes on.
             while kept <= self._limits.max_header_bytes:
                 data = await self._reader.read(_READ)
                 if not data:
@@ -216,6 +216,7 @@ class ClientConnection:
                     return
                 kept += len(data)
                 self._conn.receive_data(data)
+            await asyncio.get_running_loop().create_future()  # until cancelled: not done
         except ConnectionError:
             self.gone.set()
 
