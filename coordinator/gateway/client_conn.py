@@ -24,6 +24,7 @@ import h11
 import msgspec
 
 from coordinator.errors import GatewayError
+from coordinator.gateway.pieces import Pieces
 
 __all__ = ["ClientConnection", "ClientGone", "Limits"]
 
@@ -101,17 +102,21 @@ class ClientConnection:
         """The current request's whole body.
 
         Raises:
-            GatewayError: ``request_too_large``, ``request_timeout``, ``bad_request``.
+            GatewayError: ``request_too_large``, ``request_timeout``, ``bad_request``
+                (not HTTP, or chunks far smaller than a body's: :mod:`.pieces`).
             ClientGone: the client closed before the end of its body.
         """
         if self._conn.they_are_waiting_for_100_continue:
             await self._send(h11.InformationalResponse(status_code=100, headers=[]))
         body = bytearray()
+        pieces = Pieces()
         try:
             async with asyncio.timeout(self._limits.body_timeout_s):
                 while not isinstance(part := await self._next_event(), h11.EndOfMessage):
                     if not isinstance(part, h11.Data):
                         raise ClientGone("closed before the end of its body")
+                    if not pieces.add(len(part.data)):  # each costs the loop: bounded
+                        raise GatewayError("bad_request", f"a body in {pieces.refusal()}")
                     body += part.data
                     if len(body) > self._limits.max_body_bytes:
                         raise GatewayError(
