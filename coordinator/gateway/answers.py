@@ -43,6 +43,7 @@ STATUS: Final[dict[str, tuple[int, str]]] = {
     "response_too_large": (502, "server_error"),
     "no_ready_replica": (503, "server_error"),
     "replicas_busy": (503, "server_error"),
+    "gateway_busy": (503, "server_error"),
     "upstream_timeout": (504, "server_error"),
 }
 

@@ -10,9 +10,12 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
-from support.gateway import coordinator_with_gateway, new_key, replica
+from support.gateway import coordinator_with_gateway, new_key, replica, until
 
+from coordinator.gateway.client_conn import Limits
 from coordinator.gateway.pieces import FREE_PIECES, MIN_PIECE_BYTES
+from coordinator.gateway.server import GatewaySettings
+from coordinator.server import Coordinator
 
 _HEAD = (
     b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
@@ -120,3 +123,63 @@ async def test_chunks_read_at_once_reach_the_client_joined(tmp_path: Path) -> No
     chunks = _dechunked(answer)
     assert b"".join(chunks) == b"x" * FREE_PIECES
     assert len(chunks) < 100
+
+
+def _padded(size: int) -> bytes:
+    """A request body of ``size`` bytes naming a model nobody serves."""
+    head = b'{"model": "tiny", "pad": "'
+    return head + b"x" * (size - len(head) - 2) + b'"}'
+
+
+def _post_head(key: str, length: int) -> bytes:
+    return (
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer %s\r\n"
+        b"Content-Length: %d\r\n\r\n" % (key.encode(), length)
+    )
+
+
+async def test_bodies_past_what_all_connections_may_hold_are_refused_503(
+    tmp_path: Path,
+) -> None:
+    limits = Limits(
+        head_timeout_s=30,
+        body_timeout_s=30,
+        max_body_bytes=80_000,
+        max_held_body_bytes=100_000,
+    )
+    async with Coordinator(
+        db_path=tmp_path / "coordinator.db",
+        state_dir=tmp_path / "state",
+        gateway_settings=GatewaySettings(limits=limits, record_flush_s=0.05),
+    ) as coordinator:
+        gateway = coordinator.gateway
+        key = new_key(coordinator)
+        first, second = _padded(70_000), _padded(60_000)
+        # A body under way holds what came of it...
+        reader_a, writer_a = await asyncio.open_connection("127.0.0.1", gateway.port)
+        writer_a.write(_post_head(key, len(first)) + first[:60_000])
+        await until(lambda: gateway.body_bytes_held == 60_000, "the first body's bytes held")
+        # ... so a second one, within its own bound, passes what all may hold: refused.
+        reader_b, writer_b = await asyncio.open_connection("127.0.0.1", gateway.port)
+        writer_b.write(_post_head(key, len(second)) + second)
+        async with asyncio.timeout(10):
+            refused = await reader_b.read()
+        writer_b.close()
+        assert refused.startswith(b"HTTP/1.1 503 "), refused[:100]
+        assert b"\r\nretry-after: 1\r\n" in refused.lower()
+        assert json.loads(refused.split(b"\r\n\r\n", 1)[1])["error"]["code"] == "gateway_busy"
+        assert gateway.body_bytes_held == 60_000
+        # The first ends, is answered (nobody serves its model), and holds nothing more.
+        writer_a.write(first[60_000:])
+        async with asyncio.timeout(10):
+            answered = await reader_a.readuntil(b"\r\n\r\n")
+        assert answered.startswith(b"HTTP/1.1 404 "), answered
+        await until(lambda: gateway.body_bytes_held == 0, "the first body given back")
+        writer_a.close()
+        # Then the second, sent again, is read whole.
+        reader_b, writer_b = await asyncio.open_connection("127.0.0.1", gateway.port)
+        writer_b.write(_post_head(key, len(second)) + second)
+        async with asyncio.timeout(10):
+            answered = await reader_b.readuntil(b"\r\n\r\n")
+        writer_b.close()
+        assert answered.startswith(b"HTTP/1.1 404 "), answered

@@ -142,6 +142,46 @@ async def test_connections_past_the_cap_are_refused_503(tmp_path: Path) -> None:
         await until(lambda: c.gateway.connections == 0, "the held connections closed")
 
 
+async def test_a_refused_client_that_sent_its_request_reads_the_503(tmp_path: Path) -> None:
+    async with _coordinator(tmp_path, _settings(max_connections=1, head_timeout_s=30)) as c:
+        _, held = await asyncio.open_connection("127.0.0.1", c.gateway.port)
+        await until(lambda: c.gateway.connections == 1, "one connection served")
+        reader, writer = await asyncio.open_connection("127.0.0.1", c.gateway.port)
+        # Sent before the gateway sees the connection: closed unread, the socket would be
+        # reset, and this side's kernel drop the answer before it is read.
+        writer.write(_request("gpk-x", {"model": "tiny", "pad": "x" * 30_000}))
+        try:
+            answer = await _until_answered(reader)
+        except ConnectionResetError:
+            answer = b"reset"
+        writer.close()
+        held.close()
+    assert answer.startswith(b"HTTP/1.1 503 "), answer[:60]
+    assert json.loads(answer.split(b"\r\n\r\n", 1)[1])["error"]["code"] == "replicas_busy"
+
+
+async def test_one_address_holding_every_connection_leaves_others_served(tmp_path: Path) -> None:
+    limits = Limits(head_timeout_s=30, max_connections=8, max_connections_per_source=4)
+    async with _coordinator(tmp_path, GatewaySettings(limits=limits)) as coordinator:
+        port = coordinator.gateway.port
+        # One address tries to hold them all: its share is served, the rest refused.
+        held = [
+            await asyncio.open_connection("127.0.0.1", port, local_addr=("127.0.0.2", 0))
+            for _ in range(8)
+        ]
+        refused = [await _until_answered(reader) for reader, _ in held[4:]]
+        assert [a.split(b" ", 2)[1] for a in refused] == [b"503"] * 4
+        assert coordinator.gateway.connections == 4
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET /v1/models HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\r\n")
+        answer = await _until_answered(reader)
+        writer.close()
+        for _, held_writer in held:
+            held_writer.close()
+        await until(lambda: coordinator.gateway.connections == 0, "the held connections closed")
+    assert answer.startswith(b"HTTP/1.1 401 "), answer[:60]  # served: its key refused
+
+
 async def test_a_replica_at_its_max_streams_makes_the_next_request_wait_then_503(
     tmp_path: Path, server: FakeOpenAI
 ) -> None:
