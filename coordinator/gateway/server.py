@@ -157,9 +157,19 @@ class Gateway:
             return
         self._connections.add(task)
         client = ClientConnection(reader, writer, limits, self._bodies)
+        counted = True
         try:
-            while await self._one(client):
-                pass
+            while (request := await self._head(client)) is not None:
+                if request.target.startswith(PATH_PREFIX):
+                    # A peer's stream: a coordinator relays its clients' streams, one
+                    # connection each, from its one address; not one client's share.
+                    self._sources.release(source)
+                    counted = False
+                    await self._peer(request, client)
+                    break
+                await self.proxy.handle(request, client)
+                if not client.keep_alive:
+                    break
         except (ClientGone, ConnectionError):
             pass  # nobody to answer
         except Exception:  # a bug: said, and this connection closed; the others go on
@@ -169,7 +179,8 @@ class Gateway:
                 await client.close()  # counted until closed: a lingering close holds a socket
             finally:
                 self._connections.discard(task)
-                self._sources.release(source)
+                if counted:
+                    self._sources.release(source)
 
     async def _busy(
         self, task: asyncio.Task[None], reader: asyncio.StreamReader, writer: asyncio.StreamWriter
@@ -188,22 +199,16 @@ class Gateway:
             self._refusing.discard(task)
             writer.close()
 
-    async def _one(self, client: ClientConnection) -> bool:
-        """Answer the connection's next request; False when it is to be closed."""
+    async def _head(self, client: ClientConnection) -> h11.Request | None:
+        """The connection's next request's head; None when it is to be closed (a head
+        that broke a bound is answered first)."""
         try:
-            request = await client.next_head()
+            return await client.next_head()
         except GatewayError as exc:
             if client.can_answer:
                 status, body = answers.error_body(exc)
                 await client.answer(status, [("content-type", "application/json")], body)
-            return False
-        if request is None:
-            return False
-        if request.target.startswith(PATH_PREFIX):
-            await self._peer(request, client)
-            return False
-        await self.proxy.handle(request, client)
-        return client.keep_alive
+            return None
 
     async def _peer(self, request: h11.Request, client: ClientConnection) -> None:
         """A peer's request for a stream (a coordinator's own path: no client's)."""
