@@ -36,7 +36,7 @@ _READ = 64 * 1024
 _WRITE_HIGH = 64 * 1024
 #: How long, and how many bytes, a client cut off mid-request is read for (and dropped).
 _LINGER_S = 1.0
-_LINGER_BYTES = 64 * 1024
+_LINGER_BYTES = 1 << 20
 
 
 class Limits(msgspec.Struct, frozen=True, kw_only=True):

@@ -160,6 +160,23 @@ async def test_a_refused_client_that_sent_its_request_reads_the_503(tmp_path: Pa
     assert json.loads(answer.split(b"\r\n\r\n", 1)[1])["error"]["code"] == "replicas_busy"
 
 
+async def test_a_client_refused_mid_body_reads_its_refusal(tmp_path: Path) -> None:
+    async with _coordinator(tmp_path, _settings()) as coordinator:
+        reader, writer = await asyncio.open_connection("127.0.0.1", coordinator.gateway.port)
+        # Refused from its head (too large), the rest of it sent and unread: closed so,
+        # the socket would be reset, and this side's kernel drop the answer.
+        writer.write(
+            b"POST /v1/completions HTTP/1.1\r\nHost: gw\r\nContent-Length: 99999999\r\n\r\n"
+            + b"x" * 1_000_000
+        )
+        try:
+            answer = await _until_answered(reader)
+        except ConnectionResetError:
+            answer = b"reset"
+        writer.close()
+    assert answer.startswith(b"HTTP/1.1 413 "), answer[:60]
+
+
 async def test_one_address_holding_every_connection_leaves_others_served(tmp_path: Path) -> None:
     limits = Limits(head_timeout_s=30, max_connections=8, max_connections_per_source=4)
     async with _coordinator(tmp_path, GatewaySettings(limits=limits)) as coordinator:
