@@ -11,8 +11,9 @@ coordinator. One that answered an expired, unknown or already used nonce is kept
 
 from __future__ import annotations
 
+import json
 import zlib
-from typing import Any
+from typing import Any, NamedTuple
 
 import msgspec
 
@@ -22,6 +23,7 @@ from coordinator.db import Database
 __all__ = [
     "STORED_SIZE",
     "LatestProfile",
+    "LatestSample",
     "NodeRow",
     "NodeTable",
     "StoredMessage",
@@ -40,6 +42,22 @@ _DEFLATE_TAIL = b"\x00\x00\xff\xff"
 
 class _Frame(msgspec.Struct):
     body: msgspec.Raw
+
+
+class _Batch(msgspec.Struct):
+    """A telemetry batch with its samples left undecoded."""
+
+    samples: list[msgspec.Raw] = []
+    dropped: int = 0
+
+
+class LatestSample(NamedTuple):
+    """A node's newest telemetry sample: the last of its newest batch."""
+
+    seq: int
+    sample: Any
+    """None: the batch held none."""
+    dropped: int
 
 
 def inflated_body(deflated: bytes) -> bytes:
@@ -128,12 +146,13 @@ class NodeTable:
         ).fetchone()
         return None if row is None else str(row[0])
 
-    def all(self) -> list[NodeRow]:
-        """Every node, most recently seen first."""
-        rows = self._db.execute(
-            "SELECT node_id, public_key, first_seen, last_seen, agent_seq"
-            " FROM nodes ORDER BY last_seen DESC, node_id"
-        ).fetchall()
+    def all(self, *, offset: int = 0, limit: int | None = None) -> list[NodeRow]:
+        """Every node (or ``limit`` of them past the first ``offset``), most recently seen
+        first."""
+        sql = "SELECT node_id, public_key, first_seen, last_seen, agent_seq FROM nodes"
+        sql += " ORDER BY last_seen DESC, node_id"
+        page: tuple[int, ...] = () if limit is None else (limit, offset)
+        rows = self._db.execute(sql + (" LIMIT ? OFFSET ?" if page else ""), page).fetchall()
         return [
             NodeRow(
                 node_id=r[0], public_key=r[1], first_seen=r[2], last_seen=r[3], last_agent_seq=r[4]
@@ -213,15 +232,51 @@ class NodeTable:
     # ------------------------------------------------------------------ messages and profiles
 
     def messages(
-        self, node_id: str, kind: str, *, since_seq: int = 0, limit: int = 1000
+        self,
+        node_id: str,
+        kind: str,
+        *,
+        since_seq: int = 0,
+        limit: int = 1000,
+        max_bytes: int | None = None,
     ) -> list[StoredMessage]:
-        """A node's messages of one type after ``since_seq``, in seq order."""
+        """A node's messages of one type after ``since_seq``, in seq order; with
+        ``max_bytes``, no more than their text holds (at least one message): what is
+        stored deflated may be a thousand times that once inflated."""
         rows = self._db.execute(
             "SELECT seq, type, body, deflated, received FROM messages"
             " WHERE node_id = ? AND type = ? AND seq > ? ORDER BY seq LIMIT ?",
             (node_id, kind, since_seq, limit),
         ).fetchall()
-        return [_stored(row) for row in rows]
+        messages: list[StoredMessage] = []
+        size = 0
+        for seq, kind_, body, deflated, received in rows:
+            text = body if deflated is None else inflated_body(bytes(deflated))
+            size += len(text)
+            if max_bytes is not None and messages and size > max_bytes:
+                break
+            messages.append(_message(seq, kind_, text, received))
+        return messages
+
+    def latest_sample(self, node_id: str) -> LatestSample | None:
+        """A node's newest telemetry sample (only that one is decoded of its batch)."""
+        row = self._db.execute(
+            "SELECT seq, body, deflated FROM messages"
+            " WHERE node_id = ? AND type = 'telemetry' ORDER BY seq DESC LIMIT 1",
+            (node_id,),
+        ).fetchone()
+        if row is None:
+            return None
+        seq, body, deflated = row
+        batch = msgspec.json.decode(
+            body if deflated is None else inflated_body(bytes(deflated)), type=_Batch
+        )
+        sample = _decoded(bytes(batch.samples[-1])) if batch.samples else None
+        return LatestSample(seq=seq, sample=sample, dropped=batch.dropped)
+
+    def count(self) -> int:
+        """How many nodes the store knows."""
+        return int(self._db.execute("SELECT COUNT(*) FROM nodes").fetchone()[0])
 
     def latest(self, node_id: str, kind: str) -> StoredMessage | None:
         """A node's newest message of one type."""
@@ -303,4 +358,18 @@ def _stored(row: Any) -> StoredMessage:
     """A message from its row: seq, type, body, deflated, received."""
     seq, kind, body, deflated, received = row
     text = body if deflated is None else inflated_body(bytes(deflated))
-    return StoredMessage(seq=seq, type=kind, body=msgspec.json.decode(text), received=received)
+    return _message(seq, kind, text, received)
+
+
+def _message(seq: int, kind: str, text: str | bytes, received: float) -> StoredMessage:
+    return StoredMessage(seq=seq, type=kind, body=_decoded(text), received=received)
+
+
+def _decoded(text: str | bytes) -> Any:
+    """A stored body's JSON. A telemetry reading past a float's range (``1e400``) was
+    stored as it came (samples are checked as JSON, not decoded): Python's parser reads it
+    as an infinity, which an answer encodes as null, where msgspec's refuses it."""
+    try:
+        return msgspec.json.decode(text)
+    except msgspec.ValidationError:
+        return json.loads(text)
