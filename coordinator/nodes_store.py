@@ -26,6 +26,7 @@ __all__ = [
     "LatestSample",
     "NodeRow",
     "NodeTable",
+    "Standing",
     "StoredMessage",
     "Unverified",
     "VerifiedProfile",
@@ -49,6 +50,17 @@ class _Batch(msgspec.Struct):
 
     samples: list[msgspec.Raw] = []
     dropped: int = 0
+
+
+class Standing(NamedTuple):
+    """What decides whether and how a node's next message is stored (its row, locked)."""
+
+    agent_seq: int
+    """The highest seq stored from it (0 when none)."""
+    stored_bytes: int
+    """What its quota counts."""
+    verified: bool
+    """It has a verified profile (its full quota)."""
 
 
 class LatestSample(NamedTuple):
@@ -149,33 +161,36 @@ class NodeTable:
     def all(self, *, offset: int = 0, limit: int | None = None) -> list[NodeRow]:
         """Every node (or ``limit`` of them past the first ``offset``), most recently seen
         first."""
-        sql = "SELECT node_id, public_key, first_seen, last_seen, agent_seq FROM nodes"
-        sql += " ORDER BY last_seen DESC, node_id"
+        sql = _NODE_ROW + " ORDER BY last_seen DESC, node_id"
         page: tuple[int, ...] = () if limit is None else (limit, offset)
         rows = self._db.execute(sql + (" LIMIT ? OFFSET ?" if page else ""), page).fetchall()
-        return [
-            NodeRow(
-                node_id=r[0], public_key=r[1], first_seen=r[2], last_seen=r[3], last_agent_seq=r[4]
-            )
-            for r in rows
-        ]
+        return [_node(r) for r in rows]
 
     def get(self, node_id: str) -> NodeRow | None:
         """One node, or None when it was never seen."""
-        return next((n for n in self.all() if n.node_id == node_id), None)
+        row = self._db.execute(_NODE_ROW + " WHERE node_id = ?", (node_id,)).fetchone()
+        return None if row is None else _node(row)
 
-    def agent_seq(self, node_id: str, *, lock: bool = False) -> int | None:
-        """The highest seq stored from a node (0 when none); None for a node never seen.
-
-        Args:
-            lock: lock the node's row until the transaction ends (where the transaction
-                does not hold the whole store already): what decides the next write.
-        """
+    def agent_seq(self, node_id: str) -> int | None:
+        """The highest seq stored from a node (0 when none); None for a node never seen."""
         row = self._db.execute(
-            "SELECT agent_seq FROM nodes WHERE node_id = ?" + (self._db.for_update if lock else ""),
-            (node_id,),
+            "SELECT agent_seq FROM nodes WHERE node_id = ?", (node_id,)
         ).fetchone()
         return None if row is None else int(row[0])
+
+    def standing(self, node_id: str) -> Standing | None:
+        """The node's :class:`Standing`, its row locked until the transaction ends (where
+        the transaction does not hold the whole store already); None for a node never
+        seen. One read: each is a round trip to a PostgreSQL server, per message."""
+        row = self._db.execute(
+            "SELECT agent_seq, stored_bytes,"
+            " EXISTS (SELECT 1 FROM profiles p WHERE p.node_id = nodes.node_id)"
+            " FROM nodes WHERE node_id = ?" + self._db.for_update,
+            (node_id,),
+        ).fetchone()
+        if row is None:
+            return None
+        return Standing(agent_seq=int(row[0]), stored_bytes=int(row[1]), verified=bool(row[2]))
 
     def last_agent_seq(self, node_id: str) -> int:
         """The highest seq stored from a node (0 when none), kept when retention deletes it."""
@@ -192,16 +207,21 @@ class NodeTable:
         now: float,
         *,
         deflated: bytes | None = None,
+        size: int = 0,
     ) -> None:
         """Store a message as the node's last (its seq is the caller's check): its JSON
         ``body``, or its whole frame as the DEFLATE stream ``deflated`` it came in, with an
-        empty ``body`` (:func:`inflated_body` reads it)."""
+        empty ``body`` (:func:`inflated_body` reads it); ``size`` added to the bytes its
+        quota counts (:class:`~coordinator.retention.Retention` keeps the total)."""
         self._db.execute(
             "INSERT INTO messages (node_id, seq, type, body, deflated, received)"
             " VALUES (?, ?, ?, ?, ?, ?)",
             (node_id, seq, kind, body, deflated, now),
         )
-        self._db.execute("UPDATE nodes SET agent_seq = ? WHERE node_id = ?", (seq, node_id))
+        self._db.execute(
+            "UPDATE nodes SET agent_seq = ?, stored_bytes = stored_bytes + ? WHERE node_id = ?",
+            (seq, size, node_id),
+        )
 
     def insert_profile(
         self,
@@ -352,6 +372,20 @@ class NodeTable:
             verified=False,
             unverified=reason,
         )
+
+
+_NODE_ROW = "SELECT node_id, public_key, first_seen, last_seen, agent_seq FROM nodes"
+
+
+def _node(row: Any) -> NodeRow:
+    node_id, public_key, first_seen, last_seen, agent_seq = row
+    return NodeRow(
+        node_id=node_id,
+        public_key=public_key,
+        first_seen=first_seen,
+        last_seen=last_seen,
+        last_agent_seq=agent_seq,
+    )
 
 
 def _stored(row: Any) -> StoredMessage:

@@ -282,19 +282,19 @@ class Store:
         profile, nonce, unverified, job = m.profile, m.nonce, m.unverified, m.job
         # Locked until the commit where a transaction does not hold the whole store: a
         # second coordinator storing this node's same seq waits, then finds it a duplicate.
-        last = self.nodes.agent_seq(node_id, lock=True)
-        if last is None:
+        standing = self.nodes.standing(node_id)
+        if standing is None:
             raise ValueError(f"no node {node_id!r}: nodes.seen() comes first")
-        if seq <= last:
+        if seq <= standing.agent_seq:
             return "duplicate"
         # Telemetry as it came, deflated: a tenth of the bytes to write, log and fsync (on
         # PostgreSQL also to send to the server, and for it to compress and TOAST).
         deflated = (m.deflated or None) if kind == "telemetry" else None
         data = deflated or msgspec.json.encode(m.body)
         added: Added = "stored"
-        verifies = profile is not None and unverified is None
+        verified = standing.verified or (profile is not None and unverified is None)
         if kind != "job_status" and not self.retention.make_room(
-            node_id, len(data), verifies=verifies
+            node_id, len(data), stored=standing.stored_bytes, verified=verified
         ):
             added, deflated = "shed", None
             data = msgspec.json.encode(
@@ -304,8 +304,8 @@ class Store:
             )
             profile = nonce = unverified = job = None
         text = "" if deflated else data.decode()
-        self.nodes.insert_message(node_id, seq, kind, text, now, deflated=deflated)
-        self.retention.count_bytes(node_id, len(data))
+        self.nodes.insert_message(node_id, seq, kind, text, now, deflated=deflated, size=len(data))
+        self.retention.counted(len(data))
         if nonce is not None:
             self.streams.use_nonce(nonce, now)
         if profile is not None:
