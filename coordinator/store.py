@@ -261,12 +261,21 @@ class Store:
     def run_group(self, calls: Sequence[Callable[[Store], T]]) -> list[T | Exception]:
         """Run each call on this store, all in one commit (group commit).
 
-        A call that fails is undone alone (a savepoint) and its error returned in its
-        place; the others still commit. Nothing is committed before this returns, so no
-        message of the group may be acknowledged before then.
+        A call that fails is undone alone and its error returned in its place; the others
+        still commit. Nothing is committed before this returns, so no message of the group
+        may be acknowledged before then. Each call acts on the store alone: it may run
+        twice, the first time undone.
         """
-        results: list[T | Exception] = []
         failures: tuple[type[Exception], ...] = (ValueError, *driver_errors())
+        # A savepoint around each call is two more round trips to a PostgreSQL server a
+        # message (a third of a group's time): the group goes without them, and only when
+        # one of its calls fails does it go again, each call in a savepoint of its own.
+        try:
+            with self._db.transaction():
+                return [call(self) for call in calls]
+        except failures:
+            pass
+        results: list[T | Exception] = []
         with self._db.transaction():
             for call in calls:
                 try:
