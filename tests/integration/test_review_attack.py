@@ -10,10 +10,7 @@ import asyncio
 import http.client
 import json
 import os
-import urllib.error
-import urllib.request
 from pathlib import Path
-from typing import Any
 
 import msgspec
 import pytest
@@ -38,15 +35,6 @@ _HUGE = b'[{"id": "GPU-0", "power_w": 1e400}, {"id": "GPU-0", "power_w": -1e400}
 def _hostile_telemetry(seq: int) -> str:
     sample = {"taken_at": Raw(b"600"), "gpus": Raw(_HUGE)}
     return encode_frame(wrap(TelemetryBody(samples=[sample]), seq))
-
-
-def _get(url: str) -> tuple[int, Any]:
-    try:
-        with urllib.request.urlopen(url, timeout=5) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as exc:
-        with exc:
-            return exc.code, exc.read()
 
 
 def test_readings_of_plus_and_minus_1e400_do_not_stop_every_nodes_fold(tmp_path: Path) -> None:
