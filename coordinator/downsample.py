@@ -18,11 +18,15 @@ a power loss undoes both or neither, and nothing of it was ever acknowledged to 
 
 from __future__ import annotations
 
-from coordinator.db import JSONB, Database, DbTarget, SqliteDatabase
+import logging
+
+from coordinator.db import JSONB, Database, DbTarget, SqliteDatabase, driver_errors
 from coordinator.db_open import open_database
 from coordinator.nodes_store import STORED_SIZE, inflated_body
 
 __all__ = ["SCHEMA", "downsample"]
+
+_log = logging.getLogger(__name__)
 
 #: Schema version 7 (:mod:`coordinator.store`): the aggregates, and raw rows by their time.
 SCHEMA = """
@@ -137,7 +141,13 @@ def downsample(target: DbTarget, received_before: float, aggregates_before: floa
             (received_before,),
         ).fetchall()
         for (node_id,) in nodes:
-            folded += _fold(db, str(node_id), received_before)
+            try:
+                folded += _fold(db, str(node_id), received_before)
+            except driver_errors() as exc:
+                # Rows the database will not fold (a hostile batch it cannot read, a
+                # damaged page) hold back no other node: theirs stay raw, counted by the
+                # quota, until retention deletes them.
+                _log.warning("downsampling %s failed; its raw rows stay: %s", node_id, exc)
         # One statement for every node's minutes past their keep.
         db.execute("DELETE FROM telemetry_minutes WHERE minute < ?", (aggregates_before,))
         return folded

@@ -10,17 +10,13 @@ import asyncio
 import http.client
 import json
 import os
-import urllib.error
-import urllib.request
 from pathlib import Path
-from typing import Any
 
 import pytest
 from msgspec import Raw
-from support.admission import answers_until_ack, started, welcomed
+from support.admission import started
 from support.fake_openai import FakeOpenAI
 from support.gateway import SETTINGS, coordinator_with_gateway, new_key, replica
-from support.nodes import Node
 from support.processes import free_port
 
 from agent.protocol.messages import TelemetryBody, encode_frame, wrap
@@ -37,36 +33,6 @@ _HUGE = b'[{"id": "GPU-0", "power_w": 1e400}, {"id": "GPU-0", "power_w": -1e400}
 def _hostile_telemetry(seq: int) -> str:
     sample = {"taken_at": Raw(b"600"), "gpus": Raw(_HUGE)}
     return encode_frame(wrap(TelemetryBody(samples=[sample]), seq))
-
-
-def _get(url: str) -> tuple[int, Any]:
-    try:
-        with urllib.request.urlopen(url, timeout=5) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as exc:
-        with exc:
-            return exc.code, exc.read()
-
-
-@pytest.mark.xfail(
-    strict=True,
-    reason="hole: a telemetry reading of 1e400 is stored (Raw), then the read API's "
-    "msgspec.json.decode of the body raises 'Number out of range': GET /api/nodes is 500",
-)
-async def test_a_node_whose_telemetry_holds_1e400_leaves_the_node_list_readable(
-    tmp_path: Path,
-) -> None:
-    honest, hostile = Node(), Node()
-    async with started(tmp_path) as coordinator:
-        async with welcomed(coordinator, honest):
-            pass
-        async with welcomed(coordinator, hostile) as (ws, _):
-            await ws.send(_hostile_telemetry(1))
-            await answers_until_ack(ws, 1)
-        base = f"http://127.0.0.1:{coordinator.port}"
-        status, nodes = await asyncio.to_thread(_get, base + "/api/nodes")
-        assert status == 200, nodes
-        assert {n["node_id"] for n in nodes["nodes"]} == {honest.node_id, hostile.node_id}
 
 
 def test_readings_of_plus_and_minus_1e400_do_not_stop_every_nodes_fold(tmp_path: Path) -> None:
@@ -232,30 +198,6 @@ async def test_a_services_usage_event_nested_past_msgspecs_depth_passes_through(
         await server.wait_closed()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="hole: a node's quota counts telemetry as stored (deflated, ~1/1000 of zeros), "
-    "while the read API (no token) inflates it: 1 MiB of quota serves ~1 GiB of JSON",
-)
-async def test_the_read_api_serves_no_more_of_a_nodes_telemetry_than_its_quota_holds(
-    tmp_path: Path,
-) -> None:
-    quota = 1 << 20
-    node = Node()
-    async with started(tmp_path, unverified_quota_bytes=quota) as coordinator:
-        async with welcomed(coordinator, node) as (ws, _):
-            # A sample of a million zeros: a full frame, that deflates to about 1 KB.
-            zeros = {"taken_at": Raw(b"600"), "pad": Raw(b'"' + b"0" * 1_000_000 + b'"')}
-            for seq in range(1, 21):
-                await ws.send(encode_frame(wrap(TelemetryBody(samples=[zeros]), seq)))
-            await answers_until_ack(ws, 20)
-        assert coordinator.store.retention.stored_bytes(node.node_id) <= quota
-        url = f"http://127.0.0.1:{coordinator.port}/api/nodes/{node.node_id}/telemetry"
-        status, answer = await asyncio.to_thread(_get, url + "?limit=1000")
-    assert status == 200
-    assert len(answer["items"]) * 1_000_000 <= quota, f"{len(answer['items'])} items served"
-
-
 async def test_a_requests_record_keeps_a_bounded_path(tmp_path: Path) -> None:
     async with coordinator_with_gateway(tmp_path) as coordinator:
         key = new_key(coordinator)
@@ -286,13 +228,3 @@ def test_a_new_store_file_is_readable_by_its_owner_only(tmp_path: Path) -> None:
     finally:
         store.close()
     assert modes == {"c.db": "0o600", "c.db-wal": "0o600", "c.db-shm": "0o600"}
-
-
-async def test_a_since_seq_past_what_sqlite_holds_is_refused_400(tmp_path: Path) -> None:
-    node = Node()
-    async with started(tmp_path) as coordinator:
-        async with welcomed(coordinator, node):
-            pass
-        base = f"http://127.0.0.1:{coordinator.port}/api/nodes/{node.node_id}/telemetry"
-        status, _ = await asyncio.to_thread(_get, base + "?since_seq=" + "9" * 30)
-    assert status == 400

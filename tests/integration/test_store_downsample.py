@@ -182,3 +182,31 @@ def test_a_pass_over_telemetry_within_its_window_reads_none_of_it(tmp_path: Path
         assert _read_bytes() - start < stored // 10
     finally:
         store.close()
+
+
+def test_a_node_whose_rows_the_database_cannot_fold_holds_back_no_other(
+    store_target: DbTarget, store: Store
+) -> None:
+    # The fixture's node comes first; its one raw row is text no JSON reader takes.
+    db = open_database(store_target)
+    try:
+        db.execute(
+            "INSERT INTO messages (node_id, seq, type, body, received)"
+            " VALUES (?, 1, 'telemetry', 'not json', 1000)",
+            (NODE,),
+        )
+    finally:
+        db.close()
+    others = [f"node-{n}" for n in ("bb", "cc")]
+    for node in others:
+        store.nodes.seen(node, "key", 0.0)
+        store.add(node, 1, "telemetry", {"samples": [sample(600, 100, 10)]}, 1000)
+    assert downsample(store_target, received_before=2000, aggregates_before=0) == 2
+    assert [store.nodes.all_seqs(node) for node in others] == [[], []]
+    assert store.nodes.all_seqs(NODE) == [1]  # kept raw, for retention
+    db = open_database(store_target)
+    try:
+        folded = db.execute("SELECT DISTINCT node_id FROM telemetry_minutes").fetchall()
+    finally:
+        db.close()
+    assert sorted(node for (node,) in folded) == others
