@@ -1,8 +1,7 @@
-"""Holes an attacker's review of issues 13 and 14 found, each pinned by a test.
-
-A test marked ``xfail(strict=True, reason="hole: ...")`` documents a hole still open: it
-fails now, and passes (breaking the strict xfail) once the hole is shut.
-"""
+"""Hostile inputs across the coordinator that a review found holes in: readings past a
+double's range, bodies nested past msgspec's depth (gateway, admin API, a service's usage
+events), a pipelined request past a header block, a peer proof in non-ASCII digits, an
+unbounded path in a request record, and who may read the store's file."""
 
 from __future__ import annotations
 
