@@ -49,6 +49,11 @@ class _Bucket:
             return 0.0
         return (1.0 - self._tokens) / rate
 
+    def empty(self, now: float) -> bool:
+        """Whether :meth:`take` would refuse now (nothing taken)."""
+        refilled = self._tokens + max(now - self._at, 0.0) * self.rate_per_min / 60.0
+        return refilled < 1.0
+
     def full(self, now: float) -> bool:
         return (
             self._tokens + max(now - self._at, 0.0) * self.rate_per_min / 60.0 >= self.rate_per_min
@@ -70,6 +75,11 @@ class RateLimits:
             bucket = _Bucket(rate_per_min, now)
             self._buckets[key_id] = bucket
         return bucket.take(now)
+
+    def spent(self, key_id: str, now: float) -> bool:
+        """Whether ``key_id``'s bucket holds no request now (nothing taken)."""
+        bucket = self._buckets.get(key_id)
+        return bucket is not None and bucket.empty(now)
 
     def _drop_full(self, now: float) -> None:
         for key_id in [k for k, b in self._buckets.items() if b.full(now)]:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
+from typing import Final
 
 import h11
 import msgspec
@@ -33,12 +34,16 @@ from coordinator.gateway.pool import StreamPool
 from coordinator.gateway.records import RecordWriter
 from coordinator.gateway.replicas import ReplicaView
 from coordinator.gateway.routing import Full, Replica, Router
-from coordinator.gateway.tables import ApiKeyTable, RequestRecord
+from coordinator.gateway.tables import ApiKey, ApiKeyTable, RequestRecord
 from coordinator.gateway.upstream import Upstream
 from coordinator.gateway.usage import Usage, UsageReader
 from coordinator.tunnel import Tunnels, TunnelStream
 
-__all__ = ["Proxy", "Timeouts"]
+__all__ = ["UNKNOWN_KEYS_PER_MIN", "Proxy", "Timeouts"]
+
+#: Unknown API keys one source may send a minute (a minute's worth at once) where each
+#: costs a lookup in a shared store: past it, its requests are refused unread a while.
+UNKNOWN_KEYS_PER_MIN: Final = 600
 
 _JSON = ("content-type", "application/json")
 #: How often a request waiting for a busy replica looks again (a new replica may be ready).
@@ -113,17 +118,21 @@ class Proxy:
         self._clock = clock
         self._monotonic = monotonic
         self._rates = RateLimits()
+        self._unknown_keys = RateLimits()
+        """Per source: the unknown keys it sent (on a shared store, each a lookup)."""
         self._freed: asyncio.Future[None] | None = None
 
-    async def handle(self, request: h11.Request, client: ClientConnection) -> None:
-        """Answer one request whose head was read: the key first, then the body (the
-        client may be gone: then it is cancelled)."""
+    async def handle(
+        self, request: h11.Request, client: ClientConnection, source: str = ""
+    ) -> None:
+        """Answer one request whose head was read, from ``source`` (:func:`.caps.source_of`):
+        the key first, then the body (the client may be gone: then it is cancelled)."""
         path = request.target.decode("latin-1").split("?", 1)[0]
         state = _Request(
             method=request.method.decode("latin-1"), path=path, started=self._monotonic()
         )
         try:
-            await self._serve(request, client, state)
+            await self._serve(request, client, state, source)
         except GatewayError as exc:
             state.status, state.code = answers.error_body(exc)[0], exc.code
             await self._refuse(client, exc)
@@ -137,10 +146,12 @@ class Proxy:
             if state.key_id:
                 self._record(state)
 
-    async def _serve(self, request: h11.Request, client: ClientConnection, state: _Request) -> None:
+    async def _serve(
+        self, request: h11.Request, client: ClientConnection, state: _Request, source: str
+    ) -> None:
         headers = {n.decode("latin-1"): v.decode("latin-1") for n, v in request.headers}
         token = bearer(headers.get("authorization"))
-        key = None if token is None else self._keys.find(token)
+        key = None if token is None else self._find(token, source)
         if key is None or key.revoked is not None:
             raise GatewayError("invalid_api_key", "send Authorization: Bearer <a valid API key>")
         state.key_id = key.key_id
@@ -170,6 +181,26 @@ class Proxy:
         if asked.model not in self._view.current().models:
             raise GatewayError("model_not_found", f"no service serves {asked.model!r}")
         await client.guarded(self._route(asked.model, body, client, state))
+
+    def _find(self, token: str, source: str) -> ApiKey | None:
+        """The key ``token`` is. On a store other coordinators share, each lookup is a
+        round trip to its server, on the loop: a source that sent more than
+        :data:`UNKNOWN_KEYS_PER_MIN` unknown keys lately is refused ``rate_limited``
+        unread until its budget refills (its valid keys with them: a client with a key
+        does not guess others)."""
+        if not self._keys.shared:
+            return self._keys.find(token)
+        now = self._monotonic()
+        if self._unknown_keys.spent(source, now):
+            raise GatewayError(
+                "rate_limited",
+                f"over {UNKNOWN_KEYS_PER_MIN} unknown API keys a minute from this address",
+                retry_after_s=60.0 / UNKNOWN_KEYS_PER_MIN,
+            )
+        key = self._keys.find(token)
+        if key is None:
+            self._unknown_keys.admit(source, UNKNOWN_KEYS_PER_MIN, now)
+        return key
 
     async def _route(
         self, model: str, body: bytes, client: ClientConnection, state: _Request

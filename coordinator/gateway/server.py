@@ -167,7 +167,7 @@ class Gateway:
                     counted = False
                     await self._peer(request, client)
                     break
-                await self.proxy.handle(request, client)
+                await self.proxy.handle(request, client, source)
                 if not client.keep_alive:
                     break
         except (ClientGone, ConnectionError):

@@ -21,6 +21,7 @@ from support.processes import free_port
 
 from coordinator import keys
 from coordinator.gateway.peer import PeerAuth
+from coordinator.gateway.proxy import UNKNOWN_KEYS_PER_MIN
 from coordinator.gateway.server import GatewaySettings
 from coordinator.server import Coordinator
 
@@ -218,3 +219,40 @@ async def test_a_keys_rate_is_one_over_every_coordinator_and_a_revocation_holds_
         a.store.api_keys.revoke(other.key_id, time.time())
         after = await http.get(f"{b.gateway_url}/models", headers=other_auth)
         assert (after.status_code, after.json()["error"]["code"]) == (401, "invalid_api_key")
+
+
+async def test_a_source_sending_unknown_keys_is_refused_unread_once_past_its_budget(
+    postgres_url: str, tmp_path: Path
+) -> None:
+    # On a shared store each unknown key is a lookup on the loop: one address guessing
+    # keys is refused, unread, once past its budget; another address is served.
+    async with (
+        two_coordinators(postgres_url, tmp_path) as (a, _),
+        httpx.AsyncClient(
+            trust_env=False,
+            timeout=10,
+            transport=httpx.AsyncHTTPTransport(local_address="127.0.0.2"),
+        ) as guesser,
+        httpx.AsyncClient(trust_env=False, timeout=10) as other,
+    ):
+        auth = {"authorization": f"Bearer {new_key(a)}"}
+        url = f"{a.gateway_url}/models"
+        # A minute's worth at once, and what refills meanwhile: then none.
+        statuses = []
+        for n in range(2 * UNKNOWN_KEYS_PER_MIN):
+            junk = {"authorization": f"Bearer {_junk_key(n)}"}
+            statuses.append((await guesser.get(url, headers=junk)).status_code)
+            if statuses[-1] != 401:
+                break
+        assert statuses[:UNKNOWN_KEYS_PER_MIN] == [401] * UNKNOWN_KEYS_PER_MIN
+        assert statuses[-1] == 429
+        refused = await guesser.get(url, headers=auth)
+        served = await other.get(url, headers=auth)
+    assert (refused.status_code, refused.json()["error"]["code"]) == (429, "rate_limited")
+    assert int(refused.headers["retry-after"]) >= 1
+    assert served.status_code == 200
+
+
+def _junk_key(n: int) -> str:
+    """A text of a key's shape that no key has."""
+    return "gpk-" + f"{n:043d}"
