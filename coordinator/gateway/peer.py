@@ -20,11 +20,9 @@ address (or a private network) between machines.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import hmac
 import re
-import ssl
 import time
 import urllib.parse
 from collections.abc import Callable
@@ -40,23 +38,22 @@ from coordinator.gateway.client_conn import ClientConnection
 from coordinator.keys import CoordinatorKey
 from coordinator.tunnel import Tunnels, TunnelStream
 
-__all__ = ["PATH_PREFIX", "SKEW_S", "PeerAuth", "PeerStream", "serve_peer"]
+__all__ = ["PATH_PREFIX", "SKEW_S", "UPGRADE", "PeerAuth", "serve_peer"]
 
 #: Where a peer's requests go on a gateway.
 PATH_PREFIX: Final = b"/_peer/"
 #: How far a peer's clock (its request's time) may be from ours.
 SKEW_S: Final = 30.0
 #: Opening a stream through a peer: connecting and its answer, at most.
-OPEN_TIMEOUT_S: Final = 5.0
 _PATH = re.compile(r"/_peer/streams/([^/?#]{1,512})/([^/?#]{1,512})")
 #: A job id is a tunnel target as the agent takes it.
 _TARGET = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
-_UPGRADE: Final = b"gpu-agent-stream"
+#: The protocol a peer's stream is upgraded to: raw bytes.
+UPGRADE: Final = b"gpu-agent-stream"
 _SWITCHED: Final = (
-    b"HTTP/1.1 101 Switching Protocols\r\nconnection: upgrade\r\nupgrade: " + _UPGRADE + b"\r\n\r\n"
+    b"HTTP/1.1 101 Switching Protocols\r\nconnection: upgrade\r\nupgrade: " + UPGRADE + b"\r\n\r\n"
 )
 _READ: Final = 64 * 1024
-_MAX_HEAD: Final = 16 * 1024
 
 
 class PeerAuth:
@@ -161,118 +158,3 @@ async def _relay(
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-
-
-# ------------------------------------------------------------------ the asking side
-
-
-class PeerStream:
-    """A byte stream to a replica through the coordinator holding its node's tunnel: what
-    :class:`coordinator.gateway.upstream.Upstream` uses a tunnel stream for. Never kept
-    alive: each request through a peer is a stream (a connection) of its own."""
-
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self._reader = reader
-        self._writer = writer
-        self._sent_eof = False
-        self._read_eof = False
-        self._reset = False
-
-    @classmethod
-    async def open(cls, peer_url: str, node_id: str, job_id: str, auth: PeerAuth) -> PeerStream:
-        """Ask the gateway at ``peer_url`` for a stream to ``job_id`` on ``node_id``.
-
-        Raises:
-            StreamError: ``peer_failed``: the peer could not be reached, refused, or has
-                no stream to give (nothing reached the service: another replica may serve).
-        """
-        url = urllib.parse.urlsplit(peer_url)
-        tls = ssl.create_default_context() if url.scheme == "https" else None
-        port = url.port or (443 if tls else 80)
-        head = (
-            f"GET /_peer/streams/{_quote(node_id)}/{_quote(job_id)} HTTP/1.1\r\n"
-            f"host: {url.netloc}\r\n"
-            f"connection: upgrade\r\nupgrade: {_UPGRADE.decode()}\r\n"
-            f"gpu-peer-auth: {auth.header(node_id, job_id)}\r\n\r\n"
-        )
-        writer = None
-        try:
-            async with asyncio.timeout(OPEN_TIMEOUT_S):
-                reader, writer = await asyncio.open_connection(url.hostname, port, ssl=tls)
-                writer.write(head.encode())
-                answer = await reader.readuntil(b"\r\n\r\n")
-        except (OSError, TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
-            if writer is not None:
-                writer.transport.abort()
-            raise StreamError("peer_failed", f"no stream from {peer_url}") from None
-        if not answer.startswith(b"HTTP/1.1 101 ") or len(answer) > _MAX_HEAD:
-            writer.transport.abort()
-            status = answer.split(b"\r\n", 1)[0].decode("latin-1", "replace")
-            raise StreamError("peer_failed", f"{peer_url} answered {status!r}")
-        return cls(reader, writer)
-
-    @property
-    def usable(self) -> bool:
-        """Never: a stream through a peer carries one exchange."""
-        return False
-
-    @property
-    def is_open(self) -> bool:
-        """Whether its connection is still open (until :meth:`reset`, which closes it)."""
-        return not self._reset
-
-    async def read(self, max_bytes: int = _READ) -> bytes:
-        """Up to ``max_bytes`` of the service's bytes; b"" once it sent all.
-
-        Raises:
-            StreamError: ``connection_lost``: the peer's relay failed or was reset.
-        """
-        self._check()
-        try:
-            data = await self._reader.read(max_bytes)
-        except ConnectionError:
-            raise StreamError("connection_lost", "the peer's stream broke") from None
-        self._read_eof = not data
-        return data
-
-    async def write(self, data: bytes) -> None:
-        """Send bytes to the service.
-
-        Raises:
-            StreamError: ``connection_lost``, or ``stream_ended`` after :meth:`write_eof`.
-        """
-        self._check()
-        if self._sent_eof:
-            raise StreamError("stream_ended", "written after write_eof")
-        try:
-            self._writer.write(data)
-            await self._writer.drain()
-        except ConnectionError:
-            raise StreamError("connection_lost", "the peer's stream broke") from None
-
-    async def write_eof(self) -> None:
-        """Send no more: the service reads EOF after what was written."""
-        self._check()
-        self._sent_eof = True
-        with contextlib.suppress(OSError):
-            self._writer.write_eof()
-
-    def reset(self, code: str = "cancel") -> None:
-        """Close the connection: at once (the peer resets its tunnel stream ``cancel``)
-        unless the stream ended both ways (idempotent)."""
-        del code  # a reset is the connection aborted, whatever the reason
-        if self._reset:
-            return
-        self._reset = True
-        if self._sent_eof and self._read_eof:
-            self._writer.close()
-        else:
-            self._writer.transport.abort()
-
-    def _check(self) -> None:
-        if self._reset:
-            raise StreamError("cancel", "the stream was reset")
-
-
-def _quote(part: str) -> str:
-    return urllib.parse.quote(part, safe="")

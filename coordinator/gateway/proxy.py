@@ -29,7 +29,8 @@ from coordinator.errors import GatewayError, StreamError
 from coordinator.gateway import answers
 from coordinator.gateway.client_conn import ClientConnection, ClientGone
 from coordinator.gateway.limits import RateLimits, bearer, retry_after
-from coordinator.gateway.peer import PeerAuth, PeerStream
+from coordinator.gateway.peer import PeerAuth
+from coordinator.gateway.peer_stream import PeerStream
 from coordinator.gateway.pool import StreamPool
 from coordinator.gateway.records import RecordWriter
 from coordinator.gateway.replicas import ReplicaView

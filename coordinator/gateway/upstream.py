@@ -19,7 +19,7 @@ from collections.abc import AsyncIterator
 import h11
 
 from coordinator.errors import GatewayError, StreamError
-from coordinator.gateway.peer import PeerStream
+from coordinator.gateway.peer_stream import PeerStream
 from coordinator.gateway.pieces import Pieces
 from coordinator.tunnel import TunnelStream
 

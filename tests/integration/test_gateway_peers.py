@@ -61,10 +61,10 @@ class World(msgspec.Struct, kw_only=True):
 
 @asynccontextmanager
 async def held_by_b(
-    url: str, tmp_path: Path, settings: GatewaySettings = SETTINGS
+    url: str, tmp_path: Path, settings: GatewaySettings = SETTINGS, *, keep_alive: bool = False
 ) -> AsyncIterator[World]:
     """A replica of ``tiny`` on a node whose tunnel ends at ``b``, once ``a`` sees it so."""
-    server = FakeOpenAI("behind-b")
+    server = FakeOpenAI("behind-b", keep_alive=keep_alive)
     await server.start()
     try:
         async with (
@@ -219,6 +219,32 @@ async def test_a_keys_rate_is_one_over_every_coordinator_and_a_revocation_holds_
         a.store.api_keys.revoke(other.key_id, time.time())
         after = await http.get(f"{b.gateway_url}/models", headers=other_auth)
         assert (after.status_code, after.json()["error"]["code"]) == (401, "invalid_api_key")
+
+
+async def test_requests_through_a_peer_go_on_one_kept_alive_stream(
+    postgres_url: str, tmp_path: Path
+) -> None:
+    async with held_by_b(postgres_url, tmp_path, keep_alive=True) as world:
+        async with _client(world.a, new_key(world.a)) as client:
+            answers = [
+                await client.chat.completions.create(
+                    model="tiny", messages=[{"role": "user", "content": f"hi {n}"}]
+                )
+                for n in range(3)
+            ]
+            kept = world.a.gateway.proxy.pool.idle(world.held.job_id)
+            connections = world.server.connections
+            # Its server closes the kept connection as the next request comes: that one
+            # goes again on a new stream, to the same replica.
+            world.server.mode = "drop_kept"
+            again = await client.chat.completions.create(
+                model="tiny", messages=[{"role": "user", "content": "again"}]
+            )
+    assert [a.choices[0].message.content for a in answers] == ["t0 t1 t2 t3 t4"] * 3
+    # One connection to the service: one stream through b, kept between the requests.
+    assert (connections, kept) == (1, 1)
+    assert again.choices[0].message.content == "t0 t1 t2 t3 t4"
+    assert world.server.connections == 2
 
 
 async def test_a_source_sending_unknown_keys_is_refused_unread_once_past_its_budget(
