@@ -129,6 +129,8 @@ class SimAgent:
         """Wall time of each attempt given up after :data:`HANDSHAKE_TIMEOUT_S`."""
         self.failed: list[tuple[float, str]] = []
         """Wall time and error of each attempt that failed (a timeout, refused, reset...)."""
+        self.delays: list[tuple[float, int, float]] = []
+        """Wall time, failures in a row and the delay the backoff chose after each attempt."""
         self.reconnected = False
         self.errors = 0
         self.disconnects = 0
@@ -172,6 +174,7 @@ class SimAgent:
             failures, delay = retry(
                 failures, Session(welcomed_at is not None, lived, self.progressed), self.config
             )
+            self.delays.append((time.time(), failures, delay))
             await asyncio.sleep(delay)
 
     async def _handshake(self, ws: ClientConnection) -> None:
@@ -304,6 +307,38 @@ _NODE_STATUS = msgspec.json.encode(
 # ---------------------------------------------------------------- client process
 
 
+def timeline(fleet: list[SimAgent], killed: float, listening: float) -> dict[str, Any]:
+    """Where each agent's restart went: per second from the kill, the attempts that failed
+    (by error), the welcomes and the agents back; and per agent, the backoff in effect when
+    the coordinator listened again (failures in a row, and how long after it the next
+    attempt came), its first welcome after that, and its first ack after the welcome."""
+    failed: dict[str, list[int]] = {}
+    for a in fleet:
+        for t, error in a.failed:
+            if t >= killed:
+                failed.setdefault(error, []).append(int(t - killed))
+    failures_at: list[int] = []
+    next_attempt: list[float] = []
+    first_welcome: list[float] = []
+    back_after_welcome: list[float] = []
+    for a in fleet:
+        chosen = [d for d in a.delays if d[0] <= listening]
+        failures_at.append(chosen[-1][1] if chosen else 0)
+        after = [t for t in a.wanted if t >= listening]
+        next_attempt.append(after[0] - listening if after else -1.0)
+        welcomes = [t for t in a.welcomed if t >= listening]
+        first_welcome.append(welcomes[0] - killed if welcomes else -1.0)
+        if welcomes and a.back_at is not None:
+            back_after_welcome.append(a.back_at - welcomes[-1])
+    return {
+        "failed_at": failed,
+        "failures_at_listening": failures_at,
+        "next_attempt_after_listening": next_attempt,
+        "first_welcome_after_kill": first_welcome,
+        "back_after_welcome": back_after_welcome,
+    }
+
+
 async def client(
     url: str, pinned_hex: str, work: str, agents: int, interval: float, *, connecting: int
 ) -> None:
@@ -337,8 +372,8 @@ async def client(
             disconnects = sum(a.disconnects for a in fleet)
             print(json.dumps({"event": "report", "latencies": latencies, "errors": errors,
                               "disconnects": disconnects}), flush=True)  # fmt: skip
-        elif line.startswith("back "):  # "back <seconds> <since>": all back, or the deadline
-            _, timeout, since = line.split()
+        elif line.startswith("back "):  # "back <seconds> <since> <listening>": all back, or
+            _, timeout, since, listening = line.split()  # the deadline
             asked = float(since)
             deadline = time.monotonic() + float(timeout)
             while time.monotonic() < deadline and not all(
@@ -357,7 +392,8 @@ async def client(
             print(json.dumps({"event": "back", "at": max(back, default=0.0),
                               "missing": len(fleet) - len(back), "wanted": wanted, "began": began,
                               "timeouts": timeouts, "failed": failed,
-                              "welcomed": welcomed}), flush=True)  # fmt: skip
+                              "welcomed": welcomed,
+                              **timeline(fleet, asked, float(listening))}), flush=True)  # fmt: skip
     for task in tasks:
         task.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
@@ -480,17 +516,18 @@ async def one_run(
         figures["restart_listening_s"] = time.time() - killed
         pid = coordinator.process.pid
         cpu0 = cpu_s(pid)
-        spy = None
-        if args.pyspy:
-            spy = subprocess.Popen(
-                [args.pyspy_bin, "record", "-r", "100", "-f", "raw", "--threads", "-p",
-                 str(pid), "-o", args.pyspy],
-                stdout=subprocess.DEVNULL,
-            )  # fmt: skip
-        answers = await clients.ask(f"back {args.restart_timeout} {killed}", "back")
+        spied = ((pid, args.pyspy), (clients.procs[0].pid, args.pyspy_client))
+        record = (args.pyspy_bin, "record", "-r", "100", "-f", "raw", "--threads", "-p")
+        spies = [
+            subprocess.Popen([*record, str(p), "-o", out], stdout=subprocess.DEVNULL)
+            for p, out in spied
+            if out
+        ]
+        listening = killed + figures["restart_listening_s"]
+        answers = await clients.ask(f"back {args.restart_timeout} {killed} {listening}", "back")
         figures["restart_cpu_s"] = cpu_s(pid) - cpu0
         figures["restart_listen_overflows"] = listen_overflows() - overflows
-        if spy is not None:
+        for spy in spies:
             spy.send_signal(signal.SIGINT)
             await asyncio.to_thread(spy.wait)
         figures["restart_load_avg_1m"] = os.getloadavg()[0]
@@ -510,11 +547,53 @@ async def one_run(
         for error, n in r["failed"].items():
             failed[error] = failed.get(error, 0) + n
     print("failed attempts since the kill", json.dumps(failed), flush=True)
+    figures.update(report_timeline(answers, killed))
     for kind in ("wanted", "began", "welcomed"):
         rate = per_second([t for r in answers for t in r[kind]], killed)
         figures[f"{kind}_per_s_peak"] = rate["peak"]
         figures[f"{kind}_per_s_median"] = rate["median"]
     return figures
+
+
+def report_timeline(answers: list[dict[str, Any]], killed: float) -> dict[str, float]:
+    """Print the restart's timeline (per second from the kill); its figures: when the
+    agents' next attempts came after the coordinator listened, when each was first
+    welcomed, when its first ack followed."""
+    seconds: dict[str, dict[int, int]] = {}
+    for kind in ("wanted", "welcomed"):
+        for t in (t for r in answers for t in r[kind]):
+            seconds.setdefault(kind, {})
+            second = int(t - killed)
+            seconds[kind][second] = seconds[kind].get(second, 0) + 1
+    for r in answers:
+        for error, at in r["failed_at"].items():
+            for second in at:
+                counts = seconds.setdefault(error, {})
+                counts[second] = counts.get(second, 0) + 1
+    last = max((max(c) for c in seconds.values() if c), default=0)
+    print("s " + " ".join(f"{kind:>12}" for kind in seconds), flush=True)
+    for second in range(last + 1):
+        row = " ".join(f"{seconds[kind].get(second, 0):12d}" for kind in seconds)
+        print(f"{second:<2} {row}", flush=True)
+
+    def spread(name: str) -> dict[str, float]:
+        values = sorted(v for r in answers for v in r[name] if v >= 0)
+        if not values:
+            return {}
+        return {
+            f"{name}_p50": statistics.median(values),
+            f"{name}_p99": values[int(0.99 * (len(values) - 1))],
+            f"{name}_max": values[-1],
+        }
+
+    failures = [f for r in answers for f in r["failures_at_listening"]]
+    by_failures = {n: failures.count(n) for n in sorted(set(failures))}
+    print("agents by failures in a row when the coordinator listened", by_failures, flush=True)
+    return {
+        **spread("next_attempt_after_listening"),
+        **spread("first_welcome_after_kill"),
+        **spread("back_after_welcome"),
+    }
 
 
 async def steady(
@@ -628,6 +707,9 @@ def main() -> None:
         help="no telemetry: only the restart's reconnects, and their CPU per agent",
     )  # fmt: skip
     parser.add_argument("--pyspy", help="py-spy record (raw) the restarted coordinator to FILE")
+    parser.add_argument(
+        "--pyspy-client", help="py-spy record (raw) the first client process to FILE meanwhile"
+    )
     parser.add_argument("--pyspy-bin", default="py-spy", help="the py-spy executable")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "coordinator_load.json"))
     parser.add_argument(
