@@ -88,7 +88,14 @@ HANDSHAKE_TIMEOUT_S = 10.0
 
 
 class SimAgent:
-    """One simulated daemon: its key, its two streams, reconnecting as the real link does."""
+    """One simulated daemon: its key, its two streams, reconnecting as the real link does.
+
+    What it must deliver is numbered as the daemon's outbox numbers it, connected or not: a
+    telemetry batch every ``interval`` at the agent's own phase of the clock (the daemon's
+    sampler goes on while the link is down), a profile and a ``node_status`` answering an
+    ``attest_request``. One sender sends what is numbered, in order, from where the
+    coordinator's ``welcome`` says it stored, as the link's does.
+    """
 
     def __init__(
         self,
@@ -99,26 +106,34 @@ class SimAgent:
         profile: dict[str, Any],
         *,
         telemetry: bool = True,
+        digest: str | None = None,
     ) -> None:
         self.url, self.pinned, self.body, self.interval = url, pinned, body, interval
         self.profile = profile
         self.telemetry = telemetry
-        """False: no telemetry; back once the profile answering the new request is acked."""
+        """False: no telemetry; back once welcomed (and its profile acked, when asked)."""
+        self.digest = digest
+        """The profile's digest, named in ``hello`` as the daemon's link does (None: not)."""
         self.identity = Identity.from_private_key(crypto.generate_private_key())
         self.config = LinkConfig(url=url, pinned_keys=pinned)
         self.receiver = ReliableReceiver()
         self.next_seq = 1
-        self.sent: dict[int, float] = {}
-        """Unacknowledged seq -> when it was (last) sent, perf_counter."""
         self.kinds: dict[int, str] = {}
+        """Unacknowledged seq -> its kind (the outbox)."""
         self._bodies: dict[int, str] = {}
         """The frames of unacknowledged messages other than telemetry (built once)."""
+        self.sent: dict[int, float] = {}
+        """Unacknowledged seq -> when it was (last) sent, perf_counter."""
+        self.sent_upto = 0
+        """The last seq sent on this connection."""
+        self.wakeup = asyncio.Event()
+        """Set when a message is numbered: the sender looks at once."""
         self.latencies: list[float] = []
         self.ready = asyncio.Event()
         """Set when profile and node_status are acknowledged."""
         self.back_at: float | None = None
-        """Wall time of the first telemetry ack (or profile ack, without telemetry) after
-        the last reconnect."""
+        """Wall time of the first telemetry ack (without telemetry: the welcome, or the
+        profile's ack when one was asked) after the last reconnect."""
         self.wanted: list[float] = []
         """Wall time of each connection attempt as the backoff chose it (before the gate)."""
         self.began: list[float] = []
@@ -140,6 +155,13 @@ class SimAgent:
 
     async def run(self, gate: asyncio.Semaphore | contextlib.nullcontext[None]) -> None:
         """Stay connected (the real link's retry policy), streaming telemetry."""
+        producing = asyncio.create_task(self._produce())
+        try:
+            await self._connect(gate)
+        finally:
+            producing.cancel()
+
+    async def _connect(self, gate: asyncio.Semaphore | contextlib.nullcontext[None]) -> None:
         failures = 0
         while True:
             welcomed_at: float | None = None
@@ -168,14 +190,30 @@ class SimAgent:
                     self.failed.append((time.time(), type(exc).__name__))
             if welcomed_at is not None:
                 self.disconnects += 1
-                self.reconnected = True
-                self.back_at = None
             lived = 0.0 if welcomed_at is None else time.monotonic() - welcomed_at
             failures, delay = retry(
                 failures, Session(welcomed_at is not None, lived, self.progressed), self.config
             )
             self.delays.append((time.time(), failures, delay))
             await asyncio.sleep(delay)
+
+    async def _produce(self) -> None:
+        """A telemetry batch every interval at the agent's phase, connected or not."""
+        loop = asyncio.get_running_loop()
+        due = loop.time() + self.phase
+        while True:
+            await asyncio.sleep(max(0.0, due - loop.time()))
+            due += self.interval
+            if self.ready.is_set() and self.telemetry:
+                self._number("telemetry", None)
+
+    def _number(self, kind: str, body: bytes | None) -> None:
+        """Number a message, as the outbox does, and wake the sender."""
+        seq, self.next_seq = self.next_seq, self.next_seq + 1
+        self.kinds[seq] = kind
+        if body is not None:
+            self._bodies[seq] = encode_reliable(kind, seq, body)
+        self.wakeup.set()
 
     async def _handshake(self, ws: ClientConnection) -> None:
         identity = self.identity
@@ -189,17 +227,17 @@ class SimAgent:
             nonce=crypto.b64encode(secrets.token_bytes(32)),
             last_coordinator_seq=self.receiver.last_seq,
             now=time.monotonic(),
+            profile_digest=self.digest,
         )
         while handshake.welcome is None:
             for message in handshake.messages_to_send():
                 await ws.send(encode_frame(message))
             handshake.receive(decode_frame(await ws.recv()), time.monotonic())
         self.receiver.resume()
-        # What the coordinator stored is acked; the rest goes again, in order.
-        self._acked(handshake.welcome.last_agent_seq, record=False)
-        for seq in sorted(self.sent):
-            self.sent[seq] = time.perf_counter()
-            await ws.send(self._frame(seq))
+        # What the coordinator stored is acked; the rest goes again, in order, from there.
+        stored = handshake.welcome.last_agent_seq
+        self._acked(stored, record=False)
+        self.sent_upto = stored
 
     def _frame(self, seq: int) -> str:
         kind = self.kinds[seq]
@@ -207,44 +245,42 @@ class SimAgent:
             return encode_reliable("telemetry", seq, self.body)
         return self._bodies[seq]
 
-    async def _send(self, ws: ClientConnection, kind: str, frame_of: Any) -> None:
-        seq, self.next_seq = self.next_seq, self.next_seq + 1
-        self.kinds[seq] = kind
-        if kind != "telemetry":
-            self._bodies[seq] = encode_reliable(kind, seq, frame_of)
-        self.sent[seq] = time.perf_counter()
-        await ws.send(self._frame(seq))
+    async def _send_pending(self, ws: ClientConnection) -> None:
+        """Send what is numbered past what was sent, in order, then wait for more."""
+        while True:
+            self.wakeup.clear()
+            while self.sent_upto < self.next_seq - 1:
+                seq = self.sent_upto = self.sent_upto + 1
+                if seq in self.kinds:
+                    self.sent[seq] = time.perf_counter()
+                    await ws.send(self._frame(seq))
+            await self.wakeup.wait()
 
     def _acked(self, upto: int, *, record: bool) -> bool:
         """Forget what ``upto`` acknowledges; whether that makes the agent back."""
         now = time.perf_counter()
         back = False
-        for seq in [s for s in self.sent if s <= upto]:
-            sent = self.sent.pop(seq)
+        for seq in [s for s in self.kinds if s <= upto]:
+            sent = self.sent.pop(seq, None)
             kind = self.kinds.pop(seq)
             self._bodies.pop(seq, None)
             if kind == "telemetry":
                 back = True
-                if record:
+                if record and sent is not None:
                     self.latencies.append(now - sent)
             elif kind == "profile" and not self.telemetry:
                 back = True
         return back
 
     async def _session(self, ws: ClientConnection) -> None:
-        """Answer attest requests, send node_status once, then a batch every interval."""
-        status_sent = "node_status" in self.kinds.values() or self.ready.is_set()
-
-        async def produce() -> None:
-            loop = asyncio.get_running_loop()
-            start = loop.time() + self.phase
-            while True:
-                await asyncio.sleep(max(0.0, start - loop.time()))
-                start += self.interval
-                if self.ready.is_set() and self.telemetry:
-                    await self._send(ws, "telemetry", None)
-
-        producing = asyncio.create_task(produce())
+        """Send what is numbered; answer attest requests (and send node_status once)."""
+        status_sent = self.ready.is_set() or "node_status" in self.kinds.values()
+        if self.welcomed[:-1]:  # a reconnect: back at its first ack (or now, without telemetry)
+            self.reconnected = True
+            # Without telemetry, a node that names its digest is back once welcomed (and
+            # its profile acked, should the coordinator ask: below).
+            self.back_at = time.time() if not self.telemetry and self.digest else None
+        sending = asyncio.create_task(self._send_pending(ws))
         try:
             async for raw in ws:
                 message = decode_frame(raw, accept=COORDINATOR_SENDS)
@@ -253,20 +289,22 @@ class SimAgent:
                     self.progressed = True
                     if self._acked(message.body.seq, record=True) and self.back_at is None:
                         self.back_at = time.time()
-                    if not self.ready.is_set() and status_sent and not self.sent:
+                    if not self.ready.is_set() and status_sent and not self.kinds:
                         self.ready.set()
                 elif isinstance(message, AttestRequest):
                     if self.receiver.receive(message):
-                        await self._send(ws, "profile", self._profile(message.body.nonce))
+                        if not self.telemetry:  # asked: back once the profile is acked
+                            self.back_at = None
+                        self._number("profile", self._profile(message.body.nonce))
                         if not status_sent:
                             status_sent = True
-                            await self._send(ws, "node_status", _NODE_STATUS)
+                            self._number("node_status", _NODE_STATUS)
                     if (ack := self.receiver.take_ack()) is not None:
                         await ws.send(encode_frame(ack))
                 else:
                     self.errors += 1
         finally:
-            producing.cancel()
+            sending.cancel()
 
     def _profile(self, nonce: str) -> bytes:
         identity = self.identity
@@ -340,17 +378,26 @@ def timeline(fleet: list[SimAgent], killed: float, listening: float) -> dict[str
 
 
 async def client(
-    url: str, pinned_hex: str, work: str, agents: int, interval: float, *, connecting: int
+    url: str,
+    pinned_hex: str,
+    work: str,
+    agents: int,
+    interval: float,
+    *,
+    connecting: int,
+    digest: bool,
 ) -> None:
     """A client process: ``agents`` agents; commands on stdin, reports on stdout.
 
-    ``interval`` 0: no telemetry (``--handshakes-only``); ``connecting`` 0: no gate.
+    ``interval`` 0: no telemetry (``--handshakes-only``); ``connecting`` 0: no gate;
+    ``digest``: each agent names its profile's digest in ``hello``, as the daemon does.
     """
     pinned = {k: bytes.fromhex(v) for k, v in json.loads(pinned_hex).items()}
     body = (Path(work) / "telemetry.json").read_bytes()
     profile = msgspec.json.decode((Path(work) / "profile.json").read_bytes())
+    named = dsse.profile_digest(profile) if digest else None  # as the daemon: once
     fleet = [
-        SimAgent(url, pinned, body, interval or 10.0, profile, telemetry=interval > 0)
+        SimAgent(url, pinned, body, interval or 10.0, profile, telemetry=interval > 0, digest=named)
         for _ in range(agents)
     ]
     gate = asyncio.Semaphore(connecting) if connecting else contextlib.nullcontext()
@@ -431,6 +478,7 @@ class Clients:
                     str(share),
                     str(interval),
                     str(args.connecting),
+                    "0" if args.no_digest else "1",
                     stdin=asyncio.subprocess.PIPE,
                     stdout=asyncio.subprocess.PIPE,
                     limit=1 << 28,  # a report holds every latency: lines of megabytes
@@ -716,12 +764,25 @@ def main() -> None:
         "--connecting", type=int, default=CONNECTING,
         help="handshakes in flight per client process (0: no limit)",
     )  # fmt: skip
-    parser.add_argument("--client", nargs=6, help=argparse.SUPPRESS)  # a client process
+    parser.add_argument(
+        "--no-digest", action="store_true",
+        help="the agents name no profile digest in hello (older agents): every reconnect"
+        " attests again",
+    )  # fmt: skip
+    parser.add_argument("--client", nargs=7, help=argparse.SUPPRESS)  # a client process
     args = parser.parse_args()
     if args.client is not None:
-        url, pinned, body, agents, interval, connecting = args.client
+        url, pinned, body, agents, interval, connecting, digest = args.client
         asyncio.run(
-            client(url, pinned, body, int(agents), float(interval), connecting=int(connecting))
+            client(
+                url,
+                pinned,
+                body,
+                int(agents),
+                float(interval),
+                connecting=int(connecting),
+                digest=digest == "1",
+            )
         )
         return
     args.agents = [int(n) for n in args.agents.split(",")]
