@@ -508,6 +508,21 @@ class Clients:
             await p.wait()
 
 
+async def stop(coordinator: CoordinatorProcess) -> None:
+    """SIGTERM until it exits: one that comes while its loop is far behind can be lost (the
+    loop's wakeup socket is full, and asyncio's handler never hears of it), and the run
+    would wait for ever."""
+    assert coordinator.process is not None
+    while True:
+        coordinator.process.terminate()
+        try:
+            async with asyncio.timeout(15):
+                await coordinator.process.wait()
+                return
+        except TimeoutError:
+            print("the coordinator did not stop on SIGTERM: again", flush=True)
+
+
 def listen_overflows() -> int:
     """Connections the kernel dropped from a full accept queue, machine-wide (Linux; 0
     elsewhere): each costs its client a SYN retransmitted 1, 3, 7, 15, 31 s later."""
@@ -586,7 +601,7 @@ async def one_run(
         figures["restart_load_avg_1m"] = os.getloadavg()[0]
     finally:
         await clients.stop()
-        await coordinator.stop()
+        await stop(coordinator)
     missing = sum(r["missing"] for r in answers)
     # Not all back by the deadline: the figure is the deadline (and how many missed it).
     back = killed + args.restart_timeout if missing else max(r["at"] for r in answers)
