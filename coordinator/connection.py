@@ -392,7 +392,8 @@ class _Session:
         # A time ahead of the clock (the clock went back) stands for nothing.
         if not now - max_age < verified.verified_at <= now:
             return None
-        if dsse.profile_digest(verified.profile) != digest:
+        # The digest its attestation's subject had: the profile as verified is JSON's already.
+        if dsse.json_sha256(verified.profile) != digest:
             return None
         return verified.verified_at + max_age
 
