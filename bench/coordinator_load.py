@@ -360,8 +360,9 @@ def timeline(fleet: list[SimAgent], killed: float, listening: float) -> dict[str
     first_welcome: list[float] = []
     back_after_welcome: list[float] = []
     for a in fleet:
-        chosen = [d for d in a.delays if d[0] <= listening]
-        failures_at.append(chosen[-1][1] if chosen else 0)
+        # Since the kill only: an agent that had not yet seen its connection end had none.
+        chosen = [d for d in a.delays if killed <= d[0] <= listening]
+        failures_at.append(chosen[-1][1] if chosen else -1)
         after = [t for t in a.wanted if t >= listening]
         next_attempt.append(after[0] - listening if after else -1.0)
         welcomes = [t for t in a.welcomed if t >= listening]
@@ -656,7 +657,12 @@ def report_timeline(answers: list[dict[str, Any]], killed: float) -> dict[str, f
 
     failures = [f for r in answers for f in r["failures_at_listening"]]
     by_failures = {n: failures.count(n) for n in sorted(set(failures))}
-    print("agents by failures in a row when the coordinator listened", by_failures, flush=True)
+    print(
+        "agents by failures in a row when the coordinator listened (-1: its connection's end"
+        " not seen yet)",
+        by_failures,
+        flush=True,
+    )
     return {
         **spread("next_attempt_after_listening"),
         **spread("first_welcome_after_kill"),
