@@ -3,9 +3,11 @@
 ``python bench/coordinator_load.py --agents 1000,5000,10000`` (issue 14). The coordinator is
 ``gpu-coordinator serve`` in its own process (:class:`bench.link.CoordinatorProcess`); the
 agents run in ``--procs`` client processes. Each agent does what a daemon does: the real
-handshake, a signed ``profile`` answering the coordinator's ``attest_request``, a
-``node_status``, then a telemetry batch (10 one-second samples of the host and 8 GPUs,
-about 56 KB) every ``--interval`` seconds, each agent at its own phase. Measured over the
+handshake (its ``hello`` naming its profile's digest, unless ``--no-digest``), a signed
+``profile`` answering the coordinator's ``attest_request``, a ``node_status``, then a
+telemetry batch (10 one-second samples of the host and 8 GPUs, about 56 KB) every
+``--interval`` seconds, each agent at its own phase, numbered whether it is connected or
+not (the daemon's sampler goes on while the link is down). Measured over the
 ``--duration`` s steady window: ack latency p50/p99/max, the coordinator's CPU (fraction of
 one core) and peak RSS, errors and disconnects. Then the restart: the coordinator is
 killed (SIGKILL) and started again on the same database; every agent reconnects with the
@@ -16,14 +18,18 @@ Figures are printed and written to ``bench/results/coordinator_load.json``.
 
 ``--handshakes-only`` measures what one reconnect costs the coordinator: the agents send no
 telemetry, so the restart is only the reconnect storm (TCP, HTTP upgrade, the handshake,
-the ``attest_request``, the signed profile answering it); an agent is back when its new
-profile is acknowledged, and the figure is the coordinator's CPU from listening until all
-are back, per agent. ``--pyspy FILE`` records the restarted coordinator meanwhile (py-spy,
-raw format). Either mode reports, per second from the kill, how many connection attempts the
-agents' backoff made (``wanted``), how many began past the client's gate (at most
-``--connecting`` at once per client process; 0: no gate, every agent connects when its
-backoff says) and how many were welcomed; and how many attempts timed out (an agent gives up
-a connection not welcomed within :data:`HANDSHAKE_TIMEOUT_S`, as the daemon's link does).
+and, when the coordinator asks, the ``attest_request`` and the signed profile answering
+it); an agent is back once welcomed, or once its new profile is acknowledged when it was
+asked for one, and the figure is the coordinator's CPU from listening until all are back,
+per agent. ``--pyspy FILE`` records the restarted coordinator meanwhile (py-spy, raw
+format), ``--pyspy-client FILE`` the first client process. The restart's timeline is
+printed per second from the kill, with each agent's backoff when the coordinator listened
+again, its first welcome and its first ack after it. Either mode reports, per second from
+the kill, how many connection attempts the agents' backoff made (``wanted``), how many
+began past the client's gate (at most ``--connecting`` at once per client process; 0: no
+gate, every agent connects when its backoff says) and how many were welcomed; and how many
+attempts timed out (an agent gives up a connection not welcomed within
+:data:`HANDSHAKE_TIMEOUT_S`, as the daemon's link does).
 """
 
 from __future__ import annotations
