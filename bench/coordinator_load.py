@@ -3,9 +3,11 @@
 ``python bench/coordinator_load.py --agents 1000,5000,10000`` (issue 14). The coordinator is
 ``gpu-coordinator serve`` in its own process (:class:`bench.link.CoordinatorProcess`); the
 agents run in ``--procs`` client processes. Each agent does what a daemon does: the real
-handshake, a signed ``profile`` answering the coordinator's ``attest_request``, a
-``node_status``, then a telemetry batch (10 one-second samples of the host and 8 GPUs,
-about 56 KB) every ``--interval`` seconds, each agent at its own phase. Measured over the
+handshake (its ``hello`` naming its profile's digest, unless ``--no-digest``), a signed
+``profile`` answering the coordinator's ``attest_request``, a ``node_status``, then a
+telemetry batch (10 one-second samples of the host and 8 GPUs, about 56 KB) every
+``--interval`` seconds, each agent at its own phase, numbered whether it is connected or
+not (the daemon's sampler goes on while the link is down). Measured over the
 ``--duration`` s steady window: ack latency p50/p99/max, the coordinator's CPU (fraction of
 one core) and peak RSS, errors and disconnects. Then the restart: the coordinator is
 killed (SIGKILL) and started again on the same database; every agent reconnects with the
@@ -16,14 +18,18 @@ Figures are printed and written to ``bench/results/coordinator_load.json``.
 
 ``--handshakes-only`` measures what one reconnect costs the coordinator: the agents send no
 telemetry, so the restart is only the reconnect storm (TCP, HTTP upgrade, the handshake,
-the ``attest_request``, the signed profile answering it); an agent is back when its new
-profile is acknowledged, and the figure is the coordinator's CPU from listening until all
-are back, per agent. ``--pyspy FILE`` records the restarted coordinator meanwhile (py-spy,
-raw format). Either mode reports, per second from the kill, how many connection attempts the
-agents' backoff made (``wanted``), how many began past the client's gate (at most
-``--connecting`` at once per client process; 0: no gate, every agent connects when its
-backoff says) and how many were welcomed; and how many attempts timed out (an agent gives up
-a connection not welcomed within :data:`HANDSHAKE_TIMEOUT_S`, as the daemon's link does).
+and, when the coordinator asks, the ``attest_request`` and the signed profile answering
+it); an agent is back once welcomed, or once its new profile is acknowledged when it was
+asked for one, and the figure is the coordinator's CPU from listening until all are back,
+per agent. ``--pyspy FILE`` records the restarted coordinator meanwhile (py-spy, raw
+format), ``--pyspy-client FILE`` the first client process. The restart's timeline is
+printed per second from the kill, with each agent's backoff when the coordinator listened
+again, its first welcome and its first ack after it. Either mode reports, per second from
+the kill, how many connection attempts the agents' backoff made (``wanted``), how many
+began past the client's gate (at most ``--connecting`` at once per client process; 0: no
+gate, every agent connects when its backoff says) and how many were welcomed; and how many
+attempts timed out (an agent gives up a connection not welcomed within
+:data:`HANDSHAKE_TIMEOUT_S`, as the daemon's link does).
 """
 
 from __future__ import annotations
@@ -88,7 +94,14 @@ HANDSHAKE_TIMEOUT_S = 10.0
 
 
 class SimAgent:
-    """One simulated daemon: its key, its two streams, reconnecting as the real link does."""
+    """One simulated daemon: its key, its two streams, reconnecting as the real link does.
+
+    What it must deliver is numbered as the daemon's outbox numbers it, connected or not: a
+    telemetry batch every ``interval`` at the agent's own phase of the clock (the daemon's
+    sampler goes on while the link is down), a profile and a ``node_status`` answering an
+    ``attest_request``. One sender sends what is numbered, in order, from where the
+    coordinator's ``welcome`` says it stored, as the link's does.
+    """
 
     def __init__(
         self,
@@ -99,26 +112,34 @@ class SimAgent:
         profile: dict[str, Any],
         *,
         telemetry: bool = True,
+        digest: str | None = None,
     ) -> None:
         self.url, self.pinned, self.body, self.interval = url, pinned, body, interval
         self.profile = profile
         self.telemetry = telemetry
-        """False: no telemetry; back once the profile answering the new request is acked."""
+        """False: no telemetry; back once welcomed (and its profile acked, when asked)."""
+        self.digest = digest
+        """The profile's digest, named in ``hello`` as the daemon's link does (None: not)."""
         self.identity = Identity.from_private_key(crypto.generate_private_key())
         self.config = LinkConfig(url=url, pinned_keys=pinned)
         self.receiver = ReliableReceiver()
         self.next_seq = 1
-        self.sent: dict[int, float] = {}
-        """Unacknowledged seq -> when it was (last) sent, perf_counter."""
         self.kinds: dict[int, str] = {}
+        """Unacknowledged seq -> its kind (the outbox)."""
         self._bodies: dict[int, str] = {}
         """The frames of unacknowledged messages other than telemetry (built once)."""
+        self.sent: dict[int, float] = {}
+        """Unacknowledged seq -> when it was (last) sent, perf_counter."""
+        self.sent_upto = 0
+        """The last seq sent on this connection."""
+        self.wakeup = asyncio.Event()
+        """Set when a message is numbered: the sender looks at once."""
         self.latencies: list[float] = []
         self.ready = asyncio.Event()
         """Set when profile and node_status are acknowledged."""
         self.back_at: float | None = None
-        """Wall time of the first telemetry ack (or profile ack, without telemetry) after
-        the last reconnect."""
+        """Wall time of the first telemetry ack (without telemetry: the welcome, or the
+        profile's ack when one was asked) after the last reconnect."""
         self.wanted: list[float] = []
         """Wall time of each connection attempt as the backoff chose it (before the gate)."""
         self.began: list[float] = []
@@ -129,6 +150,8 @@ class SimAgent:
         """Wall time of each attempt given up after :data:`HANDSHAKE_TIMEOUT_S`."""
         self.failed: list[tuple[float, str]] = []
         """Wall time and error of each attempt that failed (a timeout, refused, reset...)."""
+        self.delays: list[tuple[float, int, float]] = []
+        """Wall time, failures in a row and the delay the backoff chose after each attempt."""
         self.reconnected = False
         self.errors = 0
         self.disconnects = 0
@@ -138,6 +161,13 @@ class SimAgent:
 
     async def run(self, gate: asyncio.Semaphore | contextlib.nullcontext[None]) -> None:
         """Stay connected (the real link's retry policy), streaming telemetry."""
+        producing = asyncio.create_task(self._produce())
+        try:
+            await self._connect(gate)
+        finally:
+            producing.cancel()
+
+    async def _connect(self, gate: asyncio.Semaphore | contextlib.nullcontext[None]) -> None:
         failures = 0
         while True:
             welcomed_at: float | None = None
@@ -166,13 +196,30 @@ class SimAgent:
                     self.failed.append((time.time(), type(exc).__name__))
             if welcomed_at is not None:
                 self.disconnects += 1
-                self.reconnected = True
-                self.back_at = None
             lived = 0.0 if welcomed_at is None else time.monotonic() - welcomed_at
             failures, delay = retry(
                 failures, Session(welcomed_at is not None, lived, self.progressed), self.config
             )
+            self.delays.append((time.time(), failures, delay))
             await asyncio.sleep(delay)
+
+    async def _produce(self) -> None:
+        """A telemetry batch every interval at the agent's phase, connected or not."""
+        loop = asyncio.get_running_loop()
+        due = loop.time() + self.phase
+        while True:
+            await asyncio.sleep(max(0.0, due - loop.time()))
+            due += self.interval
+            if self.ready.is_set() and self.telemetry:
+                self._number("telemetry", None)
+
+    def _number(self, kind: str, body: bytes | None) -> None:
+        """Number a message, as the outbox does, and wake the sender."""
+        seq, self.next_seq = self.next_seq, self.next_seq + 1
+        self.kinds[seq] = kind
+        if body is not None:
+            self._bodies[seq] = encode_reliable(kind, seq, body)
+        self.wakeup.set()
 
     async def _handshake(self, ws: ClientConnection) -> None:
         identity = self.identity
@@ -186,17 +233,17 @@ class SimAgent:
             nonce=crypto.b64encode(secrets.token_bytes(32)),
             last_coordinator_seq=self.receiver.last_seq,
             now=time.monotonic(),
+            profile_digest=self.digest,
         )
         while handshake.welcome is None:
             for message in handshake.messages_to_send():
                 await ws.send(encode_frame(message))
             handshake.receive(decode_frame(await ws.recv()), time.monotonic())
         self.receiver.resume()
-        # What the coordinator stored is acked; the rest goes again, in order.
-        self._acked(handshake.welcome.last_agent_seq, record=False)
-        for seq in sorted(self.sent):
-            self.sent[seq] = time.perf_counter()
-            await ws.send(self._frame(seq))
+        # What the coordinator stored is acked; the rest goes again, in order, from there.
+        stored = handshake.welcome.last_agent_seq
+        self._acked(stored, record=False)
+        self.sent_upto = stored
 
     def _frame(self, seq: int) -> str:
         kind = self.kinds[seq]
@@ -204,44 +251,42 @@ class SimAgent:
             return encode_reliable("telemetry", seq, self.body)
         return self._bodies[seq]
 
-    async def _send(self, ws: ClientConnection, kind: str, frame_of: Any) -> None:
-        seq, self.next_seq = self.next_seq, self.next_seq + 1
-        self.kinds[seq] = kind
-        if kind != "telemetry":
-            self._bodies[seq] = encode_reliable(kind, seq, frame_of)
-        self.sent[seq] = time.perf_counter()
-        await ws.send(self._frame(seq))
+    async def _send_pending(self, ws: ClientConnection) -> None:
+        """Send what is numbered past what was sent, in order, then wait for more."""
+        while True:
+            self.wakeup.clear()
+            while self.sent_upto < self.next_seq - 1:
+                seq = self.sent_upto = self.sent_upto + 1
+                if seq in self.kinds:
+                    self.sent[seq] = time.perf_counter()
+                    await ws.send(self._frame(seq))
+            await self.wakeup.wait()
 
     def _acked(self, upto: int, *, record: bool) -> bool:
         """Forget what ``upto`` acknowledges; whether that makes the agent back."""
         now = time.perf_counter()
         back = False
-        for seq in [s for s in self.sent if s <= upto]:
-            sent = self.sent.pop(seq)
+        for seq in [s for s in self.kinds if s <= upto]:
+            sent = self.sent.pop(seq, None)
             kind = self.kinds.pop(seq)
             self._bodies.pop(seq, None)
             if kind == "telemetry":
                 back = True
-                if record:
+                if record and sent is not None:
                     self.latencies.append(now - sent)
             elif kind == "profile" and not self.telemetry:
                 back = True
         return back
 
     async def _session(self, ws: ClientConnection) -> None:
-        """Answer attest requests, send node_status once, then a batch every interval."""
-        status_sent = "node_status" in self.kinds.values() or self.ready.is_set()
-
-        async def produce() -> None:
-            loop = asyncio.get_running_loop()
-            start = loop.time() + self.phase
-            while True:
-                await asyncio.sleep(max(0.0, start - loop.time()))
-                start += self.interval
-                if self.ready.is_set() and self.telemetry:
-                    await self._send(ws, "telemetry", None)
-
-        producing = asyncio.create_task(produce())
+        """Send what is numbered; answer attest requests (and send node_status once)."""
+        status_sent = self.ready.is_set() or "node_status" in self.kinds.values()
+        if self.welcomed[:-1]:  # a reconnect: back at its first ack (or now, without telemetry)
+            self.reconnected = True
+            # Without telemetry, a node that names its digest is back once welcomed (and
+            # its profile acked, should the coordinator ask: below).
+            self.back_at = time.time() if not self.telemetry and self.digest else None
+        sending = asyncio.create_task(self._send_pending(ws))
         try:
             async for raw in ws:
                 message = decode_frame(raw, accept=COORDINATOR_SENDS)
@@ -250,20 +295,22 @@ class SimAgent:
                     self.progressed = True
                     if self._acked(message.body.seq, record=True) and self.back_at is None:
                         self.back_at = time.time()
-                    if not self.ready.is_set() and status_sent and not self.sent:
+                    if not self.ready.is_set() and status_sent and not self.kinds:
                         self.ready.set()
                 elif isinstance(message, AttestRequest):
                     if self.receiver.receive(message):
-                        await self._send(ws, "profile", self._profile(message.body.nonce))
+                        if not self.telemetry:  # asked: back once the profile is acked
+                            self.back_at = None
+                        self._number("profile", self._profile(message.body.nonce))
                         if not status_sent:
                             status_sent = True
-                            await self._send(ws, "node_status", _NODE_STATUS)
+                            self._number("node_status", _NODE_STATUS)
                     if (ack := self.receiver.take_ack()) is not None:
                         await ws.send(encode_frame(ack))
                 else:
                     self.errors += 1
         finally:
-            producing.cancel()
+            sending.cancel()
 
     def _profile(self, nonce: str) -> bytes:
         identity = self.identity
@@ -304,18 +351,60 @@ _NODE_STATUS = msgspec.json.encode(
 # ---------------------------------------------------------------- client process
 
 
+def timeline(fleet: list[SimAgent], killed: float, listening: float) -> dict[str, Any]:
+    """Where each agent's restart went: per second from the kill, the attempts that failed
+    (by error), the welcomes and the agents back; and per agent, the backoff in effect when
+    the coordinator listened again (failures in a row, and how long after it the next
+    attempt came), its first welcome after that, and its first ack after the welcome."""
+    failed: dict[str, list[int]] = {}
+    for a in fleet:
+        for t, error in a.failed:
+            if t >= killed:
+                failed.setdefault(error, []).append(int(t - killed))
+    failures_at: list[int] = []
+    next_attempt: list[float] = []
+    first_welcome: list[float] = []
+    back_after_welcome: list[float] = []
+    for a in fleet:
+        # Since the kill only: an agent that had not yet seen its connection end had none.
+        chosen = [d for d in a.delays if killed <= d[0] <= listening]
+        failures_at.append(chosen[-1][1] if chosen else -1)
+        after = [t for t in a.wanted if t >= listening]
+        next_attempt.append(after[0] - listening if after else -1.0)
+        welcomes = [t for t in a.welcomed if t >= listening]
+        first_welcome.append(welcomes[0] - killed if welcomes else -1.0)
+        if welcomes and a.back_at is not None:
+            back_after_welcome.append(a.back_at - welcomes[-1])
+    return {
+        "failed_at": failed,
+        "failures_at_listening": failures_at,
+        "next_attempt_after_listening": next_attempt,
+        "first_welcome_after_kill": first_welcome,
+        "back_after_welcome": back_after_welcome,
+    }
+
+
 async def client(
-    url: str, pinned_hex: str, work: str, agents: int, interval: float, *, connecting: int
+    url: str,
+    pinned_hex: str,
+    work: str,
+    agents: int,
+    interval: float,
+    *,
+    connecting: int,
+    digest: bool,
 ) -> None:
     """A client process: ``agents`` agents; commands on stdin, reports on stdout.
 
-    ``interval`` 0: no telemetry (``--handshakes-only``); ``connecting`` 0: no gate.
+    ``interval`` 0: no telemetry (``--handshakes-only``); ``connecting`` 0: no gate;
+    ``digest``: each agent names its profile's digest in ``hello``, as the daemon does.
     """
     pinned = {k: bytes.fromhex(v) for k, v in json.loads(pinned_hex).items()}
     body = (Path(work) / "telemetry.json").read_bytes()
     profile = msgspec.json.decode((Path(work) / "profile.json").read_bytes())
+    named = dsse.profile_digest(profile) if digest else None  # as the daemon: once
     fleet = [
-        SimAgent(url, pinned, body, interval or 10.0, profile, telemetry=interval > 0)
+        SimAgent(url, pinned, body, interval or 10.0, profile, telemetry=interval > 0, digest=named)
         for _ in range(agents)
     ]
     gate = asyncio.Semaphore(connecting) if connecting else contextlib.nullcontext()
@@ -337,8 +426,8 @@ async def client(
             disconnects = sum(a.disconnects for a in fleet)
             print(json.dumps({"event": "report", "latencies": latencies, "errors": errors,
                               "disconnects": disconnects}), flush=True)  # fmt: skip
-        elif line.startswith("back "):  # "back <seconds> <since>": all back, or the deadline
-            _, timeout, since = line.split()
+        elif line.startswith("back "):  # "back <seconds> <since> <listening>": all back, or
+            _, timeout, since, listening = line.split()  # the deadline
             asked = float(since)
             deadline = time.monotonic() + float(timeout)
             while time.monotonic() < deadline and not all(
@@ -357,7 +446,8 @@ async def client(
             print(json.dumps({"event": "back", "at": max(back, default=0.0),
                               "missing": len(fleet) - len(back), "wanted": wanted, "began": began,
                               "timeouts": timeouts, "failed": failed,
-                              "welcomed": welcomed}), flush=True)  # fmt: skip
+                              "welcomed": welcomed,
+                              **timeline(fleet, asked, float(listening))}), flush=True)  # fmt: skip
     for task in tasks:
         task.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
@@ -395,6 +485,7 @@ class Clients:
                     str(share),
                     str(interval),
                     str(args.connecting),
+                    "0" if args.no_digest else "1",
                     stdin=asyncio.subprocess.PIPE,
                     stdout=asyncio.subprocess.PIPE,
                     limit=1 << 28,  # a report holds every latency: lines of megabytes
@@ -422,6 +513,21 @@ class Clients:
             p.stdin.close()
         for p in self.procs:
             await p.wait()
+
+
+async def stop(coordinator: CoordinatorProcess) -> None:
+    """SIGTERM until it exits: one that comes while its loop is far behind can be lost (the
+    loop's wakeup socket is full, and asyncio's handler never hears of it), and the run
+    would wait for ever."""
+    assert coordinator.process is not None
+    while True:
+        coordinator.process.terminate()
+        try:
+            async with asyncio.timeout(15):
+                await coordinator.process.wait()
+                return
+        except TimeoutError:
+            print("the coordinator did not stop on SIGTERM: again", flush=True)
 
 
 def listen_overflows() -> int:
@@ -480,23 +586,29 @@ async def one_run(
         figures["restart_listening_s"] = time.time() - killed
         pid = coordinator.process.pid
         cpu0 = cpu_s(pid)
-        spy = None
-        if args.pyspy:
-            spy = subprocess.Popen(
-                [args.pyspy_bin, "record", "-r", "100", "-f", "raw", "--threads", "-p",
-                 str(pid), "-o", args.pyspy],
-                stdout=subprocess.DEVNULL,
-            )  # fmt: skip
-        answers = await clients.ask(f"back {args.restart_timeout} {killed}", "back")
+        # The client without stopping it 100 times a second (--nonblocking): its agents'
+        # timing is part of what is measured.
+        spied = (
+            (pid, args.pyspy, ()),
+            (clients.procs[0].pid, args.pyspy_client, ("--nonblocking",)),
+        )
+        record = (args.pyspy_bin, "record", "-r", "100", "-f", "raw", "--threads")
+        spies = [
+            subprocess.Popen([*record, *more, "-p", str(p), "-o", out], stdout=subprocess.DEVNULL)
+            for p, out, more in spied
+            if out
+        ]
+        listening = killed + figures["restart_listening_s"]
+        answers = await clients.ask(f"back {args.restart_timeout} {killed} {listening}", "back")
         figures["restart_cpu_s"] = cpu_s(pid) - cpu0
         figures["restart_listen_overflows"] = listen_overflows() - overflows
-        if spy is not None:
+        for spy in spies:
             spy.send_signal(signal.SIGINT)
             await asyncio.to_thread(spy.wait)
         figures["restart_load_avg_1m"] = os.getloadavg()[0]
     finally:
         await clients.stop()
-        await coordinator.stop()
+        await stop(coordinator)
     missing = sum(r["missing"] for r in answers)
     # Not all back by the deadline: the figure is the deadline (and how many missed it).
     back = killed + args.restart_timeout if missing else max(r["at"] for r in answers)
@@ -510,11 +622,58 @@ async def one_run(
         for error, n in r["failed"].items():
             failed[error] = failed.get(error, 0) + n
     print("failed attempts since the kill", json.dumps(failed), flush=True)
+    figures.update(report_timeline(answers, killed))
     for kind in ("wanted", "began", "welcomed"):
         rate = per_second([t for r in answers for t in r[kind]], killed)
         figures[f"{kind}_per_s_peak"] = rate["peak"]
         figures[f"{kind}_per_s_median"] = rate["median"]
     return figures
+
+
+def report_timeline(answers: list[dict[str, Any]], killed: float) -> dict[str, float]:
+    """Print the restart's timeline (per second from the kill); its figures: when the
+    agents' next attempts came after the coordinator listened, when each was first
+    welcomed, when its first ack followed."""
+    seconds: dict[str, dict[int, int]] = {}
+    for kind in ("wanted", "welcomed"):
+        for t in (t for r in answers for t in r[kind]):
+            seconds.setdefault(kind, {})
+            second = int(t - killed)
+            seconds[kind][second] = seconds[kind].get(second, 0) + 1
+    for r in answers:
+        for error, at in r["failed_at"].items():
+            for second in at:
+                counts = seconds.setdefault(error, {})
+                counts[second] = counts.get(second, 0) + 1
+    last = max((max(c) for c in seconds.values() if c), default=0)
+    print("s " + " ".join(f"{kind:>12}" for kind in seconds), flush=True)
+    for second in range(last + 1):
+        row = " ".join(f"{seconds[kind].get(second, 0):12d}" for kind in seconds)
+        print(f"{second:<2} {row}", flush=True)
+
+    def spread(name: str) -> dict[str, float]:
+        values = sorted(v for r in answers for v in r[name] if v >= 0)
+        if not values:
+            return {}
+        return {
+            f"{name}_p50": statistics.median(values),
+            f"{name}_p99": values[int(0.99 * (len(values) - 1))],
+            f"{name}_max": values[-1],
+        }
+
+    failures = [f for r in answers for f in r["failures_at_listening"]]
+    by_failures = {n: failures.count(n) for n in sorted(set(failures))}
+    print(
+        "agents by failures in a row when the coordinator listened (-1: its connection's end"
+        " not seen yet)",
+        by_failures,
+        flush=True,
+    )
+    return {
+        **spread("next_attempt_after_listening"),
+        **spread("first_welcome_after_kill"),
+        **spread("back_after_welcome"),
+    }
 
 
 async def steady(
@@ -628,18 +787,34 @@ def main() -> None:
         help="no telemetry: only the restart's reconnects, and their CPU per agent",
     )  # fmt: skip
     parser.add_argument("--pyspy", help="py-spy record (raw) the restarted coordinator to FILE")
+    parser.add_argument(
+        "--pyspy-client", help="py-spy record (raw) the first client process to FILE meanwhile"
+    )
     parser.add_argument("--pyspy-bin", default="py-spy", help="the py-spy executable")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "coordinator_load.json"))
     parser.add_argument(
         "--connecting", type=int, default=CONNECTING,
         help="handshakes in flight per client process (0: no limit)",
     )  # fmt: skip
-    parser.add_argument("--client", nargs=6, help=argparse.SUPPRESS)  # a client process
+    parser.add_argument(
+        "--no-digest", action="store_true",
+        help="the agents name no profile digest in hello (older agents): every reconnect"
+        " attests again",
+    )  # fmt: skip
+    parser.add_argument("--client", nargs=7, help=argparse.SUPPRESS)  # a client process
     args = parser.parse_args()
     if args.client is not None:
-        url, pinned, body, agents, interval, connecting = args.client
+        url, pinned, body, agents, interval, connecting, digest = args.client
         asyncio.run(
-            client(url, pinned, body, int(agents), float(interval), connecting=int(connecting))
+            client(
+                url,
+                pinned,
+                body,
+                int(agents),
+                float(interval),
+                connecting=int(connecting),
+                digest=digest == "1",
+            )
         )
         return
     args.agents = [int(n) for n in args.agents.split(",")]

@@ -69,6 +69,9 @@ class Settings:
             (open admission lets any fresh key in: each may keep only this little).
         store_max_bytes: bytes of messages kept by all nodes together; past it, a node's
             message is shed unless its own oldest telemetry makes room.
+        attest_max_age_s: a node's verified profile stands for it this long: a node
+            reconnecting within it, whose ``hello`` names the same profile's digest, is not
+            asked to attest again; a session asks again once it has passed.
         abuse_strikes: frames held over the rate that moved no stream on, or messages
             shed over the quota, in a row, that close the session.
         telemetry_keep_s, telemetry_keep_rows: telemetry older, or beyond that many rows
@@ -86,6 +89,7 @@ class Settings:
     telemetry_interval_s: float = 1.0
     handshake_timeout_s: float = 30.0
     attest_nonce_ttl_s: float = 3600.0
+    attest_max_age_s: float = 3600.0
     admission: AdmissionMode = "open"
     allowed: frozenset[str] = field(default_factory=frozenset)
     enrolment_tokens: frozenset[str] = field(default_factory=frozenset)
@@ -267,6 +271,11 @@ def add_options(parser: argparse.ArgumentParser) -> None:
         help="handshakes per second from keys never seen (default 5: enrolling a fleet at"
         " once wants more)",
     )  # fmt: skip
+    parser.add_argument(
+        "--attest-max-age-minutes", type=float,
+        help="minutes a node's verified profile stands for it before it is asked to attest"
+        " again (default 60)",
+    )  # fmt: skip
     parser.add_argument("--node-quota-mib", type=float, help="MiB of messages kept per node")
     parser.add_argument(
         "--unverified-quota-mib", type=float,
@@ -301,8 +310,11 @@ def settings_from(args: argparse.Namespace) -> Settings:
     default = Settings()
     tokens = read_tokens(args.enrolment_tokens) if args.enrolment_tokens else frozenset()
     quota_mib, keep_days = args.node_quota_mib, args.telemetry_keep_days
-    artifact_days = args.artifacts_keep_days
+    artifact_days, attest_minutes = args.artifacts_keep_days, args.attest_max_age_minutes
     return Settings(
+        attest_max_age_s=(
+            default.attest_max_age_s if attest_minutes is None else _minutes(attest_minutes)
+        ),
         admission=args.admission,
         allowed=frozenset(allow_entry(entry) for entry in args.allow),
         enrolment_tokens=tokens,
@@ -346,6 +358,13 @@ def _whole(value: float) -> int:
     if not math.isfinite(value):
         raise ConfigError("bad_setting", f"not a finite size: {value!r}")
     return int(value)
+
+
+def _minutes(minutes: float) -> float:
+    seconds = minutes * 60
+    if not math.isfinite(seconds):
+        raise ConfigError("bad_setting", f"not a finite number of minutes: {minutes!r}")
+    return seconds
 
 
 def _seconds(days: float) -> float:

@@ -116,6 +116,7 @@ async def handle(ws: ServerConnection, shared: Shared) -> None:
     except ConnectionClosed:
         pass
     finally:
+        session.stop_asking()
         shared.sessions.drop(session)
         if shared.store.shared:  # the others count the node connected no more
             node_id, token = session.node_id, session.token
@@ -219,6 +220,9 @@ class _Session:
         """The frame being handled as the DEFLATE stream it came in (None: it did not)."""
         self._quota_strikes = Strikes(settings.abuse_strikes)
         self._send_lock = asyncio.Lock()
+        self._ask_at: asyncio.TimerHandle | None = None
+        """When the node's verified profile is too old: it is asked to attest again."""
+        self._asking: asyncio.Task[None] | None = None
 
     def supersede(self) -> None:
         """Store nothing more, and give up the node's place: a newer connection takes it."""
@@ -250,10 +254,15 @@ class _Session:
         await self._flush()
 
     async def run(self) -> None:
-        """Ask for a fresh attestation, then take the agent's messages until it leaves."""
+        """Ask for a fresh attestation unless the node's verified profile still stands, then
+        take the agent's messages until it leaves."""
         if self.superseded:
             return
-        await self._attest_request()
+        until = self._attested_until()
+        if until is None:
+            await self._attest_request()
+        else:
+            self._ask_again(until)
         while True:  # until the connection closes (ConnectionClosed, to handle())
             raw, self._deflated = await receive(self.ws)
             closed = await self._on_frame(raw)
@@ -362,6 +371,53 @@ class _Session:
         async with self._send_lock:
             await send(self.ws, self.conn.frames_to_send())
 
+    def _attested_until(self) -> float | None:
+        """Until when the node's stored verified profile stands for it (wall time); None:
+        it attests now.
+
+        It stands when the ``hello`` names its digest (the agent would attest that very
+        profile: its hardware has not changed) and it was verified within
+        ``attest_max_age_s``. Its key is the one this handshake proved: a node's id names
+        its key, and the store holds one key per id. An older agent names no digest, and
+        attests at every session as before (docs/protocol.md, "Re-attestation").
+        """
+        hello = self.conn.handshake.hello
+        digest = None if hello is None else hello.profile_digest
+        if digest is None:
+            return None
+        verified = self.store.nodes.profile(self.node_id)
+        if verified is None:
+            return None
+        now, max_age = self.shared.clock(), self.shared.settings.attest_max_age_s
+        # A time ahead of the clock (the clock went back) stands for nothing.
+        if not now - max_age < verified.verified_at <= now:
+            return None
+        # The digest its attestation's subject had: the profile as verified is JSON's already.
+        if dsse.json_sha256(verified.profile) != digest:
+            return None
+        return verified.verified_at + max_age
+
+    def _ask_again(self, at: float) -> None:
+        """Ask for a fresh attestation at ``at`` (wall time), in place of any time set."""
+        if self._ask_at is not None:
+            self._ask_at.cancel()
+        delay = max(0.0, at - self.shared.clock())
+        self._ask_at = asyncio.get_running_loop().call_later(delay, self._ask_now)
+
+    def _ask_now(self) -> None:
+        self._ask_at = None
+        if self._asking is None or self._asking.done():
+            self._asking = asyncio.create_task(self._attest_request())
+            self._asking.add_done_callback(_log_failure)
+
+    def stop_asking(self) -> None:
+        """The session is over: no more attestation requests from it."""
+        if self._ask_at is not None:
+            self._ask_at.cancel()
+            self._ask_at = None
+        if self._asking is not None:
+            self._asking.cancel()
+
     async def _attest_request(self) -> None:
         """Ask for a fresh attestation, unless a request is still unacknowledged."""
         # One request outstanding at a time: a node that reconnects without acknowledging
@@ -433,6 +489,9 @@ class _Session:
         if added == "shed":
             raise LimitExceeded("quota_exceeded", f"over the storage quota: {kind} shed")
         self._quota_strikes.clear()
+        if added == "stored" and isinstance(message, Profile) and unverified is None:
+            # Verified now: it stands for the node until it is too old.
+            self._ask_again(now + self.shared.settings.attest_max_age_s)
         if added == "stored" and unverified is not None:
             _log.info(
                 "%s: profile %d stored unverified (%s: %s); asking again",
@@ -463,6 +522,16 @@ class _Session:
                 raise
             return profile, None, Unverified(reason=exc.code, detail=exc.detail)
         return profile, nonce, None
+
+
+def _log_failure(task: asyncio.Task[None]) -> None:
+    """A request asked from a timer failed: say so (a closed connection is no failure: the
+    node's next session asks)."""
+    if task.cancelled():
+        return
+    exc = task.exception()
+    if exc is not None and not isinstance(exc, ConnectionClosed):
+        _log.error("attestation request failed", exc_info=exc)
 
 
 def _forget_acked(store: Store, *, node_id: str, seq: int) -> None:

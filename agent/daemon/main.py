@@ -197,7 +197,14 @@ class _Daemon:
         self.profile = profile
         self.notifier = Notifier()
         self.node = NodeState(Scheduler(profile.gpus), share_limit=config.share_limit)
-        self.link = Link(config.link, identity, outbox, self.on_message, __version__)
+        self.link = Link(
+            config.link,
+            identity,
+            outbox,
+            self.on_message,
+            __version__,
+            profile_digest=dsse.profile_digest(msgspec.to_builtins(profile)),
+        )
         wake = self.link.wakeup.set
         self.jobs = JobManager(
             identity=identity,

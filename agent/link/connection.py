@@ -139,8 +139,14 @@ class Link:
         outbox: Outbox,
         handler: Handler,
         agent_version: str,
+        *,
+        profile_digest: str | None = None,
     ) -> None:
+        """``profile_digest``: the digest of the profile the handler attests
+        (:func:`agent.protocol.dsse.profile_digest`), told in ``hello`` so that a coordinator
+        holding a recent verified profile of it need not ask again; None: not told."""
         self.config = config
+        self.profile_digest = profile_digest
         self.identity = identity
         self.outbox = outbox
         self.handler = handler
@@ -208,6 +214,7 @@ class Link:
             last_acked=outbox.last_acked(),
             now=time.monotonic(),
             enrolment_token=self.config.enrolment_token,
+            profile_digest=self.profile_digest,
         )
         writer = _Writer(websocket, conn)
         async with asyncio.timeout(_HANDSHAKE_TIMEOUT_S):

@@ -68,6 +68,14 @@ Code = Annotated[str, Meta(min_length=1, max_length=64, pattern=r"^[a-z][a-z0-9_
 Text = Annotated[str, Meta(max_length=MAX_ERROR_DETAIL_CHARS)]
 Seconds = Annotated[float, Meta(gt=0, le=86400)]
 EnrolmentToken = Annotated[str, Meta(min_length=1, max_length=256)]
+ProfileDigest = Annotated[
+    str,
+    Meta(
+        pattern=r"^[0-9a-f]{64}(?!\n)$",
+        description="Lowercase hex SHA-256 of the profile's canonical JSON (its attestation's"
+        " subject digest).",
+    ),
+]
 # A value in a telemetry sample: decoded as msgspec.Raw (the bytes received, checked as JSON,
 # not built); an agent builds its samples from plain values, which encode the same: Any to
 # the type checker.
@@ -96,8 +104,11 @@ class EnvelopeBody(WireStruct):
     signatures: Annotated[list[EnvelopeSignature], Meta(min_length=1, max_length=8)]
 
 
-class HelloBody(WireStruct):
-    """Agent, first: who it is, what it speaks, a fresh nonce, where its inbound stream is."""
+class HelloBody(WireStruct, omit_defaults=True):
+    """Agent, first: who it is, what it speaks, a fresh nonce, where its inbound stream is;
+    and the digest of the hardware profile it would attest (omitted when None: an older
+    agent), so that a coordinator holding a recent verified profile of that digest need
+    not ask for a new attestation."""
 
     node_id: Name
     public_key: PublicKey
@@ -105,6 +116,7 @@ class HelloBody(WireStruct):
     protocol_versions: Annotated[list[int], Meta(min_length=1, max_length=16)]
     agent_nonce: Nonce
     last_coordinator_seq: SeqOrZero
+    profile_digest: ProfileDigest | None = None
 
 
 class ChallengeBody(WireStruct):

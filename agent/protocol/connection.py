@@ -216,6 +216,7 @@ class AgentConnection(_Connection):
         now: float,
         nonce_ttl_s: float = DEFAULT_NONCE_TTL_S,
         enrolment_token: str | None = None,
+        profile_digest: str | None = None,
     ) -> None:
         super().__init__()
         self._handshake = AgentHandshake(
@@ -231,6 +232,7 @@ class AgentConnection(_Connection):
             nonce_ttl_s=nonce_ttl_s,
             protocol_versions=(PROTOCOL_VERSION,),
             enrolment_token=enrolment_token,
+            profile_digest=profile_digest,
         )
         self._receiver = ReliableReceiver(last_coordinator_seq)
         self._queue(self._handshake.messages_to_send())

@@ -40,6 +40,7 @@ __all__ = [
     "canonical_json",
     "json_sha256",
     "pae",
+    "profile_digest",
     "sign_envelope",
     "verify_attestation",
     "verify_envelope",
@@ -285,6 +286,12 @@ def _as_json_object(value: Mapping[str, Any]) -> dict[str, Any]:
     if not isinstance(decoded, dict):
         raise TypeError(f"not a JSON object: {type(value).__name__}")
     return decoded
+
+
+def profile_digest(profile: Mapping[str, Any]) -> str:
+    """The digest an attestation of ``profile`` names as its subject's (``hello`` carries it:
+    docs/protocol.md, "Re-attestation")."""
+    return json_sha256(_as_json_object(profile))
 
 
 def attest_profile(

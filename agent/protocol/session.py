@@ -161,6 +161,7 @@ class AgentHandshake(_Handshake):
         nonce_ttl_s: float = DEFAULT_NONCE_TTL_S,
         protocol_versions: Iterable[int] = (PROTOCOL_VERSION,),
         enrolment_token: str | None = None,
+        profile_digest: str | None = None,
     ) -> None:
         super().__init__(HandshakeState.HELLO_SENT)
         self._enrolment_token = enrolment_token
@@ -176,6 +177,7 @@ class AgentHandshake(_Handshake):
             protocol_versions=list(protocol_versions),
             agent_nonce=nonce,
             last_coordinator_seq=last_coordinator_seq,
+            profile_digest=profile_digest,
         )
         self.challenge: ChallengeBody | None = None
         self.welcome: WelcomeBody | None = None

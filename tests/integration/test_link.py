@@ -92,6 +92,28 @@ def test_agent_killed_and_restarted_mid_stream_loses_and_repeats_nothing(
     _restart_mid_stream(coordinator, agent, restart)
 
 
+def test_a_restarted_coordinator_does_not_ask_the_daemon_to_attest_its_unchanged_profile_again(
+    pair: tuple[Coordinator, Agent],
+) -> None:
+    # The daemon's hello names the digest of the profile it attests; the coordinator holds
+    # that profile, verified within the hour: the reconnect costs no new attestation.
+    coordinator, agent = pair
+    agent.start()
+    wait_for(lambda: "profile" in [kind for _, kind in coordinator.seqs()], "the profile")
+    coordinator.kill()
+    before = len(coordinator.seqs())
+    coordinator.start()
+    wait_for(lambda: len(coordinator.seqs()) > before + 2, "delivery after the restart")
+    assert agent.stop() == 0
+    seqs = coordinator.seqs()
+    assert_exactly_once_no_gaps(seqs)
+    assert [kind for _, kind in seqs].count("profile") == 1
+    with sqlite3.connect(coordinator.db) as db:
+        asked = db.execute("SELECT COUNT(*) FROM attest_nonces").fetchone()
+    db.close()
+    assert asked[0] == 1
+
+
 def test_agent_refuses_a_coordinator_that_cannot_prove_the_pinned_key(
     tmp_path: Path, library_for: Callable[[Path], Path]
 ) -> None:

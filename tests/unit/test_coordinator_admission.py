@@ -52,6 +52,11 @@ def test_settings_out_of_range_are_refused_with_a_code(settings: dict[str, objec
         (["--artifacts-max-gib", "0"], "bad_setting"),
         (["--artifacts-max-gib", "nan"], "bad_setting"),
         (["--artifacts-max-gib", "1e300"], "bad_setting"),
+        (["--attest-max-age-minutes", "0"], "bad_setting"),
+        (["--attest-max-age-minutes", "-5"], "bad_setting"),
+        (["--attest-max-age-minutes", "nan"], "bad_setting"),
+        (["--attest-max-age-minutes", "inf"], "bad_setting"),
+        (["--attest-max-age-minutes", "1e300"], "bad_setting"),
     ],
 )
 def test_serve_refuses_bad_limits_with_exit_2_and_a_code(
@@ -88,3 +93,11 @@ def test_new_keys_per_s_sets_the_enrolment_rate_and_a_bad_one_is_refused() -> No
     with pytest.raises(ConfigError) as caught:
         admission.settings_from(parser.parse_args(["--new-keys-per-s", "-1"]))
     assert caught.value.code == "bad_setting"
+
+
+def test_attest_max_age_minutes_sets_how_long_a_verified_profile_stands_default_an_hour() -> None:
+    parser = argparse.ArgumentParser()
+    admission.add_options(parser)
+    assert admission.settings_from(parser.parse_args([])).attest_max_age_s == 3600.0
+    given = parser.parse_args(["--attest-max-age-minutes", "15"])
+    assert admission.settings_from(given).attest_max_age_s == 900.0

@@ -263,3 +263,36 @@ def test_accept_before_authentication_is_a_driver_bug() -> None:
         coordinator().accept(
             session_id="s", last_agent_seq=0, heartbeat_s=1, telemetry_interval_s=1
         )
+
+
+def test_hello_names_the_profile_digest_only_when_the_agent_gives_one() -> None:
+    # Without one, hello is the frame an older coordinator knows: no new key in it.
+    [plain] = agent().messages_to_send()
+    assert "profile_digest" not in msgspec.json.decode(encode_frame(plain))["body"]
+    digest = hashlib.sha256(b"profile").hexdigest()
+    named = AgentHandshake(
+        node_id=node_id_of(raw(AGENT_KEY)),
+        public_key=raw(AGENT_KEY),
+        sign=AGENT_KEY.sign,
+        verify=verify,
+        pinned_keys={COORD_KEY_ID: raw(COORD_KEY)},
+        agent_version="0.1.0",
+        nonce=base64.b64encode(b"\x01" * 32).decode(),
+        last_coordinator_seq=0,
+        now=0.0,
+        profile_digest=digest,
+    )
+    c = coordinator()
+    c.receive(one(named.messages_to_send()), now=1.0)
+    assert c.hello is not None
+    assert c.hello.profile_digest == digest
+
+
+@pytest.mark.parametrize("digest", ["0" * 63, "A" * 64, "sha256:" + "0" * 64, "0" * 64 + "\n"])
+def test_hello_with_a_malformed_profile_digest_is_bad_message(digest: str) -> None:
+    [hello] = agent().messages_to_send()
+    frame = msgspec.json.decode(encode_frame(hello))
+    frame["body"]["profile_digest"] = digest
+    with pytest.raises(DecodeError) as refused:
+        decode_frame(msgspec.json.encode(frame))
+    assert refused.value.code == "bad_message"
