@@ -144,7 +144,9 @@ class Link:
     ) -> None:
         """``profile_digest``: the digest of the profile the handler attests
         (:func:`agent.protocol.dsse.profile_digest`), told in ``hello`` so that a coordinator
-        holding a recent verified profile of it need not ask again; None: not told."""
+        holding a recent verified profile of it need not ask again; None: not told. A
+        coordinator older than the digest refuses it as an unknown field: after that the
+        link's sessions go without it (attested at each, as that coordinator always asks)."""
         self.config = config
         self.profile_digest = profile_digest
         self.identity = identity
@@ -248,9 +250,21 @@ class Link:
             for event in writer.conn.receive_frame(await websocket.recv(), time.monotonic()):
                 if isinstance(event, Close):
                     await writer.flush()
+                    self._unless_digest_refused(event.error)
                     raise event.error
                 if isinstance(event, Welcomed):
                     return event.welcome.last_agent_seq
+
+    def _unless_digest_refused(self, error: ProtocolError) -> None:
+        """Tell no digest from now on if ``error`` is a coordinator refusing it: one from
+        before the digest, whose hello had no such field (upgraded after its agents)."""
+        if self.profile_digest is not None and "profile_digest" in error.detail:
+            _log.warning(
+                "%s refused the profile digest in hello (an older coordinator): going"
+                " without it; the node is attested at each session",
+                self.config.url,
+            )
+            self.profile_digest = None
 
     async def _send_pending(self, writer: _Writer, after: int) -> None:
         """Send what the outbox holds after ``after``, in order, then wait for more."""

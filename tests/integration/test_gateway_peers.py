@@ -225,7 +225,8 @@ async def test_requests_through_a_peer_go_on_one_kept_alive_stream(
     postgres_url: str, tmp_path: Path
 ) -> None:
     async with held_by_b(postgres_url, tmp_path, keep_alive=True) as world:
-        async with _client(world.a, new_key(world.a)) as client:
+        client = _client(world.a, new_key(world.a))
+        async with client:
             answers = [
                 await client.chat.completions.create(
                     model="tiny", messages=[{"role": "user", "content": f"hi {n}"}]

@@ -27,7 +27,7 @@ from agent.link.connection import Link, LinkConfig, Session, retry
 from agent.link.identity import Identity
 from agent.link.outbox import Outbox
 from agent.protocol import crypto
-from agent.protocol.errors import AuthError
+from agent.protocol.errors import AuthError, DecodeError
 from agent.protocol.jobs import Offer
 from agent.protocol.messages import (
     COORDINATOR_SENDS,
@@ -258,8 +258,9 @@ INITIAL_S = 0.01
 Script = Callable[[ServerConnection, int], Awaitable[None]]
 
 
-async def _welcome(ws: ServerConnection) -> None:
-    """The coordinator's real handshake, up to ``welcome``, with the fake's key."""
+async def _welcome(ws: ServerConnection, hello: str | bytes | None = None) -> None:
+    """The coordinator's real handshake, up to ``welcome``, with the fake's key (from
+    ``hello`` when it was read already)."""
     hs = CoordinatorHandshake(
         key_id=FAKE_ID,
         sign=lambda data: crypto.sign(FAKE_KEY, data),
@@ -269,7 +270,8 @@ async def _welcome(ws: ServerConnection) -> None:
         new_nonce=lambda: crypto.b64encode(secrets.token_bytes(32)),
     )
     while hs.state is not HandshakeState.AUTHENTICATED:
-        hs.receive(decode_frame(await ws.recv()), time.time())
+        frame, hello = (await ws.recv() if hello is None else hello), None
+        hs.receive(decode_frame(frame), time.time())
         for message in hs.messages_to_send():
             await ws.send(encode_frame(message))
     hs.accept(session_id="s-1", last_agent_seq=0, heartbeat_s=15.0, telemetry_interval_s=1.0)
@@ -293,7 +295,9 @@ async def fake_coordinator(script: Script) -> AsyncIterator[str]:
 
 
 @asynccontextmanager
-async def running_link(tmp_path: Path, url: str) -> AsyncIterator[Link]:
+async def running_link(
+    tmp_path: Path, url: str, profile_digest: str | None = None
+) -> AsyncIterator[Link]:
     """The daemon's link to ``url``, with an empty outbox, until the block ends."""
 
     async def handler(message: Message) -> None:
@@ -308,7 +312,7 @@ async def running_link(tmp_path: Path, url: str) -> AsyncIterator[Link]:
     )
     identity = Identity.from_private_key(crypto.generate_private_key())
     with Outbox.open(tmp_path / "outbox.db") as outbox:
-        link = Link(config, identity, outbox, handler, "0.1.0")
+        link = Link(config, identity, outbox, handler, "0.1.0", profile_digest=profile_digest)
         stop = asyncio.Event()
         task = asyncio.create_task(link.run(stop))
         try:
@@ -332,6 +336,36 @@ async def test_the_link_answers_a_binary_frame_with_a_coded_error(tmp_path: Path
             answer = await answers.get()
     assert isinstance(answer, Error)
     assert answer.body.code == "binary_frame"
+
+
+async def test_a_coordinator_older_than_the_profile_digest_gets_hellos_without_it(
+    tmp_path: Path,
+) -> None:
+    # Agents upgraded before their coordinator: it refuses the unknown field, as its
+    # strict decoding does, and the link goes on without it rather than never connecting.
+    hellos: list[dict[str, object]] = []
+
+    async def old_coordinator(ws: ServerConnection, n: int) -> None:
+        hello = await ws.recv()
+        body = msgspec.json.decode(hello)["body"]
+        hellos.append(body)
+        if "profile_digest" in body:
+            detail = "Object contains unknown field `profile_digest` - at `$.body`"
+            await ws.send(encode_frame(error_message(DecodeError("bad_message", detail))))
+            await ws.close()
+            return
+        await _welcome(ws, hello)
+        await ws.wait_closed()
+
+    digest = "sha256:" + "ab" * 32
+    async with (
+        fake_coordinator(old_coordinator) as url,
+        running_link(tmp_path, url, digest) as link,
+    ):
+        async with asyncio.timeout(10):
+            await link.connected.wait()
+    assert ["profile_digest" in hello for hello in hellos] == [True, False]
+    assert link.profile_digest is None
 
 
 def test_retry_starts_again_after_a_session_that_worked() -> None:
