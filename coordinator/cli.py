@@ -12,8 +12,9 @@ import signal
 import ssl
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from types import FrameType
 from typing import Any, NamedTuple, NoReturn
 
 import platformdirs
@@ -37,7 +38,14 @@ from coordinator.outputs_download import download_outputs
 from coordinator.server import Coordinator, serve
 from oci import Credentials
 
-__all__ = ["EXIT_BROKEN_PIPE", "EXIT_ERROR", "EXIT_USAGE", "default_state_dir", "main"]
+__all__ = [
+    "EXIT_BROKEN_PIPE",
+    "EXIT_ERROR",
+    "EXIT_USAGE",
+    "default_state_dir",
+    "main",
+    "stop_on_signals",
+]
 
 EXIT_ERROR = 1
 EXIT_USAGE = 2
@@ -223,9 +231,7 @@ async def _serve(
     pinner: ImagePinner,
 ) -> None:
     stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, stop.set)
+    restore = stop_on_signals(stop)
     # Long-lived objects (sessions) frozen out of the collector's full passes: the process's
     # own policy, not the library's (a test process that embeds a coordinator keeps its own).
     frozen = asyncio.create_task(keep_frozen())
@@ -250,8 +256,30 @@ async def _serve(
     finally:
         frozen.cancel()
         await asyncio.gather(frozen, return_exceptions=True)
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            loop.remove_signal_handler(signum)
+        restore()
+
+
+def stop_on_signals(stop: asyncio.Event) -> Callable[[], None]:
+    """SIGINT and SIGTERM set ``stop`` (call in the loop's thread); returns what puts the
+    handlers before back.
+
+    Through Python's own handler, not the loop's ``add_signal_handler``: that one hears of
+    a signal by a byte on the loop's wakeup socket, which a loop far behind leaves full (the
+    writer thread wakes the loop at every commit), and a signal whose byte found it full was
+    lost: ``serve`` ran on after SIGTERM, until systemd's SIGKILL.
+    """
+    loop = asyncio.get_running_loop()
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        loop.call_soon_threadsafe(stop.set)  # queued whether or not its wakeup byte fits
+
+    before = {signum: signal.signal(signum, handler) for signum in (signal.SIGINT, signal.SIGTERM)}
+
+    def restore() -> None:
+        for signum, previous in before.items():
+            signal.signal(signum, previous)
+
+    return restore
 
 
 def _submit(args: argparse.Namespace, client: AdminClient, submission: _Submission) -> int:
