@@ -155,6 +155,7 @@ class TunnelMux(FlowControl):
             return False
         if data:
             stream.queue(data)
+            self._queued += len(data)
             self._schedule(stream)
         return True
 
@@ -175,7 +176,7 @@ class TunnelMux(FlowControl):
         self._grown -= stream.window - self._window
         self._remember_reset(stream_id)
         self._control.append(encode_reset(stream_id, code))
-        self._release_inbound(stream)
+        self._release(stream)
 
     def read(self, stream_id: int, max_bytes: int) -> bytes:
         """Up to ``max_bytes`` received bytes of a stream (b"": none now, or gone)."""
@@ -229,6 +230,7 @@ class TunnelMux(FlowControl):
         ]
         self._streams.clear()
         self._grown = 0
+        self._queued = 0
         self._control.clear()
         return events
 
@@ -306,7 +308,7 @@ class TunnelMux(FlowControl):
         else:
             del self._streams[sid]
             self._grown -= stream.window - self._window
-            self._release_inbound(stream)
+            self._release(stream)
             out.append(StreamReset(sid, frame.code, remote=True))
 
     def _on_open(self, frame: Open, out: list[TunnelEvent]) -> None:
@@ -363,6 +365,7 @@ class TunnelMux(FlowControl):
         self.closed = True
         self._streams.clear()
         self._grown = 0
+        self._queued = 0
         self._control.clear()
         return kept
 

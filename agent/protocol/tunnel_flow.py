@@ -25,7 +25,7 @@ from agent.protocol.tunnel_frames import (
     encode_end,
     encode_window,
 )
-from agent.protocol.tunnel_stream import StreamState
+from agent.protocol.tunnel_stream import Buffer, StreamState
 
 __all__ = ["CHUNK_BYTES", "MAX_BATCH_BYTES", "FlowControl"]
 
@@ -56,11 +56,22 @@ class FlowControl:
         self._ready: deque[int] = deque()  # streams with data to send, in turn
         self._scheduled: set[int] = set()
         self._finished: list[int] = []
+        self._queued = 0  # what all streams queued and not yet framed, together
+
+    @property
+    def queued(self) -> int:
+        """Bytes of all streams queued and not yet framed."""
+        return self._queued
 
     # -- what goes out --------------------------------------------------------------------
 
     def data_to_send(self, max_bytes: int = MAX_BATCH_BYTES) -> bytes:
-        """The next message to write: control frames, then data in turns (b"": nothing).
+        """The next message to write: control frames, then data in turns (b"": nothing)."""
+        return b"".join(self.parts_to_send(max_bytes))
+
+    def parts_to_send(self, max_bytes: int = MAX_BATCH_BYTES) -> list[Buffer]:
+        """The next message to write, as the pieces it is made of ([]: nothing): for a
+        driver that copies them once anyway (to mask them), instead of joining them first.
 
         A stream's turn is one chunk of at most :data:`CHUNK_BYTES` while others wait for
         theirs, and of up to a whole frame when it is alone: fairness costs nothing then.
@@ -69,8 +80,8 @@ class FlowControl:
         each written, woken for and read on its own.
         """
         if self.closed:
-            return b""
-        parts: list[bytes | bytearray | memoryview] = []
+            return []
+        parts: list[Buffer] = []
         budget = max_bytes
         control = self._control
         while control and (budget > 0 or not parts):
@@ -93,6 +104,7 @@ class FlowControl:
             stream.take(size, parts)
             stream.send_window -= size
             self._conn_send -= size
+            self._queued -= size
             budget -= HEADER_BYTES + size
             if stream.out and stream.send_window > 0:
                 self._ready.append(sid)
@@ -102,7 +114,7 @@ class FlowControl:
                     parts.append(encode_end(sid))
                     stream.end_sent = True
                     self._forget_if_done(stream)
-        return b"".join(parts)
+        return parts
 
     def _schedule(self, stream: StreamState) -> None:
         if stream.stream_id not in self._scheduled and stream.send_window > 0:
@@ -158,8 +170,10 @@ class FlowControl:
             self._conn_recv += self._conn_unannounced
             self._conn_unannounced = 0
 
-    def _release_inbound(self, stream: StreamState) -> None:
-        """A stream gone with bytes unread: they no longer count against the connection."""
+    def _release(self, stream: StreamState) -> None:
+        """A stream gone: its bytes unread no longer count against the connection's
+        window, nor its bytes queued against :attr:`queued`."""
+        self._queued -= stream.out_bytes
         if stream.inbound_bytes:
             self._credit_connection(stream.inbound_bytes)
             stream.inbound.clear()
