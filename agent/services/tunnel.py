@@ -48,6 +48,7 @@ from agent.protocol.tunnel import (
     TunnelMux,
 )
 from agent.services.tunnel_conn import ServiceConnection
+from agent.services.tunnel_ws import send_message
 
 __all__ = ["Resolve", "ServiceTunnel", "tunnel_url"]
 
@@ -311,8 +312,8 @@ class _Session:
         while True:
             await self.wake.wait()
             self.wake.clear()
-            while message := self.mux.data_to_send():
-                await self.ws.send(message)
+            while parts := self.mux.parts_to_send():
+                await send_message(self.ws, parts)
                 self._notify()
             self._notify()
             self.mux.take_finished()  # each pipe forgets itself when its task ends
