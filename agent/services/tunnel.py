@@ -224,7 +224,6 @@ class ServiceTunnel:
     async def _serve(self, ws: ClientConnection, stop: asyncio.Event) -> None:
         session = _Session(self, ws)
         self._session = session
-        self.connected.set()
         stopping = asyncio.create_task(stop.wait())
         serving = asyncio.create_task(session.run())
         try:
@@ -267,6 +266,7 @@ class _Session:
         """Move frames until the connection closes; TunnelError if the coordinator broke
         the rules (the connection is closed with its code)."""
         writer = asyncio.create_task(self._write())
+        self.tunnel.connected.set()  # serving: every task of the connection is there
         try:
             async for message in self.ws:
                 events = self.mux.receive_data(message)
