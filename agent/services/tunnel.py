@@ -48,7 +48,7 @@ from agent.protocol.tunnel import (
     TunnelMux,
 )
 from agent.services.tunnel_conn import ServiceConnection
-from agent.services.tunnel_ws import send_message
+from agent.services.tunnel_ws import MessageWriter
 
 __all__ = ["Resolve", "ServiceTunnel", "tunnel_url"]
 
@@ -309,11 +309,12 @@ class _Session:
         return None
 
     async def _write(self) -> None:
+        writer = MessageWriter(self.ws)
         while True:
             await self.wake.wait()
             self.wake.clear()
             while parts := self.mux.parts_to_send():
-                await send_message(self.ws, parts)
+                await writer.send(parts)
                 self._notify()
             self._notify()
             self.mux.take_finished()  # each pipe forgets itself when its task ends

@@ -30,7 +30,7 @@ except ImportError:  # websockets built without its C extension, as websockets f
 
 from agent.protocol.tunnel_stream import Buffer
 
-__all__ = ["encode_message", "send_message"]
+__all__ = ["MessageWriter", "encode_message"]
 
 #: FIN and opcode 2 (binary); the mask bit (RFC 6455 section 5.2).
 _FIN_BINARY: Final = 0x82
@@ -38,6 +38,8 @@ _MASKED: Final = 0x80
 _SHORT = struct.Struct("!BB")
 _MEDIUM = struct.Struct("!BBH")
 _LONG = struct.Struct("!BBQ")
+#: Masking keys' bytes drawn at once.
+_KEY_POOL: Final = 4096
 
 
 def encode_message(parts: Sequence[Buffer], key: bytes) -> bytes:
@@ -60,16 +62,34 @@ def encode_message(parts: Sequence[Buffer], key: bytes) -> bytes:
     return b"".join(out)
 
 
-async def send_message(ws: ClientConnection, parts: Sequence[Buffer]) -> None:
-    """Write one binary message of the pieces' bytes, and wait while the transport's
-    buffer is full.
+class MessageWriter:
+    """Writes one data connection's binary messages."""
 
-    Raises:
-        ConnectionClosed: the connection is closing or closed (as ``ws.send`` raises it).
-    """
-    if ws.protocol.state is not State.OPEN:
-        await ws.send(b"".join(parts))  # raises ConnectionClosed as websockets does
-        return
-    ws.transport.write(encode_message(parts, secrets.token_bytes(4)))
-    if ws.paused:
-        await ws.drain()
+    def __init__(self, ws: ClientConnection) -> None:
+        self._ws = ws
+        self._keys = b""
+        self._next = 0
+
+    async def send(self, parts: Sequence[Buffer]) -> None:
+        """Write one binary message of the pieces' bytes, and wait while the transport's
+        buffer is full.
+
+        Raises:
+            ConnectionClosed: the connection is closing or closed (as ``ws.send`` raises).
+        """
+        ws = self._ws
+        if ws.protocol.state is not State.OPEN:
+            await ws.send(b"".join(parts))  # raises ConnectionClosed as websockets does
+            return
+        ws.transport.write(encode_message(parts, self._key()))
+        if ws.paused:
+            await ws.drain()
+
+    def _key(self) -> bytes:
+        """A fresh masking key: 4 bytes of the system's CSPRNG, drawn 4 KiB at a time
+        (one getrandom call per 1,024 messages, not one each)."""
+        if self._next == len(self._keys):
+            self._keys, self._next = secrets.token_bytes(_KEY_POOL), 0
+        key = self._keys[self._next : self._next + 4]
+        self._next += 4
+        return key

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from typing import cast
+
 import pytest
+from websockets.asyncio.client import ClientConnection
 from websockets.frames import Frame, Opcode
 from websockets.streams import StreamReader
 
-from agent.services.tunnel_ws import encode_message
+from agent.services.tunnel_ws import MessageWriter, encode_message
 
 
 def _parse(wire: bytes) -> Frame:
@@ -38,3 +41,10 @@ def test_the_length_takes_the_shortest_of_its_three_forms() -> None:
     assert len(encode_message([b"a" * 125], key)) == 2 + 4 + 125
     assert len(encode_message([b"a" * 126], key)) == 4 + 4 + 126
     assert len(encode_message([b"a" * 65_536], key)) == 10 + 4 + 65_536
+
+
+def test_each_message_gets_a_masking_key_of_its_own() -> None:
+    writer = MessageWriter(cast(ClientConnection, None))
+    keys = [writer._key() for _ in range(3000)]  # across draws of the pool
+    assert all(len(key) == 4 for key in keys)
+    assert len(set(keys)) > 2990  # 2^32 keys: a repeat or two by chance, not a pattern
