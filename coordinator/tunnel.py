@@ -27,7 +27,6 @@ from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
 
 from agent.protocol.errors import AuthError, LimitExceeded, TunnelError
-from agent.protocol.limits import MAX_FRAME_BYTES
 from agent.protocol.messages import HelloBody, encode_frame
 from agent.protocol.tunnel import (
     CONNECTION_WINDOW,
@@ -46,7 +45,6 @@ from agent.protocol.tunnel import (
 from coordinator.admission import admit
 from coordinator.errors import StreamError
 from coordinator.handshake import CLOSE_POLICY, Gate, authenticate, close, send
-from coordinator.tunnel_reader import FrameReader
 
 __all__ = ["TUNNEL_PATH", "StreamError", "TunnelStream", "Tunnels"]
 
@@ -181,7 +179,6 @@ class _Link:
         self.waiting: set[TunnelStream] = set()
         self.wake = asyncio.Event()
         self.closing: asyncio.Task[None] | None = None
-        self.failed: TunnelError | None = None
 
     async def retire(self) -> None:
         """A newer connection of the node took over: close this one."""
@@ -220,36 +217,21 @@ class _Link:
     async def run(self) -> None:
         """Move frames until the connection closes or the node breaks the rules."""
         writer = asyncio.create_task(self._write())
-        # Binary messages come through the reader, as they are read; what websockets
-        # still delivers (a message begun before it, fragments, text) comes here.
-        FrameReader.install(self.ws, self._receive, MAX_FRAME_BYTES)
         try:
             async for message in self.ws:
-                self._receive(message)
-                if self.failed is not None:
-                    break
+                events = self.mux.receive_data(message)
+                failed = self._carry_out(events)
+                self.wake.set()
+                if failed is not None:
+                    _log.info("%s: tunnel refused: %s", self.node_id, failed)
+                    await close(self.ws, CLOSE_POLICY, failed.code)
+                    return
         except ConnectionClosed:
             pass
         finally:
-            if self.failed is not None:
-                _log.info("%s: tunnel refused: %s", self.node_id, self.failed)
-                await close(self.ws, CLOSE_POLICY, self.failed.code)
             writer.cancel()
-            await asyncio.gather(writer, *filter(None, [self.closing]), return_exceptions=True)
+            await asyncio.gather(writer, return_exceptions=True)
             self._carry_out(list(self.mux.connection_lost()))
-
-    def _receive(self, message: bytes | str) -> None:
-        """Carry out one message of the node's; a message that breaks the rules fails
-        the connection (closed by :meth:`run`)."""
-        if self.failed is not None:
-            return
-        failed = self._carry_out(self.mux.receive_data(message))
-        self.wake.set()
-        if failed is not None:
-            self.failed = failed
-            if self.closing is None:
-                # Called by the reader, the run loop may wait for a message: close now.
-                self.closing = asyncio.create_task(self.ws.close(CLOSE_POLICY, failed.code))
 
     def _carry_out(self, events: list[TunnelEvent]) -> TunnelError | None:
         failed: TunnelError | None = None
