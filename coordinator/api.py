@@ -7,14 +7,18 @@ and :mod:`coordinator.admin`'s loopback listener hands its requests to :func:`ad
 
 Read (both listeners, no token):
 
-- ``GET /api/nodes`` -> ``{"nodes": [node summary, ...]}``
+- ``GET /api/nodes?offset=N&limit=M`` -> ``{"nodes": [node summary, ...], "total",
+  "offset"}``: most recently seen first, 100 a page by default, at most 1000
 - ``GET /api/nodes/{id}`` -> node summary + ``profile`` (the latest verified profile or
   null) + ``unverified_profile`` (null, or the newest profile when its nonce did not hold:
   its ``seq``, ``received``, ``reason``, ``detail`` and ``profile``; never verified hardware)
 
 A summary's ``profile_verified`` is true only when the node's newest profile verified;
-``gpu_count`` counts the GPUs of its latest verified profile only.
-- ``GET /api/nodes/{id}/telemetry?since_seq=N&limit=M`` -> ``{"node_id", "items": [...]}``
+``gpu_count`` and ``gpus`` (their names) count the GPUs of its latest verified profile only;
+``latest_telemetry`` holds the newest batch's last sample only.
+- ``GET /api/nodes/{id}/telemetry?since_seq=N&limit=M`` -> ``{"node_id", "items": [...]}``:
+  at most M batches and 4 MiB of their JSON (at least one batch): a page ends where it
+  would pass either; the next starts past its last ``seq``
 - ``GET /api/jobs?node_id=ID&limit=N`` -> ``{"jobs": [job summary, ...]}``, newest first
 - ``GET /api/jobs/{id}`` -> the job: state, spec, offer, cancel, logs, result (the
   verified receipt, its digest, ``chain_ok`` and ``problems``); 404 ``unknown_job``
@@ -49,7 +53,7 @@ import hmac
 import ipaddress
 from collections.abc import Collection
 from http import HTTPStatus
-from typing import Any
+from typing import Any, Final
 
 import msgspec
 
@@ -71,7 +75,13 @@ from coordinator.job_service import JobService
 from coordinator.nodes_store import NodeRow
 from coordinator.store import Store
 
-__all__ = ["HttpAnswer", "HttpRequest", "admin_route", "route"]
+__all__ = ["MAX_TELEMETRY_ANSWER", "HttpAnswer", "HttpRequest", "admin_route", "route"]
+
+#: Node summaries in a page of ``/api/nodes`` unless the query says.
+NODES_PAGE: Final = 100
+#: The most of a node's telemetry (its JSON) one answer holds: the quota counts it deflated,
+#: and a deflated batch may be a thousandth of its text (a sample of a million zeros).
+MAX_TELEMETRY_ANSWER: Final = 4 << 20
 
 #: The HTTP status of each JobError code (others: 400).
 _JOB_ERROR_STATUS = {
@@ -102,8 +112,7 @@ def route(
     if not parts:
         return HttpAnswer(HTTPStatus.OK, "text/html; charset=utf-8", PAGE.encode())
     if parts == ["api", "nodes"]:
-        nodes = [_summary(store, n, connected) for n in store.nodes.all()]
-        return json_answer({"nodes": nodes})
+        return _nodes(store, connected, target_.query)
     if len(parts) in (3, 4) and parts[:2] == ["api", "nodes"]:
         node = store.nodes.get(parts[2])
         if node is None:
@@ -192,11 +201,26 @@ def _loopback(peer: str) -> bool:
         return False
 
 
+def _nodes(store: Store, connected: Collection[str], query: dict[str, list[str]]) -> HttpAnswer:
+    """A page of node summaries: built on the loop, so a page, not 10,000 of them."""
+    try:
+        offset = int(query.get("offset", ["0"])[0])
+        limit = min(int(query.get("limit", [str(NODES_PAGE)])[0]), MAX_LIMIT)
+    except ValueError:
+        return error(HTTPStatus.BAD_REQUEST, "offset and limit are integers")
+    if not 0 <= offset < 1 << 63 or limit < 1:
+        return error(HTTPStatus.BAD_REQUEST, "offset in 0..2^63-1 and limit >= 1")
+    page = store.nodes.all(offset=offset, limit=limit)
+    nodes = [_summary(store, n, connected) for n in page]
+    return json_answer({"nodes": nodes, "total": store.nodes.count(), "offset": offset})
+
+
 def _summary(store: Store, node: NodeRow, connected: Collection[str]) -> dict[str, Any]:
     profile = store.nodes.profile(node.node_id)
     gpus = profile.profile.get("gpus", []) if profile is not None else []
+    gpus = gpus if isinstance(gpus, list) else []
     newest = store.nodes.latest_profile(node.node_id)
-    latest = store.nodes.latest(node.node_id, "telemetry")
+    latest = store.nodes.latest_sample(node.node_id)
     return {
         "node_id": node.node_id,
         "public_key": node.public_key,
@@ -205,9 +229,24 @@ def _summary(store: Store, node: NodeRow, connected: Collection[str]) -> dict[st
         "last_seen": node.last_seen,
         "last_agent_seq": node.last_agent_seq,
         "profile_verified": newest is not None and newest.verified,
-        "gpu_count": len(gpus) if isinstance(gpus, list) else 0,
-        "latest_telemetry": None if latest is None else _item(latest.seq, latest.body),
+        "gpu_count": len(gpus),
+        "gpus": [_gpu_name(g) for g in gpus],
+        # The newest batch's last sample only: a batch is ~56 KB of JSON.
+        "latest_telemetry": None
+        if latest is None
+        else {
+            "seq": latest.seq,
+            "samples": [] if latest.sample is None else [latest.sample],
+            "dropped": latest.dropped,
+        },
     }
+
+
+def _gpu_name(gpu: Any) -> str:
+    """A GPU of a verified profile as the dashboard names it."""
+    if not isinstance(gpu, dict):
+        return "?"
+    return str(gpu.get("name") or gpu.get("id") or "?")
 
 
 def _detail(store: Store, node: NodeRow, connected: Collection[str]) -> dict[str, Any]:
@@ -239,9 +278,11 @@ def _telemetry(store: Store, node_id: str, query: dict[str, list[str]]) -> HttpA
         limit = min(int(query.get("limit", [str(MAX_LIMIT)])[0]), MAX_LIMIT)
     except ValueError:
         return error(HTTPStatus.BAD_REQUEST, "since_seq and limit are integers")
-    if since < 0 or limit < 1:
-        return error(HTTPStatus.BAD_REQUEST, "since_seq >= 0 and limit >= 1")
-    messages = store.nodes.messages(node_id, "telemetry", since_seq=since, limit=limit)
+    if not 0 <= since < 1 << 63 or limit < 1:  # a seq is what SQLite's integers hold
+        return error(HTTPStatus.BAD_REQUEST, "since_seq in 0..2^63-1 and limit >= 1")
+    messages = store.nodes.messages(
+        node_id, "telemetry", since_seq=since, limit=limit, max_bytes=MAX_TELEMETRY_ANSWER
+    )
     items = [_item(m.seq, m.body) | {"received": m.received} for m in messages]
     return json_answer({"node_id": node_id, "items": items})
 

@@ -55,25 +55,23 @@ td, th { border: 1px solid #ccc; padding: 4px 8px; text-align: left; vertical-al
 </table>
 <script>
 const text = (v) => String(v).replace(/[&<>"]/g, (c) => "&#" + c.charCodeAt(0) + ";");
-async function gpus(id) {
-  const node = await (await fetch("/api/nodes/" + encodeURIComponent(id))).json();
-  const list = node.profile ? node.profile.profile.gpus || [] : [];
-  return list.map((g) => text(g.name || g.id)).join("<br>") || "-";
-}
 async function refresh() {
   try {
-    const {nodes} = await (await fetch("/api/nodes")).json();
-    const rows = await Promise.all(nodes.map(async (n) => {
+    const {nodes, total} = await (await fetch("/api/nodes")).json();
+    const rows = nodes.map((n) => {
       const t = n.latest_telemetry;
       const last = t ? text(JSON.stringify(t.samples[t.samples.length - 1] || {})) : "-";
       return '<tr class="node" data-node-id="' + text(n.node_id) + '">'
         + '<td class="node-id">' + text(n.node_id) + "</td>"
         + '<td class="state ' + (n.connected ? "on" : "off") + '">'
         + (n.connected ? "connected" : "offline") + "</td>"
-        + '<td class="gpus">' + await gpus(n.node_id) + "</td>"
+        + '<td class="gpus">' + (n.gpus.map(text).join("<br>") || "-") + "</td>"
         + '<td class="seq">' + n.last_agent_seq + "</td>"
         + '<td class="telemetry"><code>' + last + "</code></td></tr>";
-    }));
+    });
+    if (total > nodes.length) {  // a page of the most recently seen: the API has the rest
+      rows.push("<tr><td colspan=5>and " + (total - nodes.length) + " more: /api/nodes?offset=");
+    }
     document.getElementById("nodes").innerHTML = rows.join("") || "<tr><td colspan=5>no nodes";
   } catch (e) {
     document.getElementById("nodes").innerHTML = "<tr><td colspan=5>" + text(e);

@@ -14,6 +14,8 @@ returns.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import re
 import sqlite3
 from abc import ABC, abstractmethod
@@ -125,6 +127,10 @@ class SqliteDatabase(Database):
     def __init__(self, path: Path, *, checkpoints: bool = True) -> None:
         """Open the file at ``path``; ``checkpoints=False``: this connection never copies
         the WAL into the file (another connection to it does)."""
+        # The store holds credentials (registry logins, upload URLs): a new file is its
+        # owner's only, and SQLite gives its -wal and -shm the file's mode.
+        with contextlib.suppress(FileExistsError):
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
         # Two connections write the file (this one and the group-commit writer's): one
         # waits for the other's transaction, up to the timeout.
         self._conn = sqlite3.connect(path, isolation_level=None, timeout=30.0)

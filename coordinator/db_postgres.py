@@ -77,6 +77,8 @@ class PostgresDatabase(Database):
         self._conn = psycopg.connect(url, autocommit=True, connect_timeout=10)
         self.rollbacks = 0
         self._reads = itertools.count()
+        self._transaction: int | None = None
+        """The number of the transaction open (:meth:`data_version`), None outside one."""
 
     def _live(self) -> psycopg.Connection[Any]:
         """The connection, made again if the server dropped it (a restart, a failover):
@@ -104,12 +106,15 @@ class PostgresDatabase(Database):
     @contextmanager
     def transaction(self) -> Iterator[None]:
         """Commit what the block writes together, or none of it."""
+        self._transaction = next(self._reads)
         try:
             with self._live().transaction():
                 yield
         except BaseException:
             self.rollbacks += 1
             raise
+        finally:
+            self._transaction = None
 
     @contextmanager
     def savepoint(self) -> Iterator[None]:
@@ -126,9 +131,12 @@ class PostgresDatabase(Database):
         self._live().execute("SELECT pg_notify(%s, %s)", (channel, payload))
 
     def data_version(self) -> int:
-        """Different at every call: PostgreSQL tells no connection when another commits,
-        so what was read before is read again."""
-        return next(self._reads)
+        """Different at every call outside a transaction: PostgreSQL tells no connection
+        when another commits, so what was read before is read again. Within one, the same:
+        what it read stands for the transaction (a group commit's few ms; READ COMMITTED
+        shows others' commits meanwhile, which a cache of what was read misses until the
+        next)."""
+        return next(self._reads) if self._transaction is None else self._transaction
 
     def schema_version(self) -> int:
         """The version in ``store_schema`` (0 when there is none)."""

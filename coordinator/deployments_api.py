@@ -91,6 +91,8 @@ def _decode(body: bytes, kind: type[_Request]) -> _Request:
         return msgspec.json.decode(body or b"null", type=kind)
     except (msgspec.ValidationError, msgspec.DecodeError) as exc:
         raise JobError("bad_request", str(exc)) from None
+    except RecursionError:  # msgspec's own limit: a spec of nested brackets
+        raise JobError("bad_request", "the body is nested too deeply") from None
 
 
 async def delete(deployments: Deployments, name: str) -> HttpAnswer:

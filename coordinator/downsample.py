@@ -6,22 +6,27 @@ any disk. Past :attr:`Settings.telemetry_raw_s` each node's raw batches become o
 the raw rows go. The minute is the sample's own ``taken_at``; every numeric reading of a
 GPU is a metric (``unsupported``/``unavailable`` readings, strings and lists are not).
 
-The work is the database's (its JSON functions over the stored text; no Python object per
-sample) on a thread of its own, with its own connection, one short transaction per node:
-the event loop never waits for it, and the group-commit writer waits at most one node's
-transaction (on PostgreSQL: only for the node being folded, whose row it locks). A SQLite
-connection commits here with ``synchronous=NORMAL``: a transaction both writes the
-aggregates and deletes their rows, so a power loss undoes both or neither, and nothing of
-it was ever acknowledged to anyone.
+The work is the database's (its JSON functions over the batches' text; no Python object
+per sample; a batch stored as its deflated frame is inflated first, by an SQL function on
+SQLite, and here for PostgreSQL, which cannot) on a thread of its own, with its own
+connection, one short transaction per node: the event loop never waits for it, and the
+group-commit writer waits at most one node's transaction (on PostgreSQL: only for the node
+being folded, whose row it locks). A SQLite connection commits here with
+``synchronous=NORMAL``: a transaction both writes the aggregates and deletes their rows, so
+a power loss undoes both or neither, and nothing of it was ever acknowledged to anyone.
 """
 
 from __future__ import annotations
 
-from coordinator.db import JSONB, Database, DbTarget, SqliteDatabase
+import logging
+
+from coordinator.db import JSONB, Database, DbTarget, SqliteDatabase, driver_errors
 from coordinator.db_open import open_database
 from coordinator.nodes_store import STORED_SIZE, inflated_body
 
 __all__ = ["SCHEMA", "downsample"]
+
+_log = logging.getLogger(__name__)
 
 #: Schema version 7 (:mod:`coordinator.store`): the aggregates, and raw rows by their time.
 SCHEMA = """
@@ -47,6 +52,9 @@ _RAW = "FROM messages WHERE node_id = ? AND type = 'telemetry' AND received < ?"
 
 # Each numeric reading of each GPU of each sample, folded into its minute; a minute that
 # spans two passes (or two batches) is merged: counts add, the mean is weighted by them.
+# Readings kept as PostgreSQL's are: 1e400 passes the protocol (a sample's values are kept
+# as received) and is inf to SQLite's JSON, and inf beside -inf averages to NaN, which
+# SQLite stores as NULL, failing the pass.
 _FOLD_SQLITE = """
 INSERT INTO telemetry_minutes (node_id, minute, gpu, metric, min, mean, max, samples)
 SELECT ?1, CAST(json_extract(s.value, '$.taken_at') / 60 AS INTEGER) * 60 AS minute,
@@ -58,7 +66,9 @@ FROM (SELECT CASE WHEN deflated IS NULL THEN body ELSE inflated_body(deflated) E
      json_each(s.value, '$.gpus') AS g,
      json_each(g.value) AS k
 WHERE k.type IN ('integer', 'real')
+  AND abs(k.value) < 1e300
   AND json_type(s.value, '$.taken_at') IN ('integer', 'real')
+  AND abs(json_extract(s.value, '$.taken_at')) < 1e15
   AND json_type(g.value, '$.id') = 'text'
 GROUP BY minute, gpu, metric
 ON CONFLICT (node_id, minute, gpu, metric) DO UPDATE SET
@@ -71,8 +81,10 @@ ON CONFLICT (node_id, minute, gpu, metric) DO UPDATE SET
 
 # PostgreSQL's: jsonb, each value checked for its type before it is cast (a cast of the
 # wrong type is an error there, not a NULL), readings as numeric (1e400 is one, a float8
-# overflows) and only those a float8 holds kept.
-_FOLD_POSTGRES = f"""
+# overflows) and only those a float8 holds kept. ``{bodies}`` is where the batches' text
+# comes from: the rows stored as text, or those stored deflated, inflated by the caller
+# (the server cannot inflate them itself) and passed as one array.
+_FOLD_POSTGRES = """
 INSERT INTO telemetry_minutes (node_id, minute, gpu, metric, min, mean, max, samples)
 SELECT CAST(? AS TEXT), (trunc(taken_at / 60) * 60)::bigint AS minute, gpu, metric,
        MIN(v), AVG(v), MAX(v), COUNT(*)
@@ -82,8 +94,7 @@ FROM (
            CASE WHEN jsonb_typeof(g.value -> 'id') = 'string' THEN g.value ->> 'id' END AS gpu,
            k.key AS metric,
            CASE WHEN jsonb_typeof(k.value) = 'number' THEN k.value::numeric END AS v
-    FROM (SELECT {JSONB.format("body")} AS b FROM messages
-          WHERE node_id = ? AND type = 'telemetry' AND received < ?) AS m
+    FROM ({bodies}) AS m
     CROSS JOIN LATERAL jsonb_array_elements(CASE jsonb_typeof(m.b -> 'samples')
         WHEN 'array' THEN m.b -> 'samples' ELSE '[]' END) AS s
     CROSS JOIN LATERAL jsonb_array_elements(CASE jsonb_typeof(s.value -> 'gpus')
@@ -102,6 +113,14 @@ ON CONFLICT (node_id, minute, gpu, metric) DO UPDATE SET
            / (telemetry_minutes.samples + excluded.samples),
     samples = telemetry_minutes.samples + excluded.samples
 """
+_FOLD_POSTGRES_TEXT = _FOLD_POSTGRES.format(
+    bodies=f"SELECT {JSONB.format('body')} AS b {_RAW} AND deflated IS NULL"
+)
+_FOLD_POSTGRES_INFLATED = _FOLD_POSTGRES.format(
+    bodies=f"SELECT {JSONB.format('t')} AS b FROM unnest(CAST(? AS TEXT[])) AS t"
+)
+#: Deflated batches inflated and folded a statement at a time: ~3.5 MB of text at most.
+_INFLATED_AT_ONCE = 64
 
 
 def downsample(target: DbTarget, received_before: float, aggregates_before: float) -> int:
@@ -122,7 +141,13 @@ def downsample(target: DbTarget, received_before: float, aggregates_before: floa
             (received_before,),
         ).fetchall()
         for (node_id,) in nodes:
-            folded += _fold(db, str(node_id), received_before)
+            try:
+                folded += _fold(db, str(node_id), received_before)
+            except driver_errors() as exc:
+                # Rows the database will not fold (a hostile batch it cannot read, a
+                # damaged page) hold back no other node: theirs stay raw, counted by the
+                # quota, until retention deletes them.
+                _log.warning("downsampling %s failed; its raw rows stay: %s", node_id, exc)
         # One statement for every node's minutes past their keep.
         db.execute("DELETE FROM telemetry_minutes WHERE minute < ?", (aggregates_before,))
         return folded
@@ -152,10 +177,25 @@ def _fold(db: Database, node_id: str, received_before: float) -> int:
             if isinstance(db, SqliteDatabase):
                 db.execute(_FOLD_SQLITE, (node_id, received_before))
             else:
-                db.execute(_FOLD_POSTGRES, (node_id, node_id, received_before))
+                _fold_postgres(db, node_id, received_before)
             db.execute(f"DELETE {_RAW}", (node_id, received_before))
             db.execute(
                 "UPDATE nodes SET stored_bytes = stored_bytes - ? WHERE node_id = ?",
                 (size, node_id),
             )
     return int(count)
+
+
+def _fold_postgres(db: Database, node_id: str, received_before: float) -> None:
+    """PostgreSQL's fold of one node's raw rows: those stored as text in one statement,
+    those stored deflated inflated here (a row that does not inflate folds as nothing, as
+    on SQLite) and folded a few dozen at a time."""
+    db.execute(_FOLD_POSTGRES_TEXT, (node_id, node_id, received_before))
+    rows = db.execute(
+        f"SELECT deflated {_RAW} AND deflated IS NOT NULL", (node_id, received_before)
+    ).fetchall()
+    for start in range(0, len(rows), _INFLATED_AT_ONCE):
+        chunk = (_inflated_body(bytes(d)) for (d,) in rows[start : start + _INFLATED_AT_ONCE])
+        bodies = [body for body in chunk if body is not None]
+        if bodies:
+            db.execute(_FOLD_POSTGRES_INFLATED, (node_id, bodies))

@@ -22,8 +22,8 @@ Grouped by how the operator reacts::
     |            and the JobError codes the API answered with
     +-- GatewayError              the gateway refused a client's request, or the admin a key
     |     codes: invalid_api_key, rate_limited, model_not_found, no_ready_replica,
-    |            replicas_busy, bad_request, request_too_large, headers_too_large,
-    |            request_timeout, upstream_error,
+    |            replicas_busy, gateway_busy, bad_request, request_too_large,
+    |            headers_too_large, request_timeout, upstream_error,
     |            upstream_timeout, response_too_large, not_found, method_not_allowed,
     |            unknown_key_id, bad_key_name, bad_rate, bad_peer (a request on the
     |            coordinators' own path without their proof)

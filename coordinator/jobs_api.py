@@ -137,6 +137,8 @@ def _decode(body: bytes, kind: type[_T]) -> _T:
         return msgspec.json.decode(body, type=kind)
     except msgspec.DecodeError as exc:
         raise JobError("bad_request", f"the body is not the expected JSON object: {exc}") from None
+    except RecursionError:  # msgspec's own limit: a spec of nested brackets
+        raise JobError("bad_request", "the body is nested too deeply") from None
 
 
 def _summary(jobs: JobService, job: JobSummary) -> dict[str, Any]:

@@ -11,8 +11,9 @@ coordinator. One that answered an expired, unknown or already used nonce is kept
 
 from __future__ import annotations
 
+import json
 import zlib
-from typing import Any
+from typing import Any, NamedTuple
 
 import msgspec
 
@@ -22,8 +23,10 @@ from coordinator.db import Database
 __all__ = [
     "STORED_SIZE",
     "LatestProfile",
+    "LatestSample",
     "NodeRow",
     "NodeTable",
+    "Standing",
     "StoredMessage",
     "Unverified",
     "VerifiedProfile",
@@ -40,6 +43,33 @@ _DEFLATE_TAIL = b"\x00\x00\xff\xff"
 
 class _Frame(msgspec.Struct):
     body: msgspec.Raw
+
+
+class _Batch(msgspec.Struct):
+    """A telemetry batch with its samples left undecoded."""
+
+    samples: list[msgspec.Raw] = []
+    dropped: int = 0
+
+
+class Standing(NamedTuple):
+    """What decides whether and how a node's next message is stored (its row, locked)."""
+
+    agent_seq: int
+    """The highest seq stored from it (0 when none)."""
+    stored_bytes: int
+    """What its quota counts."""
+    verified: bool
+    """It has a verified profile (its full quota)."""
+
+
+class LatestSample(NamedTuple):
+    """A node's newest telemetry sample: the last of its newest batch."""
+
+    seq: int
+    sample: Any
+    """None: the batch held none."""
+    dropped: int
 
 
 def inflated_body(deflated: bytes) -> bytes:
@@ -128,35 +158,39 @@ class NodeTable:
         ).fetchone()
         return None if row is None else str(row[0])
 
-    def all(self) -> list[NodeRow]:
-        """Every node, most recently seen first."""
-        rows = self._db.execute(
-            "SELECT node_id, public_key, first_seen, last_seen, agent_seq"
-            " FROM nodes ORDER BY last_seen DESC, node_id"
-        ).fetchall()
-        return [
-            NodeRow(
-                node_id=r[0], public_key=r[1], first_seen=r[2], last_seen=r[3], last_agent_seq=r[4]
-            )
-            for r in rows
-        ]
+    def all(self, *, offset: int = 0, limit: int | None = None) -> list[NodeRow]:
+        """Every node (or ``limit`` of them past the first ``offset``), most recently seen
+        first."""
+        sql = _NODE_ROW + " ORDER BY last_seen DESC, node_id"
+        page: tuple[int, ...] = () if limit is None else (limit, offset)
+        rows = self._db.execute(sql + (" LIMIT ? OFFSET ?" if page else ""), page).fetchall()
+        return [_node(r) for r in rows]
 
     def get(self, node_id: str) -> NodeRow | None:
         """One node, or None when it was never seen."""
-        return next((n for n in self.all() if n.node_id == node_id), None)
+        row = self._db.execute(_NODE_ROW + " WHERE node_id = ?", (node_id,)).fetchone()
+        return None if row is None else _node(row)
 
-    def agent_seq(self, node_id: str, *, lock: bool = False) -> int | None:
-        """The highest seq stored from a node (0 when none); None for a node never seen.
-
-        Args:
-            lock: lock the node's row until the transaction ends (where the transaction
-                does not hold the whole store already): what decides the next write.
-        """
+    def agent_seq(self, node_id: str) -> int | None:
+        """The highest seq stored from a node (0 when none); None for a node never seen."""
         row = self._db.execute(
-            "SELECT agent_seq FROM nodes WHERE node_id = ?" + (self._db.for_update if lock else ""),
-            (node_id,),
+            "SELECT agent_seq FROM nodes WHERE node_id = ?", (node_id,)
         ).fetchone()
         return None if row is None else int(row[0])
+
+    def standing(self, node_id: str) -> Standing | None:
+        """The node's :class:`Standing`, its row locked until the transaction ends (where
+        the transaction does not hold the whole store already); None for a node never
+        seen. One read: each is a round trip to a PostgreSQL server, per message."""
+        row = self._db.execute(
+            "SELECT agent_seq, stored_bytes,"
+            " EXISTS (SELECT 1 FROM profiles p WHERE p.node_id = nodes.node_id)"
+            " FROM nodes WHERE node_id = ?" + self._db.for_update,
+            (node_id,),
+        ).fetchone()
+        if row is None:
+            return None
+        return Standing(agent_seq=int(row[0]), stored_bytes=int(row[1]), verified=bool(row[2]))
 
     def last_agent_seq(self, node_id: str) -> int:
         """The highest seq stored from a node (0 when none), kept when retention deletes it."""
@@ -173,16 +207,21 @@ class NodeTable:
         now: float,
         *,
         deflated: bytes | None = None,
+        size: int = 0,
     ) -> None:
         """Store a message as the node's last (its seq is the caller's check): its JSON
         ``body``, or its whole frame as the DEFLATE stream ``deflated`` it came in, with an
-        empty ``body`` (:func:`inflated_body` reads it)."""
+        empty ``body`` (:func:`inflated_body` reads it); ``size`` added to the bytes its
+        quota counts (:class:`~coordinator.retention.Retention` keeps the total)."""
         self._db.execute(
             "INSERT INTO messages (node_id, seq, type, body, deflated, received)"
             " VALUES (?, ?, ?, ?, ?, ?)",
             (node_id, seq, kind, body, deflated, now),
         )
-        self._db.execute("UPDATE nodes SET agent_seq = ? WHERE node_id = ?", (seq, node_id))
+        self._db.execute(
+            "UPDATE nodes SET agent_seq = ?, stored_bytes = stored_bytes + ? WHERE node_id = ?",
+            (seq, size, node_id),
+        )
 
     def insert_profile(
         self,
@@ -213,15 +252,51 @@ class NodeTable:
     # ------------------------------------------------------------------ messages and profiles
 
     def messages(
-        self, node_id: str, kind: str, *, since_seq: int = 0, limit: int = 1000
+        self,
+        node_id: str,
+        kind: str,
+        *,
+        since_seq: int = 0,
+        limit: int = 1000,
+        max_bytes: int | None = None,
     ) -> list[StoredMessage]:
-        """A node's messages of one type after ``since_seq``, in seq order."""
+        """A node's messages of one type after ``since_seq``, in seq order; with
+        ``max_bytes``, no more than their text holds (at least one message): what is
+        stored deflated may be a thousand times that once inflated."""
         rows = self._db.execute(
             "SELECT seq, type, body, deflated, received FROM messages"
             " WHERE node_id = ? AND type = ? AND seq > ? ORDER BY seq LIMIT ?",
             (node_id, kind, since_seq, limit),
         ).fetchall()
-        return [_stored(row) for row in rows]
+        messages: list[StoredMessage] = []
+        size = 0
+        for seq, kind_, body, deflated, received in rows:
+            text = body if deflated is None else inflated_body(bytes(deflated))
+            size += len(text)
+            if max_bytes is not None and messages and size > max_bytes:
+                break
+            messages.append(_message(seq, kind_, text, received))
+        return messages
+
+    def latest_sample(self, node_id: str) -> LatestSample | None:
+        """A node's newest telemetry sample (only that one is decoded of its batch)."""
+        row = self._db.execute(
+            "SELECT seq, body, deflated FROM messages"
+            " WHERE node_id = ? AND type = 'telemetry' ORDER BY seq DESC LIMIT 1",
+            (node_id,),
+        ).fetchone()
+        if row is None:
+            return None
+        seq, body, deflated = row
+        batch = msgspec.json.decode(
+            body if deflated is None else inflated_body(bytes(deflated)), type=_Batch
+        )
+        sample = _decoded(bytes(batch.samples[-1])) if batch.samples else None
+        return LatestSample(seq=seq, sample=sample, dropped=batch.dropped)
+
+    def count(self) -> int:
+        """How many nodes the store knows."""
+        return int(self._db.execute("SELECT COUNT(*) FROM nodes").fetchone()[0])
 
     def latest(self, node_id: str, kind: str) -> StoredMessage | None:
         """A node's newest message of one type."""
@@ -299,8 +374,36 @@ class NodeTable:
         )
 
 
+_NODE_ROW = "SELECT node_id, public_key, first_seen, last_seen, agent_seq FROM nodes"
+
+
+def _node(row: Any) -> NodeRow:
+    node_id, public_key, first_seen, last_seen, agent_seq = row
+    return NodeRow(
+        node_id=node_id,
+        public_key=public_key,
+        first_seen=first_seen,
+        last_seen=last_seen,
+        last_agent_seq=agent_seq,
+    )
+
+
 def _stored(row: Any) -> StoredMessage:
     """A message from its row: seq, type, body, deflated, received."""
     seq, kind, body, deflated, received = row
     text = body if deflated is None else inflated_body(bytes(deflated))
-    return StoredMessage(seq=seq, type=kind, body=msgspec.json.decode(text), received=received)
+    return _message(seq, kind, text, received)
+
+
+def _message(seq: int, kind: str, text: str | bytes, received: float) -> StoredMessage:
+    return StoredMessage(seq=seq, type=kind, body=_decoded(text), received=received)
+
+
+def _decoded(text: str | bytes) -> Any:
+    """A stored body's JSON. A telemetry reading past a float's range (``1e400``) was
+    stored as it came (samples are checked as JSON, not decoded): Python's parser reads it
+    as an infinity, which an answer encodes as null, where msgspec's refuses it."""
+    try:
+        return msgspec.json.decode(text)
+    except msgspec.ValidationError:
+        return json.loads(text)

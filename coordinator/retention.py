@@ -45,16 +45,17 @@ class Retention:
         self._total_bytes: int | None = None
         self._total_read_at = (db.rollbacks, 0)
 
-    def make_room(self, node_id: str, size: int, *, verifies: bool) -> bool:
+    def make_room(self, node_id: str, size: int, *, stored: int, verified: bool) -> bool:
         """Whether a message of ``size`` bytes fits the node's quota and the store's cap,
         once its oldest telemetry is deleted (in the caller's transaction) to make room.
 
         Args:
-            verifies: the message brings a verified profile: the node is held to its full
-                quota, not to the unverified one.
+            stored: the bytes the node's quota counts now (its locked row's).
+            verified: the node has a verified profile, or the message brings one: it is
+                held to its full quota, not to the unverified one.
         """
-        quota = self._quota(node_id, verifies=verifies)
-        over = self.stored_bytes(node_id) + size - quota if quota else 0
+        quota = self._quota(verified=verified)
+        over = stored + size - quota if quota else 0
         slack = quota // 8
         cap = self._quotas.store_bytes
         if cap:
@@ -79,18 +80,18 @@ class Retention:
         self._db.execute(
             "UPDATE nodes SET stored_bytes = stored_bytes + ? WHERE node_id = ?", (delta, node_id)
         )
+        self.counted(delta)
+
+    def counted(self, delta: int) -> None:
+        """``delta`` was added to a node's stored bytes (by the caller's statement): the
+        total follows."""
         if self._total_bytes is not None:
             self._total_bytes += delta
 
-    def _quota(self, node_id: str, *, verifies: bool) -> int:
-        """The node's quota (0: none): the smaller one until it has a verified profile."""
+    def _quota(self, *, verified: bool) -> int:
+        """A node's quota (0: none): the smaller one until it has a verified profile."""
         quota, unverified_quota = self._quotas.node_bytes, self._quotas.unverified_node_bytes
-        if not unverified_quota or verifies:
-            return quota  # a message that verifies the node is held to its full quota
-        verified = self._db.execute(
-            "SELECT 1 FROM profiles WHERE node_id = ?", (node_id,)
-        ).fetchone()
-        if verified is not None:
+        if not unverified_quota or verified:
             return quota
         return min(quota, unverified_quota) if quota else unverified_quota
 

@@ -55,5 +55,6 @@ class ServiceSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
     restart: RestartPolicy = msgspec.field(default_factory=RestartPolicy)
     lease_s: Annotated[float, Meta(ge=10, le=30 * 86400)] = 3600.0
     """How long it may run unless the coordinator renews the lease."""
-    max_streams: Annotated[int, Meta(ge=1, le=4096)] = 64
-    """Requests in flight at most; the gateway sends no more."""
+    max_streams: Annotated[int, Meta(ge=1, le=256)] = 64
+    """Requests in flight at most; the gateway sends no more. At most what a node's tunnel
+    holds open at once (``agent.protocol.tunnel.MAX_STREAMS``, for all its services)."""

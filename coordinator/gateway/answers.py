@@ -43,6 +43,7 @@ STATUS: Final[dict[str, tuple[int, str]]] = {
     "response_too_large": (502, "server_error"),
     "no_ready_replica": (503, "server_error"),
     "replicas_busy": (503, "server_error"),
+    "gateway_busy": (503, "server_error"),
     "upstream_timeout": (504, "server_error"),
 }
 
@@ -82,6 +83,8 @@ def read_model(body: bytes) -> Asked:
         value: Any = msgspec.json.decode(body)
     except msgspec.DecodeError:
         raise GatewayError("bad_request", "the body is not JSON") from None
+    except RecursionError:  # msgspec's own limit: a body of nested brackets
+        raise GatewayError("bad_request", "the body is nested too deeply") from None
     if not isinstance(value, dict):
         raise GatewayError("bad_request", "the body is not a JSON object")
     model = value.get("model")

@@ -3,7 +3,8 @@
 Bounded whatever the client does (slowloris-proof): a request's line and headers must
 arrive whole within ``head_timeout_s`` of the connection's start or of the previous
 answer's end (the keep-alive allowance too), at most ``max_header_bytes`` of them; its body
-within ``body_timeout_s``, at most ``max_body_bytes``; each write must be taken by the
+within ``body_timeout_s``, at most ``max_body_bytes`` (and ``max_held_body_bytes`` over
+every connection: :mod:`.caps`); each write must be taken by the
 client within ``write_timeout_s``. A client that breaks a bound is answered (400, 408,
 413, 431) when it can be, and closed.
 
@@ -24,13 +25,18 @@ import h11
 import msgspec
 
 from coordinator.errors import GatewayError
+from coordinator.gateway.caps import BodyBudget
+from coordinator.gateway.pieces import Pieces
 
-__all__ = ["ClientConnection", "ClientGone", "Limits"]
+__all__ = ["ClientConnection", "ClientGone", "Limits", "linger"]
 
 _READ = 64 * 1024
 #: Bytes written and not yet taken by the client before a write waits (asyncio's default
 #: high-water mark): the answer's memory per client, beside the tunnel's window.
 _WRITE_HIGH = 64 * 1024
+#: How long, and how many bytes, a client cut off mid-request is read for (and dropped).
+_LINGER_S = 1.0
+_LINGER_BYTES = 1 << 20
 
 
 class Limits(msgspec.Struct, frozen=True, kw_only=True):
@@ -42,6 +48,11 @@ class Limits(msgspec.Struct, frozen=True, kw_only=True):
     body_timeout_s: float = 60.0
     write_timeout_s: float = 30.0
     max_connections: int = 1024
+    max_connections_per_source: int = 128
+    """Of one IPv4 address or IPv6 /64: one source cannot hold every connection."""
+    max_held_body_bytes: int = 256 << 20
+    """Of request bodies read and not yet answered, over every connection (32 of the
+    largest): past it a request is refused ``gateway_busy`` as its body comes."""
 
 
 class ClientGone(Exception):
@@ -52,11 +63,17 @@ class ClientConnection:
     """Requests in, answers out, over one client connection."""
 
     def __init__(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, limits: Limits
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        limits: Limits,
+        bodies: BodyBudget,
     ) -> None:
         self._reader = reader
         self._writer = writer
         self._limits = limits
+        self._bodies = bodies
+        self._held = 0
         self._conn = h11.Connection(h11.SERVER, max_incomplete_event_size=limits.max_header_bytes)
         self.gone = asyncio.Event()
         """Set when the client closed its side while an answer was being written."""
@@ -74,6 +91,7 @@ class ClientConnection:
                 ``headers_too_large``, ``request_too_large``, ``request_timeout``): answer
                 it, then close.
         """
+        self._give_back()  # the previous request's body is answered
         if self._conn.our_state is h11.DONE and self._conn.their_state is h11.DONE:
             self._conn.start_next_cycle()
         try:
@@ -98,20 +116,31 @@ class ClientConnection:
         return event
 
     async def read_body(self) -> bytes:
-        """The current request's whole body.
+        """The current request's whole body, counted held until the next request's head
+        or the connection's close.
 
         Raises:
-            GatewayError: ``request_too_large``, ``request_timeout``, ``bad_request``.
+            GatewayError: ``request_too_large``, ``request_timeout``, ``bad_request``
+                (not HTTP, or chunks far smaller than a body's: :mod:`.pieces`),
+                ``gateway_busy`` (the bodies held over all connections are at their bound).
             ClientGone: the client closed before the end of its body.
         """
         if self._conn.they_are_waiting_for_100_continue:
             await self._send(h11.InformationalResponse(status_code=100, headers=[]))
         body = bytearray()
+        pieces = Pieces()
         try:
             async with asyncio.timeout(self._limits.body_timeout_s):
                 while not isinstance(part := await self._next_event(), h11.EndOfMessage):
                     if not isinstance(part, h11.Data):
                         raise ClientGone("closed before the end of its body")
+                    if not pieces.add(len(part.data)):  # each costs the loop: bounded
+                        raise GatewayError("bad_request", f"a body in {pieces.refusal()}")
+                    if not self._bodies.take(len(part.data)):
+                        raise GatewayError(
+                            "gateway_busy", "too many bodies held", retry_after_s=1.0
+                        )
+                    self._held += len(part.data)
                     body += part.data
                     if len(body) > self._limits.max_body_bytes:
                         raise GatewayError(
@@ -181,7 +210,12 @@ class ClientConnection:
             raise outcome
 
     async def close(self) -> None:
-        """Close the connection (after what was written)."""
+        """Close the connection (after what was written); a client cut off in the middle
+        of its request is let read its answer first (:func:`linger`)."""
+        self._give_back()
+        their = self._conn.their_state
+        if their is h11.SEND_BODY or their is h11.ERROR or self._conn.trailing_data[0]:
+            await linger(self._reader, self._writer)
         self._writer.close()
         with contextlib.suppress(ConnectionError, TimeoutError):
             async with asyncio.timeout(self._limits.write_timeout_s):
@@ -204,11 +238,15 @@ class ClientConnection:
         """Drop the connection at once (a response that cannot end well)."""
         self._writer.transport.abort()
 
+    def _give_back(self) -> None:
+        self._bodies.give_back(self._held)
+        self._held = 0
+
     async def _watch(self) -> None:
         kept = 0
         try:
             # Bytes of a next request are kept, up to one header block's worth: then
-            # reading stops (the client waits, as TCP makes it).
+            # reading stops (the client waits, as TCP makes it) while the work goes on.
             while kept <= self._limits.max_header_bytes:
                 data = await self._reader.read(_READ)
                 if not data:
@@ -216,6 +254,7 @@ class ClientConnection:
                     return
                 kept += len(data)
                 self._conn.receive_data(data)
+            await asyncio.get_running_loop().create_future()  # until cancelled: not done
         except ConnectionError:
             self.gone.set()
 
@@ -254,6 +293,23 @@ class ClientConnection:
         except (ConnectionError, TimeoutError) as exc:
             self.abort()
             raise ClientGone(f"the client did not take the answer: {exc!r}") from None
+
+
+async def linger(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """Before closing a connection whose client may still be sending: closed with bytes
+    unread, its socket is reset, and the client's kernel drops the answer before it is
+    read. So our end goes first (half-close, after the answer), and what the client sends
+    is read and dropped until its end, for at most :data:`_LINGER_S` and
+    :data:`_LINGER_BYTES` (a client still sending past them is reset)."""
+    try:
+        if writer.can_write_eof():
+            writer.write_eof()
+        async with asyncio.timeout(_LINGER_S):
+            dropped = 0
+            while dropped < _LINGER_BYTES and (data := await reader.read(_LINGER_BYTES)):
+                dropped += len(data)
+    except (ConnectionError, TimeoutError):
+        pass  # gone, or still sending: closed now
 
 
 def _content_length(request: h11.Request) -> int | None:

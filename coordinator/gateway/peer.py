@@ -82,7 +82,8 @@ class PeerAuth:
         if value is None:
             return False
         at_text, _, mac = value.partition(":")
-        if not at_text.isdigit() or len(at_text) > 12:
+        # ASCII digits only: "²" is a digit to isdigit(), and no number to int().
+        if not (at_text.isascii() and at_text.isdigit()) or len(at_text) > 12:
             return False
         at = int(at_text)
         if abs(self._clock() - at) > SKEW_S:

@@ -43,6 +43,8 @@ __all__ = ["Proxy", "Timeouts"]
 _JSON = ("content-type", "application/json")
 #: How often a request waiting for a busy replica looks again (a new replica may be ready).
 _RECHECK_S = 0.5
+#: A record's path, at most: a route is shorter; a client's 404s keep no 16 KiB heads.
+_RECORDED_PATH_CHARS = 256
 
 
 class Timeouts(msgspec.Struct, frozen=True, kw_only=True):
@@ -351,7 +353,7 @@ class Proxy:
                 at=self._clock(),
                 key_id=state.key_id,
                 method=state.method,
-                path=state.path,
+                path=state.path[:_RECORDED_PATH_CHARS],
                 model=state.model,
                 node_id=state.node_id,
                 job_id=state.job_id,

@@ -1,7 +1,8 @@
 """The gateway's listener: client connections, one request at a time each, kept alive.
 
-Each connection is a task; at most ``max_connections`` are served at once (one more is
-answered 503 and closed), and each is bounded in time and bytes
+Each connection is a task; at most ``max_connections`` are served at once, and
+``max_connections_per_source`` of one client's address (:mod:`.caps`): one more is
+answered 503 and closed; each is bounded in time and bytes
 (:class:`coordinator.gateway.client_conn.Limits`). A request is answered by
 :class:`coordinator.gateway.proxy.Proxy`: its key checked from its head, then its body
 read, then, while it is sent to a replica and answered, the client's side of the
@@ -22,7 +23,8 @@ import msgspec
 
 from coordinator.errors import GatewayError
 from coordinator.gateway import answers
-from coordinator.gateway.client_conn import ClientConnection, ClientGone, Limits
+from coordinator.gateway.caps import BodyBudget, Sources, source_of
+from coordinator.gateway.client_conn import ClientConnection, ClientGone, Limits, linger
 from coordinator.gateway.peer import PATH_PREFIX, PeerAuth, serve_peer
 from coordinator.gateway.proxy import Proxy, Timeouts
 from coordinator.gateway.records import RecordWriter
@@ -98,6 +100,10 @@ class Gateway:
         )
         self._server: asyncio.Server | None = None
         self._connections: set[asyncio.Task[None]] = set()
+        self._refusing: set[asyncio.Task[None]] = set()
+        """Connections refused, their 503 being read."""
+        self._sources = Sources(self.settings.limits.max_connections_per_source)
+        self._bodies = BodyBudget(self.settings.limits.max_held_body_bytes)
 
     @property
     def port(self) -> int:
@@ -110,6 +116,11 @@ class Gateway:
     def connections(self) -> int:
         """Client connections served now."""
         return len(self._connections)
+
+    @property
+    def body_bytes_held(self) -> int:
+        """Bytes of request bodies read and not yet answered, over every connection."""
+        return self._bodies.held
 
     async def start(self) -> None:
         """Listen, and start writing request records."""
@@ -127,9 +138,10 @@ class Gateway:
         the last records."""
         if self._server is not None:
             self._server.close()
-            for task in list(self._connections):
+            tasks = self._connections | self._refusing
+            for task in tasks:
                 task.cancel()
-            await asyncio.gather(*self._connections, return_exceptions=True)
+            await asyncio.gather(*tasks, return_exceptions=True)
             await self._server.wait_closed()
             self._server = None
         self.proxy.pool.close()
@@ -139,40 +151,64 @@ class Gateway:
         task = asyncio.current_task()
         assert task is not None
         limits = self.settings.limits
-        if len(self._connections) >= limits.max_connections:
-            body = answers.error_body(GatewayError("replicas_busy", "too many connections"))[1]
-            writer.write(_BUSY % len(body) + body)
-            writer.close()
+        source = source_of(writer.get_extra_info("peername"))
+        if len(self._connections) >= limits.max_connections or not self._sources.admit(source):
+            await self._busy(task, reader, writer)
             return
         self._connections.add(task)
-        client = ClientConnection(reader, writer, limits)
+        client = ClientConnection(reader, writer, limits, self._bodies)
+        counted = True
         try:
-            while await self._one(client):
-                pass
+            while (request := await self._head(client)) is not None:
+                if request.target.startswith(PATH_PREFIX):
+                    # A peer's stream: a coordinator relays its clients' streams, one
+                    # connection each, from its one address; not one client's share.
+                    self._sources.release(source)
+                    counted = False
+                    await self._peer(request, client)
+                    break
+                await self.proxy.handle(request, client)
+                if not client.keep_alive:
+                    break
         except (ClientGone, ConnectionError):
             pass  # nobody to answer
         except Exception:  # a bug: said, and this connection closed; the others go on
             _log.exception("gateway: a request failed")
         finally:
-            self._connections.discard(task)
-            await client.close()
+            try:
+                await client.close()  # counted until closed: a lingering close holds a socket
+            finally:
+                self._connections.discard(task)
+                if counted:
+                    self._sources.release(source)
 
-    async def _one(self, client: ClientConnection) -> bool:
-        """Answer the connection's next request; False when it is to be closed."""
+    async def _busy(
+        self, task: asyncio.Task[None], reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        """Refuse a connection 503, in a way the client reads (:func:`linger`); in a flood
+        of refusals, closed at once."""
+        body = answers.error_body(GatewayError("replicas_busy", "too many connections"))[1]
+        writer.write(_BUSY % len(body) + body)
+        if len(self._refusing) >= self.settings.limits.max_connections:
+            writer.close()
+            return
+        self._refusing.add(task)
         try:
-            request = await client.next_head()
+            await linger(reader, writer)
+        finally:
+            self._refusing.discard(task)
+            writer.close()
+
+    async def _head(self, client: ClientConnection) -> h11.Request | None:
+        """The connection's next request's head; None when it is to be closed (a head
+        that broke a bound is answered first)."""
+        try:
+            return await client.next_head()
         except GatewayError as exc:
             if client.can_answer:
                 status, body = answers.error_body(exc)
                 await client.answer(status, [("content-type", "application/json")], body)
-            return False
-        if request is None:
-            return False
-        if request.target.startswith(PATH_PREFIX):
-            await self._peer(request, client)
-            return False
-        await self.proxy.handle(request, client)
-        return client.keep_alive
+            return None
 
     async def _peer(self, request: h11.Request, client: ClientConnection) -> None:
         """A peer's request for a stream (a coordinator's own path: no client's)."""

@@ -7,7 +7,10 @@ gives nobody a usable key. A request record names the key by its id.
 from __future__ import annotations
 
 import hashlib
+import re
 import secrets
+import time
+from collections.abc import Callable
 from typing import Any, Final
 
 import msgspec
@@ -17,7 +20,9 @@ from coordinator.errors import GatewayError
 
 __all__ = [
     "KEY_PREFIX",
+    "MAX_UNKNOWN",
     "SCHEMA",
+    "UNKNOWN_FOR_S",
     "ApiKey",
     "ApiKeyTable",
     "RequestRecord",
@@ -76,6 +81,11 @@ RETURNING tat
 
 #: What every key starts with: a secret scanner (and a person) tells it from others.
 KEY_PREFIX: Final = "gpk-"
+#: Every key's text: the prefix and 32 random bytes, URL-safe base64 (``create``).
+_KEY_SHAPE: Final = re.compile(re.escape(KEY_PREFIX) + r"[A-Za-z0-9_-]{43}")
+#: How long a text no key has is refused without a lookup, and how many are remembered.
+UNKNOWN_FOR_S: Final = 5.0
+MAX_UNKNOWN: Final = 10_000
 _KEY_COLUMNS = "key_id, name, rate_per_min, created, revoked"
 _RECORD_FIELDS: Final = (
     "at, key_id, method, path, model, node_id, job_id, status, code, stream, attempts,"
@@ -142,11 +152,20 @@ class ApiKeyTable:
     unknown key is never kept); a revocation, through this same table, drops its entry. On
     a store that other coordinators share, a key is read at each request instead: one
     revoked through another coordinator is refused here at once.
+
+    A flood of junk keys costs no lookup each: a text not of a key's shape is refused
+    unread, and an unknown one is remembered (by its hash, :data:`UNKNOWN_FOR_S`, at most
+    :data:`MAX_UNKNOWN` of them) and refused unread meanwhile. That never refuses a key
+    that exists: a key's text is shown once its row is written, so no client can send it
+    before; the time bounds the odd case of a row written otherwise (a restore, a hand).
     """
 
-    def __init__(self, db: Database) -> None:
+    def __init__(self, db: Database, *, clock: Callable[[], float] = time.monotonic) -> None:
         self._db = db
+        self._clock = clock
         self._found: dict[str, ApiKey] = {}
+        self._unknown: dict[str, float] = {}
+        """Hashes of texts no key has, and until when they are taken so."""
         self._keeps = db.dialect == "sqlite"
         self.shared = not self._keeps
         """Whether other coordinators use these keys (and :meth:`take_rate`)."""
@@ -177,19 +196,32 @@ class ApiKeyTable:
 
     def find(self, text: str) -> ApiKey | None:
         """The key whose text this is, revoked or not; None when there is none."""
+        if not _KEY_SHAPE.fullmatch(text):
+            return None
         digest = hash_key(text)
         key = self._found.get(digest)
         if key is not None:
             return key
+        now = self._clock()
+        if self._unknown.get(digest, now) > now:
+            return None
         row = self._db.execute(
             f"SELECT {_KEY_COLUMNS} FROM api_keys WHERE key_sha256 = ?", (digest,)
         ).fetchone()
         if row is None:
+            self._remember_unknown(digest, now)
             return None
         key = _key(row)
         if self._keeps:
             self._found[digest] = key
         return key
+
+    def _remember_unknown(self, digest: str, now: float) -> None:
+        if len(self._unknown) >= MAX_UNKNOWN:
+            self._unknown = {d: t for d, t in self._unknown.items() if t > now}
+            if len(self._unknown) >= MAX_UNKNOWN:  # all fresh: the oldest half goes
+                self._unknown = dict(list(self._unknown.items())[MAX_UNKNOWN // 2 :])
+        self._unknown[digest] = now + UNKNOWN_FOR_S
 
     def take_rate(self, key_id: str, rate_per_min: int, now: float) -> float:
         """Take one request of the key's shared rate (PostgreSQL): 0.0, or the seconds to

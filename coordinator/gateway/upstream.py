@@ -20,6 +20,7 @@ import h11
 
 from coordinator.errors import GatewayError, StreamError
 from coordinator.gateway.peer import PeerStream
+from coordinator.gateway.pieces import Pieces
 from coordinator.tunnel import TunnelStream
 
 __all__ = ["Upstream"]
@@ -108,12 +109,16 @@ class Upstream:
         return event
 
     async def body(self, idle_timeout_s: float) -> AsyncIterator[bytes]:
-        """The answer's body, piece by piece as it comes.
+        """The answer's body, piece by piece as it comes: the pieces already read are
+        joined into one (a token that came alone passes alone; a flood of tiny chunks is
+        one write on, not one each).
 
         Raises:
             GatewayError: ``upstream_timeout`` (nothing came for ``idle_timeout_s``),
-                ``upstream_error`` (the stream failed or the answer broke off).
+                ``upstream_error`` (the stream failed, the answer broke off, or came in
+                far more pieces than its bytes justify: :mod:`.pieces`).
         """
+        pieces = Pieces()
         while True:
             try:
                 async with asyncio.timeout(idle_timeout_s):
@@ -125,11 +130,27 @@ class Upstream:
             except StreamError as exc:
                 raise GatewayError("upstream_error", f"the service's stream: {exc.code}") from None
             if isinstance(event, h11.Data):
-                yield bytes(event.data)
-            elif isinstance(event, h11.EndOfMessage):
+                joined = bytearray()
+                while isinstance(event, h11.Data):
+                    if not pieces.add(len(event.data)):
+                        raise GatewayError(
+                            "upstream_error", f"the service's answer came in {pieces.refusal()}"
+                        )
+                    joined += event.data
+                    event = self._parsed()
+                yield bytes(joined)
+                if event is h11.NEED_DATA:
+                    continue
+            if isinstance(event, h11.EndOfMessage):
                 return
-            else:
-                raise GatewayError("upstream_error", "the service's answer broke off")
+            raise GatewayError("upstream_error", "the service's answer broke off")
+
+    def _parsed(self) -> h11.Event | type[h11.PAUSED] | type[h11.NEED_DATA]:
+        """The next event of what was read already (``NEED_DATA`` when none is whole)."""
+        try:
+            return self._conn.next_event()
+        except h11.RemoteProtocolError as exc:
+            raise GatewayError("upstream_error", f"the service's answer: {exc}") from None
 
     async def finish(self) -> None:
         """After the whole answer: half-close, so that the stream ends both ways."""
@@ -137,10 +158,7 @@ class Upstream:
 
     async def _next(self) -> h11.Event | type[h11.PAUSED] | type[h11.NEED_DATA]:
         while True:
-            try:
-                event = self._conn.next_event()
-            except h11.RemoteProtocolError as exc:
-                raise GatewayError("upstream_error", f"the service's answer: {exc}") from None
+            event = self._parsed()
             if event is not h11.NEED_DATA:
                 return event
             data = await self._stream.read(_READ)

@@ -97,7 +97,7 @@ class UsageReader:
 def _decode(data: bytes) -> Any:
     try:
         return msgspec.json.decode(data)
-    except msgspec.DecodeError:
+    except (msgspec.DecodeError, RecursionError):  # not JSON, or nested past msgspec's limit
         return None
 
 

@@ -698,26 +698,21 @@ async def test_telemetry_is_stored_as_the_deflate_stream_it_came_in_and_reads_ba
     assert [(m.seq, m.body) for m in read] == [(seq, _batch(seq)) for seq in (2, 3, 4)]
     rows = _stored_rows(store_target, node.node_id)
     text = sum(len(msgspec.json.encode(_batch(seq))) for seq in (2, 3, 4))
-    if isinstance(store_target, Path):  # SQLite keeps the frames as they came
-        assert [(seq, body) for seq, body, _ in rows] == [(2, ""), (3, ""), (4, "")]
-        deflated = [d for _, _, d in rows]
-        assert all(d is not None for d in deflated)
-        size = sum(len(d) for d in deflated if d is not None)
-        assert size * 5 < text
-        # Quotas and retention count what is stored: the profile's text, the frames deflated.
-        db = open_database(store_target)
-        try:
-            (profile,) = db.execute(
-                "SELECT length(body) FROM messages WHERE type = 'profile'"
-            ).fetchone()
-        finally:
-            db.close()
-        assert store.retention.stored_bytes(node.node_id) == profile + size
-    else:  # PostgreSQL keeps the text (and compresses it itself)
-        assert [d for _, _, d in rows] == [None, None, None]
-        assert [msgspec.json.decode(body) for _, body, _ in rows] == [
-            _batch(seq) for seq in (2, 3, 4)
-        ]
+    # Both stores keep the frames as they came.
+    assert [(seq, body) for seq, body, _ in rows] == [(2, ""), (3, ""), (4, "")]
+    deflated = [d for _, _, d in rows]
+    assert all(d is not None for d in deflated)
+    size = sum(len(d) for d in deflated if d is not None)
+    assert size * 5 < text
+    # Quotas and retention count what is stored: the profile's text, the frames deflated.
+    db = open_database(store_target)
+    try:
+        (profile,) = db.execute(
+            "SELECT length(CAST(body AS BLOB)) FROM messages WHERE type = 'profile'"
+        ).fetchone()
+    finally:
+        db.close()
+    assert store.retention.stored_bytes(node.node_id) == profile + size
 
 
 async def test_telemetry_that_came_uncompressed_is_stored_as_text(

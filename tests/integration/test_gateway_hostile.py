@@ -5,14 +5,16 @@ from __future__ import annotations
 
 import asyncio
 import json
+import types
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 from support.fake_openai import HUGE_BYTES, FakeOpenAI
-from support.gateway import new_key, replica, until
+from support.gateway import coordinator_with_gateway, new_key, replica, until
 
 from coordinator.admission import Settings
 from coordinator.gateway.client_conn import Limits
@@ -109,6 +111,26 @@ async def test_slow_and_oversized_requests_are_answered_with_a_code_and_closed(
         await until(lambda: coordinator.gateway.connections == 0, "every connection closed")
 
 
+async def test_a_body_in_a_hundred_thousand_one_byte_chunks_is_refused(tmp_path: Path) -> None:
+    async with coordinator_with_gateway(tmp_path) as coordinator:
+        key = new_key(coordinator)
+        body = b'{"model": "tiny"}'.ljust(100_000)
+        reader, writer = await asyncio.open_connection("127.0.0.1", coordinator.gateway.port)
+        writer.write(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer %s\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n" % key.encode()
+        )
+        writer.write(b"".join(b"1\r\n%c\r\n" % byte for byte in body) + b"0\r\n\r\n")
+        try:
+            async with asyncio.timeout(20):
+                answer = await reader.readuntil(b"\r\n\r\n")
+        finally:
+            writer.close()
+    # Not read to its end and routed (404 model_not_found): refused as it came (1-byte
+    # pieces cost the loop ~7 us each, whatever the body's size).
+    assert answer.startswith(b"HTTP/1.1 400 "), answer
+
+
 async def test_connections_past_the_cap_are_refused_503(tmp_path: Path) -> None:
     async with _coordinator(tmp_path, _settings(max_connections=3, head_timeout_s=30)) as c:
         held = [await asyncio.open_connection("127.0.0.1", c.gateway.port) for _ in range(3)]
@@ -120,6 +142,63 @@ async def test_connections_past_the_cap_are_refused_503(tmp_path: Path) -> None:
         for _, held_writer in held:
             held_writer.close()
         await until(lambda: c.gateway.connections == 0, "the held connections closed")
+
+
+async def test_a_refused_client_that_sent_its_request_reads_the_503(tmp_path: Path) -> None:
+    async with _coordinator(tmp_path, _settings(max_connections=1, head_timeout_s=30)) as c:
+        _, held = await asyncio.open_connection("127.0.0.1", c.gateway.port)
+        await until(lambda: c.gateway.connections == 1, "one connection served")
+        reader, writer = await asyncio.open_connection("127.0.0.1", c.gateway.port)
+        # Sent before the gateway sees the connection: closed unread, the socket would be
+        # reset, and this side's kernel drop the answer before it is read.
+        writer.write(_request("gpk-x", {"model": "tiny", "pad": "x" * 30_000}))
+        try:
+            answer = await _until_answered(reader)
+        except ConnectionResetError:
+            answer = b"reset"
+        writer.close()
+        held.close()
+    assert answer.startswith(b"HTTP/1.1 503 "), answer[:60]
+    assert json.loads(answer.split(b"\r\n\r\n", 1)[1])["error"]["code"] == "replicas_busy"
+
+
+async def test_a_client_refused_mid_body_reads_its_refusal(tmp_path: Path) -> None:
+    async with _coordinator(tmp_path, _settings()) as coordinator:
+        reader, writer = await asyncio.open_connection("127.0.0.1", coordinator.gateway.port)
+        # Refused from its head (too large), the rest of it sent and unread: closed so,
+        # the socket would be reset, and this side's kernel drop the answer.
+        writer.write(
+            b"POST /v1/completions HTTP/1.1\r\nHost: gw\r\nContent-Length: 99999999\r\n\r\n"
+            + b"x" * 1_000_000
+        )
+        try:
+            answer = await _until_answered(reader)
+        except ConnectionResetError:
+            answer = b"reset"
+        writer.close()
+    assert answer.startswith(b"HTTP/1.1 413 "), answer[:60]
+
+
+async def test_one_address_holding_every_connection_leaves_others_served(tmp_path: Path) -> None:
+    limits = Limits(head_timeout_s=30, max_connections=8, max_connections_per_source=4)
+    async with _coordinator(tmp_path, GatewaySettings(limits=limits)) as coordinator:
+        port = coordinator.gateway.port
+        # One address tries to hold them all: its share is served, the rest refused.
+        held = [
+            await asyncio.open_connection("127.0.0.1", port, local_addr=("127.0.0.2", 0))
+            for _ in range(8)
+        ]
+        refused = [await _until_answered(reader) for reader, _ in held[4:]]
+        assert [a.split(b" ", 2)[1] for a in refused] == [b"503"] * 4
+        assert coordinator.gateway.connections == 4
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET /v1/models HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\r\n")
+        answer = await _until_answered(reader)
+        writer.close()
+        for _, held_writer in held:
+            held_writer.close()
+        await until(lambda: coordinator.gateway.connections == 0, "the held connections closed")
+    assert answer.startswith(b"HTTP/1.1 401 "), answer[:60]  # served: its key refused
 
 
 async def test_a_replica_at_its_max_streams_makes_the_next_request_wait_then_503(
@@ -178,7 +257,7 @@ async def test_a_ten_gigabyte_answer_is_cut_at_the_cap_with_bounded_memory(
         _coordinator(tmp_path, _settings()) as coordinator,
         replica(coordinator, "svc-a", ("127.0.0.1", server.port), ["tiny"]) as one,
     ):
-        tasks = len(asyncio.all_tasks())
+        before = asyncio.all_tasks()
         peak = _peak_rss()
         async with httpx.AsyncClient(trust_env=False, timeout=30) as client:
             url = f"{coordinator.gateway_url}/completions"
@@ -189,7 +268,8 @@ async def test_a_ten_gigabyte_answer_is_cut_at_the_cap_with_bounded_memory(
         assert _CAP - (1 << 16) <= received <= _CAP  # the piece past the cap is not sent
         await until(lambda: coordinator.tunnels.open_streams(one.node_id) == 0, "the reset")
         await until(lambda: coordinator.gateway.connections == 0, "the connection closed")
-        assert len(asyncio.all_tasks()) <= tasks
+        # None of the coordinator's left behind (the node's tunnel may start its own).
+        await until(lambda: not _coordinators_since(before), "the request's tasks ended")
         # The server wrote what the windows and buffers take past the cap, not gigabytes;
         # and this process held no more than a few windows of it.
         assert server.sent_bytes < _CAP + (64 << 20)
@@ -227,6 +307,16 @@ async def _count(response: httpx.Response) -> int:
     except httpx.RemoteProtocolError:
         return received
     raise AssertionError(f"the body ended whole after {received} bytes")
+
+
+def _coordinators_since(before: set[asyncio.Task[Any]]) -> list[asyncio.Task[Any]]:
+    """The tasks started since ``before`` that run the coordinator's code."""
+    return [
+        task
+        for task in asyncio.all_tasks() - before
+        if isinstance(coro := task.get_coro(), types.CoroutineType)
+        and "/coordinator/" in coro.cr_code.co_filename
+    ]
 
 
 def _peak_rss() -> int:

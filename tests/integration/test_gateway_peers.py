@@ -21,11 +21,14 @@ from support.processes import free_port
 
 from coordinator import keys
 from coordinator.gateway.peer import PeerAuth
+from coordinator.gateway.server import GatewaySettings
 from coordinator.server import Coordinator
 
 
 @asynccontextmanager
-async def two_coordinators(url: str, tmp_path: Path) -> AsyncIterator[list[Coordinator]]:
+async def two_coordinators(
+    url: str, tmp_path: Path, settings: GatewaySettings = SETTINGS
+) -> AsyncIterator[list[Coordinator]]:
     """Two coordinators on the database at ``url`` with one key, each giving its gateway's
     address to the other."""
     keys.load_or_create(tmp_path / "a")
@@ -39,7 +42,7 @@ async def two_coordinators(url: str, tmp_path: Path) -> AsyncIterator[list[Coord
                 db_path=url,
                 state_dir=tmp_path / name,
                 gateway_port=port,
-                gateway_settings=SETTINGS,
+                gateway_settings=settings,
                 peer_url=f"http://127.0.0.1:{port}",
             )
             started.append(await stack.enter_async_context(coordinator))
@@ -56,13 +59,15 @@ class World(msgspec.Struct, kw_only=True):
 
 
 @asynccontextmanager
-async def held_by_b(url: str, tmp_path: Path) -> AsyncIterator[World]:
+async def held_by_b(
+    url: str, tmp_path: Path, settings: GatewaySettings = SETTINGS
+) -> AsyncIterator[World]:
     """A replica of ``tiny`` on a node whose tunnel ends at ``b``, once ``a`` sees it so."""
     server = FakeOpenAI("behind-b")
     await server.start()
     try:
         async with (
-            two_coordinators(url, tmp_path) as (a, b),
+            two_coordinators(url, tmp_path, settings) as (a, b),
             replica(b, "svc-b", ("127.0.0.1", server.port), ["tiny"]) as held,
         ):
             a_id = a.coordinator_id
@@ -123,6 +128,27 @@ async def test_a_client_gone_mid_stream_through_a_peer_resets_the_holders_stream
             await server.closed.get()  # the service saw its connection closed
         await until(lambda: b.tunnels.open_streams(held.node_id) == 0, "the holder's reset")
         await until(lambda: b.gateway.connections == 0, "the peer's connection closed")
+
+
+async def test_a_peers_streams_are_not_held_to_one_sources_share(
+    postgres_url: str, tmp_path: Path
+) -> None:
+    limits = msgspec.structs.replace(SETTINGS.limits, max_connections_per_source=2)
+    settings = msgspec.structs.replace(SETTINGS, limits=limits)
+    async with held_by_b(postgres_url, tmp_path, settings) as world:
+        a, b, server, held = world.a, world.b, world.server, world.held
+        server.mode = "hold"
+        key = new_key(a)
+        # Three clients, each from an address of its own: a relays their streams to b,
+        # one connection each, all from a's one address.
+        sources = ("127.0.0.2", "127.0.0.3", "127.0.0.4")
+        writers = [await streaming_request(a.gateway.port, key, source=s) for s in sources]
+        assert b.tunnels.open_streams(held.node_id) == 3
+        for writer in writers:
+            writer.close()
+            await writer.wait_closed()
+        await until(lambda: b.tunnels.open_streams(held.node_id) == 0, "the holder's resets")
+        await until(lambda: b.gateway.connections == 0, "the peer's connections closed")
 
 
 async def test_only_a_coordinator_of_the_network_gets_a_stream_from_a_peer(

@@ -81,7 +81,7 @@ def test_a_batch_stored_as_its_deflated_frame_folds_as_its_text_does(
     store.add(NODE, 1, "telemetry", batch, 1000)
     store.add(other, 1, "telemetry", batch, 1000, deflated=deflated_frame(frame))
     # A row whose bytes do not inflate (a damaged file) is folded as nothing, not fatal.
-    shed = {"samples": [], "dropped": 1}  # what PostgreSQL, which keeps the text, stores
+    shed = {"samples": [], "dropped": 1}
     store.add(other, 2, "telemetry", shed, 1000, deflated=b"\xff not deflate")
     assert downsample(store_target, received_before=2000, aggregates_before=0) == 3
     db = open_database(store_target)
@@ -96,6 +96,23 @@ def test_a_batch_stored_as_its_deflated_frame_folds_as_its_text_does(
     assert folded[other] == folded[NODE]
     assert store.nodes.all_seqs(other) == []
     assert store.retention.stored_bytes(other) == 0
+
+
+def test_many_deflated_batches_of_one_node_fold_into_the_same_minutes(
+    store_target: DbTarget, store: Store
+) -> None:
+    # More batches than PostgreSQL's fold inflates at once: its statements must add up.
+    powers = [float(p) for p in range(1, 151)]
+    for seq, power in enumerate(powers, 1):
+        batch = {"samples": [sample(600 + seq * 0.1, power, None)], "dropped": 0}
+        frame = msgspec.json.encode({"v": 1, "type": "telemetry", "seq": seq, "body": batch})
+        store.add(NODE, seq, "telemetry", batch, 1000, deflated=deflated_frame(frame))
+    assert downsample(store_target, received_before=2000, aggregates_before=0) == len(powers)
+    low, mean, high, count = minutes(store_target)[(600, "GPU-0", "power_w")]
+    assert (low, high, count) == (1, 150, 150)
+    assert mean == pytest.approx(sum(powers) / len(powers))
+    assert store.nodes.all_seqs(NODE) == []
+    assert store.retention.stored_bytes(NODE) == 0
 
 
 def test_a_minute_folded_over_two_passes_keeps_a_weighted_mean(
@@ -165,3 +182,31 @@ def test_a_pass_over_telemetry_within_its_window_reads_none_of_it(tmp_path: Path
         assert _read_bytes() - start < stored // 10
     finally:
         store.close()
+
+
+def test_a_node_whose_rows_the_database_cannot_fold_holds_back_no_other(
+    store_target: DbTarget, store: Store
+) -> None:
+    # The fixture's node comes first; its one raw row is text no JSON reader takes.
+    db = open_database(store_target)
+    try:
+        db.execute(
+            "INSERT INTO messages (node_id, seq, type, body, received)"
+            " VALUES (?, 1, 'telemetry', 'not json', 1000)",
+            (NODE,),
+        )
+    finally:
+        db.close()
+    others = [f"node-{n}" for n in ("bb", "cc")]
+    for node in others:
+        store.nodes.seen(node, "key", 0.0)
+        store.add(node, 1, "telemetry", {"samples": [sample(600, 100, 10)]}, 1000)
+    assert downsample(store_target, received_before=2000, aggregates_before=0) == 2
+    assert [store.nodes.all_seqs(node) for node in others] == [[], []]
+    assert store.nodes.all_seqs(NODE) == [1]  # kept raw, for retention
+    db = open_database(store_target)
+    try:
+        folded = db.execute("SELECT DISTINCT node_id FROM telemetry_minutes").fetchall()
+    finally:
+        db.close()
+    assert sorted(node for (node,) in folded) == others

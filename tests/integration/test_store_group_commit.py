@@ -88,6 +88,38 @@ async def test_a_failing_message_fails_alone_and_a_resend_is_a_duplicate(
         writer.close()
 
 
+def test_a_group_with_failing_calls_commits_the_others_once_each(
+    store_target: DbTarget, store: Store
+) -> None:
+    # The group goes first without a savepoint a call: its failures undo the try, and the
+    # group goes again, each call alone; what the others store is stored once.
+    def again(s: Store) -> None:  # the same (node, seq) row: the database refuses it
+        s.nodes.insert_message("node-00", 1, "telemetry", "{}", 2.0)
+
+    calls = [
+        lambda s: s.add_in_transaction(telemetry("node-00", 1)),
+        lambda s: s.add_in_transaction(telemetry("node-unknown", 1)),
+        again,
+        lambda s: s.add_in_transaction(telemetry("node-01", 1)),
+    ]
+    results = store.run_group(calls)
+    assert results[0] == results[3] == "stored"
+    assert isinstance(results[1], ValueError)
+    assert isinstance(results[2], Exception)
+    assert sorted(stored(store_target)) == [("node-00", 1), ("node-01", 1)]
+    db = open_database(store_target)
+    try:
+        (size,) = db.execute(
+            "SELECT length(CAST(body AS BLOB)) FROM messages WHERE node_id = 'node-00'"
+        ).fetchone()
+    finally:
+        db.close()
+    assert store.retention.stored_bytes("node-00") == size  # counted once
+    assert store.run_group([lambda s: s.add_in_transaction(telemetry("node-00", 1))]) == [
+        "duplicate"
+    ]
+
+
 def test_telemetry_is_stored_as_the_bytes_its_samples_came_in(
     store_target: DbTarget, store: Store
 ) -> None:

@@ -139,10 +139,13 @@ async def replica(
         await tunnel.stop()
 
 
-async def streaming_request(port: int, key: str) -> asyncio.StreamWriter:
-    """A streamed chat completion sent raw to the gateway on ``port``, read up to its
-    first event; the connection's writer (closing it is the client going away)."""
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+async def streaming_request(
+    port: int, key: str, *, source: str = "127.0.0.1"
+) -> asyncio.StreamWriter:
+    """A streamed chat completion sent raw to the gateway on ``port`` (from the loopback
+    address ``source``), read up to its first event; the connection's writer (closing it
+    is the client going away)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port, local_addr=(source, 0))
     body = json.dumps({"model": "tiny", "stream": True, "messages": []}).encode()
     writer.write(
         b"POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\n"

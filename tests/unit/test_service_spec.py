@@ -39,6 +39,8 @@ def test_a_batch_specs_digest_is_what_it_was_before_services() -> None:
         ({"kind": "service", "service": SERVICE, "outputs": ["x"]}, "outputs"),
         ({"kind": "service", "service": {**SERVICE, "port": 0}}, "service.port"),
         ({"kind": "service", "service": {**SERVICE, "models": []}}, "service.models"),
+        # Past what a node's tunnel holds open at once (agent.protocol.tunnel.MAX_STREAMS).
+        ({"kind": "service", "service": {**SERVICE, "max_streams": 257}}, "service.max_streams"),
         (
             {"kind": "service", "service": {**SERVICE, "readiness": {"path": "/a b"}}},
             "service.readiness.path",
