@@ -4,8 +4,12 @@
 from __future__ import annotations
 
 from collections import deque
+from typing import TypeAlias
 
-__all__ = ["StreamState"]
+__all__ = ["Buffer", "StreamState"]
+
+Buffer: TypeAlias = bytes | bytearray | memoryview
+"""A piece of a message: a frame's header, or (a view of) bytes queued."""
 
 
 class StreamState:
@@ -49,7 +53,7 @@ class StreamState:
         self.out.append(data if isinstance(data, bytes) else bytes(data))
         self.out_bytes += len(data)
 
-    def take(self, size: int, parts: list[bytes | bytearray | memoryview]) -> None:
+    def take(self, size: int, parts: list[Buffer]) -> None:
         """Move the first ``size`` bytes queued to ``parts``."""
         out = self.out
         self.out_bytes -= size

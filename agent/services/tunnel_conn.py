@@ -42,6 +42,11 @@ class ServiceConnection(asyncio.Protocol):
         assert self._transport is not None
         return self._transport
 
+    @property
+    def paused(self) -> bool:
+        """Whether reading is paused until :meth:`resume`."""
+        return self._paused
+
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = cast(asyncio.Transport, transport)
 

@@ -123,7 +123,14 @@ async def replica(
     )
     tunnel.start()
     try:
-        await until(lambda: identity.node_id in coordinator.tunnels.connected(), "the tunnel")
+        # Both ends: the coordinator registers the link as it sends welcome, before the
+        # node has read it and started serving (a test counting tasks needs them all).
+        await until(
+            lambda: (
+                identity.node_id in coordinator.tunnels.connected() and tunnel.connected.is_set()
+            ),
+            "the tunnel",
+        )
         spec = service_spec(models, max_streams=max_streams)
         await coordinator.submit(identity.node_id, spec, job_id=job_id)
         report(coordinator, identity.node_id, job_id, "ready")

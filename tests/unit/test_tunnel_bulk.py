@@ -104,3 +104,22 @@ def test_a_read_of_the_batch_size_goes_as_one_message() -> None:
     assert agent.data_to_send() == b""
     coordinator.receive_data(first)
     assert coordinator.readable(sid) == MAX_BATCH_BYTES
+
+
+def test_what_all_streams_queued_is_counted_until_framed_or_dropped() -> None:
+    # The agent pauses its services' reads by this count (agent/services/tunnel.py).
+    coordinator, agent = _pair(window=4096, max_window=4096)
+    first, second, third = (coordinator.open("svc") for _ in range(3))
+    _carry(coordinator, agent)
+    for sid in (first, second, third):
+        agent.send(sid, b"z" * 10_000)
+    assert agent.queued == 30_000
+    agent.data_to_send()  # a window of each: 4096 bytes a stream framed
+    assert agent.queued == 30_000 - 3 * 4096
+    agent.reset(first)  # what it queued is dropped with it
+    assert agent.queued == 2 * (10_000 - 4096)
+    coordinator.reset(second)  # the peer's reset drops it alike
+    _carry(coordinator, agent)
+    assert agent.queued == 10_000 - 4096 == agent.buffered(third)
+    agent.connection_lost()
+    assert agent.queued == 0

@@ -137,6 +137,9 @@ def test_random_interleavings_deliver_every_byte_in_order_within_the_windows(
         for side_ in sides.values():
             grown = sum(s.window - window for s in side_.mux._streams.values())
             assert side_.mux._grown == grown <= window * connection_factor // 4
+        # What is queued to send, all streams together, is what the streams hold.
+        for side_ in sides.values():
+            assert side_.mux.queued == sum(s.out_bytes for s in side_.mux._streams.values())
 
     # Both sides keep reading and delivering: everything sent arrives.
     for _ in range(10_000):
