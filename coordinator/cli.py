@@ -8,18 +8,17 @@ import asyncio
 import json
 import math
 import os
-import signal
 import ssl
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from types import FrameType
 from typing import Any, NamedTuple, NoReturn
 
 import platformdirs
 
 from agent.protocol.memory import reuse_freed_memory
+from agent.protocol.signals import stop_on_signals
 from coordinator import admission, cli_args, cli_deploy, cli_keys, keys
 from coordinator.admin import check_url
 from coordinator.client import AdminClient, load_spec_file
@@ -44,7 +43,6 @@ __all__ = [
     "EXIT_USAGE",
     "default_state_dir",
     "main",
-    "stop_on_signals",
 ]
 
 EXIT_ERROR = 1
@@ -257,29 +255,6 @@ async def _serve(
         frozen.cancel()
         await asyncio.gather(frozen, return_exceptions=True)
         restore()
-
-
-def stop_on_signals(stop: asyncio.Event) -> Callable[[], None]:
-    """SIGINT and SIGTERM set ``stop`` (call in the loop's thread); returns what puts the
-    handlers before back.
-
-    Through Python's own handler, not the loop's ``add_signal_handler``: that one hears of
-    a signal by a byte on the loop's wakeup socket, which a loop far behind leaves full (the
-    writer thread wakes the loop at every commit), and a signal whose byte found it full was
-    lost: ``serve`` ran on after SIGTERM, until systemd's SIGKILL.
-    """
-    loop = asyncio.get_running_loop()
-
-    def handler(signum: int, frame: FrameType | None) -> None:
-        loop.call_soon_threadsafe(stop.set)  # queued whether or not its wakeup byte fits
-
-    before = {signum: signal.signal(signum, handler) for signum in (signal.SIGINT, signal.SIGTERM)}
-
-    def restore() -> None:
-        for signum, previous in before.items():
-            signal.signal(signum, previous)
-
-    return restore
 
 
 def _submit(args: argparse.Namespace, client: AdminClient, submission: _Submission) -> int:

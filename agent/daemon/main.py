@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import grp
 import logging
-import signal
 import time
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -59,6 +58,7 @@ from agent.protocol.messages import (
     Message,
     ServiceRenew,
 )
+from agent.protocol.signals import stop_on_signals
 from agent.services.tunnel import ServiceTunnel, tunnel_url
 from hal import __version__
 from hal.backend import HalConfig
@@ -421,17 +421,18 @@ class _Daemon:
 async def _main(config: DaemonConfig, hal_config: HalConfig) -> int:
     """Refuse an unsafe key before anything else; profile; run until SIGINT or SIGTERM."""
     stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, stop.set)
-    identity = load_or_create(config.state_dir / "identity")
-    outbox = Outbox.open(config.state_dir / "outbox.db")
+    restore = stop_on_signals(stop)
     try:
-        profile = await asyncio.to_thread(take_profile, hal_config)
-        daemon = _Daemon(config, hal_config, identity=identity, outbox=outbox, profile=profile)
-        return await daemon.run(stop)
+        identity = load_or_create(config.state_dir / "identity")
+        outbox = Outbox.open(config.state_dir / "outbox.db")
+        try:
+            profile = await asyncio.to_thread(take_profile, hal_config)
+            daemon = _Daemon(config, hal_config, identity=identity, outbox=outbox, profile=profile)
+            return await daemon.run(stop)
+        finally:
+            outbox.close()
     finally:
-        outbox.close()
+        restore()
 
 
 def _group_exists(name: str) -> bool:

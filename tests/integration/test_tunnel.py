@@ -31,7 +31,7 @@ from agent.link.identity import Identity, load_or_create
 from agent.protocol import crypto
 from agent.protocol.messages import TelemetryBody
 from agent.protocol.tunnel import STREAM_WINDOW
-from agent.services.tunnel import ServiceTunnel, tunnel_url
+from agent.services.tunnel import _HIGH_WATER, _QUEUE_BUDGET, ServiceTunnel, tunnel_url
 from coordinator.server import Coordinator
 from coordinator.tunnel import StreamError
 
@@ -313,3 +313,43 @@ async def test_the_agent_killed_fails_its_open_streams_at_once_with_a_code(
             await stream.read()
     assert failed.value.code == "connection_lost"
     assert coordinator.tunnels.connected() == set()
+
+
+# ------------------------------------------------------------------ read-ahead
+# How far ahead the agent reads a service whose stream's reader waits (docs/protocol.md,
+# "Flow control"): a lone stream keeps reading while the connection's queue is short, so a
+# bulk answer's reads are not paused and resumed one by one; the queue stays bounded.
+
+#: asyncio's largest read of a socket: what one read may add past a bound.
+_READ = 256 * 1024
+
+
+def _queued(node: ServiceTunnel) -> int:
+    session = node._session
+    return session.mux.queued if session is not None else 0
+
+
+def _paused(node: ServiceTunnel) -> bool:
+    """Whether the agent stopped reading the (one) stream's service."""
+    session = node._session
+    assert session is not None
+    return any(p.conn is not None and p.conn.paused for p in session.pipes.values())
+
+
+async def test_a_lone_stream_reads_its_service_ahead_up_to_the_queue_budget(
+    coordinator: Coordinator, node: ServiceTunnel
+) -> None:
+    stream = coordinator.tunnels.open(node.identity.node_id, "web")
+    await stream.write(request("GET", f"/bytes/{8 << 20}"))
+    await stream.write_eof()
+    # Nothing is read here: past the stream's window the agent queues what it reads, well
+    # past one stream's high-water mark (it used to pause there, at each read), then stops
+    # (the service feels the backpressure) once the queue is over the budget.
+    await until(lambda: _paused(node), "the agent to stop reading the service")
+    queued = _queued(node)
+    assert queued > _HIGH_WATER + _READ
+    assert _QUEUE_BUDGET <= queued <= _QUEUE_BUDGET + _READ
+    received = 0
+    while data := await stream.read(1 << 20):
+        received += len(data)
+    assert received > 8 << 20

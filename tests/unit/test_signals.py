@@ -1,4 +1,5 @@
-"""``gpu-coordinator serve`` stops on SIGTERM even when its loop is far behind."""
+"""``gpu-coordinator serve`` and ``gpu-agent run`` stop on SIGTERM even when their loop is
+far behind."""
 
 from __future__ import annotations
 
@@ -7,10 +8,10 @@ import os
 import signal
 import threading
 
-from coordinator.cli import stop_on_signals
+from agent.protocol.signals import stop_on_signals
 
 
-async def test_a_sigterm_stops_serve_while_the_loops_wakeup_socket_is_full() -> None:
+async def test_a_sigterm_stops_the_process_while_the_loops_wakeup_socket_is_full() -> None:
     stop = asyncio.Event()
     restore = stop_on_signals(stop)
     try:
