@@ -1,20 +1,25 @@
 """The tunnel's overhead: a service reached through the node's data connection against the
 same service reached straight, side by side in one run.
 
-Three processes on loopback: this one (the reference coordinator, in process, and the
-client), the agent's :class:`agent.services.tunnel.ServiceTunnel` (tests/support/
-tunnel_agent.py) and the service, a plain HTTP/1.1 server (tests/support/tunnel_target.py;
-each answer closes its connection). Each run measures, both ways:
+Four processes on loopback: this one (the reference coordinator, in process, with its
+gateway; and the latency and token legs' client), the agent's
+:class:`agent.services.tunnel.ServiceTunnel` (tests/support/tunnel_agent.py), the service,
+a plain HTTP/1.1 server (tests/support/tunnel_target.py; each answer closes its
+connection), and for the bulk leg ``curl``. Each run measures, both ways:
 
 - latency: ``--requests`` small requests (``GET /bytes/100``) one after another, each on a
   new stream or a new TCP connection; p50 and p99 (goal: at most 2 ms added at p50);
-- bulk: one ``GET /bytes/N`` of ``--mib`` MiB read to the end; MiB/s (goal: the tunnel at
-  least 0.8x straight);
+- bulk: one answer of ``--mib`` MiB, asked for as a client does and read to the end by
+  ``curl -o /dev/null`` in its own process (the user's view: nothing joined in memory,
+  nothing of the client's charged to the coordinator's process), straight from the
+  service and through the coordinator's gateway (an API key, a ready replica of model
+  ``bulk``: gateway -> tunnel -> agent -> service); MiB/s by curl's ``time_total`` (goal:
+  the tunnel at least 0.8x straight);
 - tokens: a stream of ``--tokens`` server-sent events, each written on its own as a model
   server does; events/s (the issue's goal: at least 0.95x straight);
 
-with wall time and the CPU time (user + system) of all three processes beside it (and,
-for bulk, of this process and of the agent's apart).
+with wall time and the CPU time (user + system) of every process beside it (and, for
+bulk, of the coordinator's, the agent's and curl's apart).
 Run with ``python bench/tunnel.py --runs N``; min/median/max over runs printed and written
 to ``bench/results/tunnel.json``. Nothing asserted.
 """
@@ -37,8 +42,9 @@ import psutil
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[0] = str(ROOT / "tests")
 
+from support.gateway import new_key, report, service_spec  # noqa: E402
 from support.stats import spread  # noqa: E402
-from support.tunnel_target import exchange, request  # noqa: E402
+from support.tunnel_target import BULK_PATH, exchange, request  # noqa: E402
 
 from agent.link.identity import load_or_create  # noqa: E402
 from agent.protocol import crypto  # noqa: E402
@@ -70,13 +76,20 @@ class _Cpu:
         self.agent = psutil.Process(agent)
         self.target = psutil.Process(target)
 
-    def now(self) -> tuple[float, float, float]:
-        """This process's (the coordinator and the client), the agent's, and all three's."""
+    def now(self) -> tuple[float, float, float, float]:
+        """This process's (the coordinator and the client), the agent's, all three's, and
+        that of the children waited for (curl)."""
         own = resource.getrusage(resource.RUSAGE_SELF)
+        done = resource.getrusage(resource.RUSAGE_CHILDREN)
         agent, target = self.agent.cpu_times(), self.target.cpu_times()
         mine = own.ru_utime + own.ru_stime
         theirs = agent.user + agent.system
-        return mine, theirs, mine + theirs + target.user + target.system
+        return (
+            mine,
+            theirs,
+            mine + theirs + target.user + target.system,
+            done.ru_utime + done.ru_stime,
+        )
 
 
 def _percentile(values: list[float], fraction: float) -> float:
@@ -96,6 +109,26 @@ async def _direct(port: int, data: bytes) -> bytes:
     finally:
         writer.close()
         await writer.wait_closed()
+
+
+async def _curl(cpu: _Cpu, url: str, mib: int, key: str = "") -> tuple[float, float, list[float]]:
+    """``mib`` MiB asked of ``url`` by curl, read to the end and dropped: bytes per second
+    and wall seconds by curl, and CPU seconds (as :meth:`_Cpu.now`; curl's last)."""
+    body = json.dumps({"model": "bulk", "bytes": mib * MiB})
+    auth = ["-H", f"Authorization: Bearer {key}"] if key else []
+    before = cpu.now()
+    curl = await asyncio.create_subprocess_exec(
+        *("curl", "-s", "-S", "--fail", "-o", "/dev/null", "-w", "%{size_download} %{time_total}"),
+        *("-H", "Content-Type: application/json", *auth, "--data-binary", body, url),
+        stdout=asyncio.subprocess.PIPE,
+    )
+    out, _ = await curl.communicate()
+    spent = [after - was for was, after in zip(before, cpu.now(), strict=True)]
+    assert curl.returncode == 0, curl.returncode
+    size, wall = out.decode().split()
+    assert int(size) == mib * MiB, size
+    spent[2] += spent[3]
+    return mib / float(wall), float(wall), spent
 
 
 async def _timed(
@@ -148,6 +181,13 @@ async def main(runs: int, requests: int, mib: int, tokens: int) -> dict[str, obj
                 while identity.node_id not in coordinator.tunnels.connected():
                     await asyncio.sleep(0.05)
                 cpu = _Cpu(agent.pid, target.pid)
+                await coordinator.submit(identity.node_id, service_spec(["bulk"]), job_id="web")
+                report(coordinator, identity.node_id, "web", "ready")
+                key = new_key(coordinator)
+                urls = {
+                    "direct": f"http://127.0.0.1:{port}{BULK_PATH}",
+                    "tunnel": coordinator.gateway_url.removesuffix("/v1") + BULK_PATH,
+                }
 
                 def tunneled(data: bytes) -> Callable[[], Awaitable[bytes]]:
                     return lambda: exchange(coordinator.tunnels.open(identity.node_id, "web"), data)
@@ -155,7 +195,7 @@ async def main(runs: int, requests: int, mib: int, tokens: int) -> dict[str, obj
                 def direct(data: bytes) -> Callable[[], Awaitable[bytes]]:
                     return lambda: _direct(port, data)
 
-                small, bulk = request("GET", "/bytes/100"), request("GET", f"/bytes/{mib * MiB}")
+                small = request("GET", "/bytes/100")
                 stream = request("GET", f"/tokens/{tokens}")
                 await _timed(cpu, tunneled(small), 50)  # warm up both paths
                 await _timed(cpu, direct(small), 50)
@@ -168,13 +208,15 @@ async def main(runs: int, requests: int, mib: int, tokens: int) -> dict[str, obj
                         row.setdefault("p99_ms", []).append(_percentile(lat, 0.99) * 1000)
                         row.setdefault("small_wall_s", []).append(wall)
                         row.setdefault("small_cpu_s", []).append(used[2])
-                        _, wall, used, size = await _timed(cpu, path(bulk), 1)
-                        assert size > mib * MiB, size
-                        row.setdefault("bulk_mib_s", []).append(mib / wall)
+                        rate, wall, used = await _curl(
+                            cpu, urls[name], mib, key if name == "tunnel" else ""
+                        )
+                        row.setdefault("bulk_mib_s", []).append(rate)
                         row.setdefault("bulk_wall_s", []).append(wall)
                         row.setdefault("bulk_cpu_s", []).append(used[2])
-                        row.setdefault("bulk_cpu_s_coordinator_client", []).append(used[0])
+                        row.setdefault("bulk_cpu_s_coordinator", []).append(used[0])
                         row.setdefault("bulk_cpu_s_agent", []).append(used[1])
+                        row.setdefault("bulk_cpu_s_curl", []).append(used[3])
                         _, wall, used, size = await _timed(cpu, path(stream), 1)
                         assert size > tokens * 12, size
                         row.setdefault("tokens_per_s", []).append(tokens / wall)
@@ -208,7 +250,7 @@ if __name__ == "__main__":
     parser.add_argument("--mib", type=int, default=64)
     parser.add_argument("--tokens", type=int, default=5000)
     args = parser.parse_args()
-    reuse_freed_memory()  # as gpu-coordinator serve does (the direct client gets it too)
+    reuse_freed_memory()  # as gpu-coordinator serve does
     results = asyncio.run(main(args.runs, args.requests, args.mib, args.tokens))
     text = json.dumps(results, indent=2)
     print(text)

@@ -5,7 +5,9 @@ the request's body, ``/hold`` answers its headers and then holds the connection 
 client closes it, ``/events`` writes each item of :attr:`Target.events` as it comes (a
 token stream; None ends it), ``/tokens/N`` writes N server-sent events as fast as it can,
 each written and drained on its own (a model server's stream), ``/reset`` writes a few
-bytes and resets the connection (RST). Every answer closes the connection. The server
+bytes and resets the connection (RST), and ``POST /v1/completions`` whose JSON body asks
+``{"model": ..., "bytes": N}`` answers N bytes as ``/bytes/N`` does (a large answer on a
+path the gateway routes by model). Every answer closes the connection. The server
 counts connections open now and at most, and records each one closed while held.
 """
 
@@ -13,14 +15,16 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import json
 import socket
 import struct
 from collections.abc import Iterator
 from typing import Protocol
 
-__all__ = ["ByteStream", "Target", "exchange", "pattern", "request"]
+__all__ = ["BULK_PATH", "ByteStream", "Target", "exchange", "pattern", "request"]
 
-
+#: The path of a large answer asked for by model, as the gateway routes it.
+BULK_PATH = "/v1/completions"
 _PIECE = 1 << 16
 
 
@@ -135,6 +139,9 @@ class Target:
             size, pieces = len(body), iter([body])
         elif path.startswith("/bytes/"):
             size = int(path.removeprefix("/bytes/"))
+            pieces = _pattern_pieces(size, seed=len(path))
+        elif path == BULK_PATH:
+            size = int(json.loads(body)["bytes"])
             pieces = _pattern_pieces(size, seed=len(path))
         elif path == "/hold":
             writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n\r\n")
