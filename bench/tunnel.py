@@ -76,9 +76,10 @@ class _Cpu:
         self.agent = psutil.Process(agent)
         self.target = psutil.Process(target)
 
-    def now(self) -> tuple[float, float, float, float]:
-        """This process's (the coordinator and the client), the agent's, all three's, and
-        that of the children waited for (curl)."""
+    def now(self) -> tuple[float, float, float, float, float, float]:
+        """This process's (the coordinator and the client), the agent's, all three's, that
+        of the children waited for (curl), and the kernel's share of this process's and
+        of the agent's."""
         own = resource.getrusage(resource.RUSAGE_SELF)
         done = resource.getrusage(resource.RUSAGE_CHILDREN)
         agent, target = self.agent.cpu_times(), self.target.cpu_times()
@@ -89,6 +90,8 @@ class _Cpu:
             theirs,
             mine + theirs + target.user + target.system,
             done.ru_utime + done.ru_stime,
+            own.ru_stime,
+            agent.system,
         )
 
 
@@ -217,6 +220,8 @@ async def main(runs: int, requests: int, mib: int, tokens: int) -> dict[str, obj
                         row.setdefault("bulk_cpu_s_coordinator", []).append(used[0])
                         row.setdefault("bulk_cpu_s_agent", []).append(used[1])
                         row.setdefault("bulk_cpu_s_curl", []).append(used[3])
+                        row.setdefault("bulk_sys_s_coordinator", []).append(used[4])
+                        row.setdefault("bulk_sys_s_agent", []).append(used[5])
                         _, wall, used, size = await _timed(cpu, path(stream), 1)
                         assert size > tokens * 12, size
                         row.setdefault("tokens_per_s", []).append(tokens / wall)
