@@ -13,6 +13,8 @@ import pytest
 from support.gateway import coordinator_with_gateway, new_key, replica
 from support.tunnel_target import BULK_PATH, Target, pattern
 
+from agent.protocol.tunnel import STREAM_WINDOW
+from agent.protocol.tunnel_frames import Window, decode_frames
 from coordinator.server import Coordinator
 
 _MiB = 1 << 20
@@ -62,3 +64,32 @@ async def test_a_large_answer_passes_through_the_gateway_whole_and_in_order(
     assert read == size
     assert digest == hashlib.sha256(pattern(size, seed=len(BULK_PATH))).hexdigest()
     assert again[1:] == (read, digest)
+
+
+async def test_a_bulk_answer_through_the_gateway_lets_its_stream_window_grow(
+    coordinator: Coordinator, target: Target, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The gateway reads what the stream holds, not a piece of it: its reads leave nothing
+    unread, so the tunnel sees a reader that keeps up and doubles the stream's window
+    (docs/protocol.md, "Flow control") instead of granting 128 KiB at a time: a few
+    WINDOW frames for the whole answer, and the node sends without waiting on each."""
+    size = 24 * _MiB
+    grants: list[int] = []
+    async with replica(coordinator, "svc-bulk", ("127.0.0.1", target.port), ["bulk"]) as one:
+        session = one.tunnel._session
+        assert session is not None
+        receive = session.mux.receive_data
+
+        def counting(message: bytes | str) -> list[object]:
+            if isinstance(message, bytes):
+                frames = decode_frames(message)
+                grants.extend(f.increment for f in frames if isinstance(f, Window) and f.stream_id)
+            return list(receive(message))
+
+        monkeypatch.setattr(session.mux, "receive_data", counting)
+        url = coordinator.gateway_url.removesuffix("/v1") + BULK_PATH
+        _, read, _ = await _fetch(url, new_key(coordinator), size)
+    assert read == size
+    fixed = size // (STREAM_WINDOW // 2)  # a grant per 128 KiB read: 192
+    assert max(grants) > STREAM_WINDOW
+    assert len(grants) <= fixed // 8  # about one per half of the grown window, 4 MiB
