@@ -54,6 +54,9 @@ _SWITCHED: Final = (
     b"HTTP/1.1 101 Switching Protocols\r\nconnection: upgrade\r\nupgrade: " + UPGRADE + b"\r\n\r\n"
 )
 _READ: Final = 64 * 1024
+#: A tunnel stream's reads: what it holds by then, as the gateway's own (upstream.py), so
+#: that each leaves it empty and the tunnel grows its window.
+_STREAM_READ: Final = 512 * 1024
 
 
 class PeerAuth:
@@ -141,7 +144,7 @@ async def _relay(
         await stream.write_eof()
 
     async def down() -> None:
-        while data := await stream.read(_READ):
+        while data := await stream.read(_STREAM_READ):
             writer.write(data)
             await writer.drain()
         if writer.can_write_eof():

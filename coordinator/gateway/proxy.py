@@ -347,15 +347,14 @@ class Proxy:
         state.status = head.status_code
         await client.start(head.status_code, headers)
         reader = UsageReader(stream=sse)
-        sent = 0
+        sent, cap = 0, self._timeouts.max_response_bytes
         try:
             async for piece in upstream.body(self._timeouts.idle_s):
+                if sent + len(piece) > cap:
+                    # The bytes up to the cap are passed on: the client gets that much.
+                    await client.send(piece[: cap - sent])
+                    raise GatewayError("response_too_large", f"the answer passed {cap} bytes")
                 sent += len(piece)
-                if sent > self._timeouts.max_response_bytes:
-                    raise GatewayError(
-                        "response_too_large",
-                        f"the answer passed {self._timeouts.max_response_bytes} bytes",
-                    )
                 if reader.feed(piece):
                     state.ttft_s = self._monotonic() - state.started
                 await client.send(piece)

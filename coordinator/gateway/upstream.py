@@ -25,7 +25,13 @@ from coordinator.tunnel import TunnelStream
 
 __all__ = ["Upstream"]
 
-_READ = 64 * 1024
+#: What one read of the stream takes at most: what a bulk answer's stream holds by the time
+#: it is read (two of the node's messages), so that each read leaves it empty. A reader that
+#: left bytes behind at each grant looked slow to the tunnel, whose stream window then never
+#: grew past 256 KiB: the node waited on a WINDOW per 128 KiB, and the loop turned once
+#: per 64 KiB here (docs/services.md, "What is left"). Under glibc's mmap threshold as
+#: :mod:`agent.protocol.memory` sets it: each read's bytes reuse freed pages.
+_READ = 512 * 1024
 #: A service's response head, at most.
 _MAX_HEAD_BYTES = 64 * 1024
 

@@ -15,9 +15,21 @@ from pathlib import Path
 import httpx
 import msgspec
 import openai
+import pytest
 from support.fake_openai import FakeOpenAI
-from support.gateway import SETTINGS, Replica, new_key, replica, streaming_request, until
+from support.gateway import (
+    SETTINGS,
+    Replica,
+    assert_window_grew,
+    fetch_bulk,
+    new_key,
+    replica,
+    streaming_request,
+    until,
+    window_grants,
+)
 from support.processes import free_port
+from support.tunnel_target import Target
 
 from coordinator import keys
 from coordinator.gateway.peer import PeerAuth
@@ -283,3 +295,30 @@ async def test_a_source_sending_unknown_keys_is_refused_unread_once_past_its_bud
 def _junk_key(n: int) -> str:
     """A text of a key's shape that no key has."""
     return "gpk-" + f"{n:043d}"
+
+
+async def test_a_bulk_answer_through_a_peer_lets_its_stream_window_grow(
+    postgres_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The holder relays its tunnel stream to the peer reading what it holds, as a gateway
+    does: the stream's window grows (test_gateway_bulk.py), the answer comes whole."""
+    target = Target()
+    await target.start()
+    size = 24 << 20
+    try:
+        async with (
+            two_coordinators(postgres_url, tmp_path) as (a, b),
+            replica(b, "svc-bulk", ("127.0.0.1", target.port), ["bulk"]) as held,
+        ):
+            await until(
+                lambda: (
+                    held.node_id in a.store.presence.peer_tunnels(a.coordinator_id, time.time())
+                ),
+                "b's tunnel, in the store",
+            )
+            grants = window_grants(held.tunnel, monkeypatch)
+            answer, read, _ = await fetch_bulk(a.gateway_url, new_key(a), size)
+    finally:
+        await target.stop()
+    assert (answer.status_code, read) == (200, size)
+    assert_window_grew(grants, size)

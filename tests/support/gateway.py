@@ -5,6 +5,7 @@ that the node's ServiceTunnel carries the job's streams to."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import time
 from collections.abc import AsyncIterator, Callable
@@ -12,27 +13,35 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import httpx
 import msgspec
+import pytest
 
 from agent.link.identity import Identity
 from agent.protocol import crypto
 from agent.protocol.bodies import JobStatusBody
+from agent.protocol.tunnel import STREAM_WINDOW
+from agent.protocol.tunnel_frames import Window, decode_frames
 from agent.services.tunnel import ServiceTunnel, tunnel_url
 from coordinator.admission import Settings
 from coordinator.gateway.client_conn import Limits
 from coordinator.gateway.proxy import Timeouts
 from coordinator.gateway.server import GatewaySettings
 from coordinator.server import Coordinator
+from support.tunnel_target import BULK_PATH
 
 __all__ = [
     "IMAGE",
     "Replica",
+    "assert_window_grew",
+    "fetch_bulk",
     "new_key",
     "replica",
     "report",
     "service_spec",
     "streaming_request",
     "until",
+    "window_grants",
 ]
 
 IMAGE = "registry.example/llama-server@sha256:" + "ab" * 32
@@ -155,3 +164,48 @@ async def streaming_request(
     head = await reader.readuntil(b"data: ")
     assert head.startswith(b"HTTP/1.1 200 "), head
     return writer
+
+
+async def fetch_bulk(gateway_url: str, key: str, size: int) -> tuple[httpx.Response, int, str]:
+    """``size`` bytes of model ``bulk`` (support.tunnel_target's :data:`BULK_PATH`) through
+    the gateway at ``gateway_url``, read to the end piece by piece: the answer's head, the
+    bytes read and their SHA-256."""
+    digest = hashlib.sha256()
+    read = 0
+    url = gateway_url.removesuffix("/v1") + BULK_PATH
+    body = json.dumps({"model": "bulk", "bytes": size})
+    headers = {"authorization": f"Bearer {key}"}
+    async with (
+        httpx.AsyncClient(trust_env=False, timeout=30) as client,
+        client.stream("POST", url, content=body, headers=headers) as answer,
+    ):
+        async for piece in answer.aiter_raw():
+            digest.update(piece)
+            read += len(piece)
+    return answer, read, digest.hexdigest()
+
+
+def window_grants(tunnel: ServiceTunnel, monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The increments of the streams' WINDOW frames the node receives from now on (its
+    connection's own left out), in a list that fills as they come."""
+    session = tunnel._session
+    assert session is not None
+    grants: list[int] = []
+    receive = session.mux.receive_data
+
+    def counting(message: bytes | str) -> list[object]:
+        if isinstance(message, bytes):
+            frames = decode_frames(message)
+            grants.extend(f.increment for f in frames if isinstance(f, Window) and f.stream_id)
+        return list(receive(message))
+
+    monkeypatch.setattr(session.mux, "receive_data", counting)
+    return grants
+
+
+def assert_window_grew(grants: list[int], size: int) -> None:
+    """A stream of ``size`` bytes was granted as a reader that keeps up is (docs/protocol.md,
+    "Flow control"): larger grants than its first window, and few of them."""
+    fixed = size // (STREAM_WINDOW // 2)  # a grant per 128 KiB read: 192 for 24 MiB
+    assert max(grants) > STREAM_WINDOW
+    assert len(grants) <= fixed // 8  # about one per half of the grown window, 4 MiB

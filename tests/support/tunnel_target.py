@@ -5,22 +5,27 @@ the request's body, ``/hold`` answers its headers and then holds the connection 
 client closes it, ``/events`` writes each item of :attr:`Target.events` as it comes (a
 token stream; None ends it), ``/tokens/N`` writes N server-sent events as fast as it can,
 each written and drained on its own (a model server's stream), ``/reset`` writes a few
-bytes and resets the connection (RST). Every answer closes the connection. The server
-counts connections open now and at most, and records each one closed while held.
+bytes and resets the connection (RST), and ``POST /v1/completions`` (a path the gateway
+routes by model) whose JSON body asks ``{"model": ..., "bytes": N}`` answers N bytes as
+``/bytes/N`` does, and ``{"model": ..., "tokens": N}`` N events as ``/tokens/N`` does.
+Every answer closes the connection. The server counts connections open now and at most,
+and records each one closed while held.
 """
 
 from __future__ import annotations
 
 import asyncio
 import functools
+import json
 import socket
 import struct
 from collections.abc import Iterator
 from typing import Protocol
 
-__all__ = ["ByteStream", "Target", "exchange", "pattern", "request"]
+__all__ = ["BULK_PATH", "ByteStream", "Target", "exchange", "pattern", "request"]
 
-
+#: The path of a large answer asked for by model, as the gateway routes it.
+BULK_PATH = "/v1/completions"
 _PIECE = 1 << 16
 
 
@@ -136,6 +141,12 @@ class Target:
         elif path.startswith("/bytes/"):
             size = int(path.removeprefix("/bytes/"))
             pieces = _pattern_pieces(size, seed=len(path))
+        elif path == BULK_PATH and "tokens" in (asked := json.loads(body)):
+            await _tokens(writer, int(asked["tokens"]))
+            return
+        elif path == BULK_PATH:
+            size = int(asked["bytes"])
+            pieces = _pattern_pieces(size, seed=len(path))
         elif path == "/hold":
             writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n\r\n")
             await writer.drain()
@@ -154,10 +165,7 @@ class Target:
                 await writer.drain()
             return
         elif path.startswith("/tokens/"):
-            writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n\r\n")
-            for n in range(int(path.removeprefix("/tokens/"))):
-                writer.write(b'data: {"token": %d}\n\n' % n)
-                await writer.drain()
+            await _tokens(writer, int(path.removeprefix("/tokens/")))
             return
         elif path == "/reset":
             writer.write(b"HTTP/1.1 200 OK\r\n")
@@ -175,3 +183,11 @@ class Target:
         for piece in pieces:
             writer.write(piece)
             await writer.drain()
+
+
+async def _tokens(writer: asyncio.StreamWriter, count: int) -> None:
+    """``count`` server-sent events, each written and drained on its own."""
+    writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n\r\n")
+    for n in range(count):
+        writer.write(b'data: {"token": %d}\n\n' % n)
+        await writer.drain()
