@@ -83,6 +83,7 @@ from agent.protocol.messages import (  # noqa: E402
 from agent.protocol.reliable import ReliableReceiver  # noqa: E402
 from agent.protocol.session import AgentHandshake  # noqa: E402
 from bench.link import CAPTURE, GPUS, CoordinatorProcess, KiB, telemetry_body  # noqa: E402
+from coordinator.collector import keep_frozen  # noqa: E402
 from hal.backend import HalConfig  # noqa: E402
 from hal.profile import take_profile  # noqa: E402
 
@@ -408,6 +409,11 @@ async def client(
         for _ in range(agents)
     ]
     gate = asyncio.Semaphore(connecting) if connecting else contextlib.nullcontext()
+    # This process stands for thousands of agents, each a process of its own with a small
+    # heap: a collection here walking all of them would stall every agent of the process at
+    # once, and the pause would count as the coordinator's latency. Kept out of the
+    # collector's sight as the coordinator keeps its sessions.
+    frozen = asyncio.create_task(keep_frozen(freeze_every_s=1.0))
     tasks = [asyncio.create_task(a.run(gate)) for a in fleet]
     await asyncio.gather(*(a.ready.wait() for a in fleet))
     print(json.dumps({"event": "ready"}), flush=True)
@@ -448,9 +454,9 @@ async def client(
                               "timeouts": timeouts, "failed": failed,
                               "welcomed": welcomed,
                               **timeline(fleet, asked, float(listening))}), flush=True)  # fmt: skip
-    for task in tasks:
+    for task in [*tasks, frozen]:
         task.cancel()
-    await asyncio.gather(*tasks, return_exceptions=True)
+    await asyncio.gather(*tasks, frozen, return_exceptions=True)
 
 
 # ---------------------------------------------------------------- the driver
