@@ -21,10 +21,29 @@ with a header, length and stream id, that the coordinator strips), and the clien
 
 Each way's MiB/s by curl's ``time_total`` and its ratio to the run's direct figure, the CPU
 time (user + system) of every process per 64 MiB (service, agent, coordinator, curl), wall
-time and the 1-minute load average; min/median/max over runs, printed and written to
+time, the 1-minute load average, and TCP segments sent per 64 MiB (``OutSegs``, ACKs
+included, of the whole network namespace: run under ``unshare -n`` to count only the
+bench's); min/median/max over runs, printed and written to
 ``bench/results/relay_ceiling.json``. Each way is checked first: a 3 MiB and a bit answer
 through it equals the service's. Nothing asserted of the figures. Run with
-``python bench/relay_ceiling.py --runs N --mib M`` (under the bench lock).
+``python bench/relay_ceiling.py --runs N --mib M [--pipe BYTES]`` (under the bench lock).
+
+Figures (2 cores, kernel 6.18, loopback MTU 64 KiB, load 2.2-2.7 with another helper's
+tests beside; ``--runs 7 --mib 1024``, two sets, and a set of 5 under ``unshare -n``),
+medians of each set: direct 4136, 3812, 4417 MiB/s at 0.025-0.027 s of CPU per 64 MiB
+(all processes: at 4 GB/s that is 1.6 of the 2 cores); copy 1703, 1716, 1938 MiB/s, 0.41,
+0.42, 0.44x, 0.056-0.066 s (agent 0.019-0.023, coordinator 0.014-0.017); splice 1361,
+1209, 1371 MiB/s, 0.35, 0.37, 0.37x (runs from 573 to 1672 MiB/s), 0.067-0.081 s; mask
+1636, 1546, 1837 MiB/s, 0.39, 0.37, 0.42x, 0.061-0.069 s (the agent's masking 0.003 s
+per 64 MiB). Splice with 64 KiB pipes: 971 MiB/s, 0.27x, 0.10 s. So no relay of two hops
+reaches 0.8x here, copying or not: direct is already CPU-bound, each hop adds a loopback
+TCP connection whose sender does its receiver's protocol work too, and the copies splice
+saves are a small part of that. Splice costs more than it saves on loopback: the pages it
+passes on stay referenced until curl reads them, so the service's sends no longer reuse
+their warm page fragment and copy into cold memory (perf: the service's copy in
+``tcp_sendmsg`` 26% of all samples under splice; under copy, that of all three Python
+processes 6%), curl reads cold pages (0.018-0.021 s against 0.011-0.012), and some runs
+send more, smaller segments (up to 7,570 per 64 MiB against 4,200).
 """
 
 from __future__ import annotations
