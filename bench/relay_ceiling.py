@@ -81,20 +81,7 @@ HEADER = struct.Struct("!II")
 MASKED = struct.Struct("!II4s")
 WAYS = ("direct", "copy", "splice", "mask")
 RELAYS = WAYS[1:]
-_TARGET = """
-import asyncio, sys
-sys.path.insert(0, sys.argv[1])
-from support.tunnel_target import Target
-
-async def main():
-    target = Target()
-    await target.start()
-    print(target.port, flush=True)
-    await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
-    await target.stop()
-
-asyncio.run(main())
-"""
+_TARGET = str(ROOT / "tests" / "support" / "tunnel_target.py")  # the service
 
 
 def _exactly(sock: socket.socket, size: int) -> bytes:
@@ -263,7 +250,7 @@ def _curl(url: str, out: str = "/dev/null") -> tuple[int, float]:
 def main(runs: int, mib: int, pipe: int) -> dict[str, object]:
     """The figures of ``runs`` runs of ``mib`` MiB each way, the splice way's pipes of
     ``pipe`` bytes."""
-    target, service_port = _start(sys.executable, "-c", _TARGET, str(ROOT / "tests"))
+    target, service_port = _start(sys.executable, _TARGET)
     hops: list[subprocess.Popen[bytes]] = []
     ports, watched = {"direct": service_port}, {"direct": {"service": psutil.Process(target.pid)}}
     try:

@@ -52,20 +52,7 @@ from agent.services.tunnel import tunnel_url  # noqa: E402
 from coordinator.server import Coordinator  # noqa: E402
 
 MiB = 1 << 20
-_TARGET = """
-import asyncio, sys
-sys.path.insert(0, sys.argv[1])
-from support.tunnel_target import Target
-
-async def main():
-    target = Target()
-    await target.start()
-    print(target.port, flush=True)
-    await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
-    await target.stop()
-
-asyncio.run(main())
-"""
+_TARGET = str(ROOT / "tests" / "support" / "tunnel_target.py")  # the service
 #: The client of the latency and token legs: ``count`` times the request read from stdin,
 #: each on a new connection, read to the end; prints the latencies, the last answer's size
 #: and its status line.
@@ -185,9 +172,7 @@ async def main(runs: int, requests: int, mib: int, tokens: int) -> dict[str, obj
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), str(ROOT)])}
     target = await asyncio.create_subprocess_exec(
         sys.executable,
-        "-c",
         _TARGET,
-        str(ROOT / "tests"),
         stdin=asyncio.subprocess.PIPE,
         stdout=asyncio.subprocess.PIPE,
     )

@@ -19,10 +19,19 @@ import functools
 import json
 import socket
 import struct
+import sys
 from collections.abc import Iterator
 from typing import Protocol
 
-__all__ = ["BULK_PATH", "ByteStream", "Target", "exchange", "pattern", "request"]
+__all__ = [
+    "BULK_PATH",
+    "ByteStream",
+    "Target",
+    "exchange",
+    "pattern",
+    "request",
+    "serve_until_stdin_closes",
+]
 
 #: The path of a large answer asked for by model, as the gateway routes it.
 BULK_PATH = "/v1/completions"
@@ -191,3 +200,17 @@ async def _tokens(writer: asyncio.StreamWriter, count: int) -> None:
     for n in range(count):
         writer.write(b'data: {"token": %d}\n\n' % n)
         await writer.drain()
+
+
+async def serve_until_stdin_closes() -> None:
+    """Serve, print the port on stdout, and stop once stdin closes: the benches' service,
+    a process of its own (``python tests/support/tunnel_target.py``: stdlib only)."""
+    target = Target()
+    await target.start()
+    print(target.port, flush=True)
+    await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
+    await target.stop()
+
+
+if __name__ == "__main__":
+    asyncio.run(serve_until_stdin_closes())
