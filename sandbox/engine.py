@@ -288,7 +288,9 @@ _PULL_CODES = (
         "registry_auth_failed",
         ("unauthorized", "authentication required", "denied", "no basic auth"),
     ),
-    ("image_not_found", ("manifest unknown", "not found", "does not exist", "404")),
+    # A status as a word of its own: the message names the registry's URL, whose port may
+    # hold the digits (127.0.0.1:40412 stalling is a timeout, not a missing image).
+    ("image_not_found", ("manifest unknown", "not found", "does not exist", " 404 ")),
     ("disk_full", ("no space left",)),
     ("pull_timeout", ("deadline exceeded", "client.timeout", "timed out", "tls handshake timeout")),
     (
@@ -300,7 +302,7 @@ _PULL_CODES = (
 
 def _pull_code(detail: str, status: int | None = None) -> str:
     """The code of a failed pull, by the engine's message (then its status)."""
-    lowered = detail.lower()
+    lowered = f" {detail.lower()} "
     for code, patterns in _PULL_CODES:
         if any(pattern in lowered for pattern in patterns):
             return code

@@ -20,7 +20,7 @@ from sandbox.container import create_body
 from sandbox.docker_api import DockerClient, quote_ref
 from sandbox.engine import Engine
 from sandbox.engine_types import ContainerConfig
-from sandbox.errors import EngineError, RunError
+from sandbox.errors import EngineError, PullError, RunError
 from sandbox.events import Finished
 from sandbox.gpu_mapping import ContainerGpus, DeviceFacts, HostGroups, map_gpus
 from sandbox.jobdir import JobMounts
@@ -188,6 +188,35 @@ async def test_missing_image_is_image_not_found(scripted: Scripted) -> None:
     with pytest.raises(EngineError) as raised:
         await _engine(scripted).inspect_image("nope")
     assert raised.value.code == "image_not_found"
+
+
+@pytest.mark.parametrize(
+    ("message", "code"),
+    [
+        # The registry's port holds 404: the words say what happened, not the digits.
+        (
+            'Get "http://127.0.0.1:40412/v2/": net/http: request canceled'
+            " (Client.Timeout exceeded while awaiting headers)",
+            "pull_timeout",
+        ),
+        ("dial tcp 127.0.0.1:14040: connect: connection refused", "registry_unreachable"),
+        ("error parsing HTTP 404 response body: unexpected end of JSON input", "image_not_found"),
+        ("manifest for 127.0.0.1:5000/a not found: manifest unknown", "image_not_found"),
+        ("unexpected status code 404", "image_not_found"),
+    ],
+)
+@pytest.mark.parametrize("streamed", [False, True], ids=["refused", "streamed"])
+async def test_a_failed_pull_is_coded_by_the_engines_words_not_a_port(
+    scripted: Scripted, message: str, code: str, streamed: bool
+) -> None:
+    if streamed:  # the pull began, and its stream says it failed
+        answer = (200, msgspec.json.encode({"error": message}) + b"\n")
+    else:  # the engine refused it outright
+        answer = (500, msgspec.json.encode({"message": message}))
+    scripted.answers["POST /images/create"] = answer
+    with pytest.raises(PullError) as raised:
+        await _engine(scripted).pull("127.0.0.1:40412/a@sha256:" + "0" * 64)
+    assert raised.value.code == code
 
 
 async def test_an_image_gone_before_the_create_is_image_not_found(scripted: Scripted) -> None:
