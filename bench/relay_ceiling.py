@@ -28,7 +28,7 @@ bench's); min/median/max over runs, printed and written to
 through it equals the service's. Nothing asserted of the figures. Run with
 ``python bench/relay_ceiling.py --runs N --mib M [--pipe BYTES]`` (under the bench lock).
 
-Figures (2 cores, kernel 6.18, loopback MTU 64 KiB, load 2.2-2.7 with another helper's
+Figures (2 cores, kernel 6.18, loopback MTU 64 KiB, load 2.2-2.7 with other
 tests beside; ``--runs 7 --mib 1024``, two sets, and a set of 5 under ``unshare -n``),
 medians of each set: direct 4136, 3812, 4417 MiB/s at 0.025-0.027 s of CPU per 64 MiB
 (all processes: at 4 GB/s that is 1.6 of the 2 cores); copy 1703, 1716, 1938 MiB/s, 0.41,
