@@ -17,6 +17,7 @@ from support.gateway import (
     window_grants,
 )
 from support.tunnel_target import BULK_PATH, Target, pattern
+from support.tunnel_world import running_target
 
 from coordinator.server import Coordinator
 
@@ -31,10 +32,8 @@ async def coordinator(tmp_path: Path) -> AsyncIterator[Coordinator]:
 
 @pytest.fixture
 async def target() -> AsyncIterator[Target]:
-    server = Target()
-    await server.start()
-    yield server
-    await server.stop()
+    async with running_target() as server:
+        yield server
 
 
 @pytest.mark.parametrize("size", [0, 1, 3 * _MiB + 12345, 24 * _MiB])
